@@ -1,0 +1,68 @@
+"""Which backends exist on this machine: the compiled modules and Triton, loaded lazily and once."""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+
+log = logging.getLogger("llmkern")
+
+
+@functools.lru_cache(maxsize=None)
+def _import(name: str):
+    try:
+        return importlib.import_module(name), None
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available", with the reason kept
+        log.debug("llmkern: cannot import %s: %s", name, e)
+        return None, f"{type(e).__name__}: {e}"
+
+
+def cpu_module():
+    """`llmkern._C` (always built by setup.py) or None."""
+    return _import("llmkern._C")[0]
+
+
+def cuda_module():
+    """`llmkern._C_cuda` (built when nvcc was found) or None."""
+    return _import("llmkern._C_cuda")[0]
+
+
+def import_error(name: str) -> str | None:
+    return _import(name)[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    if not _cuda_device() and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return _import("triton")[0] is not None and _import("llmkern.triton_kernels")[0] is not None
+
+
+def available(name: str) -> bool:
+    """Whether backend `name` can run on this machine (for some device)."""
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return cpu_module() is not None
+    if name == "cuda":
+        return cuda_module() is not None and _cuda_device()
+    if name == "triton":
+        return triton_available()
+    return False
+
+
+def cpu_isa() -> str:
+    """The ISA the CPU kernels use: `LLMKERN_CPU_ISA` if set (and supported), else the best detected."""
+    mod = cpu_module()
+    if mod is None:
+        return "none"
+    forced = os.environ.get("LLMKERN_CPU_ISA")
+    return mod.resolve_isa(forced or "")

@@ -1,0 +1,68 @@
+"""`llmkern.info()` / `llmkern info`: what this machine offers (ops x backends, CPU ISA, torch, CUDA, GPU)."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import _backends
+from .ops._registry import ALL_BACKENDS, OPS
+
+
+def info_dict() -> dict:
+    """Everything `info()` prints, as data."""
+    cpu = _backends.cpu_module()
+    cuda = _backends.cuda_module()
+    d = {
+        "llmkern": __import__("llmkern").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_features": cpu.cpu_features() if cpu else {},
+        "cpu_isa": _backends.cpu_isa(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "backends": {b: _backends.available(b) for b in ALL_BACKENDS},
+        "backend_errors": {
+            "cpu": None if cpu else _backends.import_error("llmkern._C"),
+            "cuda": None if cuda else _backends.import_error("llmkern._C_cuda"),
+        },
+        "cuda_module": cuda.build_info() if cuda else None,
+        "ops": {name: op.backends_here() for name, op in sorted(OPS.items())},
+        "fallbacks": {name: dict(op.fallbacks) for name, op in OPS.items() if op.fallbacks},
+    }
+    try:
+        import triton
+
+        d["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - not installed (CPU machines)
+        d["triton"] = None
+    return d
+
+
+def info(file=None) -> dict:
+    """Print and return what llmkern can run here: every op with its usable backends, CPU ISA, torch, GPU."""
+    d = info_dict()
+    lines = [
+        f"llmkern {d['llmkern']}  python {d['python']}  torch {d['torch']} (CUDA {d['torch_cuda']})"
+        f"  triton {d['triton']}",
+        f"CPU: {d['cpu']}  ISA used: {d['cpu_isa']}  threads: {d['threads']}",
+        "CPU features: " + (", ".join(k for k, v in d["cpu_features"].items() if v) or "(llmkern._C missing)"),
+        f"GPU: {d['gpu'] or 'none'}",
+        "backends: " + ", ".join(f"{b}={'yes' if ok else 'no'}" for b, ok in d["backends"].items()),
+    ]
+    for name, err in d["backend_errors"].items():
+        if err:
+            lines.append(f"  {name} module not loaded: {err}")
+    if d["cuda_module"]:
+        lines.append(f"llmkern._C_cuda: {d['cuda_module']}")
+    width = max(len(n) for n in d["ops"])
+    lines.append("ops (backends usable here, fastest first on each device):")
+    for name, bks in d["ops"].items():
+        lines.append(f"  {name:<{width}}  {', '.join(bks)}")
+    for name, fb in d["fallbacks"].items():
+        for (used, reason), n in fb.items():
+            lines.append(f"  fallback: {name} ran on {used} {n}x because {reason}")
+    print("\n".join(lines), file=file)
+    return d

@@ -1,0 +1,87 @@
+"""Input checks shared by every op: each failure names the argument, what was expected and what was given.
+
+Shape/dtype/device checks run in the op before any backend (and in its fake kernel, so they also fire
+under torch.compile). Checks that need tensor *values* (block table entries, slot numbers, cu_seqlens)
+run only where reading values is cheap and possible: real CPU tensors, or CUDA tensors outside graph
+capture when `value_checks(True)` (the default).
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+_VALUE_CHECKS = [True]
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn off the checks that read tensor values on CUDA (they synchronize the stream)."""
+    _VALUE_CHECKS[0] = bool(enabled)
+
+
+def can_read_values(t: torch.Tensor) -> bool:
+    """True when checking `t`'s values is possible here (not a fake/meta tensor, not capturing)."""
+    if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cuda":
+        return _VALUE_CHECKS[0] and not torch.cuda.is_current_stream_capturing()
+    return True
+
+
+def _fmt_dtypes(dtypes) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(op: str, name: str, t, *, ranks=None, dtypes=None) -> None:
+    """`t` must be a tensor with a rank in `ranks` and a dtype in `dtypes`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"llmkern.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ranks is not None and t.dim() not in ranks:
+        want = " or ".join(str(r) for r in ranks)
+        raise ValueError(f"llmkern.{op}: {name} must have rank {want}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"llmkern.{op}: {name} must have dtype {_fmt_dtypes(dtypes)}, got {t.dtype}")
+
+
+def shape(op: str, name: str, t: torch.Tensor, expected: tuple, what: str = "") -> None:
+    """`t.shape` must equal `expected` (None entries match anything)."""
+    got = tuple(t.shape)
+    if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
+        exp = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"llmkern.{op}: {name} must have shape {exp}{extra}, got {list(got)}")
+
+
+def same_device(op: str, **tensors) -> None:
+    """All given (non-None) tensors must live on one device."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    if not items:
+        return
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(
+                f"llmkern.{op}: {n} is on {t.device} but {n0} is on {t0.device}; all inputs must be on one device"
+            )
+
+
+def same_dtype(op: str, **tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"llmkern.{op}: {n} must have the dtype of {n0} ({t0.dtype}), got {t.dtype}")
+
+
+def head_dim(op: str, name: str, d: int) -> None:
+    """Head dims of DESIGN.md: 32..256, multiple of 8."""
+    if not (32 <= d <= 256 and d % 8 == 0):
+        raise ValueError(f"llmkern.{op}: head dim of {name} must be a multiple of 8 in 32..256, got {d}")
+
+
+def value(op: str, cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(f"llmkern.{op}: {message}")

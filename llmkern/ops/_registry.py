@@ -1,0 +1,188 @@
+"""The op registry: one torch custom op per llmkern op, and the one place a backend is chosen.
+
+Every op is defined once with `defop(name, schema, check=..., fake=...)`. That registers
+`torch.ops.llmkern.<name>` (schema, a CPU and a CUDA kernel that both run `Op.dispatch`, and a fake
+kernel for torch.compile / meta tensors). Backends attach their implementation with
+`@op.backend("cpu")`.
+
+Backend choice (DESIGN.md): the op's `backend` argument, else the `LLMKERN_BACKEND` environment
+variable, else the fastest backend available for the inputs' device. A backend that cannot take an
+input raises `BackendUnsupported`; the dispatcher then tries the next backend in the device's order
+and records the fallback (debug log + `Op.fallbacks`). Under `llmkern.ops.strict()` a fallback away
+from an explicitly requested backend raises instead, which is how tests prove a backend really ran.
+
+We use `torch.library.Library.define` + `impl` rather than the `@custom_op` decorator: it costs
+about 2 us per call instead of about 10 us (DESIGN.md), which adds up over a decode step.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("llmkern")
+
+LIB = torch.library.Library("llmkern", "DEF")
+
+# Fastest first. "reference" is last everywhere: it accepts every valid input.
+DEVICE_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+ALL_BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+OPS: dict[str, "Op"] = {}
+
+
+class BackendUnsupported(Exception):
+    """A backend cannot take this input (dtype, head dim, layout...); the op falls back."""
+
+
+class _State(threading.local):
+    strict = False
+
+
+_STATE = _State()
+
+
+@contextlib.contextmanager
+def strict(enabled: bool = True):
+    """Within this block a fallback away from an explicitly requested backend raises RuntimeError."""
+    old = _STATE.strict
+    _STATE.strict = enabled
+    try:
+        yield
+    finally:
+        _STATE.strict = old
+
+
+def _backend_available(name: str) -> bool:
+    from .. import _backends  # local: avoids an import cycle at package import
+
+    return _backends.available(name)
+
+
+class Op:
+    """One registered op: its schema, input checks, fake kernel and backend implementations."""
+
+    def __init__(self, name: str, schema: str, check: Callable | None, fake: Callable):
+        self.name = name
+        self.schema = schema
+        self.check = check
+        self.impls: dict[str, Callable] = {}
+        self.fallbacks: collections.Counter = collections.Counter()
+        self.last_backend: str | None = None
+        self.overload = None
+        self._schema_args = None
+        LIB.define(name + schema)
+        for key in ("CPU", "CUDA"):
+            LIB.impl(name, self.dispatch, key)
+
+        def fake_kernel(*args, **kwargs):
+            # Fake mode may drop trailing defaulted arguments or pass keywords: normalize first.
+            args = self._complete(args, kwargs)
+            if self.check is not None:
+                self.check(*args[:-1])
+            return fake(*args[:-1])
+
+        torch.library.register_fake("llmkern::" + name, fake_kernel, lib=LIB)
+        OPS[name] = self
+
+    def _complete(self, args, kwargs) -> list:
+        """Positional argument list in schema order, defaults filled in.
+
+        The dispatcher drops trailing arguments left at their defaults (and fake mode may pass
+        keywords), so every kernel normalizes its arguments first.
+        """
+        if self._schema_args is None:
+            self._schema_args = getattr(torch.ops.llmkern, self.name).default._schema.arguments
+        out = list(args)
+        for a in self._schema_args[len(out):]:
+            out.append(kwargs[a.name] if a.name in kwargs else a.default_value)
+        return out
+
+    def backend(self, backend_name: str):
+        """Decorator attaching the implementation of one backend (called without `backend`)."""
+        if backend_name not in ALL_BACKENDS:
+            raise ValueError(f"unknown backend {backend_name!r}")
+
+        def deco(fn):
+            self.impls[backend_name] = fn
+            return fn
+
+        return deco
+
+    def backends_here(self) -> list[str]:
+        """Backends that implement this op and are usable on this machine."""
+        return [b for b in ALL_BACKENDS if b in self.impls and _backend_available(b)]
+
+    def __call__(self, *args, **kwargs):
+        if self.overload is None:
+            self.overload = getattr(torch.ops.llmkern, self.name).default
+        return self.overload(*args, **kwargs)
+
+    def dispatch(self, *args, **kwargs):
+        """The CPU/CUDA kernel of the torch op: check the inputs, pick a backend, run it."""
+        *args, requested = self._complete(args, kwargs)
+        if self.check is not None:
+            self.check(*args)
+        if requested is None:
+            requested = os.environ.get("LLMKERN_BACKEND") or None
+        if requested is not None and requested not in ALL_BACKENDS:
+            raise ValueError(
+                f"llmkern.{self.name}: backend must be one of {ALL_BACKENDS} or None, got {requested!r}"
+            )
+        device = _device_of(args)
+        order = DEVICE_ORDER.get(device, ("reference",))
+        if requested is not None:
+            order = (requested,) + tuple(b for b in order if b != requested)
+        reasons = []
+        for name in order:
+            impl = self.impls.get(name)
+            if impl is None:
+                reasons.append(f"{name}: not implemented for {self.name}")
+                continue
+            if name != "reference" and not _backend_available(name):
+                reasons.append(f"{name}: not available on this machine")
+                continue
+            if name not in DEVICE_ORDER.get(device, ()) and name != "reference":
+                reasons.append(f"{name}: does not run on {device} tensors")
+                continue
+            try:
+                out = impl(*args)
+            except BackendUnsupported as e:
+                reasons.append(f"{name}: {e}")
+                continue
+            if reasons:
+                self._note_fallback(requested, name, reasons)
+            self.last_backend = name
+            return out
+        raise RuntimeError(f"llmkern.{self.name}: no backend can run this input: " + "; ".join(reasons))
+
+    def _note_fallback(self, requested, used, reasons):
+        self.fallbacks[(used, reasons[0])] += 1
+        log.debug("llmkern.%s fell back to %s (%s)", self.name, used, "; ".join(reasons))
+        if requested is not None and requested != used and _STATE.strict:
+            raise RuntimeError(
+                f"llmkern.{self.name}: requested backend {requested!r} could not run this input "
+                f"({'; '.join(reasons)}) and strict mode forbids falling back to {used!r}"
+            )
+
+
+def _device_of(args) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "cpu"
+
+
+def defop(name: str, schema: str, *, check: Callable | None, fake: Callable) -> Op:
+    """Define `torch.ops.llmkern.<name>`. The schema's last argument must be `str? backend=None`."""
+    if not schema.rstrip().split("->")[0].rstrip().endswith("str? backend=None)"):
+        raise ValueError(f"schema of {name} must end with 'str? backend=None'")
+    return Op(name, schema, check, fake)

@@ -1,0 +1,93 @@
+"""`attention`: softmax(q k^T * scale) v over whole sequences (prefill), batched or packed varlen.
+
+Semantics (DESIGN.md, FlashAttention conventions):
+- batched: q [B, Sq, Hq, D], k/v [B, Sk, Hk, D]; packed: q [Tq, Hq, D], k/v [Tk, Hk, D] with
+  cu_seqlens_q/k int32 [B + 1] (sequence b is rows cu[b]:cu[b+1]).
+- Hq % Hk == 0: query head h reads key/value head h // (Hq // Hk) (GQA/MQA).
+- Masks are aligned bottom-right: query i of a sequence sees key j iff
+  j <= i + (Sk - Sq) + window_right (when causal, window_right is 0) and
+  j >= i + (Sk - Sq) - window_left (when window_left >= 0). window_* = -1 means unbounded.
+- softcap > 0: scores = softcap * tanh(scores / softcap), applied after scaling, before masking.
+- Softmax and accumulation in fp32; output in q's dtype. A query row that sees no key gets output 0
+  and log-sum-exp -inf.
+- Returns (out like q, lse float32): lse is [B, Hq, Sq] batched and [Hq, Tq] packed, the natural log of
+  the softmax denominator of the (scaled, capped) scores.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from . import _checks as C
+from ._registry import defop
+
+
+def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
+    op = "attention"
+    C.tensor(op, "q", q, ranks=(3, 4), dtypes=C.FLOAT_DTYPES)
+    C.tensor(op, "k", k, ranks=(q.dim(),), dtypes=C.FLOAT_DTYPES)
+    C.tensor(op, "v", v, ranks=(q.dim(),), dtypes=C.FLOAT_DTYPES)
+    C.same_dtype(op, q=q, k=k, v=v)
+    C.same_device(op, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    D = q.shape[-1]
+    C.head_dim(op, "q", D)
+    C.shape(op, "v", v, tuple(k.shape), "same as k")
+    if k.shape[-1] != D:
+        raise ValueError(f"llmkern.{op}: k must have q's head dim {D}, got {k.shape[-1]}")
+    Hq, Hk = q.shape[-2], k.shape[-2]
+    if Hk == 0 or Hq % Hk != 0:
+        raise ValueError(f"llmkern.{op}: q heads ({Hq}) must be a multiple of k/v heads ({Hk})")
+    packed = q.dim() == 3
+    if packed:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError(f"llmkern.{op}: packed q [T, H, D] needs cu_seqlens_q and cu_seqlens_k")
+        C.tensor(op, "cu_seqlens_q", cu_seqlens_q, ranks=(1,), dtypes=(torch.int32,))
+        C.tensor(op, "cu_seqlens_k", cu_seqlens_k, ranks=(1,), dtypes=(torch.int32,))
+        C.shape(op, "cu_seqlens_k", cu_seqlens_k, tuple(cu_seqlens_q.shape), "same as cu_seqlens_q")
+        if cu_seqlens_q.shape[0] < 2:
+            raise ValueError(f"llmkern.{op}: cu_seqlens_q must have B + 1 >= 2 entries, got {cu_seqlens_q.shape[0]}")
+        for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+            if C.can_read_values(cu):
+                c = cu.tolist()
+                C.value(op, c[0] == 0 and all(a <= b for a, b in zip(c, c[1:])),
+                        f"{name} must start at 0 and never decrease, got {c}")
+                C.value(op, c[-1] <= total, f"{name} ends at {c[-1]} but the packed tensor has {total} rows")
+    else:
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            raise ValueError(f"llmkern.{op}: cu_seqlens_q/k are only for packed [T, H, D] inputs")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"llmkern.{op}: k batch ({k.shape[0]}) must equal q batch ({q.shape[0]})")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"llmkern.{op}: scale must be > 0 or None, got {scale}")
+    if softcap < 0:
+        raise ValueError(f"llmkern.{op}: softcap must be >= 0 (0 = off), got {softcap}")
+    if window_left < -1 or window_right < -1:
+        raise ValueError(f"llmkern.{op}: window_left/right must be >= -1, got ({window_left}, {window_right})")
+
+
+def _fake(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
+    if q.dim() == 4:
+        B, Sq, Hq, _ = q.shape
+        lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape), lse
+
+
+attention_op = defop(
+    "attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+    "float? scale=None, bool causal=False, int window_left=-1, int window_right=-1, float softcap=0.0, "
+    "str? backend=None) -> (Tensor, Tensor)",
+    check=_check,
+    fake=_fake,
+)
+attention_op.backend("reference")(reference.attention)
+
+
+def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, scale=None, causal=False,
+              window_left=-1, window_right=-1, softcap=0.0, return_lse=False, backend=None):
+    """Fused attention; returns out (like q), or (out, lse) with `return_lse=True`. See module doc."""
+    out, lse = attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
+                            window_left, window_right, softcap, backend)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,105 @@
+"""`decode_attention`: each sequence's newest token(s) attend over that sequence's cached keys/values.
+
+Inputs:
+- q [B, Hq, D] (one new token per sequence) or [B, Sq, Hq, D] (Sq new tokens, causal among them).
+- caches, contiguous: k_cache/v_cache [B, Smax, Hk, D]; paged (block_table given):
+  [num_blocks, block_size, Hk, D] with block_table int32 [B, max_blocks]; token j of sequence b lives in
+  block block_table[b, j // block_size] at offset j % block_size.
+- seq_lens int32 [B]: cached tokens of each sequence, *including* the new ones (append first).
+  New query t (0..Sq-1) sits at position seq_lens[b] - Sq + t and sees keys j <= that position
+  (and j >= position - window_left when window_left >= 0).
+- int8 caches: k_cache/v_cache int8 with k_scale/v_scale float32 of the cache's shape without D
+  ([B, Smax, Hk] or [num_blocks, block_size, Hk]); the cached value is q * scale.
+- Float caches have q's dtype. Softmax in fp32; output in q's dtype and q's shape. A sequence with no
+  visible key (seq_lens 0) gets output 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from . import _checks as C
+from ._registry import defop
+
+
+def _check(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap, window_left):
+    op = "decode_attention"
+    C.tensor(op, "q", q, ranks=(3, 4), dtypes=C.FLOAT_DTYPES)
+    C.tensor(op, "k_cache", k_cache, ranks=(4,), dtypes=C.FLOAT_DTYPES + (torch.int8,))
+    C.tensor(op, "v_cache", v_cache, ranks=(4,), dtypes=(k_cache.dtype,))
+    C.shape(op, "v_cache", v_cache, tuple(k_cache.shape), "same as k_cache")
+    C.tensor(op, "seq_lens", seq_lens, ranks=(1,), dtypes=(torch.int32,))
+    C.same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens, block_table=block_table,
+                  k_scale=k_scale, v_scale=v_scale)
+    B, D, Hq = q.shape[0], q.shape[-1], q.shape[-2]
+    Sq = 1 if q.dim() == 3 else q.shape[1]
+    C.head_dim(op, "q", D)
+    Hk = k_cache.shape[2]
+    if k_cache.shape[3] != D:
+        raise ValueError(f"llmkern.{op}: k_cache head dim must be q's ({D}), got {k_cache.shape[3]}")
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"llmkern.{op}: q heads ({Hq}) must be a multiple of cache heads ({Hk})")
+    C.shape(op, "seq_lens", seq_lens, (B,), "one length per sequence of q")
+    int8 = k_cache.dtype == torch.int8
+    if int8:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is None:
+                raise ValueError(f"llmkern.{op}: an int8 cache needs {name} (float32 {list(k_cache.shape[:3])})")
+            C.tensor(op, name, s, dtypes=(torch.float32,))
+            C.shape(op, name, s, tuple(k_cache.shape[:3]), "the cache's shape without D")
+    else:
+        if k_cache.dtype != q.dtype:
+            raise TypeError(f"llmkern.{op}: a float k_cache must have q's dtype {q.dtype}, got {k_cache.dtype}")
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"llmkern.{op}: k_scale/v_scale are only for int8 caches, cache is {k_cache.dtype}")
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"llmkern.{op}: contiguous k_cache batch ({k_cache.shape[0]}) must equal q batch ({B})")
+        capacity = k_cache.shape[1]
+    else:
+        C.tensor(op, "block_table", block_table, ranks=(2,), dtypes=(torch.int32,))
+        C.shape(op, "block_table", block_table, (B, None), "[B, max_blocks]")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    if C.can_read_values(seq_lens) and B:
+        lens = seq_lens.tolist()
+        bad = [(b, n) for b, n in enumerate(lens) if not (0 <= n <= capacity) or (n and n < Sq)]
+        C.value(op, not bad, f"seq_lens must be in {Sq if Sq > 1 else 0}..{capacity} (the cache's capacity "
+                f"per sequence) and at least Sq={Sq} when non-zero; got (batch, length) {bad[:4]}")
+        if block_table is not None and C.can_read_values(block_table):
+            nb, bs = k_cache.shape[0], k_cache.shape[1]
+            # [B, max_blocks] mask of the entries that the sequences' lengths actually use.
+            n_used = (seq_lens.to(torch.int64) + bs - 1) // bs
+            used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < n_used[:, None]
+            bad_entry = used & ((block_table < 0) | (block_table >= nb))
+            if bool(bad_entry.any()):
+                b = int(bad_entry.any(dim=1).nonzero()[0])
+                raise ValueError(f"llmkern.{op}: block_table row {b} points outside the cache "
+                                 f"(blocks 0..{nb - 1}): {block_table[b, : int(n_used[b])].tolist()}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"llmkern.{op}: scale must be > 0 or None, got {scale}")
+    if softcap < 0:
+        raise ValueError(f"llmkern.{op}: softcap must be >= 0 (0 = off), got {softcap}")
+    if window_left < -1:
+        raise ValueError(f"llmkern.{op}: window_left must be >= -1, got {window_left}")
+
+
+def _fake(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap, window_left):
+    return q.new_empty(q.shape)
+
+
+decode_attention_op = defop(
+    "decode_attention",
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? block_table=None, "
+    "Tensor? k_scale=None, Tensor? v_scale=None, float? scale=None, float softcap=0.0, int window_left=-1, "
+    "str? backend=None) -> Tensor",
+    check=_check,
+    fake=_fake,
+)
+decode_attention_op.backend("reference")(reference.decode_attention)
+
+
+def decode_attention(q, k_cache, v_cache, seq_lens, *, block_table=None, k_scale=None, v_scale=None,
+                     scale=None, softcap=0.0, window_left=-1, backend=None):
+    """Attention of the newest token(s) over each sequence's cache; see the module doc for layouts."""
+    return decode_attention_op(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale,
+                               scale, softcap, window_left, backend)

@@ -1,0 +1,63 @@
+"""`int4_linear`: y = x @ dequant(w)^T (+ bias) with 4-bit weights in llmkern's canonical layout.
+
+Canonical int4 layout (see llmkern/formats/README.md):
+- qweight uint8 [N, K // 2]: byte j of row n holds q[n, 2j] in its low nibble and q[n, 2j+1] in its
+  high nibble, q in 0..15;
+- scales, offsets float32 [N, K // G], G in {32, 64, 128}:
+  dequant(q) = q * scale + offset  ( = (q - zero) * scale with zero = -offset / scale, fractional ).
+Storing the offset rather than the zero point keeps GGUF Q4_0/Q4_1 and GPTQ/AWQ integer zeros
+bit-exact: each product and the one addition are exact or rounded exactly as their own dequantizers do.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from . import _checks as C
+from ._registry import defop
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def _check(x, qweight, scales, offsets, bias):
+    op = "int4_linear"
+    C.tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"llmkern.{op}: x must have rank >= 1 ([..., K]), got shape {tuple(x.shape)}")
+    C.tensor(op, "qweight", qweight, ranks=(2,), dtypes=(torch.uint8,))
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    C.shape(op, "x", x, tuple([None] * (x.dim() - 1)) + (K,), "last dim must be K = 2 * qweight.shape[1]")
+    C.tensor(op, "scales", scales, ranks=(2,), dtypes=(torch.float32,))
+    C.shape(op, "scales", scales, (N, None), "[N, K // group_size]")
+    groups = scales.shape[1]
+    if groups == 0 or K % groups != 0 or K // groups not in GROUP_SIZES:
+        got = "no groups" if groups == 0 else f"K={K} over {groups} groups"
+        raise ValueError(f"llmkern.{op}: group size (K / scales.shape[1]) must be one of {GROUP_SIZES}, got {got}")
+    C.tensor(op, "offsets", offsets, ranks=(2,), dtypes=(torch.float32,))
+    C.shape(op, "offsets", offsets, tuple(scales.shape), "same as scales")
+    if bias is not None:
+        C.tensor(op, "bias", bias, ranks=(1,), dtypes=C.FLOAT_DTYPES)
+        C.shape(op, "bias", bias, (N,))
+    C.same_device(op, x=x, qweight=qweight, scales=scales, offsets=offsets, bias=bias)
+
+
+def _fake(x, qweight, scales, offsets, bias):
+    return x.new_empty(x.shape[:-1] + (qweight.shape[0],))
+
+
+int4_linear_op = defop(
+    "int4_linear",
+    "(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, Tensor? bias=None, str? backend=None) -> Tensor",
+    check=_check,
+    fake=_fake,
+)
+
+
+@int4_linear_op.backend("reference")
+def _reference(x, qweight, scales, offsets, bias):
+    return reference.int4_linear(x, qweight, scales, offsets, bias)
+
+
+def int4_linear(x, qweight, scales, offsets, bias=None, backend=None):
+    """y[..., N] = x[..., K] @ dequant(qweight)^T + bias, in x's dtype; group size G = K / scales.shape[1]."""
+    return int4_linear_op(x, qweight, scales, offsets, bias, backend)

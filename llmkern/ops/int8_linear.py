@@ -1,0 +1,100 @@
+"""`int8_linear`: y = x @ dequant(w)^T (+ bias), int8 weights with per-channel or per-group scales.
+
+Modes (DESIGN.md):
+- "w8a16": weight-only; x stays float, weights are dequantized (w * scale) on the fly.
+- "w8a8": x is quantized per row (symmetric int8, dynamic: scale_x = max|x_row| / 127), int8 x int8
+  products are summed in int32 per weight group, then rescaled by scale_x * weight scale.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backends
+from .. import reference
+from . import _checks as C
+from ._registry import BackendUnsupported, defop
+
+MODES = ("w8a16", "w8a8")
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _check(x, weight, weight_scale, bias, mode):
+    op = "int8_linear"
+    C.tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"llmkern.{op}: x must have rank >= 1 ([..., K]), got shape {tuple(x.shape)}")
+    C.tensor(op, "weight", weight, ranks=(2,), dtypes=(torch.int8,))
+    C.tensor(op, "weight_scale", weight_scale, ranks=(1, 2), dtypes=(torch.float32,))
+    N, K = weight.shape
+    C.shape(op, "x", x, tuple([None] * (x.dim() - 1)) + (K,), "last dim must be weight's K")
+    if weight_scale.dim() == 1:
+        C.shape(op, "weight_scale", weight_scale, (N,), "per output channel")
+    else:
+        C.shape(op, "weight_scale", weight_scale, (N, None), "[N, K // group_size]")
+        groups = weight_scale.shape[1]
+        if groups == 0 or K % groups != 0:
+            raise ValueError(
+                f"llmkern.{op}: weight_scale has {groups} groups per row, which does not divide K={K}"
+            )
+    if bias is not None:
+        C.tensor(op, "bias", bias, ranks=(1,), dtypes=C.FLOAT_DTYPES)
+        C.shape(op, "bias", bias, (N,))
+    if mode not in MODES:
+        raise ValueError(f"llmkern.{op}: mode must be one of {MODES}, got {mode!r}")
+    C.same_device(op, x=x, weight=weight, weight_scale=weight_scale, bias=bias)
+
+
+def _fake(x, weight, weight_scale, bias, mode):
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+int8_linear_op = defop(
+    "int8_linear",
+    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None, str mode=\"w8a16\", "
+    "str? backend=None) -> Tensor",
+    check=_check,
+    fake=_fake,
+)
+
+
+@int8_linear_op.backend("reference")
+def _reference(x, weight, weight_scale, bias, mode):
+    return reference.int8_linear(x, weight, weight_scale, bias, mode)
+
+
+@int8_linear_op.backend("cpu")
+def _cpu(x, weight, weight_scale, bias, mode):
+    """Launch the C++ kernel on raw pointers; torch allocates the output and the W8A8 workspace."""
+    mod = _backends.cpu_module()
+    if x.device.type != "cpu":
+        raise BackendUnsupported(f"x is on {x.device}")
+    N, K = weight.shape
+    # [..., K] -> [M, K]; a view whenever x's rows are evenly strided, else one copy.
+    x2 = x.reshape(-1, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    weight = weight.contiguous()
+    weight_scale = weight_scale.contiguous()
+    M = x2.shape[0]
+    group = K if weight_scale.dim() == 1 else K // weight_scale.shape[1]
+    out = torch.empty((M, N), dtype=x.dtype)
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    ws_bytes = mod.int8_linear_workspace_size(M, K, N, mode)
+    ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8)
+    mod.int8_linear(
+        x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0), M, K,
+        weight.data_ptr(), N, weight_scale.data_ptr(), group,
+        0 if bias32 is None else bias32.data_ptr(),
+        out.data_ptr(), N, mode, ws.data_ptr(), ws_bytes,
+        torch.get_num_threads(), _backends.cpu_isa(),
+    )
+    return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+
+def int8_linear(x, weight, weight_scale, bias=None, mode="w8a16", backend=None):
+    """y[..., N] = x[..., K] @ dequant(weight[N, K])^T + bias[N], in x's dtype.
+
+    weight_scale: float32 [N] (per channel) or [N, K // G] (per group of G along K; GGUF Q8_0 has G=32).
+    mode: "w8a16" (weight-only) or "w8a8" (dynamic per-row int8 activations, int32 accumulation).
+    """
+    return int8_linear_op(x, weight, weight_scale, bias, mode, backend)

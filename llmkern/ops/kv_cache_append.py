@@ -1,0 +1,85 @@
+"""`kv_cache_append`: write new keys/values into a KV cache in place, by slot.
+
+- k, v: [B, S, Hk, D] or packed [T, Hk, D]; slot_mapping int64 of the same leading shape ([B, S] or [T]).
+- k_cache, v_cache: contiguous [B, Smax, Hk, D] or paged [num_blocks, block_size, Hk, D]. Either way the
+  cache is seen as [num_slots, Hk, D] with slot = row * cache.shape[1] + col, i.e. `b * Smax + pos`
+  (contiguous) or `block * block_size + offset` (paged). A slot of -1 is skipped (padding).
+- Float caches: written bit-exactly (k/v cast to the cache dtype).
+- int8 caches (k_scale/v_scale float32 [cache.shape[:3]] given): per (token, head)
+  scale = max|x| / 127, q = clamp(round_half_even(x / scale), -127, 127); scale 0 stores q 0.
+- Fused rotary (cos_sin_cache given): k is rotated before it is written and `q`, if given, is rotated
+  in place, at `positions` (same leading shape as k); see rotary_embedding.py for the formula.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from . import _checks as C
+from ._registry import defop
+from .rotary_embedding import check_rotary
+
+
+def _check(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
+           rotary_interleaved):
+    op = "kv_cache_append"
+    C.tensor(op, "k", k, ranks=(3, 4), dtypes=C.FLOAT_DTYPES)
+    C.tensor(op, "v", v, ranks=(k.dim(),), dtypes=(k.dtype,))
+    C.shape(op, "v", v, tuple(k.shape), "same as k")
+    C.tensor(op, "k_cache", k_cache, ranks=(4,), dtypes=C.FLOAT_DTYPES + (torch.int8,))
+    C.tensor(op, "v_cache", v_cache, ranks=(4,), dtypes=(k_cache.dtype,))
+    C.shape(op, "v_cache", v_cache, tuple(k_cache.shape), "same as k_cache")
+    C.same_device(op, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
+                  k_scale=k_scale, v_scale=v_scale, q=q, positions=positions, cos_sin_cache=cos_sin_cache)
+    C.shape(op, "k", k, tuple([None] * (k.dim() - 2)) + tuple(k_cache.shape[2:]), "[..., Hk, D] of the cache")
+    C.tensor(op, "slot_mapping", slot_mapping, dtypes=(torch.int64,))
+    C.shape(op, "slot_mapping", slot_mapping, tuple(k.shape[:-2]), "k's leading dims")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"llmkern.{op}: k_cache and v_cache must be contiguous (written in place by slot)")
+    if k_cache.dtype == torch.int8:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is None:
+                raise ValueError(f"llmkern.{op}: an int8 cache needs {name} (float32 {list(k_cache.shape[:3])})")
+            C.tensor(op, name, s, dtypes=(torch.float32,))
+            C.shape(op, name, s, tuple(k_cache.shape[:3]), "the cache's shape without D")
+            if not s.is_contiguous():
+                raise ValueError(f"llmkern.{op}: {name} must be contiguous")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"llmkern.{op}: k_scale/v_scale are only for int8 caches, cache is {k_cache.dtype}")
+    if C.can_read_values(slot_mapping) and slot_mapping.numel():
+        num_slots = k_cache.shape[0] * k_cache.shape[1]
+        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        C.value(op, lo >= -1 and hi < num_slots,
+                f"slot_mapping must be in -1..{num_slots - 1} (the cache has {num_slots} slots), got {lo}..{hi}")
+    if cos_sin_cache is not None:
+        if positions is None:
+            raise ValueError(f"llmkern.{op}: fused rotary (cos_sin_cache) needs positions")
+        C.shape(op, "positions", positions, tuple(k.shape[:-2]), "k's leading dims")
+        if q is not None:
+            C.tensor(op, "q", q, ranks=(k.dim(),), dtypes=C.FLOAT_DTYPES)
+            C.shape(op, "q", q, tuple(k.shape[:-2]) + (None, k.shape[-1]), "k's leading dims, [..., Hq, D]")
+        check_rotary(op, q if q is not None else k, k, positions, cos_sin_cache)
+    elif q is not None or positions is not None:
+        raise ValueError(f"llmkern.{op}: q and positions are only used with fused rotary (cos_sin_cache)")
+
+
+def _fake(*args):
+    return None
+
+
+kv_cache_append_op = defop(
+    "kv_cache_append",
+    "(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+    "Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None, Tensor(e!)? q=None, Tensor? positions=None, "
+    "Tensor? cos_sin_cache=None, bool rotary_interleaved=False, str? backend=None) -> ()",
+    check=_check,
+    fake=_fake,
+)
+kv_cache_append_op.backend("reference")(reference.kv_cache_append)
+
+
+def kv_cache_append(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, q=None,
+                    positions=None, cos_sin_cache=None, rotary_interleaved=False, backend=None):
+    """Write k/v into the caches at `slot_mapping` (in place); optionally rotate q/k and quantize to int8."""
+    kv_cache_append_op(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions,
+                       cos_sin_cache, rotary_interleaved, backend)

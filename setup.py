@@ -1,0 +1,133 @@
+"""Build llmkern's compiled modules without torch: pybind11 + a C++ compiler (+ nvcc when found).
+
+- llmkern._C       csrc/cpu/*.cpp, C++17, -O3, OpenMP. ISA-specific code is compiled per function
+                   with target attributes and chosen at run time, so no -march flag here.
+- llmkern._C_cuda  csrc/cuda/*.cu (nvcc, sm_80 + sm_90a) + csrc/cuda/*.cpp (bindings), linked with
+                   the static cudart so it imports on machines without a GPU or CUDA runtime.
+                   Skipped when nvcc is not found or LLMKERN_NO_CUDA=1; LLMKERN_CUDA_ARCHS="80;90a"
+                   overrides the targets.
+Neither module includes torch headers, so one binary works with every torch version.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+
+import pybind11
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = [os.path.join("csrc", "include"), pybind11.get_include()]
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+
+
+def find_nvcc() -> str | None:
+    if os.environ.get("LLMKERN_NO_CUDA") == "1":
+        return None
+    for cand in (os.environ.get("NVCC"), os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"),
+                 shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def cuda_lib_dir(nvcc: str) -> str | None:
+    """Directory holding libcudart_static.a, found from nvcc's real install (it may be a wrapper)."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", "/dev/null", "-o", "/dev/null"],
+                             capture_output=True, text=True).stderr
+        top = next(line.split("=", 1)[1].strip() for line in out.splitlines() if "TOP=" in line)
+        cands = [os.path.join(top, "lib64"), os.path.join(top, "lib")]
+    except (OSError, StopIteration):
+        cands = []
+    cands += [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), d) for d in ("lib64", "lib")]
+    cands += glob.glob("/usr/local/cuda*/lib64")
+    for d in cands:
+        if os.path.isfile(os.path.join(d, "libcudart_static.a")):
+            return d
+    return None
+
+
+class BuildExt(build_ext):
+    """Compiles .cu sources of an extension with nvcc, everything else with the C++ compiler."""
+
+    def build_extension(self, ext):
+        cu = [s for s in ext.sources if s.endswith(".cu")]
+        if cu:
+            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+            ext.extra_objects = list(ext.extra_objects or []) + self._nvcc(ext, cu)
+        super().build_extension(ext)
+
+    def _nvcc(self, ext, sources):
+        nvcc = ext.nvcc
+        archs = os.environ.get("LLMKERN_CUDA_ARCHS", "80;90a").split(";")
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+        objs = []
+        for src in sources:
+            obj = os.path.join(self.build_temp, src + ".o")
+            os.makedirs(os.path.dirname(obj), exist_ok=True)
+            if not (os.path.exists(obj) and os.path.getmtime(obj) >= newest_input(src)):
+                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--compiler-options", "-fPIC",
+                       "-Xptxas", "-v", "--expt-relaxed-constexpr", *[f"-I{i}" for i in ext.include_dirs],
+                       *gencode]
+                print(" ".join(cmd), flush=True)
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                # Keep ptxas' resource report (registers, spills) next to the object for the tests.
+                with open(obj + ".ptxas.txt", "w") as f:
+                    f.write(res.stdout + res.stderr)
+                if res.returncode != 0:
+                    raise RuntimeError(f"nvcc failed on {src}:\n{res.stderr[-4000:]}")
+            objs.append(obj)
+        return objs
+
+
+def newest_input(src: str) -> float:
+    """mtime of a .cu file and every header it could include (conservative: all of csrc/include)."""
+    headers = glob.glob(os.path.join("csrc", "include", "**", "*"), recursive=True)
+    return max(os.path.getmtime(p) for p in [src, *headers] if os.path.isfile(p))
+
+
+def extensions():
+    exts = [
+        Extension(
+            "llmkern._C",
+            sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
+            include_dirs=INCLUDE,
+            extra_compile_args=CXX_FLAGS,
+            extra_link_args=["-fopenmp"],
+            language="c++",
+        )
+    ]
+    nvcc = find_nvcc()
+    libdir = cuda_lib_dir(nvcc) if nvcc else None
+    if nvcc and libdir:
+        ext = Extension(
+            "llmkern._C_cuda",
+            sources=sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp"))),
+            include_dirs=INCLUDE + [os.path.join(os.path.dirname(libdir), "include")],
+            extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
+            # Static cudart: the module imports (and reports "no GPU") where libcudart.so is absent.
+            extra_link_args=[f"-L{libdir}", "-l:libcudart_static.a", "-ldl", "-lrt", "-lpthread"],
+            language="c++",
+        )
+        ext.nvcc = nvcc
+        exts.append(ext)
+    elif nvcc:
+        print("llmkern: nvcc found but not libcudart_static.a; building without llmkern._C_cuda")
+    else:
+        print("llmkern: nvcc not found; building without llmkern._C_cuda")
+    return exts
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExt},
+    package_dir={"llmkern": "llmkern", "llmkern.triton_kernels": "triton_kernels"},
+    packages=[
+        "llmkern", "llmkern.ops", "llmkern.reference", "llmkern.nn", "llmkern.models", "llmkern.formats",
+        "llmkern.triton_kernels",
+    ],
+)

@@ -58,8 +58,18 @@ class BuildExt(build_ext):
         cu = [s for s in ext.sources if s.endswith(".cu")]
         if cu:
             ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
-            ext.extra_objects = list(ext.extra_objects or []) + self._nvcc(ext, cu)
+            objs = self._nvcc(ext, cu)
+            ext.extra_objects = list(ext.extra_objects or []) + objs
         super().build_extension(ext)
+        if cu:
+            # ptxas' resource report (registers, spills, shared memory) ships beside the module, where
+            # tests and `llmkern info` can read it: <module dir>/_C_cuda.ptxas.txt.
+            report = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C_cuda.ptxas.txt")
+            with open(report, "w") as f:
+                for obj in objs:
+                    f.write(f"### {os.path.relpath(obj, self.build_temp)}\n")
+                    with open(obj + ".ptxas.txt") as r:
+                        f.write(r.read())
 
     def _nvcc(self, ext, sources):
         nvcc = ext.nvcc
@@ -126,6 +136,7 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
     package_dir={"llmkern": "llmkern", "llmkern.triton_kernels": "triton_kernels"},
+    package_data={"llmkern": ["_C_cuda.ptxas.txt"]},
     packages=[
         "llmkern", "llmkern.ops", "llmkern.reference", "llmkern.nn", "llmkern.models", "llmkern.formats",
         "llmkern.triton_kernels",

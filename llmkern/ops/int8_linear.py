@@ -2,7 +2,8 @@
 
 Modes (DESIGN.md):
 - "w8a16": weight-only; x stays float, weights are dequantized (w * scale) on the fly.
-- "w8a8": x is quantized per row (symmetric int8, dynamic: scale_x = max|x_row| / 127), int8 x int8
+- "w8a8": x is quantized per row exactly as `quantize_rows_int8` does (symmetric int8, dynamic:
+  scale_x = max|x_row| / 127, q = round_half_even(x * (127 / max|x_row|))), int8 x int8
   products are summed in int32 per weight group, then rescaled by scale_x * weight scale.
 """
 from __future__ import annotations

@@ -6,7 +6,8 @@
   (contiguous) or `block * block_size + offset` (paged). A slot of -1 is skipped (padding).
 - Float caches: written bit-exactly (k/v cast to the cache dtype).
 - int8 caches (k_scale/v_scale float32 [cache.shape[:3]] given): per (token, head)
-  scale = max|x| / 127, q = clamp(round_half_even(x / scale), -127, 127); scale 0 stores q 0.
+  amax = max|x|, scale = amax / 127, q = clamp(round_half_even(x * (127 / amax)), -127, 127) in fp32
+  (the rule of llmkern/ops/quant.py); amax 0 stores scale 0 and q 0.
 - Fused rotary (cos_sin_cache given): k is rotated before it is written and `q`, if given, is rotated
   in place, at `positions` (same leading shape as k); see rotary_embedding.py for the formula.
 """

@@ -1,10 +1,13 @@
 """Quantize / dequantize / pack helpers, registered as torch ops like every other op.
 
-int8 weights: symmetric, scale = max|w| / 127 per output channel (group_size=0) or per group of G
-along K; q = clamp(round_half_even(w / scale), -127, 127); a group of zeros gets scale 0, q 0.
-int4 weights: see int4_linear.py for the canonical layout; `quantize_int4` is round-to-nearest with
-scale = (max - min) / 15 and offset = min per group, q = clamp(round_half_even((w - min) / scale), 0, 15).
-Activations (`quantize_rows_int8`): symmetric int8 per row of the last dim, as in W8A8.
+All rounding is round-half-to-even in fp32, on a product with the reciprocal (one multiply per element,
+what fast kernels do, so every backend can match the reference bit for bit):
+- int8 weights: symmetric per output channel (group_size=0) or per group of G along K:
+  amax = max|w|, scale = amax / 127, q = clamp(round(w * (127 / amax)), -127, 127); amax 0 gives scale 0, q 0.
+- int4 weights (canonical layout in int4_linear.py): round-to-nearest per group with offset = min,
+  scale = (max - min) / 15, q = clamp(round((w - min) * (15 / (max - min))), 0, 15); max == min gives
+  scale 0, q 0 (the group is exactly its offset).
+- activations (`quantize_rows_int8`, W8A8): the int8 weight rule applied to each row of the last dim.
 """
 from __future__ import annotations
 

@@ -1,0 +1,39 @@
+// llmkern._C_cuda: pybind11 bindings of the CUDA kernels. Launchers take raw device pointers and a
+// stream handle (integers from torch on the Python side); no torch headers, no allocation here.
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace py = pybind11;
+
+namespace llmkern {
+int runtime_version();
+int driver_version();
+int device_count(std::string* error);
+void iota(int* out, int n, cudaStream_t stream);
+}  // namespace llmkern
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "llmkern CUDA kernels (sm_80, sm_90a), static cudart, no torch headers";
+  m.def("build_info", []() {
+    py::dict d;
+    d["cudart_static_version"] = CUDART_VERSION;
+    d["runtime_version"] = llmkern::runtime_version();
+    d["driver_version"] = llmkern::driver_version();
+    std::string err;
+    d["device_count"] = llmkern::device_count(&err);
+    d["device_error"] = err;
+    return d;
+  });
+  m.def(
+      "iota",
+      [](std::uintptr_t out, int n, std::uintptr_t stream) {
+        if (n < 0) throw py::value_error("llmkern._C_cuda.iota: n must be >= 0, got " + std::to_string(n));
+        if (n > 0 && out == 0) throw py::value_error("llmkern._C_cuda.iota: out is a null pointer");
+        llmkern::iota(reinterpret_cast<int*>(out), n, reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("out"), py::arg("n"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+}

@@ -1,7 +1,21 @@
-"""Reference (pure PyTorch) implementation; see llmkern/ops for the semantics."""
+"""Reference (pure PyTorch) int4_linear; see llmkern/ops/int4_linear.py for the semantics.
+
+dequant(q) = q * scale + offset is the canonical fp32 dequantization (dequantize_int4, bit-exact with
+GGUF Q4_0/Q4_1); the matmul and bias run in float64 with one final rounding to x's dtype.
+"""
+import math
+
 import torch
 
+from .quant import dequantize_int4
 
 
 def int4_linear(x, qweight, scales, offsets, bias):
-    raise NotImplementedError
+    """y [..., N] = x [..., K] @ dequant(qweight [N, K // 2])^T + bias [N], in x's dtype."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    w = dequantize_int4(qweight, scales, offsets).to(torch.float64)  # [N, K]
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)  # [..., K] -> [M, K]
+    y = x2.to(torch.float64) @ w.t()  # [M, N]
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype).reshape(x.shape[:-1] + (N,))  # [M, N] -> [..., N]

@@ -1,0 +1,14 @@
+"""Drop-in nn.Modules over llmkern.ops: quantized linears, norms, rotary, KV caches and attention.
+
+Every module takes `backend=None` and passes it to each op call (see llmkern.ops for the dispatch).
+"""
+from .attention import Attention
+from .kv_cache import KVCache
+from .linear import Int4Linear, Int8Linear, quantize_linears
+from .norm import RMSNorm, RotaryEmbedding
+from .paged_kv_cache import BlockAllocator, PagedKVCache
+
+__all__ = [
+    "Int8Linear", "Int4Linear", "quantize_linears", "RMSNorm", "RotaryEmbedding", "KVCache",
+    "PagedKVCache", "BlockAllocator", "Attention",
+]

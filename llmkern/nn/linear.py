@@ -1,0 +1,237 @@
+"""Drop-in replacements for `nn.Linear` with int8 or int4 weights, and `quantize_linears`.
+
+Both modules hold the canonical, documented quantized layout (llmkern/ops/int8_linear.py and
+int4_linear.py) as buffers, so `state_dict()` saves exactly that layout and loading it into a freshly
+constructed module gives bit-for-bit the same outputs. `forward` calls `llmkern.ops` only, so every
+backend speeds these modules up.
+
+Prepacking hook: a backend may later want the weights in another layout (DESIGN.md: "repack once").
+That repacked form belongs in `self._packed` (a dict keyed by backend), which is emptied whenever the
+canonical buffers may change (`_load_from_state_dict`, `_apply` for .to()/.cuda()). Nothing fills it yet.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .. import ops
+
+INT8_MODES = ("w8a16", "w8a8")
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+class _QuantizedBase(nn.Module):
+    """Shared plumbing: float32 side buffers that .to(dtype)/.half() must not convert, and `_packed`."""
+
+    # Buffers that the ops require in float32 whatever dtype the rest of the model is cast to.
+    _fp32_buffers: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self._packed: dict = {}
+
+    def _invalidate_packed(self) -> None:
+        """Drop any backend-specific repacked weights (they were derived from the old buffers)."""
+        self._packed = {}
+
+    def _apply(self, fn, recurse=True):
+        # `module.to(torch.bfloat16)` would convert every floating buffer, but the ops read scales and
+        # offsets as float32: move those to the new device only and keep their dtype.
+        kept = {n: self._buffers.pop(n) for n in self._fp32_buffers if self._buffers.get(n) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in kept.items():
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
+        self._invalidate_packed()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._invalidate_packed()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_features(cls: str, in_features: int, out_features: int) -> None:
+    if in_features <= 0 or out_features <= 0:
+        raise ValueError(f"{cls}: in_features and out_features must be > 0, got ({in_features}, {out_features})")
+
+
+class Int8Linear(_QuantizedBase):
+    """y = x @ dequant(weight)^T + bias with int8 weights; a drop-in for `nn.Linear`.
+
+    Buffers: `weight` int8 [N, K], `weight_scale` float32 [N] (group_size 0, per output channel) or
+    [N, K // group_size], `bias` [N] in `dtype` or None. forward: x [..., K] -> [..., N] in x's dtype.
+    mode: "w8a16" (weight-only) or "w8a8" (dynamic per-row int8 activations), see ops.int8_linear.
+    """
+
+    _fp32_buffers = ("weight_scale",)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 0,
+                 mode: str = "w8a16", device=None, dtype=torch.float32, backend=None):
+        super().__init__()
+        _check_features("Int8Linear", in_features, out_features)
+        if mode not in INT8_MODES:
+            raise ValueError(f"Int8Linear: mode must be one of {INT8_MODES}, got {mode!r}")
+        if group_size < 0 or (group_size and in_features % group_size):
+            raise ValueError(f"Int8Linear: group_size must be 0 (per channel) or divide in_features="
+                             f"{in_features}, got {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.mode, self.backend = group_size, mode, backend
+        # Zeros, not empty: a module that was never loaded computes `bias` (or 0), never garbage.
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        scale_shape = (out_features,) if group_size == 0 else (out_features, in_features // group_size)
+        self.register_buffer("weight_scale", torch.zeros(scale_shape, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                       *, mode: str = "w8a16", backend=None) -> "Int8Linear":
+        """Wrap already-quantized tensors (kept as given, not copied): weight int8 [N, K],
+        weight_scale float32 [N] or [N, K // G], bias [N] or None."""
+        if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or weight.dim() != 2:
+            raise TypeError(f"Int8Linear.from_quantized: weight must be an int8 [N, K] tensor, got "
+                            f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
+        N, K = weight.shape
+        if not isinstance(weight_scale, torch.Tensor) or weight_scale.dtype != torch.float32:
+            raise TypeError("Int8Linear.from_quantized: weight_scale must be a float32 tensor, got "
+                            f"{getattr(weight_scale, 'dtype', type(weight_scale))}")
+        if weight_scale.shape == (N,):
+            group_size = 0
+        elif weight_scale.dim() == 2 and weight_scale.shape[0] == N and weight_scale.shape[1] > 0 \
+                and K % weight_scale.shape[1] == 0:
+            group_size = K // weight_scale.shape[1]
+        else:
+            raise ValueError(f"Int8Linear.from_quantized: weight_scale must be [{N}] or [{N}, K // G] with G "
+                             f"dividing K={K}, got {list(weight_scale.shape)}")
+        if bias is not None and tuple(bias.shape) != (N,):
+            raise ValueError(f"Int8Linear.from_quantized: bias must have shape [{N}], got {list(bias.shape)}")
+        dtype = bias.dtype if bias is not None else torch.float32
+        # Build on the meta device (allocates nothing), then attach the given tensors.
+        m = cls(K, N, bias is not None, group_size=group_size, mode=mode, device="meta", dtype=dtype,
+                backend=backend)
+        m.weight, m.weight_scale = weight, weight_scale
+        if bias is not None:
+            m.bias = bias
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, mode: str = "w8a16", group_size: int = 0,
+                    backend=None) -> "Int8Linear":
+        """Quantize `linear.weight` with ops.quantize_int8 (symmetric, per channel or per group)."""
+        w = linear.weight.detach()
+        q, s = ops.quantize_int8(w, group_size, backend=backend)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_quantized(q, s, bias, mode=mode, backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., K] -> [..., N]
+        return ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.mode, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, mode={self.mode!r}, backend={self.backend!r}")
+
+
+class Int4Linear(_QuantizedBase):
+    """y = x @ dequant(qweight)^T + bias with 4-bit weights (canonical layout of ops.int4_linear).
+
+    Buffers: `qweight` uint8 [N, K // 2] (low nibble = even k), `scales` and `offsets` float32
+    [N, K // group_size] (dequant = q * scale + offset), `bias` [N] in `dtype` or None.
+    forward: x [..., K] -> [..., N] in x's dtype.
+    """
+
+    _fp32_buffers = ("scales", "offsets")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 32,
+                 device=None, dtype=torch.float32, backend=None):
+        super().__init__()
+        _check_features("Int4Linear", in_features, out_features)
+        if group_size not in INT4_GROUP_SIZES or in_features % group_size:
+            raise ValueError(f"Int4Linear: group_size must be one of {INT4_GROUP_SIZES} and divide in_features="
+                             f"{in_features}, got {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.backend = group_size, backend
+        G = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, G, dtype=torch.float32, device=device))
+        self.register_buffer("offsets", torch.zeros(out_features, G, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                       bias: torch.Tensor | None = None, *, backend=None) -> "Int4Linear":
+        """Wrap already-quantized tensors in the canonical layout (kept as given, not copied)."""
+        if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8 or qweight.dim() != 2:
+            raise TypeError(f"Int4Linear.from_quantized: qweight must be a uint8 [N, K // 2] tensor, got "
+                            f"{getattr(qweight, 'dtype', type(qweight))} {tuple(getattr(qweight, 'shape', ()))}")
+        N, K = qweight.shape[0], qweight.shape[1] * 2
+        for name, t in (("scales", scales), ("offsets", offsets)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] != N:
+                raise TypeError(f"Int4Linear.from_quantized: {name} must be a float32 [{N}, K // G] tensor, got "
+                                f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if offsets.shape != scales.shape or scales.shape[1] == 0 or K % scales.shape[1]:
+            raise ValueError(f"Int4Linear.from_quantized: scales/offsets must both be [{N}, K // G] with G dividing "
+                             f"K={K}, got {list(scales.shape)} and {list(offsets.shape)}")
+        if bias is not None and tuple(bias.shape) != (N,):
+            raise ValueError(f"Int4Linear.from_quantized: bias must have shape [{N}], got {list(bias.shape)}")
+        dtype = bias.dtype if bias is not None else torch.float32
+        m = cls(K, N, bias is not None, group_size=K // scales.shape[1], device="meta", dtype=dtype, backend=backend)
+        m.qweight, m.scales, m.offsets = qweight, scales, offsets
+        if bias is not None:
+            m.bias = bias
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, group_size: int = 32, backend=None) -> "Int4Linear":
+        """Quantize `linear.weight` with ops.quantize_int4 (round to nearest, offset = group min)."""
+        q, s, o = ops.quantize_int4(linear.weight.detach(), group_size, backend=backend)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_quantized(q, s, o, bias, backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., K] -> [..., N]
+        return ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, backend={self.backend!r}")
+
+
+def quantize_linears(module: nn.Module, quant: str = "int8", *, group_size: int | None = None,
+                     mode: str = "w8a16", skip: Iterable[str] = (), backend=None) -> nn.Module:
+    """Replace every `nn.Linear` in `module`'s tree by Int8Linear / Int4Linear, in place.
+
+    quant: "int8" (group_size default 0 = per channel; `mode` "w8a16" or "w8a8") or "int4" (group_size
+    default 32). skip: names not to quantize, either full dotted names ("model.lm_head") or the last
+    component ("lm_head"). Returns `module`, or the new module when `module` itself is an nn.Linear.
+    """
+    if quant not in ("int8", "int4"):
+        raise ValueError(f"quantize_linears: quant must be 'int8' or 'int4', got {quant!r}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    skip = set(skip)
+    if group_size is None:
+        group_size = 0 if quant == "int8" else 32
+
+    def convert(name: str, lin: nn.Linear) -> nn.Module:
+        try:
+            if quant == "int8":
+                return Int8Linear.from_linear(lin, mode=mode, group_size=group_size, backend=backend)
+            return Int4Linear.from_linear(lin, group_size=group_size, backend=backend)
+        except ValueError as e:
+            raise ValueError(f"quantize_linears: cannot quantize {name or '<root>'} "
+                             f"({lin.in_features} -> {lin.out_features}) to {quant}: {e}") from e
+
+    if isinstance(module, nn.Linear):
+        return module if ("" in skip) else convert("", module)
+    # Collect first, then replace: never mutate a module tree while iterating over it.
+    targets = [(name, m) for name, m in module.named_modules()
+               if isinstance(m, nn.Linear) and name not in skip and name.rsplit(".", 1)[-1] not in skip]
+    for name, lin in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, convert(name, lin))
+    return module

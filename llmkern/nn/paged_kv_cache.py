@@ -1,0 +1,291 @@
+"""`PagedKVCache`: a KV cache of fixed-size blocks shared by any number of sequences (vLLM-style).
+
+Memory: `k`, `v` [num_blocks, block_size, Hk, D] (int8 + float32 scales [num_blocks, block_size, Hk]
+when int8=True). Token p of a sequence lives in block blocks[p // block_size] at offset
+p % block_size, i.e. in slot block * block_size + offset of the cache seen as [num_slots, Hk, D].
+
+Bookkeeping is on the host (`BlockAllocator`: a free list and a reference count per block; one list
+of block ids and a length per sequence), as in vLLM's scheduler: allocation decisions never read the
+GPU. `fork` shares every block of a sequence; a shared block is only ever written after it has been
+copied (copy on write), so sequences never see each other's new tokens.
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from .. import ops
+from .kv_cache import _rotary_args, check_lengths
+
+# Appends of at most this many rows (B * S) compute their slots in Python (see append).
+_HOST_SLOTS_MAX = 1024
+
+
+class BlockAllocator:
+    """Free list + reference counts over block ids 0..num_blocks-1."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        # Popped from the end: block 0 is handed out first, a freed block is the next one reused.
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self.refcount = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("BlockAllocator: no free block (callers check num_free first)")
+        b = self._free.pop()
+        self.refcount[b] = 1
+        return b
+
+    def share(self, block: int) -> None:
+        self.refcount[block] += 1
+
+    def release(self, block: int) -> None:
+        """Drop one reference; the block goes back to the free list when none is left."""
+        if self.refcount[block] <= 0:
+            raise RuntimeError(f"BlockAllocator: block {block} released more often than allocated")
+        self.refcount[block] -= 1
+        if self.refcount[block] == 0:
+            self._free.append(block)
+
+
+class _Seq:
+    __slots__ = ("blocks", "length")
+
+    def __init__(self, blocks: list[int], length: int):
+        self.blocks, self.length = blocks, length
+
+
+class PagedKVCache:
+    """Paged KV cache: `num_blocks` blocks of `block_size` tokens (any size 1..256), shared by sequences.
+
+    Sequences are created with add_sequence() / fork() and named by the integer ids they return.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *,
+                 dtype=torch.float32, device=None, int8: bool = False, backend=None):
+        if not isinstance(block_size, int) or not 1 <= block_size <= 256:
+            raise ValueError(f"PagedKVCache: block_size must be an int in 1..256, got {block_size!r}")
+        if num_blocks <= 0 or num_kv_heads <= 0 or head_dim <= 0:
+            raise ValueError(f"PagedKVCache: num_blocks, num_kv_heads and head_dim must be > 0, got "
+                             f"({num_blocks}, {num_kv_heads}, {head_dim})")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"PagedKVCache: dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.dtype, self.int8, self.backend = dtype, bool(int8), backend
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        store = torch.int8 if int8 else dtype
+        self.k = torch.zeros(shape, dtype=store, device=self.device)
+        self.v = torch.zeros(shape, dtype=store, device=self.device)
+        self.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if int8 else None
+        self.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if int8 else None
+        self.allocator = BlockAllocator(num_blocks)
+        self._seqs: dict[int, _Seq] = {}
+        self._next_id = 0
+        # What attend() reuses from the last append: (seq_ids, S, block_table, lengths for attention,
+        # whether rows were padded).
+        self._last = None
+
+    # ------------------------------------------------------------------ sequences
+
+    def _seq(self, seq_id) -> _Seq:
+        s = self._seqs.get(seq_id)
+        if s is None:
+            raise ValueError(f"PagedKVCache: unknown sequence id {seq_id!r} (live ids: {sorted(self._seqs)[:16]})")
+        return s
+
+    def add_sequence(self) -> int:
+        """A new, empty sequence; returns its id."""
+        sid = self._next_id
+        self._next_id += 1
+        self._seqs[sid] = _Seq([], 0)
+        return sid
+
+    def free_sequence(self, seq_id: int) -> None:
+        """Forget a sequence; blocks no other sequence shares go back to the free list."""
+        s = self._seq(seq_id)
+        for b in s.blocks:
+            self.allocator.release(b)
+        del self._seqs[seq_id]
+        self._last = None
+
+    def fork(self, seq_id: int) -> int:
+        """A new sequence with the same tokens, sharing all of `seq_id`'s blocks (copied on write)."""
+        s = self._seq(seq_id)
+        for b in s.blocks:
+            self.allocator.share(b)
+        sid = self._next_id
+        self._next_id += 1
+        self._seqs[sid] = _Seq(list(s.blocks), s.length)
+        return sid
+
+    def seq_len(self, seq_id: int) -> int:
+        return self._seq(seq_id).length
+
+    def is_empty(self, seq_ids) -> bool:
+        """True when none of `seq_ids` holds a token (a fresh prefill)."""
+        return all(self._seq(i).length == 0 for i in self._ids(seq_ids))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cache tensors (k, v and, for int8, their scales)."""
+        ts = [self.k, self.v] + ([self.k_scale, self.v_scale] if self.int8 else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def _ids(self, seq_ids) -> list[int]:
+        if isinstance(seq_ids, torch.Tensor):
+            seq_ids = seq_ids.tolist()
+        ids = [int(i) for i in seq_ids]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"PagedKVCache: seq_ids must be distinct, got {ids}")
+        for i in ids:
+            self._seq(i)
+        return ids
+
+    # ------------------------------------------------------------------ tables
+
+    def _table(self, ids: list[int], min_blocks: int = 1) -> torch.Tensor:
+        """int32 [B, max_blocks] block table on the device, 0 beyond each sequence's blocks."""
+        width = max([min_blocks] + [len(self._seqs[i].blocks) for i in ids])
+        rows = [self._seqs[i].blocks + [0] * (width - len(self._seqs[i].blocks)) for i in ids]
+        return torch.tensor(rows, dtype=torch.int32).reshape(len(ids), width).to(self.device)
+
+    def block_table(self, seq_ids) -> torch.Tensor:
+        """int32 [B, max_blocks]: row b lists sequence seq_ids[b]'s blocks in order, padded with 0."""
+        return self._table(self._ids(seq_ids))
+
+    def seq_lens(self, seq_ids) -> torch.Tensor:
+        """int32 [B]: tokens cached per sequence."""
+        ids = self._ids(seq_ids)
+        return torch.tensor([self._seqs[i].length for i in ids], dtype=torch.int32).to(self.device)
+
+    # ------------------------------------------------------------------ write
+
+    def _copy_block(self, src: int, dst: int) -> None:
+        for t in (self.k, self.v, self.k_scale, self.v_scale):
+            if t is not None:
+                t[dst] = t[src]
+
+    def append(self, seq_ids, k: torch.Tensor, v: torch.Tensor, *, lengths=None, q: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None, rotary=None) -> None:
+        """Write k/v [B, S, Hk, D] after the cached tokens of seq_ids[b]; like KVCache.append.
+
+        Allocates blocks as needed (all or nothing: on ValueError "PagedKVCache full" nothing changed).
+        """
+        ids = self._ids(seq_ids)
+        if not isinstance(k, torch.Tensor) or k.dim() != 4:
+            raise ValueError(f"PagedKVCache.append: k must be [B, S, Hk, D], got {tuple(getattr(k, 'shape', ()))}")
+        B, S = k.shape[0], k.shape[1]
+        if B != len(ids):
+            raise ValueError(f"PagedKVCache.append: k has batch {B} but {len(ids)} seq_ids were given")
+        host_len = None if lengths is None else check_lengths("PagedKVCache", lengths, B, S)
+        adds = [S] * B if host_len is None else host_len.tolist()
+        bs = self.block_size
+
+        # Plan first (host only), so that running out of blocks changes nothing.
+        need, cow = [], []  # new blocks for the new tokens; whether the last block is shared
+        for i, n in zip(ids, adds):
+            s = self._seqs[i]
+            cow.append(n > 0 and s.length % bs != 0 and self.allocator.refcount[s.blocks[-1]] > 1)
+            need.append(-(-(s.length + n) // bs) - len(s.blocks))
+        # Copies: a shared block appended to by c of its r holders is copied c times, or r - 1 times
+        # when all of them append now (the last one keeps the original).
+        sharers = collections.Counter(self._seqs[i].blocks[-1] for i, c in zip(ids, cow) if c)
+        copies = sum(c if c < self.allocator.refcount[b] else c - 1 for b, c in sharers.items())
+        total = sum(need) + copies
+        if total > self.allocator.num_free:
+            detail = ", ".join(f"sequence {i}: {self._seqs[i].length} + {n} tokens needs {m + c} new block(s)"
+                               for i, n, m, c in zip(ids, adds, need, cow) if m + c)
+            raise ValueError(
+                f"PagedKVCache full: appending needs {total} more blocks but only {self.allocator.num_free} of "
+                f"{self.num_blocks} are free (block_size={bs}; {detail})")
+        old = []
+        for i, m, c in zip(ids, need, cow):
+            s = self._seqs[i]
+            old.append(s.length)
+            if c:
+                # Copy on write: this sequence gets its own copy of the shared, partially filled block,
+                # unless the other holders already took theirs in this batch (then it is ours alone).
+                if self.allocator.refcount[s.blocks[-1]] > 1:
+                    fresh = self.allocator.allocate()
+                    self._copy_block(s.blocks[-1], fresh)
+                    self.allocator.release(s.blocks[-1])
+                    s.blocks[-1] = fresh
+            s.blocks.extend(self.allocator.allocate() for _ in range(m))
+
+        # Device tensors: positions [B, S] of the new tokens, their slots (-1 for padding rows).
+        # The table covers old + S tokens (padding beyond a sequence's blocks reads block 0) so that the
+        # "virtual" lengths old + S used by attend() for padded rows stay within it.
+        table = self._table(ids, min_blocks=-(-(max(old) + S) // bs) if B else 1)     # [B, W] int32
+        if B * S <= _HOST_SLOTS_MAX:
+            # Few tokens (decode steps): plain Python on the block lists, then one host-to-device copy,
+            # cheaper than a dozen small tensor ops.
+            pos_l, slot_l = [], []
+            for i, o, n in zip(ids, old, adds):
+                blocks = self._seqs[i].blocks
+                for p in range(o, o + n):
+                    pos_l.append(p)
+                    slot_l.append(blocks[p // bs] * bs + p % bs)
+                pos_l.extend([0] * (S - n))  # padding rows: any valid rotary position, slot -1
+                slot_l.extend([-1] * (S - n))
+            both = torch.tensor([pos_l, slot_l], dtype=torch.int64).view(2, B, S).to(self.device)
+            pos, slot = both[0], both[1]                                               # [B, S] each
+        else:
+            old_t = torch.tensor(old, dtype=torch.int64).to(self.device)               # [B]
+            cols = torch.arange(S, dtype=torch.int64, device=self.device)              # [S]
+            pos = old_t[:, None] + cols[None, :]                                       # [B, S]
+            if host_len is not None:
+                real = cols[None, :] < host_len.to(self.device)[:, None]               # [B, S]
+                pos = torch.where(real, pos, 0)
+            blk = table.to(torch.int64).gather(1, pos // bs)                           # [B, S]
+            slot = blk * bs + pos % bs
+            if host_len is not None:
+                slot = torch.where(real, slot, -1)
+        # Detached: the cache is inference state, never part of an autograd graph (see KVCache.append).
+        ops.kv_cache_append(k.detach(), v.detach(), self.k, self.v, slot, k_scale=self.k_scale,
+                            v_scale=self.v_scale, backend=self.backend, **_rotary_args(rotary, q, positions, pos))
+
+        for i, n in zip(ids, adds):
+            self._seqs[i].length += n
+        # Lengths for attention: the real ones, or old + S for padded rows (see KVCache.append).
+        attn = [self._seqs[i].length for i in ids] if host_len is None else [o + S for o in old]
+        self._last = (ids, S, table, torch.tensor(attn, dtype=torch.int32).to(self.device), host_len is not None)
+
+    # ------------------------------------------------------------------ read
+
+    def attend(self, q: torch.Tensor, seq_ids, *, scale: float | None = None, softcap: float = 0.0,
+               window_left: int = -1) -> torch.Tensor:
+        """decode_attention of q [B, Hq, D] or [B, Sq, Hq, D] over the cached tokens of seq_ids.
+
+        Right after append(seq_ids, ...) the tables built there are reused (and padded rows of an
+        append with `lengths` are handled as in KVCache.attend); otherwise they are built here.
+        """
+        ids = self._ids(seq_ids)
+        last = self._last
+        if last is not None and last[0] == ids:
+            _, S, table, lens, padded = last
+            Sq = 1 if q.dim() == 3 else q.shape[1]
+            if padded and Sq != S:
+                raise ValueError(f"PagedKVCache.attend: the last append had {S} rows per sequence (with "
+                                 f"lengths), q has {Sq}")
+        else:
+            table, lens = self._table(ids), self.seq_lens(ids)
+        return ops.decode_attention(q, self.k, self.v, lens, block_table=table, k_scale=self.k_scale,
+                                    v_scale=self.v_scale, scale=scale, softcap=softcap,
+                                    window_left=window_left, backend=self.backend)
+
+    def __repr__(self) -> str:
+        return (f"PagedKVCache(num_blocks={self.num_blocks}, block_size={self.block_size}, num_kv_heads="
+                f"{self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, int8={self.int8}, "
+                f"free_blocks={self.num_free_blocks}, sequences={len(self._seqs)}, device={self.device})")

@@ -1,0 +1,124 @@
+"""The machine's limits, measured in the same run as the benchmarks (with the same thread count).
+
+Every benchmark reports the fraction of these it reaches:
+- read_gbs: memory read bandwidth, GB/s (1e9 bytes/s), from summing a float32 tensor several times the
+  size of the last-level cache (`x.sum()`, the pattern of a decode step streaming its weights);
+- copy_gbs: read + write bandwidth of `y.copy_(x)` on the same size, bytes counted once each way;
+- mm_gflops: rate of a large square `torch.mm` per dtype (fp32, bf16, fp16 on CUDA) and of
+  `torch._int_mm` for int8 (GOP/s), in 1e9 multiply-adds x 2 per second.
+Each number is the median of several timed runs after warm-up runs. Sizes: LLMKERN_BENCH_BW_MIB
+(default 256 on CPU, 1024 on CUDA) and LLMKERN_BENCH_MM_N (default 2048 on CPU, 8192 on CUDA).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def llc_bytes(device: str = "cpu") -> int:
+    """Size of the last-level cache (CPU: the highest level sysfs lists; CUDA: L2), 32 MiB if unknown."""
+    if device == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)) or (32 << 20)
+    best = (0, 0)
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in os.listdir(base):
+            if not d.startswith("index"):
+                continue
+            with open(os.path.join(base, d, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(base, d, "size")) as f:
+                txt = f.read().strip()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+            size = int(txt.rstrip("KMG")) * mult
+            best = max(best, (level, size))
+    except (OSError, ValueError):
+        pass
+    return best[1] or (32 << 20)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device: str = "cpu", *, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of `fn()` in seconds over `repeats` runs, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(device: str = "cpu", *, bw_mib: int | None = None, mm_n: int | None = None,
+            repeats: int = 7) -> dict:
+    """Measure the limits on `device` with torch's current thread count; see the module doc."""
+    cuda = device == "cuda"
+    bw_mib = bw_mib or int(os.environ.get("LLMKERN_BENCH_BW_MIB", 1024 if cuda else 256))
+    mm_n = mm_n or int(os.environ.get("LLMKERN_BENCH_MM_N", 8192 if cuda else 2048))
+    out = {"device": device, "threads": torch.get_num_threads(), "bw_bytes": bw_mib << 20, "mm_n": mm_n,
+           "llc_bytes": llc_bytes(device)}
+
+    # [n] float32, filled (not empty) so that every page is really mapped before timing.
+    n = (bw_mib << 20) // 4
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    y = torch.empty_like(x).fill_(0.0)
+    out["read_gbs"] = 4 * n / median_time(lambda: x.sum(), device, repeats=repeats) / 1e9
+    out["copy_gbs"] = 2 * 4 * n / median_time(lambda: y.copy_(x), device, repeats=repeats) / 1e9
+    del x, y
+
+    flops = 2.0 * mm_n ** 3
+    rates = {}
+    a32 = torch.randn(mm_n, mm_n, device=device)
+    b32 = torch.randn(mm_n, mm_n, device=device)
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)) + ((("fp16", torch.float16),) if cuda else ()):
+        a, b = a32.to(dt), b32.to(dt)
+        rates[name] = flops / median_time(lambda: torch.mm(a, b), device, repeats=max(3, repeats // 2)) / 1e9
+    # int8 x int8 -> int32; not every build/device has it for every size, so it is optional.
+    a8 = torch.randint(-127, 128, (mm_n, mm_n), dtype=torch.int8, device=device)
+    b8 = torch.randint(-127, 128, (mm_n, mm_n), dtype=torch.int8, device=device)
+    try:
+        rates["int8"] = flops / median_time(lambda: torch._int_mm(a8, b8), device, repeats=max(3, repeats // 2)) / 1e9
+    except (RuntimeError, NotImplementedError):
+        pass
+    out["mm_gflops"] = rates
+    return out
+
+
+def fractions(limits: dict | None, nbytes: float, flops: float, seconds: float, compute: str) -> dict:
+    """Achieved rates of one measurement and their fractions of `limits` (empty limits: rates only).
+
+    compute: the mm_gflops key the work runs at ("fp32", "bf16", "fp16", "int8"). `bound` says which
+    roof is lower at this arithmetic intensity (flops per byte): "memory" or "compute".
+    """
+    d = {"gbs": nbytes / seconds / 1e9 if nbytes else None,
+         "gflops": flops / seconds / 1e9 if flops else None}
+    if not limits:
+        return d
+    bw = limits.get("read_gbs")
+    peak = limits.get("mm_gflops", {}).get(compute)
+    d["frac_bw"] = d["gbs"] / bw if d["gbs"] is not None and bw else None
+    d["frac_mm"] = d["gflops"] / peak if d["gflops"] is not None and peak else None
+    if flops and nbytes and bw and peak:
+        d["bound"] = "memory" if flops / nbytes * bw < peak else "compute"
+    else:
+        d["bound"] = "memory" if not flops else None
+    return d
+
+
+if __name__ == "__main__":  # python benchmarks/_machine.py: print this machine's limits
+    import json
+
+    torch.set_num_threads(int(os.environ.get("LLMKERN_BENCH_THREADS", "2")))
+    print(json.dumps(measure(os.environ.get("LLMKERN_BENCH_DEVICE", "cpu")), indent=2))

@@ -1,0 +1,127 @@
+"""Decode attention (one new token per sequence over its KV cache) against torch's SDPA.
+
+Group = (model heads / head dim, B sequences, L cached tokens each, dtype). Entries:
+- llmkern.<backend>.contiguous: `decode_attention(q [B, Hq, D], k/v cache [B, L, Hk, D], seq_lens [B])`;
+- llmkern.<backend>.paged16: the same values in a paged cache [B * L / 16, 16, Hk, D] whose blocks are
+  scattered by a random block table [B, L / 16];
+- llmkern.<backend>.int8: an int8 contiguous cache with a float32 scale per (token, head) (half the
+  bytes of bf16);
+- SDPA: `F.scaled_dot_product_attention(q [B, Hq, 1, D], k/v [B, Hk, L, D])`, the cache in SDPA's own
+  layout, `enable_gqa` when Hq != Hk. Every sequence has length L (SDPA takes no per-sequence lengths).
+Caches rotate through copies (LLMKERN_BENCH_COLD, see conftest.py): each call reads its cache from
+memory, as each layer's cache is in a real decode step. Every entry's first result is checked against
+fp32 SDPA on the same values (for int8: on the dequantized cache).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import _shapes as S
+
+OP = "decode_attention"
+BLOCK = 16
+LAYOUTS = ("contiguous", "paged16", "int8")
+TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
+
+
+def _flops(c) -> float:
+    return 4.0 * c.B * c.Hq * c.L * c.D  # q k^T and p v over L keys
+
+
+def _items():
+    items = []
+    for case in S.decode_cases():
+        for dt in S.dtypes():
+            for b in S.llmkern_backends(OP, _flops(case), 2.0 * case.B * case.L * case.Hk * case.D * 4):
+                items += [(case, dt, f"llmkern.{b}.{lay}") for lay in LAYOUTS]
+            items.append((case, dt, "SDPA"))
+    return items
+
+
+def _sdpa(q, k, v, c):
+    """q [B, Hq, 1, D], k/v [B, Hk, L, D] -> [B, Hq, 1, D]."""
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=c.Hq != c.Hk)
+
+
+def _quant(x):
+    """Per (token, head) symmetric int8 of x [..., D]: (q int8 [..., D], scale fp32 [...])."""
+    amax = x.float().abs().amax(dim=-1)
+    scale = amax / 127.0
+    q = torch.round(x.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _make(c, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    dt = S.DTYPES[dtype]
+    q = torch.randn(c.B, c.Hq, c.D, generator=g).to(dt)
+    k = torch.randn(c.B, c.L, c.Hk, c.D, generator=g).to(dt)  # [B, L, Hk, D], llmkern's contiguous cache
+    v = torch.randn(c.B, c.L, c.Hk, c.D, generator=g).to(dt)
+    d = {"q": q, "k": k, "v": v, "seq_lens": torch.full((c.B,), c.L, dtype=torch.int32)}
+
+    # paged: block j of sequence b stored at block_table[b, j] of a [B * L / BLOCK, BLOCK, Hk, D] pool
+    nb = c.B * c.L // BLOCK
+    table = torch.randperm(nb, generator=g).to(torch.int32).view(c.B, c.L // BLOCK)
+    for name in ("k", "v"):
+        pool = torch.empty(nb, BLOCK, c.Hk, c.D, dtype=dt)
+        pool[table.flatten().long()] = d[name].reshape(nb, BLOCK, c.Hk, c.D)  # [B, L/BLOCK] order
+        d[name + "_paged"] = pool
+    d["block_table"] = table
+
+    for name in ("k", "v"):
+        d[name + "_q8"], d[name + "_scale"] = _quant(d[name])
+
+    def ref(kk, vv):  # [B, L, Hk, D] -> fp32 SDPA result [B, Hq, D]
+        return _sdpa(q.float()[:, :, None], kk.float().transpose(1, 2), vv.float().transpose(1, 2), c)[:, :, 0]
+
+    d["y"] = ref(k, v)
+    d["y_int8"] = ref(d["k_q8"].float() * d["k_scale"][..., None], d["v_q8"].float() * d["v_scale"][..., None])
+    return {key: val.to(device) for key, val in d.items()}
+
+
+@pytest.mark.parametrize("case, dtype, impl", S.params(_items()))
+def test_decode_attention(bench, group_cache, case, dtype, impl):
+    t = group_cache.get((case, dtype), lambda: _make(case, dtype, bench.device))
+    c, e = case, S.ELT[dtype]
+    q, lens = t["q"], t["seq_lens"]
+    kv_elems = 2 * c.B * c.L * c.Hk * c.D  # K and V values read
+    io_bytes = 2 * c.B * c.Hq * c.D * e + 4 * c.B  # q in, out, seq_lens
+    backend, kind, ref = None, "peer", t["y"]
+
+    if impl.startswith("llmkern."):
+        _, backend, layout = impl.split(".")
+        kind = "llmkern"
+        from llmkern.ops import decode_attention
+
+        if layout == "contiguous":
+            cache_bytes = kv_elems * e
+            nxt = bench.rotating((t["k"], t["v"]), cache_bytes)
+            fn = lambda: decode_attention(q, *nxt(), lens, backend=backend)  # noqa: E731
+        elif layout == "paged16":
+            cache_bytes = kv_elems * e + 4 * t["block_table"].numel()
+            nxt = bench.rotating((t["k_paged"], t["v_paged"]), kv_elems * e)
+            table = t["block_table"]
+            fn = lambda: decode_attention(q, *nxt(), lens, block_table=table, backend=backend)  # noqa: E731
+        else:  # int8 cache: 1 byte per value + one fp32 scale per (token, head)
+            cache_bytes = kv_elems + 2 * c.B * c.L * c.Hk * 4
+            nxt = bench.rotating((t["k_q8"], t["v_q8"], t["k_scale"], t["v_scale"]), cache_bytes)
+
+            def fn():
+                kc, vc, ks, vs = nxt()
+                return decode_attention(q, kc, vc, lens, k_scale=ks, v_scale=vs, backend=backend)
+
+            ref = t["y_int8"]
+        check = lambda out: bench.close(out, ref, TOL[dtype])  # noqa: E731
+    elif impl == "SDPA":
+        cache_bytes = kv_elems * e
+        q4 = q[:, :, None]  # [B, Hq, 1, D]
+        nxt = bench.rotating((t["k"].transpose(1, 2).contiguous(), t["v"].transpose(1, 2).contiguous()), cache_bytes)
+        fn = lambda: _sdpa(q4, *nxt(), c)  # noqa: E731
+        check = lambda out: bench.close(out[:, :, 0], ref, TOL[dtype])  # noqa: E731
+    else:
+        raise AssertionError(impl)
+
+    bench(fn, op=OP, impl=impl, kind=kind, backend=backend, case=case, dtype=dtype,
+          nbytes=cache_bytes + io_bytes, flops=_flops(c), check=check)

@@ -1,0 +1,108 @@
+"""int4_linear (y = x @ dequant(w)^T, 4-bit groups) against F.linear and torch's int4 weight-only matmul.
+
+Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
+- llmkern.<backend>: `llmkern.ops.int4_linear(x, qweight uint8 [N, K/2], scales, offsets fp32 [N, K/G])`;
+- F.linear: the float layer, weight [N, K] in the activation dtype;
+- torch._weight_int4pack_mm: torch's weight-only int4 kernel on the same values, CPU:
+  `_weight_int4pack_mm_for_cpu(x, _convert_weight_to_int4pack_for_cpu(q int32 [N, K], 2), G, sz)`,
+  CUDA: `_weight_int4pack_mm(x, _convert_weight_to_int4pack(q packed uint8 [N, K/2], 8), G, sz)`, with
+  sz [K/G, N, 2] = (scale, zero) in x's dtype and torch's dequant (q - 8) * scale + zero, i.e.
+  zero = offset + 8 * scale for llmkern's q * scale + offset.
+Every entry's first result is checked against an fp32 F.linear on the dequantized weights.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import _shapes as S
+
+OP = "int4_linear"
+PEERS = ("F.linear", "torch._weight_int4pack_mm")
+TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}  # see bench_int8_linear.py
+
+
+def _cases() -> list[S.Variant]:
+    """G=32 (GGUF Q4_0/Q4_1, the default model's format); full runs add G=128 (GPTQ/AWQ) where K allows."""
+    groups = (32, 128) if S.FULL else (32,)
+    return [S.Variant(c, f"G{g}", (("G", g),)) for c in S.linear_cases() for g in groups if c.K % g == 0]
+
+
+def _items():
+    items = []
+    for case in _cases():
+        c = case.base
+        for dt in S.dtypes():
+            for b in S.llmkern_backends(OP, 2.0 * c.M * c.N * c.K, 4.0 * c.N * c.K):
+                items.append((case, dt, f"llmkern.{b}"))
+            items += [(case, dt, p) for p in PEERS]
+    return items
+
+
+def _make(case: S.Variant, device):
+    """Random q in 0..15, packed [N, K/2]; scales/offsets [N, K/G]; x [M, K]; fp32 result y [M, N]."""
+    c, G = case.base, case.shape["G"]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (c.N, c.K), dtype=torch.uint8, generator=g)  # [N, K]
+    qweight = q[:, 0::2] | (q[:, 1::2] << 4)  # [N, K/2]: low nibble even k, high nibble odd k
+    scales = torch.rand(c.N, c.K // G, generator=g) * 0.02 + 0.002
+    offsets = -scales * (8.0 + torch.randn(c.N, c.K // G, generator=g))  # zero points near the middle
+    x = torch.randn(c.M, c.K, generator=g)
+    w_deq = q.float() * scales.repeat_interleave(G, 1) + offsets.repeat_interleave(G, 1)  # [N, K]
+    d = {"q": q, "qweight": qweight, "scales": scales, "offsets": offsets, "x": x, "w_deq": w_deq}
+    d["y"] = F.linear(x, w_deq)  # [M, N]
+    return {k: v.to(device) for k, v in d.items()}
+
+
+def _torch_int4(t, dt, G, device):
+    """(packed weight, sz [K/G, N, 2]) in torch's tinygemm convention, or raise RuntimeError."""
+    q = t["q"]
+    zeros = t["offsets"] + 8.0 * t["scales"]  # (q - 8) * s + z == q * s + offset
+    sz = torch.stack([t["scales"].t(), zeros.t()], dim=-1).to(dt).contiguous()  # [K/G, N, 2]
+    if device == "cuda":
+        packed_u8 = (q[:, 0::2] << 4) | q[:, 1::2]  # [N, K/2]: high nibble even k (torch's CUDA order)
+        return torch._convert_weight_to_int4pack(packed_u8.contiguous(), 8), sz
+    return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2), sz
+
+
+@pytest.mark.parametrize("case, dtype, impl", S.params(_items()))
+def test_int4_linear(bench, group_cache, case, dtype, impl):
+    t = group_cache.get(case, lambda: _make(case, bench.device))
+    dt, e = S.DTYPES[dtype], S.ELT[dtype]
+    c, G = case.base, case.shape["G"]
+    M, N, K = c.M, c.N, c.K
+    if (dtype, "x") not in t:
+        t[(dtype, "x")] = t["x"].to(dt)
+    x = t[(dtype, "x")]  # [M, K]
+    io_bytes = M * K * e + M * N * e
+    backend, kind = None, "peer"
+
+    if impl.startswith("llmkern."):
+        backend, kind = impl.split(".")[1], "llmkern"
+        from llmkern.ops import int4_linear
+
+        w_bytes = N * K // 2 + 8 * N * (K // G)
+        nxt = bench.rotating((t["qweight"], t["scales"], t["offsets"]), w_bytes)
+        fn = lambda: int4_linear(x, *nxt(), None, backend=backend)  # noqa: E731
+    elif impl == "F.linear":
+        w_bytes = N * K * e
+        nxt = bench.rotating((t["w_deq"].to(dt),), w_bytes)
+        fn = lambda: F.linear(x, *nxt())  # noqa: E731
+    elif impl == "torch._weight_int4pack_mm":
+        w_bytes = N * K // 2 + 2 * e * N * (K // G)
+        try:
+            packed, sz = _torch_int4(t, dt, G, bench.device)
+        except (RuntimeError, NotImplementedError) as err:
+            pytest.skip(f"torch int4 packing not available here: {str(err).splitlines()[0][:200]}")
+        nxt = bench.rotating((packed, sz), w_bytes)
+        mm = torch._weight_int4pack_mm if bench.device == "cuda" else torch._weight_int4pack_mm_for_cpu
+
+        def fn():
+            p, s = nxt()
+            return mm(x, p, G, s)
+    else:
+        raise AssertionError(impl)
+
+    bench(fn, op=OP, impl=impl, kind=kind, backend=backend, case=case, dtype=dtype, nbytes=w_bytes + io_bytes,
+          flops=2.0 * M * N * K, check=lambda out: bench.close(out, t["y"], TOL[dtype]))

@@ -1,0 +1,106 @@
+"""int8_linear (y = x @ dequant(w)^T) against F.linear, torch._weight_int8pack_mm and torch._int_mm.
+
+Group = (layer shape N x K, rows M, activation dtype). Entries:
+- llmkern.<backend>.w8a16 / .w8a8: `llmkern.ops.int8_linear(x, w int8 [N, K], scale fp32 [N], mode=...)`;
+- F.linear: the float layer, weight [N, K] in the activation dtype (what you run without quantization);
+- torch._weight_int8pack_mm: torch's W8A16 CPU kernel, (x [M, K], w int8 [N, K], scales [N] in x's dtype);
+- torch._int_mm.w8a8: the W8A8 pipeline in eager torch: per-row quantize x, int8 x int8 -> int32 with
+  `torch._int_mm(xq [M, K], w^T [K, N])`, rescale by row scale x channel scale.
+Every entry's first result is checked against an fp32 F.linear on the same dequantized weights.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import _shapes as S
+
+OP = "int8_linear"
+MODES = ("w8a16", "w8a8")
+PEERS = ("F.linear", "torch._weight_int8pack_mm", "torch._int_mm.w8a8")
+# Sanity tolerances (relative error vs fp32): bf16 rounding of x / w / y is ~3e-3; W8A8's own
+# per-row activation quantization adds ~1e-2. The correctness tests live in tests/ops/.
+TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2, "w8a8": 3e-2}
+
+
+def _items():
+    items = []
+    for case in S.linear_cases():
+        for dt in S.dtypes():
+            flops = 2.0 * case.M * case.N * case.K
+            for b in S.llmkern_backends(OP, flops, 4.0 * case.N * case.K):  # the reference dequantizes to fp32+
+                items += [(case, dt, f"llmkern.{b}.{mode}") for mode in MODES]
+            items += [(case, dt, p) for p in PEERS]
+    return items
+
+
+def _make(case, device):
+    """Random int8 weight [N, K], fp32 scale [N], fp32 x [M, K] and the fp32 result y [M, N]."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (case.N, case.K), dtype=torch.int8, generator=g)
+    scale = torch.rand(case.N, generator=g) * 0.02 + 0.002  # [N], the magnitude of real int8 scales
+    x = torch.randn(case.M, case.K, generator=g)
+    w_deq = w.float() * scale[:, None]  # [N, K] fp32: what the int8 layer stands for
+    d = {"w": w, "scale": scale, "x": x, "w_deq": w_deq}
+    d["y"] = F.linear(x, w_deq)  # [M, N] fp32 ground truth for the sanity check
+    return {k: v.to(device) for k, v in d.items()}
+
+
+def _derived(t, key, make):
+    """Per-dtype tensors of a group, built on first use and kept with the group."""
+    if key not in t:
+        t[key] = make()
+    return t[key]
+
+
+@pytest.mark.parametrize("case, dtype, impl", S.params(_items()))
+def test_int8_linear(bench, group_cache, case, dtype, impl):
+    t = group_cache.get(case, lambda: _make(case, bench.device))
+    dt = S.DTYPES[dtype]
+    e = S.ELT[dtype]
+    M, N, K = case.M, case.N, case.K
+    x = _derived(t, ("x", dtype), lambda: t["x"].to(dt))  # [M, K]
+    w, scale = t["w"], t["scale"]
+    io_bytes = M * K * e + M * N * e  # activations in, results out
+    flops = 2.0 * M * N * K
+    compute, tol = dtype, TOL[dtype]
+
+    if impl.startswith("llmkern."):
+        _, backend, mode = impl.split(".")
+        from llmkern.ops import int8_linear
+
+        nxt = bench.rotating((w, scale), N * K + 4 * N)
+        fn = lambda: int8_linear(x, *nxt(), None, mode, backend=backend)  # noqa: E731
+        nbytes = N * K + 4 * N + io_bytes
+        if mode == "w8a8":
+            compute, tol = "int8", TOL["w8a8"]
+        kind = "llmkern"
+    elif impl == "F.linear":
+        wf = _derived(t, ("w_deq", dtype), lambda: t["w_deq"].to(dt))  # [N, K] in the activation dtype
+        nxt = bench.rotating((wf,), N * K * e)
+        fn = lambda: F.linear(x, *nxt())  # noqa: E731
+        nbytes, backend, kind = N * K * e + io_bytes, None, "peer"
+    elif impl == "torch._weight_int8pack_mm":
+        s_dt = _derived(t, ("scale", dtype), lambda: scale.to(dt))  # [N]: it wants x's dtype
+        nxt = bench.rotating((w, s_dt), N * K + N * e)
+        fn = lambda: torch._weight_int8pack_mm(x, *nxt())  # noqa: E731
+        nbytes, backend, kind = N * K + N * e + io_bytes, None, "peer"
+    elif impl == "torch._int_mm.w8a8":
+        nxt = bench.rotating((w, scale), N * K + 4 * N)
+
+        def fn():
+            wq, ws = nxt()
+            xf = x.float()
+            sx = xf.abs().amax(dim=-1, keepdim=True) / 127.0  # [M, 1] row scales
+            xq = torch.round(xf / sx).clamp_(-127, 127).to(torch.int8)  # [M, K]
+            acc = torch._int_mm(xq, wq.t())  # [M, N] int32; w^T: a [K, N] view of the [N, K] weight
+            return (acc.float() * sx * ws).to(dt)
+
+        nbytes, backend, kind = N * K + 4 * N + io_bytes, None, "peer"
+        compute, tol = "int8", TOL["w8a8"]
+    else:
+        raise AssertionError(impl)
+
+    bench(fn, op=OP, impl=impl, kind=kind, backend=backend, case=case, dtype=dtype, nbytes=nbytes,
+          flops=flops, compute=compute, check=lambda out: bench.close(out, t["y"], tol))

@@ -1,0 +1,231 @@
+"""pytest-benchmark set-up for llmkern: collection of bench_*.py, threads, machine limits, the `bench` fixture.
+
+Run: `pytest benchmarks/ --benchmark-only` (see benchmarks/README.md). Environment:
+  LLMKERN_BENCH_THREADS  torch threads for every benchmark and for the limit measurements (default 2)
+  LLMKERN_BENCH_DEVICE   "cpu" (default) or "cuda"
+  LLMKERN_BENCH_FULL=1   add the big model shapes (Llama-2-7B, Llama-3-8B everywhere, more M / B / S)
+  LLMKERN_BENCH_DTYPES   activation dtypes, comma list of fp32,bf16,fp16 (default bf16,fp32)
+  LLMKERN_BENCH_WARMUP   warm-up iterations per calibration step (default 20; warm-up is always on
+                         unless --benchmark-warmup is given explicitly)
+  LLMKERN_BENCH_COLD     "1" (default): weights and KV caches rotate through enough copies to exceed
+                         twice the last-level cache, so each call reads them from memory as in a
+                         real model (whose layers together never fit in cache); "0": one hot copy
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _machine, _shapes for every bench file
+
+import _machine  # noqa: E402
+import _shapes  # noqa: E402
+
+THREADS = int(os.environ.get("LLMKERN_BENCH_THREADS", "2"))
+DEVICE = os.environ.get("LLMKERN_BENCH_DEVICE", "cpu")
+COLD = os.environ.get("LLMKERN_BENCH_COLD", "1") not in ("", "0")
+MAX_COPIES = 512
+_LIMITS: dict = {}  # filled once per session by the `limits` fixture, saved into the JSON
+
+
+# ------------------------------------------------------------------------------------- collection
+
+def pytest_collect_file(file_path, parent):
+    """Collect benchmarks/bench_*.py although pyproject's python_files only names test_*.py.
+
+    A path given on the command line is already collected by pytest itself; returning it again here
+    would run it twice.
+    """
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def _cli_has(config, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in config.invocation_params.args)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Warm-up on for every benchmark here (pytest-benchmark's default is off), unless set on the CLI."""
+    opts = {}
+    if not _cli_has(config, "--benchmark-warmup"):
+        opts["warmup"] = True
+    if not _cli_has(config, "--benchmark-warmup-iterations"):
+        opts["warmup_iterations"] = int(os.environ.get("LLMKERN_BENCH_WARMUP", "20"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        if opts and str(item.path).startswith(here + os.sep):
+            item.add_marker(pytest.mark.benchmark(**opts))
+
+
+def pytest_report_header(config):
+    return (f"llmkern benchmarks: device={DEVICE} threads={THREADS} full={_shapes.FULL} "
+            f"dtypes={','.join(_shapes.dtypes())}")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Static facts only (pytest-benchmark compares machine_info between saved runs)."""
+    try:
+        from llmkern import _backends
+
+        isa = _backends.cpu_isa()
+    except Exception as e:  # noqa: BLE001 - a report of what is there, never a reason to fail the run
+        isa = f"unknown ({type(e).__name__})"
+    machine_info["llmkern"] = {"device": DEVICE, "threads": THREADS, "cpu_isa": isa, "torch": torch.__version__,
+                               "full": _shapes.FULL,
+                               "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" and torch.cuda.is_available() else None}
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """The limits measured in this run, for benchmarks/report.py."""
+    output_json["llmkern_limits"] = dict(_LIMITS)
+
+
+# ------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session", autouse=True)
+def threads():
+    """Every benchmark (and the limit measurement) runs with LLMKERN_BENCH_THREADS torch threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield THREADS
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def limits(request, threads):
+    """The machine's limits (see _machine.py), measured once per session; {} when benchmarks are disabled."""
+    cfg = request.config
+    if cfg.getoption("benchmark_disable", False) or cfg.getoption("benchmark_skip", False):
+        return {}
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("LLMKERN_BENCH_DEVICE=cuda but torch sees no GPU")
+    _LIMITS.update(_machine.measure(DEVICE))
+    return _LIMITS
+
+
+class _OneGroupCache:
+    """Tensors of the group being benchmarked; building the next group's frees the previous one's.
+
+    Parameters are ordered group by group (see _shapes.params), so each big weight is made once.
+    """
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, key, make):
+        if key != self.key:
+            self.key, self.value = None, None  # free first: two Llama-3 weights at once do not fit everywhere
+            self.value, self.key = make(), key
+        return self.value
+
+
+@pytest.fixture(scope="session")
+def group_cache():
+    return _OneGroupCache()
+
+
+class Bench:
+    """Runs one entry of a group: checks it computes the right thing, times it, records extra_info."""
+
+    def __init__(self, benchmark, limits, threads):
+        self.benchmark, self.limits, self.threads = benchmark, limits, threads
+        self.device = DEVICE
+
+    # ----------------------------------------------------------------- checks
+    @staticmethod
+    def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+        """||out - ref|| / ||ref|| in float64 (NaN if out has a NaN)."""
+        o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+        return float((o - r).norm() / r.norm().clamp_min(1e-300))
+
+    def close(self, out, ref, tol: float, what: str = "output") -> None:
+        """Fail the benchmark if `out` is not `ref` within relative error `tol` (NaN never passes)."""
+        if tuple(out.shape) != tuple(ref.shape):
+            pytest.fail(f"{what}: shape {tuple(out.shape)} != expected {tuple(ref.shape)}")
+        err = self.rel_err(out, ref)
+        if not err <= tol:  # also catches NaN
+            pytest.fail(f"{what}: relative error {err:.3g} > {tol:g}: this entry computes something else, "
+                        f"its timing would be meaningless")
+
+    # ----------------------------------------------------------------- cold weights
+    def rotating(self, tensors: tuple, nbytes: float):
+        """A function returning, call after call, the next of n copies of `tensors` (a tuple).
+
+        n copies of `nbytes` each together exceed twice the last-level cache (LLMKERN_BENCH_COLD=1), so
+        a timed call finds the copy it reads evicted, as a layer's weights are in a decode step.
+        """
+        n = 1
+        if COLD and nbytes > 0:
+            n = max(1, min(MAX_COPIES, -(-2 * _machine.llc_bytes(self.device) // int(nbytes))))
+        self.benchmark.extra_info["copies"] = n
+        sets = [tuple(tensors)] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
+        return itertools.cycle(sets).__next__
+
+    # ----------------------------------------------------------------- running
+    def __call__(self, fn, *, op: str, impl: str, kind: str, case, dtype: str, nbytes: float, flops: float,
+                 compute: str | None = None, backend: str | None = None, check=None, verify_op: str | None = None):
+        """Benchmark `fn()` as entry `impl` of group (op, case, dtype).
+
+        kind: "llmkern" (with `backend`: the llmkern backend, verified to really run op `verify_op`,
+        default `op`) or "peer".
+        nbytes / flops: the minimum memory traffic and the arithmetic of this entry's own work.
+        compute: the matmul-rate key for the fraction (default: dtype). check(out): validates the
+        first call's result (use `self.close`).
+        """
+        b = self.benchmark
+        b.group = f"{op}: {case.id} [{dtype}]"
+        b.extra_info.update(op=op, impl=impl, kind=kind, backend=backend, case=case.id, model=case.model,
+                            shape=case.shape, dtype=dtype, threads=self.threads, device=self.device,
+                            bytes=float(nbytes), flops=float(flops), compute=compute or dtype)
+        out = self._first_call(fn, verify_op or op, kind, backend)
+        if check is not None:
+            check(out)
+        del out
+        if self.device == "cuda":
+            def timed():
+                r = fn()
+                torch.cuda.synchronize()
+                return r
+        else:
+            timed = fn
+        b(timed)
+        if b.stats:  # None / empty under --benchmark-disable
+            median = b.stats.stats.median
+            b.extra_info["median_s"] = median
+            b.extra_info.update(_machine.fractions(self.limits, nbytes, flops, median, compute or dtype))
+            if self.limits:
+                b.extra_info["limit_read_gbs"] = self.limits.get("read_gbs")
+                b.extra_info["limit_mm_gflops"] = self.limits.get("mm_gflops", {}).get(compute or dtype)
+
+    def _first_call(self, fn, op, kind, backend):
+        """One untimed call: skip what cannot run here (stub, unsupported input), fail a silent fallback."""
+        if kind == "llmkern" and backend is not None:
+            from llmkern.ops import OPS, strict
+
+            OPS[op].last_backend = None
+            try:
+                with strict():
+                    out = fn()
+            except NotImplementedError as e:
+                pytest.skip(f"llmkern.{op} backend {backend!r} not implemented yet ({str(e) or 'a stub'})")
+            except RuntimeError as e:
+                if "strict mode forbids" in str(e):
+                    pytest.skip(f"backend {backend!r} cannot take this input: {e}")
+                raise
+            if OPS[op].last_backend != backend:
+                pytest.fail(f"asked for backend {backend!r}, but {OPS[op].last_backend!r} ran")
+            return out
+        try:
+            return fn()
+        except (RuntimeError, NotImplementedError) as e:
+            pytest.skip(f"peer not available here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+@pytest.fixture
+def bench(benchmark, limits, threads):
+    return Bench(benchmark, limits, threads)

@@ -1,0 +1,283 @@
+"""Turn a saved pytest-benchmark run into a markdown table and a PNG plot.
+
+    python benchmarks/report.py SAVED.json [--out DIR] [--no-plot]
+
+SAVED.json comes from `pytest benchmarks/ --benchmark-only --benchmark-json=SAVED.json` (or
+`--benchmark-save=NAME`, stored under .benchmarks/). Writes DIR/<stem>_report.md and
+DIR/<stem>_report.png (DIR defaults to the JSON's folder) and prints the table. Columns: see
+benchmarks/README.md. Speedups are ratios of medians measured in the same run: "vs X" = median(X) /
+median(this row), so > 1 means this row is faster than X.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class Entry:
+    group: str
+    impl: str
+    kind: str  # "llmkern" or "peer"
+    median: float  # seconds
+    nbytes: float
+    flops: float
+    compute: str
+    dtype: str
+    op: str
+
+    @property
+    def gbs(self):
+        return self.nbytes / self.median / 1e9 if self.nbytes else None
+
+    @property
+    def gflops(self):
+        return self.flops / self.median / 1e9 if self.flops else None
+
+
+def load(path: str) -> tuple[list[Entry], dict]:
+    """Entries of a saved run and its metadata (limits, machine info, date)."""
+    with open(path) as f:
+        data = json.load(f)
+    entries = []
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info") or {}
+        stats = b.get("stats") or {}
+        if "median" not in stats:
+            continue
+        entries.append(Entry(
+            group=b.get("group") or info.get("case") or b["name"],
+            impl=info.get("impl") or b["name"],
+            kind=info.get("kind") or ("llmkern" if "llmkern" in b["name"] else "peer"),
+            median=float(stats["median"]),
+            nbytes=float(info.get("bytes") or 0.0),
+            flops=float(info.get("flops") or 0.0),
+            compute=info.get("compute") or info.get("dtype") or "fp32",
+            dtype=info.get("dtype") or "",
+            op=info.get("op") or (b.get("group") or "").split(" ")[0],
+        ))
+    meta = {
+        "limits": data.get("llmkern_limits") or {},
+        "machine": data.get("machine_info") or {},
+        "datetime": data.get("datetime", ""),
+    }
+    return entries, meta
+
+
+def groups_of(entries: list[Entry]) -> dict[str, list[Entry]]:
+    """Entries by group (groups in name order), each group fastest first."""
+    out: dict[str, list[Entry]] = {}
+    for e in entries:
+        out.setdefault(e.group, []).append(e)
+    return {g: sorted(out[g], key=lambda e: e.median) for g in sorted(out)}
+
+
+def best_peer(group: list[Entry]) -> Entry | None:
+    peers = [e for e in group if e.kind != "llmkern"]
+    return min(peers, key=lambda e: e.median) if peers else None
+
+
+def fractions(e: Entry, limits: dict) -> tuple[float | None, float | None]:
+    """(fraction of the read bandwidth, fraction of the matmul rate of e's compute dtype)."""
+    bw = limits.get("read_gbs")
+    peak = (limits.get("mm_gflops") or {}).get(e.compute)
+    fb = e.gbs / bw if e.gbs is not None and bw else None
+    fm = e.gflops / peak if e.gflops is not None and peak else None
+    return fb, fm
+
+
+def fmt_time(s: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}g}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _row(cells: list[str]) -> str:
+    """One markdown table row; a '|' inside a cell would split it."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def limits_line(meta: dict) -> str:
+    lim = meta["limits"]
+    info = (meta["machine"] or {}).get("llmkern", {})
+    if not lim:
+        return "Machine limits: not measured in this run (fractions omitted)."
+    mm = ", ".join(f"{k} {v:.4g}" for k, v in (lim.get("mm_gflops") or {}).items())
+    return (f"Machine limits measured in this run ({lim.get('device', '?')}, {lim.get('threads', '?')} threads"
+            f"{', ISA ' + str(info['cpu_isa']) if info.get('cpu_isa') else ''}): "
+            f"read {lim.get('read_gbs', float('nan')):.4g} GB/s, copy {lim.get('copy_gbs', float('nan')):.4g} GB/s; "
+            f"matmul GFLOP/s: {mm}.")
+
+
+def markdown(entries: list[Entry], meta: dict) -> str:
+    """The whole report: header, one summary table (best llmkern entry vs best peer), a table per group."""
+    groups = groups_of(entries)
+    lines = [f"# llmkern benchmarks {meta.get('datetime', '')}".rstrip(), "", limits_line(meta), ""]
+    lines += ["## Summary: best llmkern entry vs best peer", "",
+              "| group | best llmkern | median | best peer | median | speedup |", "|---|---|---|---|---|---|"]
+    for g, es in groups.items():
+        ours = [e for e in es if e.kind == "llmkern"]
+        peer = best_peer(es)
+        if not ours and peer is None:
+            continue
+        o = ours[0] if ours else None
+        lines.append(_row([
+            g, o.impl if o else "-", fmt_time(o.median) if o else "-", peer.impl if peer else "-",
+            fmt_time(peer.median) if peer else "-", _x(peer.median / o.median) if o and peer else "-"]))
+    lines.append("")
+    for g, es in groups.items():
+        peer = best_peer(es)
+        ours = [e for e in es if e.kind == "llmkern"]
+        # bench_op_overhead: the baseline is the direct call, the difference is the dispatch cost per call
+        overhead = peer is not None and all(e.op == "op_overhead" for e in es)
+        head = ["entry", "kind", "median", "vs best peer"] + (["overhead"] if overhead else []) + \
+               [f"vs {o.impl}" for o in ours] + ["GB/s", "GFLOP/s", "% BW", "% MM"]
+        lines += [f"### {g}", "", _row(head), "|" + "---|" * len(head)]
+        for e in es:
+            fb, fm = fractions(e, meta["limits"])
+            row = [e.impl, e.kind, fmt_time(e.median), _x(peer.median / e.median) if peer else "-"]
+            if overhead:
+                d = e.median - peer.median
+                row.append(("-" if d < 0 else "+") + fmt_time(abs(d)) if d else "0")
+            row += [_x(o.median / e.median) for o in ours]
+            row += [_num(e.gbs), _num(e.gflops), _pct(fb), _pct(fm)]
+            lines.append(_row(row))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(entries: list[Entry], meta: dict, png: str) -> None:
+    """One PNG, up to three panels: speedup bars (llmkern entries vs the group's best peer), a roofline
+    of every entry that does arithmetic, and % of read bandwidth for work without arithmetic (copies)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = groups_of(entries)
+    bars = []  # (label, speedup vs best peer, kind)
+    for g, es in groups.items():
+        peer = best_peer(es)
+        if peer is None:
+            continue
+        shown = [e for e in es if e.kind == "llmkern"] or es  # before any backend runs: the peers
+        bars += [(f"{g} :: {e.impl}", peer.median / e.median, e.kind) for e in shown]
+    lim = meta["limits"]
+    bw, peaks = lim.get("read_gbs"), lim.get("mm_gflops") or {}
+    pts = [e for e in entries if e.flops and e.nbytes]
+    mem_only = sorted([e for e in entries if not e.flops and e.nbytes], key=lambda e: (e.group, e.median))
+    if not bw:
+        mem_only = []
+    panels = [(name, h) for name, h, on in (
+        ("speedup", max(3.0, 0.2 * len(bars) + 1.5), bool(bars)),
+        ("roofline", 6.0, bool(pts)),
+        ("memory", max(3.0, 0.2 * len(mem_only) + 1.5), bool(mem_only))) if on]
+    if not panels:
+        panels = [("speedup", 3.0)]
+    heights = [min(h, 60.0) for _, h in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (name, _) in zip(axes[:, 0], panels):
+        if name == "speedup":
+            _bars(ax, [b[0] for b in bars], [b[1] for b in bars], [b[2] for b in bars])
+            ax.axvline(1.0, color="k", lw=0.8)
+            if bars:
+                ax.set_xscale("log")
+            ax.set_xlabel("speedup vs the best peer in the group (median / median; > 1 is faster)")
+            ax.set_title("llmkern vs best peer (blue: llmkern; gray: peers, shown when no llmkern entry ran)")
+        elif name == "roofline":
+            _roofline(ax, pts, bw, peaks, plt)
+        else:
+            _bars(ax, [f"{e.group} :: {e.impl}" for e in mem_only], [100 * e.gbs / bw for e in mem_only],
+                  [e.kind for e in mem_only])
+            ax.axvline(100.0, color="k", lw=0.8)
+            ax.set_xlabel(f"% of the read bandwidth measured in this run ({bw:.1f} GB/s)")
+            ax.set_title("work without arithmetic (copies, norms): fraction of the memory roof")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110, bbox_inches="tight")  # "tight": the long y labels stay inside the image
+    plt.close(fig)
+
+
+def _bars(ax, labels, values, kinds) -> None:
+    ys = list(range(len(labels)))
+    ax.barh(ys, values, color=["tab:blue" if k == "llmkern" else "tab:gray" for k in kinds])
+    ax.set_yticks(ys, labels, fontsize=6)
+    ax.set_ylim(len(labels) - 0.5, -0.5)  # first entry on top
+
+
+def _roofline(ax, pts, bw, peaks, plt) -> None:
+    """GFLOP/s against flops per byte, log-log, under the roofs min(peak, intensity x bandwidth)."""
+    ai = [e.flops / e.nbytes for e in pts]
+    lo, hi = min(ai) / 2, max(ai) * 2
+    if bw:
+        xs = [lo * (hi / lo) ** (i / 100) for i in range(101)]
+        used = {e.compute for e in pts}
+        for name, peak in peaks.items():
+            if name not in used:
+                continue
+            ax.plot(xs, [min(peak, x * bw) for x in xs], lw=1, label=f"roof {name}: {peak:.0f} GFLOP/s, {bw:.0f} GB/s")
+    ops = sorted({e.op for e in pts})
+    for i, op in enumerate(ops):
+        color = plt.cm.tab10(i % 10)
+        for ours, marker in ((True, "o"), (False, "s")):
+            sel = [(a, e.gflops) for a, e in zip(ai, pts) if e.op == op and (e.kind == "llmkern") == ours]
+            if sel:
+                ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=marker, s=18, edgecolors=color,
+                           facecolors=color if ours else "none", label=f"{op} ({'llmkern' if ours else 'peers'})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6, loc="lower right")
+    ax.set_xlabel("arithmetic intensity (flops per byte moved)")
+    ax.set_ylabel("GFLOP/s achieved")
+    ax.set_title("roofline of this run's measured limits: height below the roof = fraction not reached")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("saved", help="JSON from --benchmark-json or --benchmark-save")
+    ap.add_argument("--out", default=None, help="output folder (default: the JSON's folder)")
+    ap.add_argument("--no-plot", action="store_true", help="write the table only")
+    args = ap.parse_args(argv)
+    entries, meta = load(args.saved)
+    if not entries:
+        print(f"{args.saved}: no benchmark with timings (was it run with --benchmark-disable?)", file=sys.stderr)
+        return 1
+    out = args.out or os.path.dirname(os.path.abspath(args.saved))
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(args.saved))[0]
+    text = markdown(entries, meta)
+    md = os.path.join(out, f"{stem}_report.md")
+    with open(md, "w") as f:
+        f.write(text + "\n")
+    try:
+        print(text)
+    except BrokenPipeError:  # `report.py ... | head`
+        sys.stderr.close()
+        return 0
+    print(f"wrote {md}", file=sys.stderr)
+    if not args.no_plot:
+        png = os.path.join(out, f"{stem}_report.png")
+        plot(entries, meta, png)
+        print(f"wrote {png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

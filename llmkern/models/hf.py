@@ -1,0 +1,270 @@
+"""Hugging Face interop.
+
+- `from_hf(src, quant=...)`: a transformers Llama/Mistral/Qwen2 model object, or a local directory with
+  config.json and *.safetensors, -> llmkern's `Llama` (quantized on load: "none", "int8", "int4").
+- `tokenizer_from_hf_dir(path)`: llmkern's `Tokenizer` from tokenizer.json (+ tokenizer_config.json).
+- `patch(hf_model, quant=..., attention=True)` / `unpatch(hf_model)`: swap, in place, a transformers
+  model's decoder `nn.Linear`s for Int8Linear/Int4Linear, its RMSNorms for llmkern's, and route its
+  attention through `llmkern.ops.attention` (transformers' attention-function registry), so
+  `hf_model.generate` keeps working on llmkern's kernels. Rotary and the KV cache stay transformers'
+  own (its DynamicCache); attention with a padding mask falls back to transformers' SDPA path.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import nn as lnn
+from .. import ops
+from .config import ModelConfig
+from .llama import Llama
+from .tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED, Tokenizer
+
+QUANTS = ("none", "int8", "int4")
+_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_safetensors_dir(path) -> tuple[dict, dict]:
+    """(config.json dict, {name: tensor}) of a local Hugging Face checkpoint directory."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError("loading safetensors needs the `safetensors` package: pip install safetensors") from None
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # truncated / corrupt files: name the file
+            raise ValueError(f"{f}: cannot read safetensors file: {e}") from e
+    return json.loads((path / "config.json").read_text()), state
+
+
+def from_hf(src, *, quant: str = "none", group_size: int | None = None, mode: str = "w8a16", dtype=torch.float32,
+            backend=None, progress: bool = False) -> Llama:
+    """A transformers model (LlamaForCausalLM & co.) or a checkpoint directory -> llmkern Llama.
+
+    quant: "none" (float linears in `dtype`), "int8" (per channel, or per group of group_size; mode
+    "w8a16" or "w8a8") or "int4" (group_size default 32), applied to every linear including lm_head.
+    """
+    if quant not in QUANTS:
+        raise ValueError(f"from_hf: quant must be one of {QUANTS}, got {quant!r}")
+    if isinstance(src, (str, Path)):
+        cfg_dict, state = load_safetensors_dir(src)
+    elif isinstance(src, nn.Module) and hasattr(src, "config"):
+        cfg_dict, state = src.config.to_dict(), src.state_dict()
+    else:
+        raise TypeError(f"from_hf: src must be a transformers model or a directory path, got {type(src).__name__}")
+    config = ModelConfig.from_hf_config(cfg_dict)
+    # "model.layers.0..." (CausalLM) -> "layers.0..."
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+
+    def take(name, shape):
+        t = state.get(name)
+        if t is None:
+            raise ValueError(f"from_hf: tensor {name!r} is missing from the checkpoint")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"from_hf: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+        return t.detach().to(dtype)
+
+    def linear(name, out_f, in_f, bias):
+        lin = nn.Linear(in_f, out_f, bias=bias, device="meta", dtype=dtype)
+        lin.weight = nn.Parameter(take(name + ".weight", (out_f, in_f)), requires_grad=False)
+        if bias:
+            lin.bias = nn.Parameter(take(name + ".bias", (out_f,)), requires_grad=False)
+        if quant == "int8":
+            return lnn.Int8Linear.from_linear(lin, mode=mode, group_size=group_size or 0, backend=backend)
+        if quant == "int4":
+            return lnn.Int4Linear.from_linear(lin, group_size=group_size or 32, backend=backend)
+        return lin
+
+    c = config
+    model = Llama(c, device="meta", dtype=dtype, backend=backend)
+    model.set_rotary(device="cpu")
+    H, D, I = c.hidden_size, c.head_dim, c.intermediate_size
+    model.embed_tokens.weight = nn.Parameter(take("embed_tokens.weight", (c.vocab_size, H)), requires_grad=False)
+    shapes = {"self_attn.q_proj": (c.num_heads * D, H), "self_attn.k_proj": (c.num_kv_heads * D, H),
+              "self_attn.v_proj": (c.num_kv_heads * D, H), "self_attn.o_proj": (H, c.num_heads * D),
+              "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
+    for i, layer in enumerate(model.layers):
+        if progress:
+            sys.stderr.write(f"\rllmkern: converting layer {i + 1}/{c.num_layers}")
+        p = f"layers.{i}."
+        for name, (out_f, in_f) in shapes.items():
+            bias = (c.attention_bias and name in _LINEARS[:3]) or (c.o_bias and name == "self_attn.o_proj")
+            parent, _, attr = name.partition(".")
+            setattr(getattr(layer, parent), attr, linear(p + name, out_f, in_f, bias))
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            getattr(layer, norm).weight = nn.Parameter(take(p + norm + ".weight", (H,)), requires_grad=False)
+    model.norm.weight = nn.Parameter(take("norm.weight", (H,)), requires_grad=False)
+    if c.tie_embeddings and quant == "none":
+        model.lm_head = nn.Linear(H, c.vocab_size, bias=False, device="meta", dtype=dtype)
+        model.lm_head.weight = model.embed_tokens.weight
+    else:
+        if c.tie_embeddings:
+            state.setdefault("lm_head.weight", state["embed_tokens.weight"])
+        model.lm_head = linear("lm_head", c.vocab_size, H, False)
+    if progress:
+        sys.stderr.write("\n")
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def tokenizer_from_hf_dir(path) -> Tokenizer:
+    """llmkern Tokenizer from a directory's tokenizer.json (byte-level BPE) and tokenizer_config.json."""
+    path = Path(path)
+    try:
+        data = json.loads((path / "tokenizer.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no tokenizer.json") from None
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        raise ValueError(f"{path}/tokenizer.json: model type {model.get('type')!r} is not supported (BPE)")
+    vocab = dict(model["vocab"])
+    types = {}
+    for t in data.get("added_tokens", []):
+        vocab[t["content"]] = t["id"]
+        types[t["id"]] = TOKEN_CONTROL if t.get("special") else TOKEN_USER_DEFINED
+    tokens = [""] * (max(vocab.values()) + 1)
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pre = _detect_pretokenizer(data.get("pre_tokenizer"))
+    cfg = {}
+    if (path / "tokenizer_config.json").is_file():
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+
+    def token_id(key):
+        t = cfg.get(key)
+        t = t.get("content") if isinstance(t, dict) else t
+        return vocab.get(t) if t is not None else None
+
+    return Tokenizer(tokens, merges, [types.get(i, TOKEN_NORMAL) for i in range(len(tokens))], pre=pre,
+                     bos_id=token_id("bos_token"), eos_id=token_id("eos_token"), unk_id=token_id("unk_token"),
+                     add_bos=bool(cfg.get("add_bos_token", False)), chat_template=cfg.get("chat_template"),
+                     name=str(path / "tokenizer.json"))
+
+
+def _detect_pretokenizer(pt) -> str:
+    """tokenizer.json's pre_tokenizer -> the name of llmkern's matching scanner."""
+    parts = pt.get("pretokenizers", []) if pt and pt.get("type") == "Sequence" else [pt] if pt else []
+    kinds = [p.get("type") for p in parts]
+    if "Digits" in kinds and "ByteLevel" in kinds:
+        return "smollm"
+    for p in parts:
+        if p.get("type") == "Split":
+            pattern = p.get("pattern", {}).get("Regex", "")
+            if "\\p{N}{1,3}" in pattern:
+                return "llama3"
+            if "\\p{N}" in pattern and "[^\\r\\n\\p{L}\\p{N}]?\\p{L}+" in pattern:
+                return "qwen2"
+    if kinds == ["ByteLevel"]:
+        return "gpt2"
+    raise ValueError(f"unsupported pre_tokenizer in tokenizer.json: {kinds}")
+
+
+# ------------------------------------------------------------------ patching a transformers model
+
+
+def _attention_fn(backend):
+    def llmkern_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                          **kwargs):
+        """query [B, Hq, Sq, D], key/value [B, Hk, Sk, D] (rotated, cache updated) -> ([B, Sq, Hq, D], None)."""
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        D = query.shape[-1]
+        if attention_mask is not None or dropout or not causal or D % 8 or not 32 <= D <= 256:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        # [B, H, S, D] -> [B, S, H, D]; causal is aligned bottom-right, so decode (Sq < Sk) needs no mask
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+        return ops.attention(q, k, v, causal=True, scale=scaling, backend=backend), None
+    return llmkern_attention
+
+
+def _set_attn_impl(hf_model, name):
+    if hasattr(hf_model, "set_attn_implementation"):
+        try:
+            hf_model.set_attn_implementation(name)
+            return
+        except (ValueError, TypeError, AttributeError):
+            pass
+    for m in hf_model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = name
+
+
+def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, mode: str = "w8a16",
+          norms: bool = True, attention: bool = True, skip=("lm_head",), backend=None):
+    """Put llmkern's kernels into a transformers decoder in place; returns the model. `unpatch` undoes it.
+
+    quant None/"none": keep the float linears; "int8"/"int4": quantize every nn.Linear except `skip`.
+    norms: RMSNorm modules -> llmkern.nn.RMSNorm (sharing the weight). attention: attention through
+    llmkern.ops.attention for causal, unpadded batches (others: transformers' SDPA).
+    """
+    if getattr(hf_model, "_llmkern_undo", None) is not None:
+        raise ValueError("patch: this model is already patched (call llmkern unpatch first)")
+    if quant not in (None, "none", "int8", "int4"):
+        raise ValueError(f"patch: quant must be None, 'none', 'int8' or 'int4', got {quant!r}")
+    undo = []  # (parent, attribute, original module)
+    skip = {skip} if isinstance(skip, str) else set(skip)
+    for name, mod in list(hf_model.named_modules()):
+        parent_name, _, attr = name.rpartition(".")
+        if not attr:
+            continue
+        parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
+        new = None
+        if isinstance(mod, nn.Linear) and quant in ("int8", "int4") and attr not in skip and name not in skip:
+            new = (lnn.Int8Linear.from_linear(mod, mode=mode, group_size=group_size or 0, backend=backend)
+                   if quant == "int8" else lnn.Int4Linear.from_linear(mod, group_size=group_size or 32, backend=backend))
+        elif norms and type(mod).__name__.endswith("RMSNorm") and getattr(mod, "weight", None) is not None:
+            eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+            if eps is not None and mod.weight.dim() == 1 and type(mod).forward.__code__.co_argcount == 2:
+                new = lnn.RMSNorm(mod.weight.shape[0], eps, device="meta", dtype=mod.weight.dtype, backend=backend)
+                new.weight = mod.weight  # shared, not copied
+        if new is not None:
+            undo.append((parent, attr, mod))
+            setattr(parent, attr, new)
+    old_impl = None
+    if attention:
+        try:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+        except ImportError as e:
+            raise ImportError(f"patch(attention=True) needs a transformers version with AttentionInterface: {e}") from e
+        impl = "llmkern" if backend is None else f"llmkern_{backend}"
+        AttentionInterface.register(impl, _attention_fn(backend))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(impl, sdpa_mask)  # same masks as SDPA (None when causal suffices)
+        old_impl = hf_model.config._attn_implementation
+        _set_attn_impl(hf_model, impl)
+    hf_model._llmkern_undo = (undo, old_impl)
+    return hf_model
+
+
+def unpatch(hf_model):
+    """Restore the modules and the attention implementation that `patch` replaced."""
+    state = getattr(hf_model, "_llmkern_undo", None)
+    if state is None:
+        raise ValueError("unpatch: this model was not patched by llmkern")
+    undo, old_impl = state
+    for parent, attr, mod in reversed(undo):
+        setattr(parent, attr, mod)
+    if old_impl is not None:
+        _set_attn_impl(hf_model, old_impl)
+    hf_model._llmkern_undo = None
+    return hf_model

@@ -1,0 +1,167 @@
+"""One readable Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) built from llmkern.nn modules.
+
+    tokens [B, S] -> embed_tokens -> N x DecoderLayer -> norm -> lm_head -> logits [B, S, V]
+    DecoderLayer:  h = h + attn(rms_norm(h));  h = h + mlp(rms_norm(h))
+    MLP (SwiGLU):  down_proj(silu(gate_proj(x)) * up_proj(x))
+
+Every linear is an `nn.Linear`, `llmkern.nn.Int8Linear` or `llmkern.nn.Int4Linear`; norms are
+`llmkern.nn.RMSNorm` (the residual add is fused into the next norm: norm(x, residual) returns the
+normed sum and the sum); attention (rotary, KV-cache append, attention) is `llmkern.nn.Attention`.
+So every llmkern backend speeds the model up, and the module names are Hugging Face's
+(`layers.3.self_attn.q_proj`), which keeps checkpoint loading a matter of renaming.
+
+All layers share one RotaryEmbedding (one cos/sin table rather than one per layer).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import nn as lnn
+from .config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: x [..., H] -> down(silu(gate(x)) * up(x)) [..., H]."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, device=None, dtype=torch.float32):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, device=device, dtype=dtype)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, *, device=None, dtype=torch.float32, backend=None):
+        super().__init__()
+        c = config
+        self.input_layernorm = lnn.RMSNorm(c.hidden_size, c.rms_eps, device=device, dtype=dtype, backend=backend)
+        self.self_attn = lnn.Attention(
+            c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, rope_base=c.rope_base,
+            # max_positions=1: a one-row table, replaced by the model's shared RotaryEmbedding (set_rotary)
+            rope_scaling=c.rope_scaling, max_positions=1, bias=c.attention_bias,
+            device=device, dtype=dtype, backend=backend)
+        if c.attention_bias and not c.o_bias:  # Qwen2: biases on q/k/v only
+            self.self_attn.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False, device=device,
+                                              dtype=dtype)
+        self.post_attention_layernorm = lnn.RMSNorm(c.hidden_size, c.rms_eps, device=device, dtype=dtype,
+                                                    backend=backend)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, device=device, dtype=dtype)
+
+    def forward(self, h, residual, cache=None, seq_ids=None, lengths=None):
+        """h [B, S, H]: the previous layer's output (its sublayer output, not yet added to `residual`);
+        residual [B, S, H] or None (first layer: h is the embedding). Returns (mlp output, residual)."""
+        if residual is None:
+            residual = h
+            x = self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)      # residual = h + residual
+        a = self.self_attn(x, cache, seq_ids=seq_ids, lengths=lengths)
+        x, residual = self.post_attention_layernorm(a, residual)  # residual += attention output
+        return self.mlp(x), residual
+
+
+class Llama(nn.Module):
+    """The decoder. forward(tokens [B, S], cache=None, ...) -> logits [B, S, V] (or [B, V] with last_only).
+
+    cache: None (plain causal self-attention over `tokens`, positions 0..S-1), or what `new_cache`
+    returns: a list of one KVCache / PagedKVCache per layer; positions then continue each sequence's
+    cached length.
+    """
+
+    def __init__(self, config: ModelConfig, *, device=None, dtype=torch.float32, backend=None):
+        super().__init__()
+        self.config, self.dtype, self.backend = config, dtype, backend
+        c = config
+        # On the meta device (loaders), skip the random init: it would import torch's decompositions (seconds).
+        skip = torch.empty(c.vocab_size, c.hidden_size, device="meta", dtype=dtype) if str(device) == "meta" else None
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, device=device, dtype=dtype, _weight=skip)
+        self.layers = nn.ModuleList(
+            DecoderLayer(c, device=device, dtype=dtype, backend=backend) for _ in range(c.num_layers))
+        self.norm = lnn.RMSNorm(c.hidden_size, c.rms_eps, device=device, dtype=dtype, backend=backend)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, device=device, dtype=dtype)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.set_rotary(device=None if str(device) == "meta" else device)
+
+    def set_rotary(self, device=None) -> None:
+        """(Re)build the rotary table shared by every layer (e.g. after constructing on the meta device)."""
+        c = self.config
+        self.rotary = lnn.RotaryEmbedding(c.head_dim, c.max_positions, c.rope_base, scaling=c.rope_scaling,
+                                          device=device, backend=self.backend)
+        for layer in self.layers:
+            layer.self_attn.rotary = self.rotary
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, tokens: torch.Tensor, cache=None, *, seq_ids=None, lengths=None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens int [B, S]; lengths int [B] (right padding: real tokens per row), seq_ids for a paged cache.
+
+        last_only: compute logits only at each row's last real token (lengths[b] - 1, else S - 1),
+        returning [B, V]; a prefill needs nothing else, and the lm_head is the largest matmul.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"Llama.forward: tokens must be [B, S], got shape {tuple(tokens.shape)}")
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"Llama.forward: cache has {len(cache)} layers, the model {len(self.layers)}")
+        h = self.embed_tokens(tokens)  # [B, S, H]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, None if cache is None else cache[i], seq_ids, lengths)
+        if last_only:
+            B, S = tokens.shape
+            if lengths is None:
+                h, residual = h[:, -1], residual[:, -1]  # [B, H]
+            else:
+                idx = (torch.as_tensor(lengths, device=h.device).long() - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])
+                h, residual = h.gather(1, idx)[:, 0], residual.gather(1, idx)[:, 0]  # [B, H]
+        h, _ = self.norm(h, residual)
+        return self.lm_head(h)
+
+    # ------------------------------------------------------------------ caches
+
+    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None, *, paged: bool = False,
+                  block_size: int = 16, num_blocks: int | None = None, int8: bool = False, device=None):
+        """One KV cache per layer: KVCache(batch_size, max_seq_len) or PagedKVCache(num_blocks, block_size)
+        (num_blocks default: enough for batch_size sequences of max_seq_len)."""
+        c = self.config
+        max_seq_len = max_seq_len or c.max_positions
+        if max_seq_len > c.max_positions:
+            raise ValueError(f"new_cache: max_seq_len {max_seq_len} exceeds the model's max_positions {c.max_positions}")
+        device = device if device is not None else self.embed_tokens.weight.device
+        if paged:
+            if num_blocks is None:
+                num_blocks = batch_size * -(-max_seq_len // block_size)
+            return [lnn.PagedKVCache(num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype,
+                                     device=device, int8=int8, backend=self.backend) for _ in self.layers]
+        return [lnn.KVCache(batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=device,
+                            int8=int8, backend=self.backend) for _ in self.layers]
+
+    # ------------------------------------------------------------------ sizes
+
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights a decode step reads: every layer, the final norm and the lm_head (each
+        tensor once, shared ones counted once); of the embedding only one row per token."""
+        seen, total = set(), 0
+        for mod in (self.layers, self.norm, self.lm_head):
+            for t in list(mod.parameters()) + list(mod.buffers()):
+                if t is self.rotary.cos_sin_cache or t.data_ptr() in seen:
+                    continue
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        emb = self.embed_tokens.weight
+        if emb.data_ptr() not in seen:
+            total += emb.shape[1] * emb.element_size()
+        return total
+
+    def set_backend(self, backend) -> None:
+        """Point every llmkern module at `backend` (None: the default dispatch)."""
+        self.backend = backend
+        for m in self.modules():
+            if hasattr(m, "backend") and m is not self:
+                m.backend = backend

@@ -1,0 +1,169 @@
+"""generate(): sampling, stopping, streaming, batches == each prompt alone, the real SmolLM2, the CLI."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tiny_gguf import MERGES, tiny_vocab, write_tiny_gguf
+from llmkern.models import Llama, ModelConfig, Tokenizer, generate
+from llmkern.models.cli_generate import main as cli_main
+from llmkern.models.generate import sample
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokens, types = tiny_vocab()
+    tok = Tokenizer(tokens, MERGES, types, pre="smollm", bos_id=0, eos_id=2)
+    cfg = ModelConfig(vocab_size=len(tokens), hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=160, max_positions=128, bos_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    m = Llama(cfg, backend="reference").eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0, 1.0 if "embed" in name else p.shape[-1] ** -0.5)
+        m.lm_head.weight.mul_(4)  # peaked logits: greedy choices far from ties
+    return m, tok
+
+
+PROMPTS = [[5, 70, 9, 33, 100], [41], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def test_sample_greedy_topk_topp():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 50)
+    top = logits.argmax(-1)
+    assert torch.equal(sample(logits), top)
+    g = [torch.Generator().manual_seed(i) for i in range(4)]
+    assert torch.equal(sample(logits, 1.0, top_k=1, generators=g), top)
+    assert torch.equal(sample(logits, 1.0, top_p=1e-6, generators=g), top)
+    top3 = logits.topk(3, -1).indices
+    for _ in range(50):
+        s = sample(logits, 2.0, top_k=3, generators=g)
+        assert all(s[b] in top3[b] for b in range(4))
+    # seeded: reproducible
+    a = [sample(logits, 1.0, generators=[torch.Generator().manual_seed(7)] * 4) for _ in range(2)]
+    assert torch.equal(a[0], a[1])
+
+
+def test_sample_frequencies_follow_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    g = [torch.Generator().manual_seed(0)]
+    n = 4000
+    counts = torch.bincount(torch.cat([sample(logits, 1.0, generators=g) for _ in range(n)]), minlength=4)
+    p = logits.softmax(-1)[0]
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((counts / n - p).abs() < 4 * sigma).all(), (counts / n, p)
+    # top_p=0.8 keeps the smallest prefix reaching 0.8: tokens 0 and 1 (0.64 + 0.24)
+    counts = torch.bincount(torch.cat([sample(logits, 1.0, top_p=0.8, generators=g) for _ in range(500)]),
+                            minlength=4)
+    assert counts[2] == counts[3] == 0 and counts[0] > counts[1] > 0
+
+
+# ------------------------------------------------------------------ tiny model
+
+
+@pytest.mark.parametrize("paged", [True, False])
+def test_batch_equals_each_alone(tiny, paged):
+    m, tok = tiny
+    batch = generate(m, tok, PROMPTS, max_new_tokens=6, chat=False, paged=paged, block_size=4)
+    assert batch.stats["paged"] == paged and batch.stats["batch_size"] == 3
+    for b, p in enumerate(PROMPTS):
+        alone = generate(m, tok, [p], max_new_tokens=6, chat=False)
+        assert not alone.stats["paged"]
+        assert batch.tokens[b] == alone.tokens[0], b
+        assert batch.texts[b] == alone.texts[0]
+        assert batch.prompt_tokens[b] == p
+
+
+def test_sampling_batch_row0_equals_alone_and_seed_repeats(tiny):
+    m, tok = tiny
+    kw = dict(max_new_tokens=5, chat=False, temperature=1.5, top_k=20, top_p=0.95, seed=3)
+    batch = generate(m, tok, PROMPTS, **kw)
+    assert generate(m, tok, [PROMPTS[0]], **kw).tokens[0] == batch.tokens[0]  # one generator per prompt
+    assert generate(m, tok, PROMPTS, **kw).tokens == batch.tokens
+
+
+def test_stop_and_length(tiny):
+    m, tok = tiny
+    first = generate(m, tok, [PROMPTS[0]], max_new_tokens=4, chat=False)
+    assert first.finish_reasons == ["length"] and len(first.tokens[0]) == 4
+    stopped = generate(m, tok, PROMPTS, max_new_tokens=4, chat=False, stop_ids={first.tokens[0][2]})
+    assert stopped.tokens[0] == first.tokens[0][:2] and stopped.finish_reasons[0] == "stop"
+    s = stopped.stats
+    assert s["prefill_tokens"] == sum(map(len, PROMPTS))
+    # every sampled token after the prefill's first one came from a decode step (stop tokens included)
+    made = [len(t) + (r == "stop") - 1 for t, r in zip(stopped.tokens, stopped.finish_reasons)]
+    assert s["decode_tokens"] == sum(made) and s["decode_steps"] == max(made)
+
+
+def test_streaming_and_text_prompts(tiny):
+    m, tok = tiny
+    got = {}
+    res = generate(m, tok, ["the thin", "hi"], max_new_tokens=5, chat=False,
+                   stream=lambda i, t: got.setdefault(i, []).append(t))
+    assert res.prompt_tokens[0] == tok.encode("the thin")
+    for i in range(2):
+        assert "".join(got.get(i, [])) == res.texts[i] == tok.decode(res.tokens[i], skip_special=True)
+    chat = generate(m, tok, "hi", max_new_tokens=2)  # ChatML of the tiny tokenizer's specials
+    assert chat.prompt_tokens[0] == tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_int8_kv_cache_runs(tiny):
+    m, tok = tiny
+    res = generate(m, tok, PROMPTS, max_new_tokens=3, chat=False, kv_int8=True)
+    assert [len(t) for t in res.tokens] == [3, 3, 3]
+
+
+def test_errors(tiny):
+    m, tok = tiny
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(m, tok, "x", max_new_tokens=0)
+    with pytest.raises(ValueError, match="context of 128"):
+        generate(m, tok, [list(range(3, 103))], max_new_tokens=40, chat=False)
+    with pytest.raises(ValueError, match="empty"):
+        generate(m, tok, [])
+    with pytest.raises(ValueError, match="top_p"):
+        generate(m, tok, "x", top_p=0.0)
+
+
+# ------------------------------------------------------------------ the real model
+
+
+def test_smollm2_knows_paris(smollm, capsys):
+    model, tok = smollm
+    pieces = []
+    res = generate(model, tok, "What is the capital of France?", max_new_tokens=12,
+                   stream=lambda i, t: pieces.append(t))
+    assert "Paris" in res.text, res.text
+    assert "".join(pieces) == res.text
+    s = res.stats
+    assert s["prefill_tokens"] == len(res.prompt_tokens[0]) > 30 and s["prefill_tok_s"] > 0 and s["decode_tok_s"] > 0
+    with capsys.disabled():
+        print(f"\n[SmolLM2 greedy] {res.text!r}\n[SmolLM2 speed] {res.summary()}")
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_tiny_model(tmp_path, capsys):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    rc = cli_main(["generate", "the", "thin", "--model", str(path), "--max-new-tokens", "3", "--no-chat",
+                   "--backend", "reference", "--no-bandwidth", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.endswith("\n")
+    assert "prefill" in err and "decode" in err and "tok/s" in err and "loaded tiny.gguf" in err
+    rc = cli_main(["generate", "a", "--extra-prompt", "b", "--model", str(path), "--max-new-tokens", "2", "--quiet",
+                   "--no-bandwidth", "--temperature", "0.7", "--seed", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "[0] a" in out and "[1] b" in out and "loading" not in err
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert cli_main(["generate", "hi", "--model", str(tmp_path / "none.gguf")]) == 1
+    assert "error: GGUF file not found" in capsys.readouterr().err
+    assert cli_main(["generate", "hi", "--max-new-tokens", "0"]) == 1
+    assert "--max-new-tokens" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""Hugging Face interop: from_hf (model object, safetensors dir), patch/unpatch, and logits parity with
+transformers' LlamaForCausalLM on the real SmolLM2 GGUF. Skipped (with the reason) without transformers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="Hugging Face interop tests need transformers")
+
+from llmkern import nn as lnn  # noqa: E402
+from llmkern import ops  # noqa: E402
+from llmkern.models.hf import from_hf, patch, tokenizer_from_hf_dir, unpatch  # noqa: E402
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def hf_tiny():
+    cfg = transformers.LlamaConfig(vocab_size=103, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=96, rope_theta=5000.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=False, max_position_embeddings=64)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0, 0.2)
+    return m
+
+
+def test_from_hf_model_and_dir(hf_tiny, tmp_path):
+    tokens = torch.randint(0, 103, (2, 13))
+    with torch.inference_mode():
+        want = hf_tiny(tokens).logits
+        ours = from_hf(hf_tiny, backend="reference")
+        assert rel(ours(tokens), want) <= 1e-5
+        hf_tiny.save_pretrained(tmp_path)
+        assert rel(from_hf(tmp_path, backend="reference")(tokens), want) <= 1e-5
+        q = from_hf(hf_tiny, quant="int4", backend="reference")
+        assert isinstance(q.layers[0].mlp.up_proj, lnn.Int4Linear) and isinstance(q.lm_head, lnn.Int4Linear)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_hf(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="quant"):
+        from_hf(hf_tiny, quant="fp8")
+
+
+def test_patch_unpatch(hf_tiny, monkeypatch):
+    tokens = torch.randint(0, 103, (1, 9))
+    calls = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    with torch.inference_mode():
+        want = hf_tiny(tokens).logits
+        want_gen = hf_tiny.generate(tokens, max_new_tokens=6, do_sample=False)
+        assert not calls
+        patch(hf_tiny, backend="reference")  # norms + attention, float linears
+        try:
+            assert isinstance(hf_tiny.model.layers[0].input_layernorm, lnn.RMSNorm)
+            assert rel(hf_tiny(tokens).logits, want) <= 1e-5
+            assert calls == [(1, 9, 2, 32)] * 2  # both layers' attention ran on llmkern
+            assert torch.equal(hf_tiny.generate(tokens, max_new_tokens=6, do_sample=False), want_gen)
+            new = want_gen.shape[1] - 9  # (EOS may end it early) a prefill and new - 1 decode steps, 2 layers each
+            assert new >= 2 and calls[-1] == (1, 1, 2, 32) and len(calls) == 2 + 2 * new
+            with pytest.raises(ValueError, match="already patched"):
+                patch(hf_tiny)
+        finally:
+            unpatch(hf_tiny)
+        assert type(hf_tiny.model.layers[0].input_layernorm).__name__ == "LlamaRMSNorm"
+        assert torch.equal(hf_tiny(tokens).logits, want)
+        # int8 weights: same as the float model whose linears hold the dequantized int8 weights
+        patch(hf_tiny, quant="int8", backend="reference")
+        try:
+            lin = hf_tiny.model.layers[1].mlp.down_proj
+            assert isinstance(lin, lnn.Int8Linear) and type(hf_tiny.lm_head) is torch.nn.Linear
+            got = hf_tiny(tokens).logits
+        finally:
+            unpatch(hf_tiny)
+        saved = {n: m.weight.detach().clone() for n, m in hf_tiny.model.named_modules() if isinstance(m, torch.nn.Linear)}
+        try:
+            for n, m in hf_tiny.model.named_modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.copy_(ops.dequantize_int8(*ops.quantize_int8(m.weight, 0)))
+            assert rel(got, hf_tiny(tokens).logits) <= 1e-5
+        finally:
+            for n, m in hf_tiny.model.named_modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.copy_(saved[n])
+    with pytest.raises(ValueError, match="not patched"):
+        unpatch(hf_tiny)
+
+
+def test_tokenizer_from_hf_dir(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+    vocab = {c: i for i, c in enumerate(["<s>", "</s>"] + list("abcdefghijklmnopqrstuvwxyzĠ0123456789") + ["ab", "Ġa"])}
+    hf = HFTokenizer(models.BPE(vocab, [("a", "b"), ("Ġ", "a")]))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    hf.add_special_tokens(["<s>", "</s>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}))
+    tok = tokenizer_from_hf_dir(tmp_path)
+    assert tok.pre == "smollm" and tok.eos_id == 1 and tok.bos_id == 0
+    for s in ["ab abc 123", "a</s>b", "zz ab"]:
+        assert tok.encode(s) == hf.encode(s).ids, s
+
+
+@pytest.mark.slow
+def test_logits_match_transformers_on_smollm2(smollm_path):
+    """transformers loads the same GGUF (dequantizing to fp32); llmkern keeps the int4 weights. With the
+    reference backend the logits agree over 256 positions (the issue asks for rel <= 1e-4)."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
+    from llmkern.models import load_gguf
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name,
+                                                           dtype=torch.float32).eval()
+    model, tok = load_gguf(smollm_path, progress=False, backend="reference")
+    q = model.layers[3].self_attn.q_proj  # the un-permuted rows are HF's rows, bit for bit
+    assert torch.equal(ops.dequantize_int4(q.qweight, q.scales, q.offsets), hf.model.layers[3].self_attn.q_proj.weight)
+    text = "The quick brown fox jumps over the lazy dog. " * 30
+    ids = torch.tensor([tok.encode(text)[:256]])
+    with torch.inference_mode():
+        err = rel(model(ids), hf(ids).logits)
+    assert err <= 1e-4, err

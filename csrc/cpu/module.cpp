@@ -1,0 +1,31 @@
+// llmkern._C: the CPU kernels (pybind11, no torch headers). Module-level functions (ISA, features)
+// live here; each op's launcher is registered by its own source file (see bindings.h).
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "bindings.h"
+#include "llmkern/cpu/features.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "llmkern CPU kernels: OpenMP, runtime ISA dispatch (avx512_vnni / avx2 / scalar), no torch headers";
+  m.def(
+      "resolve_isa",
+      [](const std::string& name) {
+        return std::string(llmkern::cpu::isa_name(llmkern::bindings::isa_or_throw("llmkern._C.resolve_isa", name)));
+      },
+      py::arg("name"),
+      "'' -> the best ISA this CPU supports ('avx512_vnni', 'avx2' or 'scalar'); a name -> that name if "
+      "supported here, else ValueError listing what is supported.");
+  m.def(
+      "cpu_features",
+      []() {
+        py::dict d;
+        for (const auto& kv : llmkern::cpu::features().items()) d[py::str(kv.first)] = kv.second;
+        return d;
+      },
+      "CPU features usable here (cpuid, and xgetbv for the OS saving the registers): name -> bool.");
+  llmkern::bindings::bind_int8_linear(m);
+}

@@ -1,0 +1,129 @@
+// Shared types of the int8_linear CPU kernels: call arguments, the micro-tile interface every ISA
+// implements, the W8A8 activation quantization rule, the workspace layout.
+//
+// y[m, n] = sum_g S(m, n, g) * scale[n, g] (* row_scale[m] in W8A8) + bias[n]
+//   W8A16: S = sum_{k in group g} x[m, k] * w[n, k]          (fp32 accumulation per group)
+//   W8A8:  S = sum_{k in group g} q[m, k] * w[n, k]          (exact int32 per group)
+//          q, row_scale = quantize_row(x[m, :]) (rule below)
+// Every output (m, n) is computed by one thread in a fixed order, so results do not depend on the
+// thread count, and bf16/fp16 outputs are the fp32 result rounded once (nearest even).
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "llmkern/cpu/convert.h"
+
+namespace llmkern {
+namespace cpu {
+
+struct Int8LinearArgs {
+  const void* x = nullptr;  // [M, K] in x_dtype, row m at x + m * x_row_stride elements
+  DType x_dtype = DType::kF32;
+  int64_t x_row_stride = 0;
+  int64_t M = 0, K = 0, N = 0;
+  const int8_t* w = nullptr;      // [N, K] contiguous
+  const float* scale = nullptr;   // [N, K / group]
+  int64_t group = 0;              // divides K
+  const float* bias = nullptr;    // [N] or null
+  void* out = nullptr;            // [M, N] in x_dtype, row m at out + m * out_row_stride elements
+  int64_t out_row_stride = 0;
+  bool w8a8 = false;
+  void* ws = nullptr;             // int8_linear_workspace_bytes(M, K, N, w8a8) bytes
+  int num_threads = 1;
+};
+
+// One micro-tile: MB rows of (converted) activations times NB consecutive weight rows.
+//   x[i]   row i of the tile: const float* (W8A16, fp32) or const uint8_t*/int8_t* (W8A8, in the
+//          ISA's encoding, see quantize_row); K elements, readable up to K (no padding assumed)
+//   w      weight row n0: [NB, K] int8, row stride K
+//   scale  scale row n0: [NB, ngroups], row stride ngroups
+//   res    res[i * kResStride + j] = sum_g S(i, j, g) * scale[j, g], fp32 (row scale/bias not applied)
+// MB <= 4 and NB <= kResStride = 8.
+constexpr int kResStride = 8;
+struct Tile {
+  const void* x[4];
+  const int8_t* w;
+  const float* scale;
+  int64_t K, group, ngroups;
+  float* res;
+};
+using TileFn = void (*)(const Tile&);
+
+// Fully unrolls the loops over a tile's rows/columns early enough that GCC keeps the accumulator
+// arrays in registers (without it GCC 12 spills them to the stack on every step).
+#define LLMKERN_UNROLL _Pragma("GCC unroll 8")
+
+// W8A8 groups longer than this could overflow the exact int32 group sum (127 * 128 per product).
+constexpr int64_t kMaxW8A8Group = int64_t(1) << 17;
+
+// Activation quantization (llmkern/ops/quant.py, bit for bit as llmkern/reference/quant.py):
+// amax = max|x| over the row in fp32, inv = 127 / amax, q = clamp(round_half_even(x * inv), -127, 127),
+// row scale = amax / 127; amax == 0 gives scale 0 and q 0. The edges, as the reference has them:
+// - 0 < amax < 127 / FLT_MAX: inv is inf, so x * inv is +-inf (q = +-127) and 0 * inf is NaN (q = 0):
+//   q = 127 * sign(x) ("saturate");
+// - a row with NaN or inf: its outputs are NaN (the reference's scale is NaN or inf times all-zero
+//   group sums); here scale = NaN and q = 0.
+struct RowQuant {
+  float inv = 0.0f;
+  float scale = 0.0f;     // amax / 127, NaN for a non-finite row
+  bool zero = true;       // every q is 0 (amax == 0 or non-finite row)
+  bool saturate = false;  // q = 127 * sign(x) (inv overflowed to inf)
+};
+
+inline RowQuant row_quant_params(float amax, bool nonfinite) {
+  RowQuant r;
+  if (nonfinite) {
+    r.scale = NAN;
+    return r;
+  }
+  if (amax == 0.0f) return r;
+  r.zero = false;
+  r.scale = amax / 127.0f;
+  r.inv = 127.0f / amax;
+  r.saturate = !(r.inv <= FLT_MAX);
+  return r;
+}
+
+// round_half_even(v) clamped to [-127, 127] for |v| < 2^22 (always true here: |v| <= 127 * (1 + 2^-23)),
+// via the 1.5 * 2^23 trick in the default rounding mode: the same result as nearbyint / cvtps2dq.
+inline int quant_round(float v) {
+  float r = (v + 12582912.0f) - 12582912.0f;
+  r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+  return static_cast<int>(r);
+}
+
+// ------------------------------------------------------------------------------ workspace layout
+// W8A8:  [M rows of kpad(K) quantized bytes][M float row scales]
+// W8A16: [tile_rows(M, K) rows of kpad(K) floats] (activations converted to fp32, one M tile)
+// plus kAlign bytes so the kernel can align the start.
+constexpr int64_t kAlign = 64;
+
+inline int64_t kpad(int64_t K) { return (K + 63) / 64 * 64; }
+
+constexpr int64_t kMaxTileRows = 256;
+
+// Rows of one M tile of `bytes_per_row` activation bytes: about `budget` bytes (so the tile stays in
+// L2 next to the weight rows being reused), a multiple of 4 in [4, kMaxTileRows], at most M.
+inline int64_t tile_rows(int64_t M, int64_t bytes_per_row, int64_t budget) {
+  int64_t rows = budget / bytes_per_row / 4 * 4;
+  rows = rows < 4 ? 4 : (rows > kMaxTileRows ? kMaxTileRows : rows);
+  return M < rows ? M : rows;
+}
+
+// W8A16: fp32 activations, about 512 KiB per tile.
+inline int64_t w8a16_tile_rows(int64_t M, int64_t K) { return tile_rows(M, kpad(K) * 4, int64_t(512) << 10); }
+
+// W8A8: quantized bytes, about 256 KiB per tile.
+inline int64_t w8a8_tile_rows(int64_t M, int64_t K) { return tile_rows(M, kpad(K), int64_t(256) << 10); }
+
+inline int64_t int8_linear_workspace_bytes(int64_t M, int64_t K, int64_t /*N*/, bool w8a8) {
+  if (M <= 0 || K <= 0) return 0;
+  if (w8a8) return M * kpad(K) + M * 4 + kAlign;
+  return w8a16_tile_rows(M, K) * kpad(K) * 4 + kAlign;
+}
+
+}  // namespace cpu
+}  // namespace llmkern

@@ -106,6 +106,9 @@ def extensions():
             "llmkern._C",
             sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
             include_dirs=INCLUDE,
+            # Header edits must rebuild the module (setuptools only tracks listed dependencies).
+            depends=sorted(glob.glob(os.path.join("csrc", "include", "**", "*.h"), recursive=True)
+                           + glob.glob(os.path.join("csrc", "cpu", "*.h"))),
             extra_compile_args=CXX_FLAGS,
             extra_link_args=["-fopenmp"],
             language="c++",

@@ -61,8 +61,14 @@ def available(name: str) -> bool:
 
 def cpu_isa() -> str:
     """The ISA the CPU kernels use: `LLMKERN_CPU_ISA` if set (and supported), else the best detected."""
+    forced = os.environ.get("LLMKERN_CPU_ISA") or ""
+    return _resolve_isa(forced)
+
+
+@functools.lru_cache(maxsize=8)
+def _resolve_isa(forced: str) -> str:
+    # Cached: this runs on every CPU kernel call (read at call time so tests can pin an ISA).
     mod = cpu_module()
     if mod is None:
         return "none"
-    forced = os.environ.get("LLMKERN_CPU_ISA")
-    return mod.resolve_isa(forced or "")
+    return mod.resolve_isa(forced)

@@ -16,6 +16,8 @@ from . import _checks as C
 from ._registry import BackendUnsupported, defop
 
 MODES = ("w8a16", "w8a8")
+# 127 * 127 * group must stay below 2^31 for the C++ kernel's int32 group sums.
+_MAX_W8A8_GROUP = 131072
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -70,6 +72,11 @@ def _cpu(x, weight, weight_scale, bias, mode):
     if x.device.type != "cpu":
         raise BackendUnsupported(f"x is on {x.device}")
     N, K = weight.shape
+    group = K if weight_scale.dim() == 1 else K // max(weight_scale.shape[1], 1)
+    if K == 0:
+        raise BackendUnsupported("K == 0")
+    if mode == "w8a8" and group > _MAX_W8A8_GROUP:
+        raise BackendUnsupported(f"w8a8 group of {group} > {_MAX_W8A8_GROUP} could overflow int32 sums")
     # [..., K] -> [M, K]; a view whenever x's rows are evenly strided, else one copy.
     x2 = x.reshape(-1, K)
     if x2.stride(1) != 1:
@@ -77,7 +84,6 @@ def _cpu(x, weight, weight_scale, bias, mode):
     weight = weight.contiguous()
     weight_scale = weight_scale.contiguous()
     M = x2.shape[0]
-    group = K if weight_scale.dim() == 1 else K // weight_scale.shape[1]
     out = torch.empty((M, N), dtype=x.dtype)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     ws_bytes = mod.int8_linear_workspace_size(M, K, N, mode)

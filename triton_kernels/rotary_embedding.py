@@ -56,6 +56,9 @@ def rotary_kernel(x_ptr, out_ptr, pos_ptr, cs_ptr, H, D, R, stride_t, stride_h, 
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+NUM_WARPS = 8  # 4 warps on a 4096-element tile needed ~255 registers with int8 (COMPILE_REPORT.md)
+
+
 def tile(H: int, D: int) -> tuple[int, int]:
     """(BLOCK_H, BLOCK_D): all of D, and as many heads as fit in ~4096 elements."""
     bd = pow2(D)
@@ -77,7 +80,7 @@ def _rotate(x, positions, cos_sin_cache, interleaved):
     bh, bd = tile(H, D)
     rotary_kernel[(T, triton.cdiv(H, bh))](x3, out, pos, cs, H, D, cs.shape[1], x3.stride(0), x3.stride(1),
                                           cs.stride(0), INTERLEAVED=bool(interleaved), BLOCK_H=bh,
-                                          BLOCK_D=bd, num_warps=4)
+                                          BLOCK_D=bd, num_warps=NUM_WARPS)
     return out
 
 

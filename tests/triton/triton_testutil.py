@@ -56,7 +56,8 @@ def require_kernel_device():
 
     dev = kernel_device()
     if dev is None:
-        pytest.skip("no GPU and TRITON_INTERPRET unset: run under the interpreter by test_interpreter.py")
+        pytest.skip("no GPU and TRITON_INTERPRET unset: run under the interpreter by test_interpreter.py",
+                    allow_module_level=True)
     return dev
 
 

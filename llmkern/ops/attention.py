@@ -19,7 +19,7 @@ import torch
 
 from .. import reference
 from . import _checks as C
-from ._registry import defop
+from ._registry import BackendUnsupported, defop
 
 
 def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
@@ -83,6 +83,16 @@ attention_op = defop(
     fake=_fake,
 )
 attention_op.backend("reference")(reference.attention)
+
+
+@attention_op.backend("triton")
+def _triton(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
+    """Triton flash kernel on CUDA tensors (llmkern.triton_kernels imported lazily: it needs triton)."""
+    from ..triton_kernels import attention as tk
+
+    if q.device.type != "cuda":
+        raise BackendUnsupported(f"triton runs on CUDA tensors, q is on {q.device}")
+    return tk.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
 
 
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, scale=None, causal=False,

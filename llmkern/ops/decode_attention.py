@@ -19,7 +19,7 @@ import torch
 
 from .. import reference
 from . import _checks as C
-from ._registry import defop
+from ._registry import BackendUnsupported, defop
 
 
 def _check(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap, window_left):
@@ -96,6 +96,20 @@ decode_attention_op = defop(
     fake=_fake,
 )
 decode_attention_op.backend("reference")(reference.decode_attention)
+
+
+@decode_attention_op.backend("triton")
+def _triton(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap, window_left):
+    """Triton split-KV kernel on CUDA tensors (llmkern.triton_kernels imported lazily: it needs triton)."""
+    from ..triton_kernels import decode_attention as tk
+
+    if q.device.type != "cuda":
+        raise BackendUnsupported(f"triton runs on CUDA tensors, q is on {q.device}")
+    try:
+        return tk.decode_attention(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale,
+                                   softcap, window_left)
+    except tk.Unsupported as e:
+        raise BackendUnsupported(str(e)) from None
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, *, block_table=None, k_scale=None, v_scale=None,

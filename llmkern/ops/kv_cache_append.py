@@ -17,7 +17,7 @@ import torch
 
 from .. import reference
 from . import _checks as C
-from ._registry import defop
+from ._registry import BackendUnsupported, defop
 from .rotary_embedding import check_rotary
 
 
@@ -77,6 +77,18 @@ kv_cache_append_op = defop(
     fake=_fake,
 )
 kv_cache_append_op.backend("reference")(reference.kv_cache_append)
+
+
+@kv_cache_append_op.backend("triton")
+def _triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
+            rotary_interleaved):
+    """Triton kernel on CUDA tensors (llmkern.triton_kernels imported lazily: it needs triton)."""
+    from ..triton_kernels import kv_cache_append as tk
+
+    if k.device.type != "cuda":
+        raise BackendUnsupported(f"triton runs on CUDA tensors, k is on {k.device}")
+    return tk.kv_cache_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions,
+                              cos_sin_cache, rotary_interleaved)
 
 
 def kv_cache_append(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, q=None,

@@ -10,7 +10,7 @@ import torch
 
 from .. import reference
 from . import _checks as C
-from ._registry import defop
+from ._registry import BackendUnsupported, defop
 
 
 def _check(x, weight, eps, residual):
@@ -39,6 +39,18 @@ rms_norm_op = defop(
     fake=_fake,
 )
 rms_norm_op.backend("reference")(reference.rms_norm)
+
+
+@rms_norm_op.backend("triton")
+def _triton(x, weight, eps, residual):
+    """Triton kernel on CUDA tensors (llmkern.triton_kernels imported lazily: it needs triton)."""
+    from ..triton_kernels import rms_norm as tk
+
+    if x.device.type != "cuda":
+        raise BackendUnsupported(f"triton runs on CUDA tensors, x is on {x.device}")
+    if x.shape[-1] > tk.MAX_N:
+        raise BackendUnsupported(f"rows of {x.shape[-1]} > {tk.MAX_N} elements")
+    return tk.rms_norm(x, weight, eps, residual)
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None, backend=None):

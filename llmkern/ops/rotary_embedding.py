@@ -16,7 +16,7 @@ import torch
 
 from .. import reference
 from . import _checks as C
-from ._registry import defop
+from ._registry import BackendUnsupported, defop
 
 
 def check_rotary(op, q, k, positions, cos_sin_cache):
@@ -54,6 +54,16 @@ rotary_embedding_op = defop(
     fake=lambda q, k, positions, cos_sin_cache, interleaved: (q.new_empty(q.shape), k.new_empty(k.shape)),
 )
 rotary_embedding_op.backend("reference")(reference.rotary_embedding)
+
+
+@rotary_embedding_op.backend("triton")
+def _triton(q, k, positions, cos_sin_cache, interleaved):
+    """Triton kernel on CUDA tensors (llmkern.triton_kernels imported lazily: it needs triton)."""
+    from ..triton_kernels import rotary_embedding as tk
+
+    if q.device.type != "cuda":
+        raise BackendUnsupported(f"triton runs on CUDA tensors, q is on {q.device}")
+    return tk.rotary_embedding(q, k, positions, cos_sin_cache, interleaved)
 
 
 def rotary_embedding(q, k, positions, cos_sin_cache, interleaved=False, backend=None):

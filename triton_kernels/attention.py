@@ -1,0 +1,152 @@
+"""Triton prefill (flash) attention: online softmax in fp32 with exp2, GQA without K/V copies, causal
+bottom-right, sliding window, softcap, batched or packed varlen (cu_seqlens), log-sum-exp output.
+
+Semantics: llmkern/ops/attention.py. Grid (query blocks, B * Hq). Head dims 32..256 (multiples of 8)
+are padded to the next power of two with masks (80 and 96 run as 128). Key blocks outside the
+causal/window band are skipped by the loop bounds; the band's edges are masked per element.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import capability, dot_precision, interpreting, pow2, tanh_f32
+
+
+@triton.jit
+def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
+                    Sq, Sk, Hq, D, GROUP,
+                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                    sm_scale, softcap, window_left, window_right,
+                    VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """q [B, Sq, Hq, D] / k, v [B, Sk, Hk, D] (or packed: batch strides 0, rows offset by cu_seqlens);
+    unit stride along D. window_right is the right band limit (0 when causal, -1 unbounded)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = h // GROUP
+    if VARLEN:
+        q0 = tl.load(cuq_ptr + b)
+        q_len = tl.load(cuq_ptr + b + 1) - q0
+        k0 = tl.load(cuk_ptr + b)
+        k_len = tl.load(cuk_ptr + b + 1) - k0
+    else:
+        q0 = 0
+        q_len = Sq
+        k0 = 0
+        k_len = Sk
+    m0 = pid_m * BLOCK_M
+    if m0 < q_len:  # varlen grids are sized for the longest possible sequence
+        b64 = b.to(tl.int64)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < q_len
+        d_ok = offs_d < D
+        rows_q = (q0 + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + b64 * stride_qb + rows_q[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        diag = k_len - q_len  # bottom-right alignment: query i sits at key position i + diag
+        q_pos = offs_m + diag
+        lo = m0 * 0  # an int32 scalar on both branches (no loop-carried type change)
+        if window_left >= 0:
+            lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = k_len
+        if window_right >= 0:
+            hi = tl.minimum(k_len, m0 + BLOCK_M + diag + window_right)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < k_len
+            rows_k = (k0 + offs_n).to(tl.int64)
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + b64 * stride_kb + rows_k[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N] fp32
+            if SOFTCAP:
+                s = softcap * tanh_f32(s * (sm_scale / softcap)) * 1.4426950408889634
+            else:
+                s = s * qk_scale
+            vis = m_ok[:, None] & n_ok[None, :]
+            vis = vis & ((window_right < 0) | (offs_n[None, :] <= q_pos[:, None] + window_right))
+            vis = vis & ((window_left < 0) | (offs_n[None, :] >= q_pos[:, None] - window_left))
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: exp2 stays finite
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + b64 * stride_vb + rows_k[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+        seen = l_i > 0
+        o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that sees no key: 0
+        tl.store(out_ptr + b64 * stride_ob + rows_q[:, None] * stride_os + h * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        # Natural-log lse of the scaled (capped) scores: (m + log2 l) * ln 2.
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + b64 * stride_lb + h * stride_lh + rows_q, lse, mask=m_ok)
+
+
+def config(D: int, dtype: torch.dtype, cap: int) -> dict:
+    """Tiles by head dim, dtype and GPU generation; sized so K/V stages fit shared memory (COMPILE_REPORT.md)."""
+    bd = pow2(D, 16)
+    if interpreting():
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": bd, "num_warps": 4, "num_stages": 1}
+    # 4 warps and 64-key blocks at D=256 spilled (COMPILE_REPORT.md): 8 warps everywhere, 32 keys at D=256.
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2}
+    if bd <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": bd, "num_warps": 8, "num_stages": 3 if cap >= 90 else 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2}
+
+
+def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
+    """Returns (out contiguous like q, lse float32 [B, Hq, Sq] or [Hq, Tq])."""
+    D, Hq, Hk = q.shape[-1], q.shape[-2], k.shape[-2]
+    varlen = q.dim() == 3
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if varlen:
+        Tq = q.shape[0]
+        B = cu_seqlens_q.shape[0] - 1
+        # Rows past cu_seqlens_q[-1] belong to no sequence: out 0, lse -inf (no program writes them).
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((Hq, Tq), -math.inf, dtype=torch.float32, device=q.device)
+        Sq, Sk = Tq, k.shape[0]  # grid bound: no host sync on cu_seqlens
+        sq_ = (0, q.stride(0), q.stride(1))
+        sk_ = (0, k.stride(0), k.stride(1))
+        sv_ = (0, v.stride(0), v.stride(1))
+        so_ = (0, out.stride(0), out.stride(1))
+        sl_ = (0, lse.stride(0))
+        cuq, cuk = cu_seqlens_q, cu_seqlens_k
+    else:
+        B, Sq = q.shape[0], q.shape[1]
+        Sk = k.shape[1]
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+        sq_, sk_, sv_ = q.stride()[:3], k.stride()[:3], v.stride()[:3]
+        so_ = out.stride()[:3]
+        sl_ = (lse.stride(0), lse.stride(1))
+        cuq = cuk = lse  # unused
+    if B == 0 or Sq == 0 or Hq == 0:
+        return out, lse
+    cfg = config(D, q.dtype, capability(q))
+    right = 0 if causal else int(window_right)
+    sc = float(scale) if scale is not None else D ** -0.5
+    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
+    attn_fwd_kernel[grid](
+        q, k, v, out, lse, cuq, cuk, Sq, Sk, Hq, D, Hq // Hk, *sq_, *sk_, *sv_, *so_, *sl_,
+        sc, float(softcap), int(window_left), right,
+        VARLEN=varlen, SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, lse

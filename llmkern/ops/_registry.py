@@ -79,6 +79,8 @@ class Op:
         self.last_backend: str | None = None
         self.overload = None
         self._schema_args = None
+        self._n_args = schema.split("->")[0].count(",") + 1  # arguments in the schema (none has a comma inside)
+        self._plans: dict = {}
         LIB.define(name + schema)
         for key in ("CPU", "CUDA"):
             LIB.impl(name, self.dispatch, key)
@@ -128,30 +130,19 @@ class Op:
 
     def dispatch(self, *args, **kwargs):
         """The CPU/CUDA kernel of the torch op: check the inputs, pick a backend, run it."""
-        *args, requested = self._complete(args, kwargs)
+        if len(args) < self._n_args or kwargs:
+            args = self._complete(args, kwargs)
+        *args, requested = args
         if self.check is not None:
             self.check(*args)
         if requested is None:
             requested = os.environ.get("LLMKERN_BACKEND") or None
-        if requested is not None and requested not in ALL_BACKENDS:
-            raise ValueError(
-                f"llmkern.{self.name}: backend must be one of {ALL_BACKENDS} or None, got {requested!r}"
-            )
-        device = _device_of(args)
-        order = DEVICE_ORDER.get(device, ("reference",))
-        if requested is not None:
-            order = (requested,) + tuple(b for b in order if b != requested)
         reasons = []
-        for name in order:
-            impl = self.impls.get(name)
+        for name, impl, why in self._plan(_device_of(args), requested):
             if impl is None:
-                reasons.append(f"{name}: not implemented for {self.name}")
-                continue
-            if name != "reference" and not _backend_available(name):
-                reasons.append(f"{name}: not available on this machine")
-                continue
-            if name not in DEVICE_ORDER.get(device, ()) and name != "reference":
-                reasons.append(f"{name}: does not run on {device} tensors")
+                # Static (machine / registration) skips are fallbacks only for an explicit request.
+                if requested is not None:
+                    reasons.append(why)
                 continue
             try:
                 out = impl(*args)
@@ -163,6 +154,39 @@ class Op:
             self.last_backend = name
             return out
         raise RuntimeError(f"llmkern.{self.name}: no backend can run this input: " + "; ".join(reasons))
+
+    def _plan(self, device: str, requested: str | None) -> tuple:
+        """((name, impl or None, reason if skipped), ...) in the order to try, cached per device/request.
+
+        Whether a backend can run at all depends only on the machine and the registrations, not on
+        the input, so this is worked out once; changes of `impls` (tests swap backends) re-plan.
+        """
+        key = (device, requested, tuple(self.impls.items()))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        if requested is not None and requested not in ALL_BACKENDS:
+            raise ValueError(
+                f"llmkern.{self.name}: backend must be one of {ALL_BACKENDS} or None, got {requested!r}"
+            )
+        order = DEVICE_ORDER.get(device, ("reference",))
+        if requested is not None:
+            order = (requested,) + tuple(b for b in order if b != requested)
+        plan = []
+        for name in order:
+            impl = self.impls.get(name)
+            if impl is None:
+                plan.append((name, None, f"{name}: not implemented for {self.name}"))
+            elif name != "reference" and not _backend_available(name):
+                plan.append((name, None, f"{name}: not available on this machine"))
+            elif name != "reference" and name not in DEVICE_ORDER.get(device, ()):
+                plan.append((name, None, f"{name}: does not run on {device} tensors"))
+            else:
+                plan.append((name, impl, None))
+        if len(self._plans) > 64:
+            self._plans.clear()
+        self._plans[key] = plan = tuple(plan)
+        return plan
 
     def _note_fallback(self, requested, used, reasons):
         self.fallbacks[(used, reasons[0])] += 1

@@ -87,12 +87,12 @@ def _cpu(x, weight, weight_scale, bias, mode):
     out = torch.empty((M, N), dtype=x.dtype)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     ws_bytes = mod.int8_linear_workspace_size(M, K, N, mode)
-    ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8)
+    ws = torch.empty(ws_bytes, dtype=torch.uint8) if ws_bytes else None
     mod.int8_linear(
         x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0), M, K,
         weight.data_ptr(), N, weight_scale.data_ptr(), group,
         0 if bias32 is None else bias32.data_ptr(),
-        out.data_ptr(), N, mode, ws.data_ptr(), ws_bytes,
+        out.data_ptr(), N, mode, 0 if ws is None else ws.data_ptr(), ws_bytes,
         torch.get_num_threads(), _backends.cpu_isa(),
     )
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]

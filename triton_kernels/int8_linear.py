@@ -149,9 +149,10 @@ def config(mode: str, M: int, N: int, K: int, dtype, group: int | None = None) -
     if interpreting():
         bm, bn, bk, warps, stages = 16, 32, 32, 4, 1
     elif mode == "w8a8":
-        # int8 operands: twice the K per byte of shared memory of a 16-bit dot.
-        bm, bn, bk, warps, stages = (16, 64, 128, 4, 4) if M <= 16 else (64, 128, 128, 4, 3) if M <= 64 \
-            else (128, 128, 128, 8, 3)
+        # int8 operands: twice the K per byte of shared memory of a 16-bit dot. 8 warps and BLOCK_K 64 for
+        # large tiles: 4 warps or BLOCK_K 128 spilled kilobytes of registers (ptxas, COMPILE_REPORT.md).
+        bm, bn, bk, warps, stages = (16, 64, 128, 4, 4) if M <= 16 else (64, 128, 128, 8, 3) if M <= 64 \
+            else (128, 128, 64, 8, 3)
     elif M <= 16:
         bm, bn, bk, warps, stages = 16, 64, (64 if f32 else 128), 4, 3
     elif M <= 64:

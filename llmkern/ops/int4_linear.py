@@ -14,7 +14,7 @@ import torch
 
 from .. import reference
 from . import _checks as C
-from ._registry import defop
+from ._registry import BackendUnsupported, defop
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -56,6 +56,16 @@ int4_linear_op = defop(
 @int4_linear_op.backend("reference")
 def _reference(x, qweight, scales, offsets, bias):
     return reference.int4_linear(x, qweight, scales, offsets, bias)
+
+
+@int4_linear_op.backend("triton")
+def _triton(x, qweight, scales, offsets, bias):
+    """Triton W4A16 kernel on CUDA tensors (llmkern.triton_kernels imported lazily: it needs triton)."""
+    from ..triton_kernels import int4_linear as tk
+
+    if x.device.type != "cuda":
+        raise BackendUnsupported(f"triton runs on CUDA tensors, x is on {x.device}")
+    return tk.int4_linear(x, qweight, scales, offsets, bias)
 
 
 def int4_linear(x, qweight, scales, offsets, bias=None, backend=None):

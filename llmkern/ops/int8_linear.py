@@ -98,6 +98,19 @@ def _cpu(x, weight, weight_scale, bias, mode):
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
+@int8_linear_op.backend("triton")
+def _triton(x, weight, weight_scale, bias, mode):
+    """Triton W8A8/W8A16 kernels on CUDA tensors (llmkern.triton_kernels imported lazily: it needs triton)."""
+    from ..triton_kernels import int8_linear as tk
+
+    if x.device.type != "cuda":
+        raise BackendUnsupported(f"triton runs on CUDA tensors, x is on {x.device}")
+    try:
+        return tk.int8_linear(x, weight, weight_scale, bias, mode)
+    except tk.Unsupported as e:
+        raise BackendUnsupported(str(e)) from None
+
+
 def int8_linear(x, weight, weight_scale, bias=None, mode="w8a16", backend=None):
     """y[..., N] = x[..., K] @ dequant(weight[N, K])^T + bias[N], in x's dtype.
 

@@ -7,8 +7,7 @@
 // tokens when there are enough of them to pay for the threads.
 //
 // Rotary is computed like the reference, bit for bit: a * cos - b * sin in float64 (the products of
-// two floats are exact there) and rounded once to the tensor's dtype (via round-to-odd fp32 for
-// bf16/fp16, which makes the two-step rounding equal to the direct one).
+// two floats are exact there), then rounded to the tensor's dtype the way torch's .to() does.
 #pragma once
 
 #include <omp.h>
@@ -48,21 +47,14 @@ struct AppendArgs {
   int num_threads = 1;
 };
 
-// double -> float rounded to odd (truncate, then set the last bit if inexact): rounding that float to
-// bf16/fp16 (at least 2 bits shorter) gives the correctly rounded double -> bf16/fp16.
-inline float round_to_odd_f32(double d) {
-  float f = static_cast<float>(d);
-  if (!std::isfinite(f) || static_cast<double>(f) == d) return f;
-  if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
-  return bits_f32(f32_bits(f) | 1u);
-}
-
-// double -> the value of `dt` nearest to d (one rounding), returned as float (exact).
+// double -> `dt`, returned as float (exact): through fp32 first, as torch's .to() from float64 does
+// (c10's BFloat16/Half are built from a float), so the two roundings match the reference bit for bit.
 inline float round_to_dtype(double d, DType dt) {
+  const float f = static_cast<float>(d);
   switch (dt) {
-    case DType::kBF16: return bf16_to_f32(f32_to_bf16(round_to_odd_f32(d)));
-    case DType::kF16: return f16_to_f32(f32_to_f16(round_to_odd_f32(d)));
-    default: return static_cast<float>(d);
+    case DType::kBF16: return bf16_to_f32(f32_to_bf16(f));
+    case DType::kF16: return f16_to_f32(f32_to_f16(f));
+    default: return f;
   }
 }
 

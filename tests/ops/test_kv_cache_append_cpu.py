@@ -63,7 +63,8 @@ def naive_quant(x):
         if amax == 0:
             continue
         s[h] = amax / np.float32(127)
-        q[h] = np.clip(np.rint(x[h] * (np.float32(127) / amax)), -127, 127).astype(np.int8)
+        with np.errstate(over="ignore", invalid="ignore"):  # tiny amax: 127 / amax is inf, 0 * inf NaN -> 0
+            q[h] = np.nan_to_num(np.clip(np.rint(x[h] * (np.float32(127) / amax)), -127, 127), nan=0.0).astype(np.int8)
     return torch.from_numpy(q), torch.from_numpy(s)
 
 

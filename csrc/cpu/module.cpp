@@ -28,4 +28,6 @@ PYBIND11_MODULE(_C, m) {
       },
       "CPU features usable here (cpuid, and xgetbv for the OS saving the registers): name -> bool.");
   llmkern::bindings::bind_int8_linear(m);
+  llmkern::bindings::bind_decode_attention(m);
+  llmkern::bindings::bind_kv_cache_append(m);
 }

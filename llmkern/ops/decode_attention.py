@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import _backends
 from .. import reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _check(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap, window_left):
@@ -110,6 +113,47 @@ def _triton(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale,
                                    softcap, window_left)
     except tk.Unsupported as e:
         raise BackendUnsupported(str(e)) from None
+
+
+@decode_attention_op.backend("cpu")
+def _cpu(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap, window_left):
+    """Launch the C++ kernel on raw pointers and element strides; torch allocates out and the workspace."""
+    mod = _backends.cpu_module()
+    if q.device.type != "cpu":
+        raise BackendUnsupported(f"q is on {q.device}")
+    if any(t.stride(-1) != 1 for t in (k_cache, v_cache)):
+        raise BackendUnsupported("cache head dim is not contiguous (copying the cache would cost more than attention)")
+    q4 = q if q.dim() == 4 else q[:, None]  # [B, Sq, Hq, D]
+    if q4.stride(-1) != 1:
+        q4 = q4.contiguous()
+    B, Sq, Hq, D = q4.shape
+    Hk = k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype)  # contiguous, viewed as [B, Sq, Hq, D] by the kernel
+    if B == 0:
+        return out
+    seq_lens = seq_lens.contiguous()
+    threads = torch.get_num_threads()
+    if block_table is None:
+        bt_ptr, bt_stride, block_size, capacity = 0, 0, 0, k_cache.shape[1]
+    else:
+        if block_table.stride(-1) != 1:
+            block_table = block_table.contiguous()
+        bt_ptr, bt_stride, block_size = block_table.data_ptr(), block_table.stride(0), k_cache.shape[1]
+        capacity = block_table.shape[1] * block_size
+    ws_bytes = mod.decode_attention_workspace_size(B, Sq, Hq, Hk, D, capacity, threads)
+    ws = torch.empty(ws_bytes, dtype=torch.uint8)
+    int8 = k_cache.dtype == torch.int8
+    kv_type = 3 if int8 else _DTYPE_CODE[k_cache.dtype]
+    mod.decode_attention(
+        q4.data_ptr(), _DTYPE_CODE[q.dtype], list(q4.stride()[:3]), B, Sq, Hq, Hk, D,
+        k_cache.data_ptr(), v_cache.data_ptr(), kv_type, list(k_cache.stride()[:3]), list(v_cache.stride()[:3]),
+        k_scale.data_ptr() if int8 else 0, v_scale.data_ptr() if int8 else 0,
+        list(k_scale.stride()) if int8 else [], list(v_scale.stride()) if int8 else [],
+        seq_lens.data_ptr(), bt_ptr, bt_stride, block_size, capacity,
+        D ** -0.5 if scale is None else float(scale), float(softcap), int(window_left),
+        out.data_ptr(), ws.data_ptr(), ws_bytes, threads, _backends.cpu_isa(),
+    )
+    return out
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, *, block_table=None, k_scale=None, v_scale=None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _backends
 from .. import reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop
@@ -77,6 +78,44 @@ kv_cache_append_op = defop(
     fake=_fake,
 )
 kv_cache_append_op.backend("reference")(reference.kv_cache_append)
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CACHE_CODE = {**_DTYPE_CODE, torch.int8: 3}
+
+
+def _as_bshd(t):
+    """[B, S, H, D] or [T, H, D] -> a [B, S, H, D] view (T as [T, 1, H, D]) with a contiguous last dim."""
+    t4 = t if t.dim() == 4 else t[:, None]
+    return t4 if t4.stride(-1) == 1 else t4.contiguous()
+
+
+@kv_cache_append_op.backend("cpu")
+def _cpu(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache, rotary_interleaved):
+    """Launch the C++ kernel on raw pointers and element strides (q, written in place, is never copied)."""
+    mod = _backends.cpu_module()
+    if k.device.type != "cpu":
+        raise BackendUnsupported(f"k is on {k.device}")
+    k4, v4 = _as_bshd(k), _as_bshd(v)  # [B, S, Hk, D]
+    B, S, Hk, D = k4.shape
+    slots = slot_mapping.reshape(-1).contiguous()  # [B * S], token t = b * S + s
+    int8 = k_cache.dtype == torch.int8
+    rot = cos_sin_cache is not None
+    q_ptr, q_strides, Hq, q_code = 0, [0, 0, 0], 0, 0
+    if rot:
+        cos_sin = cos_sin_cache.contiguous()
+        pos = positions.reshape(-1).to(torch.int64).contiguous()
+        if q is not None:
+            q4 = q if q.dim() == 4 else q[:, None]
+            if q4.stride(-1) != 1:
+                raise BackendUnsupported("q's head dim is not contiguous (it is rotated in place)")
+            q_ptr, q_strides, Hq, q_code = q4.data_ptr(), list(q4.stride()[:3]), q4.shape[2], _DTYPE_CODE[q.dtype]
+    mod.kv_cache_append(
+        k4.data_ptr(), v4.data_ptr(), _DTYPE_CODE[k.dtype], list(k4.stride()[:3]), list(v4.stride()[:3]),
+        B, S, Hk, D, slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _CACHE_CODE[k_cache.dtype],
+        k_scale.data_ptr() if int8 else 0, v_scale.data_ptr() if int8 else 0,
+        cos_sin.data_ptr() if rot else 0, cos_sin_cache.shape[1] if rot else 0, pos.data_ptr() if rot else 0,
+        bool(rotary_interleaved), q_ptr, q_code, q_strides, Hq, torch.get_num_threads(),
+    )
 
 
 @kv_cache_append_op.backend("triton")

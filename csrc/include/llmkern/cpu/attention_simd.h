@@ -1,0 +1,177 @@
+// Vector operations shared by the CPU attention kernels (decode_attention, attention), one struct per
+// ISA with the same static interface, so that one kernel body (decode_attention_body.h) is compiled
+// once per ISA with that ISA's target attribute:
+//   V            vector of W fp32 lanes
+//   load_kv<KT>  W values of a K/V row as fp32 (KT: f32, bf16, f16, int8 values, see KvType), the
+//                first n valid and the rest 0 (AVX-512 only ever gets n < W: head dims are multiples of 8)
+//   exp          e^x per lane, about 1 ulp, x = -inf (and anything below -87.3) gives exactly 0
+//   hsum, hmax   horizontal sum / max
+// Torch-free. The scalar struct (W = 1) is the portable reference path.
+#pragma once
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <cmath>
+#include <cstdint>
+
+#include "llmkern/cpu/convert.h"
+
+#define LLMKERN_ATT512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define LLMKERN_ATT512_INLINE LLMKERN_ATT512 inline __attribute__((always_inline))
+#define LLMKERN_ATT2 __attribute__((target("avx2,fma,f16c")))
+#define LLMKERN_ATT2_INLINE LLMKERN_ATT2 inline __attribute__((always_inline))
+#define LLMKERN_ATTS_INLINE inline __attribute__((always_inline))
+
+namespace llmkern {
+namespace cpu {
+
+// Element type of a KV cache (the launcher's codes).
+enum KvType : int { kKvF32 = 0, kKvBF16 = 1, kKvF16 = 2, kKvI8 = 3 };
+
+inline int64_t kv_elem_size(int kt) { return kt == kKvF32 ? 4 : (kt == kKvI8 ? 1 : 2); }
+
+// Cephes expf constants: e^x = 2^n * e^r, n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two).
+constexpr float kExpHi = 88.3762626647949f, kExpLo = -87.3365447505531f;
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP0 = 1.9875691500E-4f, kExpP1 = 1.3981999507E-3f, kExpP2 = 8.3334519073E-3f;
+constexpr float kExpP3 = 4.1665795894E-2f, kExpP4 = 1.6666665459E-1f, kExpP5 = 5.0000001201E-1f;
+
+struct OpsAvx512 {
+  using V = __m512;
+  static constexpr int W = 16;
+  static LLMKERN_ATT512_INLINE V zero() { return _mm512_setzero_ps(); }
+  static LLMKERN_ATT512_INLINE V set1(float x) { return _mm512_set1_ps(x); }
+  static LLMKERN_ATT512_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  static LLMKERN_ATT512_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static LLMKERN_ATT512_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static LLMKERN_ATT512_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static LLMKERN_ATT512_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static LLMKERN_ATT512_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static LLMKERN_ATT512_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static LLMKERN_ATT512_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static LLMKERN_ATT512_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  static LLMKERN_ATT512_INLINE __mmask16 mask(int n) {
+    return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+  }
+  template <int KT>
+  static LLMKERN_ATT512_INLINE V load_kv(const void* p, int64_t i, int n) {
+    const __mmask16 m = mask(n);
+    if constexpr (KT == kKvF32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+    if constexpr (KT == kKvBF16) {
+      const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    if constexpr (KT == kKvF16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i));
+    if constexpr (KT == kKvI8) {
+      const __m128i b = _mm_maskz_loadu_epi8(m, static_cast<const int8_t*>(p) + i);
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    }
+  }
+  static LLMKERN_ATT512_INLINE V exp(V x) {
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_LT_OQ);
+    // Constant first: min/max return their second operand when either is NaN, so NaN stays NaN.
+    x = _mm512_min_ps(_mm512_set1_ps(kExpHi), x);
+    x = _mm512_max_ps(_mm512_set1_ps(kExpLo), x);
+    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+    V y = _mm512_set1_ps(kExpP0);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP1));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP2));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP3));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP4));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP5));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(y, n));
+  }
+};
+
+struct OpsAvx2 {
+  using V = __m256;
+  static constexpr int W = 8;
+  static LLMKERN_ATT2_INLINE V zero() { return _mm256_setzero_ps(); }
+  static LLMKERN_ATT2_INLINE V set1(float x) { return _mm256_set1_ps(x); }
+  static LLMKERN_ATT2_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  static LLMKERN_ATT2_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static LLMKERN_ATT2_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static LLMKERN_ATT2_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static LLMKERN_ATT2_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static LLMKERN_ATT2_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static LLMKERN_ATT2_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static LLMKERN_ATT2_INLINE float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static LLMKERN_ATT2_INLINE float hmax(V v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // Head dims are multiples of 8: every load is a full vector (n == 8).
+  template <int KT>
+  static LLMKERN_ATT2_INLINE V load_kv(const void* p, int64_t i, int /*n*/) {
+    if constexpr (KT == kKvF32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    if constexpr (KT == kKvBF16) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    if constexpr (KT == kKvF16)
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+    if constexpr (KT == kKvI8) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(p) + i));
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    }
+  }
+  static LLMKERN_ATT2_INLINE V exp(V x) {
+    const V under = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_set1_ps(kExpHi), x);  // NaN stays NaN (see OpsAvx512::exp)
+    x = _mm256_max_ps(_mm256_set1_ps(kExpLo), x);
+    const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+    V y = _mm256_set1_ps(kExpP0);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP1));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP2));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP3));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP4));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP5));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    // 2^n with n in [-126, 127] (x was clamped): the exponent field built directly.
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+  }
+};
+
+struct OpsScalar {
+  using V = float;
+  static constexpr int W = 1;
+  static LLMKERN_ATTS_INLINE V zero() { return 0.0f; }
+  static LLMKERN_ATTS_INLINE V set1(float x) { return x; }
+  static LLMKERN_ATTS_INLINE V load(const float* p) { return *p; }
+  static LLMKERN_ATTS_INLINE void store(float* p, V v) { *p = v; }
+  static LLMKERN_ATTS_INLINE V fma(V a, V b, V c) { return a * b + c; }
+  static LLMKERN_ATTS_INLINE V mul(V a, V b) { return a * b; }
+  static LLMKERN_ATTS_INLINE V add(V a, V b) { return a + b; }
+  static LLMKERN_ATTS_INLINE V sub(V a, V b) { return a - b; }
+  static LLMKERN_ATTS_INLINE V max(V a, V b) { return a > b ? a : b; }
+  static LLMKERN_ATTS_INLINE float hsum(V v) { return v; }
+  static LLMKERN_ATTS_INLINE float hmax(V v) { return v; }
+  template <int KT>
+  static LLMKERN_ATTS_INLINE V load_kv(const void* p, int64_t i, int /*n*/) {
+    if constexpr (KT == kKvF32) return static_cast<const float*>(p)[i];
+    if constexpr (KT == kKvBF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    if constexpr (KT == kKvF16) return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    if constexpr (KT == kKvI8) return static_cast<float>(static_cast<const int8_t*>(p)[i]);
+  }
+  static LLMKERN_ATTS_INLINE V exp(V x) { return x < kExpLo ? 0.0f : std::exp(x); }
+};
+
+}  // namespace cpu
+}  // namespace llmkern

@@ -1,0 +1,147 @@
+// kv_cache_append on the CPU: write new keys/values into a cache by slot, optionally rotating q/k
+// (fused rotary) and quantizing to int8 (llmkern/ops/kv_cache_append.py has the semantics).
+//
+// One pass per token: rotate q in place, rotate k's heads into a small fp32 row buffer, then store
+// k and v rows into the cache (cast, or quantize with a per-(token, head) scale). The work is memory
+// bound (a few flops per byte), so the code is portable C++ without ISA variants; OpenMP splits the
+// tokens when there are enough of them to pay for the threads.
+//
+// Rotary is computed like the reference, bit for bit: a * cos - b * sin in float64 (the products of
+// two floats are exact there), then rounded to the tensor's dtype the way torch's .to() does.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "llmkern/cpu/convert.h"
+#include "llmkern/cpu/int8_linear_common.h"
+
+namespace llmkern {
+namespace cpu {
+
+struct AppendArgs {
+  // k, v, q: element (b, s, h, d) at b*s0 + s*s1 + h*s2 + d; tokens t = b * S + s (slot_mapping order).
+  const void* k = nullptr;
+  const void* v = nullptr;
+  DType kv_dtype = DType::kF32;
+  int64_t k_s0 = 0, k_s1 = 0, k_s2 = 0, v_s0 = 0, v_s1 = 0, v_s2 = 0;
+  int64_t B = 0, S = 0, Hk = 0, D = 0;
+  const int64_t* slots = nullptr;  // [B * S], -1 = skip
+  void* k_cache = nullptr;         // [num_slots, Hk, D] contiguous, cache_type (KvType codes: 0..3)
+  void* v_cache = nullptr;
+  int cache_type = 0;
+  float* k_scale = nullptr;  // int8: [num_slots, Hk]
+  float* v_scale = nullptr;
+  // Fused rotary (cos_sin null: off).
+  const float* cos_sin = nullptr;  // [max_pos, R]: cos | sin
+  int64_t R = 0;
+  const int64_t* positions = nullptr;  // [B * S]
+  bool interleaved = false;
+  void* q = nullptr;  // in place, q_dtype, [B, S, Hq, D] with strides q_s0..2; null: no q
+  DType q_dtype = DType::kF32;
+  int64_t q_s0 = 0, q_s1 = 0, q_s2 = 0, Hq = 0;
+  int num_threads = 1;
+};
+
+// double -> `dt`, returned as float (exact): through fp32 first, as torch's .to() from float64 does
+// (c10's BFloat16/Half are built from a float), so the two roundings match the reference bit for bit.
+inline float round_to_dtype(double d, DType dt) {
+  const float f = static_cast<float>(d);
+  switch (dt) {
+    case DType::kBF16: return bf16_to_f32(f32_to_bf16(f));
+    case DType::kF16: return f16_to_f32(f32_to_f16(f));
+    default: return f;
+  }
+}
+
+// x[0..D) fp32 rotated in place at one position (cs: that position's cos | sin row), then rounded to dt.
+inline void rotate_row(float* x, const float* cs, int64_t R, bool interleaved, DType dt) {
+  const int64_t half = R / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const int64_t ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+    const double a = x[ia], b = x[ib], c = cs[i], s = cs[half + i];
+    const double ra = a * c - b * s, rb = b * c + a * s;  // products exact in double
+    x[ia] = round_to_dtype(ra, dt);
+    x[ib] = round_to_dtype(rb, dt);
+  }
+}
+
+// Store one row of D fp32 values into a cache row (cast, or the int8 rule of llmkern/ops/quant.py).
+inline void store_row(const float* x, int64_t D, void* cache, int cache_type, int64_t row, float* scale) {
+  if (cache_type != 3) {
+    const DType dt = static_cast<DType>(cache_type);
+    for (int64_t d = 0; d < D; ++d) store_from_f32(cache, row * D + d, dt, x[d]);
+    return;
+  }
+  int8_t* q = static_cast<int8_t*>(cache) + row * D;
+  float amax = 0.0f;
+  bool nan = false;
+  for (int64_t d = 0; d < D; ++d) {
+    const float a = std::fabs(x[d]);
+    nan |= a != a;
+    amax = a > amax ? a : amax;
+  }
+  if (nan) amax = NAN;
+  scale[row] = amax / 127.0f;  // IEEE division, NaN / inf pass through like the reference's
+  if (!(amax > 0.0f) || !(amax <= FLT_MAX)) {  // 0, NaN or inf: every q is 0 (the reference's nan_to_num)
+    std::memset(q, 0, D);
+    return;
+  }
+  const float inv = 127.0f / amax;  // may be inf for a tiny amax: x * inv is then +-inf or NaN (0 * inf)
+  for (int64_t d = 0; d < D; ++d) {
+    float v = x[d] * inv;
+    if (v != v) v = 0.0f;
+    v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);  // clamp first: rounding +-inf is undefined
+    q[d] = static_cast<int8_t>(quant_round(v));
+  }
+}
+
+inline void kv_cache_append(const AppendArgs& a) {
+  const int64_t T = a.B * a.S;
+  if (T <= 0) return;
+  const int64_t D = a.D, esz = dtype_size(a.kv_dtype);
+  const bool rot = a.cos_sin != nullptr;
+  // Threads only when the tokens carry enough bytes to pay for waking them (~ tens of KiB).
+  const int64_t bytes = T * (2 * a.Hk + (a.q ? a.Hq : 0)) * D * esz;
+  const int threads = bytes >= (int64_t(64) << 10) ? std::max(1, a.num_threads) : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t b = t / a.S, s = t % a.S;
+    const int64_t slot = a.slots[t];
+    const float* cs = rot ? a.cos_sin + a.positions[t] * a.R : nullptr;
+    float row[256];
+    if (rot && a.q) {  // q is rotated even for padding tokens (slot -1), as the reference does
+      for (int64_t h = 0; h < a.Hq; ++h) {
+        const int64_t base = b * a.q_s0 + s * a.q_s1 + h * a.q_s2;
+        for (int64_t d = 0; d < a.R; ++d) row[d] = load_as_f32(a.q, base + d, a.q_dtype);
+        rotate_row(row, cs, a.R, a.interleaved, a.q_dtype);
+        for (int64_t d = 0; d < a.R; ++d) store_from_f32(a.q, base + d, a.q_dtype, row[d]);
+      }
+    }
+    if (slot < 0) continue;
+    for (int which = 0; which < 2; ++which) {
+      const void* src = which ? a.v : a.k;
+      const int64_t s0 = which ? a.v_s0 : a.k_s0, s1 = which ? a.v_s1 : a.k_s1, s2 = which ? a.v_s2 : a.k_s2;
+      void* cache = which ? a.v_cache : a.k_cache;
+      float* scale = which ? a.v_scale : a.k_scale;
+      const bool rotate = rot && which == 0;
+      for (int64_t h = 0; h < a.Hk; ++h) {
+        const int64_t base = b * s0 + s * s1 + h * s2, dst = slot * a.Hk + h;
+        if (!rotate && a.cache_type == static_cast<int>(a.kv_dtype)) {  // same dtype: a plain copy, bit-exact
+          std::memcpy(static_cast<char*>(cache) + dst * D * esz, static_cast<const char*>(src) + base * esz, D * esz);
+          continue;
+        }
+        for (int64_t d = 0; d < D; ++d) row[d] = load_as_f32(src, base + d, a.kv_dtype);
+        if (rotate) rotate_row(row, cs, a.R, a.interleaved, a.kv_dtype);
+        store_row(row, D, cache, a.cache_type, dst, scale);
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace llmkern

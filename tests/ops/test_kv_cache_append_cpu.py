@@ -1,0 +1,187 @@
+"""kv_cache_append on the "cpu" backend (llmkern._C) against naive definitions written here.
+
+- Writes: token by token into the cache seen as [num_slots, Hk, D], slot -1 skipped; float caches
+  bit-exact (the cast of torch's .to), int8 by the rule computed with numpy float32 (amax, IEEE
+  127 / amax, round half to even, clamp), compared bit for bit.
+- Fused rotary: the rotation in float64 from the formula of rotary_embedding.py (products of two floats
+  are exact in float64), rounded once to the dtype: the kernel matches it bit for bit, q in place too.
+Caches start NaN (float) / 99 with NaN scales (int8): a missed or stray write shows up.
+"""
+import numpy as np
+import pytest
+import torch
+
+import llmkern
+from llmkern.ops import OPS, rotary_cos_sin, strict
+
+from _attention_helpers import CacheLayout, randn
+
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.int8: torch.int8}
+
+
+def bits_equal(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype]))
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
+def caches(shape, dtype):
+    if dtype == torch.int8:
+        return [torch.full(shape, 99, dtype=torch.int8), torch.full(shape, 99, dtype=torch.int8),
+                torch.full(shape[:3], float("nan")), torch.full(shape[:3], float("nan"))]
+    return [torch.full(shape, float("nan"), dtype=dtype), torch.full(shape, float("nan"), dtype=dtype), None, None]
+
+
+def naive_rotate(x, pos, cs, interleaved):
+    """x [T, H, D] -> rotated copy: pairs (a, b) -> (a cos - b sin, b cos + a sin) in float64, rounded once."""
+    out = x.clone()
+    R = cs.shape[1]
+    half = R // 2
+    for t in range(x.shape[0]):
+        c, s = cs[pos[t], :half].double(), cs[pos[t], half:].double()
+        for h in range(x.shape[1]):
+            row = x[t, h].double()
+            ia = torch.arange(half) * 2 if interleaved else torch.arange(half)
+            ib = ia + 1 if interleaved else ia + half
+            a, b = row[ia], row[ib]
+            out[t, h, ia] = (a * c - b * s).to(x.dtype)
+            out[t, h, ib] = (b * c + a * s).to(x.dtype)
+    return out
+
+
+def naive_quant(x):
+    x = x.float().numpy()
+    q, s = np.zeros(x.shape, np.int8), np.zeros(x.shape[0], np.float32)
+    for h in range(x.shape[0]):
+        amax = np.float32(np.abs(x[h]).max())
+        if amax == 0:
+            continue
+        s[h] = amax / np.float32(127)
+        with np.errstate(over="ignore", invalid="ignore"):  # tiny amax: 127 / amax is inf, 0 * inf NaN -> 0
+            q[h] = np.nan_to_num(np.clip(np.rint(x[h] * (np.float32(127) / amax)), -127, 127), nan=0.0).astype(np.int8)
+    return torch.from_numpy(q), torch.from_numpy(s)
+
+
+def naive_append(k, v, cs_, slots):
+    """k/v [T, Hk, D]; returns the expected caches."""
+    out = [None if t is None else t.clone() for t in cs_]
+    Hk, D = out[0].shape[2], out[0].shape[3]
+    for t, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        for i, src in enumerate((k, v)):
+            if out[2] is None:
+                out[i].view(-1, Hk, D)[slot] = src[t].to(out[i].dtype)
+            else:
+                out[i].view(-1, Hk, D)[slot], out[2 + i].view(-1, Hk)[slot] = naive_quant(src[t])
+    return out
+
+
+def run_cpu(k, v, cs_, slots, **kw):
+    got = [None if t is None else t.clone() for t in cs_]
+    with strict():
+        llmkern.ops.kv_cache_append(k, v, got[0], got[1], slots, k_scale=got[2], v_scale=got[3], backend="cpu", **kw)
+    assert OPS["kv_cache_append"].last_backend == "cpu"
+    return got
+
+
+def assert_same(got, want):
+    for name, a, b in zip(("k_cache", "v_cache", "k_scale", "v_scale"), got, want):
+        if a is not None:
+            assert bits_equal(a, b), f"{name} differs"
+
+
+def paged(lens, Hk, D, bs, dtype, cache_dtype, seed):
+    """Packed tokens of sequences `lens` into a shuffled paged cache, with -1 padding rows inserted."""
+    layout = CacheLayout(lens, block_size=bs, seed=seed)
+    slots = torch.cat(layout.slots)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    for i in (1, 7):
+        slots = torch.cat([slots[:i], torch.tensor([-1]), slots[i:]])
+        pos = torch.cat([pos[:i], torch.tensor([3]), pos[i:]])
+    gen = torch.Generator().manual_seed(seed)
+    T = slots.numel()
+    k = torch.randn(T, Hk, D, generator=gen).to(dtype)
+    v = torch.randn(T, Hk, D, generator=gen).to(dtype)
+    return k, v, caches((layout.rows, bs, Hk, D), cache_dtype), slots, pos
+
+
+PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+         (torch.float32, torch.bfloat16), (torch.float32, torch.int8), (torch.bfloat16, torch.int8)]
+
+
+@pytest.mark.parametrize("bs", [1, 16, 7])
+@pytest.mark.parametrize("dtype,cache_dtype", PAIRS, ids=str)
+def test_write_bit_exact(dtype, cache_dtype, bs, threads):
+    k, v, c, slots, _ = paged([1, 17, 100, 0, 5], 3, 80, bs, dtype, cache_dtype, seed=1)
+    assert_same(run_cpu(k, v, c, slots), naive_append(k, v, c, slots))
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("rotary_dim", ["full", "partial"])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float16), (torch.float32, torch.int8)], ids=str)
+def test_fused_rotary_bit_exact(dtype, cache_dtype, interleaved, rotary_dim, D, threads):
+    k, v, c, slots, pos = paged([17, 1, 100], 2, D, 16, dtype, cache_dtype, seed=2)
+    R = D if rotary_dim == "full" else D // 2 + 8 - (D // 2 + 8) % 2
+    cs = rotary_cos_sin(128, R, base=500000.0)
+    q = randn(k.shape[0], 6, D, dtype=dtype)
+    q_in = q.clone()
+    got = run_cpu(k, v, c, slots, q=q_in, positions=pos, cos_sin_cache=cs, rotary_interleaved=interleaved)
+    k_rot = naive_rotate(k, pos, cs, interleaved)
+    assert_same(got, naive_append(k_rot, v, c, slots))
+    assert bits_equal(q_in, naive_rotate(q, pos, cs, interleaved)), "q must be rotated in place"
+
+
+def test_rotary_strided_q_and_batched_shape():
+    """[B, S, Hq, D] q as a head-sliced view (rotated in place through its strides); k transposed in memory."""
+    B, S, Hk, Hq, D, Smax = 2, 17, 2, 4, 64, 40
+    k, v = randn(B, S, Hk, D, layout="transposed"), randn(B, S, Hk, D)
+    big_q = randn(B, S, Hq + 2, D)
+    q = big_q[:, :, 1:Hq + 1]
+    pos = torch.arange(S)[None].expand(B, S) + torch.tensor([[0], [9]])
+    slots = torch.arange(B)[:, None] * Smax + pos
+    cs = rotary_cos_sin(64, D)
+    c = caches((B, Smax, Hk, D), torch.float32)
+    before = big_q.clone()
+    got = run_cpu(k, v, c, slots, q=q, positions=pos, cos_sin_cache=cs)
+    want = naive_append(naive_rotate(k.reshape(-1, Hk, D), pos.reshape(-1), cs, False), v.reshape(-1, Hk, D), c,
+                        slots.reshape(-1))
+    assert_same(got, want)
+    q_want = naive_rotate(before[:, :, 1:Hq + 1].reshape(-1, Hq, D), pos.reshape(-1), cs, False).reshape(B, S, Hq, D)
+    assert bits_equal(q.contiguous(), q_want)
+    assert bits_equal(big_q[:, :, 0], before[:, :, 0]) and bits_equal(big_q[:, :, -1], before[:, :, -1])
+
+
+def test_int8_ties_zero_and_tiny_rows():
+    """127/amax = 1 makes x.5 exact ties (half to even); an all-zero head stores 0; a tiny head saturates."""
+    k = torch.zeros(1, 3, 32)
+    k[0, 0, :6] = torch.tensor([127.0, 2.5, 3.5, -0.5, -1.5, 126.5])
+    k[0, 2, :3] = torch.tensor([1e-40, -1e-40, 0.0])  # subnormal amax: 127 / amax overflows to inf
+    v = torch.randn(1, 3, 32)
+    c = caches((1, 4, 3, 32), torch.int8)
+    got = run_cpu(k, v, c, torch.tensor([2]))
+    assert got[0][0, 2, 0, :6].tolist() == [127, 2, 4, 0, -2, 126]
+    assert got[2][0, 2, 1].item() == 0.0 and got[0][0, 2, 1].abs().sum() == 0
+    assert got[0][0, 2, 2, :3].tolist() == [127, -127, 0]
+    assert_same(got, naive_append(k, v, c, torch.tensor([2])))
+
+
+def test_all_padding_writes_nothing():
+    k, v, c, slots, _ = paged([3, 5], 2, 32, 4, torch.float32, torch.float32, seed=3)
+    assert_same(run_cpu(k, v, c, torch.full_like(slots, -1)), c)
+
+
+def test_non_contiguous_q_head_dim_falls_back():
+    k, v, c, slots, pos = paged([3], 2, 32, 4, torch.float32, torch.float32, seed=4)
+    q = torch.randn(k.shape[0], 2, 64)[:, :, ::2]
+    with strict(), pytest.raises(RuntimeError, match="strict mode forbids"):
+        llmkern.ops.kv_cache_append(k, v, c[0], c[1], slots, q=q, positions=pos, cos_sin_cache=rotary_cos_sin(8, 32),
+                                    backend="cpu")

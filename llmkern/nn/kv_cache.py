@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..ops.decode_attention import decode_attention_op
+from ..ops.kv_cache_append import kv_cache_append_op
+from ._fast import FLOATS
 
 
 def _rotary_args(rotary, q, positions, pos_default):
@@ -160,8 +163,18 @@ class KVCache:
             slot = torch.where(pos < self.max_seq_len, slot, -1)  # no check possible: never spill over a row
         # Detached: the cache is inference state. Writing tensors that require grad would chain every
         # step's activations into one autograd graph through the cache (and the ops have no backward).
-        ops.kv_cache_append(k.detach(), v.detach(), self.k, self.v, slot, k_scale=self.k_scale,
-                            v_scale=self.v_scale, backend=self.backend, **_rotary_args(rotary, q, positions, pos))
+        rot = _rotary_args(rotary, q, positions, pos)
+        if (not compiling and positions is None and self._plain_kv(k, v, rot.get("q"))
+                and (rotary is None or self._host_max + S <= rotary.cos_sin_cache.shape[0])):
+            # Eager fast path (nn/_fast.py): slots and positions are the cache's own, k/v/q were checked
+            # just now, so the op's argument checks (which read the slots back) are skipped.
+            kv_cache_append_op.run_trusted(
+                k.detach(), v.detach(), self.k, self.v, slot, self.k_scale, self.v_scale, rot.get("q"),
+                rot.get("positions"), rot.get("cos_sin_cache"), rot.get("rotary_interleaved", False),
+                self.backend)
+        else:
+            ops.kv_cache_append(k.detach(), v.detach(), self.k, self.v, slot, k_scale=self.k_scale,
+                                v_scale=self.v_scale, backend=self.backend, **rot)
 
         if lengths is None:
             self.seq_lens += S
@@ -182,6 +195,16 @@ class KVCache:
             self._host_lens = self._host_lens + host_len
             self._host_max = int(self._host_lens.max())
 
+    def _plain_kv(self, k, v, q) -> bool:
+        """k, v [B, S, Hk, D] (and q [B, S, Hq, D]) are plain float tensors that fit this cache."""
+        ok = (type(k) is torch.Tensor and type(v) is torch.Tensor and k.dtype in FLOATS and v.dtype == k.dtype
+              and k.shape[2:] == self.k.shape[2:] and v.shape == k.shape and k.device == self.device
+              and v.device == self.device)
+        if ok and q is not None:
+            ok = (type(q) is torch.Tensor and q.dtype in FLOATS and q.dim() == 4 and q.shape[:2] == k.shape[:2]
+                  and q.shape[-1] == k.shape[-1] and q.device == self.device)
+        return ok
+
     # ------------------------------------------------------------------ read
 
     def attend(self, q: torch.Tensor, *, scale: float | None = None, softcap: float = 0.0,
@@ -195,6 +218,15 @@ class KVCache:
                   window_left=window_left, backend=self.backend)
         last = self._last
         if last is None or last[2] is None:
+            if (not torch.compiler.is_compiling() and type(q) is torch.Tensor and q.dim() in (3, 4)
+                    and q.shape[0] == self.batch_size and q.shape[-1] == self.head_dim
+                    and q.shape[-2] % self.num_kv_heads == 0 and q.device == self.device
+                    and (q.dtype == self.dtype if not self.int8 else q.dtype in FLOATS)
+                    and (q.dim() == 3 or (last is not None and q.shape[1] == last[0])) and window_left >= -1
+                    and softcap >= 0 and (scale is None or scale > 0)):
+                # Eager fast path: the cache's own tensors and lengths, q checked just now.
+                return decode_attention_op.run_trusted(q, self.k, self.v, self.seq_lens, None, self.k_scale,
+                                                       self.v_scale, scale, softcap, window_left, self.backend)
             return ops.decode_attention(q, self.k, self.v, self.seq_lens, **kw)
         S, host_len, virtual = last
         Sq = 1 if q.dim() == 3 else q.shape[1]

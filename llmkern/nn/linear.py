@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.int4_linear import int4_linear_op
+from ..ops.int8_linear import MODES, int8_linear_op
+from ._fast import plain_activation
 
 INT8_MODES = ("w8a16", "w8a8")
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -31,10 +34,17 @@ class _QuantizedBase(nn.Module):
     def __init__(self):
         super().__init__()
         self._packed: dict = {}
+        self._trusted = False  # True once the current buffers passed the op's checks (see nn/_fast.py)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if isinstance(value, torch.Tensor) or (value is None and name == "bias"):
+            self._invalidate_packed()  # a new weight tensor: repack and re-validate
 
     def _invalidate_packed(self) -> None:
         """Drop any backend-specific repacked weights (they were derived from the old buffers)."""
-        self._packed = {}
+        self.__dict__["_packed"] = {}
+        self.__dict__["_trusted"] = False
 
     def _apply(self, fn, recurse=True):
         # `module.to(torch.bfloat16)` would convert every floating buffer, but the ops read scales and
@@ -128,6 +138,13 @@ class Int8Linear(_QuantizedBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] -> [..., N]
+        if not torch.compiler.is_compiling():
+            if self._trusted and self.mode in MODES and plain_activation(x, self.in_features, self.weight.device):
+                return int8_linear_op.run_trusted(x, self.weight, self.weight_scale, self.bias, self.mode,
+                                                  self.backend)
+            out = ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.mode, backend=self.backend)
+            self.__dict__["_trusted"] = True  # these buffers passed the op's checks
+            return out
         return ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.mode, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -193,6 +210,13 @@ class Int4Linear(_QuantizedBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] -> [..., N]
+        if not torch.compiler.is_compiling():
+            if self._trusted and plain_activation(x, self.in_features, self.qweight.device):
+                return int4_linear_op.run_trusted(x, self.qweight, self.scales, self.offsets, self.bias,
+                                                  self.backend)
+            out = ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, backend=self.backend)
+            self.__dict__["_trusted"] = True  # these buffers passed the op's checks
+            return out
         return ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:

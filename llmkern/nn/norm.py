@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.rms_norm import rms_norm_op
+from ._fast import FLOATS, plain_activation
 
 
 class RMSNorm(nn.Module):
@@ -22,9 +24,22 @@ class RMSNorm(nn.Module):
             raise ValueError(f"RMSNorm: eps must be >= 0, got {eps}")
         self.hidden_size, self.eps, self.backend = hidden_size, float(eps), backend
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self._trusted = None  # the weight tensor that last passed the op's checks (see nn/_fast.py)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return ops.rms_norm(x, self.weight, self.eps, residual, backend=self.backend)
+        w = self.weight
+        if torch.compiler.is_compiling():
+            return ops.rms_norm(x, w, self.eps, residual, backend=self.backend)
+        if self._trusted is w and plain_activation(x, self.hidden_size, w.device) and (
+                residual is None or (type(residual) is torch.Tensor and residual.shape == x.shape
+                                     and residual.dtype in FLOATS and residual.device == x.device)):
+            y, h = rms_norm_op.run_trusted(x, w, self.eps, residual, self.backend)
+            return y if residual is None else (y, h)
+        out = ops.rms_norm(x, w, self.eps, residual, backend=self.backend)
+        # This weight passed the op's checks (a new weight tensor is checked again). Kept out of
+        # nn.Module's attribute handling, which would register a Parameter value as a parameter.
+        self.__dict__["_trusted"] = w
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}, backend={self.backend!r}"

@@ -37,6 +37,8 @@ DEVICE_ORDER: dict[str, tuple[str, ...]] = {
 ALL_BACKENDS = ("cpu", "cuda", "triton", "reference")
 
 OPS: dict[str, "Op"] = {}
+# Tensor types the trusted fast path takes as they are (anything else, e.g. fake tensors, takes the op).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class BackendUnsupported(Exception):
@@ -135,6 +137,24 @@ class Op:
         *args, requested = args
         if self.check is not None:
             self.check(*args)
+        return self._run(args, requested)
+
+    def run_trusted(self, *args):
+        """Eager fast path for llmkern.nn's hot loops: the op without the torch dispatcher and checks.
+
+        All arguments, `backend` last, as in the schema. The caller vouches that they pass the op's
+        checks (the modules validate their own buffers, and the activation's dtype, shape and device on
+        each call, or go through the op). Under torch.compile or with tensor subclasses (fake tensors)
+        it is the registered op, so graphs still see `torch.ops.llmkern.*`. Saves the ~5-10 us of
+        dispatcher and checks per call that add up over a decode step (benchmarks/bench_op_overhead.py).
+        """
+        if torch.compiler.is_compiling() or any(type(a) not in _PLAIN for a in args if isinstance(a, torch.Tensor)):
+            return self(*args)
+        *args, requested = args
+        return self._run(args, requested)
+
+    def _run(self, args, requested):
+        """Run the first backend of the plan that takes the input."""
         if requested is None:
             requested = os.environ.get("LLMKERN_BACKEND") or None
         reasons = []

@@ -1,0 +1,52 @@
+"""The eager fast path of the hot modules (nn/_fast.py, Op.run_trusted) computes what the op computes,
+and never skips a check that a changed module tensor or an unexpected activation needs."""
+import pytest
+import torch
+
+from llmkern import nn as lnn
+from llmkern import ops
+
+
+def test_linear_fast_path_equals_op_and_rechecks_replaced_weights():
+    torch.manual_seed(0)
+    m = lnn.Int8Linear.from_linear(torch.nn.Linear(64, 33))
+    x = torch.randn(3, 64)
+    first = m(x)          # through the registered op: validates the buffers
+    assert m._trusted
+    again = m(x)          # trusted path
+    assert torch.equal(first, again)
+    assert torch.equal(again, ops.int8_linear(x, m.weight, m.weight_scale, m.bias))
+    m.weight = torch.zeros(33, 63, dtype=torch.int8)   # a bad replacement must meet the op's checks again
+    assert not m._trusted
+    with pytest.raises(ValueError, match="x must have shape"):
+        m(x)
+    with pytest.raises(ValueError, match="x must have shape"):  # a wrong activation never takes the fast path
+        lnn.Int8Linear.from_linear(torch.nn.Linear(64, 33))(torch.randn(3, 65))
+
+
+def test_int4_linear_and_rmsnorm_fast_paths():
+    torch.manual_seed(0)
+    m = lnn.Int4Linear.from_linear(torch.nn.Linear(64, 17), group_size=32)
+    x = torch.randn(2, 64)
+    assert torch.equal(m(x), m(x))
+    assert torch.equal(m(x), ops.int4_linear(x, m.qweight, m.scales, m.offsets, m.bias))
+    n = lnn.RMSNorm(64)
+    with torch.no_grad():
+        n.weight.normal_()
+    r = torch.randn(2, 64)
+    y0, h0 = n(x, r)
+    y1, h1 = n(x, r)
+    assert torch.equal(y0, y1) and torch.equal(h0, h1)
+    n.weight = torch.nn.Parameter(torch.ones(63))
+    with pytest.raises(ValueError, match="weight"):
+        n(x)
+
+
+def test_kv_cache_fast_path_keeps_rotary_bounds_checked():
+    """A cache longer than the rotary table: the position check still fires (no out-of-bounds read)."""
+    rot = lnn.RotaryEmbedding(64, max_positions=4)
+    cache = lnn.KVCache(1, 16, 2, 64)
+    k, v, q = torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64), torch.randn(1, 4, 4, 64)
+    cache.append(k, v, q=q, rotary=rot)
+    with pytest.raises(ValueError, match="positions"):
+        cache.append(k[:, :1], v[:, :1], q=q[:, :1], rotary=rot)

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .. import _backends
 from .. import reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop
@@ -54,6 +55,36 @@ rotary_embedding_op = defop(
     fake=lambda q, k, positions, cos_sin_cache, interleaved: (q.new_empty(q.shape), k.new_empty(k.shape)),
 )
 rotary_embedding_op.backend("reference")(reference.rotary_embedding)
+
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MAX_R = 1024  # the kernel's fp32 row buffer (csrc/include/llmkern/cpu/rotary_embedding.h)
+
+
+def _as_thd(t):
+    """[..., H, D] -> a [T, H, D] view with a contiguous last dim (a copy when that is impossible)."""
+    t3 = t.reshape(-1, t.shape[-2], t.shape[-1])  # [T, H, D]; a view when the leading dims flatten
+    return t3 if t3.stride(-1) == 1 or t3.shape[-1] == 1 else t3.contiguous()
+
+
+@rotary_embedding_op.backend("cpu")
+def _cpu(q, k, positions, cos_sin_cache, interleaved):
+    """Launch the C++ kernel on raw pointers and element strides; torch allocates contiguous outputs."""
+    if q.device.type != "cpu":
+        raise BackendUnsupported(f"q is on {q.device}")
+    R = cos_sin_cache.shape[1]
+    if R > _MAX_R:
+        raise BackendUnsupported(f"rotary dim {R} > {_MAX_R}")
+    mod = _backends.cpu_module()
+    q3, k3 = _as_thd(q), _as_thd(k)  # [T, Hq, D], [T, Hk, D]
+    T, Hq, D = q3.shape
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
+    pos = positions.reshape(-1).to(torch.int64).contiguous()  # [T]
+    cs = cos_sin_cache.contiguous()
+    mod.rotary_embedding(q3.data_ptr(), q_out.data_ptr(), _DTYPE_CODE[q.dtype], list(q3.stride()[:2]), Hq,
+                         k3.data_ptr(), k_out.data_ptr(), _DTYPE_CODE[k.dtype], list(k3.stride()[:2]), k3.shape[1],
+                         T, D, cs.data_ptr(), R, pos.data_ptr(), bool(interleaved), torch.get_num_threads())
+    return q_out, k_out
 
 
 @rotary_embedding_op.backend("triton")

@@ -6,8 +6,7 @@
 // bound (a few flops per byte), so the code is portable C++ without ISA variants; OpenMP splits the
 // tokens when there are enough of them to pay for the threads.
 //
-// Rotary is computed like the reference, bit for bit: a * cos - b * sin in float64 (the products of
-// two floats are exact there), then rounded to the tensor's dtype the way torch's .to() does.
+// Rotary is computed like the reference, bit for bit (llmkern/cpu/rotary.h).
 #pragma once
 
 #include <omp.h>
@@ -19,6 +18,7 @@
 
 #include "llmkern/cpu/convert.h"
 #include "llmkern/cpu/int8_linear_common.h"
+#include "llmkern/cpu/rotary.h"  // round_to_dtype, rotate_row (shared with rotary_embedding)
 
 namespace llmkern {
 namespace cpu {
@@ -46,29 +46,6 @@ struct AppendArgs {
   int64_t q_s0 = 0, q_s1 = 0, q_s2 = 0, Hq = 0;
   int num_threads = 1;
 };
-
-// double -> `dt`, returned as float (exact): through fp32 first, as torch's .to() from float64 does
-// (c10's BFloat16/Half are built from a float), so the two roundings match the reference bit for bit.
-inline float round_to_dtype(double d, DType dt) {
-  const float f = static_cast<float>(d);
-  switch (dt) {
-    case DType::kBF16: return bf16_to_f32(f32_to_bf16(f));
-    case DType::kF16: return f16_to_f32(f32_to_f16(f));
-    default: return f;
-  }
-}
-
-// x[0..D) fp32 rotated in place at one position (cs: that position's cos | sin row), then rounded to dt.
-inline void rotate_row(float* x, const float* cs, int64_t R, bool interleaved, DType dt) {
-  const int64_t half = R / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    const int64_t ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
-    const double a = x[ia], b = x[ib], c = cs[i], s = cs[half + i];
-    const double ra = a * c - b * s, rb = b * c + a * s;  // products exact in double
-    x[ia] = round_to_dtype(ra, dt);
-    x[ib] = round_to_dtype(rb, dt);
-  }
-}
 
 // Store one row of D fp32 values into a cache row (cast, or the int8 rule of llmkern/ops/quant.py).
 inline void store_row(const float* x, int64_t D, void* cache, int cache_type, int64_t row, float* scale) {

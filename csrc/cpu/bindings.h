@@ -23,6 +23,7 @@ inline cpu::Isa isa_or_throw(const std::string& where, const std::string& name) 
 void bind_int8_linear(pybind11::module_& m);
 void bind_decode_attention(pybind11::module_& m);
 void bind_kv_cache_append(pybind11::module_& m);
+void bind_attention(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace llmkern

@@ -30,4 +30,5 @@ PYBIND11_MODULE(_C, m) {
   llmkern::bindings::bind_int8_linear(m);
   llmkern::bindings::bind_decode_attention(m);
   llmkern::bindings::bind_kv_cache_append(m);
+  llmkern::bindings::bind_attention(m);
 }

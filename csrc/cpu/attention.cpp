@@ -46,7 +46,7 @@ void launch(int dtype, std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_
             const std::vector<int64_t>& v_strides, int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hk,
             int64_t D, std::uintptr_t cu_q_ptr, std::uintptr_t cu_k_ptr, int64_t Tq, int64_t Tk, double scale,
             bool causal, int64_t window_left, int64_t window_right, double softcap, std::uintptr_t out_ptr,
-            std::uintptr_t lse_ptr, int num_threads, const std::string& isa_name) {
+            std::uintptr_t lse_ptr, int num_threads, const std::string& isa_name, bool bf16_dot) {
   const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
   if (dtype < 0 || dtype > 2) fail("dtype must be 0 (float32), 1 (bfloat16) or 2 (float16)");
   if (B < 0 || B > kMaxDim) fail("B must be in [0, 2^31], got " + std::to_string(B));
@@ -109,6 +109,7 @@ void launch(int dtype, std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_
   a.lse = reinterpret_cast<float*>(lse_ptr);
   a.lse_total = Tq;
   a.num_threads = num_threads;
+  a.bf16_dot = bf16_dot;
   py::gil_scoped_release release;
   cpu::attention(a, isa);
 }
@@ -121,11 +122,12 @@ void bind_attention(py::module_& m) {
         py::arg("Hq"), py::arg("Hk"), py::arg("D"), py::arg("cu_seqlens_q_ptr"), py::arg("cu_seqlens_k_ptr"),
         py::arg("Tq"), py::arg("Tk"), py::arg("scale"), py::arg("causal"), py::arg("window_left"),
         py::arg("window_right"), py::arg("softcap"), py::arg("out_ptr"), py::arg("lse_ptr"), py::arg("num_threads"),
-        py::arg("isa"),
+        py::arg("isa"), py::arg("bf16_dot") = true,
         "Prefill attention on raw pointers (see llmkern/ops/attention.py). Strides are in elements "
         "(batch, token, head; batch unused when packed), D contiguous; out contiguous like q, lse "
         "[B, Hq, Sq] or [Hq, Tq] float32 (lse_ptr 0: not written). Packed: cu_seqlens_* int32 [B + 1] "
-        "(read here), Tq/Tk the packed row counts. Releases the GIL; invalid arguments raise ValueError.");
+        "(read here), Tq/Tk the packed row counts. bf16_dot: bf16 Q K^T by AVX-512 BF16 dot products where "
+        "the CPU has them (False: the fp32 path, for tests). Releases the GIL; invalid arguments raise ValueError.");
 }
 
 }  // namespace bindings

@@ -105,6 +105,35 @@ def test_half_matches_naive(dtype, mask, monkeypatch):
     check(q, k, v, naive_attention_batched(q, k, v, **MASKS[mask]), monkeypatch, TOL[dtype], **MASKS[mask])
 
 
+@pytest.mark.parametrize("case", [(1, 17, 33, 4, 4, 32), (1, 70, 100, 6, 2, 80), (1, 33, 70, 8, 1, 256),
+                                  (2, 5, 130, 8, 2, 128)], ids=_id)
+def test_bf16_head_dims(case, monkeypatch):
+    """bf16 through every head dim shape class (the vdpbf16ps path works on pairs of d)."""
+    torch.manual_seed(8)
+    B, Sq, Sk, Hq, Hk, D = case
+    dt = torch.bfloat16
+    q, k, v = randn(B, Sq, Hq, D, dtype=dt), randn(B, Sk, Hk, D, dtype=dt), randn(B, Sk, Hk, D, dtype=dt)
+    kw = dict(causal=True, window_left=50)
+    check(q, k, v, naive_attention_batched(q, k, v, **kw), monkeypatch, TOL[dt], threads=(2,), **kw)
+
+
+@pytest.mark.skipif("avx512_vnni" not in ISAS, reason="needs AVX-512")
+def test_bf16_without_dot_products_matches_naive():
+    """The AVX-512 fp32 path on bf16 inputs (what CPUs without AVX-512 BF16 run), through the launcher."""
+    torch.manual_seed(9)
+    B, Sq, Sk, Hq, Hk, D = 2, 70, 100, 6, 2, 80
+    dt = torch.bfloat16
+    q, k, v = randn(B, Sq, Hq, D, dtype=dt), randn(B, Sk, Hk, D, dtype=dt), randn(B, Sk, Hk, D, dtype=dt)
+    nout, nlse = naive_attention_batched(q, k, v, causal=True)
+    with poisoned_outputs():
+        out, lse = torch.empty(q.shape, dtype=dt), torch.empty(B, Hq, Sq)
+    C.attention(1, q.data_ptr(), k.data_ptr(), v.data_ptr(), list(q.stride()[:3]), list(k.stride()[:3]),
+                list(v.stride()[:3]), B, Sq, Sk, Hq, Hk, D, 0, 0, 0, 0, D ** -0.5, True, -1, -1, 0.0,
+                out.data_ptr(), lse.data_ptr(), 2, "avx512_vnni", bf16_dot=False)
+    assert_rel(out, nout, TOL[dt])
+    assert_lse(lse, nlse, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("layout", ["sliced", "transposed"])
 def test_non_contiguous_inputs(layout, monkeypatch):
     torch.manual_seed(2)

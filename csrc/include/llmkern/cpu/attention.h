@@ -54,6 +54,7 @@ struct AttnArgs {
   float* lse = nullptr;
   int64_t lse_total = 0;  // packed: Tq (lse row stride)
   int num_threads = 1;
+  bool bf16_dot = true;  // bf16 inputs: Q K^T by vdpbf16ps where the CPU has AVX-512 BF16
 };
 
 inline int64_t attn_dpad(int64_t D) { return (D + 15) / 16 * 16; }
@@ -111,9 +112,16 @@ inline int64_t attn_key_tiles(int64_t Sk) { return (Sk + kAttnBN - 1) / kAttnBN;
 // K and V of one (sequence, head) in fp32, in the layouts the micro-kernels read (once per call, so
 // each query tile reuses them): kt [tiles][D][BN] (a key tile transposed, so a vector holds W keys of
 // one d), vt [tiles * BN][Dp]. Zero past Sk and past D: padded keys and columns add exact zeros.
-inline void attn_pack_kv(const AttnArgs& a, const AttnSeq& s, int64_t kh, float* kt, float* vt) {
+// pairs (bf16 inputs, vdpbf16ps kernel): kt holds [tiles][D/2][BN] 32-bit bf16 pairs (d even low) instead.
+inline void attn_pack_kv(const AttnArgs& a, const AttnSeq& s, int64_t kh, float* kt, float* vt, bool pairs) {
   const int64_t D = a.D, Dp = attn_dpad(D), n = attn_key_tiles(s.Sk) * kAttnBN;
   for (int64_t j = 0; j < n; ++j) {
+    if (pairs) {
+      uint32_t* kcol = reinterpret_cast<uint32_t*>(kt) + (j / kAttnBN) * (D / 2) * kAttnBN + j % kAttnBN;
+      const uint16_t* kp = static_cast<const uint16_t*>(a.k) + s.k_off + j * a.k_st + kh * a.k_sh;
+      for (int64_t d2 = 0; d2 < D / 2; ++d2)
+        kcol[d2 * kAttnBN] = j < s.Sk ? uint32_t(kp[2 * d2]) | (uint32_t(kp[2 * d2 + 1]) << 16) : 0u;
+    }
     float* kcol = kt + (j / kAttnBN) * D * kAttnBN + j % kAttnBN;
     float* vrow = vt + j * Dp;
     if (j < s.Sk) {
@@ -124,12 +132,14 @@ inline void attn_pack_kv(const AttnArgs& a, const AttnSeq& s, int64_t kh, float*
         for (int64_t d = 0; d < D; ++d) kcol[d * kAttnBN] = kp[d];
         for (int64_t d = 0; d < D; ++d) vrow[d] = vp[d];
       } else {
-        for (int64_t d = 0; d < D; ++d) kcol[d * kAttnBN] = load_as_f32(a.k, kb + d, a.dtype);
+        if (!pairs)
+          for (int64_t d = 0; d < D; ++d) kcol[d * kAttnBN] = load_as_f32(a.k, kb + d, a.dtype);
         for (int64_t d = 0; d < D; ++d) vrow[d] = load_as_f32(a.v, vb + d, a.dtype);
       }
       for (int64_t d = D; d < Dp; ++d) vrow[d] = 0.0f;
     } else {
-      for (int64_t d = 0; d < D; ++d) kcol[d * kAttnBN] = 0.0f;
+      if (!pairs)
+        for (int64_t d = 0; d < D; ++d) kcol[d * kAttnBN] = 0.0f;
       for (int64_t d = 0; d < Dp; ++d) vrow[d] = 0.0f;
     }
   }
@@ -141,12 +151,24 @@ using AttnUnitFn = void (*)(const AttnArgs&, const AttnSeq&, int64_t, int64_t, i
 }  // namespace cpu
 }  // namespace llmkern
 
+#define LLMKERN_ATT512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+#define LLMKERN_AT_BF16DP 0
 #define LLMKERN_AT_NS at_avx512
 #define LLMKERN_AT_OPS OpsAvx512
 #define LLMKERN_AT_ATTR LLMKERN_ATT512
 #define LLMKERN_AT_MR 6
 #define LLMKERN_AT_NV 4
 #include "llmkern/cpu/attention_body.h"
+#undef LLMKERN_AT_NS
+#undef LLMKERN_AT_ATTR
+#undef LLMKERN_AT_BF16DP
+#define LLMKERN_AT_BF16DP 1
+#define LLMKERN_AT_NS at_avx512bf16
+#define LLMKERN_AT_ATTR LLMKERN_ATT512BF16
+#include "llmkern/cpu/attention_body.h"
+#undef LLMKERN_AT_BF16DP
+#define LLMKERN_AT_BF16DP 0
 #undef LLMKERN_AT_NS
 #undef LLMKERN_AT_OPS
 #undef LLMKERN_AT_ATTR
@@ -174,13 +196,18 @@ using AttnUnitFn = void (*)(const AttnArgs&, const AttnSeq&, int64_t, int64_t, i
 #undef LLMKERN_AT_ATTR
 #undef LLMKERN_AT_MR
 #undef LLMKERN_AT_NV
+#undef LLMKERN_AT_BF16DP
 
 namespace llmkern {
 namespace cpu {
 
 inline void attention(const AttnArgs& a, Isa isa) {
   if (a.B <= 0) return;
-  const AttnUnitFn fn = isa == Isa::kAvx512Vnni ? &at_avx512::unit : (isa == Isa::kAvx2 ? &at_avx2::unit : &at_scalar::unit);
+  // bf16 on AVX-512 BF16 CPUs: Q K^T by vdpbf16ps on the raw bf16 pairs (D is a multiple of 8, so even).
+  const bool pairs = a.bf16_dot && isa == Isa::kAvx512Vnni && a.dtype == DType::kBF16 && features().avx512_bf16;
+  const AttnUnitFn fn = pairs ? &at_avx512bf16::unit
+                              : (isa == Isa::kAvx512Vnni ? &at_avx512::unit
+                                                         : (isa == Isa::kAvx2 ? &at_avx2::unit : &at_scalar::unit));
   const int64_t G = a.Hq / a.Hk, Tq = attn_tile_positions(G);
   // Units (b, kh, tile), latest query tiles first (they see the most keys when causal).
   std::vector<int64_t> tiles_of(a.B);
@@ -216,7 +243,7 @@ inline void attention(const AttnArgs& a, Isa isa) {
     for (int64_t pair = 0; pair < a.B * a.Hk; ++pair) {
       const int64_t b = pair / a.Hk, kh = pair % a.Hk, nb = key_first[b + 1] - key_first[b];
       const int64_t at = key_first[b] * a.Hk + kh * nb;
-      attn_pack_kv(a, attn_seq(a, b), kh, kt_all + at * a.D, vt_all + at * Dp);
+      attn_pack_kv(a, attn_seq(a, b), kh, kt_all + at * a.D, vt_all + at * Dp, pairs);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < n_units; ++u) {

@@ -4,6 +4,8 @@
 //   LLMKERN_AT_ATTR  the target attribute matching those ops
 //   LLMKERN_AT_MR    query rows per register micro-tile
 //   LLMKERN_AT_NV    vectors per micro-tile row (MR * NV accumulators must fit the register file)
+//   LLMKERN_AT_BF16DP 1: bf16 inputs, Q K^T with AVX-512 BF16 dot products (vdpbf16ps) on bf16 pairs
+//                    (exact products, fp32 sums, the scale applied to the sums); else 0
 // (a template over the ops struct cannot carry a per-ISA target attribute, hence the re-inclusion).
 // No include guard on purpose.
 
@@ -40,6 +42,34 @@ LLMKERN_AT_ATTR inline void qk_block(const float* q, int64_t Dp, const float* kt
       for (int v = 0; v < NV; ++v) O::store(s + i * kAttnBN + jb + v * W, acc[i][v]);
   }
 }
+
+#if LLMKERN_AT_BF16DP
+// qk_block on bf16 pairs: q2 [M, D/2] (row stride Dp) raw bf16 pairs (d even low, d odd high) of the
+// queries, kt2 [D/2, BN] the key tile's pairs; one vdpbf16ps does two d per (row, key) lane, so half the
+// instructions of the fp32 path. s = scale * q . k.
+template <int M>
+LLMKERN_AT_ATTR inline void qk_block_bf16(const uint32_t* q2, int64_t Dp, const uint32_t* kt2, int64_t D, float scale,
+                                          float* s) {
+  static_assert(W == 16, "vdpbf16ps path is AVX-512 only");
+  for (int jb = 0; jb < kAttnBN; jb += NV * W) {
+    __m512 acc[M][NV];
+    for (int i = 0; i < M; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+    const uint32_t* kp = kt2 + jb;
+    for (int64_t d2 = 0; d2 < D / 2; ++d2, kp += kAttnBN) {
+      __m512bh kv[NV];
+      for (int v = 0; v < NV; ++v) kv[v] = (__m512bh)_mm512_loadu_si512(kp + v * W);
+      for (int i = 0; i < M; ++i) {
+        const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(q2[i * Dp + d2]));
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], qb, kv[v]);
+      }
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int i = 0; i < M; ++i)
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(s + i * kAttnBN + jb + v * W, _mm512_mul_ps(acc[i][v], sc));
+  }
+}
+#endif
 
 // acc [M, Dp] (row stride Dp), columns [c, c + NC * W) += p [M, nk] (row stride kAttnBN) times the
 // value tile vt [nk, Dp]: accumulators stay in registers across the nk keys.
@@ -115,7 +145,7 @@ LLMKERN_AT_ATTR inline void softmax_row(float* s, float* m, float* l, float* acc
 }
 
 // One unit: sequence s, KV head kh, query positions [t0, t0 + nq). kt: the (sequence, head)'s keys
-// packed as tiles [ceil(Sk / BN)][D][BN] (fp32, zero past Sk); vt: its values [ceil(Sk / BN) * BN, Dp]
+// packed as tiles [ceil(Sk / BN)][D][BN] (fp32, zero past Sk; BF16DP: [..][D/2][BN] bf16 pairs); vt: its values [ceil(Sk / BN) * BN, Dp]
 // (fp32, zero past Sk and past D). ws: attn_thread_floats(nq * G, D) floats of scratch.
 LLMKERN_AT_ATTR void unit(const AttnArgs& a, const AttnSeq& sq, int64_t kh, int64_t t0, int64_t nq, const float* kt,
                           const float* vt, float* ws) {
@@ -128,10 +158,18 @@ LLMKERN_AT_ATTR void unit(const AttnArgs& a, const AttnSeq& sq, int64_t kh, int6
   for (int64_t r = 0; r < R; ++r) {
     const int64_t t = t0 + r / G, h = kh * G + r % G;
     const int64_t base = sq.q_off + t * a.q_st + h * a.q_sh;
+#if LLMKERN_AT_BF16DP
+    // Raw bf16 pairs (the scale multiplies the fp32 sums: a scaled query rounded to bf16 would lose bits).
+    const uint16_t* qh = static_cast<const uint16_t*>(a.q) + base;
+    uint32_t* q2 = reinterpret_cast<uint32_t*>(qs + r * Dp);
+    for (int64_t d2 = 0; d2 < D / 2; ++d2) q2[d2] = uint32_t(qh[2 * d2]) | (uint32_t(qh[2 * d2 + 1]) << 16);
+    for (int64_t d = 0; d < Dp; ++d) acc[r * Dp + d] = 0.0f;
+#else
     for (int64_t d = 0; d < Dp; ++d) {
       qs[r * Dp + d] = d < D ? load_as_f32(a.q, base + d, a.dtype) * a.scale : 0.0f;
       acc[r * Dp + d] = 0.0f;
     }
+#endif
     m[r] = -INFINITY;
     l[r] = 0.0f;
   }
@@ -144,9 +182,15 @@ LLMKERN_AT_ATTR void unit(const AttnArgs& a, const AttnSeq& sq, int64_t kh, int6
     const int nk = static_cast<int>(std::min<int64_t>(kAttnBN, sq.Sk - j0));
     // Every row sees every key of the tile: no mask to evaluate.
     const bool full = j0 >= lo_last && j0 + nk - 1 <= hi_first && nk == kAttnBN;
-    const float* ktile = kt + (j0 / kAttnBN) * D * kAttnBN;
+    const float* ktile = kt + (j0 / kAttnBN) * (LLMKERN_AT_BF16DP ? D / 2 : D) * kAttnBN;  // BF16DP: pairs
     const float* vtile = vt + j0 * Dp;
+#if LLMKERN_AT_BF16DP
+#define LLMKERN_AT_QK(M_)                                                                                  \
+  qk_block_bf16<M_>(reinterpret_cast<const uint32_t*>(qs + r * Dp), Dp, reinterpret_cast<const uint32_t*>(ktile), D, \
+                    a.scale, s + r * kAttnBN)
+#else
 #define LLMKERN_AT_QK(M_) qk_block<M_>(qs + r * Dp, Dp, ktile, D, s + r * kAttnBN)
+#endif
     LLMKERN_AT_ROWS(LLMKERN_AT_QK)
 #undef LLMKERN_AT_QK
     for (int64_t r = 0; r < R; ++r) {

@@ -145,6 +145,21 @@ inline void attn_pack_kv(const AttnArgs& a, const AttnSeq& s, int64_t kh, float*
   }
 }
 
+// Lane-wise a / b for each ISA's vector type (the ops structs of attention_simd.h have no division).
+LLMKERN_ATT512_INLINE __m512 attn_div(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
+LLMKERN_ATT2_INLINE __m256 attn_div(__m256 a, __m256 b) { return _mm256_div_ps(a, b); }
+inline float attn_div(float a, float b) { return a / b; }
+// Lane-wise (|x| < 0.25 ? small : big); NaN x picks big.
+LLMKERN_ATT512_INLINE __m512 attn_pick_small(__m512 x, __m512 small, __m512 big) {
+  const __mmask16 m = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(0.25f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(m, big, small);
+}
+LLMKERN_ATT2_INLINE __m256 attn_pick_small(__m256 x, __m256 small, __m256 big) {
+  const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  return _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.25f), _CMP_LT_OQ));
+}
+inline float attn_pick_small(float x, float small, float big) { return std::fabs(x) < 0.25f ? small : big; }
+
 using AttnUnitFn = void (*)(const AttnArgs&, const AttnSeq&, int64_t, int64_t, int64_t, const float*, const float*,
                             float*);
 

@@ -144,6 +144,22 @@ LLMKERN_AT_ATTR inline void softmax_row(float* s, float* m, float* l, float* acc
   *m = mnew;
 }
 
+// s[0..BN) = cap * tanh(s / cap). |x| >= 0.25: tanh(x) = 1 - 2 / (e^(2x) + 1) (exact limits +-1: exp
+// saturates at large x and is 0 below -87; NaN stays NaN), a few ulp relative. |x| < 0.25, where that
+// form cancels: the odd Taylor series to x^9 (first dropped term < 3e-9 absolute, ~1e-8 relative).
+LLMKERN_AT_ATTR inline void softcap_row(float* s, float cap) {
+  const V c = O::set1(cap), k = O::set1(1.0f / cap), one = O::set1(1.0f), two = O::set1(2.0f);
+  const V c3 = O::set1(-1.0f / 3), c5 = O::set1(2.0f / 15), c7 = O::set1(-17.0f / 315), c9 = O::set1(62.0f / 2835);
+  for (int jj = 0; jj < kAttnBN; jj += W) {
+    const V x = O::mul(O::load(s + jj), k);
+    const V e = O::exp(O::add(x, x));
+    const V big = O::sub(one, attn_div(two, O::add(e, one)));
+    const V x2 = O::mul(x, x);
+    const V poly = O::fma(O::mul(x, x2), O::fma(x2, O::fma(x2, O::fma(x2, c9, c7), c5), c3), x);
+    O::store(s + jj, O::mul(c, attn_pick_small(x, poly, big)));
+  }
+}
+
 // One unit: sequence s, KV head kh, query positions [t0, t0 + nq). kt: the (sequence, head)'s keys
 // packed as tiles [ceil(Sk / BN)][D][BN] (fp32, zero past Sk; BF16DP: [..][D/2][BN] bf16 pairs); vt: its values [ceil(Sk / BN) * BN, Dp]
 // (fp32, zero past Sk and past D). ws: attn_thread_floats(nq * G, D) floats of scratch.
@@ -195,10 +211,7 @@ LLMKERN_AT_ATTR void unit(const AttnArgs& a, const AttnSeq& sq, int64_t kh, int6
 #undef LLMKERN_AT_QK
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * kAttnBN;
-      if (a.softcap > 0.0f) {
-        const float inv = 1.0f / a.softcap;
-        for (int jj = 0; jj < nk; ++jj) sr[jj] = a.softcap * std::tanh(sr[jj] * inv);
-      }
+      if (a.softcap > 0.0f) softcap_row(sr, a.softcap);
       if (!full) {
         int64_t lo, hi;
         attn_row_range(a, sq.Sq, sq.Sk, t0 + r / G, &lo, &hi);

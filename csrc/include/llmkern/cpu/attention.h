@@ -12,6 +12,9 @@
 //   P = exp(S - m_new), masked entries 0 (masks only evaluated on tiles that cut through a row range)
 //   acc += P V   MR rows x (NV * W) output columns per micro-tile, over an fp32 copy of the value tile.
 // Then out = acc / l (0 when l = 0) and lse = m + log l (-inf when l = 0).
+// K and V are first copied once per call to fp32 in those tile layouts (attn_pack_kv; bf16 keys stay
+// bf16 pairs for the vdpbf16ps path on AVX-512 BF16 CPUs): 2 * B * Hk * Sk * D floats of scratch, in
+// exchange for no conversion or transposition in the inner loops of every query tile.
 // Units are scheduled dynamically, the longest (last query tiles: most causal keys) first.
 #pragma once
 

@@ -25,6 +25,7 @@ void bind_decode_attention(pybind11::module_& m);
 void bind_kv_cache_append(pybind11::module_& m);
 void bind_rms_norm(pybind11::module_& m);
 void bind_rotary_embedding(pybind11::module_& m);
+void bind_attention(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace llmkern

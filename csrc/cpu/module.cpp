@@ -32,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
   llmkern::bindings::bind_kv_cache_append(m);
   llmkern::bindings::bind_rms_norm(m);
   llmkern::bindings::bind_rotary_embedding(m);
+  llmkern::bindings::bind_attention(m);
 }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import _backends, reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop
 
@@ -93,6 +93,53 @@ def _triton(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, win
     if q.device.type != "cuda":
         raise BackendUnsupported(f"triton runs on CUDA tensors, q is on {q.device}")
     return tk.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
+
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@attention_op.backend("cpu")
+def _cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
+    """Flash kernel of llmkern._C on raw pointers and element strides; torch allocates out and lse."""
+    mod = _backends.cpu_module()
+    if q.device.type != "cpu":
+        raise BackendUnsupported(f"q is on {q.device}")
+    D = q.shape[-1]
+    if D % 8 or not 8 <= D <= 256:
+        raise BackendUnsupported(f"head dim {D} is not a multiple of 8 in [8, 256]")
+    # The kernel reads D contiguous elements per (token, head); other strides are free.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(q.shape, dtype=q.dtype)
+    packed = q.dim() == 3
+    if packed:
+        Tq, Hq = q.shape[0], q.shape[1]
+        Tk, Hk = k.shape[0], k.shape[1]
+        cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+        B, Sq, Sk = cu_q.shape[0] - 1, 0, 0
+        lse = torch.empty((Hq, Tq), dtype=torch.float32)
+        # [T, H, D] strides as (batch unused, token, head).
+        qs, ks, vs = ([0, t.stride(0), t.stride(1)] for t in (q, k, v))
+        cu_ptrs = (cu_q.data_ptr(), cu_k.data_ptr())
+    else:
+        B, Sq, Hq, _ = q.shape
+        Sk, Hk = k.shape[1], k.shape[2]
+        Tq = Tk = 0
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32)
+        qs, ks, vs = (list(t.stride()[:3]) for t in (q, k, v))
+        cu_ptrs = (0, 0)
+    if out.numel():
+        mod.attention(
+            _DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), qs, ks, vs, B, Sq, Sk, Hq, Hk, D,
+            cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
+            int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr(),
+            torch.get_num_threads(), _backends.cpu_isa(),
+        )
+    if packed:
+        # Rows past cu_seqlens_q[-1] belong to no sequence: they see no key (out 0, lse -inf).
+        end = int(cu_q[-1])
+        out[end:] = 0
+        lse[:, end:] = float("-inf")
+    return out, lse
 
 
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, scale=None, causal=False,

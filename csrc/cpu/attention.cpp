@@ -41,12 +41,13 @@ void check_cu(const char* name, const int32_t* cu, int64_t B, int64_t total) {
 
 constexpr int64_t kMaxDim = int64_t(1) << 31;
 
-void launch(int dtype, std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_t v_ptr,
+auto launch(int dtype, std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_t v_ptr,
             const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
             const std::vector<int64_t>& v_strides, int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hk,
             int64_t D, std::uintptr_t cu_q_ptr, std::uintptr_t cu_k_ptr, int64_t Tq, int64_t Tk, double scale,
             bool causal, int64_t window_left, int64_t window_right, double softcap, std::uintptr_t out_ptr,
-            std::uintptr_t lse_ptr, int num_threads, const std::string& isa_name, bool bf16_dot) {
+            std::uintptr_t lse_ptr, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
+            const std::string& isa_name, bool bf16_dot) -> int64_t {
   const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
   if (dtype < 0 || dtype > 2) fail("dtype must be 0 (float32), 1 (bfloat16) or 2 (float16)");
   if (B < 0 || B > kMaxDim) fail("B must be in [0, 2^31], got " + std::to_string(B));
@@ -62,7 +63,9 @@ void launch(int dtype, std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_
   check_strides("v", v_strides);
   const bool packed = cu_q_ptr != 0;
   if (packed != (cu_k_ptr != 0)) fail("cu_seqlens_q and cu_seqlens_k go together");
-  if (B == 0) return;
+  if (ws_bytes < 0 || (ws_bytes > 0 && ws_ptr == 0)) fail("ws_bytes must be >= 0 with a non-null ws_ptr");
+  if (ws_ptr) check_ptr("ws_ptr", ws_ptr, 4);
+  if (B == 0) return 0;
   const int64_t e = dtype == 0 ? 4 : 2;
   check_ptr("out_ptr", out_ptr, e);
   if (lse_ptr) check_ptr("lse_ptr", lse_ptr, 4);
@@ -111,7 +114,8 @@ void launch(int dtype, std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_
   a.num_threads = num_threads;
   a.bf16_dot = bf16_dot;
   py::gil_scoped_release release;
-  cpu::attention(a, isa);
+  const size_t need = cpu::attention(a, isa, reinterpret_cast<float*>(ws_ptr), static_cast<size_t>(ws_bytes) / 4);
+  return static_cast<int64_t>(need) * 4;
 }
 
 }  // namespace
@@ -121,11 +125,12 @@ void bind_attention(py::module_& m) {
         py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("B"), py::arg("Sq"), py::arg("Sk"),
         py::arg("Hq"), py::arg("Hk"), py::arg("D"), py::arg("cu_seqlens_q_ptr"), py::arg("cu_seqlens_k_ptr"),
         py::arg("Tq"), py::arg("Tk"), py::arg("scale"), py::arg("causal"), py::arg("window_left"),
-        py::arg("window_right"), py::arg("softcap"), py::arg("out_ptr"), py::arg("lse_ptr"), py::arg("num_threads"),
+        py::arg("window_right"), py::arg("softcap"), py::arg("out_ptr"), py::arg("lse_ptr"), py::arg("ws_ptr"), py::arg("ws_bytes"), py::arg("num_threads"),
         py::arg("isa"), py::arg("bf16_dot") = true,
         "Prefill attention on raw pointers (see llmkern/ops/attention.py). Strides are in elements "
         "(batch, token, head; batch unused when packed), D contiguous; out contiguous like q, lse "
-        "[B, Hq, Sq] or [Hq, Tq] float32 (lse_ptr 0: not written). Packed: cu_seqlens_* int32 [B + 1] "
+        "[B, Hq, Sq] or [Hq, Tq] float32 (lse_ptr 0: not written). ws: the caller's scratch; returns 0 when "
+        "it ran, else the bytes of scratch it needs (without running: call with ws_bytes 0 to ask). Packed: cu_seqlens_* int32 [B + 1] "
         "(read here), Tq/Tk the packed row counts. bf16_dot: bf16 Q K^T by AVX-512 BF16 dot products where "
         "the CPU has them (False: the fp32 path, for tests). Releases the GIL; invalid arguments raise ValueError.");
 }

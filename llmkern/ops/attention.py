@@ -15,6 +15,8 @@ Semantics (DESIGN.md, FlashAttention conventions):
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .. import _backends, reference
@@ -128,18 +130,34 @@ def _cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window
         qs, ks, vs = (list(t.stride()[:3]) for t in (q, k, v))
         cu_ptrs = (0, 0)
     if out.numel():
-        mod.attention(
-            _DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), qs, ks, vs, B, Sq, Sk, Hq, Hk, D,
-            cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
-            int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr(),
-            torch.get_num_threads(), _backends.cpu_isa(),
-        )
+        args = (_DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), qs, ks, vs, B, Sq, Sk, Hq, Hk, D,
+                cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
+                int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr())
+        threads, isa = torch.get_num_threads(), _backends.cpu_isa()
+        ws = _WORKSPACE.tensor
+        ws_bytes = 0 if ws is None else ws.numel()
+        need = mod.attention(*args, 0 if ws is None else ws.data_ptr(), ws_bytes, threads, isa)
+        if need:  # the kept workspace is too small: make one that fits and run again
+            ws = torch.empty(need, dtype=torch.uint8)
+            _WORKSPACE.tensor = ws if need <= _KEEP_BYTES else None
+            if mod.attention(*args, ws.data_ptr(), need, threads, isa):
+                raise RuntimeError("llmkern.attention: the CPU kernel's workspace size changed between calls")
     if packed:
         # Rows past cu_seqlens_q[-1] belong to no sequence: they see no key (out 0, lse -inf).
         end = int(cu_q[-1])
         out[end:] = 0
         lse[:, end:] = float("-inf")
     return out, lse
+
+
+class _Workspace(threading.local):
+    """The CPU kernel's scratch (packed K/V tiles), kept per calling thread and reused call after call:
+    fresh pages for every layer's prefill would cost faults and zeroing (~20% of a long MHA call)."""
+    tensor = None
+
+
+_WORKSPACE = _Workspace()
+_KEEP_BYTES = 256 << 20  # larger scratch is freed after its call
 
 
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, scale=None, causal=False,

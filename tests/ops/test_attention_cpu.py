@@ -129,9 +129,13 @@ def test_bf16_without_dot_products_matches_naive():
     nout, nlse = naive_attention_batched(q, k, v, causal=True)
     with poisoned_outputs():
         out, lse = torch.empty(q.shape, dtype=dt), torch.empty(B, Hq, Sq)
-    C.attention(1, q.data_ptr(), k.data_ptr(), v.data_ptr(), list(q.stride()[:3]), list(k.stride()[:3]),
-                list(v.stride()[:3]), B, Sq, Sk, Hq, Hk, D, 0, 0, 0, 0, D ** -0.5, True, -1, -1, 0.0,
-                out.data_ptr(), lse.data_ptr(), 2, "avx512_vnni", bf16_dot=False)
+    args = (1, q.data_ptr(), k.data_ptr(), v.data_ptr(), list(q.stride()[:3]), list(k.stride()[:3]),
+            list(v.stride()[:3]), B, Sq, Sk, Hq, Hk, D, 0, 0, 0, 0, D ** -0.5, True, -1, -1, 0.0,
+            out.data_ptr(), lse.data_ptr())
+    need = C.attention(*args, 0, 0, 2, "avx512_vnni", bf16_dot=False)  # asks for the scratch size, runs nothing
+    assert need > 0 and torch.isnan(out).all()
+    ws = torch.empty(need, dtype=torch.uint8)
+    assert C.attention(*args, ws.data_ptr(), need, 2, "avx512_vnni", bf16_dot=False) == 0
     assert_rel(out, nout, TOL[dt])
     assert_lse(lse, nlse, TOL[torch.float32])
 
@@ -223,14 +227,15 @@ def test_launcher_rejects_bad_arguments():
         kw = dict(dtype=0, q_ptr=q.data_ptr(), k_ptr=q.data_ptr(), v_ptr=q.data_ptr(), q_strides=st, k_strides=st,
                   v_strides=st, B=1, Sq=4, Sk=4, Hq=2, Hk=2, D=64, cu_seqlens_q_ptr=0, cu_seqlens_k_ptr=0, Tq=0,
                   Tk=0, scale=0.125, causal=True, window_left=-1, window_right=-1, softcap=0.0,
-                  out_ptr=out.data_ptr(), lse_ptr=lse.data_ptr(), num_threads=1, isa="")
+                  out_ptr=out.data_ptr(), lse_ptr=lse.data_ptr(), ws_ptr=0, ws_bytes=0, num_threads=1, isa="")
         kw.update(over)
         C.attention(**kw)
 
     call()  # the good call works
     for over, msg in [(dict(D=60), "D must be"), (dict(Hq=3), "multiple of Hk"), (dict(dtype=5), "dtype"),
                       (dict(scale=0.0), "scale"), (dict(out_ptr=0), "out_ptr"), (dict(q_strides=[1, 2]), "strides"),
-                      (dict(isa="nope"), "isa"), (dict(window_left=-2), "window")]:
+                      (dict(isa="nope"), "isa"), (dict(window_left=-2), "window"),
+                      (dict(ws_bytes=64), "ws_bytes")]:
         with pytest.raises(ValueError, match=msg):
             call(**over)
     bad_cu = torch.tensor([0, 3, 2], dtype=torch.int32)

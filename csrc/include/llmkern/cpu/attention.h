@@ -35,7 +35,6 @@ namespace cpu {
 
 constexpr int kAttnBN = 64;    // keys per tile (a multiple of every W * NV below)
 constexpr int kAttnRows = 64;  // target query rows per unit (Tq = ceil(kAttnRows / G) positions)
-constexpr size_t kAttnKeepFloats = size_t(64) << 20;  // scratch kept between calls: 256 MiB at most
 
 struct AttnArgs {
   DType dtype = DType::kF32;  // of q, k, v and out
@@ -220,8 +219,11 @@ using AttnUnitFn = void (*)(const AttnArgs&, const AttnSeq&, int64_t, int64_t, i
 namespace llmkern {
 namespace cpu {
 
-inline void attention(const AttnArgs& a, Isa isa) {
-  if (a.B <= 0) return;
+// Runs the attention of `a` with `ws` (ws_floats floats, from the caller) as its scratch: packed K/V
+// and per-thread tiles. Returns 0 when it ran, else (ws too small, e.g. ws_floats 0 to ask) the number
+// of floats it needs, without running. The kernel allocates nothing big itself.
+inline size_t attention(const AttnArgs& a, Isa isa, float* ws, size_t ws_floats) {
+  if (a.B <= 0) return 0;
   // bf16 on AVX-512 BF16 CPUs: Q K^T by vdpbf16ps on the raw bf16 pairs (D is a multiple of 8, so even).
   const bool pairs = a.bf16_dot && isa == Isa::kAvx512Vnni && a.dtype == DType::kBF16 && features().avx512_bf16;
   const AttnUnitFn fn = pairs ? &at_avx512bf16::unit
@@ -242,7 +244,7 @@ inline void attention(const AttnArgs& a, Isa isa) {
     for (int64_t b = 0; b < a.B; ++b)
       if (tile < tiles_of[b]) units.push_back(b * max_tiles + tile);
   const int64_t n_units = static_cast<int64_t>(units.size()) * a.Hk;
-  if (n_units == 0) return;
+  if (n_units == 0) return 0;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, n_units)));
   const int64_t R = Tq * G, thread_f = attn_thread_floats(R, a.D), Dp = attn_dpad(a.D);
   // Packed K/V: sequence b's head kh at (key_first[b] * Hk + kh * padded keys of b) * D (or * Dp).
@@ -250,24 +252,11 @@ inline void attention(const AttnArgs& a, Isa isa) {
   for (int64_t b = 0; b < a.B; ++b) key_first[b + 1] = key_first[b] + attn_key_tiles(attn_seq(a, b).Sk) * kAttnBN;
   const int64_t keys = key_first[a.B] * a.Hk;
   // Uninitialized on purpose (every float is written before it is read): no memset of the K/V copy.
-  // Kept per calling thread up to kAttnKeepFloats, so repeated calls (layer after layer) do not pay
-  // fresh pages (faults and the kernel's zeroing: ~20% of an MHA 2048-token call) every time.
+  // The caller keeps the workspace between calls (llmkern/ops/attention.py), so layer after layer
+  // does not pay fresh pages (faults and zeroing: ~20% of an MHA 2048-token call).
   const size_t need = static_cast<size_t>(thread_f * threads + keys * (a.D + Dp) + 16);
-  thread_local std::unique_ptr<float[]> kept;
-  thread_local size_t kept_n = 0;
-  std::unique_ptr<float[]> own;
-  float* raw;
-  if (need <= kAttnKeepFloats) {
-    if (kept_n < need) {
-      kept.reset();  // free the old one before taking the bigger one
-      kept.reset(new float[need]);
-      kept_n = need;
-    }
-    raw = kept.get();
-  } else {
-    own.reset(new float[need]);
-    raw = own.get();
-  }
+  if (ws == nullptr || ws_floats < need) return need;
+  float* raw = ws;
   float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw) + 63) / 64 * 64);
   float* kt_all = base + thread_f * threads;
   float* vt_all = kt_all + keys * a.D;
@@ -291,6 +280,7 @@ inline void attention(const AttnArgs& a, Isa isa) {
       fn(a, s, kh, t0, nt, kt_all + at * a.D, vt_all + at * Dp, my);
     }
   }
+  return 0;
 }
 
 }  // namespace cpu

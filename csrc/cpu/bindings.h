@@ -21,6 +21,7 @@ inline cpu::Isa isa_or_throw(const std::string& where, const std::string& name) 
 }
 
 void bind_int8_linear(pybind11::module_& m);
+void bind_int4_linear(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace llmkern

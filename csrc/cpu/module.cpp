@@ -28,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
       },
       "CPU features usable here (cpuid, and xgetbv for the OS saving the registers): name -> bool.");
   llmkern::bindings::bind_int8_linear(m);
+  llmkern::bindings::bind_int4_linear(m);
 }

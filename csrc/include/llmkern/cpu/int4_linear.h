@@ -237,6 +237,15 @@ inline void decode(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Rou
             tile.scale = a.scales + (n + c) * ng;
             tile.offset = a.offsets + (n + c) * ng;
             tile.res = res + m0 * kColChunk + c;
+            // Prefetch the weights after this tile, up to the thread's last row (first rows only:
+            // the later row tiles find the chunk's weights in cache).
+            const int64_t next = n + c + nb, end = std::min(a.N, c1 * kColChunk);
+            const int64_t pf_rows = m0 == 0 ? std::min<int64_t>(nb, end - next) : 0;
+            tile.pf_qw = a.qweight + next * rb;
+            tile.pf_scale = a.scales + next * ng;
+            tile.pf_offset = a.offsets + next * ng;
+            tile.pf_bytes = pf_rows * rb;
+            tile.pf_gbytes = pf_rows * ng * 4;
             rt.dec[mb][nb](tile);
             c += nb;
           }

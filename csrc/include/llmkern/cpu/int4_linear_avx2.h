@@ -84,6 +84,7 @@ LLMKERN_I4_AVX2 void dec_tile(const DecodeTile& t) {
   for (int64_t b = 0; b * 32 < rb; ++b) {
     const int64_t bytes = rb - b * 32 < 32 ? rb - b * 32 : 32;
     const __m256i dm = lanes(bytes / 4);
+    if (b % 2 == 0) dec_prefetch(t, b / 2, (rb + 63) / 64, NB);  // one prefetch step per 64 bytes
     __m256i d[NB];
     LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j)
       d[j] = _mm256_maskload_epi32(reinterpret_cast<const int*>(t.qw + j * rb + b * 32), dm);
@@ -98,7 +99,8 @@ LLMKERN_I4_AVX2 void dec_tile(const DecodeTile& t) {
         LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], q, acc[i][j]);
       }
     }
-    const int64_t g0 = b * 64 / G, gv = (2 * bytes + G - 1) / G;
+    const int gs = __builtin_ctzll(static_cast<uint64_t>(G));  // G is a power of two
+    const int64_t g0 = (b * 64) >> gs, gv = (2 * bytes + G - 1) >> gs;
     LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j) {
       const __m256 s = _mm256_permutevar8x32_ps(_mm256_maskload_ps(t.scale + j * t.ngroups + g0, lanes(gv)), gidx);
       LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i) accf[i][j] = _mm256_fmadd_ps(acc[i][j], s, accf[i][j]);

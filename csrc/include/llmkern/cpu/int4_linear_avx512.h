@@ -9,7 +9,8 @@
 // the offsets meet the group sums X in a separate short dot product over groups.
 //
 // Two routes:
-//   fp32 (any x dtype): q = cvt(d >> 4t & 15), fp32 FMA with x -> 8 FMAs per 128 weights and row.
+//   fp32 (any x dtype): q = vpermps(d >> 4t) from a table of 0..15 (the permute reads the low 4
+//     index bits, so no mask), fp32 FMA with x -> 8 FMAs per 128 weights and row.
 //   bf16 (bf16 x, CPU with AVX512-BF16): vpsrlw by 4u puts nibbles u and 4 + u of each lane in the
 //     low bits of its two 16-bit halves; vpermw looks their bf16 values up (q exact), and vdpbf16ps
 //     multiplies them with the matching x pair -> 4 dot products per 128 weights and row. bf16 x
@@ -151,7 +152,8 @@ LLMKERN_I4_AVX512_INLINE __m512i lane_groups(int64_t G) {
 template <int MB, int NB>
 LLMKERN_I4_AVX512_INLINE void rescale(__m512 (&accf)[MB][NB], const __m512 (&acc)[MB][NB], const DecodeTile& t,
                                       int64_t b, int64_t bytes, __m512i gidx) {
-  const int64_t g0 = b * (128 / t.group), gv = (2 * bytes + t.group - 1) / t.group;
+  const int gs = __builtin_ctzll(static_cast<uint64_t>(t.group));  // G is a power of two
+  const int64_t g0 = (b * 128) >> gs, gv = (2 * bytes + t.group - 1) >> gs;
   LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) {
     const __m512 s = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(tail16(gv), t.scale + j * t.ngroups + g0));
     LLMKERN_I4_UNROLL for (int i = 0; i < MB; ++i) accf[i][j] = _mm512_fmadd_ps(acc[i][j], s, accf[i][j]);
@@ -177,13 +179,15 @@ LLMKERN_I4_AVX512_INLINE void finish(__m512 (&accf)[MB][NB], const DecodeTile& t
 template <int MB, int NB>
 LLMKERN_I4_AVX512 void dec_tile_f32(const DecodeTile& t) {
   const int64_t rb = t.K / 2;
-  const __m512i nib = _mm512_set1_epi32(15), gidx = lane_groups(t.group);
+  const __m512i gidx = lane_groups(t.group);
+  const __m512 tab = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 accf[MB][NB];
   LLMKERN_I4_UNROLL for (int i = 0; i < MB; ++i)
     LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) accf[i][j] = _mm512_setzero_ps();
   for (int64_t b = 0; b * 64 < rb; ++b) {
     const int64_t bytes = rb - b * 64 < 64 ? rb - b * 64 : 64;
     const __mmask16 dm = tail16(bytes / 4);
+    dec_prefetch(t, b, (rb + 63) / 64, NB);
     __m512i d[NB];
     LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) d[j] = _mm512_maskz_loadu_epi32(dm, t.qw + j * rb + b * 64);
     __m512 acc[MB][NB];
@@ -193,7 +197,7 @@ LLMKERN_I4_AVX512 void dec_tile_f32(const DecodeTile& t) {
       __m512 xv[MB];
       LLMKERN_I4_UNROLL for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_ps(static_cast<const float*>(t.x[i]) + b * 128 + 16 * tt);
       LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) {
-        const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(d[j], 4 * tt), nib));
+        const __m512 q = _mm512_permutexvar_ps(_mm512_srli_epi32(d[j], 4 * tt), tab);  // reads 4 index bits
         LLMKERN_I4_UNROLL for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], q, acc[i][j]);
       }
     }
@@ -212,6 +216,7 @@ LLMKERN_I4_BF16 void dec_tile_bf16(const DecodeTile& t) {
   for (int64_t b = 0; b * 64 < rb; ++b) {
     const int64_t bytes = rb - b * 64 < 64 ? rb - b * 64 : 64;
     const __mmask16 dm = tail16(bytes / 4);
+    dec_prefetch(t, b, (rb + 63) / 64, NB);
     __m512i d[NB];
     LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) d[j] = _mm512_maskz_loadu_epi32(dm, t.qw + j * rb + b * 64);
     __m512 acc[MB][NB];

@@ -66,7 +66,29 @@ struct DecodeTile {
   int64_t K, group, ngroups;
   float* res;  // res[i * res_stride + j] = y[m0 + i, n0 + j] without bias
   int64_t res_stride;
+  // Software prefetch of the weights the thread reads next (the hardware prefetchers do not keep
+  // up with many short row streams): pf_bytes bytes of packed weights at pf_qw and pf_gbytes bytes
+  // of scales and of offsets at pf_scale / pf_offset, spread over the tile's steps.
+  const uint8_t* pf_qw;
+  const float* pf_scale;
+  const float* pf_offset;
+  int64_t pf_bytes, pf_gbytes;
 };
+
+// Prefetches step b's share (of `steps`) of the tile's prefetch ranges into L1; the ISA kernels
+// call it once per step of 64 weight bytes per row (NB rows -> NB lines of weights per step).
+// always_inline: GCC 12 finds a function of only prefetches "pure" and deletes the calls.
+inline __attribute__((always_inline)) void dec_prefetch(const DecodeTile& t, int64_t b, int64_t steps, int NB) {
+  for (int j = 0; j < NB; ++j) {
+    const int64_t off = (b * NB + j) * 64;
+    if (off < t.pf_bytes) __builtin_prefetch(t.pf_qw + off, 0, 3);
+  }
+  const int64_t lines = (t.pf_gbytes + 63) / 64;
+  for (int64_t l = b * lines / steps; l < (b + 1) * lines / steps; ++l) {
+    __builtin_prefetch(reinterpret_cast<const char*>(t.pf_scale) + l * 64, 0, 3);
+    __builtin_prefetch(reinterpret_cast<const char*>(t.pf_offset) + l * 64, 0, 3);
+  }
+}
 using DecodeTileFn = void (*)(const DecodeTile&);
 
 // Bytes of one prepared decode row (the largest of the ISA formats: fp32, padded to 128).

@@ -36,7 +36,10 @@ using I4PrepFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, void* x
 using I4RowFn = void (*)(const void* x, DType dt, int64_t K, float* out);
 using I4SumsFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, float* xs);
 using I4StoreFn = void (*)(const float* v, const float* bias, void* out, DType dt, int64_t cols);
-using I4UnpackFn = void (*)(const uint8_t* qw, int64_t row_bytes, int64_t ncols, int64_t k0, int64_t kc, void* w);
+// Unpacks a panel (see int4_linear_common.h) into w; ss / oo: the panel's scales and offsets [g][NS]
+// (read by routes that store dequantized weights).
+using I4UnpackFn = void (*)(const uint8_t* qw, int64_t row_bytes, int64_t ncols, int64_t k0, int64_t kc, const float* ss,
+                            const float* oo, int64_t G, void* w);
 
 // One way of computing (fp32 FMAs or bf16 dot products): decode tiles and prefill micro-kernels.
 struct Int4Route {
@@ -80,7 +83,7 @@ inline Int4Kernels make_scalar_kernels() {
   LLMKERN_I4_DEC(k.f32.dec, s::dec_tile, 3)
   LLMKERN_I4_DEC(k.f32.dec, s::dec_tile, 4)
   k.f32.dec_prep = &s::dec_prep;
-  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, void* w) {
+  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float*, const float*, int64_t, void* w) {
     s::unpack_panel_f32(qw, rb, ncols, s::kNS, k0, kc, static_cast<float*>(w));
   };
   k.f32.micro[1][1] = &s::micro<1>;
@@ -107,7 +110,7 @@ inline Int4Kernels make_avx2_kernels() {
   LLMKERN_I4_DEC(k.f32.dec, v::dec_tile, 1)
   LLMKERN_I4_DEC(k.f32.dec, v::dec_tile, 2)
   k.f32.dec_prep = &v::dec_prep;
-  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, void* w) {
+  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float*, const float*, int64_t, void* w) {
     int4_scalar::unpack_panel_f32(qw, rb, ncols, v::kNS, k0, kc, static_cast<float*>(w));
   };
   k.f32.micro[1][1] = &v::micro<1, 1>;
@@ -140,13 +143,17 @@ inline Int4Kernels make_avx512_kernels() {
   LLMKERN_I4_DEC(k.f32.dec, v::dec_tile_f32, 3)
   LLMKERN_I4_DEC(k.f32.dec, v::dec_tile_f32, 4)
   k.f32.dec_prep = &v::dec_prep_f32;
-  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, void* w) {
+  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float*, const float*, int64_t, void* w) {
     v::unpack_panel_f32(qw, rb, ncols, k0, kc, static_cast<float*>(w));
   };
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 1)
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 2)
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 3)
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 4)
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 5)
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 6)
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 7)
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 8)
   k.f32.kc = v::kKCf32;
   k.has_bf16 = features().avx512_bf16;
   LLMKERN_I4_DEC8(k.bf16.dec, v::dec_tile_bf16, 1)
@@ -154,13 +161,18 @@ inline Int4Kernels make_avx512_kernels() {
   LLMKERN_I4_DEC(k.bf16.dec, v::dec_tile_bf16, 3)
   LLMKERN_I4_DEC(k.bf16.dec, v::dec_tile_bf16, 4)
   k.bf16.dec_prep = &v::dec_prep_bf16;
-  k.bf16.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, void* w) {
-    v::unpack_panel_bf16(qw, rb, ncols, k0, kc, static_cast<uint32_t*>(w));
+  k.bf16.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float* ss,
+                     const float* oo, int64_t G, void* w) {
+    v::unpack_panel_bf16(qw, rb, ncols, k0, kc, ss, oo, G, static_cast<uint32_t*>(w));
   };
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 1)
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 2)
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 3)
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 4)
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 5)
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 6)
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 7)
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 8)
   k.bf16.kc = v::kKCbf16;
   k.ns = v::kNS;
   k.mr = v::kMR;
@@ -202,6 +214,29 @@ inline void* out_row(const Int4LinearArgs& a, int64_t m, int64_t n) {
 }
 
 constexpr int64_t kColChunk = 32;
+
+// Prefetch of a panel block (rows [n0, n0 + ncols), k in [k0, k0 + kc)): per weight row, its
+// kc / 128 lines of packed weights; short pieces that no hardware prefetcher anticipates. Items [i0, i1) of `total`, so that the prefetches of the next
+// block can be spread over the current block's micro-kernel calls instead of issued in a burst.
+struct BlockPrefetch {
+  const uint8_t* qw = nullptr;  // row n0 at byte k0 / 2
+  int64_t rb = 0, per_row = 0, total = 0;
+
+  BlockPrefetch() = default;
+  BlockPrefetch(const Int4LinearArgs& a, int64_t n0, int64_t ncols, int64_t k0, int64_t kc)
+      : qw(a.qweight + n0 * (a.K / 2) + k0 / 2), rb(a.K / 2), per_row((kc + 127) / 128), total(ncols * per_row) {}
+
+  // always_inline: GCC 12 deletes calls of a function of only prefetches (it finds it "pure").
+  inline __attribute__((always_inline)) void run(int64_t i0, int64_t i1) const {
+    i1 = std::min(i1, total);
+    if (i0 >= i1) return;
+    int64_t n = i0 / per_row, l = i0 % per_row;  // one division per call, then step through (n, l)
+    for (int64_t i = i0; i < i1; ++i) {
+      __builtin_prefetch(qw + n * rb + 64 * l, 0, 3);
+      if (++l == per_row) l = 0, ++n;
+    }
+  }
+};
 
 inline void decode(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Route& rt, const WsLayout& L, char* ws) {
   const int64_t rb = a.K / 2, ng = a.K / a.group, rowb = dec_row_bytes(a.K), gp = groups_padded(a.K);
@@ -276,8 +311,8 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
     char* mine = ws + L.thread0 + t * L.per_thread;
     void* panel = mine;
     float* ss = reinterpret_cast<float*>(mine + kPanelBytes);
-    float* oo = ss + kPanelGroupBytes / 4;
-    float* ctile = oo + kPanelGroupBytes / 4;  // [rows of this thread][NS]
+    float* oo = ss + strip_group_bytes(a.K) / 4;  // ss, oo: [K / G][NS] of the current strip
+    float* ctile = oo + strip_group_bytes(a.K) / 4;  // [rows of this thread][NS]
     for (int64_t m0 = 0; m0 < a.M; m0 += Mc) {
       const int64_t m1 = std::min(a.M, m0 + Mc);
 #pragma omp for schedule(static)
@@ -289,12 +324,20 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
       if (active) split(m1 - m0, tm, t / ts, &r0, &r1);
       for (int64_t s = s0; s < s1 && r1 > r0; ++s) {
         const int64_t n0 = s * NS, ncols = std::min(NS, a.N - n0), nv = (ncols + kk.vec - 1) / kk.vec;
+        int4_scalar::strip_groups(a.scales + n0 * ng, ng, ncols, NS, ss);
+        int4_scalar::strip_groups(a.offsets + n0 * ng, ng, ncols, NS, oo);
         for (int64_t k0 = 0; k0 < a.K; k0 += rt.kc) {
           const int64_t kc = std::min(rt.kc, a.K - k0);
-          rt.unpack(a.qweight + n0 * rb, rb, ncols, k0, kc, panel);
-          int4_scalar::panel_groups(a.scales + n0 * ng + k0 / G, ng, ncols, NS, kc / G, ss);
-          int4_scalar::panel_groups(a.offsets + n0 * ng + k0 / G, ng, ncols, NS, kc / G, oo);
-          const Panel p{panel, ss, oo, kc, G};
+          const float* pss = ss + (k0 / G) * NS;
+          const float* poo = oo + (k0 / G) * NS;
+          rt.unpack(a.qweight + n0 * rb, rb, ncols, k0, kc, pss, poo, G, panel);
+          // The same block of the thread's next strip (or of its first strip for the first
+          // blocks: a strip ahead), prefetched a slice per micro-kernel call.
+          BlockPrefetch pf;
+          if (s + 1 < s1) pf = BlockPrefetch(a, n0 + NS, std::min(NS, a.N - n0 - NS), k0, kc);
+          const int64_t calls = (r1 - r0 + kk.mr - 1) / kk.mr;
+          int64_t call = 0;
+          const Panel p{panel, pss, poo, kc, G};
           Micro mi;
           mi.first = k0 == 0;
           mi.last = k0 + kc >= a.K;
@@ -312,6 +355,8 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
               mi.out[i] = out_row(a, m, n0);
             }
             mi.c = ctile + (r - r0) * NS;
+            pf.run(call * pf.total / calls, (call + 1) * pf.total / calls);
+            ++call;
             rt.micro[mr][nv](p, mi);
             r += mr;
           }

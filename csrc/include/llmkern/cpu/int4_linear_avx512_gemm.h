@@ -9,11 +9,11 @@
 // vector with one lane per row: each nibble (fp32) or byte (bf16 pair) is a shift and a
 // 16-entry table permute (vpermps / vpermd read the low 4 index bits) away.
 //
-// Micro-kernel: MR <= 4 rows x NV <= 3 column vectors; per group it sums D = x . q into fresh
-// accumulators (fp32 FMA with a broadcast x, or vdpbf16ps with a broadcast x pair), then folds them
-// into the running sums with the group's scale vector, and adds X(m, g) * offset vector: 12 + 12
-// accumulators in registers. Partial sums go to the thread's C tile between K blocks; the last K
-// block adds the bias and stores y in x's dtype.
+// Micro-kernel: MR <= 8 rows x NV <= 3 column vectors; per group it sums D = x . q into 24 fresh
+// accumulators (fp32 FMA with a broadcast x, or vdpbf16ps with a broadcast x pair: 24 independent
+// chains, enough to cover vdpbf16ps' 6-cycle latency at 2 per cycle), then folds them into the
+// running sums in the thread's C tile (L1) with the group's scale vector, plus X(m, g) times the
+// offset vector. The last group of the last K block adds the bias and stores y in x's dtype.
 #pragma once
 
 #include "llmkern/cpu/int4_linear_avx512.h"
@@ -22,8 +22,8 @@ namespace llmkern {
 namespace cpu {
 namespace int4_avx512 {
 
-constexpr int64_t kNS = 48, kKCf32 = 128, kKCbf16 = 256, kMR = 4;
-static_assert(kNS <= kMaxNS && kKCbf16 <= kMaxKC && kKCf32 * kNS * 4 <= kPanelBytes, "panel fits the workspace");
+constexpr int64_t kNS = 48, kKCf32 = 128, kKCbf16 = 256, kMR = 8;
+static_assert(kNS <= kMaxNS && kMR <= kMaxMR && kKCbf16 <= kMaxKC && kKCf32 * kNS * 4 <= kPanelBytes, "panel fits the workspace");
 
 // r[n] = 16 words of row n -> r[d] = word d of rows 0..15 (lane n).
 LLMKERN_I4_AVX512_INLINE void transpose16(__m512i (&r)[16]) {
@@ -80,60 +80,58 @@ LLMKERN_I4_AVX512 inline void unpack_panel_f32(const uint8_t* qw, int64_t rb, in
   }
 }
 
-// bf16 pair panel: word w[p * kNS + n] = bf16(q[n0 + n, k0 + 2p]) | bf16(q[.., k0 + 2p + 1]) << 16.
-LLMKERN_I4_AVX512 inline void unpack_panel_bf16(const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc,
-                                                uint32_t* w) {
-  // lo[i] = bf16(i) in the low half; hi[i] = bf16(i) << 16 = the fp32 bits of float(i) (exact).
-  const __m512i hi = _mm512_castps_si512(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __m512i lo = _mm512_srli_epi32(hi, 16);
+// bf16 pair panel of dequantized weights: word w[p * kNS + n] = (bf16(w[n, k]), bf16(w[n, k + 1])),
+// k = k0 + 2p, with w = q * scale + offset in fp32 (multiply, then add: the canonical value) rounded
+// to bf16 (nearest even; vcvtne2ps2bf16 flushes fp32 denormals, |w| < 2^-126, to 0).
+LLMKERN_I4_BF16 inline void unpack_panel_bf16(const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc,
+                                              const float* ss, const float* oo, int64_t G, uint32_t* w) {
+  const __m512 tab = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // cvtne2ps2bf16(b, a) puts a's 16 values in words 0..15 and b's in 16..31: interleave to pairs.
+  const __m512i pairs = _mm512_setr_epi32(16 << 16 | 0, 17 << 16 | 1, 18 << 16 | 2, 19 << 16 | 3, 20 << 16 | 4,
+                                          21 << 16 | 5, 22 << 16 | 6, 23 << 16 | 7, 24 << 16 | 8, 25 << 16 | 9,
+                                          26 << 16 | 10, 27 << 16 | 11, 28 << 16 | 12, 29 << 16 | 13,
+                                          30 << 16 | 14, 31 << 16 | 15);
+  const int gs = __builtin_ctzll(static_cast<uint64_t>(G));
   for (int64_t v = 0; v * 16 < ncols; ++v) {
     for (int64_t c = 0; c * 128 < kc; ++c) {
       const int64_t bytes = kc / 2 - 64 * c < 64 ? kc / 2 - 64 * c : 64;
       __m512i r[16];
       load_words(qw + 16 * v * rb, rb, ncols - 16 * v, k0 / 2 + 64 * c, bytes, r);
       for (int64_t d = 0; d < bytes / 4; ++d) {
+        const int64_t g = (128 * c + 8 * d) >> gs;  // the word's 8 values of k lie in one group
+        const __m512 s = _mm512_loadu_ps(ss + g * kNS + 16 * v), o = _mm512_loadu_ps(oo + g * kNS + 16 * v);
         uint32_t* dst = w + (64 * c + 4 * d) * kNS + 16 * v;
         LLMKERN_I4_UNROLL for (int b = 0; b < 4; ++b) {  // byte b of the word: pair 4d + b
-          const __m512i l = _mm512_permutexvar_epi32(_mm512_srli_epi32(r[d], 8 * b), lo);
-          const __m512i h = _mm512_permutexvar_epi32(_mm512_srli_epi32(r[d], 8 * b + 4), hi);
-          _mm512_storeu_si512(dst + b * kNS, _mm512_or_si512(l, h));
+          const __m512 lo = _mm512_permutexvar_ps(_mm512_srli_epi32(r[d], 8 * b), tab);
+          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(r[d], 8 * b + 4), tab);
+          const __m512 wl = _mm512_add_ps(_mm512_mul_ps(lo, s), o), wh = _mm512_add_ps(_mm512_mul_ps(hi, s), o);
+          const __m512i bf = (__m512i)_mm512_cvtne2ps_pbh(wh, wl);
+          _mm512_storeu_si512(dst + b * kNS, _mm512_permutexvar_epi16(pairs, bf));
         }
       }
     }
   }
 }
 
-// Shared ends of the micro-kernels: load or zero the running sums; store them to C or to y.
+// End of group g: C[i][v] = (C or 0) + D * scale + X * offset; on the block's last group of the
+// last K block, y = C + bias in x's dtype instead. C lives in the thread's C tile (L1), so all
+// 24 vector registers of a tile can hold D: 24 independent chains cover the dot products' latency.
 template <int MR, int NV>
-LLMKERN_I4_AVX512_INLINE void micro_begin(__m512 (&accf)[MR][NV], const Micro& m) {
-  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
-    LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v)
-      accf[i][v] = m.first ? _mm512_setzero_ps() : _mm512_loadu_ps(m.c + i * kNS + 16 * v);
-}
-
-template <int MR, int NV>
-LLMKERN_I4_AVX512_INLINE void micro_end(const __m512 (&accf)[MR][NV], const Micro& m) {
+LLMKERN_I4_AVX512_INLINE void group_end(const __m512 (&acc)[MR][NV], const Panel& p, const Micro& m, int64_t g,
+                                        bool from_zero, bool to_out) {
   const int64_t es = dtype_size(m.dt);
-  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
-    LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) {
-      if (m.last)
-        store16(accf[i][v], m.bias ? m.bias + 16 * v : nullptr, static_cast<char*>(m.out[i]) + 16 * v * es, m.dt,
-                tail16(m.ncols - 16 * v));
-      else
-        _mm512_storeu_ps(m.c + i * kNS + 16 * v, accf[i][v]);
-    }
-}
-
-// accf += D * scale + X * offset for group g (scale/offset vectors of the panel).
-template <int MR, int NV>
-LLMKERN_I4_AVX512_INLINE void micro_group_end(__m512 (&accf)[MR][NV], const __m512 (&acc)[MR][NV], const Panel& p,
-                                              const Micro& m, int64_t g) {
   LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) {
     const __m512 s = _mm512_loadu_ps(p.ss + g * kNS + 16 * v);
     const __m512 o = _mm512_loadu_ps(p.oo + g * kNS + 16 * v);
     LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) {
-      accf[i][v] = _mm512_fmadd_ps(acc[i][v], s, accf[i][v]);
-      accf[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(m.xs[i][g]), o, accf[i][v]);
+      float* c = m.c + i * kNS + 16 * v;
+      __m512 r = _mm512_fmadd_ps(acc[i][v], s, from_zero ? _mm512_setzero_ps() : _mm512_loadu_ps(c));
+      r = _mm512_fmadd_ps(_mm512_set1_ps(m.xs[i][g]), o, r);
+      if (to_out)
+        store16(r, m.bias ? m.bias + 16 * v : nullptr, static_cast<char*>(m.out[i]) + 16 * v * es, m.dt,
+                tail16(m.ncols - 16 * v));
+      else
+        _mm512_storeu_ps(c, r);
     }
   }
 }
@@ -141,12 +139,10 @@ LLMKERN_I4_AVX512_INLINE void micro_group_end(__m512 (&accf)[MR][NV], const __m5
 template <int MR, int NV>
 LLMKERN_I4_AVX512 void micro_f32(const Panel& p, const Micro& m) {
   const float* w = static_cast<const float*>(p.w);
-  const int64_t G = p.group;
+  const int64_t G = p.group, ng = p.kc / G;
   const float* xr[MR];
   LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) xr[i] = static_cast<const float*>(m.x[i]);
-  __m512 accf[MR][NV];
-  micro_begin<MR, NV>(accf, m);
-  for (int64_t g = 0; g * G < p.kc; ++g) {
+  for (int64_t g = 0; g < ng; ++g) {
     __m512 acc[MR][NV];
     LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
       LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
@@ -158,37 +154,41 @@ LLMKERN_I4_AVX512 void micro_f32(const Panel& p, const Micro& m) {
         LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xb, wv[v], acc[i][v]);
       }
     }
-    micro_group_end<MR, NV>(accf, acc, p, m, g);
+    group_end<MR, NV>(acc, p, m, g, m.first && g == 0, m.last && g == ng - 1);
   }
-  micro_end<MR, NV>(accf, m);
 }
 
+// Dequantized bf16 panel: a plain bf16 GEMM tile, MR x NV vectors of fp32 sums over the K block,
+// started from C (or 0) and ended in C (or y).
 template <int MR, int NV>
 LLMKERN_I4_BF16 void micro_bf16(const Panel& p, const Micro& m) {
   const uint32_t* w = static_cast<const uint32_t*>(p.w);
-  const int64_t G = p.group;
   const uint16_t* xr[MR];
   LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) xr[i] = static_cast<const uint16_t*>(m.x[i]);
-  __m512 accf[MR][NV];
-  micro_begin<MR, NV>(accf, m);
-  for (int64_t g = 0; g * G < p.kc; ++g) {
-    __m512 acc[MR][NV];
-    LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
-      LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
-    for (int64_t pp = g * G / 2; pp < (g + 1) * G / 2; ++pp) {
-      __m512i wv[NV];
-      LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + pp * kNS + 16 * v);
-      LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) {
-        uint32_t pair;  // x[k], x[k + 1] as one 32-bit word (rows are only 2-byte aligned)
-        __builtin_memcpy(&pair, xr[i] + 2 * pp, 4);
-        const __m512i xb = _mm512_set1_epi32(static_cast<int>(pair));
-        LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v)
-          acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xb, (__m512bh)wv[v]);
-      }
+  __m512 acc[MR][NV];
+  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
+    LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v)
+      acc[i][v] = m.first ? _mm512_setzero_ps() : _mm512_loadu_ps(m.c + i * kNS + 16 * v);
+  for (int64_t pp = 0; pp < p.kc / 2; ++pp) {
+    __m512i wv[NV];
+    LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + pp * kNS + 16 * v);
+    LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) {
+      uint32_t pair;  // x[k], x[k + 1] as one 32-bit word (rows are only 2-byte aligned)
+      __builtin_memcpy(&pair, xr[i] + 2 * pp, 4);
+      const __m512i xb = _mm512_set1_epi32(static_cast<int>(pair));
+      LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v)
+        acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xb, (__m512bh)wv[v]);
     }
-    micro_group_end<MR, NV>(accf, acc, p, m, g);
   }
-  micro_end<MR, NV>(accf, m);
+  const int64_t es = dtype_size(m.dt);
+  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
+    LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) {
+      if (m.last)
+        store16(acc[i][v], m.bias ? m.bias + 16 * v : nullptr, static_cast<char*>(m.out[i]) + 16 * v * es, m.dt,
+                tail16(m.ncols - 16 * v));
+      else
+        _mm512_storeu_ps(m.c + i * kNS + 16 * v, acc[i][v]);
+    }
 }
 
 }  // namespace int4_avx512

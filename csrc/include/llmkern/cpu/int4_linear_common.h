@@ -97,14 +97,15 @@ inline int64_t groups_padded(int64_t K) { return align_up(K / 32, 16); }  // >= 
 
 // ------------------------------------------------------------------------------ prefill path
 // A thread unpacks a panel (NS consecutive weight rows x KC values of k) once into fp32 q values
-// [k][NS] or bf16 q pairs [k/2][NS][2], with the panel's scales and offsets transposed to [g][NS],
-// and runs micro-kernels (MR rows x NS columns) over every row of the current M chunk. Partial
+// [k][NS] or bf16 pairs [k/2][NS][2] (dequantized weights), with the strip's scales and offsets
+// transposed to [g][NS] once per strip (a contiguous read: rows n0.. are adjacent), and runs micro-kernels (MR rows x NS columns) over every row of the current M chunk. Partial
 // sums live in a per-thread C tile [rows][NS] between K blocks; the last K block writes y.
 constexpr int64_t kMaxNS = 48;    // panel width (columns) of any ISA
 constexpr int64_t kMaxKC = 256;   // panel depth of any ISA
-constexpr int64_t kMaxMR = 4;
+constexpr int64_t kMaxMR = 8;
 constexpr int64_t kPanelBytes = kMaxKC * kMaxNS * 4;
-constexpr int64_t kPanelGroupBytes = (kMaxKC / 32) * kMaxNS * 4;  // scales or offsets of a panel
+// Scales or offsets of a whole strip (every group of K), transposed to [g][NS] once per strip.
+inline int64_t strip_group_bytes(int64_t K) { return align_up(groups_padded(K) * kMaxNS * 4, kAlign); }
 constexpr int64_t kChunkMaxRows = 512;  // rows of one M chunk when x is read in place
 constexpr int64_t kConvBudget = int64_t(2) << 20;  // bytes of converted fp32 rows per chunk
 
@@ -161,7 +162,7 @@ inline WsLayout int4_ws_layout(int64_t M, int64_t K, int64_t N, int num_threads,
   L.conv = 0;
   L.xs = align_up(conv_rows * align_up(K, 16) * 4, kAlign);
   L.thread0 = L.xs + align_up(L.chunk * groups_padded(K) * 4, kAlign);
-  int64_t per = kPanelBytes + 2 * kPanelGroupBytes + align_up(L.chunk * kMaxNS * 4, kAlign);
+  int64_t per = kPanelBytes + 2 * strip_group_bytes(K) + align_up(L.chunk * kMaxNS * 4, kAlign);
   if (M <= decode_limit(decode_max_rows)) per = std::max(per, dec_thread_bytes(M, K));
   L.per_thread = align_up(per, kAlign);
   L.total = L.thread0 + nt * L.per_thread + kAlign;

@@ -66,10 +66,16 @@ inline void unpack_panel_f32(const uint8_t* qw, int64_t row_bytes, int64_t ncols
   }
 }
 
-// dst[g * NS + n] = src[n * ngroups + g] for the panel's groups (src at row n0, group g0), 0 past ncols.
-inline void panel_groups(const float* src, int64_t ngroups, int64_t ncols, int64_t NS, int64_t ng, float* dst) {
-  for (int64_t g = 0; g < ng; ++g)
-    for (int64_t n = 0; n < NS; ++n) dst[g * NS + n] = n < ncols ? src[n * ngroups + g] : 0.0f;
+// dst[g * NS + n] = src[n * ngroups + g] for all groups of rows [0, ncols) (src at row n0), 0 for
+// ncols <= n < NS. Reads the rows' contiguous block in order.
+inline void strip_groups(const float* src, int64_t ngroups, int64_t ncols, int64_t NS, float* dst) {
+  for (int64_t n = 0; n < NS; ++n) {
+    const float* row = src + n * ngroups;
+    if (n < ncols)
+      for (int64_t g = 0; g < ngroups; ++g) dst[g * NS + n] = row[g];
+    else
+      for (int64_t g = 0; g < ngroups; ++g) dst[g * NS + n] = 0.0f;
+  }
 }
 
 constexpr int64_t kNS = 16, kKC = 128, kMR = 4;

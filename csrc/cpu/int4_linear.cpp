@@ -112,10 +112,12 @@ void bind_int4_linear(py::module_& m) {
         "arguments raise ValueError.");
   m.def("int4_linear_cpu_info", []() {
     py::dict d;
-    d["decode_max_rows"] = cpu::kDecodeMaxRows;
+    d["decode_max_rows"] = cpu::kDecodeMaxRows;  // the largest default (bf16 dot products)
+    d["decode_max_rows_f32"] = cpu::kDecodeMaxRowsF32;
     d["bf16_dot"] = cpu::int4_kernels_for(cpu::Isa::kAvx512Vnni).has_bf16 && cpu::isa_supported(cpu::Isa::kAvx512Vnni);
     return d;
-  }, "Defaults of the int4_linear CPU kernel: decode_max_rows, and whether bf16 dot products are used here.");
+  }, "Defaults of the int4_linear CPU kernel: decode_max_rows (bf16 dot-product route; decode_max_rows_f32 "
+     "for fp32 FMAs), and whether bf16 dot products are used here.");
 }
 
 }  // namespace bindings

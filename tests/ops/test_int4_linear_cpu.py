@@ -27,7 +27,6 @@ for _name in ("avx512_vnni", "avx2", "scalar"):
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-DECODE_MAX = C.int4_linear_cpu_info()["decode_max_rows"]
 # (M, N, K, G, bias): M on both sides of the decode/prefill switch, odd N, K = 2 or 3 groups, all G
 SHAPES = [
     (1, 1, 64, 32, False),
@@ -275,5 +274,7 @@ def test_workspace_size():
 
 def test_cpu_info():
     info = C.int4_linear_cpu_info()
-    assert info["decode_max_rows"] >= 1
+    assert info["decode_max_rows"] >= info["decode_max_rows_f32"] >= 1
+    for limit in (info["decode_max_rows"], info["decode_max_rows_f32"]):  # SHAPES cover both paths of each route
+        assert any(M <= limit for M, *_ in SHAPES) and any(M > limit for M, *_ in SHAPES)
     assert info["bf16_dot"] == (C.cpu_features()["avx512_bf16"] and "avx512_vnni" in ISAS)

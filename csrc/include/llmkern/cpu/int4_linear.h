@@ -3,18 +3,22 @@
 // route, splits the work among OpenMP threads and calls the ISA's pieces. Arguments are trusted:
 // the launcher (csrc/cpu/int4_linear.cpp) checks them.
 //
-// Decode path (M <= decode_max_rows, default kDecodeMaxRows): every thread prepares the rows (in
-// the ISA's nibble order) in its own workspace, then streams its contiguous range of whole
-// 32-column chunks of the weights once; each chunk is reused from L1/L2 by the tiles of <= 4 rows.
-// No barrier, no two threads writing one cache line of an output row.
+// Decode path (M <= decode_max_rows; default kDecodeMaxRowsBf16 / kDecodeMaxRowsF32 by route):
+// every thread prepares the rows (in the ISA's nibble order) in its own workspace, then streams its
+// contiguous range of whole 32-column chunks of the weights once, prefetching the next tile in
+// software; each chunk is reused from L1/L2 by the tiles of <= 4 rows. No barrier, no two threads
+// writing one cache line of an output row.
 // Prefill path: rows are processed in M chunks (all rows, up to kChunkMaxRows, when x is read in
 // place; fewer when rows are first converted to fp32). Per chunk, the threads prepare the rows
-// (group sums X, conversion) together, then each takes a contiguous range of panels (NS output
-// columns; rows are split too when there are fewer panels than threads), unpacks each K block of
-// its panel once and runs the micro-kernels over all of its rows.
+// (group sums X, conversion) together, then each takes a contiguous range of strips (NS output
+// columns; rows are split too when there are fewer strips than threads), transposes the strip's
+// scales and offsets once, unpacks each K block of the strip once into a panel and runs the
+// micro-kernels over all of its rows, while prefetching the same block of its next strip.
 //
-// Routes: bf16 x on a CPU with AVX512-BF16 uses bf16 dot products (q exact in bf16); everything
-// else fp32 FMAs (bf16/fp16 x converted to fp32, exactly).
+// Routes: bf16 x on a CPU with AVX512-BF16 uses bf16 dot products: decode multiplies x by q (exact
+// in bf16) and applies scales per group in fp32; prefill multiplies x by the canonical weights
+// rounded to bf16 (the weights F.linear in bf16 would use), a plain bf16 GEMM. Everything else uses
+// fp32 FMAs on exact q (bf16/fp16 x converted to fp32, exactly) with per-group scales.
 #pragma once
 
 #include <omp.h>
@@ -377,7 +381,8 @@ inline void int4_linear(const Int4LinearArgs& a, Isa isa) {
   char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);
   const bool bf16 = a.x_dtype == DType::kBF16 && a.bf16_dot && kk.has_bf16;
   const Int4Route& rt = bf16 ? kk.bf16 : kk.f32;
-  if (a.M <= decode_limit(a.decode_max_rows)) int4_detail::decode(a, kk, rt, L, ws);
+  const int64_t dmax = a.decode_max_rows >= 0 ? a.decode_max_rows : bf16 ? kDecodeMaxRowsBf16 : kDecodeMaxRowsF32;
+  if (a.M <= dmax) int4_detail::decode(a, kk, rt, L, ws);
   else int4_detail::prefill(a, kk, rt, !bf16 && a.x_dtype != DType::kF32, L, ws);
 }
 

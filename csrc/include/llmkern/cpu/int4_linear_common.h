@@ -42,10 +42,11 @@ struct Int4LinearArgs {
   bool bf16_dot = true;              // bf16 x may use AVX512-BF16 dot products (when the CPU has them)
 };
 
-// M <= kDecodeMaxRows: decode path (weights streamed once per tile of rows); above it, prefill
-// path (weight panels unpacked once, reused by every row). Measured crossover on Zen 5, see
-// int4_linear.h.
-constexpr int64_t kDecodeMaxRows = 8;
+// M <= the decode limit: decode path (weights streamed once per tile of rows); above it, prefill
+// path (weight panels unpacked once, reused by every row). Crossover measured on Zen 5 (4096 x 4096,
+// cold weights): bf16 dot products (cheap nibble unpack) up to 16 rows, fp32 FMAs up to 8.
+constexpr int64_t kDecodeMaxRowsBf16 = 16, kDecodeMaxRowsF32 = 8;
+constexpr int64_t kDecodeMaxRows = kDecodeMaxRowsBf16;  // the larger: sizes the decode workspace
 
 constexpr int64_t kAlign = 64;
 inline int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }

@@ -114,10 +114,13 @@ void bind_int4_linear(py::module_& m) {
     py::dict d;
     d["decode_max_rows"] = cpu::kDecodeMaxRows;  // the largest default (bf16 dot products)
     d["decode_max_rows_f32"] = cpu::kDecodeMaxRowsF32;
+    d["decode_min_bytes_per_thread"] = cpu::int4_detail::kMinBytesPerThread;  // fewer threads below
+    d["prefill_min_macs_per_thread"] = cpu::int4_detail::kMinMacsPerThread;
     d["bf16_dot"] = cpu::int4_kernels_for(cpu::Isa::kAvx512Vnni).has_bf16 && cpu::isa_supported(cpu::Isa::kAvx512Vnni);
     return d;
   }, "Defaults of the int4_linear CPU kernel: decode_max_rows (bf16 dot-product route; decode_max_rows_f32 "
-     "for fp32 FMAs), and whether bf16 dot products are used here.");
+     "for fp32 FMAs), the work per thread below which fewer threads run, and whether bf16 dot products are "
+     "used here.");
 }
 
 }  // namespace bindings

@@ -154,12 +154,13 @@ def test_decode_and_prefill_paths_on_every_row_count(isa):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_llama_sized_k_and_m_chunks(isa, monkeypatch, threads):
-    """K = 4096 on both paths; M = 150 fp16 rows converted in 128-row chunks (2 chunks)."""
+    """K = 4096 on both paths, 2 threads; M = 150 fp16 rows converted in 128-row chunks (2 chunks)."""
     monkeypatch.setenv("LLMKERN_CPU_ISA", isa)
     threads(2)
     gen = torch.Generator().manual_seed(7)
     for M, dtype, G in ((3, torch.bfloat16, 128), (20, torch.float32, 32), (150, torch.float16, 64)):
-        x, qw, s, o, b = make(M, 40, 4096, G, True, dtype, gen)
+        assert work_for_threads(M, 100, 4096, G, 2)
+        x, qw, s, o, b = make(M, 100, 4096, G, True, dtype, gen)
         check_close(run_cpu(x, qw, s, o, b), naive(x, qw, s, o, b), dtype, f"M={M} {dtype}")
 
 
@@ -192,12 +193,24 @@ def test_non_contiguous_inputs(isa, monkeypatch, threads):
     check_close(run_cpu(x, qwt, s, o, None), naive(x, qwt, s, o, None), torch.float32, "qweight view")
 
 
+def work_for_threads(M, N, K, G, threads):
+    """Whether the kernel starts `threads` threads for this shape (small problems run on fewer)."""
+    info = C.int4_linear_cpu_info()
+    if M <= info["decode_max_rows_f32"]:  # decode on either route
+        return N * (K // 2 + 8 * K // G) >= threads * info["decode_min_bytes_per_thread"]
+    if M > info["decode_max_rows"]:
+        return M * N * K >= threads * info["prefill_min_macs_per_thread"]
+    return False
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_results_do_not_depend_on_threads(isa):
     """Each output is one thread's fixed-order sum: bitwise equal for 1, 2 and 3 threads, on both paths."""
     gen = torch.Generator().manual_seed(3)
+    N, K, G = 400, 1024, 32
     for M, dtype in ((1, torch.bfloat16), (5, torch.float32), (40, torch.bfloat16), (40, torch.float16)):
-        x, qw, s, o, b = make(M, 130, 256, 32, True, dtype, gen)
+        assert work_for_threads(M, N, K, G, 3), "shape too small to run on 3 threads"
+        x, qw, s, o, b = make(M, N, K, G, True, dtype, gen)
         b32 = b.float()
         outs = [launch_out(x, qw, s, o, bias=b32, isa=isa, threads=nt) for nt in (1, 2, 3)]
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), (M, dtype)

@@ -26,6 +26,7 @@ void bind_kv_cache_append(pybind11::module_& m);
 void bind_rms_norm(pybind11::module_& m);
 void bind_rotary_embedding(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
+void bind_int4_linear(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace llmkern

@@ -33,4 +33,5 @@ PYBIND11_MODULE(_C, m) {
   llmkern::bindings::bind_rms_norm(m);
   llmkern::bindings::bind_rotary_embedding(m);
   llmkern::bindings::bind_attention(m);
+  llmkern::bindings::bind_int4_linear(m);
 }

@@ -10,13 +10,17 @@ bit-exact: each product and the one addition are exact or rounded exactly as the
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
+from .. import _backends
 from .. import reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop
 
 GROUP_SIZES = (32, 64, 128)
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _check(x, qweight, scales, offsets, bias):
@@ -66,6 +70,49 @@ def _triton(x, qweight, scales, offsets, bias):
     if x.device.type != "cuda":
         raise BackendUnsupported(f"triton runs on CUDA tensors, x is on {x.device}")
     return tk.int4_linear(x, qweight, scales, offsets, bias)
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch bytes of the CPU kernel, grown on demand and reused: a decode step makes
+    hundreds of calls, and allocating their workspace every time costs about a microsecond each."""
+
+    buf = None
+
+    def get(self, nbytes):
+        if self.buf is None or self.buf.numel() < nbytes:
+            self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return self.buf
+
+
+_WS = _Workspace()
+
+
+@int4_linear_op.backend("cpu")
+def _cpu(x, qweight, scales, offsets, bias):
+    """Launch the C++ kernel (csrc/cpu/int4_linear.cpp) on raw pointers; torch allocates output and workspace."""
+    mod = _backends.cpu_module()
+    if x.device.type != "cpu":
+        raise BackendUnsupported(f"x is on {x.device}")
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    G = K // scales.shape[1]  # the op's check guarantees G in GROUP_SIZES and K % G == 0
+    # [..., K] -> [M, K]; a view whenever x's rows are evenly strided, else one copy.
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype)
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    threads = torch.get_num_threads()
+    ws_bytes = mod.int4_linear_workspace_size(M, K, N, threads)
+    ws = _WS.get(ws_bytes)
+    mod.int4_linear(
+        x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0), M, K,
+        qweight.data_ptr(), N, scales.data_ptr(), offsets.data_ptr(), G,
+        0 if bias32 is None else bias32.data_ptr(),
+        out.data_ptr(), N, ws.data_ptr(), ws_bytes, threads, _backends.cpu_isa(),
+    )
+    return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
 def int4_linear(x, qweight, scales, offsets, bias=None, backend=None):

@@ -1,0 +1,127 @@
+// Launcher of int4_linear (kernels: csrc/include/llmkern/cpu/int4_linear*.h). Called by
+// llmkern/ops/int4_linear.py (`_cpu`) with raw pointers of tensors torch allocated.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bindings.h"
+#include "llmkern/cpu/int4_linear.h"
+
+namespace py = pybind11;
+
+namespace llmkern {
+namespace bindings {
+namespace {
+
+const char* kWhere = "llmkern._C.int4_linear";
+
+[[noreturn]] void fail(const char* where, const std::string& what) {
+  throw py::value_error(std::string(where) + ": " + what);
+}
+
+void check_ptr(const char* name, std::uintptr_t p, int64_t align) {
+  if (p == 0) fail(kWhere, std::string(name) + " is a null pointer");
+  if (p % align) fail(kWhere, std::string(name) + " is not aligned to its element size (" + std::to_string(align) + " bytes)");
+}
+
+// Sizes must be small enough that every byte offset the kernel forms fits in int64.
+constexpr int64_t kMaxDim = int64_t(1) << 31;
+
+void check_sizes(const char* where, int64_t M, int64_t K, int64_t N, int num_threads) {
+  if (M < 0 || M > kMaxDim) fail(where, "M must be in [0, 2^31], got " + std::to_string(M));
+  if (N < 0 || N > kMaxDim) fail(where, "N must be in [0, 2^31], got " + std::to_string(N));
+  if (K < 32 || K > kMaxDim || K % 32) fail(where, "K must be a positive multiple of 32 below 2^31, got " + std::to_string(K));
+  if (num_threads < 1 || num_threads > 1024) fail(where, "num_threads must be in [1, 1024], got " + std::to_string(num_threads));
+}
+
+void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t qweight_ptr,
+            int64_t N, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t group_size, std::uintptr_t bias_ptr,
+            std::uintptr_t out_ptr, int64_t out_row_stride, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
+            const std::string& isa_name, int64_t decode_max_rows, bool bf16_dot) {
+  if (x_dtype < 0 || x_dtype > 2) fail(kWhere, "x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
+  const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
+  check_sizes(kWhere, M, K, N, num_threads);
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail(kWhere, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (K % group_size) fail(kWhere, "group_size must divide K=" + std::to_string(K) + ", got " + std::to_string(group_size));
+  if (decode_max_rows < -1 || decode_max_rows > kMaxDim)
+    fail(kWhere, "decode_max_rows must be -1 (default) or in [0, 2^31], got " + std::to_string(decode_max_rows));
+  if (x_row_stride < 0) fail(kWhere, "x_row_stride must be >= 0, got " + std::to_string(x_row_stride));
+  if (out_row_stride < (M > 1 ? N : 0))
+    fail(kWhere, "out_row_stride must be >= N=" + std::to_string(N) + " (rows must not overlap), got " + std::to_string(out_row_stride));
+  const int64_t need = cpu::int4_linear_workspace_bytes(M, K, N, num_threads, decode_max_rows);
+  if (ws_bytes < need)
+    fail(kWhere, "workspace too small: ws_bytes=" + std::to_string(ws_bytes) + ", need " + std::to_string(need) +
+                     " (int4_linear_workspace_size(M, K, N, num_threads, decode_max_rows))");
+  if (M == 0 || N == 0) return;  // empty output: nothing to compute, nothing read
+  const int64_t esize = x_dtype == 0 ? 4 : 2;
+  check_ptr("x_ptr", x_ptr, esize);
+  check_ptr("qweight_ptr", qweight_ptr, 1);
+  check_ptr("scales_ptr", scales_ptr, 4);
+  check_ptr("offsets_ptr", offsets_ptr, 4);
+  if (bias_ptr) check_ptr("bias_ptr", bias_ptr, 4);
+  check_ptr("out_ptr", out_ptr, esize);
+  check_ptr("ws_ptr", ws_ptr, 1);
+
+  cpu::Int4LinearArgs a;
+  a.x = reinterpret_cast<const void*>(x_ptr);
+  a.x_dtype = static_cast<cpu::DType>(x_dtype);
+  a.x_row_stride = x_row_stride;
+  a.M = M;
+  a.K = K;
+  a.N = N;
+  a.qweight = reinterpret_cast<const uint8_t*>(qweight_ptr);
+  a.scales = reinterpret_cast<const float*>(scales_ptr);
+  a.offsets = reinterpret_cast<const float*>(offsets_ptr);
+  a.group = group_size;
+  a.bias = reinterpret_cast<const float*>(bias_ptr);
+  a.out = reinterpret_cast<void*>(out_ptr);
+  a.out_row_stride = out_row_stride;
+  a.ws = reinterpret_cast<void*>(ws_ptr);
+  a.num_threads = num_threads;
+  a.decode_max_rows = decode_max_rows;
+  a.bf16_dot = bf16_dot;
+  py::gil_scoped_release release;  // checks above raise with the GIL held
+  cpu::int4_linear(a, isa);
+}
+
+}  // namespace
+
+void bind_int4_linear(py::module_& m) {
+  m.def(
+      "int4_linear_workspace_size",
+      [](int64_t M, int64_t K, int64_t N, int num_threads, int64_t decode_max_rows) {
+        const char* where = "llmkern._C.int4_linear_workspace_size";
+        check_sizes(where, M, K, N, num_threads);
+        if (decode_max_rows < -1 || decode_max_rows > kMaxDim)
+          fail(where, "decode_max_rows must be -1 (default) or in [0, 2^31], got " + std::to_string(decode_max_rows));
+        return cpu::int4_linear_workspace_bytes(M, K, N, num_threads, decode_max_rows);
+      },
+      py::arg("M"), py::arg("K"), py::arg("N"), py::arg("num_threads"), py::arg("decode_max_rows") = -1,
+      "Bytes of workspace int4_linear needs for these sizes and thread count.");
+  m.def("int4_linear", &launch, py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"),
+        py::arg("K"), py::arg("qweight_ptr"), py::arg("N"), py::arg("scales_ptr"), py::arg("offsets_ptr"),
+        py::arg("group_size"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("ws_ptr"),
+        py::arg("ws_bytes"), py::arg("num_threads"), py::arg("isa"), py::arg("decode_max_rows") = -1,
+        py::arg("bf16_dot") = true,
+        "out[M, N] = x[M, K] @ dequant(qweight[N, K/2])^T (+ bias) on raw pointers, canonical int4 layout "
+        "(see llmkern/ops/int4_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype; "
+        "scales/offsets/bias float32. decode_max_rows: M at or below it takes the decode path (-1: default); "
+        "bf16_dot: allow AVX512-BF16 dot products for bf16 x. Releases the GIL while computing; invalid "
+        "arguments raise ValueError.");
+  m.def("int4_linear_cpu_info", []() {
+    py::dict d;
+    d["decode_max_rows"] = cpu::kDecodeMaxRows;  // the largest default (bf16 dot products)
+    d["decode_max_rows_f32"] = cpu::kDecodeMaxRowsF32;
+    d["decode_min_bytes_per_thread"] = cpu::int4_detail::kMinBytesPerThread;  // fewer threads below
+    d["prefill_min_macs_per_thread"] = cpu::int4_detail::kMinMacsPerThread;
+    d["bf16_dot"] = cpu::int4_kernels_for(cpu::Isa::kAvx512Vnni).has_bf16 && cpu::isa_supported(cpu::Isa::kAvx512Vnni);
+    return d;
+  }, "Defaults of the int4_linear CPU kernel: decode_max_rows (bf16 dot-product route; decode_max_rows_f32 "
+     "for fp32 FMAs), the work per thread below which fewer threads run, and whether bf16 dot products are "
+     "used here.");
+}
+
+}  // namespace bindings
+}  // namespace llmkern

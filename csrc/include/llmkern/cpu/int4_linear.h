@@ -1,0 +1,402 @@
+// int4_linear on the CPU: y[M, N] = x[M, K] @ dequant(qweight)^T + bias, canonical int4 weights
+// (see int4_linear_common.h for the arithmetic). ISA-independent driver: it picks the path and the
+// route, splits the work among OpenMP threads and calls the ISA's pieces. Arguments are trusted:
+// the launcher (csrc/cpu/int4_linear.cpp) checks them.
+//
+// Decode path (M <= decode_max_rows; default kDecodeMaxRowsBf16 / kDecodeMaxRowsF32 by route):
+// every thread prepares the rows (in the ISA's nibble order) in its own workspace, then streams its
+// contiguous range of whole 32-column chunks of the weights once, prefetching the next tile in
+// software; each chunk is reused from L1/L2 by the tiles of <= 4 rows. No barrier, no two threads
+// writing one cache line of an output row.
+// Prefill path: rows are processed in M chunks (all rows, up to kChunkMaxRows, when x is read in
+// place; fewer when rows are first converted to fp32). Per chunk, the threads prepare the rows
+// (group sums X, conversion) together, then each takes a contiguous range of strips (NS output
+// columns; rows are split too when there are fewer strips than threads), transposes the strip's
+// scales and offsets once, unpacks each K block of the strip once into a panel and runs the
+// micro-kernels over all of its rows, while prefetching the same block of its next strip.
+//
+// Routes: bf16 x on a CPU with AVX512-BF16 uses bf16 dot products: decode multiplies x by q (exact
+// in bf16) and applies scales per group in fp32; prefill multiplies x by the canonical weights
+// rounded to bf16 (the weights F.linear in bf16 would use), a plain bf16 GEMM. Everything else uses
+// fp32 FMAs on exact q (bf16/fp16 x converted to fp32, exactly) with per-group scales.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "llmkern/cpu/features.h"
+#include "llmkern/cpu/int4_linear_avx2.h"
+#include "llmkern/cpu/int4_linear_avx512.h"
+#include "llmkern/cpu/int4_linear_avx512_gemm.h"
+#include "llmkern/cpu/int4_linear_common.h"
+#include "llmkern/cpu/int4_linear_scalar.h"
+
+namespace llmkern {
+namespace cpu {
+
+using I4PrepFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, void* xp, float* xs);
+using I4RowFn = void (*)(const void* x, DType dt, int64_t K, float* out);
+using I4SumsFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, float* xs);
+using I4StoreFn = void (*)(const float* v, const float* bias, void* out, DType dt, int64_t cols);
+// Unpacks a panel (see int4_linear_common.h) into w; ss / oo: the panel's scales and offsets [g][NS]
+// (read by routes that store dequantized weights).
+using I4UnpackFn = void (*)(const uint8_t* qw, int64_t row_bytes, int64_t ncols, int64_t k0, int64_t kc, const float* ss,
+                            const float* oo, int64_t G, void* w);
+
+// One way of computing (fp32 FMAs or bf16 dot products): decode tiles and prefill micro-kernels.
+struct Int4Route {
+  DecodeTileFn dec[kDecMaxMB + 1][kDecMaxNB + 1] = {};  // [rows][weight rows]
+  I4PrepFn dec_prep = nullptr;
+  I4UnpackFn unpack = nullptr;
+  MicroFn micro[kMaxMR + 1][4] = {};  // [rows][column vectors]
+  int64_t kc = 0;                     // panel depth
+};
+
+struct Int4Kernels {
+  int dec_mb_max = 1;
+  int dec_nb[kDecMaxMB + 1] = {};  // weight rows of full decode tiles given the tile's rows
+  int64_t ns = 0, mr = 0, vec = 0;  // panel width, micro-kernel rows, columns per vector
+  Int4Route f32, bf16;
+  bool has_bf16 = false;
+  I4RowFn row_to_f32 = nullptr;
+  I4SumsFn group_sums = nullptr;
+  I4StoreFn store_row = nullptr;
+};
+
+#define LLMKERN_I4_DEC(tab, FN, MB) \
+  tab[MB][1] = &FN<MB, 1>;          \
+  tab[MB][2] = &FN<MB, 2>;          \
+  tab[MB][4] = &FN<MB, 4>;
+#define LLMKERN_I4_DEC8(tab, FN, MB) \
+  LLMKERN_I4_DEC(tab, FN, MB)        \
+  tab[MB][8] = &FN<MB, 8>;
+#define LLMKERN_I4_MICRO3(tab, FN, MR) \
+  tab[MR][1] = &FN<MR, 1>;             \
+  tab[MR][2] = &FN<MR, 2>;             \
+  tab[MR][3] = &FN<MR, 3>;
+
+inline Int4Kernels make_scalar_kernels() {
+  namespace s = int4_scalar;
+  Int4Kernels k;
+  k.dec_mb_max = 4;
+  for (int mb = 1; mb <= 4; ++mb) k.dec_nb[mb] = 4;
+  LLMKERN_I4_DEC(k.f32.dec, s::dec_tile, 1)
+  LLMKERN_I4_DEC(k.f32.dec, s::dec_tile, 2)
+  LLMKERN_I4_DEC(k.f32.dec, s::dec_tile, 3)
+  LLMKERN_I4_DEC(k.f32.dec, s::dec_tile, 4)
+  k.f32.dec_prep = &s::dec_prep;
+  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float*, const float*, int64_t, void* w) {
+    s::unpack_panel_f32(qw, rb, ncols, s::kNS, k0, kc, static_cast<float*>(w));
+  };
+  k.f32.micro[1][1] = &s::micro<1>;
+  k.f32.micro[2][1] = &s::micro<2>;
+  k.f32.micro[3][1] = &s::micro<3>;
+  k.f32.micro[4][1] = &s::micro<4>;
+  k.f32.kc = s::kKC;
+  k.ns = s::kNS;
+  k.mr = s::kMR;
+  k.vec = s::kNS;  // one "vector": the whole panel
+  k.row_to_f32 = &s::row_to_f32;
+  k.group_sums = &group_sums;
+  k.store_row = &s::store_row;
+  return k;
+}
+
+inline Int4Kernels make_avx2_kernels() {
+  namespace v = int4_avx2;
+  Int4Kernels k;
+  // Decode: 1 row x 4 weight rows (4 + 4 accumulators), 2 x 2 for more rows; 16 ymm registers.
+  k.dec_mb_max = 2;
+  k.dec_nb[1] = 4;
+  k.dec_nb[2] = 2;
+  LLMKERN_I4_DEC(k.f32.dec, v::dec_tile, 1)
+  LLMKERN_I4_DEC(k.f32.dec, v::dec_tile, 2)
+  k.f32.dec_prep = &v::dec_prep;
+  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float*, const float*, int64_t, void* w) {
+    int4_scalar::unpack_panel_f32(qw, rb, ncols, v::kNS, k0, kc, static_cast<float*>(w));
+  };
+  k.f32.micro[1][1] = &v::micro<1, 1>;
+  k.f32.micro[1][2] = &v::micro<1, 2>;
+  k.f32.micro[2][1] = &v::micro<2, 1>;
+  k.f32.micro[2][2] = &v::micro<2, 2>;
+  k.f32.micro[3][1] = &v::micro<3, 1>;
+  k.f32.micro[3][2] = &v::micro<3, 2>;
+  k.f32.kc = v::kKC;
+  k.ns = v::kNS;
+  k.mr = v::kMR;
+  k.vec = 8;
+  k.row_to_f32 = &int4_scalar::row_to_f32;
+  k.group_sums = &group_sums;
+  k.store_row = &v::store_row;
+  return k;
+}
+
+inline Int4Kernels make_avx512_kernels() {
+  namespace v = int4_avx512;
+  Int4Kernels k;
+  // Decode tiles: 1 x 8 for one row (8 independent accumulator chains), 2 x 4, then 3/4 x 2.
+  k.dec_mb_max = 4;
+  k.dec_nb[1] = 8;
+  k.dec_nb[2] = 4;
+  k.dec_nb[3] = 2;
+  k.dec_nb[4] = 2;
+  LLMKERN_I4_DEC8(k.f32.dec, v::dec_tile_f32, 1)
+  LLMKERN_I4_DEC(k.f32.dec, v::dec_tile_f32, 2)
+  LLMKERN_I4_DEC(k.f32.dec, v::dec_tile_f32, 3)
+  LLMKERN_I4_DEC(k.f32.dec, v::dec_tile_f32, 4)
+  k.f32.dec_prep = &v::dec_prep_f32;
+  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float*, const float*, int64_t, void* w) {
+    v::unpack_panel_f32(qw, rb, ncols, k0, kc, static_cast<float*>(w));
+  };
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 1)
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 2)
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 3)
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 4)
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 5)
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 6)
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 7)
+  LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 8)
+  k.f32.kc = v::kKCf32;
+  k.has_bf16 = features().avx512_bf16;
+  LLMKERN_I4_DEC8(k.bf16.dec, v::dec_tile_bf16, 1)
+  LLMKERN_I4_DEC(k.bf16.dec, v::dec_tile_bf16, 2)
+  LLMKERN_I4_DEC(k.bf16.dec, v::dec_tile_bf16, 3)
+  LLMKERN_I4_DEC(k.bf16.dec, v::dec_tile_bf16, 4)
+  k.bf16.dec_prep = &v::dec_prep_bf16;
+  k.bf16.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float* ss,
+                     const float* oo, int64_t G, void* w) {
+    v::unpack_panel_bf16(qw, rb, ncols, k0, kc, ss, oo, G, static_cast<uint32_t*>(w));
+  };
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 1)
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 2)
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 3)
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 4)
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 5)
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 6)
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 7)
+  LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 8)
+  k.bf16.kc = v::kKCbf16;
+  k.ns = v::kNS;
+  k.mr = v::kMR;
+  k.vec = 16;
+  k.row_to_f32 = &v::row_to_f32;
+  k.group_sums = &v::group_sums_v;
+  k.store_row = &v::store_row;
+  return k;
+}
+
+#undef LLMKERN_I4_DEC
+#undef LLMKERN_I4_DEC8
+#undef LLMKERN_I4_MICRO3
+
+inline const Int4Kernels& int4_kernels_for(Isa isa) {
+  static const Int4Kernels k512 = make_avx512_kernels(), k2 = make_avx2_kernels(), ks = make_scalar_kernels();
+  switch (isa) {
+    case Isa::kAvx512Vnni: return k512;
+    case Isa::kAvx2: return k2;
+    default: return ks;
+  }
+}
+
+namespace int4_detail {
+
+// [begin, end) of part p when n items are cut into `parts` near-equal contiguous pieces.
+inline void split(int64_t n, int64_t parts, int64_t p, int64_t* begin, int64_t* end) {
+  const int64_t q = n / parts, r = n % parts;
+  *begin = p * q + std::min(p, r);
+  *end = *begin + q + (p < r ? 1 : 0);
+}
+
+inline const void* x_row(const Int4LinearArgs& a, int64_t m) {
+  return static_cast<const char*>(a.x) + m * a.x_row_stride * dtype_size(a.x_dtype);
+}
+
+inline void* out_row(const Int4LinearArgs& a, int64_t m, int64_t n) {
+  return static_cast<char*>(a.out) + (m * a.out_row_stride + n) * dtype_size(a.x_dtype);
+}
+
+constexpr int64_t kColChunk = 32;
+
+// Prefetch of a panel block (rows [n0, n0 + ncols), k in [k0, k0 + kc)): per weight row, its
+// kc / 128 lines of packed weights; short pieces that no hardware prefetcher anticipates. Items [i0, i1) of `total`, so that the prefetches of the next
+// block can be spread over the current block's micro-kernel calls instead of issued in a burst.
+struct BlockPrefetch {
+  const uint8_t* qw = nullptr;  // row n0 at byte k0 / 2
+  int64_t rb = 0, per_row = 0, total = 0;
+
+  BlockPrefetch() = default;
+  BlockPrefetch(const Int4LinearArgs& a, int64_t n0, int64_t ncols, int64_t k0, int64_t kc)
+      : qw(a.qweight + n0 * (a.K / 2) + k0 / 2), rb(a.K / 2), per_row((kc + 127) / 128), total(ncols * per_row) {}
+
+  // always_inline: GCC 12 deletes calls of a function of only prefetches (it finds it "pure").
+  inline __attribute__((always_inline)) void run(int64_t i0, int64_t i1) const {
+    i1 = std::min(i1, total);
+    if (i0 >= i1) return;
+    int64_t n = i0 / per_row, l = i0 % per_row;  // one division per call, then step through (n, l)
+    for (int64_t i = i0; i < i1; ++i) {
+      __builtin_prefetch(qw + n * rb + 64 * l, 0, 3);
+      if (++l == per_row) l = 0, ++n;
+    }
+  }
+};
+
+// Threads worth starting: waking a thread costs ~1.5 us, which a tiny layer does not win back.
+// Decode from memory gains from a second thread even at 83 KB of weights (SmolLM2 k/v projection,
+// cold: 4.5 us on 1 thread, 3.4 us on 2; from cache 2.6 vs 3.0 us), so the bar is low.
+constexpr int64_t kMinBytesPerThread = 32 << 10;  // decode: weight bytes streamed per thread
+constexpr int64_t kMinMacsPerThread = 1 << 20;    // prefill: multiply-adds per thread
+
+inline int useful_threads(int num_threads, int64_t work, int64_t per_thread) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, work / per_thread)));
+}
+
+inline void decode(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Route& rt, const WsLayout& L, char* ws) {
+  const int64_t rb = a.K / 2, ng = a.K / a.group, rowb = dec_row_bytes(a.K), gp = groups_padded(a.K);
+  const int64_t chunks = (a.N + kColChunk - 1) / kColChunk;
+  const int nthreads = useful_threads(a.num_threads, a.N * (rb + 8 * ng), kMinBytesPerThread);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t c0, c1;
+    split(chunks, nt, t, &c0, &c1);
+    if (c1 > c0) {
+      char* mine = ws + L.thread0 + t * L.per_thread;
+      char* xp = mine;
+      float* xs = reinterpret_cast<float*>(mine + align_up(a.M * rowb, kAlign));
+      float* res = xs + align_up(a.M * gp * 4, kAlign) / 4;  // [M][kColChunk]
+      for (int64_t m = 0; m < a.M; ++m) rt.dec_prep(x_row(a, m), a.x_dtype, a.K, a.group, xp + m * rowb, xs + m * gp);
+      DecodeTile tile;
+      tile.K = a.K;
+      tile.group = a.group;
+      tile.ngroups = ng;
+      tile.res_stride = kColChunk;
+      for (int64_t n = c0 * kColChunk; n < std::min(a.N, c1 * kColChunk); n += kColChunk) {
+        const int64_t cols = std::min(kColChunk, a.N - n);
+        for (int64_t m0 = 0; m0 < a.M;) {
+          const int mb = static_cast<int>(std::min<int64_t>(kk.dec_mb_max, a.M - m0));
+          for (int i = 0; i < mb; ++i) {
+            tile.x[i] = xp + (m0 + i) * rowb;
+            tile.xs[i] = xs + (m0 + i) * gp;
+          }
+          for (int64_t c = 0; c < cols;) {
+            int nb = kk.dec_nb[mb];
+            while (nb > cols - c) nb /= 2;  // tails: 4, 2, 1 weight rows
+            tile.qw = a.qweight + (n + c) * rb;
+            tile.scale = a.scales + (n + c) * ng;
+            tile.offset = a.offsets + (n + c) * ng;
+            tile.res = res + m0 * kColChunk + c;
+            // Prefetch the weights after this tile, up to the thread's last row (first rows only:
+            // the later row tiles find the chunk's weights in cache).
+            const int64_t next = n + c + nb, end = std::min(a.N, c1 * kColChunk);
+            const int64_t pf_rows = m0 == 0 ? std::min<int64_t>(nb, end - next) : 0;
+            tile.pf_qw = a.qweight + next * rb;
+            tile.pf_scale = a.scales + next * ng;
+            tile.pf_offset = a.offsets + next * ng;
+            tile.pf_bytes = pf_rows * rb;
+            tile.pf_gbytes = pf_rows * ng * 4;
+            rt.dec[mb][nb](tile);
+            c += nb;
+          }
+          m0 += mb;
+        }
+        for (int64_t m = 0; m < a.M; ++m)
+          kk.store_row(res + m * kColChunk, a.bias ? a.bias + n : nullptr, out_row(a, m, n), a.x_dtype, cols);
+      }
+    }
+  }
+}
+
+inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Route& rt, bool convert, const WsLayout& L,
+                    char* ws) {
+  const int64_t rb = a.K / 2, ng = a.K / a.group, G = a.group, NS = kk.ns;
+  const int64_t strips = (a.N + NS - 1) / NS, Mc = chunk_rows(a.M, a.K, convert);
+  const int64_t kpad = align_up(a.K, 16), gp = groups_padded(a.K);
+  float* conv = reinterpret_cast<float*>(ws + L.conv);  // [Mc][kpad] fp32 rows (when converting)
+  float* xs = reinterpret_cast<float*>(ws + L.xs);      // [Mc][gp] group sums
+  const int64_t xsize = convert ? 4 : dtype_size(a.x_dtype);
+  const int nthreads = useful_threads(a.num_threads, a.M * a.N * a.K, kMinMacsPerThread);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t ts = std::min<int64_t>(nt, strips), tm = std::max<int64_t>(1, nt / ts);
+    const bool active = t < ts * tm;
+    int64_t s0 = 0, s1 = 0;
+    if (active) split(strips, ts, t % ts, &s0, &s1);
+    char* mine = ws + L.thread0 + t * L.per_thread;
+    void* panel = mine;
+    float* ss = reinterpret_cast<float*>(mine + kPanelBytes);
+    float* oo = ss + strip_group_bytes(a.K) / 4;  // ss, oo: [K / G][NS] of the current strip
+    float* ctile = oo + strip_group_bytes(a.K) / 4;  // [rows of this thread][NS]
+    for (int64_t m0 = 0; m0 < a.M; m0 += Mc) {
+      const int64_t m1 = std::min(a.M, m0 + Mc);
+#pragma omp for schedule(static)
+      for (int64_t m = m0; m < m1; ++m) {
+        if (convert) kk.row_to_f32(x_row(a, m), a.x_dtype, a.K, conv + (m - m0) * kpad);
+        kk.group_sums(x_row(a, m), a.x_dtype, a.K, G, xs + (m - m0) * gp);
+      }  // implicit barrier: the chunk's rows are ready
+      int64_t r0 = 0, r1 = 0;
+      if (active) split(m1 - m0, tm, t / ts, &r0, &r1);
+      for (int64_t s = s0; s < s1 && r1 > r0; ++s) {
+        const int64_t n0 = s * NS, ncols = std::min(NS, a.N - n0), nv = (ncols + kk.vec - 1) / kk.vec;
+        int4_scalar::strip_groups(a.scales + n0 * ng, ng, ncols, NS, ss);
+        int4_scalar::strip_groups(a.offsets + n0 * ng, ng, ncols, NS, oo);
+        for (int64_t k0 = 0; k0 < a.K; k0 += rt.kc) {
+          const int64_t kc = std::min(rt.kc, a.K - k0);
+          const float* pss = ss + (k0 / G) * NS;
+          const float* poo = oo + (k0 / G) * NS;
+          rt.unpack(a.qweight + n0 * rb, rb, ncols, k0, kc, pss, poo, G, panel);
+          // The same block of the thread's next strip (or of its first strip for the first
+          // blocks: a strip ahead), prefetched a slice per micro-kernel call.
+          BlockPrefetch pf;
+          if (s + 1 < s1) pf = BlockPrefetch(a, n0 + NS, std::min(NS, a.N - n0 - NS), k0, kc);
+          const int64_t calls = (r1 - r0 + kk.mr - 1) / kk.mr;
+          int64_t call = 0;
+          const Panel p{panel, pss, poo, kc, G};
+          Micro mi;
+          mi.first = k0 == 0;
+          mi.last = k0 + kc >= a.K;
+          mi.dt = a.x_dtype;
+          mi.bias = a.bias ? a.bias + n0 : nullptr;
+          mi.ncols = ncols;
+          for (int64_t r = r0; r < r1;) {
+            const int mr = static_cast<int>(std::min<int64_t>(kk.mr, r1 - r));
+            for (int i = 0; i < mr; ++i) {
+              const int64_t m = m0 + r + i;
+              const char* row = convert ? reinterpret_cast<const char*>(conv + (r + i) * kpad)
+                                        : static_cast<const char*>(x_row(a, m));
+              mi.x[i] = row + k0 * xsize;
+              mi.xs[i] = xs + (r + i) * gp + k0 / G;
+              mi.out[i] = out_row(a, m, n0);
+            }
+            mi.c = ctile + (r - r0) * NS;
+            pf.run(call * pf.total / calls, (call + 1) * pf.total / calls);
+            ++call;
+            rt.micro[mr][nv](p, mi);
+            r += mr;
+          }
+        }
+      }
+#pragma omp barrier  // the next chunk overwrites the prepared rows
+    }
+  }
+}
+
+}  // namespace int4_detail
+
+// Runs the whole op. Workspace: int4_linear_workspace_bytes(M, K, N, num_threads, decode_max_rows).
+inline void int4_linear(const Int4LinearArgs& a, Isa isa) {
+  if (a.M <= 0 || a.N <= 0) return;
+  const Int4Kernels& kk = int4_kernels_for(isa);
+  const WsLayout L = int4_ws_layout(a.M, a.K, a.N, a.num_threads, a.decode_max_rows);
+  char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);
+  const bool bf16 = a.x_dtype == DType::kBF16 && a.bf16_dot && kk.has_bf16;
+  const Int4Route& rt = bf16 ? kk.bf16 : kk.f32;
+  const int64_t dmax = a.decode_max_rows >= 0 ? a.decode_max_rows : bf16 ? kDecodeMaxRowsBf16 : kDecodeMaxRowsF32;
+  if (a.M <= dmax) int4_detail::decode(a, kk, rt, L, ws);
+  else int4_detail::prefill(a, kk, rt, !bf16 && a.x_dtype != DType::kF32, L, ws);
+}
+
+}  // namespace cpu
+}  // namespace llmkern

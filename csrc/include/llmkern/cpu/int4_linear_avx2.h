@@ -1,0 +1,168 @@
+// int4_linear with AVX2 + FMA + F16C: the "avx2" ISA. The same two paths as AVX-512 with 8 lanes:
+// - decode: 32 bytes (64 values of k) per step as 8 32-bit lanes, lane j = k 8j .. 8j+7, x rows
+//   permuted once to match (value t of lane j at 8t + j); rescaled per step by a vector of the
+//   lanes' group scales; offsets . X at the end.
+// - prefill: fp32 panels [k][16] (the portable unpack of int4_linear_scalar.h) and 3 x 2-vector
+//   micro-kernels (6 + 6 accumulators of the 16 ymm registers).
+// fp32 arithmetic only (bf16/fp16 x are converted to fp32).
+#pragma once
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <cstdint>
+
+#include "llmkern/cpu/int4_linear_common.h"
+#include "llmkern/cpu/int4_linear_scalar.h"
+
+#define LLMKERN_I4_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LLMKERN_I4_AVX2_INLINE LLMKERN_I4_AVX2 inline __attribute__((always_inline))
+#define LLMKERN_I4_UNROLL2 _Pragma("GCC unroll 8")
+
+namespace llmkern {
+namespace cpu {
+namespace int4_avx2 {
+
+LLMKERN_I4_AVX2_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Lanes [0, n) of 8 set (a maskload / maskstore mask).
+LLMKERN_I4_AVX2_INLINE __m256i lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 columns: out = v + bias in dt (full vectors only; tails go through the portable store).
+LLMKERN_I4_AVX2_INLINE void store8(__m256 v, const float* bias, void* out, DType dt) {
+  if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias));
+  if (dt == DType::kF32) {
+    _mm256_storeu_ps(static_cast<float*>(out), v);
+  } else if (dt == DType::kF16) {
+    _mm_storeu_si128(static_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {  // bf16, as f32_to_bf16: nearest even, NaN stays a quiet NaN
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    r = _mm256_srli_epi32(r, 16);
+    r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), _MM_SHUFFLE(3, 1, 2, 0));
+    _mm_storeu_si128(static_cast<__m128i*>(out), _mm256_castsi256_si128(r));
+  }
+}
+
+LLMKERN_I4_AVX2 inline void store_row(const float* v, const float* bias, void* out, DType dt, int64_t cols) {
+  const int64_t es = dtype_size(dt);
+  int64_t n = 0;
+  for (; n + 8 <= cols; n += 8) store8(_mm256_loadu_ps(v + n), bias ? bias + n : nullptr, static_cast<char*>(out) + n * es, dt);
+  if (n < cols) int4_scalar::store_row(v + n, bias ? bias + n : nullptr, static_cast<char*>(out) + n * es, dt, cols - n);
+}
+
+// ------------------------------------------------------------------------------------ decode
+
+inline void dec_prep(const void* x, DType dt, int64_t K, int64_t G, void* xp, float* xs) {
+  permute_row_f32(x, dt, K, 8, static_cast<float*>(xp));
+  group_sums(x, dt, K, G, xs);
+}
+
+template <int MB, int NB>
+LLMKERN_I4_AVX2 void dec_tile(const DecodeTile& t) {
+  const int64_t rb = t.K / 2, G = t.group;
+  const __m256i nib = _mm256_set1_epi32(15);
+  // lane j of block b lies in group (64b + 8j) / G: index among the block's first group
+  const __m256i gidx = _mm256_srlv_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                         _mm256_set1_epi32(__builtin_ctzll(static_cast<uint64_t>(G)) - 3));
+  __m256 accf[MB][NB];
+  LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i)
+    LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j) accf[i][j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b * 32 < rb; ++b) {
+    const int64_t bytes = rb - b * 32 < 32 ? rb - b * 32 : 32;
+    const __m256i dm = lanes(bytes / 4);
+    if (b % 2 == 0) dec_prefetch(t, b / 2, (rb + 63) / 64, NB);  // one prefetch step per 64 bytes
+    __m256i d[NB];
+    LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j)
+      d[j] = _mm256_maskload_epi32(reinterpret_cast<const int*>(t.qw + j * rb + b * 32), dm);
+    __m256 acc[MB][NB];
+    LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i)
+      LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+    LLMKERN_I4_UNROLL2 for (int tt = 0; tt < 8; ++tt) {
+      __m256 xv[MB];
+      LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i) xv[i] = _mm256_loadu_ps(static_cast<const float*>(t.x[i]) + b * 64 + 8 * tt);
+      LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j) {
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d[j], 4 * tt), nib));
+        LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], q, acc[i][j]);
+      }
+    }
+    const int gs = __builtin_ctzll(static_cast<uint64_t>(G));  // G is a power of two
+    const int64_t g0 = (b * 64) >> gs, gv = (2 * bytes + G - 1) >> gs;
+    LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j) {
+      const __m256 s = _mm256_permutevar8x32_ps(_mm256_maskload_ps(t.scale + j * t.ngroups + g0, lanes(gv)), gidx);
+      LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i) accf[i][j] = _mm256_fmadd_ps(acc[i][j], s, accf[i][j]);
+    }
+  }
+  for (int64_t g = 0; g < t.ngroups; g += 8) {
+    const __m256i m = lanes(t.ngroups - g);
+    LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j) {
+      const __m256 o = _mm256_maskload_ps(t.offset + j * t.ngroups + g, m);
+      LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i)
+        accf[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(t.xs[i] + g), o, accf[i][j]);  // xs padded
+    }
+  }
+  LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i)
+    LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j) t.res[i * t.res_stride + j] = hsum(accf[i][j]);
+}
+
+// ----------------------------------------------------------------------------------- prefill
+
+constexpr int64_t kNS = 16, kKC = 128, kMR = 3;
+
+template <int MR, int NV>
+LLMKERN_I4_AVX2 void micro(const Panel& p, const Micro& m) {
+  const float* w = static_cast<const float*>(p.w);
+  const int64_t G = p.group;
+  const float* xr[MR];
+  LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) xr[i] = static_cast<const float*>(m.x[i]);
+  __m256 accf[MR][NV];
+  LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i)
+    LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v)
+      accf[i][v] = m.first ? _mm256_setzero_ps() : _mm256_loadu_ps(m.c + i * kNS + 8 * v);
+  for (int64_t g = 0; g * G < p.kc; ++g) {
+    __m256 acc[MR][NV];
+    LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i)
+      LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+      __m256 wv[NV];
+      LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_ps(w + k * kNS + 8 * v);
+      LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) {
+        const __m256 xb = _mm256_broadcast_ss(xr[i] + k);
+        LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(xb, wv[v], acc[i][v]);
+      }
+    }
+    LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) {
+      const __m256 s = _mm256_loadu_ps(p.ss + g * kNS + 8 * v), o = _mm256_loadu_ps(p.oo + g * kNS + 8 * v);
+      LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) {
+        accf[i][v] = _mm256_fmadd_ps(acc[i][v], s, accf[i][v]);
+        accf[i][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(m.xs[i] + g), o, accf[i][v]);
+      }
+    }
+  }
+  LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) {
+    if (m.last) {
+      alignas(32) float tmp[kNS];
+      LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) _mm256_store_ps(tmp + 8 * v, accf[i][v]);
+      store_row(tmp, m.bias, m.out[i], m.dt, m.ncols);
+    } else {
+      LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) _mm256_storeu_ps(m.c + i * kNS + 8 * v, accf[i][v]);
+    }
+  }
+}
+
+}  // namespace int4_avx2
+}  // namespace cpu
+}  // namespace llmkern

@@ -1,0 +1,196 @@
+// int4_linear prefill with AVX-512: weight panels unpacked once and micro-kernels over many rows.
+//
+// Panel: 48 weight rows (3 vectors of 16 output columns) x kc values of k, stored k-major so that a
+// micro-kernel step loads whole column vectors:
+//   fp32 route (any x):          w[k][48]    = float(q[n, k])                  (kc = 128, 24 KiB)
+//   bf16 route (bf16 x, BF16):   w[k/2][48]  = bf16 pair (q[n, k], q[n, k+1])  (kc = 256, 24 KiB)
+// The canonical bytes are [n][k/2]; 16 rows x 64 bytes are loaded as a 16 x 16 matrix of 32-bit
+// words and transposed, after which word d of every row (8 nibbles, k = 8d .. 8d+7) sits in one
+// vector with one lane per row: each nibble (fp32) or byte (bf16 pair) is a shift and a
+// 16-entry table permute (vpermps / vpermd read the low 4 index bits) away.
+//
+// Micro-kernel: MR <= 8 rows x NV <= 3 column vectors; per group it sums D = x . q into 24 fresh
+// accumulators (fp32 FMA with a broadcast x, or vdpbf16ps with a broadcast x pair: 24 independent
+// chains, enough to cover vdpbf16ps' 6-cycle latency at 2 per cycle), then folds them into the
+// running sums in the thread's C tile (L1) with the group's scale vector, plus X(m, g) times the
+// offset vector. The last group of the last K block adds the bias and stores y in x's dtype.
+#pragma once
+
+#include "llmkern/cpu/int4_linear_avx512.h"
+
+namespace llmkern {
+namespace cpu {
+namespace int4_avx512 {
+
+constexpr int64_t kNS = 48, kKCf32 = 128, kKCbf16 = 256, kMR = 8;
+static_assert(kNS <= kMaxNS && kMR <= kMaxMR && kKCbf16 <= kMaxKC && kKCf32 * kNS * 4 <= kPanelBytes, "panel fits the workspace");
+
+// r[n] = 16 words of row n -> r[d] = word d of rows 0..15 (lane n).
+LLMKERN_I4_AVX512_INLINE void transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  LLMKERN_I4_UNROLL for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + c], 128-bit lane L: rows 4i..4i+3 of word 4L + c
+  LLMKERN_I4_UNROLL for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // word 4L + c = 128-bit lane L of u[c], u[4 + c], u[8 + c], u[12 + c]: a 4 x 4 transpose of lanes
+  LLMKERN_I4_UNROLL for (int c = 0; c < 4; ++c) {
+    const __m512i a0 = _mm512_shuffle_i32x4(r[c], r[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i a1 = _mm512_shuffle_i32x4(r[c], r[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i b0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i b1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
+    t[c] = _mm512_shuffle_i32x4(a0, b0, _MM_SHUFFLE(2, 0, 2, 0));
+    t[4 + c] = _mm512_shuffle_i32x4(a0, b0, _MM_SHUFFLE(3, 1, 3, 1));
+    t[8 + c] = _mm512_shuffle_i32x4(a1, b1, _MM_SHUFFLE(2, 0, 2, 0));
+    t[12 + c] = _mm512_shuffle_i32x4(a1, b1, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+  LLMKERN_I4_UNROLL for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// 16 weight rows (rows >= nrows read as 0), `bytes` bytes from byte `off` of each, transposed.
+LLMKERN_I4_AVX512_INLINE void load_words(const uint8_t* qw, int64_t rb, int64_t nrows, int64_t off, int64_t bytes,
+                                         __m512i (&r)[16]) {
+  const __mmask16 dm = tail16(bytes / 4);
+  LLMKERN_I4_UNROLL for (int n = 0; n < 16; ++n)
+    r[n] = n < nrows ? _mm512_maskz_loadu_epi32(dm, qw + n * rb + off) : _mm512_setzero_si512();
+  transpose16(r);
+}
+
+// fp32 panel: w[k * kNS + n] = q[n0 + n, k0 + k] for the vectors that hold columns < ncols.
+LLMKERN_I4_AVX512 inline void unpack_panel_f32(const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc,
+                                               float* w) {
+  const __m512 tab = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t v = 0; v * 16 < ncols; ++v) {
+    for (int64_t c = 0; c * 128 < kc; ++c) {
+      const int64_t bytes = kc / 2 - 64 * c < 64 ? kc / 2 - 64 * c : 64;
+      __m512i r[16];
+      load_words(qw + 16 * v * rb, rb, ncols - 16 * v, k0 / 2 + 64 * c, bytes, r);
+      for (int64_t d = 0; d < bytes / 4; ++d) {
+        float* dst = w + (128 * c + 8 * d) * kNS + 16 * v;
+        LLMKERN_I4_UNROLL for (int t = 0; t < 8; ++t)
+          _mm512_storeu_ps(dst + t * kNS, _mm512_permutexvar_ps(_mm512_srli_epi32(r[d], 4 * t), tab));
+      }
+    }
+  }
+}
+
+// bf16 pair panel of dequantized weights: word w[p * kNS + n] = (bf16(w[n, k]), bf16(w[n, k + 1])),
+// k = k0 + 2p, with w = q * scale + offset in fp32 (multiply, then add: the canonical value) rounded
+// to bf16 (nearest even; vcvtne2ps2bf16 flushes fp32 denormals, |w| < 2^-126, to 0).
+LLMKERN_I4_BF16 inline void unpack_panel_bf16(const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc,
+                                              const float* ss, const float* oo, int64_t G, uint32_t* w) {
+  const __m512 tab = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // cvtne2ps2bf16(b, a) puts a's 16 values in words 0..15 and b's in 16..31: interleave to pairs.
+  const __m512i pairs = _mm512_setr_epi32(16 << 16 | 0, 17 << 16 | 1, 18 << 16 | 2, 19 << 16 | 3, 20 << 16 | 4,
+                                          21 << 16 | 5, 22 << 16 | 6, 23 << 16 | 7, 24 << 16 | 8, 25 << 16 | 9,
+                                          26 << 16 | 10, 27 << 16 | 11, 28 << 16 | 12, 29 << 16 | 13,
+                                          30 << 16 | 14, 31 << 16 | 15);
+  const int gs = __builtin_ctzll(static_cast<uint64_t>(G));
+  for (int64_t v = 0; v * 16 < ncols; ++v) {
+    for (int64_t c = 0; c * 128 < kc; ++c) {
+      const int64_t bytes = kc / 2 - 64 * c < 64 ? kc / 2 - 64 * c : 64;
+      __m512i r[16];
+      load_words(qw + 16 * v * rb, rb, ncols - 16 * v, k0 / 2 + 64 * c, bytes, r);
+      for (int64_t d = 0; d < bytes / 4; ++d) {
+        const int64_t g = (128 * c + 8 * d) >> gs;  // the word's 8 values of k lie in one group
+        const __m512 s = _mm512_loadu_ps(ss + g * kNS + 16 * v), o = _mm512_loadu_ps(oo + g * kNS + 16 * v);
+        uint32_t* dst = w + (64 * c + 4 * d) * kNS + 16 * v;
+        LLMKERN_I4_UNROLL for (int b = 0; b < 4; ++b) {  // byte b of the word: pair 4d + b
+          const __m512 lo = _mm512_permutexvar_ps(_mm512_srli_epi32(r[d], 8 * b), tab);
+          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(r[d], 8 * b + 4), tab);
+          const __m512 wl = _mm512_add_ps(_mm512_mul_ps(lo, s), o), wh = _mm512_add_ps(_mm512_mul_ps(hi, s), o);
+          const __m512i bf = (__m512i)_mm512_cvtne2ps_pbh(wh, wl);
+          _mm512_storeu_si512(dst + b * kNS, _mm512_permutexvar_epi16(pairs, bf));
+        }
+      }
+    }
+  }
+}
+
+// End of group g: C[i][v] = (C or 0) + D * scale + X * offset; on the block's last group of the
+// last K block, y = C + bias in x's dtype instead. C lives in the thread's C tile (L1), so all
+// 24 vector registers of a tile can hold D: 24 independent chains cover the dot products' latency.
+template <int MR, int NV>
+LLMKERN_I4_AVX512_INLINE void group_end(const __m512 (&acc)[MR][NV], const Panel& p, const Micro& m, int64_t g,
+                                        bool from_zero, bool to_out) {
+  const int64_t es = dtype_size(m.dt);
+  LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) {
+    const __m512 s = _mm512_loadu_ps(p.ss + g * kNS + 16 * v);
+    const __m512 o = _mm512_loadu_ps(p.oo + g * kNS + 16 * v);
+    LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) {
+      float* c = m.c + i * kNS + 16 * v;
+      __m512 r = _mm512_fmadd_ps(acc[i][v], s, from_zero ? _mm512_setzero_ps() : _mm512_loadu_ps(c));
+      r = _mm512_fmadd_ps(_mm512_set1_ps(m.xs[i][g]), o, r);
+      if (to_out)
+        store16(r, m.bias ? m.bias + 16 * v : nullptr, static_cast<char*>(m.out[i]) + 16 * v * es, m.dt,
+                tail16(m.ncols - 16 * v));
+      else
+        _mm512_storeu_ps(c, r);
+    }
+  }
+}
+
+template <int MR, int NV>
+LLMKERN_I4_AVX512 void micro_f32(const Panel& p, const Micro& m) {
+  const float* w = static_cast<const float*>(p.w);
+  const int64_t G = p.group, ng = p.kc / G;
+  const float* xr[MR];
+  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) xr[i] = static_cast<const float*>(m.x[i]);
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 acc[MR][NV];
+    LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
+      LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+      __m512 wv[NV];
+      LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(w + k * kNS + 16 * v);
+      LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) {
+        const __m512 xb = _mm512_set1_ps(xr[i][k]);
+        LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xb, wv[v], acc[i][v]);
+      }
+    }
+    group_end<MR, NV>(acc, p, m, g, m.first && g == 0, m.last && g == ng - 1);
+  }
+}
+
+// Dequantized bf16 panel: a plain bf16 GEMM tile, MR x NV vectors of fp32 sums over the K block,
+// started from C (or 0) and ended in C (or y).
+template <int MR, int NV>
+LLMKERN_I4_BF16 void micro_bf16(const Panel& p, const Micro& m) {
+  const uint32_t* w = static_cast<const uint32_t*>(p.w);
+  const uint16_t* xr[MR];
+  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) xr[i] = static_cast<const uint16_t*>(m.x[i]);
+  __m512 acc[MR][NV];
+  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
+    LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v)
+      acc[i][v] = m.first ? _mm512_setzero_ps() : _mm512_loadu_ps(m.c + i * kNS + 16 * v);
+  for (int64_t pp = 0; pp < p.kc / 2; ++pp) {
+    __m512i wv[NV];
+    LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + pp * kNS + 16 * v);
+    LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) {
+      uint32_t pair;  // x[k], x[k + 1] as one 32-bit word (rows are only 2-byte aligned)
+      __builtin_memcpy(&pair, xr[i] + 2 * pp, 4);
+      const __m512i xb = _mm512_set1_epi32(static_cast<int>(pair));
+      LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v)
+        acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xb, (__m512bh)wv[v]);
+    }
+  }
+  const int64_t es = dtype_size(m.dt);
+  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
+    LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) {
+      if (m.last)
+        store16(acc[i][v], m.bias ? m.bias + 16 * v : nullptr, static_cast<char*>(m.out[i]) + 16 * v * es, m.dt,
+                tail16(m.ncols - 16 * v));
+      else
+        _mm512_storeu_ps(m.c + i * kNS + 16 * v, acc[i][v]);
+    }
+}
+
+}  // namespace int4_avx512
+}  // namespace cpu
+}  // namespace llmkern

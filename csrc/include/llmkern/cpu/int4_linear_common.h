@@ -1,0 +1,208 @@
+// Shared pieces of the int4_linear CPU kernels: call arguments, the interfaces every ISA implements
+// (decode tiles, prefill panels and micro-kernels), the workspace layout, portable row preparation.
+//
+// Canonical weights (llmkern/ops/int4_linear.py): qweight [N, K/2] bytes, byte j of row n holds
+// q[n, 2j] (low nibble) and q[n, 2j+1] (high nibble); scales, offsets [N, K/G] fp32;
+// w[n, k] = q[n, k] * scale[n, g] + offset[n, g] with g = k / G.
+//
+// Every path computes, per output (m, n), in fp32:
+//   y[m, n] = sum_g ( scale[n, g] * D(m, n, g) + offset[n, g] * X(m, g) ) + bias[n]
+//   D(m, n, g) = sum_{k in g} x[m, k] * q[n, k]     (q exact as a float; fp32 sums)
+//   X(m, g)    = sum_{k in g} x[m, k]               (one sum per row and group, shared by all n)
+// which is the dequantize-then-matmul definition regrouped: one multiply-add per weight, and
+// the group's scale and offset applied once per group instead of once per weight. The products
+// x * q are exact for bf16/fp16 x (8 or 11 significant bits times 4), so the only roundings are
+// fp32 sums, as in a fp32 matmul. Each output is one thread's fixed-order sum: results do not
+// depend on the thread count.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "llmkern/cpu/convert.h"
+
+namespace llmkern {
+namespace cpu {
+
+struct Int4LinearArgs {
+  const void* x = nullptr;  // [M, K] in x_dtype, row m at x + m * x_row_stride elements
+  DType x_dtype = DType::kF32;
+  int64_t x_row_stride = 0;
+  int64_t M = 0, K = 0, N = 0;
+  const uint8_t* qweight = nullptr;  // [N, K / 2] contiguous
+  const float* scales = nullptr;     // [N, K / group] contiguous
+  const float* offsets = nullptr;    // [N, K / group] contiguous
+  int64_t group = 0;                 // 32, 64 or 128
+  const float* bias = nullptr;       // [N] or null
+  void* out = nullptr;               // [M, N] in x_dtype, row m at out + m * out_row_stride elements
+  int64_t out_row_stride = 0;
+  void* ws = nullptr;                // int4_linear_workspace_bytes(M, K, N, num_threads) bytes
+  int num_threads = 1;
+  int64_t decode_max_rows = -1;      // M <= this takes the decode path; < 0: kDecodeMaxRows
+  bool bf16_dot = true;              // bf16 x may use AVX512-BF16 dot products (when the CPU has them)
+};
+
+// M <= the decode limit: decode path (weights streamed once per tile of rows); above it, prefill
+// path (weight panels unpacked once, reused by every row). Crossover measured on Zen 5 (4096 x 4096,
+// cold weights): bf16 dot products (cheap nibble unpack) up to 16 rows, fp32 FMAs up to 8.
+constexpr int64_t kDecodeMaxRowsBf16 = 16, kDecodeMaxRowsF32 = 8;
+constexpr int64_t kDecodeMaxRows = kDecodeMaxRowsBf16;  // the larger: sizes the decode workspace
+
+constexpr int64_t kAlign = 64;
+inline int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+// ------------------------------------------------------------------------------- decode path
+// Decode rows are prepared once per call in an ISA-specific order (the order the ISA unpacks
+// nibbles in), padded with zeros to a multiple of 128 elements, plus the group sums X padded with
+// zeros to a multiple of 16 groups. A tile is MB rows x NB weight rows, dot products along K.
+constexpr int kDecMaxMB = 4;
+constexpr int kDecMaxNB = 8;
+
+struct DecodeTile {
+  const void* x[kDecMaxMB];    // prepared rows (ISA format)
+  const float* xs[kDecMaxMB];  // X(m, g) for g = 0.., padded with zeros to a multiple of 16
+  const uint8_t* qw;           // weight row n0, row stride K / 2
+  const float* scale;          // scale row n0, row stride ngroups
+  const float* offset;         // offset row n0, row stride ngroups
+  int64_t K, group, ngroups;
+  float* res;  // res[i * res_stride + j] = y[m0 + i, n0 + j] without bias
+  int64_t res_stride;
+  // Software prefetch of the weights the thread reads next (the hardware prefetchers do not keep
+  // up with many short row streams): pf_bytes bytes of packed weights at pf_qw and pf_gbytes bytes
+  // of scales and of offsets at pf_scale / pf_offset, spread over the tile's steps.
+  const uint8_t* pf_qw;
+  const float* pf_scale;
+  const float* pf_offset;
+  int64_t pf_bytes, pf_gbytes;
+};
+
+// Prefetches step b's share (of `steps`) of the tile's prefetch ranges into L1; the ISA kernels
+// call it once per step of 64 weight bytes per row (NB rows -> NB lines of weights per step).
+// always_inline: GCC 12 finds a function of only prefetches "pure" and deletes the calls.
+inline __attribute__((always_inline)) void dec_prefetch(const DecodeTile& t, int64_t b, int64_t steps, int NB) {
+  for (int j = 0; j < NB; ++j) {
+    const int64_t off = (b * NB + j) * 64;
+    if (off < t.pf_bytes) __builtin_prefetch(t.pf_qw + off, 0, 3);
+  }
+  const int64_t lines = (t.pf_gbytes + 63) / 64;
+  for (int64_t l = b * lines / steps; l < (b + 1) * lines / steps; ++l) {
+    __builtin_prefetch(reinterpret_cast<const char*>(t.pf_scale) + l * 64, 0, 3);
+    __builtin_prefetch(reinterpret_cast<const char*>(t.pf_offset) + l * 64, 0, 3);
+  }
+}
+using DecodeTileFn = void (*)(const DecodeTile&);
+
+// Bytes of one prepared decode row (the largest of the ISA formats: fp32, padded to 128).
+inline int64_t dec_row_bytes(int64_t K) { return align_up(K, 128) * 4; }
+inline int64_t groups_padded(int64_t K) { return align_up(K / 32, 16); }  // >= K / G for G >= 32
+
+// ------------------------------------------------------------------------------ prefill path
+// A thread unpacks a panel (NS consecutive weight rows x KC values of k) once into fp32 q values
+// [k][NS] or bf16 pairs [k/2][NS][2] (dequantized weights), with the strip's scales and offsets
+// transposed to [g][NS] once per strip (a contiguous read: rows n0.. are adjacent), and runs micro-kernels (MR rows x NS columns) over every row of the current M chunk. Partial
+// sums live in a per-thread C tile [rows][NS] between K blocks; the last K block writes y.
+constexpr int64_t kMaxNS = 48;    // panel width (columns) of any ISA
+constexpr int64_t kMaxKC = 256;   // panel depth of any ISA
+constexpr int64_t kMaxMR = 8;
+constexpr int64_t kPanelBytes = kMaxKC * kMaxNS * 4;
+// Scales or offsets of a whole strip (every group of K), transposed to [g][NS] once per strip.
+inline int64_t strip_group_bytes(int64_t K) { return align_up(groups_padded(K) * kMaxNS * 4, kAlign); }
+constexpr int64_t kChunkMaxRows = 512;  // rows of one M chunk when x is read in place
+constexpr int64_t kConvBudget = int64_t(2) << 20;  // bytes of converted fp32 rows per chunk
+
+struct Panel {
+  const void* w;      // fp32 [kc][NS] or bf16 pairs [kc/2][NS]
+  const float* ss;    // [kc / G][NS] scales (0 past the last column)
+  const float* oo;    // [kc / G][NS] offsets
+  int64_t kc, group;  // values of k in the panel (multiple of G), group size
+};
+
+struct Micro {
+  const void* x[kMaxMR];    // fp32 or bf16 rows at the panel's first k
+  const float* xs[kMaxMR];  // X(m, g) at the panel's first group
+  float* c;                 // C tile rows [MR][NS] (row stride NS)
+  bool first, last;         // first K block: start from 0; last: write y instead of C
+  void* out[kMaxMR];        // output row pointers at the panel's first column (last block only)
+  DType dt;
+  const float* bias;        // at the panel's first column, or null
+  int64_t ncols;            // valid columns of the panel (<= NS)
+};
+using MicroFn = void (*)(const Panel&, const Micro&);
+
+// Rows of one M chunk: all rows (up to kChunkMaxRows) when x is read in place, fewer when rows
+// are converted to fp32 first (kConvBudget bytes); a multiple of 4.
+inline int64_t chunk_rows(int64_t M, int64_t K, bool convert) {
+  int64_t r = convert ? kConvBudget / (align_up(K, 16) * 4) : kChunkMaxRows;
+  r = std::max<int64_t>(4, std::min<int64_t>(kChunkMaxRows, r) / 4 * 4);
+  return std::min(M, r);
+}
+
+// ---------------------------------------------------------------------------- workspace
+// [shared: converted fp32 rows of a chunk][shared: X of a chunk][per thread: decode rows | panel,
+// panel scales, panel offsets, C tile, row buffer], every region 64-byte aligned (no false sharing),
+// plus kAlign so the kernel can align the start.
+struct WsLayout {
+  int64_t conv = 0, xs = 0, thread0 = 0, per_thread = 0, total = 0;
+  int64_t chunk = 0;  // rows per M chunk (the largest of the conversion / in-place cases)
+};
+
+inline int64_t dec_thread_bytes(int64_t M, int64_t K) {
+  return align_up(M * dec_row_bytes(K), kAlign) + align_up(M * groups_padded(K) * 4, kAlign) +
+         align_up(M * 32 * 4, kAlign);
+}
+
+inline int64_t decode_limit(int64_t decode_max_rows) { return decode_max_rows < 0 ? kDecodeMaxRows : decode_max_rows; }
+
+inline WsLayout int4_ws_layout(int64_t M, int64_t K, int64_t N, int num_threads, int64_t decode_max_rows) {
+  (void)N;
+  WsLayout L;
+  if (M <= 0 || K <= 0) return L;
+  const int64_t nt = std::max(1, num_threads);
+  const int64_t conv_rows = chunk_rows(M, K, true);
+  L.chunk = std::max(conv_rows, chunk_rows(M, K, false));
+  L.conv = 0;
+  L.xs = align_up(conv_rows * align_up(K, 16) * 4, kAlign);
+  L.thread0 = L.xs + align_up(L.chunk * groups_padded(K) * 4, kAlign);
+  int64_t per = kPanelBytes + 2 * strip_group_bytes(K) + align_up(L.chunk * kMaxNS * 4, kAlign);
+  if (M <= decode_limit(decode_max_rows)) per = std::max(per, dec_thread_bytes(M, K));
+  L.per_thread = align_up(per, kAlign);
+  L.total = L.thread0 + nt * L.per_thread + kAlign;
+  return L;
+}
+
+inline int64_t int4_linear_workspace_bytes(int64_t M, int64_t K, int64_t N, int num_threads,
+                                           int64_t decode_max_rows = -1) {
+  return int4_ws_layout(M, K, N, num_threads, decode_max_rows).total;
+}
+
+// ------------------------------------------------------------------------ portable helpers
+
+// X(g) for the groups of one row (fp32 sums in k order), zeros up to groups_padded(K).
+inline void group_sums(const void* x, DType dt, int64_t K, int64_t G, float* xs) {
+  const int64_t ng = K / G;
+  for (int64_t g = 0; g < ng; ++g) {
+    float s = 0.0f;
+    for (int64_t k = g * G; k < (g + 1) * G; ++k) s += load_as_f32(x, k, dt);
+    xs[g] = s;
+  }
+  for (int64_t g = ng; g < groups_padded(K); ++g) xs[g] = 0.0f;
+}
+
+// q[n, k] of the canonical layout.
+inline int nibble(const uint8_t* row, int64_t k) { return (row[k >> 1] >> ((k & 1) * 4)) & 15; }
+
+// Decode row for an ISA of L lanes: blocks of 8L values of k; within a block, value t of lane j
+// (the t-th nibble of the lane's 32-bit word, t = 0..7) is k = 8j + t, stored at L * t + j.
+// L = 1 is the natural order. Zeros past K up to a multiple of 128.
+inline void permute_row_f32(const void* x, DType dt, int64_t K, int L, float* xp) {
+  const int64_t block = 8 * L, Kp = align_up(K, 128);
+  for (int64_t b = 0; b < Kp; b += block)
+    for (int t = 0; t < 8; ++t)
+      for (int j = 0; j < L; ++j) {
+        const int64_t k = b + 8 * j + t;
+        xp[b + L * t + j] = k < K ? load_as_f32(x, k, dt) : 0.0f;
+      }
+}
+
+}  // namespace cpu
+}  // namespace llmkern

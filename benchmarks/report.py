@@ -249,12 +249,28 @@ def _roofline(ax, pts, bw, peaks, plt) -> None:
     ax.set_title("roofline of this run's measured limits: height below the roof = fraction not reached")
 
 
+def write_compact(saved: str, path: str) -> None:
+    """Copy of a saved run with each benchmark's raw `stats.data` dropped (the summary stats stay)."""
+    with open(saved) as f:
+        run = json.load(f)
+    for b in run.get("benchmarks", []):
+        (b.get("stats") or {}).pop("data", None)
+    with open(path, "w") as f:
+        json.dump(run, f, indent=1)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("saved", help="JSON from --benchmark-json or --benchmark-save")
     ap.add_argument("--out", default=None, help="output folder (default: the JSON's folder)")
     ap.add_argument("--no-plot", action="store_true", help="write the table only")
+    ap.add_argument("--compact", metavar="PATH", default=None,
+                    help="also write the run without its raw per-round timings (pytest-benchmark keeps every "
+                         "round: hundreds of MB) to PATH, small enough to commit under benchmarks/results/")
     args = ap.parse_args(argv)
+    if args.compact:
+        write_compact(args.saved, args.compact)
     entries, meta = load(args.saved)
     if not entries:
         print(f"{args.saved}: no benchmark with timings (was it run with --benchmark-disable?)", file=sys.stderr)

@@ -317,6 +317,10 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
   float* xs = reinterpret_cast<float*>(ws + L.xs);      // [Mc][gp] group sums
   const int64_t xsize = convert ? 4 : dtype_size(a.x_dtype);
   const int nthreads = useful_threads(a.num_threads, a.M * a.N * a.K, kMinMacsPerThread);
+  // K blocks of equal depth (a multiple of G, at most the route's kc): K = 576 takes 3 x 192, not
+  // 256 + 256 + 64 (a short block costs a whole block's overheads).
+  const int64_t nblocks = (a.K + rt.kc - 1) / rt.kc;
+  const int64_t kcb = std::min(rt.kc, align_up((a.K + nblocks - 1) / nblocks, G));
 #pragma omp parallel num_threads(nthreads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -342,8 +346,8 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
         const int64_t n0 = s * NS, ncols = std::min(NS, a.N - n0), nv = (ncols + kk.vec - 1) / kk.vec;
         int4_scalar::strip_groups(a.scales + n0 * ng, ng, ncols, NS, ss);
         int4_scalar::strip_groups(a.offsets + n0 * ng, ng, ncols, NS, oo);
-        for (int64_t k0 = 0; k0 < a.K; k0 += rt.kc) {
-          const int64_t kc = std::min(rt.kc, a.K - k0);
+        for (int64_t k0 = 0; k0 < a.K; k0 += kcb) {
+          const int64_t kc = std::min(kcb, a.K - k0);
           const float* pss = ss + (k0 / G) * NS;
           const float* poo = oo + (k0 / G) * NS;
           rt.unpack(a.qweight + n0 * rb, rb, ncols, k0, kc, pss, poo, G, panel);

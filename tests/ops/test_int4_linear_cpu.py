@@ -270,6 +270,13 @@ def test_launcher_rejects_bad_arguments():
         C.int4_linear_workspace_size(1, 64, 5, 0)
 
 
+def test_empty_x_through_the_op():
+    qw, s, o = make_weights(5, 64, 32, torch.Generator().manual_seed(2))
+    for lead in ((0,), (2, 0)):
+        out = run_cpu(torch.randn(*lead, 64), qw, s, o, None)
+        assert out.shape == lead + (5,)
+
+
 def test_launcher_empty_output_is_a_no_op():
     qw, s, o = make_weights(5, 64, 32, torch.Generator().manual_seed(2))
     launch(torch.randn(0, 64), qw, s, o, torch.empty(0, 5), x_ptr=0, out_ptr=0)

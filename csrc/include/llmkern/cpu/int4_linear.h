@@ -52,6 +52,7 @@ struct Int4Route {
   I4UnpackFn unpack = nullptr;
   MicroFn micro[kMaxMR + 1][4] = {};  // [rows][column vectors]
   int64_t kc = 0;                     // panel depth
+  bool prefill_sums = true;           // prefill micro-kernels read the group sums X
 };
 
 struct Int4Kernels {
@@ -178,6 +179,7 @@ inline Int4Kernels make_avx512_kernels() {
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 7)
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 8)
   k.bf16.kc = v::kKCbf16;
+  k.bf16.prefill_sums = false;  // dequantized panels: offsets are in the weights
   k.ns = v::kNS;
   k.mr = v::kMR;
   k.vec = 16;
@@ -311,19 +313,27 @@ inline void decode(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Rou
 inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Route& rt, bool convert, const WsLayout& L,
                     char* ws) {
   const int64_t rb = a.K / 2, ng = a.K / a.group, G = a.group, NS = kk.ns;
-  const int64_t strips = (a.N + NS - 1) / NS, Mc = chunk_rows(a.M, a.K, convert);
+  // Columns are split among threads in whole vectors (not whole strips: 4096 columns are 85 1/3
+  // strips of 48, and a strip more on one thread costs 2%).
+  const int64_t units = (a.N + kk.vec - 1) / kk.vec, Mc = chunk_rows(a.M, a.K, convert);
+  const bool prep = convert || rt.prefill_sums;  // rows to prepare per chunk
   const int64_t kpad = align_up(a.K, 16), gp = groups_padded(a.K);
   float* conv = reinterpret_cast<float*>(ws + L.conv);  // [Mc][kpad] fp32 rows (when converting)
   float* xs = reinterpret_cast<float*>(ws + L.xs);      // [Mc][gp] group sums
   const int64_t xsize = convert ? 4 : dtype_size(a.x_dtype);
   const int nthreads = useful_threads(a.num_threads, a.M * a.N * a.K, kMinMacsPerThread);
+  // K blocks of equal depth (a multiple of G, at most the route's kc): K = 576 takes 3 x 192, not
+  // 256 + 256 + 64 (a short block costs a whole block's overheads).
+  const int64_t nblocks = (a.K + rt.kc - 1) / rt.kc;
+  const int64_t kcb = std::min(rt.kc, align_up((a.K + nblocks - 1) / nblocks, G));
 #pragma omp parallel num_threads(nthreads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t ts = std::min<int64_t>(nt, strips), tm = std::max<int64_t>(1, nt / ts);
+    const int64_t ts = std::min<int64_t>(nt, units), tm = std::max<int64_t>(1, nt / ts);
     const bool active = t < ts * tm;
-    int64_t s0 = 0, s1 = 0;
-    if (active) split(strips, ts, t % ts, &s0, &s1);
+    int64_t u0 = 0, u1 = 0;
+    if (active) split(units, ts, t % ts, &u0, &u1);
+    const int64_t col0 = u0 * kk.vec, col1 = std::min(a.N, u1 * kk.vec);  // this thread's columns
     char* mine = ws + L.thread0 + t * L.per_thread;
     void* panel = mine;
     float* ss = reinterpret_cast<float*>(mine + kPanelBytes);
@@ -331,26 +341,28 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
     float* ctile = oo + strip_group_bytes(a.K) / 4;  // [rows of this thread][NS]
     for (int64_t m0 = 0; m0 < a.M; m0 += Mc) {
       const int64_t m1 = std::min(a.M, m0 + Mc);
+      if (prep) {
 #pragma omp for schedule(static)
-      for (int64_t m = m0; m < m1; ++m) {
-        if (convert) kk.row_to_f32(x_row(a, m), a.x_dtype, a.K, conv + (m - m0) * kpad);
-        kk.group_sums(x_row(a, m), a.x_dtype, a.K, G, xs + (m - m0) * gp);
-      }  // implicit barrier: the chunk's rows are ready
+        for (int64_t m = m0; m < m1; ++m) {
+          if (convert) kk.row_to_f32(x_row(a, m), a.x_dtype, a.K, conv + (m - m0) * kpad);
+          if (rt.prefill_sums) kk.group_sums(x_row(a, m), a.x_dtype, a.K, G, xs + (m - m0) * gp);
+        }  // implicit barrier: the chunk's rows are ready
+      }
       int64_t r0 = 0, r1 = 0;
       if (active) split(m1 - m0, tm, t / ts, &r0, &r1);
-      for (int64_t s = s0; s < s1 && r1 > r0; ++s) {
-        const int64_t n0 = s * NS, ncols = std::min(NS, a.N - n0), nv = (ncols + kk.vec - 1) / kk.vec;
+      for (int64_t n0 = col0; n0 < col1 && r1 > r0; n0 += NS) {
+        const int64_t ncols = std::min(NS, col1 - n0), nv = (ncols + kk.vec - 1) / kk.vec;
         int4_scalar::strip_groups(a.scales + n0 * ng, ng, ncols, NS, ss);
         int4_scalar::strip_groups(a.offsets + n0 * ng, ng, ncols, NS, oo);
-        for (int64_t k0 = 0; k0 < a.K; k0 += rt.kc) {
-          const int64_t kc = std::min(rt.kc, a.K - k0);
+        for (int64_t k0 = 0; k0 < a.K; k0 += kcb) {
+          const int64_t kc = std::min(kcb, a.K - k0);
           const float* pss = ss + (k0 / G) * NS;
           const float* poo = oo + (k0 / G) * NS;
           rt.unpack(a.qweight + n0 * rb, rb, ncols, k0, kc, pss, poo, G, panel);
           // The same block of the thread's next strip (or of its first strip for the first
           // blocks: a strip ahead), prefetched a slice per micro-kernel call.
           BlockPrefetch pf;
-          if (s + 1 < s1) pf = BlockPrefetch(a, n0 + NS, std::min(NS, a.N - n0 - NS), k0, kc);
+          if (n0 + NS < col1) pf = BlockPrefetch(a, n0 + NS, std::min(NS, col1 - n0 - NS), k0, kc);
           const int64_t calls = (r1 - r0 + kk.mr - 1) / kk.mr;
           int64_t call = 0;
           const Panel p{panel, pss, poo, kc, G};
@@ -378,7 +390,9 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
           }
         }
       }
+      if (prep) {
 #pragma omp barrier  // the next chunk overwrites the prepared rows
+      }
     }
   }
 }

@@ -2,18 +2,20 @@
 //
 // Panel: 48 weight rows (3 vectors of 16 output columns) x kc values of k, stored k-major so that a
 // micro-kernel step loads whole column vectors:
-//   fp32 route (any x):          w[k][48]    = float(q[n, k])                  (kc = 128, 24 KiB)
-//   bf16 route (bf16 x, BF16):   w[k/2][48]  = bf16 pair (q[n, k], q[n, k+1])  (kc = 256, 24 KiB)
+//   fp32 route (any x):        w[k][48]   = float(q[n, k])                      (kc = 128, 24 KiB)
+//   bf16 route (bf16 x, BF16): w[k/2][48] = bf16 pair (w[n, k], w[n, k+1]) of the dequantized
+//                              weights w = q * scale + offset, rounded to bf16  (kc = 256, 24 KiB)
 // The canonical bytes are [n][k/2]; 16 rows x 64 bytes are loaded as a 16 x 16 matrix of 32-bit
 // words and transposed, after which word d of every row (8 nibbles, k = 8d .. 8d+7) sits in one
-// vector with one lane per row: each nibble (fp32) or byte (bf16 pair) is a shift and a
-// 16-entry table permute (vpermps / vpermd read the low 4 index bits) away.
+// vector with one lane per row: each nibble is a shift and a 16-entry table permute (vpermps reads
+// the low 4 index bits) away.
 //
-// Micro-kernel: MR <= 8 rows x NV <= 3 column vectors; per group it sums D = x . q into 24 fresh
-// accumulators (fp32 FMA with a broadcast x, or vdpbf16ps with a broadcast x pair: 24 independent
-// chains, enough to cover vdpbf16ps' 6-cycle latency at 2 per cycle), then folds them into the
-// running sums in the thread's C tile (L1) with the group's scale vector, plus X(m, g) times the
-// offset vector. The last group of the last K block adds the bias and stores y in x's dtype.
+// Micro-kernels: MR <= 8 rows x NV <= 3 column vectors = 24 accumulators, independent chains
+// enough to cover the 4-6 cycle latency of FMA / vdpbf16ps at 2 per cycle; x is broadcast from its
+// row (one value, or a bf16 pair). fp32 route: per group, D = x . q into fresh accumulators, then
+// folded into the running sums in the thread's C tile (L1) with the group's scale vector, plus
+// X(m, g) times the offset vector. bf16 route: a plain GEMM over the K block from C (or 0) to C.
+// The last K block adds the bias and stores y in x's dtype.
 #pragma once
 
 #include "llmkern/cpu/int4_linear_avx512.h"

@@ -5,15 +5,17 @@
 // q[n, 2j] (low nibble) and q[n, 2j+1] (high nibble); scales, offsets [N, K/G] fp32;
 // w[n, k] = q[n, k] * scale[n, g] + offset[n, g] with g = k / G.
 //
-// Every path computes, per output (m, n), in fp32:
+// Every path but one computes, per output (m, n), in fp32:
 //   y[m, n] = sum_g ( scale[n, g] * D(m, n, g) + offset[n, g] * X(m, g) ) + bias[n]
 //   D(m, n, g) = sum_{k in g} x[m, k] * q[n, k]     (q exact as a float; fp32 sums)
 //   X(m, g)    = sum_{k in g} x[m, k]               (one sum per row and group, shared by all n)
 // which is the dequantize-then-matmul definition regrouped: one multiply-add per weight, and
 // the group's scale and offset applied once per group instead of once per weight. The products
 // x * q are exact for bf16/fp16 x (8 or 11 significant bits times 4), so the only roundings are
-// fp32 sums, as in a fp32 matmul. Each output is one thread's fixed-order sum: results do not
-// depend on the thread count.
+// fp32 sums, as in a fp32 matmul. The exception, prefill with bf16 x on AVX512-BF16, multiplies x
+// by the canonical w rounded to bf16 (a plain bf16 GEMM, as F.linear in bf16 on those weights):
+// per-group rescaling would cost 2 FMAs per 16 dot products at G = 32. Each output is one
+// thread's fixed-order sum: results do not depend on the thread count.
 #pragma once
 
 #include <algorithm>
@@ -38,7 +40,7 @@ struct Int4LinearArgs {
   int64_t out_row_stride = 0;
   void* ws = nullptr;                // int4_linear_workspace_bytes(M, K, N, num_threads) bytes
   int num_threads = 1;
-  int64_t decode_max_rows = -1;      // M <= this takes the decode path; < 0: kDecodeMaxRows
+  int64_t decode_max_rows = -1;      // M <= this takes the decode path; < 0: the route's default
   bool bf16_dot = true;              // bf16 x may use AVX512-BF16 dot products (when the CPU has them)
 };
 
@@ -97,10 +99,12 @@ inline int64_t dec_row_bytes(int64_t K) { return align_up(K, 128) * 4; }
 inline int64_t groups_padded(int64_t K) { return align_up(K / 32, 16); }  // >= K / G for G >= 32
 
 // ------------------------------------------------------------------------------ prefill path
-// A thread unpacks a panel (NS consecutive weight rows x KC values of k) once into fp32 q values
-// [k][NS] or bf16 pairs [k/2][NS][2] (dequantized weights), with the strip's scales and offsets
-// transposed to [g][NS] once per strip (a contiguous read: rows n0.. are adjacent), and runs micro-kernels (MR rows x NS columns) over every row of the current M chunk. Partial
-// sums live in a per-thread C tile [rows][NS] between K blocks; the last K block writes y.
+// A thread takes strips of NS consecutive weight rows (output columns). Per strip it transposes the
+// scales and offsets to [g][NS] once (one contiguous read: the strip's rows are adjacent); per K
+// block it unpacks a panel (NS x kc values) once, into fp32 q values [k][NS] or bf16 pairs
+// [k/2][NS][2] of dequantized weights, and runs micro-kernels (MR rows x NS columns) over every row
+// of the current M chunk. Partial sums live in a per-thread C tile [rows][NS] between K blocks;
+// the last K block writes y.
 constexpr int64_t kMaxNS = 48;    // panel width (columns) of any ISA
 constexpr int64_t kMaxKC = 256;   // panel depth of any ISA
 constexpr int64_t kMaxMR = 8;
@@ -138,9 +142,9 @@ inline int64_t chunk_rows(int64_t M, int64_t K, bool convert) {
 }
 
 // ---------------------------------------------------------------------------- workspace
-// [shared: converted fp32 rows of a chunk][shared: X of a chunk][per thread: decode rows | panel,
-// panel scales, panel offsets, C tile, row buffer], every region 64-byte aligned (no false sharing),
-// plus kAlign so the kernel can align the start.
+// [shared: converted fp32 rows of a chunk][shared: X of a chunk][per thread: decode rows, their X,
+// a result chunk | panel, strip scales, strip offsets, C tile], every region 64-byte aligned (no
+// false sharing), plus kAlign so the kernel can align the start.
 struct WsLayout {
   int64_t conv = 0, xs = 0, thread0 = 0, per_thread = 0, total = 0;
   int64_t chunk = 0;  // rows per M chunk (the largest of the conversion / in-place cases)
@@ -160,7 +164,7 @@ inline WsLayout int4_ws_layout(int64_t M, int64_t K, int64_t N, int num_threads,
   const int64_t nt = std::max(1, num_threads);
   const int64_t conv_rows = chunk_rows(M, K, true);
   L.chunk = std::max(conv_rows, chunk_rows(M, K, false));
-  L.conv = 0;
+  L.conv = 0;  // first region
   L.xs = align_up(conv_rows * align_up(K, 16) * 4, kAlign);
   L.thread0 = L.xs + align_up(L.chunk * groups_padded(K) * 4, kAlign);
   int64_t per = kPanelBytes + 2 * strip_group_bytes(K) + align_up(L.chunk * kMaxNS * 4, kAlign);

@@ -1,5 +1,5 @@
 // int4_linear, portable C++ (no ISA extension): the "scalar" ISA, and the pieces the AVX2 path
-// shares (x rows to fp32, the fp32 weight-panel unpack, panel scales/offsets, row stores).
+// shares (x rows to fp32, the fp32 weight-panel unpack, strip scales/offsets, row stores).
 #pragma once
 
 #include <cstdint>

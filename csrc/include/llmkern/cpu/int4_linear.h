@@ -222,22 +222,23 @@ inline void* out_row(const Int4LinearArgs& a, int64_t m, int64_t n) {
 constexpr int64_t kColChunk = 32;
 
 // Prefetch of a panel block (rows [n0, n0 + ncols), k in [k0, k0 + kc)): per weight row, its
-// kc / 128 lines of packed weights; short pieces that no hardware prefetcher anticipates. Items [i0, i1) of `total`, so that the prefetches of the next
-// block can be spread over the current block's micro-kernel calls instead of issued in a burst.
+// kc / 128 lines of packed weights; short pieces that no hardware prefetcher anticipates. A cursor:
+// next(count) issues the next `count` prefetches, so that the next block's prefetches are spread
+// over the current block's micro-kernel calls instead of issued in a burst.
 struct BlockPrefetch {
   const uint8_t* qw = nullptr;  // row n0 at byte k0 / 2
-  int64_t rb = 0, per_row = 0, total = 0;
+  int64_t rb = 0, per_row = 0, rows = 0;
+  int64_t n = 0, l = 0;         // next row, next line in it
 
   BlockPrefetch() = default;
   BlockPrefetch(const Int4LinearArgs& a, int64_t n0, int64_t ncols, int64_t k0, int64_t kc)
-      : qw(a.qweight + n0 * (a.K / 2) + k0 / 2), rb(a.K / 2), per_row((kc + 127) / 128), total(ncols * per_row) {}
+      : qw(a.qweight + n0 * (a.K / 2) + k0 / 2), rb(a.K / 2), per_row((kc + 127) / 128), rows(ncols) {}
+
+  int64_t total() const { return rows * per_row; }
 
   // always_inline: GCC 12 deletes calls of a function of only prefetches (it finds it "pure").
-  inline __attribute__((always_inline)) void run(int64_t i0, int64_t i1) const {
-    i1 = std::min(i1, total);
-    if (i0 >= i1) return;
-    int64_t n = i0 / per_row, l = i0 % per_row;  // one division per call, then step through (n, l)
-    for (int64_t i = i0; i < i1; ++i) {
+  inline __attribute__((always_inline)) void next(int64_t count) {
+    for (; count > 0 && n < rows; --count) {
       __builtin_prefetch(qw + n * rb + 64 * l, 0, 3);
       if (++l == per_row) l = 0, ++n;
     }
@@ -363,8 +364,7 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
           // blocks: a strip ahead), prefetched a slice per micro-kernel call.
           BlockPrefetch pf;
           if (n0 + NS < col1) pf = BlockPrefetch(a, n0 + NS, std::min(NS, col1 - n0 - NS), k0, kc);
-          const int64_t calls = (r1 - r0 + kk.mr - 1) / kk.mr;
-          int64_t call = 0;
+          const int64_t calls = (r1 - r0 + kk.mr - 1) / kk.mr, per_call = (pf.total() + calls - 1) / calls;
           const Panel p{panel, pss, poo, kc, G};
           Micro mi;
           mi.first = k0 == 0;
@@ -383,8 +383,7 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
               mi.out[i] = out_row(a, m, n0);
             }
             mi.c = ctile + (r - r0) * NS;
-            pf.run(call * pf.total / calls, (call + 1) * pf.total / calls);
-            ++call;
+            pf.next(per_call);
             rt.micro[mr][nv](p, mi);
             r += mr;
           }

@@ -40,6 +40,8 @@ using I4PrepFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, void* x
 using I4RowFn = void (*)(const void* x, DType dt, int64_t K, float* out);
 using I4SumsFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, float* xs);
 using I4StoreFn = void (*)(const float* v, const float* bias, void* out, DType dt, int64_t cols);
+// dst[g * ns + n] = src[n * ngroups + g] for n < ncols, 0 up to the panel width ns
+using I4StripFn = void (*)(const float* src, int64_t ngroups, int64_t ncols, float* dst);
 // Unpacks a panel (see int4_linear_common.h) into w; ss / oo: the panel's scales and offsets [g][NS]
 // (read by routes that store dequantized weights).
 using I4UnpackFn = void (*)(const uint8_t* qw, int64_t row_bytes, int64_t ncols, int64_t k0, int64_t kc, const float* ss,
@@ -64,6 +66,7 @@ struct Int4Kernels {
   I4RowFn row_to_f32 = nullptr;
   I4SumsFn group_sums = nullptr;
   I4StoreFn store_row = nullptr;
+  I4StripFn strip_groups = nullptr;
 };
 
 #define LLMKERN_I4_DEC(tab, FN, MB) \
@@ -102,6 +105,9 @@ inline Int4Kernels make_scalar_kernels() {
   k.row_to_f32 = &s::row_to_f32;
   k.group_sums = &group_sums;
   k.store_row = &s::store_row;
+  k.strip_groups = [](const float* src, int64_t ngroups, int64_t ncols, float* dst) {
+    s::strip_groups(src, ngroups, ncols, s::kNS, dst);
+  };
   return k;
 }
 
@@ -131,6 +137,9 @@ inline Int4Kernels make_avx2_kernels() {
   k.row_to_f32 = &int4_scalar::row_to_f32;
   k.group_sums = &group_sums;
   k.store_row = &v::store_row;
+  k.strip_groups = [](const float* src, int64_t ngroups, int64_t ncols, float* dst) {
+    int4_scalar::strip_groups(src, ngroups, ncols, v::kNS, dst);
+  };
   return k;
 }
 
@@ -186,6 +195,7 @@ inline Int4Kernels make_avx512_kernels() {
   k.row_to_f32 = &v::row_to_f32;
   k.group_sums = &v::group_sums_v;
   k.store_row = &v::store_row;
+  k.strip_groups = &v::strip_groups;
   return k;
 }
 
@@ -353,8 +363,8 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
       if (active) split(m1 - m0, tm, t / ts, &r0, &r1);
       for (int64_t n0 = col0; n0 < col1 && r1 > r0; n0 += NS) {
         const int64_t ncols = std::min(NS, col1 - n0), nv = (ncols + kk.vec - 1) / kk.vec;
-        int4_scalar::strip_groups(a.scales + n0 * ng, ng, ncols, NS, ss);
-        int4_scalar::strip_groups(a.offsets + n0 * ng, ng, ncols, NS, oo);
+        kk.strip_groups(a.scales + n0 * ng, ng, ncols, ss);
+        kk.strip_groups(a.offsets + n0 * ng, ng, ncols, oo);
         for (int64_t k0 = 0; k0 < a.K; k0 += kcb) {
           const int64_t kc = std::min(kcb, a.K - k0);
           const float* pss = ss + (k0 / G) * NS;

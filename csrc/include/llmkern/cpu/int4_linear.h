@@ -40,6 +40,8 @@ using I4PrepFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, void* x
 using I4RowFn = void (*)(const void* x, DType dt, int64_t K, float* out);
 using I4SumsFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, float* xs);
 using I4StoreFn = void (*)(const float* v, const float* bias, void* out, DType dt, int64_t cols);
+// dst[g * ns + n] = src[n * ngroups + g] for n < ncols, 0 up to the panel width ns
+using I4StripFn = void (*)(const float* src, int64_t ngroups, int64_t ncols, float* dst);
 // Unpacks a panel (see int4_linear_common.h) into w; ss / oo: the panel's scales and offsets [g][NS]
 // (read by routes that store dequantized weights).
 using I4UnpackFn = void (*)(const uint8_t* qw, int64_t row_bytes, int64_t ncols, int64_t k0, int64_t kc, const float* ss,
@@ -64,6 +66,7 @@ struct Int4Kernels {
   I4RowFn row_to_f32 = nullptr;
   I4SumsFn group_sums = nullptr;
   I4StoreFn store_row = nullptr;
+  I4StripFn strip_groups = nullptr;
 };
 
 #define LLMKERN_I4_DEC(tab, FN, MB) \
@@ -102,6 +105,9 @@ inline Int4Kernels make_scalar_kernels() {
   k.row_to_f32 = &s::row_to_f32;
   k.group_sums = &group_sums;
   k.store_row = &s::store_row;
+  k.strip_groups = [](const float* src, int64_t ngroups, int64_t ncols, float* dst) {
+    s::strip_groups(src, ngroups, ncols, s::kNS, dst);
+  };
   return k;
 }
 
@@ -131,6 +137,9 @@ inline Int4Kernels make_avx2_kernels() {
   k.row_to_f32 = &int4_scalar::row_to_f32;
   k.group_sums = &group_sums;
   k.store_row = &v::store_row;
+  k.strip_groups = [](const float* src, int64_t ngroups, int64_t ncols, float* dst) {
+    int4_scalar::strip_groups(src, ngroups, ncols, v::kNS, dst);
+  };
   return k;
 }
 
@@ -186,6 +195,7 @@ inline Int4Kernels make_avx512_kernels() {
   k.row_to_f32 = &v::row_to_f32;
   k.group_sums = &v::group_sums_v;
   k.store_row = &v::store_row;
+  k.strip_groups = &v::strip_groups;
   return k;
 }
 
@@ -222,22 +232,23 @@ inline void* out_row(const Int4LinearArgs& a, int64_t m, int64_t n) {
 constexpr int64_t kColChunk = 32;
 
 // Prefetch of a panel block (rows [n0, n0 + ncols), k in [k0, k0 + kc)): per weight row, its
-// kc / 128 lines of packed weights; short pieces that no hardware prefetcher anticipates. Items [i0, i1) of `total`, so that the prefetches of the next
-// block can be spread over the current block's micro-kernel calls instead of issued in a burst.
+// kc / 128 lines of packed weights; short pieces that no hardware prefetcher anticipates. A cursor:
+// next(count) issues the next `count` prefetches, so that the next block's prefetches are spread
+// over the current block's micro-kernel calls instead of issued in a burst.
 struct BlockPrefetch {
   const uint8_t* qw = nullptr;  // row n0 at byte k0 / 2
-  int64_t rb = 0, per_row = 0, total = 0;
+  int64_t rb = 0, per_row = 0, rows = 0;
+  int64_t n = 0, l = 0;         // next row, next line in it
 
   BlockPrefetch() = default;
   BlockPrefetch(const Int4LinearArgs& a, int64_t n0, int64_t ncols, int64_t k0, int64_t kc)
-      : qw(a.qweight + n0 * (a.K / 2) + k0 / 2), rb(a.K / 2), per_row((kc + 127) / 128), total(ncols * per_row) {}
+      : qw(a.qweight + n0 * (a.K / 2) + k0 / 2), rb(a.K / 2), per_row((kc + 127) / 128), rows(ncols) {}
+
+  int64_t total() const { return rows * per_row; }
 
   // always_inline: GCC 12 deletes calls of a function of only prefetches (it finds it "pure").
-  inline __attribute__((always_inline)) void run(int64_t i0, int64_t i1) const {
-    i1 = std::min(i1, total);
-    if (i0 >= i1) return;
-    int64_t n = i0 / per_row, l = i0 % per_row;  // one division per call, then step through (n, l)
-    for (int64_t i = i0; i < i1; ++i) {
+  inline __attribute__((always_inline)) void next(int64_t count) {
+    for (; count > 0 && n < rows; --count) {
       __builtin_prefetch(qw + n * rb + 64 * l, 0, 3);
       if (++l == per_row) l = 0, ++n;
     }
@@ -352,8 +363,8 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
       if (active) split(m1 - m0, tm, t / ts, &r0, &r1);
       for (int64_t n0 = col0; n0 < col1 && r1 > r0; n0 += NS) {
         const int64_t ncols = std::min(NS, col1 - n0), nv = (ncols + kk.vec - 1) / kk.vec;
-        int4_scalar::strip_groups(a.scales + n0 * ng, ng, ncols, NS, ss);
-        int4_scalar::strip_groups(a.offsets + n0 * ng, ng, ncols, NS, oo);
+        kk.strip_groups(a.scales + n0 * ng, ng, ncols, ss);
+        kk.strip_groups(a.offsets + n0 * ng, ng, ncols, oo);
         for (int64_t k0 = 0; k0 < a.K; k0 += kcb) {
           const int64_t kc = std::min(kcb, a.K - k0);
           const float* pss = ss + (k0 / G) * NS;
@@ -363,8 +374,7 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
           // blocks: a strip ahead), prefetched a slice per micro-kernel call.
           BlockPrefetch pf;
           if (n0 + NS < col1) pf = BlockPrefetch(a, n0 + NS, std::min(NS, col1 - n0 - NS), k0, kc);
-          const int64_t calls = (r1 - r0 + kk.mr - 1) / kk.mr;
-          int64_t call = 0;
+          const int64_t calls = (r1 - r0 + kk.mr - 1) / kk.mr, per_call = (pf.total() + calls - 1) / calls;
           const Panel p{panel, pss, poo, kc, G};
           Micro mi;
           mi.first = k0 == 0;
@@ -383,8 +393,7 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
               mi.out[i] = out_row(a, m, n0);
             }
             mi.c = ctile + (r - r0) * NS;
-            pf.run(call * pf.total / calls, (call + 1) * pf.total / calls);
-            ++call;
+            pf.next(per_call);
             rt.micro[mr][nv](p, mi);
             r += mr;
           }

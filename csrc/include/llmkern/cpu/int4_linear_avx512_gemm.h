@@ -64,6 +64,21 @@ LLMKERN_I4_AVX512_INLINE void load_words(const uint8_t* qw, int64_t rb, int64_t 
   transpose16(r);
 }
 
+// Scales or offsets of a strip: dst[g * NS + n] = src[n * ngroups + g] for rows n < ncols, 0 for
+// ncols <= n < NS (NS = kNS); 16 rows x 16 groups at a time through the word transpose.
+LLMKERN_I4_AVX512 inline void strip_groups(const float* src, int64_t ngroups, int64_t ncols, float* dst) {
+  for (int64_t v = 0; v * 16 < kNS; ++v) {
+    for (int64_t g = 0; g < ngroups; g += 16) {
+      const __mmask16 m = tail16(ngroups - g);
+      __m512i r[16];
+      LLMKERN_I4_UNROLL for (int n = 0; n < 16; ++n)
+        r[n] = 16 * v + n < ncols ? _mm512_maskz_loadu_epi32(m, src + (16 * v + n) * ngroups + g) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t j = 0; j < 16 && g + j < ngroups; ++j) _mm512_storeu_si512(dst + (g + j) * kNS + 16 * v, r[j]);
+    }
+  }
+}
+
 // fp32 panel: w[k * kNS + n] = q[n0 + n, k0 + k] for the vectors that hold columns < ncols.
 LLMKERN_I4_AVX512 inline void unpack_panel_f32(const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc,
                                                float* w) {

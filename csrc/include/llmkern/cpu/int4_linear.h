@@ -42,6 +42,8 @@ using I4SumsFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, float* 
 using I4StoreFn = void (*)(const float* v, const float* bias, void* out, DType dt, int64_t cols);
 // dst[g * ns + n] = src[n * ngroups + g] for n < ncols, 0 up to the panel width ns
 using I4StripFn = void (*)(const float* src, int64_t ngroups, int64_t ncols, float* dst);
+// packs rows [0, rows <= 16) of bf16 x for a route that reads packed rows (XMode::kPack)
+using I4PackFn = void (*)(const uint16_t* x, int64_t stride, int64_t rows, int64_t K, uint32_t* dst);
 // Unpacks a panel (see int4_linear_common.h) into w; ss / oo: the panel's scales and offsets [g][NS]
 // (read by routes that store dequantized weights).
 using I4UnpackFn = void (*)(const uint8_t* qw, int64_t row_bytes, int64_t ncols, int64_t k0, int64_t kc, const float* ss,
@@ -55,6 +57,7 @@ struct Int4Route {
   MicroFn micro[kMaxMR + 1][4] = {};  // [rows][column vectors]
   int64_t kc = 0;                     // panel depth
   bool prefill_sums = true;           // prefill micro-kernels read the group sums X
+  I4PackFn pack = nullptr;            // prefill micro-kernels read x packed (XMode::kPack)
 };
 
 struct Int4Kernels {
@@ -189,6 +192,7 @@ inline Int4Kernels make_avx512_kernels() {
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 8)
   k.bf16.kc = v::kKCbf16;
   k.bf16.prefill_sums = false;  // dequantized panels: offsets are in the weights
+  k.bf16.pack = &v::pack_rows_bf16;
   k.ns = v::kNS;
   k.mr = v::kMR;
   k.vec = 16;
@@ -324,12 +328,14 @@ inline void decode(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Rou
 inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Route& rt, bool convert, const WsLayout& L,
                     char* ws) {
   const int64_t rb = a.K / 2, ng = a.K / a.group, G = a.group, NS = kk.ns;
+  const XMode mode = rt.pack ? XMode::kPack : convert ? XMode::kConvert : XMode::kInPlace;
   // Columns are split among threads in whole vectors (not whole strips: 4096 columns are 85 1/3
   // strips of 48, and a strip more on one thread costs 2%).
-  const int64_t units = (a.N + kk.vec - 1) / kk.vec, Mc = chunk_rows(a.M, a.K, convert);
-  const bool prep = convert || rt.prefill_sums;  // rows to prepare per chunk
-  const int64_t kpad = align_up(a.K, 16), gp = groups_padded(a.K);
-  float* conv = reinterpret_cast<float*>(ws + L.conv);  // [Mc][kpad] fp32 rows (when converting)
+  const int64_t units = (a.N + kk.vec - 1) / kk.vec, Mc = chunk_rows(a.M, a.K, mode);
+  const bool prep = mode != XMode::kInPlace || rt.prefill_sums;  // rows to prepare per chunk
+  const int64_t kpad = align_up(a.K, 16), gp = groups_padded(a.K), blk = a.K / 2 * 8;
+  float* conv = reinterpret_cast<float*>(ws + L.conv);  // kConvert: [Mc][kpad] fp32 rows
+  uint32_t* packed = reinterpret_cast<uint32_t*>(ws + L.conv);  // kPack: [Mc / 8][K / 2][8] pairs
   float* xs = reinterpret_cast<float*>(ws + L.xs);      // [Mc][gp] group sums
   const int64_t xsize = convert ? 4 : dtype_size(a.x_dtype);
   const int nthreads = useful_threads(a.num_threads, a.M * a.N * a.K, kMinMacsPerThread);
@@ -353,14 +359,25 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
     for (int64_t m0 = 0; m0 < a.M; m0 += Mc) {
       const int64_t m1 = std::min(a.M, m0 + Mc);
       if (prep) {
+        // 16 rows per step: the packing transposes 16 rows x 16 pairs at a time
 #pragma omp for schedule(static)
-        for (int64_t m = m0; m < m1; ++m) {
-          if (convert) kk.row_to_f32(x_row(a, m), a.x_dtype, a.K, conv + (m - m0) * kpad);
-          if (rt.prefill_sums) kk.group_sums(x_row(a, m), a.x_dtype, a.K, G, xs + (m - m0) * gp);
+        for (int64_t b = 0; b < (m1 - m0 + 15) / 16; ++b) {
+          const int64_t r = 16 * b, rows = std::min<int64_t>(16, m1 - m0 - r);
+          if (mode == XMode::kPack)
+            rt.pack(static_cast<const uint16_t*>(x_row(a, m0 + r)), a.x_row_stride, rows, a.K, packed + (r / 8) * blk);
+          for (int64_t i = r; i < r + rows; ++i) {
+            if (mode == XMode::kConvert) kk.row_to_f32(x_row(a, m0 + i), a.x_dtype, a.K, conv + i * kpad);
+            if (rt.prefill_sums) kk.group_sums(x_row(a, m0 + i), a.x_dtype, a.K, G, xs + i * gp);
+          }
         }  // implicit barrier: the chunk's rows are ready
       }
+      // this thread's rows of the chunk, in whole blocks of 8 (the packed row blocks)
       int64_t r0 = 0, r1 = 0;
-      if (active) split(m1 - m0, tm, t / ts, &r0, &r1);
+      if (active) {
+        split((m1 - m0 + 7) / 8, tm, t / ts, &r0, &r1);
+        r0 *= 8;
+        r1 = std::min(m1 - m0, r1 * 8);
+      }
       for (int64_t n0 = col0; n0 < col1 && r1 > r0; n0 += NS) {
         const int64_t ncols = std::min(NS, col1 - n0), nv = (ncols + kk.vec - 1) / kk.vec;
         kk.strip_groups(a.scales + n0 * ng, ng, ncols, ss);
@@ -382,16 +399,16 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
           mi.dt = a.x_dtype;
           mi.bias = a.bias ? a.bias + n0 : nullptr;
           mi.ncols = ncols;
-          for (int64_t r = r0; r < r1;) {
+          for (int64_t r = r0; r < r1;) {  // packed rows (AVX-512: kk.mr = 8): r is a block start
             const int mr = static_cast<int>(std::min<int64_t>(kk.mr, r1 - r));
             for (int i = 0; i < mr; ++i) {
               const int64_t m = m0 + r + i;
-              const char* row = convert ? reinterpret_cast<const char*>(conv + (r + i) * kpad)
-                                        : static_cast<const char*>(x_row(a, m));
-              mi.x[i] = row + k0 * xsize;
+              if (mode == XMode::kConvert) mi.x[i] = reinterpret_cast<const char*>(conv + (r + i) * kpad) + k0 * 4;
+              else mi.x[i] = static_cast<const char*>(x_row(a, m)) + k0 * xsize;
               mi.xs[i] = xs + (r + i) * gp + k0 / G;
               mi.out[i] = out_row(a, m, n0);
             }
+            if (mode == XMode::kPack) mi.x[0] = packed + (r / 8) * blk + (k0 / 2) * 8;
             mi.c = ctile + (r - r0) * NS;
             pf.next(per_call);
             rt.micro[mr][nv](p, mi);

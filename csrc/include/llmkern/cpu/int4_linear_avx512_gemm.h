@@ -12,7 +12,7 @@
 //
 // Micro-kernels: MR <= 8 rows x NV <= 3 column vectors = 24 accumulators, independent chains
 // enough to cover the 4-6 cycle latency of FMA / vdpbf16ps at 2 per cycle; x is broadcast from its
-// row (one value, or a bf16 pair). fp32 route: per group, D = x . q into fresh accumulators, then
+// row (one fp32 value) or from the packed rows (a bf16 pair; 8 rows' pairs are 32 contiguous bytes). fp32 route: per group, D = x . q into fresh accumulators, then
 // folded into the running sums in the thread's C tile (L1) with the group's scale vector, plus
 // X(m, g) times the offset vector. bf16 route: a plain GEMM over the K block from C (or 0) to C.
 // The last K block adds the bias and stores y in x's dtype.
@@ -75,6 +75,26 @@ LLMKERN_I4_AVX512 inline void strip_groups(const float* src, int64_t ngroups, in
         r[n] = 16 * v + n < ncols ? _mm512_maskz_loadu_epi32(m, src + (16 * v + n) * ngroups + g) : _mm512_setzero_si512();
       transpose16(r);
       for (int64_t j = 0; j < 16 && g + j < ngroups; ++j) _mm512_storeu_si512(dst + (g + j) * kNS + 16 * v, r[j]);
+    }
+  }
+}
+
+static_assert(kMR == 8, "packed x: one micro-kernel call reads one block of 8 rows");
+
+// Packs rows [0, rows) (rows <= 16, bf16, row stride `stride` elements) of a chunk for the bf16
+// micro-kernel: dst[(i / 8) * blk + p * 8 + i % 8] = pair p of row i (32 bits), p < K / 2, rows
+// past `rows` (up to the next multiple of 8) zero; blk = K / 2 * 8 words per block of 8 rows.
+LLMKERN_I4_AVX512 inline void pack_rows_bf16(const uint16_t* x, int64_t stride, int64_t rows, int64_t K,
+                                             uint32_t* dst) {
+  const int64_t pairs = K / 2, blk = pairs * 8;  // K is a multiple of 32: whole 16-pair steps
+  for (int64_t p = 0; p < pairs; p += 16) {
+    __m512i r[16];
+    LLMKERN_I4_UNROLL for (int i = 0; i < 16; ++i)
+      r[i] = i < rows ? _mm512_loadu_si512(x + i * stride + 2 * p) : _mm512_setzero_si512();
+    transpose16(r);  // r[j] lane i = pair p + j of row i
+    LLMKERN_I4_UNROLL for (int j = 0; j < 16; ++j) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (p + j) * 8), _mm512_castsi512_si256(r[j]));
+      if (rows > 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + blk + (p + j) * 8), _mm512_extracti64x4_epi64(r[j], 1));
     }
   }
 }
@@ -180,8 +200,7 @@ LLMKERN_I4_AVX512 void micro_f32(const Panel& p, const Micro& m) {
 template <int MR, int NV>
 LLMKERN_I4_BF16 void micro_bf16(const Panel& p, const Micro& m) {
   const uint32_t* w = static_cast<const uint32_t*>(p.w);
-  const uint16_t* xr[MR];
-  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) xr[i] = static_cast<const uint16_t*>(m.x[i]);
+  const uint32_t* xp = static_cast<const uint32_t*>(m.x[0]);  // packed: pair pp of row i at pp * 8 + i
   __m512 acc[MR][NV];
   LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
     LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v)
@@ -190,9 +209,7 @@ LLMKERN_I4_BF16 void micro_bf16(const Panel& p, const Micro& m) {
     __m512i wv[NV];
     LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + pp * kNS + 16 * v);
     LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) {
-      uint32_t pair;  // x[k], x[k + 1] as one 32-bit word (rows are only 2-byte aligned)
-      __builtin_memcpy(&pair, xr[i] + 2 * pp, 4);
-      const __m512i xb = _mm512_set1_epi32(static_cast<int>(pair));
+      const __m512i xb = _mm512_set1_epi32(static_cast<int>(xp[pp * 8 + i]));  // x[k], x[k + 1]
       LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v)
         acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xb, (__m512bh)wv[v]);
     }

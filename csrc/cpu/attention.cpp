@@ -18,17 +18,12 @@ namespace {
 
 const char* kWhere = "llmkern._C.attention";
 
-[[noreturn]] void fail(const std::string& what) { throw py::value_error(std::string(kWhere) + ": " + what); }
+[[noreturn]] void fail(const std::string& what) { fail_arg(kWhere, what); }
 
-void check_ptr(const char* name, std::uintptr_t p, int64_t align) {
-  if (p == 0) fail(std::string(name) + " is a null pointer");
-  if (p % align) fail(std::string(name) + " is not aligned to its element size (" + std::to_string(align) + " bytes)");
-}
+void check_ptr(const char* name, std::uintptr_t p, int64_t align) { check_ptr_arg(kWhere, name, p, align); }
 
 void check_strides(const char* name, const std::vector<int64_t>& s) {
-  if (s.size() != 3) fail(std::string(name) + " must have 3 strides (batch, token, head)");
-  for (int64_t x : s)
-    if (x < 0) fail(std::string(name) + " strides must be >= 0");
+  check_strides_arg(kWhere, name, s, 3, "batch, token, head");
 }
 
 // cu [B + 1]: starts at 0, never decreases, ends at most at `total` rows (the kernel trusts it).

@@ -18,12 +18,9 @@ namespace {
 
 const char* kWhere = "llmkern._C.decode_attention";
 
-[[noreturn]] void fail(const std::string& what) { throw py::value_error(std::string(kWhere) + ": " + what); }
+[[noreturn]] void fail(const std::string& what) { fail_arg(kWhere, what); }
 
-void check_ptr(const char* name, std::uintptr_t p, int64_t align) {
-  if (p == 0) fail(std::string(name) + " is a null pointer");
-  if (p % align) fail(std::string(name) + " is not aligned to its element size (" + std::to_string(align) + " bytes)");
-}
+void check_ptr(const char* name, std::uintptr_t p, int64_t align) { check_ptr_arg(kWhere, name, p, align); }
 
 void check_strides(const char* name, const std::vector<int64_t>& s, size_t n) {
   if (s.size() != n) fail(std::string(name) + " must have " + std::to_string(n) + " strides");

@@ -16,14 +16,9 @@ namespace {
 
 const char* kWhere = "llmkern._C.int4_linear";
 
-[[noreturn]] void fail(const char* where, const std::string& what) {
-  throw py::value_error(std::string(where) + ": " + what);
-}
+[[noreturn]] void fail(const char* where, const std::string& what) { fail_arg(where, what); }
 
-void check_ptr(const char* name, std::uintptr_t p, int64_t align) {
-  if (p == 0) fail(kWhere, std::string(name) + " is a null pointer");
-  if (p % align) fail(kWhere, std::string(name) + " is not aligned to its element size (" + std::to_string(align) + " bytes)");
-}
+void check_ptr(const char* name, std::uintptr_t p, int64_t align) { check_ptr_arg(kWhere, name, p, align); }
 
 // Sizes must be small enough that every byte offset the kernel forms fits in int64.
 constexpr int64_t kMaxDim = int64_t(1) << 31;

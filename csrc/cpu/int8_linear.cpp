@@ -16,7 +16,7 @@ namespace {
 
 const char* kWhere = "llmkern._C.int8_linear";
 
-[[noreturn]] void fail(const std::string& what) { throw py::value_error(std::string(kWhere) + ": " + what); }
+[[noreturn]] void fail(const std::string& what) { fail_arg(kWhere, what); }
 
 bool parse_mode(const std::string& mode, const char* where) {
   if (mode == "w8a8") return true;
@@ -24,10 +24,7 @@ bool parse_mode(const std::string& mode, const char* where) {
   throw py::value_error(std::string(where) + ": mode must be 'w8a16' or 'w8a8', got '" + mode + "'");
 }
 
-void check_ptr(const char* name, std::uintptr_t p, int64_t align) {
-  if (p == 0) fail(std::string(name) + " is a null pointer");
-  if (p % align) fail(std::string(name) + " is not aligned to its element size (" + std::to_string(align) + " bytes)");
-}
+void check_ptr(const char* name, std::uintptr_t p, int64_t align) { check_ptr_arg(kWhere, name, p, align); }
 
 // Sizes must be small enough that every byte offset the kernel forms fits in int64.
 constexpr int64_t kMaxDim = int64_t(1) << 31;

@@ -17,13 +17,9 @@ namespace {
 
 const char* kWhere = "llmkern._C.rms_norm";
 
-[[noreturn]] void fail(const std::string& what) { throw py::value_error(std::string(kWhere) + ": " + what); }
+[[noreturn]] void fail(const std::string& what) { fail_arg(kWhere, what); }
 
-void check_ptr(const char* name, std::uintptr_t p, int dtype) {
-  const int align = dtype == 0 ? 4 : 2;
-  if (p == 0) fail(std::string(name) + " is a null pointer");
-  if (p % align) fail(std::string(name) + " is not aligned to its element size (" + std::to_string(align) + " bytes)");
-}
+void check_ptr(const char* name, std::uintptr_t p, int dtype) { check_ptr_arg(kWhere, name, p, dtype == 0 ? 4 : 2); }
 
 void check_dtype(const char* name, int code) {
   if (code < 0 || code > 2) fail(std::string(name) + " must be 0 (float32), 1 (bfloat16) or 2 (float16)");

@@ -6,6 +6,7 @@
 
 #include "bindings.h"
 #include "llmkern/cpu/features.h"
+#include "llmkern/cpu/membench.h"
 
 namespace py = pybind11;
 
@@ -27,6 +28,19 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "CPU features usable here (cpuid, and xgetbv for the OS saving the registers): name -> bool.");
+  m.def(
+      "read_sum",
+      [](std::uintptr_t ptr, int64_t n, int threads, const std::string& isa) {
+        const char* where = "llmkern._C.read_sum";
+        if (n < 0) llmkern::bindings::fail_arg(where, "n must be >= 0, got " + std::to_string(n));
+        if (n > 0) llmkern::bindings::check_ptr_arg(where, "ptr", ptr, 4);
+        const auto i = llmkern::bindings::isa_or_throw(where, isa);
+        py::gil_scoped_release nogil;
+        return llmkern::cpu::read_sum(reinterpret_cast<const float*>(ptr), n, threads, i);
+      },
+      py::arg("ptr"), py::arg("n"), py::arg("threads"), py::arg("isa") = "",
+      "Sum of n float32 at ptr, streamed with the widest loads over `threads` threads: the memory "
+      "read-bandwidth probe of benchmarks/_machine.py.");
   llmkern::bindings::bind_int8_linear(m);
   llmkern::bindings::bind_decode_attention(m);
   llmkern::bindings::bind_kv_cache_append(m);

@@ -59,10 +59,36 @@ def available(name: str) -> bool:
     return False
 
 
+# Environment variables read on every kernel call. `os.environ.get` costs ~0.5 us (it encodes the
+# key and decodes the value); its backing dict of bytes, which `os.environ[...] = ` and `putenv`
+# through os.environ keep current, answers in ~0.05 us.
+_ENV_DATA = getattr(os.environ, "_data", None)
+if not isinstance(_ENV_DATA, dict) or not isinstance(next(iter(_ENV_DATA), b""), bytes):
+    _ENV_DATA = None
+
+
+def env(name: str) -> str | None:
+    """os.environ.get(name) or None (an empty value counts as unset), cheap enough for every call."""
+    if _ENV_DATA is not None:
+        v = _ENV_DATA.get(name.encode())
+        return v.decode() if v else None
+    return os.environ.get(name) or None
+
+
+def env_backend() -> str | None:
+    """LLMKERN_BACKEND, read at call time (DESIGN.md: backend choice happens at call time)."""
+    if _ENV_DATA is not None:
+        v = _ENV_DATA.get(b"LLMKERN_BACKEND")
+        return v.decode() if v else None
+    return os.environ.get("LLMKERN_BACKEND") or None
+
+
 def cpu_isa() -> str:
     """The ISA the CPU kernels use: `LLMKERN_CPU_ISA` if set (and supported), else the best detected."""
-    forced = os.environ.get("LLMKERN_CPU_ISA") or ""
-    return _resolve_isa(forced)
+    if _ENV_DATA is not None:
+        v = _ENV_DATA.get(b"LLMKERN_CPU_ISA")
+        return _resolve_isa(v.decode() if v else "")
+    return _resolve_isa(os.environ.get("LLMKERN_CPU_ISA") or "")
 
 
 @functools.lru_cache(maxsize=8)

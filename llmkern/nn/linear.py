@@ -5,9 +5,13 @@ int4_linear.py) as buffers, so `state_dict()` saves exactly that layout and load
 constructed module gives bit-for-bit the same outputs. `forward` calls `llmkern.ops` only, so every
 backend speeds these modules up.
 
-Prepacking hook: a backend may later want the weights in another layout (DESIGN.md: "repack once").
-That repacked form belongs in `self._packed` (a dict keyed by backend), which is emptied whenever the
-canonical buffers may change (`_load_from_state_dict`, `_apply` for .to()/.cuda()). Nothing fills it yet.
+Lean eager calls and prepacking: after a module's first call went through the registered op (full
+checks), it asks the op to `prepare` its weights (`Op.prepare`): the backend binds them once (and may
+repack them into the layout its kernel reads fastest, DESIGN.md "repack once") and returns `run(x)`,
+which later calls use for plain activations: no dispatcher, no re-checking of the weights, no
+per-call Python work beyond the launch. `self._run` holds it; it is dropped whenever the canonical
+buffers or the mode/backend may change (assignment, `_load_from_state_dict`, `_apply` for
+.to()/.cuda()) and when LLMKERN_BACKEND changes. Under torch.compile the registered op is used.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._backends import env_backend
 from ..ops.int4_linear import int4_linear_op
 from ..ops.int8_linear import MODES, int8_linear_op
 from ._fast import plain_activation
@@ -26,25 +31,40 @@ INT4_GROUP_SIZES = (32, 64, 128)
 
 
 class _QuantizedBase(nn.Module):
-    """Shared plumbing: float32 side buffers that .to(dtype)/.half() must not convert, and `_packed`."""
+    """Shared plumbing: float32 side buffers that .to(dtype)/.half() must not convert, and `_run`."""
 
     # Buffers that the ops require in float32 whatever dtype the rest of the model is cast to.
     _fp32_buffers: tuple[str, ...] = ()
 
     def __init__(self):
         super().__init__()
-        self._packed: dict = {}
         self._trusted = False  # True once the current buffers passed the op's checks (see nn/_fast.py)
+        self._run = None  # the op's prepared run(x) for the current buffers (see the module doc)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        if isinstance(value, torch.Tensor) or (value is None and name == "bias"):
-            self._invalidate_packed()  # a new weight tensor: repack and re-validate
+        if isinstance(value, torch.Tensor) or (value is None and name == "bias") or name in ("mode", "backend"):
+            self._invalidate_packed()  # new weights or settings: re-validate and re-prepare
 
     def _invalidate_packed(self) -> None:
-        """Drop any backend-specific repacked weights (they were derived from the old buffers)."""
-        self.__dict__["_packed"] = {}
+        """Drop the prepared (possibly repacked) weights: they were derived from the old buffers."""
+        self.__dict__["_run"] = None
         self.__dict__["_trusted"] = False
+
+    def _lean(self, x):
+        """The prepared run(x) if it applies to this activation, else None (take the op)."""
+        run = self.__dict__["_run"]
+        if (run is not None and plain_activation(x, self.in_features, run.device)
+                and run.env == env_backend()):
+            return run
+        return None
+
+    def _trust(self, op, *static_args) -> None:
+        """The buffers just passed the op's checks: trust them and prepare the lean path."""
+        d = self.__dict__
+        d["_trusted"] = True
+        dev = static_args[0].device
+        d["_run"] = None if dev.type == "meta" else op.prepare(*static_args, backend=self.backend, device=dev.type)
 
     def _apply(self, fn, recurse=True):
         # `module.to(torch.bfloat16)` would convert every floating buffer, but the ops read scales and
@@ -139,11 +159,14 @@ class Int8Linear(_QuantizedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] -> [..., N]
         if not torch.compiler.is_compiling():
+            run = self._lean(x)
+            if run is not None:
+                return run(x)
             if self._trusted and self.mode in MODES and plain_activation(x, self.in_features, self.weight.device):
                 return int8_linear_op.run_trusted(x, self.weight, self.weight_scale, self.bias, self.mode,
                                                   self.backend)
             out = ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.mode, backend=self.backend)
-            self.__dict__["_trusted"] = True  # these buffers passed the op's checks
+            self._trust(int8_linear_op, self.weight, self.weight_scale, self.bias, self.mode)
             return out
         return ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.mode, backend=self.backend)
 
@@ -211,11 +234,14 @@ class Int4Linear(_QuantizedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] -> [..., N]
         if not torch.compiler.is_compiling():
+            run = self._lean(x)
+            if run is not None:
+                return run(x)
             if self._trusted and plain_activation(x, self.in_features, self.qweight.device):
                 return int4_linear_op.run_trusted(x, self.qweight, self.scales, self.offsets, self.bias,
                                                   self.backend)
             out = ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, backend=self.backend)
-            self.__dict__["_trusted"] = True  # these buffers passed the op's checks
+            self._trust(int4_linear_op, self.qweight, self.scales, self.offsets, self.bias)
             return out
         return ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, backend=self.backend)
 

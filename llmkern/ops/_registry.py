@@ -19,11 +19,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import threading
 from typing import Callable
 
 import torch
+
+from .. import _backends
 
 log = logging.getLogger("llmkern")
 
@@ -77,6 +78,7 @@ class Op:
         self.schema = schema
         self.check = check
         self.impls: dict[str, Callable] = {}
+        self.preparers: dict[str, Callable] = {}
         self.fallbacks: collections.Counter = collections.Counter()
         self.last_backend: str | None = None
         self.overload = None
@@ -121,6 +123,55 @@ class Op:
 
         return deco
 
+    def preparer(self, backend_name: str):
+        """Decorator attaching a backend's `prepare(*static_args) -> run(x)` (see `Op.prepare`)."""
+        if backend_name not in ALL_BACKENDS:
+            raise ValueError(f"unknown backend {backend_name!r}")
+
+        def deco(fn):
+            self.preparers[backend_name] = fn
+            return fn
+
+        return deco
+
+    def prepare(self, *static_args, backend: str | None = None, device: str = "cpu"):
+        """Bind every argument but the first (the activation) once: a module's lean eager call.
+
+        `static_args` are the op's arguments after x, without `backend`, already checked by the op
+        (a module prepares after its first call went through the registered op). Returns `run(x)`,
+        which computes op(x, *static_args) for activations that `plain_activation` accepted, or None
+        when the backend the dispatcher would pick here has no preparer (the module then keeps calling
+        `run_trusted`). Backend choice is the dispatcher's (`backend`, else LLMKERN_BACKEND, else the
+        device order); a backend's preparer may repack weights into the layout its kernel reads
+        fastest (DESIGN.md: "repack once"), or raise BackendUnsupported (then None is returned and the
+        registered op, with its fallbacks, stays in charge). The result remembers LLMKERN_BACKEND
+        (`run.env`) and the device: callers re-prepare when the variable changes.
+        """
+        env = _backends.env_backend()
+        requested = backend if backend is not None else env
+        for name, impl, _ in self._plan(device, requested):
+            if impl is None:
+                continue
+            prep = self.preparers.get(name)
+            if prep is None:
+                return None
+            try:
+                fn = prep(*static_args)
+            except BackendUnsupported as e:
+                # The registered op handles this case (falling back, or raising under strict mode).
+                log.debug("llmkern.%s: %s cannot prepare these weights (%s)", self.name, name, e)
+                return None
+            op = self
+
+            def run(x, _fn=fn, _name=name):
+                out = _fn(x)
+                op.last_backend = _name
+                return out
+
+            run.env, run.backend, run.device = env, name, torch.device(device)
+            return run
+        return None
+
     def backends_here(self) -> list[str]:
         """Backends that implement this op and are usable on this machine."""
         return [b for b in ALL_BACKENDS if b in self.impls and _backend_available(b)]
@@ -156,7 +207,7 @@ class Op:
     def _run(self, args, requested):
         """Run the first backend of the plan that takes the input."""
         if requested is None:
-            requested = os.environ.get("LLMKERN_BACKEND") or None
+            requested = _backends.env_backend()
         reasons = []
         for name, impl, why in self._plan(_device_of(args), requested):
             if impl is None:

@@ -87,32 +87,54 @@ class _Workspace(threading.local):
 _WS = _Workspace()
 
 
-@int4_linear_op.backend("cpu")
-def _cpu(x, qweight, scales, offsets, bias):
-    """Launch the C++ kernel (csrc/cpu/int4_linear.cpp) on raw pointers; torch allocates output and workspace."""
+def _cpu_runner(qweight, scales, offsets, bias):
+    """run(x) of the C++ kernel (csrc/cpu/int4_linear.cpp) with these weights bound once.
+
+    Everything that depends only on the weights (contiguity, raw pointers, the fp32 bias, G) is done
+    here; run(x) allocates the output, reuses the per-thread workspace and launches. The runner keeps
+    the tensors whose pointers it holds alive.
+    """
     mod = _backends.cpu_module()
-    if x.device.type != "cpu":
-        raise BackendUnsupported(f"x is on {x.device}")
+    if qweight.device.type != "cpu":
+        raise BackendUnsupported(f"weights are on {qweight.device}")
     N, K = qweight.shape[0], qweight.shape[1] * 2
     G = K // scales.shape[1]  # the op's check guarantees G in GROUP_SIZES and K % G == 0
-    # [..., K] -> [M, K]; a view whenever x's rows are evenly strided, else one copy.
-    x2 = x if x.dim() == 2 else x.reshape(-1, K)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
     qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
-    M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    threads = torch.get_num_threads()
-    ws_bytes = mod.int4_linear_workspace_size(M, K, N, threads)
-    ws = _WS.get(ws_bytes)
-    mod.int4_linear(
-        x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0), M, K,
-        qweight.data_ptr(), N, scales.data_ptr(), offsets.data_ptr(), G,
-        0 if bias32 is None else bias32.data_ptr(),
-        out.data_ptr(), N, ws.data_ptr(), ws_bytes, threads, _backends.cpu_isa(),
-    )
-    return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+    w_ptrs = (qweight.data_ptr(), N, scales.data_ptr(), offsets.data_ptr(), G,
+              0 if bias32 is None else bias32.data_ptr())
+    kernel, ws_size, get_ws, codes = mod.int4_linear, mod.int4_linear_workspace_size, _WS.get, _DTYPE_CODE
+    get_threads, isa, empty = torch.get_num_threads, _backends.cpu_isa, torch.empty
+
+    def run(x):
+        if x.device.type != "cpu":
+            raise BackendUnsupported(f"x is on {x.device}")
+        # [..., K] -> [M, K]; a view whenever x's rows are evenly strided, else one copy.
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+        out = empty((M, N), dtype=x.dtype)
+        threads = get_threads()
+        ws_bytes = ws_size(M, K, N, threads)
+        ws = get_ws(ws_bytes)
+        kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_ptrs,
+               out.data_ptr(), N, ws.data_ptr(), ws_bytes, threads, isa())
+        return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+    run.keep = (qweight, scales, offsets, bias32)  # the tensors behind w_ptrs
+    return run
+
+
+@int4_linear_op.backend("cpu")
+def _cpu(x, qweight, scales, offsets, bias):
+    """Launch the C++ kernel on raw pointers; torch allocates output and workspace."""
+    if x.device.type != "cpu":
+        raise BackendUnsupported(f"x is on {x.device}")
+    return _cpu_runner(qweight, scales, offsets, bias)(x)
+
+
+int4_linear_op.preparer("cpu")(_cpu_runner)
 
 
 def int4_linear(x, qweight, scales, offsets, bias=None, backend=None):

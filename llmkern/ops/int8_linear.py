@@ -65,37 +65,56 @@ def _reference(x, weight, weight_scale, bias, mode):
     return reference.int8_linear(x, weight, weight_scale, bias, mode)
 
 
-@int8_linear_op.backend("cpu")
-def _cpu(x, weight, weight_scale, bias, mode):
-    """Launch the C++ kernel on raw pointers; torch allocates the output and the W8A8 workspace."""
+def _cpu_runner(weight, weight_scale, bias, mode):
+    """run(x) of the C++ kernel (csrc/cpu/int8_linear.cpp) with these weights bound once.
+
+    Everything that depends only on the weights (contiguity, raw pointers, the fp32 bias, the group)
+    is done here; run(x) allocates the output (and the W8A8 workspace) and launches. The runner keeps
+    the tensors whose pointers it holds alive.
+    """
     mod = _backends.cpu_module()
-    if x.device.type != "cpu":
-        raise BackendUnsupported(f"x is on {x.device}")
+    if weight.device.type != "cpu":
+        raise BackendUnsupported(f"weight is on {weight.device}")
     N, K = weight.shape
     group = K if weight_scale.dim() == 1 else K // max(weight_scale.shape[1], 1)
     if K == 0:
         raise BackendUnsupported("K == 0")
     if mode == "w8a8" and group > _MAX_W8A8_GROUP:
         raise BackendUnsupported(f"w8a8 group of {group} > {_MAX_W8A8_GROUP} could overflow int32 sums")
-    # [..., K] -> [M, K]; a view whenever x's rows are evenly strided, else one copy.
-    x2 = x.reshape(-1, K)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    weight = weight.contiguous()
-    weight_scale = weight_scale.contiguous()
-    M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype)
+    weight, weight_scale = weight.contiguous(), weight_scale.contiguous()
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    ws_bytes = mod.int8_linear_workspace_size(M, K, N, mode)
-    ws = torch.empty(ws_bytes, dtype=torch.uint8) if ws_bytes else None
-    mod.int8_linear(
-        x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0), M, K,
-        weight.data_ptr(), N, weight_scale.data_ptr(), group,
-        0 if bias32 is None else bias32.data_ptr(),
-        out.data_ptr(), N, mode, 0 if ws is None else ws.data_ptr(), ws_bytes,
-        torch.get_num_threads(), _backends.cpu_isa(),
-    )
-    return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+    w_ptrs = (weight.data_ptr(), N, weight_scale.data_ptr(), group, 0 if bias32 is None else bias32.data_ptr())
+    kernel, ws_size, codes = mod.int8_linear, mod.int8_linear_workspace_size, _DTYPE_CODE
+    get_threads, isa, empty, u8 = torch.get_num_threads, _backends.cpu_isa, torch.empty, torch.uint8
+
+    def run(x):
+        if x.device.type != "cpu":
+            raise BackendUnsupported(f"x is on {x.device}")
+        # [..., K] -> [M, K]; a view whenever x's rows are evenly strided, else one copy.
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+        out = empty((M, N), dtype=x.dtype)
+        ws_bytes = ws_size(M, K, N, mode)
+        ws = empty(ws_bytes, dtype=u8) if ws_bytes else None
+        kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_ptrs,
+               out.data_ptr(), N, mode, 0 if ws is None else ws.data_ptr(), ws_bytes, get_threads(), isa())
+        return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+    run.keep = (weight, weight_scale, bias32)  # the tensors behind w_ptrs
+    return run
+
+
+@int8_linear_op.backend("cpu")
+def _cpu(x, weight, weight_scale, bias, mode):
+    """Launch the C++ kernel on raw pointers; torch allocates the output and the W8A8 workspace."""
+    if x.device.type != "cpu":
+        raise BackendUnsupported(f"x is on {x.device}")
+    return _cpu_runner(weight, weight_scale, bias, mode)(x)
+
+
+int8_linear_op.preparer("cpu")(_cpu_runner)
 
 
 @int8_linear_op.backend("triton")

@@ -50,3 +50,44 @@ def test_kv_cache_fast_path_keeps_rotary_bounds_checked():
     cache.append(k, v, q=q, rotary=rot)
     with pytest.raises(ValueError, match="positions"):
         cache.append(k[:, :1], v[:, :1], q=q[:, :1], rotary=rot)
+
+
+@pytest.mark.parametrize("kind", ["int8-w8a16", "int8-w8a8", "int4"])
+def test_prepared_linear_equals_op_for_every_activation_layout(kind):
+    """After the first (checked) call the module runs the op's prepared run(x): same bits as the op."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(96, 37)
+    if kind == "int4":
+        m = lnn.Int4Linear.from_linear(lin, group_size=32)
+        op = lambda x: ops.int4_linear(x, m.qweight, m.scales, m.offsets, m.bias)  # noqa: E731
+    else:
+        m = lnn.Int8Linear.from_linear(lin, mode=kind.split("-")[1])
+        op = lambda x: ops.int8_linear(x, m.weight, m.weight_scale, m.bias, m.mode)  # noqa: E731
+    m(torch.randn(1, 96))
+    name = "int4_linear" if kind == "int4" else "int8_linear"
+    assert m._run is not None and m._run.backend == ops.OPS[name].backends_here()[0]
+    for x in (torch.randn(5, 96), torch.randn(2, 3, 96), torch.randn(4, 192)[:, ::2], torch.randn(96, 6).t(),
+              torch.randn(3, 96).to(torch.bfloat16)):
+        out = m(x)
+        assert out.shape == x.shape[:-1] + (37,) and out.dtype == x.dtype
+        assert torch.equal(out, op(x)), x.shape
+
+
+def test_prepared_linear_follows_backend_changes(monkeypatch):
+    torch.manual_seed(2)
+    m = lnn.Int8Linear.from_linear(torch.nn.Linear(64, 9), mode="w8a16")
+    x = torch.randn(2, 64)
+    m(x)
+    first = m._run
+    assert first is not None and first.backend == ops.OPS["int8_linear"].backends_here()[0]
+    monkeypatch.setenv("LLMKERN_BACKEND", "reference")  # no preparer: the op (reference) runs
+    out = m(x)
+    assert ops.OPS["int8_linear"].last_backend == "reference"
+    assert torch.allclose(out, ops.int8_linear(x, m.weight, m.weight_scale, m.bias, backend="reference"))
+    monkeypatch.delenv("LLMKERN_BACKEND")
+    m.mode = "w8a8"  # a settings change drops the prepared run
+    assert m._run is None
+    assert torch.equal(m(x), ops.int8_linear(x, m.weight, m.weight_scale, m.bias, "w8a8"))
+    assert m._run is not None
+    m.to(torch.float32)  # _apply (e.g. .to()/.cuda()) drops it too
+    assert m._run is None

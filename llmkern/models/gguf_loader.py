@@ -298,13 +298,15 @@ def _float_linear(w: torch.Tensor, b) -> nn.Linear:
 
 
 def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, dtype=torch.float32,
-              backend=None, max_positions: int | None = None, progress: bool = True):
+              backend=None, max_positions: int | None = None, progress: bool = True, fuse: bool = True):
     """Load a GGUF model and its tokenizer -> (Llama, Tokenizer). path None: the default SmolLM2 model.
 
     quant: "keep" (as stored: Q4 -> Int4Linear, Q8_0 -> Int8Linear, floats -> nn.Linear), "int8" /
     "int4" (re-quantize what is not already in that form; group_size forces re-quantization with that
     group size), or "none" (dequantize everything to dtype). max_positions: cap the context length
-    (the rotary table and the largest cache), default the file's.
+    (the rotary table and the largest cache), default the file's. fuse: join each layer's q/k/v and
+    gate/up projections into one linear each (`Llama.fuse_projections`: same outputs, fewer kernel
+    launches); fuse=False keeps Hugging Face's module names (q_proj, ...), e.g. to compare weights.
     """
     if quant not in QUANT_CHOICES:
         raise ValueError(f"load_gguf: quant must be one of {QUANT_CHOICES}, got {quant!r}")
@@ -370,6 +372,8 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:  # every tensor must have come from the file
             raise GGUFError(f"{path}: nothing was loaded into {name}")
+    if fuse:
+        model.fuse_projections()
     model.eval()
     model.source = str(path)
     prog.done(f"{c.name or c.arch}, {c.num_layers} layers, hidden {H}, "

@@ -54,11 +54,12 @@ def load_safetensors_dir(path) -> tuple[dict, dict]:
 
 
 def from_hf(src, *, quant: str = "none", group_size: int | None = None, mode: str = "w8a16", dtype=torch.float32,
-            backend=None, progress: bool = False) -> Llama:
+            backend=None, progress: bool = False, fuse: bool = True) -> Llama:
     """A transformers model (LlamaForCausalLM & co.) or a checkpoint directory -> llmkern Llama.
 
     quant: "none" (float linears in `dtype`), "int8" (per channel, or per group of group_size; mode
     "w8a16" or "w8a8") or "int4" (group_size default 32), applied to every linear including lm_head.
+    fuse: join q/k/v and gate/up per layer (`Llama.fuse_projections`); False keeps HF's module names.
     """
     if quant not in QUANTS:
         raise ValueError(f"from_hf: quant must be one of {QUANTS}, got {quant!r}")
@@ -120,6 +121,8 @@ def from_hf(src, *, quant: str = "none", group_size: int | None = None, mode: st
     if progress:
         sys.stderr.write("\n")
     model.requires_grad_(False)
+    if fuse:
+        model.fuse_projections()
     model.eval()
     return model
 

@@ -32,7 +32,23 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self._modules.get("gate_up_proj")
+        if gate_up is not None:
+            # [..., 2I] -> two [..., I] views (fuse_gate_up): one launch for both projections.
+            g, u = gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fuse_gate_up(self) -> bool:
+        """Replace gate_proj and up_proj by one `gate_up_proj` if they can be joined (same outputs)."""
+        if "gate_up_proj" in self._modules:
+            return True
+        fused = lnn.linear.concat_linears((self.gate_proj, self.up_proj))
+        if fused is None:
+            return False
+        del self.gate_proj, self.up_proj
+        self.gate_up_proj = fused
+        return True
 
 
 class DecoderLayer(nn.Module):
@@ -158,6 +174,17 @@ class Llama(nn.Module):
         if emb.data_ptr() not in seen:
             total += emb.shape[1] * emb.element_size()
         return total
+
+    def fuse_projections(self) -> int:
+        """Join each layer's q/k/v and gate/up projections into one linear each (same outputs, fewer
+        launches: a decode step of SmolLM2-135M goes from 211 to 121 linear calls). Call after the
+        weights are loaded: the state dict then names `qkv_proj` / `gate_up_proj`. Returns the number of
+        fused groups."""
+        n = 0
+        for layer in self.layers:
+            n += layer.self_attn.fuse_qkv()
+            n += layer.mlp.fuse_gate_up()
+        return n
 
     def set_backend(self, backend) -> None:
         """Point every llmkern module at `backend` (None: the default dispatch)."""

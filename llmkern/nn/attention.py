@@ -17,6 +17,7 @@ from torch import nn
 from .. import ops
 from .kv_cache import KVCache
 from .norm import RotaryEmbedding
+from .linear import concat_linears
 from .paged_kv_cache import PagedKVCache
 
 
@@ -67,9 +68,16 @@ class Attention(nn.Module):
             raise ValueError("Attention: a PagedKVCache needs seq_ids (one sequence id per batch row)")
         if cache is None and seq_ids is not None:
             raise ValueError("Attention: seq_ids given without a cache")
-        q = self.q_proj(x).view(B, S, Hq, D)  # [B, S, Hq*D] -> [B, S, Hq, D]
-        k = self.k_proj(x).view(B, S, Hk, D)
-        v = self.v_proj(x).view(B, S, Hk, D)
+        qkv_proj = self._modules.get("qkv_proj")
+        if qkv_proj is not None:
+            # One launch for the three projections (fuse_qkv): [B, S, (Hq + 2 Hk) * D] split into
+            # strided views, [B, S, Hq*D] -> [B, S, Hq, D] and [B, S, Hk*D] -> [B, S, Hk, D].
+            q, k, v = qkv_proj(x).split((Hq * D, Hk * D, Hk * D), dim=-1)
+            q, k, v = q.view(B, S, Hq, D), k.view(B, S, Hk, D), v.view(B, S, Hk, D)
+        else:
+            q = self.q_proj(x).view(B, S, Hq, D)  # [B, S, Hq*D] -> [B, S, Hq, D]
+            k = self.k_proj(x).view(B, S, Hk, D)
+            v = self.v_proj(x).view(B, S, Hk, D)
 
         if cache is None or (S > 1 and cache.is_empty(seq_ids)):
             # Whole sequences from position 0: plain causal attention over the new tokens.
@@ -90,6 +98,21 @@ class Attention(nn.Module):
             q_in = q.view(B, Hq, D) if S == 1 else q  # one token: the [B, Hq, D] decode form
             out = cache.attend(q_in, seq_ids) if paged else cache.attend(q_in)
         return self.o_proj(out.reshape(B, S, Hq * D))  # [B, S, Hq, D] -> [B, S, Hq*D] -> [B, S, hidden]
+
+    def fuse_qkv(self) -> bool:
+        """Replace q_proj, k_proj and v_proj by one `qkv_proj` (concat_linears) if they can be joined.
+
+        Same outputs, one linear launch instead of three; the state dict then holds `qkv_proj.*`
+        instead of the three (load checkpoints before fusing). Returns whether it fused.
+        """
+        if "qkv_proj" in self._modules:
+            return True
+        fused = concat_linears((self.q_proj, self.k_proj, self.v_proj))
+        if fused is None:
+            return False
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = fused
+        return True
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "

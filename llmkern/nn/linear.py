@@ -285,3 +285,41 @@ def quantize_linears(module: nn.Module, quant: str = "int8", *, group_size: int 
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, convert(name, lin))
     return module
+
+
+def concat_linears(mods) -> nn.Module | None:
+    """One linear computing `torch.cat([m(x) for m in mods], -1)`, or None when they cannot be joined.
+
+    Joins along the output dimension N (rows of every weight format): nn.Linear, Int8Linear (same
+    mode, group size and backend) or Int4Linear (same group size and backend), all of one type, with
+    one in_features, device and dtype, and either all or none with a bias. Used to fuse q/k/v and
+    gate/up projections, which read the same input: one kernel launch instead of two or three, and
+    the weights of each output row are the row's own, so every output element is the one the
+    separate module computes. The result owns new (concatenated) tensors.
+    """
+    mods = list(mods)
+    first = mods[0]
+    kind = type(first)
+    if kind not in (nn.Linear, Int8Linear, Int4Linear) or any(type(m) is not kind for m in mods):
+        return None
+    if len({m.in_features for m in mods}) != 1 or len({m.bias is None for m in mods}) != 1:
+        return None
+    bias = None if first.bias is None else torch.cat([m.bias.detach() for m in mods])
+    if kind is nn.Linear:
+        w = [m.weight for m in mods]
+        if len({(t.dtype, t.device) for t in w}) != 1:
+            return None
+        out = nn.Linear(first.in_features, sum(m.out_features for m in mods), bias=bias is not None,
+                        device="meta", dtype=w[0].dtype)
+        out.weight = nn.Parameter(torch.cat([t.detach() for t in w]), requires_grad=w[0].requires_grad)
+        if bias is not None:
+            out.bias = nn.Parameter(bias, requires_grad=first.bias.requires_grad)
+        return out
+    if len({(m.group_size, m.backend, getattr(m, "mode", None)) for m in mods}) != 1:
+        return None
+    if kind is Int8Linear:
+        return Int8Linear.from_quantized(torch.cat([m.weight for m in mods]),
+                                         torch.cat([m.weight_scale for m in mods]), bias,
+                                         mode=first.mode, backend=first.backend)
+    return Int4Linear.from_quantized(torch.cat([m.qweight for m in mods]), torch.cat([m.scales for m in mods]),
+                                     torch.cat([m.offsets for m in mods]), bias, backend=first.backend)

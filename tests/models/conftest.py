@@ -17,7 +17,7 @@ def smollm_path():
 def smollm(smollm_path):
     """(model, tokenizer) of the real SmolLM2-135M-Instruct Q4_1, loaded once."""
     from llmkern.models import load_gguf
-    return load_gguf(smollm_path, progress=False)
+    return load_gguf(smollm_path, progress=False, fuse=False)  # HF module names, for structure tests
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ def test_unpermuted_rotate_half_equals_interleaved_on_stored_rows():
 def test_tiny_gguf_matches_float_model(tmp_path, tied):
     path = tmp_path / "tiny.gguf"
     cfg, sd = write_tiny_gguf(path, tied=tied)
-    model, tok = load_gguf(path, progress=False, backend="reference")
+    model, tok = load_gguf(path, progress=False, backend="reference", fuse=False)
     assert model.config.tie_embeddings == tied and model.config.num_layers == cfg.num_layers
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
     assert isinstance(attn.q_proj, lnn.Int4Linear) and isinstance(attn.k_proj, lnn.Int4Linear)  # Q4_1, Q4_0
@@ -89,12 +89,12 @@ def test_quant_options(tmp_path):
     ref.load_state_dict(sd)
     with torch.inference_mode():
         want = ref(tokens)
-        m, _ = load_gguf(path, quant="none", progress=False, backend="reference")
+        m, _ = load_gguf(path, quant="none", progress=False, backend="reference", fuse=False)
         assert all(type(x) is torch.nn.Linear for x in m.modules() if "Linear" in type(x).__name__)
         assert rel(m(tokens), want) <= 1e-5
-        m8, _ = load_gguf(path, quant="int8", progress=False, backend="reference")
+        m8, _ = load_gguf(path, quant="int8", progress=False, backend="reference", fuse=False)
         assert isinstance(m8.layers[1].mlp.down_proj, lnn.Int8Linear) and isinstance(m8.lm_head, lnn.Int8Linear)
-        m4, _ = load_gguf(path, quant="int4", progress=False, backend="reference")
+        m4, _ = load_gguf(path, quant="int4", progress=False, backend="reference", fuse=False)
         assert isinstance(m4.layers[1].self_attn.o_proj, lnn.Int4Linear)
         # Q4 tensors stay exactly as stored under quant="int4"
         q = m4.layers[0].self_attn.q_proj
@@ -114,7 +114,7 @@ def test_quant_options(tmp_path):
 def test_qwen2_bias_and_no_permutation(tmp_path):
     path = tmp_path / "qwen.gguf"
     cfg, sd = write_tiny_gguf(path, arch="qwen2", cfg=tiny_config(attention_bias=True, arch="qwen2"))
-    model, _ = load_gguf(path, progress=False, backend="reference")
+    model, _ = load_gguf(path, progress=False, backend="reference", fuse=False)
     assert model.config.arch == "qwen2" and model.layers[0].self_attn.q_proj.bias is not None
     ref = Llama(cfg, backend="reference")
     ref.load_state_dict(sd)
@@ -231,7 +231,7 @@ def test_rope_freqs_tensor(tmp_path):
     """Llama 3.1 files carry per-frequency divisors (rope_freqs.weight); all 2.0 is linear scaling by 2."""
     path = tmp_path / "freqs.gguf"
     cfg, sd = write_tiny_gguf(path, extra_tensors={"rope_freqs.weight": np.full(16, 2.0)})
-    model, _ = load_gguf(path, progress=False, backend="reference")
+    model, _ = load_gguf(path, progress=False, backend="reference", fuse=False)
     ref = Llama(cfg.replace(rope_scaling={"type": "linear", "factor": 2.0}), backend="reference")
     ref.load_state_dict(sd)
     tokens = torch.randint(0, cfg.vocab_size, (1, 40))

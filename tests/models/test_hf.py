@@ -41,7 +41,7 @@ def test_from_hf_model_and_dir(hf_tiny, tmp_path):
         assert rel(ours(tokens), want) <= 1e-5
         hf_tiny.save_pretrained(tmp_path)
         assert rel(from_hf(tmp_path, backend="reference")(tokens), want) <= 1e-5
-        q = from_hf(hf_tiny, quant="int4", backend="reference")
+        q = from_hf(hf_tiny, quant="int4", backend="reference", fuse=False)
         assert isinstance(q.layers[0].mlp.up_proj, lnn.Int4Linear) and isinstance(q.lm_head, lnn.Int4Linear)
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_hf(tmp_path / "nothing")
@@ -118,7 +118,7 @@ def test_logits_match_transformers_on_smollm2(smollm_path):
     from llmkern.models import load_gguf
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name,
                                                            dtype=torch.float32).eval()
-    model, tok = load_gguf(smollm_path, progress=False, backend="reference")
+    model, tok = load_gguf(smollm_path, progress=False, backend="reference", fuse=False)
     q = model.layers[3].self_attn.q_proj  # the un-permuted rows are HF's rows, bit for bit
     assert torch.equal(ops.dequantize_int4(q.qweight, q.scales, q.offsets), hf.model.layers[3].self_attn.q_proj.weight)
     text = "The quick brown fox jumps over the lazy dog. " * 30

@@ -197,3 +197,44 @@ def test_config_from_metadata_and_hf():
     assert hf.num_parameters() == ModelConfig.preset("SmolLM2-135M").num_parameters()
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         ModelConfig(vocab_size=10, hidden_size=96, num_layers=1, num_heads=3, num_kv_heads=2, intermediate_size=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("quant", ["none", "int8-w8a16", "int8-w8a8", "int4"])
+def test_fused_projections_compute_what_the_separate_ones_do(backend, quant):
+    """fuse_projections joins q/k/v and gate/up: same logits (quantized kernels: bit for bit, each
+    output row is computed from its own weights), with and without a cache, and biases kept (Qwen2)."""
+    m = tiny(seed=3, backend=backend, attention_bias=True)
+    if quant != "none":
+        kind, _, mode = quant.partition("-")
+        quantize_linears(m, kind, mode=mode or "w8a16", skip=("lm_head",), backend=backend)
+    tokens = torch.randint(0, 101, (2, 9))
+    with torch.inference_mode():
+        want_full = m(tokens)
+        cache = m.new_cache(2, 16)
+        want_steps = [m(tokens[:, :5], cache)] + [m(tokens[:, t:t + 1], cache) for t in range(5, 9)]
+        assert m.fuse_projections() == 2 * len(m.layers)
+        attn, mlp = m.layers[0].self_attn, m.layers[0].mlp
+        assert not hasattr(attn, "q_proj") and hasattr(attn, "qkv_proj") and hasattr(mlp, "gate_up_proj")
+        assert attn.qkv_proj.bias is not None and attn.qkv_proj.out_features == (4 + 2 + 2) * 32
+        got_full = m(tokens)
+        cache = m.new_cache(2, 16)
+        got_steps = [m(tokens[:, :5], cache)] + [m(tokens[:, t:t + 1], cache) for t in range(5, 9)]
+    if quant == "none":  # float GEMMs of another N may block differently
+        assert rel(got_full, want_full) <= 1e-6
+    else:
+        assert torch.equal(got_full, want_full)
+        for g, w in zip(got_steps, want_steps):
+            assert torch.equal(g, w)
+    assert m.fuse_projections() == 2 * len(m.layers)  # idempotent
+
+
+def test_fuse_refuses_mixed_linears():
+    from llmkern.nn.linear import concat_linears
+    from llmkern.nn import Int8Linear
+    a = torch.nn.Linear(64, 8)
+    b = Int8Linear.from_linear(torch.nn.Linear(64, 8))
+    assert concat_linears((a, b)) is None
+    assert concat_linears((b, Int8Linear.from_linear(torch.nn.Linear(64, 8), mode="w8a8"))) is None
+    assert concat_linears((a, torch.nn.Linear(64, 8, bias=False))) is None
+    assert concat_linears((a, torch.nn.Linear(32, 8))) is None

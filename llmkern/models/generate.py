@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _backends
+
 
 @dataclass
 class GenerationResult:
@@ -191,6 +193,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
             steps += 1
             decode_tokens += sum(not done[b] for b in active)
         t2 = time.perf_counter()
+    model.__dict__.pop("_decode_plan", None)  # it holds this call's cache tensors
 
     for b in range(B):
         tail = decoders[b].flush()
@@ -215,12 +218,19 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
 
 
 def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: the best of `repeats` sums over a float32 buffer of `nbytes` (CPU)."""
+    """Read bandwidth in GB/s: the best of `repeats` reads of a float32 buffer of `nbytes` (CPU), by
+    torch's sum and by llmkern's streaming probe `_C.read_sum` (as benchmarks/_machine.py does)."""
     x = torch.ones(nbytes // 4, dtype=torch.float32)
     x.sum()  # first touch
+    C = _backends.cpu_module()
+    reads = [lambda: x.sum()]
+    if C is not None and hasattr(C, "read_sum"):
+        n, threads = x.numel(), torch.get_num_threads()
+        reads.append(lambda: C.read_sum(x.data_ptr(), n, threads))
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
+        for read in reads:
+            t = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - t)
     return nbytes / best / 1e9

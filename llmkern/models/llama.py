@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import nn as lnn
 from .config import ModelConfig
+from .decode_plan import DecodePlan
 
 
 class MLP(nn.Module):
@@ -125,6 +126,14 @@ class Llama(nn.Module):
             raise ValueError(f"Llama.forward: tokens must be [B, S], got shape {tuple(tokens.shape)}")
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"Llama.forward: cache has {len(cache)} layers, the model {len(self.layers)}")
+        if last_only and cache is not None and seq_ids is None and lengths is None and tokens.shape[-1] == 1:
+            # Decode step: the flat kernel list (models/decode_plan.py) when it applies; same logits.
+            plan = self.__dict__.get("_decode_plan")
+            if plan is None or not plan.matches(self, cache, tokens):
+                plan = DecodePlan.build(self, cache, tokens)
+                self.__dict__["_decode_plan"] = plan
+            if plan is not None and plan.ready():
+                return plan.step(tokens)
         h = self.embed_tokens(tokens)  # [B, S, H]
         residual = None
         for i, layer in enumerate(self.layers):

@@ -195,6 +195,15 @@ class KVCache:
             self._host_lens = self._host_lens + host_len
             self._host_max = int(self._host_lens.max())
 
+    def _advance_one(self) -> None:
+        """Bookkeeping of append() after one token per sequence without `lengths`, for callers that
+        wrote it through the op themselves (models/decode_plan.py), having checked the capacity."""
+        self.seq_lens += 1
+        self._next += 1
+        self._last = (1, None, None)
+        self._host_add += 1
+        self._host_max += 1
+
     def _plain_kv(self, k, v, q) -> bool:
         """k, v [B, S, Hk, D] (and q [B, S, Hq, D]) are plain float tensors that fit this cache."""
         ok = (type(k) is torch.Tensor and type(v) is torch.Tensor and k.dtype in FLOATS and v.dtype == k.dtype

@@ -1,0 +1,121 @@
+"""The decode plan (models/decode_plan.py) computes the module path's logits bit for bit, is used
+when it applies, and is never used stale or outside its scope."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkern import _backends
+from llmkern.models import Llama, ModelConfig
+from llmkern.models.decode_plan import DecodePlan
+from llmkern.nn import Int4Linear, Int8Linear, quantize_linears
+
+pytestmark = pytest.mark.skipif(not _backends.available("cpu"), reason="the plan runs the cpu backend")
+
+
+def tiny(seed=0, quant="int4", tie=False, dtype=torch.float32, skip=(), **kw) -> Llama:
+    args = dict(vocab_size=101, hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=160,
+                rms_eps=1e-5, rope_base=10000.0, max_positions=64, tie_embeddings=tie)
+    args.update(kw)
+    torch.manual_seed(seed)
+    m = Llama(ModelConfig(**args), dtype=dtype).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, p.shape[-1] ** -0.5 if p.dim() == 2 and "embed" not in name else 1.0)
+    if quant != "none":
+        kind, _, mode = quant.partition("-")
+        quantize_linears(m, kind, mode=mode or "w8a16", skip=skip)
+    m.fuse_projections()
+    return m
+
+
+def decode(m, prompt, steps, B, int8_kv=False, use_plan=True, monkeypatch=None):
+    """Prefill `prompt` [B, P], then `steps` greedy decode steps; returns the stacked logits."""
+    cache = m.new_cache(B, 48, int8=int8_kv)
+    out = [m(prompt, cache, last_only=True)]
+    nxt = out[-1].argmax(-1, keepdim=True)
+    for _ in range(steps):
+        if not use_plan:
+            m.__dict__["_decode_plan"] = None
+            with monkeypatch.context() as mp:
+                mp.setattr(DecodePlan, "build", classmethod(lambda cls, *a: None))
+                out.append(m(nxt, cache, last_only=True))
+        else:
+            out.append(m(nxt, cache, last_only=True))
+        nxt = out[-1].argmax(-1, keepdim=True)
+    return torch.stack(out), cache
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8-w8a16", "int8-w8a8"])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("int8_kv", [False, True])
+def test_plan_equals_module_path(quant, B, int8_kv, monkeypatch):
+    m = tiny(quant=quant)
+    prompt = torch.randint(0, 101, (B, 7))
+    with torch.inference_mode():
+        want, _ = decode(m, prompt, 12, B, int8_kv, use_plan=False, monkeypatch=monkeypatch)
+        got, cache = decode(m, prompt, 12, B, int8_kv)
+    assert isinstance(m.__dict__.get("_decode_plan"), DecodePlan)  # the plan really ran
+    assert torch.equal(got, want)
+    assert cache[0]._host_max == 7 + 12 and int(cache[0].seq_lens[0]) == 19
+
+
+def test_plan_with_float_linears_and_tied_head(monkeypatch):
+    m = tiny(quant="int4", tie=True, skip=("lm_head",))
+    assert type(m.lm_head) is torch.nn.Linear and m.lm_head.weight is m.embed_tokens.weight
+    prompt = torch.randint(0, 101, (2, 5))
+    with torch.inference_mode():
+        want, _ = decode(m, prompt, 6, 2, use_plan=False, monkeypatch=monkeypatch)
+        got, _ = decode(m, prompt, 6, 2)
+    assert torch.equal(got, want)
+
+
+def test_plan_is_dropped_when_a_weight_changes():
+    m = tiny(quant="int4")
+    prompt = torch.randint(0, 101, (1, 5))
+    with torch.inference_mode():
+        cache = m.new_cache(1, 32)
+        m(prompt, cache, last_only=True)
+        m(prompt[:, :1], cache, last_only=True)
+        plan = m.__dict__["_decode_plan"]
+        assert plan is not None and plan.matches(m, cache, prompt[:, :1])
+        # replace one linear's weights: the plan must not be used with the old ones
+        lin = m.layers[1].mlp.down_proj
+        new = Int4Linear.from_linear(torch.nn.Linear(lin.in_features, lin.out_features, bias=False), group_size=32)
+        m.layers[1].mlp.down_proj = new
+        assert not plan.matches(m, cache, prompt[:, :1])
+        a = m(prompt[:, :1], cache, last_only=True)  # module path (the new linear is not prepared yet)
+        m.layers[1].mlp.down_proj.qweight = new.qweight.clone()  # a buffer change drops the runner
+        assert not m.__dict__["_decode_plan"] or not m.__dict__["_decode_plan"].matches(m, cache, prompt[:, :1])
+        assert torch.isfinite(a).all()
+
+
+def test_plan_not_used_outside_its_scope(monkeypatch):
+    m = tiny(quant="int4")
+    prompt = torch.randint(0, 101, (1, 5))
+    with torch.inference_mode():
+        cache = m.new_cache(1, 32)
+        m(prompt, cache, last_only=True)
+        monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+        m(prompt[:, :1], cache, last_only=True)
+        assert m.__dict__.get("_decode_plan") is None
+        monkeypatch.delenv("LLMKERN_BACKEND")
+        paged = m.new_cache(1, 32, paged=True, block_size=4)
+        ids = [c.add_sequence() for c in paged][:1]
+        m(prompt, paged, seq_ids=ids, last_only=True)
+        m(prompt[:, :1], paged, seq_ids=ids, last_only=True)
+        assert m.__dict__.get("_decode_plan") is None
+
+
+def test_full_cache_raises_the_cache_error():
+    m = tiny(quant="int4")
+    with torch.inference_mode():
+        cache = m.new_cache(1, 6)
+        logits = m(torch.randint(0, 101, (1, 5)), cache, last_only=True)
+        nxt = logits.argmax(-1, keepdim=True)
+        m(nxt, cache, last_only=True)  # 6 of 6
+        with pytest.raises(ValueError, match="KV cache full"):
+            m(nxt, cache, last_only=True)

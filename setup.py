@@ -5,15 +5,18 @@
 - llmkern._C_cuda  csrc/cuda/*.cu (nvcc, sm_80 + sm_90a) + csrc/cuda/*.cpp (bindings), linked with
                    the static cudart so it imports on machines without a GPU or CUDA runtime.
                    Skipped when nvcc is not found or LLMKERN_NO_CUDA=1; LLMKERN_CUDA_ARCHS="80;90a"
-                   overrides the targets.
+                   overrides the targets; .cu files compile LLMKERN_BUILD_JOBS at a time (default:
+                   the CPU count).
 Neither module includes torch headers, so one binary works with every torch version.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import os
 import shutil
 import subprocess
+import time
 
 import pybind11
 from setuptools import Extension, setup
@@ -75,11 +78,13 @@ class BuildExt(build_ext):
                     f.write(text)
 
     def _nvcc(self, ext, sources):
+        """Compile the .cu sources, several at once (LLMKERN_BUILD_JOBS, default: the CPU count): each
+        nvcc call compiles one file for every target architecture, and most of its time is one core."""
         nvcc = ext.nvcc
         archs = os.environ.get("LLMKERN_CUDA_ARCHS", "80;90a").split(";")
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-        objs = []
-        for src in sources:
+
+        def compile_one(src):
             obj = os.path.join(self.build_temp, src + ".o")
             os.makedirs(os.path.dirname(obj), exist_ok=True)
             if not (os.path.exists(obj) and os.path.getmtime(obj) >= newest_input(src)):
@@ -87,14 +92,19 @@ class BuildExt(build_ext):
                        "-Xptxas", "-v", "--expt-relaxed-constexpr", *[f"-I{i}" for i in ext.include_dirs],
                        *gencode]
                 print(" ".join(cmd), flush=True)
+                t0 = time.time()
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 # Keep ptxas' resource report (registers, spills) next to the object for the tests.
                 with open(obj + ".ptxas.txt", "w") as f:
                     f.write(res.stdout + res.stderr)
                 if res.returncode != 0:
                     raise RuntimeError(f"nvcc failed on {src}:\n{res.stderr[-4000:]}")
-            objs.append(obj)
-        return objs
+                print(f"llmkern: {src} compiled in {time.time() - t0:.0f} s", flush=True)
+            return obj
+
+        jobs = int(os.environ.get("LLMKERN_BUILD_JOBS", "0")) or os.cpu_count() or 1
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(jobs, len(sources)))) as pool:
+            return list(pool.map(compile_one, sources))  # in source order; the first failure raises
 
 
 def newest_input(src: str) -> float:

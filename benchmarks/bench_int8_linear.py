@@ -2,6 +2,9 @@
 
 Group = (layer shape N x K, rows M, activation dtype). Entries:
 - llmkern.<backend>.w8a16 / .w8a8: `llmkern.ops.int8_linear(x, w int8 [N, K], scale fp32 [N], mode=...)`;
+- llmkern.<backend>.<mode>.module: the `llmkern.nn.Int8Linear` module over the same weights, the path
+  a model runs (after its first, checked call the module calls the backend's prepared runner: no
+  dispatcher, no re-checking of the weights; compare with the op entry for the per-call overhead);
 - F.linear: the float layer, weight [N, K] in the activation dtype (what you run without quantization);
 - torch._weight_int8pack_mm: torch's W8A16 CPU kernel, (x [M, K], w int8 [N, K], scales [N] in x's dtype);
 - torch._int_mm.w8a8: the W8A8 pipeline in eager torch: per-row quantize x, int8 x int8 -> int32 with
@@ -9,6 +12,8 @@ Group = (layer shape N x K, rows M, activation dtype). Entries:
 Every entry's first result is checked against an fp32 F.linear on the same dequantized weights.
 """
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -31,6 +36,8 @@ def _items():
             flops = 2.0 * case.M * case.N * case.K
             for b in S.llmkern_backends(OP, flops, 4.0 * case.N * case.K):  # the reference dequantizes to fp32+
                 items += [(case, dt, f"llmkern.{b}.{mode}") for mode in MODES]
+                if b != "reference":
+                    items += [(case, dt, f"llmkern.{b}.{mode}.module") for mode in MODES]
             items += [(case, dt, p) for p in PEERS]
     return items
 
@@ -67,11 +74,21 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
     compute, tol = dtype, TOL[dtype]
 
     if impl.startswith("llmkern."):
-        _, backend, mode = impl.split(".")
+        _, backend, mode, *module = impl.split(".")
+        from llmkern.nn import Int8Linear
         from llmkern.ops import int8_linear
 
         nxt = bench.rotating((w, scale), N * K + 4 * N)
-        fn = lambda: int8_linear(x, *nxt(), None, mode, backend=backend)  # noqa: E731
+        if module:
+            # one module per rotated copy; each one's first call checks its weights and prepares it
+            mods = [Int8Linear.from_quantized(*nxt(), mode=mode, backend=backend)
+                    for _ in range(bench.benchmark.extra_info["copies"])]
+            for m in mods:
+                m(x)
+            next_mod = itertools.cycle(mods).__next__
+            fn = lambda: next_mod()(x)  # noqa: E731
+        else:
+            fn = lambda: int8_linear(x, *nxt(), None, mode, backend=backend)  # noqa: E731
         nbytes = N * K + 4 * N + io_bytes
         if mode == "w8a8":
             compute, tol = "int8", TOL["w8a8"]

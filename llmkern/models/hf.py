@@ -193,6 +193,15 @@ def _attention_fn(backend):
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
+        B, Hq, Sq, _ = query.shape
+        if Sq == 1:
+            # Decode: the cache [B, Hk, Sk, D] read in place as a [B, Sk, Hk, D] view (no copy of the
+            # growing cache per step), every sequence holding all Sk keys; [B, Hq, 1, D] -> [B, Hq, D].
+            Sk = key.shape[2]
+            lens = torch.full((B,), Sk, dtype=torch.int32, device=query.device)
+            out = ops.decode_attention(query.view(B, Hq, D), key.transpose(1, 2), value.transpose(1, 2), lens,
+                                       scale=scaling, backend=backend)
+            return out.view(B, 1, Hq, D), None  # [B, Hq, D] -> [B, 1, Hq, D]
         # [B, H, S, D] -> [B, S, H, D]; causal is aligned bottom-right, so decode (Sq < Sk) needs no mask
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
         return ops.attention(q, k, v, causal=True, scale=scaling, backend=backend), None

@@ -52,8 +52,9 @@ def test_from_hf_model_and_dir(hf_tiny, tmp_path):
 def test_patch_unpatch(hf_tiny, monkeypatch):
     tokens = torch.randint(0, 103, (1, 9))
     calls = []
-    real = ops.attention
+    real, real_decode = ops.attention, ops.decode_attention
     monkeypatch.setattr(ops, "attention", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(ops, "decode_attention", lambda *a, **k: calls.append(a[0].shape) or real_decode(*a, **k))
     with torch.inference_mode():
         want = hf_tiny(tokens).logits
         want_gen = hf_tiny.generate(tokens, max_new_tokens=6, do_sample=False)
@@ -65,7 +66,8 @@ def test_patch_unpatch(hf_tiny, monkeypatch):
             assert calls == [(1, 9, 2, 32)] * 2  # both layers' attention ran on llmkern
             assert torch.equal(hf_tiny.generate(tokens, max_new_tokens=6, do_sample=False), want_gen)
             new = want_gen.shape[1] - 9  # (EOS may end it early) a prefill and new - 1 decode steps, 2 layers each
-            assert new >= 2 and calls[-1] == (1, 1, 2, 32) and len(calls) == 2 + 2 * new
+            # decode steps: decode_attention over HF's cache in place, q [B, Hq, D]
+            assert new >= 2 and calls[-1] == (1, 2, 32) and len(calls) == 2 + 2 * new
             with pytest.raises(ValueError, match="already patched"):
                 patch(hf_tiny)
         finally:

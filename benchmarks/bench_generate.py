@@ -4,7 +4,7 @@ Groups (one model, the same machine, one run):
 - "generate: SmolLM2-135M decode step @ctx 64": one token through the whole model with a KV cache
   holding 64 tokens. Entries: llmkern with the file's Q4_1 weights (Int4Linear), llmkern re-quantized
   to int8 (W8A16), transformers eager fp32 (loaded from the same GGUF, dequantized), and that
-  transformers model after `llmkern.patch(quant="int8")`.
+  transformers model after `llmkern.patch(quant="int8")` (every linear, lm_head included).
 - "generate: SmolLM2-135M prefill 512": 512 prompt tokens into an empty cache, same entries.
 extra_info: tokens/s, the weight bytes read per token and the GB/s they amount to (decode), and the
 fraction of the read bandwidth measured in this run.

@@ -222,10 +222,13 @@ def _set_attn_impl(hf_model, name):
 
 
 def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, mode: str = "w8a16",
-          norms: bool = True, attention: bool = True, skip=("lm_head",), backend=None):
+          norms: bool = True, attention: bool = True, skip=(), backend=None):
     """Put llmkern's kernels into a transformers decoder in place; returns the model. `unpatch` undoes it.
 
-    quant None/"none": keep the float linears; "int8"/"int4": quantize every nn.Linear except `skip`.
+    quant None/"none": keep the float linears; "int8"/"int4": quantize every nn.Linear except `skip`
+    (names or last name components), the lm_head included: it is the largest matrix a decode step reads
+    (SmolLM2-135M: 49152 x 576, a third of the model), and llama.cpp-style files store it quantized too.
+    A tied lm_head gets its own quantized copy; the embedding keeps its float weights.
     norms: RMSNorm modules -> llmkern.nn.RMSNorm (sharing the weight). attention: attention through
     llmkern.ops.attention for causal, unpadded batches (others: transformers' SDPA).
     """

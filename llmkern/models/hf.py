@@ -222,7 +222,7 @@ def _set_attn_impl(hf_model, name):
 
 
 def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, mode: str = "w8a16",
-          norms: bool = True, attention: bool = True, skip=(), backend=None):
+          norms: bool = True, attention: bool = True, cache: bool = True, skip=(), backend=None):
     """Put llmkern's kernels into a transformers decoder in place; returns the model. `unpatch` undoes it.
 
     quant None/"none": keep the float linears; "int8"/"int4": quantize every nn.Linear except `skip`
@@ -230,7 +230,11 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
     (SmolLM2-135M: 49152 x 576, a third of the model), and llama.cpp-style files store it quantized too.
     A tied lm_head gets its own quantized copy; the embedding keeps its float weights.
     norms: RMSNorm modules -> llmkern.nn.RMSNorm (sharing the weight). attention: attention through
-    llmkern.ops.attention for causal, unpadded batches (others: transformers' SDPA).
+    llmkern.ops.attention (prefill) and llmkern.ops.decode_attention (decode steps, reading the cache in
+    place) for causal, unpadded batches (others: transformers' SDPA). cache: `hf_model.generate` uses an
+    `LlmkernCache` (llmkern/models/hf_cache.py: preallocated, appends through ops.kv_cache_append)
+    unless the caller passes a cache. Rotary stays transformers' own (it runs inside their attention
+    module, before the cache update).
     """
     if getattr(hf_model, "_llmkern_undo", None) is not None:
         raise ValueError("patch: this model is already patched (call llmkern unpatch first)")
@@ -267,8 +271,30 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
         ALL_MASK_ATTENTION_FUNCTIONS.register(impl, sdpa_mask)  # same masks as SDPA (None when causal suffices)
         old_impl = hf_model.config._attn_implementation
         _set_attn_impl(hf_model, impl)
+    if cache and hasattr(hf_model, "generate"):
+        _route_cache(hf_model)
     hf_model._llmkern_undo = (undo, old_impl)
     return hf_model
+
+
+def _route_cache(hf_model) -> None:
+    """`hf_model.generate` gets an llmkern cache (models/hf_cache.py) unless the caller passes one."""
+    import functools
+    import inspect
+
+    from .hf_cache import new_cache
+
+    params = inspect.signature(hf_model.forward).parameters
+    key = "cache" if "cache" in params else "past_key_values"
+    original = hf_model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+            kwargs[key] = new_cache()
+        return original(*args, **kwargs)
+
+    hf_model.generate = generate
 
 
 def unpatch(hf_model):
@@ -281,5 +307,6 @@ def unpatch(hf_model):
         setattr(parent, attr, mod)
     if old_impl is not None:
         _set_attn_impl(hf_model, old_impl)
+    hf_model.__dict__.pop("generate", None)  # the class's generate again (see _route_cache)
     hf_model._llmkern_undo = None
     return hf_model

@@ -135,3 +135,50 @@ def test_logits_match_transformers_on_smollm2(smollm_path):
     with torch.inference_mode():
         err = rel(model(ids), hf(ids).logits)
     assert err <= 1e-4, err
+
+
+def test_llmkern_cache_layer_matches_dynamic_layer(monkeypatch):
+    """LlmkernLayer (appends through kv_cache_append into a growing buffer) returns what transformers'
+    DynamicLayer returns, through growth, crop and batch selection."""
+    from transformers.cache_utils import DynamicLayer
+
+    from llmkern.models.hf_cache import cache_classes
+
+    Layer, _ = cache_classes()
+    monkeypatch.setattr(Layer, "MIN_CAPACITY", 4)  # force several regrowths
+    ours, theirs = Layer(), DynamicLayer()
+    g = torch.Generator().manual_seed(0)
+    for S in (3, 1, 1, 5, 1, 2):
+        k, v = torch.randn(2, 3, S, 8, generator=g), torch.randn(2, 3, S, 8, generator=g)
+        ko, vo = ours.update(k, v)
+        kt, vt = theirs.update(k, v)
+        assert torch.equal(ko, kt) and torch.equal(vo, vt) and ours.get_seq_length() == theirs.get_seq_length()
+    for layer in (ours, theirs):
+        layer.crop(-2)
+        layer.batch_select_indices(torch.tensor([1]))
+    k, v = torch.randn(1, 3, 2, 8, generator=g), torch.randn(1, 3, 2, 8, generator=g)
+    ko, vo = ours.update(k, v)
+    kt, vt = theirs.update(k, v)
+    assert torch.equal(ko, kt) and torch.equal(vo, vt) and ko.shape == (1, 3, 13, 8)
+
+
+def test_patched_generate_uses_llmkern_cache(hf_tiny, monkeypatch):
+    from llmkern.models.hf_cache import cache_classes
+
+    appends = []
+    real = ops.kv_cache_append
+    monkeypatch.setattr(ops, "kv_cache_append", lambda *a, **k: appends.append(a[0].shape) or real(*a, **k))
+    tokens = torch.randint(0, 103, (1, 7))
+    with torch.inference_mode():
+        want = hf_tiny.generate(tokens, max_new_tokens=5, do_sample=False)
+        patch(hf_tiny, backend="reference")
+        try:
+            got = hf_tiny.generate(tokens, max_new_tokens=5, do_sample=False)
+            cache = cache_classes()[1]()
+            hf_tiny(tokens, past_key_values=cache, use_cache=True)  # an explicit cache is used as given
+            assert type(cache.layers[0]).__name__ == "LlmkernLayer"
+        finally:
+            unpatch(hf_tiny)
+        assert "generate" not in hf_tiny.__dict__
+    assert torch.equal(got, want)
+    assert appends[0] == (1, 7, 1, 32) and appends[2] == (1, 1, 1, 32)  # prefill then decode appends, per layer

@@ -58,12 +58,17 @@ def _tokens(tok, n: int) -> torch.Tensor:
 
 
 def _runner(name, model, phase, ids):
-    """(setup, run) for pedantic: setup builds a fresh cache filled with the context, run times the step."""
+    """(setup, run) for pedantic: setup builds a fresh cache filled with the context, run times the step.
+
+    Decode: setup prefills CTX - 1 tokens and runs one untimed decode step (as every step of a real
+    generation after the first: llmkern builds its decode plan there), then the timed step is token CTX.
+    """
     if name.startswith("llmkern"):
         def setup():
             cache = model.new_cache(1, CTX + PREFILL + 8)
             if phase == "decode":
-                model(ids[:, :CTX], cache, last_only=True)
+                model(ids[:, :CTX - 1], cache, last_only=True)
+                model(ids[:, CTX - 1:CTX], cache, last_only=True)
                 return (cache, ids[:, CTX:CTX + 1]), {}
             return (cache, ids), {}
 
@@ -73,10 +78,14 @@ def _runner(name, model, phase, ids):
 
     from transformers import DynamicCache
 
+    from llmkern.models.hf_cache import new_cache
+
     def setup():
-        cache = DynamicCache()
+        # the cache each model's generate() uses: patched models get llmkern's (llmkern.patch)
+        cache = new_cache() if name == "hf.patched_int8" else DynamicCache()
         if phase == "decode":
-            model(ids[:, :CTX], past_key_values=cache, use_cache=True)
+            model(ids[:, :CTX - 1], past_key_values=cache, use_cache=True)
+            model(ids[:, CTX - 1:CTX], past_key_values=cache, use_cache=True)
             return (cache, ids[:, CTX:CTX + 1]), {}
         return (cache, ids), {}
 

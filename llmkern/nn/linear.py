@@ -304,6 +304,11 @@ def concat_linears(mods) -> nn.Module | None:
         return None
     if len({m.in_features for m in mods}) != 1 or len({m.bias is None for m in mods}) != 1:
         return None
+    tensors = [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
+    if len({t.device for t in tensors}) != 1 or any(t.is_meta for t in tensors):
+        return None
+    if first.bias is not None and len({m.bias.dtype for m in mods}) != 1:
+        return None
     bias = None if first.bias is None else torch.cat([m.bias.detach() for m in mods])
     if kind is nn.Linear:
         w = [m.weight for m in mods]

@@ -238,3 +238,11 @@ def test_fuse_refuses_mixed_linears():
     assert concat_linears((b, Int8Linear.from_linear(torch.nn.Linear(64, 8), mode="w8a8"))) is None
     assert concat_linears((a, torch.nn.Linear(64, 8, bias=False))) is None
     assert concat_linears((a, torch.nn.Linear(32, 8))) is None
+
+
+def test_fuse_refuses_different_devices_and_bias_dtypes():
+    from llmkern.nn.linear import concat_linears
+    a, b = torch.nn.Linear(64, 8), torch.nn.Linear(64, 8)
+    b.bias.data = b.bias.data.double()
+    assert concat_linears((a, b)) is None
+    assert concat_linears((a, torch.nn.Linear(64, 8, device="meta"))) is None

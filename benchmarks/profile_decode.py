@@ -1,0 +1,75 @@
+"""Profile one SmolLM2-135M decode step: what runs, how often, and where the time goes.
+
+    python benchmarks/profile_decode.py [--threads 2] [--steps 50] [--ctx 64] [--quant keep|int8]
+
+Prints (1) the median step time, (2) torch.profiler's table of aten/llmkern calls per step (every
+torch op and allocation the step makes), (3) cProfile's top Python functions per step, split into
+kernel time (llmkern._C.*) and everything else. A lean step makes a fixed number of calls per layer
+(no Python work or allocation that grows with the context) and spends most of its time in kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--ctx", type=int, default=64)
+    ap.add_argument("--quant", default="keep")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from llmkern.models import default_model_path, load_gguf
+
+    model, tok = load_gguf(default_model_path(), quant=a.quant)
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. " * 64)[:a.ctx]])
+    nxt = torch.tensor([[tok.encode(" the")[0]]])
+    with torch.inference_mode():
+        cache = model.new_cache(1, a.ctx + 4 * a.steps + 16)
+        model(ids, cache, last_only=True)
+        for _ in range(5):
+            model(nxt, cache, last_only=True)
+        times = []
+        for _ in range(a.steps):
+            t = time.perf_counter()
+            model(nxt, cache, last_only=True)
+            times.append(time.perf_counter() - t)
+        med = statistics.median(times)
+        print(f"decode step: median {med * 1e3:.2f} ms over {a.steps} steps ({1 / med:.0f} tokens/s), "
+              f"{a.threads} threads, {model.weight_bytes_per_token() / 1e6:.1f} MB of weights per token, "
+              f"decode plan in use: {model.__dict__.get('_decode_plan') is not None}")
+
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(a.steps):
+                model(nxt, cache, last_only=True)
+        print(f"\ntorch ops per step (torch.profiler, {a.steps} steps; calls are totals):")
+        print(prof.key_averages().table(sort_by="count", row_limit=15))
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(a.steps):
+            model(nxt, cache, last_only=True)
+        pr.disable()
+    s = io.StringIO()
+    st = pstats.Stats(pr, stream=s)
+    kernel = sum(v[2] for k, v in st.stats.items() if "llmkern._C" in k[2])
+    total = st.total_tt
+    print(f"cProfile ({a.steps} steps; it slows Python down, so read shares, not times): "
+          f"{total / a.steps * 1e3:.2f} ms per step, of which llmkern._C kernels {kernel / a.steps * 1e3:.2f} ms "
+          f"({100 * kernel / total:.0f}%)")
+    st.sort_stats("tottime").print_stats(15)
+    print(s.getvalue())
+
+
+if __name__ == "__main__":
+    main()

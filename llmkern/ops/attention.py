@@ -150,6 +150,60 @@ def _cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window
     return out, lse
 
 
+@attention_op.backend("cuda")
+def _cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
+    """Tensor-core flash kernel of llmkern._C_cuda (fp16/bf16, head dims 64 and 128); torch allocates
+    out and lse. Anything else (fp32, other head dims, D not contiguous, strides the 16-byte copies
+    cannot take) raises BackendUnsupported and the op runs Triton."""
+    mod = _backends.cuda_module()
+    if q.device.type != "cuda":
+        raise BackendUnsupported(f"q is on {q.device}")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise BackendUnsupported(f"the CUDA kernel takes float16/bfloat16, got {q.dtype}")
+    D = q.shape[-1]
+    if D not in (64, 128):
+        raise BackendUnsupported(f"the CUDA kernel is built for head dims 64 and 128, got {D}")
+    packed = q.dim() == 3
+    strides = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise BackendUnsupported(f"{name} is not contiguous along the head dim (stride {t.stride(-1)})")
+        # (batch, token, head) element strides; a dim of size 1 is never stepped over (stride 0).
+        dims = ([None] if packed else [0]) + list(range(t.dim() - 3 if packed else 1, t.dim() - 1))
+        s = [0 if d is None or t.shape[d] == 1 else t.stride(d) for d in dims]
+        if t.numel() and (t.data_ptr() % 16 or any(x % 8 for x in s)):
+            raise BackendUnsupported(f"{name}'s pointer or strides {tuple(t.stride())} are not 16-byte aligned")
+        strides.append(s)
+    if packed:
+        Tq, Hq = q.shape[0], q.shape[1]
+        Tk, Hk = k.shape[0], k.shape[1]
+        B, Sq, Sk = cu_seqlens_q.shape[0] - 1, 0, 0
+        # Rows past cu_seqlens_q[-1] belong to no sequence (out 0, lse -inf): the kernel never writes them.
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((Hq, Tq), float("-inf"), dtype=torch.float32, device=q.device)
+        cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+        cu_ptrs = (cu_q.data_ptr(), cu_k.data_ptr())
+    else:
+        B, Sq, Hq, _ = q.shape
+        Sk, Hk = k.shape[1], k.shape[2]
+        Tq = Tk = 0
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+        cu_ptrs = (0, 0)
+    if out.numel() == 0:
+        return out, lse
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    args = (_DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), *strides, B, Sq, Sk, Hq, Hk, D,
+            cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
+            int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr())
+    if dev == torch.cuda.current_device():
+        mod.attention(*args, torch.cuda.current_stream(dev).cuda_stream)
+    else:
+        with torch.cuda.device(dev):
+            mod.attention(*args, torch.cuda.current_stream(dev).cuda_stream)
+    return out, lse
+
+
 class _Workspace(threading.local):
     """The CPU kernel's scratch (packed K/V tiles), kept per calling thread and reused call after call:
     fresh pages for every layer's prefill would cost faults and zeroing (~20% of a long MHA call)."""

@@ -17,17 +17,19 @@ namespace llmkern {
 
 namespace {
 
-// Tile configurations: D = 64: 8 warps (128 query rows), 64-key tiles, 48 KiB of shared memory;
-// D = 128: 4 warps (64 query rows), 64-key tiles, 80 KiB (2 blocks per SM on sm_80 and sm_90).
+// Tile configurations (ptxas: 0 spills on sm_80 and sm_90a):
+// D = 64: 8 warps (128 query rows), 64-key tiles, 48 KiB of shared memory, ~170 registers (1 block
+//   per SM by registers; 2 blocks would need <= 128 registers: spills on sm_90a);
+// D = 128: 4 warps (64 query rows), 64-key tiles, 80 KiB, <= 255 registers: 2 blocks per SM.
 template <int D>
 struct AttnCfg;
 template <>
 struct AttnCfg<64> {
-  static constexpr int NW = 8, BN = 64;
+  static constexpr int NW = 8, BN = 64, MINB = 1;
 };
 template <>
 struct AttnCfg<128> {
-  static constexpr int NW = 4, BN = 64;
+  static constexpr int NW = 4, BN = 64, MINB = 2;
 };
 
 // cudaFuncSetAttribute once per (kernel, device): not a stream operation, but kept out of the hot
@@ -47,7 +49,7 @@ template <typename T, int D>
 void launch_attn(const cuda::AttnFwdParams& p, int B, int max_q, cudaStream_t stream) {
   constexpr int NW = AttnCfg<D>::NW, BN = AttnCfg<D>::BN, BM = 16 * NW;
   constexpr int smem = cuda::attn_fwd_smem_bytes<D, NW, BN>();
-  auto kernel = cuda::attn_fwd_kernel<T, D, NW, BN>;
+  auto kernel = cuda::attn_fwd_kernel<T, D, NW, BN, AttnCfg<D>::MINB>;
   static std::atomic<uint64_t> done{0};
   allow_smem(kernel, smem, &done);
   const int64_t blocks_m = (int64_t(max_q) + BM - 1) / BM;

@@ -155,9 +155,20 @@ def _cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, windo
     """Tensor-core flash kernel of llmkern._C_cuda (fp16/bf16, head dims 64 and 128); torch allocates
     out and lse. Anything else (fp32, other head dims, D not contiguous, strides the 16-byte copies
     cannot take) raises BackendUnsupported and the op runs Triton."""
-    mod = _backends.cuda_module()
     if q.device.type != "cuda":
         raise BackendUnsupported(f"q is on {q.device}")
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if dev == torch.cuda.current_device():
+        return _cuda_launch(_backends.cuda_module(), torch.cuda.current_stream(dev).cuda_stream, q, k, v,
+                            cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
+    with torch.cuda.device(dev):
+        return _cuda_launch(_backends.cuda_module(), torch.cuda.current_stream(dev).cuda_stream, q, k, v,
+                            cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
+
+
+def _cuda_launch(mod, stream, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right,
+                 softcap):
+    """The cuda adapter's body on q's device (also driven on CPU tensors by an emulator of the kernel)."""
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise BackendUnsupported(f"the CUDA kernel takes float16/bfloat16, got {q.dtype}")
     D = q.shape[-1]
@@ -192,15 +203,12 @@ def _cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, windo
         cu_ptrs = (0, 0)
     if out.numel() == 0:
         return out, lse
-    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    args = (_DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), *strides, B, Sq, Sk, Hq, Hk, D,
-            cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
-            int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr())
-    if dev == torch.cuda.current_device():
-        mod.attention(*args, torch.cuda.current_stream(dev).cuda_stream)
-    else:
-        with torch.cuda.device(dev):
-            mod.attention(*args, torch.cuda.current_stream(dev).cuda_stream)
+    # Grid limits: query tiles (64 rows at least) in grid.y <= 65535, B * Hq blocks in grid.x < 2^31.
+    if (Tq if packed else Sq) > 65535 * 64 or B * Hq >= 2**31:
+        raise BackendUnsupported(f"{Tq if packed else Sq} query rows x {B * Hq} heads exceed one launch's grid")
+    mod.attention(_DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), *strides, B, Sq, Sk, Hq, Hk, D,
+                  cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
+                  int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr(), stream)
     return out, lse
 
 

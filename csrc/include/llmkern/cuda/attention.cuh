@@ -147,8 +147,9 @@ constexpr int attn_fwd_smem_bytes() {
   return (16 * NW + 4 * BN) * D * 2;
 }
 
-template <typename T, int D, int NW, int BN>
-__global__ void __launch_bounds__(32 * NW) attn_fwd_kernel(const AttnFwdParams p) {
+// MINB: blocks per SM to fit in registers (__launch_bounds__), i.e. at most 65536 / (MINB * 32 * NW) each.
+template <typename T, int D, int NW, int BN, int MINB>
+__global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdParams p) {
   using namespace attn_detail;
   constexpr int NT = 32 * NW, BM = 16 * NW;
   constexpr int NB = BN / 8;  // n-blocks of 8 keys in a tile

@@ -21,15 +21,21 @@ namespace {
 // D = 64: 8 warps (128 query rows), 64-key tiles, 48 KiB of shared memory, ~170 registers (1 block
 //   per SM by registers; 2 blocks would need <= 128 registers: spills on sm_90a);
 // D = 128: 4 warps (64 query rows), 64-key tiles, 80 KiB, <= 255 registers: 2 blocks per SM.
-template <int D>
+// D = 128 wide (opt-in, `wide`; for tuning on the GPU): 8 warps (128 rows), 96 KiB, 1 block per SM:
+//   half the K/V traffic per query row, one barrier domain of 8 warps instead of two of 4.
+template <int D, bool WIDE>
 struct AttnCfg;
-template <>
-struct AttnCfg<64> {
+template <bool WIDE>
+struct AttnCfg<64, WIDE> {
   static constexpr int NW = 8, BN = 64, MINB = 1;
 };
 template <>
-struct AttnCfg<128> {
+struct AttnCfg<128, false> {
   static constexpr int NW = 4, BN = 64, MINB = 2;
+};
+template <>
+struct AttnCfg<128, true> {
+  static constexpr int NW = 8, BN = 64, MINB = 1;
 };
 
 // cudaFuncSetAttribute once per (kernel, device): not a stream operation, but kept out of the hot
@@ -45,11 +51,12 @@ void allow_smem(Kernel kernel, int bytes, std::atomic<uint64_t>* done) {
   if (bit) done->fetch_or(bit, std::memory_order_release);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool WIDE = false>
 void launch_attn(const cuda::AttnFwdParams& p, int B, int max_q, cudaStream_t stream) {
-  constexpr int NW = AttnCfg<D>::NW, BN = AttnCfg<D>::BN, BM = 16 * NW;
+  using Cfg = AttnCfg<D, WIDE>;
+  constexpr int NW = Cfg::NW, BN = Cfg::BN, BM = 16 * NW;
   constexpr int smem = cuda::attn_fwd_smem_bytes<D, NW, BN>();
-  auto kernel = cuda::attn_fwd_kernel<T, D, NW, BN, AttnCfg<D>::MINB>;
+  auto kernel = cuda::attn_fwd_kernel<T, D, NW, BN, Cfg::MINB>;
   static std::atomic<uint64_t> done{0};
   allow_smem(kernel, smem, &done);
   const int64_t blocks_m = (int64_t(max_q) + BM - 1) / BM;
@@ -70,7 +77,7 @@ void attention_fwd(int dtype, const void* q, const void* k, const void* v, const
                    const int64_t* vs, int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hk, int64_t D,
                    const int32_t* cu_q, const int32_t* cu_k, int64_t Tq, int64_t Tk, double scale, bool causal,
                    int64_t window_left, int64_t window_right, double softcap, void* out, float* lse,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, bool wide) {
   constexpr int64_t kMax = int64_t(1) << 30;  // index math in the kernel is 32-bit per sequence
   const bool packed = cu_q != nullptr;
   if (dtype != 1 && dtype != 2) throw std::invalid_argument("llmkern attention (cuda): dtype must be 1 (bf16) or 2 (fp16)");
@@ -117,9 +124,11 @@ void attention_fwd(int dtype, const void* q, const void* k, const void* v, const
   const int Bi = static_cast<int>(B), mq = static_cast<int>(max_q);
   if (dtype == 1) {
     if (D == 64) launch_attn<__nv_bfloat16, 64>(p, Bi, mq, stream);
+    else if (wide) launch_attn<__nv_bfloat16, 128, true>(p, Bi, mq, stream);
     else launch_attn<__nv_bfloat16, 128>(p, Bi, mq, stream);
   } else {
     if (D == 64) launch_attn<__half, 64>(p, Bi, mq, stream);
+    else if (wide) launch_attn<__half, 128, true>(p, Bi, mq, stream);
     else launch_attn<__half, 128>(p, Bi, mq, stream);
   }
 }

@@ -15,6 +15,7 @@ Semantics (DESIGN.md, FlashAttention conventions):
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -208,8 +209,14 @@ def _cuda_launch(mod, stream, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal
         raise BackendUnsupported(f"{Tq if packed else Sq} query rows x {B * Hq} heads exceed one launch's grid")
     mod.attention(_DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), *strides, B, Sq, Sk, Hq, Hk, D,
                   cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
-                  int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr(), stream)
+                  int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr(), stream,
+                  _CUDA_WIDE)
     return out, lse
+
+
+# LLMKERN_CUDA_ATTN_WIDE=1: head dim 128 runs 128-row query tiles (8 warps) instead of 64 (4 warps);
+# a tuning switch for GPU sessions (read once, at import).
+_CUDA_WIDE = os.environ.get("LLMKERN_CUDA_ATTN_WIDE", "") == "1"
 
 
 class _Workspace(threading.local):

@@ -260,3 +260,31 @@ def test_unsupported_inputs_fall_back_and_strict_refuses(what):
     out = llmkern.ops.attention(q, k, v, causal=True)
     assert llmkern.ops.OPS["attention"].last_backend != "cuda"
     assert_rel(out, _ref(q, k, v, causal=True)[0], TOL[q.dtype])
+
+
+@pytest.mark.parametrize("mask", ["full", "causal", "window_both", "softcap_causal"])
+@pytest.mark.parametrize("case", [(2, 257, 100, 4, 4, 128), (1, 1000, 1000, 8, 1, 128), (1, 1, 257, 8, 2, 128)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_wide_tiles_variant(monkeypatch, case, mask):
+    """LLMKERN_CUDA_ATTN_WIDE (read at import): D=128 with 128-row query tiles (8 warps), for tuning."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.attention"), "_CUDA_WIDE", True)
+    q, k, v = _qkv(*case, dtype=torch.bfloat16, seed=14)
+    _check(q, k, v, **MASKS[mask])
+    q, k, v, cu_q, cu_k = _packed(8, 2, 128, torch.float16)
+    _check(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **MASKS[mask])
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True, window_left=0), dict(window_left=0, window_right=0),
+                                dict(window_left=3, window_right=200), dict(causal=True, window_left=63),
+                                dict(causal=True, window_left=64), dict(window_left=500, window_right=-1)],
+                         ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 200), (64, 64), (65, 64), (200, 1), (300, 129), (129, 300)],
+                         ids=lambda s: f"Sq{s[0]}-Sk{s[1]}")
+def test_band_edges(shape, kw):
+    """Band edges at tile boundaries (64/128-row query tiles, 64-key tiles), Sq > Sk and Sq = 1."""
+    Sq, Sk = shape
+    for D in (64, 128):
+        q, k, v = _qkv(1, Sq, Sk, 2, 1, D, dtype=torch.bfloat16, seed=15)
+        _check(q, k, v, **kw)

@@ -104,10 +104,10 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, uint32_t addr) {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -170,13 +170,12 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
   const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
 
   int q_len, k_len;
-  int64_t q_tok0, k_tok0, q_base, k_base, v_base, lse_base, lse_stride_h;
+  int64_t q_tok0, q_base, k_base, v_base, lse_base, lse_stride_h;
   if (p.cu_q) {
     const int q0 = p.cu_q[b], k0 = p.cu_k[b];
     q_len = p.cu_q[b + 1] - q0;
     k_len = p.cu_k[b + 1] - k0;
     q_tok0 = q0;
-    k_tok0 = k0;
     q_base = int64_t(q0) * p.q_st;
     k_base = int64_t(k0) * p.k_st;
     v_base = int64_t(k0) * p.v_st;
@@ -186,14 +185,12 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
     q_len = p.Sq;
     k_len = p.Sk;
     q_tok0 = int64_t(b) * p.Sq;
-    k_tok0 = 0;
     q_base = int64_t(b) * p.q_sb;
     k_base = int64_t(b) * p.k_sb;
     v_base = int64_t(b) * p.v_sb;
     lse_base = int64_t(b) * p.Hq * p.Sq;
     lse_stride_h = p.Sq;
   }
-  (void)k_tok0;
   if (m0 >= q_len) return;  // packed grids are sized for the longest possible sequence
   const int diag = k_len - q_len;  // query i sits at key position i + diag
   const int m_last = min(m0 + BM, q_len) - 1;

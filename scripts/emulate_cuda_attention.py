@@ -157,6 +157,8 @@ class Emu:
             lse_base, lse_sh = b * self.Hq * self.Sq, self.Sq
         if m0 >= q_len:
             return
+        softcap = self.softcap_log2 > 0
+        mult = 1.0 if softcap else self.scale_log2
         diag = k_len - q_len
         m_last = min(m0 + BM, q_len) - 1
         lo, hi = 0, k_len
@@ -181,12 +183,15 @@ class Emu:
             self.load_tile(smem, sQ, self.q, qg + m0 * self.qs[1], self.qs[1], q_len - m0, BM)
             self.load_tile(smem, sK, self.k, kg + t_begin * BN * self.ks[1], self.ks[1], k_len - t_begin * BN, BN)
             self.load_tile(smem, sV, self.v, vg + t_begin * BN * self.vs[1], self.vs[1], k_len - t_begin * BN, BN)
+            # per-lane byte offsets of the first 16 x 16 block, then (off ^ (i << 5)) + 16-row steps
+            L = np.arange(32)
+            k_off = np.array([self.swz((l & 7) + (l >> 4) * 8, (l >> 3) & 1) * 2 for l in range(32)])
+            v_off = np.array([self.swz((l & 7) + ((l >> 3) & 1) * 8, l >> 4) * 2 for l in range(32)])
             qa = []
             for w in range(NW):
                 r0 = w * 16
-                qa.append([self.ldmatrix_x4(smem, np.array(
-                    [sQ + self.swz(r0 + (l & 7) + ((l >> 3) & 1) * 8, 2 * kk + (l >> 4)) for l in range(32)]))
-                    for kk in range(KD)])
+                q_off = np.array([self.swz(r0 + (l & 7) + ((l >> 3) & 1) * 8, l >> 4) * 2 for l in range(32)])
+                qa.append([self.ldmatrix_x4(smem, sQ + (q_off ^ (kk << 5)) // 2) for kk in range(KD)])
             pending_v = None
             for t in range(t_begin, t_end):
                 buf = (t - t_begin) & 1
@@ -200,16 +205,13 @@ class Emu:
                     s = np.zeros((NB, 32, 4))
                     kt = sK + buf * tile
                     for kk in range(KD):
+                        ka = kt * 2 + (k_off ^ (kk << 5))  # bytes
                         for jp in range(NB // 2):
-                            kb = self.ldmatrix_x4(smem, np.array(
-                                [kt + self.swz(jp * 16 + (l & 7) + (l >> 4) * 8, 2 * kk + ((l >> 3) & 1))
-                                 for l in range(32)]))
+                            kb = self.ldmatrix_x4(smem, (ka + jp * 32 * D) // 2)
                             s[2 * jp] = self.mma(s[2 * jp], qa[w][kk], kb[0], kb[1])
                             s[2 * jp + 1] = self.mma(s[2 * jp + 1], qa[w][kk], kb[2], kb[3])
-                    if self.softcap_log2 > 0:
+                    if softcap:
                         s = self.softcap_log2 * np.tanh(s * self.inv_softcap)
-                    else:
-                        s = s * self.scale_log2
                     full = (n0 + BN <= k_len and (self.wr < 0 or n0 + BN - 1 <= m0 + diag + self.wr)
                             and (self.wl < 0 or n0 >= m_last + diag - self.wl))
                     if not full:
@@ -227,11 +229,11 @@ class Emu:
                         mx = np.maximum(mx, mx[LANES ^ 1])
                         mx = np.maximum(mx, mx[LANES ^ 2])
                         m_new = np.maximum(m_run[w, :, hf], mx)
-                        m_use = np.where(m_new == -np.inf, 0.0, m_new)
+                        m_sc = np.where(m_new == -np.inf, 0.0, m_new * mult)
                         with np.errstate(invalid="ignore"):
-                            alpha = np.exp2(m_run[w, :, hf] - m_use)
+                            alpha = np.exp2(m_run[w, :, hf] * mult - m_sc)
                         m_run[w, :, hf] = m_new
-                        pe = np.exp2(s[:, :, hf * 2:hf * 2 + 2] - m_use[None, :, None])
+                        pe = np.exp2(s[:, :, hf * 2:hf * 2 + 2] * mult - m_sc[None, :, None])
                         s[:, :, hf * 2:hf * 2 + 2] = pe
                         l_run[w, :, hf] = l_run[w, :, hf] * alpha + pe.sum(axis=(0, 2))
                         o[w, :, :, hf * 2:hf * 2 + 2] *= alpha[None, :, None]
@@ -243,14 +245,14 @@ class Emu:
                 for w in range(NW):
                     s = round_to(S_all[w], self.T)
                     vt = sV + buf * tile
-                    for kk in range(BN // 16):
-                        pa = np.stack([s[2 * kk][:, 0:2], s[2 * kk][:, 2:4], s[2 * kk + 1][:, 0:2], s[2 * kk + 1][:, 2:4]])
-                        for dp in range(D // 16):
-                            vb = self.ldmatrix_x4(smem, np.array(
-                                [vt + self.swz(kk * 16 + (l & 7) + ((l >> 3) & 1) * 8, 2 * dp + (l >> 4))
-                                 for l in range(32)]), trans=True)
-                            o[w, 2 * dp] = self.mma(o[w, 2 * dp], pa, vb[0], vb[1])
-                            o[w, 2 * dp + 1] = self.mma(o[w, 2 * dp + 1], pa, vb[2], vb[3])
+                    pas = [np.stack([s[2 * kk][:, 0:2], s[2 * kk][:, 2:4], s[2 * kk + 1][:, 0:2], s[2 * kk + 1][:, 2:4]])
+                           for kk in range(BN // 16)]
+                    for dp in range(D // 16):
+                        va = vt * 2 + (v_off ^ (dp << 5))  # bytes
+                        for kk in range(BN // 16):
+                            vb = self.ldmatrix_x4(smem, (va + kk * 32 * D) // 2, trans=True)
+                            o[w, 2 * dp] = self.mma(o[w, 2 * dp], pas[kk], vb[0], vb[1])
+                            o[w, 2 * dp + 1] = self.mma(o[w, 2 * dp + 1], pas[kk], vb[2], vb[3])
         # epilogue
         for w in range(NW):
             r0 = w * 16
@@ -266,7 +268,7 @@ class Emu:
                     for lane in range(32):
                         if T_[lane] == 0 and row[lane] < q_len:
                             L = l[lane]
-                            val = m_run[w, lane, hf] * math.log(2) + math.log(L) if L > 0 else (-math.inf if L == 0 else L)
+                            val = m_run[w, lane, hf] * mult * math.log(2) + math.log(L) if L > 0 else (-math.inf if L == 0 else L)
                             self.lse[lse_base + h * lse_sh + row[lane]] = val
             # out through this warp's Q rows (swizzled), then 16-byte copies
             for n in range(ND):

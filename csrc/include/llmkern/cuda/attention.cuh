@@ -7,9 +7,10 @@
 // skipped by the loop bounds, the band edges and the sequence end are masked per element):
 //   S = Q K^T     mma.sync m16n8k16 (fp16/bf16 in, fp32 out); Q fragments stay in registers for the
 //                 whole block (ldmatrix once), K fragments by ldmatrix from shared memory
-//   softcap       x = cap * tanh(S * scale / cap) (accurate tanhf), else x = S * scale; both in
-//                 log2 units (times log2 e) so that exp2 does the softmax
-//   online softmax per row in fp32: running max m, sum l; acc rescaled by exp2(m_old - m_new)
+//   softcap       x = cap * tanh(S * scale / cap) (accurate tanhf) in log2 units (times log2 e), else
+//                 x = S and the scale (times log2 e) multiplies in the exponent: exp2(x * c - m * c),
+//                 one FMA per score
+//   online softmax per row in fp32: running max m, sum l; acc rescaled by exp2((m_old - m_new) c)
 //   O += P V      P re-packed from the S accumulators into A fragments (no shared memory round
 //                 trip), V fragments by ldmatrix.trans
 // K and V tiles are double-buffered in shared memory with cp.async (the copy of tile t + 1 runs while
@@ -209,6 +210,9 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
 
   const int g = lane >> 2, tq = lane & 3;  // fragment row group and column pair
   const int r0 = warp * 16;                // this warp's first row in the tile
+  // Scores are kept unscaled (or capped, already in log2 units); exp2(s * mult - m * mult) by one FMA.
+  const bool softcap = p.softcap_log2 > 0.0f;
+  const float mult = softcap ? 1.0f : p.scale_log2;
 
   float o[ND][4];
 #pragma unroll
@@ -226,11 +230,16 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
     // Q (with K[t_begin]) has landed: this warp's Q fragments go to registers for the whole block.
     cp_async_wait<1>();
     __syncthreads();
+    // ldmatrix lane addresses, as byte offsets in a tile, of the first 16 x 16 block (k-step or column
+    // pair 0). Rows are D * 2 bytes (a multiple of 128), each 16-byte chunk c of row r sits at chunk
+    // c ^ (r & 7) and every lane's row is = lane (mod 8): chunk 2 * i + b lands at (off ^ (i << 5)),
+    // and 16 rows further down is + 32 * D bytes (swz<D> written out; the emulator checks both).
+    const uint32_t q_off = swz<D>(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4) * 2;
+    const uint32_t k_off = swz<D>((lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1) * 2;
+    const uint32_t v_off = swz<D>((lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4) * 2;
     uint32_t qa[KD][4];
 #pragma unroll
-    for (int kk = 0; kk < KD; ++kk)
-      ldmatrix_x4(qa[kk], sQ_a + swz<D>(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * kk + (lane >> 4)) * 2);
-    const bool softcap = p.softcap_log2 > 0.0f;
+    for (int kk = 0; kk < KD; ++kk) ldmatrix_x4(qa[kk], sQ_a + (q_off ^ (kk << 5)));
     for (int t = t_begin; t < t_end; ++t) {
       const int buf = (t - t_begin) & 1;
       const int n0 = t * BN;
@@ -249,26 +258,23 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
       const uint32_t kt = sK_a + buf * kTileBytes;
 #pragma unroll
       for (int kk = 0; kk < KD; ++kk) {
+        const uint32_t ka = kt + (k_off ^ (kk << 5));
 #pragma unroll
         for (int jp = 0; jp < NB / 2; ++jp) {
-          uint32_t kb[4];
-          ldmatrix_x4(kb, kt + swz<D>(jp * 16 + (lane & 7) + (lane >> 4) * 8, 2 * kk + ((lane >> 3) & 1)) * 2);
+          uint32_t kb[4];  // keys jp * 16 + 0..7 (kb[0..1]) and + 8..15 (kb[2..3]), d 16 kk .. 16 kk + 15
+          ldmatrix_x4(kb, ka + jp * 32 * D);
           Mma<T>::mma(s[2 * jp], qa[kk], kb[0], kb[1]);
           Mma<T>::mma(s[2 * jp + 1], qa[kk], kb[2], kb[3]);
         }
       }
 
-      // Scores in log2 units (scale, softcap), then the mask where the tile cuts the band.
+      // Softcap (into log2 units; else the scale is applied in the exponent), then the mask where the
+      // tile cuts the band.
       if (softcap) {
 #pragma unroll
         for (int j = 0; j < NB; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[j][e] = p.softcap_log2 * tanhf(s[j][e] * p.inv_softcap);
-      } else {
-#pragma unroll
-        for (int j = 0; j < NB; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
       }
       const bool full = n0 + BN <= k_len && (p.window_right < 0 || n0 + BN - 1 <= m0 + diag + p.window_right) &&
                         (p.window_left < 0 || n0 >= m_last + diag - p.window_left);
@@ -297,15 +303,15 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m_run[hf], mx);
-        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
-        const float alpha = fast_exp2(m_run[hf] - m_use);
+        const float m_sc = m_new == -INFINITY ? 0.0f : m_new * mult;  // 0: nothing visible yet
+        const float alpha = fast_exp2(fmaf(m_run[hf], mult, -m_sc));  // 0 while m_run is -inf
         m_run[hf] = m_new;
         float sum = 0.0f;
 #pragma unroll
         for (int j = 0; j < NB; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float pe = fast_exp2(s[j][hf * 2 + e] - m_use);
+            const float pe = fast_exp2(fmaf(s[j][hf * 2 + e], mult, -m_sc));
             s[j][hf * 2 + e] = pe;
             sum += pe;
           }
@@ -325,21 +331,25 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
                                 k_len - (n0 + BN), tid);
       cp_async_commit();
 
-      // O += P V: P's A fragments straight from the S accumulators.
-      const uint32_t vt = sV_a + buf * kTileBytes;
+      // O += P V: P's A fragments straight from the S accumulators (keys 16 kk .. 16 kk + 15).
+      uint32_t pa[BN / 16][4];
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t pa[4];
-        pa[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-        pa[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-        pa[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        pa[kk][0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
+      const uint32_t vt = sV_a + buf * kTileBytes;
 #pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t vb[4];
-          ldmatrix_x4_trans(vb, vt + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * dp + (lane >> 4)) * 2);
-          Mma<T>::mma(o[2 * dp], pa, vb[0], vb[1]);
-          Mma<T>::mma(o[2 * dp + 1], pa, vb[2], vb[3]);
+      for (int dp = 0; dp < D / 16; ++dp) {
+        const uint32_t va = vt + (v_off ^ (dp << 5));
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          uint32_t vb[4];  // d 16 dp + 0..7 (vb[0..1]) and + 8..15 (vb[2..3]), keys 16 kk .. 16 kk + 15
+          ldmatrix_x4_trans(vb, va + kk * 32 * D);
+          Mma<T>::mma(o[2 * dp], pa[kk], vb[0], vb[1]);
+          Mma<T>::mma(o[2 * dp + 1], pa[kk], vb[2], vb[3]);
         }
       }
     }
@@ -356,7 +366,7 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
     inv[hf] = l > 0.0f ? 1.0f / l : (l == 0.0f ? 0.0f : l);  // NaN stays NaN
     const int row = m0 + r0 + g + hf * 8;
     if (p.lse && tq == 0 && row < q_len) {
-      const float lse = l > 0.0f ? m_run[hf] * 0.69314718055994531f + logf(l) : (l == 0.0f ? -INFINITY : l);
+      const float lse = l > 0.0f ? m_run[hf] * mult * 0.69314718055994531f + logf(l) : (l == 0.0f ? -INFINITY : l);
       p.lse[lse_base + int64_t(h) * lse_stride_h + row] = lse;
     }
   }

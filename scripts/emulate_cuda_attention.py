@@ -231,7 +231,7 @@ class Emu:
                         m_new = np.maximum(m_run[w, :, hf], mx)
                         m_sc = np.where(m_new == -np.inf, 0.0, m_new * mult)
                         with np.errstate(invalid="ignore"):
-                            alpha = np.exp2(m_run[w, :, hf] * mult - m_sc)
+                            alpha = np.where(m_new > m_run[w, :, hf], np.exp2(m_run[w, :, hf] * mult - m_sc), 1.0)
                         m_run[w, :, hf] = m_new
                         pe = np.exp2(s[:, :, hf * 2:hf * 2 + 2] * mult - m_sc[None, :, None])
                         s[:, :, hf * 2:hf * 2 + 2] = pe

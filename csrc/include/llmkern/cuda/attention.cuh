@@ -295,6 +295,8 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
       }
 
       // Online softmax; rows g (half 0) and g + 8 (half 1), each spread over the 4 threads of a quad.
+      float alpha[2];
+      bool grew = false;  // some row's running max grew: acc needs rescaling
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float mx = -INFINITY;
@@ -304,7 +306,10 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m_run[hf], mx);
         const float m_sc = m_new == -INFINITY ? 0.0f : m_new * mult;  // 0: nothing visible yet
-        const float alpha = fast_exp2(fmaf(m_run[hf], mult, -m_sc));  // 0 while m_run is -inf
+        // exp2((m_old - m_new) c): 0 while m_old is -inf; exactly 1 when the max did not grow.
+        const bool up = m_new > m_run[hf];
+        alpha[hf] = up ? fast_exp2(fmaf(m_run[hf], mult, -m_sc)) : 1.0f;
+        grew |= up;
         m_run[hf] = m_new;
         float sum = 0.0f;
 #pragma unroll
@@ -315,11 +320,16 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
             s[j][hf * 2 + e] = pe;
             sum += pe;
           }
-        l_run[hf] = l_run[hf] * alpha + sum;
+        l_run[hf] = l_run[hf] * alpha[hf] + sum;
+      }
+      // After the first tiles the maxima rarely grow: skip the D / 2 multiplies when no row's did.
+      if (__any_sync(0xffffffffu, grew)) {
 #pragma unroll
         for (int n = 0; n < ND; ++n) {
-          o[n][hf * 2] *= alpha;
-          o[n][hf * 2 + 1] *= alpha;
+          o[n][0] *= alpha[0];
+          o[n][1] *= alpha[0];
+          o[n][2] *= alpha[1];
+          o[n][3] *= alpha[1];
         }
       }
 

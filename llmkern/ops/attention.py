@@ -204,9 +204,11 @@ def _cuda_launch(mod, stream, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal
         cu_ptrs = (0, 0)
     if out.numel() == 0:
         return out, lse
-    # Grid limits: query tiles (64 rows at least) in grid.y <= 65535, B * Hq blocks in grid.x < 2^31.
-    if (Tq if packed else Sq) > 65535 * 64 or B * Hq >= 2**31:
-        raise BackendUnsupported(f"{Tq if packed else Sq} query rows x {B * Hq} heads exceed one launch's grid")
+    # Grid limits: query tiles (64 rows at least) in grid.y <= 65535, B * Hq blocks in grid.x < 2^31;
+    # the kernel's per-sequence index math is 32-bit (keys < 2^30).
+    if (Tq if packed else Sq) > 65535 * 64 or B * Hq >= 2**31 or max(Sk, Tk) >= 2**30:
+        raise BackendUnsupported(f"{Tq if packed else Sq} query rows x {B * Hq} heads, {max(Sk, Tk)} keys exceed "
+                                 "the kernel's grid or 32-bit index range")
     mod.attention(_DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), *strides, B, Sq, Sk, Hq, Hk, D,
                   cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
                   int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr(), stream,

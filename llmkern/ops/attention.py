@@ -15,6 +15,7 @@ Semantics (DESIGN.md, FlashAttention conventions):
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -148,6 +149,76 @@ def _cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window
         out[end:] = 0
         lse[:, end:] = float("-inf")
     return out, lse
+
+
+@attention_op.backend("cuda")
+def _cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
+    """Tensor-core flash kernel of llmkern._C_cuda (fp16/bf16, head dims 64 and 128); torch allocates
+    out and lse. Anything else (fp32, other head dims, D not contiguous, strides the 16-byte copies
+    cannot take) raises BackendUnsupported and the op runs Triton."""
+    if q.device.type != "cuda":
+        raise BackendUnsupported(f"q is on {q.device}")
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if dev == torch.cuda.current_device():
+        return _cuda_launch(_backends.cuda_module(), torch.cuda.current_stream(dev).cuda_stream, q, k, v,
+                            cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
+    with torch.cuda.device(dev):
+        return _cuda_launch(_backends.cuda_module(), torch.cuda.current_stream(dev).cuda_stream, q, k, v,
+                            cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
+
+
+def _cuda_launch(mod, stream, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right,
+                 softcap):
+    """The cuda adapter's body on q's device (also driven on CPU tensors by an emulator of the kernel)."""
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise BackendUnsupported(f"the CUDA kernel takes float16/bfloat16, got {q.dtype}")
+    D = q.shape[-1]
+    if D not in (64, 128):
+        raise BackendUnsupported(f"the CUDA kernel is built for head dims 64 and 128, got {D}")
+    packed = q.dim() == 3
+    strides = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise BackendUnsupported(f"{name} is not contiguous along the head dim (stride {t.stride(-1)})")
+        # (batch, token, head) element strides; a dim of size 1 is never stepped over (stride 0).
+        dims = ([None] if packed else [0]) + list(range(t.dim() - 3 if packed else 1, t.dim() - 1))
+        s = [0 if d is None or t.shape[d] == 1 else t.stride(d) for d in dims]
+        if t.numel() and (t.data_ptr() % 16 or any(x % 8 for x in s)):
+            raise BackendUnsupported(f"{name}'s pointer or strides {tuple(t.stride())} are not 16-byte aligned")
+        strides.append(s)
+    if packed:
+        Tq, Hq = q.shape[0], q.shape[1]
+        Tk, Hk = k.shape[0], k.shape[1]
+        B, Sq, Sk = cu_seqlens_q.shape[0] - 1, 0, 0
+        # Rows past cu_seqlens_q[-1] belong to no sequence (out 0, lse -inf): the kernel never writes them.
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((Hq, Tq), float("-inf"), dtype=torch.float32, device=q.device)
+        cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+        cu_ptrs = (cu_q.data_ptr(), cu_k.data_ptr())
+    else:
+        B, Sq, Hq, _ = q.shape
+        Sk, Hk = k.shape[1], k.shape[2]
+        Tq = Tk = 0
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+        cu_ptrs = (0, 0)
+    if out.numel() == 0:
+        return out, lse
+    # Grid limits: query tiles (64 rows at least) in grid.y <= 65535, B * Hq blocks in grid.x < 2^31;
+    # the kernel's per-sequence index math is 32-bit (keys < 2^30).
+    if (Tq if packed else Sq) > 65535 * 64 or B * Hq >= 2**31 or max(Sk, Tk) >= 2**30:
+        raise BackendUnsupported(f"{Tq if packed else Sq} query rows x {B * Hq} heads, {max(Sk, Tk)} keys exceed "
+                                 "the kernel's grid or 32-bit index range")
+    mod.attention(_DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), *strides, B, Sq, Sk, Hq, Hk, D,
+                  cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
+                  int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr(), stream,
+                  _CUDA_WIDE)
+    return out, lse
+
+
+# LLMKERN_CUDA_ATTN_WIDE=1: head dim 128 runs 128-row query tiles (8 warps) instead of 64 (4 warps);
+# a tuning switch for GPU sessions (read once, at import).
+_CUDA_WIDE = os.environ.get("LLMKERN_CUDA_ATTN_WIDE", "") == "1"
 
 
 class _Workspace(threading.local):

@@ -14,6 +14,7 @@ int runtime_version();
 int driver_version();
 int device_count(std::string* error);
 void iota(int* out, int n, cudaStream_t stream);
+void bind_kv_cache_append(py::module_& m);
 }  // namespace llmkern
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -36,4 +37,5 @@ PYBIND11_MODULE(_C_cuda, m) {
         llmkern::iota(reinterpret_cast<int*>(out), n, reinterpret_cast<cudaStream_t>(stream));
       },
       py::arg("out"), py::arg("n"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  llmkern::bind_kv_cache_append(m);
 }

@@ -43,9 +43,43 @@ struct KvAppendParams {
   int64_t blocks_per_token = 0;
 };
 
+struct DecodeParams {
+  // q [B, Sq, Hq, D]: element (b, t, h, d) at b*q_s0 + t*q_s1 + h*q_s2 + d, dtype q_dtype (0..2).
+  const void* q = nullptr;
+  int q_dtype = kF32;
+  int64_t q_s0 = 0, q_s1 = 0, q_s2 = 0;
+  int B = 0, Sq = 1, Hq = 0, Hk = 0, D = 0;
+  // Caches: token j of sequence b at (row, col) = (b, j) (contiguous) or (block_table[b, j / block_size],
+  // j % block_size) (paged); element (row, col, head, d) at row*s0 + col*s1 + head*s2 + d.
+  const void* k_cache = nullptr;
+  const void* v_cache = nullptr;
+  int kv_type = kF32;  // q_dtype, or kI8 with per-(row, col, head) float scales
+  int64_t k_s0 = 0, k_s1 = 0, k_s2 = 0, v_s0 = 0, v_s1 = 0, v_s2 = 0;
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+  int64_t ks_s0 = 0, ks_s1 = 0, ks_s2 = 0, vs_s0 = 0, vs_s1 = 0, vs_s2 = 0;
+  const int32_t* seq_lens = nullptr;     // [B]
+  const int32_t* block_table = nullptr;  // [B, *] with row stride bt_stride; null: contiguous cache
+  int64_t bt_stride = 0;
+  int block_size = 0;
+  float scale = 0.0f, softcap = 0.0f;
+  int window_left = -1;
+  void* out = nullptr;   // [B, Sq, Hq, D] contiguous, q_dtype
+  float* ws = nullptr;   // num_splits > 1: decode_workspace_floats() floats (partial states)
+  int num_splits = 1;
+  int rows_per_cta = 0;  // filled by the launcher: 4 or 8 query rows (of one KV head) per CTA
+  int row_chunks = 0;    // filled by the launcher: ceil((Hq / Hk) * Sq / rows_per_cta)
+};
+
+// Floats of the split-KV workspace: per query row and split, D partial sums, the max and the sum.
+inline int64_t decode_workspace_floats(int64_t B, int64_t Sq, int64_t Hq, int64_t D, int64_t num_splits) {
+  return num_splits > 1 ? B * Sq * Hq * num_splits * (D + 2) : 0;
+}
+
 }  // namespace cuda
 
 // Launchers (csrc/cuda/<op>.cu): validate, launch on `stream` (a cudaStream_t), throw on a CUDA error.
 void kv_cache_append_cuda(const cuda::KvAppendParams& p, void* stream);
+void decode_attention_cuda(cuda::DecodeParams p, void* stream);
 
 }  // namespace llmkern

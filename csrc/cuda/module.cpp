@@ -16,6 +16,8 @@ int device_count(std::string* error);
 void iota(int* out, int n, cudaStream_t stream);
 void bind_kv_cache_append(py::module_& m);
 void bind_decode_attention(py::module_& m);
+void bind_rms_norm(py::module_& m);
+void bind_rotary_embedding(py::module_& m);
 }  // namespace llmkern
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -40,4 +42,6 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("out"), py::arg("n"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   llmkern::bind_kv_cache_append(m);
   llmkern::bind_decode_attention(m);
+  llmkern::bind_rms_norm(m);
+  llmkern::bind_rotary_embedding(m);
 }

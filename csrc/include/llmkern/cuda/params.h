@@ -76,10 +76,45 @@ inline int64_t decode_workspace_floats(int64_t B, int64_t Sq, int64_t Hq, int64_
   return num_splits > 1 ? B * Sq * Hq * num_splits * (D + 2) : 0;
 }
 
+struct RmsNormParams {
+  // Row m of x / residual starts at element m * stride (last dim contiguous).
+  const void* x = nullptr;
+  int x_dtype = kF32;
+  int64_t x_stride = 0;
+  const void* residual = nullptr;  // null: no residual (h = x, nothing stored to h)
+  int r_dtype = kF32;
+  int64_t r_stride = 0;
+  const void* weight = nullptr;  // [N], contiguous
+  int w_dtype = kF32;
+  void* y = nullptr;  // [M, N] contiguous, x_dtype
+  void* h = nullptr;  // [M, N] contiguous, x_dtype; used only with residual
+  int64_t M = 0, N = 0;
+  float eps = 0.0f;
+};
+
+struct RotaryParams {
+  // Input row (t, h) at t*st + h*sh (last dim contiguous); outputs [T, H, D] contiguous, same dtype.
+  const void* q = nullptr;
+  void* q_out = nullptr;
+  int q_dtype = kF32;
+  int64_t q_st = 0, q_sh = 0, Hq = 0;
+  const void* k = nullptr;
+  void* k_out = nullptr;
+  int k_dtype = kF32;
+  int64_t k_st = 0, k_sh = 0, Hk = 0;
+  int64_t T = 0, D = 0;
+  const float* cos_sin = nullptr;  // [max_pos, R]: cos | sin
+  int64_t R = 0;
+  const int64_t* positions = nullptr;  // [T]
+  bool interleaved = false;
+};
+
 }  // namespace cuda
 
 // Launchers (csrc/cuda/<op>.cu): validate, launch on `stream` (a cudaStream_t), throw on a CUDA error.
 void kv_cache_append_cuda(const cuda::KvAppendParams& p, void* stream);
 void decode_attention_cuda(cuda::DecodeParams p, void* stream);
+void rms_norm_cuda(const cuda::RmsNormParams& p, void* stream);
+void rotary_embedding_cuda(const cuda::RotaryParams& p, void* stream);
 
 }  // namespace llmkern

@@ -214,3 +214,11 @@ def test_decode_paged_equals_contiguous_bitwise(emu):
     a = _problem([1, 17, 70], 8, 2, 64, torch.bfloat16, None, seed=4)
     b = _problem([1, 17, 70], 8, 2, 64, torch.bfloat16, 5, seed=4)
     assert torch.equal(_check_decode(emu, a, 2, torch.bfloat16), _check_decode(emu, b, 2, torch.bfloat16))
+
+
+@pytest.mark.parametrize("bs", [1, 2, 3])
+@pytest.mark.parametrize("heads", [(8, 2, 64), (4, 2, 128)], ids=str)
+def test_decode_blocks_smaller_than_a_warp_step(emu, heads, bs):
+    """Block sizes below the keys a warp covers per load (4 keys for D=64, 2 for D=128)."""
+    Hq, Hk, D = heads
+    _check_decode(emu, _problem([0, 1, 9, 50], Hq, Hk, D, torch.bfloat16, bs), 2, torch.bfloat16)

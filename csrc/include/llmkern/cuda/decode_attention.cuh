@@ -81,7 +81,7 @@ struct KvVec<kI8> {
 };
 
 template <int KV, int D, int ROWS>
-__global__ void __launch_bounds__(kDecodeWarps * 32) decode_split_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_split_kernel(const DecodeParams p) {
   using V = KvVec<KV>;
   using Raw = typename V::Raw;
   constexpr int VEC = V::kVec;
@@ -151,16 +151,33 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_split_kernel(const D
     Raw kr[U], vr[U];
     float ksc[U], vsc[U];
     bool ok[U];
+    // Paged: block entry and offset of this lane's first key of the step (one division per step), then
+    // stepped along by KPW keys (at most ceil(KPW / block_size) wraps).
+    unsigned blk = 0, off = 0;
+    if (paged) {
+      const unsigned j0 = static_cast<unsigned>(base + sub), bs = static_cast<unsigned>(p.block_size);
+      blk = j0 / bs;
+      off = j0 - blk * bs;
+    }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = base + u * KPW + sub;
       ok[u] = j < kend;
       ksc[u] = vsc[u] = 1.0f;
+      const unsigned blk_u = blk, off_u = off;
+      if (paged && u + 1 < U) {
+        off += KPW;
+        if (off >= static_cast<unsigned>(p.block_size)) {  // crossed into the next block (or further, bs < KPW)
+          const unsigned wraps = off / static_cast<unsigned>(p.block_size);
+          blk += wraps;
+          off -= wraps * static_cast<unsigned>(p.block_size);
+        }
+      }
       if (ok[u]) {
         int64_t row, col;
         if (paged) {
-          row = bt[static_cast<unsigned>(j) / static_cast<unsigned>(p.block_size)];
-          col = static_cast<unsigned>(j) % static_cast<unsigned>(p.block_size);
+          row = bt[blk_u];
+          col = off_u;
         } else {
           row = b;
           col = j;
@@ -215,11 +232,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_split_kernel(const D
 #pragma unroll
       for (int o = LPK; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
       const float m_new = fmaxf(m[r], mx);
-      const float corr = m[r] == -INFINITY ? 0.0f : exp2f(m[r] - m_new);
-      m[r] = m_new;
-      l[r] *= corr;
+      if (m_new > m[r]) {  // warp-uniform (m and mx are): rescale only when the running max grows
+        const float corr = m[r] == -INFINITY ? 0.0f : exp2f(m[r] - m_new);
+        m[r] = m_new;
+        l[r] *= corr;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[r][e] *= corr;
+        for (int e = 0; e < VEC; ++e) acc[r][e] *= corr;
+      }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const float pr = s[u][r] == -INFINITY ? 0.0f : exp2f(s[u][r] - m_new);

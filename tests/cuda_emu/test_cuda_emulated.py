@@ -222,3 +222,31 @@ def test_decode_blocks_smaller_than_a_warp_step(emu, heads, bs):
     """Block sizes below the keys a warp covers per load (4 keys for D=64, 2 for D=128)."""
     Hq, Hk, D = heads
     _check_decode(emu, _problem([0, 1, 9, 50], Hq, Hk, D, torch.bfloat16, bs), 2, torch.bfloat16)
+
+
+def test_misaligned_inputs_take_the_scalar_paths(emu):
+    """Inputs one element off 16-byte alignment: the kernels must fall back to element accesses (the
+    emulator raises on a misaligned vector access, as the GPU would fault)."""
+    torch.manual_seed(5)
+    kv, _ = adapter(emu, "kv_cache_append")
+    k = torch.randn(2 * 3 * 64 + 1).to(torch.bfloat16)[1:].view(2, 3, 64)
+    v = torch.randn(2, 3, 64).to(torch.bfloat16)
+    got, want = _caches((2, 2, 3, 64), torch.bfloat16), _caches((2, 2, 3, 64), torch.bfloat16)
+    q = torch.randn(2 * 4 * 64 + 1).to(torch.bfloat16)[1:].view(2, 4, 64)
+    q2 = q.clone()
+    pos, cs, slots = torch.tensor([1, 7]), rotary_cos_sin(8, 64), torch.tensor([0, 3])
+    for inter in (False, True):
+        kv(k, v, got[0], got[1], slots, None, None, q, pos, cs, inter)
+        reference.kv_cache_append(k, v, want[0], want[1], slots, None, None, q2, pos, cs, inter)
+        assert bits_equal(got[0], want[0]) and bits_equal(got[1], want[1]) and bits_equal(q, q2)
+    rms, _ = adapter(emu, "rms_norm")
+    x = torch.randn(3 * 64 + 1).to(torch.float16)[1:].view(3, 64)
+    w, r = torch.randn(64), torch.randn(3, 64).to(torch.float16)
+    y, h = rms(x, w, 1e-5, r)
+    ry, rh = reference.rms_norm(x, w, 1e-5, r)
+    assert rel(y, ry) <= TOL[torch.float16] and torch.equal(h, rh)
+    rot, _ = adapter(emu, "rotary_embedding")
+    for inter in (False, True):
+        qo, ko = rot(q, k, pos, cs, inter)
+        qr, kr = reference.rotary_embedding(q, k, pos, cs, inter)
+        assert bits_equal(qo, qr) and bits_equal(ko, kr)

@@ -3,7 +3,8 @@
 // __syncwarp and __syncthreads are barriers that switch fibers cooperatively. Arithmetic is the host's
 // IEEE fp32/fp64 (no FMA contraction on x86-64 without -mfma); exp2f/tanhf are libm's. It checks the
 // kernels' index arithmetic, reductions and numerics on machines without a GPU; it cannot catch
-// misaligned vector accesses, data races between barriers or launch-configuration errors. Test-only.
+// data races between barriers or launch-configuration errors. Vector accesses made through ld_vec / ldg_vec /
+// st_vec (llmkern/cuda/kv_rotary_common.cuh) are checked for alignment: the launch then throws. Test-only.
 #pragma once
 #include <ucontext.h>
 
@@ -13,6 +14,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "llmkern/cpu/convert.h"
@@ -76,6 +79,7 @@ struct State {
   Barrier block_bar;
   std::vector<std::vector<uint64_t>> slots;
   std::function<void()> body;
+  std::string misaligned;  // first misaligned vector access of the launch (reported after the grid)
 };
 inline State& S() { static State s; return s; }
 inline void yield() { swapcontext(&S().fibers[S().cur].ctx, &S().sched); }
@@ -99,6 +103,11 @@ template <class T> T shfl_xor(T v, int o) {
   memcpy(&out, &r, sizeof(T));
   return out;
 }
+inline void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes && S().misaligned.empty())
+    S().misaligned = "misaligned " + std::to_string(bytes) + "-byte vector access at address " +
+                     std::to_string(reinterpret_cast<uintptr_t>(p));
+}
 inline void tramp() {
   S().body();
   S().fibers[S().cur].done = true;
@@ -110,6 +119,7 @@ void launch(K kernel, dim3 grid, dim3 block, A... args) {
   s.gdim = grid;
   const int n = block.x * block.y * block.z;
   s.body = [=]() { kernel(args...); };
+  s.misaligned.clear();
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -140,9 +150,11 @@ void launch(K kernel, dim3 grid, dim3 block, A... args) {
           }
         }
       }
+  if (!s.misaligned.empty()) throw std::runtime_error("CUDA emulation: " + s.misaligned);
 }
 }  // namespace emu
 
+#define LLMKERN_ASSERT_ALIGNED(ptr, bytes) emu::check_aligned((ptr), (bytes))
 #define threadIdx (emu::S().fibers[emu::S().cur].tid)
 #define blockIdx (emu::S().block)
 #define blockDim (emu::S().bdim)

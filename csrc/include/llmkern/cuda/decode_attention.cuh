@@ -184,8 +184,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
         }
         const int64_t ko = row * p.k_s0 + col * p.k_s1 + kvh * p.k_s2 + lig * VEC;
         const int64_t vo = row * p.v_s0 + col * p.v_s1 + kvh * p.v_s2 + lig * VEC;
-        kr[u] = __ldg(reinterpret_cast<const Raw*>(kc + ko * ESZ));
-        vr[u] = __ldg(reinterpret_cast<const Raw*>(vc + vo * ESZ));
+        kr[u] = ldg_vec<Raw>(kc + ko * ESZ);
+        vr[u] = ldg_vec<Raw>(vc + vo * ESZ);
         if (KV == kI8) {
           ksc[u] = __ldg(p.k_scale + row * p.ks_s0 + col * p.ks_s1 + kvh * p.ks_s2);
           vsc[u] = __ldg(p.v_scale + row * p.vs_s0 + col * p.vs_s1 + kvh * p.vs_s2);

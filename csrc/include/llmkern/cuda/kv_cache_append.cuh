@@ -30,7 +30,7 @@ __device__ __forceinline__ void load_row_f32(const void* p, int64_t base, int dt
   if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && (D * esz) % 16 == 0) {
     const int chunks = D * esz / 16, per = 16 / esz;
     for (int c = lane; c < chunks; c += 32) {
-      const uint4 u = reinterpret_cast<const uint4*>(src)[c];
+      const uint4 u = ld_vec<uint4>(src + 16 * c);
       const uint32_t w[4] = {u.x, u.y, u.z, u.w};
       float* dst = row + c * per;
       if (dt == kF32) {
@@ -74,7 +74,7 @@ __device__ __forceinline__ void store_row_f32(void* p, int64_t base, int dt, int
 #pragma unroll
         for (int i = 0; i < 4; ++i) w[i] = uint32_t(f32_to_f16_bits(s[2 * i])) | (uint32_t(f32_to_f16_bits(s[2 * i + 1])) << 16);
       }
-      reinterpret_cast<uint4*>(dst)[c] = make_uint4(w[0], w[1], w[2], w[3]);
+      st_vec(dst + 16 * c, make_uint4(w[0], w[1], w[2], w[3]));
     }
     return;
   }
@@ -84,10 +84,10 @@ __device__ __forceinline__ void store_row_f32(void* p, int64_t base, int dt, int
 // Raw copy of `bytes` bytes (a row of the same dtype): bit-exact, NaN payloads included.
 __device__ __forceinline__ void copy_row(char* dst, const char* src, int bytes, int lane) {
   if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0 && bytes % 16 == 0) {
-    for (int c = lane; c < bytes / 16; c += 32) reinterpret_cast<uint4*>(dst)[c] = reinterpret_cast<const uint4*>(src)[c];
+    for (int c = lane; c < bytes / 16; c += 32) st_vec(dst + 16 * c, ld_vec<uint4>(src + 16 * c));
   } else if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 1) == 0 && bytes % 2 == 0) {
     for (int c = lane; c < bytes / 2; c += 32)
-      reinterpret_cast<uint16_t*>(dst)[c] = reinterpret_cast<const uint16_t*>(src)[c];
+      st_vec(dst + 2 * c, ld_vec<uint16_t>(src + 2 * c));
   } else {
     for (int c = lane; c < bytes; c += 32) dst[c] = src[c];
   }

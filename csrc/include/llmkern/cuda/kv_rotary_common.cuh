@@ -13,8 +13,33 @@
 
 #include "llmkern/cuda/params.h"
 
+// Vector (8/16-byte) memory accesses go through ld_vec / ldg_vec / st_vec so that the host emulation of
+// tests/cuda_emu can check their alignment (it defines LLMKERN_ASSERT_ALIGNED); on the GPU a misaligned
+// vector access is an illegal-address fault that kills the whole CUDA context.
+#ifndef LLMKERN_ASSERT_ALIGNED
+#define LLMKERN_ASSERT_ALIGNED(ptr, bytes) ((void)0)
+#endif
+
 namespace llmkern {
 namespace cuda {
+
+template <class T>
+__device__ __forceinline__ T ld_vec(const void* p) {
+  LLMKERN_ASSERT_ALIGNED(p, sizeof(T));
+  return *static_cast<const T*>(p);
+}
+
+template <class T>
+__device__ __forceinline__ T ldg_vec(const void* p) {  // read-only path (data not written by this kernel)
+  LLMKERN_ASSERT_ALIGNED(p, sizeof(T));
+  return __ldg(static_cast<const T*>(p));
+}
+
+template <class T>
+__device__ __forceinline__ void st_vec(void* p, const T& v) {
+  LLMKERN_ASSERT_ALIGNED(p, sizeof(T));
+  *static_cast<T*>(p) = v;
+}
 
 
 __device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }

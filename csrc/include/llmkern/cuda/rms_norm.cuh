@@ -27,10 +27,10 @@ __device__ __forceinline__ void load_vec(const void* p, int64_t i, int dt, float
   if (VE == 1) {
     x[0] = load_f32(p, i, dt);
   } else if (dt == kF32) {
-    const float4 u = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+    const float4 u = ld_vec<float4>(static_cast<const float*>(p) + i);
     x[0] = u.x, x[1] = u.y, x[2] = u.z, x[3] = u.w;
   } else {
-    const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i);
+    const uint4 u = ld_vec<uint4>(static_cast<const uint16_t*>(p) + i);
     const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -45,7 +45,7 @@ __device__ __forceinline__ void store_vec(void* p, int64_t i, int dt, const floa
   if (VE == 1) {
     store_f32(p, i, dt, x[0]);
   } else if (dt == kF32) {
-    *reinterpret_cast<float4*>(static_cast<float*>(p) + i) = make_float4(x[0], x[1], x[2], x[3]);
+    st_vec(static_cast<float*>(p) + i, make_float4(x[0], x[1], x[2], x[3]));
   } else {
     uint32_t w[4];
 #pragma unroll
@@ -54,7 +54,7 @@ __device__ __forceinline__ void store_vec(void* p, int64_t i, int dt, const floa
       const uint16_t b = dt == kBF16 ? f32_to_bf16_bits(x[2 * k + 1]) : f32_to_f16_bits(x[2 * k + 1]);
       w[k] = uint32_t(a) | (uint32_t(b) << 16);
     }
-    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p) + i) = make_uint4(w[0], w[1], w[2], w[3]);
+    st_vec(static_cast<uint16_t*>(p) + i, make_uint4(w[0], w[1], w[2], w[3]));
   }
 }
 

@@ -20,10 +20,10 @@ constexpr int kRotWarps = 4;
 
 __device__ __forceinline__ void load_pair(const void* p, int64_t i, int dt, float& a, float& b) {
   if (dt == kF32) {
-    const float2 u = *reinterpret_cast<const float2*>(static_cast<const float*>(p) + i);
+    const float2 u = ld_vec<float2>(static_cast<const float*>(p) + i);
     a = u.x, b = u.y;
   } else {
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(p) + i);
+    const uint32_t w = ld_vec<uint32_t>(static_cast<const uint16_t*>(p) + i);
     a = dt == kBF16 ? bf16_bits_to_f32(uint16_t(w & 0xffffu)) : f16_bits_to_f32(uint16_t(w & 0xffffu));
     b = dt == kBF16 ? bf16_bits_to_f32(uint16_t(w >> 16)) : f16_bits_to_f32(uint16_t(w >> 16));
   }
@@ -31,11 +31,11 @@ __device__ __forceinline__ void load_pair(const void* p, int64_t i, int dt, floa
 
 __device__ __forceinline__ void store_pair(void* p, int64_t i, int dt, float a, float b) {
   if (dt == kF32) {
-    *reinterpret_cast<float2*>(static_cast<float*>(p) + i) = make_float2(a, b);
+    st_vec(static_cast<float*>(p) + i, make_float2(a, b));
   } else {
     const uint16_t x = dt == kBF16 ? f32_to_bf16_bits(a) : f32_to_f16_bits(a);
     const uint16_t y = dt == kBF16 ? f32_to_bf16_bits(b) : f32_to_f16_bits(b);
-    *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p) + i) = uint32_t(x) | (uint32_t(y) << 16);
+    st_vec(static_cast<uint16_t*>(p) + i, uint32_t(x) | (uint32_t(y) << 16));
   }
 }
 

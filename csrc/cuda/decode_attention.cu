@@ -27,7 +27,7 @@ void decode_attention_cuda(cuda::DecodeParams p, void* stream) {
     if (reinterpret_cast<uintptr_t>(ptr) % align) fail("caches must be " + std::to_string(align) + "-byte aligned");
   for (int64_t s : {p.k_s0, p.k_s1, p.k_s2, p.v_s0, p.v_s1, p.v_s2})
     if (s % vec) fail("cache strides must be multiples of " + std::to_string(vec) + " elements");
-  if (!cuda::launch_decode_attention(p, static_cast<cudaStream_t>(stream))) fail("head dim " + std::to_string(p.D) + " has no kernel (64, 128)");
+  if (!cuda::launch_decode_attention(p, static_cast<cudaStream_t>(stream))) fail("head dim " + std::to_string(p.D) + " has no kernel (multiples of 8 up to 256; 128 for float32)");
   LLMKERN_CUDA_CHECK_LAUNCH();
 }
 

@@ -162,7 +162,6 @@ def _cpu(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, so
 
 # Split-KV of the CUDA backend. Tests force a split count through this variable (or LLMKERN_DECODE_SPLITS).
 CUDA_FORCE_SPLITS: int | None = int(os.environ["LLMKERN_DECODE_SPLITS"]) if os.environ.get("LLMKERN_DECODE_SPLITS") else None
-_CUDA_HEAD_DIMS = (64, 128)  # instantiated in csrc/include/llmkern/cuda/decode_attention.cuh
 _CUDA_MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost (q load, merge) outweighs its keys
 
 
@@ -203,9 +202,11 @@ def _cuda(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, s
         raise BackendUnsupported(f"q is on {q.device}")
     mod = _backends.cuda_module()
     D = q.shape[-1]
-    if D not in _CUDA_HEAD_DIMS:
-        raise BackendUnsupported(f"head dim {D} (the CUDA kernel has {_CUDA_HEAD_DIMS})")
     int8 = k_cache.dtype == torch.int8
+    max_d = 128 if k_cache.dtype == torch.float32 else 256
+    if D % 8 or not 8 <= D <= max_d:
+        raise BackendUnsupported(f"head dim {D} (the CUDA kernel takes multiples of 8 up to {max_d} for a "
+                                 f"{k_cache.dtype} cache)")
     vec, align = (8, 8) if int8 else ((4, 16) if k_cache.dtype == torch.float32 else (8, 16))
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if c.stride(-1) != 1 or any(st % vec for st in c.stride()[:3]) or c.data_ptr() % align:

@@ -250,3 +250,13 @@ def test_misaligned_inputs_take_the_scalar_paths(emu):
         qo, ko = rot(q, k, pos, cs, inter)
         qr, kr = reference.rotary_embedding(q, k, pos, cs, inter)
         assert bits_equal(qo, qr) and bits_equal(ko, kr)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("D", [32, 40, 80, 96, 136, 256])
+def test_decode_other_head_dims(emu, D, dtype):
+    """Head dims between the instantiated widths (64, 128, 256): lanes past D idle."""
+    if dtype == torch.float32 and D > 128:
+        pytest.skip("float32 caches: D <= 128")
+    _check_decode(emu, _problem([0, 3, 41], 8, 2, D, dtype, 16), 2, dtype)
+    _check_decode(emu, _problem([0, 3, 41], 8, 2, D, dtype, 16, int8=True), 1, dtype)

@@ -229,11 +229,21 @@ def test_non_contiguous_q_and_unsupported_head_dim():
     qn = torch.randn(2, 8, 256, device=DEV).to(torch.bfloat16)[..., ::2]
     p.q = qn
     assert_rel(p.run(q=qn), p.ref(), TOL[torch.bfloat16])
-    p = Problem([17, 100], 4, 2, 96, torch.bfloat16, block_size=16, seed=12)
+    p = Problem([17, 100], 4, 2, 256, torch.float32, block_size=16, seed=12)  # float32 caches: D <= 128
     with strict(), pytest.raises(RuntimeError, match="head dim"):
         llmkern.ops.decode_attention(*p.args(), **p.kw(), backend="cuda")
     # Without strict the op falls back (to triton or the reference) and is still right.
-    assert_rel(llmkern.ops.decode_attention(*p.args(), **p.kw()), p.ref(), TOL[torch.bfloat16])
+    assert_rel(llmkern.ops.decode_attention(*p.args(), **p.kw()), p.ref(), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("D", [32, 40, 80, 96, 256])
+@pytest.mark.parametrize("int8", [False, True])
+def test_other_head_dims(D, int8):
+    """Head dims between the instantiated widths (64, 128, 256): the lanes past D idle."""
+    p = Problem(ODD_LENS + [0], 8, 2, D, torch.bfloat16, block_size=16, int8=int8, seed=14)
+    assert_rel(p.run(), p.ref(), TOL[torch.bfloat16])
+    p = Problem([1, 100], 8, 2, D, torch.float16, seed=15)
+    assert_rel(p.run(window_left=7), p.ref(window_left=7), TOL[torch.float16])
 
 
 @pytest.mark.parametrize("splits", [1, 5])

@@ -5,7 +5,7 @@
 // sequence, one KV head, one slice of that sequence's visible keys, and up to ROWS query rows of that
 // KV head (the G = Hq / Hk query heads of the group times the Sq new tokens), so each K/V row is read
 // from memory once per KV head. Lanes hold VEC consecutive elements of a key (16-byte loads; 8-byte for
-// int8), LPK = D / VEC lanes form one key, KPW = 32 / LPK keys per warp instruction; each warp walks
+// int8), LPK = DMAX / VEC lanes form one key (lanes past the head dim D <= DMAX idle), KPW = 32 / LPK keys per warp instruction; each warp walks
 // U * KPW keys per step with all loads of the step (K and V) issued before the math, and keeps an
 // online softmax (running max m, sum l, accumulator acc, fp32, in the log2 domain) per query row.
 // Scores are reduced across the LPK lanes of a key with shuffles; the max over a step is reduced across
@@ -80,19 +80,19 @@ struct KvVec<kI8> {
   }
 };
 
-template <int KV, int D, int ROWS>
+template <int KV, int DMAX, int ROWS>
 __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_split_kernel(const DecodeParams p) {
   using V = KvVec<KV>;
   using Raw = typename V::Raw;
   constexpr int VEC = V::kVec;
-  constexpr int LPK = D / VEC;   // lanes per key
+  constexpr int LPK = DMAX / VEC;  // lanes per key
   constexpr int KPW = 32 / LPK;  // keys per warp instruction
   constexpr int U = ROWS <= 4 ? 4 : 2;
   constexpr int NW = kDecodeWarps;
   constexpr int ESZ = KV == kF32 ? 4 : (KV == kI8 ? 1 : 2);
-  static_assert(D % VEC == 0 && LPK <= 32 && 32 % LPK == 0, "head dim does not fit the lane layout");
+  static_assert(DMAX % VEC == 0 && LPK <= 32 && 32 % LPK == 0, "head dim does not fit the lane layout");
 
-  __shared__ float s_acc[NW][ROWS][D];
+  __shared__ float s_acc[NW][ROWS][DMAX];
   __shared__ float s_m[NW][ROWS];
   __shared__ float s_l[NW][ROWS];
 
@@ -103,6 +103,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
   const int nrows = min(ROWS, G * p.Sq - r0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int sub = lane / LPK, lig = lane % LPK;
+  const int D = p.D;  // multiple of VEC, <= DMAX
+  const bool active = lig * VEC < D;  // this lane holds part of the head dim
   const int ns = p.num_splits;
 
   // Keys visible to at least one row of this CTA: [lo, hi). Row rr is token t = rr / G at position
@@ -129,7 +131,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
     qpos[r] = len - p.Sq + t;
     const int64_t base = b * p.q_s0 + t * p.q_s1 + h * p.q_s2 + lig * VEC;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) qr[r][e] = r < nrows ? load_f32(p.q, base + e, p.q_dtype) * qmul : 0.0f;
+    for (int e = 0; e < VEC; ++e) qr[r][e] = r < nrows && active ? load_f32(p.q, base + e, p.q_dtype) * qmul : 0.0f;
   }
 
   float m[ROWS], l[ROWS], acc[ROWS][VEC];
@@ -173,7 +175,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
           off -= wraps * static_cast<unsigned>(p.block_size);
         }
       }
-      if (ok[u]) {
+      if (ok[u] && active) {
         int64_t row, col;
         if (paged) {
           row = bt[blk_u];
@@ -267,7 +269,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
       for (int e = 0; e < VEC; ++e) acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], o);
     }
   }
-  if (sub == 0) {
+  if (sub == 0 && active) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r)
 #pragma unroll
@@ -334,27 +336,36 @@ __global__ void __launch_bounds__(128) decode_merge_kernel(const DecodeParams p)
   }
 }
 
-template <int KV, int D, int ROWS>
+template <int KV, int DMAX, int ROWS>
 inline void launch_decode_split(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_splits, p.Hk * p.row_chunks, p.B);
-  decode_split_kernel<KV, D, ROWS><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+  decode_split_kernel<KV, DMAX, ROWS><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
 }
 
-template <int KV, int D>
+template <int KV, int DMAX>
 inline void launch_decode_rows(const DecodeParams& p, cudaStream_t stream) {
   if (p.rows_per_cta == 4)
-    launch_decode_split<KV, D, 4>(p, stream);
+    launch_decode_split<KV, DMAX, 4>(p, stream);
   else
-    launch_decode_split<KV, D, 8>(p, stream);
+    launch_decode_split<KV, DMAX, 8>(p, stream);
 }
 
 template <int KV>
 inline bool launch_decode_dim(const DecodeParams& p, cudaStream_t stream) {
-  switch (p.D) {
-    case 64: launch_decode_rows<KV, 64>(p, stream); return true;
-    case 128: launch_decode_rows<KV, 128>(p, stream); return true;
-    default: return false;
+  // Head dims are multiples of 8 (the op's rule); a kernel for DMAX takes any D in (DMAX/2, DMAX] (and
+  // the 64 one every D <= 64) with the lanes past D idle. fp32 has 4 elements per lane: D <= 128.
+  if (p.D < 8 || p.D % 8) return false;
+  if (p.D <= 64) {
+    launch_decode_rows<KV, 64>(p, stream);
+  } else if (p.D <= 128) {
+    launch_decode_rows<KV, 128>(p, stream);
+  } else if (p.D <= 256) {
+    if constexpr (KV == kF32) return false;
+    else launch_decode_rows<KV, 256>(p, stream);
+  } else {
+    return false;
   }
+  return true;
 }
 
 // Picks the instantiation and launches both kernels; false when the head dim / dtype has none.

@@ -233,6 +233,7 @@ def _cuda(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, s
             block_table = block_table.contiguous()
         bt_ptr, bt_stride, block_size = block_table.data_ptr(), block_table.stride(0), k_cache.shape[1]
         capacity = block_table.shape[1] * block_size
+    window_left = -1 if window_left >= capacity else int(window_left)  # a window past the cache is no window
     max_keys = capacity if window_left < 0 else min(capacity, window_left + Sq)
     ns = cuda_num_splits(B, Hk, rows, max_keys, _sm_count(q.device.index if q.device.index is not None
                                                                   else torch.cuda.current_device()))

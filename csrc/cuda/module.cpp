@@ -15,6 +15,10 @@ int driver_version();
 int device_count(std::string* error);
 void iota(int* out, int n, cudaStream_t stream);
 void bind_attention(py::module_& m);
+void bind_kv_cache_append(py::module_& m);
+void bind_decode_attention(py::module_& m);
+void bind_rms_norm(py::module_& m);
+void bind_rotary_embedding(py::module_& m);
 }  // namespace llmkern
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -38,4 +42,8 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       py::arg("out"), py::arg("n"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   llmkern::bind_attention(m);
+  llmkern::bind_kv_cache_append(m);
+  llmkern::bind_decode_attention(m);
+  llmkern::bind_rms_norm(m);
+  llmkern::bind_rotary_embedding(m);
 }

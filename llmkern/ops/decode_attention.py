@@ -15,6 +15,10 @@ Inputs:
 """
 from __future__ import annotations
 
+import functools
+import math
+import os
+
 import torch
 
 from .. import _backends
@@ -152,6 +156,101 @@ def _cpu(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, so
         seq_lens.data_ptr(), bt_ptr, bt_stride, block_size, capacity,
         D ** -0.5 if scale is None else float(scale), float(softcap), int(window_left),
         out.data_ptr(), ws.data_ptr(), ws_bytes, threads, _backends.cpu_isa(),
+    )
+    return out
+
+
+# Split-KV of the CUDA backend. Tests force a split count through this variable (or LLMKERN_DECODE_SPLITS).
+CUDA_FORCE_SPLITS: int | None = int(os.environ["LLMKERN_DECODE_SPLITS"]) if os.environ.get("LLMKERN_DECODE_SPLITS") else None
+_CUDA_MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost (q load, merge) outweighs its keys
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def cuda_num_splits(B: int, Hk: int, rows: int, max_keys: int, sms: int) -> int:
+    """Splits of each sequence's keys for the CUDA kernel (B * Hk * row_chunks * splits CTAs).
+
+    CTAs resident at once: ~3 per SM with <= 4 query rows per CTA, ~2 with 8 (registers). The smallest
+    split count whose CTAs fill >= 85% of their last wave is taken (more splits only add merge work),
+    else the best fill; a split keeps at least _CUDA_MIN_KEYS_PER_SPLIT keys.
+    """
+    if CUDA_FORCE_SPLITS is not None:
+        return max(1, min(int(CUDA_FORCE_SPLITS), 65535))
+    per_cta = 4 if rows <= 4 else 8
+    base = max(1, B * Hk * ((rows + per_cta - 1) // per_cta))
+    resident = max(1, sms * (3 if per_cta == 4 else 2))
+    cap = max(1, min(128, max_keys // _CUDA_MIN_KEYS_PER_SPLIT))
+    best, best_fill = 1, 0.0
+    for ns in range(1, cap + 1):
+        waves = base * ns / resident
+        fill = waves / math.ceil(waves)
+        if fill >= 0.85:
+            return ns
+        if fill > best_fill + 1e-9:
+            best, best_fill = ns, fill
+    return best
+
+
+@decode_attention_op.backend("cuda")
+def _cuda(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap, window_left):
+    """Split-KV CUDA kernels (csrc/include/llmkern/cuda/decode_attention.cuh) on raw pointers and strides;
+    torch allocates out and the fp32 workspace of partial states (so the op is CUDA-graph safe)."""
+    if q.device.type != "cuda":
+        raise BackendUnsupported(f"q is on {q.device}")
+    mod = _backends.cuda_module()
+    D = q.shape[-1]
+    int8 = k_cache.dtype == torch.int8
+    max_d = 128 if k_cache.dtype == torch.float32 else 256
+    if D % 8 or not 8 <= D <= max_d:
+        raise BackendUnsupported(f"head dim {D} (the CUDA kernel takes multiples of 8 up to {max_d} for a "
+                                 f"{k_cache.dtype} cache)")
+    vec, align = (8, 8) if int8 else ((4, 16) if k_cache.dtype == torch.float32 else (8, 16))
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.stride(-1) != 1 or any(st % vec for st in c.stride()[:3]) or c.data_ptr() % align:
+            raise BackendUnsupported(f"{name} needs a unit stride along D, strides that are multiples of {vec} "
+                                     f"and {align}-byte alignment (vector loads)")
+    q4 = q if q.dim() == 4 else q[:, None]  # [B, Sq, Hq, D]
+    if q4.stride(-1) != 1:
+        q4 = q4.contiguous()
+    B, Sq, Hq, _ = q4.shape
+    Hk = k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, seen as [B, Sq, Hq, D]
+    if B == 0 or Hq == 0:
+        return out
+    if B > 65535:
+        raise BackendUnsupported(f"batch {B} > 65535 (grid z)")
+    rows = (Hq // Hk) * Sq
+    row_chunks = (rows + (4 if rows <= 4 else 8) - 1) // (4 if rows <= 4 else 8)
+    if Hk * row_chunks > 65535:
+        raise BackendUnsupported("too many heads x new tokens for the grid")
+    if block_table is None:
+        bt_ptr, bt_stride, block_size, capacity = 0, 0, 0, k_cache.shape[1]
+    else:
+        if block_table.stride(-1) != 1:
+            block_table = block_table.contiguous()
+        bt_ptr, bt_stride, block_size = block_table.data_ptr(), block_table.stride(0), k_cache.shape[1]
+        capacity = block_table.shape[1] * block_size
+    window_left = -1 if window_left >= capacity else int(window_left)  # a window past the cache is no window
+    max_keys = capacity if window_left < 0 else min(capacity, window_left + Sq)
+    ns = cuda_num_splits(B, Hk, rows, max_keys, _sm_count(q.device.index if q.device.index is not None
+                                                                  else torch.cuda.current_device()))
+    ws = None
+    if ns > 1:
+        ws = torch.empty(mod.decode_attention_workspace_floats(B, Sq, Hq, D, ns), dtype=torch.float32,
+                         device=q.device)
+    seq_lens = seq_lens.contiguous()
+    mod.decode_attention(
+        q4.data_ptr(), _DTYPE_CODE[q.dtype], list(q4.stride()[:3]), B, Sq, Hq, Hk, D,
+        k_cache.data_ptr(), v_cache.data_ptr(), 3 if int8 else _DTYPE_CODE[k_cache.dtype],
+        list(k_cache.stride()[:3]), list(v_cache.stride()[:3]),
+        k_scale.data_ptr() if int8 else 0, v_scale.data_ptr() if int8 else 0,
+        list(k_scale.stride()) if int8 else [0, 0, 0], list(v_scale.stride()) if int8 else [0, 0, 0],
+        seq_lens.data_ptr(), bt_ptr, bt_stride, block_size,
+        D ** -0.5 if scale is None else float(scale), float(softcap), int(window_left),
+        out.data_ptr(), 0 if ws is None else ws.data_ptr(), ns, torch.cuda.current_stream(q.device).cuda_stream,
     )
     return out
 

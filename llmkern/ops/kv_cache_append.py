@@ -118,6 +118,42 @@ def _cpu(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, c
     )
 
 
+@kv_cache_append_op.backend("cuda")
+def _cuda(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
+          rotary_interleaved):
+    """CUDA kernel (csrc/include/llmkern/cuda/kv_cache_append.cuh) on raw pointers and element strides."""
+    mod = _backends.cuda_module()
+    if k.device.type != "cuda":
+        raise BackendUnsupported(f"k is on {k.device}")
+    D = k.shape[-1]
+    if not 1 <= D <= 256:
+        raise BackendUnsupported(f"head dim {D} (the CUDA kernel stages rows of 1..256 values)")
+    k4, v4 = _as_bshd(k), _as_bshd(v)  # [B, S, Hk, D]
+    B, S, Hk, _ = k4.shape
+    if B * S == 0:
+        return
+    slots = slot_mapping.reshape(-1).contiguous()  # [B * S], token t = b * S + s
+    int8 = k_cache.dtype == torch.int8
+    rot = cos_sin_cache is not None
+    q_ptr, q_strides, Hq, q_code = 0, [0, 0, 0], 0, 0
+    cos_sin = pos = None
+    if rot:
+        cos_sin = cos_sin_cache.contiguous()
+        pos = positions.reshape(-1).to(torch.int64).contiguous()
+        if q is not None:
+            q4 = q if q.dim() == 4 else q[:, None]
+            if q4.stride(-1) != 1 and q4.shape[-1] != 1:
+                raise BackendUnsupported("q's head dim is not contiguous (it is rotated in place)")
+            q_ptr, q_strides, Hq, q_code = q4.data_ptr(), list(q4.stride()[:3]), q4.shape[2], _DTYPE_CODE[q.dtype]
+    mod.kv_cache_append(
+        k4.data_ptr(), v4.data_ptr(), _DTYPE_CODE[k.dtype], list(k4.stride()[:3]), list(v4.stride()[:3]),
+        B, S, Hk, D, slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _CACHE_CODE[k_cache.dtype],
+        k_scale.data_ptr() if int8 else 0, v_scale.data_ptr() if int8 else 0,
+        cos_sin.data_ptr() if rot else 0, cos_sin_cache.shape[1] if rot else 0, pos.data_ptr() if rot else 0,
+        bool(rotary_interleaved), q_ptr, q_code, q_strides, Hq, torch.cuda.current_stream(k.device).cuda_stream,
+    )
+
+
 @kv_cache_append_op.backend("triton")
 def _triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
             rotary_interleaved):

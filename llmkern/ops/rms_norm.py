@@ -80,6 +80,32 @@ def _cpu(x, weight, eps, residual):
     return y, h
 
 
+@rms_norm_op.backend("cuda")
+def _cuda(x, weight, eps, residual):
+    """CUDA kernel (csrc/include/llmkern/cuda/rms_norm.cuh), one CTA per row; torch allocates y (and h)."""
+    if x.device.type != "cuda":
+        raise BackendUnsupported(f"x is on {x.device}")
+    N = x.shape[-1]
+    if N == 0:
+        raise BackendUnsupported("rows of 0 elements")
+    mod = _backends.cuda_module()
+    x2, xs = _rows(x, N)
+    w = weight if weight.stride(0) == 1 or N == 1 else weight.contiguous()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if residual is None:
+        h, r_ptr, r_code, rs = x.new_empty((0,)), 0, 0, 0
+    else:
+        h = torch.empty_like(x, memory_format=torch.contiguous_format)
+        r2, rs = _rows(residual, N)
+        r_ptr, r_code = r2.data_ptr(), _DTYPE_CODE[residual.dtype]
+    if x2.shape[0] == 0:
+        return y, h
+    mod.rms_norm(x2.data_ptr(), _DTYPE_CODE[x.dtype], xs, r_ptr, r_code, rs, w.data_ptr(), _DTYPE_CODE[w.dtype],
+                 y.data_ptr(), h.data_ptr() if residual is not None else 0, x2.shape[0], N, float(eps),
+                 torch.cuda.current_stream(x.device).cuda_stream)
+    return y, h
+
+
 @rms_norm_op.backend("triton")
 def _triton(x, weight, eps, residual):
     """Triton kernel on CUDA tensors (llmkern.triton_kernels imported lazily: it needs triton)."""

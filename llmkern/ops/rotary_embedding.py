@@ -87,6 +87,26 @@ def _cpu(q, k, positions, cos_sin_cache, interleaved):
     return q_out, k_out
 
 
+@rotary_embedding_op.backend("cuda")
+def _cuda(q, k, positions, cos_sin_cache, interleaved):
+    """CUDA kernel (csrc/include/llmkern/cuda/rotary_embedding.cuh), one warp per head row."""
+    if q.device.type != "cuda":
+        raise BackendUnsupported(f"q is on {q.device}")
+    mod = _backends.cuda_module()
+    q3, k3 = _as_thd(q), _as_thd(k)  # [T, Hq, D], [T, Hk, D]
+    T, Hq, D = q3.shape
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if T * (Hq + k3.shape[1]) == 0:
+        return q_out, k_out
+    pos = positions.reshape(-1).to(torch.int64).contiguous()  # [T]
+    cs = cos_sin_cache.contiguous()
+    mod.rotary_embedding(q3.data_ptr(), q_out.data_ptr(), _DTYPE_CODE[q.dtype], list(q3.stride()[:2]), Hq,
+                         k3.data_ptr(), k_out.data_ptr(), _DTYPE_CODE[k.dtype], list(k3.stride()[:2]), k3.shape[1],
+                         T, D, cs.data_ptr(), cs.shape[1], pos.data_ptr(), bool(interleaved),
+                         torch.cuda.current_stream(q.device).cuda_stream)
+    return q_out, k_out
+
+
 @rotary_embedding_op.backend("triton")
 def _triton(q, k, positions, cos_sin_cache, interleaved):
     """Triton kernel on CUDA tensors (llmkern.triton_kernels imported lazily: it needs triton)."""

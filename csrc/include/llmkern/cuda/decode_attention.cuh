@@ -1,0 +1,389 @@
+// decode_attention on CUDA: split-KV attention of each sequence's newest Sq tokens over its cache
+// (llmkern/ops/decode_attention.py has the semantics). Torch-free; never allocates.
+//
+// Kernel 1 (decode_split_kernel), grid (num_splits, Hk * row_chunks, B), 4 warps: one CTA takes one
+// sequence, one KV head, one slice of that sequence's visible keys, and up to ROWS query rows of that
+// KV head (the G = Hq / Hk query heads of the group times the Sq new tokens), so each K/V row is read
+// from memory once per KV head. Lanes hold VEC consecutive elements of a key (16-byte loads; 8-byte for
+// int8), LPK = DMAX / VEC lanes form one key (lanes past the head dim D <= DMAX idle), KPW = 32 / LPK keys per warp instruction; each warp walks
+// U * KPW keys per step with all loads of the step (K and V) issued before the math, and keeps an
+// online softmax (running max m, sum l, accumulator acc, fp32, in the log2 domain) per query row.
+// Scores are reduced across the LPK lanes of a key with shuffles; the max over a step is reduced across
+// the warp, so m is warp-uniform and the warp's KPW key groups merge with plain sums at the end. The
+// 4 warps merge through shared memory; the CTA writes the normalized output (num_splits == 1) or its
+// partial state (acc, m, l) to the workspace.
+// Kernel 2 (decode_merge_kernel), one CTA per query row: out = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "llmkern/cuda/kv_rotary_common.cuh"
+#include "llmkern/cuda/params.h"
+
+namespace llmkern {
+namespace cuda {
+
+constexpr int kDecodeWarps = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int KV>
+struct KvVec;  // one lane's load of a cache row: raw bits and their conversion to fp32
+template <>
+struct KvVec<kF32> {
+  static constexpr int kVec = 4;
+  using Raw = float4;
+  __device__ __forceinline__ static void to_f32(const Raw& r, float* x) { x[0] = r.x, x[1] = r.y, x[2] = r.z, x[3] = r.w; }
+};
+template <>
+struct KvVec<kBF16> {
+  static constexpr int kVec = 8;
+  using Raw = uint4;
+  __device__ __forceinline__ static void to_f32(const Raw& r, float* x) {
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = __uint_as_float(w[i] << 16);
+      x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+};
+template <>
+struct KvVec<kF16> {
+  static constexpr int kVec = 8;
+  using Raw = uint4;
+  __device__ __forceinline__ static void to_f32(const Raw& r, float* x) {
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2 h2;
+      memcpy(&h2, &w[i], 4);
+      const float2 f = __half22float2(h2);
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+  }
+};
+template <>
+struct KvVec<kI8> {
+  static constexpr int kVec = 8;
+  using Raw = uint2;
+  __device__ __forceinline__ static void to_f32(const Raw& r, float* x) {
+    const uint32_t w[2] = {r.x, r.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) x[4 * i + j] = static_cast<float>(static_cast<int8_t>((w[i] >> (8 * j)) & 0xffu));
+  }
+};
+
+template <int KV, int DMAX, int ROWS>
+__global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_split_kernel(const DecodeParams p) {
+  using V = KvVec<KV>;
+  using Raw = typename V::Raw;
+  constexpr int VEC = V::kVec;
+  constexpr int LPK = DMAX / VEC;  // lanes per key
+  constexpr int KPW = 32 / LPK;  // keys per warp instruction
+  constexpr int U = ROWS <= 4 ? 4 : 2;
+  constexpr int NW = kDecodeWarps;
+  constexpr int ESZ = KV == kF32 ? 4 : (KV == kI8 ? 1 : 2);
+  static_assert(DMAX % VEC == 0 && LPK <= 32 && 32 % LPK == 0, "head dim does not fit the lane layout");
+
+  __shared__ float s_acc[NW][ROWS][DMAX];
+  __shared__ float s_m[NW][ROWS];
+  __shared__ float s_l[NW][ROWS];
+
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int kvh = blockIdx.y / p.row_chunks, chunk = blockIdx.y % p.row_chunks;
+  const int G = p.Hq / p.Hk;
+  const int r0 = chunk * ROWS;
+  const int nrows = min(ROWS, G * p.Sq - r0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int sub = lane / LPK, lig = lane % LPK;
+  const int D = p.D;  // multiple of VEC, <= DMAX
+  const bool active = lig * VEC < D;  // this lane holds part of the head dim
+  const int ns = p.num_splits;
+
+  // Keys visible to at least one row of this CTA: [lo, hi). Row rr is token t = rr / G at position
+  // len - Sq + t; it sees j <= position and j >= position - window_left (window_left >= 0).
+  const int len = p.seq_lens[b];
+  const int t_first = r0 / G, t_last = (r0 + nrows - 1) / G;
+  const int hi = len > 0 ? len - p.Sq + t_last + 1 : 0;
+  const int lo = p.window_left >= 0 ? max(0, len - p.Sq + t_first - p.window_left) : 0;
+  const int n = max(0, hi - lo);
+  const int per = (n + ns - 1) / ns;
+  const int kbeg = lo + split * per;
+  const int kend = min(hi, kbeg + per);
+  const bool row_mask = p.Sq > 1;  // with one new token every key of [lo, hi) is visible
+
+  // This lane's slice of each query row, pre-scaled (and in the log2 domain without softcap).
+  const bool capped = p.softcap > 0.0f;
+  const float qmul = capped ? p.scale : p.scale * kLog2e;
+  float qr[ROWS][VEC];
+  int qpos[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int rr = r0 + r;
+    const int t = rr / G, h = kvh * G + rr % G;
+    qpos[r] = len - p.Sq + t;
+    const int64_t base = b * p.q_s0 + t * p.q_s1 + h * p.q_s2 + lig * VEC;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) qr[r][e] = r < nrows && active ? load_f32(p.q, base + e, p.q_dtype) * qmul : 0.0f;
+  }
+
+  float m[ROWS], l[ROWS], acc[ROWS][VEC];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[r][e] = 0.0f;
+  }
+
+  const char* kc = static_cast<const char*>(p.k_cache);
+  const char* vc = static_cast<const char*>(p.v_cache);
+  const bool paged = p.block_table != nullptr;
+  const int32_t* bt = paged ? p.block_table + b * p.bt_stride : nullptr;
+  const float inv_cap = capped ? 1.0f / p.softcap : 0.0f;
+
+  for (int base = kbeg + warp * U * KPW; base < kend; base += NW * U * KPW) {
+    Raw kr[U], vr[U];
+    float ksc[U], vsc[U];
+    bool ok[U];
+    // Paged: block entry and offset of this lane's first key of the step (one division per step), then
+    // stepped along by KPW keys (at most ceil(KPW / block_size) wraps).
+    unsigned blk = 0, off = 0;
+    if (paged) {
+      const unsigned j0 = static_cast<unsigned>(base + sub), bs = static_cast<unsigned>(p.block_size);
+      blk = j0 / bs;
+      off = j0 - blk * bs;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = base + u * KPW + sub;
+      ok[u] = j < kend;
+      ksc[u] = vsc[u] = 1.0f;
+      const unsigned blk_u = blk, off_u = off;
+      if (paged && u + 1 < U) {
+        off += KPW;
+        if (off >= static_cast<unsigned>(p.block_size)) {  // crossed into the next block (or further, bs < KPW)
+          const unsigned wraps = off / static_cast<unsigned>(p.block_size);
+          blk += wraps;
+          off -= wraps * static_cast<unsigned>(p.block_size);
+        }
+      }
+      if (ok[u] && active) {
+        int64_t row, col;
+        if (paged) {
+          row = bt[blk_u];
+          col = off_u;
+        } else {
+          row = b;
+          col = j;
+        }
+        const int64_t ko = row * p.k_s0 + col * p.k_s1 + kvh * p.k_s2 + lig * VEC;
+        const int64_t vo = row * p.v_s0 + col * p.v_s1 + kvh * p.v_s2 + lig * VEC;
+        kr[u] = ldg_vec<Raw>(kc + ko * ESZ);
+        vr[u] = ldg_vec<Raw>(vc + vo * ESZ);
+        if (KV == kI8) {
+          ksc[u] = __ldg(p.k_scale + row * p.ks_s0 + col * p.ks_s1 + kvh * p.ks_s2);
+          vsc[u] = __ldg(p.v_scale + row * p.vs_s0 + col * p.vs_s1 + kvh * p.vs_s2);
+        }
+      } else {
+        memset(&kr[u], 0, sizeof(Raw));
+        memset(&vr[u], 0, sizeof(Raw));
+      }
+    }
+    // Scores s[u][r] (log2 domain), -inf where key u is not visible to row r.
+    float s[U][ROWS];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[VEC];
+      V::to_f32(kr[u], kf);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        float d = 0.0f;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) d = fmaf(qr[r][e], kf[e], d);
+        s[u][r] = d;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        float d = s[u][r];
+#pragma unroll
+        for (int o = LPK / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        if (KV == kI8) d *= ksc[u];
+        if (capped) d = p.softcap * tanhf(d * inv_cap) * kLog2e;
+        const int j = base + u * KPW + sub;
+        bool vis = ok[u] && r < nrows;
+        if (row_mask) vis = vis && j <= qpos[r] && (p.window_left < 0 || j >= qpos[r] - p.window_left);
+        s[u][r] = vis ? d : -INFINITY;
+      }
+    // Online softmax update, one rescale per step.
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      float mx = s[0][r];
+#pragma unroll
+      for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][r]);
+#pragma unroll
+      for (int o = LPK; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_new = fmaxf(m[r], mx);
+      if (m_new > m[r]) {  // warp-uniform (m and mx are): rescale only when the running max grows
+        const float corr = m[r] == -INFINITY ? 0.0f : exp2f(m[r] - m_new);
+        m[r] = m_new;
+        l[r] *= corr;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[r][e] *= corr;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float pr = s[u][r] == -INFINITY ? 0.0f : exp2f(s[u][r] - m_new);
+        l[r] += pr;
+        s[u][r] = KV == kI8 ? pr * vsc[u] : pr;  // weight of v's raw values
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[VEC];
+      V::to_f32(vr[u], vf);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[r][e] = fmaf(s[u][r], vf[e], acc[r][e]);
+    }
+  }
+
+  // Merge the warp's KPW key groups (same m across the warp): plain sums.
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+    for (int o = LPK; o < 32; o <<= 1) {
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], o);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], o);
+    }
+  }
+  if (sub == 0 && active) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s_acc[warp][r][lig * VEC + e] = acc[r][e];
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      s_m[warp][r] = m[r];
+      s_l[warp][r] = l[r];
+    }
+  }
+  __syncthreads();
+
+  // Merge the warps and write: the output (one split) or this split's partial state.
+  for (int idx = threadIdx.x; idx < nrows * D; idx += NW * 32) {
+    const int r = idx / D, d = idx % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][r]);
+    float L = 0.0f, A = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const float f = s_m[w][r] == -INFINITY ? 0.0f : exp2f(s_m[w][r] - M);
+      L = fmaf(s_l[w][r], f, L);
+      A = fmaf(s_acc[w][r][d], f, A);
+    }
+    const int rr = r0 + r;
+    const int t = rr / G, h = kvh * G + rr % G;
+    const int64_t grow = (static_cast<int64_t>(b) * p.Sq + t) * p.Hq + h;  // row of out [B, Sq, Hq, D]
+    if (ns == 1) {
+      store_f32(p.out, grow * D + d, p.q_dtype, L > 0.0f ? A / L : 0.0f);
+    } else {
+      const int64_t prow = grow * ns + split;
+      p.ws[prow * D + d] = A;
+      if (d == 0) {
+        const int64_t rows_total = static_cast<int64_t>(p.B) * p.Sq * p.Hq;
+        float* pm = p.ws + rows_total * ns * D;
+        pm[prow] = M;
+        pm[rows_total * ns + prow] = L;
+      }
+    }
+  }
+}
+
+// One CTA per query row: merge the num_splits partial states exactly (rescaled by 2^(m_s - M)).
+__global__ void __launch_bounds__(128) decode_merge_kernel(const DecodeParams p) {
+  const int64_t row = blockIdx.x;
+  const int ns = p.num_splits, D = p.D;
+  const int64_t rows_total = static_cast<int64_t>(p.B) * p.Sq * p.Hq;
+  const float* pacc = p.ws + row * ns * D;
+  const float* pm = p.ws + rows_total * ns * D + row * ns;
+  const float* pl = pm + rows_total * ns;
+  float M = -INFINITY;
+  for (int s = 0; s < ns; ++s) M = fmaxf(M, pm[s]);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float L = 0.0f, A = 0.0f;
+    for (int s = 0; s < ns; ++s) {
+      const float f = pm[s] == -INFINITY ? 0.0f : exp2f(pm[s] - M);
+      L = fmaf(pl[s], f, L);
+      A = fmaf(pacc[static_cast<int64_t>(s) * D + d], f, A);
+    }
+    store_f32(p.out, row * D + d, p.q_dtype, L > 0.0f ? A / L : 0.0f);
+  }
+}
+
+template <int KV, int DMAX, int ROWS>
+inline void launch_decode_split(const DecodeParams& p, cudaStream_t stream) {
+  const dim3 grid(p.num_splits, p.Hk * p.row_chunks, p.B);
+  decode_split_kernel<KV, DMAX, ROWS><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+}
+
+template <int KV, int DMAX>
+inline void launch_decode_rows(const DecodeParams& p, cudaStream_t stream) {
+  if (p.rows_per_cta == 4)
+    launch_decode_split<KV, DMAX, 4>(p, stream);
+  else
+    launch_decode_split<KV, DMAX, 8>(p, stream);
+}
+
+template <int KV>
+inline bool launch_decode_dim(const DecodeParams& p, cudaStream_t stream) {
+  // Head dims are multiples of 8 (the op's rule); a kernel for DMAX takes any D in (DMAX/2, DMAX] (and
+  // the 64 one every D <= 64) with the lanes past D idle. fp32 has 4 elements per lane: D <= 128.
+  if (p.D < 8 || p.D % 8) return false;
+  if (p.D <= 64) {
+    launch_decode_rows<KV, 64>(p, stream);
+  } else if (p.D <= 128) {
+    launch_decode_rows<KV, 128>(p, stream);
+  } else if (p.D <= 256) {
+    if constexpr (KV == kF32) return false;
+    else launch_decode_rows<KV, 256>(p, stream);
+  } else {
+    return false;
+  }
+  return true;
+}
+
+// Picks the instantiation and launches both kernels; false when the head dim / dtype has none.
+inline bool launch_decode_attention(DecodeParams p, cudaStream_t stream) {
+  const int rows = (p.Hq / p.Hk) * p.Sq;
+  p.rows_per_cta = rows <= 4 ? 4 : 8;
+  p.row_chunks = (rows + p.rows_per_cta - 1) / p.rows_per_cta;
+  bool ok = false;
+  switch (p.kv_type) {
+    case kF32: ok = launch_decode_dim<kF32>(p, stream); break;
+    case kBF16: ok = launch_decode_dim<kBF16>(p, stream); break;
+    case kF16: ok = launch_decode_dim<kF16>(p, stream); break;
+    case kI8: ok = launch_decode_dim<kI8>(p, stream); break;
+    default: break;
+  }
+  if (ok && p.num_splits > 1) decode_merge_kernel<<<static_cast<unsigned>(static_cast<int64_t>(p.B) * p.Sq * p.Hq), 128, 0, stream>>>(p);
+  return ok;
+}
+
+}  // namespace cuda
+}  // namespace llmkern

@@ -14,6 +14,8 @@ int runtime_version();
 int driver_version();
 int device_count(std::string* error);
 void iota(int* out, int n, cudaStream_t stream);
+void bind_int8_linear(pybind11::module_& m);
+void bind_int4_linear(pybind11::module_& m);
 }  // namespace llmkern
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -36,4 +38,6 @@ PYBIND11_MODULE(_C_cuda, m) {
         llmkern::iota(reinterpret_cast<int*>(out), n, reinterpret_cast<cudaStream_t>(stream));
       },
       py::arg("out"), py::arg("n"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  llmkern::bind_int8_linear(m);
+  llmkern::bind_int4_linear(m);
 }

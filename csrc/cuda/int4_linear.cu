@@ -1,0 +1,115 @@
+// Launchers of the int4_linear CUDA kernels (csrc/include/llmkern/cuda/int4_linear.cuh). Called from
+// csrc/cuda/int4_linear_bind.cpp with raw device pointers from torch (llmkern/ops/int4_linear.py).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "llmkern/cuda/int4_linear.cuh"
+#include "llmkern/cuda_check.cuh"
+
+namespace llmkern {
+
+namespace {
+
+namespace k4 = cuda::int4_linear;
+using cuda::XType;
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("llmkern._C_cuda.int4_linear: " + what);
+}
+
+// Rows per GEMV CTA: the next power of two >= M, at most 8 (larger M runs ceil(M / 8) row blocks).
+int gemv_rows(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8; }
+
+constexpr int kMaxSplits = 16;
+
+template <typename T>
+void launch_gemv(const k4::GemvArgs& a, int splits, cudaStream_t st) {
+  const int mr = gemv_rows(a.M);
+  dim3 grid((a.N + k4::kColsPerCta - 1) / k4::kColsPerCta, (a.M + mr - 1) / mr, splits);
+  dim3 block(k4::kWarps * 32);
+  switch (mr) {
+    case 1: k4::gemv_kernel<T, 1><<<grid, block, 0, st>>>(a); break;
+    case 2: k4::gemv_kernel<T, 2><<<grid, block, 0, st>>>(a); break;
+    case 4: k4::gemv_kernel<T, 4><<<grid, block, 0, st>>>(a); break;
+    default: k4::gemv_kernel<T, 8><<<grid, block, 0, st>>>(a); break;
+  }
+}
+
+}  // namespace
+
+// Split-K factor of the GEMV for these sizes: 1 when the (N, M) grid alone has >= 2 CTAs per SM;
+// otherwise enough splits for ~2 CTAs per SM, each split at least 32 chunks (one per lane) of 32 k,
+// at most kMaxSplits. The adapter sizes the fp32 workspace [splits, M, N] from this.
+int int4_linear_splits(int M, int N, int K, int num_sms) {
+  if (M <= 0 || N <= 0 || K <= 0) return 1;
+  const int mr = gemv_rows(M);
+  const int64_t ctas = int64_t((N + k4::kColsPerCta - 1) / k4::kColsPerCta) * ((M + mr - 1) / mr);
+  const int64_t want = 2 * int64_t(std::max(num_sms, 1));
+  if (ctas >= want) return 1;
+  const int chunks = K / k4::kChunkK;
+  int splits = int(std::min<int64_t>(kMaxSplits, (want + ctas - 1) / ctas));
+  splits = std::max(1, std::min(splits, chunks / 32));
+  const int per = (chunks + splits - 1) / splits;
+  return (chunks + per - 1) / per;  // no empty split
+}
+
+// y[M, N] = x[M, K] @ dequant(qweight)^T (+ bias). splits > 1 needs ws: fp32 [splits, M, N].
+const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const uint8_t* qw, int N,
+                             const float* scales, const float* offsets, int group, const float* bias, void* out,
+                             int64_t ldo, float* ws, int splits, cudaStream_t st) {
+  require(x_dtype >= 0 && x_dtype <= 2, "x_dtype must be 0, 1 or 2");
+  require(M >= 0 && N >= 0 && K > 0, "need M >= 0, N >= 0, K > 0");
+  require((group == 32 || group == 64 || group == 128) && K % group == 0, "group must be 32, 64 or 128 and divide K");
+  require(splits >= 1 && splits <= kMaxSplits, "splits must be in [1, 16]");
+  if (M == 0 || N == 0) return "empty";
+  const int64_t esize = x_dtype == 0 ? 4 : 2;
+  require(aligned16(x) && (ldx * esize) % 16 == 0, "x rows must be 16-byte aligned");
+  require(aligned16(qw), "qweight must be 16-byte aligned");
+  require(ldo >= N, "ldo must be >= N");
+  require((M + 7) / 8 <= 65535, "M too large for the GEMV grid");
+  const int chunks = K / k4::kChunkK;
+  const int per = (chunks + splits - 1) / splits;
+  require((chunks + per - 1) / per == splits, "splits leaves an empty split; use int4_linear_splits");
+  require(splits == 1 || ws != nullptr, "splits > 1 needs the fp32 workspace");
+  const XType dt = static_cast<XType>(x_dtype);
+  k4::GemvArgs a{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias,
+                 splits > 1 ? static_cast<void*>(ws) : out, ldo, dt, per};
+  switch (dt) {
+    case XType::kF32: launch_gemv<float>(a, splits, st); break;
+    case XType::kBF16: launch_gemv<__nv_bfloat16>(a, splits, st); break;
+    default: launch_gemv<__half>(a, splits, st); break;
+  }
+  LLMKERN_CUDA_CHECK_LAUNCH();
+  if (splits == 1) return "gemv";
+  const int64_t MN = int64_t(M) * N;
+  k4::reduce_kernel<<<(MN + 255) / 256, 256, 0, st>>>(ws, splits, M, N, bias, out, ldo, dt);
+  LLMKERN_CUDA_CHECK_LAUNCH();
+  return "gemv_splitk";
+}
+
+// out[N, K] (x's 16-bit dtype) = q * scale + offset, for the large-M route.
+void int4_linear_dequant_cuda(const uint8_t* qw, const float* scales, const float* offsets, int group, int N, int K,
+                              void* out, int dtype, cudaStream_t st) {
+  require(dtype == 1 || dtype == 2, "dequant dtype must be 1 (bfloat16) or 2 (float16)");
+  require(K > 0 && (group == 32 || group == 64 || group == 128) && K % group == 0,
+          "dequant needs a group of 32, 64 or 128 dividing K");
+  if (N <= 0) return;
+  require(aligned16(qw), "qweight must be 16-byte aligned");
+  const int64_t chunks = int64_t(N) * (K / k4::kChunkK);
+  const int64_t blocks = (chunks + 255) / 256;
+  if (dtype == 1)
+    k4::dequant_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(qw, scales, offsets, K / group, group, N, K,
+                                                             static_cast<__nv_bfloat16*>(out));
+  else
+    k4::dequant_kernel<__half><<<blocks, 256, 0, st>>>(qw, scales, offsets, K / group, group, N, K,
+                                                      static_cast<__half*>(out));
+  LLMKERN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace llmkern

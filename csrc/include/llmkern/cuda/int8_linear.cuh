@@ -1,0 +1,464 @@
+// int8_linear CUDA kernels (torch-free): y[M, N] = x[M, K] @ dequant(w[N, K])^T (+ bias), in x's dtype.
+// Semantics: llmkern/ops/int8_linear.py; weights in the canonical layout (llmkern/formats/README.md):
+// w int8 [N, K] row-major, scale fp32 [N, ngroups] (ngroups = 1: per channel; group = K / ngroups).
+//
+// Kernels (launchers: csrc/cuda/int8_linear.cu):
+// - quant_rows_kernel      W8A8 activations: one CTA per row, quantize_rows_int8's rule bit for bit.
+// - w8a16_gemv_kernel      W8A16, any M (MR rows per CTA row-block), fp32 math: each warp streams COLS
+//                          weight rows with 16-byte loads, converts int8 -> fp32 exactly, FMAs against
+//                          fp32 activations, scales each 16-wide partial by its group scale, warp-reduces.
+// - w8a8_gemv_kernel       W8A8 small M: the same walk on quantized activations with dp4a (exact int32
+//                          partials), per channel one int32 sum per output, per group fp32 rescaled sums.
+// - w8a8_mma_kernel        W8A8 tensor cores (mma.sync m16n8k32 s8.s8.s32), cp.async 3-stage pipeline,
+//                          ldmatrix from XOR-swizzled shared memory, int32 accumulators; per group
+//                          (G % 32 == 0) the int32 sums are flushed into fp32 accumulators times the
+//                          group's weight scale at every group end. Epilogue * row scale (+ bias).
+// - dequant_kernel         w -> x's dtype (q * scale rounded once), for the large-M W8A16 route (the
+//                          adapter multiplies with cuBLAS through torch).
+// Requirements checked by the launcher: K % 16 == 0, 16-byte aligned rows of x, xq and w.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "llmkern/cuda/linear_common.cuh"
+
+namespace llmkern {
+namespace cuda {
+namespace int8_linear {
+
+// ================================================================== activation quantization
+constexpr int kQuantThreads = 256;
+
+// x [M, K] (row stride ldx elements, unit column stride) -> xq int8 [M, K] (row stride ldq), xs fp32 [M].
+// amax = max|x| (NaN if the row has a NaN, as torch.amax), scale = amax / 127 (IEEE division),
+// inv = amax > 0 ? 127 / amax : 0, q = clamp(rint(x * inv), -127, 127) with NaN products -> 0: exactly
+// llmkern/reference/quant.py's _symmetric_int8 (where + round + clamp + nan_to_num) for every input.
+template <typename T>
+__global__ void __launch_bounds__(kQuantThreads) quant_rows_kernel(const T* __restrict__ x, int64_t ldx, int K,
+                                                                    int8_t* __restrict__ xq, int64_t ldq,
+                                                                    float* __restrict__ xs) {
+  const int64_t m = blockIdx.x;
+  const T* row = x + m * ldx;
+  float amax = 0.0f;
+  bool nan = false;
+  for (int k = threadIdx.x; k < K; k += kQuantThreads) {
+    const float v = to_f32<T>(row[k]);
+    nan |= isnan(v);
+    amax = fmaxf(amax, fabsf(v));
+  }
+  __shared__ float s_max[kQuantThreads / 32];
+  __shared__ int s_nan[kQuantThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const int any_nan = __any_sync(0xffffffffu, nan);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    s_max[warp] = amax;
+    s_nan[warp] = any_nan;
+  }
+  __syncthreads();
+  amax = s_max[0];
+  int nn = s_nan[0];
+#pragma unroll
+  for (int i = 1; i < kQuantThreads / 32; ++i) {
+    amax = fmaxf(amax, s_max[i]);
+    nn |= s_nan[i];
+  }
+  if (nn) amax = __int_as_float(0x7fc00000);  // torch.amax propagates NaN
+  const float inv = amax > 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;  // NaN > 0 is false
+  if (threadIdx.x == 0) xs[m] = __fdiv_rn(amax, 127.0f);
+  int8_t* qrow = xq + m * ldq;
+  for (int k = threadIdx.x; k < K; k += kQuantThreads) {
+    const float p = __fmul_rn(to_f32<T>(row[k]), inv);
+    float r = rintf(p);  // round half to even (default rounding mode)
+    r = fminf(fmaxf(r, -127.0f), 127.0f);
+    qrow[k] = isnan(p) ? int8_t(0) : static_cast<int8_t>(static_cast<int>(r));
+  }
+}
+
+// ================================================================== GEMV (any M, rows in blocks of MR)
+constexpr int kGemvWarps = 4;
+constexpr int kGemvCols = 2;  // weight rows per warp
+constexpr int kGemvColsPerCta = kGemvWarps * kGemvCols;
+
+struct GemvArgs {
+  const void* x;       // W8A16: [M, K] of T, row stride ldx; W8A8: quantized int8 [M, K], row stride ldx
+  int64_t ldx;
+  const float* xs;     // W8A8 row scales [M]
+  int M, K, N;
+  const int8_t* w;     // [N, K]
+  const float* scale;  // [N, ngroups]
+  int ngroups, group;  // group = K / ngroups, a multiple of 16
+  const float* bias;   // [N] fp32 or null
+  void* out;           // [M, N] in out_dtype, row stride ldo
+  int64_t ldo;
+  XType out_dtype;
+};
+
+// Sixteen int8 of a uint4 -> fp32.
+__device__ __forceinline__ void s8x16_to_f32(const uint4& v, float (&f)[16]) {
+  s8x4_to_f32(v.x, f[0], f[1], f[2], f[3]);
+  s8x4_to_f32(v.y, f[4], f[5], f[6], f[7]);
+  s8x4_to_f32(v.z, f[8], f[9], f[10], f[11]);
+  s8x4_to_f32(v.w, f[12], f[13], f[14], f[15]);
+}
+
+// Writes the MR x kGemvCols warp-reduced results; lane i stores value i.
+__device__ __forceinline__ void gemv_store(const GemvArgs& a, int m0, int n0, int lane, int i, float v) {
+  const int m = m0 + i / kGemvCols, n = n0 + i % kGemvCols;
+  if (lane == i && m < a.M && n < a.N) {
+    if (a.bias) v += a.bias[n];
+    store_out(a.out, int64_t(m) * a.ldo + n, a.out_dtype, v);
+  }
+}
+
+// Grid (ceil(N / kGemvColsPerCta), ceil(M / MR)), kGemvWarps * 32 threads.
+template <typename T, int MR>
+__global__ void __launch_bounds__(kGemvWarps * 32) w8a16_gemv_kernel(GemvArgs a) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int n0 = (blockIdx.x * kGemvWarps + warp) * kGemvCols;
+  const int m0 = blockIdx.y * MR;
+  if (n0 >= a.N) return;  // whole warp leaves together
+  const T* x = static_cast<const T*>(a.x);
+  const int8_t* wrow[kGemvCols];
+  const float* srow[kGemvCols];
+#pragma unroll
+  for (int c = 0; c < kGemvCols; ++c) {
+    const int n = min(n0 + c, a.N - 1);  // out-of-range columns compute row N-1 and are not stored
+    wrow[c] = a.w + int64_t(n) * a.K;
+    srow[c] = a.scale + int64_t(n) * a.ngroups;
+  }
+  const T* xrow[MR];
+#pragma unroll
+  for (int i = 0; i < MR; ++i) xrow[i] = x + int64_t(min(m0 + i, a.M - 1)) * a.ldx;
+  float acc[MR][kGemvCols];
+#pragma unroll
+  for (int i = 0; i < MR; ++i)
+#pragma unroll
+    for (int c = 0; c < kGemvCols; ++c) acc[i][c] = 0.0f;
+  const int chunks = a.K / 16;
+  for (int ch = lane; ch < chunks; ch += 32) {
+    const int k = ch * 16;
+    const int g = k / a.group;
+    uint4 wv[kGemvCols];
+#pragma unroll
+    for (int c = 0; c < kGemvCols; ++c) wv[c] = __ldg(reinterpret_cast<const uint4*>(wrow[c] + k));
+    float s[kGemvCols];
+#pragma unroll
+    for (int c = 0; c < kGemvCols; ++c) s[c] = __ldg(srow[c] + g);
+    float wf[kGemvCols][16];
+#pragma unroll
+    for (int c = 0; c < kGemvCols; ++c) s8x16_to_f32(wv[c], wf[c]);
+#pragma unroll
+    for (int i = 0; i < MR; ++i) {
+      float xa[8], xb[8];
+      load8_f32<T>(xrow[i] + k, xa);
+      load8_f32<T>(xrow[i] + k + 8, xb);
+#pragma unroll
+      for (int c = 0; c < kGemvCols; ++c) {
+        float p = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) p = fmaf(xa[j], wf[c][j], p);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) p = fmaf(xb[j], wf[c][8 + j], p);
+        acc[i][c] = fmaf(p, s[c], acc[i][c]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < MR; ++i)
+#pragma unroll
+    for (int c = 0; c < kGemvCols; ++c) gemv_store(a, m0, n0, lane, i * kGemvCols + c, warp_sum(acc[i][c]));
+}
+
+// W8A8 GEMV on quantized rows (a.x int8 [M, K], row stride ldx, 16-byte aligned rows).
+template <int MR, bool kPerChannel>
+__global__ void __launch_bounds__(kGemvWarps * 32) w8a8_gemv_kernel(GemvArgs a) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int n0 = (blockIdx.x * kGemvWarps + warp) * kGemvCols;
+  const int m0 = blockIdx.y * MR;
+  if (n0 >= a.N) return;
+  const int8_t* xq = static_cast<const int8_t*>(a.x);
+  const int8_t* wrow[kGemvCols];
+  const float* srow[kGemvCols];
+#pragma unroll
+  for (int c = 0; c < kGemvCols; ++c) {
+    const int n = min(n0 + c, a.N - 1);
+    wrow[c] = a.w + int64_t(n) * a.K;
+    srow[c] = a.scale + int64_t(n) * a.ngroups;
+  }
+  const int8_t* xrow[MR];
+#pragma unroll
+  for (int i = 0; i < MR; ++i) xrow[i] = xq + int64_t(min(m0 + i, a.M - 1)) * a.ldx;
+  // Per channel: exact int32 sums over all of K; per group: fp32 sums of group-scaled int32 partials.
+  using Acc = typename std::conditional<kPerChannel, int, float>::type;
+  Acc acc[MR][kGemvCols];
+#pragma unroll
+  for (int i = 0; i < MR; ++i)
+#pragma unroll
+    for (int c = 0; c < kGemvCols; ++c) acc[i][c] = Acc(0);
+  const int chunks = a.K / 16;
+  for (int ch = lane; ch < chunks; ch += 32) {
+    const int k = ch * 16;
+    uint4 wv[kGemvCols];
+#pragma unroll
+    for (int c = 0; c < kGemvCols; ++c) wv[c] = __ldg(reinterpret_cast<const uint4*>(wrow[c] + k));
+    float s[kGemvCols];
+    if (!kPerChannel) {
+      const int g = k / a.group;
+#pragma unroll
+      for (int c = 0; c < kGemvCols; ++c) s[c] = __ldg(srow[c] + g);
+    }
+#pragma unroll
+    for (int i = 0; i < MR; ++i) {
+      const uint4 xv = __ldg(reinterpret_cast<const uint4*>(xrow[i] + k));
+#pragma unroll
+      for (int c = 0; c < kGemvCols; ++c) {
+        int p = __dp4a(int(xv.x), int(wv[c].x), 0);
+        p = __dp4a(int(xv.y), int(wv[c].y), p);
+        p = __dp4a(int(xv.z), int(wv[c].z), p);
+        p = __dp4a(int(xv.w), int(wv[c].w), p);
+        if constexpr (kPerChannel) acc[i][c] += p;
+        else acc[i][c] = fmaf(float(p), s[c], acc[i][c]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < MR; ++i) {
+#pragma unroll
+    for (int c = 0; c < kGemvCols; ++c) {
+      float v;
+      if constexpr (kPerChannel) v = float(warp_sum_int(acc[i][c]));
+      else v = warp_sum(acc[i][c]);
+      if (lane == i * kGemvCols + c) {
+        const float xs = a.xs[min(m0 + i, a.M - 1)];
+        if constexpr (kPerChannel) v *= xs * srow[c][0];
+        else v *= xs;
+      }
+      gemv_store(a, m0, n0, lane, i * kGemvCols + c, v);
+    }
+  }
+}
+
+// ================================================================== W8A8 tensor-core GEMM
+constexpr int kMmaBK = 64;      // int8 K per pipeline stage (two m16n8k32 steps)
+constexpr int kMmaStages = 3;   // 3 x (128 + 128) x 64 B = 48 KiB of static shared memory at most
+
+struct MmaArgs {
+  const int8_t* xq;    // [M, K], row stride ldx (16-byte aligned rows)
+  int64_t ldx;
+  const float* xs;     // [M]
+  const int8_t* w;     // [N, K] contiguous (16-byte aligned rows)
+  const float* scale;  // [N, ngroups]
+  int ngroups, group;  // per group: group % 32 == 0
+  const float* bias;   // [N] fp32 or null
+  void* out;           // [M, N], row stride ldo, dtype out_dtype
+  int64_t ldo;
+  XType out_dtype;
+  int M, N, K;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; src_bytes 0 writes zeros (out-of-range rows / k).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Byte offset of 16-byte chunk c (0..3) of row r in a [rows][64 B] tile. The chunk index is XORed with
+// bits 1..2 of the row so that the 8 rows one ldmatrix phase reads (same chunk column) hit 8 distinct
+// 16-byte bank groups: rows 0..7 at chunk c land on groups c, 4+c, c^1, 4+(c^1), c^2, ... (all distinct).
+__device__ __forceinline__ int swz(int r, int c) { return r * kMmaBK + ((c ^ ((r >> 1) & 3)) << 4); }
+
+// CTA tile BM x BN, warps WARPS_M x WARPS_N, each warp (BM / WARPS_M) x (BN / WARPS_N) = (16 MT) x (8 NT).
+// Grid (ceil(N / BN), ceil(M / BM)).
+template <int BM, int BN, int WARPS_M, int WARPS_N, bool kPerGroup>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaArgs a) {
+  constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+  constexpr int MT = WM / 16, NT = WN / 8;
+  static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tile");
+  static_assert((BM * 4) % kThreads == 0 && (BN * 4) % kThreads == 0, "loader");
+  __shared__ __align__(128) int8_t smem[kMmaStages][(BM + BN) * kMmaBK];
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  const int m_base = blockIdx.y * BM, n_base = blockIdx.x * BN;
+  const int KT = (a.K + kMmaBK - 1) / kMmaBK;
+
+  // ---- async tile loader: stage s <- k tile kt (zero-filled outside [0, M) x [0, K) / [0, N) x [0, K))
+  auto load_tile = [&](int s, int kt) {
+    const int k0 = kt * kMmaBK;
+    int8_t* sa = smem[s];
+    int8_t* sb = smem[s] + BM * kMmaBK;
+#pragma unroll
+    for (int i = tid; i < BM * 4; i += kThreads) {
+      const int r = i / 4, c = i % 4;
+      const int gm = m_base + r, gk = k0 + c * 16;
+      const bool ok = gm < a.M && gk < a.K;
+      const int8_t* src = ok ? a.xq + int64_t(gm) * a.ldx + gk : a.xq;
+      cp_async16(smem_u32(sa + swz(r, c)), src, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = tid; i < BN * 4; i += kThreads) {
+      const int r = i / 4, c = i % 4;
+      const int gn = n_base + r, gk = k0 + c * 16;
+      const bool ok = gn < a.N && gk < a.K;
+      const int8_t* src = ok ? a.w + int64_t(gn) * a.K + gk : a.w;
+      cp_async16(smem_u32(sb + swz(r, c)), src, ok ? 16 : 0);
+    }
+  };
+
+  int acc[MT][NT][4];
+  float facc[kPerGroup ? MT : 1][kPerGroup ? NT : 1][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+  if (kPerGroup) {
+#pragma unroll
+    for (int i = 0; i < (kPerGroup ? MT : 1); ++i)
+#pragma unroll
+      for (int j = 0; j < (kPerGroup ? NT : 1); ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) facc[i][j][e] = 0.0f;
+  }
+
+  // Columns this thread owns in the accumulator fragments: n_base + wn * WN + j * 8 + 2 * (lane % 4) + {0, 1}.
+  const int col0 = n_base + wn * WN + 2 * (lane % 4);
+
+#pragma unroll
+  for (int s = 0; s < kMmaStages - 1; ++s) {
+    if (s < KT) load_tile(s, s);
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<kMmaStages - 2>();
+    __syncthreads();  // tile kt visible to all; every warp is done with the stage refilled below
+    {
+      const int nk = kt + kMmaStages - 1;
+      if (nk < KT) load_tile(nk % kMmaStages, nk);
+      cp_async_commit();
+    }
+    const int8_t* sa = smem[kt % kMmaStages];
+    const int8_t* sb = smem[kt % kMmaStages] + BM * kMmaBK;
+#pragma unroll
+    for (int ks = 0; ks < kMmaBK / 32; ++ks) {
+      uint32_t af[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        // Matrices: (rows 0-7, k 0-15), (rows 8-15, k 0-15), (rows 0-7, k 16-31), (rows 8-15, k 16-31).
+        const int r = wm * WM + i * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+        const int c = ks * 2 + lane / 16;
+        ldmatrix_x4(smem_u32(sa + swz(r, c)), af[i][0], af[i][1], af[i][2], af[i][3]);
+      }
+      uint32_t bf[NT][2];
+#pragma unroll
+      for (int jp = 0; jp < NT / 2; ++jp) {
+        // Matrices: (n 0-7, k 0-15), (n 0-7, k 16-31), (n 8-15, k 0-15), (n 8-15, k 16-31).
+        const int r = wn * WN + jp * 16 + (lane % 8) + (lane / 16) * 8;
+        const int c = ks * 2 + (lane / 8) % 2;
+        ldmatrix_x4(smem_u32(sb + swz(r, c)), bf[2 * jp][0], bf[2 * jp][1], bf[2 * jp + 1][0], bf[2 * jp + 1][1]);
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma_s8(acc[i][j], af[i], bf[j][0], bf[j][1]);
+      if (kPerGroup) {
+        const int kend = kt * kMmaBK + ks * 32 + 32;  // k just past this step (group % 32 == 0)
+        // Steps past K hold zero padding only; K % group == 0, so the last real step ends a group.
+        if (kend <= a.K && kend % a.group == 0) {
+          const int g = (kend - 1) / a.group;
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const int n = col0 + j * 8;
+            const float s0 = n < a.N ? __ldg(a.scale + int64_t(n) * a.ngroups + g) : 0.0f;
+            const float s1 = n + 1 < a.N ? __ldg(a.scale + int64_t(n + 1) * a.ngroups + g) : 0.0f;
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+              facc[i][j][0] = fmaf(float(acc[i][j][0]), s0, facc[i][j][0]);
+              facc[i][j][1] = fmaf(float(acc[i][j][1]), s1, facc[i][j][1]);
+              facc[i][j][2] = fmaf(float(acc[i][j][2]), s0, facc[i][j][2]);
+              facc[i][j][3] = fmaf(float(acc[i][j][3]), s1, facc[i][j][3]);
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+            }
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // nothing real is pending (only empty groups), but leave no copy in flight
+
+  // ---- epilogue: y = acc * (xs * sw) (per channel) or facc * xs (per group), + bias, in out_dtype.
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // fragment rows lane/4 and lane/4 + 8
+      const int m = m_base + wm * WM + i * 16 + lane / 4 + h * 8;
+      if (m >= a.M) continue;
+      const float xs = a.xs[m];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int n = col0 + j * 8 + e;
+          if (n >= a.N) continue;
+          float v;
+          if (kPerGroup) v = facc[kPerGroup ? i : 0][kPerGroup ? j : 0][h * 2 + e] * xs;
+          else v = float(acc[i][j][h * 2 + e]) * (xs * __ldg(a.scale + n));
+          if (a.bias) v += a.bias[n];
+          store_out(a.out, int64_t(m) * a.ldo + n, a.out_dtype, v);
+        }
+      }
+    }
+  }
+}
+
+// ================================================================== dequantize (large-M W8A16 route)
+// out[n, k] = T(float(q[n, k]) * scale[n, k / group]); 16 elements per thread, K % 16 == 0.
+template <typename T>
+__global__ void __launch_bounds__(256) dequant_kernel(const int8_t* __restrict__ w, const float* __restrict__ scale,
+                                                      int ngroups, int group, int N, int K, T* __restrict__ out) {
+  const int64_t chunk = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t per_row = K / 16;
+  if (chunk >= int64_t(N) * per_row) return;
+  const int64_t n = chunk / per_row;
+  const int k = int(chunk % per_row) * 16;
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(w + n * K + k));
+  float f[16];
+  s8x16_to_f32(v, f);
+  const float s = __ldg(scale + n * ngroups + k / group);
+  T* o = out + n * K + k;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) o[j] = from_f32<T>(__fmul_rn(f[j], s));
+}
+
+}  // namespace int8_linear
+}  // namespace cuda
+}  // namespace llmkern

@@ -125,6 +125,21 @@ const char* int8_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
   return "w8a8_mma_64x128";
 }
 
+// The W8A8 activation quantization alone (tests compare it bit for bit with quantize_rows_int8):
+// x [M, K] (row stride ldx) -> xq int8 [M, K] (row stride ldq), xs fp32 [M]. Any K, any alignment.
+void int8_quantize_rows_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, int8_t* xq, int64_t ldq,
+                             float* xs, cudaStream_t st) {
+  require(x_dtype >= 0 && x_dtype <= 2, "x_dtype must be 0, 1 or 2");
+  require(M >= 0 && K >= 0 && ldq >= K, "need M >= 0, K >= 0, ldq >= K");
+  if (M == 0) return;
+  switch (static_cast<XType>(x_dtype)) {
+    case XType::kF32: launch_quant<float>(x, ldx, M, K, xq, ldq, xs, st); break;
+    case XType::kBF16: launch_quant<__nv_bfloat16>(x, ldx, M, K, xq, ldq, xs, st); break;
+    default: launch_quant<__half>(x, ldx, M, K, xq, ldq, xs, st); break;
+  }
+  LLMKERN_CUDA_CHECK_LAUNCH();
+}
+
 // out[N, K] (x's 16-bit dtype) = q * scale, for the large-M W8A16 route.
 void int8_linear_dequant_cuda(const int8_t* w, const float* scale, int group, int N, int K, void* out, int dtype,
                               cudaStream_t st) {

@@ -15,6 +15,8 @@ const char* int8_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
                              int8_t* xq, float* xs, int num_sms, cudaStream_t st);
 void int8_linear_dequant_cuda(const int8_t* w, const float* scale, int group, int N, int K, void* out, int dtype,
                               cudaStream_t st);
+void int8_quantize_rows_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, int8_t* xq, int64_t ldq,
+                             float* xs, cudaStream_t st);
 
 namespace {
 
@@ -58,6 +60,22 @@ void bind_int8_linear(py::module_& m) {
       "out[M, N] = x[M, K] @ dequant(w[N, K])^T (+ fp32 bias) on raw device pointers, W8A16 or W8A8 "
       "(xq int8 [M, K] and xs fp32 [M] workspaces). x_dtype: 0 float32, 1 bfloat16, 2 float16 (out too). "
       "Returns the name of the kernel path taken.");
+  m.def(
+      "int8_quantize_rows",
+      [](std::uintptr_t x, int x_dtype, int64_t ldx, int64_t M, int64_t K, std::uintptr_t xq, int64_t ldq,
+         std::uintptr_t xs, std::uintptr_t stream) {
+        if (M < 0 || M > kMaxDim || K < 0 || K > kMaxDim)
+          throw py::value_error("llmkern._C_cuda.int8_quantize_rows: need 0 <= M, K < 2^31");
+        if (M > 0 && (x == 0 || xq == 0 || xs == 0))
+          throw py::value_error("llmkern._C_cuda.int8_quantize_rows: null pointer among x, xq, xs");
+        py::gil_scoped_release release;
+        int8_quantize_rows_cuda(reinterpret_cast<const void*>(x), x_dtype, ldx, int(M), int(K),
+                                reinterpret_cast<int8_t*>(xq), ldq, reinterpret_cast<float*>(xs),
+                                reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("M"), py::arg("K"), py::arg("xq"), py::arg("ldq"),
+      py::arg("xs"), py::arg("stream"),
+      "W8A8 activation quantization alone (quantize_rows_int8's rule): xq int8 [M, K], xs fp32 [M].");
   m.def(
       "int8_linear_dequant",
       [](std::uintptr_t w, std::uintptr_t scale, int64_t group, int64_t N, int64_t K, std::uintptr_t out, int dtype,

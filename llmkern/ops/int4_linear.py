@@ -10,6 +10,7 @@ bit-exact: each product and the one addition are exact or rounded exactly as the
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -113,6 +114,55 @@ def _cpu(x, qweight, scales, offsets, bias):
         out.data_ptr(), N, ws.data_ptr(), ws_bytes, threads, _backends.cpu_isa(),
     )
     return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+
+# 16-bit inputs with more rows than this take the dequantize + cuBLAS route (below).
+_CUDA_GEMV_MAX_M = 16
+
+
+@int4_linear_op.backend("cuda")
+def _cuda(x, qweight, scales, offsets, bias):
+    """CUDA kernels (csrc/cuda/int4_linear.cu) on raw pointers; torch allocates output and workspace.
+
+    fp32 x (any M) and 16-bit x with M <= 16: the W4A16 GEMV (16-byte weight loads, nibble unpack and
+    group dequant in registers, fp32 accumulation), split over K when the (N, M) grid is small, with
+    fp32 partials in a workspace summed in a fixed order (deterministic). 16-bit x with M > 16:
+    dequantize the weight to x's dtype with a CUDA kernel and multiply with cuBLAS (F.linear).
+    Weights are read in the canonical layout (no prepacking yet).
+    """
+    from .int8_linear import _cuda_device, _cuda_rows, _num_sms
+
+    mod = _backends.cuda_module()
+    if x.device.type != "cuda":
+        raise BackendUnsupported(f"x is on {x.device}")
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    G = K // scales.shape[1]  # the op's check guarantees G in GROUP_SIZES and K % G == 0
+    qweight = qweight.contiguous()
+    if qweight.data_ptr() % 16:
+        raise BackendUnsupported("qweight is not 16-byte aligned")
+    M = math.prod(x.shape[:-1])
+    if M == 0 or N == 0:
+        return x.new_empty(x.shape[:-1] + (N,))
+    x2 = _cuda_rows(x.reshape(M, K))
+    scales, offsets = scales.contiguous(), offsets.contiguous()
+    with _cuda_device(x.device):
+        stream = torch.cuda.current_stream().cuda_stream
+        if x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M:
+            wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
+            mod.int4_linear_dequant(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), G, N, K,
+                                    wdq.data_ptr(), _DTYPE_CODE[x.dtype], stream)
+            out = torch.nn.functional.linear(x2, wdq, None if bias is None else bias.to(x.dtype))
+            return out.view(x.shape[:-1] + (N,))
+        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        splits = mod.int4_linear_splits(M, N, K, _num_sms(x.device))
+        ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
+        mod.int4_linear(
+            x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qweight.data_ptr(), N,
+            scales.data_ptr(), offsets.data_ptr(), G, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
+            N, 0 if ws is None else ws.data_ptr(), splits, stream,
+        )
+    return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
 def int4_linear(x, qweight, scales, offsets, bias=None, backend=None):

@@ -58,6 +58,61 @@ __device__ __forceinline__ void nib8_to_f32(uint32_t w, float* q) {
   q[7] = byte_to_f32<3>(hi);
 }
 
+// Weights (16 bytes = 32 nibbles), scale and offset of chunk `ch` of each of the warp's rows.
+__device__ __forceinline__ void load_chunk(const GemvArgs& a, const uint8_t* const (&wrow)[kCols],
+                                           const float* const (&srow)[kCols], const float* const (&orow)[kCols],
+                                           int ch, uint4 (&wv)[kCols], float (&s)[kCols], float (&o)[kCols]) {
+  const int k = ch * kChunkK;
+  const int g = k / a.group;
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) {
+    wv[c] = __ldg(reinterpret_cast<const uint4*>(wrow[c] + k / 2));
+    s[c] = __ldg(srow[c] + g);
+    o[c] = __ldg(orow[c] + g);
+  }
+}
+
+// acc[i][c] += scale * sum(x * q) + offset * sum(x) over the 32 k of one chunk starting at k.
+template <typename T, int MR>
+__device__ __forceinline__ void chunk_fma(const T* const (&xrow)[MR], int k, const uint4 (&wv)[kCols],
+                                          const float (&s)[kCols], const float (&o)[kCols],
+                                          float (&acc)[MR][kCols]) {
+  // sum of x over the chunk, per row (the offset's coefficient)
+  float sx[MR];
+#pragma unroll
+  for (int i = 0; i < MR; ++i) {
+    float t = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kChunkK; j += 8) {
+      float xv[8];
+      load8_f32<T>(xrow[i] + k + j, xv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) t += xv[e];
+    }
+    sx[i] = t;
+  }
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) {
+    float q[kChunkK];
+    nib8_to_f32(wv[c].x, q);
+    nib8_to_f32(wv[c].y, q + 8);
+    nib8_to_f32(wv[c].z, q + 16);
+    nib8_to_f32(wv[c].w, q + 24);
+#pragma unroll
+    for (int i = 0; i < MR; ++i) {
+      float d = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kChunkK; j += 8) {
+        float xv[8];
+        load8_f32<T>(xrow[i] + k + j, xv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d = fmaf(xv[e], q[j + e], d);
+      }
+      acc[i][c] = fmaf(s[c], d, fmaf(o[c], sx[i], acc[i][c]));
+    }
+  }
+}
+
 // Grid (ceil(N / kColsPerCta), ceil(M / MR), splits), kWarps * 32 threads.
 template <typename T, int MR>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
@@ -89,51 +144,16 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   const int chunks = a.K / kChunkK;
   const int ch_begin = blockIdx.z * a.split_chunks;
   const int ch_end = min(chunks, ch_begin + a.split_chunks);
-  for (int ch = ch_begin + lane; ch < ch_end; ch += 32) {
-    const int k = ch * kChunkK;
-    const int g = k / a.group;
-    uint4 wv[kCols];
-    float s[kCols], o[kCols];
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      wv[c] = __ldg(reinterpret_cast<const uint4*>(wrow[c] + k / 2));
-      s[c] = __ldg(srow[c] + g);
-      o[c] = __ldg(orow[c] + g);
-    }
-    // sum of x over the chunk, per row (the offset's coefficient)
-    float sx[MR];
-#pragma unroll
-    for (int i = 0; i < MR; ++i) {
-      float t = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kChunkK; j += 8) {
-        float xv[8];
-        load8_f32<T>(xrow[i] + k + j, xv);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) t += xv[e];
-      }
-      sx[i] = t;
-    }
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      float q[kChunkK];
-      nib8_to_f32(wv[c].x, q);
-      nib8_to_f32(wv[c].y, q + 8);
-      nib8_to_f32(wv[c].z, q + 16);
-      nib8_to_f32(wv[c].w, q + 24);
-#pragma unroll
-      for (int i = 0; i < MR; ++i) {
-        float d = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kChunkK; j += 8) {
-          float xv[8];
-          load8_f32<T>(xrow[i] + k + j, xv);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) d = fmaf(xv[e], q[j + e], d);
-        }
-        acc[i][c] = fmaf(s[c], d, fmaf(o[c], sx[i], acc[i][c]));
-      }
-    }
+  // Two chunks per lane and iteration (32 chunks apart), both chunks' weights, scales and offsets
+  // loaded before either is used: twice the bytes in flight per warp of a one-chunk loop.
+  for (int ch = ch_begin + lane; ch < ch_end; ch += 64) {
+    const bool second = ch + 32 < ch_end;
+    uint4 wv[2][kCols];
+    float s[2][kCols], o[2][kCols];
+    load_chunk(a, wrow, srow, orow, ch, wv[0], s[0], o[0]);
+    if (second) load_chunk(a, wrow, srow, orow, ch + 32, wv[1], s[1], o[1]);
+    chunk_fma<T, MR>(xrow, ch * kChunkK, wv[0], s[0], o[0], acc);
+    if (second) chunk_fma<T, MR>(xrow, (ch + 32) * kChunkK, wv[1], s[1], o[1], acc);
   }
   const bool split = gridDim.z > 1;
 #pragma unroll

@@ -58,7 +58,9 @@ void launch_w8a8_gemv(const k8::GemvArgs& a, cudaStream_t st) {
 
 template <int BM, int BN, int WM, int WN>
 void launch_mma(const k8::MmaArgs& a, bool per_group, cudaStream_t st) {
-  dim3 grid((a.N + BN - 1) / BN, (a.M + BM - 1) / BM);
+  const int64_t tiles = int64_t((a.N + BN - 1) / BN) * ((a.M + BM - 1) / BM);
+  require(tiles < (int64_t(1) << 31), "too many output tiles");
+  dim3 grid(static_cast<unsigned>(tiles));
   dim3 block(WM * WN * 32);
   if (per_group) k8::w8a8_mma_kernel<BM, BN, WM, WN, true><<<grid, block, 0, st>>>(a);
   else k8::w8a8_mma_kernel<BM, BN, WM, WN, false><<<grid, block, 0, st>>>(a);

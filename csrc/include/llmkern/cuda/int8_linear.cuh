@@ -293,7 +293,7 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint
 __device__ __forceinline__ int swz(int r, int c) { return r * kMmaBK + ((c ^ ((r >> 1) & 3)) << 4); }
 
 // CTA tile BM x BN, warps WARPS_M x WARPS_N, each warp (BM / WARPS_M) x (BN / WARPS_N) = (16 MT) x (8 NT).
-// Grid (ceil(N / BN), ceil(M / BM)).
+// Grid: ceil(M / BM) * ceil(N / BN) CTAs (1-D, grouped raster below).
 template <int BM, int BN, int WARPS_M, int WARPS_N, bool kPerGroup>
 __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaArgs a) {
   constexpr int kThreads = WARPS_M * WARPS_N * 32;
@@ -305,7 +305,20 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
-  const int m_base = blockIdx.y * BM, n_base = blockIdx.x * BN;
+  // Grouped raster over a 1-D grid: kRasterM consecutive row tiles share each column tile while it is
+  // in L2 (the weight panel is read ~once per kRasterM row tiles instead of once per row tile).
+  int tile_m, tile_n;
+  {
+    constexpr int kRasterM = 8;
+    const int tiles_m = (a.M + BM - 1) / BM, tiles_n = (a.N + BN - 1) / BN;
+    const int per_group = kRasterM * tiles_n;
+    const int pid = blockIdx.x;
+    const int first_m = (pid / per_group) * kRasterM;
+    const int gm = min(tiles_m - first_m, kRasterM);
+    tile_m = first_m + (pid % per_group) % gm;
+    tile_n = (pid % per_group) / gm;
+  }
+  const int m_base = tile_m * BM, n_base = tile_n * BN;
   const int KT = (a.K + kMmaBK - 1) / kMmaBK;
 
   // ---- async tile loader: stage s <- k tile kt (zero-filled outside [0, M) x [0, K) / [0, N) x [0, K))

@@ -19,6 +19,7 @@ from .. import _backends
 from .. import reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop
+from .int8_linear import _cuda_device, _cuda_rows, _num_sms
 
 GROUP_SIZES = (32, 64, 128)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -130,8 +131,6 @@ def _cuda(x, qweight, scales, offsets, bias):
     dequantize the weight to x's dtype with a CUDA kernel and multiply with cuBLAS (F.linear).
     Weights are read in the canonical layout (no prepacking yet).
     """
-    from .int8_linear import _cuda_device, _cuda_rows, _num_sms
-
     mod = _backends.cuda_module()
     if x.device.type != "cuda":
         raise BackendUnsupported(f"x is on {x.device}")

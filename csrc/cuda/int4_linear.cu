@@ -8,6 +8,7 @@
 #include <string>
 
 #include "llmkern/cuda/int4_linear.cuh"
+#include "llmkern/cuda/wdq_gemm.cuh"
 #include "llmkern/cuda_check.cuh"
 
 namespace llmkern {
@@ -41,13 +42,29 @@ void launch_gemv(const k4::GemvArgs& a, int splits, cudaStream_t st) {
   }
 }
 
+template <typename T>
+void launch_mma(const k4::GemvArgs& g, int num_sms, cudaStream_t st) {
+  cuda::wdq::Args<T> a{static_cast<const T*>(g.x), g.ldx, g.M, g.N, g.K, g.qw, g.scales, g.offsets,
+                       g.ngroups, g.group, g.bias, static_cast<T*>(g.out), g.ldo};
+  const int64_t tiles128 = int64_t((a.M + 127) / 128) * ((a.N + 127) / 128);
+  if (tiles128 >= num_sms) {
+    cuda::wdq::wdq_mma_kernel<T, 128, 128, 2, 4, cuda::wdq::kInt4><<<static_cast<unsigned>(tiles128), 256, 0, st>>>(a);
+  } else {
+    const int64_t tiles = int64_t((a.M + 63) / 64) * ((a.N + 127) / 128);
+    cuda::wdq::wdq_mma_kernel<T, 64, 128, 1, 4, cuda::wdq::kInt4><<<static_cast<unsigned>(tiles), 128, 0, st>>>(a);
+  }
+}
+
 }  // namespace
+
+// Largest M that runs as a GEMV for 16-bit x (fp32 x always does); larger M run on tensor cores.
+constexpr int kInt4GemvMaxM = 16;
 
 // Split-K factor of the GEMV for these sizes: 1 when the (N, M) grid alone has >= 2 CTAs per SM;
 // otherwise enough splits for ~2 CTAs per SM, each split at least 32 chunks (one per lane) of 32 k,
 // at most kMaxSplits. The adapter sizes the fp32 workspace [splits, M, N] from this.
 int int4_linear_splits(int M, int N, int K, int num_sms) {
-  if (M <= 0 || N <= 0 || K <= 0) return 1;
+  if (M <= 0 || N <= 0 || K <= 0 || M > kInt4GemvMaxM) return 1;
   const int mr = gemv_rows(M);
   const int64_t ctas = int64_t((N + k4::kColsPerCta - 1) / k4::kColsPerCta) * ((M + mr - 1) / mr);
   const int64_t want = 2 * int64_t(std::max(num_sms, 1));
@@ -59,10 +76,11 @@ int int4_linear_splits(int M, int N, int K, int num_sms) {
   return (chunks + per - 1) / per;  // no empty split
 }
 
-// y[M, N] = x[M, K] @ dequant(qweight)^T (+ bias). splits > 1 needs ws: fp32 [splits, M, N].
+// y[M, N] = x[M, K] @ dequant(qweight)^T (+ bias). GEMV for fp32 x and M <= 16 (splits > 1 needs ws:
+// fp32 [splits, M, N]); the dequantizing tensor-core GEMM for 16-bit x with M > 16 (splits must be 1).
 const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const uint8_t* qw, int N,
                              const float* scales, const float* offsets, int group, const float* bias, void* out,
-                             int64_t ldo, float* ws, int splits, cudaStream_t st) {
+                             int64_t ldo, float* ws, int splits, int num_sms, cudaStream_t st) {
   require(x_dtype >= 0 && x_dtype <= 2, "x_dtype must be 0, 1 or 2");
   require(M >= 0 && N >= 0 && K > 0, "need M >= 0, N >= 0, K > 0");
   require((group == 32 || group == 64 || group == 128) && K % group == 0, "group must be 32, 64 or 128 and divide K");
@@ -78,6 +96,15 @@ const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
   require((chunks + per - 1) / per == splits, "splits leaves an empty split; use int4_linear_splits");
   require(splits == 1 || ws != nullptr, "splits > 1 needs the fp32 workspace");
   const XType dt = static_cast<XType>(x_dtype);
+  if (dt != XType::kF32 && M > kInt4GemvMaxM) {
+    require(splits == 1, "the tensor-core route takes splits == 1");
+    require((int64_t(M + 63) / 64) * ((N + 127) / 128) < (int64_t(1) << 31), "too many output tiles");
+    k4::GemvArgs g{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias, out, ldo, dt, per};
+    if (dt == XType::kBF16) launch_mma<__nv_bfloat16>(g, num_sms, st);
+    else launch_mma<__half>(g, num_sms, st);
+    LLMKERN_CUDA_CHECK_LAUNCH();
+    return "mma";
+  }
   k4::GemvArgs a{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias,
                  splits > 1 ? static_cast<void*>(ws) : out, ldo, dt, per};
   switch (dt) {

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "llmkern/cuda/int8_linear.cuh"
+#include "llmkern/cuda/wdq_gemm.cuh"
 #include "llmkern/cuda_check.cuh"
 
 namespace llmkern {
@@ -66,9 +67,31 @@ void launch_mma(const k8::MmaArgs& a, bool per_group, cudaStream_t st) {
   else k8::w8a8_mma_kernel<BM, BN, WM, WN, false><<<grid, block, 0, st>>>(a);
 }
 
+template <typename T, int kFmt>
+void launch_wdq(const cuda::wdq::Args<T>& a, int num_sms, cudaStream_t st) {
+  const int64_t tiles128 = int64_t((a.M + 127) / 128) * ((a.N + 127) / 128);
+  if (tiles128 >= num_sms) {
+    const int64_t tiles = tiles128;
+    cuda::wdq::wdq_mma_kernel<T, 128, 128, 2, 4, kFmt><<<static_cast<unsigned>(tiles), 256, 0, st>>>(a);
+  } else {
+    const int64_t tiles = int64_t((a.M + 63) / 64) * ((a.N + 127) / 128);
+    cuda::wdq::wdq_mma_kernel<T, 64, 128, 1, 4, kFmt><<<static_cast<unsigned>(tiles), 128, 0, st>>>(a);
+  }
+}
+
+template <typename T>
+void launch_w8a16_mma(const void* x, int64_t ldx, int M, int K, const int8_t* w, int N, const float* scale,
+                      int ngroups, int group, const float* bias, void* out, int64_t ldo, int num_sms,
+                      cudaStream_t st) {
+  cuda::wdq::Args<T> a{static_cast<const T*>(x), ldx, M, N, K, w, scale, nullptr, ngroups, group, bias,
+                       static_cast<T*>(out), ldo};
+  if (ngroups == 1) launch_wdq<T, cuda::wdq::kInt8Channel>(a, num_sms, st);
+  else launch_wdq<T, cuda::wdq::kInt8Group>(a, num_sms, st);
+}
+
 }  // namespace
 
-// Largest M the W8A8 path runs as a GEMV (dp4a) instead of on tensor cores.
+// Largest M that runs as a GEMV (W8A8: dp4a; W8A16 with 16-bit x) instead of on tensor cores.
 constexpr int kInt8GemvMaxM = 16;
 
 // y[M, N] = x[M, K] @ dequant(w)^T (+ bias). w8a8: xq int8 [M, K] (contiguous) and xs fp32 [M] are
@@ -89,6 +112,13 @@ const char* int8_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
   require((M + 7) / 8 <= 65535, "M too large for the GEMV grid");
   const XType dt = static_cast<XType>(x_dtype);
   const int ngroups = K / group;
+  if (!w8a8 && dt != XType::kF32 && M > kInt8GemvMaxM) {
+    require((int64_t(M + 63) / 64) * ((N + 127) / 128) < (int64_t(1) << 31), "too many output tiles");
+    if (dt == XType::kBF16) launch_w8a16_mma<__nv_bfloat16>(x, ldx, M, K, w, N, scale, ngroups, group, bias, out, ldo, num_sms, st);
+    else launch_w8a16_mma<__half>(x, ldx, M, K, w, N, scale, ngroups, group, bias, out, ldo, num_sms, st);
+    LLMKERN_CUDA_CHECK_LAUNCH();
+    return "w8a16_mma";
+  }
   if (!w8a8) {
     k8::GemvArgs a{x, ldx, nullptr, M, K, N, w, scale, ngroups, group, bias, out, ldo, dt};
     switch (dt) {

@@ -117,8 +117,11 @@ def _cpu(x, qweight, scales, offsets, bias):
     return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
-# 16-bit inputs with more rows than this take the dequantize + cuBLAS route (below).
+# 16-bit inputs with more rows than this run on tensor cores (kInt4GemvMaxM in csrc/cuda/int4_linear.cu).
 _CUDA_GEMV_MAX_M = 16
+# True: those inputs dequantize the weight with a CUDA kernel and multiply with cuBLAS (F.linear) instead of
+# the fused dequantizing mma kernel (a fallback switch kept for the first GPU runs; tests cover both).
+CUDA_PREFILL_CUBLAS = False
 
 
 @int4_linear_op.backend("cuda")
@@ -127,9 +130,10 @@ def _cuda(x, qweight, scales, offsets, bias):
 
     fp32 x (any M) and 16-bit x with M <= 16: the W4A16 GEMV (16-byte weight loads, nibble unpack and
     group dequant in registers, fp32 accumulation), split over K when the (N, M) grid is small, with
-    fp32 partials in a workspace summed in a fixed order (deterministic). 16-bit x with M > 16:
-    dequantize the weight to x's dtype with a CUDA kernel and multiply with cuBLAS (F.linear).
-    Weights are read in the canonical layout (no prepacking yet).
+    fp32 partials in a workspace summed in a fixed order (deterministic). 16-bit x with M > 16: a
+    bf16/fp16 mma.sync GEMM that dequantizes weight tiles into shared memory (or, with
+    CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS). Weights are read in the canonical layout
+    (no prepacking yet).
     """
     mod = _backends.cuda_module()
     if x.device.type != "cuda":
@@ -146,7 +150,8 @@ def _cuda(x, qweight, scales, offsets, bias):
     scales, offsets = scales.contiguous(), offsets.contiguous()
     with _cuda_device(x.device):
         stream = torch.cuda.current_stream().cuda_stream
-        if x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M:
+        tensor_cores = x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M
+        if tensor_cores and CUDA_PREFILL_CUBLAS:
             wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
             mod.int4_linear_dequant(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), G, N, K,
                                     wdq.data_ptr(), _DTYPE_CODE[x.dtype], stream)
@@ -154,12 +159,13 @@ def _cuda(x, qweight, scales, offsets, bias):
             return out.view(x.shape[:-1] + (N,))
         bias32 = None if bias is None else bias.to(torch.float32).contiguous()
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        splits = mod.int4_linear_splits(M, N, K, _num_sms(x.device))
+        sms = _num_sms(x.device)
+        splits = 1 if tensor_cores else mod.int4_linear_splits(M, N, K, sms)
         ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
         mod.int4_linear(
             x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qweight.data_ptr(), N,
             scales.data_ptr(), offsets.data_ptr(), G, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
-            N, 0 if ws is None else ws.data_ptr(), splits, stream,
+            N, 0 if ws is None else ws.data_ptr(), splits, sms, stream,
         )
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 

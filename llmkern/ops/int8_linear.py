@@ -101,8 +101,12 @@ def _cpu(x, weight, weight_scale, bias, mode):
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
-# 16-bit W8A16 inputs with more rows than this take the dequantize + cuBLAS route (below).
+# 16-bit W8A16 inputs with more rows than this run on tensor cores (csrc/cuda: _CUDA_GEMV_MAX_M must match
+# kInt8GemvMaxM / kInt4GemvMaxM there).
 _CUDA_GEMV_MAX_M = 16
+# True: those inputs dequantize the weight with a CUDA kernel and multiply with cuBLAS (F.linear) instead of
+# the fused dequantizing mma kernel (a fallback switch kept for the first GPU runs; tests cover both).
+CUDA_PREFILL_CUBLAS = False
 
 
 @int8_linear_op.backend("cuda")
@@ -111,8 +115,9 @@ def _cuda(x, weight, weight_scale, bias, mode):
 
     W8A8: per-row quantization kernel into xq int8 [M, K] / xs fp32 [M], then a dp4a GEMV (M <= 16) or
     the mma.sync int8 tensor-core GEMM. W8A16: fp32-math GEMV (any M for fp32 x, M <= 16 for 16-bit x);
-    16-bit x with M > 16 dequantizes the weight to x's dtype with a CUDA kernel and multiplies with
-    cuBLAS (F.linear). Weights are read in the canonical layout (no prepacking yet).
+    16-bit x with M > 16: a bf16/fp16 mma.sync GEMM that dequantizes weight tiles into shared memory
+    (or, with CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS). Weights are read in the
+    canonical layout (no prepacking yet).
     """
     mod = _backends.cuda_module()
     if x.device.type != "cuda":
@@ -136,7 +141,7 @@ def _cuda(x, weight, weight_scale, bias, mode):
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     with _cuda_device(x.device):
         stream = torch.cuda.current_stream().cuda_stream
-        if mode == "w8a16" and x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M:
+        if CUDA_PREFILL_CUBLAS and mode == "w8a16" and x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M:
             wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
             mod.int8_linear_dequant(weight.data_ptr(), weight_scale.data_ptr(), group, N, K, wdq.data_ptr(),
                                     _DTYPE_CODE[x.dtype], stream)

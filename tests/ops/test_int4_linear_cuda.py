@@ -4,6 +4,7 @@ and against dequantize-then-matmul, and CUDA graph capture. Every call runs unde
 that the cuda backend (not a fallback) produced the result."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -140,10 +141,27 @@ def test_quantized_float_weights_and_gguf_like_offsets():
         check(run_cuda(x, qw, s, o8, None), x, qw, s, o8, None, f"Q4_0-like M={M}")
 
 
+@pytest.mark.parametrize("cublas", [False, True], ids=["fused_mma", "dequant_cublas"])
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_prefill_routes(monkeypatch, dtype, G, cublas):
+    """16-bit x with M > 16: the dequantizing mma kernel (64x128 and 128x128 tiles, K and N tails) and the
+    dequantize + cuBLAS fallback switch."""
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.int4_linear"), "CUDA_PREFILL_CUBLAS", cublas)
+    for M, N, K in ((17, 33, 128), (100, 257, 4096), (300, 1000, 384), (2048, 2048, 1024)):
+        if K % G:
+            continue
+        g = gen(M + N + K + G)
+        x = torch.randn(M, K, generator=g, device=DEV).to(dtype)
+        qw, s, o = make_weights(N, K, G, g)
+        bias = torch.randn(N, generator=g, device=DEV) if M % 2 == 0 else None
+        check(run_cuda(x, qw, s, o, bias), x, qw, s, o, bias, f"prefill M={M} N={N} K={K} G={G}")
+
+
 def test_nan_row_propagates():
     g = gen(3)
     qw, s, o = make_weights(17, 256, 32, g)
-    for M in (4, 20):  # GEMV and (16-bit, M > 16) dequantize + cuBLAS routes
+    for M in (4, 20):  # GEMV and (16-bit, M > 16) tensor-core routes
         x = torch.randn(M, 256, generator=g, device=DEV).to(torch.bfloat16)
         x[2, 5] = float("nan")
         out = run_cuda(x, qw, s, o, None)
@@ -175,6 +193,5 @@ def test_cuda_graph_capture(M, N, K, G):
     graph.replay()
     torch.cuda.synchronize()
     eager = run_cuda(x, qw, s, o, bias)
-    if M <= 16:  # GEMV routes: our kernels are deterministic, replay == eager bit for bit
-        assert torch.equal(y, eager)
+    assert torch.equal(y, eager)  # no atomics anywhere: replay == eager bit for bit
     check(y, x, qw, s, o, bias, f"graph M={M} N={N} K={K}")

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "llmkern/cuda/linear_common.cuh"
+#include "llmkern/cuda/mma_common.cuh"
 
 namespace llmkern {
 namespace cuda {
@@ -244,8 +245,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) w8a8_gemv_kernel(GemvArgs a) 
 }
 
 // ================================================================== W8A8 tensor-core GEMM
-constexpr int kMmaBK = 64;      // int8 K per pipeline stage (two m16n8k32 steps)
-constexpr int kMmaStages = 3;   // 3 x (128 + 128) x 64 B = 48 KiB of static shared memory at most
 
 struct MmaArgs {
   const int8_t* xq;    // [M, K], row stride ldx (16-byte aligned rows)
@@ -261,37 +260,6 @@ struct MmaArgs {
   int M, N, K;
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; src_bytes 0 writes zeros (out-of-range rows / k).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Byte offset of 16-byte chunk c (0..3) of row r in a [rows][64 B] tile. The chunk index is XORed with
-// bits 1..2 of the row so that the 8 rows one ldmatrix phase reads (same chunk column) hit 8 distinct
-// 16-byte bank groups: rows 0..7 at chunk c land on groups c, 4+c, c^1, 4+(c^1), c^2, ... (all distinct).
-__device__ __forceinline__ int swz(int r, int c) { return r * kMmaBK + ((c ^ ((r >> 1) & 3)) << 4); }
-
 // CTA tile BM x BN, warps WARPS_M x WARPS_N, each warp (BM / WARPS_M) x (BN / WARPS_N) = (16 MT) x (8 NT).
 // Grid: ceil(M / BM) * ceil(N / BN) CTAs (1-D, grouped raster below).
 template <int BM, int BN, int WARPS_M, int WARPS_N, bool kPerGroup>
@@ -301,7 +269,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
   constexpr int MT = WM / 16, NT = WN / 8;
   static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tile");
   static_assert((BM * 4) % kThreads == 0 && (BN * 4) % kThreads == 0, "loader");
-  __shared__ __align__(128) int8_t smem[kMmaStages][(BM + BN) * kMmaBK];
+  __shared__ __align__(128) int8_t smem[kMmaStages][(BM + BN) * kTileRowBytes];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
@@ -319,13 +287,13 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
     tile_n = (pid % per_group) / gm;
   }
   const int m_base = tile_m * BM, n_base = tile_n * BN;
-  const int KT = (a.K + kMmaBK - 1) / kMmaBK;
+  const int KT = (a.K + kTileRowBytes - 1) / kTileRowBytes;
 
   // ---- async tile loader: stage s <- k tile kt (zero-filled outside [0, M) x [0, K) / [0, N) x [0, K))
   auto load_tile = [&](int s, int kt) {
-    const int k0 = kt * kMmaBK;
+    const int k0 = kt * kTileRowBytes;
     int8_t* sa = smem[s];
-    int8_t* sb = smem[s] + BM * kMmaBK;
+    int8_t* sb = smem[s] + BM * kTileRowBytes;
 #pragma unroll
     for (int i = tid; i < BM * 4; i += kThreads) {
       const int r = i / 4, c = i % 4;
@@ -379,9 +347,9 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
       cp_async_commit();
     }
     const int8_t* sa = smem[kt % kMmaStages];
-    const int8_t* sb = smem[kt % kMmaStages] + BM * kMmaBK;
+    const int8_t* sb = smem[kt % kMmaStages] + BM * kTileRowBytes;
 #pragma unroll
-    for (int ks = 0; ks < kMmaBK / 32; ++ks) {
+    for (int ks = 0; ks < kTileRowBytes / 32; ++ks) {
       uint32_t af[MT][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
@@ -403,7 +371,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
 #pragma unroll
         for (int j = 0; j < NT; ++j) mma_s8(acc[i][j], af[i], bf[j][0], bf[j][1]);
       if (kPerGroup) {
-        const int kend = kt * kMmaBK + ks * 32 + 32;  // k just past this step (group % 32 == 0)
+        const int kend = kt * kTileRowBytes + ks * 32 + 32;  // k just past this step (group % 32 == 0)
         // Steps past K hold zero padding only; K % group == 0, so the last real step ends a group.
         if (kend <= a.K && kend % a.group == 0) {
           const int g = (kend - 1) / a.group;

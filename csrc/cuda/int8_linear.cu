@@ -25,7 +25,10 @@ void require(bool ok, const std::string& what) {
 
 template <typename T>
 void launch_quant(const void* x, int64_t ldx, int M, int K, int8_t* xq, int64_t ldq, float* xs, cudaStream_t st) {
-  k8::quant_rows_kernel<T><<<M, k8::kQuantThreads, 0, st>>>(static_cast<const T*>(x), ldx, K, xq, ldq, xs);
+  const bool vec = K % 8 == 0 && aligned16(x) && (ldx * int64_t(sizeof(T))) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(xq) % 8 == 0 && ldq % 8 == 0;
+  if (vec) k8::quant_rows_kernel<T, true><<<M, k8::kQuantThreads, 0, st>>>(static_cast<const T*>(x), ldx, K, xq, ldq, xs);
+  else k8::quant_rows_kernel<T, false><<<M, k8::kQuantThreads, 0, st>>>(static_cast<const T*>(x), ldx, K, xq, ldq, xs);
 }
 
 // Rows per GEMV CTA: the next power of two >= M, at most 8 (larger M runs ceil(M / 8) row blocks).

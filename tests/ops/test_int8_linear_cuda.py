@@ -224,10 +224,10 @@ def _quant_cuda(x2):
     return xq, xs
 
 
+@pytest.mark.parametrize("K", [300, 304], ids=["scalar", "vector"])  # K % 8 == 0: 8-wide loads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_quantize_rows_bit_exact(dtype):
+def test_quantize_rows_bit_exact(dtype, K):
     g = torch.Generator().manual_seed(1)
-    K = 300
     rows = [torch.randn(K, generator=g) * s for s in (1.0, 1e-3, 1e3, 3e-5, 60000.0)]
     rows.append(torch.zeros(K))
     ties = torch.randn(K, generator=g)

@@ -33,11 +33,20 @@ namespace int8_linear {
 // ================================================================== activation quantization
 constexpr int kQuantThreads = 256;
 
+// q = clamp(rint(x * inv), -127, 127), NaN products -> 0 (the reference's round + clamp + nan_to_num).
+__device__ __forceinline__ int quant1(float x, float inv) {
+  const float p = __fmul_rn(x, inv);
+  const float r = fminf(fmaxf(rintf(p), -127.0f), 127.0f);  // rintf: round half to even
+  return isnan(p) ? 0 : static_cast<int>(r);
+}
+
 // x [M, K] (row stride ldx elements, unit column stride) -> xq int8 [M, K] (row stride ldq), xs fp32 [M].
 // amax = max|x| (NaN if the row has a NaN, as torch.amax), scale = amax / 127 (IEEE division),
 // inv = amax > 0 ? 127 / amax : 0, q = clamp(rint(x * inv), -127, 127) with NaN products -> 0: exactly
 // llmkern/reference/quant.py's _symmetric_int8 (where + round + clamp + nan_to_num) for every input.
-template <typename T>
+// One CTA per row, two passes (the second mostly from L1/L2). kVec: 8 elements per access (needs
+// K % 8 == 0, 16-byte aligned x rows and 8-byte aligned xq rows).
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kQuantThreads) quant_rows_kernel(const T* __restrict__ x, int64_t ldx, int K,
                                                                     int8_t* __restrict__ xq, int64_t ldq,
                                                                     float* __restrict__ xs) {
@@ -45,10 +54,22 @@ __global__ void __launch_bounds__(kQuantThreads) quant_rows_kernel(const T* __re
   const T* row = x + m * ldx;
   float amax = 0.0f;
   bool nan = false;
-  for (int k = threadIdx.x; k < K; k += kQuantThreads) {
-    const float v = to_f32<T>(row[k]);
-    nan |= isnan(v);
-    amax = fmaxf(amax, fabsf(v));
+  if constexpr (kVec) {
+    for (int k = threadIdx.x * 8; k < K; k += kQuantThreads * 8) {
+      float v[8];
+      load8_f32<T>(row + k, v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        nan |= isnan(v[e]);
+        amax = fmaxf(amax, fabsf(v[e]));
+      }
+    }
+  } else {
+    for (int k = threadIdx.x; k < K; k += kQuantThreads) {
+      const float v = to_f32<T>(row[k]);
+      nan |= isnan(v);
+      amax = fmaxf(amax, fabsf(v));
+    }
   }
   __shared__ float s_max[kQuantThreads / 32];
   __shared__ int s_nan[kQuantThreads / 32];
@@ -72,11 +93,17 @@ __global__ void __launch_bounds__(kQuantThreads) quant_rows_kernel(const T* __re
   const float inv = amax > 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;  // NaN > 0 is false
   if (threadIdx.x == 0) xs[m] = __fdiv_rn(amax, 127.0f);
   int8_t* qrow = xq + m * ldq;
-  for (int k = threadIdx.x; k < K; k += kQuantThreads) {
-    const float p = __fmul_rn(to_f32<T>(row[k]), inv);
-    float r = rintf(p);  // round half to even (default rounding mode)
-    r = fminf(fmaxf(r, -127.0f), 127.0f);
-    qrow[k] = isnan(p) ? int8_t(0) : static_cast<int8_t>(static_cast<int>(r));
+  if constexpr (kVec) {
+    for (int k = threadIdx.x * 8; k < K; k += kQuantThreads * 8) {
+      float v[8];
+      load8_f32<T>(row + k, v);
+      uint32_t w[2] = {0u, 0u};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) w[e / 4] |= (static_cast<uint32_t>(quant1(v[e], inv)) & 0xFFu) << (8 * (e % 4));
+      *reinterpret_cast<uint2*>(qrow + k) = make_uint2(w[0], w[1]);
+    }
+  } else {
+    for (int k = threadIdx.x; k < K; k += kQuantThreads) qrow[k] = static_cast<int8_t>(quant1(to_f32<T>(row[k]), inv));
   }
 }
 

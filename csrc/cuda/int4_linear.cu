@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "llmkern/cuda/int4_decode_mma.cuh"
 #include "llmkern/cuda/int4_linear.cuh"
 #include "llmkern/cuda/wdq_gemm.cuh"
 #include "llmkern/cuda_check.cuh"
@@ -55,16 +56,51 @@ void launch_mma(const k4::GemvArgs& g, int num_sms, cudaStream_t st) {
   }
 }
 
+template <typename T>
+void launch_decode_mma(const k4::GemvArgs& g, int splits, int split_blocks, cudaStream_t st) {
+  namespace d = cuda::int4_decode;
+  d::Args<T> a{static_cast<const T*>(g.x), g.ldx, g.M, g.N, g.K, g.qw, g.scales, g.offsets, g.ngroups, g.group,
+               g.bias, g.out, g.ldo, split_blocks};
+  dim3 grid((g.N + d::kCols - 1) / d::kCols, splits);
+  if (g.M <= 8) d::decode_mma_kernel<T, 1><<<grid, d::kWarps * 32, 0, st>>>(a);
+  else d::decode_mma_kernel<T, 2><<<grid, d::kWarps * 32, 0, st>>>(a);
+}
+
 }  // namespace
 
 // Largest M that runs as a GEMV for 16-bit x (fp32 x always does); larger M run on tensor cores.
 constexpr int kInt4GemvMaxM = 16;
 
+// Route of an input: 0 SIMT GEMV, 1 decode-sized tensor-core kernel (16-bit x, 2 <= M <= 16, when
+// allowed), 2 dequantizing tensor-core GEMM (16-bit x, M > 16).
+static int int4_route(int M, int x_dtype, bool decode_mma) {
+  if (x_dtype == 0) return 0;
+  if (M > kInt4GemvMaxM) return 2;
+  return decode_mma && M >= 2 ? 1 : 0;
+}
+
+// Splits of the decode tensor-core kernel: up to ~3 CTAs per SM, every warp at least two 64-k blocks.
+static int decode_mma_splits(int N, int K, int num_sms) {
+  namespace d = cuda::int4_decode;
+  const int64_t ctas = (N + d::kCols - 1) / d::kCols;
+  const int64_t want = 3 * int64_t(std::max(num_sms, 1));
+  if (ctas >= want) return 1;
+  const int blocks = (K + d::kBlockK - 1) / d::kBlockK;
+  int splits = int(std::min<int64_t>(kMaxSplits, (want + ctas - 1) / ctas));
+  splits = std::max(1, std::min(splits, blocks / (2 * d::kWarps)));
+  const int per = (blocks + splits - 1) / splits;
+  return (blocks + per - 1) / per;
+}
+
 // Split-K factor of the GEMV for these sizes: 1 when the (N, M) grid alone has >= 2 CTAs per SM;
 // otherwise enough splits for ~2 CTAs per SM, each split at least 32 chunks (one per lane) of 32 k,
 // at most kMaxSplits. The adapter sizes the fp32 workspace [splits, M, N] from this.
-int int4_linear_splits(int M, int N, int K, int num_sms) {
-  if (M <= 0 || N <= 0 || K <= 0 || M > kInt4GemvMaxM) return 1;
+int int4_linear_splits(int M, int N, int K, int num_sms, int x_dtype, bool decode_mma) {
+  if (M <= 0 || N <= 0 || K <= 0) return 1;
+  const int route = int4_route(M, x_dtype, decode_mma);
+  if (route == 2) return 1;
+  if (route == 1) return decode_mma_splits(N, K, num_sms);
+  if (M > kInt4GemvMaxM) return 1;
   const int mr = gemv_rows(M);
   const int64_t ctas = int64_t((N + k4::kColsPerCta - 1) / k4::kColsPerCta) * ((M + mr - 1) / mr);
   const int64_t want = 2 * int64_t(std::max(num_sms, 1));
@@ -80,7 +116,7 @@ int int4_linear_splits(int M, int N, int K, int num_sms) {
 // fp32 [splits, M, N]); the dequantizing tensor-core GEMM for 16-bit x with M > 16 (splits must be 1).
 const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const uint8_t* qw, int N,
                              const float* scales, const float* offsets, int group, const float* bias, void* out,
-                             int64_t ldo, float* ws, int splits, int num_sms, cudaStream_t st) {
+                             int64_t ldo, float* ws, int splits, int num_sms, bool decode_mma, cudaStream_t st) {
   require(x_dtype >= 0 && x_dtype <= 2, "x_dtype must be 0, 1 or 2");
   require(M >= 0 && N >= 0 && K > 0, "need M >= 0, N >= 0, K > 0");
   require((group == 32 || group == 64 || group == 128) && K % group == 0, "group must be 32, 64 or 128 and divide K");
@@ -91,12 +127,28 @@ const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
   require(aligned16(qw), "qweight must be 16-byte aligned");
   require(ldo >= N, "ldo must be >= N");
   require((M + 7) / 8 <= 65535, "M too large for the GEMV grid");
+  require(splits == 1 || ws != nullptr, "splits > 1 needs the fp32 workspace");
+  const XType dt = static_cast<XType>(x_dtype);
+  const int route = int4_route(M, x_dtype, decode_mma);
+  if (route == 1) {
+    const int blocks = (K + cuda::int4_decode::kBlockK - 1) / cuda::int4_decode::kBlockK;
+    const int per_b = (blocks + splits - 1) / splits;
+    require((blocks + per_b - 1) / per_b == splits, "splits leaves an empty split; use int4_linear_splits");
+    k4::GemvArgs g{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias,
+                   splits > 1 ? static_cast<void*>(ws) : out, ldo, dt, 0};
+    if (dt == XType::kBF16) launch_decode_mma<__nv_bfloat16>(g, splits, per_b, st);
+    else launch_decode_mma<__half>(g, splits, per_b, st);
+    LLMKERN_CUDA_CHECK_LAUNCH();
+    if (splits == 1) return "decode_mma";
+    const int64_t MN = int64_t(M) * N;
+    k4::reduce_kernel<<<(MN + 255) / 256, 256, 0, st>>>(ws, splits, M, N, bias, out, ldo, dt);
+    LLMKERN_CUDA_CHECK_LAUNCH();
+    return "decode_mma_splitk";
+  }
   const int chunks = K / k4::kChunkK;
   const int per = (chunks + splits - 1) / splits;
   require((chunks + per - 1) / per == splits, "splits leaves an empty split; use int4_linear_splits");
-  require(splits == 1 || ws != nullptr, "splits > 1 needs the fp32 workspace");
-  const XType dt = static_cast<XType>(x_dtype);
-  if (dt != XType::kF32 && M > kInt4GemvMaxM) {
+  if (route == 2) {
     require(splits == 1, "the tensor-core route takes splits == 1");
     require((int64_t(M + 63) / 64) * ((N + 127) / 128) < (int64_t(1) << 31), "too many output tiles");
     k4::GemvArgs g{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias, out, ldo, dt, per};

@@ -10,10 +10,10 @@ namespace py = pybind11;
 
 namespace llmkern {
 
-int int4_linear_splits(int M, int N, int K, int num_sms);
+int int4_linear_splits(int M, int N, int K, int num_sms, int x_dtype, bool decode_mma);
 const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const uint8_t* qw, int N,
                              const float* scales, const float* offsets, int group, const float* bias, void* out,
-                             int64_t ldo, float* ws, int splits, int num_sms, cudaStream_t st);
+                             int64_t ldo, float* ws, int splits, int num_sms, bool decode_mma, cudaStream_t st);
 void int4_linear_dequant_cuda(const uint8_t* qw, const float* scales, const float* offsets, int group, int N, int K,
                               void* out, int dtype, cudaStream_t st);
 
@@ -32,17 +32,17 @@ void check_dims(const char* where, int64_t M, int64_t N, int64_t K) {
 void bind_int4_linear(py::module_& m) {
   m.def(
       "int4_linear_splits",
-      [](int64_t M, int64_t N, int64_t K, int num_sms) {
+      [](int64_t M, int64_t N, int64_t K, int num_sms, int x_dtype, bool decode_mma) {
         check_dims("llmkern._C_cuda.int4_linear_splits", M, N, K);
-        return int4_linear_splits(int(M), int(N), int(K), num_sms);
+        return int4_linear_splits(int(M), int(N), int(K), num_sms, x_dtype, decode_mma);
       },
-      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("num_sms"),
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("num_sms"), py::arg("x_dtype"), py::arg("decode_mma"),
       "Split-K factor int4_linear uses for these sizes (workspace: fp32 [splits, M, N] when > 1).");
   m.def(
       "int4_linear",
       [](std::uintptr_t x, int x_dtype, int64_t ldx, int64_t M, int64_t K, std::uintptr_t qw, int64_t N,
          std::uintptr_t scales, std::uintptr_t offsets, int64_t group, std::uintptr_t bias, std::uintptr_t out,
-         int64_t ldo, std::uintptr_t ws, int splits, int num_sms, std::uintptr_t stream) {
+         int64_t ldo, std::uintptr_t ws, int splits, int num_sms, bool decode_mma, std::uintptr_t stream) {
         check_dims("llmkern._C_cuda.int4_linear", M, N, K);
         if (M > 0 && N > 0 && (x == 0 || qw == 0 || scales == 0 || offsets == 0 || out == 0))
           throw py::value_error("llmkern._C_cuda.int4_linear: null pointer among x, qweight, scales, offsets, out");
@@ -51,11 +51,11 @@ void bind_int4_linear(py::module_& m) {
             reinterpret_cast<const void*>(x), x_dtype, ldx, int(M), int(K), reinterpret_cast<const uint8_t*>(qw),
             int(N), reinterpret_cast<const float*>(scales), reinterpret_cast<const float*>(offsets), int(group),
             reinterpret_cast<const float*>(bias), reinterpret_cast<void*>(out), ldo, reinterpret_cast<float*>(ws),
-            splits, num_sms, reinterpret_cast<cudaStream_t>(stream)));
+            splits, num_sms, decode_mma, reinterpret_cast<cudaStream_t>(stream)));
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("N"),
       py::arg("scales"), py::arg("offsets"), py::arg("group"), py::arg("bias"), py::arg("out"), py::arg("ldo"),
-      py::arg("ws"), py::arg("splits"), py::arg("num_sms"), py::arg("stream"),
+      py::arg("ws"), py::arg("splits"), py::arg("num_sms"), py::arg("decode_mma"), py::arg("stream"),
       "out[M, N] = x[M, K] @ dequant(qweight)^T (+ fp32 bias) on raw device pointers (canonical int4). "
       "x_dtype: 0 float32, 1 bfloat16, 2 float16 (out too). Returns the name of the kernel path taken.");
   m.def(

@@ -122,15 +122,20 @@ _CUDA_GEMV_MAX_M = 16
 # True: those inputs dequantize the weight with a CUDA kernel and multiply with cuBLAS (F.linear) instead of
 # the fused dequantizing mma kernel (a fallback switch kept for the first GPU runs; tests cover both).
 CUDA_PREFILL_CUBLAS = False
+# True: 16-bit x with 2 <= M <= 16 run the decode-sized tensor-core kernel (csrc/include/llmkern/cuda/
+# int4_decode_mma.cuh) instead of the SIMT GEMV (M = 1 and fp32 x always take the GEMV).
+CUDA_DECODE_MMA = True
 
 
 @int4_linear_op.backend("cuda")
 def _cuda(x, qweight, scales, offsets, bias):
     """CUDA kernels (csrc/cuda/int4_linear.cu) on raw pointers; torch allocates output and workspace.
 
-    fp32 x (any M) and 16-bit x with M <= 16: the W4A16 GEMV (16-byte weight loads, nibble unpack and
-    group dequant in registers, fp32 accumulation), split over K when the (N, M) grid is small, with
-    fp32 partials in a workspace summed in a fixed order (deterministic). 16-bit x with M > 16: a
+    fp32 x (any M) and M = 1: the W4A16 GEMV (16-byte weight loads, nibble unpack and group dequant in
+    registers, fp32 accumulation), split over K when the (N, M) grid is small, with fp32 partials in a
+    workspace summed in a fixed order (deterministic). 16-bit x with 2 <= M <= 16: the same weights
+    dequantized in registers straight into mma.sync fragments (weights as the 16-row operand, x as the
+    8-column one; CUDA_DECODE_MMA = False selects the GEMV instead). 16-bit x with M > 16: a
     bf16/fp16 mma.sync GEMM that dequantizes weight tiles into shared memory (or, with
     CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS). Weights are read in the canonical layout
     (no prepacking yet).
@@ -160,12 +165,12 @@ def _cuda(x, qweight, scales, offsets, bias):
         bias32 = None if bias is None else bias.to(torch.float32).contiguous()
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         sms = _num_sms(x.device)
-        splits = 1 if tensor_cores else mod.int4_linear_splits(M, N, K, sms)
+        splits = 1 if tensor_cores else mod.int4_linear_splits(M, N, K, sms, _DTYPE_CODE[x.dtype], CUDA_DECODE_MMA)
         ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
         mod.int4_linear(
             x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qweight.data_ptr(), N,
             scales.data_ptr(), offsets.data_ptr(), G, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
-            N, 0 if ws is None else ws.data_ptr(), splits, sms, stream,
+            N, 0 if ws is None else ws.data_ptr(), splits, sms, CUDA_DECODE_MMA, stream,
         )
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 

@@ -105,17 +105,39 @@ def test_split_k_is_used_and_deterministic():
     """Small N at decode size splits K across CTAs; the fixed-order reduction gives identical reruns."""
     mod = _backends.cuda_module()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    M, N, K = 1, 257, 8192
-    assert mod.int4_linear_splits(M, N, K, sms) > 1
-    assert mod.int4_linear_splits(1, 14336, 4096, sms) == 1
-    g = gen(11)
-    x = torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16)
-    qw, s, o = make_weights(N, K, 32, g)
-    bias = torch.randn(N, generator=g, device=DEV)
-    a = run_cuda(x, qw, s, o, bias)
-    b = run_cuda(x, qw, s, o, bias)
-    assert torch.equal(a, b)
-    check(a, x, qw, s, o, bias, "split-K")
+    bf16 = 1
+    assert mod.int4_linear_splits(1, 257, 8192, sms, bf16, True) > 1  # GEMV (M = 1)
+    assert mod.int4_linear_splits(1, 14336, 4096, sms, bf16, True) == 1
+    assert mod.int4_linear_splits(4, 257, 8192, sms, bf16, True) > 1  # decode tensor-core kernel
+    assert mod.int4_linear_splits(4, 14336, 4096, sms, bf16, True) == 1
+    for M in (1, 4, 12):
+        N, K = 257, 8192
+        g = gen(11 + M)
+        x = torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16)
+        qw, s, o = make_weights(N, K, 32, g)
+        bias = torch.randn(N, generator=g, device=DEV)
+        a = run_cuda(x, qw, s, o, bias)
+        b = run_cuda(x, qw, s, o, bias)
+        assert torch.equal(a, b)
+        check(a, x, qw, s, o, bias, f"split-K M={M}")
+
+
+@pytest.mark.parametrize("decode_mma", [True, False], ids=["decode_mma", "gemv"])
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_decode_routes(monkeypatch, dtype, G, decode_mma):
+    """16-bit x, M 2..16: the swap-AB tensor-core kernel (M <= 8 one 8-row mma column block, 9..16 two;
+    K % 64 == 32 tails, N not a multiple of 16, with and without split-K) and the SIMT GEMV."""
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.int4_linear"), "CUDA_DECODE_MMA", decode_mma)
+    for M, N, K in ((2, 33, 128), (3, 1, 96), (7, 33, 160), (8, 257, 4096), (9, 100, 1056), (16, 4096, 4096),
+                    (13, 14336, 4096), (5, 6144, 4096 + 32 * 3)):
+        if K % G:
+            continue
+        g = gen(M * 1000 + N + K + G)
+        x = torch.randn(M, K, generator=g, device=DEV).to(dtype)
+        qw, s, o = make_weights(N, K, G, g)
+        bias = torch.randn(N, generator=g, device=DEV).to(dtype) if M % 2 else None
+        check(run_cuda(x, qw, s, o, bias), x, qw, s, o, bias, f"decode M={M} N={N} K={K} G={G}")
 
 
 def test_leading_dims_and_offset_view():
@@ -173,7 +195,7 @@ def test_nan_row_propagates():
 
 
 @pytest.mark.parametrize("M,N,K,G", [(1, 4096, 4096, 32), (1, 257, 8192, 64), (8, 512, 1024, 128),
-                                     (64, 512, 1024, 32)])
+                                     (4, 257, 8192, 32), (64, 512, 1024, 32)])
 def test_cuda_graph_capture(M, N, K, G):
     g = gen(M + N)
     qw, s, o = make_weights(N, K, G, g)

@@ -1,0 +1,200 @@
+// W4A16 decode-sized M (2..16 rows, bf16/fp16 x) on tensor cores, reading the canonical int4 layout
+// (torch-free). "Swap AB": the weights are the 16-row operand of mma.sync m16n8k16 (16 output columns n
+// per warp) and x^T is the 8-column operand (8 rows m per mma; two mmas for M 9..16), so no M padding
+// to 16 is wasted and the weights are read once whatever M is.
+//
+// K order inside an mma is free (the dot product does not depend on it) as long as both operands agree.
+// Lane (g = lane / 4, t = lane % 4) loads 8 bytes = 16 consecutive k of weight rows g and g + 8 at
+// k0 + 16 t of a 64-k block, and 16 consecutive x values of row m = g at the same k. mma step s (0..3) of
+// the block uses, for "logical" k pair 2t, 2t+1 (A reg0/reg1, B reg0), the actual k = k0 + 16 t + 4 s + {0, 1},
+// i.e. byte 2 s of the lane's weight bytes (low nibble = even k, as the canonical layout packs it) and
+// x word 2 s; for logical 2t+8, 2t+9 (A reg2/reg3, B reg1), actual k0 + 16 t + 4 s + {2, 3}: byte 2 s + 1
+// and x word 2 s + 1. Weights are dequantized canonically in fp32 (q * scale, then + offset: G >= 32, so a
+// lane's 16 k share one group) and rounded once to x's dtype, as the Triton kernel does.
+//
+// CTA: kWarps warps on the same 16 columns, interleaving 64-k blocks; their fp32 fragments are summed in
+// shared memory in warp order. Split-K over gridDim.y (fp32 partials ws[split, M, N], summed in order by
+// int4_linear::reduce_kernel): deterministic.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "llmkern/cuda/linear_common.cuh"
+#include "llmkern/cuda/mma_common.cuh"
+
+namespace llmkern {
+namespace cuda {
+namespace int4_decode {
+
+constexpr int kWarps = 8;
+constexpr int kBlockK = 64;  // k per warp step: 4 lanes x 16 k per weight row
+constexpr int kCols = 16;    // output columns (weight rows) per CTA
+
+template <typename T>
+struct Args {
+  const T* x;  // [M, K], row stride ldx, 16-byte aligned rows
+  int64_t ldx;
+  int M, N, K;
+  const uint8_t* qw;     // [N, K / 2]
+  const float* scales;   // [N, ngroups]
+  const float* offsets;  // [N, ngroups]
+  int ngroups, group;
+  const float* bias;     // [N] fp32 or null (unsplit only)
+  void* out;             // unsplit: T [M, N] row stride ldo; split: fp32 ws [splits, M, N]
+  int64_t ldo;
+  int split_blocks;      // 64-k blocks per split
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+// Byte kB (0..3) of word w -> the packed pair (dequant(low nibble), dequant(high nibble)) in T.
+template <typename T, int kB>
+__device__ __forceinline__ uint32_t dq_pair(uint32_t lo, uint32_t hi, float s, float o) {
+  const float a = __fadd_rn(__fmul_rn(byte_to_f32<kB>(lo), s), o);
+  const float b = __fadd_rn(__fmul_rn(byte_to_f32<kB>(hi), s), o);
+  return pack2<T>(a, b);
+}
+
+// The 8 packed pairs of a lane's 8 weight bytes (pair j = byte j).
+template <typename T>
+__device__ __forceinline__ void dq_row(uint2 w, float s, float o, uint32_t (&p)[8]) {
+  const uint32_t lo0 = w.x & 0x0F0F0F0Fu, hi0 = (w.x >> 4) & 0x0F0F0F0Fu;
+  const uint32_t lo1 = w.y & 0x0F0F0F0Fu, hi1 = (w.y >> 4) & 0x0F0F0F0Fu;
+  p[0] = dq_pair<T, 0>(lo0, hi0, s, o);
+  p[1] = dq_pair<T, 1>(lo0, hi0, s, o);
+  p[2] = dq_pair<T, 2>(lo0, hi0, s, o);
+  p[3] = dq_pair<T, 3>(lo0, hi0, s, o);
+  p[4] = dq_pair<T, 0>(lo1, hi1, s, o);
+  p[5] = dq_pair<T, 1>(lo1, hi1, s, o);
+  p[6] = dq_pair<T, 2>(lo1, hi1, s, o);
+  p[7] = dq_pair<T, 3>(lo1, hi1, s, o);
+}
+
+// One lane's operands of one 64-k block.
+template <int MB>
+struct Block {
+  uint2 wa, wb;        // weight bytes of rows g and g + 8
+  float sa, oa, sb, ob;
+  uint4 x[MB][2];      // x[m = g + 8 mb][k .. k + 15]
+};
+
+template <typename T, int MB>
+__device__ __forceinline__ void load_block(const Args<T>& a, int n0, int g, int t, int kb, Block<MB>& b) {
+  const int k = kb * kBlockK + 16 * t;
+  const bool kok = k < a.K;
+  const int na = n0 + g, nb = n0 + g + 8;
+  const uint2 z2 = make_uint2(0, 0);
+  b.wa = z2;
+  b.wb = z2;
+  b.sa = b.oa = b.sb = b.ob = 0.0f;
+  if (kok && na < a.N) {
+    b.wa = __ldg(reinterpret_cast<const uint2*>(a.qw + int64_t(na) * (a.K / 2) + k / 2));
+    b.sa = __ldg(a.scales + int64_t(na) * a.ngroups + k / a.group);
+    b.oa = __ldg(a.offsets + int64_t(na) * a.ngroups + k / a.group);
+  }
+  if (kok && nb < a.N) {
+    b.wb = __ldg(reinterpret_cast<const uint2*>(a.qw + int64_t(nb) * (a.K / 2) + k / 2));
+    b.sb = __ldg(a.scales + int64_t(nb) * a.ngroups + k / a.group);
+    b.ob = __ldg(a.offsets + int64_t(nb) * a.ngroups + k / a.group);
+  }
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+    const int m = g + 8 * mb;
+    b.x[mb][0] = b.x[mb][1] = make_uint4(0, 0, 0, 0);
+    if (kok && m < a.M) {
+      const uint4* p = reinterpret_cast<const uint4*>(a.x + int64_t(m) * a.ldx + k);
+      b.x[mb][0] = __ldg(p);
+      b.x[mb][1] = __ldg(p + 1);
+    }
+  }
+}
+
+template <typename T, int MB>
+__device__ __forceinline__ void mma_block(const Block<MB>& b, float (&c)[MB][4]) {
+  uint32_t pa[8], pb[8];
+  dq_row<T>(b.wa, b.sa, b.oa, pa);
+  dq_row<T>(b.wb, b.sb, b.ob, pb);
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const uint32_t afr[4] = {pa[2 * s], pb[2 * s], pa[2 * s + 1], pb[2 * s + 1]};
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+      const uint32_t xw[8] = {b.x[mb][0].x, b.x[mb][0].y, b.x[mb][0].z, b.x[mb][0].w,
+                              b.x[mb][1].x, b.x[mb][1].y, b.x[mb][1].z, b.x[mb][1].w};
+      if constexpr (std::is_same<T, __nv_bfloat16>::value) mma_bf16(c[mb], afr, xw[2 * s], xw[2 * s + 1]);
+      else mma_f16(c[mb], afr, xw[2 * s], xw[2 * s + 1]);
+    }
+  }
+}
+
+// Grid (ceil(N / kCols), splits), kWarps * 32 threads. MB = 1 for M <= 8, 2 for M <= 16.
+template <typename T, int MB>
+__global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(Args<T> a) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int n0 = blockIdx.x * kCols;
+  const int blocks = (a.K + kBlockK - 1) / kBlockK;
+  const int kb0 = blockIdx.y * a.split_blocks;
+  const int kb1 = min(blocks, kb0 + a.split_blocks);
+
+  float c[MB][4];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[mb][e] = 0.0f;
+
+  // Two blocks per iteration, both loaded before either is dequantized (bytes in flight).
+  for (int kb = kb0 + warp; kb < kb1; kb += 2 * kWarps) {
+    Block<MB> b0, b1;
+    const bool second = kb + kWarps < kb1;
+    load_block<T, MB>(a, n0, g, t, kb, b0);
+    if (second) load_block<T, MB>(a, n0, g, t, kb + kWarps, b1);
+    mma_block<T, MB>(b0, c);
+    if (second) mma_block<T, MB>(b1, c);
+  }
+
+  // Sum the warps' fragments in warp order. red[w][n][m]: c0/c1 -> (n = g, m = 2t / 2t+1), c2/c3 -> n = g + 8.
+  constexpr int kM = 8 * MB;
+  __shared__ float red[kWarps][kCols][kM];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+    red[warp][g][8 * mb + 2 * t] = c[mb][0];
+    red[warp][g][8 * mb + 2 * t + 1] = c[mb][1];
+    red[warp][g + 8][8 * mb + 2 * t] = c[mb][2];
+    red[warp][g + 8][8 * mb + 2 * t + 1] = c[mb][3];
+  }
+  __syncthreads();
+  const bool split = gridDim.y > 1;
+  for (int i = threadIdx.x; i < kCols * kM; i += kWarps * 32) {
+    const int nl = i / kM, m = i % kM;
+    const int n = n0 + nl;
+    if (m >= a.M || n >= a.N) continue;
+    float v = red[0][nl][m];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) v += red[w][nl][m];
+    if (split) {
+      static_cast<float*>(a.out)[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = v;
+    } else {
+      if (a.bias) v += a.bias[n];
+      static_cast<T*>(a.out)[int64_t(m) * a.ldo + n] = from_f32<T>(v);
+    }
+  }
+}
+
+}  // namespace int4_decode
+}  // namespace cuda
+}  // namespace llmkern

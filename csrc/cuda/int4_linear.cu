@@ -7,7 +7,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "llmkern/cuda/int4_decode_mma.cuh"
+#include "llmkern/cuda/decode_mma.cuh"
 #include "llmkern/cuda/int4_linear.cuh"
 #include "llmkern/cuda/wdq_gemm.cuh"
 #include "llmkern/cuda_check.cuh"
@@ -58,12 +58,12 @@ void launch_mma(const k4::GemvArgs& g, int num_sms, cudaStream_t st) {
 
 template <typename T>
 void launch_decode_mma(const k4::GemvArgs& g, int splits, int split_blocks, cudaStream_t st) {
-  namespace d = cuda::int4_decode;
+  namespace d = cuda::decode_mma;
   d::Args<T> a{static_cast<const T*>(g.x), g.ldx, g.M, g.N, g.K, g.qw, g.scales, g.offsets, g.ngroups, g.group,
                g.bias, g.out, g.ldo, split_blocks};
   dim3 grid((g.N + d::kCols - 1) / d::kCols, splits);
-  if (g.M <= 8) d::decode_mma_kernel<T, 1><<<grid, d::kWarps * 32, 0, st>>>(a);
-  else d::decode_mma_kernel<T, 2><<<grid, d::kWarps * 32, 0, st>>>(a);
+  if (g.M <= 8) d::decode_mma_kernel<T, 1, d::kInt4><<<grid, d::kWarps * 32, 0, st>>>(a);
+  else d::decode_mma_kernel<T, 2, d::kInt4><<<grid, d::kWarps * 32, 0, st>>>(a);
 }
 
 }  // namespace
@@ -81,7 +81,7 @@ static int int4_route(int M, int x_dtype, bool decode_mma) {
 
 // Splits of the decode tensor-core kernel: up to ~3 CTAs per SM, every warp at least two 64-k blocks.
 static int decode_mma_splits(int N, int K, int num_sms) {
-  namespace d = cuda::int4_decode;
+  namespace d = cuda::decode_mma;
   const int64_t ctas = (N + d::kCols - 1) / d::kCols;
   const int64_t want = 3 * int64_t(std::max(num_sms, 1));
   if (ctas >= want) return 1;
@@ -131,7 +131,7 @@ const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
   const XType dt = static_cast<XType>(x_dtype);
   const int route = int4_route(M, x_dtype, decode_mma);
   if (route == 1) {
-    const int blocks = (K + cuda::int4_decode::kBlockK - 1) / cuda::int4_decode::kBlockK;
+    const int blocks = (K + cuda::decode_mma::kBlockK - 1) / cuda::decode_mma::kBlockK;
     const int per_b = (blocks + splits - 1) / splits;
     require((blocks + per_b - 1) / per_b == splits, "splits leaves an empty split; use int4_linear_splits");
     k4::GemvArgs g{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias,

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "llmkern/cuda/decode_mma.cuh"
 #include "llmkern/cuda/int8_linear.cuh"
 #include "llmkern/cuda/wdq_gemm.cuh"
 #include "llmkern/cuda_check.cuh"
@@ -92,6 +93,22 @@ void launch_w8a16_mma(const void* x, int64_t ldx, int M, int K, const int8_t* w,
   else launch_wdq<T, cuda::wdq::kInt8Group>(a, num_sms, st);
 }
 
+template <typename T>
+void launch_w8a16_decode_mma(const void* x, int64_t ldx, int M, int K, const int8_t* w, int N, const float* scale,
+                             int ngroups, int group, const float* bias, void* out, int64_t ldo, cudaStream_t st) {
+  namespace d = cuda::decode_mma;
+  const int blocks = (K + d::kBlockK - 1) / d::kBlockK;
+  d::Args<T> a{static_cast<const T*>(x), ldx, M, N, K, w, scale, nullptr, ngroups, group, bias, out, ldo, blocks};
+  dim3 grid((N + d::kCols - 1) / d::kCols, 1);
+  if (ngroups == 1) {
+    if (M <= 8) d::decode_mma_kernel<T, 1, d::kInt8Channel><<<grid, d::kWarps * 32, 0, st>>>(a);
+    else d::decode_mma_kernel<T, 2, d::kInt8Channel><<<grid, d::kWarps * 32, 0, st>>>(a);
+  } else {
+    if (M <= 8) d::decode_mma_kernel<T, 1, d::kInt8Group><<<grid, d::kWarps * 32, 0, st>>>(a);
+    else d::decode_mma_kernel<T, 2, d::kInt8Group><<<grid, d::kWarps * 32, 0, st>>>(a);
+  }
+}
+
 }  // namespace
 
 // Largest M that runs as a GEMV (W8A8: dp4a; W8A16 with 16-bit x) instead of on tensor cores.
@@ -102,7 +119,7 @@ constexpr int kInt8GemvMaxM = 16;
 // 16-bit M to dequantize + cuBLAS instead). Returns a short name of the path taken (for tests/logs).
 const char* int8_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const int8_t* w, int N,
                              const float* scale, int group, const float* bias, void* out, int64_t ldo, bool w8a8,
-                             int8_t* xq, float* xs, int num_sms, cudaStream_t st) {
+                             int8_t* xq, float* xs, int num_sms, bool decode_mma, cudaStream_t st) {
   require(x_dtype >= 0 && x_dtype <= 2, "x_dtype must be 0, 1 or 2");
   require(M >= 0 && N >= 0 && K > 0, "need M >= 0, N >= 0, K > 0");
   require(K % 16 == 0, "K must be a multiple of 16, got " + std::to_string(K));
@@ -121,6 +138,12 @@ const char* int8_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
     else launch_w8a16_mma<__half>(x, ldx, M, K, w, N, scale, ngroups, group, bias, out, ldo, num_sms, st);
     LLMKERN_CUDA_CHECK_LAUNCH();
     return "w8a16_mma";
+  }
+  if (!w8a8 && dt != XType::kF32 && decode_mma && M >= 2) {  // 2 <= M <= 16
+    if (dt == XType::kBF16) launch_w8a16_decode_mma<__nv_bfloat16>(x, ldx, M, K, w, N, scale, ngroups, group, bias, out, ldo, st);
+    else launch_w8a16_decode_mma<__half>(x, ldx, M, K, w, N, scale, ngroups, group, bias, out, ldo, st);
+    LLMKERN_CUDA_CHECK_LAUNCH();
+    return "w8a16_decode_mma";
   }
   if (!w8a8) {
     k8::GemvArgs a{x, ldx, nullptr, M, K, N, w, scale, ngroups, group, bias, out, ldo, dt};

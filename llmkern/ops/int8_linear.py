@@ -107,6 +107,9 @@ _CUDA_GEMV_MAX_M = 16
 # True: those inputs dequantize the weight with a CUDA kernel and multiply with cuBLAS (F.linear) instead of
 # the fused dequantizing mma kernel (a fallback switch kept for the first GPU runs; tests cover both).
 CUDA_PREFILL_CUBLAS = False
+# True: W8A16 with 16-bit x and 2 <= M <= 16 runs the decode-sized tensor-core kernel (csrc/include/
+# llmkern/cuda/decode_mma.cuh) instead of the SIMT GEMV (M = 1 and fp32 x always take the GEMV).
+CUDA_DECODE_MMA = True
 
 
 @int8_linear_op.backend("cuda")
@@ -114,7 +117,9 @@ def _cuda(x, weight, weight_scale, bias, mode):
     """CUDA kernels (csrc/cuda/int8_linear.cu) on raw pointers; torch allocates output and workspaces.
 
     W8A8: per-row quantization kernel into xq int8 [M, K] / xs fp32 [M], then a dp4a GEMV (M <= 16) or
-    the mma.sync int8 tensor-core GEMM. W8A16: fp32-math GEMV (any M for fp32 x, M <= 16 for 16-bit x);
+    the mma.sync int8 tensor-core GEMM. W8A16: fp32-math GEMV (any M for fp32 x, M = 1 for 16-bit x);
+    16-bit x with 2 <= M <= 16: weights dequantized in registers into mma.sync fragments (swap AB;
+    CUDA_DECODE_MMA = False selects the GEMV);
     16-bit x with M > 16: a bf16/fp16 mma.sync GEMM that dequantizes weight tiles into shared memory
     (or, with CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS). Weights are read in the
     canonical layout (no prepacking yet).
@@ -155,7 +160,8 @@ def _cuda(x, weight, weight_scale, bias, mode):
         mod.int8_linear(
             x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, weight.data_ptr(), N,
             weight_scale.data_ptr(), group, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(), N, mode,
-            0 if xq is None else xq.data_ptr(), 0 if xs is None else xs.data_ptr(), _num_sms(x.device), stream,
+            0 if xq is None else xq.data_ptr(), 0 if xs is None else xs.data_ptr(), _num_sms(x.device),
+            CUDA_DECODE_MMA, stream,
         )
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 

@@ -184,6 +184,25 @@ def test_w8a16_prefill_routes(monkeypatch, dtype, G, cublas):
         assert rel_err(out, ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("decode_mma", [True, False], ids=["decode_mma", "gemv"])
+@pytest.mark.parametrize("G", [0, 16, 32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_w8a16_decode_routes(monkeypatch, dtype, G, decode_mma):
+    """16-bit x, M 2..16: the swap-AB tensor-core kernel (one or two 8-row mma column blocks, K % 64 tails of
+    16/32/48, N not a multiple of 16) and the SIMT GEMV."""
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.int8_linear"), "CUDA_DECODE_MMA", decode_mma)
+    for M, N, K in ((2, 33, 128), (3, 1, 80), (7, 100, 96), (8, 257, 4096), (9, 33, 112), (16, 4096, 4096),
+                    (13, 14336, 4096), (5, 6144, 4096 + 48)):
+        if G and K % G:
+            continue
+        g = gen(M * 1000 + N + K + G)
+        x = torch.randn(M, K, generator=g, device=DEV).to(dtype)
+        q, scale = make_weights(N, K, G, g)
+        bias = torch.randn(N, generator=g, device=DEV).to(dtype) if M % 2 else None
+        out = run_cuda(x, q, scale, bias, "w8a16")
+        check(out, x, q, scale, bias, "w8a16", f"decode M={M} N={N} K={K} G={G}")
+
+
 def test_nan_row_propagates():
     g = gen(3)
     x = torch.randn(20, 64, generator=g, device=DEV).to(torch.bfloat16)

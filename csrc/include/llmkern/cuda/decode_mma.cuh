@@ -1,16 +1,18 @@
-// W4A16 decode-sized M (2..16 rows, bf16/fp16 x) on tensor cores, reading the canonical int4 layout
-// (torch-free). "Swap AB": the weights are the 16-row operand of mma.sync m16n8k16 (16 output columns n
+// W4A16 / W8A16 at decode-sized M (2..16 rows, bf16/fp16 x) on tensor cores, reading the canonical
+// int4 / int8 layouts (torch-free). "Swap AB": the weights are the 16-row operand of mma.sync m16n8k16 (16 output columns n
 // per warp) and x^T is the 8-column operand (8 rows m per mma; two mmas for M 9..16), so no M padding
 // to 16 is wasted and the weights are read once whatever M is.
 //
 // K order inside an mma is free (the dot product does not depend on it) as long as both operands agree.
-// Lane (g = lane / 4, t = lane % 4) loads 8 bytes = 16 consecutive k of weight rows g and g + 8 at
-// k0 + 16 t of a 64-k block, and 16 consecutive x values of row m = g at the same k. mma step s (0..3) of
-// the block uses, for "logical" k pair 2t, 2t+1 (A reg0/reg1, B reg0), the actual k = k0 + 16 t + 4 s + {0, 1},
-// i.e. byte 2 s of the lane's weight bytes (low nibble = even k, as the canonical layout packs it) and
-// x word 2 s; for logical 2t+8, 2t+9 (A reg2/reg3, B reg1), actual k0 + 16 t + 4 s + {2, 3}: byte 2 s + 1
-// and x word 2 s + 1. Weights are dequantized canonically in fp32 (q * scale, then + offset: G >= 32, so a
-// lane's 16 k share one group) and rounded once to x's dtype, as the Triton kernel does.
+// Lane (g = lane / 4, t = lane % 4) loads 16 consecutive k of weight rows g and g + 8 at k0 + 16 t of a
+// 64-k block (int4: 8 bytes, int8: 16 bytes), and 16 consecutive x values of row m = g at the same k.
+// mma step s (0..3) of the block uses, for "logical" k pair 2t, 2t+1 (A reg0/reg1, B reg0), the actual
+// k = k0 + 16 t + 4 s + {0, 1}: weight pair 2 s of the lane (int4: byte 2 s, low nibble = even k as the
+// canonical layout packs it) and x word 2 s; for logical 2t+8, 2t+9 (A reg2/reg3, B reg1), actual
+// k0 + 16 t + 4 s + {2, 3}: pair 2 s + 1 and x word 2 s + 1 (a numpy model of the PTX fragment layouts
+// checks this mapping). Dequantization (a lane's 16 k share one group: int4 G >= 32, int8 G % 16 == 0):
+// int4 canonical fp32 q * scale + offset, int8 grouped fp32 q * scale, each rounded once to x's dtype;
+// int8 per channel keeps q exact and scales in the epilogue.
 //
 // CTA: kWarps warps on the same 16 columns, interleaving 64-k blocks; their fp32 fragments are summed in
 // shared memory in warp order. Split-K over gridDim.y (fp32 partials ws[split, M, N], summed in order by
@@ -29,7 +31,9 @@
 
 namespace llmkern {
 namespace cuda {
-namespace int4_decode {
+namespace decode_mma {
+
+enum Fmt : int { kInt8Channel = 0, kInt8Group = 1, kInt4 = 2 };
 
 constexpr int kWarps = 8;
 constexpr int kBlockK = 64;  // k per warp step: 4 lanes x 16 k per weight row
@@ -40,9 +44,9 @@ struct Args {
   const T* x;  // [M, K], row stride ldx, 16-byte aligned rows
   int64_t ldx;
   int M, N, K;
-  const uint8_t* qw;     // [N, K / 2]
-  const float* scales;   // [N, ngroups]
-  const float* offsets;  // [N, ngroups]
+  const void* w;         // int4: uint8 [N, K / 2]; int8: int8 [N, K]
+  const float* scales;   // [N, ngroups] ([N] per channel)
+  const float* offsets;  // [N, ngroups] (int4)
   int ngroups, group;
   const float* bias;     // [N] fp32 or null (unsplit only)
   void* out;             // unsplit: T [M, N] row stride ldo; split: fp32 ws [splits, M, N]
@@ -84,33 +88,56 @@ __device__ __forceinline__ void dq_row(uint2 w, float s, float o, uint32_t (&p)[
   p[7] = dq_pair<T, 3>(lo1, hi1, s, o);
 }
 
+// The 8 packed pairs of a lane's 16 int8 weights (pair j = bytes 2j, 2j+1), times s unless per channel.
+template <typename T, int kFmt>
+__device__ __forceinline__ void dq_row8(uint4 w, float s, uint32_t (&p)[8]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float f[4];
+    s8x4_to_f32(words[i], f[0], f[1], f[2], f[3]);
+    if constexpr (kFmt == kInt8Group) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f[e] = __fmul_rn(f[e], s);
+    }
+    p[2 * i] = pack2<T>(f[0], f[1]);
+    p[2 * i + 1] = pack2<T>(f[2], f[3]);
+  }
+}
+
 // One lane's operands of one 64-k block.
 template <int MB>
 struct Block {
-  uint2 wa, wb;        // weight bytes of rows g and g + 8
+  uint4 wa, wb;        // weight bytes of rows g and g + 8 (int4: .x, .y only)
   float sa, oa, sb, ob;
   uint4 x[MB][2];      // x[m = g + 8 mb][k .. k + 15]
 };
 
-template <typename T, int MB>
+// Weight bytes, scale and offset of row n at k (zeros outside [0, N) x [0, K)).
+template <int kFmt>
+__device__ __forceinline__ void load_row(const void* w, const float* scales, const float* offsets, int n, int N,
+                                         int k, int K, int ngroups, int group, uint4& wv, float& s, float& o) {
+  wv = make_uint4(0, 0, 0, 0);
+  s = o = 0.0f;
+  if (n >= N || k >= K) return;
+  if constexpr (kFmt == kInt4) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(w) + int64_t(n) * (K / 2) + k / 2));
+    wv.x = v.x;
+    wv.y = v.y;
+    s = __ldg(scales + int64_t(n) * ngroups + k / group);
+    o = __ldg(offsets + int64_t(n) * ngroups + k / group);
+  } else {
+    wv = __ldg(reinterpret_cast<const uint4*>(static_cast<const int8_t*>(w) + int64_t(n) * K + k));
+    if constexpr (kFmt == kInt8Group) s = __ldg(scales + int64_t(n) * ngroups + k / group);
+  }
+}
+
+template <typename T, int MB, int kFmt>
 __device__ __forceinline__ void load_block(const Args<T>& a, int n0, int g, int t, int kb, Block<MB>& b) {
   const int k = kb * kBlockK + 16 * t;
   const bool kok = k < a.K;
-  const int na = n0 + g, nb = n0 + g + 8;
-  const uint2 z2 = make_uint2(0, 0);
-  b.wa = z2;
-  b.wb = z2;
-  b.sa = b.oa = b.sb = b.ob = 0.0f;
-  if (kok && na < a.N) {
-    b.wa = __ldg(reinterpret_cast<const uint2*>(a.qw + int64_t(na) * (a.K / 2) + k / 2));
-    b.sa = __ldg(a.scales + int64_t(na) * a.ngroups + k / a.group);
-    b.oa = __ldg(a.offsets + int64_t(na) * a.ngroups + k / a.group);
-  }
-  if (kok && nb < a.N) {
-    b.wb = __ldg(reinterpret_cast<const uint2*>(a.qw + int64_t(nb) * (a.K / 2) + k / 2));
-    b.sb = __ldg(a.scales + int64_t(nb) * a.ngroups + k / a.group);
-    b.ob = __ldg(a.offsets + int64_t(nb) * a.ngroups + k / a.group);
-  }
+  load_row<kFmt>(a.w, a.scales, a.offsets, n0 + g, a.N, k, a.K, a.ngroups, a.group, b.wa, b.sa, b.oa);
+  load_row<kFmt>(a.w, a.scales, a.offsets, n0 + g + 8, a.N, k, a.K, a.ngroups, a.group, b.wb, b.sb, b.ob);
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) {
     const int m = g + 8 * mb;
@@ -123,11 +150,16 @@ __device__ __forceinline__ void load_block(const Args<T>& a, int n0, int g, int 
   }
 }
 
-template <typename T, int MB>
+template <typename T, int MB, int kFmt>
 __device__ __forceinline__ void mma_block(const Block<MB>& b, float (&c)[MB][4]) {
   uint32_t pa[8], pb[8];
-  dq_row<T>(b.wa, b.sa, b.oa, pa);
-  dq_row<T>(b.wb, b.sb, b.ob, pb);
+  if constexpr (kFmt == kInt4) {
+    dq_row<T>(make_uint2(b.wa.x, b.wa.y), b.sa, b.oa, pa);
+    dq_row<T>(make_uint2(b.wb.x, b.wb.y), b.sb, b.ob, pb);
+  } else {
+    dq_row8<T, kFmt>(b.wa, b.sa, pa);
+    dq_row8<T, kFmt>(b.wb, b.sb, pb);
+  }
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
     const uint32_t afr[4] = {pa[2 * s], pb[2 * s], pa[2 * s + 1], pb[2 * s + 1]};
@@ -142,7 +174,7 @@ __device__ __forceinline__ void mma_block(const Block<MB>& b, float (&c)[MB][4])
 }
 
 // Grid (ceil(N / kCols), splits), kWarps * 32 threads. MB = 1 for M <= 8, 2 for M <= 16.
-template <typename T, int MB>
+template <typename T, int MB, int kFmt>
 __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(Args<T> a) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
@@ -161,10 +193,10 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(Args<T> a) {
   for (int kb = kb0 + warp; kb < kb1; kb += 2 * kWarps) {
     Block<MB> b0, b1;
     const bool second = kb + kWarps < kb1;
-    load_block<T, MB>(a, n0, g, t, kb, b0);
-    if (second) load_block<T, MB>(a, n0, g, t, kb + kWarps, b1);
-    mma_block<T, MB>(b0, c);
-    if (second) mma_block<T, MB>(b1, c);
+    load_block<T, MB, kFmt>(a, n0, g, t, kb, b0);
+    if (second) load_block<T, MB, kFmt>(a, n0, g, t, kb + kWarps, b1);
+    mma_block<T, MB, kFmt>(b0, c);
+    if (second) mma_block<T, MB, kFmt>(b1, c);
   }
 
   // Sum the warps' fragments in warp order. red[w][n][m]: c0/c1 -> (n = g, m = 2t / 2t+1), c2/c3 -> n = g + 8.
@@ -186,6 +218,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(Args<T> a) {
     float v = red[0][nl][m];
 #pragma unroll
     for (int w = 1; w < kWarps; ++w) v += red[w][nl][m];
+    if constexpr (kFmt == kInt8Channel) v *= __ldg(a.scales + n);  // linear: per split partials too
     if (split) {
       static_cast<float*>(a.out)[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = v;
     } else {
@@ -195,6 +228,6 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(Args<T> a) {
   }
 }
 
-}  // namespace int4_decode
+}  // namespace decode_mma
 }  // namespace cuda
 }  // namespace llmkern

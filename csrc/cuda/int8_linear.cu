@@ -119,7 +119,7 @@ constexpr int kInt8GemvMaxM = 16;
 // 16-bit M to dequantize + cuBLAS instead). Returns a short name of the path taken (for tests/logs).
 const char* int8_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const int8_t* w, int N,
                              const float* scale, int group, const float* bias, void* out, int64_t ldo, bool w8a8,
-                             int8_t* xq, float* xs, int num_sms, bool decode_mma, cudaStream_t st) {
+                             int8_t* xq, float* xs, int num_sms, bool decode_mma, bool w8a8_mma, cudaStream_t st) {
   require(x_dtype >= 0 && x_dtype <= 2, "x_dtype must be 0, 1 or 2");
   require(M >= 0 && N >= 0 && K > 0, "need M >= 0, N >= 0, K > 0");
   require(K % 16 == 0, "K must be a multiple of 16, got " + std::to_string(K));
@@ -164,7 +164,7 @@ const char* int8_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
   }
   LLMKERN_CUDA_CHECK_LAUNCH();
   const bool per_channel = ngroups == 1;
-  if (M <= kInt8GemvMaxM || (!per_channel && group % 32 != 0)) {
+  if (M <= kInt8GemvMaxM || (!per_channel && group % 32 != 0) || !w8a8_mma) {
     k8::GemvArgs a{xq, K, xs, M, K, N, w, scale, ngroups, group, bias, out, ldo, dt};
     if (per_channel) launch_w8a8_gemv<true>(a, st);
     else launch_w8a8_gemv<false>(a, st);

@@ -110,6 +110,8 @@ CUDA_PREFILL_CUBLAS = False
 # True: W8A16 with 16-bit x and 2 <= M <= 16 runs the decode-sized tensor-core kernel (csrc/include/
 # llmkern/cuda/decode_mma.cuh) instead of the SIMT GEMV (M = 1 and fp32 x always take the GEMV).
 CUDA_DECODE_MMA = True
+# True: W8A8 with M > 16 runs the int8 tensor-core GEMM; False: the dp4a GEMV in blocks of 8 rows (slow).
+CUDA_W8A8_MMA = True
 
 
 @int8_linear_op.backend("cuda")
@@ -161,7 +163,7 @@ def _cuda(x, weight, weight_scale, bias, mode):
             x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, weight.data_ptr(), N,
             weight_scale.data_ptr(), group, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(), N, mode,
             0 if xq is None else xq.data_ptr(), 0 if xs is None else xs.data_ptr(), _num_sms(x.device),
-            CUDA_DECODE_MMA, stream,
+            CUDA_DECODE_MMA, CUDA_W8A8_MMA, stream,
         )
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 

@@ -93,8 +93,11 @@ def test_llama_shapes_grouped(mode, NK, M):
     check(out, x, q, scale, None, mode, f"{mode} G=32 M={M} N={N} K={K}")
 
 
-def test_w8a8_large_m_grouped_128():
-    """Tensor-core path with per-group flushes (G = 128) at a size that takes the 128x128 tiles."""
+@pytest.mark.parametrize("w8a8_mma", [True, False], ids=["mma", "gemv"])
+def test_w8a8_large_m_grouped_128(monkeypatch, w8a8_mma):
+    """Tensor-core path with per-group flushes (G = 128) at a size that takes the 128x128 tiles (and the
+    CUDA_W8A8_MMA = False fallback switch: the dp4a GEMV in row blocks)."""
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.int8_linear"), "CUDA_W8A8_MMA", w8a8_mma)
     g = gen(5)
     M, N, K = 512, 4096, 1024
     x = torch.randn(M, K, generator=g, device=DEV).to(torch.float16)

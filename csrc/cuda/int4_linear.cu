@@ -79,13 +79,14 @@ static int int4_route(int M, int x_dtype, bool decode_mma) {
   return decode_mma && M >= 2 ? 1 : 0;
 }
 
-// Splits of the decode tensor-core kernel: up to ~3 CTAs per SM, every warp at least two 64-k blocks.
+// Splits of the decode tensor-core kernel: up to ~3 CTAs per SM, every warp at least two 128-k blocks.
 static int decode_mma_splits(int N, int K, int num_sms) {
   namespace d = cuda::decode_mma;
   const int64_t ctas = (N + d::kCols - 1) / d::kCols;
   const int64_t want = 3 * int64_t(std::max(num_sms, 1));
   if (ctas >= want) return 1;
-  const int blocks = (K + d::kBlockK - 1) / d::kBlockK;
+  constexpr int kBK = d::block_k(d::kInt4);
+  const int blocks = (K + kBK - 1) / kBK;
   int splits = int(std::min<int64_t>(kMaxSplits, (want + ctas - 1) / ctas));
   splits = std::max(1, std::min(splits, blocks / (2 * d::kWarps)));
   const int per = (blocks + splits - 1) / splits;
@@ -131,7 +132,8 @@ const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
   const XType dt = static_cast<XType>(x_dtype);
   const int route = int4_route(M, x_dtype, decode_mma);
   if (route == 1) {
-    const int blocks = (K + cuda::decode_mma::kBlockK - 1) / cuda::decode_mma::kBlockK;
+    constexpr int kBK = cuda::decode_mma::block_k(cuda::decode_mma::kInt4);
+    const int blocks = (K + kBK - 1) / kBK;
     const int per_b = (blocks + splits - 1) / splits;
     require((blocks + per_b - 1) / per_b == splits, "splits leaves an empty split; use int4_linear_splits");
     k4::GemvArgs g{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias,

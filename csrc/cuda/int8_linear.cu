@@ -97,7 +97,8 @@ template <typename T>
 void launch_w8a16_decode_mma(const void* x, int64_t ldx, int M, int K, const int8_t* w, int N, const float* scale,
                              int ngroups, int group, const float* bias, void* out, int64_t ldo, cudaStream_t st) {
   namespace d = cuda::decode_mma;
-  const int blocks = (K + d::kBlockK - 1) / d::kBlockK;
+  constexpr int kBK = d::block_k(d::kInt8Channel);  // same for both int8 formats
+  const int blocks = (K + kBK - 1) / kBK;
   d::Args<T> a{static_cast<const T*>(x), ldx, M, N, K, w, scale, nullptr, ngroups, group, bias, out, ldo, blocks};
   dim3 grid((N + d::kCols - 1) / d::kCols, 1);
   if (ngroups == 1) {

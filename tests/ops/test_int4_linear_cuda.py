@@ -127,9 +127,9 @@ def test_split_k_is_used_and_deterministic():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_decode_routes(monkeypatch, dtype, G, decode_mma):
     """16-bit x, M 2..16: the swap-AB tensor-core kernel (M <= 8 one 8-row mma column block, 9..16 two;
-    K % 64 == 32 tails, N not a multiple of 16, with and without split-K) and the SIMT GEMV."""
+    K % 128 tails of 32/64/96, N not a multiple of 16, with and without split-K) and the SIMT GEMV."""
     monkeypatch.setattr(importlib.import_module("llmkern.ops.int4_linear"), "CUDA_DECODE_MMA", decode_mma)
-    for M, N, K in ((2, 33, 128), (3, 1, 96), (7, 33, 160), (8, 257, 4096), (9, 100, 1056), (16, 4096, 4096),
+    for M, N, K in ((2, 33, 128), (3, 1, 96), (4, 17, 192), (7, 33, 160), (8, 257, 4096), (9, 100, 1056), (16, 4096, 4096),
                     (13, 14336, 4096), (5, 6144, 4096 + 32 * 3)):
         if K % G:
             continue

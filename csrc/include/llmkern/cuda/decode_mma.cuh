@@ -4,13 +4,13 @@
 // to 16 is wasted and the weights are read once whatever M is.
 //
 // K order inside an mma is free (the dot product does not depend on it) as long as both operands agree.
-// Lane (g = lane / 4, t = lane % 4) loads 16 consecutive k of weight rows g and g + 8 at k0 + 16 t of a
-// 64-k block (int4: 8 bytes, int8: 16 bytes), and 16 consecutive x values of row m = g at the same k.
-// mma step s (0..3) of the block uses, for "logical" k pair 2t, 2t+1 (A reg0/reg1, B reg0), the actual
-// k = k0 + 16 t + 4 s + {0, 1}: weight pair 2 s of the lane (int4: byte 2 s, low nibble = even k as the
-// canonical layout packs it) and x word 2 s; for logical 2t+8, 2t+9 (A reg2/reg3, B reg1), actual
-// k0 + 16 t + 4 s + {2, 3}: pair 2 s + 1 and x word 2 s + 1 (a numpy model of the PTX fragment layouts
-// checks this mapping). Dequantization (a lane's 16 k share one group: int4 G >= 32, int8 G % 16 == 0):
+// Lane (g = lane / 4, t = lane % 4) loads 16 bytes = L consecutive k (int8: L = 16, int4: L = 32) of
+// weight rows g and g + 8 at k0 + L t of a 4L-k block, and the L x values of row m = g at the same k.
+// mma step s (0 .. L/4 - 1) of the block uses, for "logical" k pair 2t, 2t+1 (A reg0/reg1, B reg0), the
+// actual k = k0 + L t + 4 s + {0, 1}: weight pair 2 s of the lane (int4: byte 2 s, low nibble = even k as
+// the canonical layout packs it) and x word 2 s; for logical 2t+8, 2t+9 (A reg2/reg3, B reg1), actual
+// k0 + L t + 4 s + {2, 3}: pair 2 s + 1 and x word 2 s + 1 (a numpy model of the PTX fragment layouts
+// checks this mapping). Dequantization (a lane's L k share one group: int4 G >= 32, int8 G % 16 == 0):
 // int4 canonical fp32 q * scale + offset, int8 grouped fp32 q * scale, each rounded once to x's dtype;
 // int8 per channel keeps q exact and scales in the epilogue.
 //
@@ -36,7 +36,10 @@ namespace decode_mma {
 enum Fmt : int { kInt8Channel = 0, kInt8Group = 1, kInt4 = 2 };
 
 constexpr int kWarps = 8;
-constexpr int kBlockK = 64;  // k per warp step: 4 lanes x 16 k per weight row
+// k per lane and weight row in one block: 16 bytes either way (int8: 16 k, int4: 32 k); a block is the
+// 4 lanes' k of a row (int8: 64 k, int4: 128 k) = kLaneK / 4 mma steps.
+constexpr int lane_k(int fmt) { return fmt == kInt4 ? 32 : 16; }
+constexpr int block_k(int fmt) { return 4 * lane_k(fmt); }
 constexpr int kCols = 16;    // output columns (weight rows) per CTA
 
 template <typename T>
@@ -73,19 +76,18 @@ __device__ __forceinline__ uint32_t dq_pair(uint32_t lo, uint32_t hi, float s, f
   return pack2<T>(a, b);
 }
 
-// The 8 packed pairs of a lane's 8 weight bytes (pair j = byte j).
+// The 16 packed pairs of a lane's 16 int4 weight bytes (pair j = byte j).
 template <typename T>
-__device__ __forceinline__ void dq_row(uint2 w, float s, float o, uint32_t (&p)[8]) {
-  const uint32_t lo0 = w.x & 0x0F0F0F0Fu, hi0 = (w.x >> 4) & 0x0F0F0F0Fu;
-  const uint32_t lo1 = w.y & 0x0F0F0F0Fu, hi1 = (w.y >> 4) & 0x0F0F0F0Fu;
-  p[0] = dq_pair<T, 0>(lo0, hi0, s, o);
-  p[1] = dq_pair<T, 1>(lo0, hi0, s, o);
-  p[2] = dq_pair<T, 2>(lo0, hi0, s, o);
-  p[3] = dq_pair<T, 3>(lo0, hi0, s, o);
-  p[4] = dq_pair<T, 0>(lo1, hi1, s, o);
-  p[5] = dq_pair<T, 1>(lo1, hi1, s, o);
-  p[6] = dq_pair<T, 2>(lo1, hi1, s, o);
-  p[7] = dq_pair<T, 3>(lo1, hi1, s, o);
+__device__ __forceinline__ void dq_row4(uint4 w, float s, float o, uint32_t (&p)[16]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t lo = words[i] & 0x0F0F0F0Fu, hi = (words[i] >> 4) & 0x0F0F0F0Fu;
+    p[4 * i + 0] = dq_pair<T, 0>(lo, hi, s, o);
+    p[4 * i + 1] = dq_pair<T, 1>(lo, hi, s, o);
+    p[4 * i + 2] = dq_pair<T, 2>(lo, hi, s, o);
+    p[4 * i + 3] = dq_pair<T, 3>(lo, hi, s, o);
+  }
 }
 
 // The 8 packed pairs of a lane's 16 int8 weights (pair j = bytes 2j, 2j+1), times s unless per channel.
@@ -105,12 +107,12 @@ __device__ __forceinline__ void dq_row8(uint4 w, float s, uint32_t (&p)[8]) {
   }
 }
 
-// One lane's operands of one 64-k block.
-template <int MB>
+// One lane's operands of one block.
+template <int MB, int kFmt>
 struct Block {
-  uint4 wa, wb;        // weight bytes of rows g and g + 8 (int4: .x, .y only)
+  uint4 wa, wb;  // 16 weight bytes of rows g and g + 8
   float sa, oa, sb, ob;
-  uint4 x[MB][2];      // x[m = g + 8 mb][k .. k + 15]
+  uint4 x[MB][lane_k(kFmt) / 8];  // x[m = g + 8 mb][k .. k + lane_k)
 };
 
 // Weight bytes, scale and offset of row n at k (zeros outside [0, N) x [0, K)).
@@ -121,9 +123,7 @@ __device__ __forceinline__ void load_row(const void* w, const float* scales, con
   s = o = 0.0f;
   if (n >= N || k >= K) return;
   if constexpr (kFmt == kInt4) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(w) + int64_t(n) * (K / 2) + k / 2));
-    wv.x = v.x;
-    wv.y = v.y;
+    wv = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(w) + int64_t(n) * (K / 2) + k / 2));
     s = __ldg(scales + int64_t(n) * ngroups + k / group);
     o = __ldg(offsets + int64_t(n) * ngroups + k / group);
   } else {
@@ -133,42 +133,47 @@ __device__ __forceinline__ void load_row(const void* w, const float* scales, con
 }
 
 template <typename T, int MB, int kFmt>
-__device__ __forceinline__ void load_block(const Args<T>& a, int n0, int g, int t, int kb, Block<MB>& b) {
-  const int k = kb * kBlockK + 16 * t;
+__device__ __forceinline__ void load_block(const Args<T>& a, int n0, int g, int t, int kb, Block<MB, kFmt>& b) {
+  constexpr int kX = lane_k(kFmt) / 8;
+  const int k = kb * block_k(kFmt) + lane_k(kFmt) * t;
   const bool kok = k < a.K;
   load_row<kFmt>(a.w, a.scales, a.offsets, n0 + g, a.N, k, a.K, a.ngroups, a.group, b.wa, b.sa, b.oa);
   load_row<kFmt>(a.w, a.scales, a.offsets, n0 + g + 8, a.N, k, a.K, a.ngroups, a.group, b.wb, b.sb, b.ob);
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) {
     const int m = g + 8 * mb;
-    b.x[mb][0] = b.x[mb][1] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int j = 0; j < kX; ++j) b.x[mb][j] = make_uint4(0, 0, 0, 0);
     if (kok && m < a.M) {
       const uint4* p = reinterpret_cast<const uint4*>(a.x + int64_t(m) * a.ldx + k);
-      b.x[mb][0] = __ldg(p);
-      b.x[mb][1] = __ldg(p + 1);
+#pragma unroll
+      for (int j = 0; j < kX; ++j) b.x[mb][j] = __ldg(p + j);
     }
   }
 }
 
 template <typename T, int MB, int kFmt>
-__device__ __forceinline__ void mma_block(const Block<MB>& b, float (&c)[MB][4]) {
-  uint32_t pa[8], pb[8];
+__device__ __forceinline__ void mma_block(const Block<MB, kFmt>& b, float (&c)[MB][4]) {
+  constexpr int kPairs = lane_k(kFmt) / 2;  // packed weight pairs per row = x words per row
+  uint32_t pa[kPairs], pb[kPairs];
   if constexpr (kFmt == kInt4) {
-    dq_row<T>(make_uint2(b.wa.x, b.wa.y), b.sa, b.oa, pa);
-    dq_row<T>(make_uint2(b.wb.x, b.wb.y), b.sb, b.ob, pb);
+    dq_row4<T>(b.wa, b.sa, b.oa, pa);
+    dq_row4<T>(b.wb, b.sb, b.ob, pb);
   } else {
     dq_row8<T, kFmt>(b.wa, b.sa, pa);
     dq_row8<T, kFmt>(b.wb, b.sb, pb);
   }
 #pragma unroll
-  for (int s = 0; s < 4; ++s) {
+  for (int s = 0; s < kPairs / 2; ++s) {  // mma steps of the block
     const uint32_t afr[4] = {pa[2 * s], pb[2 * s], pa[2 * s + 1], pb[2 * s + 1]};
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
-      const uint32_t xw[8] = {b.x[mb][0].x, b.x[mb][0].y, b.x[mb][0].z, b.x[mb][0].w,
-                              b.x[mb][1].x, b.x[mb][1].y, b.x[mb][1].z, b.x[mb][1].w};
-      if constexpr (std::is_same<T, __nv_bfloat16>::value) mma_bf16(c[mb], afr, xw[2 * s], xw[2 * s + 1]);
-      else mma_f16(c[mb], afr, xw[2 * s], xw[2 * s + 1]);
+      // x words 2s, 2s+1 of the lane's row: uint4 (2s) / 4, components (2s) % 4 and (2s) % 4 + 1.
+      const uint4& xv = b.x[mb][s / 2];
+      const uint32_t x0 = (s % 2 == 0) ? xv.x : xv.z;
+      const uint32_t x1 = (s % 2 == 0) ? xv.y : xv.w;
+      if constexpr (std::is_same<T, __nv_bfloat16>::value) mma_bf16(c[mb], afr, x0, x1);
+      else mma_f16(c[mb], afr, x0, x1);
     }
   }
 }
@@ -179,7 +184,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(Args<T> a) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * kCols;
-  const int blocks = (a.K + kBlockK - 1) / kBlockK;
+  const int blocks = (a.K + block_k(kFmt) - 1) / block_k(kFmt);
   const int kb0 = blockIdx.y * a.split_blocks;
   const int kb1 = min(blocks, kb0 + a.split_blocks);
 
@@ -191,7 +196,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(Args<T> a) {
 
   // Two blocks per iteration, both loaded before either is dequantized (bytes in flight).
   for (int kb = kb0 + warp; kb < kb1; kb += 2 * kWarps) {
-    Block<MB> b0, b1;
+    Block<MB, kFmt> b0, b1;
     const bool second = kb + kWarps < kb1;
     load_block<T, MB, kFmt>(a, n0, g, t, kb, b0);
     if (second) load_block<T, MB, kFmt>(a, n0, g, t, kb + kWarps, b1);

@@ -119,12 +119,11 @@ def _cuda(x, weight, weight_scale, bias, mode):
     """CUDA kernels (csrc/cuda/int8_linear.cu) on raw pointers; torch allocates output and workspaces.
 
     W8A8: per-row quantization kernel into xq int8 [M, K] / xs fp32 [M], then a dp4a GEMV (M <= 16) or
-    the mma.sync int8 tensor-core GEMM. W8A16: fp32-math GEMV (any M for fp32 x, M = 1 for 16-bit x);
-    16-bit x with 2 <= M <= 16: weights dequantized in registers into mma.sync fragments (swap AB;
-    CUDA_DECODE_MMA = False selects the GEMV);
-    16-bit x with M > 16: a bf16/fp16 mma.sync GEMM that dequantizes weight tiles into shared memory
-    (or, with CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS). Weights are read in the
-    canonical layout (no prepacking yet).
+    the mma.sync int8 tensor-core GEMM (CUDA_W8A8_MMA). W8A16: fp32-math GEMV for fp32 x (any M) and
+    M = 1; 16-bit x with 2 <= M <= 16: weights dequantized in registers into mma.sync fragments (swap AB,
+    CUDA_DECODE_MMA); 16-bit x with M > 16: a bf16/fp16 mma.sync GEMM that dequantizes weight tiles into
+    shared memory (or, with CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS). Weights are read in
+    the canonical layout (no prepacking yet).
     """
     mod = _backends.cuda_module()
     if x.device.type != "cuda":

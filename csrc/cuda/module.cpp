@@ -19,6 +19,8 @@ void bind_kv_cache_append(py::module_& m);
 void bind_decode_attention(py::module_& m);
 void bind_rms_norm(py::module_& m);
 void bind_rotary_embedding(py::module_& m);
+void bind_int8_linear(pybind11::module_& m);
+void bind_int4_linear(pybind11::module_& m);
 }  // namespace llmkern
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -46,4 +48,6 @@ PYBIND11_MODULE(_C_cuda, m) {
   llmkern::bind_decode_attention(m);
   llmkern::bind_rms_norm(m);
   llmkern::bind_rotary_embedding(m);
+  llmkern::bind_int8_linear(m);
+  llmkern::bind_int4_linear(m);
 }

@@ -10,6 +10,7 @@ bit-exact: each product and the one addition are exact or rounded exactly as the
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -18,6 +19,7 @@ from .. import _backends
 from .. import reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop
+from .int8_linear import _cuda_device, _cuda_rows, _num_sms
 
 GROUP_SIZES = (32, 64, 128)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -135,6 +137,64 @@ def _cpu(x, qweight, scales, offsets, bias):
 
 
 int4_linear_op.preparer("cpu")(_cpu_runner)
+
+
+# 16-bit inputs with more rows than this run on tensor cores (kInt4GemvMaxM in csrc/cuda/int4_linear.cu).
+_CUDA_GEMV_MAX_M = 16
+# True: those inputs dequantize the weight with a CUDA kernel and multiply with cuBLAS (F.linear) instead of
+# the fused dequantizing mma kernel (a fallback switch kept for the first GPU runs; tests cover both).
+CUDA_PREFILL_CUBLAS = False
+# True: 16-bit x with 2 <= M <= 16 run the decode-sized tensor-core kernel (csrc/include/llmkern/cuda/
+# int4_decode_mma.cuh) instead of the SIMT GEMV (M = 1 and fp32 x always take the GEMV).
+CUDA_DECODE_MMA = True
+
+
+@int4_linear_op.backend("cuda")
+def _cuda(x, qweight, scales, offsets, bias):
+    """CUDA kernels (csrc/cuda/int4_linear.cu) on raw pointers; torch allocates output and workspace.
+
+    fp32 x (any M) and M = 1: the W4A16 GEMV (16-byte weight loads, nibble unpack and group dequant in
+    registers, fp32 accumulation), split over K when the (N, M) grid is small, with fp32 partials in a
+    workspace summed in a fixed order (deterministic). 16-bit x with 2 <= M <= 16: the same weights
+    dequantized in registers straight into mma.sync fragments (weights as the 16-row operand, x as the
+    8-column one; CUDA_DECODE_MMA = False selects the GEMV instead). 16-bit x with M > 16: a
+    bf16/fp16 mma.sync GEMM that dequantizes weight tiles into shared memory (or, with
+    CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS). Weights are read in the canonical layout
+    (no prepacking yet).
+    """
+    mod = _backends.cuda_module()
+    if x.device.type != "cuda":
+        raise BackendUnsupported(f"x is on {x.device}")
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    G = K // scales.shape[1]  # the op's check guarantees G in GROUP_SIZES and K % G == 0
+    qweight = qweight.contiguous()
+    if qweight.data_ptr() % 16:
+        raise BackendUnsupported("qweight is not 16-byte aligned")
+    M = math.prod(x.shape[:-1])
+    if M == 0 or N == 0:
+        return x.new_empty(x.shape[:-1] + (N,))
+    x2 = _cuda_rows(x.reshape(M, K))
+    scales, offsets = scales.contiguous(), offsets.contiguous()
+    with _cuda_device(x.device):
+        stream = torch.cuda.current_stream().cuda_stream
+        tensor_cores = x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M
+        if tensor_cores and CUDA_PREFILL_CUBLAS:
+            wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
+            mod.int4_linear_dequant(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), G, N, K,
+                                    wdq.data_ptr(), _DTYPE_CODE[x.dtype], stream)
+            out = torch.nn.functional.linear(x2, wdq, None if bias is None else bias.to(x.dtype))
+            return out.view(x.shape[:-1] + (N,))
+        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        sms = _num_sms(x.device)
+        splits = 1 if tensor_cores else mod.int4_linear_splits(M, N, K, sms, _DTYPE_CODE[x.dtype], CUDA_DECODE_MMA)
+        ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
+        mod.int4_linear(
+            x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qweight.data_ptr(), N,
+            scales.data_ptr(), offsets.data_ptr(), G, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
+            N, 0 if ws is None else ws.data_ptr(), splits, sms, CUDA_DECODE_MMA, stream,
+        )
+    return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
 def int4_linear(x, qweight, scales, offsets, bias=None, backend=None):

@@ -8,6 +8,9 @@ Modes (DESIGN.md):
 """
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
 from .. import _backends
@@ -115,6 +118,100 @@ def _cpu(x, weight, weight_scale, bias, mode):
 
 
 int8_linear_op.preparer("cpu")(_cpu_runner)
+
+
+# 16-bit W8A16 inputs with more rows than this run on tensor cores (csrc/cuda: _CUDA_GEMV_MAX_M must match
+# kInt8GemvMaxM / kInt4GemvMaxM there).
+_CUDA_GEMV_MAX_M = 16
+# True: those inputs dequantize the weight with a CUDA kernel and multiply with cuBLAS (F.linear) instead of
+# the fused dequantizing mma kernel (a fallback switch kept for the first GPU runs; tests cover both).
+CUDA_PREFILL_CUBLAS = False
+# True: W8A16 with 16-bit x and 2 <= M <= 16 runs the decode-sized tensor-core kernel (csrc/include/
+# llmkern/cuda/decode_mma.cuh) instead of the SIMT GEMV (M = 1 and fp32 x always take the GEMV).
+CUDA_DECODE_MMA = True
+# True: W8A8 with M > 16 runs the int8 tensor-core GEMM; False: the dp4a GEMV in blocks of 8 rows (slow).
+CUDA_W8A8_MMA = True
+
+
+@int8_linear_op.backend("cuda")
+def _cuda(x, weight, weight_scale, bias, mode):
+    """CUDA kernels (csrc/cuda/int8_linear.cu) on raw pointers; torch allocates output and workspaces.
+
+    W8A8: per-row quantization kernel into xq int8 [M, K] / xs fp32 [M], then a dp4a GEMV (M <= 16) or
+    the mma.sync int8 tensor-core GEMM (CUDA_W8A8_MMA). W8A16: fp32-math GEMV for fp32 x (any M) and
+    M = 1; 16-bit x with 2 <= M <= 16: weights dequantized in registers into mma.sync fragments (swap AB,
+    CUDA_DECODE_MMA); 16-bit x with M > 16: a bf16/fp16 mma.sync GEMM that dequantizes weight tiles into
+    shared memory (or, with CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS). Weights are read in
+    the canonical layout (no prepacking yet).
+    """
+    mod = _backends.cuda_module()
+    if x.device.type != "cuda":
+        raise BackendUnsupported(f"x is on {x.device}")
+    N, K = weight.shape
+    group = K if weight_scale.dim() == 1 else K // weight_scale.shape[1]
+    if K == 0 or K % 16:
+        raise BackendUnsupported(f"K={K} is not a positive multiple of 16")
+    if group % 16:
+        raise BackendUnsupported(f"weight group of {group} is not a multiple of 16")
+    if mode == "w8a8" and group > _MAX_W8A8_GROUP:
+        raise BackendUnsupported(f"w8a8 group of {group} > {_MAX_W8A8_GROUP} could overflow int32 sums")
+    weight = weight.contiguous()
+    if weight.data_ptr() % 16:
+        raise BackendUnsupported("weight is not 16-byte aligned")
+    M = math.prod(x.shape[:-1])
+    if M == 0 or N == 0:
+        return x.new_empty(x.shape[:-1] + (N,))
+    x2 = _cuda_rows(x.reshape(M, K))
+    weight_scale = weight_scale.contiguous()
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    with _cuda_device(x.device):
+        stream = torch.cuda.current_stream().cuda_stream
+        if CUDA_PREFILL_CUBLAS and mode == "w8a16" and x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M:
+            wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
+            mod.int8_linear_dequant(weight.data_ptr(), weight_scale.data_ptr(), group, N, K, wdq.data_ptr(),
+                                    _DTYPE_CODE[x.dtype], stream)
+            out = torch.nn.functional.linear(x2, wdq, None if bias is None else bias.to(x.dtype))
+            return out.view(x.shape[:-1] + (N,))
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        xq = xs = None
+        if mode == "w8a8":
+            xq = torch.empty((M, K), dtype=torch.int8, device=x.device)
+            xs = torch.empty((M,), dtype=torch.float32, device=x.device)
+        mod.int8_linear(
+            x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, weight.data_ptr(), N,
+            weight_scale.data_ptr(), group, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(), N, mode,
+            0 if xq is None else xq.data_ptr(), 0 if xs is None else xs.data_ptr(), _num_sms(x.device),
+            CUDA_DECODE_MMA, CUDA_W8A8_MMA, stream,
+        )
+    return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+
+def _cuda_rows(x2):
+    """x2 [M, K] with unit column stride and 16-byte aligned rows (a view when it already is, else a copy)."""
+    es = x2.element_size()
+    if x2.stride(1) != 1 or (x2.shape[0] > 1 and (x2.stride(0) * es) % 16) or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+        if x2.data_ptr() % 16:  # already contiguous but at a misaligned offset
+            x2 = x2.clone()
+    return x2
+
+
+_SMS: dict = {}
+
+
+def _num_sms(device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SMS.get(idx)
+    if n is None:
+        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+def _cuda_device(device):
+    """Kernels launch on the current device: switch only when x lives on another one."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 @int8_linear_op.backend("triton")

@@ -40,6 +40,13 @@ def backends(op: str) -> list[str]:
     return ops.OPS[op].backends_here()
 
 
+def to_backend_device(backend: str, *tensors):
+    """The tensors on the device `backend` runs on (cuda/triton take CUDA tensors, cpu/reference stay on
+    the CPU); None stays None. Generic tests build CPU inputs and move them per backend."""
+    dev = "cuda" if backend in ("cuda", "triton") else "cpu"
+    return tuple(None if t is None else t.to(dev) for t in tensors)
+
+
 def make_x(lead: tuple, K: int, dtype, layout: str, gen: torch.Generator) -> torch.Tensor:
     """Random x [*lead, K] in `dtype`, laid out as "contig", "slice" (last-dim stride 2) or "transposed"."""
     # Random values are drawn in fp32 and cast before taking the view, so the view keeps its strides.

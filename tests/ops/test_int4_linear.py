@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llmkern import ops
-from _quant_helpers import DTYPES, TOL, backends, make_x, naive_int4_weight, rel_err, sqnr_db
+from _quant_helpers import (DTYPES, TOL, backends, make_x, naive_int4_weight, rel_err, sqnr_db,
+                            to_backend_device)
 
 # (leading dims of x, N, K, group size G in {32, 64, 128})
 CASES = [
@@ -59,7 +60,7 @@ def test_reference_vs_naive(i, dtype, with_bias):
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)
 @pytest.mark.parametrize("backend", backends("int4_linear"))
 def test_backend_vs_reference(backend, i, dtype):
-    x, qw, s, o, bias = make_case(i, CASES[i], dtype, with_bias=i % 2 == 0, seed=1)
+    x, qw, s, o, bias = to_backend_device(backend, *make_case(i, CASES[i], dtype, with_bias=i % 2 == 0, seed=1))
     with ops.strict():
         out = ops.int4_linear(x, qw, s, o, bias, backend=backend)
     assert ops.OPS["int4_linear"].last_backend == backend
@@ -75,6 +76,7 @@ def test_backend_nan_in_x_propagates(backend):
     x = torch.randn(4, 64, generator=gen)
     x[1, 40] = float("nan")
     qw, s, o = make_weights(17, 64, 32, gen)
+    x, qw, s, o = to_backend_device(backend, x, qw, s, o)
     with ops.strict():
         out = ops.int4_linear(x, qw, s, o, backend=backend)
     assert torch.isnan(out[1]).all()
@@ -106,6 +108,7 @@ def test_dequantize_then_matmul(backend, dtype):
     x = torch.randn(33, 256, generator=gen).to(dtype)
     qw, s, o = ops.quantize_int4(w, 32)
     ref = x.double() @ ops.dequantize_int4(qw, s, o).double().t()
+    x, qw, s, o = to_backend_device(backend, x, qw, s, o)
     with ops.strict():
         out = ops.int4_linear(x, qw, s, o, backend=backend)
     err = rel_err(out, ref)

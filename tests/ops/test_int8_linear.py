@@ -7,7 +7,7 @@ import torch
 
 from llmkern import ops
 from _quant_helpers import (DTYPES, TOL, assert_rounded_from, backends, exact_w8a8, make_x, naive_int8_weight,
-                            rel_err, sqnr_db)
+                            rel_err, sqnr_db, to_backend_device)
 
 # (leading dims of x, N, K, group size G; 0 = per channel). G is any divisor of K for int8 (48, 3 too).
 CASES = [
@@ -90,7 +90,7 @@ BACKEND_CASES = [((3,), 33, 96, 32), ((17,), 257, 256, 0), ((2, 3), 100, 128, 64
 @pytest.mark.parametrize("i", range(len(BACKEND_CASES)), ids=[f"{c[0]}x{c[2]}->{c[1]}_g{c[3]}" for c in BACKEND_CASES])
 @pytest.mark.parametrize("backend", backends("int8_linear"))
 def test_backend_vs_reference(backend, i, dtype, mode):
-    x, q, scale, bias = make_case(i, BACKEND_CASES[i], dtype, with_bias=i % 2 == 0, seed=1)
+    x, q, scale, bias = to_backend_device(backend, *make_case(i, BACKEND_CASES[i], dtype, with_bias=i % 2 == 0, seed=1))
     with ops.strict():
         out = ops.int8_linear(x, q, scale, bias, mode=mode, backend=backend)
     assert ops.OPS["int8_linear"].last_backend == backend
@@ -107,6 +107,7 @@ def test_backend_nan_in_x_propagates(backend):
     x = torch.randn(4, 64, generator=gen)
     x[2, 5] = float("nan")
     q, scale = make_weights(17, 64, 32, gen)
+    x, q, scale = to_backend_device(backend, x, q, scale)
     for mode in ("w8a16", "w8a8"):
         with ops.strict():
             out = ops.int8_linear(x, q, scale, mode=mode, backend=backend)
@@ -146,6 +147,7 @@ def test_dequantize_then_matmul(backend, dtype, group):
     x = torch.randn(33, 256, generator=gen).to(dtype)
     q, scale = ops.quantize_int8(w, group)
     ref = x.double() @ ops.dequantize_int8(q, scale).double().t()
+    x, q, scale = to_backend_device(backend, x, q, scale)
     with ops.strict():
         out = ops.int8_linear(x, q, scale, mode="w8a16", backend=backend)
     err = rel_err(out, ref)

@@ -1,0 +1,196 @@
+// Launchers of the int4_linear CUDA kernels (csrc/include/llmkern/cuda/int4_linear.cuh). Called from
+// csrc/cuda/int4_linear_bind.cpp with raw device pointers from torch (llmkern/ops/int4_linear.py).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "llmkern/cuda/decode_mma.cuh"
+#include "llmkern/cuda/int4_linear.cuh"
+#include "llmkern/cuda/wdq_gemm.cuh"
+#include "llmkern/cuda_check.cuh"
+
+namespace llmkern {
+
+namespace {
+
+namespace k4 = cuda::int4_linear;
+using cuda::XType;
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("llmkern._C_cuda.int4_linear: " + what);
+}
+
+// Rows per GEMV CTA: the next power of two >= M, at most 8 (larger M runs ceil(M / 8) row blocks).
+int gemv_rows(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8; }
+
+constexpr int kMaxSplits = 16;
+
+template <typename T>
+void launch_gemv(const k4::GemvArgs& a, int splits, cudaStream_t st) {
+  const int mr = gemv_rows(a.M);
+  dim3 grid((a.N + k4::kColsPerCta - 1) / k4::kColsPerCta, (a.M + mr - 1) / mr, splits);
+  dim3 block(k4::kWarps * 32);
+  switch (mr) {
+    case 1: k4::gemv_kernel<T, 1><<<grid, block, 0, st>>>(a); break;
+    case 2: k4::gemv_kernel<T, 2><<<grid, block, 0, st>>>(a); break;
+    case 4: k4::gemv_kernel<T, 4><<<grid, block, 0, st>>>(a); break;
+    default: k4::gemv_kernel<T, 8><<<grid, block, 0, st>>>(a); break;
+  }
+}
+
+template <typename T>
+void launch_mma(const k4::GemvArgs& g, int num_sms, cudaStream_t st) {
+  cuda::wdq::Args<T> a{static_cast<const T*>(g.x), g.ldx, g.M, g.N, g.K, g.qw, g.scales, g.offsets,
+                       g.ngroups, g.group, g.bias, static_cast<T*>(g.out), g.ldo};
+  const int64_t tiles128 = int64_t((a.M + 127) / 128) * ((a.N + 127) / 128);
+  if (tiles128 >= num_sms) {
+    cuda::wdq::wdq_mma_kernel<T, 128, 128, 2, 4, cuda::wdq::kInt4><<<static_cast<unsigned>(tiles128), 256, 0, st>>>(a);
+  } else {
+    const int64_t tiles = int64_t((a.M + 63) / 64) * ((a.N + 127) / 128);
+    cuda::wdq::wdq_mma_kernel<T, 64, 128, 1, 4, cuda::wdq::kInt4><<<static_cast<unsigned>(tiles), 128, 0, st>>>(a);
+  }
+}
+
+template <typename T>
+void launch_decode_mma(const k4::GemvArgs& g, int splits, int split_blocks, cudaStream_t st) {
+  namespace d = cuda::decode_mma;
+  d::Args<T> a{static_cast<const T*>(g.x), g.ldx, g.M, g.N, g.K, g.qw, g.scales, g.offsets, g.ngroups, g.group,
+               g.bias, g.out, g.ldo, split_blocks};
+  dim3 grid((g.N + d::kCols - 1) / d::kCols, splits);
+  if (g.M <= 8) d::decode_mma_kernel<T, 1, d::kInt4><<<grid, d::kWarps * 32, 0, st>>>(a);
+  else d::decode_mma_kernel<T, 2, d::kInt4><<<grid, d::kWarps * 32, 0, st>>>(a);
+}
+
+}  // namespace
+
+// Largest M that runs as a GEMV for 16-bit x (fp32 x always does); larger M run on tensor cores.
+constexpr int kInt4GemvMaxM = 16;
+
+// Route of an input: 0 SIMT GEMV, 1 decode-sized tensor-core kernel (16-bit x, 2 <= M <= 16, when
+// allowed), 2 dequantizing tensor-core GEMM (16-bit x, M > 16).
+static int int4_route(int M, int x_dtype, bool decode_mma) {
+  if (x_dtype == 0) return 0;
+  if (M > kInt4GemvMaxM) return 2;
+  return decode_mma && M >= 2 ? 1 : 0;
+}
+
+// Splits of the decode tensor-core kernel: up to ~3 CTAs per SM, every warp at least two 128-k blocks.
+static int decode_mma_splits(int N, int K, int num_sms) {
+  namespace d = cuda::decode_mma;
+  const int64_t ctas = (N + d::kCols - 1) / d::kCols;
+  const int64_t want = 3 * int64_t(std::max(num_sms, 1));
+  if (ctas >= want) return 1;
+  constexpr int kBK = d::block_k(d::kInt4);
+  const int blocks = (K + kBK - 1) / kBK;
+  int splits = int(std::min<int64_t>(kMaxSplits, (want + ctas - 1) / ctas));
+  splits = std::max(1, std::min(splits, blocks / (2 * d::kWarps)));
+  const int per = (blocks + splits - 1) / splits;
+  return (blocks + per - 1) / per;
+}
+
+// Split-K factor of the GEMV for these sizes: 1 when the (N, M) grid alone has >= 2 CTAs per SM;
+// otherwise enough splits for ~2 CTAs per SM, each split at least 32 chunks (one per lane) of 32 k,
+// at most kMaxSplits. The adapter sizes the fp32 workspace [splits, M, N] from this.
+int int4_linear_splits(int M, int N, int K, int num_sms, int x_dtype, bool decode_mma) {
+  if (M <= 0 || N <= 0 || K <= 0) return 1;
+  const int route = int4_route(M, x_dtype, decode_mma);
+  if (route == 2) return 1;
+  if (route == 1) return decode_mma_splits(N, K, num_sms);
+  if (M > kInt4GemvMaxM) return 1;
+  const int mr = gemv_rows(M);
+  const int64_t ctas = int64_t((N + k4::kColsPerCta - 1) / k4::kColsPerCta) * ((M + mr - 1) / mr);
+  const int64_t want = 2 * int64_t(std::max(num_sms, 1));
+  if (ctas >= want) return 1;
+  const int chunks = K / k4::kChunkK;
+  int splits = int(std::min<int64_t>(kMaxSplits, (want + ctas - 1) / ctas));
+  splits = std::max(1, std::min(splits, chunks / 32));
+  const int per = (chunks + splits - 1) / splits;
+  return (chunks + per - 1) / per;  // no empty split
+}
+
+// y[M, N] = x[M, K] @ dequant(qweight)^T (+ bias). GEMV for fp32 x and M <= 16 (splits > 1 needs ws:
+// fp32 [splits, M, N]); the dequantizing tensor-core GEMM for 16-bit x with M > 16 (splits must be 1).
+const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const uint8_t* qw, int N,
+                             const float* scales, const float* offsets, int group, const float* bias, void* out,
+                             int64_t ldo, float* ws, int splits, int num_sms, bool decode_mma, cudaStream_t st) {
+  require(x_dtype >= 0 && x_dtype <= 2, "x_dtype must be 0, 1 or 2");
+  require(M >= 0 && N >= 0 && K > 0, "need M >= 0, N >= 0, K > 0");
+  require((group == 32 || group == 64 || group == 128) && K % group == 0, "group must be 32, 64 or 128 and divide K");
+  require(splits >= 1 && splits <= kMaxSplits, "splits must be in [1, 16]");
+  if (M == 0 || N == 0) return "empty";
+  const int64_t esize = x_dtype == 0 ? 4 : 2;
+  require(aligned16(x) && (ldx * esize) % 16 == 0, "x rows must be 16-byte aligned");
+  require(aligned16(qw), "qweight must be 16-byte aligned");
+  require(ldo >= N, "ldo must be >= N");
+  require((M + 7) / 8 <= 65535, "M too large for the GEMV grid");
+  require(splits == 1 || ws != nullptr, "splits > 1 needs the fp32 workspace");
+  const XType dt = static_cast<XType>(x_dtype);
+  const int route = int4_route(M, x_dtype, decode_mma);
+  if (route == 1) {
+    constexpr int kBK = cuda::decode_mma::block_k(cuda::decode_mma::kInt4);
+    const int blocks = (K + kBK - 1) / kBK;
+    const int per_b = (blocks + splits - 1) / splits;
+    require((blocks + per_b - 1) / per_b == splits, "splits leaves an empty split; use int4_linear_splits");
+    k4::GemvArgs g{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias,
+                   splits > 1 ? static_cast<void*>(ws) : out, ldo, dt, 0};
+    if (dt == XType::kBF16) launch_decode_mma<__nv_bfloat16>(g, splits, per_b, st);
+    else launch_decode_mma<__half>(g, splits, per_b, st);
+    LLMKERN_CUDA_CHECK_LAUNCH();
+    if (splits == 1) return "decode_mma";
+    const int64_t MN = int64_t(M) * N;
+    k4::reduce_kernel<<<(MN + 255) / 256, 256, 0, st>>>(ws, splits, M, N, bias, out, ldo, dt);
+    LLMKERN_CUDA_CHECK_LAUNCH();
+    return "decode_mma_splitk";
+  }
+  const int chunks = K / k4::kChunkK;
+  const int per = (chunks + splits - 1) / splits;
+  require((chunks + per - 1) / per == splits, "splits leaves an empty split; use int4_linear_splits");
+  if (route == 2) {
+    require(splits == 1, "the tensor-core route takes splits == 1");
+    require((int64_t(M + 63) / 64) * ((N + 127) / 128) < (int64_t(1) << 31), "too many output tiles");
+    k4::GemvArgs g{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias, out, ldo, dt, per};
+    if (dt == XType::kBF16) launch_mma<__nv_bfloat16>(g, num_sms, st);
+    else launch_mma<__half>(g, num_sms, st);
+    LLMKERN_CUDA_CHECK_LAUNCH();
+    return "mma";
+  }
+  k4::GemvArgs a{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias,
+                 splits > 1 ? static_cast<void*>(ws) : out, ldo, dt, per};
+  switch (dt) {
+    case XType::kF32: launch_gemv<float>(a, splits, st); break;
+    case XType::kBF16: launch_gemv<__nv_bfloat16>(a, splits, st); break;
+    default: launch_gemv<__half>(a, splits, st); break;
+  }
+  LLMKERN_CUDA_CHECK_LAUNCH();
+  if (splits == 1) return "gemv";
+  const int64_t MN = int64_t(M) * N;
+  k4::reduce_kernel<<<(MN + 255) / 256, 256, 0, st>>>(ws, splits, M, N, bias, out, ldo, dt);
+  LLMKERN_CUDA_CHECK_LAUNCH();
+  return "gemv_splitk";
+}
+
+// out[N, K] (x's 16-bit dtype) = q * scale + offset, for the large-M route.
+void int4_linear_dequant_cuda(const uint8_t* qw, const float* scales, const float* offsets, int group, int N, int K,
+                              void* out, int dtype, cudaStream_t st) {
+  require(dtype == 1 || dtype == 2, "dequant dtype must be 1 (bfloat16) or 2 (float16)");
+  require(K > 0 && (group == 32 || group == 64 || group == 128) && K % group == 0,
+          "dequant needs a group of 32, 64 or 128 dividing K");
+  if (N <= 0) return;
+  require(aligned16(qw), "qweight must be 16-byte aligned");
+  const int64_t chunks = int64_t(N) * (K / k4::kChunkK);
+  const int64_t blocks = (chunks + 255) / 256;
+  if (dtype == 1)
+    k4::dequant_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(qw, scales, offsets, K / group, group, N, K,
+                                                             static_cast<__nv_bfloat16*>(out));
+  else
+    k4::dequant_kernel<__half><<<blocks, 256, 0, st>>>(qw, scales, offsets, K / group, group, N, K,
+                                                      static_cast<__half*>(out));
+  LLMKERN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace llmkern

@@ -1,0 +1,271 @@
+// Weight-dequantizing tensor-core GEMM (torch-free) for W8A16 and W4A16 at larger M, 16-bit x:
+//   y[M, N] = x[M, K] @ dequant(w)^T (+ bias), x and y bf16 or fp16, fp32 accumulation.
+//
+// Per pipeline stage (kMmaStages = 3): the x tile [BM][32 elements] comes in by cp.async (zero-filled
+// outside M / K); the weight tile [BN][32 k] is loaded from global into registers one stage ahead,
+// dequantized in registers and stored to shared memory as 16-bit values; both tiles use the 64-byte-row
+// swizzled layout of mma_common.cuh and are read with ldmatrix.x4 into mma.sync m16n8k16 fragments.
+// Weight formats (kFmt):
+//   kInt8Channel  int8 [N, K], scale [N]: the tile holds q itself (exact in bf16/fp16), the epilogue
+//                 multiplies by the channel scale;
+//   kInt8Group    int8 [N, K], scale [N, K / G] (G % 16 == 0): the tile holds x_dtype(q * scale);
+//   kInt4         canonical int4, scales/offsets [N, K / G]: the tile holds x_dtype(q * scale + offset)
+//                 (fp32 multiply, fp32 add, one rounding; the Triton kernel's dequantization).
+// Requirements (checked by the launchers): K % 16 == 0 (int4: K % 32 == 0), 16-byte aligned rows.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "llmkern/cuda/linear_common.cuh"
+#include "llmkern/cuda/mma_common.cuh"
+
+namespace llmkern {
+namespace cuda {
+namespace wdq {
+
+enum Fmt : int { kInt8Channel = 0, kInt8Group = 1, kInt4 = 2 };
+
+constexpr int kBK = kTileRowBytes / 2;  // 32 k (16-bit elements) per stage: two m16n8k16 steps
+
+template <typename T>
+struct Args {
+  const T* x;  // [M, K], row stride ldx
+  int64_t ldx;
+  int M, N, K;
+  const void* w;         // int8 [N, K] or uint8 [N, K / 2] (int4)
+  const float* scale;    // [N] (kInt8Channel) or [N, ngroups]
+  const float* offset;   // [N, ngroups] (kInt4)
+  int ngroups, group;
+  const float* bias;     // [N] fp32 or null
+  T* out;                // [M, N], row stride ldo
+  int64_t ldo;
+};
+
+// Two fp32 -> one 32-bit word of two 16-bit values (a at the lower address), rounded to nearest even.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+// The raw bytes of one weight piece (16 consecutive k of one row) and its group's scale / offset.
+template <int kFmt>
+struct Piece {
+  uint4 raw;  // int8: 16 bytes; int4: 8 bytes in raw.x, raw.y
+  float s, o;
+};
+
+template <typename T, int kFmt>
+__device__ __forceinline__ void load_piece(const Args<T>& a, int n, int k, Piece<kFmt>& p) {
+  p.raw = make_uint4(0, 0, 0, 0);
+  p.s = 0.0f;
+  p.o = 0.0f;
+  if (n >= a.N || k >= a.K) return;  // zeros: contributes nothing
+  if constexpr (kFmt == kInt4) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(a.w) + int64_t(n) * (a.K / 2) + k / 2));
+    p.raw.x = v.x;
+    p.raw.y = v.y;
+    p.s = __ldg(a.scale + int64_t(n) * a.ngroups + k / a.group);
+    p.o = __ldg(a.offset + int64_t(n) * a.ngroups + k / a.group);
+  } else {
+    p.raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const int8_t*>(a.w) + int64_t(n) * a.K + k));
+    if constexpr (kFmt == kInt8Group) p.s = __ldg(a.scale + int64_t(n) * a.ngroups + k / a.group);
+  }
+}
+
+// Dequantizes a piece into 8 words (16 values of T) for shared memory.
+template <typename T, int kFmt>
+__device__ __forceinline__ void dequant_piece(const Piece<kFmt>& p, uint32_t (&out)[8]) {
+  float f[16];
+  if constexpr (kFmt == kInt4) {
+    const uint32_t w[2] = {p.raw.x, p.raw.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t lo = w[i] & 0x0F0F0F0Fu, hi = (w[i] >> 4) & 0x0F0F0F0Fu;
+      f[8 * i + 0] = byte_to_f32<0>(lo);
+      f[8 * i + 1] = byte_to_f32<0>(hi);
+      f[8 * i + 2] = byte_to_f32<1>(lo);
+      f[8 * i + 3] = byte_to_f32<1>(hi);
+      f[8 * i + 4] = byte_to_f32<2>(lo);
+      f[8 * i + 5] = byte_to_f32<2>(hi);
+      f[8 * i + 6] = byte_to_f32<3>(lo);
+      f[8 * i + 7] = byte_to_f32<3>(hi);
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) f[j] = __fadd_rn(__fmul_rn(f[j], p.s), p.o);
+  } else {
+    s8x4_to_f32(p.raw.x, f[0], f[1], f[2], f[3]);
+    s8x4_to_f32(p.raw.y, f[4], f[5], f[6], f[7]);
+    s8x4_to_f32(p.raw.z, f[8], f[9], f[10], f[11]);
+    s8x4_to_f32(p.raw.w, f[12], f[13], f[14], f[15]);
+    if constexpr (kFmt == kInt8Group) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) f[j] = __fmul_rn(f[j], p.s);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) out[j] = pack2<T>(f[2 * j], f[2 * j + 1]);
+}
+
+// CTA tile BM x BN, warps WARPS_M x WARPS_N (warp tile (16 MT) x (8 NT)); 1-D grid of
+// ceil(M / BM) * ceil(N / BN) CTAs in grouped raster order.
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, int kFmt>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<T> a) {
+  constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+  constexpr int MT = WM / 16, NT = WN / 8;
+  constexpr int kPieces = BN * 2 / kThreads;  // weight pieces (16 k of one row) per thread per stage
+  static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tile");
+  static_assert((BM * 4) % kThreads == 0 && (BN * 2) % kThreads == 0, "loader");
+  __shared__ __align__(128) int8_t smem[kMmaStages][(BM + BN) * kTileRowBytes];
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  int tile_m, tile_n;
+  {
+    constexpr int kRasterM = 8;
+    const int tiles_m = (a.M + BM - 1) / BM, tiles_n = (a.N + BN - 1) / BN;
+    const int per_group = kRasterM * tiles_n;
+    const int pid = blockIdx.x;
+    const int first_m = (pid / per_group) * kRasterM;
+    const int gm = min(tiles_m - first_m, kRasterM);
+    tile_m = first_m + (pid % per_group) % gm;
+    tile_n = (pid % per_group) / gm;
+  }
+  const int m_base = tile_m * BM, n_base = tile_n * BN;
+  const int KT = (a.K + kBK - 1) / kBK;
+
+  // x tile of stage s <- k tile kt, asynchronously (16-byte chunks = 8 elements; K % 16 == 0, so a chunk
+  // is wholly inside or outside [0, K)).
+  auto load_x = [&](int s, int kt) {
+    const int k0 = kt * kBK;
+    int8_t* sa = smem[s];
+#pragma unroll
+    for (int i = tid; i < BM * 4; i += kThreads) {
+      const int r = i / 4, c = i % 4;
+      const int gm = m_base + r, gk = k0 + c * 8;
+      const bool ok = gm < a.M && gk < a.K;
+      const T* src = ok ? a.x + int64_t(gm) * a.ldx + gk : a.x;
+      cp_async16(smem_u32(sa + swz(r, c)), src, ok ? 16 : 0);
+    }
+  };
+  // Weight pieces of k tile kt -> registers.
+  auto load_w = [&](int kt, Piece<kFmt> (&p)[kPieces]) {
+#pragma unroll
+    for (int i = 0; i < kPieces; ++i) {
+      const int idx = tid + i * kThreads;
+      load_piece<T, kFmt>(a, n_base + idx / 2, kt * kBK + (idx % 2) * 16, p[i]);
+    }
+  };
+  // Registers -> dequantized 16-bit weight tile of stage s (row r = idx / 2, chunks 2h and 2h + 1).
+  auto store_w = [&](int s, const Piece<kFmt> (&p)[kPieces]) {
+    int8_t* sb = smem[s] + BM * kTileRowBytes;
+#pragma unroll
+    for (int i = 0; i < kPieces; ++i) {
+      const int idx = tid + i * kThreads;
+      const int r = idx / 2, h = idx % 2;
+      uint32_t v[8];
+      dequant_piece<T, kFmt>(p[i], v);
+      *reinterpret_cast<uint4*>(sb + swz(r, 2 * h)) = make_uint4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<uint4*>(sb + swz(r, 2 * h + 1)) = make_uint4(v[4], v[5], v[6], v[7]);
+    }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  Piece<kFmt> pw[kPieces];
+#pragma unroll
+  for (int s = 0; s < kMmaStages - 1; ++s) {
+    if (s < KT) {
+      load_x(s, s);
+      load_w(s, pw);
+      store_w(s, pw);
+    }
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<kMmaStages - 2>();
+    // x tile kt landed (this thread's copies); the barrier makes every thread's copies and weight
+    // stores of tile kt visible, and guarantees every warp is done with the stage refilled below.
+    __syncthreads();
+    const int nk = kt + kMmaStages - 1;
+    const bool refill = nk < KT;
+    if (refill) {
+      load_x(nk % kMmaStages, nk);
+      load_w(nk, pw);  // global loads in flight during the MMAs below
+    }
+    cp_async_commit();
+    const int8_t* sa = smem[kt % kMmaStages];
+    const int8_t* sb = smem[kt % kMmaStages] + BM * kTileRowBytes;
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {  // two k16 steps of 32 bytes
+      uint32_t af[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int r = wm * WM + i * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+        const int c = ks * 2 + lane / 16;
+        ldmatrix_x4(smem_u32(sa + swz(r, c)), af[i][0], af[i][1], af[i][2], af[i][3]);
+      }
+      uint32_t bf[NT][2];
+#pragma unroll
+      for (int jp = 0; jp < NT / 2; ++jp) {
+        const int r = wn * WN + jp * 16 + (lane % 8) + (lane / 16) * 8;
+        const int c = ks * 2 + (lane / 8) % 2;
+        ldmatrix_x4(smem_u32(sb + swz(r, c)), bf[2 * jp][0], bf[2 * jp][1], bf[2 * jp + 1][0], bf[2 * jp + 1][1]);
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          if constexpr (std::is_same<T, __nv_bfloat16>::value) mma_bf16(acc[i][j], af[i], bf[j][0], bf[j][1]);
+          else mma_f16(acc[i][j], af[i], bf[j][0], bf[j][1]);
+        }
+    }
+    // The stage being refilled was last read in iteration kt - 1, before this iteration's barrier.
+    if (refill) store_w(nk % kMmaStages, pw);
+  }
+  cp_async_wait<0>();
+
+  const int col0 = n_base + wn * WN + 2 * (lane % 4);
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = m_base + wm * WM + i * 16 + lane / 4 + h * 8;
+      if (m >= a.M) continue;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int n = col0 + j * 8 + e;
+          if (n >= a.N) continue;
+          float v = acc[i][j][h * 2 + e];
+          if constexpr (kFmt == kInt8Channel) v *= __ldg(a.scale + n);
+          if (a.bias) v += a.bias[n];
+          a.out[int64_t(m) * a.ldo + n] = from_f32<T>(v);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace wdq
+}  // namespace cuda
+}  // namespace llmkern

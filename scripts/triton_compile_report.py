@@ -54,7 +54,7 @@ def _ptxas_usage(ptx: str, cap: int) -> dict:
             "spill_ld": int(sp.group(2)) if sp else None, "stack": int(stack.group(1)) if stack else None}
 
 
-def compile_all(caps=(80, 90), usage=True, only: str | None = None):
+def compile_all(caps=(80, 90), usage=True, only: str | None = None, hints: bool = True):
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: compile checks need the real compiler")
     import triton
@@ -67,12 +67,9 @@ def compile_all(caps=(80, 90), usage=True, only: str | None = None):
         for v in variants.variants(cap):
             if only and only not in v["name"]:
                 continue
-            sig = dict(v["types"])
-            for k in v["const"]:
-                sig[k] = "constexpr"
-            # Signature in the kernel's argument order.
-            sig = {a: sig[a] for a in v["kernel"].arg_names}
-            src = ASTSource(v["kernel"], sig, constexprs=dict(v["const"]))
+            # Signature in the kernel's argument order, specialized as the JIT does for a typical call.
+            sig, const, attrs = variants.specialize(v, hints)
+            src = ASTSource(v["kernel"], sig, constexprs=const, attrs=attrs)
             t0 = time.time()
             ck = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                                 options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]})
@@ -112,15 +109,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true", help="compile and check shared memory only (no ptxas, no file)")
     ap.add_argument("--only", help="only variants whose name contains this")
-    ap.add_argument("--out", default=str(REPO / "triton_kernels" / "COMPILE_REPORT.md"))
+    ap.add_argument("--cap", type=int, action="append", help="80 or 90 (default both)")
+    ap.add_argument("--no-hints", action="store_true",
+                    help="compile without the JIT's alignment/divisibility specialization (worst case)")
+    ap.add_argument("--out", help="report path (default triton_kernels/COMPILE_REPORT.md, written only by a full "
+                                  "run: no --check/--json/--only/--cap/--no-hints)")
+    ap.add_argument("--json", help="also write the rows as JSON to this file (tests read it)")
     a = ap.parse_args()
-    rows = compile_all(usage=not a.check, only=a.only)
+    rows = compile_all(caps=tuple(a.cap or (80, 90)), usage=not a.check, only=a.only, hints=not a.no_hints)
     over = [r for r in rows if r["shared"] > r["limit"]]
     for r in over:
         print(f"OVER LIMIT: sm_{r['cap']} {r['name']}: {r['shared']} B > {r['limit']} B", file=sys.stderr)
-    if not a.check:
-        write_report(rows, Path(a.out))
-        print(f"wrote {a.out}")
+    if a.json:
+        import json
+
+        Path(a.json).write_text(json.dumps(rows))
+    full = not (a.check or a.json or a.only or a.cap or a.no_hints)
+    if a.out or full:
+        out = a.out or str(REPO / "triton_kernels" / "COMPILE_REPORT.md")
+        write_report(rows, Path(out))
+        print(f"wrote {out}")
     sys.exit(1 if over else 0)
 
 

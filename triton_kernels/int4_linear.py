@@ -174,9 +174,12 @@ def variants(cap: int, P: dict) -> list[dict]:
                            "split_len": "i32"},
                           {"HAS_BIAS": True, "SPLIT": split, "GROUP": G, "DOT_PREC": c["DOT_PREC"],
                            "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"], "GROUP_M": 8},
-                          c["num_warps"], c["num_stages"]))
+                          c["num_warps"], c["num_stages"],
+                          vals={"M": M, "N": 4096, "K": 4096, "stride_xm": 4096, "n_groups": 4096 // G,
+                                "split_len": c["split_len"]}))
     out.append(_v("int4_linear split-K reduce", reduce_kernel,
                   {"ws_ptr": P[torch.float32], "b_ptr": P[torch.bfloat16], "y_ptr": P[torch.bfloat16],
-                   "MN": "i32", "N": "i32", "splits": "i32"}, {"HAS_BIAS": True, "BLOCK": REDUCE_BLOCK}))
+                   "MN": "i32", "N": "i32", "splits": "i32"}, {"HAS_BIAS": True, "BLOCK": REDUCE_BLOCK},
+                  vals={"MN": 4096, "N": 4096, "splits": 8}))
     return out
 

@@ -37,20 +37,23 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
         k0 = tl.load(cuk_ptr + b)
         k_len = tl.load(cuk_ptr + b + 1) - k0
     else:
-        q0 = 0
+        q0 = pid_m * 0  # int32 scalars, as in the varlen branch
         q_len = Sq
-        k0 = 0
+        k0 = pid_m * 0
         k_len = Sk
     m0 = pid_m * BLOCK_M
     if m0 < q_len:  # varlen grids are sized for the longest possible sequence
         b64 = b.to(tl.int64)
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        # Scalar int64 bases (batch, head, first row of the tile) plus int32 offsets inside a tile: no
+        # [rows, D] int64 offset tensors, and the K/V offsets are loop invariant (registers, COMPILE_REPORT.md).
+        rows = tl.arange(0, BLOCK_M)
+        offs_m = m0 + rows
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < q_len
         d_ok = offs_d < D
-        rows_q = (q0 + offs_m).to(tl.int64)
-        q = tl.load(q_ptr + b64 * stride_qb + rows_q[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        row_q = (q0 + m0).to(tl.int64)
+        q = tl.load(q_ptr + (b64 * stride_qb + row_q * stride_qs + h * stride_qh)
+                    + (rows[:, None] * stride_qs + offs_d[None, :]), mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         diag = k_len - q_len  # bottom-right alignment: query i sits at key position i + diag
         q_pos = offs_m + diag
         lo = m0 * 0  # an int32 scalar on both branches (no loop-carried type change)
@@ -63,20 +66,24 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
+        cols = tl.arange(0, BLOCK_N)
+        k_off = cols[:, None] * stride_ks + offs_d[None, :]
+        v_off = cols[:, None] * stride_vs + offs_d[None, :]
+        # Pointers to key/value row lo, advanced by BLOCK_N rows per step.
+        k_blk = k_ptr + (b64 * stride_kb + (k0 + lo).to(tl.int64) * stride_ks + kvh * stride_kh)
+        v_blk = v_ptr + (b64 * stride_vb + (k0 + lo).to(tl.int64) * stride_vs + kvh * stride_vh)
         for n0 in range(lo, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
+            offs_n = n0 + cols
             n_ok = offs_n < k_len
-            rows_k = (k0 + offs_n).to(tl.int64)
             kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + b64 * stride_kb + rows_k[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+            k = tl.load(k_blk + k_off, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N] fp32
             if SOFTCAP:
                 s = softcap * tanh_f32(s * (sm_scale / softcap)) * 1.4426950408889634
             else:
                 s = s * qk_scale
-            vis = m_ok[:, None] & n_ok[None, :]
-            vis = vis & ((window_right < 0) | (offs_n[None, :] <= q_pos[:, None] + window_right))
+            # Rows past q_len (q loaded as 0) are computed but never stored: only keys are masked.
+            vis = n_ok[None, :] & ((window_right < 0) | (offs_n[None, :] <= q_pos[:, None] + window_right))
             vis = vis & ((window_left < 0) | (offs_n[None, :] >= q_pos[:, None] - window_left))
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -84,18 +91,19 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + b64 * stride_vb + rows_k[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+            v = tl.load(v_blk + v_off, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
+            k_blk += BLOCK_N * stride_ks
+            v_blk += BLOCK_N * stride_vs
         seen = l_i > 0
         o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that sees no key: 0
-        tl.store(out_ptr + b64 * stride_ob + rows_q[:, None] * stride_os + h * stride_oh + offs_d[None, :],
+        tl.store(out_ptr + (b64 * stride_ob + row_q * stride_os + h * stride_oh)
+                 + (rows[:, None] * stride_os + offs_d[None, :]),
                  o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
         # Natural-log lse of the scaled (capped) scores: (m + log2 l) * ln 2.
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(lse_ptr + b64 * stride_lb + h * stride_lh + rows_q, lse, mask=m_ok)
-
+        tl.store(lse_ptr + (b64 * stride_lb + h * stride_lh + row_q) + rows, lse, mask=m_ok)
 
 def config(D: int, dtype: torch.dtype, cap: int) -> dict:
     """Tiles by head dim, dtype and GPU generation; sized so K/V stages fit shared memory (COMPILE_REPORT.md)."""

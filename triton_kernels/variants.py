@@ -115,8 +115,8 @@ def variants(cap: int) -> list[dict]:
                                "stride_s1", "stride_bt"),
                        "sm_scale": "fp32", "softcap": "fp32", "window_left": "i32"},
                       {"PAGED": paged, "INT8": int8, "SOFTCAP": cap_, "DIRECT": direct, "DOT_PREC": c["DOT_PREC"],
-                       "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_D": c["BLOCK_D"]},
-                      c["num_warps"], c["num_stages"], vals=dv))
+                       "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_D": c["BLOCK_D"],
+                       "ROW_BLOCKS": c["ROW_BLOCKS"]}, c["num_warps"], c["num_stages"], vals=dv))
     for D in (128, 256):
         out.append(_v(f"decode merge D={D} splits<=64", decode_attention.merge_kernel,
                       {"po_ptr": P[f32], "plse_ptr": P[f32], "out_ptr": P[bf], **_ints("D", "num_splits")},

@@ -133,9 +133,10 @@ def config(rows: int, D: int, capacity: int, programs: int, dtype, num_sms: int 
     # At most 16384 accumulator elements per program: 128 rows x D=256 spilled on sm_80 (832 B with int8,
     # COMPILE_REPORT.md), so such a group runs as row blocks (each reads the keys; they share L2).
     bm = min(bm, max(16384 // bd, 16))
+    # fp32 (IEEE dots on CUDA cores) at 4 warps spilled 504 B on sm_90: 8 warps.
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "num_splits": num_splits,
             "ROW_BLOCKS": triton.cdiv(rows, bm),
-            "split_size": split_size, "num_warps": 4 if bd <= 128 and bm * bd < 8192 else 8, "num_stages": 2,
+            "split_size": split_size, "num_warps": 4 if bd <= 128 and bm * bd < 8192 and dtype != torch.float32 else 8, "num_stages": 2,
             "DOT_PREC": dot_precision(dtype)}
 
 

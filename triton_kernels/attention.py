@@ -112,7 +112,10 @@ def config(D: int, dtype: torch.dtype, cap: int) -> dict:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": bd, "num_warps": 4, "num_stages": 1}
     # 4 warps and 64-key blocks at D=256 spilled (COMPILE_REPORT.md): 8 warps everywhere, 32 keys at D=256.
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2}
+        # IEEE fp32 dots run on CUDA cores with both operands in registers: 64x32 tiles spilled 1-17 KB on
+        # sm_90 (64x16 still 0.5-11 KB with varlen + softcap); 32x16 tiles at 8 warps do not spill there,
+        # and on sm_80 32x32 tiles do not (32x16 left 16 B with varlen + softcap).
+        return {"BLOCK_M": 32, "BLOCK_N": 32 if cap < 90 else 16, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2}
     if bd <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": bd, "num_warps": 8, "num_stages": 3 if cap >= 90 else 2}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2}

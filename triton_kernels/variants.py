@@ -123,7 +123,7 @@ def variants(cap: int) -> list[dict]:
                       {"BLOCK_S": decode_attention.MAX_SPLITS, "BLOCK_D": pow2(D)}, vals={"D": D, "num_splits": 4}))
     # prefill attention: every padded head dim (80 and 96 run as 128), bf16 and fp32, varlen, softcap.
     for D, dt, varlen, cap_ in ((64, bf, False, False), (128, bf, False, False), (128, bf, True, True),
-                                (256, bf, False, False), (256, bf, True, False), (128, f32, False, False),
+                                (256, bf, False, False), (256, bf, True, False), (128, f32, False, False), (128, f32, True, True),
                                 (256, f32, False, False)):
         c = attention.config(D, dt, cap)
         # Hq 32, Hk 8; batched [2, 4096, H, D] or packed [8192, H, D] (batch strides 0).

@@ -110,12 +110,14 @@ def config(M: int, N: int, K: int, dtype, num_sms: int = 132, split_k: int | Non
     f32 = dtype == torch.float32
     if interpreting():
         bm, bn, bk, warps, stages = 16, 32, 32, 4, 1
+    # fp32 dots are IEEE on CUDA cores, both operands in registers: at 4 warps (and BLOCK_K 32 for M > 16)
+    # they spilled 0.3-0.5 KB on sm_80/sm_90 (COMPILE_REPORT.md); 8 warps and BLOCK_K 16 do not.
     elif M <= SPLIT_K_MAX_M:
-        bm, bn, bk, warps, stages = 16, 64, (64 if f32 else 128), 4, 3
+        bm, bn, bk, warps, stages = (16, 64, 64, 8, 3) if f32 else (16, 64, 128, 4, 3)
     elif M <= 64:
-        bm, bn, bk, warps, stages = 64, 64, (32 if f32 else 64), 4, 3
+        bm, bn, bk, warps, stages = (64, 64, 16, 8, 3) if f32 else (64, 64, 64, 4, 3)
     else:
-        bm, bn, bk, warps, stages = (64, 64, 32, 4, 3) if f32 else (128, 128, 64, 8, 3)
+        bm, bn, bk, warps, stages = (64, 64, 16, 8, 3) if f32 else (128, 128, 64, 8, 3)
     tiles = triton.cdiv(max(M, 1), bm) * triton.cdiv(max(N, 1), bn)
     if split_k is None:
         split_k = 1

@@ -153,12 +153,14 @@ def config(mode: str, M: int, N: int, K: int, dtype, group: int | None = None) -
         # large tiles: 4 warps or BLOCK_K 128 spilled kilobytes of registers (ptxas, COMPILE_REPORT.md).
         bm, bn, bk, warps, stages = (16, 64, 128, 4, 4) if M <= 16 else (64, 128, 128, 8, 3) if M <= 64 \
             else (128, 128, 64, 8, 3)
+    # fp32 dots are IEEE on CUDA cores, both operands in registers: at 4 warps (and BLOCK_K 32 for M > 16)
+    # they spilled 0.2-0.6 KB on sm_80/sm_90 (COMPILE_REPORT.md); 8 warps and BLOCK_K 16 do not.
     elif M <= 16:
-        bm, bn, bk, warps, stages = 16, 64, (64 if f32 else 128), 4, 3
+        bm, bn, bk, warps, stages = (16, 64, 64, 8, 3) if f32 else (16, 64, 128, 4, 3)
     elif M <= 64:
-        bm, bn, bk, warps, stages = 64, 64, (32 if f32 else 64), 4, 3
+        bm, bn, bk, warps, stages = (64, 64, 16, 8, 3) if f32 else (64, 64, 64, 4, 3)
     else:
-        bm, bn, bk, warps, stages = (64, 64, 32, 4, 3) if f32 else (128, 128, 64, 8, 3)
+        bm, bn, bk, warps, stages = (64, 64, 16, 8, 3) if f32 else (128, 128, 64, 8, 3)
     if group is not None:
         while group % bk:
             bk //= 2  # group is a multiple of MIN_GROUP_K[mode] (checked by the launcher)

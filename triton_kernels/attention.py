@@ -23,9 +23,19 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
                     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                     sm_scale, softcap, window_left, window_right,
                     VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN8: tl.constexpr):
     """q [B, Sq, Hq, D] / k, v [B, Sk, Hk, D] (or packed: batch strides 0, rows offset by cu_seqlens);
-    unit stride along D. window_right is the right band limit (0 when causal, -1 unbounded)."""
+    unit stride along D. window_right is the right band limit (0 when causal, -1 unbounded).
+    ALIGN8: the launcher checked that D and the q/k/v/out strides are multiples of 8."""
+    if ALIGN8:
+        # x // 8 * 8 == x here, and tells the compiler so: with D = 72..120 (not a multiple of 16, so the
+        # JIT gives no divisibility hint) loads stay 16-byte vectors instead of one element each, which
+        # spilled 80/64 B on sm_80 at D=120 (COMPILE_REPORT.md).
+        D = D // 8 * 8
+        stride_qb, stride_qs, stride_qh = stride_qb // 8 * 8, stride_qs // 8 * 8, stride_qh // 8 * 8
+        stride_kb, stride_ks, stride_kh = stride_kb // 8 * 8, stride_ks // 8 * 8, stride_kh // 8 * 8
+        stride_vb, stride_vs, stride_vh = stride_vb // 8 * 8, stride_vs // 8 * 8, stride_vh // 8 * 8
+        stride_ob, stride_os, stride_oh = stride_ob // 8 * 8, stride_os // 8 * 8, stride_oh // 8 * 8
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -113,9 +123,9 @@ def config(D: int, dtype: torch.dtype, cap: int) -> dict:
     # 4 warps and 64-key blocks at D=256 spilled (COMPILE_REPORT.md): 8 warps everywhere, 32 keys at D=256.
     if dtype == torch.float32:
         # IEEE fp32 dots run on CUDA cores with both operands in registers: 64x32 tiles spilled 1-17 KB on
-        # sm_90 (64x16 still 0.5-11 KB with varlen + softcap); 32x16 tiles at 8 warps do not spill there,
-        # and on sm_80 32x32 tiles do not (32x16 left 16 B with varlen + softcap).
-        return {"BLOCK_M": 32, "BLOCK_N": 32 if cap < 90 else 16, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2}
+        # sm_90 (64x16 still 0.5-11 KB with varlen + softcap); 32x16 tiles at 8 warps do not (on sm_80 with
+        # 3 stages: 2 stages left 16 B with varlen + softcap; ptxas is erratic on these FMA loops).
+        return {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_D": bd, "num_warps": 8, "num_stages": 3 if cap < 90 else 2}
     if bd <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": bd, "num_warps": 8, "num_stages": 3 if cap >= 90 else 2}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2}
@@ -154,10 +164,11 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, w
     right = 0 if causal else int(window_right)
     sc = float(scale) if scale is not None else D ** -0.5
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
+    align8 = D % 8 == 0 and all(x % 8 == 0 for x in (*sq_, *sk_, *sv_, *so_))
     attn_fwd_kernel[grid](
         q, k, v, out, lse, cuq, cuk, Sq, Sk, Hq, D, Hq // Hk, *sq_, *sk_, *sv_, *so_, *sl_,
         sc, float(softcap), int(window_left), right,
         VARLEN=varlen, SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ALIGN8=align8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse

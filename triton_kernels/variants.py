@@ -88,9 +88,10 @@ def variants(cap: int) -> list[dict]:
                       vals={"Hk": 8, "Hq": 32, "D": 128, "R": 128 if rot else 2, "stride_kt": 48 * 128,
                             "stride_kh": 128, "stride_vt": 48 * 128, "stride_vh": 128, "stride_qt": 48 * 128,
                             "stride_qh": 128, "stride_cs": 128 if rot else 0}))
-    # decode: one split (direct) and split-KV, contiguous and paged, int8, softcap, fp32, D 128/256, 128 rows.
+    # decode: one split (direct) and split-KV, contiguous and paged, int8, softcap, fp32, D 120/128/256, 128 rows.
     for D, rows, dt, paged, int8, cap_, direct in (
             (128, 4, bf, False, False, False, True), (128, 4, bf, True, False, False, False),
+            (120, 4, bf, True, False, False, False),
             (128, 4, bf, True, True, False, False), (128, 4, bf, True, False, True, False),
             (256, 8, bf, True, False, False, False), (128, 4, f32, True, False, False, False),
             (128, 128, bf, True, False, False, False), (256, 128, bf, True, True, False, False)):
@@ -116,13 +117,14 @@ def variants(cap: int) -> list[dict]:
                        "sm_scale": "fp32", "softcap": "fp32", "window_left": "i32"},
                       {"PAGED": paged, "INT8": int8, "SOFTCAP": cap_, "DIRECT": direct, "DOT_PREC": c["DOT_PREC"],
                        "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_D": c["BLOCK_D"],
-                       "ROW_BLOCKS": c["ROW_BLOCKS"]}, c["num_warps"], c["num_stages"], vals=dv))
+                       "ROW_BLOCKS": c["ROW_BLOCKS"], "ALIGN8": True}, c["num_warps"], c["num_stages"], vals=dv))
     for D in (128, 256):
         out.append(_v(f"decode merge D={D} splits<=64", decode_attention.merge_kernel,
                       {"po_ptr": P[f32], "plse_ptr": P[f32], "out_ptr": P[bf], **_ints("D", "num_splits")},
                       {"BLOCK_S": decode_attention.MAX_SPLITS, "BLOCK_D": pow2(D)}, vals={"D": D, "num_splits": 4}))
     # prefill attention: every padded head dim (80 and 96 run as 128), bf16 and fp32, varlen, softcap.
-    for D, dt, varlen, cap_ in ((64, bf, False, False), (128, bf, False, False), (128, bf, True, True),
+    # D=120 runs as 128 without the JIT's divisibility-16 hint on D and the head strides (ALIGN8 path).
+    for D, dt, varlen, cap_ in ((64, bf, False, False), (120, bf, False, False), (128, bf, False, False), (128, bf, True, True),
                                 (256, bf, False, False), (256, bf, True, False), (128, f32, False, False), (128, f32, True, True),
                                 (256, f32, False, False)):
         c = attention.config(D, dt, cap)
@@ -143,7 +145,7 @@ def variants(cap: int) -> list[dict]:
                        **_ints("Sq", "Sk", "Hq", "D", "GROUP", *strides),
                        "sm_scale": "fp32", "softcap": "fp32", "window_left": "i32", "window_right": "i32"},
                       {"VARLEN": varlen, "SOFTCAP": cap_, "DOT_PREC": attention.dot_precision(dt),
-                       "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_D": c["BLOCK_D"]},
+                       "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_D": c["BLOCK_D"], "ALIGN8": True},
                       c["num_warps"], c["num_stages"], vals=av))
     out += _linear_variants(cap)
     return out

@@ -82,8 +82,7 @@ def decode_kernel(q_ptr, kc_ptr, vc_ptr, lens_ptr, bt_ptr, ks_ptr, vs_ptr, out_p
             s = softcap * tanh_f32(s * (sm_scale / softcap)) * 1.4426950408889634
         else:
             s = s * qk_scale
-        # Padding rows (q loaded as 0) stay finite and are never stored: only keys are masked.
-        vis = j_ok[None, :] & (j[None, :] <= q_pos[:, None])
+        vis = row_ok[:, None] & j_ok[None, :] & (j[None, :] <= q_pos[:, None])
         vis = vis & ((window_left < 0) | (j[None, :] >= q_pos[:, None] - window_left))
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))

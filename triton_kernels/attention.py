@@ -23,9 +23,19 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
                     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                     sm_scale, softcap, window_left, window_right,
                     VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN8: tl.constexpr):
     """q [B, Sq, Hq, D] / k, v [B, Sk, Hk, D] (or packed: batch strides 0, rows offset by cu_seqlens);
-    unit stride along D. window_right is the right band limit (0 when causal, -1 unbounded)."""
+    unit stride along D. window_right is the right band limit (0 when causal, -1 unbounded).
+    ALIGN8: the launcher checked that D and the q/k/v/out strides are multiples of 8."""
+    if ALIGN8:
+        # x // 8 * 8 == x here, and tells the compiler so: with D = 72..120 (not a multiple of 16, so the
+        # JIT gives no divisibility hint) loads stay 16-byte vectors instead of one element each, which
+        # spilled 80/64 B on sm_80 at D=120 (COMPILE_REPORT.md).
+        D = D // 8 * 8
+        stride_qb, stride_qs, stride_qh = stride_qb // 8 * 8, stride_qs // 8 * 8, stride_qh // 8 * 8
+        stride_kb, stride_ks, stride_kh = stride_kb // 8 * 8, stride_ks // 8 * 8, stride_kh // 8 * 8
+        stride_vb, stride_vs, stride_vh = stride_vb // 8 * 8, stride_vs // 8 * 8, stride_vh // 8 * 8
+        stride_ob, stride_os, stride_oh = stride_ob // 8 * 8, stride_os // 8 * 8, stride_oh // 8 * 8
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -37,20 +47,23 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
         k0 = tl.load(cuk_ptr + b)
         k_len = tl.load(cuk_ptr + b + 1) - k0
     else:
-        q0 = 0
+        q0 = pid_m * 0  # int32 scalars, as in the varlen branch
         q_len = Sq
-        k0 = 0
+        k0 = pid_m * 0
         k_len = Sk
     m0 = pid_m * BLOCK_M
     if m0 < q_len:  # varlen grids are sized for the longest possible sequence
         b64 = b.to(tl.int64)
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        # Scalar int64 bases (batch, head, first row of the tile) plus int32 offsets inside a tile: no
+        # [rows, D] int64 offset tensors, and the K/V offsets are loop invariant (registers, COMPILE_REPORT.md).
+        rows = tl.arange(0, BLOCK_M)
+        offs_m = m0 + rows
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < q_len
         d_ok = offs_d < D
-        rows_q = (q0 + offs_m).to(tl.int64)
-        q = tl.load(q_ptr + b64 * stride_qb + rows_q[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        row_q = (q0 + m0).to(tl.int64)
+        q = tl.load(q_ptr + (b64 * stride_qb + row_q * stride_qs + h * stride_qh)
+                    + (rows[:, None] * stride_qs + offs_d[None, :]), mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         diag = k_len - q_len  # bottom-right alignment: query i sits at key position i + diag
         q_pos = offs_m + diag
         lo = m0 * 0  # an int32 scalar on both branches (no loop-carried type change)
@@ -63,20 +76,24 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
+        cols = tl.arange(0, BLOCK_N)
+        k_off = cols[:, None] * stride_ks + offs_d[None, :]
+        v_off = cols[:, None] * stride_vs + offs_d[None, :]
+        # Pointers to key/value row lo, advanced by BLOCK_N rows per step.
+        k_blk = k_ptr + (b64 * stride_kb + (k0 + lo).to(tl.int64) * stride_ks + kvh * stride_kh)
+        v_blk = v_ptr + (b64 * stride_vb + (k0 + lo).to(tl.int64) * stride_vs + kvh * stride_vh)
         for n0 in range(lo, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
+            offs_n = n0 + cols
             n_ok = offs_n < k_len
-            rows_k = (k0 + offs_n).to(tl.int64)
             kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + b64 * stride_kb + rows_k[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+            k = tl.load(k_blk + k_off, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N] fp32
             if SOFTCAP:
                 s = softcap * tanh_f32(s * (sm_scale / softcap)) * 1.4426950408889634
             else:
                 s = s * qk_scale
-            vis = m_ok[:, None] & n_ok[None, :]
-            vis = vis & ((window_right < 0) | (offs_n[None, :] <= q_pos[:, None] + window_right))
+            # Rows past q_len (q loaded as 0) are computed but never stored: only keys are masked.
+            vis = n_ok[None, :] & ((window_right < 0) | (offs_n[None, :] <= q_pos[:, None] + window_right))
             vis = vis & ((window_left < 0) | (offs_n[None, :] >= q_pos[:, None] - window_left))
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -84,18 +101,19 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + b64 * stride_vb + rows_k[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+            v = tl.load(v_blk + v_off, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
+            k_blk += BLOCK_N * stride_ks
+            v_blk += BLOCK_N * stride_vs
         seen = l_i > 0
         o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that sees no key: 0
-        tl.store(out_ptr + b64 * stride_ob + rows_q[:, None] * stride_os + h * stride_oh + offs_d[None, :],
+        tl.store(out_ptr + (b64 * stride_ob + row_q * stride_os + h * stride_oh)
+                 + (rows[:, None] * stride_os + offs_d[None, :]),
                  o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
         # Natural-log lse of the scaled (capped) scores: (m + log2 l) * ln 2.
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(lse_ptr + b64 * stride_lb + h * stride_lh + rows_q, lse, mask=m_ok)
-
+        tl.store(lse_ptr + (b64 * stride_lb + h * stride_lh + row_q) + rows, lse, mask=m_ok)
 
 def config(D: int, dtype: torch.dtype, cap: int) -> dict:
     """Tiles by head dim, dtype and GPU generation; sized so K/V stages fit shared memory (COMPILE_REPORT.md)."""
@@ -104,7 +122,10 @@ def config(D: int, dtype: torch.dtype, cap: int) -> dict:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": bd, "num_warps": 4, "num_stages": 1}
     # 4 warps and 64-key blocks at D=256 spilled (COMPILE_REPORT.md): 8 warps everywhere, 32 keys at D=256.
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2}
+        # IEEE fp32 dots run on CUDA cores with both operands in registers: 64x32 tiles spilled 1-17 KB on
+        # sm_90 (64x16 still 0.5-11 KB with varlen + softcap); 32x16 tiles at 8 warps do not (on sm_80 with
+        # 3 stages: 2 stages left 16 B with varlen + softcap; ptxas is erratic on these FMA loops).
+        return {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_D": bd, "num_warps": 8, "num_stages": 3 if cap < 90 else 2}
     if bd <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": bd, "num_warps": 8, "num_stages": 3 if cap >= 90 else 2}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2}
@@ -143,10 +164,11 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, w
     right = 0 if causal else int(window_right)
     sc = float(scale) if scale is not None else D ** -0.5
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
+    align8 = D % 8 == 0 and all(x % 8 == 0 for x in (*sq_, *sk_, *sv_, *so_))
     attn_fwd_kernel[grid](
         q, k, v, out, lse, cuq, cuk, Sq, Sk, Hq, D, Hq // Hk, *sq_, *sk_, *sv_, *so_, *sl_,
         sc, float(softcap), int(window_left), right,
         VARLEN=varlen, SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ALIGN8=align8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse

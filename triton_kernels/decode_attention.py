@@ -28,14 +28,23 @@ def decode_kernel(q_ptr, kc_ptr, vc_ptr, lens_ptr, bt_ptr, ks_ptr, vs_ptr, out_p
                   stride_qb, stride_qs, stride_qh, stride_c0, stride_c1, stride_c2, stride_s0, stride_s1,
                   stride_bt, sm_scale, softcap, window_left,
                   PAGED: tl.constexpr, INT8: tl.constexpr, SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
-                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  ROW_BLOCKS: tl.constexpr, ALIGN8: tl.constexpr):
     """q [B, Sq, Hq, D] strided; caches [rows, cols, Hk, D] (unit D stride), scales [rows, cols, Hk];
-    out [B, Sq, Hq, D] contiguous (DIRECT) or po [B*Sq*Hq, num_splits, D] / plse [B*Sq*Hq, num_splits]."""
+    out [B, Sq, Hq, D] contiguous (DIRECT) or po [B*Sq*Hq, num_splits, D] / plse [B*Sq*Hq, num_splits].
+    Grid axis 1 is Hk * ROW_BLOCKS: the head's GROUP * Sq rows in ROW_BLOCKS blocks of BLOCK_M.
+    ALIGN8: the launcher checked that D and the q/cache strides are multiples of 8."""
+    if ALIGN8:
+        # x // 8 * 8 == x here, and tells the compiler so: with D = 72..120 (no divisibility-16 hint from
+        # the JIT) the K/V/q loads stay 16-byte vectors instead of one element each.
+        D = D // 8 * 8
+        stride_qb, stride_qs, stride_qh = stride_qb // 8 * 8, stride_qs // 8 * 8, stride_qh // 8 * 8
+        stride_c0, stride_c1, stride_c2 = stride_c0 // 8 * 8, stride_c1 // 8 * 8, stride_c2 // 8 * 8
     b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(1) // ROW_BLOCKS
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
-    rows = tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(1) % ROW_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     g = rows // Sq  # row = g * Sq + t: head kvh * GROUP + g, new token t
     t = rows % Sq
     row_ok = rows < GROUP * Sq
@@ -127,8 +136,13 @@ def config(rows: int, D: int, capacity: int, programs: int, dtype, num_sms: int 
     split_size = triton.cdiv(triton.cdiv(max(capacity, 1), num_splits), bn) * bn
     num_splits = triton.cdiv(max(capacity, 1), split_size)
     bd, bm = pow2(D, 16), pow2(rows, 16)
+    # At most 16384 accumulator elements per program: 128 rows x D=256 spilled on sm_80 (832 B with int8,
+    # COMPILE_REPORT.md), so such a group runs as row blocks (each reads the keys; they share L2).
+    bm = min(bm, max(16384 // bd, 16))
+    # fp32 (IEEE dots on CUDA cores) at 4 warps spilled 504 B on sm_90: 8 warps.
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "num_splits": num_splits,
-            "split_size": split_size, "num_warps": 4 if bd <= 128 and bm * bd < 8192 else 8, "num_stages": 2,
+            "ROW_BLOCKS": triton.cdiv(rows, bm),
+            "split_size": split_size, "num_warps": 4 if bd <= 128 and bm * bd < 8192 and dtype != torch.float32 else 8, "num_stages": 2,
             "DOT_PREC": dot_precision(dtype)}
 
 
@@ -164,13 +178,14 @@ def decode_attention(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scal
     sc = float(scale) if scale is not None else D ** -0.5
     ks, vs = (k_scale, v_scale) if int8 else (k_cache, v_cache)
     bt = block_table if paged else seq_lens
-    decode_kernel[(B, Hk, ns)](
+    align8 = D % 8 == 0 and all(x % 8 == 0 for x in (*q4.stride()[:3], *k_cache.stride()[:3]))
+    decode_kernel[(B, Hk * cfg["ROW_BLOCKS"], ns)](
         q4, k_cache, v_cache, seq_lens, bt, ks, vs, out, po, plse,
         Sq, Hq, D, group, cfg["split_size"], ns, k_cache.shape[1],
         q4.stride(0), q4.stride(1), q4.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         k_cache.shape[1] * k_cache.shape[2], k_cache.shape[2], bt.stride(0), sc, float(softcap), int(window_left),
         PAGED=paged, INT8=int8, SOFTCAP=softcap > 0, DIRECT=direct, DOT_PREC=cfg["DOT_PREC"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ROW_BLOCKS=cfg["ROW_BLOCKS"], ALIGN8=align8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not direct:
         merge_kernel[(rows,)](po, plse, out, D, ns, BLOCK_S=pow2(ns), BLOCK_D=pow2(D), num_warps=4)

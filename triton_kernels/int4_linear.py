@@ -49,35 +49,46 @@ def int4_linear_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K, strid
     offs_m64 = offs_m.to(tl.int64)
     offs_n64 = offs_n.to(tl.int64)
     HALF: tl.constexpr = BLOCK_K // 2
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_b = tl.arange(0, HALF)
     SG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
-    offs_g = tl.arange(0, SG)
     half_k = K // 2
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_start = split * split_len
     k_end = tl.minimum(k_start + split_len, K)
+    # Register-light addressing: int64 scalar bases (the tile's first row / column and k_start) plus
+    # loop-invariant int32 offsets inside the tile; the bases advance by one K step per iteration. No
+    # [rows, BLOCK_K] int64 offset tensor is rebuilt per step (COMPILE_REPORT.md).
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_b = tl.arange(0, HALF)
+    offs_g = tl.arange(0, SG)
+    x_off = rm[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    w_off = rn[:, None] * half_k + offs_b[None, :]  # [BLOCK_N, BLOCK_K/2] bytes
+    g_off = rn[:, None] * n_groups + offs_g[None, :]  # [BLOCK_N, SG]
+    x_blk = x_ptr + ((pid_m * BLOCK_M).to(tl.int64) * stride_xm + k_start)
+    w_blk = qw_ptr + ((pid_n * BLOCK_N).to(tl.int64) * half_k + k_start // 2)
+    g_row = (pid_n * BLOCK_N).to(tl.int64) * n_groups
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < k_end
-        x = tl.load(x_ptr + offs_m64[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)  # [BLOCK_M, BLOCK_K]
-        kb = k0 // 2 + offs_b
-        byte = tl.load(qw_ptr + offs_n64[:, None] * half_k + kb[None, :],
-                       mask=n_ok[:, None] & (kb < k_end // 2)[None, :], other=0)  # [BLOCK_N, BLOCK_K/2] uint8
-        # [BLOCK_N, BLOCK_K/2] -> join (low, high) [BLOCK_N, BLOCK_K/2, 2] -> [BLOCK_N, BLOCK_K]: k = 2j + t.
-        q = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+        k_ok = k0 + offs_k < k_end
+        x = tl.load(x_blk + x_off, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        byte = tl.load(w_blk + w_off, mask=n_ok[:, None] & (k0 // 2 + offs_b < k_end // 2)[None, :],
+                       other=0)  # [BLOCK_N, BLOCK_K/2] uint8
         # The step holds SG whole groups (BLOCK_K >= GROUP) or part of one (SG = 1): load [BLOCK_N, SG]
         # scales/offsets and broadcast them over [BLOCK_N, SG, BLOCK_K / SG] (both are powers of two).
-        gi = k0 // GROUP + offs_g
-        gidx = offs_n64[:, None] * n_groups + gi[None, :]
-        g_ok = n_ok[:, None] & (gi < n_groups)[None, :]
-        sc = tl.load(s_ptr + gidx, mask=g_ok, other=0.0)
-        off = tl.load(o_ptr + gidx, mask=g_ok, other=0.0)
-        q3 = tl.reshape(q, (BLOCK_N, SG, BLOCK_K // SG))
-        w = tl.reshape(q3 * sc[:, :, None] + off[:, :, None], (BLOCK_N, BLOCK_K))  # canonical fp32 dequant
-        w = w.to(x.dtype)  # x's dtype for the dot
+        g_ok = n_ok[:, None] & (k0 // GROUP + offs_g < n_groups)[None, :]
+        g_ptr = g_row + k0 // GROUP + g_off
+        sc = tl.load(s_ptr + g_ptr, mask=g_ok, other=0.0)[:, :, None]
+        off = tl.load(o_ptr + g_ptr, mask=g_ok, other=0.0)[:, :, None]
+        # Unpack nibbles straight into the dequantized values, one half at a time, and interleave only
+        # the results: [BLOCK_N, BLOCK_K/2] low/high -> join -> [BLOCK_N, BLOCK_K] with k = 2j + t.
+        SGH: tl.constexpr = HALF // SG
+        b3 = tl.reshape(byte, (BLOCK_N, SG, SGH))
+        lo = tl.reshape((b3 & 15).to(tl.float32) * sc + off, (BLOCK_N, HALF))  # canonical fp32 dequant
+        hi = tl.reshape((b3 >> 4).to(tl.float32) * sc + off, (BLOCK_N, HALF))
+        w = tl.reshape(tl.join(lo.to(x.dtype), hi.to(x.dtype)), (BLOCK_N, BLOCK_K))  # x's dtype for the dot
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+        x_blk += BLOCK_K
+        w_blk += HALF
     if SPLIT:
         ptr = y_ptr + (split * M + offs_m64)[:, None] * N + offs_n64[None, :]
         tl.store(ptr, acc, mask=m_ok[:, None] & n_ok[None, :])
@@ -110,12 +121,14 @@ def config(M: int, N: int, K: int, dtype, num_sms: int = 132, split_k: int | Non
     f32 = dtype == torch.float32
     if interpreting():
         bm, bn, bk, warps, stages = 16, 32, 32, 4, 1
+    # fp32 dots are IEEE on CUDA cores, both operands in registers: at 4 warps (and BLOCK_K 32 for M > 16)
+    # they spilled 0.3-0.5 KB on sm_80/sm_90 (COMPILE_REPORT.md); 8 warps and BLOCK_K 16 do not.
     elif M <= SPLIT_K_MAX_M:
-        bm, bn, bk, warps, stages = 16, 64, (64 if f32 else 128), 4, 3
+        bm, bn, bk, warps, stages = (16, 64, 64, 8, 3) if f32 else (16, 64, 128, 4, 3)
     elif M <= 64:
-        bm, bn, bk, warps, stages = 64, 64, (32 if f32 else 64), 4, 3
+        bm, bn, bk, warps, stages = (64, 64, 16, 8, 3) if f32 else (64, 64, 64, 4, 3)
     else:
-        bm, bn, bk, warps, stages = (64, 64, 32, 4, 3) if f32 else (128, 128, 64, 8, 3)
+        bm, bn, bk, warps, stages = (64, 64, 16, 8, 3) if f32 else (128, 128, 64, 8, 3)
     tiles = triton.cdiv(max(M, 1), bm) * triton.cdiv(max(N, 1), bn)
     if split_k is None:
         split_k = 1
@@ -162,7 +175,8 @@ def variants(cap: int, P: dict) -> list[dict]:
     from .variants import _v
 
     out = []
-    for M, dt in ((1, torch.bfloat16), (64, torch.bfloat16), (4096, torch.bfloat16), (1, torch.float32),
+    # M=1 compiles with M a constant 1 (the JIT's specialization); M=5 is the same tiles with a runtime M.
+    for M, dt in ((1, torch.bfloat16), (5, torch.bfloat16), (64, torch.bfloat16), (4096, torch.bfloat16), (1, torch.float32),
                   (64, torch.float32), (4096, torch.float32)):
         c = config(M, 4096, 4096, dt)
         for G in (32, 128):
@@ -174,9 +188,12 @@ def variants(cap: int, P: dict) -> list[dict]:
                            "split_len": "i32"},
                           {"HAS_BIAS": True, "SPLIT": split, "GROUP": G, "DOT_PREC": c["DOT_PREC"],
                            "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"], "GROUP_M": 8},
-                          c["num_warps"], c["num_stages"]))
+                          c["num_warps"], c["num_stages"],
+                          vals={"M": M, "N": 4096, "K": 4096, "stride_xm": 4096, "n_groups": 4096 // G,
+                                "split_len": c["split_len"]}))
     out.append(_v("int4_linear split-K reduce", reduce_kernel,
                   {"ws_ptr": P[torch.float32], "b_ptr": P[torch.bfloat16], "y_ptr": P[torch.bfloat16],
-                   "MN": "i32", "N": "i32", "splits": "i32"}, {"HAS_BIAS": True, "BLOCK": REDUCE_BLOCK}))
+                   "MN": "i32", "N": "i32", "splits": "i32"}, {"HAS_BIAS": True, "BLOCK": REDUCE_BLOCK},
+                  vals={"MN": 4096, "N": 4096, "splits": 8}))
     return out
 

@@ -153,12 +153,14 @@ def config(mode: str, M: int, N: int, K: int, dtype, group: int | None = None) -
         # large tiles: 4 warps or BLOCK_K 128 spilled kilobytes of registers (ptxas, COMPILE_REPORT.md).
         bm, bn, bk, warps, stages = (16, 64, 128, 4, 4) if M <= 16 else (64, 128, 128, 8, 3) if M <= 64 \
             else (128, 128, 64, 8, 3)
+    # fp32 dots are IEEE on CUDA cores, both operands in registers: at 4 warps (and BLOCK_K 32 for M > 16)
+    # they spilled 0.2-0.6 KB on sm_80/sm_90 (COMPILE_REPORT.md); 8 warps and BLOCK_K 16 do not.
     elif M <= 16:
-        bm, bn, bk, warps, stages = 16, 64, (64 if f32 else 128), 4, 3
+        bm, bn, bk, warps, stages = (16, 64, 64, 8, 3) if f32 else (16, 64, 128, 4, 3)
     elif M <= 64:
-        bm, bn, bk, warps, stages = 64, 64, (32 if f32 else 64), 4, 3
+        bm, bn, bk, warps, stages = (64, 64, 16, 8, 3) if f32 else (64, 64, 64, 4, 3)
     else:
-        bm, bn, bk, warps, stages = (64, 64, 32, 4, 3) if f32 else (128, 128, 64, 8, 3)
+        bm, bn, bk, warps, stages = (64, 64, 16, 8, 3) if f32 else (128, 128, 64, 8, 3)
     if group is not None:
         while group % bk:
             bk //= 2  # group is a multiple of MIN_GROUP_K[mode] (checked by the launcher)
@@ -219,24 +221,29 @@ def variants(cap: int, P: dict) -> list[dict]:
 
     i8, f32, bf = torch.int8, torch.float32, torch.bfloat16
     out = [_v("int8 quant rows", quant_rows_kernel, {"x_ptr": P[bf], "q_ptr": P[i8], "s_ptr": P[f32],
-                                                     "K": "i32", "stride_xm": "i32"}, {"BLOCK": QUANT_BLOCK})]
+                                                     "K": "i32", "stride_xm": "i32"}, {"BLOCK": QUANT_BLOCK},
+            vals={"K": 4096, "stride_xm": 4096})]
     ints = {"M": "i32", "N": "i32", "K": "i32", "n_groups": "i32", "GROUP": "i32"}
     for M in (1, 64, 4096):
         for pg in (False, True):
             c = config("w8a8", M, 4096, 4096, bf, 32 if pg else None)
+            lv = {"M": M, "N": 4096, "K": 4096, "n_groups": 128 if pg else 1, "GROUP": 32 if pg else 4096,
+                  "stride_xm": 4096}
             out.append(_v(f"int8_linear w8a8 M={M} per_group={pg}", w8a8_kernel,
                           {"xq_ptr": P[i8], "xs_ptr": P[f32], "w_ptr": P[i8], "ws_ptr": P[f32], "b_ptr": P[bf],
                            "y_ptr": P[bf], **ints},
                           {"HAS_BIAS": True, "PER_GROUP": pg, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
-                           "BLOCK_K": c["BLOCK_K"], "GROUP_M": 8}, c["num_warps"], c["num_stages"]))
+                           "BLOCK_K": c["BLOCK_K"], "GROUP_M": 8}, c["num_warps"], c["num_stages"], vals=lv))
     for M in (1, 64, 4096):
         for dt in (bf, f32):
             for pg in (False, True):
                 c = config("w8a16", M, 4096, 4096, dt, 32 if pg else None)
+                lv = {"M": M, "N": 4096, "K": 4096, "n_groups": 128 if pg else 1, "GROUP": 32 if pg else 4096,
+                      "stride_xm": 4096}
                 out.append(_v(f"int8_linear w8a16 M={M} {TL_NAME[dt]} per_group={pg}", w8a16_kernel,
                               {"x_ptr": P[dt], "w_ptr": P[i8], "ws_ptr": P[f32], "b_ptr": P[dt], "y_ptr": P[dt],
                                **ints, "stride_xm": "i32"},
                               {"HAS_BIAS": True, "PER_GROUP": pg, "DOT_PREC": c["DOT_PREC"],
                                "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"],
-                               "GROUP_M": 8}, c["num_warps"], c["num_stages"]))
+                               "GROUP_M": 8}, c["num_warps"], c["num_stages"], vals=lv))
     return out

@@ -89,3 +89,21 @@ def test_decode_multi_token_window_softcap(dtype):
     ref = reference.decode_attention(q.double(), kc.double(), vc.double(), lens, None, None, None, 0.3, 2.0, 7)
     assert out.shape == q.shape
     assert rel_err(out, ref) <= tol(dtype)
+
+
+def test_decode_row_blocks():
+    """GROUP x Sq = 80 rows at D = 136 (padded 256): more accumulator than one program holds, so the rows
+    run as 2 row blocks of 64 (decode_attention.config); padding rows of the last block are never stored."""
+    from llmkern.triton_kernels.decode_attention import config
+
+    assert config(80, 136, 64, 2, torch.float16, num_splits=2)["ROW_BLOCKS"] == 2
+    g = torch.Generator().manual_seed(6)
+    B, Sq, Hq, Hk, D, Smax = 1, 5, 16, 1, 136, 40
+    q = torch.randn(B, Sq, Hq, D, generator=g).to(torch.float16).to(DEV)
+    kc = torch.randn(B, Smax, Hk, D, generator=g).to(torch.float16).to(DEV)
+    vc = torch.randn(B, Smax, Hk, D, generator=g).to(torch.float16).to(DEV)
+    lens = torch.tensor([37], dtype=torch.int32, device=DEV)
+    out = _run(q, kc, vc, lens, None, None, None, None, 0.0, -1, num_splits=2)
+    ref = reference.decode_attention(q.double(), kc.double(), vc.double(), lens, None, None, None, None, 0.0, -1)
+    assert out.shape == q.shape
+    assert rel_err(out, ref) <= tol(torch.float16)

@@ -23,6 +23,53 @@ def backends(op: str) -> list[str]:
     return OPS[op].backends_here()
 
 
+def backend_device(backend: str) -> str:
+    """The device a backend's kernels take tensors on."""
+    return "cuda" if backend in ("cuda", "triton") else "cpu"
+
+
+def run_on(on_backend: str, fn, /, *args, **kwargs):
+    """fn(*args, **kwargs) with every tensor argument on `backend`'s device; results come back on the CPU.
+
+    Generic tests build CPU inputs; GPU backends get CUDA copies (one copy per distinct tensor, so an
+    argument passed twice stays one tensor), and tensors the op writes in place (caches, a rotated q)
+    are copied back into the caller's CPU tensors afterwards. CPU backends run on the inputs as given.
+    """
+    dev = backend_device(on_backend)
+    if dev == "cpu":
+        return fn(*args, **kwargs)
+    copies = {}
+
+    def move(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if id(t) not in copies:
+            copies[id(t)] = (t, t.to(dev))
+        return copies[id(t)][1]
+
+    out = fn(*[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
+    for orig, moved in copies.values():
+        back_cpu = moved.cpu()
+        if not torch.equal(back_cpu, orig):  # written in place by the op
+            orig.copy_(back_cpu)
+
+    def back(o):
+        if isinstance(o, torch.Tensor):
+            return o.cpu()
+        if isinstance(o, (tuple, list)):
+            return type(o)(back(x) for x in o)
+        return o
+
+    return back(out)
+
+
+def on_device(backend: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """(args, kwargs) with their tensors moved to `backend`'s device (for opcheck on GPU backends)."""
+    dev = backend_device(backend)
+    mv = lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return tuple(mv(a) for a in args), {k: mv(v) for k, v in kwargs.items()}
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN or inf anywhere in out gives inf (never passes)."""
     out64, ref64 = out.to(torch.float64), ref.to(torch.float64)

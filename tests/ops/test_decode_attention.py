@@ -11,7 +11,7 @@ import llmkern
 from llmkern import reference
 from llmkern.ops import strict
 
-from _attention_helpers import (TOL, CacheLayout, assert_rel, backends, make_kv, naive_attention, place_kv,
+from _attention_helpers import (on_device, run_on, TOL, CacheLayout, assert_rel, backends, make_kv, naive_attention, place_kv,
                                 poisoned_outputs, randn)
 
 BACKENDS = backends("decode_attention")
@@ -57,7 +57,7 @@ def _ref(args, scale=None, softcap=0.0, window_left=-1):
 def _run(backend, args, **kw):
     q, kc, vc, seq_lens, bt, ks, vs = args
     with strict(), poisoned_outputs():
-        out = llmkern.ops.decode_attention(q, kc, vc, seq_lens, block_table=bt, k_scale=ks, v_scale=vs,
+        out = run_on(backend, llmkern.ops.decode_attention, q, kc, vc, seq_lens, block_table=bt, k_scale=ks, v_scale=vs,
                                            backend=backend, **kw)
     assert llmkern.ops.OPS["decode_attention"].last_backend == backend
     return out
@@ -237,8 +237,8 @@ def test_opcheck(backend, kind):
     case = {"contiguous": ([3, 9], 1, 4, 2, 32, None), "paged": ([3, 9], 1, 4, 2, 32, 4),
             "int8_paged": ([3, 9], 1, 4, 2, 32, 4), "sq3": ([3, 9], 3, 4, 2, 32, 4)}[kind]
     args, _ = _inputs(case, int8=kind.startswith("int8"), seed=8)
-    torch.library.opcheck(torch.ops.llmkern.decode_attention.default, args,
-                          dict(window_left=5, softcap=3.0, backend=backend))
+    torch.library.opcheck(torch.ops.llmkern.decode_attention.default,
+                          *on_device(backend, args, dict(window_left=5, softcap=3.0, backend=backend)))
 
 
 # ---------------------------------------------------------------- (5) bad inputs

@@ -12,7 +12,7 @@ import llmkern
 from llmkern import reference
 from llmkern.ops import rotary_cos_sin, strict
 
-from _attention_helpers import CacheLayout, backends, randn
+from _attention_helpers import on_device, run_on, CacheLayout, backends, randn
 
 BACKENDS = backends("kv_cache_append")
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
@@ -78,7 +78,7 @@ def _ref(k, v, caches, slot_mapping, **kw):
 def _run(backend, k, v, caches, slot_mapping, **kw):
     kc, vc, ks, vs = _clone(caches)
     with strict():
-        llmkern.ops.kv_cache_append(k, v, kc, vc, slot_mapping, k_scale=ks, v_scale=vs, backend=backend, **kw)
+        run_on(backend, llmkern.ops.kv_cache_append, k, v, kc, vc, slot_mapping, k_scale=ks, v_scale=vs, backend=backend, **kw)
     assert llmkern.ops.OPS["kv_cache_append"].last_backend == backend
     return kc, vc, ks, vs
 
@@ -267,7 +267,7 @@ def test_opcheck(backend, kind):
     if kind == "rotary":
         kw.update(q=randn(k.shape[0], 4, 32), positions=pos, cos_sin_cache=rotary_cos_sin(128, 32))
     # opcheck reruns the op on copies; fresh tensors keep the mutations from leaking between its tests.
-    torch.library.opcheck(torch.ops.llmkern.kv_cache_append.default, (k, v, kc, vc, slots), kw)
+    torch.library.opcheck(torch.ops.llmkern.kv_cache_append.default, *on_device(backend, (k, v, kc, vc, slots), kw))
 
 
 # ---------------------------------------------------------------- (5) bad inputs

@@ -9,7 +9,7 @@ import llmkern
 from llmkern import reference
 from llmkern.ops import strict
 
-from _attention_helpers import TOL, assert_rel, backends, poisoned_outputs, randn
+from _attention_helpers import on_device, run_on, TOL, assert_rel, backends, poisoned_outputs, randn
 
 BACKENDS = backends("rms_norm")
 
@@ -83,7 +83,7 @@ def test_reference_mixed_weight_dtype_and_non_contiguous_x():
 def test_backend_matches_reference(backend, shape, dtype, residual):
     x, w, r = _inputs(shape, dtype, residual=residual, seed=1)
     with strict(), poisoned_outputs():
-        res = llmkern.ops.rms_norm(x, w, 1e-5, r, backend=backend)
+        res = run_on(backend, llmkern.ops.rms_norm, x, w, 1e-5, r, backend=backend)
     assert llmkern.ops.OPS["rms_norm"].last_backend == backend
     ry, rh = reference.rms_norm(x, w, 1e-5, r)
     y, h = res if residual else (res, None)
@@ -99,7 +99,7 @@ def test_backend_matches_reference(backend, shape, dtype, residual):
 def test_backend_non_contiguous_and_mixed_weight(backend, layout):
     x, w, r = _inputs((3, 17, 256), torch.bfloat16, wdtype=torch.float32, residual=True, layout=layout, seed=2)
     with strict(), poisoned_outputs():
-        y, h = llmkern.ops.rms_norm(x, w, 1e-6, r, backend=backend)
+        y, h = run_on(backend, llmkern.ops.rms_norm, x, w, 1e-6, r, backend=backend)
     ry, rh = reference.rms_norm(x.contiguous(), w, 1e-6, r)
     assert_rel(y, ry, TOL[torch.bfloat16])
     assert torch.equal(h, rh)
@@ -112,9 +112,9 @@ def test_backend_non_contiguous_and_mixed_weight(backend, layout):
 def test_fused_equals_add_then_norm_and_scale_invariance(backend):
     x, w, r = _inputs((9, 576), residual=True, seed=3)
     with strict():
-        y_fused, h = llmkern.ops.rms_norm(x, w, 0.0, r, backend=backend)
-        y_plain = llmkern.ops.rms_norm(x + r, w, 0.0, backend=backend)
-        y_scaled = llmkern.ops.rms_norm((x + r) * 8.0, w, 0.0, backend=backend)  # exact power-of-2 scaling
+        y_fused, h = run_on(backend, llmkern.ops.rms_norm, x, w, 0.0, r, backend=backend)
+        y_plain = run_on(backend, llmkern.ops.rms_norm, x + r, w, 0.0, backend=backend)
+        y_scaled = run_on(backend, llmkern.ops.rms_norm, (x + r) * 8.0, w, 0.0, backend=backend)  # exact power-of-2 scaling
     assert torch.equal(h, x + r)
     assert_rel(y_fused, y_plain, TOL[torch.float32])
     assert_rel(y_scaled, y_plain, TOL[torch.float32])
@@ -127,7 +127,8 @@ def test_fused_equals_add_then_norm_and_scale_invariance(backend):
 @pytest.mark.parametrize("residual", [False, True])
 def test_opcheck(backend, residual):
     x, w, r = _inputs((3, 5, 64), residual=residual, seed=4)
-    torch.library.opcheck(torch.ops.llmkern.rms_norm.default, (x, w), dict(eps=1e-6, residual=r, backend=backend))
+    torch.library.opcheck(torch.ops.llmkern.rms_norm.default,
+                          *on_device(backend, (x, w), dict(eps=1e-6, residual=r, backend=backend)))
 
 
 # ---------------------------------------------------------------- (5) bad inputs

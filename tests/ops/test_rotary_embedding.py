@@ -9,7 +9,7 @@ import llmkern
 from llmkern import reference
 from llmkern.ops import rotary_cos_sin, strict
 
-from _attention_helpers import TOL, assert_rel, backends, poisoned_outputs, randn
+from _attention_helpers import on_device, run_on, TOL, assert_rel, backends, poisoned_outputs, randn
 
 BACKENDS = backends("rotary_embedding")
 
@@ -129,7 +129,7 @@ def test_rotary_cos_sin_matches_definition(scaling):
 def test_backend_matches_reference(backend, case, dtype, interleaved):
     q, k, pos, cs = _inputs(case, dtype, pos_dtype=torch.int32 if case[3] == 80 else torch.int64, seed=1)
     with strict(), poisoned_outputs():
-        qb, kb = llmkern.ops.rotary_embedding(q, k, pos, cs, interleaved, backend=backend)
+        qb, kb = run_on(backend, llmkern.ops.rotary_embedding, q, k, pos, cs, interleaved, backend=backend)
     assert llmkern.ops.OPS["rotary_embedding"].last_backend == backend
     qr, kr = reference.rotary_embedding(q, k, pos, cs, interleaved)
     R = cs.shape[1]
@@ -144,7 +144,7 @@ def test_backend_matches_reference(backend, case, dtype, interleaved):
 def test_backend_non_contiguous(backend, layout):
     q, k, pos, cs = _inputs(CASES[3], layout=layout, seed=2)
     with strict(), poisoned_outputs():
-        qb, kb = llmkern.ops.rotary_embedding(q, k, pos, cs, False, backend=backend)
+        qb, kb = run_on(backend, llmkern.ops.rotary_embedding, q, k, pos, cs, False, backend=backend)
     qr, kr = reference.rotary_embedding(q.contiguous(), k, pos, cs, False)
     assert_rel(qb, qr, TOL[torch.float32])
     assert_rel(kb, kr, TOL[torch.float32])
@@ -164,10 +164,10 @@ def test_scores_depend_only_on_relative_position(backend, interleaved):
     m, n = torch.randint(0, 200, (T,)), torch.randint(0, 200, (T,))
     shift = torch.randint(1, 200, (T,))
     with strict():
-        q1, _ = llmkern.ops.rotary_embedding(q, q, m, cs, interleaved, backend=backend)
-        k1, _ = llmkern.ops.rotary_embedding(k, k, n, cs, interleaved, backend=backend)
-        q2, _ = llmkern.ops.rotary_embedding(q, q, m + shift, cs, interleaved, backend=backend)
-        k2, _ = llmkern.ops.rotary_embedding(k, k, n + shift, cs, interleaved, backend=backend)
+        q1, _ = run_on(backend, llmkern.ops.rotary_embedding, q, q, m, cs, interleaved, backend=backend)
+        k1, _ = run_on(backend, llmkern.ops.rotary_embedding, k, k, n, cs, interleaved, backend=backend)
+        q2, _ = run_on(backend, llmkern.ops.rotary_embedding, q, q, m + shift, cs, interleaved, backend=backend)
+        k2, _ = run_on(backend, llmkern.ops.rotary_embedding, k, k, n + shift, cs, interleaved, backend=backend)
     dot1, dot2 = (q1.double() * k1.double()).sum(-1), (q2.double() * k2.double()).sum(-1)  # [T, H]
     assert_rel(dot2, dot1, 1e-5, "relative-position scores")
     assert_rel(q1.norm(dim=-1), q.norm(dim=-1), 1e-5, "norms")
@@ -177,9 +177,9 @@ def test_scores_depend_only_on_relative_position(backend, interleaved):
 def test_position_zero_is_identity_and_batched_equals_packed(backend):
     q, k, pos, cs = _inputs(CASES[0], seed=4)
     with strict():
-        q0, k0 = llmkern.ops.rotary_embedding(q, k, torch.zeros_like(pos), cs, backend=backend)
-        qb, kb = llmkern.ops.rotary_embedding(q, k, pos, cs, backend=backend)
-        qp, kp = llmkern.ops.rotary_embedding(q.reshape(34, 4, 64), k.reshape(34, 4, 64), pos.reshape(34), cs,
+        q0, k0 = run_on(backend, llmkern.ops.rotary_embedding, q, k, torch.zeros_like(pos), cs, backend=backend)
+        qb, kb = run_on(backend, llmkern.ops.rotary_embedding, q, k, pos, cs, backend=backend)
+        qp, kp = run_on(backend, llmkern.ops.rotary_embedding, q.reshape(34, 4, 64), k.reshape(34, 4, 64), pos.reshape(34), cs,
                                               backend=backend)
     torch.testing.assert_close(q0, q, rtol=0, atol=0)  # cos 0 = 1 and sin 0 = 0 exactly in the cache
     torch.testing.assert_close(k0, k, rtol=0, atol=0)
@@ -193,8 +193,8 @@ def test_position_zero_is_identity_and_batched_equals_packed(backend):
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_opcheck(backend, interleaved):
     q, k, pos, cs = _inputs(((2, 5), 4, 2, 32, 16), seed=5)
-    torch.library.opcheck(torch.ops.llmkern.rotary_embedding.default, (q, k, pos, cs),
-                          dict(interleaved=interleaved, backend=backend))
+    torch.library.opcheck(torch.ops.llmkern.rotary_embedding.default,
+                          *on_device(backend, (q, k, pos, cs), dict(interleaved=interleaved, backend=backend)))
 
 
 # ---------------------------------------------------------------- (5) bad inputs

@@ -169,3 +169,33 @@ def test_module_prepares_packed_and_keeps_canonical_buffers(monkeypatch):
     m2 = Int4Linear.from_quantized(qw, s, o)
     m2(x)
     assert _prepared_fn(m2).packed is None  # opt-out: no memory beyond the canonical buffers
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_imports_pack_with_fp16_scales(kind, threads):
+    """Q4_0 (offsets -8 d) and Q4_1 (offsets m) imports are fp16-exact, fp16 subnormal d included:
+    packed with E = 2 and bit-identical to the canonical kernel."""
+    import numpy as np
+
+    from llmkern.formats.gguf import q4_0_to_int4, q4_1_to_int4
+
+    rng = np.random.default_rng(7)
+    N, K = 19, 256
+    nb = N * K // 32
+    d = (rng.random(nb) * 0.02 + 1e-4).astype(np.float16)
+    d[:5] = np.array([2.0 ** -24, 3 * 2.0 ** -24, 2.0 ** -15, 6e-5, 0.0], dtype=np.float16)  # subnormals, 0
+    fields = [d.view(np.uint8).reshape(nb, 2)]
+    if kind == "Q4_1":
+        fields.append((rng.standard_normal(nb) * 0.05).astype(np.float16).view(np.uint8).reshape(nb, 2))
+    fields.append(rng.integers(0, 256, (nb, 16), dtype=np.uint8))
+    raw = np.concatenate(fields, axis=1).reshape(-1)
+    qw, s, o = (q4_0_to_int4 if kind == "Q4_0" else q4_1_to_int4)(raw, (N, K))
+    canon, packed = _cpu_runner(qw, s, o, None, pack=False), _cpu_runner(qw, s, o, None)
+    assert packed.packed_e == 2
+    gen = torch.Generator().manual_seed(1)
+    for nt in (1, 2):
+        threads(nt)
+        for dtype in DTYPES:
+            for M in (1, 3, 20):
+                x = torch.randn(M, K, generator=gen).to(dtype)
+                assert torch.equal(packed(x), canon(x)), (kind, dtype, M, nt)

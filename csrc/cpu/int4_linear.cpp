@@ -110,7 +110,7 @@ void bind_int4_linear(py::module_& m) {
         "(see llmkern/ops/int4_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype; "
         "scales/offsets/bias float32. decode_max_rows: M at or below it takes the decode path (-1: default); "
         "bf16_dot: allow AVX512-BF16 dot products for bf16 x; packed_ptr / packed_e: the same weights in the "
-        "packed decode layout (int4_linear_pack), read by the decode path instead of qweight/scales/offsets. Releases the GIL while computing; invalid "
+        "packed decode layout (int4_linear_pack), read instead of qweight/scales/offsets by one-row (M = 1) calls. Releases the GIL while computing; invalid "
         "arguments raise ValueError.");
   m.def(
       "int4_linear_packed_size",

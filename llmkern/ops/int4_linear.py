@@ -96,8 +96,8 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True):
     the tensors whose pointers it holds alive.
 
     pack (the preparer, i.e. Int4Linear's prepared call): the weights are also repacked once into
-    the kernel's packed decode layout (`_cpu_pack`), which the decode path (few rows) streams instead
-    of the canonical tensors; the prefill path keeps reading the canonical tensors, which the caller
+    the kernel's packed decode layout (`_cpu_pack`), which one-row calls (M = 1) stream instead of
+    the canonical tensors (with 2-4 rows it measured slower); the prefill path keeps reading the canonical tensors, which the caller
     holds anyway (a module's buffers). Results are bit-identical to the canonical kernel's. Memory:
     the packed copy adds K/2 + 2 (K/G) E bytes per output row (E = 2 when every scale and offset is
     an fp16 value, else 4) on top of the canonical K/2 + 8 K/G.
@@ -160,9 +160,12 @@ def _cpu(x, qweight, scales, offsets, bias):
 
 @int4_linear_op.preparer("cpu")
 def _cpu_prepare(qweight, scales, offsets, bias):
-    """The cpu preparer (Int4Linear's prepared call): packs the weights for the decode path unless
-    LLMKERN_INT4_PACK=0 (then no memory beyond the canonical tensors; see `_cpu_runner`)."""
-    return _cpu_runner(qweight, scales, offsets, bias, pack=os.environ.get("LLMKERN_INT4_PACK", "1") != "0")
+    """The cpu preparer (Int4Linear's prepared call): packs the weights for one-row decode calls when
+    the CPU kernels run AVX-512 (measured faster there; on AVX2 the packed tiles measured 3-7% slower,
+    compute-bound) unless LLMKERN_INT4_PACK=0 (then no memory beyond the canonical tensors; see
+    `_cpu_runner`). The kernel reads whichever layout it is given on any ISA, with identical results."""
+    pack = os.environ.get("LLMKERN_INT4_PACK", "1") != "0" and _backends.cpu_isa() == "avx512_vnni"
+    return _cpu_runner(qweight, scales, offsets, bias, pack=pack)
 
 
 def int4_linear(x, qweight, scales, offsets, bias=None, backend=None):

@@ -45,7 +45,8 @@ struct Int4LinearArgs {
   int64_t decode_max_rows = -1;      // M <= this takes the decode path; < 0: the route's default
   bool bf16_dot = true;              // bf16 x may use AVX512-BF16 dot products (when the CPU has them)
   // Optional packed decode layout of the same weights (int4_pack_decode, packed_e-byte scales):
-  // the decode path reads it instead of qweight / scales / offsets; the prefill path reads those.
+  // the decode path reads it instead of qweight / scales / offsets when M <= kPkMaxRows; otherwise
+  // (and on the prefill path) those are read.
   const uint8_t* packed = nullptr;
   int64_t packed_e = 0;              // 2 (fp16) or 4 (fp32) when packed is set
 };
@@ -120,6 +121,7 @@ using DecodeTileFn = void (*)(const DecodeTile&);
 // Bytes per row: K/2 + 2 (K/G) E; block n0 / 8 starts at byte n0 * that.
 constexpr int64_t kPkRows = 8;
 constexpr int64_t kPkSpan = 512;  // values of k per span: 256 bytes per row
+constexpr int64_t kPkMaxRows = 1;  // decode calls of at most this many rows read the packed layout
 
 inline int64_t pk_row_bytes(int64_t K, int64_t G, int64_t E) { return K / 2 + 2 * (K / G) * E; }
 inline int64_t pk_total_bytes(int64_t N, int64_t K, int64_t G, int64_t E) { return N * pk_row_bytes(K, G, E); }

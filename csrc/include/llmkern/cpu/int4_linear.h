@@ -7,7 +7,8 @@
 // every thread prepares the rows (in the ISA's nibble order) in its own workspace, then streams its
 // contiguous range of whole 32-column chunks of the weights once, prefetching the next tile in
 // software; each chunk is reused from L1/L2 by the tiles of <= 4 rows. No barrier, no two threads
-// writing one cache line of an output row.
+// writing one cache line of an output row. One-row calls given the packed decode layout
+// (Int4LinearArgs::packed, see int4_linear_common.h) stream that instead: same tiles, same results.
 // Prefill path: rows are processed in M chunks (all rows, up to kChunkMaxRows, when x is read in
 // place; fewer when rows are first converted to fp32). Per chunk, the threads prepare the rows
 // (group sums X, conversion) together, then each takes a contiguous range of strips (NS output

@@ -33,7 +33,8 @@ void check_sizes(const char* where, int64_t M, int64_t K, int64_t N, int num_thr
 void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t qweight_ptr,
             int64_t N, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t group_size, std::uintptr_t bias_ptr,
             std::uintptr_t out_ptr, int64_t out_row_stride, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
-            const std::string& isa_name, int64_t decode_max_rows, bool bf16_dot) {
+            const std::string& isa_name, int64_t decode_max_rows, bool bf16_dot, std::uintptr_t packed_ptr,
+            int64_t packed_e) {
   if (x_dtype < 0 || x_dtype > 2) fail(kWhere, "x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
   const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
   check_sizes(kWhere, M, K, N, num_threads);
@@ -42,6 +43,8 @@ void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, 
   if (K % group_size) fail(kWhere, "group_size must divide K=" + std::to_string(K) + ", got " + std::to_string(group_size));
   if (decode_max_rows < -1 || decode_max_rows > kMaxDim)
     fail(kWhere, "decode_max_rows must be -1 (default) or in [0, 2^31], got " + std::to_string(decode_max_rows));
+  if (packed_ptr ? (packed_e != 2 && packed_e != 4) : packed_e != 0)
+    fail(kWhere, "packed_e must be 2 or 4 with packed_ptr, 0 without, got " + std::to_string(packed_e));
   if (x_row_stride < 0) fail(kWhere, "x_row_stride must be >= 0, got " + std::to_string(x_row_stride));
   if (out_row_stride < (M > 1 ? N : 0))
     fail(kWhere, "out_row_stride must be >= N=" + std::to_string(N) + " (rows must not overlap), got " + std::to_string(out_row_stride));
@@ -58,6 +61,7 @@ void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, 
   if (bias_ptr) check_ptr("bias_ptr", bias_ptr, 4);
   check_ptr("out_ptr", out_ptr, esize);
   check_ptr("ws_ptr", ws_ptr, 1);
+  if (packed_ptr) check_ptr("packed_ptr", packed_ptr, packed_e);
 
   cpu::Int4LinearArgs a;
   a.x = reinterpret_cast<const void*>(x_ptr);
@@ -77,6 +81,8 @@ void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, 
   a.num_threads = num_threads;
   a.decode_max_rows = decode_max_rows;
   a.bf16_dot = bf16_dot;
+  a.packed = reinterpret_cast<const uint8_t*>(packed_ptr);
+  a.packed_e = packed_e;
   py::gil_scoped_release release;  // checks above raise with the GIL held
   cpu::int4_linear(a, isa);
 }
@@ -99,12 +105,72 @@ void bind_int4_linear(py::module_& m) {
         py::arg("K"), py::arg("qweight_ptr"), py::arg("N"), py::arg("scales_ptr"), py::arg("offsets_ptr"),
         py::arg("group_size"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("ws_ptr"),
         py::arg("ws_bytes"), py::arg("num_threads"), py::arg("isa"), py::arg("decode_max_rows") = -1,
-        py::arg("bf16_dot") = true,
+        py::arg("bf16_dot") = true, py::arg("packed_ptr") = 0, py::arg("packed_e") = 0,
         "out[M, N] = x[M, K] @ dequant(qweight[N, K/2])^T (+ bias) on raw pointers, canonical int4 layout "
         "(see llmkern/ops/int4_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype; "
         "scales/offsets/bias float32. decode_max_rows: M at or below it takes the decode path (-1: default); "
-        "bf16_dot: allow AVX512-BF16 dot products for bf16 x. Releases the GIL while computing; invalid "
+        "bf16_dot: allow AVX512-BF16 dot products for bf16 x; packed_ptr / packed_e: the same weights in the "
+        "packed decode layout (int4_linear_pack), read instead of qweight/scales/offsets by one-row (M = 1) calls. Releases the GIL while computing; invalid "
         "arguments raise ValueError.");
+  m.def(
+      "int4_linear_packed_size",
+      [](int64_t N, int64_t K, int64_t group_size, int64_t e) {
+        const char* where = "llmkern._C.int4_linear_packed_size";
+        check_sizes(where, 1, K, N, 1);
+        if (group_size != 32 && group_size != 64 && group_size != 128)
+          fail(where, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+        if (K % group_size) fail(where, "group_size must divide K=" + std::to_string(K));
+        if (e != 2 && e != 4) fail(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
+        return cpu::pk_total_bytes(N, K, group_size, e);
+      },
+      py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"),
+      "Bytes of the packed decode layout of [N, K] int4 weights with e-byte scales and offsets.");
+  m.def(
+      "int4_linear_fits_f16",
+      [](std::uintptr_t ptr, int64_t n) {
+        const char* where = "llmkern._C.int4_linear_fits_f16";
+        if (n < 0) fail(where, "n must be >= 0, got " + std::to_string(n));
+        if (n == 0) return true;
+        check_ptr_arg(where, "ptr", ptr, 4);
+        py::gil_scoped_release release;
+        return cpu::fits_f16(reinterpret_cast<const float*>(ptr), n);
+      },
+      py::arg("ptr"), py::arg("n"),
+      "Whether all n float32 values at ptr are exactly fp16 values (bit for bit; NaN: no).");
+  m.def(
+      "int4_linear_pack",
+      [](std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t N, int64_t K,
+         int64_t group_size, int64_t e, std::uintptr_t out_ptr, int64_t out_bytes) {
+        const char* where = "llmkern._C.int4_linear_pack";
+        check_sizes(where, 1, K, N, 1);
+        if (group_size != 32 && group_size != 64 && group_size != 128)
+          fail(where, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+        if (K % group_size) fail(where, "group_size must divide K=" + std::to_string(K));
+        if (e != 2 && e != 4) fail(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
+        const int64_t need = cpu::pk_total_bytes(N, K, group_size, e);
+        if (out_bytes < need)
+          fail(where, "out_bytes=" + std::to_string(out_bytes) + " too small, need " + std::to_string(need));
+        if (N == 0) return;
+        check_ptr_arg(where, "qweight_ptr", qweight_ptr, 1);
+        check_ptr_arg(where, "scales_ptr", scales_ptr, 4);
+        check_ptr_arg(where, "offsets_ptr", offsets_ptr, 4);
+        check_ptr_arg(where, "out_ptr", out_ptr, e);
+        const auto* s = reinterpret_cast<const float*>(scales_ptr);
+        const auto* o = reinterpret_cast<const float*>(offsets_ptr);
+        const int64_t n = N * (K / group_size);
+        py::gil_scoped_release release;
+        if (e == 2 && !(cpu::fits_f16(s, n) && cpu::fits_f16(o, n))) {
+          py::gil_scoped_acquire gil;
+          fail(where, "e=2 needs every scale and offset to be exactly an fp16 value");
+        }
+        cpu::int4_pack_decode(reinterpret_cast<const uint8_t*>(qweight_ptr), s, o, N, K, group_size, e,
+                              reinterpret_cast<uint8_t*>(out_ptr));
+      },
+      py::arg("qweight_ptr"), py::arg("scales_ptr"), py::arg("offsets_ptr"), py::arg("N"), py::arg("K"),
+      py::arg("group_size"), py::arg("e"), py::arg("out_ptr"), py::arg("out_bytes"),
+      "Packs canonical int4 weights (qweight [N, K/2], scales/offsets fp32 [N, K/G], contiguous) into the "
+      "packed decode layout (csrc/include/llmkern/cpu/int4_linear_common.h) with e-byte scales: "
+      "e=2 (fp16) only when every scale and offset is exactly an fp16 value (ValueError otherwise).");
   m.def("int4_linear_cpu_info", []() {
     py::dict d;
     d["decode_max_rows"] = cpu::kDecodeMaxRows;  // the largest default (bf16 dot products)

@@ -14,6 +14,7 @@
 #pragma GCC diagnostic pop
 
 #include <cstdint>
+#include <cstring>
 
 #include "llmkern/cpu/int4_linear_common.h"
 #include "llmkern/cpu/int4_linear_scalar.h"
@@ -71,9 +72,34 @@ inline void dec_prep(const void* x, DType dt, int64_t K, int64_t G, void* xp, fl
   group_sums(x, dt, K, G, xs);
 }
 
-template <int MB, int NB>
+// 1 <= n scales or offsets (the first 8) from element i of p (canonical fp32, packed fp16 or fp32), 0 past n.
+template <int E>
+LLMKERN_I4_AVX2_INLINE __m256 load_groups8(const void* p, int64_t i, int64_t n) {
+  if constexpr (E == 2) {
+    const uint16_t* h = static_cast<const uint16_t*>(p) + i;
+    if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+    // n < 8 (at most 2 per step for the scales): inserts, not a copy loop (GCC turns that into a
+    // memcpy library call: 8x slower decode, measured)
+    __m128i v = _mm_setzero_si128();
+    v = _mm_insert_epi16(v, h[0], 0);  // n >= 1
+    if (n > 1) v = _mm_insert_epi16(v, h[1], 1);
+    if (n > 2) v = _mm_insert_epi16(v, h[2], 2);
+    if (n > 3) v = _mm_insert_epi16(v, h[3], 3);
+    if (n > 4) v = _mm_insert_epi16(v, h[4], 4);
+    if (n > 5) v = _mm_insert_epi16(v, h[5], 5);
+    if (n > 6) v = _mm_insert_epi16(v, h[6], 6);
+    return _mm256_cvtph_ps(v);
+  } else {
+    return _mm256_maskload_ps(static_cast<const float*>(p) + i, lanes(n));
+  }
+}
+
+// E: weights in the canonical arrays (0) or the packed layout with E-byte scales (2, 4): the same
+// arithmetic on the same values either way.
+template <int MB, int NB, int E = 0>
 LLMKERN_I4_AVX2 void dec_tile(const DecodeTile& t) {
   const int64_t rb = t.K / 2, G = t.group;
+  const void* offs = offsets_ptr<E>(t);
   const __m256i nib = _mm256_set1_epi32(15);
   // lane j of block b lies in group (64b + 8j) / G: index among the block's first group
   const __m256i gidx = _mm256_srlv_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -84,10 +110,11 @@ LLMKERN_I4_AVX2 void dec_tile(const DecodeTile& t) {
   for (int64_t b = 0; b * 32 < rb; ++b) {
     const int64_t bytes = rb - b * 32 < 32 ? rb - b * 32 : 32;
     const __m256i dm = lanes(bytes / 4);
-    if (b % 2 == 0) dec_prefetch(t, b / 2, (rb + 63) / 64, NB);  // one prefetch step per 64 bytes
+    if (b % 2 == 0) dec_prefetch_any<E>(t, b / 2, (rb + 63) / 64, NB);  // one prefetch step per 64 bytes
+    const StepPtrs sp = step_ptrs<E>(t, b * 32);
     __m256i d[NB];
     LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j)
-      d[j] = _mm256_maskload_epi32(reinterpret_cast<const int*>(t.qw + j * rb + b * 32), dm);
+      d[j] = _mm256_maskload_epi32(reinterpret_cast<const int*>(sp.q + j * sp.qstride), dm);
     __m256 acc[MB][NB];
     LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i)
       LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -100,16 +127,16 @@ LLMKERN_I4_AVX2 void dec_tile(const DecodeTile& t) {
       }
     }
     const int gs = __builtin_ctzll(static_cast<uint64_t>(G));  // G is a power of two
-    const int64_t g0 = (b * 64) >> gs, gv = (2 * bytes + G - 1) >> gs;
+    const int64_t gv = (2 * bytes + G - 1) >> gs;
     LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j) {
-      const __m256 s = _mm256_permutevar8x32_ps(_mm256_maskload_ps(t.scale + j * t.ngroups + g0, lanes(gv)), gidx);
+      const __m256 s = _mm256_permutevar8x32_ps(load_groups8<E>(sp.s, j * sp.sstride, gv), gidx);
       LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i) accf[i][j] = _mm256_fmadd_ps(acc[i][j], s, accf[i][j]);
     }
   }
   for (int64_t g = 0; g < t.ngroups; g += 8) {
-    const __m256i m = lanes(t.ngroups - g);
+    const int64_t n = t.ngroups - g;
     LLMKERN_I4_UNROLL2 for (int j = 0; j < NB; ++j) {
-      const __m256 o = _mm256_maskload_ps(t.offset + j * t.ngroups + g, m);
+      const __m256 o = load_groups8<E>(offs, j * t.ngroups + g, n);
       LLMKERN_I4_UNROLL2 for (int i = 0; i < MB; ++i)
         accf[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(t.xs[i] + g), o, accf[i][j]);  // xs padded
     }

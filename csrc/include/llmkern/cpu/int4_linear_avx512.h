@@ -148,27 +148,35 @@ LLMKERN_I4_AVX512_INLINE __m512i lane_groups(int64_t G) {
   return _mm512_srlv_epi32(iota, _mm512_set1_epi32(__builtin_ctzll(static_cast<uint64_t>(G)) - 3));
 }
 
-// accf[i][j] += the block's lane sums times their groups' scales (scale rows at s + j * ngroups).
-template <int MB, int NB>
+// Scales or offsets from element i of p (canonical fp32, packed fp16 or fp32) for the lanes in m, 0 elsewhere.
+template <int E>
+LLMKERN_I4_AVX512_INLINE __m512 load_groups16(const void* p, int64_t i, __mmask16 m) {
+  if constexpr (E == 2) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i));
+  else return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+}
+
+// accf[i][j] += the block's lane sums times their groups' scales (the step's scales: sp).
+template <int MB, int NB, int E>
 LLMKERN_I4_AVX512_INLINE void rescale(__m512 (&accf)[MB][NB], const __m512 (&acc)[MB][NB], const DecodeTile& t,
-                                      int64_t b, int64_t bytes, __m512i gidx) {
+                                      const StepPtrs& sp, int64_t bytes, __m512i gidx) {
   const int gs = __builtin_ctzll(static_cast<uint64_t>(t.group));  // G is a power of two
-  const int64_t g0 = (b * 128) >> gs, gv = (2 * bytes + t.group - 1) >> gs;
+  const int64_t gv = (2 * bytes + t.group - 1) >> gs;
   LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) {
-    const __m512 s = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(tail16(gv), t.scale + j * t.ngroups + g0));
+    const __m512 s = _mm512_permutexvar_ps(gidx, load_groups16<E>(sp.s, j * sp.sstride, tail16(gv)));
     LLMKERN_I4_UNROLL for (int i = 0; i < MB; ++i) accf[i][j] = _mm512_fmadd_ps(acc[i][j], s, accf[i][j]);
   }
 }
 
 // accf[i][j] += offsets . X over all groups, then the lane sums are the tile's results.
-template <int MB, int NB>
+template <int MB, int NB, int E>
 LLMKERN_I4_AVX512_INLINE void finish(__m512 (&accf)[MB][NB], const DecodeTile& t) {
+  const void* offs = offsets_ptr<E>(t);
   for (int64_t g = 0; g < t.ngroups; g += 16) {
     const __mmask16 m = tail16(t.ngroups - g);
     __m512 xs[MB];
     LLMKERN_I4_UNROLL for (int i = 0; i < MB; ++i) xs[i] = _mm512_loadu_ps(t.xs[i] + g);  // padded
     LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) {
-      const __m512 o = _mm512_maskz_loadu_ps(m, t.offset + j * t.ngroups + g);
+      const __m512 o = load_groups16<E>(offs, j * t.ngroups + g, m);
       LLMKERN_I4_UNROLL for (int i = 0; i < MB; ++i) accf[i][j] = _mm512_fmadd_ps(xs[i], o, accf[i][j]);
     }
   }
@@ -176,7 +184,7 @@ LLMKERN_I4_AVX512_INLINE void finish(__m512 (&accf)[MB][NB], const DecodeTile& t
     LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) t.res[i * t.res_stride + j] = _mm512_reduce_add_ps(accf[i][j]);
 }
 
-template <int MB, int NB>
+template <int MB, int NB, int E = 0>
 LLMKERN_I4_AVX512 void dec_tile_f32(const DecodeTile& t) {
   const int64_t rb = t.K / 2;
   const __m512i gidx = lane_groups(t.group);
@@ -187,9 +195,10 @@ LLMKERN_I4_AVX512 void dec_tile_f32(const DecodeTile& t) {
   for (int64_t b = 0; b * 64 < rb; ++b) {
     const int64_t bytes = rb - b * 64 < 64 ? rb - b * 64 : 64;
     const __mmask16 dm = tail16(bytes / 4);
-    dec_prefetch(t, b, (rb + 63) / 64, NB);
+    dec_prefetch_any<E>(t, b, (rb + 63) / 64, NB);
+    const StepPtrs sp = step_ptrs<E>(t, b * 64);
     __m512i d[NB];
-    LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) d[j] = _mm512_maskz_loadu_epi32(dm, t.qw + j * rb + b * 64);
+    LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) d[j] = _mm512_maskz_loadu_epi32(dm, sp.q + j * sp.qstride);
     __m512 acc[MB][NB];
     LLMKERN_I4_UNROLL for (int i = 0; i < MB; ++i)
       LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -201,12 +210,12 @@ LLMKERN_I4_AVX512 void dec_tile_f32(const DecodeTile& t) {
         LLMKERN_I4_UNROLL for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], q, acc[i][j]);
       }
     }
-    rescale<MB, NB>(accf, acc, t, b, bytes, gidx);
+    rescale<MB, NB, E>(accf, acc, t, sp, bytes, gidx);
   }
-  finish<MB, NB>(accf, t);
+  finish<MB, NB, E>(accf, t);
 }
 
-template <int MB, int NB>
+template <int MB, int NB, int E = 0>
 LLMKERN_I4_BF16 void dec_tile_bf16(const DecodeTile& t) {
   const int64_t rb = t.K / 2;
   const __m512i tab = _mm512_load_si512(kBf16Nibble), gidx = lane_groups(t.group);
@@ -216,9 +225,10 @@ LLMKERN_I4_BF16 void dec_tile_bf16(const DecodeTile& t) {
   for (int64_t b = 0; b * 64 < rb; ++b) {
     const int64_t bytes = rb - b * 64 < 64 ? rb - b * 64 : 64;
     const __mmask16 dm = tail16(bytes / 4);
-    dec_prefetch(t, b, (rb + 63) / 64, NB);
+    dec_prefetch_any<E>(t, b, (rb + 63) / 64, NB);
+    const StepPtrs sp = step_ptrs<E>(t, b * 64);
     __m512i d[NB];
-    LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) d[j] = _mm512_maskz_loadu_epi32(dm, t.qw + j * rb + b * 64);
+    LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) d[j] = _mm512_maskz_loadu_epi32(dm, sp.q + j * sp.qstride);
     __m512 acc[MB][NB];
     LLMKERN_I4_UNROLL for (int i = 0; i < MB; ++i)
       LLMKERN_I4_UNROLL for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -232,9 +242,9 @@ LLMKERN_I4_BF16 void dec_tile_bf16(const DecodeTile& t) {
           acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv[i], (__m512bh)q);
       }
     }
-    rescale<MB, NB>(accf, acc, t, b, bytes, gidx);
+    rescale<MB, NB, E>(accf, acc, t, sp, bytes, gidx);
   }
-  finish<MB, NB>(accf, t);
+  finish<MB, NB, E>(accf, t);
 }
 
 }  // namespace int4_avx512

@@ -19,7 +19,9 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "llmkern/cpu/convert.h"
 
@@ -42,6 +44,11 @@ struct Int4LinearArgs {
   int num_threads = 1;
   int64_t decode_max_rows = -1;      // M <= this takes the decode path; < 0: the route's default
   bool bf16_dot = true;              // bf16 x may use AVX512-BF16 dot products (when the CPU has them)
+  // Optional packed decode layout of the same weights (int4_pack_decode, packed_e-byte scales):
+  // the decode path reads it instead of qweight / scales / offsets when M <= kPkMaxRows; otherwise
+  // (and on the prefill path) those are read.
+  const uint8_t* packed = nullptr;
+  int64_t packed_e = 0;              // 2 (fp16) or 4 (fp32) when packed is set
 };
 
 // M <= the decode limit: decode path (weights streamed once per tile of rows); above it, prefill
@@ -76,6 +83,10 @@ struct DecodeTile {
   const float* pf_scale;
   const float* pf_offset;
   int64_t pf_bytes, pf_gbytes;
+  // Packed decode layout (see "packed decode layout" below); read by the tiles instantiated for it.
+  const uint8_t* pk = nullptr;  // the row block holding the tile's rows
+  int64_t pk_rows = 0;          // rows of that block (8, fewer in the last block)
+  int64_t pk_row0 = 0;          // the tile's first row within the block
 };
 
 // Prefetches step b's share (of `steps`) of the tile's prefetch ranges into L1; the ISA kernels
@@ -93,6 +104,118 @@ inline __attribute__((always_inline)) void dec_prefetch(const DecodeTile& t, int
   }
 }
 using DecodeTileFn = void (*)(const DecodeTile&);
+
+// ------------------------------------------------------------------ packed decode layout
+// The canonical layout makes a decode tile of NB weight rows read 3 * NB streams (NB rows of
+// qweight, K/2 bytes apart; NB rows of scales; NB rows of offsets). The packed layout
+// (int4_pack_decode, made once per weight by the cpu preparer) puts everything a tile of up to 8
+// rows reads into one contiguous, sequentially read block:
+//   rows in blocks of kPkRows (the last block may have fewer: nr = min(8, N - n0) rows);
+//   block of nr rows = for each span of kPkSpan values of k (256 bytes per row; the last span of a
+//   row may be shorter, sb = min(256, K/2 - 256 s) bytes):
+//       q bytes [nr][sb] (canonical nibble order), then the span's scales [nr][sb * 2 / G]
+//     then the offsets of the block [nr][K / G];
+//   scales and offsets stored as fp16 (E = 2) when every one of them is exactly an fp16 value
+//   (GGUF Q4_0 / Q4_1 imports), else fp32 (E = 4): the kernels convert them back to the same fp32
+//   values, so packed results are bit-identical to canonical ones.
+// Bytes per row: K/2 + 2 (K/G) E; block n0 / 8 starts at byte n0 * that.
+constexpr int64_t kPkRows = 8;
+constexpr int64_t kPkSpan = 512;  // values of k per span: 256 bytes per row
+constexpr int64_t kPkMaxRows = 1;  // decode calls of at most this many rows read the packed layout
+
+inline int64_t pk_row_bytes(int64_t K, int64_t G, int64_t E) { return K / 2 + 2 * (K / G) * E; }
+inline int64_t pk_total_bytes(int64_t N, int64_t K, int64_t G, int64_t E) { return N * pk_row_bytes(K, G, E); }
+
+// Pointers of one decode step (bytes [byte0, byte0 + step) of each row, byte0 a multiple of the
+// step, the step dividing 256) for the tile's row 0; row j at q + j * qstride, scales of the step's
+// groups at s + j * sstride elements, offsets of all groups at o + j * ostride elements.
+struct StepPtrs {
+  const uint8_t* q;
+  int64_t qstride;
+  const void* s;
+  int64_t sstride;
+};
+
+// E = 0: canonical arrays; E = 2 / 4: the packed layout with fp16 / fp32 scales and offsets.
+template <int E>
+inline __attribute__((always_inline)) StepPtrs step_ptrs(const DecodeTile& t, int64_t byte0) {
+  const int gs = __builtin_ctzll(static_cast<uint64_t>(t.group));
+  const int64_t rb = t.K / 2;
+  if constexpr (E == 0) {
+    return StepPtrs{t.qw + byte0, rb, t.scale + ((2 * byte0) >> gs), t.ngroups};
+  } else {
+    const int64_t span = byte0 >> 8, w = byte0 & 255;
+    const int64_t sb = rb - 256 * span < 256 ? rb - 256 * span : 256;
+    const int64_t nr = t.pk_rows, full = 256 + ((int64_t(512) >> gs) * E);  // bytes per row of a full span
+    const uint8_t* base = t.pk + span * nr * full;
+    const int64_t sgs = (2 * sb) >> gs;  // groups of this span
+    return StepPtrs{base + t.pk_row0 * sb + w, sb,
+                    base + nr * sb + (t.pk_row0 * sgs + ((2 * w) >> gs)) * E, sgs};
+  }
+}
+
+// Offsets of the tile's row 0 (row j at + j * ngroups elements).
+template <int E>
+inline __attribute__((always_inline)) const void* offsets_ptr(const DecodeTile& t) {
+  if constexpr (E == 0) return t.offset;
+  else return t.pk + t.pk_rows * (t.K / 2 + t.ngroups * E) + t.pk_row0 * t.ngroups * E;
+}
+
+// Software prefetch of the packed stream: pf_bytes bytes at pf_qw spread over a tile's steps.
+// Measured without it: 10x slower (the hardware prefetchers of the 2-vCPU EPYC VM do not follow the
+// stream); a fixed distance of 1-4 KB instead of a block ahead was slower or no better.
+inline __attribute__((always_inline)) void dec_prefetch_pk(const DecodeTile& t, int64_t b, int64_t steps) {
+  const int64_t lines = (t.pf_bytes + 63) / 64;
+  for (int64_t l = b * lines / steps; l < (b + 1) * lines / steps; ++l) __builtin_prefetch(t.pf_qw + l * 64, 0, 3);
+}
+
+template <int E>
+inline __attribute__((always_inline)) void dec_prefetch_any(const DecodeTile& t, int64_t b, int64_t steps, int NB) {
+  if constexpr (E == 0) dec_prefetch(t, b, steps, NB);
+  else dec_prefetch_pk(t, b, steps);
+}
+
+// Element i of a packed fp16 / fp32 (or canonical fp32) scale or offset array.
+template <int E>
+inline float group_value(const void* p, int64_t i) {
+  if constexpr (E == 2) return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  else return static_cast<const float*>(p)[i];
+}
+
+// Packs canonical weights (qweight [N, K/2], scales / offsets [N, K/G] fp32) into the packed
+// decode layout with E-byte scales (E = 2 only when fits_f16 says so). out: pk_total_bytes bytes.
+inline void int4_pack_decode(const uint8_t* qw, const float* scales, const float* offsets, int64_t N, int64_t K,
+                             int64_t G, int64_t E, uint8_t* out) {
+  const int64_t rb = K / 2, ng = K / G;
+  auto put = [&](uint8_t* dst, float v) {
+    if (E == 2) {
+      const uint16_t h = f32_to_f16(v);
+      std::memcpy(dst, &h, 2);
+    } else {
+      std::memcpy(dst, &v, 4);
+    }
+  };
+  for (int64_t n0 = 0; n0 < N; n0 += kPkRows) {
+    const int64_t nr = std::min(kPkRows, N - n0);
+    uint8_t* p = out + n0 * pk_row_bytes(K, G, E);
+    for (int64_t byte0 = 0; byte0 < rb; byte0 += 256) {
+      const int64_t sb = std::min<int64_t>(256, rb - byte0), sgs = 2 * sb / G, g0 = 2 * byte0 / G;
+      for (int64_t j = 0; j < nr; ++j, p += sb) std::memcpy(p, qw + (n0 + j) * rb + byte0, sb);
+      for (int64_t j = 0; j < nr; ++j)
+        for (int64_t g = 0; g < sgs; ++g, p += E) put(p, scales[(n0 + j) * ng + g0 + g]);
+    }
+    for (int64_t j = 0; j < nr; ++j)
+      for (int64_t g = 0; g < ng; ++g, p += E) put(p, offsets[(n0 + j) * ng + g]);
+  }
+}
+
+// Whether every value is exactly an fp16 value (bit for bit after the round trip: -0, subnormals
+// and infinities included; NaN never, so a NaN keeps its fp32 payload).
+inline bool fits_f16(const float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (f32_bits(f16_to_f32(f32_to_f16(v[i]))) != f32_bits(v[i]) || std::isnan(v[i])) return false;
+  return true;
+}
 
 // Bytes of one prepared decode row (the largest of the ISA formats: fp32, padded to 128).
 inline int64_t dec_row_bytes(int64_t K) { return align_up(K, 128) * 4; }

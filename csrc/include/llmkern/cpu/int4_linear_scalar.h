@@ -27,20 +27,23 @@ inline void dec_prep(const void* x, DType dt, int64_t K, int64_t G, void* xp, fl
   group_sums(x, dt, K, G, xs);
 }
 
-template <int MB, int NB>
+// E: weights in the canonical arrays (0) or the packed layout with E-byte scales (2, 4): the same
+// arithmetic on the same values either way.
+template <int MB, int NB, int E = 0>
 void dec_tile(const DecodeTile& t) {
-  const int64_t G = t.group, rb = t.K / 2;
+  const int64_t G = t.group;
+  const void* offs = offsets_ptr<E>(t);
   for (int i = 0; i < MB; ++i) {
     const float* x = static_cast<const float*>(t.x[i]);
     for (int j = 0; j < NB; ++j) {
-      const uint8_t* w = t.qw + j * rb;
-      const float* s = t.scale + j * t.ngroups;
-      const float* o = t.offset + j * t.ngroups;
       float total = 0.0f;
       for (int64_t g = 0; g < t.ngroups; ++g) {
+        const int64_t byte0 = g * G / 2;
+        const StepPtrs sp = step_ptrs<E>(t, byte0);  // byte0: a multiple of 16
+        const uint8_t* w = sp.q + j * sp.qstride;      // the group's first byte
         float d = 0.0f;  // D(m, n, g)
-        for (int64_t k = g * G; k < (g + 1) * G; ++k) d += x[k] * static_cast<float>(nibble(w, k));
-        total += s[g] * d + o[g] * t.xs[i][g];
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) d += x[k] * static_cast<float>(nibble(w, k - g * G));
+        total += group_value<E>(sp.s, j * sp.sstride) * d + group_value<E>(offs, j * t.ngroups + g) * t.xs[i][g];
       }
       t.res[i * t.res_stride + j] = total;
     }

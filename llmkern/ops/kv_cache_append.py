@@ -50,7 +50,11 @@ def _check(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions,
         raise ValueError(f"llmkern.{op}: k_scale/v_scale are only for int8 caches, cache is {k_cache.dtype}")
     if C.can_read_values(slot_mapping) and slot_mapping.numel():
         num_slots = k_cache.shape[0] * k_cache.shape[1]
-        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        mod = _backends.cpu_module()
+        if mod is not None and slot_mapping.device.type == "cpu" and slot_mapping.is_contiguous():
+            lo, hi = mod.i64_range(slot_mapping.data_ptr(), slot_mapping.numel())  # no torch reductions
+        else:
+            lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
         C.value(op, lo >= -1 and hi < num_slots,
                 f"slot_mapping must be in -1..{num_slots - 1} (the cache has {num_slots} slots), got {lo}..{hi}")
     if cos_sin_cache is not None:
@@ -114,7 +118,7 @@ def _cpu(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, c
         B, S, Hk, D, slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _CACHE_CODE[k_cache.dtype],
         k_scale.data_ptr() if int8 else 0, v_scale.data_ptr() if int8 else 0,
         cos_sin.data_ptr() if rot else 0, cos_sin_cache.shape[1] if rot else 0, pos.data_ptr() if rot else 0,
-        bool(rotary_interleaved), q_ptr, q_code, q_strides, Hq, torch.get_num_threads(),
+        bool(rotary_interleaved), q_ptr, q_code, q_strides, Hq, torch.get_num_threads(), _backends.cpu_isa(),
     )
 
 

@@ -137,6 +137,24 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
         ++blk;
       }
     }
+    // Prefetch the next tile's K and V rows (into L1) while this tile computes: the hardware prefetcher
+    // alone leaves cold reads latency-bound (measured: SmolLM2 L1024 fp32 ~20% faster, int8 ~25-40%).
+    if (j0 + kDecodeTile < j_end) {
+      const int64_t jn = j0 + kDecodeTile, ntn = std::min<int64_t>(kDecodeTile, j_end - jn);
+      int64_t pblk = a.block_size ? jn / a.block_size : 0, poff = a.block_size ? jn % a.block_size : jn;
+      const int64_t kbytes = ((Hk - 1) * a.k_s2 + D) * esz, vbytes = ((Hk - 1) * a.v_s2 + D) * esz;
+      for (int64_t jj = 0; jj < ntn; ++jj) {
+        const int64_t row = a.block_size ? a.block_table[b * a.bt_stride + pblk] : b;
+        const char* kr = kbase + (row * a.k_s0 + poff * a.k_s1) * esz;
+        const char* vr = vbase + (row * a.v_s0 + poff * a.v_s1) * esz;
+        for (int64_t o = 0; o < kbytes; o += 64) __builtin_prefetch(kr + o, 0, 3);
+        for (int64_t o = 0; o < vbytes; o += 64) __builtin_prefetch(vr + o, 0, 3);
+        if (++poff == a.block_size) {
+          poff = 0;
+          ++pblk;
+        }
+      }
+    }
     // Keys past nt in the last W-block repeat a valid row: their scores are computed, then masked.
     const int nblk = (nt + O::W - 1) / O::W * O::W;
     for (int jj = nt; jj < nblk; ++jj) kp[jj] = kp[nt - 1];

@@ -57,6 +57,27 @@ struct OpsAvx512 {
   static LLMKERN_ATT512_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
   // out[i] = hsum(v[i]) for W vectors at once: a transpose-and-add tree (45 ops, ~3 per vector
   // against ~8 for one hsum each).
+  // hsum_w on 16 values instead of an array: a [16] array of accumulators is kept in memory by GCC (too
+  // big to scalarize: a store per FMA and a 1 KiB memset per call); 16 named registers are not.
+  static LLMKERN_ATT512_INLINE void hsum16(V v0, V v1, V v2, V v3, V v4, V v5, V v6, V v7, V v8, V v9, V v10, V v11,
+                                           V v12, V v13, V v14, V v15, float* out) {
+    const V t0 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+    const V t1 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+    const V t2 = _mm512_add_ps(_mm512_unpacklo_ps(v4, v5), _mm512_unpackhi_ps(v4, v5));
+    const V t3 = _mm512_add_ps(_mm512_unpacklo_ps(v6, v7), _mm512_unpackhi_ps(v6, v7));
+    const V t4 = _mm512_add_ps(_mm512_unpacklo_ps(v8, v9), _mm512_unpackhi_ps(v8, v9));
+    const V t5 = _mm512_add_ps(_mm512_unpacklo_ps(v10, v11), _mm512_unpackhi_ps(v10, v11));
+    const V t6 = _mm512_add_ps(_mm512_unpacklo_ps(v12, v13), _mm512_unpackhi_ps(v12, v13));
+    const V t7 = _mm512_add_ps(_mm512_unpacklo_ps(v14, v15), _mm512_unpackhi_ps(v14, v15));
+    const auto pd = [](V a, V b) LLMKERN_ATT512 {
+      const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+      return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    };
+    const V u0 = pd(t0, t1), u1 = pd(t2, t3), u2 = pd(t4, t5), u3 = pd(t6, t7);
+    const V x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xdd));
+    const V x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u2, u3, 0x88), _mm512_shuffle_f32x4(u2, u3, 0xdd));
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xdd)));
+  }
   static LLMKERN_ATT512_INLINE void hsum_w(const V* v, float* out) {
     V t[8], u[4];
     for (int i = 0; i < 8; ++i)  // per 128-bit block: [v2i, v2i+1, v2i, v2i+1] partials

@@ -15,8 +15,32 @@ using V = O::V;
 // s[jj] = dot(q, key jj) for the W keys at kp[jj] + off (bytes), D values each; q is fp32 with zero
 // padding to a multiple of W. The W dot products run side by side (W independent FMA chains) and are
 // reduced together by one transpose-and-add tree (O::hsum_w) instead of W horizontal sums.
+// qk_block for W = 16 with 16 named accumulators (see OpsAvx512::hsum16: an array of them lives in memory).
+template <int KT, class OO = O>
+LLMKERN_DA_ATTR inline void qk_block16(const float* q, const char* const* kp, int64_t off, int64_t D, float* s) {
+#define LLMKERN_DA_K(i) const char* k##i = kp[i] + off; V a##i = O::zero();
+  LLMKERN_DA_K(0) LLMKERN_DA_K(1) LLMKERN_DA_K(2) LLMKERN_DA_K(3) LLMKERN_DA_K(4) LLMKERN_DA_K(5) LLMKERN_DA_K(6)
+  LLMKERN_DA_K(7) LLMKERN_DA_K(8) LLMKERN_DA_K(9) LLMKERN_DA_K(10) LLMKERN_DA_K(11) LLMKERN_DA_K(12)
+  LLMKERN_DA_K(13) LLMKERN_DA_K(14) LLMKERN_DA_K(15)
+#undef LLMKERN_DA_K
+  for (int64_t c = 0; c < D; c += 16) {
+    const V qv = O::load(q + c);
+    const int n = static_cast<int>(D - c);
+#define LLMKERN_DA_F(i) a##i = O::fma(qv, O::template load_kv<KT>(k##i, c, n), a##i);
+    LLMKERN_DA_F(0) LLMKERN_DA_F(1) LLMKERN_DA_F(2) LLMKERN_DA_F(3) LLMKERN_DA_F(4) LLMKERN_DA_F(5) LLMKERN_DA_F(6)
+    LLMKERN_DA_F(7) LLMKERN_DA_F(8) LLMKERN_DA_F(9) LLMKERN_DA_F(10) LLMKERN_DA_F(11) LLMKERN_DA_F(12)
+    LLMKERN_DA_F(13) LLMKERN_DA_F(14) LLMKERN_DA_F(15)
+#undef LLMKERN_DA_F
+  }
+  OO::hsum16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, s);
+}
+
 template <int KT>
 LLMKERN_DA_ATTR inline void qk_block(const float* q, const char* const* kp, int64_t off, int64_t D, float* s) {
+  if constexpr (O::W == 16) {
+    qk_block16<KT>(q, kp, off, D, s);
+    return;
+  }
   V acc[O::W];
   for (int jj = 0; jj < O::W; ++jj) acc[jj] = O::zero();
   for (int64_t c = 0; c < D; c += O::W) {

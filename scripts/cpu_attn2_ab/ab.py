@@ -21,7 +21,9 @@ for B,L,Hq,Hk,D in cases:
     ncop=max(1,min(64,-(-2*32*2**20//nb)))
     kv=[(torch.randn(B,L,Hk,D),torch.randn(B,L,Hk,D)) for _ in range(ncop)]
     kvs=[(k.transpose(1,2).contiguous(),v.transpose(1,2).contiguous()) for k,v in kv]
-    kq=[(torch.randint(-127,127,(B,L,Hk,D),dtype=torch.int8),torch.randint(-127,127,(B,L,Hk,D),dtype=torch.int8),torch.rand(B,L,Hk),torch.rand(B,L,Hk)) for _ in range(ncop)]
+    nb8=B*L*Hk*(D+4)*2  # int8 values + fp32 scales: their own copy count, so int8 reads are cold too
+    ncop8=max(1,min(256,-(-2*32*2**20//nb8)))
+    kq=[(torch.randint(-127,127,(B,L,Hk,D),dtype=torch.int8),torch.randint(-127,127,(B,L,Hk,D),dtype=torch.int8),torch.rand(B,L,Hk),torch.rand(B,L,Hk)) for _ in range(ncop8)]
     nbk=L//16
     tbl=torch.randperm(B*nbk).to(torch.int32).view(B,nbk)
     kvp=[]

@@ -17,7 +17,9 @@ for B,L,Hq,Hk,D in cases:
     ncop=max(1,min(64,-(-2*32*2**20//nb)))
     kv=[(torch.randn(B,L,Hk,D),torch.randn(B,L,Hk,D)) for _ in range(ncop)]
     kvs=[(k.transpose(1,2).contiguous(),v.transpose(1,2).contiguous()) for k,v in kv]
-    kq=[(torch.randint(-127,127,(B,L,Hk,D),dtype=torch.int8),torch.randint(-127,127,(B,L,Hk,D),dtype=torch.int8),torch.rand(B,L,Hk),torch.rand(B,L,Hk)) for _ in range(ncop)]
+    nb8=B*L*Hk*(D+4)*2  # int8 values + fp32 scales: their own copy count, so int8 reads are cold too
+    ncop8=max(1,min(256,-(-2*32*2**20//nb8)))
+    kq=[(torch.randint(-127,127,(B,L,Hk,D),dtype=torch.int8),torch.randint(-127,127,(B,L,Hk,D),dtype=torch.int8),torch.rand(B,L,Hk),torch.rand(B,L,Hk)) for _ in range(ncop8)]
     lens=torch.full((B,),L,dtype=torch.int32)
     c1=itertools.cycle(kv); c2=itertools.cycle(kvs); c3=itertools.cycle(kq)
     q4=q[:,:,None]

@@ -69,9 +69,11 @@ inline int64_t decode_max_splits(int64_t B, int64_t capacity, int threads) {
 // Floats of one unit's softmax state [R, Dp] + m [R] + l [R], rounded to 16 (64 bytes).
 inline int64_t decode_unit_floats(int64_t R, int64_t D) { return (R * decode_dpad(D) + 2 * R + 15) / 16 * 16; }
 // Floats of one thread's scratch for RA rows of Hk heads: qf [RA, Dp], scores [RA, tile], key/value
-// scales [Hk, tile] each, key/value row pointers [tile] each (8 bytes: 2 floats).
+// scales [Hk, tile] each, key/value row pointers [tile] each (8 bytes: 2 floats), then kf [16, Dp]: one
+// block of keys converted to fp32 (int8/bf16/f16 caches).
 inline int64_t decode_thread_floats(int64_t RA, int64_t Hk, int64_t D) {
-  return (RA * decode_dpad(D) + RA * kDecodeTile + 2 * Hk * kDecodeTile + 4 * kDecodeTile + 15) / 16 * 16;
+  return (RA * decode_dpad(D) + RA * kDecodeTile + 2 * Hk * kDecodeTile + 4 * kDecodeTile + 16 * decode_dpad(D) + 15) /
+         16 * 16;
 }
 
 inline int64_t decode_workspace_bytes(int64_t B, int64_t Sq, int64_t Hq, int64_t Hk, int64_t D, int64_t capacity,
@@ -109,7 +111,7 @@ namespace llmkern {
 namespace cpu {
 
 using DecodeUnitFn = void (*)(const DecodeArgs&, int64_t, int64_t, int64_t, const float*, float*, float*, float*,
-                              float*, const char**, const char**, float*, float*);
+                              float*, const char**, const char**, float*, float*, float*);
 
 namespace detail {
 
@@ -160,6 +162,7 @@ inline void decode_attention(const DecodeArgs& a, Isa isa) {
     float* vsc = ksc + a.Hk * kDecodeTile;
     const char** kp = reinterpret_cast<const char**>(vsc + a.Hk * kDecodeTile);  // 8-byte aligned: offsets are even
     const char** vp = kp + kDecodeTile;
+    float* kf = reinterpret_cast<float*>(vp + kDecodeTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < n_units; ++u) {
       const int64_t b = u / ns_max, sp = u % ns_max;
@@ -178,7 +181,7 @@ inline void decode_attention(const DecodeArgs& a, Isa isa) {
         for (int64_t d = 0; d < Dp; ++d) qf[rr * Dp + d] = d < a.D ? load_as_f32(a.q, base + d, a.q_dtype) * a.scale : 0.0f;
       }
       float* st = units + u * unit_f;
-      fn(a, b, j0, j1, qf, st, st + m_off, st + l_off, s, kp, vp, ksc, vsc);
+      fn(a, b, j0, j1, qf, st, st + m_off, st + l_off, s, kp, vp, ksc, vsc, kf);
       if (ns == 1)
         for (int64_t kh = 0; kh < a.Hk; ++kh) detail::decode_store(a, b, kh, st + kh * R * Dp, st + l_off + kh * R);
     }

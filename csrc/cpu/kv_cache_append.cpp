@@ -3,7 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -31,7 +33,8 @@ void launch(std::uintptr_t k_ptr, std::uintptr_t v_ptr, int kv_dtype, const std:
             std::uintptr_t slots_ptr, std::uintptr_t k_cache_ptr, std::uintptr_t v_cache_ptr, int cache_type,
             std::uintptr_t k_scale_ptr, std::uintptr_t v_scale_ptr, std::uintptr_t cos_sin_ptr, int64_t R,
             std::uintptr_t positions_ptr, bool interleaved, std::uintptr_t q_ptr, int q_dtype,
-            const std::vector<int64_t>& q_strides, int64_t Hq, int num_threads) {
+            const std::vector<int64_t>& q_strides, int64_t Hq, int num_threads, const std::string& isa_name) {
+  const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
   if (kv_dtype < 0 || kv_dtype > 2) fail("kv_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16)");
   if (cache_type < 0 || cache_type > 3) fail("cache_type must be 0..3 (float32, bfloat16, float16, int8)");
   if (B < 0 || S < 0 || Hk < 1 || D < 1 || D > 256) fail("need B, S >= 0, Hk >= 1 and 1 <= D <= 256");
@@ -84,22 +87,38 @@ void launch(std::uintptr_t k_ptr, std::uintptr_t v_ptr, int kv_dtype, const std:
   a.k_scale = reinterpret_cast<float*>(k_scale_ptr);
   a.v_scale = reinterpret_cast<float*>(v_scale_ptr);
   a.num_threads = num_threads;
+  a.isa = isa;
   py::gil_scoped_release release;
   cpu::kv_cache_append(a);
+}
+
+// (min, max) of n int64 values (n >= 1): the op's slot range check on CPU tensors without two torch
+// reductions.
+std::pair<int64_t, int64_t> i64_range(std::uintptr_t ptr, int64_t n) {
+  if (n < 1 || !ptr) fail("i64_range: need n >= 1 and a pointer");
+  const int64_t* p = reinterpret_cast<const int64_t*>(ptr);
+  int64_t lo = p[0], hi = p[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+  }
+  return {lo, hi};
 }
 
 }  // namespace
 
 void bind_kv_cache_append(py::module_& m) {
+  m.def("i64_range", &i64_range, py::arg("ptr"), py::arg("n"), "(min, max) of n contiguous int64 values.");
   m.def("kv_cache_append", &launch, py::arg("k_ptr"), py::arg("v_ptr"), py::arg("kv_dtype"), py::arg("k_strides"),
         py::arg("v_strides"), py::arg("B"), py::arg("S"), py::arg("Hk"), py::arg("D"), py::arg("slots_ptr"),
         py::arg("k_cache_ptr"), py::arg("v_cache_ptr"), py::arg("cache_type"), py::arg("k_scale_ptr"),
         py::arg("v_scale_ptr"), py::arg("cos_sin_ptr"), py::arg("R"), py::arg("positions_ptr"),
         py::arg("interleaved"), py::arg("q_ptr"), py::arg("q_dtype"), py::arg("q_strides"), py::arg("Hq"),
-        py::arg("num_threads"),
+        py::arg("num_threads"), py::arg("isa") = "",
         "Write k/v [B, S, Hk, D] (element strides (batch, token, head), D contiguous) into caches seen as "
         "[num_slots, Hk, D] at slots (int64 [B * S], -1 skipped); optional fused rotary (q rotated in place) "
-        "and int8 quantization (cache_type 3). Releases the GIL; invalid arguments raise ValueError.");
+        "and int8 quantization (cache_type 3); isa: the kernel variant (resolve_isa names, \"\" = best). Releases "
+        "the GIL; invalid arguments raise ValueError.");
 }
 
 }  // namespace bindings

@@ -27,7 +27,8 @@ void check_dtype(const char* name, int code) {
 
 void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_stride, std::uintptr_t residual_ptr, int r_dtype,
             int64_t r_stride, std::uintptr_t weight_ptr, int w_dtype, std::uintptr_t y_ptr, std::uintptr_t h_ptr,
-            int64_t M, int64_t N, double eps, int num_threads) {
+            int64_t M, int64_t N, double eps, int num_threads, const std::string& isa_name) {
+  const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
   check_dtype("x_dtype", x_dtype);
   check_dtype("w_dtype", w_dtype);
   if (M < 0 || N < 1) fail("need M >= 0 and N >= 1");
@@ -59,6 +60,7 @@ void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_stride, std::uintptr_t 
   a.N = N;
   a.eps = eps;
   a.num_threads = num_threads;
+  a.isa = isa;
   py::gil_scoped_release release;
   cpu::rms_norm(a);
 }
@@ -68,11 +70,11 @@ void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_stride, std::uintptr_t 
 void bind_rms_norm(py::module_& m) {
   m.def("rms_norm", &launch, py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_stride"), py::arg("residual_ptr"),
         py::arg("r_dtype"), py::arg("r_stride"), py::arg("weight_ptr"), py::arg("w_dtype"), py::arg("y_ptr"),
-        py::arg("h_ptr"), py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("num_threads"),
+        py::arg("h_ptr"), py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("num_threads"), py::arg("isa") = "",
         "y[M, N] = rms_norm(h) * weight with h = x (+ residual, stored to h[M, N] in x's dtype); x/residual "
         "rows at element strides x_stride/r_stride (last dim contiguous), y/h contiguous, residual_ptr 0 = "
         "none. dtype codes 0 float32, 1 bfloat16, 2 float16. Releases the GIL; invalid arguments raise "
-        "ValueError.");
+        "ValueError. isa: the kernel variant (resolve_isa names, "" = best).");
 }
 
 }  // namespace bindings

@@ -76,7 +76,7 @@ def _cpu(x, weight, eps, residual):
         r_ptr, r_code = r2.data_ptr(), _DTYPE_CODE[residual.dtype]
     mod.rms_norm(x2.data_ptr(), _DTYPE_CODE[x.dtype], xs, r_ptr, r_code, rs, w.data_ptr(), _DTYPE_CODE[w.dtype],
                  y.data_ptr(), h.data_ptr() if residual is not None else 0, x2.shape[0], N, float(eps),
-                 torch.get_num_threads())
+                 torch.get_num_threads(), _backends.cpu_isa())
     return y, h
 
 

@@ -23,6 +23,22 @@ def bits_equal(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype]))
 
 
+ISAS = []
+for _name in ("avx512_vnni", "avx2", "scalar"):
+    try:
+        llmkern._backends.cpu_module().resolve_isa(_name)
+        ISAS.append(_name)
+    except ValueError:
+        pass
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """The kernel variant (AVX-512 rotation or the portable one), pinned through LLMKERN_CPU_ISA."""
+    monkeypatch.setenv("LLMKERN_CPU_ISA", request.param)
+    return request.param
+
+
 @pytest.fixture(params=[1, 2])
 def threads(request):
     saved = torch.get_num_threads()
@@ -128,7 +144,7 @@ def test_write_bit_exact(dtype, cache_dtype, bs, threads):
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.float16, torch.float16), (torch.float32, torch.int8)], ids=str)
-def test_fused_rotary_bit_exact(dtype, cache_dtype, interleaved, rotary_dim, D, threads):
+def test_fused_rotary_bit_exact(dtype, cache_dtype, interleaved, rotary_dim, D, threads, isa):
     k, v, c, slots, pos = paged([17, 1, 100], 2, D, 16, dtype, cache_dtype, seed=2)
     R = D if rotary_dim == "full" else D // 2 + 8 - (D // 2 + 8) % 2
     cs = rotary_cos_sin(128, R, base=500000.0)
@@ -140,7 +156,7 @@ def test_fused_rotary_bit_exact(dtype, cache_dtype, interleaved, rotary_dim, D, 
     assert bits_equal(q_in, naive_rotate(q, pos, cs, interleaved)), "q must be rotated in place"
 
 
-def test_rotary_strided_q_and_batched_shape():
+def test_rotary_strided_q_and_batched_shape(isa):
     """[B, S, Hq, D] q as a head-sliced view (rotated in place through its strides); k transposed in memory."""
     B, S, Hk, Hq, D, Smax = 2, 17, 2, 4, 64, 40
     k, v = randn(B, S, Hk, D, layout="transposed"), randn(B, S, Hk, D)

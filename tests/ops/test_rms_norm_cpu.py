@@ -4,7 +4,8 @@
 - y = h / sqrt(mean(h^2) + eps) * weight in float64, rounded once by the kernel: every element within one
   ulp of x's dtype of the float64 value (and the DESIGN relative tolerances).
 Outputs are NaN-poisoned (a row the kernel skips stays NaN); 1 and 2 threads (17 x 576 rows and up take
-the OpenMP path, 1 row never does).
+the OpenMP path, 1 row never does); every kernel variant this CPU runs (LLMKERN_CPU_ISA: the AVX-512
+row, the portable row), with row lengths that are not a multiple of 16 (masked tails).
 """
 import math
 
@@ -18,6 +19,22 @@ from _attention_helpers import TOL, assert_rel, poisoned_outputs
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 MANT = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+
+ISAS = []
+for _name in ("avx512_vnni", "avx2", "scalar"):
+    try:
+        llmkern._backends.cpu_module().resolve_isa(_name)
+        ISAS.append(_name)
+    except ValueError:
+        pass
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """The kernel variant (AVX-512 row or the portable one), pinned through LLMKERN_CPU_ISA."""
+    monkeypatch.setenv("LLMKERN_CPU_ISA", request.param)
+    return request.param
 
 
 @pytest.fixture(params=[1, 2])
@@ -65,9 +82,9 @@ def data(shape, dtype, seed, scale=3.0):
 
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("N", [64, 576, 1000])
+@pytest.mark.parametrize("N", [1, 7, 64, 576, 1000])
 @pytest.mark.parametrize("M", [1, 3, 17, 100])
-def test_matches_naive(M, N, dtype, residual, threads):
+def test_matches_naive(M, N, dtype, residual, threads, isa):
     x = data((M, N), dtype, seed=M * N)
     w = (torch.rand(N, generator=torch.Generator().manual_seed(N)) + 0.5).to(dtype)
     r = data((M, N), dtype, seed=M * N + 1, scale=1.0) if residual else None
@@ -81,7 +98,7 @@ def test_matches_naive(M, N, dtype, residual, threads):
 @pytest.mark.parametrize("xd,rd,wd", [(torch.bfloat16, torch.float32, torch.float32),
                                       (torch.float32, torch.bfloat16, torch.float16),
                                       (torch.float16, torch.float32, torch.bfloat16)], ids=str)
-def test_mixed_dtypes(xd, rd, wd, threads):
+def test_mixed_dtypes(xd, rd, wd, threads, isa):
     """residual and weight in other dtypes: h still one rounding of the exact sum to x's dtype."""
     x, r = data((17, 576), xd, seed=1), data((17, 576), rd, seed=2)
     w = data((576,), wd, seed=3, scale=1.0)
@@ -92,7 +109,7 @@ def test_mixed_dtypes(xd, rd, wd, threads):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_strided_rows_and_leading_dims(dtype, threads):
+def test_strided_rows_and_leading_dims(dtype, threads, isa):
     """x rows of a wider buffer (a stride, no copy), a 3-d x whose leading dims do not flatten, a transposed
     residual (copied): y and h are contiguous [..., N] all the same."""
     big = data((40, 1200), dtype, seed=4)
@@ -119,7 +136,7 @@ def test_decode_row_against_torch_rms_norm():
     assert_close(y, naive(x, w, 1e-5, r)[0], torch.float32)
 
 
-def test_eps_zero_row_and_nan_row():
+def test_eps_zero_row_and_nan_row(isa):
     """A zero row with eps > 0 normalizes to 0; a NaN in a row makes that row NaN and no other."""
     x = data((4, 64), torch.float32, seed=11)
     x[1] = 0.0
@@ -132,7 +149,7 @@ def test_eps_zero_row_and_nan_row():
     assert_close(y[keep], naive(x[keep], w, 1e-3)[0], torch.float32)
 
 
-def test_scale_invariance_with_eps_zero():
+def test_scale_invariance_with_eps_zero(isa):
     """eps = 0: scaling x by 2^k (exact) leaves y unchanged bit for bit (the float64 sum scales exactly)."""
     x, w = data((5, 1000), torch.float32, seed=13), data((1000,), torch.float32, seed=14)
     y1, _ = run(x, w, 0.0)

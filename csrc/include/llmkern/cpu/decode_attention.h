@@ -2,15 +2,16 @@
 // (llmkern/ops/decode_attention.py has the semantics). Torch-free; the launcher
 // (csrc/cpu/decode_attention.cpp) checks the arguments.
 //
-// Work is cut into units (sequence b, KV head kh, split s of b's visible keys). A unit handles all
-// R = G * Sq query rows that read head kh (G = Hq / Hk: GQA) together, so every K/V row is loaded
-// once per unit, and walks its keys in tiles of kDecodeTile with an online softmax in fp32:
-// scores of the tile (dot products), a running max m / sum l per row, the accumulator rescaled when
-// the max grows, then acc += p V. int8 caches are dequantized on the fly: the key scale multiplies
-// the score, the value scale the weight.
+// Work is cut into units (sequence b, split s of b's visible keys). A unit handles every KV head and
+// all Hk * R query rows (R = G * Sq, G = Hq / Hk: GQA) together: it walks its keys in tiles of
+// kDecodeTile whole token rows (all heads of a token are contiguous in the cache), so a thread reads
+// K and V as two sequential streams and every K/V row is loaded once for the G query heads that share
+// it. Per tile: scores (dot products, W keys at a time), a running max m / sum l per row with an online
+// softmax in fp32, the accumulator rescaled when the max grows, then acc += p V. int8 caches are
+// dequantized on the fly: the key scale multiplies the score, the value scale the weight.
 // Long contexts are split across threads (split-KV): each split leaves (m, l, acc) in the workspace
-// and a second pass merges them exactly: M = max m_s, out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
-// A sequence with one split normalizes and stores directly.
+// and a second pass merges them exactly, per (sequence, KV head): M = max m_s,
+// out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. A sequence with one split stores directly.
 #pragma once
 
 #include <omp.h>
@@ -57,25 +58,28 @@ struct DecodeArgs {
 inline int64_t decode_dpad(int64_t D) { return (D + 15) / 16 * 16; }
 
 // Splits per sequence at most: enough units for ~4 per thread, never below kDecodeMinSplit keys each.
-inline int64_t decode_max_splits(int64_t B, int64_t Hk, int64_t capacity, int threads) {
-  const int64_t pairs = std::max<int64_t>(1, B * Hk), target = 4 * int64_t(threads);
-  if (threads <= 1 || pairs >= target) return 1;
-  const int64_t want = (target + pairs - 1) / pairs;
+inline int64_t decode_max_splits(int64_t B, int64_t capacity, int threads) {
+  const int64_t seqs = std::max<int64_t>(1, B), target = 4 * int64_t(threads);
+  if (threads <= 1 || seqs >= target) return 1;
+  const int64_t want = (target + seqs - 1) / seqs;
   const int64_t most = std::max<int64_t>(1, (capacity + kDecodeMinSplit - 1) / kDecodeMinSplit);
   return std::min(want, most);
 }
 
 // Floats of one unit's softmax state [R, Dp] + m [R] + l [R], rounded to 16 (64 bytes).
 inline int64_t decode_unit_floats(int64_t R, int64_t D) { return (R * decode_dpad(D) + 2 * R + 15) / 16 * 16; }
-// Floats of one thread's scratch: qf [R, Dp], scores [R, tile], key/value scales and pointers.
-inline int64_t decode_thread_floats(int64_t R, int64_t D) {
-  return (R * decode_dpad(D) + R * kDecodeTile + 6 * kDecodeTile + 15) / 16 * 16;
+// Floats of one thread's scratch for RA rows of Hk heads: qf [RA, Dp], scores [RA, tile], key/value
+// scales [Hk, tile] each, key/value row pointers [tile] each (8 bytes: 2 floats), then kf [16, Dp]: one
+// block of keys converted to fp32 (int8/bf16/f16 caches).
+inline int64_t decode_thread_floats(int64_t RA, int64_t Hk, int64_t D) {
+  return (RA * decode_dpad(D) + RA * kDecodeTile + 2 * Hk * kDecodeTile + 4 * kDecodeTile + 16 * decode_dpad(D) + 15) /
+         16 * 16;
 }
 
 inline int64_t decode_workspace_bytes(int64_t B, int64_t Sq, int64_t Hq, int64_t Hk, int64_t D, int64_t capacity,
                                       int threads) {
-  const int64_t R = Hq / Hk * Sq, ns = decode_max_splits(B, Hk, capacity, threads);
-  return 4 * (B * Hk * ns * decode_unit_floats(R, D) + int64_t(threads) * decode_thread_floats(R, D)) + 64;
+  const int64_t RA = Hq * Sq, ns = decode_max_splits(B, capacity, threads);
+  return 4 * (B * ns * decode_unit_floats(RA, D) + int64_t(threads) * decode_thread_floats(RA, Hk, D)) + 64;
 }
 
 }  // namespace cpu
@@ -106,8 +110,8 @@ inline int64_t decode_workspace_bytes(int64_t B, int64_t Sq, int64_t Hq, int64_t
 namespace llmkern {
 namespace cpu {
 
-using DecodeUnitFn = void (*)(const DecodeArgs&, int64_t, int64_t, int64_t, int64_t, const float*, float*, float*,
-                              float*, float*, const void**, const void**, float*, float*);
+using DecodeUnitFn = void (*)(const DecodeArgs&, int64_t, int64_t, int64_t, const float*, float*, float*, float*,
+                              float*, const char**, const char**, float*, float*, float*);
 
 namespace detail {
 
@@ -121,7 +125,8 @@ inline int64_t decode_splits_of(int64_t n, int64_t max_splits) {
   return std::max<int64_t>(1, std::min(max_splits, (n + kDecodeMinSplit - 1) / kDecodeMinSplit));
 }
 
-// Store rows r of a normalized accumulator: out(b, t, kh * G + g) = acc[r] / l[r] (0 when l is 0).
+// Store the R rows of KV head kh, normalized: out(b, t, kh * G + g) = acc[r] / l[r] (0 when l is 0);
+// acc and l point at the head's first row.
 inline void decode_store(const DecodeArgs& a, int64_t b, int64_t kh, const float* acc, const float* l) {
   const int64_t G = a.Hq / a.Hk, Dp = decode_dpad(a.D);
   for (int64_t r = 0; r < G * a.Sq; ++r) {
@@ -138,26 +143,29 @@ inline void decode_attention(const DecodeArgs& a, Isa isa) {
   if (a.B <= 0) return;
   const DecodeUnitFn fn = isa == Isa::kAvx512Vnni ? &da_avx512::unit : (isa == Isa::kAvx2 ? &da_avx2::unit : &da_scalar::unit);
   const int threads = std::max(1, a.num_threads);
-  const int64_t G = a.Hq / a.Hk, R = G * a.Sq, Dp = decode_dpad(a.D);
-  const int64_t ns_max = decode_max_splits(a.B, a.Hk, a.capacity, threads);
-  const int64_t unit_f = decode_unit_floats(R, a.D), thread_f = decode_thread_floats(R, a.D);
+  const int64_t G = a.Hq / a.Hk, R = G * a.Sq, RA = a.Hk * R, Dp = decode_dpad(a.D);
+  const int64_t ns_max = decode_max_splits(a.B, a.capacity, threads);
+  const int64_t unit_f = decode_unit_floats(RA, a.D), thread_f = decode_thread_floats(RA, a.Hk, a.D);
   float* ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(a.ws) + 63) / 64 * 64);
   float* units = ws;
-  float* scratch = ws + a.B * a.Hk * ns_max * unit_f;
-  const int64_t n_units = a.B * a.Hk * ns_max;
+  float* scratch = ws + a.B * ns_max * unit_f;
+  const int64_t n_units = a.B * ns_max;
+  // Unit state: acc [RA, Dp], then m [RA], then l [RA]; head kh's rows start at row kh * R.
+  const int64_t m_off = RA * Dp, l_off = RA * Dp + RA;
 
 #pragma omp parallel num_threads(threads)
   {
     float* my = scratch + omp_get_thread_num() * thread_f;
     float* qf = my;
-    float* s = qf + R * Dp;
-    float* ksc = s + R * kDecodeTile;
-    float* vsc = ksc + kDecodeTile;
-    const void** kp = reinterpret_cast<const void**>(vsc + kDecodeTile);  // 8-byte aligned: offsets are even
-    const void** vp = kp + kDecodeTile;
+    float* s = qf + RA * Dp;
+    float* ksc = s + RA * kDecodeTile;
+    float* vsc = ksc + a.Hk * kDecodeTile;
+    const char** kp = reinterpret_cast<const char**>(vsc + a.Hk * kDecodeTile);  // 8-byte aligned: offsets are even
+    const char** vp = kp + kDecodeTile;
+    float* kf = reinterpret_cast<float*>(vp + kDecodeTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < n_units; ++u) {
-      const int64_t b = u / (a.Hk * ns_max), kh = (u / ns_max) % a.Hk, sp = u % ns_max;
+      const int64_t b = u / ns_max, sp = u % ns_max;
       const int64_t len = a.seq_lens[b];
       int64_t lo, hi;
       detail::decode_key_range(a, len, &lo, &hi);
@@ -167,18 +175,17 @@ inline void decode_attention(const DecodeArgs& a, Isa isa) {
       const int64_t per = ((hi - lo + ns - 1) / ns + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
       const int64_t j0 = std::min(hi, lo + sp * per), j1 = std::min(hi, j0 + per);
       // Queries of the unit's rows in fp32, times the softmax scale; the padding [D, Dp) is 0.
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t t = r / G, h = kh * G + r % G;
+      for (int64_t rr = 0; rr < RA; ++rr) {
+        const int64_t kh = rr / R, r = rr % R, t = r / G, h = kh * G + r % G;
         const int64_t base = b * a.q_sb + t * a.q_st + h * a.q_sh;
-        for (int64_t d = 0; d < Dp; ++d) qf[r * Dp + d] = d < a.D ? load_as_f32(a.q, base + d, a.q_dtype) * a.scale : 0.0f;
+        for (int64_t d = 0; d < Dp; ++d) qf[rr * Dp + d] = d < a.D ? load_as_f32(a.q, base + d, a.q_dtype) * a.scale : 0.0f;
       }
-      float* acc = units + u * unit_f;
-      float* m = acc + R * Dp;
-      float* l = m + R;
-      fn(a, b, kh, j0, j1, qf, acc, m, l, s, kp, vp, ksc, vsc);
-      if (ns == 1) detail::decode_store(a, b, kh, acc, l);
+      float* st = units + u * unit_f;
+      fn(a, b, j0, j1, qf, st, st + m_off, st + l_off, s, kp, vp, ksc, vsc, kf);
+      if (ns == 1)
+        for (int64_t kh = 0; kh < a.Hk; ++kh) detail::decode_store(a, b, kh, st + kh * R * Dp, st + l_off + kh * R);
     }
-    // Merge the splits of every (sequence, head) that had more than one (implicit barrier above).
+    // Merge the splits of every (sequence, KV head) that had more than one (implicit barrier above).
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < a.B * a.Hk; ++pair) {
       const int64_t b = pair / a.Hk, kh = pair % a.Hk;
@@ -186,26 +193,26 @@ inline void decode_attention(const DecodeArgs& a, Isa isa) {
       detail::decode_key_range(a, a.seq_lens[b], &lo, &hi);
       const int64_t ns = detail::decode_splits_of(hi - lo, ns_max);
       if (ns == 1) continue;
-      float* first = units + pair * ns_max * unit_f;  // split 0's state receives the merge
-      for (int64_t r = 0; r < R; ++r) {
+      float* first = units + b * ns_max * unit_f;  // split 0's state receives the merge
+      for (int64_t r = kh * R; r < (kh + 1) * R; ++r) {
         float M = -INFINITY;
-        for (int64_t sp = 0; sp < ns; ++sp) M = std::max(M, first[sp * unit_f + R * Dp + r]);
+        for (int64_t sp = 0; sp < ns; ++sp) M = std::max(M, first[sp * unit_f + m_off + r]);
         float* acc0 = first + r * Dp;
         float L = 0.0f;
         for (int64_t sp = 0; sp < ns; ++sp) {
           const float* st = first + sp * unit_f;
-          const float ms = st[R * Dp + r];
+          const float ms = st[m_off + r];
           const float w = (ms > -INFINITY) ? std::exp(ms - M) : 0.0f;
-          L += w * st[R * Dp + R + r];
+          L += w * st[l_off + r];
           if (sp == 0) {
             for (int64_t d = 0; d < a.D; ++d) acc0[d] *= w;
           } else {
             for (int64_t d = 0; d < a.D; ++d) acc0[d] += w * st[r * Dp + d];
           }
         }
-        first[R * Dp + R + r] = L;
+        first[l_off + r] = L;
       }
-      detail::decode_store(a, b, kh, first, first + R * Dp + R);
+      detail::decode_store(a, b, kh, first + kh * R * Dp, first + l_off + kh * R);
     }
   }
 }

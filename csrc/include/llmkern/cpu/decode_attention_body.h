@@ -12,65 +12,78 @@ namespace LLMKERN_DA_NS {
 using O = LLMKERN_DA_OPS;
 using V = O::V;
 
-// s[r * kTile + jj] = dot(qf row r, key row) for NR rows starting at qf, one key row `k` of D values.
-template <int KT, int NR>
-LLMKERN_DA_ATTR inline void qk_rows(const float* qf, int64_t Dp, const void* k, int64_t D, float* s, int jj) {
-  V acc[NR];
-  for (int i = 0; i < NR; ++i) acc[i] = O::zero();
-  for (int64_t c = 0; c < D; c += O::W) {
-    const V kv = O::template load_kv<KT>(k, c, static_cast<int>(D - c));
-    for (int i = 0; i < NR; ++i) acc[i] = O::fma(O::load(qf + i * Dp + c), kv, acc[i]);
+// s[jj] = dot(q, key jj) for the W keys at kp[jj] + off (bytes), D values each; q is fp32 with zero
+// padding to a multiple of W. The W dot products run side by side (W independent FMA chains) and are
+// reduced together by one transpose-and-add tree (O::hsum_w) instead of W horizontal sums.
+// qk_block for W = 16 with 16 named accumulators (see OpsAvx512::hsum16: an array of them lives in memory).
+template <int KT, class OO = O>
+LLMKERN_DA_ATTR inline void qk_block16(const float* q, const char* const* kp, int64_t off, int64_t D, float* s) {
+#define LLMKERN_DA_K(i) const char* k##i = kp[i] + off; V a##i = O::zero();
+  LLMKERN_DA_K(0) LLMKERN_DA_K(1) LLMKERN_DA_K(2) LLMKERN_DA_K(3) LLMKERN_DA_K(4) LLMKERN_DA_K(5) LLMKERN_DA_K(6)
+  LLMKERN_DA_K(7) LLMKERN_DA_K(8) LLMKERN_DA_K(9) LLMKERN_DA_K(10) LLMKERN_DA_K(11) LLMKERN_DA_K(12)
+  LLMKERN_DA_K(13) LLMKERN_DA_K(14) LLMKERN_DA_K(15)
+#undef LLMKERN_DA_K
+  for (int64_t c = 0; c < D; c += 16) {
+    const V qv = O::load(q + c);
+    const int n = static_cast<int>(D - c);
+#define LLMKERN_DA_F(i) a##i = O::fma(qv, O::template load_kv<KT>(k##i, c, n), a##i);
+    LLMKERN_DA_F(0) LLMKERN_DA_F(1) LLMKERN_DA_F(2) LLMKERN_DA_F(3) LLMKERN_DA_F(4) LLMKERN_DA_F(5) LLMKERN_DA_F(6)
+    LLMKERN_DA_F(7) LLMKERN_DA_F(8) LLMKERN_DA_F(9) LLMKERN_DA_F(10) LLMKERN_DA_F(11) LLMKERN_DA_F(12)
+    LLMKERN_DA_F(13) LLMKERN_DA_F(14) LLMKERN_DA_F(15)
+#undef LLMKERN_DA_F
   }
-  for (int i = 0; i < NR; ++i) s[i * kDecodeTile + jj] = O::hsum(acc[i]);
+  OO::hsum16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, s);
 }
 
-// acc rows [r0, r0 + NR) (stride Dp) += sum_jj p[r][jj] * v[jj] over nt value rows, chunk by chunk so
-// the NR accumulators stay in registers while each value vector is loaded once.
+template <int KT>
+LLMKERN_DA_ATTR inline void qk_block(const float* q, const char* const* kp, int64_t off, int64_t D, float* s) {
+  if constexpr (O::W == 16) {
+    qk_block16<KT>(q, kp, off, D, s);
+    return;
+  }
+  V acc[O::W];
+  for (int jj = 0; jj < O::W; ++jj) acc[jj] = O::zero();
+  for (int64_t c = 0; c < D; c += O::W) {
+    const V qv = O::load(q + c);
+    const int n = static_cast<int>(D - c);
+    for (int jj = 0; jj < O::W; ++jj) acc[jj] = O::fma(qv, O::template load_kv<KT>(kp[jj] + off, c, n), acc[jj]);
+  }
+  O::hsum_w(acc, s);
+}
+
+// acc rows [0, NR) (stride Dp) += sum_jj p[r][jj] * v[jj] over nt value rows at vp[jj] + off (bytes),
+// chunk by chunk so the NR accumulators stay in registers while each value vector is loaded once.
 template <int KT, int NR>
-LLMKERN_DA_ATTR inline void pv_rows(float* acc, int64_t Dp, const float* p, const void* const* vp, int nt, int64_t D) {
+LLMKERN_DA_ATTR inline void pv_rows(float* acc, int64_t Dp, const float* p, const char* const* vp, int64_t off, int nt,
+                                    int64_t D) {
   for (int64_t c = 0; c < D; c += O::W) {
     V a[NR];
     for (int i = 0; i < NR; ++i) a[i] = O::load(acc + i * Dp + c);
     for (int jj = 0; jj < nt; ++jj) {
-      const V vv = O::template load_kv<KT>(vp[jj], c, static_cast<int>(D - c));
+      const V vv = O::template load_kv<KT>(vp[jj] + off, c, static_cast<int>(D - c));
       for (int i = 0; i < NR; ++i) a[i] = O::fma(O::set1(p[i * kDecodeTile + jj]), vv, a[i]);
     }
     for (int i = 0; i < NR; ++i) O::store(acc + i * Dp + c, a[i]);
   }
 }
 
-constexpr int kQkRows = O::W >= 16 ? 8 : 4;  // accumulators per dot-product pass (registers allow)
-constexpr int kPvRows = O::W >= 16 ? 8 : 4;
+constexpr int kPvRows = O::W >= 16 ? 8 : 4;  // accumulators per value pass (registers allow)
 
 template <int KT>
-LLMKERN_DA_ATTR inline void qk_all(const float* qf, int64_t R, int64_t Dp, const void* k, int64_t D, float* s, int jj) {
+LLMKERN_DA_ATTR inline void pv_all(float* acc, int64_t R, int64_t Dp, const float* p, const char* const* vp,
+                                   int64_t off, int nt, int64_t D) {
   int64_t r = 0;
-  for (; r + kQkRows <= R; r += kQkRows) qk_rows<KT, kQkRows>(qf + r * Dp, Dp, k, D, s + r * kDecodeTile, jj);
+  for (; r + kPvRows <= R; r += kPvRows) pv_rows<KT, kPvRows>(acc + r * Dp, Dp, p + r * kDecodeTile, vp, off, nt, D);
+  float* ar = acc + r * Dp;
+  const float* pr = p + r * kDecodeTile;
   switch (R - r) {
-    case 1: qk_rows<KT, 1>(qf + r * Dp, Dp, k, D, s + r * kDecodeTile, jj); break;
-    case 2: qk_rows<KT, 2>(qf + r * Dp, Dp, k, D, s + r * kDecodeTile, jj); break;
-    case 3: qk_rows<KT, 3>(qf + r * Dp, Dp, k, D, s + r * kDecodeTile, jj); break;
-    case 4: qk_rows<KT, 4>(qf + r * Dp, Dp, k, D, s + r * kDecodeTile, jj); break;
-    case 5: qk_rows<KT, 5>(qf + r * Dp, Dp, k, D, s + r * kDecodeTile, jj); break;
-    case 6: qk_rows<KT, 6>(qf + r * Dp, Dp, k, D, s + r * kDecodeTile, jj); break;
-    case 7: qk_rows<KT, 7>(qf + r * Dp, Dp, k, D, s + r * kDecodeTile, jj); break;
-    default: break;
-  }
-}
-
-template <int KT>
-LLMKERN_DA_ATTR inline void pv_all(float* acc, int64_t R, int64_t Dp, const float* p, const void* const* vp, int nt,
-                                   int64_t D) {
-  int64_t r = 0;
-  for (; r + kPvRows <= R; r += kPvRows) pv_rows<KT, kPvRows>(acc + r * Dp, Dp, p + r * kDecodeTile, vp, nt, D);
-  switch (R - r) {
-    case 1: pv_rows<KT, 1>(acc + r * Dp, Dp, p + r * kDecodeTile, vp, nt, D); break;
-    case 2: pv_rows<KT, 2>(acc + r * Dp, Dp, p + r * kDecodeTile, vp, nt, D); break;
-    case 3: pv_rows<KT, 3>(acc + r * Dp, Dp, p + r * kDecodeTile, vp, nt, D); break;
-    case 4: pv_rows<KT, 4>(acc + r * Dp, Dp, p + r * kDecodeTile, vp, nt, D); break;
-    case 5: pv_rows<KT, 5>(acc + r * Dp, Dp, p + r * kDecodeTile, vp, nt, D); break;
-    case 6: pv_rows<KT, 6>(acc + r * Dp, Dp, p + r * kDecodeTile, vp, nt, D); break;
-    case 7: pv_rows<KT, 7>(acc + r * Dp, Dp, p + r * kDecodeTile, vp, nt, D); break;
+    case 1: pv_rows<KT, 1>(ar, Dp, pr, vp, off, nt, D); break;
+    case 2: pv_rows<KT, 2>(ar, Dp, pr, vp, off, nt, D); break;
+    case 3: pv_rows<KT, 3>(ar, Dp, pr, vp, off, nt, D); break;
+    case 4: pv_rows<KT, 4>(ar, Dp, pr, vp, off, nt, D); break;
+    case 5: pv_rows<KT, 5>(ar, Dp, pr, vp, off, nt, D); break;
+    case 6: pv_rows<KT, 6>(ar, Dp, pr, vp, off, nt, D); break;
+    case 7: pv_rows<KT, 7>(ar, Dp, pr, vp, off, nt, D); break;
     default: break;
   }
 }
@@ -106,68 +119,118 @@ LLMKERN_DA_ATTR inline void softmax_tile(float* s, int nt, float* m, float* l, f
   *m = mnew;
 }
 
-// One work unit: sequence b, KV head kh, keys [j_begin, j_end). Rows r = t * G + g (query token t,
-// head kh * G + g); qf [R, Dp] their fp32 queries times scale; acc [R, Dp], m [R], l [R] the unit's
-// softmax state (initialized here); s scratch [R, kDecodeTile]; kp/vp/ks/vs scratch [kDecodeTile].
+// One work unit: sequence b, keys [j_begin, j_end), every KV head. Rows rr = kh * R + t * G + g
+// (KV head kh, query token t, query head kh * G + g; R = G * Sq); qf [Hk * R, Dp] their fp32 queries
+// times scale; acc [Hk * R, Dp], m, l [Hk * R] the unit's softmax state (initialized here);
+// s scratch [Hk * R, kDecodeTile]; kp/vp scratch [kDecodeTile] token row pointers; ksc/vsc scratch
+// [Hk, kDecodeTile] int8 scales.
+// All heads in one unit: a thread walks whole token rows (Hk * D contiguous values of a [.., Hk, D]
+// cache), so its K and V reads are two sequential streams the hardware prefetcher follows, instead of
+// one head's D values out of every row (a page apart for Hk * D * 4 = 4 KiB: no prefetch at all).
 template <int KT>
-LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t kh, int64_t j_begin, int64_t j_end,
-                            const float* qf, float* acc, float* m, float* l, float* s, const void** kp,
-                            const void** vp, float* ksc, float* vsc) {
-  const int64_t G = a.Hq / a.Hk, R = G * a.Sq, D = a.D, Dp = decode_dpad(D);
+LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, int64_t j_end, const float* qf,
+                            float* acc, float* m, float* l, float* s, const char** kp, const char** vp, float* ksc,
+                            float* vsc, float* kf) {
+  const int64_t G = a.Hq / a.Hk, R = G * a.Sq, Hk = a.Hk, RA = Hk * R, D = a.D, Dp = decode_dpad(D);
   const int64_t len = a.seq_lens[b];
   const int64_t esz = kv_elem_size(KT);
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t r = 0; r < RA; ++r) {
     m[r] = -INFINITY;
     l[r] = 0.0f;
     for (int64_t c = 0; c < Dp; ++c) acc[r * Dp + c] = 0.0f;
   }
   const char* kbase = static_cast<const char*>(a.k);
   const char* vbase = static_cast<const char*>(a.v);
+  const bool plain = KT != kKvI8 && !(a.softcap > 0.0f);  // scores need no per-key fix-up
+  const char* kfp[O::W];  // rows of kf: one block of keys converted to fp32 (compressed caches, G > 1)
+  for (int jj = 0; jj < O::W; ++jj) kfp[jj] = reinterpret_cast<const char*>(kf + jj * Dp);
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeTile) {
     const int nt = static_cast<int>(std::min<int64_t>(kDecodeTile, j_end - j0));
-    // Row pointers of the tile's keys: the block index advances with the offset (no division per key).
+    // Token row pointers of the tile (head 0): the block index advances with the offset.
     int64_t blk = a.block_size ? j0 / a.block_size : 0, off = a.block_size ? j0 % a.block_size : j0;
     for (int jj = 0; jj < nt; ++jj) {
       const int64_t row = a.block_size ? a.block_table[b * a.bt_stride + blk] : b;
-      kp[jj] = kbase + (row * a.k_s0 + off * a.k_s1 + kh * a.k_s2) * esz;
-      vp[jj] = vbase + (row * a.v_s0 + off * a.v_s1 + kh * a.v_s2) * esz;
+      kp[jj] = kbase + (row * a.k_s0 + off * a.k_s1) * esz;
+      vp[jj] = vbase + (row * a.v_s0 + off * a.v_s1) * esz;
       if constexpr (KT == kKvI8) {
-        ksc[jj] = a.k_scale[row * a.ks_s0 + off * a.ks_s1 + kh * a.ks_s2];
-        vsc[jj] = a.v_scale[row * a.vs_s0 + off * a.vs_s1 + kh * a.vs_s2];
+        for (int64_t kh = 0; kh < Hk; ++kh) {
+          ksc[kh * kDecodeTile + jj] = a.k_scale[row * a.ks_s0 + off * a.ks_s1 + kh * a.ks_s2];
+          vsc[kh * kDecodeTile + jj] = a.v_scale[row * a.vs_s0 + off * a.vs_s1 + kh * a.vs_s2];
+        }
       }
       if (++off == a.block_size) {  // never true for a contiguous cache (block_size 0)
         off = 0;
         ++blk;
       }
     }
-    for (int jj = 0; jj < nt; ++jj) qk_all<KT>(qf, R, Dp, kp[jj], D, s, jj);
-    for (int64_t r = 0; r < R; ++r) {
-      float* sr = s + r * kDecodeTile;
+    // Prefetch the next tile's K and V rows (into L1) while this tile computes: the hardware prefetcher
+    // alone leaves cold reads latency-bound (measured: SmolLM2 L1024 fp32 ~20% faster, int8 ~25-40%).
+    if (j0 + kDecodeTile < j_end) {
+      const int64_t jn = j0 + kDecodeTile, ntn = std::min<int64_t>(kDecodeTile, j_end - jn);
+      int64_t pblk = a.block_size ? jn / a.block_size : 0, poff = a.block_size ? jn % a.block_size : jn;
+      const int64_t kbytes = ((Hk - 1) * a.k_s2 + D) * esz, vbytes = ((Hk - 1) * a.v_s2 + D) * esz;
+      for (int64_t jj = 0; jj < ntn; ++jj) {
+        const int64_t row = a.block_size ? a.block_table[b * a.bt_stride + pblk] : b;
+        const char* kr = kbase + (row * a.k_s0 + poff * a.k_s1) * esz;
+        const char* vr = vbase + (row * a.v_s0 + poff * a.v_s1) * esz;
+        for (int64_t o = 0; o < kbytes; o += 64) __builtin_prefetch(kr + o, 0, 3);
+        for (int64_t o = 0; o < vbytes; o += 64) __builtin_prefetch(vr + o, 0, 3);
+        if (++poff == a.block_size) {
+          poff = 0;
+          ++pblk;
+        }
+      }
+    }
+    // Keys past nt in the last W-block repeat a valid row: their scores are computed, then masked.
+    const int nblk = (nt + O::W - 1) / O::W * O::W;
+    for (int jj = nt; jj < nblk; ++jj) kp[jj] = kp[nt - 1];
+    for (int jb = 0; jb < nblk; jb += O::W)
+      for (int64_t kh = 0; kh < Hk; ++kh) {
+        const int64_t koff = kh * a.k_s2 * esz;
+        if constexpr (KT != kKvF32 && O::W == 16) {
+          if (R >= 4) {  // convert the block's keys to fp32 once, not once per GQA row (R = 3: no gain measured)
+            for (int jj = 0; jj < O::W; ++jj)
+              for (int64_t c = 0; c < D; c += O::W)
+                O::store(kf + jj * Dp + c, O::template load_kv<KT>(kp[jb + jj] + koff, c, static_cast<int>(D - c)));
+            for (int64_t r = 0; r < R; ++r)
+              qk_block<kKvF32>(qf + (kh * R + r) * Dp, kfp, 0, D, s + (kh * R + r) * kDecodeTile + jb);
+            continue;
+          }
+        }
+        for (int64_t r = 0; r < R; ++r)
+          qk_block<KT>(qf + (kh * R + r) * Dp, kp + jb, koff, D, s + (kh * R + r) * kDecodeTile + jb);
+      }
+    for (int64_t rr = 0; rr < RA; ++rr) {
+      const int64_t kh = rr / R, r = rr % R;
+      float* sr = s + rr * kDecodeTile;
       const int64_t pos = len - a.Sq + r / G;  // this row's query position: it sees keys [lo, pos]
       const int64_t lo = a.window_left >= 0 ? pos - a.window_left : 0;
-      for (int jj = 0; jj < nt; ++jj) {
-        float x = sr[jj];
-        if constexpr (KT == kKvI8) x *= ksc[jj];  // q . (k * scale) = (q . k) * scale
-        if (a.softcap > 0.0f) x = a.softcap * std::tanh(x / a.softcap);
-        const int64_t j = j0 + jj;
-        sr[jj] = (j < lo || j > pos) ? -INFINITY : x;
+      if (!plain || j0 < lo || j0 + nt - 1 > pos) {
+        for (int jj = 0; jj < nt; ++jj) {
+          float x = sr[jj];
+          if constexpr (KT == kKvI8) x *= ksc[kh * kDecodeTile + jj];  // q . (k * scale) = (q . k) * scale
+          if (a.softcap > 0.0f) x = a.softcap * std::tanh(x / a.softcap);
+          const int64_t j = j0 + jj;
+          sr[jj] = (j < lo || j > pos) ? -INFINITY : x;
+        }
       }
-      softmax_tile(sr, nt, m + r, l + r, acc + r * Dp, Dp);
+      softmax_tile(sr, nt, m + rr, l + rr, acc + rr * Dp, Dp);
       if constexpr (KT == kKvI8)  // the value scale goes into the weight; l keeps the plain weights
-        for (int jj = 0; jj < nt; ++jj) sr[jj] *= vsc[jj];
+        for (int jj = 0; jj < nt; ++jj) sr[jj] *= vsc[kh * kDecodeTile + jj];
     }
-    pv_all<KT>(acc, R, Dp, s, vp, nt, D);
+    for (int64_t kh = 0; kh < Hk; ++kh)
+      pv_all<KT>(acc + kh * R * Dp, R, Dp, s + kh * R * kDecodeTile, vp, kh * a.v_s2 * esz, nt, D);
   }
 }
 
-LLMKERN_DA_ATTR void unit(const DecodeArgs& a, int64_t b, int64_t kh, int64_t j_begin, int64_t j_end, const float* qf,
-                          float* acc, float* m, float* l, float* s, const void** kp, const void** vp, float* ksc,
-                          float* vsc) {
+LLMKERN_DA_ATTR void unit(const DecodeArgs& a, int64_t b, int64_t j_begin, int64_t j_end, const float* qf, float* acc,
+                          float* m, float* l, float* s, const char** kp, const char** vp, float* ksc, float* vsc,
+                          float* kf) {
   switch (a.kv_type) {
-    case kKvBF16: unit_kt<kKvBF16>(a, b, kh, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc); break;
-    case kKvF16: unit_kt<kKvF16>(a, b, kh, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc); break;
-    case kKvI8: unit_kt<kKvI8>(a, b, kh, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc); break;
-    default: unit_kt<kKvF32>(a, b, kh, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc);
+    case kKvBF16: unit_kt<kKvBF16>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf); break;
+    case kKvF16: unit_kt<kKvF16>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf); break;
+    case kKvI8: unit_kt<kKvI8>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf); break;
+    default: unit_kt<kKvF32>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf);
   }
 }
 

@@ -3,7 +3,9 @@
 //
 // One pass per token: rotate q in place, rotate k's heads into a small fp32 row buffer, then store
 // k and v rows into the cache (cast, or quantize with a per-(token, head) scale). The work is memory
-// bound (a few flops per byte), so the code is portable C++ without ISA variants; OpenMP splits the
+// bound (a few flops per byte), but the portable row code (a dtype switch per element, float64 rotation
+// one pair at a time) costs more than the bytes; with the AVX-512 ISA the rows are loaded, rotated
+// (rotate_row_avx512, bit-exact with rotate_row) and stored 16 / 8 values per step. OpenMP splits the
 // tokens when there are enough of them to pay for the threads.
 //
 // Rotary is computed like the reference, bit for bit (llmkern/cpu/rotary.h).
@@ -17,6 +19,7 @@
 #include <cstring>
 
 #include "llmkern/cpu/convert.h"
+#include "llmkern/cpu/features.h"
 #include "llmkern/cpu/int8_linear_common.h"
 #include "llmkern/cpu/rotary.h"  // round_to_dtype, rotate_row (shared with rotary_embedding)
 
@@ -45,6 +48,7 @@ struct AppendArgs {
   DType q_dtype = DType::kF32;
   int64_t q_s0 = 0, q_s1 = 0, q_s2 = 0, Hq = 0;
   int num_threads = 1;
+  Isa isa = Isa::kScalar;  // kAvx512Vnni: vectorized rotation
 };
 
 // Store one row of D fp32 values into a cache row (cast, or the int8 rule of llmkern/ops/quant.py).
@@ -77,11 +81,55 @@ inline void store_row(const float* x, int64_t D, void* cache, int cache_type, in
   }
 }
 
+namespace kv512 {
+
+// n values of dtype dt at src + off -> fp32 dst (exact).
+LLMKERN_ROT512 inline void load_row(const void* src, int64_t off, DType dt, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 v;
+    if (dt == DType::kF32) {
+      v = _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + off + i);
+    } else {
+      const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + off + i);
+      v = dt == DType::kF16 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    _mm512_mask_storeu_ps(dst + i, m, v);
+  }
+}
+
+// fp32 src -> n values of dtype dt at dst + off, rounded half to even like store_from_f32 (NaN stays NaN).
+LLMKERN_ROT512 inline void store_row_f(const float* src, void* dst, int64_t off, DType dt, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, src + i);
+    if (dt == DType::kF32) {
+      _mm512_mask_storeu_ps(static_cast<float*>(dst) + off + i, m, v);
+      continue;
+    }
+    __m256i h;
+    if (dt == DType::kF16) {
+      h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      const __m512i u = _mm512_castps_si512(v);
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)))), 16);
+      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+      h = _mm512_cvtepi32_epi16(r);
+    }
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + off + i, m, h);
+  }
+}
+
+}  // namespace kv512
+
 inline void kv_cache_append(const AppendArgs& a) {
   const int64_t T = a.B * a.S;
   if (T <= 0) return;
   const int64_t D = a.D, esz = dtype_size(a.kv_dtype);
   const bool rot = a.cos_sin != nullptr;
+  const bool v512 = a.isa == Isa::kAvx512Vnni;  // vector row loads, rotation and stores
   // Threads only when the tokens carry enough bytes to pay for waking them (~ tens of KiB).
   const int64_t bytes = T * (2 * a.Hk + (a.q ? a.Hq : 0)) * D * esz;
   const int threads = bytes >= (int64_t(64) << 10) ? std::max(1, a.num_threads) : 1;
@@ -94,6 +142,12 @@ inline void kv_cache_append(const AppendArgs& a) {
     if (rot && a.q) {  // q is rotated even for padding tokens (slot -1), as the reference does
       for (int64_t h = 0; h < a.Hq; ++h) {
         const int64_t base = b * a.q_s0 + s * a.q_s1 + h * a.q_s2;
+        if (v512) {
+          kv512::load_row(a.q, base, a.q_dtype, row, a.R);
+          rotate_row_avx512(row, cs, a.R, a.interleaved, a.q_dtype);
+          kv512::store_row_f(row, a.q, base, a.q_dtype, a.R);
+          continue;
+        }
         for (int64_t d = 0; d < a.R; ++d) row[d] = load_as_f32(a.q, base + d, a.q_dtype);
         rotate_row(row, cs, a.R, a.interleaved, a.q_dtype);
         for (int64_t d = 0; d < a.R; ++d) store_from_f32(a.q, base + d, a.q_dtype, row[d]);
@@ -105,15 +159,24 @@ inline void kv_cache_append(const AppendArgs& a) {
       const int64_t s0 = which ? a.v_s0 : a.k_s0, s1 = which ? a.v_s1 : a.k_s1, s2 = which ? a.v_s2 : a.k_s2;
       void* cache = which ? a.v_cache : a.k_cache;
       float* scale = which ? a.v_scale : a.k_scale;
-      const bool rotate = rot && which == 0;
+      const bool rotate_k = rot && which == 0;
       for (int64_t h = 0; h < a.Hk; ++h) {
         const int64_t base = b * s0 + s * s1 + h * s2, dst = slot * a.Hk + h;
-        if (!rotate && a.cache_type == static_cast<int>(a.kv_dtype)) {  // same dtype: a plain copy, bit-exact
+        if (!rotate_k && a.cache_type == static_cast<int>(a.kv_dtype)) {  // same dtype: a plain copy, bit-exact
           std::memcpy(static_cast<char*>(cache) + dst * D * esz, static_cast<const char*>(src) + base * esz, D * esz);
           continue;
         }
-        for (int64_t d = 0; d < D; ++d) row[d] = load_as_f32(src, base + d, a.kv_dtype);
-        if (rotate) rotate_row(row, cs, a.R, a.interleaved, a.kv_dtype);
+        if (v512) {
+          kv512::load_row(src, base, a.kv_dtype, row, D);
+          if (rotate_k) rotate_row_avx512(row, cs, a.R, a.interleaved, a.kv_dtype);
+          if (a.cache_type != 3) {  // cast into the float cache (exact when it is k's dtype: rotated values are)
+            kv512::store_row_f(row, cache, dst * D, static_cast<DType>(a.cache_type), D);
+            continue;
+          }
+        } else {
+          for (int64_t d = 0; d < D; ++d) row[d] = load_as_f32(src, base + d, a.kv_dtype);
+          if (rotate_k) rotate_row(row, cs, a.R, a.interleaved, a.kv_dtype);
+        }
         store_row(row, D, cache, a.cache_type, dst, scale);
       }
     }

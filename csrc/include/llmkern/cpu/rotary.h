@@ -4,6 +4,12 @@
 // are exact there), then rounded to the tensor's dtype the way torch's .to() does.
 #pragma once
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
 #include <cstdint>
 
 #include "llmkern/cpu/convert.h"
@@ -32,6 +38,48 @@ inline void rotate_row(float* x, const float* cs, int64_t R, bool interleaved, D
     const double ra = a * c - b * s, rb = b * c + a * s;  // products exact in double
     x[ia] = round_to_dtype(ra, dt);
     x[ib] = round_to_dtype(rb, dt);
+  }
+}
+
+#define LLMKERN_ROT512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+// fp32 lanes rounded to dt and back (exact), as bf16_to_f32(f32_to_bf16(f)) / f16_to_f32(f32_to_f16(f)).
+LLMKERN_ROT512 inline __m256 round8_to_dtype(__m256 f, DType dt) {
+  if (dt == DType::kF16) return _mm256_cvtph_ps(_mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if (dt != DType::kBF16) return f;
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                          _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+  const __m256i keep = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m256i nan = _mm256_or_si256(u, _mm256_set1_epi32(0x00400000));  // quiet NaN (f32_to_bf16's | 0x40)
+  const __m256 isnan = _mm256_cmp_ps(f, f, _CMP_UNORD_Q);
+  return _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_and_si256(r, keep)), _mm256_castsi256_ps(_mm256_and_si256(nan, keep)),
+                          isnan);
+}
+
+// rotate_row with AVX-512, bit for bit the same: NeoX pairs 8 at a time in float64 lanes (products of
+// two floats are exact in double, so the same one rounding per result), then double -> fp32 -> dt.
+// Interleaved (GPT-J) rows and the tail of a half that is not a multiple of 8 take rotate_row's loop.
+LLMKERN_ROT512 inline void rotate_row_avx512(float* x, const float* cs, int64_t R, bool interleaved, DType dt) {
+  if (interleaved) {
+    rotate_row(x, cs, R, interleaved, dt);
+    return;
+  }
+  const int64_t half = R / 2;
+  int64_t i = 0;
+  for (; i + 8 <= half; i += 8) {
+    const __m512d a = _mm512_cvtps_pd(_mm256_loadu_ps(x + i)), b = _mm512_cvtps_pd(_mm256_loadu_ps(x + half + i));
+    const __m512d c = _mm512_cvtps_pd(_mm256_loadu_ps(cs + i)), s = _mm512_cvtps_pd(_mm256_loadu_ps(cs + half + i));
+    const __m512d ra = _mm512_sub_pd(_mm512_mul_pd(a, c), _mm512_mul_pd(b, s));
+    const __m512d rb = _mm512_add_pd(_mm512_mul_pd(b, c), _mm512_mul_pd(a, s));
+    _mm256_storeu_ps(x + i, round8_to_dtype(_mm512_cvtpd_ps(ra), dt));
+    _mm256_storeu_ps(x + half + i, round8_to_dtype(_mm512_cvtpd_ps(rb), dt));
+  }
+  for (; i < half; ++i) {
+    const double a = x[i], b = x[half + i], c = cs[i], s = cs[half + i];
+    const double ra = a * c - b * s, rb = b * c + a * s;
+    x[i] = round_to_dtype(ra, dt);
+    x[half + i] = round_to_dtype(rb, dt);
   }
 }
 

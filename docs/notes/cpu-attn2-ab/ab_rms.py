@@ -1,4 +1,4 @@
-"""A/B of the rms_norm cpu adapter: baseline _C ($BASE, default /tmp/ca2/base) vs the worktree _C, interleaved in one process (NOTES-cpu-attn2.md)."""
+"""A/B of the rms_norm cpu adapter: baseline _C ($BASE, default /tmp/ca2/base) vs the worktree _C, interleaved in one process (docs/notes/cpu-attn2.md)."""
 import sys, time, statistics, importlib.util, glob, torch, torch.nn.functional as F
 torch.set_num_threads(2)
 import llmkern._backends as BK

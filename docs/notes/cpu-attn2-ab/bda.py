@@ -1,4 +1,4 @@
-"""Decode attention through llmkern.ops.decode_attention (op) and its cpu adapter (direct) vs SDPA, cold caches (NOTES-cpu-attn2.md)."""
+"""Decode attention through llmkern.ops.decode_attention (op) and its cpu adapter (direct) vs SDPA, cold caches (docs/notes/cpu-attn2.md)."""
 import sys, time, itertools, statistics, torch, torch.nn.functional as F
 torch.set_num_threads(2)
 from llmkern.ops import decode_attention

@@ -55,28 +55,38 @@ def _rows(t, N):
     return t2.contiguous(), N
 
 
-@rms_norm_op.backend("cpu")
-def _cpu(x, weight, eps, residual):
-    """Launch the C++ kernel on raw pointers; torch allocates y (and h) contiguous, as the reference does."""
-    if x.device.type != "cpu":
-        raise BackendUnsupported(f"x is on {x.device}")
+def _launch_args(x, weight, residual):
+    """What every compiled backend's launcher takes: rows of x, weight, fresh y (and h) contiguous as the
+    reference returns them. Returns (y, h, args, keep) with args = (x ptr, x code, x row stride, residual
+    ptr, code, row stride, weight ptr, code, y ptr, h ptr or 0, rows, N); `keep` holds the copies the
+    pointers may point into (x, residual or weight made contiguous): hold it until the launch returns."""
     N = x.shape[-1]
-    if N == 0:
-        raise BackendUnsupported("rows of 0 elements")
-    mod = _backends.cpu_module()
     x2, xs = _rows(x, N)
     w = weight if weight.stride(0) == 1 or N == 1 else weight.contiguous()
     # empty_like costs half of torch.empty here (~0.8 vs 1.6 us), and a decode step's row is ~1 us of work.
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    r2 = None
     if residual is None:
         h, r_ptr, r_code, rs = x.new_empty((0,)), 0, 0, 0
     else:
         h = torch.empty_like(x, memory_format=torch.contiguous_format)
         r2, rs = _rows(residual, N)
         r_ptr, r_code = r2.data_ptr(), _DTYPE_CODE[residual.dtype]
-    mod.rms_norm(x2.data_ptr(), _DTYPE_CODE[x.dtype], xs, r_ptr, r_code, rs, w.data_ptr(), _DTYPE_CODE[w.dtype],
-                 y.data_ptr(), h.data_ptr() if residual is not None else 0, x2.shape[0], N, float(eps),
-                 torch.get_num_threads(), _backends.cpu_isa())
+    keep = (x2, r2, w)
+    return y, h, keep, (x2.data_ptr(), _DTYPE_CODE[x.dtype], xs, r_ptr, r_code, rs, w.data_ptr(), _DTYPE_CODE[w.dtype],
+                  y.data_ptr(), h.data_ptr() if residual is not None else 0, x2.shape[0], N)
+
+
+@rms_norm_op.backend("cpu")
+def _cpu(x, weight, eps, residual):
+    """Launch the C++ kernel on raw pointers; torch allocates y (and h) contiguous, as the reference does."""
+    if x.device.type != "cpu":
+        raise BackendUnsupported(f"x is on {x.device}")
+    if x.shape[-1] == 0:
+        raise BackendUnsupported("rows of 0 elements")
+    y, h, keep, args = _launch_args(x, weight, residual)
+    _backends.cpu_module().rms_norm(*args, float(eps), torch.get_num_threads(), _backends.cpu_isa())
+    del keep  # the copies the pointers point into lived until here
     return y, h
 
 
@@ -88,21 +98,11 @@ def _cuda(x, weight, eps, residual):
     N = x.shape[-1]
     if N == 0:
         raise BackendUnsupported("rows of 0 elements")
-    mod = _backends.cuda_module()
-    x2, xs = _rows(x, N)
-    w = weight if weight.stride(0) == 1 or N == 1 else weight.contiguous()
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if residual is None:
-        h, r_ptr, r_code, rs = x.new_empty((0,)), 0, 0, 0
-    else:
-        h = torch.empty_like(x, memory_format=torch.contiguous_format)
-        r2, rs = _rows(residual, N)
-        r_ptr, r_code = r2.data_ptr(), _DTYPE_CODE[residual.dtype]
-    if x2.shape[0] == 0:
+    y, h, keep, args = _launch_args(x, weight, residual)
+    if args[10] == 0:  # no rows
         return y, h
-    mod.rms_norm(x2.data_ptr(), _DTYPE_CODE[x.dtype], xs, r_ptr, r_code, rs, w.data_ptr(), _DTYPE_CODE[w.dtype],
-                 y.data_ptr(), h.data_ptr() if residual is not None else 0, x2.shape[0], N, float(eps),
-                 torch.cuda.current_stream(x.device).cuda_stream)
+    _backends.cuda_module().rms_norm(*args, float(eps), torch.cuda.current_stream(x.device).cuda_stream)
+    del keep  # enqueued: torch's caching allocator keeps freed memory stream-ordered
     return y, h
 
 

@@ -6,25 +6,17 @@ import pytest
 import torch
 
 from llmkern import _backends
-from llmkern.models import Llama, ModelConfig
+from llmkern.models import Llama
 from llmkern.models.decode_plan import DecodePlan
-from llmkern.nn import Int4Linear, Int8Linear, quantize_linears
+from llmkern.nn import Int4Linear, quantize_linears
+from test_llama import tiny as tiny_model
 
 pytestmark = pytest.mark.skipif(not _backends.available("cpu"), reason="the plan runs the cpu backend")
 
 
-def tiny(seed=0, quant="int4", tie=False, dtype=torch.float32, skip=(), **kw) -> Llama:
-    args = dict(vocab_size=101, hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=160,
-                rms_eps=1e-5, rope_base=10000.0, max_positions=64, tie_embeddings=tie)
-    args.update(kw)
-    torch.manual_seed(seed)
-    m = Llama(ModelConfig(**args), dtype=dtype).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0, p.shape[-1] ** -0.5 if p.dim() == 2 and "embed" not in name else 1.0)
+def tiny(seed=0, quant="int4", tie=False, skip=(), **kw) -> Llama:
+    """test_llama's random model (3 layers here) on the default backends, quantized and fused."""
+    m = tiny_model(seed, backend=None, num_layers=3, max_positions=64, tie_embeddings=tie, **kw)
     if quant != "none":
         kind, _, mode = quant.partition("-")
         quantize_linears(m, kind, mode=mode or "w8a16", skip=skip)

@@ -60,12 +60,10 @@ class DecodePlan:
         self.layers, self.head, self._checks = layers, head_runner, checks
         c = model.config
         self.Hq, self.Hk, self.D, self.H = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-        self.I = c.intermediate_size
         self.final_norm, self.final_eps = model.norm.weight, model.norm.eps
         self.embed = model.embed_tokens.weight
         self.rotary = model.rotary.cos_sin_cache
         self.interleaved = model.rotary.interleaved
-        self.dtype = model.dtype
 
     # ------------------------------------------------------------------ build / validity
 

@@ -172,8 +172,17 @@ class Llama(nn.Module):
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights a decode step reads: every layer, the final norm and the lm_head (each
-        tensor once, shared ones counted once); of the embedding only one row per token."""
+        tensor once, shared ones counted once); of the embedding only one row per token. A linear whose
+        prepared runner decodes from a packed copy (int4 on AVX-512) counts that copy instead of its
+        canonical tensors."""
         seen, total = set(), 0
+        for mod in (self.layers, self.norm, self.lm_head):
+            for sub in mod.modules():
+                run = sub.__dict__.get("_run")
+                packed = getattr(getattr(run, "impl", None), "packed", None)
+                if packed is not None:  # decode reads the packed stream (+ the bias), not the canonical tensors
+                    total += packed.numel() * packed.element_size()
+                    seen.update(t.data_ptr() for n, t in sub.named_buffers() if n != "bias")
         for mod in (self.layers, self.norm, self.lm_head):
             for t in list(mod.parameters()) + list(mod.buffers()):
                 if t is self.rotary.cos_sin_cache or t.data_ptr() in seen:

@@ -168,7 +168,7 @@ class Op:
                 op.last_backend = _name
                 return out
 
-            run.env, run.backend, run.device = env, name, torch.device(device)
+            run.env, run.backend, run.device, run.impl = env, name, torch.device(device), fn
             return run
         return None
 

@@ -111,3 +111,21 @@ def test_full_cache_raises_the_cache_error():
         m(nxt, cache, last_only=True)  # 6 of 6
         with pytest.raises(ValueError, match="KV cache full"):
             m(nxt, cache, last_only=True)
+
+
+def test_weight_bytes_count_the_packed_int4_copy_when_decode_reads_it(monkeypatch):
+    monkeypatch.setenv("LLMKERN_INT4_PACK", "1")  # pack fp32 scales too (packing happens on AVX-512 only)
+    m = tiny(quant="int4", skip=("lm_head",))
+    canonical = m.weight_bytes_per_token()
+    with torch.inference_mode():
+        cache = m.new_cache(1, 16)
+        m(torch.randint(0, 101, (1, 4)), cache, last_only=True)
+    lin = m.layers[0].mlp.down_proj
+    packed = getattr(lin._run.impl, "packed", None)
+    if packed is None:
+        assert m.weight_bytes_per_token() == canonical
+    else:  # one packed stream instead of qweight + scales + offsets per int4 linear
+        per = [l._run.impl.packed.numel() - sum(b.numel() * b.element_size() for n, b in l.named_buffers() if n != "bias")
+               for layer in m.layers for l in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                               layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        assert m.weight_bytes_per_token() == canonical + sum(per)

@@ -152,7 +152,11 @@ def test_smollm2_structure_and_exact_int4(smollm, smollm_reader):
     emb = gguf_values("token_embd.weight")
     assert torch.equal(model.embed_tokens.weight, emb)
     assert torch.equal(ops.dequantize_int8(model.lm_head.weight, model.lm_head.weight_scale), emb)
-    assert model.weight_bytes_per_token() > 100e6
+    # 111.6 MB of canonical weights per token; 98.3 MB once its int4 linears were prepared (by any earlier
+    # test using this session's model) and decode from their packed copies (fp16 scales, AVX-512 CPUs)
+    packed = any(getattr(getattr(m.__dict__.get("_run"), "impl", None), "packed", None) is not None
+                 for m in model.modules())
+    assert abs(model.weight_bytes_per_token() - (98348544 if packed else 111619584)) < 1e6
 
 
 def test_read_metadata(smollm_reader):

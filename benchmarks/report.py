@@ -290,7 +290,11 @@ def main(argv=None) -> int:
     print(f"wrote {md}", file=sys.stderr)
     if not args.no_plot:
         png = os.path.join(out, f"{stem}_report.png")
-        plot(entries, meta, png)
+        try:
+            plot(entries, meta, png)
+        except ImportError as e:  # e.g. a GPU machine without matplotlib: the table is still written
+            print(f"no plot ({e}); the table is in {md}", file=sys.stderr)
+            return 0
         print(f"wrote {png}", file=sys.stderr)
     return 0
 

@@ -17,14 +17,7 @@ from llmkern.ops import OPS, strict
 
 from _attention_helpers import TOL, assert_lse, assert_rel, naive_attention, naive_attention_batched, \
     poisoned_outputs, randn
-
-ISAS = []
-for _name in ("avx512_vnni", "avx2", "scalar"):
-    try:
-        C.resolve_isa(_name)
-        ISAS.append(_name)
-    except ValueError:
-        pass
+from _cpu_helpers import ISAS
 
 
 def variants(monkeypatch, isas=ISAS, threads=(1, 2)):

@@ -15,28 +15,7 @@ from llmkern.ops import OPS, strict
 
 from _attention_helpers import (TOL, CacheLayout, assert_rel, make_kv, naive_attention, place_kv,
                                 poisoned_outputs, randn)
-
-ISAS = []
-for _name in ("avx512_vnni", "avx2", "scalar"):
-    try:
-        C.resolve_isa(_name)
-        ISAS.append(_name)
-    except ValueError:
-        pass
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("LLMKERN_CPU_ISA", request.param)
-    return request.param
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(saved)
+from _cpu_helpers import ISAS, isa, threads  # noqa: F401 - fixtures
 
 
 def run_cpu(q, kc, vc, seq_lens, bt=None, ks=None, vs=None, **kw):

@@ -16,14 +16,8 @@ import torch
 import llmkern
 import llmkern._C as C  # not importorskip: the compiled module is part of the build, its absence fails
 from llmkern.ops import OPS
+from _cpu_helpers import ISAS
 
-ISAS = []
-for _name in ("avx512_vnni", "avx2", "scalar"):
-    try:
-        C.resolve_isa(_name)
-        ISAS.append(_name)
-    except ValueError:
-        pass
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

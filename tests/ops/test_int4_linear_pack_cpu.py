@@ -15,14 +15,8 @@ import llmkern
 import llmkern._C as C
 from llmkern.nn import Int4Linear
 from llmkern.ops.int4_linear import _cpu_runner
+from _cpu_helpers import ISAS
 
-ISAS = []
-for _name in ("avx512_vnni", "avx2", "scalar"):
-    try:
-        C.resolve_isa(_name)
-        ISAS.append(_name)
-    except ValueError:
-        pass
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (N, K, G): odd N (block tails of 1..7 rows), K with a short 512-span and a short 128-step, all G

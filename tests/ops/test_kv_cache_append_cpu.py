@@ -15,36 +15,13 @@ import llmkern
 from llmkern.ops import OPS, rotary_cos_sin, strict
 
 from _attention_helpers import CacheLayout, randn
+from _cpu_helpers import ISAS, isa, threads  # noqa: F401 - fixtures
 
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.int8: torch.int8}
 
 
 def bits_equal(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype]))
-
-
-ISAS = []
-for _name in ("avx512_vnni", "avx2", "scalar"):
-    try:
-        llmkern._backends.cpu_module().resolve_isa(_name)
-        ISAS.append(_name)
-    except ValueError:
-        pass
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    """The kernel variant (AVX-512 rotation or the portable one), pinned through LLMKERN_CPU_ISA."""
-    monkeypatch.setenv("LLMKERN_CPU_ISA", request.param)
-    return request.param
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(saved)
 
 
 def caches(shape, dtype):

@@ -16,33 +16,10 @@ import llmkern
 from llmkern.ops import OPS, strict
 
 from _attention_helpers import TOL, assert_rel, poisoned_outputs
+from _cpu_helpers import ISAS, isa, threads  # noqa: F401 - fixtures
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 MANT = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
-
-
-ISAS = []
-for _name in ("avx512_vnni", "avx2", "scalar"):
-    try:
-        llmkern._backends.cpu_module().resolve_isa(_name)
-        ISAS.append(_name)
-    except ValueError:
-        pass
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    """The kernel variant (AVX-512 row or the portable one), pinned through LLMKERN_CPU_ISA."""
-    monkeypatch.setenv("LLMKERN_CPU_ISA", request.param)
-    return request.param
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(saved)
 
 
 def naive(x, weight, eps, residual=None):

@@ -6,7 +6,9 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "llmkern/cpu/features.h"
@@ -42,6 +44,37 @@ inline void check_strides_arg(const char* where, const char* name, const std::ve
     if (x < 0) fail_arg(where, std::string(name) + " strides must be >= 0");
 }
 
+// One checked kernel launch with every argument bound: what `<op>_call` returns (the arguments were
+// checked when it was made) and what llmkern._C.StepProgram runs in sequence (csrc/cpu/decode_step.cpp).
+// It holds raw pointers: the Python side keeps the tensors behind them alive. An empty `fn` launches
+// nothing (the op had no work, e.g. M == 0).
+struct KernelCall {
+  std::function<void()> fn;
+  std::string name;  // the op, for repr and error messages
+};
+
+// Binds `name` (check, release the GIL, launch) and `name_call` (check, return the KernelCall) from one
+// `make` function taking the launcher's arguments, with the same pybind11 argument list `extra`.
+template <typename... Args, typename... Extra>
+void def_launcher(pybind11::module_& m, const char* name, KernelCall (*make)(Args...), const char* doc,
+                  const Extra&... extra) {
+  m.def(
+      name,
+      [make](Args... args) {
+        KernelCall c = make(args...);  // checks raise with the GIL held
+        if (c.fn) {
+          pybind11::gil_scoped_release release;
+          c.fn();
+        }
+      },
+      extra..., doc);
+  const std::string call_name = std::string(name) + "_call";
+  const std::string call_doc = std::string("The same checks as ") + name +
+                               "(); returns the launch as a KernelCall (run it with call() or in a StepProgram) "
+                               "instead of running it. The caller keeps the memory behind every pointer alive.";
+  m.def(call_name.c_str(), make, extra..., call_doc.c_str());
+}
+
 void bind_int8_linear(pybind11::module_& m);
 void bind_decode_attention(pybind11::module_& m);
 void bind_kv_cache_append(pybind11::module_& m);
@@ -49,6 +82,7 @@ void bind_rms_norm(pybind11::module_& m);
 void bind_rotary_embedding(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 void bind_int4_linear(pybind11::module_& m);
+void bind_decode_step(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace llmkern

@@ -39,7 +39,7 @@ void check_dims(int64_t B, int64_t Sq, int64_t Hq, int64_t Hk, int64_t D, int64_
   if (threads < 1 || threads > 1024) fail("num_threads must be in [1, 1024], got " + std::to_string(threads));
 }
 
-void launch(std::uintptr_t q_ptr, int q_dtype, const std::vector<int64_t>& q_strides, int64_t B, int64_t Sq, int64_t Hq,
+KernelCall make_call(std::uintptr_t q_ptr, int q_dtype, const std::vector<int64_t>& q_strides, int64_t B, int64_t Sq, int64_t Hq,
             int64_t Hk, int64_t D, std::uintptr_t k_ptr, std::uintptr_t v_ptr, int kv_type,
             const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides, std::uintptr_t ks_ptr,
             std::uintptr_t vs_ptr, const std::vector<int64_t>& ks_strides, const std::vector<int64_t>& vs_strides,
@@ -60,7 +60,7 @@ void launch(std::uintptr_t q_ptr, int q_dtype, const std::vector<int64_t>& q_str
   if (block_size < 0 || (bt_ptr && block_size < 1)) fail("block_size must be >= 1 with a block table, 0 without");
   const int64_t need = cpu::decode_workspace_bytes(B, Sq, Hq, Hk, D, capacity, num_threads);
   if (ws_bytes < need) fail("workspace too small: " + std::to_string(ws_bytes) + " < " + std::to_string(need));
-  if (B == 0) return;
+  if (B == 0) return {};
   const int64_t qe = q_dtype == 0 ? 4 : 2;
   check_ptr("q_ptr", q_ptr, qe);
   check_ptr("out_ptr", out_ptr, qe);
@@ -109,8 +109,7 @@ void launch(std::uintptr_t q_ptr, int q_dtype, const std::vector<int64_t>& q_str
   a.out = reinterpret_cast<void*>(out_ptr);
   a.ws = reinterpret_cast<void*>(ws_ptr);
   a.num_threads = num_threads;
-  py::gil_scoped_release release;
-  cpu::decode_attention(a, isa);
+  return {[a, isa] { cpu::decode_attention(a, isa); }, "decode_attention"};
 }
 
 // True when every seq_lens[b] is in [0, capacity] and 0 or >= Sq, and (block_table non-null) every
@@ -151,16 +150,17 @@ void bind_decode_attention(py::module_& m) {
       },
       py::arg("B"), py::arg("Sq"), py::arg("Hq"), py::arg("Hk"), py::arg("D"), py::arg("capacity"),
       py::arg("num_threads"), "Bytes of workspace decode_attention needs.");
-  m.def("decode_attention", &launch, py::arg("q_ptr"), py::arg("q_dtype"), py::arg("q_strides"), py::arg("B"),
+  def_launcher(m, "decode_attention", &make_call,
+        "decode attention on raw pointers (see llmkern/ops/decode_attention.py). Strides are in elements: "
+        "q (batch, token, head), caches (row, col, head), scales (row, col, head); D is contiguous. "
+        "Releases the GIL while computing; invalid arguments raise ValueError.",
+        py::arg("q_ptr"), py::arg("q_dtype"), py::arg("q_strides"), py::arg("B"),
         py::arg("Sq"), py::arg("Hq"), py::arg("Hk"), py::arg("D"), py::arg("k_ptr"), py::arg("v_ptr"),
         py::arg("kv_type"), py::arg("k_strides"), py::arg("v_strides"), py::arg("k_scale_ptr"),
         py::arg("v_scale_ptr"), py::arg("k_scale_strides"), py::arg("v_scale_strides"), py::arg("seq_lens_ptr"),
         py::arg("block_table_ptr"), py::arg("block_table_stride"), py::arg("block_size"), py::arg("capacity"),
         py::arg("scale"), py::arg("softcap"), py::arg("window_left"), py::arg("out_ptr"), py::arg("ws_ptr"),
-        py::arg("ws_bytes"), py::arg("num_threads"), py::arg("isa"),
-        "decode attention on raw pointers (see llmkern/ops/decode_attention.py). Strides are in elements: "
-        "q (batch, token, head), caches (row, col, head), scales (row, col, head); D is contiguous. "
-        "Releases the GIL while computing; invalid arguments raise ValueError.");
+        py::arg("ws_bytes"), py::arg("num_threads"), py::arg("isa"));
 }
 
 }  // namespace bindings

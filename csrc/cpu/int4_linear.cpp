@@ -30,7 +30,7 @@ void check_sizes(const char* where, int64_t M, int64_t K, int64_t N, int num_thr
   if (num_threads < 1 || num_threads > 1024) fail(where, "num_threads must be in [1, 1024], got " + std::to_string(num_threads));
 }
 
-void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t qweight_ptr,
+KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t qweight_ptr,
             int64_t N, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t group_size, std::uintptr_t bias_ptr,
             std::uintptr_t out_ptr, int64_t out_row_stride, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
             const std::string& isa_name, int64_t decode_max_rows, bool bf16_dot, std::uintptr_t packed_ptr,
@@ -52,7 +52,7 @@ void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, 
   if (ws_bytes < need)
     fail(kWhere, "workspace too small: ws_bytes=" + std::to_string(ws_bytes) + ", need " + std::to_string(need) +
                      " (int4_linear_workspace_size(M, K, N, num_threads, decode_max_rows))");
-  if (M == 0 || N == 0) return;  // empty output: nothing to compute, nothing read
+  if (M == 0 || N == 0) return {};  // empty output: nothing to compute, nothing read
   const int64_t esize = x_dtype == 0 ? 4 : 2;
   check_ptr("x_ptr", x_ptr, esize);
   check_ptr("qweight_ptr", qweight_ptr, 1);
@@ -83,8 +83,7 @@ void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, 
   a.bf16_dot = bf16_dot;
   a.packed = reinterpret_cast<const uint8_t*>(packed_ptr);
   a.packed_e = packed_e;
-  py::gil_scoped_release release;  // checks above raise with the GIL held
-  cpu::int4_linear(a, isa);
+  return {[a, isa] { cpu::int4_linear(a, isa); }, "int4_linear"};
 }
 
 }  // namespace
@@ -101,17 +100,18 @@ void bind_int4_linear(py::module_& m) {
       },
       py::arg("M"), py::arg("K"), py::arg("N"), py::arg("num_threads"), py::arg("decode_max_rows") = -1,
       "Bytes of workspace int4_linear needs for these sizes and thread count.");
-  m.def("int4_linear", &launch, py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"),
-        py::arg("K"), py::arg("qweight_ptr"), py::arg("N"), py::arg("scales_ptr"), py::arg("offsets_ptr"),
-        py::arg("group_size"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("ws_ptr"),
-        py::arg("ws_bytes"), py::arg("num_threads"), py::arg("isa"), py::arg("decode_max_rows") = -1,
-        py::arg("bf16_dot") = true, py::arg("packed_ptr") = 0, py::arg("packed_e") = 0,
+  def_launcher(m, "int4_linear", &make_call,
         "out[M, N] = x[M, K] @ dequant(qweight[N, K/2])^T (+ bias) on raw pointers, canonical int4 layout "
         "(see llmkern/ops/int4_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype; "
         "scales/offsets/bias float32. decode_max_rows: M at or below it takes the decode path (-1: default); "
         "bf16_dot: allow AVX512-BF16 dot products for bf16 x; packed_ptr / packed_e: the same weights in the "
-        "packed decode layout (int4_linear_pack), read instead of qweight/scales/offsets by one-row (M = 1) calls. Releases the GIL while computing; invalid "
-        "arguments raise ValueError.");
+        "packed decode layout (int4_linear_pack), read instead of qweight/scales/offsets by one-row (M = 1) "
+        "calls. Releases the GIL while computing; invalid arguments raise ValueError.",
+        py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"),
+        py::arg("K"), py::arg("qweight_ptr"), py::arg("N"), py::arg("scales_ptr"), py::arg("offsets_ptr"),
+        py::arg("group_size"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("ws_ptr"),
+        py::arg("ws_bytes"), py::arg("num_threads"), py::arg("isa"), py::arg("decode_max_rows") = -1,
+        py::arg("bf16_dot") = true, py::arg("packed_ptr") = 0, py::arg("packed_e") = 0);
   m.def(
       "int4_linear_packed_size",
       [](int64_t N, int64_t K, int64_t group_size, int64_t e) {

@@ -29,7 +29,7 @@ void check_ptr(const char* name, std::uintptr_t p, int64_t align) { check_ptr_ar
 // Sizes must be small enough that every byte offset the kernel forms fits in int64.
 constexpr int64_t kMaxDim = int64_t(1) << 31;
 
-void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t w_ptr,
+KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t w_ptr,
             int64_t N, std::uintptr_t scale_ptr, int64_t group_size, std::uintptr_t bias_ptr, std::uintptr_t out_ptr,
             int64_t out_row_stride, const std::string& mode, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
             const std::string& isa_name) {
@@ -51,7 +51,7 @@ void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, 
   if (ws_bytes < need)
     fail("workspace too small: ws_bytes=" + std::to_string(ws_bytes) + ", need " + std::to_string(need) +
          " (int8_linear_workspace_size(M, K, N, mode))");
-  if (M == 0 || N == 0) return;  // empty output: nothing to compute, nothing read
+  if (M == 0 || N == 0) return {};  // empty output: nothing to compute, nothing read
   const int64_t esize = x_dtype == 0 ? 4 : 2;
   check_ptr("x_ptr", x_ptr, esize);
   check_ptr("w_ptr", w_ptr, 1);
@@ -76,8 +76,7 @@ void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, 
   a.w8a8 = w8a8;
   a.ws = reinterpret_cast<void*>(ws_ptr);
   a.num_threads = num_threads;
-  py::gil_scoped_release release;  // checks above raise with the GIL held
-  cpu::int8_linear(a, isa);
+  return {[a, isa] { cpu::int8_linear(a, isa); }, "int8_linear"};
 }
 
 }  // namespace
@@ -95,13 +94,14 @@ void bind_int8_linear(py::module_& m) {
       },
       py::arg("M"), py::arg("K"), py::arg("N"), py::arg("mode"),
       "Bytes of workspace int8_linear needs for these sizes and mode ('w8a16' or 'w8a8').");
-  m.def("int8_linear", &launch, py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"),
-        py::arg("K"), py::arg("w_ptr"), py::arg("N"), py::arg("scale_ptr"), py::arg("group_size"), py::arg("bias_ptr"),
-        py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("mode"), py::arg("ws_ptr"), py::arg("ws_bytes"),
-        py::arg("num_threads"), py::arg("isa"),
+  def_launcher(m, "int8_linear", &make_call,
         "out[M, N] = x[M, K] @ dequant(w[N, K])^T (+ bias), W8A16 or W8A8, on raw pointers (see "
         "llmkern/ops/int8_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype. "
-        "Releases the GIL while computing; invalid arguments raise ValueError.");
+        "Releases the GIL while computing; invalid arguments raise ValueError.",
+        py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"),
+        py::arg("K"), py::arg("w_ptr"), py::arg("N"), py::arg("scale_ptr"), py::arg("group_size"), py::arg("bias_ptr"),
+        py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("mode"), py::arg("ws_ptr"), py::arg("ws_bytes"),
+        py::arg("num_threads"), py::arg("isa"));
 }
 
 }  // namespace bindings

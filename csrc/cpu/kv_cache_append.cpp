@@ -28,7 +28,7 @@ void check_strides(const char* name, const std::vector<int64_t>& s) {
   check_strides_arg(kWhere, name, s, 3, "batch, token, head");
 }
 
-void launch(std::uintptr_t k_ptr, std::uintptr_t v_ptr, int kv_dtype, const std::vector<int64_t>& k_strides,
+KernelCall make_call(std::uintptr_t k_ptr, std::uintptr_t v_ptr, int kv_dtype, const std::vector<int64_t>& k_strides,
             const std::vector<int64_t>& v_strides, int64_t B, int64_t S, int64_t Hk, int64_t D,
             std::uintptr_t slots_ptr, std::uintptr_t k_cache_ptr, std::uintptr_t v_cache_ptr, int cache_type,
             std::uintptr_t k_scale_ptr, std::uintptr_t v_scale_ptr, std::uintptr_t cos_sin_ptr, int64_t R,
@@ -41,7 +41,7 @@ void launch(std::uintptr_t k_ptr, std::uintptr_t v_ptr, int kv_dtype, const std:
   if (num_threads < 1 || num_threads > 1024) fail("num_threads must be in [1, 1024]");
   check_strides("k", k_strides);
   check_strides("v", v_strides);
-  if (B * S == 0) return;
+  if (B * S == 0) return {};
   const int64_t esz = kv_dtype == 0 ? 4 : 2;
   check_ptr("k_ptr", k_ptr, esz);
   check_ptr("v_ptr", v_ptr, esz);
@@ -88,8 +88,7 @@ void launch(std::uintptr_t k_ptr, std::uintptr_t v_ptr, int kv_dtype, const std:
   a.v_scale = reinterpret_cast<float*>(v_scale_ptr);
   a.num_threads = num_threads;
   a.isa = isa;
-  py::gil_scoped_release release;
-  cpu::kv_cache_append(a);
+  return {[a] { cpu::kv_cache_append(a); }, "kv_cache_append"};
 }
 
 // (min, max) of n int64 values (n >= 1): the op's slot range check on CPU tensors without two torch
@@ -109,16 +108,17 @@ std::pair<int64_t, int64_t> i64_range(std::uintptr_t ptr, int64_t n) {
 
 void bind_kv_cache_append(py::module_& m) {
   m.def("i64_range", &i64_range, py::arg("ptr"), py::arg("n"), "(min, max) of n contiguous int64 values.");
-  m.def("kv_cache_append", &launch, py::arg("k_ptr"), py::arg("v_ptr"), py::arg("kv_dtype"), py::arg("k_strides"),
+  def_launcher(m, "kv_cache_append", &make_call,
+        "Write k/v [B, S, Hk, D] (element strides (batch, token, head), D contiguous) into caches seen as "
+        "[num_slots, Hk, D] at slots (int64 [B * S], -1 skipped); optional fused rotary (q rotated in place) "
+        "and int8 quantization (cache_type 3); isa: the kernel variant (resolve_isa names, \"\" = best). Releases "
+        "the GIL; invalid arguments raise ValueError.",
+        py::arg("k_ptr"), py::arg("v_ptr"), py::arg("kv_dtype"), py::arg("k_strides"),
         py::arg("v_strides"), py::arg("B"), py::arg("S"), py::arg("Hk"), py::arg("D"), py::arg("slots_ptr"),
         py::arg("k_cache_ptr"), py::arg("v_cache_ptr"), py::arg("cache_type"), py::arg("k_scale_ptr"),
         py::arg("v_scale_ptr"), py::arg("cos_sin_ptr"), py::arg("R"), py::arg("positions_ptr"),
         py::arg("interleaved"), py::arg("q_ptr"), py::arg("q_dtype"), py::arg("q_strides"), py::arg("Hq"),
-        py::arg("num_threads"), py::arg("isa") = "",
-        "Write k/v [B, S, Hk, D] (element strides (batch, token, head), D contiguous) into caches seen as "
-        "[num_slots, Hk, D] at slots (int64 [B * S], -1 skipped); optional fused rotary (q rotated in place) "
-        "and int8 quantization (cache_type 3); isa: the kernel variant (resolve_isa names, \"\" = best). Releases "
-        "the GIL; invalid arguments raise ValueError.");
+        py::arg("num_threads"), py::arg("isa") = "");
 }
 
 }  // namespace bindings

@@ -25,7 +25,7 @@ void check_dtype(const char* name, int code) {
   if (code < 0 || code > 2) fail(std::string(name) + " must be 0 (float32), 1 (bfloat16) or 2 (float16)");
 }
 
-void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_stride, std::uintptr_t residual_ptr, int r_dtype,
+KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_stride, std::uintptr_t residual_ptr, int r_dtype,
             int64_t r_stride, std::uintptr_t weight_ptr, int w_dtype, std::uintptr_t y_ptr, std::uintptr_t h_ptr,
             int64_t M, int64_t N, double eps, int num_threads, const std::string& isa_name) {
   const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
@@ -35,7 +35,7 @@ void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_stride, std::uintptr_t 
   if (!(eps >= 0.0) || !std::isfinite(eps)) fail("eps must be finite and >= 0");
   if (num_threads < 1 || num_threads > 1024) fail("num_threads must be in [1, 1024]");
   if (x_stride < N) fail("x_stride must be >= N (rows must not overlap)");
-  if (M == 0) return;
+  if (M == 0) return {};
   check_ptr("x_ptr", x_ptr, x_dtype);
   check_ptr("weight_ptr", weight_ptr, w_dtype);
   check_ptr("y_ptr", y_ptr, x_dtype);
@@ -61,20 +61,20 @@ void launch(std::uintptr_t x_ptr, int x_dtype, int64_t x_stride, std::uintptr_t 
   a.eps = eps;
   a.num_threads = num_threads;
   a.isa = isa;
-  py::gil_scoped_release release;
-  cpu::rms_norm(a);
+  return {[a] { cpu::rms_norm(a); }, "rms_norm"};
 }
 
 }  // namespace
 
 void bind_rms_norm(py::module_& m) {
-  m.def("rms_norm", &launch, py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_stride"), py::arg("residual_ptr"),
-        py::arg("r_dtype"), py::arg("r_stride"), py::arg("weight_ptr"), py::arg("w_dtype"), py::arg("y_ptr"),
-        py::arg("h_ptr"), py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("num_threads"), py::arg("isa") = "",
+  def_launcher(m, "rms_norm", &make_call,
         "y[M, N] = rms_norm(h) * weight with h = x (+ residual, stored to h[M, N] in x's dtype); x/residual "
         "rows at element strides x_stride/r_stride (last dim contiguous), y/h contiguous, residual_ptr 0 = "
         "none. dtype codes 0 float32, 1 bfloat16, 2 float16. Releases the GIL; invalid arguments raise "
-        "ValueError. isa: the kernel variant (resolve_isa names, "" = best).");
+        "ValueError. isa: the kernel variant (resolve_isa names, \"\" = best).",
+        py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_stride"), py::arg("residual_ptr"),
+        py::arg("r_dtype"), py::arg("r_stride"), py::arg("weight_ptr"), py::arg("w_dtype"), py::arg("y_ptr"),
+        py::arg("h_ptr"), py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("num_threads"), py::arg("isa") = "");
 }
 
 }  // namespace bindings

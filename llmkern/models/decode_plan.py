@@ -17,7 +17,15 @@ projections (`Llama.fuse_projections`) whose linears have prepared cpu runners.
 Validity: the plan holds tensors, not modules, so `Llama.forward` checks `plan.matches(...)` before
 each step: the same cache list, and the same objects in every slot the plan read (modules, weights,
 eps, cache tensors, and each quantized linear's prepared runner, which the module drops whenever a
-buffer changes).
+buffer changes), the same thread count and CPU ISA.
+
+The step program: where every launch can be bound (the usual case), the plan also compiles the whole
+step up to the final norm into one `llmkern._C.StepProgram` (csrc/cpu/decode_step.cpp): the same
+kernel launches with their arguments checked once, over activation buffers the plan owns, replayed by
+one Python call with the GIL released. That removes the ~10 Python-side launches per layer (SmolLM2:
+~300 per step, a few microseconds each). Its logits equal the Python step's except for SwiGLU's
+silu(gate) * up, computed by the program's own kernel (an exp within a few fp32 ulps of torch's, so
+not bit-equal to F.silu). LLMKERN_DECODE_PROGRAM=0 keeps the Python step (for A/B measurements).
 """
 from __future__ import annotations
 
@@ -27,9 +35,14 @@ from torch import nn
 
 from .. import _backends
 from .. import nn as lnn
+from ..ops.decode_attention import _cpu_call as decode_attention_call
 from ..ops.decode_attention import decode_attention_op
+from ..ops.kv_cache_append import _cpu_call as kv_cache_append_call
 from ..ops.kv_cache_append import kv_cache_append_op
+from ..ops.rms_norm import _cpu_call as rms_norm_call
 from ..ops.rms_norm import rms_norm_op
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _runner(mod):
@@ -49,7 +62,7 @@ def _cpu_backend_selected(model) -> bool:
 
 
 class _Layer:
-    __slots__ = ("ln1", "ln2", "eps1", "eps2", "qkv", "o", "gate_up", "down", "cache", "split")
+    __slots__ = ("ln1", "ln2", "eps1", "eps2", "qkv", "o", "gate_up", "down", "cache", "split", "widths")
 
 
 class DecodePlan:
@@ -64,6 +77,10 @@ class DecodePlan:
         self.embed = model.embed_tokens.weight
         self.rotary = model.rotary.cos_sin_cache
         self.interleaved = model.rotary.interleaved
+        self.threads, self.isa = torch.get_num_threads(), _backends.cpu_isa()
+        self.program, self._buffers = None, None
+        if _backends.env("LLMKERN_DECODE_PROGRAM") != "0":
+            self._compile()
 
     # ------------------------------------------------------------------ build / validity
 
@@ -128,6 +145,8 @@ class DecodePlan:
             L.cache = kv
             Hq, Hk, D = a.num_heads, a.num_kv_heads, a.head_dim
             L.split = (Hq * D, Hk * D, Hk * D)
+            # (qkv, gate_up, down) output widths, for the step program's buffers
+            L.widths = (qkv.out_features, gate_up.out_features, m.down_proj.out_features)
             layers.append(L)
         head = model.lm_head
         if isinstance(head, nn.Linear):
@@ -147,6 +166,8 @@ class DecodePlan:
             return False
         if not _cpu_backend_selected(model) or len(cache) != len(self.layers):
             return False
+        if torch.get_num_threads() != self.threads or _backends.cpu_isa() != self.isa:
+            return False  # every launch was bound with them
         for d, k, v in self._checks:
             if d.get(k) is not v:
                 return False
@@ -164,8 +185,81 @@ class DecodePlan:
                 return False
         return True
 
+    def _compile(self) -> None:
+        """Build `self.program` (see the module doc) and the buffers it runs over, or leave it None when a
+        launch cannot be bound (then `step` launches from Python)."""
+        mod = _backends.cpu_module()
+        B, H, Hq, Hk, D = self.batch, self.H, self.Hq, self.Hk, self.D
+        dt = self.embed.dtype
+        W, I2, Hd = self.layers[0].widths
+        bound = (self.embed, self.rotary, self.final_norm, *(L.ln1 for L in self.layers), *(L.ln2 for L in self.layers))
+        if (mod is None or not hasattr(mod, "StepProgram") or dt not in _DTYPE_CODE or B < 1
+                or not all(t.is_contiguous() for t in bound)  # bound by pointer: no copies
+                or Hd != H or I2 % 2 or W != (Hq + 2 * Hk) * D
+                or any(L.widths != (W, I2, Hd) or not all(hasattr(r.impl, "call") for r in (L.qkv, L.o, L.gate_up, L.down))
+                       for L in self.layers)):
+            return
+        T = self.threads
+        new = lambda *shape: torch.empty(shape, dtype=dt)  # noqa: E731
+        buf = dict(tokens=torch.zeros(B, dtype=torch.int64), emb=new(B, H), xn=new(B, H), res=(new(B, H), new(B, H)),
+                   qkv=new(B, W), attn=new(B, Hq, D), o=new(B, H), gu=new(B, I2), act=new(B, I2 // 2), down=new(B, H))
+        ws_bytes = max([mod.decode_attention_workspace_size(B, 1, Hq, Hk, D, L.cache.max_seq_len, T)
+                        for L in self.layers]
+                       + [r.impl.workspace_size(B, T) for L in self.layers for r in (L.qkv, L.o, L.gate_up, L.down)])
+        buf["ws"] = ws = torch.empty(max(ws_bytes, 64), dtype=torch.uint8)  # shared: the calls run one by one
+        prog = mod.StepProgram()
+        isa = self.isa
+        prog.append(mod.embedding_call(self.embed.data_ptr(), _DTYPE_CODE[dt], self.embed.shape[0], H,
+                                       buf["tokens"].data_ptr(), B, buf["emb"].data_ptr()))
+        xn, qkv, attn, gu = buf["xn"], buf["qkv"], buf["attn"], buf["gu"]
+        h, residual, flip = buf["emb"], None, 0  # h: this layer's input; residual: the running sum (None: h)
+        q = qkv[:, :Hq * D].view(B, 1, Hq, D)                         # [B, W] -> views of q, k, v per token
+        k = qkv[:, Hq * D:(Hq + Hk) * D].view(B, 1, Hk, D)
+        v = qkv[:, (Hq + Hk) * D:].view(B, 1, Hk, D)
+        for L in self.layers:
+            kv = L.cache
+            if residual is None:
+                prog.append(rms_norm_call(h, L.ln1, L.eps1, None, xn, None, T))
+                residual = h
+            else:
+                out = buf["res"][flip]
+                prog.append(rms_norm_call(h, L.ln1, L.eps1, residual, xn, out, T))  # out = h + residual
+                residual, flip = out, 1 - flip
+            prog.append(L.qkv.impl.call(xn, qkv, ws, T))
+            pos, slot = kv._next_views                                  # [B, 1] int64 views, advanced in place
+            prog.append(kv_cache_append_call(k, v, kv.k, kv.v, slot, kv.k_scale, kv.v_scale, q, pos,
+                                                   self.rotary, self.interleaved, T))
+            prog.append(mod.advance_call(kv.seq_lens.data_ptr(), kv._next.data_ptr(), B))
+            prog.append(decode_attention_call(q.view(B, Hq, D), kv.k, kv.v, kv.seq_lens, kv.k_scale,
+                                                    kv.v_scale, attn, ws, T))
+            prog.append(L.o.impl.call(attn.view(B, Hq * D), buf["o"], ws, T))  # [B, Hq, D] -> [B, Hq*D] -> [B, H]
+            out = buf["res"][flip]
+            prog.append(rms_norm_call(buf["o"], L.ln2, L.eps2, residual, xn, out, T))  # residual += attn
+            residual, flip = out, 1 - flip
+            prog.append(L.gate_up.impl.call(xn, gu, ws, T))                 # [B, 2I]: gate then up
+            prog.append(mod.silu_mul_call(gu.data_ptr(), _DTYPE_CODE[dt], I2, B, I2 // 2, buf["act"].data_ptr(),
+                                          I2 // 2, isa))
+            prog.append(L.down.impl.call(buf["act"], buf["down"], ws, T))
+            h = buf["down"]
+        prog.append(rms_norm_call(h, self.final_norm, self.final_eps, residual, xn, buf["res"][flip], T))
+        self.program, self._buffers = prog, buf
+
+    def _run_program(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens int [B, 1] -> logits [B, V] through the compiled step program."""
+        buf = self._buffers
+        buf["tokens"].copy_(tokens.view(self.batch))                     # [B, 1] -> [B]
+        self.program.run()
+        for L in self.layers:
+            L.cache._advance_one(counters=False)  # the program advanced seq_lens and the slot table itself
+        x = buf["xn"]
+        if isinstance(self.head, torch.Tensor):
+            return F.linear(x, self.head)
+        return self.head(x)
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens int [B, 1] -> logits [B, V] of the new tokens (as model(tokens, cache, last_only=True))."""
+        if self.program is not None:
+            return self._run_program(tokens)
         B, H, Hq, Hk, D = self.batch, self.H, self.Hq, self.Hk, self.D
         rms = rms_norm_op.impls["cpu"]
         append = kv_cache_append_op.impls["cpu"]

@@ -195,9 +195,16 @@ class KVCache:
             self._host_lens = self._host_lens + host_len
             self._host_max = int(self._host_lens.max())
 
-    def _advance_one(self) -> None:
+    def _advance_one(self, counters: bool = True) -> None:
         """Bookkeeping of append() after one token per sequence without `lengths`, for callers that
-        wrote it through the op themselves (models/decode_plan.py), having checked the capacity."""
+        wrote it through the op themselves (models/decode_plan.py), having checked the capacity.
+        counters=False: the caller already advanced seq_lens and the next (position, slot) table in
+        place (the decode-step program does); only the host-side state is updated."""
+        if not counters:
+            self._last = (1, None, None)
+            self._host_add += 1
+            self._host_max += 1
+            return
         ones = self.__dict__.get("_ones")
         if ones is None:
             # 0-dim ones of each counter's dtype: `t += 1` wraps the Python int in a tensor of another

@@ -212,25 +212,46 @@ def _cpu(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, so
     else:  # [B, Hq, D] read as [B, 1, Hq, D] (strides given directly: no view to build)
         (B, Hq, D), Sq = q.shape, 1
         q_strides = [q.stride(0), 0, q.stride(1)]
-    Hk = k_cache.shape[2]
     # contiguous, viewed as [B, Sq, Hq, D] by the kernel (empty_like: about half the cost of torch.empty)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if B == 0:
         return out
     if not seq_lens.is_contiguous():
         seq_lens = seq_lens.contiguous()
+    if block_table is not None and block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()  # held here until the launch returns
     threads = torch.get_num_threads()
+    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    ws_bytes, ws = _workspace(mod, B, Sq, Hq, k_cache.shape[2], D, capacity, threads)
+    mod.decode_attention(*_cpu_args(q, q_strides, B, Sq, Hq, D, k_cache, v_cache, seq_lens, block_table, k_scale,
+                                    v_scale, scale, softcap, window_left, out, ws, ws_bytes, threads))
+    return out
+
+
+def _cpu_call(q, k_cache, v_cache, seq_lens, k_scale, v_scale, out, ws, threads):
+    """The cpu launch over a contiguous cache with default scale/softcap/window as a KernelCall
+    (llmkern._C.StepProgram, models/decode_plan.py): q [B, Hq, D] with a contiguous head dim, out
+    [B, Hq, D] contiguous, ws uint8 of at least decode_attention_workspace_size(...) bytes, seq_lens
+    int32 [B] contiguous (read at run time). The caller keeps every tensor alive while the call exists."""
+    B, Hq, D = q.shape
+    return _backends.cpu_module().decode_attention_call(
+        *_cpu_args(q, [q.stride(0), 0, q.stride(1)], B, 1, Hq, D, k_cache, v_cache, seq_lens, None, k_scale,
+                   v_scale, None, 0.0, -1, out, ws, ws.numel(), threads))
+
+
+def _cpu_args(q, q_strides, B, Sq, Hq, D, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap,
+              window_left, out, ws, ws_bytes, threads):
+    """The C++ launcher's arguments (csrc/cpu/decode_attention.cpp), pointers and element strides; the
+    block table (if any) has a contiguous last dim."""
+    Hk = k_cache.shape[2]
     if block_table is None:
         bt_ptr, bt_stride, block_size, capacity = 0, 0, 0, k_cache.shape[1]
     else:
-        if block_table.stride(-1) != 1:
-            block_table = block_table.contiguous()
         bt_ptr, bt_stride, block_size = block_table.data_ptr(), block_table.stride(0), k_cache.shape[1]
         capacity = block_table.shape[1] * block_size
-    ws_bytes, ws = _workspace(mod, B, Sq, Hq, Hk, D, capacity, threads)
     int8 = k_cache.dtype == torch.int8
     kv_type = 3 if int8 else _DTYPE_CODE[k_cache.dtype]
-    mod.decode_attention(
+    return (
         q.data_ptr(), _DTYPE_CODE[q.dtype], q_strides, B, Sq, Hq, Hk, D,
         k_cache.data_ptr(), v_cache.data_ptr(), kv_type, list(k_cache.stride()[:3]), list(v_cache.stride()[:3]),
         k_scale.data_ptr() if int8 else 0, v_scale.data_ptr() if int8 else 0,
@@ -239,7 +260,6 @@ def _cpu(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, so
         D ** -0.5 if scale is None else float(scale), float(softcap), int(window_left),
         out.data_ptr(), ws.data_ptr(), ws_bytes, threads, _backends.cpu_isa(),
     )
-    return out
 
 
 # Split-KV of the CUDA backend. Tests force a split count through this variable (or LLMKERN_DECODE_SPLITS).

@@ -133,6 +133,16 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True):
                out.data_ptr(), N, ws.data_ptr(), ws_bytes, threads, isa(), -1, True, *pk)
         return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
+    def call(x2, out, ws, threads):
+        """The launch run(x2) makes, into `out`, as a KernelCall (llmkern._C.StepProgram): x2 [M, K] with a
+        contiguous last dim, out [M, N] contiguous, ws uint8 of at least workspace_size(M, threads) bytes.
+        The caller keeps x2, out and ws alive while the call exists."""
+        M = x2.shape[0]
+        return mod.int4_linear_call(x2.data_ptr(), codes[x2.dtype], x2.stride(0), M, K, *w_ptrs, out.data_ptr(), N,
+                                    ws.data_ptr(), ws.numel(), threads, isa(), -1, True, *pk)
+
+    run.call = call
+    run.workspace_size = lambda M, threads: ws_size(M, K, N, threads)
     run.keep = (qweight, scales, offsets, bias32, packed)  # the tensors behind w_ptrs and pk
     run.packed = packed  # the packed decode layout (uint8), or None
     run.packed_e = pk[1]  # bytes per scale / offset in it: 2 (fp16), 4 (fp32); 0 when not packed

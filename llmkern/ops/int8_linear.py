@@ -105,6 +105,16 @@ def _cpu_runner(weight, weight_scale, bias, mode):
                out.data_ptr(), N, mode, 0 if ws is None else ws.data_ptr(), ws_bytes, get_threads(), isa())
         return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
+    def call(x2, out, ws, threads):
+        """The launch run(x2) makes, into `out`, as a KernelCall (llmkern._C.StepProgram): x2 [M, K] with a
+        contiguous last dim, out [M, N] contiguous, ws uint8 of at least workspace_size(M, threads) bytes.
+        The caller keeps x2, out and ws alive while the call exists."""
+        M = x2.shape[0]
+        return mod.int8_linear_call(x2.data_ptr(), codes[x2.dtype], x2.stride(0), M, K, *w_ptrs, out.data_ptr(), N,
+                                    mode, ws.data_ptr(), ws.numel(), threads, isa())
+
+    run.call = call
+    run.workspace_size = lambda M, threads: ws_size(M, K, N, mode)
     run.keep = (weight, weight_scale, bias32)  # the tensors behind w_ptrs
     return run
 

@@ -136,9 +136,25 @@ def _as_bshd(t):
 @kv_cache_append_op.backend("cpu")
 def _cpu(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache, rotary_interleaved):
     """Launch the C++ kernel on raw pointers and element strides (q, written in place, is never copied)."""
-    mod = _backends.cpu_module()
     if k.device.type != "cpu":
         raise BackendUnsupported(f"k is on {k.device}")
+    _cpu_launch(False, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
+                rotary_interleaved, torch.get_num_threads())
+
+
+def _cpu_call(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
+              rotary_interleaved, threads):
+    """The cpu launch as a KernelCall (llmkern._C.StepProgram, models/decode_plan.py), for checked CPU
+    inputs whose slot_mapping and positions are contiguous int64 (their pointers are bound: the caller
+    updates them in place and keeps every tensor alive while the call exists)."""
+    return _cpu_launch(True, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
+                       rotary_interleaved, threads)
+
+
+def _cpu_launch(as_call, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
+                rotary_interleaved, threads):
+    """Launch now (as_call False) or return the launch as a KernelCall (as_call True)."""
+    mod = _backends.cpu_module()
     k4, v4 = _as_bshd(k), _as_bshd(v)  # [B, S, Hk, D]
     B, S, Hk, D = k4.shape
     # [B * S], token t = b * S + s: a contiguous slot_mapping already is that in memory (no reshape: ~1 us)
@@ -154,12 +170,18 @@ def _cpu(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, c
             if q4.stride(-1) != 1:
                 raise BackendUnsupported("q's head dim is not contiguous (it is rotated in place)")
             q_ptr, q_strides, Hq, q_code = q4.data_ptr(), list(q4.stride()[:3]), q4.shape[2], _DTYPE_CODE[q.dtype]
-    mod.kv_cache_append(
+    if as_call:  # the call binds pointers: a temporary copy made above would be freed before it runs
+        bound = [(k4, k), (v4, v), (slots, slot_mapping)] + ([(cos_sin, cos_sin_cache), (pos, positions)] if rot else [])
+        if any(t.data_ptr() != src.data_ptr() for t, src in bound):
+            raise ValueError("kv_cache_append call: k, v (last dim contiguous), slot_mapping, positions (contiguous "
+                             "int64) and cos_sin_cache (contiguous) are bound by pointer and must not need a copy")
+    launch = mod.kv_cache_append_call if as_call else mod.kv_cache_append
+    return launch(
         k4.data_ptr(), v4.data_ptr(), _DTYPE_CODE[k.dtype], list(k4.stride()[:3]), list(v4.stride()[:3]),
         B, S, Hk, D, slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _CACHE_CODE[k_cache.dtype],
         k_scale.data_ptr() if int8 else 0, v_scale.data_ptr() if int8 else 0,
         cos_sin.data_ptr() if rot else 0, cos_sin_cache.shape[1] if rot else 0, pos.data_ptr() if rot else 0,
-        bool(rotary_interleaved), q_ptr, q_code, q_strides, Hq, torch.get_num_threads(), _backends.cpu_isa(),
+        bool(rotary_interleaved), q_ptr, q_code, q_strides, Hq, threads, _backends.cpu_isa(),
     )
 
 

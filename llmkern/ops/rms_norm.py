@@ -90,6 +90,17 @@ def _cpu(x, weight, eps, residual):
     return y, h
 
 
+def _cpu_call(x, weight, eps, residual, y, h, threads):
+    """The cpu launch into given outputs as a KernelCall (llmkern._C.StepProgram, models/decode_plan.py):
+    x, residual, y, h [M, N] contiguous of one dtype (h written only with a residual), weight [N]
+    contiguous. The caller keeps every tensor alive while the call exists."""
+    M, N = x.shape
+    r_ptr, r_code = (0, 0) if residual is None else (residual.data_ptr(), _DTYPE_CODE[residual.dtype])
+    return _backends.cpu_module().rms_norm_call(
+        x.data_ptr(), _DTYPE_CODE[x.dtype], N, r_ptr, r_code, N, weight.data_ptr(), _DTYPE_CODE[weight.dtype],
+        y.data_ptr(), 0 if residual is None else h.data_ptr(), M, N, float(eps), threads, _backends.cpu_isa())
+
+
 @rms_norm_op.backend("cuda")
 def _cuda(x, weight, eps, residual):
     """CUDA kernel (csrc/include/llmkern/cuda/rms_norm.cuh), one CTA per row; torch allocates y (and h)."""

@@ -1,12 +1,18 @@
 """The decode plan (models/decode_plan.py) computes the module path's logits bit for bit, is used
-when it applies, and is never used stale or outside its scope."""
+when it applies, and is never used stale or outside its scope. Its step program (one
+llmkern._C.StepProgram) computes the Python step's logits bit for bit once SwiGLU's silu is the
+program's own kernel on both sides, and the module path's within fp32 rounding."""
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmkern import _backends
 from llmkern.models import Llama
+from llmkern.models import decode_plan as decode_plan_mod
 from llmkern.models.decode_plan import DecodePlan
 from llmkern.nn import Int4Linear, quantize_linears
 from test_llama import tiny as tiny_model
@@ -41,18 +47,64 @@ def decode(m, prompt, steps, B, int8_kv=False, use_plan=True, monkeypatch=None):
     return torch.stack(out), cache
 
 
+def kernel_silu(g: torch.Tensor) -> torch.Tensor:
+    """silu(g) by the step program's silu_mul kernel (times ones: exact), for the Python step to match it."""
+    g2 = g.reshape(-1, g.shape[-1])                                   # [..., I] -> [M, I]
+    M, I = g2.shape
+    gu = torch.cat([g2, torch.ones_like(g2)], dim=-1)                 # [M, 2I]: gate, up = 1
+    out = torch.empty_like(g2)
+    code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[g.dtype]
+    _backends.cpu_module().silu_mul_call(gu.data_ptr(), code, 2 * I, M, I, out.data_ptr(), I, "")()
+    return out.view(g.shape)
+
+
+def python_step_with_kernel_silu(monkeypatch):
+    """No step program; the Python step's F.silu is the program's kernel."""
+    monkeypatch.setenv("LLMKERN_DECODE_PROGRAM", "0")
+    monkeypatch.setattr(decode_plan_mod, "F", types.SimpleNamespace(silu=kernel_silu, embedding=F.embedding,
+                                                                    linear=F.linear))
+
+
 @pytest.mark.parametrize("quant", ["int4", "int8-w8a16", "int8-w8a8"])
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("int8_kv", [False, True])
 def test_plan_equals_module_path(quant, B, int8_kv, monkeypatch):
+    monkeypatch.setenv("LLMKERN_DECODE_PROGRAM", "0")  # the Python step (the program: below)
     m = tiny(quant=quant)
     prompt = torch.randint(0, 101, (B, 7))
     with torch.inference_mode():
         want, _ = decode(m, prompt, 12, B, int8_kv, use_plan=False, monkeypatch=monkeypatch)
         got, cache = decode(m, prompt, 12, B, int8_kv)
-    assert isinstance(m.__dict__.get("_decode_plan"), DecodePlan)  # the plan really ran
+    plan = m.__dict__.get("_decode_plan")
+    assert isinstance(plan, DecodePlan) and plan.program is None  # the plan really ran, from Python
     assert torch.equal(got, want)
     assert cache[0]._host_max == 7 + 12 and int(cache[0].seq_lens[0]) == 19
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8-w8a16", "int8-w8a8"])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("int8_kv", [False, True])
+def test_program_equals_python_step(quant, B, int8_kv, monkeypatch):
+    m = tiny(quant=quant)
+    prompt = torch.randint(0, 101, (B, 7))
+    with torch.inference_mode():
+        got, cache = decode(m, prompt, 12, B, int8_kv)
+        plan = m.__dict__.get("_decode_plan")
+        assert isinstance(plan, DecodePlan) and plan.program is not None  # the program really ran
+        assert cache[0]._host_max == 7 + 12 and int(cache[0].seq_lens[0]) == 19 and cache[0]._host().tolist() == [19] * B
+        assert int(cache[-1]._next[1, -1]) == (B - 1) * cache[-1].max_seq_len + 19  # the slot table advanced
+        module, _ = decode(m, prompt, 12, B, int8_kv, use_plan=False, monkeypatch=monkeypatch)
+        with monkeypatch.context() as mp:
+            python_step_with_kernel_silu(mp)
+            m.__dict__.pop("_decode_plan", None)
+            want, _ = decode(m, prompt, 12, B, int8_kv)
+            assert m.__dict__["_decode_plan"].program is None
+    assert torch.equal(got, want)  # same launches, same arguments, same order
+    # against the module path (torch's silu): an fp32 ulp here and there, far below the kernels' tolerance;
+    # an int8 cache can turn such an ulp into one quantization step of a key or value (1/127 of its row's max)
+    rel = ((got.double() - module.double()).norm() / module.double().norm()).item()
+    assert rel < (2e-3 if int8_kv else 1e-5), rel
+    assert torch.equal(got.argmax(-1), module.argmax(-1))
 
 
 def test_plan_with_float_linears_and_tied_head(monkeypatch):
@@ -60,9 +112,19 @@ def test_plan_with_float_linears_and_tied_head(monkeypatch):
     assert type(m.lm_head) is torch.nn.Linear and m.lm_head.weight is m.embed_tokens.weight
     prompt = torch.randint(0, 101, (2, 5))
     with torch.inference_mode():
-        want, _ = decode(m, prompt, 6, 2, use_plan=False, monkeypatch=monkeypatch)
         got, _ = decode(m, prompt, 6, 2)
-    assert torch.equal(got, want)
+        assert m.__dict__["_decode_plan"].program is not None
+        module, _ = decode(m, prompt, 6, 2, use_plan=False, monkeypatch=monkeypatch)
+        with monkeypatch.context() as mp:
+            mp.setenv("LLMKERN_DECODE_PROGRAM", "0")
+            m.__dict__.pop("_decode_plan", None)
+            python, _ = decode(m, prompt, 6, 2)
+            python_step_with_kernel_silu(mp)
+            m.__dict__.pop("_decode_plan", None)
+            python_kernel_silu, _ = decode(m, prompt, 6, 2)
+    assert torch.equal(python, module)  # the Python step: bit for bit the module path
+    assert torch.equal(got, python_kernel_silu)  # the program: bit for bit the Python step
+    assert ((got - module).norm() / module.norm()).item() < 1e-5
 
 
 def test_plan_is_dropped_when_a_weight_changes():

@@ -1,0 +1,165 @@
+// The decode-step program of llmkern._C: a model's whole one-token step as a list of checked kernel
+// launches (KernelCall) run by one Python call with the GIL released (StepProgram.run).
+//
+// Why: a SmolLM2-135M decode step is ~300 kernel launches of a few microseconds each; launched one by
+// one from Python (llmkern/models/decode_plan.py) the argument handling around them cost as much as
+// the kernels. Every launch's arguments (pointers into buffers the plan owns, the caches, the
+// weights) are fixed for the plan's life, so they are checked once, when each call is made by the op's
+// own `<op>_call` (same checks as `<op>`), and the step replays them. The three small steps that have
+// no op of their own are made here: the embedding row gather (which checks the token ids each run),
+// SwiGLU's silu(gate) * up, and the caches' length counters.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bindings.h"
+#include "llmkern/cpu/silu_mul.h"
+
+namespace py = pybind11;
+
+namespace llmkern {
+namespace bindings {
+namespace {
+
+class StepProgram {
+ public:
+  void append(const KernelCall& c) {
+    if (c.fn) calls_.push_back(c);
+  }
+  size_t size() const { return calls_.size(); }
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (const auto& c : calls_) out.push_back(c.name);
+    return out;
+  }
+  // Runs every call in order with the GIL released. A call may throw (the embedding, on a token id out
+  // of range: it runs first, before anything is written); the exception reaches Python once the GIL is
+  // back.
+  void run() const {
+    py::gil_scoped_release release;
+    for (const auto& c : calls_) c.fn();
+  }
+
+ private:
+  std::vector<KernelCall> calls_;
+};
+
+void check_dtype(const char* where, int code) {
+  if (code < 0 || code > 2)
+    fail_arg(where, "dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(code));
+}
+
+// out[b, :] = table[tokens[b], :] for b < B: table [V, H] contiguous (dtype code), tokens int64 [B],
+// out [B, H] contiguous. Token ids are checked on every run (IndexError naming the row and the id).
+KernelCall embedding_call(std::uintptr_t table_ptr, int dtype, int64_t V, int64_t H, std::uintptr_t tokens_ptr,
+                          int64_t B, std::uintptr_t out_ptr) {
+  const char* where = "llmkern._C.embedding_call";
+  check_dtype(where, dtype);
+  if (V < 1 || H < 1 || B < 0) fail_arg(where, "need V >= 1, H >= 1 and B >= 0");
+  if (B == 0) return {};
+  const int64_t esz = dtype == 0 ? 4 : 2;
+  check_ptr_arg(where, "table_ptr", table_ptr, esz);
+  check_ptr_arg(where, "tokens_ptr", tokens_ptr, 8);
+  check_ptr_arg(where, "out_ptr", out_ptr, esz);
+  const auto* table = reinterpret_cast<const char*>(table_ptr);
+  const auto* tokens = reinterpret_cast<const int64_t*>(tokens_ptr);
+  auto* out = reinterpret_cast<char*>(out_ptr);
+  const size_t row = static_cast<size_t>(H * esz);
+  return {[=] {
+            for (int64_t b = 0; b < B; ++b) {
+              const int64_t t = tokens[b];
+              if (t < 0 || t >= V)
+                throw std::out_of_range("llmkern decode step: token id " + std::to_string(t) + " of batch row " +
+                                        std::to_string(b) + " is out of range for a vocabulary of " +
+                                        std::to_string(V));
+            }
+            for (int64_t b = 0; b < B; ++b) std::memcpy(out + b * row, table + tokens[b] * row, row);
+          },
+          "embedding"};
+}
+
+// out[m, i] = silu(gu[m, i]) * gu[m, I + i] (see csrc/include/llmkern/cpu/silu_mul.h).
+KernelCall silu_mul_call(std::uintptr_t gu_ptr, int dtype, int64_t gu_stride, int64_t M, int64_t I,
+                         std::uintptr_t out_ptr, int64_t out_stride, const std::string& isa_name) {
+  const char* where = "llmkern._C.silu_mul_call";
+  check_dtype(where, dtype);
+  const cpu::Isa isa = isa_or_throw(where, isa_name);
+  if (M < 0 || I < 1) fail_arg(where, "need M >= 0 and I >= 1");
+  if (gu_stride < 2 * I) fail_arg(where, "gu_stride must be >= 2 I = " + std::to_string(2 * I));
+  if (out_stride < I) fail_arg(where, "out_stride must be >= I = " + std::to_string(I));
+  if (M == 0) return {};
+  const int64_t esz = dtype == 0 ? 4 : 2;
+  check_ptr_arg(where, "gu_ptr", gu_ptr, esz);
+  check_ptr_arg(where, "out_ptr", out_ptr, esz);
+  cpu::SiluMulArgs a;
+  a.gu = reinterpret_cast<const void*>(gu_ptr);
+  a.gu_stride = gu_stride;
+  a.out = reinterpret_cast<void*>(out_ptr);
+  a.out_stride = out_stride;
+  a.M = M;
+  a.I = I;
+  a.dtype = static_cast<cpu::DType>(dtype);
+  a.isa = isa;
+  return {[a] { cpu::silu_mul(a); }, "silu_mul"};
+}
+
+// One token appended to every sequence of a contiguous KVCache: seq_lens (int32 [B]) and the next
+// (position, slot) table (int64 [2, B], contiguous) each advance by one.
+KernelCall advance_call(std::uintptr_t seq_lens_ptr, std::uintptr_t next_ptr, int64_t B) {
+  const char* where = "llmkern._C.advance_call";
+  if (B < 0) fail_arg(where, "B must be >= 0");
+  if (B == 0) return {};
+  check_ptr_arg(where, "seq_lens_ptr", seq_lens_ptr, 4);
+  check_ptr_arg(where, "next_ptr", next_ptr, 8);
+  auto* lens = reinterpret_cast<int32_t*>(seq_lens_ptr);
+  auto* next = reinterpret_cast<int64_t*>(next_ptr);
+  return {[=] {
+            for (int64_t b = 0; b < B; ++b) lens[b] += 1;
+            for (int64_t i = 0; i < 2 * B; ++i) next[i] += 1;
+          },
+          "advance"};
+}
+
+}  // namespace
+
+void bind_decode_step(py::module_& m) {
+  py::class_<KernelCall>(m, "KernelCall",
+                         "One checked kernel launch with its arguments bound (made by an `<op>_call` function).")
+      .def(
+          "__call__",
+          [](const KernelCall& c) {
+            if (!c.fn) return;
+            py::gil_scoped_release release;
+            c.fn();
+          },
+          "Run the launch (GIL released).")
+      .def_property_readonly("name", [](const KernelCall& c) { return c.name; })
+      .def_property_readonly("empty", [](const KernelCall& c) { return !c.fn; })
+      .def("__repr__", [](const KernelCall& c) { return "<llmkern._C.KernelCall " + (c.fn ? c.name : "(empty)") + ">"; });
+  py::class_<StepProgram>(m, "StepProgram",
+                          "A list of KernelCalls run in order by one call with the GIL released: a decode step.")
+      .def(py::init<>())
+      .def("append", &StepProgram::append, py::arg("call"), "Add a call (empty calls are skipped).")
+      .def("__len__", &StepProgram::size)
+      .def("names", &StepProgram::names, "The op name of each call, in order.")
+      .def("run", &StepProgram::run, "Run every call in order (GIL released).");
+  m.def("embedding_call", &embedding_call, py::arg("table_ptr"), py::arg("dtype"), py::arg("V"), py::arg("H"),
+        py::arg("tokens_ptr"), py::arg("B"), py::arg("out_ptr"),
+        "KernelCall: out[b, :] = table[tokens[b], :] (table [V, H] contiguous, tokens int64 [B], out [B, H]); "
+        "token ids are checked on each run (IndexError).");
+  m.def("silu_mul_call", &silu_mul_call, py::arg("gu_ptr"), py::arg("dtype"), py::arg("gu_stride"), py::arg("M"),
+        py::arg("I"), py::arg("out_ptr"), py::arg("out_stride"), py::arg("isa") = "",
+        "KernelCall: out[m, i] = silu(gu[m, i]) * gu[m, I + i] (rows at element strides; 16-bit dtypes round "
+        "silu before the product, as F.silu(g) * u does).");
+  m.def("advance_call", &advance_call, py::arg("seq_lens_ptr"), py::arg("next_ptr"), py::arg("B"),
+        "KernelCall: seq_lens (int32 [B]) += 1 and next (int64 [2, B]) += 1: a KVCache's counters after "
+        "one appended token per sequence.");
+}
+
+}  // namespace bindings
+}  // namespace llmkern

@@ -9,6 +9,7 @@
 // no op of their own are made here: the embedding row gather (which checks the token ids each run),
 // SwiGLU's silu(gate) * up, and the caches' length counters.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <cstring>

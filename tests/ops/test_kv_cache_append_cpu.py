@@ -111,7 +111,7 @@ PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torc
 
 @pytest.mark.parametrize("bs", [1, 16, 7])
 @pytest.mark.parametrize("dtype,cache_dtype", PAIRS, ids=str)
-def test_write_bit_exact(dtype, cache_dtype, bs, threads):
+def test_write_bit_exact(dtype, cache_dtype, bs, threads, isa):
     k, v, c, slots, _ = paged([1, 17, 100, 0, 5], 3, 80, bs, dtype, cache_dtype, seed=1)
     assert_same(run_cpu(k, v, c, slots), naive_append(k, v, c, slots))
 
@@ -153,17 +153,24 @@ def test_rotary_strided_q_and_batched_shape(isa):
     assert bits_equal(big_q[:, :, 0], before[:, :, 0]) and bits_equal(big_q[:, :, -1], before[:, :, -1])
 
 
-def test_int8_ties_zero_and_tiny_rows():
-    """127/amax = 1 makes x.5 exact ties (half to even); an all-zero head stores 0; a tiny head saturates."""
-    k = torch.zeros(1, 3, 32)
+@pytest.mark.parametrize("D", [32, 40])  # 40: a partial 16-lane tail on the AVX-512 path
+def test_int8_ties_zero_tiny_and_nonfinite_rows(isa, D):
+    """127/amax = 1 makes x.5 exact ties (half to even); an all-zero head stores 0; a tiny head saturates;
+    a head with inf or NaN stores zeros with an inf / NaN scale (the reference's rule)."""
+    k = torch.zeros(1, 5, D)
     k[0, 0, :6] = torch.tensor([127.0, 2.5, 3.5, -0.5, -1.5, 126.5])
     k[0, 2, :3] = torch.tensor([1e-40, -1e-40, 0.0])  # subnormal amax: 127 / amax overflows to inf
-    v = torch.randn(1, 3, 32)
-    c = caches((1, 4, 3, 32), torch.int8)
+    k[0, 3, D - 1] = float("inf")
+    k[0, 4, D - 2] = float("nan")
+    v = torch.randn(1, 5, D)
+    v[0, 1, D - 1] = -300.0  # the max in the tail lanes
+    c = caches((1, 4, 5, D), torch.int8)
     got = run_cpu(k, v, c, torch.tensor([2]))
     assert got[0][0, 2, 0, :6].tolist() == [127, 2, 4, 0, -2, 126]
     assert got[2][0, 2, 1].item() == 0.0 and got[0][0, 2, 1].abs().sum() == 0
     assert got[0][0, 2, 2, :3].tolist() == [127, -127, 0]
+    assert got[0][0, 2, 3:].abs().sum() == 0 and got[2][0, 2, 3].item() == float("inf") and got[2][0, 2, 4].isnan()
+    assert got[1][0, 2, 1, D - 1] == -127 and got[3][0, 2, 1].item() == np.float32(300.0) / np.float32(127.0)
     assert_same(got, naive_append(k, v, c, torch.tensor([2])))
 
 

@@ -122,6 +122,36 @@ LLMKERN_ROT512 inline void store_row_f(const float* src, void* dst, int64_t off,
   }
 }
 
+// The int8 rule of store_row on one row of D <= 256 fp32 values, 16 lanes at a time, bit for bit:
+// the same max (exact in any order), the same IEEE scale and multiply, NaN -> 0, clamp, and the same
+// round-half-even by adding and subtracting 1.5 * 2^23.
+LLMKERN_ROT512 inline void store_row_int8(const float* x, int64_t D, int8_t* q, float* scale) {
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 m = D - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (D - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));  // a NaN lane keeps vmax (flagged above)
+  }
+  const float amax = nan ? NAN : _mm512_reduce_max_ps(vmax);
+  *scale = amax / 127.0f;
+  if (!(amax > 0.0f) || !(amax <= FLT_MAX)) {
+    std::memset(q, 0, D);
+    return;
+  }
+  const __m512 inv = _mm512_set1_ps(127.0f / amax), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 m = D - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (D - i)) - 1);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv);
+    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN (0 * inf) -> 0
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    v = _mm512_sub_ps(_mm512_add_ps(v, magic), magic);
+    _mm_mask_storeu_epi8(q + i, m, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v)));
+  }
+}
+
 }  // namespace kv512
 
 inline void kv_cache_append(const AppendArgs& a) {
@@ -171,8 +201,10 @@ inline void kv_cache_append(const AppendArgs& a) {
           if (rotate_k) rotate_row_avx512(row, cs, a.R, a.interleaved, a.kv_dtype);
           if (a.cache_type != 3) {  // cast into the float cache (exact when it is k's dtype: rotated values are)
             kv512::store_row_f(row, cache, dst * D, static_cast<DType>(a.cache_type), D);
-            continue;
+          } else {
+            kv512::store_row_int8(row, D, static_cast<int8_t*>(cache) + dst * D, scale + dst);
           }
+          continue;
         } else {
           for (int64_t d = 0; d < D; ++d) row[d] = load_as_f32(src, base + d, a.kv_dtype);
           if (rotate_k) rotate_row(row, cs, a.R, a.interleaved, a.kv_dtype);

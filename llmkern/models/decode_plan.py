@@ -107,7 +107,8 @@ class DecodePlan:
                       (layer.post_attention_layernorm.__dict__, "eps"),
                       (a._modules, "qkv_proj"), (a._modules, "o_proj"), (a.__dict__, "rotary"),
                       (m._modules, "gate_up_proj"), (m._modules, "down_proj"),
-                      (kv.__dict__, "k"), (kv.__dict__, "v"), (kv.__dict__, "k_scale"), (kv.__dict__, "v_scale")]
+                      (kv.__dict__, "k"), (kv.__dict__, "v"), (kv.__dict__, "k_scale"), (kv.__dict__, "v_scale"),
+                      (kv.__dict__, "seq_lens"), (kv.__dict__, "_next")]  # the step program binds the counters
             for lin in (a._modules.get("qkv_proj"), a._modules.get("o_proj"), m._modules.get("gate_up_proj"),
                         m._modules.get("down_proj")):
                 if lin is not None:
@@ -207,6 +208,10 @@ class DecodePlan:
                         for L in self.layers]
                        + [r.impl.workspace_size(B, T) for L in self.layers for r in (L.qkv, L.o, L.gate_up, L.down)])
         buf["ws"] = ws = torch.empty(max(ws_bytes, 64), dtype=torch.uint8)  # shared: the calls run one by one
+        # Detached aliases of every tensor a call reads by pointer: the storage stays alive even if a module's
+        # parameter is given new data in place of the old (`p.data = ...`, which no identity check sees).
+        buf["keep"] = [t.detach() for t in bound] + [t for L in self.layers for t in (
+            L.cache.k, L.cache.v, L.cache.k_scale, L.cache.v_scale, L.cache.seq_lens, L.cache._next) if t is not None]
         prog = mod.StepProgram()
         isa = self.isa
         prog.append(mod.embedding_call(self.embed.data_ptr(), _DTYPE_CODE[dt], self.embed.shape[0], H,

@@ -191,3 +191,43 @@ def test_weight_bytes_count_the_packed_int4_copy_when_decode_reads_it(monkeypatc
                for layer in m.layers for l in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         assert m.weight_bytes_per_token() == canonical + sum(per)
+
+
+def test_program_is_rebuilt_for_new_threads_isa_or_counters(monkeypatch):
+    """Every launch of the step program binds the thread count, the ISA and the caches' counter tensors."""
+    m = tiny(quant="int4")
+    prompt = torch.randint(0, 101, (1, 5))
+    saved = torch.get_num_threads()
+    with torch.inference_mode():
+        cache = m.new_cache(1, 32)
+        m(prompt, cache, last_only=True)
+        nxt = prompt[:, :1]
+        m(nxt, cache, last_only=True)
+        plan = m.__dict__["_decode_plan"]
+        assert plan.program is not None and plan.matches(m, cache, nxt)
+        try:
+            torch.set_num_threads(1 if saved != 1 else 2)
+            assert not plan.matches(m, cache, nxt)
+        finally:
+            torch.set_num_threads(saved)
+        assert plan.matches(m, cache, nxt)
+        if plan.isa != "scalar":
+            monkeypatch.setenv("LLMKERN_CPU_ISA", "scalar")
+            assert not plan.matches(m, cache, nxt)
+            monkeypatch.delenv("LLMKERN_CPU_ISA")
+        cache[1].seq_lens = cache[1].seq_lens.clone()  # a new counter tensor: the bound pointer is stale
+        assert not plan.matches(m, cache, nxt)
+        m(nxt, cache, last_only=True)
+        assert m.__dict__["_decode_plan"] is not plan and int(cache[1].seq_lens[0]) == 7
+
+
+def test_program_rejects_bad_token_ids_before_writing():
+    m = tiny(quant="int4")
+    with torch.inference_mode():
+        cache = m.new_cache(1, 32)
+        m(torch.randint(0, 101, (1, 5)), cache, last_only=True)
+        m(torch.tensor([[3]]), cache, last_only=True)
+        assert m.__dict__["_decode_plan"].program is not None
+        with pytest.raises(IndexError, match="token id 5000 of batch row 0 is out of range"):
+            m(torch.tensor([[5000]]), cache, last_only=True)
+        assert int(cache[0].seq_lens[0]) == 6 and cache[0]._host_max == 6  # nothing advanced

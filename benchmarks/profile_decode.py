@@ -4,8 +4,10 @@
 
 Prints (1) the median step time, (2) torch.profiler's table of aten/llmkern calls per step (every
 torch op and allocation the step makes), (3) cProfile's top Python functions per step, split into
-kernel time (llmkern._C.*) and everything else. A lean step makes a fixed number of calls per layer
-(no Python work or allocation that grows with the context) and spends most of its time in kernels.
+kernel time (llmkern._C.*) and everything else, and (4) when the decode plan's step program runs, the
+time of each op's launches per step by the program's own clock (StepProgram.run_timed). A lean step
+makes a fixed number of calls per layer (no Python work or allocation that grows with the context) and
+spends most of its time in kernels.
 """
 from __future__ import annotations
 
@@ -69,6 +71,34 @@ def main() -> None:
           f"({100 * kernel / total:.0f}%)")
     st.sort_stats("tottime").print_stats(15)
     print(s.getvalue())
+
+    plan = model.__dict__.get("_decode_plan")
+    if plan is not None and plan.program is not None:
+        _program_profile(model, plan, cache, nxt, a.steps)
+
+
+def _program_profile(model, plan, cache, nxt, steps: int) -> None:
+    """(4) The step program's own clock around each launch: time per op per step, no profiler overhead."""
+    per_op: dict = {}
+    calls: dict = {}
+    with torch.inference_mode():
+        walls = []
+        for _ in range(steps):
+            assert plan.matches(model, cache, nxt) and plan.ready()
+            t = time.perf_counter()
+            _, timings = plan.step_timed(nxt)
+            walls.append(time.perf_counter() - t)
+            for name, sec in timings:
+                per_op[name] = per_op.get(name, 0.0) + sec
+        for name, _ in timings:
+            calls[name] = calls.get(name, 0) + 1
+    wall = statistics.fmean(walls)
+    inside = sum(per_op.values()) / steps
+    print(f"step program ({steps} steps, its own clock): mean step {wall * 1e3:.2f} ms, launches "
+          f"{inside * 1e3:.2f} ms, the rest (Python around the program, plan checks) {(wall - inside) * 1e3:.2f} ms")
+    print(f"{'op':18s} {'calls/step':>10s} {'ms/step':>9s} {'share':>6s}")
+    for name, sec in sorted(per_op.items(), key=lambda kv: -kv[1]):
+        print(f"{name:18s} {calls[name]:10d} {sec / steps * 1e3:9.3f} {100 * sec / steps / wall:5.0f}%")
 
 
 if __name__ == "__main__":

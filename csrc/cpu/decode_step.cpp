@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -44,6 +45,17 @@ class StepProgram {
   void run() const {
     py::gil_scoped_release release;
     for (const auto& c : calls_) c.fn();
+  }
+  // run(), timing each call (seconds, steady clock): the step's profile (benchmarks/profile_decode.py).
+  std::vector<double> run_timed() const {
+    std::vector<double> out(calls_.size());
+    py::gil_scoped_release release;
+    for (size_t i = 0; i < calls_.size(); ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      calls_[i].fn();
+      out[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    return out;
   }
 
  private:
@@ -139,7 +151,7 @@ void bind_decode_step(py::module_& m) {
             c.fn();
           },
           "Run the launch (GIL released).")
-      .def_property_readonly("name", [](const KernelCall& c) { return c.name; })
+      .def_readwrite("name", &KernelCall::name, "The op (a caller may refine it, e.g. 'int4_linear:qkv').")
       .def_property_readonly("empty", [](const KernelCall& c) { return !c.fn; })
       .def("__repr__", [](const KernelCall& c) { return "<llmkern._C.KernelCall " + (c.fn ? c.name : "(empty)") + ">"; });
   py::class_<StepProgram>(m, "StepProgram",
@@ -148,7 +160,9 @@ void bind_decode_step(py::module_& m) {
       .def("append", &StepProgram::append, py::arg("call"), "Add a call (empty calls are skipped).")
       .def("__len__", &StepProgram::size)
       .def("names", &StepProgram::names, "The op name of each call, in order.")
-      .def("run", &StepProgram::run, "Run every call in order (GIL released).");
+      .def("run", &StepProgram::run, "Run every call in order (GIL released).")
+      .def("run_timed", &StepProgram::run_timed,
+           "run(), returning each call's wall time in seconds (in order; names() says which op).");
   m.def("embedding_call", &embedding_call, py::arg("table_ptr"), py::arg("dtype"), py::arg("V"), py::arg("H"),
         py::arg("tokens_ptr"), py::arg("B"), py::arg("out_ptr"),
         "KernelCall: out[b, :] = table[tokens[b], :] (table [V, H] contiguous, tokens int64 [B], out [B, H]); "

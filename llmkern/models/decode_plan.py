@@ -29,6 +29,8 @@ not bit-equal to F.silu). LLMKERN_DECODE_PROGRAM=0 keeps the Python step (for A/
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,12 @@ def _cpu_backend_selected(model) -> bool:
     if model.backend not in (None, "cpu"):
         return False
     return _backends.env_backend() in (None, "cpu")
+
+
+def _labelled(call, role: str):
+    """A linear's KernelCall named by its role ('int4_linear:qkv'), for the step's profile."""
+    call.name = f"{call.name}:{role}"
+    return call
 
 
 class _Layer:
@@ -230,36 +238,50 @@ class DecodePlan:
                 out = buf["res"][flip]
                 prog.append(rms_norm_call(h, L.ln1, L.eps1, residual, xn, out, T))  # out = h + residual
                 residual, flip = out, 1 - flip
-            prog.append(L.qkv.impl.call(xn, qkv, ws, T))
+            prog.append(_labelled(L.qkv.impl.call(xn, qkv, ws, T), "qkv"))
             pos, slot = kv._next_views                                  # [B, 1] int64 views, advanced in place
             prog.append(kv_cache_append_call(k, v, kv.k, kv.v, slot, kv.k_scale, kv.v_scale, q, pos,
                                                    self.rotary, self.interleaved, T))
             prog.append(mod.advance_call(kv.seq_lens.data_ptr(), kv._next.data_ptr(), B))
             prog.append(decode_attention_call(q.view(B, Hq, D), kv.k, kv.v, kv.seq_lens, kv.k_scale,
                                                     kv.v_scale, attn, ws, T))
-            prog.append(L.o.impl.call(attn.view(B, Hq * D), buf["o"], ws, T))  # [B, Hq, D] -> [B, Hq*D] -> [B, H]
+            prog.append(_labelled(L.o.impl.call(attn.view(B, Hq * D), buf["o"], ws, T), "o"))  # [B, Hq, D] -> [B, Hq*D] -> [B, H]
             out = buf["res"][flip]
             prog.append(rms_norm_call(buf["o"], L.ln2, L.eps2, residual, xn, out, T))  # residual += attn
             residual, flip = out, 1 - flip
-            prog.append(L.gate_up.impl.call(xn, gu, ws, T))                 # [B, 2I]: gate then up
+            prog.append(_labelled(L.gate_up.impl.call(xn, gu, ws, T), "gate_up"))                 # [B, 2I]: gate then up
             prog.append(mod.silu_mul_call(gu.data_ptr(), _DTYPE_CODE[dt], I2, B, I2 // 2, buf["act"].data_ptr(),
                                           I2 // 2, isa))
-            prog.append(L.down.impl.call(buf["act"], buf["down"], ws, T))
+            prog.append(_labelled(L.down.impl.call(buf["act"], buf["down"], ws, T), "down"))
             h = buf["down"]
         prog.append(rms_norm_call(h, self.final_norm, self.final_eps, residual, xn, buf["res"][flip], T))
         self.program, self._buffers = prog, buf
 
-    def _run_program(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens int [B, 1] -> logits [B, V] through the compiled step program."""
+    def _run_program(self, tokens: torch.Tensor, timings: list | None = None) -> torch.Tensor:
+        """tokens int [B, 1] -> logits [B, V] through the compiled step program; with `timings`, each
+        launch's (op name, seconds) is appended to it (the lm_head's as "lm_head")."""
         buf = self._buffers
         buf["tokens"].copy_(tokens.view(self.batch))                     # [B, 1] -> [B]
-        self.program.run()
+        if timings is None:
+            self.program.run()
+        else:
+            timings += zip(self.program.names(), self.program.run_timed())
         for L in self.layers:
             L.cache._advance_one(counters=False)  # the program advanced seq_lens and the slot table itself
         x = buf["xn"]
-        if isinstance(self.head, torch.Tensor):
-            return F.linear(x, self.head)
-        return self.head(x)
+        t0 = time.perf_counter()
+        logits = F.linear(x, self.head) if isinstance(self.head, torch.Tensor) else self.head(x)
+        if timings is not None:
+            timings.append(("lm_head", time.perf_counter() - t0))
+        return logits
+
+    def step_timed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """step(tokens) with the step program's per-launch times: (logits [B, V], [(op name, seconds)]).
+        benchmarks/profile_decode.py prints them per op. Needs the program (`self.program`)."""
+        if self.program is None:
+            raise RuntimeError("DecodePlan.step_timed: no step program (LLMKERN_DECODE_PROGRAM=0, or not buildable)")
+        timings: list = []
+        return self._run_program(tokens, timings), timings
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens int [B, 1] -> logits [B, V] of the new tokens (as model(tokens, cache, last_only=True))."""

@@ -117,7 +117,10 @@ using avx512::dpbusd;
     for (; pf < upto + kPrefetch; pf += 64) _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0); \
   };
 
-constexpr int64_t kPrefetch = 4096;  // bytes of the stream prefetched ahead of the read position
+#ifndef LLMKERN_I8PK_PREFETCH
+#define LLMKERN_I8PK_PREFETCH 8192
+#endif
+constexpr int64_t kPrefetch = LLMKERN_I8PK_PREFETCH;  // bytes of the stream prefetched ahead of the read position
 
 // Scales of one step's S record: up to 32 values (8 rows x up to 4 groups) in two fp32 vectors.
 template <int E>
@@ -130,6 +133,24 @@ LLMKERN_AVX512_INLINE void load_scales(const uint8_t* p, int64_t count, __m512& 
     s0 = _mm512_maskz_loadu_ps(avx512::tail16(c0), p);
     s1 = c1 > 0 ? _mm512_maskz_loadu_ps(avx512::tail16(c1), p + 64) : _mm512_setzero_ps();
   }
+}
+
+// A step's scales as fp32 values in memory, for broadcast loads (a load-port op each, where a
+// register permute would take a vector shuffle slot the weight conversion needs): E = 4 reads the
+// record in place, E = 2 converts it once into buf.
+template <int E>
+LLMKERN_AVX512_INLINE const float* scales_f32(const uint8_t* p, int64_t count, float* buf) {
+  if (E == 4) return reinterpret_cast<const float*>(p);
+  const int64_t c0 = count < 16 ? count : 16, c1 = count - c0;
+  _mm512_store_ps(buf, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(avx512::tail16(c0), p)));
+  if (c1 > 0) _mm512_store_ps(buf + 16, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(avx512::tail16(c1), p + 32)));
+  return buf;
+}
+
+LLMKERN_AVX512_INLINE __m512 bcast(const float* s, int i) {
+  float v;
+  std::memcpy(&v, s + i, 4);
+  return _mm512_set1_ps(v);
 }
 
 // Scale value i (0..31) of a step's record as a splat.
@@ -148,6 +169,11 @@ LLMKERN_AVX512 void w8a16_block(const uint8_t*& p, const float* x, int64_t K, in
     acc[j] = _mm512_setzero_ps();
   }
   const int64_t spg = GM == 128 ? G / kStep : 1;  // steps per group
+  // fp16 scales of small groups: converted one step ahead (so the broadcast loads do not wait on
+  // the store that wrote them)
+  alignas(64) float buf[2][32];
+  constexpr bool kAhead = E == 2 && (GM == 16 || GM == 32 || GM == 64);
+  if constexpr (kAhead) scales_f32<E>(p + kRows * kStep, kRows * (std::min(kStep, K) / (GM ? GM : 1)), buf[0]);
   LLMKERN_PK_PREFETCH_SETUP
   for (int64_t s = 0, sg = 0; s < ns; ++s) {
     const int64_t k = s * kStep, n = std::min(kStep, K - k);
@@ -157,8 +183,9 @@ LLMKERN_AVX512 void w8a16_block(const uint8_t*& p, const float* x, int64_t K, in
     const int8_t* w = reinterpret_cast<const int8_t*>(p);
     const uint8_t* sp = p + kRows * kStep;
     if constexpr (GM == 16 || GM == 32 || GM == 64) {
-      __m512 s0, s1;
-      load_scales<E>(sp, kRows * e, s0, s1);
+      const float* sc = kAhead ? buf[s & 1] : reinterpret_cast<const float*>(sp);
+      if (kAhead && s + 1 < ns)
+        scales_f32<E>(p + rec + kRows * kStep, kRows * (std::min(kStep, K - k - kStep) / (GM ? GM : 1)), buf[(s + 1) & 1]);
       constexpr int cpg = GM / 16;  // 16-value chunks per group
       const int chunks = static_cast<int>(n / 16);  // n is a multiple of G here
       __m512 xv[4];
@@ -172,7 +199,7 @@ LLMKERN_AVX512 void w8a16_block(const uint8_t*& p, const float* x, int64_t K, in
                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kStep + 16 * c))));
               a = _mm512_fmadd_ps(xv[c], wv, a);
             }
-            accf[j] = _mm512_fmadd_ps(a, splat(s0, s1, j * (4 / cpg) + g), accf[j]);
+            accf[j] = _mm512_fmadd_ps(a, bcast(sc, j * (4 / cpg) + g), accf[j]);
           }
       } else {  // short last step: its n / G groups
         for (int j = 0; j < kRows; ++j)
@@ -183,7 +210,7 @@ LLMKERN_AVX512 void w8a16_block(const uint8_t*& p, const float* x, int64_t K, in
                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kStep + 16 * c))));
               a = _mm512_fmadd_ps(xv[c], wv, a);
             }
-            accf[j] = _mm512_fmadd_ps(a, splat(s0, s1, j * static_cast<int>(e) + g), accf[j]);
+            accf[j] = _mm512_fmadd_ps(a, bcast(sc, j * static_cast<int>(e) + g), accf[j]);
           }
       }
     } else {  // GM 0 / 128: one chain per row across steps
@@ -220,10 +247,9 @@ LLMKERN_AVX512 void w8a16_block(const uint8_t*& p, const float* x, int64_t K, in
             res[j] = _mm512_reduce_add_ps(acc[j]) * sc;
           }
         } else {
-          __m512 s0, s1;
-          load_scales<E>(sp, kRows, s0, s1);
+          const float* sc = scales_f32<E>(sp, kRows, buf[0]);
           LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) {
-            accf[j] = _mm512_fmadd_ps(acc[j], splat(s0, s1, j), accf[j]);
+            accf[j] = _mm512_fmadd_ps(acc[j], bcast(sc, j), accf[j]);
             acc[j] = _mm512_setzero_ps();
           }
           sg = 0;

@@ -174,7 +174,7 @@ void bind_int8_linear(py::module_& m) {
         "out[M, N] = x[M, K] @ dequant(w[N, K])^T (+ bias), W8A16 or W8A8, on raw pointers (see "
         "llmkern/ops/int8_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype. "
         "packed_ptr / packed_e: the same weights in the packed decode layout (int8_linear_pack, same mode), "
-        "read instead of w/scale by one-row (M = 1) calls on AVX-512 (identical results). "
+        "read instead of w/scale by decode calls (M <= 8; W8A8 per channel: 4) on AVX-512 (identical results). "
         "Releases the GIL while computing; invalid arguments raise ValueError.");
   bind_int8_linear_pack(m);
 }

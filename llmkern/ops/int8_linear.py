@@ -94,8 +94,8 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False):
 
     pack (the preparer, i.e. Int8Linear's prepared call, decides): the weights are also repacked once
     into the kernel's packed decode layout for this mode (`_cpu_pack`, csrc/include/llmkern/cpu/
-    int8_linear_pack.h), which one-row calls (M = 1) on AVX-512 stream instead of the canonical
-    tensors; other calls keep reading the canonical tensors, which the caller holds anyway (a
+    int8_linear_pack.h), which decode calls (M <= 8 rows; W8A8 per channel: 4) on AVX-512 stream
+    instead of the canonical tensors; other calls keep reading the canonical tensors, which the caller holds anyway (a
     module's buffers). Results are bit-identical to the canonical kernel's. Memory: the packed copy
     is about as large as the canonical tensors (K + E K/G bytes per row, E = 2 when every scale is an
     fp16 value, else 4; rows padded to a multiple of 8, K to a multiple of 64).
@@ -163,7 +163,7 @@ def _cpu(x, weight, weight_scale, bias, mode):
 @int8_linear_op.preparer("cpu")
 def _cpu_prepare(weight, weight_scale, bias, mode):
     """The cpu preparer (Int8Linear's prepared call). On AVX-512 CPUs it also packs the weights for
-    one-row decode calls (`_cpu_runner`), when the group is packable (per channel, 16, 32, multiple of
+    decode calls of up to 8 rows (`_cpu_runner`; 1.4-10x faster at 1 thread, docs/notes/cpu-int8pack.md), when the group is packable (per channel, 16, 32, multiple of
     64): LLMKERN_INT8_PACK unset or 1: pack (fp16 scales when exact, else fp32); 0: never (no memory
     beyond the canonical tensors). The kernel reads whichever layout it is given, with identical results."""
     N, K = weight.shape

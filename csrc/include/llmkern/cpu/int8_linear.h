@@ -186,7 +186,7 @@ inline const void* x_row(const Int8LinearArgs& a, int64_t m) {
 // Runs the whole op. Workspace: int8_linear_workspace_bytes(M, K, N, w8a8) bytes at a.ws.
 inline void int8_linear(const Int8LinearArgs& a, Isa isa) {
   if (a.M <= 0 || a.N <= 0) return;
-  if (a.packed && a.M == 1 && isa == Isa::kAvx512Vnni) return i8pk::int8_linear_packed_m1(a);
+  if (i8pk::use_packed(a, isa)) return i8pk::int8_linear_packed(a);
   const IsaKernels& kk = kernels_for(isa);
   const int64_t Kp = kpad(a.K);
   char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);

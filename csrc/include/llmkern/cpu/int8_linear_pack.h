@@ -1,4 +1,4 @@
-// int8_linear's packed decode layout and its one-row (M = 1) AVX-512 kernels.
+// int8_linear's packed decode layout and its AVX-512 decode kernels (M <= 8 activation rows).
 //
 // Layout (built once by int8_pack_decode, at prepare time; the canonical w [N, K] / scale [N, K/G]
 // stay the state-dict form):
@@ -104,9 +104,13 @@ inline void int8_pack_decode(const int8_t* w, const float* scale, int64_t N, int
   }
 }
 
-// Workspace of a packed one-row W8A8 call, after the canonical workspace: the signed activation
-// row (64 nsteps bytes, zero tail) and the correction vectors (64 bytes per step).
-inline int64_t w8a8_extra_bytes(int64_t K) { return 2 * kStep * nsteps(K) + kAlign; }
+// Calls of up to max_rows(mode, per channel) activation rows read the packed layout: every weight
+// block is streamed once from DRAM and re-read from L1/L2 by the call's other rows. Measured (1
+// thread, cold weights; docs/notes/cpu-int8pack.md) against the canonical M-row tiles: faster or
+// equal for M <= 8 except W8A8 per channel, which the canonical tiles (one vpdpbusd per weight
+// vector shared by 4 rows) match at M = 4 and beat at M = 8 (4096x4096: 0.8x).
+constexpr int64_t kMaxRows = 8;
+inline int64_t max_rows(bool w8a8, bool per_channel) { return w8a8 && per_channel ? 4 : kMaxRows; }
 
 namespace k512 {
 using avx512::dpbusd;
@@ -364,68 +368,91 @@ LLMKERN_AVX512 inline void w8a8_prepare_row(const uint8_t* qu, int64_t K, int64_
   }
 }
 
+// Activation rows of a packed call, prepared once: W8A16 fp32 row pointers; W8A8 signed rows,
+// their correction vectors and row scales.
+struct Rows {
+  const void* x[kMaxRows];
+  const __m512i* corr[kMaxRows];
+  float scale[kMaxRows];
+};
+
 template <int E, int GM>
-LLMKERN_AVX512 void run_range(const Int8LinearArgs& a, const uint8_t* blocks, int64_t b0, int64_t b1, const void* xrow,
-                              const __m512i* corr, float row_scale) {
+LLMKERN_AVX512 void run_range(const Int8LinearArgs& a, const uint8_t* blocks, int64_t b0, int64_t b1, const Rows& r) {
   const int64_t bb = block_bytes(a.K, a.group, E);
-  const uint8_t* p = blocks + b0 * bb;
   float res[kRows];
   for (int64_t b = b0; b < b1; ++b) {
-    if (a.w8a8) w8a8_block<E, GM>(p, static_cast<const int8_t*>(xrow), corr, a.K, a.group, res);
-    else w8a16_block<E, GM>(p, static_cast<const float*>(xrow), a.K, a.group, res);
     const int64_t n0 = b * kRows, nr = std::min(kRows, a.N - n0);
-    for (int64_t j = 0; j < nr; ++j) {
-      float v = res[j];
-      if (a.w8a8) v *= row_scale;
-      if (a.bias) v += a.bias[n0 + j];
-      store_from_f32(a.out, n0 + j, a.x_dtype, v);
+    for (int64_t m = 0; m < a.M; ++m) {  // rows after the first read the block from L1/L2
+      const uint8_t* p = blocks + b * bb;
+      if (a.w8a8) w8a8_block<E, GM>(p, static_cast<const int8_t*>(r.x[m]), r.corr[m], a.K, a.group, res);
+      else w8a16_block<E, GM>(p, static_cast<const float*>(r.x[m]), a.K, a.group, res);
+      for (int64_t j = 0; j < nr; ++j) {
+        float v = res[j];
+        if (a.w8a8) v *= r.scale[m];
+        if (a.bias) v += a.bias[n0 + j];
+        store_from_f32(a.out, m * a.out_row_stride + n0 + j, a.x_dtype, v);
+      }
     }
   }
 }
 
 template <int E>
-inline void run_range_g(const Int8LinearArgs& a, const uint8_t* blocks, int64_t b0, int64_t b1, const void* xrow,
-                        const __m512i* corr, float rs) {
-  if (a.K / a.group == 1) run_range<E, 0>(a, blocks, b0, b1, xrow, corr, rs);
-  else if (a.group == 16) run_range<E, 16>(a, blocks, b0, b1, xrow, corr, rs);
-  else if (a.group == 32) run_range<E, 32>(a, blocks, b0, b1, xrow, corr, rs);
-  else if (a.group == 64) run_range<E, 64>(a, blocks, b0, b1, xrow, corr, rs);
-  else run_range<E, 128>(a, blocks, b0, b1, xrow, corr, rs);
+inline void run_range_g(const Int8LinearArgs& a, const uint8_t* blocks, int64_t b0, int64_t b1, const Rows& r) {
+  if (a.K / a.group == 1) run_range<E, 0>(a, blocks, b0, b1, r);
+  else if (a.group == 16) run_range<E, 16>(a, blocks, b0, b1, r);
+  else if (a.group == 32) run_range<E, 32>(a, blocks, b0, b1, r);
+  else if (a.group == 64) run_range<E, 64>(a, blocks, b0, b1, r);
+  else run_range<E, 128>(a, blocks, b0, b1, r);
 }
 
 }  // namespace k512
 
-// One-row call from the packed layout (AVX-512). ws: the canonical workspace plus w8a8_extra_bytes.
-inline void int8_linear_packed_m1(const Int8LinearArgs& a) {
+// Whether a call of M rows reads the packed layout (AVX-512 only; see int8_linear.h).
+inline bool use_packed(const Int8LinearArgs& a, Isa isa) {
+  return a.packed && isa == Isa::kAvx512Vnni && a.M >= 1 && a.M <= max_rows(a.w8a8, a.group == a.K) &&
+         (a.w8a8 || a.M <= w8a16_tile_rows(a.M, a.K));
+}
+
+// A call of M <= max_rows rows from the packed layout (AVX-512): every weight block is
+// streamed once, each activation row in turn. ws: int8_linear_workspace_bytes(M, K, N, mode).
+inline void int8_linear_packed(const Int8LinearArgs& a) {
   const int64_t Kp = kpad(a.K);
   char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);
-  const void* xrow = a.x;
-  const __m512i* corr = nullptr;
-  float rs = 1.0f;
+  k512::Rows r;
   if (a.w8a8) {
-    uint8_t* qu = reinterpret_cast<uint8_t*>(ws);
-    avx512::quantize_row(a.x, a.x_dtype, a.K, qu, &rs);
-    char* extra = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(ws + Kp + 4) + kAlign - 1) / kAlign * kAlign);
-    int8_t* xq = reinterpret_cast<int8_t*>(extra);
-    __m512i* c = reinterpret_cast<__m512i*>(extra + kStep * nsteps(a.K));
-    k512::w8a8_prepare_row(qu, a.K, a.group, xq, c);
-    xrow = xq;
-    corr = c;
-  } else if (a.x_dtype != DType::kF32) {
-    avx512::row_to_f32(a.x, a.x_dtype, a.K, reinterpret_cast<float*>(ws));
-    xrow = ws;
+    char* extra = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(ws + a.M * Kp + a.M * 4) + kAlign - 1) /
+                                          kAlign * kAlign);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const void* xm = static_cast<const char*>(a.x) + m * a.x_row_stride * dtype_size(a.x_dtype);
+      uint8_t* qu = reinterpret_cast<uint8_t*>(ws + m * Kp);
+      avx512::quantize_row(xm, a.x_dtype, a.K, qu, &r.scale[m]);
+      int8_t* xq = reinterpret_cast<int8_t*>(extra + m * 2 * Kp);
+      __m512i* c = reinterpret_cast<__m512i*>(extra + m * 2 * Kp + Kp);
+      k512::w8a8_prepare_row(qu, a.K, a.group, xq, c);
+      r.x[m] = xq;
+      r.corr[m] = c;
+    }
+  } else {
+    for (int64_t m = 0; m < a.M; ++m) {
+      const void* xm = static_cast<const char*>(a.x) + m * a.x_row_stride * dtype_size(a.x_dtype);
+      if (a.x_dtype == DType::kF32) {
+        r.x[m] = xm;
+      } else {
+        float* row = reinterpret_cast<float*>(ws) + m * Kp;
+        avx512::row_to_f32(xm, a.x_dtype, a.K, row);
+        r.x[m] = row;
+      }
+    }
   }
   const uint8_t* blocks = a.packed + kHeader;
   const int64_t nb = (a.N + kRows - 1) / kRows;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, nb)));
 #pragma omp parallel num_threads(nt)
   {
-    int64_t b0, b1;
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads(), q = nb / T, r = nb % T;
-    b0 = t * q + std::min(t, r);
-    b1 = b0 + q + (t < r ? 1 : 0);
-    if (a.packed_e == 2) k512::run_range_g<2>(a, blocks, b0, b1, xrow, corr, rs);
-    else k512::run_range_g<4>(a, blocks, b0, b1, xrow, corr, rs);
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads(), q = nb / T, rem = nb % T;
+    const int64_t b0 = t * q + std::min(t, rem), b1 = b0 + q + (t < rem ? 1 : 0);
+    if (a.packed_e == 2) k512::run_range_g<2>(a, blocks, b0, b1, r);
+    else k512::run_range_g<4>(a, blocks, b0, b1, r);
   }
 }
 

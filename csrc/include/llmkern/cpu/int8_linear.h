@@ -10,6 +10,8 @@
 // has fewer chunks than threads, rows are split too. Static, the same split for every call shape.
 // M is processed in tiles (see int8_linear_common.h) so each weight micro-panel (NB rows x K,
 // a few KiB) is reused from L1 for all rows of a tile; the full prefill (GEMM) blocking is separate.
+// Decode calls (M <= 8) given the packed decode layout (a.packed) on AVX-512 stream that instead:
+// int8_linear_pack.h (bit-identical results).
 #pragma once
 
 #include <omp.h>

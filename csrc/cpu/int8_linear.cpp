@@ -32,7 +32,7 @@ constexpr int64_t kMaxDim = int64_t(1) << 31;
 KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t w_ptr,
             int64_t N, std::uintptr_t scale_ptr, int64_t group_size, std::uintptr_t bias_ptr, std::uintptr_t out_ptr,
             int64_t out_row_stride, const std::string& mode, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
-            const std::string& isa_name) {
+            const std::string& isa_name, std::uintptr_t packed_ptr, int64_t packed_e) {
   const bool w8a8 = parse_mode(mode, kWhere);
   if (x_dtype < 0 || x_dtype > 2) fail("x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
   const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
@@ -51,6 +51,17 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   if (ws_bytes < need)
     fail("workspace too small: ws_bytes=" + std::to_string(ws_bytes) + ", need " + std::to_string(need) +
          " (int8_linear_workspace_size(M, K, N, mode))");
+  if (packed_ptr ? (packed_e != 2 && packed_e != 4) : packed_e != 0)
+    fail("packed_e must be 2 or 4 with packed_ptr, 0 without, got " + std::to_string(packed_e));
+  if (packed_ptr) {  // the header int8_linear_pack wrote must describe these weights and this mode
+    check_ptr("packed_ptr", packed_ptr, 8);
+    const auto* h = reinterpret_cast<const cpu::i8pk::Header*>(packed_ptr);
+    if (h->magic != cpu::i8pk::kMagic || h->N != N || h->K != K || h->G != group_size || h->E != packed_e ||
+        h->w8a8 != (w8a8 ? 1u : 0u))
+      fail("packed_ptr does not hold these weights packed for this mode (int8_linear_pack with N=" + std::to_string(N) +
+           " K=" + std::to_string(K) + " group_size=" + std::to_string(group_size) + " e=" + std::to_string(packed_e) +
+           " mode='" + mode + "')");
+  }
   if (M == 0 || N == 0) return {};  // empty output: nothing to compute, nothing read
   const int64_t esize = x_dtype == 0 ? 4 : 2;
   check_ptr("x_ptr", x_ptr, esize);
@@ -76,7 +87,68 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   a.w8a8 = w8a8;
   a.ws = reinterpret_cast<void*>(ws_ptr);
   a.num_threads = num_threads;
+  a.packed = reinterpret_cast<const uint8_t*>(packed_ptr);
+  a.packed_e = packed_e;
   return {[a, isa] { cpu::int8_linear(a, isa); }, "int8_linear"};
+}
+
+// The packed decode layout (csrc/include/llmkern/cpu/int8_linear_pack.h): size, fp16 rule, packing.
+void bind_int8_linear_pack(py::module_& m) {
+  m.def(
+      "int8_linear_packed_size",
+      [](int64_t N, int64_t K, int64_t group_size, int64_t e) {
+        const char* where = "llmkern._C.int8_linear_packed_size";
+        if (N < 0 || N > kMaxDim || K < 1 || K > kMaxDim)
+          fail_arg(where, "need 0 <= N <= 2^31 and 1 <= K <= 2^31, got N=" + std::to_string(N) + " K=" + std::to_string(K));
+        if (!cpu::i8pk::group_ok(K, group_size))
+          fail_arg(where, "group_size must be K (per channel), 16, 32 or a multiple of 64 dividing K=" + std::to_string(K) +
+                              ", got " + std::to_string(group_size));
+        if (e != 2 && e != 4) fail_arg(where, "e must be 2 or 4, got " + std::to_string(e));
+        return cpu::i8pk::packed_bytes(N, K, group_size, e);
+      },
+      py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"),
+      "Bytes of the packed decode layout of [N, K] int8 weights with e-byte scales.");
+  m.def(
+      "int8_linear_fits_f16",
+      [](std::uintptr_t ptr, int64_t n) {
+        const char* where = "llmkern._C.int8_linear_fits_f16";
+        if (n < 0) fail_arg(where, "n must be >= 0, got " + std::to_string(n));
+        if (n == 0) return true;
+        check_ptr_arg(where, "ptr", ptr, 4);
+        return cpu::i8pk::fits_f16(reinterpret_cast<const float*>(ptr), n);
+      },
+      py::arg("ptr"), py::arg("n"), "Whether every one of n float32 at ptr is exactly an fp16 value (NaN: no).");
+  m.def(
+      "int8_linear_pack",
+      [](std::uintptr_t w_ptr, std::uintptr_t scale_ptr, int64_t N, int64_t K, int64_t group_size, int64_t e,
+         const std::string& mode, std::uintptr_t out_ptr, int64_t out_bytes) {
+        const char* where = "llmkern._C.int8_linear_pack";
+        const bool w8a8 = parse_mode(mode, where);
+        if (N < 0 || N > kMaxDim || K < 1 || K > kMaxDim)
+          fail_arg(where, "need 0 <= N <= 2^31 and 1 <= K <= 2^31, got N=" + std::to_string(N) + " K=" + std::to_string(K));
+        if (!cpu::i8pk::group_ok(K, group_size))
+          fail_arg(where, "group_size must be K (per channel), 16, 32 or a multiple of 64 dividing K=" + std::to_string(K) +
+                              ", got " + std::to_string(group_size));
+        if (e != 2 && e != 4) fail_arg(where, "e must be 2 or 4, got " + std::to_string(e));
+        const int64_t need = cpu::i8pk::packed_bytes(N, K, group_size, e);
+        if (out_bytes < need)
+          fail_arg(where, "out_bytes=" + std::to_string(out_bytes) + " < " + std::to_string(need) + " (int8_linear_packed_size)");
+        check_ptr_arg(where, "out_ptr", out_ptr, 8);
+        if (N > 0) {
+          check_ptr_arg(where, "w_ptr", w_ptr, 1);
+          check_ptr_arg(where, "scale_ptr", scale_ptr, 4);
+        }
+        const auto* s = reinterpret_cast<const float*>(scale_ptr);
+        if (e == 2 && N > 0 && !cpu::i8pk::fits_f16(s, N * (K / group_size)))
+          fail_arg(where, "e=2 needs every scale to be exactly an fp16 value (int8_linear_fits_f16)");
+        py::gil_scoped_release release;
+        cpu::i8pk::int8_pack_decode(reinterpret_cast<const int8_t*>(w_ptr), s, N, K, group_size, e, w8a8,
+                                    reinterpret_cast<uint8_t*>(out_ptr));
+      },
+      py::arg("w_ptr"), py::arg("scale_ptr"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"),
+      py::arg("mode"), py::arg("out_ptr"), py::arg("out_bytes"),
+      "Packs int8 weights [N, K] and fp32 scales [N, K/group_size] into the packed decode layout for `mode` "
+      "(csrc/include/llmkern/cpu/int8_linear_pack.h) with e-byte scales (e = 2 only for fp16-exact scales).");
 }
 
 }  // namespace
@@ -97,11 +169,14 @@ void bind_int8_linear(py::module_& m) {
   def_launcher(m, "int8_linear", &make_call,
         "out[M, N] = x[M, K] @ dequant(w[N, K])^T (+ bias), W8A16 or W8A8, on raw pointers (see "
         "llmkern/ops/int8_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype. "
+        "packed_ptr / packed_e: the same weights in the packed decode layout (int8_linear_pack, same mode), "
+        "read instead of w/scale by decode calls (M <= 8; W8A8 per channel: 4) on AVX-512 (identical results). "
         "Releases the GIL while computing; invalid arguments raise ValueError.",
         py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"),
         py::arg("K"), py::arg("w_ptr"), py::arg("N"), py::arg("scale_ptr"), py::arg("group_size"), py::arg("bias_ptr"),
         py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("mode"), py::arg("ws_ptr"), py::arg("ws_bytes"),
-        py::arg("num_threads"), py::arg("isa"));
+        py::arg("num_threads"), py::arg("isa"), py::arg("packed_ptr") = 0, py::arg("packed_e") = 0);
+  bind_int8_linear_pack(m);
 }
 
 }  // namespace bindings

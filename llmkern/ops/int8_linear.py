@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import threading
 
 import torch
 
@@ -68,12 +70,35 @@ def _reference(x, weight, weight_scale, bias, mode):
     return reference.int8_linear(x, weight, weight_scale, bias, mode)
 
 
-def _cpu_runner(weight, weight_scale, bias, mode):
+class _Workspace(threading.local):
+    """Per-thread scratch bytes of the CPU kernel, grown on demand and reused (as int4_linear's):
+    allocating them on every call costs about a microsecond, a fifth of a small decode call."""
+
+    buf = None
+
+    def get(self, nbytes):
+        if self.buf is None or self.buf.numel() < nbytes:
+            self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return self.buf
+
+
+_WS = _Workspace()
+
+
+def _cpu_runner(weight, weight_scale, bias, mode, pack=False):
     """run(x) of the C++ kernel (csrc/cpu/int8_linear.cpp) with these weights bound once.
 
     Everything that depends only on the weights (contiguity, raw pointers, the fp32 bias, the group)
-    is done here; run(x) allocates the output (and the W8A8 workspace) and launches. The runner keeps
+    is done here; run(x) allocates the output, reuses the per-thread workspace and launches. The runner keeps
     the tensors whose pointers it holds alive.
+
+    pack (the preparer, i.e. Int8Linear's prepared call, decides): the weights are also repacked once
+    into the kernel's packed decode layout for this mode (`_cpu_pack`, csrc/include/llmkern/cpu/
+    int8_linear_pack.h), which decode calls (M <= 8 rows; W8A8 per channel: 4) on AVX-512 stream
+    instead of the canonical tensors; other calls keep reading the canonical tensors, which the caller holds anyway (a
+    module's buffers). Results are bit-identical to the canonical kernel's. Memory: the packed copy
+    is about as large as the canonical tensors (K + E K/G bytes per row, E = 2 when every scale is an
+    fp16 value, else 4; rows padded to a multiple of 8, K to a multiple of 64).
     """
     mod = _backends.cpu_module()
     if weight.device.type != "cpu":
@@ -86,9 +111,10 @@ def _cpu_runner(weight, weight_scale, bias, mode):
         raise BackendUnsupported(f"w8a8 group of {group} > {_MAX_W8A8_GROUP} could overflow int32 sums")
     weight, weight_scale = weight.contiguous(), weight_scale.contiguous()
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    packed, pk = (None, (0, 0)) if not pack else _cpu_pack(mod, weight, weight_scale, N, K, group, mode)
     w_ptrs = (weight.data_ptr(), N, weight_scale.data_ptr(), group, 0 if bias32 is None else bias32.data_ptr())
-    kernel, ws_size, codes = mod.int8_linear, mod.int8_linear_workspace_size, _DTYPE_CODE
-    get_threads, isa, empty, u8 = torch.get_num_threads, _backends.cpu_isa, torch.empty, torch.uint8
+    kernel, ws_size, get_ws, codes = mod.int8_linear, mod.int8_linear_workspace_size, _WS.get, _DTYPE_CODE
+    get_threads, isa, empty = torch.get_num_threads, _backends.cpu_isa, torch.empty
 
     def run(x):
         if x.device.type != "cpu":
@@ -100,9 +126,8 @@ def _cpu_runner(weight, weight_scale, bias, mode):
         M = x2.shape[0]
         out = empty((M, N), dtype=x.dtype)
         ws_bytes = ws_size(M, K, N, mode)
-        ws = empty(ws_bytes, dtype=u8) if ws_bytes else None
         kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_ptrs,
-               out.data_ptr(), N, mode, 0 if ws is None else ws.data_ptr(), ws_bytes, get_threads(), isa())
+               out.data_ptr(), N, mode, get_ws(ws_bytes).data_ptr(), ws_bytes, get_threads(), isa(), *pk)
         return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
     def call(x2, out, ws, threads):
@@ -111,23 +136,51 @@ def _cpu_runner(weight, weight_scale, bias, mode):
         The caller keeps x2, out and ws alive while the call exists."""
         M = x2.shape[0]
         return mod.int8_linear_call(x2.data_ptr(), codes[x2.dtype], x2.stride(0), M, K, *w_ptrs, out.data_ptr(), N,
-                                    mode, ws.data_ptr(), ws.numel(), threads, isa())
+                                    mode, ws.data_ptr(), ws.numel(), threads, isa(), *pk)
 
     run.call = call
     run.workspace_size = lambda M, threads: ws_size(M, K, N, mode)
-    run.keep = (weight, weight_scale, bias32)  # the tensors behind w_ptrs
+    run.keep = (weight, weight_scale, bias32, packed)  # the tensors behind w_ptrs and pk
+    run.packed = packed  # the packed decode layout (uint8), or None
+    run.packed_e = pk[1]  # bytes per scale in it: 2 (fp16), 4 (fp32); 0 when not packed
     return run
+
+
+def _can_pack(K, group):
+    """Whether the packed decode layout takes this group: per channel, 16, 32 or a multiple of 64."""
+    return group == K or group in (16, 32) or group % 64 == 0
+
+
+def _cpu_pack(mod, weight, weight_scale, N, K, group, mode):
+    """(packed uint8 tensor, (pointer, E)): the kernel's packed decode layout of canonical weights for
+    `mode`, with fp16 scales (E = 2) when every scale is exactly an fp16 value (GGUF Q8_0 imports:
+    their d is fp16), else fp32 (E = 4)."""
+    E = 2 if mod.int8_linear_fits_f16(weight_scale.data_ptr(), weight_scale.numel()) else 4
+    nbytes = mod.int8_linear_packed_size(N, K, group, E)
+    packed = torch.empty(nbytes, dtype=torch.uint8)
+    mod.int8_linear_pack(weight.data_ptr(), weight_scale.data_ptr(), N, K, group, E, mode, packed.data_ptr(), nbytes)
+    return packed, (packed.data_ptr(), E)
 
 
 @int8_linear_op.backend("cpu")
 def _cpu(x, weight, weight_scale, bias, mode):
-    """Launch the C++ kernel on raw pointers; torch allocates the output and the W8A8 workspace."""
+    """Launch the C++ kernel on raw pointers (canonical layout: nothing repacked per call)."""
     if x.device.type != "cpu":
         raise BackendUnsupported(f"x is on {x.device}")
     return _cpu_runner(weight, weight_scale, bias, mode)(x)
 
 
-int8_linear_op.preparer("cpu")(_cpu_runner)
+@int8_linear_op.preparer("cpu")
+def _cpu_prepare(weight, weight_scale, bias, mode):
+    """The cpu preparer (Int8Linear's prepared call). On AVX-512 CPUs it also packs the weights for
+    decode calls of up to 8 rows (`_cpu_runner`; 1.4-10x faster at 1 thread, docs/notes/cpu-int8pack.md), when the group is packable (per channel, 16, 32, multiple of
+    64): LLMKERN_INT8_PACK unset or 1: pack (fp16 scales when exact, else fp32); 0: never (no memory
+    beyond the canonical tensors). The kernel reads whichever layout it is given, with identical results."""
+    N, K = weight.shape
+    group = K if weight_scale.dim() == 1 else K // max(weight_scale.shape[1], 1)
+    pack = (os.environ.get("LLMKERN_INT8_PACK", "") != "0" and _backends.cpu_isa() == "avx512_vnni"
+            and K > 0 and N > 0 and _can_pack(K, group))
+    return _cpu_runner(weight, weight_scale, bias, mode, pack=pack)
 
 
 # 16-bit W8A16 inputs with more rows than this run on tensor cores (csrc/cuda: _CUDA_GEMV_MAX_M must match

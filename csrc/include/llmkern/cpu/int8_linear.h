@@ -10,6 +10,8 @@
 // has fewer chunks than threads, rows are split too. Static, the same split for every call shape.
 // M is processed in tiles (see int8_linear_common.h) so each weight micro-panel (NB rows x K,
 // a few KiB) is reused from L1 for all rows of a tile; the full prefill (GEMM) blocking is separate.
+// Decode calls (M <= 8) given the packed decode layout (a.packed) on AVX-512 stream that instead:
+// int8_linear_pack.h (bit-identical results).
 #pragma once
 
 #include <omp.h>
@@ -21,6 +23,7 @@
 #include "llmkern/cpu/int8_linear_avx2.h"
 #include "llmkern/cpu/int8_linear_avx512.h"
 #include "llmkern/cpu/int8_linear_common.h"
+#include "llmkern/cpu/int8_linear_pack.h"
 #include "llmkern/cpu/int8_linear_scalar.h"
 
 namespace llmkern {
@@ -185,6 +188,7 @@ inline const void* x_row(const Int8LinearArgs& a, int64_t m) {
 // Runs the whole op. Workspace: int8_linear_workspace_bytes(M, K, N, w8a8) bytes at a.ws.
 inline void int8_linear(const Int8LinearArgs& a, Isa isa) {
   if (a.M <= 0 || a.N <= 0) return;
+  if (i8pk::use_packed(a, isa)) return i8pk::int8_linear_packed(a);
   const IsaKernels& kk = kernels_for(isa);
   const int64_t Kp = kpad(a.K);
   char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);

@@ -33,6 +33,10 @@ struct Int8LinearArgs {
   bool w8a8 = false;
   void* ws = nullptr;             // int8_linear_workspace_bytes(M, K, N, w8a8) bytes
   int num_threads = 1;
+  // Optional: the same weights in the packed decode layout (int8_linear_pack.h, packed with this
+  // mode), read instead of w / scale by one-row calls on AVX-512; E = packed_e bytes per scale.
+  const uint8_t* packed = nullptr;
+  int64_t packed_e = 0;
 };
 
 // One micro-tile: MB rows of (converted) activations times NB consecutive weight rows.
@@ -96,7 +100,9 @@ inline int quant_round(float v) {
 }
 
 // ------------------------------------------------------------------------------ workspace layout
-// W8A8:  [M rows of kpad(K) quantized bytes][M float row scales]
+// W8A8:  [M rows of kpad(K) quantized bytes][M float row scales], then (packed one-row calls) the
+//        signed rows and their correction vectors, 2 kpad(K) bytes per row (up to 8 rows) at the
+//        next kAlign boundary
 // W8A16: [tile_rows(M, K) rows of kpad(K) floats] (activations converted to fp32, one M tile)
 // plus kAlign bytes so the kernel can align the start.
 constexpr int64_t kAlign = 64;
@@ -121,7 +127,7 @@ inline int64_t w8a8_tile_rows(int64_t M, int64_t K) { return tile_rows(M, kpad(K
 
 inline int64_t int8_linear_workspace_bytes(int64_t M, int64_t K, int64_t /*N*/, bool w8a8) {
   if (M <= 0 || K <= 0) return 0;
-  if (w8a8) return M * kpad(K) + M * 4 + kAlign;
+  if (w8a8) return M * kpad(K) + M * 4 + kAlign + (M < 8 ? M : 8) * 2 * kpad(K) + kAlign;
   return w8a16_tile_rows(M, K) * kpad(K) * 4 + kAlign;
 }
 

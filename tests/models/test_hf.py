@@ -165,9 +165,14 @@ def test_llmkern_cache_layer_matches_dynamic_layer(monkeypatch):
 def test_patched_generate_uses_llmkern_cache(hf_tiny, monkeypatch):
     from llmkern.models.hf_cache import cache_classes
 
+    from llmkern.ops.kv_cache_append import kv_cache_append_op
+
+    # Counted at the backend (the patched attention appends through the op's trusted path, rotary fused:
+    # a[9] is the cos/sin table)
     appends = []
-    real = ops.kv_cache_append
-    monkeypatch.setattr(ops, "kv_cache_append", lambda *a, **k: appends.append(a[0].shape) or real(*a, **k))
+    real = kv_cache_append_op.impls["reference"]
+    monkeypatch.setitem(kv_cache_append_op.impls, "reference",
+                        lambda *a: appends.append((a[0].shape, a[9] is not None)) or real(*a))
     tokens = torch.randint(0, 103, (1, 7))
     with torch.inference_mode():
         want = hf_tiny.generate(tokens, max_new_tokens=5, do_sample=False)
@@ -175,10 +180,11 @@ def test_patched_generate_uses_llmkern_cache(hf_tiny, monkeypatch):
         try:
             got = hf_tiny.generate(tokens, max_new_tokens=5, do_sample=False)
             cache = cache_classes()[1]()
-            hf_tiny(tokens, past_key_values=cache, use_cache=True)  # an explicit cache is used as given
+            hf_tiny(tokens, cache=cache, use_cache=True)  # an explicit cache is used as given
             assert type(cache.layers[0]).__name__ == "LlmkernLayer"
         finally:
             unpatch(hf_tiny)
         assert "generate" not in hf_tiny.__dict__
     assert torch.equal(got, want)
-    assert appends[0] == (1, 7, 1, 32) and appends[2] == (1, 1, 1, 32)  # prefill then decode appends, per layer
+    # prefill then decode appends, per layer, each rotating q and k in the same call
+    assert appends[0] == ((1, 7, 1, 32), True) and appends[2] == ((1, 1, 1, 32), True)

@@ -298,7 +298,12 @@ def _route_cache(hf_model) -> None:
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+        # A cache_implementation (argument or generation config) is the caller's choice of cache class:
+        # transformers refuses it together with a cache object, so none is injected then.
+        gen_cfg = kwargs.get("generation_config") or getattr(hf_model, "generation_config", None)
+        chosen = kwargs.get("cache_implementation") or getattr(gen_cfg, "cache_implementation", None)
+        if (kwargs.get("cache") is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True)
+                and chosen is None):
             kwargs[key] = new_cache()
         return original(*args, **kwargs)
 

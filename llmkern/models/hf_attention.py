@@ -40,6 +40,7 @@ ROUTABLE_ATTENTION = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Atte
 # Rotary modules whose forward is cos/sin(position_ids * inv_freq) * attention_scaling.
 ROUTABLE_ROTARY = frozenset({"LlamaRotaryEmbedding", "MistralRotaryEmbedding", "Qwen2RotaryEmbedding"})
 _MIN_ROWS = 256  # smallest table; it doubles as positions grow
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # what llmkern's rotary and caches take
 
 
 class RotaryTable:
@@ -62,6 +63,7 @@ class RotaryTable:
         self._scaling = None
         self._pos_key = None    # (position_ids tensor, B, S) of the last forward
         self._positions = None  # int64 [B, S], contiguous
+        self.first_layer = 0    # layer_idx of the first routed layer: where each forward starts
 
     def _stale(self) -> bool:
         inv = self.emb.inv_freq
@@ -79,14 +81,18 @@ class RotaryTable:
         self._src, self._scaling = inv, scaling
         self._freqs = inv.detach().clone() if self.dynamic else None
 
-    def positions(self, position_ids, B: int, S: int, device) -> torch.Tensor | None:
-        """int64 [B, S] positions from transformers' position_ids [1 or B, S]; None if it has another shape.
+    def positions(self, position_ids, B: int, S: int, device, fresh: bool = True) -> torch.Tensor | None:
+        """int64 [B, S] positions from transformers' position_ids [1 or B, S] (or cache_position [S]);
+        None if it has another shape.
 
-        Computed and checked once per forward (every layer gets the same position_ids tensor), which is
-        also when the table is checked against the rotary module and grown to cover the positions.
+        Computed and checked once per forward: the first layer passes fresh=True (its position_ids may be
+        a tensor object reused with new values), later layers reuse the result for the same tensor. That
+        is also when the table is checked against the rotary module (whose forward, which may rescale
+        inv_freq, ran just before the layers) and grown to cover the positions.
         """
         key = (position_ids, B, S)
-        if self._pos_key is not None and self._pos_key[0] is position_ids and self._pos_key[1:] == key[1:]:
+        if (not fresh and self._pos_key is not None and self._pos_key[0] is position_ids
+                and self._pos_key[1:] == key[1:]):
             return self._positions
         if position_ids.dim() == 1:
             position_ids = position_ids[None]  # cache_position [S] -> [1, S]
@@ -141,6 +147,8 @@ def route(hf_model, backend=None) -> list:
         undo.append((module, module.__dict__.get("forward")))
         module._llmkern_route = (original, table, backend)
         module.forward = types.MethodType(_routed_forward, module)
+    if undo:
+        table.first_layer = min(m.layer_idx for m, _ in undo)
     return undo
 
 
@@ -172,7 +180,7 @@ def _routed_forward(self, hidden_states, position_embeddings=None, attention_mas
 
     # llmkern's (or another registered) attention function; None for "eager", which is the module's own.
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
-    if (attend is None or hidden_states.dim() != 3
+    if (attend is None or hidden_states.dim() != 3 or hidden_states.dtype not in _FLOATS
             or (torch.is_grad_enabled() and hidden_states.requires_grad)):
         # llmkern's ops have no backward (and q is rotated in place): training takes transformers' path.
         return original(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
@@ -182,7 +190,8 @@ def _routed_forward(self, hidden_states, position_embeddings=None, attention_mas
     if pos_ids is None:
         pos_ids = kwargs.get("cache_position")
     if pos_ids is not None:
-        positions = table.positions(pos_ids, B, S, hidden_states.device)  # int64 [B, S]
+        positions = table.positions(pos_ids, B, S, hidden_states.device,
+                                    fresh=self.layer_idx == table.first_layer)  # int64 [B, S]
     else:  # what the model itself would use: after the cached tokens
         n = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         positions = table.positions(torch.arange(n, n + S, device=hidden_states.device), B, S, hidden_states.device)

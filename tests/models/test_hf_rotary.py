@@ -158,6 +158,37 @@ def test_left_padded_batch(counts, monkeypatch):
     assert counts["fused"] > 0 and counts["rotary"] == 0
 
 
+def test_static_cache_beams_and_reused_position_ids(counts, monkeypatch):
+    """StaticCache (cache_implementation="static": standalone rotary + their update), beam search (the
+    LlmkernCache reordered by transformers), and one position_ids tensor refilled in place per step."""
+    model = _model("llama")
+    tokens = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        want = model.generate(tokens, max_new_tokens=5, do_sample=False)
+        want_beam = model.generate(tokens, max_new_tokens=5, do_sample=False, num_beams=2)
+        want_logits = _steps(model, tokens, transformers.DynamicCache(), n_decode=3)
+        _forbid_hf_rotary(monkeypatch)
+        patch(model)
+        try:
+            assert torch.equal(model.generate(tokens, max_new_tokens=5, do_sample=False,
+                                              cache_implementation="static"), want)
+            assert counts["rotary"] > 0 and counts["fused"] == 0
+            assert torch.equal(model.generate(tokens, max_new_tokens=5, do_sample=False, num_beams=2), want_beam)
+            assert counts["fused"] > 0
+            # batch 2, so that the [1, S] position_ids are expanded into a copy (not a view that would
+            # follow the refill by itself)
+            two = tokens.expand(2, -1)
+            cache, pos = new_cache(), torch.arange(6)[None]  # [1, 6], then one [1, 1] refilled in place
+            outs = [model(two[:, :6], cache=cache, position_ids=pos).logits]
+            pos = torch.zeros(1, 1, dtype=torch.long)
+            for i in range(6, 9):
+                pos.fill_(i)
+                outs.append(model(two[:, i:i + 1], cache=cache, position_ids=pos).logits)
+        finally:
+            unpatch(model)
+    _close(torch.cat(outs, dim=1), want_logits.expand(2, -1, -1))
+
+
 def test_unpatch_restores_forward_and_outputs():
     model = _model("qwen2")
     attn = model.model.layers[0].self_attn

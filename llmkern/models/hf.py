@@ -203,7 +203,12 @@ def _attention_fn(backend):
             out = ops.decode_attention(query.view(B, Hq, D), key.transpose(1, 2), value.transpose(1, 2), lens,
                                        scale=scaling, backend=backend)
             return out.view(B, 1, Hq, D), None  # [B, Hq, D] -> [B, 1, Hq, D]
-        # [B, H, S, D] -> [B, S, H, D]; causal is aligned bottom-right, so decode (Sq < Sk) needs no mask
+        if key.shape[2] > Sq:
+            # transformers drops the mask (Sq > 1) only where SDPA's is_causal, aligned top-left, is right:
+            # Sk == Sq, or a static cache's first prefill, whose keys past Sq are unwritten padding. Top-left
+            # causal sees keys 0..Sq-1 only, so those are the keys (then bottom-right == top-left).
+            key, value = key[:, :, :Sq], value[:, :, :Sq]  # [B, Hk, Sq, D]
+        # [B, H, S, D] -> [B, S, H, D]
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
         return ops.attention(q, k, v, causal=True, scale=scaling, backend=backend), None
     return llmkern_attention

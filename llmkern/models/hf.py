@@ -283,7 +283,7 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
         _set_attn_impl(hf_model, impl)
         from .hf_attention import route
 
-        routed = route(hf_model, backend)
+        routed = route(hf_model, backend, impl)
     if cache and hasattr(hf_model, "generate"):
         _route_cache(hf_model)
     hf_model._llmkern_undo = (undo, old_impl, routed)

@@ -32,6 +32,7 @@ import types
 import torch
 
 from .. import ops
+from ..ops.decode_attention import decode_attention_op
 
 # Attention classes whose forward is: q/k/v projections -> apply_rotary_pos_emb (rotate half over the full
 # head dim) -> cache.update -> attention interface -> o_proj. Only these are routed: a class with another
@@ -128,8 +129,11 @@ def _routable(module, table) -> bool:
             and isinstance(getattr(module, "layer_idx", None), int) and 2 * table.emb.inv_freq.numel() == D)
 
 
-def route(hf_model, backend=None) -> list:
+def route(hf_model, backend=None, impl: str | None = None) -> list:
     """Replace the forward of each routable attention module; returns the undo list for `unroute`.
+
+    impl: the name under which llmkern's attention function is registered (hf.py); while the model's
+    config still names it, one-token decode steps on an LlmkernCache call decode_attention directly.
 
     Undo entries: (module, the instance's own `forward` attribute before patching or None).
     Returns [] (nothing routed, transformers' forward everywhere) when the rotary module is not one
@@ -145,7 +149,7 @@ def route(hf_model, backend=None) -> list:
             continue
         original = module.forward  # bound: the class's forward (or an instance override)
         undo.append((module, module.__dict__.get("forward")))
-        module._llmkern_route = (original, table, backend)
+        module._llmkern_route = (original, table, backend, impl)
         module.forward = types.MethodType(_routed_forward, module)
     if undo:
         table.first_layer = min(m.layer_idx for m, _ in undo)
@@ -173,7 +177,7 @@ def _llmkern_cache_layer(cache, layer_idx):
 
 def _routed_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """hidden_states [B, S, hidden] -> (attn_output [B, S, hidden], None), rotary and append via llmkern."""
-    original, table, backend = self._llmkern_route
+    original, table, backend, impl = self._llmkern_route
     if cache is None and "past_key_values" in kwargs:  # transformers before the `cache` rename
         cache = kwargs.pop("past_key_values")
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -221,6 +225,18 @@ def _routed_forward(self, hidden_states, position_embeddings=None, attention_mas
         else:
             kv = (k, v)
     keys, values = kv
+
+    if (layer is not None and S == 1 and attention_mask is None and not self.training and impl is not None
+            and self.config._attn_implementation == impl and getattr(self, "is_causal", True)
+            and kwargs.get("is_causal") in (None, True) and q.dtype == layer._k.dtype and 32 <= D <= 256
+            and D % 8 == 0 and q.shape[2] % k.shape[2] == 0 and keys.data_ptr() == layer._k.data_ptr()):
+        # Decode step: what llmkern's attention function would do (decode_attention over the cache), on
+        # the whole preallocated buffer [B, cap, Hk, D] (contiguous) with every sequence holding n + 1
+        # tokens; the arguments hold by construction, so the op's checks are skipped (nn/_fast.py).
+        lens = cache.seq_lens_for(B, keys.shape[1], q.device)  # int32 [B]
+        out = decode_attention_op.run_trusted(q.view(B, q.shape[2], D), layer._k, layer._v, lens, None, None,
+                                              None, self.scaling, 0.0, -1, backend)  # [B, Hq, D]
+        return self.o_proj(out.view(B, 1, -1)), None  # [B, Hq, D] -> [B, 1, Hq * D]
 
     extra = {}
     if getattr(self, "sliding_window", None) is not None:  # Qwen2's sliding layers

@@ -125,7 +125,7 @@ def _classes():
 
         def __init__(self, **kwargs):
             super().__init__(layer_class_to_replicate=LlmkernLayer, **kwargs)
-            self._slot_memo = None
+            self._slot_memo = self._lens_memo = None
 
         def layer_for(self, layer_idx: int):
             """The LlmkernLayer of layer_idx, created like `Cache.update` creates it."""
@@ -140,6 +140,14 @@ def _classes():
             memo = self._slot_memo
             if memo is None or memo[0] != key:
                 memo = self._slot_memo = (key, _slots(B, cap, n, S, device))
+            return memo[1]
+
+        def seq_lens_for(self, B: int, length: int, device):
+            """int32 [B] filled with `length` (decode_attention's seq_lens), made once per step for all layers."""
+            key = (B, length, device)
+            memo = self._lens_memo
+            if memo is None or memo[0] != key:
+                memo = self._lens_memo = (key, torch.full((B,), length, dtype=torch.int32, device=device))
             return memo[1]
 
     return LlmkernLayer, LlmkernCache

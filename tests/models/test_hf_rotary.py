@@ -2,7 +2,7 @@
 greedy generate match the unpatched model in fp32 over prefill + decode, with rope scaling (llama3, linear,
 dynamic), Qwen2's q/k/v biases, GQA, left-padded batches and other cache classes; transformers'
 apply_rotary_pos_emb never runs while patched; unpatch restores forwards, attributes and outputs.
-Tiny random models: each test takes well under a second or two on one core."""
+Tiny random models (head dim 32, GQA 4:2, so llmkern attention runs too): each test takes well under a second or two on one core."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +17,7 @@ from llmkern.ops.kv_cache_append import kv_cache_append_op  # noqa: E402
 from llmkern.ops.rotary_embedding import rotary_embedding_op  # noqa: E402
 
 V = 101
-_SMALL = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+_SMALL = dict(vocab_size=V, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=96, rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=64)
 CONFIGS = {
     "llama": ("LlamaConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 5000.0})),
@@ -31,7 +31,7 @@ CONFIGS = {
     "yarn": ("LlamaConfig", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                   "original_max_position_embeddings": 16})),  # attention_scaling != 1
     "qwen2": ("Qwen2Config", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),  # q/k/v bias
-    "mistral": ("MistralConfig", dict(sliding_window=None, head_dim=16)),
+    "mistral": ("MistralConfig", dict(sliding_window=None, head_dim=32)),
 }
 
 
@@ -48,13 +48,18 @@ def _model(kind):
 
 @pytest.fixture
 def counts(monkeypatch):
-    """Counts llmkern rotary calls: appends with a fused rotary ("fused"), standalone rotary_embedding."""
-    c = {"fused": 0, "rotary": 0}
-    for op, key in ((kv_cache_append_op, "fused"), (rotary_embedding_op, "rotary")):
+    """Counts, at the backends: appends with a fused rotary ("fused"), standalone rotary_embedding calls
+    ("rotary"), and decode_attention calls on a whole LlmkernCache buffer ("decode": the direct decode path)."""
+    from llmkern.ops.decode_attention import decode_attention_op
+
+    c = {"fused": 0, "rotary": 0, "decode": 0}
+    checks = {"fused": lambda a: a[9] is not None,  # a[9]: kv_cache_append's cos_sin_cache
+              "rotary": lambda a: True,
+              "decode": lambda a: a[1].is_contiguous() and a[1].shape[1] >= 256}  # the [B, cap, Hk, D] buffer
+    for op, key in ((kv_cache_append_op, "fused"), (rotary_embedding_op, "rotary"), (decode_attention_op, "decode")):
         for backend, impl in list(op.impls.items()):
             def counted(*a, _impl=impl, _key=key):
-                if _key == "rotary" or a[9] is not None:  # a[9]: kv_cache_append's cos_sin_cache
-                    c[_key] += 1
+                c[_key] += bool(checks[_key](a))
                 return _impl(*a)
             monkeypatch.setitem(op.impls, backend, counted)
     return c
@@ -107,12 +112,12 @@ def test_patched_logits_match_transformers(kind, counts, monkeypatch):
             assert all("forward" in m.self_attn.__dict__ for m in model.model.layers)
             _reset_rope(model)
             got = _steps(model, tokens, new_cache())  # rotary fused into the LlmkernCache append
-            assert counts == {"fused": 2 * 6, "rotary": 0}  # 2 layers x (prefill + 5 decode steps)
+            assert counts == {"fused": 2 * 6, "rotary": 0, "decode": 2 * 5}  # 2 layers x (prefill + 5 decodes)
             _reset_rope(model)
             got_dyn = _steps(model, tokens, transformers.DynamicCache())  # ops.rotary_embedding + their cache
             _reset_rope(model)
             got_nocache = model(tokens).logits  # ops.rotary_embedding, no cache
-            assert counts == {"fused": 2 * 6, "rotary": 2 * 6 + 2}
+            assert counts == {"fused": 2 * 6, "rotary": 2 * 6 + 2, "decode": 2 * 5}
         finally:
             unpatch(model)
     _close(got, want)
@@ -136,6 +141,7 @@ def test_patched_generate_and_rotary_ran(kind, counts, monkeypatch):
     new = got.shape[1] - tokens.shape[1]
     # prefill + (new - 1) decode steps, each layer rotating through the fused append; nothing standalone
     assert counts["fused"] == 2 * new and counts["rotary"] == 0
+    assert counts["decode"] == 2 * (new - 1)  # decode steps: decode_attention straight on the cache buffer
 
 
 def test_left_padded_batch(counts, monkeypatch):

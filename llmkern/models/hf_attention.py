@@ -40,6 +40,7 @@ from ..ops.decode_attention import decode_attention_op
 ROUTABLE_ATTENTION = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
 # Rotary modules whose forward is cos/sin(position_ids * inv_freq) * attention_scaling.
 ROUTABLE_ROTARY = frozenset({"LlamaRotaryEmbedding", "MistralRotaryEmbedding", "Qwen2RotaryEmbedding"})
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MIN_ROWS = 256  # smallest table; it doubles as positions grow
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # what llmkern's rotary and caches take
 
@@ -125,7 +126,7 @@ def find_rotary(hf_model):
 def _routable(module, table) -> bool:
     D = getattr(module, "head_dim", None)
     return (type(module).__name__ in ROUTABLE_ATTENTION and isinstance(D, int)
-            and all(isinstance(getattr(module, p, None), torch.nn.Module) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and all(isinstance(getattr(module, p, None), torch.nn.Module) for p in _PROJECTIONS)
             and isinstance(getattr(module, "layer_idx", None), int) and 2 * table.emb.inv_freq.numel() == D)
 
 
@@ -165,6 +166,19 @@ def unroute(undo) -> None:
             module.forward = own
 
 
+def _attention_functions():
+    """transformers' attention-function registry (imported on first use: transformers is optional)."""
+    global _ATTENTION_FUNCTIONS
+    if _ATTENTION_FUNCTIONS is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        _ATTENTION_FUNCTIONS = ALL_ATTENTION_FUNCTIONS
+    return _ATTENTION_FUNCTIONS
+
+
+_ATTENTION_FUNCTIONS = None
+
+
 def _llmkern_cache_layer(cache, layer_idx):
     """The cache's LlmkernLayer for layer_idx when appends can fuse the rotary (an LlmkernCache), else None."""
     from .hf_cache import cache_classes
@@ -180,10 +194,8 @@ def _routed_forward(self, hidden_states, position_embeddings=None, attention_mas
     original, table, backend, impl = self._llmkern_route
     if cache is None and "past_key_values" in kwargs:  # transformers before the `cache` rename
         cache = kwargs.pop("past_key_values")
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     # llmkern's (or another registered) attention function; None for "eager", which is the module's own.
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
+    attend = _attention_functions().get_interface(self.config._attn_implementation, None)
     if (attend is None or hidden_states.dim() != 3 or hidden_states.dtype not in _FLOATS
             or (torch.is_grad_enabled() and hidden_states.requires_grad)):
         # llmkern's ops have no backward (and q is rotated in place): training takes transformers' path.
@@ -215,7 +227,8 @@ def _routed_forward(self, hidden_states, position_embeddings=None, attention_mas
     kv = None
     if layer is not None:
         # One op: rotate q (in place) and k at `positions`, write k/v into the preallocated buffer.
-        kv = layer.append_rotary(q, k, v, positions, table.cos_sin, slots_for=cache.slots_for, backend=backend)  # [B, n+S, Hk, D] x2
+        kv = layer.append_rotary(q, k, v, positions, table.cos_sin, slots_for=cache.slots_for,
+                                 backend=backend)  # (keys, values) [B, n + S, Hk, D], or None
     if kv is None:
         q, k = ops.rotary_embedding(q, k, positions, table.cos_sin, backend=backend)  # new tensors, same shapes
         if cache is not None:

@@ -58,7 +58,8 @@ def test_patch_unpatch(hf_tiny, monkeypatch):
     # trusted entry, which skips the dispatcher but runs the same backend)
     calls = []
     for op in (attention_op, decode_attention_op):
-        monkeypatch.setitem(op.impls, "reference", lambda *a, _r=op.impls["reference"]: calls.append(a[0].shape) or _r(*a))
+        real = op.impls["reference"]
+        monkeypatch.setitem(op.impls, "reference", lambda *a, _r=real: calls.append(a[0].shape) or _r(*a))
     with torch.inference_mode():
         want = hf_tiny(tokens).logits
         want_gen = hf_tiny.generate(tokens, max_new_tokens=6, do_sample=False)

@@ -2,7 +2,8 @@
 greedy generate match the unpatched model in fp32 over prefill + decode, with rope scaling (llama3, linear,
 dynamic), Qwen2's q/k/v biases, GQA, left-padded batches and other cache classes; transformers'
 apply_rotary_pos_emb never runs while patched; unpatch restores forwards, attributes and outputs.
-Tiny random models (head dim 32, GQA 4:2, so llmkern attention runs too): each test takes well under a second or two on one core."""
+Tiny random models (head dim 32, GQA 4:2, so llmkern's attention runs too): about a second per test on
+one core."""
 from __future__ import annotations
 
 import pytest

@@ -196,6 +196,26 @@ def test_static_cache_beams_and_reused_position_ids(counts, monkeypatch):
     _close(torch.cat(outs, dim=1), want_logits.expand(2, -1, -1))
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_routed_matches_unrouted(quant):
+    """With quantized projections the routed forward gives the logits of the same patch without routing
+    (transformers' rotary and attention module around the same Int8Linear/Int4Linear)."""
+    model = _model("qwen2")
+    tokens = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        patch(model, quant=quant)
+        try:
+            got = _steps(model, tokens, new_cache(), n_decode=4)
+            routed = model._llmkern_undo[2]
+            hf_attention.unroute(routed)
+            want = _steps(model, tokens, new_cache(), n_decode=4)
+            assert "forward" not in model.model.layers[0].self_attn.__dict__
+        finally:
+            model._llmkern_undo = model._llmkern_undo[:2] + ([],)
+            unpatch(model)
+    _close(got, want)
+
+
 def test_unpatch_restores_forward_and_outputs():
     model = _model("qwen2")
     attn = model.model.layers[0].self_attn

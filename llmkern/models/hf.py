@@ -6,8 +6,9 @@
 - `patch(hf_model, quant=..., attention=True)` / `unpatch(hf_model)`: swap, in place, a transformers
   model's decoder `nn.Linear`s for Int8Linear/Int4Linear, its RMSNorms for llmkern's, and route its
   attention through `llmkern.ops.attention` (transformers' attention-function registry), so
-  `hf_model.generate` keeps working on llmkern's kernels. Rotary and the KV cache stay transformers'
-  own (its DynamicCache); attention with a padding mask falls back to transformers' SDPA path.
+  `hf_model.generate` keeps working on llmkern's kernels. Llama/Mistral/Qwen2 attention modules also
+  get llmkern's rotary, fused into the append of an `LlmkernCache` (hf_attention.py, hf_cache.py);
+  attention with a padding mask falls back to transformers' SDPA path.
 """
 from __future__ import annotations
 
@@ -202,7 +203,12 @@ def _attention_fn(backend):
             out = ops.decode_attention(query.view(B, Hq, D), key.transpose(1, 2), value.transpose(1, 2), lens,
                                        scale=scaling, backend=backend)
             return out.view(B, 1, Hq, D), None  # [B, Hq, D] -> [B, 1, Hq, D]
-        # [B, H, S, D] -> [B, S, H, D]; causal is aligned bottom-right, so decode (Sq < Sk) needs no mask
+        if key.shape[2] > Sq:
+            # transformers drops the mask (Sq > 1) only where SDPA's is_causal, aligned top-left, is right:
+            # Sk == Sq, or a static cache's first prefill, whose keys past Sq are unwritten padding. Top-left
+            # causal sees keys 0..Sq-1 only, so those are the keys (then bottom-right == top-left).
+            key, value = key[:, :, :Sq], value[:, :, :Sq]  # [B, Hk, Sq, D]
+        # [B, H, S, D] -> [B, S, H, D]
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
         return ops.attention(q, k, v, causal=True, scale=scaling, backend=backend), None
     return llmkern_attention
@@ -233,8 +239,11 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
     llmkern.ops.attention (prefill) and llmkern.ops.decode_attention (decode steps, reading the cache in
     place) for causal, unpadded batches (others: transformers' SDPA). cache: `hf_model.generate` uses an
     `LlmkernCache` (llmkern/models/hf_cache.py: preallocated, appends through ops.kv_cache_append)
-    unless the caller passes a cache. Rotary stays transformers' own (it runs inside their attention
-    module, before the cache update).
+    unless the caller passes a cache. With attention=True the forward of each Llama/Mistral/Qwen2
+    attention module is replaced too (llmkern/models/hf_attention.py): q/k/v projections in llmkern's
+    layout, rotary by llmkern from the model's own frequencies (fused into the LlmkernCache append, else
+    ops.rotary_embedding), then the attention above. Models whose rotary llmkern cannot reproduce keep
+    transformers' attention forward (and its rotary).
     """
     if getattr(hf_model, "_llmkern_undo", None) is not None:
         raise ValueError("patch: this model is already patched (call llmkern unpatch first)")
@@ -260,6 +269,7 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
             undo.append((parent, attr, mod))
             setattr(parent, attr, new)
     old_impl = None
+    routed = []
     if attention:
         try:
             from transformers import AttentionInterface
@@ -271,9 +281,12 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
         ALL_MASK_ATTENTION_FUNCTIONS.register(impl, sdpa_mask)  # same masks as SDPA (None when causal suffices)
         old_impl = hf_model.config._attn_implementation
         _set_attn_impl(hf_model, impl)
+        from .hf_attention import route
+
+        routed = route(hf_model, backend, impl)
     if cache and hasattr(hf_model, "generate"):
         _route_cache(hf_model)
-    hf_model._llmkern_undo = (undo, old_impl)
+    hf_model._llmkern_undo = (undo, old_impl, routed)
     return hf_model
 
 
@@ -290,7 +303,12 @@ def _route_cache(hf_model) -> None:
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+        # A cache_implementation (argument or generation config) is the caller's choice of cache class:
+        # transformers refuses it together with a cache object, so none is injected then.
+        gen_cfg = kwargs.get("generation_config") or getattr(hf_model, "generation_config", None)
+        chosen = kwargs.get("cache_implementation") or getattr(gen_cfg, "cache_implementation", None)
+        if (kwargs.get("cache") is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True)
+                and chosen is None):
             kwargs[key] = new_cache()
         return original(*args, **kwargs)
 
@@ -298,15 +316,18 @@ def _route_cache(hf_model) -> None:
 
 
 def unpatch(hf_model):
-    """Restore the modules and the attention implementation that `patch` replaced."""
+    """Restore the modules, attention forwards and attention implementation that `patch` replaced."""
     state = getattr(hf_model, "_llmkern_undo", None)
     if state is None:
         raise ValueError("unpatch: this model was not patched by llmkern")
-    undo, old_impl = state
+    undo, old_impl, routed = state
+    from .hf_attention import unroute
+
+    unroute(routed)
     for parent, attr, mod in reversed(undo):
         setattr(parent, attr, mod)
     if old_impl is not None:
         _set_attn_impl(hf_model, old_impl)
     hf_model.__dict__.pop("generate", None)  # the class's generate again (see _route_cache)
-    hf_model._llmkern_undo = None
+    hf_model.__dict__.pop("_llmkern_undo", None)  # no trace of the patch left on the instance
     return hf_model

@@ -51,10 +51,15 @@ def test_from_hf_model_and_dir(hf_tiny, tmp_path):
 
 def test_patch_unpatch(hf_tiny, monkeypatch):
     tokens = torch.randint(0, 103, (1, 9))
+    from llmkern.ops.attention import attention_op
+    from llmkern.ops.decode_attention import decode_attention_op
+
+    # Counted at the backend: the patched model calls the ops (or, on its decode hot path, the op's
+    # trusted entry, which skips the dispatcher but runs the same backend)
     calls = []
-    real, real_decode = ops.attention, ops.decode_attention
-    monkeypatch.setattr(ops, "attention", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    monkeypatch.setattr(ops, "decode_attention", lambda *a, **k: calls.append(a[0].shape) or real_decode(*a, **k))
+    for op in (attention_op, decode_attention_op):
+        real = op.impls["reference"]
+        monkeypatch.setitem(op.impls, "reference", lambda *a, _r=real: calls.append(a[0].shape) or _r(*a))
     with torch.inference_mode():
         want = hf_tiny(tokens).logits
         want_gen = hf_tiny.generate(tokens, max_new_tokens=6, do_sample=False)
@@ -165,9 +170,14 @@ def test_llmkern_cache_layer_matches_dynamic_layer(monkeypatch):
 def test_patched_generate_uses_llmkern_cache(hf_tiny, monkeypatch):
     from llmkern.models.hf_cache import cache_classes
 
+    from llmkern.ops.kv_cache_append import kv_cache_append_op
+
+    # Counted at the backend (the patched attention appends through the op's trusted path, rotary fused:
+    # a[9] is the cos/sin table)
     appends = []
-    real = ops.kv_cache_append
-    monkeypatch.setattr(ops, "kv_cache_append", lambda *a, **k: appends.append(a[0].shape) or real(*a, **k))
+    real = kv_cache_append_op.impls["reference"]
+    monkeypatch.setitem(kv_cache_append_op.impls, "reference",
+                        lambda *a: appends.append((a[0].shape, a[9] is not None)) or real(*a))
     tokens = torch.randint(0, 103, (1, 7))
     with torch.inference_mode():
         want = hf_tiny.generate(tokens, max_new_tokens=5, do_sample=False)
@@ -175,10 +185,11 @@ def test_patched_generate_uses_llmkern_cache(hf_tiny, monkeypatch):
         try:
             got = hf_tiny.generate(tokens, max_new_tokens=5, do_sample=False)
             cache = cache_classes()[1]()
-            hf_tiny(tokens, past_key_values=cache, use_cache=True)  # an explicit cache is used as given
+            hf_tiny(tokens, cache=cache, use_cache=True)  # an explicit cache is used as given
             assert type(cache.layers[0]).__name__ == "LlmkernLayer"
         finally:
             unpatch(hf_tiny)
         assert "generate" not in hf_tiny.__dict__
     assert torch.equal(got, want)
-    assert appends[0] == (1, 7, 1, 32) and appends[2] == (1, 1, 1, 32)  # prefill then decode appends, per layer
+    # prefill then decode appends, per layer, each rotating q and k in the same call
+    assert appends[0] == ((1, 7, 1, 32), True) and appends[2] == ((1, 1, 1, 32), True)

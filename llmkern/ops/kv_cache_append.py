@@ -59,11 +59,40 @@ def _plain_cpu_ok(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> boo
     return True
 
 
+def _rotary_cpu_ok(k, q, positions, cos_sin_cache) -> bool:
+    """What check_rotary (and _check's q/positions checks) verify, for plain CPU tensors (int64 positions,
+    contiguous), without torch reductions; False sends the call through the full checks and their messages."""
+    T = torch.Tensor
+    if not (type(positions) is T and type(cos_sin_cache) is T and positions.is_cpu and cos_sin_cache.is_cpu
+            and positions.dtype == torch.int64 and positions.is_contiguous() and positions.shape == k.shape[:-2]
+            and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.dim() == 2):
+        return False
+    R, D = cos_sin_cache.shape[1], k.shape[-1]
+    if R % 2 or R == 0 or R > D:
+        return False
+    if q is not None and not (type(q) is T and q.is_cpu and q.dtype in _FLOATS and q.dim() == k.dim()
+                              and q.shape[:-2] == k.shape[:-2] and q.shape[-1] == D):
+        return False
+    n = positions.numel()
+    if n:
+        mod = _backends.cpu_module()
+        if mod is None:
+            return False
+        lo, hi = mod.i64_range(positions.data_ptr(), n)
+        if not (lo >= 0 and hi < cos_sin_cache.shape[0]):
+            return False
+    return True
+
+
 def _check(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
            rotary_interleaved):
     op = "kv_cache_append"
-    if (cos_sin_cache is None and q is None and positions is None
-            and _plain_cpu_ok(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)):
+    if cos_sin_cache is None and q is None and positions is None:
+        if _plain_cpu_ok(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+            return
+    elif (cos_sin_cache is not None and positions is not None
+          and _plain_cpu_ok(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+          and _rotary_cpu_ok(k, q, positions, cos_sin_cache)):
         return
     C.tensor(op, "k", k, ranks=(3, 4), dtypes=C.FLOAT_DTYPES)
     C.tensor(op, "v", v, ranks=(k.dim(),), dtypes=(k.dtype,))

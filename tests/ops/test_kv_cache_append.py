@@ -359,6 +359,10 @@ def test_rotary_positions_out_of_range():
     a, pos = _good()
     with pytest.raises(ValueError, match=r"positions must be in 0\.\.9"):
         _call(a, positions=pos, cos_sin_cache=rotary_cos_sin(10, 64))
+    neg = pos.clone()
+    neg[0, 3] = -1  # the CPU fast check reads the range without torch reductions: below 0 too
+    with pytest.raises(ValueError, match=r"positions must be in 0\.\.63 \(rows of cos_sin_cache\), got -1\.\."):
+        _call(a, positions=neg, cos_sin_cache=rotary_cos_sin(64, 64))
 
 
 def test_rotary_without_positions():
@@ -380,6 +384,10 @@ def test_rotary_q_shape():
     a, pos = _good()
     with pytest.raises(ValueError, match="q must have shape"):
         _call(a, q=torch.randn(3, 16, 4, 64), positions=pos, cos_sin_cache=rotary_cos_sin(64, 64))
+    with pytest.raises(ValueError, match="q must have shape"):
+        _call(a, q=torch.randn(3, 17, 4, 32), positions=pos, cos_sin_cache=rotary_cos_sin(64, 32))
+    with pytest.raises(TypeError, match="q must have dtype"):
+        _call(a, q=torch.zeros(3, 17, 4, 64, dtype=torch.int32), positions=pos, cos_sin_cache=rotary_cos_sin(64, 64))
 
 
 def test_rotary_dim_too_wide_or_odd():

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -63,7 +64,16 @@ template <typename T, int BM>
 void launch_wgmma_bm(const cuda::wdq::Args<T>& a, cudaStream_t st) {
   namespace w = cuda::wgmma;
   constexpr int kSmem = w::smem_bytes(BM);
-  LLMKERN_CUDA_CHECK(cudaFuncSetAttribute(w::wgmma_int4_kernel<T, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  // Once per device (bit `dev` of the mask; a race only sets the attribute twice), so that launches under
+  // CUDA graph capture need no attribute call after a warm-up.
+  static std::atomic<uint64_t> opted_in{0};
+  int dev = 0;
+  LLMKERN_CUDA_CHECK(cudaGetDevice(&dev));
+  const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
+  if (!bit || !(opted_in.load(std::memory_order_relaxed) & bit)) {
+    LLMKERN_CUDA_CHECK(cudaFuncSetAttribute(w::wgmma_int4_kernel<T, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
   const int64_t tiles = int64_t((a.M + BM - 1) / BM) * ((a.N + w::kBN - 1) / w::kBN);
   w::wgmma_int4_kernel<T, BM><<<static_cast<unsigned>(tiles), w::threads(BM), kSmem, st>>>(a);
 }

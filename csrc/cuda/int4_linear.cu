@@ -71,6 +71,10 @@ void launch_wgmma_bm(const cuda::wdq::Args<T>& a, cudaStream_t st) {
   LLMKERN_CUDA_CHECK(cudaGetDevice(&dev));
   const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
   if (!bit || !(opted_in.load(std::memory_order_relaxed) & bit)) {
+    // A module built without sm_90a runs its sm_80 code on an H100/H200, where this kernel is a trap.
+    cudaFuncAttributes fa{};
+    LLMKERN_CUDA_CHECK(cudaFuncGetAttributes(&fa, w::wgmma_int4_kernel<T, BM>));
+    require(fa.binaryVersion == 90, "the wgmma kernel needs llmkern._C_cuda built for sm_90a (LLMKERN_CUDA_ARCHS)");
     LLMKERN_CUDA_CHECK(cudaFuncSetAttribute(w::wgmma_int4_kernel<T, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }

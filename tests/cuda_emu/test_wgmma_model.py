@@ -34,3 +34,35 @@ def test_model_catches_a_wrong_swizzle(emu, monkeypatch):
     monkeypatch.setattr(emu, "swz128", lambda r, c: r * emu.kRowBytes + ((c ^ ((r >> 1) & 7)) << 4))
     with pytest.raises(AssertionError):
         emu.run_case(17, 33, 128, 32, 64, emu.torch.bfloat16)
+
+
+def test_launcher_reads_the_wgmma_flag_without_a_gpu():
+    """Dispatch wiring on a machine without a GPU: with the flag bit (what CUDA_INT4_WGMMA sets) the M > 16
+    route goes to the wgmma launcher, which refuses a non-sm_90 device (ValueError) before launching; without
+    it the mma.sync route is launched (and fails for lack of a driver)."""
+    import importlib
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tests/ops/test_int4_linear_cuda.py covers the route")
+    try:
+        import llmkern._C_cuda as CU
+    except ImportError:
+        pytest.skip("llmkern._C_cuda is not built")
+    m4 = importlib.import_module("llmkern.ops.int4_linear")
+    assert m4.CUDA_INT4_WGMMA is False  # never run on a GPU yet: opt-in only
+    M, N, K, G = 32, 40, 64, 32
+    x = torch.zeros(M, K, dtype=torch.bfloat16)
+    qw = torch.zeros(N, K // 2, dtype=torch.uint8)
+    s, o = torch.ones(N, K // G), torch.zeros(N, K // G)
+    out = torch.empty(M, N, dtype=torch.bfloat16)
+
+    def call(flag):
+        return CU.int4_linear(x.data_ptr(), 1, K, M, K, qw.data_ptr(), N, s.data_ptr(), o.data_ptr(), G, 0,
+                              out.data_ptr(), N, 0, 1, 132 | flag, True, 0)
+
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        call(m4._CUDA_WGMMA_FLAG)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        call(0)

@@ -52,3 +52,50 @@ def test_read_sum_probe_sums_every_element(n, threads):
         assert C.read_sum(x.data_ptr() if n else 0, n, threads, isa) == want, isa
     with pytest.raises(ValueError, match="n must be >= 0"):
         C.read_sum(x.data_ptr(), -1, 1)
+
+
+def _cuobjdump():
+    """cuobjdump from the CUDA toolkit, else the copy Triton's wheel carries; None when neither is here."""
+    exe = shutil.which("cuobjdump")
+    if exe:
+        return exe
+    try:
+        import triton.backends.nvidia as tn
+    except Exception:
+        return None
+    p = pathlib.Path(tn.__file__).parent / "bin" / "cuobjdump"
+    return str(p) if p.exists() else None
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: llmkern._C_cuda is not built here")
+def test_sm90a_wgmma_kernels_use_hgmma_and_do_not_spill():
+    """Issue 7: the sm_90a GEMM kernels run warpgroup MMA (HGMMA in SASS, not only HMMA) without spills.
+    Covers the int4 prefill wgmma kernel (csrc/include/llmkern/cuda/wgmma_int4.cuh); add attention here
+    once it has a wgmma kernel."""
+    import subprocess
+
+    try:
+        import llmkern._C_cuda as CU
+    except ImportError:
+        pytest.skip("llmkern._C_cuda is not built")
+    report_path = pathlib.Path(CU.__file__).parent / "_C_cuda.ptxas.txt"
+    if not report_path.exists():
+        pytest.skip("no ptxas report beside llmkern._C_cuda")
+    report = report_path.read_text()
+    if "for 'sm_90a'" not in report:
+        pytest.skip("llmkern._C_cuda was not built for sm_90a")
+    # ptxas blocks: "Compiling entry function 'NAME' for 'sm_90a'" ... "N bytes spill stores, M bytes spill loads"
+    blocks = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n(?:.*\n){0,2}?.*?"
+                        r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    wg = {name: (st, ld) for name, st, ld in blocks if "wgmma_int4_kernel" in name}
+    assert len(wg) == 4, f"expected 4 sm_90a wgmma_int4_kernel instantiations (bf16/fp16 x 64/128 rows), got {sorted(wg)}"
+    assert all(v == ("0", "0") for v in wg.values()), f"spills in the wgmma kernels: {wg}"
+    exe = _cuobjdump()
+    if exe is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton) to read the SASS")
+    sass = subprocess.run([exe, "-sass", "-arch", "sm_90a", CU.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    funcs = re.split(r"\n\s*Function : ", sass)[1:]
+    hgmma = {f.split("\n", 1)[0].strip(): f.count("HGMMA.") for f in funcs if "wgmma_int4_kernel" in f.split("\n", 1)[0]}
+    assert len(hgmma) == 4, f"wgmma kernels in the sm_90a SASS: {sorted(hgmma)}"
+    assert all(n >= 4 for n in hgmma.values()), f"HGMMA instructions per kernel: {hgmma}"

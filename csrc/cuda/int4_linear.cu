@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -10,6 +11,7 @@
 #include "llmkern/cuda/decode_mma.cuh"
 #include "llmkern/cuda/int4_linear.cuh"
 #include "llmkern/cuda/wdq_gemm.cuh"
+#include "llmkern/cuda/wgmma_int4.cuh"
 #include "llmkern/cuda_check.cuh"
 
 namespace llmkern {
@@ -56,6 +58,48 @@ void launch_mma(const k4::GemvArgs& g, int num_sms, cudaStream_t st) {
   }
 }
 
+// The sm_90a warpgroup-MMA GEMM (wgmma_int4.cuh): 128 x 128 tiles (two warpgroups) when they fill the
+// GPU, else 64 x 128 (one warpgroup). Dynamic shared memory above 48 KiB needs the opt-in per kernel.
+template <typename T, int BM>
+void launch_wgmma_bm(const cuda::wdq::Args<T>& a, cudaStream_t st) {
+  namespace w = cuda::wgmma;
+  constexpr int kSmem = w::smem_bytes(BM);
+  // Once per device (bit `dev` of the mask; a race only sets the attribute twice), so that launches under
+  // CUDA graph capture need no attribute call after a warm-up.
+  static std::atomic<uint64_t> opted_in{0};
+  int dev = 0;
+  LLMKERN_CUDA_CHECK(cudaGetDevice(&dev));
+  const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
+  if (!bit || !(opted_in.load(std::memory_order_relaxed) & bit)) {
+    // A module built without sm_90a runs its sm_80 code on an H100/H200, where this kernel is a trap.
+    cudaFuncAttributes fa{};
+    LLMKERN_CUDA_CHECK(cudaFuncGetAttributes(&fa, w::wgmma_int4_kernel<T, BM>));
+    require(fa.binaryVersion == 90, "the wgmma kernel needs llmkern._C_cuda built for sm_90a (LLMKERN_CUDA_ARCHS)");
+    LLMKERN_CUDA_CHECK(cudaFuncSetAttribute(w::wgmma_int4_kernel<T, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const int64_t tiles = int64_t((a.M + BM - 1) / BM) * ((a.N + w::kBN - 1) / w::kBN);
+  w::wgmma_int4_kernel<T, BM><<<static_cast<unsigned>(tiles), w::threads(BM), kSmem, st>>>(a);
+}
+
+template <typename T>
+void launch_wgmma(const k4::GemvArgs& g, int num_sms, cudaStream_t st) {
+  cuda::wdq::Args<T> a{static_cast<const T*>(g.x), g.ldx, g.M, g.N, g.K, g.qw, g.scales, g.offsets,
+                       g.ngroups, g.group, g.bias, static_cast<T*>(g.out), g.ldo};
+  const int64_t tiles128 = int64_t((a.M + 127) / 128) * ((a.N + 127) / 128);
+  if (tiles128 >= num_sms) launch_wgmma_bm<T, 128>(a, st);
+  else launch_wgmma_bm<T, 64>(a, st);
+}
+
+// wgmma exists only on compute capability 9.0 (the module's sm_90a code); elsewhere the kernel traps.
+bool device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+}
+
 template <typename T>
 void launch_decode_mma(const k4::GemvArgs& g, int splits, int split_blocks, cudaStream_t st) {
   namespace d = cuda::decode_mma;
@@ -67,6 +111,9 @@ void launch_decode_mma(const k4::GemvArgs& g, int splits, int split_blocks, cuda
 }
 
 }  // namespace
+
+// Bit of int4_linear_cuda's num_sms that selects the wgmma kernel for the M > 16 route (CUDA_INT4_WGMMA).
+constexpr int kInt4WgmmaFlag = 1 << 30;
 
 // Largest M that runs as a GEMV for 16-bit x (fp32 x always does); larger M run on tensor cores.
 constexpr int kInt4GemvMaxM = 16;
@@ -118,6 +165,10 @@ int int4_linear_splits(int M, int N, int K, int num_sms, int x_dtype, bool decod
 const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const uint8_t* qw, int N,
                              const float* scales, const float* offsets, int group, const float* bias, void* out,
                              int64_t ldo, float* ws, int splits, int num_sms, bool decode_mma, cudaStream_t st) {
+  // num_sms may carry kInt4WgmmaFlag (llmkern/ops/int4_linear.py, CUDA_INT4_WGMMA): the M > 16 tensor-core
+  // route then runs the sm_90a wgmma kernel. (A flag bit, not a new argument, keeps the binding unchanged.)
+  const bool wgmma = (num_sms & kInt4WgmmaFlag) != 0;
+  num_sms &= ~kInt4WgmmaFlag;
   require(x_dtype >= 0 && x_dtype <= 2, "x_dtype must be 0, 1 or 2");
   require(M >= 0 && N >= 0 && K > 0, "need M >= 0, N >= 0, K > 0");
   require((group == 32 || group == 64 || group == 128) && K % group == 0, "group must be 32, 64 or 128 and divide K");
@@ -154,6 +205,13 @@ const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
     require(splits == 1, "the tensor-core route takes splits == 1");
     require((int64_t(M + 63) / 64) * ((N + 127) / 128) < (int64_t(1) << 31), "too many output tiles");
     k4::GemvArgs g{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias, out, ldo, dt, per};
+    if (wgmma) {
+      require(device_is_sm90(), "the wgmma kernel needs a compute capability 9.0 (sm_90a) device");
+      if (dt == XType::kBF16) launch_wgmma<__nv_bfloat16>(g, num_sms, st);
+      else launch_wgmma<__half>(g, num_sms, st);
+      LLMKERN_CUDA_CHECK_LAUNCH();
+      return "wgmma";
+    }
     if (dt == XType::kBF16) launch_mma<__nv_bfloat16>(g, num_sms, st);
     else launch_mma<__half>(g, num_sms, st);
     LLMKERN_CUDA_CHECK_LAUNCH();

@@ -198,6 +198,22 @@ CUDA_PREFILL_CUBLAS = False
 # True: 16-bit x with 2 <= M <= 16 run the decode-sized tensor-core kernel (csrc/include/llmkern/cuda/
 # int4_decode_mma.cuh) instead of the SIMT GEMV (M = 1 and fp32 x always take the GEMV).
 CUDA_DECODE_MMA = True
+# True: on a compute capability 9.0 GPU (H100/H200), 16-bit x with M > 16 run the sm_90a warpgroup-MMA (wgmma)
+# GEMM (csrc/include/llmkern/cuda/wgmma_int4.cuh) instead of the mma.sync one. False until it has passed
+# tests/ops/test_int4_linear_cuda.py on a GPU (it has never run; docs/notes/cuda-wgmma.md).
+CUDA_INT4_WGMMA = False
+# The bit of the launcher's num_sms argument that asks for the wgmma kernel (kInt4WgmmaFlag in
+# csrc/cuda/int4_linear.cu): carried in num_sms so that the binding's signature stays as it is.
+_CUDA_WGMMA_FLAG = 1 << 30
+_SM90 = {}
+
+
+def _is_sm90(device) -> bool:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    v = _SM90.get(idx)
+    if v is None:
+        v = _SM90[idx] = torch.cuda.get_device_capability(idx) == (9, 0)
+    return v
 
 
 @int4_linear_op.backend("cuda")
@@ -210,7 +226,8 @@ def _cuda(x, qweight, scales, offsets, bias):
     dequantized in registers straight into mma.sync fragments (weights as the 16-row operand, x as the
     8-column one; CUDA_DECODE_MMA = False selects the GEMV instead). 16-bit x with M > 16: a
     bf16/fp16 mma.sync GEMM that dequantizes weight tiles into shared memory (or, with
-    CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS). Weights are read in the canonical layout
+    CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS; with CUDA_INT4_WGMMA on an sm_90 GPU, the
+    same dequantized tiles multiplied by Hopper warpgroup MMA). Weights are read in the canonical layout
     (no prepacking yet).
     """
     mod = _backends.cuda_module()
@@ -239,6 +256,8 @@ def _cuda(x, qweight, scales, offsets, bias):
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         sms = _num_sms(x.device)
         splits = 1 if tensor_cores else mod.int4_linear_splits(M, N, K, sms, _DTYPE_CODE[x.dtype], CUDA_DECODE_MMA)
+        if tensor_cores and CUDA_INT4_WGMMA and _is_sm90(x.device):
+            sms |= _CUDA_WGMMA_FLAG
         ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
         mod.int4_linear(
             x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qweight.data_ptr(), N,

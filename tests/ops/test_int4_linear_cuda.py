@@ -217,3 +217,93 @@ def test_cuda_graph_capture(M, N, K, G):
     eager = run_cuda(x, qw, s, o, bias)
     assert torch.equal(y, eager)  # no atomics anywhere: replay == eager bit for bit
     check(y, x, qw, s, o, bias, f"graph M={M} N={N} K={K}")
+
+
+# ------------------------------------------------------------------ sm_90a wgmma prefill kernel (CUDA_INT4_WGMMA)
+
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_sm90 = pytest.mark.skipif(not SM90, reason="the wgmma kernel needs a compute capability 9.0 GPU")
+# (M, N, K): K tails of the 64-k stage (96, 160), M / N tails of both tiles (64 x 128 one warpgroup, 128 x 128
+# two: chosen when the 128-row tiles fill the GPU), k tiles through the 3-stage ring, Llama-3-8B sizes.
+WGMMA_SHAPES = [(17, 33, 128), (17, 1, 96), (64, 128, 64), (65, 129, 160), (100, 257, 4096), (129, 1000, 384),
+                (300, 1000, 1056), (2048, 2048, 1024), (1024, 4096, 4096), (1000, 14336, 4096), (1024, 4096, 14336)]
+
+
+@needs_sm90
+def test_wgmma_route_is_taken():
+    """The binding reports the wgmma path when the flag bit is set (what CUDA_INT4_WGMMA sets)."""
+    mod = _backends.cuda_module()
+    M, N, K, G = 100, 257, 256, 32
+    g = gen(70)
+    x = torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16)
+    qw, s, o = make_weights(N, K, G, g)
+    out = torch.full((M, N), float("nan"), dtype=x.dtype, device=DEV)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    m4 = importlib.import_module("llmkern.ops.int4_linear")
+    path = mod.int4_linear(x.data_ptr(), 1, K, M, K, qw.data_ptr(), N, s.data_ptr(), o.data_ptr(), G, 0,
+                           out.data_ptr(), N, 0, 1, sms | m4._CUDA_WGMMA_FLAG, True,
+                           torch.cuda.current_stream().cuda_stream)
+    assert path == "wgmma"
+    torch.cuda.synchronize()
+    check(out, x, qw, s, o, None, "wgmma binding")
+
+
+@needs_sm90
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_prefill_wgmma(monkeypatch, dtype, G):
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.int4_linear"), "CUDA_INT4_WGMMA", True)
+    for M, N, K in WGMMA_SHAPES:
+        if K % G:
+            continue
+        g = gen(M + N + K + G + 5)
+        x = torch.randn(M, K, generator=g, device=DEV).to(dtype)
+        qw, s, o = make_weights(N, K, G, g)
+        bias = None if M % 2 else torch.randn(N, generator=g, device=DEV).to(dtype if M % 4 else torch.float32)
+        check(run_cuda(x, qw, s, o, bias), x, qw, s, o, bias, f"wgmma M={M} N={N} K={K} G={G} {dtype}")
+
+
+@needs_sm90
+def test_prefill_wgmma_matches_mma_sync_kernel(monkeypatch):
+    """Same dequantized bf16 tiles, same fp32 accumulation (different order): the two kernels agree closely."""
+    m4 = importlib.import_module("llmkern.ops.int4_linear")
+    g = gen(71)
+    M, N, K = 333, 1000, 2048
+    x = torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16)
+    qw, s, o = make_weights(N, K, 64, g)
+    a = run_cuda(x, qw, s, o, None)
+    monkeypatch.setattr(m4, "CUDA_INT4_WGMMA", True)
+    b = run_cuda(x, qw, s, o, None)
+    assert rel_err(b, a) <= 4e-3
+
+
+@needs_sm90
+def test_prefill_wgmma_layouts_nan_and_graph(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.int4_linear"), "CUDA_INT4_WGMMA", True)
+    g = gen(72)
+    qw, s, o = make_weights(257, 256, 64, g)
+    x = torch.randn(2, 30, 256, generator=g, device=DEV).to(torch.bfloat16)  # [B, S, K]
+    check(run_cuda(x, qw, s, o, None), x, qw, s, o, None, "wgmma [2,30,K]")
+    x = torch.randn(40, 512, generator=g, device=DEV).to(torch.float16)[:, ::2]  # strided: the adapter copies
+    check(run_cuda(x, qw, s, o, None), x, qw, s, o, None, "wgmma strided")
+    x = torch.randn(40, 256, generator=g, device=DEV).to(torch.bfloat16)
+    x[2, 5] = float("nan")
+    out = run_cuda(x, qw, s, o, None)
+    assert torch.isnan(out[2]).all() and torch.isfinite(torch.cat([out[:2], out[3:]])).all()
+    # CUDA graph capture
+    x = torch.randn(300, 256, generator=g, device=DEV).to(torch.bfloat16)
+    bias = torch.randn(257, generator=g, device=DEV)
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        for _ in range(2):  # warm-up: both tile shapes' shared-memory opt-in happens outside the capture
+            ops.int4_linear(x, qw, s, o, bias, backend="cuda")
+    torch.cuda.current_stream().wait_stream(st)
+    graph = torch.cuda.CUDAGraph()
+    with ops.strict(), torch.cuda.graph(graph):
+        y = ops.int4_linear(x, qw, s, o, bias, backend="cuda")
+    x.copy_(torch.randn(300, 256, generator=g, device=DEV).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, run_cuda(x, qw, s, o, bias))
+    check(y, x, qw, s, o, bias, "wgmma graph")

@@ -112,9 +112,6 @@ void launch_decode_mma(const k4::GemvArgs& g, int splits, int split_blocks, cuda
 
 }  // namespace
 
-// Bit of int4_linear_cuda's num_sms that selects the wgmma kernel for the M > 16 route (CUDA_INT4_WGMMA).
-constexpr int kInt4WgmmaFlag = 1 << 30;
-
 // Largest M that runs as a GEMV for 16-bit x (fp32 x always does); larger M run on tensor cores.
 constexpr int kInt4GemvMaxM = 16;
 
@@ -164,11 +161,10 @@ int int4_linear_splits(int M, int N, int K, int num_sms, int x_dtype, bool decod
 // fp32 [splits, M, N]); the dequantizing tensor-core GEMM for 16-bit x with M > 16 (splits must be 1).
 const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const uint8_t* qw, int N,
                              const float* scales, const float* offsets, int group, const float* bias, void* out,
-                             int64_t ldo, float* ws, int splits, int num_sms, bool decode_mma, cudaStream_t st) {
-  // num_sms may carry kInt4WgmmaFlag (llmkern/ops/int4_linear.py, CUDA_INT4_WGMMA): the M > 16 tensor-core
-  // route then runs the sm_90a wgmma kernel. (A flag bit, not a new argument, keeps the binding unchanged.)
-  const bool wgmma = (num_sms & kInt4WgmmaFlag) != 0;
-  num_sms &= ~kInt4WgmmaFlag;
+                             int64_t ldo, float* ws, int splits, int num_sms, bool decode_mma, cudaStream_t st,
+                             bool wgmma) {
+  // wgmma (llmkern/ops/int4_linear.py, CUDA_INT4_WGMMA): the M > 16 tensor-core route runs the sm_90a
+  // warpgroup-MMA kernel instead of the mma.sync one.
   require(x_dtype >= 0 && x_dtype <= 2, "x_dtype must be 0, 1 or 2");
   require(M >= 0 && N >= 0 && K > 0, "need M >= 0, N >= 0, K > 0");
   require((group == 32 || group == 64 || group == 128) && K % group == 0, "group must be 32, 64 or 128 and divide K");

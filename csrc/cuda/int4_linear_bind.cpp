@@ -13,7 +13,8 @@ namespace llmkern {
 int int4_linear_splits(int M, int N, int K, int num_sms, int x_dtype, bool decode_mma);
 const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const uint8_t* qw, int N,
                              const float* scales, const float* offsets, int group, const float* bias, void* out,
-                             int64_t ldo, float* ws, int splits, int num_sms, bool decode_mma, cudaStream_t st);
+                             int64_t ldo, float* ws, int splits, int num_sms, bool decode_mma, cudaStream_t st,
+                             bool wgmma);
 void int4_linear_dequant_cuda(const uint8_t* qw, const float* scales, const float* offsets, int group, int N, int K,
                               void* out, int dtype, cudaStream_t st);
 
@@ -42,7 +43,7 @@ void bind_int4_linear(py::module_& m) {
       "int4_linear",
       [](std::uintptr_t x, int x_dtype, int64_t ldx, int64_t M, int64_t K, std::uintptr_t qw, int64_t N,
          std::uintptr_t scales, std::uintptr_t offsets, int64_t group, std::uintptr_t bias, std::uintptr_t out,
-         int64_t ldo, std::uintptr_t ws, int splits, int num_sms, bool decode_mma, std::uintptr_t stream) {
+         int64_t ldo, std::uintptr_t ws, int splits, int num_sms, bool decode_mma, std::uintptr_t stream, bool wgmma) {
         check_dims("llmkern._C_cuda.int4_linear", M, N, K);
         if (M > 0 && N > 0 && (x == 0 || qw == 0 || scales == 0 || offsets == 0 || out == 0))
           throw py::value_error("llmkern._C_cuda.int4_linear: null pointer among x, qweight, scales, offsets, out");
@@ -51,13 +52,16 @@ void bind_int4_linear(py::module_& m) {
             reinterpret_cast<const void*>(x), x_dtype, ldx, int(M), int(K), reinterpret_cast<const uint8_t*>(qw),
             int(N), reinterpret_cast<const float*>(scales), reinterpret_cast<const float*>(offsets), int(group),
             reinterpret_cast<const float*>(bias), reinterpret_cast<void*>(out), ldo, reinterpret_cast<float*>(ws),
-            splits, num_sms, decode_mma, reinterpret_cast<cudaStream_t>(stream)));
+            splits, num_sms, decode_mma, reinterpret_cast<cudaStream_t>(stream), wgmma));
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("N"),
       py::arg("scales"), py::arg("offsets"), py::arg("group"), py::arg("bias"), py::arg("out"), py::arg("ldo"),
       py::arg("ws"), py::arg("splits"), py::arg("num_sms"), py::arg("decode_mma"), py::arg("stream"),
+      py::arg("wgmma") = false,
       "out[M, N] = x[M, K] @ dequant(qweight)^T (+ fp32 bias) on raw device pointers (canonical int4). "
-      "x_dtype: 0 float32, 1 bfloat16, 2 float16 (out too). Returns the name of the kernel path taken.");
+      "x_dtype: 0 float32, 1 bfloat16, 2 float16 (out too). wgmma: 16-bit x with M > 16 run the sm_90a "
+      "warpgroup-MMA kernel (compute capability 9.0 only, else ValueError). Returns the name of the kernel "
+      "path taken.");
   m.def(
       "int4_linear_dequant",
       [](std::uintptr_t qw, std::uintptr_t scales, std::uintptr_t offsets, int64_t group, int64_t N, int64_t K,

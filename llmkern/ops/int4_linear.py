@@ -202,9 +202,6 @@ CUDA_DECODE_MMA = True
 # GEMM (csrc/include/llmkern/cuda/wgmma_int4.cuh) instead of the mma.sync one. False until it has passed
 # tests/ops/test_int4_linear_cuda.py on a GPU (it has never run; docs/notes/cuda-wgmma.md).
 CUDA_INT4_WGMMA = False
-# The bit of the launcher's num_sms argument that asks for the wgmma kernel (kInt4WgmmaFlag in
-# csrc/cuda/int4_linear.cu): carried in num_sms so that the binding's signature stays as it is.
-_CUDA_WGMMA_FLAG = 1 << 30
 _SM90 = {}
 
 
@@ -256,13 +253,12 @@ def _cuda(x, qweight, scales, offsets, bias):
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         sms = _num_sms(x.device)
         splits = 1 if tensor_cores else mod.int4_linear_splits(M, N, K, sms, _DTYPE_CODE[x.dtype], CUDA_DECODE_MMA)
-        if tensor_cores and CUDA_INT4_WGMMA and _is_sm90(x.device):
-            sms |= _CUDA_WGMMA_FLAG
         ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
         mod.int4_linear(
             x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qweight.data_ptr(), N,
             scales.data_ptr(), offsets.data_ptr(), G, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
             N, 0 if ws is None else ws.data_ptr(), splits, sms, CUDA_DECODE_MMA, stream,
+            tensor_cores and CUDA_INT4_WGMMA and _is_sm90(x.device),
         )
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 

@@ -37,7 +37,7 @@ def test_model_catches_a_wrong_swizzle(emu, monkeypatch):
 
 
 def test_launcher_reads_the_wgmma_flag_without_a_gpu():
-    """Dispatch wiring on a machine without a GPU: with the flag bit (what CUDA_INT4_WGMMA sets) the M > 16
+    """Dispatch wiring on a machine without a GPU: with wgmma=True (what CUDA_INT4_WGMMA asks on sm_90) the M > 16
     route goes to the wgmma launcher, which refuses a non-sm_90 device (ValueError) before launching; without
     it the mma.sync route is launched (and fails for lack of a driver)."""
     import importlib
@@ -58,11 +58,11 @@ def test_launcher_reads_the_wgmma_flag_without_a_gpu():
     s, o = torch.ones(N, K // G), torch.zeros(N, K // G)
     out = torch.empty(M, N, dtype=torch.bfloat16)
 
-    def call(flag):
+    def call(wgmma):
         return CU.int4_linear(x.data_ptr(), 1, K, M, K, qw.data_ptr(), N, s.data_ptr(), o.data_ptr(), G, 0,
-                              out.data_ptr(), N, 0, 1, 132 | flag, True, 0)
+                              out.data_ptr(), N, 0, 1, 132, True, 0, wgmma)
 
     with pytest.raises(ValueError, match="compute capability 9.0"):
-        call(m4._CUDA_WGMMA_FLAG)
+        call(True)
     with pytest.raises(RuntimeError, match="CUDA"):
-        call(0)
+        call(False)

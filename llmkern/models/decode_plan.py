@@ -205,13 +205,15 @@ class DecodePlan:
         if (mod is None or not hasattr(mod, "StepProgram") or dt not in _DTYPE_CODE or B < 1
                 or not all(t.is_contiguous() for t in bound)  # bound by pointer: no copies
                 or Hd != H or I2 % 2 or W != (Hq + 2 * Hk) * D
-                or any(L.widths != (W, I2, Hd) or not all(hasattr(r.impl, "call") for r in (L.qkv, L.o, L.gate_up, L.down))
+                or any(L.widths != (W, I2, Hd)
+                       or not all(hasattr(r.impl, "call") for r in (L.qkv, L.o, L.gate_up, L.down))
                        for L in self.layers)):
             return
         T = self.threads
         new = lambda *shape: torch.empty(shape, dtype=dt)  # noqa: E731
-        buf = dict(tokens=torch.zeros(B, dtype=torch.int64), emb=new(B, H), xn=new(B, H), res=(new(B, H), new(B, H)),
-                   qkv=new(B, W), attn=new(B, Hq, D), o=new(B, H), gu=new(B, I2), act=new(B, I2 // 2), down=new(B, H))
+        buf = dict(tokens=torch.zeros(B, dtype=torch.int64), emb=new(B, H), xn=new(B, H),
+                   res=(new(B, H), new(B, H)), qkv=new(B, W), attn=new(B, Hq, D), o=new(B, H), gu=new(B, I2),
+                   act=new(B, I2 // 2), down=new(B, H))
         ws_bytes = max([mod.decode_attention_workspace_size(B, 1, Hq, Hk, D, L.cache.max_seq_len, T)
                         for L in self.layers]
                        + [r.impl.workspace_size(B, T) for L in self.layers for r in (L.qkv, L.o, L.gate_up, L.down)])
@@ -241,15 +243,16 @@ class DecodePlan:
             prog.append(_labelled(L.qkv.impl.call(xn, qkv, ws, T), "qkv"))
             pos, slot = kv._next_views                                  # [B, 1] int64 views, advanced in place
             prog.append(kv_cache_append_call(k, v, kv.k, kv.v, slot, kv.k_scale, kv.v_scale, q, pos,
-                                                   self.rotary, self.interleaved, T))
+                                             self.rotary, self.interleaved, T))  # rotates q in place
             prog.append(mod.advance_call(kv.seq_lens.data_ptr(), kv._next.data_ptr(), B))
             prog.append(decode_attention_call(q.view(B, Hq, D), kv.k, kv.v, kv.seq_lens, kv.k_scale,
-                                                    kv.v_scale, attn, ws, T))
-            prog.append(_labelled(L.o.impl.call(attn.view(B, Hq * D), buf["o"], ws, T), "o"))  # [B, Hq, D] -> [B, Hq*D] -> [B, H]
+                                              kv.v_scale, attn, ws, T))  # q [B, 1, Hq, D] -> [B, Hq, D]
+            # attn [B, Hq, D] -> [B, Hq * D] -> o [B, H]
+            prog.append(_labelled(L.o.impl.call(attn.view(B, Hq * D), buf["o"], ws, T), "o"))
             out = buf["res"][flip]
             prog.append(rms_norm_call(buf["o"], L.ln2, L.eps2, residual, xn, out, T))  # residual += attn
             residual, flip = out, 1 - flip
-            prog.append(_labelled(L.gate_up.impl.call(xn, gu, ws, T), "gate_up"))                 # [B, 2I]: gate then up
+            prog.append(_labelled(L.gate_up.impl.call(xn, gu, ws, T), "gate_up"))  # [B, 2I]: gate then up
             prog.append(mod.silu_mul_call(gu.data_ptr(), _DTYPE_CODE[dt], I2, B, I2 // 2, buf["act"].data_ptr(),
                                           I2 // 2, isa))
             prog.append(_labelled(L.down.impl.call(buf["act"], buf["down"], ws, T), "down"))

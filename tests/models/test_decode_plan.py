@@ -91,7 +91,8 @@ def test_program_equals_python_step(quant, B, int8_kv, monkeypatch):
         got, cache = decode(m, prompt, 12, B, int8_kv)
         plan = m.__dict__.get("_decode_plan")
         assert isinstance(plan, DecodePlan) and plan.program is not None  # the program really ran
-        assert cache[0]._host_max == 7 + 12 and int(cache[0].seq_lens[0]) == 19 and cache[0]._host().tolist() == [19] * B
+        assert cache[0]._host_max == 7 + 12 and int(cache[0].seq_lens[0]) == 19
+        assert cache[0]._host().tolist() == [19] * B
         assert int(cache[-1]._next[1, -1]) == (B - 1) * cache[-1].max_seq_len + 19  # the slot table advanced
         module, _ = decode(m, prompt, 12, B, int8_kv, use_plan=False, monkeypatch=monkeypatch)
         with monkeypatch.context() as mp:

@@ -377,7 +377,7 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     model.eval()
     model.source = str(path)
     prog.done(f"{c.name or c.arch}, {c.num_layers} layers, hidden {H}, "
-              f"{model.weight_bytes_per_token() / 1e6:.1f} MB of weights per token")
+              f"{model.weight_bytes_per_token() / 1e6:.1f} MB of weights as stored")  # first calls may repack
     return model, tokenizer
 
 

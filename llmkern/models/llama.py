@@ -173,8 +173,8 @@ class Llama(nn.Module):
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights a decode step reads: every layer, the final norm and the lm_head (each
         tensor once, shared ones counted once); of the embedding only one row per token. A linear whose
-        prepared runner decodes from a packed copy (int4 on AVX-512) counts that copy instead of its
-        canonical tensors."""
+        prepared runner decodes from a packed copy (int4 or int8 on AVX-512) counts that copy instead of
+        its canonical tensors, so the figure drops after the first call prepares the layers."""
         seen, total = set(), 0
         for mod in (self.layers, self.norm, self.lm_head):
             for sub in mod.modules():

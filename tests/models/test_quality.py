@@ -27,11 +27,19 @@ def _greedy(model, tok, backend):
 @pytest.mark.parametrize("quant", ["keep", "int8"])
 def test_fast_backends_generate_what_the_reference_generates(smollm_path, quant):
     model, tok = load_gguf(smollm_path, quant=quant, progress=False)
-    fast = _greedy(model, tok, None)
+    fast = _greedy(model, tok, None)  # the batch: a paged cache, the module path
     ref = _greedy(model, tok, "reference")
     for p, f, r in zip(PROMPTS, fast, ref):
         assert len(r) >= 5, f"reference generated almost nothing for {p!r}"
         assert f == r, f"{quant}: fast backends diverge from the reference on {p!r}: {tok.decode(f)!r} vs {tok.decode(r)!r}"
+    # One prompt at a time: a contiguous cache, decoded by the decode plan's step program (the default path
+    # of `llmkern generate`); checked to have run.
+    for p, r in zip(PROMPTS, ref):
+        seen = []
+        res = generate(model, tok, p, max_new_tokens=64,
+                       stream=lambda i, t: seen.append(getattr(model.__dict__.get("_decode_plan"), "program", None)))
+        assert any(prog is not None for prog in seen), "the step program did not run"
+        assert res.tokens[0] == r, f"{quant}: the step program diverges from the reference on {p!r}"
 
 
 def test_w8a8_top1_agreement_and_kl(smollm_path):

@@ -11,8 +11,10 @@ the same arguments as the module path, so the logits are bit for bit the module 
 
 Scope (else `DecodePlan.build` returns None and the model runs its modules): eager mode, CPU tensors,
 the cpu backend (model backend None or "cpu", LLMKERN_BACKEND unset or "cpu"), one new token per
-sequence (tokens [B, 1]) into a list of contiguous `KVCache`s without `lengths`, layers with fused
-projections (`Llama.fuse_projections`) whose linears have prepared cpu runners.
+sequence (tokens [B, 1]) into a list of contiguous `KVCache`s without `lengths`, or into a list of
+`PagedKVCache`s (with seq_ids) that agree on their sequences' blocks (decode_plan_paged.py; paged steps
+need the step program), layers with fused projections (`Llama.fuse_projections`) whose linears have
+prepared cpu runners.
 
 Validity: the plan holds tensors, not modules, so `Llama.forward` checks `plan.matches(...)` before
 each step: the same cache list, and the same objects in every slot the plan read (modules, weights,
@@ -43,6 +45,7 @@ from ..ops.kv_cache_append import _cpu_call as kv_cache_append_call
 from ..ops.kv_cache_append import kv_cache_append_op
 from ..ops.rms_norm import _cpu_call as rms_norm_call
 from ..ops.rms_norm import rms_norm_op
+from .decode_plan_paged import PagedSteps
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -55,6 +58,16 @@ def _runner(mod):
     if run is None:
         return None  # not called yet through the op (its first call checks and prepares it)
     return run if run.backend == "cpu" else None
+
+
+def _id_list(seq_ids):
+    """seq_ids (a list of ints or an int tensor) as a list of ints, or None."""
+    if isinstance(seq_ids, torch.Tensor):
+        return seq_ids.tolist() if seq_ids.dim() == 1 else None
+    try:
+        return [int(i) for i in seq_ids]
+    except (TypeError, ValueError):
+        return None
 
 
 def _cpu_backend_selected(model) -> bool:
@@ -76,8 +89,9 @@ class _Layer:
 class DecodePlan:
     """One decode step of `model` over `cache` for `batch` sequences; see the module doc."""
 
-    def __init__(self, model, cache, batch: int, layers: list, head_runner, checks: list):
+    def __init__(self, model, cache, batch: int, layers: list, head_runner, checks: list, paged=None):
         self.model_id, self.cache, self.batch = id(model), cache, batch
+        self.paged = paged  # PagedSteps over PagedKVCaches, else None (contiguous KVCaches)
         self.layers, self.head, self._checks = layers, head_runner, checks
         c = model.config
         self.Hq, self.Hk, self.D, self.H = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
@@ -124,16 +138,24 @@ class DecodePlan:
         return slots
 
     @classmethod
-    def build(cls, model, cache, tokens):
+    def build(cls, model, cache, tokens, seq_ids=None):
         """A plan for this step's inputs, or None when the step is outside the plan's scope."""
         if (torch.compiler.is_compiling() or not isinstance(cache, list) or tokens.device.type != "cpu"
                 or tokens.dim() != 2 or tokens.shape[1] != 1 or not _cpu_backend_selected(model)):
             return None
         B = tokens.shape[0]
-        if len(cache) != len(model.layers) or not all(type(kv) is lnn.KVCache and kv.batch_size == B
-                                                     and kv.device.type == "cpu" and kv.dtype == model.dtype
-                                                     for kv in cache):
+        if len(cache) != len(model.layers) or not cache:
             return None
+        paged = None
+        if seq_ids is None:
+            if not all(type(kv) is lnn.KVCache and kv.batch_size == B and kv.device.type == "cpu"
+                       and kv.dtype == model.dtype for kv in cache):
+                return None
+        else:
+            ids = _id_list(seq_ids)
+            if ids is None or len(ids) != B or not PagedSteps.compatible(cache, ids, model.dtype):
+                return None
+            paged = PagedSteps(cache, ids)
         if not isinstance(model.norm, lnn.RMSNorm) or model.rotary.cos_sin_cache.device.type != "cpu":
             return None
         layers = []
@@ -167,11 +189,17 @@ class DecodePlan:
             if head_runner is None:
                 return None
         checks = [(d, k, d.get(k)) for d, k in cls._watch(model, cache)]
-        return cls(model, cache, B, layers, head_runner, checks)
+        plan = cls(model, cache, B, layers, head_runner, checks, paged)
+        if paged is not None and plan.program is None:
+            return None  # paged steps run only as the program (the Python step knows contiguous caches)
+        return plan
 
-    def matches(self, model, cache, tokens) -> bool:
-        """This plan still describes `model` and `cache` (see `_watch`) for a batch of tokens' size."""
+    def matches(self, model, cache, tokens, seq_ids=None) -> bool:
+        """This plan still describes `model` and `cache` (see `_watch`) for a batch of tokens' size (and,
+        paged, the same sequence ids in the same order)."""
         if id(model) != self.model_id or cache is not self.cache or tokens.shape[0] != self.batch:
+            return False
+        if (seq_ids is None) != (self.paged is None) or (seq_ids is not None and _id_list(seq_ids) != self.paged.ids):
             return False
         if not _cpu_backend_selected(model) or len(cache) != len(self.layers):
             return False
@@ -188,6 +216,8 @@ class DecodePlan:
         """Every cache has room for one more token, within the rotary table (else the module path
         raises the cache's own error)."""
         n = self.rotary.shape[0]
+        if self.paged is not None:
+            return self.paged.prepare(n)  # allocates the blocks the new tokens start
         for L in self.layers:
             kv = L.cache
             if kv._host_lens is None or kv._host_max + 1 > kv.max_seq_len or kv._host_max + 1 > n:
@@ -214,14 +244,16 @@ class DecodePlan:
         buf = dict(tokens=torch.zeros(B, dtype=torch.int64), emb=new(B, H), xn=new(B, H),
                    res=(new(B, H), new(B, H)), qkv=new(B, W), attn=new(B, Hq, D), o=new(B, H), gu=new(B, I2),
                    act=new(B, I2 // 2), down=new(B, H))
-        ws_bytes = max([mod.decode_attention_workspace_size(B, 1, Hq, Hk, D, L.cache.max_seq_len, T)
-                        for L in self.layers]
+        paged = self.paged
+        capacity = paged.capacity if paged is not None else max(L.cache.max_seq_len for L in self.layers)
+        ws_bytes = max([mod.decode_attention_workspace_size(B, 1, Hq, Hk, D, capacity, T)]
                        + [r.impl.workspace_size(B, T) for L in self.layers for r in (L.qkv, L.o, L.gate_up, L.down)])
         buf["ws"] = ws = torch.empty(max(ws_bytes, 64), dtype=torch.uint8)  # shared: the calls run one by one
         # Detached aliases of every tensor a call reads by pointer: the storage stays alive even if a module's
         # parameter is given new data in place of the old (`p.data = ...`, which no identity check sees).
         buf["keep"] = [t.detach() for t in bound] + [t for L in self.layers for t in (
-            L.cache.k, L.cache.v, L.cache.k_scale, L.cache.v_scale, L.cache.seq_lens, L.cache._next) if t is not None]
+            L.cache.k, L.cache.v, L.cache.k_scale, L.cache.v_scale, getattr(L.cache, "seq_lens", None),
+            getattr(L.cache, "_next", None)) if isinstance(t, torch.Tensor)]
         prog = mod.StepProgram()
         isa = self.isa
         prog.append(mod.embedding_call(self.embed.data_ptr(), _DTYPE_CODE[dt], self.embed.shape[0], H,
@@ -241,12 +273,17 @@ class DecodePlan:
                 prog.append(rms_norm_call(h, L.ln1, L.eps1, residual, xn, out, T))  # out = h + residual
                 residual, flip = out, 1 - flip
             prog.append(_labelled(L.qkv.impl.call(xn, qkv, ws, T), "qkv"))
-            pos, slot = kv._next_views                                  # [B, 1] int64 views, advanced in place
+            if paged is None:
+                pos, slot = kv._next_views                              # [B, 1] int64 views, advanced in place
+                lens, table = kv.seq_lens, None
+            else:
+                pos, slot, lens, table = paged.pos, paged.slot, paged.lens, paged.table  # refilled each step
             prog.append(kv_cache_append_call(k, v, kv.k, kv.v, slot, kv.k_scale, kv.v_scale, q, pos,
                                              self.rotary, self.interleaved, T))  # rotates q in place
-            prog.append(mod.advance_call(kv.seq_lens.data_ptr(), kv._next.data_ptr(), B))
-            prog.append(decode_attention_call(q.view(B, Hq, D), kv.k, kv.v, kv.seq_lens, kv.k_scale,
-                                              kv.v_scale, attn, ws, T))  # q [B, 1, Hq, D] -> [B, Hq, D]
+            if paged is None:
+                prog.append(mod.advance_call(kv.seq_lens.data_ptr(), kv._next.data_ptr(), B))
+            prog.append(decode_attention_call(q.view(B, Hq, D), kv.k, kv.v, lens, kv.k_scale,
+                                              kv.v_scale, attn, ws, T, table))  # q [B, 1, Hq, D] -> [B, Hq, D]
             # attn [B, Hq, D] -> [B, Hq * D] -> o [B, H]
             prog.append(_labelled(L.o.impl.call(attn.view(B, Hq * D), buf["o"], ws, T), "o"))
             out = buf["res"][flip]
@@ -269,8 +306,11 @@ class DecodePlan:
             self.program.run()
         else:
             timings += zip(self.program.names(), self.program.run_timed())
-        for L in self.layers:
-            L.cache._advance_one(counters=False)  # the program advanced seq_lens and the slot table itself
+        if self.paged is not None:
+            self.paged.advance()
+        else:
+            for L in self.layers:
+                L.cache._advance_one(counters=False)  # the program advanced seq_lens and the slot table itself
         x = buf["xn"]
         t0 = time.perf_counter()
         logits = F.linear(x, self.head) if isinstance(self.head, torch.Tensor) else self.head(x)

@@ -126,12 +126,12 @@ class Llama(nn.Module):
             raise ValueError(f"Llama.forward: tokens must be [B, S], got shape {tuple(tokens.shape)}")
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"Llama.forward: cache has {len(cache)} layers, the model {len(self.layers)}")
-        if (last_only and cache is not None and seq_ids is None and lengths is None and tokens.shape[-1] == 1
+        if (last_only and cache is not None and lengths is None and tokens.shape[-1] == 1
                 and not torch.compiler.is_compiling()):
             # Decode step: the flat kernel list (models/decode_plan.py) when it applies; same logits.
             plan = self.__dict__.get("_decode_plan")
-            if plan is None or not plan.matches(self, cache, tokens):
-                plan = DecodePlan.build(self, cache, tokens)
+            if plan is None or not plan.matches(self, cache, tokens, seq_ids):
+                plan = DecodePlan.build(self, cache, tokens, seq_ids)
                 self.__dict__["_decode_plan"] = plan
             if plan is not None and plan.ready():
                 return plan.step(tokens)

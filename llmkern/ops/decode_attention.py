@@ -228,14 +228,17 @@ def _cpu(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, so
     return out
 
 
-def _cpu_call(q, k_cache, v_cache, seq_lens, k_scale, v_scale, out, ws, threads):
-    """The cpu launch over a contiguous cache with default scale/softcap/window as a KernelCall
-    (llmkern._C.StepProgram, models/decode_plan.py): q [B, Hq, D] with a contiguous head dim, out
-    [B, Hq, D] contiguous, ws uint8 of at least decode_attention_workspace_size(...) bytes, seq_lens
-    int32 [B] contiguous (read at run time). The caller keeps every tensor alive while the call exists."""
+def _cpu_call(q, k_cache, v_cache, seq_lens, k_scale, v_scale, out, ws, threads, block_table=None):
+    """The cpu launch with default scale/softcap/window as a KernelCall (llmkern._C.StepProgram,
+    models/decode_plan.py): q [B, Hq, D] with a contiguous head dim, out [B, Hq, D] contiguous, ws uint8
+    of at least decode_attention_workspace_size(...) bytes, seq_lens int32 [B] and block_table int32
+    [B, max_blocks] (paged caches; None: contiguous) contiguous, read at run time. The caller keeps every
+    tensor alive while the call exists."""
     B, Hq, D = q.shape
+    if block_table is not None and not block_table.is_contiguous():
+        raise ValueError("decode_attention call: block_table is bound by pointer and must be contiguous")
     return _backends.cpu_module().decode_attention_call(
-        *_cpu_args(q, [q.stride(0), 0, q.stride(1)], B, 1, Hq, D, k_cache, v_cache, seq_lens, None, k_scale,
+        *_cpu_args(q, [q.stride(0), 0, q.stride(1)], B, 1, Hq, D, k_cache, v_cache, seq_lens, block_table, k_scale,
                    v_scale, None, 0.0, -1, out, ws, ws.numel(), threads))
 
 

@@ -162,6 +162,11 @@ def test_plan_not_used_outside_its_scope(monkeypatch):
         ids = [c.add_sequence() for c in paged][:1]
         m(prompt, paged, seq_ids=ids, last_only=True)
         m(prompt[:, :1], paged, seq_ids=ids, last_only=True)
+        plan = m.__dict__.get("_decode_plan")  # paged caches: the plan's paged steps (tests below)
+        assert plan is not None and plan.paged is not None
+        monkeypatch.setenv("LLMKERN_DECODE_PROGRAM", "0")  # no program: no paged plan
+        m.__dict__.pop("_decode_plan")
+        m(prompt[:, :1], paged, seq_ids=ids, last_only=True)
         assert m.__dict__.get("_decode_plan") is None
 
 
@@ -232,3 +237,81 @@ def test_program_rejects_bad_token_ids_before_writing():
         with pytest.raises(IndexError, match="token id 5000 of batch row 0 is out of range"):
             m(torch.tensor([[5000]]), cache, last_only=True)
         assert int(cache[0].seq_lens[0]) == 6 and cache[0]._host_max == 6  # nothing advanced
+
+
+# ------------------------------------------------------------------ paged caches
+
+
+def decode_paged(m, prompts, steps, block_size=4, num_blocks=64, use_plan=True, int8_kv=False):
+    """Prefill each prompt [1, P_b] into its own sequence of per-layer PagedKVCaches, then `steps` greedy
+    decode steps of the whole batch (seq_ids in row order); returns (stacked logits [steps, B, V], caches, ids)."""
+    caches = m.new_cache(paged=True, block_size=block_size, num_blocks=num_blocks, int8=int8_kv)
+    ids = [[c.add_sequence() for c in caches][0] for _ in prompts]
+    first = [m(p, caches, seq_ids=[i], last_only=True) for p, i in zip(prompts, ids)]
+    nxt = torch.cat(first).argmax(-1, keepdim=True)                     # [B, 1]
+    out = []
+    for _ in range(steps):
+        if not use_plan:
+            m.__dict__["_decode_plan"] = None
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(DecodePlan, "build", classmethod(lambda cls, *a: None))
+                logits = m(nxt, caches, seq_ids=ids, last_only=True)
+        else:
+            logits = m(nxt, caches, seq_ids=ids, last_only=True)
+        out.append(logits)
+        nxt = logits.argmax(-1, keepdim=True)
+    return torch.stack(out), caches, ids
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8-w8a8"])
+@pytest.mark.parametrize("int8_kv", [False, True])
+def test_paged_program_equals_module_path(quant, int8_kv):
+    """Sequences of different lengths, blocks of 4 (new blocks every few steps), the paged step program."""
+    m = tiny(quant=quant)
+    prompts = [torch.randint(0, 101, (1, n)) for n in (5, 8, 3)]
+    with torch.inference_mode():
+        got, caches, ids = decode_paged(m, prompts, 10, int8_kv=int8_kv)
+        plan = m.__dict__.get("_decode_plan")
+        assert isinstance(plan, DecodePlan) and plan.paged is not None and plan.program is not None
+        want, ref_caches, _ = decode_paged(m, prompts, 10, use_plan=False, int8_kv=int8_kv)
+    rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert rel < (2e-3 if int8_kv else 1e-5), rel  # the program's silu (see test_program_equals_python_step)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    for c, r in zip(caches, ref_caches):  # the same lengths and blocks as the caches' own bookkeeping
+        assert [(c._seqs[i].length, c._seqs[i].blocks) for i in ids] == [(r._seqs[i].length, r._seqs[i].blocks)
+                                                                       for i in ids]
+        assert c.num_free_blocks == r.num_free_blocks
+
+
+def test_paged_plan_leaves_copy_on_write_and_full_caches_to_the_module_path():
+    m = tiny(quant="int4")
+    with torch.inference_mode():
+        caches = m.new_cache(paged=True, block_size=4, num_blocks=5)
+        a = [c.add_sequence() for c in caches][0]
+        m(torch.randint(0, 101, (1, 6)), caches, seq_ids=[a], last_only=True)  # 6 tokens: blocks 0, 1 (half)
+        b = [c.fork(a) for c in caches][0]                                       # shares both blocks
+        nxt = torch.tensor([[3], [4]])
+        m(nxt, caches, seq_ids=[a, b], last_only=True)  # shared half-full block: copied on write by the module path
+        assert all(c._seqs[a].blocks[1] != c._seqs[b].blocks[1] for c in caches)
+        assert all(c._seqs[a].length == 7 and c._seqs[b].length == 7 for c in caches)
+        m(nxt, caches, seq_ids=[a, b], last_only=True)  # now private: the paged program runs
+        plan = m.__dict__["_decode_plan"]
+        assert plan is not None and plan.paged is not None and plan.paged.ids == [a, b]
+        assert all(c._seqs[a].length == 8 for c in caches)
+        for _ in range(4):  # lengths 9..12: the last two free blocks, taken by the program's step
+            m(nxt, caches, seq_ids=[a, b], last_only=True)
+        assert all(c.num_free_blocks == 0 and c._seqs[b].length == 12 for c in caches)
+        with pytest.raises(ValueError, match="PagedKVCache full"):  # the module path's error, nothing changed
+            m(nxt, caches, seq_ids=[a, b], last_only=True)
+        assert all(c._seqs[a].length == 12 and c._seqs[b].length == 12 for c in caches)
+
+
+def test_paged_plan_is_not_built_when_layers_disagree():
+    m = tiny(quant="int4")
+    with torch.inference_mode():
+        caches = m.new_cache(paged=True, block_size=4, num_blocks=16)
+        a = [c.add_sequence() for c in caches][0]
+        caches[1].allocator.allocate()  # layer 1's allocator now hands out other block ids
+        m(torch.randint(0, 101, (1, 6)), caches, seq_ids=[a], last_only=True)
+        m(torch.tensor([[3]]), caches, seq_ids=[a], last_only=True)
+        assert m.__dict__.get("_decode_plan") is None

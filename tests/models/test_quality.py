@@ -27,13 +27,13 @@ def _greedy(model, tok, backend):
 @pytest.mark.parametrize("quant", ["keep", "int8"])
 def test_fast_backends_generate_what_the_reference_generates(smollm_path, quant):
     model, tok = load_gguf(smollm_path, quant=quant, progress=False)
-    fast = _greedy(model, tok, None)  # the batch: a paged cache, the module path
+    fast = _greedy(model, tok, None)  # the batch: paged caches, decoded by the plan's paged step program
     ref = _greedy(model, tok, "reference")
     for p, f, r in zip(PROMPTS, fast, ref):
         assert len(r) >= 5, f"reference generated almost nothing for {p!r}"
         assert f == r, f"{quant}: fast backends diverge from the reference on {p!r}: {tok.decode(f)!r} vs {tok.decode(r)!r}"
-    # One prompt at a time: a contiguous cache, decoded by the decode plan's step program (the default path
-    # of `llmkern generate`); checked to have run.
+    # One prompt at a time: a contiguous cache, decoded by the step program (what `llmkern generate` runs);
+    # checked to have run.
     for p, r in zip(PROMPTS, ref):
         seen = []
         res = generate(model, tok, p, max_new_tokens=64,

@@ -1,0 +1,100 @@
+"""Per-step host bookkeeping of a decode plan over paged KV caches (`PagedSteps`, used by DecodePlan).
+
+A model's PagedKVCaches (one per layer) hold the same sequences with the same lengths and, as long as
+they are driven together (Llama.forward, generate), the same block ids: every allocator starts equal and
+sees the same calls. One set of step tensors then serves every layer: the new token's position and
+slot per sequence, the lengths after it, and the block table. The step program (decode_plan.py) binds
+them by pointer; before each step `prepare` allocates the block a sequence's next token starts (in every
+layer's cache, checking they stay equal) and refills them; after it `advance` counts the token.
+
+Anything unusual leaves the step to the module path, which has the caches' full logic and errors: a
+shared (copy-on-write) last block, a sequence unknown to a cache, a full cache, caches that disagree.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import nn as lnn
+
+
+class PagedSteps:
+    """Step tensors of `ids` (the batch's sequence ids, in row order) over `caches` (see the module doc)."""
+
+    def __init__(self, caches: list, ids: list):
+        self.caches, self.ids = caches, ids
+        c0 = caches[0]
+        self.bs, B = c0.block_size, len(ids)
+        # Rows are num_blocks wide: no sequence can hold more blocks, so the table never grows (the
+        # attention kernel reads only the blocks a sequence's length covers).
+        self.width = c0.num_blocks
+        self.pos = torch.zeros(B, 1, dtype=torch.int64)     # [B, 1] position of the new token
+        self.slot = torch.zeros(B, 1, dtype=torch.int64)    # [B, 1] its slot: block * block_size + offset
+        self.lens = torch.zeros(B, dtype=torch.int32)       # [B] lengths including it
+        self.table = torch.zeros(B, self.width, dtype=torch.int32)  # [B, num_blocks] block ids, 0 beyond
+        for b, i in enumerate(ids):
+            blocks = c0._seqs[i].blocks
+            self.table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.capacity = self.width * self.bs
+
+    @staticmethod
+    def compatible(caches: list, ids: list, dtype) -> bool:
+        """Every cache is a CPU PagedKVCache of `dtype` with the same geometry, holding every id with the
+        same length and blocks as the first."""
+        c0 = caches[0]
+        if not all(type(c) is lnn.PagedKVCache and c.device.type == "cpu" and c.dtype == dtype
+                   and c.block_size == c0.block_size and c.num_blocks == c0.num_blocks for c in caches):
+            return False
+        if len(set(ids)) != len(ids) or not all(i in c0._seqs for i in ids):
+            return False
+        for c in caches[1:]:
+            for i in ids:
+                s, s0 = c._seqs.get(i), c0._seqs[i]
+                if s is None or s.length != s0.length or s.blocks != s0.blocks:
+                    return False
+        return True
+
+    def prepare(self, max_positions: int) -> bool:
+        """Make room for one token per sequence and fill the step tensors; False (nothing changed, or only
+        block allocations the module path would make too) leaves this step to the module path."""
+        caches, bs, c0 = self.caches, self.bs, self.caches[0]
+        lengths, grow = [], []
+        for b, i in enumerate(self.ids):
+            s = c0._seqs.get(i)
+            if s is None:
+                return False
+            n = s.length
+            for c in caches[1:]:  # the caches still agree (a few int compares per layer)
+                t = c._seqs.get(i)
+                if t is None or t.length != n or len(t.blocks) != len(s.blocks):
+                    return False
+            if n + 1 > max_positions or n + 1 > self.capacity:
+                return False
+            if n % bs == 0:
+                grow.append(b)          # the new token starts a block
+            elif c0.allocator.refcount[s.blocks[-1]] > 1:
+                return False            # shared last block: copy on write is the module path's
+            lengths.append(n)
+        if grow:
+            if any(c.allocator.num_free < len(grow) for c in caches):
+                return False            # full: the module path raises the cache's error
+            for b in grow:
+                i = self.ids[b]
+                got = [c.allocator.allocate() for c in caches]
+                for c, blk in zip(caches, got):
+                    c._seqs[i].blocks.append(blk)
+                if any(blk != got[0] for blk in got):
+                    return False        # allocators diverged: each cache's own tables from now on
+                self.table[b, len(c0._seqs[i].blocks) - 1] = got[0]
+        slots = [c0._seqs[i].blocks[n // bs] * bs + n % bs for i, n in zip(self.ids, lengths)]
+        self.pos.copy_(torch.tensor(lengths, dtype=torch.int64).view(-1, 1))   # [B] -> [B, 1]
+        self.slot.copy_(torch.tensor(slots, dtype=torch.int64).view(-1, 1))    # [B] -> [B, 1]
+        self.lens.copy_(torch.tensor(lengths, dtype=torch.int32) + 1)
+        return True
+
+    def advance(self) -> None:
+        """Count the token the step wrote in every cache (host state: lengths; no stale append tables)."""
+        for c in self.caches:
+            seqs = c._seqs
+            for i in self.ids:
+                seqs[i].length += 1
+            c._last = None

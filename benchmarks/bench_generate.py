@@ -5,6 +5,8 @@ Groups (one model, the same machine, one run):
   holding 64 tokens. Entries: llmkern with the file's Q4_1 weights (Int4Linear), llmkern re-quantized
   to int8 (W8A16), transformers eager fp32 (loaded from the same GGUF, dequantized), and that
   transformers model after `llmkern.patch(quant="int8")` (every linear, lm_head included).
+- "generate: SmolLM2-135M decode step, 4 sequences @ctx 64": one token for each of 4 sequences (llmkern:
+  paged caches, what `generate` uses for several prompts; transformers: a batch of 4), same entries.
 - "generate: SmolLM2-135M prefill 512": 512 prompt tokens into an empty cache, same entries.
 extra_info: tokens/s, the weight bytes read per token and the GB/s they amount to (decode), and the
 fraction of the read bandwidth measured in this run.
@@ -22,7 +24,8 @@ import _machine
 
 CTX = 64
 PREFILL = 512
-ROUNDS = {"decode": 30, "prefill": 3}
+BATCH = 4  # sequences of the batched decode step
+ROUNDS = {"decode": 30, "decode_batch": 15, "prefill": 3}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,20 @@ def _runner(name, model, phase, ids):
     Decode: setup prefills CTX - 1 tokens and runs one untimed decode step (as every step of a real
     generation after the first: llmkern builds its decode plan there), then the timed step is token CTX.
     """
+    if name.startswith("llmkern") and phase == "decode_batch":
+        def setup():
+            # paged caches with BATCH sequences of CTX - 1 tokens each, then one untimed batched step
+            caches = model.new_cache(paged=True, block_size=16, num_blocks=BATCH * (CTX // 16 + 2))
+            sids = [[c.add_sequence() for c in caches][0] for _ in range(BATCH)]
+            for sid in sids:
+                model(ids[:1, :CTX - 1], caches, seq_ids=[sid], last_only=True)
+            model(ids[:, CTX - 1:CTX], caches, seq_ids=sids, last_only=True)  # [BATCH, 1]
+            return (caches, ids[:, CTX:CTX + 1], sids), {}
+
+        def run(cache, x, sids):
+            return model(x, cache, seq_ids=sids, last_only=True)
+        return setup, run
+
     if name.startswith("llmkern"):
         def setup():
             cache = model.new_cache(1, CTX + PREFILL + 8)
@@ -83,7 +100,7 @@ def _runner(name, model, phase, ids):
     def setup():
         # the cache each model's generate() uses: patched models get llmkern's (llmkern.patch)
         cache = new_cache() if name == "hf.patched_int8" else DynamicCache()
-        if phase == "decode":
+        if phase in ("decode", "decode_batch"):
             model(ids[:, :CTX - 1], past_key_values=cache, use_cache=True)
             model(ids[:, CTX - 1:CTX], past_key_values=cache, use_cache=True)
             return (cache, ids[:, CTX:CTX + 1]), {}
@@ -97,27 +114,33 @@ def _runner(name, model, phase, ids):
 ENTRIES = ("llmkern.q4_1", "llmkern.int8", "hf.eager_fp32", "hf.patched_int8")
 
 
-@pytest.mark.parametrize("phase", ["decode", "prefill"])
+@pytest.mark.parametrize("phase", ["decode", "decode_batch", "prefill"])
 @pytest.mark.parametrize("name", ENTRIES)
 def test_generate(benchmark, limits, request, smollm, phase, name):
     models = smollm if name.startswith("llmkern") else request.getfixturevalue("hf")
     model = models[name]
-    n = CTX + 1 if phase == "decode" else PREFILL
+    n = PREFILL if phase == "prefill" else CTX + 1
     ids = _tokens(smollm["tok"], max(n, CTX + 1))
-    setup, run = _runner(name, model, phase, ids if phase == "decode" else ids[:, :PREFILL])
-    benchmark.group = (f"generate: SmolLM2-135M decode step @ctx {CTX}" if phase == "decode"
-                       else f"generate: SmolLM2-135M prefill {PREFILL}")
+    if phase == "decode_batch":
+        ids = ids.expand(BATCH, -1).contiguous()  # [1, n] -> [BATCH, n]: every sequence the same text
+    setup, run = _runner(name, model, phase, ids[:, :PREFILL] if phase == "prefill" else ids)
+    benchmark.group = {"decode": f"generate: SmolLM2-135M decode step @ctx {CTX}",
+                       "decode_batch": f"generate: SmolLM2-135M decode step, {BATCH} sequences @ctx {CTX}",
+                       "prefill": f"generate: SmolLM2-135M prefill {PREFILL}"}[phase]
     with torch.inference_mode():
         out = run(*setup()[0])
         assert torch.isfinite(out).all(), f"{name}: non-finite logits"
+        if name.startswith("llmkern") and phase != "prefill":  # the step program ran (paged: its paged steps)
+            plan = model.__dict__.get("_decode_plan")
+            assert plan is not None and plan.program is not None and (plan.paged is not None) == (phase != "decode")
         benchmark.pedantic(run, setup=setup, rounds=ROUNDS[phase], iterations=1, warmup_rounds=1)
-    tokens = 1 if phase == "decode" else PREFILL
+    tokens = {"decode": 1, "decode_batch": BATCH, "prefill": PREFILL}[phase]
     info = dict(op="generate", impl=name, kind="llmkern" if name.startswith("llmkern") else "peer",
                 case=benchmark.group, model="SmolLM2-135M", dtype="fp32", threads=torch.get_num_threads())
     if benchmark.stats:
         median = benchmark.stats.stats.median
         info.update(median_s=median, tokens_per_s=tokens / median)
-        if name.startswith("llmkern") and phase == "decode":
+        if name.startswith("llmkern") and phase != "prefill":  # weights read once per step
             wbytes = float(model.weight_bytes_per_token())
             info.update(bytes=wbytes, flops=0.0, **_machine.fractions(limits, wbytes, 0.0, median, "fp32"))
     benchmark.extra_info.update(info)

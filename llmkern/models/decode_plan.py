@@ -199,7 +199,8 @@ class DecodePlan:
         paged, the same sequence ids in the same order)."""
         if id(model) != self.model_id or cache is not self.cache or tokens.shape[0] != self.batch:
             return False
-        if (seq_ids is None) != (self.paged is None) or (seq_ids is not None and _id_list(seq_ids) != self.paged.ids):
+        if (seq_ids is None) != (self.paged is None) or (seq_ids is not None and (
+                self.paged.stale or _id_list(seq_ids) != self.paged.ids)):
             return False
         if not _cpu_backend_selected(model) or len(cache) != len(self.layers):
             return False

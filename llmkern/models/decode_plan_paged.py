@@ -9,6 +9,10 @@ layer's cache, checking they stay equal) and refills them; after it `advance` co
 
 Anything unusual leaves the step to the module path, which has the caches' full logic and errors: a
 shared (copy-on-write) last block, a sequence unknown to a cache, a full cache, caches that disagree.
+Such a step may change block lists behind the step tensors (copy on write gives each layer a fresh
+block), so it also marks the PagedSteps `stale`: the plan is rebuilt, with the full cross-layer check,
+before the next step. A block list that changed through the caches' own API is caught the same way
+(each step compares layer 0's lists with the rows last written to the table).
 """
 from __future__ import annotations
 
@@ -31,10 +35,11 @@ class PagedSteps:
         self.slot = torch.zeros(B, 1, dtype=torch.int64)    # [B, 1] its slot: block * block_size + offset
         self.lens = torch.zeros(B, dtype=torch.int32)       # [B] lengths including it
         self.table = torch.zeros(B, self.width, dtype=torch.int32)  # [B, num_blocks] block ids, 0 beyond
-        for b, i in enumerate(ids):
-            blocks = c0._seqs[i].blocks
+        self.rows = [list(c0._seqs[i].blocks) for i in ids]  # what the table rows hold (host mirror)
+        for b, blocks in enumerate(self.rows):
             self.table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self.capacity = self.width * self.bs
+        self.stale = False  # set when a step went to the module path: the plan must be rebuilt
 
     @staticmethod
     def compatible(caches: list, ids: list, dtype) -> bool:
@@ -55,7 +60,13 @@ class PagedSteps:
 
     def prepare(self, max_positions: int) -> bool:
         """Make room for one token per sequence and fill the step tensors; False (nothing changed, or only
-        block allocations the module path would make too) leaves this step to the module path."""
+        block allocations the module path would make too) leaves this step to the module path and marks
+        these step tensors stale."""
+        ok = self._prepare(max_positions)
+        self.stale = not ok
+        return ok
+
+    def _prepare(self, max_positions: int) -> bool:
         caches, bs, c0 = self.caches, self.bs, self.caches[0]
         lengths, grow = [], []
         for b, i in enumerate(self.ids):
@@ -63,6 +74,8 @@ class PagedSteps:
             if s is None:
                 return False
             n = s.length
+            if s.blocks != self.rows[b]:
+                return False            # changed behind the table (a fork's copy on write, ...)
             for c in caches[1:]:  # the caches still agree (a few int compares per layer)
                 t = c._seqs.get(i)
                 if t is None or t.length != n or len(t.blocks) != len(s.blocks):
@@ -85,6 +98,7 @@ class PagedSteps:
                 if any(blk != got[0] for blk in got):
                     return False        # allocators diverged: each cache's own tables from now on
                 self.table[b, len(c0._seqs[i].blocks) - 1] = got[0]
+                self.rows[b].append(got[0])
         slots = [c0._seqs[i].blocks[n // bs] * bs + n % bs for i, n in zip(self.ids, lengths)]
         self.pos.copy_(torch.tensor(lengths, dtype=torch.int64).view(-1, 1))   # [B] -> [B, 1]
         self.slot.copy_(torch.tensor(slots, dtype=torch.int64).view(-1, 1))    # [B] -> [B, 1]

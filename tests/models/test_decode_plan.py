@@ -306,6 +306,40 @@ def test_paged_plan_leaves_copy_on_write_and_full_caches_to_the_module_path():
         assert all(c._seqs[a].length == 12 and c._seqs[b].length == 12 for c in caches)
 
 
+def test_paged_program_after_a_fork_equals_module_path():
+    """A fork shares blocks; the step that appends to a shared, half-full block copies it (module path), and
+    the table the program reads must follow (the plan is rebuilt after such a step)."""
+    m = tiny(quant="int4")
+    prompt = torch.randint(0, 101, (1, 6))
+
+    def run(use_plan):
+        caches = m.new_cache(paged=True, block_size=4, num_blocks=32)
+        a = [c.add_sequence() for c in caches][0]
+        m.__dict__.pop("_decode_plan", None)
+        m(prompt, caches, seq_ids=[a], last_only=True)
+        m(prompt[:, :1], caches, seq_ids=[a], last_only=True)  # a: 7 tokens, a plan for [a]
+        b = [c.fork(a) for c in caches][0]
+        nxt, out = torch.tensor([[3], [9]]), []
+        for _ in range(9):  # the first step copies the shared block; later ones cross block boundaries
+            if use_plan:
+                logits = m(nxt, caches, seq_ids=[a, b], last_only=True)
+            else:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(DecodePlan, "build", classmethod(lambda cls, *a_: None))
+                    m.__dict__.pop("_decode_plan", None)
+                    logits = m(nxt, caches, seq_ids=[a, b], last_only=True)
+            out.append(logits)
+            nxt = logits.argmax(-1, keepdim=True)
+        return torch.stack(out), m.__dict__.get("_decode_plan")
+
+    with torch.inference_mode():
+        got, plan = run(True)
+        want, _ = run(False)
+    assert plan is not None and plan.paged is not None and not plan.paged.stale  # the program ran at the end
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
 def test_paged_plan_is_not_built_when_layers_disagree():
     m = tiny(quant="int4")
     with torch.inference_mode():

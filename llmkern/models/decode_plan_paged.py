@@ -82,10 +82,11 @@ class PagedSteps:
                     return False
             if n + 1 > max_positions or n + 1 > self.capacity:
                 return False
-            if n % bs == 0:
-                grow.append(b)          # the new token starts a block
-            elif c0.allocator.refcount[s.blocks[-1]] > 1:
-                return False            # shared last block: copy on write is the module path's
+            j = n // bs                 # the block the new token goes to
+            if j == len(s.blocks):
+                grow.append(b)          # it starts a block
+            elif j > len(s.blocks) or c0.allocator.refcount[s.blocks[j]] > 1:
+                return False            # a shared block: copy on write is the module path's
             lengths.append(n)
         if grow:
             if any(c.allocator.num_free < len(grow) for c in caches):

@@ -153,7 +153,7 @@ def test_rotary_strided_q_and_batched_shape(isa):
     assert bits_equal(big_q[:, :, 0], before[:, :, 0]) and bits_equal(big_q[:, :, -1], before[:, :, -1])
 
 
-@pytest.mark.parametrize("D", [32, 40])  # 40: a partial 16-lane tail on the AVX-512 path
+@pytest.mark.parametrize("D", [32, 40, 43])  # 40, 43: partial 16-lane tails (AVX-512); 43: a scalar tail (AVX2)
 def test_int8_ties_zero_tiny_and_nonfinite_rows(isa, D):
     """127/amax = 1 makes x.5 exact ties (half to even); an all-zero head stores 0; a tiny head saturates;
     a head with inf or NaN stores zeros with an inf / NaN scale (the reference's rule)."""

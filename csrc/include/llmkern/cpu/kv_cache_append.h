@@ -154,6 +154,56 @@ LLMKERN_ROT512 inline void store_row_int8(const float* x, int64_t D, int8_t* q, 
 
 }  // namespace kv512
 
+namespace kv2 {
+
+// store_row's int8 rule on AVX2, 8 lanes at a time (the tail by the scalar rule): bit for bit the same.
+__attribute__((target("avx2"))) inline void store_row_int8(const float* x, int64_t D, int8_t* q, float* scale) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 vmax = _mm256_setzero_ps();
+  int nan = 0;
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    nan |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    vmax = _mm256_max_ps(_mm256_andnot_ps(sign, v), vmax);  // a NaN lane keeps vmax (flagged above)
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.0f;
+  for (float l : lanes) amax = l > amax ? l : amax;
+  for (; i < D; ++i) {
+    const float a = std::fabs(x[i]);
+    nan |= a != a;
+    amax = a > amax ? a : amax;
+  }
+  if (nan) amax = NAN;
+  *scale = amax / 127.0f;
+  if (!(amax > 0.0f) || !(amax <= FLT_MAX)) {
+    std::memset(q, 0, D);
+    return;
+  }
+  const float inv = 127.0f / amax;
+  const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  alignas(32) int32_t r[8];
+  for (i = 0; i + 8 <= D; i += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+    v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN (0 * inf) -> 0
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    v = _mm256_sub_ps(_mm256_add_ps(v, magic), magic);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(r), _mm256_cvttps_epi32(v));
+    for (int j = 0; j < 8; ++j) q[i + j] = static_cast<int8_t>(r[j]);
+  }
+  for (; i < D; ++i) {
+    float v = x[i] * inv;
+    if (v != v) v = 0.0f;
+    v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+    q[i] = static_cast<int8_t>(quant_round(v));
+  }
+}
+
+}  // namespace kv2
+
 inline void kv_cache_append(const AppendArgs& a) {
   const int64_t T = a.B * a.S;
   if (T <= 0) return;
@@ -208,6 +258,10 @@ inline void kv_cache_append(const AppendArgs& a) {
         } else {
           for (int64_t d = 0; d < D; ++d) row[d] = load_as_f32(src, base + d, a.kv_dtype);
           if (rotate_k) rotate_row(row, cs, a.R, a.interleaved, a.kv_dtype);
+        }
+        if (a.cache_type == 3 && a.isa == Isa::kAvx2) {
+          kv2::store_row_int8(row, D, static_cast<int8_t*>(cache) + dst * D, scale + dst);
+          continue;
         }
         store_row(row, D, cache, a.cache_type, dst, scale);
       }

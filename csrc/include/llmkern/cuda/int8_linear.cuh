@@ -300,19 +300,9 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
-  // Grouped raster over a 1-D grid: kRasterM consecutive row tiles share each column tile while it is
-  // in L2 (the weight panel is read ~once per kRasterM row tiles instead of once per row tile).
+  // Grouped raster over a 1-D grid (mma_common.cuh): row tiles share a column tile while it is in L2.
   int tile_m, tile_n;
-  {
-    constexpr int kRasterM = 8;
-    const int tiles_m = (a.M + BM - 1) / BM, tiles_n = (a.N + BN - 1) / BN;
-    const int per_group = kRasterM * tiles_n;
-    const int pid = blockIdx.x;
-    const int first_m = (pid / per_group) * kRasterM;
-    const int gm = min(tiles_m - first_m, kRasterM);
-    tile_m = first_m + (pid % per_group) % gm;
-    tile_n = (pid % per_group) / gm;
-  }
+  grouped_raster(a.M, a.N, BM, BN, blockIdx.x, tile_m, tile_n);
   const int m_base = tile_m * BM, n_base = tile_n * BN;
   const int KT = (a.K + kTileRowBytes - 1) / kTileRowBytes;
 

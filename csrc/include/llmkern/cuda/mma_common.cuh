@@ -18,6 +18,19 @@ namespace cuda {
 constexpr int kTileRowBytes = 64;  // bytes per row of a shared-memory tile = one pipeline stage's K
 constexpr int kMmaStages = 3;      // 3 x (128 + 128) x 64 B = 48 KiB of static shared memory at most
 
+// Grouped raster of a 1-D grid of output tiles (the GEMM kernels: int8_linear, wdq_gemm, wgmma_int4):
+// kRasterM consecutive row tiles share each column tile while it is in L2, so a weight panel is read
+// about once per kRasterM row tiles instead of once per row tile. Block pid -> (tile_m, tile_n).
+__device__ __forceinline__ void grouped_raster(int M, int N, int BM, int BN, int pid, int& tile_m, int& tile_n) {
+  constexpr int kRasterM = 8;
+  const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+  const int per_group = kRasterM * tiles_n;
+  const int first_m = (pid / per_group) * kRasterM;
+  const int gm = min(tiles_m - first_m, kRasterM);
+  tile_m = first_m + (pid % per_group) % gm;
+  tile_n = (pid % per_group) / gm;
+}
+
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

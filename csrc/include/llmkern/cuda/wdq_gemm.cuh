@@ -132,16 +132,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
   int tile_m, tile_n;
-  {
-    constexpr int kRasterM = 8;
-    const int tiles_m = (a.M + BM - 1) / BM, tiles_n = (a.N + BN - 1) / BN;
-    const int per_group = kRasterM * tiles_n;
-    const int pid = blockIdx.x;
-    const int first_m = (pid / per_group) * kRasterM;
-    const int gm = min(tiles_m - first_m, kRasterM);
-    tile_m = first_m + (pid % per_group) % gm;
-    tile_n = (pid % per_group) / gm;
-  }
+  grouped_raster(a.M, a.N, BM, BN, blockIdx.x, tile_m, tile_n);
   const int m_base = tile_m * BM, n_base = tile_n * BN;
   const int KT = (a.K + kBK - 1) / kBK;
 

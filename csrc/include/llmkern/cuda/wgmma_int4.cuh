@@ -146,16 +146,7 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
 
   const int tid = threadIdx.x, wg = tid / 128, t = tid % 128;
   int tile_m, tile_n;
-  {
-    constexpr int kRasterM = 8;
-    const int tiles_m = (a.M + BM - 1) / BM, tiles_n = (a.N + kBN - 1) / kBN;
-    const int per_group = kRasterM * tiles_n;
-    const int pid = blockIdx.x;
-    const int first_m = (pid / per_group) * kRasterM;
-    const int gm = min(tiles_m - first_m, kRasterM);
-    tile_m = first_m + (pid % per_group) % gm;
-    tile_n = (pid % per_group) / gm;
-  }
+  grouped_raster(a.M, a.N, BM, kBN, blockIdx.x, tile_m, tile_n);
   const int m_base = tile_m * BM, n_base = tile_n * kBN;
   const int KT = (a.K + kBK - 1) / kBK;
   const uint8_t* qw = static_cast<const uint8_t*>(a.w);

@@ -75,18 +75,23 @@ class LinearCase:
 
 
 def linear_cases() -> list[LinearCase]:
-    """Decode (M=1) on every SmolLM2 linear, one prefill-sized SmolLM2 case, and Llama-2-7B 4096x4096 M=1.
+    """Decode (M=1) on every SmolLM2 linear, one prefill-sized SmolLM2 case, and the Llama-2-7B shapes
+    and row counts of the CPU linear targets (issue 3): 4096x4096 and 11008x4096 at M = 1, 4096x4096
+    at M = 128 and 512 (prefill).
 
-    Full: every linear of all three models at M = 1, 16 and 128.
+    Full: every linear of all three models at M = 1, 16, 128 and 512.
     """
     cases = [LinearCase(SMOLLM2.name, l, n, k, 1) for l, n, k in linear_shapes(SMOLLM2)]
     cases.append(LinearCase(SMOLLM2.name, "gate_proj/up_proj", 1536, 576, 64))
     cases.append(LinearCase(LLAMA2.name, "q_proj/o_proj", 4096, 4096, 1))
+    cases.append(LinearCase(LLAMA2.name, "gate_proj/up_proj", 11008, 4096, 1))
+    cases += [LinearCase(LLAMA2.name, "q_proj/o_proj", 4096, 4096, M) for M in (128, 512)]
     if FULL:
         for m in MODELS:
             for l, n, k in linear_shapes(m):
-                for M in (1, 16, 128):
-                    cases.append(LinearCase(m.name, l, n, k, M))
+                for M in (1, 16, 128, 512):
+                    if not any((c.model, c.N, c.K, c.M) == (m.name, n, k, M) for c in cases):
+                        cases.append(LinearCase(m.name, l, n, k, M))
     return _dedup(cases)
 
 

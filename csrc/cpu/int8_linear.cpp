@@ -115,7 +115,7 @@ void bind_int8_linear_pack(py::module_& m) {
         if (n < 0) fail_arg(where, "n must be >= 0, got " + std::to_string(n));
         if (n == 0) return true;
         check_ptr_arg(where, "ptr", ptr, 4);
-        return cpu::i8pk::fits_f16(reinterpret_cast<const float*>(ptr), n);
+        return cpu::fits_f16(reinterpret_cast<const float*>(ptr), n);
       },
       py::arg("ptr"), py::arg("n"), "Whether every one of n float32 at ptr is exactly an fp16 value (NaN: no).");
   m.def(
@@ -139,7 +139,7 @@ void bind_int8_linear_pack(py::module_& m) {
           check_ptr_arg(where, "scale_ptr", scale_ptr, 4);
         }
         const auto* s = reinterpret_cast<const float*>(scale_ptr);
-        if (e == 2 && N > 0 && !cpu::i8pk::fits_f16(s, N * (K / group_size)))
+        if (e == 2 && N > 0 && !cpu::fits_f16(s, N * (K / group_size)))
           fail_arg(where, "e=2 needs every scale to be exactly an fp16 value (int8_linear_fits_f16)");
         py::gil_scoped_release release;
         cpu::i8pk::int8_pack_decode(reinterpret_cast<const int8_t*>(w_ptr), s, N, K, group_size, e, w8a8,

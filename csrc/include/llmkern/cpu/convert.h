@@ -83,5 +83,14 @@ inline void store_from_f32(void* p, int64_t i, DType dt, float v) {
 
 inline int64_t dtype_size(DType dt) { return dt == DType::kF32 ? 4 : 2; }
 
+// Whether every value is exactly an fp16 value (bit for bit after the round trip: -0, subnormals
+// and infinities included; NaN never, so a NaN keeps its fp32 payload). The packed weight layouts
+// store such scales as fp16, losslessly.
+inline bool fits_f16(const float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isnan(v[i]) || f32_bits(f16_to_f32(f32_to_f16(v[i]))) != f32_bits(v[i])) return false;
+  return true;
+}
+
 }  // namespace cpu
 }  // namespace llmkern

@@ -209,14 +209,6 @@ inline void int4_pack_decode(const uint8_t* qw, const float* scales, const float
   }
 }
 
-// Whether every value is exactly an fp16 value (bit for bit after the round trip: -0, subnormals
-// and infinities included; NaN never, so a NaN keeps its fp32 payload).
-inline bool fits_f16(const float* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (f32_bits(f16_to_f32(f32_to_f16(v[i]))) != f32_bits(v[i]) || std::isnan(v[i])) return false;
-  return true;
-}
-
 // Bytes of one prepared decode row (the largest of the ISA formats: fp32, padded to 128).
 inline int64_t dec_row_bytes(int64_t K) { return align_up(K, 128) * 4; }
 inline int64_t groups_padded(int64_t K) { return align_up(K / 32, 16); }  // >= K / G for G >= 32

@@ -63,14 +63,6 @@ struct Header {
   int64_t N, K, G, E;
 };
 
-// Whether every value is exactly an fp16 value (bit for bit after the round trip: -0, subnormals
-// and infinities included; NaN never, so a NaN keeps its fp32 payload).
-inline bool fits_f16(const float* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (std::isnan(v[i]) || f32_bits(f16_to_f32(f32_to_f16(v[i]))) != f32_bits(v[i])) return false;
-  return true;
-}
-
 // Packs canonical weights (w [N, K] int8, scale [N, K/G] fp32) into packed_bytes(N, K, G, E) bytes at out.
 inline void int8_pack_decode(const int8_t* w, const float* scale, int64_t N, int64_t K, int64_t G, int64_t E,
                              bool w8a8, uint8_t* out) {

@@ -4,11 +4,11 @@ Every module takes `backend=None` and passes it to each op call (see llmkern.ops
 """
 from .attention import Attention
 from .kv_cache import KVCache
-from .linear import Int4Linear, Int8Linear, quantize_linears
+from .linear import Int4Linear, Int8Linear, quantize_linears, set_linear_modes
 from .norm import RMSNorm, RotaryEmbedding
 from .paged_kv_cache import BlockAllocator, PagedKVCache
 
 __all__ = [
-    "Int8Linear", "Int4Linear", "quantize_linears", "RMSNorm", "RotaryEmbedding", "KVCache",
+    "Int8Linear", "Int4Linear", "quantize_linears", "set_linear_modes", "RMSNorm", "RotaryEmbedding", "KVCache",
     "PagedKVCache", "BlockAllocator", "Attention",
 ]

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import ops
 from .._backends import env_backend
-from ..ops.int4_linear import int4_linear_op
+from ..ops.int4_linear import MODES as INT4_MODES, int4_linear_op
 from ..ops.int8_linear import MODES, int8_linear_op
 from ._fast import plain_activation
 
@@ -181,19 +181,23 @@ class Int4Linear(_QuantizedBase):
     Buffers: `qweight` uint8 [N, K // 2] (low nibble = even k), `scales` and `offsets` float32
     [N, K // group_size] (dequant = q * scale + offset), `bias` [N] in `dtype` or None.
     forward: x [..., K] -> [..., N] in x's dtype.
+    mode: "w4a16" (float activations) or "w4a8" (activation rows quantized to int8 on the fly, integer
+    dot products on the CPU; see ops.int4_linear). An attribute, like Int8Linear's: not in the state dict.
     """
 
     _fp32_buffers = ("scales", "offsets")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 32,
-                 device=None, dtype=torch.float32, backend=None):
+                 mode: str = "w4a16", device=None, dtype=torch.float32, backend=None):
         super().__init__()
         _check_features("Int4Linear", in_features, out_features)
+        if mode not in INT4_MODES:
+            raise ValueError(f"Int4Linear: mode must be one of {INT4_MODES}, got {mode!r}")
         if group_size not in INT4_GROUP_SIZES or in_features % group_size:
             raise ValueError(f"Int4Linear: group_size must be one of {INT4_GROUP_SIZES} and divide in_features="
                              f"{in_features}, got {group_size}")
         self.in_features, self.out_features = in_features, out_features
-        self.group_size, self.backend = group_size, backend
+        self.group_size, self.backend, self.mode = group_size, backend, mode
         G = in_features // group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(out_features, G, dtype=torch.float32, device=device))
@@ -202,7 +206,7 @@ class Int4Linear(_QuantizedBase):
 
     @classmethod
     def from_quantized(cls, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                       bias: torch.Tensor | None = None, *, backend=None) -> "Int4Linear":
+                       bias: torch.Tensor | None = None, *, mode: str = "w4a16", backend=None) -> "Int4Linear":
         """Wrap already-quantized tensors in the canonical layout (kept as given, not copied)."""
         if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8 or qweight.dim() != 2:
             raise TypeError(f"Int4Linear.from_quantized: qweight must be a uint8 [N, K // 2] tensor, got "
@@ -218,18 +222,20 @@ class Int4Linear(_QuantizedBase):
         if bias is not None and tuple(bias.shape) != (N,):
             raise ValueError(f"Int4Linear.from_quantized: bias must have shape [{N}], got {list(bias.shape)}")
         dtype = bias.dtype if bias is not None else torch.float32
-        m = cls(K, N, bias is not None, group_size=K // scales.shape[1], device="meta", dtype=dtype, backend=backend)
+        m = cls(K, N, bias is not None, group_size=K // scales.shape[1], mode=mode, device="meta", dtype=dtype,
+                backend=backend)
         m.qweight, m.scales, m.offsets = qweight, scales, offsets
         if bias is not None:
             m.bias = bias
         return m
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, group_size: int = 32, backend=None) -> "Int4Linear":
+    def from_linear(cls, linear: nn.Linear, *, group_size: int = 32, mode: str = "w4a16",
+                    backend=None) -> "Int4Linear":
         """Quantize `linear.weight` with ops.quantize_int4 (round to nearest, offset = group min)."""
         q, s, o = ops.quantize_int4(linear.weight.detach(), group_size, backend=backend)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls.from_quantized(q, s, o, bias, backend=backend)
+        return cls.from_quantized(q, s, o, bias, mode=mode, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] -> [..., N]
@@ -237,25 +243,27 @@ class Int4Linear(_QuantizedBase):
             run = self._lean(x)
             if run is not None:
                 return run(x)
-            if self._trusted and plain_activation(x, self.in_features, self.qweight.device):
-                return int4_linear_op.run_trusted(x, self.qweight, self.scales, self.offsets, self.bias,
+            if self._trusted and self.mode in INT4_MODES and plain_activation(x, self.in_features,
+                                                                              self.qweight.device):
+                return int4_linear_op.run_trusted(x, self.qweight, self.scales, self.offsets, self.bias, self.mode,
                                                   self.backend)
-            out = ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, backend=self.backend)
-            self._trust(int4_linear_op, self.qweight, self.scales, self.offsets, self.bias)
+            out = ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, self.mode,
+                                  backend=self.backend)
+            self._trust(int4_linear_op, self.qweight, self.scales, self.offsets, self.bias, self.mode)
             return out
-        return ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, backend=self.backend)
+        return ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, self.mode, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"group_size={self.group_size}, backend={self.backend!r}")
+                f"group_size={self.group_size}, mode={self.mode!r}, backend={self.backend!r}")
 
 
 def quantize_linears(module: nn.Module, quant: str = "int8", *, group_size: int | None = None,
-                     mode: str = "w8a16", skip: Iterable[str] = (), backend=None) -> nn.Module:
+                     mode: str | None = None, skip: Iterable[str] = (), backend=None) -> nn.Module:
     """Replace every `nn.Linear` in `module`'s tree by Int8Linear / Int4Linear, in place.
 
-    quant: "int8" (group_size default 0 = per channel; `mode` "w8a16" or "w8a8") or "int4" (group_size
-    default 32). skip: names not to quantize, either full dotted names ("model.lm_head") or the last
+    quant: "int8" (group_size default 0 = per channel; `mode` "w8a16" (default) or "w8a8") or "int4"
+    (group_size default 32; `mode` "w4a16" (default) or "w4a8"). skip: names not to quantize, either full dotted names ("model.lm_head") or the last
     component ("lm_head"). Returns `module`, or the new module when `module` itself is an nn.Linear.
     """
     if quant not in ("int8", "int4"):
@@ -265,12 +273,16 @@ def quantize_linears(module: nn.Module, quant: str = "int8", *, group_size: int 
     skip = set(skip)
     if group_size is None:
         group_size = 0 if quant == "int8" else 32
+    modes = INT8_MODES if quant == "int8" else INT4_MODES
+    mode = modes[0] if mode is None else mode
+    if mode not in modes:
+        raise ValueError(f"quantize_linears: mode for {quant} must be one of {modes}, got {mode!r}")
 
     def convert(name: str, lin: nn.Linear) -> nn.Module:
         try:
             if quant == "int8":
                 return Int8Linear.from_linear(lin, mode=mode, group_size=group_size, backend=backend)
-            return Int4Linear.from_linear(lin, group_size=group_size, backend=backend)
+            return Int4Linear.from_linear(lin, group_size=group_size, mode=mode, backend=backend)
         except ValueError as e:
             raise ValueError(f"quantize_linears: cannot quantize {name or '<root>'} "
                              f"({lin.in_features} -> {lin.out_features}) to {quant}: {e}") from e
@@ -285,6 +297,28 @@ def quantize_linears(module: nn.Module, quant: str = "int8", *, group_size: int 
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, convert(name, lin))
     return module
+
+
+def set_linear_modes(module: nn.Module, *, int4: str | None = None, int8: str | None = None) -> int:
+    """Set the mode of every Int4Linear (`int4`: "w4a16" / "w4a8") and Int8Linear (`int8`: "w8a16" /
+    "w8a8") in `module`'s tree; None leaves that kind as it is. Returns how many modules changed.
+
+    E.g. `set_linear_modes(model, int4="w4a8", int8="w8a8")` makes a GGUF model quantize its activation
+    rows to int8 in every quantized linear (integer dot products: faster on the CPU, with the extra
+    activation rounding measured in docs/notes/cpu-w4a8.md). Each changed module re-prepares its
+    weights on its next call.
+    """
+    if int4 is not None and int4 not in INT4_MODES:
+        raise ValueError(f"set_linear_modes: int4 must be one of {INT4_MODES}, got {int4!r}")
+    if int8 is not None and int8 not in INT8_MODES:
+        raise ValueError(f"set_linear_modes: int8 must be one of {INT8_MODES}, got {int8!r}")
+    changed = 0
+    for m in module.modules():
+        want = int4 if isinstance(m, Int4Linear) else int8 if isinstance(m, Int8Linear) else None
+        if want is not None and m.mode != want:
+            m.mode = want  # __setattr__ drops the prepared call
+            changed += 1
+    return changed
 
 
 def concat_linears(mods) -> nn.Module | None:
@@ -327,4 +361,5 @@ def concat_linears(mods) -> nn.Module | None:
                                          torch.cat([m.weight_scale for m in mods]), bias,
                                          mode=first.mode, backend=first.backend)
     return Int4Linear.from_quantized(torch.cat([m.qweight for m in mods]), torch.cat([m.scales for m in mods]),
-                                     torch.cat([m.offsets for m in mods]), bias, backend=first.backend)
+                                     torch.cat([m.offsets for m in mods]), bias, mode=first.mode,
+                                     backend=first.backend)

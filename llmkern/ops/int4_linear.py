@@ -7,6 +7,15 @@ Canonical int4 layout (see llmkern/formats/README.md):
   dequant(q) = q * scale + offset  ( = (q - zero) * scale with zero = -offset / scale, fractional ).
 Storing the offset rather than the zero point keeps GGUF Q4_0/Q4_1 and GPTQ/AWQ integer zeros
 bit-exact: each product and the one addition are exact or rounded exactly as their own dequantizers do.
+
+Modes:
+- "w4a16" (default): x stays float; the weights are dequantized on the fly.
+- "w4a8": each row of x is first quantized to int8 exactly as int8_linear's W8A8 does (symmetric,
+  scale_x = max|x_row| / 127, round half to even) and the result is that row, dequantized, times
+  dequant(w)^T. The CPU kernel computes it with integer dot products (int4 x int8, exact int32 per
+  weight group), much cheaper than dequantizing the weights to float when several rows share them
+  (batched decode, prefill). The extra error is the activation rounding: docs/notes/cpu-w4a8.md.
+  CPU only (cpu backend, or the reference anywhere); the GPU backends decline it.
 """
 from __future__ import annotations
 
@@ -23,10 +32,11 @@ from ._registry import BackendUnsupported, defop
 from .int8_linear import _cuda_device, _cuda_rows, _num_sms
 
 GROUP_SIZES = (32, 64, 128)
+MODES = ("w4a16", "w4a8")
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _check(x, qweight, scales, offsets, bias):
+def _check(x, qweight, scales, offsets, bias, mode):
     op = "int4_linear"
     C.tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
     if x.dim() < 1:
@@ -45,33 +55,38 @@ def _check(x, qweight, scales, offsets, bias):
     if bias is not None:
         C.tensor(op, "bias", bias, ranks=(1,), dtypes=C.FLOAT_DTYPES)
         C.shape(op, "bias", bias, (N,))
+    if mode not in MODES:
+        raise ValueError(f"llmkern.{op}: mode must be one of {MODES}, got {mode!r}")
     C.same_device(op, x=x, qweight=qweight, scales=scales, offsets=offsets, bias=bias)
 
 
-def _fake(x, qweight, scales, offsets, bias):
+def _fake(x, qweight, scales, offsets, bias, mode):
     return x.new_empty(x.shape[:-1] + (qweight.shape[0],))
 
 
 int4_linear_op = defop(
     "int4_linear",
-    "(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, Tensor? bias=None, str? backend=None) -> Tensor",
+    "(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, Tensor? bias=None, str mode=\"w4a16\", "
+    "str? backend=None) -> Tensor",
     check=_check,
     fake=_fake,
 )
 
 
 @int4_linear_op.backend("reference")
-def _reference(x, qweight, scales, offsets, bias):
-    return reference.int4_linear(x, qweight, scales, offsets, bias)
+def _reference(x, qweight, scales, offsets, bias, mode):
+    return reference.int4_linear(x, qweight, scales, offsets, bias, mode)
 
 
 @int4_linear_op.backend("triton")
-def _triton(x, qweight, scales, offsets, bias):
+def _triton(x, qweight, scales, offsets, bias, mode):
     """Triton W4A16 kernel on CUDA tensors (llmkern.triton_kernels imported lazily: it needs triton)."""
     from ..triton_kernels import int4_linear as tk
 
     if x.device.type != "cuda":
         raise BackendUnsupported(f"triton runs on CUDA tensors, x is on {x.device}")
+    if mode != "w4a16":
+        raise BackendUnsupported(f"mode {mode!r} runs on the CPU only (triton has W4A16)")
     return tk.int4_linear(x, qweight, scales, offsets, bias)
 
 
@@ -162,16 +177,72 @@ def _cpu_pack(mod, qweight, scales, offsets, N, K, G):
     return packed, (packed.data_ptr(), E)
 
 
+def _cpu_w4a8_runner(qweight, scales, offsets, bias):
+    """run(x) of the W4A8 kernel (csrc/cpu/int4_linear_w4a8.cpp) with these weights packed once into its
+    layout (int4_linear_w4a8_common.h: 16-row blocks, per group 8 G bytes of nibbles in vpdpbusd order,
+    then the 16 scales and offsets, fp16 when every one of them is an fp16 value, else fp32). The
+    packed copy is K/2 + 2 E K/G bytes per output row (rows padded to 16); the canonical tensors are
+    not read by the kernel. Same interface as `_cpu_runner`'s run (call, workspace_size, keep)."""
+    mod = _backends.cpu_module()
+    if qweight.device.type != "cpu":
+        raise BackendUnsupported(f"weights are on {qweight.device}")
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    G = K // scales.shape[1]
+    qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
+    n = scales.numel()
+    E = 2 if mod.int4_linear_fits_f16(scales.data_ptr(), n) and mod.int4_linear_fits_f16(offsets.data_ptr(), n) else 4
+    nbytes = mod.int4_linear_w4a8_packed_size(N, K, G, E)
+    buf = torch.empty(nbytes + 64, dtype=torch.uint8)  # + 64: room to start at a 64-byte boundary
+    start = -buf.data_ptr() % 64
+    packed = buf[start:start + nbytes]
+    mod.int4_linear_w4a8_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, G, E,
+                              packed.data_ptr(), nbytes)
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    w_args = (packed.data_ptr(), N, G, E, 0 if bias32 is None else bias32.data_ptr())
+    kernel, ws_size, get_ws, codes = mod.int4_linear_w4a8, mod.int4_linear_w4a8_workspace_size, _WS.get, _DTYPE_CODE
+    get_threads, isa, empty = torch.get_num_threads, _backends.cpu_isa, torch.empty
+
+    def run(x):
+        if x.device.type != "cpu":
+            raise BackendUnsupported(f"x is on {x.device}")
+        # [..., K] -> [M, K]; a view whenever x's rows are evenly strided, else one copy.
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+        out = empty((M, N), dtype=x.dtype)
+        ws_bytes = ws_size(M, K, G)
+        ws = get_ws(ws_bytes)
+        kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_args, out.data_ptr(), N, ws.data_ptr(),
+               ws_bytes, get_threads(), isa())
+        return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+    def call(x2, out, ws, threads):
+        """The launch run(x2) makes, into `out`, as a KernelCall (see `_cpu_runner`'s call)."""
+        return mod.int4_linear_w4a8_call(x2.data_ptr(), codes[x2.dtype], x2.stride(0), x2.shape[0], K, *w_args,
+                                         out.data_ptr(), N, ws.data_ptr(), ws.numel(), threads, isa())
+
+    run.call = call
+    run.workspace_size = lambda M, threads: ws_size(M, K, G)
+    run.keep = (buf, bias32)  # the tensors behind w_args
+    run.packed, run.packed_e = packed, E
+    return run
+
+
 @int4_linear_op.backend("cpu")
-def _cpu(x, qweight, scales, offsets, bias):
-    """Launch the C++ kernel on raw pointers (canonical layout: nothing repacked per call)."""
+def _cpu(x, qweight, scales, offsets, bias, mode):
+    """Launch the C++ kernel on raw pointers. W4A16 reads the canonical layout (nothing repacked per
+    call); W4A8 packs the weights into its layout on every call (a full pass over them: use
+    Int4Linear, whose prepared call packs once, for speed)."""
     if x.device.type != "cpu":
         raise BackendUnsupported(f"x is on {x.device}")
+    if mode == "w4a8":
+        return _cpu_w4a8_runner(qweight, scales, offsets, bias)(x)
     return _cpu_runner(qweight, scales, offsets, bias, pack=False)(x)
 
 
 @int4_linear_op.preparer("cpu")
-def _cpu_prepare(qweight, scales, offsets, bias):
+def _cpu_prepare(qweight, scales, offsets, bias, mode):
     """The cpu preparer (Int4Linear's prepared call). On AVX-512 CPUs it may also pack the weights for
     one-row decode calls (`_cpu_runner`; on AVX2 the packed tiles measured 3-7% slower):
 
@@ -180,7 +251,10 @@ def _cpu_prepare(qweight, scales, offsets, bias):
       this costs the packed copy's memory (~83% of the canonical int4 tensors) on top of them.
     LLMKERN_INT4_PACK=1: pack whenever the CPU is AVX-512 (fp32 scales too: ~1.15x on small shapes,
       none on 4096 x 4096). LLMKERN_INT4_PACK=0: never (no memory beyond the canonical tensors).
-    The kernel reads whichever layout it is given, with identical results."""
+    The kernel reads whichever layout it is given, with identical results.
+    W4A8 always packs (its kernel reads only its own layout)."""
+    if mode == "w4a8":
+        return _cpu_w4a8_runner(qweight, scales, offsets, bias)
     setting = os.environ.get("LLMKERN_INT4_PACK", "")
     pack = setting != "0" and _backends.cpu_isa() == "avx512_vnni"
     if pack and setting != "1":
@@ -214,7 +288,7 @@ def _is_sm90(device) -> bool:
 
 
 @int4_linear_op.backend("cuda")
-def _cuda(x, qweight, scales, offsets, bias):
+def _cuda(x, qweight, scales, offsets, bias, mode):
     """CUDA kernels (csrc/cuda/int4_linear.cu) on raw pointers; torch allocates output and workspace.
 
     fp32 x (any M) and M = 1: the W4A16 GEMV (16-byte weight loads, nibble unpack and group dequant in
@@ -230,6 +304,8 @@ def _cuda(x, qweight, scales, offsets, bias):
     mod = _backends.cuda_module()
     if x.device.type != "cuda":
         raise BackendUnsupported(f"x is on {x.device}")
+    if mode != "w4a16":
+        raise BackendUnsupported(f"mode {mode!r} runs on the CPU only (the CUDA kernels are W4A16)")
     N, K = qweight.shape[0], qweight.shape[1] * 2
     G = K // scales.shape[1]  # the op's check guarantees G in GROUP_SIZES and K % G == 0
     qweight = qweight.contiguous()
@@ -263,6 +339,7 @@ def _cuda(x, qweight, scales, offsets, bias):
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
-def int4_linear(x, qweight, scales, offsets, bias=None, backend=None):
-    """y[..., N] = x[..., K] @ dequant(qweight)^T + bias, in x's dtype; group size G = K / scales.shape[1]."""
-    return int4_linear_op(x, qweight, scales, offsets, bias, backend)
+def int4_linear(x, qweight, scales, offsets, bias=None, mode="w4a16", backend=None):
+    """y[..., N] = x[..., K] @ dequant(qweight)^T + bias, in x's dtype; group size G = K / scales.shape[1].
+    mode "w4a16" (float activations) or "w4a8" (rows of x quantized to int8 first; see the module doc)."""
+    return int4_linear_op(x, qweight, scales, offsets, bias, mode, backend)

@@ -200,14 +200,14 @@ def test_config_from_metadata_and_hf():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("quant", ["none", "int8-w8a16", "int8-w8a8", "int4"])
+@pytest.mark.parametrize("quant", ["none", "int8-w8a16", "int8-w8a8", "int4", "int4-w4a8"])
 def test_fused_projections_compute_what_the_separate_ones_do(backend, quant):
     """fuse_projections joins q/k/v and gate/up: same logits (quantized kernels: bit for bit, each
     output row is computed from its own weights), with and without a cache, and biases kept (Qwen2)."""
     m = tiny(seed=3, backend=backend, attention_bias=True)
     if quant != "none":
         kind, _, mode = quant.partition("-")
-        quantize_linears(m, kind, mode=mode or "w8a16", skip=("lm_head",), backend=backend)
+        quantize_linears(m, kind, mode=mode or None, skip=("lm_head",), backend=backend)
     tokens = torch.randint(0, 101, (2, 9))
     with torch.inference_mode():
         want_full = m(tokens)

@@ -122,7 +122,8 @@ def test_opcheck(backend):
     x = torch.randn(2, 3, 128, generator=gen)
     for G, bias in ((32, None), (128, torch.randn(17, generator=gen))):
         qw, s, o = make_weights(17, 128, G, gen)
-        torch.library.opcheck(torch.ops.llmkern.int4_linear.default, (x, qw, s, o, bias, backend))
+        for mode in ("w4a16", "w4a8"):
+            torch.library.opcheck(torch.ops.llmkern.int4_linear.default, (x, qw, s, o, bias, mode, backend))
 
 
 # ------------------------------------------------------------------ bad inputs

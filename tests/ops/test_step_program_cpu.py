@@ -134,7 +134,8 @@ def test_linear_runner_calls_equal_their_runs(M, isa, threads):  # noqa: F811
     w = torch.randn(N, K)
     q4 = quantize_int4(w, group_size=64)
     q8 = quantize_int8(w, group_size=32)
-    runners = [i4_mod._cpu_runner(*q4, torch.randn(N)), i4_mod._cpu_prepare(*q4, None),
+    runners = [i4_mod._cpu_runner(*q4, torch.randn(N)), i4_mod._cpu_prepare(*q4, None, "w4a16"),
+               i4_mod._cpu_prepare(*q4, torch.randn(N), "w4a8"),
                i8_mod._cpu_runner(*q8, torch.randn(N), "w8a16"), i8_mod._cpu_runner(*q8, None, "w8a8")]
     x = torch.randn(M, K + 8)[:, :K]  # rows at a stride > K
     for run in runners:
@@ -143,7 +144,7 @@ def test_linear_runner_calls_equal_their_runs(M, isa, threads):  # noqa: F811
         out = torch.full((M, N), float("nan"))
         call = run.call(x, out, ws, threads)
         call()
-        assert call.name in ("int4_linear", "int8_linear")
+        assert call.name in ("int4_linear", "int4_linear_w4a8", "int8_linear")
         assert torch.equal(out, want)
 
 

@@ -1,0 +1,135 @@
+// Launchers of int4_linear's W4A8 mode (kernels: csrc/include/llmkern/cpu/int4_linear_w4a8*.h).
+// Called by llmkern/ops/int4_linear.py with raw pointers of tensors torch allocated.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bindings.h"
+#include "llmkern/cpu/int4_linear_w4a8.h"
+
+namespace py = pybind11;
+
+namespace llmkern {
+namespace bindings {
+namespace {
+
+const char* kWhere = "llmkern._C.int4_linear_w4a8";
+constexpr int64_t kMaxDim = int64_t(1) << 31;
+
+void check_shape(const char* where, int64_t M, int64_t K, int64_t N, int64_t G, int64_t e) {
+  if (M < 0 || M > kMaxDim) fail_arg(where, "M must be in [0, 2^31], got " + std::to_string(M));
+  if (N < 0 || N > kMaxDim) fail_arg(where, "N must be in [0, 2^31], got " + std::to_string(N));
+  if (G != 32 && G != 64 && G != 128) fail_arg(where, "group_size must be 32, 64 or 128, got " + std::to_string(G));
+  if (K < G || K > kMaxDim || K % G)
+    fail_arg(where, "K must be a positive multiple of group_size=" + std::to_string(G) + " below 2^31, got " +
+                        std::to_string(K));
+  if (e != 2 && e != 4) fail_arg(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
+}
+
+KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t w_ptr,
+                     int64_t N, int64_t group_size, int64_t e, std::uintptr_t bias_ptr, std::uintptr_t out_ptr,
+                     int64_t out_row_stride, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
+                     const std::string& isa_name) {
+  if (x_dtype < 0 || x_dtype > 2)
+    fail_arg(kWhere, "x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
+  const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
+  check_shape(kWhere, M, K, N, group_size, e);
+  if (num_threads < 1 || num_threads > 1024)
+    fail_arg(kWhere, "num_threads must be in [1, 1024], got " + std::to_string(num_threads));
+  if (x_row_stride < 0) fail_arg(kWhere, "x_row_stride must be >= 0, got " + std::to_string(x_row_stride));
+  if (out_row_stride < (M > 1 ? N : 0))
+    fail_arg(kWhere, "out_row_stride must be >= N=" + std::to_string(N) + " (rows must not overlap), got " +
+                         std::to_string(out_row_stride));
+  const int64_t need = cpu::int4_w4a8_workspace_bytes(M, K, group_size);
+  if (ws_bytes < need)
+    fail_arg(kWhere, "workspace too small: ws_bytes=" + std::to_string(ws_bytes) + ", need " + std::to_string(need) +
+                         " (int4_linear_w4a8_workspace_size(M, K, group_size))");
+  if (M == 0 || N == 0) return {};
+  const int64_t esize = x_dtype == 0 ? 4 : 2;
+  check_ptr_arg(kWhere, "x_ptr", x_ptr, esize);
+  check_ptr_arg(kWhere, "w_ptr", w_ptr, 64);  // the layout's vector loads assume 64-byte groups from here
+  if (bias_ptr) check_ptr_arg(kWhere, "bias_ptr", bias_ptr, 4);
+  check_ptr_arg(kWhere, "out_ptr", out_ptr, esize);
+  check_ptr_arg(kWhere, "ws_ptr", ws_ptr, 1);
+
+  cpu::Int4W4A8Args a;
+  a.x = reinterpret_cast<const void*>(x_ptr);
+  a.x_dtype = static_cast<cpu::DType>(x_dtype);
+  a.x_row_stride = x_row_stride;
+  a.M = M;
+  a.K = K;
+  a.N = N;
+  a.w = reinterpret_cast<const uint8_t*>(w_ptr);
+  a.e = e;
+  a.group = group_size;
+  a.bias = reinterpret_cast<const float*>(bias_ptr);
+  a.out = reinterpret_cast<void*>(out_ptr);
+  a.out_row_stride = out_row_stride;
+  a.ws = reinterpret_cast<void*>(ws_ptr);
+  a.num_threads = num_threads;
+  return {[a, isa] { cpu::int4_linear_w4a8(a, isa); }, "int4_linear_w4a8"};
+}
+
+}  // namespace
+
+void bind_int4_linear_w4a8(py::module_& m) {
+  m.def(
+      "int4_linear_w4a8_workspace_size",
+      [](int64_t M, int64_t K, int64_t group_size) {
+        check_shape("llmkern._C.int4_linear_w4a8_workspace_size", M, K, 0, group_size, 4);
+        return cpu::int4_w4a8_workspace_bytes(M, K, group_size);
+      },
+      py::arg("M"), py::arg("K"), py::arg("group_size"),
+      "Bytes of workspace int4_linear_w4a8 needs for M rows of K values (quantized rows and group sums).");
+  m.def(
+      "int4_linear_w4a8_packed_size",
+      [](int64_t N, int64_t K, int64_t group_size, int64_t e) {
+        check_shape("llmkern._C.int4_linear_w4a8_packed_size", 1, K, N, group_size, e);
+        return cpu::w4a8_packed_bytes(N, K, group_size, e);
+      },
+      py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"),
+      "Bytes of the W4A8 layout of [N, K] int4 weights with e-byte scales and offsets.");
+  m.def(
+      "int4_linear_w4a8_pack",
+      [](std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t N, int64_t K,
+         int64_t group_size, int64_t e, std::uintptr_t out_ptr, int64_t out_bytes) {
+        const char* where = "llmkern._C.int4_linear_w4a8_pack";
+        check_shape(where, 1, K, N, group_size, e);
+        const int64_t need = cpu::w4a8_packed_bytes(N, K, group_size, e);
+        if (out_bytes < need)
+          fail_arg(where, "out_bytes=" + std::to_string(out_bytes) + " too small, need " + std::to_string(need));
+        if (N == 0) return;
+        check_ptr_arg(where, "qweight_ptr", qweight_ptr, 1);
+        check_ptr_arg(where, "scales_ptr", scales_ptr, 4);
+        check_ptr_arg(where, "offsets_ptr", offsets_ptr, 4);
+        check_ptr_arg(where, "out_ptr", out_ptr, 64);
+        const auto* s = reinterpret_cast<const float*>(scales_ptr);
+        const auto* o = reinterpret_cast<const float*>(offsets_ptr);
+        const int64_t n = N * (K / group_size);
+        py::gil_scoped_release release;
+        if (e == 2 && !(cpu::fits_f16(s, n) && cpu::fits_f16(o, n))) {
+          py::gil_scoped_acquire gil;
+          fail_arg(where, "e=2 needs every scale and offset to be exactly an fp16 value");
+        }
+        cpu::int4_w4a8_pack(reinterpret_cast<const uint8_t*>(qweight_ptr), s, o, N, K, group_size, e,
+                            reinterpret_cast<uint8_t*>(out_ptr));
+      },
+      py::arg("qweight_ptr"), py::arg("scales_ptr"), py::arg("offsets_ptr"), py::arg("N"), py::arg("K"),
+      py::arg("group_size"), py::arg("e"), py::arg("out_ptr"), py::arg("out_bytes"),
+      "Packs canonical int4 weights (qweight [N, K/2], scales/offsets fp32 [N, K/G], contiguous) into the W4A8 "
+      "layout (csrc/include/llmkern/cpu/int4_linear_w4a8_common.h): e=2 (fp16 scales) only when every scale and "
+      "offset is exactly an fp16 value (ValueError otherwise).");
+  def_launcher(m, "int4_linear_w4a8", &make_call,
+               "out[M, N] = rowquant8(x[M, K]) @ dequant(w)^T (+ bias) on raw pointers: int4_linear's W4A8 mode "
+               "(x rows quantized to int8 as int8_linear's W8A8 does; integer dot products) on weights in the W4A8 "
+               "layout (int4_linear_w4a8_pack, 64-byte aligned). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has "
+               "x's dtype; bias float32. Releases the GIL while computing; invalid arguments raise ValueError.",
+               py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"), py::arg("K"),
+               py::arg("w_ptr"), py::arg("N"), py::arg("group_size"), py::arg("e"), py::arg("bias_ptr"),
+               py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("ws_ptr"), py::arg("ws_bytes"),
+               py::arg("num_threads"), py::arg("isa"));
+}
+
+}  // namespace bindings
+}  // namespace llmkern

@@ -5,6 +5,9 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
 - llmkern.cpu.module: the path users run, `llmkern.nn.Int4Linear`'s prepared call (after its first,
   checked call the cpu preparer binds the weights and repacks them into the packed decode layout;
   nbytes counts what that layout streams: K/2 + 2 (K/G) E bytes per row, E = 4 here, random fp32 scales);
+- llmkern.cpu.w4a8.module: the same module in mode "w4a8" (rows of x quantized to int8 on the fly,
+  int4 x int8 dot products; weights packed once into the W4A8 layout, the same bytes per row), checked
+  with W8A8's tolerance (the activation rounding is part of its result);
 - F.linear: the float layer, weight [N, K] in the activation dtype;
 - torch._weight_int4pack_mm: torch's weight-only int4 kernel on the same values, CPU:
   `_weight_int4pack_mm_for_cpu(x, _convert_weight_to_int4pack_for_cpu(q int32 [N, K], 2), G, sz)`,
@@ -25,7 +28,7 @@ import _shapes as S
 
 OP = "int4_linear"
 PEERS = ("F.linear", "torch._weight_int4pack_mm")
-TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}  # see bench_int8_linear.py
+TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2, "w4a8": 3e-2}  # see bench_int8_linear.py
 
 
 def _cases() -> list[S.Variant]:
@@ -43,6 +46,7 @@ def _items():
                 items.append((case, dt, f"llmkern.{b}"))
                 if b == "cpu":
                     items.append((case, dt, "llmkern.cpu.module"))
+                    items.append((case, dt, "llmkern.cpu.w4a8.module"))
             items += [(case, dt, p) for p in PEERS]
     return items
 
@@ -83,15 +87,18 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
         t[(dtype, "x")] = t["x"].to(dt)
     x = t[(dtype, "x")]  # [M, K]
     io_bytes = M * K * e + M * N * e
-    backend, kind = None, "peer"
+    backend, kind, compute, tol = None, "peer", None, TOL[dtype]
 
-    if impl == "llmkern.cpu.module":
+    if impl in ("llmkern.cpu.module", "llmkern.cpu.w4a8.module"):
         backend, kind = "cpu", "llmkern"
         from llmkern.nn import Int4Linear
 
+        mode = "w4a8" if ".w4a8." in impl else "w4a16"
+        if mode == "w4a8":
+            compute, tol = "int8", TOL["w4a8"]
         w_bytes = N * K // 2 + 8 * N * (K // G)  # canonical: sizes the rotation like the op entry
         nxt = bench.rotating((t["qweight"], t["scales"], t["offsets"]), w_bytes)
-        mods = [Int4Linear.from_quantized(*nxt()) for _ in range(bench.benchmark.extra_info["copies"])]
+        mods = [Int4Linear.from_quantized(*nxt(), mode=mode) for _ in range(bench.benchmark.extra_info["copies"])]
         for m in mods:
             m(x)  # the first call goes through the op; later calls take the prepared run(x)
         run = mods[0].__dict__["_run"]
@@ -129,4 +136,4 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
         raise AssertionError(impl)
 
     bench(fn, op=OP, impl=impl, kind=kind, backend=backend, case=case, dtype=dtype, nbytes=w_bytes + io_bytes,
-          flops=2.0 * M * N * K, check=lambda out: bench.close(out, t["y"], TOL[dtype]))
+          flops=2.0 * M * N * K, compute=compute, check=lambda out: bench.close(out, t["y"], tol))

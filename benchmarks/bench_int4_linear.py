@@ -5,9 +5,10 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
 - llmkern.cpu.module: the path users run, `llmkern.nn.Int4Linear`'s prepared call (after its first,
   checked call the cpu preparer binds the weights and repacks them into the packed decode layout;
   nbytes counts what that layout streams: K/2 + 2 (K/G) E bytes per row, E = 4 here, random fp32 scales);
-- llmkern.cpu.w4a8.module: the same module in mode "w4a8" (rows of x quantized to int8 on the fly,
-  int4 x int8 dot products; weights packed once into the W4A8 layout, the same bytes per row), checked
-  with W8A8's tolerance (the activation rounding is part of its result);
+- llmkern.cpu.w4a8.module / .w4a8g.module: the same module in mode "w4a8" / "w4a8g" (x quantized to int8
+  on the fly, one scale per row / per group; int4 x int8 dot products; weights packed once into the W4A8
+  layout, the same bytes per row), checked with W8A8's tolerance (the activation rounding is part of the
+  result);
 - F.linear: the float layer, weight [N, K] in the activation dtype;
 - torch._weight_int4pack_mm: torch's weight-only int4 kernel on the same values, CPU:
   `_weight_int4pack_mm_for_cpu(x, _convert_weight_to_int4pack_for_cpu(q int32 [N, K], 2), G, sz)`,
@@ -47,6 +48,7 @@ def _items():
                 if b == "cpu":
                     items.append((case, dt, "llmkern.cpu.module"))
                     items.append((case, dt, "llmkern.cpu.w4a8.module"))
+                    items.append((case, dt, "llmkern.cpu.w4a8g.module"))
             items += [(case, dt, p) for p in PEERS]
     return items
 
@@ -89,12 +91,12 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
     io_bytes = M * K * e + M * N * e
     backend, kind, compute, tol = None, "peer", None, TOL[dtype]
 
-    if impl in ("llmkern.cpu.module", "llmkern.cpu.w4a8.module"):
+    if impl in ("llmkern.cpu.module", "llmkern.cpu.w4a8.module", "llmkern.cpu.w4a8g.module"):
         backend, kind = "cpu", "llmkern"
         from llmkern.nn import Int4Linear
 
-        mode = "w4a8" if ".w4a8." in impl else "w4a16"
-        if mode == "w4a8":
+        mode = impl.split(".")[2] if impl.count(".") == 3 else "w4a16"
+        if mode != "w4a16":
             compute, tol = "int8", TOL["w4a8"]
         w_bytes = N * K // 2 + 8 * N * (K // G)  # canonical: sizes the rotation like the op entry
         nxt = bench.rotating((t["qweight"], t["scales"], t["offsets"]), w_bytes)

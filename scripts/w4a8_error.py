@@ -1,9 +1,10 @@
-"""The extra error of int4_linear's W4A8 mode over W4A16 (docs/notes/cpu-w4a8.md).
+"""The extra error of int4_linear's W4A8 modes over W4A16 (docs/notes/cpu-w4a8.md).
 
 Two measurements, printed as a table:
 1. Gaussian weights [N, K] quantized to int4 (round to nearest, group G), activations x [M, K] Gaussian and
-   heavy-tailed (a few outlier channels, as LLM hidden states have): SQNR in dB of W4A16 and W4A8 outputs
-   against the float matmul, and of W4A8 against W4A16 (the activation rounding alone).
+   heavy-tailed (a few outlier channels, as LLM hidden states have): SQNR in dB of W4A16, W4A8 (a scale
+   per row) and W4A8g (a scale per group) outputs against the float matmul, and of W4A8/W4A8g against
+   W4A16 (the activation rounding alone).
 2. The default model (SmolLM2-135M-Instruct Q4_1 + Q8_0 lm_head) on a fixed prompt: the next-token logits
    of every position with all linears W4A16/W8A16 vs W4A8/W8A8 (SQNR, top-1 agreement), and the greedy
    tokens of a 48-token generation of each.
@@ -27,8 +28,9 @@ def sqnr(ref, out):
 
 def synthetic():
     gen = torch.Generator().manual_seed(0)
-    print("| weights N x K, G | activations | W4A16 vs float | W4A8 vs float | W4A8 vs W4A16 |")
-    print("|---|---|---|---|---|")
+    print("| weights N x K, G | activations | W4A16 vs float | W4A8 vs float | W4A8g vs float | W4A8 vs W4A16 "
+          "| W4A8g vs W4A16 |")
+    print("|---|---|---|---|---|---|---|")
     for N, K, G in ((1536, 576, 32), (4096, 4096, 32), (4096, 4096, 128)):
         w = torch.randn(N, K, generator=gen)
         q, s, o = ops.quantize_int4(w, G)
@@ -40,7 +42,9 @@ def synthetic():
             y = x.double() @ w.double().T
             a16 = ops.int4_linear(x, q, s, o, None, "w4a16", backend="cpu")
             a8 = ops.int4_linear(x, q, s, o, None, "w4a8", backend="cpu")
-            print(f"| {N} x {K}, G{G} | {kind} | {sqnr(y, a16):.1f} dB | {sqnr(y, a8):.1f} dB | {sqnr(a16, a8):.1f} dB |")
+            a8g = ops.int4_linear(x, q, s, o, None, "w4a8g", backend="cpu")
+            print(f"| {N} x {K}, G{G} | {kind} | {sqnr(y, a16):.1f} dB | {sqnr(y, a8):.1f} dB | {sqnr(y, a8g):.1f} dB "
+                  f"| {sqnr(a16, a8):.1f} dB | {sqnr(a16, a8g):.1f} dB |")
 
 
 TEXT = ("The history of astronomy spans thousands of years. Early observers tracked the motions of the Sun, "
@@ -56,24 +60,30 @@ def model():
 
     m, tok = load_gguf(progress=False)
     ids = torch.tensor([tok.encode(TEXT)])
-    prompt = "Explain in two sentences why the sky is blue, then name three primary colors."
+    prompts = ["Explain in two sentences why the sky is blue, then name three primary colors.",
+               "What is the capital of France?"]
     configs = [("W4A16 + W8A16 (as loaded)", "w4a16", "w8a16"), ("W4A8 + W8A16", "w4a8", "w8a16"),
-               ("W4A16 + W8A8", "w4a16", "w8a8"), ("W4A8 + W8A8 (--act-int8)", "w4a8", "w8a8")]
+               ("W4A8g + W8A16", "w4a8g", "w8a16"), ("W4A16 + W8A8", "w4a16", "w8a8"),
+               ("W4A8 + W8A8", "w4a8", "w8a8"), ("W4A8g + W8A8 (--act-int8)", "w4a8g", "w8a8")]
     res = {}
     with torch.inference_mode():
         for name, i4, i8 in configs:
             set_linear_modes(m, int4=i4, int8=i8)
-            res[name] = (m(ids)[0], generate(m, tok, prompt, max_new_tokens=48).tokens[0])
-    ref, ref_tokens = res[configs[0][0]]
+            res[name] = (m(ids)[0], [generate(m, tok, p, max_new_tokens=48).tokens[0] for p in prompts],
+                         generate(m, tok, prompts[1], max_new_tokens=12).texts[0])
+    ref, ref_tokens, _ = res[configs[0][0]]
     print(f"\nSmolLM2-135M-Instruct (Q4_1 layers, Q8_0 lm_head), {ids.shape[1]} positions of a fixed text; "
-          "greedy answer of 48 tokens to a fixed prompt:\n")
-    print("| linears | logits SQNR vs as loaded | next-token top-1 agreement | greedy tokens equal before the first difference |")
-    print("|---|---|---|---|")
-    for name, _, _ in configs[1:]:
-        logits, tokens = res[name]
+          "greedy answers of 48 tokens to two fixed prompts:\n")
+    print("| linears | logits SQNR vs as loaded | next-token top-1 agreement | greedy tokens equal before the first "
+          "difference (prompts 1, 2) | 'What is the capital of France?' |")
+    print("|---|---|---|---|---|")
+    for name, _, _ in configs:
+        logits, tokens, answer = res[name]
         agree = (ref.argmax(-1) == logits.argmax(-1)).float().mean().item()
-        same = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), min(len(ref_tokens), len(tokens)))
-        print(f"| {name} | {sqnr(ref, logits):.1f} dB | {100 * agree:.1f}% | {same} of {len(ref_tokens)} |")
+        same = [next((i for i, (a, b) in enumerate(zip(r, t)) if a != b), min(len(r), len(t)))
+                for r, t in zip(ref_tokens, tokens)]
+        print(f"| {name} | {sqnr(ref, logits):.1f} dB | {100 * agree:.1f}% | {same[0]} of {len(ref_tokens[0])}, "
+              f"{same[1]} of {len(ref_tokens[1])} | {answer!r} |")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ void check_shape(const char* where, int64_t M, int64_t K, int64_t N, int64_t G, 
 KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t w_ptr,
                      int64_t N, int64_t group_size, int64_t e, std::uintptr_t bias_ptr, std::uintptr_t out_ptr,
                      int64_t out_row_stride, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
-                     const std::string& isa_name) {
+                     const std::string& isa_name, bool group_scales) {
   if (x_dtype < 0 || x_dtype > 2)
     fail_arg(kWhere, "x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
   const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
@@ -68,6 +68,7 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   a.out_row_stride = out_row_stride;
   a.ws = reinterpret_cast<void*>(ws_ptr);
   a.num_threads = num_threads;
+  a.group_scales = group_scales;
   return {[a, isa] { cpu::int4_linear_w4a8(a, isa); }, "int4_linear_w4a8"};
 }
 
@@ -121,14 +122,14 @@ void bind_int4_linear_w4a8(py::module_& m) {
       "layout (csrc/include/llmkern/cpu/int4_linear_w4a8_common.h): e=2 (fp16 scales) only when every scale and "
       "offset is exactly an fp16 value (ValueError otherwise).");
   def_launcher(m, "int4_linear_w4a8", &make_call,
-               "out[M, N] = rowquant8(x[M, K]) @ dequant(w)^T (+ bias) on raw pointers: int4_linear's W4A8 mode "
-               "(x rows quantized to int8 as int8_linear's W8A8 does; integer dot products) on weights in the W4A8 "
-               "layout (int4_linear_w4a8_pack, 64-byte aligned). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has "
+               "out[M, N] = quant8(x[M, K]) @ dequant(w)^T (+ bias) on raw pointers: int4_linear's W4A8 modes "
+               "(x quantized to int8 as int8_linear's W8A8 does, one scale per row, or per group of group_size "
+               "values with group_scales; integer dot products) on weights in the W4A8 layout (int4_linear_w4a8_pack, 64-byte aligned). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has "
                "x's dtype; bias float32. Releases the GIL while computing; invalid arguments raise ValueError.",
                py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"), py::arg("K"),
                py::arg("w_ptr"), py::arg("N"), py::arg("group_size"), py::arg("e"), py::arg("bias_ptr"),
                py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("ws_ptr"), py::arg("ws_bytes"),
-               py::arg("num_threads"), py::arg("isa"));
+               py::arg("num_threads"), py::arg("isa"), py::arg("group_scales") = false);
 }
 
 }  // namespace bindings

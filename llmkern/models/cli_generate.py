@@ -40,8 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--kv-int8", action="store_true", help="int8 KV cache")
     p.add_argument("--act-int8", action="store_true",
-                   help="quantize activations to int8 in the quantized linears (int4: W4A8, int8: W8A8): integer "
-                        "dot products, faster on the CPU, slightly less exact (docs/notes/cpu-w4a8.md)")
+                   help="quantize activations to int8 in the quantized linears (int4: W4A8 with a scale per group, "
+                        "int8: W8A8): integer dot products, faster on the CPU, slightly less exact "
+                        "(docs/notes/cpu-w4a8.md)")
     p.add_argument("--quiet", action="store_true", help="no loading progress")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth measurement in the summary")
     return p
@@ -75,7 +76,7 @@ def run(args) -> int:
         return _error(str(e))
     if args.act_int8:
         from ..nn import set_linear_modes
-        set_linear_modes(model, int4="w4a8", int8="w8a8")
+        set_linear_modes(model, int4="w4a8g", int8="w8a8")
 
     prompts = [" ".join(args.prompt)] + list(args.extra_prompt)
     single = len(prompts) == 1

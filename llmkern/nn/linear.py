@@ -181,8 +181,9 @@ class Int4Linear(_QuantizedBase):
     Buffers: `qweight` uint8 [N, K // 2] (low nibble = even k), `scales` and `offsets` float32
     [N, K // group_size] (dequant = q * scale + offset), `bias` [N] in `dtype` or None.
     forward: x [..., K] -> [..., N] in x's dtype.
-    mode: "w4a16" (float activations) or "w4a8" (activation rows quantized to int8 on the fly, integer
-    dot products on the CPU; see ops.int4_linear). An attribute, like Int8Linear's: not in the state dict.
+    mode: "w4a16" (float activations), "w4a8" / "w4a8g" (activations quantized to int8 on the fly, one
+    scale per row / per group, integer dot products on the CPU; see ops.int4_linear). An attribute, like
+    Int8Linear's: not in the state dict.
     """
 
     _fp32_buffers = ("scales", "offsets")
@@ -300,11 +301,11 @@ def quantize_linears(module: nn.Module, quant: str = "int8", *, group_size: int 
 
 
 def set_linear_modes(module: nn.Module, *, int4: str | None = None, int8: str | None = None) -> int:
-    """Set the mode of every Int4Linear (`int4`: "w4a16" / "w4a8") and Int8Linear (`int8`: "w8a16" /
-    "w8a8") in `module`'s tree; None leaves that kind as it is. Returns how many modules changed.
+    """Set the mode of every Int4Linear (`int4`: "w4a16" / "w4a8" / "w4a8g") and Int8Linear (`int8`:
+    "w8a16" / "w8a8") in `module`'s tree; None leaves that kind as it is. Returns how many changed.
 
-    E.g. `set_linear_modes(model, int4="w4a8", int8="w8a8")` makes a GGUF model quantize its activation
-    rows to int8 in every quantized linear (integer dot products: faster on the CPU, with the extra
+    E.g. `set_linear_modes(model, int4="w4a8g", int8="w8a8")` makes a GGUF model quantize its activations
+    to int8 in every quantized linear (integer dot products: faster on the CPU, with the extra
     activation rounding measured in docs/notes/cpu-w4a8.md). Each changed module re-prepares its
     weights on its next call.
     """

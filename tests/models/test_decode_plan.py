@@ -65,7 +65,7 @@ def python_step_with_kernel_silu(monkeypatch):
                                                                     linear=F.linear))
 
 
-@pytest.mark.parametrize("quant", ["int4", "int4-w4a8", "int8-w8a16", "int8-w8a8"])
+@pytest.mark.parametrize("quant", ["int4", "int4-w4a8", "int4-w4a8g", "int8-w8a16", "int8-w8a8"])
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("int8_kv", [False, True])
 def test_plan_equals_module_path(quant, B, int8_kv, monkeypatch):
@@ -81,7 +81,7 @@ def test_plan_equals_module_path(quant, B, int8_kv, monkeypatch):
     assert cache[0]._host_max == 7 + 12 and int(cache[0].seq_lens[0]) == 19
 
 
-@pytest.mark.parametrize("quant", ["int4", "int4-w4a8", "int8-w8a16", "int8-w8a8"])
+@pytest.mark.parametrize("quant", ["int4", "int4-w4a8", "int4-w4a8g", "int8-w8a16", "int8-w8a8"])
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("int8_kv", [False, True])
 def test_program_equals_python_step(quant, B, int8_kv, monkeypatch):

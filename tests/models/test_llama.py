@@ -200,7 +200,7 @@ def test_config_from_metadata_and_hf():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("quant", ["none", "int8-w8a16", "int8-w8a8", "int4", "int4-w4a8"])
+@pytest.mark.parametrize("quant", ["none", "int8-w8a16", "int8-w8a8", "int4", "int4-w4a8", "int4-w4a8g"])
 def test_fused_projections_compute_what_the_separate_ones_do(backend, quant):
     """fuse_projections joins q/k/v and gate/up: same logits (quantized kernels: bit for bit, each
     output row is computed from its own weights), with and without a cache, and biases kept (Qwen2)."""

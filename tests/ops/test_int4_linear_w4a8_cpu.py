@@ -1,9 +1,10 @@
-"""int4_linear mode "w4a8" on the CPU (csrc/include/llmkern/cpu/int4_linear_w4a8*.h).
+"""int4_linear modes "w4a8" / "w4a8g" on the CPU (csrc/include/llmkern/cpu/int4_linear_w4a8*.h).
 
-W4A8 = the activation rows quantized to int8 by int8_linear's W8A8 rule, dequantized, times the int4
-weights. The kernel's integer dot products per group are exact, so against a float64 computation on
-the same quantized rows its only error is fp32 rounding of one sum per group: the tolerances below are
-that (and the output dtype's rounding), not more. Every ISA and thread count must give the same bits.
+W4A8 = the activations quantized to int8 by int8_linear's W8A8 rule (one scale per row, or per group of
+G values of a row for "w4a8g"), dequantized, times the int4 weights. The kernel's integer dot products
+per group are exact, so against a float64 computation on the same quantized activations its only error
+is fp32 rounding of a few operations per group: the tolerances below are that (and the output dtype's
+rounding), not more. Every ISA and thread count must give the same bits.
 """
 import zlib
 
@@ -24,6 +25,7 @@ SHAPES = [(1, 32, 32), (15, 64, 32), (17, 96, 32), (33, 640, 64), (100, 576, 32)
           (48, 1536, 64), (16, 384, 128)]
 ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 17, 40)
 EPS = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+MODES = ("w4a8", "w4a8g")
 
 
 def weights(N, K, G, f16, gen):
@@ -42,11 +44,13 @@ def dequant(qw, s, o):
     return q * s.double().repeat_interleave(G, 1) + o.double().repeat_interleave(G, 1)
 
 
-def expected(x, qw, s, o, b):
+def expected(x, qw, s, o, b, mode):
     """(float64 W4A8 result [M, N] before output rounding, magnitude bound sum |x_hat w| [M, N])."""
-    x2 = x.reshape(-1, x.shape[-1])
-    qx, sx = quantize_rows_int8(x2)
-    xh = qx.double() * sx.double().unsqueeze(1)
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    G = K // s.shape[1] if mode == "w4a8g" else K
+    qx, sx = quantize_rows_int8(x2.reshape(x2.shape[0], K // G, G))  # [M, K/G, G], [M, K/G]
+    xh = (qx.double() * sx.double().unsqueeze(-1)).reshape(x2.shape)
     w = dequant(qw, s, o)
     y = xh @ w.T
     mag = xh.abs() @ w.abs().T
@@ -56,20 +60,21 @@ def expected(x, qw, s, o, b):
     return y, mag
 
 
-def check_close(out, x, qw, s, o, b, what):
-    y, mag = expected(x, qw, s, o, b)
+def check_close(out, x, qw, s, o, b, what, mode="w4a8"):
+    y, mag = expected(x, qw, s, o, b, mode)
     ng = s.shape[1]
-    # fp32: ~3 roundings per group into a running sum (bounded by mag), the row scale, the bias;
-    # 16-bit outputs: plus half an ulp of the output.
-    tol = (3 * ng + 4) * 2.0 ** -24 * mag + EPS[out.dtype] * y.abs() + 1e-30
+    # fp32: 4 roundings per group (offset * A, the fma with the scale, the one with the activation scale
+    # into the running sum, each bounded by mag), the bias; 16-bit outputs: plus half an ulp of the output.
+    tol = (4 * ng + 4) * 2.0 ** -24 * mag + EPS[out.dtype] * y.abs() + 1e-30
     err = (out.reshape(y.shape).double() - y).abs()
     bad = err > tol
     assert not bad.any(), f"{what}: {int(bad.sum())} outputs off, worst {float((err / tol).max()):.2f}x tolerance"
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("f16", [True, False], ids=["fp16-scales", "fp32-scales"])
 @pytest.mark.parametrize("isa", ISAS)
-def test_w4a8_matches_float64_on_the_quantized_rows(isa, f16, monkeypatch):
+def test_w4a8_matches_float64_on_the_quantized_rows(isa, f16, mode, monkeypatch):
     monkeypatch.setenv("LLMKERN_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(zlib.crc32(f"{isa}{f16}".encode()))
     saved = torch.get_num_threads()
@@ -78,22 +83,23 @@ def test_w4a8_matches_float64_on_the_quantized_rows(isa, f16, monkeypatch):
             torch.set_num_threads(nt)
             for i, (N, K, G) in enumerate(SHAPES):
                 qw, s, o = weights(N, K, G, f16, gen)
-                run = _cpu_w4a8_runner(qw, s, o, None)
+                run = _cpu_w4a8_runner(qw, s, o, None, mode == "w4a8g")
                 assert run.packed_e == (2 if f16 else 4)
                 for M in ROWS[i % 3::3] + (1,):
                     dt = DTYPES[(i + M) % 3]
                     x = torch.randn(M, K, generator=gen).to(dt)
                     b = torch.randn(N, generator=gen).to(dt) if (M + i) % 2 else None
-                    out = ops.int4_linear(x, qw, s, o, b, "w4a8", backend="cpu")
+                    out = ops.int4_linear(x, qw, s, o, b, mode, backend="cpu")
                     assert out.dtype == dt and out.shape == (M, N)
-                    check_close(out, x, qw, s, o, b, f"{isa} t{nt} N{N} K{K} G{G} M{M} {dt}")
+                    check_close(out, x, qw, s, o, b, f"{isa} t{nt} N{N} K{K} G{G} M{M} {dt}", mode)
                     if b is None:
                         assert torch.equal(run(x), out)  # prepared runner == op path
     finally:
         torch.set_num_threads(saved)
 
 
-def test_w4a8_every_isa_and_thread_count_gives_the_same_bits(monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_w4a8_every_isa_and_thread_count_gives_the_same_bits(mode, monkeypatch):
     gen = torch.Generator().manual_seed(7)
     saved = torch.get_num_threads()
     try:
@@ -108,7 +114,7 @@ def test_w4a8_every_isa_and_thread_count_gives_the_same_bits(monkeypatch):
                         monkeypatch.setenv("LLMKERN_CPU_ISA", isa)
                         for nt in (1, 2):
                             torch.set_num_threads(nt)
-                            outs.append((isa, nt, ops.int4_linear(x, qw, s, o, b, "w4a8", backend="cpu")))
+                            outs.append((isa, nt, ops.int4_linear(x, qw, s, o, b, mode, backend="cpu")))
                     for isa, nt, out in outs[1:]:
                         assert torch.equal(out, outs[0][2]), f"{isa} t{nt} differs from {outs[0][0]} t{outs[0][1]}"
     finally:
@@ -125,9 +131,26 @@ def test_w4a8_reference_is_w4a16_on_the_quantized_rows():
     w = dequantize_int4(qw, s, o).double()  # the canonical fp32 dequantization, as W4A16's reference
     assert torch.equal(a, (xh @ w.T).float())
     assert not torch.equal(a, ops.int4_linear(x, qw, s, o, None, backend="reference"))
+    # per group: each group of 32 quantized on its own
+    qg, sg = quantize_rows_int8(x.reshape(5, 4, 32))
+    xg = (qg.double() * sg.double().unsqueeze(-1)).reshape(5, 128)
+    assert torch.equal(ops.int4_linear(x, qw, s, o, None, "w4a8g", backend="reference"), (xg @ w.T).float())
 
 
-def test_w4a8_edge_rows_zero_nan_and_empty():
+def test_w4a8g_is_more_exact_with_outlier_channels():
+    """What per-group scales are for: one large channel no longer sets the resolution of its whole row."""
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(64, 512, generator=gen)
+    q, s, o = ops.quantize_int4(w, 32)
+    x = torch.randn(16, 512, generator=gen)
+    x[:, 7] *= 50
+    w16 = ops.int4_linear(x, q, s, o, None, "w4a16", backend="cpu").double()
+    err = {m: (ops.int4_linear(x, q, s, o, None, m, backend="cpu").double() - w16).norm().item() for m in MODES}
+    assert err["w4a8g"] < err["w4a8"] / 4, err
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_w4a8_edge_rows_zero_nan_and_empty(mode):
     gen = torch.Generator().manual_seed(5)
     qw, s, o = weights(17, 64, 32, True, gen)
     b = torch.randn(17, generator=gen)
@@ -135,25 +158,26 @@ def test_w4a8_edge_rows_zero_nan_and_empty():
     x[1] = 0.0
     x[2, 5] = float("nan")
     x[3] = 1e-38  # below 127 / FLT_MAX: the row quantizes to +-127 ("saturate"), as the reference
-    out = ops.int4_linear(x, qw, s, o, b, "w4a8", backend="cpu")
-    ref = ops.int4_linear(x, qw, s, o, b, "w4a8", backend="reference")
+    out = ops.int4_linear(x, qw, s, o, b, mode, backend="cpu")
+    ref = ops.int4_linear(x, qw, s, o, b, mode, backend="reference")
     assert torch.equal(out[1], b)  # a zero row: the bias alone
     assert torch.isnan(out[2]).all() and torch.isnan(ref[2]).all()
-    check_close(out[[0, 3]], x[[0, 3]], qw, s, o, b, "edge rows")
-    assert ops.int4_linear(x[:0], qw, s, o, b, "w4a8", backend="cpu").shape == (0, 17)
+    check_close(out[[0, 3]], x[[0, 3]], qw, s, o, b, "edge rows", mode)
+    assert ops.int4_linear(x[:0], qw, s, o, b, mode, backend="cpu").shape == (0, 17)
 
 
-def test_w4a8_noncontiguous_and_batched_x():
+@pytest.mark.parametrize("mode", MODES)
+def test_w4a8_noncontiguous_and_batched_x(mode):
     gen = torch.Generator().manual_seed(11)
     qw, s, o = weights(40, 256, 64, True, gen)
     base = torch.randn(3, 5, 512, generator=gen)
     x = base[..., ::2]  # [3, 5, 256], stride 2 along K
-    out = ops.int4_linear(x, qw, s, o, None, "w4a8", backend="cpu")
+    out = ops.int4_linear(x, qw, s, o, None, mode, backend="cpu")
     assert out.shape == (3, 5, 40)
-    assert torch.equal(out, ops.int4_linear(x.contiguous(), qw, s, o, None, "w4a8", backend="cpu"))
-    check_close(out, x, qw, s, o, None, "strided x")
+    assert torch.equal(out, ops.int4_linear(x.contiguous(), qw, s, o, None, mode, backend="cpu"))
+    check_close(out, x, qw, s, o, None, "strided x", mode)
     xt = torch.randn(256, 6, generator=gen).T  # rows 1 element apart, K stride 6
-    check_close(ops.int4_linear(xt, qw, s, o, None, "w4a8", backend="cpu"), xt, qw, s, o, None, "transposed x")
+    check_close(ops.int4_linear(xt, qw, s, o, None, mode, backend="cpu"), xt, qw, s, o, None, "transposed x", mode)
 
 
 def test_int4linear_w4a8_module():
@@ -176,6 +200,9 @@ def test_int4linear_w4a8_module():
         ops.int4_linear(x[:, :64], m16.qweight[:8, :32], m16.scales[:8, :2], m16.offsets[:8, :2], None, "int8")
     q = llmkern.nn.quantize_linears(torch.nn.Sequential(torch.nn.Linear(64, 8)), "int4", mode="w4a8")
     assert q[0].mode == "w4a8"
+    assert llmkern.nn.set_linear_modes(q, int4="w4a8g", int8="w8a8") == 1 and q[0].mode == "w4a8g"
+    with pytest.raises(ValueError, match="int4 must be"):
+        llmkern.nn.set_linear_modes(q, int4="w8a8")
     with pytest.raises(ValueError, match="mode for int4"):
         llmkern.nn.quantize_linears(torch.nn.Linear(64, 8), "int4", mode="w8a8")
 

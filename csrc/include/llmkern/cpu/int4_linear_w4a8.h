@@ -2,14 +2,14 @@
 // int4_linear_w4a8_common.h). Arguments are trusted: the launcher (csrc/cpu/int4_linear_w4a8.cpp)
 // checks them.
 //
-// 1. Every row is quantized (signed int8 and its row scale) and its group sums A are taken, into the
-//    workspace; threads share the rows.
+// 1. Every row is quantized (signed int8 and its scales, per row or per group) and its group sums A
+//    are taken, into the workspace; threads share the rows.
 // 2. Each thread takes a contiguous range of 16-row weight blocks (rows of x are split too when
 //    there are fewer blocks than threads) and walks it in panels of blocks small enough to stay in
 //    L2; within a panel, tiles of MR rows x NR blocks run over all of K, so a panel is read from
 //    memory once for all rows (prefill) and a decode call (M <= 8) streams every block once.
-// 3. Each tile's fp32 results are scaled by the row scale, the bias is added, and they are stored
-//    in x's dtype (bf16 / fp16 rounded once, to nearest even).
+// 3. The bias is added to each tile's fp32 results (already weighted by the activation scales), and
+//    they are stored in x's dtype (bf16 / fp16 rounded once, to nearest even).
 #pragma once
 
 #include <omp.h>
@@ -25,7 +25,8 @@
 namespace llmkern {
 namespace cpu {
 
-using W4A8PrepFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, int8_t* q, float* sx, float* asum);
+using W4A8PrepFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, bool per_group, int8_t* q, float* sx,
+                            float* asum);
 
 struct W4A8Kernels {
   W4A8TileFn tile[2][kW4A8MaxMR + 1][5] = {};  // [E == 4][rows][blocks 1, 2, 4]
@@ -121,8 +122,8 @@ inline void int4_linear_w4a8(const Int4W4A8Args& a, Isa isa) {
   const int64_t nblk = w4a8_blocks(a.N), bb = w4a8_block_bytes(K, G, a.e);
   char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);
   int8_t* qrows = reinterpret_cast<int8_t*>(ws);                              // [M][Kp]
-  float* sx = reinterpret_cast<float*>(ws + w4a8_q_bytes(a.M, K));            // [M]
-  float* asum = reinterpret_cast<float*>(ws + w4a8_q_bytes(a.M, K) + w4a8_sx_bytes(a.M));  // [M][ng]
+  float* sx = reinterpret_cast<float*>(ws + w4a8_q_bytes(a.M, K));            // [M][ng]
+  float* asum = reinterpret_cast<float*>(ws + w4a8_q_bytes(a.M, K) + w4a8_sx_bytes(a.M, ng));  // [M][ng]
   const int ei = a.e == 2 ? 0 : 1;
   const int64_t esize = dtype_size(a.x_dtype);
 
@@ -130,8 +131,8 @@ inline void int4_linear_w4a8(const Int4W4A8Args& a, Isa isa) {
   {
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < a.M; ++m)
-      kk.prep(static_cast<const char*>(a.x) + m * a.x_row_stride * esize, a.x_dtype, K, G, qrows + m * Kp, sx + m,
-              asum + m * ng);
+      kk.prep(static_cast<const char*>(a.x) + m * a.x_row_stride * esize, a.x_dtype, K, G, a.group_scales,
+              qrows + m * Kp, sx + m * ng, asum + m * ng);
     // (implicit barrier: every row is prepared before any tile reads it)
     const int nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t tn = std::min<int64_t>(nt, nblk), tm = std::max<int64_t>(1, nt / tn);
@@ -154,6 +155,7 @@ inline void int4_linear_w4a8(const Int4W4A8Args& a, Isa isa) {
           for (int i = 0; i < mr; ++i) {
             tl.q[i] = qrows + (m + i) * Kp;
             tl.asum[i] = asum + (m + i) * ng;
+            tl.sx[i] = sx + (m + i) * ng;
           }
           for (int64_t b = pb; b < pe;) {
             int nr = kk.nr[mr];
@@ -162,9 +164,8 @@ inline void int4_linear_w4a8(const Int4W4A8Args& a, Isa isa) {
             kk.tile[ei][mr][nr](tl);
             const int64_t n0 = b * kW4A8Rows, cols = std::min<int64_t>(nr * kW4A8Rows, a.N - n0);
             for (int i = 0; i < mr; ++i) {
-              const float s = sx[m + i];
               for (int64_t c = 0; c < cols; ++c) {
-                float v = res[i * tl.res_stride + c] * s;
+                float v = res[i * tl.res_stride + c];
                 if (a.bias) v += a.bias[n0 + c];
                 store_from_f32(a.out, (m + i) * a.out_row_stride + n0 + c, a.x_dtype, v);
               }

@@ -52,8 +52,8 @@ LLMKERN_AVX2 void tile(const W4A8Tile& t) {
         const __m256 s = load_scales8<E>(wp - 32 * h + 8 * G + 8 * h * E);
         const __m256 o = load_scales8<E>(wp - 32 * h + 8 * G + (kW4A8Rows + 8 * h) * E);
         LLMKERN_UNROLL for (int i = 0; i < MR; ++i) {
-          accf[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), s, accf[i]);
-          accf[i] = _mm256_fmadd_ps(o, _mm256_set1_ps(t.asum[i][g]), accf[i]);
+          const __m256 u = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), s, _mm256_mul_ps(o, _mm256_set1_ps(t.asum[i][g])));
+          accf[i] = _mm256_fmadd_ps(u, _mm256_set1_ps(t.sx[i][g]), accf[i]);
         }
         wp += gb;
       }

@@ -4,7 +4,8 @@
 // Per chunk (16 rows x 8 values of k, 64 bytes) and weight block: one load, the two nibble halves
 // (and, shift + and), then per activation row two vpdpbusd whose signed operand is the row's 4
 // activation bytes broadcast from memory ({1to16}: no broadcast instruction, no register). Per group:
-// the int32 sums are converted once and scaled (scale * D + offset * A) into fp32 accumulators.
+// the int32 sums are converted once, scaled (scale * D + offset * A) and weighted by the group's
+// activation scale into fp32 accumulators.
 #pragma once
 
 #include "llmkern/cpu/int4_linear_w4a8_common.h"
@@ -69,8 +70,8 @@ LLMKERN_AVX512 void tile(const W4A8Tile& t) {
       const __m512 s = load_scales<E>(wp[j] + 8 * G), o = load_scales<E>(wp[j] + 8 * G + kW4A8Rows * E);
       LLMKERN_UNROLL for (int i = 0; i < MR; ++i) {
         const __m512i d = kDual ? _mm512_add_epi32(acc[i][j], acc2[i][j]) : acc[i][j];
-        accf[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, accf[i][j]);
-        accf[i][j] = _mm512_fmadd_ps(o, _mm512_set1_ps(t.asum[i][g]), accf[i][j]);
+        const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, _mm512_mul_ps(o, _mm512_set1_ps(t.asum[i][g])));
+        accf[i][j] = _mm512_fmadd_ps(v, _mm512_set1_ps(t.sx[i][g]), accf[i][j]);
       }
       wp[j] += gb;
     }
@@ -79,10 +80,18 @@ LLMKERN_AVX512 void tile(const W4A8Tile& t) {
     _mm512_storeu_ps(t.res + i * t.res_stride + j * kW4A8Rows, accf[i][j]);
 }
 
-// Row quantization (int8_linear's rule; the AVX-512 quantizer stores q + 128), then per group: the
-// bytes flipped to the signed q, and A = (sum of the stored bytes) - 128 G, exact via vpsadbw.
-LLMKERN_AVX512 inline void prep_row(const void* x, DType dt, int64_t K, int64_t G, int8_t* q, float* sx, float* asum) {
-  avx512::quantize_row(x, dt, K, q, sx);
+// Row quantization (int8_linear's rule, per row or per group of G; the AVX-512 quantizer stores
+// q + 128), then per group: the bytes flipped to the signed q, and A = (sum of the stored bytes) -
+// 128 G, exact via vpsadbw.
+LLMKERN_AVX512 inline void prep_row(const void* x, DType dt, int64_t K, int64_t G, bool per_group, int8_t* q, float* sx,
+                                    float* asum) {
+  if (per_group) {
+    for (int64_t g = 0; g < K / G; ++g)
+      avx512::quantize_row(static_cast<const char*>(x) + g * G * dtype_size(dt), dt, G, q + g * G, sx + g);
+  } else {
+    avx512::quantize_row(x, dt, K, q, sx);
+    for (int64_t g = 1; g < K / G; ++g) sx[g] = sx[0];
+  }
   uint8_t* u = reinterpret_cast<uint8_t*>(q);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
   const __mmask64 m = avx512::tail64(G < 64 ? G : 64);

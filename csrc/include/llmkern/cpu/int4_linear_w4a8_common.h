@@ -1,17 +1,20 @@
 // W4A8 int4_linear on the CPU: shared pieces (arguments, the weight layout the kernels stream, the
 // tile interface, the workspace, the portable tile and row preparation).
 //
-// Mode "w4a8" (llmkern/ops/int4_linear.py): each activation row is quantized to int8 exactly as
-// int8_linear's W8A8 does (int8_linear_common.h: symmetric, amax / 127, round half to even), and
-// the output is that dequantized row times the dequantized int4 weights:
-//   y[m, n] = sx[m] * sum_g ( scale[n, g] * D(m, n, g) + offset[n, g] * A(m, g) ) + bias[n]
+// Modes (llmkern/ops/int4_linear.py): the activations are quantized to int8 by int8_linear's W8A8
+// rule (int8_linear_common.h: symmetric, amax / 127, round half to even), either per row ("w4a8",
+// one scale per row) or per group of G values of a row ("w4a8g", the weights' groups: an outlier
+// channel then costs only its own group's resolution), and the output is those dequantized
+// activations times the dequantized int4 weights:
+//   y[m, n] = sum_g sx[m, g] * ( scale[n, g] * D(m, n, g) + offset[n, g] * A(m, g) ) + bias[n]
 //   D(m, n, g) = sum_{k in g} a[m, k] * q[n, k]   (a int8, q in 0..15: exact int32, |D| < 2^18)
 //   A(m, g)    = sum_{k in g} a[m, k]             (exact int32)
+//   sx[m, g]   = the scale of row m's group g (per row: the row's scale in every group)
 // The integer dot products are what makes W4A8 fast: vpdpbusd multiplies 64 unsigned bytes (the
 // weights' q, 0..15) by 64 signed bytes (the activations) and sums groups of 4 into 16 int32 lanes,
 // 4x the multiply-adds of an fp32 FMA per instruction and no dequantization of the weights.
-// Rounding: D and A are exact; each group adds two fp32 products to an fp32 sum (fixed order: group
-// by group), then one multiply by sx[m] and one add of the bias. Every output is computed by one
+// Rounding: D and A are exact; per group t = offset * A, t = fma(D, scale, t), acc = fma(t, sx, acc)
+// (fixed order: group by group), then one add of the bias. Every output is computed by one
 // thread in that order, so results do not depend on the thread count, and every ISA (AVX-512 VNNI,
 // AVX2, scalar) gives the same bits.
 //
@@ -52,6 +55,7 @@ struct Int4W4A8Args {
   int64_t out_row_stride = 0;
   void* ws = nullptr;          // int4_w4a8_workspace_bytes(M, K, group) bytes
   int num_threads = 1;
+  bool group_scales = false;   // activation scales per group of `group` ("w4a8g"), else per row ("w4a8")
 };
 
 constexpr int64_t kW4A8Rows = 16;  // output rows per block (one zmm of int32 lanes)
@@ -97,28 +101,30 @@ inline void int4_w4a8_pack(const uint8_t* qweight, const float* scales, const fl
 }
 
 // ------------------------------------------------------------------------------ workspace layout
-// [M rows of w4a8_row_bytes(K) int8 activations][M float row scales sx][M rows of K/G float group
-// sums A], each part starting at a kAlign boundary, plus kAlign so the kernel can align the start.
+// [M rows of w4a8_row_bytes(K) int8 activations][M rows of K/G float scales sx][M rows of K/G float
+// group sums A], each part starting at a kAlign boundary, plus kAlign so the kernel can align the start.
 // Rows are one cache line longer than kpad(K): with a power-of-two stride (K = 4096) the rows of a
 // tile would all fall into the same L1 sets and evict each other.
 inline int64_t w4a8_row_bytes(int64_t K) { return kpad(K) + 64; }
 inline int64_t w4a8_q_bytes(int64_t M, int64_t K) { return M * w4a8_row_bytes(K); }
-inline int64_t w4a8_sx_bytes(int64_t M) { return (M * 4 + kAlign - 1) / kAlign * kAlign; }
+inline int64_t w4a8_sx_bytes(int64_t M, int64_t ng) { return (M * ng * 4 + kAlign - 1) / kAlign * kAlign; }
 inline int64_t int4_w4a8_workspace_bytes(int64_t M, int64_t K, int64_t G) {
   if (M <= 0 || K <= 0) return 0;
-  return w4a8_q_bytes(M, K) + w4a8_sx_bytes(M) + M * (K / G) * 4 + kAlign;
+  return w4a8_q_bytes(M, K) + w4a8_sx_bytes(M, K / G) + M * (K / G) * 4 + kAlign;
 }
 
 // --------------------------------------------------------------------------------------- tiles
 // One tile: MR activation rows times NR consecutive blocks (16 NR output rows), over all of K.
 //   q[i]     row i's int8 activations [K]
 //   asum[i]  row i's group sums A as float [K / G] (exact: |A| <= 127 G)
+//   sx[i]    row i's activation scales [K / G] (the row's scale repeated, in per-row mode)
 //   w        the first block; block j at w + j * block_bytes
 //   res      res[i * res_stride + 16 j + r] = sum_g (scale D + offset A) of row i, block j, row r
 constexpr int kW4A8MaxMR = 8;
 struct W4A8Tile {
   const int8_t* q[kW4A8MaxMR];
   const float* asum[kW4A8MaxMR];
+  const float* sx[kW4A8MaxMR];
   const uint8_t* w;
   int64_t block_bytes, ngroups, G;
   float* res;
@@ -140,7 +146,7 @@ inline float w4a8_get_scalar(const uint8_t* p, int64_t E) {
 namespace w4a8_scalar {
 
 // Any MR x NR (the table points every shape here); the same per-group fp32 order as the vector tiles:
-// acc = fma(float(D), scale, acc); acc = fma(offset, A, acc).
+// t = offset * A; t = fma(float(D), scale, t); acc = fma(t, sx, acc).
 template <int E>
 inline void tile_any(const W4A8Tile& t, int mr, int nr) {
   const int64_t G = t.G, gb = w4a8_group_bytes(G, E);
@@ -161,8 +167,9 @@ inline void tile_any(const W4A8Tile& t, int mr, int nr) {
           }
           const float s = w4a8_get_scalar(gp + 8 * G + r * E, E);
           const float o = w4a8_get_scalar(gp + 8 * G + (kW4A8Rows + r) * E, E);
-          acc = std::fma(static_cast<float>(d), s, acc);
-          acc = std::fma(o, t.asum[i][g], acc);
+          float v = o * t.asum[i][g];
+          v = std::fma(static_cast<float>(d), s, v);
+          acc = std::fma(v, t.sx[i][g], acc);
         }
         t.res[i * t.res_stride + j * kW4A8Rows + r] = acc;
       }
@@ -170,9 +177,17 @@ inline void tile_any(const W4A8Tile& t, int mr, int nr) {
   }
 }
 
-// Row quantization (int8_linear's rule, signed bytes) and its group sums.
-inline void prep_row(const void* x, DType dt, int64_t K, int64_t G, int8_t* q, float* sx, float* asum) {
-  scalar::quantize_row(x, dt, K, q, sx);  // offset 0: the bytes are the signed q
+// Row quantization (int8_linear's rule, signed bytes: one scale per row, or per group of G when
+// `per_group`), the scales sx [K / G] (a row's scale repeated) and the group sums.
+inline void prep_row(const void* x, DType dt, int64_t K, int64_t G, bool per_group, int8_t* q, float* sx,
+                     float* asum) {
+  if (per_group) {
+    for (int64_t g = 0; g < K / G; ++g)
+      scalar::quantize_row(static_cast<const char*>(x) + g * G * dtype_size(dt), dt, G, q + g * G, sx + g);
+  } else {
+    scalar::quantize_row(x, dt, K, q, sx);  // offset 0: the bytes are the signed q
+    for (int64_t g = 1; g < K / G; ++g) sx[g] = sx[0];
+  }
   for (int64_t g = 0; g < K / G; ++g) {
     int32_t s = 0;
     for (int64_t k = 0; k < G; ++k) s += q[g * G + k];

@@ -2,8 +2,9 @@
 
 Groups (one model, the same machine, one run):
 - "generate: SmolLM2-135M decode step @ctx 64": one token through the whole model with a KV cache
-  holding 64 tokens. Entries: llmkern with the file's Q4_1 weights (Int4Linear), llmkern re-quantized
-  to int8 (W8A16), transformers eager fp32 (loaded from the same GGUF, dequantized), and that
+  holding 64 tokens. Entries: llmkern with the file's Q4_1 weights (Int4Linear), the same with int8
+  activations (`--act-int8`: W4A8g layers, W8A8 lm_head), llmkern re-quantized to int8 (W8A16),
+  transformers eager fp32 (loaded from the same GGUF, dequantized), and that
   transformers model after `llmkern.patch(quant="int8")` (every linear, lm_head included).
 - "generate: SmolLM2-135M decode step, 4 sequences @ctx 64": one token for each of 4 sequences (llmkern:
   paged caches, what `generate` uses for several prompts; transformers: a batch of 4), same entries.
@@ -31,6 +32,7 @@ ROUNDS = {"decode": 30, "decode_batch": 15, "prefill": 3}
 @pytest.fixture(scope="module")
 def smollm():
     from llmkern.models import default_model_path, load_gguf
+    from llmkern.nn import set_linear_modes
 
     try:
         path = default_model_path()
@@ -38,7 +40,9 @@ def smollm():
         pytest.skip(f"default model not installed: {e}")
     q4, tok = load_gguf(path, progress=False)
     i8, _ = load_gguf(path, quant="int8", progress=False)
-    return {"path": path, "tok": tok, "llmkern.q4_1": q4, "llmkern.int8": i8}
+    a8, _ = load_gguf(path, progress=False)
+    set_linear_modes(a8, int4="w4a8g", int8="w8a8")  # what `llmkern generate --act-int8` runs
+    return {"path": path, "tok": tok, "llmkern.q4_1": q4, "llmkern.q4_1.act_int8": a8, "llmkern.int8": i8}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +115,7 @@ def _runner(name, model, phase, ids):
     return setup, run
 
 
-ENTRIES = ("llmkern.q4_1", "llmkern.int8", "hf.eager_fp32", "hf.patched_int8")
+ENTRIES = ("llmkern.q4_1", "llmkern.q4_1.act_int8", "llmkern.int8", "hf.eager_fp32", "hf.patched_int8")
 
 
 @pytest.mark.parametrize("phase", ["decode", "decode_batch", "prefill"])

@@ -135,10 +135,15 @@ inline void int4_linear_w4a8(const Int4W4A8Args& a, Isa isa) {
               qrows + m * Kp, sx + m * ng, asum + m * ng);
     // (implicit barrier: every row is prepared before any tile reads it)
     const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t tn = std::min<int64_t>(nt, nblk), tm = std::max<int64_t>(1, nt / tn);
+    // Threads split whole pairs of blocks (32 output columns: a full 64-byte line of a bf16 output row,
+    // so no two threads write one line) when there are enough of them, else single blocks.
+    const int64_t unit = nblk >= 2 * nt ? 2 : 1, nunits = (nblk + unit - 1) / unit;
+    const int64_t tn = std::min<int64_t>(nt, nunits), tm = std::max<int64_t>(1, nt / tn);
     if (t < tn * tm) {
       int64_t b0, b1, r0, r1;
-      w4a8_detail::split(nblk, tn, t % tn, &b0, &b1);
+      w4a8_detail::split(nunits, tn, t % tn, &b0, &b1);
+      b0 *= unit;
+      b1 = std::min(nblk, b1 * unit);
       w4a8_detail::split(a.M, tm, t / tn, &r0, &r1);
       const int64_t panel = w4a8_detail::panel_blocks(bb);
       alignas(64) float res[kW4A8MaxMR * 4 * kW4A8Rows];

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "llmkern/cpu/convert.h"  // fits_f16
 #include "llmkern/cpu/features.h"
 
 namespace llmkern {
@@ -41,6 +42,26 @@ inline void check_strides_arg(const char* where, const char* name, const std::ve
   if (s.size() != n) fail_arg(where, std::string(name) + " must have " + std::to_string(n) + " strides (" + dims + ")");
   for (int64_t x : s)
     if (x < 0) fail_arg(where, std::string(name) + " strides must be >= 0");
+}
+
+// The checks shared by the int4 weight packers (int4_linear_pack, int4_linear_w4a8_pack), after their
+// size checks: room for `need` bytes at out, the pointers (out aligned to out_align), and with e == 2
+// that every scale and offset is exactly an fp16 value (the layouts store them as fp16, losslessly).
+// Returns false when there is nothing to pack (N == 0). ValueError naming the argument otherwise.
+inline bool check_int4_pack(const char* where, std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr,
+                            std::uintptr_t offsets_ptr, int64_t N, int64_t K, int64_t group_size, int64_t e,
+                            std::uintptr_t out_ptr, int64_t out_bytes, int64_t need, int64_t out_align) {
+  if (out_bytes < need) fail_arg(where, "out_bytes=" + std::to_string(out_bytes) + " too small, need " + std::to_string(need));
+  if (N == 0) return false;
+  check_ptr_arg(where, "qweight_ptr", qweight_ptr, 1);
+  check_ptr_arg(where, "scales_ptr", scales_ptr, 4);
+  check_ptr_arg(where, "offsets_ptr", offsets_ptr, 4);
+  check_ptr_arg(where, "out_ptr", out_ptr, out_align);
+  const int64_t n = N * (K / group_size);
+  if (e == 2 && !(cpu::fits_f16(reinterpret_cast<const float*>(scales_ptr), n) &&
+                  cpu::fits_f16(reinterpret_cast<const float*>(offsets_ptr), n)))
+    fail_arg(where, "e=2 needs every scale and offset to be exactly an fp16 value");
+  return true;
 }
 
 // One checked kernel launch with every argument bound: what `<op>_call` returns (the arguments were

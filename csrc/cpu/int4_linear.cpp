@@ -147,22 +147,12 @@ void bind_int4_linear(py::module_& m) {
           fail(where, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
         if (K % group_size) fail(where, "group_size must divide K=" + std::to_string(K));
         if (e != 2 && e != 4) fail(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
-        const int64_t need = cpu::pk_total_bytes(N, K, group_size, e);
-        if (out_bytes < need)
-          fail(where, "out_bytes=" + std::to_string(out_bytes) + " too small, need " + std::to_string(need));
-        if (N == 0) return;
-        check_ptr_arg(where, "qweight_ptr", qweight_ptr, 1);
-        check_ptr_arg(where, "scales_ptr", scales_ptr, 4);
-        check_ptr_arg(where, "offsets_ptr", offsets_ptr, 4);
-        check_ptr_arg(where, "out_ptr", out_ptr, e);
+        if (!check_int4_pack(where, qweight_ptr, scales_ptr, offsets_ptr, N, K, group_size, e, out_ptr, out_bytes,
+                             cpu::pk_total_bytes(N, K, group_size, e), e))
+          return;
         const auto* s = reinterpret_cast<const float*>(scales_ptr);
         const auto* o = reinterpret_cast<const float*>(offsets_ptr);
-        const int64_t n = N * (K / group_size);
         py::gil_scoped_release release;
-        if (e == 2 && !(cpu::fits_f16(s, n) && cpu::fits_f16(o, n))) {
-          py::gil_scoped_acquire gil;
-          fail(where, "e=2 needs every scale and offset to be exactly an fp16 value");
-        }
         cpu::int4_pack_decode(reinterpret_cast<const uint8_t*>(qweight_ptr), s, o, N, K, group_size, e,
                               reinterpret_cast<uint8_t*>(out_ptr));
       },

@@ -97,22 +97,12 @@ void bind_int4_linear_w4a8(py::module_& m) {
          int64_t group_size, int64_t e, std::uintptr_t out_ptr, int64_t out_bytes) {
         const char* where = "llmkern._C.int4_linear_w4a8_pack";
         check_shape(where, 1, K, N, group_size, e);
-        const int64_t need = cpu::w4a8_packed_bytes(N, K, group_size, e);
-        if (out_bytes < need)
-          fail_arg(where, "out_bytes=" + std::to_string(out_bytes) + " too small, need " + std::to_string(need));
-        if (N == 0) return;
-        check_ptr_arg(where, "qweight_ptr", qweight_ptr, 1);
-        check_ptr_arg(where, "scales_ptr", scales_ptr, 4);
-        check_ptr_arg(where, "offsets_ptr", offsets_ptr, 4);
-        check_ptr_arg(where, "out_ptr", out_ptr, 64);
+        if (!check_int4_pack(where, qweight_ptr, scales_ptr, offsets_ptr, N, K, group_size, e, out_ptr, out_bytes,
+                             cpu::w4a8_packed_bytes(N, K, group_size, e), 64))  // 64: the kernel's aligned loads
+          return;
         const auto* s = reinterpret_cast<const float*>(scales_ptr);
         const auto* o = reinterpret_cast<const float*>(offsets_ptr);
-        const int64_t n = N * (K / group_size);
         py::gil_scoped_release release;
-        if (e == 2 && !(cpu::fits_f16(s, n) && cpu::fits_f16(o, n))) {
-          py::gil_scoped_acquire gil;
-          fail_arg(where, "e=2 needs every scale and offset to be exactly an fp16 value");
-        }
         cpu::int4_w4a8_pack(reinterpret_cast<const uint8_t*>(qweight_ptr), s, o, N, K, group_size, e,
                             reinterpret_cast<uint8_t*>(out_ptr));
       },

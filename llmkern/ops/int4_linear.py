@@ -34,7 +34,7 @@ from .. import _backends
 from .. import reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop
-from .int8_linear import _cuda_device, _cuda_rows, _num_sms
+from .int8_linear import _cpu_rows, _cuda_device, _cuda_rows, _num_sms
 
 GROUP_SIZES = (32, 64, 128)
 MODES = ("w4a16", "w4a8", "w4a8g")
@@ -139,12 +139,7 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True):
     get_threads, isa, empty = torch.get_num_threads, _backends.cpu_isa, torch.empty
 
     def run(x):
-        if x.device.type != "cpu":
-            raise BackendUnsupported(f"x is on {x.device}")
-        # [..., K] -> [M, K]; a view whenever x's rows are evenly strided, else one copy.
-        x2 = x if x.dim() == 2 else x.reshape(-1, K)
-        if x2.stride(1) != 1:
-            x2 = x2.contiguous()
+        x2 = _cpu_rows(x, K)  # [..., K] -> [M, K]
         M = x2.shape[0]
         out = empty((M, N), dtype=x.dtype)
         threads = get_threads()
@@ -210,12 +205,7 @@ def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
     get_threads, isa, empty = torch.get_num_threads, _backends.cpu_isa, torch.empty
 
     def run(x):
-        if x.device.type != "cpu":
-            raise BackendUnsupported(f"x is on {x.device}")
-        # [..., K] -> [M, K]; a view whenever x's rows are evenly strided, else one copy.
-        x2 = x if x.dim() == 2 else x.reshape(-1, K)
-        if x2.stride(1) != 1:
-            x2 = x2.contiguous()
+        x2 = _cpu_rows(x, K)  # [..., K] -> [M, K]
         M = x2.shape[0]
         out = empty((M, N), dtype=x.dtype)
         ws_bytes = ws_size(M, K, G)

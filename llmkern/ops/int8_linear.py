@@ -117,12 +117,7 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False):
     get_threads, isa, empty = torch.get_num_threads, _backends.cpu_isa, torch.empty
 
     def run(x):
-        if x.device.type != "cpu":
-            raise BackendUnsupported(f"x is on {x.device}")
-        # [..., K] -> [M, K]; a view whenever x's rows are evenly strided, else one copy.
-        x2 = x if x.dim() == 2 else x.reshape(-1, K)
-        if x2.stride(1) != 1:
-            x2 = x2.contiguous()
+        x2 = _cpu_rows(x, K)  # [..., K] -> [M, K]
         M = x2.shape[0]
         out = empty((M, N), dtype=x.dtype)
         ws_bytes = ws_size(M, K, N, mode)
@@ -247,6 +242,15 @@ def _cuda(x, weight, weight_scale, bias, mode):
             CUDA_DECODE_MMA, CUDA_W8A8_MMA, stream,
         )
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+
+def _cpu_rows(x, K):
+    """x [..., K] on the CPU -> x2 [M, K] with a unit stride along K: a view whenever x's rows are evenly
+    strided, else one copy (the CPU runners' activation; BackendUnsupported for other devices)."""
+    if x.device.type != "cpu":
+        raise BackendUnsupported(f"x is on {x.device}")
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)  # [..., K] -> [M, K]
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
 def _cuda_rows(x2):

@@ -9,7 +9,8 @@
 #pragma once
 
 #include "llmkern/cpu/int4_linear_w4a8_common.h"
-#include "llmkern/cpu/int8_linear_avx512.h"  // LLMKERN_AVX512, quantize_row, tail64
+#include "llmkern/cpu/int8_linear_avx512.h"  // LLMKERN_AVX512, quantize_row, tail64, dpbusd
+#include "llmkern/cpu/store_avx512.h"
 
 namespace llmkern {
 namespace cpu {
@@ -60,9 +61,18 @@ LLMKERN_AVX512 void tile(const W4A8Tile& t) {
       }
       LLMKERN_UNROLL for (int i = 0; i < MR; ++i) {
         const int8_t* a = t.q[i] + k0 + 8 * c;
-        LLMKERN_UNROLL for (int j = 0; j < NR; ++j) {
-          dpbusd_bcast(acc[i][j], lo[j], a);
-          dpbusd_bcast(kDual ? acc2[i][j] : acc[i][j], hi[j], a + 4);
+        if constexpr (NR == 1) {  // each activation word is used once: broadcast it inside the vpdpbusd
+          dpbusd_bcast(acc[i][0], lo[0], a);
+          dpbusd_bcast(kDual ? acc2[i][0] : acc[i][0], hi[0], a + 4);
+        } else {  // used by NR blocks: one broadcast load into a register, not one load per block
+          int32_t wl, wh;
+          std::memcpy(&wl, a, 4);
+          std::memcpy(&wh, a + 4, 4);
+          const __m512i al = _mm512_set1_epi32(wl), ah = _mm512_set1_epi32(wh);
+          LLMKERN_UNROLL for (int j = 0; j < NR; ++j) {
+            avx512::dpbusd(acc[i][j], lo[j], al);
+            avx512::dpbusd(kDual ? acc2[i][j] : acc[i][j], hi[j], ah);
+          }
         }
       }
     }

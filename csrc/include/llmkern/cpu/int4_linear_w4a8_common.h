@@ -120,7 +120,7 @@ inline int64_t int4_w4a8_workspace_bytes(int64_t M, int64_t K, int64_t G) {
 //   sx[i]    row i's activation scales [K / G] (the row's scale repeated, in per-row mode)
 //   w        the first block; block j at w + j * block_bytes
 //   res      res[i * res_stride + 16 j + r] = sum_g (scale D + offset A) of row i, block j, row r
-constexpr int kW4A8MaxMR = 8;
+constexpr int kW4A8MaxMR = 4;
 struct W4A8Tile {
   const int8_t* q[kW4A8MaxMR];
   const float* asum[kW4A8MaxMR];

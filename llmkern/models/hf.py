@@ -54,12 +54,13 @@ def load_safetensors_dir(path) -> tuple[dict, dict]:
     return json.loads((path / "config.json").read_text()), state
 
 
-def from_hf(src, *, quant: str = "none", group_size: int | None = None, mode: str = "w8a16", dtype=torch.float32,
+def from_hf(src, *, quant: str = "none", group_size: int | None = None, mode: str | None = None, dtype=torch.float32,
             backend=None, progress: bool = False, fuse: bool = True) -> Llama:
     """A transformers model (LlamaForCausalLM & co.) or a checkpoint directory -> llmkern Llama.
 
     quant: "none" (float linears in `dtype`), "int8" (per channel, or per group of group_size; mode
-    "w8a16" or "w8a8") or "int4" (group_size default 32), applied to every linear including lm_head.
+    "w8a16" (default) or "w8a8") or "int4" (group_size default 32; mode "w4a16" (default), "w4a8" or
+    "w4a8g"), applied to every linear including lm_head.
     fuse: join q/k/v and gate/up per layer (`Llama.fuse_projections`); False keeps HF's module names.
     """
     if quant not in QUANTS:
@@ -88,9 +89,9 @@ def from_hf(src, *, quant: str = "none", group_size: int | None = None, mode: st
         if bias:
             lin.bias = nn.Parameter(take(name + ".bias", (out_f,)), requires_grad=False)
         if quant == "int8":
-            return lnn.Int8Linear.from_linear(lin, mode=mode, group_size=group_size or 0, backend=backend)
+            return lnn.Int8Linear.from_linear(lin, mode=mode or "w8a16", group_size=group_size or 0, backend=backend)
         if quant == "int4":
-            return lnn.Int4Linear.from_linear(lin, group_size=group_size or 32, backend=backend)
+            return lnn.Int4Linear.from_linear(lin, group_size=group_size or 32, mode=mode or "w4a16", backend=backend)
         return lin
 
     c = config
@@ -227,14 +228,15 @@ def _set_attn_impl(hf_model, name):
             cfg._attn_implementation = name
 
 
-def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, mode: str = "w8a16",
+def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, mode: str | None = None,
           norms: bool = True, attention: bool = True, cache: bool = True, skip=(), backend=None):
     """Put llmkern's kernels into a transformers decoder in place; returns the model. `unpatch` undoes it.
 
     quant None/"none": keep the float linears; "int8"/"int4": quantize every nn.Linear except `skip`
     (names or last name components), the lm_head included: it is the largest matrix a decode step reads
     (SmolLM2-135M: 49152 x 576, a third of the model), and llama.cpp-style files store it quantized too.
-    A tied lm_head gets its own quantized copy; the embedding keeps its float weights.
+    A tied lm_head gets its own quantized copy; the embedding keeps its float weights. mode: int8
+    "w8a16" (default) / "w8a8", int4 "w4a16" (default) / "w4a8" / "w4a8g" (see llmkern.ops).
     norms: RMSNorm modules -> llmkern.nn.RMSNorm (sharing the weight). attention: attention through
     llmkern.ops.attention (prefill) and llmkern.ops.decode_attention (decode steps, reading the cache in
     place) for causal, unpadded batches (others: transformers' SDPA). cache: `hf_model.generate` uses an
@@ -258,8 +260,9 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
         parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
         new = None
         if isinstance(mod, nn.Linear) and quant in ("int8", "int4") and attr not in skip and name not in skip:
-            new = (lnn.Int8Linear.from_linear(mod, mode=mode, group_size=group_size or 0, backend=backend)
-                   if quant == "int8" else lnn.Int4Linear.from_linear(mod, group_size=group_size or 32, backend=backend))
+            new = (lnn.Int8Linear.from_linear(mod, mode=mode or "w8a16", group_size=group_size or 0, backend=backend)
+                   if quant == "int8" else
+                   lnn.Int4Linear.from_linear(mod, group_size=group_size or 32, mode=mode or "w4a16", backend=backend))
         elif norms and type(mod).__name__.endswith("RMSNorm") and getattr(mod, "weight", None) is not None:
             eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
             if eps is not None and mod.weight.dim() == 1 and type(mod).forward.__code__.co_argcount == 2:

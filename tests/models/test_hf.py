@@ -43,6 +43,8 @@ def test_from_hf_model_and_dir(hf_tiny, tmp_path):
         assert rel(from_hf(tmp_path, backend="reference")(tokens), want) <= 1e-5
         q = from_hf(hf_tiny, quant="int4", backend="reference", fuse=False)
         assert isinstance(q.layers[0].mlp.up_proj, lnn.Int4Linear) and isinstance(q.lm_head, lnn.Int4Linear)
+        assert q.lm_head.mode == "w4a16"
+        assert from_hf(hf_tiny, quant="int4", mode="w4a8", backend="reference").lm_head.mode == "w4a8"
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_hf(tmp_path / "nothing")
     with pytest.raises(ValueError, match="quant"):
@@ -87,6 +89,12 @@ def test_patch_unpatch(hf_tiny, monkeypatch):
         finally:
             unpatch(hf_tiny)
         assert type(hf_tiny.lm_head) is torch.nn.Linear
+        patch(hf_tiny, quant="int4", mode="w4a8g", backend="reference")  # modes reach the int4 modules
+        try:
+            assert isinstance(hf_tiny.lm_head, lnn.Int4Linear) and hf_tiny.lm_head.mode == "w4a8g"
+            assert torch.isfinite(hf_tiny(tokens).logits).all()
+        finally:
+            unpatch(hf_tiny)
         patch(hf_tiny, quant="int8", backend="reference", skip=("lm_head",))
         try:
             lin = hf_tiny.model.layers[1].mlp.down_proj

@@ -32,7 +32,7 @@ constexpr int64_t kMaxDim = int64_t(1) << 31;
 KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t w_ptr,
             int64_t N, std::uintptr_t scale_ptr, int64_t group_size, std::uintptr_t bias_ptr, std::uintptr_t out_ptr,
             int64_t out_row_stride, const std::string& mode, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
-            const std::string& isa_name, std::uintptr_t packed_ptr, int64_t packed_e) {
+            const std::string& isa_name, std::uintptr_t packed_ptr, int64_t packed_e, std::uintptr_t gemm_ptr) {
   const bool w8a8 = parse_mode(mode, kWhere);
   if (x_dtype < 0 || x_dtype > 2) fail("x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
   const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
@@ -62,6 +62,14 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
            " K=" + std::to_string(K) + " group_size=" + std::to_string(group_size) + " e=" + std::to_string(packed_e) +
            " mode='" + mode + "')");
   }
+  if (gemm_ptr) {  // the header int8_linear_gemm_pack wrote must describe these weights; W8A8 only
+    if (!w8a8) fail("gemm_ptr (the W8A8 GEMM layout) needs mode 'w8a8', got '" + mode + "'");
+    check_ptr("gemm_ptr", gemm_ptr, 8);
+    const auto* h = reinterpret_cast<const cpu::i8gm::Header*>(gemm_ptr);
+    if (h->magic != cpu::i8gm::kMagic || h->N != N || h->K != K || h->G != group_size)
+      fail("gemm_ptr does not hold these weights in the GEMM layout (int8_linear_gemm_pack with N=" + std::to_string(N) +
+           " K=" + std::to_string(K) + " group_size=" + std::to_string(group_size) + ")");
+  }
   if (M == 0 || N == 0) return {};  // empty output: nothing to compute, nothing read
   const int64_t esize = x_dtype == 0 ? 4 : 2;
   check_ptr("x_ptr", x_ptr, esize);
@@ -89,6 +97,7 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   a.num_threads = num_threads;
   a.packed = reinterpret_cast<const uint8_t*>(packed_ptr);
   a.packed_e = packed_e;
+  a.gemm = reinterpret_cast<const uint8_t*>(gemm_ptr);
   return {[a, isa] { cpu::int8_linear(a, isa); }, "int8_linear"};
 }
 
@@ -151,6 +160,53 @@ void bind_int8_linear_pack(py::module_& m) {
       "(csrc/include/llmkern/cpu/int8_linear_pack.h) with e-byte scales (e = 2 only for fp16-exact scales).");
 }
 
+// The W8A8 GEMM layout (csrc/include/llmkern/cpu/int8_linear_gemm.h): size and packing.
+void bind_int8_linear_gemm_pack(py::module_& m) {
+  auto check_sizes = [](const char* where, int64_t N, int64_t K, int64_t group_size) {
+    if (N < 0 || N > kMaxDim || K < 1 || K > kMaxDim)
+      fail_arg(where, "need 0 <= N <= 2^31 and 1 <= K <= 2^31, got N=" + std::to_string(N) + " K=" + std::to_string(K));
+    if (!cpu::i8gm::group_ok(K, group_size))
+      fail_arg(where, "group_size must be K (per channel) or a multiple of 4 dividing K=" + std::to_string(K) +
+                          ", got " + std::to_string(group_size));
+    if (group_size > cpu::kMaxW8A8Group)
+      fail_arg(where, "group_size must be <= " + std::to_string(cpu::kMaxW8A8Group) + " (exact int32 sums), got " +
+                          std::to_string(group_size));
+  };
+  m.def(
+      "int8_linear_gemm_min_rows", [] { return cpu::i8gm::kMinRows; },
+      "Rows from which W8A8 calls given the GEMM layout read it (AVX-512; fewer rows keep the other paths).");
+  m.def(
+      "int8_linear_gemm_packed_size",
+      [check_sizes](int64_t N, int64_t K, int64_t group_size) {
+        check_sizes("llmkern._C.int8_linear_gemm_packed_size", N, K, group_size);
+        return cpu::i8gm::packed_bytes(N, K, group_size);
+      },
+      py::arg("N"), py::arg("K"), py::arg("group_size"), "Bytes of the W8A8 GEMM layout of [N, K] int8 weights.");
+  m.def(
+      "int8_linear_gemm_pack",
+      [check_sizes](std::uintptr_t w_ptr, std::uintptr_t scale_ptr, int64_t N, int64_t K, int64_t group_size,
+                    std::uintptr_t out_ptr, int64_t out_bytes) {
+        const char* where = "llmkern._C.int8_linear_gemm_pack";
+        check_sizes(where, N, K, group_size);
+        const int64_t need = cpu::i8gm::packed_bytes(N, K, group_size);
+        if (out_bytes < need)
+          fail_arg(where, "out_bytes=" + std::to_string(out_bytes) + " < " + std::to_string(need) +
+                              " (int8_linear_gemm_packed_size)");
+        check_ptr_arg(where, "out_ptr", out_ptr, 8);
+        if (N > 0) {
+          check_ptr_arg(where, "w_ptr", w_ptr, 1);
+          check_ptr_arg(where, "scale_ptr", scale_ptr, 4);
+        }
+        py::gil_scoped_release release;
+        cpu::i8gm::int8_pack_gemm(reinterpret_cast<const int8_t*>(w_ptr), reinterpret_cast<const float*>(scale_ptr), N,
+                                  K, group_size, reinterpret_cast<uint8_t*>(out_ptr));
+      },
+      py::arg("w_ptr"), py::arg("scale_ptr"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("out_ptr"),
+      py::arg("out_bytes"),
+      "Packs int8 weights [N, K] and fp32 scales [N, K/group_size] into the W8A8 GEMM layout "
+      "(csrc/include/llmkern/cpu/int8_linear_gemm.h).");
+}
+
 }  // namespace
 
 void bind_int8_linear(py::module_& m) {
@@ -171,12 +227,16 @@ void bind_int8_linear(py::module_& m) {
         "llmkern/ops/int8_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype. "
         "packed_ptr / packed_e: the same weights in the packed decode layout (int8_linear_pack, same mode), "
         "read instead of w/scale by decode calls (M <= 8; W8A8 per channel: 4) on AVX-512 (identical results). "
+        "gemm_ptr: the same weights in the W8A8 GEMM layout (int8_linear_gemm_pack), read by W8A8 calls of "
+        "more rows on AVX-512 (per channel: identical results; per group: equal up to fp32 rounding). "
         "Releases the GIL while computing; invalid arguments raise ValueError.",
         py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"),
         py::arg("K"), py::arg("w_ptr"), py::arg("N"), py::arg("scale_ptr"), py::arg("group_size"), py::arg("bias_ptr"),
         py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("mode"), py::arg("ws_ptr"), py::arg("ws_bytes"),
-        py::arg("num_threads"), py::arg("isa"), py::arg("packed_ptr") = 0, py::arg("packed_e") = 0);
+        py::arg("num_threads"), py::arg("isa"), py::arg("packed_ptr") = 0, py::arg("packed_e") = 0,
+        py::arg("gemm_ptr") = 0);
   bind_int8_linear_pack(m);
+  bind_int8_linear_gemm_pack(m);
 }
 
 }  // namespace bindings

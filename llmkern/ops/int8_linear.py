@@ -85,7 +85,7 @@ class _Workspace(threading.local):
 _WS = _Workspace()
 
 
-def _cpu_runner(weight, weight_scale, bias, mode, pack=False):
+def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
     """run(x) of the C++ kernel (csrc/cpu/int8_linear.cpp) with these weights bound once.
 
     Everything that depends only on the weights (contiguity, raw pointers, the fp32 bias, the group)
@@ -99,6 +99,12 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False):
     module's buffers). Results are bit-identical to the canonical kernel's. Memory: the packed copy
     is about as large as the canonical tensors (K + E K/G bytes per row, E = 2 when every scale is an
     fp16 value, else 4; rows padded to a multiple of 8, K to a multiple of 64).
+
+    gemm (W8A8 only; the preparer decides): the weights are also packed into the W8A8 GEMM layout
+    (`_cpu_pack_gemm`, csrc/include/llmkern/cpu/int8_linear_gemm.h), which W8A8 calls of at least 8 rows
+    on AVX-512 read with VNNI GEMM micro-kernels (docs/notes/cpu-w8a8-gemm.md). Per channel the results are
+    bit-identical to the canonical kernel's; per group equal up to fp32 rounding. Memory: about the canonical
+    weight bytes again (K rounded up to a multiple of 4, N to 16, plus 8 bytes per channel and group).
     """
     mod = _backends.cpu_module()
     if weight.device.type != "cpu":
@@ -112,6 +118,13 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False):
     weight, weight_scale = weight.contiguous(), weight_scale.contiguous()
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     packed, pk = (None, (0, 0)) if not pack else _cpu_pack(mod, weight, weight_scale, N, K, group, mode)
+    gemm_packed = None
+    if gemm:
+        if mode != "w8a8" or not _can_gemm(K, group):
+            raise ValueError(f"llmkern.int8_linear: the GEMM layout takes mode 'w8a8' with a group of K or a multiple "
+                             f"of 4, got mode {mode!r} and group {group}")
+        gemm_packed = _cpu_pack_gemm(mod, weight, weight_scale, N, K, group)
+    pk = pk + (0 if gemm_packed is None else gemm_packed.data_ptr(),)
     w_ptrs = (weight.data_ptr(), N, weight_scale.data_ptr(), group, 0 if bias32 is None else bias32.data_ptr())
     kernel, ws_size, get_ws, codes = mod.int8_linear, mod.int8_linear_workspace_size, _WS.get, _DTYPE_CODE
     get_threads, isa, empty = torch.get_num_threads, _backends.cpu_isa, torch.empty
@@ -135,15 +148,30 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False):
 
     run.call = call
     run.workspace_size = lambda M, threads: ws_size(M, K, N, mode)
-    run.keep = (weight, weight_scale, bias32, packed)  # the tensors behind w_ptrs and pk
+    run.keep = (weight, weight_scale, bias32, packed, gemm_packed)  # the tensors behind w_ptrs and pk
     run.packed = packed  # the packed decode layout (uint8), or None
     run.packed_e = pk[1]  # bytes per scale in it: 2 (fp16), 4 (fp32); 0 when not packed
+    run.gemm_packed = gemm_packed  # the W8A8 GEMM layout (uint8), or None
     return run
 
 
 def _can_pack(K, group):
     """Whether the packed decode layout takes this group: per channel, 16, 32 or a multiple of 64."""
     return group == K or group in (16, 32) or group % 64 == 0
+
+
+def _can_gemm(K, group):
+    """Whether the W8A8 GEMM layout takes this group: per channel, or a multiple of 4 (whole 4-byte steps)."""
+    return group == K or group % 4 == 0
+
+
+def _cpu_pack_gemm(mod, weight, weight_scale, N, K, group):
+    """The W8A8 GEMM layout (uint8 tensor) of canonical weights: 64-channel panels of [K/4][64][4] bytes,
+    then per group the channels' 128 x weight sums (int32) and scales (fp32)."""
+    nbytes = mod.int8_linear_gemm_packed_size(N, K, group)
+    packed = torch.empty(nbytes, dtype=torch.uint8)
+    mod.int8_linear_gemm_pack(weight.data_ptr(), weight_scale.data_ptr(), N, K, group, packed.data_ptr(), nbytes)
+    return packed
 
 
 def _cpu_pack(mod, weight, weight_scale, N, K, group, mode):
@@ -170,12 +198,18 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
     """The cpu preparer (Int8Linear's prepared call). On AVX-512 CPUs it also packs the weights for
     decode calls of up to 8 rows (`_cpu_runner`; 1.4-10x faster at 1 thread, docs/notes/cpu-int8pack.md), when the group is packable (per channel, 16, 32, multiple of
     64): LLMKERN_INT8_PACK unset or 1: pack (fp16 scales when exact, else fp32); 0: never (no memory
-    beyond the canonical tensors). The kernel reads whichever layout it is given, with identical results."""
+    beyond the canonical tensors). The kernel reads whichever layout it is given, with identical results.
+
+    W8A8 on AVX-512 also packs the GEMM layout for calls of 8 rows or more (`_cpu_runner` gemm; prefill
+    ~2x faster at 1 thread, docs/notes/cpu-w8a8-gemm.md) when the group is K or a multiple of 4:
+    LLMKERN_INT8_GEMM unset or 1: pack; 0: never (those calls keep the canonical tiles)."""
     N, K = weight.shape
     group = K if weight_scale.dim() == 1 else K // max(weight_scale.shape[1], 1)
-    pack = (os.environ.get("LLMKERN_INT8_PACK", "") != "0" and _backends.cpu_isa() == "avx512_vnni"
-            and K > 0 and N > 0 and _can_pack(K, group))
-    return _cpu_runner(weight, weight_scale, bias, mode, pack=pack)
+    avx512 = _backends.cpu_isa() == "avx512_vnni" and K > 0 and N > 0
+    pack = os.environ.get("LLMKERN_INT8_PACK", "") != "0" and avx512 and _can_pack(K, group)
+    gemm = (os.environ.get("LLMKERN_INT8_GEMM", "") != "0" and avx512 and mode == "w8a8" and _can_gemm(K, group)
+            and group <= _MAX_W8A8_GROUP)
+    return _cpu_runner(weight, weight_scale, bias, mode, pack=pack, gemm=gemm)
 
 
 # 16-bit W8A16 inputs with more rows than this run on tensor cores (csrc/cuda: _CUDA_GEMV_MAX_M must match

@@ -11,7 +11,8 @@
 // M is processed in tiles (see int8_linear_common.h) so each weight micro-panel (NB rows x K,
 // a few KiB) is reused from L1 for all rows of a tile; the full prefill (GEMM) blocking is separate.
 // Decode calls (M <= 8) given the packed decode layout (a.packed) on AVX-512 stream that instead:
-// int8_linear_pack.h (bit-identical results).
+// int8_linear_pack.h (bit-identical results). W8A8 calls of more rows given the GEMM layout (a.gemm)
+// on AVX-512 run the VNNI GEMM micro-kernels: int8_linear_gemm.h.
 #pragma once
 
 #include <omp.h>
@@ -23,6 +24,7 @@
 #include "llmkern/cpu/int8_linear_avx2.h"
 #include "llmkern/cpu/int8_linear_avx512.h"
 #include "llmkern/cpu/int8_linear_common.h"
+#include "llmkern/cpu/int8_linear_gemm.h"
 #include "llmkern/cpu/int8_linear_pack.h"
 #include "llmkern/cpu/int8_linear_scalar.h"
 
@@ -189,6 +191,7 @@ inline const void* x_row(const Int8LinearArgs& a, int64_t m) {
 inline void int8_linear(const Int8LinearArgs& a, Isa isa) {
   if (a.M <= 0 || a.N <= 0) return;
   if (i8pk::use_packed(a, isa)) return i8pk::int8_linear_packed(a);
+  if (i8gm::use_gemm(a, isa)) return i8gm::int8_linear_gemm(a);
   const IsaKernels& kk = kernels_for(isa);
   const int64_t Kp = kpad(a.K);
   char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);

@@ -37,6 +37,9 @@ struct Int8LinearArgs {
   // mode), read instead of w / scale by one-row calls on AVX-512; E = packed_e bytes per scale.
   const uint8_t* packed = nullptr;
   int64_t packed_e = 0;
+  // Optional: the same weights in the W8A8 GEMM layout (int8_linear_gemm.h), read instead of w /
+  // scale by W8A8 calls of at least i8gm::kMinRows rows on AVX-512.
+  const uint8_t* gemm = nullptr;
 };
 
 // One micro-tile: MB rows of (converted) activations times NB consecutive weight rows.

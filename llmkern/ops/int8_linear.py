@@ -101,7 +101,7 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
     fp16 value, else 4; rows padded to a multiple of 8, K to a multiple of 64).
 
     gemm (W8A8 only; the preparer decides): the weights are also packed into the W8A8 GEMM layout
-    (`_cpu_pack_gemm`, csrc/include/llmkern/cpu/int8_linear_gemm.h), which W8A8 calls of at least 8 rows
+    (`_cpu_pack_gemm`, csrc/include/llmkern/cpu/int8_linear_gemm.h), which W8A8 calls of at least 2 rows
     on AVX-512 read with VNNI GEMM micro-kernels (docs/notes/cpu-w8a8-gemm.md). Per channel the results are
     bit-identical to the canonical kernel's; per group equal up to fp32 rounding. Memory: about the canonical
     weight bytes again (K rounded up to a multiple of 4, N to 16, plus 8 bytes per channel and group).
@@ -200,7 +200,7 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
     64): LLMKERN_INT8_PACK unset or 1: pack (fp16 scales when exact, else fp32); 0: never (no memory
     beyond the canonical tensors). The kernel reads whichever layout it is given, with identical results.
 
-    W8A8 on AVX-512 also packs the GEMM layout for calls of 8 rows or more (`_cpu_runner` gemm; prefill
+    W8A8 on AVX-512 also packs the GEMM layout for calls of 2 rows or more (`_cpu_runner` gemm; prefill
     ~2x faster at 1 thread, docs/notes/cpu-w8a8-gemm.md) when the group is K or a multiple of 4:
     LLMKERN_INT8_GEMM unset or 1: pack; 0: never (those calls keep the canonical tiles)."""
     N, K = weight.shape

@@ -26,7 +26,7 @@ R8 = importlib.import_module("llmkern.reference.int8_linear")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_ROWS = C.int8_linear_gemm_min_rows()
 # M: below the GEMM threshold (other paths), and tails 1..5 of the 6-row tiles above it
-ROWS = (1, 2, 3, MIN_ROWS, 13, 17, 33, 129)
+ROWS = tuple(sorted({1, 2, 3, MIN_ROWS, 8, 13, 17, 33, 129}))
 # (N, K, G), G = 0: per channel. N: 1, 15, 17 (vector tails), 100 (a full panel + a 36-channel one);
 # K: multiples of 4 and not (7, 100 + 1, 257)
 SHAPES = [(1, 64, 0), (15, 7, 0), (17, 257, 0), (100, 101, 0), (100, 256, 0), (15, 8, 4), (17, 36, 12),

@@ -46,10 +46,12 @@ constexpr int kMR = 6;                // activation rows per micro-tile
 constexpr int64_t kHeader = 64;
 constexpr uint32_t kMagic = 0x4d47384c;  // "L8GM"
 
-// Rows from which a W8A8 call with the GEMM layout uses it: measured (docs/notes/cpu-w8a8-gemm.md),
-// below this the decode layout / canonical tiles are as fast (they need no M tiles of 6).
+// Rows from which a W8A8 call with the GEMM layout uses it. Measured (docs/notes/cpu-w8a8-gemm.md,
+// 4096 x 4096, 1 thread, cold weights): the GEMM is 1.3-1.4x the packed decode layout at M = 2 and
+// 1.5-2.2x from M = 4 (per channel, G = 32, G = 128); at M = 1 the two tie (0.99-1.13x), and the
+// decode layout keeps one-row calls.
 #ifndef LLMKERN_I8GM_MIN_ROWS
-#define LLMKERN_I8GM_MIN_ROWS 8
+#define LLMKERN_I8GM_MIN_ROWS 2
 #endif
 constexpr int64_t kMinRows = LLMKERN_I8GM_MIN_ROWS;
 

@@ -106,6 +106,25 @@ def test_gemm_large_k_and_panels():
         torch.set_num_threads(saved)
 
 
+def test_gemm_several_m_blocks():
+    """More rows than one M block (4 MiB of quantized rows: 170 tiles of 6 at K = 4096), 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(23)
+    saved = torch.get_num_threads()
+    try:
+        for G in (0, 128):
+            w, s = weights(70, 4096, G, gen)
+            gemm = I8._cpu_runner(w, s, None, "w8a8", gemm=True)
+            x = torch.randn(1100, 4096, generator=gen)
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                out = gemm(x)
+                check_close(out, ref64(x, w, s, None), torch.float32, f"G={G} threads={nt}")
+                if G == 0:
+                    assert torch.equal(out, I8._cpu_runner(w, s, None, "w8a8")(x))
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_gemm_non_contiguous_x_and_batches():
     gen = torch.Generator().manual_seed(5)
     for G in (0, 32):

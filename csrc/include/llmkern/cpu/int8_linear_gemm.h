@@ -57,10 +57,11 @@ constexpr int64_t kMinRows = LLMKERN_I8GM_MIN_ROWS;
 
 // Activation bytes of one M block: every panel of the thread's range passes once per block (from
 // DRAM, then from L2 for the block's other tiles), while the block's rows are re-read from L2/L3 per
-// panel. Measured (4096 x 4096, 1 thread, M = 128 / 512): 96 KiB - 4 MiB within ~5% of each other,
-// 24 KiB (one tile) 10-20% slower; larger blocks were slightly ahead (fewer weight passes).
+// panel. Measured (Zen 5, 1 thread, M = 128 / 512, K = 4096 / 11008): 2 - 16 MiB within ~3% of each
+// other, 1 MiB 3-10% and 512 KiB 5-20% slower (more passes over the weights; streaming the rows from
+// L3 costs less). 4 MiB keeps a block well inside the 32 MiB L3 for long prompts.
 #ifndef LLMKERN_I8GM_BLOCK_BYTES
-#define LLMKERN_I8GM_BLOCK_BYTES (1 << 20)
+#define LLMKERN_I8GM_BLOCK_BYTES (4 << 20)
 #endif
 
 struct Header {

@@ -200,9 +200,10 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
     64): LLMKERN_INT8_PACK unset or 1: pack (fp16 scales when exact, else fp32); 0: never (no memory
     beyond the canonical tensors). The kernel reads whichever layout it is given, with identical results.
 
-    W8A8 on AVX-512 also packs the GEMM layout for calls of 2 rows or more (`_cpu_runner` gemm; prefill
-    ~2x faster at 1 thread, docs/notes/cpu-w8a8-gemm.md) when the group is K or a multiple of 4:
-    LLMKERN_INT8_GEMM unset or 1: pack; 0: never (those calls keep the canonical tiles)."""
+    W8A8 on AVX-512 also packs the GEMM layout (`_cpu_runner` gemm) when the group is K or a multiple
+    of 4: calls of 2 rows or more read it instead of the decode layout / canonical tiles (1.3-1.4x at
+    M = 2, 1.5-3x for prefill at 1 thread, docs/notes/cpu-w8a8-gemm.md), one-row calls keep the decode
+    layout. LLMKERN_INT8_GEMM unset or 1: pack; 0: never (no memory beyond the other layouts)."""
     N, K = weight.shape
     group = K if weight_scale.dim() == 1 else K // max(weight_scale.shape[1], 1)
     avx512 = _backends.cpu_isa() == "avx512_vnni" and K > 0 and N > 0

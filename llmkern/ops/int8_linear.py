@@ -101,10 +101,11 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
     fp16 value, else 4; rows padded to a multiple of 8, K to a multiple of 64).
 
     gemm (W8A8 only; the preparer decides): the weights are also packed into the W8A8 GEMM layout
-    (`_cpu_pack_gemm`, csrc/include/llmkern/cpu/int8_linear_gemm.h), which W8A8 calls of at least 2 rows
-    on AVX-512 read with VNNI GEMM micro-kernels (docs/notes/cpu-w8a8-gemm.md). Per channel the results are
-    bit-identical to the canonical kernel's; per group equal up to fp32 rounding. Memory: about the canonical
-    weight bytes again (K rounded up to a multiple of 4, N to 16, plus 8 bytes per channel and group).
+    (`_cpu_pack_gemm`, csrc/include/llmkern/cpu/int8_linear_gemm.h), which W8A8 calls on AVX-512 of at
+    least 2 rows read with VNNI GEMM micro-kernels
+    (docs/notes/cpu-w8a8-gemm.md). Per channel the results are bit-identical to the canonical kernel's;
+    per group equal up to fp32 rounding. Memory: about the canonical weight bytes again (K rounded up to
+    a multiple of 4, N to 16, plus 8 bytes per channel and group).
     """
     mod = _backends.cpu_module()
     if weight.device.type != "cpu":

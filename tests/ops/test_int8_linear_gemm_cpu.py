@@ -245,5 +245,8 @@ def test_int8linear_prepared_gemm(G, monkeypatch):
             check_close(out, ref64(x, w, s, b), x.dtype, f"G={G} {setting}")
         if G == 0 or run.gemm_packed is None:
             assert torch.equal(out, I8._cpu_runner(w, s, b, mode)(x))
+        if run.gemm_packed is not None and run.packed is not None:  # one row: the decode layout, bit for bit
+            x1 = x[0, :1]
+            assert torch.equal(m(x1), I8._cpu_runner(w, s, b, mode, pack=True)(x1))
         for k, v in m.state_dict().items():
             assert torch.equal(v, sd[k])

@@ -35,6 +35,7 @@
 
 #include "llmkern/cpu/int8_linear_avx512.h"
 #include "llmkern/cpu/int8_linear_common.h"
+#include "llmkern/cpu/store_avx512.h"
 
 namespace llmkern {
 namespace cpu {
@@ -129,23 +130,6 @@ LLMKERN_AVX512_INLINE __m512 no_contract(__m512 v) {
   return v;
 }
 
-// 16 fp32 results to x's dtype, rounded as store_from_f32 (convert.h) does, bit for bit.
-LLMKERN_AVX512_INLINE void store16(void* out, int64_t i, DType dt, __m512 v, __mmask16 m) {
-  if (dt == DType::kF32) return _mm512_mask_storeu_ps(static_cast<float*>(out) + i, m, v);
-  __m256i h;
-  if (dt == DType::kF16) {
-    h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // IEEE RNE, as f32_to_f16
-  } else {  // bf16: round half to even on the dropped 16 bits; NaN: quieted, truncated (f32_to_bf16)
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i rne = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    const __m512i q = _mm512_mask_or_epi32(rne, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    h = _mm512_cvtepi32_epi16(q);
-  }
-  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + i, m, h);
-}
-
 // acc[i][j] = sum over 4-byte steps [s0, s1) of (q[i] + 128) * w (16 channels of vector j per lane).
 template <int MR, int NV>
 LLMKERN_AVX512_INLINE void dot_steps(__m512i (&acc)[MR][NV], const uint8_t* const* xr, const uint8_t* W, int64_t s0,
@@ -172,12 +156,13 @@ LLMKERN_AVX512_INLINE void store_rows(const Tile& t, int row0, const __m512 (&re
   LLMKERN_UNROLL for (int j = 0; j < NV; ++j) {
     const int64_t n = 16 * j, left = t.ncols - n;
     if (left <= 0) break;
-    const __mmask16 m = left >= 16 ? __mmask16(0xffff) : avx512::tail16(left);
-    const __m512 b = t.bias ? _mm512_maskz_loadu_ps(m, t.bias + n) : _mm512_setzero_ps();
+    const __mmask16 m = store512::tail16(left);
+    const int64_t es = dtype_size(t.dt);
     LLMKERN_UNROLL for (int i = 0; i < MR; ++i) {
-      __m512 v = no_contract(_mm512_mul_ps(res[i][j], _mm512_set1_ps(t.row_scale[row0 + i])));
-      if (t.bias) v = _mm512_add_ps(v, b);
-      store16(t.out, (row0 + i) * t.out_stride + n, t.dt, v, m);
+      const __m512 v = no_contract(_mm512_mul_ps(res[i][j], _mm512_set1_ps(t.row_scale[row0 + i])));
+      // + bias, rounded to x's dtype bit for bit as store_from_f32 (convert.h)
+      store512::store16(v, t.bias ? t.bias + n : nullptr, static_cast<char*>(t.out) + ((row0 + i) * t.out_stride + n) * es,
+                        t.dt, m);
     }
   }
 }

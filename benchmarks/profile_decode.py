@@ -27,12 +27,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--quant", default="keep")
+    ap.add_argument("--act-int8", action="store_true", help="int8 activations (W4A8g / W8A8), as `generate --act-int8`")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
     from llmkern.models import default_model_path, load_gguf
 
     model, tok = load_gguf(default_model_path(), quant=a.quant)
+    if a.act_int8:
+        from llmkern.nn import set_linear_modes
+        set_linear_modes(model, int4="w4a8g", int8="w8a8")
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. " * 64)[:a.ctx]])
     nxt = torch.tensor([[tok.encode(" the")[0]]])
     with torch.inference_mode():

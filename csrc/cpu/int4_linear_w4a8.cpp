@@ -41,10 +41,10 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   if (out_row_stride < (M > 1 ? N : 0))
     fail_arg(kWhere, "out_row_stride must be >= N=" + std::to_string(N) + " (rows must not overlap), got " +
                          std::to_string(out_row_stride));
-  const int64_t need = cpu::int4_w4a8_workspace_bytes(M, K, group_size);
+  const int64_t need = cpu::int4_w4a8_workspace_bytes(M, K, group_size, num_threads);
   if (ws_bytes < need)
     fail_arg(kWhere, "workspace too small: ws_bytes=" + std::to_string(ws_bytes) + ", need " + std::to_string(need) +
-                         " (int4_linear_w4a8_workspace_size(M, K, group_size))");
+                         " (int4_linear_w4a8_workspace_size(M, K, group_size, num_threads))");
   if (M == 0 || N == 0) return {};
   const int64_t esize = x_dtype == 0 ? 4 : 2;
   check_ptr_arg(kWhere, "x_ptr", x_ptr, esize);
@@ -77,12 +77,16 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
 void bind_int4_linear_w4a8(py::module_& m) {
   m.def(
       "int4_linear_w4a8_workspace_size",
-      [](int64_t M, int64_t K, int64_t group_size) {
-        check_shape("llmkern._C.int4_linear_w4a8_workspace_size", M, K, 0, group_size, 4);
-        return cpu::int4_w4a8_workspace_bytes(M, K, group_size);
+      [](int64_t M, int64_t K, int64_t group_size, int num_threads) {
+        const char* where = "llmkern._C.int4_linear_w4a8_workspace_size";
+        check_shape(where, M, K, 0, group_size, 4);
+        if (num_threads < 1 || num_threads > 1024)
+          fail_arg(where, "num_threads must be in [1, 1024], got " + std::to_string(num_threads));
+        return cpu::int4_w4a8_workspace_bytes(M, K, group_size, num_threads);
       },
-      py::arg("M"), py::arg("K"), py::arg("group_size"),
-      "Bytes of workspace int4_linear_w4a8 needs for M rows of K values (quantized rows and group sums).");
+      py::arg("M"), py::arg("K"), py::arg("group_size"), py::arg("num_threads"),
+      "Bytes of workspace int4_linear_w4a8 needs for M rows of K values at num_threads (quantized rows and "
+      "group sums; one copy per thread for M <= 4).");
   m.def(
       "int4_linear_w4a8_packed_size",
       [](int64_t N, int64_t K, int64_t group_size, int64_t e) {

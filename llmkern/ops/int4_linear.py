@@ -208,10 +208,11 @@ def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
         x2 = _cpu_rows(x, K)  # [..., K] -> [M, K]
         M = x2.shape[0]
         out = empty((M, N), dtype=x.dtype)
-        ws_bytes = ws_size(M, K, G)
+        threads = get_threads()
+        ws_bytes = ws_size(M, K, G, threads)
         ws = get_ws(ws_bytes)
         kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_args, out.data_ptr(), N, ws.data_ptr(),
-               ws_bytes, get_threads(), isa(), group_scales)
+               ws_bytes, threads, isa(), group_scales)
         return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
     def call(x2, out, ws, threads):
@@ -220,7 +221,7 @@ def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
                                          out.data_ptr(), N, ws.data_ptr(), ws.numel(), threads, isa(), group_scales)
 
     run.call = call
-    run.workspace_size = lambda M, threads: ws_size(M, K, G)
+    run.workspace_size = lambda M, threads: ws_size(M, K, G, threads)
     run.keep = (buf, bias32)  # the tensors behind w_args
     run.packed, run.packed_e = packed, E
     return run

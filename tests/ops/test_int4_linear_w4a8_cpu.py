@@ -215,7 +215,8 @@ def test_w4a8_launcher_rejects_bad_arguments():
     p = buf.data_ptr() + (-buf.data_ptr() % 64)
     C.int4_linear_w4a8_pack(qw.data_ptr(), s.data_ptr(), o.data_ptr(), 16, 64, 32, 4, p, nbytes)
     x, out = torch.randn(2, 64), torch.empty(2, 16)
-    ws = torch.empty(C.int4_linear_w4a8_workspace_size(2, 64, 32), dtype=torch.uint8)
+    ws = torch.empty(C.int4_linear_w4a8_workspace_size(2, 64, 32, 1), dtype=torch.uint8)
+    assert C.int4_linear_w4a8_workspace_size(2, 64, 32, 2) > ws.numel()  # decode: a copy of the rows per thread
     args = dict(x_ptr=x.data_ptr(), x_dtype=0, x_row_stride=64, M=2, K=64, w_ptr=p, N=16, group_size=32, e=4,
                 bias_ptr=0, out_ptr=out.data_ptr(), out_row_stride=16, ws_ptr=ws.data_ptr(), ws_bytes=ws.numel(),
                 num_threads=1, isa="")

@@ -3,7 +3,8 @@
 // checks them.
 //
 // 1. Every row is quantized (signed int8 and its scales, per row or per group) and its group sums A
-//    are taken, into the workspace; threads share the rows.
+//    are taken, into the workspace: threads share the rows of a prefill call; in a decode call
+//    (M <= 4) each thread prepares all rows into its own copy, with no barrier after it.
 // 2. Each thread takes a contiguous range of 16-row weight blocks (rows of x are split too when
 //    there are fewer blocks than threads) and walks it in panels of blocks small enough to stay in
 //    L2; within a panel, tiles of MR rows x NR blocks run over all of K, so a panel is read from
@@ -124,27 +125,36 @@ inline const W4A8Kernels& w4a8_kernels_for(Isa isa) {
   }
 }
 
-// Runs the whole op. Workspace: int4_w4a8_workspace_bytes(M, K, group) bytes at a.ws.
+// Runs the whole op. Workspace: int4_w4a8_workspace_bytes(M, K, group, num_threads) bytes at a.ws.
 inline void int4_linear_w4a8(const Int4W4A8Args& a, Isa isa) {
   if (a.M <= 0 || a.N <= 0) return;
   const W4A8Kernels& kk = w4a8_kernels_for(isa);
   const int64_t K = a.K, G = a.group, ng = K / G, Kp = w4a8_row_bytes(K);
   const int64_t nblk = w4a8_blocks(a.N), bb = w4a8_block_bytes(K, G, a.e);
   char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);
-  int8_t* qrows = reinterpret_cast<int8_t*>(ws);                              // [M][Kp]
-  float* sx = reinterpret_cast<float*>(ws + w4a8_q_bytes(a.M, K));            // [M][ng]
-  float* asum = reinterpret_cast<float*>(ws + w4a8_q_bytes(a.M, K) + w4a8_sx_bytes(a.M, ng));  // [M][ng]
+  const bool priv = a.M <= kW4A8PrivateRows;  // decode: each thread's own prepared rows (see the workspace)
+  const int64_t copy_bytes = w4a8_rows_bytes(a.M, K, G);
   const int ei = a.e == 2 ? 0 : 1;
   const int64_t esize = dtype_size(a.x_dtype);
 
 #pragma omp parallel num_threads(std::max(1, a.num_threads))
   {
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < a.M; ++m)
+    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    char* rows = ws + (priv ? t * copy_bytes : 0);
+    int8_t* qrows = reinterpret_cast<int8_t*>(rows);                                         // [M][Kp]
+    float* sx = reinterpret_cast<float*>(rows + w4a8_q_bytes(a.M, K));                      // [M][ng]
+    float* asum = reinterpret_cast<float*>(rows + w4a8_q_bytes(a.M, K) + w4a8_sx_bytes(a.M, ng));  // [M][ng]
+    const auto prep = [&](int64_t m) {
       kk.prep(static_cast<const char*>(a.x) + m * a.x_row_stride * esize, a.x_dtype, K, G, a.group_scales,
               qrows + m * Kp, sx + m * ng, asum + m * ng);
-    // (implicit barrier: every row is prepared before any tile reads it)
-    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    };
+    if (priv) {
+      for (int64_t m = 0; m < a.M; ++m) prep(m);  // this thread's copy: no barrier needed
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < a.M; ++m) prep(m);
+      // (implicit barrier: every row is prepared before any tile reads it)
+    }
     // Threads split whole pairs of blocks (32 output columns: a full 64-byte line of a bf16 output row,
     // so no two threads write one line) when there are enough of them, else single blocks.
     const int64_t unit = nblk >= 2 * nt ? 2 : 1, nunits = (nblk + unit - 1) / unit;

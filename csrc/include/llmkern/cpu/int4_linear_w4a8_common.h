@@ -53,7 +53,7 @@ struct Int4W4A8Args {
   const float* bias = nullptr; // [N] or null
   void* out = nullptr;         // [M, N] in x_dtype, row m at out + m * out_row_stride elements
   int64_t out_row_stride = 0;
-  void* ws = nullptr;          // int4_w4a8_workspace_bytes(M, K, group) bytes
+  void* ws = nullptr;          // int4_w4a8_workspace_bytes(M, K, group, num_threads) bytes
   int num_threads = 1;
   bool group_scales = false;   // activation scales per group of `group` ("w4a8g"), else per row ("w4a8")
 };
@@ -101,16 +101,24 @@ inline void int4_w4a8_pack(const uint8_t* qweight, const float* scales, const fl
 }
 
 // ------------------------------------------------------------------------------ workspace layout
-// [M rows of w4a8_row_bytes(K) int8 activations][M rows of K/G float scales sx][M rows of K/G float
-// group sums A], each part starting at a kAlign boundary, plus kAlign so the kernel can align the start.
+// Prepared rows: [M rows of w4a8_row_bytes(K) int8 activations][M rows of K/G float scales sx][M rows of
+// K/G float group sums A], each part starting at a kAlign boundary. Decode calls (M <= kW4A8MaxMR rows,
+// one tile) give every thread its own copy, which it prepares itself: no barrier between the row
+// preparation and the tiles (one thread preparing a single row while the other waits cost ~2 us a
+// call at 2 threads); larger M share one copy. Plus kAlign so the kernel can align the start.
 // Rows are one cache line longer than kpad(K): with a power-of-two stride (K = 4096) the rows of a
 // tile would all fall into the same L1 sets and evict each other.
 inline int64_t w4a8_row_bytes(int64_t K) { return kpad(K) + 64; }
 inline int64_t w4a8_q_bytes(int64_t M, int64_t K) { return M * w4a8_row_bytes(K); }
 inline int64_t w4a8_sx_bytes(int64_t M, int64_t ng) { return (M * ng * 4 + kAlign - 1) / kAlign * kAlign; }
-inline int64_t int4_w4a8_workspace_bytes(int64_t M, int64_t K, int64_t G) {
+inline int64_t w4a8_rows_bytes(int64_t M, int64_t K, int64_t G) {  // one copy of the prepared rows
+  return w4a8_q_bytes(M, K) + 2 * w4a8_sx_bytes(M, K / G);
+}
+constexpr int64_t kW4A8PrivateRows = 4;  // M up to this: per-thread prepared rows (= kW4A8MaxMR below)
+inline int64_t int4_w4a8_workspace_bytes(int64_t M, int64_t K, int64_t G, int num_threads) {
   if (M <= 0 || K <= 0) return 0;
-  return w4a8_q_bytes(M, K) + w4a8_sx_bytes(M, K / G) + M * (K / G) * 4 + kAlign;
+  const int64_t copies = M <= kW4A8PrivateRows ? (num_threads > 1 ? num_threads : 1) : 1;
+  return copies * w4a8_rows_bytes(M, K, G) + kAlign;
 }
 
 // --------------------------------------------------------------------------------------- tiles
@@ -121,6 +129,7 @@ inline int64_t int4_w4a8_workspace_bytes(int64_t M, int64_t K, int64_t G) {
 //   w        the first block; block j at w + j * block_bytes
 //   res      res[i * res_stride + 16 j + r] = sum_g (scale D + offset A) of row i, block j, row r
 constexpr int kW4A8MaxMR = 4;
+static_assert(kW4A8PrivateRows == kW4A8MaxMR, "a decode call with private rows is one tile of rows");
 struct W4A8Tile {
   const int8_t* q[kW4A8MaxMR];
   const float* asum[kW4A8MaxMR];

@@ -5,7 +5,9 @@ Two measurements, printed as a table:
    heavy-tailed (a few outlier channels, as LLM hidden states have): SQNR in dB of W4A16, W4A8 (a scale
    per row) and W4A8g (a scale per group) outputs against the float matmul, and of W4A8/W4A8g against
    W4A16 (the activation rounding alone).
-2. The default model (SmolLM2-135M-Instruct Q4_1 + Q8_0 lm_head) on a fixed prompt: the next-token logits
+2. Per layer of the default model (layers 0/10/20/29), on its own activations for a fixed text: W4A8 and
+   W4A8g outputs against W4A16 (SQNR), and how far the row maximum stands above the row median.
+3. The default model (SmolLM2-135M-Instruct Q4_1 + Q8_0 lm_head) on a fixed prompt: the next-token logits
    of every position with all linears W4A16/W8A16 vs W4A8/W8A8 (SQNR, top-1 agreement), and the greedy
    tokens of a 48-token generation of each.
 
@@ -54,6 +56,35 @@ TEXT = ("The history of astronomy spans thousands of years. Early observers trac
         "universe began and how it will evolve.")
 
 
+def layers():
+    from llmkern.models import load_gguf
+    from llmkern.nn import Int4Linear
+
+    m, tok = load_gguf(progress=False)
+    caps = {}
+
+    def hook(name):
+        def f(mod, inp, out):
+            caps.setdefault(name, inp[0].detach().reshape(-1, inp[0].shape[-1]).float().clone())  # [M, K]
+        return f
+
+    for n, mod in m.named_modules():
+        if isinstance(mod, Int4Linear) and n.startswith(("layers.0.", "layers.10.", "layers.20.", "layers.29.")):
+            mod.register_forward_hook(hook(n))
+    with torch.inference_mode():
+        m(torch.tensor([tok.encode(TEXT)]))
+    print(f"\nSmolLM2-135M-Instruct, per layer, {next(iter(caps.values())).shape[0]} positions of a fixed text:\n")
+    print("| layer | median over rows of max/median abs activation | W4A8 vs W4A16 | W4A8g vs W4A16 |")
+    print("|---|---|---|---|")
+    for n, x in caps.items():
+        mod = m.get_submodule(n)
+        args = (mod.qweight, mod.scales, mod.offsets, None)
+        y16 = ops.int4_linear(x, *args, "w4a16", backend="cpu")
+        ratio = (x.abs().amax(1) / x.abs().median(1).values).median().item()
+        r = [sqnr(y16, ops.int4_linear(x, *args, mode, backend="cpu")) for mode in ("w4a8", "w4a8g")]
+        print(f"| {n} | {ratio:.0f} | {r[0]:.1f} dB | {r[1]:.1f} dB |")
+
+
 def model():
     from llmkern.models import generate, load_gguf
     from llmkern.nn import set_linear_modes
@@ -93,4 +124,5 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     synthetic()
     if not args.no_model:
+        layers()
         model()

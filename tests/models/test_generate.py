@@ -148,6 +148,21 @@ def test_smollm2_knows_paris(smollm, capsys):
 # ------------------------------------------------------------------ CLI
 
 
+def test_cli_act_int8_switches_the_quantized_linears(tmp_path, capsys, monkeypatch):
+    import llmkern.nn as lnn
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    seen = []
+    real = lnn.set_linear_modes
+    monkeypatch.setattr(lnn, "set_linear_modes", lambda m, **kw: seen.append((kw, real(m, **kw))) or seen[-1][1])
+    rc = cli_main(["generate", "the", "--model", str(path), "--quant", "int4", "--act-int8", "--max-new-tokens", "3",
+                   "--no-chat", "--no-bandwidth", "--quiet", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.endswith("\n"), err
+    assert seen and seen[0][0] == {"int4": "w4a8g", "int8": "w8a8"} and seen[0][1] > 0  # modules really changed
+
+
 def test_cli_tiny_model(tmp_path, capsys):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)

@@ -165,12 +165,18 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True):
     return run
 
 
+def _scale_bytes(mod, scales, offsets):
+    """2 when every scale and offset (contiguous fp32) is exactly an fp16 value (GGUF Q4_0/Q4_1 imports:
+    their d and m are fp16), so the packed layouts can store them as fp16 losslessly; else 4."""
+    n = scales.numel()
+    return 2 if mod.int4_linear_fits_f16(scales.data_ptr(), n) and mod.int4_linear_fits_f16(offsets.data_ptr(), n) else 4
+
+
 def _cpu_pack(mod, qweight, scales, offsets, N, K, G):
     """(packed uint8 tensor, (pointer, E)): the kernel's packed decode layout of canonical weights,
     with fp16 scales and offsets (E = 2) when every one of them is exactly an fp16 value (GGUF
     Q4_0/Q4_1 imports: their d and m are fp16), else fp32 (E = 4)."""
-    n = scales.numel()
-    E = 2 if mod.int4_linear_fits_f16(scales.data_ptr(), n) and mod.int4_linear_fits_f16(offsets.data_ptr(), n) else 4
+    E = _scale_bytes(mod, scales, offsets)
     nbytes = mod.int4_linear_packed_size(N, K, G, E)
     packed = torch.empty(max(nbytes, 1), dtype=torch.uint8)
     mod.int4_linear_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, G, E,
@@ -191,8 +197,7 @@ def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
     N, K = qweight.shape[0], qweight.shape[1] * 2
     G = K // scales.shape[1]
     qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
-    n = scales.numel()
-    E = 2 if mod.int4_linear_fits_f16(scales.data_ptr(), n) and mod.int4_linear_fits_f16(offsets.data_ptr(), n) else 4
+    E = _scale_bytes(mod, scales, offsets)
     nbytes = mod.int4_linear_w4a8_packed_size(N, K, G, E)
     buf = torch.empty(nbytes + 64, dtype=torch.uint8)  # + 64: room to start at a 64-byte boundary
     start = -buf.data_ptr() % 64
@@ -256,9 +261,7 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
     setting = os.environ.get("LLMKERN_INT4_PACK", "")
     pack = setting != "0" and _backends.cpu_isa() == "avx512_vnni"
     if pack and setting != "1":
-        mod, n = _backends.cpu_module(), scales.numel()
-        s, o = scales.contiguous(), offsets.contiguous()
-        pack = bool(mod.int4_linear_fits_f16(s.data_ptr(), n) and mod.int4_linear_fits_f16(o.data_ptr(), n))
+        pack = _scale_bytes(_backends.cpu_module(), scales.contiguous(), offsets.contiguous()) == 2
     return _cpu_runner(qweight, scales, offsets, bias, pack=pack)
 
 

@@ -291,3 +291,39 @@ def params(items: list[tuple]) -> list:
     import pytest
 
     return [pytest.param(*it, id="-".join([it[0].id] + [str(x) for x in it[1:]])) for it in items]
+
+
+def step_calls(mods, x, n_out: int, op: str):
+    """fn() for the ".step" entries: each module's prepared CPU kernel (the run its prepared call makes)
+    bound once as a `KernelCall` on x [M, K] into its own out [M, n_out], cycled like the modules.
+
+    This is how llmkern's own runtime runs a linear in a decode step (a `StepProgram` of such calls:
+    no Python, no output allocation per layer), so it measures the kernel and its launch, without the
+    per-call Python of the module path. fn returns the out it wrote (for the result check) and, like
+    the prepared run, records the backend that ran as `OPS[op].last_backend`. None when the module has
+    no prepared CPU runner (another backend or device)."""
+    import itertools
+
+    from llmkern.ops import OPS
+
+    threads = torch.get_num_threads()
+    M = x.shape[0]
+    items = []
+    for m in mods:
+        run = m.__dict__.get("_run")
+        impl = getattr(run, "impl", None)
+        if impl is None or not hasattr(impl, "call") or run.backend != "cpu":
+            return None
+        out = torch.empty(M, n_out, dtype=x.dtype)
+        ws = torch.empty(max(impl.workspace_size(M, threads), 1), dtype=torch.uint8)
+        items.append((impl.call(x, out, ws, threads), out, ws))  # keeps out and ws alive with the call
+    nxt = itertools.cycle(items).__next__
+    opr = OPS[op]
+
+    def fn():
+        c, out, _ = nxt()
+        c()
+        opr.last_backend = "cpu"
+        return out
+
+    return fn

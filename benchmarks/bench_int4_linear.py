@@ -4,11 +4,14 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
 - llmkern.<backend>: `llmkern.ops.int4_linear(x, qweight uint8 [N, K/2], scales, offsets fp32 [N, K/G])`;
 - llmkern.cpu.module: the path users run, `llmkern.nn.Int4Linear`'s prepared call (after its first,
   checked call the cpu preparer binds the weights and repacks them into the packed decode layout;
-  nbytes counts what that layout streams: K/2 + 2 (K/G) E bytes per row, E = 4 here, random fp32 scales);
+  nbytes counts what the module streams: the packed layout, K/2 + 2 (K/G) E bytes per row, E = 2 with
+  fp16-valued scales (the default cases), or the canonical tensors with fp32 ones, see _cases);
 - llmkern.cpu.w4a8.module / .w4a8g.module: the same module in mode "w4a8" / "w4a8g" (x quantized to int8
   on the fly, one scale per row / per group; int4 x int8 dot products; weights packed once into the W4A8
   layout, the same bytes per row), checked with W8A8's tolerance (the activation rounding is part of the
   result);
+- llmkern.cpu.step: the W4A16 module's prepared kernel bound once as a KernelCall and run as llmkern's
+  decode step program runs it (no Python per layer; `_shapes.step_calls`): the kernel and its launch;
 - F.linear: the float layer, weight [N, K] in the activation dtype;
 - torch._weight_int4pack_mm: torch's weight-only int4 kernel on the same values, CPU:
   `_weight_int4pack_mm_for_cpu(x, _convert_weight_to_int4pack_for_cpu(q int32 [N, K], 2), G, sz)`,
@@ -33,9 +36,23 @@ TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2, "w4a8": 3e-2}  # see bench_int8
 
 
 def _cases() -> list[S.Variant]:
-    """G=32 (GGUF Q4_0/Q4_1, the default model's format); full runs add G=128 (GPTQ/AWQ) where K allows."""
+    """G=32 (GGUF Q4_0/Q4_1, the default model's format); full runs add G=128 (GPTQ/AWQ) where K allows.
+
+    Scales and offsets: "G32" cases hold fp16 values (stored as fp32), as GGUF Q4_0/Q4_1 imports (the
+    default model) do and as torch's packing keeps them (16 bits each); the module then streams its
+    packed layout with fp16 scales. "G32-f32" cases hold arbitrary fp32 values, as `quantize_int4` /
+    `quantize_linears` make them (the module streams the canonical fp32 tensors, 20% more bytes at
+    G=32): the Llama-2-7B 4096x4096 M=1 case always, every case in full runs."""
     groups = (32, 128) if S.FULL else (32,)
-    return [S.Variant(c, f"G{g}", (("G", g),)) for c in S.linear_cases() for g in groups if c.K % g == 0]
+    out = []
+    for c in S.linear_cases():
+        for g in groups:
+            if c.K % g:
+                continue
+            out.append(S.Variant(c, f"G{g}", (("G", g), ("scales", "f16"))))
+            if S.FULL or (c.N, c.K, c.M) == (4096, 4096, 1):
+                out.append(S.Variant(c, f"G{g}-f32", (("G", g), ("scales", "f32"))))
+    return out
 
 
 def _items():
@@ -47,6 +64,7 @@ def _items():
                 items.append((case, dt, f"llmkern.{b}"))
                 if b == "cpu":
                     items.append((case, dt, "llmkern.cpu.module"))
+                    items.append((case, dt, "llmkern.cpu.step"))
                     items.append((case, dt, "llmkern.cpu.w4a8.module"))
                     items.append((case, dt, "llmkern.cpu.w4a8g.module"))
             items += [(case, dt, p) for p in PEERS]
@@ -54,13 +72,16 @@ def _items():
 
 
 def _make(case: S.Variant, device):
-    """Random q in 0..15, packed [N, K/2]; scales/offsets [N, K/G]; x [M, K]; fp32 result y [M, N]."""
+    """Random q in 0..15, packed [N, K/2]; scales/offsets [N, K/G] (fp32 tensors, fp16 values unless the
+    case says f32); x [M, K]; fp32 result y [M, N]."""
     c, G = case.base, case.shape["G"]
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (c.N, c.K), dtype=torch.uint8, generator=g)  # [N, K]
     qweight = q[:, 0::2] | (q[:, 1::2] << 4)  # [N, K/2]: low nibble even k, high nibble odd k
     scales = torch.rand(c.N, c.K // G, generator=g) * 0.02 + 0.002
     offsets = -scales * (8.0 + torch.randn(c.N, c.K // G, generator=g))  # zero points near the middle
+    if case.shape["scales"] == "f16":  # fp16 values, as GGUF's d and m (see _cases)
+        scales, offsets = scales.half().float(), offsets.half().float()
     x = torch.randn(c.M, c.K, generator=g)
     w_deq = q.float() * scales.repeat_interleave(G, 1) + offsets.repeat_interleave(G, 1)  # [N, K]
     d = {"q": q, "qweight": qweight, "scales": scales, "offsets": offsets, "x": x, "w_deq": w_deq}
@@ -91,11 +112,11 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
     io_bytes = M * K * e + M * N * e
     backend, kind, compute, tol = None, "peer", None, TOL[dtype]
 
-    if impl in ("llmkern.cpu.module", "llmkern.cpu.w4a8.module", "llmkern.cpu.w4a8g.module"):
+    if impl in ("llmkern.cpu.module", "llmkern.cpu.step", "llmkern.cpu.w4a8.module", "llmkern.cpu.w4a8g.module"):
         backend, kind = "cpu", "llmkern"
         from llmkern.nn import Int4Linear
 
-        mode = impl.split(".")[2] if impl.count(".") == 3 else "w4a16"
+        mode = impl.split(".")[2] if impl.count(".") == 3 else "w4a16"  # .module, .step: w4a16
         if mode != "w4a16":
             compute, tol = "int8", TOL["w4a8"]
         w_bytes = N * K // 2 + 8 * N * (K // G)  # canonical: sizes the rotation like the op entry
@@ -111,6 +132,10 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
         bench.benchmark.extra_info["packed_e"] = E
         cyc = itertools.cycle(mods).__next__
         fn = lambda: cyc()(x)  # noqa: E731
+        if impl.endswith(".step"):
+            fn = S.step_calls(mods, x, N, OP)
+            if fn is None:
+                pytest.skip("the module has no prepared CPU kernel here")
     elif impl.startswith("llmkern."):
         backend, kind = impl.split(".")[1], "llmkern"
         from llmkern.ops import int4_linear

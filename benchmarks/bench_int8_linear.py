@@ -5,6 +5,8 @@ Group = (layer shape N x K, rows M, activation dtype). Entries:
 - llmkern.<backend>.<mode>.module: the `llmkern.nn.Int8Linear` module over the same weights, the path
   a model runs (after its first, checked call the module calls the backend's prepared runner: no
   dispatcher, no re-checking of the weights; compare with the op entry for the per-call overhead);
+- llmkern.cpu.<mode>.step: that module's prepared kernel bound once as a KernelCall and run as llmkern's
+  decode step program runs it (no Python per layer; `_shapes.step_calls`): the kernel and its launch;
 - F.linear: the float layer, weight [N, K] in the activation dtype (what you run without quantization);
 - torch._weight_int8pack_mm: torch's W8A16 CPU kernel, (x [M, K], w int8 [N, K], scales [N] in x's dtype);
 - torch._int_mm.w8a8: the W8A8 pipeline in eager torch: per-row quantize x, int8 x int8 -> int32 with
@@ -38,6 +40,8 @@ def _items():
                 items += [(case, dt, f"llmkern.{b}.{mode}") for mode in MODES]
                 if b != "reference":
                     items += [(case, dt, f"llmkern.{b}.{mode}.module") for mode in MODES]
+                if b == "cpu":
+                    items += [(case, dt, f"llmkern.cpu.{mode}.step") for mode in MODES]
             items += [(case, dt, p) for p in PEERS]
     return items
 
@@ -87,6 +91,10 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
                 m(x)
             next_mod = itertools.cycle(mods).__next__
             fn = lambda: next_mod()(x)  # noqa: E731
+            if module == ["step"]:
+                fn = S.step_calls(mods, x, N, OP)
+                if fn is None:
+                    pytest.skip("the module has no prepared CPU kernel here")
         else:
             fn = lambda: int8_linear(x, *nxt(), None, mode, backend=backend)  # noqa: E731
         nbytes = N * K + 4 * N + io_bytes

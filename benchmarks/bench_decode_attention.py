@@ -2,8 +2,9 @@
 
 Group = (model heads / head dim, B sequences, L cached tokens each, dtype). Entries:
 - llmkern.<backend>.contiguous: `decode_attention(q [B, Hq, D], k/v cache [B, L, Hk, D], seq_lens [B])`;
-- llmkern.<backend>.paged16: the same values in a paged cache [B * L / 16, 16, Hk, D] whose blocks are
-  scattered by a random block table [B, L / 16];
+- llmkern.<backend>.paged16 / .paged64: the same values in a paged cache [B * L / bs, bs, Hk, D] of
+  16- / 64-token blocks scattered by a random block table [B, L / bs] (64: the CPU runtime's default
+  block size, `llmkern.nn.paged_kv_cache.default_block_size`; 16: the GPU one);
 - llmkern.<backend>.int8: an int8 contiguous cache with a float32 scale per (token, head) (half the
   bytes of bf16);
 - SDPA: `F.scaled_dot_product_attention(q [B, Hq, 1, D], k/v [B, Hk, L, D])`, the cache in SDPA's own
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 import _shapes as S
 
 OP = "decode_attention"
-BLOCK = 16
-LAYOUTS = ("contiguous", "paged16", "int8")
+BLOCKS = (16, 64)
+LAYOUTS = ("contiguous",) + tuple(f"paged{bs}" for bs in BLOCKS) + ("int8",)
 TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
 
 
@@ -61,14 +62,15 @@ def _make(c, dtype, device):
     v = torch.randn(c.B, c.L, c.Hk, c.D, generator=g).to(dt)
     d = {"q": q, "k": k, "v": v, "seq_lens": torch.full((c.B,), c.L, dtype=torch.int32)}
 
-    # paged: block j of sequence b stored at block_table[b, j] of a [B * L / BLOCK, BLOCK, Hk, D] pool
-    nb = c.B * c.L // BLOCK
-    table = torch.randperm(nb, generator=g).to(torch.int32).view(c.B, c.L // BLOCK)
-    for name in ("k", "v"):
-        pool = torch.empty(nb, BLOCK, c.Hk, c.D, dtype=dt)
-        pool[table.flatten().long()] = d[name].reshape(nb, BLOCK, c.Hk, c.D)  # [B, L/BLOCK] order
-        d[name + "_paged"] = pool
-    d["block_table"] = table
+    # paged: block j of sequence b stored at block_table[b, j] of a [B * L / bs, bs, Hk, D] pool
+    for bs in BLOCKS:
+        nb = c.B * c.L // bs
+        table = torch.randperm(nb, generator=g).to(torch.int32).view(c.B, c.L // bs)
+        for name in ("k", "v"):
+            pool = torch.empty(nb, bs, c.Hk, c.D, dtype=dt)
+            pool[table.flatten().long()] = d[name].reshape(nb, bs, c.Hk, c.D)  # [B, L/bs] order
+            d[f"{name}_paged{bs}"] = pool
+        d[f"block_table{bs}"] = table
 
     for name in ("k", "v"):
         d[name + "_q8"], d[name + "_scale"] = _quant(d[name])
@@ -99,10 +101,11 @@ def test_decode_attention(bench, group_cache, case, dtype, impl):
             cache_bytes = kv_elems * e
             nxt = bench.rotating((t["k"], t["v"]), cache_bytes)
             fn = lambda: decode_attention(q, *nxt(), lens, backend=backend)  # noqa: E731
-        elif layout == "paged16":
-            cache_bytes = kv_elems * e + 4 * t["block_table"].numel()
-            nxt = bench.rotating((t["k_paged"], t["v_paged"]), kv_elems * e)
-            table = t["block_table"]
+        elif layout.startswith("paged"):
+            bs = int(layout[5:])
+            table = t[f"block_table{bs}"]
+            cache_bytes = kv_elems * e + 4 * table.numel()
+            nxt = bench.rotating((t[f"k_paged{bs}"], t[f"v_paged{bs}"]), kv_elems * e)
             fn = lambda: decode_attention(q, *nxt(), lens, block_table=table, backend=backend)  # noqa: E731
         else:  # int8 cache: 1 byte per value + one fp32 scale per (token, head)
             cache_bytes = kv_elems + 2 * c.B * c.L * c.Hk * 4

@@ -72,8 +72,12 @@ def _runner(name, model, phase, ids):
     """
     if name.startswith("llmkern") and phase == "decode_batch":
         def setup():
-            # paged caches with BATCH sequences of CTX - 1 tokens each, then one untimed batched step
-            caches = model.new_cache(paged=True, block_size=16, num_blocks=BATCH * (CTX // 16 + 2))
+            # paged caches (the runtime's default block size) with BATCH sequences of CTX - 1 tokens each,
+            # then one untimed batched step
+            from llmkern.nn.paged_kv_cache import default_block_size
+
+            bs = default_block_size(model.embed_tokens.weight.device)
+            caches = model.new_cache(paged=True, block_size=bs, num_blocks=BATCH * (CTX // bs + 2))
             sids = [[c.add_sequence() for c in caches][0] for _ in range(BATCH)]
             for sid in sids:
                 model(ids[:1, :CTX - 1], caches, seq_ids=[sid], last_only=True)

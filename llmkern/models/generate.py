@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import _backends
+from ..nn.paged_kv_cache import default_block_size
 
 
 @dataclass
@@ -86,12 +87,14 @@ def _prompt_ids(tokenizer, p, chat: bool, system):
 
 def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, stream=None, chat: bool = True, system: str | None = None,
-             stop_ids=None, paged: bool | None = None, block_size: int = 16, kv_int8: bool = False) -> GenerationResult:
+             stop_ids=None, paged: bool | None = None, block_size: int | None = None,
+             kv_int8: bool = False) -> GenerationResult:
     """Generate continuations of `prompts` (a str, or a list of prompts of any lengths).
 
     A prompt is a str (a user turn with chat=True, raw text with chat=False), a list of chat messages
     [{"role", "content"}], or a list of token ids. stream(index, text) receives each prompt's text as
     it is produced. paged: None = a paged cache for several prompts, a contiguous one for one.
+    block_size: the paged cache's tokens per block (None: `default_block_size`, 64 on the CPU, 16 on GPUs).
     """
     if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                     and isinstance(prompts[0], (dict, int))):
@@ -135,6 +138,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
 
     with torch.inference_mode():
         if paged:
+            if block_size is None:
+                block_size = default_block_size(device)
             num_blocks = sum(-(-(n + max_new_tokens) // block_size) for n in lens)
             cache = model.new_cache(paged=True, block_size=block_size, num_blocks=num_blocks, int8=kv_int8)
             seq_ids = [[c.add_sequence() for _ in range(B)] for c in cache]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as lnn
+from ..nn.paged_kv_cache import default_block_size
 from .config import ModelConfig
 from .decode_plan import DecodePlan
 
@@ -152,15 +153,18 @@ class Llama(nn.Module):
     # ------------------------------------------------------------------ caches
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None, *, paged: bool = False,
-                  block_size: int = 16, num_blocks: int | None = None, int8: bool = False, device=None):
+                  block_size: int | None = None, num_blocks: int | None = None, int8: bool = False, device=None):
         """One KV cache per layer: KVCache(batch_size, max_seq_len) or PagedKVCache(num_blocks, block_size)
-        (num_blocks default: enough for batch_size sequences of max_seq_len)."""
+        (block_size default: `llmkern.nn.paged_kv_cache.default_block_size(device)`, 64 on the CPU and 16
+        on GPUs; num_blocks default: enough for batch_size sequences of max_seq_len)."""
         c = self.config
         max_seq_len = max_seq_len or c.max_positions
         if max_seq_len > c.max_positions:
             raise ValueError(f"new_cache: max_seq_len {max_seq_len} exceeds the model's max_positions {c.max_positions}")
         device = device if device is not None else self.embed_tokens.weight.device
         if paged:
+            if block_size is None:
+                block_size = default_block_size(device)
             if num_blocks is None:
                 num_blocks = batch_size * -(-max_seq_len // block_size)
             return [lnn.PagedKVCache(num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype,

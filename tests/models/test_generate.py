@@ -65,10 +65,10 @@ def test_sample_frequencies_follow_softmax():
 # ------------------------------------------------------------------ tiny model
 
 
-@pytest.mark.parametrize("paged", [True, False])
-def test_batch_equals_each_alone(tiny, paged):
+@pytest.mark.parametrize("paged, block_size", [(True, 4), (True, None), (False, None)])  # None: the default (64)
+def test_batch_equals_each_alone(tiny, paged, block_size):
     m, tok = tiny
-    batch = generate(m, tok, PROMPTS, max_new_tokens=6, chat=False, paged=paged, block_size=4)
+    batch = generate(m, tok, PROMPTS, max_new_tokens=6, chat=False, paged=paged, block_size=block_size)
     assert batch.stats["paged"] == paged and batch.stats["batch_size"] == 3
     for b, p in enumerate(PROMPTS):
         alone = generate(m, tok, [p], max_new_tokens=6, chat=False)

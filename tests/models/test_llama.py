@@ -155,6 +155,19 @@ def test_last_only_and_errors():
             m(torch.randint(0, 101, (2, 9)), cache)
 
 
+def test_paged_cache_default_block_size():
+    """new_cache(paged=True) picks the device's default block size: 64 tokens on the CPU, 16 on GPUs."""
+    from llmkern.nn.paged_kv_cache import default_block_size
+
+    assert default_block_size("cpu") == default_block_size(None) == 64
+    assert default_block_size("cuda") == default_block_size(torch.device("cuda", 1)) == 16
+    m = tiny()
+    caches = m.new_cache(2, 90, paged=True)
+    assert {c.block_size for c in caches} == {64}
+    assert caches[0].num_blocks == 2 * 2  # two sequences of 90 tokens: 2 blocks of 64 each
+    assert m.new_cache(2, 90, paged=True, block_size=16)[0].block_size == 16
+
+
 def test_weight_bytes_per_token():
     m = tiny()
     c = m.config

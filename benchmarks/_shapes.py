@@ -124,7 +124,8 @@ def attention_cases() -> list[AttnCase]:
     cases = [_attn(SMOLLM2, 1, 128), _attn(SMOLLM2, 1, 512), _attn(LLAMA3, 1, 512)]
     if FULL:
         cases += [_attn(SMOLLM2, 4, 2048), _attn(LLAMA2, 1, 2048), _attn(LLAMA3, 1, 2048),
-                  _attn(LLAMA3, 1, 2048, causal=False), _attn(LLAMA3, 4, 1024)]
+                  _attn(LLAMA3, 1, 2048, causal=False), _attn(LLAMA3, 4, 1024),
+                  _attn(SMOLLM2, 1, 4096), _attn(LLAMA3, 1, 4096)]  # issue 4's S = 4096, D = 64 / 128
     return _dedup(cases)
 
 

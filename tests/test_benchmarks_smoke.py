@@ -135,3 +135,16 @@ def test_fractions_of_limits():
     d = _machine.fractions(lim, nbytes=1e6, flops=1e9, seconds=1e-2, compute="bf16")
     assert d["bound"] == "compute"  # 1000 flops per byte
     assert _machine.fractions({}, 1e6, 0.0, 1e-3, "fp32") == {"gbs": pytest.approx(1.0), "gflops": None}
+
+
+def test_step_module_and_paged64_entries_run_once():
+    """The `.step` entries (a module's prepared kernel as a KernelCall), the module entries and paged64 run
+    and pass their result checks (`--benchmark-disable`: once each)."""
+    r = _pytest("benchmarks/bench_int4_linear.py", "benchmarks/bench_int8_linear.py",
+                "benchmarks/bench_decode_attention.py", "--benchmark-disable", "-v", "-k",
+                "(192x576-M1 and fp32 and (step or module)) or (SmolLM2-135M-B1 and fp32 and paged64)", timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    passed = [line.split()[0] for line in r.stdout.splitlines() if " PASSED" in line]
+    assert any("bench_int4_linear" in p and p.endswith("llmkern.cpu.step]") for p in passed), r.stdout[-3000:]
+    assert any("bench_int8_linear" in p and p.endswith("w8a8.step]") for p in passed), r.stdout[-3000:]
+    assert any("bench_decode_attention" in p and p.endswith("paged64]") for p in passed), r.stdout[-3000:]

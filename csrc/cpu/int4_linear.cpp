@@ -34,7 +34,7 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
             int64_t N, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t group_size, std::uintptr_t bias_ptr,
             std::uintptr_t out_ptr, int64_t out_row_stride, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
             const std::string& isa_name, int64_t decode_max_rows, bool bf16_dot, std::uintptr_t packed_ptr,
-            int64_t packed_e) {
+            int64_t packed_e, std::uintptr_t rows16_ptr, int64_t rows16_e) {
   if (x_dtype < 0 || x_dtype > 2) fail(kWhere, "x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
   const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
   check_sizes(kWhere, M, K, N, num_threads);
@@ -45,6 +45,8 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
     fail(kWhere, "decode_max_rows must be -1 (default) or in [0, 2^31], got " + std::to_string(decode_max_rows));
   if (packed_ptr ? (packed_e != 2 && packed_e != 4) : packed_e != 0)
     fail(kWhere, "packed_e must be 2 or 4 with packed_ptr, 0 without, got " + std::to_string(packed_e));
+  if (rows16_ptr ? (rows16_e != 2 && rows16_e != 4) : rows16_e != 0)
+    fail(kWhere, "rows16_e must be 2 or 4 with rows16_ptr, 0 without, got " + std::to_string(rows16_e));
   if (x_row_stride < 0) fail(kWhere, "x_row_stride must be >= 0, got " + std::to_string(x_row_stride));
   if (out_row_stride < (M > 1 ? N : 0))
     fail(kWhere, "out_row_stride must be >= N=" + std::to_string(N) + " (rows must not overlap), got " + std::to_string(out_row_stride));
@@ -62,6 +64,7 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   check_ptr("out_ptr", out_ptr, esize);
   check_ptr("ws_ptr", ws_ptr, 1);
   if (packed_ptr) check_ptr("packed_ptr", packed_ptr, packed_e);
+  if (rows16_ptr) check_ptr("rows16_ptr", rows16_ptr, 4);
 
   cpu::Int4LinearArgs a;
   a.x = reinterpret_cast<const void*>(x_ptr);
@@ -83,6 +86,8 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   a.bf16_dot = bf16_dot;
   a.packed = reinterpret_cast<const uint8_t*>(packed_ptr);
   a.packed_e = packed_e;
+  a.rows16 = reinterpret_cast<const uint8_t*>(rows16_ptr);
+  a.rows16_e = rows16_e;
   return {[a, isa] { cpu::int4_linear(a, isa); }, "int4_linear"};
 }
 
@@ -106,12 +111,15 @@ void bind_int4_linear(py::module_& m) {
         "scales/offsets/bias float32. decode_max_rows: M at or below it takes the decode path (-1: default); "
         "bf16_dot: allow AVX512-BF16 dot products for bf16 x; packed_ptr / packed_e: the same weights in the "
         "packed decode layout (int4_linear_pack), read instead of qweight/scales/offsets by one-row (M = 1) "
-        "calls. Releases the GIL while computing; invalid arguments raise ValueError.",
+        "calls; rows16_ptr / rows16_e: the same weights in the rows16 layout (int4_linear_rows16_pack), read "
+        "by bf16 calls of 2 rows up to the decode limit on CPUs with AVX-512 BF16. Releases the GIL while "
+        "computing; invalid arguments raise ValueError.",
         py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"),
         py::arg("K"), py::arg("qweight_ptr"), py::arg("N"), py::arg("scales_ptr"), py::arg("offsets_ptr"),
         py::arg("group_size"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("ws_ptr"),
         py::arg("ws_bytes"), py::arg("num_threads"), py::arg("isa"), py::arg("decode_max_rows") = -1,
-        py::arg("bf16_dot") = true, py::arg("packed_ptr") = 0, py::arg("packed_e") = 0);
+        py::arg("bf16_dot") = true, py::arg("packed_ptr") = 0, py::arg("packed_e") = 0, py::arg("rows16_ptr") = 0,
+        py::arg("rows16_e") = 0);
   m.def(
       "int4_linear_packed_size",
       [](int64_t N, int64_t K, int64_t group_size, int64_t e) {
@@ -161,6 +169,43 @@ void bind_int4_linear(py::module_& m) {
       "Packs canonical int4 weights (qweight [N, K/2], scales/offsets fp32 [N, K/G], contiguous) into the "
       "packed decode layout (csrc/include/llmkern/cpu/int4_linear_common.h) with e-byte scales: "
       "e=2 (fp16) only when every scale and offset is exactly an fp16 value (ValueError otherwise).");
+  m.def(
+      "int4_linear_rows16_packed_size",
+      [](int64_t N, int64_t K, int64_t group_size, int64_t e) {
+        const char* where = "llmkern._C.int4_linear_rows16_packed_size";
+        check_sizes(where, 1, K, N, 1);
+        if (group_size != 32 && group_size != 64 && group_size != 128)
+          fail(where, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+        if (K % group_size) fail(where, "group_size must divide K=" + std::to_string(K));
+        if (e != 2 && e != 4) fail(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
+        return cpu::int4_rows16::packed_bytes(N, K, group_size, e);
+      },
+      py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"),
+      "Bytes of the rows16 layout of [N, K] int4 weights with e-byte scales and offsets.");
+  m.def(
+      "int4_linear_rows16_pack",
+      [](std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t N, int64_t K,
+         int64_t group_size, int64_t e, std::uintptr_t out_ptr, int64_t out_bytes) {
+        const char* where = "llmkern._C.int4_linear_rows16_pack";
+        check_sizes(where, 1, K, N, 1);
+        if (group_size != 32 && group_size != 64 && group_size != 128)
+          fail(where, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+        if (K % group_size) fail(where, "group_size must divide K=" + std::to_string(K));
+        if (e != 2 && e != 4) fail(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
+        if (!check_int4_pack(where, qweight_ptr, scales_ptr, offsets_ptr, N, K, group_size, e, out_ptr, out_bytes,
+                             cpu::int4_rows16::packed_bytes(N, K, group_size, e), 4))
+          return;
+        const auto* s = reinterpret_cast<const float*>(scales_ptr);
+        const auto* o = reinterpret_cast<const float*>(offsets_ptr);
+        py::gil_scoped_release release;
+        cpu::int4_rows16::pack(reinterpret_cast<const uint8_t*>(qweight_ptr), s, o, N, K, group_size, e,
+                               reinterpret_cast<uint8_t*>(out_ptr));
+      },
+      py::arg("qweight_ptr"), py::arg("scales_ptr"), py::arg("offsets_ptr"), py::arg("N"), py::arg("K"),
+      py::arg("group_size"), py::arg("e"), py::arg("out_ptr"), py::arg("out_bytes"),
+      "Packs canonical int4 weights (qweight [N, K/2], scales/offsets fp32 [N, K/G], contiguous) into the "
+      "rows16 layout (csrc/include/llmkern/cpu/int4_linear_rows16.h) with e-byte "
+      "scales: e=2 (fp16) only when every scale and offset is exactly an fp16 value (ValueError otherwise).");
   m.def("int4_linear_cpu_info", []() {
     py::dict d;
     d["decode_max_rows"] = cpu::kDecodeMaxRows;  // the largest default (bf16 dot products)

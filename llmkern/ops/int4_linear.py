@@ -111,7 +111,7 @@ class _Workspace(threading.local):
 _WS = _Workspace()
 
 
-def _cpu_runner(qweight, scales, offsets, bias, pack=True):
+def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     """run(x) of the C++ kernel (csrc/cpu/int4_linear.cpp) with these weights bound once.
 
     Everything that depends only on the weights (contiguity, raw pointers, the fp32 bias, G) is done
@@ -124,6 +124,11 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True):
     holds anyway (a module's buffers). Results are bit-identical to the canonical kernel's. Memory:
     the packed copy adds K/2 + 2 (K/G) E bytes per output row (E = 2 when every scale and offset is
     an fp16 value, else 4) on top of the canonical K/2 + 8 K/G.
+
+    rows16 (the preparer, on AVX-512 CPUs): the weights are also packed into the rows16 layout
+    (`_cpu_pack_rows16`, csrc/include/llmkern/cpu/int4_linear_rows16.h: one output row per vector lane),
+    which calls of 2 to 16 bf16 rows (with AVX-512 BF16) or 2 to 8 fp32 rows read
+    (docs/notes/cpu-int4-decode-compute.md); same bytes per row as the packed layout.
     """
     mod = _backends.cpu_module()
     if qweight.device.type != "cpu":
@@ -133,6 +138,8 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True):
     qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     packed, pk = (None, (0, 0)) if not pack else _cpu_pack(mod, qweight, scales, offsets, N, K, G)
+    r16_buf, r16 = (None, (0, 0)) if not rows16 else _cpu_pack_rows16(mod, qweight, scales, offsets, N, K, G)
+    pk = pk + r16
     w_ptrs = (qweight.data_ptr(), N, scales.data_ptr(), offsets.data_ptr(), G,
               0 if bias32 is None else bias32.data_ptr())
     kernel, ws_size, get_ws, codes = mod.int4_linear, mod.int4_linear_workspace_size, _WS.get, _DTYPE_CODE
@@ -159,9 +166,10 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True):
 
     run.call = call
     run.workspace_size = lambda M, threads: ws_size(M, K, N, threads)
-    run.keep = (qweight, scales, offsets, bias32, packed)  # the tensors behind w_ptrs and pk
+    run.keep = (qweight, scales, offsets, bias32, packed, r16_buf)  # the tensors behind w_ptrs and pk
     run.packed = packed  # the packed decode layout (uint8), or None
     run.packed_e = pk[1]  # bytes per scale / offset in it: 2 (fp16), 4 (fp32); 0 when not packed
+    run.rows16_e = r16[1]  # the same for the rows16 layout; 0 when there is none
     return run
 
 
@@ -182,6 +190,18 @@ def _cpu_pack(mod, qweight, scales, offsets, N, K, G):
     mod.int4_linear_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, G, E,
                          packed.data_ptr(), nbytes)
     return packed, (packed.data_ptr(), E)
+
+
+def _cpu_pack_rows16(mod, qweight, scales, offsets, N, K, G):
+    """(uint8 buffer, (pointer, E)): the rows16 layout of canonical weights at a 64-byte boundary, fp16
+    scales and offsets (E = 2) when every one of them is exactly an fp16 value, else fp32."""
+    E = _scale_bytes(mod, scales, offsets)
+    nbytes = mod.int4_linear_rows16_packed_size(N, K, G, E)
+    buf = torch.empty(nbytes + 64, dtype=torch.uint8)  # + 64: room to start at a 64-byte boundary
+    start = -buf.data_ptr() % 64
+    mod.int4_linear_rows16_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, G, E,
+                                buf.data_ptr() + start, nbytes)
+    return buf, (buf.data_ptr() + start, E)
 
 
 def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
@@ -255,14 +275,20 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
     LLMKERN_INT4_PACK=1: pack whenever the CPU is AVX-512 (fp32 scales too: ~1.15x on small shapes,
       none on 4096 x 4096). LLMKERN_INT4_PACK=0: never (no memory beyond the canonical tensors).
     The kernel reads whichever layout it is given, with identical results.
+    On AVX-512 CPUs it also packs the rows16 layout, which calls of 2 to 16 bf16 rows (AVX-512 BF16)
+    or 2 to 8 fp32 rows read: several sequences per decode step, as `generate` runs several prompts
+    (docs/notes/cpu-int4-decode-compute.md; results equal the other layouts' up to fp32 rounding). It
+    costs another ~83% of the canonical int4 tensors; LLMKERN_INT4_ROWS16=0 turns it off.
     W4A8 always packs (its kernel reads only its own layout)."""
     if mode in _W4A8:
         return _cpu_w4a8_runner(qweight, scales, offsets, bias, mode == "w4a8g")
     setting = os.environ.get("LLMKERN_INT4_PACK", "")
-    pack = setting != "0" and _backends.cpu_isa() == "avx512_vnni"
+    avx512 = _backends.cpu_isa() == "avx512_vnni"
+    pack = setting != "0" and avx512
     if pack and setting != "1":
         pack = _scale_bytes(_backends.cpu_module(), scales.contiguous(), offsets.contiguous()) == 2
-    return _cpu_runner(qweight, scales, offsets, bias, pack=pack)
+    rows16 = os.environ.get("LLMKERN_INT4_ROWS16", "") != "0" and avx512
+    return _cpu_runner(qweight, scales, offsets, bias, pack=pack, rows16=rows16)
 
 
 # 16-bit inputs with more rows than this run on tensor cores (kInt4GemvMaxM in csrc/cuda/int4_linear.cu).

@@ -70,6 +70,9 @@ def python_step_with_kernel_silu(monkeypatch):
 @pytest.mark.parametrize("int8_kv", [False, True])
 def test_plan_equals_module_path(quant, B, int8_kv, monkeypatch):
     monkeypatch.setenv("LLMKERN_DECODE_PROGRAM", "0")  # the Python step (the program: below)
+    # Bitwise: a module's first call (the op, which reads the canonical int4 tensors) must give the same
+    # bits as its prepared calls, so no rows16 layout here (its sums run in another order; below).
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "0")
     m = tiny(quant=quant)
     prompt = torch.randint(0, 101, (B, 7))
     with torch.inference_mode():
@@ -81,10 +84,30 @@ def test_plan_equals_module_path(quant, B, int8_kv, monkeypatch):
     assert cache[0]._host_max == 7 + 12 and int(cache[0].seq_lens[0]) == 19
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_plan_with_rows16_close_to_module_path(B, monkeypatch):
+    """With the rows16 layout (the default on AVX-512): the prepared calls of 2..8 fp32 rows read it and
+    sum in another order than a module's first call (the op), so plan and module paths agree to fp32
+    rounding, not bitwise; the step program still equals the Python step bitwise."""
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "1")
+    m = tiny(quant="int4")
+    prompt = torch.randint(0, 101, (B, 7))
+    with torch.inference_mode():
+        want, _ = decode(m, prompt, 12, B, False, use_plan=False, monkeypatch=monkeypatch)
+        got, _ = decode(m, prompt, 12, B, False)
+        with monkeypatch.context() as mp:
+            python_step_with_kernel_silu(mp)
+            m.__dict__.pop("_decode_plan", None)
+            py_step, _ = decode(m, prompt, 12, B, False)
+    assert torch.equal(got, py_step)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+
 @pytest.mark.parametrize("quant", ["int4", "int4-w4a8", "int4-w4a8g", "int8-w8a16", "int8-w8a8"])
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("int8_kv", [False, True])
 def test_program_equals_python_step(quant, B, int8_kv, monkeypatch):
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "0")  # bitwise, as test_plan_equals_module_path
     m = tiny(quant=quant)
     prompt = torch.randint(0, 101, (B, 7))
     with torch.inference_mode():

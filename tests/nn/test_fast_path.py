@@ -24,7 +24,8 @@ def test_linear_fast_path_equals_op_and_rechecks_replaced_weights():
         lnn.Int8Linear.from_linear(torch.nn.Linear(64, 33))(torch.randn(3, 65))
 
 
-def test_int4_linear_and_rmsnorm_fast_paths():
+def test_int4_linear_and_rmsnorm_fast_paths(monkeypatch):
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "0")  # bitwise prepared == op (rows16: the test below)
     torch.manual_seed(0)
     m = lnn.Int4Linear.from_linear(torch.nn.Linear(64, 17), group_size=32)
     x = torch.randn(2, 64)
@@ -53,8 +54,10 @@ def test_kv_cache_fast_path_keeps_rotary_bounds_checked():
 
 
 @pytest.mark.parametrize("kind", ["int8-w8a16", "int8-w8a8", "int4"])
-def test_prepared_linear_equals_op_for_every_activation_layout(kind):
-    """After the first (checked) call the module runs the op's prepared run(x): same bits as the op."""
+def test_prepared_linear_equals_op_for_every_activation_layout(kind, monkeypatch):
+    """After the first (checked) call the module runs the op's prepared run(x): same bits as the op
+    (for int4 without the rows16 layout, whose sums run in another order: see the next test)."""
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "0")
     torch.manual_seed(1)
     lin = torch.nn.Linear(96, 37)
     if kind == "int4":
@@ -71,6 +74,20 @@ def test_prepared_linear_equals_op_for_every_activation_layout(kind):
         out = m(x)
         assert out.shape == x.shape[:-1] + (37,) and out.dtype == x.dtype
         assert torch.equal(out, op(x)), x.shape
+
+
+def test_prepared_int4_with_rows16_close_to_op(monkeypatch):
+    """With the rows16 layout (the default on AVX-512) prepared calls of 2..8 fp32 / 2..16 bf16 rows read
+    it: equal to the op up to fp32 rounding (bf16 outputs: a rounding step), the same bits call to call."""
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "1")
+    torch.manual_seed(3)
+    m = lnn.Int4Linear.from_linear(torch.nn.Linear(96, 37), group_size=32)
+    m(torch.randn(1, 96))
+    for x, tol in ((torch.randn(5, 96), 1e-5), (torch.randn(2, 3, 96), 1e-5), (torch.randn(4, 192)[:, ::2], 1e-5),
+                   (torch.randn(3, 96).to(torch.bfloat16), 1e-2)):
+        out, ref = m(x), ops.int4_linear(x, m.qweight, m.scales, m.offsets, m.bias)
+        assert torch.equal(out, m(x))
+        assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() <= tol, x.shape
 
 
 def test_prepared_linear_follows_backend_changes(monkeypatch):

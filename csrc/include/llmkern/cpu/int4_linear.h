@@ -32,6 +32,7 @@
 #include "llmkern/cpu/int4_linear_avx512.h"
 #include "llmkern/cpu/int4_linear_avx512_gemm.h"
 #include "llmkern/cpu/int4_linear_common.h"
+#include "llmkern/cpu/int4_linear_rows16.h"
 #include "llmkern/cpu/int4_linear_scalar.h"
 
 namespace llmkern {
@@ -465,8 +466,17 @@ inline void int4_linear(const Int4LinearArgs& a, Isa isa) {
   const bool bf16 = a.x_dtype == DType::kBF16 && a.bf16_dot && kk.has_bf16;
   const Int4Route& rt = bf16 ? kk.bf16 : kk.f32;
   const int64_t dmax = a.decode_max_rows >= 0 ? a.decode_max_rows : bf16 ? kDecodeMaxRowsBf16 : kDecodeMaxRowsF32;
-  if (a.M <= dmax) int4_detail::decode(a, kk, rt, L, ws);
-  else int4_detail::prefill(a, kk, rt, !bf16 && a.x_dtype != DType::kF32, L, ws);
+  if (a.M <= dmax && (bf16 || a.x_dtype == DType::kF32) && a.rows16 && a.M >= int4_rows16::kMinRows &&
+      isa == Isa::kAvx512Vnni) {
+    // the decode workspace (M rows of dec_row_bytes) holds the group sums (M K/G floats)
+    int4_rows16::decode(a.x, a.x_row_stride, a.M, a.K, a.N, a.group, a.rows16,
+                        a.rows16_e, a.bias, a.out, a.out_row_stride, a.x_dtype, reinterpret_cast<float*>(ws),
+                        a.num_threads);
+  } else if (a.M <= dmax) {
+    int4_detail::decode(a, kk, rt, L, ws);
+  } else {
+    int4_detail::prefill(a, kk, rt, !bf16 && a.x_dtype != DType::kF32, L, ws);
+  }
 }
 
 }  // namespace cpu

@@ -49,6 +49,10 @@ struct Int4LinearArgs {
   // (and on the prefill path) those are read.
   const uint8_t* packed = nullptr;
   int64_t packed_e = 0;              // 2 (fp16) or 4 (fp32) when packed is set
+  // Optional rows16 layout of the same weights (int4_linear_rows16.h, rows16_e-byte scales): bf16 x
+  // (on CPUs with AVX-512 BF16) and fp32 x (AVX-512) with 2 rows up to the decode limit read it instead.
+  const uint8_t* rows16 = nullptr;
+  int64_t rows16_e = 0;
 };
 
 // M <= the decode limit: decode path (weights streamed once per tile of rows); above it, prefill

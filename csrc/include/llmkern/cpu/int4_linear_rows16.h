@@ -1,0 +1,280 @@
+// int4_linear decode with 2..16 rows (bf16 x) or 2..8 rows (fp32 x) on the "rows16" layout: one output
+// row per vector lane.
+//
+// The lane = k decode tiles (int4_linear_avx512.h) end every tile with a horizontal sum per output
+// and rescale every 128 weights with a permute; with several rows of x that bookkeeping is ~30% of
+// the time (docs/notes/cpu-int4-decode-compute.md). Here a vector holds 16 weight rows instead:
+//
+//   layout, per block of 16 weight rows (rows past N are zero), per group g of G values of k:
+//     G / 8 chunks of 64 bytes: chunk c, 32-bit lane r (row 16 b + r), k0 = g G + 8 c:
+//       bits 4t..4t+3 = q[k0 + 2t], bits 16 + 4t..16 + 4t + 3 = q[k0 + 2t + 1]   (t = 0..3)
+//     then the 16 rows' scales, then their offsets, E bytes each (fp16 when every one is an fp16
+//     value, else fp32).
+//   A block is contiguous (K/2 + 2 E K/G bytes per row, as the other packed layouts).
+//
+//   kernel: for t = 0..3, (chunk >> 4t) & 0x000F000F | 0x43004300 gives each lane the bf16 pair
+//   (128 + q[k], 128 + q[k + 1]) exactly (8 significant bits); one vdpbf16ps with the broadcast x
+//   pair (x[k], x[k + 1]) adds x . (128 + q) for 16 rows. Per group the 16 sums S meet the scales
+//   and offsets: y += s S + (o - 128 s) X(g), X(g) the group's sum of x, so y = sum x (q s + o).
+//   No horizontal sums, no permutes.
+//   fp32 x: (chunk >> (4t + 16h)) through a vpermps table of 0..15 gives q[k0 + 2t + h] as fp32 for 16
+//   rows, one FMA with the broadcast x[k0 + 2t + h]; per group y += s S + o X(g) (S = sum x q exactly
+//   as fp32 sums go, no 128 offset).
+//
+// Rounding: S carries 128 X(g) besides sum x q, so its fp32 rounding error is ~2^-24 * 128 * sum|x|
+// per group (and o - 128 s is rounded once): far below the bf16 output's. Denormal bf16 x count as 0
+// in the products (DAZ) but not in X(g): < 2^-118 per value. Results do not depend on the thread
+// count (each output is one thread's fixed-order sum).
+#pragma once
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "llmkern/cpu/int4_linear_common.h"
+#include "llmkern/cpu/store_avx512.h"
+
+#define LLMKERN_R16_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+#define LLMKERN_R16_F32_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+namespace llmkern {
+namespace cpu {
+namespace int4_rows16 {
+
+constexpr int kMaxMB = 4;     // rows of x per tile
+constexpr int kBlocks = 2;    // 16-row blocks per tile: 2 x 4 x 2 accumulators
+constexpr int64_t kMinRows = 2;  // fewer rows keep the lane = k tiles (they stream the M = 1 layout)
+
+inline int64_t group_bytes(int64_t G, int64_t E) { return 8 * G + 32 * E; }
+inline int64_t block_bytes(int64_t K, int64_t G, int64_t E) { return (K / G) * group_bytes(G, E); }
+inline int64_t packed_bytes(int64_t N, int64_t K, int64_t G, int64_t E) { return (N + 15) / 16 * block_bytes(K, G, E); }
+
+// Canonical weights (qweight [N, K/2], low nibble = even k; scales / offsets fp32 [N, K/G]) -> the
+// rows16 layout with E-byte scales (E = 2 only when every scale and offset is an fp16 value).
+inline void pack(const uint8_t* qw, const float* scales, const float* offsets, int64_t N, int64_t K, int64_t G,
+                 int64_t E, uint8_t* out) {
+  const int64_t ng = K / G, rb = K / 2, nblocks = (N + 15) / 16;
+  auto put = [&](uint8_t* dst, float v) {
+    if (E == 2) {
+      const uint16_t h = f32_to_f16(v);
+      std::memcpy(dst, &h, 2);
+    } else {
+      std::memcpy(dst, &v, 4);
+    }
+  };
+  for (int64_t b = 0; b < nblocks; ++b)
+    for (int64_t g = 0; g < ng; ++g) {
+      uint8_t* gp = out + b * block_bytes(K, G, E) + g * group_bytes(G, E);
+      for (int64_t c = 0; c < G / 8; ++c)
+        for (int r = 0; r < 16; ++r) {
+          const int64_t n = 16 * b + r, k0 = g * G + 8 * c;
+          uint32_t w = 0;
+          if (n < N)
+            for (int t = 0; t < 4; ++t) {
+              const uint8_t pair = qw[n * rb + (k0 + 2 * t) / 2];  // q[k0 + 2t] low, q[k0 + 2t + 1] high
+              w |= uint32_t(pair & 15) << (4 * t);
+              w |= uint32_t(pair >> 4) << (16 + 4 * t);
+            }
+          std::memcpy(gp + c * 64 + 4 * r, &w, 4);
+        }
+      uint8_t* sp = gp + 8 * G;
+      for (int r = 0; r < 16; ++r) {
+        const int64_t n = 16 * b + r;
+        put(sp + r * E, n < N ? scales[n * ng + g] : 0.0f);
+        put(sp + (16 + r) * E, n < N ? offsets[n * ng + g] : 0.0f);
+      }
+    }
+}
+
+struct Ctx {
+  const uint8_t* pk;
+  int64_t K, G, ng, N, bbytes;
+  const void* x;      // bf16 or fp32 rows
+  int64_t x_stride;   // elements
+  const float* X;     // [M][ng] group sums of x
+  const float* bias;
+  void* out;
+  int64_t out_stride;  // elements
+  DType dt;
+};
+
+template <int E>
+LLMKERN_R16_F32_ATTR inline __m512 load16f(const uint8_t* p) {
+  if constexpr (E == 2) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  else return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+}
+
+// y rows m0 .. m0 + MB - 1, columns of blocks b0 .. b0 + NJ - 1 (+ bias) in the output dtype; the
+// columns past N are not written.
+template <int MB, int NJ>
+LLMKERN_R16_F32_ATTR void store_tile(const Ctx& c, int64_t b0, int64_t m0, const __m512 (&accf)[MB][NJ]) {
+  const int64_t es = c.dt == DType::kF32 ? 4 : 2;
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NJ; ++j) {
+      const int64_t n0 = 16 * (b0 + j);
+      if (n0 >= c.N) continue;
+      char* o = static_cast<char*>(c.out) + ((m0 + i) * c.out_stride + n0) * es;
+      store512::store16(accf[i][j], c.bias ? c.bias + n0 : nullptr, o, c.dt, store512::tail16(c.N - n0));
+    }
+}
+
+// Rows m0 .. m0 + MB - 1 of x against blocks b0 .. b0 + NJ - 1 (16 weight rows each): stores their outputs.
+// pf / pf_bytes: the bytes to prefetch meanwhile (the next tile's blocks), spread over the groups.
+template <int MB, int NJ, int E>
+LLMKERN_R16_ATTR void tile(const Ctx& c, int64_t b0, int64_t m0, const uint8_t* pf, int64_t pf_bytes) {
+  const __m512i low4 = _mm512_set1_epi32(0x000F000F), c128 = _mm512_set1_epi32(0x43004300);
+  const __m512 m128 = _mm512_set1_ps(-128.0f);
+  const int64_t gb = group_bytes(c.G, E), chunks = c.G / 8;
+  const int64_t pf_lines = (pf_bytes + 63) / 64, pf_per = (pf_lines + c.ng - 1) / c.ng;
+  __m512 accf[MB][NJ];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NJ; ++j) accf[i][j] = _mm512_setzero_ps();
+  const uint16_t* xr[MB];
+  for (int i = 0; i < MB; ++i) xr[i] = static_cast<const uint16_t*>(c.x) + (m0 + i) * c.x_stride;
+  for (int64_t g = 0; g < c.ng; ++g) {
+    for (int64_t l = g * pf_per, end = std::min(pf_lines, l + pf_per); l < end; ++l) __builtin_prefetch(pf + 64 * l, 0, 3);
+    const uint8_t* gp[NJ];
+    for (int j = 0; j < NJ; ++j) gp[j] = c.pk + (b0 + j) * c.bbytes + g * gb;
+    __m512 acc[MB][NJ];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      __m512i v[NJ];
+      for (int j = 0; j < NJ; ++j) v[j] = _mm512_loadu_si512(gp[j] + 64 * ch);
+      const int64_t k0 = g * c.G + 8 * ch;
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {
+        __m512i q[NJ];
+        // (v >> 4t) & 0x000F000F | 0x43004300: ternary logic (a & b) | c = 0xEA
+        for (int j = 0; j < NJ; ++j) q[j] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v[j], 4 * t), low4, c128, 0xEA);
+        for (int i = 0; i < MB; ++i) {
+          uint32_t pair;
+          std::memcpy(&pair, xr[i] + k0 + 2 * t, 4);  // x[k], x[k + 1]
+          const __m512i xb = _mm512_set1_epi32(static_cast<int>(pair));
+          for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xb, (__m512bh)q[j]);
+        }
+      }
+    }
+    for (int j = 0; j < NJ; ++j) {
+      const __m512 s = load16f<E>(gp[j] + 8 * c.G);
+      const __m512 o = _mm512_fmadd_ps(m128, s, load16f<E>(gp[j] + 8 * c.G + 16 * E));  // o - 128 s
+      for (int i = 0; i < MB; ++i) {
+        accf[i][j] = _mm512_fmadd_ps(acc[i][j], s, accf[i][j]);
+        accf[i][j] = _mm512_fmadd_ps(o, _mm512_set1_ps(c.X[(m0 + i) * c.ng + g]), accf[i][j]);
+      }
+    }
+  }
+  store_tile<MB, NJ>(c, b0, m0, accf);
+}
+
+// fp32 x: q[k] as fp32 through a vpermps table, one FMA per k and row of x (see the top).
+template <int MB, int NJ, int E>
+LLMKERN_R16_F32_ATTR void tile_f32(const Ctx& c, int64_t b0, int64_t m0, const uint8_t* pf, int64_t pf_bytes) {
+  const __m512 tab = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t gb = group_bytes(c.G, E), chunks = c.G / 8;
+  const int64_t pf_lines = (pf_bytes + 63) / 64, pf_per = (pf_lines + c.ng - 1) / c.ng;
+  __m512 accf[MB][NJ];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NJ; ++j) accf[i][j] = _mm512_setzero_ps();
+  const float* xr[MB];
+  for (int i = 0; i < MB; ++i) xr[i] = static_cast<const float*>(c.x) + (m0 + i) * c.x_stride;
+  for (int64_t g = 0; g < c.ng; ++g) {
+    for (int64_t l = g * pf_per, end = std::min(pf_lines, l + pf_per); l < end; ++l) __builtin_prefetch(pf + 64 * l, 0, 3);
+    const uint8_t* gp[NJ];
+    for (int j = 0; j < NJ; ++j) gp[j] = c.pk + (b0 + j) * c.bbytes + g * gb;
+    __m512 acc[MB][NJ];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      __m512i v[NJ];
+      for (int j = 0; j < NJ; ++j) v[j] = _mm512_loadu_si512(gp[j] + 64 * ch);
+      const int64_t k0 = g * c.G + 8 * ch;
+#pragma GCC unroll 8
+      for (int e = 0; e < 8; ++e) {  // k = k0 + e: nibble e / 2 of half e % 2
+        const int sh = 4 * (e / 2) + 16 * (e % 2);
+        __m512 q[NJ];
+        for (int j = 0; j < NJ; ++j) q[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(v[j], sh), tab);  // low 4 index bits
+        for (int i = 0; i < MB; ++i) {
+          const __m512 xb = _mm512_set1_ps(xr[i][k0 + e]);
+          for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_fmadd_ps(xb, q[j], acc[i][j]);
+        }
+      }
+    }
+    for (int j = 0; j < NJ; ++j) {
+      const __m512 s = load16f<E>(gp[j] + 8 * c.G), o = load16f<E>(gp[j] + 8 * c.G + 16 * E);
+      for (int i = 0; i < MB; ++i) {
+        accf[i][j] = _mm512_fmadd_ps(acc[i][j], s, accf[i][j]);
+        accf[i][j] = _mm512_fmadd_ps(o, _mm512_set1_ps(c.X[(m0 + i) * c.ng + g]), accf[i][j]);
+      }
+    }
+  }
+  store_tile<MB, NJ>(c, b0, m0, accf);
+}
+
+using TileFn = void (*)(const Ctx&, int64_t, int64_t, const uint8_t*, int64_t);
+
+template <int E>
+inline TileFn tile_for(bool f32, int mb, int nj) {
+  static const TileFn tab[kMaxMB][kBlocks] = {{&tile<1, 1, E>, &tile<1, 2, E>},
+                                              {&tile<2, 1, E>, &tile<2, 2, E>},
+                                              {&tile<3, 1, E>, &tile<3, 2, E>},
+                                              {&tile<4, 1, E>, &tile<4, 2, E>}};
+  static const TileFn tab32[kMaxMB][kBlocks] = {{&tile_f32<1, 1, E>, &tile_f32<1, 2, E>},
+                                                {&tile_f32<2, 1, E>, &tile_f32<2, 2, E>},
+                                                {&tile_f32<3, 1, E>, &tile_f32<3, 2, E>},
+                                                {&tile_f32<4, 1, E>, &tile_f32<4, 2, E>}};
+  return f32 ? tab32[mb - 1][nj - 1] : tab[mb - 1][nj - 1];
+}
+
+// Workspace bytes: the group sums X, [M][K / G] floats.
+inline int64_t ws_bytes(int64_t M, int64_t K, int64_t G) { return M * (K / G) * 4; }
+
+// y[M, N] = x[M, K] (bf16 or fp32 = dt, rows at x_stride elements) @ dequant(w)^T (+ bias) in dt, w in
+// the rows16 layout at pk with E-byte scales. X: ws_bytes(M, K, G) bytes of workspace. Threads split the
+// tiles of kBlocks blocks. bf16 needs AVX-512 BF16, fp32 AVX-512F.
+inline void decode(const void* x, int64_t x_stride, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* pk,
+                   int64_t E, const float* bias, void* out, int64_t out_stride, DType out_dtype, float* X, int num_threads) {
+  const int64_t ng = K / G;
+  const bool f32 = out_dtype == DType::kF32;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < ng; ++g) {
+      float s = 0.0f;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k)
+        s += f32 ? static_cast<const float*>(x)[m * x_stride + k] : bf16_to_f32(static_cast<const uint16_t*>(x)[m * x_stride + k]);
+      X[m * ng + g] = s;
+    }
+  Ctx c{pk, K, G, ng, N, block_bytes(K, G, E), x, x_stride, X, bias, out, out_stride, out_dtype};
+  const int64_t nblocks = (N + 15) / 16, tiles = (nblocks + kBlocks - 1) / kBlocks;
+  const int64_t tile_bytes = kBlocks * c.bbytes;
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, tiles * tile_bytes / (32 << 10))));
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t t0 = tiles * t / nt, t1 = tiles * (t + 1) / nt;
+    for (int64_t tl = t0; tl < t1; ++tl) {
+      const int64_t b0 = tl * kBlocks;
+      const int nj = static_cast<int>(std::min<int64_t>(kBlocks, nblocks - b0));
+      // The next tile's blocks are prefetched during this tile's first rows (the later row chunks
+      // find this tile's blocks in cache).
+      const int64_t nb_next = tl + 1 < t1 ? std::min<int64_t>(kBlocks, nblocks - b0 - kBlocks) : 0;
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) {
+        const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, M - m0));
+        const uint8_t* pf = pk + (b0 + kBlocks) * c.bbytes;
+        const int64_t pf_bytes = m0 == 0 ? nb_next * c.bbytes : 0;
+        (E == 2 ? tile_for<2>(f32, mb, nj) : tile_for<4>(f32, mb, nj))(c, b0, m0, pf, pf_bytes);
+      }
+    }
+  }
+}
+
+}  // namespace int4_rows16
+}  // namespace cpu
+}  // namespace llmkern

@@ -128,7 +128,8 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     rows16 (the preparer, on AVX-512 CPUs): the weights are also packed into the rows16 layout
     (`_cpu_pack_rows16`, csrc/include/llmkern/cpu/int4_linear_rows16.h: one output row per vector lane),
     which calls of 2 to 16 bf16 rows (with AVX-512 BF16) or 2 to 8 fp32 rows read
-    (docs/notes/cpu-int4-decode-compute.md); same bytes per row as the packed layout.
+    (docs/notes/cpu-int4-decode-compute.md); same bytes per row as the packed layout. Its sums run in
+    another order: those calls equal the canonical kernel's to fp32 rounding, not bitwise.
     """
     mod = _backends.cpu_module()
     if qweight.device.type != "cpu":

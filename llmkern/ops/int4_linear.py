@@ -128,8 +128,10 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     rows16 (the preparer, on AVX-512 CPUs): the weights are also packed into the rows16 layout
     (`_cpu_pack_rows16`, csrc/include/llmkern/cpu/int4_linear_rows16.h: one output row per vector lane),
     which calls of 2 to 16 bf16 rows (with AVX-512 BF16) or 2 to 8 fp32 rows read
-    (docs/notes/cpu-int4-decode-compute.md); same bytes per row as the packed layout. Its sums run in
-    another order: those calls equal the canonical kernel's to fp32 rounding, not bitwise.
+    (docs/notes/cpu-int4-decode-compute.md); same bytes per row as the packed layout. It is packed on
+    the first call of 2 to 16 rows (run or call), not before: one-sequence decoding and long prefills
+    never pay its time or memory. Its sums run in another order: those calls equal the canonical
+    kernel's to fp32 rounding, not bitwise.
     """
     mod = _backends.cpu_module()
     if qweight.device.type != "cpu":
@@ -139,8 +141,20 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     packed, pk = (None, (0, 0)) if not pack else _cpu_pack(mod, qweight, scales, offsets, N, K, G)
-    r16_buf, r16 = (None, (0, 0)) if not rows16 else _cpu_pack_rows16(mod, qweight, scales, offsets, N, K, G)
-    pk = pk + r16
+    layouts = [pk + (0, 0)]  # the packed and rows16 (pointer, E) arguments; rows16 filled in on demand
+    need16 = [rows16]  # rows16 wanted and not packed yet
+    lock = threading.Lock()
+
+    def pack16():
+        """Packs the rows16 layout (once, under the lock: two threads must not swap a buffer in use)."""
+        with lock:
+            if need16[0]:
+                buf, r16 = _cpu_pack_rows16(mod, qweight, scales, offsets, N, K, G)
+                run.keep += (buf,)
+                run.rows16_e = r16[1]
+                layouts[0] = pk + r16
+                need16[0] = False
+
     w_ptrs = (qweight.data_ptr(), N, scales.data_ptr(), offsets.data_ptr(), G,
               0 if bias32 is None else bias32.data_ptr())
     kernel, ws_size, get_ws, codes = mod.int4_linear, mod.int4_linear_workspace_size, _WS.get, _DTYPE_CODE
@@ -153,8 +167,10 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
         threads = get_threads()
         ws_bytes = ws_size(M, K, N, threads)
         ws = get_ws(ws_bytes)
+        if need16[0] and 2 <= M <= 16:
+            pack16()
         kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_ptrs,
-               out.data_ptr(), N, ws.data_ptr(), ws_bytes, threads, isa(), -1, True, *pk)
+               out.data_ptr(), N, ws.data_ptr(), ws_bytes, threads, isa(), -1, True, *layouts[0])
         return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
     def call(x2, out, ws, threads):
@@ -162,15 +178,17 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
         contiguous last dim, out [M, N] contiguous, ws uint8 of at least workspace_size(M, threads) bytes.
         The caller keeps x2, out and ws alive while the call exists."""
         M = x2.shape[0]
+        if need16[0] and 2 <= M <= 16:
+            pack16()
         return mod.int4_linear_call(x2.data_ptr(), codes[x2.dtype], x2.stride(0), M, K, *w_ptrs, out.data_ptr(), N,
-                                    ws.data_ptr(), ws.numel(), threads, isa(), -1, True, *pk)
+                                    ws.data_ptr(), ws.numel(), threads, isa(), -1, True, *layouts[0])
 
     run.call = call
     run.workspace_size = lambda M, threads: ws_size(M, K, N, threads)
-    run.keep = (qweight, scales, offsets, bias32, packed, r16_buf)  # the tensors behind w_ptrs and pk
+    run.keep = (qweight, scales, offsets, bias32, packed)  # the tensors behind w_ptrs and the layouts
     run.packed = packed  # the packed decode layout (uint8), or None
     run.packed_e = pk[1]  # bytes per scale / offset in it: 2 (fp16), 4 (fp32); 0 when not packed
-    run.rows16_e = r16[1]  # the same for the rows16 layout; 0 when there is none
+    run.rows16_e = 0  # the same for the rows16 layout once packed; 0 until then / without it
     return run
 
 

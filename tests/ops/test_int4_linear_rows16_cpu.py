@@ -57,6 +57,10 @@ def test_rows16_matches_reference_and_canonical(f16, dtype, threads):
         b = torch.randn(N, generator=gen) if N % 2 else None
         r16 = _cpu_runner(qw, s, o, b, pack=False, rows16=True)
         canon = _cpu_runner(qw, s, o, b, pack=False)
+        assert r16.rows16_e == 0  # packed on the first call that can read it
+        r16(torch.randn(1, K, generator=gen).to(dtype))
+        assert r16.rows16_e == 0  # one row: not that one
+        r16(torch.randn(2, K, generator=gen).to(dtype))
         assert r16.rows16_e == (2 if f16 else 4) and canon.rows16_e == 0
         for M in ROWS[dtype]:
             x = torch.randn(M, K, generator=gen).to(dtype)
@@ -103,8 +107,8 @@ def test_module_prepares_rows16_and_env_turns_it_off(monkeypatch):
         m = Int4Linear.from_quantized(qw, s, o)
         m(x)  # the first call checks and prepares
         run = m.__dict__["_run"]
+        results[setting] = m(x)  # the first prepared call of 4 rows packs rows16
         assert run.impl.rows16_e == (2 if setting == "" else 0)
-        results[setting] = m(x)
         assert rel(results[setting], ref) <= TOL[torch.float32]
 
 

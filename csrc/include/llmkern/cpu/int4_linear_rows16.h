@@ -57,12 +57,19 @@ inline int64_t group_bytes(int64_t G, int64_t E) { return 8 * G + 32 * E; }
 inline int64_t block_bytes(int64_t K, int64_t G, int64_t E) { return (K / G) * group_bytes(G, E); }
 inline int64_t packed_bytes(int64_t N, int64_t K, int64_t G, int64_t E) { return (N + 15) / 16 * block_bytes(K, G, E); }
 
+// 4 nibbles at bits 0, 8, 16, 24 of u -> bits 0, 4, 8, 12 (the other bits of u must be 0).
+inline uint32_t compress_nibbles(uint32_t u) {
+  u = (u | (u >> 4)) & 0x00FF00FFu;
+  return (u | (u >> 8)) & 0x0000FFFFu;
+}
+
 // Canonical weights (qweight [N, K/2], low nibble = even k; scales / offsets fp32 [N, K/G]) -> the
 // rows16 layout with E-byte scales (E = 2 only when every scale and offset is an fp16 value).
+// Threads over blocks of 16 rows (done once per prepared module, on its first call of several rows).
 inline void pack(const uint8_t* qw, const float* scales, const float* offsets, int64_t N, int64_t K, int64_t G,
                  int64_t E, uint8_t* out) {
-  const int64_t ng = K / G, rb = K / 2, nblocks = (N + 15) / 16;
-  auto put = [&](uint8_t* dst, float v) {
+  const int64_t ng = K / G, rb = K / 2, nblocks = (N + 15) / 16, bb = block_bytes(K, G, E), gb = group_bytes(G, E);
+  auto put = [E](uint8_t* dst, float v) {
     if (E == 2) {
       const uint16_t h = f32_to_f16(v);
       std::memcpy(dst, &h, 2);
@@ -70,26 +77,21 @@ inline void pack(const uint8_t* qw, const float* scales, const float* offsets, i
       std::memcpy(dst, &v, 4);
     }
   };
+#pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b)
-    for (int64_t g = 0; g < ng; ++g) {
-      uint8_t* gp = out + b * block_bytes(K, G, E) + g * group_bytes(G, E);
-      for (int64_t c = 0; c < G / 8; ++c)
-        for (int r = 0; r < 16; ++r) {
-          const int64_t n = 16 * b + r, k0 = g * G + 8 * c;
-          uint32_t w = 0;
-          if (n < N)
-            for (int t = 0; t < 4; ++t) {
-              const uint8_t pair = qw[n * rb + (k0 + 2 * t) / 2];  // q[k0 + 2t] low, q[k0 + 2t + 1] high
-              w |= uint32_t(pair & 15) << (4 * t);
-              w |= uint32_t(pair >> 4) << (16 + 4 * t);
-            }
+    for (int r = 0; r < 16; ++r) {
+      const int64_t n = 16 * b + r;
+      for (int64_t g = 0; g < ng; ++g) {
+        uint8_t* gp = out + b * bb + g * gb;
+        for (int64_t c = 0; c < G / 8; ++c) {
+          // canonical bytes t = 0..3 of k0 = g G + 8 c: (q[k0 + 2t] low nibble, q[k0 + 2t + 1] high)
+          uint32_t u = 0;
+          if (n < N) std::memcpy(&u, qw + n * rb + (g * G + 8 * c) / 2, 4);
+          const uint32_t w = compress_nibbles(u & 0x0F0F0F0Fu) | (compress_nibbles((u >> 4) & 0x0F0F0F0Fu) << 16);
           std::memcpy(gp + c * 64 + 4 * r, &w, 4);
         }
-      uint8_t* sp = gp + 8 * G;
-      for (int r = 0; r < 16; ++r) {
-        const int64_t n = 16 * b + r;
-        put(sp + r * E, n < N ? scales[n * ng + g] : 0.0f);
-        put(sp + (16 + r) * E, n < N ? offsets[n * ng + g] : 0.0f);
+        put(gp + 8 * G + r * E, n < N ? scales[n * ng + g] : 0.0f);
+        put(gp + 8 * G + (16 + r) * E, n < N ? offsets[n * ng + g] : 0.0f);
       }
     }
 }

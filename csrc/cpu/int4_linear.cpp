@@ -30,6 +30,20 @@ void check_sizes(const char* where, int64_t M, int64_t K, int64_t N, int num_thr
   if (num_threads < 1 || num_threads > 1024) fail(where, "num_threads must be in [1, 1024], got " + std::to_string(num_threads));
 }
 
+// group_size in {32, 64, 128} dividing K (the op's group sizes).
+void check_group(const char* where, int64_t K, int64_t group_size) {
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail(where, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (K % group_size) fail(where, "group_size must divide K=" + std::to_string(K) + ", got " + std::to_string(group_size));
+}
+
+// The arguments of a packed layout's size and packer: sizes, group, e = 2 (fp16) or 4 (fp32) bytes per scale.
+void check_layout_args(const char* where, int64_t N, int64_t K, int64_t group_size, int64_t e) {
+  check_sizes(where, 1, K, N, 1);
+  check_group(where, K, group_size);
+  if (e != 2 && e != 4) fail(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
+}
+
 KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t qweight_ptr,
             int64_t N, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t group_size, std::uintptr_t bias_ptr,
             std::uintptr_t out_ptr, int64_t out_row_stride, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
@@ -38,9 +52,7 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   if (x_dtype < 0 || x_dtype > 2) fail(kWhere, "x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
   const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
   check_sizes(kWhere, M, K, N, num_threads);
-  if (group_size != 32 && group_size != 64 && group_size != 128)
-    fail(kWhere, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  if (K % group_size) fail(kWhere, "group_size must divide K=" + std::to_string(K) + ", got " + std::to_string(group_size));
+  check_group(kWhere, K, group_size);
   if (decode_max_rows < -1 || decode_max_rows > kMaxDim)
     fail(kWhere, "decode_max_rows must be -1 (default) or in [0, 2^31], got " + std::to_string(decode_max_rows));
   if (packed_ptr ? (packed_e != 2 && packed_e != 4) : packed_e != 0)
@@ -124,11 +136,7 @@ void bind_int4_linear(py::module_& m) {
       "int4_linear_packed_size",
       [](int64_t N, int64_t K, int64_t group_size, int64_t e) {
         const char* where = "llmkern._C.int4_linear_packed_size";
-        check_sizes(where, 1, K, N, 1);
-        if (group_size != 32 && group_size != 64 && group_size != 128)
-          fail(where, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-        if (K % group_size) fail(where, "group_size must divide K=" + std::to_string(K));
-        if (e != 2 && e != 4) fail(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
+        check_layout_args(where, N, K, group_size, e);
         return cpu::pk_total_bytes(N, K, group_size, e);
       },
       py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"),
@@ -150,11 +158,7 @@ void bind_int4_linear(py::module_& m) {
       [](std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t N, int64_t K,
          int64_t group_size, int64_t e, std::uintptr_t out_ptr, int64_t out_bytes) {
         const char* where = "llmkern._C.int4_linear_pack";
-        check_sizes(where, 1, K, N, 1);
-        if (group_size != 32 && group_size != 64 && group_size != 128)
-          fail(where, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-        if (K % group_size) fail(where, "group_size must divide K=" + std::to_string(K));
-        if (e != 2 && e != 4) fail(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
+        check_layout_args(where, N, K, group_size, e);
         if (!check_int4_pack(where, qweight_ptr, scales_ptr, offsets_ptr, N, K, group_size, e, out_ptr, out_bytes,
                              cpu::pk_total_bytes(N, K, group_size, e), e))
           return;
@@ -173,11 +177,7 @@ void bind_int4_linear(py::module_& m) {
       "int4_linear_rows16_packed_size",
       [](int64_t N, int64_t K, int64_t group_size, int64_t e) {
         const char* where = "llmkern._C.int4_linear_rows16_packed_size";
-        check_sizes(where, 1, K, N, 1);
-        if (group_size != 32 && group_size != 64 && group_size != 128)
-          fail(where, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-        if (K % group_size) fail(where, "group_size must divide K=" + std::to_string(K));
-        if (e != 2 && e != 4) fail(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
+        check_layout_args(where, N, K, group_size, e);
         return cpu::int4_rows16::packed_bytes(N, K, group_size, e);
       },
       py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"),
@@ -187,11 +187,7 @@ void bind_int4_linear(py::module_& m) {
       [](std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t N, int64_t K,
          int64_t group_size, int64_t e, std::uintptr_t out_ptr, int64_t out_bytes) {
         const char* where = "llmkern._C.int4_linear_rows16_pack";
-        check_sizes(where, 1, K, N, 1);
-        if (group_size != 32 && group_size != 64 && group_size != 128)
-          fail(where, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-        if (K % group_size) fail(where, "group_size must divide K=" + std::to_string(K));
-        if (e != 2 && e != 4) fail(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
+        check_layout_args(where, N, K, group_size, e);
         if (!check_int4_pack(where, qweight_ptr, scales_ptr, offsets_ptr, N, K, group_size, e, out_ptr, out_bytes,
                              cpu::int4_rows16::packed_bytes(N, K, group_size, e), 4))
           return;

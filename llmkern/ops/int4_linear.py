@@ -216,11 +216,18 @@ def _cpu_pack_rows16(mod, qweight, scales, offsets, N, K, G):
     scales and offsets (E = 2) when every one of them is exactly an fp16 value, else fp32."""
     E = _scale_bytes(mod, scales, offsets)
     nbytes = mod.int4_linear_rows16_packed_size(N, K, G, E)
+    buf, packed = _aligned_bytes(nbytes)
+    mod.int4_linear_rows16_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, G, E,
+                                packed.data_ptr(), nbytes)
+    return buf, (packed.data_ptr(), E)
+
+
+def _aligned_bytes(nbytes):
+    """(buffer, view): a uint8 buffer and its view of `nbytes` bytes starting at a 64-byte boundary (keep the
+    buffer alive while the view's pointer is in use)."""
     buf = torch.empty(nbytes + 64, dtype=torch.uint8)  # + 64: room to start at a 64-byte boundary
     start = -buf.data_ptr() % 64
-    mod.int4_linear_rows16_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, G, E,
-                                buf.data_ptr() + start, nbytes)
-    return buf, (buf.data_ptr() + start, E)
+    return buf, buf[start:start + nbytes]
 
 
 def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
@@ -238,9 +245,7 @@ def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
     qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
     E = _scale_bytes(mod, scales, offsets)
     nbytes = mod.int4_linear_w4a8_packed_size(N, K, G, E)
-    buf = torch.empty(nbytes + 64, dtype=torch.uint8)  # + 64: room to start at a 64-byte boundary
-    start = -buf.data_ptr() % 64
-    packed = buf[start:start + nbytes]
+    buf, packed = _aligned_bytes(nbytes)
     mod.int4_linear_w4a8_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, G, E,
                               packed.data_ptr(), nbytes)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()

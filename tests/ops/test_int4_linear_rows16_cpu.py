@@ -14,6 +14,7 @@ import llmkern._C as C
 from llmkern import reference as R
 from llmkern.nn import Int4Linear
 from llmkern.ops.int4_linear import _cpu_runner
+from test_int4_linear_pack_cpu import threads, weights  # noqa: F401 (threads: a fixture)
 
 pytestmark = pytest.mark.skipif(C.resolve_isa("") != "avx512_vnni",
                                 reason="the rows16 kernel needs AVX-512 (the preparer does not pack it here)")
@@ -24,22 +25,6 @@ SHAPES = [(1, 64, 32), (15, 96, 32), (17, 640, 64), (100, 576, 32), (40, 1024, 1
 ROWS = {torch.bfloat16: (2, 3, 4, 5, 8, 9, 16), torch.float32: (2, 3, 4, 5, 7, 8)}
 # bf16 x: the output's rounding (~2^-9 relative per value) dominates; fp32: sums of K fp32 products
 TOL = {torch.bfloat16: 4e-3, torch.float32: 2e-5}
-
-
-@pytest.fixture
-def threads():
-    saved = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(saved)
-
-
-def weights(N, K, G, f16, gen):
-    qw = torch.randint(0, 256, (N, K // 2), generator=gen, dtype=torch.uint8)
-    s = torch.rand(N, K // G, generator=gen) * 0.02 + 1e-3
-    o = -8 * s + torch.randn(N, K // G, generator=gen) * 0.01
-    if f16:
-        s, o = s.half().float(), o.half().float()
-    return qw, s, o
 
 
 def rel(a, b):

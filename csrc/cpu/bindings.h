@@ -44,8 +44,7 @@ inline void check_strides_arg(const char* where, const char* name, const std::ve
     if (x < 0) fail_arg(where, std::string(name) + " strides must be >= 0");
 }
 
-// The checks shared by the int4 weight packers (int4_linear_pack, int4_linear_w4a8_pack), after their
-// size checks: room for `need` bytes at out, the pointers (out aligned to out_align), and with e == 2
+// The checks shared by the int4 weight packers (def_int4_packer), after their size checks: room for `need` bytes at out, the pointers (out aligned to out_align), and with e == 2
 // that every scale and offset is exactly an fp16 value (the layouts store them as fp16, losslessly).
 // Returns false when there is nothing to pack (N == 0). ValueError naming the argument otherwise.
 inline bool check_int4_pack(const char* where, std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr,
@@ -62,6 +61,32 @@ inline bool check_int4_pack(const char* where, std::uintptr_t qweight_ptr, std::
                   cpu::fits_f16(reinterpret_cast<const float*>(offsets_ptr), n)))
     fail_arg(where, "e=2 needs every scale and offset to be exactly an fp16 value");
   return true;
+}
+
+// Binds `name`(qweight_ptr, scales_ptr, offsets_ptr, N, K, group_size, e, out_ptr, out_bytes): a packer of
+// canonical int4 weights (qweight [N, K/2], scales / offsets fp32 [N, K/G], contiguous) into a layout of
+// size(N, K, G, e) bytes, written by pack(qweight, scales, offsets, N, K, G, e, out) with the GIL released,
+// after check(where, N, K, G, e) (sizes, group, e) and check_int4_pack (out aligned to out_align, or to e
+// when out_align is 0).
+template <class Check, class Size, class Pack>
+void def_int4_packer(pybind11::module_& m, const char* name, Check check, Size size, Pack pack, int64_t out_align,
+                     const char* doc) {
+  namespace py = pybind11;
+  const std::string where = std::string("llmkern._C.") + name;
+  m.def(
+      name,
+      [=](std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t N, int64_t K,
+          int64_t group_size, int64_t e, std::uintptr_t out_ptr, int64_t out_bytes) {
+        check(where.c_str(), N, K, group_size, e);
+        if (!check_int4_pack(where.c_str(), qweight_ptr, scales_ptr, offsets_ptr, N, K, group_size, e, out_ptr,
+                             out_bytes, size(N, K, group_size, e), out_align ? out_align : e))
+          return;
+        py::gil_scoped_release release;
+        pack(reinterpret_cast<const uint8_t*>(qweight_ptr), reinterpret_cast<const float*>(scales_ptr),
+             reinterpret_cast<const float*>(offsets_ptr), N, K, group_size, e, reinterpret_cast<uint8_t*>(out_ptr));
+      },
+      py::arg("qweight_ptr"), py::arg("scales_ptr"), py::arg("offsets_ptr"), py::arg("N"), py::arg("K"),
+      py::arg("group_size"), py::arg("e"), py::arg("out_ptr"), py::arg("out_bytes"), doc);
 }
 
 // One checked kernel launch with every argument bound: what `<op>_call` returns (the arguments were

@@ -153,23 +153,8 @@ void bind_int4_linear(py::module_& m) {
       },
       py::arg("ptr"), py::arg("n"),
       "Whether all n float32 values at ptr are exactly fp16 values (bit for bit; NaN: no).");
-  m.def(
-      "int4_linear_pack",
-      [](std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t N, int64_t K,
-         int64_t group_size, int64_t e, std::uintptr_t out_ptr, int64_t out_bytes) {
-        const char* where = "llmkern._C.int4_linear_pack";
-        check_layout_args(where, N, K, group_size, e);
-        if (!check_int4_pack(where, qweight_ptr, scales_ptr, offsets_ptr, N, K, group_size, e, out_ptr, out_bytes,
-                             cpu::pk_total_bytes(N, K, group_size, e), e))
-          return;
-        const auto* s = reinterpret_cast<const float*>(scales_ptr);
-        const auto* o = reinterpret_cast<const float*>(offsets_ptr);
-        py::gil_scoped_release release;
-        cpu::int4_pack_decode(reinterpret_cast<const uint8_t*>(qweight_ptr), s, o, N, K, group_size, e,
-                              reinterpret_cast<uint8_t*>(out_ptr));
-      },
-      py::arg("qweight_ptr"), py::arg("scales_ptr"), py::arg("offsets_ptr"), py::arg("N"), py::arg("K"),
-      py::arg("group_size"), py::arg("e"), py::arg("out_ptr"), py::arg("out_bytes"),
+  def_int4_packer(
+      m, "int4_linear_pack", &check_layout_args, &cpu::pk_total_bytes, &cpu::int4_pack_decode, 0,
       "Packs canonical int4 weights (qweight [N, K/2], scales/offsets fp32 [N, K/G], contiguous) into the "
       "packed decode layout (csrc/include/llmkern/cpu/int4_linear_common.h) with e-byte scales: "
       "e=2 (fp16) only when every scale and offset is exactly an fp16 value (ValueError otherwise).");
@@ -182,26 +167,11 @@ void bind_int4_linear(py::module_& m) {
       },
       py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"),
       "Bytes of the rows16 layout of [N, K] int4 weights with e-byte scales and offsets.");
-  m.def(
-      "int4_linear_rows16_pack",
-      [](std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t N, int64_t K,
-         int64_t group_size, int64_t e, std::uintptr_t out_ptr, int64_t out_bytes) {
-        const char* where = "llmkern._C.int4_linear_rows16_pack";
-        check_layout_args(where, N, K, group_size, e);
-        if (!check_int4_pack(where, qweight_ptr, scales_ptr, offsets_ptr, N, K, group_size, e, out_ptr, out_bytes,
-                             cpu::int4_rows16::packed_bytes(N, K, group_size, e), 4))
-          return;
-        const auto* s = reinterpret_cast<const float*>(scales_ptr);
-        const auto* o = reinterpret_cast<const float*>(offsets_ptr);
-        py::gil_scoped_release release;
-        cpu::int4_rows16::pack(reinterpret_cast<const uint8_t*>(qweight_ptr), s, o, N, K, group_size, e,
-                               reinterpret_cast<uint8_t*>(out_ptr));
-      },
-      py::arg("qweight_ptr"), py::arg("scales_ptr"), py::arg("offsets_ptr"), py::arg("N"), py::arg("K"),
-      py::arg("group_size"), py::arg("e"), py::arg("out_ptr"), py::arg("out_bytes"),
+  def_int4_packer(
+      m, "int4_linear_rows16_pack", &check_layout_args, &cpu::int4_rows16::packed_bytes, &cpu::int4_rows16::pack, 4,
       "Packs canonical int4 weights (qweight [N, K/2], scales/offsets fp32 [N, K/G], contiguous) into the "
-      "rows16 layout (csrc/include/llmkern/cpu/int4_linear_rows16.h) with e-byte "
-      "scales: e=2 (fp16) only when every scale and offset is exactly an fp16 value (ValueError otherwise).");
+      "rows16 layout (csrc/include/llmkern/cpu/int4_linear_rows16.h) with e-byte scales: e=2 (fp16) only "
+      "when every scale and offset is exactly an fp16 value (ValueError otherwise).");
   m.def("int4_linear_cpu_info", []() {
     py::dict d;
     d["decode_max_rows"] = cpu::kDecodeMaxRows;  // the largest default (bf16 dot products)

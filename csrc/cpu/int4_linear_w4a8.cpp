@@ -95,23 +95,10 @@ void bind_int4_linear_w4a8(py::module_& m) {
       },
       py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"),
       "Bytes of the W4A8 layout of [N, K] int4 weights with e-byte scales and offsets.");
-  m.def(
-      "int4_linear_w4a8_pack",
-      [](std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t N, int64_t K,
-         int64_t group_size, int64_t e, std::uintptr_t out_ptr, int64_t out_bytes) {
-        const char* where = "llmkern._C.int4_linear_w4a8_pack";
-        check_shape(where, 1, K, N, group_size, e);
-        if (!check_int4_pack(where, qweight_ptr, scales_ptr, offsets_ptr, N, K, group_size, e, out_ptr, out_bytes,
-                             cpu::w4a8_packed_bytes(N, K, group_size, e), 64))  // 64: the kernel's aligned loads
-          return;
-        const auto* s = reinterpret_cast<const float*>(scales_ptr);
-        const auto* o = reinterpret_cast<const float*>(offsets_ptr);
-        py::gil_scoped_release release;
-        cpu::int4_w4a8_pack(reinterpret_cast<const uint8_t*>(qweight_ptr), s, o, N, K, group_size, e,
-                            reinterpret_cast<uint8_t*>(out_ptr));
-      },
-      py::arg("qweight_ptr"), py::arg("scales_ptr"), py::arg("offsets_ptr"), py::arg("N"), py::arg("K"),
-      py::arg("group_size"), py::arg("e"), py::arg("out_ptr"), py::arg("out_bytes"),
+  def_int4_packer(
+      m, "int4_linear_w4a8_pack",
+      [](const char* where, int64_t N, int64_t K, int64_t G, int64_t e) { check_shape(where, 1, K, N, G, e); },
+      &cpu::w4a8_packed_bytes, &cpu::int4_w4a8_pack, 64,  // 64: the kernel's aligned loads
       "Packs canonical int4 weights (qweight [N, K/2], scales/offsets fp32 [N, K/G], contiguous) into the W4A8 "
       "layout (csrc/include/llmkern/cpu/int4_linear_w4a8_common.h): e=2 (fp16 scales) only when every scale and "
       "offset is exactly an fp16 value (ValueError otherwise).");

@@ -236,11 +236,8 @@ inline TileFn tile_for(bool f32, int mb, int nj) {
   return f32 ? tab32[mb - 1][nj - 1] : tab[mb - 1][nj - 1];
 }
 
-// Workspace bytes: the group sums X, [M][K / G] floats.
-inline int64_t ws_bytes(int64_t M, int64_t K, int64_t G) { return M * (K / G) * 4; }
-
 // y[M, N] = x[M, K] (bf16 or fp32 = dt, rows at x_stride elements) @ dequant(w)^T (+ bias) in dt, w in
-// the rows16 layout at pk with E-byte scales. X: ws_bytes(M, K, G) bytes of workspace. Threads split the
+// the rows16 layout at pk with E-byte scales. X: workspace for the group sums (M K / G floats). Threads split
 // tiles of kBlocks blocks. bf16 needs AVX-512 BF16, fp32 AVX-512F.
 inline void decode(const void* x, int64_t x_stride, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* pk,
                    int64_t E, const float* bias, void* out, int64_t out_stride, DType out_dtype, float* X, int num_threads) {

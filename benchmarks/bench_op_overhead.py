@@ -7,7 +7,9 @@ Inputs are tiny so the work itself is negligible. Groups and entries:
   as an op registered with `torch.library.Library.define` + `impl` (llmkern's way), and as an op made
   with `@torch.library.custom_op`;
 - "<op>/<backend>": the backend function called directly (baseline, no checks, no dispatch), the public
-  function `llmkern.ops.<op>(..., backend=...)`, and `torch.ops.llmkern.<op>.default(..., backend)`.
+  function `llmkern.ops.<op>(..., backend=...)` (in plain eager use it runs the op's kernel, checks
+  and backend choice included, without the torch dispatcher: llmkern/ops/_registry.py), and
+  `torch.ops.llmkern.<op>.default(..., backend)`.
 The "vs best peer" column of the report is then the dispatch's slowdown; median(op) - median(baseline)
 is the overhead per call.
 """

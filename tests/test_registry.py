@@ -130,3 +130,103 @@ def test_fake_kernels_give_shapes_under_fake_mode():
         assert out.shape == q.shape and lse.shape == (2, 6, 9)
         with pytest.raises(ValueError, match="x must have shape"):
             llmkern.ops.int8_linear(torch.empty(2, 63), w, torch.empty(7))
+
+
+# ----------------------------------------------------------------------------- eager calls skip the dispatcher
+
+@pytest.fixture
+def dispatcher_calls(monkeypatch):
+    """Record the public function's calls of `torch.ops.llmkern.rms_norm` (then made as usual)."""
+    op = OPS["rms_norm"]
+    real = getattr(torch.ops.llmkern, "rms_norm").default
+    calls = []
+
+    def recorded(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(op, "overload", recorded)
+    return calls
+
+
+def test_plain_eager_call_runs_the_kernel_directly(dispatcher_calls):
+    """A plain eager call is the op's kernel itself (checks, backend choice, fallbacks): same result,
+    same errors, without the torch dispatcher."""
+    x, w = _args()
+    y = llmkern.ops.rms_norm(x, w, backend="reference")
+    ref = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()).float()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    assert OPS["rms_norm"].last_backend == "reference"
+    with pytest.raises(ValueError, match="weight"):
+        llmkern.ops.rms_norm(torch.randn(3, 64), torch.randn(63))
+    with torch.no_grad():  # parameters are fine without autograd
+        llmkern.ops.rms_norm(x, torch.nn.Parameter(w))
+    assert dispatcher_calls == []
+
+
+@pytest.mark.parametrize("case", ["autograd", "dispatch_mode", "function_mode", "profiler", "meta", "subclass"])
+def test_non_plain_calls_go_through_the_dispatcher(case, dispatcher_calls):
+    """Whatever could tell a direct call from the registered op takes the registered op: inputs that
+    need autograd, torch function/dispatch modes (they must see llmkern ops), the profiler, meta and
+    tensor subclasses."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class LogDispatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class LogFunction(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Sub(torch.Tensor):
+        pass
+
+    x, w = _args()
+    if case == "autograd":
+        x.requires_grad_(True)
+        llmkern.ops.rms_norm(x, w, backend="reference")
+    elif case == "dispatch_mode":
+        with LogDispatch():
+            llmkern.ops.rms_norm(x, w, backend="reference")
+        assert any("llmkern.rms_norm" in s for s in seen)
+    elif case == "function_mode":
+        with LogFunction():
+            llmkern.ops.rms_norm(x, w, backend="reference")
+        assert any("llmkern.rms_norm" in s for s in seen)
+    elif case == "profiler":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            llmkern.ops.rms_norm(x, w, backend="reference")
+        assert any("llmkern::rms_norm" in e.name for e in prof.events())
+    elif case == "meta":
+        assert llmkern.ops.rms_norm(x.to("meta"), w.to("meta")).device.type == "meta"
+    else:
+        y = llmkern.ops.rms_norm(x.as_subclass(Sub), w, backend="reference")
+        torch.testing.assert_close(y.as_subclass(torch.Tensor), llmkern.ops.rms_norm(x, w, backend="reference"))
+    assert len(dispatcher_calls) == 1
+
+
+def test_replacing_or_editing_impls_replans():
+    """Plans are cached per change of the implementation table, whether it is edited or replaced."""
+    op = OPS["rms_norm"]
+    saved = dict(op.impls)
+    x, w = _args()
+    calls = []
+    try:
+        op.impls = {"reference": lambda *a: calls.append("new table") or saved["reference"](*a)}
+        llmkern.ops.rms_norm(x, w)
+        op.impls["reference"] = lambda *a: calls.append("edited") or saved["reference"](*a)
+        llmkern.ops.rms_norm(x, w)
+        del op.impls["reference"]
+        with pytest.raises(RuntimeError, match="no backend"):
+            llmkern.ops.rms_norm(x, w)
+    finally:
+        op.impls = saved
+    assert calls == ["new table", "edited"]
+    llmkern.ops.rms_norm(x, w)
+    assert op.last_backend in ("cpu", "reference")

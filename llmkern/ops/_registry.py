@@ -13,10 +13,17 @@ from an explicitly requested backend raises instead, which is how tests prove a 
 
 We use `torch.library.Library.define` + `impl` rather than the `@custom_op` decorator: it costs
 about 2 us per call instead of about 10 us (DESIGN.md), which adds up over a decode step.
+
+The public functions (`llmkern.ops.<op>`) call `Op.__call__`. In plain eager use (`_plain_eager`: no
+compile, tracing, modes, profiler, autograd inputs or tensor subclasses) it runs `Op.dispatch`, the
+registered op's own kernel, directly: the same checks, backend choice and fallbacks, without the 2-3 us
+the torch dispatcher spends converting arguments. Everything else goes through
+`torch.ops.llmkern.<op>`, so compiled graphs, modes and profiles still see the registered op.
 """
 from __future__ import annotations
 
 import collections
+import itertools
 import contextlib
 import logging
 import threading
@@ -40,6 +47,53 @@ ALL_BACKENDS = ("cpu", "cuda", "triton", "reference")
 OPS: dict[str, "Op"] = {}
 # Tensor types the trusted fast path takes as they are (anything else, e.g. fake tensors, takes the op).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+_VERSIONS = itertools.count(1)
+
+
+class _ImplTable(dict):
+    """backend name -> implementation; a new `version` (unique across tables) after every change, so
+    that `Op._plan` caches plans without re-reading the table on every call (tests swap
+    implementations in and out)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._changed()
+
+    def _changed(self):
+        self.version = next(_VERSIONS)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changed()
+
+    def clear(self):
+        super().clear()
+        self._changed()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        self._changed()
+        return out
+
+    def popitem(self):
+        out = super().popitem()
+        self._changed()
+        return out
+
+    def setdefault(self, key, default=None):
+        out = super().setdefault(key, default)
+        self._changed()
+        return out
 
 
 class BackendUnsupported(Exception):
@@ -77,7 +131,7 @@ class Op:
         self.name = name
         self.schema = schema
         self.check = check
-        self.impls: dict[str, Callable] = {}
+        self.impls = _ImplTable()
         self.preparers: dict[str, Callable] = {}
         self.fallbacks: collections.Counter = collections.Counter()
         self.last_backend: str | None = None
@@ -111,6 +165,15 @@ class Op:
         for a in self._schema_args[len(out):]:
             out.append(kwargs[a.name] if a.name in kwargs else a.default_value)
         return out
+
+    @property
+    def impls(self) -> _ImplTable:
+        """backend name -> implementation (assigning a plain dict keeps it a change-counted table)."""
+        return self._impls
+
+    @impls.setter
+    def impls(self, table) -> None:
+        self._impls = table if isinstance(table, _ImplTable) else _ImplTable(table)
 
     def backend(self, backend_name: str):
         """Decorator attaching the implementation of one backend (called without `backend`)."""
@@ -176,10 +239,20 @@ class Op:
         """Backends that implement this op and are usable on this machine."""
         return [b for b in ALL_BACKENDS if b in self.impls and _backend_available(b)]
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args):
+        """The op on all its arguments in schema order (what every public function calls).
+
+        In plain eager use this is `dispatch` itself: what the registered op's CPU/CUDA kernel runs,
+        without the ~2-3 us of the torch dispatcher converting the arguments to IValues and back
+        (`_plain_eager` says when nothing could tell the difference). Anything else (torch.compile,
+        tracing, fake or subclass tensors, modes, autograd inputs, the profiler) calls
+        `torch.ops.llmkern.<name>`, so graphs and profiles see the registered op.
+        """
+        if _plain_eager(args):
+            return self.dispatch(*args)
         if self.overload is None:
             self.overload = getattr(torch.ops.llmkern, self.name).default
-        return self.overload(*args, **kwargs)
+        return self.overload(*args)
 
     def dispatch(self, *args, **kwargs):
         """The CPU/CUDA kernel of the torch op: check the inputs, pick a backend, run it."""
@@ -232,7 +305,7 @@ class Op:
         Whether a backend can run at all depends only on the machine and the registrations, not on
         the input, so this is worked out once; changes of `impls` (tests swap backends) re-plan.
         """
-        key = (device, requested, tuple(self.impls.items()))
+        key = (device, requested, self._impls.version)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -269,10 +342,36 @@ class Op:
             )
 
 
+_TC = torch._C
+_FN_MODES, _DISPATCH_MODES, _TRACING = _TC._len_torch_function_stack, _TC._len_torch_dispatch_stack, _TC._get_tracing_state
+_FUNCTORCH, _PROFILING, _GRAD = _TC._are_functorch_transforms_active, _TC._autograd._profiler_enabled, _TC.is_grad_enabled
+_COMPILING = torch.compiler.is_compiling
+
+
+def _plain_eager(args) -> bool:
+    """True when calling the op's kernel (`Op.dispatch`) directly is indistinguishable from calling
+    `torch.ops.llmkern.<op>`: eager mode (not compiling, tracing, under functorch transforms or the
+    profiler, no torch function or dispatch mode), and every tensor argument a plain tensor
+    (torch.Tensor or nn.Parameter: no fake or other subclass) on the CPU or a CUDA device that needs
+    no autograd (the ops have no backward: through the dispatcher such an output would carry an
+    error node instead). ~1 us for four tensors. (Sparse or nested tensors, which the dispatcher
+    refuses, fail the op's own checks or the backend's stride and pointer reads instead.)"""
+    if _COMPILING():  # first: dynamo folds it to True and must not trace the private calls below
+        return False
+    if _FN_MODES() or _DISPATCH_MODES() or _TRACING() is not None or _FUNCTORCH() or _PROFILING():
+        return False
+    grad = _GRAD()
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN or not (a.is_cpu or a.is_cuda) or (grad and a.requires_grad):
+                return False
+    return True
+
+
 def _device_of(args) -> str:
     for a in args:
         if isinstance(a, torch.Tensor):
-            return a.device.type
+            return "cpu" if a.is_cpu else a.device.type  # is_cpu: no torch.device object (~0.2 us)
     return "cpu"
 
 

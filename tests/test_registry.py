@@ -230,3 +230,40 @@ def test_replacing_or_editing_impls_replans():
     assert calls == ["new table", "edited"]
     llmkern.ops.rms_norm(x, w)
     assert op.last_backend in ("cpu", "reference")
+
+
+@pytest.mark.parametrize("op_name", ["decode_attention", "kv_cache_append"])
+def test_fast_check_vouches_for_plain_valid_arguments_only(op_name, monkeypatch):
+    """An op's fast_check lets a plain eager call skip the generic scan and `check`; arguments it does
+    not vouch for (autograd inputs, bad values) take the full checks or the dispatcher."""
+    op = OPS[op_name]
+    assert op.fast_check is not None
+    real_check, real_overload = op.check, getattr(torch.ops.llmkern, op_name).default
+    checks, dispatched = [], []
+    monkeypatch.setattr(op, "check", lambda *a: checks.append(1) or real_check(*a))
+    monkeypatch.setattr(op, "overload", lambda *a: dispatched.append(1) or real_overload(*a))
+    k, v = torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64)
+    lens = torch.tensor([3], dtype=torch.int32)
+    q = torch.randn(1, 4, 64)
+
+    def call(q=q, k=k, lens=lens, slots=torch.tensor([[2]])):
+        if op_name == "decode_attention":
+            return llmkern.ops.decode_attention(q, k, v, lens)
+        return llmkern.ops.kv_cache_append(k[:, :1], v[:, :1], k, v, slots)
+
+    call()
+    assert checks == [] and dispatched == []
+    with pytest.raises(ValueError):
+        if op_name == "decode_attention":
+            call(lens=torch.tensor([5], dtype=torch.int32))  # more than the cache holds
+        else:
+            call(slots=torch.tensor([[4]]))  # past the cache
+    assert checks == [1] and dispatched == []
+    if op_name == "decode_attention":
+        call(q=q.clone().requires_grad_(True))
+    else:
+        call(k=k.clone().requires_grad_(True))
+    assert dispatched == [1]
+    with torch.no_grad():
+        call(q=q.clone().requires_grad_(True))
+    assert dispatched == [1] and checks == [1, 1]

@@ -14,9 +14,10 @@ from an explicitly requested backend raises instead, which is how tests prove a 
 We use `torch.library.Library.define` + `impl` rather than the `@custom_op` decorator: it costs
 about 2 us per call instead of about 10 us (DESIGN.md), which adds up over a decode step.
 
-The public functions (`llmkern.ops.<op>`) call `Op.__call__`. In plain eager use (`_plain_eager`: no
-compile, tracing, modes, profiler, autograd inputs or tensor subclasses) it runs `Op.dispatch`, the
-registered op's own kernel, directly: the same checks, backend choice and fallbacks, without the 2-3 us
+The public functions (`llmkern.ops.<op>`) call `Op.__call__`. In plain eager use (`_eager_state` and
+`_plain_tensors`: no compile, tracing, modes, profiler, autograd inputs or tensor subclasses) it runs
+`Op.dispatch`, the registered op's own kernel, directly (or, when the op's `fast_check` vouches for
+the arguments, its backend choice without re-checking them): the same checks, backend choice and fallbacks, without the 2-3 us
 the torch dispatcher spends converting arguments. Everything else goes through
 `torch.ops.llmkern.<op>`, so compiled graphs, modes and profiles still see the registered op.
 """
@@ -127,10 +128,12 @@ def _backend_available(name: str) -> bool:
 class Op:
     """One registered op: its schema, input checks, fake kernel and backend implementations."""
 
-    def __init__(self, name: str, schema: str, check: Callable | None, fake: Callable):
+    def __init__(self, name: str, schema: str, check: Callable | None, fake: Callable,
+                 fast_check: Callable | None = None):
         self.name = name
         self.schema = schema
         self.check = check
+        self.fast_check = fast_check
         self.impls = _ImplTable()
         self.preparers: dict[str, Callable] = {}
         self.fallbacks: collections.Counter = collections.Counter()
@@ -242,14 +245,21 @@ class Op:
     def __call__(self, *args):
         """The op on all its arguments in schema order (what every public function calls).
 
-        In plain eager use this is `dispatch` itself: what the registered op's CPU/CUDA kernel runs,
-        without the ~2-3 us of the torch dispatcher converting the arguments to IValues and back
-        (`_plain_eager` says when nothing could tell the difference). Anything else (torch.compile,
-        tracing, fake or subclass tensors, modes, autograd inputs, the profiler) calls
-        `torch.ops.llmkern.<name>`, so graphs and profiles see the registered op.
+        In plain eager use (`_eager_state`, and `_plain_tensors` or the op's `fast_check`, which
+        also passes every check) this is `dispatch` itself, the registered op's CPU/CUDA kernel,
+        without the ~2-3 us of the torch dispatcher converting the arguments to IValues and back:
+        nothing could tell the difference. Anything else (torch.compile, tracing, fake or subclass
+        tensors, modes, autograd inputs, the profiler) calls `torch.ops.llmkern.<name>`, so graphs
+        and profiles see the registered op.
         """
-        if _plain_eager(args):
-            return self.dispatch(*args)
+        if _eager_state():
+            fast = self.fast_check
+            if fast is not None:
+                op_args = args[:-1]
+                if fast(*op_args):  # plain tensors that pass every check: choose the backend, run
+                    return self._run(op_args, args[-1])
+            if _plain_tensors(args):
+                return self.dispatch(*args)
         if self.overload is None:
             self.overload = getattr(torch.ops.llmkern, self.name).default
         return self.overload(*args)
@@ -348,24 +358,33 @@ _FUNCTORCH, _PROFILING, _GRAD = _TC._are_functorch_transforms_active, _TC._autog
 _COMPILING = torch.compiler.is_compiling
 
 
-def _plain_eager(args) -> bool:
-    """True when calling the op's kernel (`Op.dispatch`) directly is indistinguishable from calling
-    `torch.ops.llmkern.<op>`: eager mode (not compiling, tracing, under functorch transforms or the
-    profiler, no torch function or dispatch mode), and every tensor argument a plain tensor
-    (torch.Tensor or nn.Parameter: no fake or other subclass) on the CPU or a CUDA device that needs
-    no autograd (the ops have no backward: through the dispatcher such an output would carry an
-    error node instead). ~1 us for four tensors. (Sparse or nested tensors, which the dispatcher
-    refuses, fail the op's own checks or the backend's stride and pointer reads instead.)"""
+def _eager_state() -> bool:
+    """Plain eager mode: not compiling, tracing, under functorch transforms or the profiler, and no
+    torch function or dispatch mode active (~0.3 us)."""
     if _COMPILING():  # first: dynamo folds it to True and must not trace the private calls below
         return False
-    if _FN_MODES() or _DISPATCH_MODES() or _TRACING() is not None or _FUNCTORCH() or _PROFILING():
-        return False
+    return not (_FN_MODES() or _DISPATCH_MODES() or _TRACING() is not None or _FUNCTORCH() or _PROFILING())
+
+
+def _plain_tensors(args) -> bool:
+    """Every tensor argument a plain tensor (torch.Tensor or nn.Parameter: no fake or other subclass)
+    on the CPU or a CUDA device that needs no autograd (the ops have no backward: through the
+    dispatcher such an output would carry an error node instead). ~0.2 us per tensor. (Sparse or
+    nested tensors, which the dispatcher refuses, fail the op's own checks or the backend's stride
+    and pointer reads instead.)"""
     grad = _GRAD()
     for a in args:
         if isinstance(a, torch.Tensor):
             if type(a) not in _PLAIN or not (a.is_cpu or a.is_cuda) or (grad and a.requires_grad):
                 return False
     return True
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd would track any of `tensors` (None allowed): for an op's `fast_check`."""
+    if not _GRAD():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _device_of(args) -> str:
@@ -375,8 +394,16 @@ def _device_of(args) -> str:
     return "cpu"
 
 
-def defop(name: str, schema: str, *, check: Callable | None, fake: Callable) -> Op:
-    """Define `torch.ops.llmkern.<name>`. The schema's last argument must be `str? backend=None`."""
+def defop(name: str, schema: str, *, check: Callable | None, fake: Callable,
+          fast_check: Callable | None = None) -> Op:
+    """Define `torch.ops.llmkern.<name>`. The schema's last argument must be `str? backend=None`.
+
+    fast_check(*args without backend) (optional), for ops called once per layer and step: True only
+    when every tensor argument is a plain `torch.Tensor` on the CPU that autograd does not track
+    (`needs_grad`) and every check of `check` passes, verified in one pass over the arguments; a
+    plain eager call then skips both the generic tensor scan and `check` (~1.5 us). False (for any
+    reason) takes the normal path, where `check` raises with its message.
+    """
     if not schema.rstrip().split("->")[0].rstrip().endswith("str? backend=None)"):
         raise ValueError(f"schema of {name} must end with 'str? backend=None'")
-    return Op(name, schema, check, fake)
+    return Op(name, schema, check, fake, fast_check)

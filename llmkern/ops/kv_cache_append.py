@@ -18,7 +18,7 @@ import torch
 from .. import _backends
 from .. import reference
 from . import _checks as C
-from ._registry import BackendUnsupported, defop
+from ._registry import BackendUnsupported, defop, needs_grad
 from .rotary_embedding import check_rotary
 
 
@@ -84,15 +84,24 @@ def _rotary_cpu_ok(k, q, positions, cos_sin_cache) -> bool:
     return True
 
 
+def _cpu_fast_ok(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
+                 rotary_interleaved) -> bool:
+    """Every check of _check passed by plain CPU tensors (with or without rotary), none tracked by
+    autograd; also the op's `fast_check` (see defop). False: _check's own code runs."""
+    if cos_sin_cache is None and q is None and positions is None:
+        ok = _plain_cpu_ok(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    else:
+        ok = (cos_sin_cache is not None and positions is not None
+              and _plain_cpu_ok(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+              and _rotary_cpu_ok(k, q, positions, cos_sin_cache))
+    return ok and not needs_grad(k, v, k_cache, v_cache, k_scale, v_scale, q)
+
+
 def _check(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
            rotary_interleaved):
     op = "kv_cache_append"
-    if cos_sin_cache is None and q is None and positions is None:
-        if _plain_cpu_ok(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
-            return
-    elif (cos_sin_cache is not None and positions is not None
-          and _plain_cpu_ok(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-          and _rotary_cpu_ok(k, q, positions, cos_sin_cache)):
+    if _cpu_fast_ok(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
+                    rotary_interleaved):
         return
     C.tensor(op, "k", k, ranks=(3, 4), dtypes=C.FLOAT_DTYPES)
     C.tensor(op, "v", v, ranks=(k.dim(),), dtypes=(k.dtype,))
@@ -149,6 +158,7 @@ kv_cache_append_op = defop(
     "Tensor? cos_sin_cache=None, bool rotary_interleaved=False, str? backend=None) -> ()",
     check=_check,
     fake=_fake,
+    fast_check=_cpu_fast_ok,
 )
 kv_cache_append_op.backend("reference")(reference.kv_cache_append)
 

@@ -105,7 +105,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 def _cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
     """Flash kernel of llmkern._C on raw pointers and element strides; torch allocates out and lse."""
     mod = _backends.cpu_module()
-    if q.device.type != "cpu":
+    if not q.is_cpu:  # (is_cpu: no torch.device object built, ~0.2 us)
         raise BackendUnsupported(f"q is on {q.device}")
     D = q.shape[-1]
     if D % 8 or not 8 <= D <= 256:

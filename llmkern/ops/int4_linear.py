@@ -163,7 +163,7 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     def run(x):
         x2 = _cpu_rows(x, K)  # [..., K] -> [M, K]
         M = x2.shape[0]
-        out = empty((M, N), dtype=x.dtype)
+        out = empty(M, N, dtype=x.dtype)  # (sizes as arguments: ~0.3 us cheaper than a tuple)
         threads = get_threads()
         ws_bytes = ws_size(M, K, N, threads)
         ws = get_ws(ws_bytes)
@@ -256,7 +256,7 @@ def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
     def run(x):
         x2 = _cpu_rows(x, K)  # [..., K] -> [M, K]
         M = x2.shape[0]
-        out = empty((M, N), dtype=x.dtype)
+        out = empty(M, N, dtype=x.dtype)  # (sizes as arguments: ~0.3 us cheaper than a tuple)
         threads = get_threads()
         ws_bytes = ws_size(M, K, G, threads)
         ws = get_ws(ws_bytes)
@@ -281,7 +281,7 @@ def _cpu(x, qweight, scales, offsets, bias, mode):
     """Launch the C++ kernel on raw pointers. W4A16 reads the canonical layout (nothing repacked per
     call); W4A8 packs the weights into its layout on every call (a full pass over them: use
     Int4Linear, whose prepared call packs once, for speed)."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:  # (is_cpu: no torch.device object built, ~0.2 us)
         raise BackendUnsupported(f"x is on {x.device}")
     if mode in _W4A8:
         return _cpu_w4a8_runner(qweight, scales, offsets, bias, mode == "w4a8g")(x)

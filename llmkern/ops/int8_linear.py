@@ -133,7 +133,7 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
     def run(x):
         x2 = _cpu_rows(x, K)  # [..., K] -> [M, K]
         M = x2.shape[0]
-        out = empty((M, N), dtype=x.dtype)
+        out = empty(M, N, dtype=x.dtype)  # (sizes as arguments: ~0.3 us cheaper than a tuple)
         ws_bytes = ws_size(M, K, N, mode)
         kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_ptrs,
                out.data_ptr(), N, mode, get_ws(ws_bytes).data_ptr(), ws_bytes, get_threads(), isa(), *pk)
@@ -189,7 +189,7 @@ def _cpu_pack(mod, weight, weight_scale, N, K, group, mode):
 @int8_linear_op.backend("cpu")
 def _cpu(x, weight, weight_scale, bias, mode):
     """Launch the C++ kernel on raw pointers (canonical layout: nothing repacked per call)."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:  # (is_cpu: no torch.device object built, ~0.2 us)
         raise BackendUnsupported(f"x is on {x.device}")
     return _cpu_runner(weight, weight_scale, bias, mode)(x)
 
@@ -283,7 +283,7 @@ def _cuda(x, weight, weight_scale, bias, mode):
 def _cpu_rows(x, K):
     """x [..., K] on the CPU -> x2 [M, K] with a unit stride along K: a view whenever x's rows are evenly
     strided, else one copy (the CPU runners' activation; BackendUnsupported for other devices)."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:  # (is_cpu: no torch.device object built, ~0.2 us)
         raise BackendUnsupported(f"x is on {x.device}")
     x2 = x if x.dim() == 2 else x.reshape(-1, K)  # [..., K] -> [M, K]
     return x2 if x2.stride(1) == 1 else x2.contiguous()

@@ -70,7 +70,7 @@ def _as_thd(t):
 @rotary_embedding_op.backend("cpu")
 def _cpu(q, k, positions, cos_sin_cache, interleaved):
     """Launch the C++ kernel on raw pointers and element strides; torch allocates contiguous outputs."""
-    if q.device.type != "cpu":
+    if not q.is_cpu:  # (is_cpu: no torch.device object built, ~0.2 us)
         raise BackendUnsupported(f"q is on {q.device}")
     R = cos_sin_cache.shape[1]
     if R > _MAX_R:

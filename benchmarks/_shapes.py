@@ -157,7 +157,10 @@ def decode_cases() -> list[DecodeCase]:
     cases = [_dec(SMOLLM2, 1, 1024), _dec(SMOLLM2, 8, 1024), _dec(LLAMA3, 1, 4096)]
     if FULL:
         cases += [_dec(SMOLLM2, 32, 2048), _dec(LLAMA2, 1, 4096), _dec(LLAMA2, 8, 2048),
-                  _dec(LLAMA3, 8, 8192), _dec(SMOLLM2, 1, 512), _dec(LLAMA3, 8, 512)]  # issue 4: contexts 512..8192
+                  _dec(LLAMA3, 8, 8192), _dec(SMOLLM2, 1, 512), _dec(LLAMA3, 8, 512),
+                  # issue 4: batch 1 and 8 at contexts 512 and 8192 for both GQA shapes (9:3, 32:8)
+                  _dec(SMOLLM2, 8, 512), _dec(SMOLLM2, 1, 8192), _dec(SMOLLM2, 8, 8192), _dec(LLAMA3, 1, 512),
+                  _dec(LLAMA3, 1, 8192)]
     return _dedup(cases)
 
 

@@ -83,6 +83,13 @@ def env_backend() -> str | None:
     return os.environ.get("LLMKERN_BACKEND") or None
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has(feature: str) -> bool:
+    """Whether the CPU (and OS) support `feature`, a name of `llmkern._C.cpu_features()` ("avx512_bf16"...)."""
+    mod = cpu_module()
+    return bool(mod is not None and mod.cpu_features().get(feature, False))
+
+
 def cpu_isa() -> str:
     """The ISA the CPU kernels use: `LLMKERN_CPU_ISA` if set (and supported), else the best detected."""
     if _ENV_DATA is not None:

@@ -178,12 +178,15 @@ class Llama(nn.Module):
         """Bytes of weights a decode step reads: every layer, the final norm and the lm_head (each
         tensor once, shared ones counted once); of the embedding only one row per token. A linear whose
         prepared runner decodes from a packed copy (int4 or int8 on AVX-512) counts that copy instead of
-        its canonical tensors, so the figure drops after the first call prepares the layers."""
+        its canonical tensors (int4: the rows16 layout once packed, else the packed one), so the figure
+        changes after the first calls prepare the layers."""
         seen, total = set(), 0
         for mod in (self.layers, self.norm, self.lm_head):
             for sub in mod.modules():
-                run = sub.__dict__.get("_run")
-                packed = getattr(getattr(run, "impl", None), "packed", None)
+                impl = getattr(sub.__dict__.get("_run"), "impl", None)
+                packed = getattr(impl, "rows16", None)
+                if packed is None:
+                    packed = getattr(impl, "packed", None)
                 if packed is not None:  # decode reads the packed stream (+ the bias), not the canonical tensors
                     total += packed.numel() * packed.element_size()
                     seen.update(t.data_ptr() for n, t in sub.named_buffers() if n != "bias")

@@ -127,11 +127,11 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
 
     rows16 (the preparer, on AVX-512 CPUs): the weights are also packed into the rows16 layout
     (`_cpu_pack_rows16`, csrc/include/llmkern/cpu/int4_linear_rows16.h: one output row per vector lane),
-    which calls of 2 to 16 bf16 rows (with AVX-512 BF16) or 2 to 8 fp32 rows read
-    (docs/notes/cpu-int4-decode-compute.md); same bytes per row as the packed layout. It is packed on
-    the first call of 2 to 16 rows (run or call), not before: one-sequence decoding and long prefills
-    never pay its time or memory. Its sums run in another order: those calls equal the canonical
-    kernel's to fp32 rounding, not bitwise.
+    which calls of 1 to 16 bf16 rows (with AVX-512 BF16) or 1 to 8 fp32 rows read instead of the
+    packed layout (docs/notes/cpu-int4-decode-compute.md); same bytes per row as the packed layout. It
+    is packed on the first call of 1 to 16 rows (run or call), not before: a long prefill never pays
+    its time or memory. Its sums run in another order: those calls equal the canonical kernel's to
+    fp32 rounding, not bitwise (but a row's result does not depend on the other rows of the call).
     """
     mod = _backends.cpu_module()
     if qweight.device.type != "cpu":
@@ -149,9 +149,9 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
         """Packs the rows16 layout (once, under the lock: two threads must not swap a buffer in use)."""
         with lock:
             if need16[0]:
-                buf, r16 = _cpu_pack_rows16(mod, qweight, scales, offsets, N, K, G)
+                buf, view, r16 = _cpu_pack_rows16(mod, qweight, scales, offsets, N, K, G)
                 run.keep += (buf,)
-                run.rows16_e = r16[1]
+                run.rows16, run.rows16_e = view, r16[1]
                 layouts[0] = pk + r16
                 need16[0] = False
 
@@ -167,7 +167,7 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
         threads = get_threads()
         ws_bytes = ws_size(M, K, N, threads)
         ws = get_ws(ws_bytes)
-        if need16[0] and 2 <= M <= 16:
+        if need16[0] and 1 <= M <= 16:
             pack16()
         kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_ptrs,
                out.data_ptr(), N, ws.data_ptr(), ws_bytes, threads, isa(), -1, True, *layouts[0])
@@ -178,7 +178,7 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
         contiguous last dim, out [M, N] contiguous, ws uint8 of at least workspace_size(M, threads) bytes.
         The caller keeps x2, out and ws alive while the call exists."""
         M = x2.shape[0]
-        if need16[0] and 2 <= M <= 16:
+        if need16[0] and 1 <= M <= 16:
             pack16()
         return mod.int4_linear_call(x2.data_ptr(), codes[x2.dtype], x2.stride(0), M, K, *w_ptrs, out.data_ptr(), N,
                                     ws.data_ptr(), ws.numel(), threads, isa(), -1, True, *layouts[0])
@@ -188,7 +188,8 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     run.keep = (qweight, scales, offsets, bias32, packed)  # the tensors behind w_ptrs and the layouts
     run.packed = packed  # the packed decode layout (uint8), or None
     run.packed_e = pk[1]  # bytes per scale / offset in it: 2 (fp16), 4 (fp32); 0 when not packed
-    run.rows16_e = 0  # the same for the rows16 layout once packed; 0 until then / without it
+    run.rows16 = None  # the rows16 layout (uint8) once packed, read by decode calls instead of `packed`
+    run.rows16_e = 0  # bytes per scale / offset in it; 0 until then / without it
     return run
 
 
@@ -212,14 +213,15 @@ def _cpu_pack(mod, qweight, scales, offsets, N, K, G):
 
 
 def _cpu_pack_rows16(mod, qweight, scales, offsets, N, K, G):
-    """(uint8 buffer, (pointer, E)): the rows16 layout of canonical weights at a 64-byte boundary, fp16
-    scales and offsets (E = 2) when every one of them is exactly an fp16 value, else fp32."""
+    """(uint8 buffer, its view holding the layout, (pointer, E)): the rows16 layout of canonical weights at
+    a 64-byte boundary, fp16 scales and offsets (E = 2) when every one of them is exactly an fp16 value,
+    else fp32."""
     E = _scale_bytes(mod, scales, offsets)
     nbytes = mod.int4_linear_rows16_packed_size(N, K, G, E)
     buf, packed = _aligned_bytes(nbytes)
     mod.int4_linear_rows16_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, G, E,
                                 packed.data_ptr(), nbytes)
-    return buf, (packed.data_ptr(), E)
+    return buf, packed, (packed.data_ptr(), E)
 
 
 def _aligned_bytes(nbytes):
@@ -290,28 +292,34 @@ def _cpu(x, qweight, scales, offsets, bias, mode):
 
 @int4_linear_op.preparer("cpu")
 def _cpu_prepare(qweight, scales, offsets, bias, mode):
-    """The cpu preparer (Int4Linear's prepared call). On AVX-512 CPUs it may also pack the weights for
-    one-row decode calls (`_cpu_runner`; on AVX2 the packed tiles measured 3-7% slower):
+    """The cpu preparer (Int4Linear's prepared call). On AVX-512 CPUs the decode calls (1 to 16 rows)
+    read one of two layouts packed from the canonical tensors, which stay (state dicts, prefill):
 
-    LLMKERN_INT4_PACK unset: pack only when every scale and offset is an fp16 value (GGUF Q4_0/Q4_1
-      imports), where the packed stream is smallest and measured 1.2-1.3x faster on SmolLM2 shapes;
-      this costs the packed copy's memory (~83% of the canonical int4 tensors) on top of them.
-    LLMKERN_INT4_PACK=1: pack whenever the CPU is AVX-512 (fp32 scales too: ~1.15x on small shapes,
-      none on 4096 x 4096). LLMKERN_INT4_PACK=0: never (no memory beyond the canonical tensors).
-    The kernel reads whichever layout it is given, with identical results.
-    On AVX-512 CPUs it also packs the rows16 layout, which calls of 2 to 16 bf16 rows (AVX-512 BF16)
-    or 2 to 8 fp32 rows read: several sequences per decode step, as `generate` runs several prompts
-    (docs/notes/cpu-int4-decode-compute.md; results equal the other layouts' up to fp32 rounding). It
-    costs another ~83% of the canonical int4 tensors; LLMKERN_INT4_ROWS16=0 turns it off.
+    rows16 (`_cpu_runner`, csrc/include/llmkern/cpu/int4_linear_rows16.h: one output row per vector lane),
+      packed on the first call of 1 to 16 rows and read by fp32 x of 1 to 8 rows and, with AVX-512
+      BF16, bf16 x of 1 to 16 rows: 1-16% faster than the packed layout at one row, 1.3-1.8x at 4 to 16
+      (docs/notes/cpu-int4-decode-compute.md). Results equal the canonical kernel's (the module's first
+      call, through the op) to fp32 rounding. LLMKERN_INT4_ROWS16=0 turns it off. Memory: ~83% of the
+      canonical int4 tensors once packed.
+    the packed lane = k layout (one-row calls), only where rows16 does not cover bf16 x at one row (no
+      AVX-512 BF16, or LLMKERN_INT4_ROWS16=0), packed at preparation:
+      LLMKERN_INT4_PACK unset: when every scale and offset is an fp16 value (GGUF Q4_0/Q4_1 imports),
+        where its stream is smallest and measured 1.2-1.3x faster on SmolLM2 shapes;
+      LLMKERN_INT4_PACK=1: whenever the CPU is AVX-512 (fp32 scales too: ~1.15x on small shapes, none
+        on 4096 x 4096), also beside rows16 (then read by fp16 x only); =0: never.
+      The kernel reads it with results identical to the canonical layout's, bit for bit.
+    On AVX2 neither is made (the packed tiles measured 3-7% slower there).
     W4A8 always packs (its kernel reads only its own layout)."""
     if mode in _W4A8:
         return _cpu_w4a8_runner(qweight, scales, offsets, bias, mode == "w4a8g")
-    setting = os.environ.get("LLMKERN_INT4_PACK", "")
     avx512 = _backends.cpu_isa() == "avx512_vnni"
-    pack = setting != "0" and avx512
-    if pack and setting != "1":
-        pack = _scale_bytes(_backends.cpu_module(), scales.contiguous(), offsets.contiguous()) == 2
     rows16 = os.environ.get("LLMKERN_INT4_ROWS16", "") != "0" and avx512
+    setting = os.environ.get("LLMKERN_INT4_PACK", "")
+    if setting == "1" or (setting != "0" and not (rows16 and _backends.cpu_has("avx512_bf16"))):
+        pack = avx512 and (setting == "1" or _scale_bytes(_backends.cpu_module(), scales.contiguous(),
+                                                           offsets.contiguous()) == 2)
+    else:
+        pack = False
     return _cpu_runner(qweight, scales, offsets, bias, pack=pack, rows16=rows16)
 
 

@@ -153,10 +153,13 @@ def test_smollm2_structure_and_exact_int4(smollm, smollm_reader):
     assert torch.equal(model.embed_tokens.weight, emb)
     assert torch.equal(ops.dequantize_int8(model.lm_head.weight, model.lm_head.weight_scale), emb)
     # 111.6 MB of canonical weights per token; 98.3 MB once its int4 linears were prepared (by any earlier
-    # test using this session's model) and decode from their packed copies (fp16 scales, AVX-512 CPUs);
-    # the prepared Q8_0 lm_head decodes from its packed int8 copy too (30.1 MB instead of 31.85 MB)
+    # test using this session's model) and decode from their packed or rows16 copies (fp16 scales, AVX-512
+    # CPUs: both layouts have the same size); the prepared Q8_0 lm_head decodes from its packed int8 copy
+    # too (30.1 MB instead of 31.85 MB)
     def packed_copy(m):
-        return getattr(getattr(m.__dict__.get("_run"), "impl", None), "packed", None)
+        impl = getattr(m.__dict__.get("_run"), "impl", None)
+        r16 = getattr(impl, "rows16", None)
+        return r16 if r16 is not None else getattr(impl, "packed", None)
 
     packed = any(packed_copy(m) is not None for m in model.modules() if isinstance(m, lnn.Int4Linear))
     want = 98348544 if packed else 111619584

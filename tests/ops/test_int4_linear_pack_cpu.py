@@ -151,6 +151,7 @@ def _prepared_fn(m):
 
 def test_module_prepares_packed_and_keeps_canonical_buffers(monkeypatch):
     monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "0")  # the packed layout's policy (rows16's: test below)
     gen = torch.Generator().manual_seed(4)
     qw, s, o = weights(33, 640, 64, True, gen)
     m = Int4Linear.from_quantized(qw.clone(), s.clone(), o.clone(), torch.randn(33, generator=gen))
@@ -206,6 +207,7 @@ def test_default_packs_only_fp16_exact_weights(monkeypatch):
     memory); =1 packs them too (E = 4), with the same outputs."""
     monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
     monkeypatch.delenv("LLMKERN_INT4_PACK", raising=False)
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "0")
     gen = torch.Generator().manual_seed(5)
     qw, s, o = weights(40, 256, 32, False, gen)
     x = torch.randn(1, 256, generator=gen)
@@ -217,3 +219,28 @@ def test_default_packs_only_fp16_exact_weights(monkeypatch):
     m1(x)
     assert _prepared_fn(m1).packed is not None and _prepared_fn(m1).packed_e == 4
     assert torch.equal(m1(x), want)
+
+
+@pytest.mark.skipif(llmkern._backends.cpu_isa() != "avx512_vnni", reason="the preparer packs on AVX-512 only")
+@pytest.mark.parametrize("pack", ["", "1"])
+def test_rows16_replaces_packed_layout_with_avx512_bf16(monkeypatch, pack):
+    """With AVX-512 BF16, rows16 covers one-row calls of fp32 and bf16 x: the packed layout is not made
+    (unless LLMKERN_INT4_PACK=1, for fp16 x), and rows16 is packed at the first prepared call of one row;
+    its results equal the op's to fp32 rounding. Without AVX-512 BF16 the packed layout stays."""
+    monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    monkeypatch.delenv("LLMKERN_INT4_ROWS16", raising=False)
+    monkeypatch.setenv("LLMKERN_INT4_PACK", pack)
+    gen = torch.Generator().manual_seed(6)
+    qw, s, o = weights(48, 512, 32, True, gen)
+    m = Int4Linear.from_quantized(qw, s, o)
+    x = torch.randn(1, 512, generator=gen)
+    first = m(x)  # the op: canonical layout
+    fn = _prepared_fn(m)
+    bf16 = llmkern._backends.cpu_has("avx512_bf16")
+    assert (fn.packed is not None) == (pack == "1" or not bf16)
+    assert fn.rows16_e == 0
+    again = m(x)
+    assert fn.rows16_e == 2  # packed by the first prepared decode call
+    assert ((again.double() - first.double()).norm() / first.double().norm()).item() < 2e-6
+    want = llmkern.reference.int4_linear(x.double(), qw, s, o, None)
+    assert ((again.double() - want).norm() / want.norm()).item() < 2e-6

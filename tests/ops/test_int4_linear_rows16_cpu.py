@@ -1,8 +1,8 @@
 """int4_linear's rows16 layout (csrc/include/llmkern/cpu/int4_linear_rows16.h): calls of several rows.
 
-The cpu preparer packs it on AVX-512 CPUs; the kernel then reads it for bf16 x with 2 <= M <= 16 (on
-CPUs with AVX-512 BF16) and fp32 x with 2 <= M <= 8 (fewer or more rows and fp16 x take the other
-paths, which these tests also run through the same runner). Compared with a float64 reference on odd shapes (N tails of 1..15 rows, every G, fp16
+The cpu preparer packs it on AVX-512 CPUs; the kernel then reads it for bf16 x with 1 <= M <= 16 (on
+CPUs with AVX-512 BF16) and fp32 x with 1 <= M <= 8 (more rows and fp16 x take the other paths, which
+these tests also run through the same runner). Compared with a float64 reference on odd shapes (N tails of 1..15 rows, every G, fp16
 and fp32 scales, bias), with the canonical kernel, across thread counts (bitwise), with strided rows.
 """
 import zlib
@@ -22,7 +22,7 @@ HAS_BF16 = bool(C.cpu_features().get("avx512_bf16"))
 
 # (N, K, G): N tails of every kind (1, 15, 17 rows past a block), all G, short and long K
 SHAPES = [(1, 64, 32), (15, 96, 32), (17, 640, 64), (100, 576, 32), (40, 1024, 128), (257, 1536, 64)]
-ROWS = {torch.bfloat16: (2, 3, 4, 5, 8, 9, 16), torch.float32: (2, 3, 4, 5, 7, 8)}
+ROWS = {torch.bfloat16: (1, 2, 3, 4, 5, 8, 9, 16), torch.float32: (1, 2, 3, 4, 5, 7, 8)}
 # bf16 x: the output's rounding (~2^-9 relative per value) dominates; fp32: sums of K fp32 products
 TOL = {torch.bfloat16: 4e-3, torch.float32: 2e-5}
 
@@ -43,9 +43,9 @@ def test_rows16_matches_reference_and_canonical(f16, dtype, threads):
         r16 = _cpu_runner(qw, s, o, b, pack=False, rows16=True)
         canon = _cpu_runner(qw, s, o, b, pack=False)
         assert r16.rows16_e == 0  # packed on the first call that can read it
+        r16(torch.randn(17, K, generator=gen).to(dtype))
+        assert r16.rows16_e == 0  # more rows than a decode call: not that one
         r16(torch.randn(1, K, generator=gen).to(dtype))
-        assert r16.rows16_e == 0  # one row: not that one
-        r16(torch.randn(2, K, generator=gen).to(dtype))
         assert r16.rows16_e == (2 if f16 else 4) and canon.rows16_e == 0
         for M in ROWS[dtype]:
             x = torch.randn(M, K, generator=gen).to(dtype)
@@ -58,12 +58,14 @@ def test_rows16_matches_reference_and_canonical(f16, dtype, threads):
             ref = R.int4_linear(x.double(), qw, s, o, None if b is None else b.double())
             assert rel(out, ref) <= TOL[dtype], (N, K, G, M)
             assert rel(out, canon(x)) <= TOL[dtype], (N, K, G, M)
+            # a row's result does not depend on the call's other rows: batched == one at a time
+            assert torch.equal(torch.cat([r16(x[i:i + 1]) for i in range(M)]), out), (N, K, G, M)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=["bf16", "fp32", "fp16"])
 def test_rows16_strided_rows_and_other_row_counts(dtype):
-    """x rows at a stride (a column slice) and batch dims; M = 1, M above the limit and fp16 x take the
-    other paths with the same runner."""
+    """x rows at a stride (a column slice) and batch dims; M above the limit and fp16 x take the other
+    paths with the same runner."""
     gen = torch.Generator().manual_seed(11)
     N, K, G = 50, 576, 32
     qw, s, o = weights(N, K, G, True, gen)
@@ -113,7 +115,7 @@ def test_rows16_pack_rejects_bad_arguments():
 
 def test_launcher_reads_rows16_exactly_where_documented():
     """Canonical tensors of weights A with the rows16 layout of weights B: the result follows B for bf16
-    x with 2..16 rows (AVX-512 BF16) and fp32 x with 2..8, A otherwise (so the path is really taken)."""
+    x with 1..16 rows (AVX-512 BF16) and fp32 x with 1..8, A otherwise (so the path is really taken)."""
     gen = torch.Generator().manual_seed(14)
     N, K, G = 40, 128, 32
     qa, sa, oa = weights(N, K, G, False, gen)
@@ -121,10 +123,10 @@ def test_launcher_reads_rows16_exactly_where_documented():
     n = C.int4_linear_rows16_packed_size(N, K, G, 4)
     r16 = torch.empty(n, dtype=torch.uint8)
     C.int4_linear_rows16_pack(qb.data_ptr(), sb.data_ptr(), ob.data_ptr(), N, K, G, 4, r16.data_ptr(), n)
-    cases = [(torch.float32, M, 2 <= M <= 8) for M in (1, 2, 8, 9)]
+    cases = [(torch.float32, M, M <= 8) for M in (1, 2, 8, 9)]
     if HAS_BF16:
-        cases += [(torch.bfloat16, M, 2 <= M <= 16) for M in (1, 2, 16, 17)]
-    cases.append((torch.float16, 4, False))
+        cases += [(torch.bfloat16, M, M <= 16) for M in (1, 2, 16, 17)]
+    cases += [(torch.float16, 1, False), (torch.float16, 4, False)]
     for dtype, M, takes_rows16 in cases:
         x = torch.randn(M, K, generator=gen).to(dtype)
         out = torch.empty(M, N, dtype=dtype)

@@ -1,6 +1,6 @@
 """A/B: one-row (M = 1) int4 calls, cold weights (rotated past 256 MB), the packed lane = k layout against
-rows16. Needs int4_rows16::kMinRows = 1 in csrc/include/llmkern/cpu/int4_linear_rows16.h (the kernel
-takes rows16 from 2 rows otherwise) and a rebuild; interleaved, medians.
+rows16 (kMinRows = 1 in csrc/include/llmkern/cpu/int4_linear_rows16.h since session 6; it was 2 when this
+was first run, with a local rebuild); interleaved, medians.
 
     PYTHONPATH=. python docs/notes/cpu-int4-decode-mb/m1_cold_ab.py
 """

@@ -51,7 +51,8 @@ namespace int4_rows16 {
 
 constexpr int kMaxMB = 4;     // rows of x per tile
 constexpr int kBlocks = 2;    // 16-row blocks per tile: 2 x 4 x 2 accumulators
-constexpr int64_t kMinRows = 2;  // fewer rows keep the lane = k tiles (they stream the M = 1 layout)
+constexpr int64_t kMinRows = 1;  // every decode row count: at M = 1 too it beat the packed lane = k layout
+                                 // (1-16% cold, docs/notes/cpu-int4-decode-compute.md)
 
 inline int64_t group_bytes(int64_t G, int64_t E) { return 8 * G + 32 * E; }
 inline int64_t block_bytes(int64_t K, int64_t G, int64_t E) { return (K / G) * group_bytes(G, E); }
@@ -237,19 +238,29 @@ inline TileFn tile_for(bool f32, int mb, int nj) {
 }
 
 // y[M, N] = x[M, K] (bf16 or fp32 = dt, rows at x_stride elements) @ dequant(w)^T (+ bias) in dt, w in
+// X[g] = sum of x[off + g G .. off + (g + 1) G) (fp32 or bf16 x), g < K / G: 16 lanes side by side, then
+// one reduction per group (a scalar chain of K dependent adds was ~5% of a one-row 576-wide call).
+LLMKERN_R16_F32_ATTR inline void group_sums(const void* x, int64_t off, bool f32, int64_t K, int64_t G, float* X) {
+  for (int64_t g = 0; g < K / G; ++g) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = off + g * G; k < off + (g + 1) * G; k += 16) {
+      const __m512 v = f32 ? _mm512_loadu_ps(static_cast<const float*>(x) + k)
+                           : _mm512_castsi512_ps(_mm512_slli_epi32(
+                                 _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                     reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + k))), 16));
+      acc = _mm512_add_ps(acc, v);
+    }
+    X[g] = _mm512_reduce_add_ps(acc);
+  }
+}
+
 // the rows16 layout at pk with E-byte scales. X: workspace for the group sums (M K / G floats). Threads split
 // tiles of kBlocks blocks. bf16 needs AVX-512 BF16, fp32 AVX-512F.
 inline void decode(const void* x, int64_t x_stride, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* pk,
                    int64_t E, const float* bias, void* out, int64_t out_stride, DType out_dtype, float* X, int num_threads) {
   const int64_t ng = K / G;
   const bool f32 = out_dtype == DType::kF32;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < ng; ++g) {
-      float s = 0.0f;
-      for (int64_t k = g * G; k < (g + 1) * G; ++k)
-        s += f32 ? static_cast<const float*>(x)[m * x_stride + k] : bf16_to_f32(static_cast<const uint16_t*>(x)[m * x_stride + k]);
-      X[m * ng + g] = s;
-    }
+  for (int64_t m = 0; m < M; ++m) group_sums(x, m * x_stride, f32, K, G, X + m * ng);
   Ctx c{pk, K, G, ng, N, block_bytes(K, G, E), x, x_stride, X, bias, out, out_stride, out_dtype};
   const int64_t nblocks = (N + 15) / 16, tiles = (nblocks + kBlocks - 1) / kBlocks;
   const int64_t tile_bytes = kBlocks * c.bbytes;

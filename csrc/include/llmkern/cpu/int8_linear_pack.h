@@ -259,6 +259,77 @@ LLMKERN_AVX512 void w8a16_block(const uint8_t*& p, const float* x, int64_t K, in
   }
 }
 
+// Scale g of a weight row's E-byte scales at sp, as a splat (E = 2: vcvtph2ps of the broadcast fp16
+// value, the exact conversion scales_f32 makes).
+template <int E>
+LLMKERN_AVX512_INLINE __m512 row_scale(const uint8_t* sp, int g) {
+  if constexpr (E == 2) {
+    uint16_t hv;
+    std::memcpy(&hv, sp + 2 * g, 2);
+    return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(hv)));
+  } else {
+    return bcast(reinterpret_cast<const float*>(sp), g);
+  }
+}
+
+// Chunk c (16 values) of a step's int8 weight row at w, as fp32.
+LLMKERN_AVX512_INLINE __m512 w_chunk(const int8_t* w, int c) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * c))));
+}
+
+// W8A16 of MR >= 2 activation rows over one block, for groups inside a step (GM 16 / 32 / 64): weight
+// row by weight row, each 16-value chunk of a step loaded and converted to fp32 once for all MR rows
+// (w8a16_block, called once per row, converts it MR times: per step and weight row 8 + 6 MR vector ops
+// instead of 14 MR). The weight row's accumulators (one per activation row) stay in registers across
+// the steps, which are kRows * kStep + kRows * E * (64 / GM) bytes apart (the last may be short).
+// For each activation row the fp32 operations and their order are w8a16_block's: the same bits.
+// x: MR fp32 rows; res[m * kRows + j]: activation row m, weight row j. pf: the caller's prefetch cursor.
+template <int E, int GM, int MR>
+LLMKERN_AVX512 void w8a16_rows_block(const uint8_t* p, const float* const* x, int64_t K, float* res,
+                                     const uint8_t*& pf) {
+  static_assert(GM == 16 || GM == 32 || GM == 64, "groups inside a step");
+  constexpr int cpg = GM / 16;                                     // 16-value chunks per group
+  constexpr int64_t full_rec = kRows * kStep + kRows * E * (kStep / GM);  // bytes of a full step
+  const int64_t ns = nsteps(K), bb = block_bytes(K, GM, E);
+  for (int j = 0; j < kRows; ++j) {
+    // the stream kPrefetch bytes ahead of this row's share of the block
+    for (const uint8_t* upto = p + (j + 1) * bb / kRows + kPrefetch; pf < upto; pf += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0);
+    __m512 accf[MR];
+    LLMKERN_UNROLL for (int m = 0; m < MR; ++m) accf[m] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < ns; ++s) {
+      const uint8_t* ps = p + s * full_rec;
+      const int64_t k = s * kStep, n = std::min(kStep, K - k);  // n: a multiple of GM
+      const int e = static_cast<int>(n / GM);
+      const int8_t* w = reinterpret_cast<const int8_t*>(ps) + j * kStep;
+      const uint8_t* sp = ps + kRows * kStep + E * j * e;  // this row's e scales
+      if (n == kStep) {  // compile-time loops: the 4 converted chunks stay in registers
+        __m512 wv[4];
+        LLMKERN_UNROLL for (int c = 0; c < 4; ++c) wv[c] = w_chunk(w, c);
+        LLMKERN_UNROLL for (int g = 0; g < 4 / cpg; ++g) {
+          const __m512 sv = row_scale<E>(sp, g);
+          LLMKERN_UNROLL for (int m = 0; m < MR; ++m) {
+            __m512 a = _mm512_setzero_ps();
+            LLMKERN_UNROLL for (int c = g * cpg; c < (g + 1) * cpg; ++c)
+              a = _mm512_fmadd_ps(_mm512_loadu_ps(x[m] + k + 16 * c), wv[c], a);
+            accf[m] = _mm512_fmadd_ps(a, sv, accf[m]);
+          }
+        }
+      } else {  // a short last step: its e groups
+        for (int g = 0; g < e; ++g) {
+          const __m512 sv = row_scale<E>(sp, g);
+          LLMKERN_UNROLL for (int m = 0; m < MR; ++m) {
+            __m512 a = _mm512_setzero_ps();
+            for (int c = g * cpg; c < (g + 1) * cpg; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(x[m] + k + 16 * c), w_chunk(w, c), a);
+            accf[m] = _mm512_fmadd_ps(a, sv, accf[m]);
+          }
+        }
+      }
+    }
+    LLMKERN_UNROLL for (int m = 0; m < MR; ++m) res[m * kRows + j] = _mm512_reduce_add_ps(accf[m]);
+  }
+}
+
 // xq: signed activations, 64 nsteps bytes (zero tail); corr: per accumulation unit (step for
 // G <= 64, group for larger G, the row for per channel) minus 128 x the lane sums of xq.
 template <int E, int GM>
@@ -368,8 +439,43 @@ struct Rows {
   float scale[kMaxRows];
 };
 
+// W8A16 blocks [b0, b1) of M = MR >= 2 rows with w8a16_rows_block (groups inside a step).
+template <int E, int GM, int MR>
+LLMKERN_AVX512 void run_range_rows(const Int8LinearArgs& a, const uint8_t* blocks, int64_t b0, int64_t b1,
+                                   const Rows& r) {
+  const int64_t bb = block_bytes(a.K, a.group, E);
+  const float* x[MR];
+  for (int m = 0; m < MR; ++m) x[m] = static_cast<const float*>(r.x[m]);
+  float res[MR * kRows];
+  const uint8_t* pf = blocks + b0 * bb + kPrefetch;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * kRows, nr = std::min(kRows, a.N - n0);
+    w8a16_rows_block<E, GM, MR>(blocks + b * bb, x, a.K, res, pf);
+    for (int64_t m = 0; m < MR; ++m)
+      for (int64_t j = 0; j < nr; ++j) {
+        float v = res[m * kRows + j];
+        if (a.bias) v += a.bias[n0 + j];
+        store_from_f32(a.out, m * a.out_row_stride + n0 + j, a.x_dtype, v);
+      }
+  }
+}
+
 template <int E, int GM>
 LLMKERN_AVX512 void run_range(const Int8LinearArgs& a, const uint8_t* blocks, int64_t b0, int64_t b1, const Rows& r) {
+  if constexpr (GM == 16 || GM == 32 || GM == 64) {
+    if (!a.w8a8 && a.M >= 2) {  // several rows: convert each weight chunk once for all of them
+      switch (a.M) {
+        case 2: return run_range_rows<E, GM, 2>(a, blocks, b0, b1, r);
+        case 3: return run_range_rows<E, GM, 3>(a, blocks, b0, b1, r);
+        case 4: return run_range_rows<E, GM, 4>(a, blocks, b0, b1, r);
+        case 5: return run_range_rows<E, GM, 5>(a, blocks, b0, b1, r);
+        case 6: return run_range_rows<E, GM, 6>(a, blocks, b0, b1, r);
+        case 7: return run_range_rows<E, GM, 7>(a, blocks, b0, b1, r);
+        case 8: return run_range_rows<E, GM, 8>(a, blocks, b0, b1, r);
+        default: break;
+      }
+    }
+  }
   const int64_t bb = block_bytes(a.K, a.group, E);
   float res[kRows];
   for (int64_t b = b0; b < b1; ++b) {

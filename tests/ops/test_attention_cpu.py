@@ -50,7 +50,7 @@ def check(q, k, v, ref, monkeypatch, tol, isas=ISAS, threads=(1, 2), **kw):
         assert_lse(lse, nlse, TOL[torch.float32])
 
 
-# (B, Sq, Sk, Hq, Hk, D): lengths 1/17/100/257 (Sq != Sk too), GQA 1/3/4/8, head dims 64/128/80/32/256.
+# (B, Sq, Sk, Hq, Hk, D): lengths 1/17/100/257/1000 (Sq != Sk too), GQA 1/2/3/4/8, head dims 64/128/80/32/256.
 CASES = [
     (2, 17, 17, 4, 4, 64),
     (1, 100, 100, 6, 2, 80),  # GQA 3: query tiles of 22 positions
@@ -58,6 +58,7 @@ CASES = [
     (1, 257, 100, 8, 2, 64),  # Sq > Sk: causal rows near the top see no key
     (2, 100, 257, 4, 1, 32),
     (1, 33, 70, 8, 1, 256),
+    (1, 1000, 1000, 4, 2, 64),  # a long prompt: 32 query tiles of 32 positions (GQA 2), 16 key tiles, the last of 40
 ]
 MASKS = {
     "full": {},
@@ -91,6 +92,18 @@ def test_fp32_matches_naive(case, mask, monkeypatch):
         check(q, k, v, ref, monkeypatch, TOL[torch.float32], isas=["scalar"], threads=(2,), **MASKS[mask])
 
 
+@pytest.mark.parametrize("mask", ["full", "causal", "window_both", "causal_window_left", "softcap"])
+@pytest.mark.parametrize("D", [40, 72, 136, 200])
+def test_fp32_head_dims_not_multiple_of_16(D, mask, monkeypatch):
+    """Head dims that are multiples of 8 but not of 16: the kernel pads D to the next multiple of 16 (48, 80,
+    144, 208), so its last chunk of q, k and v is half padding that must add nothing to the scores or the
+    output (and no output lane past D may be written). Sk 100 crosses a key tile, GQA 2."""
+    torch.manual_seed(10)
+    q, k, v = randn(1, 70, 4, D), randn(1, 100, 2, D), randn(1, 100, 2, D)
+    ref = naive_attention_batched(q, k, v, **MASKS[mask])
+    check(q, k, v, ref, monkeypatch, TOL[torch.float32], **MASKS[mask])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mask", ["causal", "window_both", "softcap"])
 def test_half_matches_naive(dtype, mask, monkeypatch):
@@ -101,9 +114,10 @@ def test_half_matches_naive(dtype, mask, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [(1, 17, 33, 4, 4, 32), (1, 70, 100, 6, 2, 80), (1, 33, 70, 8, 1, 256),
-                                  (2, 5, 130, 8, 2, 128)], ids=_id)
+                                  (2, 5, 130, 8, 2, 128), (1, 17, 70, 4, 2, 40), (1, 33, 70, 4, 1, 200)], ids=_id)
 def test_bf16_head_dims(case, monkeypatch):
-    """bf16 through every head dim shape class (the vdpbf16ps path works on pairs of d)."""
+    """bf16 through every head dim shape class (the vdpbf16ps path works on pairs of d); D 40 and 200 end in a
+    half-padded chunk of 16 (D padded to 48 / 208)."""
     torch.manual_seed(8)
     B, Sq, Sk, Hq, Hk, D = case
     dt = torch.bfloat16

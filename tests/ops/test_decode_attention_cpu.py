@@ -86,8 +86,23 @@ def test_int8_cache_matches_naive(case, qdtype, isa, threads):
     """The naive reads the dequantized float64 values (q * scale) of the very same int8 cache."""
     q, args, kv = problem(*case, int8=True, seed=3)
     q = q.to(qdtype)
-    for kw in ({}, dict(window_left=20)):
+    # softcap: the cap applies to the dequantized score (q . k times the key scale), not to q . k.
+    for kw in ({}, dict(window_left=20), dict(softcap=2.0, scale=0.5)):
         assert_rel(run_cpu(q, *args, **kw), naive(q, kv, **kw), TOL[qdtype], f"out {kw}")
+
+
+# Head dims that are multiples of 8 but not of 16: the kernel pads D to Dp (48, 80, 208) and works in chunks
+# of 16, so the last chunk of every q, key and value row is half padding. GQA 3 takes the row-triple score
+# path (qk3x8) on AVX-512, GQA 4 the generic one (and, for bf16 / f16 / int8 caches, the keys converted once).
+@pytest.mark.parametrize("cache", ["fp32", "bf16", "f16", "int8"])
+@pytest.mark.parametrize("heads", [(6, 2), (8, 2)], ids=lambda h: f"{h[0]}x{h[1]}")
+@pytest.mark.parametrize("bs", [None, 7], ids=lambda b: "contig" if b is None else f"bs{b}")
+@pytest.mark.parametrize("D", [40, 72, 200])
+def test_head_dims_not_multiple_of_16(D, bs, heads, cache, isa, threads):
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16}.get(cache, torch.float32)  # int8: fp32 queries
+    q, args, kv = problem([257, 17, 1], 1, *heads, D, bs, dtype=dtype, int8=cache == "int8", seed=8)
+    for kw in OPTS:
+        assert_rel(run_cpu(q, *args, **kw), naive(q, kv, **kw), TOL[dtype], f"out {kw}")
 
 
 def test_split_equals_unsplit_and_paged_equals_contiguous():

@@ -10,6 +10,7 @@ AVX2 and portable copies run the same cases through their generic code.
 import pytest
 import torch
 
+import llmkern._C as C  # not importorskip: the compiled module is part of the build
 from _attention_helpers import TOL, CacheLayout, assert_rel, make_kv, place_kv, randn
 from _cpu_helpers import isa, threads  # noqa: F401 - fixtures
 from test_decode_attention_cpu import naive, problem, run_cpu
@@ -92,8 +93,9 @@ def test_row_triples_int8(shape, bs, qdtype, isa, threads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_smollm2_split_equals_unsplit_and_paged_equals_contiguous(dtype, isa):
-    """2 threads (splits of one long sequence, merged) vs 1 (one unit): equal within fp32 tolerance;
-    block size 16 vs contiguous: the same bits."""
+    """2 threads vs 1: equal within tolerance; block size 16 vs contiguous: the same bits. B = 4 >= 2 * 2
+    threads runs one unit per sequence either way (no split, see decode_max_splits): the split-KV merge is
+    test_smollm2_split_kv_across_thread_counts' subject."""
     lens = [1000, 3, 517, 0]
     kv = make_kv(lens, 3, 64, dtype=dtype, seed=24)
     q = randn(len(lens), 9, 64).to(dtype)
@@ -109,3 +111,40 @@ def test_smollm2_split_equals_unsplit_and_paged_equals_contiguous(dtype, isa):
         assert_rel(o, ref, TOL[dtype])
     assert_rel(outs[None, 2].double(), outs[None, 1].double(), TOL[dtype], "split vs unsplit")
     assert torch.equal(outs[None, 1], outs[16, 1]) and torch.equal(outs[None, 2], outs[16, 2])
+
+
+def _max_splits(B, L, threads):
+    """Splits per sequence that the kernel sizes its workspace for (decode_max_splits), read back from
+    decode_attention_workspace_size: one (m, l, acc) state per (sequence, split) plus per-thread scratch that
+    does not depend on the capacity, and a capacity of 128 keys (kDecodeMinSplit) allows no split."""
+    ws = lambda b, cap: C.decode_attention_workspace_size(b, 1, 9, 3, 64, cap, threads)  # noqa: E731
+    unit = ws(2, 128) - ws(1, 128)  # bytes of one state
+    return 1 + (ws(B, L) - ws(B, 128)) // (B * unit)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lens", [[1000], [1000, 300, 5]], ids=lambda ls: "L" + "-".join(map(str, ls)))
+def test_smollm2_split_kv_across_thread_counts(lens, dtype, isa):
+    """Split-KV really splitting: decode_max_splits (decode_attention.h) gives one split per sequence when
+    B >= 2 * threads, else ~1-2 units per thread, never a split under 128 keys. B = 1: 2 splits with 2 threads,
+    4 with 4 (the merge of more than 2 partial states); B = 3: 2 and 3 splits of the 1000-key sequence (the
+    300-key one too, the 5-key one stays whole beside them). Each thread count agrees with 1 thread (no split)
+    within tolerance and with the naive; block size 7 vs contiguous: the same bits."""
+    B = len(lens)
+    want = {1: {1: 1, 2: 2, 4: 4}, 3: {1: 1, 2: 2, 4: 3}}[B]
+    assert {th: _max_splits(B, max(lens) + 3, th) for th in (1, 2, 4)} == want
+    kv = make_kv(lens, 3, 64, dtype=dtype, seed=25)
+    q = randn(B, 9, 64).to(dtype)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    outs = {}
+    for bs in (None, 7):
+        layout = CacheLayout(lens, block_size=bs, seed=25)
+        kc, vc, _, _ = place_kv(kv, layout)
+        for th in (1, 2, 4):
+            outs[bs, th] = _with_threads(th, lambda: run_cpu(q, kc, vc, sl, layout.block_table))
+    ref = naive(q, kv)
+    for (bs, th), o in outs.items():
+        assert_rel(o, ref, TOL[dtype], f"bs {bs} threads {th}")
+    for th in (2, 4):
+        assert_rel(outs[None, th].double(), outs[None, 1].double(), TOL[dtype], f"{want[th]} splits vs unsplit")
+        assert torch.equal(outs[None, th], outs[7, th])

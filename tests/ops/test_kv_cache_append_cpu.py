@@ -116,6 +116,14 @@ def test_write_bit_exact(dtype, cache_dtype, bs, threads, isa):
     assert_same(run_cpu(k, v, c, slots), naive_append(k, v, c, slots))
 
 
+@pytest.mark.parametrize("dtype,cache_dtype", PAIRS, ids=str)
+def test_write_long_sequences_head_dim_256_bit_exact(dtype, cache_dtype, threads, isa):
+    """Prompt-sized appends: 257 and 1000 tokens (the token loop split statically across the threads, a
+    boundary inside a sequence), at D 256, the largest head dim (the kernel's row buffer holds exactly 256)."""
+    k, v, c, slots, _ = paged([257, 0, 1000, 3], 2, 256, 7, dtype, cache_dtype, seed=5)
+    assert_same(run_cpu(k, v, c, slots), naive_append(k, v, c, slots))
+
+
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("rotary_dim", ["full", "partial"])
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -131,6 +139,39 @@ def test_fused_rotary_bit_exact(dtype, cache_dtype, interleaved, rotary_dim, D, 
     k_rot = naive_rotate(k, pos, cs, interleaved)
     assert_same(got, naive_append(k_rot, v, c, slots))
     assert bits_equal(q_in, naive_rotate(q, pos, cs, interleaved)), "q must be rotated in place"
+
+
+@pytest.mark.parametrize("rotary_dim", ["full", "partial"])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float16), (torch.float32, torch.int8)], ids=str)
+def test_fused_rotary_head_dim_256_bit_exact(dtype, cache_dtype, interleaved, rotary_dim, threads, isa):
+    """D 256, the largest head dim: full rotary fills the kernel's 256-float row buffer, partial (R 136)
+    leaves 120 values that pass through unrotated."""
+    D = 256
+    k, v, c, slots, pos = paged([17, 1, 40], 1, D, 16, dtype, cache_dtype, seed=6)
+    R = D if rotary_dim == "full" else D // 2 + 8
+    cs = rotary_cos_sin(128, R, base=500000.0)
+    q = randn(k.shape[0], 2, D, dtype=dtype)
+    q_in = q.clone()
+    got = run_cpu(k, v, c, slots, q=q_in, positions=pos, cos_sin_cache=cs, rotary_interleaved=interleaved)
+    assert_same(got, naive_append(naive_rotate(k, pos, cs, interleaved), v, c, slots))
+    assert bits_equal(q_in, naive_rotate(q, pos, cs, interleaved)), "q must be rotated in place"
+
+
+@pytest.mark.parametrize("Hq,Hk", [(2, 2), (8, 2), (8, 1)])
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.int8)], ids=str)
+def test_fused_rotary_head_ratios_bit_exact(dtype, cache_dtype, Hq, Hk, threads, isa):
+    """q/k head ratios 1 (MHA), 4 and 8 (test_fused_rotary_bit_exact has 3): q's Hq heads are rotated in their
+    own loop, k's Hk heads with the write; every q head of every token must be rotated, none twice."""
+    k, v, c, slots, pos = paged([17, 1, 40], Hk, 64, 16, dtype, cache_dtype, seed=7)
+    cs = rotary_cos_sin(128, 64)
+    q = randn(k.shape[0], Hq, 64, dtype=dtype)
+    q_in = q.clone()
+    got = run_cpu(k, v, c, slots, q=q_in, positions=pos, cos_sin_cache=cs)
+    assert_same(got, naive_append(naive_rotate(k, pos, cs, False), v, c, slots))
+    assert bits_equal(q_in, naive_rotate(q, pos, cs, False)), "q must be rotated in place"
 
 
 def test_rotary_strided_q_and_batched_shape(isa):

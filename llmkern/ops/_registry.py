@@ -17,15 +17,15 @@ about 2 us per call instead of about 10 us (DESIGN.md), which adds up over a dec
 The public functions (`llmkern.ops.<op>`) call `Op.__call__`. In plain eager use (`_eager_state` and
 `_plain_tensors`: no compile, tracing, modes, profiler, autograd inputs or tensor subclasses) it runs
 `Op.dispatch`, the registered op's own kernel, directly (or, when the op's `fast_check` vouches for
-the arguments, its backend choice without re-checking them): the same checks, backend choice and fallbacks, without the 2-3 us
-the torch dispatcher spends converting arguments. Everything else goes through
-`torch.ops.llmkern.<op>`, so compiled graphs, modes and profiles still see the registered op.
+the arguments, its backend choice without re-checking them): the same checks, backend choice and
+fallbacks, without the 2-3 us the torch dispatcher spends converting arguments. Everything else goes
+through `torch.ops.llmkern.<op>`, so compiled graphs, modes and profiles still see the registered op.
 """
 from __future__ import annotations
 
 import collections
-import itertools
 import contextlib
+import itertools
 import logging
 import threading
 from typing import Callable
@@ -353,8 +353,9 @@ class Op:
 
 
 _TC = torch._C
-_FN_MODES, _DISPATCH_MODES, _TRACING = _TC._len_torch_function_stack, _TC._len_torch_dispatch_stack, _TC._get_tracing_state
-_FUNCTORCH, _PROFILING, _GRAD = _TC._are_functorch_transforms_active, _TC._autograd._profiler_enabled, _TC.is_grad_enabled
+_FN_MODES, _DISPATCH_MODES = _TC._len_torch_function_stack, _TC._len_torch_dispatch_stack
+_TRACING, _FUNCTORCH = _TC._get_tracing_state, _TC._are_functorch_transforms_active
+_PROFILING, _GRAD = _TC._autograd._profiler_enabled, _TC.is_grad_enabled
 _COMPILING = torch.compiler.is_compiling
 
 

@@ -246,7 +246,8 @@ def _cpu(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, so
     ws_bytes, ws = _workspace(mod, B, Sq, Hq, cs[2], D, capacity, threads)
     qd = _DTYPE_CODE[q.dtype]
     if k_cache.dtype == torch.int8:
-        kv_type, ks_ptr, vs_ptr, ks_str, vs_str = 3, k_scale.data_ptr(), v_scale.data_ptr(), k_scale.stride(), v_scale.stride()
+        kv_type, ks_ptr, vs_ptr = 3, k_scale.data_ptr(), v_scale.data_ptr()
+        ks_str, vs_str = k_scale.stride(), v_scale.stride()
     else:
         kv_type, ks_ptr, vs_ptr, ks_str, vs_str = qd, 0, 0, (), ()
     mod.decode_attention(q.data_ptr(), qd, q_str, B, Sq, Hq, cs[2], D, k_cache.data_ptr(), v_cache.data_ptr(),

@@ -267,3 +267,14 @@ def test_fast_check_vouches_for_plain_valid_arguments_only(op_name, monkeypatch)
     with torch.no_grad():
         call(q=q.clone().requires_grad_(True))
     assert dispatched == [1] and checks == [1, 1]
+
+
+def test_wrong_scalar_type_is_named_as_before():
+    """Plain eager calls skip the dispatcher's schema check; a scalar of the wrong type still gets its
+    error naming the argument (the call is retried through the registered op)."""
+    q, k = torch.randn(1, 4, 64), torch.randn(1, 4, 2, 64)
+    lens = torch.tensor([3], dtype=torch.int32)
+    with pytest.raises(Exception, match="softcap"):
+        llmkern.ops.decode_attention(q, k, k, lens, softcap="big")
+    with pytest.raises(Exception, match="eps"):
+        llmkern.ops.rms_norm(torch.randn(2, 64), torch.randn(64), eps="small")

@@ -253,13 +253,18 @@ class Op:
         and profiles see the registered op.
         """
         if _eager_state():
-            fast = self.fast_check
-            if fast is not None:
-                op_args = args[:-1]
-                if fast(*op_args):  # plain tensors that pass every check: choose the backend, run
-                    return self._run(op_args, args[-1])
-            if _plain_tensors(args):
-                return self.dispatch(*args)
+            try:
+                fast = self.fast_check
+                if fast is not None:
+                    op_args = args[:-1]
+                    if fast(*op_args):  # plain tensors that pass every check: choose the backend, run
+                        return self._run(op_args, args[-1])
+                if _plain_tensors(args):
+                    return self.dispatch(*args)
+            except TypeError:
+                # E.g. a scalar argument of the wrong type (a str for a float): the dispatcher's schema
+                # check below names the argument (an op's own TypeError is raised again there).
+                pass
         if self.overload is None:
             self.overload = getattr(torch.ops.llmkern, self.name).default
         return self.overload(*args)

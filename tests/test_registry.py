@@ -278,3 +278,24 @@ def test_wrong_scalar_type_is_named_as_before():
         llmkern.ops.decode_attention(q, k, k, lens, softcap="big")
     with pytest.raises(Exception, match="eps"):
         llmkern.ops.rms_norm(torch.randn(2, 64), torch.randn(64), eps="small")
+
+
+def test_rms_norm_fast_check(monkeypatch):
+    """rms_norm's fast_check vouches for plain CPU tensors (an nn.Parameter weight included) that pass
+    every check; a wrong weight shape or a tracked input takes the full check / the dispatcher."""
+    op = OPS["rms_norm"]
+    assert op.fast_check is not None
+    real_check, real_overload = op.check, torch.ops.llmkern.rms_norm.default
+    checks, dispatched = [], []
+    monkeypatch.setattr(op, "check", lambda *a: checks.append(1) or real_check(*a))
+    monkeypatch.setattr(op, "overload", lambda *a: dispatched.append(1) or real_overload(*a))
+    x, r = torch.randn(3, 64), torch.randn(3, 64)
+    w = torch.nn.Parameter(torch.randn(64), requires_grad=False)
+    y, h = llmkern.ops.rms_norm(x, w, 1e-6, r)
+    assert checks == [] and dispatched == []
+    torch.testing.assert_close(h, x + r)
+    with pytest.raises(ValueError, match="weight"):
+        llmkern.ops.rms_norm(x, torch.randn(63))
+    assert checks == [1] and dispatched == []
+    llmkern.ops.rms_norm(x.clone().requires_grad_(True), w)
+    assert dispatched == [1]

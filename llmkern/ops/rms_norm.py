@@ -11,11 +11,33 @@ import torch
 from .. import _backends
 from .. import reference
 from . import _checks as C
-from ._registry import BackendUnsupported, defop
+from ._registry import BackendUnsupported, defop, needs_grad
+
+
+_FLOATS = frozenset(C.FLOAT_DTYPES)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _cpu_fast_ok(x, weight, eps, residual) -> bool:
+    """Everything _check verifies, for plain CPU tensors that autograd does not track (the weight may be
+    an nn.Parameter), in one pass (~0.6 us instead of ~2.5: one call per norm and token on an eager
+    decode step). The op's `fast_check` (see defop); False: _check's own code runs, with its messages."""
+    T = torch.Tensor
+    if not (type(x) is T and type(weight) in _PLAIN and x.is_cpu and weight.is_cpu):
+        return False
+    xs = x.shape
+    if not (len(xs) >= 1 and x.dtype in _FLOATS and weight.dtype in _FLOATS and weight.shape == xs[-1:]):
+        return False
+    if residual is not None and not (type(residual) is T and residual.is_cpu and residual.dtype in _FLOATS
+                                     and residual.shape == xs):
+        return False
+    return eps >= 0 and not needs_grad(x, weight, residual)
 
 
 def _check(x, weight, eps, residual):
     op = "rms_norm"
+    if _cpu_fast_ok(x, weight, eps, residual):
+        return
     C.tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError(f"llmkern.{op}: x must have rank >= 1, got shape {tuple(x.shape)}")
@@ -38,6 +60,7 @@ rms_norm_op = defop(
     "(Tensor x, Tensor weight, float eps=1e-6, Tensor? residual=None, str? backend=None) -> (Tensor, Tensor)",
     check=_check,
     fake=_fake,
+    fast_check=_cpu_fast_ok,
 )
 rms_norm_op.backend("reference")(reference.rms_norm)
 

@@ -24,6 +24,7 @@ reference anywhere); the GPU backends decline them.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -111,6 +112,15 @@ class _Workspace(threading.local):
 _WS = _Workspace()
 
 
+@functools.lru_cache(maxsize=None)
+def _rows16_limits() -> dict:
+    """Rows per call that read the rows16 layout, by x dtype (csrc/include/llmkern/cpu/int4_linear.h's
+    dispatch): fp32 1..decode_max_rows_f32, bf16 1..decode_max_rows with AVX-512 BF16 dot products."""
+    info = _backends.cpu_module().int4_linear_cpu_info()
+    bf16 = info["decode_max_rows"] if info["bf16_dot"] and _backends.cpu_has("avx512_bf16") else 0
+    return {torch.float32: info["decode_max_rows_f32"], torch.bfloat16: bf16}
+
+
 def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     """run(x) of the C++ kernel (csrc/cpu/int4_linear.cpp) with these weights bound once.
 
@@ -128,10 +138,12 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     rows16 (the preparer, on AVX-512 CPUs): the weights are also packed into the rows16 layout
     (`_cpu_pack_rows16`, csrc/include/llmkern/cpu/int4_linear_rows16.h: one output row per vector lane),
     which calls of 1 to 16 bf16 rows (with AVX-512 BF16) or 1 to 8 fp32 rows read instead of the
-    packed layout (docs/notes/cpu-int4-decode-compute.md); same bytes per row as the packed layout. It
-    is packed on the first call of 1 to 16 rows (run or call), not before: a long prefill never pays
-    its time or memory. Its sums run in another order: those calls equal the canonical kernel's to
-    fp32 rounding, not bitwise (but a row's result does not depend on the other rows of the call).
+    packed layout (docs/notes/cpu-int4-decode-compute.md); same bytes per row as the packed layout.
+    rows16=True packs it at the first call that reads it (run or call), so a model that never decodes
+    never pays its time or memory; rows16="now" packs it here (the preparer, where it replaces the
+    packed layout: a model's first decode step then does not pay ~50 ms of packing). Its sums run in
+    another order: those calls equal the canonical kernel's to fp32 rounding, not bitwise (but a row's
+    result does not depend on the other rows of the call).
     """
     mod = _backends.cpu_module()
     if qweight.device.type != "cpu":
@@ -142,7 +154,8 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     packed, pk = (None, (0, 0)) if not pack else _cpu_pack(mod, qweight, scales, offsets, N, K, G)
     layouts = [pk + (0, 0)]  # the packed and rows16 (pointer, E) arguments; rows16 filled in on demand
-    need16 = [rows16]  # rows16 wanted and not packed yet
+    need16 = [bool(rows16)]  # rows16 wanted and not packed yet
+    limits16 = _rows16_limits() if rows16 else {}
     lock = threading.Lock()
 
     def pack16():
@@ -167,7 +180,7 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
         threads = get_threads()
         ws_bytes = ws_size(M, K, N, threads)
         ws = get_ws(ws_bytes)
-        if need16[0] and 1 <= M <= 16:
+        if need16[0] and 1 <= M <= limits16.get(x.dtype, 0):
             pack16()
         kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_ptrs,
                out.data_ptr(), N, ws.data_ptr(), ws_bytes, threads, isa(), -1, True, *layouts[0])
@@ -178,7 +191,7 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
         contiguous last dim, out [M, N] contiguous, ws uint8 of at least workspace_size(M, threads) bytes.
         The caller keeps x2, out and ws alive while the call exists."""
         M = x2.shape[0]
-        if need16[0] and 1 <= M <= 16:
+        if need16[0] and 1 <= M <= limits16.get(x2.dtype, 0):
             pack16()
         return mod.int4_linear_call(x2.data_ptr(), codes[x2.dtype], x2.stride(0), M, K, *w_ptrs, out.data_ptr(), N,
                                     ws.data_ptr(), ws.numel(), threads, isa(), -1, True, *layouts[0])
@@ -190,6 +203,8 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     run.packed_e = pk[1]  # bytes per scale / offset in it: 2 (fp16), 4 (fp32); 0 when not packed
     run.rows16 = None  # the rows16 layout (uint8) once packed, read by decode calls instead of `packed`
     run.rows16_e = 0  # bytes per scale / offset in it; 0 until then / without it
+    if rows16 == "now":
+        pack16()
     return run
 
 
@@ -296,8 +311,8 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
     read one of two layouts packed from the canonical tensors, which stay (state dicts, prefill):
 
     rows16 (`_cpu_runner`, csrc/include/llmkern/cpu/int4_linear_rows16.h: one output row per vector lane),
-      packed on the first call of 1 to 16 rows and read by fp32 x of 1 to 8 rows and, with AVX-512
-      BF16, bf16 x of 1 to 16 rows: 1-16% faster than the packed layout at one row, 1.3-1.8x at 4 to 16
+      read by fp32 x of 1 to 8 rows and, with AVX-512 BF16, bf16 x of 1 to 16 rows; packed here where
+      it replaces the packed layout (AVX-512 BF16), else at the first call that reads it: 1-16% faster than the packed layout at one row, 1.3-1.8x at 4 to 16
       (docs/notes/cpu-int4-decode-compute.md). Results equal the canonical kernel's (the module's first
       call, through the op) to fp32 rounding. LLMKERN_INT4_ROWS16=0 turns it off. Memory: ~83% of the
       canonical int4 tensors once packed.
@@ -314,13 +329,14 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
         return _cpu_w4a8_runner(qweight, scales, offsets, bias, mode == "w4a8g")
     avx512 = _backends.cpu_isa() == "avx512_vnni"
     rows16 = os.environ.get("LLMKERN_INT4_ROWS16", "") != "0" and avx512
+    covers_m1 = rows16 and _backends.cpu_has("avx512_bf16")  # rows16 takes every one-row call
     setting = os.environ.get("LLMKERN_INT4_PACK", "")
-    if setting == "1" or (setting != "0" and not (rows16 and _backends.cpu_has("avx512_bf16"))):
+    if setting == "1" or (setting != "0" and not covers_m1):
         pack = avx512 and (setting == "1" or _scale_bytes(_backends.cpu_module(), scales.contiguous(),
                                                            offsets.contiguous()) == 2)
     else:
         pack = False
-    return _cpu_runner(qweight, scales, offsets, bias, pack=pack, rows16=rows16)
+    return _cpu_runner(qweight, scales, offsets, bias, pack=pack, rows16="now" if covers_m1 else rows16)
 
 
 # 16-bit inputs with more rows than this run on tensor cores (kInt4GemvMaxM in csrc/cuda/int4_linear.cu).

@@ -299,3 +299,11 @@ def test_rms_norm_fast_check(monkeypatch):
     assert checks == [1] and dispatched == []
     llmkern.ops.rms_norm(x.clone().requires_grad_(True), w)
     assert dispatched == [1]
+
+
+def test_op_object_takes_keyword_arguments():
+    """Calling an Op with keywords (defaults left out) goes through the registered op, as before."""
+    x, w = _args()
+    y, _ = OPS["rms_norm"](x, w, backend="reference")
+    ref = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()).float()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)

@@ -242,7 +242,7 @@ class Op:
         """Backends that implement this op and are usable on this machine."""
         return [b for b in ALL_BACKENDS if b in self.impls and _backend_available(b)]
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         """The op on all its arguments in schema order (what every public function calls).
 
         In plain eager use (`_eager_state`, and `_plain_tensors` or the op's `fast_check`, which
@@ -252,7 +252,7 @@ class Op:
         tensors, modes, autograd inputs, the profiler) calls `torch.ops.llmkern.<name>`, so graphs
         and profiles see the registered op.
         """
-        if _eager_state():
+        if not kwargs and _eager_state():  # (keyword arguments: the dispatcher fills in the defaults)
             try:
                 fast = self.fast_check
                 if fast is not None:
@@ -267,7 +267,7 @@ class Op:
                 pass
         if self.overload is None:
             self.overload = getattr(torch.ops.llmkern, self.name).default
-        return self.overload(*args)
+        return self.overload(*args, **kwargs)
 
     def dispatch(self, *args, **kwargs):
         """The CPU/CUDA kernel of the torch op: check the inputs, pick a backend, run it."""

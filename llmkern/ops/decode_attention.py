@@ -262,7 +262,8 @@ def _cpu_call(q, k_cache, v_cache, seq_lens, k_scale, v_scale, out, ws, threads,
     models/decode_plan.py): q [B, Hq, D] with a contiguous head dim, out [B, Hq, D] contiguous, ws uint8
     of at least decode_attention_workspace_size(...) bytes, seq_lens int32 [B] and block_table int32
     [B, max_blocks] (paged caches; None: contiguous) contiguous, read at run time. The caller keeps every
-    tensor alive while the call exists."""
+    tensor alive while the call exists. (The argument list is `_cpu`'s launch, written out again: a shared
+    builder measured +0.45 us on every eager call, and this one runs once per plan.)"""
     B, Hq, D = q.shape
     if block_table is not None and not block_table.is_contiguous():
         raise ValueError("decode_attention call: block_table is bound by pointer and must be contiguous")

@@ -11,11 +11,10 @@ import torch
 from .. import _backends
 from .. import reference
 from . import _checks as C
-from ._registry import BackendUnsupported, defop, needs_grad
+from ._registry import _PLAIN, BackendUnsupported, defop, needs_grad
 
 
 _FLOATS = frozenset(C.FLOAT_DTYPES)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _cpu_fast_ok(x, weight, eps, residual) -> bool:

@@ -149,6 +149,11 @@ LLMKERN_AVX512_INLINE __m512 bcast(const float* s, int i) {
   return _mm512_set1_ps(v);
 }
 
+// Chunk c (16 values) of a step's int8 weight row at w, as fp32.
+LLMKERN_AVX512_INLINE __m512 w_chunk(const int8_t* w, int64_t c) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * c))));
+}
+
 // Scale value i (0..31) of a step's record as a splat.
 LLMKERN_AVX512_INLINE __m512 splat(__m512 s0, __m512 s1, int i) {
   return _mm512_permutex2var_ps(s0, _mm512_set1_epi32(i), s1);
@@ -191,8 +196,7 @@ LLMKERN_AVX512 void w8a16_block(const uint8_t*& p, const float* x, int64_t K, in
           LLMKERN_UNROLL for (int g = 0; g < 4 / cpg; ++g) {
             __m512 a = _mm512_setzero_ps();
             LLMKERN_UNROLL for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
-              const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kStep + 16 * c))));
+              const __m512 wv = w_chunk(w + j * kStep, c);
               a = _mm512_fmadd_ps(xv[c], wv, a);
             }
             accf[j] = _mm512_fmadd_ps(a, bcast(sc, j * (4 / cpg) + g), accf[j]);
@@ -202,8 +206,7 @@ LLMKERN_AVX512 void w8a16_block(const uint8_t*& p, const float* x, int64_t K, in
           for (int g = 0; g < static_cast<int>(e); ++g) {
             __m512 a = _mm512_setzero_ps();
             for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
-              const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kStep + 16 * c))));
+              const __m512 wv = w_chunk(w + j * kStep, c);
               a = _mm512_fmadd_ps(xv[c], wv, a);
             }
             accf[j] = _mm512_fmadd_ps(a, bcast(sc, j * static_cast<int>(e) + g), accf[j]);
@@ -215,16 +218,14 @@ LLMKERN_AVX512 void w8a16_block(const uint8_t*& p, const float* x, int64_t K, in
         LLMKERN_UNROLL for (int c = 0; c < 4; ++c) xv[c] = _mm512_loadu_ps(x + k + 16 * c);
         LLMKERN_UNROLL for (int j = 0; j < kRows; ++j)
           LLMKERN_UNROLL for (int c = 0; c < 4; ++c) {
-            const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kStep + 16 * c))));
+            const __m512 wv = w_chunk(w + j * kStep, c);
             acc[j] = _mm512_fmadd_ps(xv[c], wv, acc[j]);
           }
       } else {  // per channel, short last step: full chunks then one masked chunk (as canonical)
         for (int64_t c = 0; 16 * c < n; ++c) {
           const __m512 xv = _mm512_maskz_loadu_ps(avx512::tail16(std::min<int64_t>(16, n - 16 * c)), x + k + 16 * c);
           LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) {
-            const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kStep + 16 * c))));
+            const __m512 wv = w_chunk(w + j * kStep, c);
             acc[j] = _mm512_fmadd_ps(xv, wv, acc[j]);
           }
         }
@@ -270,11 +271,6 @@ LLMKERN_AVX512_INLINE __m512 row_scale(const uint8_t* sp, int g) {
   } else {
     return bcast(reinterpret_cast<const float*>(sp), g);
   }
-}
-
-// Chunk c (16 values) of a step's int8 weight row at w, as fp32.
-LLMKERN_AVX512_INLINE __m512 w_chunk(const int8_t* w, int c) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * c))));
 }
 
 // W8A16 of MR >= 2 activation rows over one block, for groups inside a step (GM 16 / 32 / 64): weight

@@ -98,6 +98,21 @@ struct KernelCall {
   std::string name;  // the op, for repr and error messages
 };
 
+// A CPU linear op's weights and settings bound once (made by `<op>_bind`, which checks them): run() and
+// call() take only what changes from call to call (activation, output, workspace, threads, ISA), so a
+// module's eager call converts 9 Python arguments instead of 17-24 and touches one object that holds
+// the weight pointers instead of a dozen Python ints (csrc/cpu/decode_step.cpp binds the class). out is
+// contiguous [M, N]. The Python side keeps the weight memory alive (llmkern/ops/_cpu_linear.py).
+struct BoundLinear {
+  // The op's checked launch of x [M, K] (rows x_row_stride elements apart) into out [M, N].
+  std::function<KernelCall(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, std::uintptr_t out_ptr,
+                           std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads, const std::string& isa)>
+      make;
+  // Workspace bytes for M rows at num_threads (ValueError on invalid sizes).
+  std::function<int64_t(int64_t M, int num_threads)> workspace;
+  std::string name;  // the op
+};
+
 // Binds `name` (check, release the GIL, launch) and `name_call` (check, return the KernelCall) from one
 // `make` function taking the launcher's arguments, with the same pybind11 argument list `extra`.
 template <typename... Args, typename... Extra>

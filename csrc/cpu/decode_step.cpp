@@ -153,6 +153,41 @@ void bind_decode_step(py::module_& m) {
       .def_readwrite("name", &KernelCall::name, "The op (a caller may refine it, e.g. 'int4_linear:qkv').")
       .def_property_readonly("empty", [](const KernelCall& c) { return !c.fn; })
       .def("__repr__", [](const KernelCall& c) { return "<llmkern._C.KernelCall " + (c.fn ? c.name : "(empty)") + ">"; });
+  py::class_<BoundLinear>(m, "BoundLinear",
+                          "A CPU linear op's weights bound once (made by int8_linear_bind, int4_linear_bind, "
+                          "int4_linear_w4a8_bind): run / call take the activation's arguments only.")
+      .def(
+          "run",
+          [](const BoundLinear& b, std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M,
+             std::uintptr_t out_ptr, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
+             const std::string& isa) -> int64_t {
+            const int64_t need = b.workspace(M, num_threads);
+            if (ws_bytes < need) return need;  // the caller grows its workspace and calls again
+            KernelCall c = b.make(x_ptr, x_dtype, x_row_stride, M, out_ptr, ws_ptr, ws_bytes, num_threads, isa);
+            if (c.fn) {
+              py::gil_scoped_release release;
+              c.fn();
+            }
+            return 0;
+          },
+          py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"), py::arg("out_ptr"),
+          py::arg("ws_ptr"), py::arg("ws_bytes"), py::arg("num_threads"), py::arg("isa"),
+          "out[M, N] (contiguous) = the op on x[M, K] (rows x_row_stride elements apart) with the bound weights; "
+          "x_dtype: 0 float32, 1 bfloat16, 2 float16. Returns 0 after computing (GIL released), or, computing "
+          "nothing, the workspace bytes needed when ws_bytes is smaller. Invalid arguments raise ValueError.")
+      .def("call", [](const BoundLinear& b, std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M,
+                      std::uintptr_t out_ptr, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
+                      const std::string& isa) {
+             KernelCall c = b.make(x_ptr, x_dtype, x_row_stride, M, out_ptr, ws_ptr, ws_bytes, num_threads, isa);
+             return c;
+           },
+           py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"), py::arg("out_ptr"),
+           py::arg("ws_ptr"), py::arg("ws_bytes"), py::arg("num_threads"), py::arg("isa"),
+           "The launch run() makes, checked, as a KernelCall (ValueError when ws_bytes is too small).")
+      .def("workspace_size", [](const BoundLinear& b, int64_t M, int num_threads) { return b.workspace(M, num_threads); },
+           py::arg("M"), py::arg("num_threads"), "Workspace bytes run / call need for M rows at num_threads.")
+      .def_readonly("name", &BoundLinear::name)
+      .def("__repr__", [](const BoundLinear& b) { return "<llmkern._C.BoundLinear " + b.name + ">"; });
   py::class_<StepProgram>(m, "StepProgram",
                           "A list of KernelCalls run in order by one call with the GIL released: a decode step.")
       .def(py::init<>())

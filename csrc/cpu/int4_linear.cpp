@@ -133,6 +133,37 @@ void bind_int4_linear(py::module_& m) {
         py::arg("bf16_dot") = true, py::arg("packed_ptr") = 0, py::arg("packed_e") = 0, py::arg("rows16_ptr") = 0,
         py::arg("rows16_e") = 0);
   m.def(
+      "int4_linear_bind",
+      [](std::uintptr_t qweight_ptr, int64_t N, int64_t K, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr,
+         int64_t group_size, std::uintptr_t bias_ptr, int64_t decode_max_rows, bool bf16_dot, std::uintptr_t packed_ptr,
+         int64_t packed_e, std::uintptr_t rows16_ptr, int64_t rows16_e) {
+        BoundLinear b;
+        b.name = "int4_linear";
+        b.make = [=](std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, std::uintptr_t out_ptr,
+                     std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads, const std::string& isa) {
+          return make_call(x_ptr, x_dtype, x_row_stride, M, K, qweight_ptr, N, scales_ptr, offsets_ptr, group_size,
+                           bias_ptr, out_ptr, N, ws_ptr, ws_bytes, num_threads, isa, decode_max_rows, bf16_dot,
+                           packed_ptr, packed_e, rows16_ptr, rows16_e);
+        };
+        b.workspace = [=](int64_t M, int num_threads) {
+          check_sizes("llmkern._C.BoundLinear(int4_linear).workspace_size", M, K, N, num_threads);
+          return cpu::int4_linear_workspace_bytes(M, K, N, num_threads, decode_max_rows);
+        };
+        b.make(0, 0, 0, 0, 0, 0, b.workspace(0, 1), 1, "");  // the weight-side checks (M = 0 computes nothing)
+        check_ptr("qweight_ptr", qweight_ptr, 1);
+        check_ptr("scales_ptr", scales_ptr, 4);
+        check_ptr("offsets_ptr", offsets_ptr, 4);
+        if (bias_ptr) check_ptr("bias_ptr", bias_ptr, 4);
+        if (packed_ptr) check_ptr("packed_ptr", packed_ptr, packed_e);
+        if (rows16_ptr) check_ptr("rows16_ptr", rows16_ptr, 4);
+        return b;
+      },
+      py::arg("qweight_ptr"), py::arg("N"), py::arg("K"), py::arg("scales_ptr"), py::arg("offsets_ptr"),
+      py::arg("group_size"), py::arg("bias_ptr"), py::arg("decode_max_rows") = -1, py::arg("bf16_dot") = true,
+      py::arg("packed_ptr") = 0, py::arg("packed_e") = 0, py::arg("rows16_ptr") = 0, py::arg("rows16_e") = 0,
+      "int4_linear's weight arguments (as int4_linear takes them), checked and bound once: a BoundLinear whose "
+      "run / call take the activation's arguments only.");
+  m.def(
       "int4_linear_packed_size",
       [](int64_t N, int64_t K, int64_t group_size, int64_t e) {
         const char* where = "llmkern._C.int4_linear_packed_size";

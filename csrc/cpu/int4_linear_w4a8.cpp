@@ -102,6 +102,33 @@ void bind_int4_linear_w4a8(py::module_& m) {
       "Packs canonical int4 weights (qweight [N, K/2], scales/offsets fp32 [N, K/G], contiguous) into the W4A8 "
       "layout (csrc/include/llmkern/cpu/int4_linear_w4a8_common.h): e=2 (fp16 scales) only when every scale and "
       "offset is exactly an fp16 value (ValueError otherwise).");
+  m.def(
+      "int4_linear_w4a8_bind",
+      [](std::uintptr_t w_ptr, int64_t N, int64_t K, int64_t group_size, int64_t e, std::uintptr_t bias_ptr,
+         bool group_scales) {
+        BoundLinear b;
+        b.name = "int4_linear_w4a8";
+        b.make = [=](std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, std::uintptr_t out_ptr,
+                     std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads, const std::string& isa) {
+          return make_call(x_ptr, x_dtype, x_row_stride, M, K, w_ptr, N, group_size, e, bias_ptr, out_ptr, N, ws_ptr,
+                           ws_bytes, num_threads, isa, group_scales);
+        };
+        b.workspace = [=](int64_t M, int num_threads) {
+          const char* where = "llmkern._C.BoundLinear(int4_linear_w4a8).workspace_size";
+          check_shape(where, M, K, N, group_size, e);
+          if (num_threads < 1 || num_threads > 1024)
+            fail_arg(where, "num_threads must be in [1, 1024], got " + std::to_string(num_threads));
+          return cpu::int4_w4a8_workspace_bytes(M, K, group_size, num_threads);
+        };
+        b.make(0, 0, 0, 0, 0, 0, b.workspace(0, 1), 1, "");  // the weight-side checks (M = 0 computes nothing)
+        check_ptr_arg(kWhere, "w_ptr", w_ptr, 64);
+        if (bias_ptr) check_ptr_arg(kWhere, "bias_ptr", bias_ptr, 4);
+        return b;
+      },
+      py::arg("w_ptr"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"), py::arg("bias_ptr"),
+      py::arg("group_scales") = false,
+      "int4_linear_w4a8's weight arguments (as it takes them), checked and bound once: a BoundLinear whose "
+      "run / call take the activation's arguments only.");
   def_launcher(m, "int4_linear_w4a8", &make_call,
                "out[M, N] = quant8(x[M, K]) @ dequant(w)^T (+ bias) on raw pointers: int4_linear's W4A8 modes "
                "(x quantized to int8 as int8_linear's W8A8 does, one scale per row, or per group of group_size "

@@ -235,6 +235,38 @@ void bind_int8_linear(py::module_& m) {
         py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("mode"), py::arg("ws_ptr"), py::arg("ws_bytes"),
         py::arg("num_threads"), py::arg("isa"), py::arg("packed_ptr") = 0, py::arg("packed_e") = 0,
         py::arg("gemm_ptr") = 0);
+  m.def(
+      "int8_linear_bind",
+      [](std::uintptr_t w_ptr, int64_t N, int64_t K, std::uintptr_t scale_ptr, int64_t group_size, std::uintptr_t bias_ptr,
+         const std::string& mode, std::uintptr_t packed_ptr, int64_t packed_e, std::uintptr_t gemm_ptr) {
+        const bool w8a8 = parse_mode(mode, "llmkern._C.int8_linear_bind");
+        BoundLinear b;
+        b.name = "int8_linear";
+        b.make = [=](std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, std::uintptr_t out_ptr,
+                     std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads, const std::string& isa) {
+          return make_call(x_ptr, x_dtype, x_row_stride, M, K, w_ptr, N, scale_ptr, group_size, bias_ptr, out_ptr, N,
+                           mode, ws_ptr, ws_bytes, num_threads, isa, packed_ptr, packed_e, gemm_ptr);
+        };
+        b.workspace = [=](int64_t M, int num_threads) {
+          if (M < 0 || M > kMaxDim)
+            fail_arg("llmkern._C.BoundLinear(int8_linear).workspace_size", "M must be in [0, 2^31], got " + std::to_string(M));
+          if (num_threads < 1 || num_threads > 1024)
+            fail_arg("llmkern._C.BoundLinear(int8_linear).workspace_size",
+                     "num_threads must be in [1, 1024], got " + std::to_string(num_threads));
+          return cpu::int8_linear_workspace_bytes(M, K, N, w8a8);
+        };
+        b.make(0, 0, 0, 0, 0, 0, b.workspace(0, 1), 1, "");  // the weight-side checks (M = 0 computes nothing)
+        check_ptr("w_ptr", w_ptr, 1);
+        check_ptr("scale_ptr", scale_ptr, 4);
+        if (bias_ptr) check_ptr("bias_ptr", bias_ptr, 4);
+        if (packed_ptr) check_ptr("packed_ptr", packed_ptr, packed_e);
+        if (gemm_ptr) check_ptr("gemm_ptr", gemm_ptr, 4);
+        return b;
+      },
+      py::arg("w_ptr"), py::arg("N"), py::arg("K"), py::arg("scale_ptr"), py::arg("group_size"), py::arg("bias_ptr"),
+      py::arg("mode"), py::arg("packed_ptr") = 0, py::arg("packed_e") = 0, py::arg("gemm_ptr") = 0,
+      "int8_linear's weight arguments (as int8_linear takes them), checked and bound once: a BoundLinear whose "
+      "run / call take the activation's arguments only.");
   bind_int8_linear_pack(m);
   bind_int8_linear_gemm_pack(m);
 }

@@ -41,7 +41,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ptr"), py::arg("n"), py::arg("threads"), py::arg("isa") = "",
       "Sum of n float32 at ptr, streamed with the widest loads over `threads` threads: the memory "
       "read-bandwidth probe of benchmarks/_machine.py.");
-  llmkern::bindings::bind_decode_step(m);  // first: KernelCall, the return type of every <op>_call
+  llmkern::bindings::bind_decode_step(m);  // first: KernelCall and BoundLinear, returned by <op>_call / <op>_bind
   llmkern::bindings::bind_int8_linear(m);
   llmkern::bindings::bind_decode_attention(m);
   llmkern::bindings::bind_kv_cache_append(m);

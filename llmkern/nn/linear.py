@@ -12,6 +12,9 @@ which later calls use for plain activations: no dispatcher, no re-checking of th
 per-call Python work beyond the launch. `self._run` holds it; it is dropped whenever the canonical
 buffers or the mode/backend may change (assignment, `_load_from_state_dict`, `_apply` for
 .to()/.cuda()) and when LLMKERN_BACKEND changes. Under torch.compile the registered op is used.
+On the CPU the prepared run is a `BoundRun` (ops/_cpu_linear.py: weights bound once in C++), and
+`__call__` runs it without nn.Module.__call__ -> forward when nothing could tell the difference (no
+hooks, no replaced forward, plain eager mode: see `_QuantizedBase.__call__`).
 """
 from __future__ import annotations
 
@@ -20,11 +23,17 @@ from typing import Iterable
 import torch
 from torch import nn
 
+import torch.nn.modules.module as _nn_module
+
 from .. import ops
 from .._backends import env_backend
+from ..ops._cpu_linear import BoundRun
+from ..ops._registry import _COMPILING, _GRAD, _eager_state
 from ..ops.int4_linear import MODES as INT4_MODES, int4_linear_op
 from ..ops.int8_linear import MODES, int8_linear_op
-from ._fast import plain_activation
+from ._fast import FLOATS, plain_activation
+
+_Tensor = torch.Tensor
 
 INT8_MODES = ("w8a16", "w8a8")
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -36,19 +45,61 @@ class _QuantizedBase(nn.Module):
     # Buffers that the ops require in float32 whatever dtype the rest of the model is cast to.
     _fp32_buffers: tuple[str, ...] = ()
 
+    _op = None  # the op (Int8Linear: int8_linear_op, Int4Linear: int4_linear_op)
+
     def __init__(self):
         super().__init__()
         self._trusted = False  # True once the current buffers passed the op's checks (see nn/_fast.py)
         self._run = None  # the op's prepared run(x) for the current buffers (see the module doc)
+        self._fast = None  # its BoundRun when __call__ may run it directly (see __call__)
+
+    def __call__(self, x, *args, **kwargs):
+        """nn.Module's call, shortened for the common case: in plain eager use (`_eager_state`: not
+        compiling or tracing, no torch function/dispatch mode, no profiler), with no hooks (this module's
+        or global), a plain CPU float activation [..., in_features] that autograd does not track, and
+        the prepared CPU run still valid (LLMKERN_BACKEND unchanged), the prepared run is called
+        straight away: what nn.Module.__call__ -> forward would do, minus ~3-5 us of Python per call in a
+        model (docs/notes/cpu-op-overhead.md, "Bound runs"). Anything else takes nn.Module.__call__."""
+        if not _COMPILING():
+            d = self.__dict__
+            run = d["_fast"]
+            if (run is not None and not args and not kwargs and type(x) is _Tensor and x.is_cpu
+                    and not (d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
+                             or d["_backward_pre_hooks"] or _nn_module._global_forward_hooks
+                             or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
+                             or _nn_module._global_backward_pre_hooks)
+                    and x.dtype in FLOATS and x.dim() >= 1 and x.shape[-1] == run.K and run.env == env_backend()
+                    and _eager_state() and not (x.requires_grad and _GRAD())):
+                out = run(x)
+                type(self)._op.last_backend = "cpu"  # (type(self): no probe of the instance's dict)
+                return out
+        return nn.Module.__call__(self, x, *args, **kwargs)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if isinstance(value, torch.Tensor) or (value is None and name == "bias") or name in ("mode", "backend"):
             self._invalidate_packed()  # new weights or settings: re-validate and re-prepare
+        elif name in ("forward", "_compiled_call_impl"):
+            # A replaced forward (accelerate's hooks do this) or Module.compile(): __call__ must not skip them.
+            self.__dict__["_fast"] = None
+
+    def __getstate__(self):
+        # The prepared run holds raw pointers into this module's buffers (and C++ objects that do not
+        # pickle): a copy (copy.deepcopy, pickle, torch.save of the module) prepares its own at its first call.
+        state = super().__getstate__()
+        state.update(_run=None, _fast=None, _trusted=False)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for name in ("_run", "_fast"):  # (pickles of older versions lack them)
+            self.__dict__.setdefault(name, None)
+        self.__dict__.setdefault("_trusted", False)
 
     def _invalidate_packed(self) -> None:
         """Drop the prepared (possibly repacked) weights: they were derived from the old buffers."""
         self.__dict__["_run"] = None
+        self.__dict__["_fast"] = None
         self.__dict__["_trusted"] = False
 
     def _lean(self, x):
@@ -64,7 +115,22 @@ class _QuantizedBase(nn.Module):
         d = self.__dict__
         d["_trusted"] = True
         dev = static_args[0].device
-        d["_run"] = None if dev.type == "meta" else op.prepare(*static_args, backend=self.backend, device=dev.type)
+        run = d["_run"] = None if dev.type == "meta" else op.prepare(*static_args, backend=self.backend, device=dev.type)
+        self._allow_fast(run)
+
+    def _allow_fast(self, run) -> None:
+        """Let __call__ run `run` (the prepared run) directly where that is what forward would do: a CPU
+        BoundRun, forward ours (not a subclass's or an instance's), no Module.compile(), no hooks now.
+        (Called when preparing, and by forward's lean calls: a hook removed or a forward override
+        deleted since then gives the shortcut back.)"""
+        d = self.__dict__
+        impl = getattr(run, "impl", None)
+        if (isinstance(impl, BoundRun) and run.backend == "cpu" and type(self).forward in _FAST_FORWARDS
+                and "forward" not in d and d.get("_compiled_call_impl") is None
+                and not (d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
+                         or d["_backward_pre_hooks"])):
+            impl.env = run.env
+            d["_fast"] = impl
 
     def _apply(self, fn, recurse=True):
         # `module.to(torch.bfloat16)` would convert every floating buffer, but the ops read scales and
@@ -98,6 +164,7 @@ class Int8Linear(_QuantizedBase):
     """
 
     _fp32_buffers = ("weight_scale",)
+    _op = int8_linear_op
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 0,
                  mode: str = "w8a16", device=None, dtype=torch.float32, backend=None):
@@ -161,6 +228,8 @@ class Int8Linear(_QuantizedBase):
         if not torch.compiler.is_compiling():
             run = self._lean(x)
             if run is not None:
+                if self.__dict__["_fast"] is None:
+                    self._allow_fast(run)
                 return run(x)
             if self._trusted and self.mode in MODES and plain_activation(x, self.in_features, self.weight.device):
                 return int8_linear_op.run_trusted(x, self.weight, self.weight_scale, self.bias, self.mode,
@@ -187,6 +256,7 @@ class Int4Linear(_QuantizedBase):
     """
 
     _fp32_buffers = ("scales", "offsets")
+    _op = int4_linear_op
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 32,
                  mode: str = "w4a16", device=None, dtype=torch.float32, backend=None):
@@ -243,6 +313,8 @@ class Int4Linear(_QuantizedBase):
         if not torch.compiler.is_compiling():
             run = self._lean(x)
             if run is not None:
+                if self.__dict__["_fast"] is None:
+                    self._allow_fast(run)
                 return run(x)
             if self._trusted and self.mode in INT4_MODES and plain_activation(x, self.in_features,
                                                                               self.qweight.device):
@@ -257,6 +329,10 @@ class Int4Linear(_QuantizedBase):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"group_size={self.group_size}, mode={self.mode!r}, backend={self.backend!r}")
+
+
+# The forwards __call__'s shortcut stands for (see _QuantizedBase._trust).
+_FAST_FORWARDS = (Int8Linear.forward, Int4Linear.forward)
 
 
 def quantize_linears(module: nn.Module, quant: str = "int8", *, group_size: int | None = None,

@@ -35,12 +35,12 @@ from .. import _backends
 from .. import reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop
-from .int8_linear import _cpu_rows, _cuda_device, _cuda_rows, _num_sms
+from ._cpu_linear import DTYPE_CODE as _DTYPE_CODE, BoundRun
+from .int8_linear import _cuda_device, _cuda_rows, _num_sms
 
 GROUP_SIZES = (32, 64, 128)
 MODES = ("w4a16", "w4a8", "w4a8g")
 _W4A8 = ("w4a8", "w4a8g")
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _check(x, qweight, scales, offsets, bias, mode):
@@ -97,21 +97,6 @@ def _triton(x, qweight, scales, offsets, bias, mode):
     return tk.int4_linear(x, qweight, scales, offsets, bias)
 
 
-class _Workspace(threading.local):
-    """Per-thread scratch bytes of the CPU kernel, grown on demand and reused: a decode step makes
-    hundreds of calls, and allocating their workspace every time costs about a microsecond each."""
-
-    buf = None
-
-    def get(self, nbytes):
-        if self.buf is None or self.buf.numel() < nbytes:
-            self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        return self.buf
-
-
-_WS = _Workspace()
-
-
 @functools.lru_cache(maxsize=None)
 def _rows16_limits() -> dict:
     """Rows per call that read the rows16 layout, by x dtype (csrc/include/llmkern/cpu/int4_linear.h's
@@ -122,11 +107,11 @@ def _rows16_limits() -> dict:
 
 
 def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
-    """run(x) of the C++ kernel (csrc/cpu/int4_linear.cpp) with these weights bound once.
+    """run(x) of the C++ kernel (csrc/cpu/int4_linear.cpp) with these weights bound once (a `BoundRun`).
 
     Everything that depends only on the weights (contiguity, raw pointers, the fp32 bias, G) is done
-    here; run(x) allocates the output, reuses the per-thread workspace and launches. The runner keeps
-    the tensors whose pointers it holds alive.
+    here and bound in C++ (`int4_linear_bind`); run(x) allocates the output, reuses the per-thread
+    workspace and launches. The runner keeps the tensors whose pointers it holds alive.
 
     pack (the preparer, i.e. Int4Linear's prepared call): the weights are also repacked once into
     the kernel's packed decode layout (`_cpu_pack`), which one-row calls (M = 1) stream instead of
@@ -153,56 +138,34 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     packed, pk = (None, (0, 0)) if not pack else _cpu_pack(mod, qweight, scales, offsets, N, K, G)
-    layouts = [pk + (0, 0)]  # the packed and rows16 (pointer, E) arguments; rows16 filled in on demand
-    need16 = [bool(rows16)]  # rows16 wanted and not packed yet
-    limits16 = _rows16_limits() if rows16 else {}
+    bias_ptr = 0 if bias32 is None else bias32.data_ptr()
+
+    def bind(r16=(0, 0)):
+        """The BoundLinear of these weights, with the rows16 layout's (pointer, E) once packed."""
+        return mod.int4_linear_bind(qweight.data_ptr(), N, K, scales.data_ptr(), offsets.data_ptr(), G, bias_ptr,
+                                    -1, True, *pk, *r16)
+
+    run = BoundRun(bind(), K, N, (qweight, scales, offsets, bias32, packed), packed=packed, packed_e=pk[1])
+    if not rows16:
+        return run
+    limits16 = _rows16_limits()
     lock = threading.Lock()
 
     def pack16():
         """Packs the rows16 layout (once, under the lock: two threads must not swap a buffer in use)."""
         with lock:
-            if need16[0]:
+            if run.lazy is not None:
                 buf, view, r16 = _cpu_pack_rows16(mod, qweight, scales, offsets, N, K, G)
                 run.keep += (buf,)
                 run.rows16, run.rows16_e = view, r16[1]
-                layouts[0] = pk + r16
-                need16[0] = False
+                run.bound = bind(r16)
+                run.lazy = None
 
-    w_ptrs = (qweight.data_ptr(), N, scales.data_ptr(), offsets.data_ptr(), G,
-              0 if bias32 is None else bias32.data_ptr())
-    kernel, ws_size, get_ws, codes = mod.int4_linear, mod.int4_linear_workspace_size, _WS.get, _DTYPE_CODE
-    get_threads, isa, empty = torch.get_num_threads, _backends.cpu_isa, torch.empty
-
-    def run(x):
-        x2 = _cpu_rows(x, K)  # [..., K] -> [M, K]
-        M = x2.shape[0]
-        out = empty(M, N, dtype=x.dtype)  # (sizes as arguments: ~0.3 us cheaper than a tuple)
-        threads = get_threads()
-        ws_bytes = ws_size(M, K, N, threads)
-        ws = get_ws(ws_bytes)
-        if need16[0] and 1 <= M <= limits16.get(x.dtype, 0):
+    def lazy(M, dtype):
+        if 1 <= M <= limits16.get(dtype, 0):
             pack16()
-        kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_ptrs,
-               out.data_ptr(), N, ws.data_ptr(), ws_bytes, threads, isa(), -1, True, *layouts[0])
-        return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
-    def call(x2, out, ws, threads):
-        """The launch run(x2) makes, into `out`, as a KernelCall (llmkern._C.StepProgram): x2 [M, K] with a
-        contiguous last dim, out [M, N] contiguous, ws uint8 of at least workspace_size(M, threads) bytes.
-        The caller keeps x2, out and ws alive while the call exists."""
-        M = x2.shape[0]
-        if need16[0] and 1 <= M <= limits16.get(x2.dtype, 0):
-            pack16()
-        return mod.int4_linear_call(x2.data_ptr(), codes[x2.dtype], x2.stride(0), M, K, *w_ptrs, out.data_ptr(), N,
-                                    ws.data_ptr(), ws.numel(), threads, isa(), -1, True, *layouts[0])
-
-    run.call = call
-    run.workspace_size = lambda M, threads: ws_size(M, K, N, threads)
-    run.keep = (qweight, scales, offsets, bias32, packed)  # the tensors behind w_ptrs and the layouts
-    run.packed = packed  # the packed decode layout (uint8), or None
-    run.packed_e = pk[1]  # bytes per scale / offset in it: 2 (fp16), 4 (fp32); 0 when not packed
-    run.rows16 = None  # the rows16 layout (uint8) once packed, read by decode calls instead of `packed`
-    run.rows16_e = 0  # bytes per scale / offset in it; 0 until then / without it
+    run.lazy = lazy
     if rows16 == "now":
         pack16()
     return run
@@ -253,7 +216,7 @@ def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
     then the 16 scales and offsets, fp16 when every one of them is an fp16 value, else fp32). The
     packed copy is K/2 + 2 E K/G bytes per output row (rows padded to 16); the canonical tensors are
     not read by the kernel. group_scales: activation scales per group ("w4a8g"), else per row ("w4a8").
-    Same interface as `_cpu_runner`'s run (call, workspace_size, keep)."""
+    A `BoundRun`, as `_cpu_runner`'s."""
     mod = _backends.cpu_module()
     if qweight.device.type != "cpu":
         raise BackendUnsupported(f"weights are on {qweight.device}")
@@ -266,31 +229,9 @@ def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
     mod.int4_linear_w4a8_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, G, E,
                               packed.data_ptr(), nbytes)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    w_args = (packed.data_ptr(), N, G, E, 0 if bias32 is None else bias32.data_ptr())
-    kernel, ws_size, get_ws, codes = mod.int4_linear_w4a8, mod.int4_linear_w4a8_workspace_size, _WS.get, _DTYPE_CODE
-    get_threads, isa, empty = torch.get_num_threads, _backends.cpu_isa, torch.empty
-
-    def run(x):
-        x2 = _cpu_rows(x, K)  # [..., K] -> [M, K]
-        M = x2.shape[0]
-        out = empty(M, N, dtype=x.dtype)  # (sizes as arguments: ~0.3 us cheaper than a tuple)
-        threads = get_threads()
-        ws_bytes = ws_size(M, K, G, threads)
-        ws = get_ws(ws_bytes)
-        kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_args, out.data_ptr(), N, ws.data_ptr(),
-               ws_bytes, threads, isa(), group_scales)
-        return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
-
-    def call(x2, out, ws, threads):
-        """The launch run(x2) makes, into `out`, as a KernelCall (see `_cpu_runner`'s call)."""
-        return mod.int4_linear_w4a8_call(x2.data_ptr(), codes[x2.dtype], x2.stride(0), x2.shape[0], K, *w_args,
-                                         out.data_ptr(), N, ws.data_ptr(), ws.numel(), threads, isa(), group_scales)
-
-    run.call = call
-    run.workspace_size = lambda M, threads: ws_size(M, K, G, threads)
-    run.keep = (buf, bias32)  # the tensors behind w_args
-    run.packed, run.packed_e = packed, E
-    return run
+    bound = mod.int4_linear_w4a8_bind(packed.data_ptr(), N, K, G, E, 0 if bias32 is None else bias32.data_ptr(),
+                                      group_scales)
+    return BoundRun(bound, K, N, (buf, bias32), packed=packed, packed_e=E)
 
 
 @int4_linear_op.backend("cpu")

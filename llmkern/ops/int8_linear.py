@@ -11,19 +11,18 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
 
 import torch
 
 from .. import _backends
 from .. import reference
 from . import _checks as C
+from ._cpu_linear import DTYPE_CODE as _DTYPE_CODE, BoundRun
 from ._registry import BackendUnsupported, defop
 
 MODES = ("w8a16", "w8a8")
 # 127 * 127 * group must stay below 2^31 for the C++ kernel's int32 group sums.
 _MAX_W8A8_GROUP = 131072
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _check(x, weight, weight_scale, bias, mode):
@@ -70,27 +69,12 @@ def _reference(x, weight, weight_scale, bias, mode):
     return reference.int8_linear(x, weight, weight_scale, bias, mode)
 
 
-class _Workspace(threading.local):
-    """Per-thread scratch bytes of the CPU kernel, grown on demand and reused (as int4_linear's):
-    allocating them on every call costs about a microsecond, a fifth of a small decode call."""
-
-    buf = None
-
-    def get(self, nbytes):
-        if self.buf is None or self.buf.numel() < nbytes:
-            self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        return self.buf
-
-
-_WS = _Workspace()
-
-
 def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
-    """run(x) of the C++ kernel (csrc/cpu/int8_linear.cpp) with these weights bound once.
+    """run(x) of the C++ kernel (csrc/cpu/int8_linear.cpp) with these weights bound once (a `BoundRun`).
 
     Everything that depends only on the weights (contiguity, raw pointers, the fp32 bias, the group)
-    is done here; run(x) allocates the output, reuses the per-thread workspace and launches. The runner keeps
-    the tensors whose pointers it holds alive.
+    is done here and bound in C++ (`int8_linear_bind`); run(x) allocates the output, reuses the per-thread
+    workspace and launches. The runner keeps the tensors whose pointers it holds alive.
 
     pack (the preparer, i.e. Int8Linear's prepared call, decides): the weights are also repacked once
     into the kernel's packed decode layout for this mode (`_cpu_pack`, csrc/include/llmkern/cpu/
@@ -125,35 +109,12 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
             raise ValueError(f"llmkern.int8_linear: the GEMM layout takes mode 'w8a8' with a group of K or a multiple "
                              f"of 4, got mode {mode!r} and group {group}")
         gemm_packed = _cpu_pack_gemm(mod, weight, weight_scale, N, K, group)
-    pk = pk + (0 if gemm_packed is None else gemm_packed.data_ptr(),)
-    w_ptrs = (weight.data_ptr(), N, weight_scale.data_ptr(), group, 0 if bias32 is None else bias32.data_ptr())
-    kernel, ws_size, get_ws, codes = mod.int8_linear, mod.int8_linear_workspace_size, _WS.get, _DTYPE_CODE
-    get_threads, isa, empty = torch.get_num_threads, _backends.cpu_isa, torch.empty
-
-    def run(x):
-        x2 = _cpu_rows(x, K)  # [..., K] -> [M, K]
-        M = x2.shape[0]
-        out = empty(M, N, dtype=x.dtype)  # (sizes as arguments: ~0.3 us cheaper than a tuple)
-        ws_bytes = ws_size(M, K, N, mode)
-        kernel(x2.data_ptr(), codes[x.dtype], x2.stride(0), M, K, *w_ptrs,
-               out.data_ptr(), N, mode, get_ws(ws_bytes).data_ptr(), ws_bytes, get_threads(), isa(), *pk)
-        return out if x.dim() == 2 else out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
-
-    def call(x2, out, ws, threads):
-        """The launch run(x2) makes, into `out`, as a KernelCall (llmkern._C.StepProgram): x2 [M, K] with a
-        contiguous last dim, out [M, N] contiguous, ws uint8 of at least workspace_size(M, threads) bytes.
-        The caller keeps x2, out and ws alive while the call exists."""
-        M = x2.shape[0]
-        return mod.int8_linear_call(x2.data_ptr(), codes[x2.dtype], x2.stride(0), M, K, *w_ptrs, out.data_ptr(), N,
-                                    mode, ws.data_ptr(), ws.numel(), threads, isa(), *pk)
-
-    run.call = call
-    run.workspace_size = lambda M, threads: ws_size(M, K, N, mode)
-    run.keep = (weight, weight_scale, bias32, packed, gemm_packed)  # the tensors behind w_ptrs and pk
-    run.packed = packed  # the packed decode layout (uint8), or None
-    run.packed_e = pk[1]  # bytes per scale in it: 2 (fp16), 4 (fp32); 0 when not packed
-    run.gemm_packed = gemm_packed  # the W8A8 GEMM layout (uint8), or None
-    return run
+    bound = mod.int8_linear_bind(weight.data_ptr(), N, K, weight_scale.data_ptr(), group,
+                                 0 if bias32 is None else bias32.data_ptr(), mode, *pk,
+                                 0 if gemm_packed is None else gemm_packed.data_ptr())
+    # keep: the tensors behind the bound pointers
+    return BoundRun(bound, K, N, (weight, weight_scale, bias32, packed, gemm_packed), packed=packed, packed_e=pk[1],
+                    gemm_packed=gemm_packed)
 
 
 def _can_pack(K, group):
@@ -278,15 +239,6 @@ def _cuda(x, weight, weight_scale, bias, mode):
             CUDA_DECODE_MMA, CUDA_W8A8_MMA, stream,
         )
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
-
-
-def _cpu_rows(x, K):
-    """x [..., K] on the CPU -> x2 [M, K] with a unit stride along K: a view whenever x's rows are evenly
-    strided, else one copy (the CPU runners' activation; BackendUnsupported for other devices)."""
-    if not x.is_cpu:  # (is_cpu: no torch.device object built, ~0.2 us)
-        raise BackendUnsupported(f"x is on {x.device}")
-    x2 = x if x.dim() == 2 else x.reshape(-1, K)  # [..., K] -> [M, K]
-    return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
 def _cuda_rows(x2):

@@ -108,3 +108,142 @@ def test_prepared_linear_follows_backend_changes(monkeypatch):
     assert m._run is not None
     m.to(torch.float32)  # _apply (e.g. .to()/.cuda()) drops it too
     assert m._run is None
+
+
+def _prepared(kind):
+    """A prepared quantized linear (first call done), its op on its own tensors, and a spy counting the
+    calls that went through forward (nn.Module.__call__) instead of __call__'s shortcut."""
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(64, 21)
+    if kind == "int4":
+        m = lnn.Int4Linear.from_linear(lin, group_size=32)
+        op = lambda x, m=m: ops.int4_linear(x, m.qweight, m.scales, m.offsets, m.bias)  # noqa: E731
+    else:
+        m = lnn.Int8Linear.from_linear(lin)
+        op = lambda x, m=m: ops.int8_linear(x, m.weight, m.weight_scale, m.bias)  # noqa: E731
+    m(torch.randn(1, 64))
+    return m, op
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_module_call_shortcut_honours_hooks_overrides_modes_and_grad(kind, monkeypatch):
+    """__call__ skips nn.Module.__call__ -> forward only where nothing could tell: hooks (the module's or
+    global), a replaced forward (instance or subclass), Module.compile(), torch function modes and
+    tracked activations all take the full call, and their effects show in the result."""
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "0")  # prepared == op bit for bit
+    from torch.overrides import TorchFunctionMode
+
+    cls = lnn.Int4Linear if kind == "int4" else lnn.Int8Linear
+    slow = []
+    real_lean = cls._lean
+    monkeypatch.setattr(cls, "_lean", lambda self, x: slow.append(1) or real_lean(self, x))
+    m, op = _prepared(kind)
+    x = torch.randn(2, 64)
+    ref = op(x)
+    slow.clear()
+    assert torch.equal(m(x), ref) and slow == []  # the shortcut
+    assert ops.OPS[f"{kind}_linear"].last_backend == "cpu"
+
+    h = m.register_forward_hook(lambda mod, args, out: out + 1)
+    assert torch.equal(m(x), ref + 1) and slow == [1]
+    h.remove()
+    h = m.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+    assert torch.equal(m(x), op(2 * x))
+    h.remove()
+    h = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: out * 0)
+    assert torch.equal(m(x), torch.zeros_like(ref))
+    h.remove()
+    slow.clear()
+    assert torch.equal(m(x), ref) and slow == []  # hooks gone: the shortcut again
+
+    m.forward = lambda x: torch.full((x.shape[0], 21), 7.0)  # e.g. accelerate's hooks replace forward
+    assert torch.equal(m(x), torch.full((2, 21), 7.0))
+    del m.forward
+
+    class Doubled(cls):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    d = Doubled.from_quantized(*([m.qweight, m.scales, m.offsets] if kind == "int4" else [m.weight, m.weight_scale]),
+                               m.bias)
+    assert torch.equal(d(x), 2 * ref) and torch.equal(d(x), 2 * ref)  # prepared by the first call
+
+    class Log(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    slow.clear()
+    m(x)  # the first call since `del m.forward` takes forward and gives the shortcut back
+    assert torch.equal(m(x), ref) and slow == [1]
+    slow.clear()
+    with Log():
+        assert torch.equal(m(x), ref)
+    assert slow == [1]
+    xg = x.clone().requires_grad_(True)
+    with torch.no_grad():
+        m(xg)
+    assert slow == [1]  # untracked under no_grad: the shortcut
+    m(xg)
+    assert slow == [1, 1]
+    m.compile()  # Module.compile(): calls must go to the compiled call (not run here: compiling is slow)
+    assert m.__dict__["_fast"] is None
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_prepared_module_copies_and_pickles_prepare_their_own_run(kind, monkeypatch):
+    """copy.deepcopy / pickle of a prepared module: the copy does not share the prepared run (raw pointers
+    into the original's buffers); it prepares its own at its first call."""
+    import copy
+
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "0")  # prepared == op bit for bit
+
+    m, op = _prepared(kind)
+    x = torch.randn(3, 64)
+    ref = m(x)
+    for c in (copy.deepcopy(m), torch.load(_saved(m), weights_only=False)):
+        assert c.__dict__["_fast"] is None and c.__dict__["_run"] is None
+        with torch.no_grad():
+            (c.qweight if kind == "int4" else c.weight).zero_()  # in place: the copy's own buffers
+        out = c(x)
+        assert torch.equal(out, c.bias.expand(3, 21).to(out.dtype)) if kind == "int8" else True
+        assert not torch.equal(out, ref) and torch.equal(m(x), ref)
+        assert torch.equal(c(x), out)  # prepared now, same result
+
+
+def _saved(m):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_bound_linear_workspace_and_argument_errors():
+    """llmkern._C.BoundLinear: run() with too small a workspace computes nothing and returns the bytes it
+    needs; binding checks the weight arguments with errors naming them."""
+    from llmkern import _backends
+
+    mod = _backends.cpu_module()
+    torch.manual_seed(5)
+    m, op = _prepared("int8")
+    run = m.__dict__["_run"].impl
+    x = torch.randn(300, 64)
+    out = torch.full((300, 21), -1.0)
+    need = run.workspace_size(300, 2)
+    small = torch.empty(max(need // 2, 1), dtype=torch.uint8)
+    got = run.bound.run(x.data_ptr(), 0, 64, 300, out.data_ptr(), small.data_ptr(), small.numel(), 2, "")
+    assert got == need and need > 0 and bool((out == -1).all())
+    big = torch.empty(need, dtype=torch.uint8)
+    assert run.bound.run(x.data_ptr(), 0, 64, 300, out.data_ptr(), big.data_ptr(), need, 2, "") == 0
+    torch.testing.assert_close(out, op(x))
+    q = torch.zeros(8, 32, dtype=torch.uint8)
+    s = torch.ones(8, 1)
+    with pytest.raises(ValueError, match="group_size"):
+        mod.int4_linear_bind(q.data_ptr(), 8, 64, s.data_ptr(), s.data_ptr(), 48, 0)
+    with pytest.raises(ValueError, match="qweight_ptr"):
+        mod.int4_linear_bind(0, 8, 64, s.data_ptr(), s.data_ptr(), 64, 0)
+    with pytest.raises(ValueError, match="mode"):
+        mod.int8_linear_bind(q.data_ptr(), 8, 32, s.data_ptr(), 32, 0, "w4a4")
+    with pytest.raises(ValueError, match="w_ptr"):
+        mod.int4_linear_w4a8_bind(q.data_ptr() + 1, 8, 64, 32, 4, 0)

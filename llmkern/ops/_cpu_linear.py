@@ -68,7 +68,9 @@ class BoundRun:
         if self.lazy is not None:
             self.lazy(M, x.dtype)
         N = self.N
-        out = torch.empty(M, N, dtype=x.dtype)  # (sizes as arguments: ~0.3 us cheaper than a tuple)
+        # x's dtype and device whatever the default device (`with torch.device(...)`), and ~0.1 us cheaper
+        # than torch.empty(M, N, dtype=x.dtype); sizes as arguments: ~0.3 us cheaper than a tuple
+        out = x.new_empty(M, N)
         ws = WS.buf
         args = (x2.data_ptr(), DTYPE_CODE[x.dtype], x2.stride(0), M, out.data_ptr())
         threads, isa = torch.get_num_threads(), cpu_isa()

@@ -185,6 +185,8 @@ def test_module_call_shortcut_honours_hooks_overrides_modes_and_grad(kind, monke
     assert slow == [1]  # untracked under no_grad: the shortcut
     m(xg)
     assert slow == [1, 1]
+    with torch.device("meta"):  # a default-device context: the output still lands on the CPU
+        assert torch.equal(m(x), ref)
     m.compile()  # Module.compile(): calls must go to the compiled call (not run here: compiling is slow)
     assert m.__dict__["_fast"] is None
 

@@ -33,7 +33,8 @@ void check_strides(const char* name, const std::vector<int64_t>& s) {
 void launch(std::uintptr_t q_ptr, std::uintptr_t q_out_ptr, int q_dtype, const std::vector<int64_t>& q_strides,
             int64_t Hq, std::uintptr_t k_ptr, std::uintptr_t k_out_ptr, int k_dtype,
             const std::vector<int64_t>& k_strides, int64_t Hk, int64_t T, int64_t D, std::uintptr_t cos_sin_ptr,
-            int64_t R, std::uintptr_t positions_ptr, bool interleaved, int num_threads) {
+            int64_t R, std::uintptr_t positions_ptr, bool interleaved, int num_threads, const std::string& isa_name) {
+  const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
   check_dtype("q_dtype", q_dtype);
   check_dtype("k_dtype", k_dtype);
   check_strides("q", q_strides);
@@ -66,6 +67,7 @@ void launch(std::uintptr_t q_ptr, std::uintptr_t q_out_ptr, int q_dtype, const s
   a.positions = reinterpret_cast<const int64_t*>(positions_ptr);
   a.interleaved = interleaved;
   a.num_threads = num_threads;
+  a.isa = isa;
   py::gil_scoped_release release;
   cpu::rotary_embedding(a);
 }
@@ -76,10 +78,11 @@ void bind_rotary_embedding(py::module_& m) {
   m.def("rotary_embedding", &launch, py::arg("q_ptr"), py::arg("q_out_ptr"), py::arg("q_dtype"),
         py::arg("q_strides"), py::arg("Hq"), py::arg("k_ptr"), py::arg("k_out_ptr"), py::arg("k_dtype"),
         py::arg("k_strides"), py::arg("Hk"), py::arg("T"), py::arg("D"), py::arg("cos_sin_ptr"), py::arg("R"),
-        py::arg("positions_ptr"), py::arg("interleaved"), py::arg("num_threads"),
+        py::arg("positions_ptr"), py::arg("interleaved"), py::arg("num_threads"), py::arg("isa") = "",
         "Rotate q [T, Hq, D] and k [T, Hk, D] (element strides (token, head), D contiguous) at positions "
         "(int64 [T]) by cos_sin (float32 [max_pos, R]: cos | sin) into contiguous q_out/k_out of the same "
-        "dtypes; dims R..D-1 copied. Releases the GIL; invalid arguments raise ValueError.");
+        "dtypes; dims R..D-1 copied. isa: '' (the best here), 'avx512_vnni' (vector rows), 'avx2' or 'scalar' "
+        "(portable rows; the same bits). Releases the GIL; invalid arguments raise ValueError.");
 }
 
 }  // namespace bindings

@@ -83,7 +83,8 @@ def _cpu(q, k, positions, cos_sin_cache, interleaved):
     cs = cos_sin_cache.contiguous()
     mod.rotary_embedding(q3.data_ptr(), q_out.data_ptr(), _DTYPE_CODE[q.dtype], list(q3.stride()[:2]), Hq,
                          k3.data_ptr(), k_out.data_ptr(), _DTYPE_CODE[k.dtype], list(k3.stride()[:2]), k3.shape[1],
-                         T, D, cs.data_ptr(), R, pos.data_ptr(), bool(interleaved), torch.get_num_threads())
+                         T, D, cs.data_ptr(), R, pos.data_ptr(), bool(interleaved), torch.get_num_threads(),
+                         _backends.cpu_isa())
     return q_out, k_out
 
 

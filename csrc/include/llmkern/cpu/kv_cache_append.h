@@ -83,45 +83,6 @@ inline void store_row(const float* x, int64_t D, void* cache, int cache_type, in
 
 namespace kv512 {
 
-// n values of dtype dt at src + off -> fp32 dst (exact).
-LLMKERN_ROT512 inline void load_row(const void* src, int64_t off, DType dt, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
-    __m512 v;
-    if (dt == DType::kF32) {
-      v = _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + off + i);
-    } else {
-      const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + off + i);
-      v = dt == DType::kF16 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    _mm512_mask_storeu_ps(dst + i, m, v);
-  }
-}
-
-// fp32 src -> n values of dtype dt at dst + off, rounded half to even like store_from_f32 (NaN stays NaN).
-LLMKERN_ROT512 inline void store_row_f(const float* src, void* dst, int64_t off, DType dt, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(m, src + i);
-    if (dt == DType::kF32) {
-      _mm512_mask_storeu_ps(static_cast<float*>(dst) + off + i, m, v);
-      continue;
-    }
-    __m256i h;
-    if (dt == DType::kF16) {
-      h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {
-      const __m512i u = _mm512_castps_si512(v);
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)))), 16);
-      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
-                                _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-      h = _mm512_cvtepi32_epi16(r);
-    }
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + off + i, m, h);
-  }
-}
-
 // The int8 rule of store_row on one row of D <= 256 fp32 values, 16 lanes at a time, bit for bit:
 // the same max (exact in any order), the same IEEE scale and multiply, NaN -> 0, clamp, and the same
 // round-half-even by adding and subtracting 1.5 * 2^23.
@@ -223,9 +184,9 @@ inline void kv_cache_append(const AppendArgs& a) {
       for (int64_t h = 0; h < a.Hq; ++h) {
         const int64_t base = b * a.q_s0 + s * a.q_s1 + h * a.q_s2;
         if (v512) {
-          kv512::load_row(a.q, base, a.q_dtype, row, a.R);
+          rot512::load_row(a.q, base, a.q_dtype, row, a.R);
           rotate_row_avx512(row, cs, a.R, a.interleaved, a.q_dtype);
-          kv512::store_row_f(row, a.q, base, a.q_dtype, a.R);
+          rot512::store_row_f(row, a.q, base, a.q_dtype, a.R);
           continue;
         }
         for (int64_t d = 0; d < a.R; ++d) row[d] = load_as_f32(a.q, base + d, a.q_dtype);
@@ -247,10 +208,10 @@ inline void kv_cache_append(const AppendArgs& a) {
           continue;
         }
         if (v512) {
-          kv512::load_row(src, base, a.kv_dtype, row, D);
+          rot512::load_row(src, base, a.kv_dtype, row, D);
           if (rotate_k) rotate_row_avx512(row, cs, a.R, a.interleaved, a.kv_dtype);
           if (a.cache_type != 3) {  // cast into the float cache (exact when it is k's dtype: rotated values are)
-            kv512::store_row_f(row, cache, dst * D, static_cast<DType>(a.cache_type), D);
+            rot512::store_row_f(row, cache, dst * D, static_cast<DType>(a.cache_type), D);
           } else {
             kv512::store_row_int8(row, D, static_cast<int8_t*>(cache) + dst * D, scale + dst);
           }

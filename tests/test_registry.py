@@ -307,3 +307,81 @@ def test_op_object_takes_keyword_arguments():
     y, _ = OPS["rms_norm"](x, w, backend="reference")
     ref = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()).float()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def _linear_variants(op_name):
+    """(valid args, [variants]) of int8_linear / int4_linear without backend: each variant breaks one
+    thing _check looks at (or autograd / device / subclass), or is valid in another way."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g)
+    N = 5
+    if op_name == "int8_linear":
+        w = torch.randint(-127, 128, (N, 64), dtype=torch.int8, generator=g)
+        s = torch.rand(N, generator=g)
+        base = (x, w, s, torch.randn(N), "w8a16")
+        swaps = {1: [w.float(), w[:, :63], w[None]], 2: [s.double(), torch.rand(N + 1), torch.rand(N, 0),
+                                                          torch.rand(N, 3), torch.rand(N, 4), torch.rand(N, 2, 2)]}
+    else:
+        w = torch.randint(0, 256, (N, 32), dtype=torch.uint8, generator=g)
+        s = torch.rand(N, 2, generator=g)
+        base = (x, w, s, -s, torch.randn(N), "w4a16")
+        swaps = {1: [w.to(torch.int8), w[:, :31], w[None]], 2: [s.double(), torch.rand(N, 3), torch.rand(N, 1),
+                                                                torch.rand(N + 1, 2), torch.rand(N, 4)],
+                 3: [(-s).double(), torch.rand(N, 1), torch.rand(2)]}
+    bias_i, mode_i = len(base) - 2, len(base) - 1
+    swaps[0] = [x.double(), x[:, :63], x.to(torch.int32), x[0, 0], x.to("meta"), x.clone().requires_grad_(True),
+                x.as_subclass(type("Sub", (torch.Tensor,), {})), x.t().contiguous().t(), x[None], x.bfloat16()]
+    swaps[bias_i] = [None, torch.randn(N + 1), torch.randn(N).double(), torch.randn(1, N), torch.randn(N).half()]
+    swaps[mode_i] = ["w8a8" if op_name == "int8_linear" else "w4a8g", "w3a3"]
+    out = []
+    for i, alts in swaps.items():
+        for a in alts:
+            out.append(base[:i] + (a,) + base[i + 1:])
+    if op_name == "int4_linear":  # scales and offsets agreeing on a group size that is not allowed / allowed
+        for groups in (4, 1):
+            t = torch.rand(N, groups)
+            out.append(base[:2] + (t, t.clone()) + base[4:])
+    return base, out
+
+
+@pytest.mark.parametrize("op_name", ["int8_linear", "int4_linear"])
+def test_linear_fast_check_never_vouches_for_what_check_rejects(op_name, monkeypatch):
+    """The quantized linears' fast_check: True for plain valid CPU arguments (the call then skips the
+    generic scan and `check`), and never True where `check` itself (run without the shortcut) raises."""
+    import importlib
+
+    mod = importlib.import_module(f"llmkern.ops.{op_name}")
+    fast = OPS[op_name].fast_check
+    assert fast is mod._cpu_fast_ok
+    base, variants = _linear_variants(op_name)
+    assert fast(*base)
+    monkeypatch.setattr(mod, "_cpu_fast_ok", lambda *a: False)  # _check's own code from here on
+    vouched = 0
+    for args in [base] + variants:
+        if fast(*args):
+            vouched += 1
+            mod._check(*args)  # must not raise
+        else:
+            try:
+                mod._check(*args)
+            except (TypeError, ValueError):
+                pass
+    assert vouched >= 4  # the base, bf16 x, a strided x, another mode, no bias ...
+
+
+@pytest.mark.parametrize("op_name", ["int8_linear", "int4_linear"])
+def test_linear_fast_check_skips_check_and_dispatcher(op_name, monkeypatch):
+    op = OPS[op_name]
+    real_check, real_overload = op.check, getattr(torch.ops.llmkern, op_name).default
+    checks, dispatched = [], []
+    monkeypatch.setattr(op, "check", lambda *a: checks.append(1) or real_check(*a))
+    monkeypatch.setattr(op, "overload", lambda *a: dispatched.append(1) or real_overload(*a))
+    base, _ = _linear_variants(op_name)
+    fn = getattr(llmkern.ops, op_name)
+    out = fn(*base)
+    assert checks == [] and dispatched == [] and out.shape == (3, 5)
+    with pytest.raises(ValueError, match="bias"):
+        fn(*base[:-2], torch.randn(6), base[-1])
+    assert checks == [1] and dispatched == []
+    fn(base[0].clone().requires_grad_(True), *base[1:])
+    assert dispatched == [1]

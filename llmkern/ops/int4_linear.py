@@ -34,7 +34,7 @@ import torch
 from .. import _backends
 from .. import reference
 from . import _checks as C
-from ._registry import BackendUnsupported, defop
+from ._registry import _PLAIN, BackendUnsupported, defop, needs_grad
 from ._cpu_linear import DTYPE_CODE as _DTYPE_CODE, BoundRun
 from .int8_linear import _cuda_device, _cuda_rows, _num_sms
 
@@ -43,8 +43,33 @@ MODES = ("w4a16", "w4a8", "w4a8g")
 _W4A8 = ("w4a8", "w4a8g")
 
 
+_FLOATS = frozenset(C.FLOAT_DTYPES)
+
+
+def _cpu_fast_ok(x, qweight, scales, offsets, bias, mode) -> bool:
+    """Everything _check verifies, in one pass, for plain CPU tensors that autograd does not track (the
+    weights may be nn.Parameters): ~1 us instead of ~4.5 (the op's `fast_check`, see defop). False:
+    _check's own code runs, with its messages."""
+    P = _PLAIN
+    if not (type(x) in P and type(qweight) in P and type(scales) in P and type(offsets) in P and x.is_cpu
+            and qweight.is_cpu and scales.is_cpu and offsets.is_cpu):
+        return False
+    if not (x.dtype in _FLOATS and qweight.dtype == torch.uint8 and scales.dtype == torch.float32
+            and offsets.dtype == torch.float32 and qweight.dim() == 2 and scales.dim() == 2 and x.dim() >= 1):
+        return False
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    ss = scales.shape
+    if x.shape[-1] != K or ss[0] != N or offsets.shape != ss or ss[1] == 0 or K % ss[1] or K // ss[1] not in GROUP_SIZES:
+        return False
+    if bias is not None and not (type(bias) in P and bias.is_cpu and bias.dtype in _FLOATS and bias.shape == (N,)):
+        return False
+    return mode in MODES and not needs_grad(x, qweight, scales, offsets, bias)
+
+
 def _check(x, qweight, scales, offsets, bias, mode):
     op = "int4_linear"
+    if _cpu_fast_ok(x, qweight, scales, offsets, bias, mode):
+        return
     C.tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError(f"llmkern.{op}: x must have rank >= 1 ([..., K]), got shape {tuple(x.shape)}")
@@ -77,6 +102,7 @@ int4_linear_op = defop(
     "str? backend=None) -> Tensor",
     check=_check,
     fake=_fake,
+    fast_check=_cpu_fast_ok,
 )
 
 

@@ -103,6 +103,28 @@ def test_fp16_exactness_rule():
     assert fits([])
 
 
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_fp16_exactness_rule_in_vectors(flush_denormal):
+    """The same rule 8 values at a time (F16C where the CPU has it): each special value at every position of
+    a 21-value vector (two vector steps and a tail) of fp16 values, also with denormals flushed (DAZ/FTZ,
+    under which a float compare would call an fp32 denormal equal to its fp16 zero)."""
+    ok = [0.0, -0.0, 2.0 ** -24, float("inf"), -65504.0]
+    bad = [1.0 + 2.0 ** -11, 2.0 ** -25, 65520.0, 1e-8, float("nan"), 1e-40, -1e-45]  # 1e-40, -1e-45: fp32 denormals
+    base = torch.randn(21, generator=torch.Generator().manual_seed(3)).half().float()
+    cases = []
+    for i in range(21):
+        for v in ok + bad:
+            t = base.clone()
+            t[i] = v  # (written before flushing is on: torch's copy would flush a denormal itself)
+            cases.append((t, i, v))
+    assert torch.set_flush_denormal(flush_denormal) or not flush_denormal  # False: the CPU cannot flush
+    try:
+        for t, i, v in cases:
+            assert C.int4_linear_fits_f16(t.data_ptr(), 21) == (v in ok), (i, v)
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_pack_layout_matches_its_description():
     """Byte layout of int4_linear_common.h: 8-row blocks, 256-byte spans of q then the span's
     scales, then the block's offsets."""

@@ -1,13 +1,22 @@
-// Portable (no ISA extension) conversions between fp32 and bf16 / fp16 bit patterns.
+// Portable (no ISA extension) conversions between fp32 and bf16 / fp16 bit patterns (and fits_f16,
+// which takes F16C where the CPU has it).
 //
 // float -> bf16/fp16 round to nearest even (what torch's .to() does), keep NaN a NaN and give inf
 // on overflow; bf16/fp16 -> float is exact. The vector kernels use these for their scalar edges, so
 // every ISA stores bit-identical outputs from identical fp32 values.
 #pragma once
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "llmkern/cpu/features.h"
 
 namespace llmkern {
 namespace cpu {
@@ -83,10 +92,28 @@ inline void store_from_f32(void* p, int64_t i, DType dt, float v) {
 
 inline int64_t dtype_size(DType dt) { return dt == DType::kF32 ? 4 : 2; }
 
+// fits_f16 for v[0, n) with F16C, 8 values per step: the hardware round trip (nearest even, whatever
+// MXCSR says; exact back) compared bit for bit (an xor, not a float compare, which DAZ would fool on
+// denormals), NaNs refused explicitly (a NaN may survive the round trip bit for bit).
+__attribute__((target("avx,f16c"))) inline bool fits_f16_f16c(const float* v, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    const __m256 r = _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i diff = _mm256_castps_si256(_mm256_xor_ps(r, x));
+    if (!_mm256_testz_si256(diff, diff) || _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q))) return false;
+  }
+  for (; i < n; ++i)
+    if (std::isnan(v[i]) || f32_bits(f16_to_f32(f32_to_f16(v[i]))) != f32_bits(v[i])) return false;
+  return true;
+}
+
 // Whether every value is exactly an fp16 value (bit for bit after the round trip: -0, subnormals
 // and infinities included; NaN never, so a NaN keeps its fp32 payload). The packed weight layouts
-// store such scales as fp16, losslessly.
+// store such scales as fp16, losslessly. (Run on every layer's scales and offsets when a model's
+// linears are prepared: F16C where the CPU has it, ~10x the portable loop.)
 inline bool fits_f16(const float* v, int64_t n) {
+  if (features().f16c) return fits_f16_f16c(v, n);
   for (int64_t i = 0; i < n; ++i)
     if (std::isnan(v[i]) || f32_bits(f16_to_f32(f32_to_f16(v[i]))) != f32_bits(v[i])) return false;
   return true;

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "llmkern/cpu/features.h"
 #include "llmkern/cpu/int4_linear_common.h"
 #include "llmkern/cpu/store_avx512.h"
 
@@ -67,6 +68,44 @@ inline uint32_t compress_nibbles(uint32_t u) {
 // Canonical weights (qweight [N, K/2], low nibble = even k; scales / offsets fp32 [N, K/G]) -> the
 // rows16 layout with E-byte scales (E = 2 only when every scale and offset is an fp16 value).
 // Threads over blocks of 16 rows (done once per prepared module, on its first call of several rows).
+// compress_nibbles on 16 lanes.
+LLMKERN_R16_F32_ATTR inline __m512i compress_nibbles16(__m512i u) {
+  u = _mm512_and_si512(_mm512_or_si512(u, _mm512_srli_epi32(u, 4)), _mm512_set1_epi32(0x00FF00FF));
+  return _mm512_and_si512(_mm512_or_si512(u, _mm512_srli_epi32(u, 8)), _mm512_set1_epi32(0xFFFF));
+}
+
+// One whole block of 16 rows (row 0 at qw, its scales / offsets at s / o, rows ng apart) into dst with
+// AVX-512: per chunk, the 16 rows' 4 bytes gathered into the lanes and their nibbles compressed as
+// compress_nibbles does, one 64-byte store; scales and offsets gathered, fp16 by vcvtps2ph (nearest
+// even, as f32_to_f16; E = 2 only for exact fp16 values anyway). The same bytes as pack's scalar rows,
+// ~5x faster (preparing SmolLM2's linears: 31 -> 14 ms of the first prefill with the F16C fits_f16).
+// Byte offsets r * rb must fit int32: the caller keeps K <= 2^27.
+LLMKERN_R16_F32_ATTR inline void pack_block_avx512(const uint8_t* qw, const float* s, const float* o, int64_t ng,
+                                                   int64_t rb, int64_t G, int64_t E, uint8_t* dst) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i idx_q = _mm512_mullo_epi32(iota, _mm512_set1_epi32(static_cast<int>(rb)));
+  const __m512i idx_s = _mm512_mullo_epi32(iota, _mm512_set1_epi32(static_cast<int>(ng)));
+  const __m512i m0f = _mm512_set1_epi32(0x0F0F0F0F);
+  const int64_t gb = group_bytes(G, E);
+  for (int64_t g = 0; g < ng; ++g) {
+    uint8_t* gp = dst + g * gb;
+    for (int64_t c = 0; c < G / 8; ++c) {
+      const __m512i u = _mm512_i32gather_epi32(idx_q, qw + (g * G + 8 * c) / 2, 1);
+      const __m512i lo = compress_nibbles16(_mm512_and_si512(u, m0f));
+      const __m512i hi = compress_nibbles16(_mm512_and_si512(_mm512_srli_epi32(u, 4), m0f));
+      _mm512_storeu_si512(gp + c * 64, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+    const __m512 sv = _mm512_i32gather_ps(idx_s, s + g, 4), ov = _mm512_i32gather_ps(idx_s, o + g, 4);
+    if (E == 2) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(gp + 8 * G), _mm512_cvtps_ph(sv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(gp + 8 * G + 32), _mm512_cvtps_ph(ov, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      _mm512_storeu_ps(gp + 8 * G, sv);
+      _mm512_storeu_ps(gp + 8 * G + 64, ov);
+    }
+  }
+}
+
 inline void pack(const uint8_t* qw, const float* scales, const float* offsets, int64_t N, int64_t K, int64_t G,
                  int64_t E, uint8_t* out) {
   const int64_t ng = K / G, rb = K / 2, nblocks = (N + 15) / 16, bb = block_bytes(K, G, E), gb = group_bytes(G, E);
@@ -78,8 +117,13 @@ inline void pack(const uint8_t* qw, const float* scales, const float* offsets, i
       std::memcpy(dst, &v, 4);
     }
   };
+  const bool vec = features().avx512f && features().avx512bw && K <= (int64_t(1) << 27);
 #pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    if (vec && 16 * b + 16 <= N) {  // whole blocks; the tail block (rows past N are zero) below
+      pack_block_avx512(qw + 16 * b * rb, scales + 16 * b * ng, offsets + 16 * b * ng, ng, rb, G, E, out + b * bb);
+      continue;
+    }
     for (int r = 0; r < 16; ++r) {
       const int64_t n = 16 * b + r;
       for (int64_t g = 0; g < ng; ++g) {
@@ -95,6 +139,7 @@ inline void pack(const uint8_t* qw, const float* scales, const float* offsets, i
         put(gp + 8 * G + (16 + r) * E, n < N ? offsets[n * ng + g] : 0.0f);
       }
     }
+  }
 }
 
 struct Ctx {

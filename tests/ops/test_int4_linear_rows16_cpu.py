@@ -140,3 +140,36 @@ def test_launcher_reads_rows16_exactly_where_documented():
     with pytest.raises(ValueError, match="rows16_e"):
         C.int4_linear(x.data_ptr(), 2, K, 4, K, qa.data_ptr(), N, sa.data_ptr(), oa.data_ptr(), G, 0, out.data_ptr(),
                       N, ws.data_ptr(), need, 2, "", rows16_ptr=r16.data_ptr(), rows16_e=3)
+
+
+@pytest.mark.parametrize("f16", [True, False], ids=["fp16-scales", "fp32-scales"])
+@pytest.mark.parametrize("N,K,G", [(37, 128, 32), (32, 192, 64), (5, 256, 128)])
+def test_rows16_pack_bytes_follow_the_documented_layout(N, K, G, f16):
+    """The packer's bytes (whole 16-row blocks take the AVX-512 path, a tail block the scalar rows) against the
+    layout of int4_linear_rows16.h built here element by element: per block and group, G/8 chunks of 16
+    lanes (bits 4t.. = q[k0 + 2t], bits 16 + 4t.. = q[k0 + 2t + 1]), then 16 scales and 16 offsets."""
+    gen = torch.Generator().manual_seed(N + K)
+    qw, s, o = weights(N, K, G, f16, gen)
+    E = 2 if f16 else 4
+    n = C.int4_linear_rows16_packed_size(N, K, G, E)
+    got = torch.empty(n, dtype=torch.uint8)
+    C.int4_linear_rows16_pack(qw.data_ptr(), s.data_ptr(), o.data_ptr(), N, K, G, E, got.data_ptr(), n)
+    q = torch.stack([qw & 15, qw >> 4], dim=2).reshape(N, K).to(torch.int64)  # q[n, k]: low nibble = even k
+    sdt = torch.float16 if f16 else torch.float32
+    parts = []
+    for b in range(0, N, 16):
+        rows = torch.zeros(16, K, dtype=torch.int64)
+        sc, of = torch.zeros(16, K // G), torch.zeros(16, K // G)
+        m = min(16, N - b)
+        rows[:m], sc[:m], of[:m] = q[b:b + m], s[b:b + m], o[b:b + m]
+        for g in range(K // G):
+            for c in range(G // 8):
+                k0 = g * G + 8 * c
+                w = torch.zeros(16, dtype=torch.int64)
+                for t in range(4):
+                    w |= rows[:, k0 + 2 * t] << (4 * t)
+                    w |= rows[:, k0 + 2 * t + 1] << (16 + 4 * t)
+                parts.append(w.to(torch.int32).view(torch.uint8))
+            parts.append(sc[:, g].contiguous().to(sdt).view(torch.uint8))
+            parts.append(of[:, g].contiguous().to(sdt).view(torch.uint8))
+    assert torch.equal(got, torch.cat(parts))

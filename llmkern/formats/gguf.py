@@ -25,11 +25,13 @@ import math
 import numpy as np
 import torch
 
+from .gguf_file import TYPES
+
 BLOCK = 32  # elements per block, all three types
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
-# GGML type ids (gguf.GGMLQuantizationType values), so that dispatch needs no gguf import.
-_GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+# GGML type id -> name (gguf.GGMLQuantizationType), so that dispatch needs no gguf import.
+_GGML_TYPES = {i: t[0] for i, t in TYPES.items()}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
 
@@ -186,7 +188,8 @@ def gguf_type_name(tensor_type) -> str:
 
 
 def load_gguf_tensor(tensor) -> dict:
-    """One tensor of a `gguf.GGUFReader` -> a dict of torch tensors in llmkern's canonical layouts.
+    """One tensor of a GGUF file (`gguf_file.GGUFFile`'s, or a `gguf.GGUFReader`'s) -> a dict of torch tensors
+    in llmkern's canonical layouts.
 
     Returns, with "type" the GGUF type name and shapes in torch order (GGUF's ne reversed):
     - F32 / F16 / BF16: {"format": "float", "type", "weight": tensor of that dtype};

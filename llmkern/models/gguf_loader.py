@@ -1,4 +1,4 @@
-"""Load a Llama-family GGUF file (memory-mapped with `gguf.GGUFReader`) into `Llama` + `Tokenizer`.
+"""Load a Llama-family GGUF file (memory-mapped, llmkern/formats/gguf_file.py) into `Llama` + `Tokenizer`.
 
 Tensor mapping (GGUF name -> module), shapes in torch order:
     token_embd           -> embed_tokens (dequantized to float)     [V, H]
@@ -65,108 +65,26 @@ def default_model_path() -> Path:
 
 
 def open_gguf(path):
-    """gguf.GGUFReader over `path` (memory-mapped), with clear errors for missing/foreign/truncated files."""
-    import gguf
+    """The parsed file (llmkern.formats.gguf_file.GGUFFile: metadata, tensor table, tensor data as views of a
+    read-only memory map), with clear errors for missing, foreign, truncated or corrupt files."""
+    from ..formats.gguf_file import GGUFFile, GGUFFormatError
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     if not path.is_file():
         raise GGUFError(f"{path}: not a regular file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # gguf raises bare ValueErrors/IndexErrors from numpy on short files
-        raise GGUFError(f"{path}: {_diagnose(path, size)} ({type(e).__name__} from gguf: {e})") from e
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise GGUFError(f"{path}: truncated: tensor {t.name!r} ends at byte {end}, the file has {size}")
-    return reader
-
-
-def _diagnose(path: Path, size: int) -> str:
-    """Why GGUFReader failed, for the error message: walk the header (metadata, tensor table) to find
-    where the file is cut, or which tensor's data runs past its end."""
-    import struct
-
-    import gguf
-
-    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-
-    def take(n):
-        nonlocal pos
-        if pos + n > len(data):
-            raise EOFError
-        pos += n
-        return data[pos - n:pos]
-
-    def u32():
-        return struct.unpack("<I", take(4))[0]
-
-    def u64():
-        return struct.unpack("<Q", take(8))[0]
-
-    def skip_value(vtype):
-        if vtype == 8:
-            take(u64())
-        elif vtype == 9:
-            itype, count = u32(), u64()
-            if itype in scalar:
-                take(scalar[itype] * count)
-            else:
-                for _ in range(count):
-                    skip_value(itype)
-        elif vtype in scalar:
-            take(scalar[vtype])
-        else:
-            raise ValueError(f"unknown metadata value type {vtype}")
-
-    try:
-        take(4)
-        version, n_tensors, n_kv = u32(), u64(), u64()
-        alignment = 32
-        for _ in range(n_kv):
-            key = take(u64()).decode("utf-8", "replace")
-            vtype = u32()
-            if key == "general.alignment" and vtype == 4:
-                alignment = u32()
-            else:
-                skip_value(vtype)
-        infos = []
-        for _ in range(n_tensors):
-            name = take(u64()).decode("utf-8", "replace")
-            dims = [u64() for _ in range(u32())]
-            ttype, offset = u32(), u64()
-            infos.append((name, dims, ttype, offset))
-    except EOFError:
-        return f"truncated: the file ({size} bytes) ends inside its header (metadata / tensor table)"
-    except (ValueError, UnicodeError, struct.error, OverflowError, MemoryError) as e:
-        return f"corrupt header near byte {pos}: {e}"
-    start = -(-pos // alignment) * alignment
-    for name, dims, ttype, offset in infos:
-        try:
-            block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-        except (ValueError, KeyError):
-            return f"tensor {name!r} has an unknown type id {ttype}"
-        n = 1
-        for d in dims:
-            n *= d
-        end = start + offset + n // block * nbytes
-        if end > size:
-            return f"truncated: tensor {name!r} ends at byte {end}, the file has {size} bytes"
-    return f"cannot parse the GGUF file ({size} bytes, version {version}): corrupt?"
+        return GGUFFile(path)
+    except GGUFFormatError as e:
+        raise GGUFError(f"{path}: {e}") from e
 
 
 def read_metadata(reader) -> dict:
-    """{key: python value} of every metadata field (arrays as lists); the GGUF.* header fields skipped."""
+    """{key: python value} of every metadata field (arrays as lists); the GGUF.* header fields skipped.
+    reader: open_gguf's file, or a gguf.GGUFReader."""
+    if hasattr(reader, "metadata"):
+        return {k: v for k, v in reader.metadata.items() if not k.startswith("GGUF.")}
     meta = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):

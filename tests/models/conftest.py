@@ -22,6 +22,6 @@ def smollm(smollm_path):
 
 @pytest.fixture(scope="session")
 def smollm_reader(smollm_path):
-    """gguf.GGUFReader of the real file (parsing its metadata takes seconds: done once)."""
+    """The real file as open_gguf parses it (llmkern.formats.gguf_file.GGUFFile)."""
     from llmkern.models.gguf_loader import open_gguf
     return open_gguf(smollm_path)

@@ -108,10 +108,14 @@ def _f16_field(blocks: np.ndarray, start: int, what: str, type_name: str, name: 
 def _unpack_q4_blocks(blocks: np.ndarray, start: int) -> np.ndarray:
     """Q4_x nibbles of blocks [R, nb, bytes] -> canonical packed uint8 [R, nb * 16] (low nibble = even k)."""
     qs = blocks[..., start:start + 16]  # [R, nb, 16]
-    # GGUF order inside a block: elements 0..15 are the low nibbles, 16..31 the high nibbles.
-    q = np.concatenate((qs & 0x0F, qs >> 4), axis=-1)  # [R, nb, 32], element order
-    q = q.reshape(q.shape[0], -1)  # [R, K]
-    return q[:, 0::2] | (q[:, 1::2] << 4)  # [R, K // 2]: byte j = q[2j] | q[2j + 1] << 4
+    # GGUF order inside a block: elements 0..15 are the low nibbles, 16..31 the high nibbles, so the
+    # block's canonical byte j < 8 pairs the low nibbles of qs[2j], qs[2j + 1] and byte 8 + j their high
+    # nibbles: computed on the even / odd bytes directly (half-size arrays, no element-order copy).
+    even, odd = qs[..., 0::2], qs[..., 1::2]  # [R, nb, 8] each
+    out = np.empty(qs.shape, dtype=np.uint8)  # [R, nb, 16]
+    np.bitwise_or(even & 0x0F, (odd & 0x0F) << 4, out=out[..., :8])
+    np.bitwise_or(even >> 4, odd & 0xF0, out=out[..., 8:])
+    return out.reshape(out.shape[0], -1)  # [R, K // 2]: byte j = q[2j] | q[2j + 1] << 4
 
 
 def _to_torch(a: np.ndarray, shape) -> torch.Tensor:

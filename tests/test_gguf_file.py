@@ -79,7 +79,9 @@ def test_written_file_matches_gguf_reader(written):
 
 
 def test_smollm2_file_matches_gguf_reader():
-    _same(GGUFFile(SMOLLM2), gguf.GGUFReader(SMOLLM2))
+    ours = GGUFFile(SMOLLM2)
+    _same(ours, gguf.GGUFReader(SMOLLM2))
+    assert len(ours.tensors) == 272 and len(ours.metadata["tokenizer.ggml.tokens"]) == 49152
 
 
 def test_every_truncation_is_a_clear_error(written):

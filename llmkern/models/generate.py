@@ -12,6 +12,7 @@ one device->host copy of the new token ids (needed for EOS and streaming), strea
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -223,8 +224,11 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
 
 
 def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: the best of `repeats` reads of a float32 buffer of `nbytes` (CPU), by
-    torch's sum and by llmkern's streaming probe `_C.read_sum` (as benchmarks/_machine.py does)."""
+    """Read bandwidth in GB/s of a float32 buffer of `nbytes` (CPU), defined as benchmarks/_machine.py
+    defines it, so that the summary's fraction means what the benchmark reports' "% BW" means: the
+    median of `repeats` reads by torch's sum and by llmkern's streaming probe `_C.read_sum`, the faster
+    of the two. (The best single read, used before, swung from 45 to 97 GB/s between runs on the shared
+    2-core VM.)"""
     x = torch.ones(nbytes // 4, dtype=torch.float32)
     x.sum()  # first touch
     C = _backends.cpu_module()
@@ -232,10 +236,12 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     if C is not None and hasattr(C, "read_sum"):
         n, threads = x.numel(), torch.get_num_threads()
         reads.append(lambda: C.read_sum(x.data_ptr(), n, threads))
-    best = float("inf")
-    for _ in range(repeats):
-        for read in reads:
+    medians = []
+    for read in reads:
+        times = []
+        for _ in range(repeats):
             t = time.perf_counter()
             read()
-            best = min(best, time.perf_counter() - t)
-    return nbytes / best / 1e9
+            times.append(time.perf_counter() - t)
+        medians.append(statistics.median(times))
+    return nbytes / min(medians) / 1e9

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_SET = frozenset(FLOAT_DTYPES)  # for the ops' fast_checks: one hash lookup per dtype
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 _VALUE_CHECKS = [True]

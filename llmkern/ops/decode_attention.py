@@ -45,7 +45,7 @@ def _values_ok_cpu(seq_lens, block_table, k_cache, B, Sq, capacity) -> bool:
                                           block_table.stride(0), k_cache.shape[1], k_cache.shape[0])
 
 
-_FLOATS = frozenset(C.FLOAT_DTYPES)
+_FLOATS = C.FLOAT_SET
 
 
 def _cpu_fast_ok(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap, window_left) -> bool:

@@ -43,7 +43,7 @@ MODES = ("w4a16", "w4a8", "w4a8g")
 _W4A8 = ("w4a8", "w4a8g")
 
 
-_FLOATS = frozenset(C.FLOAT_DTYPES)
+_FLOATS = C.FLOAT_SET
 
 
 def _cpu_fast_ok(x, qweight, scales, offsets, bias, mode) -> bool:

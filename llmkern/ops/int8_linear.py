@@ -25,7 +25,7 @@ MODES = ("w8a16", "w8a8")
 _MAX_W8A8_GROUP = 131072
 
 
-_FLOATS = frozenset(C.FLOAT_DTYPES)
+_FLOATS = C.FLOAT_SET
 
 
 def _cpu_fast_ok(x, weight, weight_scale, bias, mode) -> bool:

@@ -22,7 +22,7 @@ from ._registry import BackendUnsupported, defop, needs_grad
 from .rotary_embedding import check_rotary
 
 
-_FLOATS = frozenset(C.FLOAT_DTYPES)
+_FLOATS = C.FLOAT_SET
 _CACHE_DTYPES = frozenset(C.FLOAT_DTYPES + (torch.int8,))
 
 

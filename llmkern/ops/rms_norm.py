@@ -14,7 +14,7 @@ from . import _checks as C
 from ._registry import _PLAIN, BackendUnsupported, defop, needs_grad
 
 
-_FLOATS = frozenset(C.FLOAT_DTYPES)
+_FLOATS = C.FLOAT_SET
 
 
 def _cpu_fast_ok(x, weight, eps, residual) -> bool:

@@ -1,6 +1,7 @@
 """Profile one SmolLM2-135M decode step: what runs, how often, and where the time goes.
 
     python benchmarks/profile_decode.py [--threads 2] [--steps 50] [--ctx 64] [--quant keep|int8] [--batch B]
+                                       [--dtype float32|bfloat16]
 
 Prints (1) the median step time, (2) torch.profiler's table of aten/llmkern calls per step (every
 torch op and allocation the step makes), (3) cProfile's top Python functions per step, split into
@@ -30,12 +31,14 @@ def main() -> None:
     ap.add_argument("--quant", default="keep")
     ap.add_argument("--act-int8", action="store_true", help="int8 activations (W4A8g / W8A8), as `generate --act-int8`")
     ap.add_argument("--batch", type=int, default=1, help="sequences per step (> 1: paged caches, as generate)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the model's activation dtype (as `generate --dtype`)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
     from llmkern.models import default_model_path, load_gguf
 
-    model, tok = load_gguf(default_model_path(), quant=a.quant)
+    model, tok = load_gguf(default_model_path(), quant=a.quant, dtype=getattr(torch, a.dtype))
     if a.act_int8:
         from llmkern.nn import set_linear_modes
         set_linear_modes(model, int4="w4a8g", int8="w8a8")

@@ -71,6 +71,31 @@ def test_silu_mul_special_values():
         assert torch.allclose(out[finite].double(), want[finite], rtol=1e-6, atol=1e-35)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_mul_16bit_special_values_identical_on_every_isa(dtype):
+    # 19 gate values (a full vector of 16 and a tail, and 2 x 8 + 3 for AVX2) against u = 2 and u = -3:
+    # zeros, infinities, NaN, overflow of the product, values whose silu is subnormal, fp16 subnormals
+    tiny = 2.0 ** -24 if dtype == torch.float16 else 1e-39
+    g = torch.tensor([[0.0, -0.0, tiny, -tiny, 1.0, -1.0, 3.5, -3.5, 60000.0, -60000.0, float("inf"), float("-inf"),
+                       float("nan"), 88.5, -88.5, -20.0, 0.3, 7.0, -100.0]]).to(dtype)
+    for u in (2.0, -3.0):
+        gu = torch.cat([g, torch.full_like(g, u)], dim=1)
+        outs = []
+        for name in ISAS:
+            out = torch.full_like(g, 7.0)
+            silu_mul(gu, out, name)
+            outs.append(out)
+        want = (F.silu(g.float()).to(dtype).float() * u).to(dtype)  # silu rounded to the dtype, then the product
+        # (silu(-inf): torch says NaN (-inf / inf), the kernel -inf (exp's clamp); only the ISAs are compared there)
+        cmp = g[0] != float("-inf")
+        o, w = outs[0][0, cmp], want[0, cmp]
+        finite = torch.isfinite(w)
+        assert torch.allclose(o[finite].float(), w[finite].float(), rtol=1e-2, atol=1e-30)  # (exp clamp: x < -88)
+        assert torch.equal(torch.isnan(o), torch.isnan(w)) and torch.equal(o[torch.isinf(w)], w[torch.isinf(w)])
+        for o in outs[1:]:  # bit for bit, NaN included
+            assert torch.equal(o.view(torch.int16), outs[0].view(torch.int16)), (dtype, u)
+
+
 def test_silu_mul_call_checks_its_arguments():
     gu, out = torch.randn(2, 8), torch.empty(2, 4)
     with pytest.raises(ValueError, match="gu_stride"):

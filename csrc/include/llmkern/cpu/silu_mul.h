@@ -7,7 +7,9 @@
 // multiply-adds in the same order), so the AVX-512, AVX2 and scalar paths store bit-identical
 // results. Its error against float64 is a few fp32 ulps (torch's own Sleef exp differs from it in the
 // last bit or two, so results are close to, not bit-equal with, the module path's F.silu(g) * u).
-// Single-threaded: a decode step's rows are a few thousand values.
+// Every dtype has a vector path (16-bit values are widened to fp32, rounded back with the same
+// nearest-even rule as convert.h's scalar converters). Single-threaded: a decode step's rows are a
+// few thousand values.
 #pragma once
 
 #include <immintrin.h>
@@ -17,6 +19,7 @@
 
 #include "llmkern/cpu/convert.h"
 #include "llmkern/cpu/features.h"
+#include "llmkern/cpu/store_avx512.h"
 
 namespace llmkern {
 namespace cpu {
@@ -93,15 +96,39 @@ LLMKERN_SILU512 inline __m512 exp16(__m512 y) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-// fp32 rows only (16-bit rows take the scalar element path: a decode step's activation is a few
-// thousand values, and the 16-bit rounding there is exactly the scalar helpers').
+LLMKERN_SILU512 inline __m512 silu16(__m512 x) {
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// 16 bf16 / fp16 values -> fp32 (exact).
+LLMKERN_SILU512 inline __m512 widen_h16(__m256i h, DType dt) {
+  if (dt == DType::kBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+}
+
+// fp32 -> bf16 / fp16 bits, rounded as f32_to_bf16 / f32_to_f16 (nearest even; NaN stays NaN).
+LLMKERN_SILU512 inline __m256i round_h16(__m512 v, DType dt) {
+  return dt == DType::kBF16 ? store512::to_bf16(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// 16 values of a 16-bit row as fp32, lanes outside m read as 0.
+LLMKERN_SILU512 inline __m512 load_h16(const uint16_t* p, __mmask16 m, DType dt) {
+  return widen_h16(_mm256_maskz_loadu_epi16(m, p), dt);
+}
+
+// A 16-bit row: silu(g) rounded to the dtype, times u, rounded again (as `element`), 16 at a time.
+LLMKERN_SILU512 inline void row512_h16(const uint16_t* g, const uint16_t* u, uint16_t* o, int64_t I, DType dt) {
+  for (int64_t i = 0; i < I; i += 16) {
+    const __mmask16 m = store512::tail16(I - i);
+    const __m512 s = widen_h16(round_h16(silu16(load_h16(g + i, m, dt)), dt), dt);
+    _mm256_mask_storeu_epi16(o + i, m, round_h16(_mm512_mul_ps(s, load_h16(u + i, m, dt)), dt));
+  }
+}
+
 LLMKERN_SILU512 inline void row512(const float* g, const float* u, float* o, int64_t I) {
-  const __m512 one = _mm512_set1_ps(1.0f);
   int64_t i = 0;
   for (; i + 16 <= I; i += 16) {
-    const __m512 x = _mm512_loadu_ps(g + i);
-    const __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-    _mm512_storeu_ps(o + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+    _mm512_storeu_ps(o + i, _mm512_mul_ps(silu16(_mm512_loadu_ps(g + i)), _mm512_loadu_ps(u + i)));
   }
   for (; i < I; ++i) o[i] = silu_scalar(g[i]) * u[i];
 }
@@ -117,13 +144,43 @@ LLMKERN_SILU2 inline __m256 exp8(__m256 y) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-LLMKERN_SILU2 inline void row256(const float* g, const float* u, float* o, int64_t I) {
-  const __m256 one = _mm256_set1_ps(1.0f);
+LLMKERN_SILU2 inline __m256 silu8(__m256 x) {
+  return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+LLMKERN_SILU2 inline __m256 widen_h8(__m128i h, DType dt) {
+  if (dt == DType::kBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+// fp32 -> bf16 / fp16 bits as f32_to_bf16 / f32_to_f16 (see store512::to_bf16 for the bf16 rule).
+LLMKERN_SILU2 inline __m128i round_h8(__m256 v, DType dt) {
+  if (dt == DType::kF16) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+  r = _mm256_srli_epi32(r, 16);  // 0 .. 0xffff: packus (signed 32 -> unsigned 16) keeps it exactly
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// A 16-bit row, 8 at a time (as `element`; the tail goes through `element`'s scalar helpers).
+LLMKERN_SILU2 inline int64_t row256_h16(const uint16_t* g, const uint16_t* u, uint16_t* o, int64_t I, DType dt) {
   int64_t i = 0;
   for (; i + 8 <= I; i += 8) {
-    const __m256 x = _mm256_loadu_ps(g + i);
-    const __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-    _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+    const __m128i gh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i));
+    const __m128i uh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + i));
+    const __m256 s = widen_h8(round_h8(silu8(widen_h8(gh, dt)), dt), dt);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), round_h8(_mm256_mul_ps(s, widen_h8(uh, dt)), dt));
+  }
+  return i;  // elements done
+}
+
+LLMKERN_SILU2 inline void row256(const float* g, const float* u, float* o, int64_t I) {
+  int64_t i = 0;
+  for (; i + 8 <= I; i += 8) {
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(u + i)));
   }
   for (; i < I; ++i) o[i] = silu_scalar(g[i]) * u[i];
 }
@@ -142,8 +199,15 @@ inline void silu_mul(const SiluMulArgs& a) {
     } else if (a.dtype == DType::kF32 && a.isa == Isa::kAvx2) {
       silu_detail::row256(reinterpret_cast<const float*>(g), reinterpret_cast<const float*>(u),
                           reinterpret_cast<float*>(o), a.I);
+    } else if (a.isa == Isa::kAvx512Vnni) {
+      silu_detail::row512_h16(reinterpret_cast<const uint16_t*>(g), reinterpret_cast<const uint16_t*>(u),
+                              reinterpret_cast<uint16_t*>(o), a.I, a.dtype);
     } else {
-      for (int64_t i = 0; i < a.I; ++i) silu_detail::element(a, g, u, o, i);
+      int64_t i = 0;
+      if (a.isa == Isa::kAvx2)
+        i = silu_detail::row256_h16(reinterpret_cast<const uint16_t*>(g), reinterpret_cast<const uint16_t*>(u),
+                                    reinterpret_cast<uint16_t*>(o), a.I, a.dtype);
+      for (; i < a.I; ++i) silu_detail::element(a, g, u, o, i);
     }
   }
 }

@@ -47,6 +47,21 @@ from ..ops.rms_norm import _cpu_call as rms_norm_call
 from ..ops.rms_norm import rms_norm_op
 from .decode_plan_paged import PagedSteps
 
+
+def head_logits(head, x: torch.Tensor, upcast: bool) -> torch.Tensor:
+    """The final norm's output x [..., H] (model dtype) -> logits [..., V] in float32, whatever that dtype.
+
+    head: the lm_head module, a plan's prepared run of it, or an nn.Linear head's weight tensor. 16-bit
+    logits tie: near 20, bf16 values are 0.125 apart, and greedy decoding then takes the lower token id
+    (SmolLM2 in bf16 answered "L'Étoile, ..." instead of "The capital of France is Paris."). upcast (a
+    quantized head on the CPU, which streams its weights as fast for fp32 x): x is upcast and the logits
+    computed in fp32. Otherwise a 16-bit output is upcast (its rounding stays, as in torch's bf16 matmul).
+    """
+    if upcast and x.dtype != torch.float32:
+        x = x.float()
+    out = F.linear(x, head) if isinstance(head, torch.Tensor) else head(x)
+    return out if out.dtype == torch.float32 else out.float()
+
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -314,7 +329,7 @@ class DecodePlan:
                 L.cache._advance_one(counters=False)  # the program advanced seq_lens and the slot table itself
         x = buf["xn"]
         t0 = time.perf_counter()
-        logits = F.linear(x, self.head) if isinstance(self.head, torch.Tensor) else self.head(x)
+        logits = head_logits(self.head, x, not isinstance(self.head, torch.Tensor))  # (else a quantized run)
         if timings is not None:
             timings.append(("lm_head", time.perf_counter() - t0))
         return logits
@@ -356,6 +371,4 @@ class DecodePlan:
             g, u = L.gate_up(x).chunk(2, dim=-1)                        # [B, 2I] -> two [B, I] views
             h = L.down(F.silu(g) * u)
         x, _ = rms(h, self.final_norm, self.final_eps, residual)
-        if isinstance(self.head, torch.Tensor):
-            return F.linear(x, self.head)
-        return self.head(x)
+        return head_logits(self.head, x, not isinstance(self.head, torch.Tensor))

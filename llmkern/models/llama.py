@@ -21,7 +21,7 @@ from torch import nn
 from .. import nn as lnn
 from ..nn.paged_kv_cache import default_block_size
 from .config import ModelConfig
-from .decode_plan import DecodePlan
+from .decode_plan import DecodePlan, head_logits
 
 
 class MLP(nn.Module):
@@ -84,7 +84,7 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """The decoder. forward(tokens [B, S], cache=None, ...) -> logits [B, S, V] (or [B, V] with last_only).
+    """The decoder. forward(tokens [B, S], cache=None, ...) -> float32 logits [B, S, V] (or [B, V] with last_only).
 
     cache: None (plain causal self-attention over `tokens`, positions 0..S-1), or what `new_cache`
     returns: a list of one KVCache / PagedKVCache per layer; positions then continue each sequence's
@@ -148,7 +148,9 @@ class Llama(nn.Module):
                 idx = (torch.as_tensor(lengths, device=h.device).long() - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])
                 h, residual = h.gather(1, idx)[:, 0], residual.gather(1, idx)[:, 0]  # [B, H]
         h, _ = self.norm(h, residual)
-        return self.lm_head(h)
+        head = self.lm_head
+        # float32 logits (see head_logits), from fp32 x where the head is quantized and on the CPU
+        return head_logits(head, h, h.is_cpu and isinstance(head, (lnn.Int8Linear, lnn.Int4Linear)))
 
     # ------------------------------------------------------------------ caches
 

@@ -131,6 +131,53 @@ def test_program_equals_python_step(quant, B, int8_kv, monkeypatch):
     assert torch.equal(got.argmax(-1), module.argmax(-1))
 
 
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8-w8a8"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_bf16_model_program_equals_python_step_and_fp32_model_within_rounding(quant, B, monkeypatch):
+    """A bf16 model (activations, norms and KV cache in bf16; the same quantized weights as in fp32): float32
+    logits; the step program equals the Python step bit for bit; the module path (torch's silu) and the fp32
+    model agree within bf16 rounding."""
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "0")  # bitwise, as test_plan_equals_module_path
+    m32 = tiny(quant=quant)
+    m = tiny(quant=quant, dtype=torch.bfloat16)
+    m.load_state_dict(m32.state_dict())  # same quantized weights, float parameters rounded to bf16
+    prompt = torch.randint(0, 101, (B, 7))
+    with torch.inference_mode():
+        got, cache = decode(m, prompt, 12, B)
+        assert m.__dict__["_decode_plan"].program is not None and cache[0].k.dtype == torch.bfloat16
+        module, _ = decode(m, prompt, 12, B, use_plan=False, monkeypatch=monkeypatch)
+        with monkeypatch.context() as mp:
+            python_step_with_kernel_silu(mp)
+            m.__dict__.pop("_decode_plan", None)
+            want, _ = decode(m, prompt, 12, B)
+        # the fp32 model on the same tokens (teacher forcing: greedy paths may part where logits nearly tie)
+        tokens = torch.cat([prompt, got[:-1].argmax(-1).T], dim=1)        # [B, 7 + 12]
+        fp32 = m32(tokens)[:, 6:].transpose(0, 1)                          # [B, 19, V] -> [13, B, V]
+    assert got.dtype == want.dtype == module.dtype == torch.float32
+    assert torch.equal(got, want)
+    assert torch.equal(got.argmax(-1), module.argmax(-1)) and rel(got, module) < 1e-2
+    assert rel(got, fp32) < (4e-2 if quant == "int8-w8a8" else 2e-2)  # (W8A8: x quantized from other values)
+
+
+def test_bf16_model_logits_are_float32_and_a_quantized_head_reads_fp32(monkeypatch):
+    """16-bit logits tie (bf16 near 20: 0.125 apart) and greedy decoding then picks the lower token id, so
+    the model returns float32 logits; a quantized CPU head computes them from the upcast hidden state."""
+    for quant in ("int8-w8a16", "none"):
+        m = tiny(quant=quant, dtype=torch.bfloat16)
+        seen = []
+        m.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+        prompt = torch.randint(0, 101, (2, 5))
+        with torch.inference_mode():
+            logits = m(prompt, m.new_cache(2, 16), last_only=True)
+            full = m(prompt)
+        assert logits.dtype == full.dtype == torch.float32 and full.shape == (2, 5, 101)
+        assert seen == ([torch.float32] * 2 if quant != "none" else [torch.bfloat16] * 2), (quant, seen)
+
+
 def test_plan_with_float_linears_and_tied_head(monkeypatch):
     m = tiny(quant="int4", tie=True, skip=("lm_head",))
     assert type(m.lm_head) is torch.nn.Linear and m.lm_head.weight is m.embed_tokens.weight

@@ -21,13 +21,13 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def tiny(seed=0, backend="reference", **kw) -> Llama:
-    """A 2-layer random model (GQA 4:2, head dim 32) with weights of a realistic scale."""
+def tiny(seed=0, backend="reference", dtype=torch.float32, **kw) -> Llama:
+    """A 2-layer random model (GQA 4:2, head dim 32) with weights of a realistic scale, in `dtype`."""
     args = dict(vocab_size=101, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=160,
                 rms_eps=1e-5, rope_base=10000.0, max_positions=96, tie_embeddings=False)
     args.update(kw)
     torch.manual_seed(seed)
-    m = Llama(ModelConfig(**args), backend=backend).eval()
+    m = Llama(ModelConfig(**args), backend=backend, dtype=dtype).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "norm" in name:

@@ -2,8 +2,10 @@
 
 Groups (one model, the same machine, one run):
 - "generate: SmolLM2-135M decode step @ctx 64": one token through the whole model with a KV cache
-  holding 64 tokens. Entries: llmkern with the file's Q4_1 weights (Int4Linear), the same with int8
-  activations (`--act-int8`: W4A8g layers, W8A8 lm_head), llmkern re-quantized to int8 (W8A16),
+  holding 64 tokens. Entries: llmkern with the file's Q4_1 weights (Int4Linear) and fp32 activations,
+  the same with bf16 activations (`--dtype bfloat16`, what `generate` picks on a CPU with AVX512-BF16),
+  the same (fp32) with int8 activations (`--act-int8`: W4A8g layers, W8A8 lm_head), llmkern
+  re-quantized to int8 (W8A16),
   transformers eager fp32 (loaded from the same GGUF, dequantized), and that
   transformers model after `llmkern.patch(quant="int8")` (every linear, lm_head included).
 - "generate: SmolLM2-135M decode step, 4 sequences @ctx 64": one token for each of 4 sequences (llmkern:
@@ -39,10 +41,12 @@ def smollm():
     except Exception as e:  # noqa: BLE001 - the package is optional for benchmarks
         pytest.skip(f"default model not installed: {e}")
     q4, tok = load_gguf(path, progress=False)
+    q4_bf16, _ = load_gguf(path, progress=False, dtype=torch.bfloat16)
     i8, _ = load_gguf(path, quant="int8", progress=False)
     a8, _ = load_gguf(path, progress=False)
     set_linear_modes(a8, int4="w4a8g", int8="w8a8")  # what `llmkern generate --act-int8` runs
-    return {"path": path, "tok": tok, "llmkern.q4_1": q4, "llmkern.q4_1.act_int8": a8, "llmkern.int8": i8}
+    return {"path": path, "tok": tok, "llmkern.q4_1": q4, "llmkern.q4_1.bf16": q4_bf16, "llmkern.q4_1.act_int8": a8,
+            "llmkern.int8": i8}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +123,8 @@ def _runner(name, model, phase, ids):
     return setup, run
 
 
-ENTRIES = ("llmkern.q4_1", "llmkern.q4_1.act_int8", "llmkern.int8", "hf.eager_fp32", "hf.patched_int8")
+ENTRIES = ("llmkern.q4_1", "llmkern.q4_1.bf16", "llmkern.q4_1.act_int8", "llmkern.int8", "hf.eager_fp32",
+           "hf.patched_int8")
 
 
 @pytest.mark.parametrize("phase", ["decode", "decode_batch", "prefill"])
@@ -144,11 +149,12 @@ def test_generate(benchmark, limits, request, smollm, phase, name):
         benchmark.pedantic(run, setup=setup, rounds=ROUNDS[phase], iterations=1, warmup_rounds=1)
     tokens = {"decode": 1, "decode_batch": BATCH, "prefill": PREFILL}[phase]
     info = dict(op="generate", impl=name, kind="llmkern" if name.startswith("llmkern") else "peer",
-                case=benchmark.group, model="SmolLM2-135M", dtype="fp32", threads=torch.get_num_threads())
+                case=benchmark.group, model="SmolLM2-135M", dtype="bf16" if name.endswith(".bf16") else "fp32",
+                threads=torch.get_num_threads())
     if benchmark.stats:
         median = benchmark.stats.stats.median
         info.update(median_s=median, tokens_per_s=tokens / median)
         if name.startswith("llmkern") and phase != "prefill":  # weights read once per step
             wbytes = float(model.weight_bytes_per_token())
-            info.update(bytes=wbytes, flops=0.0, **_machine.fractions(limits, wbytes, 0.0, median, "fp32"))
+            info.update(bytes=wbytes, flops=0.0, **_machine.fractions(limits, wbytes, 0.0, median, info["dtype"]))
     benchmark.extra_info.update(info)

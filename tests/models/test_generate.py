@@ -177,6 +177,37 @@ def test_cli_tiny_model(tmp_path, capsys):
     assert rc == 0 and "[0] a" in out and "[1] b" in out and "loading" not in err
 
 
+def test_cli_dtype(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import llmkern.models.cli_generate as cg
+    from llmkern import _backends
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    for name in ("float32", "bfloat16"):
+        rc = cli_main(["generate", "the", "--model", str(path), "--max-new-tokens", "3", "--no-chat", "--quiet",
+                       "--no-bandwidth", "--dtype", name])
+        out, err = capsys.readouterr()
+        assert rc == 0 and out.endswith("\n") and f"({name} activations)" in err, err
+    # auto: bf16 only for the cpu backend with AVX-512 kernels and bf16 dot products
+    monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    monkeypatch.delenv("LLMKERN_CPU_ISA", raising=False)
+    has = {"v": True}
+    monkeypatch.setattr(_backends, "cpu_has", lambda f: has["v"] if f == "avx512_bf16" else True)
+    monkeypatch.setattr(_backends, "cpu_isa", lambda: "avx512_vnni")
+    assert cg.pick_dtype("auto", None) is torch.bfloat16 and cg.pick_dtype("auto", "cpu") is torch.bfloat16
+    assert cg.pick_dtype("auto", "reference") is torch.float32 and cg.pick_dtype("float32", None) is torch.float32
+    monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    assert cg.pick_dtype("auto", None) is torch.float32
+    monkeypatch.delenv("LLMKERN_BACKEND")
+    has["v"] = False
+    assert cg.pick_dtype("auto", None) is torch.float32
+    has["v"] = True
+    monkeypatch.setattr(_backends, "cpu_isa", lambda: "avx2")
+    assert cg.pick_dtype("auto", None) is torch.float32
+
+
 def test_cli_errors(tmp_path, capsys):
     assert cli_main(["generate", "hi", "--model", str(tmp_path / "none.gguf")]) == 1
     assert "error: GGUF file not found" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from ._fast import FLOATS, plain_activation
 _Tensor = torch.Tensor
 
 INT8_MODES = ("w8a16", "w8a8")
+_W4A8_MODES = ("w4a8", "w4a8g")
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
@@ -320,9 +321,18 @@ class Int4Linear(_QuantizedBase):
                                                                               self.qweight.device):
                 return int4_linear_op.run_trusted(x, self.qweight, self.scales, self.offsets, self.bias, self.mode,
                                                   self.backend)
-            out = ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, self.mode,
-                                  backend=self.backend)
-            self._trust(int4_linear_op, self.qweight, self.scales, self.offsets, self.bias, self.mode)
+            args = (self.qweight, self.scales, self.offsets, self.bias, self.mode)
+            if (self.mode in _W4A8_MODES and type(x) is _Tensor and x.is_cpu and self.qweight.is_cpu
+                    and _eager_state()):
+                # The op packs the W4A8 layout for each call it computes; the prepared call packs it once.
+                # So check as the op would, prepare, and let the prepared call compute this first output.
+                int4_linear_op.check(x, *args)
+                self._trust(int4_linear_op, *args)
+                run = self._lean(x)
+                if run is not None:
+                    return run(x)
+            out = ops.int4_linear(x, *args, backend=self.backend)
+            self._trust(int4_linear_op, *args)
             return out
         return ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, self.mode, backend=self.backend)
 

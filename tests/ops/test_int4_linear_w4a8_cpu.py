@@ -207,6 +207,63 @@ def test_int4linear_w4a8_module():
         llmkern.nn.quantize_linears(torch.nn.Linear(64, 8), "int4", mode="w8a8")
 
 
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("f16", [False, True])
+def test_w4a8_pack_writes_the_documented_layout(G, f16):
+    """int4_linear_w4a8_pack, byte for byte, against the layout of int4_linear_w4a8_common.h built element by
+    element: 16-row blocks (the last zero-padded), per group G/8 chunks of 64 bytes (row r's 4 bytes at 4r:
+    byte b = q[k0 + 8c + b] | q[k0 + 8c + 4 + b] << 4), then the 16 scales and the 16 offsets."""
+    N, K = 37, 256  # 3 blocks, the last with 5 rows
+    qw, s, o = weights(N, K, G, f16, torch.Generator().manual_seed(G + f16))
+    E = 2 if f16 else 4
+    nbytes = C.int4_linear_w4a8_packed_size(N, K, G, E)
+    buf = torch.full((nbytes + 64,), 0xAB, dtype=torch.uint8)  # poisoned: every byte must be written
+    off = -buf.data_ptr() % 64
+    C.int4_linear_w4a8_pack(qw.data_ptr(), s.data_ptr(), o.data_ptr(), N, K, G, E, buf.data_ptr() + off, nbytes)
+    got = buf[off:off + nbytes]
+    p = qw.to(torch.int64)
+    q = torch.stack([p % 16, p // 16], -1).reshape(N, K)  # [N, K] nibbles, low nibble = even k
+    ng, gb = K // G, 8 * G + 32 * E
+    want = torch.zeros(nbytes, dtype=torch.uint8)
+    sv = (s.half().view(torch.uint8) if f16 else s.view(torch.uint8)).reshape(N, ng, E)  # [N, K/G, E] bytes
+    ov = (o.half().view(torch.uint8) if f16 else o.view(torch.uint8)).reshape(N, ng, E)
+    for n in range(N):
+        blk, r = divmod(n, 16)
+        for g in range(ng):
+            base = blk * ng * gb + g * gb
+            for c in range(G // 8):
+                for b in range(4):
+                    k = g * G + 8 * c + b
+                    want[base + 64 * c + 4 * r + b] = int(q[n, k]) | int(q[n, k + 4]) << 4
+            want[base + 8 * G + r * E: base + 8 * G + (r + 1) * E] = sv[n, g]
+            want[base + 8 * G + (16 + r) * E: base + 8 * G + (17 + r) * E] = ov[n, g]
+    assert torch.equal(got, want)
+    assert (buf[off + nbytes:] == 0xAB).all()  # nothing written past the layout
+
+
+@pytest.mark.parametrize("mode", ["w4a8", "w4a8g"])
+def test_w4a8_module_first_call_packs_once(mode, monkeypatch):
+    """A W4A8 module's first call checks as the op does, then computes through its prepared call: the weights
+    are packed once (the op packs on every call it computes), and every call gives the op's bits."""
+    calls = []
+    real = C.int4_linear_w4a8_pack
+    monkeypatch.setattr(C, "int4_linear_w4a8_pack", lambda *a: calls.append(a[3]) or real(*a))
+    torch.manual_seed(0)
+    m = Int4Linear.from_linear(torch.nn.Linear(64, 24), mode=mode)
+    x = torch.randn(3, 64)
+    first, second = m(x), m(x)
+    assert calls == [24] and torch.equal(first, second)
+    assert torch.equal(first, ops.int4_linear(x, m.qweight, m.scales, m.offsets, m.bias, mode))
+    bad = Int4Linear.from_linear(torch.nn.Linear(64, 24), mode=mode)
+    for x_bad in (torch.randn(3, 63), torch.randint(0, 3, (3, 64))):
+        with pytest.raises((ValueError, TypeError)) as got:
+            bad(x_bad)
+        with pytest.raises(type(got.value)) as want:
+            ops.int4_linear(x_bad, bad.qweight, bad.scales, bad.offsets, None, mode)
+        assert str(got.value) == str(want.value)  # the op's own error
+    assert not bad._trusted
+
+
 def test_w4a8_launcher_rejects_bad_arguments():
     gen = torch.Generator().manual_seed(1)
     qw, s, o = weights(16, 64, 32, False, gen)

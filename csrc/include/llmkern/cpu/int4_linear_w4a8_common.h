@@ -76,26 +76,41 @@ inline void w4a8_put_scalar(uint8_t* p, int64_t E, float v) {
   }
 }
 
+// The 4 layout bytes of one row and chunk from the 4 canonical bytes w of k = k8 .. k8 + 7 (k8 a multiple
+// of 8; byte i of w holds q[k8 + 2i] low, q[k8 + 2i + 1] high): layout byte b = q[k8 + b] | q[k8 + 4 + b] << 4.
+// With a = the low nibbles of w's bytes (q[k8], q[k8+2], q[k8+4], q[k8+6]) and h = the high ones
+// (q[k8+1], q[k8+3], ...), a | a >> 12 puts a0 | a2 << 4 (b = 0) and a1 | a3 << 4 (b = 2) in its two low
+// bytes, h | h >> 12 the same for b = 1 and b = 3.
+inline uint32_t w4a8_chunk_word(uint32_t w) {
+  const uint32_t a = w & 0x0F0F0F0Fu, h = (w >> 4) & 0x0F0F0F0Fu;
+  const uint32_t lo = (a | (a >> 12)) & 0xFFFFu, hi = (h | (h >> 12)) & 0xFFFFu;
+  return (lo & 0xFFu) | (hi & 0xFFu) << 8 | (lo >> 8) << 16 | (hi >> 8) << 24;
+}
+
 // Canonical qweight [N, K/2] (low nibble = even k), scales / offsets fp32 [N, K/G] -> the layout.
+// Blocks are independent (each writes its own bytes): OpenMP over them. A word per (row, chunk) rather
+// than a nibble at a time: SmolLM2's 210 layers take ~10 ms instead of ~70 (each W4A8 module packs once).
 inline void int4_w4a8_pack(const uint8_t* qweight, const float* scales, const float* offsets, int64_t N, int64_t K,
                            int64_t G, int64_t E, uint8_t* out) {
-  const int64_t ng = K / G, gb = w4a8_group_bytes(G, E);
-  std::memset(out, 0, static_cast<size_t>(w4a8_packed_bytes(N, K, G, E)));
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t blk = n / kW4A8Rows, r = n % kW4A8Rows;
-    const uint8_t* qrow = qweight + n * (K / 2);
-    for (int64_t g = 0; g < ng; ++g) {
-      uint8_t* gp = out + blk * w4a8_block_bytes(K, G, E) + g * gb;
-      for (int64_t c = 0; c < G / 8; ++c) {
-        for (int b = 0; b < 4; ++b) {
-          const int64_t k_lo = g * G + 8 * c + b, k_hi = k_lo + 4;
-          const int q_lo = (qrow[k_lo / 2] >> (4 * (k_lo & 1))) & 15;
-          const int q_hi = (qrow[k_hi / 2] >> (4 * (k_hi & 1))) & 15;
-          gp[c * 64 + 4 * r + b] = static_cast<uint8_t>(q_lo | (q_hi << 4));
+  const int64_t ng = K / G, gb = w4a8_group_bytes(G, E), bb = w4a8_block_bytes(K, G, E), nblk = w4a8_blocks(N);
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    uint8_t* bp = out + blk * bb;
+    std::memset(bp, 0, static_cast<size_t>(bb));  // rows past N stay zero
+    for (int64_t r = 0; r < kW4A8Rows && blk * kW4A8Rows + r < N; ++r) {
+      const int64_t n = blk * kW4A8Rows + r;
+      const uint8_t* qrow = qweight + n * (K / 2);
+      for (int64_t g = 0; g < ng; ++g) {
+        uint8_t* gp = bp + g * gb;
+        for (int64_t c = 0; c < G / 8; ++c) {
+          uint32_t w;
+          std::memcpy(&w, qrow + (g * G + 8 * c) / 2, 4);
+          const uint32_t o = w4a8_chunk_word(w);
+          std::memcpy(gp + c * 64 + 4 * r, &o, 4);
         }
+        w4a8_put_scalar(gp + 8 * G + r * E, E, scales[n * ng + g]);
+        w4a8_put_scalar(gp + 8 * G + (kW4A8Rows + r) * E, E, offsets[n * ng + g]);
       }
-      w4a8_put_scalar(gp + 8 * G + r * E, E, scales[n * ng + g]);
-      w4a8_put_scalar(gp + 8 * G + (kW4A8Rows + r) * E, E, offsets[n * ng + g]);
     }
   }
 }

@@ -235,7 +235,10 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
     quant None/"none": keep the float linears; "int8"/"int4": quantize every nn.Linear except `skip`
     (names or last name components), the lm_head included: it is the largest matrix a decode step reads
     (SmolLM2-135M: 49152 x 576, a third of the model), and llama.cpp-style files store it quantized too.
-    A tied lm_head gets its own quantized copy; the embedding keeps its float weights. mode: int8
+    A tied lm_head gets its own quantized copy; the embedding keeps its float weights. A quantized lm_head
+    of a bf16/fp16 model on the CPU computes float32 logits from the upcast hidden state (a forward
+    pre-hook; same speed, as the head streams its weights): 16-bit logits tie often enough to change
+    greedy answers (see llmkern.models.decode_plan.head_logits). mode: int8
     "w8a16" (default) / "w8a8", int4 "w4a16" (default) / "w4a8" / "w4a8g" (see llmkern.ops).
     norms: RMSNorm modules -> llmkern.nn.RMSNorm (sharing the weight). attention: attention through
     llmkern.ops.attention (prefill) and llmkern.ops.decode_attention (decode steps, reading the cache in
@@ -289,8 +292,21 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
         routed = route(hf_model, backend, impl)
     if cache and hasattr(hf_model, "generate"):
         _route_cache(hf_model)
-    hf_model._llmkern_undo = (undo, old_impl, routed)
+    hooks = []
+    head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
+    if isinstance(head, (lnn.Int8Linear, lnn.Int4Linear)):
+        hooks.append(head.register_forward_pre_hook(_fp32_head_input))
+    hf_model._llmkern_undo = (undo, old_impl, routed, hooks)
     return hf_model
+
+
+def _fp32_head_input(module, args):
+    """Forward pre-hook of a patched model's quantized lm_head: a 16-bit CPU hidden state is upcast, so the
+    head computes float32 logits (16-bit logits tie; see `patch`)."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.is_cpu and x.dtype in (torch.bfloat16, torch.float16):
+        return (x.float(),) + tuple(args[1:])
+    return None
 
 
 def _route_cache(hf_model) -> None:
@@ -323,9 +339,11 @@ def unpatch(hf_model):
     state = getattr(hf_model, "_llmkern_undo", None)
     if state is None:
         raise ValueError("unpatch: this model was not patched by llmkern")
-    undo, old_impl, routed = state
+    undo, old_impl, routed, hooks = state
     from .hf_attention import unroute
 
+    for h in hooks:
+        h.remove()
     unroute(routed)
     for parent, attr, mod in reversed(undo):
         setattr(parent, attr, mod)

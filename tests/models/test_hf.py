@@ -116,6 +116,33 @@ def test_patch_unpatch(hf_tiny, monkeypatch):
         unpatch(hf_tiny)
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_patched_bf16_model_gets_float32_logits_from_its_quantized_head(hf_tiny, quant):
+    """16-bit logits tie often enough to change greedy answers: a patched bf16 model's quantized lm_head
+    computes float32 logits from the upcast hidden state (a pre-hook that unpatch removes)."""
+    import copy
+
+    m = copy.deepcopy(hf_tiny).to(torch.bfloat16)
+    tokens = torch.randint(0, 103, (2, 7))
+    patch(m, quant=quant)
+    head = m.lm_head
+    try:
+        seen = []
+        handle = head.register_forward_pre_hook(lambda mod, a: seen.append(a[0]))  # runs after patch's hook
+        with torch.inference_mode():
+            logits = m(tokens).logits
+            handle.remove()
+            assert m.model(tokens).last_hidden_state.dtype == torch.bfloat16  # what the head is given
+            want = head(seen[0].to(torch.bfloat16).float())  # upcast exactly: seen[0] holds bf16 values
+        assert logits.dtype == seen[0].dtype == torch.float32 and len(seen) == 1
+        assert rel(logits, want) <= 1e-5  # (fp32 rounding: the head's first call and its prepared one may sum apart)
+    finally:
+        unpatch(m)
+    assert not head._forward_pre_hooks and type(m.lm_head) is torch.nn.Linear
+    with torch.inference_mode():
+        assert m(tokens).logits.dtype == torch.bfloat16  # unpatched: transformers' own bf16 head
+
+
 def test_tokenizer_from_hf_dir(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers

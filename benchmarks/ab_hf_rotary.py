@@ -41,7 +41,7 @@ def main():
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                               dtype=torch.float32).eval()
     patch(model, quant=args.quant)
-    undo, impl, routed = model._llmkern_undo
+    undo, impl, routed, hooks = model._llmkern_undo
     text = "The quick brown fox jumps over the lazy dog. " * (args.ctx // 4 + 8)
     ids = torch.tensor([tok.encode(text)[:args.ctx + args.steps]])  # [1, ctx + steps]
     C = args.ctx
@@ -53,7 +53,7 @@ def main():
             routed = []
         elif name == "after" and not routed:
             routed = route(model, None, impl)
-        model._llmkern_undo = (undo, impl, routed)
+        model._llmkern_undo = (undo, impl, routed, hooks)
 
     def one(name):
         set_variant(name)

@@ -211,7 +211,7 @@ def test_quantized_routed_matches_unrouted(quant):
             want = _steps(model, tokens, new_cache(), n_decode=4)
             assert "forward" not in model.model.layers[0].self_attn.__dict__
         finally:
-            model._llmkern_undo = model._llmkern_undo[:2] + ([],)
+            model._llmkern_undo = model._llmkern_undo[:2] + ([],) + model._llmkern_undo[3:]  # (routed emptied)
             unpatch(model)
     _close(got, want)
 

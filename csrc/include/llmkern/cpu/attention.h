@@ -12,9 +12,10 @@
 //   P = exp(S - m_new), masked entries 0 (masks only evaluated on tiles that cut through a row range)
 //   acc += P V   MR rows x (NV * W) output columns per micro-tile, over an fp32 copy of the value tile.
 // Then out = acc / l (0 when l = 0) and lse = m + log l (-inf when l = 0).
-// K and V are first copied once per call to fp32 in those tile layouts (attn_pack_kv; bf16 keys stay
-// bf16 pairs for the vdpbf16ps path on AVX-512 BF16 CPUs): 2 * B * Hk * Sk * D floats of scratch, in
-// exchange for no conversion or transposition in the inner loops of every query tile.
+// K and V are first copied once per call to fp32 in those tile layouts (attn_pack_kv; bf16 keys and
+// values stay bf16 pairs for the vdpbf16ps path on AVX-512 BF16 CPUs, where P is rounded to bf16 for
+// P V): 2 * B * Hk * Sk * D floats of scratch, in exchange for no conversion or transposition in the
+// inner loops of every query tile.
 // Units are scheduled dynamically, the longest (last query tiles: most causal keys) first.
 #pragma once
 
@@ -115,7 +116,8 @@ inline int64_t attn_key_tiles(int64_t Sk) { return (Sk + kAttnBN - 1) / kAttnBN;
 // K and V of one (sequence, head) in fp32, in the layouts the micro-kernels read (once per call, so
 // each query tile reuses them): kt [tiles][D][BN] (a key tile transposed, so a vector holds W keys of
 // one d), vt [tiles * BN][Dp]. Zero past Sk and past D: padded keys and columns add exact zeros.
-// pairs (bf16 inputs, vdpbf16ps kernel): kt holds [tiles][D/2][BN] 32-bit bf16 pairs (d even low) instead.
+// pairs (bf16 inputs, vdpbf16ps kernel): kt holds [tiles][D/2][BN] 32-bit bf16 pairs (d even low) instead,
+// and vt [tiles * BN / 2][Dp] 32-bit pairs of keys (j even low, j + 1 high) per column: the raw bf16 bits.
 inline void attn_pack_kv(const AttnArgs& a, const AttnSeq& s, int64_t kh, float* kt, float* vt, bool pairs) {
   const int64_t D = a.D, Dp = attn_dpad(D), n = attn_key_tiles(s.Sk) * kAttnBN;
   for (int64_t j = 0; j < n; ++j) {
@@ -124,6 +126,10 @@ inline void attn_pack_kv(const AttnArgs& a, const AttnSeq& s, int64_t kh, float*
       const uint16_t* kp = static_cast<const uint16_t*>(a.k) + s.k_off + j * a.k_st + kh * a.k_sh;
       for (int64_t d2 = 0; d2 < D / 2; ++d2)
         kcol[d2 * kAttnBN] = j < s.Sk ? uint32_t(kp[2 * d2]) | (uint32_t(kp[2 * d2 + 1]) << 16) : 0u;
+      uint16_t* vhalf = reinterpret_cast<uint16_t*>(vt) + (j / 2) * Dp * 2 + (j & 1);  // column d at 2 d
+      const uint16_t* vp = static_cast<const uint16_t*>(a.v) + s.v_off + j * a.v_st + kh * a.v_sh;
+      for (int64_t d = 0; d < Dp; ++d) vhalf[2 * d] = j < s.Sk && d < D ? vp[d] : uint16_t(0);
+      continue;
     }
     float* kcol = kt + (j / kAttnBN) * D * kAttnBN + j % kAttnBN;
     float* vrow = vt + j * Dp;
@@ -135,14 +141,12 @@ inline void attn_pack_kv(const AttnArgs& a, const AttnSeq& s, int64_t kh, float*
         for (int64_t d = 0; d < D; ++d) kcol[d * kAttnBN] = kp[d];
         for (int64_t d = 0; d < D; ++d) vrow[d] = vp[d];
       } else {
-        if (!pairs)
-          for (int64_t d = 0; d < D; ++d) kcol[d * kAttnBN] = load_as_f32(a.k, kb + d, a.dtype);
+        for (int64_t d = 0; d < D; ++d) kcol[d * kAttnBN] = load_as_f32(a.k, kb + d, a.dtype);
         for (int64_t d = 0; d < D; ++d) vrow[d] = load_as_f32(a.v, vb + d, a.dtype);
       }
       for (int64_t d = D; d < Dp; ++d) vrow[d] = 0.0f;
     } else {
-      if (!pairs)
-        for (int64_t d = 0; d < D; ++d) kcol[d * kAttnBN] = 0.0f;
+      for (int64_t d = 0; d < D; ++d) kcol[d * kAttnBN] = 0.0f;
       for (int64_t d = 0; d < Dp; ++d) vrow[d] = 0.0f;
     }
   }
@@ -224,7 +228,7 @@ namespace cpu {
 // of floats it needs, without running. The kernel allocates nothing big itself.
 inline size_t attention(const AttnArgs& a, Isa isa, float* ws, size_t ws_floats) {
   if (a.B <= 0) return 0;
-  // bf16 on AVX-512 BF16 CPUs: Q K^T by vdpbf16ps on the raw bf16 pairs (D is a multiple of 8, so even).
+  // bf16 on AVX-512 BF16 CPUs: Q K^T and P V by vdpbf16ps on raw bf16 pairs (D is a multiple of 8, so even).
   const bool pairs = a.bf16_dot && isa == Isa::kAvx512Vnni && a.dtype == DType::kBF16 && features().avx512_bf16;
   const AttnUnitFn fn = pairs ? &at_avx512bf16::unit
                               : (isa == Isa::kAvx512Vnni ? &at_avx512::unit

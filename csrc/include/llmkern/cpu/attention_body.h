@@ -98,6 +98,46 @@ LLMKERN_AT_ATTR inline void pv_rows(float* acc, int64_t Dp, const float* p, cons
   for (; c < Dp; c += W) pv_block<M, 1>(acc, Dp, p, vt, nk, c);  // Dp is a multiple of 16 >= W
 }
 
+#if LLMKERN_AT_BF16DP
+// pv_block on bf16 pairs: p2 [M, nk2] (row stride kAttnBN 32-bit words) the weights of keys (2 jj, 2 jj + 1)
+// as bf16 pairs, vt2 [nk2, Dp] the value tile's pairs (keys 2 jj low, 2 jj + 1 high, per column d): one
+// vdpbf16ps adds two keys' weighted values per (row, column) lane, half the instructions of pv_block.
+template <int M, int NC>
+LLMKERN_AT_ATTR inline void pv_block_bf16(float* acc, int64_t Dp, const uint32_t* p2, const uint32_t* vt2, int nk2,
+                                          int64_t c) {
+  __m512 a[M][NC];
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NC; ++v) a[i][v] = _mm512_loadu_ps(acc + i * Dp + c + v * W);
+  const uint32_t* vp = vt2 + c;
+  for (int jj = 0; jj < nk2; ++jj, vp += Dp) {
+    __m512bh vv[NC];
+    for (int v = 0; v < NC; ++v) vv[v] = (__m512bh)_mm512_loadu_si512(vp + v * W);
+    for (int i = 0; i < M; ++i) {
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(p2[i * kAttnBN + jj]));
+      for (int v = 0; v < NC; ++v) a[i][v] = _mm512_dpbf16_ps(a[i][v], pb, vv[v]);
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NC; ++v) _mm512_storeu_ps(acc + i * Dp + c + v * W, a[i][v]);
+}
+
+template <int M>
+LLMKERN_AT_ATTR inline void pv_rows_bf16(float* acc, int64_t Dp, const uint32_t* p2, const uint32_t* vt2, int nk2) {
+  int64_t c = 0;
+  for (; c + NV * W <= Dp; c += NV * W) pv_block_bf16<M, NV>(acc, Dp, p2, vt2, nk2, c);
+  for (; c < Dp; c += W) pv_block_bf16<M, 1>(acc, Dp, p2, vt2, nk2, c);
+}
+
+// A row's kAttnBN fp32 weights -> kAttnBN / 2 bf16 pairs (nearest even) in the row's first half, in place.
+LLMKERN_AT_ATTR inline void weights_to_pairs(float* s) {
+  static_assert(kAttnBN == 64, "four vectors of weights per row");
+  const __m512 w0 = _mm512_loadu_ps(s), w1 = _mm512_loadu_ps(s + 16), w2 = _mm512_loadu_ps(s + 32),
+               w3 = _mm512_loadu_ps(s + 48);
+  _mm512_storeu_si512(s, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));  // bf16 0..15 from w0, 16..31 from w1
+  _mm512_storeu_si512(s + 16, (__m512i)_mm512_cvtne2ps_pbh(w3, w2));
+}
+#endif
+
 // The row-count dispatch of a micro-kernel: full MR blocks, then one block of the remaining rows.
 #define LLMKERN_AT_ROWS(CALL_M)             \
   {                                         \
@@ -162,7 +202,10 @@ LLMKERN_AT_ATTR inline void softcap_row(float* s, float cap) {
 
 // One unit: sequence s, KV head kh, query positions [t0, t0 + nq). kt: the (sequence, head)'s keys
 // packed as tiles [ceil(Sk / BN)][D][BN] (fp32, zero past Sk; BF16DP: [..][D/2][BN] bf16 pairs); vt: its values [ceil(Sk / BN) * BN, Dp]
-// (fp32, zero past Sk and past D). ws: attn_thread_floats(nq * G, D) floats of scratch.
+// (fp32, zero past Sk and past D; BF16DP: [ceil(Sk / BN) * BN / 2, Dp] bf16 pairs of consecutive keys).
+// ws: attn_thread_floats(nq * G, D) floats of scratch.
+// BF16DP rounds the softmax weights P to bf16 for P V (as FlashAttention does on GPUs: 2^-9 relative per
+// weight, while the row sums l add the fp32 weights); Q K^T and everything else is as the fp32 path.
 LLMKERN_AT_ATTR void unit(const AttnArgs& a, const AttnSeq& sq, int64_t kh, int64_t t0, int64_t nq, const float* kt,
                           const float* vt, float* ws) {
   const int64_t G = a.Hq / a.Hk, R = nq * G, D = a.D, Dp = attn_dpad(D);
@@ -199,7 +242,6 @@ LLMKERN_AT_ATTR void unit(const AttnArgs& a, const AttnSeq& sq, int64_t kh, int6
     // Every row sees every key of the tile: no mask to evaluate.
     const bool full = j0 >= lo_last && j0 + nk - 1 <= hi_first && nk == kAttnBN;
     const float* ktile = kt + (j0 / kAttnBN) * (LLMKERN_AT_BF16DP ? D / 2 : D) * kAttnBN;  // BF16DP: pairs
-    const float* vtile = vt + j0 * Dp;
 #if LLMKERN_AT_BF16DP
 #define LLMKERN_AT_QK(M_)                                                                                  \
   qk_block_bf16<M_>(reinterpret_cast<const uint32_t*>(qs + r * Dp), Dp, reinterpret_cast<const uint32_t*>(ktile), D, \
@@ -222,7 +264,16 @@ LLMKERN_AT_ATTR void unit(const AttnArgs& a, const AttnSeq& sq, int64_t kh, int6
       }
       softmax_row(sr, m + r, l + r, acc + r * Dp, Dp);
     }
+#if LLMKERN_AT_BF16DP
+    for (int64_t r = 0; r < R; ++r) weights_to_pairs(s + r * kAttnBN);
+    // (an odd nk's last pair takes key nk: weight 0, value row 0, both written as such)
+    const uint32_t* vt2 = reinterpret_cast<const uint32_t*>(vt) + (j0 / 2) * Dp;
+#define LLMKERN_AT_PV(M_) \
+  pv_rows_bf16<M_>(acc + r * Dp, Dp, reinterpret_cast<const uint32_t*>(s + r * kAttnBN), vt2, (nk + 1) / 2)
+#else
+    const float* vtile = vt + j0 * Dp;
 #define LLMKERN_AT_PV(M_) pv_rows<M_>(acc + r * Dp, Dp, s + r * kAttnBN, vtile, nk)
+#endif
     LLMKERN_AT_ROWS(LLMKERN_AT_PV)
 #undef LLMKERN_AT_PV
   }

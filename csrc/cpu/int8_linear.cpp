@@ -47,10 +47,10 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   if (x_row_stride < 0) fail("x_row_stride must be >= 0, got " + std::to_string(x_row_stride));
   if (out_row_stride < (M > 1 ? N : 0))
     fail("out_row_stride must be >= N=" + std::to_string(N) + " (rows must not overlap), got " + std::to_string(out_row_stride));
-  const int64_t need = cpu::int8_linear_workspace_bytes(M, K, N, w8a8);
+  const int64_t need = cpu::int8_linear_workspace_bytes(M, K, N, w8a8, num_threads);
   if (ws_bytes < need)
     fail("workspace too small: ws_bytes=" + std::to_string(ws_bytes) + ", need " + std::to_string(need) +
-         " (int8_linear_workspace_size(M, K, N, mode))");
+         " (int8_linear_workspace_size(M, K, N, mode, num_threads))");
   if (packed_ptr ? (packed_e != 2 && packed_e != 4) : packed_e != 0)
     fail("packed_e must be 2 or 4 with packed_ptr, 0 without, got " + std::to_string(packed_e));
   if (packed_ptr) {  // the header int8_linear_pack wrote must describe these weights and this mode
@@ -212,16 +212,18 @@ void bind_int8_linear_gemm_pack(py::module_& m) {
 void bind_int8_linear(py::module_& m) {
   m.def(
       "int8_linear_workspace_size",
-      [](int64_t M, int64_t K, int64_t N, const std::string& mode) {
+      [](int64_t M, int64_t K, int64_t N, const std::string& mode, int num_threads) {
         const char* where = "llmkern._C.int8_linear_workspace_size";
         const bool w8a8 = parse_mode(mode, where);
         if (M < 0 || M > kMaxDim || N < 0 || N > kMaxDim || K < 1 || K > kMaxDim)
           throw py::value_error(std::string(where) + ": need 0 <= M, N <= 2^31 and 1 <= K <= 2^31, got M=" +
                                 std::to_string(M) + " K=" + std::to_string(K) + " N=" + std::to_string(N));
-        return cpu::int8_linear_workspace_bytes(M, K, N, w8a8);
+        if (num_threads < 1 || num_threads > 1024)
+          throw py::value_error(std::string(where) + ": num_threads must be in [1, 1024], got " + std::to_string(num_threads));
+        return cpu::int8_linear_workspace_bytes(M, K, N, w8a8, num_threads);
       },
-      py::arg("M"), py::arg("K"), py::arg("N"), py::arg("mode"),
-      "Bytes of workspace int8_linear needs for these sizes and mode ('w8a16' or 'w8a8').");
+      py::arg("M"), py::arg("K"), py::arg("N"), py::arg("mode"), py::arg("num_threads") = 1,
+      "Bytes of workspace int8_linear needs for these sizes, mode ('w8a16' or 'w8a8') and thread count.");
   def_launcher(m, "int8_linear", &make_call,
         "out[M, N] = x[M, K] @ dequant(w[N, K])^T (+ bias), W8A16 or W8A8, on raw pointers (see "
         "llmkern/ops/int8_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype. "
@@ -253,7 +255,7 @@ void bind_int8_linear(py::module_& m) {
           if (num_threads < 1 || num_threads > 1024)
             fail_arg("llmkern._C.BoundLinear(int8_linear).workspace_size",
                      "num_threads must be in [1, 1024], got " + std::to_string(num_threads));
-          return cpu::int8_linear_workspace_bytes(M, K, N, w8a8);
+          return cpu::int8_linear_workspace_bytes(M, K, N, w8a8, num_threads);
         };
         b.make(0, 0, 0, 0, 0, 0, b.workspace(0, 1), 1, "");  // the weight-side checks (M = 0 computes nothing)
         check_ptr("w_ptr", w_ptr, 1);

@@ -18,6 +18,7 @@
 // The last K block adds the bias and stores y in x's dtype.
 #pragma once
 
+#include "llmkern/cpu/bf16_pairs_avx512.h"
 #include "llmkern/cpu/int4_linear_avx512.h"
 
 namespace llmkern {
@@ -27,33 +28,8 @@ namespace int4_avx512 {
 constexpr int64_t kNS = 48, kKCf32 = 128, kKCbf16 = 256, kMR = 8;
 static_assert(kNS <= kMaxNS && kMR <= kMaxMR && kKCbf16 <= kMaxKC && kKCf32 * kNS * 4 <= kPanelBytes, "panel fits the workspace");
 
-// r[n] = 16 words of row n -> r[d] = word d of rows 0..15 (lane n).
-LLMKERN_I4_AVX512_INLINE void transpose16(__m512i (&r)[16]) {
-  __m512i t[16];
-  LLMKERN_I4_UNROLL for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  // u[4i + c], 128-bit lane L: rows 4i..4i+3 of word 4L + c
-  LLMKERN_I4_UNROLL for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  // word 4L + c = 128-bit lane L of u[c], u[4 + c], u[8 + c], u[12 + c]: a 4 x 4 transpose of lanes
-  LLMKERN_I4_UNROLL for (int c = 0; c < 4; ++c) {
-    const __m512i a0 = _mm512_shuffle_i32x4(r[c], r[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i a1 = _mm512_shuffle_i32x4(r[c], r[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
-    const __m512i b0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i b1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
-    t[c] = _mm512_shuffle_i32x4(a0, b0, _MM_SHUFFLE(2, 0, 2, 0));
-    t[4 + c] = _mm512_shuffle_i32x4(a0, b0, _MM_SHUFFLE(3, 1, 3, 1));
-    t[8 + c] = _mm512_shuffle_i32x4(a1, b1, _MM_SHUFFLE(2, 0, 2, 0));
-    t[12 + c] = _mm512_shuffle_i32x4(a1, b1, _MM_SHUFFLE(3, 1, 3, 1));
-  }
-  LLMKERN_I4_UNROLL for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
+using bf16pairs::transpose16;      // (shared with int8_linear's bf16 GEMM: bf16_pairs_avx512.h)
+using bf16pairs::pack_rows_bf16;
 
 // 16 weight rows (rows >= nrows read as 0), `bytes` bytes from byte `off` of each, transposed.
 LLMKERN_I4_AVX512_INLINE void load_words(const uint8_t* qw, int64_t rb, int64_t nrows, int64_t off, int64_t bytes,
@@ -80,24 +56,6 @@ LLMKERN_I4_AVX512 inline void strip_groups(const float* src, int64_t ngroups, in
 }
 
 static_assert(kMR == 8, "packed x: one micro-kernel call reads one block of 8 rows");
-
-// Packs rows [0, rows) (rows <= 16, bf16, row stride `stride` elements) of a chunk for the bf16
-// micro-kernel: dst[(i / 8) * blk + p * 8 + i % 8] = pair p of row i (32 bits), p < K / 2, rows
-// past `rows` (up to the next multiple of 8) zero; blk = K / 2 * 8 words per block of 8 rows.
-LLMKERN_I4_AVX512 inline void pack_rows_bf16(const uint16_t* x, int64_t stride, int64_t rows, int64_t K,
-                                             uint32_t* dst) {
-  const int64_t pairs = K / 2, blk = pairs * 8;  // K is a multiple of 32: whole 16-pair steps
-  for (int64_t p = 0; p < pairs; p += 16) {
-    __m512i r[16];
-    LLMKERN_I4_UNROLL for (int i = 0; i < 16; ++i)
-      r[i] = i < rows ? _mm512_loadu_si512(x + i * stride + 2 * p) : _mm512_setzero_si512();
-    transpose16(r);  // r[j] lane i = pair p + j of row i
-    LLMKERN_I4_UNROLL for (int j = 0; j < 16; ++j) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (p + j) * 8), _mm512_castsi512_si256(r[j]));
-      if (rows > 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + blk + (p + j) * 8), _mm512_extracti64x4_epi64(r[j], 1));
-    }
-  }
-}
 
 // fp32 panel: w[k * kNS + n] = q[n0 + n, k0 + k] for the vectors that hold columns < ncols.
 LLMKERN_I4_AVX512 inline void unpack_panel_f32(const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc,

@@ -12,7 +12,8 @@
 // a few KiB) is reused from L1 for all rows of a tile; the full prefill (GEMM) blocking is separate.
 // Decode calls (M <= 8) given the packed decode layout (a.packed) on AVX-512 stream that instead:
 // int8_linear_pack.h (bit-identical results). W8A8 calls of more rows given the GEMM layout (a.gemm)
-// on AVX-512 run the VNNI GEMM micro-kernels: int8_linear_gemm.h.
+// on AVX-512 run the VNNI GEMM micro-kernels: int8_linear_gemm.h. W8A16 calls of 16+ bf16 rows on
+// AVX-512 BF16 CPUs run a bf16 GEMM over dequantized panels: int8_linear_bf16.h.
 #pragma once
 
 #include <omp.h>
@@ -23,6 +24,7 @@
 #include "llmkern/cpu/features.h"
 #include "llmkern/cpu/int8_linear_avx2.h"
 #include "llmkern/cpu/int8_linear_avx512.h"
+#include "llmkern/cpu/int8_linear_bf16.h"
 #include "llmkern/cpu/int8_linear_common.h"
 #include "llmkern/cpu/int8_linear_gemm.h"
 #include "llmkern/cpu/int8_linear_pack.h"
@@ -187,11 +189,12 @@ inline const void* x_row(const Int8LinearArgs& a, int64_t m) {
 
 }  // namespace detail
 
-// Runs the whole op. Workspace: int8_linear_workspace_bytes(M, K, N, w8a8) bytes at a.ws.
+// Runs the whole op. Workspace: int8_linear_workspace_bytes(M, K, N, w8a8, num_threads) bytes at a.ws.
 inline void int8_linear(const Int8LinearArgs& a, Isa isa) {
   if (a.M <= 0 || a.N <= 0) return;
   if (i8pk::use_packed(a, isa)) return i8pk::int8_linear_packed(a);
   if (i8gm::use_gemm(a, isa)) return i8gm::int8_linear_gemm(a);
+  if (i8bf::use_bf16_gemm(a, isa)) return i8bf::int8_linear_bf16(a);
   const IsaKernels& kk = kernels_for(isa);
   const int64_t Kp = kpad(a.K);
   char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);

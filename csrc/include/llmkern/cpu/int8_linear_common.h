@@ -31,7 +31,7 @@ struct Int8LinearArgs {
   void* out = nullptr;            // [M, N] in x_dtype, row m at out + m * out_row_stride elements
   int64_t out_row_stride = 0;
   bool w8a8 = false;
-  void* ws = nullptr;             // int8_linear_workspace_bytes(M, K, N, w8a8) bytes
+  void* ws = nullptr;             // int8_linear_workspace_bytes(M, K, N, w8a8, num_threads) bytes
   int num_threads = 1;
   // Optional: the same weights in the packed decode layout (int8_linear_pack.h, packed with this
   // mode), read instead of w / scale by one-row calls on AVX-512; E = packed_e bytes per scale.
@@ -106,7 +106,8 @@ inline int quant_round(float v) {
 // W8A8:  [M rows of kpad(K) quantized bytes][M float row scales], then (packed one-row calls) the
 //        signed rows and their correction vectors, 2 kpad(K) bytes per row (up to 8 rows) at the
 //        next kAlign boundary
-// W8A16: [tile_rows(M, K) rows of kpad(K) floats] (activations converted to fp32, one M tile)
+// W8A16: [tile_rows(M, K) rows of kpad(K) floats] (activations converted to fp32, one M tile), or the
+//        bf16 GEMM route's layout below, whichever is larger
 // plus kAlign bytes so the kernel can align the start.
 constexpr int64_t kAlign = 64;
 
@@ -128,10 +129,35 @@ inline int64_t w8a16_tile_rows(int64_t M, int64_t K) { return tile_rows(M, kpad(
 // W8A8: quantized bytes, about 256 KiB per tile.
 inline int64_t w8a8_tile_rows(int64_t M, int64_t K) { return tile_rows(M, kpad(K), int64_t(256) << 10); }
 
-inline int64_t int8_linear_workspace_bytes(int64_t M, int64_t K, int64_t /*N*/, bool w8a8) {
+// W8A16 bf16 GEMM route (int8_linear_bf16.h: bf16 x, AVX-512 BF16, M >= kBf16MinRows, K % 32 == 0):
+// [chunk rows, a multiple of 16, of K bf16 x packed in pairs], then per thread a weight panel
+// (kBf16KC / 2 x kBf16NS words) and a C tile (chunk rows x kBf16NS floats).
+constexpr int64_t kBf16NS = 48, kBf16KC = 256, kBf16MinRows = 16;
+constexpr int64_t kBf16PackBudget = int64_t(8) << 20;  // bytes of packed x per chunk of rows
+
+inline int64_t bf16_chunk_rows(int64_t M, int64_t K) {
+  int64_t r = kBf16PackBudget / (K * 2);
+  r = (r > 512 ? 512 : r) / 16 * 16;
+  r = r < 16 ? 16 : r;
+  return M < r ? M : r;
+}
+inline int64_t bf16_align(int64_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+inline int64_t bf16_chunk_padded(int64_t M, int64_t K) { return (bf16_chunk_rows(M, K) + 15) / 16 * 16; }
+inline int64_t bf16_thread_bytes(int64_t M, int64_t K) {
+  return bf16_align(kBf16KC / 2 * kBf16NS * 4) + bf16_align(bf16_chunk_padded(M, K) * kBf16NS * 4);
+}
+inline int64_t bf16_workspace_bytes(int64_t M, int64_t K, int num_threads) {
+  if (M < kBf16MinRows || K % 32) return 0;
+  return bf16_align(bf16_chunk_padded(M, K) * K * 2) + (num_threads < 1 ? 1 : num_threads) * bf16_thread_bytes(M, K) +
+         kAlign;
+}
+
+// num_threads: the W8A16 bf16 GEMM route takes scratch per thread (sized whether or not it runs).
+inline int64_t int8_linear_workspace_bytes(int64_t M, int64_t K, int64_t /*N*/, bool w8a8, int num_threads = 1) {
   if (M <= 0 || K <= 0) return 0;
   if (w8a8) return M * kpad(K) + M * 4 + kAlign + (M < 8 ? M : 8) * 2 * kpad(K) + kAlign;
-  return w8a16_tile_rows(M, K) * kpad(K) * 4 + kAlign;
+  const int64_t tiles = w8a16_tile_rows(M, K) * kpad(K) * 4 + kAlign, gemm = bf16_workspace_bytes(M, K, num_threads);
+  return tiles > gemm ? tiles : gemm;
 }
 
 }  // namespace cpu

@@ -1,0 +1,81 @@
+"""int8_linear W8A16 with bf16 x of 16+ rows on AVX-512 BF16 CPUs: the bf16 GEMM over dequantized panels
+(csrc/include/llmkern/cpu/int8_linear_bf16.h), through the launcher with poisoned outputs.
+
+Shapes cross every edge of its blocking: 16-column vectors and 48-column strips (N tails), K blocks (K > 256,
+K = 576 cut in 3 x 192), 8-row micro-kernel blocks (M tails), chunks of rows (K = 16384: 256 rows a chunk),
+more threads than column vectors (rows split instead), per-channel and grouped scales, strided x rows.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmkern._C as C
+from _cpu_helpers import ISAS
+
+pytestmark = pytest.mark.skipif(
+    "avx512_vnni" not in ISAS or not C.cpu_features()["avx512_bf16"], reason="needs AVX-512 BF16")
+
+
+def launch(x, w, scale, bias, group, threads, out=None):
+    """y [M, N] bf16 through llmkern._C.int8_linear (W8A16, AVX-512), into a NaN-poisoned buffer."""
+    M, K = x.shape
+    N = w.shape[0]
+    big = torch.full((M, N + 5), float("nan"), dtype=torch.bfloat16)  # rows 5 wider: nothing past N written
+    out = big[:, :N]
+    ws = torch.empty(C.int8_linear_workspace_size(M, K, N, "w8a16", threads), dtype=torch.uint8)
+    C.int8_linear(x.data_ptr(), 1, x.stride(0), M, K, w.data_ptr(), N, scale.data_ptr(), group,
+                  0 if bias is None else bias.data_ptr(), out.data_ptr(), N + 5, "w8a16", ws.data_ptr(), ws.numel(),
+                  threads, "avx512_vnni")
+    assert torch.isnan(big[:, N:]).all(), "wrote past the row"
+    return out
+
+
+def reference(x, w, scale, bias, group):
+    N, K = w.shape
+    s = scale.double().reshape(N, -1).repeat_interleave(group, dim=1)  # [N, K]
+    y = x.double() @ (w.double() * s).T
+    return y if bias is None else y + bias.double()
+
+
+CASES = [  # M, N, K, group (K: per channel), bias
+    (16, 16, 32, 32, False),      # the smallest call the route takes
+    (17, 100, 96, 96, True),      # M tail of 1, N tail inside the third strip
+    (37, 1000, 576, 576, True),   # K = 576 in 3 blocks of 192
+    (64, 576, 576, 32, False),    # GGUF Q8_0 groups
+    (129, 130, 320, 64, True),    # two K blocks (160 + 160), 130 = 2 strips + 34
+    (33, 8, 512, 512, True),      # one column vector narrower than 16: 2 threads split the rows
+    (300, 40, 16384, 16384, False),  # two chunks of rows (256 + 44)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-N{}-K{}-G{}{}".format(*c[:4], "-bias" if c[4] else ""))
+def test_bf16_gemm_matches_reference_and_thread_counts(case):
+    M, N, K, group, with_bias = case
+    gen = torch.Generator().manual_seed(M * 7 + N)
+    xs = torch.randn(M, K + 24, generator=gen).to(torch.bfloat16)
+    x = xs[:, 3:K + 3]  # rows at a stride of K + 24 elements, not 64-byte aligned
+    w = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8)  # -128 too: a bf16 value
+    scale = torch.rand(N, K // group, generator=gen) * 0.02 + 1e-3
+    bias = torch.randn(N, generator=gen) if with_bias else None
+    one = launch(x, w, scale, bias, group, 1)
+    two = launch(x, w, scale, bias, group, 2)
+    assert torch.equal(one, two)  # each output is one thread's fixed-order sum
+    ref = reference(x, w, scale, bias, group)
+    err = ((one.double() - ref).norm() / ref.norm()).item()
+    # bf16 output rounding (2^-9, ~1.6e-3 in norm); grouped weights are rounded to bf16 too
+    assert torch.isfinite(one).all() and err <= (3e-3 if group == K else 4e-3), err
+
+
+def test_bf16_gemm_equals_the_op_and_module():
+    """The op and Int8Linear route 16+ bf16 rows to the same kernel (same bits as the launcher)."""
+    from llmkern import ops
+    from llmkern.nn import Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 200)
+    m = Int8Linear.from_linear(lin)
+    x = torch.randn(40, 576).to(torch.bfloat16)
+    want = launch(x, m.weight, m.weight_scale.reshape(200, -1).contiguous(), m.bias, 576, torch.get_num_threads())
+    assert torch.equal(ops.int8_linear(x, m.weight, m.weight_scale, m.bias, "w8a16"), want)
+    assert torch.equal(m(x), want) and torch.equal(m(x), want)  # first call (the op) and the prepared one

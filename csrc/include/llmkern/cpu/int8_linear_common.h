@@ -6,7 +6,8 @@
 //   W8A8:  S = sum_{k in group g} q[m, k] * w[n, k]          (exact int32 per group)
 //          q, row_scale = quantize_row(x[m, :]) (rule below)
 // Every output (m, n) is computed by one thread in a fixed order, so results do not depend on the
-// thread count, and bf16/fp16 outputs are the fp32 result rounded once (nearest even).
+// thread count, and bf16/fp16 outputs are the fp32 result rounded once (nearest even), except W8A16
+// calls of 16+ bf16 rows on AVX-512 BF16 CPUs (int8_linear_bf16.h: a bf16 GEMM, within bf16 rounding).
 #pragma once
 
 #include <cfloat>

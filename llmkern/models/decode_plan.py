@@ -62,6 +62,7 @@ def head_logits(head, x: torch.Tensor, upcast: bool) -> torch.Tensor:
     out = F.linear(x, head) if isinstance(head, torch.Tensor) else head(x)
     return out if out.dtype == torch.float32 else out.float()
 
+
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 

@@ -89,7 +89,7 @@ inline uint32_t w4a8_chunk_word(uint32_t w) {
 
 // Canonical qweight [N, K/2] (low nibble = even k), scales / offsets fp32 [N, K/G] -> the layout.
 // Blocks are independent (each writes its own bytes): OpenMP over them. A word per (row, chunk) rather
-// than a nibble at a time: SmolLM2's 210 layers take ~10 ms instead of ~70 (each W4A8 module packs once).
+// than a nibble at a time: SmolLM2's 120 fused linears pack in 23 ms, against 67 ms before.
 inline void int4_w4a8_pack(const uint8_t* qweight, const float* scales, const float* offsets, int64_t N, int64_t K,
                            int64_t G, int64_t E, uint8_t* out) {
   const int64_t ng = K / G, gb = w4a8_group_bytes(G, E), bb = w4a8_block_bytes(K, G, E), nblk = w4a8_blocks(N);

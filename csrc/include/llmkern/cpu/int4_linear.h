@@ -34,6 +34,7 @@
 #include "llmkern/cpu/int4_linear_common.h"
 #include "llmkern/cpu/int4_linear_rows16.h"
 #include "llmkern/cpu/int4_linear_scalar.h"
+#include "llmkern/cpu/parallel.h"
 
 namespace llmkern {
 namespace cpu {
@@ -230,13 +231,6 @@ inline const Int4Kernels& int4_kernels_for(Isa isa) {
 
 namespace int4_detail {
 
-// [begin, end) of part p when n items are cut into `parts` near-equal contiguous pieces.
-inline void split(int64_t n, int64_t parts, int64_t p, int64_t* begin, int64_t* end) {
-  const int64_t q = n / parts, r = n % parts;
-  *begin = p * q + std::min(p, r);
-  *end = *begin + q + (p < r ? 1 : 0);
-}
-
 inline const void* x_row(const Int4LinearArgs& a, int64_t m) {
   return static_cast<const char*>(a.x) + m * a.x_row_stride * dtype_size(a.x_dtype);
 }
@@ -293,7 +287,7 @@ inline void decode(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Rou
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     int64_t c0, c1;
-    split(chunks, nt, t, &c0, &c1);
+    split_range(chunks, nt, t, &c0, &c1);
     if (c1 > c0) {
       char* mine = ws + L.thread0 + t * L.per_thread;
       char* xp = mine;
@@ -381,7 +375,7 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
     const int64_t ts = std::min<int64_t>(nt, units), tm = std::max<int64_t>(1, nt / ts);
     const bool active = t < ts * tm;
     int64_t u0 = 0, u1 = 0;
-    if (active) split(units, ts, t % ts, &u0, &u1);
+    if (active) split_range(units, ts, t % ts, &u0, &u1);
     const int64_t col0 = u0 * kk.vec, col1 = std::min(a.N, u1 * kk.vec);  // this thread's columns
     char* mine = ws + L.thread0 + t * L.per_thread;
     void* panel = mine;
@@ -406,7 +400,7 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
       // this thread's rows of the chunk, in whole blocks of 8 (the packed row blocks)
       int64_t r0 = 0, r1 = 0;
       if (active) {
-        split((m1 - m0 + 7) / 8, tm, t / ts, &r0, &r1);
+        split_range((m1 - m0 + 7) / 8, tm, t / ts, &r0, &r1);
         r0 *= 8;
         r1 = std::min(m1 - m0, r1 * 8);
       }

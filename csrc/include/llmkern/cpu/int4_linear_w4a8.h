@@ -22,6 +22,7 @@
 #include "llmkern/cpu/int4_linear_w4a8_avx2.h"
 #include "llmkern/cpu/int4_linear_w4a8_avx512.h"
 #include "llmkern/cpu/int4_linear_w4a8_common.h"
+#include "llmkern/cpu/parallel.h"
 
 namespace llmkern {
 namespace cpu {
@@ -101,13 +102,6 @@ inline W4A8Kernels make_scalar() {
 #undef LLMKERN_W4A8_TILES
 #undef LLMKERN_W4A8_SCALAR
 
-// [begin, end) of part p when n items are cut into `parts` near-equal contiguous pieces.
-inline void split(int64_t n, int64_t parts, int64_t p, int64_t* begin, int64_t* end) {
-  const int64_t q = n / parts, r = n % parts;
-  *begin = p * q + std::min(p, r);
-  *end = *begin + q + (p < r ? 1 : 0);
-}
-
 // Blocks per panel: about 256 KiB of weights (half of a 512 KiB-1 MiB L2), at least 4.
 inline int64_t panel_blocks(int64_t block_bytes) {
   return std::max<int64_t>(4, (int64_t(256) << 10) / std::max<int64_t>(block_bytes, 1));
@@ -161,10 +155,10 @@ inline void int4_linear_w4a8(const Int4W4A8Args& a, Isa isa) {
     const int64_t tn = std::min<int64_t>(nt, nunits), tm = std::max<int64_t>(1, nt / tn);
     if (t < tn * tm) {
       int64_t b0, b1, r0, r1;
-      w4a8_detail::split(nunits, tn, t % tn, &b0, &b1);
+      split_range(nunits, tn, t % tn, &b0, &b1);
       b0 *= unit;
       b1 = std::min(nblk, b1 * unit);
-      w4a8_detail::split(a.M, tm, t / tn, &r0, &r1);
+      split_range(a.M, tm, t / tn, &r0, &r1);
       const int64_t panel = w4a8_detail::panel_blocks(bb);
       alignas(64) float res[kW4A8MaxMR * 4 * kW4A8Rows];
       W4A8Tile tl;

@@ -29,6 +29,7 @@
 #include "llmkern/cpu/int8_linear_gemm.h"
 #include "llmkern/cpu/int8_linear_pack.h"
 #include "llmkern/cpu/int8_linear_scalar.h"
+#include "llmkern/cpu/parallel.h"
 
 namespace llmkern {
 namespace cpu {
@@ -115,13 +116,6 @@ inline const IsaKernels& kernels_for(Isa isa) {
 
 namespace detail {
 
-// [begin, end) of part p when n items are cut into `parts` near-equal contiguous pieces.
-inline void split(int64_t n, int64_t parts, int64_t p, int64_t* begin, int64_t* end) {
-  const int64_t q = n / parts, r = n % parts;
-  *begin = p * q + std::min(p, r);
-  *end = *begin + q + (p < r ? 1 : 0);
-}
-
 // This thread's piece of the output: columns [n0, n1), and part mp of tm row parts of every M tile.
 struct Part {
   int64_t n0 = 0, n1 = 0;
@@ -137,7 +131,7 @@ inline Part thread_part(int64_t N, int t, int nt) {
   const int64_t tn = std::min<int64_t>(nt, chunks), tm = std::max<int64_t>(1, nt / tn);
   if (t >= tn * tm) return p;
   int64_t c0, c1;
-  split(chunks, tn, t % tn, &c0, &c1);
+  split_range(chunks, tn, t % tn, &c0, &c1);
   p.n0 = c0 * kColChunk;
   p.n1 = std::min(N, c1 * kColChunk);
   p.mp = t / tn;
@@ -225,7 +219,7 @@ inline void int8_linear(const Int8LinearArgs& a, Isa isa) {
       }
       if (part.active) {
         int64_t r0, r1;
-        detail::split(m1 - m0, part.tm, part.mp, &r0, &r1);
+        split_range(m1 - m0, part.tm, part.mp, &r0, &r1);
         detail::compute_block(a, kk, rows + r0, row_scale, m0 + r0, m0 + r1, part.n0, part.n1);
       }
       if (convert) {

@@ -28,6 +28,7 @@
 #include "llmkern/cpu/bf16_pairs_avx512.h"
 #include "llmkern/cpu/features.h"
 #include "llmkern/cpu/int8_linear_common.h"
+#include "llmkern/cpu/parallel.h"
 #include "llmkern/cpu/store_avx512.h"
 
 #define LLMKERN_I8BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
@@ -134,13 +135,6 @@ inline const MicroFn (&micro_table())[kMR + 1][kNV + 1] {
   return table.f;
 }
 
-// [begin, end) of part p when n items are cut into `parts` near-equal contiguous pieces.
-inline void split(int64_t n, int64_t parts, int64_t p, int64_t* begin, int64_t* end) {
-  const int64_t q = n / parts, r = n % parts;
-  *begin = p * q + std::min(p, r);
-  *end = *begin + q + (p < r ? 1 : 0);
-}
-
 // The whole call (use_bf16_gemm(a, isa) true). ws: int8_linear_workspace_bytes(M, K, N, false, num_threads).
 // Threads split the columns in whole 16-column vectors (and, with more threads than vectors, the rows in
 // blocks of 8); rows go in chunks of bf16_chunk_rows, packed by all threads before each chunk.
@@ -164,7 +158,7 @@ inline void int8_linear_bf16(const Int8LinearArgs& a) {
     const int64_t ts = std::min<int64_t>(nt, units), tm = std::max<int64_t>(1, nt / ts);
     const bool active = t < ts * tm;
     int64_t u0 = 0, u1 = 0;
-    if (active) split(units, ts, t % ts, &u0, &u1);
+    if (active) split_range(units, ts, t % ts, &u0, &u1);
     const int64_t col0 = u0 * 16, col1 = std::min(a.N, u1 * 16);
     uint32_t* panel = reinterpret_cast<uint32_t*>(per_thread + t * tb);
     float* ctile = reinterpret_cast<float*>(per_thread + t * tb + bf16_align(kBf16KC / 2 * kBf16NS * 4));
@@ -178,7 +172,7 @@ inline void int8_linear_bf16(const Int8LinearArgs& a) {
       }  // implicit barrier: the chunk is packed
       int64_t r0 = 0, r1 = 0;  // this thread's rows of the chunk, whole blocks of 8
       if (active) {
-        split((m1 - m0 + 7) / 8, tm, t / ts, &r0, &r1);
+        split_range((m1 - m0 + 7) / 8, tm, t / ts, &r0, &r1);
         r0 *= 8;
         r1 = std::min(m1 - m0, r1 * 8);
       }

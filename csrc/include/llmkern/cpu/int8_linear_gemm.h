@@ -35,6 +35,7 @@
 
 #include "llmkern/cpu/int8_linear_avx512.h"
 #include "llmkern/cpu/int8_linear_common.h"
+#include "llmkern/cpu/parallel.h"
 #include "llmkern/cpu/store_avx512.h"
 
 namespace llmkern {
@@ -258,13 +259,6 @@ inline bool use_gemm(const Int8LinearArgs& a, Isa isa) {
   return a.gemm && a.w8a8 && isa == Isa::kAvx512Vnni && a.M >= kMinRows;
 }
 
-// [begin, end) of part p when n items are cut into `parts` near-equal contiguous pieces.
-inline void split(int64_t n, int64_t parts, int64_t p, int64_t* begin, int64_t* end) {
-  const int64_t q = n / parts, r = n % parts;
-  *begin = p * q + std::min(p, r);
-  *end = *begin + q + (p < r ? 1 : 0);
-}
-
 // The whole W8A8 call from the GEMM layout. ws: int8_linear_workspace_bytes(M, K, N, true) bytes
 // (quantized u8 rows of kpad(K) >= 4 K4 bytes, then the row scales).
 //
@@ -298,8 +292,8 @@ inline void int8_linear_gemm(const Int8LinearArgs& a) {
     const int64_t tn = std::min<int64_t>(nt, P), tm = std::min<int64_t>(T, std::max<int64_t>(1, nt / tn));
     if (t < tn * tm) {
       int64_t p0, p1, t0, t1;
-      split(P, tn, t % tn, &p0, &p1);
-      split(T, tm, t / tn, &t0, &t1);
+      split_range(P, tn, t % tn, &p0, &p1);
+      split_range(T, tm, t / tn, &t0, &t1);
       Tile tile;
       tile.ks = ks;
       tile.ng = ng;

@@ -38,10 +38,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (torch.set_num_threads)")
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
     p.add_argument("--system", default=None, help="system message for the chat template")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="activations, norms and KV cache (quantized weights stay as loaded; logits are float32): "
-                        "auto = bfloat16 where the cpu backend has bf16 dot products (AVX512-BF16: prefill about "
-                        "2x faster than float32), else float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                   help="activations, norms and KV cache (quantized weights stay as loaded; logits are float32). "
+                        "float32 (default): the closest to the reference; bfloat16: prefill about 2x faster where "
+                        "the CPU has AVX512-BF16, decode the same (it reads the weights), answers may differ (on "
+                        "SmolLM2 the README prompt's first token is a near tie); auto: bfloat16 where the cpu "
+                        "backend has bf16 dot products, else float32")
     p.add_argument("--kv-int8", action="store_true", help="int8 KV cache")
     p.add_argument("--act-int8", action="store_true",
                    help="quantize activations to int8 in the quantized linears (int4: W4A8 with a scale per group, "

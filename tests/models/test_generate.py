@@ -185,11 +185,11 @@ def test_cli_dtype(tmp_path, capsys, monkeypatch):
 
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)
-    for name in ("float32", "bfloat16"):
+    for name, flag in (("float32", []), ("float32", ["--dtype", "float32"]), ("bfloat16", ["--dtype", "bfloat16"])):
         rc = cli_main(["generate", "the", "--model", str(path), "--max-new-tokens", "3", "--no-chat", "--quiet",
-                       "--no-bandwidth", "--dtype", name])
+                       "--no-bandwidth", *flag])
         out, err = capsys.readouterr()
-        assert rc == 0 and out.endswith("\n") and f"({name} activations)" in err, err
+        assert rc == 0 and out.endswith("\n") and f"({name} activations)" in err, err  # (no flag: float32)
     # auto: bf16 only for the cpu backend with AVX-512 kernels and bf16 dot products
     monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
     monkeypatch.delenv("LLMKERN_CPU_ISA", raising=False)

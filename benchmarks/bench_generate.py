@@ -3,7 +3,7 @@
 Groups (one model, the same machine, one run):
 - "generate: SmolLM2-135M decode step @ctx 64": one token through the whole model with a KV cache
   holding 64 tokens. Entries: llmkern with the file's Q4_1 weights (Int4Linear) and fp32 activations,
-  the same with bf16 activations (`--dtype bfloat16`, what `generate` picks on a CPU with AVX512-BF16),
+  the same with bf16 activations (`generate --dtype bfloat16`: prefill about 2x on AVX512-BF16 CPUs),
   the same (fp32) with int8 activations (`--act-int8`: W4A8g layers, W8A8 lm_head), llmkern
   re-quantized to int8 (W8A16),
   transformers eager fp32 (loaded from the same GGUF, dequantized), and that

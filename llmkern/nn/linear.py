@@ -36,7 +36,6 @@ from ._fast import FLOATS, plain_activation
 _Tensor = torch.Tensor
 
 INT8_MODES = ("w8a16", "w8a8")
-_W4A8_MODES = ("w4a8", "w4a8g")
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
@@ -110,6 +109,22 @@ class _QuantizedBase(nn.Module):
                 and run.env == env_backend()):
             return run
         return None
+
+    def _first_call(self, op, fn, x, static_args):
+        """The first call since the buffers were set: y = fn(x, *static_args) with the op's checks, then the
+        buffers are trusted and the run prepared (`_trust`). In plain eager use on the CPU it checks only
+        (`op.check`), prepares, and computes through the prepared run: layouts that run packs (W4A8's,
+        rows16, the int8 GEMM's) are packed once, not also by the op for this output, and the first output
+        has the prepared run's bits. Anything else (modes, tracing, autograd, other devices) takes the op."""
+        if (type(x) is _Tensor and x.is_cpu and static_args[0].is_cpu and _eager_state()
+                and not (x.requires_grad and _GRAD())):
+            op.check(x, *static_args)
+            self._trust(op, *static_args)
+            run = self._lean(x)  # (None: no prepared run for this backend or x; the op computes)
+            return run(x) if run is not None else fn(x, *static_args, backend=self.backend)
+        out = fn(x, *static_args, backend=self.backend)
+        self._trust(op, *static_args)
+        return out
 
     def _trust(self, op, *static_args) -> None:
         """The buffers just passed the op's checks: trust them and prepare the lean path."""
@@ -235,9 +250,8 @@ class Int8Linear(_QuantizedBase):
             if self._trusted and self.mode in MODES and plain_activation(x, self.in_features, self.weight.device):
                 return int8_linear_op.run_trusted(x, self.weight, self.weight_scale, self.bias, self.mode,
                                                   self.backend)
-            out = ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.mode, backend=self.backend)
-            self._trust(int8_linear_op, self.weight, self.weight_scale, self.bias, self.mode)
-            return out
+            return self._first_call(int8_linear_op, ops.int8_linear, x,
+                                    (self.weight, self.weight_scale, self.bias, self.mode))
         return ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.mode, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -321,19 +335,8 @@ class Int4Linear(_QuantizedBase):
                                                                               self.qweight.device):
                 return int4_linear_op.run_trusted(x, self.qweight, self.scales, self.offsets, self.bias, self.mode,
                                                   self.backend)
-            args = (self.qweight, self.scales, self.offsets, self.bias, self.mode)
-            if (self.mode in _W4A8_MODES and type(x) is _Tensor and x.is_cpu and self.qweight.is_cpu
-                    and _eager_state()):
-                # The op packs the W4A8 layout for each call it computes; the prepared call packs it once.
-                # So check as the op would, prepare, and let the prepared call compute this first output.
-                int4_linear_op.check(x, *args)
-                self._trust(int4_linear_op, *args)
-                run = self._lean(x)
-                if run is not None:
-                    return run(x)
-            out = ops.int4_linear(x, *args, backend=self.backend)
-            self._trust(int4_linear_op, *args)
-            return out
+            return self._first_call(int4_linear_op, ops.int4_linear, x,
+                                    (self.qweight, self.scales, self.offsets, self.bias, self.mode))
         return ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, self.mode, backend=self.backend)
 
     def extra_repr(self) -> str:

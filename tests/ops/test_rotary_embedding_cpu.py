@@ -12,7 +12,7 @@ import llmkern
 from llmkern.ops import OPS, rotary_cos_sin, strict
 
 from _attention_helpers import poisoned_outputs
-from _cpu_helpers import isa  # noqa: F401 - fixture
+from _cpu_helpers import isa, threads  # noqa: F401 - fixtures
 
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -20,14 +20,6 @@ FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 
 def bits_equal(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype]))
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(saved)
 
 
 def naive_rotate(x, positions, cs, interleaved):

@@ -372,11 +372,8 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
 #pragma omp parallel num_threads(nthreads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t ts = std::min<int64_t>(nt, units), tm = std::max<int64_t>(1, nt / ts);
-    const bool active = t < ts * tm;
-    int64_t u0 = 0, u1 = 0;
-    if (active) split_range(units, ts, t % ts, &u0, &u1);
-    const int64_t col0 = u0 * kk.vec, col1 = std::min(a.N, u1 * kk.vec);  // this thread's columns
+    const GridPart part(units, nt, t);
+    const int64_t col0 = part.u0 * kk.vec, col1 = std::min(a.N, part.u1 * kk.vec);  // this thread's columns
     char* mine = ws + L.thread0 + t * L.per_thread;
     void* panel = mine;
     float* ss = reinterpret_cast<float*>(mine + kPanelBytes);
@@ -397,13 +394,8 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
           }
         }  // implicit barrier: the chunk's rows are ready
       }
-      // this thread's rows of the chunk, in whole blocks of 8 (the packed row blocks)
-      int64_t r0 = 0, r1 = 0;
-      if (active) {
-        split_range((m1 - m0 + 7) / 8, tm, t / ts, &r0, &r1);
-        r0 *= 8;
-        r1 = std::min(m1 - m0, r1 * 8);
-      }
+      int64_t r0, r1;  // this thread's rows of the chunk, in whole blocks of 8 (the packed row blocks)
+      part.rows(m1 - m0, 8, &r0, &r1);
       for (int64_t n0 = col0; n0 < col1 && r1 > r0; n0 += NS) {
         const int64_t ncols = std::min(NS, col1 - n0), nv = (ncols + kk.vec - 1) / kk.vec;
         kk.strip_groups(a.scales + n0 * ng, ng, ncols, ss);

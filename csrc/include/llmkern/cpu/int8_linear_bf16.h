@@ -155,11 +155,8 @@ inline void int8_linear_bf16(const Int8LinearArgs& a) {
 #pragma omp parallel num_threads(nthreads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t ts = std::min<int64_t>(nt, units), tm = std::max<int64_t>(1, nt / ts);
-    const bool active = t < ts * tm;
-    int64_t u0 = 0, u1 = 0;
-    if (active) split_range(units, ts, t % ts, &u0, &u1);
-    const int64_t col0 = u0 * 16, col1 = std::min(a.N, u1 * 16);
+    const GridPart part(units, nt, t);
+    const int64_t col0 = part.u0 * 16, col1 = std::min(a.N, part.u1 * 16);
     uint32_t* panel = reinterpret_cast<uint32_t*>(per_thread + t * tb);
     float* ctile = reinterpret_cast<float*>(per_thread + t * tb + bf16_align(kBf16KC / 2 * kBf16NS * 4));
     for (int64_t m0 = 0; m0 < a.M; m0 += Mc) {
@@ -170,12 +167,8 @@ inline void int8_linear_bf16(const Int8LinearArgs& a) {
         const auto* x = reinterpret_cast<const uint16_t*>(static_cast<const char*>(a.x) + (m0 + r) * a.x_row_stride * xb);
         bf16pairs::pack_rows_bf16(x, a.x_row_stride, rows, K, packed + (r / 8) * blk);
       }  // implicit barrier: the chunk is packed
-      int64_t r0 = 0, r1 = 0;  // this thread's rows of the chunk, whole blocks of 8
-      if (active) {
-        split_range((m1 - m0 + 7) / 8, tm, t / ts, &r0, &r1);
-        r0 *= 8;
-        r1 = std::min(m1 - m0, r1 * 8);
-      }
+      int64_t r0, r1;  // this thread's rows of the chunk, whole blocks of 8
+      part.rows(m1 - m0, 8, &r0, &r1);
       for (int64_t n0 = col0; n0 < col1 && r1 > r0; n0 += kBf16NS) {
         const int64_t ncols = std::min<int64_t>(kBf16NS, col1 - n0);
         const int nv = static_cast<int>((ncols + 15) / 16);

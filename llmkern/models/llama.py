@@ -179,7 +179,7 @@ class Llama(nn.Module):
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights a decode step reads: every layer, the final norm and the lm_head (each
         tensor once, shared ones counted once); of the embedding only one row per token. A linear whose
-        prepared runner decodes from a packed copy (int4 or int8 on AVX-512) counts that copy instead of
+        prepared runner decodes from a packed copy (int4 on AVX-512, int8 on AVX-512 or AVX2) counts that copy instead of
         its canonical tensors (int4: the rows16 layout once packed, else the packed one), so the figure
         changes after the first calls prepare the layers."""
         seen, total = set(), 0

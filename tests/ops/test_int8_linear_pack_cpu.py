@@ -1,7 +1,7 @@
 """int8_linear's packed decode layout (the cpu preparer's, llmkern/ops/int8_linear.py `_cpu_prepare`).
 
 The packed layout (csrc/include/llmkern/cpu/int8_linear_pack.h) must give bit-identical outputs to the
-canonical-layout kernel for the same x and mode: every ISA (the packed kernels are AVX-512; on AVX2 and
+canonical-layout kernel for the same x and mode: every ISA (packed kernels for AVX-512 and AVX2; on
 scalar a packed runner reads the canonical tensors), 1 and 2 threads, fp16-exact scales (GGUF Q8_0-like,
 stored as fp16) and arbitrary fp32 ones, G = 16/32/64/128/256 and per channel, odd N (8-row block
 tails), K with a short last 64-step, bias and none. Calls of up to 8 rows (W8A8 per channel: 4) read the
@@ -165,11 +165,14 @@ def test_pack_layout_matches_its_description():
         assert torch.equal(got[64:], torch.cat(parts))
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("G", [32, 0])
-def test_int8linear_prepared_run_equals_op(mode, G, monkeypatch):
+def test_int8linear_prepared_run_equals_op(mode, G, isa, monkeypatch):
     """The module path (first call through the op, then the preparer's runner) equals the op, the
-    canonical buffers (state dict) are untouched, and LLMKERN_INT8_PACK=0 packs nothing."""
+    canonical buffers (state dict) are untouched, the preparer packs on AVX-512 and AVX2 (not for the
+    scalar kernels, which read the canonical tensors), and LLMKERN_INT8_PACK=0 packs nothing."""
+    monkeypatch.setenv("LLMKERN_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(11)
     N, K = 577, 576
     w, s = weights(N, K, G, True, gen)
@@ -185,7 +188,7 @@ def test_int8linear_prepared_run_equals_op(mode, G, monkeypatch):
                 assert torch.equal(m(x), llmkern.ops.int8_linear(x, w, s, b.to(dtype), mode, backend="cpu"))
         run = m.__dict__["_run"].impl  # the preparer's runner
         assert run is not None
-        if setting == "0" or C.resolve_isa("") != "avx512_vnni":
+        if setting == "0" or isa == "scalar":
             assert run.packed is None
         else:
             assert run.packed is not None and run.packed_e == 2

@@ -10,7 +10,7 @@
 // has fewer chunks than threads, rows are split too. Static, the same split for every call shape.
 // M is processed in tiles (see int8_linear_common.h) so each weight micro-panel (NB rows x K,
 // a few KiB) is reused from L1 for all rows of a tile; the full prefill (GEMM) blocking is separate.
-// Decode calls (M <= 8) given the packed decode layout (a.packed) on AVX-512 stream that instead:
+// Decode calls (M <= 8) given the packed decode layout (a.packed) on AVX-512 or AVX2 stream that instead:
 // int8_linear_pack.h (bit-identical results). W8A8 calls of more rows given the GEMM layout (a.gemm)
 // on AVX-512 run the VNNI GEMM micro-kernels: int8_linear_gemm.h. W8A16 calls of 16+ bf16 rows on
 // AVX-512 BF16 CPUs run a bf16 GEMM over dequantized panels: int8_linear_bf16.h.
@@ -177,16 +177,12 @@ inline void compute_block(const Int8LinearArgs& a, const IsaKernels& kk, const v
   }
 }
 
-inline const void* x_row(const Int8LinearArgs& a, int64_t m) {
-  return static_cast<const char*>(a.x) + m * a.x_row_stride * dtype_size(a.x_dtype);
-}
-
 }  // namespace detail
 
 // Runs the whole op. Workspace: int8_linear_workspace_bytes(M, K, N, w8a8, num_threads) bytes at a.ws.
 inline void int8_linear(const Int8LinearArgs& a, Isa isa) {
   if (a.M <= 0 || a.N <= 0) return;
-  if (i8pk::use_packed(a, isa)) return i8pk::int8_linear_packed(a);
+  if (i8pk::use_packed(a, isa)) return i8pk::int8_linear_packed(a, isa);
   if (i8gm::use_gemm(a, isa)) return i8gm::int8_linear_gemm(a);
   if (i8bf::use_bf16_gemm(a, isa)) return i8bf::int8_linear_bf16(a);
   const IsaKernels& kk = kernels_for(isa);
@@ -203,19 +199,19 @@ inline void int8_linear(const Int8LinearArgs& a, Isa isa) {
     if (a.w8a8) {
       row_scale = reinterpret_cast<float*>(ws + a.M * Kp);
 #pragma omp for schedule(static)
-      for (int64_t m = 0; m < a.M; ++m) kk.quantize_row(detail::x_row(a, m), a.x_dtype, a.K, ws + m * Kp, row_scale + m);
+      for (int64_t m = 0; m < a.M; ++m) kk.quantize_row(x_row(a, m), a.x_dtype, a.K, ws + m * Kp, row_scale + m);
     }
     for (int64_t m0 = 0; m0 < a.M; m0 += Mt) {
       const int64_t m1 = std::min(a.M, m0 + Mt);
       if (convert) {
 #pragma omp for schedule(static)
         for (int64_t m = m0; m < m1; ++m)
-          kk.row_to_f32(detail::x_row(a, m), a.x_dtype, a.K, reinterpret_cast<float*>(ws) + (m - m0) * Kp);
+          kk.row_to_f32(x_row(a, m), a.x_dtype, a.K, reinterpret_cast<float*>(ws) + (m - m0) * Kp);
       }
       for (int64_t m = m0; m < m1; ++m) {
         if (a.w8a8) rows[m - m0] = ws + m * Kp;
         else if (convert) rows[m - m0] = reinterpret_cast<float*>(ws) + (m - m0) * Kp;
-        else rows[m - m0] = detail::x_row(a, m);
+        else rows[m - m0] = x_row(a, m);
       }
       if (part.active) {
         int64_t r0, r1;

@@ -35,13 +35,19 @@ struct Int8LinearArgs {
   void* ws = nullptr;             // int8_linear_workspace_bytes(M, K, N, w8a8, num_threads) bytes
   int num_threads = 1;
   // Optional: the same weights in the packed decode layout (int8_linear_pack.h, packed with this
-  // mode), read instead of w / scale by one-row calls on AVX-512; E = packed_e bytes per scale.
+  // mode), read instead of w / scale by decode calls on AVX-512 and AVX2 (i8pk::use_packed); E = packed_e
+  // bytes per scale.
   const uint8_t* packed = nullptr;
   int64_t packed_e = 0;
   // Optional: the same weights in the W8A8 GEMM layout (int8_linear_gemm.h), read instead of w /
   // scale by W8A8 calls of at least i8gm::kMinRows rows on AVX-512.
   const uint8_t* gemm = nullptr;
 };
+
+// Activation row m of the call (x's dtype, x_row_stride elements apart).
+inline const void* x_row(const Int8LinearArgs& a, int64_t m) {
+  return static_cast<const char*>(a.x) + m * a.x_row_stride * dtype_size(a.x_dtype);
+}
 
 // One micro-tile: MB rows of (converted) activations times NB consecutive weight rows.
 //   x[i]   row i of the tile: const float* (W8A16, fp32) or const uint8_t*/int8_t* (W8A8, in the

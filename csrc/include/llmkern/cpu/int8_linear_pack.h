@@ -1,530 +1,62 @@
-// int8_linear's packed decode layout and its AVX-512 decode kernels (M <= 8 activation rows).
-//
-// Layout (built once by int8_pack_decode, at prepare time; the canonical w [N, K] / scale [N, K/G]
-// stay the state-dict form):
-//   [64-byte header: magic, N, K, G, E, w8a8]
-//   then ceil(N / 8) blocks of 8 weight rows (the last block padded with zero rows), each
-//   for every step s of 64 values of k (nsteps = ceil(K / 64); the last step zero-padded):
-//     W[8][64]  the 8 rows' weight bytes of the step: int8 (W8A16) or w + 128 as uint8 (W8A8)
-//     S[8][e_s] the E-byte scales (E = 2: fp16, E = 4: fp32) of the e_s groups that END in this
-//               step (e_s = floor(min(64 s + 64, K) / G) - floor(64 s / G)), row-major per row
-//   so a block is 8 * (64 nsteps + E K/G) bytes and a thread's blocks are one sequential stream.
-// E = 2 only when every scale is exactly an fp16 value (GGUF Q8_0); fp16 -> fp32 is exact.
-// Packable groups: per channel (K/G = 1, any K), G = 16 or 32 (several groups per step), or a
-// multiple of 64 (a group ends every G/64 steps).
-//
-// Results are bit-identical to the canonical AVX-512 tiles (int8_linear_avx512.h) for the same
-// mode: the same fp32 operations in the same order, only the addresses differ. W8A8 stores the
-// weights shifted to u8 (w + 128) and multiplies them by the signed activations with vpdpbusd:
-//   sum (w + 128) q = sum w q + 128 sum q
-// The correction 128 sum q depends on x only: it is computed once per call per 64-byte step (or per
-// group / per row for larger groups) as a vector of 16 lane sums, and every weight row starts its
-// accumulator at minus that vector. The lanes then hold exactly the int32 values the canonical
-// kernel forms (it shifts the activations instead and subtracts 128 * sum w per weight vector),
-// so the fp32 rescaling that follows is the same, without the per-weight-vector extra vpdpbusd.
+// int8_linear's packed decode layout: which calls read it, and the driver of those calls (the layout:
+// int8_linear_pack_layout.h; the kernels: int8_linear_pack_avx512.h, int8_linear_pack_avx2.h).
 #pragma once
 
 #include <omp.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#include "llmkern/cpu/convert.h"
-#include "llmkern/cpu/int8_linear_avx512.h"
+#include "llmkern/cpu/features.h"
 #include "llmkern/cpu/int8_linear_common.h"
+#include "llmkern/cpu/int8_linear_pack_avx2.h"
+#include "llmkern/cpu/int8_linear_pack_avx512.h"
+#include "llmkern/cpu/int8_linear_pack_layout.h"
+#include "llmkern/cpu/int8_linear_scalar.h"
+#include "llmkern/cpu/parallel.h"
 
 namespace llmkern {
 namespace cpu {
 namespace i8pk {
 
-constexpr int64_t kRows = 8;            // weight rows per block
-constexpr int64_t kStep = 64;           // values of k per step
-constexpr int64_t kHeader = 64;         // bytes before the first block
-constexpr uint32_t kMagic = 0x38504b4c;  // "LKP8"
+// AVX2 W8A16 calls read the packed layout up to this many rows: each row converts every weight again
+// (vpmovsxbd + vcvtdq2ps, compute-bound from L1/L2), which the canonical tiles share among 2 rows.
+// Cold, 2 threads, against the canonical tiles (docs/notes/cpu-avx2-int8pack.md): M = 4 1.0-1.9x,
+// M = 8 0.84-1.22x (Llama 4096 x 4096 slower). W8A8 keeps max_rows (M = 8 grouped: 1.1-1.3x).
+constexpr int64_t kAvx2W8A16MaxRows = 4;
 
-inline int64_t nsteps(int64_t K) { return (K + kStep - 1) / kStep; }
-inline int64_t block_bytes(int64_t K, int64_t G, int64_t E) { return kRows * (kStep * nsteps(K) + E * (K / G)); }
-inline int64_t packed_bytes(int64_t N, int64_t K, int64_t G, int64_t E) {
-  return kHeader + (N + kRows - 1) / kRows * block_bytes(K, G, E);
-}
-// Whether the layout (and its kernels) take this group size.
-inline bool group_ok(int64_t K, int64_t G) {
-  return G >= 1 && K % G == 0 && (G == K || G == 16 || G == 32 || G % 64 == 0);
-}
-inline int64_t groups_ending(int64_t s, int64_t K, int64_t G) {
-  return std::min((s + 1) * kStep, K) / G - (s * kStep) / G;
-}
-
-struct Header {
-  uint32_t magic;
-  uint32_t w8a8;
-  int64_t N, K, G, E;
-};
-
-// Packs canonical weights (w [N, K] int8, scale [N, K/G] fp32) into packed_bytes(N, K, G, E) bytes at out.
-inline void int8_pack_decode(const int8_t* w, const float* scale, int64_t N, int64_t K, int64_t G, int64_t E,
-                             bool w8a8, uint8_t* out) {
-  const int64_t ng = K / G, ns = nsteps(K);
-  std::memset(out, 0, kHeader);
-  const Header h{kMagic, w8a8 ? 1u : 0u, N, K, G, E};
-  std::memcpy(out, &h, sizeof(h));
-  const uint8_t pad = w8a8 ? 0x80 : 0x00;  // a zero weight in either encoding
-  const int64_t nb = (N + kRows - 1) / kRows, bb = block_bytes(K, G, E);
-  // Blocks in parallel (each is bb contiguous bytes): a model's prepare packs its lm_head here
-  // (SmolLM2: 28 MB, 9 ms of the first prefill on one thread).
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t n0 = b * kRows;
-    uint8_t* p = out + kHeader + b * bb;
-    for (int64_t s = 0; s < ns; ++s) {
-      const int64_t k0 = s * kStep, kn = std::min(kStep, K - k0);
-      for (int64_t j = 0; j < kRows; ++j, p += kStep) {
-        std::memset(p, pad, kStep);
-        if (n0 + j >= N) continue;
-        const int8_t* src = w + (n0 + j) * K + k0;
-        for (int64_t k = 0; k < kn; ++k) p[k] = static_cast<uint8_t>(src[k]) ^ pad;
-      }
-      const int64_t e = groups_ending(s, K, G), g0 = k0 / G;
-      for (int64_t j = 0; j < kRows; ++j)
-        for (int64_t g = 0; g < e; ++g, p += E) {
-          const float v = n0 + j < N ? scale[(n0 + j) * ng + g0 + g] : 0.0f;
-          if (E == 2) {
-            const uint16_t hv = f32_to_f16(v);
-            std::memcpy(p, &hv, 2);
-          } else {
-            std::memcpy(p, &v, 4);
-          }
-        }
-    }
-  }
-}
-
-// Calls of up to max_rows(mode, per channel) activation rows read the packed layout: every weight
-// block is streamed once from DRAM and re-read from L1/L2 by the call's other rows. Measured (1
-// thread, cold weights; docs/notes/cpu-int8pack.md) against the canonical M-row tiles: faster or
-// equal for M <= 8 except W8A8 per channel, which the canonical tiles (one vpdpbusd per weight
-// vector shared by 4 rows) match at M = 4 and beat at M = 8 (4096x4096: 0.8x).
-constexpr int64_t kMaxRows = 8;
-inline int64_t max_rows(bool w8a8, bool per_channel) { return w8a8 && per_channel ? 4 : kMaxRows; }
-
-namespace k512 {
-using avx512::dpbusd;
-
-#define LLMKERN_PK_PREFETCH_SETUP                                        \
-  const uint8_t* pf = p + kPrefetch;                                      \
-  auto prefetch_to = [&](const uint8_t* upto) {                           \
-    for (; pf < upto + kPrefetch; pf += 64) _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0); \
-  };
-
-#ifndef LLMKERN_I8PK_PREFETCH
-#define LLMKERN_I8PK_PREFETCH 8192
-#endif
-constexpr int64_t kPrefetch = LLMKERN_I8PK_PREFETCH;  // bytes of the stream prefetched ahead of the read position
-
-// Scales of one step's S record: up to 32 values (8 rows x up to 4 groups) in two fp32 vectors.
-template <int E>
-LLMKERN_AVX512_INLINE void load_scales(const uint8_t* p, int64_t count, __m512& s0, __m512& s1) {
-  const int64_t c0 = count < 16 ? count : 16, c1 = count - c0;
-  if (E == 2) {
-    s0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(avx512::tail16(c0), p));
-    s1 = c1 > 0 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(avx512::tail16(c1), p + 32)) : _mm512_setzero_ps();
-  } else {
-    s0 = _mm512_maskz_loadu_ps(avx512::tail16(c0), p);
-    s1 = c1 > 0 ? _mm512_maskz_loadu_ps(avx512::tail16(c1), p + 64) : _mm512_setzero_ps();
-  }
-}
-
-// A step's scales as fp32 values in memory, for broadcast loads (a load-port op each, where a
-// register permute would take a vector shuffle slot the weight conversion needs): E = 4 reads the
-// record in place, E = 2 converts it once into buf.
-template <int E>
-LLMKERN_AVX512_INLINE const float* scales_f32(const uint8_t* p, int64_t count, float* buf) {
-  if (E == 4) return reinterpret_cast<const float*>(p);
-  const int64_t c0 = count < 16 ? count : 16, c1 = count - c0;
-  _mm512_store_ps(buf, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(avx512::tail16(c0), p)));
-  if (c1 > 0) _mm512_store_ps(buf + 16, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(avx512::tail16(c1), p + 32)));
-  return buf;
-}
-
-LLMKERN_AVX512_INLINE __m512 bcast(const float* s, int i) {
-  float v;
-  std::memcpy(&v, s + i, 4);
-  return _mm512_set1_ps(v);
-}
-
-// Chunk c (16 values) of a step's int8 weight row at w, as fp32.
-LLMKERN_AVX512_INLINE __m512 w_chunk(const int8_t* w, int64_t c) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * c))));
-}
-
-// Scale value i (0..31) of a step's record as a splat.
-LLMKERN_AVX512_INLINE __m512 splat(__m512 s0, __m512 s1, int i) {
-  return _mm512_permutex2var_ps(s0, _mm512_set1_epi32(i), s1);
-}
-
-// GM: 16 / 32 / 64 (the group; every step holds 64 / G whole groups, the last maybe fewer),
-// 128 (G a multiple of 64 above 64: runtime G), 0 (per channel).
-template <int E, int GM>
-LLMKERN_AVX512 void w8a16_block(const uint8_t*& p, const float* x, int64_t K, int64_t G, float* res) {
-  const int64_t ns = nsteps(K);
-  __m512 accf[kRows], acc[kRows];
-  LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) {
-    accf[j] = _mm512_setzero_ps();
-    acc[j] = _mm512_setzero_ps();
-  }
-  const int64_t spg = GM == 128 ? G / kStep : 1;  // steps per group
-  // fp16 scales of small groups: converted one step ahead (so the broadcast loads do not wait on
-  // the store that wrote them)
-  alignas(64) float buf[2][32];
-  constexpr bool kAhead = E == 2 && (GM == 16 || GM == 32 || GM == 64);
-  if constexpr (kAhead) scales_f32<E>(p + kRows * kStep, kRows * (std::min(kStep, K) / (GM ? GM : 1)), buf[0]);
-  LLMKERN_PK_PREFETCH_SETUP
-  for (int64_t s = 0, sg = 0; s < ns; ++s) {
-    const int64_t k = s * kStep, n = std::min(kStep, K - k);
-    const int64_t e = GM == 0 ? (s + 1 == ns) : (GM == 128 ? (++sg == spg) : n / GM);
-    const int64_t rec = kRows * kStep + kRows * E * e;
-    prefetch_to(p + rec);
-    const int8_t* w = reinterpret_cast<const int8_t*>(p);
-    const uint8_t* sp = p + kRows * kStep;
-    if constexpr (GM == 16 || GM == 32 || GM == 64) {
-      const float* sc = kAhead ? buf[s & 1] : reinterpret_cast<const float*>(sp);
-      if (kAhead && s + 1 < ns)
-        scales_f32<E>(p + rec + kRows * kStep, kRows * (std::min(kStep, K - k - kStep) / (GM ? GM : 1)), buf[(s + 1) & 1]);
-      constexpr int cpg = GM / 16;  // 16-value chunks per group
-      const int chunks = static_cast<int>(n / 16);  // n is a multiple of G here
-      __m512 xv[4];
-      LLMKERN_UNROLL for (int c = 0; c < 4; ++c) xv[c] = c < chunks ? _mm512_loadu_ps(x + k + 16 * c) : _mm512_setzero_ps();
-      if (chunks == 4) {
-        LLMKERN_UNROLL for (int j = 0; j < kRows; ++j)
-          LLMKERN_UNROLL for (int g = 0; g < 4 / cpg; ++g) {
-            __m512 a = _mm512_setzero_ps();
-            LLMKERN_UNROLL for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
-              const __m512 wv = w_chunk(w + j * kStep, c);
-              a = _mm512_fmadd_ps(xv[c], wv, a);
-            }
-            accf[j] = _mm512_fmadd_ps(a, bcast(sc, j * (4 / cpg) + g), accf[j]);
-          }
-      } else {  // short last step: its n / G groups
-        for (int j = 0; j < kRows; ++j)
-          for (int g = 0; g < static_cast<int>(e); ++g) {
-            __m512 a = _mm512_setzero_ps();
-            for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
-              const __m512 wv = w_chunk(w + j * kStep, c);
-              a = _mm512_fmadd_ps(xv[c], wv, a);
-            }
-            accf[j] = _mm512_fmadd_ps(a, bcast(sc, j * static_cast<int>(e) + g), accf[j]);
-          }
-      }
-    } else {  // GM 0 / 128: one chain per row across steps
-      if (n == kStep) {
-        __m512 xv[4];
-        LLMKERN_UNROLL for (int c = 0; c < 4; ++c) xv[c] = _mm512_loadu_ps(x + k + 16 * c);
-        LLMKERN_UNROLL for (int j = 0; j < kRows; ++j)
-          LLMKERN_UNROLL for (int c = 0; c < 4; ++c) {
-            const __m512 wv = w_chunk(w + j * kStep, c);
-            acc[j] = _mm512_fmadd_ps(xv[c], wv, acc[j]);
-          }
-      } else {  // per channel, short last step: full chunks then one masked chunk (as canonical)
-        for (int64_t c = 0; 16 * c < n; ++c) {
-          const __m512 xv = _mm512_maskz_loadu_ps(avx512::tail16(std::min<int64_t>(16, n - 16 * c)), x + k + 16 * c);
-          LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) {
-            const __m512 wv = w_chunk(w + j * kStep, c);
-            acc[j] = _mm512_fmadd_ps(xv, wv, acc[j]);
-          }
-        }
-      }
-      if (e) {
-        if constexpr (GM == 0) {
-          LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) {
-            float sc;
-            if (E == 2) {
-              uint16_t hv;
-              std::memcpy(&hv, sp + 2 * j, 2);
-              sc = f16_to_f32(hv);
-            } else {
-              std::memcpy(&sc, sp + 4 * j, 4);
-            }
-            res[j] = _mm512_reduce_add_ps(acc[j]) * sc;
-          }
-        } else {
-          const float* sc = scales_f32<E>(sp, kRows, buf[0]);
-          LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) {
-            accf[j] = _mm512_fmadd_ps(acc[j], bcast(sc, j), accf[j]);
-            acc[j] = _mm512_setzero_ps();
-          }
-          sg = 0;
-        }
-      }
-    }
-    p += rec;
-  }
-  if constexpr (GM != 0) {
-    LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) res[j] = _mm512_reduce_add_ps(accf[j]);
-  }
-}
-
-// Scale g of a weight row's E-byte scales at sp, as a splat (E = 2: vcvtph2ps of the broadcast fp16
-// value, the exact conversion scales_f32 makes).
-template <int E>
-LLMKERN_AVX512_INLINE __m512 row_scale(const uint8_t* sp, int g) {
-  if constexpr (E == 2) {
-    uint16_t hv;
-    std::memcpy(&hv, sp + 2 * g, 2);
-    return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(hv)));
-  } else {
-    return bcast(reinterpret_cast<const float*>(sp), g);
-  }
-}
-
-// W8A16 of MR >= 2 activation rows over one block, for groups inside a step (GM 16 / 32 / 64): weight
-// row by weight row, each 16-value chunk of a step loaded and converted to fp32 once for all MR rows
-// (w8a16_block, called once per row, converts it MR times: per step and weight row 8 + 6 MR vector ops
-// instead of 14 MR). The weight row's accumulators (one per activation row) stay in registers across
-// the steps, which are kRows * kStep + kRows * E * (64 / GM) bytes apart (the last may be short).
-// For each activation row the fp32 operations and their order are w8a16_block's: the same bits.
-// x: MR fp32 rows; res[m * kRows + j]: activation row m, weight row j. pf: the caller's prefetch cursor.
-template <int E, int GM, int MR>
-LLMKERN_AVX512 void w8a16_rows_block(const uint8_t* p, const float* const* x, int64_t K, float* res,
-                                     const uint8_t*& pf) {
-  static_assert(GM == 16 || GM == 32 || GM == 64, "groups inside a step");
-  constexpr int cpg = GM / 16;                                     // 16-value chunks per group
-  constexpr int64_t full_rec = kRows * kStep + kRows * E * (kStep / GM);  // bytes of a full step
-  const int64_t ns = nsteps(K), bb = block_bytes(K, GM, E);
-  for (int j = 0; j < kRows; ++j) {
-    // the stream kPrefetch bytes ahead of this row's share of the block
-    for (const uint8_t* upto = p + (j + 1) * bb / kRows + kPrefetch; pf < upto; pf += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T0);
-    __m512 accf[MR];
-    LLMKERN_UNROLL for (int m = 0; m < MR; ++m) accf[m] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < ns; ++s) {
-      const uint8_t* ps = p + s * full_rec;
-      const int64_t k = s * kStep, n = std::min(kStep, K - k);  // n: a multiple of GM
-      const int e = static_cast<int>(n / GM);
-      const int8_t* w = reinterpret_cast<const int8_t*>(ps) + j * kStep;
-      const uint8_t* sp = ps + kRows * kStep + E * j * e;  // this row's e scales
-      if (n == kStep) {  // compile-time loops: the 4 converted chunks stay in registers
-        __m512 wv[4];
-        LLMKERN_UNROLL for (int c = 0; c < 4; ++c) wv[c] = w_chunk(w, c);
-        LLMKERN_UNROLL for (int g = 0; g < 4 / cpg; ++g) {
-          const __m512 sv = row_scale<E>(sp, g);
-          LLMKERN_UNROLL for (int m = 0; m < MR; ++m) {
-            __m512 a = _mm512_setzero_ps();
-            LLMKERN_UNROLL for (int c = g * cpg; c < (g + 1) * cpg; ++c)
-              a = _mm512_fmadd_ps(_mm512_loadu_ps(x[m] + k + 16 * c), wv[c], a);
-            accf[m] = _mm512_fmadd_ps(a, sv, accf[m]);
-          }
-        }
-      } else {  // a short last step: its e groups
-        for (int g = 0; g < e; ++g) {
-          const __m512 sv = row_scale<E>(sp, g);
-          LLMKERN_UNROLL for (int m = 0; m < MR; ++m) {
-            __m512 a = _mm512_setzero_ps();
-            for (int c = g * cpg; c < (g + 1) * cpg; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(x[m] + k + 16 * c), w_chunk(w, c), a);
-            accf[m] = _mm512_fmadd_ps(a, sv, accf[m]);
-          }
-        }
-      }
-    }
-    LLMKERN_UNROLL for (int m = 0; m < MR; ++m) res[m * kRows + j] = _mm512_reduce_add_ps(accf[m]);
-  }
-}
-
-// xq: signed activations, 64 nsteps bytes (zero tail); corr: per accumulation unit (step for
-// G <= 64, group for larger G, the row for per channel) minus 128 x the lane sums of xq.
-template <int E, int GM>
-LLMKERN_AVX512 void w8a8_block(const uint8_t*& p, const int8_t* xq, const __m512i* corr, int64_t K, int64_t G,
-                               float* res) {
-  const int64_t ns = nsteps(K);
-  __m512 accf[kRows];
-  __m512i acc[kRows];
-  LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) accf[j] = _mm512_setzero_ps();
-  const int64_t spg = GM == 128 ? G / kStep : 1;
-  if (GM == 0 || GM == 128) {
-    LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) acc[j] = corr[0];
-  }
-  int64_t unit = 0;
-  LLMKERN_PK_PREFETCH_SETUP
-  for (int64_t s = 0, sg = 0; s < ns; ++s) {
-    const int64_t k = s * kStep, n = std::min(kStep, K - k);
-    const int64_t e = GM == 0 ? (s + 1 == ns) : (GM == 128 ? (++sg == spg) : n / GM);
-    const int64_t rec = kRows * kStep + kRows * E * e;
-    prefetch_to(p + rec);
-    const __m512i xv = _mm512_loadu_si512(xq + k);
-    const uint8_t* sp = p + kRows * kStep;
-    if constexpr (GM == 16 || GM == 32 || GM == 64) {
-      __m512 s0, s1;
-      load_scales<E>(sp, kRows * e, s0, s1);
-      constexpr int gps = 64 / GM;  // groups per full step; lane l is in group l / (16 / gps)
-      const __m512i c = corr[s];
-      const __mmask16 lanes = avx512::tail16(n / 4);
-      LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) {
-        __m512i a = c;
-        dpbusd(a, _mm512_loadu_si512(p + j * kStep), xv);
-        const int base = j * static_cast<int>(e);
-        const __m512i idx = _mm512_add_epi32(
-            _mm512_set1_epi32(base),
-            _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 4 / gps == 1 ? 2 : (gps == 2 ? 3 : 4)));
-        const __m512 sv = n == kStep ? _mm512_permutex2var_ps(s0, idx, s1)
-                                     : _mm512_maskz_permutex2var_ps(lanes, s0, idx, s1);
-        accf[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, accf[j]);
-      }
-    } else {
-      LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) dpbusd(acc[j], _mm512_loadu_si512(p + j * kStep), xv);
-      if (e) {
-        if constexpr (GM == 0) {
-          LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) {
-            float sc;
-            if (E == 2) {
-              uint16_t hv;
-              std::memcpy(&hv, sp + 2 * j, 2);
-              sc = f16_to_f32(hv);
-            } else {
-              std::memcpy(&sc, sp + 4 * j, 4);
-            }
-            res[j] = static_cast<float>(avx512::hsum_epi32(acc[j])) * sc;
-          }
-        } else {
-          __m512 s0, s1;
-          load_scales<E>(sp, kRows, s0, s1);
-          ++unit;
-          const __m512i c = unit < K / G ? corr[unit] : _mm512_setzero_si512();
-          LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) {
-            accf[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), splat(s0, s1, j), accf[j]);
-            acc[j] = c;
-          }
-          sg = 0;
-        }
-      }
-    }
-    p += rec;
-  }
-  if constexpr (GM != 0) {
-    LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) res[j] = _mm512_reduce_add_ps(accf[j]);
-  }
-}
-#undef LLMKERN_PK_PREFETCH_SETUP
-
-// Signed row and correction vectors from the u8-encoded (q + 128) row of quantize_row.
-LLMKERN_AVX512 inline void w8a8_prepare_row(const uint8_t* qu, int64_t K, int64_t G, int8_t* xq, __m512i* corr) {
-  const int64_t ns = nsteps(K), ng = K / G;
-  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  const bool per_step = ng > 1 && G <= 64;
-  const int64_t spg = ng == 1 ? ns : G / kStep;  // steps per unit for larger groups / per channel
-  __m512i run = _mm512_setzero_si512();
-  for (int64_t s = 0; s < ns; ++s) {
-    const int64_t n = std::min(kStep, K - s * kStep);
-    const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(avx512::tail64(n), qu + s * kStep), c128);
-    const __m512i q = _mm512_maskz_mov_epi8(avx512::tail64(n), v);  // zero tail
-    _mm512_storeu_si512(xq + s * kStep, q);
-    __m512i sum = _mm512_setzero_si512();
-    dpbusd(sum, c128, q);  // 128 * lane sums of q
-    if (per_step) {
-      corr[s] = _mm512_sub_epi32(_mm512_setzero_si512(), sum);
-    } else {
-      run = _mm512_sub_epi32(run, sum);
-      if ((s + 1) % spg == 0 || s + 1 == ns) {
-        corr[s / spg] = run;
-        run = _mm512_setzero_si512();
-      }
-    }
-  }
-}
-
-// Activation rows of a packed call, prepared once: W8A16 fp32 row pointers; W8A8 signed rows,
-// their correction vectors and row scales.
-struct Rows {
-  const void* x[kMaxRows];
-  const __m512i* corr[kMaxRows];
-  float scale[kMaxRows];
-};
-
-// W8A16 blocks [b0, b1) of M = MR >= 2 rows with w8a16_rows_block (groups inside a step).
-template <int E, int GM, int MR>
-LLMKERN_AVX512 void run_range_rows(const Int8LinearArgs& a, const uint8_t* blocks, int64_t b0, int64_t b1,
-                                   const Rows& r) {
-  const int64_t bb = block_bytes(a.K, a.group, E);
-  const float* x[MR];
-  for (int m = 0; m < MR; ++m) x[m] = static_cast<const float*>(r.x[m]);
-  float res[MR * kRows];
-  const uint8_t* pf = blocks + b0 * bb + kPrefetch;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n0 = b * kRows, nr = std::min(kRows, a.N - n0);
-    w8a16_rows_block<E, GM, MR>(blocks + b * bb, x, a.K, res, pf);
-    for (int64_t m = 0; m < MR; ++m)
-      for (int64_t j = 0; j < nr; ++j) {
-        float v = res[m * kRows + j];
-        if (a.bias) v += a.bias[n0 + j];
-        store_from_f32(a.out, m * a.out_row_stride + n0 + j, a.x_dtype, v);
-      }
-  }
-}
-
-template <int E, int GM>
-LLMKERN_AVX512 void run_range(const Int8LinearArgs& a, const uint8_t* blocks, int64_t b0, int64_t b1, const Rows& r) {
-  if constexpr (GM == 16 || GM == 32 || GM == 64) {
-    if (!a.w8a8 && a.M >= 2) {  // several rows: convert each weight chunk once for all of them
-      switch (a.M) {
-        case 2: return run_range_rows<E, GM, 2>(a, blocks, b0, b1, r);
-        case 3: return run_range_rows<E, GM, 3>(a, blocks, b0, b1, r);
-        case 4: return run_range_rows<E, GM, 4>(a, blocks, b0, b1, r);
-        case 5: return run_range_rows<E, GM, 5>(a, blocks, b0, b1, r);
-        case 6: return run_range_rows<E, GM, 6>(a, blocks, b0, b1, r);
-        case 7: return run_range_rows<E, GM, 7>(a, blocks, b0, b1, r);
-        case 8: return run_range_rows<E, GM, 8>(a, blocks, b0, b1, r);
-        default: break;
-      }
-    }
-  }
-  const int64_t bb = block_bytes(a.K, a.group, E);
-  float res[kRows];
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n0 = b * kRows, nr = std::min(kRows, a.N - n0);
-    for (int64_t m = 0; m < a.M; ++m) {  // rows after the first read the block from L1/L2
-      const uint8_t* p = blocks + b * bb;
-      if (a.w8a8) w8a8_block<E, GM>(p, static_cast<const int8_t*>(r.x[m]), r.corr[m], a.K, a.group, res);
-      else w8a16_block<E, GM>(p, static_cast<const float*>(r.x[m]), a.K, a.group, res);
-      for (int64_t j = 0; j < nr; ++j) {
-        float v = res[j];
-        if (a.w8a8) v *= r.scale[m];
-        if (a.bias) v += a.bias[n0 + j];
-        store_from_f32(a.out, m * a.out_row_stride + n0 + j, a.x_dtype, v);
-      }
-    }
-  }
-}
-
-template <int E>
-inline void run_range_g(const Int8LinearArgs& a, const uint8_t* blocks, int64_t b0, int64_t b1, const Rows& r) {
-  if (a.K / a.group == 1) run_range<E, 0>(a, blocks, b0, b1, r);
-  else if (a.group == 16) run_range<E, 16>(a, blocks, b0, b1, r);
-  else if (a.group == 32) run_range<E, 32>(a, blocks, b0, b1, r);
-  else if (a.group == 64) run_range<E, 64>(a, blocks, b0, b1, r);
-  else run_range<E, 128>(a, blocks, b0, b1, r);
-}
-
-}  // namespace k512
-
-// Whether a call of M rows reads the packed layout (AVX-512 only; see int8_linear.h).
+// Whether a call of M rows reads the packed layout (AVX-512 and AVX2; see int8_linear.h).
 inline bool use_packed(const Int8LinearArgs& a, Isa isa) {
-  return a.packed && isa == Isa::kAvx512Vnni && a.M >= 1 && a.M <= max_rows(a.w8a8, a.group == a.K) &&
-         (a.w8a8 || a.M <= w8a16_tile_rows(a.M, a.K));
+  if (!a.packed || a.M < 1 || a.M > max_rows(a.w8a8, a.group == a.K)) return false;
+  if (isa == Isa::kAvx2) return a.w8a8 || a.M <= kAvx2W8A16MaxRows;
+  return isa == Isa::kAvx512Vnni && (a.w8a8 || a.M <= w8a16_tile_rows(a.M, a.K));
 }
 
-// A call of M <= max_rows rows from the packed layout (AVX-512): every weight block is
-// streamed once, each activation row in turn. ws: int8_linear_workspace_bytes(M, K, N, mode).
-inline void int8_linear_packed(const Int8LinearArgs& a) {
+namespace detail {
+
+// The blocks of the packed layout split over nt threads (contiguous ranges), run(b0, b1) each.
+template <class F>
+inline void over_blocks(const Int8LinearArgs& a, F&& run) {
+  const int64_t nb = (a.N + kRows - 1) / kRows;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, nb)));
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t b0, b1;
+    split_range(nb, omp_get_num_threads(), omp_get_thread_num(), &b0, &b1);
+    run(b0, b1);
+  }
+}
+
+inline void packed_avx512(const Int8LinearArgs& a, char* ws) {
   const int64_t Kp = kpad(a.K);
-  char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);
   k512::Rows r;
   if (a.w8a8) {
     char* extra = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(ws + a.M * Kp + a.M * 4) + kAlign - 1) /
                                           kAlign * kAlign);
     for (int64_t m = 0; m < a.M; ++m) {
-      const void* xm = static_cast<const char*>(a.x) + m * a.x_row_stride * dtype_size(a.x_dtype);
       uint8_t* qu = reinterpret_cast<uint8_t*>(ws + m * Kp);
-      avx512::quantize_row(xm, a.x_dtype, a.K, qu, &r.scale[m]);
+      avx512::quantize_row(x_row(a, m), a.x_dtype, a.K, qu, &r.scale[m]);
       int8_t* xq = reinterpret_cast<int8_t*>(extra + m * 2 * Kp);
       __m512i* c = reinterpret_cast<__m512i*>(extra + m * 2 * Kp + Kp);
       k512::w8a8_prepare_row(qu, a.K, a.group, xq, c);
@@ -533,26 +65,55 @@ inline void int8_linear_packed(const Int8LinearArgs& a) {
     }
   } else {
     for (int64_t m = 0; m < a.M; ++m) {
-      const void* xm = static_cast<const char*>(a.x) + m * a.x_row_stride * dtype_size(a.x_dtype);
       if (a.x_dtype == DType::kF32) {
-        r.x[m] = xm;
+        r.x[m] = x_row(a, m);
       } else {
         float* row = reinterpret_cast<float*>(ws) + m * Kp;
-        avx512::row_to_f32(xm, a.x_dtype, a.K, row);
+        avx512::row_to_f32(x_row(a, m), a.x_dtype, a.K, row);
         r.x[m] = row;
       }
     }
   }
   const uint8_t* blocks = a.packed + kHeader;
-  const int64_t nb = (a.N + kRows - 1) / kRows;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, nb)));
-#pragma omp parallel num_threads(nt)
-  {
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads(), q = nb / T, rem = nb % T;
-    const int64_t b0 = t * q + std::min(t, rem), b1 = b0 + q + (t < rem ? 1 : 0);
+  over_blocks(a, [&](int64_t b0, int64_t b1) {
     if (a.packed_e == 2) k512::run_range_g<2>(a, blocks, b0, b1, r);
     else k512::run_range_g<4>(a, blocks, b0, b1, r);
+  });
+}
+
+// AVX2: the canonical AVX2 path's row preparation (the portable code), q rows zero-padded to kpad(K).
+inline void packed_avx2(const Int8LinearArgs& a, char* ws) {
+  const int64_t Kp = kpad(a.K);
+  k256::Rows r;
+  for (int64_t m = 0; m < a.M; ++m) {
+    if (a.w8a8) {
+      char* q = ws + m * Kp;
+      scalar::quantize_row(x_row(a, m), a.x_dtype, a.K, q, &r.scale[m]);
+      std::memset(q + a.K, 0, Kp - a.K);
+      r.x[m] = q;
+    } else if (a.x_dtype == DType::kF32) {
+      r.x[m] = x_row(a, m);
+    } else {
+      float* row = reinterpret_cast<float*>(ws) + m * Kp;
+      scalar::row_to_f32(x_row(a, m), a.x_dtype, a.K, row);
+      r.x[m] = row;
+    }
   }
+  const uint8_t* blocks = a.packed + kHeader;
+  over_blocks(a, [&](int64_t b0, int64_t b1) {
+    if (a.packed_e == 2) k256::run_range_g<2>(a, blocks, b0, b1, r);
+    else k256::run_range_g<4>(a, blocks, b0, b1, r);
+  });
+}
+
+}  // namespace detail
+
+// A call of M <= max_rows rows from the packed layout (use_packed): every weight block is streamed
+// once, each activation row in turn. ws: int8_linear_workspace_bytes(M, K, N, mode).
+inline void int8_linear_packed(const Int8LinearArgs& a, Isa isa) {
+  char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);
+  if (isa == Isa::kAvx512Vnni) detail::packed_avx512(a, ws);
+  else detail::packed_avx2(a, ws);
 }
 
 }  // namespace i8pk

@@ -1,0 +1,111 @@
+// int8_linear's packed decode layout: its description, size and packing (the kernels that read it:
+// int8_linear_pack_avx512.h and int8_linear_pack_avx2.h; the dispatch: int8_linear_pack.h).
+//
+// Layout (built once by int8_pack_decode, at prepare time; the canonical w [N, K] / scale [N, K/G]
+// stay the state-dict form):
+//   [64-byte header: magic, N, K, G, E, w8a8]
+//   then ceil(N / 8) blocks of 8 weight rows (the last block padded with zero rows), each
+//   for every step s of 64 values of k (nsteps = ceil(K / 64); the last step zero-padded):
+//     W[8][64]  the 8 rows' weight bytes of the step: int8 (W8A16) or w + 128 as uint8 (W8A8)
+//     S[8][e_s] the E-byte scales (E = 2: fp16, E = 4: fp32) of the e_s groups that END in this
+//               step (e_s = floor(min(64 s + 64, K) / G) - floor(64 s / G)), row-major per row
+//   so a block is 8 * (64 nsteps + E K/G) bytes and a thread's blocks are one sequential stream.
+// E = 2 only when every scale is exactly an fp16 value (GGUF Q8_0); fp16 -> fp32 is exact.
+// Packable groups: per channel (K/G = 1, any K), G = 16 or 32 (several groups per step), or a
+// multiple of 64 (a group ends every G/64 steps).
+//
+// Each ISA's kernels give bit-identical results to its canonical tiles (int8_linear_avx512.h,
+// int8_linear_avx2.h) for the same mode: the same fp32 operations in the same order, only the
+// addresses differ (how W8A8's u8 weights keep that: in each kernel file).
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "llmkern/cpu/convert.h"
+
+namespace llmkern {
+namespace cpu {
+namespace i8pk {
+
+constexpr int64_t kRows = 8;            // weight rows per block
+constexpr int64_t kStep = 64;           // values of k per step
+constexpr int64_t kHeader = 64;         // bytes before the first block
+constexpr uint32_t kMagic = 0x38504b4c;  // "LKP8"
+
+inline int64_t nsteps(int64_t K) { return (K + kStep - 1) / kStep; }
+inline int64_t block_bytes(int64_t K, int64_t G, int64_t E) { return kRows * (kStep * nsteps(K) + E * (K / G)); }
+inline int64_t packed_bytes(int64_t N, int64_t K, int64_t G, int64_t E) {
+  return kHeader + (N + kRows - 1) / kRows * block_bytes(K, G, E);
+}
+// Whether the layout (and its kernels) take this group size.
+inline bool group_ok(int64_t K, int64_t G) {
+  return G >= 1 && K % G == 0 && (G == K || G == 16 || G == 32 || G % 64 == 0);
+}
+inline int64_t groups_ending(int64_t s, int64_t K, int64_t G) {
+  return std::min((s + 1) * kStep, K) / G - (s * kStep) / G;
+}
+
+struct Header {
+  uint32_t magic;
+  uint32_t w8a8;
+  int64_t N, K, G, E;
+};
+
+// Packs canonical weights (w [N, K] int8, scale [N, K/G] fp32) into packed_bytes(N, K, G, E) bytes at out.
+inline void int8_pack_decode(const int8_t* w, const float* scale, int64_t N, int64_t K, int64_t G, int64_t E,
+                             bool w8a8, uint8_t* out) {
+  const int64_t ng = K / G, ns = nsteps(K);
+  std::memset(out, 0, kHeader);
+  const Header h{kMagic, w8a8 ? 1u : 0u, N, K, G, E};
+  std::memcpy(out, &h, sizeof(h));
+  const uint8_t pad = w8a8 ? 0x80 : 0x00;  // a zero weight in either encoding
+  const int64_t nb = (N + kRows - 1) / kRows, bb = block_bytes(K, G, E);
+  // Blocks in parallel (each is bb contiguous bytes): a model's prepare packs its lm_head here
+  // (SmolLM2: 28 MB, 9 ms of the first prefill on one thread).
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t n0 = b * kRows;
+    uint8_t* p = out + kHeader + b * bb;
+    for (int64_t s = 0; s < ns; ++s) {
+      const int64_t k0 = s * kStep, kn = std::min(kStep, K - k0);
+      for (int64_t j = 0; j < kRows; ++j, p += kStep) {
+        std::memset(p, pad, kStep);
+        if (n0 + j >= N) continue;
+        const int8_t* src = w + (n0 + j) * K + k0;
+        for (int64_t k = 0; k < kn; ++k) p[k] = static_cast<uint8_t>(src[k]) ^ pad;
+      }
+      const int64_t e = groups_ending(s, K, G), g0 = k0 / G;
+      for (int64_t j = 0; j < kRows; ++j)
+        for (int64_t g = 0; g < e; ++g, p += E) {
+          const float v = n0 + j < N ? scale[(n0 + j) * ng + g0 + g] : 0.0f;
+          if (E == 2) {
+            const uint16_t hv = f32_to_f16(v);
+            std::memcpy(p, &hv, 2);
+          } else {
+            std::memcpy(p, &v, 4);
+          }
+        }
+    }
+  }
+}
+
+// Calls of up to max_rows(mode, per channel) activation rows read the packed layout: every weight
+// block is streamed once from DRAM and re-read from L1/L2 by the call's other rows. Measured (1
+// thread, cold weights; docs/notes/cpu-int8pack.md) against the canonical M-row tiles: faster or
+// equal for M <= 8 except W8A8 per channel, which the canonical tiles (one vpdpbusd per weight
+// vector shared by 4 rows) match at M = 4 and beat at M = 8 (4096x4096: 0.8x).
+constexpr int64_t kMaxRows = 8;
+inline int64_t max_rows(bool w8a8, bool per_channel) { return w8a8 && per_channel ? 4 : kMaxRows; }
+
+#ifndef LLMKERN_I8PK_PREFETCH
+#define LLMKERN_I8PK_PREFETCH 8192
+#endif
+constexpr int64_t kPrefetch = LLMKERN_I8PK_PREFETCH;  // bytes of the stream prefetched ahead of the read position
+
+}  // namespace i8pk
+}  // namespace cpu
+}  // namespace llmkern

@@ -39,7 +39,9 @@
 namespace llmkern {
 namespace cpu {
 
-using I4PrepFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, void* xp, float* xs);
+// Decode row preparation: x -> xp (the ISA's order) and its group sums xs. scale: the prep may write
+// its scaled form (AVX2: see int4_linear_avx2.h); returns whether it did (the others never do).
+using I4PrepFn = bool (*)(const void* x, DType dt, int64_t K, int64_t G, void* xp, float* xs, bool scale);
 using I4RowFn = void (*)(const void* x, DType dt, int64_t K, float* out);
 using I4SumsFn = void (*)(const void* x, DType dt, int64_t K, int64_t G, float* xs);
 using I4StoreFn = void (*)(const float* v, const float* bias, void* out, DType dt, int64_t cols);
@@ -293,12 +295,18 @@ inline void decode(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Rou
       char* xp = mine;
       float* xs = reinterpret_cast<float*>(mine + align_up(a.M * rowb, kAlign));
       float* res = xs + align_up(a.M * gp * 4, kAlign) / 4;  // [M][kColChunk]
-      for (int64_t m = 0; m < a.M; ++m) rt.dec_prep(x_row(a, m), a.x_dtype, a.K, a.group, xp + m * rowb, xs + m * gp);
+      int64_t scaled = 0;  // rows written in the scaled form: all of them or none (the tiles read one form)
+      for (int64_t m = 0; m < a.M; ++m) scaled += rt.dec_prep(x_row(a, m), a.x_dtype, a.K, a.group, xp + m * rowb, xs + m * gp, true);
+      if (scaled > 0 && scaled < a.M) {
+        for (int64_t m = 0; m < a.M; ++m) rt.dec_prep(x_row(a, m), a.x_dtype, a.K, a.group, xp + m * rowb, xs + m * gp, false);
+        scaled = 0;
+      }
       DecodeTile tile;
       tile.K = a.K;
       tile.group = a.group;
       tile.ngroups = ng;
       tile.res_stride = kColChunk;
+      tile.x_scaled = scaled > 0;
       for (int64_t n = c0 * kColChunk; n < std::min(a.N, c1 * kColChunk); n += kColChunk) {
         const int64_t cols = std::min(kColChunk, a.N - n);
         for (int64_t m0 = 0; m0 < a.M;) {

@@ -84,7 +84,7 @@ LLMKERN_I4_AVX512 inline void group_sums_v(const void* x, DType dt, int64_t K, i
 
 // fp32 route: xp[128b + 16t + j] = x[128b + 8j + t] (0 past K). The 128 values of a block, read as
 // a 16 x 8 matrix (row j = x[8j .. 8j+7]), are transposed: two-source permutes pick column t.
-LLMKERN_I4_AVX512 inline void dec_prep_f32(const void* x, DType dt, int64_t K, int64_t G, void* xp_, float* xs) {
+LLMKERN_I4_AVX512 inline bool dec_prep_f32(const void* x, DType dt, int64_t K, int64_t G, void* xp_, float* xs, bool /*scale*/) {
   float* xp = static_cast<float*>(xp_);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i stride8 = _mm512_slli_epi32(iota, 3);  // 8j: lane j of column t is element 8j + t
@@ -105,10 +105,11 @@ LLMKERN_I4_AVX512 inline void dec_prep_f32(const void* x, DType dt, int64_t K, i
     }
   }
   group_sums_v(x, dt, K, G, xs);
+  return false;
 }
 
 // bf16 route: xp[128b + 32u + 2j + h] = x[128b + 8j + u + 4h] as bf16 bits (0 past K).
-inline void dec_prep_bf16(const void* x, DType dt, int64_t K, int64_t G, void* xp_, float* xs) {
+inline bool dec_prep_bf16(const void* x, DType dt, int64_t K, int64_t G, void* xp_, float* xs, bool /*scale*/) {
   const uint16_t* xb = static_cast<const uint16_t*>(x);
   uint16_t* xp = static_cast<uint16_t*>(xp_);
   for (int64_t b = 0; b < align_up(K, 128); b += 128)
@@ -119,6 +120,7 @@ inline void dec_prep_bf16(const void* x, DType dt, int64_t K, int64_t G, void* x
           xp[b + 32 * u + 2 * j + h] = k < K ? xb[k] : 0;
         }
   group_sums_v(x, dt, K, G, xs);
+  return false;
 }
 
 // ------------------------------------------------------------------------------------ decode

@@ -73,6 +73,7 @@ constexpr int kDecMaxNB = 8;
 
 struct DecodeTile {
   const void* x[kDecMaxMB];    // prepared rows (ISA format)
+  bool x_scaled = false;       // the rows are in the prep's scaled form (I4PrepFn; AVX2 only)
   const float* xs[kDecMaxMB];  // X(m, g) for g = 0.., padded with zeros to a multiple of 16
   const uint8_t* qw;           // weight row n0, row stride K / 2
   const float* scale;          // scale row n0, row stride ngroups

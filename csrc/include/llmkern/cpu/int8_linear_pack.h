@@ -48,6 +48,20 @@ inline void over_blocks(const Int8LinearArgs& a, F&& run) {
   }
 }
 
+// W8A16 activation rows as fp32: x's own rows (fp32) or converted by `convert` into ws (kpad(K) floats each).
+inline void f32_rows(const Int8LinearArgs& a, char* ws, void (*convert)(const void*, DType, int64_t, float*),
+                     const void** x) {
+  for (int64_t m = 0; m < a.M; ++m) {
+    if (a.x_dtype == DType::kF32) {
+      x[m] = x_row(a, m);
+    } else {
+      float* row = reinterpret_cast<float*>(ws) + m * kpad(a.K);
+      convert(x_row(a, m), a.x_dtype, a.K, row);
+      x[m] = row;
+    }
+  }
+}
+
 inline void packed_avx512(const Int8LinearArgs& a, char* ws) {
   const int64_t Kp = kpad(a.K);
   k512::Rows r;
@@ -64,15 +78,7 @@ inline void packed_avx512(const Int8LinearArgs& a, char* ws) {
       r.corr[m] = c;
     }
   } else {
-    for (int64_t m = 0; m < a.M; ++m) {
-      if (a.x_dtype == DType::kF32) {
-        r.x[m] = x_row(a, m);
-      } else {
-        float* row = reinterpret_cast<float*>(ws) + m * Kp;
-        avx512::row_to_f32(x_row(a, m), a.x_dtype, a.K, row);
-        r.x[m] = row;
-      }
-    }
+    f32_rows(a, ws, &avx512::row_to_f32, r.x);
   }
   const uint8_t* blocks = a.packed + kHeader;
   over_blocks(a, [&](int64_t b0, int64_t b1) {
@@ -85,19 +91,15 @@ inline void packed_avx512(const Int8LinearArgs& a, char* ws) {
 inline void packed_avx2(const Int8LinearArgs& a, char* ws) {
   const int64_t Kp = kpad(a.K);
   k256::Rows r;
-  for (int64_t m = 0; m < a.M; ++m) {
-    if (a.w8a8) {
+  if (a.w8a8) {
+    for (int64_t m = 0; m < a.M; ++m) {
       char* q = ws + m * Kp;
       scalar::quantize_row(x_row(a, m), a.x_dtype, a.K, q, &r.scale[m]);
       std::memset(q + a.K, 0, Kp - a.K);
       r.x[m] = q;
-    } else if (a.x_dtype == DType::kF32) {
-      r.x[m] = x_row(a, m);
-    } else {
-      float* row = reinterpret_cast<float*>(ws) + m * Kp;
-      scalar::row_to_f32(x_row(a, m), a.x_dtype, a.K, row);
-      r.x[m] = row;
     }
+  } else {
+    f32_rows(a, ws, &scalar::row_to_f32, r.x);
   }
   const uint8_t* blocks = a.packed + kHeader;
   over_blocks(a, [&](int64_t b0, int64_t b1) {

@@ -363,12 +363,7 @@ LLMKERN_AVX512 void run_range_rows(const Int8LinearArgs& a, const uint8_t* block
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * kRows, nr = std::min(kRows, a.N - n0);
     w8a16_rows_block<E, GM, MR>(blocks + b * bb, x, a.K, res, pf);
-    for (int64_t m = 0; m < MR; ++m)
-      for (int64_t j = 0; j < nr; ++j) {
-        float v = res[m * kRows + j];
-        if (a.bias) v += a.bias[n0 + j];
-        store_from_f32(a.out, m * a.out_row_stride + n0 + j, a.x_dtype, v);
-      }
+    for (int64_t m = 0; m < MR; ++m) store_block_row(a, m, n0, nr, res + m * kRows, 1.0f);
   }
 }
 
@@ -396,23 +391,14 @@ LLMKERN_AVX512 void run_range(const Int8LinearArgs& a, const uint8_t* blocks, in
       const uint8_t* p = blocks + b * bb;
       if (a.w8a8) w8a8_block<E, GM>(p, static_cast<const int8_t*>(r.x[m]), r.corr[m], a.K, a.group, res);
       else w8a16_block<E, GM>(p, static_cast<const float*>(r.x[m]), a.K, a.group, res);
-      for (int64_t j = 0; j < nr; ++j) {
-        float v = res[j];
-        if (a.w8a8) v *= r.scale[m];
-        if (a.bias) v += a.bias[n0 + j];
-        store_from_f32(a.out, m * a.out_row_stride + n0 + j, a.x_dtype, v);
-      }
+      store_block_row(a, m, n0, nr, res, a.w8a8 ? r.scale[m] : 1.0f);
     }
   }
 }
 
 template <int E>
 inline void run_range_g(const Int8LinearArgs& a, const uint8_t* blocks, int64_t b0, int64_t b1, const Rows& r) {
-  if (a.K / a.group == 1) run_range<E, 0>(a, blocks, b0, b1, r);
-  else if (a.group == 16) run_range<E, 16>(a, blocks, b0, b1, r);
-  else if (a.group == 32) run_range<E, 32>(a, blocks, b0, b1, r);
-  else if (a.group == 64) run_range<E, 64>(a, blocks, b0, b1, r);
-  else run_range<E, 128>(a, blocks, b0, b1, r);
+  with_group_mode(a.K, a.group, [&](auto gm) { run_range<E, decltype(gm)::value>(a, blocks, b0, b1, r); });
 }
 
 }  // namespace k512

@@ -24,8 +24,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "llmkern/cpu/convert.h"
+#include "llmkern/cpu/int8_linear_common.h"
 
 namespace llmkern {
 namespace cpu {
@@ -105,6 +107,31 @@ inline int64_t max_rows(bool w8a8, bool per_channel) { return w8a8 && per_channe
 #define LLMKERN_I8PK_PREFETCH 8192
 #endif
 constexpr int64_t kPrefetch = LLMKERN_I8PK_PREFETCH;  // bytes of the stream prefetched ahead of the read position
+
+// ------------------------------------------------------------------ shared by the ISAs' kernels
+
+// The kernels' group mode GM for this (K, G): 0 per channel, 16 / 32 / 64 (groups inside a step),
+// 128 (a multiple of 64 above 64): calls f(std::integral_constant<int, GM>{}).
+template <class F>
+inline void with_group_mode(int64_t K, int64_t G, F&& f) {
+  if (K / G == 1) f(std::integral_constant<int, 0>{});
+  else if (G == 16) f(std::integral_constant<int, 16>{});
+  else if (G == 32) f(std::integral_constant<int, 32>{});
+  else if (G == 64) f(std::integral_constant<int, 64>{});
+  else f(std::integral_constant<int, 128>{});
+}
+
+// Outputs [n0, n0 + nr) of activation row m from a block's res[j]: times the row scale (W8A8), plus
+// bias, stored in x's dtype (the canonical driver's epilogue).
+inline void store_block_row(const Int8LinearArgs& a, int64_t m, int64_t n0, int64_t nr, const float* res,
+                            float row_scale) {
+  for (int64_t j = 0; j < nr; ++j) {
+    float v = res[j];
+    if (a.w8a8) v *= row_scale;
+    if (a.bias) v += a.bias[n0 + j];
+    store_from_f32(a.out, m * a.out_row_stride + n0 + j, a.x_dtype, v);
+  }
+}
 
 }  // namespace i8pk
 }  // namespace cpu

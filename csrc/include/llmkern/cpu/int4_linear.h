@@ -131,14 +131,20 @@ inline Int4Kernels make_scalar_kernels() {
 inline Int4Kernels make_avx2_kernels() {
   namespace v = int4_avx2;
   Int4Kernels k;
-  // Decode: 1 row x 8 weight rows, 2 x 2 for more rows. 1 x 8 keeps 8 FMA chains (1 x 4: 4, fewer than
-  // the FMA latency needs) at the price of reloading the weight words from the stack (8 + 8 + 8 > 16
-  // ymm registers): 5-10% faster than 1 x 4 hot, 7-11% cold at 2 threads (docs/notes/cpu-avx2-int8pack.md).
-  k.dec_mb_max = 2;
+  // Decode: 1 row x 8 weight rows, 2 x 2 for two rows, 3 / 4 x 1 for more. 1 x 8 keeps 8 FMA chains
+  // (1 x 4: 4, fewer than the FMA latency needs) at the price of reloading the weight words from the
+  // stack (8 + 8 + 8 > 16 ymm registers): 5-10% faster than 1 x 4 hot, 7-11% cold at 2 threads. 4 x 1
+  // converts each weight once for 4 rows (2 x 2: for 2) in 13 registers: the 4-sequence step's int4
+  // layers 12-16% faster than with 2 x 2 (4 x 2 spills: 35% slower). docs/notes/cpu-avx2-int8pack.md.
+  k.dec_mb_max = 4;
   k.dec_nb[1] = 8;
   k.dec_nb[2] = 2;
+  k.dec_nb[3] = 1;
+  k.dec_nb[4] = 1;
   LLMKERN_I4_DEC8(k.f32, v::dec_tile, 1)
   LLMKERN_I4_DEC(k.f32, v::dec_tile, 2)
+  LLMKERN_I4_DEC(k.f32, v::dec_tile, 3)
+  LLMKERN_I4_DEC(k.f32, v::dec_tile, 4)
   k.f32.dec_prep = &v::dec_prep;
   k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float*, const float*, int64_t, void* w) {
     int4_scalar::unpack_panel_f32(qw, rb, ncols, v::kNS, k0, kc, static_cast<float*>(w));
@@ -173,8 +179,8 @@ inline Int4Kernels make_avx512_kernels() {
   k.dec_mb_max = 4;
   k.dec_nb[1] = 8;
   k.dec_nb[2] = 4;
-  k.dec_nb[3] = 2;
-  k.dec_nb[4] = 2;
+  k.dec_nb[3] = 1;
+  k.dec_nb[4] = 1;
   LLMKERN_I4_DEC8(k.f32, v::dec_tile_f32, 1)
   LLMKERN_I4_DEC(k.f32, v::dec_tile_f32, 2)
   LLMKERN_I4_DEC(k.f32, v::dec_tile_f32, 3)

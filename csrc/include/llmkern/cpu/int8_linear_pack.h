@@ -20,16 +20,21 @@ namespace llmkern {
 namespace cpu {
 namespace i8pk {
 
-// AVX2 W8A16 calls read the packed layout up to this many rows: each row converts every weight again
-// (vpmovsxbd + vcvtdq2ps, compute-bound from L1/L2), which the canonical tiles share among 2 rows.
-// Cold, 2 threads, against the canonical tiles (docs/notes/cpu-avx2-int8pack.md): M = 4 1.0-1.9x,
-// M = 8 0.84-1.22x (Llama 4096 x 4096 slower). W8A8 keeps max_rows (M = 8 grouped: 1.1-1.3x).
+// AVX2 W8A16 calls read the packed layout up to this many rows when the group is per channel or a
+// multiple of 64 above 64: each row converts every weight again (vpmovsxbd + vcvtdq2ps, compute-bound
+// from L1/L2), which the canonical tiles share among 2 rows. Cold, 2 threads, against the canonical
+// tiles (docs/notes/cpu-avx2-int8pack.md): M = 4 1.0-1.9x, M = 8 0.84-1.22x. Groups of 16 / 32 / 64
+// have a kernel converting each chunk once for up to 4 rows (k256::w8a16_rows_block): up to 8 rows
+// (M = 8: 1.1-1.4x). W8A8 keeps max_rows (M = 8 grouped: 1.1-1.3x).
 constexpr int64_t kAvx2W8A16MaxRows = 4;
 
 // Whether a call of M rows reads the packed layout (AVX-512 and AVX2; see int8_linear.h).
 inline bool use_packed(const Int8LinearArgs& a, Isa isa) {
   if (!a.packed || a.M < 1 || a.M > max_rows(a.w8a8, a.group == a.K)) return false;
-  if (isa == Isa::kAvx2) return a.w8a8 || a.M <= kAvx2W8A16MaxRows;
+  if (isa == Isa::kAvx2) {
+    const bool rows_kernel = a.K / a.group > 1 && (a.group == 16 || a.group == 32 || a.group == 64);
+    return a.w8a8 || a.M <= (rows_kernel ? kMaxRows : kAvx2W8A16MaxRows);
+  }
   return isa == Isa::kAvx512Vnni && (a.w8a8 || a.M <= w8a16_tile_rows(a.M, a.K));
 }
 

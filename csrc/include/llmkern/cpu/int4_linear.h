@@ -147,7 +147,8 @@ inline Int4Kernels make_avx2_kernels() {
   LLMKERN_I4_DEC(k.f32, v::dec_tile, 4)
   k.f32.dec_prep = &v::dec_prep;
   k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float*, const float*, int64_t, void* w) {
-    int4_scalar::unpack_panel_f32(qw, rb, ncols, v::kNS, k0, kc, static_cast<float*>(w));
+    if (rb < (int64_t(1) << 27)) v::unpack_panel_f32(qw, rb, ncols, k0, kc, static_cast<float*>(w));  // 8 rb fits int32
+    else int4_scalar::unpack_panel_f32(qw, rb, ncols, v::kNS, k0, kc, static_cast<float*>(w));
   };
 #define LLMKERN_I4_MICRO2(MR)           \
   k.f32.micro[MR][1] = &v::micro<MR, 1>; \

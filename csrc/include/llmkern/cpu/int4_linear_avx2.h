@@ -179,14 +179,41 @@ void dec_tile(const DecodeTile& t) {
 
 // ----------------------------------------------------------------------------------- prefill
 
+constexpr int64_t kNS = 16, kKC = 128, kMR = 6;
+
+// fp32 panel w[k * kNS + n] = q[n0 + n, k0 + k] for k < kc (a multiple of 8), 0 for ncols <= n < kNS
+// (qw: row n0 at byte 0, rows rb bytes apart): the 4-byte words (8 values of k) of 8 rows gathered
+// into the lanes, then nibble t of every lane is value k + t. The values of the portable unpack
+// (int4_scalar::unpack_panel_f32), which wrote them one at a time: 3-11% of an AVX2 prefill call.
+// Lane offsets 8 rb must fit int32 (the caller falls back to the portable unpack otherwise).
+LLMKERN_I4_AVX2 inline void unpack_panel_f32(const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc,
+                                             float* w) {
+  const __m256i nib = _mm256_set1_epi32(15);
+  const __m256i vidx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(rb)));
+  for (int64_t v = 0; v < kNS / 8; ++v) {
+    float* dst = w + 8 * v;
+    const int64_t cols = ncols - 8 * v;
+    if (cols <= 0) {
+      for (int64_t k = 0; k < kc; ++k) _mm256_storeu_ps(dst + k * kNS, _mm256_setzero_ps());
+      continue;
+    }
+    const __m256i m = lanes(cols);  // rows past ncols: not read, 0
+    const uint8_t* base = qw + 8 * v * rb + k0 / 2;
+    for (int64_t k = 0; k < kc; k += 8) {
+      const __m256i d = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), reinterpret_cast<const int*>(base + k / 2),
+                                                    vidx, m, 1);
+      LLMKERN_I4_UNROLL2 for (int t = 0; t < 8; ++t)
+        _mm256_storeu_ps(dst + (k + t) * kNS, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 4 * t), nib)));
+    }
+  }
+}
+
 // Micro-kernel: MR <= 6 rows x NV <= 2 vectors (16 columns). A group's dot products D take 12
 // accumulators (12 independent FMA chains: the FMA latency x throughput needs 8), the panel vectors
 // 2 and the broadcast row value 1: all 15 of the 16 ymm registers. At the group's end C = (C or 0)
 // + D * scale + X * offset goes through the thread's C tile (L1) rather than 12 more registers:
 // the same fp32 operations in the same order as when C stayed in registers (3 x 2 tiles: 6 chains,
 // ~60% of the FMA peak; docs/notes/cpu-avx2-int8pack.md).
-constexpr int64_t kNS = 16, kKC = 128, kMR = 6;
-
 template <int MR, int NV>
 LLMKERN_I4_AVX2 void micro(const Panel& p, const Micro& m) {
   const float* w = static_cast<const float*>(p.w);

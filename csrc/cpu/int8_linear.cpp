@@ -228,7 +228,7 @@ void bind_int8_linear(py::module_& m) {
         "out[M, N] = x[M, K] @ dequant(w[N, K])^T (+ bias), W8A16 or W8A8, on raw pointers (see "
         "llmkern/ops/int8_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype. "
         "packed_ptr / packed_e: the same weights in the packed decode layout (int8_linear_pack, same mode), "
-        "read instead of w/scale by decode calls (M <= 8; W8A8 per channel: 4; AVX2 W8A16: 4) on AVX-512 and AVX2 (identical results). "
+        "read instead of w/scale by decode calls (M <= 8; W8A8 per channel: 4; AVX2 W8A16 per channel or G >= 128: 4) on AVX-512 and AVX2 (identical results). "
         "gemm_ptr: the same weights in the W8A8 GEMM layout (int8_linear_gemm_pack), read by W8A8 calls of "
         "more rows on AVX-512 (per channel: identical results; per group: equal up to fp32 rounding). "
         "Releases the GIL while computing; invalid arguments raise ValueError.",

@@ -104,9 +104,9 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
 
     pack (the preparer, i.e. Int8Linear's prepared call, decides): the weights are also repacked once
     into the kernel's packed decode layout for this mode (`_cpu_pack`, csrc/include/llmkern/cpu/
-    int8_linear_pack*.h), which decode calls (M <= 8 rows; W8A8 per channel: 4; AVX2 W8A16: 4) on
-    AVX-512 and AVX2 stream instead of the canonical tensors; other calls keep reading the canonical tensors, which the caller holds anyway (a
-    module's buffers). Results are bit-identical to the canonical kernel's. Memory: the packed copy
+    int8_linear_pack*.h), which decode calls (M <= 8 rows; 4: W8A8 per channel, and AVX2 W8A16 per
+    channel or G >= 128) on AVX-512 and AVX2 stream instead of the canonical tensors; other calls keep
+    reading the canonical tensors, which the caller holds anyway (a module's buffers). Results are bit-identical to the canonical kernel's. Memory: the packed copy
     is about as large as the canonical tensors (K + E K/G bytes per row, E = 2 when every scale is an
     fp16 value, else 4; rows padded to a multiple of 8, K to a multiple of 64).
 
@@ -184,7 +184,7 @@ def _cpu(x, weight, weight_scale, bias, mode):
 @int8_linear_op.preparer("cpu")
 def _cpu_prepare(weight, weight_scale, bias, mode):
     """The cpu preparer (Int8Linear's prepared call). On AVX-512 and AVX2 CPUs it also packs the weights
-    for decode calls of up to 8 rows (AVX2 W8A16: 4) (`_cpu_runner`; AVX-512 1.4-10x faster at 1 thread,
+    for decode calls of up to 8 rows (AVX2 W8A16 per channel or G >= 128: 4) (`_cpu_runner`; AVX-512 1.4-10x faster at 1 thread,
     docs/notes/cpu-int8pack.md; AVX2 1.3-3.4x cold, docs/notes/cpu-avx2-int8pack.md), when the group is
     packable (per channel, 16, 32, multiple of 64): LLMKERN_INT8_PACK unset or 1: pack (fp16 scales when exact, else fp32); 0: never (no memory
     beyond the canonical tensors). The kernel reads whichever layout it is given, with identical results.

@@ -4,8 +4,9 @@ The packed layout (csrc/include/llmkern/cpu/int8_linear_pack.h) must give bit-id
 canonical-layout kernel for the same x and mode: every ISA (packed kernels for AVX-512 and AVX2; on
 scalar a packed runner reads the canonical tensors), 1 and 2 threads, fp16-exact scales (GGUF Q8_0-like,
 stored as fp16) and arbitrary fp32 ones, G = 16/32/64/128/256 and per channel, odd N (8-row block
-tails), K with a short last 64-step, bias and none. Calls of up to 8 rows (W8A8 per channel: 4) read the
-packed form; more rows check that the runner keeps the canonical path right.
+tails), K with a short last 64-step, bias and none. Calls of up to 8 rows (4: W8A8 per channel, and AVX2
+W8A16 per channel or G >= 128) read the packed form; more rows check that the runner keeps the canonical
+path right.
 """
 import importlib
 import zlib

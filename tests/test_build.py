@@ -69,9 +69,9 @@ def _cuobjdump():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: llmkern._C_cuda is not built here")
 def test_sm90a_wgmma_kernels_use_hgmma_and_do_not_spill():
-    """Issue 7: the sm_90a GEMM kernels run warpgroup MMA (HGMMA in SASS, not only HMMA) without spills.
-    Covers the int4 prefill wgmma kernel (csrc/include/llmkern/cuda/wgmma_int4.cuh); add attention here
-    once it has a wgmma kernel."""
+    """Issue 7: the sm_90a kernels run warpgroup MMA (HGMMA in SASS, not only HMMA) without spills: the int4
+    prefill GEMM (csrc/include/llmkern/cuda/wgmma_int4.cuh) and the prefill attention
+    (attention_sm90.cuh, which also loads by TMA: UTMALDG)."""
     import subprocess
 
     try:
@@ -87,15 +87,21 @@ def test_sm90a_wgmma_kernels_use_hgmma_and_do_not_spill():
     # ptxas blocks: "Compiling entry function 'NAME' for 'sm_90a'" ... "N bytes spill stores, M bytes spill loads"
     blocks = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n(?:.*\n){0,2}?.*?"
                         r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    wg = {name: (st, ld) for name, st, ld in blocks if "wgmma_int4_kernel" in name}
-    assert len(wg) == 4, f"expected 4 sm_90a wgmma_int4_kernel instantiations (bf16/fp16 x 64/128 rows), got {sorted(wg)}"
-    assert all(v == ("0", "0") for v in wg.values()), f"spills in the wgmma kernels: {wg}"
+    # kernel -> (instantiations, least HGMMA per instantiation: the k16 steps of one tile)
+    kernels = {"wgmma_int4_kernel": (4, 4), "attn_fwd_sm90_kernel": (4, 12)}
+    for kernel, (count, _) in kernels.items():
+        wg = {name: (st, ld) for name, st, ld in blocks if kernel in name}
+        assert len(wg) == count, f"expected {count} sm_90a {kernel} instantiations, got {sorted(wg)}"
+        assert all(v == ("0", "0") for v in wg.values()), f"spills in {kernel}: {wg}"
     exe = _cuobjdump()
     if exe is None:
         pytest.skip("no cuobjdump (CUDA toolkit or triton) to read the SASS")
     sass = subprocess.run([exe, "-sass", "-arch", "sm_90a", CU.__file__], capture_output=True, text=True,
                           check=True).stdout
     funcs = re.split(r"\n\s*Function : ", sass)[1:]
-    hgmma = {f.split("\n", 1)[0].strip(): f.count("HGMMA.") for f in funcs if "wgmma_int4_kernel" in f.split("\n", 1)[0]}
-    assert len(hgmma) == 4, f"wgmma kernels in the sm_90a SASS: {sorted(hgmma)}"
-    assert all(n >= 4 for n in hgmma.values()), f"HGMMA instructions per kernel: {hgmma}"
+    for kernel, (count, least) in kernels.items():
+        hgmma = {f.split("\n", 1)[0].strip(): f.count("HGMMA.") for f in funcs if kernel in f.split("\n", 1)[0]}
+        assert len(hgmma) == count, f"{kernel} in the sm_90a SASS: {sorted(hgmma)}"
+        assert all(n >= least for n in hgmma.values()), f"HGMMA instructions per {kernel}: {hgmma}"
+    tma = {f.split("\n", 1)[0].strip(): f.count("UTMALDG") for f in funcs if "attn_fwd_sm90_kernel" in f.split("\n", 1)[0]}
+    assert all(n >= 2 for n in tma.values()), f"TMA loads per attention kernel: {tma}"

@@ -10,11 +10,15 @@
 #include <stdexcept>
 #include <string>
 
-#include "llmkern/cuda/attention.cuh"
+#include "llmkern/cuda/attention_params.h"
 #include "llmkern/cuda_check.cuh"
+#ifndef LLMKERN_CUDA_EMULATOR  // the CPU emulator (tests/cuda_emu) runs the sm_90a kernel only
+#include "llmkern/cuda/attention.cuh"
+#endif
 
 namespace llmkern {
 
+#ifndef LLMKERN_CUDA_EMULATOR
 namespace {
 
 // Tile configurations (ptxas: 0 spills on sm_80 and sm_90a):
@@ -69,15 +73,22 @@ void launch_attn(const cuda::AttnFwdParams& p, int B, int max_q, cudaStream_t st
 }
 
 }  // namespace
+#endif
+
+bool attention_fwd_sm90(int dtype, const cuda::AttnFwdParams& p, int64_t D, int64_t B, int64_t Sq, int64_t Sk,
+                        int64_t Hq, int64_t Hk, int64_t Tq, int64_t Tk, const int64_t* qs, const int64_t* ks,
+                        const int64_t* vs, int max_q, cudaStream_t stream);
 
 // dtype: 1 bfloat16, 2 float16 (the op's codes; 0 = float32 is not supported here). Strides in
 // elements, [batch, token, head] (packed: batch unused). Packed when cu_q != nullptr: B sequences,
 // Tq rows of q (the grid covers Tq rows per sequence: no host read of cu_seqlens, graph-safe).
-void attention_fwd(int dtype, const void* q, const void* k, const void* v, const int64_t* qs, const int64_t* ks,
+// wgmma: run the sm_90a kernel (attention_sm90.cu) where it can run; returns whether it ran (else the
+// sm_80 kernel did).
+bool attention_fwd(int dtype, const void* q, const void* k, const void* v, const int64_t* qs, const int64_t* ks,
                    const int64_t* vs, int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hk, int64_t D,
                    const int32_t* cu_q, const int32_t* cu_k, int64_t Tq, int64_t Tk, double scale, bool causal,
                    int64_t window_left, int64_t window_right, double softcap, void* out, float* lse,
-                   cudaStream_t stream, bool wide) {
+                   cudaStream_t stream, bool wide, bool wgmma) {
   constexpr int64_t kMax = int64_t(1) << 30;  // index math in the kernel is 32-bit per sequence
   const bool packed = cu_q != nullptr;
   if (dtype != 1 && dtype != 2) throw std::invalid_argument("llmkern attention (cuda): dtype must be 1 (bf16) or 2 (fp16)");
@@ -89,7 +100,7 @@ void attention_fwd(int dtype, const void* q, const void* k, const void* v, const
   if (window_left < -1 || window_right < -1) throw std::invalid_argument("llmkern attention (cuda): window_left/right must be >= -1");
   if (packed != (cu_k != nullptr)) throw std::invalid_argument("llmkern attention (cuda): cu_seqlens_q and cu_seqlens_k go together");
   const int64_t max_q = packed ? Tq : Sq;
-  if (B == 0 || max_q == 0 || Hq == 0) return;
+  if (B == 0 || max_q == 0 || Hq == 0) return false;
   // 16-byte cp.async: base pointers and every stride a multiple of 8 elements.
   auto aligned = [](const void* ptr, const int64_t* s) {
     return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0;
@@ -122,6 +133,10 @@ void attention_fwd(int dtype, const void* q, const void* k, const void* v, const
   p.window_right = causal ? 0 : static_cast<int>(std::min<int64_t>(window_right, kMax - 1));
 
   const int Bi = static_cast<int>(B), mq = static_cast<int>(max_q);
+  if (wgmma && attention_fwd_sm90(dtype, p, D, B, Sq, Sk, Hq, Hk, Tq, Tk, qs, ks, vs, mq, stream)) return true;
+#ifdef LLMKERN_CUDA_EMULATOR
+  throw std::invalid_argument("llmkern attention (cuda emulator): only the sm_90a kernel is emulated");
+#else
   if (dtype == 1) {
     if (D == 64) launch_attn<__nv_bfloat16, 64>(p, Bi, mq, stream);
     else if (wide) launch_attn<__nv_bfloat16, 128, true>(p, Bi, mq, stream);
@@ -131,6 +146,8 @@ void attention_fwd(int dtype, const void* q, const void* k, const void* v, const
     else if (wide) launch_attn<__half, 128, true>(p, Bi, mq, stream);
     else launch_attn<__half, 128>(p, Bi, mq, stream);
   }
+  return false;
+#endif
 }
 
 }  // namespace llmkern

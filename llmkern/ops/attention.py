@@ -209,16 +209,25 @@ def _cuda_launch(mod, stream, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal
     if (Tq if packed else Sq) > 65535 * 64 or B * Hq >= 2**31 or max(Sk, Tk) >= 2**30:
         raise BackendUnsupported(f"{Tq if packed else Sq} query rows x {B * Hq} heads, {max(Sk, Tk)} keys exceed "
                                  "the kernel's grid or 32-bit index range")
-    mod.attention(_DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), *strides, B, Sq, Sk, Hq, Hk, D,
-                  cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
-                  int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr(), stream,
-                  _CUDA_WIDE)
+    global _last_cuda_kernel
+    sm90 = mod.attention(_DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), *strides, B, Sq, Sk, Hq, Hk,
+                         D, cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
+                         int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr(), stream,
+                         _CUDA_WIDE, _CUDA_WGMMA)
+    _last_cuda_kernel = "sm90" if sm90 else "sm80"
     return out, lse
 
 
 # LLMKERN_CUDA_ATTN_WIDE=1: head dim 128 runs 128-row query tiles (8 warps) instead of 64 (4 warps);
 # a tuning switch for GPU sessions (read once, at import).
 _CUDA_WIDE = os.environ.get("LLMKERN_CUDA_ATTN_WIDE", "") == "1"
+# LLMKERN_CUDA_ATTN_WGMMA=1: on a compute-capability-9.0 GPU (H100/H200) run the sm_90a kernel (TMA, warpgroup
+# MMA, a producer warp and two consumer warpgroups; csrc/include/llmkern/cuda/attention_sm90.cuh) instead of
+# the sm_80 one. Off by default until a GPU run has checked it (docs/notes/cuda-attn-sm90.md); elsewhere the
+# launcher runs the sm_80 kernel. Read once, at import.
+_CUDA_WGMMA = os.environ.get("LLMKERN_CUDA_ATTN_WGMMA", "") == "1"
+# Which CUDA kernel the last call ran ("sm80" or "sm90"), for tests and benchmarks.
+_last_cuda_kernel = None
 
 
 class _Workspace(threading.local):

@@ -288,3 +288,121 @@ def test_band_edges(shape, kw):
     for D in (64, 128):
         q, k, v = _qkv(1, Sq, Sk, 2, 1, D, dtype=torch.bfloat16, seed=15)
         _check(q, k, v, **kw)
+
+
+# ---------------------------------------------------------------- the sm_90a kernel (TMA + wgmma)
+
+def _is_sm90():
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    """LLMKERN_CUDA_ATTN_WGMMA (read at import) for one test; skipped off compute capability 9.0, where the
+    launcher runs the sm_80 kernel instead. Yields a check that the sm_90a kernel ran."""
+    import importlib
+
+    if not _is_sm90():
+        pytest.skip("the sm_90a attention kernel needs a compute-capability-9.0 GPU (H100/H200)")
+    mod = importlib.import_module("llmkern.ops.attention")
+    monkeypatch.setattr(mod, "_CUDA_WGMMA", True)
+
+    def ran():
+        assert mod._last_cuda_kernel == "sm90", "the launcher fell back to the sm_80 kernel"
+    return ran
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_sm90_matches_reference(sm90, case, mask, dtype):
+    q, k, v = _qkv(*case, dtype=dtype, seed=21)
+    _check(q, k, v, **MASKS[mask])
+    sm90()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["full", "causal", "window_both", "causal_window_left", "softcap_causal"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_packed_varlen(sm90, D, mask, dtype):
+    q, k, v, cu_q, cu_k = _packed(8, 2, D, dtype, extra_rows=3)
+    _check(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **MASKS[mask])
+    sm90()
+
+
+def test_sm90_packed_neighbour_inf_does_not_leak(sm90):
+    """Key tiles run past a packed sequence's end into the next sequence: those V rows are zeroed before
+    P V (P = 0 there, but 0 * inf = NaN), and their scores masked by select."""
+    q, k, v, cu_q, cu_k = _packed(4, 2, 128, torch.bfloat16, seqs_q=[3, 50], seqs_k=[7, 300])
+    v[7:20] = float("inf")
+    k[7:20] = float("nan")
+    out, _ = _run(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    sm90()
+    assert torch.isfinite(out[:3]).all()
+    assert_rel(out[:3], _ref(q[None, :3], k[None, :7], v[None, :7])[0][0], TOL[q.dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["full", "causal", "causal_window_left"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_long_sequences(sm90, D, mask, dtype):
+    q, k, v = _qkv(1, 4096, 4096, 8, 2, D, dtype=dtype, seed=22)
+    kw = dict(MASKS[mask])
+    if "window_left" in kw:
+        kw["window_left"] = 1000
+    _check(q, k, v, **kw)
+    sm90()
+
+
+@pytest.mark.parametrize("layout", ["bshd_slice", "bhsd_transposed"])
+def test_sm90_non_contiguous_views(sm90, layout):
+    """Strided q/k/v (a slice of a fused qkv, a [B, H, S, D] tensor viewed as [B, S, H, D]): the tensor maps
+    take any 16-byte-multiple strides."""
+    gen = torch.Generator(device=DEV).manual_seed(23)
+    B, S, H, D = 2, 300, 4, 128
+    if layout == "bshd_slice":
+        qkv = _rand(B, S, 3 * H, D, dtype=torch.float16, gen=gen)
+        q, k, v = qkv[:, :, :H], qkv[:, :, H:2 * H], qkv[:, :, 2 * H:]
+    else:
+        q, k, v = (_rand(B, H, S, D, dtype=torch.float16, gen=gen).transpose(1, 2) for _ in range(3))
+    _check(q, k, v, causal=True)
+    sm90()
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True, window_left=0), dict(window_left=3, window_right=200),
+                                dict(causal=True, window_left=127), dict(causal=True, window_left=128)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (128, 128), (129, 128), (300, 129), (129, 300), (1, 1000)],
+                         ids=lambda s: f"Sq{s[0]}-Sk{s[1]}")
+def test_sm90_band_edges(sm90, shape, kw):
+    """Band edges at the 128-row / 128-key tile boundaries of the sm_90a kernel."""
+    Sq, Sk = shape
+    for D in (64, 128):
+        q, k, v = _qkv(1, Sq, Sk, 2, 1, D, dtype=torch.bfloat16, seed=24)
+        _check(q, k, v, **kw)
+        sm90()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sm90_cuda_graph_capture(sm90, packed):
+    """The tensor maps are kernel parameters: a captured graph replays with the captured pointers."""
+    if packed:
+        q, k, v, cu_q, cu_k = _packed(8, 2, 128, torch.bfloat16)
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True)
+    else:
+        q, k, v = _qkv(2, 257, 300, 8, 2, 128, dtype=torch.bfloat16, seed=25)
+        kw = dict(causal=True)
+    want = llmkern.ops.attention(q, k, v, backend="cuda", **kw)
+    sm90()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        llmkern.ops.attention(q, k, v, backend="cuda", **kw)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = llmkern.ops.attention(q, k, v, backend="cuda", **kw)
+    q.normal_()
+    g.replay()
+    torch.cuda.synchronize()
+    assert_rel(got, _ref(q, k, v, **kw)[0], TOL[q.dtype])
+    assert not torch.equal(got, want)

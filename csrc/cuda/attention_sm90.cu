@@ -1,0 +1,103 @@
+// Launcher of the sm_90a attention kernel (csrc/include/llmkern/cuda/attention_sm90.cuh): encodes the three
+// TMA tensor maps and launches. Called by attention_fwd (attention.cu) when the caller asks for the wgmma
+// kernel; returns false, launching nothing, where it cannot run (not a compute-capability-9.0 device, a
+// module built without sm_90a, a layout the TMA cannot describe), and attention_fwd then runs the sm_80
+// kernel. Arguments were checked by attention_fwd (16-byte aligned pointers and strides).
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+
+#include "llmkern/cuda/attention_sm90.cuh"
+#include "llmkern/cuda/sm90_tma_host.h"
+#include "llmkern/cuda_check.cuh"
+
+namespace llmkern {
+
+namespace {
+
+// A 4-D map over (D values, heads, rows, batches) of 16-bit values; boxes (64, 1, 128, 1). Strides in
+// elements (head, row, batch); a stride of 0 (a dimension of size 1, never stepped) is replaced by the
+// natural one, since the driver wants multiples of 16 bytes.
+bool encode_map(cuda::sm90::TmaMap* map, bool bf16, const void* base, int64_t D, int64_t heads, int64_t rows,
+                int64_t batches, int64_t s_head, int64_t s_row, int64_t s_batch) {
+  const uint64_t sh = uint64_t(s_head ? s_head : D) * 2;
+  const uint64_t sr = s_row ? uint64_t(s_row) * 2 : sh * uint64_t(heads);
+  const uint64_t sbt = s_batch ? uint64_t(s_batch) * 2 : sr * uint64_t(rows);
+  const uint64_t dims[4] = {uint64_t(D), uint64_t(heads), uint64_t(rows), uint64_t(batches)};
+  const uint64_t strides[3] = {sh, sr, sbt};
+  const uint32_t box[4] = {64, 1, uint32_t(cuda::attn90::kBM), 1};
+  return cuda::sm90::encode_tma_4d(map, bf16, base, dims, strides, box);
+}
+
+#ifndef LLMKERN_CUDA_EMULATOR
+bool device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+}
+#endif
+
+template <typename T, int D>
+bool launch(const cuda::AttnFwdParams& p, int B, int max_q, const cuda::sm90::TmaMap& tq, const cuda::sm90::TmaMap& tk,
+            const cuda::sm90::TmaMap& tv, cudaStream_t stream) {
+  constexpr int kSmem = cuda::attn90::Smem<D>::bytes;
+  auto kernel = cuda::attn_fwd_sm90_kernel<T, D>;
+#ifndef LLMKERN_CUDA_EMULATOR  // the CPU emulator (tests/cuda_emu) stands for a cc 9.0 device
+  // Once per device (bit `dev`): the binary check and the shared-memory opt-in stay out of the hot path and
+  // out of CUDA graph captures after a warm-up. `ok` bit set = usable.
+  static std::atomic<uint64_t> checked{0}, ok{0};
+  int dev = 0;
+  LLMKERN_CUDA_CHECK(cudaGetDevice(&dev));
+  const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
+  if (!bit) return false;
+  if (!(checked.load(std::memory_order_acquire) & bit)) {
+    bool usable = device_is_sm90();
+    if (usable) {
+      // A module built without sm_90a would run its sm_80 code, in which the kernel is a trap.
+      cudaFuncAttributes fa{};
+      LLMKERN_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+      usable = fa.binaryVersion == 90;
+    }
+    if (usable) LLMKERN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    if (usable) ok.fetch_or(bit, std::memory_order_release);
+    checked.fetch_or(bit, std::memory_order_release);
+  }
+  if (!(ok.load(std::memory_order_acquire) & bit)) return false;
+#endif
+  const int64_t blocks_m = (int64_t(max_q) + cuda::attn90::kBM - 1) / cuda::attn90::kBM;
+  const int64_t bh = int64_t(B) * p.Hq;
+  if (blocks_m > 65535 || bh > 2147483647LL) return false;
+  dim3 grid(static_cast<unsigned>(bh), static_cast<unsigned>(blocks_m));
+  kernel<<<grid, cuda::attn90::kThreads, kSmem, stream>>>(p, tq, tk, tv);
+  LLMKERN_CUDA_CHECK_LAUNCH();
+  return true;
+}
+
+}  // namespace
+
+// dtype 1 bf16 / 2 fp16; D 64 or 128; strides (batch, row, head) in elements as attention_fwd takes them;
+// packed when p.cu_q != nullptr (rows Tq / Tk, one batch). p is filled by attention_fwd.
+bool attention_fwd_sm90(int dtype, const cuda::AttnFwdParams& p, int64_t D, int64_t B, int64_t Sq, int64_t Sk,
+                        int64_t Hq, int64_t Hk, int64_t Tq, int64_t Tk, const int64_t* qs, const int64_t* ks,
+                        const int64_t* vs, int max_q, cudaStream_t stream) {
+  if (D != 64 && D != 128) return false;
+  const bool packed = p.cu_q != nullptr, bf16 = dtype == 1;
+  const int64_t rows_q = packed ? Tq : Sq, rows_k = packed ? Tk : Sk, nb = packed ? 1 : B;
+  if (rows_q < 1 || rows_k < 1) return false;  // no tensor to describe (no keys: the sm_80 kernel writes zeros)
+  cuda::sm90::TmaMap tq, tk, tv;
+  if (!encode_map(&tq, bf16, p.q, D, Hq, rows_q, nb, qs[2], qs[1], packed ? 0 : qs[0]) ||
+      !encode_map(&tk, bf16, p.k, D, Hk, rows_k, nb, ks[2], ks[1], packed ? 0 : ks[0]) ||
+      !encode_map(&tv, bf16, p.v, D, Hk, rows_k, nb, vs[2], vs[1], packed ? 0 : vs[0]))
+    return false;
+  const int Bi = static_cast<int>(B);
+  if (bf16) return D == 64 ? launch<__nv_bfloat16, 64>(p, Bi, max_q, tq, tk, tv, stream)
+                           : launch<__nv_bfloat16, 128>(p, Bi, max_q, tq, tk, tv, stream);
+  return D == 64 ? launch<__half, 64>(p, Bi, max_q, tq, tk, tv, stream)
+                 : launch<__half, 128>(p, Bi, max_q, tq, tk, tv, stream);
+}
+
+}  // namespace llmkern

@@ -31,7 +31,6 @@ bool encode_map(cuda::sm90::TmaMap* map, bool bf16, const void* base, int64_t D,
   return cuda::sm90::encode_tma_4d(map, bf16, base, dims, strides, box);
 }
 
-#ifndef LLMKERN_CUDA_EMULATOR
 bool device_is_sm90() {
   int dev = 0, major = 0, minor = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
@@ -39,14 +38,12 @@ bool device_is_sm90() {
   if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
   return major == 9 && minor == 0;
 }
-#endif
 
 template <typename T, int D>
 bool launch(const cuda::AttnFwdParams& p, int B, int max_q, const cuda::sm90::TmaMap& tq, const cuda::sm90::TmaMap& tk,
             const cuda::sm90::TmaMap& tv, cudaStream_t stream) {
   constexpr int kSmem = cuda::attn90::Smem<D>::bytes;
   auto kernel = cuda::attn_fwd_sm90_kernel<T, D>;
-#ifndef LLMKERN_CUDA_EMULATOR  // the CPU emulator (tests/cuda_emu) stands for a cc 9.0 device
   // Once per device (bit `dev`): the binary check and the shared-memory opt-in stay out of the hot path and
   // out of CUDA graph captures after a warm-up. `ok` bit set = usable.
   static std::atomic<uint64_t> checked{0}, ok{0};
@@ -67,7 +64,6 @@ bool launch(const cuda::AttnFwdParams& p, int B, int max_q, const cuda::sm90::Tm
     checked.fetch_or(bit, std::memory_order_release);
   }
   if (!(ok.load(std::memory_order_acquire) & bit)) return false;
-#endif
   const int64_t blocks_m = (int64_t(max_q) + cuda::attn90::kBM - 1) / cuda::attn90::kBM;
   const int64_t bh = int64_t(B) * p.Hq;
   if (blocks_m > 65535 || bh > 2147483647LL) return false;

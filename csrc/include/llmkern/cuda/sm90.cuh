@@ -92,6 +92,15 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaMap* map, uin
       : "memory");
 #endif
 }
+// The 2-D form: box of `map` at (c0, c1) (innermost first); otherwise as tma_load_4d.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const TmaMap* map, uint32_t bar, int c0, int c1) {
+#ifdef LLMKERN_SM90A
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+#endif
+}
 // Fetches the tensor map (a __grid_constant__ kernel parameter) into the descriptor cache ahead of use.
 __device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
 #ifdef LLMKERN_SM90A
@@ -163,6 +172,11 @@ __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 }
 template <int R>
 __device__ __forceinline__ void fence_regs(uint32_t (&a)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(a[i])::"memory");
+}
+template <int R>
+__device__ __forceinline__ void fence_regs(int32_t (&a)[R]) {
 #pragma unroll
   for (int i = 0; i < R; ++i) asm volatile("" : "+r"(a[i])::"memory");
 }

@@ -7,6 +7,8 @@ Group = (layer shape N x K, rows M, activation dtype). Entries:
   dispatcher, no re-checking of the weights; compare with the op entry for the per-call overhead);
 - llmkern.cpu.<mode>.step: that module's prepared kernel bound once as a KernelCall and run as llmkern's
   decode step program runs it (no Python per layer; `_shapes.step_calls`): the kernel and its launch;
+- llmkern.cuda.w8a8.sm90 (compute capability 9.0, M > 16): the W8A8 op with the sm_90a GEMM (TMA + wgmma,
+  LLMKERN_CUDA_INT8_WGMMA), off by default until a GPU run has checked it;
 - F.linear: the float layer, weight [N, K] in the activation dtype (what you run without quantization);
 - torch._weight_int8pack_mm: torch's W8A16 CPU kernel, (x [M, K], w int8 [N, K], scales [N] in x's dtype);
 - torch._int_mm.w8a8: the W8A8 pipeline in eager torch: per-row quantize x, int8 x int8 -> int32 with
@@ -42,6 +44,9 @@ def _items():
                     items += [(case, dt, f"llmkern.{b}.{mode}.module") for mode in MODES]
                 if b == "cpu":
                     items += [(case, dt, f"llmkern.cpu.{mode}.step") for mode in MODES]
+                if b == "cuda" and case.M > 16 and torch.cuda.is_available() and \
+                        torch.cuda.get_device_capability() == (9, 0):
+                    items.append((case, dt, "llmkern.cuda.w8a8.sm90"))
             items += [(case, dt, p) for p in PEERS]
     return items
 
@@ -77,7 +82,25 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
     flops = 2.0 * M * N * K
     compute, tol = dtype, TOL[dtype]
 
-    if impl.startswith("llmkern."):
+    if impl == "llmkern.cuda.w8a8.sm90":
+        import importlib
+
+        from llmkern.ops import int8_linear
+
+        mod = importlib.import_module("llmkern.ops.int8_linear")  # the module (not the function of that name)
+        nxt = bench.rotating((w, scale), N * K + 4 * N)
+
+        def fn():
+            mod.CUDA_W8A8_WGMMA = True  # read per call by the cuda adapter
+            try:
+                return int8_linear(x, *nxt(), None, "w8a8", backend="cuda")
+            finally:
+                mod.CUDA_W8A8_WGMMA = False
+                assert mod._last_cuda_path == "w8a8_wgmma", mod._last_cuda_path
+
+        backend, kind, compute, tol = "cuda", "llmkern", "int8", TOL["w8a8"]
+        nbytes = N * K + 4 * N + io_bytes
+    elif impl.startswith("llmkern."):
         _, backend, mode, *module = impl.split(".")
         from llmkern.nn import Int8Linear
         from llmkern.ops import int8_linear

@@ -69,9 +69,10 @@ def _cuobjdump():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: llmkern._C_cuda is not built here")
 def test_sm90a_wgmma_kernels_use_hgmma_and_do_not_spill():
-    """Issue 7: the sm_90a kernels run warpgroup MMA (HGMMA in SASS, not only HMMA) without spills: the int4
-    prefill GEMM (csrc/include/llmkern/cuda/wgmma_int4.cuh) and the prefill attention
-    (attention_sm90.cuh, which also loads by TMA: UTMALDG)."""
+    """Issue 7: the sm_90a kernels run warpgroup MMA (HGMMA / IGMMA in SASS, not only HMMA) without spills:
+    the int4 prefill GEMM (csrc/include/llmkern/cuda/wgmma_int4.cuh), the prefill attention
+    (attention_sm90.cuh) and the W8A8 GEMM (int8_linear_sm90.cuh), the last two also loading by TMA
+    (UTMALDG)."""
     import subprocess
 
     try:
@@ -87,9 +88,10 @@ def test_sm90a_wgmma_kernels_use_hgmma_and_do_not_spill():
     # ptxas blocks: "Compiling entry function 'NAME' for 'sm_90a'" ... "N bytes spill stores, M bytes spill loads"
     blocks = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n(?:.*\n){0,2}?.*?"
                         r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    # kernel -> (instantiations, least HGMMA per instantiation: the k16 steps of one tile)
-    kernels = {"wgmma_int4_kernel": (4, 4), "attn_fwd_sm90_kernel": (4, 12)}
-    for kernel, (count, _) in kernels.items():
+    # kernel -> (instantiations, least warpgroup MMAs per instantiation (the k steps of one tile), SASS name)
+    kernels = {"wgmma_int4_kernel": (4, 4, "HGMMA."), "attn_fwd_sm90_kernel": (4, 12, "HGMMA."),
+               "w8a8_sm90_kernel": (1, 4, "IGMMA.")}
+    for kernel, (count, _, _) in kernels.items():
         wg = {name: (st, ld) for name, st, ld in blocks if kernel in name}
         assert len(wg) == count, f"expected {count} sm_90a {kernel} instantiations, got {sorted(wg)}"
         assert all(v == ("0", "0") for v in wg.values()), f"spills in {kernel}: {wg}"
@@ -99,9 +101,10 @@ def test_sm90a_wgmma_kernels_use_hgmma_and_do_not_spill():
     sass = subprocess.run([exe, "-sass", "-arch", "sm_90a", CU.__file__], capture_output=True, text=True,
                           check=True).stdout
     funcs = re.split(r"\n\s*Function : ", sass)[1:]
-    for kernel, (count, least) in kernels.items():
-        hgmma = {f.split("\n", 1)[0].strip(): f.count("HGMMA.") for f in funcs if kernel in f.split("\n", 1)[0]}
-        assert len(hgmma) == count, f"{kernel} in the sm_90a SASS: {sorted(hgmma)}"
-        assert all(n >= least for n in hgmma.values()), f"HGMMA instructions per {kernel}: {hgmma}"
-    tma = {f.split("\n", 1)[0].strip(): f.count("UTMALDG") for f in funcs if "attn_fwd_sm90_kernel" in f.split("\n", 1)[0]}
-    assert all(n >= 2 for n in tma.values()), f"TMA loads per attention kernel: {tma}"
+    for kernel, (count, least, mma) in kernels.items():
+        found = {f.split("\n", 1)[0].strip(): f.count(mma) for f in funcs if kernel in f.split("\n", 1)[0]}
+        assert len(found) == count, f"{kernel} in the sm_90a SASS: {sorted(found)}"
+        assert all(n >= least for n in found.values()), f"{mma} instructions per {kernel}: {found}"
+    tma = {f.split("\n", 1)[0].strip(): f.count("UTMALDG") for f in funcs
+           if "attn_fwd_sm90_kernel" in f.split("\n", 1)[0] or "w8a8_sm90_kernel" in f.split("\n", 1)[0]}
+    assert len(tma) == 5 and all(n >= 2 for n in tma.values()), f"TMA loads per sm_90a kernel: {tma}"

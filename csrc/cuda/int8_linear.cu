@@ -112,15 +112,20 @@ void launch_w8a16_decode_mma(const void* x, int64_t ldx, int M, int K, const int
 
 }  // namespace
 
+bool w8a8_sm90(const int8_t* xq, int64_t ldq, const float* xs, const int8_t* w, const float* scale, const float* bias,
+               void* out, int64_t ldo, int out_dtype, int M, int N, int K, cudaStream_t st);
+
 // Largest M that runs as a GEMV (W8A8: dp4a; W8A16 with 16-bit x) instead of on tensor cores.
 constexpr int kInt8GemvMaxM = 16;
 
 // y[M, N] = x[M, K] @ dequant(w)^T (+ bias). w8a8: xq int8 [M, K] (contiguous) and xs fp32 [M] are
 // workspaces (written here, then read). W8A16 runs the GEMV for every M (the adapter routes large
-// 16-bit M to dequantize + cuBLAS instead). Returns a short name of the path taken (for tests/logs).
+// 16-bit M to dequantize + cuBLAS instead). w8a8_wgmma: per-channel W8A8 with M > 16 runs the sm_90a GEMM
+// where it can. Returns a short name of the path taken (for tests/logs).
 const char* int8_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const int8_t* w, int N,
                              const float* scale, int group, const float* bias, void* out, int64_t ldo, bool w8a8,
-                             int8_t* xq, float* xs, int num_sms, bool decode_mma, bool w8a8_mma, cudaStream_t st) {
+                             int8_t* xq, float* xs, int num_sms, bool decode_mma, bool w8a8_mma, cudaStream_t st,
+                             bool w8a8_wgmma) {
   require(x_dtype >= 0 && x_dtype <= 2, "x_dtype must be 0, 1 or 2");
   require(M >= 0 && N >= 0 && K > 0, "need M >= 0, N >= 0, K > 0");
   require(K % 16 == 0, "K must be a multiple of 16, got " + std::to_string(K));
@@ -172,6 +177,9 @@ const char* int8_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
     LLMKERN_CUDA_CHECK_LAUNCH();
     return "w8a8_gemv";
   }
+  // The sm_90a GEMM (TMA + wgmma; int8_linear_sm90.cu) when asked for, per channel, where it can run.
+  if (w8a8_wgmma && per_channel && w8a8_sm90(xq, K, xs, w, scale, bias, out, ldo, int(dt), M, N, K, st))
+    return "w8a8_wgmma";
   k8::MmaArgs a{xq, K, xs, w, scale, ngroups, group, bias, out, ldo, dt, M, N, K};
   const int64_t tiles128 = int64_t((M + 127) / 128) * ((N + 127) / 128);
   if (tiles128 >= num_sms) {

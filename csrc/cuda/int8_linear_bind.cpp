@@ -12,7 +12,8 @@ namespace llmkern {
 
 const char* int8_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const int8_t* w, int N,
                              const float* scale, int group, const float* bias, void* out, int64_t ldo, bool w8a8,
-                             int8_t* xq, float* xs, int num_sms, bool decode_mma, bool w8a8_mma, cudaStream_t st);
+                             int8_t* xq, float* xs, int num_sms, bool decode_mma, bool w8a8_mma, cudaStream_t st,
+                             bool w8a8_wgmma);
 void int8_linear_dequant_cuda(const int8_t* w, const float* scale, int group, int N, int K, void* out, int dtype,
                               cudaStream_t st);
 void int8_quantize_rows_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, int8_t* xq, int64_t ldq,
@@ -42,7 +43,7 @@ void bind_int8_linear(py::module_& m) {
       [](std::uintptr_t x, int x_dtype, int64_t ldx, int64_t M, int64_t K, std::uintptr_t w, int64_t N,
          std::uintptr_t scale, int64_t group, std::uintptr_t bias, std::uintptr_t out, int64_t ldo,
          const std::string& mode, std::uintptr_t xq, std::uintptr_t xs, int num_sms, bool decode_mma,
-         bool w8a8_mma, std::uintptr_t stream) {
+         bool w8a8_mma, std::uintptr_t stream, bool w8a8_wgmma) {
         const bool w8a8 = parse_mode(mode);
         check_dims("llmkern._C_cuda.int8_linear", M, N, K);
         if (group < 1 || group > K) throw py::value_error("llmkern._C_cuda.int8_linear: group must be in [1, K]");
@@ -53,14 +54,15 @@ void bind_int8_linear(py::module_& m) {
             reinterpret_cast<const void*>(x), x_dtype, ldx, int(M), int(K), reinterpret_cast<const int8_t*>(w),
             int(N), reinterpret_cast<const float*>(scale), int(group), reinterpret_cast<const float*>(bias),
             reinterpret_cast<void*>(out), ldo, w8a8, reinterpret_cast<int8_t*>(xq), reinterpret_cast<float*>(xs),
-            num_sms, decode_mma, w8a8_mma, reinterpret_cast<cudaStream_t>(stream)));
+            num_sms, decode_mma, w8a8_mma, reinterpret_cast<cudaStream_t>(stream), w8a8_wgmma));
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("M"), py::arg("K"), py::arg("w"), py::arg("N"),
       py::arg("scale"), py::arg("group"), py::arg("bias"), py::arg("out"), py::arg("ldo"), py::arg("mode"),
       py::arg("xq"), py::arg("xs"), py::arg("num_sms"), py::arg("decode_mma"), py::arg("w8a8_mma"),
-      py::arg("stream"),
+      py::arg("stream"), py::arg("w8a8_wgmma") = false,
       "out[M, N] = x[M, K] @ dequant(w[N, K])^T (+ fp32 bias) on raw device pointers, W8A16 or W8A8 "
       "(xq int8 [M, K] and xs fp32 [M] workspaces). x_dtype: 0 float32, 1 bfloat16, 2 float16 (out too). "
+      "w8a8_wgmma: per-channel W8A8 with M > 16 on the sm_90a GEMM (TMA + wgmma) where it can run. "
       "Returns the name of the kernel path taken.");
   m.def(
       "int8_quantize_rows",

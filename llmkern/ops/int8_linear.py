@@ -214,6 +214,12 @@ CUDA_PREFILL_CUBLAS = False
 CUDA_DECODE_MMA = True
 # True: W8A8 with M > 16 runs the int8 tensor-core GEMM; False: the dp4a GEMV in blocks of 8 rows (slow).
 CUDA_W8A8_MMA = True
+# True (LLMKERN_CUDA_INT8_WGMMA=1, read at import): per-channel W8A8 with M > 16 on a compute-capability-9.0
+# GPU runs the sm_90a GEMM (TMA + wgmma m64n256k32; csrc/include/llmkern/cuda/int8_linear_sm90.cuh) instead
+# of the mma.sync one. Off until a GPU run has checked it (docs/notes/cuda-int8-sm90.md).
+CUDA_W8A8_WGMMA = os.environ.get("LLMKERN_CUDA_INT8_WGMMA", "") == "1"
+# The CUDA kernel path of the last call (the launcher's name for it: "w8a8_wgmma", "w8a8_mma_128x128", ...).
+_last_cuda_path = None
 
 
 @int8_linear_op.backend("cuda")
@@ -260,11 +266,12 @@ def _cuda(x, weight, weight_scale, bias, mode):
         if mode == "w8a8":
             xq = torch.empty((M, K), dtype=torch.int8, device=x.device)
             xs = torch.empty((M,), dtype=torch.float32, device=x.device)
-        mod.int8_linear(
+        global _last_cuda_path
+        _last_cuda_path = mod.int8_linear(
             x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, weight.data_ptr(), N,
             weight_scale.data_ptr(), group, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(), N, mode,
             0 if xq is None else xq.data_ptr(), 0 if xs is None else xs.data_ptr(), _num_sms(x.device),
-            CUDA_DECODE_MMA, CUDA_W8A8_MMA, stream,
+            CUDA_DECODE_MMA, CUDA_W8A8_MMA, stream, CUDA_W8A8_WGMMA,
         )
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 

@@ -307,3 +307,66 @@ def test_cuda_graph_capture(M, mode, G):
     eager = run_cuda(x, q, scale, bias, mode)
     assert torch.equal(y, eager)  # no atomics anywhere: replay == eager bit for bit
     check(y, x, q, scale, bias, mode, f"graph {mode} M={M}")
+
+
+# ------------------------------------------------------------------ the sm_90a W8A8 GEMM (TMA + wgmma)
+
+@pytest.fixture
+def sm90(monkeypatch):
+    """CUDA_W8A8_WGMMA (LLMKERN_CUDA_INT8_WGMMA, read at import) for one test; skipped off compute
+    capability 9.0. Yields the module, whose _last_cuda_path says which kernel ran."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90a W8A8 GEMM needs a compute-capability-9.0 GPU (H100/H200)")
+    mod = importlib.import_module("llmkern.ops.int8_linear")
+    monkeypatch.setattr(mod, "CUDA_W8A8_WGMMA", True)
+    return mod
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("MNK", [(17, 33, 96), (128, 256, 128), (129, 257, 4096), (1024, 4096, 4096),
+                                 (300, 14336, 4096), (2048, 4096, 14336)], ids=lambda s: "x".join(map(str, s)))
+def test_sm90_w8a8_matches_mma_sync_bitwise(sm90, monkeypatch, MNK, dtype):
+    """Same int32 sums (exact) and the same epilogue operations as w8a8_mma_kernel: the same bits. M, N and
+    K tails (zero-filled by the TMA), K not a multiple of the 128-k tile, fp32 / 16-bit outputs, a bias."""
+    M, N, K = MNK
+    g = gen(M + N + K)
+    x = torch.randn(M, K, generator=g, device=DEV).to(dtype)
+    q, scale = make_weights(N, K, 0, g)
+    bias = torch.randn(N, generator=g, device=DEV) if M % 2 else None
+    out = run_cuda(x, q, scale, bias, "w8a8")
+    assert sm90._last_cuda_path == "w8a8_wgmma"
+    check(out, x, q, scale, bias, "w8a8", f"wgmma M={M} N={N} K={K}")
+    monkeypatch.setattr(sm90, "CUDA_W8A8_WGMMA", False)
+    want = run_cuda(x, q, scale, bias, "w8a8")
+    assert sm90._last_cuda_path.startswith("w8a8_mma")
+    assert torch.equal(out, want), "the wgmma and mma.sync GEMMs differ"
+
+
+def test_sm90_w8a8_grouped_and_small_m_take_other_kernels(sm90):
+    g = gen(31)
+    x = torch.randn(64, 256, generator=g, device=DEV).to(torch.bfloat16)
+    q, scale = make_weights(128, 256, 64, g)
+    run_cuda(x, q, scale, None, "w8a8")
+    assert sm90._last_cuda_path.startswith("w8a8_mma")  # grouped scales: the mma.sync kernel's flushes
+    q, scale = make_weights(128, 256, 0, g)
+    run_cuda(x[:16], q, scale, None, "w8a8")
+    assert sm90._last_cuda_path == "w8a8_gemv"
+
+
+def test_sm90_w8a8_cuda_graph_capture(sm90):
+    g = gen(32)
+    x = torch.randn(512, 1024, generator=g, device=DEV).to(torch.bfloat16)
+    q, scale = make_weights(2048, 1024, 0, g)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.int8_linear(x, q, scale, None, mode="w8a8", backend="cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.int8_linear(x, q, scale, None, mode="w8a8", backend="cuda")
+    assert sm90._last_cuda_path == "w8a8_wgmma"
+    x.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, x, q, scale, None, "w8a8", "graph replay")

@@ -1,5 +1,5 @@
-// Tensor-core building blocks shared by the int8_linear / int4_linear GEMMs (torch-free): cp.async,
-// ldmatrix, mma.sync wrappers and the shared-memory tile geometry they use.
+// Tensor-core building blocks shared by the int8_linear / int4_linear GEMMs (torch-free): the shared-memory
+// tile geometry and raster; the cp.async / ldmatrix / mma.sync wrappers are in sm80.cuh (included here).
 //
 // Every tile in shared memory has rows of kTileRowBytes = 64 bytes: 64 int8 (two m16n8k32 steps) or
 // 32 bf16/fp16 (two m16n8k16 steps). The 8-bit m16n8k32 and 16-bit m16n8k16 fragments have the same
@@ -11,6 +11,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "llmkern/cuda/sm80.cuh"
 
 namespace llmkern {
 namespace cuda {
@@ -35,48 +37,10 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16 bytes global -> shared, asynchronously; src_bytes 0 writes zeros (out-of-range rows / k).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Byte offset of 16-byte chunk c (0..3) of row r in a [rows][64 B] tile. The chunk index is XORed with
 // bits 1..2 of the row so that the 8 rows one ldmatrix phase reads (same chunk column) hit 8 distinct
 // 16-byte bank groups: rows 0..7 at chunk c land on groups c, 4+c, c^1, 4+(c^1), c^2, ... (all distinct).
 __device__ __forceinline__ int swz(int r, int c) { return r * kTileRowBytes + ((c ^ ((r >> 1) & 3)) << 4); }
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 }  // namespace cuda
 }  // namespace llmkern

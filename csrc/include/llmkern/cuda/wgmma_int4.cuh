@@ -37,6 +37,8 @@
 
 #include "llmkern/cuda/linear_common.cuh"
 #include "llmkern/cuda/mma_common.cuh"
+#include "llmkern/cuda/sm90.cuh"
+#include "llmkern/cuda/sm90_layout.cuh"
 #include "llmkern/cuda/wdq_gemm.cuh"
 
 namespace llmkern {
@@ -55,55 +57,8 @@ constexpr int stage_bytes(int BM) { return (BM + kBN) * kRowBytes; }
 // Dynamic shared memory of a CTA: the stages plus slack to align the base to 1024 bytes.
 constexpr int smem_bytes(int BM) { return kStages * stage_bytes(BM) + kAtomBytes; }
 
-// Byte offset of 16-byte chunk c (0..7) of row r in a tile with a 1024-byte-aligned base.
-__device__ __forceinline__ int swz128(int r, int c) { return r * kRowBytes + ((c ^ (r & 7)) << 4); }
-
-// wgmma shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format"): bits 0-13 start address >> 4,
-// 16-29 leading-dimension byte offset >> 4, 32-45 stride-dimension byte offset >> 4, 49-51 base offset
-// (0: atoms 1024-byte aligned), 62-63 swizzle mode (1 = 128B). K-major operand, 128B swizzle: LBO unused
-// (1), SBO = 1024 = distance between consecutive groups of 8 rows.
-__device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr) {
-  uint64_t d = uint64_t((smem_addr & 0x3FFFFu) >> 4);
-  d |= uint64_t(1) << 16;
-  d |= uint64_t(kAtomBytes >> 4) << 32;
-  d |= uint64_t(1) << 62;
-  return d;
-}
-
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Keeps the compiler from moving accesses of an accumulator register across the async wgmma window.
-__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
-
-// d[64] (+)= A[64 x 16] (descriptor desc_a) * B[16 x 128] (descriptor desc_b, stored [128][16] K-major);
-// scale_d = 0 ignores the old d.
-template <typename T>
-__device__ __forceinline__ void mma_64x128x16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d)
-        : "memory");
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d)
-        : "memory");
-  }
-}
+// Byte offset of 16-byte chunk c (0..7) of row r in a tile with a 1024-byte-aligned base (sm90_layout.cuh).
+__device__ __forceinline__ int swz128(int r, int c) { return int(sm90::swz128(uint32_t(r), uint32_t(c))); }
 
 // 16 bytes of nibbles (32 k of one weight row, k order: low then high nibble of each byte) -> 16 words of
 // two T values each: T(q * s + o) with an fp32 multiply, an fp32 add and one rounding.
@@ -134,13 +89,13 @@ __device__ __forceinline__ void dequant32(const uint4& raw, float s, float o, ui
 // 16-byte aligned x rows and qweight, group in {32, 64, 128}.
 template <typename T, int BM>
 __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T> a) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(LLMKERN_SM90A) || defined(LLMKERN_CUDA_EMULATOR)
   constexpr int kThreads = threads(BM);
   constexpr int kStage = stage_bytes(BM);
   constexpr int kXChunks = BM * (kRowBytes / 16) / kThreads;  // 16-byte x chunks per thread per stage
   constexpr int kPieces = kBN * (kBK / 32) / kThreads;        // 32-k weight pieces per thread per stage
   static_assert(BM % kWgRows == 0 && kXChunks * kThreads == BM * 8 && kPieces * kThreads == kBN * 2, "tile");
-  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem_raw = sm90::dyn_smem();
   // Align the stage base to the 1024-byte swizzle atom (the swizzle is a function of address bits).
   uint8_t* smem = smem_raw + ((kAtomBytes - (smem_u32(smem_raw) & (kAtomBytes - 1))) & (kAtomBytes - 1));
 
@@ -215,7 +170,7 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
     cp_async_wait<kStages - 2>();
     // This thread's cp.async data of tile kt has landed and its st.shared of the weight tile are done;
     // make both visible to the async proxy (the tensor cores read through it), then to every thread.
-    fence_proxy_async();
+    sm90::fence_proxy_async();
     __syncthreads();
     const int nk = kt + kStages - 1;
     const bool refill = nk < KT;
@@ -226,18 +181,17 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
     cp_async_commit();
     const uint32_t sx = smem_u32(smem + (kt % kStages) * kStage) + wg * kWgRows * kRowBytes;
     const uint32_t sw = smem_u32(smem + (kt % kStages) * kStage + BM * kRowBytes);
+    sm90::fence_regs(acc);
+    sm90::wgmma_fence();
 #pragma unroll
-    for (int i = 0; i < 64; ++i) fence_operand(acc[i]);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kBK / 16; ++ks) mma_64x128x16<T>(acc, make_desc(sx + 32 * ks), make_desc(sw + 32 * ks), 1);
-    wgmma_commit();
+    for (int ks = 0; ks < kBK / 16; ++ks)
+      sm90::wgmma_ss<T, kBN>(acc, sm90::desc_k_major(sx + 32 * ks), sm90::desc_k_major(sw + 32 * ks), 1);
+    sm90::wgmma_commit();
     // Dequantize the next-but-one stage while the tensor cores work; its buffer was last read by the
     // wgmmas of iteration kt - 1, completed (wait_group 0) before this iteration's barrier.
     if (refill) store_w(nk % kStages);
-    wgmma_wait<0>();
-#pragma unroll
-    for (int i = 0; i < 64; ++i) fence_operand(acc[i]);
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs(acc);
   }
   cp_async_wait<0>();
 
@@ -254,7 +208,7 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
       a.out[int64_t(m) * a.ldo + n] = from_f32<T>(v);
     }
   }
-#elif defined(__CUDA_ARCH__)
+#else
   __trap();  // wgmma needs sm_90a; the launcher never sends another device here
 #endif
 }

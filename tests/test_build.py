@@ -95,6 +95,11 @@ def test_sm90a_wgmma_kernels_use_hgmma_and_do_not_spill():
         wg = {name: (st, ld) for name, st, ld in blocks if kernel in name}
         assert len(wg) == count, f"expected {count} sm_90a {kernel} instantiations, got {sorted(wg)}"
         assert all(v == ("0", "0") for v in wg.values()), f"spills in {kernel}: {wg}"
+    # ptxas' performance warnings that silently undo a warp-specialized design: C7514 (wgmma serialized
+    # because accumulators are touched inside the asynchronous window), C7508 (setmaxnreg ignored).
+    for code in ("C7514", "C7508"):
+        hits = [line for line in report.splitlines() if code in line]
+        assert not hits, f"ptxas warning {code} in the sm_90a kernels: {hits[:2]}"
     exe = _cuobjdump()
     if exe is None:
         pytest.skip("no cuobjdump (CUDA toolkit or triton) to read the SASS")

@@ -29,6 +29,7 @@ def info_dict() -> dict:
             "cuda": None if cuda else _backends.import_error("llmkern._C_cuda"),
         },
         "cuda_module": cuda.build_info() if cuda else None,
+        "cuda_switches": _cuda_switches() if cuda else None,
         "ops": {name: op.backends_here() for name, op in sorted(OPS.items())},
         "fallbacks": {name: dict(op.fallbacks) for name, op in OPS.items() if op.fallbacks},
     }
@@ -39,6 +40,21 @@ def info_dict() -> dict:
     except Exception:  # noqa: BLE001 - not installed (CPU machines)
         d["triton"] = None
     return d
+
+
+def _cuda_switches() -> dict:
+    """The CUDA kernel variants that are off by default (never run on a GPU yet) and whether each is on."""
+    import importlib
+
+    att = importlib.import_module("llmkern.ops.attention")
+    i8 = importlib.import_module("llmkern.ops.int8_linear")
+    i4 = importlib.import_module("llmkern.ops.int4_linear")
+    return {
+        "attention sm_90a (LLMKERN_CUDA_ATTN_WGMMA)": att._CUDA_WGMMA,
+        "attention D=128 wide tiles (LLMKERN_CUDA_ATTN_WIDE)": att._CUDA_WIDE,
+        "int8_linear W8A8 sm_90a (LLMKERN_CUDA_INT8_WGMMA)": i8.CUDA_W8A8_WGMMA,
+        "int4_linear W4A16 sm_90a (LLMKERN_CUDA_INT4_WGMMA)": i4.CUDA_INT4_WGMMA,
+    }
 
 
 def info(file=None) -> dict:
@@ -57,6 +73,8 @@ def info(file=None) -> dict:
             lines.append(f"  {name} module not loaded: {err}")
     if d["cuda_module"]:
         lines.append(f"llmkern._C_cuda: {d['cuda_module']}")
+        lines.append("CUDA variants off by default: " + ", ".join(
+            f"{k} {'on' if v else 'off'}" for k, v in d["cuda_switches"].items()))
     width = max(len(n) for n in d["ops"])
     lines.append("ops (backends usable here, fastest first on each device):")
     for name, bks in d["ops"].items():

@@ -6,7 +6,7 @@
 #   gpu_check.log   everything printed (machine, build times, ptxas spills, test and bench summaries)
 #   ptxas.txt       ptxas' resource report of every CUDA kernel (registers, spills, shared memory)
 #   tests_cuda.xml  junit of stage 1: the CUDA kernels' own tests (tests/ops/*_cuda.py), build, registry
-#   tests_sm90.xml  junit of stage 1b (H100/H200 only): the opt-in sm_90a attention and W8A8 kernels
+#   tests_sm90.xml  junit of stage 1b (H100/H200 only): the opt-in sm_90a kernels
 #   tests_gpu.xml   junit of stage 2: the generic op/module tests for the GPU backends (cuda, triton)
 #   bench.json      the GPU benchmarks without raw per-round timings (report.py --compact)
 #   bench_report.md, bench_report.png   the report table and plot
@@ -42,16 +42,17 @@ python -m llmkern info
 
 step "tests 1/2: the CUDA kernels' own tests (full shapes, CUDA graphs), build, registry"
 timeout 200 python -m pytest -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py tests/test_registry.py \
-  -k "${FILTER:+($FILTER) and }not test_sm90_" --junitxml="$OUT/tests_cuda.xml" 2>&1 | tail -25
+  -k "${FILTER:+($FILTER) and }not test_sm90_ and not (int4_linear_cuda and wgmma)" --junitxml="$OUT/tests_cuda.xml" 2>&1 | tail -25
 
-# The opt-in sm_90a kernels (attention, W8A8 GEMM: TMA + wgmma, never run before a GPU session) in its own stage, so that
-# a hang (an mbarrier phase that never completes) costs only this stage's limit. Its benchmark entries run
-# only if these tests pass.
+# The opt-in sm_90a kernels (attention and W8A8 on TMA + wgmma, the W4A16 wgmma GEMM; never run before a GPU
+# session) in a stage of their own, so that a hang (an mbarrier phase that never completes) costs only
+# this stage's limit. Their benchmark entries run only if these tests pass.
 SM90_BENCH="not sm90"
 if [ "$CAP" = "90a" ]; then
-  step "tests 1b: the sm_90a attention and W8A8 kernels (LLMKERN_CUDA_ATTN_WGMMA, LLMKERN_CUDA_INT8_WGMMA)"
-  if timeout 75 python -m pytest -q -x -p no:cacheprovider tests/ops/test_attention_cuda.py tests/ops/test_int8_linear_cuda.py \
-      -k "${FILTER:+($FILTER) and }test_sm90_" --junitxml="$OUT/tests_sm90.xml" 2>&1 | tail -15; then
+  step "tests 1b: the sm_90a kernels (LLMKERN_CUDA_ATTN_WGMMA, LLMKERN_CUDA_INT8_WGMMA, LLMKERN_CUDA_INT4_WGMMA)"
+  if timeout 90 python -m pytest -q -x -p no:cacheprovider tests/ops/test_attention_cuda.py \
+      tests/ops/test_int8_linear_cuda.py tests/ops/test_int4_linear_cuda.py \
+      -k "${FILTER:+($FILTER) and }(test_sm90_ or (int4_linear_cuda and wgmma))" --junitxml="$OUT/tests_sm90.xml" 2>&1 | tail -15; then
     SM90_BENCH=""
   fi
 fi

@@ -312,12 +312,13 @@ _CUDA_GEMV_MAX_M = 16
 # the fused dequantizing mma kernel (a fallback switch kept for the first GPU runs; tests cover both).
 CUDA_PREFILL_CUBLAS = False
 # True: 16-bit x with 2 <= M <= 16 run the decode-sized tensor-core kernel (csrc/include/llmkern/cuda/
-# int4_decode_mma.cuh) instead of the SIMT GEMV (M = 1 and fp32 x always take the GEMV).
+# decode_mma.cuh) instead of the SIMT GEMV (M = 1 and fp32 x always take the GEMV).
 CUDA_DECODE_MMA = True
 # True: on a compute capability 9.0 GPU (H100/H200), 16-bit x with M > 16 run the sm_90a warpgroup-MMA (wgmma)
 # GEMM (csrc/include/llmkern/cuda/wgmma_int4.cuh) instead of the mma.sync one. False until it has passed
 # tests/ops/test_int4_linear_cuda.py on a GPU (it has never run; docs/notes/cuda-wgmma.md).
-CUDA_INT4_WGMMA = False
+# LLMKERN_CUDA_INT4_WGMMA=1 turns it on (read at import).
+CUDA_INT4_WGMMA = os.environ.get("LLMKERN_CUDA_INT4_WGMMA", "") == "1"
 _SM90 = {}
 
 

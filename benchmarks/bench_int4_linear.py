@@ -12,6 +12,8 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
   result);
 - llmkern.cpu.step: the W4A16 module's prepared kernel bound once as a KernelCall and run as llmkern's
   decode step program runs it (no Python per layer; `_shapes.step_calls`): the kernel and its launch;
+- llmkern.cuda.sm90 (compute capability 9.0, 16-bit x, M > 16): the op with the sm_90a wgmma GEMM
+  (LLMKERN_CUDA_INT4_WGMMA), off by default until a GPU run has checked it;
 - F.linear: the float layer, weight [N, K] in the activation dtype;
 - torch._weight_int4pack_mm: torch's weight-only int4 kernel on the same values, CPU:
   `_weight_int4pack_mm_for_cpu(x, _convert_weight_to_int4pack_for_cpu(q int32 [N, K], 2), G, sz)`,
@@ -62,6 +64,9 @@ def _items():
         for dt in S.dtypes():
             for b in S.llmkern_backends(OP, 2.0 * c.M * c.N * c.K, 4.0 * c.N * c.K):
                 items.append((case, dt, f"llmkern.{b}"))
+                if b == "cuda" and dt != "fp32" and c.M > 16 and torch.cuda.is_available() and \
+                        torch.cuda.get_device_capability() == (9, 0):
+                    items.append((case, dt, "llmkern.cuda.sm90"))
                 if b == "cpu":
                     items.append((case, dt, "llmkern.cpu.module"))
                     items.append((case, dt, "llmkern.cpu.step"))
@@ -143,6 +148,17 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
         w_bytes = N * K // 2 + 8 * N * (K // G)
         nxt = bench.rotating((t["qweight"], t["scales"], t["offsets"]), w_bytes)
         fn = lambda: int4_linear(x, *nxt(), None, backend=backend)  # noqa: E731
+        if impl == "llmkern.cuda.sm90":
+            import importlib
+
+            mod = importlib.import_module("llmkern.ops.int4_linear")  # the module, not the function
+
+            def fn():
+                mod.CUDA_INT4_WGMMA = True  # read per call by the cuda adapter
+                try:
+                    return int4_linear(x, *nxt(), None, backend="cuda")
+                finally:
+                    mod.CUDA_INT4_WGMMA = False
     elif impl == "F.linear":
         w_bytes = N * K * e
         nxt = bench.rotating((t["w_deq"].to(dt),), w_bytes)

@@ -5,8 +5,8 @@
 - llmkern._C_cuda  csrc/cuda/*.cu (nvcc, sm_80 + sm_90a) + csrc/cuda/*.cpp (bindings), linked with
                    the static cudart so it imports on machines without a GPU or CUDA runtime.
                    Skipped when nvcc is not found or LLMKERN_NO_CUDA=1; LLMKERN_CUDA_ARCHS="80;90a"
-                   overrides the targets; .cu files compile LLMKERN_BUILD_JOBS at a time (default:
-                   the CPU count).
+                   overrides the targets.
+Source files compile LLMKERN_BUILD_JOBS at a time (default: the CPU count), .cpp and .cu alike.
 Neither module includes torch headers, so one binary works with every torch version.
 """
 from __future__ import annotations
@@ -54,8 +54,42 @@ def cuda_lib_dir(nvcc: str) -> str | None:
     return None
 
 
+def _jobs() -> int:
+    return int(os.environ.get("LLMKERN_BUILD_JOBS", "0")) or os.cpu_count() or 1
+
+
+def _parallel_compile(compiler, jobs: int) -> None:
+    """Make `compiler.compile` build its sources `jobs` at a time (setuptools compiles one after another:
+    llmkern._C's dozen C++ files took minutes serially). The same steps as distutils' CCompiler.compile,
+    with the per-object `_compile` calls spread over threads (each one runs the compiler as a process).
+    Left serial if this setuptools lacks those (long-standing, private) methods."""
+    if jobs <= 1 or not all(hasattr(compiler, a) for a in ("_setup_compile", "_get_cc_args", "_compile")):
+        return
+
+    def compile(sources, output_dir=None, macros=None, include_dirs=None, debug=0, extra_preargs=None,
+                extra_postargs=None, depends=None):
+        macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+            output_dir, macros, include_dirs, sources, depends, extra_postargs)
+        cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+
+        def one(obj):
+            src, ext = build[obj]
+            compiler._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            list(pool.map(one, [o for o in objects if o in build]))  # the first failure raises
+        return objects
+
+    compiler.compile = compile
+
+
 class BuildExt(build_ext):
-    """Compiles .cu sources of an extension with nvcc, everything else with the C++ compiler."""
+    """Compiles .cu sources of an extension with nvcc, everything else with the C++ compiler (both several
+    files at a time: LLMKERN_BUILD_JOBS, default the CPU count)."""
+
+    def build_extensions(self):
+        _parallel_compile(self.compiler, _jobs())
+        super().build_extensions()
 
     def build_extension(self, ext):
         cu = [s for s in ext.sources if s.endswith(".cu")]
@@ -102,7 +136,7 @@ class BuildExt(build_ext):
                 print(f"llmkern: {src} compiled in {time.time() - t0:.0f} s", flush=True)
             return obj
 
-        jobs = int(os.environ.get("LLMKERN_BUILD_JOBS", "0")) or os.cpu_count() or 1
+        jobs = _jobs()
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(jobs, len(sources)))) as pool:
             return list(pool.map(compile_one, sources))  # in source order; the first failure raises
 

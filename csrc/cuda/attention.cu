@@ -12,13 +12,10 @@
 
 #include "llmkern/cuda/attention_params.h"
 #include "llmkern/cuda_check.cuh"
-#ifndef LLMKERN_CUDA_EMULATOR  // the CPU emulator (tests/cuda_emu) runs the sm_90a kernel only
 #include "llmkern/cuda/attention.cuh"
-#endif
 
 namespace llmkern {
 
-#ifndef LLMKERN_CUDA_EMULATOR
 namespace {
 
 // Tile configurations (ptxas: 0 spills on sm_80 and sm_90a):
@@ -73,7 +70,6 @@ void launch_attn(const cuda::AttnFwdParams& p, int B, int max_q, cudaStream_t st
 }
 
 }  // namespace
-#endif
 
 bool attention_fwd_sm90(int dtype, const cuda::AttnFwdParams& p, int64_t D, int64_t B, int64_t Sq, int64_t Sk,
                         int64_t Hq, int64_t Hk, int64_t Tq, int64_t Tk, const int64_t* qs, const int64_t* ks,
@@ -134,9 +130,6 @@ bool attention_fwd(int dtype, const void* q, const void* k, const void* v, const
 
   const int Bi = static_cast<int>(B), mq = static_cast<int>(max_q);
   if (wgmma && attention_fwd_sm90(dtype, p, D, B, Sq, Sk, Hq, Hk, Tq, Tk, qs, ks, vs, mq, stream)) return true;
-#ifdef LLMKERN_CUDA_EMULATOR
-  throw std::invalid_argument("llmkern attention (cuda emulator): only the sm_90a kernel is emulated");
-#else
   if (dtype == 1) {
     if (D == 64) launch_attn<__nv_bfloat16, 64>(p, Bi, mq, stream);
     else if (wide) launch_attn<__nv_bfloat16, 128, true>(p, Bi, mq, stream);
@@ -147,7 +140,6 @@ bool attention_fwd(int dtype, const void* q, const void* k, const void* v, const
     else launch_attn<__half, 128>(p, Bi, mq, stream);
   }
   return false;
-#endif
 }
 
 }  // namespace llmkern

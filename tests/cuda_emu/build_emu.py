@@ -1,7 +1,9 @@
 """Build llmkern's CUDA kernels + bindings as a host module (`_C_cuda_emu`) that runs them on CPU tensors
 through the fiber emulator of include/cuda_runtime.h. Kernel launches `k<<<grid, block, smem, stream>>>(args)`
-are rewritten to `emu::launch_smem(smem, k, grid, block, args)`; nothing else changes. Cached by a hash of the
-inputs.
+are rewritten to `emu::launch_smem(smem, k, grid, block, args)`, `extern __shared__ __align__(A) T x[];` to a
+pointer to the launch's dynamic shared memory (emu::extern_smem(A)) and `__shared__ __align__(A) T x[..];` to a
+reference into the launch's static shared arena (emu::static_smem: per block, 0xFF-poisoned, in the shared
+window); nothing else changes. Cached by a hash of the inputs.
 
 Other modules: `load(ops=(...), sources=[...], binds=[...], name="_C_cuda_emu_x")` builds the launchers and
 bindings of `ops` (csrc/cuda/<op>.cu + <op>_bind.cpp, `llmkern::bind_<op>`) plus extra `sources` (paths
@@ -25,6 +27,10 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 OPS = ("kv_cache_append", "decode_attention", "rms_norm", "rotary_embedding")
 _LAUNCH = re.compile(r"([\w:]+(?:<[^<>;]*>)?)<<<([^;]*?)>>>\(([^;]*)\);")
+_EXTERN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\((\d+)\)\s+)?([A-Za-z_][\w:]*(?:\s+[A-Za-z_][\w:]*)*?)"
+                          r"\s+(\w+)\s*\[\s*\]\s*;")
+_STATIC_SMEM = re.compile(r"__shared__\s+(?:__align__\((\d+)\)\s+)?([A-Za-z_][\w:]*(?:\s+[A-Za-z_][\w:]*)*?)"
+                          r"\s+(\w+)\s*((?:\[[^\]\[;]+\])*)\s*;")
 
 MODULE = """#include <pybind11/pybind11.h>
 namespace py = pybind11;
@@ -59,7 +65,18 @@ def _rewrite(text: str) -> str:
         cfg = _split_top(m.group(2))
         smem = cfg[2] if len(cfg) > 2 else "0"
         return f"emu::launch_smem(static_cast<size_t>({smem}), {m.group(1)}, {cfg[0]}, {cfg[1]}, {m.group(3)});"
-    return _LAUNCH.sub(rep, text)
+    def ext(m):
+        align, ty, name = m.group(1) or "16", m.group(2), m.group(3)
+        return f"{ty}* const {name} = reinterpret_cast<{ty}*>(emu::extern_smem({align}));"
+    def static(m):
+        align, ty, name, dims = m.group(1) or "1", m.group(2), m.group(3), m.group(4).strip()
+        return (f"static char {name}_emu_key_; "
+                f"auto& {name} = emu::static_smem<{ty}{dims}>(&{name}_emu_key_, {align});")
+    text = _EXTERN_SMEM.sub(ext, _LAUNCH.sub(rep, text))
+    text = _STATIC_SMEM.sub(static, text)
+    if re.search(r"__shared__", re.sub(r"//[^\n]*", "", text)):
+        raise ValueError("build_emu: a `__shared__` declaration the rewrite does not handle")
+    return text
 
 
 def _sources(ops, sources):

@@ -20,6 +20,13 @@ namespace sm90test {
 
 using namespace cuda::sm90;
 
+// Dynamic shared memory above 48 KiB needs the per-kernel opt-in (the emulator checks it at launch).
+template <class Kernel>
+void opt_in(Kernel k, size_t smem) {
+  if (smem > 48 * 1024 && cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
+    throw std::invalid_argument("cudaFuncSetAttribute refused the shared memory size");
+}
+
 enum Flags {
   kSkipWait = 1,        // wgmma before waiting for the TMA (waits only after the wgmma_wait)
   kBadSbo = 2,          // A descriptor with SBO 512 (SS) / B descriptor with LBO / 2 (RS)
@@ -265,6 +272,8 @@ void gemm_ss(int N, int K, const void* a, const void* b, float* out, int flags) 
       !map2d(&tb, std::is_same<T, __nv_bfloat16>::value, b, K, N, N))
     throw std::invalid_argument("encode_tma_4d refused the maps");
   const size_t smem = size_t(K / 64) * (64 + N) * kSwRow + 8 + 2 * kSwAtom;
+  opt_in(gemm_ss_kernel<T, 64>, smem);
+  opt_in(gemm_ss_kernel<T, 128>, smem);
   if (N == 64) gemm_ss_kernel<T, 64><<<1, 128, smem, 0>>>(ta, tb, static_cast<const T*>(a), K, out, flags);
   else gemm_ss_kernel<T, 128><<<1, 128, smem, 0>>>(ta, tb, static_cast<const T*>(a), K, out, flags);
 }
@@ -278,6 +287,8 @@ void gemm_rs(int N, int K, const void* a, const void* b, float* out, int flags) 
   if (!encode_tma_4d(&tb, std::is_same<T, __nv_bfloat16>::value, b, dims, strides, box))
     throw std::invalid_argument("encode_tma_4d refused the map");
   const size_t smem = size_t(N / 64) * K * kSwRow + 8 + 2 * kSwAtom;
+  opt_in(gemm_rs_kernel<T, 64>, smem);
+  opt_in(gemm_rs_kernel<T, 128>, smem);
   if (N == 64) gemm_rs_kernel<T, 64><<<1, 128, smem, 0>>>(tb, static_cast<const T*>(a), K, out, flags);
   else gemm_rs_kernel<T, 128><<<1, 128, smem, 0>>>(tb, static_cast<const T*>(a), K, out, flags);
 }
@@ -288,6 +299,7 @@ void ring(int iters, const void* a, const void* b, float* out, int flags) {
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
   if (!map2d(&ta, bf, a, 64 * iters, 64, 64) || !map2d(&tb, bf, b, 64 * iters, 64, 64))
     throw std::invalid_argument("encode_tma_4d refused the maps");
+  opt_in(ring_kernel<T>, 4 * 64 * kSwRow + 32 + kSwAtom);
   ring_kernel<T><<<dim3(1, 1, 1), dim3(256, 1, 1), 4 * 64 * kSwRow + 32 + kSwAtom, 0>>>(ta, tb, iters, out, flags);
 }
 
@@ -296,6 +308,8 @@ void gemm_s8(int N, int K, const void* a, const void* b, int32_t* out, int init)
   if (!encode_tma_2d_i8(&ta, a, K, 64, K, 128, 64) || !encode_tma_2d_i8(&tb, b, K, N, K, 128, N))
     throw std::invalid_argument("encode_tma_2d_i8 refused the maps");
   const size_t smem = size_t(K / 128) * (64 + N) * kSwRow + 8 + 2 * kSwAtom;
+  opt_in(gemm_s8_kernel<128>, smem);
+  opt_in(gemm_s8_kernel<256>, smem);
   if (N == 128) gemm_s8_kernel<128><<<1, 128, smem, 0>>>(ta, tb, K, out, init);
   else gemm_s8_kernel<256><<<1, 128, smem, 0>>>(ta, tb, K, out, init);
 }
@@ -328,6 +342,7 @@ void bind_sm90_selftest(py::module_& m) {
     if (!cuda::sm90::encode_tma_4d(&map, true, p(base), dims.data(), strides.data(), box.data()))
       throw std::invalid_argument("encode_tma_4d refused the map");
     const int bytes = int(box[0] * box[1] * box[2] * box[3] * 2);
+    opt_in(tma_box_kernel, size_t(bytes) + 8 + 2 * 1024);
     tma_box_kernel<<<1, 32, size_t(bytes) + 8 + 2 * 1024, 0>>>(map, c[0], c[1], c[2], c[3],
                                                               static_cast<unsigned char*>(p(out)), bytes);
   });

@@ -4,7 +4,9 @@
 // IEEE fp32/fp64 (no FMA contraction on x86-64 without -mfma); exp2f/tanhf are libm's. It checks the
 // kernels' index arithmetic, reductions and numerics on machines without a GPU; it cannot catch
 // data races between barriers (threads run in a fixed order) nor register or occupancy limits. Vector accesses made through ld_vec / ldg_vec /
-// st_vec (llmkern/cuda/kv_rotary_common.cuh) are checked for alignment: the launch then throws. Test-only.
+// st_vec (llmkern/cuda/kv_rotary_common.cuh) and __ldg of uint4 / uint2 / float4 / float2 are checked for
+// alignment: the launch then throws. A launch with more than 48 KiB of dynamic shared memory throws unless
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, >= bytes) was called. Test-only.
 //
 // Scheduler: a fiber runs until it blocks in a wait (block_until: a predicate the scheduler re-evaluates
 // without switching to the fiber) or exits. A pass in which no fiber can run is a stall: the stall hooks
@@ -16,6 +18,14 @@
 // at the start of every block), of the size the launch asked for (`<<<g, b, smem>>>`, at most 227 KiB),
 // at shared-window address kSmemWindow (env LLMKERN_EMU_SMEM_BASE; default 0x410: NOT 1024-aligned, so
 // kernels must align their tiles themselves); the host address is congruent to it modulo 4096.
+// `extern __shared__ __align__(A) T name[];` (build_emu.py rewrites it to extern_smem(A)) is the dynamic
+// buffer moved up to the next A-aligned shared address (as the compiler aligns it after the static
+// shared memory); the launch's byte count then counts from there.
+// Static `__shared__ T x[...];` (build_emu.py rewrites it to static_smem<T[...]>(key, align)) is laid out, at
+// its first use in a launch, in a per-launch arena of at most 48 KiB (and static + dynamic <= 227 KiB) that
+// is filled with 0xFF at the start of every block (per-CTA and poisoned, like the hardware's) and has its
+// own range of the shared window (above the dynamic buffer, congruent to the host address modulo 4096),
+// so __cvta_generic_to_shared and the shared-memory operations (sm80.cuh, sm90.cuh) accept both kinds.
 #pragma once
 #include <ucontext.h>
 
@@ -31,6 +41,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "llmkern/cpu/convert.h"
@@ -57,6 +68,7 @@ struct uint2 { unsigned x, y; };
 struct float4 { float x, y, z, w; };
 struct float2 { float x, y; };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline float2 make_float2(float a, float b) { return {a, b}; }
 typedef void* cudaStream_t;
@@ -85,6 +97,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
 struct __half { uint16_t x; };
 struct __half2 { __half a, b; };
 struct __nv_bfloat16 { uint16_t x; };
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };  // x at the lower address (lower 16 bits)
 inline float __half2float(__half h) { return llmkern::cpu::f16_to_f32(h.x); }
 inline __half __ushort_as_half(uint16_t u) { return {u}; }
 inline uint16_t __half_as_ushort(__half h) { return h.x; }
@@ -92,14 +105,52 @@ inline __half __float2half_rn(float f) { return {llmkern::cpu::f32_to_f16(f)}; }
 inline float2 __half22float2(__half2 h) { return {__half2float(h.a), __half2float(h.b)}; }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {llmkern::cpu::f32_to_bf16(f)}; }
 inline uint16_t __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
+inline float __bfloat162float(__nv_bfloat16 b) { return llmkern::cpu::bf16_to_f32(b.x); }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)}; }
+inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
 inline float __uint_as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 inline uint32_t __float_as_uint(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int u) { float f; memcpy(&f, &u, 4); return f; }
 inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+// prmt.b32 (default mode): byte n of the result = byte (s >> 4n) & 7 of {y, x} (x = bytes 0..3), or that
+// byte's sign replicated when bit 3 of the selector nibble is set.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = uint64_t(x) | (uint64_t(y) << 32);
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) {
+    const unsigned sel = (s >> (4 * n)) & 0xF;
+    unsigned b = unsigned(v >> (8 * (sel & 7))) & 0xFF;
+    if (sel & 8) b = (b & 0x80) ? 0xFF : 0;
+    r |= b << (8 * n);
+  }
+  return r;
+}
+// dp4a: c + the dot product of the four signed (unsigned) bytes of a and b, int32 wrapping.
+inline int __dp4a(int a, int b, int c) {
+  uint32_t acc = uint32_t(c);
+  for (int i = 0; i < 4; ++i) acc += uint32_t(int32_t(int8_t(uint32_t(a) >> (8 * i))) * int32_t(int8_t(uint32_t(b) >> (8 * i))));
+  return int(acc);
+}
+inline unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
+  uint32_t acc = c;
+  for (int i = 0; i < 4; ++i) acc += ((a >> (8 * i)) & 0xFF) * ((b >> (8 * i)) & 0xFF);
+  return acc;
+}
 inline int __float2int_rn(float v) { return static_cast<int>(std::nearbyint(v)); }
 inline float __double2float_rn(double d) { return static_cast<float>(d); }
-template <class T> inline T __ldg(const T* p) { return *p; }
+namespace emu { inline void check_aligned(const void* p, size_t bytes); }
+// __ldg: the natural alignment of CUDA's vector types (uint4 / float4 16 bytes, uint2 / float2 8) is checked
+// like ld_vec's (a misaligned load faults on the GPU: the launch throws).
+template <class T> constexpr size_t cuda_align() {
+  return std::is_same<T, uint4>::value || std::is_same<T, float4>::value ? 16
+         : std::is_same<T, uint2>::value || std::is_same<T, float2>::value ? 8 : alignof(T);
+}
+template <class T> inline T __ldg(const T* p) {
+  emu::check_aligned(p, cuda_align<T>());
+  return *p;
+}
 [[noreturn]] inline void __trap() { throw std::runtime_error("__trap() executed"); }
 
 using std::max;
@@ -113,6 +164,7 @@ struct Barrier { int count = 0; long gen = 0; int expected = 0; };
 constexpr size_t kStackBytes = 256 << 10;
 constexpr size_t kDynSmemCap = 256 << 10;        // host buffer; a launch may use up to kDynSmemMax
 constexpr size_t kDynSmemMax = 227 << 10;        // the sm_90 opt-in maximum per block
+constexpr size_t kStaticSmemMax = 48 << 10;      // static __shared__ per kernel
 struct State {
   std::vector<Fiber> fibers;
   std::vector<std::unique_ptr<char[]>> stacks;  // reused across blocks and launches
@@ -133,10 +185,19 @@ struct State {
   unsigned char* dyn = nullptr;
   uint32_t window = 0x410;
   size_t dyn_bytes = 0;
+  uint32_t dyn_off = 0;     // extern_smem: the dynamic buffer starts at window + dyn_off (alignment)
+  bool dyn_off_set = false;
+  // static __shared__ variables of the running launch (static_smem)
+  std::vector<unsigned char> st_raw;
+  unsigned char* st_mem = nullptr;   // 4096-aligned host arena of kStaticSmemMax bytes
+  size_t st_used = 0;
+  std::map<const void*, size_t> st_off;  // declaration -> offset in the arena
+  uint32_t static_window = 0;        // shared-window address of st_mem
   // hooks of extensions (sm90.cuh): block start / block end / stall (returns true if it made progress)
   std::vector<std::function<void()>> on_block_begin, on_block_end;
   std::vector<std::function<bool()>> on_stall;
   std::vector<std::function<std::string(const WaitOn&)>> describe;
+  std::map<const void*, int> max_dyn_smem;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) per kernel
 };
 inline State& S() { static State s; return s; }
 inline Fiber& cur_fiber() { return S().fibers[S().cur]; }
@@ -210,26 +271,62 @@ inline std::string hex(uint64_t v) {
   return b;
 }
 
-// ---------------------------------------------------------------- dynamic shared memory
+// ---------------------------------------------------------------- shared memory
 inline unsigned char* dyn_smem_base() { return S().dyn; }
-// Shared-window address of a pointer into the dynamic shared memory (what cvta.to.shared gives).
+// `extern __shared__ __align__(align) T x[]`: the dynamic buffer at the next align-aligned shared address
+// (every such declaration of a launch must agree).
+inline unsigned char* extern_smem(size_t align) {
+  State& s = S();
+  if (align < 16) align = 16;
+  if (align & (align - 1)) throw std::runtime_error("extern __shared__: alignment " + std::to_string(align));
+  const uint32_t off = uint32_t((align - s.window % align) % align);
+  if (s.dyn_off_set && s.dyn_off != off)
+    throw std::runtime_error("extern __shared__ arrays of one kernel with different alignments");
+  s.dyn_off = off;
+  s.dyn_off_set = true;
+  return s.dyn + off;
+}
+// `__shared__ __align__(align) T x;` (key: one per declaration and kernel instantiation): placed in the
+// launch's static arena at its first use, the same object for every thread and block of the launch.
+template <class T>
+inline T& static_smem(const void* key, size_t align) {
+  State& s = S();
+  auto it = s.st_off.find(key);
+  if (it == s.st_off.end()) {
+    const size_t a = std::max(align, alignof(T));
+    const size_t off = (s.st_used + a - 1) / a * a;
+    if (off + sizeof(T) > kStaticSmemMax)
+      throw std::runtime_error("static __shared__ variables of " + std::to_string(off + sizeof(T)) +
+                               " bytes (at most " + std::to_string(kStaticSmemMax) + ")");
+    if (off + sizeof(T) + s.dyn_bytes > kDynSmemMax)
+      throw std::runtime_error("static (" + std::to_string(off + sizeof(T)) + ") + dynamic (" +
+                               std::to_string(s.dyn_bytes) + ") shared memory above " + std::to_string(kDynSmemMax) +
+                               " bytes");
+    s.st_used = off + sizeof(T);
+    it = s.st_off.emplace(key, off).first;
+  }
+  return *reinterpret_cast<T*>(s.st_mem + it->second);
+}
+// Shared-window address of a pointer into shared memory, dynamic or static (what cvta.to.shared gives).
 inline uint32_t smem_addr(const void* p) {
   const State& s = S();
   const auto* c = static_cast<const unsigned char*>(p);
-  if (!s.dyn || c < s.dyn || c >= s.dyn + kDynSmemCap)
-    throw std::runtime_error("shared-window address of a pointer outside the dynamic shared memory (the emulator "
-                             "models only dynamic shared memory for sm_90 operations)");
-  return s.window + uint32_t(c - s.dyn);
+  if (s.dyn && c >= s.dyn && c < s.dyn + kDynSmemCap) return s.window + uint32_t(c - s.dyn);
+  if (s.st_mem && c >= s.st_mem && c < s.st_mem + kStaticSmemMax) return s.static_window + uint32_t(c - s.st_mem);
+  throw std::runtime_error("__cvta_generic_to_shared: " + hex(reinterpret_cast<uintptr_t>(p)) +
+                           " is not a pointer into shared memory (dynamic or static __shared__)");
 }
 // Host pointer of `bytes` bytes at shared-window address `addr`, which must lie in the launch's dynamic
-// shared memory.
+// shared memory or in the static __shared__ variables.
 inline unsigned char* smem_ptr(uint32_t addr, size_t bytes, const char* what) {
   const State& s = S();
-  if (addr < s.window || uint64_t(addr) + bytes > uint64_t(s.window) + s.dyn_bytes)
-    throw std::runtime_error(std::string(what) + ": shared address " + hex(addr) + " (+" + std::to_string(bytes) +
-                             " bytes) outside the block's dynamic shared memory [" + hex(s.window) + ", " +
-                             hex(s.window + s.dyn_bytes) + ")");
-  return s.dyn + (addr - s.window);
+  const uint64_t d0 = uint64_t(s.window) + s.dyn_off, d1 = d0 + s.dyn_bytes;
+  if (addr >= d0 && uint64_t(addr) + bytes <= d1) return s.dyn + (addr - s.window);
+  const uint64_t s0 = s.static_window, s1 = s0 + s.st_used;
+  if (addr >= s0 && uint64_t(addr) + bytes <= s1) return s.st_mem + (addr - s.static_window);
+  throw std::runtime_error(std::string(what) + ": shared address " + hex(addr) + " (+" + std::to_string(bytes) +
+                           " bytes) outside the block's dynamic shared memory [" + hex(d0) + ", " + hex(d1) +
+                           ") and its static __shared__ variables [" + hex(s0) + ", " + hex(s1) + ")");
 }
 
 inline void tramp() {
@@ -320,10 +417,20 @@ inline void launch_impl(size_t smem, dim3 grid, dim3 block) {
   s.misaligned.clear();
   s.error = nullptr;
   s.dyn_bytes = smem;
+  s.dyn_off = 0;
+  s.dyn_off_set = false;
   if (const char* w = getenv("LLMKERN_EMU_SMEM_BASE")) s.window = uint32_t(strtoul(w, nullptr, 0)) & ~15u;
   if (s.dyn_raw.empty()) s.dyn_raw.resize(kDynSmemCap + 8192);
   const uintptr_t raw = reinterpret_cast<uintptr_t>(s.dyn_raw.data());
   s.dyn = s.dyn_raw.data() + ((s.window - raw) & 4095);  // host address == window address (mod 4096)
+  // static __shared__: a 4096-aligned arena above the dynamic range
+  if (s.st_raw.empty()) {
+    s.st_raw.resize(kStaticSmemMax + 4096);
+    s.st_mem = s.st_raw.data() + ((4096 - (reinterpret_cast<uintptr_t>(s.st_raw.data()) & 4095)) & 4095);
+  }
+  s.static_window = (s.window + uint32_t(kDynSmemCap) + 2 * 4096u) & ~4095u;
+  s.st_used = 0;
+  s.st_off.clear();
   while (s.stacks.size() < size_t(n)) s.stacks.emplace_back(new char[kStackBytes]);
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
@@ -335,6 +442,7 @@ inline void launch_impl(size_t smem, dim3 grid, dim3 block) {
         s.named_bar.assign(16, Barrier{});
         s.slots.assign((n + 31) / 32, std::vector<uint64_t>(32));
         memset(s.dyn, 0xFF, kDynSmemCap);
+        memset(s.st_mem, 0xFF, kStaticSmemMax);
         for (auto& h : s.on_block_begin) h();
         for (int i = 0; i < n; ++i) {
           Fiber& f = s.fibers[i];
@@ -353,8 +461,18 @@ inline void launch_impl(size_t smem, dim3 grid, dim3 block) {
   if (!s.misaligned.empty()) throw std::runtime_error("CUDA emulation: " + s.misaligned);
 }
 // `k<<<grid, block, smem, stream>>>(args)` (build_emu.py rewrites launches to this).
+constexpr size_t kDynSmemDefault = 48 << 10;  // without the opt-in
 template <class K, class... A>
 void launch_smem(size_t smem, K kernel, dim3 grid, dim3 block, A... args) {
+  if constexpr (std::is_pointer<K>::value) {
+    if (smem > kDynSmemDefault) {
+      auto it = S().max_dyn_smem.find(reinterpret_cast<const void*>(kernel));
+      if (it == S().max_dyn_smem.end() || size_t(it->second) < smem)
+        throw std::runtime_error("CUDA emulation: launch with " + std::to_string(smem) + " bytes of dynamic shared "
+                                 "memory (above 48 KiB) without cudaFuncSetAttribute(kernel, "
+                                 "cudaFuncAttributeMaxDynamicSharedMemorySize, >= that) on this kernel");
+    }
+  }
   S().body = [=]() { kernel(args...); };
   launch_impl(smem, grid, block);
 }
@@ -367,8 +485,11 @@ void launch(K kernel, dim3 grid, dim3 block, A... args) {
 template <class F>
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) { *a = cudaFuncAttributes{}; return cudaSuccess; }
 template <class F>
-inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int v) {
-  return v >= 0 && size_t(v) <= emu::kDynSmemMax ? cudaSuccess : cudaErrorInvalidValue;
+inline cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute a, int v) {
+  if (a != cudaFuncAttributeMaxDynamicSharedMemorySize || v < 0 || size_t(v) > emu::kDynSmemMax)
+    return cudaErrorInvalidValue;
+  emu::S().max_dyn_smem[reinterpret_cast<const void*>(f)] = v;
+  return cudaSuccess;
 }
 inline size_t __cvta_generic_to_shared(const void* p) { return emu::smem_addr(p); }
 

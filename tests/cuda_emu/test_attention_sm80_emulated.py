@@ -1,0 +1,173 @@
+"""The sm_80 prefill attention kernel (csrc/include/llmkern/cuda/attention.cuh: cp.async double buffering,
+ldmatrix / ldmatrix.trans, mma.sync m16n8k16, online softmax in registers) run on the CPU through the CUDA
+emulator (include/llmkern/cuda/sm80.cuh models those instructions from the PTX ISA): the real Python adapter
+(llmkern.ops.attention._cuda_launch with LLMKERN_CUDA_ATTN_WGMMA's switch off, LLMKERN_CUDA_ATTN_WIDE's on and
+off), binding, launcher and kernel, against the float64 reference on the same 16-bit inputs. Both cp.async
+timings of the emulator (data delivered at the wait, so a read before the wait / without the barrier reads
+NaN poison; or at issue, so a buffer refilled while other warps still read it is overwritten). The GPU test
+(tests/ops/test_attention_cuda.py) remains the check of the hardware itself."""
+import importlib
+import shutil
+
+import pytest
+import torch
+
+from llmkern import reference
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator is built with g++")
+
+TOL = 1e-2  # DESIGN.md, fp16 / bf16 outputs
+ATT = importlib.import_module("llmkern.ops.attention")  # the module (llmkern.ops.attention is the function)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    import build_emu
+
+    # the same module as test_attention_sm90_emulated.py (one build): both kernels
+    return build_emu.load(ops=("attention",), sources=["csrc/cuda/attention_sm90.cu"], name="_C_cuda_emu_attn")
+
+
+def _runner(emu, monkeypatch, timing, wide):
+    monkeypatch.setenv("LLMKERN_EMU_CP_ASYNC", timing)
+    monkeypatch.setattr(ATT, "_CUDA_WGMMA", False)
+    monkeypatch.setattr(ATT, "_CUDA_WIDE", wide)
+
+    def run_(q, k, v, cu_q=None, cu_k=None, scale=None, causal=False, window_left=-1, window_right=-1, softcap=0.0):
+        ATT._last_cuda_kernel = None
+        out, lse = ATT._cuda_launch(emu, 0, q, k, v, cu_q, cu_k, scale, causal, window_left, window_right, softcap)
+        assert ATT._last_cuda_kernel == "sm80"
+        return out, lse
+    return run_
+
+
+@pytest.fixture(params=["lazy", "eager"])
+def run(request, emu, monkeypatch):
+    return _runner(emu, monkeypatch, request.param, False)
+
+
+@pytest.fixture
+def run_lazy(emu, monkeypatch):
+    def make(wide=False):
+        return _runner(emu, monkeypatch, "lazy", wide)
+    return make
+
+
+def _check(run, q, k, v, **kw):
+    out, lse = run(q, k, v, **kw)
+    rout, rlse = reference.attention(q, k, v, kw.get("cu_q"), kw.get("cu_k"), kw.get("scale"), kw.get("causal", False),
+                                     kw.get("window_left", -1), kw.get("window_right", -1), kw.get("softcap", 0.0))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    err = ((out.double() - rout.double()).norm() / rout.double().norm().clamp_min(1e-30)).item()
+    assert err <= TOL, f"relative error {err}"
+    fin = torch.isfinite(rlse)
+    assert torch.equal(fin, torch.isfinite(lse)), "rows without keys must have lse -inf, the others finite"
+    assert torch.allclose(lse[fin], rlse[fin].float(), rtol=2e-5, atol=2e-5)
+    return out, lse
+
+
+def _rand(*shape, dtype, g):
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+MASKS = {
+    "full": {},
+    "causal": dict(causal=True),
+    "window_both": dict(window_left=70, window_right=9),
+    "causal_window_left": dict(causal=True, window_left=100),
+    "softcap_causal": dict(causal=True, softcap=2.0, scale=0.5),
+}
+# (B, Sq, Sk, Hq, Hk, D): one row, GQA 2 with 2 sequences, MQA with Sq < Sk (keys crossing five 64-key tiles:
+# both K/V buffers reused), Sq > Sk (rows without keys), D = 64 with two 128-row query tiles.
+CASES = [(1, 1, 1, 2, 2, 64), (2, 17, 17, 4, 2, 64), (1, 100, 257, 2, 1, 128), (1, 150, 70, 2, 2, 128),
+         (1, 130, 200, 2, 1, 64)]
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_batched(run_lazy, case, mask):
+    B, Sq, Sk, Hq, Hk, D = case
+    g = torch.Generator().manual_seed(Sq * 7 + Sk)
+    dtype = torch.bfloat16 if (Sq + len(mask)) % 2 else torch.float16
+    q, k, v = _rand(B, Sq, Hq, D, dtype=dtype, g=g), _rand(B, Sk, Hk, D, dtype=dtype, g=g), \
+        _rand(B, Sk, Hk, D, dtype=dtype, g=g)
+    _check(run_lazy(), q, k, v, **MASKS[mask])
+
+
+@pytest.mark.parametrize("mask,dtype", [("full", torch.float16), ("causal", torch.bfloat16),
+                                        ("window_both", torch.bfloat16), ("softcap_causal", torch.float16)], ids=str)
+def test_d128_wide_and_narrow_tiles(run_lazy, dtype, mask):
+    """D = 128 runs 64-row query tiles (4 warps) or, with LLMKERN_CUDA_ATTN_WIDE, 128-row tiles (8 warps): the
+    same answers (query rows 128 + 2: a partial tile either way)."""
+    g = torch.Generator().manual_seed(11)
+    q = _rand(1, 130, 2, 128, dtype=dtype, g=g)
+    k, v = _rand(1, 140, 1, 128, dtype=dtype, g=g), _rand(1, 140, 1, 128, dtype=dtype, g=g)
+    narrow, _ = _check(run_lazy(False), q, k, v, **MASKS[mask])
+    wide, _ = _check(run_lazy(True), q, k, v, **MASKS[mask])
+    assert ((narrow.double() - wide.double()).norm() / narrow.double().norm()).item() <= 5e-3
+
+
+@pytest.mark.parametrize("case", [(2, 40, 140, 4, 2, 64), (1, 70, 200, 2, 1, 128)], ids=lambda c: "x".join(map(str, c)))
+def test_cp_async_timings(run, case):
+    """Lazy (at the wait) and eager (at issue) cp.async delivery: several key tiles, so both K/V buffers are
+    refilled while the other is read."""
+    B, Sq, Sk, Hq, Hk, D = case
+    g = torch.Generator().manual_seed(Sk)
+    q, k, v = (_rand(B, S, H, D, dtype=torch.bfloat16, g=g) for S, H in ((Sq, Hq), (Sk, Hk), (Sk, Hk)))
+    _check(run, q, k, v, causal=True)
+    _check(run, q, k, v, window_left=30, window_right=50)
+
+
+@pytest.mark.parametrize("mask", ["full", "causal", "window_both"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_packed_varlen(run, D, mask):
+    """Sequences of 1, 0, 5, 150 and 40 queries over 3, 1, 5, 300 and 0 keys, 2 trailing rows in no
+    sequence: key tiles run past each sequence's end into the next one (zero-filled, not read)."""
+    g = torch.Generator().manual_seed(D)
+    sq, sk = [1, 0, 5, 150, 40], [3, 1, 5, 300, 0]
+    cu_q = torch.tensor([0] + sq).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + sk).cumsum(0).to(torch.int32)
+    q = _rand(sum(sq) + 2, 2, D, dtype=torch.float16, g=g)
+    k, v = _rand(sum(sk), 1, D, dtype=torch.float16, g=g), _rand(sum(sk), 1, D, dtype=torch.float16, g=g)
+    _check(run, q, k, v, cu_q=cu_q, cu_k=cu_k, **MASKS[mask])
+
+
+def test_packed_neighbour_inf_and_nan_do_not_leak(run_lazy):
+    """The tile that cuts sequence 0's keys stops at its end: inf in the next sequence's V (0 * inf) and NaN
+    in its K must not reach sequence 0; sequence 1 itself gets NaN rows (its own NaN keys)."""
+    g = torch.Generator().manual_seed(3)
+    cu_q, cu_k = torch.tensor([0, 3, 53], dtype=torch.int32), torch.tensor([0, 7, 307], dtype=torch.int32)
+    q = _rand(53, 2, 128, dtype=torch.bfloat16, g=g)
+    k, v = _rand(307, 1, 128, dtype=torch.bfloat16, g=g), _rand(307, 1, 128, dtype=torch.bfloat16, g=g)
+    v[7:20] = float("inf")
+    k[7:20] = float("nan")
+    out, _ = run_lazy()(q, k, v, cu_q=cu_q, cu_k=cu_k)
+    ref = reference.attention(q[None, :3], k[None, :7], v[None, :7], None, None, None, False, -1, -1, 0.0)[0][0]
+    assert torch.isfinite(out[:3]).all()
+    assert ((out[:3].double() - ref.double()).norm() / ref.double().norm()).item() <= TOL
+    assert torch.isnan(out[3:]).all()
+
+
+@pytest.mark.parametrize("layout", ["fused_qkv_slice", "bhsd_transposed", "single_head_and_row"])
+def test_strided_views(run_lazy, layout):
+    """The adapter's strides reach the kernel: a slice of a fused qkv, a [B, H, S, D] tensor seen as
+    [B, S, H, D], and size-1 dimensions."""
+    g = torch.Generator().manual_seed(4)
+    if layout == "fused_qkv_slice":
+        qkv = _rand(2, 140, 6, 64, dtype=torch.float16, g=g)
+        q, k, v = qkv[:, :, :2], qkv[:, :, 2:4], qkv[:, :, 4:]
+    elif layout == "bhsd_transposed":
+        q, k, v = (_rand(1, 2, 150, 128, dtype=torch.bfloat16, g=g).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (_rand(1, 1, 1, 64, dtype=torch.float16, g=g) for _ in range(3))
+    _check(run_lazy(), q, k, v, causal=True)
+
+
+def test_no_visible_key_rows_are_zero(run_lazy):
+    """A window that ends before key 0 for every row of the first query tiles: those blocks issue no copy
+    and no mma at all; out 0 and lse -inf."""
+    g = torch.Generator().manual_seed(5)
+    q = _rand(1, 300, 2, 64, dtype=torch.float16, g=g)
+    k, v = _rand(1, 3, 2, 64, dtype=torch.float16, g=g), _rand(1, 3, 2, 64, dtype=torch.float16, g=g)
+    out, lse = _check(run_lazy(), q, k, v, causal=True, window_left=2)
+    assert torch.equal(out[0, :290], torch.zeros_like(out[0, :290]))

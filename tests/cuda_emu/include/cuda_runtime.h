@@ -248,6 +248,19 @@ inline void named_sync(int id, int count) {
   if (++b.count == count) { b.count = 0; ++b.gen; return; }
   block_until([&b, g] { return b.gen != g; }, "a named barrier (bar.sync)", uint64_t(id), uint64_t(count));
 }
+// bar.arrive id, count: counts towards the phase like bar.sync, without waiting.
+inline void named_arrive(int id, int count) {
+  if (id < 1 || id > 15) throw std::runtime_error("named barrier id " + std::to_string(id) + " (1..15; 0 is __syncthreads)");
+  if (count <= 0 || count % 32 || count > nthreads())
+    throw std::runtime_error("named barrier " + std::to_string(id) + ": thread count " + std::to_string(count) +
+                             " (a multiple of 32, at most the block's " + std::to_string(nthreads()) + ")");
+  Barrier& b = S().named_bar[id];
+  if (b.count == 0) b.expected = count;
+  else if (b.expected != count)
+    throw std::runtime_error("named barrier " + std::to_string(id) + " used with counts " + std::to_string(b.expected) +
+                             " and " + std::to_string(count) + " in the same phase");
+  if (++b.count == count) { b.count = 0; ++b.gen; }
+}
 template <class T> T shfl_xor(T v, int o) {
   const int l = lin(), w = l / 32, lane = l % 32;
   uint64_t u = 0;
@@ -456,6 +469,11 @@ inline void launch_impl(size_t smem, dim3 grid, dim3 block) {
           makecontext(&f.ctx, tramp, 0);
         }
         run_block(n);
+        for (int id = 1; id < 16; ++id)
+          if (s.named_bar[id].count)  // bar.arrive with no matching phase completion: a protocol error
+            throw std::runtime_error("CUDA emulation: block ended with named barrier " + std::to_string(id) +
+                                     " holding " + std::to_string(s.named_bar[id].count) + " of " +
+                                     std::to_string(s.named_bar[id].expected) + " arrivals");
         for (auto& h : s.on_block_end) h();
       }
   if (!s.misaligned.empty()) throw std::runtime_error("CUDA emulation: " + s.misaligned);

@@ -8,7 +8,8 @@
 //   giving up registers). Q once (D / 64 boxes of [128 rows][64 values]); then for each visible key tile
 //   (BN = 128 keys) K and V into a ring of kStages stages, each stage's K and V announced by its own
 //   "full" mbarrier (transaction bytes) and freed by an "empty" mbarrier (256 consumer arrivals).
-// - warpgroups 1 and 2, the consumers: rows [64 c, 64 c + 64) of the tile for consumer c. Per key tile:
+// - warpgroups 1 and 2, the consumers: rows [64 c, 64 c + 64) of the tile for consumer c, taking turns to
+//   issue their S GEMMs (ping-pong: one's softmax overlaps the other's GEMMs). Per key tile:
 //     S = Q K^T      wgmma m64n128k16, A (Q) and B (K) from shared memory, both K-major, D / 16 steps
 //     softcap, masks, online softmax in fp32 on the accumulators (2 rows per thread, quads share a row)
 //     O += P V       wgmma m64nDk16, A = P from registers (the S accumulators re-packed to 16 bits: the
@@ -45,6 +46,7 @@ constexpr int kBN = 128;      // keys per tile (wgmma N of S = Q K^T)
 constexpr int kStages = 2;    // K/V ring depth
 constexpr int kThreads = 384; // producer warpgroup + two consumer warpgroups
 constexpr int kConsumers = 256;
+constexpr int kTurn = 3;       // named barriers 3 and 4: the consumers' turns (1 and 2: each consumer's own)
 
 // Byte layout of the dynamic shared memory after aligning its base to 1024: Q, then per stage K and V,
 // then the mbarriers (q_full, k_full[S], v_full[S], empty[S]).
@@ -196,6 +198,11 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
 
   if (t_begin < t_end) {
+    // Ping-pong (FlashAttention-3): the consumers take turns issuing their S GEMMs, so that one's softmax
+    // runs while the other's GEMMs use the tensor cores. Barrier kTurn + c opens consumer c's turn (its 128
+    // threads wait, the other's 128 arrive); consumer 0 goes first. Both run the same tiles: n turns each,
+    // consumer 1 arrives once up front and skips its last arrival, so no phase is left open.
+    if (c == 1) sm90::named_barrier_arrive(kTurn, kConsumers);
     sm90::mbar_wait(sb + L::q_full, 0);
     for (int t = t_begin, it = 0; t < t_end; ++t, ++it) {
       const int s = it % kStages;
@@ -205,6 +212,7 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
       // S = Q K^T: A rows [64 c, 64 c + 64) of Q, B = the 128 keys; k16 step ks in box ks / 4 at + 32 (ks % 4).
       float sacc[kBN / 2];
       sm90::mbar_wait(sb + L::k_full(s), ph);
+      sm90::named_barrier_sync(kTurn + c, kConsumers);
       sm90::wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < KD; ++ks) {
@@ -213,6 +221,7 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
         sm90::wgmma_ss<T, kBN>(sacc, sm90::desc_k_major(a), sm90::desc_k_major(bk), ks > 0);
       }
       sm90::wgmma_commit();
+      if (c == 0 || t + 1 < t_end) sm90::named_barrier_arrive(kTurn + (1 - c), kConsumers);
       sm90::wgmma_wait<0>();
       sm90::fence_regs(sacc);
 

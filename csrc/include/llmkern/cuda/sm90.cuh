@@ -122,6 +122,13 @@ __device__ __forceinline__ void named_barrier_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 #endif
 }
+// Arrives at barrier `id` without waiting (bar.arrive): counts towards the `count` threads that complete the
+// barrier's phase together with those waiting in named_barrier_sync(id, count).
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+#ifdef LLMKERN_SM90A
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+#endif
+}
 template <int R>
 __device__ __forceinline__ void setmaxnreg_dec() {
 #ifdef LLMKERN_SM90A

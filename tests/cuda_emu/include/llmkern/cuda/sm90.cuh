@@ -47,7 +47,7 @@
 //   thread t: row 16 (t / 32) + (t % 32) / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (t % 4) + i % 2;
 //   A word j of thread t: row 16 (t / 32) + (t % 32) / 4 + 8 (j % 2), columns 2 (t % 4) + 8 (j / 2) + {0, 1}
 //   (low half first).
-// - named_barrier_sync: cuda_runtime.h's named barriers. fences, setmaxnreg, tma_prefetch_map: no-ops
+// - named_barrier_sync / named_barrier_arrive: cuda_runtime.h's named barriers (bar.sync / bar.arrive). fences, setmaxnreg, tma_prefetch_map: no-ops
 //   (setmaxnreg checks its range). fast_exp2: exp2f, subnormal results flushed to 0.
 // Test-only.
 #pragma once
@@ -476,6 +476,7 @@ __device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
 
 __device__ __forceinline__ void fence_proxy_async() {}
 __device__ __forceinline__ void named_barrier_sync(int id, int count) { emu::named_sync(id, count); }
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) { emu::named_arrive(id, count); }
 template <int R>
 __device__ __forceinline__ void setmaxnreg_dec() {
   static_assert(R >= 24 && R <= 256 && R % 8 == 0, "setmaxnreg: 24..256, a multiple of 8");

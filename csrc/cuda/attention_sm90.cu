@@ -27,6 +27,7 @@ bool encode_map(cuda::sm90::TmaMap* map, bool bf16, const void* base, int64_t D,
   const uint64_t sbt = s_batch ? uint64_t(s_batch) * 2 : sr * uint64_t(rows);
   const uint64_t dims[4] = {uint64_t(D), uint64_t(heads), uint64_t(rows), uint64_t(batches)};
   const uint64_t strides[3] = {sh, sr, sbt};
+  static_assert(cuda::attn90::kBM == cuda::attn90::kBN, "one box shape serves the Q tile and the K / V tiles");
   const uint32_t box[4] = {64, 1, uint32_t(cuda::attn90::kBM), 1};
   return cuda::sm90::encode_tma_4d(map, bf16, base, dims, strides, box);
 }

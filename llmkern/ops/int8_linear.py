@@ -227,7 +227,8 @@ def _cuda(x, weight, weight_scale, bias, mode):
     """CUDA kernels (csrc/cuda/int8_linear.cu) on raw pointers; torch allocates output and workspaces.
 
     W8A8: per-row quantization kernel into xq int8 [M, K] / xs fp32 [M], then a dp4a GEMV (M <= 16) or
-    the mma.sync int8 tensor-core GEMM (CUDA_W8A8_MMA). W8A16: fp32-math GEMV for fp32 x (any M) and
+    the mma.sync int8 tensor-core GEMM (CUDA_W8A8_MMA), or with per-channel scales and CUDA_W8A8_WGMMA on a
+    compute-capability-9.0 GPU the sm_90a TMA + wgmma GEMM (same bits). W8A16: fp32-math GEMV for fp32 x (any M) and
     M = 1; 16-bit x with 2 <= M <= 16: weights dequantized in registers into mma.sync fragments (swap AB,
     CUDA_DECODE_MMA); 16-bit x with M > 16: a bf16/fp16 mma.sync GEMM that dequantizes weight tiles into
     shared memory (or, with CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS). Weights are read in

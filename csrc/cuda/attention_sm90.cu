@@ -12,6 +12,7 @@
 #include "llmkern/cuda/attention_sm90.cuh"
 #include "llmkern/cuda/sm90_tma_host.h"
 #include "llmkern/cuda_check.cuh"
+#include "sm90_launch.h"
 
 namespace llmkern {
 
@@ -32,39 +33,13 @@ bool encode_map(cuda::sm90::TmaMap* map, bool bf16, const void* base, int64_t D,
   return cuda::sm90::encode_tma_4d(map, bf16, base, dims, strides, box);
 }
 
-bool device_is_sm90() {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
-  return major == 9 && minor == 0;
-}
-
 template <typename T, int D>
 bool launch(const cuda::AttnFwdParams& p, int B, int max_q, const cuda::sm90::TmaMap& tq, const cuda::sm90::TmaMap& tk,
             const cuda::sm90::TmaMap& tv, cudaStream_t stream) {
   constexpr int kSmem = cuda::attn90::Smem<D>::bytes;
   auto kernel = cuda::attn_fwd_sm90_kernel<T, D>;
-  // Once per device (bit `dev`): the binary check and the shared-memory opt-in stay out of the hot path and
-  // out of CUDA graph captures after a warm-up. `ok` bit set = usable.
-  static std::atomic<uint64_t> checked{0}, ok{0};
-  int dev = 0;
-  LLMKERN_CUDA_CHECK(cudaGetDevice(&dev));
-  const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
-  if (!bit) return false;
-  if (!(checked.load(std::memory_order_acquire) & bit)) {
-    bool usable = device_is_sm90();
-    if (usable) {
-      // A module built without sm_90a would run its sm_80 code, in which the kernel is a trap.
-      cudaFuncAttributes fa{};
-      LLMKERN_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-      usable = fa.binaryVersion == 90;
-    }
-    if (usable) LLMKERN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    if (usable) ok.fetch_or(bit, std::memory_order_release);
-    checked.fetch_or(bit, std::memory_order_release);
-  }
-  if (!(ok.load(std::memory_order_acquire) & bit)) return false;
+  static std::atomic<uint64_t> checked{0}, ok{0};  // this instantiation's once-per-device verdicts
+  if (!sm90_kernel_ready(kernel, kSmem, &checked, &ok)) return false;
   const int64_t blocks_m = (int64_t(max_q) + cuda::attn90::kBM - 1) / cuda::attn90::kBM;
   const int64_t bh = int64_t(B) * p.Hq;
   if (blocks_m > 65535 || bh > 2147483647LL) return false;

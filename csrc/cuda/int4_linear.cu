@@ -12,6 +12,7 @@
 #include "llmkern/cuda/int4_linear.cuh"
 #include "llmkern/cuda/wdq_gemm.cuh"
 #include "llmkern/cuda/wgmma_int4.cuh"
+#include "sm90_launch.h"
 #include "llmkern/cuda_check.cuh"
 
 namespace llmkern {
@@ -91,14 +92,6 @@ void launch_wgmma(const k4::GemvArgs& g, int num_sms, cudaStream_t st) {
   else launch_wgmma_bm<T, 64>(a, st);
 }
 
-// wgmma exists only on compute capability 9.0 (the module's sm_90a code); elsewhere the kernel traps.
-bool device_is_sm90() {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
-  return major == 9 && minor == 0;
-}
 
 template <typename T>
 void launch_decode_mma(const k4::GemvArgs& g, int splits, int split_blocks, cudaStream_t st) {

@@ -11,6 +11,7 @@
 #include "llmkern/cuda/int8_linear_sm90.cuh"
 #include "llmkern/cuda/sm90_tma_host.h"
 #include "llmkern/cuda_check.cuh"
+#include "sm90_launch.h"
 
 namespace llmkern {
 
@@ -22,31 +23,8 @@ bool w8a8_sm90(const int8_t* xq, int64_t ldq, const float* xs, const int8_t* w, 
   if (M < 1 || N < 1 || K < 1 || K % 16 || ldq % 16 || reinterpret_cast<uintptr_t>(xq) % 16 ||
       reinterpret_cast<uintptr_t>(w) % 16)
     return false;
-  // Once per device (bit `dev`): the binary check and the shared-memory opt-in stay out of the hot path and
-  // out of CUDA graph captures after a warm-up.
-  static std::atomic<uint64_t> checked{0}, ok{0};
-  int dev = 0;
-  LLMKERN_CUDA_CHECK(cudaGetDevice(&dev));
-  const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
-  if (!bit) return false;
-  if (!(checked.load(std::memory_order_acquire) & bit)) {
-    int major = 0, minor = 0;
-    bool usable = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                  major == 9 && minor == 0;
-    if (usable) {
-      // A module built without sm_90a would run its sm_80 code, in which the kernel is a trap.
-      cudaFuncAttributes fa{};
-      LLMKERN_CUDA_CHECK(cudaFuncGetAttributes(&fa, cuda::w8a8_sm90_kernel));
-      usable = fa.binaryVersion == 90;
-    }
-    if (usable)
-      LLMKERN_CUDA_CHECK(cudaFuncSetAttribute(cuda::w8a8_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              k::kSmemBytes));
-    if (usable) ok.fetch_or(bit, std::memory_order_release);
-    checked.fetch_or(bit, std::memory_order_release);
-  }
-  if (!(ok.load(std::memory_order_acquire) & bit)) return false;
+  static std::atomic<uint64_t> checked{0}, ok{0};  // once-per-device verdicts
+  if (!sm90_kernel_ready(cuda::w8a8_sm90_kernel, k::kSmemBytes, &checked, &ok)) return false;
   cuda::sm90::TmaMap tx, tw;
   if (!cuda::sm90::encode_tma_2d_i8(&tx, xq, uint64_t(K), uint64_t(M), uint64_t(ldq), k::kBK, k::kBM) ||
       !cuda::sm90::encode_tma_2d_i8(&tw, w, uint64_t(K), uint64_t(N), uint64_t(K), k::kBK, k::kBN))

@@ -86,6 +86,7 @@ def _sources(ops, sources):
 
 def _inputs(ops=OPS, sources=()):
     files = sorted((ROOT / "csrc" / "include" / "llmkern").rglob("*")) + sorted((HERE / "include").rglob("*"))
+    files += sorted((ROOT / "csrc" / "cuda").glob("*.h"))  # launcher-side headers (sm90_launch.h)
     files += [pathlib.Path(__file__)] + _sources(ops, sources)
     return [f for f in files if f.is_file()]
 

@@ -6,39 +6,26 @@ off), binding, launcher and kernel, against the float64 reference on the same 16
 timings of the emulator (data delivered at the wait, so a read before the wait / without the barrier reads
 NaN poison; or at issue, so a buffer refilled while other warps still read it is overwritten). The GPU test
 (tests/ops/test_attention_cuda.py) remains the check of the hardware itself."""
-import importlib
 import shutil
 
 import pytest
 import torch
 
-from llmkern import reference
+from _attention_emu import ATT, MASKS, TOL, check as _check, load_emu, rand as _rand, reference_of, runner
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator is built with g++")
-
-TOL = 1e-2  # DESIGN.md, fp16 / bf16 outputs
-ATT = importlib.import_module("llmkern.ops.attention")  # the module (llmkern.ops.attention is the function)
 
 
 @pytest.fixture(scope="module")
 def emu():
-    import build_emu
-
-    # the same module as test_attention_sm90_emulated.py (one build): both kernels
-    return build_emu.load(ops=("attention",), sources=["csrc/cuda/attention_sm90.cu"], name="_C_cuda_emu_attn")
+    return load_emu()
 
 
 def _runner(emu, monkeypatch, timing, wide):
     monkeypatch.setenv("LLMKERN_EMU_CP_ASYNC", timing)
     monkeypatch.setattr(ATT, "_CUDA_WGMMA", False)
     monkeypatch.setattr(ATT, "_CUDA_WIDE", wide)
-
-    def run_(q, k, v, cu_q=None, cu_k=None, scale=None, causal=False, window_left=-1, window_right=-1, softcap=0.0):
-        ATT._last_cuda_kernel = None
-        out, lse = ATT._cuda_launch(emu, 0, q, k, v, cu_q, cu_k, scale, causal, window_left, window_right, softcap)
-        assert ATT._last_cuda_kernel == "sm80"
-        return out, lse
-    return run_
+    return runner(emu, "sm80")
 
 
 @pytest.fixture(params=["lazy", "eager"])
@@ -53,30 +40,6 @@ def run_lazy(emu, monkeypatch):
     return make
 
 
-def _check(run, q, k, v, **kw):
-    out, lse = run(q, k, v, **kw)
-    rout, rlse = reference.attention(q, k, v, kw.get("cu_q"), kw.get("cu_k"), kw.get("scale"), kw.get("causal", False),
-                                     kw.get("window_left", -1), kw.get("window_right", -1), kw.get("softcap", 0.0))
-    assert out.shape == q.shape and out.dtype == q.dtype
-    err = ((out.double() - rout.double()).norm() / rout.double().norm().clamp_min(1e-30)).item()
-    assert err <= TOL, f"relative error {err}"
-    fin = torch.isfinite(rlse)
-    assert torch.equal(fin, torch.isfinite(lse)), "rows without keys must have lse -inf, the others finite"
-    assert torch.allclose(lse[fin], rlse[fin].float(), rtol=2e-5, atol=2e-5)
-    return out, lse
-
-
-def _rand(*shape, dtype, g):
-    return torch.randn(*shape, generator=g).to(dtype)
-
-
-MASKS = {
-    "full": {},
-    "causal": dict(causal=True),
-    "window_both": dict(window_left=70, window_right=9),
-    "causal_window_left": dict(causal=True, window_left=100),
-    "softcap_causal": dict(causal=True, softcap=2.0, scale=0.5),
-}
 # (B, Sq, Sk, Hq, Hk, D): one row, GQA 2 with 2 sequences, MQA with Sq < Sk (keys crossing five 64-key tiles:
 # both K/V buffers reused), Sq > Sk (rows without keys), D = 64 with two 128-row query tiles.
 CASES = [(1, 1, 1, 2, 2, 64), (2, 17, 17, 4, 2, 64), (1, 100, 257, 2, 1, 128), (1, 150, 70, 2, 2, 128),
@@ -142,7 +105,7 @@ def test_packed_neighbour_inf_and_nan_do_not_leak(run_lazy):
     v[7:20] = float("inf")
     k[7:20] = float("nan")
     out, _ = run_lazy()(q, k, v, cu_q=cu_q, cu_k=cu_k)
-    ref = reference.attention(q[None, :3], k[None, :7], v[None, :7], None, None, None, False, -1, -1, 0.0)[0][0]
+    ref = reference_of(q[None, :3], k[None, :7], v[None, :7])[0][0]
     assert torch.isfinite(out[:3]).all()
     assert ((out[:3].double() - ref.double()).norm() / ref.double().norm()).item() <= TOL
     assert torch.isnan(out[3:]).all()

@@ -5,64 +5,28 @@ maps) and kernel, against the float64 reference on the same 16-bit inputs. Both 
 emulator (loads delivered lazily, so a missing wait reads NaN poison; or eagerly, so a stage refilled too
 early is overwritten). What the emulator cannot tell (the hardware's agreement with its model of
 descriptors, swizzle and fragments) is left to tests/ops/test_attention_cuda.py -k sm90 on an H100/H200."""
-import importlib
 import shutil
 
 import pytest
 import torch
 
-from llmkern import reference
+from _attention_emu import ATT, MASKS, TOL, check as _check, load_emu, rand as _rand, reference_of, runner
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator is built with g++")
-
-TOL = 1e-2  # DESIGN.md, fp16 / bf16 outputs
-ATT = importlib.import_module("llmkern.ops.attention")  # the module (llmkern.ops.attention is the function)
 
 
 @pytest.fixture(scope="module")
 def emu():
-    import build_emu
-
-    return build_emu.load(ops=("attention",), sources=["csrc/cuda/attention_sm90.cu"], name="_C_cuda_emu_attn")
+    return load_emu()
 
 
 @pytest.fixture(params=["lazy", "eager"])
 def run(request, emu, monkeypatch):
     monkeypatch.setenv("LLMKERN_EMU_TMA", request.param)
     monkeypatch.setattr(ATT, "_CUDA_WGMMA", True)
-
-    def run_(q, k, v, cu_q=None, cu_k=None, scale=None, causal=False, window_left=-1, window_right=-1, softcap=0.0):
-        ATT._last_cuda_kernel = None
-        out, lse = ATT._cuda_launch(emu, 0, q, k, v, cu_q, cu_k, scale, causal, window_left, window_right, softcap)
-        assert ATT._last_cuda_kernel == "sm90"
-        return out, lse
-    return run_
+    return runner(emu, "sm90")
 
 
-def _check(run, q, k, v, **kw):
-    out, lse = run(q, k, v, **kw)
-    rout, rlse = reference.attention(q, k, v, kw.get("cu_q"), kw.get("cu_k"), kw.get("scale"), kw.get("causal", False),
-                                     kw.get("window_left", -1), kw.get("window_right", -1), kw.get("softcap", 0.0))
-    assert out.shape == q.shape and out.dtype == q.dtype
-    err = ((out.double() - rout.double()).norm() / rout.double().norm().clamp_min(1e-30)).item()
-    assert err <= TOL, f"relative error {err}"
-    fin = torch.isfinite(rlse)
-    assert torch.equal(fin, torch.isfinite(lse)), "rows without keys must have lse -inf, the others finite"
-    assert torch.allclose(lse[fin], rlse[fin].float(), rtol=2e-5, atol=2e-5)
-    return out, lse
-
-
-def _rand(*shape, dtype, g):
-    return torch.randn(*shape, generator=g).to(dtype)
-
-
-MASKS = {
-    "full": {},
-    "causal": dict(causal=True),
-    "window_both": dict(window_left=70, window_right=9),
-    "causal_window_left": dict(causal=True, window_left=100),
-    "softcap_causal": dict(causal=True, softcap=2.0, scale=0.5),
-}
 # (B, Sq, Sk, Hq, Hk, D): one row, GQA 2, MQA, Sq > Sk (rows without keys), query tiles of 128 + 2 rows,
 # keys crossing several 128-key tiles (the 2-stage ring wraps: phases flip).
 CASES = [(1, 1, 1, 2, 2, 64), (2, 17, 17, 4, 2, 64), (1, 100, 257, 4, 1, 128), (1, 200, 70, 2, 2, 128),
@@ -104,7 +68,7 @@ def test_packed_neighbour_inf_and_nan_do_not_leak(run):
     v[7:20] = float("inf")
     k[7:20] = float("nan")
     out, _ = run(q, k, v, cu_q=cu_q, cu_k=cu_k)
-    ref = reference.attention(q[None, :3], k[None, :7], v[None, :7], None, None, None, False, -1, -1, 0.0)[0][0]
+    ref = reference_of(q[None, :3], k[None, :7], v[None, :7])[0][0]
     assert torch.isfinite(out[:3]).all()
     assert ((out[:3].double() - ref.double()).norm() / ref.double().norm()).item() <= TOL
     assert torch.isnan(out[3:]).all()

@@ -233,8 +233,9 @@ inline void block_sync() {
   release_block_bar();
   if (b.gen == g) block_until([&b, g] { return b.gen != g; }, "__syncthreads");
 }
-// bar.sync id, count (named barriers 1..15): `count` threads (a multiple of 32) of the block.
-inline void named_sync(int id, int count) {
+// Named barrier `id` (1..15; 0 is __syncthreads) joined with a thread count of `count` (a multiple of 32, at
+// most the block's; the same for every thread of one phase).
+inline Barrier& named_bar(int id, int count) {
   if (id < 1 || id > 15) throw std::runtime_error("named barrier id " + std::to_string(id) + " (1..15; 0 is __syncthreads)");
   if (count <= 0 || count % 32 || count > nthreads())
     throw std::runtime_error("named barrier " + std::to_string(id) + ": thread count " + std::to_string(count) +
@@ -244,21 +245,18 @@ inline void named_sync(int id, int count) {
   else if (b.expected != count)
     throw std::runtime_error("named barrier " + std::to_string(id) + " used with counts " + std::to_string(b.expected) +
                              " and " + std::to_string(count) + " in the same phase");
+  return b;
+}
+// bar.sync id, count: waits until `count` threads have arrived (this one included).
+inline void named_sync(int id, int count) {
+  Barrier& b = named_bar(id, count);
   const long g = b.gen;
   if (++b.count == count) { b.count = 0; ++b.gen; return; }
   block_until([&b, g] { return b.gen != g; }, "a named barrier (bar.sync)", uint64_t(id), uint64_t(count));
 }
 // bar.arrive id, count: counts towards the phase like bar.sync, without waiting.
 inline void named_arrive(int id, int count) {
-  if (id < 1 || id > 15) throw std::runtime_error("named barrier id " + std::to_string(id) + " (1..15; 0 is __syncthreads)");
-  if (count <= 0 || count % 32 || count > nthreads())
-    throw std::runtime_error("named barrier " + std::to_string(id) + ": thread count " + std::to_string(count) +
-                             " (a multiple of 32, at most the block's " + std::to_string(nthreads()) + ")");
-  Barrier& b = S().named_bar[id];
-  if (b.count == 0) b.expected = count;
-  else if (b.expected != count)
-    throw std::runtime_error("named barrier " + std::to_string(id) + " used with counts " + std::to_string(b.expected) +
-                             " and " + std::to_string(count) + " in the same phase");
+  Barrier& b = named_bar(id, count);
   if (++b.count == count) { b.count = 0; ++b.gen; }
 }
 template <class T> T shfl_xor(T v, int o) {

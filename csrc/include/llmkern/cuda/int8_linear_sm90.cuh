@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "llmkern/cuda/mma_common.cuh"  // grouped_raster
 #include "llmkern/cuda/sm90.cuh"
 #include "llmkern/cuda/sm90_layout.cuh"
 
@@ -50,17 +51,6 @@ __device__ __forceinline__ void store(void* out, int64_t i, int dt, float v) {
   else static_cast<__half*>(out)[i] = __float2half_rn(v);
 }
 
-// Block pid -> (tile_m, tile_n): 8 consecutive row tiles per column tile (mma_common.cuh's grouped_raster).
-__device__ __forceinline__ void raster(int M, int N, int pid, int& tile_m, int& tile_n) {
-  constexpr int kRasterM = 8;
-  const int tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + kBN - 1) / kBN;
-  const int per_group = kRasterM * tiles_n;
-  const int first_m = (pid / per_group) * kRasterM;
-  const int gm = min(tiles_m - first_m, kRasterM);
-  tile_m = first_m + (pid % per_group) % gm;
-  tile_n = (pid % per_group) / gm;
-}
-
 }  // namespace int8_sm90
 
 // Launch: ceil(M / 128) * ceil(N / 256) blocks of 384 threads, int8_sm90::kSmemBytes of dynamic shared
@@ -75,7 +65,7 @@ __global__ void __launch_bounds__(int8_sm90::kThreads, 1)
   const uint32_t sb = sm90::smem_u32(base);
   const int tid = threadIdx.x, wg = tid / 128;
   int tile_m, tile_n;
-  raster(a.M, a.N, blockIdx.x, tile_m, tile_n);
+  grouped_raster(a.M, a.N, kBM, kBN, blockIdx.x, tile_m, tile_n);
   const int m0 = tile_m * kBM, n0 = tile_n * kBN;
   const int kt_n = (a.K + kBK - 1) / kBK;
 

@@ -142,8 +142,10 @@ class BuildExt(build_ext):
 
 
 def newest_input(src: str) -> float:
-    """mtime of a .cu file and every header it could include (conservative: all of csrc/include)."""
+    """mtime of a .cu file and every header it could include (conservative: all of csrc/include and the
+    launchers' own headers in csrc/cuda)."""
     headers = glob.glob(os.path.join("csrc", "include", "**", "*"), recursive=True)
+    headers += glob.glob(os.path.join("csrc", "cuda", "*.h"))
     return max(os.path.getmtime(p) for p in [src, *headers] if os.path.isfile(p))
 
 

@@ -97,3 +97,13 @@ def test_no_visible_key_rows_are_zero(run):
     k, v = _rand(1, 3, 2, 64, dtype=torch.float16, g=g), _rand(1, 3, 2, 64, dtype=torch.float16, g=g)
     out, lse = _check(run, q, k, v, causal=True, window_left=2)
     assert torch.equal(out[0, :290], torch.zeros_like(out[0, :290]))
+
+
+def test_many_ring_wraps_and_turns(run):
+    """2000 keys: 16 key tiles through the 2-stage ring (8 wraps: every mbarrier parity flips 8 times) and
+    16 ping-pong turns per consumer, causal with 300 query rows (3 query tiles of different lengths)."""
+    g = torch.Generator().manual_seed(6)
+    q = _rand(1, 300, 2, 128, dtype=torch.bfloat16, g=g)
+    k, v = _rand(1, 2000, 1, 128, dtype=torch.bfloat16, g=g), _rand(1, 2000, 1, 128, dtype=torch.bfloat16, g=g)
+    _check(run, q, k, v, causal=True)
+    _check(run, q, k, v)

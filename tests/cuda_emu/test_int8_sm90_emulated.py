@@ -58,3 +58,17 @@ def test_refuses_what_the_tma_cannot_describe(emu):
     # K = 24: rows of 24 bytes are not 16-byte multiples -> False (the caller runs the mma.sync GEMM)
     assert not emu.w8a8_sm90(xq.data_ptr(), 24, f.data_ptr(), w.data_ptr(), f.data_ptr(), 0, out.data_ptr(), 8, 0,
                              4, 8, 24)
+
+
+def test_many_ring_wraps(emu):
+    """K = 4096: 32 k tiles through the 4-stage ring (8 wraps of every full / empty barrier's parity)."""
+    M, N, K = 130, 300, 4096
+    g = torch.Generator().manual_seed(7)
+    xq = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    xs = torch.rand(M, generator=g) * 0.01 + 1e-3
+    scale = torch.rand(N, generator=g) * 0.02 + 1e-3
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+    assert emu.w8a8_sm90(xq.data_ptr(), K, xs.data_ptr(), w.data_ptr(), scale.data_ptr(), 0, out.data_ptr(), N, 1,
+                         M, N, K)
+    assert torch.equal(out, _expected(xq, xs, w, scale, None, torch.bfloat16))

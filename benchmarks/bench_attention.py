@@ -3,7 +3,8 @@
 Group = (model heads / head dim, B, S, dtype). Entries:
 - llmkern.<backend>: `llmkern.ops.attention(q [B, S, Hq, D], k, v [B, S, Hk, D], causal=...)`;
 - llmkern.cuda.sm90 (compute capability 9.0 only): the cuda backend with its sm_90a kernel (TMA + warpgroup
-  MMA, LLMKERN_CUDA_ATTN_WGMMA), off by default until a GPU run has checked it;
+  MMA, LLMKERN_CUDA_ATTN_WGMMA), off by default until a GPU run has checked it; llmkern.cuda.sm90o (D = 64):
+  its intra-warpgroup-overlap variant (LLMKERN_CUDA_ATTN_OVERLAP);
 - SDPA: `F.scaled_dot_product_attention` on q [B, Hq, S, D], k/v [B, Hk, S, D] contiguous in its own
   layout, `enable_gqa` when Hq != Hk (torch's fastest path, layout conversion not counted);
 - SDPA.bshd-views: the same call on `.transpose(1, 2)` views of llmkern's [B, S, H, D] tensors,
@@ -36,6 +37,8 @@ def _items():
                 items.append((case, dt, f"llmkern.{b}"))
                 if b == "cuda" and _sm90() and dt != "fp32":
                     items.append((case, dt, "llmkern.cuda.sm90"))
+                    if case.D == 64:
+                        items.append((case, dt, "llmkern.cuda.sm90o"))
             items += [(case, dt, p) for p in PEERS]
     return items
 
@@ -70,18 +73,19 @@ def test_attention(bench, group_cache, case, dtype, impl):
     backend, kind = None, "peer"
     check = lambda out: bench.close(out, t["y"], TOL[dtype])  # noqa: E731
 
-    if impl == "llmkern.cuda.sm90":
+    if impl in ("llmkern.cuda.sm90", "llmkern.cuda.sm90o"):
         backend, kind = "cuda", "llmkern"
         import importlib
 
         mod = importlib.import_module("llmkern.ops.attention")  # the module (llmkern.ops.attention is the function)
+        overlap = impl.endswith("o")
 
         def fn():
-            mod._CUDA_WGMMA = True  # the module switch, read per call by the cuda adapter
+            mod._CUDA_WGMMA, mod._CUDA_OVERLAP = True, overlap  # module switches, read per call by the adapter
             try:
                 return mod.attention(q, k, v, causal=c.causal, backend="cuda")
             finally:
-                mod._CUDA_WGMMA = False
+                mod._CUDA_WGMMA = mod._CUDA_OVERLAP = False
 
         def check(out):
             assert mod._last_cuda_kernel == "sm90", "the sm_90a kernel did not run"

@@ -73,18 +73,18 @@ void launch_attn(const cuda::AttnFwdParams& p, int B, int max_q, cudaStream_t st
 
 bool attention_fwd_sm90(int dtype, const cuda::AttnFwdParams& p, int64_t D, int64_t B, int64_t Sq, int64_t Sk,
                         int64_t Hq, int64_t Hk, int64_t Tq, int64_t Tk, const int64_t* qs, const int64_t* ks,
-                        const int64_t* vs, int max_q, cudaStream_t stream);
+                        const int64_t* vs, int max_q, bool overlap, cudaStream_t stream);
 
 // dtype: 1 bfloat16, 2 float16 (the op's codes; 0 = float32 is not supported here). Strides in
 // elements, [batch, token, head] (packed: batch unused). Packed when cu_q != nullptr: B sequences,
 // Tq rows of q (the grid covers Tq rows per sequence: no host read of cu_seqlens, graph-safe).
-// wgmma: run the sm_90a kernel (attention_sm90.cu) where it can run; returns whether it ran (else the
-// sm_80 kernel did).
+// wgmma: run the sm_90a kernel (attention_sm90.cu) where it can run (overlap: its intra-warpgroup-overlap
+// variant at D = 64); returns whether it ran (else the sm_80 kernel did).
 bool attention_fwd(int dtype, const void* q, const void* k, const void* v, const int64_t* qs, const int64_t* ks,
                    const int64_t* vs, int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hk, int64_t D,
                    const int32_t* cu_q, const int32_t* cu_k, int64_t Tq, int64_t Tk, double scale, bool causal,
                    int64_t window_left, int64_t window_right, double softcap, void* out, float* lse,
-                   cudaStream_t stream, bool wide, bool wgmma) {
+                   cudaStream_t stream, bool wide, bool wgmma, bool overlap) {
   constexpr int64_t kMax = int64_t(1) << 30;  // index math in the kernel is 32-bit per sequence
   const bool packed = cu_q != nullptr;
   if (dtype != 1 && dtype != 2) throw std::invalid_argument("llmkern attention (cuda): dtype must be 1 (bf16) or 2 (fp16)");
@@ -129,7 +129,7 @@ bool attention_fwd(int dtype, const void* q, const void* k, const void* v, const
   p.window_right = causal ? 0 : static_cast<int>(std::min<int64_t>(window_right, kMax - 1));
 
   const int Bi = static_cast<int>(B), mq = static_cast<int>(max_q);
-  if (wgmma && attention_fwd_sm90(dtype, p, D, B, Sq, Sk, Hq, Hk, Tq, Tk, qs, ks, vs, mq, stream)) return true;
+  if (wgmma && attention_fwd_sm90(dtype, p, D, B, Sq, Sk, Hq, Hk, Tq, Tk, qs, ks, vs, mq, overlap, stream)) return true;
   if (dtype == 1) {
     if (D == 64) launch_attn<__nv_bfloat16, 64>(p, Bi, mq, stream);
     else if (wide) launch_attn<__nv_bfloat16, 128, true>(p, Bi, mq, stream);

@@ -33,11 +33,11 @@ bool encode_map(cuda::sm90::TmaMap* map, bool bf16, const void* base, int64_t D,
   return cuda::sm90::encode_tma_4d(map, bf16, base, dims, strides, box);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool OVERLAP>
 bool launch(const cuda::AttnFwdParams& p, int B, int max_q, const cuda::sm90::TmaMap& tq, const cuda::sm90::TmaMap& tk,
             const cuda::sm90::TmaMap& tv, cudaStream_t stream) {
   constexpr int kSmem = cuda::attn90::Smem<D>::bytes;
-  auto kernel = cuda::attn_fwd_sm90_kernel<T, D>;
+  auto kernel = cuda::attn_fwd_sm90_kernel<T, D, OVERLAP>;
   static std::atomic<uint64_t> checked{0}, ok{0};  // this instantiation's once-per-device verdicts
   if (!sm90_kernel_ready(kernel, kSmem, &checked, &ok)) return false;
   const int64_t blocks_m = (int64_t(max_q) + cuda::attn90::kBM - 1) / cuda::attn90::kBM;
@@ -52,10 +52,11 @@ bool launch(const cuda::AttnFwdParams& p, int B, int max_q, const cuda::sm90::Tm
 }  // namespace
 
 // dtype 1 bf16 / 2 fp16; D 64 or 128; strides (batch, row, head) in elements as attention_fwd takes them;
-// packed when p.cu_q != nullptr (rows Tq / Tk, one batch). p is filled by attention_fwd.
+// packed when p.cu_q != nullptr (rows Tq / Tk, one batch). p is filled by attention_fwd. overlap: D = 64 runs
+// the intra-warpgroup-overlap variant (D = 128 always the other: its live registers would not fit).
 bool attention_fwd_sm90(int dtype, const cuda::AttnFwdParams& p, int64_t D, int64_t B, int64_t Sq, int64_t Sk,
                         int64_t Hq, int64_t Hk, int64_t Tq, int64_t Tk, const int64_t* qs, const int64_t* ks,
-                        const int64_t* vs, int max_q, cudaStream_t stream) {
+                        const int64_t* vs, int max_q, bool overlap, cudaStream_t stream) {
   if (D != 64 && D != 128) return false;
   const bool packed = p.cu_q != nullptr, bf16 = dtype == 1;
   const int64_t rows_q = packed ? Tq : Sq, rows_k = packed ? Tk : Sk, nb = packed ? 1 : B;
@@ -66,10 +67,14 @@ bool attention_fwd_sm90(int dtype, const cuda::AttnFwdParams& p, int64_t D, int6
       !encode_map(&tv, bf16, p.v, D, Hk, rows_k, nb, vs[2], vs[1], packed ? 0 : vs[0]))
     return false;
   const int Bi = static_cast<int>(B);
-  if (bf16) return D == 64 ? launch<__nv_bfloat16, 64>(p, Bi, max_q, tq, tk, tv, stream)
-                           : launch<__nv_bfloat16, 128>(p, Bi, max_q, tq, tk, tv, stream);
-  return D == 64 ? launch<__half, 64>(p, Bi, max_q, tq, tk, tv, stream)
-                 : launch<__half, 128>(p, Bi, max_q, tq, tk, tv, stream);
+  if (bf16) {
+    if (D == 128) return launch<__nv_bfloat16, 128, false>(p, Bi, max_q, tq, tk, tv, stream);
+    return overlap ? launch<__nv_bfloat16, 64, true>(p, Bi, max_q, tq, tk, tv, stream)
+                   : launch<__nv_bfloat16, 64, false>(p, Bi, max_q, tq, tk, tv, stream);
+  }
+  if (D == 128) return launch<__half, 128, false>(p, Bi, max_q, tq, tk, tv, stream);
+  return overlap ? launch<__half, 64, true>(p, Bi, max_q, tq, tk, tv, stream)
+                 : launch<__half, 64, false>(p, Bi, max_q, tq, tk, tv, stream);
 }
 
 }  // namespace llmkern

@@ -213,7 +213,7 @@ def _cuda_launch(mod, stream, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal
     sm90 = mod.attention(_DTYPE_CODE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), *strides, B, Sq, Sk, Hq, Hk,
                          D, cu_ptrs[0], cu_ptrs[1], Tq, Tk, D ** -0.5 if scale is None else float(scale), bool(causal),
                          int(window_left), int(window_right), float(softcap), out.data_ptr(), lse.data_ptr(), stream,
-                         _CUDA_WIDE, _CUDA_WGMMA)
+                         _CUDA_WIDE, _CUDA_WGMMA, _CUDA_OVERLAP)
     _last_cuda_kernel = "sm90" if sm90 else "sm80"
     return out, lse
 
@@ -226,6 +226,10 @@ _CUDA_WIDE = os.environ.get("LLMKERN_CUDA_ATTN_WIDE", "") == "1"
 # the sm_80 one. Off by default until a GPU run has checked it (docs/notes/cuda-attn-sm90.md); elsewhere the
 # launcher runs the sm_80 kernel. Read once, at import.
 _CUDA_WGMMA = os.environ.get("LLMKERN_CUDA_ATTN_WGMMA", "") == "1"
+# LLMKERN_CUDA_ATTN_OVERLAP=1 (with the above): head dim 64 runs the sm_90a kernel's variant with
+# FlashAttention-3's intra-warpgroup overlap (the softmax of one key tile while the tensor cores compute the
+# next); for the first GPU run to compare. Read once, at import.
+_CUDA_OVERLAP = os.environ.get("LLMKERN_CUDA_ATTN_OVERLAP", "") == "1"
 # Which CUDA kernel the last call ran ("sm80" or "sm90"), for tests and benchmarks.
 _last_cuda_kernel = None
 

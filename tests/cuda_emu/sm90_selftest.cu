@@ -39,6 +39,7 @@ enum Flags {
   kNoFence = 256,       // no wgmma_fence
   kWrongMajor = 512,    // RS: B read K-major (TRANS_B = false) although stored MN-major
   kEarlyRelease = 1024, // ring: arrive on the empty barrier before the wgmma_wait
+  kClobberA = 2048,     // RS: rewrites an A fragment register between wgmma and wgmma_wait
 };
 
 __device__ __forceinline__ unsigned char* aligned_base(int flags) {
@@ -126,8 +127,10 @@ __global__ void gemm_rs_kernel(const __grid_constant__ TmaMap tb, const T* a, in
   mbar_wait(bar, 0);
   float d[N / 2];
   wgmma_fence();
+  // One fragment per k step: an RS wgmma reads its A registers asynchronously, until the wait that retires it.
+  uint32_t frags[K / 16][4];
   for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t frag[4];
+    uint32_t (&frag)[4] = frags[kk];
     for (int j = 0; j < 4; ++j) {
       const int r = 16 * (t / 32) + (t % 32) / 4 + 8 * (j % 2), c = 16 * kk + 2 * (t % 4) + 8 * (j / 2);
       uint16_t lo, hi;
@@ -139,6 +142,7 @@ __global__ void gemm_rs_kernel(const __grid_constant__ TmaMap tb, const T* a, in
     if (flags & kWrongMajor) wgmma_rs<T, N, false>(d, frag, db, kk ? 1 : 0);
     else wgmma_rs<T, N, true>(d, frag, db, kk ? 1 : 0);
   }
+  if (flags & kClobberA) frags[0][0] ^= 1u;
   wgmma_commit();
   wgmma_wait<0>();
   store_d<N>(d, out);
@@ -355,7 +359,8 @@ void bind_sm90_selftest(py::module_& m) {
   m.attr("flags") = py::dict(py::arg("skip_wait") = int(kSkipWait), py::arg("bad_sbo") = int(kBadSbo),
                              py::arg("manual_a") = int(kManualA), py::arg("manual_no_swizzle") = int(kManualNoSwizzle),
                              py::arg("no_align") = int(kNoAlign), py::arg("deadlock") = int(kDeadlock),
-                             py::arg("clobber_acc") = int(kClobberAcc), py::arg("overwrite_a") = int(kOverwriteA),
+                             py::arg("clobber_acc") = int(kClobberAcc), py::arg("clobber_a") = int(kClobberA),
+                             py::arg("overwrite_a") = int(kOverwriteA),
                              py::arg("no_fence") = int(kNoFence), py::arg("wrong_major") = int(kWrongMajor),
                              py::arg("early_release") = int(kEarlyRelease));
 }

@@ -3,7 +3,8 @@ warp and two consumer warpgroups) run on the CPU through the CUDA emulator: the 
 (llmkern.ops.attention._cuda_launch with LLMKERN_CUDA_ATTN_WGMMA's switch on), binding, launcher (tensor
 maps) and kernel, against the float64 reference on the same 16-bit inputs. Both TMA timings of the
 emulator (loads delivered lazily, so a missing wait reads NaN poison; or eagerly, so a stage refilled too
-early is overwritten). What the emulator cannot tell (the hardware's agreement with its model of
+early is overwritten), and both consumer loops (one tile at a time; FlashAttention-3's intra-warpgroup
+overlap at D = 64). What the emulator cannot tell (the hardware's agreement with its model of
 descriptors, swizzle and fragments) is left to tests/ops/test_attention_cuda.py -k sm90 on an H100/H200."""
 import shutil
 
@@ -20,10 +21,15 @@ def emu():
     return load_emu()
 
 
-@pytest.fixture(params=["lazy", "eager"])
+@pytest.fixture(params=[("lazy", False), ("eager", False), ("lazy", True), ("eager", True)],
+                ids=["lazy", "eager", "lazy-overlap", "eager-overlap"])
 def run(request, emu, monkeypatch):
-    monkeypatch.setenv("LLMKERN_EMU_TMA", request.param)
+    """The emulator's TMA timing x LLMKERN_CUDA_ATTN_OVERLAP (the intra-warpgroup-overlap variant, D = 64;
+    D = 128 cases run the other variant either way)."""
+    timing, overlap = request.param
+    monkeypatch.setenv("LLMKERN_EMU_TMA", timing)
     monkeypatch.setattr(ATT, "_CUDA_WGMMA", True)
+    monkeypatch.setattr(ATT, "_CUDA_OVERLAP", overlap)
     return runner(emu, "sm90")
 
 

@@ -243,6 +243,12 @@ def test_errors(m, flag, match):
         gemm_ss(m, torch.bfloat16, 64, 64, m.flags[flag])
 
 
+def test_rs_a_registers_written_before_the_wait_raise(m):
+    """An RS wgmma reads its A registers asynchronously: rewriting one before the retiring wait is an error."""
+    with pytest.raises(RuntimeError, match="wrote the A fragment registers"):
+        gemm_rs(m, torch.bfloat16, 64, 64, m.flags["clobber_a"])
+
+
 def test_syncthreads_counts_live_threads_and_named_barrier_deadlock(m):
     out = torch.zeros(128, dtype=torch.int32)
     m.barriers(0, out.data_ptr())

@@ -296,16 +296,18 @@ def _is_sm90():
     return torch.cuda.get_device_capability() == (9, 0)
 
 
-@pytest.fixture
-def sm90(monkeypatch):
-    """LLMKERN_CUDA_ATTN_WGMMA (read at import) for one test; skipped off compute capability 9.0, where the
-    launcher runs the sm_80 kernel instead. Yields a check that the sm_90a kernel ran."""
+@pytest.fixture(params=[False, True], ids=["serial", "overlap"])
+def sm90(request, monkeypatch):
+    """LLMKERN_CUDA_ATTN_WGMMA (read at import) for one test, with and without LLMKERN_CUDA_ATTN_OVERLAP (the
+    intra-warpgroup-overlap variant, D = 64); skipped off compute capability 9.0, where the launcher runs the
+    sm_80 kernel instead. Yields a check that the sm_90a kernel ran."""
     import importlib
 
     if not _is_sm90():
         pytest.skip("the sm_90a attention kernel needs a compute-capability-9.0 GPU (H100/H200)")
     mod = importlib.import_module("llmkern.ops.attention")
     monkeypatch.setattr(mod, "_CUDA_WGMMA", True)
+    monkeypatch.setattr(mod, "_CUDA_OVERLAP", request.param)
 
     def ran():
         assert mod._last_cuda_kernel == "sm90", "the launcher fell back to the sm_80 kernel"

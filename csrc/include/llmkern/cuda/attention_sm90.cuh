@@ -14,7 +14,9 @@
 //     softcap, masks, online softmax in fp32 on the accumulators (2 rows per thread, quads share a row)
 //     O += P V       wgmma m64nDk16, A = P from registers (the S accumulators re-packed to 16 bits: the
 //                    D fragment of S is the A fragment of P), B = V [keys][D] from shared memory, MN-major
-//   then arrive on the stage's empty barrier.
+//   then arrive on the stage's empty barrier. OVERLAP (D = 64; docs/notes/cuda-attn-sm90.md): S(t + 1) and
+//   P V(t) issued back to back, the softmax of t + 1 while P V(t) runs (FlashAttention-3's intra-warpgroup
+//   overlap; P double-buffered, O rescaled only between P V groups).
 // Shared memory tiles are TMA boxes with the 128-byte swizzle (sm90_layout.cuh); K and V rows past the
 // tensor's end are zeros (TMA fill). Packed (varlen) sequences: rows past a sequence's end belong to the
 // next sequence; their scores are masked (by select, so NaN/inf never leak) and, on the tile that cuts
@@ -111,7 +113,7 @@ __device__ __forceinline__ BlockSeq block_seq(const AttnFwdParams& p, int b) {
 // Launch: grid (B * Hq, ceil(max query rows / 128)), 384 threads, attn90::Smem<D>::bytes of dynamic shared
 // memory. tq / tk / tv: 4-D tensor maps (values of dims (D, heads, rows, batch)) with boxes
 // (64, 1, 128, 1) (attention_sm90.cu).
-template <typename T, int D>
+template <typename T, int D, bool OVERLAP>
 __global__ void __launch_bounds__(attn90::kThreads, 1)
     attn_fwd_sm90_kernel(const AttnFwdParams p, const __grid_constant__ sm90::TmaMap tq,
                          const __grid_constant__ sm90::TmaMap tk, const __grid_constant__ sm90::TmaMap tv) {
@@ -119,6 +121,7 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
   using namespace attn90;
   using L = Smem<D>;
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
+  static_assert(!OVERLAP || D == 64, "the overlap's live registers fit the consumers' 240 at D = 64 only");
   constexpr int KD = D / 16;     // k16 steps of S = Q K^T
   constexpr int KN = kBN / 16;   // k16 steps of O += P V
   constexpr int kBoxes = D / 64;
@@ -156,7 +159,7 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
 
   if (wg == 0) {
     // ------------------------------------------------------------ producer
-    sm90::setmaxnreg_dec<40>();
+    sm90::setmaxnreg_dec<24>();
     if (tid != 0 || t_begin >= t_end) return;
     sm90::tma_prefetch_map(&tq);
     sm90::tma_prefetch_map(&tk);
@@ -183,7 +186,7 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
   }
 
   // -------------------------------------------------------------- consumers
-  sm90::setmaxnreg_inc<232>();
+  sm90::setmaxnreg_inc<240>();  // 24 + 2 x 240 = 3 x 168: the pool of the launch bound
   const int c = wg - 1;            // consumer warpgroup: tile rows [64 c, 64 c + 64)
   const int ct = tid - 128 * wg;   // thread in the warpgroup
   const int warp = ct >> 5, lane = ct & 31;
@@ -198,38 +201,38 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
 
   if (t_begin < t_end) {
+    // S(t) = Q K^T of the tile in ring slot `it` into `sc`, issued and committed, not waited for. A = rows
+    // [64 c, 64 c + 64) of Q, B = the tile's 128 keys; k16 step ks in box ks / 4 at + 32 (ks % 4) bytes.
     // Ping-pong (FlashAttention-3): the consumers take turns issuing their S GEMMs, so that one's softmax
     // runs while the other's GEMMs use the tensor cores. Barrier kTurn + c opens consumer c's turn (its 128
-    // threads wait, the other's 128 arrive); consumer 0 goes first. Both run the same tiles: n turns each,
-    // consumer 1 arrives once up front and skips its last arrival, so no phase is left open.
-    if (c == 1) sm90::named_barrier_arrive(kTurn, kConsumers);
-    sm90::mbar_wait(sb + L::q_full, 0);
-    for (int t = t_begin, it = 0; t < t_end; ++t, ++it) {
+    // threads wait, the other's 128 arrive); consumer 0 goes first. Both issue the same n S GEMMs: consumer
+    // 1 arrives once up front and skips its last arrival, so no barrier phase is left open.
+    float sc[kBN / 2];
+    auto issue_s = [&](int it, bool last) {
       const int s = it % kStages;
-      const uint32_t ph = (it / kStages) & 1;
-      const int n0 = t * kBN;
-
-      // S = Q K^T: A rows [64 c, 64 c + 64) of Q, B = the 128 keys; k16 step ks in box ks / 4 at + 32 (ks % 4).
-      float sacc[kBN / 2];
-      sm90::mbar_wait(sb + L::k_full(s), ph);
+      sm90::mbar_wait(sb + L::k_full(s), (it / kStages) & 1);
       sm90::named_barrier_sync(kTurn + c, kConsumers);
       sm90::wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < KD; ++ks) {
         const uint32_t a = sb + L::q + (ks / 4) * L::kBoxQ + 64 * c * sm90::kSwRow + 32 * (ks % 4);
         const uint32_t bk = sb + L::k(s) + (ks / 4) * L::kBoxKV + 32 * (ks % 4);
-        sm90::wgmma_ss<T, kBN>(sacc, sm90::desc_k_major(a), sm90::desc_k_major(bk), ks > 0);
+        sm90::wgmma_ss<T, kBN>(sc, sm90::desc_k_major(a), sm90::desc_k_major(bk), ks > 0);
       }
       sm90::wgmma_commit();
-      if (c == 0 || t + 1 < t_end) sm90::named_barrier_arrive(kTurn + (1 - c), kConsumers);
-      sm90::wgmma_wait<0>();
-      sm90::fence_regs(sacc);
+      if (c == 0 || !last) sm90::named_barrier_arrive(kTurn + (1 - c), kConsumers);
+    };
 
-      // Softcap (into log2 units; else the scale multiplies in the exponent), then the masks where the
-      // tile cuts the band or the sequence end. Register i: row r0 + 8 ((i / 2) % 2), key 8 (i / 4) + 2 tq4 + i % 2.
+    // Softcap, masks and the online softmax of key tile t on its retired scores `sc`: updates m and l,
+    // leaves P in `pa` (A fragments) and O's rescale factors in `alpha` (applied by the caller while no P V
+    // is in flight: O is the accumulator of the P V wgmmas).
+    auto softmax = [&](int t, uint32_t (&pa)[KN][4], float (&alpha)[2]) {
+      const int n0 = t * kBN;
+      // Softcap (into log2 units; else the scale multiplies in the exponent), then the masks where the tile
+      // cuts the band or the sequence end. Register i: row r0 + 8 ((i / 2) % 2), key 8 (i / 4) + 2 tq4 + i % 2.
       if (softcap) {
 #pragma unroll
-        for (int i = 0; i < kBN / 2; ++i) sacc[i] = p.softcap_log2 * tanhf(sacc[i] * p.inv_softcap);
+        for (int i = 0; i < kBN / 2; ++i) sc[i] = p.softcap_log2 * tanhf(sc[i] * p.inv_softcap);
       }
       const bool full = n0 + kBN <= sq.k_len &&
                         (p.window_right < 0 || n0 + kBN - 1 <= m0 + diag + p.window_right) &&
@@ -245,50 +248,49 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int key = n0 + 8 * j + 2 * tq4 + e;
-              if (key > khi || key < klo) sacc[4 * j + 2 * hf + e] = -INFINITY;
+              if (key > khi || key < klo) sc[4 * j + 2 * hf + e] = -INFINITY;
             }
         }
       }
-
       // Online softmax; each row spread over the 4 threads of a quad.
-      float alpha[2];
-      bool grew = false;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float mx = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(sacc[4 * j + 2 * hf], sacc[4 * j + 2 * hf + 1]));
+        for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(sc[4 * j + 2 * hf], sc[4 * j + 2 * hf + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m_run[hf], mx);
         const float m_sc = m_new == -INFINITY ? 0.0f : m_new * mult;
-        const bool up = m_new > m_run[hf];
-        alpha[hf] = up ? sm90::fast_exp2(fmaf(m_run[hf], mult, -m_sc)) : 1.0f;
-        grew |= up;
+        alpha[hf] = m_new > m_run[hf] ? sm90::fast_exp2(fmaf(m_run[hf], mult, -m_sc)) : 1.0f;
         m_run[hf] = m_new;
         float sum = 0.0f;
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float pe = sm90::fast_exp2(fmaf(sacc[4 * j + 2 * hf + e], mult, -m_sc));
-            sacc[4 * j + 2 * hf + e] = pe;
+            const float pe = sm90::fast_exp2(fmaf(sc[4 * j + 2 * hf + e], mult, -m_sc));
+            sc[4 * j + 2 * hf + e] = pe;
             sum += pe;
           }
         l_run[hf] = l_run[hf] * alpha[hf] + sum;
       }
-      if (__any_sync(0xffffffffu, grew)) {
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-      }
       // P as A fragments: k16 step kk covers keys 16 kk .. 16 kk + 15 = accumulator registers 8 kk .. 8 kk + 7.
-      uint32_t pa[KN][4];
 #pragma unroll
       for (int kk = 0; kk < KN; ++kk)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) pa[kk][j] = pack2<T>(sacc[8 * kk + 2 * j], sacc[8 * kk + 2 * j + 1]);
+        for (int j = 0; j < 4; ++j) pa[kk][j] = pack2<T>(sc[8 * kk + 2 * j], sc[8 * kk + 2 * j + 1]);
+    };
 
-      sm90::mbar_wait(sb + L::v_full(s), ph);
+    // O *= alpha (no P V in flight), then O += P V for key tile t in ring slot `it`, issued and committed.
+    auto issue_pv = [&](const uint32_t (&pa)[KN][4], const float (&alpha)[2], int it, int t) {
+      const int s = it % kStages, n0 = t * kBN;
+      // After the first tiles the maxima rarely grow: skip the D / 2 multiplies when no row's did.
+      if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+      }
+      sm90::mbar_wait(sb + L::v_full(s), (it / kStages) & 1);
       if (p.cu_q && n0 + kBN > sq.k_len) {
         // Packed: V rows [k_len - n0, kBN) of this tile are the next sequence's (or TMA zeros): zero them so
         // that P = 0 there cannot meet an inf / NaN. Both consumer warpgroups write the same zeros; each
@@ -302,17 +304,71 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
         sm90::fence_proxy_async();
         sm90::named_barrier_sync(1 + c, 128);
       }
-      // O += P V: B = V [keys][D] MN-major (D contiguous; the second 64 columns one box further = LBO),
-      // k16 step kk = 16 key rows = + 2048 bytes.
+      // B = V [keys][D] MN-major (D contiguous; the second 64 columns one box further = LBO), k16 step kk =
+      // 16 key rows = + 2048 bytes.
       sm90::fence_regs(o);
       sm90::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < KN; ++kk)
         sm90::wgmma_rs<T, D, true>(o, pa[kk], sm90::desc_mn_major(sb + L::v(s) + 2048 * kk, L::kBoxKV), 1);
       sm90::wgmma_commit();
+    };
+
+    // OVERLAP (FlashAttention-3's intra-warpgroup overlap): the tensor cores compute S(t + 1) and then
+    // P V(t) while this warpgroup runs the softmax of t + 1. Groups retire in issue order: S(t + 1), then
+    // P V(t). P is double-buffered (P V(t) reads pa_x while the softmax of t + 1 writes pa_y); O is touched
+    // only with no P V in flight.
+    uint32_t pa_x[KN][4], pa_y[KN][4];
+    float al_x[2], al_y[2];
+    const int n = t_end - t_begin;
+    // Tile it with a next one: S(it + 1) and P V(it) issued back to back, the softmax of it + 1 while P V(it)
+    // runs. No branch between issue and wait, so that ptxas can tell which group each wait retires.
+    auto step = [&](int it, uint32_t (&pa)[KN][4], float (&al)[2], uint32_t (&pa_next)[KN][4], float (&al_next)[2]) {
+      issue_s(it + 1, it + 2 == n);
+      issue_pv(pa, al, it, t_begin + it);
+      sm90::wgmma_wait<1>();  // S(it + 1) retired; P V(it) may still run
+      sm90::fence_regs(sc);
+      softmax(t_begin + it + 1, pa_next, al_next);
+      sm90::wgmma_wait<0>();  // P V(it) retired: O may be rescaled, pa rewritten, the ring slot released
+      sm90::fence_regs(o);
+      sm90::mbar_arrive(sb + L::empty(it % kStages));
+    };
+    // The last tile: P V only.
+    auto last = [&](int it, uint32_t (&pa)[KN][4], float (&al)[2]) {
+      issue_pv(pa, al, it, t_begin + it);
       sm90::wgmma_wait<0>();
       sm90::fence_regs(o);
-      sm90::mbar_arrive(sb + L::empty(s));
+    };
+    if (c == 1) sm90::named_barrier_arrive(kTurn, kConsumers);
+    sm90::mbar_wait(sb + L::q_full, 0);
+    if constexpr (OVERLAP) {
+      issue_s(0, n == 1);
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs(sc);
+      softmax(t_begin, pa_x, al_x);
+      int it = 0;
+      for (; it + 2 < n; it += 2) {  // two steps per trip: the P buffers swap roles with static indexing
+        step(it, pa_x, al_x, pa_y, al_y);
+        step(it + 1, pa_y, al_y, pa_x, al_x);
+      }
+      if (n - it == 2) {
+        step(it, pa_x, al_x, pa_y, al_y);
+        last(it + 1, pa_y, al_y);
+      } else {
+        last(it, pa_x, al_x);
+      }
+    } else {
+      // One tile at a time: S, softmax, P V, each waited for (the ping-pong overlaps the two consumers).
+      for (int it = 0; it < n; ++it) {
+        issue_s(it, it + 1 == n);
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(sc);
+        softmax(t_begin + it, pa_x, al_x);
+        issue_pv(pa_x, al_x, it, t_begin + it);
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(o);
+        sm90::mbar_arrive(sb + L::empty(it % kStages));
+      }
     }
   }
 

@@ -35,7 +35,7 @@
 //   D[m][n] = (scale_d ? D : 0) + sum_k A[m][k] B[n][k] (k < 16) in double from the 16-bit inputs, rounded
 //   to fp32 once per instruction; s8 (wgmma_ss_s8, k < 32, K-major): exact, int32 wrapping. Checks: a
 //   wgmma_fence since the thread's last retiring wait; accumulators unchanged between issue and
-//   retirement; descriptors' reserved bits zero, base offset 0, swizzle mode 1.
+//   retirement (and, for RS, the A registers); descriptors' reserved bits zero, base offset 0, swizzle mode 1.
 //   Descriptor (PTX "Matrix Descriptor Format"): start = bits 0-13 << 4, LBO = bits 16-29 << 4, SBO =
 //   bits 32-45 << 4, base offset bits 49-51, swizzle bits 62-63. Element (row r of M / N, k) address before
 //   the swizzle (PTX canonical layouts, 16-bit types, T = 8 values = 16 bytes):
@@ -108,7 +108,8 @@ struct WgOp {
   int n, scale_d;
   uint64_t da, db;
   void* d;  // n / 2 fp32 or int32 registers
-  uint32_t a[4];
+  uint32_t a[4];             // RS: the A registers at issue (the math uses these)
+  const uint32_t* a_regs;    // RS: the registers themselves (checked unchanged at retirement)
   std::vector<uint32_t> d_issue;  // accumulators at issue (first pending op on this d only)
   bool operator==(const WgOp& o) const {
     return rs == o.rs && type == o.type && trans_b == o.trans_b && n == o.n && scale_d == o.scale_d && da == o.da &&
@@ -268,6 +269,9 @@ inline void compute(std::vector<const WgOp*>& ops) {
     if (!p.d_issue.empty() && memcmp(p.d_issue.data(), p.d, 4 * size_t(n / 2)))
       fail("wgmma: thread " + std::to_string(t) + " of the warpgroup wrote its accumulators between the wgmma and "
            "the wgmma_wait that retires it");
+    if (p.rs && memcmp(p.a_regs, p.a, sizeof p.a))
+      fail("wgmma: thread " + std::to_string(t) + " of the warpgroup wrote the A fragment registers of an RS wgmma "
+           "between the wgmma and the wgmma_wait that retires it (the tensor cores read them asynchronously)");
     for (int i = 0; i < n / 2; ++i) {
       const int r = d_row(t, i), c = d_col(t, i);
       if (o.type == kS8) {  // exact, wrapping modulo 2^32 (no .satfinite)
@@ -328,7 +332,7 @@ inline void issue(void* d, bool rs, int type, bool trans_b, uint64_t da, uint64_
   if (!me.fenced)
     fail("wgmma issued without a wgmma_fence since the thread's last wgmma_wait that retired a group (PTX: "
          "wgmma.fence before the first wgmma.mma_async and between register accesses and wgmma)");
-  WgOp op{rs, type, trans_b, N, scale_d ? 1 : 0, rs ? 0 : da, db, d, {0, 0, 0, 0}, {}};
+  WgOp op{rs, type, trans_b, N, scale_d ? 1 : 0, rs ? 0 : da, db, d, {0, 0, 0, 0}, rs ? a : nullptr, {}};
   if (rs) memcpy(op.a, a, sizeof op.a);
   bool first = true;
   for (auto& o : me.open) first = first && o.d != d;

@@ -44,7 +44,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -m llmkern info
 
 step "tests 1/2: the CUDA kernels' own tests (full shapes, CUDA graphs), build, registry"
-limit 170 python -m pytest -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py tests/test_registry.py \
+limit 160 python -m pytest -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py tests/test_registry.py \
   -k "${FILTER:+($FILTER) and }not test_sm90_ and not (int4_linear_cuda and wgmma)" --junitxml="$OUT/tests_cuda.xml" 2>&1 | tail -25
 
 # The opt-in sm_90a kernels (attention and W8A8 on TMA + wgmma, the W4A16 wgmma GEMM; never run before a GPU
@@ -53,7 +53,7 @@ limit 170 python -m pytest -q -p no:cacheprovider tests/ops/*_cuda.py tests/test
 SM90_BENCH="not sm90"
 if [ "$CAP" = "90a" ]; then
   step "tests 1b: the sm_90a kernels (LLMKERN_CUDA_ATTN_WGMMA, LLMKERN_CUDA_INT8_WGMMA, LLMKERN_CUDA_INT4_WGMMA)"
-  if limit 75 python -m pytest -q --maxfail=30 -p no:cacheprovider tests/ops/test_attention_cuda.py \
+  if limit 90 python -m pytest -q --maxfail=30 -p no:cacheprovider tests/ops/test_attention_cuda.py \
       tests/ops/test_int8_linear_cuda.py tests/ops/test_int4_linear_cuda.py \
       -k "${FILTER:+($FILTER) and }(test_sm90_ or (int4_linear_cuda and wgmma))" --junitxml="$OUT/tests_sm90.xml" 2>&1 | tail -15; then
     SM90_BENCH=""

@@ -3,7 +3,7 @@
 Group = (model heads / head dim, B, S, dtype). Entries:
 - llmkern.<backend>: `llmkern.ops.attention(q [B, S, Hq, D], k, v [B, S, Hk, D], causal=...)`;
 - llmkern.cuda.sm90 (compute capability 9.0 only): the cuda backend with its sm_90a kernel (TMA + warpgroup
-  MMA, LLMKERN_CUDA_ATTN_WGMMA), off by default until a GPU run has checked it; llmkern.cuda.sm90o (D = 64):
+  MMA, LLMKERN_CUDA_ATTN_WGMMA), off by default until a GPU run has checked it; llmkern.cuda.sm90o:
   its intra-warpgroup-overlap variant (LLMKERN_CUDA_ATTN_OVERLAP);
 - SDPA: `F.scaled_dot_product_attention` on q [B, Hq, S, D], k/v [B, Hk, S, D] contiguous in its own
   layout, `enable_gqa` when Hq != Hk (torch's fastest path, layout conversion not counted);
@@ -37,8 +37,7 @@ def _items():
                 items.append((case, dt, f"llmkern.{b}"))
                 if b == "cuda" and _sm90() and dt != "fp32":
                     items.append((case, dt, "llmkern.cuda.sm90"))
-                    if case.D == 64:
-                        items.append((case, dt, "llmkern.cuda.sm90o"))
+                    items.append((case, dt, "llmkern.cuda.sm90o"))
             items += [(case, dt, p) for p in PEERS]
     return items
 

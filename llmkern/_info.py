@@ -51,7 +51,7 @@ def _cuda_switches() -> dict:
     i4 = importlib.import_module("llmkern.ops.int4_linear")
     return {
         "attention sm_90a (LLMKERN_CUDA_ATTN_WGMMA)": att._CUDA_WGMMA,
-        "attention sm_90a intra-warpgroup overlap, D=64 (LLMKERN_CUDA_ATTN_OVERLAP)": att._CUDA_OVERLAP,
+        "attention sm_90a intra-warpgroup overlap (LLMKERN_CUDA_ATTN_OVERLAP)": att._CUDA_OVERLAP,
         "attention D=128 wide tiles (LLMKERN_CUDA_ATTN_WIDE)": att._CUDA_WIDE,
         "int8_linear W8A8 sm_90a (LLMKERN_CUDA_INT8_WGMMA)": i8.CUDA_W8A8_WGMMA,
         "int4_linear W4A16 sm_90a (LLMKERN_CUDA_INT4_WGMMA)": i4.CUDA_INT4_WGMMA,

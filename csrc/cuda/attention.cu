@@ -79,7 +79,7 @@ bool attention_fwd_sm90(int dtype, const cuda::AttnFwdParams& p, int64_t D, int6
 // elements, [batch, token, head] (packed: batch unused). Packed when cu_q != nullptr: B sequences,
 // Tq rows of q (the grid covers Tq rows per sequence: no host read of cu_seqlens, graph-safe).
 // wgmma: run the sm_90a kernel (attention_sm90.cu) where it can run (overlap: its intra-warpgroup-overlap
-// variant at D = 64); returns whether it ran (else the sm_80 kernel did).
+// variant); returns whether it ran (else the sm_80 kernel did).
 bool attention_fwd(int dtype, const void* q, const void* k, const void* v, const int64_t* qs, const int64_t* ks,
                    const int64_t* vs, int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hk, int64_t D,
                    const int32_t* cu_q, const int32_t* cu_k, int64_t Tq, int64_t Tk, double scale, bool causal,

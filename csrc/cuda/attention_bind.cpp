@@ -62,7 +62,7 @@ void bind_attention(py::module_& m) {
         "row counts; rows past cu_seqlens_q[B] are not written. wide: D = 128 with 128-row query tiles (8 warps) "
         "instead of 64 (4 warps), for tuning. wgmma: the sm_90a kernel (TMA + warpgroup MMA) where it can run "
         "(a compute-capability-9.0 device, a module built for sm_90a, strides the TMA can describe; overlap: "
-        "its intra-warpgroup-overlap variant at D = 64); returns "
+        "its intra-warpgroup-overlap variant, 64-key tiles at D = 128); returns "
         "True when it ran, False when the sm_80 kernel did. Asynchronous on `stream`.");
 }
 

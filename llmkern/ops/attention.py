@@ -226,7 +226,7 @@ _CUDA_WIDE = os.environ.get("LLMKERN_CUDA_ATTN_WIDE", "") == "1"
 # the sm_80 one. Off by default until a GPU run has checked it (docs/notes/cuda-attn-sm90.md); elsewhere the
 # launcher runs the sm_80 kernel. Read once, at import.
 _CUDA_WGMMA = os.environ.get("LLMKERN_CUDA_ATTN_WGMMA", "") == "1"
-# LLMKERN_CUDA_ATTN_OVERLAP=1 (with the above): head dim 64 runs the sm_90a kernel's variant with
+# LLMKERN_CUDA_ATTN_OVERLAP=1 (with the above): the sm_90a kernel's variant with
 # FlashAttention-3's intra-warpgroup overlap (the softmax of one key tile while the tensor cores compute the
 # next); for the first GPU run to compare. Read once, at import.
 _CUDA_OVERLAP = os.environ.get("LLMKERN_CUDA_ATTN_OVERLAP", "") == "1"

@@ -4,7 +4,7 @@ warp and two consumer warpgroups) run on the CPU through the CUDA emulator: the 
 maps) and kernel, against the float64 reference on the same 16-bit inputs. Both TMA timings of the
 emulator (loads delivered lazily, so a missing wait reads NaN poison; or eagerly, so a stage refilled too
 early is overwritten), and both consumer loops (one tile at a time; FlashAttention-3's intra-warpgroup
-overlap at D = 64). What the emulator cannot tell (the hardware's agreement with its model of
+overlap, 64-key tiles at D = 128). What the emulator cannot tell (the hardware's agreement with its model of
 descriptors, swizzle and fragments) is left to tests/ops/test_attention_cuda.py -k sm90 on an H100/H200."""
 import shutil
 
@@ -24,8 +24,8 @@ def emu():
 @pytest.fixture(params=[("lazy", False), ("eager", False), ("lazy", True), ("eager", True)],
                 ids=["lazy", "eager", "lazy-overlap", "eager-overlap"])
 def run(request, emu, monkeypatch):
-    """The emulator's TMA timing x LLMKERN_CUDA_ATTN_OVERLAP (the intra-warpgroup-overlap variant, D = 64;
-    D = 128 cases run the other variant either way)."""
+    """The emulator's TMA timing x LLMKERN_CUDA_ATTN_OVERLAP (the intra-warpgroup-overlap variant; 64-key
+    tiles at D = 128)."""
     timing, overlap = request.param
     monkeypatch.setenv("LLMKERN_EMU_TMA", timing)
     monkeypatch.setattr(ATT, "_CUDA_WGMMA", True)

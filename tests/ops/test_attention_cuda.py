@@ -299,7 +299,7 @@ def _is_sm90():
 @pytest.fixture(params=[False, True], ids=["serial", "overlap"])
 def sm90(request, monkeypatch):
     """LLMKERN_CUDA_ATTN_WGMMA (read at import) for one test, with and without LLMKERN_CUDA_ATTN_OVERLAP (the
-    intra-warpgroup-overlap variant, D = 64); skipped off compute capability 9.0, where the launcher runs the
+    intra-warpgroup-overlap variant); skipped off compute capability 9.0, where the launcher runs the
     sm_80 kernel instead. Yields a check that the sm_90a kernel ran."""
     import importlib
 

@@ -14,7 +14,7 @@
 //     softcap, masks, online softmax in fp32 on the accumulators (2 rows per thread, quads share a row)
 //     O += P V       wgmma m64nDk16, A = P from registers (the S accumulators re-packed to 16 bits: the
 //                    D fragment of S is the A fragment of P), B = V [keys][D] from shared memory, MN-major
-//   then arrive on the stage's empty barrier. OVERLAP (D = 64; docs/notes/cuda-attn-sm90.md): S(t + 1) and
+//   then arrive on the stage's empty barrier. OVERLAP (docs/notes/cuda-attn-sm90.md; 64-key tiles at D = 128): S(t + 1) and
 //   P V(t) issued back to back, the softmax of t + 1 while P V(t) runs (FlashAttention-3's intra-warpgroup
 //   overlap; P double-buffered, O rescaled only between P V groups).
 // Shared memory tiles are TMA boxes with the 128-byte swizzle (sm90_layout.cuh); K and V rows past the
@@ -44,7 +44,9 @@ namespace cuda {
 namespace attn90 {
 
 constexpr int kBM = 128;      // query rows per block (two consumer warpgroups of 64)
-constexpr int kBN = 128;      // keys per tile (wgmma N of S = Q K^T)
+// Keys per tile (wgmma N of S = Q K^T): 128, or 64 for the D = 128 overlap variant, whose live registers
+// (scores, two P buffers, O) must fit the consumers' 240.
+constexpr int block_n(int D, bool overlap) { return overlap && D == 128 ? 64 : 128; }
 constexpr int kStages = 2;    // K/V ring depth
 constexpr int kThreads = 384; // producer warpgroup + two consumer warpgroups
 constexpr int kConsumers = 256;
@@ -52,11 +54,11 @@ constexpr int kTurn = 3;       // named barriers 3 and 4: the consumers' turns (
 
 // Byte layout of the dynamic shared memory after aligning its base to 1024: Q, then per stage K and V,
 // then the mbarriers (q_full, k_full[S], v_full[S], empty[S]).
-template <int D>
+template <int D, int BN>
 struct Smem {
   static constexpr uint32_t kQ = kBM * D * 2;       // D / 64 boxes of [kBM][64]
-  static constexpr uint32_t kKV = kBN * D * 2;      // one K or V tile: D / 64 boxes of [kBN][64]
-  static constexpr uint32_t kBoxKV = kBN * sm90::kSwRow;
+  static constexpr uint32_t kKV = BN * D * 2;       // one K or V tile: D / 64 boxes of [BN][64]
+  static constexpr uint32_t kBoxKV = BN * sm90::kSwRow;
   static constexpr uint32_t kBoxQ = kBM * sm90::kSwRow;
   static constexpr uint32_t q = 0;
   static constexpr uint32_t k(int s) { return kQ + uint32_t(s) * 2 * kKV; }
@@ -119,9 +121,9 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
                          const __grid_constant__ sm90::TmaMap tk, const __grid_constant__ sm90::TmaMap tv) {
 #if defined(LLMKERN_SM90A) || defined(LLMKERN_CUDA_EMULATOR)
   using namespace attn90;
-  using L = Smem<D>;
+  constexpr int kBN = block_n(D, OVERLAP);
+  using L = Smem<D, kBN>;
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
-  static_assert(!OVERLAP || D == 64, "the overlap's live registers fit the consumers' 240 at D = 64 only");
   constexpr int KD = D / 16;     // k16 steps of S = Q K^T
   constexpr int KN = kBN / 16;   // k16 steps of O += P V
   constexpr int kBoxes = D / 64;

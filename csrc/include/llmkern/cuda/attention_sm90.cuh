@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
 
   if (t_begin < t_end) {
     // S(t) = Q K^T of the tile in ring slot `it` into `sc`, issued and committed, not waited for. A = rows
-    // [64 c, 64 c + 64) of Q, B = the tile's 128 keys; k16 step ks in box ks / 4 at + 32 (ks % 4) bytes.
+    // [64 c, 64 c + 64) of Q, B = the tile's kBN keys; k16 step ks in box ks / 4 at + 32 (ks % 4) bytes.
     // Ping-pong (FlashAttention-3): the consumers take turns issuing their S GEMMs, so that one's softmax
     // runs while the other's GEMMs use the tensor cores. Barrier kTurn + c opens consumer c's turn (its 128
     // threads wait, the other's 128 arrive); consumer 0 goes first. Both issue the same n S GEMMs: consumer

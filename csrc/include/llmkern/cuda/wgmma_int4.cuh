@@ -2,7 +2,7 @@
 //   y[M, N] = x[M, K] @ dequant(qweight)^T (+ bias), x and y bf16 or fp16, fp32 accumulation,
 //   canonical int4 weights (uint8 [N, K / 2], fp32 scales / offsets [N, K / G], dequant = q * s + o).
 //
-// Design (docs/notes/cuda-wgmma.md; CPU model of every index formula: scripts/emulate_wgmma.py):
+// Design (docs/notes/cuda-wgmma.md; runs on the CPU through the CUDA emulator, tests/cuda_emu):
 // - CTA tile BM x kBN = 64 x 128 (one warpgroup, 128 threads) or 128 x 128 (two warpgroups, 256
 //   threads); warpgroup wg owns output rows [64 wg, 64 wg + 64) of the tile and all 128 columns.
 // - kStages = 3 pipeline stages of kBK = 64 k. Per stage, shared memory holds the x tile [BM][64] and the

@@ -27,6 +27,7 @@
 
 #include <cstdint>
 
+#include "llmkern/cuda/attention_common.cuh"
 #include "llmkern/cuda/attention_params.h"
 #include "llmkern/cuda/sm80.cuh"
 
@@ -318,15 +319,11 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
   float inv[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    float l = l_run[hf];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[hf] = l > 0.0f ? 1.0f / l : (l == 0.0f ? 0.0f : l);  // NaN stays NaN
+    const float l = attn_common::quad_sum(l_run[hf]);
+    inv[hf] = attn_common::inv_denominator(l);
     const int row = m0 + r0 + g + hf * 8;
-    if (p.lse && tq == 0 && row < q_len) {
-      const float lse = l > 0.0f ? m_run[hf] * mult * 0.69314718055994531f + logf(l) : (l == 0.0f ? -INFINITY : l);
-      p.lse[lse_base + int64_t(h) * lse_stride_h + row] = lse;
-    }
+    if (p.lse && tq == 0 && row < q_len)
+      p.lse[lse_base + int64_t(h) * lse_stride_h + row] = attn_common::row_lse(l, m_run[hf], mult);
   }
   // This warp's rows of the Q tile are free (its Q fragments are in registers; no copy is in flight).
   __syncwarp();

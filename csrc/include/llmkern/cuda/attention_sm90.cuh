@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "llmkern/cuda/attention_common.cuh"
 #include "llmkern/cuda/attention_params.h"
 #include "llmkern/cuda/sm90.cuh"
 #include "llmkern/cuda/sm90_layout.cuh"
@@ -378,15 +379,11 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
   float inv[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    float l = l_run[hf];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[hf] = l > 0.0f ? 1.0f / l : (l == 0.0f ? 0.0f : l);  // NaN stays NaN
+    const float l = attn_common::quad_sum(l_run[hf]);
+    inv[hf] = attn_common::inv_denominator(l);
     const int row = m0 + r0 + 8 * hf;
-    if (p.lse && tq4 == 0 && row < sq.q_len) {
-      const float lse = l > 0.0f ? m_run[hf] * mult * 0.69314718055994531f + logf(l) : (l == 0.0f ? -INFINITY : l);
-      p.lse[sq.lse_base + int64_t(h) * sq.lse_stride_h + row] = lse;
-    }
+    if (p.lse && tq4 == 0 && row < sq.q_len)
+      p.lse[sq.lse_base + int64_t(h) * sq.lse_stride_h + row] = attn_common::row_lse(l, m_run[hf], mult);
   }
   // This warpgroup's rows of the Q tile are free: its last wgmma reading them has retired (or Q was never
   // loaded). Registers -> swizzled Q rows -> 16-byte stores.

@@ -7,7 +7,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <stdexcept>
 #include <type_traits>
 
 #include "llmkern/cuda/attention_sm90.cuh"

@@ -37,6 +37,7 @@
 
 #include "llmkern/cuda/attention_common.cuh"
 #include "llmkern/cuda/attention_params.h"
+#include "llmkern/cuda/sm80.cuh"  // fast_exp2
 #include "llmkern/cuda/sm90.cuh"
 #include "llmkern/cuda/sm90_layout.cuh"
 
@@ -265,14 +266,14 @@ __global__ void __launch_bounds__(attn90::kThreads, 1)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m_run[hf], mx);
         const float m_sc = m_new == -INFINITY ? 0.0f : m_new * mult;
-        alpha[hf] = m_new > m_run[hf] ? sm90::fast_exp2(fmaf(m_run[hf], mult, -m_sc)) : 1.0f;
+        alpha[hf] = m_new > m_run[hf] ? fast_exp2(fmaf(m_run[hf], mult, -m_sc)) : 1.0f;
         m_run[hf] = m_new;
         float sum = 0.0f;
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float pe = sm90::fast_exp2(fmaf(sc[4 * j + 2 * hf + e], mult, -m_sc));
+            const float pe = fast_exp2(fmaf(sc[4 * j + 2 * hf + e], mult, -m_sc));
             sc[4 * j + 2 * hf + e] = pe;
             sum += pe;
           }

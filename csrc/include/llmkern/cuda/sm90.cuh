@@ -142,13 +142,6 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 #endif
 }
 
-// 2^x by the SFU (ex2.approx.ftz: ~2 ulp, subnormal results flushed to 0).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // ---------------------------------------------------------------- warpgroup MMA
 
 // Before the first wgmma of a group: orders this warpgroup's earlier register and shared-memory accesses
@@ -176,11 +169,6 @@ template <int R>
 __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 #pragma unroll
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-template <int R>
-__device__ __forceinline__ void fence_regs(uint32_t (&a)[R]) {
-#pragma unroll
-  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(a[i])::"memory");
 }
 template <int R>
 __device__ __forceinline__ void fence_regs(int32_t (&a)[R]) {

@@ -48,7 +48,7 @@
 //   A word j of thread t: row 16 (t / 32) + (t % 32) / 4 + 8 (j % 2), columns 2 (t % 4) + 8 (j / 2) + {0, 1}
 //   (low half first).
 // - named_barrier_sync / named_barrier_arrive: cuda_runtime.h's named barriers (bar.sync / bar.arrive). fences, setmaxnreg, tma_prefetch_map: no-ops
-//   (setmaxnreg checks its range). fast_exp2: exp2f, subnormal results flushed to 0.
+//   (setmaxnreg checks its range).
 // Test-only.
 #pragma once
 
@@ -489,10 +489,6 @@ template <int R>
 __device__ __forceinline__ void setmaxnreg_inc() {
   static_assert(R >= 24 && R <= 256 && R % 8 == 0, "setmaxnreg: 24..256, a multiple of 8");
 }
-__device__ __forceinline__ float fast_exp2(float x) {
-  const float y = exp2f(x);
-  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
-}
 
 // ---------------------------------------------------------------- warpgroup MMA
 
@@ -527,8 +523,6 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 template <int R>
 __device__ __forceinline__ void fence_regs(float (&)[R]) {}
-template <int R>
-__device__ __forceinline__ void fence_regs(uint32_t (&)[R]) {}
 template <int R>
 __device__ __forceinline__ void fence_regs(int32_t (&)[R]) {}
 

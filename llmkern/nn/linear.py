@@ -131,7 +131,7 @@ class _QuantizedBase(nn.Module):
         d = self.__dict__
         d["_trusted"] = True
         dev = static_args[0].device
-        run = d["_run"] = None if dev.type == "meta" else op.prepare(*static_args, backend=self.backend, device=dev.type)
+        run = d["_run"] = None if dev.type == "meta" else op.prepare(*static_args, backend=self.backend, device=dev)
         self._allow_fast(run)
 
     def _allow_fast(self, run) -> None:

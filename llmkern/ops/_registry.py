@@ -200,7 +200,7 @@ class Op:
 
         return deco
 
-    def prepare(self, *static_args, backend: str | None = None, device: str = "cpu"):
+    def prepare(self, *static_args, backend: str | None = None, device="cpu"):
         """Bind every argument but the first (the activation) once: a module's lean eager call.
 
         `static_args` are the op's arguments after x, without `backend`, already checked by the op
@@ -211,11 +211,13 @@ class Op:
         device order); a backend's preparer may repack weights into the layout its kernel reads
         fastest (DESIGN.md: "repack once"), or raise BackendUnsupported (then None is returned and the
         registered op, with its fallbacks, stays in charge). The result remembers LLMKERN_BACKEND
-        (`run.env`) and the device: callers re-prepare when the variable changes.
+        (`run.env`) and the device (`device`: a torch.device or its type; a module passes its weights' device,
+        so that `run.device` is the one its activations must be on): callers re-prepare when the variable changes.
         """
         env = _backends.env_backend()
         requested = backend if backend is not None else env
-        for name, impl, _ in self._plan(device, requested):
+        device = torch.device(device)
+        for name, impl, _ in self._plan(device.type, requested):
             if impl is None:
                 continue
             prep = self.preparers.get(name)
@@ -234,7 +236,7 @@ class Op:
                 op.last_backend = _name
                 return out
 
-            run.env, run.backend, run.device, run.impl = env, name, torch.device(device), fn
+            run.env, run.backend, run.device, run.impl = env, name, device, fn
             return run
         return None
 

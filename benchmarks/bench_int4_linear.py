@@ -12,6 +12,9 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
   result);
 - llmkern.cpu.step: the W4A16 module's prepared kernel bound once as a KernelCall and run as llmkern's
   decode step program runs it (no Python per layer; `_shapes.step_calls`): the kernel and its launch;
+- llmkern.cuda.module (16-bit x, M <= 16): `llmkern.nn.Int4Linear` on the GPU, its prepared call: the weights
+  repacked once into the tensor-core order of csrc/include/llmkern/cuda/int4_linear_packed.cuh (nbytes counts the
+  packed bytes it streams: K/2 per row, N padded to 16, plus 2 (K/G) E, E = 2 with fp16-valued scales, else 4);
 - llmkern.cuda.sm90 (compute capability 9.0, 16-bit x, M > 16): the op with the sm_90a wgmma GEMM
   (LLMKERN_CUDA_INT4_WGMMA), off by default until a GPU run has checked it;
 - F.linear: the float layer, weight [N, K] in the activation dtype;
@@ -64,6 +67,8 @@ def _items():
         for dt in S.dtypes():
             for b in S.llmkern_backends(OP, 2.0 * c.M * c.N * c.K, 4.0 * c.N * c.K):
                 items.append((case, dt, f"llmkern.{b}"))
+                if b == "cuda" and dt != "fp32" and c.M <= 16:
+                    items.append((case, dt, "llmkern.cuda.module"))
                 if b == "cuda" and dt != "fp32" and c.M > 16 and torch.cuda.is_available() and \
                         torch.cuda.get_device_capability() == (9, 0):
                     items.append((case, dt, "llmkern.cuda.sm90"))
@@ -141,6 +146,22 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
             fn = S.step_calls(mods, x, N, OP)
             if fn is None:
                 pytest.skip("the module has no prepared CPU kernel here")
+    elif impl == "llmkern.cuda.module":
+        backend, kind = "cuda", "llmkern"
+        from llmkern.nn import Int4Linear
+
+        w_bytes = N * K // 2 + 8 * N * (K // G)  # canonical: sizes the rotation like the op entry
+        nxt = bench.rotating((t["qweight"], t["scales"], t["offsets"]), w_bytes)
+        mods = [Int4Linear.from_quantized(*nxt(), backend="cuda") for _ in range(bench.benchmark.extra_info["copies"])]
+        for m in mods:
+            m(x)  # the first call goes through the op and prepares (packs); later calls take the prepared run(x)
+        packed = getattr(getattr(mods[0]._run, "impl", None), "packed", None)
+        if packed is None:
+            pytest.skip("the module has no packed CUDA run here (LLMKERN_CUDA_INT4_PACKED=0?)")
+        w_bytes = packed[0].numel() + packed[1].numel()
+        bench.benchmark.extra_info["packed_e"] = 2 if packed[2] else 4
+        cyc = itertools.cycle(mods).__next__
+        fn = lambda: cyc()(x)  # noqa: E731
     elif impl.startswith("llmkern."):
         backend, kind = impl.split(".")[1], "llmkern"
         from llmkern.ops import int4_linear

@@ -10,6 +10,7 @@
 
 #include "llmkern/cuda/decode_mma.cuh"
 #include "llmkern/cuda/int4_linear.cuh"
+#include "llmkern/cuda/int4_linear_packed.cuh"
 #include "llmkern/cuda/wdq_gemm.cuh"
 #include "llmkern/cuda/wgmma_int4.cuh"
 #include "sm90_launch.h"
@@ -101,6 +102,14 @@ void launch_decode_mma(const k4::GemvArgs& g, int splits, int split_blocks, cuda
   dim3 grid((g.N + d::kCols - 1) / d::kCols, splits);
   if (g.M <= 8) d::decode_mma_kernel<T, 1, d::kInt4><<<grid, d::kWarps * 32, 0, st>>>(a);
   else d::decode_mma_kernel<T, 2, d::kInt4><<<grid, d::kWarps * 32, 0, st>>>(a);
+}
+
+template <typename T, bool kS16>
+void launch_packed(const cuda::int4_packed::Args<T>& a, int splits, cudaStream_t st) {
+  namespace p = cuda::int4_packed;
+  dim3 grid((a.N + p::kCols - 1) / p::kCols, splits);
+  if (a.M <= 8) p::packed_kernel<T, 1, kS16><<<grid, p::kWarps * 32, 0, st>>>(a);
+  else p::packed_kernel<T, 2, kS16><<<grid, p::kWarps * 32, 0, st>>>(a);
 }
 
 }  // namespace
@@ -238,6 +247,79 @@ void int4_linear_dequant_cuda(const uint8_t* qw, const float* scales, const floa
     k4::dequant_kernel<__half><<<blocks, 256, 0, st>>>(qw, scales, offsets, K / group, group, N, K,
                                                       static_cast<__half*>(out));
   LLMKERN_CUDA_CHECK_LAUNCH();
+}
+
+// ------------------------------------------------------------------ prepacked weights (int4_linear_packed.cuh)
+
+// Splits of the packed decode kernel: up to ~4 CTAs per SM (each is small: kWarps warps), every warp at
+// least two 128-k blocks per split, at most kMaxSplits.
+int int4_linear_packed_splits(int N, int K, int num_sms) {
+  namespace p = cuda::int4_packed;
+  if (N <= 0 || K <= 0) return 1;
+  const int64_t ctas = (N + p::kCols - 1) / p::kCols;
+  const int64_t want = 4 * int64_t(std::max(num_sms, 1));
+  if (ctas >= want) return 1;
+  const int blocks = (K / p::kChunkK + p::kBlockChunks - 1) / p::kBlockChunks;
+  int splits = int(std::min<int64_t>(kMaxSplits, (want + ctas - 1) / ctas));
+  splits = std::max(1, std::min(splits, blocks / (2 * p::kWarps)));
+  const int per = (blocks + splits - 1) / splits;
+  return (blocks + per - 1) / per;  // no empty split
+}
+
+// qp / sp (int4_linear_packed.cuh's layouts; sizes int4_linear_packed_bytes) from the canonical weight.
+// scale16: every scale and offset is an fp16 value (the caller checks) and is stored as one.
+void int4_linear_pack_cuda(const uint8_t* qw, const float* scales, const float* offsets, int group, int N, int K,
+                           void* qp, void* sp, bool scale16, cudaStream_t st) {
+  namespace p = cuda::int4_packed;
+  require(K > 0 && (group == 32 || group == 64 || group == 128) && K % group == 0,
+          "pack needs a group of 32, 64 or 128 dividing K");
+  if (N <= 0) return;
+  require(aligned16(qp) && aligned16(sp), "packed buffers must be 16-byte aligned");
+  const int64_t tiles = (N + p::kCols - 1) / p::kCols;
+  const int64_t nw = tiles * (K / p::kChunkK) * 32, ns = tiles * (K / group) * 8;
+  p::pack_weights_kernel<<<(nw + 255) / 256, 256, 0, st>>>(qw, N, K, static_cast<uint2*>(qp));
+  LLMKERN_CUDA_CHECK_LAUNCH();
+  p::pack_scales_kernel<<<(ns + 255) / 256, 256, 0, st>>>(scales, offsets, N, K / group, scale16, sp);
+  LLMKERN_CUDA_CHECK_LAUNCH();
+}
+
+// y[M, N] = x[M, K] @ dequant(w)^T (+ bias) for 16-bit x with 1 <= M <= 16, from the packed weight.
+// splits > 1 (int4_linear_packed_splits) needs ws: fp32 [splits, M, N].
+const char* int4_linear_packed_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const void* qp,
+                                    const void* sp, bool scale16, int N, int group, const float* bias, void* out,
+                                    int64_t ldo, float* ws, int splits, cudaStream_t st) {
+  namespace p = cuda::int4_packed;
+  require(x_dtype == 1 || x_dtype == 2, "the packed kernel takes x_dtype 1 (bfloat16) or 2 (float16)");
+  require(M >= 0 && M <= 16, "the packed kernel takes 0 <= M <= 16");
+  require(N >= 0 && K > 0 && (group == 32 || group == 64 || group == 128) && K % group == 0,
+          "group must be 32, 64 or 128 and divide K");
+  require(splits >= 1 && splits <= kMaxSplits, "splits must be in [1, 16]");
+  if (M == 0 || N == 0) return "empty";
+  require(aligned16(x) && (ldx * 2) % 16 == 0, "x rows must be 16-byte aligned");
+  require(aligned16(qp) && aligned16(sp), "packed buffers must be 16-byte aligned");
+  require(ldo >= N, "ldo must be >= N");
+  require(splits == 1 || ws != nullptr, "splits > 1 needs the fp32 workspace");
+  const int blocks = (K / p::kChunkK + p::kBlockChunks - 1) / p::kBlockChunks;
+  const int per = (blocks + splits - 1) / splits;
+  require((blocks + per - 1) / per == splits, "splits leaves an empty split; use int4_linear_packed_splits");
+  void* dst = splits > 1 ? static_cast<void*>(ws) : out;
+  if (x_dtype == 1) {
+    p::Args<__nv_bfloat16> a{static_cast<const __nv_bfloat16*>(x), ldx, M, N, K, static_cast<const uint2*>(qp), sp,
+                             K / group, group == 32 ? 0 : group == 64 ? 1 : 2, bias, dst, ldo, per};
+    if (scale16) launch_packed<__nv_bfloat16, true>(a, splits, st);
+    else launch_packed<__nv_bfloat16, false>(a, splits, st);
+  } else {
+    p::Args<__half> a{static_cast<const __half*>(x), ldx, M, N, K, static_cast<const uint2*>(qp), sp,
+                      K / group, group == 32 ? 0 : group == 64 ? 1 : 2, bias, dst, ldo, per};
+    if (scale16) launch_packed<__half, true>(a, splits, st);
+    else launch_packed<__half, false>(a, splits, st);
+  }
+  LLMKERN_CUDA_CHECK_LAUNCH();
+  if (splits == 1) return "packed";
+  const int64_t MN = int64_t(M) * N;
+  k4::reduce_kernel<<<(MN + 255) / 256, 256, 0, st>>>(ws, splits, M, N, bias, out, ldo, static_cast<XType>(x_dtype));
+  LLMKERN_CUDA_CHECK_LAUNCH();
+  return "packed_splitk";
 }
 
 }  // namespace llmkern

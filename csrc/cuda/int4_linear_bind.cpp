@@ -18,6 +18,13 @@ const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
 void int4_linear_dequant_cuda(const uint8_t* qw, const float* scales, const float* offsets, int group, int N, int K,
                               void* out, int dtype, cudaStream_t st);
 
+int int4_linear_packed_splits(int N, int K, int num_sms);
+void int4_linear_pack_cuda(const uint8_t* qw, const float* scales, const float* offsets, int group, int N, int K,
+                           void* qp, void* sp, bool scale16, cudaStream_t st);
+const char* int4_linear_packed_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const void* qp,
+                                    const void* sp, bool scale16, int N, int group, const float* bias, void* out,
+                                    int64_t ldo, float* ws, int splits, cudaStream_t st);
+
 namespace {
 
 constexpr int64_t kMaxDim = (int64_t(1) << 31) - 1;
@@ -77,6 +84,62 @@ void bind_int4_linear(py::module_& m) {
       py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("group"), py::arg("N"), py::arg("K"),
       py::arg("out"), py::arg("dtype"), py::arg("stream"),
       "out[N, K] (dtype 1 bfloat16 / 2 float16) = q * scale + offset (fp32), rounded once.");
+  m.def(
+      "int4_linear_packed_bytes",
+      [](int64_t N, int64_t K, int64_t group, bool scale16) {
+        check_dims("llmkern._C_cuda.int4_linear_packed_bytes", 0, N, K);
+        if (!(group == 32 || group == 64 || group == 128) || K % group)
+          throw py::value_error("llmkern._C_cuda.int4_linear_packed_bytes: group must be 32, 64 or 128 and divide K");
+        const int64_t tiles = (N + 15) / 16;
+        return py::make_tuple(tiles * 16 * (K / 2), tiles * (K / group) * 8 * (scale16 ? 8 : 16));
+      },
+      py::arg("N"), py::arg("K"), py::arg("group"), py::arg("scale16"),
+      "(weight bytes, scale bytes) of the packed CUDA layout (csrc/include/llmkern/cuda/int4_linear_packed.cuh).");
+  m.def(
+      "int4_linear_pack",
+      [](std::uintptr_t qw, std::uintptr_t scales, std::uintptr_t offsets, int64_t group, int64_t N, int64_t K,
+         std::uintptr_t qp, std::uintptr_t sp, bool scale16, std::uintptr_t stream) {
+        check_dims("llmkern._C_cuda.int4_linear_pack", 0, N, K);
+        if (N > 0 && (qw == 0 || scales == 0 || offsets == 0 || qp == 0 || sp == 0))
+          throw py::value_error("llmkern._C_cuda.int4_linear_pack: null pointer among qweight, scales, offsets, qp, sp");
+        py::gil_scoped_release release;
+        int4_linear_pack_cuda(reinterpret_cast<const uint8_t*>(qw), reinterpret_cast<const float*>(scales),
+                              reinterpret_cast<const float*>(offsets), int(group), int(N), int(K),
+                              reinterpret_cast<void*>(qp), reinterpret_cast<void*>(sp), scale16,
+                              reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("group"), py::arg("N"), py::arg("K"),
+      py::arg("qp"), py::arg("sp"), py::arg("scale16"), py::arg("stream"),
+      "Repack a canonical int4 weight into the packed CUDA layout (qp, sp of int4_linear_packed_bytes). scale16: "
+      "store scales and offsets as fp16 (only when every one is an fp16 value).");
+  m.def(
+      "int4_linear_packed_splits",
+      [](int64_t N, int64_t K, int num_sms) {
+        check_dims("llmkern._C_cuda.int4_linear_packed_splits", 0, N, K);
+        return int4_linear_packed_splits(int(N), int(K), num_sms);
+      },
+      py::arg("N"), py::arg("K"), py::arg("num_sms"),
+      "Split-K factor of the packed kernel (workspace: fp32 [splits, M, N] when > 1).");
+  m.def(
+      "int4_linear_packed",
+      [](std::uintptr_t x, int x_dtype, int64_t ldx, int64_t M, int64_t K, std::uintptr_t qp, std::uintptr_t sp,
+         bool scale16, int64_t N, int64_t group, std::uintptr_t bias, std::uintptr_t out, int64_t ldo, std::uintptr_t ws,
+         int splits, std::uintptr_t stream) {
+        check_dims("llmkern._C_cuda.int4_linear_packed", M, N, K);
+        if (M > 0 && N > 0 && (x == 0 || qp == 0 || sp == 0 || out == 0))
+          throw py::value_error("llmkern._C_cuda.int4_linear_packed: null pointer among x, qp, sp, out");
+        py::gil_scoped_release release;
+        return std::string(int4_linear_packed_cuda(
+            reinterpret_cast<const void*>(x), x_dtype, ldx, int(M), int(K), reinterpret_cast<const void*>(qp),
+            reinterpret_cast<const void*>(sp), scale16, int(N), int(group), reinterpret_cast<const float*>(bias),
+            reinterpret_cast<void*>(out), ldo, reinterpret_cast<float*>(ws), splits,
+            reinterpret_cast<cudaStream_t>(stream)));
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("M"), py::arg("K"), py::arg("qp"), py::arg("sp"),
+      py::arg("scale16"), py::arg("N"), py::arg("group"), py::arg("bias"), py::arg("out"), py::arg("ldo"),
+      py::arg("ws"), py::arg("splits"), py::arg("stream"),
+      "out[M, N] = x[M, K] @ dequant(w)^T (+ fp32 bias) from the packed layout; 16-bit x (x_dtype 1 bfloat16, "
+      "2 float16), 1 <= M <= 16. Returns the kernel path taken.");
 }
 
 }  // namespace llmkern

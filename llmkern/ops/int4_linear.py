@@ -341,8 +341,8 @@ def _cuda(x, qweight, scales, offsets, bias, mode):
     8-column one; CUDA_DECODE_MMA = False selects the GEMV instead). 16-bit x with M > 16: a
     bf16/fp16 mma.sync GEMM that dequantizes weight tiles into shared memory (or, with
     CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS; with CUDA_INT4_WGMMA on an sm_90 GPU, the
-    same dequantized tiles multiplied by Hopper warpgroup MMA). Weights are read in the canonical layout
-    (no prepacking yet).
+    same dequantized tiles multiplied by Hopper warpgroup MMA). Weights are read in the canonical layout;
+    Int4Linear modules prepack them for decode-sized calls (`_cuda_prepare`).
     """
     mod = _backends.cuda_module()
     if x.device.type != "cuda":
@@ -380,6 +380,89 @@ def _cuda(x, qweight, scales, offsets, bias, mode):
             tensor_cores and CUDA_INT4_WGMMA and _is_sm90(x.device),
         )
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+
+# True: a module's prepared CUDA call (Int4Linear on a GPU, `_cuda_prepare`) repacks the weight once into the
+# tensor-core order of csrc/include/llmkern/cuda/int4_linear_packed.cuh and runs 16-bit x with 1 <= M <= 16 on
+# the packed kernel (the rest keeps `_cuda` on the canonical tensors). LLMKERN_CUDA_INT4_PACKED=0 turns it off
+# (read at import): the packed copy adds ~K/2 + 2..4 K/G bytes per output row of GPU memory.
+CUDA_INT4_PACKED = os.environ.get("LLMKERN_CUDA_INT4_PACKED", "") != "0"
+_CUDA_PACKED_MAX_M = 16
+
+
+def _cuda_pack(mod, qweight, scales, offsets, N, K, G, stream):
+    """(qp, sp, scale16): the packed CUDA layout of a canonical weight (contiguous tensors on one GPU).
+    scale16: every scale and offset is an fp16 value (GGUF Q4_0 / Q4_1 weights are), stored as one (half
+    the scale bytes, same values)."""
+    scale16 = bool(torch.equal(scales.to(torch.float16).to(torch.float32), scales)
+                   and torch.equal(offsets.to(torch.float16).to(torch.float32), offsets))
+    wbytes, sbytes = mod.int4_linear_packed_bytes(N, K, G, scale16)
+    qp = torch.empty(wbytes, dtype=torch.uint8, device=qweight.device)
+    sp = torch.empty(sbytes, dtype=torch.uint8, device=qweight.device)
+    mod.int4_linear_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), G, N, K, qp.data_ptr(),
+                         sp.data_ptr(), scale16, stream)
+    return qp, sp, scale16
+
+
+def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits):
+    """run(x) of the packed kernel for 16-bit x [..., K] with 1 <= M <= 16 rows (the caller checks)."""
+    bias_ptr = 0 if bias32 is None else bias32.data_ptr()
+    qp_ptr, sp_ptr = qp.data_ptr(), sp.data_ptr()
+
+    def run(x, M):
+        x2 = _cuda_rows(x.reshape(M, K))
+        with _cuda_device(x.device):
+            stream = torch.cuda.current_stream().cuda_stream
+            out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+            ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
+            mod.int4_linear_packed(x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qp_ptr,
+                                   sp_ptr, scale16, N, G, bias_ptr, out.data_ptr(), N,
+                                   0 if ws is None else ws.data_ptr(), splits, stream)
+        return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+    return run
+
+
+@int4_linear_op.preparer("cuda")
+def _cuda_prepare(qweight, scales, offsets, bias, mode):
+    """The cuda preparer (Int4Linear's prepared call on a GPU): with CUDA_INT4_PACKED the weight is repacked
+    once (`_cuda_pack`) and bf16 / fp16 activations of 1 to 16 rows run the packed tensor-core kernel; every
+    other activation (fp32, more rows) runs `_cuda` on the canonical tensors, which the module holds anyway.
+    Not while a CUDA graph is being captured (the packing kernels would only run at replay): the module then
+    keeps calling the op, and prepares at its next call after a buffer change."""
+    if qweight.device.type != "cuda":
+        raise BackendUnsupported(f"weights are on {qweight.device}")
+    if mode != "w4a16":
+        raise BackendUnsupported(f"mode {mode!r} runs on the CPU only (the CUDA kernels are W4A16)")
+    qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
+    if qweight.data_ptr() % 16:
+        raise BackendUnsupported("qweight is not 16-byte aligned")
+
+    def canonical(x):
+        return _cuda(x, qweight, scales, offsets, bias, mode)
+
+    if not CUDA_INT4_PACKED:
+        return canonical
+    if torch.cuda.is_current_stream_capturing():
+        raise BackendUnsupported("a CUDA graph is being captured: weights are packed outside capture")
+    mod = _backends.cuda_module()
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    G = K // scales.shape[1]
+    with _cuda_device(qweight.device):
+        qp, sp, scale16 = _cuda_pack(mod, qweight, scales, offsets, N, K, G,
+                                     torch.cuda.current_stream().cuda_stream)
+        splits = mod.int4_linear_packed_splits(N, K, _num_sms(qweight.device))
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    packed = _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits)
+
+    def run(x):
+        M = math.prod(x.shape[:-1])
+        if x.dtype == torch.float32 or not 1 <= M <= _CUDA_PACKED_MAX_M:
+            return canonical(x)
+        return packed(x, M)
+
+    run.packed = (qp, sp, scale16)  # (for tests and memory accounting)
+    return run
 
 
 def int4_linear(x, qweight, scales, offsets, bias=None, mode="w4a16", backend=None):

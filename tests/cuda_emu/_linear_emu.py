@@ -23,33 +23,66 @@ def poison_empty(shape, dtype=None, device=None):
     return t
 
 
+# Stand-ins in the adapters' source: (text, replacement); _cuda must contain the _REQUIRED ones.
+_REWRITES = (('.device.type != "cuda"', '.device.type != "cpu"'), ("_backends.cuda_module()", "EMU"),
+             ("_num_sms(x.device)", "NUM_SMS"), ("_num_sms(qweight.device)", "NUM_SMS"),
+             ("torch.empty(", "POISON_EMPTY("), ("torch.cuda.is_current_stream_capturing()", "CAPTURING"))
+_REQUIRED = ('.device.type != "cuda"', "_backends.cuda_module()", "_num_sms(x.device)", "torch.empty(")
+
+
 class Adapter:
     """`op(...)` runs llmkern.ops.<name>._cuda on CPU tensors through `emu`; module switches (CUDA_DECODE_MMA,
     ...) and the stand-ins NUM_SMS / IS_SM90 are keyword overrides; `.path` is the launcher's path name
-    (int8_linear: `_last_cuda_path`; int4_linear: the binding's return value)."""
+    (int8_linear: `_last_cuda_path`; int4_linear: the binding's return value). `.prepare(...)` runs the op's
+    cuda preparer (`_cuda_prepare`, with the helpers named in `helpers`) the same way and returns its run(x)."""
 
-    def __init__(self, emu, name):
+    def __init__(self, emu, name, helpers=()):
         self.mod = sys.modules[f"llmkern.ops.{name}"]
         self.emu = emu
-        src = textwrap.dedent(inspect.getsource(self.mod._cuda))
-        src = "\n".join(line for line in src.splitlines() if not line.startswith("@"))
-        for old, new in (('.device.type != "cuda"', '.device.type != "cpu"'), ("_backends.cuda_module()", "EMU"),
-                         ("_num_sms(x.device)", "NUM_SMS"), ("torch.empty(", "POISON_EMPTY(")):
-            assert old in src, old
-            src = src.replace(old, new)
-        src = re.sub(r"torch\.cuda\.current_stream\([^)]*\)\.cuda_stream", "0", src)
-        src = src.replace("_is_sm90(x.device)", "IS_SM90")
+        self.src = self._rewrite("_cuda", required=True)
         # int4_linear discards the binding's path name: keep it
-        src = src.replace("        mod.int4_linear(\n", "        global _last_cuda_path\n        _last_cuda_path = mod.int4_linear(\n")
-        self.src = src
+        self.src = self.src.replace("        mod.int4_linear(\n",
+                                    "        global _last_cuda_path\n        _last_cuda_path = mod.int4_linear(\n")
+        self.helpers = "\n\n".join(self._rewrite(h) for h in helpers)
         self.path = None
 
-    def __call__(self, *args, num_sms=132, is_sm90=True, **switches):
+    def _rewrite(self, fn, required=False):
+        src = textwrap.dedent(inspect.getsource(getattr(self.mod, fn)))
+        src = "\n".join(line for line in src.splitlines() if not line.startswith("@"))
+        for old, new in _REWRITES:
+            assert old in src or not (required and old in _REQUIRED), old
+            src = src.replace(old, new)
+        src = re.sub(r"torch\.cuda\.current_stream\([^)]*\)\.cuda_stream", "0", src)
+        # the packed kernel's path name, as for int4_linear above
+        src = src.replace("            mod.int4_linear_packed(",
+                          "            global _last_cuda_path\n            _last_cuda_path = mod.int4_linear_packed(")
+        return src.replace("_is_sm90(x.device)", "IS_SM90")
+
+    def _globals(self, num_sms, is_sm90, capturing, switches):
         for k in switches:
             assert hasattr(self.mod, k), k
         g = dict(self.mod.__dict__, EMU=self.emu, NUM_SMS=num_sms, IS_SM90=is_sm90, POISON_EMPTY=poison_empty,
-                 _last_cuda_path=None, **switches)
+                 CAPTURING=capturing, _last_cuda_path=None, **switches)
         exec(self.src, g)
+        exec(self.helpers, g)
+        return g
+
+    def __call__(self, *args, num_sms=132, is_sm90=True, **switches):
+        g = self._globals(num_sms, is_sm90, False, switches)
         out = g["_cuda"](*args)
         self.path = g["_last_cuda_path"]
         return out
+
+    def prepare(self, *args, num_sms=132, is_sm90=True, capturing=False, **switches):
+        """The cuda preparer's run(x) (each call of it sets `.path` as __call__ does, or to "packed*")."""
+        g = self._globals(num_sms, is_sm90, capturing, switches)
+        run = g["_cuda_prepare"](*args)
+
+        def call(x):
+            g["_last_cuda_path"] = None
+            out = run(x)
+            self.path = g["_last_cuda_path"]
+            return out
+
+        call.packed = getattr(run, "packed", None)
+        return call

@@ -158,6 +158,10 @@ __global__ void exp2_kernel(const float* x, float* y, int n) {
   for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = fast_exp2(x[i]);
 }
 
+__global__ void lop3_kernel(const uint32_t* a, const uint32_t* b, const uint32_t* c, uint32_t* d, int n) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = lop3_and_or(a[i], b[i], c[i]);
+}
+
 // 16-byte __ldg at byte offset `off` of p; dynamic shared memory of the launch written at its last byte.
 __global__ void misc_kernel(const unsigned char* p, int off, unsigned* out, int smem) {
   extern __shared__ __align__(16) unsigned char dyn[];
@@ -184,6 +188,10 @@ void bind_sm80_selftest(py::module_& m) {
     if (opt_in && cudaFuncSetAttribute(misc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
       throw std::invalid_argument("cudaFuncSetAttribute refused");
     misc_kernel<<<1, 32, smem, 0>>>(static_cast<const unsigned char*>(p(src)), off, static_cast<unsigned*>(p(out)), smem);
+  });
+  m.def("lop3_and_or", [p](std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t d, int n) {
+    lop3_kernel<<<1, 32, 0, 0>>>(static_cast<const uint32_t*>(p(a)), static_cast<const uint32_t*>(p(b)),
+                                 static_cast<const uint32_t*>(p(c)), static_cast<uint32_t*>(p(d)), n);
   });
   m.def("exp2", [p](std::uintptr_t x, std::uintptr_t y, int n) {
     exp2_kernel<<<1, 32, 0, 0>>>(static_cast<const float*>(p(x)), static_cast<float*>(p(y)), n);

@@ -141,6 +141,14 @@ def test_fast_exp2_flushes_subnormals(m):
     assert torch.equal(y, want)
 
 
+def test_lop3_and_or(m):
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(-2**31, 2**31 - 1, (100,), generator=g, dtype=torch.int32) for _ in range(3))
+    d = torch.zeros(100, dtype=torch.int32)
+    m.lop3_and_or(a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr(), 100)
+    assert torch.equal(d, (a & b) | c)
+
+
 def test_vector_ldg_alignment_and_dynamic_smem_opt_in(m):
     src = torch.arange(64, dtype=torch.uint8)
     out = torch.zeros(32, dtype=torch.int32)

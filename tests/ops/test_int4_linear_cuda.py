@@ -305,3 +305,94 @@ def test_prefill_wgmma_layouts_nan_and_graph(monkeypatch):
     torch.cuda.synchronize()
     assert torch.equal(y, run_cuda(x, qw, s, o, bias))
     check(y, x, qw, s, o, bias, "wgmma graph")
+
+
+# ------------------------------------------------------------------ prepacked weights (Int4Linear's prepared call)
+
+
+def prepared(qw, s, o, bias):
+    """The cuda preparer's run(x) for these weights (what Int4Linear uses after its first call)."""
+    run = ops.OPS["int4_linear"].prepare(qw, s, o, bias, "w4a16", backend="cuda", device=qw.device)
+    assert run is not None and run.backend == "cuda"
+    return run
+
+
+def check_tight(out, x, qw, s, o, bias, what):
+    """The packed kernel multiplies exact q and x: within one ulp of the exact result, plus 2^-20 of the largest
+    output (fp32 sums of the scale and offset terms)."""
+    check(out, x, qw, s, o, bias, what)
+    y = x.reshape(-1, x.shape[-1]).double() @ R.dequantize_int4(qw, s, o).double().t()
+    if bias is not None:
+        y = y + bias.double()
+    bound = torch.finfo(out.dtype).eps * y.abs() + 2.0 ** -20 * y.abs().max()
+    worst = ((out.reshape(y.shape).double() - y).abs() / bound).max().item()
+    assert worst <= 1.0, f"{what}: {worst:.3g} x the bound away from the exact result"
+
+
+@pytest.mark.parametrize("M", [1, 2, 8, 9, 16])
+@pytest.mark.parametrize("NK", LLAMA, ids=[f"{n}x{k}" for n, k in LLAMA])
+@pytest.mark.parametrize("G", [32, 128])
+def test_packed_llama_shapes(G, NK, M):
+    N, K = NK
+    g = gen(7 * M + N + K + G)
+    qw, s, o = make_weights(N, K, G, g)
+    run = prepared(qw, s, o, None)
+    assert run.impl.packed[2] is False
+    x = torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16)
+    check_tight(run(x), x, qw, s, o, None, f"packed M={M} N={N} K={K} G={G}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("scale16", [False, True])
+def test_packed_odd_shapes(dtype, G, scale16):
+    """N / K tails (K % 128 of 32 / 64 / 96), split-K and not, bias, [B, S, K] input, fp16-exact scales stored as
+    fp16; 17 rows and fp32 x take the canonical kernels through the same run."""
+    for M, N, K in ((1, 33, 2080), (3, 257, 8192), (16, 1000, 576), (5, 1, 4224), (12, 48, 160)):
+        if K % G:
+            continue
+        g = gen(M + N + K + G)
+        qw, s, o = make_weights(N, K, G, g)
+        if scale16:
+            s, o = s.half().float(), o.half().float()
+        bias = torch.randn(N, generator=g, device=DEV).to(dtype)
+        run = prepared(qw, s, o, bias)
+        assert run.impl.packed[2] is scale16
+        x = torch.randn(M, K, generator=g, device=DEV).to(dtype)
+        check_tight(run(x), x, qw, s, o, bias, f"M={M} N={N} K={K}")
+        x3 = torch.randn(2, 8, K, generator=g, device=DEV).to(dtype)[:, ::2]  # [2, 4, K] strided
+        check_tight(run(x3), x3, qw, s, o, bias, f"[2, 4, K] N={N} K={K}")
+        for x in (torch.randn(17, K, generator=g, device=DEV).to(dtype), torch.randn(3, K, generator=g, device=DEV)):
+            check(run(x), x, qw, s, o, bias, f"canonical {tuple(x.shape)} {x.dtype}")
+
+
+def test_packed_module_graph_and_nan():
+    """Int4Linear on the GPU: the first call prepares (packs), later decode calls run the packed kernel; CUDA graph
+    capture of a prepared module replays bit for bit; a NaN row of x gives a NaN output row only."""
+    from llmkern.nn import Int4Linear
+
+    g = gen(3)
+    N, K, G = 4096, 4096, 32
+    qw, s, o = make_weights(N, K, G, g)
+    m = Int4Linear.from_quantized(qw, s, o, torch.randn(N, generator=g, device=DEV), backend="cuda")
+    x = torch.randn(4, K, generator=g, device=DEV).to(torch.bfloat16)
+    first = m(x)
+    assert m._run is not None and m._run.backend == "cuda" and m._run.impl.packed is not None
+    second = m(x)
+    check_tight(second, x, qw, s, o, m.bias, "module")
+    check(first, x, qw, s, o, m.bias, "module first call")
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        m(x)
+    torch.cuda.current_stream().wait_stream(st)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = m(x)
+    x.copy_(torch.randn(4, K, generator=g, device=DEV).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, m(x))
+    x[1] = float("nan")
+    out = m(x)
+    assert out[1].isnan().all() and torch.isfinite(out[[0, 2, 3]]).all()

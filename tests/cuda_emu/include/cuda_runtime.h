@@ -108,6 +108,15 @@ inline uint16_t __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
 inline float __bfloat162float(__nv_bfloat16 b) { return llmkern::cpu::bf16_to_f32(b.x); }
 inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)}; }
 inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
+// a - b per half, rounded to the format (through double: exact for the kernels' operands, small integers).
+inline __half2 __hsub2(__half2 a, __half2 b) {
+  return {__float2half_rn(float(double(__half2float(a.a)) - __half2float(b.a))),
+          __float2half_rn(float(double(__half2float(a.b)) - __half2float(b.b)))};
+}
+inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
+  return {__float2bfloat16_rn(float(double(__bfloat162float(a.x)) - __bfloat162float(b.x))),
+          __float2bfloat16_rn(float(double(__bfloat162float(a.y)) - __bfloat162float(b.y)))};
+}
 inline float __uint_as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 inline uint32_t __float_as_uint(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int u) { float f; memcpy(&f, &u, 4); return f; }

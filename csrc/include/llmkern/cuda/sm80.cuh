@@ -79,5 +79,13 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// (a & b) | c in one instruction (lop3.b32 with LUT 0xEA = (0xF0 & 0xCC) | 0xAA). Written out because for
+// constant b and c the compiler emits an AND and an OR (a SASS LOP3 holds one immediate).
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 }  // namespace cuda
 }  // namespace llmkern

@@ -33,6 +33,7 @@
 //   instruction (the hardware's summation order and rounding are unspecified: its last bits may differ).
 //   s8: exact, int32 wrapping (no .satfinite).
 // - fast_exp2 (ex2.approx.ftz.f32): exp2f, subnormal results flushed to 0.
+// - lop3_and_or (lop3.b32, LUT 0xEA): (a & b) | c.
 // Test-only.
 #pragma once
 
@@ -321,6 +322,18 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], u
 __device__ __forceinline__ float fast_exp2(float x) {
   const float y = exp2f(x);
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
+
+// lop3.b32 d, a, b, c, immLut: bit i of d = bit (4 a_i + 2 b_i + c_i)... of the LUT indexed as in the PTX ISA
+// (the LUT operand is F(0xF0, 0xCC, 0xAA)); 0xEA = (a & b) | c.
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  constexpr uint32_t kLut = 0xEA;
+  uint32_t d = 0;
+  for (int i = 0; i < 32; ++i) {
+    const uint32_t idx = (((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1);
+    d |= ((kLut >> idx) & 1u) << i;
+  }
+  return d;
 }
 
 }  // namespace cuda

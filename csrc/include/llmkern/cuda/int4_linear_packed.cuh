@@ -1,0 +1,326 @@
+// W4A16 at decode-sized M (1..16 rows, bf16 / fp16 x) on tensor cores, reading int4 weights prepacked once
+// (at module construction, by pack_weights_kernel / pack_scales_kernel below) into the order of the
+// mma.sync m16n8k16 A fragments. Torch-free.
+//
+// Why a packed layout (decode_mma.cuh reads the canonical one): there, every weight costs ~4.75 ALU ops
+// (nibble -> fp32, fp32 q * s + o, round to 16 bits, pack), which caps the kernel below memory bandwidth on a
+// GPU whose ALUs are shared with the tensor cores. Here a weight costs ~1.4: the nibbles sit where a
+// `lop3` (mask + OR with the exponent of 128 / 1024) turns two of them into a bf16x2 / f16x2 word
+// 128 + q / 1024 + q, one `hsub2` makes that q exactly, and the group's scale and offset are applied once
+// per 32 k to the fp32 accumulators:
+//     sum_k x[m, k] (q[n, k] s + o) = s * sum_k x[m, k] q[n, k] + o * sum_k x[m, k]        (one chunk of 32 k)
+// with both sums from tensor cores (the second is an mma with an all-ones A operand). q and x are exact in
+// the mma, so the result differs from the canonical fp32 (q s + o) dequantization only by fp32 rounding,
+// not by rounding each weight to 16 bits as decode_mma does.
+//
+// Swap AB as in decode_mma.cuh: 16 weight rows (n) are the A operand, x^T (8 rows m per mma, MB = 1 or 2
+// mmas) is B. K order inside an mma is free as long as both operands agree; within each 16-k step the packed
+// order gives lane (g = lane / 4, t = lane % 4) the 4 consecutive k 4t .. 4t + 3 (A reg0 / reg1: k 4t, 4t + 1
+// of rows g / g + 8; reg2 / reg3: k 4t + 2, 4t + 3), so its B words are one 8-byte load of x[m = g][4t ..].
+//
+// Packed weight layout `qp` (uint2 = 8 bytes per lane and chunk; a chunk is 16 rows x 32 k, one warp-wide
+// 256-byte load): qp[tile][c][lane], tile = n / 16 (rows past N zero), c = k / 32. Word s (0, 1) of lane
+// (g, t) holds the 16 k step s of the chunk, k0 = 32 c + 16 s + 4 t; nibble at bit 4 r + 16 e is
+//     r = 0: q[16 tile + g,     k0 + e]      r = 1: q[16 tile + g + 8, k0 + e]
+//     r = 2: q[16 tile + g,     k0 + 2 + e]  r = 3: q[16 tile + g + 8, k0 + 2 + e]       (e = 0, 1)
+// so (word >> 4 r) & 0x000F000F holds A register r's two values in its two 16-bit halves (lower k low).
+// Scale layout `sp`: per (tile, group, g) the rows g and g + 8: float4 (s_g, o_g, s_g8, o_g8), or, when every
+// scale and offset of the weight is an fp16 value (GGUF Q4_0 / Q4_1 are; the packer's caller checks), two
+// half2 (s_g, o_g), (s_g8, o_g8) in a uint2: the same values in half the bytes.
+//
+// CTA: kWarps warps on the same 16 output columns interleave 128-k blocks (4 chunks); their fp32 fragments are
+// summed in shared memory in warp order. Split-K over gridDim.y (fp32 partials ws[split, M, N], summed in order
+// by int4_linear::reduce_kernel): deterministic.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "llmkern/cuda/linear_common.cuh"
+#include "llmkern/cuda/sm80.cuh"
+
+namespace llmkern {
+namespace cuda {
+namespace int4_packed {
+
+constexpr int kWarps = 4;
+constexpr int kCols = 16;        // output columns (weight rows) per CTA = rows of a tile
+constexpr int kChunkK = 32;      // k per chunk (one uint2 per lane)
+constexpr int kBlockChunks = 4;  // chunks per block (a warp's unit of work)
+constexpr int kBlockK = kChunkK * kBlockChunks;
+
+// Bytes of the packed weight and scale buffers for an [N, K] weight with groups of G.
+inline int64_t packed_weight_bytes(int N, int K) { return int64_t((N + kCols - 1) / kCols) * kCols * (K / 2); }
+inline int64_t packed_scale_bytes(int N, int K, int G, bool scale16) {
+  return int64_t((N + kCols - 1) / kCols) * (K / G) * 8 * (scale16 ? 8 : 16);
+}
+
+template <typename T>
+struct Args {
+  const T* x;  // [M, K], row stride ldx, 16-byte aligned rows
+  int64_t ldx;
+  int M, N, K;
+  const uint2* qp;   // packed weights (above)
+  const void* sp;    // packed scales: float4 or uint2 per (tile, group, g)
+  int ngroups;
+  int group_shift;    // log2(G / 32): chunk c lies in group c >> group_shift
+  const float* bias;  // [N] fp32 or null (unsplit only)
+  void* out;          // unsplit: T [M, N] row stride ldo; split: fp32 ws [splits, M, N]
+  int64_t ldo;
+  int split_blocks;   // 128-k blocks per split
+};
+
+// 128 + q (bf16) or 1024 + q (fp16) for q in 0..15 is exact: the magic number's exponent makes the
+// mantissa's low bits the integer q.
+template <typename T>
+struct Magic;
+template <>
+struct Magic<__nv_bfloat16> {
+  static constexpr uint32_t kBias = 0x43004300u;  // 128.0, 128.0
+  static constexpr uint32_t kOne = 0x3F803F80u;   // 1.0, 1.0
+};
+template <>
+struct Magic<__half> {
+  static constexpr uint32_t kBias = 0x64006400u;  // 1024.0, 1024.0
+  static constexpr uint32_t kOne = 0x3C003C00u;
+};
+
+// Two nibbles (bits 0..3 and 16..19 of v) -> the packed pair (q_lo, q_hi) in T, exactly.
+template <typename T>
+__device__ __forceinline__ uint32_t nibbles_to_pair(uint32_t v) {
+  const uint32_t biased = lop3_and_or(v, 0x000F000Fu, Magic<T>::kBias);
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const uint32_t bias = Magic<T>::kBias;
+    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&biased),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&bias));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  } else {
+    const uint32_t bias = Magic<T>::kBias;
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&biased), *reinterpret_cast<const __half2*>(&bias));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) mma_bf16(d, a, b0, b1);
+  else mma_f16(d, a, b0, b1);
+}
+
+// (s_g, o_g, s_g8, o_g8) of entry i of the scale buffer.
+template <bool kS16>
+__device__ __forceinline__ float4 load_scales(const void* sp, int64_t i) {
+  if constexpr (kS16) {
+    const uint2 v = __ldg(static_cast<const uint2*>(sp) + i);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&v.x));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&v.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+  } else {
+    return __ldg(static_cast<const float4*>(sp) + i);
+  }
+}
+
+// One lane's operands of one 128-k block.
+template <int MB>
+struct Block {
+  uint2 w[kBlockChunks];
+  float4 sc[kBlockChunks];
+  uint2 x[kBlockChunks][MB][2];  // chunk u, 8-row block mb, step s: x[m = g + 8 mb][32 c + 16 s + 4 t ..+4]
+};
+
+// A lane's read positions, computed once: its packed weights, its scale entries and its x rows.
+template <typename T, int MB>
+struct LanePtrs {
+  const uint2* w;    // + 32 c: chunk c
+  const void* sc;    // entry (tile, group 0, g); + 8 per group
+  const T* x[MB];    // x[m = g + 8 mb][4 t]; + 32 c (null where m >= M)
+};
+
+// Chunks 4 kb .. 4 kb + 3 (kFull) or those of them below nchunks (the last block when K % 128 != 0).
+template <typename T, int MB, bool kS16, bool kFull>
+__device__ __forceinline__ void load_block(const LanePtrs<T, MB>& p, int kb, int nchunks, int group_shift,
+                                           Block<MB>& b) {
+#pragma unroll
+  for (int u = 0; u < kBlockChunks; ++u) {
+    const int c = kb * kBlockChunks + u;
+    if (!kFull && c >= nchunks) {
+      b.w[u] = make_uint2(0, 0);
+      b.sc[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) b.x[u][mb][0] = b.x[u][mb][1] = make_uint2(0, 0);
+      continue;
+    }
+    b.w[u] = __ldg(p.w + c * 32);
+    b.sc[u] = load_scales<kS16>(p.sc, (c >> group_shift) * 8);
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+      b.x[u][mb][0] = b.x[u][mb][1] = make_uint2(0, 0);
+      if (p.x[mb] != nullptr) {
+        b.x[u][mb][0] = __ldg(reinterpret_cast<const uint2*>(p.x[mb] + c * kChunkK));
+        b.x[u][mb][1] = __ldg(reinterpret_cast<const uint2*>(p.x[mb] + c * kChunkK + 16));
+      }
+    }
+  }
+}
+
+template <typename T, int MB, bool kFull>
+__device__ __forceinline__ void mma_block(const Block<MB>& b, int kb, int nchunks, float (&out)[MB][4]) {
+  const uint32_t ones[4] = {Magic<T>::kOne, Magic<T>::kOne, Magic<T>::kOne, Magic<T>::kOne};
+#pragma unroll
+  for (int u = 0; u < kBlockChunks; ++u) {
+    if (!kFull && kb * kBlockChunks + u >= nchunks) break;
+    float acc[MB][4], sx[MB][4];  // sum x q and sum x over this chunk
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mb][e] = sx[mb][e] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const uint32_t word = s == 0 ? b.w[u].x : b.w[u].y;
+      const uint32_t q[4] = {nibbles_to_pair<T>(word), nibbles_to_pair<T>(word >> 4), nibbles_to_pair<T>(word >> 8),
+                             nibbles_to_pair<T>(word >> 12)};
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        mma16<T>(acc[mb], q, b.x[u][mb][s].x, b.x[u][mb][s].y);
+        mma16<T>(sx[mb], ones, b.x[u][mb][s].x, b.x[u][mb][s].y);
+      }
+    }
+    // d0, d1: row g (s_g, o_g); d2, d3: row g + 8 (s_g8, o_g8).
+    const float4 sc = b.sc[u];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+      out[mb][0] = fmaf(sc.x, acc[mb][0], fmaf(sc.y, sx[mb][0], out[mb][0]));
+      out[mb][1] = fmaf(sc.x, acc[mb][1], fmaf(sc.y, sx[mb][1], out[mb][1]));
+      out[mb][2] = fmaf(sc.z, acc[mb][2], fmaf(sc.w, sx[mb][2], out[mb][2]));
+      out[mb][3] = fmaf(sc.z, acc[mb][3], fmaf(sc.w, sx[mb][3], out[mb][3]));
+    }
+  }
+}
+
+// Blocks kb and kb2 (when second): both loaded before either is computed (bytes in flight).
+template <typename T, int MB, bool kS16, bool kFull>
+__device__ __forceinline__ void run_blocks(const LanePtrs<T, MB>& p, int kb, bool second, int nchunks,
+                                           int group_shift, float (&out)[MB][4]) {
+  Block<MB> b0, b1;
+  load_block<T, MB, kS16, kFull>(p, kb, nchunks, group_shift, b0);
+  if (second) load_block<T, MB, kS16, kFull>(p, kb + kWarps, nchunks, group_shift, b1);
+  mma_block<T, MB, kFull>(b0, kb, nchunks, out);
+  if (second) mma_block<T, MB, kFull>(b1, kb + kWarps, nchunks, out);
+}
+
+// Grid (ceil(N / kCols), splits), kWarps * 32 threads. MB = 1 for M <= 8, 2 for M <= 16.
+template <typename T, int MB, bool kS16>
+__global__ void __launch_bounds__(kWarps * 32) packed_kernel(Args<T> a) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int tile = blockIdx.x;
+  const int nchunks = a.K / kChunkK;
+  const int blocks = (nchunks + kBlockChunks - 1) / kBlockChunks;
+  const int kb0 = blockIdx.y * a.split_blocks;
+  const int kb1 = min(blocks, kb0 + a.split_blocks);
+
+  float out[MB][4];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[mb][e] = 0.0f;
+
+  LanePtrs<T, MB> p;
+  p.w = a.qp + int64_t(tile) * nchunks * 32 + lane;
+  p.sc = static_cast<const char*>(a.sp) + (int64_t(tile) * a.ngroups * 8 + g) * (kS16 ? 8 : 16);
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) p.x[mb] = g + 8 * mb < a.M ? a.x + int64_t(g + 8 * mb) * a.ldx + 4 * t : nullptr;
+
+  // Two blocks per iteration; only the last block of the K range can be partial (K % 128 != 0).
+  for (int kb = kb0 + warp; kb < kb1; kb += 2 * kWarps) {
+    const bool second = kb + kWarps < kb1;
+    const int last = second ? kb + kWarps : kb;
+    if ((last + 1) * kBlockChunks <= nchunks) run_blocks<T, MB, kS16, true>(p, kb, second, nchunks, a.group_shift, out);
+    else run_blocks<T, MB, kS16, false>(p, kb, second, nchunks, a.group_shift, out);
+  }
+
+  // Sum the warps' fragments in warp order. red[w][n][m]: d0/d1 -> (n = g, m = 2t / 2t+1), d2/d3 -> n = g + 8.
+  constexpr int kM = 8 * MB;
+  __shared__ float red[kWarps][kCols][kM];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+    red[warp][g][8 * mb + 2 * t] = out[mb][0];
+    red[warp][g][8 * mb + 2 * t + 1] = out[mb][1];
+    red[warp][g + 8][8 * mb + 2 * t] = out[mb][2];
+    red[warp][g + 8][8 * mb + 2 * t + 1] = out[mb][3];
+  }
+  __syncthreads();
+  const bool split = gridDim.y > 1;
+  const int n0 = tile * kCols;
+  for (int i = threadIdx.x; i < kCols * kM; i += kWarps * 32) {
+    const int nl = i / kM, m = i % kM;
+    const int n = n0 + nl;
+    if (m >= a.M || n >= a.N) continue;
+    float v = red[0][nl][m];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) v += red[w][nl][m];
+    if (split) {
+      static_cast<float*>(a.out)[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = v;
+    } else {
+      if (a.bias) v += a.bias[n];
+      static_cast<T*>(a.out)[int64_t(m) * a.ldo + n] = from_f32<T>(v);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ packing (once per weight)
+
+// qp (layout above) from the canonical qweight uint8 [N, K / 2]; one thread per uint2.
+__global__ void __launch_bounds__(256) pack_weights_kernel(const uint8_t* __restrict__ qw, int N, int K,
+                                                           uint2* __restrict__ qp) {
+  const int nchunks = K / kChunkK;
+  const int64_t total = int64_t((N + kCols - 1) / kCols) * nchunks * 32;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int lane = int(i % 32), c = int((i / 32) % nchunks);
+  const int tile = int(i / 32 / nchunks);
+  const int g = lane / 4, t = lane % 4;
+  const int na = tile * kCols + g, nb = na + 8;
+  uint32_t words[2];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int k0 = c * kChunkK + 16 * s + 4 * t;  // nibbles k0 .. k0 + 3 = bytes k0 / 2, k0 / 2 + 1 of a row
+    uint32_t ra = 0, rb = 0;                       // 16 bits: nibble j = q[row, k0 + j]
+    if (na < N) ra = qw[int64_t(na) * (K / 2) + k0 / 2] | (uint32_t(qw[int64_t(na) * (K / 2) + k0 / 2 + 1]) << 8);
+    if (nb < N) rb = qw[int64_t(nb) * (K / 2) + k0 / 2] | (uint32_t(qw[int64_t(nb) * (K / 2) + k0 / 2 + 1]) << 8);
+    const auto nib = [](uint32_t r, int j) { return (r >> (4 * j)) & 0xFu; };
+    words[s] = nib(ra, 0) | (nib(rb, 0) << 4) | (nib(ra, 2) << 8) | (nib(rb, 2) << 12) |  // e = 0
+               (nib(ra, 1) << 16) | (nib(rb, 1) << 20) | (nib(ra, 3) << 24) | (nib(rb, 3) << 28);  // e = 1
+  }
+  qp[i] = make_uint2(words[0], words[1]);
+}
+
+// sp (layout above) from the canonical scales / offsets fp32 [N, ngroups]; one thread per (tile, group, g).
+// scale16: stored as fp16 (the caller has checked that every value is one, so this is exact).
+__global__ void __launch_bounds__(256) pack_scales_kernel(const float* __restrict__ scales,
+                                                          const float* __restrict__ offsets, int N, int ngroups,
+                                                          bool scale16, void* __restrict__ sp) {
+  const int64_t total = int64_t((N + kCols - 1) / kCols) * ngroups * 8;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int g = int(i % 8), grp = int((i / 8) % ngroups);
+  const int tile = int(i / 8 / ngroups);
+  const int na = tile * kCols + g, nb = na + 8;
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  if (na < N) v[0] = scales[int64_t(na) * ngroups + grp], v[1] = offsets[int64_t(na) * ngroups + grp];
+  if (nb < N) v[2] = scales[int64_t(nb) * ngroups + grp], v[3] = offsets[int64_t(nb) * ngroups + grp];
+  if (scale16) {
+    const __half2 a = __floats2half2_rn(v[0], v[1]), b = __floats2half2_rn(v[2], v[3]);
+    static_cast<uint2*>(sp)[i] = make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&b));
+  } else {
+    static_cast<float4*>(sp)[i] = make_float4(v[0], v[1], v[2], v[3]);
+  }
+}
+
+}  // namespace int4_packed
+}  // namespace cuda
+}  // namespace llmkern

@@ -12,9 +12,10 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
   result);
 - llmkern.cpu.step: the W4A16 module's prepared kernel bound once as a KernelCall and run as llmkern's
   decode step program runs it (no Python per layer; `_shapes.step_calls`): the kernel and its launch;
-- llmkern.cuda.module (16-bit x, M <= 16): `llmkern.nn.Int4Linear` on the GPU, its prepared call: the weights
-  repacked once into the tensor-core order of csrc/include/llmkern/cuda/int4_linear_packed.cuh (nbytes counts the
-  packed bytes it streams: K/2 per row, N padded to 16, plus 2 (K/G) E, E = 2 with fp16-valued scales, else 4);
+- llmkern.cuda.module (16-bit x): `llmkern.nn.Int4Linear` on the GPU, its prepared call: the weights repacked
+  once into the tensor-core order of csrc/include/llmkern/cuda/int4_linear_packed.cuh, read by the packed decode
+  kernel (M <= 16) or the packed GEMM (int4_linear_packed_gemm.cuh); nbytes counts the packed bytes: K/2 per
+  row, N padded to 16, plus 2 (K/G) E, E = 2 with fp16-valued scales, else 4;
 - llmkern.cuda.sm90 (compute capability 9.0, 16-bit x, M > 16): the op with the sm_90a wgmma GEMM
   (LLMKERN_CUDA_INT4_WGMMA), off by default until a GPU run has checked it;
 - F.linear: the float layer, weight [N, K] in the activation dtype;
@@ -67,7 +68,7 @@ def _items():
         for dt in S.dtypes():
             for b in S.llmkern_backends(OP, 2.0 * c.M * c.N * c.K, 4.0 * c.N * c.K):
                 items.append((case, dt, f"llmkern.{b}"))
-                if b == "cuda" and dt != "fp32" and c.M <= 16:
+                if b == "cuda" and dt != "fp32":
                     items.append((case, dt, "llmkern.cuda.module"))
                 if b == "cuda" and dt != "fp32" and c.M > 16 and torch.cuda.is_available() and \
                         torch.cuda.get_device_capability() == (9, 0):

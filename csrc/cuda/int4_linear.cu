@@ -11,6 +11,7 @@
 #include "llmkern/cuda/decode_mma.cuh"
 #include "llmkern/cuda/int4_linear.cuh"
 #include "llmkern/cuda/int4_linear_packed.cuh"
+#include "llmkern/cuda/int4_linear_packed_gemm.cuh"
 #include "llmkern/cuda/wdq_gemm.cuh"
 #include "llmkern/cuda/wgmma_int4.cuh"
 #include "sm90_launch.h"
@@ -110,6 +111,20 @@ void launch_packed(const cuda::int4_packed::Args<T>& a, int splits, cudaStream_t
   dim3 grid((a.N + p::kCols - 1) / p::kCols, splits);
   if (a.M <= 8) p::packed_kernel<T, 1, kS16><<<grid, p::kWarps * 32, 0, st>>>(a);
   else p::packed_kernel<T, 2, kS16><<<grid, p::kWarps * 32, 0, st>>>(a);
+}
+
+// The packed GEMM (M > 16): 128-row tiles (8 warps) when they fill the GPU, else 64-row tiles (4 warps).
+template <typename T, bool kS16>
+void launch_packed_gemm(const cuda::int4_packed::GemmArgs<T>& a, int num_sms, cudaStream_t st) {
+  namespace p = cuda::int4_packed;
+  const int64_t tiles_n = (a.N + p::kGemmBN - 1) / p::kGemmBN;
+  const int64_t tiles128 = int64_t((a.M + 127) / 128) * tiles_n;
+  if (tiles128 >= num_sms) {
+    p::packed_gemm_kernel<T, 2, kS16><<<static_cast<unsigned>(tiles128), 2 * p::kGemmWarpsN * 32, 0, st>>>(a);
+  } else {
+    const int64_t tiles = int64_t((a.M + 63) / 64) * tiles_n;
+    p::packed_gemm_kernel<T, 1, kS16><<<static_cast<unsigned>(tiles), p::kGemmWarpsN * 32, 0, st>>>(a);
+  }
 }
 
 }  // namespace
@@ -283,21 +298,39 @@ void int4_linear_pack_cuda(const uint8_t* qw, const float* scales, const float* 
   LLMKERN_CUDA_CHECK_LAUNCH();
 }
 
-// y[M, N] = x[M, K] @ dequant(w)^T (+ bias) for 16-bit x with 1 <= M <= 16, from the packed weight.
-// splits > 1 (int4_linear_packed_splits) needs ws: fp32 [splits, M, N].
+// y[M, N] = x[M, K] @ dequant(w)^T (+ bias) for 16-bit x from the packed weight: the decode kernel for
+// 1 <= M <= 16 (splits > 1, int4_linear_packed_splits, needs ws: fp32 [splits, M, N]), the GEMM for M > 16
+// (splits must be 1).
 const char* int4_linear_packed_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const void* qp,
                                     const void* sp, bool scale16, int N, int group, const float* bias, void* out,
-                                    int64_t ldo, float* ws, int splits, cudaStream_t st) {
+                                    int64_t ldo, float* ws, int splits, int num_sms, cudaStream_t st) {
   namespace p = cuda::int4_packed;
-  require(x_dtype == 1 || x_dtype == 2, "the packed kernel takes x_dtype 1 (bfloat16) or 2 (float16)");
-  require(M >= 0 && M <= 16, "the packed kernel takes 0 <= M <= 16");
-  require(N >= 0 && K > 0 && (group == 32 || group == 64 || group == 128) && K % group == 0,
-          "group must be 32, 64 or 128 and divide K");
+  require(x_dtype == 1 || x_dtype == 2, "the packed kernels take x_dtype 1 (bfloat16) or 2 (float16)");
+  require(M >= 0 && N >= 0 && K > 0 && (group == 32 || group == 64 || group == 128) && K % group == 0,
+          "need M >= 0, N >= 0 and a group of 32, 64 or 128 dividing K");
   require(splits >= 1 && splits <= kMaxSplits, "splits must be in [1, 16]");
   if (M == 0 || N == 0) return "empty";
   require(aligned16(x) && (ldx * 2) % 16 == 0, "x rows must be 16-byte aligned");
   require(aligned16(qp) && aligned16(sp), "packed buffers must be 16-byte aligned");
   require(ldo >= N, "ldo must be >= N");
+  const int gshift = group == 32 ? 0 : group == 64 ? 1 : 2;
+  if (M > kInt4GemvMaxM) {
+    require(splits == 1, "the packed GEMM (M > 16) takes splits == 1");
+    require(int64_t((M + 63) / 64) * ((N + p::kGemmBN - 1) / p::kGemmBN) < (int64_t(1) << 31), "too many output tiles");
+    if (x_dtype == 1) {
+      p::GemmArgs<__nv_bfloat16> a{static_cast<const __nv_bfloat16*>(x), ldx, M, N, K, static_cast<const uint2*>(qp),
+                                   sp, K / group, gshift, bias, static_cast<__nv_bfloat16*>(out), ldo};
+      if (scale16) launch_packed_gemm<__nv_bfloat16, true>(a, num_sms, st);
+      else launch_packed_gemm<__nv_bfloat16, false>(a, num_sms, st);
+    } else {
+      p::GemmArgs<__half> a{static_cast<const __half*>(x), ldx, M, N, K, static_cast<const uint2*>(qp), sp,
+                            K / group, gshift, bias, static_cast<__half*>(out), ldo};
+      if (scale16) launch_packed_gemm<__half, true>(a, num_sms, st);
+      else launch_packed_gemm<__half, false>(a, num_sms, st);
+    }
+    LLMKERN_CUDA_CHECK_LAUNCH();
+    return "packed_gemm";
+  }
   require(splits == 1 || ws != nullptr, "splits > 1 needs the fp32 workspace");
   const int blocks = (K / p::kChunkK + p::kBlockChunks - 1) / p::kBlockChunks;
   const int per = (blocks + splits - 1) / splits;
@@ -305,12 +338,12 @@ const char* int4_linear_packed_cuda(const void* x, int x_dtype, int64_t ldx, int
   void* dst = splits > 1 ? static_cast<void*>(ws) : out;
   if (x_dtype == 1) {
     p::Args<__nv_bfloat16> a{static_cast<const __nv_bfloat16*>(x), ldx, M, N, K, static_cast<const uint2*>(qp), sp,
-                             K / group, group == 32 ? 0 : group == 64 ? 1 : 2, bias, dst, ldo, per};
+                             K / group, gshift, bias, dst, ldo, per};
     if (scale16) launch_packed<__nv_bfloat16, true>(a, splits, st);
     else launch_packed<__nv_bfloat16, false>(a, splits, st);
   } else {
     p::Args<__half> a{static_cast<const __half*>(x), ldx, M, N, K, static_cast<const uint2*>(qp), sp,
-                      K / group, group == 32 ? 0 : group == 64 ? 1 : 2, bias, dst, ldo, per};
+                      K / group, gshift, bias, dst, ldo, per};
     if (scale16) launch_packed<__half, true>(a, splits, st);
     else launch_packed<__half, false>(a, splits, st);
   }

@@ -23,7 +23,7 @@ void int4_linear_pack_cuda(const uint8_t* qw, const float* scales, const float* 
                            void* qp, void* sp, bool scale16, cudaStream_t st);
 const char* int4_linear_packed_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const void* qp,
                                     const void* sp, bool scale16, int N, int group, const float* bias, void* out,
-                                    int64_t ldo, float* ws, int splits, cudaStream_t st);
+                                    int64_t ldo, float* ws, int splits, int num_sms, cudaStream_t st);
 
 namespace {
 
@@ -124,7 +124,7 @@ void bind_int4_linear(py::module_& m) {
       "int4_linear_packed",
       [](std::uintptr_t x, int x_dtype, int64_t ldx, int64_t M, int64_t K, std::uintptr_t qp, std::uintptr_t sp,
          bool scale16, int64_t N, int64_t group, std::uintptr_t bias, std::uintptr_t out, int64_t ldo, std::uintptr_t ws,
-         int splits, std::uintptr_t stream) {
+         int splits, int num_sms, std::uintptr_t stream) {
         check_dims("llmkern._C_cuda.int4_linear_packed", M, N, K);
         if (M > 0 && N > 0 && (x == 0 || qp == 0 || sp == 0 || out == 0))
           throw py::value_error("llmkern._C_cuda.int4_linear_packed: null pointer among x, qp, sp, out");
@@ -132,14 +132,15 @@ void bind_int4_linear(py::module_& m) {
         return std::string(int4_linear_packed_cuda(
             reinterpret_cast<const void*>(x), x_dtype, ldx, int(M), int(K), reinterpret_cast<const void*>(qp),
             reinterpret_cast<const void*>(sp), scale16, int(N), int(group), reinterpret_cast<const float*>(bias),
-            reinterpret_cast<void*>(out), ldo, reinterpret_cast<float*>(ws), splits,
+            reinterpret_cast<void*>(out), ldo, reinterpret_cast<float*>(ws), splits, num_sms,
             reinterpret_cast<cudaStream_t>(stream)));
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("M"), py::arg("K"), py::arg("qp"), py::arg("sp"),
       py::arg("scale16"), py::arg("N"), py::arg("group"), py::arg("bias"), py::arg("out"), py::arg("ldo"),
-      py::arg("ws"), py::arg("splits"), py::arg("stream"),
+      py::arg("ws"), py::arg("splits"), py::arg("num_sms"), py::arg("stream"),
       "out[M, N] = x[M, K] @ dequant(w)^T (+ fp32 bias) from the packed layout; 16-bit x (x_dtype 1 bfloat16, "
-      "2 float16), 1 <= M <= 16. Returns the kernel path taken.");
+      "2 float16): the decode kernel for M <= 16 (split-K with splits > 1), the GEMM for M > 16 (splits 1). "
+      "Returns the kernel path taken.");
 }
 
 }  // namespace llmkern

@@ -383,11 +383,11 @@ def _cuda(x, qweight, scales, offsets, bias, mode):
 
 
 # True: a module's prepared CUDA call (Int4Linear on a GPU, `_cuda_prepare`) repacks the weight once into the
-# tensor-core order of csrc/include/llmkern/cuda/int4_linear_packed.cuh and runs 16-bit x with 1 <= M <= 16 on
-# the packed kernel (the rest keeps `_cuda` on the canonical tensors). LLMKERN_CUDA_INT4_PACKED=0 turns it off
-# (read at import): the packed copy adds ~K/2 + 2..4 K/G bytes per output row of GPU memory.
+# tensor-core order of csrc/include/llmkern/cuda/int4_linear_packed.cuh and runs 16-bit x on the packed kernels
+# (M <= 16: the decode kernel, split over K when N is small; M > 16: int4_linear_packed_gemm.cuh); fp32 x keeps
+# `_cuda` on the canonical tensors. LLMKERN_CUDA_INT4_PACKED=0 turns it off (read at import): the packed copy
+# adds ~K/2 + 2..4 K/G bytes per output row of GPU memory.
 CUDA_INT4_PACKED = os.environ.get("LLMKERN_CUDA_INT4_PACKED", "") != "0"
-_CUDA_PACKED_MAX_M = 16
 
 
 def _cuda_pack(mod, qweight, scales, offsets, N, K, G, stream):
@@ -404,8 +404,9 @@ def _cuda_pack(mod, qweight, scales, offsets, N, K, G, stream):
     return qp, sp, scale16
 
 
-def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits):
-    """run(x) of the packed kernel for 16-bit x [..., K] with 1 <= M <= 16 rows (the caller checks)."""
+def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms):
+    """run(x, M) of the packed kernels for 16-bit x [..., K] with M >= 1 rows (the caller checks); `splits`
+    (int4_linear_packed_splits) applies to M <= 16."""
     bias_ptr = 0 if bias32 is None else bias32.data_ptr()
     qp_ptr, sp_ptr = qp.data_ptr(), sp.data_ptr()
 
@@ -414,10 +415,11 @@ def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits):
         with _cuda_device(x.device):
             stream = torch.cuda.current_stream().cuda_stream
             out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-            ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
+            sp_ = splits if M <= _CUDA_GEMV_MAX_M else 1
+            ws = torch.empty((sp_, M, N), dtype=torch.float32, device=x.device) if sp_ > 1 else None
             mod.int4_linear_packed(x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qp_ptr,
                                    sp_ptr, scale16, N, G, bias_ptr, out.data_ptr(), N,
-                                   0 if ws is None else ws.data_ptr(), splits, stream)
+                                   0 if ws is None else ws.data_ptr(), sp_, sms, stream)
         return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
     return run
@@ -426,8 +428,9 @@ def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits):
 @int4_linear_op.preparer("cuda")
 def _cuda_prepare(qweight, scales, offsets, bias, mode):
     """The cuda preparer (Int4Linear's prepared call on a GPU): with CUDA_INT4_PACKED the weight is repacked
-    once (`_cuda_pack`) and bf16 / fp16 activations of 1 to 16 rows run the packed tensor-core kernel; every
-    other activation (fp32, more rows) runs `_cuda` on the canonical tensors, which the module holds anyway.
+    once (`_cuda_pack`) and bf16 / fp16 activations run the packed tensor-core kernels (1 to 16 rows: the
+    decode kernel; more: the packed GEMM); fp32 activations run `_cuda` on the canonical tensors, which the
+    module holds anyway (they are also what state_dict saves).
     Not while a CUDA graph is being captured (the packing kernels would only run at replay): the module then
     keeps calling the op, and prepares at its next call after a buffer change."""
     if qweight.device.type != "cuda":
@@ -451,13 +454,14 @@ def _cuda_prepare(qweight, scales, offsets, bias, mode):
     with _cuda_device(qweight.device):
         qp, sp, scale16 = _cuda_pack(mod, qweight, scales, offsets, N, K, G,
                                      torch.cuda.current_stream().cuda_stream)
-        splits = mod.int4_linear_packed_splits(N, K, _num_sms(qweight.device))
+        sms = _num_sms(qweight.device)
+        splits = mod.int4_linear_packed_splits(N, K, sms)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    packed = _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits)
+    packed = _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms)
 
     def run(x):
         M = math.prod(x.shape[:-1])
-        if x.dtype == torch.float32 or not 1 <= M <= _CUDA_PACKED_MAX_M:
+        if x.dtype == torch.float32 or M == 0:
             return canonical(x)
         return packed(x, M)
 

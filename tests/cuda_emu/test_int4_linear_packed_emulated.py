@@ -80,14 +80,14 @@ def pack(emu, qw, s, o, G, scale16):
     return qp, sp
 
 
-def run_packed(emu, x, qp, sp, scale16, N, G, bias, splits, ldx=None):
+def run_packed(emu, x, qp, sp, scale16, N, G, bias, splits, ldx=None, num_sms=132):
     M, K = x.shape
     out = poison_empty((M, N), dtype=x.dtype)
     ws = poison_empty((splits, M, N), dtype=torch.float32) if splits > 1 else None
     b32 = None if bias is None else bias.float().contiguous()
     path = emu.int4_linear_packed(x.data_ptr(), CODE[x.dtype], ldx or K, M, K, qp.data_ptr(), sp.data_ptr(), scale16,
                                   N, G, 0 if b32 is None else b32.data_ptr(), out.data_ptr(), N,
-                                  0 if ws is None else ws.data_ptr(), splits, 0)
+                                  0 if ws is None else ws.data_ptr(), splits, num_sms, 0)
     return out, path
 
 
@@ -126,7 +126,8 @@ def test_pack_layout(emu, G, scale16):
 @pytest.mark.parametrize("G", [32, 64, 128])
 def test_packed_kernel(emu, dtype, G, scale16):
     """M 1..16 (one and two 8-row blocks), N tails, K = 128 blocks plus tails of 0 / 1 / 2 / 3 chunks, bias."""
-    for M, N, K in ((1, 33, 256), (2, 17, 160), (8, 16, 224), (9, 40, 384), (16, 21, 480), (5, 1, 128)):
+    for M, N, K in ((1, 33, 256), (2, 17, 160), (8, 16, 224), (9, 40, 384), (16, 21, 480), (5, 1, 128),
+                    (3, 20, 192), (7, 24, 320)):
         if K % G:
             continue
         x, qw, s, o, b = make(M, N, K, G, dtype, M * 1000 + N + K + G, bias=M % 2 == 1, scale16=scale16)
@@ -159,19 +160,39 @@ def test_packed_splitk_and_strided_rows(emu, dtype):
     check(out, x, qw, s, o, None, "strided rows")
 
 
+@pytest.mark.parametrize("scale16", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_packed_gemm(emu, lin, dtype, G, scale16):
+    """M > 16 on the packed GEMM: 64-row tiles (4 warps) and, when the 128-row tiles fill the SMs (num_sms 1),
+    128-row tiles (8 warps); M / N tails (N past the 16-row weight tiles and the 128-row CTA tile), K through
+    the 4-stage x ring and the 4-chunk weight prefetch (K / 32 = 3, 12, 13, 20 chunks); bias. The dequantized weights
+    are the canonical GEMM's (wdq_gemm.cuh, fp32 q * s + o rounded once) and the mma steps cover the same 16 k:
+    on the emulator (exact sums per mma) the results are bit for bit the canonical GEMM's."""
+    for M, N, K, sms in ((17, 33, 96, 132), (64, 130, 384, 132), (100, 257, 416, 1), (130, 20, 640, 1)):
+        if K % G:
+            continue
+        x, qw, s, o, b = make(M, N, K, G, dtype, M + N + K + G, bias=M % 2 == 0, scale16=scale16)
+        qp, sp = pack(emu, qw, s, o, G, scale16)
+        out, path = run_packed(emu, x, qp, sp, scale16, N, G, b, 1, num_sms=sms)
+        assert path == "packed_gemm"
+        check(out, x, qw, s, o, b, f"M={M} N={N} K={K}", tight=False)
+        assert torch.equal(out, lin(x, qw, s, o, b, "w4a16", num_sms=sms)) and lin.path == "mma", (M, N, K)
+
+
 def test_packed_bad_arguments(emu):
     """The launcher refuses what the kernel cannot take, with the argument named."""
     x, qw, s, o, _ = make(2, 16, 128, 32, torch.bfloat16, 3)
     qp, sp = pack(emu, qw, s, o, 32, False)
     with pytest.raises(ValueError, match="x_dtype"):
         emu.int4_linear_packed(x.data_ptr(), 0, 128, 2, 128, qp.data_ptr(), sp.data_ptr(), False, 16, 32, 0,
-                               x.data_ptr(), 16, 0, 1, 0)
-    with pytest.raises(ValueError, match="M <= 16"):
+                               x.data_ptr(), 16, 0, 1, 132, 0)
+    with pytest.raises(ValueError, match="splits == 1"):
         emu.int4_linear_packed(x.data_ptr(), 1, 128, 17, 128, qp.data_ptr(), sp.data_ptr(), False, 16, 32, 0,
-                               x.data_ptr(), 16, 0, 1, 0)
+                               x.data_ptr(), 16, x.data_ptr(), 2, 132, 0)
     with pytest.raises(ValueError, match="empty split"):
         emu.int4_linear_packed(x.data_ptr(), 1, 128, 2, 128, qp.data_ptr(), sp.data_ptr(), False, 16, 32, 0,
-                               x.data_ptr(), 16, x.data_ptr(), 2, 0)
+                               x.data_ptr(), 16, x.data_ptr(), 2, 132, 0)
     with pytest.raises(ValueError, match="group"):
         emu.int4_linear_packed_bytes(16, 96, 64, False)
 
@@ -185,13 +206,15 @@ def test_preparer_routes(lin):
     run = lin.prepare(qw, s, o, b, "w4a16")
     assert run.packed[2] is False
     for shape, dtype, path in (((1, K), torch.bfloat16, "packed"), ((2, 3, K), torch.float16, "packed"),
-                               ((16, K), torch.bfloat16, "packed"), ((17, K), torch.bfloat16, "mma"),
+                               ((16, K), torch.bfloat16, "packed"), ((17, K), torch.bfloat16, "packed_gemm"),
                                ((3, K), torch.float32, "gemv")):
         x = torch.randn(shape).to(dtype)
         out = run(x)
         assert lin.path == path, (shape, dtype, lin.path)
         assert out.shape == shape[:-1] + (N,) and out.dtype == dtype
         check(out.reshape(-1, N), x.reshape(-1, K), qw, s, o, b, f"{shape} {dtype}", tight=path == "packed")
+        if path == "packed_gemm":  # the same 16-bit weights and mma steps as the canonical GEMM: same bits here
+            assert torch.equal(out, lin(x, qw, s, o, b, "w4a16")) and lin.path == "mma"
     _, qw16, s16, o16, _ = make(1, N, K, G, torch.bfloat16, 6, scale16=True)
     assert lin.prepare(qw16, s16, o16, None, "w4a16").packed[2] is True
     from llmkern.ops._registry import BackendUnsupported

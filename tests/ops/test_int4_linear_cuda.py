@@ -329,17 +329,25 @@ def check_tight(out, x, qw, s, o, bias, what):
     assert worst <= 1.0, f"{what}: {worst:.3g} x the bound away from the exact result"
 
 
-@pytest.mark.parametrize("M", [1, 2, 8, 9, 16])
+@pytest.mark.parametrize("M", [1, 2, 8, 9, 16, 64, 1024])
 @pytest.mark.parametrize("NK", LLAMA, ids=[f"{n}x{k}" for n, k in LLAMA])
 @pytest.mark.parametrize("G", [32, 128])
 def test_packed_llama_shapes(G, NK, M):
+    """The decode kernel (M <= 16: exact products, tight) and the packed GEMM (M 64 / 1024: 128-row tiles
+    at 1024, weights rounded to bf16 as the canonical GEMM rounds them; compared with that GEMM too)."""
     N, K = NK
     g = gen(7 * M + N + K + G)
     qw, s, o = make_weights(N, K, G, g)
     run = prepared(qw, s, o, None)
     assert run.impl.packed[2] is False
     x = torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16)
-    check_tight(run(x), x, qw, s, o, None, f"packed M={M} N={N} K={K} G={G}")
+    out = run(x)
+    if M <= 16:
+        check_tight(out, x, qw, s, o, None, f"packed M={M} N={N} K={K} G={G}")
+    else:
+        check(out, x, qw, s, o, None, f"packed GEMM M={M} N={N} K={K} G={G}")
+        ref = run_cuda(x, qw, s, o, None)  # the canonical GEMM: the same 16-bit weights, other sum order
+        assert rel_err(out, ref.double()) <= 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -347,7 +355,7 @@ def test_packed_llama_shapes(G, NK, M):
 @pytest.mark.parametrize("scale16", [False, True])
 def test_packed_odd_shapes(dtype, G, scale16):
     """N / K tails (K % 128 of 32 / 64 / 96), split-K and not, bias, [B, S, K] input, fp16-exact scales stored as
-    fp16; 17 rows and fp32 x take the canonical kernels through the same run."""
+    fp16; 17 rows take the packed GEMM and fp32 x the canonical kernels through the same run."""
     for M, N, K in ((1, 33, 2080), (3, 257, 8192), (16, 1000, 576), (5, 1, 4224), (12, 48, 160)):
         if K % G:
             continue
@@ -363,7 +371,7 @@ def test_packed_odd_shapes(dtype, G, scale16):
         x3 = torch.randn(2, 8, K, generator=g, device=DEV).to(dtype)[:, ::2]  # [2, 4, K] strided
         check_tight(run(x3), x3, qw, s, o, bias, f"[2, 4, K] N={N} K={K}")
         for x in (torch.randn(17, K, generator=g, device=DEV).to(dtype), torch.randn(3, K, generator=g, device=DEV)):
-            check(run(x), x, qw, s, o, bias, f"canonical {tuple(x.shape)} {x.dtype}")
+            check(run(x), x, qw, s, o, bias, f"packed GEMM / canonical fp32 {tuple(x.shape)} {x.dtype}")
 
 
 def test_packed_module_graph_and_nan():

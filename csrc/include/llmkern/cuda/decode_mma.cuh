@@ -57,17 +57,6 @@ struct Args {
   int split_blocks;      // 64-k blocks per split
 };
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-}
-
 // Byte kB (0..3) of word w -> the packed pair (dequant(low nibble), dequant(high nibble)) in T.
 template <typename T, int kB>
 __device__ __forceinline__ uint32_t dq_pair(uint32_t lo, uint32_t hi, float s, float o) {

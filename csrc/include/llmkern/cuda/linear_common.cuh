@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace llmkern {
 namespace cuda {
@@ -82,6 +83,19 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <>
 __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// Two fp32 -> one 32-bit word of two 16-bit values of T (a at the lower address), rounded to nearest even
+// (the A / B register of a 16-bit mma.sync fragment).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
 
 // ------------------------------------------------------------------ small integer -> fp32, exactly
 // u in 0..255 -> float(u): the bit pattern 0x4B0000uu is 2^23 + u; subtracting 2^23 is exact. One

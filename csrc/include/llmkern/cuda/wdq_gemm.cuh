@@ -46,18 +46,6 @@ struct Args {
   int64_t ldo;
 };
 
-// Two fp32 -> one 32-bit word of two 16-bit values (a at the lower address), rounded to nearest even.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-}
-
 // The raw bytes of one weight piece (16 consecutive k of one row) and its group's scale / offset.
 template <int kFmt>
 struct Piece {

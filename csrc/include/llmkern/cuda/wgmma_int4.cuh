@@ -80,7 +80,7 @@ __device__ __forceinline__ void dequant32(const uint4& raw, float s, float o, ui
 #pragma unroll
     for (int j = 0; j < 8; ++j) f[j] = __fadd_rn(__fmul_rn(f[j], s), o);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[4 * i + j] = wdq::pack2<T>(f[2 * j], f[2 * j + 1]);
+    for (int j = 0; j < 4; ++j) out[4 * i + j] = pack2<T>(f[2 * j], f[2 * j + 1]);
   }
 }
 

@@ -105,12 +105,19 @@ void launch_decode_mma(const k4::GemvArgs& g, int splits, int split_blocks, cuda
   else d::decode_mma_kernel<T, 2, d::kInt4><<<grid, d::kWarps * 32, 0, st>>>(a);
 }
 
-template <typename T, bool kS16>
-void launch_packed(const cuda::int4_packed::Args<T>& a, int splits, cudaStream_t st) {
+template <typename T, bool kS16, int kCPG>
+void launch_packed_g(const cuda::int4_packed::Args<T>& a, int splits, cudaStream_t st) {
   namespace p = cuda::int4_packed;
   dim3 grid((a.N + p::kCols - 1) / p::kCols, splits);
-  if (a.M <= 8) p::packed_kernel<T, 1, kS16><<<grid, p::kWarps * 32, 0, st>>>(a);
-  else p::packed_kernel<T, 2, kS16><<<grid, p::kWarps * 32, 0, st>>>(a);
+  if (a.M <= 8) p::packed_kernel<T, 1, kS16, kCPG><<<grid, p::kWarps * 32, 0, st>>>(a);
+  else p::packed_kernel<T, 2, kS16, kCPG><<<grid, p::kWarps * 32, 0, st>>>(a);
+}
+
+template <typename T, bool kS16>
+void launch_packed(const cuda::int4_packed::Args<T>& a, int group, int splits, cudaStream_t st) {
+  if (group == 32) launch_packed_g<T, kS16, 1>(a, splits, st);
+  else if (group == 64) launch_packed_g<T, kS16, 2>(a, splits, st);
+  else launch_packed_g<T, kS16, 4>(a, splits, st);
 }
 
 // The packed GEMM (M > 16): 128-row tiles (8 warps) when they fill the GPU, else 64-row tiles (4 warps).
@@ -338,14 +345,14 @@ const char* int4_linear_packed_cuda(const void* x, int x_dtype, int64_t ldx, int
   void* dst = splits > 1 ? static_cast<void*>(ws) : out;
   if (x_dtype == 1) {
     p::Args<__nv_bfloat16> a{static_cast<const __nv_bfloat16*>(x), ldx, M, N, K, static_cast<const uint2*>(qp), sp,
-                             K / group, gshift, bias, dst, ldo, per};
-    if (scale16) launch_packed<__nv_bfloat16, true>(a, splits, st);
-    else launch_packed<__nv_bfloat16, false>(a, splits, st);
+                             K / group, bias, dst, ldo, per};
+    if (scale16) launch_packed<__nv_bfloat16, true>(a, group, splits, st);
+    else launch_packed<__nv_bfloat16, false>(a, group, splits, st);
   } else {
     p::Args<__half> a{static_cast<const __half*>(x), ldx, M, N, K, static_cast<const uint2*>(qp), sp,
-                      K / group, gshift, bias, dst, ldo, per};
-    if (scale16) launch_packed<__half, true>(a, splits, st);
-    else launch_packed<__half, false>(a, splits, st);
+                      K / group, bias, dst, ldo, per};
+    if (scale16) launch_packed<__half, true>(a, group, splits, st);
+    else launch_packed<__half, false>(a, group, splits, st);
   }
   LLMKERN_CUDA_CHECK_LAUNCH();
   if (splits == 1) return "packed";

@@ -66,8 +66,7 @@ struct Args {
   int M, N, K;
   const uint2* qp;   // packed weights (above)
   const void* sp;    // packed scales: float4 or uint2 per (tile, group, g)
-  int ngroups;
-  int group_shift;    // log2(G / 32): chunk c lies in group c >> group_shift
+  int ngroups;        // K / G (G = 32 kCPG, a template parameter of the kernel)
   const float* bias;  // [N] fp32 or null (unsplit only)
   void* out;          // unsplit: T [M, N] row stride ldo; split: fp32 ws [splits, M, N]
   int64_t ldo;
@@ -124,11 +123,11 @@ __device__ __forceinline__ float4 load_scales(const void* sp, int64_t i) {
   }
 }
 
-// One lane's operands of one 128-k block.
-template <int MB>
+// One lane's operands of one 128-k block; kCPG = G / 32 chunks per group (1, 2, 4: a block holds whole groups).
+template <int MB, int kCPG>
 struct Block {
   uint2 w[kBlockChunks];
-  float4 sc[kBlockChunks];
+  float4 sc[kBlockChunks / kCPG];  // per group of the block
   uint2 x[kBlockChunks][MB][2];  // chunk u, 8-row block mb, step s: x[m = g + 8 mb][32 c + 16 s + 4 t ..+4]
 };
 
@@ -141,21 +140,20 @@ struct LanePtrs {
 };
 
 // Chunks 4 kb .. 4 kb + 3 (kFull) or those of them below nchunks (the last block when K % 128 != 0).
-template <typename T, int MB, bool kS16, bool kFull>
-__device__ __forceinline__ void load_block(const LanePtrs<T, MB>& p, int kb, int nchunks, int group_shift,
-                                           Block<MB>& b) {
+template <typename T, int MB, bool kS16, bool kFull, int kCPG>
+__device__ __forceinline__ void load_block(const LanePtrs<T, MB>& p, int kb, int nchunks, Block<MB, kCPG>& b) {
 #pragma unroll
   for (int u = 0; u < kBlockChunks; ++u) {
     const int c = kb * kBlockChunks + u;
-    if (!kFull && c >= nchunks) {
+    if (!kFull && c >= nchunks) {  // (K % G == 0: whole groups are skipped)
       b.w[u] = make_uint2(0, 0);
-      b.sc[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (u % kCPG == 0) b.sc[u / kCPG] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) b.x[u][mb][0] = b.x[u][mb][1] = make_uint2(0, 0);
       continue;
     }
     b.w[u] = __ldg(p.w + c * 32);
-    b.sc[u] = load_scales<kS16>(p.sc, (c >> group_shift) * 8);
+    if (u % kCPG == 0) b.sc[u / kCPG] = load_scales<kS16>(p.sc, (c / kCPG) * 8);
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
       b.x[u][mb][0] = b.x[u][mb][1] = make_uint2(0, 0);
@@ -167,17 +165,19 @@ __device__ __forceinline__ void load_block(const LanePtrs<T, MB>& p, int kb, int
   }
 }
 
-template <typename T, int MB, bool kFull>
-__device__ __forceinline__ void mma_block(const Block<MB>& b, int kb, int nchunks, float (&out)[MB][4]) {
+template <typename T, int MB, bool kFull, int kCPG>
+__device__ __forceinline__ void mma_block(const Block<MB, kCPG>& b, int kb, int nchunks, float (&out)[MB][4]) {
   const uint32_t ones[4] = {Magic<T>::kOne, Magic<T>::kOne, Magic<T>::kOne, Magic<T>::kOne};
+  float acc[MB][4], sx[MB][4];  // sum x q and sum x over the current group
 #pragma unroll
   for (int u = 0; u < kBlockChunks; ++u) {
-    if (!kFull && kb * kBlockChunks + u >= nchunks) break;
-    float acc[MB][4], sx[MB][4];  // sum x q and sum x over this chunk
+    if (!kFull && kb * kBlockChunks + u >= nchunks) break;  // (at a group boundary: K % G == 0)
+    if (u % kCPG == 0) {
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
+      for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mb][e] = sx[mb][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) acc[mb][e] = sx[mb][e] = 0.0f;
+    }
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       const uint32_t word = s == 0 ? b.w[u].x : b.w[u].y;
@@ -189,8 +189,9 @@ __device__ __forceinline__ void mma_block(const Block<MB>& b, int kb, int nchunk
         mma16<T>(sx[mb], ones, b.x[u][mb][s].x, b.x[u][mb][s].y);
       }
     }
-    // d0, d1: row g (s_g, o_g); d2, d3: row g + 8 (s_g8, o_g8).
-    const float4 sc = b.sc[u];
+    if (u % kCPG != kCPG - 1) continue;  // the group goes on in the next chunk
+    // End of a group. d0, d1: row g (s_g, o_g); d2, d3: row g + 8 (s_g8, o_g8).
+    const float4 sc = b.sc[u / kCPG];
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
       out[mb][0] = fmaf(sc.x, acc[mb][0], fmaf(sc.y, sx[mb][0], out[mb][0]));
@@ -202,18 +203,18 @@ __device__ __forceinline__ void mma_block(const Block<MB>& b, int kb, int nchunk
 }
 
 // Blocks kb and kb2 (when second): both loaded before either is computed (bytes in flight).
-template <typename T, int MB, bool kS16, bool kFull>
+template <typename T, int MB, bool kS16, bool kFull, int kCPG>
 __device__ __forceinline__ void run_blocks(const LanePtrs<T, MB>& p, int kb, bool second, int nchunks,
-                                           int group_shift, float (&out)[MB][4]) {
-  Block<MB> b0, b1;
-  load_block<T, MB, kS16, kFull>(p, kb, nchunks, group_shift, b0);
-  if (second) load_block<T, MB, kS16, kFull>(p, kb + kWarps, nchunks, group_shift, b1);
-  mma_block<T, MB, kFull>(b0, kb, nchunks, out);
-  if (second) mma_block<T, MB, kFull>(b1, kb + kWarps, nchunks, out);
+                                           float (&out)[MB][4]) {
+  Block<MB, kCPG> b0, b1;
+  load_block<T, MB, kS16, kFull, kCPG>(p, kb, nchunks, b0);
+  if (second) load_block<T, MB, kS16, kFull, kCPG>(p, kb + kWarps, nchunks, b1);
+  mma_block<T, MB, kFull, kCPG>(b0, kb, nchunks, out);
+  if (second) mma_block<T, MB, kFull, kCPG>(b1, kb + kWarps, nchunks, out);
 }
 
-// Grid (ceil(N / kCols), splits), kWarps * 32 threads. MB = 1 for M <= 8, 2 for M <= 16.
-template <typename T, int MB, bool kS16>
+// Grid (ceil(N / kCols), splits), kWarps * 32 threads. MB = 1 for M <= 8, 2 for M <= 16; kCPG = G / 32.
+template <typename T, int MB, bool kS16, int kCPG>
 __global__ void __launch_bounds__(kWarps * 32) packed_kernel(Args<T> a) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
@@ -239,8 +240,8 @@ __global__ void __launch_bounds__(kWarps * 32) packed_kernel(Args<T> a) {
   for (int kb = kb0 + warp; kb < kb1; kb += 2 * kWarps) {
     const bool second = kb + kWarps < kb1;
     const int last = second ? kb + kWarps : kb;
-    if ((last + 1) * kBlockChunks <= nchunks) run_blocks<T, MB, kS16, true>(p, kb, second, nchunks, a.group_shift, out);
-    else run_blocks<T, MB, kS16, false>(p, kb, second, nchunks, a.group_shift, out);
+    if ((last + 1) * kBlockChunks <= nchunks) run_blocks<T, MB, kS16, true, kCPG>(p, kb, second, nchunks, out);
+    else run_blocks<T, MB, kS16, false, kCPG>(p, kb, second, nchunks, out);
   }
 
   // Sum the warps' fragments in warp order. red[w][n][m]: d0/d1 -> (n = g, m = 2t / 2t+1), d2/d3 -> n = g + 8.

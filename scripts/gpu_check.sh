@@ -8,7 +8,8 @@
 #   ptxas.txt       ptxas' resource report of every CUDA kernel (registers, spills, shared memory)
 #   tests_cuda.xml  junit of stage 1: the CUDA kernels' own tests (tests/ops/*_cuda.py), build, registry
 #   tests_sm90_<op>.xml  junit of stage 1b (H100/H200 only), one per opt-in sm_90a kernel (3 files)
-#   tests_gpu.xml   junit of stage 2: the generic op/module tests for the GPU backends (cuda, triton)
+#   tests_gpu.xml   junit of stage 2: the generic op/module tests for the GPU backends (cuda, triton) and the
+#                   Llama runtime on the GPU (tests/models/test_cuda_generate.py)
 #   bench.json      the GPU benchmarks without raw per-round timings (report.py --compact)
 #   bench_report.md, bench_report.png   the report table and plot
 # Usage: bash scripts/gpu_check.sh OUTDIR [extra pytest -k filter]
@@ -66,7 +67,7 @@ if [ "$CAP" = "90a" ]; then
 fi
 
 step "tests 2/2: generic op and module tests, GPU backends only"
-limit 100 python -m pytest -q -p no:cacheprovider tests/ops tests/nn --ignore-glob='*_cpu.py' \
+limit 100 python -m pytest -q -p no:cacheprovider tests/ops tests/nn tests/models/test_cuda_generate.py --ignore-glob='*_cpu.py' \
   --ignore-glob='*_cuda.py' -k "${FILTER:+($FILTER) and }(cuda or triton)" --junitxml="$OUT/tests_gpu.xml" 2>&1 | tail -25
 
 step "GPU benchmarks"

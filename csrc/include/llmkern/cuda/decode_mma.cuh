@@ -193,33 +193,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_mma_kernel(Args<T> a) {
     if (second) mma_block<T, MB, kFmt>(b1, c);
   }
 
-  // Sum the warps' fragments in warp order. red[w][n][m]: c0/c1 -> (n = g, m = 2t / 2t+1), c2/c3 -> n = g + 8.
-  constexpr int kM = 8 * MB;
-  __shared__ float red[kWarps][kCols][kM];
-#pragma unroll
-  for (int mb = 0; mb < MB; ++mb) {
-    red[warp][g][8 * mb + 2 * t] = c[mb][0];
-    red[warp][g][8 * mb + 2 * t + 1] = c[mb][1];
-    red[warp][g + 8][8 * mb + 2 * t] = c[mb][2];
-    red[warp][g + 8][8 * mb + 2 * t + 1] = c[mb][3];
-  }
-  __syncthreads();
-  const bool split = gridDim.y > 1;
-  for (int i = threadIdx.x; i < kCols * kM; i += kWarps * 32) {
-    const int nl = i / kM, m = i % kM;
-    const int n = n0 + nl;
-    if (m >= a.M || n >= a.N) continue;
-    float v = red[0][nl][m];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) v += red[w][nl][m];
-    if constexpr (kFmt == kInt8Channel) v *= __ldg(a.scales + n);  // linear: per split partials too
-    if (split) {
-      static_cast<float*>(a.out)[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = v;
-    } else {
-      if (a.bias) v += a.bias[n];
-      static_cast<T*>(a.out)[int64_t(m) * a.ldo + n] = from_f32<T>(v);
-    }
-  }
+  __shared__ float red[kWarps][kCols][8 * MB];
+  swapab_store<T, kWarps, MB>(red, c, n0, a.M, a.N, kFmt == kInt8Channel ? a.scales : nullptr, a.bias, a.out, a.ldo);
 }
 
 }  // namespace decode_mma

@@ -117,6 +117,46 @@ __device__ __forceinline__ void s8x4_to_f32(uint32_t w, float& a, float& b, floa
   d = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7443u)) - 8388736.0f;
 }
 
+// ------------------------------------------------------------------ swap-AB decode epilogue
+// The swap-AB decode kernels (decode_mma.cuh, int4_linear_packed.cuh): kWarps warps each hold, per 8-row block
+// mb, an m16n8 fp32 fragment of the same 16 output columns (d0 / d1: column n0 + g, rows m = 8 mb + 2 t / + 1;
+// d2 / d3: column n0 + g + 8). Sums them in warp order through `red` (shared memory) and writes the CTA's
+// [M, 16] piece: with a split grid (gridDim.y > 1) fp32 partials ws[blockIdx.y, m, n] (summed in order by
+// int4_linear::reduce_kernel), else out[m, n] in T plus the fp32 bias. col_scale (or null) scales each column
+// first (linear: partials too).
+template <typename T, int kWarps, int MB>
+__device__ __forceinline__ void swapab_store(float (&red)[kWarps][16][8 * MB], const float (&c)[MB][4], int n0,
+                                             int M, int N, const float* col_scale, const float* bias, void* out,
+                                             int64_t ldo) {
+  constexpr int kM = 8 * MB;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+    red[warp][g][8 * mb + 2 * t] = c[mb][0];
+    red[warp][g][8 * mb + 2 * t + 1] = c[mb][1];
+    red[warp][g + 8][8 * mb + 2 * t] = c[mb][2];
+    red[warp][g + 8][8 * mb + 2 * t + 1] = c[mb][3];
+  }
+  __syncthreads();
+  const bool split = gridDim.y > 1;
+  for (int i = threadIdx.x; i < 16 * kM; i += kWarps * 32) {
+    const int nl = i / kM, m = i % kM;
+    const int n = n0 + nl;
+    if (m >= M || n >= N) continue;
+    float v = red[0][nl][m];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) v += red[w][nl][m];
+    if (col_scale) v *= __ldg(col_scale + n);
+    if (split) {
+      static_cast<float*>(out)[(int64_t(blockIdx.y) * M + m) * N + n] = v;
+    } else {
+      if (bias) v += bias[n];
+      static_cast<T*>(out)[int64_t(m) * ldo + n] = from_f32<T>(v);
+    }
+  }
+}
+
 // ------------------------------------------------------------------ warp reductions
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

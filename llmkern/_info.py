@@ -44,7 +44,7 @@ def info_dict() -> dict:
 
 def _cuda_switches() -> dict:
     """The CUDA kernel variants with an environment switch and whether each is on: the sm_90a ones are off by
-    default (never run on a GPU yet); the int4 prepacked decode kernel is on (LLMKERN_CUDA_INT4_PACKED=0: off)."""
+    default (never run on a GPU yet); Int4Linear's prepacked int4 kernels are on (LLMKERN_CUDA_INT4_PACKED=0: off)."""
     import importlib
 
     att = importlib.import_module("llmkern.ops.attention")
@@ -56,7 +56,7 @@ def _cuda_switches() -> dict:
         "attention D=128 wide tiles (LLMKERN_CUDA_ATTN_WIDE)": att._CUDA_WIDE,
         "int8_linear W8A8 sm_90a (LLMKERN_CUDA_INT8_WGMMA)": i8.CUDA_W8A8_WGMMA,
         "int4_linear W4A16 sm_90a (LLMKERN_CUDA_INT4_WGMMA)": i4.CUDA_INT4_WGMMA,
-        "int4_linear W4A16 prepacked decode, Int4Linear on a GPU (LLMKERN_CUDA_INT4_PACKED)": i4.CUDA_INT4_PACKED,
+        "int4_linear W4A16 prepacked, Int4Linear on a GPU (LLMKERN_CUDA_INT4_PACKED)": i4.CUDA_INT4_PACKED,
     }
 
 

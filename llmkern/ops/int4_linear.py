@@ -342,7 +342,7 @@ def _cuda(x, qweight, scales, offsets, bias, mode):
     bf16/fp16 mma.sync GEMM that dequantizes weight tiles into shared memory (or, with
     CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS; with CUDA_INT4_WGMMA on an sm_90 GPU, the
     same dequantized tiles multiplied by Hopper warpgroup MMA). Weights are read in the canonical layout;
-    Int4Linear modules prepack them for decode-sized calls (`_cuda_prepare`).
+    Int4Linear modules prepack them and run 16-bit x on their own kernels (`_cuda_prepare`).
     """
     mod = _backends.cuda_module()
     if x.device.type != "cuda":
@@ -454,6 +454,8 @@ def _cuda_prepare(qweight, scales, offsets, bias, mode):
     with _cuda_device(qweight.device):
         qp, sp, scale16 = _cuda_pack(mod, qweight, scales, offsets, N, K, G,
                                      torch.cuda.current_stream().cuda_stream)
+        # Once per weight: later calls may run on another stream, which must not start before the packing.
+        torch.cuda.synchronize(qweight.device)
         sms = _num_sms(qweight.device)
         splits = mod.int4_linear_packed_splits(N, K, sms)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()

@@ -26,7 +26,8 @@ def poison_empty(shape, dtype=None, device=None):
 # Stand-ins in the adapters' source: (text, replacement); _cuda must contain the _REQUIRED ones.
 _REWRITES = (('.device.type != "cuda"', '.device.type != "cpu"'), ("_backends.cuda_module()", "EMU"),
              ("_num_sms(x.device)", "NUM_SMS"), ("_num_sms(qweight.device)", "NUM_SMS"),
-             ("torch.empty(", "POISON_EMPTY("), ("torch.cuda.is_current_stream_capturing()", "CAPTURING"))
+             ("torch.empty(", "POISON_EMPTY("), ("torch.cuda.is_current_stream_capturing()", "CAPTURING"),
+             ("torch.cuda.synchronize(qweight.device)", "None"))
 _REQUIRED = ('.device.type != "cuda"', "_backends.cuda_module()", "_num_sms(x.device)", "torch.empty(")
 
 

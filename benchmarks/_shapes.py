@@ -7,6 +7,9 @@ Shapes come from the models' published configs (config.json):
 
 A linear layer is N x K (out-features x in-features, the [N, K] weight of nn.Linear) applied to M rows.
 The default set keeps a file to a few minutes on 2 cores; LLMKERN_BENCH_FULL=1 adds the big shapes.
+On a GPU (LLMKERN_BENCH_DEVICE=cuda) the default sets are the shapes of the GPU issues' targets instead
+(Llama-3-8B linears at M = 1..1024, prefill attention at S = 4096..16384, decode over batches of 32 and 64
+at 4096 tokens), and the activations bf16 only: what scripts/gpu_check.sh measures in its few minutes.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 FULL = os.environ.get("LLMKERN_BENCH_FULL", "0") not in ("", "0")
+GPU = os.environ.get("LLMKERN_BENCH_DEVICE", "cpu") == "cuda"
 
 
 @dataclass(frozen=True)
@@ -74,14 +78,24 @@ class LinearCase:
         return {"M": self.M, "N": self.N, "K": self.K}
 
 
-def linear_cases() -> list[LinearCase]:
+def linear_cases(gpu_rows: tuple = (1, 16, 64, 1024)) -> list[LinearCase]:
     """Decode (M=1) on every SmolLM2 linear, one prefill-sized SmolLM2 case, and the Llama-2-7B shapes
     and row counts of the CPU linear targets (issue 3): 4096x4096 and 11008x4096 at M = 1, 4096x4096
     at M = 128 and 512 (prefill).
 
-    Full: every linear of all three models at M = 1, 16, 128 and 512.
+    GPU: the Llama-3-8B q/o, gate/up and down shapes at M in `gpu_rows` (issue 7: int4 at M = 1..16 and
+    64, int8 W8A8 at M >= 1024) and SmolLM2's gate/up at M = 1 (a small layer: launch costs).
+    Full: every linear of all three models at M = 1, 16, 128 and 512 (on a GPU: added to the above).
     """
-    cases = [LinearCase(SMOLLM2.name, l, n, k, 1) for l, n, k in linear_shapes(SMOLLM2)]
+    cases = []
+    if GPU:
+        cases += [LinearCase(LLAMA3.name, l, n, k, M) for M in gpu_rows
+                  for l, n, k in (("q_proj/o_proj", 4096, 4096), ("gate_proj/up_proj", 14336, 4096),
+                                  ("down_proj", 4096, 14336))]
+        cases.append(LinearCase(SMOLLM2.name, "gate_proj/up_proj", 1536, 576, 1))
+        if not FULL:
+            return _dedup(cases)
+    cases += [LinearCase(SMOLLM2.name, l, n, k, 1) for l, n, k in linear_shapes(SMOLLM2)]
     cases.append(LinearCase(SMOLLM2.name, "gate_proj/up_proj", 1536, 576, 64))
     cases.append(LinearCase(LLAMA2.name, "q_proj/o_proj", 4096, 4096, 1))
     cases.append(LinearCase(LLAMA2.name, "gate_proj/up_proj", 11008, 4096, 1))
@@ -121,7 +135,14 @@ def _attn(m: Model, B: int, S: int, causal: bool = True) -> AttnCase:
 
 
 def attention_cases() -> list[AttnCase]:
-    cases = [_attn(SMOLLM2, 1, 128), _attn(SMOLLM2, 1, 512), _attn(LLAMA3, 1, 512)]
+    if GPU:  # issues 6 / 7: bf16, causal, D = 128, S >= 4096 (Triton: 4096..16384); SmolLM2's D = 64
+        cases = [_attn(LLAMA3, 1, 4096), _attn(LLAMA3, 1, 8192), _attn(LLAMA3, 1, 16384), _attn(LLAMA3, 4, 1024),
+                 _attn(SMOLLM2, 1, 4096)]
+        if not FULL:
+            return cases
+    else:
+        cases = []
+    cases += [_attn(SMOLLM2, 1, 128), _attn(SMOLLM2, 1, 512), _attn(LLAMA3, 1, 512)]
     if FULL:
         cases += [_attn(SMOLLM2, 4, 2048), _attn(LLAMA2, 1, 2048), _attn(LLAMA3, 1, 2048),
                   _attn(LLAMA3, 1, 2048, causal=False), _attn(LLAMA3, 4, 1024),
@@ -154,7 +175,13 @@ def _dec(m: Model, B: int, L: int) -> DecodeCase:
 
 
 def decode_cases() -> list[DecodeCase]:
-    cases = [_dec(SMOLLM2, 1, 1024), _dec(SMOLLM2, 8, 1024), _dec(LLAMA3, 1, 4096)]
+    if GPU:  # issues 6 / 7: paged, batch >= 32 (Triton: 64), context >= 4096; one sequence for latency
+        cases = [_dec(LLAMA3, 32, 4096), _dec(LLAMA3, 64, 4096), _dec(LLAMA3, 1, 4096), _dec(SMOLLM2, 64, 4096)]
+        if not FULL:
+            return cases
+    else:
+        cases = []
+    cases += [_dec(SMOLLM2, 1, 1024), _dec(SMOLLM2, 8, 1024), _dec(LLAMA3, 1, 4096)]
     if FULL:
         cases += [_dec(SMOLLM2, 32, 2048), _dec(LLAMA2, 1, 4096), _dec(LLAMA2, 8, 2048),
                   _dec(LLAMA3, 8, 8192), _dec(SMOLLM2, 1, 512), _dec(LLAMA3, 8, 512),
@@ -191,7 +218,13 @@ def _app(m: Model, B: int, S: int, Smax: int) -> AppendCase:
 
 def append_cases() -> list[AppendCase]:
     # decode (S=1) and prefill (B=1, many tokens)
-    cases = [_app(SMOLLM2, 8, 1, 2048), _app(SMOLLM2, 1, 512, 2048), _app(LLAMA3, 8, 1, 4096)]
+    if GPU:
+        cases = [_app(LLAMA3, 64, 1, 4096), _app(LLAMA3, 1, 4096, 4096)]
+        if not FULL:
+            return cases
+    else:
+        cases = []
+    cases += [_app(SMOLLM2, 8, 1, 2048), _app(SMOLLM2, 1, 512, 2048), _app(LLAMA3, 8, 1, 4096)]
     if FULL:
         cases += [_app(LLAMA3, 1, 2048, 4096), _app(LLAMA2, 8, 1, 4096), _app(LLAMA2, 1, 2048, 4096)]
     return _dedup(cases)
@@ -213,8 +246,14 @@ class NormCase:
 
 
 def norm_cases() -> list[NormCase]:
-    cases = [NormCase(SMOLLM2.name, 1, 576), NormCase(SMOLLM2.name, 512, 576),
-             NormCase(LLAMA3.name, 1, 4096), NormCase(LLAMA3.name, 512, 4096)]
+    if GPU:
+        cases = [NormCase(LLAMA3.name, 64, 4096), NormCase(LLAMA3.name, 4096, 4096)]
+        if not FULL:
+            return cases
+    else:
+        cases = []
+    cases += [NormCase(SMOLLM2.name, 1, 576), NormCase(SMOLLM2.name, 512, 576),
+              NormCase(LLAMA3.name, 1, 4096), NormCase(LLAMA3.name, 512, 4096)]
     if FULL:
         cases += [NormCase(SMOLLM2.name, 8, 576), NormCase(LLAMA3.name, 8, 4096), NormCase(LLAMA3.name, 4096, 4096)]
     return _dedup(cases)
@@ -257,8 +296,9 @@ ELT = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def dtypes() -> list[str]:
-    """Activation dtypes to benchmark: LLMKERN_BENCH_DTYPES (comma list), default bf16 and fp32."""
-    names = [s.strip() for s in os.environ.get("LLMKERN_BENCH_DTYPES", "bf16,fp32").split(",") if s.strip()]
+    """Activation dtypes to benchmark: LLMKERN_BENCH_DTYPES (comma list), default bf16 and fp32 (GPU: bf16)."""
+    names = [s.strip() for s in os.environ.get("LLMKERN_BENCH_DTYPES", "bf16" if GPU else "bf16,fp32").split(",")
+             if s.strip()]
     bad = [n for n in names if n not in DTYPES]
     if bad:
         raise ValueError(f"LLMKERN_BENCH_DTYPES: unknown dtype(s) {bad}, expected some of {list(DTYPES)}")

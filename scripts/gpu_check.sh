@@ -73,7 +73,8 @@ limit 100 python -m pytest -q -p no:cacheprovider tests/ops tests/nn tests/model
 step "GPU benchmarks"
 export LLMKERN_BENCH_DEVICE=cuda
 BK="${FILTER:+($FILTER)}${FILTER:+${BENCH_EXCL:+ and }}${BENCH_EXCL}"
-# ~300 entries on a GPU: 0.25 s of timing each (GPU calls are micro- to milliseconds) keeps the stage near
+# ~300 entries on a GPU (the GPU issues' target shapes, bf16; benchmarks/_shapes.py): 0.25 s of timing each
+# (GPU calls are micro- to milliseconds) keeps the stage near
 # two minutes.
 limit 140 python -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-only ${BK:+-k "$BK"} \
   --benchmark-max-time=0.25 --benchmark-min-rounds=3 \

@@ -288,6 +288,14 @@ int int4_linear_packed_splits(int N, int K, int num_sms) {
   return (blocks + per - 1) / per;  // no empty split
 }
 
+// Bytes of the packed weight and scale buffers (the adapter allocates them).
+void int4_linear_packed_bytes(int N, int K, int group, bool scale16, int64_t* weight_bytes, int64_t* scale_bytes) {
+  require(N >= 0 && K > 0 && (group == 32 || group == 64 || group == 128) && K % group == 0,
+          "packed sizes need N >= 0 and a group of 32, 64 or 128 dividing K");
+  *weight_bytes = cuda::int4_packed::packed_weight_bytes(N, K);
+  *scale_bytes = cuda::int4_packed::packed_scale_bytes(N, K, group, scale16);
+}
+
 // qp / sp (int4_linear_packed.cuh's layouts; sizes int4_linear_packed_bytes) from the canonical weight.
 // scale16: every scale and offset is an fp16 value (the caller checks) and is stored as one.
 void int4_linear_pack_cuda(const uint8_t* qw, const float* scales, const float* offsets, int group, int N, int K,

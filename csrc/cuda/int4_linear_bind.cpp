@@ -19,6 +19,7 @@ void int4_linear_dequant_cuda(const uint8_t* qw, const float* scales, const floa
                               void* out, int dtype, cudaStream_t st);
 
 int int4_linear_packed_splits(int N, int K, int num_sms);
+void int4_linear_packed_bytes(int N, int K, int group, bool scale16, int64_t* weight_bytes, int64_t* scale_bytes);
 void int4_linear_pack_cuda(const uint8_t* qw, const float* scales, const float* offsets, int group, int N, int K,
                            void* qp, void* sp, bool scale16, cudaStream_t st);
 const char* int4_linear_packed_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const void* qp,
@@ -90,8 +91,9 @@ void bind_int4_linear(py::module_& m) {
         check_dims("llmkern._C_cuda.int4_linear_packed_bytes", 0, N, K);
         if (!(group == 32 || group == 64 || group == 128) || K % group)
           throw py::value_error("llmkern._C_cuda.int4_linear_packed_bytes: group must be 32, 64 or 128 and divide K");
-        const int64_t tiles = (N + 15) / 16;
-        return py::make_tuple(tiles * 16 * (K / 2), tiles * (K / group) * 8 * (scale16 ? 8 : 16));
+        int64_t wb = 0, sb = 0;
+        int4_linear_packed_bytes(int(N), int(K), int(group), scale16, &wb, &sb);
+        return py::make_tuple(wb, sb);
       },
       py::arg("N"), py::arg("K"), py::arg("group"), py::arg("scale16"),
       "(weight bytes, scale bytes) of the packed CUDA layout (csrc/include/llmkern/cuda/int4_linear_packed.cuh).");

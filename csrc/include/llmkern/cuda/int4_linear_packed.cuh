@@ -1,14 +1,14 @@
 // W4A16 at decode-sized M (1..16 rows, bf16 / fp16 x) on tensor cores, reading int4 weights prepacked once
-// (at module construction, by pack_weights_kernel / pack_scales_kernel below) into the order of the
-// mma.sync m16n8k16 A fragments. Torch-free.
+// (by pack_weights_kernel / pack_scales_kernel below, when an Int4Linear module prepares its first call) into
+// the order of the mma.sync m16n8k16 A fragments. Torch-free.
 //
 // Why a packed layout (decode_mma.cuh reads the canonical one): there, every weight costs ~4.75 ALU ops
 // (nibble -> fp32, fp32 q * s + o, round to 16 bits, pack), which caps the kernel below memory bandwidth on a
-// GPU whose ALUs are shared with the tensor cores. Here a weight costs ~1.4: the nibbles sit where a
-// `lop3` (mask + OR with the exponent of 128 / 1024) turns two of them into a bf16x2 / f16x2 word
-// 128 + q / 1024 + q, one `hsub2` makes that q exactly, and the group's scale and offset are applied once
-// per 32 k to the fp32 accumulators:
-//     sum_k x[m, k] (q[n, k] s + o) = s * sum_k x[m, k] q[n, k] + o * sum_k x[m, k]        (one chunk of 32 k)
+// GPU whose ALUs are shared with the tensor cores. Here the dequantization costs ~1.4 per weight (2.6-2.9
+// SASS instructions per weight for the whole loop): the nibbles sit where a `lop3` (mask + OR with the
+// exponent of 128 / 1024) turns two of them into a bf16x2 / f16x2 word 128 + q / 1024 + q, one `hsub2`
+// makes that q exactly, and the group's scale and offset are applied once per group to fp32 accumulators:
+//     sum_k x[m, k] (q[n, k] s + o) = s * sum_k x[m, k] q[n, k] + o * sum_k x[m, k]        (one group of G k)
 // with both sums from tensor cores (the second is an mma with an all-ones A operand). q and x are exact in
 // the mma, so the result differs from the canonical fp32 (q s + o) dequantization only by fp32 rounding,
 // not by rounding each weight to 16 bits as decode_mma does.
@@ -50,8 +50,7 @@ namespace int4_packed {
 constexpr int kWarps = 4;
 constexpr int kCols = 16;        // output columns (weight rows) per CTA = rows of a tile
 constexpr int kChunkK = 32;      // k per chunk (one uint2 per lane)
-constexpr int kBlockChunks = 4;  // chunks per block (a warp's unit of work)
-constexpr int kBlockK = kChunkK * kBlockChunks;
+constexpr int kBlockChunks = 4;  // chunks per block (a warp's unit of work: 128 k)
 
 // Bytes of the packed weight and scale buffers for an [N, K] weight with groups of G.
 inline int64_t packed_weight_bytes(int N, int K) { return int64_t((N + kCols - 1) / kCols) * kCols * (K / 2); }

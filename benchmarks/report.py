@@ -15,7 +15,10 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # targets.py sits beside this file
+import targets  # noqa: E402
 
 
 @dataclass
@@ -29,6 +32,8 @@ class Entry:
     compute: str
     dtype: str
     op: str
+    shape: dict = field(default_factory=dict)  # the case's shape (M, N, K / B, S, D / ...)
+    model: str = ""
 
     @property
     def gbs(self):
@@ -59,6 +64,8 @@ def load(path: str) -> tuple[list[Entry], dict]:
             compute=info.get("compute") or info.get("dtype") or "fp32",
             dtype=info.get("dtype") or "",
             op=info.get("op") or (b.get("group") or "").split(" ")[0],
+            shape=info.get("shape") or {},
+            model=info.get("model") or "",
         ))
     meta = {
         "limits": data.get("llmkern_limits") or {},
@@ -142,6 +149,7 @@ def markdown(entries: list[Entry], meta: dict) -> str:
             g, o.impl if o else "-", fmt_time(o.median) if o else "-", peer.impl if peer else "-",
             fmt_time(peer.median) if peer else "-", _x(peer.median / o.median) if o and peer else "-"]))
     lines.append("")
+    lines += targets.markdown(groups, meta["limits"])  # (GPU runs; nothing for a CPU run)
     for g, es in groups.items():
         peer = best_peer(es)
         ours = [e for e in es if e.kind == "llmkern"]

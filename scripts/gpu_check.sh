@@ -11,7 +11,7 @@
 #   tests_gpu.xml   junit of stage 2: the generic op/module tests for the GPU backends (cuda, triton) and the
 #                   Llama runtime on the GPU (tests/models/test_cuda_generate.py)
 #   bench.json      the GPU benchmarks without raw per-round timings (report.py --compact)
-#   bench_report.md, bench_report.png   the report table and plot
+#   bench_report.md, bench_report.png   the report table (with the GPU issue targets: benchmarks/targets.py) and plot
 # Usage: bash scripts/gpu_check.sh OUTDIR [extra pytest -k filter]
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTDIR}
@@ -86,4 +86,5 @@ rm -f "$OUT/bench.raw.json"
 [ -f "$OUT/bench.raw_report.md" ] && mv "$OUT/bench.raw_report.md" "$OUT/bench_report.md"
 [ -f "$OUT/bench.raw_report.png" ] && mv "$OUT/bench.raw_report.png" "$OUT/bench_report.png"
 step "summary"
-sed -n '/## Summary/,/^### /p' "$OUT/bench_report.md" 2>/dev/null | head -60
+sed -n '/## GPU issue targets/,/^### /p' "$OUT/bench_report.md" 2>/dev/null | head -45
+sed -n '/## Summary/,/^## GPU issue targets/p' "$OUT/bench_report.md" 2>/dev/null | head -60

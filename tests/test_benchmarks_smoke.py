@@ -113,6 +113,65 @@ def test_report_table_and_png(tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def _gpu_bench(op, group, impl, median, *, model, shape, nbytes=0.0, flops=0.0, kind="llmkern"):
+    b = _bench(group, impl, kind, median, nbytes, flops, compute="bf16", op=op)
+    b["extra_info"].update(model=model, shape=shape)
+    return b
+
+
+def test_report_gpu_issue_targets(tmp_path, capsys):
+    """A GPU run's report lists issue 6 / 7's targets with the measured ratio or fraction and whether it is met."""
+    report = _report_module()
+    attn = "attention: Llama-3-8B-B1-S4096-H32/8-D128-causal [bf16]"
+    dec = "decode_attention: Llama-3-8B-B64-L4096-H32/8-D128 [bf16]"
+    i4 = "int4_linear: Llama-3-8B-q_proj+o_proj-4096x4096-M1-G32 [bf16]"
+    i8 = "int8_linear: Llama-3-8B-q_proj+o_proj-4096x4096-M1024 [bf16]"
+    a_shape = {"B": 1, "S": 4096, "Hq": 32, "Hk": 8, "D": 128, "causal": True}
+    fl = 4.4e12  # FLOP of the attention entries
+    limits = {"device": "cuda", "read_gbs": 4000.0, "copy_gbs": 3600.0, "mm_gflops": {"bf16": 8.0e5}}
+    bm = [
+        _gpu_bench("attention", attn, "llmkern.cuda", 8e-3, model="Llama-3-8B", shape=a_shape, flops=fl),
+        _gpu_bench("attention", attn, "llmkern.cuda.sm90", 7e-3, model="Llama-3-8B", shape=a_shape, flops=fl),
+        _gpu_bench("attention", attn, "llmkern.triton", 10e-3, model="Llama-3-8B", shape=a_shape, flops=fl),
+        _gpu_bench("attention", attn, "SDPA", 9e-3, model="Llama-3-8B", shape=a_shape, flops=fl, kind="peer"),
+        _gpu_bench("decode_attention", dec, "llmkern.cuda.paged16", 1e-3, model="Llama-3-8B",
+                   shape={"B": 64, "L": 4096, "Hq": 32, "Hk": 8, "D": 128}, nbytes=3.0e9),
+        _gpu_bench("decode_attention", dec, "llmkern.triton.paged64", 1.2e-3, model="Llama-3-8B",
+                   shape={"B": 64, "L": 4096, "Hq": 32, "Hk": 8, "D": 128}, nbytes=3.0e9),
+        _gpu_bench("int4_linear", i4, "llmkern.cuda", 20e-6, model="Llama-3-8B", shape={"M": 1, "N": 4096, "K": 4096}),
+        _gpu_bench("int4_linear", i4, "llmkern.cuda.module", 10e-6, model="Llama-3-8B",
+                   shape={"M": 1, "N": 4096, "K": 4096}),
+        _gpu_bench("int4_linear", i4, "F.linear", 30e-6, model="Llama-3-8B", shape={"M": 1, "N": 4096, "K": 4096},
+                   kind="peer"),
+        _gpu_bench("int8_linear", i8, "llmkern.cuda.w8a8", 50e-6, model="Llama-3-8B",
+                   shape={"M": 1024, "N": 4096, "K": 4096}),
+        _gpu_bench("int8_linear", i8, "llmkern.cuda.w8a16", 40e-6, model="Llama-3-8B",
+                   shape={"M": 1024, "N": 4096, "K": 4096}),
+        _gpu_bench("int8_linear", i8, "F.linear", 90e-6, model="Llama-3-8B", shape={"M": 1024, "N": 4096, "K": 4096},
+                   kind="peer"),
+    ]
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"datetime": "2026-01-01", "llmkern_limits": limits, "benchmarks": bm}))
+    assert report.main([str(path), "--no-plot"]) == 0
+    text = capsys.readouterr().out
+    assert "## GPU issue targets" in text
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith("| 7 |") or line.startswith("| 6 |")]
+    got = {(r[0], r[1], r[3]): (r[4], r[6]) for r in rows}
+    mm = fl / 7e-3 / 1e9 / 8.0e5  # the fastest CUDA entry (sm90) against the bf16 matmul rate
+    assert got[("7", "prefill attention: % of bf16 matmul", "llmkern.cuda.sm90")] == (f"{100 * mm:.0f}%", "yes")
+    assert got[("7", "prefill attention: x SDPA", "llmkern.cuda.sm90")] == (f"{9 / 7:.2f}x", "no")
+    assert got[("7", "prefill attention: x the Triton backend", "llmkern.cuda.sm90")] == (f"{10 / 7:.2f}x", "yes")
+    assert got[("6", "prefill attention: x SDPA", "llmkern.triton")] == ("0.90x", "no")
+    assert got[("7", "paged decode attention: % of copy bandwidth", "llmkern.cuda.paged16")] == ("83%", "yes")
+    assert got[("6", "paged decode attention: % of read bandwidth", "llmkern.triton.paged64")] == ("62%", "no")
+    assert got[("7", "int4 W4A16 M<=16: x bf16 F.linear", "llmkern.cuda.module")] == ("3.00x", "no")
+    # W8A8 only: the faster W8A16 entry does not count for the W8A8 target
+    assert got[("7", "int8 W8A8 M>=1024: x bf16 F.linear", "llmkern.cuda.w8a8")] == ("1.80x", "yes")
+    assert got[("6", "prefill attention: % of bf16 matmul", "llmkern.triton")] == ("55%", "yes")
+    assert len(rows) == 9 and "5 of 9 met" in text
+
+
 def test_report_without_timings_fails(tmp_path, capsys):
     report = _report_module()
     path = tmp_path / "empty.json"

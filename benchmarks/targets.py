@@ -1,0 +1,131 @@
+"""The GPU issues' performance targets (issue 6: Triton, issue 7: CUDA) read off a saved GPU benchmark run.
+
+report.py appends this table to the report of a run whose limits were measured on a GPU. Every number is a
+ratio or fraction from that one run (medians; the machine limits measured in it), as the issues ask:
+- prefill attention, bf16, causal, D = 128, S >= 4096: fraction of the bf16 matmul rate (CUDA 75%, Triton
+  50%) and speed against SDPA (CUDA 1.3x, Triton 1x) and, for CUDA, against the Triton backend (1.3x);
+- decode attention over a paged cache, batch >= 32 (Triton: 64), context >= 4096: fraction of the copy
+  bandwidth (CUDA 80%) or of the read bandwidth (Triton 70%);
+- int4_linear W4A16, Llama-3-8B shapes: M = 1..16 against bf16 F.linear (CUDA 3.5x, Triton 3x), M = 64
+  faster than F.linear (CUDA);
+- int8_linear W8A8, M >= 1024: against bf16 F.linear (CUDA 1.6x, Triton 1.3x).
+The llmkern side of a row is the fastest entry of that backend in the group (e.g. CUDA int4: the op, the
+module's packed kernels or the sm_90a GEMM, whichever was fastest), named in the table.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def _fastest(group: list, pred: Callable[[str], bool]):
+    es = [e for e in group if pred(e.impl)]
+    return min(es, key=lambda e: e.median) if es else None
+
+
+def _peer(group: list, names: tuple):
+    return _fastest(group, lambda i: i in names)
+
+
+def _backend(name: str) -> Callable[[str], bool]:
+    return lambda impl: impl == f"llmkern.{name}" or impl.startswith(f"llmkern.{name}.")
+
+
+def _rows_attention(groups: dict, limits: dict) -> list[tuple]:
+    rows = []
+    peak = (limits.get("mm_gflops") or {}).get("bf16")
+    for g, es in groups.items():
+        e0 = es[0]
+        s = e0.shape
+        if e0.op != "attention" or e0.dtype != "bf16" or s.get("D") != 128 or s.get("S", 0) < 4096 \
+                or not s.get("causal"):
+            continue
+        sdpa = _peer(es, ("SDPA", "SDPA.bshd-views"))
+        tri = _fastest(es, _backend("triton"))
+        for issue, name, mm_target, sdpa_target in (("7", "cuda", 0.75, 1.3), ("6", "triton", 0.5, 1.0)):
+            ours = _fastest(es, _backend(name))
+            if ours is None:
+                continue
+            if peak and ours.gflops:
+                rows.append((issue, "prefill attention: % of bf16 matmul", g, ours.impl, ours.gflops / peak, mm_target,
+                             "pct"))
+            if sdpa:
+                rows.append((issue, "prefill attention: x SDPA", g, ours.impl, sdpa.median / ours.median, sdpa_target,
+                             "x"))
+            if name == "cuda" and tri:
+                rows.append((issue, "prefill attention: x the Triton backend", g, ours.impl, tri.median / ours.median,
+                             1.3, "x"))
+    return rows
+
+
+def _rows_decode(groups: dict, limits: dict) -> list[tuple]:
+    rows = []
+    for g, es in groups.items():
+        e0 = es[0]
+        s = e0.shape
+        if e0.op != "decode_attention" or s.get("L", 0) < 4096 or s.get("B", 0) < 32:
+            continue
+        paged = lambda name: (lambda impl: impl.startswith(f"llmkern.{name}.paged"))  # noqa: E731
+        for issue, name, min_b, limit_key, target in (("7", "cuda", 32, "copy_gbs", 0.8),
+                                                      ("6", "triton", 64, "read_gbs", 0.7)):
+            ours = _fastest(es, paged(name))
+            lim = limits.get(limit_key)
+            if ours is None or s["B"] < min_b or not lim or not ours.gbs:
+                continue
+            what = "copy" if limit_key == "copy_gbs" else "read"
+            rows.append((issue, f"paged decode attention: % of {what} bandwidth", g, ours.impl, ours.gbs / lim,
+                         target, "pct"))
+    return rows
+
+
+def _rows_linear(groups: dict) -> list[tuple]:
+    rows = []
+    for g, es in groups.items():
+        e0 = es[0]
+        s = e0.shape
+        if e0.op not in ("int4_linear", "int8_linear") or e0.dtype != "bf16" or e0.model != "Llama-3-8B":
+            continue
+        fl = _peer(es, ("F.linear",))
+        if fl is None:
+            continue
+        M = s.get("M", 0)
+        for issue, name in (("7", "cuda"), ("6", "triton")):
+            if e0.op == "int4_linear":
+                ours = _fastest(es, _backend(name))
+                if M <= 16:
+                    what, target = "int4 W4A16 M<=16: x bf16 F.linear", 3.5 if name == "cuda" else 3.0
+                elif M == 64 and name == "cuda":
+                    what, target = "int4 W4A16 M=64: x bf16 F.linear", 1.0
+                else:
+                    continue
+            else:
+                if M < 1024:
+                    continue
+                ours = _fastest(es, lambda i, n=name: i.startswith(f"llmkern.{n}.w8a8"))
+                what, target = "int8 W8A8 M>=1024: x bf16 F.linear", 1.6 if name == "cuda" else 1.3
+            if ours is not None:
+                rows.append((issue, what, g, ours.impl, fl.median / ours.median, target, "x"))
+    return rows
+
+
+def rows(groups: dict, limits: dict) -> list[tuple]:
+    """(issue, target, group, llmkern entry, measured, target value, "x" or "pct") for every target the run
+    measured, issue 7 first."""
+    out = _rows_attention(groups, limits) + _rows_decode(groups, limits) + _rows_linear(groups)
+    return sorted(out, key=lambda r: (-int(r[0]), r[1], r[2]))
+
+
+def markdown(groups: dict, limits: dict) -> list[str]:
+    """The "GPU issue targets" section (empty when the run measured none of them)."""
+    rs = rows(groups, limits)
+    if not rs:
+        return []
+    fmt = lambda v, k: f"{100 * v:.0f}%" if k == "pct" else f"{v:.2f}x"  # noqa: E731
+    met = sum(r[4] >= r[5] for r in rs)
+    lines = ["## GPU issue targets (issue 7: CUDA, issue 6: Triton)", "",
+             f"{met} of {len(rs)} met. Ratios and fractions from this run (medians; limits measured in it).", "",
+             "| issue | target | group | llmkern entry | measured | target | met |", "|---|---|---|---|---|---|---|"]
+    for issue, what, g, impl, v, t, kind in rs:
+        lines.append(f"| {issue} | {what} | {g} | {impl} | {fmt(v, kind)} | {fmt(t, kind)} | "
+                     f"{'yes' if v >= t else 'no'} |")
+    lines.append("")
+    return lines

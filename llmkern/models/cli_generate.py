@@ -36,14 +36,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None, metavar="G",
                    help="group size when re-quantizing (int8: 0 = per channel; int4: 32/64/128)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--device", default="cpu", metavar="DEV",
+                   help="where the model runs: cpu (default), or cuda / cuda:N (an NVIDIA GPU: the cuda and triton "
+                        "backends; --dtype auto then means bfloat16)")
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
                    help="activations, norms and KV cache (quantized weights stay as loaded; logits are float32). "
                         "float32 (default): the closest to the reference; bfloat16: prefill about 2x faster where "
                         "the CPU has AVX512-BF16, decode the same (it reads the weights), answers may differ (on "
-                        "SmolLM2 the README prompt's first token is a near tie); auto: bfloat16 where the cpu "
-                        "backend has bf16 dot products, else float32")
+                        "SmolLM2 the README prompt's first token is a near tie); auto: bfloat16 on a GPU and where "
+                        "the cpu backend has bf16 dot products, else float32")
     p.add_argument("--kv-int8", action="store_true", help="int8 KV cache")
     p.add_argument("--act-int8", action="store_true",
                    help="quantize activations to int8 in the quantized linears (int4: W4A8 with a scale per group, "
@@ -54,14 +57,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def pick_dtype(name: str, backend: str | None):
-    """--dtype -> a torch dtype. auto: bfloat16 when the cpu backend runs the model (--backend, else
-    LLMKERN_BACKEND, else the default) with AVX-512 kernels and AVX512-BF16 dot products, which take bf16
-    activations natively (docs/notes/cpu-bf16-runtime.md); float32 anywhere else."""
+def pick_dtype(name: str, backend: str | None, device: str = "cpu"):
+    """--dtype -> a torch dtype. auto: bfloat16 on a GPU (its kernels are 16-bit first), and when the cpu
+    backend runs the model (--backend, else LLMKERN_BACKEND, else the default) with AVX-512 kernels and
+    AVX512-BF16 dot products, which take bf16 activations natively (docs/notes/cpu-bf16-runtime.md); float32
+    anywhere else."""
     import torch
 
     if name != "auto":
         return getattr(torch, name)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
     from .. import _backends
 
     b = backend or _backends.env_backend()
@@ -93,10 +99,22 @@ def run(args) -> int:
         if not _backends.available(args.backend):
             return _error(f"backend {args.backend!r} is not available on this machine (see `llmkern info`)")
     try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return _error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _error(f"--device {args.device}: torch sees no CUDA GPU on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return _error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    try:
         model, tok = load_gguf(args.model, quant=args.quant, group_size=args.group_size, backend=args.backend,
-                               dtype=pick_dtype(args.dtype, args.backend), progress=not args.quiet)
+                               dtype=pick_dtype(args.dtype, args.backend, device), progress=not args.quiet)
     except (FileNotFoundError, GGUFError, ValueError) as e:
         return _error(str(e))
+    if device.type != "cpu":
+        model = model.to(device)
     if args.act_int8:
         from ..nn import set_linear_modes
         set_linear_modes(model, int4="w4a8g", int8="w8a8")

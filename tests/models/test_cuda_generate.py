@@ -63,6 +63,19 @@ def test_gpu_logits_match_cpu(tiny_pair):
     assert out.argmax(-1).item() == ref.argmax(-1).item()
 
 
+def test_cli_on_gpu(tmp_path, capsys):
+    """`llmkern generate --device cuda` on a tiny GGUF: bf16 with --dtype auto, the answer streamed."""
+    from _tiny_gguf import write_tiny_gguf
+    from llmkern.models.cli_generate import main as cli_main
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    rc = cli_main(["generate", "the", "thin", "--model", str(path), "--max-new-tokens", "4", "--no-chat",
+                   "--device", "cuda", "--dtype", "auto", "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.endswith("\n") and "(bfloat16 activations)" in err, err
+
+
 def test_smollm2_on_gpu_knows_paris(smollm_path):
     from llmkern.models import load_gguf
 

@@ -197,6 +197,7 @@ def test_cli_dtype(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(_backends, "cpu_has", lambda f: has["v"] if f == "avx512_bf16" else True)
     monkeypatch.setattr(_backends, "cpu_isa", lambda: "avx512_vnni")
     assert cg.pick_dtype("auto", None) is torch.bfloat16 and cg.pick_dtype("auto", "cpu") is torch.bfloat16
+    assert cg.pick_dtype("auto", "reference", "cuda") is torch.bfloat16  # GPU kernels are 16-bit first
     assert cg.pick_dtype("auto", "reference") is torch.float32 and cg.pick_dtype("float32", None) is torch.float32
     monkeypatch.setenv("LLMKERN_BACKEND", "reference")
     assert cg.pick_dtype("auto", None) is torch.float32
@@ -211,5 +212,9 @@ def test_cli_dtype(tmp_path, capsys, monkeypatch):
 def test_cli_errors(tmp_path, capsys):
     assert cli_main(["generate", "hi", "--model", str(tmp_path / "none.gguf")]) == 1
     assert "error: GGUF file not found" in capsys.readouterr().err
+    for dev, msg in (("tpu", "--device must be cpu, cuda or cuda:N, got 'tpu'"), ("cuda:x", "--device must be"),
+                     ("cuda:99", "CUDA GPU")):
+        assert cli_main(["generate", "hi", "--device", dev]) == 1
+        assert msg in capsys.readouterr().err, dev
     assert cli_main(["generate", "hi", "--max-new-tokens", "0"]) == 1
     assert "--max-new-tokens" in capsys.readouterr().err

@@ -201,7 +201,7 @@ __device__ __forceinline__ void mma_block(const Block<MB, kCPG>& b, int kb, int 
   }
 }
 
-// Blocks kb and kb2 (when second): both loaded before either is computed (bytes in flight).
+// Blocks kb and kb + kWarps (when second): both loaded before either is computed (bytes in flight).
 template <typename T, int MB, bool kS16, bool kFull, int kCPG>
 __device__ __forceinline__ void run_blocks(const LanePtrs<T, MB>& p, int kb, bool second, int nchunks,
                                            float (&out)[MB][4]) {

@@ -234,9 +234,16 @@ def _cuda(x, weight, weight_scale, bias, mode):
     shared memory (or, with CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS). Weights are read in
     the canonical layout (no prepacking yet).
     """
-    mod = _backends.cuda_module()
     if x.device.type != "cuda":
         raise BackendUnsupported(f"x is on {x.device}")
+    return _cuda_bind(weight, weight_scale, bias, mode)(x)
+
+
+def _cuda_bind(weight, weight_scale, bias, mode):
+    """run(x) of `_cuda` with everything that depends only on the weights done once (contiguity, alignment,
+    group, the fp32 bias, pointers): the op binds per call, Int8Linear's prepared call once
+    (`_cuda_prepare`). Raises BackendUnsupported for weights the kernels cannot take."""
+    mod = _backends.cuda_module()
     N, K = weight.shape
     group = K if weight_scale.dim() == 1 else K // weight_scale.shape[1]
     if K == 0 or K % 16:
@@ -248,33 +255,47 @@ def _cuda(x, weight, weight_scale, bias, mode):
     weight = weight.contiguous()
     if weight.data_ptr() % 16:
         raise BackendUnsupported("weight is not 16-byte aligned")
-    M = math.prod(x.shape[:-1])
-    if M == 0 or N == 0:
-        return x.new_empty(x.shape[:-1] + (N,))
-    x2 = _cuda_rows(x.reshape(M, K))
     weight_scale = weight_scale.contiguous()
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    with _cuda_device(x.device):
-        stream = torch.cuda.current_stream().cuda_stream
-        if CUDA_PREFILL_CUBLAS and mode == "w8a16" and x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M:
-            wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
-            mod.int8_linear_dequant(weight.data_ptr(), weight_scale.data_ptr(), group, N, K, wdq.data_ptr(),
-                                    _DTYPE_CODE[x.dtype], stream)
-            out = torch.nn.functional.linear(x2, wdq, None if bias is None else bias.to(x.dtype))
-            return out.view(x.shape[:-1] + (N,))
-        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        xq = xs = None
-        if mode == "w8a8":
-            xq = torch.empty((M, K), dtype=torch.int8, device=x.device)
-            xs = torch.empty((M,), dtype=torch.float32, device=x.device)
-        global _last_cuda_path
-        _last_cuda_path = mod.int8_linear(
-            x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, weight.data_ptr(), N,
-            weight_scale.data_ptr(), group, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(), N, mode,
-            0 if xq is None else xq.data_ptr(), 0 if xs is None else xs.data_ptr(), _num_sms(x.device),
-            CUDA_DECODE_MMA, CUDA_W8A8_MMA, stream, CUDA_W8A8_WGMMA,
-        )
-    return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+    w_ptr, s_ptr, b_ptr = weight.data_ptr(), weight_scale.data_ptr(), 0 if bias32 is None else bias32.data_ptr()
+
+    def run(x):
+        M = math.prod(x.shape[:-1])
+        if M == 0 or N == 0:
+            return x.new_empty(x.shape[:-1] + (N,))
+        x2 = _cuda_rows(x.reshape(M, K))
+        with _cuda_device(x.device):
+            stream = torch.cuda.current_stream().cuda_stream
+            if CUDA_PREFILL_CUBLAS and mode == "w8a16" and x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M:
+                wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
+                mod.int8_linear_dequant(w_ptr, s_ptr, group, N, K, wdq.data_ptr(), _DTYPE_CODE[x.dtype], stream)
+                out = torch.nn.functional.linear(x2, wdq, None if bias is None else bias.to(x.dtype))
+                return out.view(x.shape[:-1] + (N,))
+            out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+            xq = xs = None
+            if mode == "w8a8":
+                xq = torch.empty((M, K), dtype=torch.int8, device=x.device)
+                xs = torch.empty((M,), dtype=torch.float32, device=x.device)
+            global _last_cuda_path
+            _last_cuda_path = mod.int8_linear(
+                x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, w_ptr, N, s_ptr, group,
+                b_ptr, out.data_ptr(), N, mode, 0 if xq is None else xq.data_ptr(), 0 if xs is None else xs.data_ptr(),
+                _num_sms(x.device), CUDA_DECODE_MMA, CUDA_W8A8_MMA, stream, CUDA_W8A8_WGMMA,
+            )
+        return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
+
+    run.keep = (weight, weight_scale, bias32)  # the tensors whose pointers it holds
+    return run
+
+
+@int8_linear_op.preparer("cuda")
+def _cuda_prepare(weight, weight_scale, bias, mode):
+    """The cuda preparer (Int8Linear's prepared call on a GPU): the weights bound once (`_cuda_bind`), so a
+    call does only the activation's work (no per-call fp32 copy of a 16-bit bias, no re-checks). Nothing is
+    repacked: the kernels read the canonical layout."""
+    if weight.device.type != "cuda":
+        raise BackendUnsupported(f"weights are on {weight.device}")
+    return _cuda_bind(weight, weight_scale, bias, mode)
 
 
 def _cuda_rows(x2):

@@ -28,7 +28,10 @@ _REWRITES = (('.device.type != "cuda"', '.device.type != "cpu"'), ("_backends.cu
              ("_num_sms(x.device)", "NUM_SMS"), ("_num_sms(qweight.device)", "NUM_SMS"),
              ("torch.empty(", "POISON_EMPTY("), ("torch.cuda.is_current_stream_capturing()", "CAPTURING"),
              ("torch.cuda.synchronize(qweight.device)", "None"))
-_REQUIRED = ('.device.type != "cuda"', "_backends.cuda_module()", "_num_sms(x.device)", "torch.empty(")
+# Left in the rewritten source they would touch CUDA: none may remain.
+_REQUIRED = ('.device.type != "cuda"', "_backends.cuda_module()", "_num_sms(", "torch.empty(", "torch.cuda.")
+# Module-level functions of the ops the adapters call besides `_cuda` (rewritten the same way when present).
+_HELPERS = ("_cuda_bind", "_cuda_pack", "_cuda_packed_run", "_cuda_prepare")
 
 
 class Adapter:
@@ -40,18 +43,20 @@ class Adapter:
     def __init__(self, emu, name, helpers=()):
         self.mod = sys.modules[f"llmkern.ops.{name}"]
         self.emu = emu
-        self.src = self._rewrite("_cuda", required=True)
+        self.src = self._rewrite("_cuda")
         # int4_linear discards the binding's path name: keep it
         self.src = self.src.replace("        mod.int4_linear(\n",
                                     "        global _last_cuda_path\n        _last_cuda_path = mod.int4_linear(\n")
+        helpers = tuple(helpers) + tuple(h for h in _HELPERS if hasattr(self.mod, h) and h not in helpers)
         self.helpers = "\n\n".join(self._rewrite(h) for h in helpers)
+        for old in _REQUIRED:  # the stand-ins must reach every device-specific call of the adapter
+            assert old not in self.src + self.helpers, old
         self.path = None
 
-    def _rewrite(self, fn, required=False):
+    def _rewrite(self, fn):
         src = textwrap.dedent(inspect.getsource(getattr(self.mod, fn)))
         src = "\n".join(line for line in src.splitlines() if not line.startswith("@"))
         for old, new in _REWRITES:
-            assert old in src or not (required and old in _REQUIRED), old
             src = src.replace(old, new)
         src = re.sub(r"torch\.cuda\.current_stream\([^)]*\)\.cuda_stream", "0", src)
         # the packed kernel's path name, as for int4_linear above

@@ -190,3 +190,24 @@ def test_strided_and_batched_x(lin):
     check(lin, x, q, s, None, "w8a16", "w8a16_mma")
     x = torch.randn(20, 256, generator=g).to(torch.float16)[:, ::2]
     check(lin, x, q, s, None, "w8a16", "w8a16_mma")
+
+
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+def test_prepared_run_equals_the_op(lin, mode):
+    """Int8Linear's prepared CUDA call (`_cuda_prepare`: the weights bound once, a bf16 bias converted to fp32
+    once) gives the op's bits on every route: GEMV (M 1), decode mma / dp4a GEMV (M 5, [B, S, K]), GEMM (M 40),
+    fp32 x; weights the kernels cannot take (K % 16 != 0) are refused at preparation, before any call."""
+    from llmkern.ops._registry import BackendUnsupported
+
+    _, q, scale, _ = make(1, 40, 160, 32, torch.bfloat16, 7)
+    bias = torch.randn(40).to(torch.bfloat16)
+    run = lin.prepare(q, scale, bias, mode)
+    for shape, dtype in (((1, 160), torch.bfloat16), ((5, 160), torch.bfloat16), ((2, 3, 160), torch.float16),
+                         ((40, 160), torch.bfloat16), ((3, 160), torch.float32)):
+        x = torch.randn(shape).to(dtype)
+        out = run(x)
+        path = lin.path
+        assert torch.equal(out, lin(x, q, scale, bias, mode)) and lin.path == path, (shape, dtype, path)
+        assert rel_err(out, R.int8_linear(x, q, scale, bias, mode)) <= TOL[dtype]
+    with pytest.raises(BackendUnsupported, match="K=72"):
+        lin.prepare(torch.zeros(8, 72, dtype=torch.int8), torch.ones(8), None, mode)

@@ -370,3 +370,35 @@ def test_sm90_w8a8_cuda_graph_capture(sm90):
     graph.replay()
     torch.cuda.synchronize()
     check(out, x, q, scale, None, "w8a8", "graph replay")
+
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+def test_module_prepared_run(mode):
+    """Int8Linear on the GPU: after its first call (the op) the module runs the cuda preparer's bound run, which
+    gives the op's bits (bf16 bias converted once), at decode and prefill sizes and inside a CUDA graph."""
+    from llmkern.nn import Int8Linear
+
+    g = gen(11)
+    N, K = 4096, 4096
+    q, scale = make_weights(N, K, 0, g)
+    m = Int8Linear.from_quantized(q, scale, torch.randn(N, generator=g, device=DEV).to(torch.bfloat16), mode=mode,
+                                  backend="cuda")
+    for M in (1, 7, 300):
+        x = torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16)
+        first = m(x)
+        assert m._run is not None and m._run.backend == "cuda"
+        out = m(x)
+        assert torch.equal(out, first) and torch.equal(out, run_cuda(x, q, scale, m.bias, mode))
+        check(out, x, q, scale, m.bias, mode, f"module M={M}")
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        m(x)
+    torch.cuda.current_stream().wait_stream(st)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = m(x)
+    x.copy_(torch.randn(x.shape, generator=g, device=DEV).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, m(x))
+

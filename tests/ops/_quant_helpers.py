@@ -125,6 +125,23 @@ def exact_w8a8(x, q, scale, bias) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], N)
 
 
+def graph_replay(call, x: torch.Tensor, new_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """call(x) captured in a CUDA graph (after a warm-up call on a side stream), x then overwritten in place with
+    new_x and the graph replayed: (the replay's output, call(x) run eagerly afterwards), for bit comparison."""
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        call(x)
+    torch.cuda.current_stream().wait_stream(st)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = call(x)
+    x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    return y, call(x)
+
+
 def assert_rounded_from(out: torch.Tensor, exact: torch.Tensor, what: str = "") -> None:
     """Every element of out is within one ulp (of out's dtype) of the exact float64 value: tight."""
     eps = torch.finfo(out.dtype).eps

@@ -12,7 +12,7 @@ import torch
 
 from llmkern import _backends, ops
 from llmkern import reference as R
-from _quant_helpers import TOL, rel_err
+from _quant_helpers import TOL, graph_replay, rel_err
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or "cuda" not in ops.OPS["int4_linear"].backends_here(),
@@ -389,18 +389,8 @@ def test_packed_module_graph_and_nan():
     second = m(x)
     check_tight(second, x, qw, s, o, m.bias, "module")
     check(first, x, qw, s, o, m.bias, "module first call")
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        m(x)
-    torch.cuda.current_stream().wait_stream(st)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = m(x)
-    x.copy_(torch.randn(4, K, generator=g, device=DEV).to(torch.bfloat16))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, m(x))
+    replayed, eager = graph_replay(m, x, torch.randn(4, K, generator=g, device=DEV).to(torch.bfloat16))
+    assert torch.equal(replayed, eager)
     x[1] = float("nan")
     out = m(x)
     assert out[1].isnan().all() and torch.isfinite(out[[0, 2, 3]]).all()

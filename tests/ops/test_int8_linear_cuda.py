@@ -13,7 +13,7 @@ import torch
 
 from llmkern import _backends, ops
 from llmkern import reference as R
-from _quant_helpers import TOL, assert_rounded_from, rel_err
+from _quant_helpers import TOL, assert_rounded_from, graph_replay, rel_err
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or "cuda" not in ops.OPS["int8_linear"].backends_here(),
@@ -389,16 +389,6 @@ def test_module_prepared_run(mode):
         out = m(x)
         assert torch.equal(out, first) and torch.equal(out, run_cuda(x, q, scale, m.bias, mode))
         check(out, x, q, scale, m.bias, mode, f"module M={M}")
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        m(x)
-    torch.cuda.current_stream().wait_stream(st)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = m(x)
-    x.copy_(torch.randn(x.shape, generator=g, device=DEV).to(torch.bfloat16))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, m(x))
+    replayed, eager = graph_replay(m, x, torch.randn(x.shape, generator=g, device=DEV).to(torch.bfloat16))
+    assert torch.equal(replayed, eager)
 

@@ -141,17 +141,18 @@ def test_packed_kernel(emu, dtype, G, scale16):
 def test_packed_splitk_and_strided_rows(emu, dtype):
     """Split-K (the binding's split count for a small N over 132 SMs: partials reduced in order, bias added once;
     the same result with every split count), and x rows with a padded stride."""
-    G, N, K = 64, 24, 4096
-    splits = emu.int4_linear_packed_splits(N, K, 132)
-    assert splits > 1
-    for M in (1, 12):
+    G, N = 64, 24
+    for M, K in ((1, 4096), (12, 4096), (3, 4032)):  # K 4032: the last split ends in a half block
+        splits = emu.int4_linear_packed_splits(N, K, 132)
+        assert splits > 1
         x, qw, s, o, b = make(M, N, K, G, dtype, M + 7, bias=True)
         qp, sp = pack(emu, qw, s, o, G, False)
         out, path = run_packed(emu, x, qp, sp, False, N, G, b, splits)
         assert path == "packed_splitk"
-        check(out, x, qw, s, o, b, f"M={M} splits={splits}")
+        check(out, x, qw, s, o, b, f"M={M} K={K} splits={splits}")
         one, _ = run_packed(emu, x, qp, sp, False, N, G, b, 1)
         check(one, x, qw, s, o, b, f"M={M} one split")
+    K = 4096
     wide = torch.randn(3, K + 24).to(dtype)
     x = wide[:, :K]
     _, qw, s, o, b = make(3, N, K, G, dtype, 11)

@@ -147,18 +147,23 @@ static int int4_route(int M, int x_dtype, bool decode_mma) {
   return decode_mma && M >= 2 ? 1 : 0;
 }
 
+// Split-K factor of both swap-AB decode kernels: `ctas` CTAs of `warps` warps over `blocks` k blocks each;
+// split K until there are about per_sm CTAs per SM, keeping at least two blocks per warp in a split and no
+// split empty.
+static int swapab_splits(int64_t ctas, int blocks, int warps, int per_sm, int num_sms) {
+  const int64_t want = per_sm * int64_t(std::max(num_sms, 1));
+  if (ctas >= want) return 1;
+  int splits = int(std::min<int64_t>(kMaxSplits, (want + ctas - 1) / ctas));
+  splits = std::max(1, std::min(splits, blocks / (2 * warps)));
+  const int per = (blocks + splits - 1) / splits;
+  return (blocks + per - 1) / per;
+}
+
 // Splits of the decode tensor-core kernel: up to ~3 CTAs per SM, every warp at least two 128-k blocks.
 static int decode_mma_splits(int N, int K, int num_sms) {
   namespace d = cuda::decode_mma;
-  const int64_t ctas = (N + d::kCols - 1) / d::kCols;
-  const int64_t want = 3 * int64_t(std::max(num_sms, 1));
-  if (ctas >= want) return 1;
   constexpr int kBK = d::block_k(d::kInt4);
-  const int blocks = (K + kBK - 1) / kBK;
-  int splits = int(std::min<int64_t>(kMaxSplits, (want + ctas - 1) / ctas));
-  splits = std::max(1, std::min(splits, blocks / (2 * d::kWarps)));
-  const int per = (blocks + splits - 1) / splits;
-  return (blocks + per - 1) / per;
+  return swapab_splits((N + d::kCols - 1) / d::kCols, (K + kBK - 1) / kBK, d::kWarps, 3, num_sms);
 }
 
 // Split-K factor of the GEMV for these sizes: 1 when the (N, M) grid alone has >= 2 CTAs per SM;
@@ -278,14 +283,8 @@ void int4_linear_dequant_cuda(const uint8_t* qw, const float* scales, const floa
 int int4_linear_packed_splits(int N, int K, int num_sms) {
   namespace p = cuda::int4_packed;
   if (N <= 0 || K <= 0) return 1;
-  const int64_t ctas = (N + p::kCols - 1) / p::kCols;
-  const int64_t want = 4 * int64_t(std::max(num_sms, 1));
-  if (ctas >= want) return 1;
   const int blocks = (K / p::kChunkK + p::kBlockChunks - 1) / p::kBlockChunks;
-  int splits = int(std::min<int64_t>(kMaxSplits, (want + ctas - 1) / ctas));
-  splits = std::max(1, std::min(splits, blocks / (2 * p::kWarps)));
-  const int per = (blocks + splits - 1) / splits;
-  return (blocks + per - 1) / per;  // no empty split
+  return swapab_splits((N + p::kCols - 1) / p::kCols, blocks, p::kWarps, 4, num_sms);
 }
 
 // Bytes of the packed weight and scale buffers (the adapter allocates them).

@@ -90,17 +90,11 @@ struct Magic<__half> {
 // Two nibbles (bits 0..3 and 16..19 of v) -> the packed pair (q_lo, q_hi) in T, exactly.
 template <typename T>
 __device__ __forceinline__ uint32_t nibbles_to_pair(uint32_t v) {
-  const uint32_t biased = lop3_and_or(v, 0x000F000Fu, Magic<T>::kBias);
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    const uint32_t bias = Magic<T>::kBias;
-    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&biased),
-                                     *reinterpret_cast<const __nv_bfloat162*>(&bias));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  } else {
-    const uint32_t bias = Magic<T>::kBias;
-    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&biased), *reinterpret_cast<const __half2*>(&bias));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
+  const uint32_t bias = Magic<T>::kBias;
+  const uint32_t biased = lop3_and_or(v, 0x000F000Fu, bias);
+  using T2 = typename std::conditional<std::is_same<T, __nv_bfloat16>::value, __nv_bfloat162, __half2>::type;
+  const T2 r = __hsub2(*reinterpret_cast<const T2*>(&biased), *reinterpret_cast<const T2*>(&bias));
+  return *reinterpret_cast<const uint32_t*>(&r);
 }
 
 template <typename T>

@@ -14,7 +14,7 @@ import torch
 import llmkern.ops  # noqa: F401  (registers the ops; the adapters live in sys.modules)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "ops"))
-from _quant_helpers import TOL, assert_rounded_from, rel_err  # noqa: E402,F401
+from _quant_helpers import TOL, assert_exact_products, assert_rounded_from, rel_err  # noqa: E402,F401
 
 
 def poison_empty(shape, dtype=None, device=None):
@@ -32,6 +32,20 @@ _REWRITES = (('.device.type != "cuda"', '.device.type != "cpu"'), ("_backends.cu
 _REQUIRED = ('.device.type != "cuda"', "_backends.cuda_module()", "_num_sms(", "torch.empty(", "torch.cuda.")
 # Module-level functions of the ops the adapters call besides `_cuda` (rewritten the same way when present).
 _HELPERS = ("_cuda_bind", "_cuda_pack", "_cuda_packed_run", "_cuda_prepare")
+
+
+def make_int4(M, N, K, G, dtype, seed, bias=False, scale16=False):
+    """x [M, K]; every nibble value; positive scales, offsets of either sign (GGUF Q4_0/Q4_1-like); scale16: values
+    that fp16 holds exactly; an fp32 bias or None."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    qw = torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8)
+    s = torch.rand(N, K // G, generator=g) * 0.02 + 1e-3
+    o = -8 * s + torch.randn(N, K // G, generator=g) * 0.01
+    if scale16:
+        s, o = s.half().float(), o.half().float()
+    b = torch.randn(N, generator=g) if bias else None
+    return x, qw, s, o, b
 
 
 class Adapter:

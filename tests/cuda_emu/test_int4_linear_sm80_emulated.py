@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmkern import reference as R
-from _linear_emu import TOL, Adapter, rel_err
+from _linear_emu import TOL, Adapter, make_int4 as make, rel_err
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator is built with g++")
 
@@ -22,17 +22,6 @@ def lin():
     import build_emu
 
     return Adapter(build_emu.load(ops=("int4_linear",), name="_C_cuda_emu_int4_linear"), "int4_linear")
-
-
-def make(M, N, K, G, dtype, seed, bias=False):
-    """Every nibble value, positive scales, offsets of either sign (GGUF Q4_0/Q4_1-like)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    qw = torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8)
-    s = torch.rand(N, K // G, generator=g) * 0.02 + 1e-3
-    o = -8 * s + torch.randn(N, K // G, generator=g) * 0.01
-    b = torch.randn(N, generator=g) if bias else None
-    return x, qw, s, o, b
 
 
 def check(lin, x, qw, s, o, bias, path, **kw):

@@ -151,3 +151,14 @@ def assert_rounded_from(out: torch.Tensor, exact: torch.Tensor, what: str = "") 
     bound = eps * exact.abs() + tiny
     worst = ((o - exact).abs() / bound).max().item()
     assert worst <= 1.0, f"{what}: output is {worst:.3g} x one ulp away from the exact result"
+
+
+def assert_exact_products(out: torch.Tensor, exact: torch.Tensor, what: str = "") -> None:
+    """A kernel whose products are exact and whose sums are fp32 (int4_linear's packed decode kernel): every
+    element within one ulp of the exact float64 value plus 2^-20 of the largest one (fp32 sums of terms that
+    cancel, such as a group's scale and offset parts)."""
+    o = out.to(torch.float64)
+    assert torch.isfinite(o).all(), f"{what}: non-finite output"
+    bound = torch.finfo(out.dtype).eps * exact.abs() + 2.0 ** -20 * exact.abs().max()
+    worst = ((o - exact).abs() / bound).max().item()
+    assert worst <= 1.0, f"{what}: {worst:.3g} x the bound away from the exact result"

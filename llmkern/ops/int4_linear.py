@@ -422,6 +422,7 @@ def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms):
                                    0 if ws is None else ws.data_ptr(), sp_, sms, stream)
         return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
+    run.keep = (qp, sp, bias32)  # the tensors whose pointers it holds
     return run
 
 

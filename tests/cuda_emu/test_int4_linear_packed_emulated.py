@@ -4,6 +4,7 @@ bytes against a layout written here from the header's description, the kernel th
 8-row blocks, every group size, K % 128 tails, N tails, fp32 and fp16 scale storage, split-K, strided rows, bias),
 and the Python preparer llmkern.ops.int4_linear._cuda_prepare (which calls go to the packed kernel, which to the
 canonical `_cuda`). Outputs start as NaN."""
+import gc
 import shutil
 
 import numpy as np
@@ -187,8 +188,11 @@ def test_preparer_routes(lin):
     capture, and with CUDA_INT4_PACKED off, nothing is packed."""
     G, N, K = 32, 40, 256
     _, qw, s, o, b = make(1, N, K, G, torch.bfloat16, 5, bias=True)
+    b = b.to(torch.bfloat16)  # the preparer makes its own fp32 copy: the run must keep it alive
     run = lin.prepare(qw, s, o, b, "w4a16")
     assert run.packed[2] is False
+    gc.collect()
+    junk = [torch.full((N,), float("nan")) for _ in range(64)]  # reuse whatever the preparer freed
     for shape, dtype, path in (((1, K), torch.bfloat16, "packed"), ((2, 3, K), torch.float16, "packed"),
                                ((16, K), torch.bfloat16, "packed"), ((17, K), torch.bfloat16, "packed_gemm"),
                                ((3, K), torch.float32, "gemv")):
@@ -205,6 +209,7 @@ def test_preparer_routes(lin):
 
     with pytest.raises(BackendUnsupported, match="captured"):
         lin.prepare(qw, s, o, b, "w4a16", capturing=True)
+    del junk
     run = lin.prepare(qw, s, o, b, "w4a16", CUDA_INT4_PACKED=False)
     run(torch.randn(4, K).to(torch.bfloat16))
     assert lin.path == "decode_mma"

@@ -29,7 +29,7 @@ _REWRITES = (('.device.type != "cuda"', '.device.type != "cpu"'), ("_backends.cu
              ("torch.empty(", "POISON_EMPTY("), ("torch.cuda.is_current_stream_capturing()", "CAPTURING"),
              ("torch.cuda.synchronize(qweight.device)", "None"))
 # Left in the rewritten source they would touch CUDA: none may remain.
-_REQUIRED = ('.device.type != "cuda"', "_backends.cuda_module()", "_num_sms(", "torch.empty(", "torch.cuda.")
+_CUDA_CALLS = ('.device.type != "cuda"', "_backends.cuda_module()", "_num_sms(", "torch.empty(", "torch.cuda.")
 # Module-level functions of the ops the adapters call besides `_cuda` (rewritten the same way when present).
 _HELPERS = ("_cuda_bind", "_cuda_pack", "_cuda_packed_run", "_cuda_prepare")
 
@@ -52,18 +52,18 @@ class Adapter:
     """`op(...)` runs llmkern.ops.<name>._cuda on CPU tensors through `emu`; module switches (CUDA_DECODE_MMA,
     ...) and the stand-ins NUM_SMS / IS_SM90 are keyword overrides; `.path` is the launcher's path name
     (int8_linear: `_last_cuda_path`; int4_linear: the binding's return value). `.prepare(...)` runs the op's
-    cuda preparer (`_cuda_prepare`, with the helpers named in `helpers`) the same way and returns its run(x)."""
+    cuda preparer (`_cuda_prepare`) the same way and returns its run(x). The op's other cuda helpers (_HELPERS)
+    are rewritten alongside."""
 
-    def __init__(self, emu, name, helpers=()):
+    def __init__(self, emu, name):
         self.mod = sys.modules[f"llmkern.ops.{name}"]
         self.emu = emu
         self.src = self._rewrite("_cuda")
         # int4_linear discards the binding's path name: keep it
         self.src = self.src.replace("        mod.int4_linear(\n",
                                     "        global _last_cuda_path\n        _last_cuda_path = mod.int4_linear(\n")
-        helpers = tuple(helpers) + tuple(h for h in _HELPERS if hasattr(self.mod, h) and h not in helpers)
-        self.helpers = "\n\n".join(self._rewrite(h) for h in helpers)
-        for old in _REQUIRED:  # the stand-ins must reach every device-specific call of the adapter
+        self.helpers = "\n\n".join(self._rewrite(h) for h in _HELPERS if hasattr(self.mod, h))
+        for old in _CUDA_CALLS:  # the stand-ins must reach every device-specific call of the adapter
             assert old not in self.src + self.helpers, old
         self.path = None
 

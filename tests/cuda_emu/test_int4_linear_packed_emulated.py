@@ -28,7 +28,7 @@ def emu():
 
 @pytest.fixture(scope="module")
 def lin(emu):
-    return Adapter(emu, "int4_linear", helpers=("_cuda_pack", "_cuda_packed_run", "_cuda_prepare"))
+    return Adapter(emu, "int4_linear")
 
 
 def ref_pack(qw, s, o, G, scale16):

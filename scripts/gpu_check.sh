@@ -2,52 +2,70 @@
 # One call on a GPU machine (nvcc, torch, triton, pytest, pytest-benchmark installed; no network):
 # build llmkern with CUDA for the GPU present, run the GPU tests, run the GPU benchmarks, and write
 # everything under OUTDIR. Prints a short summary table last. Each stage has its own time limit (8.2
-# minutes in all, plus the build; a stage stopped at its limit keeps what it reached) and the run leaves at
-# most 11 files in OUTDIR:
+# minutes in all, plus the build; a stage stopped at its limit keeps what it reached). Every stage runs
+# through scripts/gpu_guard.py: a kernel that breaks the CUDA context (an illegal address, a device-side
+# assert) or runs past 60 s costs that one test or benchmark, not the rest of the stage (the rest runs
+# again in a new process). The run leaves 6 files in OUTDIR (the GPU tool brings back at most 8):
 #   gpu_check.log   everything printed (machine, build times, ptxas spills, test and bench summaries)
 #   ptxas.txt       ptxas' resource report of every CUDA kernel (registers, spills, shared memory)
-#   tests_cuda.xml  junit of stage 1: the CUDA kernels' own tests (tests/ops/*_cuda.py), build, registry
-#   tests_sm90_<op>.xml  junit of stage 1b (H100/H200 only), one per opt-in sm_90a kernel (3 files)
-#   tests_gpu.xml   junit of stage 2: the generic op/module tests for the GPU backends (cuda, triton) and the
-#                   Llama runtime on the GPU (tests/models/test_cuda_generate.py)
+#   tests.jsonl     one line per test of every stage: stage, nodeid, outcome, seconds, the error's first line
+#                   (stages: cuda = the CUDA kernels' own tests, tests/ops/*_cuda.py, build, registry;
+#                   sm90_<op> = each opt-in sm_90a kernel (H100/H200 only); gpu = the generic op/module tests
+#                   for the cuda and triton backends and the Llama runtime on the GPU; bench = the benchmarks)
 #   bench.json      the GPU benchmarks without raw per-round timings (report.py --compact)
 #   bench_report.md, bench_report.png   the report table (with the GPU issue targets: benchmarks/targets.py) and plot
-# Usage: bash scripts/gpu_check.sh OUTDIR [extra pytest -k filter]
+# Usage: bash scripts/gpu_check.sh OUTDIR [extra pytest -k filter]. Exit status 1 if the build failed or a stage
+# had a failed, timed-out or crashed test, else 0.
+# GPU_CHECK_DRY=1 (no GPU needed; tests/test_gpu_check.py): no build, benchmarks on the CPU, the sm_90a stages
+# as on an H200: checks the script's own plumbing.
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTDIR}
 FILTER=${2:-}
+DRY=${GPU_CHECK_DRY:-0}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 LOG="$OUT/gpu_check.log"
+rm -f "$OUT/tests.jsonl"
 exec > >(tee -a "$LOG") 2>&1
 step() { echo "=== $(date -u +%H:%M:%S) $*"; }
-# Stage limits send SIGINT first: pytest then still finishes its session, so the junit XML and the
-# benchmark JSON keep every result reached before the limit (a plain SIGTERM / SIGKILL would lose them).
-limit() { local s=$1; shift; timeout -s INT -k 15 "$s" "$@"; }
+# The GPU machine's python3 is the one with torch (a plain `python` may not exist there).
+PY=${GPU_CHECK_PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1
+# stage NAME SECONDS [--bench-json PATH] -- PYTEST_ARGS: one guarded stage (scripts/gpu_guard.py).
+FAILED=0  # the exit status: 1 when a stage had a failed test (the files say which)
+stage() {
+  local name=$1 secs=$2; shift 2
+  "$PY" scripts/gpu_guard.py run --name "$name" --limit "$secs" --dir "$OUT" "$@" || { FAILED=1; return 1; }
+}
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv || true
-python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-python -c "import triton; print('triton', triton.__version__)" || true
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+"$PY" -c "import triton; print('triton', triton.__version__)" || true
 
-step "build (only the GPU's architecture; .cu files compile in parallel)"
-CAP=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}' + ('a' if m == 9 else ''))")
-export LLMKERN_CUDA_ARCHS="$CAP"
-start=$(date +%s)
-if ! python setup.py build_ext --inplace > "$OUT/build.tmp" 2>&1; then
-  tail -60 "$OUT/build.tmp"; echo "BUILD FAILED"; exit 1
+if [ "$DRY" = 1 ]; then
+  CAP=${GPU_CHECK_CAP:-90a}
+  step "build skipped (GPU_CHECK_DRY=1; sm_$CAP assumed)"
+else
+  step "build (only the GPU's architecture; .cu files compile in parallel)"
+  CAP=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}' + ('a' if m == 9 else ''))")
+  export LLMKERN_CUDA_ARCHS="$CAP"
+  start=$(date +%s)
+  if ! "$PY" setup.py build_ext --inplace > "$OUT/build.tmp" 2>&1; then
+    tail -60 "$OUT/build.tmp"; echo "BUILD FAILED"; exit 1
+  fi
+  grep "compiled in" "$OUT/build.tmp"; rm -f "$OUT/build.tmp"
+  echo "build took $(( $(date +%s) - start )) s for sm_$CAP"
+  cp llmkern/_C_cuda.ptxas.txt "$OUT/ptxas.txt" 2>/dev/null || true
+  grep -E "bytes spill" "$OUT/ptxas.txt" | grep -v " 0 bytes spill stores, 0 bytes spill loads" | head -5
 fi
-grep "compiled in" "$OUT/build.tmp"; rm -f "$OUT/build.tmp"
-echo "build took $(( $(date +%s) - start )) s for sm_$CAP"
-cp llmkern/_C_cuda.ptxas.txt "$OUT/ptxas.txt" 2>/dev/null || true
-grep -E "bytes spill" "$OUT/ptxas.txt" | grep -v " 0 bytes spill stores, 0 bytes spill loads" | head -5
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python -m llmkern info
+"$PY" -m llmkern info
 
 step "tests 1/2: the CUDA kernels' own tests (full shapes, CUDA graphs), build, registry"
-limit 150 python -m pytest -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py tests/test_registry.py \
-  -k "${FILTER:+($FILTER) and }not test_sm90_ and not (int4_linear_cuda and wgmma)" --junitxml="$OUT/tests_cuda.xml" 2>&1 | tail -25
+stage cuda 150 -- -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py tests/test_registry.py \
+  -k "${FILTER:+($FILTER) and }not test_sm90_ and not (int4_linear_cuda and wgmma)"
 
 # The opt-in sm_90a kernels (attention and W8A8 on TMA + wgmma, the W4A16 wgmma GEMM; never run before a GPU
 # session) in a stage of their own, one kernel at a time, so that a hang (an mbarrier phase that never
@@ -58,8 +76,8 @@ if [ "$CAP" = "90a" ]; then
   for op in attention:50 int8_linear:25 int4_linear:25; do
     name=${op%%:*}; secs=${op##*:}
     step "tests 1b: the sm_90a $name kernel (limit $secs s)"
-    if ! limit "$secs" python -m pytest -q --maxfail=20 -p no:cacheprovider "tests/ops/test_${name}_cuda.py" \
-        -k "${FILTER:+($FILTER) and }(test_sm90_ or wgmma)" --junitxml="$OUT/tests_sm90_${name}.xml" 2>&1 | tail -8; then
+    if ! GPU_GUARD_TIMEOUT=20 stage "sm90_$name" "$secs" -- -q --maxfail=20 -p no:cacheprovider \
+        "tests/ops/test_${name}_cuda.py" -k "${FILTER:+($FILTER) and }(test_sm90_ or wgmma)"; then
       echo "sm_90a $name: not benchmarked (its tests failed or ran out of time)"
       BENCH_EXCL="${BENCH_EXCL:+$BENCH_EXCL and }not (bench_${name} and sm90)"
     fi
@@ -67,24 +85,25 @@ if [ "$CAP" = "90a" ]; then
 fi
 
 step "tests 2/2: generic op and module tests, GPU backends only"
-limit 100 python -m pytest -q -p no:cacheprovider tests/ops tests/nn tests/models/test_cuda_generate.py --ignore-glob='*_cpu.py' \
-  --ignore-glob='*_cuda.py' -k "${FILTER:+($FILTER) and }(cuda or triton)" --junitxml="$OUT/tests_gpu.xml" 2>&1 | tail -25
+stage gpu 100 -- -q -p no:cacheprovider tests/ops tests/nn tests/models/test_cuda_generate.py --ignore-glob='*_cpu.py' \
+  --ignore-glob='*_cuda.py' -k "${FILTER:+($FILTER) and }(cuda or triton)"
 
 step "GPU benchmarks"
-export LLMKERN_BENCH_DEVICE=cuda
+if [ "$DRY" = 1 ]; then export LLMKERN_BENCH_DEVICE=cpu; else export LLMKERN_BENCH_DEVICE=cuda; fi
 BK="${FILTER:+($FILTER)}${FILTER:+${BENCH_EXCL:+ and }}${BENCH_EXCL}"
 # ~300 entries on a GPU (the GPU issues' target shapes, bf16; benchmarks/_shapes.py): 0.25 s of timing each
-# (GPU calls are micro- to milliseconds) keeps the stage near
-# two minutes.
-limit 140 python -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-only ${BK:+-k "$BK"} \
-  --benchmark-max-time=0.25 --benchmark-min-rounds=3 \
-  --benchmark-json="$OUT/bench.raw.json" 2>&1 | tail -15
+# (GPU calls are micro- to milliseconds) keeps the stage near two minutes.
+stage bench 140 --bench-json "$OUT/bench.raw.json" -- -q -p no:cacheprovider benchmarks/ --benchmark-only \
+  ${BK:+-k "$BK"} --benchmark-max-time=0.25 --benchmark-min-rounds=3 --benchmark-columns=median,iqr,rounds
 
 step "report"
-python benchmarks/report.py "$OUT/bench.raw.json" --out "$OUT" --compact "$OUT/bench.json" > /dev/null 2>&1 || true
-rm -f "$OUT/bench.raw.json"
+"$PY" benchmarks/report.py "$OUT/bench.raw.json" --out "$OUT" --compact "$OUT/bench.json" > /dev/null 2>&1 || true
+rm -rf "$OUT/bench.raw.json" "$OUT"/.guard_*
 [ -f "$OUT/bench.raw_report.md" ] && mv "$OUT/bench.raw_report.md" "$OUT/bench_report.md"
 [ -f "$OUT/bench.raw_report.png" ] && mv "$OUT/bench.raw_report.png" "$OUT/bench_report.png"
 step "summary"
-sed -n '/## GPU issue targets/,/^### /p' "$OUT/bench_report.md" 2>/dev/null | head -45
-sed -n '/## Summary/,/^## GPU issue targets/p' "$OUT/bench_report.md" 2>/dev/null | head -60
+"$PY" scripts/gpu_guard.py summary "$OUT/tests.jsonl"
+sed -n '/## GPU issue targets/,/^### /p' "$OUT/bench_report.md" 2>/dev/null | head -45 || true
+sed -n '/## Summary/,/^## GPU issue targets/p' "$OUT/bench_report.md" 2>/dev/null | head -60 || true
+echo "files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit $FAILED

@@ -5,7 +5,8 @@
 - llmkern._C_cuda  csrc/cuda/*.cu (nvcc, sm_80 + sm_90a) + csrc/cuda/*.cpp (bindings), linked with
                    the static cudart so it imports on machines without a GPU or CUDA runtime.
                    Skipped when nvcc is not found or LLMKERN_NO_CUDA=1; LLMKERN_CUDA_ARCHS="80;90a"
-                   overrides the targets.
+                   overrides the targets; the oldest plain target's PTX is included (newer GPUs JIT it;
+                   LLMKERN_CUDA_PTX=0: not).
 Source files compile LLMKERN_BUILD_JOBS at a time (default: the CPU count), .cpp and .cu alike.
 Neither module includes torch headers, so one binary works with every torch version.
 """
@@ -115,8 +116,15 @@ class BuildExt(build_ext):
         """Compile the .cu sources, several at once (LLMKERN_BUILD_JOBS, default: the CPU count): each
         nvcc call compiles one file for every target architecture, and most of its time is one core."""
         nvcc = ext.nvcc
-        archs = os.environ.get("LLMKERN_CUDA_ARCHS", "80;90a").split(";")
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+        archs = [a for a in os.environ.get("LLMKERN_CUDA_ARCHS", "80;90a").split(";") if a]
+        # Machine code for each target, and the PTX of the oldest portable one (not an "a" target) with it:
+        # the driver compiles that PTX for GPUs newer than every target (Blackwell and later), which the
+        # sm_80 kernels then serve. Without it such a GPU has no kernel image (the cuda backend then reports
+        # itself unavailable and the triton one runs). LLMKERN_CUDA_PTX=0 leaves the PTX out.
+        portable = sorted((a for a in archs if a.isdigit()), key=int)
+        ptx = portable[0] if portable and os.environ.get("LLMKERN_CUDA_PTX", "1") != "0" else None
+        gencode = [f"-gencode=arch=compute_{a},code=[sm_{a},compute_{a}]" if a == ptx else
+                   f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
         def compile_one(src):
             obj = os.path.join(self.build_temp, src + ".o")

@@ -40,6 +40,27 @@ def _cuda_device() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def cuda_kernels_error() -> str | None:
+    """None when llmkern._C_cuda's kernels can run on torch's current GPU, else why not (no module, no GPU,
+    a compute capability below 8.0, or a GPU this build has no code for). Asked once, at the first use."""
+    mod = cuda_module()
+    if mod is None:
+        return f"llmkern._C_cuda not importable ({import_error('llmkern._C_cuda') or 'not built'})"
+    if not _cuda_device():
+        return "no CUDA device"
+    check = getattr(mod, "kernel_image_error", None)
+    if check is None:  # a module built before this check existed
+        return None
+    import torch
+
+    idx = torch.cuda.current_device()
+    err = check(idx)
+    if err:
+        log.warning("llmkern: the cuda backend cannot run on cuda:%d (%s); other backends will", idx, err)
+    return err or None
+
+
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     if not _cuda_device() and os.environ.get("TRITON_INTERPRET") != "1":
         return False
@@ -53,7 +74,7 @@ def available(name: str) -> bool:
     if name == "cpu":
         return cpu_module() is not None
     if name == "cuda":
-        return cuda_module() is not None and _cuda_device()
+        return cuda_module() is not None and _cuda_device() and cuda_kernels_error() is None
     if name == "triton":
         return triton_available()
     return False

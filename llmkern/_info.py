@@ -26,7 +26,8 @@ def info_dict() -> dict:
         "backends": {b: _backends.available(b) for b in ALL_BACKENDS},
         "backend_errors": {
             "cpu": None if cpu else _backends.import_error("llmkern._C"),
-            "cuda": None if cuda else _backends.import_error("llmkern._C_cuda"),
+            "cuda": (None if cuda else _backends.import_error("llmkern._C_cuda")) or (
+                _backends.cuda_kernels_error() if cuda and torch.cuda.is_available() else None),
         },
         "cuda_module": cuda.build_info() if cuda else None,
         "cuda_switches": _cuda_switches() if cuda else None,
@@ -71,9 +72,10 @@ def info(file=None) -> dict:
         f"GPU: {d['gpu'] or 'none'}",
         "backends: " + ", ".join(f"{b}={'yes' if ok else 'no'}" for b, ok in d["backends"].items()),
     ]
+    cuda_loaded = d["cuda_module"] is not None
     for name, err in d["backend_errors"].items():
         if err:
-            lines.append(f"  {name} module not loaded: {err}")
+            lines.append(f"  {name}: {err}" if name == "cuda" and cuda_loaded else f"  {name} module not loaded: {err}")
     if d["cuda_module"]:
         lines.append(f"llmkern._C_cuda: {d['cuda_module']}")
         lines.append("CUDA variants (environment switches): " + ", ".join(

@@ -385,3 +385,91 @@ def test_linear_fast_check_skips_check_and_dispatcher(op_name, monkeypatch):
     assert checks == [1] and dispatched == []
     fn(base[0].clone().requires_grad_(True), *base[1:])
     assert dispatched == [1]
+
+
+class _FakeGpu:
+    """torch.cuda's device state on a machine with two GPUs, current device 0: `torch.cuda.device(i)` makes i
+    current for its block (what the registry must do before a backend launches on a tensor of GPU 1)."""
+
+    def __init__(self, monkeypatch):
+        from llmkern.ops import _registry
+
+        self.current = 0
+        monkeypatch.setattr(_registry, "_GPUS", [2])
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "device", self.device)
+
+    def device(self, idx):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            prev, self.current = self.current, int(idx.index if isinstance(idx, torch.device) else idx)
+            try:
+                yield
+            finally:
+                self.current = prev
+        return cm()
+
+
+def test_kernels_run_with_their_tensors_gpu_current(monkeypatch):
+    """Kernels (llmkern's CUDA launchers, Triton's) launch on the current GPU: an op call, a preparer and a
+    prepared run on tensors of another GPU run with that GPU current, and leave the current one as it was."""
+    from llmkern.ops import _registry
+
+    gpu = _FakeGpu(monkeypatch)
+    op = OPS["rms_norm"]
+    seen = []
+
+    def impl(*args):
+        seen.append(("op", gpu.current))
+        return "y"
+
+    monkeypatch.setitem(op.impls, "cuda", impl)
+    monkeypatch.setattr(_registry, "_backend_available", lambda name: True)
+    monkeypatch.setattr(_registry, "_device_of", lambda args: "cuda")
+    for idx in (1, 0):
+        monkeypatch.setattr(_registry, "_first_cuda_device", lambda args, i=idx: torch.device("cuda", i))
+        assert op._run((None, None, 1e-6, None), "cuda") == "y"
+        assert seen[-1] == ("op", idx) and gpu.current == 0
+
+    def prep(*static):
+        seen.append(("prepare", gpu.current))
+        return lambda x: seen.append(("run", gpu.current))
+
+    monkeypatch.setitem(op.preparers, "cuda", prep)
+    run = op.prepare(None, None, None, backend="cuda", device=torch.device("cuda", 1))
+    assert seen[-1] == ("prepare", 1) and gpu.current == 0
+
+    class X:  # an activation on GPU 1 (is_cuda and device are all the wrapper reads)
+        is_cuda, device = True, torch.device("cuda", 1)
+
+    run(X())
+    assert seen[-1] == ("run", 1) and gpu.current == 0
+    X.device = torch.device("cuda", 0)
+    run(X())
+    assert seen[-1] == ("run", 0)
+
+
+def test_cuda_backend_unavailable_where_its_kernels_cannot_run(monkeypatch, caplog):
+    """A GPU the build has no code for (older than sm_80, or newer than its targets without PTX): the cuda
+    backend reports itself unavailable, with the reason (in `llmkern info` too), and the next backend runs."""
+    from llmkern import _backends
+
+    class FakeModule:
+        def kernel_image_error(self, device):
+            return "no kernel image is available for execution on the device (compute capability 12.0)"
+
+    monkeypatch.setattr(_backends, "cuda_module", lambda: FakeModule())
+    monkeypatch.setattr(_backends, "_cuda_device", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _backends.cuda_kernels_error.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="llmkern"):
+            assert not _backends.available("cuda")
+        assert "no kernel image" in _backends.cuda_kernels_error() and "cannot run on cuda:0" in caplog.text
+        FakeModule.kernel_image_error = lambda self, device: ""
+        _backends.cuda_kernels_error.cache_clear()
+        assert _backends.available("cuda") and _backends.cuda_kernels_error() is None
+    finally:
+        _backends.cuda_kernels_error.cache_clear()

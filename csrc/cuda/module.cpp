@@ -13,6 +13,7 @@ namespace llmkern {
 int runtime_version();
 int driver_version();
 int device_count(std::string* error);
+std::string kernel_image_error(int device);
 void iota(int* out, int n, cudaStream_t stream);
 void bind_attention(py::module_& m);
 void bind_kv_cache_append(py::module_& m);
@@ -35,6 +36,9 @@ PYBIND11_MODULE(_C_cuda, m) {
     d["device_error"] = err;
     return d;
   });
+  m.def("kernel_image_error", &llmkern::kernel_image_error, py::arg("device"),
+        "'' when the GPU `device` can run these kernels, else why not (compute capability below 8.0, or no kernel "
+        "image for it in this build). Makes `device` current for the calling thread.");
   m.def(
       "iota",
       [](std::uintptr_t out, int n, std::uintptr_t stream) {

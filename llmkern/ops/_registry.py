@@ -224,7 +224,12 @@ class Op:
             if prep is None:
                 return None
             try:
-                fn = prep(*static_args)
+                idx = _other_gpu(device) if device.type == "cuda" else None
+                if idx is None:
+                    fn = prep(*static_args)
+                else:  # (preparers may launch kernels: packing)
+                    with torch.cuda.device(idx):
+                        fn = prep(*static_args)
             except BackendUnsupported as e:
                 # The registered op handles this case (falling back, or raising under strict mode).
                 log.debug("llmkern.%s: %s cannot prepare these weights (%s)", self.name, name, e)
@@ -232,7 +237,12 @@ class Op:
             op = self
 
             def run(x, _fn=fn, _name=name):
-                out = _fn(x)
+                idx = _other_gpu(x.device) if x.is_cuda else None
+                if idx is None:
+                    out = _fn(x)
+                else:
+                    with torch.cuda.device(idx):
+                        out = _fn(x)
                 op.last_backend = _name
                 return out
 
@@ -295,11 +305,17 @@ class Op:
         return self._run(args, requested)
 
     def _run(self, args, requested):
-        """Run the first backend of the plan that takes the input."""
+        """Run the first backend of the plan that takes the input (on its GPU: `_other_gpu`)."""
         if requested is None:
             requested = _backends.env_backend()
+        device = _device_of(args)
+        if device == "cuda":
+            idx = _other_gpu(_first_cuda_device(args))
+            if idx is not None:
+                with torch.cuda.device(idx):
+                    return self._run(args, requested)
         reasons = []
-        for name, impl, why in self._plan(_device_of(args), requested):
+        for name, impl, why in self._plan(device, requested):
             if impl is None:
                 # Static (machine / registration) skips are fallbacks only for an explicit request.
                 if requested is not None:
@@ -400,6 +416,28 @@ def _device_of(args) -> str:
         if isinstance(a, torch.Tensor):
             return "cpu" if a.is_cpu else a.device.type  # is_cpu: no torch.device object (~0.2 us)
     return "cpu"
+
+
+_GPUS: list = []  # [torch.cuda.device_count()], read once
+
+
+def _other_gpu(device) -> int | None:
+    """The index of `device` (a CUDA torch.device) when the machine has several GPUs and it is not torch's
+    current one, else None. llmkern's and Triton's kernels launch on the current device (the CUDA runtime's
+    per-thread state, which torch's own ops switch for themselves): a call on another GPU's tensors must
+    make that GPU current first."""
+    if not _GPUS:
+        _GPUS.append(torch.cuda.device_count())
+    if _GPUS[0] < 2 or device.index is None or device.index == torch.cuda.current_device():
+        return None
+    return device.index
+
+
+def _first_cuda_device(args):
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_cuda:
+            return a.device
+    return None
 
 
 def defop(name: str, schema: str, *, check: Callable | None, fake: Callable,

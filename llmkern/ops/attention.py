@@ -158,13 +158,9 @@ def _cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, windo
     cannot take) raises BackendUnsupported and the op runs Triton."""
     if q.device.type != "cuda":
         raise BackendUnsupported(f"q is on {q.device}")
-    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    if dev == torch.cuda.current_device():
-        return _cuda_launch(_backends.cuda_module(), torch.cuda.current_stream(dev).cuda_stream, q, k, v,
-                            cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
-    with torch.cuda.device(dev):
-        return _cuda_launch(_backends.cuda_module(), torch.cuda.current_stream(dev).cuda_stream, q, k, v,
-                            cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
+    # (q's GPU is the current one: the registry switches to it, `_registry._other_gpu`)
+    return _cuda_launch(_backends.cuda_module(), torch.cuda.current_stream(q.device).cuda_stream, q, k, v,
+                        cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
 
 
 def _cuda_launch(mod, stream, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right,

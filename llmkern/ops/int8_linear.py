@@ -320,7 +320,8 @@ def _num_sms(device) -> int:
 
 
 def _cuda_device(device):
-    """Kernels launch on the current device: switch only when x lives on another one."""
+    """Kernels launch on the current device: switch only when x lives on another one. (Op calls and prepared
+    runs are already on it, `_registry._other_gpu`; this keeps the adapters right when called directly.)"""
     if device.index is None or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)

@@ -7,7 +7,8 @@ completes) stops the process until the stage's time limit. This file is both:
 
 - a pytest plugin (`-p gpu_guard`, with scripts/ on PYTHONPATH), active when GPU_GUARD_DIR is set. It
   appends one JSON line per finished test to GPU_GUARD_DIR/results.jsonl (nodeid, outcome, seconds,
-  the error's first line; flushed, so kept even if the process is killed), names the running test in
+  the error's first line; flushed, so kept even if the process is killed; a file that cannot be collected
+  is an "error" line too), names the running test in
   GPU_GUARD_DIR/current, and after a failure checks whether the CUDA context still works (the error's
   text, then a small synchronised kernel). If it does not, it writes the test to GPU_GUARD_DIR/culprit
   and stops the session after that test (pytest still writes its benchmark JSON). A test running
@@ -118,6 +119,13 @@ def _on_timeout(nodeid: str, started: float) -> None:
     faulthandler.dump_traceback(file=err, all_threads=True)
     err.flush()
     os._exit(EXIT_TIMEOUT)
+
+
+def pytest_collectreport(report):
+    """A file that fails to import (run with --continue-on-collection-errors: the rest still runs) is a result too."""
+    if _DIR and report.failed:
+        _append({"stage": _state["stage"], "attempt": _state["attempt"], "nodeid": report.nodeid,
+                 "outcome": "error", "seconds": None, "message": "collection: " + _first_line(report)})
 
 
 def pytest_runtest_logstart(nodeid, location):

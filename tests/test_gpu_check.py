@@ -69,6 +69,16 @@ def test_guard_plain_failures_need_no_restart(tmp_path):
     assert _guard(tmp_path, "ok", "test_ok.py").returncode == 0
 
 
+def test_guard_records_a_file_that_cannot_be_collected(tmp_path):
+    (tmp_path / "test_broken.py").write_text("import no_such_module_here\ndef test_never(): pass\n")
+    (tmp_path / "test_fine.py").write_text("def test_fine(): pass\n")
+    p = _guard(tmp_path, "coll", "test_broken.py", "test_fine.py", "--continue-on-collection-errors")
+    assert p.returncode == 1, p.stdout
+    got = {r["nodeid"]: (r["outcome"], r["message"]) for r in _results(tmp_path)}
+    assert got["test_fine.py::test_fine"][0] == "passed"
+    assert got["test_broken.py"][0] == "error" and "no_such_module_here" in got["test_broken.py"][1]
+
+
 def test_guard_stage_limit_stops_pytest_and_keeps_results(tmp_path):
     (tmp_path / "test_slow.py").write_text("import time\ndef test_a(): pass\ndef test_b(): time.sleep(50)\n")
     p = _guard(tmp_path, "slow", "test_slow.py", timeout="100", limit="4")

@@ -124,8 +124,11 @@ def _on_timeout(nodeid: str, started: float) -> None:
 def pytest_collectreport(report):
     """A file that fails to import (run with --continue-on-collection-errors: the rest still runs) is a result too."""
     if _DIR and report.failed:
+        # (the report's first line only says "ImportError while importing test module ...": the cause is last)
+        lines = [ln.strip() for ln in str(report.longrepr).splitlines() if ln.strip()]
+        cause = next((ln[1:].strip() for ln in reversed(lines) if ln.startswith("E ")), lines[-1] if lines else "")
         _append({"stage": _state["stage"], "attempt": _state["attempt"], "nodeid": report.nodeid,
-                 "outcome": "error", "seconds": None, "message": "collection: " + _first_line(report)})
+                 "outcome": "error", "seconds": None, "message": "collection: " + cause[:300]})
 
 
 def pytest_runtest_logstart(nodeid, location):

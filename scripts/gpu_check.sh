@@ -11,7 +11,8 @@
 #   tests.jsonl     one line per test of every stage: stage, nodeid, outcome, seconds, the error's first line
 #                   (stages: cuda = the CUDA kernels' own tests, tests/ops/*_cuda.py, build, registry;
 #                   sm90_<op> = each opt-in sm_90a kernel (H100/H200 only); gpu = the generic op/module tests
-#                   for the cuda and triton backends and the Llama runtime on the GPU; bench = the benchmarks)
+#                   for the cuda and triton backends, the Llama runtime and a patched transformers model on the GPU;
+#                   bench = the benchmarks)
 #   bench.json      the GPU benchmarks without raw per-round timings (report.py --compact)
 #   bench_report.md, bench_report.png   the report table (with the GPU issue targets: benchmarks/targets.py) and plot
 # Usage: bash scripts/gpu_check.sh OUTDIR [extra pytest -k filter]. Exit status 1 if the build failed or a stage
@@ -88,7 +89,8 @@ if [ "$CAP" = "90a" ]; then
 fi
 
 step "tests 2/2: generic op and module tests, GPU backends only"
-stage gpu 100 -- -q -p no:cacheprovider tests/ops tests/nn tests/models/test_cuda_generate.py --ignore-glob='*_cpu.py' \
+stage gpu 100 -- -q -p no:cacheprovider tests/ops tests/nn tests/models/test_cuda_generate.py tests/models/test_hf.py \
+  --ignore-glob='*_cpu.py' \
   --ignore-glob='*_cuda.py' -k "${FILTER:+($FILTER) and }(cuda or triton)"
 
 step "GPU benchmarks"

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face interop tests need transformers")
+# The forward's cache argument: `cache` in recent transformers, `past_key_values` before the rename (5.17, the
+# GPU machine's version, still has it); llmkern's patch takes either.
+CACHE = ("cache" if "cache" in __import__("inspect").signature(transformers.LlamaForCausalLM.forward).parameters
+         else "past_key_values")
 
 from llmkern import nn as lnn  # noqa: E402
 from llmkern import ops  # noqa: E402
@@ -220,7 +224,7 @@ def test_patched_generate_uses_llmkern_cache(hf_tiny, monkeypatch):
         try:
             got = hf_tiny.generate(tokens, max_new_tokens=5, do_sample=False)
             cache = cache_classes()[1]()
-            hf_tiny(tokens, cache=cache, use_cache=True)  # an explicit cache is used as given
+            hf_tiny(tokens, **{CACHE: cache}, use_cache=True)  # an explicit cache is used as given
             assert type(cache.layers[0]).__name__ == "LlmkernLayer"
         finally:
             unpatch(hf_tiny)
@@ -228,3 +232,37 @@ def test_patched_generate_uses_llmkern_cache(hf_tiny, monkeypatch):
     assert torch.equal(got, want)
     # prefill then decode appends, per layer, each rotating q and k in the same call
     assert appends[0] == ((1, 7, 1, 32), True) and appends[2] == ((1, 1, 1, 32), True)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_patched_int4_bf16_model_runs_on_its_device(hf_tiny, device):
+    """A bf16 transformers model on `device`, patched with int4 linears (the lm_head too): its forward and
+    generate() (LlmkernCache, decode attention over it) run on that device's llmkern backends (cuda / triton
+    on a GPU), and its logits match the unpatched model holding the int4-dequantized weights in its
+    nn.Linear layers (bf16 activations: 3e-2)."""
+    import copy
+
+    m = copy.deepcopy(hf_tiny).to(device=device, dtype=torch.bfloat16)
+    tokens = torch.randint(0, 103, (2, 9)).to(device)
+    patch(m, quant="int4")
+    try:
+        with torch.inference_mode():
+            got = m(tokens).logits.float()
+            gen = m.generate(tokens, max_new_tokens=5, do_sample=False)
+        used = {n: ops.OPS[n].last_backend for n in ("int4_linear", "rms_norm", "attention", "decode_attention",
+                                                      "kv_cache_append")}
+        allowed = ("cuda", "triton") if device == "cuda" else ("cpu",)
+        assert all(b in allowed for b in used.values()), used
+        assert gen.shape == (2, 14) and gen.device.type == device
+        deq = {n: ops.dequantize_int4(q.qweight, q.scales, q.offsets)
+               for n, q in m.named_modules() if isinstance(q, lnn.Int4Linear)}  # [N, K] fp32
+        assert "lm_head" in deq and len(deq) == 1 + 7 * 2  # q, k, v, o, gate, up, down per layer
+    finally:
+        unpatch(m)
+    with torch.no_grad():
+        for n, lin in m.named_modules():
+            if n in deq:
+                lin.weight.copy_(deq[n])
+        want = m(tokens).logits.float()
+    assert rel(got, want) <= 3e-2, rel(got, want)

@@ -10,6 +10,10 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face interop tests need transformers")
+# The forward's cache argument: `cache` in recent transformers, `past_key_values` before the rename (5.17, the
+# GPU machine's version, still has it); llmkern's patch takes either.
+CACHE = ("cache" if "cache" in __import__("inspect").signature(transformers.LlamaForCausalLM.forward).parameters
+         else "past_key_values")
 
 from llmkern.models import hf_attention  # noqa: E402
 from llmkern.models.hf import patch, unpatch  # noqa: E402
@@ -88,9 +92,9 @@ def _reset_rope(model):
 def _steps(model, tokens, cache, n_decode=5, **kw):
     """Logits of a prefill of tokens[:, :-n_decode] then one forward per remaining token: [B, S, V]."""
     P = tokens.shape[1] - n_decode
-    outs = [model(tokens[:, :P], cache=cache, use_cache=True, **kw).logits]
+    outs = [model(tokens[:, :P], **{CACHE: cache}, use_cache=True, **kw).logits]
     for i in range(P, tokens.shape[1]):
-        outs.append(model(tokens[:, i:i + 1], cache=cache, use_cache=True, **kw).logits)
+        outs.append(model(tokens[:, i:i + 1], **{CACHE: cache}, use_cache=True, **kw).logits)
     return torch.cat(outs, dim=1)
 
 
@@ -186,11 +190,11 @@ def test_static_cache_beams_and_reused_position_ids(counts, monkeypatch):
             # follow the refill by itself)
             two = tokens.expand(2, -1)
             cache, pos = new_cache(), torch.arange(6)[None]  # [1, 6], then one [1, 1] refilled in place
-            outs = [model(two[:, :6], cache=cache, position_ids=pos).logits]
+            outs = [model(two[:, :6], **{CACHE: cache}, position_ids=pos).logits]
             pos = torch.zeros(1, 1, dtype=torch.long)
             for i in range(6, 9):
                 pos.fill_(i)
-                outs.append(model(two[:, i:i + 1], cache=cache, position_ids=pos).logits)
+                outs.append(model(two[:, i:i + 1], **{CACHE: cache}, position_ids=pos).logits)
         finally:
             unpatch(model)
     _close(torch.cat(outs, dim=1), want_logits.expand(2, -1, -1))

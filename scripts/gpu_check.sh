@@ -2,7 +2,8 @@
 # One call on a GPU machine (nvcc, torch, triton, pytest, pytest-benchmark installed; no network):
 # build llmkern with CUDA for the GPU present, run the GPU tests, run the GPU benchmarks, and write
 # everything under OUTDIR. Prints a short summary table last. Each stage has its own time limit (8.2
-# minutes in all, plus the build; a stage stopped at its limit keeps what it reached). Every stage runs
+# minutes in all; less when the build was slow: GPU_CHECK_BUDGET below; a stage stopped at its limit keeps
+# what it reached). Every stage runs
 # through scripts/gpu_guard.py: a kernel that breaks the CUDA context (an illegal address, a device-side
 # assert) or runs past 60 s costs that one test or benchmark, not the rest of the stage (the rest runs
 # again in a new process). The run leaves 6 files in OUTDIR (the GPU tool brings back at most 8):
@@ -34,6 +35,18 @@ step() { echo "=== $(date -u +%H:%M:%S) $*"; }
 PY=${GPU_CHECK_PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1
 # stage NAME SECONDS [--bench-json PATH] -- PYTEST_ARGS: one guarded stage (scripts/gpu_guard.py).
+# The whole run ends within GPU_CHECK_BUDGET seconds of its start (default 570: a 10-minute device call with
+# room for the report), whatever the build takes: when less is left than the stages' limits add up to, each
+# remaining stage gets its share of what is left (`lim`).
+BUDGET=${GPU_CHECK_BUDGET:-570}
+T0=$(date +%s)
+# lim NOMINAL REST: NOMINAL seconds, or less when the time left (minus 20 s for the report) is under REST, the
+# nominal limits of this stage and every later one; at least 10.
+lim() {
+  local left=$(( T0 + BUDGET - $(date +%s) - 20 ))
+  local s=$(( left < $2 ? $1 * left / $2 : $1 ))
+  echo $(( s < 10 ? 10 : s ))
+}
 FAILED=0  # the exit status: 1 when a stage had a failed test (the files say which)
 # (--continue-on-collection-errors: a test file that fails to import on the GPU machine's torch / Python costs
 # that file, not the stage)
@@ -68,7 +81,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m llmkern info
 
 step "tests 1/2: the CUDA kernels' own tests (full shapes, CUDA graphs), build, registry"
-stage cuda 150 -- -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py tests/test_registry.py \
+stage cuda "$(lim 150 490)" -- -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py tests/test_registry.py \
   -k "${FILTER:+($FILTER) and }not test_sm90_ and not (int4_linear_cuda and wgmma)"
 
 # The opt-in sm_90a kernels (attention and W8A8 on TMA + wgmma, the W4A16 wgmma GEMM; never run before a GPU
@@ -77,8 +90,9 @@ stage cuda 150 -- -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py
 BENCH_EXCL="not sm90"
 if [ "$CAP" = "90a" ]; then
   BENCH_EXCL=""
+  rest=340  # this stage's and the later stages' nominal limits
   for op in attention:50 int8_linear:25 int4_linear:25; do
-    name=${op%%:*}; secs=${op##*:}
+    name=${op%%:*}; secs=$(lim "${op##*:}" "$rest"); rest=$(( rest - ${op##*:} ))
     step "tests 1b: the sm_90a $name kernel (limit $secs s)"
     if ! GPU_GUARD_TIMEOUT=20 stage "sm90_$name" "$secs" -- -q --maxfail=20 -p no:cacheprovider \
         "tests/ops/test_${name}_cuda.py" -k "${FILTER:+($FILTER) and }(test_sm90_ or wgmma)"; then
@@ -89,7 +103,7 @@ if [ "$CAP" = "90a" ]; then
 fi
 
 step "tests 2/2: generic op and module tests, GPU backends only"
-stage gpu 100 -- -q -p no:cacheprovider tests/ops tests/nn tests/models/test_cuda_generate.py tests/models/test_hf.py \
+stage gpu "$(lim 100 240)" -- -q -p no:cacheprovider tests/ops tests/nn tests/models/test_cuda_generate.py tests/models/test_hf.py \
   --ignore-glob='*_cpu.py' \
   --ignore-glob='*_cuda.py' -k "${FILTER:+($FILTER) and }(cuda or triton)"
 
@@ -98,7 +112,7 @@ if [ "$DRY" = 1 ]; then export LLMKERN_BENCH_DEVICE=cpu; else export LLMKERN_BEN
 BK="${FILTER:+($FILTER)}${FILTER:+${BENCH_EXCL:+ and }}${BENCH_EXCL}"
 # ~300 entries on a GPU (the GPU issues' target shapes, bf16; benchmarks/_shapes.py): 0.25 s of timing each
 # (GPU calls are micro- to milliseconds) keeps the stage near two minutes.
-stage bench 140 --bench-json "$OUT/bench.raw.json" -- -q -p no:cacheprovider benchmarks/ --benchmark-only \
+stage bench "$(lim 140 140)" --bench-json "$OUT/bench.raw.json" -- -q -p no:cacheprovider benchmarks/ --benchmark-only \
   ${BK:+-k "$BK"} --benchmark-max-time=0.25 --benchmark-min-rounds=3 --benchmark-columns=median,iqr,rounds
 
 step "report"

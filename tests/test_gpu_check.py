@@ -110,10 +110,12 @@ def test_b5(benchmark): _b(benchmark)
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     """The whole script without a GPU (GPU_CHECK_DRY=1: no build, benchmarks on the CPU) on a few tests and
-    one benchmark group: every stage runs, the output folder holds the files it documents (ptxas.txt aside,
+    one benchmark group, within a budget shorter than the stages' limits: every stage runs, with shorter limits, the output folder holds the files it documents (ptxas.txt aside,
     which the build writes; the GPU tool brings back at most 8) and the log ends with the summary."""
     out = tmp_path / "gpu"
-    env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_PYTHON=sys.executable, LLMKERN_BENCH_WARMUP="2")
+    # a 150 s budget: less than the stages' 490 s of limits, so each gets its share (`lim`)
+    env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_PYTHON=sys.executable, LLMKERN_BENCH_WARMUP="2",
+               GPU_CHECK_BUDGET="150")
     p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(out),
                         "rms_norm and (SmolLM2-135M-M1-H576-plain or fast_check)"],
                        env=env, capture_output=True, text=True, timeout=600)
@@ -126,3 +128,5 @@ def test_gpu_check_dry_run(tmp_path):
     for stage in ("tests 1/2", "tests 1b: the sm_90a attention", "tests 2/2", "GPU benchmarks", "summary"):
         assert stage in log
     assert "## Summary" in log and "files in" in log.splitlines()[-1]
+    limit = int(log.split("tests 1b: the sm_90a attention kernel (limit ")[1].split(" ")[0])
+    assert 10 <= limit < 50  # its nominal 50 s, cut to fit the budget

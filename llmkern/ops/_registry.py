@@ -237,7 +237,7 @@ class Op:
             op = self
 
             def run(x, _fn=fn, _name=name):
-                idx = _other_gpu(x.device) if x.is_cuda else None
+                idx = _other_gpu(x.device) if x.is_cuda and _several_gpus() else None
                 if idx is None:
                     out = _fn(x)
                 else:
@@ -309,7 +309,7 @@ class Op:
         if requested is None:
             requested = _backends.env_backend()
         device = _device_of(args)
-        if device == "cuda":
+        if device == "cuda" and _several_gpus():
             idx = _other_gpu(_first_cuda_device(args))
             if idx is not None:
                 with torch.cuda.device(idx):
@@ -426,11 +426,15 @@ def _other_gpu(device) -> int | None:
     current one, else None. llmkern's and Triton's kernels launch on the current device (the CUDA runtime's
     per-thread state, which torch's own ops switch for themselves): a call on another GPU's tensors must
     make that GPU current first."""
-    if not _GPUS:
-        _GPUS.append(torch.cuda.device_count())
-    if _GPUS[0] < 2 or device.index is None or device.index == torch.cuda.current_device():
+    if not _several_gpus() or device.index is None or device.index == torch.cuda.current_device():
         return None
     return device.index
+
+
+def _several_gpus() -> bool:
+    if not _GPUS:
+        _GPUS.append(torch.cuda.device_count())
+    return _GPUS[0] > 1
 
 
 def _first_cuda_device(args):

@@ -48,6 +48,10 @@ lim() {
   echo $(( s < 10 ? 10 : s ))
 }
 FAILED=0  # the exit status: 1 when a stage had a failed test (the files say which)
+# The two big test stages run in XDIST pytest-xdist processes where it is installed (the GPU image has it):
+# Triton compiles each kernel variant on the CPU at its first launch, one at a time per process; 16 cores
+# compile 8 at once. (Benchmarks and the sm_90a stages run in one process.)
+XDIST=${GPU_CHECK_XDIST:-$(( $(nproc) >= 16 ? 8 : 0 ))}
 # (--continue-on-collection-errors: a test file that fails to import on the GPU machine's torch / Python costs
 # that file, not the stage)
 stage() {
@@ -81,7 +85,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m llmkern info
 
 step "tests 1/2: the CUDA kernels' own tests (full shapes, CUDA graphs), build, registry"
-stage cuda "$(lim 150 490)" -- -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py tests/test_registry.py \
+stage cuda "$(lim 150 490)" --xdist "$XDIST" -- -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py tests/test_registry.py \
   -k "${FILTER:+($FILTER) and }not test_sm90_ and not (int4_linear_cuda and wgmma)"
 
 # The opt-in sm_90a kernels (attention and W8A8 on TMA + wgmma, the W4A16 wgmma GEMM; never run before a GPU
@@ -103,7 +107,7 @@ if [ "$CAP" = "90a" ]; then
 fi
 
 step "tests 2/2: generic op and module tests, GPU backends only"
-stage gpu "$(lim 100 240)" -- -q -p no:cacheprovider tests/ops tests/nn tests/models/test_cuda_generate.py tests/models/test_hf.py \
+stage gpu "$(lim 100 240)" --xdist "$XDIST" -- -q -p no:cacheprovider tests/ops tests/nn tests/models/test_cuda_generate.py tests/models/test_hf.py \
   --ignore-glob='*_cpu.py' \
   --ignore-glob='*_cuda.py' -k "${FILTER:+($FILTER) and }(cuda or triton)"
 

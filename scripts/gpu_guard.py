@@ -42,7 +42,7 @@ import time
 STICKY = ("illegal memory access", "unspecified launch failure", "misaligned address", "illegal instruction",
           "device-side assert", "invalid program counter", "hardware stack error", "launch timed out",
           "illegal address", "uncorrectable ECC", "CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_FAILED")
-EXIT_TIMEOUT = 71
+EXIT_TIMEOUT, EXIT_BROKEN = 71, 72
 
 # ------------------------------------------------------------------------------------------- plugin
 
@@ -90,8 +90,14 @@ def _first_line(report) -> str:
 def pytest_configure(config):
     if not _DIR:
         return
+    # Three roles. plain: one process runs every test and records it. Under pytest-xdist (`-n N`) the
+    # controller records what its workers report (crashes included), and each worker only guards: its
+    # watchdog, and the context probe after a failure, record the test themselves and end the worker (xdist
+    # starts a new one for the rest; a worker that stopped its session instead would strand its tests).
+    role = "worker" if hasattr(config, "workerinput") else \
+        ("controller" if getattr(config.option, "numprocesses", None) not in (None, 0) else "plain")
     _state.update(stage=os.environ.get("GPU_GUARD_STAGE", ""), attempt=int(os.environ.get("GPU_GUARD_ATTEMPT", "1")),
-                  timeout=float(os.environ.get("GPU_GUARD_TIMEOUT", "60")))
+                  timeout=float(os.environ.get("GPU_GUARD_TIMEOUT", "60")), role=role, tests={})
 
 
 def pytest_collection_modifyitems(config, items):
@@ -107,13 +113,18 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+def _line(nodeid: str, outcome: str, seconds, message: str) -> dict:
+    return {"stage": _state["stage"], "attempt": _state["attempt"], "nodeid": nodeid, "outcome": outcome,
+            "seconds": None if seconds is None else round(seconds, 3), "message": message}
+
+
 def _on_timeout(nodeid: str, started: float) -> None:
     import faulthandler
 
-    _append({"stage": _state["stage"], "attempt": _state["attempt"], "nodeid": nodeid, "outcome": "timeout",
-             "seconds": round(time.monotonic() - started, 3),
-             "message": f"still running after {_state['timeout']:g} s (GPU_GUARD_TIMEOUT): stopped"})
-    _write("culprit", nodeid + "\n")
+    _append(_line(nodeid, "timeout", time.monotonic() - started,
+                  f"still running after {_state['timeout']:g} s (GPU_GUARD_TIMEOUT): stopped"))
+    if _state["role"] == "plain":
+        _write("culprit", nodeid + "\n")
     err = _ERR
     print(f"\ngpu_guard: {nodeid} still running after {_state['timeout']:g} s; Python stacks:", file=err, flush=True)
     faulthandler.dump_traceback(file=err, all_threads=True)
@@ -123,49 +134,67 @@ def _on_timeout(nodeid: str, started: float) -> None:
 
 def pytest_collectreport(report):
     """A file that fails to import (run with --continue-on-collection-errors: the rest still runs) is a result too."""
-    if _DIR and report.failed:
+    if _DIR and report.failed and _state["role"] != "worker":
         # (the report's first line only says "ImportError while importing test module ...": the cause is last)
         lines = [ln.strip() for ln in str(report.longrepr).splitlines() if ln.strip()]
         cause = next((ln[1:].strip() for ln in reversed(lines) if ln.startswith("E ")), lines[-1] if lines else "")
-        _append({"stage": _state["stage"], "attempt": _state["attempt"], "nodeid": report.nodeid,
-                 "outcome": "error", "seconds": None, "message": "collection: " + cause[:300]})
+        _append(_line(report.nodeid, "error", None, "collection: " + cause[:300]))
 
 
 def pytest_runtest_logstart(nodeid, location):
     if not _DIR:
         return
-    _write("current", nodeid + "\n")
-    _state["started"] = time.monotonic()
-    _state["outcome"], _state["message"] = "passed", ""
-    timer = threading.Timer(_state["timeout"], _on_timeout, args=(nodeid, _state["started"]))
+    t = _state["tests"][nodeid] = {"started": time.monotonic(), "outcome": "passed", "message": ""}
+    if _state["role"] == "controller":
+        return
+    if _state["role"] == "plain":
+        _write("current", nodeid + "\n")
+    t["timer"] = timer = threading.Timer(_state["timeout"], _on_timeout, args=(nodeid, t["started"]))
     timer.daemon = True
     timer.start()
-    _state["timer"] = timer
 
 
 def pytest_runtest_logreport(report):
     if not _DIR:
         return
+    if _state["role"] == "controller" and report.when == "???":
+        # xdist's report of a worker that died while running this test (no logfinish follows)
+        t = _state["tests"].pop(report.nodeid, None)
+        _append(_line(report.nodeid, "crashed", None if t is None else time.monotonic() - t["started"],
+                      str(report.longrepr).strip().splitlines()[0][:300]))
+        return
+    t = _state["tests"].get(report.nodeid)
+    if t is None:
+        return
     if report.failed:
-        if _state["outcome"] != "failed":
-            _state["outcome"], _state["message"] = ("failed" if report.when == "call" else "error"), _first_line(report)
-    elif report.skipped and _state["outcome"] == "passed":
-        _state["outcome"] = "skipped"
-        _state["message"] = str(report.longrepr[2])[:300] if isinstance(report.longrepr, tuple) else ""
+        if t["outcome"] != "failed":
+            t["outcome"], t["message"] = ("failed" if report.when == "call" else "error"), _first_line(report)
+    elif report.skipped and t["outcome"] == "passed":
+        t["outcome"] = "skipped"
+        t["message"] = str(report.longrepr[2])[:300] if isinstance(report.longrepr, tuple) else ""
 
 
 def pytest_runtest_logfinish(nodeid, location):
     if not _DIR:
         return
-    timer = _state.pop("timer", None)
-    if timer is not None:
-        timer.cancel()
-    _append({"stage": _state["stage"], "attempt": _state["attempt"], "nodeid": nodeid, "outcome": _state["outcome"],
-             "seconds": round(time.monotonic() - _state["started"], 3), "message": _state["message"]})
-    if _state["outcome"] in ("failed", "error") and context_broken(_state["message"]):
-        _write("culprit", nodeid + "\n")
+    t = _state["tests"].pop(nodeid, None)
+    if t is None:
+        return
+    role = _state["role"]
+    if role != "worker":
+        _append(_line(nodeid, t["outcome"], time.monotonic() - t["started"], t["message"]))
+    # (the watchdog stays armed through the probe: a GPU still busy with a hung kernel blocks its synchronize)
+    if role != "controller" and t["outcome"] in ("failed", "error") and context_broken(t["message"]):
         print(f"\ngpu_guard: the CUDA context is unusable after {nodeid}: stopping this process", file=_ERR, flush=True)
+        if role == "worker":
+            # xdist reports this worker's exit as a crash of this test; its own line keeps the real error
+            _append(_line(nodeid, t["outcome"], time.monotonic() - t["started"], t["message"]))
+            _ERR.flush()
+            os._exit(EXIT_BROKEN)
+        _write("culprit", nodeid + "\n")
         _state["session"].shouldstop = f"gpu_guard: CUDA context unusable after {nodeid}"
+    if "timer" in t:
+        t["timer"].cancel()
 
 
 def pytest_sessionstart(session):
@@ -249,6 +278,9 @@ def run_stage(args) -> int:
         here = os.path.dirname(os.path.abspath(__file__))
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         cmd = [sys.executable, "-m", "pytest", "-p", "gpu_guard", *args.pytest]
+        if args.xdist and _has_xdist():
+            # (a worker that dies is replaced, and its tests go to the others: no restart needed here)
+            cmd += ["-n", str(args.xdist), "--max-worker-restart", "64"]
         part = None
         if args.bench_json:
             part = os.path.join(work, f"bench.{attempt}.json")
@@ -282,9 +314,13 @@ def run_stage(args) -> int:
             break
         print(f"--- {args.name}: running the rest again in a new process ({left:.0f} s left)", flush=True)
     results = _read_results(results_path)
-    # The stage's results, one line per test: what a later attempt ran again replaces the earlier line.
+    # The stage's results, one line per test: what a later attempt ran again replaces the earlier line, except
+    # that a crash reported for a test that had already failed (a worker ended by the guard) keeps the failure.
     final: dict = {}
     for r in results:
+        old = final.get(r["nodeid"])
+        if r["outcome"] == "crashed" and old is not None and old["outcome"] in ("failed", "error", "timeout"):
+            continue
         final[r["nodeid"]] = r
     with open(os.path.join(args.dir, "tests.jsonl"), "a") as f:
         for r in final.values():
@@ -304,6 +340,14 @@ def run_stage(args) -> int:
         n = _merge_bench(bench_parts, args.bench_json)
         print(f"--- {args.name}: {n} benchmark entries from {len(bench_parts)} JSON file(s)")
     return 0 if not bad and code in (0, 5) else 1
+
+
+def _has_xdist() -> bool:
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def summary(path: str) -> int:
@@ -326,6 +370,9 @@ def main(argv=None) -> int:
     r.add_argument("--dir", required=True, help="output folder: tests.jsonl is appended there")
     r.add_argument("--bench-json", default=None, help="merge the attempts' benchmark JSON into this file")
     r.add_argument("--max-attempts", type=int, default=6)
+    r.add_argument("--xdist", type=int, default=0, metavar="N",
+                   help="run the tests in N pytest-xdist worker processes where xdist is installed (not for "
+                        "benchmarks: pytest-benchmark turns itself off under xdist)")
     r.add_argument("--tail", type=int, default=12, help="lines of each attempt's output to print")
     r.add_argument("--show", type=int, default=40, help="failed tests to list")
     r.add_argument("pytest", nargs=argparse.REMAINDER)

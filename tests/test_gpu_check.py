@@ -29,8 +29,8 @@ def test_h(): pass
 '''
 
 
-def _guard(tmp_path, name, *pytest_args, bench_json=None, timeout="3", limit="120"):
-    cmd = [sys.executable, GUARD, "run", "--name", name, "--limit", limit, "--dir", str(tmp_path / "out")]
+def _guard(tmp_path, name, *pytest_args, bench_json=None, timeout="3", limit="120", guard_args=()):
+    cmd = [sys.executable, GUARD, "run", "--name", name, "--limit", limit, "--dir", str(tmp_path / "out"), *guard_args]
     if bench_json:
         cmd += ["--bench-json", str(bench_json)]
     cmd += ["--", "-q", "-p", "no:cacheprovider", *pytest_args]
@@ -58,6 +58,22 @@ def test_guard_runs_the_rest_after_a_broken_context_a_hang_and_a_crash(tmp_path)
     assert "illegal memory access" in got["test_b"]["message"] and "plain failure" in got["test_e"]["message"]
     assert "in test_d" in p.stdout  # the hung test's stack, dumped to the log
     assert "1 crashed, 2 failed, 3 passed, 1 skipped, 1 timeout in 4 attempt(s)" in p.stdout
+
+
+def test_guard_under_xdist_records_the_same_outcomes(tmp_path):
+    """With pytest-xdist (gpu_check.sh's test stages on a 16-core machine) the controller records the results,
+    a worker whose context broke or whose test hung records it and exits, and xdist gives the rest to a new
+    worker: the same outcomes as one process, in one attempt."""
+    pytest.importorskip("xdist")
+    (tmp_path / "test_syn.py").write_text(SYNTHETIC)
+    cmd_extra = ("--xdist", "2")
+    p = _guard(tmp_path, "syn", "test_syn.py", guard_args=cmd_extra)
+    assert p.returncode == 1, p.stdout + p.stderr
+    got = {r["nodeid"].split("::")[1]: r for r in _results(tmp_path)}
+    assert {k: r["outcome"] for k, r in got.items()} == {
+        "test_a": "passed", "test_b": "failed", "test_c": "passed", "test_d": "timeout", "test_e": "failed",
+        "test_f": "skipped", "test_g": "crashed", "test_h": "passed"}
+    assert "illegal memory access" in got["test_b"]["message"] and "in 1 attempt(s)" in p.stdout
 
 
 def test_guard_plain_failures_need_no_restart(tmp_path):

@@ -33,6 +33,19 @@ def _rotary_args(rotary, q, positions, pos_default):
                 cos_sin_cache=rotary.cos_sin_cache, rotary_interleaved=rotary.interleaved)
 
 
+def plain_kv(k, v, q, k_cache) -> bool:
+    """k, v [B, S, Hk, D] (and q [B, S, Hq, D]) are plain float tensors that fit k_cache [.., .., Hk, D] and
+    sit on its device: with a cache's own slots and positions, the append's argument checks can be skipped."""
+    dev = k_cache.device
+    ok = (type(k) is torch.Tensor and type(v) is torch.Tensor and k.dtype in FLOATS and v.dtype == k.dtype
+          and k.dim() == 4 and k.shape[2:] == k_cache.shape[2:] and v.shape == k.shape and k.device == dev
+          and v.device == dev)
+    if ok and q is not None:
+        ok = (type(q) is torch.Tensor and q.dtype in FLOATS and q.dim() == 4 and q.shape[:2] == k.shape[:2]
+              and q.shape[-1] == k.shape[-1] and q.device == dev)
+    return ok
+
+
 def check_lengths(cls: str, lengths, B: int, S: int) -> torch.Tensor:
     """`lengths` (tensor or sequence of ints, [B]) as a CPU int64 tensor, each in 0..S."""
     host = lengths.detach().to("cpu", torch.int64) if isinstance(lengths, torch.Tensor) \
@@ -218,14 +231,7 @@ class KVCache:
         self._host_max += 1
 
     def _plain_kv(self, k, v, q) -> bool:
-        """k, v [B, S, Hk, D] (and q [B, S, Hq, D]) are plain float tensors that fit this cache."""
-        ok = (type(k) is torch.Tensor and type(v) is torch.Tensor and k.dtype in FLOATS and v.dtype == k.dtype
-              and k.shape[2:] == self.k.shape[2:] and v.shape == k.shape and k.device == self.device
-              and v.device == self.device)
-        if ok and q is not None:
-            ok = (type(q) is torch.Tensor and q.dtype in FLOATS and q.dim() == 4 and q.shape[:2] == k.shape[:2]
-                  and q.shape[-1] == k.shape[-1] and q.device == self.device)
-        return ok
+        return plain_kv(k, v, q, self.k)
 
     # ------------------------------------------------------------------ read
 

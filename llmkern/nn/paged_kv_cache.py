@@ -16,7 +16,10 @@ import collections
 import torch
 
 from .. import ops
-from .kv_cache import _rotary_args, check_lengths
+from ..ops.decode_attention import decode_attention_op
+from ..ops.kv_cache_append import kv_cache_append_op
+from ._fast import FLOATS
+from .kv_cache import _rotary_args, check_lengths, plain_kv
 
 # Appends of at most this many rows (B * S) compute their slots in Python (see append).
 _HOST_SLOTS_MAX = 1024
@@ -264,8 +267,18 @@ class PagedKVCache:
             if host_len is not None:
                 slot = torch.where(real, slot, -1)
         # Detached: the cache is inference state, never part of an autograd graph (see KVCache.append).
-        ops.kv_cache_append(k.detach(), v.detach(), self.k, self.v, slot, k_scale=self.k_scale,
-                            v_scale=self.v_scale, backend=self.backend, **_rotary_args(rotary, q, positions, pos))
+        rot = _rotary_args(rotary, q, positions, pos)
+        if (positions is None and not torch.compiler.is_compiling() and plain_kv(k, v, rot.get("q"), self.k)
+                and (rotary is None or max(old, default=0) + S <= rotary.cos_sin_cache.shape[0])):
+            # Eager fast path (as KVCache.append): the slots and positions are this cache's own, made from its
+            # block lists just now, and k/v/q were checked: the op's argument checks, which read the slots
+            # back (a device-to-host copy and a stream sync on a GPU, every layer of every step), are skipped.
+            kv_cache_append_op.run_trusted(
+                k.detach(), v.detach(), self.k, self.v, slot, self.k_scale, self.v_scale, rot.get("q"),
+                rot.get("positions"), rot.get("cos_sin_cache"), rot.get("rotary_interleaved", False), self.backend)
+        else:
+            ops.kv_cache_append(k.detach(), v.detach(), self.k, self.v, slot, k_scale=self.k_scale,
+                                v_scale=self.v_scale, backend=self.backend, **rot)
 
         for i, n in zip(ids, adds):
             self._seqs[i].length += n
@@ -284,6 +297,7 @@ class PagedKVCache:
         """
         ids = self._ids(seq_ids)
         last = self._last
+        S = None  # rows of the append whose tables are reused
         if last is not None and last[0] == ids:
             _, S, table, lens, padded = last
             Sq = 1 if q.dim() == 3 else q.shape[1]
@@ -292,6 +306,16 @@ class PagedKVCache:
                                  f"lengths), q has {Sq}")
         else:
             table, lens = self._table(ids), self.seq_lens(ids)
+        if (not torch.compiler.is_compiling() and type(q) is torch.Tensor and q.shape[0] == len(ids)
+                and (q.dim() == 3 or (q.dim() == 4 and q.shape[1] == S)) and q.shape[-1] == self.head_dim
+                and q.shape[-2] % self.num_kv_heads == 0 and q.device == self.device
+                and (q.dtype == self.dtype if not self.int8 else q.dtype in FLOATS)
+                and window_left >= -1 and softcap >= 0 and (scale is None or scale > 0)):
+            # Eager fast path (as KVCache.attend): lengths and block table are this cache's own (every length
+            # within the table, at least the S rows just appended), q checked just now: the op's checks, which
+            # read both back from the device, are skipped.
+            return decode_attention_op.run_trusted(q, self.k, self.v, lens, table, self.k_scale, self.v_scale, scale,
+                                                   softcap, window_left, self.backend)
         return ops.decode_attention(q, self.k, self.v, lens, block_table=table, k_scale=self.k_scale,
                                     v_scale=self.v_scale, scale=scale, softcap=softcap,
                                     window_left=window_left, backend=self.backend)

@@ -249,3 +249,50 @@ def test_bound_linear_workspace_and_argument_errors():
         mod.int8_linear_bind(q.data_ptr(), 8, 32, s.data_ptr(), 32, 0, "w4a4")
     with pytest.raises(ValueError, match="w_ptr"):
         mod.int4_linear_w4a8_bind(q.data_ptr() + 1, 8, 64, 32, 4, 0)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_paged_cache_fast_path_skips_checks_and_equals_checked_calls(int8, rotary, monkeypatch):
+    """PagedKVCache.append / attend with the cache's own slots, positions, lengths and block table skip the ops'
+    argument checks (on a GPU they read those back: a sync per layer and step) and compute what the checked
+    calls compute: an append given the same positions explicitly (which takes the checks), decode_attention
+    called on the same tensors."""
+    counts = {"kv_cache_append": 0, "decode_attention": 0}
+    for name in counts:  # the full checks, and on the CPU the one-pass `fast_check` that vouches for plain tensors
+        op = ops.OPS[name]
+        for attr in ("check", "fast_check"):
+            fn = getattr(op, attr)
+            if fn is not None:
+                monkeypatch.setattr(op, attr, lambda *a, _f=fn, _n=name: counts.__setitem__(_n, counts[_n] + 1) or _f(*a))
+    torch.manual_seed(3)
+    rot = lnn.RotaryEmbedding(32, max_positions=64) if rotary else None
+    fast, checked = (lnn.PagedKVCache(16, 4, 2, 32, int8=int8) for _ in range(2))
+    ids = [fast.add_sequence() for _ in range(3)]
+    assert [checked.add_sequence() for _ in range(3)] == ids
+    for S in (5, 1, 1, 3):  # a prefill, two decode steps, a chunk
+        k, v = torch.randn(3, S, 2, 32), torch.randn(3, S, 2, 32)
+        q = torch.randn(3, S, 4, 32) if rotary else None
+        q2 = None if q is None else q.clone()
+        pos = fast.seq_lens(ids).to(torch.int64)[:, None] + torch.arange(S)[None, :]  # [3, S]
+        before = dict(counts)
+        fast.append(ids, k, v, q=q, rotary=rot)
+        qa = q if rotary else torch.randn(3, S, 4, 32)
+        out = fast.attend(qa if S > 1 else qa[:, 0], ids)
+        assert counts == before  # neither op checked its arguments
+        checked.append(ids, k, v, q=q2, positions=pos if rotary else None, rotary=rot)
+        if rotary:
+            assert torch.equal(q, q2)
+        for a, b in ((fast.k, checked.k), (fast.v, checked.v), (fast.k_scale, checked.k_scale)):
+            assert (a is None and b is None) or torch.equal(a, b)
+        want = ops.decode_attention(qa if S > 1 else qa[:, 0], checked.k, checked.v, checked.seq_lens(ids),
+                                    block_table=checked.block_table(ids), k_scale=checked.k_scale,
+                                    v_scale=checked.v_scale)
+        assert torch.equal(out, want)
+    # positions past the rotary table still meet the checks (no out-of-bounds read)
+    short = lnn.RotaryEmbedding(32, max_positions=4)
+    c = lnn.PagedKVCache(8, 4, 2, 32)
+    sid = [c.add_sequence()]
+    c.append(sid, torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32), q=torch.randn(1, 4, 4, 32), rotary=short)
+    with pytest.raises(ValueError, match="positions"):
+        c.append(sid, torch.randn(1, 1, 2, 32), torch.randn(1, 1, 2, 32), q=torch.randn(1, 1, 4, 32), rotary=short)

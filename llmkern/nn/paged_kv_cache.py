@@ -173,7 +173,15 @@ class PagedKVCache:
         """int32 [B, max_blocks] block table on the device, 0 beyond each sequence's blocks."""
         width = max([min_blocks] + [len(self._seqs[i].blocks) for i in ids])
         rows = [self._seqs[i].blocks + [0] * (width - len(self._seqs[i].blocks)) for i in ids]
-        return torch.tensor(rows, dtype=torch.int32).reshape(len(ids), width).to(self.device)
+        return self._to_device(torch.tensor(rows, dtype=torch.int32).reshape(len(ids), width))
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A small host tensor of bookkeeping on the cache's device. On a GPU from pinned memory, without
+        waiting: torch's plain copy from pageable memory synchronizes the stream (the host buffer may be
+        freed right after), which every append (slots, table, lengths) of every layer and step would do."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def block_table(self, seq_ids) -> torch.Tensor:
         """int32 [B, max_blocks]: row b lists sequence seq_ids[b]'s blocks in order, padded with 0."""
@@ -182,7 +190,7 @@ class PagedKVCache:
     def seq_lens(self, seq_ids) -> torch.Tensor:
         """int32 [B]: tokens cached per sequence."""
         ids = self._ids(seq_ids)
-        return torch.tensor([self._seqs[i].length for i in ids], dtype=torch.int32).to(self.device)
+        return self._to_device(torch.tensor([self._seqs[i].length for i in ids], dtype=torch.int32))
 
     # ------------------------------------------------------------------ write
 
@@ -253,7 +261,7 @@ class PagedKVCache:
                     slot_l.append(blocks[p // bs] * bs + p % bs)
                 pos_l.extend([0] * (S - n))  # padding rows: any valid rotary position, slot -1
                 slot_l.extend([-1] * (S - n))
-            both = torch.tensor([pos_l, slot_l], dtype=torch.int64).view(2, B, S).to(self.device)
+            both = self._to_device(torch.tensor([pos_l, slot_l], dtype=torch.int64).view(2, B, S))
             pos, slot = both[0], both[1]                                               # [B, S] each
         else:
             old_t = torch.tensor(old, dtype=torch.int64).to(self.device)               # [B]
@@ -284,7 +292,7 @@ class PagedKVCache:
             self._seqs[i].length += n
         # Lengths for attention: the real ones, or old + S for padded rows (see KVCache.append).
         attn = [self._seqs[i].length for i in ids] if host_len is None else [o + S for o in old]
-        self._last = (ids, S, table, torch.tensor(attn, dtype=torch.int32).to(self.device), host_len is not None)
+        self._last = (ids, S, table, self._to_device(torch.tensor(attn, dtype=torch.int32)), host_len is not None)
 
     # ------------------------------------------------------------------ read
 

@@ -63,6 +63,30 @@ def test_gpu_logits_match_cpu(tiny_pair):
     assert out.argmax(-1).item() == ref.argmax(-1).item()
 
 
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "contiguous"])
+def test_gpu_decode_step_never_waits_for_the_gpu(tiny_pair, paged):
+    """A decode step of the runtime (paged caches: generate's default) issues no synchronizing CUDA call
+    (torch.cuda.set_sync_debug_mode("error") raises on one): no op check reads values back, and the caches'
+    host-built slots, tables and lengths go to the GPU asynchronously from pinned memory."""
+    _, gpu, _ = tiny_pair
+    tokens = torch.tensor([[5, 70, 9], [41, 7, 8]], device="cuda")
+    if paged:
+        cache = gpu.new_cache(paged=True, block_size=16, num_blocks=8)
+        ids = [[c.add_sequence() for _ in range(2)] for c in cache][0]
+    else:
+        cache, ids = gpu.new_cache(2, 32), None
+    with torch.no_grad():
+        nxt = gpu(tokens, cache, seq_ids=ids, last_only=True).argmax(-1)  # prefill (may synchronize)
+        gpu(nxt.view(-1, 1), cache, seq_ids=ids, last_only=True)  # a first step: kernels prepared, compiled
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = gpu(nxt.view(-1, 1), cache, seq_ids=ids, last_only=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert logits.shape == (2, gpu.config.vocab_size) and bool(torch.isfinite(logits).all())
+
+
 def test_cli_on_gpu(tmp_path, capsys):
     """`llmkern generate --device cuda` on a tiny GGUF: bf16 with --dtype auto, the answer streamed."""
     from _tiny_gguf import write_tiny_gguf

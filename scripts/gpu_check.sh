@@ -3,8 +3,7 @@
 # build llmkern with CUDA for the GPU present, run the GPU tests, run the GPU benchmarks, and write
 # everything under OUTDIR. Prints a short summary table last. Each stage has its own time limit (8.2
 # minutes in all; less when the build was slow: GPU_CHECK_BUDGET below; a stage stopped at its limit keeps
-# what it reached). Every stage runs
-# through scripts/gpu_guard.py: a kernel that breaks the CUDA context (an illegal address, a device-side
+# what it reached). Every stage runs through scripts/gpu_guard.py: a kernel that breaks the CUDA context (an illegal address, a device-side
 # assert) or runs past 60 s costs that one test or benchmark, not the rest of the stage (the rest runs
 # again in a new process). The run leaves 6 files in OUTDIR (the GPU tool brings back at most 8):
 #   gpu_check.log   everything printed (machine, build times, ptxas spills, test and bench summaries)
@@ -34,7 +33,6 @@ step() { echo "=== $(date -u +%H:%M:%S) $*"; }
 # The GPU machine's python3 is the one with torch (a plain `python` may not exist there).
 PY=${GPU_CHECK_PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1
-# stage NAME SECONDS [--bench-json PATH] -- PYTEST_ARGS: one guarded stage (scripts/gpu_guard.py).
 # The whole run ends within GPU_CHECK_BUDGET seconds of its start (default 570: a 10-minute device call with
 # room for the report), whatever the build takes: when less is left than the stages' limits add up to, each
 # remaining stage gets its share of what is left (`lim`).
@@ -52,6 +50,7 @@ FAILED=0  # the exit status: 1 when a stage had a failed test (the files say whi
 # Triton compiles each kernel variant on the CPU at its first launch, one at a time per process; 16 cores
 # compile 8 at once. (Benchmarks and the sm_90a stages run in one process.)
 XDIST=${GPU_CHECK_XDIST:-$(( $(nproc) >= 16 ? 8 : 0 ))}
+# stage NAME SECONDS [--xdist N] [--bench-json PATH] -- PYTEST_ARGS: one guarded stage (scripts/gpu_guard.py).
 # (--continue-on-collection-errors: a test file that fails to import on the GPU machine's torch / Python costs
 # that file, not the stage)
 stage() {

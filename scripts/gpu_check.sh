@@ -3,9 +3,9 @@
 # build llmkern with CUDA for the GPU present, run the GPU tests, run the GPU benchmarks, and write
 # everything under OUTDIR. Prints a short summary table last. Each stage has its own time limit (8.2
 # minutes in all; less when the build was slow: GPU_CHECK_BUDGET below; a stage stopped at its limit keeps
-# what it reached). Every stage runs through scripts/gpu_guard.py: a kernel that breaks the CUDA context (an illegal address, a device-side
-# assert) or runs past 60 s costs that one test or benchmark, not the rest of the stage (the rest runs
-# again in a new process). The run leaves 6 files in OUTDIR (the GPU tool brings back at most 8):
+# what it reached). Every stage runs through scripts/gpu_guard.py: a kernel that breaks the CUDA context
+# (an illegal address, a device-side assert) or runs past 60 s costs that one test or benchmark, not the
+# rest of the stage (the rest runs again in a new process). The run leaves 6 files in OUTDIR (the GPU tool brings back at most 8):
 #   gpu_check.log   everything printed (machine, build times, ptxas spills, test and bench summaries)
 #   ptxas.txt       ptxas' resource report of every CUDA kernel (registers, spills, shared memory)
 #   tests.jsonl     one line per test of every stage: stage, nodeid, outcome, seconds, the error's first line

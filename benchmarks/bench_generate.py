@@ -13,6 +13,10 @@ Groups (one model, the same machine, one run):
   paged caches, what `generate` uses for several prompts; transformers: a batch of 4), same entries
   but llama.cpp (its Python binding's `Llama` runs one sequence).
 - "generate: SmolLM2-135M prefill 512": 512 prompt tokens into an empty cache, same entries.
+On a GPU (LLMKERN_BENCH_DEVICE=cuda; `test_generate_gpu`): the same three phases on a model of SmolLM2-135M's
+shape with random weights (the GPU machine has no model package), llmkern's runtime with int4 weights (G32)
+and bf16 activations against transformers eager bf16 with the same shape; each timed call ends with a
+device synchronize (as generate's per-step read of the sampled tokens does).
 extra_info: tokens/s, the weight bytes read per token and the GB/s they amount to (decode), and the
 fraction of the read bandwidth measured in this run.
 
@@ -23,6 +27,7 @@ for this CPU; skipped with the reason otherwise).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import numpy
@@ -30,6 +35,7 @@ import pytest
 import torch
 
 import _machine
+import _shapes as S
 
 CTX = 64
 PREFILL = 512
@@ -140,21 +146,26 @@ def _runner(name, model, phase, ids):
             return torch.from_numpy(numpy.ctypeslib.as_array(logits, (model.n_vocab(),)).copy())
         return setup, run
 
+    import inspect
+
     from transformers import DynamicCache
 
     from llmkern.models.hf_cache import new_cache
+
+    # the forward's cache argument: `cache` in recent transformers, `past_key_values` before the rename
+    key = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
     def setup():
         # the cache each model's generate() uses: patched models get llmkern's (llmkern.patch)
         cache = new_cache() if name == "hf.patched_int8" else DynamicCache()
         if phase in ("decode", "decode_batch"):
-            model(ids[:, :CTX - 1], past_key_values=cache, use_cache=True)
-            model(ids[:, CTX - 1:CTX], past_key_values=cache, use_cache=True)
+            model(ids[:, :CTX - 1], **{key: cache}, use_cache=True)
+            model(ids[:, CTX - 1:CTX], **{key: cache}, use_cache=True)
             return (cache, ids[:, CTX:CTX + 1]), {}
         return (cache, ids), {}
 
     def run(cache, x):
-        return model(x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        return model(x, **{key: cache}, use_cache=True, logits_to_keep=1).logits
     return setup, run
 
 
@@ -197,4 +208,72 @@ def test_generate(benchmark, limits, request, smollm, phase, name):
         if name.startswith("llmkern") and phase != "prefill":  # weights read once per step
             wbytes = float(model.weight_bytes_per_token())
             info.update(bytes=wbytes, flops=0.0, **_machine.fractions(limits, wbytes, 0.0, median, info["dtype"]))
+    benchmark.extra_info.update(info)
+
+
+# ------------------------------------------------------------------------------------------------ on a GPU
+
+GPU_ENTRIES = ("llmkern.int4.bf16", "hf.eager_bf16")
+# SmolLM2-135M-Instruct's shape (its GGUF metadata); random weights
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                     intermediate_size=1536, rope_base=100000.0, max_positions=2048)
+
+
+@functools.lru_cache(maxsize=2)
+def gpu_model(name: str, device="cuda"):
+    """The model of entry `name` (GPU_ENTRIES) on `device`: SmolLM2-135M's shape, random weights, bf16."""
+    torch.manual_seed(0)
+    if name.startswith("llmkern"):
+        from llmkern.models import Llama, ModelConfig
+        from llmkern.nn import quantize_linears
+
+        m = Llama(ModelConfig(**SMOLLM2_SHAPE), device=device, dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            for pname, p in m.named_parameters():
+                p.normal_(1.0, 0.05) if "norm" in pname else p.normal_(0, 0.02)
+        return quantize_linears(m, "int4")  # lm_head too, as in the model's Q4_1 file
+    transformers = pytest.importorskip("transformers", reason="the HF peer needs transformers")
+    c = SMOLLM2_SHAPE
+    cfg = transformers.LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                                   num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"],
+                                   num_key_value_heads=c["num_kv_heads"], intermediate_size=c["intermediate_size"],
+                                   max_position_embeddings=c["max_positions"], tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
+
+
+@pytest.mark.skipif(not S.GPU, reason="GPU entries (LLMKERN_BENCH_DEVICE=cuda)")
+@pytest.mark.parametrize("phase", ["decode", "decode_batch", "prefill"])
+@pytest.mark.parametrize("name", GPU_ENTRIES)
+def test_generate_gpu(benchmark, limits, phase, name):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = gpu_model(name)
+    n = PREFILL if phase == "prefill" else CTX + 1
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, SMOLLM2_SHAPE["vocab_size"], (1, max(n, CTX + 1)), generator=g)
+    if phase == "decode_batch":
+        ids = ids.expand(BATCH, -1).contiguous()  # [1, n] -> [BATCH, n]
+    ids = ids.cuda()
+    setup, run = _runner(name, model, phase, ids[:, :PREFILL] if phase == "prefill" else ids)
+
+    def run_synced(*a):
+        out = run(*a)
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.group = {"decode": f"generate (GPU): SmolLM2-135M shape decode step @ctx {CTX}",
+                       "decode_batch": f"generate (GPU): SmolLM2-135M shape decode step, {BATCH} sequences @ctx {CTX}",
+                       "prefill": f"generate (GPU): SmolLM2-135M shape prefill {PREFILL}"}[phase]
+    with torch.inference_mode():
+        assert torch.isfinite(run_synced(*setup()[0]).float()).all(), f"{name}: non-finite logits"
+        benchmark.pedantic(run_synced, setup=setup, rounds=ROUNDS[phase], iterations=1, warmup_rounds=1)
+    tokens = {"decode": 1, "decode_batch": BATCH, "prefill": PREFILL}[phase]
+    info = dict(op="generate", impl=name, kind="llmkern" if name.startswith("llmkern") else "peer",
+                case=benchmark.group, model="SmolLM2-135M", dtype="bf16")
+    if benchmark.stats:
+        median = benchmark.stats.stats.median
+        info.update(median_s=median, tokens_per_s=tokens / median)
+        if name.startswith("llmkern") and phase != "prefill":
+            wbytes = float(model.weight_bytes_per_token())
+            info.update(bytes=wbytes, flops=0.0, **_machine.fractions(limits, wbytes, 0.0, median, "bf16"))
     benchmark.extra_info.update(info)

@@ -36,7 +36,7 @@ from .. import reference
 from . import _checks as C
 from ._registry import _PLAIN, BackendUnsupported, defop, needs_grad
 from ._cpu_linear import DTYPE_CODE as _DTYPE_CODE, BoundRun
-from .int8_linear import _cuda_device, _cuda_rows, _num_sms
+from .int8_linear import _cuda_rows, _num_sms
 
 GROUP_SIZES = (32, 64, 128)
 MODES = ("w4a16", "w4a8", "w4a8g")
@@ -359,26 +359,25 @@ def _cuda(x, qweight, scales, offsets, bias, mode):
         return x.new_empty(x.shape[:-1] + (N,))
     x2 = _cuda_rows(x.reshape(M, K))
     scales, offsets = scales.contiguous(), offsets.contiguous()
-    with _cuda_device(x.device):
-        stream = torch.cuda.current_stream().cuda_stream
-        tensor_cores = x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M
-        if tensor_cores and CUDA_PREFILL_CUBLAS:
-            wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
-            mod.int4_linear_dequant(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), G, N, K,
-                                    wdq.data_ptr(), _DTYPE_CODE[x.dtype], stream)
-            out = torch.nn.functional.linear(x2, wdq, None if bias is None else bias.to(x.dtype))
-            return out.view(x.shape[:-1] + (N,))
-        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        sms = _num_sms(x.device)
-        splits = 1 if tensor_cores else mod.int4_linear_splits(M, N, K, sms, _DTYPE_CODE[x.dtype], CUDA_DECODE_MMA)
-        ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
-        mod.int4_linear(
-            x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qweight.data_ptr(), N,
-            scales.data_ptr(), offsets.data_ptr(), G, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
-            N, 0 if ws is None else ws.data_ptr(), splits, sms, CUDA_DECODE_MMA, stream,
-            tensor_cores and CUDA_INT4_WGMMA and _is_sm90(x.device),
-        )
+    stream = torch.cuda.current_stream().cuda_stream
+    tensor_cores = x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M
+    if tensor_cores and CUDA_PREFILL_CUBLAS:
+        wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
+        mod.int4_linear_dequant(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), G, N, K,
+                                wdq.data_ptr(), _DTYPE_CODE[x.dtype], stream)
+        out = torch.nn.functional.linear(x2, wdq, None if bias is None else bias.to(x.dtype))
+        return out.view(x.shape[:-1] + (N,))
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    sms = _num_sms(x.device)
+    splits = 1 if tensor_cores else mod.int4_linear_splits(M, N, K, sms, _DTYPE_CODE[x.dtype], CUDA_DECODE_MMA)
+    ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
+    mod.int4_linear(
+        x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qweight.data_ptr(), N,
+        scales.data_ptr(), offsets.data_ptr(), G, 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
+        N, 0 if ws is None else ws.data_ptr(), splits, sms, CUDA_DECODE_MMA, stream,
+        tensor_cores and CUDA_INT4_WGMMA and _is_sm90(x.device),
+    )
     return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
 
@@ -412,14 +411,13 @@ def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms):
 
     def run(x, M):
         x2 = _cuda_rows(x.reshape(M, K))
-        with _cuda_device(x.device):
-            stream = torch.cuda.current_stream().cuda_stream
-            out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-            sp_ = splits if M <= _CUDA_GEMV_MAX_M else 1
-            ws = torch.empty((sp_, M, N), dtype=torch.float32, device=x.device) if sp_ > 1 else None
-            mod.int4_linear_packed(x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qp_ptr,
-                                   sp_ptr, scale16, N, G, bias_ptr, out.data_ptr(), N,
-                                   0 if ws is None else ws.data_ptr(), sp_, sms, stream)
+        stream = torch.cuda.current_stream().cuda_stream
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        sp_ = splits if M <= _CUDA_GEMV_MAX_M else 1
+        ws = torch.empty((sp_, M, N), dtype=torch.float32, device=x.device) if sp_ > 1 else None
+        mod.int4_linear_packed(x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qp_ptr,
+                               sp_ptr, scale16, N, G, bias_ptr, out.data_ptr(), N,
+                               0 if ws is None else ws.data_ptr(), sp_, sms, stream)
         return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
     run.keep = (qp, sp, bias32)  # the tensors whose pointers it holds
@@ -452,13 +450,12 @@ def _cuda_prepare(qweight, scales, offsets, bias, mode):
     mod = _backends.cuda_module()
     N, K = qweight.shape[0], qweight.shape[1] * 2
     G = K // scales.shape[1]
-    with _cuda_device(qweight.device):
-        qp, sp, scale16 = _cuda_pack(mod, qweight, scales, offsets, N, K, G,
-                                     torch.cuda.current_stream().cuda_stream)
-        # Once per weight: later calls may run on another stream, which must not start before the packing.
-        torch.cuda.synchronize(qweight.device)
-        sms = _num_sms(qweight.device)
-        splits = mod.int4_linear_packed_splits(N, K, sms)
+    qp, sp, scale16 = _cuda_pack(mod, qweight, scales, offsets, N, K, G,
+                                 torch.cuda.current_stream().cuda_stream)
+    # Once per weight: later calls may run on another stream, which must not start before the packing.
+    torch.cuda.synchronize(qweight.device)
+    sms = _num_sms(qweight.device)
+    splits = mod.int4_linear_packed_splits(N, K, sms)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     packed = _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms)
 

@@ -8,7 +8,6 @@ Modes (DESIGN.md):
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -264,24 +263,23 @@ def _cuda_bind(weight, weight_scale, bias, mode):
         if M == 0 or N == 0:
             return x.new_empty(x.shape[:-1] + (N,))
         x2 = _cuda_rows(x.reshape(M, K))
-        with _cuda_device(x.device):
-            stream = torch.cuda.current_stream().cuda_stream
-            if CUDA_PREFILL_CUBLAS and mode == "w8a16" and x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M:
-                wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
-                mod.int8_linear_dequant(w_ptr, s_ptr, group, N, K, wdq.data_ptr(), _DTYPE_CODE[x.dtype], stream)
-                out = torch.nn.functional.linear(x2, wdq, None if bias is None else bias.to(x.dtype))
-                return out.view(x.shape[:-1] + (N,))
-            out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-            xq = xs = None
-            if mode == "w8a8":
-                xq = torch.empty((M, K), dtype=torch.int8, device=x.device)
-                xs = torch.empty((M,), dtype=torch.float32, device=x.device)
-            global _last_cuda_path
-            _last_cuda_path = mod.int8_linear(
-                x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, w_ptr, N, s_ptr, group,
-                b_ptr, out.data_ptr(), N, mode, 0 if xq is None else xq.data_ptr(), 0 if xs is None else xs.data_ptr(),
-                _num_sms(x.device), CUDA_DECODE_MMA, CUDA_W8A8_MMA, stream, CUDA_W8A8_WGMMA,
-            )
+        stream = torch.cuda.current_stream().cuda_stream
+        if CUDA_PREFILL_CUBLAS and mode == "w8a16" and x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M:
+            wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
+            mod.int8_linear_dequant(w_ptr, s_ptr, group, N, K, wdq.data_ptr(), _DTYPE_CODE[x.dtype], stream)
+            out = torch.nn.functional.linear(x2, wdq, None if bias is None else bias.to(x.dtype))
+            return out.view(x.shape[:-1] + (N,))
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        xq = xs = None
+        if mode == "w8a8":
+            xq = torch.empty((M, K), dtype=torch.int8, device=x.device)
+            xs = torch.empty((M,), dtype=torch.float32, device=x.device)
+        global _last_cuda_path
+        _last_cuda_path = mod.int8_linear(
+            x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, w_ptr, N, s_ptr, group,
+            b_ptr, out.data_ptr(), N, mode, 0 if xq is None else xq.data_ptr(), 0 if xs is None else xs.data_ptr(),
+            _num_sms(x.device), CUDA_DECODE_MMA, CUDA_W8A8_MMA, stream, CUDA_W8A8_WGMMA,
+        )
         return out.view(x.shape[:-1] + (N,))  # [M, N] -> [..., N]
 
     run.keep = (weight, weight_scale, bias32)  # the tensors whose pointers it holds
@@ -317,14 +315,6 @@ def _num_sms(device) -> int:
     if n is None:
         n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return n
-
-
-def _cuda_device(device):
-    """Kernels launch on the current device: switch only when x lives on another one. (Op calls and prepared
-    runs are already on it, `_registry._other_gpu`; this keeps the adapters right when called directly.)"""
-    if device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
 
 
 @int8_linear_op.backend("triton")

@@ -34,6 +34,14 @@ _CUDA_CALLS = ('.device.type != "cuda"', "_backends.cuda_module()", "_num_sms(",
 _HELPERS = ("_cuda_bind", "_cuda_pack", "_cuda_packed_run", "_cuda_prepare")
 
 
+def _keep_path(src: str, call: str) -> str:
+    """src with the statement `call` ..., where it has one (a binding whose returned path name the adapter
+    discards), assigned to the module's _last_cuda_path, at whatever indentation it has."""
+    pat = re.compile(r"^( *)" + re.escape(call), re.M)
+    assert len(pat.findall(src)) <= 1, call
+    return pat.sub(lambda m: f"{m.group(1)}global _last_cuda_path\n{m.group(1)}_last_cuda_path = {call}", src)
+
+
 def make_int4(M, N, K, G, dtype, seed, bias=False, scale16=False):
     """x [M, K]; every nibble value; positive scales, offsets of either sign (GGUF Q4_0/Q4_1-like); scale16: values
     that fp16 holds exactly; an fp32 bias or None."""
@@ -60,8 +68,7 @@ class Adapter:
         self.emu = emu
         self.src = self._rewrite("_cuda")
         # int4_linear discards the binding's path name: keep it
-        self.src = self.src.replace("        mod.int4_linear(\n",
-                                    "        global _last_cuda_path\n        _last_cuda_path = mod.int4_linear(\n")
+        self.src = _keep_path(self.src, "mod.int4_linear(\n")
         self.helpers = "\n\n".join(self._rewrite(h) for h in _HELPERS if hasattr(self.mod, h))
         for old in _CUDA_CALLS:  # the stand-ins must reach every device-specific call of the adapter
             assert old not in self.src + self.helpers, old
@@ -74,8 +81,7 @@ class Adapter:
             src = src.replace(old, new)
         src = re.sub(r"torch\.cuda\.current_stream\([^)]*\)\.cuda_stream", "0", src)
         # the packed kernel's path name, as for int4_linear above
-        src = src.replace("            mod.int4_linear_packed(",
-                          "            global _last_cuda_path\n            _last_cuda_path = mod.int4_linear_packed(")
+        src = _keep_path(src, "mod.int4_linear_packed(")
         return src.replace("_is_sm90(x.device)", "IS_SM90")
 
     def _globals(self, num_sms, is_sm90, capturing, switches):

@@ -133,6 +133,11 @@ class _QuantizedBase(nn.Module):
         dev = static_args[0].device
         run = d["_run"] = None if dev.type == "meta" else op.prepare(*static_args, backend=self.backend, device=dev)
         self._allow_fast(run)
+        if run is not None:
+            self._prepared(run)
+
+    def _prepared(self, run) -> None:
+        """Called with each new prepared run (Int4Linear: may release its canonical buffers)."""
 
     def _allow_fast(self, run) -> None:
         """Let __call__ run `run` (the prepared run) directly where that is what forward would do: a CPU
@@ -284,6 +289,7 @@ class Int4Linear(_QuantizedBase):
                              f"{in_features}, got {group_size}")
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.backend, self.mode = group_size, backend, mode
+        self.__dict__.update(_released=None, _keep_canonical=False)  # (see _prepared)
         G = in_features // group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(out_features, G, dtype=torch.float32, device=device))
@@ -327,10 +333,13 @@ class Int4Linear(_QuantizedBase):
         # x [..., K] -> [..., N]
         if not torch.compiler.is_compiling():
             run = self._lean(x)
-            if run is not None:
+            released = self.__dict__.get("_released") is not None
+            if run is not None and not (released and x.dtype == torch.float32):
                 if self.__dict__["_fast"] is None:
                     self._allow_fast(run)
                 return run(x)
+            if released:  # the packed run cannot take x (fp32, another device or backend): canonical again
+                self._restore_canonical(keep=x.dtype == torch.float32 and run is not None)
             if self._trusted and self.mode in INT4_MODES and plain_activation(x, self.in_features,
                                                                               self.qweight.device):
                 return int4_linear_op.run_trusted(x, self.qweight, self.scales, self.offsets, self.bias, self.mode,
@@ -343,6 +352,90 @@ class Int4Linear(_QuantizedBase):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"group_size={self.group_size}, mode={self.mode!r}, backend={self.backend!r}")
 
+    # --- Holding the packed form alone (a GPU) ---------------------------------------------------------------
+    # A prepared run with `release()` (the cuda preparer's packed run, ops/int4_linear.py CUDA_INT4_RELEASE) can
+    # do without the canonical tensors for 16-bit x. Then the module removes qweight / scales / offsets from
+    # its buffers, so that the packed copy is all the GPU holds (0.625 instead of 1.375 bytes per weight at
+    # G = 32), and `_released` = (unpack, buffer order). They come back, unpacked bit for bit from the packed
+    # copy, whenever anything needs them: reading or assigning the attribute, .to() / .cuda() / dtype casts,
+    # load_state_dict (then it is packed and released again at the next call), and an fp32 (or other-device /
+    # other-backend) activation, after which an fp32 call keeps them (`_keep_canonical`: fp32 x runs the
+    # canonical kernels). state_dict and pickling / deepcopy unpack into the result only. While released,
+    # named_buffers() lists bias alone.
+
+    def _prepared(self, run) -> None:
+        d = self.__dict__
+        release = getattr(getattr(run, "impl", None), "release", None)
+        if release is None or d.get("_keep_canonical") or d.get("_released") is not None:
+            return
+        order = list(self._buffers)
+        unpack = release()
+        for name in _CANONICAL:
+            del self._buffers[name]
+        d["_released"] = (unpack, order)
+
+    def _restore_canonical(self, keep: bool = False) -> None:
+        """Put the canonical buffers back (unpacked from the packed copy) and drop the prepared run; `keep`:
+        never release them again (fp32 calls)."""
+        d = self.__dict__
+        rel = d.get("_released")
+        if rel is None:
+            return
+        buffers = self._canonical_buffers(*rel)
+        self._buffers.clear()  # (refilled in the original order: state_dict keys keep theirs)
+        self._buffers.update(buffers)
+        d["_released"] = None
+        d["_keep_canonical"] = d.get("_keep_canonical") or keep
+        self._invalidate_packed()
+
+    def _canonical_buffers(self, unpack, order) -> dict:
+        """The buffers dict as it was before the release (in its order), with the canonical tensors unpacked."""
+        tensors = dict(zip(_CANONICAL, unpack()))
+        rest = dict(self._buffers)
+        out = {n: tensors[n] if n in tensors else rest.pop(n) for n in order if n in tensors or n in rest}
+        out.update(rest)  # (buffers registered since)
+        return out
+
+    def __getattr__(self, name):
+        if name in _CANONICAL and self.__dict__.get("_released") is not None:
+            self._restore_canonical()
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name in _CANONICAL and self.__dict__.get("_released") is not None:
+            self._restore_canonical()  # (so that the value lands in _buffers, beside the other two)
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        self._restore_canonical()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._restore_canonical()  # (keys the state dict lacks keep their values)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        rel = self.__dict__.get("_released")
+        if rel is not None:
+            for name, t in zip(_CANONICAL, rel[0]()):
+                destination[prefix + name] = t
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        rel = state.get("_released")
+        if rel is not None:  # the copy holds the canonical buffers (and packs its own at its first call)
+            state.update(_buffers=self._canonical_buffers(*rel), _released=None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_released", None)
+        self.__dict__.setdefault("_keep_canonical", False)
+
+
+# The canonical int4 buffers a released Int4Linear rebuilds on demand (Int4Linear._prepared).
+_CANONICAL = ("qweight", "scales", "offsets")
 
 # The forwards __call__'s shortcut stands for (see _QuantizedBase._trust).
 _FAST_FORWARDS = (Int8Linear.forward, Int4Linear.forward)

@@ -384,9 +384,13 @@ def _cuda(x, qweight, scales, offsets, bias, mode):
 # True: a module's prepared CUDA call (Int4Linear on a GPU, `_cuda_prepare`) repacks the weight once into the
 # tensor-core order of csrc/include/llmkern/cuda/int4_linear_packed.cuh and runs 16-bit x on the packed kernels
 # (M <= 16: the decode kernel, split over K when N is small; M > 16: int4_linear_packed_gemm.cuh); fp32 x keeps
-# `_cuda` on the canonical tensors. LLMKERN_CUDA_INT4_PACKED=0 turns it off (read at import): the packed copy
-# adds ~K/2 + 2..4 K/G bytes per output row of GPU memory.
+# `_cuda` on the canonical tensors. LLMKERN_CUDA_INT4_PACKED=0 turns it off (read at import).
 CUDA_INT4_PACKED = os.environ.get("LLMKERN_CUDA_INT4_PACKED", "") != "0"
+# True: the prepared run offers `release()` (below), with which Int4Linear drops its canonical GPU buffers once
+# packed and holds the packed copy alone (DESIGN.md: "the module then holds the repacked form"), unpacking them
+# on demand (`_cuda_unpack`: state_dict, fp32 x, attribute reads). LLMKERN_CUDA_INT4_KEEP_CANONICAL=1 keeps both
+# (~1.8x the GPU memory at G = 32: 0.75 + 0.625 bytes per weight instead of 0.625).
+CUDA_INT4_RELEASE = os.environ.get("LLMKERN_CUDA_INT4_KEEP_CANONICAL", "") != "1"
 
 
 def _cuda_pack(mod, qweight, scales, offsets, N, K, G, stream):
@@ -401,6 +405,37 @@ def _cuda_pack(mod, qweight, scales, offsets, N, K, G, stream):
     mod.int4_linear_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), G, N, K, qp.data_ptr(),
                          sp.data_ptr(), scale16, stream)
     return qp, sp, scale16
+
+
+_UNPACK_PASS = 1 << 24  # weights per pass of _cuda_unpack (bounds its temporaries)
+
+
+def _cuda_unpack(qp, sp, scale16, N, K, G):
+    """The canonical (qweight uint8 [N, K // 2], scales, offsets float32 [N, K // G]) of a packed weight
+    (`_cuda_pack`), bit for bit, in torch ops on qp's device (the inverse of the layout described at the top
+    of int4_linear_packed.cuh). Temporaries: ~1.5 bytes per weight of at most _UNPACK_PASS weights at a time."""
+    T, C, ngroups = (N + 15) // 16, K // 32, K // G
+    # qp: [tile, chunk c, lane (g, t), word s] int32 words; nibble 4 r + 16 e of word s of lane (g, t) is
+    # q[16 tile + g + 8 (r & 1), 32 c + 16 s + 4 t + 2 (r >> 1) + e].
+    words = qp.view(torch.int32).view(T, C, 8, 4, 2)  # [T, C, g, t, s]
+    qweight = torch.empty((N, K // 2), dtype=torch.uint8, device=qp.device)
+    step = max(1, _UNPACK_PASS // (16 * K))  # tiles per pass
+    for t0 in range(0, T, step):
+        w = words[t0:t0 + step]
+        n = w.shape[0]
+        # q [tile, half h, g, c, s, t, j = k % 4]: row 16 tile + 8 h + g, column 32 c + 16 s + 4 t + j
+        q = torch.empty((n, 2, 8, C, 2, 4, 4), dtype=torch.uint8, device=qp.device)
+        for r in range(4):
+            for e in range(2):
+                nib = ((w >> (4 * r + 16 * e)) & 0xF).to(torch.uint8)  # [n, C, g, t, s]
+                q[:, r & 1, :, :, :, :, 2 * (r >> 1) + e] = nib.permute(0, 2, 1, 4, 3)  # -> [n, g, C, s, t]
+        q = q.view(n * 16, K // 2, 2)  # [rows, k / 2, k % 2]
+        rows = min(N, (t0 + n) * 16) - t0 * 16  # (rows past N are the packer's zero padding)
+        qweight[t0 * 16:t0 * 16 + rows] = q[:rows, :, 0] | (q[:rows, :, 1] << 4)
+    # sp: [tile, group, g, (s_g, o_g, s_g+8, o_g+8)] in fp32, or fp16 values when scale16
+    so = sp.view(torch.float16 if scale16 else torch.float32).view(T, ngroups, 8, 2, 2)  # [T, grp, g, h, s/o]
+    so = so.permute(0, 3, 2, 1, 4).reshape(T * 16, ngroups, 2)[:N].to(torch.float32)  # [rows, grp, s/o]
+    return qweight, so[..., 0].contiguous(), so[..., 1].contiguous()
 
 
 def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms):
@@ -428,8 +463,10 @@ def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms):
 def _cuda_prepare(qweight, scales, offsets, bias, mode):
     """The cuda preparer (Int4Linear's prepared call on a GPU): with CUDA_INT4_PACKED the weight is repacked
     once (`_cuda_pack`) and bf16 / fp16 activations run the packed tensor-core kernels (1 to 16 rows: the
-    decode kernel; more: the packed GEMM); fp32 activations run `_cuda` on the canonical tensors, which the
-    module holds anyway (they are also what state_dict saves).
+    decode kernel; more: the packed GEMM); fp32 activations run `_cuda` on the canonical tensors.
+    With CUDA_INT4_RELEASE the run also has `release()`: it lets go of the canonical tensors (after which it
+    takes 16-bit x only) and returns `unpack()`, which rebuilds them from the packed copy (`_cuda_unpack`);
+    Int4Linear calls it so that the packed copy is all the GPU holds.
     Not while a CUDA graph is being captured (the packing kernels would only run at replay): the module then
     keeps calling the op, and prepares at its next call after a buffer change."""
     if qweight.device.type != "cuda":
@@ -458,14 +495,26 @@ def _cuda_prepare(qweight, scales, offsets, bias, mode):
     splits = mod.int4_linear_packed_splits(N, K, sms)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     packed = _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms)
+    fp32 = [canonical]  # dropped by release(): then nothing here refers to the canonical tensors
 
     def run(x):
         M = math.prod(x.shape[:-1])
-        if x.dtype == torch.float32 or M == 0:
-            return canonical(x)
+        if M == 0:
+            return x.new_empty(x.shape[:-1] + (N,))
+        if x.dtype == torch.float32:
+            if fp32[0] is None:
+                raise RuntimeError("int4_linear: this prepared run released its canonical weights and takes "
+                                   "bf16 / fp16 x only (Int4Linear restores them before an fp32 call)")
+            return fp32[0](x)
         return packed(x, M)
 
+    def release():
+        fp32[0] = None
+        return functools.partial(_cuda_unpack, qp, sp, scale16, N, K, G)
+
     run.packed = (qp, sp, scale16)  # (for tests and memory accounting)
+    if CUDA_INT4_RELEASE:
+        run.release = release
     return run
 
 

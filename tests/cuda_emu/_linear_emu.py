@@ -111,4 +111,5 @@ class Adapter:
             return out
 
         call.packed = getattr(run, "packed", None)
+        call.release = getattr(run, "release", None)
         return call

@@ -6,6 +6,7 @@ and the Python preparer llmkern.ops.int4_linear._cuda_prepare (which calls go to
 canonical `_cuda`). Outputs start as NaN."""
 import gc
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -103,6 +104,33 @@ def test_pack_layout(emu, G, scale16):
         rq, rs = ref_pack(qw, s, o, G, scale16)
         assert torch.equal(qp, rq), (N, K)
         assert torch.equal(sp, rs), (N, K)
+
+
+def bits(t):
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("scale16", [False, True])
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_unpack_inverts_pack(emu, G, scale16, monkeypatch):
+    """`_cuda_unpack` (what a released Int4Linear rebuilds its canonical buffers from) gives the packed weight's
+    canonical tensors back bit for bit: N tails, K tails, -0.0 / tiny / huge scales, and several passes."""
+    I4 = sys.modules["llmkern.ops.int4_linear"]  # (llmkern.ops.int4_linear is the function)
+    for N, K, pass_weights in ((16, 128, 1 << 24), (21, 256, 1 << 24), (40, 384, 16 * 384), (70, 512, 2 * 16 * 512),
+                               (1, 128, 1)):
+        if K % G:
+            continue
+        _, qw, s, o, _ = make(1, N, K, G, torch.bfloat16, 3 * N + K + G, scale16=scale16)
+        s[0, 0], o[-1, -1] = 2.0 ** -14, -0.0  # (fp16 values: scale16 stays as drawn)
+        if not scale16:
+            s[-1, 0], o[0, -1] = 3.0e38, 1.0e-40  # fp32 only (huge, subnormal)
+        qp, sp = pack(emu, qw, s, o, G, scale16)
+        monkeypatch.setattr(I4, "_UNPACK_PASS", pass_weights)
+        uq, us, uo = I4._cuda_unpack(qp, sp, scale16, N, K, G)
+        assert uq.shape == qw.shape and us.shape == s.shape and uo.shape == o.shape, (N, K)
+        assert torch.equal(uq, qw), (N, K)
+        assert torch.equal(bits(us), bits(s)) and torch.equal(bits(uo), bits(o)), (N, K)
+        assert uq.is_contiguous() and uq.untyped_storage().nbytes() == qw.numel()  # (no padding rows kept)
 
 
 @pytest.mark.parametrize("scale16", [False, True])
@@ -213,3 +241,124 @@ def test_preparer_routes(lin):
     run = lin.prepare(qw, s, o, b, "w4a16", CUDA_INT4_PACKED=False)
     run(torch.randn(4, K).to(torch.bfloat16))
     assert lin.path == "decode_mma"
+
+
+@pytest.fixture
+def gpu_like_int4(lin, monkeypatch):
+    """Int4Linear modules on the CPU whose prepared run is the cuda preparer's (`_cuda_prepare` on the
+    emulator, as on a GPU): `make_module(...)` -> module, `prepared` counts the preparations."""
+    from llmkern._backends import env_backend
+    from llmkern.nn import Int4Linear
+    from llmkern.ops.int4_linear import int4_linear_op
+
+    prepared = []
+
+    def prepare(*static_args, backend=None, device="cpu"):
+        impl = lin.prepare(*static_args)
+        prepared.append(impl)
+
+        def run(x):
+            return impl(x)
+
+        run.env, run.backend, run.device, run.impl = env_backend(), "cuda", torch.device(device), impl
+        return run
+
+    monkeypatch.setattr(int4_linear_op, "prepare", prepare)
+
+    def make_module(qw, s, o, b):
+        return Int4Linear.from_quantized(qw.clone(), s.clone(), o.clone(), None if b is None else b.clone())
+
+    make_module.prepared = prepared
+    return make_module
+
+
+def test_module_holds_the_packed_copy_alone(lin, gpu_like_int4):
+    """A GPU Int4Linear, once packed, frees its canonical buffers (weakrefs die) and computes from the packed
+    copy; state_dict and deepcopy unpack them bit for bit without keeping them; reading an attribute brings
+    them back until the next call releases them again."""
+    import copy
+    import weakref
+
+    G, N, K = 32, 40, 256
+    _, qw, s, o, b = make(1, N, K, G, torch.bfloat16, 11, bias=True)
+    b = b.to(torch.bfloat16)
+    m = gpu_like_int4(qw, s, o, b)
+    expect = lin.prepare(qw, s, o, b, "w4a16")  # the same packed kernels on a module-free copy
+    gone = [weakref.ref(m._buffers[n]) for n in ("qweight", "scales", "offsets")]
+    x = torch.randn(3, K).to(torch.bfloat16)
+    y = m(x)
+    assert torch.equal(y, expect(x)) and lin.path == "packed"
+    gc.collect()
+    assert all(r() is None for r in gone), "the canonical buffers are still alive"
+    assert [n for n, _ in m.named_buffers()] == ["bias"]
+    assert torch.equal(m(x), y) and len(gpu_like_int4.prepared) == 1
+
+    sd = m.state_dict()
+    assert list(sd) == ["qweight", "scales", "offsets", "bias"]
+    assert torch.equal(sd["qweight"], qw) and torch.equal(bits(sd["scales"]), bits(s))
+    assert torch.equal(bits(sd["offsets"]), bits(o)) and torch.equal(sd["bias"], b)
+    assert m._released is not None  # (state_dict unpacked into the result only)
+
+    c = copy.deepcopy(m)
+    assert m._released is not None and c._released is None
+    assert [n for n, _ in c.named_buffers()] == ["qweight", "scales", "offsets", "bias"]
+    assert torch.equal(c.qweight, qw) and torch.equal(bits(c.scales), bits(s))
+    assert torch.equal(c(x), y)  # (the copy prepares, packs and releases its own)
+    assert c._released is not None and m._released is not None
+
+    assert torch.equal(m.qweight, qw)  # reading restores...
+    assert m._released is None and [n for n, _ in m.named_buffers()] == ["qweight", "scales", "offsets", "bias"]
+    assert torch.equal(m(x), y) and m._released is not None  # ...until the next call packs again
+
+
+def test_module_released_then_fp32_assignment_load_and_casts(lin, gpu_like_int4):
+    """What needs the canonical tensors gets them back, exactly: an fp32 call (which then keeps them), an
+    assignment, load_state_dict (new weights, packed and released at the next call) and .to(dtype)."""
+    G, N, K = 64, 33, 384
+    _, qw, s, o, b = make(1, N, K, G, torch.bfloat16, 12, bias=True)
+    x16 = torch.randn(2, K).to(torch.float16)
+    x32 = torch.randn(5, K)
+
+    m = gpu_like_int4(qw, s, o, b)
+    m(x16)
+    assert m._released is not None
+    y32 = m(x32)  # fp32: the canonical kernel, on the restored buffers
+    assert lin.path == "gemv" and m._released is None
+    check(y32, x32, qw, s, o, b, "fp32 after release")
+    m(x16)
+    assert lin.path == "packed" and m._released is None  # fp32 calls keep the canonical buffers
+
+    m = gpu_like_int4(qw, s, o, b)
+    m(x16)
+    s2 = s * 2
+    m.scales = s2
+    assert m._released is None and list(m._buffers) == ["qweight", "scales", "offsets", "bias"]
+    assert torch.equal(m.qweight, qw) and m.scales is s2
+    check(m(x16), x16, qw, s2, o, b, "assigned scales", tight=True)
+    assert m._released is not None
+
+    _, qw3, s3, o3, b3 = make(1, N, K, G, torch.bfloat16, 13, bias=True)
+    m.load_state_dict({"qweight": qw3, "scales": s3, "offsets": o3, "bias": b3})
+    assert m._released is None
+    check(m(x16), x16, qw3, s3, o3, b3, "loaded", tight=True)
+    assert m._released is not None
+    m.load_state_dict({"bias": b}, strict=False)  # (keys it lacks keep their values: unpacked, not garbage)
+    check(m(x16), x16, qw3, s3, o3, b, "partly loaded", tight=True)
+
+    m.to(torch.bfloat16)
+    assert m.bias.dtype == torch.bfloat16 and m.scales.dtype == torch.float32 and torch.equal(m.qweight, qw3)
+    assert torch.equal(bits(m.offsets), bits(o3))
+
+
+def test_released_run_refuses_fp32_and_switch_off(lin):
+    """After release() the prepared run holds no canonical tensors: fp32 x is refused, not computed from
+    stale memory; LLMKERN_CUDA_INT4_KEEP_CANONICAL=1 (CUDA_INT4_RELEASE off) offers no release."""
+    G, N, K = 32, 24, 128
+    _, qw, s, o, _ = make(1, N, K, G, torch.bfloat16, 14)
+    run = lin.prepare(qw, s, o, None, "w4a16")
+    unpack = run.release()
+    with pytest.raises(RuntimeError, match="released"):
+        run(torch.randn(1, K))
+    assert run(torch.randn(0, K).to(torch.bfloat16)).shape == (0, N)
+    assert torch.equal(unpack()[0], qw)
+    assert lin.prepare(qw, s, o, None, "w4a16", CUDA_INT4_RELEASE=False).release is None

@@ -392,3 +392,32 @@ def test_packed_module_graph_and_nan():
     x[1] = float("nan")
     out = m(x)
     assert out[1].isnan().all() and torch.isfinite(out[[0, 2, 3]]).all()
+
+
+def test_packed_module_frees_the_canonical_buffers():
+    """Int4Linear on the GPU holds the packed copy alone after its first call: allocated GPU memory falls by the
+    canonical buffers' bytes less the packed copy's; state_dict gives them back bit for bit (without keeping
+    them); an fp32 call restores them, with the canonical kernels' result."""
+    from llmkern.nn import Int4Linear
+
+    g = gen(5)
+    N, K, G = 4096, 4096, 32
+    qw, s, o = make_weights(N, K, G, g)
+    m = Int4Linear.from_quantized(qw.clone(), s.clone(), o.clone(), None, backend="cuda")
+    x = torch.randn(1, K, generator=g, device=DEV).to(torch.bfloat16)
+    torch.cuda.synchronize(DEV)
+    before = torch.cuda.memory_allocated(DEV)
+    y = m(x)
+    del y
+    torch.cuda.synchronize(DEV)
+    qp, sp, _ = m._run.impl.packed
+    expect = (qp.numel() + sp.numel()) - (qw.numel() + 4 * s.numel() + 4 * o.numel())
+    assert abs(torch.cuda.memory_allocated(DEV) - before - expect) < (1 << 20), (before, expect)
+    assert m._released is not None
+    sd = m.state_dict()
+    assert torch.equal(sd["qweight"], qw) and torch.equal(sd["scales"], s) and torch.equal(sd["offsets"], o)
+    del sd
+    check_tight(m(x), x, qw, s, o, None, "released module")
+    x32 = torch.randn(3, K, generator=g, device=DEV)
+    check(m(x32), x32, qw, s, o, None, "fp32 after release")
+    assert m._released is None and torch.equal(m.qweight, qw)

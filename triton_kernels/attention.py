@@ -37,9 +37,8 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
         stride_vb, stride_vs, stride_vh = stride_vb // 8 * 8, stride_vs // 8 * 8, stride_vh // 8 * 8
         stride_ob, stride_os, stride_oh = stride_ob // 8 * 8, stride_os // 8 * 8, stride_oh // 8 * 8
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     kvh = h // GROUP
     if VARLEN:
         q0 = tl.load(cuq_ptr + b)
@@ -131,6 +130,10 @@ def config(D: int, dtype: torch.dtype, cap: int) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2}
 
 
+class Unsupported(Exception):
+    """An input these kernels do not take (the op adapter turns it into BackendUnsupported)."""
+
+
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
     """Returns (out contiguous like q, lse float32 [B, Hq, Sq] or [Hq, Tq])."""
     D, Hq, Hk = q.shape[-1], q.shape[-2], k.shape[-2]
@@ -148,7 +151,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, w
         sv_ = (0, v.stride(0), v.stride(1))
         so_ = (0, out.stride(0), out.stride(1))
         sl_ = (0, lse.stride(0))
-        cuq, cuk = cu_seqlens_q, cu_seqlens_k
+        cuq, cuk = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # (read at b, b + 1)
     else:
         B, Sq = q.shape[0], q.shape[1]
         Sk = k.shape[1]
@@ -163,7 +166,11 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, w
     cfg = config(D, q.dtype, capability(q))
     right = 0 if causal else int(window_right)
     sc = float(scale) if scale is not None else D ** -0.5
-    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
+    # (query blocks, heads, sequences): CUDA grids allow 65535 along y and z; in launch order, the query blocks
+    # of one head, then the heads of one sequence (a KV head's group side by side: its K/V stay in L2).
+    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), Hq, B)
+    if Hq > 65535 or B > 65535:
+        raise Unsupported(f"{B} sequences x {Hq} heads: the grid allows 65535 of each")
     align8 = D % 8 == 0 and all(x % 8 == 0 for x in (*sq_, *sk_, *sv_, *so_))
     attn_fwd_kernel[grid](
         q, k, v, out, lse, cuq, cuk, Sq, Sk, Hq, D, Hq // Hk, *sq_, *sk_, *sv_, *so_, *sl_,

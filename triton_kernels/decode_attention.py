@@ -167,6 +167,9 @@ def decode_attention(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scal
     if B == 0 or Sq == 0 or Hq == 0:
         return out
     paged = block_table is not None
+    seq_lens = seq_lens.contiguous()  # (read at b: unit stride; block_table rows at b * stride, then unit stride)
+    if paged and block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
     cfg = config(group * Sq, D, capacity, B * Hk, q.dtype, sms, num_splits)

@@ -84,14 +84,14 @@ def kv_cache_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, p
     if T == 0 or Hk == 0 or D == 0:
         return None
     k3, v3 = _rows(k, Hk, D), _rows(v, Hk, D)
-    slots = slot_mapping.reshape(T)
+    slots = slot_mapping.reshape(T).contiguous()  # (the kernel reads slots[t] at t: a strided view would not do)
     rotary = cos_sin_cache is not None
     rotate_q = rotary and q is not None and q.numel() > 0
     int8 = k_cache.dtype == torch.int8
     Hq = q.shape[-2] if rotate_q else 1
     q3, q_copy = (_inplace_rows(q, Hq, D) if rotate_q else (k3, False))
     cs = cos_sin_cache.contiguous() if rotary else k3
-    pos = positions.reshape(T) if rotary else slots
+    pos = positions.reshape(T).contiguous() if rotary else slots
     bh, bd = tile(max(Hk, Hq), D)
     grid = (T, triton.cdiv(Hk, bh) + (triton.cdiv(Hq, bh) if rotate_q else 0))
     kv_append_kernel[grid](

@@ -75,7 +75,7 @@ def _rotate(x, positions, cos_sin_cache, interleaved):
     x3 = x.reshape(T, H, D)  # [..., H, D] -> [T, H, D]
     if x3.stride(2) != 1:
         x3 = x3.contiguous()
-    pos = positions.reshape(T)
+    pos = positions.reshape(T).contiguous()  # (read at t: unit stride)
     cs = cos_sin_cache.contiguous()
     bh, bd = tile(H, D)
     rotary_kernel[(T, triton.cdiv(H, bh))](x3, out, pos, cs, H, D, cs.shape[1], x3.stride(0), x3.stride(1),

@@ -95,7 +95,10 @@ def _triton(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, win
 
     if q.device.type != "cuda":
         raise BackendUnsupported(f"triton runs on CUDA tensors, q is on {q.device}")
-    return tk.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
+    try:
+        return tk.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
+    except tk.Unsupported as e:
+        raise BackendUnsupported(str(e)) from None
 
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

@@ -51,3 +51,22 @@ def test_attention_varlen_window_softcap(dtype):
     assert rel_err(out, ref) <= tol(dtype)
     assert torch.all(out[22:] == 0)
     _lse_ok(lse, ref_lse)
+
+
+def test_attention_strided_cu_seqlens():
+    """cu_seqlens given as strided views (every other element of a longer tensor) are read as their values,
+    not as the underlying memory."""
+    g = torch.Generator().manual_seed(8)
+    Hq, Hk, D = 2, 2, 32
+    cu_q = torch.tensor([[0, 3], [4, 3], [11, 3]], dtype=torch.int32, device=DEV)[:, 0]  # [0, 4, 11], stride 2
+    cu_k = torch.tensor([[0, 1], [6, 1], [13, 1]], dtype=torch.int32, device=DEV)[:, 0]  # [0, 6, 13]
+    q = torch.randn(11, Hq, D, generator=g).to(torch.float16).to(DEV)
+    k = torch.randn(13, Hk, D, generator=g).to(torch.float16).to(DEV)
+    v = torch.randn(13, Hk, D, generator=g).to(torch.float16).to(DEV)
+    args = (cu_q, cu_k, None, True, -1, -1, 0.0)
+    assert cu_q.stride(0) == 2 and cu_k.stride(0) == 2
+    out, lse = call("attention", "attention.attention", q, k, v, *args)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), cu_q.contiguous(), cu_k.contiguous(),
+                                       *args[2:])
+    assert rel_err(out, ref) <= tol(torch.float16)
+    _lse_ok(lse, ref_lse)

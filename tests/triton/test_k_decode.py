@@ -107,3 +107,26 @@ def test_decode_row_blocks():
     ref = reference.decode_attention(q.double(), kc.double(), vc.double(), lens, None, None, None, None, 0.0, -1)
     assert out.shape == q.shape
     assert rel_err(out, ref) <= tol(torch.float16)
+
+
+def test_decode_strided_lens_and_block_table():
+    """seq_lens as a strided view and a block table whose rows are not unit-stride (a transposed copy) give
+    the contiguous inputs' result."""
+    g = torch.Generator().manual_seed(9)
+    B, Hq, Hk, D, Smax, bs = 3, 4, 2, 32, 32, 8
+    q = torch.randn(B, Hq, D, generator=g).to(torch.float16).to(DEV)
+    kc = torch.randn(B, Smax, Hk, D, generator=g).to(torch.float16).to(DEV)
+    vc = torch.randn(B, Smax, Hk, D, generator=g).to(torch.float16).to(DEV)
+    lens = torch.tensor([[29, 2], [5, 2], [32, 2]], dtype=torch.int32, device=DEV)[:, 0]  # stride 2
+    assert lens.stride(0) == 2
+    ref = reference.decode_attention(q.double(), kc.double(), vc.double(), lens.contiguous(), None, None, None,
+                                     None, 0.0, -1)
+    out = _run(q, kc, vc, lens, None, None, None, None, 0.0, -1, num_splits=2)
+    assert rel_err(out, ref) <= tol(torch.float16)
+    pk, bt, _ = _paged(kc, None, bs, g)
+    pv = torch.empty_like(pk)
+    pv.view(-1, bs, Hk, D)[bt.reshape(-1).long()] = vc.reshape(-1, bs, Hk, D)
+    bt_t = bt.t().contiguous().t()  # same values, stride (1, B)
+    assert bt_t.stride(1) != 1
+    outp = _run(q, pk, pv, lens, bt_t, None, None, None, 0.0, -1, num_splits=2)
+    assert rel_err(outp, out.double()) <= tol(torch.float16)

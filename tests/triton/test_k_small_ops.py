@@ -100,3 +100,28 @@ def test_kv_cache_append(cache_dtype, rotary):
     untouched = torch.ones(nb * bs, dtype=torch.bool)
     untouched[[0, 7, 19, 3, 12]] = False
     assert torch.equal(kc.view(nb * bs, Hk, D)[untouched.to(DEV)], kc_r.view(nb * bs, Hk, D)[untouched.to(DEV)])
+
+
+def test_strided_positions_and_slots():
+    """positions and slot_mapping given as strided views (every other element; the elements between are
+    other valid values) are read as their values: rotary and kv_cache_append with fused rotary."""
+    g = torch.Generator().manual_seed(10)
+    dtype = torch.float16
+    T, Hq, Hk, D, nb, bs = 3, 2, 1, 32, 2, 8
+    q = torch.randn(T, Hq, D, generator=g).to(dtype).to(DEV)
+    k = torch.randn(T, Hk, D, generator=g).to(dtype).to(DEV)
+    cs = rotary_cos_sin(64, D).to(DEV)
+    pos = torch.tensor([[4, 9], [17, 1], [63, 2]], dtype=torch.int64, device=DEV)[:, 0]  # [4, 17, 63]
+    slots = torch.tensor([[2, 5], [9, 0], [14, 1]], dtype=torch.int64, device=DEV)[:, 0]  # [2, 9, 14]
+    assert pos.stride(0) == 2 and slots.stride(0) == 2
+    qo, ko = call("rotary_embedding", "rotary_embedding.rotary_embedding", q, k, pos, cs, False)
+    qr, kr = reference.rotary_embedding(q.double(), k.double(), pos.contiguous(), cs, False)
+    assert rel_err(qo, qr) <= tol(dtype) and rel_err(ko, kr) <= tol(dtype)
+    kc, vc = torch.zeros(nb, bs, Hk, D, dtype=dtype, device=DEV), torch.zeros(nb, bs, Hk, D, dtype=dtype, device=DEV)
+    kc_r, vc_r = kc.clone(), vc.clone()
+    v = torch.randn(T, Hk, D, generator=g).to(dtype).to(DEV)
+    q1, q_r = q.clone(), q.clone()
+    call("kv_cache_append", "kv_cache_append.kv_cache_append", k, v, kc, vc, slots, None, None, q1, pos, cs, False)
+    reference.kv_cache_append(k, v, kc_r, vc_r, slots.contiguous(), None, None, q_r, pos.contiguous(), cs, False)
+    assert torch.equal(vc, vc_r)  # (plain writes: exact, at the right slots only)
+    assert rel_err(kc, kc_r.double()) <= tol(dtype) and rel_err(q1, q_r.double()) <= tol(dtype)

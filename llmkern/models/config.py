@@ -156,6 +156,11 @@ class ModelConfig:
         extra = {}
         if cfg.get("sliding_window") and cfg.get("use_sliding_window", model_type == "mistral"):
             extra["sliding_window"] = int(cfg["sliding_window"])
+            n = int(cfg["num_hidden_layers"])
+            if cfg.get("layer_types"):  # (transformers >= 4.53 lists each layer's kind)
+                extra["sliding_layers"] = [i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention"]
+            elif model_type == "qwen2":  # Qwen2: layers from max_window_layers on slide
+                extra["sliding_layers"] = list(range(int(cfg.get("max_window_layers", n)), n))
         return cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),

@@ -178,8 +178,8 @@ class DecodePlan:
         for layer, kv in zip(model.layers, cache):
             a, m = layer.self_attn, layer.mlp
             qkv, gate_up = a._modules.get("qkv_proj"), m._modules.get("gate_up_proj")
-            if qkv is None or gate_up is None or a.rotary is not model.rotary:
-                return None
+            if qkv is None or gate_up is None or a.rotary is not model.rotary or a.window_left != -1:
+                return None  # (sliding windows: the module path)
             L = _Layer()
             L.qkv, L.o, L.gate_up, L.down = (_runner(qkv), _runner(a.o_proj), _runner(gate_up), _runner(m.down_proj))
             if None in (L.qkv, L.o, L.gate_up, L.down):

@@ -53,15 +53,26 @@ class MLP(nn.Module):
         return True
 
 
+def window_left(config: ModelConfig, layer: int) -> int:
+    """The attention window of `layer` as ops' window_left: -1 (none), or sliding_window - 1 for a layer with a
+    sliding window (Mistral: every layer; Qwen2 with use_sliding_window: those transformers makes sliding). A
+    query then sees itself and the sliding_window - 1 keys before it, as transformers' sliding-window mask."""
+    w = config.extra.get("sliding_window")
+    layers = config.extra.get("sliding_layers")
+    if not w or (layers is not None and layer not in layers):
+        return -1
+    return int(w) - 1
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, *, device=None, dtype=torch.float32, backend=None):
+    def __init__(self, config: ModelConfig, *, device=None, dtype=torch.float32, backend=None, index: int = 0):
         super().__init__()
         c = config
         self.input_layernorm = lnn.RMSNorm(c.hidden_size, c.rms_eps, device=device, dtype=dtype, backend=backend)
         self.self_attn = lnn.Attention(
             c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, rope_base=c.rope_base,
             # max_positions=1: a one-row table, replaced by the model's shared RotaryEmbedding (set_rotary)
-            rope_scaling=c.rope_scaling, max_positions=1, bias=c.attention_bias,
+            rope_scaling=c.rope_scaling, max_positions=1, bias=c.attention_bias, window_left=window_left(c, index),
             device=device, dtype=dtype, backend=backend)
         if c.attention_bias and not c.o_bias:  # Qwen2: biases on q/k/v only
             self.self_attn.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False, device=device,
@@ -99,12 +110,21 @@ class Llama(nn.Module):
         skip = torch.empty(c.vocab_size, c.hidden_size, device="meta", dtype=dtype) if str(device) == "meta" else None
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, device=device, dtype=dtype, _weight=skip)
         self.layers = nn.ModuleList(
-            DecoderLayer(c, device=device, dtype=dtype, backend=backend) for _ in range(c.num_layers))
+            DecoderLayer(c, device=device, dtype=dtype, backend=backend, index=i) for i in range(c.num_layers))
         self.norm = lnn.RMSNorm(c.hidden_size, c.rms_eps, device=device, dtype=dtype, backend=backend)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, device=device, dtype=dtype)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.set_rotary(device=None if str(device) == "meta" else device)
+
+    def _apply(self, fn, recurse=True):
+        # .to(torch.bfloat16) / .half() / .float(): `dtype` (the activations' and new caches' dtype) follows the
+        # embedding's, so that new_cache / generate keep matching the model.
+        super()._apply(fn, recurse)
+        w = self.embed_tokens.weight
+        if w.is_floating_point() and not w.is_meta:
+            self.dtype = w.dtype
+        return self
 
     def set_rotary(self, device=None) -> None:
         """(Re)build the rotary table shared by every layer (e.g. after constructing on the meta device)."""

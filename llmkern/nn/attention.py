@@ -26,13 +26,14 @@ class Attention(nn.Module):
 
     Submodules q_proj [hidden -> Hq*D], k_proj and v_proj [hidden -> Hk*D], o_proj [Hq*D -> hidden]
     (nn.Linear; swap in Int8Linear/Int4Linear freely; `bias` applies to all four, as in Llama's
-    attention_bias), and `rotary` (RotaryEmbedding over the whole head dim).
+    attention_bias), and `rotary` (RotaryEmbedding over the whole head dim). window_left >= 0: a sliding
+    window (Mistral's sliding_window W is window_left = W - 1), on every path.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None, *,
                  rope_base: float = 10000.0, rope_scaling: dict | None = None, max_positions: int = 4096,
-                 rope_interleaved: bool = False, bias: bool = False, device=None, dtype=torch.float32,
-                 backend=None):
+                 rope_interleaved: bool = False, bias: bool = False, window_left: int = -1, device=None,
+                 dtype=torch.float32, backend=None):
         super().__init__()
         if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"Attention: num_heads ({num_heads}) must be a positive multiple of num_kv_heads "
@@ -43,7 +44,10 @@ class Attention(nn.Module):
                                  f"({num_heads}); pass head_dim")
             head_dim = hidden_size // num_heads
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        if window_left < -1:
+            raise ValueError(f"Attention: window_left must be -1 (no window) or >= 0, got {window_left}")
         self.head_dim, self.backend = head_dim, backend
+        self.window_left = int(window_left)  # keys a query sees before itself (sliding window - 1); -1: all
         kw = dict(bias=bias, device=device, dtype=dtype)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, **kw)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
@@ -88,7 +92,7 @@ class Attention(nn.Module):
                     cache.append(seq_ids, k, v, lengths=lengths)
                 else:
                     cache.append(k, v, lengths=lengths)
-            out = ops.attention(q, k, v, causal=True, backend=self.backend)  # [B, S, Hq, D]
+            out = ops.attention(q, k, v, causal=True, window_left=self.window_left, backend=self.backend)
         else:
             # q [B, S, Hq, D] is rotated in place by the fused append (it is a fresh projection output).
             if paged:
@@ -96,7 +100,8 @@ class Attention(nn.Module):
             else:
                 cache.append(k, v, lengths=lengths, q=q, rotary=self.rotary)
             q_in = q.view(B, Hq, D) if S == 1 else q  # one token: the [B, Hq, D] decode form
-            out = cache.attend(q_in, seq_ids) if paged else cache.attend(q_in)
+            w = self.window_left
+            out = cache.attend(q_in, seq_ids, window_left=w) if paged else cache.attend(q_in, window_left=w)
         return self.o_proj(out.reshape(B, S, Hq * D))  # [B, S, Hq, D] -> [B, S, Hq*D] -> [B, S, hidden]
 
     def fuse_qkv(self) -> bool:
@@ -116,4 +121,4 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, backend={self.backend!r}")
+                f"head_dim={self.head_dim}, window_left={self.window_left}, backend={self.backend!r}")

@@ -259,3 +259,18 @@ def test_fuse_refuses_different_devices_and_bias_dtypes():
     b.bias.data = b.bias.data.double()
     assert concat_linears((a, b)) is None
     assert concat_linears((a, torch.nn.Linear(64, 8, device="meta"))) is None
+
+
+def test_dtype_follows_to():
+    """Llama.to(torch.bfloat16) (or .half() / .float()): `dtype`, which new caches take, follows, so a cached
+    forward works after the cast (it raised a cache-dtype error) and matches a model built in bf16."""
+    m = tiny()
+    tokens = torch.randint(0, 101, (1, 6))
+    m.to(torch.bfloat16)
+    assert m.dtype == torch.bfloat16
+    with torch.inference_mode():
+        cache = m.new_cache(1, 8)
+        assert cache[0].dtype == torch.bfloat16
+        steps = torch.cat([m(tokens[:, :4], cache)] + [m(tokens[:, t:t + 1], cache) for t in (4, 5)], 1)
+        assert rel(steps, m(tokens)) <= 2e-2  # (bf16 activations, both ways)
+    assert m.float().dtype == torch.float32

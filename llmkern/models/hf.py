@@ -263,17 +263,26 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
         parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
         new = None
         if isinstance(mod, nn.Linear) and quant in ("int8", "int4") and attr not in skip and name not in skip:
-            new = (lnn.Int8Linear.from_linear(mod, mode=mode or "w8a16", group_size=group_size or 0, backend=backend)
-                   if quant == "int8" else
-                   lnn.Int4Linear.from_linear(mod, group_size=group_size or 32, mode=mode or "w4a16", backend=backend))
+            try:
+                new = (lnn.Int8Linear.from_linear(mod, mode=mode or "w8a16", group_size=group_size or 0,
+                                                  backend=backend)
+                       if quant == "int8" else
+                       lnn.Int4Linear.from_linear(mod, group_size=group_size or 32, mode=mode or "w4a16",
+                                                  backend=backend))
+            except ValueError as e:  # (nothing is replaced yet: the model is left as it was)
+                raise ValueError(f"patch: cannot quantize {name} ({mod.in_features} -> {mod.out_features}) to "
+                                 f"{quant} with group_size={group_size}: {e}") from e
         elif norms and type(mod).__name__.endswith("RMSNorm") and getattr(mod, "weight", None) is not None:
             eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
             if eps is not None and mod.weight.dim() == 1 and type(mod).forward.__code__.co_argcount == 2:
                 new = lnn.RMSNorm(mod.weight.shape[0], eps, device="meta", dtype=mod.weight.dtype, backend=backend)
                 new.weight = mod.weight  # shared, not copied
         if new is not None:
-            undo.append((parent, attr, mod))
-            setattr(parent, attr, new)
+            undo.append((parent, attr, mod, new))
+    # Replace only once every new module was built: a layer that cannot be quantized leaves the model as it was.
+    for parent, attr, mod, new in undo:
+        setattr(parent, attr, new)
+    undo = [u[:3] for u in undo]  # (parent, attribute, original module)
     old_impl = None
     routed = []
     if attention:

@@ -55,6 +55,48 @@ def test_from_hf_model_and_dir(hf_tiny, tmp_path):
         from_hf(hf_tiny, quant="fp8")
 
 
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_from_hf_sliding_window(kind):
+    """Sliding-window attention (Mistral: every layer; Qwen2 with use_sliding_window: layers from
+    max_window_layers on) matches transformers past the window: uncached, and decoding token by token over a
+    contiguous and a paged cache (the decode plan steps aside for windowed layers)."""
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, sliding_window=6, max_position_embeddings=64)
+    if kind == "mistral":
+        cfg = transformers.MistralConfig(**common)
+    else:
+        cfg = transformers.Qwen2Config(**common, use_sliding_window=True, max_window_layers=1)
+    torch.manual_seed(1)
+    hf = getattr(transformers, "MistralForCausalLM" if kind == "mistral" else "Qwen2ForCausalLM")(cfg).eval()
+    tokens = torch.randint(0, 97, (1, 20))
+    with torch.inference_mode():
+        want = hf(tokens).logits
+        ours = from_hf(hf)
+        windows = [layer.self_attn.window_left for layer in ours.layers]
+        assert windows == ([5, 5] if kind == "mistral" else [-1, 5])
+        assert rel(ours(tokens), want) <= 1e-5
+        for paged in (False, True):
+            cache = ours.new_cache(1, 32, paged=paged, block_size=4)
+            ids = [c.add_sequence() for c in cache][:1] if paged else None
+            steps = [ours(tokens[:, :7], cache, seq_ids=ids)]  # prefill 7 (> the window), then one at a time
+            for t in range(7, 20):
+                steps.append(ours(tokens[:, t:t + 1], cache, seq_ids=ids))
+            assert rel(torch.cat(steps, 1), want) <= 1e-5, paged
+
+
+def test_patch_that_cannot_quantize_leaves_the_model_as_it_was(hf_tiny):
+    """int4 with groups of 64 fits the 64-wide projections but not down_proj (K = 96): the error names that
+    layer, and no module was replaced (the model is not half quantized, and not marked patched)."""
+    tokens = torch.randint(0, 103, (1, 7))
+    with torch.inference_mode():
+        want = hf_tiny(tokens).logits
+        with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj \(96 -> 64\) to int4"):
+            patch(hf_tiny, quant="int4", group_size=64)
+        assert not any(isinstance(m, (lnn.Int4Linear, lnn.RMSNorm)) for m in hf_tiny.modules())
+        assert getattr(hf_tiny, "_llmkern_undo", None) is None
+        assert torch.equal(hf_tiny(tokens).logits, want)
+
+
 def test_patch_unpatch(hf_tiny, monkeypatch):
     tokens = torch.randint(0, 103, (1, 9))
     from llmkern.ops.attention import attention_op

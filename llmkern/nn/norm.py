@@ -24,13 +24,17 @@ class RMSNorm(nn.Module):
             raise ValueError(f"RMSNorm: eps must be >= 0, got {eps}")
         self.hidden_size, self.eps, self.backend = hidden_size, float(eps), backend
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
-        self._trusted = None  # the weight tensor that last passed the op's checks (see nn/_fast.py)
+        # (weight, its data pointer, shape, dtype) when they last passed the op's checks (see nn/_fast.py): the
+        # same Parameter may get new data (`weight.data = ...`), which must be checked again.
+        self._trusted = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         w = self.weight
         if torch.compiler.is_compiling():
             return ops.rms_norm(x, w, self.eps, residual, backend=self.backend)
-        if self._trusted is w and plain_activation(x, self.hidden_size, w.device) and (
+        t = self._trusted
+        if (t is not None and t[0] is w and t[1] == w.data_ptr() and t[2] == w.shape and t[3] == w.dtype
+                and plain_activation(x, self.hidden_size, w.device)) and (
                 residual is None or (type(residual) is torch.Tensor and residual.shape == x.shape
                                      and residual.dtype in FLOATS and residual.device == x.device)):
             y, h = rms_norm_op.run_trusted(x, w, self.eps, residual, self.backend)
@@ -38,7 +42,7 @@ class RMSNorm(nn.Module):
         out = ops.rms_norm(x, w, self.eps, residual, backend=self.backend)
         # This weight passed the op's checks (a new weight tensor is checked again). Kept out of
         # nn.Module's attribute handling, which would register a Parameter value as a parameter.
-        self.__dict__["_trusted"] = w
+        self.__dict__["_trusted"] = (w, w.data_ptr(), w.shape, w.dtype)
         return out
 
     def extra_repr(self) -> str:

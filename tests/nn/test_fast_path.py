@@ -41,6 +41,14 @@ def test_int4_linear_and_rmsnorm_fast_paths(monkeypatch):
     n.weight = torch.nn.Parameter(torch.ones(63))
     with pytest.raises(ValueError, match="weight"):
         n(x)
+    # The same Parameter with new data: checked again (a smaller one was read past its end), new values used.
+    n.weight = torch.nn.Parameter(torch.ones(64))
+    n(x)
+    n.weight.data = torch.full((8,), 2.0)
+    with pytest.raises(ValueError, match="weight"):
+        n(x)
+    n.weight.data = torch.full((64,), 2.0)
+    assert torch.equal(n(x), 2 * lnn.RMSNorm(64)(x))
 
 
 def test_kv_cache_fast_path_keeps_rotary_bounds_checked():

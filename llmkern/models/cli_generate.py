@@ -91,8 +91,8 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         return _error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.threads is not None:
-        if args.threads < 1:
-            return _error(f"--threads must be >= 1, got {args.threads}")
+        if not 1 <= args.threads <= 1024:  # (llmkern's kernels take up to 1024; torch crashes on huge counts)
+            return _error(f"--threads must be in [1, 1024], got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.backend is not None:
         from .. import _backends

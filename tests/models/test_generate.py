@@ -218,3 +218,8 @@ def test_cli_errors(tmp_path, capsys):
         assert msg in capsys.readouterr().err, dev
     assert cli_main(["generate", "hi", "--max-new-tokens", "0"]) == 1
     assert "--max-new-tokens" in capsys.readouterr().err
+    threads = torch.get_num_threads()
+    for n in ("0", "100000"):  # (torch.set_num_threads(100000) crashes the process: refused before it)
+        assert cli_main(["generate", "hi", "--threads", n]) == 1
+        assert f"--threads must be in [1, 1024], got {n}" in capsys.readouterr().err
+    assert torch.get_num_threads() == threads

@@ -17,9 +17,12 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..ops._checks import MAX_WINDOW
 from ..ops.decode_attention import decode_attention_op
 from ..ops.kv_cache_append import kv_cache_append_op
 from ._fast import FLOATS
+
+_INF = float("inf")
 
 
 def _rotary_args(rotary, q, positions, pos_default):
@@ -250,8 +253,8 @@ class KVCache:
                     and q.shape[0] == self.batch_size and q.shape[-1] == self.head_dim
                     and q.shape[-2] % self.num_kv_heads == 0 and q.device == self.device
                     and (q.dtype == self.dtype if not self.int8 else q.dtype in FLOATS)
-                    and (q.dim() == 3 or (last is not None and q.shape[1] == last[0])) and window_left >= -1
-                    and softcap >= 0 and (scale is None or scale > 0)):
+                    and (q.dim() == 3 or (last is not None and q.shape[1] == last[0]))
+                    and -1 <= window_left <= MAX_WINDOW and 0 <= softcap < _INF and (scale is None or 0 < scale < _INF)):
                 # Eager fast path: the cache's own tensors and lengths, q checked just now.
                 return decode_attention_op.run_trusted(q, self.k, self.v, self.seq_lens, None, self.k_scale,
                                                        self.v_scale, scale, softcap, window_left, self.backend)

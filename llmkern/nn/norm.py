@@ -20,8 +20,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         if hidden_size <= 0:
             raise ValueError(f"RMSNorm: hidden_size must be > 0, got {hidden_size}")
-        if not eps >= 0:
-            raise ValueError(f"RMSNorm: eps must be >= 0, got {eps}")
+        if not 0 <= eps < float("inf"):
+            raise ValueError(f"RMSNorm: eps must be finite and >= 0, got {eps}")
         self.hidden_size, self.eps, self.backend = hidden_size, float(eps), backend
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         # (weight, its data pointer, shape, dtype) when they last passed the op's checks (see nn/_fast.py): the

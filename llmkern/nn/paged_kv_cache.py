@@ -16,10 +16,13 @@ import collections
 import torch
 
 from .. import ops
+from ..ops._checks import MAX_WINDOW
 from ..ops.decode_attention import decode_attention_op
 from ..ops.kv_cache_append import kv_cache_append_op
 from ._fast import FLOATS
 from .kv_cache import _rotary_args, check_lengths, plain_kv
+
+_INF = float("inf")
 
 # Appends of at most this many rows (B * S) compute their slots in Python (see append).
 _HOST_SLOTS_MAX = 1024
@@ -318,7 +321,7 @@ class PagedKVCache:
                 and (q.dim() == 3 or (q.dim() == 4 and q.shape[1] == S)) and q.shape[-1] == self.head_dim
                 and q.shape[-2] % self.num_kv_heads == 0 and q.device == self.device
                 and (q.dtype == self.dtype if not self.int8 else q.dtype in FLOATS)
-                and window_left >= -1 and softcap >= 0 and (scale is None or scale > 0)):
+                and -1 <= window_left <= MAX_WINDOW and 0 <= softcap < _INF and (scale is None or 0 < scale < _INF)):
             # Eager fast path (as KVCache.attend): lengths and block table are this cache's own (every length
             # within the table, at least the S rows just appended), q checked just now: the op's checks, which
             # read both back from the device, are skipped.

@@ -7,13 +7,20 @@ capture when `value_checks(True)` (the default).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT_SET = frozenset(FLOAT_DTYPES)  # for the ops' fast_checks: one hash lookup per dtype
 INDEX_DTYPES = (torch.int32, torch.int64)
+# Largest attention window (window_left / window_right) the ops take: kernels add it to positions, and
+# 2^63 - 1 overflowed there (every key masked). -1 means unbounded; any window past the keys is the same.
+MAX_WINDOW = 2 ** 31 - 1
 
 _VALUE_CHECKS = [True]
+_VOUCHED = threading.local()  # .on: the caller built the index tensors of its GPU op calls (values_vouched)
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -21,14 +28,30 @@ def set_value_checks(enabled: bool) -> None:
     _VALUE_CHECKS[0] = bool(enabled)
 
 
+@contextlib.contextmanager
+def values_vouched():
+    """Within: ops called by this thread skip the checks that read CUDA tensors' values (positions, slots,
+    lengths, block tables), each a device-to-host copy that waits for the stream. For llmkern's own callers
+    that built those tensors themselves with values known on the host to be in range (a prefill's positions
+    0..S-1 after checking S against the table, a cache's own lengths). Every other check still runs, and CPU
+    tensors are still checked (cheaply)."""
+    prev = getattr(_VOUCHED, "on", False)
+    _VOUCHED.on = True
+    try:
+        yield
+    finally:
+        _VOUCHED.on = prev
+
+
 def can_read_values(t: torch.Tensor) -> bool:
-    """True when checking `t`'s values is possible here (not a fake/meta tensor, not capturing)."""
+    """True when checking `t`'s values is possible here (not a fake/meta tensor, not capturing) and wanted."""
     if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
         return False
     if torch.compiler.is_compiling():
         return False
     if t.device.type == "cuda":
-        return _VALUE_CHECKS[0] and not torch.cuda.is_current_stream_capturing()
+        return (_VALUE_CHECKS[0] and not getattr(_VOUCHED, "on", False)
+                and not torch.cuda.is_current_stream_capturing())
     return True
 
 
@@ -54,6 +77,14 @@ def shape(op: str, name: str, t: torch.Tensor, expected: tuple, what: str = "") 
         exp = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
         extra = f" ({what})" if what else ""
         raise ValueError(f"llmkern.{op}: {name} must have shape {exp}{extra}, got {list(got)}")
+
+
+def writable(op: str, name: str, t: torch.Tensor) -> None:
+    """`t` (written in place) must not overlap itself: no broadcast (stride 0) dim of size > 1, where every
+    element would be written once per index (an expand()ed view)."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        raise ValueError(f"llmkern.{op}: {name} is written in place and must not overlap itself, got an expanded "
+                         f"view (shape {list(t.shape)}, strides {list(t.stride())})")
 
 
 def same_device(op: str, **tensors) -> None:

@@ -27,6 +27,8 @@ from .. import reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop, needs_grad
 
+_INF = float("inf")
+
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -84,7 +86,7 @@ def _cpu_fast_ok(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, s
                 and block_table.dim() == 2 and block_table.shape[0] == B):
             return False
         capacity = block_table.shape[1] * cs[1]
-    if not ((scale is None or scale > 0) and softcap >= 0 and window_left >= -1):
+    if not ((scale is None or 0 < scale < _INF) and 0 <= softcap < _INF and -1 <= window_left <= C.MAX_WINDOW):
         return False
     return B == 0 or _values_ok_cpu(seq_lens, block_table, k_cache, B, 1 if nq == 3 else qs[1], capacity)
 
@@ -144,12 +146,12 @@ def _check(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, 
                 b = int(bad_entry.any(dim=1).nonzero()[0])
                 raise ValueError(f"llmkern.{op}: block_table row {b} points outside the cache "
                                  f"(blocks 0..{nb - 1}): {block_table[b, : int(n_used[b])].tolist()}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"llmkern.{op}: scale must be > 0 or None, got {scale}")
-    if softcap < 0:
-        raise ValueError(f"llmkern.{op}: softcap must be >= 0 (0 = off), got {softcap}")
-    if window_left < -1:
-        raise ValueError(f"llmkern.{op}: window_left must be >= -1, got {window_left}")
+    if scale is not None and not 0 < scale < _INF:
+        raise ValueError(f"llmkern.{op}: scale must be finite and > 0, or None, got {scale}")
+    if not 0 <= softcap < _INF:
+        raise ValueError(f"llmkern.{op}: softcap must be finite and >= 0 (0 = off), got {softcap}")
+    if not -1 <= window_left <= C.MAX_WINDOW:
+        raise ValueError(f"llmkern.{op}: window_left must be -1 (unbounded) or in [0, {C.MAX_WINDOW}], got {window_left}")
 
 
 def _fake(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap, window_left):
@@ -213,6 +215,8 @@ def _cpu(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, so
     """
     if not q.is_cpu:
         raise BackendUnsupported(f"q is on {q.device}")
+    if k_cache.numel() == 0 or q.numel() == 0:  # (no data to point at: the reference gives the empty / zero result)
+        raise BackendUnsupported("an empty cache or q")
     k_str, v_str = k_cache.stride(), v_cache.stride()
     if k_str[3] != 1 or v_str[3] != 1:
         raise BackendUnsupported("cache head dim is not contiguous (copying the cache would cost more than attention)")

@@ -267,6 +267,8 @@ def _cpu(x, qweight, scales, offsets, bias, mode):
     Int4Linear, whose prepared call packs once, for speed)."""
     if not x.is_cpu:  # (is_cpu: no torch.device object built, ~0.2 us)
         raise BackendUnsupported(f"x is on {x.device}")
+    if qweight.shape[0] == 0:  # (an empty weight has no data pointer to bind: the reference returns [..., 0])
+        raise BackendUnsupported("N = 0")
     if mode in _W4A8:
         return _cpu_w4a8_runner(qweight, scales, offsets, bias, mode == "w4a8g")(x)
     return _cpu_runner(qweight, scales, offsets, bias, pack=False)(x)
@@ -292,6 +294,8 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
       The kernel reads it with results identical to the canonical layout's, bit for bit.
     On AVX2 neither is made (the packed tiles measured 3-7% slower there).
     W4A8 always packs (its kernel reads only its own layout)."""
+    if qweight.shape[0] == 0:
+        raise BackendUnsupported("N = 0")
     if mode in _W4A8:
         return _cpu_w4a8_runner(qweight, scales, offsets, bias, mode == "w4a8g")
     avx512 = _backends.cpu_isa() == "avx512_vnni"
@@ -489,11 +493,12 @@ def _cuda_prepare(qweight, scales, offsets, bias, mode):
     G = K // scales.shape[1]
     qp, sp, scale16 = _cuda_pack(mod, qweight, scales, offsets, N, K, G,
                                  torch.cuda.current_stream().cuda_stream)
-    # Once per weight: later calls may run on another stream, which must not start before the packing.
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    # Once per weight: later calls may run on another stream, which must not start before the packing (and the
+    # fp32 bias copy).
     torch.cuda.synchronize(qweight.device)
     sms = _num_sms(qweight.device)
     splits = mod.int4_linear_packed_splits(N, K, sms)
-    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     packed = _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms)
     fp32 = [canonical]  # dropped by release(): then nothing here refers to the canonical tensors
 

@@ -177,6 +177,8 @@ def _cpu(x, weight, weight_scale, bias, mode):
     """Launch the C++ kernel on raw pointers (canonical layout: nothing repacked per call)."""
     if not x.is_cpu:  # (is_cpu: no torch.device object built, ~0.2 us)
         raise BackendUnsupported(f"x is on {x.device}")
+    if weight.shape[0] == 0:  # (an empty weight has no data pointer to bind: the reference returns [..., 0])
+        raise BackendUnsupported("N = 0")
     return _cpu_runner(weight, weight_scale, bias, mode)(x)
 
 
@@ -193,6 +195,8 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
     M = 2, 1.5-3x for prefill at 1 thread, docs/notes/cpu-w8a8-gemm.md), one-row calls keep the decode
     layout. LLMKERN_INT8_GEMM unset or 1: pack; 0: never (no memory beyond the other layouts)."""
     N, K = weight.shape
+    if N == 0:
+        raise BackendUnsupported("N = 0")
     group = K if weight_scale.dim() == 1 else K // max(weight_scale.shape[1], 1)
     isa = _backends.cpu_isa() if K > 0 and N > 0 else "scalar"
     avx512 = isa == "avx512_vnni"
@@ -293,7 +297,13 @@ def _cuda_prepare(weight, weight_scale, bias, mode):
     repacked: the kernels read the canonical layout."""
     if weight.device.type != "cuda":
         raise BackendUnsupported(f"weights are on {weight.device}")
-    return _cuda_bind(weight, weight_scale, bias, mode)
+    if torch.cuda.is_current_stream_capturing():  # (its copies, e.g. the fp32 bias, would only be made at replay)
+        raise BackendUnsupported("a CUDA graph is being captured: weights are bound outside capture")
+    run = _cuda_bind(weight, weight_scale, bias, mode)
+    # Once per weight: the copies the binding made (contiguous weight, fp32 bias) are written on this stream;
+    # later calls may run on another.
+    torch.cuda.synchronize(weight.device)
+    return run
 
 
 def _cuda_rows(x2):

@@ -71,7 +71,7 @@ def _rotary_cpu_ok(k, q, positions, cos_sin_cache) -> bool:
     if R % 2 or R == 0 or R > D:
         return False
     if q is not None and not (type(q) is T and q.is_cpu and q.dtype in _FLOATS and q.dim() == k.dim()
-                              and q.shape[:-2] == k.shape[:-2] and q.shape[-1] == D):
+                              and q.shape[:-2] == k.shape[:-2] and q.shape[-1] == D and 0 not in q.stride()):
         return False
     n = positions.numel()
     if n:
@@ -142,6 +142,7 @@ def _check(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions,
         if q is not None:
             C.tensor(op, "q", q, ranks=(k.dim(),), dtypes=C.FLOAT_DTYPES)
             C.shape(op, "q", q, tuple(k.shape[:-2]) + (None, k.shape[-1]), "k's leading dims, [..., Hq, D]")
+            C.writable(op, "q", q)
         check_rotary(op, q if q is not None else k, k, positions, cos_sin_cache)
     elif q is not None or positions is not None:
         raise ValueError(f"llmkern.{op}: q and positions are only used with fused rotary (cos_sin_cache)")
@@ -177,6 +178,8 @@ def _cpu(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, c
     """Launch the C++ kernel on raw pointers and element strides (q, written in place, is never copied)."""
     if not k.is_cpu:  # (is_cpu: no torch.device object built, ~0.2 us)
         raise BackendUnsupported(f"k is on {k.device}")
+    if k_cache.numel() == 0 or k.shape[-2] == 0 or k.shape[-1] > 256:  # (the kernel's limits; the reference takes these)
+        raise BackendUnsupported(f"an empty cache, no heads or head dim {k.shape[-1]} > 256")
     _cpu_launch(False, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
                 rotary_interleaved, torch.get_num_threads())
 

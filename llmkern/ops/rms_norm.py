@@ -13,6 +13,8 @@ from .. import reference
 from . import _checks as C
 from ._registry import _PLAIN, BackendUnsupported, defop, needs_grad
 
+_INF = float("inf")
+
 
 _FLOATS = C.FLOAT_SET
 
@@ -30,7 +32,7 @@ def _cpu_fast_ok(x, weight, eps, residual) -> bool:
     if residual is not None and not (type(residual) is T and residual.is_cpu and residual.dtype in _FLOATS
                                      and residual.shape == xs):
         return False
-    return eps >= 0 and not needs_grad(x, weight, residual)
+    return 0 <= eps < _INF and not needs_grad(x, weight, residual)
 
 
 def _check(x, weight, eps, residual):
@@ -46,8 +48,8 @@ def _check(x, weight, eps, residual):
         C.tensor(op, "residual", residual, dtypes=C.FLOAT_DTYPES)
         C.shape(op, "residual", residual, tuple(x.shape), "same as x")
     C.same_device(op, x=x, weight=weight, residual=residual)
-    if not eps >= 0:
-        raise ValueError(f"llmkern.{op}: eps must be >= 0, got {eps}")
+    if not 0 <= eps < _INF:
+        raise ValueError(f"llmkern.{op}: eps must be finite and >= 0, got {eps}")
 
 
 def _fake(x, weight, eps, residual):

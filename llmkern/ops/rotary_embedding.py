@@ -75,6 +75,8 @@ def _cpu(q, k, positions, cos_sin_cache, interleaved):
     R = cos_sin_cache.shape[1]
     if R > _MAX_R:
         raise BackendUnsupported(f"rotary dim {R} > {_MAX_R}")
+    if q.shape[-2] == 0 or k.shape[-2] == 0:  # (no heads: [T, 0, D] views cannot be formed by reshape(-1, ...))
+        raise BackendUnsupported("q or k has no heads")
     mod = _backends.cpu_module()
     q3, k3 = _as_thd(q), _as_thd(k)  # [T, Hq, D], [T, Hk, D]
     T, Hq, D = q3.shape

@@ -71,8 +71,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         m = mask[:, None, None, t0:t1]  # [N, 1, 1, t, Sk]
         s = s.masked_fill(~m, -math.inf)
         row_lse = torch.logsumexp(s, dim=-1)  # [N, Hk, G, t]; -inf where nothing is visible
-        # exp(s - lse) is NaN for a fully masked row (-inf - -inf): shift by 0 there and zero the weights.
-        shift = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
+        # exp(s - lse) is NaN for a fully masked row (-inf - -inf): shift by 0 there and zero the weights. (Only
+        # there: a +inf score must give NaN weights, as softmax does, not inf ones.)
+        shift = torch.where(row_lse == -math.inf, torch.zeros_like(row_lse), row_lse)
         p = torch.exp(s - shift[..., None]).masked_fill(~m, 0.0)
         out[:, :, :, t0:t1] = torch.matmul(p, vg)
         lse[:, :, :, t0:t1] = row_lse

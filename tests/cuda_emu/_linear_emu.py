@@ -27,7 +27,7 @@ def poison_empty(shape, dtype=None, device=None):
 _REWRITES = (('.device.type != "cuda"', '.device.type != "cpu"'), ("_backends.cuda_module()", "EMU"),
              ("_num_sms(x.device)", "NUM_SMS"), ("_num_sms(qweight.device)", "NUM_SMS"),
              ("torch.empty(", "POISON_EMPTY("), ("torch.cuda.is_current_stream_capturing()", "CAPTURING"),
-             ("torch.cuda.synchronize(qweight.device)", "None"))
+             ("torch.cuda.synchronize(qweight.device)", "None"), ("torch.cuda.synchronize(weight.device)", "None"))
 # Left in the rewritten source they would touch CUDA: none may remain.
 _CUDA_CALLS = ('.device.type != "cuda"', "_backends.cuda_module()", "_num_sms(", "torch.empty(", "torch.cuda.")
 # Module-level functions of the ops the adapters call besides `_cuda` (rewritten the same way when present).

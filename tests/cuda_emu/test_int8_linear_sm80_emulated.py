@@ -211,3 +211,6 @@ def test_prepared_run_equals_the_op(lin, mode):
         assert rel_err(out, R.int8_linear(x, q, scale, bias, mode)) <= TOL[dtype]
     with pytest.raises(BackendUnsupported, match="K=72"):
         lin.prepare(torch.zeros(8, 72, dtype=torch.int8), torch.ones(8), None, mode)
+    # Not under CUDA graph capture: its fp32 bias copy would only be made at replay (the module keeps the op).
+    with pytest.raises(BackendUnsupported, match="captured"):
+        lin.prepare(q, scale, bias, mode, capturing=True)

@@ -376,12 +376,18 @@ def test_cu_seqlens_lengths_differ():
 
 def test_bad_scale_softcap_window():
     q, k, v = _good()
-    with pytest.raises(ValueError, match="scale must be > 0"):
-        llmkern.ops.attention(q, k, v, scale=-1.0)
-    with pytest.raises(ValueError, match="softcap must be >= 0"):
-        llmkern.ops.attention(q, k, v, softcap=-1.0)
-    with pytest.raises(ValueError, match="window_left/right must be >= -1"):
-        llmkern.ops.attention(q, k, v, window_left=-2)
+    for bad in (-1.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale must be finite and > 0"):
+            llmkern.ops.attention(q, k, v, scale=bad)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap must be finite and >= 0"):
+            llmkern.ops.attention(q, k, v, softcap=bad)
+    # (2^63 - 1 overflowed in the kernels' position arithmetic: every key masked, an all-zero output)
+    for kw in (dict(window_left=-2), dict(window_right=-2), dict(window_right=2 ** 63 - 1), dict(window_left=2 ** 31)):
+        with pytest.raises(ValueError, match=r"window_left/right must be -1 \(unbounded\) or in \[0, 2147483647\]"):
+            llmkern.ops.attention(q, k, v, **kw)
+    big = llmkern.ops.attention(q, k, v, window_left=2 ** 31 - 1, window_right=2 ** 31 - 1)
+    assert torch.equal(big, llmkern.ops.attention(q, k, v))
 
 
 def test_inputs_on_different_devices():

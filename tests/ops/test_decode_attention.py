@@ -392,9 +392,12 @@ def test_scales_with_float_cache():
 
 def test_bad_scale_softcap_window():
     a = _good()
-    with pytest.raises(ValueError, match="scale must be > 0"):
-        _call(a, scale=0.0)
-    with pytest.raises(ValueError, match="softcap must be >= 0"):
-        _call(a, softcap=-2.0)
-    with pytest.raises(ValueError, match="window_left must be >= -1"):
-        _call(a, window_left=-3)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale must be finite and > 0"):
+            _call(a, scale=bad)
+    for bad in (-2.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap must be finite and >= 0"):
+            _call(a, softcap=bad)
+    for bad in (-3, 2 ** 31, 2 ** 63 - 1):
+        with pytest.raises(ValueError, match=r"window_left must be -1 \(unbounded\) or in \[0, 2147483647\]"):
+            _call(a, window_left=bad)

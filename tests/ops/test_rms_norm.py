@@ -160,8 +160,9 @@ def test_bad_dtypes():
 
 def test_negative_eps():
     x, w, _ = _inputs((3, 64))
-    with pytest.raises(ValueError, match="eps must be >= 0"):
-        llmkern.ops.rms_norm(x, w, -1e-6)
+    for bad in (-1e-6, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+            llmkern.ops.rms_norm(x, w, bad)
 
 
 def test_scalar_x():

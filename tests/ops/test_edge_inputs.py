@@ -1,0 +1,94 @@
+"""Valid inputs at the edges of the kernels' reach (found by fuzzing): zero-size operands give the reference's
+empty or zero results on the default backend (the cpu kernels have no data pointer to bind and fall back),
+a head dim past the cpu append kernel's 256 falls back, and an in-place operand that overlaps itself is
+refused instead of being written once per alias."""
+import pytest
+import torch
+
+from llmkern import ops
+
+
+def both(fn):
+    """fn(backend) on the default backend and on the reference: equal results (tensors or None)."""
+    got, want = fn(None), fn("reference")
+    if isinstance(want, torch.Tensor):
+        assert got.shape == want.shape and torch.equal(got, want)
+    return got
+
+
+def test_zero_size_operands_match_the_reference():
+    x = torch.randn(2, 64)
+    assert both(lambda b: ops.int8_linear(x, torch.zeros(0, 64, dtype=torch.int8), torch.zeros(0),
+                                          backend=b)).shape == (2, 0)
+    for mode in ("w4a16", "w4a8", "w4a8g"):
+        assert both(lambda b: ops.int4_linear(x, torch.zeros(0, 32, dtype=torch.uint8), torch.zeros(0, 2),
+                                              torch.zeros(0, 2), mode=mode, backend=b)).shape == (2, 0)
+    lens0 = torch.zeros(2, dtype=torch.int32)
+    out = both(lambda b: ops.decode_attention(torch.randn(2, 2, 64), torch.zeros(2, 0, 1, 64),
+                                              torch.zeros(2, 0, 1, 64), lens0, backend=b))
+    assert torch.all(out == 0)  # (no keys: zeros)
+    both(lambda b: ops.decode_attention(torch.randn(2, 0, 64), torch.zeros(2, 4, 1, 64), torch.zeros(2, 4, 1, 64),
+                                        torch.ones(2, dtype=torch.int32), backend=b))
+    cs = ops.rotary_cos_sin(8, 64)
+    q, k = torch.randn(3, 0, 64), torch.randn(3, 1, 64)
+    qo, ko = ops.rotary_embedding(q, k, torch.arange(3), cs)
+    qr, kr = ops.rotary_embedding(q, k, torch.arange(3), cs, backend="reference")
+    assert qo.shape == (3, 0, 64) and torch.equal(ko, kr)
+    empty = torch.zeros(0, 8, 2, 64)
+    ops.kv_cache_append(torch.randn(1, 1, 2, 64), torch.randn(1, 1, 2, 64), empty, empty.clone(), torch.tensor([[-1]]))
+
+
+def test_append_head_dim_past_the_cpu_kernel():
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 1, 300, generator=g), torch.randn(1, 2, 1, 300, generator=g)
+    caches = [torch.zeros(1, 4, 1, 300) for _ in range(4)]
+    ops.kv_cache_append(k, v, caches[0], caches[1], torch.tensor([[3, 1]]))
+    ops.kv_cache_append(k, v, caches[2], caches[3], torch.tensor([[3, 1]]), backend="reference")
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert torch.equal(caches[0][0, 3], k[0, 0])
+
+
+def test_append_refuses_an_expanded_q():
+    """q is rotated in place: an expand()ed q (4 heads sharing one row) would be rotated 4 times."""
+    cs = ops.rotary_cos_sin(16, 64)
+    q = torch.randn(1, 1, 1, 64).expand(1, 1, 4, 64)
+    kc, vc = torch.zeros(1, 4, 1, 64), torch.zeros(1, 4, 1, 64)
+    before = q.clone()
+    for backend in (None, "cpu", "reference"):
+        with pytest.raises(ValueError, match="q is written in place and must not overlap itself"):
+            ops.kv_cache_append(torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64), kc, vc, torch.tensor([[0]]),
+                                q=q, positions=torch.tensor([[7]]), cos_sin_cache=cs, backend=backend)
+    assert torch.equal(q, before) and torch.all(kc == 0)
+
+
+def test_attention_with_an_infinite_score_is_nan_on_every_backend():
+    """A +inf score makes softmax inf / inf: NaN outputs, on the cpu kernel and the reference alike (the reference
+    gave +-inf)."""
+    q = torch.zeros(1, 1, 1, 32)
+    q[..., 0] = 1.0
+    k, v = torch.randn(1, 3, 1, 32), torch.randn(1, 3, 1, 32)
+    k[0, 1, 0, 0] = float("inf")
+    for backend in ("cpu", "reference"):
+        assert ops.attention(q, k, v, backend=backend).isnan().all(), backend
+
+
+def test_values_vouched_skips_gpu_value_reads_only(monkeypatch):
+    """values_vouched() is for llmkern's own GPU callers: CPU tensors' values are still checked under it."""
+    from llmkern.ops._checks import can_read_values, values_vouched
+
+    import types
+
+    gpu_like = types.SimpleNamespace(device=torch.device("cuda"))  # (what can_read_values looks at)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (CPU builds of torch raise)
+    assert can_read_values(gpu_like)
+    cs = ops.rotary_cos_sin(8, 64)
+    q, k = torch.randn(3, 2, 64), torch.randn(3, 1, 64)
+    with values_vouched():
+        assert not can_read_values(gpu_like)
+        assert can_read_values(torch.zeros(1))
+        with pytest.raises(ValueError, match="positions must be in 0..7"):
+            ops.rotary_embedding(q, k, torch.tensor([0, 1, 8]), cs)
+        with values_vouched():
+            pass
+        assert not can_read_values(gpu_like)  # (nested: still vouched)
+    assert can_read_values(gpu_like)

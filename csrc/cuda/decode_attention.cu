@@ -13,7 +13,10 @@ void decode_attention_cuda(cuda::DecodeParams p, void* stream) {
   auto fail = [](const std::string& m) { throw std::invalid_argument("llmkern._C_cuda.decode_attention: " + m); };
   if (p.B < 0 || p.Sq < 1 || p.Hk < 1 || p.Hq < p.Hk || p.Hq % p.Hk) fail("need B >= 0, Sq >= 1, Hq a multiple of Hk");
   if (p.B == 0) return;
-  if (p.B > 65535 || p.Hk * ((p.Hq / p.Hk * p.Sq + 3) / 4) > 65535) fail("too many sequences or heads for the grid");
+  // Grid y = Hk * row chunks, chunks of 4 rows when a KV head has <= 4 query rows, else 8 (launch_decode_attention;
+  // the Python adapter applies the same rule and falls back before this).
+  const int64_t rows = int64_t(p.Hq / p.Hk) * p.Sq, per_cta = rows <= 4 ? 4 : 8;
+  if (p.B > 65535 || p.Hk * ((rows + per_cta - 1) / per_cta) > 65535) fail("too many sequences or heads for the grid");
   if (p.num_splits < 1 || p.num_splits > 65535) fail("num_splits must be in 1..65535");
   if (p.q_dtype < 0 || p.q_dtype > 2) fail("q_dtype must be 0..2");
   if (p.kv_type != p.q_dtype && p.kv_type != cuda::kI8) fail("a float cache must have q's dtype");

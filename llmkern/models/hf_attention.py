@@ -32,6 +32,7 @@ import types
 import torch
 
 from .. import ops
+from ..ops._checks import values_vouched
 from ..ops.decode_attention import decode_attention_op
 
 # Attention classes whose forward is: q/k/v projections -> apply_rotary_pos_emb (rotate half over the full
@@ -230,7 +231,8 @@ def _routed_forward(self, hidden_states, position_embeddings=None, attention_mas
         kv = layer.append_rotary(q, k, v, positions, table.cos_sin, slots_for=cache.slots_for,
                                  backend=backend)  # (keys, values) [B, n + S, Hk, D], or None
     if kv is None:
-        q, k = ops.rotary_embedding(q, k, positions, table.cos_sin, backend=backend)  # new tensors, same shapes
+        with values_vouched():  # (positions checked against the table once per forward by table.positions)
+            q, k = ops.rotary_embedding(q, k, positions, table.cos_sin, backend=backend)  # new tensors, same shapes
         if cache is not None:
             # transformers' caches take [B, Hk, S, D] and return [B, Hk, n + S, D]
             kh, vh = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..ops._checks import values_vouched
 from ..ops.kv_cache_append import kv_cache_append_op
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -74,7 +75,8 @@ def _classes():
             cap = self._k.shape[1]
             # slot of token s of sequence b: b * capacity + n + s  ([B, S] int64)
             slots = _slots(B, cap, n, S, key_states.device)
-            ops.kv_cache_append(key_states.transpose(1, 2), value_states.transpose(1, 2), self._k, self._v, slots)
+            with values_vouched():  # (our slots into our buffer: no read back from a GPU to check them)
+                ops.kv_cache_append(key_states.transpose(1, 2), value_states.transpose(1, 2), self._k, self._v, slots)
             self.keys = self._k[:, :n + S].transpose(1, 2)  # [B, n+S, Hk, D] -> [B, Hk, n+S, D]
             self.values = self._v[:, :n + S].transpose(1, 2)
             return self.keys, self.values
@@ -110,8 +112,9 @@ def _classes():
                 kv_cache_append_op.run_trusted(k, v, self._k, self._v, slots, None, None, q, positions, cos_sin,
                                                False, backend)
             else:
-                ops.kv_cache_append(k, v, self._k, self._v, slots, q=q, positions=positions, cos_sin_cache=cos_sin,
-                                    backend=backend)
+                with values_vouched():  # (slots ours, positions checked by the caller)
+                    ops.kv_cache_append(k, v, self._k, self._v, slots, q=q, positions=positions,
+                                        cos_sin_cache=cos_sin, backend=backend)
             keys, values = self._k[:, :n + S], self._v[:, :n + S]  # [B, n + S, Hk, D]
             self.keys, self.values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hk, n + S, D]
             return keys, values

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._checks import values_vouched
 from .kv_cache import KVCache
 from .norm import RotaryEmbedding
 from .linear import concat_linears
@@ -86,7 +87,11 @@ class Attention(nn.Module):
         if cache is None or (S > 1 and cache.is_empty(seq_ids)):
             # Whole sequences from position 0: plain causal attention over the new tokens.
             positions = torch.arange(S, device=x.device).expand(B, S).contiguous()  # [B, S]
-            q, k = self.rotary(q, k, positions)
+            if x.is_cuda and S <= self.rotary.cos_sin_cache.shape[0]:
+                with values_vouched():  # (positions 0..S-1 are in the table: no device-to-host read to check it)
+                    q, k = self.rotary(q, k, positions)
+            else:
+                q, k = self.rotary(q, k, positions)
             if cache is not None:
                 if paged:
                     cache.append(seq_ids, k, v, lengths=lengths)

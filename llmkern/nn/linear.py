@@ -15,6 +15,11 @@ buffers or the mode/backend may change (assignment, `_load_from_state_dict`, `_a
 On the CPU the prepared run is a `BoundRun` (ops/_cpu_linear.py: weights bound once in C++), and
 `__call__` runs it without nn.Module.__call__ -> forward when nothing could tell the difference (no
 hooks, no replaced forward, plain eager mode: see `_QuantizedBase.__call__`).
+
+So the buffers are constants once a module has run: change them by assignment (`m.scales = s2`) or
+load_state_dict, which re-prepare; in-place edits (`m.scales.mul_(2)`, `m.qweight.data = ...`) are not seen
+by the prepared or repacked copies (calls of other sizes, which read the canonical buffers, would see them),
+nor by llmkern's decode plan. Inference only: the ops have no backward.
 """
 from __future__ import annotations
 

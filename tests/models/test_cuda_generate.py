@@ -87,6 +87,32 @@ def test_gpu_decode_step_never_waits_for_the_gpu(tiny_pair, paged):
     assert logits.shape == (2, gpu.config.vocab_size) and bool(torch.isfinite(logits).all())
 
 
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "contiguous"])
+def test_gpu_prefill_never_waits_for_the_gpu(tiny_pair, paged):
+    """A fresh prefill (after a first one prepared the kernels) issues no synchronizing CUDA call either: its
+    rotary positions 0..S-1 are checked against the table on the host (values_vouched), not read back."""
+    _, gpu, _ = tiny_pair
+    tokens = torch.tensor([[5, 70, 9, 4], [41, 7, 8, 6]], device="cuda")
+
+    def fresh():
+        if paged:
+            cache = gpu.new_cache(paged=True, block_size=16, num_blocks=8)
+            return cache, [[c.add_sequence() for _ in range(2)] for c in cache][0]
+        return gpu.new_cache(2, 32), None
+
+    with torch.no_grad():
+        cache, ids = fresh()
+        gpu(tokens, cache, seq_ids=ids, last_only=True)
+        cache, ids = fresh()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = gpu(tokens, cache, seq_ids=ids, last_only=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert logits.shape == (2, gpu.config.vocab_size) and bool(torch.isfinite(logits).all())
+
+
 def test_cli_on_gpu(tmp_path, capsys):
     """`llmkern generate --device cuda` on a tiny GGUF: bf16 with --dtype auto, the answer streamed."""
     from _tiny_gguf import write_tiny_gguf

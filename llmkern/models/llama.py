@@ -148,8 +148,10 @@ class Llama(nn.Module):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"Llama.forward: cache has {len(cache)} layers, the model {len(self.layers)}")
         if (last_only and cache is not None and lengths is None and tokens.shape[-1] == 1
-                and not torch.compiler.is_compiling()):
-            # Decode step: the flat kernel list (models/decode_plan.py) when it applies; same logits.
+                and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))):
+            # Decode step: the flat kernel list (models/decode_plan.py) when it applies; same logits. (Not when
+            # autograd would track the step: the modules' path, whose ops' backward raises.)
             plan = self.__dict__.get("_decode_plan")
             if plan is None or not plan.matches(self, cache, tokens, seq_ids):
                 plan = DecodePlan.build(self, cache, tokens, seq_ids)

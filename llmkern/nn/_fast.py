@@ -14,6 +14,7 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def plain_activation(x, last_dim: int, device: torch.device) -> bool:
-    """x is a plain float tensor [..., last_dim] on `device`: what the op checks about an activation."""
+    """x is a plain float tensor [..., last_dim] on `device`: what the op checks about an activation, and one
+    autograd does not track (a tracked x takes the registered op, whose backward raises: see _registry)."""
     return (type(x) is torch.Tensor and x.dtype in FLOATS and x.dim() >= 1 and x.shape[-1] == last_dim
-            and x.device == device)
+            and x.device == device and not (x.requires_grad and torch.is_grad_enabled()))

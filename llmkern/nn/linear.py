@@ -128,7 +128,8 @@ class _QuantizedBase(nn.Module):
             run = self._lean(x)  # (None: no prepared run for this backend or x; the op computes)
             return run(x) if run is not None else fn(x, *static_args, backend=self.backend)
         out = fn(x, *static_args, backend=self.backend)
-        self._trust(op, *static_args)
+        if not self.__dict__["_trusted"]:  # (an autograd-tracked x comes here on every call: prepare once)
+            self._trust(op, *static_args)
         return out
 
     def _trust(self, op, *static_args) -> None:
@@ -343,8 +344,9 @@ class Int4Linear(_QuantizedBase):
                 if self.__dict__["_fast"] is None:
                     self._allow_fast(run)
                 return run(x)
-            if released:  # the packed run cannot take x (fp32, another device or backend): canonical again
-                self._restore_canonical(keep=x.dtype == torch.float32 and run is not None)
+            if released:  # the packed run cannot take x (fp32 or autograd-tracked x, which the op takes from now
+                # on, so the canonical buffers are kept; another device or backend): canonical again
+                self._restore_canonical(keep=x.dtype == torch.float32 or (x.requires_grad and torch.is_grad_enabled()))
             if self._trusted and self.mode in INT4_MODES and plain_activation(x, self.in_features,
                                                                               self.qweight.device):
                 return int4_linear_op.run_trusted(x, self.qweight, self.scales, self.offsets, self.bias, self.mode,

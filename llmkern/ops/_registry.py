@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -154,6 +155,8 @@ class Op:
             return fake(*args[:-1])
 
         torch.library.register_fake("llmkern::" + name, fake_kernel, lib=LIB)
+        if "!" not in schema:  # (torch takes autograd formulas for functional ops only; kv_cache_append mutates)
+            torch.library.register_autograd("llmkern::" + name, functools.partial(_no_backward, name), lib=LIB)
         OPS[name] = self
 
     def _complete(self, args, kwargs) -> list:
@@ -299,8 +302,10 @@ class Op:
         it is the registered op, so graphs still see `torch.ops.llmkern.*`. Saves the ~5-10 us of
         dispatcher and checks per call that add up over a decode step (benchmarks/bench_op_overhead.py).
         """
-        if torch.compiler.is_compiling() or any(type(a) not in _PLAIN for a in args if isinstance(a, torch.Tensor)):
-            return self(*args)
+        grad = _GRAD()
+        if torch.compiler.is_compiling() or any(type(a) not in _PLAIN or (grad and a.requires_grad)
+                                                for a in args if isinstance(a, torch.Tensor)):
+            return self(*args)  # (tracked by autograd: the registered op, whose backward raises)
         *args, requested = args
         return self._run(args, requested)
 
@@ -402,6 +407,13 @@ def _plain_tensors(args) -> bool:
             if type(a) not in _PLAIN or not (a.is_cpu or a.is_cuda) or (grad and a.requires_grad):
                 return False
     return True
+
+
+def _no_backward(name, ctx, *grads):
+    """The autograd formula of every functional op: outputs of inputs that require grad are tracked, and
+    backpropagating through them raises (rather than torch's fallback, which warned and dropped the gradient)."""
+    raise RuntimeError(f"llmkern.{name} has no backward: llmkern's ops are for inference (run them under "
+                       f"torch.no_grad() or torch.inference_mode(); train with the float modules)")
 
 
 def needs_grad(*tensors) -> bool:

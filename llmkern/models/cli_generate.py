@@ -9,6 +9,7 @@ Hooked into llmkern/cli.py by `add_parser(subparsers)` + `run(args) -> int`.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -90,6 +91,10 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1:
         return _error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63 - 64:  # (seed + b per prompt: torch's int64)
+        return _error(f"--seed must be in [0, 2^63 - 64), got {args.seed}")
+    if not math.isfinite(args.temperature):
+        return _error(f"--temperature must be finite (<= 0: greedy), got {args.temperature}")
     if args.threads is not None:
         if not 1 <= args.threads <= 1024:  # (llmkern's kernels take up to 1024; torch crashes on huge counts)
             return _error(f"--threads must be in [1, 1024], got {args.threads}")

@@ -12,6 +12,7 @@ one device->host copy of the new token ids (needed for EOS and streaming), strea
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -55,7 +56,10 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    x = logits.float() / temperature  # [B, V]
+    x = logits.float()
+    # Shifted so that the largest is 0 before dividing: a tiny temperature gives -inf for the others (a greedy
+    # draw), never inf - inf = NaN probabilities.
+    x = (x - x.amax(dim=-1, keepdim=True)) / temperature  # [B, V]
     if top_k and top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # [B, 1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -104,14 +108,20 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
         raise ValueError("generate: prompts is empty")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not math.isfinite(temperature):
+        raise ValueError(f"generate: temperature must be finite (<= 0: greedy), got {temperature}")
     if not 0 < top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"generate: top_k must be >= 0, got {top_k}")
     ids = [_prompt_ids(tokenizer, p, chat, system) for p in prompts]
+    V = model.config.vocab_size
     for i, p in enumerate(ids):
         if not p:
             raise ValueError(f"generate: prompt {i} encodes to no tokens")
+        if min(p) < 0 or max(p) >= V:
+            raise ValueError(f"generate: prompt {i} has token ids {min(p)}..{max(p)}, outside the vocabulary "
+                             f"(0..{V - 1})")
     B = len(ids)
     lens = [len(p) for p in ids]
     max_len = max(lens) + max_new_tokens

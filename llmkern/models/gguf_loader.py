@@ -228,6 +228,8 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     """
     if quant not in QUANT_CHOICES:
         raise ValueError(f"load_gguf: quant must be one of {QUANT_CHOICES}, got {quant!r}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"load_gguf: dtype (the activations') must be torch.float32, bfloat16 or float16, got {dtype}")
     path = Path(path) if path is not None else default_model_path()
     reader = open_gguf(path)
     meta = read_metadata(reader)

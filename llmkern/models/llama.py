@@ -158,6 +158,16 @@ class Llama(nn.Module):
                 self.__dict__["_decode_plan"] = plan
             if plan is not None and plan.ready():
                 return plan.step(tokens)
+        V = self.config.vocab_size
+        if tokens.is_cpu and tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < V):
+            # (cheap on the CPU; on a GPU it would wait for the stream, and nn.Embedding asserts there anyway)
+            raise ValueError(f"Llama.forward: tokens must be in 0..{V - 1} (the vocabulary), got "
+                             f"{int(tokens.min())}..{int(tokens.max())}")
+        if last_only and lengths is not None:
+            host = torch.as_tensor(lengths).cpu()
+            if host.numel() and int(host.min()) < 1:
+                raise ValueError(f"Llama.forward: last_only needs every length >= 1 (a last token per row), got "
+                                 f"{host.tolist()}")
         h = self.embed_tokens(tokens)  # [B, S, H]
         residual = None
         for i, layer in enumerate(self.layers):

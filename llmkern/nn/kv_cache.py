@@ -51,8 +51,10 @@ def plain_kv(k, v, q, k_cache) -> bool:
 
 def check_lengths(cls: str, lengths, B: int, S: int) -> torch.Tensor:
     """`lengths` (tensor or sequence of ints, [B]) as a CPU int64 tensor, each in 0..S."""
-    host = lengths.detach().to("cpu", torch.int64) if isinstance(lengths, torch.Tensor) \
-        else torch.as_tensor(lengths, dtype=torch.int64)
+    raw = lengths if isinstance(lengths, torch.Tensor) else torch.as_tensor(lengths)
+    if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+        raise TypeError(f"{cls}.append: lengths must be integers, got {raw.dtype}")  # (1.7 would truncate to 1)
+    host = raw.detach().to("cpu", torch.int64)
     if host.shape != (B,):
         raise ValueError(f"{cls}.append: lengths must have shape [{B}] (one per sequence), got {list(host.shape)}")
     if B and (int(host.min()) < 0 or int(host.max()) > S):
@@ -69,6 +71,10 @@ class KVCache:
 
     def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int, *,
                  dtype=torch.float32, device=None, int8: bool = False, backend=None):
+        sizes = (batch_size, max_seq_len, num_kv_heads, head_dim)
+        if not all(hasattr(n, "__index__") and not isinstance(n, bool) for n in sizes):
+            raise TypeError(f"KVCache: batch_size, max_seq_len, num_kv_heads and head_dim must be ints, got "
+                            f"{tuple(type(n).__name__ for n in sizes)}")
         if batch_size <= 0 or max_seq_len <= 0 or num_kv_heads <= 0 or head_dim <= 0:
             raise ValueError(f"KVCache: batch_size, max_seq_len, num_kv_heads and head_dim must be > 0, got "
                              f"({batch_size}, {max_seq_len}, {num_kv_heads}, {head_dim})")

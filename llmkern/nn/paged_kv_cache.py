@@ -12,6 +12,7 @@ copied (copy on write), so sequences never see each other's new tokens.
 from __future__ import annotations
 
 import collections
+import operator
 
 import torch
 
@@ -163,7 +164,11 @@ class PagedKVCache:
     def _ids(self, seq_ids) -> list[int]:
         if isinstance(seq_ids, torch.Tensor):
             seq_ids = seq_ids.tolist()
-        ids = [int(i) for i in seq_ids]
+        try:
+            ids = [operator.index(i) for i in seq_ids]  # (int(1.7) would silently pick sequence 1)
+        except TypeError:
+            bad = next(i for i in seq_ids if not hasattr(i, "__index__"))
+            raise TypeError(f"PagedKVCache: seq_ids must be integers, got {bad!r} ({type(bad).__name__})") from None
         if len(set(ids)) != len(ids):
             raise ValueError(f"PagedKVCache: seq_ids must be distinct, got {ids}")
         for i in ids:

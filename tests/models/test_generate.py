@@ -127,6 +127,29 @@ def test_errors(tiny):
         generate(m, tok, [])
     with pytest.raises(ValueError, match="top_p"):
         generate(m, tok, "x", top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        generate(m, tok, "x", temperature=float("nan"))
+    V = m.config.vocab_size
+    for bad in ([3, V], [-1, 3]):  # (an IndexError from inside the embedding before)
+        with pytest.raises(ValueError, match=rf"prompt 0 has token ids .*outside the vocabulary \(0..{V - 1}\)"):
+            generate(m, tok, [bad], chat=False)
+    with pytest.raises(ValueError, match=rf"tokens must be in 0..{V - 1}"):
+        m(torch.tensor([[3, V]]))
+    cache = m.new_cache(1, 16)
+    with pytest.raises(ValueError, match="last_only needs every length >= 1"):
+        m(torch.tensor([[3, 4]]), cache, lengths=torch.tensor([0]), last_only=True)
+
+
+def test_tiny_temperature_samples_without_nan(tiny):
+    """temperature 1e-40 overflowed logits / temperature to inf (NaN probabilities); now the draw is greedy."""
+    from llmkern.models.generate import sample
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [50.0, -1.0, 49.0]])
+    g = [torch.Generator().manual_seed(0) for _ in range(2)]
+    assert sample(logits, 1e-40, generators=g).tolist() == [1, 0]
+    m, tok = tiny
+    greedy = generate(m, tok, "x", max_new_tokens=4).tokens
+    assert generate(m, tok, "x", max_new_tokens=4, temperature=1e-40, seed=3).tokens == greedy
 
 
 # ------------------------------------------------------------------ the real model
@@ -218,6 +241,10 @@ def test_cli_errors(tmp_path, capsys):
         assert msg in capsys.readouterr().err, dev
     assert cli_main(["generate", "hi", "--max-new-tokens", "0"]) == 1
     assert "--max-new-tokens" in capsys.readouterr().err
+    for args, msg in ((["--seed", str(10 ** 20)], "--seed must be in [0, 2^63 - 64)"),
+                      (["--temperature", "nan"], "--temperature must be finite")):
+        assert cli_main(["generate", "hi", *args]) == 1
+        assert msg in capsys.readouterr().err, args
     threads = torch.get_num_threads()
     for n in ("0", "100000"):  # (torch.set_num_threads(100000) crashes the process: refused before it)
         assert cli_main(["generate", "hi", "--threads", n]) == 1

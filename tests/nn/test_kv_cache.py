@@ -182,6 +182,11 @@ def test_bad_inputs():
         KVCache(0, 8, Hk, D)
     with pytest.raises(TypeError, match="dtype"):
         KVCache(1, 8, Hk, D, dtype=torch.int32)
+    with pytest.raises(TypeError, match="must be ints, got \\('int', 'float', 'int', 'int'\\)"):
+        KVCache(1, 4.5, Hk, D)
+    with pytest.raises(TypeError, match="lengths must be integers, got torch.float32"):  # (0.7 truncated to 0)
+        c.append(*rand_kv(2, 2), lengths=[0.5, 0.7])
+    assert c.seq_lens.tolist() == [0, 0]
 
 
 def test_reset_and_nbytes():

@@ -233,5 +233,9 @@ def test_bad_inputs_and_nbytes():
         c.append([a], *rand_kv(2, 1))
     with pytest.raises(ValueError, match="lengths"):
         c.append([a], *rand_kv(1, 2), lengths=[3])
+    b = c.add_sequence()
+    with pytest.raises(TypeError, match=r"seq_ids must be integers, got 1.7 \(float\)"):  # (int(1.7): sequence 1)
+        c.append([a, 1.7], *rand_kv(2, 1))
+    c.append(torch.tensor([a, b]), *rand_kv(2, 1))  # (integer tensors and numpy ints are ids)
     with pytest.raises(ValueError, match="unknown sequence"):
         c.free_sequence(9)

@@ -260,7 +260,7 @@ class KVCache:
                     and q.shape[-2] % self.num_kv_heads == 0 and q.device == self.device
                     and (q.dtype == self.dtype if not self.int8 else q.dtype in FLOATS)
                     and (q.dim() == 3 or (last is not None and q.shape[1] == last[0]))
-                    and -1 <= window_left <= MAX_WINDOW and 0 <= softcap < _INF and (scale is None or 0 < scale < _INF)):
+                    and type(window_left) is int and -1 <= window_left <= MAX_WINDOW and 0 <= softcap < _INF and (scale is None or 0 < scale < _INF)):
                 # Eager fast path: the cache's own tensors and lengths, q checked just now.
                 return decode_attention_op.run_trusted(q, self.k, self.v, self.seq_lens, None, self.k_scale,
                                                        self.v_scale, scale, softcap, window_left, self.backend)

@@ -326,7 +326,7 @@ class PagedKVCache:
                 and (q.dim() == 3 or (q.dim() == 4 and q.shape[1] == S)) and q.shape[-1] == self.head_dim
                 and q.shape[-2] % self.num_kv_heads == 0 and q.device == self.device
                 and (q.dtype == self.dtype if not self.int8 else q.dtype in FLOATS)
-                and -1 <= window_left <= MAX_WINDOW and 0 <= softcap < _INF and (scale is None or 0 < scale < _INF)):
+                and type(window_left) is int and -1 <= window_left <= MAX_WINDOW and 0 <= softcap < _INF and (scale is None or 0 < scale < _INF)):
             # Eager fast path (as KVCache.attend): lengths and block table are this cache's own (every length
             # within the table, at least the S rows just appended), q checked just now: the op's checks, which
             # read both back from the device, are skipped.

@@ -79,6 +79,17 @@ def shape(op: str, name: str, t: torch.Tensor, expected: tuple, what: str = "") 
         raise ValueError(f"llmkern.{op}: {name} must have shape {exp}{extra}, got {list(got)}")
 
 
+def int_arg(op: str, name: str, value) -> None:
+    """`value` must be an integer (not a float that a kernel would truncate; bools pass, as in torch's schemas)."""
+    if not hasattr(value, "__index__"):
+        raise TypeError(f"llmkern.{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
+
+
+def bool_arg(op: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"llmkern.{op}: {name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
 def writable(op: str, name: str, t: torch.Tensor) -> None:
     """`t` (written in place) must not overlap itself: no broadcast (stride 0) dim of size > 1, where every
     element would be written once per index (an expand()ed view)."""

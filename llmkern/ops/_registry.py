@@ -267,6 +267,7 @@ class Op:
         tensors, modes, autograd inputs, the profiler) calls `torch.ops.llmkern.<name>`, so graphs
         and profiles see the registered op.
         """
+        pending = None
         if not kwargs and _eager_state():  # (keyword arguments: the dispatcher fills in the defaults)
             try:
                 fast = self.fast_check
@@ -276,13 +277,18 @@ class Op:
                         return self._run(op_args, args[-1])
                 if _plain_tensors(args):
                     return self.dispatch(*args)
-            except TypeError:
+            except TypeError as e:
                 # E.g. a scalar argument of the wrong type (a str for a float): the dispatcher's schema
                 # check below names the argument (an op's own TypeError is raised again there).
-                pass
+                pending = e
         if self.overload is None:
             self.overload = getattr(torch.ops.llmkern, self.name).default
-        return self.overload(*args, **kwargs)
+        try:
+            return self.overload(*args, **kwargs)
+        except RuntimeError as e:
+            if pending is not None and str(pending).startswith("llmkern.") and "Expected a value of type" in str(e):
+                raise pending from None  # (the op's own check said the same in llmkern's words)
+            raise
 
     def dispatch(self, *args, **kwargs):
         """The CPU/CUDA kernel of the torch op: check the inputs, pick a backend, run it."""

@@ -62,6 +62,9 @@ def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, wind
             raise ValueError(f"llmkern.{op}: cu_seqlens_q/k are only for packed [T, H, D] inputs")
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"llmkern.{op}: k batch ({k.shape[0]}) must equal q batch ({q.shape[0]})")
+    C.bool_arg(op, "causal", causal)
+    C.int_arg(op, "window_left", window_left)
+    C.int_arg(op, "window_right", window_right)
     if scale is not None and not 0 < scale < _INF:
         raise ValueError(f"llmkern.{op}: scale must be finite and > 0, or None, got {scale}")
     if not 0 <= softcap < _INF:

@@ -38,6 +38,21 @@ def test_zero_size_operands_match_the_reference():
     ops.kv_cache_append(torch.randn(1, 1, 2, 64), torch.randn(1, 1, 2, 64), empty, empty.clone(), torch.tensor([[-1]]))
 
 
+def test_scalar_argument_types():
+    """The eager fast path skips the dispatcher's schema parsing: the checks refuse what it would (a string as
+    causal ran as True, a float window was truncated)."""
+    q = torch.randn(1, 3, 2, 32)
+    with pytest.raises(TypeError, match="causal must be a bool, got 'yes'"):
+        ops.attention(q, q, q, causal="yes")
+    with pytest.raises(TypeError, match="window_left must be an int, got 1.5"):
+        ops.attention(q, q, q, window_left=1.5)
+    with pytest.raises(TypeError, match="window_right must be an int, got '3'"):
+        ops.attention(q, q, q, window_right="3")
+    kc = torch.randn(1, 8, 2, 32)
+    with pytest.raises(TypeError, match="window_left must be an int, got 2.0"):
+        ops.decode_attention(q[:, 0], kc, kc, torch.tensor([5], dtype=torch.int32), window_left=2.0)
+
+
 def test_append_head_dim_past_the_cpu_kernel():
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(1, 2, 1, 300, generator=g), torch.randn(1, 2, 1, 300, generator=g)

@@ -15,8 +15,9 @@ Groups (one model, the same machine, one run):
 - "generate: SmolLM2-135M prefill 512": 512 prompt tokens into an empty cache, same entries.
 On a GPU (LLMKERN_BENCH_DEVICE=cuda; `test_generate_gpu`): the same three phases on a model of SmolLM2-135M's
 shape with random weights (the GPU machine has no model package), llmkern's runtime with int4 weights (G32)
-and bf16 activations against transformers eager bf16 with the same shape; each timed call ends with a
-device synchronize (as generate's per-step read of the sampled tokens does).
+and bf16 activations (decode also as one CUDA graph per step: `.graph`, generate(cuda_graph=True)) against
+transformers eager bf16 with the same shape; each timed call ends with a device synchronize (as generate's
+per-step read of the sampled tokens does).
 extra_info: tokens/s, the weight bytes read per token and the GB/s they amount to (decode), and the
 fraction of the read bandwidth measured in this run.
 
@@ -96,6 +97,20 @@ def _runner(name, model, phase, ids):
     Decode: setup prefills CTX - 1 tokens and runs one untimed decode step (as every step of a real
     generation after the first: llmkern builds its decode plan there), then the timed step is token CTX.
     """
+    if name.endswith(".graph"):  # the decode step as one CUDA graph (llmkern/models/cuda_graph.py)
+        from llmkern.models.cuda_graph import GraphedDecodeStep
+
+        def setup():
+            cache = model.new_cache(1, CTX + 8)
+            model(ids[:, :CTX - 2], cache, last_only=True)
+            for t in (CTX - 2, CTX - 1):  # (two eager steps, as generate() runs before capturing)
+                model(ids[:, t:t + 1], cache, last_only=True)
+            return (GraphedDecodeStep(model, cache, 1, ids.device).capture(), ids[:, CTX:CTX + 1]), {}
+
+        def run(step, x):
+            return step(x)
+        return setup, run
+
     if name.startswith("llmkern") and phase == "decode_batch":
         def setup():
             # paged caches (the runtime's default block size) with BATCH sequences of CTX - 1 tokens each,
@@ -213,7 +228,7 @@ def test_generate(benchmark, limits, request, smollm, phase, name):
 
 # ------------------------------------------------------------------------------------------------ on a GPU
 
-GPU_ENTRIES = ("llmkern.int4.bf16", "hf.eager_bf16")
+GPU_ENTRIES = ("llmkern.int4.bf16", "llmkern.int4.bf16.graph", "hf.eager_bf16")
 # SmolLM2-135M-Instruct's shape (its GGUF metadata); random weights
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
                      intermediate_size=1536, rope_base=100000.0, max_positions=2048)
@@ -222,6 +237,8 @@ SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads
 @functools.lru_cache(maxsize=2)
 def gpu_model(name: str, device="cuda"):
     """The model of entry `name` (GPU_ENTRIES) on `device`: SmolLM2-135M's shape, random weights, bf16."""
+    if name.endswith(".graph"):
+        return gpu_model(name.removesuffix(".graph"), device)
     torch.manual_seed(0)
     if name.startswith("llmkern"):
         from llmkern.models import Llama, ModelConfig
@@ -247,6 +264,8 @@ def gpu_model(name: str, device="cuda"):
 def test_generate_gpu(benchmark, limits, phase, name):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    if name.endswith(".graph") and phase != "decode":
+        pytest.skip("the CUDA graph is of one sequence's decode step (generate(cuda_graph=True))")
     model = gpu_model(name)
     n = PREFILL if phase == "prefill" else CTX + 1
     g = torch.Generator().manual_seed(1)

@@ -53,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="quantize activations to int8 in the quantized linears (int4: W4A8 with a scale per group, "
                         "int8: W8A8): integer dot products, faster on the CPU, slightly less exact "
                         "(docs/notes/cpu-w4a8.md)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on a GPU, replay each decode step of one prompt as one CUDA graph (LLMKERN_CUDA_GRAPH=1; "
+                        "not yet run on a GPU, so off by default)")
     p.add_argument("--quiet", action="store_true", help="no loading progress")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth measurement in the summary")
     return p
@@ -135,7 +138,8 @@ def run(args) -> int:
     try:
         res = generate(model, tok, prompts if not single else prompts[0], max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                       stream=stream, chat=not args.no_chat, system=args.system, kv_int8=args.kv_int8)
+                       stream=stream, chat=not args.no_chat, system=args.system, kv_int8=args.kv_int8,
+                       cuda_graph=True if args.cuda_graph else None)
     except ValueError as e:
         return _error(str(e))
     if single:

@@ -12,6 +12,7 @@ one device->host copy of the new token ids (needed for EOS and streaming), strea
 """
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -21,6 +22,8 @@ import torch
 
 from .. import _backends
 from ..nn.paged_kv_cache import default_block_size
+
+log = logging.getLogger("llmkern")
 
 
 @dataclass
@@ -43,6 +46,8 @@ class GenerationResult:
                 f"-> {s['decode_gb_s']:.2f} GB/s")
         if s.get("bandwidth_gb_s"):
             line += f" = {100 * s['decode_gb_s'] / s['bandwidth_gb_s']:.0f}% of {s['bandwidth_gb_s']:.1f} GB/s measured"
+        if s.get("cuda_graph"):
+            line += ", decode steps as a CUDA graph"
         return line
 
 
@@ -93,13 +98,17 @@ def _prompt_ids(tokenizer, p, chat: bool, system):
 def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, stream=None, chat: bool = True, system: str | None = None,
              stop_ids=None, paged: bool | None = None, block_size: int | None = None,
-             kv_int8: bool = False) -> GenerationResult:
+             kv_int8: bool = False, cuda_graph: bool | None = None) -> GenerationResult:
     """Generate continuations of `prompts` (a str, or a list of prompts of any lengths).
 
     A prompt is a str (a user turn with chat=True, raw text with chat=False), a list of chat messages
     [{"role", "content"}], or a list of token ids. stream(index, text) receives each prompt's text as
     it is produced. paged: None = a paged cache for several prompts, a contiguous one for one.
     block_size: the paged cache's tokens per block (None: `default_block_size`, 64 on the CPU, 16 on GPUs).
+    cuda_graph: on a GPU with a contiguous cache, replay the decode step as one CUDA graph after two eager
+    steps (models/cuda_graph.py; same kernels, one launch); None: LLMKERN_CUDA_GRAPH=1 turns it on (off by
+    default until a GPU run has checked it). Where it cannot apply (CPU, paged caches) or its capture fails
+    (a warning on the llmkern logger), the steps run eagerly. stats["cuda_graph"] says whether it ran.
     """
     if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                     and isinstance(prompts[0], (dict, int))):
@@ -142,6 +151,9 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
             else:
                 g.manual_seed(seed + b)
             gens.append(g)
+    if cuda_graph is None:
+        cuda_graph = _backends.env("LLMKERN_CUDA_GRAPH") == "1"
+    graphed = None  # the GraphedDecodeStep, once captured
     decoders = [tokenizer.stream_decoder() for _ in range(B)]
     out_tokens = [[] for _ in range(B)]
     texts = [[] for _ in range(B)]
@@ -203,7 +215,13 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
                 nxt = nxt.index_select(0, torch.tensor(keep, device=device))
                 active = [active[row] for row in keep]
             step_ids = [seq_ids[b] for b in active] if paged else None
-            logits = model(nxt.view(-1, 1), cache, seq_ids=step_ids, last_only=True)  # [B_active, V]
+            tok = nxt.view(-1, 1)  # [B_active, 1]
+            if cuda_graph and graphed is None and steps >= 2 and not paged:
+                graphed = _capture(model, cache, tok)
+                cuda_graph = graphed is not None
+            logits = graphed(tok) if graphed is not None else None  # (None: a cache is full)
+            if logits is None:
+                logits = model(tok, cache, seq_ids=step_ids, last_only=True)  # [B_active, V]
             nxt = sample(logits, temperature, top_k, top_p, None if gens is None else [gens[b] for b in active])
             new = nxt.tolist()
             steps += 1
@@ -228,9 +246,24 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
         "weight_bytes_per_token": wbytes,
         # each decode step reads every weight once, whatever the batch size
         "decode_gb_s": wbytes * steps / decode_s / 1e9 if decode_s > 0 and steps else 0.0,
-        "batch_size": B, "paged": paged,
+        "batch_size": B, "paged": paged, "cuda_graph": graphed is not None,
     }
     return GenerationResult(["".join(t) for t in texts], out_tokens, ids, reasons, stats)
+
+
+def _capture(model, cache, tokens):
+    """generate's GraphedDecodeStep for these caches, or None (not applicable, or the capture failed: logged)."""
+    from . import cuda_graph
+
+    factory = cuda_graph.GRAPH_FACTORY
+    if factory is None and not cuda_graph.applies(model, cache, tokens):
+        return None
+    try:
+        return cuda_graph.GraphedDecodeStep(model, cache, tokens.shape[0], tokens.device, factory).capture()
+    except Exception as e:  # noqa: BLE001 - any capture failure: the eager steps are always there
+        log.warning("llmkern generate: the CUDA graph of the decode step could not be captured (%s: %s); "
+                    "decoding eagerly", type(e).__name__, e)
+        return None
 
 
 def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:

@@ -113,6 +113,44 @@ def test_gpu_prefill_never_waits_for_the_gpu(tiny_pair, paged):
     assert logits.shape == (2, gpu.config.vocab_size) and bool(torch.isfinite(logits).all())
 
 
+def test_cuda_graph_decode_equals_eager_steps(tiny_pair):
+    """The decode step captured as a CUDA graph (models/cuda_graph.py) replays the eager step's kernels on the
+    same pointers: bit for bit the eager logits and cache contents, step after step, a copy each time; the
+    capture itself changes nothing; a full cache declines (None) and the eager step raises."""
+    from llmkern.models.cuda_graph import GraphedDecodeStep
+
+    _, gpu, _ = tiny_pair
+    prompt = torch.tensor([[5, 70, 9, 4], [41, 7, 8, 6]], device="cuda")
+    with torch.inference_mode():
+        caches = [gpu.new_cache(2, 12) for _ in range(2)]
+        outs = [[gpu(prompt, c, last_only=True)] for c in caches]
+        for out, c in zip(outs, caches):
+            for _ in range(2):
+                out.append(gpu(out[-1].argmax(-1).view(-1, 1), c, last_only=True))
+        before = [kv.k.clone() for kv in caches[1]]
+        step = GraphedDecodeStep(gpu, caches[1], 2, "cuda").capture()
+        assert all(torch.equal(kv.k, b) for kv, b in zip(caches[1], before))
+        for _ in range(6):
+            outs[0].append(gpu(outs[0][-1].argmax(-1).view(-1, 1), caches[0], last_only=True))
+            outs[1].append(step(outs[1][-1].argmax(-1)))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+        for a, b in zip(*caches):
+            assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and torch.equal(a.seq_lens, b.seq_lens)
+            assert a._host_max == b._host_max == 12
+        assert step(outs[1][-1].argmax(-1)) is None
+        with pytest.raises(ValueError, match="KV cache full"):
+            gpu(outs[1][-1].argmax(-1).view(-1, 1), caches[1], last_only=True)
+
+
+def test_generate_with_cuda_graph_on_gpu(tiny_pair):
+    _, gpu, tok = tiny_pair
+    eager = generate(gpu, tok, [PROMPTS[0]], max_new_tokens=8, chat=False, stop_ids=[])
+    graphed = generate(gpu, tok, [PROMPTS[0]], max_new_tokens=8, chat=False, cuda_graph=True, stop_ids=[])
+    assert graphed.stats["cuda_graph"] and not eager.stats["cuda_graph"]
+    assert graphed.tokens == eager.tokens
+
+
 def test_cli_on_gpu(tmp_path, capsys):
     """`llmkern generate --device cuda` on a tiny GGUF: bf16 with --dtype auto, the answer streamed."""
     from _tiny_gguf import write_tiny_gguf

@@ -134,8 +134,10 @@ class Unsupported(Exception):
     """An input these kernels do not take (the op adapter turns it into BackendUnsupported)."""
 
 
-def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
-    """Returns (out contiguous like q, lse float32 [B, Hq, Sq] or [Hq, Tq])."""
+def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap,
+              max_seqlen_q: int = 0):
+    """Returns (out contiguous like q, lse float32 [B, Hq, Sq] or [Hq, Tq]). max_seqlen_q (packed): the longest
+    query sequence if known (> 0), which bounds the grid's query tiles (else Tq)."""
     D, Hq, Hk = q.shape[-1], q.shape[-2], k.shape[-2]
     varlen = q.dim() == 3
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -145,7 +147,8 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, w
         # Rows past cu_seqlens_q[-1] belong to no sequence: out 0, lse -inf (no program writes them).
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full((Hq, Tq), -math.inf, dtype=torch.float32, device=q.device)
-        Sq, Sk = Tq, k.shape[0]  # grid bound: no host sync on cu_seqlens
+        # grid bound (no host sync on cu_seqlens here; the caller may know the longest sequence)
+        Sq, Sk = min(Tq, max_seqlen_q) if max_seqlen_q > 0 else Tq, k.shape[0]
         sq_ = (0, q.stride(0), q.stride(1))
         sk_ = (0, k.stride(0), k.stride(1))
         sv_ = (0, v.stride(0), v.stride(1))

@@ -95,7 +95,9 @@ bool attention_fwd(int dtype, const void* q, const void* k, const void* v, const
   if (!(scale > 0) || !(softcap >= 0)) throw std::invalid_argument("llmkern attention (cuda): scale > 0 and softcap >= 0");
   if (window_left < -1 || window_right < -1) throw std::invalid_argument("llmkern attention (cuda): window_left/right must be >= -1");
   if (packed != (cu_k != nullptr)) throw std::invalid_argument("llmkern attention (cuda): cu_seqlens_q and cu_seqlens_k go together");
-  const int64_t max_q = packed ? Tq : Sq;
+  // Packed: Sq is the longest query sequence when the caller knows it (> 0; it bounds the grid's query tiles,
+  // each sequence's CTAs past its length return at once), else 0 and every sequence gets Tq rows' tiles.
+  const int64_t max_q = packed ? (Sq > 0 ? std::min(Sq, Tq) : Tq) : Sq;
   if (B == 0 || max_q == 0 || Hq == 0) return false;
   // 16-byte cp.async: base pointers and every stride a multiple of 8 elements.
   auto aligned = [](const void* ptr, const int64_t* s) {
@@ -115,7 +117,7 @@ bool attention_fwd(int dtype, const void* q, const void* k, const void* v, const
   p.q_sb = qs[0], p.q_st = qs[1], p.q_sh = qs[2];
   p.k_sb = ks[0], p.k_st = ks[1], p.k_sh = ks[2];
   p.v_sb = vs[0], p.v_st = vs[1], p.v_sh = vs[2];
-  p.Sq = static_cast<int>(Sq);
+  p.Sq = packed ? 0 : static_cast<int>(Sq);
   p.Sk = static_cast<int>(Sk);
   p.Tq = static_cast<int>(Tq);
   p.Hq = static_cast<int>(Hq);

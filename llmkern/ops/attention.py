@@ -102,7 +102,8 @@ def _triton(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, win
     if q.device.type != "cuda":
         raise BackendUnsupported(f"triton runs on CUDA tensors, q is on {q.device}")
     try:
-        return tk.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
+        return tk.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap,
+                            max_seqlen_q=_max_seqlen(cu_seqlens_q) if q.dim() == 3 else 0)
     except tk.Unsupported as e:
         raise BackendUnsupported(str(e)) from None
 
@@ -172,6 +173,15 @@ def _cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, windo
                         cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
 
 
+def _max_seqlen(cu_seqlens) -> int:
+    """The longest sequence of cu_seqlens [B + 1], or 0 where its values are not to be read (GPU value checks
+    off, graph capture, compile): a packed launch's grid bound. (On a GPU a device-to-host read, like the op's
+    own check of cu_seqlens just before.)"""
+    if cu_seqlens.shape[0] < 2 or not C.can_read_values(cu_seqlens):
+        return 0
+    return max(0, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+
+
 def _cuda_launch(mod, stream, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right,
                  softcap):
     """The cuda adapter's body on q's device (also driven on CPU tensors by an emulator of the kernel)."""
@@ -194,7 +204,9 @@ def _cuda_launch(mod, stream, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal
     if packed:
         Tq, Hq = q.shape[0], q.shape[1]
         Tk, Hk = k.shape[0], k.shape[1]
-        B, Sq, Sk = cu_seqlens_q.shape[0] - 1, 0, 0
+        # Sq: the longest query sequence when its lengths can be read here (0: unknown), which bounds the grid's
+        # query tiles; else every sequence gets tiles for all Tq rows, mostly empty CTAs for many sequences.
+        B, Sq, Sk = cu_seqlens_q.shape[0] - 1, _max_seqlen(cu_seqlens_q), 0
         # Rows past cu_seqlens_q[-1] belong to no sequence (out 0, lse -inf): the kernel never writes them.
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full((Hq, Tq), float("-inf"), dtype=torch.float32, device=q.device)

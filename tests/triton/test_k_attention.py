@@ -70,3 +70,23 @@ def test_attention_strided_cu_seqlens():
                                        *args[2:])
     assert rel_err(out, ref) <= tol(torch.float16)
     _lse_ok(lse, ref_lse)
+
+
+def test_attention_varlen_grid_bound():
+    """max_seqlen_q (what the op's adapter reads from cu_seqlens when it may) bounds the grid's query tiles: the
+    same result as without it; a bound shorter than a sequence would leave its last rows unwritten (0)."""
+    from llmkern.triton_kernels.attention import attention as launch
+
+    g = torch.Generator().manual_seed(9)
+    sq = [3, 40, 7]
+    cu_q = torch.tensor([0, 3, 43, 50], dtype=torch.int32, device=DEV)
+    cu_k = cu_q.clone()
+    q = torch.randn(50, 2, 32, generator=g).to(torch.float16).to(DEV)
+    k = torch.randn(50, 1, 32, generator=g).to(torch.float16).to(DEV)
+    args = (q, k, k, cu_q, cu_k, None, True, -1, -1, 0.0)
+    full, _ = launch(*args)
+    bounded, _ = launch(*args, max_seqlen_q=max(sq))
+    assert torch.equal(full, bounded)
+    if DEV == "cpu":  # (the interpreter's 16-row query tiles: a bound of 16 leaves sequence 1's rows 16..39 out)
+        short, _ = launch(*args, max_seqlen_q=16)
+        assert torch.all(short[3 + 16:43] == 0) and torch.equal(short[:3 + 16], full[:3 + 16])

@@ -54,8 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "int8: W8A8): integer dot products, faster on the CPU, slightly less exact "
                         "(docs/notes/cpu-w4a8.md)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="on a GPU, replay each decode step of one prompt as one CUDA graph (LLMKERN_CUDA_GRAPH=1; "
-                        "not yet run on a GPU, so off by default)")
+                   help="on a GPU, replay each decode step as one CUDA graph (LLMKERN_CUDA_GRAPH=1; not yet run "
+                        "on a GPU, so off by default)")
     p.add_argument("--quiet", action="store_true", help="no loading progress")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth measurement in the summary")
     return p

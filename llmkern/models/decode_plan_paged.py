@@ -13,6 +13,11 @@ Such a step may change block lists behind the step tensors (copy on write gives 
 block), so it also marks the PagedSteps `stale`: the plan is rebuilt, with the full cross-layer check,
 before the next step. A block list that changed through the caches' own API is caught the same way
 (each step compares layer 0's lists with the rows last written to the table).
+
+On a GPU (caches on CUDA: the CUDA-graph decode step, models/cuda_graph.py) the step tensors are pinned host
+tensors, and `dev` their device copies, refreshed by one asynchronous copy each at the end of `prepare` (which
+first waits for the previous copies, so that it never rewrites a host tensor still being read). On the CPU
+`dev` is the host tensors themselves.
 """
 from __future__ import annotations
 
@@ -31,22 +36,28 @@ class PagedSteps:
         # Rows are num_blocks wide: no sequence can hold more blocks, so the table never grows (the
         # attention kernel reads only the blocks a sequence's length covers).
         self.width = c0.num_blocks
-        self.pos = torch.zeros(B, 1, dtype=torch.int64)     # [B, 1] position of the new token
-        self.slot = torch.zeros(B, 1, dtype=torch.int64)    # [B, 1] its slot: block * block_size + offset
-        self.lens = torch.zeros(B, dtype=torch.int32)       # [B] lengths including it
-        self.table = torch.zeros(B, self.width, dtype=torch.int32)  # [B, num_blocks] block ids, 0 beyond
+        gpu = c0.device.type == "cuda"
+        new = lambda *shape, dtype: torch.zeros(shape, dtype=dtype, pin_memory=gpu)  # noqa: E731
+        self.pos = new(B, 1, dtype=torch.int64)              # [B, 1] position of the new token
+        self.slot = new(B, 1, dtype=torch.int64)             # [B, 1] its slot: block * block_size + offset
+        self.lens = new(B, dtype=torch.int32)                # [B] lengths including it
+        self.table = new(B, self.width, dtype=torch.int32)   # [B, num_blocks] block ids, 0 beyond
         self.rows = [list(c0._seqs[i].blocks) for i in ids]  # what the table rows hold (host mirror)
         for b, blocks in enumerate(self.rows):
             self.table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self.capacity = self.width * self.bs
         self.stale = False  # set when a step went to the module path: the plan must be rebuilt
+        host = (self.pos, self.slot, self.lens, self.table)
+        self.dev = tuple(t.to(c0.device) for t in host) if gpu else host  # (pos, slot, lens, table) the kernels read
+        self._uploaded = None  # CUDA event of the last copies to `dev`
 
     @staticmethod
-    def compatible(caches: list, ids: list, dtype) -> bool:
-        """Every cache is a CPU PagedKVCache of `dtype` with the same geometry, holding every id with the
-        same length and blocks as the first."""
+    def compatible(caches: list, ids: list, dtype, device="cpu") -> bool:
+        """Every cache is a PagedKVCache on `device` of `dtype` with the same geometry, holding every id with
+        the same length and blocks as the first."""
         c0 = caches[0]
-        if not all(type(c) is lnn.PagedKVCache and c.device.type == "cpu" and c.dtype == dtype
+        device = torch.device(device)
+        if not all(type(c) is lnn.PagedKVCache and c.device == device and c.dtype == dtype and c._bound is None
                    and c.block_size == c0.block_size and c.num_blocks == c0.num_blocks for c in caches):
             return False
         if len(set(ids)) != len(ids) or not all(i in c0._seqs for i in ids):
@@ -68,6 +79,8 @@ class PagedSteps:
 
     def _prepare(self, max_positions: int) -> bool:
         caches, bs, c0 = self.caches, self.bs, self.caches[0]
+        if self._uploaded is not None:
+            self._uploaded.synchronize()  # (the last step's copies read the host tensors rewritten below)
         lengths, grow = [], []
         for b, i in enumerate(self.ids):
             s = c0._seqs.get(i)
@@ -104,6 +117,12 @@ class PagedSteps:
         self.pos.copy_(torch.tensor(lengths, dtype=torch.int64).view(-1, 1))   # [B] -> [B, 1]
         self.slot.copy_(torch.tensor(slots, dtype=torch.int64).view(-1, 1))    # [B] -> [B, 1]
         self.lens.copy_(torch.tensor(lengths, dtype=torch.int32) + 1)
+        if self.dev[0] is not self.pos:  # on a GPU: one asynchronous copy each from the pinned host tensors
+            for d, h in zip(self.dev, (self.pos, self.slot, self.lens, self.table)):
+                d.copy_(h, non_blocking=True)
+            if self._uploaded is None:
+                self._uploaded = torch.cuda.Event()
+            self._uploaded.record(torch.cuda.current_stream(self.dev[0].device))  # (the copies' stream)
         return True
 
     def advance(self) -> None:

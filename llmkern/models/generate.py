@@ -105,10 +105,11 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
     [{"role", "content"}], or a list of token ids. stream(index, text) receives each prompt's text as
     it is produced. paged: None = a paged cache for several prompts, a contiguous one for one.
     block_size: the paged cache's tokens per block (None: `default_block_size`, 64 on the CPU, 16 on GPUs).
-    cuda_graph: on a GPU with a contiguous cache, replay the decode step as one CUDA graph after two eager
-    steps (models/cuda_graph.py; same kernels, one launch); None: LLMKERN_CUDA_GRAPH=1 turns it on (off by
-    default until a GPU run has checked it). Where it cannot apply (CPU, paged caches) or its capture fails
-    (a warning on the llmkern logger), the steps run eagerly. stats["cuda_graph"] says whether it ran.
+    cuda_graph: on a GPU, replay the decode step as one CUDA graph after two eager steps (models/cuda_graph.py;
+    same kernels, one launch; captured again when finished prompts leave a paged batch); None:
+    LLMKERN_CUDA_GRAPH=1 turns it on (off by default until a GPU run has checked it). Where it cannot apply
+    (CPU) or its capture fails (a warning on the llmkern logger), the steps run eagerly. stats["cuda_graph"]
+    says whether it ran ("cuda_graph_steps": how many steps).
     """
     if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                     and isinstance(prompts[0], (dict, int))):
@@ -188,6 +189,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
         active = list(range(B))  # batch rows -> prompt index (paged: only unfinished prompts)
         done = [False] * B
         steps = decode_tokens = 0
+        eager = graph_steps = 0  # eager steps since the batch last changed; steps replayed as a CUDA graph
         while True:
             for row, b in enumerate(active):
                 if done[b]:
@@ -214,14 +216,18 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
                             c.free_sequence(seq_ids[b])
                 nxt = nxt.index_select(0, torch.tensor(keep, device=device))
                 active = [active[row] for row in keep]
+                graphed, eager = None, 0  # (a graph is of one batch: capture the new one after two eager steps)
             step_ids = [seq_ids[b] for b in active] if paged else None
             tok = nxt.view(-1, 1)  # [B_active, 1]
-            if cuda_graph and graphed is None and steps >= 2 and not paged:
-                graphed = _capture(model, cache, tok)
-                cuda_graph = graphed is not None
-            logits = graphed(tok) if graphed is not None else None  # (None: a cache is full)
+            if cuda_graph and graphed is None and eager >= 2:
+                graphed = _capture(model, cache, tok, step_ids)
+                cuda_graph = graphed is not None  # (a failed capture is not tried again)
+            logits = graphed(tok) if graphed is not None else None  # (None: the caches cannot take it so)
             if logits is None:
                 logits = model(tok, cache, seq_ids=step_ids, last_only=True)  # [B_active, V]
+                eager += 1
+            else:
+                graph_steps += 1
             nxt = sample(logits, temperature, top_k, top_p, None if gens is None else [gens[b] for b in active])
             new = nxt.tolist()
             steps += 1
@@ -246,20 +252,21 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
         "weight_bytes_per_token": wbytes,
         # each decode step reads every weight once, whatever the batch size
         "decode_gb_s": wbytes * steps / decode_s / 1e9 if decode_s > 0 and steps else 0.0,
-        "batch_size": B, "paged": paged, "cuda_graph": graphed is not None,
+        "batch_size": B, "paged": paged, "cuda_graph": graph_steps > 0, "cuda_graph_steps": graph_steps,
     }
     return GenerationResult(["".join(t) for t in texts], out_tokens, ids, reasons, stats)
 
 
-def _capture(model, cache, tokens):
+def _capture(model, cache, tokens, seq_ids):
     """generate's GraphedDecodeStep for these caches, or None (not applicable, or the capture failed: logged)."""
     from . import cuda_graph
 
     factory = cuda_graph.GRAPH_FACTORY
-    if factory is None and not cuda_graph.applies(model, cache, tokens):
+    if factory is None and not cuda_graph.applies(model, cache, tokens, seq_ids):
         return None
     try:
-        return cuda_graph.GraphedDecodeStep(model, cache, tokens.shape[0], tokens.device, factory).capture()
+        return cuda_graph.GraphedDecodeStep(model, cache, tokens.shape[0], tokens.device, factory,
+                                            seq_ids).capture()
     except Exception as e:  # noqa: BLE001 - any capture failure: the eager steps are always there
         log.warning("llmkern generate: the CUDA graph of the decode step could not be captured (%s: %s); "
                     "decoding eagerly", type(e).__name__, e)

@@ -110,6 +110,10 @@ class PagedKVCache:
         # What attend() reuses from the last append: (seq_ids, S, block_table, lengths for attention,
         # whether rows were padded).
         self._last = None
+        # A decode step's tensors bound by the CUDA-graph step (models/cuda_graph.py: a PagedSteps shared by
+        # every layer's cache): while set, append / attend of those sequences' one new token read them and do
+        # no host work (`_bound_append`). None otherwise.
+        self._bound = None
 
     # ------------------------------------------------------------------ sequences
 
@@ -213,6 +217,8 @@ class PagedKVCache:
 
         Allocates blocks as needed (all or nothing: on ValueError "PagedKVCache full" nothing changed).
         """
+        if self._bound is not None:
+            return self._bound_append(seq_ids, k, v, lengths, q, positions, rotary)
         ids = self._ids(seq_ids)
         if not isinstance(k, torch.Tensor) or k.dim() != 4:
             raise ValueError(f"PagedKVCache.append: k must be [B, S, Hk, D], got {tuple(getattr(k, 'shape', ()))}")
@@ -302,6 +308,28 @@ class PagedKVCache:
         attn = [self._seqs[i].length for i in ids] if host_len is None else [o + S for o in old]
         self._last = (ids, S, table, self._to_device(torch.tensor(attn, dtype=torch.int32)), host_len is not None)
 
+    def _bound_for(self, seq_ids, B: int, S: int, what: str):
+        """The bound step tensors, for a call that must be their step: the same sequences, one token each."""
+        b = self._bound
+        ids = seq_ids.tolist() if isinstance(seq_ids, torch.Tensor) else list(seq_ids)
+        if ids != b.ids or B != len(ids) or S != 1:
+            raise RuntimeError(f"PagedKVCache.{what}: bound to a graphed decode step of sequences {b.ids} (one "
+                               f"token each), got sequences {ids} with {S} token(s)")
+        return b
+
+    def _bound_append(self, seq_ids, k, v, lengths, q, positions, rotary) -> None:
+        """append() of one token per bound sequence: the slots and positions the bound PagedSteps prepared (its
+        `prepare` allocated the blocks; its `advance` counts the token afterwards), no host work, so that a
+        CUDA graph can capture it."""
+        b = self._bound_for(seq_ids, k.shape[0], k.shape[1], "append")
+        if lengths is not None or positions is not None:
+            raise RuntimeError("PagedKVCache.append: a bound decode step takes neither lengths nor positions")
+        pos, slot, _, _ = b.dev
+        rot = _rotary_args(rotary, q, None, pos)
+        kv_cache_append_op.run_trusted(
+            k.detach(), v.detach(), self.k, self.v, slot, self.k_scale, self.v_scale, rot.get("q"),
+            rot.get("positions"), rot.get("cos_sin_cache"), rot.get("rotary_interleaved", False), self.backend)
+
     # ------------------------------------------------------------------ read
 
     def attend(self, q: torch.Tensor, seq_ids, *, scale: float | None = None, softcap: float = 0.0,
@@ -311,6 +339,11 @@ class PagedKVCache:
         Right after append(seq_ids, ...) the tables built there are reused (and padded rows of an
         append with `lengths` are handled as in KVCache.attend); otherwise they are built here.
         """
+        if self._bound is not None:
+            b = self._bound_for(seq_ids, q.shape[0], 1 if q.dim() == 3 else q.shape[1], "attend")
+            _, _, lens, table = b.dev
+            return decode_attention_op.run_trusted(q, self.k, self.v, lens, table, self.k_scale, self.v_scale, scale,
+                                                   softcap, window_left, self.backend)
         ids = self._ids(seq_ids)
         last = self._last
         S = None  # rows of the append whose tables are reused

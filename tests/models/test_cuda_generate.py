@@ -143,10 +143,40 @@ def test_cuda_graph_decode_equals_eager_steps(tiny_pair):
             gpu(outs[1][-1].argmax(-1).view(-1, 1), caches[1], last_only=True)
 
 
-def test_generate_with_cuda_graph_on_gpu(tiny_pair):
+def test_paged_cuda_graph_decode_equals_eager_steps(tiny_pair):
+    """Over paged caches (16-token blocks, steps crossing into new ones): the graph reads the step tensors that
+    PagedSteps refreshes before each replay (one asynchronous copy each); bit for bit the eager steps."""
+    from llmkern.models.cuda_graph import GraphedDecodeStep
+
+    _, gpu, _ = tiny_pair
+    prompts = [[5, 70, 9, 4, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [41, 7]]
+    with torch.inference_mode():
+        runs = []
+        for _ in range(2):
+            caches = gpu.new_cache(paged=True, block_size=16, num_blocks=8)
+            ids = [[c.add_sequence() for _ in prompts] for c in caches][0]
+            out = torch.cat([gpu(torch.tensor([p], device="cuda"), caches, seq_ids=[i], last_only=True)
+                             for i, p in zip(ids, prompts)])
+            runs.append((caches, ids, [out, gpu(out.argmax(-1).view(-1, 1), caches, seq_ids=ids, last_only=True)]))
+        step = GraphedDecodeStep(gpu, runs[1][0], 2, "cuda", seq_ids=runs[1][1]).capture()
+        for _ in range(6):
+            (c0, i0, o0), (c1, i1, o1) = runs
+            o0.append(gpu(o0[-1].argmax(-1).view(-1, 1), c0, seq_ids=i0, last_only=True))
+            o1.append(step(o1[-1].argmax(-1)))
+        for a, b in zip(runs[0][2], runs[1][2]):
+            assert torch.equal(a, b)
+        (c0, i0, _), (c1, i1, _) = runs
+        for a, b in zip(c0, c1):
+            assert [a._seqs[i].blocks for i in i0] == [b._seqs[i].blocks for i in i1]
+            assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_generate_with_cuda_graph_on_gpu(tiny_pair, paged):
     _, gpu, tok = tiny_pair
-    eager = generate(gpu, tok, [PROMPTS[0]], max_new_tokens=8, chat=False, stop_ids=[])
-    graphed = generate(gpu, tok, [PROMPTS[0]], max_new_tokens=8, chat=False, cuda_graph=True, stop_ids=[])
+    prompts = [PROMPTS[0]] if not paged else PROMPTS
+    eager = generate(gpu, tok, prompts, max_new_tokens=8, chat=False, stop_ids=[], paged=paged)
+    graphed = generate(gpu, tok, prompts, max_new_tokens=8, chat=False, cuda_graph=True, stop_ids=[], paged=paged)
     assert graphed.stats["cuda_graph"] and not eager.stats["cuda_graph"]
     assert graphed.tokens == eager.tokens
 

@@ -234,6 +234,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
             decode_tokens += sum(not done[b] for b in active)
         t2 = time.perf_counter()
     model.__dict__.pop("_decode_plan", None)  # it holds this call's cache tensors
+    model.__dict__.pop("_steps", None)  # (so do the shared paged step tensors: Llama._paged_steps)
 
     for b in range(B):
         tail = decoders[b].flush()

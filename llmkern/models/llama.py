@@ -22,6 +22,7 @@ from .. import nn as lnn
 from ..nn.paged_kv_cache import default_block_size
 from .config import ModelConfig
 from .decode_plan import DecodePlan, head_logits
+from .decode_plan_paged import PagedSteps
 
 
 class MLP(nn.Module):
@@ -117,6 +118,14 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.set_rotary(device=None if str(device) == "meta" else device)
 
+    def __getstate__(self):
+        # (copies and pickles leave out the per-cache step state: the decode plan and shared paged step tensors
+        # hold one call's caches, and the plan a native program)
+        state = super().__getstate__()
+        state.pop("_decode_plan", None)
+        state.pop("_steps", None)
+        return state
+
     def _apply(self, fn, recurse=True):
         # .to(torch.bfloat16) / .half() / .float(): `dtype` (the activations' and new caches' dtype) follows the
         # embedding's, so that new_cache / generate keep matching the model.
@@ -158,6 +167,40 @@ class Llama(nn.Module):
                 self.__dict__["_decode_plan"] = plan
             if plan is not None and plan.ready():
                 return plan.step(tokens)
+            if seq_ids is not None:
+                steps = self._paged_steps(cache, seq_ids)
+                if steps is not None:  # one set of step tensors for every layer's paged cache
+                    for c in cache:
+                        c._bound = steps
+                    try:
+                        out = self._forward_modules(tokens, cache, seq_ids, None, True)
+                    finally:
+                        for c in cache:
+                            c._bound = None
+                    steps.advance()
+                    return out
+        return self._forward_modules(tokens, cache, seq_ids, lengths, last_only)
+
+    def _paged_steps(self, cache, seq_ids):
+        """A decode step over paged caches that the decode plan did not take (a GPU; the CPU without the step
+        program): one PagedSteps (decode_plan_paged.py) prepared for it, whose tensors every layer's cache reads
+        while bound (PagedKVCache._bound), instead of each layer building the same slots and block table (on a
+        GPU: three host-to-device copies per layer). None: the caches' own per-layer path (PagedSteps would not
+        take this step: sequences that differ between layers, a shared block, a full cache...)."""
+        ids = seq_ids.tolist() if isinstance(seq_ids, torch.Tensor) else list(seq_ids)
+        steps = self.__dict__.get("_steps")
+        if steps is None or steps.caches is not cache or steps.ids != ids or steps.stale:
+            steps = None
+            if all(isinstance(i, int) for i in ids) and cache and type(cache[0]) is lnn.PagedKVCache \
+                    and PagedSteps.compatible(cache, ids, cache[0].dtype, cache[0].device):
+                steps = PagedSteps(cache, ids)
+            self.__dict__["_steps"] = steps
+        if steps is None or not steps.prepare(self.rotary.cos_sin_cache.shape[0]):
+            return None
+        return steps
+
+    def _forward_modules(self, tokens, cache, seq_ids, lengths, last_only):
+        """forward through the modules (embedding, layers, norm, head)."""
         V = self.config.vocab_size
         if tokens.is_cpu and tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < V):
             # (cheap on the CPU; on a GPU it would wait for the stream, and nn.Embedding asserts there anyway)

@@ -48,8 +48,12 @@ class PagedSteps:
         self.capacity = self.width * self.bs
         self.stale = False  # set when a step went to the module path: the plan must be rebuilt
         host = (self.pos, self.slot, self.lens, self.table)
-        self.dev = tuple(t.to(c0.device) for t in host) if gpu else host  # (pos, slot, lens, table) the kernels read
-        self._uploaded = None  # CUDA event of the last copies to `dev`
+        # (pos, slot, lens, table) as the kernels read them; from pinned memory without waiting for the stream
+        self.dev = tuple(t.to(c0.device, non_blocking=True) for t in host) if gpu else host
+        self._uploaded = None  # CUDA event of the last copies to `dev` (the host tensors are rewritten after it)
+        if gpu:
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record(torch.cuda.current_stream(c0.device))
 
     @staticmethod
     def compatible(caches: list, ids: list, dtype, device="cpu") -> bool:
@@ -120,8 +124,6 @@ class PagedSteps:
         if self.dev[0] is not self.pos:  # on a GPU: one asynchronous copy each from the pinned host tensors
             for d, h in zip(self.dev, (self.pos, self.slot, self.lens, self.table)):
                 d.copy_(h, non_blocking=True)
-            if self._uploaded is None:
-                self._uploaded = torch.cuda.Event()
             self._uploaded.record(torch.cuda.current_stream(self.dev[0].device))  # (the copies' stream)
         return True
 

@@ -362,8 +362,8 @@ class Int4Linear(_QuantizedBase):
     # --- Holding the packed form alone (a GPU) ---------------------------------------------------------------
     # A prepared run with `release()` (the cuda preparer's packed run, ops/int4_linear.py CUDA_INT4_RELEASE) can
     # do without the canonical tensors for 16-bit x. Then the module removes qweight / scales / offsets from
-    # its buffers, so that the packed copy is all the GPU holds (0.625 instead of 1.375 bytes per weight at
-    # G = 32), and `_released` = (unpack, buffer order). They come back, unpacked bit for bit from the packed
+    # its buffers, so that the packed copy is all the GPU holds (at G = 32 with fp16-valued scales: 0.625 instead
+    # of 1.375 bytes per weight), and `_released` = (unpack, buffer order). They come back, unpacked bit for bit from the packed
     # copy, whenever anything needs them: reading or assigning the attribute, .to() / .cuda() / dtype casts,
     # load_state_dict (then it is packed and released again at the next call), and an fp32 (or other-device /
     # other-backend) activation, after which an fp32 call keeps them (`_keep_canonical`: fp32 x runs the

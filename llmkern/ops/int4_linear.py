@@ -393,7 +393,7 @@ CUDA_INT4_PACKED = os.environ.get("LLMKERN_CUDA_INT4_PACKED", "") != "0"
 # True: the prepared run offers `release()` (below), with which Int4Linear drops its canonical GPU buffers once
 # packed and holds the packed copy alone (DESIGN.md: "the module then holds the repacked form"), unpacking them
 # on demand (`_cuda_unpack`: state_dict, fp32 x, attribute reads). LLMKERN_CUDA_INT4_KEEP_CANONICAL=1 keeps both
-# (~1.8x the GPU memory at G = 32: 0.75 + 0.625 bytes per weight instead of 0.625).
+# (at G = 32 with fp16-valued scales: 0.75 + 0.625 bytes per weight instead of 0.625).
 CUDA_INT4_RELEASE = os.environ.get("LLMKERN_CUDA_INT4_KEEP_CANONICAL", "") != "1"
 
 

@@ -97,7 +97,7 @@ class GraphedDecodeStep:
     def _scratch(self):
         """(caches, PagedSteps or None, ids) of the same kind and batch, for the warm-up step."""
         if self.ids is None:
-            return self.model.new_cache(self.batch, 2, device=self.device), None, None
+            return self.model.new_cache(self.batch, 2, int8=self.cache[0].int8, device=self.device), None, None
         c0 = self.cache[0]
         scratch = self.model.new_cache(paged=True, block_size=c0.block_size, num_blocks=self.batch, int8=c0.int8,
                                        device=self.device)

@@ -113,7 +113,8 @@ def test_gpu_prefill_never_waits_for_the_gpu(tiny_pair, paged):
     assert logits.shape == (2, gpu.config.vocab_size) and bool(torch.isfinite(logits).all())
 
 
-def test_cuda_graph_decode_equals_eager_steps(tiny_pair):
+@pytest.mark.parametrize("kv_int8", [False, True], ids=["bf16_kv", "int8_kv"])
+def test_cuda_graph_decode_equals_eager_steps(tiny_pair, kv_int8):
     """The decode step captured as a CUDA graph (models/cuda_graph.py) replays the eager step's kernels on the
     same pointers: bit for bit the eager logits and cache contents, step after step, a copy each time; the
     capture itself changes nothing; a full cache declines (None) and the eager step raises."""
@@ -122,7 +123,7 @@ def test_cuda_graph_decode_equals_eager_steps(tiny_pair):
     _, gpu, _ = tiny_pair
     prompt = torch.tensor([[5, 70, 9, 4], [41, 7, 8, 6]], device="cuda")
     with torch.inference_mode():
-        caches = [gpu.new_cache(2, 12) for _ in range(2)]
+        caches = [gpu.new_cache(2, 12, int8=kv_int8) for _ in range(2)]
         outs = [[gpu(prompt, c, last_only=True)] for c in caches]
         for out, c in zip(outs, caches):
             for _ in range(2):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _backends
 from .. import nn as lnn
 from ..nn.paged_kv_cache import default_block_size
 from .config import ModelConfig
@@ -186,7 +187,10 @@ class Llama(nn.Module):
         program): one PagedSteps (decode_plan_paged.py) prepared for it, whose tensors every layer's cache reads
         while bound (PagedKVCache._bound), instead of each layer building the same slots and block table (on a
         GPU: three host-to-device copies per layer). None: the caches' own per-layer path (PagedSteps would not
-        take this step: sequences that differ between layers, a shared block, a full cache...)."""
+        take this step: sequences that differ between layers, a shared block, a full cache...).
+        LLMKERN_PAGED_STEPS=0 turns it off (never run on a GPU yet: the switch is there for the first GPU run)."""
+        if _backends.env("LLMKERN_PAGED_STEPS") == "0":
+            return None
         ids = seq_ids.tolist() if isinstance(seq_ids, torch.Tensor) else list(seq_ids)
         steps = self.__dict__.get("_steps")
         if steps is None or steps.caches is not cache or steps.ids != ids or steps.stale:

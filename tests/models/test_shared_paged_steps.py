@@ -35,6 +35,9 @@ def test_shared_step_tensors_equal_the_per_layer_path(monkeypatch):
         got, caches, (a, b), used = run(m, True)
         want, ref, _, _ = run(m, False)
         assert used[0] is False and all(used[1:])  # (the copy-on-write step went to the per-layer path)
+        monkeypatch.setenv("LLMKERN_PAGED_STEPS", "0")  # the switch: the per-layer path throughout
+        off, _, _, used_off = run(m, True)
+        assert not any(used_off) and torch.equal(off, want)
         assert torch.equal(got, want)
         for c, r in zip(caches, ref):
             assert [(c._seqs[i].length, c._seqs[i].blocks) for i in (a, b)] == \

@@ -60,6 +60,9 @@ def _cuda_switches() -> dict:
         "int4_linear W4A16 prepacked, Int4Linear on a GPU (LLMKERN_CUDA_INT4_PACKED)": i4.CUDA_INT4_PACKED,
         "Int4Linear holds the packed copy alone (LLMKERN_CUDA_INT4_KEEP_CANONICAL=1: off)":
             i4.CUDA_INT4_PACKED and i4.CUDA_INT4_RELEASE,
+        "generate: decode steps as a CUDA graph (LLMKERN_CUDA_GRAPH=1)": _backends.env("LLMKERN_CUDA_GRAPH") == "1",
+        "paged decode steps share their step tensors across layers (LLMKERN_PAGED_STEPS=0: off)":
+            _backends.env("LLMKERN_PAGED_STEPS") != "0",
     }
 
 

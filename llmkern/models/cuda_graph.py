@@ -48,7 +48,8 @@ def applies(model, cache, tokens, seq_ids=None) -> bool:
     if seq_ids is None:
         return all(type(kv) is lnn.KVCache and kv.batch_size == B and kv.device == tokens.device for kv in cache)
     ids = list(seq_ids)
-    return len(ids) == B and PagedSteps.compatible(cache, ids, model.dtype, tokens.device)
+    return (len(ids) == B and model._cache_geometry_ok(cache)
+            and PagedSteps.compatible(cache, ids, model.dtype, tokens.device))
 
 
 class GraphedDecodeStep:
@@ -70,7 +71,8 @@ class GraphedDecodeStep:
         self.logits = None  # its output (a buffer of the graph's memory pool)
         self.graph = None
         self.steps = None  # paged: the PagedSteps the caches read while bound
-        self.dead = False  # paged: a step the PagedSteps could not prepare left it to the module path for good
+        self.dead = False  # a step it could not take (paged: not prepared; a weight or cache changed) ends it
+        self._watch = []  # (dict, key, object) slots the graph depends on, checked by identity before a replay
         self.rows = model.rotary.cos_sin_cache.shape[0]  # positions the rotary table holds
 
     # ------------------------------------------------------------------ capture
@@ -140,7 +142,25 @@ class GraphedDecodeStep:
             if real is not None:
                 self._restore_host_state(real)
         self.graph = graph
+        self._watch = self._watched()
         return self
+
+    def _watched(self) -> list:
+        """What the captured kernels' pointers come from: every parameter and buffer of the model, each quantized
+        linear's prepared run (its packed copies), each cache's tensors. A weight assigned, loaded or moved, a
+        released Int4Linear's buffers read back (its prepared run dropped) or a cache replaced puts another
+        object in one of these slots: the graph is not replayed after that (a stale graph would read freed
+        memory). ~20 us of dict lookups a step for SmolLM2's 30 layers."""
+        slots = []
+        for m in self.model.modules():
+            for d in (m._parameters, m._buffers):
+                slots.extend((d, k, v) for k, v in d.items())
+            if "_run" in m.__dict__:
+                slots.append((m.__dict__, "_run", m.__dict__["_run"]))
+        for kv in self.cache:
+            slots.extend((kv.__dict__, n, kv.__dict__[n]) for n in ("k", "v", "k_scale", "v_scale", "seq_lens", "_next")
+                         if n in kv.__dict__)
+        return slots
 
     # ------------------------------------------------------------------ replay
 
@@ -158,8 +178,11 @@ class GraphedDecodeStep:
         """Logits [B, V] (a new tensor) of one decode step of `tokens` [B, 1] (or [B]), or None when the caches
         cannot take it this way (full; paged: also a shared block, ...): nothing was run, the caller's module
         path handles it (and raises the cache's error)."""
+        if self.dead or any(d.get(k) is not v for d, k, v in self._watch):
+            self.dead = True
+            return None
         if self.steps is not None:
-            if self.dead or not self.steps.prepare(self.rows):
+            if not self.steps.prepare(self.rows):
                 self.dead = True  # (the module path may now change block lists behind the step tensors)
                 return None
         elif not self.room():

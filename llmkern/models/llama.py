@@ -196,12 +196,19 @@ class Llama(nn.Module):
         if steps is None or steps.caches is not cache or steps.ids != ids or steps.stale:
             steps = None
             if all(isinstance(i, int) for i in ids) and cache and type(cache[0]) is lnn.PagedKVCache \
-                    and PagedSteps.compatible(cache, ids, cache[0].dtype, cache[0].device):
+                    and self._cache_geometry_ok(cache) \
+                    and PagedSteps.compatible(cache, ids, self.dtype, cache[0].device):
                 steps = PagedSteps(cache, ids)
             self.__dict__["_steps"] = steps
         if steps is None or not steps.prepare(self.rotary.cos_sin_cache.shape[0]):
             return None
         return steps
+
+    def _cache_geometry_ok(self, cache) -> bool:
+        """Every layer's cache has the model's KV heads and head dim (bound caches skip the per-call checks that
+        would refuse others)."""
+        c = self.config
+        return all(kv.num_kv_heads == c.num_kv_heads and kv.head_dim == c.head_dim for kv in cache)
 
     def _forward_modules(self, tokens, cache, seq_ids, lengths, last_only):
         """forward through the modules (embedding, layers, norm, head)."""
@@ -269,7 +276,9 @@ class Llama(nn.Module):
                 if packed is None:
                     packed = getattr(impl, "packed", None)
                 if packed is not None:  # decode reads the packed stream (+ the bias), not the canonical tensors
-                    total += packed.numel() * packed.element_size()
+                    # (the CUDA run's `packed` is (weights, scales, scale16): its tensors)
+                    parts = packed if isinstance(packed, tuple) else (packed,)
+                    total += sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
                     seen.update(t.data_ptr() for n, t in sub.named_buffers() if n != "bias")
         for mod in (self.layers, self.norm, self.lm_head):
             for t in list(mod.parameters()) + list(mod.buffers()):

@@ -340,7 +340,7 @@ class Int4Linear(_QuantizedBase):
         if not torch.compiler.is_compiling():
             run = self._lean(x)
             released = self.__dict__.get("_released") is not None
-            if run is not None and not (released and x.dtype == torch.float32):
+            if run is not None and not (released and x.dtype == torch.float32 and x.numel()):
                 if self.__dict__["_fast"] is None:
                     self._allow_fast(run)
                 return run(x)
@@ -388,6 +388,10 @@ class Int4Linear(_QuantizedBase):
         rel = d.get("_released")
         if rel is None:
             return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # (unpacking would only be recorded in the graph, not run: the buffers would hold garbage)
+            raise RuntimeError("Int4Linear: its canonical buffers cannot be rebuilt while a CUDA graph is being "
+                               "captured (read them, or call with fp32 x, before capturing)")
         buffers = self._canonical_buffers(*rel)
         self._buffers.clear()  # (refilled in the original order: state_dict keys keep theirs)
         self._buffers.update(buffers)
@@ -412,6 +416,11 @@ class Int4Linear(_QuantizedBase):
         if name in _CANONICAL and self.__dict__.get("_released") is not None:
             self._restore_canonical()  # (so that the value lands in _buffers, beside the other two)
         super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name in _CANONICAL and self.__dict__.get("_released") is not None:
+            self._restore_canonical()
+        super().__delattr__(name)
 
     def _apply(self, fn, recurse=True):
         self._restore_canonical()

@@ -233,7 +233,9 @@ class PagedKVCache:
         need, cow = [], []  # new blocks for the new tokens; whether the last block is shared
         for i, n in zip(ids, adds):
             s = self._seqs[i]
-            cow.append(n > 0 and s.length % bs != 0 and self.allocator.refcount[s.blocks[-1]] > 1)
+            # Copy on write when the block the first new token lands in is shared: a partly filled one (a fork), or
+            # an empty one a decode step allocated ahead (PagedSteps.prepare) before a fork. It is the last block.
+            cow.append(n > 0 and s.length // bs < len(s.blocks) and self.allocator.refcount[s.blocks[-1]] > 1)
             need.append(-(-(s.length + n) // bs) - len(s.blocks))
         # Copies: a shared block appended to by c of its r holders is copied c times, or r - 1 times
         # when all of them append now (the last one keeps the original).
@@ -324,6 +326,10 @@ class PagedKVCache:
         b = self._bound_for(seq_ids, k.shape[0], k.shape[1], "append")
         if lengths is not None or positions is not None:
             raise RuntimeError("PagedKVCache.append: a bound decode step takes neither lengths nor positions")
+        if not (plain_kv(k, v, q, self.k) and (self.int8 or k.dtype == self.dtype)):
+            raise ValueError(f"PagedKVCache.append: k / v / q must be [B, 1, {self.num_kv_heads} (q: a multiple), "
+                             f"{self.head_dim}] {self.dtype if not self.int8 else 'float'} tensors on {self.device} "
+                             f"for this cache, got k {tuple(k.shape)} {k.dtype} on {k.device}")
         pos, slot, _, _ = b.dev
         rot = _rotary_args(rotary, q, None, pos)
         kv_cache_append_op.run_trusted(
@@ -341,6 +347,13 @@ class PagedKVCache:
         """
         if self._bound is not None:
             b = self._bound_for(seq_ids, q.shape[0], 1 if q.dim() == 3 else q.shape[1], "attend")
+            if not (type(q) is torch.Tensor and q.shape[-1] == self.head_dim and q.shape[-2] % self.num_kv_heads == 0
+                    and q.device == self.device and (q.dtype == self.dtype if not self.int8 else q.dtype in FLOATS)
+                    and type(window_left) is int and -1 <= window_left <= MAX_WINDOW and 0 <= softcap < _INF
+                    and (scale is None or 0 < scale < _INF)):
+                raise ValueError(f"PagedKVCache.attend: q must be [B, Hq, {self.head_dim}] with Hq a multiple of "
+                                 f"{self.num_kv_heads}, {self.dtype} on {self.device}, with valid scale / softcap / "
+                                 f"window, got {tuple(q.shape)} {q.dtype}")
             _, _, lens, table = b.dev
             return decode_attention_op.run_trusted(q, self.k, self.v, lens, table, self.k_scale, self.v_scale, scale,
                                                    softcap, window_left, self.backend)

@@ -349,6 +349,12 @@ def test_module_released_then_fp32_assignment_load_and_casts(lin, gpu_like_int4)
     assert m.bias.dtype == torch.bfloat16 and m.scales.dtype == torch.float32 and torch.equal(m.qweight, qw3)
     assert torch.equal(bits(m.offsets), bits(o3))
 
+    m(x16.to(torch.bfloat16))  # released again
+    assert m._released is not None
+    assert m(torch.randn(0, K)).shape == (0, N) and m._released is not None  # (empty fp32 x: nothing to restore)
+    del m.offsets  # `del` of a released buffer deletes it (the other two come back)
+    assert m._released is None and set(m._buffers) == {"qweight", "scales", "bias"}
+
 
 def test_released_run_refuses_fp32_and_switch_off(lin):
     """After release() the prepared run holds no canonical tensors: fp32 x is refused, not computed from

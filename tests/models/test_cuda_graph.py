@@ -212,3 +212,22 @@ def test_paged_generate_with_a_graph_recaptures_when_the_batch_shrinks(monkeypat
     graphed = generate(m, tok, prompts, max_new_tokens=16, chat=False, stop_ids=[stop], cuda_graph=True)
     assert graphed.stats["paged"] and graphed.tokens == eager.tokens and graphed.finish_reasons == eager.finish_reasons
     assert fake.captures == 2 and graphed.stats["cuda_graph_steps"] == fake.replays > 0
+
+
+def test_a_changed_weight_ends_the_graph():
+    """The graph holds the pointers of every weight, prepared copy and cache tensor it captured: after one of
+    them is replaced (a parameter assigned, a quantized linear's prepared run dropped by .to() / a read of a
+    released GPU Int4Linear's buffers) it is not replayed again (None: the caller's eager step runs)."""
+    m = tiny(quant="int4")
+    prompt = torch.randint(0, 101, (1, 4))
+    with torch.inference_mode():
+        cache = m.new_cache(1, 12)
+        out = m(prompt, cache, last_only=True)
+        step = GraphedDecodeStep(m, cache, 1, "cpu", FakeGraphs()).capture()
+        assert step(out.argmax(-1)) is not None
+        m.norm.weight = torch.nn.Parameter(m.norm.weight.detach().clone())
+        assert step(out.argmax(-1)) is None and step.dead
+        step2 = GraphedDecodeStep(m, cache, 1, "cpu", FakeGraphs()).capture()
+        assert step2(out.argmax(-1)) is not None
+        m.layers[0].mlp.down_proj._invalidate_packed()  # (what .to(), load_state_dict or a buffer read do)
+        assert step2(out.argmax(-1)) is None

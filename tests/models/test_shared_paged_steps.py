@@ -67,3 +67,67 @@ def test_a_copy_of_the_model_leaves_its_step_state_behind():
         assert "_decode_plan" not in c.__dict__ and "_steps" not in c.__dict__
         x = torch.tensor([[5, 9, 3]])
         assert torch.equal(c(x), m(x))
+
+
+def test_caches_of_another_dtype_or_geometry_take_the_checked_path(monkeypatch):
+    """Bound caches skip the per-call checks, so the shared step tensors are only used for caches of the model's
+    dtype and geometry: others get the per-layer path's errors (they computed garbage, reading a bf16 cache as
+    fp32 or writing 2 heads into 1-head slots)."""
+    from llmkern.nn import PagedKVCache
+
+    monkeypatch.setenv("LLMKERN_DECODE_PROGRAM", "0")
+    m = tiny(quant="int4")
+    c = m.config
+    with torch.inference_mode():
+        for kw, err in ((dict(dtype=torch.bfloat16), "dtype"), (dict(num_kv_heads=1), "shape")):
+            heads = kw.pop("num_kv_heads", c.num_kv_heads)
+            caches = [PagedKVCache(8, 4, heads, c.head_dim, **kw) for _ in m.layers]
+            a = [cc.add_sequence() for cc in caches][0]
+            with pytest.raises((TypeError, ValueError), match=err):
+                m(torch.tensor([[5, 9, 13]]), caches, seq_ids=[a], last_only=True)
+                m(torch.tensor([[3]]), caches, seq_ids=[a], last_only=True)
+            assert all(cc._bound is None for cc in caches)
+
+
+def test_a_failed_step_then_a_fork_copies_the_block_allocated_ahead(monkeypatch):
+    """A step whose block PagedSteps allocated ahead (the next token starts a block) and then raised (a token out
+    of the vocabulary) leaves that empty block to the sequence; a fork then shares it, and the next append must
+    copy it on write (it wrote both sequences' tokens into one block)."""
+    monkeypatch.setenv("LLMKERN_DECODE_PROGRAM", "0")
+    m = tiny(quant="int4")
+
+    def run(fail):
+        caches = m.new_cache(paged=True, block_size=4, num_blocks=12)
+        a = [cc.add_sequence() for cc in caches][0]
+        m.__dict__.pop("_steps", None)
+        m(torch.tensor([[5, 9, 13, 2]]), caches, seq_ids=[a], last_only=True)  # one full block
+        if fail:
+            with pytest.raises(ValueError, match="tokens must be in"):
+                m(torch.tensor([[10 ** 6]]), caches, seq_ids=[a], last_only=True)
+            assert len(caches[0]._seqs[a].blocks) == 2 and caches[0]._seqs[a].length == 4  # (the block ahead)
+        b = [cc.fork(a) for cc in caches][0]
+        outs, nxt = [], torch.tensor([[3], [60]])
+        for _ in range(3):
+            outs.append(m(nxt, caches, seq_ids=[a, b], last_only=True))
+            nxt = torch.tensor([[7], [11]])
+        assert caches[0]._seqs[a].blocks[1] != caches[0]._seqs[b].blocks[1]
+        return torch.stack(outs)
+
+    with torch.inference_mode():
+        assert torch.equal(run(True), run(False))
+
+
+def test_weight_bytes_count_the_cuda_runs_packed_tensors():
+    """A GPU Int4Linear's prepared run lists its packed copies as a (weights, scales, scale16) tuple: the decode
+    bytes count those tensors (it raised AttributeError at the end of every GPU generate())."""
+    import types
+
+    from llmkern.nn import Int4Linear
+
+    m = tiny(quant="int4")
+    lin = next(mod for mod in m.modules() if isinstance(mod, Int4Linear))
+    before = m.weight_bytes_per_token()
+    canonical = sum(t.numel() * t.element_size() for n, t in lin.named_buffers() if n != "bias")
+    qp, sp = torch.zeros(1000, dtype=torch.uint8), torch.zeros(96, dtype=torch.uint8)
+    lin.__dict__["_run"] = types.SimpleNamespace(impl=types.SimpleNamespace(packed=(qp, sp, True)))
+    assert m.weight_bytes_per_token() == before - canonical + 1096

@@ -146,17 +146,18 @@ class GraphedDecodeStep:
         return self
 
     def _watched(self) -> list:
-        """What the captured kernels' pointers come from: every parameter and buffer of the model, each quantized
-        linear's prepared run (its packed copies), each cache's tensors. A weight assigned, loaded or moved, a
-        released Int4Linear's buffers read back (its prepared run dropped) or a cache replaced puts another
-        object in one of these slots: the graph is not replayed after that (a stale graph would read freed
-        memory). ~20 us of dict lookups a step for SmolLM2's 30 layers."""
+        """What the captured kernels' pointers come from: each quantized linear's prepared run (its packed or bound
+        copies: any change of its buffers drops it), the parameters and buffers of every other module, each
+        cache's tensors. A weight assigned, loaded or moved, a released Int4Linear's buffers read back or a cache
+        replaced puts another object in one of these slots: the graph is not replayed after that (a stale graph
+        would read freed memory). SmolLM2 (30 layers): 364 slots, 20 us of dict lookups a step on the 2-core CPU."""
         slots = []
         for m in self.model.modules():
+            if "_run" in m.__dict__:  # (a quantized linear)
+                slots.append((m.__dict__, "_run", m.__dict__["_run"]))
+                continue
             for d in (m._parameters, m._buffers):
                 slots.extend((d, k, v) for k, v in d.items())
-            if "_run" in m.__dict__:
-                slots.append((m.__dict__, "_run", m.__dict__["_run"]))
         for kv in self.cache:
             slots.extend((kv.__dict__, n, kv.__dict__[n]) for n in ("k", "v", "k_scale", "v_scale", "seq_lens", "_next")
                          if n in kv.__dict__)

@@ -48,8 +48,7 @@ def applies(model, cache, tokens, seq_ids=None) -> bool:
     if seq_ids is None:
         return all(type(kv) is lnn.KVCache and kv.batch_size == B and kv.device == tokens.device for kv in cache)
     ids = list(seq_ids)
-    return (len(ids) == B and model._cache_geometry_ok(cache)
-            and PagedSteps.compatible(cache, ids, model.dtype, tokens.device))
+    return len(ids) == B and PagedSteps.compatible(cache, ids, model, tokens.device)
 
 
 class GraphedDecodeStep:
@@ -88,13 +87,8 @@ class GraphedDecodeStep:
         """The step over `cache` (bound to `steps` when paged), as captured."""
         if steps is None:
             return self.model(self.tokens, cache, last_only=True)  # [B, V]
-        for c in cache:
-            c._bound = steps
-        try:
+        with steps.bound():
             return self.model(self.tokens, cache, seq_ids=ids, last_only=True)
-        finally:
-            for c in cache:
-                c._bound = None
 
     def _scratch(self):
         """(caches, PagedSteps or None, ids) of the same kind and batch, for the warm-up step."""

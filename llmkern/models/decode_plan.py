@@ -169,7 +169,7 @@ class DecodePlan:
                 return None
         else:
             ids = _id_list(seq_ids)
-            if ids is None or len(ids) != B or not PagedSteps.compatible(cache, ids, model.dtype):
+            if ids is None or len(ids) != B or not PagedSteps.compatible(cache, ids, model):
                 return None
             paged = PagedSteps(cache, ids)
         if not isinstance(model.norm, lnn.RMSNorm) or model.rotary.cos_sin_cache.device.type != "cpu":

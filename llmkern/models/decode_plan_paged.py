@@ -21,6 +21,8 @@ first waits for the previous copies, so that it never rewrites a host tensor sti
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import nn as lnn
@@ -56,12 +58,14 @@ class PagedSteps:
             self._uploaded.record(torch.cuda.current_stream(c0.device))
 
     @staticmethod
-    def compatible(caches: list, ids: list, dtype, device="cpu") -> bool:
-        """Every cache is a PagedKVCache on `device` of `dtype` with the same geometry, holding every id with
-        the same length and blocks as the first."""
-        c0 = caches[0]
+    def compatible(caches: list, ids: list, model, device="cpu") -> bool:
+        """Every cache is an unbound PagedKVCache on `device` for `model` (its dtype, KV heads and head dim: the
+        step tensors' users skip the per-call checks that would refuse others) with the same geometry, holding
+        every id with the same length and blocks as the first."""
+        c0, cfg = caches[0], model.config
         device = torch.device(device)
-        if not all(type(c) is lnn.PagedKVCache and c.device == device and c.dtype == dtype and c._bound is None
+        if not all(type(c) is lnn.PagedKVCache and c.device == device and c.dtype == model.dtype and c._bound is None
+                   and c.num_kv_heads == cfg.num_kv_heads and c.head_dim == cfg.head_dim
                    and c.block_size == c0.block_size and c.num_blocks == c0.num_blocks for c in caches):
             return False
         if len(set(ids)) != len(ids) or not all(i in c0._seqs for i in ids):
@@ -126,6 +130,18 @@ class PagedSteps:
                 d.copy_(h, non_blocking=True)
             self._uploaded.record(torch.cuda.current_stream(self.dev[0].device))  # (the copies' stream)
         return True
+
+    @contextlib.contextmanager
+    def bound(self):
+        """Within: every cache reads these step tensors for the step's one token per sequence and does no host
+        work of its own (PagedKVCache._bound): the module path of one prepared step, run once for all layers."""
+        for c in self.caches:
+            c._bound = self
+        try:
+            yield
+        finally:
+            for c in self.caches:
+                c._bound = None
 
     def advance(self) -> None:
         """Count the token the step wrote in every cache (host state: lengths; no stale append tables)."""

@@ -171,13 +171,8 @@ class Llama(nn.Module):
             if seq_ids is not None:
                 steps = self._paged_steps(cache, seq_ids)
                 if steps is not None:  # one set of step tensors for every layer's paged cache
-                    for c in cache:
-                        c._bound = steps
-                    try:
+                    with steps.bound():
                         out = self._forward_modules(tokens, cache, seq_ids, None, True)
-                    finally:
-                        for c in cache:
-                            c._bound = None
                     steps.advance()
                     return out
         return self._forward_modules(tokens, cache, seq_ids, lengths, last_only)
@@ -196,19 +191,12 @@ class Llama(nn.Module):
         if steps is None or steps.caches is not cache or steps.ids != ids or steps.stale:
             steps = None
             if all(isinstance(i, int) for i in ids) and cache and type(cache[0]) is lnn.PagedKVCache \
-                    and self._cache_geometry_ok(cache) \
-                    and PagedSteps.compatible(cache, ids, self.dtype, cache[0].device):
+                    and PagedSteps.compatible(cache, ids, self, cache[0].device):
                 steps = PagedSteps(cache, ids)
             self.__dict__["_steps"] = steps
         if steps is None or not steps.prepare(self.rotary.cos_sin_cache.shape[0]):
             return None
         return steps
-
-    def _cache_geometry_ok(self, cache) -> bool:
-        """Every layer's cache has the model's KV heads and head dim (bound caches skip the per-call checks that
-        would refuse others)."""
-        c = self.config
-        return all(kv.num_kv_heads == c.num_kv_heads and kv.head_dim == c.head_dim for kv in cache)
 
     def _forward_modules(self, tokens, cache, seq_ids, lengths, last_only):
         """forward through the modules (embedding, layers, norm, head)."""

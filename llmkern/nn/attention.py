@@ -11,6 +11,8 @@ Paths of forward(x [B, S, hidden], cache, seq_ids, lengths):
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -87,10 +89,9 @@ class Attention(nn.Module):
         if cache is None or (S > 1 and cache.is_empty(seq_ids)):
             # Whole sequences from position 0: plain causal attention over the new tokens.
             positions = torch.arange(S, device=x.device).expand(B, S).contiguous()  # [B, S]
-            if x.is_cuda and S <= self.rotary.cos_sin_cache.shape[0]:
-                with values_vouched():  # (positions 0..S-1 are in the table: no device-to-host read to check it)
-                    q, k = self.rotary(q, k, positions)
-            else:
+            # On a GPU positions 0..S-1, checked against the table here, need no device-to-host read to check.
+            vouched = x.is_cuda and S <= self.rotary.cos_sin_cache.shape[0]
+            with values_vouched() if vouched else contextlib.nullcontext():
                 q, k = self.rotary(q, k, positions)
             if cache is not None:
                 if paged:

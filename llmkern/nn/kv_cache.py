@@ -17,13 +17,10 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..ops._checks import MAX_WINDOW
+from ..ops._checks import attn_scalars_ok
 from ..ops.decode_attention import decode_attention_op
 from ..ops.kv_cache_append import kv_cache_append_op
 from ._fast import FLOATS
-
-_INF = float("inf")
-
 
 def _rotary_args(rotary, q, positions, pos_default):
     """kwargs of kv_cache_append for the optional fused rotary; q/positions only make sense with it."""
@@ -260,7 +257,7 @@ class KVCache:
                     and q.shape[-2] % self.num_kv_heads == 0 and q.device == self.device
                     and (q.dtype == self.dtype if not self.int8 else q.dtype in FLOATS)
                     and (q.dim() == 3 or (last is not None and q.shape[1] == last[0]))
-                    and type(window_left) is int and -1 <= window_left <= MAX_WINDOW and 0 <= softcap < _INF and (scale is None or 0 < scale < _INF)):
+                    and attn_scalars_ok(scale, softcap, window_left)):
                 # Eager fast path: the cache's own tensors and lengths, q checked just now.
                 return decode_attention_op.run_trusted(q, self.k, self.v, self.seq_lens, None, self.k_scale,
                                                        self.v_scale, scale, softcap, window_left, self.backend)

@@ -17,13 +17,11 @@ import operator
 import torch
 
 from .. import ops
-from ..ops._checks import MAX_WINDOW
+from ..ops._checks import attn_scalars_ok
 from ..ops.decode_attention import decode_attention_op
 from ..ops.kv_cache_append import kv_cache_append_op
 from ._fast import FLOATS
 from .kv_cache import _rotary_args, check_lengths, plain_kv
-
-_INF = float("inf")
 
 # Appends of at most this many rows (B * S) compute their slots in Python (see append).
 _HOST_SLOTS_MAX = 1024
@@ -310,6 +308,13 @@ class PagedKVCache:
         attn = [self._seqs[i].length for i in ids] if host_len is None else [o + S for o in old]
         self._last = (ids, S, table, self._to_device(torch.tensor(attn, dtype=torch.int32)), host_len is not None)
 
+    def _plain_q(self, q, scale, softcap, window_left) -> bool:
+        """q is a plain tensor [..., Hq, D] this cache's decode attention takes (Hq a multiple of its KV heads, its
+        dtype and device), with valid scalars: what the op would check besides the batch and the lengths."""
+        return (type(q) is torch.Tensor and q.shape[-1] == self.head_dim and q.shape[-2] % self.num_kv_heads == 0
+                and q.device == self.device and (q.dtype == self.dtype if not self.int8 else q.dtype in FLOATS)
+                and attn_scalars_ok(scale, softcap, window_left))
+
     def _bound_for(self, seq_ids, B: int, S: int, what: str):
         """The bound step tensors, for a call that must be their step: the same sequences, one token each."""
         b = self._bound
@@ -347,10 +352,7 @@ class PagedKVCache:
         """
         if self._bound is not None:
             b = self._bound_for(seq_ids, q.shape[0], 1 if q.dim() == 3 else q.shape[1], "attend")
-            if not (type(q) is torch.Tensor and q.shape[-1] == self.head_dim and q.shape[-2] % self.num_kv_heads == 0
-                    and q.device == self.device and (q.dtype == self.dtype if not self.int8 else q.dtype in FLOATS)
-                    and type(window_left) is int and -1 <= window_left <= MAX_WINDOW and 0 <= softcap < _INF
-                    and (scale is None or 0 < scale < _INF)):
+            if not self._plain_q(q, scale, softcap, window_left):
                 raise ValueError(f"PagedKVCache.attend: q must be [B, Hq, {self.head_dim}] with Hq a multiple of "
                                  f"{self.num_kv_heads}, {self.dtype} on {self.device}, with valid scale / softcap / "
                                  f"window, got {tuple(q.shape)} {q.dtype}")
@@ -368,11 +370,8 @@ class PagedKVCache:
                                  f"lengths), q has {Sq}")
         else:
             table, lens = self._table(ids), self.seq_lens(ids)
-        if (not torch.compiler.is_compiling() and type(q) is torch.Tensor and q.shape[0] == len(ids)
-                and (q.dim() == 3 or (q.dim() == 4 and q.shape[1] == S)) and q.shape[-1] == self.head_dim
-                and q.shape[-2] % self.num_kv_heads == 0 and q.device == self.device
-                and (q.dtype == self.dtype if not self.int8 else q.dtype in FLOATS)
-                and type(window_left) is int and -1 <= window_left <= MAX_WINDOW and 0 <= softcap < _INF and (scale is None or 0 < scale < _INF)):
+        if (not torch.compiler.is_compiling() and self._plain_q(q, scale, softcap, window_left)
+                and q.shape[0] == len(ids) and (q.dim() == 3 or (q.dim() == 4 and q.shape[1] == S))):
             # Eager fast path (as KVCache.attend): lengths and block table are this cache's own (every length
             # within the table, at least the S rows just appended), q checked just now: the op's checks, which
             # read both back from the device, are skipped.

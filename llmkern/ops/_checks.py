@@ -79,6 +79,31 @@ def shape(op: str, name: str, t: torch.Tensor, expected: tuple, what: str = "") 
         raise ValueError(f"llmkern.{op}: {name} must have shape {exp}{extra}, got {list(got)}")
 
 
+_INF = float("inf")
+
+
+def attn_scalars_ok(scale, softcap, window_left) -> bool:
+    """The attention ops' scalars are valid (what `attn_scalars` checks), for fast paths that skip the checks:
+    scale None or finite > 0, softcap finite >= 0, window_left an int in -1..MAX_WINDOW."""
+    return ((scale is None or 0 < scale < _INF) and 0 <= softcap < _INF and type(window_left) is int
+            and -1 <= window_left <= MAX_WINDOW)
+
+
+def attn_scalars(op: str, scale, softcap, window_left, window_right=None) -> None:
+    """Raise (naming the argument) unless the attention scalars are valid; window_right: attention's only."""
+    int_arg(op, "window_left", window_left)
+    if window_right is not None:
+        int_arg(op, "window_right", window_right)
+    if scale is not None and not 0 < scale < _INF:
+        raise ValueError(f"llmkern.{op}: scale must be finite and > 0, or None, got {scale}")
+    if not 0 <= softcap < _INF:
+        raise ValueError(f"llmkern.{op}: softcap must be finite and >= 0 (0 = off), got {softcap}")
+    windows = (window_left,) if window_right is None else (window_left, window_right)
+    if not all(-1 <= w <= MAX_WINDOW for w in windows):
+        name, got = ("window_left", window_left) if window_right is None else ("window_left/right", windows)
+        raise ValueError(f"llmkern.{op}: {name} must be -1 (unbounded) or in [0, {MAX_WINDOW}], got {got}")
+
+
 def int_arg(op: str, name: str, value) -> None:
     """`value` must be an integer (not a float that a kernel would truncate; bools pass, as in torch's schemas)."""
     if not hasattr(value, "__index__"):

@@ -24,9 +24,6 @@ from .. import _backends, reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop
 
-_INF = float("inf")
-
-
 def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):
     op = "attention"
     C.tensor(op, "q", q, ranks=(3, 4), dtypes=C.FLOAT_DTYPES)
@@ -63,15 +60,7 @@ def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, wind
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"llmkern.{op}: k batch ({k.shape[0]}) must equal q batch ({q.shape[0]})")
     C.bool_arg(op, "causal", causal)
-    C.int_arg(op, "window_left", window_left)
-    C.int_arg(op, "window_right", window_right)
-    if scale is not None and not 0 < scale < _INF:
-        raise ValueError(f"llmkern.{op}: scale must be finite and > 0, or None, got {scale}")
-    if not 0 <= softcap < _INF:
-        raise ValueError(f"llmkern.{op}: softcap must be finite and >= 0 (0 = off), got {softcap}")
-    if not (-1 <= window_left <= C.MAX_WINDOW and -1 <= window_right <= C.MAX_WINDOW):
-        raise ValueError(f"llmkern.{op}: window_left/right must be -1 (unbounded) or in [0, {C.MAX_WINDOW}], got "
-                         f"({window_left}, {window_right})")
+    C.attn_scalars(op, scale, softcap, window_left, window_right)
 
 
 def _fake(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap):

@@ -27,8 +27,6 @@ from .. import reference
 from . import _checks as C
 from ._registry import BackendUnsupported, defop, needs_grad
 
-_INF = float("inf")
-
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -86,8 +84,7 @@ def _cpu_fast_ok(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, s
                 and block_table.dim() == 2 and block_table.shape[0] == B):
             return False
         capacity = block_table.shape[1] * cs[1]
-    if not ((scale is None or 0 < scale < _INF) and 0 <= softcap < _INF and type(window_left) is int
-            and -1 <= window_left <= C.MAX_WINDOW):
+    if not C.attn_scalars_ok(scale, softcap, window_left):
         return False
     return B == 0 or _values_ok_cpu(seq_lens, block_table, k_cache, B, 1 if nq == 3 else qs[1], capacity)
 
@@ -147,13 +144,7 @@ def _check(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, 
                 b = int(bad_entry.any(dim=1).nonzero()[0])
                 raise ValueError(f"llmkern.{op}: block_table row {b} points outside the cache "
                                  f"(blocks 0..{nb - 1}): {block_table[b, : int(n_used[b])].tolist()}")
-    if scale is not None and not 0 < scale < _INF:
-        raise ValueError(f"llmkern.{op}: scale must be finite and > 0, or None, got {scale}")
-    if not 0 <= softcap < _INF:
-        raise ValueError(f"llmkern.{op}: softcap must be finite and >= 0 (0 = off), got {softcap}")
-    C.int_arg(op, "window_left", window_left)
-    if not -1 <= window_left <= C.MAX_WINDOW:
-        raise ValueError(f"llmkern.{op}: window_left must be -1 (unbounded) or in [0, {C.MAX_WINDOW}], got {window_left}")
+    C.attn_scalars(op, scale, softcap, window_left)
 
 
 def _fake(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap, window_left):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
 import os
 
@@ -12,6 +13,8 @@ log = logging.getLogger("llmkern")
 @functools.lru_cache(maxsize=None)
 def _import(name: str):
     try:
+        if name == "llmkern.triton_kernels":
+            return _load_source_triton_kernels(), None
         return importlib.import_module(name), None
     except Exception as e:  # noqa: BLE001 - any import failure means "not available", with the reason kept
         log.debug("llmkern: cannot import %s: %s", name, e)
@@ -58,6 +61,37 @@ def cuda_kernels_error() -> str | None:
     if err:
         log.warning("llmkern: the cuda backend cannot run on cuda:%d (%s); other backends will", idx, err)
     return err or None
+
+
+def _load_source_triton_kernels():
+    """Import llmkern.triton_kernels. An installed llmkern has it (setup.py maps REPO/triton_kernels there); a
+    source checkout built in place (`setup.py build_ext --inplace`, PYTHONPATH=REPO: the GPU script's way) has
+    it only as REPO/triton_kernels beside the package, which is loaded under the installed name here."""
+    import sys
+    from pathlib import Path
+
+    try:
+        return importlib.import_module("llmkern.triton_kernels")
+    except ModuleNotFoundError as e:
+        if e.name != "llmkern.triton_kernels":
+            raise
+    import llmkern
+
+    root = Path(llmkern.__file__).resolve().parent.parent / "triton_kernels"
+    if not (root / "__init__.py").is_file():
+        raise ModuleNotFoundError("llmkern.triton_kernels is not installed and no source tree is beside llmkern",
+                                  name="llmkern.triton_kernels")
+    spec = importlib.util.spec_from_file_location("llmkern.triton_kernels", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["llmkern.triton_kernels"] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules["llmkern.triton_kernels"]
+        raise
+    llmkern.triton_kernels = mod
+    return mod
 
 
 @functools.lru_cache(maxsize=None)

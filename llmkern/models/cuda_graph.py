@@ -67,6 +67,7 @@ class GraphedDecodeStep:
         self.ids = None if seq_ids is None else list(seq_ids)
         self.factory = graph_factory
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=self.device)  # the graph's input
+        self.device = self.tokens.device  # "cuda" -> "cuda:<current>", as the caches' devices are
         self.logits = None  # its output (a buffer of the graph's memory pool)
         self.graph = None
         self.steps = None  # paged: the PagedSteps the caches read while bound

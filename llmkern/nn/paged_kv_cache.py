@@ -100,6 +100,9 @@ class PagedKVCache:
         store = torch.int8 if int8 else dtype
         self.k = torch.zeros(shape, dtype=store, device=self.device)
         self.v = torch.zeros(shape, dtype=store, device=self.device)
+        # The tensors' own device: "cuda" becomes "cuda:0" (the current GPU), which a q on that GPU compares
+        # equal to (the fast paths' device checks are ==).
+        self.device = self.k.device
         self.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if int8 else None
         self.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if int8 else None
         self.allocator = BlockAllocator(num_blocks)

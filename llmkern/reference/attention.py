@@ -42,7 +42,9 @@ def visible(q_pos: torch.Tensor, k_len: torch.Tensor, num_keys: int, *, causal: 
         mask = mask & (j <= pos + right)
     if window_left >= 0:
         mask = mask & (j >= pos - window_left)
-    return mask
+    # Without a causal / window term the mask is still [N, 1, Sk]: give it its query rows (masked_attention
+    # slices them in chunks; a broadcast row has none past the first).
+    return mask.expand(pos.shape[0], pos.shape[1], num_keys)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,

@@ -114,6 +114,26 @@ def test_gpu_prefill_never_waits_for_the_gpu(tiny_pair, paged):
 
 
 @pytest.mark.parametrize("kv_int8", [False, True], ids=["bf16_kv", "int8_kv"])
+def test_eager_gpu_decode_is_deterministic(tiny_pair, kv_int8):
+    """Two identical runs of prefill + decode steps give the same bits (every kernel on the path reduces in a fixed
+    order: no atomics): what the graph tests below rely on, checked on its own so that a race shows here."""
+    _, gpu, _ = tiny_pair
+    prompt = torch.tensor([[5, 70, 9, 4], [41, 7, 8, 6]], device="cuda")
+    runs = []
+    with torch.inference_mode():
+        for _ in range(2):
+            cache = gpu.new_cache(2, 12, int8=kv_int8)
+            outs = [gpu(prompt, cache, last_only=True)]
+            for _ in range(7):
+                outs.append(gpu(outs[-1].argmax(-1).view(-1, 1), cache, last_only=True))
+            runs.append((outs, cache))
+    for i, (a, b) in enumerate(zip(runs[0][0], runs[1][0])):
+        assert torch.equal(a, b), f"step {i} (0: prefill): max |run 1 - run 2| {(a - b).abs().max().item():.3g}"
+    for i, (a, b) in enumerate(zip(runs[0][1], runs[1][1])):
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v), f"layer {i}'s cache differs between the runs"
+
+
+@pytest.mark.parametrize("kv_int8", [False, True], ids=["bf16_kv", "int8_kv"])
 def test_cuda_graph_decode_equals_eager_steps(tiny_pair, kv_int8):
     """The decode step captured as a CUDA graph (models/cuda_graph.py) replays the eager step's kernels on the
     same pointers: bit for bit the eager logits and cache contents, step after step, a copy each time; the
@@ -128,16 +148,20 @@ def test_cuda_graph_decode_equals_eager_steps(tiny_pair, kv_int8):
         for out, c in zip(outs, caches):
             for _ in range(2):
                 out.append(gpu(out[-1].argmax(-1).view(-1, 1), c, last_only=True))
-        before = [kv.k.clone() for kv in caches[1]]
+        before = [(kv.k.clone(), kv.v.clone()) for kv in caches[1]]
+        # ("cuda" without an index: the step and the scratch caches of its warm-up take the current GPU's)
         step = GraphedDecodeStep(gpu, caches[1], 2, "cuda").capture()
-        assert all(torch.equal(kv.k, b) for kv, b in zip(caches[1], before))
+        for i, (kv, (k, v)) in enumerate(zip(caches[1], before)):
+            assert torch.equal(kv.k, k) and torch.equal(kv.v, v), f"the capture changed layer {i}'s cache"
         for _ in range(6):
             outs[0].append(gpu(outs[0][-1].argmax(-1).view(-1, 1), caches[0], last_only=True))
             outs[1].append(step(outs[1][-1].argmax(-1)))
-        for a, b in zip(*outs):
-            assert torch.equal(a, b)
-        for a, b in zip(*caches):
-            assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and torch.equal(a.seq_lens, b.seq_lens)
+        for i, (a, b) in enumerate(zip(*outs)):
+            assert torch.equal(a, b), f"step {i} (0: prefill): max |eager - graphed| {(a - b).abs().max().item():.3g}"
+        for i, (a, b) in enumerate(zip(*caches)):
+            assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and torch.equal(a.seq_lens, b.seq_lens), (
+                f"layer {i}: k {(a.k.float() - b.k.float()).abs().max().item():.3g}, v "
+                f"{(a.v.float() - b.v.float()).abs().max().item():.3g}, lens {a.seq_lens.tolist()} {b.seq_lens.tolist()}")
             assert a._host_max == b._host_max == 12
         assert step(outs[1][-1].argmax(-1)) is None
         with pytest.raises(ValueError, match="KV cache full"):
@@ -164,12 +188,12 @@ def test_paged_cuda_graph_decode_equals_eager_steps(tiny_pair):
             (c0, i0, o0), (c1, i1, o1) = runs
             o0.append(gpu(o0[-1].argmax(-1).view(-1, 1), c0, seq_ids=i0, last_only=True))
             o1.append(step(o1[-1].argmax(-1)))
-        for a, b in zip(runs[0][2], runs[1][2]):
-            assert torch.equal(a, b)
+        for i, (a, b) in enumerate(zip(runs[0][2], runs[1][2])):
+            assert torch.equal(a, b), f"step {i} (0: prefill): max |eager - graphed| {(a - b).abs().max().item():.3g}"
         (c0, i0, _), (c1, i1, _) = runs
-        for a, b in zip(c0, c1):
+        for n, (a, b) in enumerate(zip(c0, c1)):
             assert [a._seqs[i].blocks for i in i0] == [b._seqs[i].blocks for i in i1]
-            assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+            assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v), f"layer {n}'s cache differs"
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])

@@ -107,21 +107,25 @@ def test_reference_non_contiguous_inputs(layout):
     assert_lse(lse, nlse, TOL[torch.float32])
 
 
-def test_reference_chunked_rows_and_float32_path(monkeypatch):
-    """The reference's two size-driven branches: query rows in chunks, and float32 math for big problems."""
+@pytest.mark.parametrize("mask", [dict(causal=True, window_left=11), dict(causal=False), dict(window_right=3)],
+                         ids=["causal_window", "full", "right_window"])
+def test_reference_chunked_rows_and_float32_path(monkeypatch, mask):
+    """The reference's two size-driven branches: query rows in chunks, and float32 math for big problems.
+    (Without a causal / window term the mask had one broadcast row: the second chunk failed, first seen on a
+    GPU at S = 4096.)"""
     import sys
 
     mod = sys.modules["llmkern.reference.attention"]
     torch.manual_seed(13)
     q, k, v = _qkv(2, 33, 40, 4, 2, 64)
-    nout, nlse = naive_attention_batched(q, k, v, causal=True, window_left=11)
+    nout, nlse = naive_attention_batched(q, k, v, **mask)
     monkeypatch.setattr(mod, "_SCORE_CHUNK_ELEMS", 5 * 2 * 4 * 40)  # 5 rows per chunk, the last one short
-    out, lse = _ref(q, k, v, causal=True, window_left=11)
+    out, lse = _ref(q, k, v, **mask)
     assert_rel(out, nout, TOL[torch.float32])
     assert_lse(lse, nlse, TOL[torch.float32])
     monkeypatch.setattr(mod, "_FLOAT64_WORK_LIMIT", 0)
     assert mod.compute_dtype(1) == torch.float32
-    out, lse = _ref(q, k, v, causal=True, window_left=11)
+    out, lse = _ref(q, k, v, **mask)
     assert_rel(out, nout, TOL[torch.float32])
     assert_lse(lse, nlse, TOL[torch.float32])
 

@@ -196,10 +196,14 @@ def test_lse_merges_two_key_halves():
 
 
 def test_huge_window_values_mean_unbounded():
+    # The largest window the op takes (2^31 - 1: the kernels add it to int32 positions) sees every key; a
+    # larger one is refused (it overflowed those sums).
     q, k, v = _qkv(1, 100, 100, 2, 2, 64, dtype=torch.bfloat16, seed=10)
-    out, lse = _run(q, k, v, window_left=2**40, window_right=2**40)
+    out, lse = _run(q, k, v, window_left=2**31 - 1, window_right=2**31 - 1)
     ref, rlse = _run(q, k, v)
     assert torch.equal(out, ref) and torch.equal(lse, rlse)
+    with pytest.raises(ValueError, match="window_left/right"):
+        _run(q, k, v, window_left=2**40, window_right=2**40)
 
 
 def test_nan_input_gives_nan_rows_not_silent_values():

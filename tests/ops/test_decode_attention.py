@@ -56,6 +56,10 @@ def _ref(args, scale=None, softcap=0.0, window_left=-1):
 
 def _run(backend, args, **kw):
     q, kc, vc, seq_lens, bt, ks, vs = args
+    if backend == "cuda" and kc.dtype == torch.float32 and q.shape[-1] > 128:
+        # Documented: the CUDA kernel's fp32 caches go up to D = 128 (other backends take the rest; strict mode
+        # refuses that fallback). tests/ops/test_decode_attention_cuda.py covers its own range.
+        pytest.skip("cuda decode kernel: fp32 caches up to head dim 128")
     with strict(), poisoned_outputs():
         out = run_on(backend, llmkern.ops.decode_attention, q, kc, vc, seq_lens, block_table=bt, k_scale=ks, v_scale=vs,
                                            backend=backend, **kw)
@@ -186,9 +190,11 @@ def test_decode_equals_last_rows_of_causal_prefill(backend, Sq, opts):
     """Decoding the last Sq tokens over a cache of L == the last Sq rows of causal attention over L tokens."""
     L, Hq, Hk, D = 33, 8, 2, 64
     q, k, v = randn(1, L, Hq, D), randn(1, L, Hk, D), randn(1, L, Hk, D)
-    prefill_backend = backend if backend in backends("attention") else "reference"
+    # The same backend's prefill where it takes these inputs (the cuda prefill kernel is fp16 / bf16 only).
+    prefill_backend = backend if backend in backends("attention") and backend != "cuda" else "reference"
     with strict(), poisoned_outputs():
-        full = llmkern.ops.attention(q, k, v, causal=True, backend=prefill_backend, **OPTS[opts])
+        full = run_on(prefill_backend, llmkern.ops.attention, q, k, v, causal=True, backend=prefill_backend,
+                      **OPTS[opts])
     layout = CacheLayout([L], block_size=16)
     kc, vc = layout.place([k[0]], float("nan")), layout.place([v[0]], float("nan"))
     qd = q[:, -Sq:] if Sq > 1 else q[:, -1]

@@ -1,14 +1,11 @@
-"""Make `llmkern.triton_kernels` importable from a source checkout, and say how kernels can run here.
-
-setup.py installs the repository's `triton_kernels/` folder as `llmkern.triton_kernels`; a plain
-source tree on PYTHONPATH does not have that mapping, so it is made here (never as a top-level
-`triton_kernels`, a name that belongs to another project shipped with Triton).
+"""Import `llmkern.triton_kernels` (installed, or from a source checkout: llmkern._backends makes that mapping,
+never as a top-level `triton_kernels`, a name that belongs to another project shipped with Triton), and say how
+kernels can run here.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,23 +17,9 @@ def triton_installed() -> bool:
 
 def import_triton_kernels():
     """Import and return llmkern.triton_kernels (installed, or loaded from REPO/triton_kernels)."""
-    import llmkern
+    from llmkern._backends import _load_source_triton_kernels
 
-    try:
-        import llmkern.triton_kernels as tk
-
-        return tk
-    except ModuleNotFoundError as e:
-        if e.name != "llmkern.triton_kernels":
-            raise
-    root = REPO / "triton_kernels"
-    spec = importlib.util.spec_from_file_location("llmkern.triton_kernels", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["llmkern.triton_kernels"] = mod
-    spec.loader.exec_module(mod)
-    llmkern.triton_kernels = mod
-    return mod
+    return _load_source_triton_kernels()
 
 
 def kernel_device() -> str | None:

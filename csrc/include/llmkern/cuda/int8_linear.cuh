@@ -428,9 +428,11 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
           const int n = col0 + j * 8 + e;
           if (n >= a.N) continue;
           float v;
-          if (kPerGroup) v = facc[kPerGroup ? i : 0][kPerGroup ? j : 0][h * 2 + e] * xs;
-          else v = float(acc[i][j][h * 2 + e]) * (xs * __ldg(a.scale + n));
-          if (a.bias) v += a.bias[n];
+          // Rounded multiplies and add, never contracted into an fma (nvcc does that or not by context): the
+          // sm_90a kernel's epilogue (int8_linear_sm90.cuh) gives the same bits.
+          if (kPerGroup) v = __fmul_rn(facc[kPerGroup ? i : 0][kPerGroup ? j : 0][h * 2 + e], xs);
+          else v = __fmul_rn(float(acc[i][j][h * 2 + e]), __fmul_rn(xs, __ldg(a.scale + n)));
+          if (a.bias) v = __fadd_rn(v, a.bias[n]);
           store_out(a.out, int64_t(m) * a.ldo + n, a.out_dtype, v);
         }
       }

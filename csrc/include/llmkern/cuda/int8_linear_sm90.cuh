@@ -133,8 +133,10 @@ __global__ void __launch_bounds__(int8_sm90::kThreads, 1)
       for (int e = 0; e < 2; ++e) {
         const int n = n0 + 8 * j + 2 * (lane % 4) + e;
         if (n >= a.N) continue;
-        float v = float(acc[4 * j + 2 * h + e]) * (xs * a.scale[n]);
-        if (a.bias) v += a.bias[n];
+        // Rounded multiply, then rounded add (no contraction into an fma, which nvcc does or not by context):
+        // the same bits as w8a8_mma_kernel's epilogue.
+        float v = __fmul_rn(float(acc[4 * j + 2 * h + e]), __fmul_rn(xs, a.scale[n]));
+        if (a.bias) v = __fadd_rn(v, a.bias[n]);
         store(a.out, int64_t(m) * a.ldo + n, a.out_dtype, v);
       }
   }

@@ -201,6 +201,23 @@ def pytest_sessionstart(session):
     _state["session"] = session
 
 
+try:
+    import pytest as _pytest
+except ImportError:  # (the driver below runs without pytest imported; the plugin always has it)
+    _pytest = None
+
+if _pytest is not None:
+    @_pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_sessionfinish(session, exitstatus):
+        """Before pytest-benchmark writes its JSON (its own sessionfinish, which this wraps): leave out an entry
+        stopped before its first round (the stage limit's SIGINT inside its warm-up or timing loop). Its empty
+        statistics made the writer fail (min() of nothing) and the whole file come out empty."""
+        bs = getattr(session.config, "_benchmarksession", None)
+        if bs is not None and getattr(bs, "benchmarks", None):
+            bs.benchmarks[:] = [b for b in bs.benchmarks if getattr(b, "stats", None)]
+        yield
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 def _read_results(path: str) -> list[dict]:
@@ -220,8 +237,12 @@ def _merge_bench(parts: list[str], dest: str) -> int:
     """Concatenate the `benchmarks` of pytest-benchmark JSON files into dest (the rest from the first)."""
     merged = None
     for p in parts:
-        with open(p) as f:
-            data = json.load(f)
+        try:
+            with open(p) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:  # a file cut short: the other attempts' entries still count
+            print(f"--- {p}: not a benchmark JSON file ({e}); left out", flush=True)
+            continue
         if merged is None:
             merged = data
         else:

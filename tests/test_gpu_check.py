@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +122,37 @@ def test_b5(benchmark): _b(benchmark)
         names = sorted(b["name"] for b in json.load(f)["benchmarks"])
     assert names == ["test_b1", "test_b3", "test_b5"]
     assert "3 benchmark entries from 2 JSON file(s)" in p.stdout
+
+
+def test_guard_keeps_the_benchmarks_of_a_stage_stopped_mid_timing(tmp_path):
+    """The stage limit's SIGINT lands inside a benchmark's timing loop: that entry has no rounds, and
+    pytest-benchmark's JSON writer failed on it (min() of nothing), leaving an empty file: the second GPU run
+    (2026-11-29) lost its 83 finished entries so. The finished ones are kept, the interrupted one left out."""
+    pytest.importorskip("pytest_benchmark")
+    (tmp_path / "test_b.py").write_text('''
+import time
+def test_b1(benchmark): benchmark.pedantic(lambda: None, rounds=3)
+def test_b2(benchmark): benchmark.pedantic(lambda: time.sleep(30), rounds=1, warmup_rounds=1)  # (stats made, no round)
+''')
+    dest = tmp_path / "out" / "bench.json"
+    p = _guard(tmp_path, "bench", "test_b.py", "--benchmark-only", bench_json=dest, timeout="100", limit="6")
+    assert "stopped at its time limit" in p.stdout, p.stdout + p.stderr
+    with open(dest) as f:
+        names = [b["name"] for b in json.load(f)["benchmarks"]]
+    assert names == ["test_b1"], p.stdout
+
+
+def test_merge_bench_skips_a_broken_part(tmp_path):
+    sys.path.insert(0, str(Path(GUARD).parent))
+    try:
+        import gpu_guard
+    finally:
+        sys.path.pop(0)
+    good, bad, dest = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
+    good.write_text(json.dumps({"machine_info": {}, "benchmarks": [{"name": "x"}]}))
+    bad.write_text("")
+    assert gpu_guard._merge_bench([str(bad), str(good)], str(dest)) == 1
+    assert [b["name"] for b in json.loads(dest.read_text())["benchmarks"]] == ["x"]
 
 
 @pytest.mark.slow

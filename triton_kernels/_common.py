@@ -57,7 +57,9 @@ def quant_int8_rows(x, AXIS: tl.constexpr):
     amax = max|x|, scale = amax / 127, q = clamp(round_half_even(x * (127 / amax)), -127, 127),
     both divisions IEEE (div_rn); amax 0 gives scale 0 and q 0. Returns (q as fp32, scale).
     """
-    amax = tl.max(tl.abs(x), axis=AXIS)
+    # NaN anywhere along AXIS gives a NaN scale, as the reference's max does (tl.max drops NaNs on a GPU: fmaxf).
+    has_nan = tl.max((x != x).to(tl.int32), axis=AXIS) > 0
+    amax = tl.where(has_nan, float("nan"), tl.max(tl.abs(x), axis=AXIS))
     c127 = tl.full(amax.shape, 127.0, tl.float32)
     scale = tl.math.div_rn(amax, c127)
     inv = tl.where(amax > 0, tl.math.div_rn(c127, tl.where(amax > 0, amax, 1.0)), 0.0)

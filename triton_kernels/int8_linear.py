@@ -57,10 +57,14 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     amax_v = tl.zeros([BLOCK], tl.float32)
+    nan_v = tl.zeros([BLOCK], tl.int32)
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax_v = tl.maximum(amax_v, tl.abs(x))
-    amax = tl.max(amax_v, axis=0)
+        nan_v = tl.maximum(nan_v, (x != x).to(tl.int32))
+    # A NaN in the row makes its scale NaN, as the reference's max does (tl.maximum / tl.max drop NaNs on a GPU:
+    # fmaxf), so the row's output is NaN, never a finite answer.
+    amax = tl.where(tl.max(nan_v, axis=0) > 0, float("nan"), tl.max(amax_v, axis=0))
     scale = tl.math.div_rn(amax, 127.0)
     inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.where(amax > 0, amax, 1.0)), 0.0)
     for k0 in range(0, K, BLOCK):

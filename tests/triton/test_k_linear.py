@@ -127,6 +127,17 @@ def test_quantize_rows_bit_exact(dtype):
     assert torch.equal(q[2, 1:10].cpu().long(), torch.tensor([-4, -2, -2, 0, 0, 2, 2, 4, -4]))
 
 
+def test_quantize_rows_nan_gives_a_nan_scale():
+    """A NaN in a row (in the second kernel step on a GPU) gives that row a NaN scale, as the reference's max
+    does: on a GPU tl.max / tl.maximum drop NaNs (fmaxf), which made W8A8 answer a finite row (H200,
+    2026-11-29). The interpreter's numpy max keeps NaNs: this guards the GPU."""
+    K = t8.QUANT_BLOCK + 37 if DEV == "cuda" else 100
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(4))
+    x[1, K - 2] = float("nan")
+    q, s = t8.quantize_rows(x.to(DEV))
+    assert torch.isnan(s[1]) and torch.isfinite(s[[0, 2]]).all()
+
+
 def test_w8a8_refuses_groups_not_multiple_of_32():
     x, w, ws, _ = _int8_inputs(((3,), 5, 96, 2, False, "contiguous"), torch.float32, 1)  # G = 48
     with pytest.raises(t8.Unsupported, match="multiples of 32"):

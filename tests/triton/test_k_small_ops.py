@@ -102,6 +102,21 @@ def test_kv_cache_append(cache_dtype, rotary):
     assert torch.equal(kc.view(nb * bs, Hk, D)[untouched.to(DEV)], kc_r.view(nb * bs, Hk, D)[untouched.to(DEV)])
 
 
+def test_kv_cache_append_int8_nan_head_gets_a_nan_scale():
+    """A NaN in one head's k gives that head's int8 scale NaN (dequantized: NaN, as the reference), never a finite
+    row: tl.max drops NaNs on a GPU."""
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(1, 2, 2, 64, generator=g).to(torch.float16)
+    v = torch.randn(1, 2, 2, 64, generator=g).to(torch.float16)
+    k[0, 1, 0, 7] = float("nan")
+    kc, vc, ks, vs = _caches((2, 4, 2, 64), torch.int8, g)
+    slots = torch.tensor([[1, 2]], dtype=torch.int64, device=DEV)
+    call("kv_cache_append", "kv_cache_append.kv_cache_append", k.to(DEV), v.to(DEV), kc, vc, slots, ks, vs, None,
+         None, None, False)
+    flat = ks.view(8, 2)
+    assert torch.isnan(flat[2, 0]) and torch.isfinite(flat[2, 1]) and torch.isfinite(flat[1]).all()
+
+
 def test_strided_positions_and_slots():
     """positions and slot_mapping given as strided views (every other element; the elements between are
     other valid values) are read as their values: rotary and kv_cache_append with fused rotary."""

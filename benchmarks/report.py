@@ -67,7 +67,14 @@ def load(path: str) -> tuple[list[Entry], dict]:
             shape=info.get("shape") or {},
             model=info.get("model") or "",
         ))
+    timing: dict = {}  # how GPU entries were timed (benchmarks/conftest.py: Bench._cuda_timed) -> count
+    for b in data.get("benchmarks", []):
+        how = (b.get("extra_info") or {}).get("timing")
+        if how:
+            how = "eager (not capturable)" if how.startswith("eager (not capturable") else how
+            timing[how] = timing.get(how, 0) + 1
     meta = {
+        "timing": timing,
         "limits": data.get("llmkern_limits") or {},
         "machine": data.get("machine_info") or {},
         "datetime": data.get("datetime", ""),
@@ -137,6 +144,9 @@ def markdown(entries: list[Entry], meta: dict) -> str:
     """The whole report: header, one summary table (best llmkern entry vs best peer), a table per group."""
     groups = groups_of(entries)
     lines = [f"# llmkern benchmarks {meta.get('datetime', '')}".rstrip(), "", limits_line(meta), ""]
+    if meta.get("timing"):
+        lines[-1:-1] = ["", "GPU timing (entries): " + ", ".join(f"{k} {v}" for k, v in sorted(meta["timing"].items()))
+                        + " (graph: each call replayed from a CUDA graph, rounds of >= 1 ms, one synchronize per round)."]
     lines += ["## Summary: best llmkern entry vs best peer", "",
               "| group | best llmkern | median | best peer | median | speedup |", "|---|---|---|---|---|---|"]
     for g, es in groups.items():

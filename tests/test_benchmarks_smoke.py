@@ -207,3 +207,84 @@ def test_step_module_and_paged64_entries_run_once():
     assert any("bench_int4_linear" in p and p.endswith("llmkern.cpu.step]") for p in passed), r.stdout[-3000:]
     assert any("bench_int8_linear" in p and p.endswith("w8a8.step]") for p in passed), r.stdout[-3000:]
     assert any("bench_decode_attention" in p and p.endswith("paged64]") for p in passed), r.stdout[-3000:]
+
+
+class _FakeGraph:
+    """A stand-in CUDA graph: records which input copy the captured call used, replays log it."""
+    capturing = None
+    log: list = []
+
+    def __init__(self):
+        self.copy = None
+
+    def replay(self):
+        _FakeGraph.log.append(self.copy)
+
+
+class _FakeCapture:
+    def __init__(self, g, pool=None):
+        self.g = g
+
+    def __enter__(self):
+        _FakeGraph.capturing = self.g
+
+    def __exit__(self, *exc):
+        _FakeGraph.capturing = None
+
+
+def test_gpu_timing_replays_one_graph_per_rotating_copy(monkeypatch):
+    """benchmarks/conftest.py on a GPU: one graph per cold-weights copy, captured in the rotation's order and
+    replayed in turn; a call that cannot be captured is timed eagerly. (torch.cuda replaced by stand-ins.)"""
+    import contextlib
+
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("llmkern_bench_conftest", BENCH / "conftest.py")
+        conf = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(conf)
+    finally:
+        sys.path.remove(str(BENCH))
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    for name, value in dict(synchronize=lambda: None, Stream=Stream, current_stream=lambda: Stream(),
+                            stream=lambda s: contextlib.nullcontext(), graph_pool_handle=lambda: None,
+                            CUDAGraph=_FakeGraph, graph=_FakeCapture).items():
+        monkeypatch.setattr(torch.cuda, name, value, raising=False)
+    sets = [0, 1, 2]
+    nxt = conf.itertools.cycle(sets).__next__
+    calls = []
+
+    def fn():
+        i = nxt()
+        calls.append(i)
+        if _FakeGraph.capturing is not None:
+            _FakeGraph.capturing.copy = i
+
+    class B:
+        _timer, _min_time = None, 5e-6
+        extra_info = {"copies": 3}
+
+    bench = conf.Bench.__new__(conf.Bench)
+    bench.benchmark = b = B()
+    timed = bench._cuda_timed(fn)
+    assert b.extra_info["timing"] == "graph" and b._timer is conf._synced_clock and b._min_time == 1e-3
+    assert calls == [0, 1, 2, 0, 1, 2]  # a warm-up turn, then the three captures in order
+    _FakeGraph.log = []
+    for _ in range(7):
+        timed()
+    assert _FakeGraph.log == [0, 1, 2, 0, 1, 2, 0]
+
+    def host_sync():
+        if _FakeGraph.capturing is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    b.extra_info = {}
+    assert bench._cuda_timed(host_sync) is host_sync
+    assert b.extra_info["timing"].startswith("eager (not capturable: RuntimeError: operation not permitted")
+    monkeypatch.setenv("LLMKERN_BENCH_CUDA_GRAPHS", "0")
+    assert bench._cuda_timed(fn) is fn and b.extra_info["timing"] == "eager"

@@ -18,6 +18,9 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
   row, N padded to 16, plus 2 (K/G) E, E = 2 with fp16-valued scales, else 4;
 - llmkern.cuda.sm90 (compute capability 9.0, 16-bit x, M > 16): the op with the sm_90a wgmma GEMM
   (LLMKERN_CUDA_INT4_WGMMA), off by default until a GPU run has checked it;
+- llmkern.cuda.dequant_cublas (16-bit x, M > 16): the op's other prefill route (CUDA_PREFILL_CUBLAS): the weight
+  dequantized by a CUDA kernel into a temporary [N, K] in x's dtype, then F.linear (cuBLAS); the first GPU run
+  measured the fused GEMMs at 0.17-0.33x F.linear at M >= 64, and this entry says what the simple route gives;
 - F.linear: the float layer, weight [N, K] in the activation dtype;
 - torch._weight_int4pack_mm: torch's weight-only int4 kernel on the same values, CPU:
   `_weight_int4pack_mm_for_cpu(x, _convert_weight_to_int4pack_for_cpu(q int32 [N, K], 2), G, sz)`,
@@ -75,6 +78,8 @@ def _items():
                 if b == "cuda" and dt != "fp32" and c.M > 16 and torch.cuda.is_available() and \
                         torch.cuda.get_device_capability() == (9, 0):
                     items.append((case, dt, "llmkern.cuda.sm90"))
+                if b == "cuda" and dt != "fp32" and c.M > 16:
+                    items.append((case, dt, "llmkern.cuda.dequant_cublas"))
                 if b == "cpu":
                     items.append((case, dt, "llmkern.cpu.module"))
                     items.append((case, dt, "llmkern.cpu.step"))
@@ -183,6 +188,17 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
                     return int4_linear(x, *nxt(), None, backend="cuda")
                 finally:
                     mod.CUDA_INT4_WGMMA = False
+        elif impl == "llmkern.cuda.dequant_cublas":
+            import importlib
+
+            mod = importlib.import_module("llmkern.ops.int4_linear")
+
+            def fn():
+                mod.CUDA_PREFILL_CUBLAS = True  # read per call by the cuda adapter
+                try:
+                    return int4_linear(x, *nxt(), None, backend="cuda")
+                finally:
+                    mod.CUDA_PREFILL_CUBLAS = False
     elif impl == "F.linear":
         w_bytes = N * K * e
         nxt = bench.rotating((t["w_deq"].to(dt),), w_bytes)

@@ -9,6 +9,8 @@ Group = (layer shape N x K, rows M, activation dtype). Entries:
   decode step program runs it (no Python per layer; `_shapes.step_calls`): the kernel and its launch;
 - llmkern.cuda.w8a8.sm90 (compute capability 9.0, M > 16): the W8A8 op with the sm_90a GEMM (TMA + wgmma,
   LLMKERN_CUDA_INT8_WGMMA), off by default until a GPU run has checked it;
+- llmkern.cuda.w8a16.dequant_cublas (16-bit x, M > 16): W8A16's other prefill route (CUDA_PREFILL_CUBLAS): the
+  weight dequantized into a temporary in x's dtype, then F.linear (cuBLAS);
 - F.linear: the float layer, weight [N, K] in the activation dtype (what you run without quantization);
 - torch._weight_int8pack_mm: torch's W8A16 CPU kernel, (x [M, K], w int8 [N, K], scales [N] in x's dtype);
 - torch._int_mm.w8a8: the W8A8 pipeline in eager torch: per-row quantize x, int8 x int8 -> int32 with
@@ -47,6 +49,8 @@ def _items():
                 if b == "cuda" and case.M > 16 and torch.cuda.is_available() and \
                         torch.cuda.get_device_capability() == (9, 0):
                     items.append((case, dt, "llmkern.cuda.w8a8.sm90"))
+                if b == "cuda" and case.M > 16 and dt != "fp32":
+                    items.append((case, dt, "llmkern.cuda.w8a16.dequant_cublas"))
             items += [(case, dt, p) for p in PEERS]
     return items
 
@@ -99,6 +103,23 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
                 assert mod._last_cuda_path == "w8a8_wgmma", mod._last_cuda_path
 
         backend, kind, compute, tol = "cuda", "llmkern", "int8", TOL["w8a8"]
+        nbytes = N * K + 4 * N + io_bytes
+    elif impl == "llmkern.cuda.w8a16.dequant_cublas":
+        import importlib
+
+        from llmkern.ops import int8_linear
+
+        mod = importlib.import_module("llmkern.ops.int8_linear")
+        nxt = bench.rotating((w, scale), N * K + 4 * N)
+
+        def fn():
+            mod.CUDA_PREFILL_CUBLAS = True  # read per call by the cuda adapter
+            try:
+                return int8_linear(x, *nxt(), None, "w8a16", backend="cuda")
+            finally:
+                mod.CUDA_PREFILL_CUBLAS = False
+
+        backend, kind = "cuda", "llmkern"
         nbytes = N * K + 4 * N + io_bytes
     elif impl.startswith("llmkern."):
         _, backend, mode, *module = impl.split(".")

@@ -98,7 +98,9 @@ def measure(device: str = "cpu", *, bw_mib: int | None = None, mm_n: int | None 
         rates[name] = flops / median_time(lambda: torch.mm(a, b), device, repeats=max(3, repeats // 2)) / 1e9
     # int8 x int8 -> int32; not every build/device has it for every size, so it is optional.
     a8 = torch.randint(-127, 128, (mm_n, mm_n), dtype=torch.int8, device=device)
-    b8 = torch.randint(-127, 128, (mm_n, mm_n), dtype=torch.int8, device=device)
+    # b as the transposed view of a row-major [N, K] (cuBLASLt's int8 GEMM is "TN"; a row-major [K, N] b took a
+    # slower path on the H200: 127 TOP/s, under W8A8 entries that ran the same GEMM shape; 2026-11-29).
+    b8 = torch.randint(-127, 128, (mm_n, mm_n), dtype=torch.int8, device=device).t()
     try:
         rates["int8"] = flops / median_time(lambda: torch._int_mm(a8, b8), device, repeats=max(3, repeats // 2)) / 1e9
     except (RuntimeError, NotImplementedError):

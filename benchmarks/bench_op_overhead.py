@@ -103,7 +103,7 @@ def test_op_overhead(bench, case, dtype, impl):
         x = torch.zeros(4, device=bench.device)
         f = TRIVIAL[impl]
         kind = "peer" if impl == "python-function" else "llmkern"
-        bench(lambda: f(x), op=OP, impl=impl, kind=kind, case=case, dtype=dtype, nbytes=0.0, flops=0.0)
+        bench(lambda: f(x), op=OP, impl=impl, kind=kind, case=case, dtype=dtype, nbytes=0.0, flops=0.0, graph=False)
         return
 
     import llmkern.ops as ops
@@ -127,7 +127,7 @@ def test_op_overhead(bench, case, dtype, impl):
             fn()
         except NotImplementedError:
             pytest.skip(f"llmkern.{op} backend {backend!r} not implemented yet")
-        bench(fn, op=OP, impl=impl, kind=kind, case=case, dtype=dtype, nbytes=0.0, flops=0.0)
-    else:
+        bench(fn, op=OP, impl=impl, kind=kind, case=case, dtype=dtype, nbytes=0.0, flops=0.0, graph=False)
+    else:  # (graph=False: on a GPU the host-side cost is the point, not the kernels)
         bench(fn, op=OP, impl=impl, kind=kind, backend=backend, verify_op=op, case=case, dtype=dtype,
-              nbytes=0.0, flops=0.0)
+              nbytes=0.0, flops=0.0, graph=False)

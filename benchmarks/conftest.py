@@ -182,14 +182,17 @@ class Bench:
 
     # ----------------------------------------------------------------- running
     def __call__(self, fn, *, op: str, impl: str, kind: str, case, dtype: str, nbytes: float, flops: float,
-                 compute: str | None = None, backend: str | None = None, check=None, verify_op: str | None = None):
+                 compute: str | None = None, backend: str | None = None, check=None, verify_op: str | None = None,
+                 graph: bool = True):
         """Benchmark `fn()` as entry `impl` of group (op, case, dtype).
 
         kind: "llmkern" (with `backend`: the llmkern backend, verified to really run op `verify_op`,
         default `op`) or "peer".
         nbytes / flops: the minimum memory traffic and the arithmetic of this entry's own work.
         compute: the matmul-rate key for the fraction (default: dtype). check(out): validates the
-        first call's result (use `self.close`).
+        first call's result (use `self.close`). graph: on a GPU, time replays of the call captured in a CUDA
+        graph (the kernels' time: `_cuda_timed`); False for entries whose point is the host-side cost
+        (bench_op_overhead.py).
         """
         b = self.benchmark
         b.group = f"{op}: {case.id} [{dtype}]"
@@ -201,7 +204,7 @@ class Bench:
             check(out)
         del out
         if self.device == "cuda":
-            timed = self._cuda_timed(fn)
+            timed = self._cuda_timed(fn, graph)
         else:
             timed = fn
         b(timed)
@@ -213,7 +216,7 @@ class Bench:
                 b.extra_info["limit_read_gbs"] = self.limits.get("read_gbs")
                 b.extra_info["limit_mm_gflops"] = self.limits.get("mm_gflops", {}).get(compute or dtype)
 
-    def _cuda_timed(self, fn):
+    def _cuda_timed(self, fn, graph: bool = True):
         """What to time on a GPU, with the fixture's timer synchronizing (`_synced_clock`): pytest-benchmark times
         rounds of K back-to-back calls (K calibrated so that a round lasts >= 1 ms) and divides by K, so the
         synchronize costs < 1% of a round. (Before 2026-11-29's second GPU run each call synchronized: every time
@@ -236,7 +239,7 @@ class Bench:
                 return r
             b.extra_info["timing"] = "eager, synchronized per call"
             return timed
-        if os.environ.get("LLMKERN_BENCH_CUDA_GRAPHS", "1") in ("", "0"):
+        if not graph or os.environ.get("LLMKERN_BENCH_CUDA_GRAPHS", "1") in ("", "0"):
             b.extra_info["timing"] = "eager"
             return fn
         graphs, why = _capture_calls(fn, int(b.extra_info.get("copies", 1)))

@@ -286,5 +286,7 @@ def test_gpu_timing_replays_one_graph_per_rotating_copy(monkeypatch):
     b.extra_info = {}
     assert bench._cuda_timed(host_sync) is host_sync
     assert b.extra_info["timing"].startswith("eager (not capturable: RuntimeError: operation not permitted")
+    b.extra_info = {}
+    assert bench._cuda_timed(fn, graph=False) is fn and b.extra_info["timing"] == "eager"  # (host-cost entries)
     monkeypatch.setenv("LLMKERN_BENCH_CUDA_GRAPHS", "0")
     assert bench._cuda_timed(fn) is fn and b.extra_info["timing"] == "eager"

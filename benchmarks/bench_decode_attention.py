@@ -5,6 +5,8 @@ Group = (model heads / head dim, B sequences, L cached tokens each, dtype). Entr
 - llmkern.<backend>.paged16 / .paged64: the same values in a paged cache [B * L / bs, bs, Hk, D] of
   16- / 64-token blocks scattered by a random block table [B, L / bs] (64: the CPU runtime's default
   block size, `llmkern.nn.paged_kv_cache.default_block_size`; 16: the GPU one);
+- llmkern.cuda.contiguous.pipelined / .paged16.pipelined: the CUDA split kernel's cp.async-pipelined loop
+  (CUDA_DECODE_PIPELINE; off by default until timed against the register loop);
 - llmkern.<backend>.int8: an int8 contiguous cache with a float32 scale per (token, head) (half the
   bytes of bf16);
 - SDPA: `F.scaled_dot_product_attention(q [B, Hq, 1, D], k/v [B, Hk, L, D])`, the cache in SDPA's own
@@ -37,6 +39,8 @@ def _items():
         for dt in S.dtypes():
             for b in S.llmkern_backends(OP, _flops(case), 2.0 * case.B * case.L * case.Hk * case.D * 4):
                 items += [(case, dt, f"llmkern.{b}.{lay}") for lay in LAYOUTS]
+                if b == "cuda" and dt != "fp32":  # the CUDA split kernel's cp.async-pipelined loop
+                    items += [(case, dt, f"llmkern.cuda.{lay}.pipelined") for lay in ("contiguous", "paged16")]
             items.append((case, dt, "SDPA"))
     return items
 
@@ -93,9 +97,21 @@ def test_decode_attention(bench, group_cache, case, dtype, impl):
     backend, kind, ref = None, "peer", t["y"]
 
     if impl.startswith("llmkern."):
-        _, backend, layout = impl.split(".")
+        _, backend, layout, *variant = impl.split(".")
         kind = "llmkern"
         from llmkern.ops import decode_attention
+
+        if variant == ["pipelined"]:
+            import importlib
+
+            mod = importlib.import_module("llmkern.ops.decode_attention")  # the module, not the function
+
+            def decode_attention(*args, **kwargs):  # noqa: F811 - the op with the pipelined loop on
+                mod.CUDA_DECODE_PIPELINE = True  # read per call by the cuda adapter
+                try:
+                    return mod.decode_attention(*args, **kwargs)
+                finally:
+                    mod.CUDA_DECODE_PIPELINE = False
 
         if layout == "contiguous":
             cache_bytes = kv_elems * e

@@ -51,10 +51,12 @@ def _cuda_switches() -> dict:
     att = importlib.import_module("llmkern.ops.attention")
     i8 = importlib.import_module("llmkern.ops.int8_linear")
     i4 = importlib.import_module("llmkern.ops.int4_linear")
+    da = importlib.import_module("llmkern.ops.decode_attention")
     return {
         "attention sm_90a (LLMKERN_CUDA_ATTN_WGMMA)": att._CUDA_WGMMA,
         "attention sm_90a intra-warpgroup overlap (LLMKERN_CUDA_ATTN_OVERLAP)": att._CUDA_OVERLAP,
         "attention D=128 wide tiles (LLMKERN_CUDA_ATTN_WIDE)": att._CUDA_WIDE,
+        "decode_attention cp.async-pipelined loop (LLMKERN_CUDA_DECODE_PIPELINE)": da.CUDA_DECODE_PIPELINE,
         "int8_linear W8A8 sm_90a (LLMKERN_CUDA_INT8_WGMMA)": i8.CUDA_W8A8_WGMMA,
         "int4_linear W4A16 sm_90a (LLMKERN_CUDA_INT4_WGMMA)": i4.CUDA_INT4_WGMMA,
         "int4_linear W4A16 prepacked, Int4Linear on a GPU (LLMKERN_CUDA_INT4_PACKED)": i4.CUDA_INT4_PACKED,

@@ -284,6 +284,12 @@ def _cpu_call(q, k_cache, v_cache, seq_lens, k_scale, v_scale, out, ws, threads,
 # Split-KV of the CUDA backend. Tests force a split count through this variable (or LLMKERN_DECODE_SPLITS).
 CUDA_FORCE_SPLITS: int | None = int(os.environ["LLMKERN_DECODE_SPLITS"]) if os.environ.get("LLMKERN_DECODE_SPLITS") else None
 _CUDA_MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost (q load, merge) outweighs its keys
+# True: 16-bit / fp32 caches with D <= 128 run the split kernel's cp.async-pipelined loop (each step's K / V copied
+# into shared memory while the previous step's math runs; decode_attention.cuh). The first GPU run (H200,
+# 2026-11-29) measured the register loop at 28-34% of the copy bandwidth, latency-bound; off until a GPU run has
+# timed the pipelined one against it (bench entries llmkern.cuda.*.pipelined). LLMKERN_CUDA_DECODE_PIPELINE=1
+# turns it on (read at import).
+CUDA_DECODE_PIPELINE = os.environ.get("LLMKERN_CUDA_DECODE_PIPELINE", "") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -372,6 +378,7 @@ def _cuda(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, s
         seq_lens.data_ptr(), bt_ptr, bt_stride, block_size,
         D ** -0.5 if scale is None else float(scale), float(softcap), int(window_left),
         out.data_ptr(), 0 if ws is None else ws.data_ptr(), ns, torch.cuda.current_stream(q.device).cuda_stream,
+        int(CUDA_DECODE_PIPELINE),
     )
     return out
 

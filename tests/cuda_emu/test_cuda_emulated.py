@@ -167,14 +167,15 @@ def _problem(lens, Hq, Hk, D, dt, bs=None, Sq=1, int8=False, seed=0):
     return q, kc, vc, torch.tensor(lens, dtype=torch.int32), bt, ks, vs
 
 
-def _check_decode(emu, args, splits, dt, scale=None, softcap=0.0, window=-1):
-    dec, mod = adapter(emu, "decode_attention")
-    old = mod.CUDA_FORCE_SPLITS
-    mod.CUDA_FORCE_SPLITS = splits
+def _check_decode(emu, args, splits, dt, scale=None, softcap=0.0, window=-1, pipeline=False):
+    mod = sys.modules["llmkern.ops.decode_attention"]
+    old = mod.CUDA_FORCE_SPLITS, mod.CUDA_DECODE_PIPELINE
+    mod.CUDA_FORCE_SPLITS, mod.CUDA_DECODE_PIPELINE = splits, pipeline
     try:
+        dec, _ = adapter(emu, "decode_attention")  # (after the switches: the adapter runs on a copy of the globals)
         out = dec(*args, scale, softcap, window)
     finally:
-        mod.CUDA_FORCE_SPLITS = old
+        mod.CUDA_FORCE_SPLITS, mod.CUDA_DECODE_PIPELINE = old
     ref = reference.decode_attention(*args, scale, softcap, window)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert rel(out, ref) <= TOL[dt]
@@ -250,6 +251,27 @@ def test_misaligned_inputs_take_the_scalar_paths(emu):
         qo, ko = rot(q, k, pos, cs, inter)
         qr, kr = reference.rotary_embedding(q, k, pos, cs, inter)
         assert bits_equal(qo, qr) and bits_equal(ko, kr)
+
+
+PIPE_CASES = [  # (lens, Hq, Hk, D, dtype, block size, Sq, options)
+    ([0, 1, 17, 100], 8, 2, 64, torch.bfloat16, None, 1, {}),       # 4 rows per CTA, contiguous
+    ([0, 1, 17, 100], 8, 2, 128, torch.float16, 7, 1, {}),          # blocks shorter than a step
+    ([3, 70], 16, 1, 64, torch.bfloat16, 1, 1, {}),                 # 16 rows: 8 per CTA, 1-token blocks
+    ([5, 129], 8, 2, 128, torch.float32, 16, 3, dict(window=9)),    # fp32 (4 per lane), Sq > 1, a window
+    ([2, 40], 9, 3, 40, torch.bfloat16, 16, 1, dict(softcap=2.0)),  # D < DMAX: idle lanes copy nothing
+]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("case", PIPE_CASES, ids=lambda c: f"H{c[1]}x{c[2]}_D{c[3]}_{str(c[4])[6:]}_bs{c[5]}_Sq{c[6]}")
+def test_decode_pipelined_equals_register_loop_bitwise(emu, case, splits):
+    """CUDA_DECODE_PIPELINE: the cp.async-pipelined loop feeds the same values (zeros for dead slots) to the
+    same math in the same order as the register loop: the same bits, and the reference's values."""
+    lens, Hq, Hk, D, dt, bs, Sq, opt = case
+    p = _problem(lens, Hq, Hk, D, dt, bs, Sq=Sq, seed=7)
+    a = _check_decode(emu, p, splits, dt, **opt)
+    b = _check_decode(emu, p, splits, dt, pipeline=True, **opt)
+    assert bits_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "llmkern/cuda/kv_rotary_common.cuh"
+#include "llmkern/cuda/mma_common.cuh"  // smem_u32, cp.async (sm80.cuh)
 #include "llmkern/cuda/params.h"
 
 namespace llmkern {
@@ -80,7 +81,7 @@ struct KvVec<kI8> {
   }
 };
 
-template <int KV, int DMAX, int ROWS>
+template <int KV, int DMAX, int ROWS, bool PIPE>
 __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_split_kernel(const DecodeParams p) {
   using V = KvVec<KV>;
   using Raw = typename V::Raw;
@@ -149,12 +150,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
   const int32_t* bt = paged ? p.block_table + b * p.bt_stride : nullptr;
   const float inv_cap = capped ? 1.0f / p.softcap : 0.0f;
 
-  for (int base = kbeg + warp * U * KPW; base < kend; base += NW * U * KPW) {
-    Raw kr[U], vr[U];
-    float ksc[U], vsc[U];
-    bool ok[U];
-    // Paged: block entry and offset of this lane's first key of the step (one division per step), then
-    // stepped along by KPW keys (at most ceil(KPW / block_size) wraps).
+  // One step of a warp: U * KPW keys from `base`. `locate` gives this lane's key u's cache (row, col) (paged: one
+  // division per step, then stepped along by KPW keys, at most ceil(KPW / block_size) wraps); `step_math` is
+  // the scores, the online softmax update and the accumulation over a step's K / V values.
+  auto locate = [&](int base, int64_t (&row)[U], int64_t (&col)[U], bool (&ok)[U]) {
     unsigned blk = 0, off = 0;
     if (paged) {
       const unsigned j0 = static_cast<unsigned>(base + sub), bs = static_cast<unsigned>(p.block_size);
@@ -165,38 +164,25 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
     for (int u = 0; u < U; ++u) {
       const int j = base + u * KPW + sub;
       ok[u] = j < kend;
-      ksc[u] = vsc[u] = 1.0f;
-      const unsigned blk_u = blk, off_u = off;
-      if (paged && u + 1 < U) {
-        off += KPW;
-        if (off >= static_cast<unsigned>(p.block_size)) {  // crossed into the next block (or further, bs < KPW)
-          const unsigned wraps = off / static_cast<unsigned>(p.block_size);
-          blk += wraps;
-          off -= wraps * static_cast<unsigned>(p.block_size);
-        }
-      }
-      if (ok[u] && active) {
-        int64_t row, col;
-        if (paged) {
-          row = bt[blk_u];
-          col = off_u;
-        } else {
-          row = b;
-          col = j;
-        }
-        const int64_t ko = row * p.k_s0 + col * p.k_s1 + kvh * p.k_s2 + lig * VEC;
-        const int64_t vo = row * p.v_s0 + col * p.v_s1 + kvh * p.v_s2 + lig * VEC;
-        kr[u] = ldg_vec<Raw>(kc + ko * ESZ);
-        vr[u] = ldg_vec<Raw>(vc + vo * ESZ);
-        if (KV == kI8) {
-          ksc[u] = __ldg(p.k_scale + row * p.ks_s0 + col * p.ks_s1 + kvh * p.ks_s2);
-          vsc[u] = __ldg(p.v_scale + row * p.vs_s0 + col * p.vs_s1 + kvh * p.vs_s2);
+      if (paged) {
+        row[u] = ok[u] ? bt[blk] : 0;
+        col[u] = off;
+        if (u + 1 < U) {
+          off += KPW;
+          if (off >= static_cast<unsigned>(p.block_size)) {  // crossed into the next block (or further, bs < KPW)
+            const unsigned wraps = off / static_cast<unsigned>(p.block_size);
+            blk += wraps;
+            off -= wraps * static_cast<unsigned>(p.block_size);
+          }
         }
       } else {
-        memset(&kr[u], 0, sizeof(Raw));
-        memset(&vr[u], 0, sizeof(Raw));
+        row[u] = b;
+        col[u] = j;
       }
     }
+  };
+  auto step_math = [&](int base, const Raw (&kr)[U], const Raw (&vr)[U], const float (&ksc)[U],
+                       const float (&vsc)[U], const bool (&ok)[U]) {
     // Scores s[u][r] (log2 domain), -inf where key u is not visible to row r.
     float s[U][ROWS];
 #pragma unroll
@@ -257,6 +243,78 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
 #pragma unroll
         for (int e = 0; e < VEC; ++e) acc[r][e] = fmaf(s[u][r], vf[e], acc[r][e]);
     }
+  };
+
+  if constexpr (!PIPE) {
+    // Each step's loads (K and V of U keys) are issued before its math, into registers.
+    for (int base = kbeg + warp * U * KPW; base < kend; base += NW * U * KPW) {
+      Raw kr[U], vr[U];
+      float ksc[U], vsc[U];
+      bool ok[U];
+      int64_t row[U], col[U];
+      locate(base, row, col, ok);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        ksc[u] = vsc[u] = 1.0f;
+        if (ok[u] && active) {
+          const int64_t ko = row[u] * p.k_s0 + col[u] * p.k_s1 + kvh * p.k_s2 + lig * VEC;
+          const int64_t vo = row[u] * p.v_s0 + col[u] * p.v_s1 + kvh * p.v_s2 + lig * VEC;
+          kr[u] = ldg_vec<Raw>(kc + ko * ESZ);
+          vr[u] = ldg_vec<Raw>(vc + vo * ESZ);
+          if (KV == kI8) {
+            ksc[u] = __ldg(p.k_scale + row[u] * p.ks_s0 + col[u] * p.ks_s1 + kvh * p.ks_s2);
+            vsc[u] = __ldg(p.v_scale + row[u] * p.vs_s0 + col[u] * p.vs_s1 + kvh * p.vs_s2);
+          }
+        } else {
+          memset(&kr[u], 0, sizeof(Raw));
+          memset(&vr[u], 0, sizeof(Raw));
+        }
+      }
+      step_math(base, kr, vr, ksc, vsc, ok);
+    }
+  } else {
+    // Pipelined (16-byte rows only): each lane copies its own K / V chunks of the NEXT step into shared memory
+    // with cp.async (no registers held) before the current step's math, so a step's loads overlap the previous
+    // step's math instead of waiting in front of it. Lane-private slots: no barrier, a wait_group suffices.
+    static_assert(sizeof(Raw) == 16 && KV != kI8, "the pipelined loop copies 16-byte chunks");
+    const int tid = threadIdx.x;
+    __shared__ Raw s_stage[2][U][2][NW * 32];  // [stage][key u][K, V][thread]: 16 B a slot, lane-private
+    auto issue = [&](int base, int stage) {
+      int64_t row[U], col[U];
+      bool ok[U];
+      locate(base, row, col, ok);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const bool live = ok[u] && active;
+        const int64_t ko = row[u] * p.k_s0 + col[u] * p.k_s1 + kvh * p.k_s2 + lig * VEC;
+        const int64_t vo = row[u] * p.v_s0 + col[u] * p.v_s1 + kvh * p.v_s2 + lig * VEC;
+        // (a dead slot copies 0 bytes from the cache's start: zeros, as the register loop's memset)
+        cp_async16(smem_u32(&s_stage[stage][u][0][tid]), live ? kc + ko * ESZ : kc, live ? 16 : 0);
+        cp_async16(smem_u32(&s_stage[stage][u][1][tid]), live ? vc + vo * ESZ : vc, live ? 16 : 0);
+      }
+    };
+    const int stride = NW * U * KPW;
+    int base = kbeg + warp * U * KPW;
+    if (base < kend) issue(base, 0);
+    cp_async_commit();
+    for (int it = 0; base < kend; base += stride, ++it) {
+      const int cur = it & 1;
+      if (base + stride < kend) issue(base + stride, cur ^ 1);
+      cp_async_commit();  // (possibly empty: the group count stays one per step)
+      cp_async_wait<1>();  // this step's group has landed (the next one may still be in flight)
+      Raw kr[U], vr[U];
+      float ones[U];
+      bool ok[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        kr[u] = ld_vec<Raw>(&s_stage[cur][u][0][tid]);
+        vr[u] = ld_vec<Raw>(&s_stage[cur][u][1][tid]);
+        ones[u] = 1.0f;
+        ok[u] = base + u * KPW + sub < kend;
+      }
+      step_math(base, kr, vr, ones, ones, ok);
+    }
+    cp_async_wait<0>();
   }
 
   // Merge the warp's KPW key groups (same m across the warp): plain sums.
@@ -339,7 +397,15 @@ __global__ void __launch_bounds__(128) decode_merge_kernel(const DecodeParams p)
 template <int KV, int DMAX, int ROWS>
 inline void launch_decode_split(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_splits, p.Hk * p.row_chunks, p.B);
-  decode_split_kernel<KV, DMAX, ROWS><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+  // The pipelined loop (p.pipeline) for 16-byte rows and D <= 128 (its 2 x U x 2 x 128 x 16 B of staging next
+  // to the merge's s_acc stay within 48 KB of static shared memory).
+  if constexpr (KV != kI8 && DMAX <= 128) {
+    if (p.pipeline) {
+      decode_split_kernel<KV, DMAX, ROWS, true><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+      return;
+    }
+  }
+  decode_split_kernel<KV, DMAX, ROWS, false><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
 }
 
 template <int KV, int DMAX>

@@ -102,16 +102,7 @@ def test_decode_attention(bench, group_cache, case, dtype, impl):
         from llmkern.ops import decode_attention
 
         if variant == ["pipelined"]:
-            import importlib
-
-            mod = importlib.import_module("llmkern.ops.decode_attention")  # the module, not the function
-
-            def decode_attention(*args, **kwargs):  # noqa: F811 - the op with the pipelined loop on
-                mod.CUDA_DECODE_PIPELINE = True  # read per call by the cuda adapter
-                try:
-                    return mod.decode_attention(*args, **kwargs)
-                finally:
-                    mod.CUDA_DECODE_PIPELINE = False
+            decode_attention = S.with_switch("decode_attention", "CUDA_DECODE_PIPELINE", decode_attention)
 
         if layout == "contiguous":
             cache_bytes = kv_elems * e

@@ -178,27 +178,10 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
         nxt = bench.rotating((t["qweight"], t["scales"], t["offsets"]), w_bytes)
         fn = lambda: int4_linear(x, *nxt(), None, backend=backend)  # noqa: E731
         if impl == "llmkern.cuda.sm90":
-            import importlib
-
-            mod = importlib.import_module("llmkern.ops.int4_linear")  # the module, not the function
-
-            def fn():
-                mod.CUDA_INT4_WGMMA = True  # read per call by the cuda adapter
-                try:
-                    return int4_linear(x, *nxt(), None, backend="cuda")
-                finally:
-                    mod.CUDA_INT4_WGMMA = False
+            fn = S.with_switch("int4_linear", "CUDA_INT4_WGMMA", lambda: int4_linear(x, *nxt(), None, backend="cuda"))
         elif impl == "llmkern.cuda.dequant_cublas":
-            import importlib
-
-            mod = importlib.import_module("llmkern.ops.int4_linear")
-
-            def fn():
-                mod.CUDA_PREFILL_CUBLAS = True  # read per call by the cuda adapter
-                try:
-                    return int4_linear(x, *nxt(), None, backend="cuda")
-                finally:
-                    mod.CUDA_PREFILL_CUBLAS = False
+            fn = S.with_switch("int4_linear", "CUDA_PREFILL_CUBLAS",
+                               lambda: int4_linear(x, *nxt(), None, backend="cuda"))
     elif impl == "F.linear":
         w_bytes = N * K * e
         nxt = bench.rotating((t["w_deq"].to(dt),), w_bytes)

@@ -19,6 +19,7 @@ Every entry's first result is checked against an fp32 F.linear on the same dequa
 """
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import pytest
@@ -86,40 +87,23 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
     flops = 2.0 * M * N * K
     compute, tol = dtype, TOL[dtype]
 
-    if impl == "llmkern.cuda.w8a8.sm90":
-        import importlib
-
+    if impl in ("llmkern.cuda.w8a8.sm90", "llmkern.cuda.w8a16.dequant_cublas"):
         from llmkern.ops import int8_linear
 
-        mod = importlib.import_module("llmkern.ops.int8_linear")  # the module (not the function of that name)
         nxt = bench.rotating((w, scale), N * K + 4 * N)
+        mode = impl.split(".")[2]
+        ops_mod = importlib.import_module("llmkern.ops.int8_linear")  # the module, not the function
 
-        def fn():
-            mod.CUDA_W8A8_WGMMA = True  # read per call by the cuda adapter
-            try:
-                return int8_linear(x, *nxt(), None, "w8a8", backend="cuda")
-            finally:
-                mod.CUDA_W8A8_WGMMA = False
-                assert mod._last_cuda_path == "w8a8_wgmma", mod._last_cuda_path
+        def call():
+            out = int8_linear(x, *nxt(), None, mode, backend="cuda")
+            if mode == "w8a8":  # the sm_90a kernel ran, not one of the kernels it leaves shapes to
+                assert ops_mod._last_cuda_path == "w8a8_wgmma", ops_mod._last_cuda_path
+            return out
 
-        backend, kind, compute, tol = "cuda", "llmkern", "int8", TOL["w8a8"]
-        nbytes = N * K + 4 * N + io_bytes
-    elif impl == "llmkern.cuda.w8a16.dequant_cublas":
-        import importlib
-
-        from llmkern.ops import int8_linear
-
-        mod = importlib.import_module("llmkern.ops.int8_linear")
-        nxt = bench.rotating((w, scale), N * K + 4 * N)
-
-        def fn():
-            mod.CUDA_PREFILL_CUBLAS = True  # read per call by the cuda adapter
-            try:
-                return int8_linear(x, *nxt(), None, "w8a16", backend="cuda")
-            finally:
-                mod.CUDA_PREFILL_CUBLAS = False
-
+        fn = S.with_switch("int8_linear", "CUDA_W8A8_WGMMA" if mode == "w8a8" else "CUDA_PREFILL_CUBLAS", call)
         backend, kind = "cuda", "llmkern"
+        if mode == "w8a8":
+            compute, tol = "int8", TOL["w8a8"]
         nbytes = N * K + 4 * N + io_bytes
     elif impl.startswith("llmkern."):
         _, backend, mode, *module = impl.split(".")

@@ -18,9 +18,10 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
   row, N padded to 16, plus 2 (K/G) E, E = 2 with fp16-valued scales, else 4;
 - llmkern.cuda.sm90 (compute capability 9.0, 16-bit x, M > 16): the op with the sm_90a wgmma GEMM
   (LLMKERN_CUDA_INT4_WGMMA), off by default until a GPU run has checked it;
-- llmkern.cuda.dequant_cublas (16-bit x, M > 16): the op's other prefill route (CUDA_PREFILL_CUBLAS): the weight
-  dequantized by a CUDA kernel into a temporary [N, K] in x's dtype, then F.linear (cuBLAS); the first GPU run
-  measured the fused GEMMs at 0.17-0.33x F.linear at M >= 64, and this entry says what the simple route gives;
+- llmkern.cuda.dequant_cublas / llmkern.cuda.module.dequant_cublas (16-bit x, M > 16): the prefill route of the op /
+  of the packed module with CUDA_PREFILL_CUBLAS: the weight (the module: its packed copy) dequantized by a CUDA
+  kernel into a temporary [N, K] in x's dtype, then F.linear (cuBLAS); the first GPU run measured the fused GEMMs
+  at 0.17-0.33x F.linear at M >= 64, and these entries say what the simple route gives;
 - F.linear: the float layer, weight [N, K] in the activation dtype;
 - torch._weight_int4pack_mm: torch's weight-only int4 kernel on the same values, CPU:
   `_weight_int4pack_mm_for_cpu(x, _convert_weight_to_int4pack_for_cpu(q int32 [N, K], 2), G, sz)`,
@@ -80,6 +81,7 @@ def _items():
                     items.append((case, dt, "llmkern.cuda.sm90"))
                 if b == "cuda" and dt != "fp32" and c.M > 16:
                     items.append((case, dt, "llmkern.cuda.dequant_cublas"))
+                    items.append((case, dt, "llmkern.cuda.module.dequant_cublas"))
                 if b == "cpu":
                     items.append((case, dt, "llmkern.cpu.module"))
                     items.append((case, dt, "llmkern.cpu.step"))
@@ -150,11 +152,13 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
         bench.benchmark.extra_info["packed_e"] = E
         cyc = itertools.cycle(mods).__next__
         fn = lambda: cyc()(x)  # noqa: E731
+        if impl.endswith("dequant_cublas"):  # the packed copy dequantized, then cuBLAS
+            fn = S.with_switch("int4_linear", "CUDA_PREFILL_CUBLAS", fn)
         if impl.endswith(".step"):
             fn = S.step_calls(mods, x, N, OP)
             if fn is None:
                 pytest.skip("the module has no prepared CPU kernel here")
-    elif impl == "llmkern.cuda.module":
+    elif impl in ("llmkern.cuda.module", "llmkern.cuda.module.dequant_cublas"):
         backend, kind = "cuda", "llmkern"
         from llmkern.nn import Int4Linear
 
@@ -170,6 +174,8 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
         bench.benchmark.extra_info["packed_e"] = 2 if packed[2] else 4
         cyc = itertools.cycle(mods).__next__
         fn = lambda: cyc()(x)  # noqa: E731
+        if impl.endswith("dequant_cublas"):  # the packed copy dequantized, then cuBLAS
+            fn = S.with_switch("int4_linear", "CUDA_PREFILL_CUBLAS", fn)
     elif impl.startswith("llmkern."):
         backend, kind = impl.split(".")[1], "llmkern"
         from llmkern.ops import int4_linear

@@ -312,6 +312,26 @@ void int4_linear_pack_cuda(const uint8_t* qw, const float* scales, const float* 
   LLMKERN_CUDA_CHECK_LAUNCH();
 }
 
+// out[N, K] (x's 16-bit dtype) = q * scale + offset from the packed weight (the large-M route of a packed module).
+void int4_linear_packed_dequant_cuda(const void* qp, const void* sp, bool scale16, int group, int N, int K, void* out,
+                                     int dtype, cudaStream_t st) {
+  namespace p = cuda::int4_packed;
+  require(dtype == 1 || dtype == 2, "dequant dtype must be 1 (bfloat16) or 2 (float16)");
+  require(K > 0 && (group == 32 || group == 64 || group == 128) && K % group == 0,
+          "dequant needs a group of 32, 64 or 128 dividing K");
+  if (N <= 0) return;
+  require(aligned16(qp) && aligned16(sp) && aligned16(out), "packed buffers and out must be 16-byte aligned");
+  const int64_t threads = int64_t((N + p::kCols - 1) / p::kCols) * (K / p::kChunkK) * 32;
+  const int64_t blocks = (threads + 255) / 256;
+  if (dtype == 1)
+    p::dequant_packed_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(static_cast<const uint2*>(qp), sp, scale16, N, K,
+                                                                     K / group, group, static_cast<__nv_bfloat16*>(out));
+  else
+    p::dequant_packed_kernel<__half><<<blocks, 256, 0, st>>>(static_cast<const uint2*>(qp), sp, scale16, N, K,
+                                                              K / group, group, static_cast<__half*>(out));
+  LLMKERN_CUDA_CHECK_LAUNCH();
+}
+
 // y[M, N] = x[M, K] @ dequant(w)^T (+ bias) for 16-bit x from the packed weight: the decode kernel for
 // 1 <= M <= 16 (splits > 1, int4_linear_packed_splits, needs ws: fp32 [splits, M, N]), the GEMM for M > 16
 // (splits must be 1).

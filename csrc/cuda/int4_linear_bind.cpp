@@ -22,6 +22,8 @@ int int4_linear_packed_splits(int N, int K, int num_sms);
 void int4_linear_packed_bytes(int N, int K, int group, bool scale16, int64_t* weight_bytes, int64_t* scale_bytes);
 void int4_linear_pack_cuda(const uint8_t* qw, const float* scales, const float* offsets, int group, int N, int K,
                            void* qp, void* sp, bool scale16, cudaStream_t st);
+void int4_linear_packed_dequant_cuda(const void* qp, const void* sp, bool scale16, int group, int N, int K, void* out,
+                                     int dtype, cudaStream_t st);
 const char* int4_linear_packed_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const void* qp,
                                     const void* sp, bool scale16, int N, int group, const float* bias, void* out,
                                     int64_t ldo, float* ws, int splits, int num_sms, cudaStream_t st);
@@ -85,6 +87,22 @@ void bind_int4_linear(py::module_& m) {
       py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("group"), py::arg("N"), py::arg("K"),
       py::arg("out"), py::arg("dtype"), py::arg("stream"),
       "out[N, K] (dtype 1 bfloat16 / 2 float16) = q * scale + offset (fp32), rounded once.");
+  m.def(
+      "int4_linear_packed_dequant",
+      [](std::uintptr_t qp, std::uintptr_t sp, bool scale16, int64_t group, int64_t N, int64_t K, std::uintptr_t out,
+         int dtype, std::uintptr_t stream) {
+        check_dims("llmkern._C_cuda.int4_linear_packed_dequant", 0, N, K);
+        if (N > 0 && (qp == 0 || sp == 0 || out == 0))
+          throw py::value_error("llmkern._C_cuda.int4_linear_packed_dequant: null pointer among qp, sp, out");
+        py::gil_scoped_release release;
+        int4_linear_packed_dequant_cuda(reinterpret_cast<const void*>(qp), reinterpret_cast<const void*>(sp), scale16,
+                                        int(group), int(N), int(K), reinterpret_cast<void*>(out), dtype,
+                                        reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("qp"), py::arg("sp"), py::arg("scale16"), py::arg("group"), py::arg("N"), py::arg("K"), py::arg("out"),
+      py::arg("dtype"), py::arg("stream"),
+      "out[N, K] (dtype 1 bfloat16 / 2 float16) = q * scale + offset from the packed weight (int4_linear_pack's "
+      "layout): int4_linear_dequant's values.");
   m.def(
       "int4_linear_packed_bytes",
       [](int64_t N, int64_t K, int64_t group, bool scale16) {

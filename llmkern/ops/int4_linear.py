@@ -313,8 +313,11 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
 # 16-bit inputs with more rows than this run on tensor cores (kInt4GemvMaxM in csrc/cuda/int4_linear.cu).
 _CUDA_GEMV_MAX_M = 16
 # True: those inputs dequantize the weight with a CUDA kernel and multiply with cuBLAS (F.linear) instead of
-# the fused dequantizing mma kernel (a fallback switch kept for the first GPU runs; tests cover both).
-CUDA_PREFILL_CUBLAS = False
+# the fused dequantizing mma kernel; a packed Int4Linear dequantizes its packed copy the same way. The first GPU
+# run (H200, 2026-11-29) measured the fused GEMMs at 0.17-0.33x F.linear at M >= 64; this route is timed by the
+# bench entries llmkern.cuda.dequant_cublas / llmkern.cuda.module.dequant_cublas. LLMKERN_CUDA_PREFILL_CUBLAS=1
+# turns it on (read at import).
+CUDA_PREFILL_CUBLAS = os.environ.get("LLMKERN_CUDA_PREFILL_CUBLAS", "") == "1"
 # True: 16-bit x with 2 <= M <= 16 run the decode-sized tensor-core kernel (csrc/include/llmkern/cuda/
 # decode_mma.cuh) instead of the SIMT GEMV (M = 1 and fp32 x always take the GEMV).
 CUDA_DECODE_MMA = True
@@ -451,6 +454,13 @@ def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms):
     def run(x, M):
         x2 = _cuda_rows(x.reshape(M, K))
         stream = torch.cuda.current_stream().cuda_stream
+        if M > _CUDA_GEMV_MAX_M and CUDA_PREFILL_CUBLAS:
+            # The weight dequantized from the packed copy into a temporary [N, K] in x's dtype, then cuBLAS.
+            wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
+            mod.int4_linear_packed_dequant(qp_ptr, sp_ptr, scale16, G, N, K, wdq.data_ptr(), _DTYPE_CODE[x.dtype],
+                                           stream)
+            out = torch.nn.functional.linear(x2, wdq, None if bias32 is None else bias32.to(x.dtype))
+            return out.view(x.shape[:-1] + (N,))
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         sp_ = splits if M <= _CUDA_GEMV_MAX_M else 1
         ws = torch.empty((sp_, M, N), dtype=torch.float32, device=x.device) if sp_ > 1 else None

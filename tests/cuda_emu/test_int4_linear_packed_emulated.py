@@ -193,6 +193,42 @@ def test_packed_gemm(emu, lin, dtype, G, scale16):
         assert torch.equal(out, lin(x, qw, s, o, b, "w4a16", num_sms=sms)) and lin.path == "mma", (M, N, K)
 
 
+@pytest.mark.parametrize("scale16", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_packed_dequant_equals_canonical_dequant(emu, dtype, G, scale16):
+    """int4_linear_packed_dequant (a packed Int4Linear's large-M route) writes int4_linear_dequant's values bit for
+    bit: every element of [N, K] (N tails past the 16-row tiles, several chunks and groups), none left unwritten."""
+    for N, K in ((16, 128), (21, 256), (40, 384), (1, 128)):
+        if K % G:
+            continue
+        _, qw, s, o, _ = make(1, N, K, G, dtype, 7 * N + K + G, scale16=scale16)
+        qp, sp = pack(emu, qw, s, o, G, scale16)
+        got, want = poison_empty((N, K), dtype=dtype), poison_empty((N, K), dtype=dtype)
+        emu.int4_linear_packed_dequant(qp.data_ptr(), sp.data_ptr(), scale16, G, N, K, got.data_ptr(), CODE[dtype], 0)
+        emu.int4_linear_dequant(qw.data_ptr(), s.data_ptr(), o.data_ptr(), G, N, K, want.data_ptr(), CODE[dtype], 0)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (N, K)
+        assert rel_err(got, R.dequantize_int4(qw, s, o)) <= TOL[dtype]
+    with pytest.raises(ValueError, match="dtype"):
+        emu.int4_linear_packed_dequant(qp.data_ptr(), sp.data_ptr(), scale16, G, N, K, got.data_ptr(), 0, 0)
+
+
+def test_packed_prefill_dequant_cublas_route(lin):
+    """CUDA_PREFILL_CUBLAS on a packed module's run: 17+ rows of 16-bit x dequantize the packed copy and multiply
+    with torch (the canonical op's dequantize + cuBLAS values); 1..16 rows keep the packed kernel."""
+    G, N, K = 32, 40, 256
+    _, qw, s, o, b = make(1, N, K, G, torch.bfloat16, 9, bias=True)
+    run = lin.prepare(qw, s, o, b, "w4a16", CUDA_PREFILL_CUBLAS=True)
+    x = torch.randn(20, K).to(torch.bfloat16)
+    out = run(x)
+    assert lin.path is None  # (no kernel of the GEMM family: the dequantize kernel, then torch)
+    want = lin(x, qw, s, o, b, "w4a16", CUDA_PREFILL_CUBLAS=True)  # the canonical op's route
+    assert torch.equal(out, want)
+    check(out, x, qw, s, o, b, "packed dequant + matmul", tight=False)
+    run(torch.randn(3, K).to(torch.bfloat16))
+    assert lin.path == "packed"
+
+
 def test_packed_bad_arguments(emu):
     """The launcher refuses what the kernel cannot take, with the argument named."""
     x, qw, s, o, _ = make(2, 16, 128, 32, torch.bfloat16, 3)

@@ -394,6 +394,29 @@ def test_packed_module_graph_and_nan():
     assert out[1].isnan().all() and torch.isfinite(out[[0, 2, 3]]).all()
 
 
+@pytest.mark.parametrize("G", [32, 128])
+def test_packed_module_dequant_cublas_prefill(monkeypatch, G):
+    """CUDA_PREFILL_CUBLAS on a packed (released) Int4Linear: 17+ rows dequantize the packed copy and multiply with
+    cuBLAS, the canonical op's dequantize + cuBLAS route bit for bit (the same 16-bit weights; F.linear on both);
+    N tails past the 16-row tiles, a bias; decode-sized calls keep the packed kernel; a CUDA graph replays it."""
+    from llmkern.nn import Int4Linear
+
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.int4_linear"), "CUDA_PREFILL_CUBLAS", True)
+    g = gen(7 + G)
+    N, K = 1000, 1024
+    qw, s, o = make_weights(N, K, G, g)
+    bias = torch.randn(N, generator=g, device=DEV)
+    m = Int4Linear.from_quantized(qw.clone(), s.clone(), o.clone(), bias, backend="cuda")
+    m(torch.randn(1, K, generator=g, device=DEV).to(torch.bfloat16))  # prepares (packs, releases)
+    x = torch.randn(300, K, generator=g, device=DEV).to(torch.bfloat16)
+    out = m(x)
+    want = run_cuda(x, qw, s, o, bias)  # the op on the canonical weights, same switch
+    assert torch.equal(out, want)
+    check(out, x, qw, s, o, bias, "packed module, dequant + cuBLAS")
+    replayed, eager = graph_replay(m, x, torch.randn(300, K, generator=g, device=DEV).to(torch.bfloat16))
+    assert torch.equal(replayed, eager)
+
+
 def test_packed_module_frees_the_canonical_buffers():
     """Int4Linear on the GPU holds the packed copy alone after its first call: allocated GPU memory falls by the
     canonical buffers' bytes less the packed copy's; state_dict gives them back bit for bit (without keeping

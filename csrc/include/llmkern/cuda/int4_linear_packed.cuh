@@ -290,6 +290,56 @@ __global__ void __launch_bounds__(256) pack_scales_kernel(const float* __restric
   }
 }
 
+// out[N, K] (T, row-major) = q * scale + offset (fp32, rounded once: int4_linear::dequant_kernel's values) from
+// the packed weight and scales: the large-M route of a packed Int4Linear, which multiplies the result with
+// cuBLAS through torch (the module no longer holds the canonical weight). One thread per (tile, chunk, lane):
+// its 8 bytes hold rows g and g + 8 at k0 .. k0 + 3, k0 = 32 c + 16 s + 4 t, for s = 0, 1; four consecutive k
+// share a group (G >= 32) and are stored as one 8-byte word.
+template <typename T>
+__global__ void __launch_bounds__(256) dequant_packed_kernel(const uint2* __restrict__ qp, const void* __restrict__ sp,
+                                                             bool scale16, int N, int K, int ngroups, int group,
+                                                             T* __restrict__ out) {
+  const int chunks = K / kChunkK;
+  const int64_t total = int64_t((N + kCols - 1) / kCols) * chunks * 32;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int lane = int(i % 32), c = int((i / 32) % chunks);
+  const int64_t tile = i / 32 / chunks;
+  const int g = lane / 4, t = lane % 4;
+  const uint2 w = __ldg(qp + i);
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const uint32_t word = s == 0 ? w.x : w.y;
+    const int k0 = kChunkK * c + 16 * s + 4 * t;
+    const int64_t si = (tile * ngroups + k0 / group) * 8 + g;  // pack_scales_kernel's index
+    float sc[2], of[2];  // rows g, g + 8
+    if (scale16) {
+      const uint2 h = __ldg(static_cast<const uint2*>(sp) + si);
+      const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&h.x));
+      const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&h.y));
+      sc[0] = a.x, of[0] = a.y, sc[1] = b.x, of[1] = b.y;
+    } else {
+      const float4 f = __ldg(static_cast<const float4*>(sp) + si);
+      sc[0] = f.x, of[0] = f.y, sc[1] = f.z, of[1] = f.w;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // row g + 8 h: nibbles r = h (k0, k0 + 1) and r = h + 2 (k0 + 2, k0 + 3)
+      const int64_t n = tile * kCols + g + 8 * h;
+      if (n >= N) continue;
+      T v[4];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const int r = h + 2 * (kk >> 1), e = kk & 1;
+        const float q = float((word >> (4 * r + 16 * e)) & 0xFu);
+        v[kk] = from_f32<T>(__fadd_rn(__fmul_rn(q, sc[h]), of[h]));
+      }
+      uint2 packed;
+      memcpy(&packed, v, 8);
+      *reinterpret_cast<uint2*>(out + n * K + k0) = packed;  // (8-byte aligned: K % 32 == 0, k0 % 4 == 0)
+    }
+  }
+}
+
 }  // namespace int4_packed
 }  // namespace cuda
 }  // namespace llmkern

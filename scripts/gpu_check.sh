@@ -122,10 +122,11 @@ stage gpu "$(lim 100 240)" --xdist "$XDIST" -- -q -p no:cacheprovider tests/ops 
 step "GPU benchmarks"
 if [ "$DRY" = 1 ]; then export LLMKERN_BENCH_DEVICE=cpu; else export LLMKERN_BENCH_DEVICE=cuda; fi
 BK="${FILTER:+($FILTER)}${FILTER:+${BENCH_EXCL:+ and }}${BENCH_EXCL}"
-# ~300 entries on a GPU (the GPU issues' target shapes, bf16; benchmarks/_shapes.py): 0.25 s of timing each
-# (GPU calls are micro- to milliseconds) keeps the stage near two minutes.
+# ~400 entries on a GPU (the GPU issues' target shapes, bf16, Triton and the opt-in CUDA routes; benchmarks/_shapes.py):
+# 0.15 s of timing each (rounds of >= 1 ms of CUDA-graph replays, benchmarks/conftest.py; the first run, at 0.25 s
+# and one synchronize per call, reached 183 entries in its 140 s).
 stage bench "$(lim 140 140)" --bench-json "$OUT/bench.raw.json" -- -q -p no:cacheprovider benchmarks/ --benchmark-only \
-  ${BK:+-k "$BK"} --benchmark-max-time=0.25 --benchmark-min-rounds=3 --benchmark-columns=median,iqr,rounds
+  ${BK:+-k "$BK"} --benchmark-max-time=0.15 --benchmark-min-rounds=3 --benchmark-columns=median,iqr,rounds
 
 step "report"
 "$PY" benchmarks/report.py "$OUT/bench.raw.json" --out "$OUT" --compact "$OUT/bench.json" > /dev/null 2>&1 || true

@@ -102,7 +102,17 @@ def test_decode_attention(bench, group_cache, case, dtype, impl):
         from llmkern.ops import decode_attention
 
         if variant == ["pipelined"]:
-            decode_attention = S.with_switch("decode_attention", "CUDA_DECODE_PIPELINE", decode_attention)
+            import importlib
+
+            ops_mod = importlib.import_module("llmkern.ops.decode_attention")  # the module, not the function
+            plain = decode_attention
+
+            def pipelined(*args, **kwargs):
+                out = plain(*args, **kwargs)
+                assert ops_mod._last_cuda_path == "split_pipelined", ops_mod._last_cuda_path  # (that loop ran)
+                return out
+
+            decode_attention = S.with_switch("decode_attention", "CUDA_DECODE_PIPELINE", pipelined)
 
         if layout == "contiguous":
             cache_bytes = kv_elems * e

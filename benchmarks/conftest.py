@@ -15,6 +15,7 @@ Run: `pytest benchmarks/ --benchmark-only` (see benchmarks/README.md). Environme
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -92,9 +93,31 @@ def pytest_benchmark_update_machine_info(config, machine_info):
                                "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" and torch.cuda.is_available() else None}
 
 
+_TIME_STATS = ("min", "max", "mean", "stddev", "median", "iqr", "q1", "q3", "ld15iqr", "hd15iqr", "total")
+
+
+def per_call_stats(bench_json: dict) -> None:
+    """Statistics of a GPU entry timed as replays of a graph of several calls (`calls_per_replay` in its
+    extra_info, Bench._cuda_timed) made per call, in place: every time divided, ops multiplied."""
+    k = int((bench_json.get("extra_info") or {}).get("calls_per_replay") or 1)
+    stats = bench_json.get("stats")
+    if k <= 1 or not stats or stats.get("per_call"):
+        return
+    for f in _TIME_STATS:
+        if isinstance(stats.get(f), (int, float)):
+            stats[f] = stats[f] / k
+    if isinstance(stats.get("ops"), (int, float)):
+        stats["ops"] = stats["ops"] * k
+    if isinstance(stats.get("data"), list):
+        stats["data"] = [t / k for t in stats["data"]]
+    stats["per_call"] = True
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    """The limits measured in this run, for benchmarks/report.py."""
+    """The limits measured in this run, for benchmarks/report.py; GPU graph entries' statistics per call."""
     output_json["llmkern_limits"] = dict(_LIMITS)
+    for b in output_json.get("benchmarks", []):
+        per_call_stats(b)
 
 
 # ------------------------------------------------------------------------------------- fixtures
@@ -204,29 +227,32 @@ class Bench:
             check(out)
         del out
         if self.device == "cuda":
-            timed = self._cuda_timed(fn, graph)
+            timed = self._cuda_timed(fn, graph, verify_op or op if kind == "llmkern" else None, backend)
         else:
             timed = fn
         b(timed)
         if b.stats:  # None / empty under --benchmark-disable
-            median = b.stats.stats.median
+            median = b.stats.stats.median / int(b.extra_info.get("calls_per_replay", 1))  # (per call)
             b.extra_info["median_s"] = median
             b.extra_info.update(_machine.fractions(self.limits, nbytes, flops, median, compute or dtype))
             if self.limits:
                 b.extra_info["limit_read_gbs"] = self.limits.get("read_gbs")
                 b.extra_info["limit_mm_gflops"] = self.limits.get("mm_gflops", {}).get(compute or dtype)
 
-    def _cuda_timed(self, fn, graph: bool = True):
+    def _cuda_timed(self, fn, graph: bool = True, op: str | None = None, backend: str | None = None):
         """What to time on a GPU, with the fixture's timer synchronizing (`_synced_clock`): pytest-benchmark times
-        rounds of K back-to-back calls (K calibrated so that a round lasts >= 1 ms) and divides by K, so the
-        synchronize costs < 1% of a round. (Before 2026-11-29's second GPU run each call synchronized: every time
-        had a ~20 us floor, F.linear on a 1536x576 weight took 22 us, and small-op ratios were compressed.)
+        rounds (>= 1 ms) of back-to-back replays and divides by their count, so the synchronize costs < 1% of a
+        round. (Before 2026-11-29's second GPU run each call synchronized: every time had a ~20 us floor, F.linear
+        on a 1536x576 weight took 22 us, and small-op ratios were compressed.)
 
-        Each call is replayed from a CUDA graph (LLMKERN_BENCH_CUDA_GRAPHS=0: called eagerly): the kernels' time,
-        as METHOD.md asks for many short launches, without the ~5-20 us of Python each llmkern or torch call
-        spends before its launch (bench_op_overhead.py measures that). One graph per rotating copy of the inputs
-        (`rotating`), replayed in turn, so the cold-weights rotation holds. A call that cannot be captured (a
-        host sync, CPU tensors) is timed eagerly; extra_info["timing"] says which.
+        Calls are replayed from one CUDA graph (LLMKERN_BENCH_CUDA_GRAPHS=0: called eagerly): the kernels' time,
+        as the device notes ask for many short launches, without the ~5-20 us of Python each llmkern or torch call
+        spends before its launch (bench_op_overhead.py measures that). The graph holds a whole turn of the
+        cold-weights rotation (`rotating`), at least 16 calls, so that one replay's launch (a few us of host time)
+        is spread over them; `calls_per_replay` in extra_info says how many, and the JSON's statistics are made
+        per call (`per_call_stats`). An llmkern entry is captured in strict mode and its backend checked again
+        (a fallback would be recorded under its name). A call that cannot be captured is timed eagerly;
+        extra_info["timing"] says which.
         """
         b = self.benchmark
         if hasattr(b, "_timer") and hasattr(b, "_min_time"):
@@ -242,13 +268,15 @@ class Bench:
         if not graph or os.environ.get("LLMKERN_BENCH_CUDA_GRAPHS", "1") in ("", "0"):
             b.extra_info["timing"] = "eager"
             return fn
-        graphs, why = _capture_calls(fn, int(b.extra_info.get("copies", 1)))
-        if graphs is None:
+        copies = max(1, int(b.extra_info.get("copies", 1)))
+        calls = copies * -(-GRAPH_MIN_CALLS // copies)  # whole turns of the rotation
+        graph_obj, why = _capture_calls(fn, copies, calls, op, backend)
+        if graph_obj is None:
             b.extra_info["timing"] = f"eager (not capturable: {why})"
             return fn
         b.extra_info["timing"] = "graph"
-        nxt = itertools.cycle(graphs).__next__
-        return lambda: nxt().replay()
+        b.extra_info["calls_per_replay"] = calls
+        return graph_obj.replay
 
     def _first_call(self, fn, op, kind, backend):
         """One untimed call: skip what cannot run here (stub, unsupported input), fail a silent fallback."""
@@ -280,32 +308,39 @@ def _synced_clock() -> float:
     return time.perf_counter()
 
 
-def _capture_calls(fn, copies: int):
-    """([CUDAGraph] of one `fn()` call each, `copies` of them in fn's rotation order, None) or (None, why not).
+GRAPH_MIN_CALLS = 16  # calls per captured graph at least (a replay's launch spread over them)
 
-    Warmed up first on a side stream (lazy set-up outside the capture, as torch's CUDA-graph docs do); the
-    graphs share one memory pool (each holds its call's output)."""
-    copies = max(1, copies)
+
+def _capture_calls(fn, copies: int, calls: int, op: str | None = None, backend: str | None = None):
+    """(CUDAGraph of `calls` calls of fn, None) or (None, why not). `calls` is a multiple of `copies`: whole turns
+    of fn's rotation, starting at its first copy. Warmed up first on a side stream (lazy set-up outside the
+    capture, as torch's CUDA-graph docs do). op / backend (llmkern entries): captured in strict mode, and
+    `OPS[op].last_backend` must still be `backend` afterwards."""
+    guard = contextlib.nullcontext()
+    if op is not None and backend is not None:
+        from llmkern.ops import OPS, strict
+
+        guard = strict()
+        OPS[op].last_backend = None  # (set again by the captured calls)
     try:
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(copies):  # (a whole turn of the rotation: the captures start at its first copy)
+            for _ in range(copies):  # (a whole turn of the rotation: the capture starts at its first copy)
                 fn()
         torch.cuda.current_stream().wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()
-        graphs = []
-        for _ in range(copies):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+        g = torch.cuda.CUDAGraph()
+        with guard, torch.cuda.graph(g):
+            for _ in range(calls):
                 fn()
-            graphs.append(g)
         torch.cuda.synchronize()
-        return graphs, None
     except Exception as e:  # noqa: BLE001 - any capture failure: time the call eagerly instead
         torch.cuda.synchronize()
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
+    if op is not None and backend is not None and OPS[op].last_backend != backend:
+        pytest.fail(f"the CUDA graph captured backend {OPS[op].last_backend!r}'s calls for backend {backend!r}")
+    return g, None
 
 
 @pytest.fixture

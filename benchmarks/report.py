@@ -34,6 +34,13 @@ class Entry:
     op: str
     shape: dict = field(default_factory=dict)  # the case's shape (M, N, K / B, S, D / ...)
     model: str = ""
+    timing: str = ""  # GPU: "graph" (kernel time) or "eager..." (benchmarks/conftest.py: Bench._cuda_timed)
+
+    @property
+    def label(self):
+        """impl, marked when a GPU entry was timed eagerly: its time includes the host's launch and Python cost,
+        unlike the graph-replayed entries beside it."""
+        return self.impl + (" (eager)" if self.timing and self.timing != "graph" else "")
 
     @property
     def gbs(self):
@@ -58,7 +65,8 @@ def load(path: str) -> tuple[list[Entry], dict]:
             group=b.get("group") or info.get("case") or b["name"],
             impl=info.get("impl") or b["name"],
             kind=info.get("kind") or ("llmkern" if "llmkern" in b["name"] else "peer"),
-            median=float(stats["median"]),
+            # (a GPU entry timed as replays of a graph of k calls: per call; conftest.py's JSON hook did it already)
+            median=float(stats["median"]) / (1 if stats.get("per_call") else int(info.get("calls_per_replay") or 1)),
             nbytes=float(info.get("bytes") or 0.0),
             flops=float(info.get("flops") or 0.0),
             compute=info.get("compute") or info.get("dtype") or "fp32",
@@ -66,6 +74,7 @@ def load(path: str) -> tuple[list[Entry], dict]:
             op=info.get("op") or (b.get("group") or "").split(" ")[0],
             shape=info.get("shape") or {},
             model=info.get("model") or "",
+            timing=info.get("timing") or "",
         ))
     timing: dict = {}  # how GPU entries were timed (benchmarks/conftest.py: Bench._cuda_timed) -> count
     for b in data.get("benchmarks", []):
@@ -156,7 +165,7 @@ def markdown(entries: list[Entry], meta: dict) -> str:
             continue
         o = ours[0] if ours else None
         lines.append(_row([
-            g, o.impl if o else "-", fmt_time(o.median) if o else "-", peer.impl if peer else "-",
+            g, o.label if o else "-", fmt_time(o.median) if o else "-", peer.label if peer else "-",
             fmt_time(peer.median) if peer else "-", _x(peer.median / o.median) if o and peer else "-"]))
     lines.append("")
     lines += targets.markdown(groups, meta["limits"])  # (GPU runs; nothing for a CPU run)
@@ -170,7 +179,7 @@ def markdown(entries: list[Entry], meta: dict) -> str:
         lines += [f"### {g}", "", _row(head), "|" + "---|" * len(head)]
         for e in es:
             fb, fm = fractions(e, meta["limits"])
-            row = [e.impl, e.kind, fmt_time(e.median), _x(peer.median / e.median) if peer else "-"]
+            row = [e.label, e.kind, fmt_time(e.median), _x(peer.median / e.median) if peer else "-"]
             if overhead:
                 d = e.median - peer.median
                 row.append(("-" if d < 0 else "+") + fmt_time(abs(d)) if d else "0")

@@ -210,15 +210,15 @@ def test_step_module_and_paged64_entries_run_once():
 
 
 class _FakeGraph:
-    """A stand-in CUDA graph: records which input copy the captured call used, replays log it."""
+    """A stand-in CUDA graph: records which input copies the captured calls used; a replay logs them."""
     capturing = None
     log: list = []
 
     def __init__(self):
-        self.copy = None
+        self.copies = []
 
     def replay(self):
-        _FakeGraph.log.append(self.copy)
+        _FakeGraph.log.extend(self.copies)
 
 
 class _FakeCapture:
@@ -232,13 +232,7 @@ class _FakeCapture:
         _FakeGraph.capturing = None
 
 
-def test_gpu_timing_replays_one_graph_per_rotating_copy(monkeypatch):
-    """benchmarks/conftest.py on a GPU: one graph per cold-weights copy, captured in the rotation's order and
-    replayed in turn; a call that cannot be captured is timed eagerly. (torch.cuda replaced by stand-ins.)"""
-    import contextlib
-
-    import torch
-
+def _bench_conftest():
     sys.path.insert(0, str(BENCH))
     try:
         spec = importlib.util.spec_from_file_location("llmkern_bench_conftest", BENCH / "conftest.py")
@@ -246,24 +240,35 @@ def test_gpu_timing_replays_one_graph_per_rotating_copy(monkeypatch):
         spec.loader.exec_module(conf)
     finally:
         sys.path.remove(str(BENCH))
+    return conf
+
+
+def test_gpu_timing_replays_whole_turns_of_the_rotation(monkeypatch):
+    """benchmarks/conftest.py on a GPU: one graph holding whole turns of the cold-weights rotation (at least 16
+    calls), captured after a warm-up turn, in the rotation's order; its statistics are made per call; a call
+    that cannot be captured is timed eagerly. (torch.cuda replaced by stand-ins.)"""
+    import contextlib
+
+    import torch
+
+    conf = _bench_conftest()
 
     class Stream:
         def wait_stream(self, other):
             pass
 
     for name, value in dict(synchronize=lambda: None, Stream=Stream, current_stream=lambda: Stream(),
-                            stream=lambda s: contextlib.nullcontext(), graph_pool_handle=lambda: None,
-                            CUDAGraph=_FakeGraph, graph=_FakeCapture).items():
+                            stream=lambda s: contextlib.nullcontext(), CUDAGraph=_FakeGraph,
+                            graph=_FakeCapture).items():
         monkeypatch.setattr(torch.cuda, name, value, raising=False)
-    sets = [0, 1, 2]
-    nxt = conf.itertools.cycle(sets).__next__
+    nxt = conf.itertools.cycle([0, 1, 2]).__next__
     calls = []
 
     def fn():
         i = nxt()
         calls.append(i)
         if _FakeGraph.capturing is not None:
-            _FakeGraph.capturing.copy = i
+            _FakeGraph.capturing.copies.append(i)
 
     class B:
         _timer, _min_time = None, 5e-6
@@ -273,11 +278,12 @@ def test_gpu_timing_replays_one_graph_per_rotating_copy(monkeypatch):
     bench.benchmark = b = B()
     timed = bench._cuda_timed(fn)
     assert b.extra_info["timing"] == "graph" and b._timer is conf._synced_clock and b._min_time == 1e-3
-    assert calls == [0, 1, 2, 0, 1, 2]  # a warm-up turn, then the three captures in order
+    assert b.extra_info["calls_per_replay"] == 18  # 6 turns of 3 copies: >= 16 calls
+    assert calls == [0, 1, 2] * 7  # a warm-up turn, then the captured calls in order
     _FakeGraph.log = []
-    for _ in range(7):
-        timed()
-    assert _FakeGraph.log == [0, 1, 2, 0, 1, 2, 0]
+    timed()
+    timed()
+    assert _FakeGraph.log == [0, 1, 2] * 12
 
     def host_sync():
         if _FakeGraph.capturing is not None:
@@ -290,3 +296,21 @@ def test_gpu_timing_replays_one_graph_per_rotating_copy(monkeypatch):
     assert bench._cuda_timed(fn, graph=False) is fn and b.extra_info["timing"] == "eager"  # (host-cost entries)
     monkeypatch.setenv("LLMKERN_BENCH_CUDA_GRAPHS", "0")
     assert bench._cuda_timed(fn) is fn and b.extra_info["timing"] == "eager"
+
+
+def test_per_call_stats_and_the_fixture_attributes_the_timing_sets():
+    conf = _bench_conftest()
+    b = {"extra_info": {"calls_per_replay": 4}, "stats": {"median": 8.0, "min": 4.0, "ops": 0.125, "rounds": 3,
+                                                          "data": [4.0, 8.0, 12.0], "iqr_outliers": 1}}
+    conf.per_call_stats(b)
+    conf.per_call_stats(b)  # (once only)
+    assert b["stats"] == {"median": 2.0, "min": 1.0, "ops": 0.5, "rounds": 3, "data": [1.0, 2.0, 3.0],
+                          "iqr_outliers": 1, "per_call": True}
+    # The GPU timing sets the fixture's timer and minimum round time (private attributes): this pytest-benchmark
+    # still has them (else the timing would quietly fall back to one synchronize per call).
+    import inspect
+
+    from pytest_benchmark.fixture import BenchmarkFixture
+
+    src = inspect.getsource(BenchmarkFixture)
+    assert "self._timer =" in src and "self._min_time =" in src and "timer=self._timer" in src

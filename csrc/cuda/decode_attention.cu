@@ -9,10 +9,11 @@
 
 namespace llmkern {
 
-void decode_attention_cuda(cuda::DecodeParams p, void* stream) {
+// Returns the split kernel's loop that ran: "split" (loads into registers) or "split_pipelined".
+const char* decode_attention_cuda(cuda::DecodeParams p, void* stream) {
   auto fail = [](const std::string& m) { throw std::invalid_argument("llmkern._C_cuda.decode_attention: " + m); };
   if (p.B < 0 || p.Sq < 1 || p.Hk < 1 || p.Hq < p.Hk || p.Hq % p.Hk) fail("need B >= 0, Sq >= 1, Hq a multiple of Hk");
-  if (p.B == 0) return;
+  if (p.B == 0) return "empty";
   // Grid y = Hk * row chunks, chunks of 4 rows when a KV head has <= 4 query rows, else 8 (launch_decode_attention;
   // the Python adapter applies the same rule and falls back before this).
   const int64_t rows = int64_t(p.Hq / p.Hk) * p.Sq, per_cta = rows <= 4 ? 4 : 8;
@@ -30,8 +31,10 @@ void decode_attention_cuda(cuda::DecodeParams p, void* stream) {
     if (reinterpret_cast<uintptr_t>(ptr) % align) fail("caches must be " + std::to_string(align) + "-byte aligned");
   for (int64_t s : {p.k_s0, p.k_s1, p.k_s2, p.v_s0, p.v_s1, p.v_s2})
     if (s % vec) fail("cache strides must be multiples of " + std::to_string(vec) + " elements");
-  if (!cuda::launch_decode_attention(p, static_cast<cudaStream_t>(stream))) fail("head dim " + std::to_string(p.D) + " has no kernel (multiples of 8 up to 256; 128 for float32)");
+  const cuda::DecodeLoop loop = cuda::launch_decode_attention(p, static_cast<cudaStream_t>(stream));
+  if (loop == cuda::kDecodeNone) fail("head dim " + std::to_string(p.D) + " has no kernel (multiples of 8 up to 256; 128 for float32)");
   LLMKERN_CUDA_CHECK_LAUNCH();
+  return loop == cuda::kDecodePipelined ? "split_pipelined" : "split";
 }
 
 }  // namespace llmkern

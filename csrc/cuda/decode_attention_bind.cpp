@@ -55,7 +55,7 @@ void bind_decode_attention(py::module_& m) {
         p.ws = reinterpret_cast<float*>(ws);
         p.num_splits = num_splits;
         p.pipeline = pipeline;
-        decode_attention_cuda(p, reinterpret_cast<void*>(stream));
+        return std::string(decode_attention_cuda(p, reinterpret_cast<void*>(stream)));
       },
       py::arg("q"), py::arg("q_dtype"), py::arg("q_strides"), py::arg("B"), py::arg("Sq"), py::arg("Hq"),
       py::arg("Hk"), py::arg("D"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_type"),

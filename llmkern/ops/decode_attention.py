@@ -286,10 +286,11 @@ CUDA_FORCE_SPLITS: int | None = int(os.environ["LLMKERN_DECODE_SPLITS"]) if os.e
 _CUDA_MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost (q load, merge) outweighs its keys
 # True: 16-bit / fp32 caches with D <= 128 run the split kernel's cp.async-pipelined loop (each step's K / V copied
 # into shared memory while the previous step's math runs; decode_attention.cuh). The first GPU run (H200,
-# 2026-11-29) measured the register loop at 28-34% of the copy bandwidth, latency-bound; off until a GPU run has
+# 2026-11-29) measured the register loop at 23-34% of the read bandwidth, latency-bound; off until a GPU run has
 # timed the pipelined one against it (bench entries llmkern.cuda.*.pipelined). LLMKERN_CUDA_DECODE_PIPELINE=1
 # turns it on (read at import).
 CUDA_DECODE_PIPELINE = os.environ.get("LLMKERN_CUDA_DECODE_PIPELINE", "") == "1"
+_last_cuda_path = None  # the launcher's answer for the last cuda call: "split" or "split_pipelined" (tests, benches)
 
 
 @functools.lru_cache(maxsize=None)
@@ -369,7 +370,8 @@ def _cuda(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, s
         ws = torch.empty(mod.decode_attention_workspace_floats(B, Sq, Hq, D, ns), dtype=torch.float32,
                          device=q.device)
     seq_lens = seq_lens.contiguous()
-    mod.decode_attention(
+    global _last_cuda_path
+    _last_cuda_path = mod.decode_attention(
         q4.data_ptr(), _DTYPE_CODE[q.dtype], list(q4.stride()[:3]), B, Sq, Hq, Hk, D,
         k_cache.data_ptr(), v_cache.data_ptr(), 3 if int8 else _DTYPE_CODE[k_cache.dtype],
         list(k_cache.stride()[:3]), list(v_cache.stride()[:3]),

@@ -171,6 +171,28 @@ def test_paged_equals_contiguous(force_splits, heads, block_size):
     assert_rel(a.run(), b.run(), 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64), (16, 1, 64)], ids=lambda h: f"H{h[0]}x{h[1]}_D{h[2]}")
+@pytest.mark.parametrize("block_size", [None, 1, 16], ids=lambda b: "contig" if b is None else f"bs{b}")
+def test_pipelined_loop_equals_register_loop(monkeypatch, force_splits, dtype, heads, block_size):
+    """CUDA_DECODE_PIPELINE (cp.async into shared memory a step ahead) gives the register loop's bits on the GPU
+    (the same math in the same order), splits and Sq > 1 with a window too; the launcher says which loop ran."""
+    Hq, Hk, D = heads
+    for Sq, opts in ((1, {}), (3, dict(window_left=37))):
+        p = Problem(ODD_LENS + [0], Hq, Hk, D, dtype, block_size=block_size, Sq=Sq, seed=11)
+        for ns in (1, 3):
+            force_splits(ns)
+            monkeypatch.setattr(DA, "CUDA_DECODE_PIPELINE", False)
+            a = p.run(**opts)
+            assert DA._last_cuda_path == "split"
+            monkeypatch.setattr(DA, "CUDA_DECODE_PIPELINE", True)
+            b = p.run(**opts)
+            assert DA._last_cuda_path == "split_pipelined"
+            assert torch.equal(a.view(torch.int16) if dtype != torch.float32 else a.view(torch.int32),
+                               b.view(torch.int16) if dtype != torch.float32 else b.view(torch.int32)), (Sq, ns)
+        assert_rel(b, p.ref(**opts), TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("splits", [2, 3, 7, 16, 64, 1000])
 def test_split_equals_unsplit(force_splits, dtype, splits):

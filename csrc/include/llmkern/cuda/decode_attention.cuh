@@ -302,6 +302,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
       if (base + stride < kend) issue(base + stride, cur ^ 1);
       cp_async_commit();  // (possibly empty: the group count stays one per step)
       cp_async_wait<1>();  // this step's group has landed (the next one may still be in flight)
+      // A compiler barrier too: the wait's inline asm has no "memory" clobber, so nothing else keeps the shared
+      // loads below from being scheduled above it (every lane of the warp runs the same trip count).
+      __syncwarp();
       Raw kr[U], vr[U];
       float ones[U];
       bool ok[U];
@@ -394,61 +397,60 @@ __global__ void __launch_bounds__(128) decode_merge_kernel(const DecodeParams p)
   }
 }
 
+// The split kernels' loop that ran (launch_decode_attention's answer): none (no kernel for the input), loads into
+// registers, or the cp.async-pipelined loop.
+enum DecodeLoop { kDecodeNone = 0, kDecodeRegisters = 1, kDecodePipelined = 2 };
+
 template <int KV, int DMAX, int ROWS>
-inline void launch_decode_split(const DecodeParams& p, cudaStream_t stream) {
+inline DecodeLoop launch_decode_split(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_splits, p.Hk * p.row_chunks, p.B);
   // The pipelined loop (p.pipeline) for 16-byte rows and D <= 128 (its 2 x U x 2 x 128 x 16 B of staging next
   // to the merge's s_acc stay within 48 KB of static shared memory).
   if constexpr (KV != kI8 && DMAX <= 128) {
     if (p.pipeline) {
       decode_split_kernel<KV, DMAX, ROWS, true><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
-      return;
+      return kDecodePipelined;
     }
   }
   decode_split_kernel<KV, DMAX, ROWS, false><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+  return kDecodeRegisters;
 }
 
 template <int KV, int DMAX>
-inline void launch_decode_rows(const DecodeParams& p, cudaStream_t stream) {
-  if (p.rows_per_cta == 4)
-    launch_decode_split<KV, DMAX, 4>(p, stream);
-  else
-    launch_decode_split<KV, DMAX, 8>(p, stream);
+inline DecodeLoop launch_decode_rows(const DecodeParams& p, cudaStream_t stream) {
+  return p.rows_per_cta == 4 ? launch_decode_split<KV, DMAX, 4>(p, stream) : launch_decode_split<KV, DMAX, 8>(p, stream);
 }
 
 template <int KV>
-inline bool launch_decode_dim(const DecodeParams& p, cudaStream_t stream) {
+inline DecodeLoop launch_decode_dim(const DecodeParams& p, cudaStream_t stream) {
   // Head dims are multiples of 8 (the op's rule); a kernel for DMAX takes any D in (DMAX/2, DMAX] (and
   // the 64 one every D <= 64) with the lanes past D idle. fp32 has 4 elements per lane: D <= 128.
-  if (p.D < 8 || p.D % 8) return false;
-  if (p.D <= 64) {
-    launch_decode_rows<KV, 64>(p, stream);
-  } else if (p.D <= 128) {
-    launch_decode_rows<KV, 128>(p, stream);
-  } else if (p.D <= 256) {
-    if constexpr (KV == kF32) return false;
-    else launch_decode_rows<KV, 256>(p, stream);
-  } else {
-    return false;
+  if (p.D < 8 || p.D % 8) return kDecodeNone;
+  if (p.D <= 64) return launch_decode_rows<KV, 64>(p, stream);
+  if (p.D <= 128) return launch_decode_rows<KV, 128>(p, stream);
+  if (p.D <= 256) {
+    if constexpr (KV == kF32) return kDecodeNone;
+    else return launch_decode_rows<KV, 256>(p, stream);
   }
-  return true;
+  return kDecodeNone;
 }
 
-// Picks the instantiation and launches both kernels; false when the head dim / dtype has none.
-inline bool launch_decode_attention(DecodeParams p, cudaStream_t stream) {
+// Picks the instantiation and launches both kernels; kDecodeNone when the head dim / dtype has none.
+inline DecodeLoop launch_decode_attention(DecodeParams p, cudaStream_t stream) {
   const int rows = (p.Hq / p.Hk) * p.Sq;
   p.rows_per_cta = rows <= 4 ? 4 : 8;
   p.row_chunks = (rows + p.rows_per_cta - 1) / p.rows_per_cta;
-  bool ok = false;
+  DecodeLoop loop = kDecodeNone;
   switch (p.kv_type) {
-    case kF32: ok = launch_decode_dim<kF32>(p, stream); break;
-    case kBF16: ok = launch_decode_dim<kBF16>(p, stream); break;
-    case kF16: ok = launch_decode_dim<kF16>(p, stream); break;
-    case kI8: ok = launch_decode_dim<kI8>(p, stream); break;
+    case kF32: loop = launch_decode_dim<kF32>(p, stream); break;
+    case kBF16: loop = launch_decode_dim<kBF16>(p, stream); break;
+    case kF16: loop = launch_decode_dim<kF16>(p, stream); break;
+    case kI8: loop = launch_decode_dim<kI8>(p, stream); break;
     default: break;
   }
-  if (ok && p.num_splits > 1) decode_merge_kernel<<<static_cast<unsigned>(static_cast<int64_t>(p.B) * p.Sq * p.Hq), 128, 0, stream>>>(p);
-  return ok;
+  if (loop != kDecodeNone && p.num_splits > 1)
+    decode_merge_kernel<<<static_cast<unsigned>(static_cast<int64_t>(p.B) * p.Sq * p.Hq), 128, 0, stream>>>(p);
+  return loop;
 }
 
 }  // namespace cuda

@@ -150,10 +150,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
   const int32_t* bt = paged ? p.block_table + b * p.bt_stride : nullptr;
   const float inv_cap = capped ? 1.0f / p.softcap : 0.0f;
 
-  // One step of a warp: U * KPW keys from `base`. `locate` gives this lane's key u's cache (row, col) (paged: one
-  // division per step, then stepped along by KPW keys, at most ceil(KPW / block_size) wraps); `step_math` is
-  // the scores, the online softmax update and the accumulation over a step's K / V values.
-  auto locate = [&](int base, int64_t (&row)[U], int64_t (&col)[U], bool (&ok)[U]) {
+  // One step of a warp: U * KPW keys from `base`. `locate` gives this lane's key u's column in the cache and, paged,
+  // its block's index in the block table (one division per step, then stepped along by KPW keys, at most
+  // ceil(KPW / block_size) wraps); `rows_of` reads the rows; `step_math` is the scores, the online softmax update
+  // and the accumulation over a step's K / V values.
+  auto locate = [&](int base, unsigned (&tix)[U], int64_t (&col)[U], bool (&ok)[U]) {
     unsigned blk = 0, off = 0;
     if (paged) {
       const unsigned j0 = static_cast<unsigned>(base + sub), bs = static_cast<unsigned>(p.block_size);
@@ -165,7 +166,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
       const int j = base + u * KPW + sub;
       ok[u] = j < kend;
       if (paged) {
-        row[u] = ok[u] ? bt[blk] : 0;
+        tix[u] = blk;
         col[u] = off;
         if (u + 1 < U) {
           off += KPW;
@@ -176,10 +177,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
           }
         }
       } else {
-        row[u] = b;
+        tix[u] = 0;
         col[u] = j;
       }
     }
+  };
+  // The cache rows of a step's keys: the sequence (contiguous), or their blocks' block-table entries (paged).
+  auto rows_of = [&](const unsigned (&tix)[U], const bool (&ok)[U], int64_t (&row)[U]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) row[u] = !paged ? b : (ok[u] ? bt[tix[u]] : 0);
   };
   auto step_math = [&](int base, const Raw (&kr)[U], const Raw (&vr)[U], const float (&ksc)[U],
                        const float (&vsc)[U], const bool (&ok)[U]) {
@@ -252,7 +258,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
       float ksc[U], vsc[U];
       bool ok[U];
       int64_t row[U], col[U];
-      locate(base, row, col, ok);
+      unsigned tix[U];
+      locate(base, tix, col, ok);
+      rows_of(tix, ok, row);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         ksc[u] = vsc[u] = 1.0f;
@@ -279,10 +287,20 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
     static_assert(sizeof(Raw) == 16 && KV != kI8, "the pipelined loop copies 16-byte chunks");
     const int tid = threadIdx.x;
     __shared__ Raw s_stage[2][U][2][NW * 32];  // [stage][key u][K, V][thread]: 16 B a slot, lane-private
-    auto issue = [&](int base, int stage) {
-      int64_t row[U], col[U];
+    // A step's rows (paged: block-table entries) are read one step before its copies are issued, so that the
+    // issue does not wait on them in front of the current step's math.
+    auto fetch_rows = [&](int base, int64_t (&row)[U]) {
+      unsigned tix[U];
+      int64_t col[U];
       bool ok[U];
-      locate(base, row, col, ok);
+      locate(base, tix, col, ok);
+      rows_of(tix, ok, row);
+    };
+    auto issue = [&](int base, int stage, const int64_t (&row)[U]) {
+      unsigned tix[U];
+      int64_t col[U];
+      bool ok[U];
+      locate(base, tix, col, ok);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const bool live = ok[u] && active;
@@ -295,11 +313,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
     };
     const int stride = NW * U * KPW;
     int base = kbeg + warp * U * KPW;
-    if (base < kend) issue(base, 0);
+    int64_t rows_next[U];  // the rows of step base + stride, read one iteration ahead of its issue
+    if (base < kend) {
+      fetch_rows(base, rows_next);
+      issue(base, 0, rows_next);
+    }
     cp_async_commit();
+    if (base + stride < kend) fetch_rows(base + stride, rows_next);
     for (int it = 0; base < kend; base += stride, ++it) {
       const int cur = it & 1;
-      if (base + stride < kend) issue(base + stride, cur ^ 1);
+      if (base + stride < kend) issue(base + stride, cur ^ 1, rows_next);
+      if (base + 2 * stride < kend) fetch_rows(base + 2 * stride, rows_next);  // (for the next iteration's issue)
       cp_async_commit();  // (possibly empty: the group count stays one per step)
       cp_async_wait<1>();  // this step's group has landed (the next one may still be in flight)
       // A compiler barrier too: the wait's inline asm has no "memory" clobber, so nothing else keeps the shared

@@ -321,7 +321,6 @@ def _capture_calls(fn, copies: int, calls: int, op: str | None = None, backend: 
         from llmkern.ops import OPS, strict
 
         guard = strict()
-        OPS[op].last_backend = None  # (set again by the captured calls)
     try:
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
@@ -331,12 +330,16 @@ def _capture_calls(fn, copies: int, calls: int, op: str | None = None, backend: 
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
+        if op is not None and backend is not None:
+            OPS[op].last_backend = None  # (set again by the captured calls)
         with guard, torch.cuda.graph(g):
             for _ in range(calls):
                 fn()
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - any capture failure: time the call eagerly instead
         torch.cuda.synchronize()
+        if "strict mode forbids" in str(e):  # (the backend falls back while captured: its eager time would lie too)
+            pytest.fail(f"backend {backend!r} falls back under CUDA graph capture: {str(e).splitlines()[0][:200]}")
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
     if op is not None and backend is not None and OPS[op].last_backend != backend:
         pytest.fail(f"the CUDA graph captured backend {OPS[op].last_backend!r}'s calls for backend {backend!r}")

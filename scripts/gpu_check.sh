@@ -114,8 +114,10 @@ if [ "$CAP" = "90a" ]; then
 fi
 
 step "tests 2/2: generic op and module tests, GPU backends only"
-stage gpu "$(lim 100 240)" --xdist "$XDIST" -- -q -p no:cacheprovider tests/ops tests/nn tests/models/test_cuda_generate.py tests/models/test_hf.py \
-  tests/triton --ignore=tests/triton/test_triton_compile.py --ignore=tests/triton/test_interpreter.py \
+# (the runtime's GPU tests first: the first run's open questions are there; a stage stopped at its limit keeps
+# what it reached, and xdist hands tests out in this order)
+stage gpu "$(lim 100 240)" --xdist "$XDIST" -- -q -p no:cacheprovider tests/models/test_cuda_generate.py tests/models/test_hf.py \
+  tests/ops tests/nn tests/triton --ignore=tests/triton/test_triton_compile.py --ignore=tests/triton/test_interpreter.py \
   --ignore-glob='*_cpu.py' \
   --ignore-glob='*_cuda.py' -k "${FILTER:+($FILTER) and }(cuda or triton)"
 

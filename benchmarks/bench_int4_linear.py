@@ -17,7 +17,8 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
   kernel (M <= 16) or the packed GEMM (int4_linear_packed_gemm.cuh); nbytes counts the packed bytes: K/2 per
   row, N padded to 16, plus 2 (K/G) E, E = 2 with fp16-valued scales, else 4;
 - llmkern.cuda.sm90 (compute capability 9.0, 16-bit x, M > 16): the op with the sm_90a wgmma GEMM
-  (LLMKERN_CUDA_INT4_WGMMA), off by default until a GPU run has checked it;
+  (LLMKERN_CUDA_INT4_WGMMA; the op's default there since the first GPU run, so this entry equals llmkern.cuda on
+  an H100 / H200 unless LLMKERN_CUDA_INT4_WGMMA=0);
 - llmkern.cuda.dequant_cublas / llmkern.cuda.module.dequant_cublas (16-bit x, M > 16): the prefill route of the op /
   of the packed module with CUDA_PREFILL_CUBLAS: the weight (the module: its packed copy) dequantized by a CUDA
   kernel into a temporary [N, K] in x's dtype, then F.linear (cuBLAS); the first GPU run measured the fused GEMMs

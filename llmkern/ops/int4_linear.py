@@ -322,10 +322,12 @@ CUDA_PREFILL_CUBLAS = os.environ.get("LLMKERN_CUDA_PREFILL_CUBLAS", "") == "1"
 # decode_mma.cuh) instead of the SIMT GEMV (M = 1 and fp32 x always take the GEMV).
 CUDA_DECODE_MMA = True
 # True: on a compute capability 9.0 GPU (H100/H200), 16-bit x with M > 16 run the sm_90a warpgroup-MMA (wgmma)
-# GEMM (csrc/include/llmkern/cuda/wgmma_int4.cuh) instead of the mma.sync one. False until it has passed
-# tests/ops/test_int4_linear_cuda.py on a GPU (it has never run; docs/notes/cuda-wgmma.md).
-# LLMKERN_CUDA_INT4_WGMMA=1 turns it on (read at import).
-CUDA_INT4_WGMMA = os.environ.get("LLMKERN_CUDA_INT4_WGMMA", "") == "1"
+# GEMM (csrc/include/llmkern/cuda/wgmma_int4.cuh) instead of the mma.sync one. On since the first GPU run (H200,
+# 2026-11-29): it passed all its tests there and was 1.4-2.0x faster than the mma.sync GEMM at every measured
+# shape (Llama-3-8B layers, M = 64 and 1024; still 0.17-0.33x F.linear: docs/notes/gpu-run-2026-11-29.md).
+# Applies to the op on canonical weights (Int4Linear modules run their packed kernels). LLMKERN_CUDA_INT4_WGMMA=0
+# turns it off (read at import).
+CUDA_INT4_WGMMA = os.environ.get("LLMKERN_CUDA_INT4_WGMMA", "") != "0"
 _SM90 = {}
 
 

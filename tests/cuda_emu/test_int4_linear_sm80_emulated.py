@@ -80,7 +80,7 @@ def test_mma_gemm(lin, dtype, G, sms):
     for M, N, K in ((17, 33, 128), (130, 136, 192)):
         if K % G:
             continue
-        check(lin, *make(M, N, K, G, dtype, M + N + K + G, bias=M % 2 == 0), "mma", num_sms=sms)
+        check(lin, *make(M, N, K, G, dtype, M + N + K + G, bias=M % 2 == 0), "mma", num_sms=sms, CUDA_INT4_WGMMA=False)
 
 
 @pytest.mark.parametrize("sms", [132, 1], ids=["tiles64x128", "tiles128x128"])
@@ -95,7 +95,7 @@ def test_wgmma_gemm(lin, dtype, G, sms):
             continue
         x, qw, s, o, b = make(M, N, K, G, dtype, M + N + K + G + 5, bias=M % 2 == 0)
         a = check(lin, x, qw, s, o, b, "wgmma", num_sms=sms, CUDA_INT4_WGMMA=True)
-        c = check(lin, x, qw, s, o, b, "mma", num_sms=sms)
+        c = check(lin, x, qw, s, o, b, "mma", num_sms=sms, CUDA_INT4_WGMMA=False)
         assert rel_err(a, c) <= 4e-3
 
 
@@ -105,13 +105,15 @@ def test_cp_async_delivered_at_issue(lin, monkeypatch, sms):
     another warp still reads it would be overwritten): several k tiles through the 3-stage rings."""
     monkeypatch.setenv("LLMKERN_EMU_CP_ASYNC", "eager")
     x, qw, s, o, b = make(70, 136, 384, 64, torch.float16, 11, bias=True)
-    check(lin, x, qw, s, o, b, "mma", num_sms=sms)
+    check(lin, x, qw, s, o, b, "mma", num_sms=sms, CUDA_INT4_WGMMA=False)
     check(lin, x, qw, s, o, b, "wgmma", num_sms=sms, CUDA_INT4_WGMMA=True)
 
 
 def test_wgmma_needs_sm90(lin):
-    """The adapter asks for the wgmma kernel only on compute capability 9.0; elsewhere the mma.sync one runs."""
+    """The adapter asks for the wgmma kernel only on compute capability 9.0 (there by default since the first GPU
+    run: CUDA_INT4_WGMMA); elsewhere the mma.sync one runs."""
     check(lin, *make(20, 33, 128, 32, torch.bfloat16, 1), "mma", CUDA_INT4_WGMMA=True, is_sm90=False)
+    check(lin, *make(20, 33, 128, 32, torch.bfloat16, 1), "wgmma")  # (the default switch, sm_90)
 
 
 @pytest.mark.parametrize("wgmma", [False, True])
@@ -128,7 +130,7 @@ def test_strided_and_batched_x(lin):
     _, qw, s, o, _ = make(1, 40, 256, 64, torch.bfloat16, 9)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 12, 256, generator=g).to(torch.bfloat16)
-    check(lin, x, qw, s, o, None, "mma")
+    check(lin, x, qw, s, o, None, "mma", CUDA_INT4_WGMMA=False)
     check(lin, x, qw, s, o, None, "wgmma", CUDA_INT4_WGMMA=True)
     x = torch.randn(3, 512, generator=g).to(torch.float16)[:, ::2]
     check(lin, x, qw, s, o, None, "decode_mma")

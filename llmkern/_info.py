@@ -44,8 +44,9 @@ def info_dict() -> dict:
 
 
 def _cuda_switches() -> dict:
-    """The CUDA kernel variants with an environment switch and whether each is on: the sm_90a ones are off by
-    default (never run on a GPU yet); Int4Linear's prepacked int4 kernels are on (LLMKERN_CUDA_INT4_PACKED=0: off)."""
+    """The CUDA kernel variants with an environment switch and whether each is on: the sm_90a attention and W8A8
+    ones and the untimed routes are off by default (their first GPU run timed none of them); the sm_90a int4 GEMM
+    and Int4Linear's prepacked int4 kernels are on (LLMKERN_CUDA_INT4_WGMMA=0 / LLMKERN_CUDA_INT4_PACKED=0: off)."""
     import importlib
 
     att = importlib.import_module("llmkern.ops.attention")

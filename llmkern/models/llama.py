@@ -183,7 +183,7 @@ class Llama(nn.Module):
         while bound (PagedKVCache._bound), instead of each layer building the same slots and block table (on a
         GPU: three host-to-device copies per layer). None: the caches' own per-layer path (PagedSteps would not
         take this step: sequences that differ between layers, a shared block, a full cache...).
-        LLMKERN_PAGED_STEPS=0 turns it off (never run on a GPU yet: the switch is there for the first GPU run)."""
+        LLMKERN_PAGED_STEPS=0 turns it off (its GPU tests passed on the first GPU run, 2026-11-29; untimed)."""
         if _backends.env("LLMKERN_PAGED_STEPS") == "0":
             return None
         ids = seq_ids.tolist() if isinstance(seq_ids, torch.Tensor) else list(seq_ids)

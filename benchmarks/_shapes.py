@@ -373,17 +373,17 @@ def step_calls(mods, x, n_out: int, op: str):
     return fn
 
 
-def with_switch(op_module: str, switch: str, fn):
-    """fn wrapped so that `llmkern.ops.<op_module>.<switch>` is True during each call (the CUDA adapters read
-    their route switches per call: CUDA_INT4_WGMMA, CUDA_PREFILL_CUBLAS, CUDA_DECODE_PIPELINE, ...), and as it was
-    after it: the entry times that route while the others time the default."""
+def with_switch(op_module: str, switch: str, fn, value=True):
+    """fn wrapped so that `llmkern.ops.<op_module>.<switch>` is `value` during each call (the CUDA adapters read
+    their route switches per call: CUDA_INT4_WGMMA, CUDA_PREFILL_CUBLAS, CUDA_DECODE_PIPELINE, CUDA_GEMM_SPLITK,
+    ...), and as it was after it: the entry times that route while the others time the default."""
     import importlib
 
     mod = importlib.import_module(f"llmkern.ops.{op_module}")  # the module, not the function of that name
 
     def switched(*args, **kwargs):
         before = getattr(mod, switch)
-        setattr(mod, switch, True)
+        setattr(mod, switch, value)
         try:
             return fn(*args, **kwargs)
         finally:

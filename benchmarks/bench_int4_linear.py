@@ -23,6 +23,9 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
   of the packed module with CUDA_PREFILL_CUBLAS: the weight (the module: its packed copy) dequantized by a CUDA
   kernel into a temporary [N, K] in x's dtype, then F.linear (cuBLAS); the first GPU run measured the fused GEMMs
   at 0.17-0.33x F.linear at M >= 64, and these entries say what the simple route gives;
+- llmkern.cuda.no_splitk / llmkern.cuda.module.no_splitk (16-bit x, 16 < M <= 256): the op / the packed module
+  with CUDA_GEMM_SPLITK off: the M > 16 GEMMs on one CTA per output tile, as before split-K (which the default
+  entries take where the tiles leave SMs idle, e.g. M = 64);
 - F.linear: the float layer, weight [N, K] in the activation dtype;
 - torch._weight_int4pack_mm: torch's weight-only int4 kernel on the same values, CPU:
   `_weight_int4pack_mm_for_cpu(x, _convert_weight_to_int4pack_for_cpu(q int32 [N, K], 2), G, sz)`,
@@ -83,6 +86,9 @@ def _items():
                 if b == "cuda" and dt != "fp32" and c.M > 16:
                     items.append((case, dt, "llmkern.cuda.dequant_cublas"))
                     items.append((case, dt, "llmkern.cuda.module.dequant_cublas"))
+                if b == "cuda" and dt != "fp32" and 16 < c.M <= 256:
+                    items.append((case, dt, "llmkern.cuda.no_splitk"))
+                    items.append((case, dt, "llmkern.cuda.module.no_splitk"))
                 if b == "cpu":
                     items.append((case, dt, "llmkern.cpu.module"))
                     items.append((case, dt, "llmkern.cpu.step"))
@@ -159,7 +165,7 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
             fn = S.step_calls(mods, x, N, OP)
             if fn is None:
                 pytest.skip("the module has no prepared CPU kernel here")
-    elif impl in ("llmkern.cuda.module", "llmkern.cuda.module.dequant_cublas"):
+    elif impl in ("llmkern.cuda.module", "llmkern.cuda.module.dequant_cublas", "llmkern.cuda.module.no_splitk"):
         backend, kind = "cuda", "llmkern"
         from llmkern.nn import Int4Linear
 
@@ -177,6 +183,8 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
         fn = lambda: cyc()(x)  # noqa: E731
         if impl.endswith("dequant_cublas"):  # the packed copy dequantized, then cuBLAS
             fn = S.with_switch("int4_linear", "CUDA_PREFILL_CUBLAS", fn)
+        elif impl.endswith("no_splitk"):  # the packed GEMM on one CTA per output tile
+            fn = S.with_switch("int4_linear", "CUDA_GEMM_SPLITK", fn, value=False)
     elif impl.startswith("llmkern."):
         backend, kind = impl.split(".")[1], "llmkern"
         from llmkern.ops import int4_linear
@@ -189,6 +197,9 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
         elif impl == "llmkern.cuda.dequant_cublas":
             fn = S.with_switch("int4_linear", "CUDA_PREFILL_CUBLAS",
                                lambda: int4_linear(x, *nxt(), None, backend="cuda"))
+        elif impl == "llmkern.cuda.no_splitk":
+            fn = S.with_switch("int4_linear", "CUDA_GEMM_SPLITK",
+                               lambda: int4_linear(x, *nxt(), None, backend="cuda"), value=False)
     elif impl == "F.linear":
         w_bytes = N * K * e
         nxt = bench.rotating((t["w_deq"].to(dt),), w_bytes)

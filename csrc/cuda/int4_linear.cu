@@ -48,23 +48,37 @@ void launch_gemv(const k4::GemvArgs& a, int splits, cudaStream_t st) {
   }
 }
 
+// Output tiles of the M > 16 GEMMs (mma.sync, wgmma, packed: BM x 128, BM = 128 when those tiles alone fill the
+// SMs, else 64) and whether they are the 128-row ones.
+int64_t gemm_tiles(int M, int N, int num_sms, bool* bm128 = nullptr) {
+  const int64_t tn = (N + 127) / 128, tiles128 = int64_t((M + 127) / 128) * tn;
+  if (bm128) *bm128 = tiles128 >= num_sms;
+  return tiles128 >= num_sms ? tiles128 : int64_t((M + 63) / 64) * tn;
+}
+
+// k per split of the GEMMs' split-K (whole kSplitKUnit units; int4_linear_gemm_splits made `splits` leave none
+// empty).
+int gemm_k_split(int K, int splits) {
+  constexpr int U = cuda::wdq::kSplitKUnit;
+  const int units = (K + U - 1) / U;
+  return (units + splits - 1) / splits * U;
+}
+
 template <typename T>
-void launch_mma(const k4::GemvArgs& g, int num_sms, cudaStream_t st) {
+void launch_mma(const k4::GemvArgs& g, int num_sms, float* ws, int splits, cudaStream_t st) {
   cuda::wdq::Args<T> a{static_cast<const T*>(g.x), g.ldx, g.M, g.N, g.K, g.qw, g.scales, g.offsets,
-                       g.ngroups, g.group, g.bias, static_cast<T*>(g.out), g.ldo};
-  const int64_t tiles128 = int64_t((a.M + 127) / 128) * ((a.N + 127) / 128);
-  if (tiles128 >= num_sms) {
-    cuda::wdq::wdq_mma_kernel<T, 128, 128, 2, 4, cuda::wdq::kInt4><<<static_cast<unsigned>(tiles128), 256, 0, st>>>(a);
-  } else {
-    const int64_t tiles = int64_t((a.M + 63) / 64) * ((a.N + 127) / 128);
-    cuda::wdq::wdq_mma_kernel<T, 64, 128, 1, 4, cuda::wdq::kInt4><<<static_cast<unsigned>(tiles), 128, 0, st>>>(a);
-  }
+                       g.ngroups, g.group, g.bias, static_cast<T*>(g.out), g.ldo,
+                       splits > 1 ? ws : nullptr, gemm_k_split(g.K, splits)};
+  bool bm128 = false;
+  const dim3 grid(static_cast<unsigned>(gemm_tiles(a.M, a.N, num_sms, &bm128)), splits);
+  if (bm128) cuda::wdq::wdq_mma_kernel<T, 128, 128, 2, 4, cuda::wdq::kInt4><<<grid, 256, 0, st>>>(a);
+  else cuda::wdq::wdq_mma_kernel<T, 64, 128, 1, 4, cuda::wdq::kInt4><<<grid, 128, 0, st>>>(a);
 }
 
 // The sm_90a warpgroup-MMA GEMM (wgmma_int4.cuh): 128 x 128 tiles (two warpgroups) when they fill the
 // GPU, else 64 x 128 (one warpgroup). Dynamic shared memory above 48 KiB needs the opt-in per kernel.
 template <typename T, int BM>
-void launch_wgmma_bm(const cuda::wdq::Args<T>& a, cudaStream_t st) {
+void launch_wgmma_bm(const cuda::wdq::Args<T>& a, int splits, cudaStream_t st) {
   namespace w = cuda::wgmma;
   constexpr int kSmem = w::smem_bytes(BM);
   // Once per device (bit `dev` of the mask; a race only sets the attribute twice), so that launches under
@@ -82,16 +96,18 @@ void launch_wgmma_bm(const cuda::wdq::Args<T>& a, cudaStream_t st) {
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
   const int64_t tiles = int64_t((a.M + BM - 1) / BM) * ((a.N + w::kBN - 1) / w::kBN);
-  w::wgmma_int4_kernel<T, BM><<<static_cast<unsigned>(tiles), w::threads(BM), kSmem, st>>>(a);
+  w::wgmma_int4_kernel<T, BM><<<dim3(static_cast<unsigned>(tiles), splits), w::threads(BM), kSmem, st>>>(a);
 }
 
 template <typename T>
-void launch_wgmma(const k4::GemvArgs& g, int num_sms, cudaStream_t st) {
+void launch_wgmma(const k4::GemvArgs& g, int num_sms, float* ws, int splits, cudaStream_t st) {
   cuda::wdq::Args<T> a{static_cast<const T*>(g.x), g.ldx, g.M, g.N, g.K, g.qw, g.scales, g.offsets,
-                       g.ngroups, g.group, g.bias, static_cast<T*>(g.out), g.ldo};
-  const int64_t tiles128 = int64_t((a.M + 127) / 128) * ((a.N + 127) / 128);
-  if (tiles128 >= num_sms) launch_wgmma_bm<T, 128>(a, st);
-  else launch_wgmma_bm<T, 64>(a, st);
+                       g.ngroups, g.group, g.bias, static_cast<T*>(g.out), g.ldo,
+                       splits > 1 ? ws : nullptr, gemm_k_split(g.K, splits)};
+  bool bm128 = false;
+  gemm_tiles(a.M, a.N, num_sms, &bm128);
+  if (bm128) launch_wgmma_bm<T, 128>(a, splits, st);
+  else launch_wgmma_bm<T, 64>(a, splits, st);
 }
 
 
@@ -120,24 +136,37 @@ void launch_packed(const cuda::int4_packed::Args<T>& a, int group, int splits, c
   else launch_packed_g<T, kS16, 4>(a, splits, st);
 }
 
-// The packed GEMM (M > 16): 128-row tiles (8 warps) when they fill the GPU, else 64-row tiles (4 warps).
+// The packed GEMM (M > 16): 128-row tiles (8 warps) when they fill the GPU, else 64-row tiles (4 warps); `splits`
+// CTAs along K per tile (a.ws set when > 1).
 template <typename T, bool kS16>
-void launch_packed_gemm(const cuda::int4_packed::GemmArgs<T>& a, int num_sms, cudaStream_t st) {
+void launch_packed_gemm(const cuda::int4_packed::GemmArgs<T>& a, int num_sms, int splits, cudaStream_t st) {
   namespace p = cuda::int4_packed;
-  const int64_t tiles_n = (a.N + p::kGemmBN - 1) / p::kGemmBN;
-  const int64_t tiles128 = int64_t((a.M + 127) / 128) * tiles_n;
-  if (tiles128 >= num_sms) {
-    p::packed_gemm_kernel<T, 2, kS16><<<static_cast<unsigned>(tiles128), 2 * p::kGemmWarpsN * 32, 0, st>>>(a);
-  } else {
-    const int64_t tiles = int64_t((a.M + 63) / 64) * tiles_n;
-    p::packed_gemm_kernel<T, 1, kS16><<<static_cast<unsigned>(tiles), p::kGemmWarpsN * 32, 0, st>>>(a);
-  }
+  static_assert(p::kGemmBN == 128, "gemm_tiles assumes 128 weight rows per tile");
+  bool bm128 = false;
+  const dim3 grid(static_cast<unsigned>(gemm_tiles(a.M, a.N, num_sms, &bm128)), splits);
+  if (bm128) p::packed_gemm_kernel<T, 2, kS16><<<grid, 2 * p::kGemmWarpsN * 32, 0, st>>>(a);
+  else p::packed_gemm_kernel<T, 1, kS16><<<grid, p::kGemmWarpsN * 32, 0, st>>>(a);
 }
 
 }  // namespace
 
 // Largest M that runs as a GEMV for 16-bit x (fp32 x always does); larger M run on tensor cores.
 constexpr int kInt4GemvMaxM = 16;
+
+// splits leaves no split of the M > 16 GEMMs empty (gemm_k_split's ranges).
+static bool gemm_splits_valid(int K, int splits) {
+  constexpr int U = cuda::wdq::kSplitKUnit;
+  const int units = (K + U - 1) / U, per = gemm_k_split(K, splits) / U;
+  return splits >= 1 && (units + per - 1) / per == splits;
+}
+
+// out = bias + the sum of the splits' fp32 partials ws[splits, M, N], in split order.
+static void reduce_splits(const float* ws, int splits, int M, int N, const float* bias, void* out, int64_t ldo, XType dt,
+                   cudaStream_t st) {
+  const int64_t MN = int64_t(M) * N;
+  k4::reduce_kernel<<<(MN + 255) / 256, 256, 0, st>>>(ws, splits, M, N, bias, out, ldo, dt);
+  LLMKERN_CUDA_CHECK_LAUNCH();
+}
 
 // Route of an input: 0 SIMT GEMV, 1 decode-sized tensor-core kernel (16-bit x, 2 <= M <= 16, when
 // allowed), 2 dequantizing tensor-core GEMM (16-bit x, M > 16).
@@ -166,13 +195,32 @@ static int decode_mma_splits(int N, int K, int num_sms) {
   return swapab_splits((N + d::kCols - 1) / d::kCols, (K + kBK - 1) / kBK, d::kWarps, 3, num_sms);
 }
 
-// Split-K factor of the GEMV for these sizes: 1 when the (N, M) grid alone has >= 2 CTAs per SM;
-// otherwise enough splits for ~2 CTAs per SM, each split at least 32 chunks (one per lane) of 32 k,
-// at most kMaxSplits. The adapter sizes the fp32 workspace [splits, M, N] from this.
+// Split-K factor of the M > 16 GEMMs (mma.sync, wgmma, packed; the same tiles): 1 when their output tiles
+// alone give every SM one; otherwise enough splits for ~2 CTAs per SM (M = 64 on Llama-3-8B's 4096 x 14336
+// layer: 32 tiles on an H200's 132 SMs, 9 splits), each split at least kGemmMinSplitK k in whole
+// kSplitKUnit units, at most kMaxSplits, none empty.
+constexpr int kGemmMinSplitK = 512;
+int int4_linear_gemm_splits(int M, int N, int K, int num_sms) {
+  if (M <= 0 || N <= 0 || K <= 0) return 1;
+  const int64_t tiles = gemm_tiles(M, N, std::max(num_sms, 1));
+  if (tiles >= num_sms) return 1;
+  constexpr int U = cuda::wdq::kSplitKUnit;
+  const int units = (K + U - 1) / U;
+  const int64_t want = 2 * int64_t(std::max(num_sms, 1));
+  int splits = int(std::min<int64_t>(kMaxSplits, (want + tiles - 1) / tiles));
+  splits = std::max(1, std::min(splits, units / (kGemmMinSplitK / U)));
+  const int per = (units + splits - 1) / splits;
+  return (units + per - 1) / per;
+}
+
+// Split-K factor for these sizes. GEMV: 1 when the (N, M) grid alone has >= 2 CTAs per SM; otherwise enough
+// splits for ~2 CTAs per SM, each split at least 32 chunks (one per lane) of 32 k, at most kMaxSplits. The
+// decode tensor-core kernel: decode_mma_splits; the M > 16 GEMMs: int4_linear_gemm_splits. The adapter sizes
+// the fp32 workspace [splits, M, N] from this.
 int int4_linear_splits(int M, int N, int K, int num_sms, int x_dtype, bool decode_mma) {
   if (M <= 0 || N <= 0 || K <= 0) return 1;
   const int route = int4_route(M, x_dtype, decode_mma);
-  if (route == 2) return 1;
+  if (route == 2) return int4_linear_gemm_splits(M, N, K, num_sms);
   if (route == 1) return decode_mma_splits(N, K, num_sms);
   if (M > kInt4GemvMaxM) return 1;
   const int mr = gemv_rows(M);
@@ -186,8 +234,9 @@ int int4_linear_splits(int M, int N, int K, int num_sms, int x_dtype, bool decod
   return (chunks + per - 1) / per;  // no empty split
 }
 
-// y[M, N] = x[M, K] @ dequant(qweight)^T (+ bias). GEMV for fp32 x and M <= 16 (splits > 1 needs ws:
-// fp32 [splits, M, N]); the dequantizing tensor-core GEMM for 16-bit x with M > 16 (splits must be 1).
+// y[M, N] = x[M, K] @ dequant(qweight)^T (+ bias). GEMV for fp32 x and M <= 16, the decode tensor-core kernel,
+// the dequantizing tensor-core GEMM for 16-bit x with M > 16; splits (int4_linear_splits) > 1 needs ws: fp32
+// [splits, M, N].
 const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const uint8_t* qw, int N,
                              const float* scales, const float* offsets, int group, const float* bias, void* out,
                              int64_t ldo, float* ws, int splits, int num_sms, bool decode_mma, cudaStream_t st,
@@ -223,25 +272,26 @@ const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int
     LLMKERN_CUDA_CHECK_LAUNCH();
     return "decode_mma_splitk";
   }
+  if (route == 2) {
+    require((int64_t(M + 63) / 64) * ((N + 127) / 128) < (int64_t(1) << 31), "too many output tiles");
+    require(gemm_splits_valid(K, splits), "splits leaves an empty split; use int4_linear_splits");
+    k4::GemvArgs g{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias, out, ldo, dt, 0};
+    if (wgmma) {
+      require(device_is_sm90(), "the wgmma kernel needs a compute capability 9.0 (sm_90a) device");
+      if (dt == XType::kBF16) launch_wgmma<__nv_bfloat16>(g, num_sms, ws, splits, st);
+      else launch_wgmma<__half>(g, num_sms, ws, splits, st);
+    } else {
+      if (dt == XType::kBF16) launch_mma<__nv_bfloat16>(g, num_sms, ws, splits, st);
+      else launch_mma<__half>(g, num_sms, ws, splits, st);
+    }
+    LLMKERN_CUDA_CHECK_LAUNCH();
+    if (splits == 1) return wgmma ? "wgmma" : "mma";
+    reduce_splits(ws, splits, M, N, bias, out, ldo, dt, st);
+    return wgmma ? "wgmma_splitk" : "mma_splitk";
+  }
   const int chunks = K / k4::kChunkK;
   const int per = (chunks + splits - 1) / splits;
   require((chunks + per - 1) / per == splits, "splits leaves an empty split; use int4_linear_splits");
-  if (route == 2) {
-    require(splits == 1, "the tensor-core route takes splits == 1");
-    require((int64_t(M + 63) / 64) * ((N + 127) / 128) < (int64_t(1) << 31), "too many output tiles");
-    k4::GemvArgs g{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias, out, ldo, dt, per};
-    if (wgmma) {
-      require(device_is_sm90(), "the wgmma kernel needs a compute capability 9.0 (sm_90a) device");
-      if (dt == XType::kBF16) launch_wgmma<__nv_bfloat16>(g, num_sms, st);
-      else launch_wgmma<__half>(g, num_sms, st);
-      LLMKERN_CUDA_CHECK_LAUNCH();
-      return "wgmma";
-    }
-    if (dt == XType::kBF16) launch_mma<__nv_bfloat16>(g, num_sms, st);
-    else launch_mma<__half>(g, num_sms, st);
-    LLMKERN_CUDA_CHECK_LAUNCH();
-    return "mma";
-  }
   k4::GemvArgs a{x, ldx, M, K, N, qw, scales, offsets, K / group, group, bias,
                  splits > 1 ? static_cast<void*>(ws) : out, ldo, dt, per};
   switch (dt) {
@@ -348,24 +398,28 @@ const char* int4_linear_packed_cuda(const void* x, int x_dtype, int64_t ldx, int
   require(aligned16(qp) && aligned16(sp), "packed buffers must be 16-byte aligned");
   require(ldo >= N, "ldo must be >= N");
   const int gshift = group == 32 ? 0 : group == 64 ? 1 : 2;
+  require(splits == 1 || ws != nullptr, "splits > 1 needs the fp32 workspace");
   if (M > kInt4GemvMaxM) {
-    require(splits == 1, "the packed GEMM (M > 16) takes splits == 1");
     require(int64_t((M + 63) / 64) * ((N + p::kGemmBN - 1) / p::kGemmBN) < (int64_t(1) << 31), "too many output tiles");
+    require(gemm_splits_valid(K, splits), "splits leaves an empty split; use int4_linear_gemm_splits");
+    float* gws = splits > 1 ? ws : nullptr;
+    const int ksplit = gemm_k_split(K, splits);
     if (x_dtype == 1) {
       p::GemmArgs<__nv_bfloat16> a{static_cast<const __nv_bfloat16*>(x), ldx, M, N, K, static_cast<const uint2*>(qp),
-                                   sp, K / group, gshift, bias, static_cast<__nv_bfloat16*>(out), ldo};
-      if (scale16) launch_packed_gemm<__nv_bfloat16, true>(a, num_sms, st);
-      else launch_packed_gemm<__nv_bfloat16, false>(a, num_sms, st);
+                                   sp, K / group, gshift, bias, static_cast<__nv_bfloat16*>(out), ldo, gws, ksplit};
+      if (scale16) launch_packed_gemm<__nv_bfloat16, true>(a, num_sms, splits, st);
+      else launch_packed_gemm<__nv_bfloat16, false>(a, num_sms, splits, st);
     } else {
       p::GemmArgs<__half> a{static_cast<const __half*>(x), ldx, M, N, K, static_cast<const uint2*>(qp), sp,
-                            K / group, gshift, bias, static_cast<__half*>(out), ldo};
-      if (scale16) launch_packed_gemm<__half, true>(a, num_sms, st);
-      else launch_packed_gemm<__half, false>(a, num_sms, st);
+                            K / group, gshift, bias, static_cast<__half*>(out), ldo, gws, ksplit};
+      if (scale16) launch_packed_gemm<__half, true>(a, num_sms, splits, st);
+      else launch_packed_gemm<__half, false>(a, num_sms, splits, st);
     }
     LLMKERN_CUDA_CHECK_LAUNCH();
-    return "packed_gemm";
+    if (splits == 1) return "packed_gemm";
+    reduce_splits(ws, splits, M, N, bias, out, ldo, static_cast<XType>(x_dtype), st);
+    return "packed_gemm_splitk";
   }
-  require(splits == 1 || ws != nullptr, "splits > 1 needs the fp32 workspace");
   const int blocks = (K / p::kChunkK + p::kBlockChunks - 1) / p::kBlockChunks;
   const int per = (blocks + splits - 1) / splits;
   require((blocks + per - 1) / per == splits, "splits leaves an empty split; use int4_linear_packed_splits");

@@ -11,6 +11,7 @@ namespace py = pybind11;
 namespace llmkern {
 
 int int4_linear_splits(int M, int N, int K, int num_sms, int x_dtype, bool decode_mma);
+int int4_linear_gemm_splits(int M, int N, int K, int num_sms);
 const char* int4_linear_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const uint8_t* qw, int N,
                              const float* scales, const float* offsets, int group, const float* bias, void* out,
                              int64_t ldo, float* ws, int splits, int num_sms, bool decode_mma, cudaStream_t st,
@@ -48,7 +49,7 @@ void bind_int4_linear(py::module_& m) {
         return int4_linear_splits(int(M), int(N), int(K), num_sms, x_dtype, decode_mma);
       },
       py::arg("M"), py::arg("N"), py::arg("K"), py::arg("num_sms"), py::arg("x_dtype"), py::arg("decode_mma"),
-      "Split-K factor int4_linear uses for these sizes (workspace: fp32 [splits, M, N] when > 1).");
+      "Split-K factor int4_linear uses for these sizes, every route (workspace: fp32 [splits, M, N] when > 1).");
   m.def(
       "int4_linear",
       [](std::uintptr_t x, int x_dtype, int64_t ldx, int64_t M, int64_t K, std::uintptr_t qw, int64_t N,
@@ -132,6 +133,15 @@ void bind_int4_linear(py::module_& m) {
       py::arg("qp"), py::arg("sp"), py::arg("scale16"), py::arg("stream"),
       "Repack a canonical int4 weight into the packed CUDA layout (qp, sp of int4_linear_packed_bytes). scale16: "
       "store scales and offsets as fp16 (only when every one is an fp16 value).");
+  m.def(
+      "int4_linear_gemm_splits",
+      [](int64_t M, int64_t N, int64_t K, int num_sms) {
+        check_dims("llmkern._C_cuda.int4_linear_gemm_splits", M, N, K);
+        return int4_linear_gemm_splits(int(M), int(N), int(K), num_sms);
+      },
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("num_sms"),
+      "Split-K factor of the M > 16 GEMMs (canonical mma.sync / wgmma, packed) for these sizes (workspace: fp32 "
+      "[splits, M, N] when > 1).");
   m.def(
       "int4_linear_packed_splits",
       [](int64_t N, int64_t K, int num_sms) {

@@ -328,6 +328,12 @@ CUDA_DECODE_MMA = True
 # Applies to the op on canonical weights (Int4Linear modules run their packed kernels). LLMKERN_CUDA_INT4_WGMMA=0
 # turns it off (read at import).
 CUDA_INT4_WGMMA = os.environ.get("LLMKERN_CUDA_INT4_WGMMA", "") != "0"
+# True: the M > 16 GEMMs (canonical mma.sync / wgmma, packed) split K over several CTAs per output tile when their
+# tiles alone leave SMs without one (int4_linear_gemm_splits in csrc/cuda/int4_linear.cu: M = 64 on a 4096-wide
+# layer is 32 tiles for an H200's 132 SMs), with fp32 partials summed in a fixed order by a second kernel. The
+# first GPU run timed those GEMMs before split-K at 0.10-0.32x F.linear at M = 64 (one CTA on a quarter of the
+# SMs); bench entries `*.no_splitk` time them without it. LLMKERN_CUDA_GEMM_SPLITK=0 turns it off (read at import).
+CUDA_GEMM_SPLITK = os.environ.get("LLMKERN_CUDA_GEMM_SPLITK", "") != "0"
 _SM90 = {}
 
 
@@ -350,7 +356,8 @@ def _cuda(x, qweight, scales, offsets, bias, mode):
     8-column one; CUDA_DECODE_MMA = False selects the GEMV instead). 16-bit x with M > 16: a
     bf16/fp16 mma.sync GEMM that dequantizes weight tiles into shared memory (or, with
     CUDA_PREFILL_CUBLAS, dequantize to a temporary + cuBLAS; with CUDA_INT4_WGMMA on an sm_90 GPU, the
-    same dequantized tiles multiplied by Hopper warpgroup MMA). Weights are read in the canonical layout;
+    same dequantized tiles multiplied by Hopper warpgroup MMA), split over K when its tiles leave SMs idle
+    (CUDA_GEMM_SPLITK; fp32 partials summed in a fixed order). Weights are read in the canonical layout;
     Int4Linear modules prepack them and run 16-bit x on their own kernels (`_cuda_prepare`).
     """
     mod = _backends.cuda_module()
@@ -379,7 +386,8 @@ def _cuda(x, qweight, scales, offsets, bias, mode):
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     sms = _num_sms(x.device)
-    splits = 1 if tensor_cores else mod.int4_linear_splits(M, N, K, sms, _DTYPE_CODE[x.dtype], CUDA_DECODE_MMA)
+    splits = (1 if tensor_cores and not CUDA_GEMM_SPLITK
+              else mod.int4_linear_splits(M, N, K, sms, _DTYPE_CODE[x.dtype], CUDA_DECODE_MMA))
     ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
     mod.int4_linear(
         x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qweight.data_ptr(), N,
@@ -449,7 +457,8 @@ def _cuda_unpack(qp, sp, scale16, N, K, G):
 
 def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms):
     """run(x, M) of the packed kernels for 16-bit x [..., K] with M >= 1 rows (the caller checks); `splits`
-    (int4_linear_packed_splits) applies to M <= 16."""
+    (int4_linear_packed_splits) applies to M <= 16, the GEMM's (int4_linear_gemm_splits, CUDA_GEMM_SPLITK) to
+    M > 16."""
     bias_ptr = 0 if bias32 is None else bias32.data_ptr()
     qp_ptr, sp_ptr = qp.data_ptr(), sp.data_ptr()
 
@@ -464,7 +473,10 @@ def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms):
             out = torch.nn.functional.linear(x2, wdq, None if bias32 is None else bias32.to(x.dtype))
             return out.view(x.shape[:-1] + (N,))
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        sp_ = splits if M <= _CUDA_GEMV_MAX_M else 1
+        if M <= _CUDA_GEMV_MAX_M:
+            sp_ = splits
+        else:
+            sp_ = mod.int4_linear_gemm_splits(M, N, K, sms) if CUDA_GEMM_SPLITK else 1
         ws = torch.empty((sp_, M, N), dtype=torch.float32, device=x.device) if sp_ > 1 else None
         mod.int4_linear_packed(x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.stride(0) if M > 1 else K, M, K, qp_ptr,
                                sp_ptr, scale16, N, G, bias_ptr, out.data_ptr(), N,

@@ -195,6 +195,32 @@ def test_packed_gemm(emu, lin, dtype, G, scale16):
 
 
 @pytest.mark.parametrize("scale16", [False, True])
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_packed_gemm_splitk(emu, lin, G, scale16):
+    """The packed GEMM split over K (int4_linear_gemm_splits: 3 splits here, the last one shorter at G 32),
+    fp32 partials in the poisoned workspace reduced in a fixed order with the bias: bit for bit the canonical
+    mma.sync GEMM split the same way (same k ranges, same dequantized weights, exact sums per mma on the
+    emulator), and through the preparer's run (CUDA_GEMM_SPLITK off: the unsplit GEMM)."""
+    K = 1568 if G == 32 else 1536
+    for M, N, dtype in ((40, 33, torch.bfloat16), (70, 136, torch.float16)):
+        x, qw, s, o, b = make(M, N, K, G, dtype, M + N + G, bias=M == 40, scale16=scale16)
+        qp, sp = pack(emu, qw, s, o, G, scale16)
+        splits = emu.int4_linear_gemm_splits(M, N, K, 132)
+        assert splits == 3
+        out, path = run_packed(emu, x, qp, sp, scale16, N, G, b, splits)
+        assert path == "packed_gemm_splitk"
+        check(out, x, qw, s, o, b, f"M={M} N={N} K={K}", tight=False)
+        assert torch.equal(out, lin(x, qw, s, o, b, "w4a16", CUDA_INT4_WGMMA=False)) and lin.path == "mma_splitk"
+        run = lin.prepare(qw, s, o, b, "w4a16")
+        assert torch.equal(run(x), out) and lin.path == "packed_gemm_splitk"
+        unsplit = lin.prepare(qw, s, o, b, "w4a16", CUDA_GEMM_SPLITK=False)(x)
+        assert lin.path == "packed_gemm" and rel_err(unsplit, out) <= 4e-3
+    x = torch.randn(20, K).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="empty split"):
+        run_packed(emu, x, qp, sp, scale16, N, G, None, 16)
+
+
+@pytest.mark.parametrize("scale16", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("G", [32, 64, 128])
 def test_packed_dequant_equals_canonical_dequant(emu, dtype, G, scale16):
@@ -237,9 +263,9 @@ def test_packed_bad_arguments(emu):
     with pytest.raises(ValueError, match="x_dtype"):
         emu.int4_linear_packed(x.data_ptr(), 0, 128, 2, 128, qp.data_ptr(), sp.data_ptr(), False, 16, 32, 0,
                                x.data_ptr(), 16, 0, 1, 132, 0)
-    with pytest.raises(ValueError, match="splits == 1"):
+    with pytest.raises(ValueError, match="empty split"):  # the GEMM (M > 16): 128 k are two 64-k units
         emu.int4_linear_packed(x.data_ptr(), 1, 128, 17, 128, qp.data_ptr(), sp.data_ptr(), False, 16, 32, 0,
-                               x.data_ptr(), 16, x.data_ptr(), 2, 132, 0)
+                               x.data_ptr(), 16, x.data_ptr(), 3, 132, 0)
     with pytest.raises(ValueError, match="empty split"):
         emu.int4_linear_packed(x.data_ptr(), 1, 128, 2, 128, qp.data_ptr(), sp.data_ptr(), False, 16, 32, 0,
                                x.data_ptr(), 16, x.data_ptr(), 2, 132, 0)

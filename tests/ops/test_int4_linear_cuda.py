@@ -309,6 +309,50 @@ def test_prefill_wgmma_layouts_nan_and_graph(monkeypatch):
     check(y, x, qw, s, o, bias, "wgmma graph")
 
 
+@pytest.mark.parametrize("wgmma", [False, pytest.param(True, marks=needs_sm90)], ids=["mma", "wgmma"])
+def test_gemm_split_k(monkeypatch, wgmma):
+    """M > 16 whose output tiles leave SMs idle (M = 64 on Llama-3-8B's layers: 32 / 112 tiles of 64 x 128) split K
+    over CTAs (int4_linear_gemm_splits): the binding reports the split path and gives the op's bits; reruns are
+    identical (fixed-order reduction); within tolerance and close to the unsplit GEMM (CUDA_GEMM_SPLITK off); a
+    packed module takes the split packed GEMM; a CUDA graph replays both bit for bit."""
+    from llmkern.nn import Int4Linear
+
+    m4 = importlib.import_module("llmkern.ops.int4_linear")
+    monkeypatch.setattr(m4, "CUDA_INT4_WGMMA", wgmma)
+    mod = _backends.cuda_module()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for M, N, K, G in ((64, 4096, 14336, 32), (64, 14336, 4096, 128), (40, 1000, 4096 + 32, 32)):
+        splits = mod.int4_linear_gemm_splits(M, N, K, sms)
+        assert splits > 1, (M, N, K, sms)
+        g = gen(M + N + K)
+        x = torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16)
+        qw, s, o = make_weights(N, K, G, g)
+        bias = torch.randn(N, generator=g, device=DEV)
+        a = run_cuda(x, qw, s, o, bias)
+        assert torch.equal(a, run_cuda(x, qw, s, o, bias))
+        check(a, x, qw, s, o, bias, f"split-K GEMM M={M} N={N} K={K}")
+        out = torch.full((M, N), float("nan"), dtype=x.dtype, device=DEV)
+        ws = torch.full((splits, M, N), float("nan"), device=DEV)
+        path = mod.int4_linear(x.data_ptr(), 1, K, M, K, qw.data_ptr(), N, s.data_ptr(), o.data_ptr(), G,
+                               bias.data_ptr(), out.data_ptr(), N, ws.data_ptr(), splits, sms, True,
+                               torch.cuda.current_stream().cuda_stream, wgmma)
+        assert path == ("wgmma_splitk" if wgmma else "mma_splitk")
+        torch.cuda.synchronize()
+        assert torch.equal(out, a)
+        monkeypatch.setattr(m4, "CUDA_GEMM_SPLITK", False)
+        assert rel_err(run_cuda(x, qw, s, o, bias), a.double()) <= 4e-3
+        monkeypatch.setattr(m4, "CUDA_GEMM_SPLITK", True)
+        m = Int4Linear.from_quantized(qw.clone(), s.clone(), o.clone(), bias, backend="cuda")
+        packed = m(x)
+        assert m._run.impl.packed is not None
+        check(packed, x, qw, s, o, bias, f"packed split-K GEMM M={M} N={N} K={K}")
+        assert rel_err(packed, a.double()) <= 1e-3
+        if N == 1000:
+            for call in (m, lambda t: ops.int4_linear(t, qw, s, o, bias, backend="cuda")):
+                replayed, eager = graph_replay(call, x, torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16))
+                assert torch.equal(replayed, eager)
+
+
 # ------------------------------------------------------------------ prepacked weights (Int4Linear's prepared call)
 
 

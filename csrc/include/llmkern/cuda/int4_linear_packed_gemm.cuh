@@ -12,6 +12,8 @@
 // CTA: BM = 64 WARPS_M rows of x by BN = 128 weight rows; warps WARPS_M x 4, warp tile 64 m (8 mma column
 // blocks) x 32 n (2 weight tiles): each 8-byte x load feeds 2 mmas, each dequantized fragment 8. Weight
 // fragments and scales are loaded kPrefetch chunks ahead into registers. 1-D grid in grouped raster order.
+// Split-K (GemmArgs::ws set): blockIdx.y sums the chunks of k in [split * k_split, + k_split) and writes its fp32
+// partial (no bias) to ws[split, M, N]; the launcher's reduction sums the splits in order.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -46,6 +48,8 @@ struct GemmArgs {
   const float* bias; // [N] fp32 or null
   T* out;            // [M, N], row stride ldo
   int64_t ldo;
+  float* ws = nullptr;  // split-K: fp32 partials [gridDim.y, M, N] (out untouched); null: one split
+  int k_split = 0;      // k per split (a multiple of kChunkK), when ws is set
 };
 
 // Byte offset of 16-byte chunk c (0..3) of row r in the [rows][64 B] x tile. The lanes of one 8-byte load
@@ -84,7 +88,10 @@ __global__ void __launch_bounds__(WARPS_M* kGemmWarpsN * 32) packed_gemm_kernel(
   int tile_m, tile_n;
   grouped_raster(a.M, a.N, BM, kGemmBN, blockIdx.x, tile_m, tile_n);
   const int m_base = tile_m * BM;
-  const int KT = a.K / kChunkK;
+  // This CTA's chunks [kc0, kc0 + KT) (split-K: blockIdx.y's share).
+  const int kc0 = a.ws ? blockIdx.y * (a.k_split / kChunkK) : 0;
+  const int KT = a.ws ? min(a.K / kChunkK - kc0, a.k_split / kChunkK) : a.K / kChunkK;
+  const int KT_all = a.K / kChunkK;  // (the packed layout's chunks per tile)
   const int ntiles = (a.N + kCols - 1) / kCols;
   const int tile0 = tile_n * (kGemmBN / kCols) + 2 * wn;  // this warp's first weight tile
 
@@ -95,7 +102,7 @@ __global__ void __launch_bounds__(WARPS_M* kGemmWarpsN * 32) packed_gemm_kernel(
       const int r = i / 4, c = i % 4;
       const int gm = m_base + r;
       const bool ok = gm < a.M;
-      const T* src = ok ? a.x + int64_t(gm) * a.ldx + kt * kChunkK + c * 8 : a.x;
+      const T* src = ok ? a.x + int64_t(gm) * a.ldx + (kc0 + kt) * kChunkK + c * 8 : a.x;
       cp_async16(smem_u32(smem[s] + xswz(r, c)), src, ok ? 16 : 0);
     }
   };
@@ -107,8 +114,8 @@ __global__ void __launch_bounds__(WARPS_M* kGemmWarpsN * 32) packed_gemm_kernel(
       wc.w[j] = make_uint2(0, 0);
       wc.sc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
       if (tile < ntiles && kt < KT) {
-        wc.w[j] = __ldg(a.qp + (int64_t(tile) * KT + kt) * 32 + lane);
-        wc.sc[j] = load_scales<kS16>(a.sp, (int64_t(tile) * a.ngroups + (kt >> a.group_shift)) * 8 + g);
+        wc.w[j] = __ldg(a.qp + (int64_t(tile) * KT_all + kc0 + kt) * 32 + lane);
+        wc.sc[j] = load_scales<kS16>(a.sp, (int64_t(tile) * a.ngroups + ((kc0 + kt) >> a.group_shift)) * 8 + g);
       }
     }
   };
@@ -183,7 +190,9 @@ __global__ void __launch_bounds__(WARPS_M* kGemmWarpsN * 32) packed_gemm_kernel(
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int m = m_base + wm * 64 + mb * 8 + 2 * t + e;
-          if (m < a.M) a.out[int64_t(m) * a.ldo + n] = from_f32<T>(acc[j][mb][2 * h + e] + bias);
+          if (m >= a.M) continue;
+          if (a.ws) a.ws[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = acc[j][mb][2 * h + e];  // (bias: the reduction)
+          else a.out[int64_t(m) * a.ldo + n] = from_f32<T>(acc[j][mb][2 * h + e] + bias);
         }
       }
     }

@@ -2,9 +2,13 @@
 //   y[M, N] = x[M, K] @ dequant(w)^T (+ bias), x and y bf16 or fp16, fp32 accumulation.
 //
 // Per pipeline stage (kMmaStages = 3): the x tile [BM][32 elements] comes in by cp.async (zero-filled
-// outside M / K); the weight tile [BN][32 k] is loaded from global into registers one stage ahead,
-// dequantized in registers and stored to shared memory as 16-bit values; both tiles use the 64-byte-row
-// swizzled layout of mma_common.cuh and are read with ldmatrix.x4 into mma.sync m16n8k16 fragments.
+// outside M / K); the weight tile [BN][32 k] is loaded from global into registers kWDepth - 1 iterations
+// before it is dequantized (a ring of kWDepth register buffers), dequantized in registers and stored to shared
+// memory as 16-bit values; both tiles use the 64-byte-row swizzled layout of mma_common.cuh and are read with
+// ldmatrix.x4 into mma.sync m16n8k16 fragments.
+// Split-K (Args::ws set): CTA (tile, blockIdx.y = split) sums k in [split * k_split, + k_split) and writes
+// its fp32 partial (channel scale applied, no bias) to ws[split, M, N]; a reduction kernel sums the splits in
+// order, adds the bias and casts (deterministic).
 // Weight formats (kFmt):
 //   kInt8Channel  int8 [N, K], scale [N]: the tile holds q itself (exact in bf16/fp16), the epilogue
 //                 multiplies by the channel scale;
@@ -44,7 +48,17 @@ struct Args {
   const float* bias;     // [N] fp32 or null
   T* out;                // [M, N], row stride ldo
   int64_t ldo;
+  float* ws = nullptr;   // split-K: fp32 partials [gridDim.y, M, N] (out untouched); null: one split
+  int k_split = 0;       // k per split (a multiple of kSplitKUnit), when ws is set
 };
+
+// Split-K ranges are multiples of this many k (one wgmma stage, two mma.sync stages), so that no k tile of either
+// GEMM straddles two splits.
+constexpr int kSplitKUnit = 64;
+// Weight-piece register buffers: a piece is loaded kWDepth - 1 iterations before it is dequantized. (The first
+// GPU run measured one global-load latency per k tile when the loads were issued in the iteration that
+// dequantized them: ~1.2 us per tile, docs/notes/gpu-run-2026-11-29.md.)
+constexpr int kWDepth = 3;
 
 // The raw bytes of one weight piece (16 consecutive k of one row) and its group's scale / offset.
 template <int kFmt>
@@ -122,12 +136,15 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<
   int tile_m, tile_n;
   grouped_raster(a.M, a.N, BM, BN, blockIdx.x, tile_m, tile_n);
   const int m_base = tile_m * BM, n_base = tile_n * BN;
-  const int KT = (a.K + kBK - 1) / kBK;
+  // This CTA's k tiles [kt0, kt0 + KT) (split-K: blockIdx.y's share; a split range is whole k tiles).
+  const int KT_all = (a.K + kBK - 1) / kBK;
+  const int kt0 = a.ws ? blockIdx.y * (a.k_split / kBK) : 0;
+  const int KT = a.ws ? min(KT_all - kt0, a.k_split / kBK) : KT_all;
 
   // x tile of stage s <- k tile kt, asynchronously (16-byte chunks = 8 elements; K % 16 == 0, so a chunk
   // is wholly inside or outside [0, K)).
   auto load_x = [&](int s, int kt) {
-    const int k0 = kt * kBK;
+    const int k0 = (kt0 + kt) * kBK;
     int8_t* sa = smem[s];
 #pragma unroll
     for (int i = tid; i < BM * 4; i += kThreads) {
@@ -138,12 +155,12 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<
       cp_async16(smem_u32(sa + swz(r, c)), src, ok ? 16 : 0);
     }
   };
-  // Weight pieces of k tile kt -> registers.
+  // Weight pieces of this CTA's k tile kt -> registers (zeros past its range: read by nothing).
   auto load_w = [&](int kt, Piece<kFmt> (&p)[kPieces]) {
 #pragma unroll
     for (int i = 0; i < kPieces; ++i) {
       const int idx = tid + i * kThreads;
-      load_piece<T, kFmt>(a, n_base + idx / 2, kt * kBK + (idx % 2) * 16, p[i]);
+      load_piece<T, kFmt>(a, kt < KT ? n_base + idx / 2 : a.N, (kt0 + kt) * kBK + (idx % 2) * 16, p[i]);
     }
   };
   // Registers -> dequantized 16-bit weight tile of stage s (row r = idx / 2, chunks 2h and 2h + 1).
@@ -168,57 +185,67 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-  Piece<kFmt> pw[kPieces];
+  // pw[kt % kWDepth]: the raw pieces of k tile kt, loaded kWDepth - 1 iterations before iteration kt -
+  // (kMmaStages - 1) dequantizes them into their stage.
+  Piece<kFmt> pw[kWDepth][kPieces];
 #pragma unroll
   for (int s = 0; s < kMmaStages - 1; ++s) {
     if (s < KT) {
       load_x(s, s);
-      load_w(s, pw);
-      store_w(s, pw);
+      load_w(s, pw[0]);
+      store_w(s, pw[0]);
     }
     cp_async_commit();
   }
+#pragma unroll
+  for (int d = 0; d < kWDepth - 1; ++d) load_w(kMmaStages - 1 + d, pw[(kMmaStages - 1 + d) % kWDepth]);
 
-  for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<kMmaStages - 2>();
-    // x tile kt landed (this thread's copies); the barrier makes every thread's copies and weight
-    // stores of tile kt visible, and guarantees every warp is done with the stage refilled below.
-    __syncthreads();
-    const int nk = kt + kMmaStages - 1;
-    const bool refill = nk < KT;
-    if (refill) {
-      load_x(nk % kMmaStages, nk);
-      load_w(nk, pw);  // global loads in flight during the MMAs below
-    }
-    cp_async_commit();
-    const int8_t* sa = smem[kt % kMmaStages];
-    const int8_t* sb = smem[kt % kMmaStages] + BM * kTileRowBytes;
+  // Unrolled by kWDepth so that every ring index is a compile-time constant (registers, not local memory).
+  for (int kb = 0; kb < KT; kb += kWDepth) {
 #pragma unroll
-    for (int ks = 0; ks < 2; ++ks) {  // two k16 steps of 32 bytes
-      uint32_t af[MT][4];
+    for (int u = 0; u < kWDepth; ++u) {
+      const int kt = kb + u;
+      if (kt >= KT) break;  // (uniform across the CTA)
+      cp_async_wait<kMmaStages - 2>();
+      // x tile kt landed (this thread's copies); the barrier makes every thread's copies and weight
+      // stores of tile kt visible, and guarantees every warp is done with the stage refilled below.
+      __syncthreads();
+      const int nk = kt + kMmaStages - 1;
+      const bool refill = nk < KT;
+      if (refill) load_x(nk % kMmaStages, nk);
+      cp_async_commit();
+      // The pieces of tile nk + kWDepth - 1 go into the buffer tile nk - 1 left (stored last iteration); they
+      // are in flight during this and the next kWDepth - 2 iterations' MMAs.
+      if (nk + kWDepth - 1 < KT) load_w(nk + kWDepth - 1, pw[(u + kMmaStages - 1 + kWDepth - 1) % kWDepth]);
+      const int8_t* sa = smem[kt % kMmaStages];
+      const int8_t* sb = smem[kt % kMmaStages] + BM * kTileRowBytes;
 #pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        const int r = wm * WM + i * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-        const int c = ks * 2 + lane / 16;
-        ldmatrix_x4(smem_u32(sa + swz(r, c)), af[i][0], af[i][1], af[i][2], af[i][3]);
-      }
-      uint32_t bf[NT][2];
+      for (int ks = 0; ks < 2; ++ks) {  // two k16 steps of 32 bytes
+        uint32_t af[MT][4];
 #pragma unroll
-      for (int jp = 0; jp < NT / 2; ++jp) {
-        const int r = wn * WN + jp * 16 + (lane % 8) + (lane / 16) * 8;
-        const int c = ks * 2 + (lane / 8) % 2;
-        ldmatrix_x4(smem_u32(sb + swz(r, c)), bf[2 * jp][0], bf[2 * jp][1], bf[2 * jp + 1][0], bf[2 * jp + 1][1]);
-      }
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          if constexpr (std::is_same<T, __nv_bfloat16>::value) mma_bf16(acc[i][j], af[i], bf[j][0], bf[j][1]);
-          else mma_f16(acc[i][j], af[i], bf[j][0], bf[j][1]);
+        for (int i = 0; i < MT; ++i) {
+          const int r = wm * WM + i * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+          const int c = ks * 2 + lane / 16;
+          ldmatrix_x4(smem_u32(sa + swz(r, c)), af[i][0], af[i][1], af[i][2], af[i][3]);
         }
+        uint32_t bf[NT][2];
+#pragma unroll
+        for (int jp = 0; jp < NT / 2; ++jp) {
+          const int r = wn * WN + jp * 16 + (lane % 8) + (lane / 16) * 8;
+          const int c = ks * 2 + (lane / 8) % 2;
+          ldmatrix_x4(smem_u32(sb + swz(r, c)), bf[2 * jp][0], bf[2 * jp][1], bf[2 * jp + 1][0], bf[2 * jp + 1][1]);
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            if constexpr (std::is_same<T, __nv_bfloat16>::value) mma_bf16(acc[i][j], af[i], bf[j][0], bf[j][1]);
+            else mma_f16(acc[i][j], af[i], bf[j][0], bf[j][1]);
+          }
+      }
+      // The stage being refilled was last read in iteration kt - 1, before this iteration's barrier.
+      if (refill) store_w(nk % kMmaStages, pw[(u + kMmaStages - 1) % kWDepth]);
     }
-    // The stage being refilled was last read in iteration kt - 1, before this iteration's barrier.
-    if (refill) store_w(nk % kMmaStages, pw);
   }
   cp_async_wait<0>();
 
@@ -237,6 +264,10 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<
           if (n >= a.N) continue;
           float v = acc[i][j][h * 2 + e];
           if constexpr (kFmt == kInt8Channel) v *= __ldg(a.scale + n);
+          if (a.ws) {  // split-K partial: the reduction adds the bias
+            a.ws[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = v;
+            continue;
+          }
           if (a.bias) v += a.bias[n];
           a.out[int64_t(m) * a.ldo + n] = from_f32<T>(v);
         }

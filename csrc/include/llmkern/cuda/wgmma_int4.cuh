@@ -13,9 +13,12 @@
 //   8-row groups), LBO unused (encoded 1); the k16 step ks of the 64-k stage starts 32 * ks bytes into the
 //   row (the swizzle XOR is applied by the hardware on address bits [4, 7) with bits [7, 10)).
 // - x tile: cp.async 16 B per chunk (zero-filled outside M / K). Weight tile: each thread loads 16 B of
-//   nibbles (32 k of one row, inside one group since G % 32 == 0) plus its scale / offset into
-//   registers one stage ahead, dequantizes (fp32 q * s, then + o, one rounding to T, as wdq_gemm.cuh)
-//   and stores 4 x 16 B into the swizzled tile while the current stage's wgmmas run.
+//   nibbles (32 k of one row, inside one group since G % 32 == 0) plus its scale / offset into a ring of
+//   wdq::kWDepth register buffers, kWDepth - 1 iterations before it dequantizes them (fp32 q * s, then + o, one
+//   rounding to T, as wdq_gemm.cuh) and stores 4 x 16 B into the swizzled tile while the current stage's
+//   wgmmas run.
+// - Split-K (wdq::Args::ws set): blockIdx.y's k range [split * k_split, + k_split) (whole 64-k stages), fp32
+//   partials to ws[split, M, N] without bias; the launcher's reduction sums them in order.
 // - Ordering: generic-proxy writes (cp.async, st.shared) -> fence.proxy.async.shared::cta in each writing
 //   thread -> __syncthreads -> wgmma.fence, 4 x wgmma.mma_async m64n128k16 (A and B from shared memory
 //   descriptors), wgmma.commit_group -> (dequantize + store the next-but-one stage) ->
@@ -103,7 +106,10 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
   int tile_m, tile_n;
   grouped_raster(a.M, a.N, BM, kBN, blockIdx.x, tile_m, tile_n);
   const int m_base = tile_m * BM, n_base = tile_n * kBN;
-  const int KT = (a.K + kBK - 1) / kBK;
+  // This CTA's k tiles [kt0, kt0 + KT) (split-K: blockIdx.y's share, whole stages).
+  const int KT_all = (a.K + kBK - 1) / kBK;
+  const int kt0 = a.ws ? blockIdx.y * (a.k_split / kBK) : 0;
+  const int KT = a.ws ? min(KT_all - kt0, a.k_split / kBK) : KT_all;
   const uint8_t* qw = static_cast<const uint8_t*>(a.w);
 
   // x tile of stage s <- k tile kt (chunk c of row r holds x[m_base + r, kt * 64 + 8c .. + 8)).
@@ -113,39 +119,41 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
     for (int i = 0; i < kXChunks; ++i) {
       const int idx = tid + i * kThreads;
       const int r = idx / 8, c = idx % 8;
-      const int gm = m_base + r, gk = kt * kBK + c * 8;
+      const int gm = m_base + r, gk = (kt0 + kt) * kBK + c * 8;
       const bool ok = gm < a.M && gk < a.K;
       const T* src = ok ? a.x + int64_t(gm) * a.ldx + gk : a.x;
       cp_async16(smem_u32(sx + swz128(r, c)), src, ok ? 16 : 0);
     }
   };
   // Weight piece i of this thread for k tile kt: row idx / 2 of the tile, k = kt * 64 + 32 (idx % 2) .. + 32.
-  uint4 raw[kPieces];
-  float ps[kPieces], po[kPieces];
-  auto load_w = [&](int kt) {
+  struct WPieces {
+    uint4 raw[kPieces];
+    float s[kPieces], o[kPieces];
+  };
+  auto load_w = [&](int kt, WPieces& w) {
 #pragma unroll
     for (int i = 0; i < kPieces; ++i) {
       const int idx = tid + i * kThreads;
-      const int n = n_base + idx / 2, k = kt * kBK + (idx % 2) * 32;
-      raw[i] = make_uint4(0, 0, 0, 0);
-      ps[i] = 0.0f;
-      po[i] = 0.0f;  // out-of-range rows / k: zero weights, contribute nothing
-      if (n < a.N && k < a.K) {
-        raw[i] = __ldg(reinterpret_cast<const uint4*>(qw + int64_t(n) * (a.K / 2) + k / 2));
-        ps[i] = __ldg(a.scale + int64_t(n) * a.ngroups + k / a.group);
-        po[i] = __ldg(a.offset + int64_t(n) * a.ngroups + k / a.group);
+      const int n = n_base + idx / 2, k = (kt0 + kt) * kBK + (idx % 2) * 32;
+      w.raw[i] = make_uint4(0, 0, 0, 0);
+      w.s[i] = 0.0f;
+      w.o[i] = 0.0f;  // out-of-range rows / k (or past this CTA's tiles): zero weights, contribute nothing
+      if (n < a.N && k < a.K && kt < KT) {
+        w.raw[i] = __ldg(reinterpret_cast<const uint4*>(qw + int64_t(n) * (a.K / 2) + k / 2));
+        w.s[i] = __ldg(a.scale + int64_t(n) * a.ngroups + k / a.group);
+        w.o[i] = __ldg(a.offset + int64_t(n) * a.ngroups + k / a.group);
       }
     }
   };
   // Registers -> dequantized weight tile of stage s: piece idx fills chunks 4 (idx % 2) .. + 4 of row idx / 2.
-  auto store_w = [&](int s) {
+  auto store_w = [&](int s, const WPieces& w) {
     uint8_t* sw = smem + s * kStage + BM * kRowBytes;
 #pragma unroll
     for (int i = 0; i < kPieces; ++i) {
       const int idx = tid + i * kThreads;
       const int r = idx / 2, h = idx % 2;
       uint32_t v[16];
-      dequant32<T>(raw[i], ps[i], po[i], v);
+      dequant32<T>(w.raw[i], w.s[i], w.o[i], v);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         *reinterpret_cast<uint4*>(sw + swz128(r, 4 * h + j)) = make_uint4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
@@ -156,42 +164,54 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
 
+  // wq[kt % kWDepth]: the raw pieces of k tile kt, loaded kWDepth - 1 iterations before iteration
+  // kt - (kStages - 1) dequantizes them into their stage.
+  constexpr int kWDepth = wdq::kWDepth;
+  WPieces wq[kWDepth];
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < KT) {
       load_x(s, s);
-      load_w(s);
-      store_w(s);
+      load_w(s, wq[0]);
+      store_w(s, wq[0]);
     }
     cp_async_commit();
   }
-
-  for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<kStages - 2>();
-    // This thread's cp.async data of tile kt has landed and its st.shared of the weight tile are done;
-    // make both visible to the async proxy (the tensor cores read through it), then to every thread.
-    sm90::fence_proxy_async();
-    __syncthreads();
-    const int nk = kt + kStages - 1;
-    const bool refill = nk < KT;
-    if (refill) {
-      load_x(nk % kStages, nk);
-      load_w(nk);  // global loads in flight during the wgmmas below
-    }
-    cp_async_commit();
-    const uint32_t sx = smem_u32(smem + (kt % kStages) * kStage) + wg * kWgRows * kRowBytes;
-    const uint32_t sw = smem_u32(smem + (kt % kStages) * kStage + BM * kRowBytes);
-    sm90::fence_regs(acc);
-    sm90::wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kBK / 16; ++ks)
-      sm90::wgmma_ss<T, kBN>(acc, sm90::desc_k_major(sx + 32 * ks), sm90::desc_k_major(sw + 32 * ks), 1);
-    sm90::wgmma_commit();
-    // Dequantize the next-but-one stage while the tensor cores work; its buffer was last read by the
-    // wgmmas of iteration kt - 1, completed (wait_group 0) before this iteration's barrier.
-    if (refill) store_w(nk % kStages);
-    sm90::wgmma_wait<0>();
-    sm90::fence_regs(acc);
+  for (int d = 0; d < kWDepth - 1; ++d) load_w(kStages - 1 + d, wq[(kStages - 1 + d) % kWDepth]);
+
+  // Unrolled by kWDepth so that every ring index is a compile-time constant (registers, not local memory).
+  for (int kb = 0; kb < KT; kb += kWDepth) {
+#pragma unroll
+    for (int u = 0; u < kWDepth; ++u) {
+      const int kt = kb + u;
+      if (kt >= KT) break;  // (uniform across the CTA)
+      cp_async_wait<kStages - 2>();
+      // This thread's cp.async data of tile kt has landed and its st.shared of the weight tile are done;
+      // make both visible to the async proxy (the tensor cores read through it), then to every thread.
+      sm90::fence_proxy_async();
+      __syncthreads();
+      const int nk = kt + kStages - 1;
+      const bool refill = nk < KT;
+      if (refill) load_x(nk % kStages, nk);
+      cp_async_commit();
+      // Tile nk + kWDepth - 1's pieces go into the buffer tile nk - 1 left (stored last iteration): in flight
+      // during this and the next kWDepth - 2 iterations.
+      if (nk + kWDepth - 1 < KT) load_w(nk + kWDepth - 1, wq[(u + kStages - 1 + kWDepth - 1) % kWDepth]);
+      const uint32_t sx = smem_u32(smem + (kt % kStages) * kStage) + wg * kWgRows * kRowBytes;
+      const uint32_t sw = smem_u32(smem + (kt % kStages) * kStage + BM * kRowBytes);
+      sm90::fence_regs(acc);
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kBK / 16; ++ks)
+        sm90::wgmma_ss<T, kBN>(acc, sm90::desc_k_major(sx + 32 * ks), sm90::desc_k_major(sw + 32 * ks), 1);
+      sm90::wgmma_commit();
+      // Dequantize the next-but-one stage while the tensor cores work; its buffer was last read by the
+      // wgmmas of iteration kt - 1, completed (wait_group 0) before this iteration's barrier.
+      if (refill) store_w(nk % kStages, wq[(u + kStages - 1) % kWDepth]);
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs(acc);
+    }
   }
   cp_async_wait<0>();
 
@@ -204,6 +224,10 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
     const int n = col0 + 8 * (i / 4) + i % 2;
     if (m < a.M && n < a.N) {
       float v = acc[i];
+      if (a.ws) {  // split-K partial: the reduction adds the bias
+        a.ws[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = v;
+        continue;
+      }
       if (a.bias) v += a.bias[n];
       a.out[int64_t(m) * a.ldo + n] = from_f32<T>(v);
     }

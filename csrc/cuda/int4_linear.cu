@@ -199,7 +199,9 @@ static int decode_mma_splits(int N, int K, int num_sms) {
 // alone give every SM one; otherwise enough splits for ~2 CTAs per SM (M = 64 on Llama-3-8B's 4096 x 14336
 // layer: 32 tiles on an H200's 132 SMs, 9 splits), each split at least kGemmMinSplitK k in whole
 // kSplitKUnit units, at most kMaxSplits, none empty.
-constexpr int kGemmMinSplitK = 512;
+// (256 k: 8 mma.sync tiles, 4 wgmma stages; SmolLM2's K = 576 layers at prefill split in two, their 40 tiles
+// being a third of an H200's SMs)
+constexpr int kGemmMinSplitK = 256;
 int int4_linear_gemm_splits(int M, int N, int K, int num_sms) {
   if (M <= 0 || N <= 0 || K <= 0) return 1;
   const int64_t tiles = gemm_tiles(M, N, std::max(num_sms, 1));

@@ -101,14 +101,15 @@ def test_wgmma_gemm(lin, dtype, G, sms):
 
 def test_gemm_splits_rule(lin):
     """int4_linear_gemm_splits: split K only when the output tiles leave SMs without one, to about two CTAs per
-    SM, at least 512 k per split, at most 16 splits, none empty."""
+    SM, at least 256 k per split, at most 16 splits, none empty."""
     f = lin.emu.int4_linear_gemm_splits
     assert f(64, 4096, 14336, 132) == 9      # 32 tiles of 64 x 128: the first GPU run's slowest M = 64 shape
     assert f(64, 14336, 4096, 132) == 3      # 112 tiles
     assert f(256, 4096, 4096, 132) == 3      # 128 tiles of 64 rows (the 128-row ones would be 64)
     assert f(1024, 4096, 14336, 132) == 1    # 256 tiles of 128 x 128
     assert f(17, 33, 96, 132) == 1           # K too short to split
-    assert f(17, 33, 1024, 132) == 2 and f(17, 33, 1568, 132) == 3  # 16 / 25 units of 64 k
+    assert f(17, 33, 1024, 132) == 4 and f(17, 33, 1568, 132) == 5  # 16 / 25 units of 64 k: 4 / 5 units each
+    assert f(512, 576, 576, 132) == 2 and f(512, 576, 1536, 132) == 6  # SmolLM2's prefill layers (40 tiles)
     assert f(17, 33, 1 << 20, 1) == 1 and f(17, 33, 1 << 20, 132) == 16
 
 
@@ -116,8 +117,8 @@ def test_gemm_splits_rule(lin):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("G", [32, 64, 128])
 def test_gemm_splitk(lin, dtype, G, wgmma):
-    """M > 16 whose tiles leave SMs idle: K split over 3 CTAs per tile (K 1568 = 24.5 64-k units at G 32: the
-    last split ends in a half wgmma stage; 1536 otherwise), fp32 partials in the poisoned workspace summed in a
+    """M > 16 whose tiles leave SMs idle: K split over 5 CTAs per tile (K 1568 = 24.5 64-k units at G 32, 5 units
+    a split: the last one ends in a half wgmma stage) or 6 (K 1536), fp32 partials in the poisoned workspace summed in a
     fixed order with the bias: within tolerance of the reference and close to the unsplit GEMM, the same bits
     on a second run; CUDA_GEMM_SPLITK off gives the unsplit GEMM."""
     K = 1568 if G == 32 else 1536

@@ -7,6 +7,8 @@ Group = (model heads / head dim, B sequences, L cached tokens each, dtype). Entr
   block size, `llmkern.nn.paged_kv_cache.default_block_size`; 16: the GPU one);
 - llmkern.cuda.contiguous.pipelined / .paged16.pipelined: the CUDA split kernel's cp.async-pipelined loop
   (CUDA_DECODE_PIPELINE; off by default until timed against the register loop);
+- llmkern.cuda.contiguous.mma / .paged16.mma / .paged64.mma: the tensor-core decode kernel
+  (CUDA_DECODE_MMA, csrc/include/llmkern/cuda/decode_attention_mma.cuh; off by default until timed);
 - llmkern.<backend>.int8: an int8 contiguous cache with a float32 scale per (token, head) (half the
   bytes of bf16);
 - SDPA: `F.scaled_dot_product_attention(q [B, Hq, 1, D], k/v [B, Hk, L, D])`, the cache in SDPA's own
@@ -39,8 +41,9 @@ def _items():
         for dt in S.dtypes():
             for b in S.llmkern_backends(OP, _flops(case), 2.0 * case.B * case.L * case.Hk * case.D * 4):
                 items += [(case, dt, f"llmkern.{b}.{lay}") for lay in LAYOUTS]
-                if b == "cuda" and dt != "fp32":  # the CUDA split kernel's cp.async-pipelined loop
+                if b == "cuda" and dt != "fp32":  # the CUDA split kernel's cp.async-pipelined loop; the mma kernel
                     items += [(case, dt, f"llmkern.cuda.{lay}.pipelined") for lay in ("contiguous", "paged16")]
+                    items += [(case, dt, f"llmkern.cuda.{lay}.mma") for lay in ("contiguous", "paged16", "paged64")]
             items.append((case, dt, "SDPA"))
     return items
 
@@ -113,6 +116,18 @@ def test_decode_attention(bench, group_cache, case, dtype, impl):
                 return out
 
             decode_attention = S.with_switch("decode_attention", "CUDA_DECODE_PIPELINE", pipelined)
+        elif variant == ["mma"]:
+            import importlib
+
+            ops_mod = importlib.import_module("llmkern.ops.decode_attention")  # the module, not the function
+            plain = decode_attention
+
+            def mma(*args, **kwargs):
+                out = plain(*args, **kwargs)
+                assert ops_mod._last_cuda_path == "split_mma", ops_mod._last_cuda_path  # (that kernel ran)
+                return out
+
+            decode_attention = S.with_switch("decode_attention", "CUDA_DECODE_MMA", mma)
 
         if layout == "contiguous":
             cache_bytes = kv_elems * e

@@ -9,7 +9,7 @@ do, and they can be read in a session without a GPU.
 
 Cases (Llama-3-8B shapes, bf16; each name says its route; `--list` prints them):
   decode.*      decode_attention B = 64, L = 4096, 32 / 8 heads, D = 128: contiguous (register loop), the
-                pipelined loop, paged 64-token blocks
+                pipelined loop, paged 64-token blocks, the tensor-core kernel (contiguous, paged)
   int4.*        Int4Linear (packed) M = 1 / 16 / 64 / 1024, the op on canonical weights at M = 1024 (wgmma on
                 sm_90, mma.sync), and M = 64 without split-K
   int8.*        Int8Linear W8A8 M = 1024 (mma.sync) and the sm_90a kernel; W8A16 M = 1
@@ -110,6 +110,14 @@ class Cases:
 
     def case_decode__paged64(self):
         return self._decode(True)
+
+    def case_decode__contiguous_mma(self):
+        call, check = self._decode(False)
+        return _switched("decode_attention", "CUDA_DECODE_MMA", True, call), check
+
+    def case_decode__paged64_mma(self):
+        call, check = self._decode(True)
+        return _switched("decode_attention", "CUDA_DECODE_MMA", True, call), check
 
     # ---------------------------------------------------------------- int4
     def _int4(self, M: int, N: int, K: int, G: int, module: bool):

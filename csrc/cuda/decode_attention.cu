@@ -9,7 +9,8 @@
 
 namespace llmkern {
 
-// Returns the split kernel's loop that ran: "split" (loads into registers) or "split_pipelined".
+// Returns the split kernel's loop that ran: "split" (loads into registers), "split_pipelined" or "split_mma"
+// (the tensor-core kernel, decode_attention_mma.cuh).
 const char* decode_attention_cuda(cuda::DecodeParams p, void* stream) {
   auto fail = [](const std::string& m) { throw std::invalid_argument("llmkern._C_cuda.decode_attention: " + m); };
   if (p.B < 0 || p.Sq < 1 || p.Hk < 1 || p.Hq < p.Hk || p.Hq % p.Hk) fail("need B >= 0, Sq >= 1, Hq a multiple of Hk");
@@ -34,7 +35,7 @@ const char* decode_attention_cuda(cuda::DecodeParams p, void* stream) {
   const cuda::DecodeLoop loop = cuda::launch_decode_attention(p, static_cast<cudaStream_t>(stream));
   if (loop == cuda::kDecodeNone) fail("head dim " + std::to_string(p.D) + " has no kernel (multiples of 8 up to 256; 128 for float32)");
   LLMKERN_CUDA_CHECK_LAUNCH();
-  return loop == cuda::kDecodePipelined ? "split_pipelined" : "split";
+  return loop == cuda::kDecodeMma ? "split_mma" : loop == cuda::kDecodePipelined ? "split_pipelined" : "split";
 }
 
 }  // namespace llmkern

@@ -22,7 +22,7 @@ void bind_decode_attention(py::module_& m) {
          const std::vector<int64_t>& kss, const std::vector<int64_t>& vss, std::uintptr_t seq_lens,
          std::uintptr_t block_table, int64_t bt_stride, int block_size, float scale, float softcap,
          int window_left, std::uintptr_t out, std::uintptr_t ws, int num_splits, std::uintptr_t stream,
-         int pipeline) {
+         int pipeline, int mma) {
         auto need3 = [](const std::vector<int64_t>& s, const char* name) {
           if (s.size() != 3)
             throw py::value_error(std::string("llmkern._C_cuda.decode_attention: ") + name + " needs 3 strides");
@@ -55,6 +55,7 @@ void bind_decode_attention(py::module_& m) {
         p.ws = reinterpret_cast<float*>(ws);
         p.num_splits = num_splits;
         p.pipeline = pipeline;
+        p.mma = mma;
         return std::string(decode_attention_cuda(p, reinterpret_cast<void*>(stream)));
       },
       py::arg("q"), py::arg("q_dtype"), py::arg("q_strides"), py::arg("B"), py::arg("Sq"), py::arg("Hq"),
@@ -62,7 +63,7 @@ void bind_decode_attention(py::module_& m) {
       py::arg("k_strides"), py::arg("v_strides"), py::arg("k_scale"), py::arg("v_scale"),
       py::arg("k_scale_strides"), py::arg("v_scale_strides"), py::arg("seq_lens"), py::arg("block_table"),
       py::arg("bt_stride"), py::arg("block_size"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
-      py::arg("out"), py::arg("ws"), py::arg("num_splits"), py::arg("stream"), py::arg("pipeline") = 0,
+      py::arg("out"), py::arg("ws"), py::arg("num_splits"), py::arg("stream"), py::arg("pipeline") = 0, py::arg("mma") = 0,
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "decode_attention_workspace_floats",

@@ -290,7 +290,14 @@ _CUDA_MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost (q load, merge
 # timed the pipelined one against it (bench entries llmkern.cuda.*.pipelined). LLMKERN_CUDA_DECODE_PIPELINE=1
 # turns it on (read at import).
 CUDA_DECODE_PIPELINE = os.environ.get("LLMKERN_CUDA_DECODE_PIPELINE", "") == "1"
-_last_cuda_path = None  # the launcher's answer for the last cuda call: "split" or "split_pipelined" (tests, benches)
+# True: bf16 / fp16 caches with D = 64 or 128 run the tensor-core kernel (csrc/include/llmkern/cuda/
+# decode_attention_mma.cuh): the query rows of a KV head as mma.sync tiles, K / V through a 3-deep cp.async ring.
+# Written (session 15, without a GPU) because the split kernel's SASS holds ~1760 instructions per 8-key step of a
+# warp (bf16, D = 128): instruction-bound near the 34% of the read bandwidth the first GPU run measured. Off until
+# a GPU run has timed it (bench entries llmkern.cuda.*.mma). LLMKERN_CUDA_DECODE_MMA=1 turns it on (read at import).
+CUDA_DECODE_MMA = os.environ.get("LLMKERN_CUDA_DECODE_MMA", "") == "1"
+# the launcher's answer for the last cuda call: "split", "split_pipelined" or "split_mma" (tests, benches)
+_last_cuda_path = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -298,16 +305,17 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def cuda_num_splits(B: int, Hk: int, rows: int, max_keys: int, sms: int) -> int:
+def cuda_num_splits(B: int, Hk: int, rows: int, max_keys: int, sms: int, mma: bool = False) -> int:
     """Splits of each sequence's keys for the CUDA kernel (B * Hk * row_chunks * splits CTAs).
 
-    CTAs resident at once: ~3 per SM with <= 4 query rows per CTA, ~2 with 8 (registers). The smallest
-    split count whose CTAs fill >= 85% of their last wave is taken (more splits only add merge work),
-    else the best fill; a split keeps at least _CUDA_MIN_KEYS_PER_SPLIT keys.
+    CTAs resident at once: ~3 per SM with <= 4 query rows per CTA, ~2 with 8 (registers); the tensor-core
+    kernel (mma): 16 rows per CTA, 2 per SM (shared memory). The smallest split count whose CTAs fill >= 85% of
+    their last wave is taken (more splits only add merge work), else the best fill; a split keeps at least
+    _CUDA_MIN_KEYS_PER_SPLIT keys.
     """
     if CUDA_FORCE_SPLITS is not None:
         return max(1, min(int(CUDA_FORCE_SPLITS), 65535))
-    per_cta = 4 if rows <= 4 else 8
+    per_cta = 16 if mma else 4 if rows <= 4 else 8
     base = max(1, B * Hk * ((rows + per_cta - 1) // per_cta))
     resident = max(1, sms * (3 if per_cta == 4 else 2))
     cap = max(1, min(128, max_keys // _CUDA_MIN_KEYS_PER_SPLIT))
@@ -324,8 +332,9 @@ def cuda_num_splits(B: int, Hk: int, rows: int, max_keys: int, sms: int) -> int:
 
 @decode_attention_op.backend("cuda")
 def _cuda(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, softcap, window_left):
-    """Split-KV CUDA kernels (csrc/include/llmkern/cuda/decode_attention.cuh) on raw pointers and strides;
-    torch allocates out and the fp32 workspace of partial states (so the op is CUDA-graph safe)."""
+    """Split-KV CUDA kernels (csrc/include/llmkern/cuda/decode_attention.cuh; with CUDA_DECODE_MMA the tensor-core
+    one of decode_attention_mma.cuh for 16-bit caches with D 64 / 128) on raw pointers and strides; torch
+    allocates out and the fp32 workspace of partial states (so the op is CUDA-graph safe)."""
     if q.device.type != "cuda":
         raise BackendUnsupported(f"q is on {q.device}")
     mod = _backends.cuda_module()
@@ -363,8 +372,9 @@ def _cuda(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, s
         capacity = block_table.shape[1] * block_size
     window_left = -1 if window_left >= capacity else int(window_left)  # a window past the cache is no window
     max_keys = capacity if window_left < 0 else min(capacity, window_left + Sq)
+    mma = CUDA_DECODE_MMA and not int8 and k_cache.dtype != torch.float32 and D in (64, 128)
     ns = cuda_num_splits(B, Hk, rows, max_keys, _sm_count(q.device.index if q.device.index is not None
-                                                                  else torch.cuda.current_device()))
+                                                                  else torch.cuda.current_device()), mma)
     ws = None
     if ns > 1:
         ws = torch.empty(mod.decode_attention_workspace_floats(B, Sq, Hq, D, ns), dtype=torch.float32,
@@ -380,7 +390,7 @@ def _cuda(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, s
         seq_lens.data_ptr(), bt_ptr, bt_stride, block_size,
         D ** -0.5 if scale is None else float(scale), float(softcap), int(window_left),
         out.data_ptr(), 0 if ws is None else ws.data_ptr(), ns, torch.cuda.current_stream(q.device).cuda_stream,
-        int(CUDA_DECODE_PIPELINE),
+        int(CUDA_DECODE_PIPELINE), int(mma),
     )
     return out
 

@@ -167,18 +167,19 @@ def _problem(lens, Hq, Hk, D, dt, bs=None, Sq=1, int8=False, seed=0):
     return q, kc, vc, torch.tensor(lens, dtype=torch.int32), bt, ks, vs
 
 
-def _check_decode(emu, args, splits, dt, scale=None, softcap=0.0, window=-1, pipeline=False):
+def _check_decode(emu, args, splits, dt, scale=None, softcap=0.0, window=-1, pipeline=False, mma=False):
     mod = sys.modules["llmkern.ops.decode_attention"]
-    old = mod.CUDA_FORCE_SPLITS, mod.CUDA_DECODE_PIPELINE
-    mod.CUDA_FORCE_SPLITS, mod.CUDA_DECODE_PIPELINE = splits, pipeline
+    old = mod.CUDA_FORCE_SPLITS, mod.CUDA_DECODE_PIPELINE, mod.CUDA_DECODE_MMA
+    mod.CUDA_FORCE_SPLITS, mod.CUDA_DECODE_PIPELINE, mod.CUDA_DECODE_MMA = splits, pipeline, mma
     try:
         dec, _ = adapter(emu, "decode_attention")  # (after the switches: the adapter runs on a copy of the globals)
         out = dec(*args, scale, softcap, window)
     finally:
-        mod.CUDA_FORCE_SPLITS, mod.CUDA_DECODE_PIPELINE = old
+        mod.CUDA_FORCE_SPLITS, mod.CUDA_DECODE_PIPELINE, mod.CUDA_DECODE_MMA = old
     if args[3].numel() and args[0].shape[-1] <= 128:  # (the launcher says which loop ran)
         int8, path = args[1].dtype == torch.int8, dec.__globals__["_last_cuda_path"]
-        assert path == ("split_pipelined" if pipeline and not int8 else "split"), path
+        tc = mma and not int8 and args[1].dtype != torch.float32 and args[0].shape[-1] in (64, 128)
+        assert path == ("split_mma" if tc else "split_pipelined" if pipeline and not int8 else "split"), path
     ref = reference.decode_attention(*args, scale, softcap, window)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert rel(out, ref) <= TOL[dt]
@@ -275,6 +276,35 @@ def test_decode_pipelined_equals_register_loop_bitwise(emu, case, splits):
     a = _check_decode(emu, p, splits, dt, **opt)
     b = _check_decode(emu, p, splits, dt, pipeline=True, **opt)
     assert bits_equal(a, b)
+
+
+MMA_CASES = [  # (lens, Hq, Hk, D, dtype, block size, Sq, options)
+    ([0, 1, 17, 100], 8, 2, 64, torch.bfloat16, None, 1, {}),           # 4 of 16 rows, contiguous, part tiles
+    ([0, 1, 17, 150], 8, 2, 128, torch.float16, 7, 1, {}),              # blocks shorter than a thread's row step
+    ([3, 70], 16, 1, 64, torch.bfloat16, 1, 1, {}),                     # a full 16-row tile, 1-token blocks
+    ([5, 129], 8, 2, 128, torch.bfloat16, 16, 3, dict(window=9)),       # Sq > 1 (12 rows of 3 tokens), a window
+    ([2, 140], 40, 2, 64, torch.bfloat16, 16, 1, dict(softcap=2.0, scale=0.3)),  # 20 rows: two chunks; softcap
+]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("case", MMA_CASES, ids=lambda c: f"H{c[1]}x{c[2]}_D{c[3]}_{str(c[4])[6:]}_bs{c[5]}_Sq{c[6]}")
+def test_decode_mma(emu, case, splits):
+    """CUDA_DECODE_MMA: the tensor-core kernel (decode_attention_mma.cuh; caches poisoned with NaN past each
+    sequence, outputs and workspace poisoned too) against the reference at the op's tolerance, and close to the
+    split kernel (P rounded to 16 bits before P V: not its bits)."""
+    lens, Hq, Hk, D, dt, bs, Sq, opt = case
+    p = _problem(lens, Hq, Hk, D, dt, bs, Sq=Sq, seed=8)
+    a = _check_decode(emu, p, splits, dt, **opt)
+    b = _check_decode(emu, p, splits, dt, mma=True, **opt)
+    assert rel(a, b) <= TOL[dt]
+
+
+def test_decode_mma_leaves_other_caches_to_the_split_kernel(emu):
+    """fp32 and int8 caches and head dims other than 64 / 128 keep the split kernel with the switch on."""
+    _check_decode(emu, _problem([3, 41], 8, 2, 64, torch.float32, 16), 2, torch.float32, mma=True)
+    _check_decode(emu, _problem([3, 41], 8, 2, 64, torch.bfloat16, 16, int8=True), 2, torch.bfloat16, mma=True)
+    _check_decode(emu, _problem([3, 41], 8, 2, 96, torch.bfloat16, 16), 2, torch.bfloat16, mma=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

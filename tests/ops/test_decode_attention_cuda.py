@@ -193,6 +193,54 @@ def test_pipelined_loop_equals_register_loop(monkeypatch, force_splits, dtype, h
         assert_rel(b, p.ref(**opts), TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64), (40, 2, 64)], ids=lambda h: f"H{h[0]}x{h[1]}_D{h[2]}")
+@pytest.mark.parametrize("block_size", [None, 1, 16], ids=lambda b: "contig" if b is None else f"bs{b}")
+def test_mma_kernel(monkeypatch, force_splits, dtype, heads, block_size):
+    """CUDA_DECODE_MMA (decode_attention_mma.cuh): the tensor-core kernel against the reference and close to the
+    split kernel, with splits, Sq > 1 with a window, softcap, 20 rows per KV head (two row chunks); the launcher
+    says it ran; reruns give the same bits; a CUDA graph replays it."""
+    Hq, Hk, D = heads
+    monkeypatch.setattr(DA, "CUDA_DECODE_MMA", True)
+    for Sq, opts in ((1, {}), (3, dict(window_left=37)), (1, dict(softcap=30.0))):
+        p = Problem(ODD_LENS + [0], Hq, Hk, D, dtype, block_size=block_size, Sq=Sq, seed=16)
+        for ns in (1, 3, None):
+            force_splits(ns)
+            out = p.run(**opts)
+            assert DA._last_cuda_path == "split_mma"
+            assert_rel(out, p.ref(**opts), TOL[dtype])
+            assert torch.equal(out, p.run(**opts))
+    monkeypatch.setattr(DA, "CUDA_DECODE_MMA", False)
+    split = p.run(**opts)
+    assert DA._last_cuda_path == "split"
+    assert_rel(out, split, TOL[dtype])
+    monkeypatch.setattr(DA, "CUDA_DECODE_MMA", True)
+    with strict():
+        p.run()  # warm-up (the kernel's shared-memory opt-in)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = llmkern.ops.decode_attention(*p.args(), **p.kw(), backend="cuda")
+    p.q.copy_(torch.randn_like(p.q))
+    g.replay()
+    torch.cuda.synchronize()
+    assert_rel(out, p.ref(), TOL[dtype])
+
+
+@pytest.mark.parametrize("model", ["llama3-8b", "smollm2"])
+def test_mma_kernel_full_shapes(monkeypatch, model):
+    """CUDA_DECODE_MMA at batch 64, random lengths up to 4096, paged (block 16) and contiguous."""
+    monkeypatch.setattr(DA, "CUDA_DECODE_MMA", True)
+    Hq, Hk, D = (32, 8, 128) if model == "llama3-8b" else (9, 3, 64)
+    gen = torch.Generator().manual_seed(19)
+    lens = torch.randint(1, 4097, (64,), generator=gen).tolist()
+    lens[0], lens[1] = 4096, 1
+    p = Problem(lens, Hq, Hk, D, torch.bfloat16, block_size=16, seed=19)
+    assert_rel(p.run(), p.ref(), TOL[torch.bfloat16])
+    assert DA._last_cuda_path == "split_mma"
+    p = Problem([4096] * 4, Hq, Hk, D, torch.bfloat16, block_size=None, seed=20)
+    assert_rel(p.run(), p.ref(), TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("splits", [2, 3, 7, 16, 64, 1000])
 def test_split_equals_unsplit(force_splits, dtype, splits):

@@ -21,6 +21,7 @@
 
 #include <cstdint>
 
+#include "llmkern/cuda/decode_attention_mma.cuh"
 #include "llmkern/cuda/kv_rotary_common.cuh"
 #include "llmkern/cuda/mma_common.cuh"  // smem_u32, cp.async (sm80.cuh)
 #include "llmkern/cuda/params.h"
@@ -422,8 +423,8 @@ __global__ void __launch_bounds__(128) decode_merge_kernel(const DecodeParams p)
 }
 
 // The split kernels' loop that ran (launch_decode_attention's answer): none (no kernel for the input), loads into
-// registers, or the cp.async-pipelined loop.
-enum DecodeLoop { kDecodeNone = 0, kDecodeRegisters = 1, kDecodePipelined = 2 };
+// registers, the cp.async-pipelined loop, or the tensor-core kernel (decode_attention_mma.cuh).
+enum DecodeLoop { kDecodeNone = 0, kDecodeRegisters = 1, kDecodePipelined = 2, kDecodeMma = 3 };
 
 template <int KV, int DMAX, int ROWS>
 inline DecodeLoop launch_decode_split(const DecodeParams& p, cudaStream_t stream) {
@@ -462,15 +463,29 @@ inline DecodeLoop launch_decode_dim(const DecodeParams& p, cudaStream_t stream) 
 // Picks the instantiation and launches both kernels; kDecodeNone when the head dim / dtype has none.
 inline DecodeLoop launch_decode_attention(DecodeParams p, cudaStream_t stream) {
   const int rows = (p.Hq / p.Hk) * p.Sq;
-  p.rows_per_cta = rows <= 4 ? 4 : 8;
-  p.row_chunks = (rows + p.rows_per_cta - 1) / p.rows_per_cta;
   DecodeLoop loop = kDecodeNone;
-  switch (p.kv_type) {
-    case kF32: loop = launch_decode_dim<kF32>(p, stream); break;
-    case kBF16: loop = launch_decode_dim<kBF16>(p, stream); break;
-    case kF16: loop = launch_decode_dim<kF16>(p, stream); break;
-    case kI8: loop = launch_decode_dim<kI8>(p, stream); break;
-    default: break;
+  if (p.mma && (p.kv_type == kBF16 || p.kv_type == kF16) && (p.D == 64 || p.D == 128)) {
+    // The tensor-core kernel (decode_attention_mma.cuh): 16 query rows per CTA.
+    p.rows_per_cta = kDecodeMmaRows;
+    p.row_chunks = (rows + kDecodeMmaRows - 1) / kDecodeMmaRows;
+    if (p.kv_type == kBF16) {
+      if (p.D == 64) launch_decode_mma<__nv_bfloat16, 64>(p, stream);
+      else launch_decode_mma<__nv_bfloat16, 128>(p, stream);
+    } else {
+      if (p.D == 64) launch_decode_mma<__half, 64>(p, stream);
+      else launch_decode_mma<__half, 128>(p, stream);
+    }
+    loop = kDecodeMma;
+  } else {
+    p.rows_per_cta = rows <= 4 ? 4 : 8;
+    p.row_chunks = (rows + p.rows_per_cta - 1) / p.rows_per_cta;
+    switch (p.kv_type) {
+      case kF32: loop = launch_decode_dim<kF32>(p, stream); break;
+      case kBF16: loop = launch_decode_dim<kBF16>(p, stream); break;
+      case kF16: loop = launch_decode_dim<kF16>(p, stream); break;
+      case kI8: loop = launch_decode_dim<kI8>(p, stream); break;
+      default: break;
+    }
   }
   if (loop != kDecodeNone && p.num_splits > 1)
     decode_merge_kernel<<<static_cast<unsigned>(static_cast<int64_t>(p.B) * p.Sq * p.Hq), 128, 0, stream>>>(p);

@@ -68,7 +68,8 @@ struct DecodeParams {
   float* ws = nullptr;   // num_splits > 1: decode_workspace_floats() floats (partial states)
   int num_splits = 1;
   int pipeline = 0;      // 1: the cp.async-pipelined loop where it exists (16-byte rows, D <= 128); 0: loads into registers
-  int rows_per_cta = 0;  // filled by the launcher: 4 or 8 query rows (of one KV head) per CTA
+  int mma = 0;           // 1: the tensor-core kernel where it applies (16-bit cache, D 64 or 128; decode_attention_mma.cuh)
+  int rows_per_cta = 0;  // filled by the launcher: 4 or 8 query rows (of one KV head) per CTA; 16 for the mma kernel
   int row_chunks = 0;    // filled by the launcher: ceil((Hq / Hk) * Sq / rows_per_cta)
 };
 

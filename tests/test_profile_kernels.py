@@ -73,3 +73,33 @@ def test_ncu_summary_rows(tmp_path):
 
 def test_gpu_profile_script_parses():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", "gpu_profile.sh")], check=True)
+
+
+SASS = """
+        code for sm_90a
+                Function : _Z3fooPf
+        .headerflags    @"EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                      /* 0x00000a0000017a02 */
+        /*0010*/                   FFMA R2, R3, R4, R2 ;                       /* 0x0000000403027223 */
+        /*0020*/               @P0 FFMA R2, R3, R4, R2 ;                       /* 0x0000000403027223 */
+        /*0030*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;      /* 0x000000100c08723c */
+        /*0040*/              @!P1 BRA 0x10 ;                                  /* 0x0000000000008947 */
+        /*0050*/                   BRA 0x60 ;                                  /* 0x0000000000007947 */
+        /*0060*/                   EXIT ;                                      /* 0x000000000000794d */
+                Function : _Z3barv
+        /*0000*/                   EXIT ;                                      /* 0x000000000000794d */
+"""
+
+
+def test_sass_loops_finds_the_largest_loop(tmp_path, capsys):
+    import sass_loops
+
+    (tmp_path / "k.sass").write_text(SASS)
+    found = {k["name"]: k for k in sass_loops.loops(SASS)}
+    foo = found["_Z3fooPf"]
+    assert foo["total"] == 7 and foo["loop"] == 4  # 0x10 .. 0x40 (the forward branch is no loop)
+    assert foo["ops"] == {"FFMA": 2, "HMMA": 1, "BRA": 1}
+    assert found["_Z3barv"]["loop"] == 0
+    assert sass_loops.main([str(tmp_path / "k.sass"), "--kernel", "foo"]) == 0
+    out = capsys.readouterr().out
+    assert "_Z3fooPf" in out and "largest loop 4: FFMA 2, HMMA 1, BRA 1" in out and "_Z3barv" not in out

@@ -292,7 +292,7 @@ _CUDA_MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost (q load, merge
 CUDA_DECODE_PIPELINE = os.environ.get("LLMKERN_CUDA_DECODE_PIPELINE", "") == "1"
 # True: bf16 / fp16 caches with D = 64 or 128 run the tensor-core kernel (csrc/include/llmkern/cuda/
 # decode_attention_mma.cuh): the query rows of a KV head as mma.sync tiles, K / V through a 3-deep cp.async ring.
-# Written (session 15, without a GPU) because the split kernel's SASS holds ~1760 instructions per 8-key step of a
+# Written (session 15, without a GPU) because the split kernel's SASS holds ~1770 instructions per 8-key step of a
 # warp (bf16, D = 128): instruction-bound near the 34% of the read bandwidth the first GPU run measured. Off until
 # a GPU run has timed it (bench entries llmkern.cuda.*.mma). LLMKERN_CUDA_DECODE_MMA=1 turns it on (read at import).
 CUDA_DECODE_MMA = os.environ.get("LLMKERN_CUDA_DECODE_MMA", "") == "1"

@@ -3,7 +3,7 @@
 // layout and merge kernel as decode_split_kernel (decode_attention.cuh); what differs is how a CTA walks its keys.
 //
 // Why: decode_split_kernel does the dot products and P V on CUDA cores with 16 lanes per key (a shuffle tree per
-// score, the softmax repeated in all 16 lanes): ~1760 SASS instructions per 8-key step of a warp for bf16, D = 128,
+// score, the softmax repeated in all 16 lanes): ~1770 SASS instructions per 8-key step of a warp for bf16, D = 128,
 // 4 query rows (sm_90a), which caps it near a third of an H200's read bandwidth whatever the loads do (the first
 // GPU run: 34%). Here the G x Sq query rows of a KV head (up to 16) are the rows of mma.sync m16n8k16 tiles,
 // as in prefill flash attention (attention.cuh, whose fragment helpers this reuses):

@@ -122,6 +122,8 @@ inline uint32_t __float_as_uint(float f) { uint32_t u; memcpy(&u, &f, 4); return
 inline float __int_as_float(int u) { float f; memcpy(&f, &u, 4); return f; }
 inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+// 1 + the index of the lowest set bit of x, 0 for x == 0 (CUDA's integer intrinsic)
+inline int __ffs(int x) { return __builtin_ffs(x); }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 // prmt.b32 (default mode): byte n of the result = byte (s >> 4n) & 7 of {y, x} (x = bytes 0..3), or that
 // byte's sign replicated when bit 3 of the selector nibble is set.

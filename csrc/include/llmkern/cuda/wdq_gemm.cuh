@@ -77,8 +77,9 @@ __device__ __forceinline__ void load_piece(const Args<T>& a, int n, int k, Piece
     const uint2 v = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(a.w) + int64_t(n) * (a.K / 2) + k / 2));
     p.raw.x = v.x;
     p.raw.y = v.y;
-    p.s = __ldg(a.scale + int64_t(n) * a.ngroups + k / a.group);
-    p.o = __ldg(a.offset + int64_t(n) * a.ngroups + k / a.group);
+    const int grp = k >> (__ffs(a.group) - 1);  // (int4 groups are 32, 64 or 128: a shift, not a division)
+    p.s = __ldg(a.scale + int64_t(n) * a.ngroups + grp);
+    p.o = __ldg(a.offset + int64_t(n) * a.ngroups + grp);
   } else {
     p.raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const int8_t*>(a.w) + int64_t(n) * a.K + k));
     if constexpr (kFmt == kInt8Group) p.s = __ldg(a.scale + int64_t(n) * a.ngroups + k / a.group);

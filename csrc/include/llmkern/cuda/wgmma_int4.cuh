@@ -140,8 +140,9 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
       w.o[i] = 0.0f;  // out-of-range rows / k (or past this CTA's tiles): zero weights, contribute nothing
       if (n < a.N && k < a.K && kt < KT) {
         w.raw[i] = __ldg(reinterpret_cast<const uint4*>(qw + int64_t(n) * (a.K / 2) + k / 2));
-        w.s[i] = __ldg(a.scale + int64_t(n) * a.ngroups + k / a.group);
-        w.o[i] = __ldg(a.offset + int64_t(n) * a.ngroups + k / a.group);
+        const int grp = k >> (__ffs(a.group) - 1);  // (groups of 32, 64 or 128: a shift, not a division)
+        w.s[i] = __ldg(a.scale + int64_t(n) * a.ngroups + grp);
+        w.o[i] = __ldg(a.offset + int64_t(n) * a.ngroups + grp);
       }
     }
   };

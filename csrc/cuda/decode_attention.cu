@@ -16,7 +16,7 @@ const char* decode_attention_cuda(cuda::DecodeParams p, void* stream) {
   if (p.B < 0 || p.Sq < 1 || p.Hk < 1 || p.Hq < p.Hk || p.Hq % p.Hk) fail("need B >= 0, Sq >= 1, Hq a multiple of Hk");
   if (p.B == 0) return "empty";
   // Grid y = Hk * row chunks, chunks of 4 rows when a KV head has <= 4 query rows, else 8 (launch_decode_attention;
-  // the Python adapter applies the same rule and falls back before this).
+  // the Python adapter applies the same rule and falls back before this; the mma kernel's 16-row chunks make fewer).
   const int64_t rows = int64_t(p.Hq / p.Hk) * p.Sq, per_cta = rows <= 4 ? 4 : 8;
   if (p.B > 65535 || p.Hk * ((rows + per_cta - 1) / per_cta) > 65535) fail("too many sequences or heads for the grid");
   if (p.num_splits < 1 || p.num_splits > 65535) fail("num_splits must be in 1..65535");

@@ -385,8 +385,8 @@ void int4_linear_packed_dequant_cuda(const void* qp, const void* sp, bool scale1
 }
 
 // y[M, N] = x[M, K] @ dequant(w)^T (+ bias) for 16-bit x from the packed weight: the decode kernel for
-// 1 <= M <= 16 (splits > 1, int4_linear_packed_splits, needs ws: fp32 [splits, M, N]), the GEMM for M > 16
-// (splits must be 1).
+// 1 <= M <= 16 (splits: int4_linear_packed_splits), the GEMM for M > 16 (splits: int4_linear_gemm_splits); splits
+// > 1 needs ws: fp32 [splits, M, N].
 const char* int4_linear_packed_cuda(const void* x, int x_dtype, int64_t ldx, int M, int K, const void* qp,
                                     const void* sp, bool scale16, int N, int group, const float* bias, void* out,
                                     int64_t ldo, float* ws, int splits, int num_sms, cudaStream_t st) {

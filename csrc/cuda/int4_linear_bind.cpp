@@ -169,7 +169,7 @@ void bind_int4_linear(py::module_& m) {
       py::arg("scale16"), py::arg("N"), py::arg("group"), py::arg("bias"), py::arg("out"), py::arg("ldo"),
       py::arg("ws"), py::arg("splits"), py::arg("num_sms"), py::arg("stream"),
       "out[M, N] = x[M, K] @ dequant(w)^T (+ fp32 bias) from the packed layout; 16-bit x (x_dtype 1 bfloat16, "
-      "2 float16): the decode kernel for M <= 16 (split-K with splits > 1), the GEMM for M > 16 (splits 1). "
+      "2 float16): the decode kernel for M <= 16, the GEMM for M > 16 (split-K with splits > 1 either way). "
       "Returns the kernel path taken.");
 }
 

@@ -305,19 +305,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def cuda_num_splits(B: int, Hk: int, rows: int, max_keys: int, sms: int, mma: bool = False) -> int:
+def cuda_num_splits(B: int, Hk: int, rows: int, max_keys: int, sms: int, mma: bool = False, D: int = 128) -> int:
     """Splits of each sequence's keys for the CUDA kernel (B * Hk * row_chunks * splits CTAs).
 
     CTAs resident at once: ~3 per SM with <= 4 query rows per CTA, ~2 with 8 (registers); the tensor-core
-    kernel (mma): 16 rows per CTA, 2 per SM (shared memory). The smallest split count whose CTAs fill >= 85% of
-    their last wave is taken (more splits only add merge work), else the best fill; a split keeps at least
-    _CUDA_MIN_KEYS_PER_SPLIT keys.
+    kernel (mma): 16 rows per CTA, by shared memory on an H100 / H200 (228 KB per SM) 4 at D = 64 (50.5 KB each),
+    2 at D = 128 (100.5 KB; on an A100's 164 KB it is 1: an estimate). The smallest split count whose CTAs fill
+    >= 85% of their last wave is taken (more splits only add merge work), else the best fill; a split keeps at
+    least _CUDA_MIN_KEYS_PER_SPLIT keys.
     """
     if CUDA_FORCE_SPLITS is not None:
         return max(1, min(int(CUDA_FORCE_SPLITS), 65535))
     per_cta = 16 if mma else 4 if rows <= 4 else 8
     base = max(1, B * Hk * ((rows + per_cta - 1) // per_cta))
-    resident = max(1, sms * (3 if per_cta == 4 else 2))
+    resident = max(1, sms * ((4 if D <= 64 else 2) if mma else 3 if per_cta == 4 else 2))
     cap = max(1, min(128, max_keys // _CUDA_MIN_KEYS_PER_SPLIT))
     best, best_fill = 1, 0.0
     for ns in range(1, cap + 1):
@@ -374,7 +375,7 @@ def _cuda(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, s
     max_keys = capacity if window_left < 0 else min(capacity, window_left + Sq)
     mma = CUDA_DECODE_MMA and not int8 and k_cache.dtype != torch.float32 and D in (64, 128)
     ns = cuda_num_splits(B, Hk, rows, max_keys, _sm_count(q.device.index if q.device.index is not None
-                                                                  else torch.cuda.current_device()), mma)
+                                                                  else torch.cuda.current_device()), mma, D)
     ws = None
     if ns > 1:
         ws = torch.empty(mod.decode_attention_workspace_floats(B, Sq, Hq, D, ns), dtype=torch.float32,

@@ -464,8 +464,10 @@ inline DecodeLoop launch_decode_dim(const DecodeParams& p, cudaStream_t stream) 
 inline DecodeLoop launch_decode_attention(DecodeParams p, cudaStream_t stream) {
   const int rows = (p.Hq / p.Hk) * p.Sq;
   DecodeLoop loop = kDecodeNone;
-  if (p.mma && (p.kv_type == kBF16 || p.kv_type == kF16) && (p.D == 64 || p.D == 128)) {
-    // The tensor-core kernel (decode_attention_mma.cuh): 16 query rows per CTA.
+  if (p.mma && (p.kv_type == kBF16 || p.kv_type == kF16) && (p.D == 64 || p.D == 128) &&
+      (p.D == 64 ? decode_mma_fits<64>() : decode_mma_fits<128>())) {
+    // The tensor-core kernel (decode_attention_mma.cuh): 16 query rows per CTA. (Where its shared memory does not
+    // fit the device, the split kernel runs instead.)
     p.rows_per_cta = kDecodeMmaRows;
     p.row_chunks = (rows + kDecodeMmaRows - 1) / kDecodeMmaRows;
     if (p.kv_type == kBF16) {

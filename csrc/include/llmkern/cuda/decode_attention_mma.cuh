@@ -308,6 +308,22 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32, 2) decode_mma_kernel(con
   }
 }
 
+// Whether decode_mma_kernel<T, D>'s shared memory (dynamic + its 512 static bytes) fits the current device's
+// per-block opt-in limit: sm_86 / sm_89 GPUs (A10, L4, L40S, RTX 30 / 40) allow 99 KB, less than the 100.5 KB of
+// D = 128. Read once per device (not a stream operation: capture-safe).
+template <int D>
+inline bool decode_mma_fits() {
+  static std::atomic<int> limit[64];  // 0: not read yet
+  int dev = 0;
+  LLMKERN_CUDA_CHECK(cudaGetDevice(&dev));
+  int v = dev < 64 ? limit[dev].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    LLMKERN_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (dev < 64) limit[dev].store(v, std::memory_order_relaxed);
+  }
+  return decode_mma_smem_bytes<D>() + 2 * kDecodeMmaWarps * kDecodeMmaRows * 4 <= v;
+}
+
 // Launches decode_mma_kernel<T, D> over p's grid (p.rows_per_cta = 16, p.row_chunks set by the caller). The
 // dynamic shared memory above 48 KB is opted into once per device, outside any CUDA graph capture after a
 // warm-up call.

@@ -20,7 +20,7 @@ Each case runs twice before its profiled call (Triton / module preparation, pack
 cuBLAS handles) and its result is checked loosely against a float reference, so that a profile of a wrong kernel
 does not pass unnoticed. A case that fails prints its error and the rest go on.
 
-Usage: python benchmarks/profile_kernels.py [--cases REGEX] [--list] [--device cpu]
+Usage: python benchmarks/profile_kernels.py [--cases REGEX] [--family NAME] [--list] [--device cpu]
 (--device cpu: the plumbing only, with small shapes and the cpu backend; tests/test_profile_kernels.py.)
 """
 from __future__ import annotations
@@ -270,11 +270,13 @@ def _switched(op_module, name, value, call):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default=".", help="regex over case names (default: all)")
+    ap.add_argument("--family", default=None, help="only the cases <family>.* (decode, int4, int8, attn, ref)")
     ap.add_argument("--list", action="store_true", help="print the case names and exit")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args(argv)
     cases = Cases(args.device)
-    names = [n for n in cases.names() if re.search(args.cases, n)]
+    names = [n for n in cases.names() if re.search(args.cases, n)
+             and (args.family is None or n.split(".")[0] == args.family)]
     if args.list:
         print("\n".join(names))
         return 0

@@ -5,7 +5,7 @@
 # minutes in all; less when the build was slow: GPU_CHECK_BUDGET below; a stage stopped at its limit keeps
 # what it reached). Every stage runs through scripts/gpu_guard.py: a kernel that breaks the CUDA context
 # (an illegal address, a device-side assert) or runs past 60 s costs that one test or benchmark, not the
-# rest of the stage (the rest runs again in a new process). The run leaves 6 files in OUTDIR (the GPU tool brings back at most 8):
+# rest of the stage (the rest runs again in a new process). The run leaves 7 files in OUTDIR (the GPU tool brings back at most 8):
 #   gpu_check.log   everything printed (machine, build times, ptxas spills, test and bench summaries)
 #   ptxas.txt       ptxas' resource report of every CUDA kernel (registers, spills, shared memory)
 #   tests.jsonl     one line per test of every stage: stage, nodeid, outcome, seconds, the error's first line
@@ -15,6 +15,8 @@
 #                   bench = the benchmarks)
 #   bench.json      the GPU benchmarks without raw per-round timings (report.py --compact)
 #   bench_report.md, bench_report.png   the report table (with the GPU issue targets: benchmarks/targets.py) and plot
+#   profile.tgz     Nsight Compute profiles of the key kernels (scripts/gpu_profile.sh: its log, report, CSV pages
+#                   and ncu_summary.md) when ncu is there and >= GPU_CHECK_PROFILE_MIN (45) s are left; GPU_CHECK_PROFILE=0: none
 # Usage: bash scripts/gpu_check.sh OUTDIR [extra pytest -k filter]. Exit status 1 if the build failed or a stage
 # had a failed, timed-out or crashed test, else 0.
 # GPU_CHECK_DRY=1 (no GPU needed; tests/test_gpu_check.py): no build, benchmarks on the CPU, the sm_90a stages
@@ -92,7 +94,7 @@ fi
 "$PY" -m llmkern info
 
 step "tests 1/2: the CUDA kernels' own tests (full shapes, CUDA graphs), build, registry"
-stage cuda "$(lim 150 490)" --xdist "$XDIST" -- -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py tests/test_registry.py \
+stage cuda "$(lim 150 550)" --xdist "$XDIST" -- -q -p no:cacheprovider tests/ops/*_cuda.py tests/test_build.py tests/test_registry.py \
   -k "${FILTER:+($FILTER) and }not test_sm90_ and not (int4_linear_cuda and wgmma)"
 
 # The opt-in sm_90a kernels (attention and W8A8 on TMA + wgmma, the W4A16 wgmma GEMM; never run before a GPU
@@ -101,7 +103,7 @@ stage cuda "$(lim 150 490)" --xdist "$XDIST" -- -q -p no:cacheprovider tests/ops
 BENCH_EXCL="not sm90"
 if [ "$CAP" = "90a" ]; then
   BENCH_EXCL=""
-  rest=340  # this stage's and the later stages' nominal limits
+  rest=400  # this stage's and the later stages' nominal limits
   for op in attention:50 int8_linear:25 int4_linear:25; do
     name=${op%%:*}; secs=$(lim "${op##*:}" "$rest"); rest=$(( rest - ${op##*:} ))
     step "tests 1b: the sm_90a $name kernel (limit $secs s)"
@@ -116,7 +118,7 @@ fi
 step "tests 2/2: generic op and module tests, GPU backends only"
 # (the runtime's GPU tests first: the first run's open questions are there; a stage stopped at its limit keeps
 # what it reached, and xdist hands tests out in this order)
-stage gpu "$(lim 100 240)" --xdist "$XDIST" -- -q -p no:cacheprovider tests/models/test_cuda_generate.py tests/models/test_hf.py \
+stage gpu "$(lim 100 300)" --xdist "$XDIST" -- -q -p no:cacheprovider tests/models/test_cuda_generate.py tests/models/test_hf.py \
   tests/ops tests/nn tests/triton --ignore=tests/triton/test_triton_compile.py --ignore=tests/triton/test_interpreter.py \
   --ignore-glob='*_cpu.py' \
   --ignore-glob='*_cuda.py' -k "${FILTER:+($FILTER) and }(cuda or triton)"
@@ -127,8 +129,28 @@ BK="${FILTER:+($FILTER)}${FILTER:+${BENCH_EXCL:+ and }}${BENCH_EXCL}"
 # ~400 entries on a GPU (the GPU issues' target shapes, bf16, Triton and the opt-in CUDA routes; benchmarks/_shapes.py):
 # 0.15 s of timing each (rounds of >= 1 ms of CUDA-graph replays, benchmarks/conftest.py; the first run, at 0.25 s
 # and one synchronize per call, reached 183 entries in its 140 s).
-stage bench "$(lim 140 140)" --bench-json "$OUT/bench.raw.json" -- -q -p no:cacheprovider benchmarks/ --benchmark-only \
+stage bench "$(lim 140 200)" --bench-json "$OUT/bench.raw.json" -- -q -p no:cacheprovider benchmarks/ --benchmark-only \
   ${BK:+-k "$BK"} --benchmark-max-time=0.15 --benchmark-min-rounds=3 --benchmark-columns=median,iqr,rounds
+
+step "profiles (Nsight Compute on one call of each key kernel: scripts/gpu_profile.sh)"
+# What the timings cannot say (issue-bound, latency-bound, stalled on barriers): the first run's numbers needed it.
+PLEFT=$(( T0 + BUDGET - $(date +%s) - 20 ))
+PCASES=${GPU_CHECK_PROFILE_CASES:-'^decode\.|^int4\.module_m(1|64|1024)$|^int4\.op_m1024$|^int8\.w8a8_m1024$|^ref\.'}
+if [ "${GPU_CHECK_PROFILE:-1}" = 0 ]; then
+  echo "skipped (GPU_CHECK_PROFILE=0)"
+elif [ "$PLEFT" -lt "${GPU_CHECK_PROFILE_MIN:-45}" ]; then
+  echo "skipped: $PLEFT s left"
+else
+  PTMP=$(mktemp -d)  # (not under OUTDIR: one tarball comes back)
+  if [ "$DRY" = 1 ]; then  # the case driver's plumbing on the CPU; no ncu
+    mkdir -p "$PTMP/profile" && "$PY" benchmarks/profile_kernels.py --device cpu --cases "$PCASES" \
+      > "$PTMP/profile/gpu_profile.log" 2>&1
+    cat "$PTMP/profile/gpu_profile.log"
+  else
+    GPU_PROFILE_LIMIT=$PLEFT bash scripts/gpu_profile.sh "$PTMP/profile" "$PCASES"
+  fi
+  tar czf "$OUT/profile.tgz" -C "$PTMP" profile && rm -rf "$PTMP"
+fi
 
 step "report"
 "$PY" benchmarks/report.py "$OUT/bench.raw.json" --out "$OUT" --compact "$OUT/bench.json" > /dev/null 2>&1 || true

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tarfile
 import sys
 from pathlib import Path
 
@@ -163,17 +164,21 @@ def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gpu"
     # a 150 s budget: less than the stages' 490 s of limits, so each gets its share (`lim`)
     env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_PYTHON=sys.executable, LLMKERN_BENCH_WARMUP="2",
-               GPU_CHECK_BUDGET="150")
+               GPU_CHECK_BUDGET="150", GPU_CHECK_PROFILE_MIN="1")
     p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(out),
                         "rms_norm and (SmolLM2-135M-M1-H576-plain or fast_check)"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     files = sorted(os.listdir(out))
-    assert files == ["bench.json", "bench_report.md", "bench_report.png", "gpu_check.log", "tests.jsonl"], files
+    assert files == ["bench.json", "bench_report.md", "bench_report.png", "gpu_check.log", "profile.tgz",
+                     "tests.jsonl"], files
+    with tarfile.open(out / "profile.tgz") as tar:  # the profile stage's case driver ran (on the CPU here)
+        plog = tar.extractfile("profile/gpu_profile.log").read().decode()
+    assert "decode.contiguous: profiled (checked" in plog and "FAILED" not in plog, plog
     stages = {json.loads(line)["stage"] for line in open(out / "tests.jsonl")}
     assert stages == {"cuda", "bench"}  # (the sm_90a and generic GPU stages select no test with this filter)
     log = (out / "gpu_check.log").read_text()
-    for stage in ("tests 1/2", "tests 1b: the sm_90a attention", "tests 2/2", "GPU benchmarks", "summary"):
+    for stage in ("tests 1/2", "tests 1b: the sm_90a attention", "tests 2/2", "GPU benchmarks", "profiles", "summary"):
         assert stage in log
     assert "## Summary" in log and "files in" in log.splitlines()[-1]
     limit = int(log.split("tests 1b: the sm_90a attention kernel (limit ")[1].split(" ")[0])

@@ -26,6 +26,8 @@ def test_every_case_runs_and_checks_on_the_cpu(capsys):
     assert profile_kernels.main(["--list", "--cases", "^int4"]) == 0
     listed = capsys.readouterr().out.split()
     assert listed and all(n.startswith("int4.") for n in listed)
+    assert profile_kernels.main(["--list", "--cases", "m1024", "--family", "int8"]) == 0
+    assert capsys.readouterr().out.split() == ["int8.w8a8_m1024", "int8.w8a8_m1024_sm90"]
 
 
 def test_a_wrong_or_failing_case_is_reported_and_the_rest_run(monkeypatch, capsys):
@@ -103,3 +105,49 @@ def test_sass_loops_finds_the_largest_loop(tmp_path, capsys):
     assert sass_loops.main([str(tmp_path / "k.sass"), "--kernel", "foo"]) == 0
     out = capsys.readouterr().out
     assert "_Z3fooPf" in out and "largest loop 4: FFMA 2, HMMA 1, BRA 1" in out and "_Z3barv" not in out
+
+
+FAKE_NCU = """#!/usr/bin/env bash
+# A stand-in for ncu: --version; --import REPORT --csv --page details|raw prints a page; a profiling call runs the
+# program after its options and writes an empty report at --export PATH.
+if [ "$1" = --version ]; then echo "fake ncu 0.0"; exit 0; fi
+if [ "$1" = --import ]; then
+  case "$*" in *details*) cat "$FAKE_DETAILS";; *) cat "$FAKE_RAW";; esac; exit 0
+fi
+out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --export) out=$2; shift 2;;
+    --section|--clock-control|--target-processes|--profile-from-start) shift 2;;
+    --force-overwrite) shift;;
+    *) break;;
+  esac
+done
+"$@"; rc=$?
+: > "$out.ncu-rep"
+exit $rc
+"""
+
+
+def test_gpu_profile_script_plumbing(tmp_path):
+    """scripts/gpu_profile.sh with a stand-in ncu and the driver on the CPU: one run per family of the selected
+    cases, each family's CSV pages and its section of ncu_summary.md, the log."""
+    ncu = tmp_path / "ncu"
+    ncu.write_text(FAKE_NCU)
+    ncu.chmod(0o755)
+    (tmp_path / "d.csv").write_text(DETAILS)
+    (tmp_path / "r.csv").write_text(RAW)
+    out = tmp_path / "prof"
+    env = dict(os.environ, NCU=str(ncu), GPU_PROFILE_DEVICE="cpu", GPU_CHECK_PYTHON=sys.executable,
+               FAKE_DETAILS=str(tmp_path / "d.csv"), FAKE_RAW=str(tmp_path / "r.csv"), OMP_NUM_THREADS="2")
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_profile.sh"), str(out), "^decode\\.contiguous$|^ref\\."],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    assert files == ["gpu_profile.log", "ncu_details_decode.csv", "ncu_details_ref.csv", "ncu_raw_decode.csv",
+                     "ncu_raw_ref.csv", "ncu_summary.md", "profile_decode.ncu-rep", "profile_ref.ncu-rep"], files
+    summary = (out / "ncu_summary.md").read_text()
+    assert summary.count("| 0 | wdq_mma_kernel<...> |") == 2 and "### decode" in summary and "### ref" in summary
+    log = (out / "gpu_profile.log").read_text()
+    assert "decode.contiguous: profiled (checked" in log and "ref.sdpa_decode: profiled (checked" in log
+    assert "decode.paged64" not in log  # (not selected)

@@ -48,6 +48,24 @@ def _items():
     return items
 
 
+# Variant entries: (the module switch that selects the route, the launcher's answer when it ran).
+_ROUTES = {"pipelined": ("CUDA_DECODE_PIPELINE", "split_pipelined"), "mma": ("CUDA_DECODE_MMA", "split_mma")}
+
+
+def _route(switch, path, fn):
+    """fn with llmkern.ops.decode_attention.<switch> on during each call, asserting the launcher took `path`."""
+    import importlib
+
+    ops_mod = importlib.import_module("llmkern.ops.decode_attention")  # the module, not the function
+
+    def checked(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        assert ops_mod._last_cuda_path == path, ops_mod._last_cuda_path  # (that route ran)
+        return out
+
+    return S.with_switch("decode_attention", switch, checked)
+
+
 def _sdpa(q, k, v, c):
     """q [B, Hq, 1, D], k/v [B, Hk, L, D] -> [B, Hq, 1, D]."""
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=c.Hq != c.Hk)
@@ -104,30 +122,9 @@ def test_decode_attention(bench, group_cache, case, dtype, impl):
         kind = "llmkern"
         from llmkern.ops import decode_attention
 
-        if variant == ["pipelined"]:
-            import importlib
-
-            ops_mod = importlib.import_module("llmkern.ops.decode_attention")  # the module, not the function
-            plain = decode_attention
-
-            def pipelined(*args, **kwargs):
-                out = plain(*args, **kwargs)
-                assert ops_mod._last_cuda_path == "split_pipelined", ops_mod._last_cuda_path  # (that loop ran)
-                return out
-
-            decode_attention = S.with_switch("decode_attention", "CUDA_DECODE_PIPELINE", pipelined)
-        elif variant == ["mma"]:
-            import importlib
-
-            ops_mod = importlib.import_module("llmkern.ops.decode_attention")  # the module, not the function
-            plain = decode_attention
-
-            def mma(*args, **kwargs):
-                out = plain(*args, **kwargs)
-                assert ops_mod._last_cuda_path == "split_mma", ops_mod._last_cuda_path  # (that kernel ran)
-                return out
-
-            decode_attention = S.with_switch("decode_attention", "CUDA_DECODE_MMA", mma)
+        if variant:  # an opt-in CUDA route: its switch on during the call, and the launcher's answer checked
+            switch, path = _ROUTES[variant[0]]
+            decode_attention = _route(switch, path, decode_attention)
 
         if layout == "contiguous":
             cache_bytes = kv_elems * e

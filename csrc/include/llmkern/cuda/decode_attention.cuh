@@ -371,34 +371,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
   __syncthreads();
 
   // Merge the warps and write: the output (one split) or this split's partial state.
-  for (int idx = threadIdx.x; idx < nrows * D; idx += NW * 32) {
-    const int r = idx / D, d = idx % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][r]);
-    float L = 0.0f, A = 0.0f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const float f = s_m[w][r] == -INFINITY ? 0.0f : exp2f(s_m[w][r] - M);
-      L = fmaf(s_l[w][r], f, L);
-      A = fmaf(s_acc[w][r][d], f, A);
-    }
-    const int rr = r0 + r;
-    const int t = rr / G, h = kvh * G + rr % G;
-    const int64_t grow = (static_cast<int64_t>(b) * p.Sq + t) * p.Hq + h;  // row of out [B, Sq, Hq, D]
-    if (ns == 1) {
-      store_f32(p.out, grow * D + d, p.q_dtype, L > 0.0f ? A / L : 0.0f);
-    } else {
-      const int64_t prow = grow * ns + split;
-      p.ws[prow * D + d] = A;
-      if (d == 0) {
-        const int64_t rows_total = static_cast<int64_t>(p.B) * p.Sq * p.Hq;
-        float* pm = p.ws + rows_total * ns * D;
-        pm[prow] = M;
-        pm[rows_total * ns + prow] = L;
-      }
-    }
-  }
+  decode_merge_warps<NW, ROWS>(p, s_m, s_l, &s_acc[0][0][0], DMAX, nrows, r0, kvh, b, split);
 }
 
 // One CTA per query row: merge the num_splits partial states exactly (rescaled by 2^(m_s - M)).

@@ -28,6 +28,7 @@
 
 #include "llmkern/cuda/attention.cuh"
 #include "llmkern/cuda/attention_common.cuh"
+#include "llmkern/cuda/decode_attention_merge.cuh"
 #include "llmkern/cuda/kv_rotary_common.cuh"
 #include "llmkern/cuda/mma_common.cuh"  // smem_u32; cp.async, ldmatrix, mma (sm80.cuh)
 #include "llmkern/cuda/params.h"
@@ -277,35 +278,8 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32, 2) decode_mma_kernel(con
   }
   __syncthreads();
 
-  // Merge the warps (exactly the split kernel's merge) and write the output (one split) or this split's state.
-  for (int idx = tid; idx < nrows * D; idx += NT) {
-    const int r = idx / D, d = idx % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][r]);
-    float L = 0.0f, A = 0.0f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const float f = s_m[w][r] == -INFINITY ? 0.0f : exp2f(s_m[w][r] - M);
-      L = fmaf(s_l[w][r], f, L);
-      A = fmaf(s_o[(w * kDecodeMmaRows + r) * D + d], f, A);
-    }
-    const int rr = r0 + r;
-    const int tok = rr / G, h = kvh * G + rr % G;
-    const int64_t grow = (static_cast<int64_t>(b) * p.Sq + tok) * p.Hq + h;  // row of out [B, Sq, Hq, D]
-    if (ns == 1) {
-      store_f32(p.out, grow * D + d, p.q_dtype, L > 0.0f ? A / L : 0.0f);
-    } else {
-      const int64_t prow = grow * ns + split;
-      p.ws[prow * D + d] = A;
-      if (d == 0) {
-        const int64_t rows_total = static_cast<int64_t>(p.B) * p.Sq * p.Hq;
-        float* pm = p.ws + rows_total * ns * D;
-        pm[prow] = M;
-        pm[rows_total * ns + prow] = L;
-      }
-    }
-  }
+  // Merge the warps (the split kernel's merge) and write the output (one split) or this split's state.
+  decode_merge_warps<NW, kDecodeMmaRows>(p, s_m, s_l, s_o, D, nrows, r0, kvh, b, split);
 }
 
 // Whether decode_mma_kernel<T, D>'s shared memory (dynamic + its 512 static bytes) fits the current device's

@@ -102,19 +102,23 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32, 2) decode_mma_kernel(con
   // costs one multiply-add per cache (its column, or its block's row and column).
   const int64_t k_fix = (int64_t(kvh) * p.k_s2 + ch * 8 + (paged ? 0 : int64_t(b) * p.k_s0)) * 2;
   const int64_t v_fix = (int64_t(kvh) * p.v_s2 + ch * 8 + (paged ? 0 : int64_t(b) * p.v_s0)) * 2;
+  const int64_t k_step = int64_t(RSTEP) * p.k_s1 * 2, v_step = int64_t(RSTEP) * p.v_s1 * 2;  // contiguous: next row
   auto issue = [&](int t, int stage) {
     const int j0 = kbeg + t * BN + rbase;
     unsigned blk = 0, off = 0;
+    int64_t ko = 0, vo = 0;  // contiguous: this row's byte offsets, stepped along (one multiply per tile)
     if (paged) {
       blk = unsigned(j0) / unsigned(p.block_size);
       off = unsigned(j0) - blk * unsigned(p.block_size);
+    } else {
+      ko = k_fix + int64_t(j0) * p.k_s1 * 2;
+      vo = v_fix + int64_t(j0) * p.v_s1 * 2;
     }
     const uint32_t sk = sKV_a + 2 * stage * kTile;
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
       const int r = rbase + i * RSTEP, j = j0 + i * RSTEP;
       const bool ok = j < kend;
-      int64_t ko = k_fix + int64_t(j) * p.k_s1 * 2, vo = v_fix + int64_t(j) * p.v_s1 * 2;
       if (paged) {
         const int64_t row = ok ? bt[blk] : 0;
         ko = k_fix + (row * p.k_s0 + int64_t(off) * p.k_s1) * 2;
@@ -128,6 +132,10 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32, 2) decode_mma_kernel(con
       const uint32_t dst = sk + swz<D>(r, ch) * 2;
       cp_async16(dst, ok ? kc + ko : kc, ok ? 16 : 0);
       cp_async16(dst + kTile, ok ? vc + vo : vc, ok ? 16 : 0);
+      if (!paged) {
+        ko += k_step;
+        vo += v_step;
+      }
     }
   };
 

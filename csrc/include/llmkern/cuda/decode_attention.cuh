@@ -107,18 +107,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
   const int sub = lane / LPK, lig = lane % LPK;
   const int D = p.D;  // multiple of VEC, <= DMAX
   const bool active = lig * VEC < D;  // this lane holds part of the head dim
-  const int ns = p.num_splits;
 
-  // Keys visible to at least one row of this CTA: [lo, hi). Row rr is token t = rr / G at position
-  // len - Sq + t; it sees j <= position and j >= position - window_left (window_left >= 0).
+  // Keys this split walks: its share of those visible to at least one row of this CTA (decode_key_range).
   const int len = p.seq_lens[b];
-  const int t_first = r0 / G, t_last = (r0 + nrows - 1) / G;
-  const int hi = len > 0 ? len - p.Sq + t_last + 1 : 0;
-  const int lo = p.window_left >= 0 ? max(0, len - p.Sq + t_first - p.window_left) : 0;
-  const int n = max(0, hi - lo);
-  const int per = (n + ns - 1) / ns;
-  const int kbeg = lo + split * per;
-  const int kend = min(hi, kbeg + per);
+  int kbeg, kend;
+  decode_key_range(p, len, r0, nrows, split, kbeg, kend);
   const bool row_mask = p.Sq > 1;  // with one new token every key of [lo, hi) is visible
 
   // This lane's slice of each query row, pre-scaled (and in the log2 domain without softcap).

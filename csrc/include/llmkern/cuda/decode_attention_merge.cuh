@@ -1,7 +1,8 @@
-// The last step of both decode_attention kernels (decode_split_kernel in decode_attention.cuh, decode_mma_kernel in
-// decode_attention_mma.cuh), torch-free: a CTA's warps each hold a partial softmax state per query row (running
-// max m in log2 units, sum l, unnormalized accumulator acc[D]); merge them exactly (rescaled by 2^(m_w - M)) and
-// write the normalized output (one split) or this split's partial state (acc, M, L) for decode_merge_kernel.
+// Pieces both decode_attention kernels share (decode_split_kernel in decode_attention.cuh, decode_mma_kernel in
+// decode_attention_mma.cuh), torch-free: the keys a CTA walks (decode_key_range), and its last step
+// (decode_merge_warps): a CTA's warps each hold a partial softmax state per query row (running max m in log2 units,
+// sum l, unnormalized accumulator acc[D]); merge them exactly (rescaled by 2^(m_w - M)) and write the normalized
+// output (one split) or this split's partial state (acc, M, L) for decode_merge_kernel.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,6 +15,21 @@
 
 namespace llmkern {
 namespace cuda {
+
+// Keys [kbeg, kend) of sequence b that split `split` of a CTA walks: of the keys visible to at least one of its
+// query rows r0 .. r0 + nrows - 1 ([lo, hi): row rr is token t = rr / G at position len - Sq + t and sees j <=
+// position and, with a window, j >= position - window_left), the split's equal share. len: seq_lens[b].
+__device__ __forceinline__ void decode_key_range(const DecodeParams& p, int len, int r0, int nrows, int split,
+                                                 int& kbeg, int& kend) {
+  const int G = p.Hq / p.Hk, ns = p.num_splits;
+  const int t_first = r0 / G, t_last = (r0 + nrows - 1) / G;
+  const int hi = len > 0 ? len - p.Sq + t_last + 1 : 0;
+  const int lo = p.window_left >= 0 ? max(0, len - p.Sq + t_first - p.window_left) : 0;
+  const int n = max(0, hi - lo);
+  const int per = (n + ns - 1) / ns;
+  kbeg = lo + split * per;
+  kend = min(hi, kbeg + per);
+}
 
 // s_m / s_l: [NW][ROWS] per warp and row; s_acc: warp w's row r at s_acc + (w * ROWS + r) * stride (stride >= D).
 // Rows r < nrows of the CTA's chunk are rows r0 + r of KV head kvh's G x Sq query rows (token rr / G, head

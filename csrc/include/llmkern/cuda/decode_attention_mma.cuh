@@ -77,17 +77,11 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32, 2) decode_mma_kernel(con
   const int G = p.Hq / p.Hk;
   const int r0 = chunk * kDecodeMmaRows;
   const int nrows = min(kDecodeMmaRows, G * p.Sq - r0);
-  const int ns = p.num_splits;
 
-  // Keys visible to at least one row of this CTA, and this split's share: exactly decode_split_kernel's.
+  // Keys visible to at least one row of this CTA, and this split's share (decode_split_kernel's).
   const int len = p.seq_lens[b];
-  const int t_first = r0 / G, t_last = (r0 + nrows - 1) / G;
-  const int hi = len > 0 ? len - p.Sq + t_last + 1 : 0;
-  const int lo = p.window_left >= 0 ? max(0, len - p.Sq + t_first - p.window_left) : 0;
-  const int n = max(0, hi - lo);
-  const int per = (n + ns - 1) / ns;
-  const int kbeg = lo + split * per;
-  const int kend = min(hi, kbeg + per);
+  int kbeg, kend;
+  decode_key_range(p, len, r0, nrows, split, kbeg, kend);
   const int ntiles = kend > kbeg ? (kend - kbeg + BN - 1) / BN : 0;
   const bool row_mask = p.Sq > 1;  // with one new token every key of [lo, hi) is visible to every row
 

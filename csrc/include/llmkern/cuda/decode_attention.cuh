@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
   const int len = p.seq_lens[b];
   int kbeg, kend;
   decode_key_range(p, len, r0, nrows, split, kbeg, kend);
-  const bool row_mask = p.Sq > 1;  // with one new token every key of [lo, hi) is visible
+  const bool row_mask = p.Sq > 1;  // with one new token every key of the CTA's range is visible to every row
 
   // This lane's slice of each query row, pre-scaled (and in the log2 domain without softcap).
   const bool capped = p.softcap > 0.0f;
@@ -281,23 +281,21 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
     static_assert(sizeof(Raw) == 16 && KV != kI8, "the pipelined loop copies 16-byte chunks");
     const int tid = threadIdx.x;
     __shared__ Raw s_stage[2][U][2][NW * 32];  // [stage][key u][K, V][thread]: 16 B a slot, lane-private
-    // A step's rows (paged: block-table entries) are read one step before its copies are issued, so that the
-    // issue does not wait on them in front of the current step's math.
-    auto fetch_rows = [&](int base, int64_t (&row)[U]) {
+    // A step's rows (paged: block-table entries) and columns are found one step before its copies are issued, so
+    // that the issue does not wait on the block table in front of the current step's math (and locates nothing).
+    auto fetch_rows = [&](int base, int64_t (&row)[U], int (&col32)[U]) {
       unsigned tix[U];
       int64_t col[U];
       bool ok[U];
       locate(base, tix, col, ok);
       rows_of(tix, ok, row);
+#pragma unroll
+      for (int u = 0; u < U; ++u) col32[u] = int(col[u]);  // (a key index or a block offset: < 2^31)
     };
-    auto issue = [&](int base, int stage, const int64_t (&row)[U]) {
-      unsigned tix[U];
-      int64_t col[U];
-      bool ok[U];
-      locate(base, tix, col, ok);
+    auto issue = [&](int base, int stage, const int64_t (&row)[U], const int (&col)[U]) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const bool live = ok[u] && active;
+        const bool live = base + u * KPW + sub < kend && active;
         const int64_t ko = row[u] * p.k_s0 + col[u] * p.k_s1 + kvh * p.k_s2 + lig * VEC;
         const int64_t vo = row[u] * p.v_s0 + col[u] * p.v_s1 + kvh * p.v_s2 + lig * VEC;
         // (a dead slot copies 0 bytes from the cache's start: zeros, as the register loop's memset)
@@ -307,17 +305,19 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, ROWS <= 4 ? 3 : 2) decode_s
     };
     const int stride = NW * U * KPW;
     int base = kbeg + warp * U * KPW;
-    int64_t rows_next[U];  // the rows of step base + stride, read one iteration ahead of its issue
+    int64_t rows_next[U];  // the rows and columns of step base + stride, found one iteration ahead of its issue
+    int cols_next[U];
     if (base < kend) {
-      fetch_rows(base, rows_next);
-      issue(base, 0, rows_next);
+      fetch_rows(base, rows_next, cols_next);
+      issue(base, 0, rows_next, cols_next);
     }
     cp_async_commit();
-    if (base + stride < kend) fetch_rows(base + stride, rows_next);
+    if (base + stride < kend) fetch_rows(base + stride, rows_next, cols_next);
     for (int it = 0; base < kend; base += stride, ++it) {
       const int cur = it & 1;
-      if (base + stride < kend) issue(base + stride, cur ^ 1, rows_next);
-      if (base + 2 * stride < kend) fetch_rows(base + 2 * stride, rows_next);  // (for the next iteration's issue)
+      if (base + stride < kend) issue(base + stride, cur ^ 1, rows_next, cols_next);
+      // (for the next iteration's issue)
+      if (base + 2 * stride < kend) fetch_rows(base + 2 * stride, rows_next, cols_next);
       cp_async_commit();  // (possibly empty: the group count stays one per step)
       cp_async_wait<1>();  // this step's group has landed (the next one may still be in flight)
       // A compiler barrier too: the wait's inline asm has no "memory" clobber, so nothing else keeps the shared

@@ -46,6 +46,10 @@ import _shapes as S
 
 OP = "int4_linear"
 PEERS = ("F.linear", "torch._weight_int4pack_mm")
+# Entries `llmkern.cuda[.module].<route>`: the cuda adapter's module switch (llmkern/ops/int4_linear.py) and the
+# value it is set to during the call, the other entries timing the default.
+SWITCHED = {"sm90": ("CUDA_INT4_WGMMA", True), "dequant_cublas": ("CUDA_PREFILL_CUBLAS", True),
+            "no_splitk": ("CUDA_GEMM_SPLITK", False)}
 TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2, "w4a8": 3e-2}  # see bench_int8_linear.py
 
 
@@ -181,10 +185,8 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
         bench.benchmark.extra_info["packed_e"] = 2 if packed[2] else 4
         cyc = itertools.cycle(mods).__next__
         fn = lambda: cyc()(x)  # noqa: E731
-        if impl.endswith("dequant_cublas"):  # the packed copy dequantized, then cuBLAS
-            fn = S.with_switch("int4_linear", "CUDA_PREFILL_CUBLAS", fn)
-        elif impl.endswith("no_splitk"):  # the packed GEMM on one CTA per output tile
-            fn = S.with_switch("int4_linear", "CUDA_GEMM_SPLITK", fn, value=False)
+        if impl.split(".")[-1] in SWITCHED:  # the packed module's other prefill routes
+            fn = S.with_switch(OP, *SWITCHED[impl.split(".")[-1]], fn)
     elif impl.startswith("llmkern."):
         backend, kind = impl.split(".")[1], "llmkern"
         from llmkern.ops import int4_linear
@@ -192,14 +194,8 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
         w_bytes = N * K // 2 + 8 * N * (K // G)
         nxt = bench.rotating((t["qweight"], t["scales"], t["offsets"]), w_bytes)
         fn = lambda: int4_linear(x, *nxt(), None, backend=backend)  # noqa: E731
-        if impl == "llmkern.cuda.sm90":
-            fn = S.with_switch("int4_linear", "CUDA_INT4_WGMMA", lambda: int4_linear(x, *nxt(), None, backend="cuda"))
-        elif impl == "llmkern.cuda.dequant_cublas":
-            fn = S.with_switch("int4_linear", "CUDA_PREFILL_CUBLAS",
-                               lambda: int4_linear(x, *nxt(), None, backend="cuda"))
-        elif impl == "llmkern.cuda.no_splitk":
-            fn = S.with_switch("int4_linear", "CUDA_GEMM_SPLITK",
-                               lambda: int4_linear(x, *nxt(), None, backend="cuda"), value=False)
+        if impl.split(".")[-1] in SWITCHED:  # the op's other CUDA routes
+            fn = S.with_switch(OP, *SWITCHED[impl.split(".")[-1]], fn)
     elif impl == "F.linear":
         w_bytes = N * K * e
         nxt = bench.rotating((t["w_deq"].to(dt),), w_bytes)

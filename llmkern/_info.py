@@ -58,9 +58,11 @@ def _cuda_switches() -> dict:
         "attention sm_90a intra-warpgroup overlap (LLMKERN_CUDA_ATTN_OVERLAP)": att._CUDA_OVERLAP,
         "attention D=128 wide tiles (LLMKERN_CUDA_ATTN_WIDE)": att._CUDA_WIDE,
         "decode_attention cp.async-pipelined loop (LLMKERN_CUDA_DECODE_PIPELINE)": da.CUDA_DECODE_PIPELINE,
+        "decode_attention tensor-core kernel (LLMKERN_CUDA_DECODE_MMA)": da.CUDA_DECODE_MMA,
         "int8_linear W8A8 sm_90a (LLMKERN_CUDA_INT8_WGMMA)": i8.CUDA_W8A8_WGMMA,
         "int4_linear W4A16 sm_90a (LLMKERN_CUDA_INT4_WGMMA=0: off)": i4.CUDA_INT4_WGMMA,
         "int4_linear prefill (M > 16) as dequantize + cuBLAS (LLMKERN_CUDA_PREFILL_CUBLAS)": i4.CUDA_PREFILL_CUBLAS,
+        "int4_linear prefill (M > 16) split over K on idle SMs (LLMKERN_CUDA_GEMM_SPLITK=0: off)": i4.CUDA_GEMM_SPLITK,
         "int4_linear W4A16 prepacked, Int4Linear on a GPU (LLMKERN_CUDA_INT4_PACKED)": i4.CUDA_INT4_PACKED,
         "Int4Linear holds the packed copy alone (LLMKERN_CUDA_INT4_KEEP_CANONICAL=1: off)":
             i4.CUDA_INT4_PACKED and i4.CUDA_INT4_RELEASE,

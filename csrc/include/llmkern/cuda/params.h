@@ -115,7 +115,7 @@ struct RotaryParams {
 
 // Launchers (csrc/cuda/<op>.cu): validate, launch on `stream` (a cudaStream_t), throw on a CUDA error.
 void kv_cache_append_cuda(const cuda::KvAppendParams& p, void* stream);
-const char* decode_attention_cuda(cuda::DecodeParams p, void* stream);  // "split" or "split_pipelined"
+const char* decode_attention_cuda(cuda::DecodeParams p, void* stream);  // "split", "split_pipelined", "split_mma"
 void rms_norm_cuda(const cuda::RmsNormParams& p, void* stream);
 void rotary_embedding_cuda(const cuda::RotaryParams& p, void* stream);
 

@@ -88,6 +88,53 @@ __device__ __forceinline__ void load_tile(uint32_t smem, const T* base, int64_t 
   }
 }
 
+// The online-softmax step of one tile of scores s[NB][4] (m16n8 accumulators: rows g (d0, d1) and g + 8 (d2, d3)
+// of a warp's 16, each spread over the 4 threads of a quad; unscaled, or capped in log2 units, the scale applied in
+// the exponent: exp2(s * mult - m * mult) by one FMA): the two rows' running max m_run and sum l_run are updated, s
+// becomes the probabilities, and the output accumulators o[ND][4] are rescaled by exp2((m_old - m_new) * mult).
+// Shared by the prefill kernel below and the decode one (decode_attention_mma.cuh).
+template <int NB, int ND>
+__device__ __forceinline__ void online_softmax(float (&s)[NB][4], float (&m_run)[2], float (&l_run)[2], float mult,
+                                               float (&o)[ND][4]) {
+  float alpha[2];
+  bool grew = false;  // some row's running max grew: acc needs rescaling
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[j][hf * 2], s[j][hf * 2 + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_run[hf], mx);
+    const float m_sc = m_new == -INFINITY ? 0.0f : m_new * mult;  // 0: nothing visible yet
+    // exp2((m_old - m_new) c): 0 while m_old is -inf; exactly 1 when the max did not grow.
+    const bool up = m_new > m_run[hf];
+    alpha[hf] = up ? fast_exp2(fmaf(m_run[hf], mult, -m_sc)) : 1.0f;
+    grew |= up;
+    m_run[hf] = m_new;
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NB; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pe = fast_exp2(fmaf(s[j][hf * 2 + e], mult, -m_sc));
+        s[j][hf * 2 + e] = pe;
+        sum += pe;
+      }
+    l_run[hf] = l_run[hf] * alpha[hf] + sum;
+  }
+  // After the first tiles the maxima rarely grow: skip the D / 2 multiplies when no row's did.
+  if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+    for (int n = 0; n < ND; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+  }
+}
+
 }  // namespace attn_detail
 
 // Launch: grid (B * Hq, ceil(max query rows / BM)), NT = 32 * NW threads,
@@ -243,44 +290,7 @@ __global__ void __launch_bounds__(32 * NW, MINB) attn_fwd_kernel(const AttnFwdPa
         }
       }
 
-      // Online softmax; rows g (half 0) and g + 8 (half 1), each spread over the 4 threads of a quad.
-      float alpha[2];
-      bool grew = false;  // some row's running max grew: acc needs rescaling
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[j][hf * 2], s[j][hf * 2 + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[hf], mx);
-        const float m_sc = m_new == -INFINITY ? 0.0f : m_new * mult;  // 0: nothing visible yet
-        // exp2((m_old - m_new) c): 0 while m_old is -inf; exactly 1 when the max did not grow.
-        const bool up = m_new > m_run[hf];
-        alpha[hf] = up ? fast_exp2(fmaf(m_run[hf], mult, -m_sc)) : 1.0f;
-        grew |= up;
-        m_run[hf] = m_new;
-        float sum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NB; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float pe = fast_exp2(fmaf(s[j][hf * 2 + e], mult, -m_sc));
-            s[j][hf * 2 + e] = pe;
-            sum += pe;
-          }
-        l_run[hf] = l_run[hf] * alpha[hf] + sum;
-      }
-      // After the first tiles the maxima rarely grow: skip the D / 2 multiplies when no row's did.
-      if (__any_sync(0xffffffffu, grew)) {
-#pragma unroll
-        for (int n = 0; n < ND; ++n) {
-          o[n][0] *= alpha[0];
-          o[n][1] *= alpha[0];
-          o[n][2] *= alpha[1];
-          o[n][3] *= alpha[1];
-        }
-      }
+      online_softmax(s, m_run, l_run, mult, o);
 
       // V[t] has landed (K[t + 1] may still be in flight).
       cp_async_wait<1>();

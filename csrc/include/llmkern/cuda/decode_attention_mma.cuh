@@ -209,40 +209,7 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32, 2) decode_mma_kernel(con
         }
     }
 
-    // Online softmax of rows g (hf 0) and g + 8 (hf 1), each spread over a quad.
-    float alpha[2];
-    bool grew = false;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = fmaxf(fmaxf(s[0][2 * hf], s[0][2 * hf + 1]), fmaxf(s[1][2 * hf], s[1][2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[hf], mx);
-      const float m_sc = m_new == -INFINITY ? 0.0f : m_new * mult;  // 0: nothing visible yet
-      const bool up = m_new > m_run[hf];
-      alpha[hf] = up ? fast_exp2(fmaf(m_run[hf], mult, -m_sc)) : 1.0f;
-      grew |= up;
-      m_run[hf] = m_new;
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = fast_exp2(fmaf(s[j][2 * hf + e], mult, -m_sc));
-          s[j][2 * hf + e] = pe;
-          sum += pe;
-        }
-      l_run[hf] = l_run[hf] * alpha[hf] + sum;
-    }
-    if (__any_sync(0xffffffffu, grew)) {
-#pragma unroll
-      for (int i = 0; i < ND; ++i) {
-        o[i][0] *= alpha[0];
-        o[i][1] *= alpha[0];
-        o[i][2] *= alpha[1];
-        o[i][3] *= alpha[1];
-      }
-    }
+    online_softmax(s, m_run, l_run, mult, o);  // (attention.cuh: rows g and g + 8, each over a quad)
 
     // O += P V over the warp's 16 keys (one k-step).
     uint32_t pa[4];

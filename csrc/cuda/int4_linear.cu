@@ -144,8 +144,8 @@ void launch_packed_gemm(const cuda::int4_packed::GemmArgs<T>& a, int num_sms, in
   static_assert(p::kGemmBN == 128, "gemm_tiles assumes 128 weight rows per tile");
   bool bm128 = false;
   const dim3 grid(static_cast<unsigned>(gemm_tiles(a.M, a.N, num_sms, &bm128)), splits);
-  if (bm128) p::packed_gemm_kernel<T, 2, kS16><<<grid, 2 * p::kGemmWarpsN * 32, 0, st>>>(a);
-  else p::packed_gemm_kernel<T, 1, kS16><<<grid, p::kGemmWarpsN * 32, 0, st>>>(a);
+  if (bm128) p::packed_gemm_kernel<T, 128, kS16><<<grid, p::gemm_threads(128), 0, st>>>(a);
+  else p::packed_gemm_kernel<T, 64, kS16><<<grid, p::gemm_threads(64), 0, st>>>(a);
 }
 
 }  // namespace

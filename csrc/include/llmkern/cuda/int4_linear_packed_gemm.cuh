@@ -9,9 +9,12 @@
 // multiply the same 16-bit weights. x tiles come in by cp.async (kStages-deep ring); a lane reads its B words
 // x[m][16 s + 4 t .. + 4] (the packed k order) with one 8-byte shared load.
 //
-// CTA: BM = 64 WARPS_M rows of x by BN = 128 weight rows; warps WARPS_M x 4, warp tile 64 m (8 mma column
-// blocks) x 32 n (2 weight tiles): each 8-byte x load feeds 2 mmas, each dequantized fragment 8. Weight
-// fragments and scales are loaded kPrefetch chunks ahead into registers. 1-D grid in grouped raster order.
+// CTA: BM rows of x by BN = 128 weight rows (8 tiles of 16). Every warp covers all BM rows, so each weight is
+// dequantized once per CTA: BM = 64, 4 warps of 2 tiles (8 mma column blocks: an 8-byte x load feeds 2 mmas);
+// BM = 128, 8 warps of 1 tile (16 column blocks). (Until session 16 BM = 128 ran 2 x 4 warps of 64 rows: each weight
+// was dequantized by both warp rows, ~30% of the loop's instructions.) Weight fragments and scales are loaded
+// kPrefetch chunks ahead into registers; x tiles by cp.async from per-thread source pointers set up once. 1-D
+// grid in grouped raster order.
 // Split-K (GemmArgs::ws set): blockIdx.y sums the chunks of k in [split * k_split, + k_split) and writes its fp32
 // partial (no bias) to ws[split, M, N]; the launcher's reduction sums the splits in order.
 #pragma once
@@ -32,9 +35,13 @@ namespace cuda {
 namespace int4_packed {
 
 constexpr int kGemmBN = 128;     // weight rows per CTA (8 tiles)
-constexpr int kGemmWarpsN = 4;   // warps along n (2 tiles each)
 constexpr int kGemmStages = 4;   // x tiles in flight (one chunk = 32 k each)
 constexpr int kPrefetch = 4;     // chunks of weight fragments held in registers ahead of use
+static_assert(kPrefetch == kGemmStages, "the main loop's stage indices are its unrolled chunk index");
+
+// Weight tiles per warp and threads of the CTA for BM rows of x (see above).
+constexpr int gemm_tiles_per_warp(int BM) { return BM == 64 ? 2 : 1; }
+constexpr int gemm_threads(int BM) { return kGemmBN / kCols / gemm_tiles_per_warp(BM) * 32; }
 
 template <typename T>
 struct GemmArgs {
@@ -57,10 +64,11 @@ struct GemmArgs {
 // rows 0 / 2 (and 1 / 3) on different chunk pairs: the 8 (row, chunk) pairs hit 8 distinct 16-byte bank groups.
 __device__ __forceinline__ int xswz(int r, int c) { return r * kTileRowBytes + ((c ^ (((r >> 1) & 1) << 1)) << 4); }
 
-// A lane's weight fragments and scales of one chunk for its warp's 2 tiles.
+// A lane's weight fragments and scales of one chunk for its warp's TW tiles.
+template <int TW>
 struct WChunk {
-  uint2 w[2];
-  float4 sc[2];
+  uint2 w[TW];
+  float4 sc[TW];
 };
 
 // The 4 A registers of one k16 step from one packed word: canonical fp32 q * s + o, rounded once to T.
@@ -75,16 +83,19 @@ __device__ __forceinline__ void dequant_word(uint32_t word, const float4& sc, ui
   a[3] = pack2<T>(dq(byte_to_f32<1>(hi), sc.z, sc.w), dq(byte_to_f32<3>(hi), sc.z, sc.w));  // row g + 8
 }
 
-template <typename T, int WARPS_M, bool kS16>
-__global__ void __launch_bounds__(WARPS_M* kGemmWarpsN * 32) packed_gemm_kernel(GemmArgs<T> a) {
-  constexpr int kThreads = WARPS_M * kGemmWarpsN * 32;
-  constexpr int BM = 64 * WARPS_M;
-  constexpr int kMB = 8;  // mma column blocks (8 rows m) per warp
-  __shared__ __align__(128) int8_t smem[kGemmStages][BM * kTileRowBytes];
+template <typename T, int BM, bool kS16>
+__global__ void __launch_bounds__(gemm_threads(BM)) packed_gemm_kernel(GemmArgs<T> a) {
+  static_assert(BM == 64 || BM == 128, "64- or 128-row tiles");
+  constexpr int kThreads = gemm_threads(BM);
+  constexpr int TW = gemm_tiles_per_warp(BM);  // weight tiles per warp
+  constexpr int kMB = BM / 8;                   // mma column blocks (8 rows m) per warp: all of the CTA's rows
+  constexpr int kStageBytes = BM * kTileRowBytes;
+  constexpr int kXCopies = BM * 4 / kThreads;   // 16-byte x copies per thread per chunk
+  static_assert(BM * 4 % kThreads == 0, "whole copies per thread");
+  __shared__ __align__(128) int8_t smem[kGemmStages * kStageBytes];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
-  const int wm = warp / kGemmWarpsN, wn = warp % kGemmWarpsN;
   int tile_m, tile_n;
   grouped_raster(a.M, a.N, BM, kGemmBN, blockIdx.x, tile_m, tile_n);
   const int m_base = tile_m * BM;
@@ -93,36 +104,60 @@ __global__ void __launch_bounds__(WARPS_M* kGemmWarpsN * 32) packed_gemm_kernel(
   const int KT = a.ws ? min(a.K / kChunkK - kc0, a.k_split / kChunkK) : a.K / kChunkK;
   const int KT_all = a.K / kChunkK;  // (the packed layout's chunks per tile)
   const int ntiles = (a.N + kCols - 1) / kCols;
-  const int tile0 = tile_n * (kGemmBN / kCols) + 2 * wn;  // this warp's first weight tile
+  const int tile0 = tile_n * (kGemmBN / kCols) + TW * warp;  // this warp's first weight tile
 
-  // x chunk kt -> stage s (zero rows past M).
-  auto load_x = [&](int s, int kt) {
+  // x: this thread's copies of every chunk, row r = i / 4, 16-byte piece c = i % 4 (i = tid + n kThreads): source
+  // pointers at chunk 0 of the range, advanced one chunk per load (rows past M copy nothing: 0 source bytes from
+  // a.x, which never moves); destinations in stage 0.
+  const T* xsrc[kXCopies];
+  int xstep[kXCopies], xbytes[kXCopies];
+  uint32_t xdst[kXCopies];
+  const uint32_t smem0 = smem_u32(smem);
 #pragma unroll
-    for (int i = tid; i < BM * 4; i += kThreads) {
-      const int r = i / 4, c = i % 4;
-      const int gm = m_base + r;
-      const bool ok = gm < a.M;
-      const T* src = ok ? a.x + int64_t(gm) * a.ldx + (kc0 + kt) * kChunkK + c * 8 : a.x;
-      cp_async16(smem_u32(smem[s] + xswz(r, c)), src, ok ? 16 : 0);
+  for (int n = 0; n < kXCopies; ++n) {
+    const int i = tid + n * kThreads, r = i / 4, c = i % 4, gm = m_base + r;
+    const bool ok = gm < a.M;
+    xsrc[n] = ok ? a.x + int64_t(gm) * a.ldx + int64_t(kc0) * kChunkK + c * 8 : a.x;
+    xstep[n] = ok ? kChunkK : 0;
+    xbytes[n] = ok ? 16 : 0;
+    xdst[n] = smem0 + xswz(r, c);
+  }
+  // The next chunk's x tile -> stage s (a compile-time constant in the main loop).
+  auto load_x = [&](int s) {
+#pragma unroll
+    for (int n = 0; n < kXCopies; ++n) {
+      cp_async16(xdst[n] + s * kStageBytes, xsrc[n], xbytes[n]);
+      xsrc[n] += xstep[n];
     }
   };
-  // Weight fragments + scales of chunk kt for both tiles (zeros for tiles past N).
-  auto load_w = [&](int kt, WChunk& wc) {
+  // Weights: lane's word of chunk kc0 of each tile (tiles past N read nothing and stay zero), scales of each
+  // tile's group rows g / g + 8 (sp's group stride 8 entries).
+  const uint2* wsrc[TW];
+  int64_t ssrc[TW];
+  bool wok[TW];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int tile = tile0 + j;
+  for (int j = 0; j < TW; ++j) {
+    const int tile = tile0 + j;
+    wok[j] = tile < ntiles;
+    wsrc[j] = a.qp + (int64_t(wok[j] ? tile : 0) * KT_all + kc0) * 32 + lane;
+    ssrc[j] = int64_t(wok[j] ? tile : 0) * a.ngroups * 8 + g;
+  }
+  // Weight fragments + scales of chunk kt (0 <= kt; past KT: zeros, nothing read).
+  auto load_w = [&](int kt, WChunk<TW>& wc) {
+#pragma unroll
+    for (int j = 0; j < TW; ++j) {
       wc.w[j] = make_uint2(0, 0);
       wc.sc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (tile < ntiles && kt < KT) {
-        wc.w[j] = __ldg(a.qp + (int64_t(tile) * KT_all + kc0 + kt) * 32 + lane);
-        wc.sc[j] = load_scales<kS16>(a.sp, (int64_t(tile) * a.ngroups + ((kc0 + kt) >> a.group_shift)) * 8 + g);
+      if (wok[j] && kt < KT) {
+        wc.w[j] = __ldg(wsrc[j] + int64_t(kt) * 32);
+        wc.sc[j] = load_scales<kS16>(a.sp, ssrc[j] + int64_t((kc0 + kt) >> a.group_shift) * 8);
       }
     }
   };
 
-  float acc[2][kMB][4];
+  float acc[TW][kMB][4];
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
+  for (int j = 0; j < TW; ++j)
 #pragma unroll
     for (int mb = 0; mb < kMB; ++mb)
 #pragma unroll
@@ -130,44 +165,44 @@ __global__ void __launch_bounds__(WARPS_M* kGemmWarpsN * 32) packed_gemm_kernel(
 
 #pragma unroll
   for (int s = 0; s < kGemmStages - 1; ++s) {
-    if (s < KT) load_x(s, s);
+    if (s < KT) load_x(s);
     cp_async_commit();
   }
-  WChunk wq[kPrefetch];
+  WChunk<TW> wq[kPrefetch];
 #pragma unroll
   for (int p = 0; p < kPrefetch; ++p) load_w(p, wq[p]);
 
+  // This lane's B words x[r][16 s + 4 t .. + 4] of rows r = 8 mb + g: 16-byte piece 2 s + t / 2, bytes 8 (t % 2)
+  // .. + 8; offsets within a stage (xswz's XOR depends on bit 1 of r, i.e. of g: the same for every mb).
+  const int xb0 = xswz(g, t / 2) + 8 * (t % 2), xb1 = xswz(g, 2 + t / 2) + 8 * (t % 2);
+
   for (int kt0 = 0; kt0 < KT; kt0 += kPrefetch) {
 #pragma unroll
-    for (int p = 0; p < kPrefetch; ++p) {
+    for (int p = 0; p < kPrefetch; ++p) {  // chunk kt0 + p lives in stage p (kt0 is a multiple of kGemmStages)
       const int kt = kt0 + p;
       if (kt >= KT) break;  // (uniform across the CTA)
       cp_async_wait<kGemmStages - 2>();
       // Chunk kt's x tile landed (this thread's copies); the barrier makes every thread's copies visible and
       // guarantees that every warp is done with the stage refilled next (read in iteration kt - 1).
       __syncthreads();
-      const int nk = kt + kGemmStages - 1;
-      if (nk < KT) load_x(nk % kGemmStages, nk);
+      if (kt + kGemmStages - 1 < KT) load_x((p + kGemmStages - 1) % kGemmStages);
       cp_async_commit();
 
-      uint32_t af[2][2][4];  // [tile][k16 step][reg]
+      uint32_t af[TW][2][4];  // [tile][k16 step][reg]
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < TW; ++j) {
         dequant_word<T>(wq[p].w[j].x, wq[p].sc[j], af[j][0]);
         dequant_word<T>(wq[p].w[j].y, wq[p].sc[j], af[j][1]);
       }
       load_w(kt + kPrefetch, wq[p]);  // in flight during this chunk's and the next ones' MMAs
 
-      const int8_t* xs = smem[kt % kGemmStages];
 #pragma unroll
       for (int mb = 0; mb < kMB; ++mb) {
-        const int r = wm * 64 + mb * 8 + g;
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
-          // x[r][16 s + 4 t .. + 4]: 16-byte chunk 2 s + t / 2, bytes 8 (t % 2) .. + 8
-          const uint2 b = *reinterpret_cast<const uint2*>(xs + xswz(r, 2 * s + t / 2) + 8 * (t % 2));
+          const uint2 b = *reinterpret_cast<const uint2*>(smem + (s ? xb1 : xb0) + p * kStageBytes + mb * 8 * kTileRowBytes);
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
+          for (int j = 0; j < TW; ++j) {
             if constexpr (std::is_same<T, __nv_bfloat16>::value) mma_bf16(acc[j][mb], af[j][s], b.x, b.y);
             else mma_f16(acc[j][mb], af[j][s], b.x, b.y);
           }
@@ -179,7 +214,7 @@ __global__ void __launch_bounds__(WARPS_M* kGemmWarpsN * 32) packed_gemm_kernel(
 
   // acc[j][mb]: d0 / d1 -> (n = row g of tile j, m = 8 mb + 2 t / + 1), d2 / d3 -> row g + 8.
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
+  for (int j = 0; j < TW; ++j) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int n = (tile0 + j) * kCols + g + 8 * h;
@@ -189,7 +224,7 @@ __global__ void __launch_bounds__(WARPS_M* kGemmWarpsN * 32) packed_gemm_kernel(
       for (int mb = 0; mb < kMB; ++mb) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int m = m_base + wm * 64 + mb * 8 + 2 * t + e;
+          const int m = m_base + mb * 8 + 2 * t + e;
           if (m >= a.M) continue;
           if (a.ws) a.ws[(int64_t(blockIdx.y) * a.M + m) * a.N + n] = acc[j][mb][2 * h + e];  // (bias: the reduction)
           else a.out[int64_t(m) * a.ldo + n] = from_f32<T>(acc[j][mb][2 * h + e] + bias);

@@ -214,3 +214,16 @@ def test_prepared_run_equals_the_op(lin, mode):
     # Not under CUDA graph capture: its fp32 bias copy would only be made at replay (the module keeps the op).
     with pytest.raises(BackendUnsupported, match="captured"):
         lin.prepare(q, scale, bias, mode, capturing=True)
+
+
+@pytest.mark.parametrize("sms", [132, 1], ids=["tiles64x128", "tiles128x128"])
+def test_w8a16_mma_gemm_reads_no_x_past_k(lin, sms):
+    """x rows inside wider rows whose columns past K are NaN (K % 32 = 16: the last k tile's second half lies past
+    K): the GEMM's x copies stop at K (a copy of [K, K + 16) would put NaN into the products with the zero weights
+    there)."""
+    M, N, K = 40, 72, 208
+    x, q, s, b = make(M, N, K, 16, torch.bfloat16, 5)
+    wide = torch.full((M, K + 48), float("nan"), dtype=torch.bfloat16)
+    wide[:, :K] = x
+    out = check(lin, wide[:, :K], q, s, b, "w8a16", "w8a16_mma", num_sms=sms)
+    assert torch.equal(out, lin(x, q, s, b, "w8a16", num_sms=sms))

@@ -306,26 +306,30 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
   const int m_base = tile_m * BM, n_base = tile_n * BN;
   const int KT = (a.K + kTileRowBytes - 1) / kTileRowBytes;
 
-  // ---- async tile loader: stage s <- k tile kt (zero-filled outside [0, M) x [0, K) / [0, N) x [0, K))
+  // ---- async tile loader: stage s <- k tile kt (zero-filled outside [0, M) x [0, K) / [0, N) x [0, K)).
+  // This thread's 16-byte copies of every k tile: x rows r = i / 4 and weight rows r = i / 4, chunk c = i % 4
+  // (i = tid + n kThreads); source pointers at k tile 0 and the k left from each chunk's start, set up once
+  // (rows past M / N: 0 left, nothing copied).
+  constexpr int kXC = BM * 4 / kThreads, kWC = BN * 4 / kThreads;
+  const int8_t* src[kXC + kWC];
+  int left[kXC + kWC];
+#pragma unroll
+  for (int n = 0; n < kXC + kWC; ++n) {
+    const bool is_x = n < kXC;
+    const int i = tid + (is_x ? n : n - kXC) * kThreads, r = i / 4, c = i % 4;
+    const int g = (is_x ? m_base : n_base) + r;
+    const bool ok = g < (is_x ? a.M : a.N);
+    src[n] = ok ? (is_x ? a.xq + int64_t(g) * a.ldx : a.w + int64_t(g) * a.K) + c * 16 : a.xq;
+    left[n] = ok ? a.K - c * 16 : 0;
+  }
   auto load_tile = [&](int s, int kt) {
-    const int k0 = kt * kTileRowBytes;
-    int8_t* sa = smem[s];
-    int8_t* sb = smem[s] + BM * kTileRowBytes;
+    const uint32_t sa = smem_u32(smem[s]);
 #pragma unroll
-    for (int i = tid; i < BM * 4; i += kThreads) {
-      const int r = i / 4, c = i % 4;
-      const int gm = m_base + r, gk = k0 + c * 16;
-      const bool ok = gm < a.M && gk < a.K;
-      const int8_t* src = ok ? a.xq + int64_t(gm) * a.ldx + gk : a.xq;
-      cp_async16(smem_u32(sa + swz(r, c)), src, ok ? 16 : 0);
-    }
-#pragma unroll
-    for (int i = tid; i < BN * 4; i += kThreads) {
-      const int r = i / 4, c = i % 4;
-      const int gn = n_base + r, gk = k0 + c * 16;
-      const bool ok = gn < a.N && gk < a.K;
-      const int8_t* src = ok ? a.w + int64_t(gn) * a.K + gk : a.w;
-      cp_async16(smem_u32(sb + swz(r, c)), src, ok ? 16 : 0);
+    for (int n = 0; n < kXC + kWC; ++n) {
+      const int i = tid + (n < kXC ? n : n - kXC) * kThreads;
+      const bool ok = kt * kTileRowBytes < left[n];
+      cp_async16(sa + (n < kXC ? 0 : BM * kTileRowBytes) + swz(i / 4, i % 4), ok ? src[n] + kt * kTileRowBytes : a.xq,
+                 ok ? 16 : 0);
     }
   };
 
@@ -355,16 +359,21 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
     cp_async_commit();
   }
 
-  for (int kt = 0; kt < KT; ++kt) {
+  // Unrolled by kMmaStages so that the stage indices are compile-time constants (kt % kMmaStages == u).
+  for (int kb = 0; kb < KT; kb += kMmaStages) {
+#pragma unroll
+  for (int u = 0; u < kMmaStages; ++u) {
+    const int kt = kb + u;
+    if (kt >= KT) break;  // (uniform across the CTA)
     cp_async_wait<kMmaStages - 2>();
     __syncthreads();  // tile kt visible to all; every warp is done with the stage refilled below
     {
       const int nk = kt + kMmaStages - 1;
-      if (nk < KT) load_tile(nk % kMmaStages, nk);
+      if (nk < KT) load_tile((u + kMmaStages - 1) % kMmaStages, nk);
       cp_async_commit();
     }
-    const int8_t* sa = smem[kt % kMmaStages];
-    const int8_t* sb = smem[kt % kMmaStages] + BM * kTileRowBytes;
+    const int8_t* sa = smem[u];
+    const int8_t* sb = smem[u] + BM * kTileRowBytes;
 #pragma unroll
     for (int ks = 0; ks < kTileRowBytes / 32; ++ks) {
       uint32_t af[MT][4];
@@ -410,6 +419,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
         }
       }
     }
+  }
   }
   cp_async_wait<0>();  // nothing real is pending (only empty groups), but leave no copy in flight
 

@@ -67,22 +67,49 @@ struct Piece {
   float s, o;
 };
 
+// Where one thread's piece of every k tile comes from: row n's weights, scales, offsets at the piece's k offset
+// (0 or 16) within the tile; set up once per CTA, so that a tile's load is its k tile index times a stride.
+template <int kFmt>
+struct PieceSrc {
+  const uint8_t* w;   // the row's bytes at k = k_first (int4: 2 values per byte)
+  const float* s;     // the row's scales (kInt8Channel: unused)
+  const float* o;     // the row's offsets (kInt4)
+  int k_first;        // k of the piece in the CTA's first k tile
+  bool ok;            // n < N
+};
+
 template <typename T, int kFmt>
-__device__ __forceinline__ void load_piece(const Args<T>& a, int n, int k, Piece<kFmt>& p) {
+__device__ __forceinline__ PieceSrc<kFmt> piece_src(const Args<T>& a, int n, int k_first) {
+  PieceSrc<kFmt> q;
+  q.ok = n < a.N;
+  const int64_t row = q.ok ? n : 0;
+  constexpr int kBytesPerK2 = kFmt == kInt4 ? 1 : 2;  // bytes per 2 k
+  q.w = static_cast<const uint8_t*>(a.w) + row * (int64_t(a.K) * kBytesPerK2 / 2) + int64_t(k_first) * kBytesPerK2 / 2;
+  q.s = a.scale + row * a.ngroups;
+  q.o = kFmt == kInt4 ? a.offset + row * a.ngroups : nullptr;
+  q.k_first = k_first;
+  return q;
+}
+
+// The piece of the CTA's k tile kt (k = k_first + kt * kBK); zeros past N / K or when `live` is false (a tile
+// past the CTA's range: read by nothing).
+template <typename T, int kFmt>
+__device__ __forceinline__ void load_piece(const Args<T>& a, const PieceSrc<kFmt>& q, int kt, bool live, Piece<kFmt>& p) {
   p.raw = make_uint4(0, 0, 0, 0);
   p.s = 0.0f;
   p.o = 0.0f;
-  if (n >= a.N || k >= a.K) return;  // zeros: contributes nothing
+  const int k = q.k_first + kt * kBK;
+  if (!(live && q.ok && k < a.K)) return;  // zeros: contributes nothing
   if constexpr (kFmt == kInt4) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(a.w) + int64_t(n) * (a.K / 2) + k / 2));
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(q.w + kt * (kBK / 2)));
     p.raw.x = v.x;
     p.raw.y = v.y;
     const int grp = k >> (__ffs(a.group) - 1);  // (int4 groups are 32, 64 or 128: a shift, not a division)
-    p.s = __ldg(a.scale + int64_t(n) * a.ngroups + grp);
-    p.o = __ldg(a.offset + int64_t(n) * a.ngroups + grp);
+    p.s = __ldg(q.s + grp);
+    p.o = __ldg(q.o + grp);
   } else {
-    p.raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const int8_t*>(a.w) + int64_t(n) * a.K + k));
-    if constexpr (kFmt == kInt8Group) p.s = __ldg(a.scale + int64_t(n) * a.ngroups + k / a.group);
+    p.raw = __ldg(reinterpret_cast<const uint4*>(q.w + kt * kBK));
+    if constexpr (kFmt == kInt8Group) p.s = __ldg(q.s + k / a.group);
   }
 }
 
@@ -142,27 +169,41 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<
   const int kt0 = a.ws ? blockIdx.y * (a.k_split / kBK) : 0;
   const int KT = a.ws ? min(KT_all - kt0, a.k_split / kBK) : KT_all;
 
-  // x tile of stage s <- k tile kt, asynchronously (16-byte chunks = 8 elements; K % 16 == 0, so a chunk
-  // is wholly inside or outside [0, K)).
-  auto load_x = [&](int s, int kt) {
-    const int k0 = (kt0 + kt) * kBK;
-    int8_t* sa = smem[s];
+  // x: this thread's copies of every k tile, row r = i / 4, 16-byte piece c = i % 4 (i = tid + n kThreads):
+  // source pointers at the CTA's first k tile (rows past M copy nothing: 0 source bytes from a.x); a piece is
+  // wholly inside or outside [0, K) (K % 16 == 0), checked against the k left from its start.
+  constexpr int kXCopies = BM * 4 / kThreads;
+  const T* xsrc[kXCopies];
+  int xleft[kXCopies];  // K - (the piece's k in the first tile); <= 0 for rows past M
+  int xdst[kXCopies];
 #pragma unroll
-    for (int i = tid; i < BM * 4; i += kThreads) {
-      const int r = i / 4, c = i % 4;
-      const int gm = m_base + r, gk = k0 + c * 8;
-      const bool ok = gm < a.M && gk < a.K;
-      const T* src = ok ? a.x + int64_t(gm) * a.ldx + gk : a.x;
-      cp_async16(smem_u32(sa + swz(r, c)), src, ok ? 16 : 0);
+  for (int n = 0; n < kXCopies; ++n) {
+    const int i = tid + n * kThreads, r = i / 4, c = i % 4, gm = m_base + r;
+    const int k_first = kt0 * kBK + c * 8;
+    xsrc[n] = gm < a.M ? a.x + int64_t(gm) * a.ldx + k_first : a.x;
+    xleft[n] = gm < a.M ? a.K - k_first : 0;
+    xdst[n] = swz(r, c);
+  }
+  // x tile of stage s <- k tile kt, asynchronously.
+  auto load_x = [&](int s, int kt) {
+    const uint32_t sa = smem_u32(smem[s]);
+#pragma unroll
+    for (int n = 0; n < kXCopies; ++n) {
+      const bool ok = kt * kBK < xleft[n];
+      cp_async16(sa + xdst[n], ok ? xsrc[n] + kt * kBK : a.x, ok ? 16 : 0);
     }
   };
+  // This thread's weight pieces: row n_base + idx / 2, k offset (idx % 2) * 16 of each tile (idx = tid + i kThreads).
+  PieceSrc<kFmt> wsrc[kPieces];
+#pragma unroll
+  for (int i = 0; i < kPieces; ++i) {
+    const int idx = tid + i * kThreads;
+    wsrc[i] = piece_src<T, kFmt>(a, n_base + idx / 2, kt0 * kBK + (idx % 2) * 16);
+  }
   // Weight pieces of this CTA's k tile kt -> registers (zeros past its range: read by nothing).
   auto load_w = [&](int kt, Piece<kFmt> (&p)[kPieces]) {
 #pragma unroll
-    for (int i = 0; i < kPieces; ++i) {
-      const int idx = tid + i * kThreads;
-      load_piece<T, kFmt>(a, kt < KT ? n_base + idx / 2 : a.N, (kt0 + kt) * kBK + (idx % 2) * 16, p[i]);
-    }
+    for (int i = 0; i < kPieces; ++i) load_piece<T, kFmt>(a, wsrc[i], kt, kt < KT, p[i]);
   };
   // Registers -> dequantized 16-bit weight tile of stage s (row r = idx / 2, chunks 2h and 2h + 1).
   auto store_w = [&](int s, const Piece<kFmt> (&p)[kPieces]) {
@@ -201,7 +242,9 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<
 #pragma unroll
   for (int d = 0; d < kWDepth - 1; ++d) load_w(kMmaStages - 1 + d, pw[(kMmaStages - 1 + d) % kWDepth]);
 
-  // Unrolled by kWDepth so that every ring index is a compile-time constant (registers, not local memory).
+  // Unrolled by kWDepth so that every ring index is a compile-time constant (registers, not local memory); as
+  // kWDepth == kMmaStages, so is every stage index (kt % kMmaStages == u).
+  static_assert(kWDepth == kMmaStages, "stage indices from the unrolled loop");
   for (int kb = 0; kb < KT; kb += kWDepth) {
 #pragma unroll
     for (int u = 0; u < kWDepth; ++u) {
@@ -213,13 +256,13 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<
       __syncthreads();
       const int nk = kt + kMmaStages - 1;
       const bool refill = nk < KT;
-      if (refill) load_x(nk % kMmaStages, nk);
+      if (refill) load_x((u + kMmaStages - 1) % kMmaStages, nk);
       cp_async_commit();
       // The pieces of tile nk + kWDepth - 1 go into the buffer tile nk - 1 left (stored last iteration); they
       // are in flight during this and the next kWDepth - 2 iterations' MMAs.
       if (nk + kWDepth - 1 < KT) load_w(nk + kWDepth - 1, pw[(u + kMmaStages - 1 + kWDepth - 1) % kWDepth]);
-      const int8_t* sa = smem[kt % kMmaStages];
-      const int8_t* sb = smem[kt % kMmaStages] + BM * kTileRowBytes;
+      const int8_t* sa = smem[u];
+      const int8_t* sb = smem[u] + BM * kTileRowBytes;
 #pragma unroll
       for (int ks = 0; ks < 2; ++ks) {  // two k16 steps of 32 bytes
         uint32_t af[MT][4];
@@ -245,7 +288,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<
           }
       }
       // The stage being refilled was last read in iteration kt - 1, before this iteration's barrier.
-      if (refill) store_w(nk % kMmaStages, pw[(u + kMmaStages - 1) % kWDepth]);
+      if (refill) store_w((u + kMmaStages - 1) % kMmaStages, pw[(u + kMmaStages - 1) % kWDepth]);
     }
   }
   cp_async_wait<0>();

@@ -112,37 +112,61 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
   const int KT = a.ws ? min(KT_all - kt0, a.k_split / kBK) : KT_all;
   const uint8_t* qw = static_cast<const uint8_t*>(a.w);
 
+  // x: this thread's copies of every k tile, row r = idx / 8, 16-byte chunk c = idx % 8 (idx = tid + i kThreads);
+  // source pointers at the CTA's first k tile, set up once (rows past M copy nothing: 0 bytes from a.x); a chunk
+  // is wholly inside or outside [0, K), checked against the k left from its start.
+  const T* xsrc[kXChunks];
+  int xleft[kXChunks];  // K - (the chunk's k in the first tile); 0 for rows past M
+#pragma unroll
+  for (int i = 0; i < kXChunks; ++i) {
+    const int idx = tid + i * kThreads, r = idx / 8, c = idx % 8, gm = m_base + r;
+    const int k_first = kt0 * kBK + c * 8;
+    xsrc[i] = gm < a.M ? a.x + int64_t(gm) * a.ldx + k_first : a.x;
+    xleft[i] = gm < a.M ? a.K - k_first : 0;
+  }
   // x tile of stage s <- k tile kt (chunk c of row r holds x[m_base + r, kt * 64 + 8c .. + 8)).
   auto load_x = [&](int s, int kt) {
-    uint8_t* sx = smem + s * kStage;
+    const uint32_t sx = smem_u32(smem + s * kStage);
 #pragma unroll
     for (int i = 0; i < kXChunks; ++i) {
       const int idx = tid + i * kThreads;
-      const int r = idx / 8, c = idx % 8;
-      const int gm = m_base + r, gk = (kt0 + kt) * kBK + c * 8;
-      const bool ok = gm < a.M && gk < a.K;
-      const T* src = ok ? a.x + int64_t(gm) * a.ldx + gk : a.x;
-      cp_async16(smem_u32(sx + swz128(r, c)), src, ok ? 16 : 0);
+      const bool ok = kt * kBK < xleft[i];
+      cp_async16(sx + swz128(idx / 8, idx % 8), ok ? xsrc[i] + kt * kBK : a.x, ok ? 16 : 0);
     }
   };
-  // Weight piece i of this thread for k tile kt: row idx / 2 of the tile, k = kt * 64 + 32 (idx % 2) .. + 32.
+  // Weight piece i of this thread for k tile kt: row idx / 2 of the tile, k = kt * 64 + 32 (idx % 2) .. + 32;
+  // its row's bytes, scales and offsets from pointers set up once.
   struct WPieces {
     uint4 raw[kPieces];
     float s[kPieces], o[kPieces];
   };
+  const uint8_t* wsrc[kPieces];
+  const float* ssrc[kPieces];
+  const float* osrc[kPieces];
+  int wk[kPieces];    // the piece's k in the CTA's first k tile
+  bool wok[kPieces];  // its row is inside N
+#pragma unroll
+  for (int i = 0; i < kPieces; ++i) {
+    const int idx = tid + i * kThreads, n = n_base + idx / 2;
+    wok[i] = n < a.N;
+    const int64_t row = wok[i] ? n : 0;
+    wk[i] = kt0 * kBK + (idx % 2) * 32;
+    wsrc[i] = qw + row * (a.K / 2) + wk[i] / 2;
+    ssrc[i] = a.scale + row * a.ngroups;
+    osrc[i] = a.offset + row * a.ngroups;
+  }
+  const int gshift = __ffs(a.group) - 1;  // (groups of 32, 64 or 128: a shift, not a division)
   auto load_w = [&](int kt, WPieces& w) {
 #pragma unroll
     for (int i = 0; i < kPieces; ++i) {
-      const int idx = tid + i * kThreads;
-      const int n = n_base + idx / 2, k = (kt0 + kt) * kBK + (idx % 2) * 32;
+      const int k = wk[i] + kt * kBK;
       w.raw[i] = make_uint4(0, 0, 0, 0);
       w.s[i] = 0.0f;
       w.o[i] = 0.0f;  // out-of-range rows / k (or past this CTA's tiles): zero weights, contribute nothing
-      if (n < a.N && k < a.K && kt < KT) {
-        w.raw[i] = __ldg(reinterpret_cast<const uint4*>(qw + int64_t(n) * (a.K / 2) + k / 2));
-        const int grp = k >> (__ffs(a.group) - 1);  // (groups of 32, 64 or 128: a shift, not a division)
-        w.s[i] = __ldg(a.scale + int64_t(n) * a.ngroups + grp);
-        w.o[i] = __ldg(a.offset + int64_t(n) * a.ngroups + grp);
+      if (wok[i] && k < a.K && kt < KT) {
+        w.raw[i] = __ldg(reinterpret_cast<const uint4*>(wsrc[i] + kt * (kBK / 2)));
+        w.s[i] = __ldg(ssrc[i] + (k >> gshift));
+        w.o[i] = __ldg(osrc[i] + (k >> gshift));
       }
     }
   };
@@ -181,7 +205,9 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
 #pragma unroll
   for (int d = 0; d < kWDepth - 1; ++d) load_w(kStages - 1 + d, wq[(kStages - 1 + d) % kWDepth]);
 
-  // Unrolled by kWDepth so that every ring index is a compile-time constant (registers, not local memory).
+  // Unrolled by kWDepth so that every ring index is a compile-time constant (registers, not local memory); as
+  // kWDepth == kStages, so is every stage index (kt % kStages == u).
+  static_assert(kWDepth == kStages, "stage indices from the unrolled loop");
   for (int kb = 0; kb < KT; kb += kWDepth) {
 #pragma unroll
     for (int u = 0; u < kWDepth; ++u) {
@@ -194,13 +220,13 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
       __syncthreads();
       const int nk = kt + kStages - 1;
       const bool refill = nk < KT;
-      if (refill) load_x(nk % kStages, nk);
+      if (refill) load_x((u + kStages - 1) % kStages, nk);
       cp_async_commit();
       // Tile nk + kWDepth - 1's pieces go into the buffer tile nk - 1 left (stored last iteration): in flight
       // during this and the next kWDepth - 2 iterations.
       if (nk + kWDepth - 1 < KT) load_w(nk + kWDepth - 1, wq[(u + kStages - 1 + kWDepth - 1) % kWDepth]);
-      const uint32_t sx = smem_u32(smem + (kt % kStages) * kStage) + wg * kWgRows * kRowBytes;
-      const uint32_t sw = smem_u32(smem + (kt % kStages) * kStage + BM * kRowBytes);
+      const uint32_t sx = smem_u32(smem + u * kStage) + wg * kWgRows * kRowBytes;
+      const uint32_t sw = smem_u32(smem + u * kStage + BM * kRowBytes);
       sm90::fence_regs(acc);
       sm90::wgmma_fence();
 #pragma unroll
@@ -209,7 +235,7 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
       sm90::wgmma_commit();
       // Dequantize the next-but-one stage while the tensor cores work; its buffer was last read by the
       // wgmmas of iteration kt - 1, completed (wait_group 0) before this iteration's barrier.
-      if (refill) store_w(nk % kStages, wq[(u + kStages - 1) % kWDepth]);
+      if (refill) store_w((u + kStages - 1) % kStages, wq[(u + kStages - 1) % kWDepth]);
       sm90::wgmma_wait<0>();
       sm90::fence_regs(acc);
     }

@@ -31,6 +31,27 @@ def cuda_module():
     return _import("llmkern._C_cuda")[0]
 
 
+def cuda_stream(device=None) -> int:
+    """The raw cudaStream_t (as an int) of torch's current stream on `device` (a torch.device, an index, or None
+    for the current GPU): what every CUDA launcher takes. torch's `_cuda_getCurrentRawStream` (the call
+    torch.compile's generated code makes before each launch) returns it directly;
+    `torch.cuda.current_stream(device).cuda_stream` first builds a Python Stream object (device-index parsing,
+    a class __new__), on every launch of a decode step's few hundred. That is the fallback where torch lacks
+    the private call."""
+    import torch
+
+    raw = _RAW_STREAM[0]
+    if raw is None:
+        raw = _RAW_STREAM[0] = getattr(torch._C, "_cuda_getCurrentRawStream", False)
+    if raw:
+        index = getattr(device, "index", device)
+        return raw(torch.cuda.current_device() if index is None else index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+_RAW_STREAM = [None]  # torch._C._cuda_getCurrentRawStream, or False where torch has none
+
+
 def import_error(name: str) -> str | None:
     return _import(name)[1]
 

@@ -473,3 +473,27 @@ def test_cuda_backend_unavailable_where_its_kernels_cannot_run(monkeypatch, capl
         assert _backends.available("cuda") and _backends.cuda_kernels_error() is None
     finally:
         _backends.cuda_kernels_error.cache_clear()
+
+
+def test_cuda_stream_asks_torch_for_the_device_of_the_tensor(monkeypatch):
+    """_backends.cuda_stream: the raw stream of the given device (torch.device, index) or, for None, of the current
+    GPU, through torch._C._cuda_getCurrentRawStream; torch.cuda.current_stream(device).cuda_stream where torch
+    has no such call."""
+    from llmkern import _backends
+
+    asked = []
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda i: asked.append(i) or 1000 + i, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(_backends, "_RAW_STREAM", [None])
+    assert _backends.cuda_stream(torch.device("cuda", 1)) == 1001
+    assert _backends.cuda_stream(2) == 1002 and _backends.cuda_stream(None) == 1003
+    assert _backends.cuda_stream(torch.device("cuda")) == 1003  # (no index: the current GPU)
+    assert asked == [1, 2, 3, 3]
+
+    class FakeStream:
+        cuda_stream = 77
+
+    monkeypatch.delattr(torch._C, "_cuda_getCurrentRawStream")
+    monkeypatch.setattr(_backends, "_RAW_STREAM", [None])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: asked.append(device) or FakeStream)
+    assert _backends.cuda_stream(torch.device("cuda", 1)) == 77 and asked[-1] == torch.device("cuda", 1)

@@ -158,7 +158,7 @@ def _cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, windo
     if q.device.type != "cuda":
         raise BackendUnsupported(f"q is on {q.device}")
     # (q's GPU is the current one: the registry switches to it, `_registry._other_gpu`)
-    return _cuda_launch(_backends.cuda_module(), torch.cuda.current_stream(q.device).cuda_stream, q, k, v,
+    return _cuda_launch(_backends.cuda_module(), _backends.cuda_stream(q.device), q, k, v,
                         cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right, softcap)
 
 

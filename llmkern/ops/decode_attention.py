@@ -390,7 +390,7 @@ def _cuda(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, s
         list(k_scale.stride()) if int8 else [0, 0, 0], list(v_scale.stride()) if int8 else [0, 0, 0],
         seq_lens.data_ptr(), bt_ptr, bt_stride, block_size,
         D ** -0.5 if scale is None else float(scale), float(softcap), int(window_left),
-        out.data_ptr(), 0 if ws is None else ws.data_ptr(), ns, torch.cuda.current_stream(q.device).cuda_stream,
+        out.data_ptr(), 0 if ws is None else ws.data_ptr(), ns, _backends.cuda_stream(q.device),
         int(CUDA_DECODE_PIPELINE), int(mma),
     )
     return out

@@ -375,7 +375,7 @@ def _cuda(x, qweight, scales, offsets, bias, mode):
         return x.new_empty(x.shape[:-1] + (N,))
     x2 = _cuda_rows(x.reshape(M, K))
     scales, offsets = scales.contiguous(), offsets.contiguous()
-    stream = torch.cuda.current_stream().cuda_stream
+    stream = _backends.cuda_stream()
     tensor_cores = x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M
     if tensor_cores and CUDA_PREFILL_CUBLAS:
         wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
@@ -464,7 +464,7 @@ def _cuda_packed_run(mod, qp, sp, scale16, N, K, G, bias32, splits, sms):
 
     def run(x, M):
         x2 = _cuda_rows(x.reshape(M, K))
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = _backends.cuda_stream()
         if M > _CUDA_GEMV_MAX_M and CUDA_PREFILL_CUBLAS:
             # The weight dequantized from the packed copy into a temporary [N, K] in x's dtype, then cuBLAS.
             wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
@@ -516,7 +516,7 @@ def _cuda_prepare(qweight, scales, offsets, bias, mode):
     N, K = qweight.shape[0], qweight.shape[1] * 2
     G = K // scales.shape[1]
     qp, sp, scale16 = _cuda_pack(mod, qweight, scales, offsets, N, K, G,
-                                 torch.cuda.current_stream().cuda_stream)
+                                 _backends.cuda_stream())
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     # Once per weight: later calls may run on another stream, which must not start before the packing (and the
     # fp32 bias copy).

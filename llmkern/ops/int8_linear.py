@@ -267,7 +267,7 @@ def _cuda_bind(weight, weight_scale, bias, mode):
         if M == 0 or N == 0:
             return x.new_empty(x.shape[:-1] + (N,))
         x2 = _cuda_rows(x.reshape(M, K))
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = _backends.cuda_stream()
         if CUDA_PREFILL_CUBLAS and mode == "w8a16" and x.dtype != torch.float32 and M > _CUDA_GEMV_MAX_M:
             wdq = torch.empty((N, K), dtype=x.dtype, device=x.device)
             mod.int8_linear_dequant(w_ptr, s_ptr, group, N, K, wdq.data_ptr(), _DTYPE_CODE[x.dtype], stream)

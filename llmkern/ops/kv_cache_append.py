@@ -259,7 +259,7 @@ def _cuda(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, 
         B, S, Hk, D, slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _CACHE_CODE[k_cache.dtype],
         k_scale.data_ptr() if int8 else 0, v_scale.data_ptr() if int8 else 0,
         cos_sin.data_ptr() if rot else 0, cos_sin_cache.shape[1] if rot else 0, pos.data_ptr() if rot else 0,
-        bool(rotary_interleaved), q_ptr, q_code, q_strides, Hq, torch.cuda.current_stream(k.device).cuda_stream,
+        bool(rotary_interleaved), q_ptr, q_code, q_strides, Hq, _backends.cuda_stream(k.device),
     )
 
 

@@ -136,7 +136,7 @@ def _cuda(x, weight, eps, residual):
     y, h, keep, args = _launch_args(x, weight, residual)
     if args[10] == 0:  # no rows
         return y, h
-    _backends.cuda_module().rms_norm(*args, float(eps), torch.cuda.current_stream(x.device).cuda_stream)
+    _backends.cuda_module().rms_norm(*args, float(eps), _backends.cuda_stream(x.device))
     del keep  # enqueued: torch's caching allocator keeps freed memory stream-ordered
     return y, h
 

@@ -106,7 +106,7 @@ def _cuda(q, k, positions, cos_sin_cache, interleaved):
     mod.rotary_embedding(q3.data_ptr(), q_out.data_ptr(), _DTYPE_CODE[q.dtype], list(q3.stride()[:2]), Hq,
                          k3.data_ptr(), k_out.data_ptr(), _DTYPE_CODE[k.dtype], list(k3.stride()[:2]), k3.shape[1],
                          T, D, cs.data_ptr(), cs.shape[1], pos.data_ptr(), bool(interleaved),
-                         torch.cuda.current_stream(q.device).cuda_stream)
+                         _backends.cuda_stream(q.device))
     return q_out, k_out
 
 

@@ -29,7 +29,8 @@ _REWRITES = (('.device.type != "cuda"', '.device.type != "cpu"'), ("_backends.cu
              ("torch.empty(", "POISON_EMPTY("), ("torch.cuda.is_current_stream_capturing()", "CAPTURING"),
              ("torch.cuda.synchronize(qweight.device)", "None"), ("torch.cuda.synchronize(weight.device)", "None"))
 # Left in the rewritten source they would touch CUDA: none may remain.
-_CUDA_CALLS = ('.device.type != "cuda"', "_backends.cuda_module()", "_num_sms(", "torch.empty(", "torch.cuda.")
+_CUDA_CALLS = ('.device.type != "cuda"', "_backends.cuda_module()", "_backends.cuda_stream(", "_num_sms(", "torch.empty(",
+               "torch.cuda.")
 # Module-level functions of the ops the adapters call besides `_cuda` (rewritten the same way when present).
 _HELPERS = ("_cuda_bind", "_cuda_pack", "_cuda_packed_run", "_cuda_prepare")
 
@@ -79,7 +80,7 @@ class Adapter:
         src = "\n".join(line for line in src.splitlines() if not line.startswith("@"))
         for old, new in _REWRITES:
             src = src.replace(old, new)
-        src = re.sub(r"torch\.cuda\.current_stream\([^)]*\)\.cuda_stream", "0", src)
+        src = re.sub(r"_backends\.cuda_stream\([^)]*\)", "0", src)
         # the packed kernel's path name, as for int4_linear above
         src = _keep_path(src, "mod.int4_linear_packed(")
         return src.replace("_is_sm90(x.device)", "IS_SM90")

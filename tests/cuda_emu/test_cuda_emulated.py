@@ -37,7 +37,7 @@ def adapter(emu, name):
     for old, new in (('.device.type != "cuda"', '.device.type != "cpu"'), ("_backends.cuda_module()", "EMU")):
         assert old in src
         src = src.replace(old, new)
-    src = re.sub(r"torch\.cuda\.current_stream\([^)]*\)\.cuda_stream", "0", src)
+    src = re.sub(r"_backends\.cuda_stream\([^)]*\)", "0", src)
     src = re.sub(r"_sm_count\(.*?current_device\(\)\)", "4", src, flags=re.S)
     g = dict(mod.__dict__, EMU=emu)
     exec(src, g)

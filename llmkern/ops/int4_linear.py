@@ -515,8 +515,7 @@ def _cuda_prepare(qweight, scales, offsets, bias, mode):
     mod = _backends.cuda_module()
     N, K = qweight.shape[0], qweight.shape[1] * 2
     G = K // scales.shape[1]
-    qp, sp, scale16 = _cuda_pack(mod, qweight, scales, offsets, N, K, G,
-                                 _backends.cuda_stream())
+    qp, sp, scale16 = _cuda_pack(mod, qweight, scales, offsets, N, K, G, _backends.cuda_stream())
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     # Once per weight: later calls may run on another stream, which must not start before the packing (and the
     # fp32 bias copy).

@@ -126,6 +126,8 @@ inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 // 1 + the index of the lowest set bit of x, 0 for x == 0 (CUDA's integer intrinsic)
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+// fma.rn.f32: one rounding of a * b + c (std::fma, not a compiler contraction that could differ)
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 // prmt.b32 (default mode): byte n of the result = byte (s >> 4n) & 7 of {y, x} (x = bytes 0..3), or that
 // byte's sign replicated when bit 3 of the selector nibble is set.
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {

@@ -73,10 +73,15 @@ struct WChunk {
 
 // The 4 A registers of one k16 step from one packed word: canonical fp32 q * s + o, rounded once to T.
 // Nibble (r, e) of the word (bits 4 r + 16 e) is byte (r / 2) + 2 e of lo (r even) or hi (r odd).
-template <typename T>
+// kS16 (every scale an fp16 value): q * s is exact in fp32 (4 x 11 significant bits), so one fma rounds exactly
+// what the canonical multiply-then-add rounds: the same bits in one instruction instead of two.
+template <typename T, bool kS16>
 __device__ __forceinline__ void dequant_word(uint32_t word, const float4& sc, uint32_t (&a)[4]) {
   const uint32_t lo = word & 0x0F0F0F0Fu, hi = (word >> 4) & 0x0F0F0F0Fu;
-  const auto dq = [](float q, float s, float o) { return __fadd_rn(__fmul_rn(q, s), o); };
+  const auto dq = [](float q, float s, float o) {
+    if constexpr (kS16) return __fmaf_rn(q, s, o);
+    else return __fadd_rn(__fmul_rn(q, s), o);
+  };
   a[0] = pack2<T>(dq(byte_to_f32<0>(lo), sc.x, sc.y), dq(byte_to_f32<2>(lo), sc.x, sc.y));  // row g,     k 4t, 4t+1
   a[1] = pack2<T>(dq(byte_to_f32<0>(hi), sc.z, sc.w), dq(byte_to_f32<2>(hi), sc.z, sc.w));  // row g + 8
   a[2] = pack2<T>(dq(byte_to_f32<1>(lo), sc.x, sc.y), dq(byte_to_f32<3>(lo), sc.x, sc.y));  // row g,     k 4t+2, +3
@@ -191,8 +196,8 @@ __global__ void __launch_bounds__(gemm_threads(BM)) packed_gemm_kernel(GemmArgs<
       uint32_t af[TW][2][4];  // [tile][k16 step][reg]
 #pragma unroll
       for (int j = 0; j < TW; ++j) {
-        dequant_word<T>(wq[p].w[j].x, wq[p].sc[j], af[j][0]);
-        dequant_word<T>(wq[p].w[j].y, wq[p].sc[j], af[j][1]);
+        dequant_word<T, kS16>(wq[p].w[j].x, wq[p].sc[j], af[j][0]);
+        dequant_word<T, kS16>(wq[p].w[j].y, wq[p].sc[j], af[j][1]);
       }
       load_w(kt + kPrefetch, wq[p]);  // in flight during this chunk's and the next ones' MMAs
 

@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(gemm_threads(BM)) packed_gemm_kernel(GemmArgs<
 
   // x: this thread's copies of every chunk, row r = i / 4, 16-byte piece c = i % 4 (i = tid + n kThreads): source
   // pointers at chunk 0 of the range, advanced one chunk per load (rows past M copy nothing: 0 source bytes from
-  // a.x, which never moves); destinations in stage 0.
+  // a.x, which never moves); destinations in stage 0. (Not mma_common.cuh's TileCopies: K % 32 == 0 needs no K
+  // bound here, and TileCopies' bound took the 128-row tile past 128 registers into a spill.)
   const T* xsrc[kXCopies];
   int xstep[kXCopies], xbytes[kXCopies];
   uint32_t xdst[kXCopies];

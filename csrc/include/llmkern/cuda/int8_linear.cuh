@@ -306,31 +306,17 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
   const int m_base = tile_m * BM, n_base = tile_n * BN;
   const int KT = (a.K + kTileRowBytes - 1) / kTileRowBytes;
 
-  // ---- async tile loader: stage s <- k tile kt (zero-filled outside [0, M) x [0, K) / [0, N) x [0, K)).
-  // This thread's 16-byte copies of every k tile: x rows r = i / 4 and weight rows r = i / 4, chunk c = i % 4
-  // (i = tid + n kThreads); source pointers at k tile 0 and the k left from each chunk's start, set up once
-  // (rows past M / N: 0 left, nothing copied).
-  constexpr int kXC = BM * 4 / kThreads, kWC = BN * 4 / kThreads;
-  const int8_t* src[kXC + kWC];
-  int left[kXC + kWC];
-#pragma unroll
-  for (int n = 0; n < kXC + kWC; ++n) {
-    const bool is_x = n < kXC;
-    const int i = tid + (is_x ? n : n - kXC) * kThreads, r = i / 4, c = i % 4;
-    const int g = (is_x ? m_base : n_base) + r;
-    const bool ok = g < (is_x ? a.M : a.N);
-    src[n] = ok ? (is_x ? a.xq + int64_t(g) * a.ldx : a.w + int64_t(g) * a.K) + c * 16 : a.xq;
-    left[n] = ok ? a.K - c * 16 : 0;
-  }
+  // ---- async tile loader: stage s <- k tile kt (zero-filled outside [0, M) x [0, K) / [0, N) x [0, K));
+  // each thread's copies of the x and weight tiles set up once (TileCopies).
+  TileCopies<int8_t, BM * 4 / kThreads, 4, kThreads> xc;
+  TileCopies<int8_t, BN * 4 / kThreads, 4, kThreads> wc;
+  const auto sw = [](int r, int c) { return swz(r, c); };
+  xc.init(a.xq, a.ldx, a.M, a.K, m_base, 0, tid, sw);
+  wc.init(a.w, a.K, a.N, a.K, n_base, 0, tid, sw);
   auto load_tile = [&](int s, int kt) {
     const uint32_t sa = smem_u32(smem[s]);
-#pragma unroll
-    for (int n = 0; n < kXC + kWC; ++n) {
-      const int i = tid + (n < kXC ? n : n - kXC) * kThreads;
-      const bool ok = kt * kTileRowBytes < left[n];
-      cp_async16(sa + (n < kXC ? 0 : BM * kTileRowBytes) + swz(i / 4, i % 4), ok ? src[n] + kt * kTileRowBytes : a.xq,
-                 ok ? 16 : 0);
-    }
+    xc.issue(sa, kt * kTileRowBytes, a.xq);
+    wc.issue(sa + BM * kTileRowBytes, kt * kTileRowBytes, a.w);
   };
 
   int acc[MT][NT][4];

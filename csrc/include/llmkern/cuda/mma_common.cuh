@@ -37,6 +37,43 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// One thread's share of the cp.async copies that fill a [rows][kChunks x 16 bytes] tile of a row-major matrix
+// (x, or int8 weights) at every k tile of a GEMM: copy n is row i / kChunks, 16-byte chunk i % kChunks of the
+// tile (i = tid + n kThreads). The source pointers, the elements left in each chunk's row from its first k tile
+// (0 for rows past the matrix: nothing copied) and the swizzled destinations are set up once per CTA, so that a k
+// tile costs an add and a compare per copy. (Loader loops over tid..rows with a run-time trip count, rebuilding
+// 64-bit row addresses from the kernel arguments every k tile, were a third or more of the GEMM loops' SASS:
+// docs/notes/cuda-gemm-loops.md.) A chunk lies wholly inside or outside the row's [0, K).
+template <typename T, int kCopies, int kChunks, int kThreads>
+struct TileCopies {
+  const T* src[kCopies];
+  int left[kCopies];
+  uint32_t dst[kCopies];  // byte offset in the tile
+
+  // a[rows, K] with row stride ld; the tile's rows start at row0, its first k tile at column k0; swz(r, c): the
+  // byte offset of chunk c of tile row r.
+  template <class Swz>
+  __device__ __forceinline__ void init(const T* a, int64_t ld, int rows, int K, int row0, int k0, int tid, Swz swz) {
+#pragma unroll
+    for (int n = 0; n < kCopies; ++n) {
+      const int i = tid + n * kThreads, r = i / kChunks, c = i % kChunks, row = row0 + r;
+      const int k = k0 + c * int(16 / sizeof(T));
+      src[n] = row < rows ? a + int64_t(row) * ld + k : a;
+      left[n] = row < rows ? K - k : 0;
+      dst[n] = swz(r, c);
+    }
+  }
+  // The k tile kk elements after k0 -> the tile at shared address `tile` (zeros past the rows and K; `any` is a
+  // valid address for the copies of no bytes).
+  __device__ __forceinline__ void issue(uint32_t tile, int kk, const T* any) const {
+#pragma unroll
+    for (int n = 0; n < kCopies; ++n) {
+      const bool ok = kk < left[n];
+      cp_async16(tile + dst[n], ok ? src[n] + kk : any, ok ? 16 : 0);
+    }
+  }
+};
+
 // Byte offset of 16-byte chunk c (0..3) of row r in a [rows][64 B] tile. The chunk index is XORed with
 // bits 1..2 of the row so that the 8 rows one ldmatrix phase reads (same chunk column) hit 8 distinct
 // 16-byte bank groups: rows 0..7 at chunk c land on groups c, 4+c, c^1, 4+(c^1), c^2, ... (all distinct).

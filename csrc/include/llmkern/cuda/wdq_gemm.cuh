@@ -169,30 +169,10 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<
   const int kt0 = a.ws ? blockIdx.y * (a.k_split / kBK) : 0;
   const int KT = a.ws ? min(KT_all - kt0, a.k_split / kBK) : KT_all;
 
-  // x: this thread's copies of every k tile, row r = i / 4, 16-byte piece c = i % 4 (i = tid + n kThreads):
-  // source pointers at the CTA's first k tile (rows past M copy nothing: 0 source bytes from a.x); a piece is
-  // wholly inside or outside [0, K) (K % 16 == 0), checked against the k left from its start.
-  constexpr int kXCopies = BM * 4 / kThreads;
-  const T* xsrc[kXCopies];
-  int xleft[kXCopies];  // K - (the piece's k in the first tile); <= 0 for rows past M
-  int xdst[kXCopies];
-#pragma unroll
-  for (int n = 0; n < kXCopies; ++n) {
-    const int i = tid + n * kThreads, r = i / 4, c = i % 4, gm = m_base + r;
-    const int k_first = kt0 * kBK + c * 8;
-    xsrc[n] = gm < a.M ? a.x + int64_t(gm) * a.ldx + k_first : a.x;
-    xleft[n] = gm < a.M ? a.K - k_first : 0;
-    xdst[n] = swz(r, c);
-  }
-  // x tile of stage s <- k tile kt, asynchronously.
-  auto load_x = [&](int s, int kt) {
-    const uint32_t sa = smem_u32(smem[s]);
-#pragma unroll
-    for (int n = 0; n < kXCopies; ++n) {
-      const bool ok = kt * kBK < xleft[n];
-      cp_async16(sa + xdst[n], ok ? xsrc[n] + kt * kBK : a.x, ok ? 16 : 0);
-    }
-  };
+  // x tile of stage s <- k tile kt, asynchronously (copies set up once: TileCopies).
+  TileCopies<T, BM * 4 / kThreads, 4, kThreads> xc;
+  xc.init(a.x, a.ldx, a.M, a.K, m_base, kt0 * kBK, tid, [](int r, int c) { return swz(r, c); });
+  auto load_x = [&](int s, int kt) { xc.issue(smem_u32(smem[s]), kt * kBK, a.x); };
   // This thread's weight pieces: row n_base + idx / 2, k offset (idx % 2) * 16 of each tile (idx = tid + i kThreads).
   PieceSrc<kFmt> wsrc[kPieces];
 #pragma unroll

@@ -112,28 +112,10 @@ __global__ void __launch_bounds__(threads(BM), 1) wgmma_int4_kernel(wdq::Args<T>
   const int KT = a.ws ? min(KT_all - kt0, a.k_split / kBK) : KT_all;
   const uint8_t* qw = static_cast<const uint8_t*>(a.w);
 
-  // x: this thread's copies of every k tile, row r = idx / 8, 16-byte chunk c = idx % 8 (idx = tid + i kThreads);
-  // source pointers at the CTA's first k tile, set up once (rows past M copy nothing: 0 bytes from a.x); a chunk
-  // is wholly inside or outside [0, K), checked against the k left from its start.
-  const T* xsrc[kXChunks];
-  int xleft[kXChunks];  // K - (the chunk's k in the first tile); 0 for rows past M
-#pragma unroll
-  for (int i = 0; i < kXChunks; ++i) {
-    const int idx = tid + i * kThreads, r = idx / 8, c = idx % 8, gm = m_base + r;
-    const int k_first = kt0 * kBK + c * 8;
-    xsrc[i] = gm < a.M ? a.x + int64_t(gm) * a.ldx + k_first : a.x;
-    xleft[i] = gm < a.M ? a.K - k_first : 0;
-  }
-  // x tile of stage s <- k tile kt (chunk c of row r holds x[m_base + r, kt * 64 + 8c .. + 8)).
-  auto load_x = [&](int s, int kt) {
-    const uint32_t sx = smem_u32(smem + s * kStage);
-#pragma unroll
-    for (int i = 0; i < kXChunks; ++i) {
-      const int idx = tid + i * kThreads;
-      const bool ok = kt * kBK < xleft[i];
-      cp_async16(sx + swz128(idx / 8, idx % 8), ok ? xsrc[i] + kt * kBK : a.x, ok ? 16 : 0);
-    }
-  };
+  // x tile of stage s <- k tile kt (chunk c of row r holds x[m_base + r, kt * 64 + 8c .. + 8); copies set up once).
+  TileCopies<T, kXChunks, 8, kThreads> xc;
+  xc.init(a.x, a.ldx, a.M, a.K, m_base, kt0 * kBK, tid, [](int r, int c) { return sm90::swz128(r, c); });
+  auto load_x = [&](int s, int kt) { xc.issue(smem_u32(smem + s * kStage), kt * kBK, a.x); };
   // Weight piece i of this thread for k tile kt: row idx / 2 of the tile, k = kt * 64 + 32 (idx % 2) .. + 32;
   // its row's bytes, scales and offsets from pointers set up once.
   struct WPieces {

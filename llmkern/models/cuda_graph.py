@@ -23,7 +23,8 @@ buffer that each replay overwrites: __call__ returns a copy.
 
 Off by default (`generate(cuda_graph=True)`, `llmkern generate --cuda-graph`, LLMKERN_CUDA_GRAPH=1): on the first
 GPU run (H200, 2026-11-29) generate() with it gave the eager tokens, but one bit-for-bit comparison with eager
-steps (contiguous bf16 caches) failed, unexplained (docs/notes/gpu-run-2026-11-29.md).
+steps (contiguous bf16 caches) failed: most likely the eager side's doing (a GPU Int4Linear's first call ran other
+kernels than its later ones; fixed in session 16, docs/notes/gpu-run-2026-11-29.md); the next GPU run confirms.
 tests/models/test_cuda_generate.py compares it with eager steps there, and the tests here
 check its bookkeeping on the CPU with a stand-in graph that replays the step's Python the way a graph replays
 its kernels (`graph_factory`).

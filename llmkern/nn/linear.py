@@ -117,14 +117,20 @@ class _QuantizedBase(nn.Module):
 
     def _first_call(self, op, fn, x, static_args):
         """The first call since the buffers were set: y = fn(x, *static_args) with the op's checks, then the
-        buffers are trusted and the run prepared (`_trust`). In plain eager use on the CPU it checks only
-        (`op.check`), prepares, and computes through the prepared run: layouts that run packs (W4A8's,
-        rows16, the int8 GEMM's) are packed once, not also by the op for this output, and the first output
-        has the prepared run's bits. Anything else (modes, tracing, autograd, other devices) takes the op."""
-        if (type(x) is _Tensor and x.is_cpu and static_args[0].is_cpu and _eager_state()
+        buffers are trusted and the run prepared (`_trust`). In plain eager use (x on the weights' device) it
+        checks only (`op.check`), prepares, and computes as every later call will: on the CPU through the
+        prepared run (layouts that run packs, W4A8's, rows16, the int8 GEMM's, are packed once, not also by the
+        op for this output), on a GPU through forward's prepared path. So the first output has the later calls'
+        bits: on a GPU Int4Linear's first call used to run the canonical kernels (each weight rounded to 16
+        bits) and every later one the packed kernels (exact products), so the same prompt gave other logits in
+        a model's first run than in its second (docs/notes/gpu-run-2026-11-29.md, the bf16 graph test).
+        Anything else (modes, tracing, autograd, other devices) takes the op."""
+        if (type(x) is _Tensor and (x.is_cpu or x.is_cuda) and x.device == static_args[0].device and _eager_state()
                 and not (x.requires_grad and _GRAD())):
             op.check(x, *static_args)
             self._trust(op, *static_args)
+            if not x.is_cpu:
+                return self.forward(x)  # (trusted now: its prepared run, or the op's trusted call)
             run = self._lean(x)  # (None: no prepared run for this backend or x; the op computes)
             return run(x) if run is not None else fn(x, *static_args, backend=self.backend)
         out = fn(x, *static_args, backend=self.backend)

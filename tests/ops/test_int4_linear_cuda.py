@@ -419,8 +419,9 @@ def test_packed_odd_shapes(dtype, G, scale16):
 
 
 def test_packed_module_graph_and_nan():
-    """Int4Linear on the GPU: the first call prepares (packs), later decode calls run the packed kernel; CUDA graph
-    capture of a prepared module replays bit for bit; a NaN row of x gives a NaN output row only."""
+    """Int4Linear on the GPU: the first call prepares (packs) and, like every later decode call, runs the packed
+    kernel (the same bits); CUDA graph capture of a prepared module replays bit for bit; a NaN row of x gives a NaN
+    output row only."""
     from llmkern.nn import Int4Linear
 
     g = gen(3)
@@ -432,12 +433,33 @@ def test_packed_module_graph_and_nan():
     assert m._run is not None and m._run.backend == "cuda" and m._run.impl.packed is not None
     second = m(x)
     check_tight(second, x, qw, s, o, m.bias, "module")
-    check(first, x, qw, s, o, m.bias, "module first call")
+    assert torch.equal(first, second), "the first call's bits differ from the prepared run's"
     replayed, eager = graph_replay(m, x, torch.randn(4, K, generator=g, device=DEV).to(torch.bfloat16))
     assert torch.equal(replayed, eager)
     x[1] = float("nan")
     out = m(x)
     assert out[1].isnan().all() and torch.isfinite(out[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("M", [1, 3, 40])
+def test_module_first_call_has_the_later_calls_bits(M):
+    """A fresh Int4Linear's first call (it prepares: packs, releases the canonical buffers) gives what its later
+    calls give, bit for bit, at decode (packed kernel) and GEMM sizes; so does a fresh one's first fp32 call (the
+    canonical kernels, restored). The first GPU run's bf16 graph test failed on this: a model's first run used the
+    canonical kernels, every later one the packed ones (docs/notes/gpu-run-2026-11-29.md)."""
+    from llmkern.nn import Int4Linear
+
+    g = gen(11 + M)
+    N, K, G = 1000, 1024, 32
+    qw, s, o = make_weights(N, K, G, g)
+    bias = torch.randn(N, generator=g, device=DEV)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        m = Int4Linear.from_quantized(qw.clone(), s.clone(), o.clone(), bias, backend="cuda")
+        x = torch.randn(M, K, generator=g, device=DEV).to(dtype)
+        first = m(x)
+        assert m._trusted and m._run is not None
+        assert torch.equal(first, m(x)) and torch.equal(first, m(x.clone())), dtype
+        check(first, x, qw, s, o, bias, f"first call M={M} {dtype}")
 
 
 @pytest.mark.parametrize("G", [32, 128])

@@ -104,6 +104,53 @@ def best_peer(group: list[Entry]) -> Entry | None:
     return min(peers, key=lambda e: e.median) if peers else None
 
 
+# Opt-in routes timed beside their default: an entry named <default entry>.<suffix> in the same group. The switch
+# that makes the route the default (or, for no_splitk, turns the default off).
+ROUTES = {
+    "mma": "LLMKERN_CUDA_DECODE_MMA=1 (tensor-core decode attention)",
+    "pipelined": "LLMKERN_CUDA_DECODE_PIPELINE=1 (cp.async-pipelined decode loop)",
+    "sm90": "the sm_90a kernel (attention: LLMKERN_CUDA_ATTN_WGMMA=1, W8A8: LLMKERN_CUDA_INT8_WGMMA=1; int4: on already)",
+    "sm90o": "LLMKERN_CUDA_ATTN_WGMMA=1 + LLMKERN_CUDA_ATTN_OVERLAP=1",
+    "dequant_cublas": "LLMKERN_CUDA_PREFILL_CUBLAS=1 (dequantize, then cuBLAS)",
+    "no_splitk": "LLMKERN_CUDA_GEMM_SPLITK=0 (split-K off: > 1x here means split-K loses)",
+    "graph": "generate(cuda_graph=True) (the decode step as one CUDA graph)",
+}
+
+
+def route_pairs(groups: dict[str, list[Entry]]) -> dict[str, list[tuple[str, Entry, Entry]]]:
+    """suffix -> [(group, default entry, route entry)] for every ROUTES entry timed beside its default."""
+    out: dict[str, list] = {}
+    for g, es in groups.items():
+        by_impl = {e.impl: e for e in es if e.kind == "llmkern"}
+        for impl, e in by_impl.items():
+            base, _, suffix = impl.rpartition(".")
+            if suffix in ROUTES and base in by_impl:
+                out.setdefault(suffix, []).append((g, by_impl[base], e))
+    return out
+
+
+def routes_markdown(groups: dict[str, list[Entry]]) -> list[str]:
+    """The opt-in routes against their defaults, measured in the same run: one line per route (over its groups:
+    geometric mean, min and max of default time / route time, and in how many groups the route was faster), for
+    deciding which to turn on. Nothing when the run timed none."""
+    pairs = route_pairs(groups)
+    if not pairs:
+        return []
+    lines = ["## Opt-in routes against their defaults (same run)", "",
+             "Speedup = default median / route median (> 1: the route is faster).", "",
+             "| route | switch | groups | geo-mean | min | max | faster in |", "|---|---|---|---|---|---|---|"]
+    for suffix in ROUTES:
+        ps = pairs.get(suffix)
+        if not ps:
+            continue
+        r = [b.median / e.median for _, b, e in ps]
+        geo = math.exp(sum(math.log(v) for v in r) / len(r))
+        lines.append(_row([f".{suffix}", ROUTES[suffix], str(len(r)), _x(geo), _x(min(r)), _x(max(r)),
+                           f"{sum(v > 1 for v in r)} of {len(r)}"]))
+    lines.append("")
+    return lines
+
+
 def fractions(e: Entry, limits: dict) -> tuple[float | None, float | None]:
     """(fraction of the read bandwidth, fraction of the matmul rate of e's compute dtype)."""
     bw = limits.get("read_gbs")
@@ -169,6 +216,7 @@ def markdown(entries: list[Entry], meta: dict) -> str:
             fmt_time(peer.median) if peer else "-", _x(peer.median / o.median) if o and peer else "-"]))
     lines.append("")
     lines += targets.markdown(groups, meta["limits"])  # (GPU runs; nothing for a CPU run)
+    lines += routes_markdown(groups)
     for g, es in groups.items():
         peer = best_peer(es)
         ours = [e for e in es if e.kind == "llmkern"]

@@ -159,7 +159,8 @@ rm -rf "$OUT/bench.raw.json" "$OUT"/.guard_* "$SITE"
 [ -f "$OUT/bench.raw_report.png" ] && mv "$OUT/bench.raw_report.png" "$OUT/bench_report.png"
 step "summary"
 "$PY" scripts/gpu_guard.py summary "$OUT/tests.jsonl"
-sed -n '/## GPU issue targets/,/^### /p' "$OUT/bench_report.md" 2>/dev/null | head -45 || true
+awk '/^## GPU issue targets/{on=1} /^## Opt-in routes|^### /{if(on&&!/^## GPU/)exit} on' "$OUT/bench_report.md" 2>/dev/null | head -45 || true
+sed -n '/^## Opt-in routes/,/^### /p' "$OUT/bench_report.md" 2>/dev/null | head -14 || true
 sed -n '/## Summary/,/^## GPU issue targets/p' "$OUT/bench_report.md" 2>/dev/null | head -60 || true
 echo "files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit $FAILED

@@ -113,6 +113,32 @@ def test_report_table_and_png(tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_report_opt_in_routes():
+    """The report's opt-in route table: each <default>.<route> entry against its default in the same group (geo-mean,
+    min, max, groups faster), routes not timed left out, unknown suffixes and peers ignored; no table without any."""
+    report = _report_module()
+    ga, gb, gc = "decode_attention: a [bf16]", "decode_attention: b [bf16]", "int4_linear: c [bf16]"
+    runs = [
+        _bench(ga, "llmkern.cuda.contiguous", "llmkern", 4e-6, 0, 0), _bench(ga, "llmkern.cuda.contiguous.mma", "llmkern", 2e-6, 0, 0),
+        _bench(ga, "llmkern.cuda.paged16", "llmkern", 6e-6, 0, 0), _bench(ga, "llmkern.cuda.paged16.mma", "llmkern", 3e-6, 0, 0),
+        _bench(gb, "llmkern.cuda.contiguous", "llmkern", 4e-6, 0, 0), _bench(gb, "llmkern.cuda.contiguous.mma", "llmkern", 8e-6, 0, 0),
+        _bench(gb, "llmkern.cuda.contiguous.pipelined", "llmkern", 5e-6, 0, 0),
+        _bench(gc, "llmkern.cuda.module", "llmkern", 1e-5, 0, 0), _bench(gc, "llmkern.cuda.module.no_splitk", "llmkern", 3e-5, 0, 0),
+        _bench(gc, "llmkern.cuda.module.other", "llmkern", 1e-6, 0, 0), _bench(gc, "F.linear.mma", "peer", 1e-6, 0, 0),
+    ]
+    entries = [report.Entry(group=b["group"], impl=b["extra_info"]["impl"], kind=b["extra_info"]["kind"],
+                            median=b["stats"]["median"], nbytes=0.0, flops=0.0, compute="bf16", dtype="bf16",
+                            op=b["group"].split(":")[0]) for b in runs]
+    text = "\n".join(report.routes_markdown(report.groups_of(entries)))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| .")}
+    assert set(rows) == {".mma", ".pipelined", ".no_splitk"}, text
+    assert rows[".mma"][2:] == ["3", f"{(2 * 2 * 0.5) ** (1 / 3):.2f}x", "0.50x", "2.00x", "2 of 3"]
+    assert rows[".pipelined"][2:] == ["1", "0.80x", "0.80x", "0.80x", "0 of 1"]
+    assert rows[".no_splitk"][2:] == ["1", "0.33x", "0.33x", "0.33x", "0 of 1"] and "split-K loses" in rows[".no_splitk"][1]
+    assert report.routes_markdown(report.groups_of(entries[7:8])) == []
+
+
 def _gpu_bench(op, group, impl, median, *, model, shape, nbytes=0.0, flops=0.0, kind="llmkern"):
     b = _bench(group, impl, kind, median, nbytes, flops, compute="bf16", op=op)
     b["extra_info"].update(model=model, shape=shape)

@@ -117,15 +117,15 @@ ROUTES = {
 }
 
 
-def route_pairs(groups: dict[str, list[Entry]]) -> dict[str, list[tuple[str, Entry, Entry]]]:
-    """suffix -> [(group, default entry, route entry)] for every ROUTES entry timed beside its default."""
-    out: dict[str, list] = {}
+def route_pairs(groups: dict[str, list[Entry]]) -> dict[tuple[str, str], list[tuple[str, Entry, Entry]]]:
+    """(suffix, op) -> [(group, default entry, route entry)] for every ROUTES entry timed beside its default."""
+    out: dict[tuple[str, str], list] = {}
     for g, es in groups.items():
         by_impl = {e.impl: e for e in es if e.kind == "llmkern"}
         for impl, e in by_impl.items():
             base, _, suffix = impl.rpartition(".")
             if suffix in ROUTES and base in by_impl:
-                out.setdefault(suffix, []).append((g, by_impl[base], e))
+                out.setdefault((suffix, e.op), []).append((g, by_impl[base], e))
     return out
 
 
@@ -138,14 +138,12 @@ def routes_markdown(groups: dict[str, list[Entry]]) -> list[str]:
         return []
     lines = ["## Opt-in routes against their defaults (same run)", "",
              "Speedup = default median / route median (> 1: the route is faster).", "",
-             "| route | switch | groups | geo-mean | min | max | faster in |", "|---|---|---|---|---|---|---|"]
-    for suffix in ROUTES:
-        ps = pairs.get(suffix)
-        if not ps:
-            continue
+             "| route | op | switch | groups | geo-mean | min | max | faster in |", "|---|---|---|---|---|---|---|---|"]
+    order = {s: i for i, s in enumerate(ROUTES)}
+    for (suffix, op), ps in sorted(pairs.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
         r = [b.median / e.median for _, b, e in ps]
         geo = math.exp(sum(math.log(v) for v in r) / len(r))
-        lines.append(_row([f".{suffix}", ROUTES[suffix], str(len(r)), _x(geo), _x(min(r)), _x(max(r)),
+        lines.append(_row([f".{suffix}", op, ROUTES[suffix], str(len(r)), _x(geo), _x(min(r)), _x(max(r)),
                            f"{sum(v > 1 for v in r)} of {len(r)}"]))
     lines.append("")
     return lines

@@ -133,9 +133,10 @@ def test_report_opt_in_routes():
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
             for line in text.splitlines() if line.startswith("| .")}
     assert set(rows) == {".mma", ".pipelined", ".no_splitk"}, text
-    assert rows[".mma"][2:] == ["3", f"{(2 * 2 * 0.5) ** (1 / 3):.2f}x", "0.50x", "2.00x", "2 of 3"]
-    assert rows[".pipelined"][2:] == ["1", "0.80x", "0.80x", "0.80x", "0 of 1"]
-    assert rows[".no_splitk"][2:] == ["1", "0.33x", "0.33x", "0.33x", "0 of 1"] and "split-K loses" in rows[".no_splitk"][1]
+    assert rows[".mma"][1] == "decode_attention" and rows[".no_splitk"][1] == "int4_linear"
+    assert rows[".mma"][3:] == ["3", f"{(2 * 2 * 0.5) ** (1 / 3):.2f}x", "0.50x", "2.00x", "2 of 3"]
+    assert rows[".pipelined"][3:] == ["1", "0.80x", "0.80x", "0.80x", "0 of 1"]
+    assert rows[".no_splitk"][3:] == ["1", "0.33x", "0.33x", "0.33x", "0 of 1"] and "split-K loses" in rows[".no_splitk"][2]
     assert report.routes_markdown(report.groups_of(entries[7:8])) == []
 
 

@@ -11,10 +11,10 @@
 //
 // CTA: BM rows of x by BN = 128 weight rows (8 tiles of 16). Every warp covers all BM rows, so each weight is
 // dequantized once per CTA: BM = 64, 4 warps of 2 tiles (8 mma column blocks: an 8-byte x load feeds 2 mmas);
-// BM = 128, 8 warps of 1 tile (16 column blocks). (Until session 16 BM = 128 ran 2 x 4 warps of 64 rows: both warp
-// rows dequantized each weight, and dequantization was ~30% of the loop's instructions.) Weight fragments and scales are loaded
-// kPrefetch chunks ahead into registers; x tiles by cp.async from per-thread source pointers set up once. 1-D
-// grid in grouped raster order.
+// BM = 128, 8 warps of 1 tile (16 column blocks). (Until session 16 BM = 128 ran 2 x 4 warps of 64 rows: both
+// warp rows dequantized each weight, and dequantization was ~30% of the loop's instructions.) Weight fragments
+// and scales are loaded kPrefetch chunks ahead into registers; x tiles by cp.async from per-thread source
+// pointers set up once. 1-D grid in grouped raster order.
 // Split-K (GemmArgs::ws set): blockIdx.y sums the chunks of k in [split * k_split, + k_split) and writes its fp32
 // partial (no bias) to ws[split, M, N]; the launcher's reduction sums the splits in order.
 #pragma once

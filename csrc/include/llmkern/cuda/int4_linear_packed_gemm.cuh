@@ -206,7 +206,8 @@ __global__ void __launch_bounds__(gemm_threads(BM)) packed_gemm_kernel(GemmArgs<
       for (int mb = 0; mb < kMB; ++mb) {
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
-          const uint2 b = *reinterpret_cast<const uint2*>(smem + (s ? xb1 : xb0) + p * kStageBytes + mb * 8 * kTileRowBytes);
+          const int off = (s ? xb1 : xb0) + p * kStageBytes + mb * 8 * kTileRowBytes;  // (xb*: this lane's)
+          const uint2 b = *reinterpret_cast<const uint2*>(smem + off);
 #pragma unroll
           for (int j = 0; j < TW; ++j) {
             if constexpr (std::is_same<T, __nv_bfloat16>::value) mma_bf16(acc[j][mb], af[j][s], b.x, b.y);

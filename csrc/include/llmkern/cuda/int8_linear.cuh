@@ -348,64 +348,64 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) w8a8_mma_kernel(MmaA
   // Unrolled by kMmaStages so that the stage indices are compile-time constants (kt % kMmaStages == u).
   for (int kb = 0; kb < KT; kb += kMmaStages) {
 #pragma unroll
-  for (int u = 0; u < kMmaStages; ++u) {
-    const int kt = kb + u;
-    if (kt >= KT) break;  // (uniform across the CTA)
-    cp_async_wait<kMmaStages - 2>();
-    __syncthreads();  // tile kt visible to all; every warp is done with the stage refilled below
-    {
-      const int nk = kt + kMmaStages - 1;
-      if (nk < KT) load_tile((u + kMmaStages - 1) % kMmaStages, nk);
-      cp_async_commit();
-    }
-    const int8_t* sa = smem[u];
-    const int8_t* sb = smem[u] + BM * kTileRowBytes;
-#pragma unroll
-    for (int ks = 0; ks < kTileRowBytes / 32; ++ks) {
-      uint32_t af[MT][4];
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        // Matrices: (rows 0-7, k 0-15), (rows 8-15, k 0-15), (rows 0-7, k 16-31), (rows 8-15, k 16-31).
-        const int r = wm * WM + i * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-        const int c = ks * 2 + lane / 16;
-        ldmatrix_x4(smem_u32(sa + swz(r, c)), af[i][0], af[i][1], af[i][2], af[i][3]);
+    for (int u = 0; u < kMmaStages; ++u) {
+      const int kt = kb + u;
+      if (kt >= KT) break;  // (uniform across the CTA)
+      cp_async_wait<kMmaStages - 2>();
+      __syncthreads();  // tile kt visible to all; every warp is done with the stage refilled below
+      {
+        const int nk = kt + kMmaStages - 1;
+        if (nk < KT) load_tile((u + kMmaStages - 1) % kMmaStages, nk);
+        cp_async_commit();
       }
-      uint32_t bf[NT][2];
+      const int8_t* sa = smem[u];
+      const int8_t* sb = smem[u] + BM * kTileRowBytes;
 #pragma unroll
-      for (int jp = 0; jp < NT / 2; ++jp) {
-        // Matrices: (n 0-7, k 0-15), (n 0-7, k 16-31), (n 8-15, k 0-15), (n 8-15, k 16-31).
-        const int r = wn * WN + jp * 16 + (lane % 8) + (lane / 16) * 8;
-        const int c = ks * 2 + (lane / 8) % 2;
-        ldmatrix_x4(smem_u32(sb + swz(r, c)), bf[2 * jp][0], bf[2 * jp][1], bf[2 * jp + 1][0], bf[2 * jp + 1][1]);
-      }
+      for (int ks = 0; ks < kTileRowBytes / 32; ++ks) {
+        uint32_t af[MT][4];
 #pragma unroll
-      for (int i = 0; i < MT; ++i)
+        for (int i = 0; i < MT; ++i) {
+          // Matrices: (rows 0-7, k 0-15), (rows 8-15, k 0-15), (rows 0-7, k 16-31), (rows 8-15, k 16-31).
+          const int r = wm * WM + i * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+          const int c = ks * 2 + lane / 16;
+          ldmatrix_x4(smem_u32(sa + swz(r, c)), af[i][0], af[i][1], af[i][2], af[i][3]);
+        }
+        uint32_t bf[NT][2];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) mma_s8(acc[i][j], af[i], bf[j][0], bf[j][1]);
-      if (kPerGroup) {
-        const int kend = kt * kTileRowBytes + ks * 32 + 32;  // k just past this step (group % 32 == 0)
-        // Steps past K hold zero padding only; K % group == 0, so the last real step ends a group.
-        if (kend <= a.K && kend % a.group == 0) {
-          const int g = (kend - 1) / a.group;
+        for (int jp = 0; jp < NT / 2; ++jp) {
+          // Matrices: (n 0-7, k 0-15), (n 0-7, k 16-31), (n 8-15, k 0-15), (n 8-15, k 16-31).
+          const int r = wn * WN + jp * 16 + (lane % 8) + (lane / 16) * 8;
+          const int c = ks * 2 + (lane / 8) % 2;
+          ldmatrix_x4(smem_u32(sb + swz(r, c)), bf[2 * jp][0], bf[2 * jp][1], bf[2 * jp + 1][0], bf[2 * jp + 1][1]);
+        }
 #pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            const int n = col0 + j * 8;
-            const float s0 = n < a.N ? __ldg(a.scale + int64_t(n) * a.ngroups + g) : 0.0f;
-            const float s1 = n + 1 < a.N ? __ldg(a.scale + int64_t(n + 1) * a.ngroups + g) : 0.0f;
+        for (int i = 0; i < MT; ++i)
 #pragma unroll
-            for (int i = 0; i < MT; ++i) {
-              facc[i][j][0] = fmaf(float(acc[i][j][0]), s0, facc[i][j][0]);
-              facc[i][j][1] = fmaf(float(acc[i][j][1]), s1, facc[i][j][1]);
-              facc[i][j][2] = fmaf(float(acc[i][j][2]), s0, facc[i][j][2]);
-              facc[i][j][3] = fmaf(float(acc[i][j][3]), s1, facc[i][j][3]);
+          for (int j = 0; j < NT; ++j) mma_s8(acc[i][j], af[i], bf[j][0], bf[j][1]);
+        if (kPerGroup) {
+          const int kend = kt * kTileRowBytes + ks * 32 + 32;  // k just past this step (group % 32 == 0)
+          // Steps past K hold zero padding only; K % group == 0, so the last real step ends a group.
+          if (kend <= a.K && kend % a.group == 0) {
+            const int g = (kend - 1) / a.group;
 #pragma unroll
-              for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+            for (int j = 0; j < NT; ++j) {
+              const int n = col0 + j * 8;
+              const float s0 = n < a.N ? __ldg(a.scale + int64_t(n) * a.ngroups + g) : 0.0f;
+              const float s1 = n + 1 < a.N ? __ldg(a.scale + int64_t(n + 1) * a.ngroups + g) : 0.0f;
+#pragma unroll
+              for (int i = 0; i < MT; ++i) {
+                facc[i][j][0] = fmaf(float(acc[i][j][0]), s0, facc[i][j][0]);
+                facc[i][j][1] = fmaf(float(acc[i][j][1]), s1, facc[i][j][1]);
+                facc[i][j][2] = fmaf(float(acc[i][j][2]), s0, facc[i][j][2]);
+                facc[i][j][3] = fmaf(float(acc[i][j][3]), s1, facc[i][j][3]);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+              }
             }
           }
         }
       }
     }
-  }
   }
   cp_async_wait<0>();  // nothing real is pending (only empty groups), but leave no copy in flight
 

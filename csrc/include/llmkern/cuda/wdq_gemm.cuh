@@ -84,7 +84,7 @@ __device__ __forceinline__ PieceSrc<kFmt> piece_src(const Args<T>& a, int n, int
   q.ok = n < a.N;
   const int64_t row = q.ok ? n : 0;
   constexpr int kBytesPerK2 = kFmt == kInt4 ? 1 : 2;  // bytes per 2 k
-  q.w = static_cast<const uint8_t*>(a.w) + row * (int64_t(a.K) * kBytesPerK2 / 2) + int64_t(k_first) * kBytesPerK2 / 2;
+  q.w = static_cast<const uint8_t*>(a.w) + (row * a.K + k_first) * kBytesPerK2 / 2;
   q.s = a.scale + row * a.ngroups;
   q.o = kFmt == kInt4 ? a.offset + row * a.ngroups : nullptr;
   q.k_first = k_first;
@@ -94,7 +94,8 @@ __device__ __forceinline__ PieceSrc<kFmt> piece_src(const Args<T>& a, int n, int
 // The piece of the CTA's k tile kt (k = k_first + kt * kBK); zeros past N / K or when `live` is false (a tile
 // past the CTA's range: read by nothing).
 template <typename T, int kFmt>
-__device__ __forceinline__ void load_piece(const Args<T>& a, const PieceSrc<kFmt>& q, int kt, bool live, Piece<kFmt>& p) {
+__device__ __forceinline__ void load_piece(const Args<T>& a, const PieceSrc<kFmt>& q, int kt, bool live,
+                                           Piece<kFmt>& p) {
   p.raw = make_uint4(0, 0, 0, 0);
   p.s = 0.0f;
   p.o = 0.0f;

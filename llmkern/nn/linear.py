@@ -115,7 +115,7 @@ class _QuantizedBase(nn.Module):
             return run
         return None
 
-    def _first_call(self, op, fn, x, static_args):
+    def _first_call(self, op, fn, x, static_args, forward):
         """The first call since the buffers were set: y = fn(x, *static_args) with the op's checks, then the
         buffers are trusted and the run prepared (`_trust`). In plain eager use (x on the weights' device) it
         checks only (`op.check`), prepares, and computes as every later call will: on the CPU through the
@@ -124,13 +124,15 @@ class _QuantizedBase(nn.Module):
         bits: on a GPU Int4Linear's first call used to run the canonical kernels (each weight rounded to 16
         bits) and every later one the packed kernels (exact products), so the same prompt gave other logits in
         a model's first run than in its second (docs/notes/gpu-run-2026-11-29.md, the bf16 graph test).
-        Anything else (modes, tracing, autograd, other devices) takes the op."""
+        `forward`: the calling class's own forward (not self.forward: a subclass's, or one that hooks put on the
+        instance, would run its extra work twice). Anything else (modes, tracing, autograd, other devices) takes
+        the op."""
         if (type(x) is _Tensor and (x.is_cpu or x.is_cuda) and x.device == static_args[0].device and _eager_state()
                 and not (x.requires_grad and _GRAD())):
             op.check(x, *static_args)
             self._trust(op, *static_args)
             if not x.is_cpu:
-                return self.forward(x)  # (trusted now: its prepared run, or the op's trusted call)
+                return forward(self, x)  # (trusted now: its prepared run, or the op's trusted call)
             run = self._lean(x)  # (None: no prepared run for this backend or x; the op computes)
             return run(x) if run is not None else fn(x, *static_args, backend=self.backend)
         out = fn(x, *static_args, backend=self.backend)
@@ -268,7 +270,7 @@ class Int8Linear(_QuantizedBase):
                 return int8_linear_op.run_trusted(x, self.weight, self.weight_scale, self.bias, self.mode,
                                                   self.backend)
             return self._first_call(int8_linear_op, ops.int8_linear, x,
-                                    (self.weight, self.weight_scale, self.bias, self.mode))
+                                    (self.weight, self.weight_scale, self.bias, self.mode), Int8Linear.forward)
         return ops.int8_linear(x, self.weight, self.weight_scale, self.bias, self.mode, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -358,7 +360,8 @@ class Int4Linear(_QuantizedBase):
                 return int4_linear_op.run_trusted(x, self.qweight, self.scales, self.offsets, self.bias, self.mode,
                                                   self.backend)
             return self._first_call(int4_linear_op, ops.int4_linear, x,
-                                    (self.qweight, self.scales, self.offsets, self.bias, self.mode))
+                                    (self.qweight, self.scales, self.offsets, self.bias, self.mode),
+                                    Int4Linear.forward)
         return ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias, self.mode, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -461,6 +461,23 @@ def test_module_first_call_has_the_later_calls_bits(M):
         assert torch.equal(first, m(x)) and torch.equal(first, m(x.clone())), dtype
         check(first, x, qw, s, o, bias, f"first call M={M} {dtype}")
 
+    # A subclass's forward and a forward put on the instance (as accelerate's hooks do) run once per call, the
+    # first one included (the first call computes through Int4Linear.forward itself, not self.forward).
+    class PlusOne(Int4Linear):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    x = torch.randn(M, K, generator=g, device=DEV).to(torch.bfloat16)
+    m = Int4Linear.from_quantized(qw.clone(), s.clone(), o.clone(), bias, backend="cuda")
+    want = m(x)
+    p = PlusOne.from_quantized(qw.clone(), s.clone(), o.clone(), bias, backend="cuda")
+    assert torch.equal(p(x), want + 1) and torch.equal(p(x), want + 1)
+    h = Int4Linear.from_quantized(qw.clone(), s.clone(), o.clone(), bias, backend="cuda")
+    calls = []
+    inner = h.forward
+    h.forward = lambda x: calls.append(1) or inner(x)
+    assert torch.equal(h(x), want) and len(calls) == 1
+
 
 @pytest.mark.parametrize("G", [32, 128])
 def test_packed_module_dequant_cublas_prefill(monkeypatch, G):

@@ -79,5 +79,26 @@ struct TileCopies {
 // 16-byte bank groups: rows 0..7 at chunk c land on groups c, 4+c, c^1, 4+(c^1), c^2, ... (all distinct).
 __device__ __forceinline__ int swz(int r, int c) { return r * kTileRowBytes + ((c ^ ((r >> 1) & 3)) << 4); }
 
+// A warp's A fragments (MT 16-row blocks from tile row a_row0) and B fragments (NT 8-row blocks from tile row
+// b_row0) of the 32-byte k slice ks of a stage, by ldmatrix.x4 from the swizzled tiles sa / sb: for m16n8k16
+// (16-bit) and m16n8k32 (8-bit) alike (the same byte layout, see above).
+// A matrices: (rows 0-7, k 0-15), (rows 8-15, k 0-15), (rows 0-7, k 16-31), (rows 8-15, k 16-31) of a 16-row block;
+// B matrices: (n 0-7, k 0-15), (n 0-7, k 16-31), (n 8-15, k 0-15), (n 8-15, k 16-31) of a pair of 8-row blocks.
+template <int MT, int NT>
+__device__ __forceinline__ void load_frags(const int8_t* sa, const int8_t* sb, int a_row0, int b_row0, int ks, int lane,
+                                           uint32_t (&af)[MT][4], uint32_t (&bf)[NT][2]) {
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    const int r = a_row0 + i * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+    ldmatrix_x4(smem_u32(sa + swz(r, ks * 2 + lane / 16)), af[i][0], af[i][1], af[i][2], af[i][3]);
+  }
+#pragma unroll
+  for (int jp = 0; jp < NT / 2; ++jp) {
+    const int r = b_row0 + jp * 16 + (lane % 8) + (lane / 16) * 8;
+    ldmatrix_x4(smem_u32(sb + swz(r, ks * 2 + (lane / 8) % 2)), bf[2 * jp][0], bf[2 * jp][1], bf[2 * jp + 1][0],
+                bf[2 * jp + 1][1]);
+  }
+}
+
 }  // namespace cuda
 }  // namespace llmkern

@@ -246,20 +246,8 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 1) wdq_mma_kernel(Args<
       const int8_t* sb = smem[u] + BM * kTileRowBytes;
 #pragma unroll
       for (int ks = 0; ks < 2; ++ks) {  // two k16 steps of 32 bytes
-        uint32_t af[MT][4];
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-          const int r = wm * WM + i * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-          const int c = ks * 2 + lane / 16;
-          ldmatrix_x4(smem_u32(sa + swz(r, c)), af[i][0], af[i][1], af[i][2], af[i][3]);
-        }
-        uint32_t bf[NT][2];
-#pragma unroll
-        for (int jp = 0; jp < NT / 2; ++jp) {
-          const int r = wn * WN + jp * 16 + (lane % 8) + (lane / 16) * 8;
-          const int c = ks * 2 + (lane / 8) % 2;
-          ldmatrix_x4(smem_u32(sb + swz(r, c)), bf[2 * jp][0], bf[2 * jp][1], bf[2 * jp + 1][0], bf[2 * jp + 1][1]);
-        }
+        uint32_t af[MT][4], bf[NT][2];
+        load_frags<MT, NT>(sa, sb, wm * WM, wn * WN, ks, lane, af, bf);
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll

@@ -291,6 +291,18 @@ def _dedup(cases: list) -> list:
 
 # ---------------------------------------------------------------------------------- dtypes, backends
 
+# The memory-bound groups' own read-bandwidth entry (CPU runs: M = 1 linears, decode attention; conftest.py's
+# Bench.memory_read), kind "limit": neither llmkern nor a peer; the report takes those groups' "% BW" from it.
+READ_ENTRY = "memory.read"
+
+
+def read_entry_wanted(M: int | None = None) -> bool:
+    """Whether a group gets a READ_ENTRY: on the CPU, for work that streams its data once (M = 1 linears, decode
+    attention: M None). Not on a GPU, where the script's time is short and the run's probe is taken minutes, not
+    an hour, before the entries."""
+    return not GPU and (M is None or M == 1)
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ELT = {"fp32": 4, "bf16": 2, "fp16": 2}
 

@@ -13,6 +13,8 @@ Group = (model heads / head dim, B sequences, L cached tokens each, dtype). Entr
   bytes of bf16);
 - SDPA: `F.scaled_dot_product_attention(q [B, Hq, 1, D], k/v [B, Hk, L, D])`, the cache in SDPA's own
   layout, `enable_gqa` when Hq != Hk. Every sequence has length L (SDPA takes no per-sequence lengths).
+- memory.read (CPU runs): kind "limit", not a peer: a plain read of as many bytes as the K / V cache,
+  timed with the group (conftest.py's Bench.memory_read); the report takes the group's "% BW" from it.
 Caches rotate through copies (LLMKERN_BENCH_COLD, see conftest.py): each call reads its cache from
 memory, as each layer's cache is in a real decode step. Every entry's first result is checked against
 fp32 SDPA on the same values (for int8: on the dequantized cache).
@@ -39,6 +41,8 @@ def _items():
     items = []
     for case in S.decode_cases():
         for dt in S.dtypes():
+            if S.read_entry_wanted():
+                items.append((case, dt, S.READ_ENTRY))
             for b in S.llmkern_backends(OP, _flops(case), 2.0 * case.B * case.L * case.Hk * case.D * 4):
                 items += [(case, dt, f"llmkern.{b}.{lay}") for lay in LAYOUTS]
                 if b == "cuda" and dt != "fp32":  # the CUDA split kernel's cp.async-pipelined loop; the mma kernel
@@ -110,6 +114,9 @@ def _make(c, dtype, device):
 
 @pytest.mark.parametrize("case, dtype, impl", S.params(_items()))
 def test_decode_attention(bench, group_cache, case, dtype, impl):
+    if impl == S.READ_ENTRY:  # the group's own read bandwidth, over as many bytes as its K / V cache
+        bench.memory_read(op=OP, case=case, dtype=dtype, nbytes=2 * case.B * case.L * case.Hk * case.D * S.ELT[dtype])
+        return
     t = group_cache.get((case, dtype), lambda: _make(case, dtype, bench.device))
     c, e = case, S.ELT[dtype]
     q, lens = t["q"], t["seq_lens"]

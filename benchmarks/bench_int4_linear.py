@@ -32,6 +32,8 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
   CUDA: `_weight_int4pack_mm(x, _convert_weight_to_int4pack(q packed uint8 [N, K/2], 8), G, sz)`, with
   sz [K/G, N, 2] = (scale, zero) in x's dtype and torch's dequant (q - 8) * scale + zero, i.e.
   zero = offset + 8 * scale for llmkern's q * scale + offset.
+- memory.read (CPU runs, M = 1): kind "limit", not a peer: a plain read of as many bytes as the packed
+  weights, timed with the group (conftest.py's Bench.memory_read); the report takes the group's "% BW" from it.
 Every entry's first result is checked against an fp32 F.linear on the dequantized weights.
 """
 from __future__ import annotations
@@ -80,6 +82,8 @@ def _items():
     for case in _cases():
         c = case.base
         for dt in S.dtypes():
+            if S.read_entry_wanted(c.M):
+                items.append((case, dt, S.READ_ENTRY))
             for b in S.llmkern_backends(OP, 2.0 * c.M * c.N * c.K, 4.0 * c.N * c.K):
                 items.append((case, dt, f"llmkern.{b}"))
                 if b == "cuda" and dt != "fp32":
@@ -137,6 +141,9 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
     dt, e = S.DTYPES[dtype], S.ELT[dtype]
     c, G = case.base, case.shape["G"]
     M, N, K = c.M, c.N, c.K
+    if impl == S.READ_ENTRY:  # the group's own read bandwidth, over as many bytes as its packed weights
+        bench.memory_read(op=OP, case=case, dtype=dtype, nbytes=N * K // 2 + 4 * N * (K // G))
+        return
     if (dtype, "x") not in t:
         t[(dtype, "x")] = t["x"].to(dt)
     x = t[(dtype, "x")]  # [M, K]

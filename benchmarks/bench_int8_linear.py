@@ -15,6 +15,8 @@ Group = (layer shape N x K, rows M, activation dtype). Entries:
 - torch._weight_int8pack_mm: torch's W8A16 CPU kernel, (x [M, K], w int8 [N, K], scales [N] in x's dtype);
 - torch._int_mm.w8a8: the W8A8 pipeline in eager torch: per-row quantize x, int8 x int8 -> int32 with
   `torch._int_mm(xq [M, K], w^T [K, N])`, rescale by row scale x channel scale.
+- memory.read (CPU runs, M = 1): kind "limit", not a peer: a plain read of as many bytes as the int8 weights,
+  timed with the group (conftest.py's Bench.memory_read); the report takes the group's "% BW" from it.
 Every entry's first result is checked against an fp32 F.linear on the same dequantized weights.
 """
 from __future__ import annotations
@@ -40,6 +42,8 @@ def _items():
     items = []
     for case in S.linear_cases(gpu_rows=(1, 1024)):  # GPU: decode, and issue 7's W8A8 M >= 1024
         for dt in S.dtypes():
+            if S.read_entry_wanted(case.M):
+                items.append((case, dt, S.READ_ENTRY))
             flops = 2.0 * case.M * case.N * case.K
             for b in S.llmkern_backends(OP, flops, 4.0 * case.N * case.K):  # the reference dequantizes to fp32+
                 items += [(case, dt, f"llmkern.{b}.{mode}") for mode in MODES]
@@ -81,6 +85,9 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
     dt = S.DTYPES[dtype]
     e = S.ELT[dtype]
     M, N, K = case.M, case.N, case.K
+    if impl == S.READ_ENTRY:  # the group's own read bandwidth, over as many bytes as its int8 weights
+        bench.memory_read(op=OP, case=case, dtype=dtype, nbytes=N * K + 4 * N)
+        return
     x = _derived(t, ("x", dtype), lambda: t["x"].to(dt))  # [M, K]
     w, scale = t["w"], t["scale"]
     io_bytes = M * K * e + M * N * e  # activations in, results out

@@ -25,7 +25,7 @@ import targets  # noqa: E402
 class Entry:
     group: str
     impl: str
-    kind: str  # "llmkern" or "peer"
+    kind: str  # "llmkern", "peer" or "limit" (a group's own read-bandwidth entry, targets.READ_ENTRY)
     median: float  # seconds
     nbytes: float
     flops: float
@@ -100,7 +100,7 @@ def groups_of(entries: list[Entry]) -> dict[str, list[Entry]]:
 
 
 def best_peer(group: list[Entry]) -> Entry | None:
-    peers = [e for e in group if e.kind != "llmkern"]
+    peers = [e for e in group if e.kind == "peer"]
     return min(peers, key=lambda e: e.median) if peers else None
 
 
@@ -149,9 +149,10 @@ def routes_markdown(groups: dict[str, list[Entry]]) -> list[str]:
     return lines
 
 
-def fractions(e: Entry, limits: dict) -> tuple[float | None, float | None]:
-    """(fraction of the read bandwidth, fraction of the matmul rate of e's compute dtype)."""
-    bw = limits.get("read_gbs")
+def fractions(e: Entry, limits: dict, read_gbs: float | None = None) -> tuple[float | None, float | None]:
+    """(fraction of the read bandwidth, fraction of the matmul rate of e's compute dtype). read_gbs: the group's own
+    (targets.group_read_gbs); default: the run's probe."""
+    bw = read_gbs or limits.get("read_gbs")
     peak = (limits.get("mm_gflops") or {}).get(e.compute)
     fb = e.gbs / bw if e.gbs is not None and bw else None
     fm = e.gflops / peak if e.gflops is not None and peak else None
@@ -191,7 +192,8 @@ def limits_line(meta: dict) -> str:
     return (f"Machine limits measured in this run ({lim.get('device', '?')}, {lim.get('threads', '?')} threads"
             f"{', ISA ' + str(info['cpu_isa']) if info.get('cpu_isa') else ''}): "
             f"read {lim.get('read_gbs', float('nan')):.4g} GB/s, copy {lim.get('copy_gbs', float('nan')):.4g} GB/s; "
-            f"matmul GFLOP/s: {mm}.")
+            f"matmul GFLOP/s: {mm}. \"% BW\" of a group with a `{targets.READ_ENTRY}` entry (kind \"limit\": a plain "
+            f"read of as many bytes, timed with the group) is of that entry's bandwidth, which the table shows.")
 
 
 def markdown(entries: list[Entry], meta: dict) -> str:
@@ -213,6 +215,7 @@ def markdown(entries: list[Entry], meta: dict) -> str:
             g, o.label if o else "-", fmt_time(o.median) if o else "-", peer.label if peer else "-",
             fmt_time(peer.median) if peer else "-", _x(peer.median / o.median) if o and peer else "-"]))
     lines.append("")
+    lines += targets.cpu_markdown(groups, meta["limits"])  # (CPU runs)
     lines += targets.markdown(groups, meta["limits"])  # (GPU runs; nothing for a CPU run)
     lines += routes_markdown(groups)
     for g, es in groups.items():
@@ -223,8 +226,9 @@ def markdown(entries: list[Entry], meta: dict) -> str:
         head = ["entry", "kind", "median", "vs best peer"] + (["overhead"] if overhead else []) + \
                [f"vs {o.impl}" for o in ours] + ["GB/s", "GFLOP/s", "% BW", "% MM"]
         lines += [f"### {g}", "", _row(head), "|" + "---|" * len(head)]
+        read_gbs, _ = targets.group_read_gbs(es, meta["limits"])
         for e in es:
-            fb, fm = fractions(e, meta["limits"])
+            fb, fm = fractions(e, meta["limits"], read_gbs)
             row = [e.label, e.kind, fmt_time(e.median), _x(peer.median / e.median) if peer else "-"]
             if overhead:
                 d = e.median - peer.median
@@ -250,12 +254,13 @@ def plot(entries: list[Entry], meta: dict, png: str) -> None:
         peer = best_peer(es)
         if peer is None:
             continue
-        shown = [e for e in es if e.kind == "llmkern"] or es  # before any backend runs: the peers
+        shown = [e for e in es if e.kind == "llmkern"] or [e for e in es if e.kind == "peer"]  # (none ran: the peers)
         bars += [(f"{g} :: {e.impl}", peer.median / e.median, e.kind) for e in shown]
     lim = meta["limits"]
     bw, peaks = lim.get("read_gbs"), lim.get("mm_gflops") or {}
     pts = [e for e in entries if e.flops and e.nbytes]
-    mem_only = sorted([e for e in entries if not e.flops and e.nbytes], key=lambda e: (e.group, e.median))
+    mem_only = sorted([e for e in entries if not e.flops and e.nbytes and e.kind != "limit"],
+                      key=lambda e: (e.group, e.median))
     if not bw:
         mem_only = []
     panels = [(name, h) for name, h, on in (

@@ -1,7 +1,16 @@
-"""The GPU issues' performance targets (issue 6: Triton, issue 7: CUDA) read off a saved GPU benchmark run.
+"""The issues' performance targets read off a saved benchmark run: the CPU one (issue 3) and the GPU ones (issue 6:
+Triton, issue 7: CUDA).
 
-report.py appends this table to the report of a run whose limits were measured on a GPU. Every number is a
-ratio or fraction from that one run (medians; the machine limits measured in it), as the issues ask:
+report.py appends these tables to a run's report (each when the run measured any of its targets). Every number is a
+ratio or fraction from that one run (medians; the machine limits measured in it), as the issues ask.
+Issue 3 (CPU; Llama-2-7B 4096x4096 and 11008x4096, SmolLM2-135M's linears):
+- int8_linear, M = 1, Llama: 2x bf16 F.linear (bf16 groups), 8x torch._weight_int8pack_mm, 75% of the read
+  bandwidth;
+- int4_linear, M = 1, Llama: 1.5x torch._weight_int4pack_mm(_for_cpu), 70% of the read bandwidth;
+- both, M = 1, SmolLM2: faster than the group's best peer;
+- prefill, M = 128 and 512, Llama: W8A8 1.3x bf16 F.linear, int4 (any mode) 1x bf16 F.linear (bf16 groups).
+"% of the read bandwidth" is of the group's own memory.read entry where it has one (`group_read_gbs`).
+Issues 6 and 7 (GPU):
 - prefill attention, bf16, causal, D = 128, S >= 4096: fraction of the bf16 matmul rate (CUDA 75%, Triton
   50%) and speed against SDPA (CUDA 1.3x, Triton 1x) and, for CUDA, against the Triton backend (1.3x);
 - decode attention over a paged cache, batch >= 32 (Triton: 64), context >= 4096: fraction of the copy
@@ -15,6 +24,18 @@ module's packed kernels or the sm_90a GEMM, whichever was fastest), named in the
 from __future__ import annotations
 
 from typing import Callable
+
+READ_ENTRY = "memory.read"  # (benchmarks/_shapes.py: a group's own read-bandwidth entry, kind "limit")
+
+
+def group_read_gbs(group: list, limits: dict) -> tuple[float | None, str]:
+    """(read bandwidth to take a group's "% BW" from, where it came from): the group's own READ_ENTRY (a plain
+    read of as many bytes, timed with the group) where it has one, else the run's probe (`limits["read_gbs"]`,
+    measured once at the run's start)."""
+    for e in group:
+        if e.kind == "limit" and e.impl == READ_ENTRY and e.gbs:
+            return e.gbs, "group"
+    return limits.get("read_gbs"), "run"
 
 
 def _fastest(group: list, pred: Callable[[str], bool]):
@@ -107,6 +128,61 @@ def _rows_linear(groups: dict) -> list[tuple]:
     return rows
 
 
+def cpu_rows(groups: dict, limits: dict) -> list[tuple]:
+    """Issue 3's targets, as `rows` (issue "3"), for the CPU groups of a CPU run. The llmkern side is the group's
+    fastest llmkern.cpu entry (op, module or step program; W8A8 targets: a w8a8 entry), named in the table."""
+    out = []
+    if limits.get("device", "cpu") != "cpu":
+        return out
+    for g, es in groups.items():
+        e0 = es[0]
+        s, op = e0.shape, e0.op
+        if op not in ("int4_linear", "int8_linear") or e0.model not in ("Llama-2-7B", "SmolLM2-135M"):
+            continue
+        llama, M, bf16 = e0.model == "Llama-2-7B", s.get("M"), e0.dtype == "bf16"
+        ours = _fastest(es, _backend("cpu"))
+        if ours is None:
+            continue
+        fl = _peer(es, ("F.linear",))
+        if M == 1 and not llama:
+            peers = [e for e in es if e.kind == "peer"]
+            best = min(peers, key=lambda e: e.median) if peers else None
+            if best is not None:
+                out.append(("3", f"{op} M=1 SmolLM2: x the best peer", g, ours.impl, best.median / ours.median, 1.0,
+                            "x"))
+        elif M == 1 and llama:
+            bw, where = group_read_gbs(es, limits)
+            if op == "int8_linear":
+                if fl is not None and bf16:
+                    out.append(("3", "int8 M=1: x bf16 F.linear", g, ours.impl, fl.median / ours.median, 2.0, "x"))
+                pk = _peer(es, ("torch._weight_int8pack_mm",))
+                if pk is not None:
+                    out.append(("3", "int8 M=1: x torch._weight_int8pack_mm", g, ours.impl, pk.median / ours.median,
+                                8.0, "x"))
+            else:
+                pk = _peer(es, ("torch._weight_int4pack_mm",))
+                if pk is not None:
+                    out.append(("3", "int4 M=1: x torch._weight_int4pack_mm", g, ours.impl, pk.median / ours.median,
+                                1.5, "x"))
+            if bw and ours.gbs:
+                of = "the group's memory.read" if where == "group" else "the run's probe"
+                out.append(("3", f"{op.split('_')[0]} M=1: % of read bandwidth ({of})", g, ours.impl, ours.gbs / bw,
+                            0.75 if op == "int8_linear" else 0.70, "pct"))
+        elif llama and M in (128, 512) and bf16 and fl is not None:
+            if op == "int8_linear":
+                w8a8 = _fastest(es, lambda i: i.startswith("llmkern.cpu.w8a8"))
+                if w8a8 is not None:
+                    out.append(("3", "W8A8 prefill: x bf16 F.linear", g, w8a8.impl, fl.median / w8a8.median, 1.3, "x"))
+            else:
+                out.append(("3", "int4 prefill: x bf16 F.linear", g, ours.impl, fl.median / ours.median, 1.0, "x"))
+    return sorted(out, key=lambda r: (r[1], r[2]))
+
+
+def cpu_markdown(groups: dict, limits: dict) -> list[str]:
+    """The "CPU issue targets" section (empty when the run measured none of them)."""
+    return _table(cpu_rows(groups, limits), "## CPU issue targets (issue 3)")
+
+
 def rows(groups: dict, limits: dict) -> list[tuple]:
     """(issue, target, group, llmkern entry, measured, target value, "x" or "pct") for every target the run
     measured, issue 7 first."""
@@ -116,12 +192,15 @@ def rows(groups: dict, limits: dict) -> list[tuple]:
 
 def markdown(groups: dict, limits: dict) -> list[str]:
     """The "GPU issue targets" section (empty when the run measured none of them)."""
-    rs = rows(groups, limits)
+    return _table(rows(groups, limits), "## GPU issue targets (issue 7: CUDA, issue 6: Triton)")
+
+
+def _table(rs: list[tuple], title: str) -> list[str]:
     if not rs:
         return []
     fmt = lambda v, k: f"{100 * v:.0f}%" if k == "pct" else f"{v:.2f}x"  # noqa: E731
     met = sum(r[4] >= r[5] for r in rs)
-    lines = ["## GPU issue targets (issue 7: CUDA, issue 6: Triton)", "",
+    lines = [title, "",
              f"{met} of {len(rs)} met. Ratios and fractions from this run (medians; limits measured in it).", "",
              "| issue | target | group | llmkern entry | measured | target | met |", "|---|---|---|---|---|---|---|"]
     for issue, what, g, impl, v, t, kind in rs:

@@ -199,6 +199,63 @@ def test_report_gpu_issue_targets(tmp_path, capsys):
     assert len(rows) == 9 and "5 of 9 met" in text
 
 
+def test_report_cpu_issue_targets_and_group_bandwidth(tmp_path, capsys):
+    """A CPU run's report: issue 3's targets (fastest llmkern.cpu entry of each group against the named peer, the
+    W8A8 target from w8a8 entries only), and "% BW" of a group with a memory.read entry taken from that entry
+    (not from the run's probe), which is neither a peer nor llmkern."""
+    report = _report_module()
+    i8 = "int8_linear: Llama-2-7B-q_proj+o_proj-4096x4096-M1 [bf16]"
+    i4 = "int4_linear: Llama-2-7B-q_proj+o_proj-4096x4096-M1-G32 [fp32]"
+    sm = "int8_linear: SmolLM2-135M-q_proj+o_proj-576x576-M1 [fp32]"
+    pf = "int8_linear: Llama-2-7B-q_proj+o_proj-4096x4096-M128 [bf16]"
+    big, small = {"M": 1, "N": 4096, "K": 4096}, {"M": 1, "N": 576, "K": 576}
+
+    def b(group, impl, median, shape, model="Llama-2-7B", kind="llmkern", nbytes=16e6, dtype="bf16"):
+        e = _bench(group, impl, kind, median, nbytes, 0.0, compute=dtype, op=group.split(":")[0])
+        e["extra_info"].update(model=model, shape=shape, dtype=dtype)
+        return e
+
+    bm = [
+        b(i8, "memory.read", 400e-6, big, kind="limit"),  # 40 GB/s in the group
+        b(i8, "llmkern.cpu.w8a8.step", 500e-6, big),  # 32 GB/s: 80% of the group's read
+        b(i8, "llmkern.cpu.w8a16", 600e-6, big),
+        b(i8, "F.linear", 1.2e-3, big, kind="peer", nbytes=32e6),
+        b(i8, "torch._weight_int8pack_mm", 1.5e-3, big, kind="peer"),
+        b(i4, "llmkern.cpu.step", 200e-6, big, nbytes=8e6, dtype="fp32"),  # 40 GB/s; no read entry: the run's 50
+        b(i4, "torch._weight_int4pack_mm", 260e-6, big, kind="peer", nbytes=8e6, dtype="fp32"),
+        b(sm, "llmkern.cpu.w8a16.step", 8e-6, small, model="SmolLM2-135M", nbytes=3.3e5, dtype="fp32"),
+        b(sm, "torch._int_mm.w8a8", 7e-6, small, model="SmolLM2-135M", kind="peer", nbytes=3.3e5, dtype="fp32"),
+        b(pf, "llmkern.cpu.w8a8.step", 2.5e-3, {"M": 128, "N": 4096, "K": 4096}),
+        b(pf, "llmkern.cpu.w8a16.step", 2.0e-3, {"M": 128, "N": 4096, "K": 4096}),
+        b(pf, "F.linear", 5.0e-3, {"M": 128, "N": 4096, "K": 4096}, kind="peer"),
+    ]
+    limits = {"device": "cpu", "read_gbs": 50.0, "mm_gflops": {"bf16": 800.0}}
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps({"datetime": "2026-01-01", "llmkern_limits": limits, "benchmarks": bm}))
+    assert report.main([str(path), "--no-plot"]) == 0
+    text = capsys.readouterr().out
+    assert "## CPU issue targets (issue 3)" in text and "## GPU issue targets" not in text
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| 3 |")]
+    got = {(r[1], r[2].split(":")[0]): (r[3], r[4], r[6]) for r in rows}
+    assert got[("int8 M=1: x bf16 F.linear", "int8_linear")] == ("llmkern.cpu.w8a8.step", "2.40x", "yes")
+    assert got[("int8 M=1: x torch._weight_int8pack_mm", "int8_linear")] == ("llmkern.cpu.w8a8.step", "3.00x", "no")
+    assert got[("int8 M=1: % of read bandwidth (the group's memory.read)", "int8_linear")] == \
+        ("llmkern.cpu.w8a8.step", "80%", "yes")
+    assert got[("int4 M=1: x torch._weight_int4pack_mm", "int4_linear")] == ("llmkern.cpu.step", "1.30x", "no")
+    assert got[("int4 M=1: % of read bandwidth (the run's probe)", "int4_linear")] == ("llmkern.cpu.step", "80%", "yes")
+    assert got[("int8_linear M=1 SmolLM2: x the best peer", "int8_linear")] == ("llmkern.cpu.w8a16.step", "0.88x", "no")
+    # the faster W8A16 entry does not count for the W8A8 target
+    assert got[("W8A8 prefill: x bf16 F.linear", "int8_linear")] == ("llmkern.cpu.w8a8.step", "2.00x", "yes")
+    assert len(rows) == 7 and "4 of 7 met" in text
+    # the group table: memory.read is kind "limit", not the best peer; % BW from the group's read (40 GB/s)
+    table = text.split(f"### {i8}")[1].split("###")[0]
+    cells = {r[0]: r for r in ([c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
+                               if line.startswith("| ") and not line.startswith("| entry"))}
+    assert cells["memory.read"][1] == "limit" and cells["memory.read"][-2] == "100%"
+    assert cells["llmkern.cpu.w8a8.step"][3] == "2.40x" and cells["llmkern.cpu.w8a8.step"][-2] == "80%"
+    assert report.best_peer(report.groups_of(report.load(str(path))[0])[i8]).impl == "F.linear"
+
+
 def test_report_without_timings_fails(tmp_path, capsys):
     report = _report_module()
     path = tmp_path / "empty.json"
@@ -228,9 +285,12 @@ def test_step_module_and_paged64_entries_run_once():
     and pass their result checks (`--benchmark-disable`: once each)."""
     r = _pytest("benchmarks/bench_int4_linear.py", "benchmarks/bench_int8_linear.py",
                 "benchmarks/bench_decode_attention.py", "--benchmark-disable", "-v", "-k",
-                "(192x576-M1 and fp32 and (step or module)) or (SmolLM2-135M-B1 and fp32 and paged64)", timeout=300)
+                "(192x576-M1 and fp32 and (step or module or memory)) or (SmolLM2-135M-B1 and fp32 and (paged64 or memory))",
+                timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     passed = [line.split()[0] for line in r.stdout.splitlines() if " PASSED" in line]
+    for f in ("bench_int4_linear", "bench_int8_linear", "bench_decode_attention"):  # each group's own read entry
+        assert any(f in p and p.endswith("memory.read]") for p in passed), (f, r.stdout[-3000:])
     assert any("bench_int4_linear" in p and p.endswith("llmkern.cpu.step]") for p in passed), r.stdout[-3000:]
     assert any("bench_int8_linear" in p and p.endswith("w8a8.step]") for p in passed), r.stdout[-3000:]
     assert any("bench_decode_attention" in p and p.endswith("paged64]") for p in passed), r.stdout[-3000:]

@@ -291,14 +291,15 @@ def _dedup(cases: list) -> list:
 
 # ---------------------------------------------------------------------------------- dtypes, backends
 
-# The memory-bound groups' own read-bandwidth entry (CPU runs: M = 1 linears, decode attention; conftest.py's
-# Bench.memory_read), kind "limit": neither llmkern nor a peer; the report takes those groups' "% BW" from it.
-READ_ENTRY = "memory.read"
+# The memory-bound groups' own read-bandwidth entries (CPU runs: M = 1 linears, decode attention; conftest.py's
+# Bench.memory_read), kind "limit": neither llmkern nor a peer, one first and one last in the group; the report
+# takes those groups' "% BW" from the best of them and the run's probe.
+READ_ENTRY, READ_ENTRY_END = "memory.read", "memory.read.end"
 
 
 def read_entry_wanted(M: int | None = None) -> bool:
-    """Whether a group gets a READ_ENTRY: on the CPU, for work that streams its data once (M = 1 linears, decode
-    attention: M None). Not on a GPU, where the script's time is short and the run's probe is taken minutes, not
+    """Whether a group gets READ_ENTRY and READ_ENTRY_END: on the CPU, for work that streams its data once (M = 1
+    linears, decode attention: M None). Not on a GPU, where the script's time is short and the run's probe is taken minutes, not
     an hour, before the entries."""
     return not GPU and (M is None or M == 1)
 

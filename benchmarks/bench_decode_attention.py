@@ -13,8 +13,9 @@ Group = (model heads / head dim, B sequences, L cached tokens each, dtype). Entr
   bytes of bf16);
 - SDPA: `F.scaled_dot_product_attention(q [B, Hq, 1, D], k/v [B, Hk, L, D])`, the cache in SDPA's own
   layout, `enable_gqa` when Hq != Hk. Every sequence has length L (SDPA takes no per-sequence lengths).
-- memory.read (CPU runs): kind "limit", not a peer: a plain read of as many bytes as the K / V cache,
-  timed with the group (conftest.py's Bench.memory_read); the report takes the group's "% BW" from it.
+- memory.read / memory.read.end (CPU runs): kind "limit", not peers: plain reads of as many bytes as the K / V cache,
+  first and last in the group (conftest.py's Bench.memory_read); the report takes the group's
+  "% BW" from the best of them and the run's probe.
 Caches rotate through copies (LLMKERN_BENCH_COLD, see conftest.py): each call reads its cache from
 memory, as each layer's cache is in a real decode step. Every entry's first result is checked against
 fp32 SDPA on the same values (for int8: on the dequantized cache).
@@ -49,6 +50,8 @@ def _items():
                     items += [(case, dt, f"llmkern.cuda.{lay}.pipelined") for lay in ("contiguous", "paged16")]
                     items += [(case, dt, f"llmkern.cuda.{lay}.mma") for lay in ("contiguous", "paged16", "paged64")]
             items.append((case, dt, "SDPA"))
+            if S.read_entry_wanted():
+                items.append((case, dt, S.READ_ENTRY_END))
     return items
 
 
@@ -114,8 +117,9 @@ def _make(c, dtype, device):
 
 @pytest.mark.parametrize("case, dtype, impl", S.params(_items()))
 def test_decode_attention(bench, group_cache, case, dtype, impl):
-    if impl == S.READ_ENTRY:  # the group's own read bandwidth, over as many bytes as its K / V cache
-        bench.memory_read(op=OP, case=case, dtype=dtype, nbytes=2 * case.B * case.L * case.Hk * case.D * S.ELT[dtype])
+    if impl in (S.READ_ENTRY, S.READ_ENTRY_END):  # the group's own read bandwidth: as many bytes as its K / V cache
+        bench.memory_read(impl, op=OP, case=case, dtype=dtype,
+                          nbytes=2 * case.B * case.L * case.Hk * case.D * S.ELT[dtype])
         return
     t = group_cache.get((case, dtype), lambda: _make(case, dtype, bench.device))
     c, e = case, S.ELT[dtype]

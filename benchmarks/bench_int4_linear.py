@@ -32,8 +32,9 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
   CUDA: `_weight_int4pack_mm(x, _convert_weight_to_int4pack(q packed uint8 [N, K/2], 8), G, sz)`, with
   sz [K/G, N, 2] = (scale, zero) in x's dtype and torch's dequant (q - 8) * scale + zero, i.e.
   zero = offset + 8 * scale for llmkern's q * scale + offset.
-- memory.read (CPU runs, M = 1): kind "limit", not a peer: a plain read of as many bytes as the packed
-  weights, timed with the group (conftest.py's Bench.memory_read); the report takes the group's "% BW" from it.
+- memory.read / memory.read.end (CPU runs, M = 1): kind "limit", not peers: plain reads of as many bytes as the
+  packed weights, first and last in the group (conftest.py's Bench.memory_read); the report takes the group's
+  "% BW" from the best of them and the run's probe.
 Every entry's first result is checked against an fp32 F.linear on the dequantized weights.
 """
 from __future__ import annotations
@@ -103,6 +104,8 @@ def _items():
                     items.append((case, dt, "llmkern.cpu.w4a8.module"))
                     items.append((case, dt, "llmkern.cpu.w4a8g.module"))
             items += [(case, dt, p) for p in PEERS]
+            if S.read_entry_wanted(c.M):
+                items.append((case, dt, S.READ_ENTRY_END))
     return items
 
 
@@ -141,8 +144,9 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
     dt, e = S.DTYPES[dtype], S.ELT[dtype]
     c, G = case.base, case.shape["G"]
     M, N, K = c.M, c.N, c.K
-    if impl == S.READ_ENTRY:  # the group's own read bandwidth, over as many bytes as its packed weights
-        bench.memory_read(op=OP, case=case, dtype=dtype, nbytes=N * K // 2 + 4 * N * (K // G))
+    if impl in (S.READ_ENTRY, S.READ_ENTRY_END):  # the group's own read bandwidth: as many bytes as its packed weights
+        bench.memory_read(impl, op=OP, case=case, dtype=dtype,
+                          nbytes=N * K // 2 + 4 * N * (K // G))
         return
     if (dtype, "x") not in t:
         t[(dtype, "x")] = t["x"].to(dt)

@@ -15,8 +15,9 @@ Group = (layer shape N x K, rows M, activation dtype). Entries:
 - torch._weight_int8pack_mm: torch's W8A16 CPU kernel, (x [M, K], w int8 [N, K], scales [N] in x's dtype);
 - torch._int_mm.w8a8: the W8A8 pipeline in eager torch: per-row quantize x, int8 x int8 -> int32 with
   `torch._int_mm(xq [M, K], w^T [K, N])`, rescale by row scale x channel scale.
-- memory.read (CPU runs, M = 1): kind "limit", not a peer: a plain read of as many bytes as the int8 weights,
-  timed with the group (conftest.py's Bench.memory_read); the report takes the group's "% BW" from it.
+- memory.read / memory.read.end (CPU runs, M = 1): kind "limit", not peers: plain reads of as many bytes as the
+  int8 weights, first and last in the group (conftest.py's Bench.memory_read); the report takes the group's
+  "% BW" from the best of them and the run's probe.
 Every entry's first result is checked against an fp32 F.linear on the same dequantized weights.
 """
 from __future__ import annotations
@@ -57,6 +58,8 @@ def _items():
                 if b == "cuda" and case.M > 16 and dt != "fp32":
                     items.append((case, dt, "llmkern.cuda.w8a16.dequant_cublas"))
             items += [(case, dt, p) for p in PEERS]
+            if S.read_entry_wanted(case.M):
+                items.append((case, dt, S.READ_ENTRY_END))
     return items
 
 
@@ -85,8 +88,9 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
     dt = S.DTYPES[dtype]
     e = S.ELT[dtype]
     M, N, K = case.M, case.N, case.K
-    if impl == S.READ_ENTRY:  # the group's own read bandwidth, over as many bytes as its int8 weights
-        bench.memory_read(op=OP, case=case, dtype=dtype, nbytes=N * K + 4 * N)
+    if impl in (S.READ_ENTRY, S.READ_ENTRY_END):  # the group's own read bandwidth: as many bytes as its int8 weights
+        bench.memory_read(impl, op=OP, case=case, dtype=dtype,
+                          nbytes=N * K + 4 * N)
         return
     x = _derived(t, ("x", dtype), lambda: t["x"].to(dt))  # [M, K]
     w, scale = t["w"], t["scale"]

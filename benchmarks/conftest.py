@@ -33,7 +33,6 @@ THREADS = int(os.environ.get("LLMKERN_BENCH_THREADS", "2"))
 DEVICE = os.environ.get("LLMKERN_BENCH_DEVICE", "cpu")
 COLD = os.environ.get("LLMKERN_BENCH_COLD", "1") not in ("", "0")
 MAX_COPIES = 4096
-READ_ENTRY = _shapes.READ_ENTRY
 _LIMITS: dict = {}  # filled once per session by the `limits` fixture, saved into the JSON
 
 
@@ -240,14 +239,16 @@ class Bench:
                 b.extra_info["limit_read_gbs"] = self.limits.get("read_gbs")
                 b.extra_info["limit_mm_gflops"] = self.limits.get("mm_gflops", {}).get(compute or dtype)
 
-    def memory_read(self, *, op: str, case, dtype: str, nbytes: float) -> None:
-        """The group's own read-bandwidth entry: `READ_ENTRY` (kind "limit"), a plain read of about `nbytes`
-        (the group's weights or cache) from rotated copies, timed with the group's entries.
+    def memory_read(self, impl: str, *, op: str, case, dtype: str, nbytes: float) -> None:
+        """One of the group's own read-bandwidth entries (`impl`: _shapes.READ_ENTRY first in the group,
+        READ_ENTRY_END last; kind "limit"), a plain read of about `nbytes` (the group's weights or cache) from
+        rotated copies, timed with the group's entries.
 
         The run's probe (`limits`, measured once at its start) and an entry timed minutes later can see different
         memory speeds on a shared VM (2026-11-29: kernels at 150-230% of the probe's 40.6 GB/s; 2026-11-30 a
-        same-size read and the int8 GEMV both at ~32 GB/s): the report takes "% BW" of a group that has this entry
-        from it. CPU: llmkern's streaming probe `_C.read_sum` (torch's `x.sum()` without the extension)."""
+        same-size read and the int8 GEMV both at ~32 GB/s; within one file, same-size reads at 31-47 GB/s): the
+        report takes "% BW" of such a group from the best of its reads and the run's probe. CPU: llmkern's
+        streaming probe `_C.read_sum` (torch's `x.sum()` without the extension)."""
         n = max(16, int(nbytes) // 4)  # float32 elements
         nxt = self.rotating((torch.ones(n, dtype=torch.float32, device=self.device),), 4 * n)  # [n] each
         C = None
@@ -260,7 +261,7 @@ class Bench:
             fn = lambda: C.read_sum(nxt()[0].data_ptr(), n, threads)  # noqa: E731
         else:
             fn = lambda: nxt()[0].sum()  # noqa: E731
-        self(fn, op=op, impl=READ_ENTRY, kind="limit", case=case, dtype=dtype, nbytes=4.0 * n, flops=0.0,
+        self(fn, op=op, impl=impl, kind="limit", case=case, dtype=dtype, nbytes=4.0 * n, flops=0.0,
              graph=False)
 
     def _cuda_timed(self, fn, graph: bool = True, op: str | None = None, backend: str | None = None):

@@ -192,8 +192,8 @@ def limits_line(meta: dict) -> str:
     return (f"Machine limits measured in this run ({lim.get('device', '?')}, {lim.get('threads', '?')} threads"
             f"{', ISA ' + str(info['cpu_isa']) if info.get('cpu_isa') else ''}): "
             f"read {lim.get('read_gbs', float('nan')):.4g} GB/s, copy {lim.get('copy_gbs', float('nan')):.4g} GB/s; "
-            f"matmul GFLOP/s: {mm}. \"% BW\" of a group with a `{targets.READ_ENTRY}` entry (kind \"limit\": a plain "
-            f"read of as many bytes, timed with the group) is of that entry's bandwidth, which the table shows.")
+            f"matmul GFLOP/s: {mm}. \"% BW\" of a group with `{targets.READ_ENTRY}` entries (kind \"limit\": plain reads "
+            f"of as many bytes, first and last in the group) is of the best of those and this probe.")
 
 
 def markdown(entries: list[Entry], meta: dict) -> str:

@@ -241,8 +241,9 @@ def markdown(entries: list[Entry], meta: dict) -> str:
 
 
 def plot(entries: list[Entry], meta: dict, png: str) -> None:
-    """One PNG, up to three panels: speedup bars (llmkern entries vs the group's best peer), a roofline
-    of every entry that does arithmetic, and % of read bandwidth for work without arithmetic (copies)."""
+    """One PNG, up to four panels: the issues' targets the run measured (measured / target, 1 = just met), speedup
+    bars (llmkern entries vs the group's best peer), a roofline of every entry that does arithmetic, and % of read
+    bandwidth for work without arithmetic (copies)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,7 +264,9 @@ def plot(entries: list[Entry], meta: dict, png: str) -> None:
                       key=lambda e: (e.group, e.median))
     if not bw:
         mem_only = []
+    goals = targets.cpu_rows(groups, lim) + targets.rows(groups, lim)
     panels = [(name, h) for name, h, on in (
+        ("targets", max(3.0, 0.2 * len(goals) + 1.5), bool(goals)),
         ("speedup", max(3.0, 0.2 * len(bars) + 1.5), bool(bars)),
         ("roofline", 6.0, bool(pts)),
         ("memory", max(3.0, 0.2 * len(mem_only) + 1.5), bool(mem_only))) if on]
@@ -273,7 +276,16 @@ def plot(entries: list[Entry], meta: dict, png: str) -> None:
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     for ax, (name, _) in zip(axes[:, 0], panels):
-        if name == "speedup":
+        if name == "targets":
+            ys = list(range(len(goals)))
+            ax.barh(ys, [g[4] / g[5] for g in goals], color=["tab:green" if g[4] >= g[5] else "tab:red" for g in goals])
+            ax.set_yticks(ys, [f"issue {g[0]}: {g[1]} :: {g[2]} ({g[3]})" for g in goals], fontsize=6)
+            ax.set_ylim(len(goals) - 0.5, -0.5)
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel("measured / target (>= 1: met)")
+            ax.set_title("the issues' performance targets measured in this run (green: met, red: not met)")
+        elif name == "speedup":
             _bars(ax, [b[0] for b in bars], [b[1] for b in bars], [b[2] for b in bars])
             ax.axvline(1.0, color="k", lw=0.8)
             if bars:

@@ -256,6 +256,9 @@ def test_report_cpu_issue_targets_and_group_bandwidth(tmp_path, capsys):
     assert cells["memory.read.end"][1] == "limit" and cells["memory.read.end"][-2] == "80%"
     assert cells["llmkern.cpu.w8a8.step"][3] == "2.40x" and cells["llmkern.cpu.w8a8.step"][-2] == "80%"
     assert report.best_peer(report.groups_of(report.load(str(path))[0])[i8]).impl == "F.linear"
+    pytest.importorskip("matplotlib")
+    assert report.main([str(path), "--out", str(tmp_path / "png")]) == 0  # the plot's targets panel draws too
+    assert (tmp_path / "png" / "cpu_report.png").stat().st_size > 0
 
 
 def test_report_without_timings_fails(tmp_path, capsys):

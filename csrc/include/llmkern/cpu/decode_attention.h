@@ -54,7 +54,16 @@ struct DecodeArgs {
   void* out = nullptr;  // contiguous [B, Sq, Hq, D] in q_dtype
   void* ws = nullptr;   // decode_workspace_bytes(...)
   int num_threads = 1;
+  bool bf16_dot = true;  // bf16 q and cache on AVX-512 BF16 CPUs: scores by vdpbf16ps (decode_bf16_pairs)
 };
+
+// Whether the scores of `a` come from AVX-512 BF16 dot products on raw bf16 pairs (da512::qk_bf16_rows): bf16 q
+// with a bf16 cache, on the AVX-512 path of a CPU that has AVX512_BF16, unless a.bf16_dot is off. The unit's qf
+// rows then hold q's raw bf16 values (2 * Dp of them per row, zeros past D) instead of fp32 q * scale.
+inline bool decode_bf16_pairs(const DecodeArgs& a, Isa isa) {
+  return a.bf16_dot && isa == Isa::kAvx512Vnni && a.q_dtype == DType::kBF16 && a.kv_type == kKvBF16 &&
+         features().avx512_bf16;
+}
 
 inline int64_t decode_dpad(int64_t D) { return (D + 15) / 16 * 16; }
 
@@ -159,6 +168,7 @@ inline void decode_attention(const DecodeArgs& a, Isa isa) {
   const int64_t n_units = a.B * ns_max;
   // Unit state: acc [RA, Dp], then m [RA], then l [RA]; head kh's rows start at row kh * R.
   const int64_t m_off = RA * Dp, l_off = RA * Dp + RA;
+  const bool pairs = decode_bf16_pairs(a, isa);
 
   // One unit: its queries in fp32 (times the softmax scale, zero padding [D, Dp)), the unit kernel, and
   // the normalized store when the sequence has a single split.
@@ -182,6 +192,11 @@ inline void decode_attention(const DecodeArgs& a, Isa isa) {
     for (int64_t rr = 0; rr < RA; ++rr) {
       const int64_t kh = rr / R, r = rr % R, t = r / G, h = kh * G + r % G;
       const int64_t base = b * a.q_sb + t * a.q_st + h * a.q_sh;
+      if (pairs) {  // raw bf16, row stride 2 * Dp elements (>= D rounded up to 32, the dot's chunk)
+        uint16_t* qb = reinterpret_cast<uint16_t*>(qf + rr * Dp);
+        for (int64_t d = 0; d < 2 * Dp; ++d) qb[d] = d < a.D ? static_cast<const uint16_t*>(a.q)[base + d] : 0;
+        continue;
+      }
       for (int64_t d = 0; d < Dp; ++d) qf[rr * Dp + d] = d < a.D ? load_as_f32(a.q, base + d, a.q_dtype) * a.scale : 0.0f;
     }
     float* st = units + u * unit_f;

@@ -93,6 +93,44 @@ LLMKERN_ATT512 inline void pv_regs(float* acc, int64_t Dp, const float* p, int64
   for (int i = 0; i < NR * NC; ++i) _mm512_storeu_ps(acc + (i / NC) * Dp + (i % NC) * 16, a[i]);
 }
 
+#define LLMKERN_DA512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+// Scores of bf16 queries against a bf16 cache by AVX-512 BF16 dot products: s[r * ss + jj] = scale * dot(q_r, key jj)
+// for rows r < nr (raw bf16, row stride qs elements, zeros from D up to a multiple of 32) and the 16 keys at
+// kp[jj] + off (bytes), D values each. vdpbf16ps multiplies raw bf16 pairs exactly and adds them into fp32 lanes
+// (two fused steps, RNE; bf16 subnormals count as 0, as its DAZ / FTZ): no conversion of the keys, half the
+// instructions of fp32 FMAs, and the exact query (the fp32 path's q * scale rounds; here the scale comes after).
+// A call per (16-key block, KV head), not inlined: the caller's target lacks avx512bf16.
+LLMKERN_DA512BF16 __attribute__((noinline)) inline void qk_bf16_rows(const uint16_t* q, int64_t qs, int64_t nr,
+                                                                     const char* const* kp, int64_t off, int64_t D,
+                                                                     float scale, float* s, int64_t ss) {
+#define LLMKERN_DA_K(i) const char* k##i = kp[i] + off;
+  LLMKERN_DA_K(0) LLMKERN_DA_K(1) LLMKERN_DA_K(2) LLMKERN_DA_K(3) LLMKERN_DA_K(4) LLMKERN_DA_K(5) LLMKERN_DA_K(6)
+  LLMKERN_DA_K(7) LLMKERN_DA_K(8) LLMKERN_DA_K(9) LLMKERN_DA_K(10) LLMKERN_DA_K(11) LLMKERN_DA_K(12)
+  LLMKERN_DA_K(13) LLMKERN_DA_K(14) LLMKERN_DA_K(15)
+#undef LLMKERN_DA_K
+  const V sc = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < nr; ++r) {
+    V a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
+      a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
+    const uint16_t* qr = q + r * qs;
+    for (int64_t c = 0; c < D; c += 32) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + c);
+      // A key's last chunk past D: masked to zeros (the next head's values, or the row's end, must not meet q's
+      // zero padding: 0 x inf would be NaN).
+      const __mmask32 m = D - c >= 32 ? ~__mmask32(0) : (__mmask32(1) << (D - c)) - 1;
+#define LLMKERN_DA_F(i) a##i = _mm512_dpbf16_ps(a##i, qv, (__m512bh)_mm512_maskz_loadu_epi16(m, k##i + 2 * c));
+      LLMKERN_DA_F(0) LLMKERN_DA_F(1) LLMKERN_DA_F(2) LLMKERN_DA_F(3) LLMKERN_DA_F(4) LLMKERN_DA_F(5) LLMKERN_DA_F(6)
+      LLMKERN_DA_F(7) LLMKERN_DA_F(8) LLMKERN_DA_F(9) LLMKERN_DA_F(10) LLMKERN_DA_F(11) LLMKERN_DA_F(12)
+      LLMKERN_DA_F(13) LLMKERN_DA_F(14) LLMKERN_DA_F(15)
+#undef LLMKERN_DA_F
+    }
+    float* sr = s + r * ss;
+    OpsAvx512::hsum16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, sr);
+    _mm512_storeu_ps(sr, _mm512_mul_ps(_mm512_loadu_ps(sr), sc));
+  }
+}
+
 }  // namespace da512
 }  // namespace cpu
 }  // namespace llmkern

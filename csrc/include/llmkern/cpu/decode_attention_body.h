@@ -123,6 +123,11 @@ LLMKERN_DA_ATTR inline void softmax_tile(float* s, int nt, float* m, float* l, f
 // issued a slice at a time between the compute steps of the tile before it. A burst of all of a tile's
 // lines at once (768 for SmolLM2) fills the L1 miss queue and stalls the core until they arrive; spread
 // out, the misses overlap with the dot products (SmolLM2 L1024 fp32, 1 thread, cold: 150 -> ~65 us).
+// Into L2 (prefetcht1), not L1: a tile's K and V rows are 48 KiB (SmolLM2 fp32) to 256 KiB (Llama-3 fp32), more
+// than an L1 holds, so prefetching them into L1 one tile ahead evicted lines before their use. On a Zen 4 host
+// (32 KiB L1d; 2026-11-30, 2 threads, cold, alternated builds) T1 against T0: Llama-3-8B B1 L4096 bf16 1180 ->
+// ~770 us, SmolLM2 B8 L1024 fp32 650 -> 435 us, B1 L1024 bf16 64 -> 49 us; the earlier T0 was tuned on a Zen 5
+// host (48 KiB L1d), not re-measured there.
 struct PfStream {
   const char* row[2][kDecodeTile];  // K rows, V rows
   int n = 0, lines[2] = {0, 0};     // rows, lines per K / V row
@@ -130,7 +135,7 @@ struct PfStream {
   int per = 0;                      // lines per step
   LLMKERN_DA_ATTR inline void issue(int count) {
     for (; count > 0 && part < 2; --count) {
-      __builtin_prefetch(row[part][r] + 64 * line, 0, 3);
+      __builtin_prefetch(row[part][r] + 64 * line, 0, 2);
       if (++line == lines[part]) {
         line = 0;
         if (++r == n) {
@@ -166,6 +171,9 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
   const char* kbase = static_cast<const char*>(a.k);
   const char* vbase = static_cast<const char*>(a.v);
   const bool plain = KT != kKvI8 && !(a.softcap > 0.0f);  // scores need no per-key fix-up
+  // bf16 q and cache on an AVX-512 BF16 CPU: qf holds raw bf16 rows (decode_bf16_pairs), scored by vdpbf16ps.
+  bool pairs = false;
+  if constexpr (O::W == 16 && KT == kKvBF16) pairs = decode_bf16_pairs(a, Isa::kAvx512Vnni);
   const char* kfp[O::W];  // rows of kf: one block of keys converted to fp32 (compressed caches, G > 1)
   for (int jj = 0; jj < O::W; ++jj) kfp[jj] = reinterpret_cast<const char*>(kf + jj * Dp);
   // pf_fill(pf, jn): point pf at the token rows of the tile that starts at key jn (before j_end).
@@ -216,7 +224,7 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
     // (Hk score groups per W-block of keys, Hk value passes): the hardware prefetcher alone leaves cold
     // reads latency-bound (the K reads stride over token rows), and one burst per tile stalls the core.
     PfStream pf;
-    const int fine = (O::W == 16 && R % 3 == 0) ? static_cast<int>(R / 3 * 2 + 1) : 1;  // steps per score group
+    const int fine = (O::W == 16 && R % 3 == 0 && !pairs) ? static_cast<int>(R / 3 * 2 + 1) : 1;  // steps per score group
     const int score_steps = static_cast<int>((nt + O::W - 1) / O::W * Hk * fine), steps = score_steps + static_cast<int>(Hk);
     if (j0 == j_begin) first.per = (first.n * first.lines[1] + score_steps - 1) / score_steps;
     if (j0 + kDecodeTile < j_end) {
@@ -234,6 +242,13 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
       for (int64_t kh = 0; kh < Hk; ++kh) {
         const int64_t koff = kh * a.k_s2 * esz;
         pf_step();
+        if constexpr (O::W == 16 && KT == kKvBF16) {
+          if (pairs) {  // all R rows of the head against the block's 16 keys; qf rows: 2 * Dp raw bf16 each
+            da512::qk_bf16_rows(reinterpret_cast<const uint16_t*>(qf + kh * R * Dp), 2 * Dp, R, kp + jb, koff, D,
+                                a.scale, s + kh * R * kDecodeTile + jb, kDecodeTile);
+            continue;
+          }
+        }
         if constexpr (O::W == 16) {
           if (R % 3 == 0) {  // rows in triples: each key chunk loaded (and converted) once for 3 rows
             for (int64_t r = 0; r < R; r += 3) {
@@ -282,6 +297,12 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
       if constexpr (O::W == 16) {
         if (R == 3 && Dp == 64 && Dp == D) {
           da512::pv_regs<KT, 3, 4>(acc + kh * R * Dp, Dp, s + kh * R * kDecodeTile, kDecodeTile, vp, kh * a.v_s2 * esz, nt);
+          continue;
+        }
+        if (R == 4 && Dp == D && D % 64 == 0) {  // GQA groups of 4 (Llama-3): 64 columns per pass, 16 accumulators
+          for (int64_t c0 = 0; c0 < D; c0 += 64)  // (pv_rows broadcasts each weight once per 16 columns)
+            da512::pv_regs<KT, 4, 4>(acc + kh * R * Dp + c0, Dp, s + kh * R * kDecodeTile, kDecodeTile, vp,
+                                     (kh * a.v_s2 + c0) * esz, nt);
           continue;
         }
       }

@@ -279,7 +279,13 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
       float* sr = s + rr * kDecodeTile;
       const int64_t pos = len - a.Sq + r / G;  // this row's query position: it sees keys [lo, pos]
       const int64_t lo = a.window_left >= 0 ? pos - a.window_left : 0;
-      if (!plain || j0 < lo || j0 + nt - 1 > pos) {
+      const bool whole = j0 >= lo && j0 + nt - 1 <= pos;  // every key of the tile visible to this row
+      if (KT == kKvI8 && whole && !(a.softcap > 0.0f)) {
+        // int8, nothing else to apply: scores times the key scales, W at a time (entries past nt are garbage
+        // times garbage, overwritten with -inf by softmax_tile)
+        for (int jj = 0; jj < kDecodeTile; jj += O::W)
+          O::store(sr + jj, O::mul(O::load(sr + jj), O::load(ksc + kh * kDecodeTile + jj)));
+      } else if (!plain || !whole) {
         for (int jj = 0; jj < nt; ++jj) {
           float x = sr[jj];
           if constexpr (KT == kKvI8) x *= ksc[kh * kDecodeTile + jj];  // q . (k * scale) = (q . k) * scale
@@ -289,8 +295,9 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
         }
       }
       softmax_tile(sr, nt, m + rr, l + rr, acc + rr * Dp, Dp);
-      if constexpr (KT == kKvI8)  // the value scale goes into the weight; l keeps the plain weights
-        for (int jj = 0; jj < nt; ++jj) sr[jj] *= vsc[kh * kDecodeTile + jj];
+      if constexpr (KT == kKvI8)  // the value scale goes into the weight; l keeps the plain weights (P V reads
+        for (int jj = 0; jj < kDecodeTile; jj += O::W)  // the first nt only: past them garbage is harmless)
+          O::store(sr + jj, O::mul(O::load(sr + jj), O::load(vsc + kh * kDecodeTile + jj)));
     }
     for (int64_t kh = 0; kh < Hk; ++kh) {
       pf_step();

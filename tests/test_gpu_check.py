@@ -133,10 +133,12 @@ def test_guard_keeps_the_benchmarks_of_a_stage_stopped_mid_timing(tmp_path):
     (tmp_path / "test_b.py").write_text('''
 import time
 def test_b1(benchmark): benchmark.pedantic(lambda: None, rounds=3)
-def test_b2(benchmark): benchmark.pedantic(lambda: time.sleep(30), rounds=1, warmup_rounds=1)  # (stats made, no round)
+def test_b2(benchmark): benchmark.pedantic(lambda: time.sleep(40), rounds=1, warmup_rounds=1)  # (stats made, no round)
 ''')
     dest = tmp_path / "out" / "bench.json"
-    p = _guard(tmp_path, "bench", "test_b.py", "--benchmark-only", bench_json=dest, timeout="100", limit="6")
+    # limit 15 s: pytest's start and test_b1 must finish first; 6 s was too short while the rest of the suite
+    # loaded both cores (the SIGINT came before test_b1 had run, and no JSON was written)
+    p = _guard(tmp_path, "bench", "test_b.py", "--benchmark-only", bench_json=dest, timeout="100", limit="15")
     assert "stopped at its time limit" in p.stdout, p.stdout + p.stderr
     with open(dest) as f:
         names = [b["name"] for b in json.load(f)["benchmarks"]]

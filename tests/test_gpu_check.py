@@ -140,6 +140,7 @@ def test_b2(benchmark): benchmark.pedantic(lambda: time.sleep(40), rounds=1, war
     # loaded both cores (the SIGINT came before test_b1 had run, and no JSON was written)
     p = _guard(tmp_path, "bench", "test_b.py", "--benchmark-only", bench_json=dest, timeout="100", limit="15")
     assert "stopped at its time limit" in p.stdout, p.stdout + p.stderr
+    assert dest.exists(), p.stdout + p.stderr
     with open(dest) as f:
         names = [b["name"] for b in json.load(f)["benchmarks"]]
     assert names == ["test_b1"], p.stdout

@@ -254,13 +254,20 @@ def _merge_bench(parts: list[str], dest: str) -> int:
     return len(merged["benchmarks"])
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_attempt(cmd: list[str], env: dict, seconds: float, log_path: str) -> int:
     """Run cmd with its output to log_path; SIGINT at `seconds`, SIGKILL 15 s later. Returns the exit code
     (124 when stopped at the limit)."""
     with open(log_path, "w") as log:
         # A process group of its own (not a new session: a tool that ends this run still ends pytest), so that
-        # SIGINT reaches whatever pytest started too.
-        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+        # SIGINT reaches whatever pytest started too. SIGINT back to its default in the child: a command started
+        # in the background (`cmd &` in a script, a tool's runner) inherits it ignored, and pytest would then
+        # ignore the stage limit's SIGINT, be killed 15 s later and write no benchmark JSON (seen 2026-11-30).
+        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0,
+                             preexec_fn=_sigint_default)
         try:
             return p.wait(timeout=max(seconds, 1.0))
         except subprocess.TimeoutExpired:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import tarfile
 import sys
@@ -31,7 +33,7 @@ def test_h(): pass
 '''
 
 
-def _guard(tmp_path, name, *pytest_args, bench_json=None, timeout="3", limit="120", guard_args=()):
+def _guard(tmp_path, name, *pytest_args, bench_json=None, timeout="3", limit="120", guard_args=(), sigint_ignored=False):
     cmd = [sys.executable, GUARD, "run", "--name", name, "--limit", limit, "--dir", str(tmp_path / "out"), *guard_args]
     if bench_json:
         cmd += ["--bench-json", str(bench_json)]
@@ -39,7 +41,9 @@ def _guard(tmp_path, name, *pytest_args, bench_json=None, timeout="3", limit="12
     (tmp_path / "out").mkdir(exist_ok=True)
     env = dict(os.environ, GPU_GUARD_TIMEOUT=timeout)
     env.pop("GPU_GUARD_DIR", None)
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    # sigint_ignored: the guard started as a background command is (SIGINT ignored, inherited by what it starts)
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, preexec_fn=pre)
 
 
 def _results(tmp_path):
@@ -125,21 +129,25 @@ def test_b5(benchmark): _b(benchmark)
     assert "3 benchmark entries from 2 JSON file(s)" in p.stdout
 
 
-def test_guard_keeps_the_benchmarks_of_a_stage_stopped_mid_timing(tmp_path):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "background"])
+def test_guard_keeps_the_benchmarks_of_a_stage_stopped_mid_timing(tmp_path, sigint_ignored):
     """The stage limit's SIGINT lands inside a benchmark's timing loop: that entry has no rounds, and
     pytest-benchmark's JSON writer failed on it (min() of nothing), leaving an empty file: the second GPU run
-    (2026-11-29) lost its 83 finished entries so. The finished ones are kept, the interrupted one left out."""
+    (2026-11-29) lost its 83 finished entries so. The finished ones are kept, the interrupted one left out.
+    Background: the guard started with SIGINT ignored (as `cmd &` in a script starts it) still stops pytest by
+    SIGINT, not by the SIGKILL 15 s later that left no JSON at all (2026-11-30)."""
     pytest.importorskip("pytest_benchmark")
     (tmp_path / "test_b.py").write_text('''
 import time
 def test_b1(benchmark): benchmark.pedantic(lambda: None, rounds=3)
-def test_b2(benchmark): benchmark.pedantic(lambda: time.sleep(40), rounds=1, warmup_rounds=1)  # (stats made, no round)
+def test_b2(benchmark): benchmark.pedantic(lambda: time.sleep(30), rounds=1, warmup_rounds=1)  # (stats made, no round)
 ''')
     dest = tmp_path / "out" / "bench.json"
-    # limit 15 s: pytest's start and test_b1 must finish first; 6 s was too short while the rest of the suite
-    # loaded both cores (the SIGINT came before test_b1 had run, and no JSON was written)
-    p = _guard(tmp_path, "bench", "test_b.py", "--benchmark-only", bench_json=dest, timeout="100", limit="15")
+    p = _guard(tmp_path, "bench", "test_b.py", "--benchmark-only", bench_json=dest, timeout="100", limit="6",
+               sigint_ignored=sigint_ignored)
     assert "stopped at its time limit" in p.stdout, p.stdout + p.stderr
+    took = re.search(r"attempt 1: exit 124 after (\d+) s", p.stdout)
+    assert took and int(took.group(1)) < 6 + 10, p.stdout  # SIGINT ended it, not the SIGKILL 15 s after the limit
     assert dest.exists(), p.stdout + p.stderr
     with open(dest) as f:
         names = [b["name"] for b in json.load(f)["benchmarks"]]

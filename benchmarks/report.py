@@ -190,7 +190,8 @@ def limits_line(meta: dict) -> str:
         return "Machine limits: not measured in this run (fractions omitted)."
     mm = ", ".join(f"{k} {v:.4g}" for k, v in (lim.get("mm_gflops") or {}).items())
     return (f"Machine limits measured in this run ({lim.get('device', '?')}, {lim.get('threads', '?')} threads"
-            f"{', ISA ' + str(info['cpu_isa']) if info.get('cpu_isa') else ''}): "
+            f"{', ISA ' + str(info['cpu_isa']) if info.get('cpu_isa') else ''}"
+            f"{'; ' + str(info['cpu_host']) if info.get('cpu_host') else ''}): "
             f"read {lim.get('read_gbs', float('nan')):.4g} GB/s, copy {lim.get('copy_gbs', float('nan')):.4g} GB/s; "
             f"matmul GFLOP/s: {mm}. \"% BW\" of a group with `{targets.READ_ENTRY}` entries (kind \"limit\": plain reads "
             f"of as many bytes, first and last in the group) is of the best of those and this probe.")

@@ -74,7 +74,8 @@ def test_report_table_and_png(tmp_path, capsys):
     nbytes, flops = 4.0e6, 8.0e7
     limits = {"device": "cpu", "threads": 1, "read_gbs": 10.0, "copy_gbs": 12.0, "mm_gflops": {"fp32": 100.0}}
     saved = {
-        "machine_info": {"llmkern": {"cpu_isa": "avx512_vnni"}}, "datetime": "2025-01-01", "llmkern_limits": limits,
+        "machine_info": {"llmkern": {"cpu_isa": "avx512_vnni", "cpu_host": "AMD EPYC, family 25 model 17, L1d 32K"}},
+        "datetime": "2025-01-01", "llmkern_limits": limits,
         "benchmarks": [
             _bench(g1, "F.linear", "peer", peer_a, nbytes, flops),
             _bench(g1, "torch._weight_int8pack_mm", "peer", peer_b, nbytes, flops),
@@ -105,6 +106,7 @@ def test_report_table_and_png(tmp_path, capsys):
     # the summary line of the group: best llmkern entry vs best peer
     assert re.search(rf"\| {re.escape(g1)} \| llmkern.cpu.w8a16 \| .* \| F.linear \| .* \| {peer_a / ours:.2f}x \|", text)
     assert f"read {limits['read_gbs']:.4g} GB/s" in text
+    assert "ISA avx512_vnni; AMD EPYC, family 25 model 17, L1d 32K)" in text  # the host the run had
 
     md = out_dir / "run_report.md"
     png = out_dir / "run_report.png"

@@ -19,27 +19,61 @@ import time
 import torch
 
 
+def cpu_caches() -> list[tuple[int, str, str]]:
+    """CPU 0's caches as sysfs lists them: (level, type "Data" / "Instruction" / "Unified", size text "32K");
+    [] where unreadable."""
+    out = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in sorted(os.listdir(base)):
+            if not d.startswith("index"):
+                continue
+            fields = []
+            for name in ("level", "type", "size"):
+                with open(os.path.join(base, d, name)) as f:
+                    fields.append(f.read().strip())
+            out.append((int(fields[0]), fields[1], fields[2]))
+    except (OSError, ValueError):
+        return []
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def llc_bytes(device: str = "cpu") -> int:
     """Size of the last-level cache (CPU: the highest level sysfs lists; CUDA: L2), 32 MiB if unknown."""
     if device == "cuda":
         return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)) or (32 << 20)
     best = (0, 0)
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for d in os.listdir(base):
-            if not d.startswith("index"):
-                continue
-            with open(os.path.join(base, d, "level")) as f:
-                level = int(f.read())
-            with open(os.path.join(base, d, "size")) as f:
-                txt = f.read().strip()
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
-            size = int(txt.rstrip("KMG")) * mult
-            best = max(best, (level, size))
-    except (OSError, ValueError):
-        pass
+    for level, _, txt in cpu_caches():
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        try:
+            best = max(best, (level, int(txt.rstrip("KMG")) * mult))
+        except ValueError:
+            pass
     return best[1] or (32 << 20)
+
+
+def cpu_host() -> str:
+    """The CPU this runs on, as /proc/cpuinfo and sysfs name it: model name, family / model, L1d size (e.g. "AMD
+    EPYC, family 25 model 17, L1d 32K"). The 2-vCPU VMs here have landed on Zen 4 (family 25) and Zen 5 (family 26)
+    hosts, whose 512-bit rates differ 2x: a saved run says which it had. "" where unknown."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = val.strip()
+                if not line.strip() and fields:  # (the first CPU's block)
+                    break
+    except OSError:
+        return ""
+    parts = [fields.get("model name", "")]
+    if "cpu family" in fields:
+        parts.append(f"family {fields['cpu family']} model {fields.get('model', '?')}")
+    parts += [f"L1d {size}" for level, kind, size in cpu_caches() if level == 1 and kind == "Data"][:1]
+    return ", ".join(p for p in parts if p)
 
 
 def _sync(device: str) -> None:

@@ -80,39 +80,6 @@ def pytest_report_header(config):
             f"dtypes={','.join(_shapes.dtypes())}")
 
 
-def cpu_host() -> str:
-    """The CPU this runs on, as /proc/cpuinfo and sysfs name it: model name, family / model, L1d size (e.g. "AMD
-    EPYC, family 25 model 17, L1d 32K"). The 2-vCPU VMs here have landed on Zen 4 (family 25) and Zen 5 (family 26)
-    hosts, whose 512-bit rates differ 2x: a saved run says which it had. "" where unknown."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "cpu family", "model") and key not in fields:
-                    fields[key] = val.strip()
-                if not line.strip() and fields:  # (the first CPU's block)
-                    break
-    except OSError:
-        return ""
-    parts = [fields.get("model name", "")]
-    if "cpu family" in fields:
-        parts.append(f"family {fields['cpu family']} model {fields.get('model', '?')}")
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    for i in range(8):  # the level-1 data cache's entry (index0 on x86 Linux, but not promised)
-        try:
-            with open(f"{base}/index{i}/level") as f1, open(f"{base}/index{i}/type") as f2:
-                if f1.read().strip() != "1" or f2.read().strip() != "Data":
-                    continue
-            with open(f"{base}/index{i}/size") as f:
-                parts.append(f"L1d {f.read().strip()}")
-            break
-        except OSError:
-            break
-    return ", ".join(p for p in parts if p)
-
-
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Static facts only (pytest-benchmark compares machine_info between saved runs)."""
     try:
@@ -121,7 +88,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         isa = _backends.cpu_isa()
     except Exception as e:  # noqa: BLE001 - a report of what is there, never a reason to fail the run
         isa = f"unknown ({type(e).__name__})"
-    machine_info["llmkern"] = {"device": DEVICE, "threads": THREADS, "cpu_isa": isa, "cpu_host": cpu_host(),
+    machine_info["llmkern"] = {"device": DEVICE, "threads": THREADS, "cpu_isa": isa, "cpu_host": _machine.cpu_host(),
                                "torch": torch.__version__,
                                "full": _shapes.FULL,
                                "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" and torch.cuda.is_available() else None}

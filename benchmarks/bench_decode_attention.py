@@ -11,6 +11,8 @@ Group = (model heads / head dim, B sequences, L cached tokens each, dtype). Entr
   (CUDA_DECODE_MMA, csrc/include/llmkern/cuda/decode_attention_mma.cuh; off by default until timed);
 - llmkern.<backend>.int8: an int8 contiguous cache with a float32 scale per (token, head) (half the
   bytes of bf16);
+- llmkern.cpu.int8.fp32dot (bf16 / fp16 groups on AVX-512 VNNI CPUs): the same with
+  llmkern.ops.decode_attention.CPU_I16_DOT off, fp32 FMAs instead of the default int16 dot products;
 - SDPA: `F.scaled_dot_product_attention(q [B, Hq, 1, D], k/v [B, Hk, L, D])`, the cache in SDPA's own
   layout, `enable_gqa` when Hq != Hk. Every sequence has length L (SDPA takes no per-sequence lengths).
 - memory.read / memory.read.end (CPU runs): kind "limit", not peers: plain reads of as many bytes as the K / V cache,
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import _shapes as S
+from llmkern import _backends
 
 OP = "decode_attention"
 BLOCKS = (16, 64)
@@ -46,6 +49,8 @@ def _items():
                 items.append((case, dt, S.READ_ENTRY))
             for b in S.llmkern_backends(OP, _flops(case), 2.0 * case.B * case.L * case.Hk * case.D * 4):
                 items += [(case, dt, f"llmkern.{b}.{lay}") for lay in LAYOUTS]
+                if b == "cpu" and dt != "fp32" and _backends.cpu_isa() == "avx512_vnni":
+                    items.append((case, dt, "llmkern.cpu.int8.fp32dot"))
                 if b == "cuda" and dt != "fp32":  # the CUDA split kernel's cp.async-pipelined loop; the mma kernel
                     items += [(case, dt, f"llmkern.cuda.{lay}.pipelined") for lay in ("contiguous", "paged16")]
                     items += [(case, dt, f"llmkern.cuda.{lay}.mma") for lay in ("contiguous", "paged16", "paged64")]
@@ -133,7 +138,9 @@ def test_decode_attention(bench, group_cache, case, dtype, impl):
         kind = "llmkern"
         from llmkern.ops import decode_attention
 
-        if variant:  # an opt-in CUDA route: its switch on during the call, and the launcher's answer checked
+        if variant == ["fp32dot"]:  # the CPU's int8 cache in fp32 FMAs (the default takes int16 dot products)
+            decode_attention = S.with_switch("decode_attention", "CPU_I16_DOT", decode_attention, value=False)
+        elif variant:  # an opt-in CUDA route: its switch on during the call, and the launcher's answer checked
             switch, path = _ROUTES[variant[0]]
             decode_attention = _route(switch, path, decode_attention)
 

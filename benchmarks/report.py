@@ -113,6 +113,8 @@ ROUTES = {
     "sm90o": "LLMKERN_CUDA_ATTN_WGMMA=1 + LLMKERN_CUDA_ATTN_OVERLAP=1",
     "dequant_cublas": "LLMKERN_CUDA_PREFILL_CUBLAS=1 (dequantize, then cuBLAS)",
     "no_splitk": "LLMKERN_CUDA_GEMM_SPLITK=0 (split-K off: > 1x here means split-K loses)",
+    "fp32dot": "llmkern.ops.decode_attention.CPU_I16_DOT = False (int8 cache, 16-bit q: fp32 FMAs, not int16 dot "
+               "products; > 1x here means the int16 path loses)",
     "graph": "generate(cuda_graph=True) (the decode step as one CUDA graph)",
 }
 

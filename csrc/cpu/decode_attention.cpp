@@ -45,7 +45,7 @@ KernelCall make_call(std::uintptr_t q_ptr, int q_dtype, const std::vector<int64_
             std::uintptr_t vs_ptr, const std::vector<int64_t>& ks_strides, const std::vector<int64_t>& vs_strides,
             std::uintptr_t seq_lens_ptr, std::uintptr_t bt_ptr, int64_t bt_stride, int64_t block_size, int64_t capacity,
             double scale, double softcap, int64_t window_left, std::uintptr_t out_ptr, std::uintptr_t ws_ptr,
-            int64_t ws_bytes, int num_threads, const std::string& isa_name) {
+            int64_t ws_bytes, int num_threads, const std::string& isa_name, bool i16_dot) {
   const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
   check_dims(B, Sq, Hq, Hk, D, capacity, num_threads);
   if (q_dtype < 0 || q_dtype > 2) fail("q_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16)");
@@ -109,6 +109,7 @@ KernelCall make_call(std::uintptr_t q_ptr, int q_dtype, const std::vector<int64_
   a.out = reinterpret_cast<void*>(out_ptr);
   a.ws = reinterpret_cast<void*>(ws_ptr);
   a.num_threads = num_threads;
+  a.i16_dot = i16_dot;
   return {[a, isa] { cpu::decode_attention(a, isa); }, "decode_attention"};
 }
 
@@ -153,14 +154,15 @@ void bind_decode_attention(py::module_& m) {
   def_launcher(m, "decode_attention", &make_call,
         "decode attention on raw pointers (see llmkern/ops/decode_attention.py). Strides are in elements: "
         "q (batch, token, head), caches (row, col, head), scales (row, col, head); D is contiguous. "
-        "Releases the GIL while computing; invalid arguments raise ValueError.",
+        "Releases the GIL while computing; invalid arguments raise ValueError. i16_dot: allow int16 dot products "
+        "for a bf16 / f16 q with an int8 cache on AVX-512 VNNI (off: the fp32 path).",
         py::arg("q_ptr"), py::arg("q_dtype"), py::arg("q_strides"), py::arg("B"),
         py::arg("Sq"), py::arg("Hq"), py::arg("Hk"), py::arg("D"), py::arg("k_ptr"), py::arg("v_ptr"),
         py::arg("kv_type"), py::arg("k_strides"), py::arg("v_strides"), py::arg("k_scale_ptr"),
         py::arg("v_scale_ptr"), py::arg("k_scale_strides"), py::arg("v_scale_strides"), py::arg("seq_lens_ptr"),
         py::arg("block_table_ptr"), py::arg("block_table_stride"), py::arg("block_size"), py::arg("capacity"),
         py::arg("scale"), py::arg("softcap"), py::arg("window_left"), py::arg("out_ptr"), py::arg("ws_ptr"),
-        py::arg("ws_bytes"), py::arg("num_threads"), py::arg("isa"));
+        py::arg("ws_bytes"), py::arg("num_threads"), py::arg("isa"), py::arg("i16_dot") = true);
 }
 
 }  // namespace bindings

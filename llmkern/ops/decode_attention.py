@@ -179,6 +179,11 @@ def _triton(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale,
 
 _WS_SIZES: dict = {}
 _WS = threading.local()
+# True: an int8 cache with a bf16 / fp16 q takes int16 dot products on AVX-512 VNNI CPUs (q quantized per row and
+# the softmax weights per tile of 32 keys to int16: 2^-16 of their largest, below a 16-bit q's own rounding;
+# csrc/include/llmkern/cpu/decode_attention_i16.h). False: fp32 FMAs on the converted values, as for an fp32 q.
+# A switch for A/B timing (bench entries llmkern.cpu.int8.fp32dot); read per call.
+CPU_I16_DOT = True
 
 
 def _workspace(mod, B, Sq, Hq, Hk, D, capacity, threads):
@@ -250,7 +255,8 @@ def _cpu(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, so
     mod.decode_attention(q.data_ptr(), qd, q_str, B, Sq, Hq, cs[2], D, k_cache.data_ptr(), v_cache.data_ptr(),
                          kv_type, k_str[:3], v_str[:3], ks_ptr, vs_ptr, ks_str, vs_str, seq_lens.data_ptr(), bt_ptr,
                          bt_stride, block_size, capacity, D ** -0.5 if scale is None else float(scale), float(softcap),
-                         int(window_left), out.data_ptr(), ws.data_ptr(), ws_bytes, threads, _backends.cpu_isa())
+                         int(window_left), out.data_ptr(), ws.data_ptr(), ws_bytes, threads, _backends.cpu_isa(),
+                         CPU_I16_DOT)
     return out
 
 
@@ -278,7 +284,7 @@ def _cpu_call(q, k_cache, v_cache, seq_lens, k_scale, v_scale, out, ws, threads,
         k_scale.data_ptr() if int8 else 0, v_scale.data_ptr() if int8 else 0,
         list(k_scale.stride()) if int8 else [], list(v_scale.stride()) if int8 else [],
         seq_lens.data_ptr(), bt_ptr, bt_stride, block_size, capacity, D ** -0.5, 0.0, -1,
-        out.data_ptr(), ws.data_ptr(), ws.numel(), threads, _backends.cpu_isa())
+        out.data_ptr(), ws.data_ptr(), ws.numel(), threads, _backends.cpu_isa(), CPU_I16_DOT)
 
 
 # Split-KV of the CUDA backend. Tests force a split count through this variable (or LLMKERN_DECODE_SPLITS).

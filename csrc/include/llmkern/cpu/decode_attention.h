@@ -23,6 +23,7 @@
 #include "llmkern/cpu/attention_simd.h"
 #include "llmkern/cpu/convert.h"
 #include "llmkern/cpu/decode_attention_avx512.h"
+#include "llmkern/cpu/decode_attention_i16.h"
 #include "llmkern/cpu/features.h"
 
 namespace llmkern {
@@ -55,6 +56,7 @@ struct DecodeArgs {
   void* ws = nullptr;   // decode_workspace_bytes(...)
   int num_threads = 1;
   bool bf16_dot = true;  // bf16 q and cache on AVX-512 BF16 CPUs: scores by vdpbf16ps (decode_bf16_pairs)
+  bool i16_dot = true;   // 16-bit q with an int8 cache on AVX-512 VNNI: int16 dot products (decode_i16_dot)
 };
 
 // Whether the scores of `a` come from AVX-512 BF16 dot products on raw bf16 pairs (da512::qk_bf16_rows): bf16 q
@@ -63,6 +65,13 @@ struct DecodeArgs {
 inline bool decode_bf16_pairs(const DecodeArgs& a, Isa isa) {
   return a.bf16_dot && isa == Isa::kAvx512Vnni && a.q_dtype == DType::kBF16 && a.kv_type == kKvBF16 &&
          features().avx512_bf16;
+}
+
+// Whether q . k and p . v of `a` are int16 dot products (decode_attention_i16.h): a bf16 or f16 q with an int8
+// cache, on the AVX-512 VNNI path, unless a.i16_dot is off. The unit's qf rows then hold q quantized to int16 (2 * Dp
+// of them per row, zeros past D) and its extra scratch their scales.
+inline bool decode_i16_dot(const DecodeArgs& a, Isa isa) {
+  return a.i16_dot && isa == Isa::kAvx512Vnni && a.q_dtype != DType::kF32 && a.kv_type == kKvI8;
 }
 
 inline int64_t decode_dpad(int64_t D) { return (D + 15) / 16 * 16; }
@@ -85,10 +94,12 @@ inline int64_t decode_max_splits(int64_t B, int64_t capacity, int threads) {
 // Floats of one unit's softmax state [R, Dp] + m [R] + l [R], rounded to 16 (64 bytes).
 inline int64_t decode_unit_floats(int64_t R, int64_t D) { return (R * decode_dpad(D) + 2 * R + 15) / 16 * 16; }
 // Floats of one thread's scratch for RA rows of Hk heads: qf [RA, Dp], scores [RA, tile], key/value
-// scales [Hk, tile] each, key/value row pointers [tile] each (8 bytes: 2 floats), then kf [16, Dp]: one
-// block of keys converted to fp32 (int8/bf16/f16 caches).
+// scales [Hk, tile] each, key/value row pointers [tile] each (8 bytes: 2 floats), kf [16, Dp]: one
+// block of keys converted to fp32 (int8/bf16/f16 caches), then the int16 path's extra (decode_i16_dot):
+// q scales [RA], weight scales [RA], int16 weights [RA, tile] (tile / 2 floats a row).
 inline int64_t decode_thread_floats(int64_t RA, int64_t Hk, int64_t D) {
-  return (RA * decode_dpad(D) + RA * kDecodeTile + 2 * Hk * kDecodeTile + 4 * kDecodeTile + 16 * decode_dpad(D) + 15) /
+  return (RA * decode_dpad(D) + RA * kDecodeTile + 2 * Hk * kDecodeTile + 4 * kDecodeTile + 16 * decode_dpad(D) +
+          2 * RA + RA * kDecodeTile / 2 + 15) /
          16 * 16;
 }
 
@@ -127,7 +138,7 @@ namespace llmkern {
 namespace cpu {
 
 using DecodeUnitFn = void (*)(const DecodeArgs&, int64_t, int64_t, int64_t, const float*, float*, float*, float*,
-                              float*, const char**, const char**, float*, float*, float*);
+                              float*, const char**, const char**, float*, float*, float*, float*);
 
 namespace detail {
 
@@ -168,7 +179,7 @@ inline void decode_attention(const DecodeArgs& a, Isa isa) {
   const int64_t n_units = a.B * ns_max;
   // Unit state: acc [RA, Dp], then m [RA], then l [RA]; head kh's rows start at row kh * R.
   const int64_t m_off = RA * Dp, l_off = RA * Dp + RA;
-  const bool pairs = decode_bf16_pairs(a, isa);
+  const bool pairs = decode_bf16_pairs(a, isa), i16 = decode_i16_dot(a, isa);
 
   // One unit: its queries in fp32 (times the softmax scale, zero padding [D, Dp)), the unit kernel, and
   // the normalized store when the sequence has a single split.
@@ -186,6 +197,7 @@ inline void decode_attention(const DecodeArgs& a, Isa isa) {
     const char** kp = reinterpret_cast<const char**>(vsc + a.Hk * kDecodeTile);  // 8-byte aligned: offsets are even
     const char** vp = kp + kDecodeTile;
     float* kf = reinterpret_cast<float*>(vp + kDecodeTile);
+    float* ex = kf + 16 * Dp;  // int16 path: q scales [RA], weight scales [RA], int16 weights [RA, tile]
     // Split sp covers [j0, j1): equal whole tiles, the last split takes the remainder.
     const int64_t per = ((hi - lo + ns - 1) / ns + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
     const int64_t j0 = std::min(hi, lo + sp * per), j1 = std::min(hi, j0 + per);
@@ -197,10 +209,16 @@ inline void decode_attention(const DecodeArgs& a, Isa isa) {
         for (int64_t d = 0; d < 2 * Dp; ++d) qb[d] = d < a.D ? static_cast<const uint16_t*>(a.q)[base + d] : 0;
         continue;
       }
+      if (i16) {  // int16, row stride 2 * Dp elements; the row's scale (times the softmax scale) in ex[rr]
+        float* x = kf;  // the key block scratch ([16, Dp] >= D floats), free until the unit starts
+        for (int64_t d = 0; d < a.D; ++d) x[d] = load_as_f32(a.q, base + d, a.q_dtype);
+        ex[rr] = da512::quant_q16(x, a.D, reinterpret_cast<int16_t*>(qf + rr * Dp), 2 * Dp) * a.scale;
+        continue;
+      }
       for (int64_t d = 0; d < Dp; ++d) qf[rr * Dp + d] = d < a.D ? load_as_f32(a.q, base + d, a.q_dtype) * a.scale : 0.0f;
     }
     float* st = units + u * unit_f;
-    fn(a, b, j0, j1, qf, st, st + m_off, st + l_off, s, kp, vp, ksc, vsc, kf);
+    fn(a, b, j0, j1, qf, st, st + m_off, st + l_off, s, kp, vp, ksc, vsc, kf, ex);
     if (ns == 1)
       for (int64_t kh = 0; kh < a.Hk; ++kh) detail::decode_store(a, b, kh, st + kh * R * Dp, st + l_off + kh * R);
   };

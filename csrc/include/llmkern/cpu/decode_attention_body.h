@@ -152,14 +152,15 @@ struct PfStream {
 // (KV head kh, query token t, query head kh * G + g; R = G * Sq); qf [Hk * R, Dp] their fp32 queries
 // times scale; acc [Hk * R, Dp], m, l [Hk * R] the unit's softmax state (initialized here);
 // s scratch [Hk * R, kDecodeTile]; kp/vp scratch [kDecodeTile] token row pointers; ksc/vsc scratch
-// [Hk, kDecodeTile] int8 scales.
+// [Hk, kDecodeTile] int8 scales; kf scratch [16, Dp]; ex the int16 path's scratch (decode_i16_dot: q scales
+// [Hk * R], weight scales [Hk * R], int16 weights [Hk * R, kDecodeTile]).
 // All heads in one unit: a thread walks whole token rows (Hk * D contiguous values of a [.., Hk, D]
 // cache), so its K and V reads are two sequential streams the hardware prefetcher follows, instead of
 // one head's D values out of every row (a page apart for Hk * D * 4 = 4 KiB: no prefetch at all).
 template <int KT>
 LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, int64_t j_end, const float* qf,
                             float* acc, float* m, float* l, float* s, const char** kp, const char** vp, float* ksc,
-                            float* vsc, float* kf) {
+                            float* vsc, float* kf, float* ex) {
   const int64_t G = a.Hq / a.Hk, R = G * a.Sq, Hk = a.Hk, RA = Hk * R, D = a.D, Dp = decode_dpad(D);
   const int64_t len = a.seq_lens[b];
   const int64_t esz = kv_elem_size(KT);
@@ -174,6 +175,13 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
   // bf16 q and cache on an AVX-512 BF16 CPU: qf holds raw bf16 rows (decode_bf16_pairs), scored by vdpbf16ps.
   bool pairs = false;
   if constexpr (O::W == 16 && KT == kKvBF16) pairs = decode_bf16_pairs(a, Isa::kAvx512Vnni);
+  // 16-bit q with an int8 cache on AVX-512 VNNI: qf rows hold int16 q (decode_i16_dot), scored and weighted by
+  // vpdpwssd (decode_attention_i16.h).
+  bool i16 = false;
+  if constexpr (O::W == 16 && KT == kKvI8) i16 = decode_i16_dot(a, Isa::kAvx512Vnni);
+  const float* qsc = ex;
+  float* wsc = ex + Hk * R;
+  int16_t* wq = reinterpret_cast<int16_t*>(ex + 2 * Hk * R);
   const char* kfp[O::W];  // rows of kf: one block of keys converted to fp32 (compressed caches, G > 1)
   for (int jj = 0; jj < O::W; ++jj) kfp[jj] = reinterpret_cast<const char*>(kf + jj * Dp);
   // pf_fill(pf, jn): point pf at the token rows of the tile that starts at key jn (before j_end).
@@ -224,7 +232,7 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
     // (Hk score groups per W-block of keys, Hk value passes): the hardware prefetcher alone leaves cold
     // reads latency-bound (the K reads stride over token rows), and one burst per tile stalls the core.
     PfStream pf;
-    const int fine = (O::W == 16 && R % 3 == 0 && !pairs) ? static_cast<int>(R / 3 * 2 + 1) : 1;  // steps per score group
+    const int fine = (O::W == 16 && R % 3 == 0 && !pairs && !i16) ? static_cast<int>(R / 3 * 2 + 1) : 1;  // steps per score group
     const int score_steps = static_cast<int>((nt + O::W - 1) / O::W * Hk * fine), steps = score_steps + static_cast<int>(Hk);
     if (j0 == j_begin) first.per = (first.n * first.lines[1] + score_steps - 1) / score_steps;
     if (j0 + kDecodeTile < j_end) {
@@ -246,6 +254,15 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
           if (pairs) {  // all R rows of the head against the block's 16 keys; qf rows: 2 * Dp raw bf16 each
             da512::qk_bf16_rows(reinterpret_cast<const uint16_t*>(qf + kh * R * Dp), 2 * Dp, R, kp + jb, koff, D,
                                 a.scale, s + kh * R * kDecodeTile + jb, kDecodeTile);
+            continue;
+          }
+        }
+        if constexpr (O::W == 16 && KT == kKvI8) {
+          if (i16) {  // the block's keys to int16 once, then all R rows of the head against them
+            int16_t* kb = reinterpret_cast<int16_t*>(kf);
+            da512::keys_i16(kp + jb, koff, D, kb, 2 * Dp);
+            da512::qk_i16_rows(reinterpret_cast<const int16_t*>(qf + kh * R * Dp), 2 * Dp, R, kb, 2 * Dp, D,
+                               qsc + kh * R, s + kh * R * kDecodeTile + jb, kDecodeTile);
             continue;
           }
         }
@@ -298,9 +315,19 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
       if constexpr (KT == kKvI8)  // the value scale goes into the weight; l keeps the plain weights (P V reads
         for (int jj = 0; jj < kDecodeTile; jj += O::W)  // the first nt only: past them garbage is harmless)
           O::store(sr + jj, O::mul(O::load(sr + jj), O::load(vsc + kh * kDecodeTile + jj)));
+      if constexpr (O::W == 16 && KT == kKvI8)
+        if (i16) wsc[rr] = da512::quant_w16(sr, nt, wq + rr * kDecodeTile);
     }
+    if (i16 && nt % 2) vp[nt] = vp[nt - 1];  // the last pair's partner (weight 0) must be a readable row
     for (int64_t kh = 0; kh < Hk; ++kh) {
       pf_step();
+      if constexpr (O::W == 16 && KT == kKvI8) {
+        if (i16) {
+          da512::pv_i16_rows(acc + kh * R * Dp, Dp, R, wq + kh * R * kDecodeTile, wsc + kh * R, vp, kh * a.v_s2 * esz,
+                             nt, D);
+          continue;
+        }
+      }
       if constexpr (O::W == 16) {
         if (R == 3 && Dp == 64 && Dp == D) {
           da512::pv_regs<KT, 3, 4>(acc + kh * R * Dp, Dp, s + kh * R * kDecodeTile, kDecodeTile, vp, kh * a.v_s2 * esz, nt);
@@ -320,12 +347,12 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
 
 LLMKERN_DA_ATTR void unit(const DecodeArgs& a, int64_t b, int64_t j_begin, int64_t j_end, const float* qf, float* acc,
                           float* m, float* l, float* s, const char** kp, const char** vp, float* ksc, float* vsc,
-                          float* kf) {
+                          float* kf, float* ex) {
   switch (a.kv_type) {
-    case kKvBF16: unit_kt<kKvBF16>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf); break;
-    case kKvF16: unit_kt<kKvF16>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf); break;
-    case kKvI8: unit_kt<kKvI8>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf); break;
-    default: unit_kt<kKvF32>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf);
+    case kKvBF16: unit_kt<kKvBF16>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf, ex); break;
+    case kKvF16: unit_kt<kKvF16>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf, ex); break;
+    case kKvI8: unit_kt<kKvI8>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf, ex); break;
+    default: unit_kt<kKvF32>(a, b, j_begin, j_end, qf, acc, m, l, s, kp, vp, ksc, vsc, kf, ex);
   }
 }
 

@@ -9,7 +9,9 @@ Inputs:
   New query t (0..Sq-1) sits at position seq_lens[b] - Sq + t and sees keys j <= that position
   (and j >= position - window_left when window_left >= 0).
 - int8 caches: k_cache/v_cache int8 with k_scale/v_scale float32 of the cache's shape without D
-  ([B, Smax, Hk] or [num_blocks, block_size, Hk]); the cached value is q * scale.
+  ([B, Smax, Hk] or [num_blocks, block_size, Hk]); the cached value is q * scale. With a bf16 / fp16 q the
+  CPU backend on AVX-512 VNNI multiplies in int16 (q per row, softmax weights per 32 keys: 2^-16 of the
+  largest, below the 16-bit output's rounding; CPU_I16_DOT below); an fp32 q is multiplied in fp32.
 - Float caches have q's dtype. Softmax in fp32; output in q's dtype and q's shape. A sequence with no
   visible key (seq_lens 0) gets output 0.
 """

@@ -8,7 +8,8 @@
 // K and V as two sequential streams and every K/V row is loaded once for the G query heads that share
 // it. Per tile: scores (dot products, W keys at a time), a running max m / sum l per row with an online
 // softmax in fp32, the accumulator rescaled when the max grows, then acc += p V. int8 caches are
-// dequantized on the fly: the key scale multiplies the score, the value scale the weight.
+// dequantized on the fly: the key scale multiplies the score, the value scale the weight (with a 16-bit q on
+// AVX-512 VNNI the dot products are int16 ones: decode_attention_i16.h).
 // Long contexts are split across threads (split-KV): each split leaves (m, l, acc) in the workspace
 // and a second pass merges them exactly, per (sequence, KV head): M = max m_s,
 // out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. A sequence with one split stores directly.

@@ -47,8 +47,8 @@ def _floor(ref, dtype):
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_matches_naive(case, dtype, isa, threads):
     """Every ISA (AVX2 and scalar convert to fp32) within the 16-bit contract, and the result no further from the
-    float64 reference than 1.5x the output's own rounding plus 1e-4 (int8 weights instead of int16 would be
-    ~4e-3 off)."""
+    float64 reference than 1.5x the output's own rounding plus 1e-4 (queries or weights quantized to 8 or 12 bits
+    instead of 16 fail this: mutation runs, docs/notes/cpu-zen4-host.md)."""
     q, args, kv = problem(*case, dtype=dtype, int8=True, seed=11)
     for kw in OPTS:
         ref = naive(q, kv, **kw)
@@ -92,7 +92,6 @@ def test_int16_path_against_fp32_path(dtype):
     assert not torch.equal(fast, slow)  # the switch reaches the kernel: the paths round differently somewhere
 
 
-@needs_vnni
 @pytest.mark.parametrize("where", ["v_scale", "k_scale", "q"])
 def test_non_finite_values_reach_the_output(where, isa):
     """A NaN value scale of a visible token (the int16 weights are not used for that head: NaN must reach its
@@ -119,7 +118,6 @@ def test_non_finite_values_reach_the_output(where, isa):
     assert torch.equal(bad, want), f"NaN rows {bad.nonzero().tolist()}, expected {want.nonzero().tolist()}"
 
 
-@needs_vnni
 def test_zero_rows_and_weights():
     """A zero q row (scale 0) scores 0 everywhere: uniform weights over the visible keys; zero value scales give
     zero weights in the int16 path (scale 0): the output is 0, not NaN."""
@@ -136,10 +134,10 @@ def test_zero_rows_and_weights():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_op_matches_launcher():
+@needs_vnni
+def test_op_matches_launcher(monkeypatch):
     """The op (which leaves i16_dot on) and the launcher agree bit for bit on the AVX-512 path."""
-    if "avx512_vnni" not in ISAS:
-        pytest.skip("needs AVX-512 VNNI")
+    monkeypatch.setenv("LLMKERN_CPU_ISA", "avx512_vnni")
     q, (kc, vc, lens, bt, ks, vs), _ = problem([200, 9], 1, 8, 2, 64, None, dtype=torch.bfloat16, int8=True, seed=15)
     saved = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -10,7 +10,8 @@ import torch
 import llmkern._C as C
 from llmkern.ops import decode_attention
 
-from _attention_helpers import TOL, CacheLayout, assert_rel, make_kv, place_kv, poisoned_outputs, rel_err
+from _attention_helpers import (TOL, CacheLayout, assert_rel, make_kv, place_kv, poisoned_outputs, randn,
+                                rel_err)
 from _cpu_helpers import ISAS, isa, threads  # noqa: F401 - fixtures
 from test_decode_attention_cpu import naive, problem, run_cpu
 
@@ -146,3 +147,25 @@ def test_op_matches_launcher(monkeypatch):
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(out, launch(q, kc, vc, lens, bt, ks, vs, i16_dot=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_q_and_strided_int8_cache(dtype, isa):
+    """q transposed in memory (Sq = 3); int8 caches and their scales as views with a padded head dimension (the
+    spare head holds 99 / NaN: reading it fails)."""
+    lens, Hq, Hk, D = [40, 100], 8, 2, 64
+    kv = make_kv(lens, Hk, D, int8=True, seed=16)
+    kc, vc, ks, vs = place_kv(kv, CacheLayout(lens, seed=16))
+
+    def padded(t, fill):  # [rows, cols, Hk, ...] -> a view of [rows, cols, Hk + 1, ...] with `fill` in the spare head
+        big = torch.full(t.shape[:2] + (Hk + 1,) + t.shape[3:], fill, dtype=t.dtype)
+        big[:, :, :Hk] = t
+        return big[:, :, :Hk]
+
+    q = randn(2, 3, Hq, D, dtype=dtype, layout="transposed")
+    args = (padded(kc, 99), padded(vc, 99), torch.tensor(lens, dtype=torch.int32), None,
+            padded(ks, float("nan")), padded(vs, float("nan")))
+    assert not args[0].is_contiguous() and not args[4].is_contiguous()
+    ref = naive(q, kv)
+    out = run_cpu(q, *args)
+    assert rel_err(out, ref) <= 1.5 * _floor(ref, dtype) + 1e-4, f"{rel_err(out, ref):.3g} (rounding {_floor(ref, dtype):.3g})"

@@ -11,7 +11,7 @@ Group = (model heads / head dim, B sequences, L cached tokens each, dtype). Entr
   (CUDA_DECODE_MMA, csrc/include/llmkern/cuda/decode_attention_mma.cuh; off by default until timed);
 - llmkern.<backend>.int8: an int8 contiguous cache with a float32 scale per (token, head) (half the
   bytes of bf16);
-- llmkern.cpu.int8.fp32dot (bf16 / fp16 groups on AVX-512 VNNI CPUs): the same with
+- llmkern.cpu.int8.fp32dot (bf16 / fp16 groups, AVX-512 VNNI and AVX2 CPUs): the same with
   llmkern.ops.decode_attention.CPU_I16_DOT off, fp32 FMAs instead of the default int16 dot products;
 - SDPA: `F.scaled_dot_product_attention(q [B, Hq, 1, D], k/v [B, Hk, L, D])`, the cache in SDPA's own
   layout, `enable_gqa` when Hq != Hk. Every sequence has length L (SDPA takes no per-sequence lengths).
@@ -49,7 +49,7 @@ def _items():
                 items.append((case, dt, S.READ_ENTRY))
             for b in S.llmkern_backends(OP, _flops(case), 2.0 * case.B * case.L * case.Hk * case.D * 4):
                 items += [(case, dt, f"llmkern.{b}.{lay}") for lay in LAYOUTS]
-                if b == "cpu" and dt != "fp32" and _backends.cpu_isa() == "avx512_vnni":
+                if b == "cpu" and dt != "fp32" and _backends.cpu_isa() != "scalar":
                     items.append((case, dt, "llmkern.cpu.int8.fp32dot"))
                 if b == "cuda" and dt != "fp32":  # the CUDA split kernel's cp.async-pipelined loop; the mma kernel
                     items += [(case, dt, f"llmkern.cuda.{lay}.pipelined") for lay in ("contiguous", "paged16")]

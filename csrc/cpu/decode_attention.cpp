@@ -155,7 +155,7 @@ void bind_decode_attention(py::module_& m) {
         "decode attention on raw pointers (see llmkern/ops/decode_attention.py). Strides are in elements: "
         "q (batch, token, head), caches (row, col, head), scales (row, col, head); D is contiguous. "
         "Releases the GIL while computing; invalid arguments raise ValueError. i16_dot: allow int16 dot products "
-        "for a bf16 / f16 q with an int8 cache on AVX-512 VNNI (off: the fp32 path).",
+        "for a bf16 / f16 q with an int8 cache on the avx512_vnni and avx2 paths (off: the fp32 path).",
         py::arg("q_ptr"), py::arg("q_dtype"), py::arg("q_strides"), py::arg("B"),
         py::arg("Sq"), py::arg("Hq"), py::arg("Hk"), py::arg("D"), py::arg("k_ptr"), py::arg("v_ptr"),
         py::arg("kv_type"), py::arg("k_strides"), py::arg("v_strides"), py::arg("k_scale_ptr"),

@@ -1,8 +1,9 @@
-"""decode_attention on the "cpu" backend with an int8 cache and a bf16 / f16 q: on AVX-512 VNNI CPUs the kernel
-takes q . k and p . v as int16 dot products (csrc/include/llmkern/cpu/decode_attention_i16.h: q quantized per
-row, the softmax weights per row and tile of 32 keys, both to int16). Checked against the naive float64
-definition, tightly against the output dtype's own rounding, and against the launcher's fp32 path (i16_dot
-off) on the same inputs. Caches and outputs are poisoned as in test_decode_attention_cpu.py.
+"""decode_attention on the "cpu" backend with an int8 cache and a bf16 / f16 q: on its AVX-512 VNNI and AVX2 paths
+the kernel takes q . k and p . v as int16 dot products (csrc/include/llmkern/cpu/decode_attention_i16.h,
+_i16_avx2.h: q quantized per row, the softmax weights per row and tile of 32 keys, both to int16; the scalar
+path converts to fp32). Checked against the naive float64 definition, tightly against the output dtype's own
+rounding, and against the launcher's fp32 path (i16_dot off) on the same inputs. Caches and outputs are
+poisoned as in test_decode_attention_cpu.py.
 """
 import pytest
 import torch
@@ -17,7 +18,8 @@ from test_decode_attention_cpu import naive, problem, run_cpu
 
 DTYPES = [torch.bfloat16, torch.float16]
 _CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-needs_vnni = pytest.mark.skipif("avx512_vnni" not in ISAS, reason="the int16 path is AVX-512 VNNI's")
+needs_vnni = pytest.mark.skipif("avx512_vnni" not in ISAS, reason="needs AVX-512 VNNI")
+SIMD = [i for i in ISAS if i != "scalar"]  # the ISAs with an int16 path
 
 # (lens, Sq, Hq, Hk, D, block_size). Rows per KV head R = Sq * Hq / Hk: 1, 3, 4 (Llama-3), 8, 12 (several
 # groups of four rows), 6; D 40 / 72 / 200 leave a partial last chunk of 32 (and of 16), 256 the largest; odd
@@ -47,7 +49,7 @@ def _floor(ref, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_matches_naive(case, dtype, isa, threads):
-    """Every ISA (AVX2 and scalar convert to fp32) within the 16-bit contract, and the result no further from the
+    """Every ISA (scalar converts to fp32) within the 16-bit contract, and the result no further from the
     float64 reference than 1.5x the output's own rounding plus 1e-4 (queries or weights quantized to 8 or 12 bits
     instead of 16 fail this: mutation runs, docs/notes/cpu-zen4-host.md)."""
     q, args, kv = problem(*case, dtype=dtype, int8=True, seed=11)
@@ -56,11 +58,13 @@ def test_matches_naive(case, dtype, isa, threads):
         out = run_cpu(q, *args, **kw)
         assert_rel(out, ref, TOL[dtype], f"out {kw}")
         bound = 1.5 * _floor(ref, dtype) + 1e-4
-        assert rel_err(out, ref) <= bound, f"{kw}: {rel_err(out, ref):.3g} > {bound:.3g} (rounding {_floor(ref, dtype):.3g})"
+        err = rel_err(out, ref)
+        assert err <= bound, f"{kw}: {err:.3g} > {bound:.3g} (rounding {_floor(ref, dtype):.3g})"
 
 
-def launch(q, kc, vc, lens, bt, ks, vs, *, i16_dot, threads=2, scale=None, softcap=0.0, window_left=-1):
-    """The AVX-512 launch of `decode_attention` with i16_dot on or off (the op always leaves it on); q [B, Hq, D]."""
+def launch(q, kc, vc, lens, bt, ks, vs, *, i16_dot, isa="avx512_vnni", threads=2, scale=None, softcap=0.0,
+           window_left=-1):
+    """The launch of `decode_attention` on `isa` with i16_dot on or off (the op always leaves it on); q [B, Hq, D]."""
     B, Hq, D = q.shape
     Hk = kc.shape[2]
     capacity = kc.shape[1] * (bt.shape[1] if bt is not None else 1)
@@ -69,23 +73,23 @@ def launch(q, kc, vc, lens, bt, ks, vs, *, i16_dot, threads=2, scale=None, softc
     with poisoned_outputs():
         out = torch.empty(q.shape, dtype=q.dtype)
     qs = q.stride()
-    C.decode_attention(q.data_ptr(), _CODE[q.dtype], [qs[0], 0, qs[1]], B, 1, Hq, Hk, D, kc.data_ptr(), vc.data_ptr(), 3,
-                       list(kc.stride()[:3]), list(vc.stride()[:3]), ks.data_ptr(), vs.data_ptr(), list(ks.stride()),
+    C.decode_attention(q.data_ptr(), _CODE[q.dtype], [qs[0], 0, qs[1]], B, 1, Hq, Hk, D, kc.data_ptr(), vc.data_ptr(),
+                       3, list(kc.stride()[:3]), list(vc.stride()[:3]), ks.data_ptr(), vs.data_ptr(), list(ks.stride()),
                        list(vs.stride()), lens.data_ptr(), 0 if bt is None else bt.data_ptr(),
                        0 if bt is None else bt.stride(0), 0 if bt is None else kc.shape[1], capacity,
                        D ** -0.5 if scale is None else scale, softcap, window_left, out.data_ptr(), ws.data_ptr(),
-                       ws_bytes, threads, "avx512_vnni", i16_dot=i16_dot)
+                       ws_bytes, threads, isa, i16_dot=i16_dot)
     return out
 
 
-@needs_vnni
+@pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_int16_path_against_fp32_path(dtype):
+def test_int16_path_against_fp32_path(dtype, simd):
     """The same inputs through both AVX-512 paths: each within the bound above of the float64 reference, and
     their outputs apart by no more than the two roundings (a rounding flip is one ulp of the output dtype)."""
     q, (kc, vc, lens, bt, ks, vs), kv = problem([1000, 31], 1, 32, 8, 128, 16, dtype=dtype, int8=True, seed=12)
     ref = naive(q, kv)
-    fast, slow = (launch(q, kc, vc, lens, bt, ks, vs, i16_dot=f) for f in (True, False))
+    fast, slow = (launch(q, kc, vc, lens, bt, ks, vs, i16_dot=f, isa=simd) for f in (True, False))
     floor = _floor(ref, dtype)
     for out, what in ((fast, "int16"), (slow, "fp32")):
         assert rel_err(out, ref) <= 1.5 * floor + 1e-4, f"{what} path: {rel_err(out, ref):.3g} (rounding {floor:.3g})"
@@ -168,4 +172,5 @@ def test_non_contiguous_q_and_strided_int8_cache(dtype, isa):
     assert not args[0].is_contiguous() and not args[4].is_contiguous()
     ref = naive(q, kv)
     out = run_cpu(q, *args)
-    assert rel_err(out, ref) <= 1.5 * _floor(ref, dtype) + 1e-4, f"{rel_err(out, ref):.3g} (rounding {_floor(ref, dtype):.3g})"
+    err, floor = rel_err(out, ref), _floor(ref, dtype)
+    assert err <= 1.5 * floor + 1e-4, f"{err:.3g} (rounding {floor:.3g})"

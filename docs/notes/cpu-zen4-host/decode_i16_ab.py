@@ -1,5 +1,6 @@
 """Cold-cache A/B of the CPU decode kernel's int16 path for an int8 cache with a bf16 q: the launcher's i16_dot
-on and off, alternated in one process (10 rounds of 30 calls each way), AVX-512 VNNI, 2 threads.
+on and off, alternated in one process (10 rounds of 30 calls each way), 2 threads, AVX-512 VNNI (ISA=avx2: the
+AVX2 kernels).
 
     PYTHONPATH=. python docs/notes/cpu-zen4-host/decode_i16_ab.py [CASE ...]     (HOT=1: one copy of the cache)
 
@@ -44,7 +45,8 @@ def make(B, L, Hq, Hk, D, threads=2):
         C.decode_attention(q.data_ptr(), 1, [q.stride(0), 0, q.stride(1)], B, 1, Hq, Hk, D, k.data_ptr(), v.data_ptr(),
                            3, list(k.stride()[:3]), list(v.stride()[:3]), ks.data_ptr(), vs.data_ptr(),
                            list(ks.stride()), list(vs.stride()), lens.data_ptr(), 0, 0, 0, L, D ** -0.5, 0.0, -1,
-                           out.data_ptr(), ws.data_ptr(), ws_bytes, threads, "avx512_vnni", i16_dot=i16_dot)
+                           out.data_ptr(), ws.data_ptr(), ws_bytes, threads, os.environ.get("ISA", "avx512_vnni"),
+                           i16_dot=i16_dot)
 
     return call
 

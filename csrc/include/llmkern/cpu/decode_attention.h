@@ -9,7 +9,7 @@
 // it. Per tile: scores (dot products, W keys at a time), a running max m / sum l per row with an online
 // softmax in fp32, the accumulator rescaled when the max grows, then acc += p V. int8 caches are
 // dequantized on the fly: the key scale multiplies the score, the value scale the weight (with a 16-bit q on
-// AVX-512 VNNI the dot products are int16 ones: decode_attention_i16.h).
+// AVX-512 VNNI or AVX2 the dot products are int16 ones: decode_attention_i16.h, _i16_avx2.h).
 // Long contexts are split across threads (split-KV): each split leaves (m, l, acc) in the workspace
 // and a second pass merges them exactly, per (sequence, KV head): M = max m_s,
 // out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. A sequence with one split stores directly.
@@ -20,11 +20,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "llmkern/cpu/attention_simd.h"
 #include "llmkern/cpu/convert.h"
 #include "llmkern/cpu/decode_attention_avx512.h"
 #include "llmkern/cpu/decode_attention_i16.h"
+#include "llmkern/cpu/decode_attention_i16_avx2.h"
 #include "llmkern/cpu/features.h"
 
 namespace llmkern {
@@ -57,7 +59,7 @@ struct DecodeArgs {
   void* ws = nullptr;   // decode_workspace_bytes(...)
   int num_threads = 1;
   bool bf16_dot = true;  // bf16 q and cache on AVX-512 BF16 CPUs: scores by vdpbf16ps (decode_bf16_pairs)
-  bool i16_dot = true;   // 16-bit q with an int8 cache on AVX-512 VNNI: int16 dot products (decode_i16_dot)
+  bool i16_dot = true;   // 16-bit q with an int8 cache, AVX-512 VNNI / AVX2: int16 dot products (decode_i16_dot)
 };
 
 // Whether the scores of `a` come from AVX-512 BF16 dot products on raw bf16 pairs (da512::qk_bf16_rows): bf16 q
@@ -68,12 +70,29 @@ inline bool decode_bf16_pairs(const DecodeArgs& a, Isa isa) {
          features().avx512_bf16;
 }
 
-// Whether q . k and p . v of `a` are int16 dot products (decode_attention_i16.h): a bf16 or f16 q with an int8
-// cache, on the AVX-512 VNNI path, unless a.i16_dot is off. The unit's qf rows then hold q quantized to int16 (2 * Dp
-// of them per row, zeros past D) and its extra scratch their scales.
+// Whether q . k and p . v of `a` are int16 dot products (decode_attention_i16.h, _i16_avx2.h): a bf16 or f16 q with
+// an int8 cache, on the AVX-512 VNNI or AVX2 path, unless a.i16_dot is off. The unit's qf rows then hold q quantized
+// to int16 (2 * Dp of them per row, zeros past D) and its extra scratch their scales.
 inline bool decode_i16_dot(const DecodeArgs& a, Isa isa) {
-  return a.i16_dot && isa == Isa::kAvx512Vnni && a.q_dtype != DType::kF32 && a.kv_type == kKvI8;
+  return a.i16_dot && isa != Isa::kScalar && a.q_dtype != DType::kF32 && a.kv_type == kKvI8;
 }
+
+// The int16 pieces of one ISA, for the body's `if constexpr` branches (the AVX-512 copy handles 16 keys per block,
+// the AVX2 copy 8: the body's W).
+struct DecodeI16Avx512 {
+  static constexpr Isa kIsa = Isa::kAvx512Vnni;
+  static constexpr auto keys = &da512::keys_i16;
+  static constexpr auto qk = &da512::qk_i16_rows;
+  static constexpr auto quant_w = &da512::quant_w16;
+  static constexpr auto pv = &da512::pv_i16_rows;
+};
+struct DecodeI16Avx2 {
+  static constexpr Isa kIsa = Isa::kAvx2;
+  static constexpr auto keys = &da2::keys_i16;
+  static constexpr auto qk = &da2::qk_i16_rows;
+  static constexpr auto quant_w = &da2::quant_w16;
+  static constexpr auto pv = &da2::pv_i16_rows;
+};
 
 inline int64_t decode_dpad(int64_t D) { return (D + 15) / 16 * 16; }
 
@@ -213,7 +232,9 @@ inline void decode_attention(const DecodeArgs& a, Isa isa) {
       if (i16) {  // int16, row stride 2 * Dp elements; the row's scale (times the softmax scale) in ex[rr]
         float* x = kf;  // the key block scratch ([16, Dp] >= D floats), free until the unit starts
         for (int64_t d = 0; d < a.D; ++d) x[d] = load_as_f32(a.q, base + d, a.q_dtype);
-        ex[rr] = da512::quant_q16(x, a.D, reinterpret_cast<int16_t*>(qf + rr * Dp), 2 * Dp) * a.scale;
+        int16_t* qi = reinterpret_cast<int16_t*>(qf + rr * Dp);
+        ex[rr] = (isa == Isa::kAvx512Vnni ? da512::quant_q16(x, a.D, qi, 2 * Dp) : da2::quant_q16(x, a.D, qi, 2 * Dp)) *
+                 a.scale;
         continue;
       }
       for (int64_t d = 0; d < Dp; ++d) qf[rr * Dp + d] = d < a.D ? load_as_f32(a.q, base + d, a.q_dtype) * a.scale : 0.0f;

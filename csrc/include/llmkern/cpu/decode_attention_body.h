@@ -175,10 +175,12 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
   // bf16 q and cache on an AVX-512 BF16 CPU: qf holds raw bf16 rows (decode_bf16_pairs), scored by vdpbf16ps.
   bool pairs = false;
   if constexpr (O::W == 16 && KT == kKvBF16) pairs = decode_bf16_pairs(a, Isa::kAvx512Vnni);
-  // 16-bit q with an int8 cache on AVX-512 VNNI: qf rows hold int16 q (decode_i16_dot), scored and weighted by
-  // vpdpwssd (decode_attention_i16.h).
+  // 16-bit q with an int8 cache on AVX-512 VNNI or AVX2: qf rows hold int16 q (decode_i16_dot), scored and weighted
+  // by int16 dot products (decode_attention_i16.h: vpdpwssd; _i16_avx2.h: vpmaddwd), I's functions.
+  using I = std::conditional_t<O::W == 16, DecodeI16Avx512, DecodeI16Avx2>;
+  constexpr bool kI16 = O::W > 1 && KT == kKvI8;
   bool i16 = false;
-  if constexpr (O::W == 16 && KT == kKvI8) i16 = decode_i16_dot(a, Isa::kAvx512Vnni);
+  if constexpr (kI16) i16 = decode_i16_dot(a, I::kIsa);
   const float* qsc = ex;
   float* wsc = ex + Hk * R;
   int16_t* wq = reinterpret_cast<int16_t*>(ex + 2 * Hk * R);
@@ -232,7 +234,8 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
     // (Hk score groups per W-block of keys, Hk value passes): the hardware prefetcher alone leaves cold
     // reads latency-bound (the K reads stride over token rows), and one burst per tile stalls the core.
     PfStream pf;
-    const int fine = (O::W == 16 && R % 3 == 0 && !pairs && !i16) ? static_cast<int>(R / 3 * 2 + 1) : 1;  // steps per score group
+    // prefetch steps per score group (the row-triple path steps once per head and once per triple and 8 keys)
+    const int fine = (O::W == 16 && R % 3 == 0 && !pairs && !i16) ? static_cast<int>(R / 3 * 2 + 1) : 1;
     const int score_steps = static_cast<int>((nt + O::W - 1) / O::W * Hk * fine), steps = score_steps + static_cast<int>(Hk);
     if (j0 == j_begin) first.per = (first.n * first.lines[1] + score_steps - 1) / score_steps;
     if (j0 + kDecodeTile < j_end) {
@@ -257,12 +260,12 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
             continue;
           }
         }
-        if constexpr (O::W == 16 && KT == kKvI8) {
-          if (i16) {  // the block's keys to int16 once, then all R rows of the head against them
+        if constexpr (kI16) {
+          if (i16) {  // the block's W keys to int16 once, then all R rows of the head against them
             int16_t* kb = reinterpret_cast<int16_t*>(kf);
-            da512::keys_i16(kp + jb, koff, D, kb, 2 * Dp);
-            da512::qk_i16_rows(reinterpret_cast<const int16_t*>(qf + kh * R * Dp), 2 * Dp, R, kb, 2 * Dp, D,
-                               qsc + kh * R, s + kh * R * kDecodeTile + jb, kDecodeTile);
+            I::keys(kp + jb, koff, D, kb, 2 * Dp);
+            I::qk(reinterpret_cast<const int16_t*>(qf + kh * R * Dp), 2 * Dp, R, kb, 2 * Dp, D, qsc + kh * R,
+                  s + kh * R * kDecodeTile + jb, kDecodeTile);
             continue;
           }
         }
@@ -315,16 +318,15 @@ LLMKERN_DA_ATTR void unit_kt(const DecodeArgs& a, int64_t b, int64_t j_begin, in
       if constexpr (KT == kKvI8)  // the value scale goes into the weight; l keeps the plain weights (P V reads
         for (int jj = 0; jj < kDecodeTile; jj += O::W)  // the first nt only: past them garbage is harmless)
           O::store(sr + jj, O::mul(O::load(sr + jj), O::load(vsc + kh * kDecodeTile + jj)));
-      if constexpr (O::W == 16 && KT == kKvI8)
-        if (i16) wsc[rr] = da512::quant_w16(sr, nt, wq + rr * kDecodeTile);
+      if constexpr (kI16)
+        if (i16) wsc[rr] = I::quant_w(sr, nt, wq + rr * kDecodeTile);
     }
     if (i16 && nt % 2) vp[nt] = vp[nt - 1];  // the last pair's partner (weight 0) must be a readable row
     for (int64_t kh = 0; kh < Hk; ++kh) {
       pf_step();
-      if constexpr (O::W == 16 && KT == kKvI8) {
+      if constexpr (kI16) {
         if (i16) {
-          da512::pv_i16_rows(acc + kh * R * Dp, Dp, R, wq + kh * R * kDecodeTile, wsc + kh * R, vp, kh * a.v_s2 * esz,
-                             nt, D);
+          I::pv(acc + kh * R * Dp, Dp, R, wq + kh * R * kDecodeTile, wsc + kh * R, vp, kh * a.v_s2 * esz, nt, D);
           continue;
         }
       }

@@ -48,7 +48,8 @@ LLMKERN_DA512VNNI __attribute__((noinline)) inline float quant_q16(const float* 
   const __m512 inv = _mm512_set1_ps(m > 0.0f ? kI16Max / m : 0.0f);
   for (int64_t d = 0; d < n; d += 16)  // |x * inv| <= 32767 (+ rounding): the saturating narrowing is exact
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(qi + d),
-                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask(D - d), x + d), inv))));
+                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(
+                            _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(D - d), x + d), inv))));
   return m / kI16Max;
 }
 
@@ -69,9 +70,11 @@ LLMKERN_DA512VNNI __attribute__((noinline)) inline void keys_i16(const char* con
 LLMKERN_DA512VNNI_INLINE __m512i hsum16_epi32(const __m512i* v) {
   __m512i t[8], u[4];
   for (int i = 0; i < 8; ++i)  // per 128-bit block: [v2i, v2i+1, v2i, v2i+1] partials
-    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                            _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
   for (int i = 0; i < 4; ++i)  // per block: [v4i, v4i+1, v4i+2, v4i+3] partials
-    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
+                            _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
   const __m512i x0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
   const __m512i x1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xdd));
   return _mm512_add_epi32(_mm512_shuffle_i32x4(x0, x1, 0x88), _mm512_shuffle_i32x4(x0, x1, 0xdd));
@@ -111,7 +114,8 @@ LLMKERN_DA512VNNI __attribute__((noinline)) inline float quant_w16(const float* 
   if (bad0 | bad1) return NAN;
   const __m512 inv = _mm512_set1_ps(mx > 0.0f ? kI16Max / mx : 0.0f);
   // Round to nearest (the MXCSR default); |w * inv| <= 32767 (+ rounding) so the narrowing cannot saturate badly.
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(wq), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(w0, inv))));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(wq),
+                      _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(w0, inv))));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(wq + 16),
                       _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(w1, inv))));
   return mx / kI16Max;
@@ -179,9 +183,10 @@ LLMKERN_DA512VNNI __attribute__((noinline)) void pv_i16(float* acc, int64_t Dp, 
 // acc rows [0, R) (stride Dp) += wsc[r] * sum_jj wq[r * 32 + jj] * v[jj] over the nt value rows at vp[jj] + off
 // (bytes), D values each: rows four at a time (64 columns per pass; one or two rows: 128). An odd nt reads the
 // pair partner vp[nt], which the caller points at a valid row (its weight is 0).
-LLMKERN_DA512VNNI __attribute__((noinline)) inline void pv_i16_rows(float* acc, int64_t Dp, int64_t R, const int16_t* wq,
-                                                                    const float* wsc, const char* const* vp, int64_t off,
-                                                                    int nt, int64_t D) {
+LLMKERN_DA512VNNI __attribute__((noinline)) inline void pv_i16_rows(float* acc, int64_t Dp, int64_t R,
+                                                                    const int16_t* wq, const float* wsc,
+                                                                    const char* const* vp, int64_t off, int nt,
+                                                                    int64_t D) {
   const int np = (nt + 1) / 2;
   for (int64_t r = 0; r < R; r += 4) {
     const int64_t nr = R - r < 4 ? R - r : 4;

@@ -85,8 +85,8 @@ def launch(q, kc, vc, lens, bt, ks, vs, *, i16_dot, isa="avx512_vnni", threads=2
 @pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_int16_path_against_fp32_path(dtype, simd):
-    """The same inputs through both AVX-512 paths: each within the bound above of the float64 reference, and
-    their outputs apart by no more than the two roundings (a rounding flip is one ulp of the output dtype)."""
+    """The same inputs through the int16 and fp32 paths of one SIMD ISA: each within the bound above of the float64
+    reference, and their outputs apart by no more than the two roundings (a flip is one ulp of the output dtype)."""
     q, (kc, vc, lens, bt, ks, vs), kv = problem([1000, 31], 1, 32, 8, 128, 16, dtype=dtype, int8=True, seed=12)
     ref = naive(q, kv)
     fast, slow = (launch(q, kc, vc, lens, bt, ks, vs, i16_dot=f, isa=simd) for f in (True, False))
@@ -99,9 +99,9 @@ def test_int16_path_against_fp32_path(dtype, simd):
 
 @pytest.mark.parametrize("where", ["v_scale", "k_scale", "q"])
 def test_non_finite_values_reach_the_output(where, isa):
-    """A NaN value scale of a visible token (the int16 weights are not used for that head: NaN must reach its
-    rows as in the fp32 path), a NaN key scale, and an infinite q element (its row's scores are NaN): the rows
-    that see it are NaN, the others are not."""
+    """A NaN value scale of a visible token (the int16 path: its rows' weight scale becomes NaN), a NaN key scale,
+    and an infinite q element (its row's scores are NaN): the rows that see it are NaN, as in the fp32 path, and
+    the others are not."""
     lens, Hq, Hk, D = [80, 50], 8, 2, 64
     kv = make_kv(lens, Hk, D, int8=True, seed=13)
     layout = CacheLayout(lens, seed=13)

@@ -3,7 +3,8 @@ bottom-right, sliding window, softcap, batched or packed varlen (cu_seqlens), lo
 
 Semantics: llmkern/ops/attention.py. Grid (query blocks, B * Hq). Head dims 32..256 (multiples of 8)
 are padded to the next power of two with masks (80 and 96 run as 128). Key blocks outside the
-causal/window band are skipped by the loop bounds; the band's edges are masked per element.
+causal/window band are skipped by the loop bounds; only blocks that cut the band's edges (or end past k_len)
+are masked per element.
 """
 from __future__ import annotations
 
@@ -14,6 +15,16 @@ import triton
 import triton.language as tl
 
 from ._common import capability, dot_precision, interpreting, pow2, tanh_f32
+
+
+@triton.jit
+def _band_mask(s, offs_n, n_ok, q_pos, window_left, window_right):
+    """s [BLOCK_M, BLOCK_N] with -inf where key offs_n [BLOCK_N] is past k_len (n_ok) or outside query q_pos's
+    [BLOCK_M] band [q_pos - window_left, q_pos + window_right] (a negative limit: unbounded on that side).
+    Rows past q_len (q loaded as 0) are computed but never stored: only keys are masked."""
+    vis = n_ok[None, :] & ((window_right < 0) | (offs_n[None, :] <= q_pos[:, None] + window_right))
+    vis = vis & ((window_left < 0) | (offs_n[None, :] >= q_pos[:, None] - window_left))
+    return tl.where(vis, s, float("-inf"))
 
 
 @triton.jit
@@ -81,6 +92,20 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
         # Pointers to key/value row lo, advanced by BLOCK_N rows per step.
         k_blk = k_ptr + (b64 * stride_kb + (k0 + lo).to(tl.int64) * stride_ks + kvh * stride_kh)
         v_blk = v_ptr + (b64 * stride_vb + (k0 + lo).to(tl.int64) * stride_vs + kvh * stride_vh)
+        # Key blocks [mid_lo, mid_hi) lie inside every row's band and below k_len: they skip the per-element
+        # mask (on a causal S x S call all but the diagonal blocks; the mask's compares and selects cost about
+        # as much as the rest of the softmax). lo is a multiple of BLOCK_N, and so are mid_lo and mid_hi
+        # whenever the middle run is not empty. (One loop with a uniform branch, not three loops: three
+        # pipelined copies took the sm_80 tile past 255 registers.)
+        mid_lo = lo
+        if window_left >= 0:
+            # the tile's last row sees keys from its q_pos - window_left on; every row does from there
+            mid_lo = tl.maximum(lo, (tl.maximum(m0 + BLOCK_M - 1 + diag - window_left, 0) + BLOCK_N - 1)
+                                // BLOCK_N * BLOCK_N)
+        all_end = k_len  # keys [.., all_end) are seen by every row of the tile (right side)
+        if window_right >= 0:
+            all_end = tl.minimum(k_len, m0 + diag + window_right + 1)  # the tile's first row's band end
+        mid_hi = tl.maximum(all_end, 0) // BLOCK_N * BLOCK_N
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + cols
             n_ok = offs_n < k_len
@@ -91,10 +116,12 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
                 s = softcap * tanh_f32(s * (sm_scale / softcap)) * 1.4426950408889634
             else:
                 s = s * qk_scale
-            # Rows past q_len (q loaded as 0) are computed but never stored: only keys are masked.
-            vis = n_ok[None, :] & ((window_right < 0) | (offs_n[None, :] <= q_pos[:, None] + window_right))
-            vis = vis & ((window_left < 0) | (offs_n[None, :] >= q_pos[:, None] - window_left))
-            s = tl.where(vis, s, float("-inf"))
+            if DOT_PREC == "ieee":
+                # fp32 (dots on CUDA cores, which dwarf the mask): every block masked, one copy of the step
+                # (the branch's second copy spilled on sm_80, COMPILE_REPORT.md)
+                s = _band_mask(s, offs_n, n_ok, q_pos, window_left, window_right)
+            elif (n0 < mid_lo) | (n0 >= mid_hi):
+                s = _band_mask(s, offs_n, n_ok, q_pos, window_left, window_right)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: exp2 stays finite
             alpha = tl.exp2(m_i - m_safe)

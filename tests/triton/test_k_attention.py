@@ -35,6 +35,27 @@ def test_attention_batched(dtype, causal):
     _lse_ok(lse, ref_lse)
 
 
+@pytest.mark.parametrize("Sq,Sk", [(50, 70), (70, 50), (37, 37)])
+@pytest.mark.parametrize("causal,wl,wr", [(True, -1, -1), (True, 20, -1), (False, 9, 3), (False, 33, -1),
+                                          (False, -1, 18), (False, 0, 0)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_attention_band_edges(Sq, Sk, causal, wl, wr, dtype):
+    """Every query tile's key blocks fall in three runs (masked left edge, unmasked middle, masked right edge /
+    diagonal / last partial block): bands of several widths on both sides, key and query lengths that are not
+    multiples of the block, Sq > Sk (causal rows with no visible key: out 0, lse -inf). fp16 takes the
+    edge-only mask, fp32 masks every block."""
+    g = torch.Generator().manual_seed(10 + Sq + 3 * Sk + 7 * wl + 11 * wr)
+    B, Hq, Hk, D = 2, 2, 1, 32
+    q = torch.randn(B, Sq, Hq, D, generator=g).to(dtype).to(DEV)
+    k = torch.randn(B, Sk, Hk, D, generator=g).to(dtype).to(DEV)
+    v = torch.randn(B, Sk, Hk, D, generator=g).to(dtype).to(DEV)
+    args = (None, None, None, causal, wl, wr, 0.0)
+    out, lse = call("attention", "attention.attention", q, k, v, *args)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), *args)
+    assert rel_err(out, ref) <= tol(dtype)
+    _lse_ok(lse, ref_lse)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16])
 def test_attention_varlen_window_softcap(dtype):
     g = torch.Generator().manual_seed(7)

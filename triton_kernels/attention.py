@@ -47,7 +47,9 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
         stride_kb, stride_ks, stride_kh = stride_kb // 8 * 8, stride_ks // 8 * 8, stride_kh // 8 * 8
         stride_vb, stride_vs, stride_vh = stride_vb // 8 * 8, stride_vs // 8 * 8, stride_vh // 8 * 8
         stride_ob, stride_os, stride_oh = stride_ob // 8 * 8, stride_os // 8 * 8, stride_oh // 8 * 8
-    pid_m = tl.program_id(0)
+    # Within a head, the heaviest query blocks (most keys when causal) launch first, so the grid's last wave
+    # holds the lightest ones (as the CUDA kernel's order, with this launch order's K/V locality kept).
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     kvh = h // GROUP
@@ -197,7 +199,8 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, w
     right = 0 if causal else int(window_right)
     sc = float(scale) if scale is not None else D ** -0.5
     # (query blocks, heads, sequences): CUDA grids allow 65535 along y and z; in launch order, the query blocks
-    # of one head, then the heads of one sequence (a KV head's group side by side: its K/V stay in L2).
+    # of one head (the last, heaviest, first), then the heads of one sequence (a KV head's group side by side:
+    # its K/V stay in L2).
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), Hq, B)
     if Hq > 65535 or B > 65535:
         raise Unsupported(f"{B} sequences x {Hq} heads: the grid allows 65535 of each")

@@ -186,16 +186,64 @@ def _detect_pretokenizer(pt) -> str:
 # ------------------------------------------------------------------ patching a transformers model
 
 
+# Keyword arguments transformers passes to attention functions that change nothing here: positions (rotary is
+# already applied), cache bookkeeping, and the sliding window (enforced through the mask, which sends the call
+# to the fallback whenever the window cuts into the keys). Any other non-None keyword (attention sinks
+# `s_aux`, packed-sequence `cu_seq_lens_*`, a position bias, ...) changes the result: such calls go to the
+# model's own eager attention rather than being computed without it.
+_NEUTRAL_ATTENTION_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "sliding_window",
+                                       "output_attentions", "past_key_values", "past_key_value"})
+
+
+def _model_eager_attention(module):
+    """The eager attention function of `module`'s transformers model file (each defines one, with its own
+    extras such as softcap or sinks), or None."""
+    import sys
+
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _additive_mask(attention_mask, query, key, causal):
+    """The mask registered for llmkern's attention is SDPA's (boolean, True = visible, or None where SDPA's
+    own causal flag suffices); eager attention functions add a float mask to the scores and apply no causal
+    mask themselves. Returns that float mask [.., Sq, Sk] (0 visible, dtype's min hidden), or None. A None
+    mask with Sq > 1 means SDPA's is_causal, which is top-left aligned (query i sees keys 0..i; transformers
+    drops the mask only where that is right); with Sq == 1 every key is visible, as in SDPA's adapter."""
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return attention_mask  # already additive
+    Sq, Sk = query.shape[-2], key.shape[-2]
+    if attention_mask is None:
+        if not (causal and Sq > 1):
+            return None
+        i = torch.arange(Sq, device=query.device)
+        attention_mask = torch.arange(Sk, device=query.device)[None, :] <= i[:, None]  # [Sq, Sk] top-left
+    hidden = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+    return hidden.masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+
+
 def _attention_fn(backend):
     def llmkern_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                           **kwargs):
         """query [B, Hq, Sq, D], key/value [B, Hk, Sk, D] (rotated, cache updated) -> ([B, Sq, Hq, D], None)."""
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         D = query.shape[-1]
-        if attention_mask is not None or dropout or not causal or D % 8 or not 32 <= D <= 256:
+        softcap = kwargs.get("softcap")  # Gemma 2's attn_logit_softcapping: cap * tanh(s / cap)
+        extra = sorted(k for k, v in kwargs.items() if v is not None and k not in _NEUTRAL_ATTENTION_KWARGS
+                       and k != "softcap")
+        if extra or attention_mask is not None or dropout or not causal or D % 8 or not 32 <= D <= 256:
+            if extra or softcap is not None:  # SDPA takes neither: the model's eager attention does
+                eager = _model_eager_attention(module)
+                if eager is None:
+                    raise NotImplementedError(
+                        f"llmkern attention: {type(module).__name__} passes {extra or ['softcap']}, which neither "
+                        "llmkern nor SDPA computes, and its model file has no eager_attention_forward: "
+                        "patch(..., attention=False)")
+                mask = _additive_mask(attention_mask, query, key, causal)
+                return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
+        cap = float(softcap) if softcap is not None else 0.0
         B, Hq, Sq, _ = query.shape
         if Sq == 1:
             # Decode: the cache [B, Hk, Sk, D] read in place as a [B, Sk, Hk, D] view (no copy of the
@@ -204,7 +252,7 @@ def _attention_fn(backend):
             lens = torch.full((B,), Sk, dtype=torch.int32, device=query.device)
             with values_vouched():  # (every length is the cache's Sk: nothing to read back from a GPU to check)
                 out = ops.decode_attention(query.view(B, Hq, D), key.transpose(1, 2), value.transpose(1, 2), lens,
-                                           scale=scaling, backend=backend)
+                                           scale=scaling, softcap=cap, backend=backend)
             return out.view(B, 1, Hq, D), None  # [B, Hq, D] -> [B, 1, Hq, D]
         if key.shape[2] > Sq:
             # transformers drops the mask (Sq > 1) only where SDPA's is_causal, aligned top-left, is right:
@@ -213,7 +261,7 @@ def _attention_fn(backend):
             key, value = key[:, :, :Sq], value[:, :, :Sq]  # [B, Hk, Sq, D]
         # [B, H, S, D] -> [B, S, H, D]
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
-        return ops.attention(q, k, v, causal=True, scale=scaling, backend=backend), None
+        return ops.attention(q, k, v, causal=True, scale=scaling, softcap=cap, backend=backend), None
     return llmkern_attention
 
 
@@ -231,7 +279,8 @@ def _set_attn_impl(hf_model, name):
 
 
 def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, mode: str | None = None,
-          norms: bool = True, attention: bool = True, cache: bool = True, skip=(), backend=None):
+          norms: bool = True, attention: bool = True, cache: bool = True, skip=(), keep_float: bool = False,
+          backend=None):
     """Put llmkern's kernels into a transformers decoder in place; returns the model. `unpatch` undoes it.
 
     quant None/"none": keep the float linears; "int8"/"int4": quantize every nn.Linear except `skip`
@@ -242,7 +291,8 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
     pre-hook; same speed, as the head streams its weights): 16-bit logits tie often enough to change
     greedy answers (see llmkern.models.decode_plan.head_logits). mode: int8
     "w8a16" (default) / "w8a8", int4 "w4a16" (default) / "w4a8" / "w4a8g" (see llmkern.ops).
-    norms: RMSNorm modules -> llmkern.nn.RMSNorm (sharing the weight). attention: attention through
+    norms: RMSNorm modules -> llmkern.nn.RMSNorm (sharing the weight), each only after it computed the same
+    as the module it replaces on a probe input (Gemma-style x_hat * (1 + w) norms stay as they are). attention: attention through
     llmkern.ops.attention (prefill) and llmkern.ops.decode_attention (decode steps, reading the cache in
     place) for causal, unpadded batches (others: transformers' SDPA). cache: `hf_model.generate` uses an
     `LlmkernCache` (llmkern/models/hf_cache.py: preallocated, appends through ops.kv_cache_append)
@@ -251,6 +301,9 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
     layout, rotary by llmkern from the model's own frequencies (fused into the LlmkernCache append, else
     ops.rotary_embedding), then the attention above. Models whose rotary llmkern cannot reproduce keep
     transformers' attention forward (and its rotary).
+    keep_float: with quant, whether the model keeps the float nn.Linear modules it quantized (for `unpatch`
+    to put back exactly). False (default): they are released, so quantizing saves their memory, and
+    `unpatch` puts back nn.Linear modules holding the dequantized weights.
     """
     if getattr(hf_model, "_llmkern_undo", None) is not None:
         raise ValueError("patch: this model is already patched (call llmkern unpatch first)")
@@ -279,12 +332,16 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
             if eps is not None and mod.weight.dim() == 1 and type(mod).forward.__code__.co_argcount == 2:
                 new = lnn.RMSNorm(mod.weight.shape[0], eps, device="meta", dtype=mod.weight.dtype, backend=backend)
                 new.weight = mod.weight  # shared, not copied
+                if not _same_norm(mod, new):
+                    new = None  # another formula under the same name (Gemma's x * (1 + w), ...): left alone
         if new is not None:
             undo.append((parent, attr, mod, new))
     # Replace only once every new module was built: a layer that cannot be quantized leaves the model as it was.
     for parent, attr, mod, new in undo:
         setattr(parent, attr, new)
-    undo = [u[:3] for u in undo]  # (parent, attribute, original module)
+    # (parent, attribute, original module); None for a quantized linear whose float weights are released
+    undo = [(p, a, None if isinstance(n, (lnn.Int8Linear, lnn.Int4Linear)) and not keep_float else m)
+            for p, a, m, n in undo]
     old_impl = None
     routed = []
     if attention:
@@ -311,6 +368,43 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
     return hf_model
 
 
+def _dequantized_linear(q, dtype) -> nn.Linear:
+    """An nn.Linear (on q's device, in `dtype`) holding the dequantized weights and the bias of Int8Linear /
+    Int4Linear `q`: what `unpatch` puts back for a quantized linear whose float weights patch released."""
+    if isinstance(q, lnn.Int8Linear):
+        w = ops.dequantize_int8(q.weight, q.weight_scale)  # float32 [N, K]
+    else:
+        w = ops.dequantize_int4(q.qweight, q.scales, q.offsets)  # float32 [N, K]
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+    lin.weight = nn.Parameter(w.to(dtype))
+    if q.bias is not None:
+        lin.bias = nn.Parameter(q.bias.detach().to(device=w.device, dtype=dtype))
+    return lin
+
+
+def _same_norm(mod, new) -> bool:
+    """Whether the llmkern RMSNorm `new` (x * rsqrt(mean(x^2) + eps) * w, sharing mod's weight) computes what
+    transformers' `mod` does. Many architectures name other formulas "RMSNorm" (Gemma's and a dozen others'
+    x_hat * (1 + w), norms with a bias or without eps inside the root), so the class name alone would swap
+    them silently: both run on one random input (8 rows, a fixed seed) and must agree within the op's tolerance
+    (fp32 1e-5, 16-bit 1e-2, relative); the first call also proves `new` can take the weight's device/dtype."""
+    w = mod.weight
+    if w.device.type == "meta":
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, w.shape[0], generator=g).to(device=w.device, dtype=w.dtype)
+    try:
+        with torch.no_grad():
+            want, got = mod(x), new(x)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape or want.dtype != got.dtype:
+        return False
+    tol = 1e-5 if w.dtype == torch.float32 else 1e-2
+    want, got = want.double(), got.double()
+    return bool(torch.isfinite(got).all()) and float((got - want).norm()) <= tol * float(want.norm())
+
+
 def _fp32_head_input(module, args):
     """Forward pre-hook of a patched model's quantized lm_head: a 16-bit CPU hidden state is upcast, so the
     head computes float32 logits (16-bit logits tie; see `patch`)."""
@@ -321,28 +415,31 @@ def _fp32_head_input(module, args):
 
 
 def _route_cache(hf_model) -> None:
-    """`hf_model.generate` gets an llmkern cache (models/hf_cache.py) unless the caller passes one."""
-    import functools
+    """`hf_model.generate` gets an llmkern cache (models/hf_cache.py) unless the caller passes one. The wrapper
+    is bound to the model (types.MethodType), so `copy.deepcopy` rebinds it to the copy."""
+    import types
+
+    hf_model.generate = types.MethodType(_generate_with_llmkern_cache, hf_model)
+
+
+def _generate_with_llmkern_cache(self, *args, **kwargs):
+    """transformers' generate (the class's) with an `LlmkernCache` as the cache, unless the call passes a cache,
+    names a cache_implementation (transformers refuses one together with a cache object), or turns the cache off
+    (`use_cache=False` as an argument, else in the generation config passed or the model's)."""
     import inspect
 
     from .hf_cache import new_cache
 
-    params = inspect.signature(hf_model.forward).parameters
-    key = "cache" if "cache" in params else "past_key_values"
-    original = hf_model.generate
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        # A cache_implementation (argument or generation config) is the caller's choice of cache class:
-        # transformers refuses it together with a cache object, so none is injected then.
-        gen_cfg = kwargs.get("generation_config") or getattr(hf_model, "generation_config", None)
-        chosen = kwargs.get("cache_implementation") or getattr(gen_cfg, "cache_implementation", None)
-        if (kwargs.get("cache") is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True)
-                and chosen is None):
-            kwargs[key] = new_cache()
-        return original(*args, **kwargs)
-
-    hf_model.generate = generate
+    gen_cfg = kwargs.get("generation_config") or getattr(self, "generation_config", None)
+    chosen = kwargs.get("cache_implementation") or getattr(gen_cfg, "cache_implementation", None)
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(gen_cfg, "use_cache", True)
+    if (kwargs.get("cache") is None and kwargs.get("past_key_values") is None and use_cache is not False
+            and chosen is None):
+        key = "cache" if "cache" in inspect.signature(self.forward).parameters else "past_key_values"
+        kwargs[key] = new_cache()
+    return type(self).generate(self, *args, **kwargs)
 
 
 def unpatch(hf_model):
@@ -356,7 +453,12 @@ def unpatch(hf_model):
     for h in hooks:
         h.remove()
     unroute(routed)
+    dtype = getattr(hf_model, "dtype", torch.float32)  # transformers: its first floating parameter's
     for parent, attr, mod in reversed(undo):
+        now = getattr(parent, attr)
+        if isinstance(now, (lnn.Int8Linear, lnn.Int4Linear)):
+            # The model may have moved or changed dtype since patch (model.to(...)): the restored linear follows.
+            mod = _dequantized_linear(now, dtype) if mod is None else mod.to(device=next(now.buffers()).device, dtype=dtype)
         setattr(parent, attr, mod)
     if old_impl is not None:
         _set_attn_impl(hf_model, old_impl)

@@ -128,20 +128,20 @@ def test_patch_unpatch(hf_tiny, monkeypatch):
         assert type(hf_tiny.model.layers[0].input_layernorm).__name__ == "LlamaRMSNorm"
         assert torch.equal(hf_tiny(tokens).logits, want)
         # int8 weights: same as the float model whose linears hold the dequantized int8 weights
-        patch(hf_tiny, quant="int8", backend="reference")  # the default quantizes the lm_head too
+        patch(hf_tiny, quant="int8", backend="reference", keep_float=True)  # the default quantizes the lm_head too
         try:
             assert isinstance(hf_tiny.lm_head, lnn.Int8Linear)
             assert type(hf_tiny.model.embed_tokens) is torch.nn.Embedding
         finally:
             unpatch(hf_tiny)
         assert type(hf_tiny.lm_head) is torch.nn.Linear
-        patch(hf_tiny, quant="int4", mode="w4a8g", backend="reference")  # modes reach the int4 modules
+        patch(hf_tiny, quant="int4", mode="w4a8g", backend="reference", keep_float=True)  # modes reach the int4 modules
         try:
             assert isinstance(hf_tiny.lm_head, lnn.Int4Linear) and hf_tiny.lm_head.mode == "w4a8g"
             assert torch.isfinite(hf_tiny(tokens).logits).all()
         finally:
             unpatch(hf_tiny)
-        patch(hf_tiny, quant="int8", backend="reference", skip=("lm_head",))
+        patch(hf_tiny, quant="int8", backend="reference", keep_float=True, skip=("lm_head",))
         try:
             lin = hf_tiny.model.layers[1].mlp.down_proj
             assert isinstance(lin, lnn.Int8Linear) and type(hf_tiny.lm_head) is torch.nn.Linear

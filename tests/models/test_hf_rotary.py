@@ -229,7 +229,7 @@ def test_unpatch_restores_forward_and_outputs():
     impl = model.config._attn_implementation
     with torch.inference_mode():
         want = model(tokens).logits
-        patch(model, quant="int8")
+        patch(model, quant="int8", keep_float=True)  # (the default releases the float linears: see test_hf.py)
         assert "forward" in attn.__dict__ and hasattr(attn, "_llmkern_route")
         model(tokens)
         unpatch(model)

@@ -11,7 +11,8 @@ Inputs:
 - int8 caches: k_cache/v_cache int8 with k_scale/v_scale float32 of the cache's shape without D
   ([B, Smax, Hk] or [num_blocks, block_size, Hk]); the cached value is q * scale. With a bf16 / fp16 q the
   CPU backend's AVX-512 VNNI and AVX2 kernels multiply in int16 (q per row, softmax weights per 32 keys:
-  2^-16 of the largest, below the 16-bit output's rounding; CPU_I16_DOT below); an fp32 q in fp32.
+  2^-16 of the largest, below the 16-bit output's rounding; CPU_I16_DOT below), unless a q row of the sequence
+  has most of its values below 2^-7 of its largest (an outlier channel): that sequence, and an fp32 q, in fp32.
 - Float caches have q's dtype. Softmax in fp32; output in q's dtype and q's shape. A sequence with no
   visible key (seq_lens 0) gets output 0.
 """
@@ -182,9 +183,9 @@ def _triton(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale,
 _WS_SIZES: dict = {}
 _WS = threading.local()
 # True: an int8 cache with a bf16 / fp16 q takes int16 dot products on the AVX-512 VNNI and AVX2 paths (q quantized
-# per row and the softmax weights per tile of 32 keys to int16: 2^-16 of their largest, below a 16-bit q's own
-# rounding; csrc/include/llmkern/cpu/decode_attention_i16*.h). False: fp32 FMAs on the converted values, as for an
-# fp32 q.
+# per row and the softmax weights per tile of 32 keys to int16: 2^-16 of their largest; a sequence with a q row
+# that int16 holds coarsely, most values below 2^-7 of the largest, takes the fp32 path: detail::q16_fine in
+# csrc/include/llmkern/cpu/decode_attention.h). False: fp32 FMAs on the converted values, as for an fp32 q.
 # A switch for A/B timing (bench entries llmkern.cpu.int8.fp32dot); read per call.
 CPU_I16_DOT = True
 

@@ -124,8 +124,9 @@ def test_non_finite_values_reach_the_output(where, isa):
 
 
 def test_zero_rows_and_weights():
-    """A zero q row (scale 0) scores 0 everywhere: uniform weights over the visible keys; zero value scales give
-    zero weights in the int16 path (scale 0): the output is 0, not NaN."""
+    """A zero q row scores 0 everywhere: uniform weights over the visible keys (it sends its sequence to the fp32
+    path, see test_outlier_rows_take_the_fp32_path); zero value scales give zero weights in the int16 path
+    (scale 0): the output is 0, not NaN."""
     lens, Hq, Hk, D = [70], 4, 1, 64
     kv = make_kv(lens, Hk, D, int8=True, seed=14)
     layout = CacheLayout(lens, seed=14)
@@ -134,9 +135,39 @@ def test_zero_rows_and_weights():
     q[0, 1] = 0
     out = run_cpu(q, kc, vc, torch.tensor(lens, dtype=torch.int32), None, ks, vs)
     assert_rel(out, naive(q, kv), TOL[torch.bfloat16])
+    q[0, 1] = torch.randn(D, generator=torch.Generator().manual_seed(15)).to(torch.bfloat16)
     vs[0, :70] = 0
     out = run_cpu(q, kc, vc, torch.tensor(lens, dtype=torch.int32), None, ks, vs)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("outlier", [300.0, 1000.0, 1e4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_outlier_rows_take_the_fp32_path(dtype, outlier, simd):
+    """A q row whose one channel is far above the rest (found by fuzzing): per-row int16 would keep a few bits of
+    the other channels, and keys that are zero on the outlier channel see only those (2.4% error at 2000x). Such a
+    row (most of its values below 2^-7 of its largest) sends its sequence to the fp32 path: bit for bit the
+    launcher's fp32 path there, while the other sequence of the batch keeps the int16 path."""
+    B, L, Hq, Hk, D = 2, 200, 4, 2, 64
+    g = torch.Generator().manual_seed(16)
+    q = (0.5 * torch.randn(B, Hq, D, generator=g))
+    q[0, 3, 5] = outlier  # sequence 0, query head 3 (KV head 1), channel 5
+    q = q.to(dtype)
+    kc = torch.randint(-127, 128, (B, L, Hk, D), dtype=torch.int8, generator=g)
+    kc[..., 5] = 0
+    vc = torch.randint(-127, 128, (B, L, Hk, D), dtype=torch.int8, generator=g)
+    ks = 0.05 * (1 + torch.rand(B, L, Hk, generator=g))
+    vs = 0.01 * (1 + torch.rand(B, L, Hk, generator=g))
+    lens = torch.tensor([L, L - 7], dtype=torch.int32)
+    kv = {"k64": [kc[b, :n].double() * ks[b, :n, :, None].double() for b, n in enumerate(lens.tolist())],
+          "v64": [vc[b, :n].double() * vs[b, :n, :, None].double() for b, n in enumerate(lens.tolist())]}
+    ref = naive(q, kv)
+    fast, slow = (launch(q, kc, vc, lens, None, ks, vs, i16_dot=f, isa=simd) for f in (True, False))
+    floor = _floor(ref, dtype)
+    assert rel_err(fast, ref) <= 1.5 * floor + 1e-4, f"{rel_err(fast, ref):.3g} (rounding {floor:.3g})"
+    assert torch.equal(fast[0], slow[0])  # sequence 0: the fp32 path
+    assert not torch.equal(fast[1], slow[1])  # sequence 1: still int16
 
 
 @needs_vnni

@@ -4,8 +4,10 @@
 // Zen 4 host the int8 cache was slower than the bf16 one that reads twice the bytes).
 //
 // Precision: q is quantized per row to int16 (scale max|q| / 32767) and the softmax weights times the value
-// scales per (row, tile of 32 keys) likewise; both errors are 2^-16 of the row's / tile's largest value, far
-// below a 16-bit q's own rounding (2^-9 relative for bf16). An fp32 q keeps the fp32 path (its 1e-5 contract
+// scales per (row, tile of 32 keys) likewise; both errors are 2^-16 of the row's / tile's largest value. For q
+// that is below a 16-bit q's own rounding (2^-9 relative for bf16) only where the row's values are not far below
+// its largest: a row with an outlier channel (most values under 2^-7 of the largest; detail::q16_fine in
+// decode_attention.h) sends its sequence to the fp32 path. An fp32 q keeps the fp32 path (its 1e-5 contract
 // would not hold: emulated, int16 q and weights give 2-7e-5 relative error on the tests' shapes).
 //
 // Called only from the AVX-512 copy of decode_attention_body.h (under `if constexpr (O::W == 16)`), not inlined:

@@ -109,6 +109,7 @@ class DecodePlan:
         self.model_id, self.cache, self.batch = id(model), cache, batch
         self.paged = paged  # PagedSteps over PagedKVCaches, else None (contiguous KVCaches)
         self.layers, self.head, self._checks = layers, head_runner, checks
+        self._ptrs = []  # (tensor, data_ptr) of what the plan reads by pointer (set by build)
         c = model.config
         self.Hq, self.Hk, self.D, self.H = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
         self.final_norm, self.final_eps = model.norm.weight, model.norm.eps
@@ -205,7 +206,14 @@ class DecodePlan:
             if head_runner is None:
                 return None
         checks = [(d, k, d.get(k)) for d, k in cls._watch(model, cache)]
+        # Tensors the plan reads by pointer: `p.data = other` keeps the Parameter (no identity check sees it) but
+        # moves its storage, so their data pointers are checked too (as llmkern.nn.RMSNorm checks its weight's).
+        bound = [model.embed_tokens.weight, model.norm.weight, model.rotary.cos_sin_cache]
+        bound += [n.weight for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if isinstance(head, nn.Linear):
+            bound.append(head.weight)
         plan = cls(model, cache, B, layers, head_runner, checks, paged)
+        plan._ptrs = [(t, t.data_ptr()) for t in bound]
         if paged is not None and plan.program is None:
             return None  # paged steps run only as the program (the Python step knows contiguous caches)
         return plan
@@ -224,6 +232,9 @@ class DecodePlan:
             return False  # every launch was bound with them
         for d, k, v in self._checks:
             if d.get(k) is not v:
+                return False
+        for t, ptr in self._ptrs:
+            if t.data_ptr() != ptr:
                 return False
         return True
 

@@ -218,6 +218,35 @@ def test_plan_is_dropped_when_a_weight_changes():
         assert torch.isfinite(a).all()
 
 
+@pytest.mark.parametrize("which", ["ln1", "ln2", "final_norm", "embed", "head"])
+def test_plan_is_dropped_when_a_parameter_gets_new_data(which, monkeypatch):
+    """`p.data = other` keeps the Parameter object (the identity checks pass) but moves what the plan reads by
+    pointer: e.g. weights reloaded that way, then the same cache reset and reused. The plan must not be used:
+    the step then equals the module path with the new values."""
+    m = tiny(quant="int4", skip=("lm_head",))
+    prompt = torch.randint(0, 101, (1, 5))
+    p = {"ln1": m.layers[1].input_layernorm.weight, "ln2": m.layers[0].post_attention_layernorm.weight,
+         "final_norm": m.norm.weight, "embed": m.embed_tokens.weight, "head": m.lm_head.weight}[which]
+    with torch.inference_mode():
+        cache = m.new_cache(1, 32)
+        m(prompt, cache, last_only=True)
+        m(prompt[:, :1], cache, last_only=True)
+        plan = m.__dict__["_decode_plan"]
+        assert plan is not None and plan.matches(m, cache, prompt[:, :1])
+        p.data = p.data * 1.5  # new storage, same Parameter
+        assert not plan.matches(m, cache, prompt[:, :1])
+        cache.reset() if hasattr(cache, "reset") else [kv.reset() for kv in cache]
+        m(prompt, cache, last_only=True)
+        got = m(prompt[:, :1], cache, last_only=True)
+        assert m.__dict__["_decode_plan"] is not plan  # rebuilt from the new values
+        m.__dict__["_decode_plan"] = None
+        monkeypatch.setattr(DecodePlan, "build", classmethod(lambda cls, *a: None))
+        ref_cache = m.new_cache(1, 32)
+        m(prompt, ref_cache, last_only=True)
+        want = m(prompt[:, :1], ref_cache, last_only=True)  # the module path
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_plan_not_used_outside_its_scope(monkeypatch):
     m = tiny(quant="int4")
     prompt = torch.randint(0, 101, (1, 5))

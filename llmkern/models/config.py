@@ -6,11 +6,15 @@ A config comes from a GGUF file's metadata (`ModelConfig.from_gguf_metadata`), f
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 # GGUF `general.architecture` values this runtime reads. Each stores its hyper-parameters under
 # "<arch>.<key>" with the same key names.
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+MAX_POSITIONS = 1 << 24  # the longest context a config may declare (GGUF context_length, HF max_position_embeddings)
 
 
 @dataclass
@@ -36,6 +40,9 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # anything else worth keeping (e.g. sliding_window)
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig: {name} must be > 0, got {getattr(self, name)}")
         if self.head_dim == 0:
             if self.hidden_size % self.num_heads:
                 raise ValueError(f"ModelConfig: hidden_size {self.hidden_size} is not divisible by "
@@ -44,9 +51,13 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig: num_heads {self.num_heads} must be a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig: {name} must be > 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.rope_base) and self.rope_base > 0):
+            raise ValueError(f"ModelConfig: rope_base must be a positive finite number, got {self.rope_base}")
+        if not (math.isfinite(self.rms_eps) and self.rms_eps >= 0):
+            raise ValueError(f"ModelConfig: rms_eps must be a finite number >= 0, got {self.rms_eps}")
+        if not 0 < self.max_positions <= MAX_POSITIONS:
+            # (the rotary table holds max_positions rows: 2^24 of them at head dim 128 are 8 GiB)
+            raise ValueError(f"ModelConfig: max_positions must be in 1..{MAX_POSITIONS}, got {self.max_positions}")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -89,6 +100,9 @@ class ModelConfig:
 
         heads = int(get("attention.head_count", required=True))
         hidden = int(get("embedding_length", required=True))
+        if heads <= 0 or hidden <= 0:
+            raise ValueError(f"{source}: {arch}.attention.head_count ({heads}) and {arch}.embedding_length ({hidden}) "
+                             "must be > 0")
         vocab = get("vocab_size")
         if vocab is None:
             tokens = meta.get("tokenizer.ggml.tokens")
@@ -104,13 +118,27 @@ class ModelConfig:
             raise ValueError(f"{source}: unsupported rope scaling {kind!r} (llmkern supports none and linear "
                              f"from GGUF metadata)")
         rope_dim = get("rope.dimension_count")
-        head_dim = int(get("attention.key_length", 0) or 0) or hidden // heads
+        head_dim = int(get("attention.key_length", 0) or 0)
+        if not head_dim:
+            if hidden % heads:
+                raise ValueError(f"{source}: {arch}.embedding_length {hidden} is not a multiple of "
+                                 f"{arch}.attention.head_count {heads} (and no attention.key_length gives the head dim)")
+            head_dim = hidden // heads
         if rope_dim is not None and int(rope_dim) != head_dim:
-            raise ValueError(f"{source}: partial rotary ({arch}.rope.dimension_count={rope_dim} with head dim "
-                             f"{head_dim}) is not supported")
+            raise ValueError(f"{source}: {arch}.rope.dimension_count={rope_dim} differs from the head dim {head_dim} "
+                             f"({'attention.key_length' if get('attention.key_length') else 'embedding_length / head_count'}"
+                             "): partial rotary is not supported (or the metadata is inconsistent)")
         extra = {}
         if get("attention.sliding_window") is not None:
             extra["sliding_window"] = int(get("attention.sliding_window"))
+        try:
+            return cls._from_gguf_fields(meta, arch, get, int(vocab), hidden, heads, head_dim, scaling, extra)
+        except ValueError as e:  # the config's checks, named after the file
+            msg = str(e)
+            raise ValueError(msg if msg.startswith(source) else f"{source}: {msg}") from e
+
+    @classmethod
+    def _from_gguf_fields(cls, meta, arch, get, vocab, hidden, heads, head_dim, scaling, extra) -> "ModelConfig":
         return cls(
             vocab_size=int(vocab),
             hidden_size=hidden,

@@ -228,6 +228,9 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     """
     if quant not in QUANT_CHOICES:
         raise ValueError(f"load_gguf: quant must be one of {QUANT_CHOICES}, got {quant!r}")
+    if group_size is not None and quant == "int4" and group_size not in (32, 64, 128):
+        # (0, per channel, is an int8 form: `group_size or 32` would have quietly used 32)
+        raise ValueError(f"load_gguf: group_size for quant='int4' must be 32, 64 or 128, got {group_size}")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"load_gguf: dtype (the activations') must be torch.float32, bfloat16 or float16, got {dtype}")
     path = Path(path) if path is not None else default_model_path()
@@ -235,6 +238,11 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     meta = read_metadata(reader)
     config = ModelConfig.from_gguf_metadata(meta, source=str(path))
     names = {t.name for t in reader.tensors}
+    extra = sorted({int(n.split(".")[1]) for n in names
+                    if n.startswith("blk.") and n.split(".")[1].isdigit() and int(n.split(".")[1]) >= config.num_layers})
+    if extra:  # (a block_count below the file's layers would load part of the model; llama.cpp refuses it too)
+        raise GGUFError(f"{path}: {config.arch}.block_count is {config.num_layers}, but the file has tensors of "
+                        f"layer{'s' if len(extra) > 1 else ''} {', '.join(map(str, extra[:5]))}{'...' if len(extra) > 5 else ''}")
     # properties of the tensors present rather than of the architecture name
     config.tie_embeddings = "output.weight" not in names
     config.attention_bias = "blk.0.attn_q.bias" in names

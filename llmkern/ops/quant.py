@@ -21,6 +21,8 @@ from ._registry import defop
 
 
 def _check_group(op, K, group_size, allowed=None):
+    if allowed is not None and group_size not in allowed:  # (int4: no per-channel form)
+        raise ValueError(f"llmkern.{op}: group_size must be one of {allowed} and divide K={K}, got {group_size}")
     if group_size < 0 or (group_size > 0 and K % group_size != 0):
         raise ValueError(f"llmkern.{op}: group_size must be 0 (per channel) or divide K={K}, got {group_size}")
     if allowed is not None and group_size not in allowed:

@@ -231,6 +231,50 @@ def test_missing_tensor(tmp_path):
         load_gguf(p, progress=False)
 
 
+def _set_scalar(path, key: str, value) -> None:
+    """Overwrite the scalar metadata value `key` of the GGUF file at path in place (same type, same size)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    kb = key.encode()
+    i = bytes(data).find(struct.pack("<Q", len(kb)) + kb)
+    assert i >= 0, key
+    j = i + 8 + len(kb)
+    fmt = {4: "<I", 5: "<i", 6: "<f", 10: "<Q", 11: "<q", 12: "<d"}[struct.unpack_from("<I", data, j)[0]]
+    struct.pack_into(fmt, data, j + 4, value)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("llama.attention.head_count", 0, r"head_count \(0\).*must be > 0"),
+    ("llama.attention.head_count_kv", 0, "num_kv_heads must be > 0, got 0"),
+    ("llama.attention.head_count", 3, "not a multiple of llama.attention.head_count 3"),
+    ("llama.rope.freq_base", 0.0, "rope_base must be a positive finite number, got 0.0"),
+    ("llama.rope.freq_base", float("nan"), "rope_base must be a positive finite number, got nan"),
+    ("llama.attention.layer_norm_rms_epsilon", -1.0, "rms_eps must be a finite number >= 0"),
+    ("llama.context_length", 0, r"max_positions must be in 1\.\.16777216, got 0"),
+    ("llama.context_length", 1 << 31, r"max_positions must be in 1\.\.16777216, got 2147483648"),
+    ("llama.block_count", 1, "block_count is 1, but the file has tensors of layer 1"),
+])
+def test_bad_metadata_is_refused_with_the_file_and_key(tmp_path, key, value, match):
+    """Metadata that would load a wrong model (a NaN or zero rope base: NaN logits; a block_count below the file's
+    layers: a partial model), crash (zero heads: ZeroDivisionError) or stall (a 2^31 context: a 51 s rotary table,
+    then an allocator error) is refused up front, naming the file."""
+    p = tmp_path / "bad.gguf"
+    write_tiny_gguf(p)
+    _set_scalar(p, key, value)
+    with pytest.raises(ValueError, match=r"bad\.gguf: .*" + match):
+        load_gguf(p, progress=False)
+
+
+def test_int4_group_size_zero_is_refused(tmp_path):
+    """Per channel (0) is an int8 form; re-quantizing to int4 with it used to fall back to 32 quietly."""
+    p = tmp_path / "tiny.gguf"
+    write_tiny_gguf(p)
+    with pytest.raises(ValueError, match="group_size for quant='int4' must be 32, 64 or 128, got 0"):
+        load_gguf(p, quant="int4", group_size=0, progress=False)
+
+
 def test_default_model_error_message(monkeypatch):
     import importlib.util
 

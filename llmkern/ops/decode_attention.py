@@ -84,7 +84,7 @@ def _cpu_fast_ok(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, s
         capacity = cs[1]
     else:
         if not (type(block_table) is T and block_table.is_cpu and block_table.dtype == torch.int32
-                and block_table.dim() == 2 and block_table.shape[0] == B):
+                and block_table.dim() == 2 and block_table.shape[0] == B and 1 <= cs[1] <= 256):
             return False
         capacity = block_table.shape[1] * cs[1]
     if not C.attn_scalars_ok(scale, softcap, window_left):
@@ -131,6 +131,9 @@ def _check(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, scale, 
     else:
         C.tensor(op, "block_table", block_table, ranks=(2,), dtypes=(torch.int32,))
         C.shape(op, "block_table", block_table, (B, None), "[B, max_blocks]")
+        if not 1 <= k_cache.shape[1] <= 256:
+            raise ValueError(f"llmkern.{op}: a paged k_cache's block size (dim 1 of [num_blocks, block_size, Hk, D]) "
+                             f"must be in 1..256, got {k_cache.shape[1]}")
         capacity = block_table.shape[1] * k_cache.shape[1]
     if C.can_read_values(seq_lens) and B and not _values_ok_cpu(seq_lens, block_table, k_cache, B, Sq, capacity):
         lens = seq_lens.tolist()

@@ -3,13 +3,17 @@
 - k, v: [B, S, Hk, D] or packed [T, Hk, D]; slot_mapping int64 of the same leading shape ([B, S] or [T]).
 - k_cache, v_cache: contiguous [B, Smax, Hk, D] or paged [num_blocks, block_size, Hk, D]. Either way the
   cache is seen as [num_slots, Hk, D] with slot = row * cache.shape[1] + col, i.e. `b * Smax + pos`
-  (contiguous) or `block * block_size + offset` (paged). A slot of -1 is skipped (padding).
+  (contiguous) or `block * block_size + offset` (paged). A slot of -1 is skipped (padding). Other slots
+  must be distinct within a call (as in vLLM's cache write): a repeated slot is not checked (that would
+  cost a sort per call) and keeps one of its tokens' rows, which one unspecified (threads race for it).
 - Float caches: written bit-exactly (k/v cast to the cache dtype).
 - int8 caches (k_scale/v_scale float32 [cache.shape[:3]] given): per (token, head)
   amax = max|x|, scale = amax / 127, q = clamp(round_half_even(x * (127 / amax)), -127, 127) in fp32
   (the rule of llmkern/ops/quant.py); amax 0 stores scale 0 and q 0.
 - Fused rotary (cos_sin_cache given): k is rotated before it is written and `q`, if given, is rotated
-  in place, at `positions` (same leading shape as k); see rotary_embedding.py for the formula.
+  in place, at `positions` (same leading shape as k); see rotary_embedding.py for the formula. q may be
+  k or v itself (k and v are written as they were given); other partial overlaps of q with k or v are not
+  supported.
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ def _plain_cpu_ok(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> boo
     cs = k_cache.shape
     if not (k.dtype in _FLOATS and v.dtype == k.dtype and len(ks) in (3, 4) and v.shape == ks and len(cs) == 4
             and k_cache.dtype in _CACHE_DTYPES and v_cache.dtype == k_cache.dtype and v_cache.shape == cs
-            and ks[-2:] == cs[2:] and slot_mapping.dtype == torch.int64 and slot_mapping.shape == ks[:-2]
+            and ks[-2:] == cs[2:] and ks[-1] > 0 and ks[-2] > 0
+            and slot_mapping.dtype == torch.int64 and slot_mapping.shape == ks[:-2]
             and k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous()):
         return False
     if k_cache.dtype == torch.int8:
@@ -112,6 +117,9 @@ def _check(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions,
     C.same_device(op, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
                   k_scale=k_scale, v_scale=v_scale, q=q, positions=positions, cos_sin_cache=cos_sin_cache)
     C.shape(op, "k", k, tuple([None] * (k.dim() - 2)) + tuple(k_cache.shape[2:]), "[..., Hk, D] of the cache")
+    if k.shape[-1] == 0 or k.shape[-2] == 0:
+        raise ValueError(f"llmkern.{op}: k needs at least one head and a head dim >= 1, got [..., Hk, D] = "
+                         f"{list(k.shape[-2:])}")
     C.tensor(op, "slot_mapping", slot_mapping, dtypes=(torch.int64,))
     C.shape(op, "slot_mapping", slot_mapping, tuple(k.shape[:-2]), "k's leading dims")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -227,6 +235,14 @@ def _cpu_launch(as_call, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
     )
 
 
+def _q_not_k(q, k, v) -> None:
+    """The GPU kernels rotate q's rows in place in parallel with reading k's and v's: a q that is k or v itself
+    (the same first element) would race. Such a call goes to the next backend (the CPU kernel and the reference
+    read k and v before rotating q, so aliasing is fine there)."""
+    if q.data_ptr() in (k.data_ptr(), v.data_ptr()):
+        raise BackendUnsupported("q is k or v itself (rotated in place while they are read)")
+
+
 @kv_cache_append_op.backend("cuda")
 def _cuda(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, cos_sin_cache,
           rotary_interleaved):
@@ -250,6 +266,7 @@ def _cuda(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions, 
         cos_sin = cos_sin_cache.contiguous()
         pos = positions.reshape(-1).to(torch.int64).contiguous()
         if q is not None:
+            _q_not_k(q, k, v)
             q4 = q if q.dim() == 4 else q[:, None]
             if q4.stride(-1) != 1 and q4.shape[-1] != 1:
                 raise BackendUnsupported("q's head dim is not contiguous (it is rotated in place)")
@@ -271,6 +288,8 @@ def _triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions
 
     if k.device.type != "cuda":
         raise BackendUnsupported(f"triton runs on CUDA tensors, k is on {k.device}")
+    if q is not None and cos_sin_cache is not None:
+        _q_not_k(q, k, v)
     return tk.kv_cache_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q, positions,
                               cos_sin_cache, rotary_interleaved)
 

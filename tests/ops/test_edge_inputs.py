@@ -107,3 +107,18 @@ def test_values_vouched_skips_gpu_value_reads_only(monkeypatch):
             pass
         assert not can_read_values(gpu_like)  # (nested: still vouched)
     assert can_read_values(gpu_like)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_degenerate_cache_shapes_are_named(backend):
+    """A paged cache with block size 0 and an append with head dim 0 used to fail deep inside (a C++ value check
+    naming no argument; torch.reshape in the reference): now a ValueError names the argument."""
+    kc = torch.zeros(6, 0, 2, 64)  # [num_blocks, block_size 0, Hk, D]
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"paged k_cache's block size .* must be in 1\.\.256, got 0"):
+        ops.decode_attention(torch.randn(2, 4, 64), kc, kc.clone(), torch.zeros(2, dtype=torch.int32),
+                             block_table=bt, backend=backend)
+    k = torch.randn(2, 3, 2, 0)
+    with pytest.raises(ValueError, match=r"k needs at least one head and a head dim >= 1, got \[\.\.\., Hk, D\] = \[2, 0\]"):
+        ops.kv_cache_append(k, k.clone(), torch.zeros(2, 8, 2, 0), torch.zeros(2, 8, 2, 0),
+                            torch.tensor([[0, 1, 2], [8, 9, 10]]), backend=backend)

@@ -194,6 +194,24 @@ def test_rotary_strided_q_and_batched_shape(isa):
     assert bits_equal(big_q[:, :, 0], before[:, :, 0]) and bits_equal(big_q[:, :, -1], before[:, :, -1])
 
 
+@pytest.mark.parametrize("alias", ["k", "v"])
+def test_rotary_q_that_is_k_or_v(alias, threads, isa):
+    """q given as k (or v) itself: the cache gets k rotated once and v as given (the kernel reads k and v before
+    it rotates q in place), and the tensor ends up rotated, as q. Found by fuzzing: k was rotated twice."""
+    B, S, H, D, Smax = 2, 40, 2, 64, 48  # 80 tokens x 3 rows x 256 B: past the threads' 64 KiB threshold
+    k, v = randn(B, S, H, D), randn(B, S, H, D)
+    k0, v0 = k.clone(), v.clone()
+    pos = torch.arange(S)[None].expand(B, S) + torch.tensor([[0], [5]])
+    slots = torch.arange(B)[:, None] * Smax + pos
+    cs = rotary_cos_sin(64, D)
+    c = caches((B, Smax, H, D), torch.float32)
+    got = run_cpu(k, v, c, slots, q=k if alias == "k" else v, positions=pos, cos_sin_cache=cs)
+    k_rot = naive_rotate(k0.reshape(-1, H, D), pos.reshape(-1), cs, False)
+    assert_same(got, naive_append(k_rot, v0.reshape(-1, H, D), c, slots.reshape(-1)))
+    q_rot = k_rot if alias == "k" else naive_rotate(v0.reshape(-1, H, D), pos.reshape(-1), cs, False)
+    assert bits_equal((k if alias == "k" else v).reshape(-1, H, D), q_rot)
+
+
 @pytest.mark.parametrize("D", [32, 40, 43])  # 40, 43: partial 16-lane tails (AVX-512); 43: a scalar tail (AVX2)
 def test_int8_ties_zero_tiny_and_nonfinite_rows(isa, D):
     """127/amax = 1 makes x.5 exact ties (half to even); an all-zero head stores 0; a tiny head saturates;

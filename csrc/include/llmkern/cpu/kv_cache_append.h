@@ -1,8 +1,8 @@
 // kv_cache_append on the CPU: write new keys/values into a cache by slot, optionally rotating q/k
 // (fused rotary) and quantizing to int8 (llmkern/ops/kv_cache_append.py has the semantics).
 //
-// One pass per token: rotate q in place, rotate k's heads into a small fp32 row buffer, then store
-// k and v rows into the cache (cast, or quantize with a per-(token, head) scale). The work is memory
+// One pass per token: rotate k's heads into a small fp32 row buffer and store k and v rows into the cache
+// (cast, or quantize with a per-(token, head) scale), then rotate q in place. The work is memory
 // bound (a few flops per byte), but the portable row code (a dtype switch per element, float64 rotation
 // one pair at a time) costs more than the bytes; with the AVX-512 ISA the rows are loaded, rotated
 // (rotate_row_avx512, bit-exact with rotate_row) and stored 16 / 8 values per step. OpenMP splits the
@@ -180,22 +180,7 @@ inline void kv_cache_append(const AppendArgs& a) {
     const int64_t slot = a.slots[t];
     const float* cs = rot ? a.cos_sin + a.positions[t] * a.R : nullptr;
     float row[256];
-    if (rot && a.q) {  // q is rotated even for padding tokens (slot -1), as the reference does
-      for (int64_t h = 0; h < a.Hq; ++h) {
-        const int64_t base = b * a.q_s0 + s * a.q_s1 + h * a.q_s2;
-        if (v512) {
-          rot512::load_row(a.q, base, a.q_dtype, row, a.R);
-          rotate_row_avx512(row, cs, a.R, a.interleaved, a.q_dtype);
-          rot512::store_row_f(row, a.q, base, a.q_dtype, a.R);
-          continue;
-        }
-        for (int64_t d = 0; d < a.R; ++d) row[d] = load_as_f32(a.q, base + d, a.q_dtype);
-        rotate_row(row, cs, a.R, a.interleaved, a.q_dtype);
-        for (int64_t d = 0; d < a.R; ++d) store_from_f32(a.q, base + d, a.q_dtype, row[d]);
-      }
-    }
-    if (slot < 0) continue;
-    for (int which = 0; which < 2; ++which) {
+    for (int which = 0; which < 2 && slot >= 0; ++which) {
       const void* src = which ? a.v : a.k;
       const int64_t s0 = which ? a.v_s0 : a.k_s0, s1 = which ? a.v_s1 : a.k_s1, s2 = which ? a.v_s2 : a.k_s2;
       void* cache = which ? a.v_cache : a.k_cache;
@@ -225,6 +210,21 @@ inline void kv_cache_append(const AppendArgs& a) {
           continue;
         }
         store_row(row, D, cache, a.cache_type, dst, scale);
+      }
+    }
+    // q last: a q that is k (or v) itself, rotated in place, must not be read as k after its rotation.
+    if (rot && a.q) {  // q is rotated even for padding tokens (slot -1), as the reference does
+      for (int64_t h = 0; h < a.Hq; ++h) {
+        const int64_t base = b * a.q_s0 + s * a.q_s1 + h * a.q_s2;
+        if (v512) {
+          rot512::load_row(a.q, base, a.q_dtype, row, a.R);
+          rotate_row_avx512(row, cs, a.R, a.interleaved, a.q_dtype);
+          rot512::store_row_f(row, a.q, base, a.q_dtype, a.R);
+          continue;
+        }
+        for (int64_t d = 0; d < a.R; ++d) row[d] = load_as_f32(a.q, base + d, a.q_dtype);
+        rotate_row(row, cs, a.R, a.interleaved, a.q_dtype);
+        for (int64_t d = 0; d < a.R; ++d) store_from_f32(a.q, base + d, a.q_dtype, row[d]);
       }
     }
   }

@@ -46,6 +46,9 @@ class Attention(nn.Module):
                 raise ValueError(f"Attention: hidden_size ({hidden_size}) is not divisible by num_heads "
                                  f"({num_heads}); pass head_dim")
             head_dim = hidden_size // num_heads
+        if not (32 <= head_dim <= 256 and head_dim % 8 == 0):  # (refused here, not at the first forward)
+            raise ValueError(f"Attention: head_dim must be a multiple of 8 in 32..256 (the attention ops' "
+                             f"head dims), got {head_dim}")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         if window_left < -1:
             raise ValueError(f"Attention: window_left must be -1 (no window) or >= 0, got {window_left}")

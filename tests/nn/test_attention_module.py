@@ -162,6 +162,9 @@ def test_errors():
         Attention(HIDDEN, 6, 4, D)
     with pytest.raises(ValueError, match="head_dim"):
         Attention(HIDDEN, 6, 2)  # 80 / 6 is not an integer
+    for bad in (16, 36, 264):  # outside the attention ops' head dims: refused at construction, not at forward
+        with pytest.raises(ValueError, match=f"head_dim must be a multiple of 8 in 32..256.*got {bad}"):
+            Attention(HIDDEN, 2, 2, bad)
     cache = KVCache(1, 4, 2, D)
     att(torch.randn(1, 4, HIDDEN), cache)
     with pytest.raises(ValueError, match="KV cache full"):

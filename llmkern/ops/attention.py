@@ -38,7 +38,8 @@ def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, wind
         raise ValueError(f"llmkern.{op}: k must have q's head dim {D}, got {k.shape[-1]}")
     Hq, Hk = q.shape[-2], k.shape[-2]
     if Hk == 0 or Hq % Hk != 0:
-        raise ValueError(f"llmkern.{op}: q heads ({Hq}) must be a multiple of k/v heads ({Hk})")
+        raise ValueError(f"llmkern.{op}: q heads ({Hq}) must be a multiple of k/v heads ({Hk})"
+                         + (", which must be at least 1" if Hk == 0 else ""))
     packed = q.dim() == 3
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None:

@@ -25,6 +25,11 @@ def check_rotary(op, q, k, positions, cos_sin_cache):
     C.tensor(op, "positions", positions, dtypes=C.INDEX_DTYPES)
     C.tensor(op, "cos_sin_cache", cos_sin_cache, ranks=(2,), dtypes=(torch.float32,))
     R = cos_sin_cache.shape[1]
+    if k.shape[-1] < 2:
+        raise ValueError(f"llmkern.{op}: rotary needs a head dim of at least 2 (one pair), got {k.shape[-1]}")
+    if cos_sin_cache.shape[0] == 0:
+        raise ValueError(f"llmkern.{op}: cos_sin_cache has no rows (one per position), got shape "
+                         f"{list(cos_sin_cache.shape)}")
     if R % 2 or R == 0 or R > k.shape[-1]:
         raise ValueError(f"llmkern.{op}: cos_sin_cache width (rotary dim) must be even and in 2..{k.shape[-1]}, got {R}")
     if q.shape[-1] != k.shape[-1]:

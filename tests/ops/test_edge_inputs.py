@@ -122,3 +122,13 @@ def test_degenerate_cache_shapes_are_named(backend):
     with pytest.raises(ValueError, match=r"k needs at least one head and a head dim >= 1, got \[\.\.\., Hk, D\] = \[2, 0\]"):
         ops.kv_cache_append(k, k.clone(), torch.zeros(2, 8, 2, 0), torch.zeros(2, 8, 2, 0),
                             torch.tensor([[0, 1, 2], [8, 9, 10]]), backend=backend)
+
+
+def test_empty_ranges_are_named_not_printed_as_ranges():
+    """Messages that used to print empty ranges ("positions must be in 0..-1", "rotary dim ... in 2..0")."""
+    with pytest.raises(ValueError, match=r"cos_sin_cache has no rows \(one per position\), got shape \[0, 64\]"):
+        ops.rotary_embedding(torch.randn(5, 4, 64), torch.randn(5, 2, 64), torch.arange(5), torch.zeros(0, 64))
+    with pytest.raises(ValueError, match="rotary needs a head dim of at least 2 \\(one pair\\), got 0"):
+        ops.rotary_embedding(torch.randn(5, 4, 0), torch.randn(5, 2, 0), torch.arange(5), torch.zeros(16, 2))
+    with pytest.raises(ValueError, match=r"k/v heads \(0\), which must be at least 1"):
+        ops.attention(torch.randn(2, 5, 0, 64), torch.randn(2, 7, 0, 64), torch.randn(2, 7, 0, 64))

@@ -197,6 +197,14 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, w
         return out, lse
     cfg = config(D, q.dtype, capability(q))
     right = 0 if causal else int(window_right)
+    left = int(window_left)
+    # Bands at least as wide as the sequences are unbounded in effect: -1, so that the kernel's int32 band
+    # arithmetic (q_pos + window_right, m0 + diag - window_left) cannot wrap for windows near 2^31 - 1.
+    q_total, k_total = (q.shape[0], k.shape[0]) if varlen else (Sq, Sk)
+    if left >= k_total:
+        left = -1
+    if right >= q_total:
+        right = -1
     sc = float(scale) if scale is not None else D ** -0.5
     # (query blocks, heads, sequences): CUDA grids allow 65535 along y and z; in launch order, the query blocks
     # of one head (the last, heaviest, first), then the heads of one sequence (a KV head's group side by side:
@@ -207,7 +215,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, w
     align8 = D % 8 == 0 and all(x % 8 == 0 for x in (*sq_, *sk_, *sv_, *so_))
     attn_fwd_kernel[grid](
         q, k, v, out, lse, cuq, cuk, Sq, Sk, Hq, D, Hq // Hk, *sq_, *sk_, *sv_, *so_, *sl_,
-        sc, float(softcap), int(window_left), right,
+        sc, float(softcap), left, right,
         VARLEN=varlen, SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ALIGN8=align8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

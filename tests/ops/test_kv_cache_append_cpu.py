@@ -212,6 +212,26 @@ def test_rotary_q_that_is_k_or_v(alias, threads, isa):
     assert bits_equal((k if alias == "k" else v).reshape(-1, H, D), q_rot)
 
 
+@pytest.mark.parametrize("alias", ["k", "v"])
+def test_reference_with_q_that_is_k_or_v(alias):
+    """The reference too writes k and v as given and rotates q (here k or v itself) last (found by fuzzing: it
+    rotated v in place before writing it); the same bits as the cpu kernel."""
+    H, D = 2, 64
+    pos = torch.arange(6)
+    cs = rotary_cos_sin(16, D)
+    k0, v0 = randn(6, H, D), randn(6, H, D)
+    outs = []
+    for backend in ("reference", "cpu"):
+        k, v = k0.clone(), v0.clone()
+        kc, vc = torch.zeros(1, 8, H, D), torch.zeros(1, 8, H, D)
+        llmkern.ops.kv_cache_append(k, v, kc, vc, pos, q=k if alias == "k" else v, positions=pos,
+                                    cos_sin_cache=cs, backend=backend)
+        outs.append((kc, vc, k, v))
+    (kc, vc, k, v), (kc2, vc2, k2, v2) = outs
+    assert bits_equal(kc, kc2) and bits_equal(vc, vc2) and bits_equal(k, k2) and bits_equal(v, v2)
+    assert bits_equal(vc[0, :6], v0) and bits_equal(kc[0, :6], naive_rotate(k0, pos, cs, False))
+
+
 @pytest.mark.parametrize("D", [32, 40, 43])  # 40, 43: partial 16-lane tails (AVX-512); 43: a scalar tail (AVX2)
 def test_int8_ties_zero_tiny_and_nonfinite_rows(isa, D):
     """127/amax = 1 makes x.5 exact ties (half to even); an all-zero head stores 0; a tiny head saturates;

@@ -111,3 +111,34 @@ def test_attention_varlen_grid_bound():
     if DEV == "cpu":  # (the interpreter's 16-row query tiles: a bound of 16 leaves sequence 1's rows 16..39 out)
         short, _ = launch(*args, max_seqlen_q=16)
         assert torch.all(short[3 + 16:43] == 0) and torch.equal(short[:3 + 16], full[:3 + 16])
+
+
+@pytest.mark.parametrize("Sq,Sk,causal,wl,wr", [(10, 20, False, -1, 2**31 - 1), (20, 10, True, 2**31 - 1, -1),
+                                               (9, 33, False, 2**31 - 1, 2**31 - 2)])
+def test_attention_windows_near_the_int32_limit(Sq, Sk, causal, wl, wr):
+    """Windows the op accepts up to 2^31 - 1 act as unbounded: the launcher turns a band as wide as the sequences
+    into -1, so the kernel's int32 band arithmetic cannot wrap (found by fuzzing: outputs 0 / -inf lse)."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, Sq, 2, 32, generator=g).to(DEV)
+    k = torch.randn(2, Sk, 1, 32, generator=g).to(DEV)
+    v = torch.randn(2, Sk, 1, 32, generator=g).to(DEV)
+    args = (None, None, None, causal, wl, wr, 0.0)
+    out, lse = call("attention", "attention.attention", q, k, v, *args)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), *args)
+    assert rel_err(out, ref) <= tol(torch.float32)
+    _lse_ok(lse, ref_lse)
+
+
+@pytest.mark.parametrize("cap", [1000.0, 1e4])
+def test_attention_large_softcap_fp32(cap):
+    """A large softcap makes s / cap tiny, where 1 - 2 / (exp(2x) + 1) cancels: tanh takes its Taylor series
+    there (found by fuzzing: 1.6e-5 / 1.7e-4 relative error at caps 1000 / 1e4 in fp32)."""
+    g = torch.Generator().manual_seed(12)
+    q = (4 * torch.randn(1, 40, 2, 64, generator=g)).to(DEV)
+    k = (4 * torch.randn(1, 40, 2, 64, generator=g)).to(DEV)
+    v = torch.randn(1, 40, 2, 64, generator=g).to(DEV)
+    args = (None, None, None, True, -1, -1, cap)
+    out, lse = call("attention", "attention.attention", q, k, v, *args)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), *args)
+    assert rel_err(out, ref) <= tol(torch.float32)
+    _lse_ok(lse, ref_lse)

@@ -63,7 +63,11 @@ def quant_int8_rows(x, AXIS: tl.constexpr):
     c127 = tl.full(amax.shape, 127.0, tl.float32)
     scale = tl.math.div_rn(amax, c127)
     inv = tl.where(amax > 0, tl.math.div_rn(c127, tl.where(amax > 0, amax, 1.0)), 0.0)
-    q = round_half_even(tl.minimum(tl.maximum(x * tl.expand_dims(inv, AXIS), -127.0), 127.0))
+    p = x * tl.expand_dims(inv, AXIS)
+    # NaN products (a NaN / inf row: x * 0; a subnormal amax: 127 / amax is inf and 0 * inf) are 0, as the
+    # reference's nan_to_num makes them; tl.maximum would turn them into -127 on a GPU (fmaxf drops NaN).
+    p = tl.where(p == p, p, 0.0)
+    q = round_half_even(tl.minimum(tl.maximum(p, -127.0), 127.0))
     return q, scale
 
 

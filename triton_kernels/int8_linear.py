@@ -70,7 +70,9 @@ def quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexpr):
     for k0 in range(0, K, BLOCK):
         ok = k0 + offs < K
         x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=ok, other=0.0).to(tl.float32)
-        q = round_half_even(tl.minimum(tl.maximum(x * inv, -127.0), 127.0))
+        p = x * inv
+        p = tl.where(p == p, p, 0.0)  # NaN products are 0, as the reference's nan_to_num (see quant_int8_rows)
+        q = round_half_even(tl.minimum(tl.maximum(p, -127.0), 127.0))
         tl.store(q_ptr + row * K + k0 + offs, q.to(tl.int8), mask=ok)
     tl.store(s_ptr + row, scale)
 

@@ -117,6 +117,30 @@ def test_kv_cache_append_int8_nan_head_gets_a_nan_scale():
     assert torch.isnan(flat[2, 0]) and torch.isfinite(flat[2, 1]) and torch.isfinite(flat[1]).all()
 
 
+def test_kv_cache_append_int8_rows_the_reference_zeroes():
+    """Rows whose products x * (127 / amax) are NaN quantize to 0 as in the reference (nan_to_num): a NaN row, an
+    inf row, and an fp32 row whose largest value is subnormal (127 / amax is inf, so its zeros give 0 * inf).
+    On a GPU tl.maximum drops the NaN and would store -127 (fmaxf); the interpreter cannot show that, the GPU
+    run of this test does."""
+    from llmkern import reference
+
+    g = torch.Generator().manual_seed(6)
+    k = torch.randn(1, 4, 2, 64, generator=g)
+    k[0, 0, 0, :] = 0.0
+    k[0, 0, 0, 5] = 1e-39  # subnormal amax
+    k[0, 1, 1, 3] = float("nan")
+    k[0, 2, 0, 9] = float("inf")
+    v = torch.randn(1, 4, 2, 64, generator=g)
+    kc, vc, ks, vs = _caches((1, 4, 2, 64), torch.int8, g)
+    want = [t.clone().cpu() for t in (kc, vc, ks, vs)]
+    slots = torch.tensor([[0, 1, 2, 3]], dtype=torch.int64)
+    reference.kv_cache_append(k, v, want[0], want[1], slots, want[2], want[3], None, None, None, False)
+    call("kv_cache_append", "kv_cache_append.kv_cache_append", k.to(DEV), v.to(DEV), kc, vc, slots.to(DEV), ks, vs,
+         None, None, None, False)
+    assert torch.equal(kc.cpu(), want[0]) and torch.equal(vc.cpu(), want[1])
+    assert torch.equal(ks.cpu().nan_to_num(-1.0), want[2].nan_to_num(-1.0))
+
+
 def test_strided_positions_and_slots():
     """positions and slot_mapping given as strided views (every other element; the elements between are
     other valid values) are read as their values: rotary and kv_cache_append with fused rotary."""

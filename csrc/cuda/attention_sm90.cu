@@ -23,6 +23,10 @@ namespace {
 // natural one, since the driver wants multiples of 16 bytes.
 bool encode_map(cuda::sm90::TmaMap* map, bool bf16, const void* base, int64_t D, int64_t heads, int64_t rows,
                 int64_t batches, int64_t s_head, int64_t s_row, int64_t s_batch, int box_rows) {
+  // A stride of 0 stands for "never stepped" only on a dimension of size 1; a broadcast view (expand) of a
+  // longer one cannot be described by a TMA map (its strides must be non-zero): the sm_80 kernel takes it.
+  // (Found by fuzzing on the emulator: batch- or head-broadcast k / v / q were read past their storage.)
+  if ((s_head == 0 && heads > 1) || (s_row == 0 && rows > 1) || (s_batch == 0 && batches > 1)) return false;
   const uint64_t sh = uint64_t(s_head ? s_head : D) * 2;
   const uint64_t sr = s_row ? uint64_t(s_row) * 2 : sh * uint64_t(heads);
   const uint64_t sbt = s_batch ? uint64_t(s_batch) * 2 : sr * uint64_t(rows);

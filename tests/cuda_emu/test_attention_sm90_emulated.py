@@ -58,3 +58,22 @@ def test_many_ring_wraps_and_turns(run):
     k, v = _rand(1, 2000, 1, 128, dtype=torch.bfloat16, g=g), _rand(1, 2000, 1, 128, dtype=torch.bfloat16, g=g)
     _check(run, q, k, v, causal=True)
     _check(run, q, k, v)
+
+
+@pytest.mark.parametrize("view", ["kv_batch", "kv_heads", "q_batch"])
+def test_broadcast_views_take_the_sm80_kernel(emu, monkeypatch, view):
+    """Broadcast (expanded) q / k / v have stride 0 on a dimension longer than 1, which no TMA map describes:
+    with the sm_90a kernel on, such a call runs the sm_80 kernel (found by fuzzing: the tensor maps read batch /
+    head 1.. past the storage, NaN or garbage out)."""
+    monkeypatch.setattr(ATT, "_CUDA_WGMMA", True)
+    monkeypatch.setattr(ATT, "_CUDA_OVERLAP", False)
+    g = torch.Generator().manual_seed(9)
+    B, Sq, Sk, H, D = 2, 8, 64, 2, 64
+    r = lambda *s: _rand(*s, dtype=torch.float16, g=g)  # noqa: E731
+    if view == "kv_batch":
+        q, k, v = r(B, Sq, H, D), r(1, Sk, H, D).expand(B, Sk, H, D), r(1, Sk, H, D).expand(B, Sk, H, D)
+    elif view == "kv_heads":
+        q, k, v = r(B, Sq, H, D), r(B, Sk, 1, D).expand(B, Sk, H, D), r(B, Sk, 1, D).expand(B, Sk, H, D)
+    else:
+        q, k, v = r(1, Sq, H, D).expand(B, Sq, H, D), r(B, Sk, H, D), r(B, Sk, H, D)
+    _check(runner(emu, "sm80"), q, k, v)

@@ -198,15 +198,21 @@ def test_plan_with_float_linears_and_tied_head(monkeypatch):
     assert ((got - module).norm() / module.norm()).item() < 1e-5
 
 
+def _planned(m, prompt):
+    """Prefill `prompt` [1, P] and take one decode step: (cache, the plan that step built and matches)."""
+    cache = m.new_cache(1, 32)
+    m(prompt, cache, last_only=True)
+    m(prompt[:, :1], cache, last_only=True)
+    plan = m.__dict__["_decode_plan"]
+    assert plan is not None and plan.matches(m, cache, prompt[:, :1])
+    return cache, plan
+
+
 def test_plan_is_dropped_when_a_weight_changes():
     m = tiny(quant="int4")
     prompt = torch.randint(0, 101, (1, 5))
     with torch.inference_mode():
-        cache = m.new_cache(1, 32)
-        m(prompt, cache, last_only=True)
-        m(prompt[:, :1], cache, last_only=True)
-        plan = m.__dict__["_decode_plan"]
-        assert plan is not None and plan.matches(m, cache, prompt[:, :1])
+        cache, plan = _planned(m, prompt)
         # replace one linear's weights: the plan must not be used with the old ones
         lin = m.layers[1].mlp.down_proj
         new = Int4Linear.from_linear(torch.nn.Linear(lin.in_features, lin.out_features, bias=False), group_size=32)
@@ -228,11 +234,7 @@ def test_plan_is_dropped_when_a_parameter_gets_new_data(which, monkeypatch):
     p = {"ln1": m.layers[1].input_layernorm.weight, "ln2": m.layers[0].post_attention_layernorm.weight,
          "final_norm": m.norm.weight, "embed": m.embed_tokens.weight, "head": m.lm_head.weight}[which]
     with torch.inference_mode():
-        cache = m.new_cache(1, 32)
-        m(prompt, cache, last_only=True)
-        m(prompt[:, :1], cache, last_only=True)
-        plan = m.__dict__["_decode_plan"]
-        assert plan is not None and plan.matches(m, cache, prompt[:, :1])
+        cache, plan = _planned(m, prompt)
         p.data = p.data * 1.5  # new storage, same Parameter
         assert not plan.matches(m, cache, prompt[:, :1])
         cache.reset() if hasattr(cache, "reset") else [kv.reset() for kv in cache]

@@ -73,7 +73,7 @@ def _llama():
     return _init(transformers.LlamaForCausalLM(cfg))
 
 
-def _same_outputs(m, patch_kwargs):
+def assert_same_outputs(m, patch_kwargs):
     """Logits (plain, and a left-padded batch) and greedy generate (alone and batched) match the unpatched model."""
     ids = torch.randint(1, V, (2, 20), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
@@ -97,7 +97,7 @@ def test_gemma_norms_are_left_alone():
     """Gemma's RMSNorm is x_hat * (1 + w): patch keeps it (a probe input tells the formulas apart) and still
     swaps Llama's."""
     m = _gemma("gemma")
-    _same_outputs(m, dict(attention=False))
+    assert_same_outputs(m, dict(attention=False))
     patch(m, attention=False)
     try:
         assert not any(isinstance(x, lnn.RMSNorm) for x in m.modules())
@@ -115,13 +115,13 @@ def test_gemma_norms_are_left_alone():
 def test_gemma2_softcap(window):
     """Gemma 2's attention softcap: computed by llmkern's kernels when no mask is needed, by the model's eager
     attention when one is (a window shorter than the input, a padded batch; SDPA refuses softcap)."""
-    _same_outputs(_gemma("gemma2", window), dict(norms=False))
+    assert_same_outputs(_gemma("gemma2", window), dict(norms=False))
 
 
 def test_gpt_oss_attention_sinks_take_the_models_eager_attention():
     """s_aux (attention sinks) is computed by no llmkern kernel: such calls run the model's own eager attention,
     with SDPA's boolean / implicit causal masks turned into its additive ones."""
-    _same_outputs(_gpt_oss(), dict(norms=False))
+    assert_same_outputs(_gpt_oss(), dict(norms=False))
 
 
 def test_generation_config_use_cache_false_gets_no_cache():

@@ -292,8 +292,8 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
     greedy answers (see llmkern.models.decode_plan.head_logits). mode: int8
     "w8a16" (default) / "w8a8", int4 "w4a16" (default) / "w4a8" / "w4a8g" (see llmkern.ops).
     norms: RMSNorm modules -> llmkern.nn.RMSNorm (sharing the weight), each only after it computed the same
-    as the module it replaces on a probe input (Gemma-style x_hat * (1 + w) norms stay as they are). attention: attention through
-    llmkern.ops.attention (prefill) and llmkern.ops.decode_attention (decode steps, reading the cache in
+    as the module it replaces on a probe input (Gemma-style x_hat * (1 + w) norms stay as they are).
+    attention: attention through llmkern.ops.attention (prefill) and llmkern.ops.decode_attention (decode steps, reading the cache in
     place) for causal, unpadded batches (others: transformers' SDPA). cache: `hf_model.generate` uses an
     `LlmkernCache` (llmkern/models/hf_cache.py: preallocated, appends through ops.kv_cache_append)
     unless the caller passes a cache. With attention=True the forward of each Llama/Mistral/Qwen2
@@ -364,7 +364,8 @@ def patch(hf_model, *, quant: str | None = None, group_size: int | None = None, 
     head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
     if isinstance(head, (lnn.Int8Linear, lnn.Int4Linear)):
         hooks.append(head.register_forward_pre_hook(_fp32_head_input))
-    hf_model._llmkern_undo = (undo, old_impl, routed, hooks)
+    # (the model's dtype now: unpatch converts the kept float linears only if a model.to(...) changed it since)
+    hf_model._llmkern_undo = (undo, old_impl, routed, hooks, getattr(hf_model, "dtype", None))
     return hf_model
 
 
@@ -447,18 +448,23 @@ def unpatch(hf_model):
     state = getattr(hf_model, "_llmkern_undo", None)
     if state is None:
         raise ValueError("unpatch: this model was not patched by llmkern")
-    undo, old_impl, routed, hooks = state
+    undo, old_impl, routed, hooks, patched_dtype = state
     from .hf_attention import unroute
 
     for h in hooks:
         h.remove()
     unroute(routed)
-    dtype = getattr(hf_model, "dtype", torch.float32)  # transformers: its first floating parameter's
+    dtype = getattr(hf_model, "dtype", None) or torch.float32  # transformers: its first floating parameter's
     for parent, attr, mod in reversed(undo):
         now = getattr(parent, attr)
         if isinstance(now, (lnn.Int8Linear, lnn.Int4Linear)):
-            # The model may have moved or changed dtype since patch (model.to(...)): the restored linear follows.
-            mod = _dequantized_linear(now, dtype) if mod is None else mod.to(device=next(now.buffers()).device, dtype=dtype)
+            # The model may have moved or changed dtype since patch (model.to(...)): the restored linear follows;
+            # a kept original is converted only then (a mixed-dtype model gets its linears back as they were).
+            device = next(now.buffers()).device
+            if mod is None:
+                mod = _dequantized_linear(now, dtype)
+            else:
+                mod = mod.to(device=device, dtype=dtype if dtype != patched_dtype else None)
         setattr(parent, attr, mod)
     if old_impl is not None:
         _set_attn_impl(hf_model, old_impl)

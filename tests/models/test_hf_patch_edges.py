@@ -196,3 +196,15 @@ def test_unpatch_after_model_to_follows_the_new_dtype(keep_float):
         if keep_float:  # the original weights, converted as model.to would have
             m2 = _llama().to(torch.bfloat16)
             assert torch.equal(m(ids).logits, m2(ids).logits)
+
+
+def test_keep_float_restores_a_mixed_dtype_model_as_it_was():
+    """Without a model.to(...) in between, unpatch(keep_float=True) puts back the very modules, dtypes kept (a bf16
+    model with an fp32 lm_head keeps it fp32)."""
+    m = _llama().to(torch.bfloat16)
+    m.lm_head.float()
+    head, down = m.lm_head, m.model.layers[1].mlp.down_proj
+    patch(m, quant="int8", keep_float=True)
+    unpatch(m)
+    assert m.lm_head is head and m.lm_head.weight.dtype == torch.float32
+    assert m.model.layers[1].mlp.down_proj is down and down.weight.dtype == torch.bfloat16

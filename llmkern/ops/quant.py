@@ -21,12 +21,11 @@ from ._registry import defop
 
 
 def _check_group(op, K, group_size, allowed=None):
-    if allowed is not None and group_size not in allowed:  # (int4: no per-channel form)
+    """group_size: 0 (per channel) or a divisor of K; with `allowed` (int4: no per-channel form) one of those."""
+    if allowed is not None and (group_size not in allowed or K % group_size):
         raise ValueError(f"llmkern.{op}: group_size must be one of {allowed} and divide K={K}, got {group_size}")
     if group_size < 0 or (group_size > 0 and K % group_size != 0):
         raise ValueError(f"llmkern.{op}: group_size must be 0 (per channel) or divide K={K}, got {group_size}")
-    if allowed is not None and group_size not in allowed:
-        raise ValueError(f"llmkern.{op}: group_size must be one of {allowed}, got {group_size}")
 
 
 def _check_q8(w, group_size):

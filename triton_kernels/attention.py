@@ -95,8 +95,8 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cuq_ptr, cuk_ptr,
         k_blk = k_ptr + (b64 * stride_kb + (k0 + lo).to(tl.int64) * stride_ks + kvh * stride_kh)
         v_blk = v_ptr + (b64 * stride_vb + (k0 + lo).to(tl.int64) * stride_vs + kvh * stride_vh)
         # Key blocks [mid_lo, mid_hi) lie inside every row's band and below k_len: they skip the per-element
-        # mask (on a causal S x S call all but the diagonal blocks; the mask's compares and selects cost about
-        # as much as the rest of the softmax). lo is a multiple of BLOCK_N, and so are mid_lo and mid_hi
+        # mask (on a causal S x S call all but the diagonal blocks; by instruction count the mask's compares and
+        # selects are a sizeable share of the softmax's non-MMA work; GPU speed unmeasured). lo is a multiple of BLOCK_N, and so are mid_lo and mid_hi
         # whenever the middle run is not empty. (One loop with a uniform branch, not three loops: three
         # pipelined copies took the sm_80 tile past 255 registers.)
         mid_lo = lo

@@ -278,7 +278,8 @@ class DecodePlan:
                        + [r.impl.workspace_size(B, T) for L in self.layers for r in (L.qkv, L.o, L.gate_up, L.down)])
         buf["ws"] = ws = torch.empty(max(ws_bytes, 64), dtype=torch.uint8)  # shared: the calls run one by one
         # Detached aliases of every tensor a call reads by pointer: the storage stays alive even if a module's
-        # parameter is given new data in place of the old (`p.data = ...`, which no identity check sees).
+        # parameter is given new data in place of the old (`p.data = ...`) until the next step's `matches`,
+        # which compares these tensors' data pointers, drops the plan.
         buf["keep"] = [t.detach() for t in bound] + [t for L in self.layers for t in (
             L.cache.k, L.cache.v, L.cache.k_scale, L.cache.v_scale, getattr(L.cache, "seq_lens", None),
             getattr(L.cache, "_next", None)) if isinstance(t, torch.Tensor)]

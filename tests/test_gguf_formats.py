@@ -1,4 +1,4 @@
-"""GGUF Q8_0 / Q4_0 / Q4_1 -> canonical int8/int4 importers: bit-exact against gguf.quants.dequantize on
+"""GGUF Q8_0 / Q4_0 / Q4_1 (and Q5_0) -> canonical int8/int4 importers: bit-exact against gguf.quants.dequantize on
 random blocks (gguf's own quantizer and raw random bytes), on a GGUF file written here, and on real
 tensors of the SmolLM2 GGUF; hand-built blocks for the nibble order; errors for bad data."""
 from __future__ import annotations
@@ -173,11 +173,14 @@ def test_load_written_file(written_gguf):
     assert f32.dtype == torch.float32 and torch.equal(f32, torch.from_numpy(arrays["f32"][0]))
 
 
-def test_unsupported_type_names_tensor_and_type(written_gguf):
-    reader, _ = written_gguf
+def test_q5_0_loads_as_int8(written_gguf):
+    """Q5_0 (an unsupported type before the K-quant importers; their tests: tests/models/test_gguf_kquants.py,
+    which also checks the message for a type llmkern cannot load)."""
+    reader, arrays = written_gguf
     t = next(t for t in reader.tensors if t.name == "q50")
-    with pytest.raises(ValueError, match=r"'q50' has type Q5_0"):
-        fmt.load_gguf_tensor(t)
+    pieces = fmt.load_gguf_tensor(t)
+    assert pieces["format"] == "int8" and pieces["type"] == "Q5_0"
+    assert_bit_exact(dequant_canonical(pieces, arrays["q50"][0].shape), gguf_dequant(t.data, "Q5_0").reshape(4, 32), "Q5_0")
 
 
 def test_truncated_reader_data_names_tensor(written_gguf):

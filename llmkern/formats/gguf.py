@@ -27,12 +27,17 @@ import torch
 
 from .gguf_file import TYPES
 
-BLOCK = 32  # elements per block, all three types
+BLOCK = 32  # elements per block of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 (the K-quants: 256, gguf_kquants.py)
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 # GGML type id -> name (gguf.GGMLQuantizationType), so that dispatch needs no gguf import.
 _GGML_TYPES = {i: t[0] for i, t in TYPES.items()}
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# type name -> (elements, bytes) per block, for every type the file format knows
+_BLOCK_OF = {t[0]: (t[1], t[2]) for t in TYPES.values()}
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K", "Q5_1", "Q5_K")
+# Types with no exact canonical quantized form (5-bit values with a per-group minimum): loaded as float32,
+# exactly gguf's dequantized values.
+FLOAT_ONLY_TYPES = ("Q5_1", "Q5_K")
 
 
 def _what(name: str | None) -> str:
@@ -46,10 +51,11 @@ def _check_shape(shape, type_name: str, name: str | None) -> tuple[int, ...]:
         raise TypeError(f"{_what(name)}: shape must be a sequence of ints, got {shape!r}") from None
     if len(shape) < 1 or any(s < 0 for s in shape):
         raise ValueError(f"{_what(name)}: shape must be a non-empty sequence of sizes >= 0, got {shape}")
-    if shape[-1] % BLOCK:
+    block = _BLOCK_OF[type_name][0]
+    if shape[-1] % block:
         raise ValueError(
             f"{_what(name)}: shape {shape} (torch order) has K = shape[-1] = {shape[-1]}, which is not a "
-            f"multiple of the {type_name} block size {BLOCK}"
+            f"multiple of the {type_name} block size {block}"
         )
     return shape
 
@@ -70,12 +76,13 @@ def _as_array(raw, name: str | None) -> np.ndarray:
 
 
 def _blocks(raw, shape, type_name: str, name: str | None):
-    """Validate raw against shape; return (shape, blocks uint8 [R, K // 32, block_bytes]) with R = prod(shape[:-1])."""
+    """Validate raw against shape; return (shape, blocks uint8 [R, K // block, block_bytes]) with
+    R = prod(shape[:-1]) and block the type's elements per block (32, or 256 for the K-quants)."""
     shape = _check_shape(shape, type_name, name)
-    nbytes = BLOCK_BYTES[type_name]
+    block, nbytes = _BLOCK_OF[type_name]
     K = shape[-1]
     rows = math.prod(shape[:-1])
-    row_bytes = K // BLOCK * nbytes
+    row_bytes = K // block * nbytes
     raw = _as_array(raw, name)
     if raw.ndim >= 2 and tuple(raw.shape) != shape[:-1] + (row_bytes,):
         # GGUFReader hands out [..., bytes per row]: a mismatch usually means GGUF's ne order was passed.
@@ -87,14 +94,14 @@ def _blocks(raw, shape, type_name: str, name: str | None):
     if flat.size != rows * row_bytes:
         raise ValueError(
             f"{_what(name)}: raw has {flat.size} bytes, expected {rows * row_bytes} for {type_name} shape "
-            f"{shape} ({rows} rows x {K // BLOCK} blocks x {nbytes} bytes): truncated or corrupt data"
+            f"{shape} ({rows} rows x {K // block} blocks x {nbytes} bytes): truncated or corrupt data"
         )
-    # One copy out of the (possibly read-only, memory-mapped) file: [R * blocks * bytes] -> [R, K/32, bytes].
-    return shape, np.array(flat, dtype=np.uint8, copy=True).reshape(rows, K // BLOCK, nbytes)
+    # One copy out of the (possibly read-only, memory-mapped) file: [R * blocks * bytes] -> [R, K/block, bytes].
+    return shape, np.array(flat, dtype=np.uint8, copy=True).reshape(rows, K // block, nbytes)
 
 
 def _f16_field(blocks: np.ndarray, start: int, what: str, type_name: str, name: str | None) -> np.ndarray:
-    """Little-endian float16 at byte `start` of every block -> float32 [R, K // 32]; must be finite."""
+    """Little-endian float16 at byte `start` of every block -> float32 [R, blocks per row]; must be finite."""
     f16 = np.ascontiguousarray(blocks[..., start:start + 2]).view("<f2")[..., 0]  # [R, nb, 2] -> [R, nb]
     bad = ~np.isfinite(f16)
     if bad.any():
@@ -197,10 +204,15 @@ def load_gguf_tensor(tensor) -> dict:
 
     Returns, with "type" the GGUF type name and shapes in torch order (GGUF's ne reversed):
     - F32 / F16 / BF16: {"format": "float", "type", "weight": tensor of that dtype};
-    - Q8_0: {"format": "int8", "type", "weight": int8 [..., K], "weight_scale": float32 [..., K // 32]};
-    - Q4_0 / Q4_1: {"format": "int4", "type", "qweight": uint8 [..., K // 2], "scales", "offsets": float32 [..., K // 32]}.
+    - Q8_0, Q5_0: {"format": "int8", "type", "weight": int8 [..., K], "weight_scale": float32 [..., K // 32]};
+      Q6_K the same with "weight_scale" [..., K // 16];
+    - Q4_0 / Q4_1 / Q4_K: {"format": "int4", "type", "qweight": uint8 [..., K // 2], "scales", "offsets":
+      float32 [..., K // 32]};
+    - Q5_1 / Q5_K (FLOAT_ONLY_TYPES: no exact quantized form): {"format": "float", "type", "weight": float32}.
     Any other type raises ValueError naming the tensor and its type; truncated or corrupt data raises ValueError.
     """
+    from . import gguf_kquants as kq
+
     name = str(tensor.name)
     type_name = gguf_type_name(tensor.tensor_type)
     shape = tuple(int(s) for s in reversed(list(tensor.shape)))  # GGUF ne order -> torch order
@@ -210,10 +222,16 @@ def load_gguf_tensor(tensor) -> dict:
     elif type_name == "Q8_0":
         w, s = q8_0_to_int8(tensor.data, shape, name=name)
         out.update(format="int8", weight=w, weight_scale=s)
-    elif type_name in ("Q4_0", "Q4_1"):
-        conv = q4_0_to_int4 if type_name == "Q4_0" else q4_1_to_int4
+    elif type_name in ("Q5_0", "Q6_K"):
+        w, s = (kq.q5_0_to_int8 if type_name == "Q5_0" else kq.q6_k_to_int8)(tensor.data, shape, name=name)
+        out.update(format="int8", weight=w, weight_scale=s)
+    elif type_name in ("Q4_0", "Q4_1", "Q4_K"):
+        conv = {"Q4_0": q4_0_to_int4, "Q4_1": q4_1_to_int4, "Q4_K": kq.q4_k_to_int4}[type_name]
         q, s, o = conv(tensor.data, shape, name=name)
         out.update(format="int4", qweight=q, scales=s, offsets=o)
+    elif type_name in FLOAT_ONLY_TYPES:
+        conv = kq.q5_1_to_float if type_name == "Q5_1" else kq.q5_k_to_float
+        out.update(format="float", weight=conv(tensor.data, shape, name=name))
     else:
         raise ValueError(
             f"GGUF tensor {name!r} has type {type_name}, which llmkern cannot load "

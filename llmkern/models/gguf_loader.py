@@ -10,8 +10,10 @@ Tensor mapping (GGUF name -> module), shapes in torch order:
     output_norm          -> norm
     output (absent: tied) -> lm_head; when tied, lm_head reads token_embd in its stored quantized form
 
-Quantized tensors load exactly (llmkern.formats.gguf): Q4_0/Q4_1 -> Int4Linear (group 32),
-Q8_0 -> Int8Linear (a scale per group of 32), F32/F16/BF16 -> nn.Linear in the model dtype.
+Quantized tensors load exactly (llmkern.formats.gguf, gguf_kquants): Q4_0/Q4_1/Q4_K -> Int4Linear
+(group 32), Q8_0/Q5_0 -> Int8Linear (a scale per group of 32), Q6_K -> Int8Linear (group 16),
+F32/F16/BF16 -> nn.Linear in the model dtype. Q5_1/Q5_K have no exact int4/int8 form: their exact
+values become nn.Linear in the model dtype unless quant re-quantizes them (the load message counts them).
 
 Rotary order. llama.cpp's converter permutes the rows of attn_q / attn_k of "llama"-architecture
 models (Llama, Mistral, SmolLM2) so that each head's two rotary halves are interleaved (GPT-J pairs
@@ -32,7 +34,7 @@ from torch import nn
 
 from .. import nn as lnn
 from .. import ops
-from ..formats.gguf import load_gguf_tensor
+from ..formats.gguf import FLOAT_ONLY_TYPES, load_gguf_tensor
 from .config import ModelConfig
 from .llama import Llama
 from .tokenizer import tokenizer_from_gguf_metadata
@@ -139,6 +141,7 @@ class _Loader:
         self.path, self.config, self.quant, self.dtype, self.backend = path, config, quant, dtype, backend
         self.group_size = group_size
         self.tensors = {t.name: t for t in reader.tensors}
+        self.float_only = set()  # names of the Q5_1 / Q5_K tensors read (held as float unless re-quantized)
 
     def raw(self, name: str) -> dict:
         """The tensor's canonical form (formats.gguf.load_gguf_tensor), with the file named in errors."""
@@ -146,9 +149,12 @@ class _Loader:
         if t is None:
             raise GGUFError(f"{self.path}: tensor {name!r} is missing")
         try:
-            return load_gguf_tensor(t)
+            r = load_gguf_tensor(t)
         except (ValueError, TypeError) as e:
             raise GGUFError(f"{self.path}: {e}") from e
+        if r["type"] in FLOAT_ONLY_TYPES:
+            self.float_only.add(name)
+        return r
 
     def expect(self, name: str, got, want) -> None:
         if tuple(got) != tuple(want):
@@ -219,7 +225,8 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
               backend=None, max_positions: int | None = None, progress: bool = True, fuse: bool = True):
     """Load a GGUF model and its tokenizer -> (Llama, Tokenizer). path None: the default SmolLM2 model.
 
-    quant: "keep" (as stored: Q4 -> Int4Linear, Q8_0 -> Int8Linear, floats -> nn.Linear), "int8" /
+    quant: "keep" (as stored: Q4_0/Q4_1/Q4_K -> Int4Linear, Q8_0/Q5_0/Q6_K -> Int8Linear, floats and
+    Q5_1/Q5_K -> nn.Linear), "int8" /
     "int4" (re-quantize what is not already in that form; group_size forces re-quantization with that
     group size), or "none" (dequantize everything to dtype). max_positions: cap the context length
     (the rotary table and the largest cache), default the file's. fuse: join each layer's q/k/v and
@@ -304,8 +311,13 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
         model.fuse_projections()
     model.eval()
     model.source = str(path)
+    held = sorted(n for n in ld.float_only if not n.endswith(".bias") and "norm" not in n)
+    note = ""
+    if held and quant == "keep":  # (int8 / int4 re-quantize them; "none" holds everything as float)
+        note = (f"; {len(held)} Q5_1/Q5_K weight tensor{'s' if len(held) > 1 else ''} held as {str(dtype)[6:]} "
+                f"(no exact int4/int8 form; quant='int8' re-quantizes them)")
     prog.done(f"{c.name or c.arch}, {c.num_layers} layers, hidden {H}, "
-              f"{model.weight_bytes_per_token() / 1e6:.1f} MB of weights as stored")  # first calls may repack
+              f"{model.weight_bytes_per_token() / 1e6:.1f} MB of weights as stored{note}")  # first calls may repack
     return model, tokenizer
 
 

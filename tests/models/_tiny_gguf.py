@@ -44,8 +44,51 @@ ROLE_TO_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
               "ffn_down": "mlp.down_proj"}
 
 
+# Byte offsets of each block type's float16 fields (d, and dmin / m where the type has one).
+F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),
+              "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,)}
+# Minimum scale / minimum relative to d that centres random blocks of a type with a per-group minimum:
+# the mean of its q (Q4_K, Q5_K: dmin * m with m ~ U(0..63) against d * sc * q; Q5_1: m = -15.5 d).
+_CENTRE = {"Q4_K": 7.5, "Q5_K": 15.5, "Q5_1": -15.5}
+
+
+def random_blocks(type_name: str, shape, rng, f16_values) -> np.ndarray:
+    """Random blocks of a GGUF type for a tensor of torch shape (..., K): uint8 [..., bytes per row], every
+    byte random except the float16 fields, drawn by f16_values(shape) -> float array (one per block)."""
+    import gguf
+
+    elems, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    raw = rng.integers(0, 256, size=(*shape[:-1], shape[-1] // elems, nbytes), dtype=np.uint8)
+    for start in F16_FIELDS[type_name]:
+        raw[..., start:start + 2] = np.asarray(f16_values(raw.shape[:-1])).astype(np.float16)[..., None].view(np.uint8)
+    return raw.reshape(*shape[:-1], -1)
+
+
+def scaled_random_blocks(type_name: str, shape, rng, std: float) -> np.ndarray:
+    """Random blocks (of the K-quants, which gguf cannot quantize) whose values have about `std`, centred:
+    for weights of a runnable random model."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType[type_name]
+    fields = F16_FIELDS[type_name]
+
+    def with_d(d):
+        raw = random_blocks(type_name, shape, np.random.default_rng(seed), lambda s: np.full(s, d))
+        if len(fields) > 1:  # the minimum's field
+            raw3 = raw.reshape(*shape[:-1], -1, gguf.GGML_QUANT_SIZES[qt][1])
+            raw3[..., fields[1]:fields[1] + 2] = np.float16(d * _CENTRE[type_name]).reshape(1).view(np.uint8)
+        return raw
+
+    seed = int(rng.integers(0, 2 ** 31))
+    got = np.asarray(gguf.quants.dequantize(with_d(1.0), qt)).std()
+    return with_d(std / got)
+
+
 def _encode(w: np.ndarray, type_name: str):
-    """float32 [N, K] -> (data to write, raw dtype or None, the values a reader gets back, float32)."""
+    """float32 [N, K] -> (data to write, raw dtype or None, the values a reader gets back, float32).
+    K-quant types (no quantizer in gguf) get random blocks of w's standard deviation, not w's values."""
+    import zlib
+
     import gguf
     from gguf import quants
 
@@ -55,6 +98,9 @@ def _encode(w: np.ndarray, type_name: str):
         h = w.astype(np.float16)
         return h, None, h.astype(np.float32)
     qt = gguf.GGMLQuantizationType[type_name]
+    if type_name in ("Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        q = scaled_random_blocks(type_name, w.shape, np.random.default_rng(zlib.crc32(w.tobytes())), float(w.std()))
+        return q, qt, quants.dequantize(q, qt).astype(np.float32)
     q = quants.quantize(w, qt)
     return q, qt, quants.dequantize(q, qt).astype(np.float32)
 

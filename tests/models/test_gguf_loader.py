@@ -218,9 +218,9 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    p = tmp_path / "q5.gguf"
-    write_tiny_gguf(p, types={"ffn_up": "Q5_0"})
-    with pytest.raises(GGUFError, match=r"q5\.gguf.*blk\.0\.ffn_up\.weight.*Q5_0"):
+    p = tmp_path / "q3.gguf"  # (Q3_K: K-quant rows are multiples of 256)
+    write_tiny_gguf(p, types={"ffn_up": "Q3_K"}, cfg=tiny_config(hidden_size=256, intermediate_size=512))
+    with pytest.raises(GGUFError, match=r"q3\.gguf.*blk\.0\.ffn_up\.weight.*Q3_K, which llmkern cannot load"):
         load_gguf(p, progress=False)
 
 

@@ -20,8 +20,8 @@ Canonical forms, each exact (its dequantized values equal gguf.quants.dequantize
 - Q6_K -> int8 with a scale per group of 16: weight = q - 32 in -32..31, weight_scale = d * sc (exact: an
   11-bit significand times an 8-bit integer), and float32(weight) * scale is gguf's single product.
 - Q5_1 and Q5_K have no exact canonical quantized form (5-bit values with a per-group minimum: int4 has
-  4 bits, int8 no offset), so they load as float32 with gguf's values; re-quantize them (`load_gguf(...,
-  quant="int8")`) to run them as int8.
+  4 bits, int8 no offset), so they load as float32 with gguf's values; the runtime's loader re-quantizes
+  them to int8 with a scale per 32 unless asked for floats (llmkern/models/gguf_loader.py).
 
 Shapes are torch order (..., K), i.e. GGUF's ne reversed; K must be a multiple of the type's block.
 """

@@ -33,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="kernel backend (default: LLMKERN_BACKEND, else the fastest available)")
     p.add_argument("--quant", choices=("keep", "int8", "int4", "none"), default="keep",
-                   help="weights: keep the file's quantization (default), re-quantize to int8/int4, or none (float)")
+                   help="weights: keep the file's quantization (default; Q5_1/Q5_K, which have no exact int form: int8 per 32), "
+                        "re-quantize to int8/int4, or none (float)")
     p.add_argument("--group-size", type=int, default=None, metavar="G",
                    help="group size when re-quantizing (int8: 0 = per channel; int4: 32/64/128)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (torch.set_num_threads)")

@@ -12,8 +12,11 @@ Tensor mapping (GGUF name -> module), shapes in torch order:
 
 Quantized tensors load exactly (llmkern.formats.gguf, gguf_kquants): Q4_0/Q4_1/Q4_K -> Int4Linear
 (group 32), Q8_0/Q5_0 -> Int8Linear (a scale per group of 32), Q6_K -> Int8Linear (group 16),
-F32/F16/BF16 -> nn.Linear in the model dtype. Q5_1/Q5_K have no exact int4/int8 form: their exact
-values become nn.Linear in the model dtype unless quant re-quantizes them (the load message counts them).
+F32/F16/BF16 -> nn.Linear in the model dtype. Q5_1/Q5_K (most of a Q5_K_M file) have no exact int4/int8
+form (5-bit values with a per-group minimum): "keep" re-quantizes their exact values to int8 with a scale
+per 32 (44-45 dB from those values on SmolLM2's; the 5-bit rounding itself is about 28 dB from Gaussian
+weights, by its step size) rather than holding them as float (1.6x the file's bytes instead of 6x, and the int8 kernels);
+quant="none" keeps the exact values as float. The load message counts them.
 
 Rotary order. llama.cpp's converter permutes the rows of attn_q / attn_k of "llama"-architecture
 models (Llama, Mistral, SmolLM2) so that each head's two rotary halves are interleaved (GPT-J pairs
@@ -141,7 +144,7 @@ class _Loader:
         self.path, self.config, self.quant, self.dtype, self.backend = path, config, quant, dtype, backend
         self.group_size = group_size
         self.tensors = {t.name: t for t in reader.tensors}
-        self.float_only = set()  # names of the Q5_1 / Q5_K tensors read (held as float unless re-quantized)
+        self.float_only = set()  # names of the Q5_1 / Q5_K weights loaded as linears (re-quantized unless "none")
 
     def raw(self, name: str) -> dict:
         """The tensor's canonical form (formats.gguf.load_gguf_tensor), with the file named in errors."""
@@ -152,8 +155,6 @@ class _Loader:
             r = load_gguf_tensor(t)
         except (ValueError, TypeError) as e:
             raise GGUFError(f"{self.path}: {e}") from e
-        if r["type"] in FLOAT_ONLY_TYPES:
-            self.float_only.add(name)
         return r
 
     def expect(self, name: str, got, want) -> None:
@@ -180,24 +181,29 @@ class _Loader:
             parts = [r["weight"], r["weight_scale"]]
             self.expect(name, parts[0].shape, (out_f, in_f))
         else:
-            parts = [r["weight"].to(self.dtype)]
+            parts = [r["weight"]]  # (its own dtype: re-quantizing reads the file's values, not dtype's rounding)
             self.expect(name, parts[0].shape, (out_f, in_f))
         if permute_heads:
             parts = [unpermute_rows(p, permute_heads) for p in parts]
         want = {"keep": fmt, "none": "float", "int8": "int8", "int4": "int4"}[self.quant]
-        if want == fmt and (fmt == "float" or self.group_size is None):  # stored form, exact
+        group = self.group_size
+        if r["type"] in FLOAT_ONLY_TYPES:  # no exact int form: int8 per 32 unless "none" / int4 asked
+            self.float_only.add(name)
+            if self.quant == "keep":
+                want, group = "int8", 32 if group is None else group
+        if want == fmt and (fmt == "float" or group is None):  # stored form, exact
             if fmt == "int4":
                 return lnn.Int4Linear.from_quantized(*parts, bias=b, backend=self.backend)
             if fmt == "int8":
                 return lnn.Int8Linear.from_quantized(*parts, bias=b, backend=self.backend)
-            return _float_linear(parts[0], b)
-        # re-quantize from the dequantized weights (or keep them as float)
-        w = dequantize({"format": fmt, **dict(zip(_PARTS[fmt], parts))}).to(self.dtype)
-        lin = _float_linear(w, b)
+            return _float_linear(parts[0].to(self.dtype), b)
+        # re-quantize from the dequantized float32 weights (or keep them as float in dtype)
+        w = dequantize({"format": fmt, **dict(zip(_PARTS[fmt], parts))})
+        lin = _float_linear(w if want in ("int8", "int4") else w.to(self.dtype), b)
         if want == "int8":
-            return lnn.Int8Linear.from_linear(lin, group_size=self.group_size or 0, backend=self.backend)
+            return lnn.Int8Linear.from_linear(lin, group_size=group or 0, backend=self.backend)
         if want == "int4":
-            return lnn.Int4Linear.from_linear(lin, group_size=self.group_size or 32, backend=self.backend)
+            return lnn.Int4Linear.from_linear(lin, group_size=group or 32, backend=self.backend)
         return lin
 
 
@@ -225,8 +231,8 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
               backend=None, max_positions: int | None = None, progress: bool = True, fuse: bool = True):
     """Load a GGUF model and its tokenizer -> (Llama, Tokenizer). path None: the default SmolLM2 model.
 
-    quant: "keep" (as stored: Q4_0/Q4_1/Q4_K -> Int4Linear, Q8_0/Q5_0/Q6_K -> Int8Linear, floats and
-    Q5_1/Q5_K -> nn.Linear), "int8" /
+    quant: "keep" (as stored: Q4_0/Q4_1/Q4_K -> Int4Linear, Q8_0/Q5_0/Q6_K -> Int8Linear, floats ->
+    nn.Linear; Q5_1/Q5_K, which have no exact int form, -> Int8Linear re-quantized per 32), "int8" /
     "int4" (re-quantize what is not already in that form; group_size forces re-quantization with that
     group size), or "none" (dequantize everything to dtype). max_positions: cap the context length
     (the rotary table and the largest cache), default the file's. fuse: join each layer's q/k/v and
@@ -297,7 +303,7 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
 
     prog.update(c.num_layers + 1, "output")
     model.norm.weight = nn.Parameter(ld.float_weight("output_norm.weight", (H,)), requires_grad=False)
-    if c.tie_embeddings and (emb["format"] == "float" or quant == "none"):
+    if c.tie_embeddings and ((emb["format"] == "float" and emb["type"] not in FLOAT_ONLY_TYPES) or quant == "none"):
         model.lm_head = _float_linear(emb_w, None)
         model.lm_head.weight = model.embed_tokens.weight  # one tensor, as in the tied checkpoint
     else:
@@ -311,11 +317,12 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
         model.fuse_projections()
     model.eval()
     model.source = str(path)
-    held = sorted(n for n in ld.float_only if not n.endswith(".bias") and "norm" not in n)
+    n5 = len(ld.float_only)
     note = ""
-    if held and quant == "keep":  # (int8 / int4 re-quantize them; "none" holds everything as float)
-        note = (f"; {len(held)} Q5_1/Q5_K weight tensor{'s' if len(held) > 1 else ''} held as {str(dtype)[6:]} "
-                f"(no exact int4/int8 form; quant='int8' re-quantizes them)")
+    if n5 and quant == "keep":  # (quant int8 / int4 re-quantize everything anyway; "none" holds floats)
+        g = 32 if group_size is None else group_size
+        note = (f"; {n5} Q5_1/Q5_K weight{'s' if n5 > 1 else ''} re-quantized to int8, a scale per "
+                f"{f'{g} weights' if g else 'channel'} (no exact int form; quant 'none' keeps their values as float)")
     prog.done(f"{c.name or c.arch}, {c.num_layers} layers, hidden {H}, "
               f"{model.weight_bytes_per_token() / 1e6:.1f} MB of weights as stored{note}")  # first calls may repack
     return model, tokenizer

@@ -1,7 +1,8 @@
 """GGUF Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K -> llmkern (llmkern/formats/gguf_kquants.py): bit-exact against
 gguf.quants.dequantize on random blocks (every byte random, float16 fields of every kind) and gguf's own
 Q5 quantizer, hand-built blocks for the bit layouts, a GGUF file holding them, and a tiny model of
-K-quant tensors (the types of a Q4_K_M / Q5_K_M file) loaded and run against the float model."""
+K-quant tensors (the types of a Q4_K_M / Q5_K_M file) loaded and run against the float model (Q5_1 / Q5_K:
+re-quantized to int8 per 32 by default, exact float with quant="none")."""
 from __future__ import annotations
 
 import math
@@ -219,49 +220,74 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def requantized_sd(sd, cfg):
+    """sd with the Q5_1 / Q5_K linears (attn_output, ffn_up) as the loader holds them: int8, a scale per 32,
+    re-quantized from their exact values."""
+    out = dict(sd)
+    for i in range(cfg.num_layers):
+        for name in ("self_attn.o_proj", "mlp.up_proj"):
+            key = f"layers.{i}.{name}.weight"
+            out[key] = ops.dequantize_int8(*ops.quantize_int8(sd[key], 32))
+    return out
+
+
 @pytest.mark.parametrize("backend", ["reference", None])
 def test_kquant_model_matches_float_model(kquant_file, backend, capsys):
     path, cfg, sd = kquant_file
     model, _ = load_gguf(path, backend=backend, fuse=False)
     note = capsys.readouterr().err
-    assert "4 Q5_1/Q5_K weight tensors held as float32" in note  # attn_output and ffn_up of 2 layers
+    assert "4 Q5_1/Q5_K weights re-quantized to int8, a scale per 32 weights" in note  # o_proj, up_proj x 2 layers
     attn, mlp = model.layers[1].self_attn, model.layers[1].mlp
     assert isinstance(attn.q_proj, lnn.Int4Linear) and attn.q_proj.group_size == 32
     assert isinstance(attn.k_proj, lnn.Int8Linear) and attn.k_proj.weight_scale.shape == (128, 256 // 32)
     assert isinstance(attn.v_proj, lnn.Int8Linear) and attn.v_proj.weight_scale.shape == (128, 256 // 16)
-    assert type(attn.o_proj) is torch.nn.Linear and type(mlp.up_proj) is torch.nn.Linear
     assert isinstance(mlp.down_proj, lnn.Int8Linear) and mlp.down_proj.weight_scale.shape == (256, 512 // 16)
     assert isinstance(model.lm_head, lnn.Int4Linear)
     for name, mod in (("self_attn.q_proj", attn.q_proj), ("self_attn.v_proj", attn.v_proj), ("mlp.down_proj", mlp.down_proj)):
         w = (ops.dequantize_int4(mod.qweight, mod.scales, mod.offsets) if isinstance(mod, lnn.Int4Linear)
              else ops.dequantize_int8(mod.weight, mod.weight_scale))
-        assert torch.equal(w, sd[f"layers.1.{name}.weight"]), name
+        assert torch.equal(w, sd[f"layers.1.{name}.weight"]), name  # exact
+    for name, mod in (("self_attn.o_proj", attn.o_proj), ("mlp.up_proj", mlp.up_proj)):  # Q5_K, Q5_1
+        assert isinstance(mod, lnn.Int8Linear) and mod.group_size == 32
+        q, s = ops.quantize_int8(sd[f"layers.1.{name}.weight"], 32)
+        assert torch.equal(mod.weight, q) and torch.equal(mod.weight_scale, s), name
     assert torch.equal(model.embed_tokens.weight, sd["embed_tokens.weight"])
     ref = Llama(cfg, backend="reference")
-    ref.load_state_dict(sd)
+    ref.load_state_dict(requantized_sd(sd, cfg))
     tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert rel(model(tokens), ref(tokens)) <= 1e-5
+        # quant="none": every weight's exact value, as float
+        exact, _ = load_gguf(path, quant="none", backend=backend, fuse=False)
+        assert "re-quantized" not in capsys.readouterr().err
+        assert type(exact.layers[1].mlp.up_proj) is torch.nn.Linear
+        ref.load_state_dict(sd)
+        assert rel(exact(tokens), ref(tokens)) <= 1e-5
 
 
-def test_kquant_model_generates_and_requantizes(kquant_file, capsys):
+def test_kquant_model_generates(kquant_file):
     """The runtime's decode over these modules (projections fused where the types agree, the CPU kernels,
-    the decode step program) and quant='int8', which re-quantizes the float-held Q5 tensors and keeps the
-    int8 ones exactly."""
+    the decode step program): each greedy token is the float model's argmax."""
     from llmkern.models.generate import generate
     path, cfg, sd = kquant_file
     model, tok = load_gguf(path, progress=False)
     res = generate(model, tok, ["the"], max_new_tokens=6, chat=False)
     ref = Llama(cfg, backend="reference")
-    ref.load_state_dict(sd)
+    ref.load_state_dict(requantized_sd(sd, cfg))
     seq = res.prompt_tokens[0] + res.tokens[0]
     with torch.inference_mode():
         logits = ref(torch.tensor([seq]))[0].double()  # [T, V]
     P = len(res.prompt_tokens[0])
-    for t, tok_id in enumerate(res.tokens[0]):  # each greedy token is the float model's argmax (up to fp32 ties)
+    for t, tok_id in enumerate(res.tokens[0]):  # (up to fp32 near-ties)
         row = logits[P - 1 + t]
         assert row[tok_id] >= row.max() - 1e-5 * row.abs().max(), (t, tok_id, int(row.argmax()))
-    m8, _ = load_gguf(path, quant="int8", fuse=False)
-    assert "held as" not in capsys.readouterr().err
-    assert isinstance(m8.layers[0].mlp.up_proj, lnn.Int8Linear)  # Q5_1, re-quantized
-    assert torch.equal(m8.layers[0].self_attn.v_proj.weight, model.layers[0].self_attn.v_proj.weight)  # Q6_K, kept
+
+
+def test_tied_q5_embedding_gives_a_quantized_lm_head(tmp_path):
+    """A tied Q5_1 token_embd: the lm_head reads it as int8 (not as the float embedding, 4x the bytes)."""
+    cfg, sd = write_tiny_gguf(tmp_path / "t.gguf", tied=True, types={"token_embd": "Q5_1"})
+    model, _ = load_gguf(tmp_path / "t.gguf", progress=False, backend="reference", fuse=False)
+    assert isinstance(model.lm_head, lnn.Int8Linear) and model.lm_head.group_size == 32
+    assert torch.equal(model.embed_tokens.weight, sd["embed_tokens.weight"])  # the embedding: exact values
+    exact, _ = load_gguf(tmp_path / "t.gguf", progress=False, quant="none", backend="reference", fuse=False)
+    assert exact.lm_head.weight is exact.embed_tokens.weight

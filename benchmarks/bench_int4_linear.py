@@ -65,7 +65,9 @@ def _cases() -> list[S.Variant]:
     default model) do and as torch's packing keeps them (16 bits each); the module then streams its
     packed layout with fp16 scales. "G32-f32" cases hold arbitrary fp32 values, as `quantize_int4` /
     `quantize_linears` make them (the module streams the canonical fp32 tensors, 20% more bytes at
-    G=32): the Llama-2-7B 4096x4096 M=1 case always, every case in full runs."""
+    G=32): the Llama-2-7B 4096x4096 M=1 case always, every case in full runs. "G32-q4k" cases hold GGUF
+    Q4_K's form (scale = d * sc, offset = -(dmin * m), fp16 d / dmin per 256 k, 6-bit sc / m), which the
+    CPU module streams factored (4.75 bits per weight): the same cases as "G32-f32", where K / 256 is whole."""
     groups = (32, 128) if S.FULL else (32,)
     out = []
     for c in S.linear_cases():
@@ -75,6 +77,8 @@ def _cases() -> list[S.Variant]:
             out.append(S.Variant(c, f"G{g}", (("G", g), ("scales", "f16"))))
             if S.FULL or (c.N, c.K, c.M) == (4096, 4096, 1):
                 out.append(S.Variant(c, f"G{g}-f32", (("G", g), ("scales", "f32"))))
+                if g == 32 and c.K % 256 == 0:
+                    out.append(S.Variant(c, f"G{g}-q4k", (("G", g), ("scales", "q4k"))))
     return out
 
 
@@ -111,7 +115,7 @@ def _items():
 
 def _make(case: S.Variant, device):
     """Random q in 0..15, packed [N, K/2]; scales/offsets [N, K/G] (fp32 tensors, fp16 values unless the
-    case says f32); x [M, K]; fp32 result y [M, N]."""
+    case says f32 or q4k); x [M, K]; fp32 result y [M, N]."""
     c, G = case.base, case.shape["G"]
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (c.N, c.K), dtype=torch.uint8, generator=g)  # [N, K]
@@ -120,6 +124,12 @@ def _make(case: S.Variant, device):
     offsets = -scales * (8.0 + torch.randn(c.N, c.K // G, generator=g))  # zero points near the middle
     if case.shape["scales"] == "f16":  # fp16 values, as GGUF's d and m (see _cases)
         scales, offsets = scales.half().float(), offsets.half().float()
+    elif case.shape["scales"] == "q4k":  # per 256 k an fp16 d / dmin, per group 6-bit sc / m (the largest 63)
+        sb = c.K // 256
+        d, dmin = ((torch.rand(c.N, sb, 1, generator=g) * 0.0004 + 3e-5).half().float() for _ in range(2))
+        sc, m = (torch.randint(0, 64, (c.N, sb, 8), generator=g).float() for _ in range(2))
+        sc[..., 0], m[..., 0] = 63, 63
+        scales, offsets = (d * sc).reshape(c.N, -1), (-(dmin * m)).reshape(c.N, -1)
     x = torch.randn(c.M, c.K, generator=g)
     w_deq = q.float() * scales.repeat_interleave(G, 1) + offsets.repeat_interleave(G, 1)  # [N, K]
     d = {"q": q, "qweight": qweight, "scales": scales, "offsets": offsets, "x": x, "w_deq": w_deq}

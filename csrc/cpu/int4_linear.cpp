@@ -44,6 +44,16 @@ void check_layout_args(const char* where, int64_t N, int64_t K, int64_t group_si
   if (e != 2 && e != 4) fail(where, "e must be 2 (fp16 scales) or 4 (fp32), got " + std::to_string(e));
 }
 
+// The rows16 layout's arguments: as check_layout_args, and e = 1 (factored scales) for whole super-blocks.
+void check_rows16_args(const char* where, int64_t N, int64_t K, int64_t group_size, int64_t e) {
+  if (e != 1) return check_layout_args(where, N, K, group_size, e);
+  check_sizes(where, 1, K, N, 1);
+  check_group(where, K, group_size);
+  if (!cpu::int4_rows16::factored_fits(K, group_size))
+    fail(where, "e=1 (factored scales) needs K / group_size a multiple of " + std::to_string(cpu::int4_rows16::kSuper) +
+                    ", got " + std::to_string(K / group_size));
+}
+
 KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, int64_t M, int64_t K, std::uintptr_t qweight_ptr,
             int64_t N, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t group_size, std::uintptr_t bias_ptr,
             std::uintptr_t out_ptr, int64_t out_row_stride, std::uintptr_t ws_ptr, int64_t ws_bytes, int num_threads,
@@ -57,8 +67,10 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
     fail(kWhere, "decode_max_rows must be -1 (default) or in [0, 2^31], got " + std::to_string(decode_max_rows));
   if (packed_ptr ? (packed_e != 2 && packed_e != 4) : packed_e != 0)
     fail(kWhere, "packed_e must be 2 or 4 with packed_ptr, 0 without, got " + std::to_string(packed_e));
-  if (rows16_ptr ? (rows16_e != 2 && rows16_e != 4) : rows16_e != 0)
-    fail(kWhere, "rows16_e must be 2 or 4 with rows16_ptr, 0 without, got " + std::to_string(rows16_e));
+  if (rows16_ptr ? (rows16_e != 1 && rows16_e != 2 && rows16_e != 4) : rows16_e != 0)
+    fail(kWhere, "rows16_e must be 1, 2 or 4 with rows16_ptr, 0 without, got " + std::to_string(rows16_e));
+  if (rows16_e == 1 && !cpu::int4_rows16::factored_fits(K, group_size))
+    fail(kWhere, "rows16_e=1 needs K / group_size a multiple of " + std::to_string(cpu::int4_rows16::kSuper));
   if (x_row_stride < 0) fail(kWhere, "x_row_stride must be >= 0, got " + std::to_string(x_row_stride));
   if (out_row_stride < (M > 1 ? N : 0))
     fail(kWhere, "out_row_stride must be >= N=" + std::to_string(N) + " (rows must not overlap), got " + std::to_string(out_row_stride));
@@ -193,16 +205,51 @@ void bind_int4_linear(py::module_& m) {
       "int4_linear_rows16_packed_size",
       [](int64_t N, int64_t K, int64_t group_size, int64_t e) {
         const char* where = "llmkern._C.int4_linear_rows16_packed_size";
-        check_layout_args(where, N, K, group_size, e);
+        check_rows16_args(where, N, K, group_size, e);
         return cpu::int4_rows16::packed_bytes(N, K, group_size, e);
       },
       py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"),
-      "Bytes of the rows16 layout of [N, K] int4 weights with e-byte scales and offsets.");
-  def_int4_packer(
-      m, "int4_linear_rows16_pack", &check_layout_args, &cpu::int4_rows16::packed_bytes, &cpu::int4_rows16::pack, 4,
+      "Bytes of the rows16 layout of [N, K] int4 weights with e-byte scales and offsets (e = 1: factored).");
+  m.def(
+      "int4_linear_rows16_factors_ok",
+      [](std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t N, int64_t K, int64_t group_size) {
+        const char* where = "llmkern._C.int4_linear_rows16_factors_ok";
+        check_rows16_args(where, N, K, group_size, 1);
+        check_ptr_arg(where, "scales_ptr", scales_ptr, 4);
+        check_ptr_arg(where, "offsets_ptr", offsets_ptr, 4);
+        py::gil_scoped_release release;
+        return cpu::int4_rows16::factors_ok(reinterpret_cast<const float*>(scales_ptr),
+                                            reinterpret_cast<const float*>(offsets_ptr), N, K / group_size);
+      },
+      py::arg("scales_ptr"), py::arg("offsets_ptr"), py::arg("N"), py::arg("K"), py::arg("group_size"),
+      "Whether the rows16 layout can hold these scales and offsets factored (e = 1, exactly): per row and "
+      "super-block of 8 groups, one fp32 factor times integer codes 0..255 (GGUF Q4_K imports).");
+  m.def(
+      "int4_linear_rows16_pack",
+      [](std::uintptr_t qweight_ptr, std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr, int64_t N, int64_t K,
+         int64_t group_size, int64_t e, std::uintptr_t out_ptr, int64_t out_bytes) {
+        const char* where = "llmkern._C.int4_linear_rows16_pack";
+        check_rows16_args(where, N, K, group_size, e);
+        if (!check_int4_pack(where, qweight_ptr, scales_ptr, offsets_ptr, N, K, group_size, e, out_ptr, out_bytes,
+                             cpu::int4_rows16::packed_bytes(N, K, group_size, e), 4))
+          return;
+        const auto* s = reinterpret_cast<const float*>(scales_ptr);
+        const auto* o = reinterpret_cast<const float*>(offsets_ptr);
+        py::gil_scoped_release release;
+        if (e == 1 && !cpu::int4_rows16::factors_ok(s, o, N, K / group_size)) {
+          py::gil_scoped_acquire acquire;
+          fail_arg(where, "e=1 needs every row's scales and offsets to factor per super-block of 8 groups "
+                          "(int4_linear_rows16_factors_ok)");
+        }
+        cpu::int4_rows16::pack(reinterpret_cast<const uint8_t*>(qweight_ptr), s, o, N, K, group_size, e,
+                               reinterpret_cast<uint8_t*>(out_ptr));
+      },
+      py::arg("qweight_ptr"), py::arg("scales_ptr"), py::arg("offsets_ptr"), py::arg("N"), py::arg("K"),
+      py::arg("group_size"), py::arg("e"), py::arg("out_ptr"), py::arg("out_bytes"),
       "Packs canonical int4 weights (qweight [N, K/2], scales/offsets fp32 [N, K/G], contiguous) into the "
       "rows16 layout (csrc/include/llmkern/cpu/int4_linear_rows16.h) with e-byte scales: e=2 (fp16) only "
-      "when every scale and offset is exactly an fp16 value (ValueError otherwise).");
+      "when every scale and offset is exactly an fp16 value, e=1 (factored) only when they factor "
+      "(int4_linear_rows16_factors_ok); ValueError otherwise.");
   m.def("int4_linear_cpu_info", []() {
     py::dict d;
     d["decode_max_rows"] = cpu::kDecodeMaxRows;  // the largest default (bf16 dot products)

@@ -218,9 +218,16 @@ def _cpu_pack(mod, qweight, scales, offsets, N, K, G):
 
 def _cpu_pack_rows16(mod, qweight, scales, offsets, N, K, G):
     """(uint8 buffer, its view holding the layout, (pointer, E)): the rows16 layout of canonical weights at
-    a 64-byte boundary, fp16 scales and offsets (E = 2) when every one of them is exactly an fp16 value,
-    else fp32."""
-    E = _scale_bytes(mod, scales, offsets)
+    a 64-byte boundary: factored (E = 1: per row and 8 groups an fp32 factor, per group one-byte codes;
+    GGUF Q4_K imports) when every scale and offset factors exactly, else fp16 (E = 2) when every one is an
+    fp16 value (GGUF Q4_0 / Q4_1 imports), else fp32. At G = 32 that is 4.75, 5 and 6 bits per weight;
+    outputs are the same bits either way (csrc/include/llmkern/cpu/int4_linear_rows16.h).
+    LLMKERN_INT4_FACTORED=0: never E = 1."""
+    if ((K // G) % 8 == 0 and os.environ.get("LLMKERN_INT4_FACTORED", "") != "0"
+            and mod.int4_linear_rows16_factors_ok(scales.data_ptr(), offsets.data_ptr(), N, K, G)):
+        E = 1
+    else:
+        E = _scale_bytes(mod, scales, offsets)
     nbytes = mod.int4_linear_rows16_packed_size(N, K, G, E)
     buf, packed = _aligned_bytes(nbytes)
     mod.int4_linear_rows16_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, G, E,
@@ -284,7 +291,8 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
       it replaces the packed layout (AVX-512 BF16), else at the first call that reads it: 1-16% faster than the packed layout at one row, 1.3-1.8x at 4 to 16
       (docs/notes/cpu-int4-decode-compute.md). Results equal the canonical kernel's (the module's first
       call, through the op) to fp32 rounding. LLMKERN_INT4_ROWS16=0 turns it off. Memory: ~83% of the
-      canonical int4 tensors once packed.
+      canonical int4 tensors once packed (fp32 scales; less with fp16 scales, and with GGUF Q4_K's, which
+      it stores factored: 4.75 bits per weight, `_cpu_pack_rows16`).
     the packed lane = k layout (one-row calls), only where rows16 does not cover bf16 x at one row (no
       AVX-512 BF16, or LLMKERN_INT4_ROWS16=0), packed at preparation:
       LLMKERN_INT4_PACK unset: when every scale and offset is an fp16 value (GGUF Q4_0/Q4_1 imports),

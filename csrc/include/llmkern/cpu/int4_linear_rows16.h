@@ -12,6 +12,14 @@
 //     value, else fp32).
 //   A block is contiguous (K/2 + 2 E K/G bytes per row, as the other packed layouts).
 //
+//   E = 1, "factored" (GGUF Q4_K imports: scale = d * sc, offset = -dmin * m with fp16 d, dmin per 256 k
+//   and 6-bit sc, m per 32): the groups come in super-blocks of kSuper = 8, each led by the 16 rows'
+//   scale factors then offset factors (fp32, 128 bytes); a group's 16 scales and 16 offsets are then
+//   one byte each, integer codes c with scale = c * factor exactly (fp32). K/2 + 2 K/G + 8 K/(8 G) bytes
+//   per row: 4.75 bits per weight at G = 32 against 5 (fp16) and 6 (fp32). Used only when every scale
+//   and offset factors so (factor_run), and the kernel's fp32 product c * factor then equals the
+//   canonical value bit for bit, so outputs equal the E = 4 layout's exactly.
+//
 //   kernel: for t = 0..3, (chunk >> 4t) & 0x000F000F | 0x43004300 gives each lane the bf16 pair
 //   (128 + q[k], 128 + q[k + 1]) exactly (8 significant bits); one vdpbf16ps with the broadcast x
 //   pair (x[k], x[k + 1]) adds x . (128 + q) for 16 rows. Per group the 16 sums S meet the scales
@@ -36,6 +44,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -55,9 +65,69 @@ constexpr int kBlocks = 2;    // 16-row blocks per tile: 2 x 4 x 2 accumulators
 constexpr int64_t kMinRows = 1;  // every decode row count: at M = 1 too it beat the packed lane = k layout
                                  // (1-16% cold, docs/notes/cpu-int4-decode-compute.md)
 
+constexpr int64_t kSuper = 8;  // groups per super-block of the factored layout (E = 1)
+
 inline int64_t group_bytes(int64_t G, int64_t E) { return 8 * G + 32 * E; }
-inline int64_t block_bytes(int64_t K, int64_t G, int64_t E) { return (K / G) * group_bytes(G, E); }
+inline int64_t super_bytes(int64_t G) { return 128 + kSuper * group_bytes(G, 1); }  // E = 1: factors + 8 groups
+inline int64_t block_bytes(int64_t K, int64_t G, int64_t E) {
+  return E == 1 ? (K / G / kSuper) * super_bytes(G) : (K / G) * group_bytes(G, E);
+}
 inline int64_t packed_bytes(int64_t N, int64_t K, int64_t G, int64_t E) { return (N + 15) / 16 * block_bytes(K, G, E); }
+// Byte offset of group g (its nibble chunks) in a block.
+inline int64_t group_offset(int64_t g, int64_t G, int64_t E) {
+  return E == 1 ? (g / kSuper) * super_bytes(G) + 128 + (g % kSuper) * group_bytes(G, 1) : g * group_bytes(G, E);
+}
+// Whether the factored layout can hold K / G groups (whole super-blocks).
+inline bool factored_fits(int64_t K, int64_t G) { return (K / G) % kSuper == 0; }
+
+// v[0..n) (one row's scales or offsets of one super-block) as codes c[i] in 0..255 times one fp32 factor f
+// with float(c[i]) * f == v[i] exactly (sign of zero included): true if such f exists. All values must
+// share one sign bit (the factor carries it). Q4_K's d * sc factors with f = d and the largest sc (63 when
+// llama.cpp chose d = max / 63, tried first; other quantizers pick other d); anything else usually fails
+// at the first candidate test, and the caller gives up on the whole matrix at the first failure.
+inline bool factor_run(const float* v, int64_t n, float* f, uint8_t* c) {
+  const bool neg = std::signbit(v[0]);
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::signbit(v[i]) != neg || !std::isfinite(v[i])) return false;
+    amax = std::max(amax, std::fabs(v[i]));
+  }
+  if (amax == 0.0f) {
+    *f = neg ? -1.0f : 1.0f;
+    std::memset(c, 0, n);
+    return true;
+  }
+  for (int t = 0; t < 255; ++t) {
+    const int k = t < 63 ? 63 - t : t + 1;  // 63, 62, ..., 1, then 64 .. 255
+    const float d = amax / static_cast<float>(k);
+    if (!(d * static_cast<float>(k) == amax) || d == 0.0f) continue;
+    bool ok = true;
+    for (int64_t i = 0; i < n && ok; ++i) {
+      const float a = std::fabs(v[i]), r = std::nearbyint(a / d);
+      ok = r <= 255.0f && r * d == a;
+      c[i] = static_cast<uint8_t>(ok ? r : 0.0f);
+    }
+    if (ok) {
+      *f = neg ? -d : d;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Whether every row's scales and offsets factor per super-block (factor_run): the factored layout's condition.
+inline bool factors_ok(const float* scales, const float* offsets, int64_t N, int64_t ng) {
+  std::atomic<bool> bad{false};  // the first failure stops every thread (weights that do not factor: ~1 row each)
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    float f;
+    uint8_t c[kSuper];
+    for (int64_t sb = 0; sb < ng / kSuper && !bad.load(std::memory_order_relaxed); ++sb)
+      if (!factor_run(scales + n * ng + sb * kSuper, kSuper, &f, c) || !factor_run(offsets + n * ng + sb * kSuper, kSuper, &f, c))
+        bad.store(true, std::memory_order_relaxed);
+  }
+  return !bad.load();
+}
 
 // 4 nibbles at bits 0, 8, 16, 24 of u -> bits 0, 4, 8, 12 (the other bits of u must be 0).
 inline uint32_t compress_nibbles(uint32_t u) {
@@ -86,15 +156,15 @@ LLMKERN_R16_F32_ATTR inline void pack_block_avx512(const uint8_t* qw, const floa
   const __m512i idx_q = _mm512_mullo_epi32(iota, _mm512_set1_epi32(static_cast<int>(rb)));
   const __m512i idx_s = _mm512_mullo_epi32(iota, _mm512_set1_epi32(static_cast<int>(ng)));
   const __m512i m0f = _mm512_set1_epi32(0x0F0F0F0F);
-  const int64_t gb = group_bytes(G, E);
   for (int64_t g = 0; g < ng; ++g) {
-    uint8_t* gp = dst + g * gb;
+    uint8_t* gp = dst + group_offset(g, G, E);
     for (int64_t c = 0; c < G / 8; ++c) {
       const __m512i u = _mm512_i32gather_epi32(idx_q, qw + (g * G + 8 * c) / 2, 1);
       const __m512i lo = compress_nibbles16(_mm512_and_si512(u, m0f));
       const __m512i hi = compress_nibbles16(_mm512_and_si512(_mm512_srli_epi32(u, 4), m0f));
       _mm512_storeu_si512(gp + c * 64, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
+    if (E == 1) continue;  // (pack writes the factored scales)
     const __m512 sv = _mm512_i32gather_ps(idx_s, s + g, 4), ov = _mm512_i32gather_ps(idx_s, o + g, 4);
     if (E == 2) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(gp + 8 * G), _mm512_cvtps_ph(sv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -106,9 +176,10 @@ LLMKERN_R16_F32_ATTR inline void pack_block_avx512(const uint8_t* qw, const floa
   }
 }
 
+// E = 1 needs factors_ok(scales, offsets, N, K / G) and factored_fits(K, G) (the binding checks both).
 inline void pack(const uint8_t* qw, const float* scales, const float* offsets, int64_t N, int64_t K, int64_t G,
                  int64_t E, uint8_t* out) {
-  const int64_t ng = K / G, rb = K / 2, nblocks = (N + 15) / 16, bb = block_bytes(K, G, E), gb = group_bytes(G, E);
+  const int64_t ng = K / G, rb = K / 2, nblocks = (N + 15) / 16, bb = block_bytes(K, G, E);
   auto put = [E](uint8_t* dst, float v) {
     if (E == 2) {
       const uint16_t h = f32_to_f16(v);
@@ -120,6 +191,27 @@ inline void pack(const uint8_t* qw, const float* scales, const float* offsets, i
   const bool vec = features().avx512f && features().avx512bw && K <= (int64_t(1) << 27);
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
+    if (E == 1) {  // factors at each super-block's head (lane r: scales, 16 + r: offsets), one-byte codes per group
+      for (int r = 0; r < 16; ++r) {
+        const int64_t n = 16 * b + r;
+        for (int64_t sb = 0; sb < ng / kSuper; ++sb) {
+          uint8_t* sp = out + b * bb + sb * super_bytes(G);
+          float fs = 1.0f, fo = 1.0f;
+          uint8_t cs[kSuper] = {}, co[kSuper] = {};
+          if (n < N) {  // (rows past N: codes 0)
+            factor_run(scales + n * ng + sb * kSuper, kSuper, &fs, cs);
+            factor_run(offsets + n * ng + sb * kSuper, kSuper, &fo, co);
+          }
+          std::memcpy(sp + 4 * r, &fs, 4);
+          std::memcpy(sp + 64 + 4 * r, &fo, 4);
+          for (int64_t i = 0; i < kSuper; ++i) {
+            uint8_t* gp = sp + 128 + i * group_bytes(G, 1);
+            gp[8 * G + r] = cs[i];
+            gp[8 * G + 16 + r] = co[i];
+          }
+        }
+      }
+    }
     if (vec && 16 * b + 16 <= N) {  // whole blocks; the tail block (rows past N are zero) below
       pack_block_avx512(qw + 16 * b * rb, scales + 16 * b * ng, offsets + 16 * b * ng, ng, rb, G, E, out + b * bb);
       continue;
@@ -127,7 +219,7 @@ inline void pack(const uint8_t* qw, const float* scales, const float* offsets, i
     for (int r = 0; r < 16; ++r) {
       const int64_t n = 16 * b + r;
       for (int64_t g = 0; g < ng; ++g) {
-        uint8_t* gp = out + b * bb + g * gb;
+        uint8_t* gp = out + b * bb + group_offset(g, G, E);
         for (int64_t c = 0; c < G / 8; ++c) {
           // canonical bytes t = 0..3 of k0 = g G + 8 c: (q[k0 + 2t] low nibble, q[k0 + 2t + 1] high)
           uint32_t u = 0;
@@ -135,6 +227,7 @@ inline void pack(const uint8_t* qw, const float* scales, const float* offsets, i
           const uint32_t w = compress_nibbles(u & 0x0F0F0F0Fu) | (compress_nibbles((u >> 4) & 0x0F0F0F0Fu) << 16);
           std::memcpy(gp + c * 64 + 4 * r, &w, 4);
         }
+        if (E == 1) continue;
         put(gp + 8 * G + r * E, n < N ? scales[n * ng + g] : 0.0f);
         put(gp + 8 * G + (16 + r) * E, n < N ? offsets[n * ng + g] : 0.0f);
       }
@@ -156,8 +249,23 @@ struct Ctx {
 
 template <int E>
 LLMKERN_R16_F32_ATTR inline __m512 load16f(const uint8_t* p) {
-  if constexpr (E == 2) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  if constexpr (E == 1) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  else if constexpr (E == 2) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   else return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+}
+
+// The 16 rows' scales and offsets of group g of the block at bp (E = 1: codes times the super-block's
+// factors, an exact product: the canonical values).
+template <int E>
+LLMKERN_R16_F32_ATTR inline void scales16(const uint8_t* bp, int64_t g, int64_t G, __m512& s, __m512& o) {
+  const uint8_t* gp = bp + group_offset(g, G, E);
+  s = load16f<E>(gp + 8 * G);
+  o = load16f<E>(gp + 8 * G + 16 * E);
+  if constexpr (E == 1) {
+    const float* f = reinterpret_cast<const float*>(bp + (g / kSuper) * super_bytes(G));
+    s = _mm512_mul_ps(s, _mm512_loadu_ps(f));
+    o = _mm512_mul_ps(o, _mm512_loadu_ps(f + 16));
+  }
 }
 
 // y rows m0 .. m0 + MB - 1, columns of blocks b0 .. b0 + NJ - 1 (+ bias) in the output dtype; the
@@ -180,7 +288,7 @@ template <int MB, int NJ, int E>
 LLMKERN_R16_ATTR void tile(const Ctx& c, int64_t b0, int64_t m0, const uint8_t* pf, int64_t pf_bytes) {
   const __m512i low4 = _mm512_set1_epi32(0x000F000F), c128 = _mm512_set1_epi32(0x43004300);
   const __m512 m128 = _mm512_set1_ps(-128.0f);
-  const int64_t gb = group_bytes(c.G, E), chunks = c.G / 8;
+  const int64_t chunks = c.G / 8;
   const int64_t pf_lines = (pf_bytes + 63) / 64, pf_per = (pf_lines + c.ng - 1) / c.ng;
   __m512 accf[MB][NJ];
   for (int i = 0; i < MB; ++i)
@@ -190,7 +298,7 @@ LLMKERN_R16_ATTR void tile(const Ctx& c, int64_t b0, int64_t m0, const uint8_t* 
   for (int64_t g = 0; g < c.ng; ++g) {
     for (int64_t l = g * pf_per, end = std::min(pf_lines, l + pf_per); l < end; ++l) __builtin_prefetch(pf + 64 * l, 0, 3);
     const uint8_t* gp[NJ];
-    for (int j = 0; j < NJ; ++j) gp[j] = c.pk + (b0 + j) * c.bbytes + g * gb;
+    for (int j = 0; j < NJ; ++j) gp[j] = c.pk + (b0 + j) * c.bbytes + group_offset(g, c.G, E);
     __m512 acc[MB][NJ];
     for (int i = 0; i < MB; ++i)
       for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -212,8 +320,9 @@ LLMKERN_R16_ATTR void tile(const Ctx& c, int64_t b0, int64_t m0, const uint8_t* 
       }
     }
     for (int j = 0; j < NJ; ++j) {
-      const __m512 s = load16f<E>(gp[j] + 8 * c.G);
-      const __m512 o = _mm512_fmadd_ps(m128, s, load16f<E>(gp[j] + 8 * c.G + 16 * E));  // o - 128 s
+      __m512 s, o;
+      scales16<E>(c.pk + (b0 + j) * c.bbytes, g, c.G, s, o);
+      o = _mm512_fmadd_ps(m128, s, o);  // o - 128 s
       for (int i = 0; i < MB; ++i) {
         accf[i][j] = _mm512_fmadd_ps(acc[i][j], s, accf[i][j]);
         accf[i][j] = _mm512_fmadd_ps(o, _mm512_set1_ps(c.X[(m0 + i) * c.ng + g]), accf[i][j]);
@@ -227,7 +336,7 @@ LLMKERN_R16_ATTR void tile(const Ctx& c, int64_t b0, int64_t m0, const uint8_t* 
 template <int MB, int NJ, int E>
 LLMKERN_R16_F32_ATTR void tile_f32(const Ctx& c, int64_t b0, int64_t m0, const uint8_t* pf, int64_t pf_bytes) {
   const __m512 tab = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const int64_t gb = group_bytes(c.G, E), chunks = c.G / 8;
+  const int64_t chunks = c.G / 8;
   const int64_t pf_lines = (pf_bytes + 63) / 64, pf_per = (pf_lines + c.ng - 1) / c.ng;
   __m512 accf[MB][NJ];
   for (int i = 0; i < MB; ++i)
@@ -237,7 +346,7 @@ LLMKERN_R16_F32_ATTR void tile_f32(const Ctx& c, int64_t b0, int64_t m0, const u
   for (int64_t g = 0; g < c.ng; ++g) {
     for (int64_t l = g * pf_per, end = std::min(pf_lines, l + pf_per); l < end; ++l) __builtin_prefetch(pf + 64 * l, 0, 3);
     const uint8_t* gp[NJ];
-    for (int j = 0; j < NJ; ++j) gp[j] = c.pk + (b0 + j) * c.bbytes + g * gb;
+    for (int j = 0; j < NJ; ++j) gp[j] = c.pk + (b0 + j) * c.bbytes + group_offset(g, c.G, E);
     __m512 acc[MB][NJ];
     for (int i = 0; i < MB; ++i)
       for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -257,7 +366,8 @@ LLMKERN_R16_F32_ATTR void tile_f32(const Ctx& c, int64_t b0, int64_t m0, const u
       }
     }
     for (int j = 0; j < NJ; ++j) {
-      const __m512 s = load16f<E>(gp[j] + 8 * c.G), o = load16f<E>(gp[j] + 8 * c.G + 16 * E);
+      __m512 s, o;
+      scales16<E>(c.pk + (b0 + j) * c.bbytes, g, c.G, s, o);
       for (int i = 0; i < MB; ++i) {
         accf[i][j] = _mm512_fmadd_ps(acc[i][j], s, accf[i][j]);
         accf[i][j] = _mm512_fmadd_ps(o, _mm512_set1_ps(c.X[(m0 + i) * c.ng + g]), accf[i][j]);
@@ -299,7 +409,7 @@ LLMKERN_R16_F32_ATTR inline void group_sums(const void* x, int64_t off, bool f32
   }
 }
 
-// the rows16 layout at pk with E-byte scales. X: workspace for the group sums (M K / G floats). Threads split
+// the rows16 layout at pk with E-byte scales (E = 1: factored). X: workspace for the group sums (M K / G floats). Threads split
 // tiles of kBlocks blocks. bf16 needs AVX-512 BF16, fp32 AVX-512F.
 inline void decode(const void* x, int64_t x_stride, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* pk,
                    int64_t E, const float* bias, void* out, int64_t out_stride, DType out_dtype, float* X, int num_threads) {
@@ -324,7 +434,7 @@ inline void decode(const void* x, int64_t x_stride, int64_t M, int64_t K, int64_
         const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, M - m0));
         const uint8_t* pf = pk + (b0 + kBlocks) * c.bbytes;
         const int64_t pf_bytes = m0 == 0 ? nb_next * c.bbytes : 0;
-        (E == 2 ? tile_for<2>(f32, mb, nj) : tile_for<4>(f32, mb, nj))(c, b0, m0, pf, pf_bytes);
+        (E == 1 ? tile_for<1>(f32, mb, nj) : E == 2 ? tile_for<2>(f32, mb, nj) : tile_for<4>(f32, mb, nj))(c, b0, m0, pf, pf_bytes);
       }
     }
   }

@@ -15,8 +15,9 @@ Quantized tensors load exactly (llmkern.formats.gguf, gguf_kquants): Q4_0/Q4_1/Q
 F32/F16/BF16 -> nn.Linear in the model dtype. Q5_1/Q5_K (most of a Q5_K_M file) have no exact int4/int8
 form (5-bit values with a per-group minimum): "keep" re-quantizes their exact values to int8 with a scale
 per 32 (44-45 dB from those values on SmolLM2's; the 5-bit rounding itself is about 28 dB from Gaussian
-weights, by its step size) rather than holding them as float (1.6x the file's bytes instead of 6x, and the int8 kernels);
-quant="none" keeps the exact values as float. The load message counts them.
+weights, by its step size) rather than holding them as float (1.6x the file's bytes instead of 6x, and
+the int8 kernels); quant="none" keeps the exact values as float. The load message counts them
+(docs/notes/gguf-kquants.md).
 
 Rotary order. llama.cpp's converter permutes the rows of attn_q / attn_k of "llama"-architecture
 models (Llama, Mistral, SmolLM2) so that each head's two rotary halves are interleaved (GPT-J pairs
@@ -152,10 +153,9 @@ class _Loader:
         if t is None:
             raise GGUFError(f"{self.path}: tensor {name!r} is missing")
         try:
-            r = load_gguf_tensor(t)
+            return load_gguf_tensor(t)
         except (ValueError, TypeError) as e:
             raise GGUFError(f"{self.path}: {e}") from e
-        return r
 
     def expect(self, name: str, got, want) -> None:
         if tuple(got) != tuple(want):

@@ -143,6 +143,7 @@ void bind_rotary_embedding(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 void bind_int4_linear(pybind11::module_& m);
 void bind_int4_linear_w4a8(pybind11::module_& m);
+void bind_gguf_blocks(pybind11::module_& m);
 void bind_decode_step(pybind11::module_& m);
 
 }  // namespace bindings

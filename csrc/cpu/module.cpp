@@ -50,4 +50,5 @@ PYBIND11_MODULE(_C, m) {
   llmkern::bindings::bind_attention(m);
   llmkern::bindings::bind_int4_linear(m);
   llmkern::bindings::bind_int4_linear_w4a8(m);
+  llmkern::bindings::bind_gguf_blocks(m);
 }

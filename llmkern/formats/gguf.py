@@ -75,9 +75,10 @@ def _as_array(raw, name: str | None) -> np.ndarray:
     return raw
 
 
-def _blocks(raw, shape, type_name: str, name: str | None):
+def _blocks(raw, shape, type_name: str, name: str | None, copy: bool = True):
     """Validate raw against shape; return (shape, blocks uint8 [R, K // block, block_bytes]) with
-    R = prod(shape[:-1]) and block the type's elements per block (32, or 256 for the K-quants)."""
+    R = prod(shape[:-1]) and block the type's elements per block (32, or 256 for the K-quants).
+    copy=False: a contiguous view of raw where it is one (e.g. of the file's read-only memory map)."""
     shape = _check_shape(shape, type_name, name)
     block, nbytes = _BLOCK_OF[type_name]
     K = shape[-1]
@@ -97,7 +98,8 @@ def _blocks(raw, shape, type_name: str, name: str | None):
             f"{shape} ({rows} rows x {K // block} blocks x {nbytes} bytes): truncated or corrupt data"
         )
     # One copy out of the (possibly read-only, memory-mapped) file: [R * blocks * bytes] -> [R, K/block, bytes].
-    return shape, np.array(flat, dtype=np.uint8, copy=True).reshape(rows, K // block, nbytes)
+    arr = np.array(flat, dtype=np.uint8, copy=True) if copy else np.ascontiguousarray(flat)
+    return shape, arr.reshape(rows, K // block, nbytes)
 
 
 def _f16_field(blocks: np.ndarray, start: int, what: str, type_name: str, name: str | None) -> np.ndarray:

@@ -25,6 +25,15 @@ QT = gguf.GGMLQuantizationType
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
 
 
+@pytest.fixture(params=["native", "numpy"])
+def impl(request, monkeypatch):
+    """Both implementations of the converters: llmkern._C.gguf_unpack and the numpy path."""
+    if request.param == "native" and kq._native() is None:
+        pytest.skip("llmkern._C has no gguf_unpack")
+    monkeypatch.setattr(kq, "NATIVE", request.param == "native")
+    return request.param
+
+
 def canonical(type_name: str, raw, shape) -> torch.Tensor:
     """The type's converter, then llmkern's own dequantizer -> float32 tensor of `shape`."""
     if type_name == "Q5_0":
@@ -67,7 +76,7 @@ SHAPES = {"Q5_0": [(1, 32), (17, 96), (3, 5, 64)], "Q5_1": [(1, 32), (17, 96), (
 
 
 @pytest.mark.parametrize("type_name,shape", [(t, s) for t, ss in SHAPES.items() for s in ss], ids=str)
-def test_bit_exact_on_random_blocks(type_name, shape):
+def test_bit_exact_on_random_blocks(type_name, shape, impl):
     rng = np.random.default_rng(sum(shape) + len(type_name))
     raw = random_blocks(type_name, shape, rng, f16_of_every_kind(rng))
     ours, theirs = canonical(type_name, raw, shape), gguf_values(raw, type_name, shape)
@@ -76,7 +85,7 @@ def test_bit_exact_on_random_blocks(type_name, shape):
 
 
 @pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1"])
-def test_bit_exact_on_gguf_quantizer(type_name):
+def test_bit_exact_on_gguf_quantizer(type_name, impl):
     rng = np.random.default_rng(1)
     data = (rng.standard_normal((9, 160)) * rng.uniform(1e-3, 2.0, size=(9, 1))).astype(np.float32)
     data[0, :32] = 0.0
@@ -89,7 +98,7 @@ def test_bit_exact_on_gguf_quantizer(type_name):
 # ------------------------------------------------------------------ bit layouts by hand
 
 
-def test_q4_k_layout_by_hand():
+def test_q4_k_layout_by_hand(impl):
     """Sub-block j: sc = 2j + 1, m = 63 - j (bytes 0..7 and the top bits / nibbles of 8..11), d = 1,
     dmin = 0.5; qs chunk c's byte l = l % 16 | (15 - l % 16) << 4: sub-block 2c holds 0..15, 0..15, sub-block
     2c + 1 holds 15..0, 15..0."""
@@ -110,7 +119,7 @@ def test_q4_k_layout_by_hand():
     assert ops.dequantize_int4(q, s, o).tolist() == [want] == gguf_values(b, "Q4_K", (1, 256)).tolist()
 
 
-def test_q6_k_layout_by_hand():
+def test_q6_k_layout_by_hand(impl):
     """q = element % 64 for every element (so q - 32 runs -32..31 four times): ql / qh written from the
     element order the docstring gives; scales 1..16 (sub-block j), d = 0.25."""
     q = np.arange(256) % 64
@@ -129,7 +138,7 @@ def test_q6_k_layout_by_hand():
     assert torch.equal(ops.dequantize_int8(w, s), gguf_values(b, "Q6_K", (1, 256)))
 
 
-def test_q5_0_bit_order_by_hand():
+def test_q5_0_bit_order_by_hand(impl):
     """Element i's bit 4 is bit i of the little-endian u32 qh: set for odd i only."""
     b = np.zeros(22, dtype=np.uint8)
     b[0:2] = np.array([2.0], "<f2").view(np.uint8)
@@ -145,7 +154,7 @@ def test_q5_0_bit_order_by_hand():
 
 @pytest.mark.parametrize("type_name,start", [("Q4_K", 0), ("Q4_K", 2), ("Q5_K", 2), ("Q6_K", 208), ("Q5_0", 0),
                                              ("Q5_1", 2)])
-def test_non_finite_field_is_corrupt(type_name, start):
+def test_non_finite_field_is_corrupt(type_name, start, impl):
     rng = np.random.default_rng(0)
     shape = (3, 512) if type_name in KQUANTS else (3, 64)
     raw = random_blocks(type_name, shape, rng, lambda s: np.full(s, 0.5))
@@ -159,7 +168,7 @@ def test_k_not_a_multiple_of_256():
         kq.q4_k_to_int4(np.zeros(144 * 2, np.uint8), (2, 288))
 
 
-def test_truncated_blocks():
+def test_truncated_blocks(impl):
     raw = np.zeros((2, 210), np.uint8).reshape(-1)[:-1]
     with pytest.raises(ValueError, match=r"419 bytes, expected 420 for Q6_K shape \(2, 256\).*truncated"):
         kq.q6_k_to_int8(raw, (2, 256))

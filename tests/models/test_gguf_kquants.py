@@ -300,3 +300,16 @@ def test_tied_q5_embedding_gives_a_quantized_lm_head(tmp_path):
     assert torch.equal(model.embed_tokens.weight, sd["embed_tokens.weight"])  # the embedding: exact values
     exact, _ = load_gguf(tmp_path / "t.gguf", progress=False, quant="none", backend="reference", fuse=False)
     assert exact.lm_head.weight is exact.embed_tokens.weight
+
+
+def test_native_unpacker_refuses_bad_arguments():
+    mod = kq._native()
+    if mod is None:
+        pytest.skip("llmkern._C has no gguf_unpack")
+    buf = torch.zeros(256)
+    with pytest.raises(ValueError, match="type must be Q4_K, Q6_K, Q5_0, Q5_1 or Q5_K, got 'Q3_K'"):
+        mod.gguf_unpack("Q3_K", buf.data_ptr(), 1, 1, buf.data_ptr())
+    with pytest.raises(ValueError, match="raw_ptr is a null pointer"):
+        mod.gguf_unpack("Q4_K", 0, 1, 1, buf.data_ptr(), buf.data_ptr(), buf.data_ptr())
+    with pytest.raises(ValueError, match="R and nb must be >= 0"):
+        mod.gguf_unpack("Q4_K", buf.data_ptr(), -1, 1, buf.data_ptr(), buf.data_ptr(), buf.data_ptr())

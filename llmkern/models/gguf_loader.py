@@ -198,12 +198,19 @@ class _Loader:
                 return lnn.Int8Linear.from_quantized(*parts, bias=b, backend=self.backend)
             return _float_linear(parts[0].to(self.dtype), b)
         # re-quantize from the dequantized float32 weights (or keep them as float in dtype)
+        if want == "int4" and group is not None and group not in (32, 64, 128):
+            # (quant "keep" with a group_size re-quantizes the int4 tensors too; `group or 32` once made 0 mean 32)
+            raise GGUFError(f"{self.path}: group_size={group} cannot re-quantize tensor {name!r} ({r['type']}) to "
+                            f"int4, whose groups are 32, 64 or 128 (quant={self.quant!r} keeps it int4)")
         w = dequantize({"format": fmt, **dict(zip(_PARTS[fmt], parts))})
         lin = _float_linear(w if want in ("int8", "int4") else w.to(self.dtype), b)
-        if want == "int8":
-            return lnn.Int8Linear.from_linear(lin, group_size=group or 0, backend=self.backend)
-        if want == "int4":
-            return lnn.Int4Linear.from_linear(lin, group_size=group or 32, backend=self.backend)
+        try:
+            if want == "int8":
+                return lnn.Int8Linear.from_linear(lin, group_size=group or 0, backend=self.backend)
+            if want == "int4":
+                return lnn.Int4Linear.from_linear(lin, group_size=32 if group is None else group, backend=self.backend)
+        except ValueError as e:  # (a group size that does not divide this tensor's K)
+            raise GGUFError(f"{self.path}: re-quantizing tensor {name!r} ({r['type']}, K={in_f}) to {want}: {e}") from e
         return lin
 
 

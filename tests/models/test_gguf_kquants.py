@@ -17,7 +17,7 @@ from llmkern import nn as lnn  # noqa: E402
 from llmkern import ops  # noqa: E402
 from llmkern.formats import gguf as fmt  # noqa: E402
 from llmkern.formats import gguf_kquants as kq  # noqa: E402
-from llmkern.models import Llama, load_gguf  # noqa: E402
+from llmkern.models import GGUFError, Llama, load_gguf  # noqa: E402
 
 from _tiny_gguf import random_blocks, tiny_config, write_tiny_gguf  # noqa: E402
 
@@ -313,3 +313,16 @@ def test_native_unpacker_refuses_bad_arguments():
         mod.gguf_unpack("Q4_K", 0, 1, 1, buf.data_ptr(), buf.data_ptr(), buf.data_ptr())
     with pytest.raises(ValueError, match="R and nb must be >= 0"):
         mod.gguf_unpack("Q4_K", buf.data_ptr(), -1, 1, buf.data_ptr(), buf.data_ptr(), buf.data_ptr())
+
+
+def test_keep_with_a_group_size_int4_cannot_take(kquant_file):
+    """quant "keep" with group_size re-quantizes every tensor to its stored form with that group: 0 (per
+    channel) exists for int8 only, so the Q4_K tensors are refused by name (it once became 32 silently), and
+    a group that does not divide a tensor's K names the tensor and K."""
+    path = kquant_file[0]
+    with pytest.raises(GGUFError, match=r"group_size=0 cannot re-quantize tensor 'blk\.0\.attn_q\.weight' \(Q4_K\) to int4"):
+        load_gguf(path, group_size=0, progress=False)
+    with pytest.raises(GGUFError, match=r"re-quantizing tensor 'blk\.0\.attn_q\.weight' \(Q4_K, K=256\) to int8: .*group_size"):
+        load_gguf(path, quant="int8", group_size=48, progress=False)
+    m, _ = load_gguf(path, group_size=64, progress=False, fuse=False)  # every int form re-quantized per 64
+    assert m.layers[0].self_attn.q_proj.group_size == 64 and m.layers[0].self_attn.k_proj.group_size == 64

@@ -28,7 +28,6 @@ import torch
 from .gguf_file import TYPES
 
 BLOCK = 32  # elements per block of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 (the K-quants: 256, gguf_kquants.py)
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 # GGML type id -> name (gguf.GGMLQuantizationType), so that dispatch needs no gguf import.
 _GGML_TYPES = {i: t[0] for i, t in TYPES.items()}

@@ -224,6 +224,32 @@ void bind_int8_linear(py::module_& m) {
       },
       py::arg("M"), py::arg("K"), py::arg("N"), py::arg("mode"), py::arg("num_threads") = 1,
       "Bytes of workspace int8_linear needs for these sizes, mode ('w8a16' or 'w8a8') and thread count.");
+  m.def(
+      "int8_linear_route",
+      [](int64_t M, int64_t K, int64_t group_size, const std::string& mode, int x_dtype, const std::string& isa_name,
+         bool packed, bool gemm) {
+        const char* where = "llmkern._C.int8_linear_route";
+        cpu::Int8LinearArgs a;
+        a.w8a8 = parse_mode(mode, where);
+        if (x_dtype < 0 || x_dtype > 2)
+          fail_arg(where, "x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
+        if (M < 1 || K < 1 || group_size < 1 || K % group_size)
+          fail_arg(where, "need M >= 1, K >= 1 and a group_size dividing K, got M=" + std::to_string(M) + " K=" +
+                              std::to_string(K) + " group_size=" + std::to_string(group_size));
+        a.M = M;
+        a.K = K;
+        a.group = group_size;
+        a.x_dtype = static_cast<cpu::DType>(x_dtype);
+        static const uint8_t dummy = 0;  // only whether a layout is given matters to the route
+        a.packed = packed ? &dummy : nullptr;
+        a.gemm = gemm ? &dummy : nullptr;
+        return std::string(cpu::int8_route_name(cpu::int8_linear_route(a, isa_or_throw(where, isa_name))));
+      },
+      py::arg("M"), py::arg("K"), py::arg("group_size"), py::arg("mode"), py::arg("x_dtype"), py::arg("isa"),
+      py::arg("packed") = false, py::arg("gemm") = false,
+      "Which CPU kernel an int8_linear call of these sizes runs: 'packed' (decode layout), 'gemm_w8a8', "
+      "'gemm_bf16', 'gemm_f32' (W8A16 GEMMs over dequantized panels) or 'tiles'. packed / gemm: whether "
+      "the call is given those layouts. isa: '' for the best this CPU has.");
   def_launcher(m, "int8_linear", &make_call,
         "out[M, N] = x[M, K] @ dequant(w[N, K])^T (+ bias), W8A16 or W8A8, on raw pointers (see "
         "llmkern/ops/int8_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype. "

@@ -43,6 +43,8 @@ CASES = [  # M, N, K, group (K: per channel), bias
     (17, 100, 96, 96, True),      # M tail of 1, N tail inside the third strip
     (37, 1000, 576, 576, True),   # K = 576 in 3 blocks of 192
     (64, 576, 576, 32, False),    # GGUF Q8_0 groups
+    (40, 70, 1536, 16, True),     # GGUF Q6_K groups of 16: two groups per 32 values of k
+    (19, 50, 192, 48, False),     # groups of 48: a group boundary inside every other 32 values of k
     (129, 130, 320, 64, True),    # two K blocks (160 + 160), 130 = 2 strips + 34
     (33, 8, 512, 512, True),      # one column vector narrower than 16: 2 threads split the rows
     (300, 40, 16384, 16384, False),  # two chunks of rows (256 + 44)
@@ -58,6 +60,7 @@ def test_bf16_gemm_matches_reference_and_thread_counts(case):
     w = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8)  # -128 too: a bf16 value
     scale = torch.rand(N, K // group, generator=gen) * 0.02 + 1e-3
     bias = torch.randn(N, generator=gen) if with_bias else None
+    assert C.int8_linear_route(M, K, group, "w8a16", 1, "avx512_vnni") == "gemm_bf16"
     one = launch(x, w, scale, bias, group, 1)
     two = launch(x, w, scale, bias, group, 2)
     assert torch.equal(one, two)  # each output is one thread's fixed-order sum

@@ -13,7 +13,8 @@
 // Decode calls (M <= 8) given the packed decode layout (a.packed) on AVX-512 or AVX2 stream that instead:
 // int8_linear_pack.h (bit-identical results). W8A8 calls of more rows given the GEMM layout (a.gemm)
 // on AVX-512 run the VNNI GEMM micro-kernels: int8_linear_gemm.h. W8A16 calls of 16+ bf16 rows on
-// AVX-512 BF16 CPUs run a bf16 GEMM over dequantized panels: int8_linear_bf16.h.
+// AVX-512 BF16 CPUs run a bf16 GEMM over dequantized panels: int8_linear_bf16.h; other W8A16 calls of
+// 16+ rows on AVX-512 an fp32 GEMM over dequantized panels: int8_linear_f32.h.
 #pragma once
 
 #include <omp.h>
@@ -25,6 +26,7 @@
 #include "llmkern/cpu/int8_linear_avx2.h"
 #include "llmkern/cpu/int8_linear_avx512.h"
 #include "llmkern/cpu/int8_linear_bf16.h"
+#include "llmkern/cpu/int8_linear_f32.h"
 #include "llmkern/cpu/int8_linear_common.h"
 #include "llmkern/cpu/int8_linear_gemm.h"
 #include "llmkern/cpu/int8_linear_pack.h"
@@ -179,12 +181,37 @@ inline void compute_block(const Int8LinearArgs& a, const IsaKernels& kk, const v
 
 }  // namespace detail
 
+// Which kernel a call runs: the first route that takes it, in this order; kTiles takes anything.
+enum class Int8Route { kPacked, kGemmW8A8, kGemmBf16, kGemmF32, kTiles };
+
+inline Int8Route int8_linear_route(const Int8LinearArgs& a, Isa isa) {
+  if (i8pk::use_packed(a, isa)) return Int8Route::kPacked;
+  if (i8gm::use_gemm(a, isa)) return Int8Route::kGemmW8A8;
+  if (i8bf::use_bf16_gemm(a, isa)) return Int8Route::kGemmBf16;
+  if (i8f::use_f32_gemm(a, isa)) return Int8Route::kGemmF32;
+  return Int8Route::kTiles;
+}
+
+inline const char* int8_route_name(Int8Route r) {
+  switch (r) {
+    case Int8Route::kPacked: return "packed";
+    case Int8Route::kGemmW8A8: return "gemm_w8a8";
+    case Int8Route::kGemmBf16: return "gemm_bf16";
+    case Int8Route::kGemmF32: return "gemm_f32";
+    default: return "tiles";
+  }
+}
+
 // Runs the whole op. Workspace: int8_linear_workspace_bytes(M, K, N, w8a8, num_threads) bytes at a.ws.
 inline void int8_linear(const Int8LinearArgs& a, Isa isa) {
   if (a.M <= 0 || a.N <= 0) return;
-  if (i8pk::use_packed(a, isa)) return i8pk::int8_linear_packed(a, isa);
-  if (i8gm::use_gemm(a, isa)) return i8gm::int8_linear_gemm(a);
-  if (i8bf::use_bf16_gemm(a, isa)) return i8bf::int8_linear_bf16(a);
+  switch (int8_linear_route(a, isa)) {
+    case Int8Route::kPacked: return i8pk::int8_linear_packed(a, isa);
+    case Int8Route::kGemmW8A8: return i8gm::int8_linear_gemm(a);
+    case Int8Route::kGemmBf16: return i8bf::int8_linear_bf16(a);
+    case Int8Route::kGemmF32: return i8f::int8_linear_f32(a);
+    case Int8Route::kTiles: break;
+  }
   const IsaKernels& kk = kernels_for(isa);
   const int64_t Kp = kpad(a.K);
   char* ws = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(a.ws) + kAlign - 1) / kAlign * kAlign);

@@ -8,8 +8,9 @@
 // vdpbf16ps over it with x packed as [block of 8 rows][K / 2][8] pairs (bf16_pairs_avx512.h).
 //   Per-channel scales (group == K): the panel holds q exactly (every int8 value is a bf16 value), and the scale
 //   multiplies the fp32 sum at the end: y = scale[n] * sum_k x q (+ bias), the op's definition.
-//   Grouped scales (group a multiple of 32, GGUF Q8_0's 32): the panel holds q * scale rounded to bf16
-//   (nearest even, 2^-9 relative), as int4_linear's bf16 route does with its dequantized weights.
+//   Grouped scales (group a multiple of 16: GGUF Q8_0's and Q5_0's 32, Q6_K's 16): the panel holds
+//   q * scale rounded to bf16 (nearest even, 2^-9 relative), as int4_linear's bf16 route does with its
+//   dequantized weights.
 // Sums are fp32 in a fixed order per output (one thread each): results do not depend on the thread count.
 // Needs K % 32 == 0 (16 pairs per packing step) and M >= kBf16MinRows (fewer rows: the decode paths).
 #pragma once
@@ -42,7 +43,7 @@ constexpr int kNV = static_cast<int>(kBf16NS / 16);
 
 inline bool use_bf16_gemm(const Int8LinearArgs& a, Isa isa) {
   return !a.w8a8 && a.x_dtype == DType::kBF16 && isa == Isa::kAvx512Vnni && a.M >= kBf16MinRows && a.K % 32 == 0 &&
-         (a.group == a.K || a.group % 32 == 0) && features().avx512_bf16;
+         (a.group == a.K || a.group % 16 == 0) && features().avx512_bf16;
 }
 
 // Panel of columns [n0, n0 + ncols) (ncols <= 48) and k in [k0, k0 + kc) (multiples of 32):
@@ -65,10 +66,9 @@ LLMKERN_I8BF inline void unpack_panel(const Int8LinearArgs& a, int64_t n0, int64
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.w + n * a.K + k0 + k));
         __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
         __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-        if (grouped) {  // the 32 values share one group (group % 32 == 0)
-          const __m512 s = _mm512_set1_ps(a.scale[n * ng + (k0 + k) / a.group]);
-          lo = _mm512_mul_ps(lo, s);
-          hi = _mm512_mul_ps(hi, s);
+        if (grouped) {  // each half's 16 values share one group (group % 16 == 0)
+          lo = _mm512_mul_ps(lo, _mm512_set1_ps(a.scale[n * ng + (k0 + k) / a.group]));
+          hi = _mm512_mul_ps(hi, _mm512_set1_ps(a.scale[n * ng + (k0 + k + 16) / a.group]));
         }
         r[i] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // words 0..15 = pairs of k .. k + 31 (lo first)
       }

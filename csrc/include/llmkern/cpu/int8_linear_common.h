@@ -12,6 +12,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -114,7 +115,7 @@ inline int quant_round(float v) {
 //        signed rows and their correction vectors, 2 kpad(K) bytes per row (up to 8 rows) at the
 //        next kAlign boundary
 // W8A16: [tile_rows(M, K) rows of kpad(K) floats] (activations converted to fp32, one M tile), or the
-//        bf16 GEMM route's layout below, whichever is larger
+//        bf16 or fp32 GEMM routes' layouts below, whichever is largest
 // plus kAlign bytes so the kernel can align the start.
 constexpr int64_t kAlign = 64;
 
@@ -159,12 +160,35 @@ inline int64_t bf16_workspace_bytes(int64_t M, int64_t K, int num_threads) {
          kAlign;
 }
 
-// num_threads: the W8A16 bf16 GEMM route takes scratch per thread (sized whether or not it runs).
+// W8A16 fp32 GEMM route (int8_linear_f32.h: AVX-512, M >= kF32MinRows, K % 16 == 0): [chunk rows, a
+// multiple of 16, of K floats] (x not fp32: the chunk's rows converted), then per thread a weight panel
+// (kF32KC x kF32NS floats) and a C tile (chunk rows x kF32NS floats).
+constexpr int64_t kF32NS = 48, kF32KC = 128, kF32MinRows = 16;
+constexpr int64_t kF32ChunkBudget = int64_t(8) << 20;  // bytes of converted x per chunk of rows
+
+inline int64_t f32_chunk_rows(int64_t M, int64_t K) {
+  int64_t r = kF32ChunkBudget / (K * 4);
+  r = (r > 512 ? 512 : r) / 16 * 16;
+  r = r < 16 ? 16 : r;
+  return M < r ? M : r;
+}
+inline int64_t f32_chunk_padded(int64_t M, int64_t K) { return (f32_chunk_rows(M, K) + 15) / 16 * 16; }
+inline int64_t f32_thread_bytes(int64_t M, int64_t K) {
+  return bf16_align(kF32KC * kF32NS * 4) + bf16_align(f32_chunk_padded(M, K) * kF32NS * 4);
+}
+inline int64_t f32_workspace_bytes(int64_t M, int64_t K, int num_threads) {
+  if (M < kF32MinRows || K % 16) return 0;
+  return bf16_align(f32_chunk_padded(M, K) * K * 4) + (num_threads < 1 ? 1 : num_threads) * f32_thread_bytes(M, K) +
+         kAlign;
+}
+
+// num_threads: the W8A16 GEMM routes take scratch per thread (sized whether or not they run).
 inline int64_t int8_linear_workspace_bytes(int64_t M, int64_t K, int64_t /*N*/, bool w8a8, int num_threads = 1) {
   if (M <= 0 || K <= 0) return 0;
   if (w8a8) return M * kpad(K) + M * 4 + kAlign + (M < 8 ? M : 8) * 2 * kpad(K) + kAlign;
   const int64_t tiles = w8a16_tile_rows(M, K) * kpad(K) * 4 + kAlign, gemm = bf16_workspace_bytes(M, K, num_threads);
-  return tiles > gemm ? tiles : gemm;
+  const int64_t f32 = f32_workspace_bytes(M, K, num_threads);
+  return std::max(tiles, std::max(gemm, f32));
 }
 
 }  // namespace cpu

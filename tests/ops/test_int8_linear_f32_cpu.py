@@ -1,0 +1,137 @@
+"""int8_linear W8A16 of 16+ rows on AVX-512 with fp32 arithmetic: the fp32 GEMM over dequantized panels
+(csrc/include/llmkern/cpu/int8_linear_f32.h), through the launcher with poisoned outputs.
+
+Shapes cross every edge of its blocking: 16-column vectors and 48-column strips (N tails), K blocks (K > 128,
+K = 576 cut in 4 x 144), 8-row micro-kernel blocks (M tails), chunks of rows (K = 16384: 128 rows a chunk),
+more threads than column vectors (rows split instead), per-channel and grouped scales (16, 32, 48: a group
+boundary inside a K block), strided x rows; fp32 x read in place and fp16 x through converted chunks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmkern._C as C
+from _cpu_helpers import ISAS
+
+pytestmark = pytest.mark.skipif("avx512_vnni" not in ISAS, reason="needs AVX-512")
+
+_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def launch(x, w, scale, bias, group, threads):
+    """y [M, N] in x's dtype through llmkern._C.int8_linear (W8A16, AVX-512), into a NaN-poisoned buffer."""
+    M, K = x.shape
+    N = w.shape[0]
+    big = torch.full((M, N + 5), float("nan"), dtype=x.dtype)  # rows 5 wider: nothing past N written
+    out = big[:, :N]
+    ws = torch.empty(C.int8_linear_workspace_size(M, K, N, "w8a16", threads), dtype=torch.uint8)
+    C.int8_linear(x.data_ptr(), _CODE[x.dtype], x.stride(0), M, K, w.data_ptr(), N, scale.data_ptr(), group,
+                  0 if bias is None else bias.data_ptr(), out.data_ptr(), N + 5, "w8a16", ws.data_ptr(), ws.numel(),
+                  threads, "avx512_vnni")
+    assert torch.isnan(big[:, N:]).all(), "wrote past the row"
+    return out
+
+
+def reference(x, w, scale, bias, group):
+    """float64 x @ dequant(w)^T (+ bias), dequant(w)[n, k] = w[n, k] * scale[n, k // group]."""
+    N, K = w.shape
+    s = scale.double().reshape(N, -1).repeat_interleave(group, dim=1)  # [N, K]
+    y = x.double() @ (w.double() * s).T
+    return y if bias is None else y + bias.double()
+
+
+CASES = [  # M, N, K, group (K: per channel), bias
+    (16, 16, 16, 16, False),      # the smallest call the route takes
+    (17, 100, 96, 96, True),      # M tail of 1, N tail inside the third strip
+    (37, 1000, 576, 576, True),   # K = 576 in 4 blocks of 144
+    (64, 576, 576, 32, False),    # GGUF Q8_0 / Q5_0 groups
+    (40, 70, 1536, 16, True),     # GGUF Q6_K groups of 16
+    (19, 50, 336, 48, False),     # groups of 48 across blocks of 112
+    (129, 130, 320, 64, True),    # three K blocks (112 + 112 + 96), 130 = 2 strips + 34
+    (33, 8, 512, 512, True),      # one column vector narrower than 16: 2 threads split the rows
+    (150, 40, 16384, 16384, False),  # two chunks of rows (128 + 22)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-N{}-K{}-G{}{}".format(*c[:4], "-bias" if c[4] else ""))
+def test_f32_gemm_matches_reference_and_thread_counts(case, dtype):
+    M, N, K, group, with_bias = case
+    assert C.int8_linear_route(M, K, group, "w8a16", _CODE[dtype], "avx512_vnni") == "gemm_f32"
+    gen = torch.Generator().manual_seed(M * 7 + N)
+    xs = torch.randn(M, K + 24, generator=gen).to(dtype)
+    x = xs[:, 3:K + 3]  # rows at a stride of K + 24 elements, not 64-byte aligned
+    w = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8)
+    scale = torch.rand(N, K // group, generator=gen) * 0.02 + 1e-3
+    bias = torch.randn(N, generator=gen) if with_bias else None
+    one = launch(x, w, scale, bias, group, 1)
+    two = launch(x, w, scale, bias, group, 2)
+    assert torch.equal(one, two)  # each output is one thread's fixed-order sum
+    ref = reference(x, w, scale, bias, group)
+    err = ((one.double() - ref).abs().max() / ref.abs().max()).item()
+    # fp32: one chain of K fp32 additions per output, measured at 0.3-0.6 K^0.5 2^-24 of the largest output
+    # (a wrong scale or k gives > 1e-3); fp16: the output's rounding (2^-11)
+    tol = 2 * K ** 0.5 * 2.0 ** -24 if dtype == torch.float32 else 1e-3
+    assert torch.isfinite(one).all() and err <= tol, err
+
+
+def test_f32_gemm_rows_do_not_depend_on_the_batch():
+    """A row's output is the same whether it comes with 15 other rows or 200 (one fixed order per output)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 576, generator=gen)
+    w = torch.randint(-128, 128, (96, 576), generator=gen, dtype=torch.int8)
+    scale = torch.rand(96, 18, generator=gen) * 0.02
+    big = launch(x, w, scale, None, 32, 2)
+    small = launch(x[40:56], w, scale, None, 32, 2)
+    assert torch.equal(big[40:56], small)
+
+
+def test_f32_gemm_nonfinite_x_propagates():
+    """inf / NaN in x reach exactly the outputs of their rows (no other row, no lost NaN)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(24, 64, generator=gen)
+    x[5, 7] = float("nan")
+    x[9, 0] = float("inf")
+    w = torch.randint(1, 128, (20, 64), generator=gen, dtype=torch.int8)  # positive: inf stays inf
+    scale = torch.rand(20, 2, generator=gen) + 0.1
+    y = launch(x, w, scale, None, 32, 2)
+    assert torch.isnan(y[5]).all() and torch.isposinf(y[9]).all()
+    keep = [i for i in range(24) if i not in (5, 9)]
+    assert torch.isfinite(y[keep]).all()
+
+
+def test_f32_gemm_equals_the_op_and_module():
+    """The op and Int8Linear route 16+ fp32 rows to the same kernel (same bits as the launcher)."""
+    from llmkern import ops
+    from llmkern.nn import Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 200)
+    m = Int8Linear.from_linear(lin)
+    x = torch.randn(40, 576)
+    want = launch(x, m.weight, m.weight_scale.reshape(200, -1).contiguous(), m.bias, 576, torch.get_num_threads())
+    assert torch.equal(ops.int8_linear(x, m.weight, m.weight_scale, m.bias, "w8a16"), want)
+    assert torch.equal(m(x), want) and torch.equal(m(x), want)  # first call (the op) and the prepared one
+
+
+@pytest.mark.parametrize("M,K,group,dtype,want", [
+    (15, 576, 32, 0, "tiles"),    # fewer rows than the route takes: the tiles (decode sizes go to the packed layout)
+    (16, 40, 40, 0, "tiles"),     # K not a multiple of 16
+    (16, 576, 8, 0, "tiles"),     # groups of 8: 16 values of k span two groups
+    (16, 576, 24, 2, "tiles"),    # groups of 24 likewise
+    (16, 576, 32, 2, "gemm_f32"),
+])
+def test_route_choice(M, K, group, dtype, want):
+    assert C.int8_linear_route(M, K, group, "w8a16", dtype, "avx512_vnni") == want
+    assert C.int8_linear_route(M, K, group, "w8a16", dtype, "avx2") == "tiles"  # AVX-512 only
+    assert C.int8_linear_route(M, K, group, "w8a8", dtype, "avx512_vnni") == "tiles"  # W8A16 only
+
+
+def test_route_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="mode"):
+        C.int8_linear_route(16, 64, 64, "w4a16", 0, "")
+    with pytest.raises(ValueError, match="x_dtype"):
+        C.int8_linear_route(16, 64, 64, "w8a16", 3, "")
+    with pytest.raises(ValueError, match="group_size"):
+        C.int8_linear_route(16, 64, 48, "w8a16", 0, "")

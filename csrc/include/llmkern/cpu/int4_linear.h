@@ -187,8 +187,9 @@ inline Int4Kernels make_avx512_kernels() {
   LLMKERN_I4_DEC(k.f32, v::dec_tile_f32, 3)
   LLMKERN_I4_DEC(k.f32, v::dec_tile_f32, 4)
   k.f32.dec_prep = &v::dec_prep_f32;
-  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float*, const float*, int64_t, void* w) {
-    v::unpack_panel_f32(qw, rb, ncols, k0, kc, static_cast<float*>(w));
+  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float* ss,
+                    const float* oo, int64_t G, void* w) {
+    v::unpack_panel_f32(qw, rb, ncols, k0, kc, ss, oo, G, static_cast<float*>(w));
   };
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 1)
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 2)
@@ -199,6 +200,7 @@ inline Int4Kernels make_avx512_kernels() {
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 7)
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 8)
   k.f32.kc = v::kKCf32;
+  k.f32.prefill_sums = false;  // dequantized panels: offsets are in the weights
   k.has_bf16 = features().avx512_bf16;
   LLMKERN_I4_DEC8(k.bf16, v::dec_tile_bf16, 1)
   LLMKERN_I4_DEC(k.bf16, v::dec_tile_bf16, 2)

@@ -19,6 +19,7 @@
 
 #include "llmkern/cpu/bf16_pairs_avx512.h"
 #include "llmkern/cpu/int4_linear_avx512.h"
+#include "llmkern/cpu/panel_gemm.h"
 
 namespace llmkern {
 namespace cpu {
@@ -113,35 +114,24 @@ LLMKERN_I4_BF16 inline void unpack_panel_bf16(const uint8_t* qw, int64_t rb, int
   }
 }
 
-// Dequantized fp32 panel: a plain fp32 GEMM tile, MR x NV vectors of fp32 sums over the K block, started
-// from C (or 0) and ended in C (or y), x broadcast from its rows. (Folding each group's sums with its
-// scale and offset instead, from panels of q, measured 1.04-1.05x slower at G = 32, the same at G = 128.)
+// Dequantized fp32 panel: panel_gemm.h's fp32 GEMM tile over the K block from C (or 0) to C (or y).
+// (Folding each group's sums with its scale and offset instead, from panels of q, measured 1.04-1.05x
+// slower at G = 32, the same at G = 128.)
+static_assert(kNS == pgemm::avx512::kNS && kMR <= 8, "the shared micro-kernels' panel width and rows");
 template <int MR, int NV>
 LLMKERN_I4_AVX512 void micro_f32(const Panel& p, const Micro& m) {
-  const float* w = static_cast<const float*>(p.w);
-  const float* xr[MR];
-  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) xr[i] = static_cast<const float*>(m.x[i]);
-  __m512 acc[MR][NV];
-  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
-    LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v)
-      acc[i][v] = m.first ? _mm512_setzero_ps() : _mm512_loadu_ps(m.c + i * kNS + 16 * v);
-  for (int64_t k = 0; k < p.kc; ++k) {
-    __m512 wv[NV];
-    LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(w + k * kNS + 16 * v);
-    LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) {
-      const __m512 xb = _mm512_set1_ps(xr[i][k]);
-      LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xb, wv[v], acc[i][v]);
-    }
+  pgemm::Rows r;
+  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) {
+    r.x[i] = static_cast<const float*>(m.x[i]);
+    r.out[i] = m.out[i];
   }
-  const int64_t es = dtype_size(m.dt);
-  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i)
-    LLMKERN_I4_UNROLL for (int v = 0; v < NV; ++v) {
-      if (m.last)
-        store16(acc[i][v], m.bias ? m.bias + 16 * v : nullptr, static_cast<char*>(m.out[i]) + 16 * v * es, m.dt,
-                tail16(m.ncols - 16 * v));
-      else
-        _mm512_storeu_ps(m.c + i * kNS + 16 * v, acc[i][v]);
-    }
+  r.c = m.c;
+  r.first = m.first;
+  r.last = m.last;
+  r.bias = m.bias;
+  r.dt = m.dt;
+  r.ncols = m.ncols;
+  pgemm::avx512::micro<MR, NV>(static_cast<const float*>(p.w), p.kc, r);
 }
 
 // Dequantized bf16 panel: a plain bf16 GEMM tile, MR x NV vectors of fp32 sums over the K block,

@@ -14,7 +14,7 @@
 // int8_linear_pack.h (bit-identical results). W8A8 calls of more rows given the GEMM layout (a.gemm)
 // on AVX-512 run the VNNI GEMM micro-kernels: int8_linear_gemm.h. W8A16 calls of 16+ bf16 rows on
 // AVX-512 BF16 CPUs run a bf16 GEMM over dequantized panels: int8_linear_bf16.h; other W8A16 calls of
-// 16+ rows on AVX-512 an fp32 GEMM over dequantized panels: int8_linear_f32.h.
+// 16+ rows on AVX-512 or AVX2 an fp32 GEMM over dequantized panels: int8_linear_f32.h.
 #pragma once
 
 #include <omp.h>
@@ -209,7 +209,7 @@ inline void int8_linear(const Int8LinearArgs& a, Isa isa) {
     case Int8Route::kPacked: return i8pk::int8_linear_packed(a, isa);
     case Int8Route::kGemmW8A8: return i8gm::int8_linear_gemm(a);
     case Int8Route::kGemmBf16: return i8bf::int8_linear_bf16(a);
-    case Int8Route::kGemmF32: return i8f::int8_linear_f32(a);
+    case Int8Route::kGemmF32: return i8f::int8_linear_f32(a, isa);
     case Int8Route::kTiles: break;
   }
   const IsaKernels& kk = kernels_for(isa);

@@ -146,9 +146,13 @@ inline Int4Kernels make_avx2_kernels() {
   LLMKERN_I4_DEC(k.f32, v::dec_tile, 3)
   LLMKERN_I4_DEC(k.f32, v::dec_tile, 4)
   k.f32.dec_prep = &v::dec_prep;
-  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float*, const float*, int64_t, void* w) {
-    if (rb < (int64_t(1) << 27)) v::unpack_panel_f32(qw, rb, ncols, k0, kc, static_cast<float*>(w));  // 8 rb fits int32
-    else int4_scalar::unpack_panel_f32(qw, rb, ncols, v::kNS, k0, kc, static_cast<float*>(w));
+  k.f32.unpack = [](const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc, const float* ss,
+                    const float* oo, int64_t G, void* w) {
+    float* wf = static_cast<float*>(w);
+    if (rb < (int64_t(1) << 27)) return v::unpack_panel_f32(qw, rb, ncols, k0, kc, ss, oo, G, wf);  // 8 rb fits int32
+    int4_scalar::unpack_panel_f32(qw, rb, ncols, v::kNS, k0, kc, wf);  // q, then dequantized in place
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t n = 0; n < v::kNS; ++n) wf[k * v::kNS + n] = wf[k * v::kNS + n] * ss[(k / G) * v::kNS + n] + oo[(k / G) * v::kNS + n];
   };
 #define LLMKERN_I4_MICRO2(MR)           \
   k.f32.micro[MR][1] = &v::micro<MR, 1>; \
@@ -161,6 +165,7 @@ inline Int4Kernels make_avx2_kernels() {
   LLMKERN_I4_MICRO2(6)
 #undef LLMKERN_I4_MICRO2
   k.f32.kc = v::kKC;
+  k.f32.prefill_sums = false;  // dequantized panels: offsets are in the weights
   k.ns = v::kNS;
   k.mr = v::kMR;
   k.vec = 8;

@@ -8,8 +8,8 @@
 //   exactly and every FMA rounds what it rounded before: the same bits. Where that scaling could
 //   leave the normal range (a value 0 < |x| < 2^-102), the prep writes the plain row instead and
 //   the tiles shift and mask as before (DecodeTile::x_scaled).
-// - prefill: fp32 panels [k][16] (the portable unpack of int4_linear_scalar.h) and 6 x 2-vector
-//   micro-kernels (12 accumulators of the 16 ymm registers; C through the thread's C tile).
+// - prefill: fp32 panels [k][16] of dequantized weights and panel_gemm.h's 6 x 2-vector micro-kernels
+//   (12 accumulators of the 16 ymm registers; C through the thread's C tile).
 // fp32 arithmetic only (bf16/fp16 x are converted to fp32).
 #pragma once
 
@@ -25,6 +25,7 @@
 
 #include "llmkern/cpu/int4_linear_common.h"
 #include "llmkern/cpu/int4_linear_scalar.h"
+#include "llmkern/cpu/panel_gemm.h"
 
 #define LLMKERN_I4_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define LLMKERN_I4_AVX2_INLINE LLMKERN_I4_AVX2 inline __attribute__((always_inline))
@@ -181,15 +182,16 @@ void dec_tile(const DecodeTile& t) {
 
 constexpr int64_t kNS = 16, kKC = 128, kMR = 6;
 
-// fp32 panel w[k * kNS + n] = q[n0 + n, k0 + k] for k < kc (a multiple of 8), 0 for ncols <= n < kNS
-// (qw: row n0 at byte 0, rows rb bytes apart): the 4-byte words (8 values of k) of 8 rows gathered
-// into the lanes, then nibble t of every lane is value k + t. The values of the portable unpack
-// (int4_scalar::unpack_panel_f32), which wrote them one at a time: 3-11% of an AVX2 prefill call.
-// Lane offsets 8 rb must fit int32 (the caller falls back to the portable unpack otherwise).
+// fp32 panel of dequantized weights w[k * kNS + n] = q[n0 + n, k0 + k] * scale + offset (multiply, then
+// add: the canonical value) for k < kc (a multiple of 8), 0 for ncols <= n < kNS (their scales and offsets
+// in ss / oo [g][kNS] are 0) (qw: row n0 at byte 0, rows rb bytes apart): the 4-byte words (8 values of
+// k, one group: G >= 32) of 8 rows gathered into the lanes, then nibble t of every lane is value k + t.
+// Lane offsets 8 rb must fit int32 (the caller takes the portable unpack otherwise).
 LLMKERN_I4_AVX2 inline void unpack_panel_f32(const uint8_t* qw, int64_t rb, int64_t ncols, int64_t k0, int64_t kc,
-                                             float* w) {
+                                             const float* ss, const float* oo, int64_t G, float* w) {
   const __m256i nib = _mm256_set1_epi32(15);
   const __m256i vidx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(rb)));
+  const int gs = __builtin_ctzll(static_cast<uint64_t>(G));
   for (int64_t v = 0; v < kNS / 8; ++v) {
     float* dst = w + 8 * v;
     const int64_t cols = ncols - 8 * v;
@@ -202,48 +204,33 @@ LLMKERN_I4_AVX2 inline void unpack_panel_f32(const uint8_t* qw, int64_t rb, int6
     for (int64_t k = 0; k < kc; k += 8) {
       const __m256i d = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), reinterpret_cast<const int*>(base + k / 2),
                                                     vidx, m, 1);
-      LLMKERN_I4_UNROLL2 for (int t = 0; t < 8; ++t)
-        _mm256_storeu_ps(dst + (k + t) * kNS, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 4 * t), nib)));
+      const __m256 sv = _mm256_loadu_ps(ss + (k >> gs) * kNS + 8 * v), ov = _mm256_loadu_ps(oo + (k >> gs) * kNS + 8 * v);
+      LLMKERN_I4_UNROLL2 for (int t = 0; t < 8; ++t) {
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 4 * t), nib));
+        _mm256_storeu_ps(dst + (k + t) * kNS, _mm256_add_ps(_mm256_mul_ps(q, sv), ov));
+      }
     }
   }
 }
 
-// Micro-kernel: MR <= 6 rows x NV <= 2 vectors (16 columns). A group's dot products D take 12
-// accumulators (12 independent FMA chains: the FMA latency x throughput needs 8), the panel vectors
-// 2 and the broadcast row value 1: all 15 of the 16 ymm registers. At the group's end C = (C or 0)
-// + D * scale + X * offset goes through the thread's C tile (L1) rather than 12 more registers:
-// the same fp32 operations in the same order as when C stayed in registers (3 x 2 tiles: 6 chains,
-// ~60% of the FMA peak; docs/notes/cpu-avx2-int8pack.md).
+// Micro-kernel: panel_gemm.h's AVX2 fp32 GEMM tile (MR <= 6 rows x NV <= 2 vectors: 12 accumulators)
+// over the dequantized panel, from C (or 0) to C (or y). It replaced per-group folds of q panels
+// (each group's sums times its scale, plus X times its offset, through the C tile).
+static_assert(kNS == pgemm::avx2::kNS && kMR <= 8, "the shared micro-kernels' panel width and rows");
 template <int MR, int NV>
 LLMKERN_I4_AVX2 void micro(const Panel& p, const Micro& m) {
-  const float* w = static_cast<const float*>(p.w);
-  const int64_t G = p.group, ng = p.kc / G;
-  const float* xr[MR];
-  LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) xr[i] = static_cast<const float*>(m.x[i]);
-  for (int64_t g = 0; g < ng; ++g) {
-    __m256 acc[MR][NV];
-    LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i)
-      LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
-    for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-      __m256 wv[NV];
-      LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_ps(w + k * kNS + 8 * v);
-      LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) {
-        const __m256 xb = _mm256_broadcast_ss(xr[i] + k);
-        LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(xb, wv[v], acc[i][v]);
-      }
-    }
-    const bool from_zero = m.first && g == 0, to_out = m.last && g == ng - 1;
-    LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) {
-      float* c = m.c + i * kNS;
-      const __m256 xo = _mm256_broadcast_ss(m.xs[i] + g);
-      LLMKERN_I4_UNROLL2 for (int v = 0; v < NV; ++v) {
-        const __m256 s = _mm256_loadu_ps(p.ss + g * kNS + 8 * v), o = _mm256_loadu_ps(p.oo + g * kNS + 8 * v);
-        __m256 r = _mm256_fmadd_ps(acc[i][v], s, from_zero ? _mm256_setzero_ps() : _mm256_loadu_ps(c + 8 * v));
-        _mm256_storeu_ps(c + 8 * v, _mm256_fmadd_ps(xo, o, r));
-      }
-      if (to_out) store_row(c, m.bias, m.out[i], m.dt, m.ncols);  // y = C + bias in x's dtype
-    }
+  pgemm::Rows r;
+  LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) {
+    r.x[i] = static_cast<const float*>(m.x[i]);
+    r.out[i] = m.out[i];
   }
+  r.c = m.c;
+  r.first = m.first;
+  r.last = m.last;
+  r.bias = m.bias;
+  r.dt = m.dt;
+  r.ncols = m.ncols;
+  pgemm::avx2::micro<MR, NV>(static_cast<const float*>(p.w), p.kc, r);
 }
 
 }  // namespace int4_avx2

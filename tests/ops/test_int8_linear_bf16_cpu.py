@@ -11,31 +11,18 @@ import pytest
 import torch
 
 import llmkern._C as C
-from _cpu_helpers import ISAS
+from _cpu_helpers import ISAS, launch_w8a16, reference_w8a16
 
 pytestmark = pytest.mark.skipif(
     "avx512_vnni" not in ISAS or not C.cpu_features()["avx512_bf16"], reason="needs AVX-512 BF16")
 
 
-def launch(x, w, scale, bias, group, threads, out=None):
+def launch(x, w, scale, bias, group, threads):
     """y [M, N] bf16 through llmkern._C.int8_linear (W8A16, AVX-512), into a NaN-poisoned buffer."""
-    M, K = x.shape
-    N = w.shape[0]
-    big = torch.full((M, N + 5), float("nan"), dtype=torch.bfloat16)  # rows 5 wider: nothing past N written
-    out = big[:, :N]
-    ws = torch.empty(C.int8_linear_workspace_size(M, K, N, "w8a16", threads), dtype=torch.uint8)
-    C.int8_linear(x.data_ptr(), 1, x.stride(0), M, K, w.data_ptr(), N, scale.data_ptr(), group,
-                  0 if bias is None else bias.data_ptr(), out.data_ptr(), N + 5, "w8a16", ws.data_ptr(), ws.numel(),
-                  threads, "avx512_vnni")
-    assert torch.isnan(big[:, N:]).all(), "wrote past the row"
-    return out
+    return launch_w8a16(x, w, scale, bias, group, threads, "avx512_vnni")
 
 
-def reference(x, w, scale, bias, group):
-    N, K = w.shape
-    s = scale.double().reshape(N, -1).repeat_interleave(group, dim=1)  # [N, K]
-    y = x.double() @ (w.double() * s).T
-    return y if bias is None else y + bias.double()
+reference = reference_w8a16
 
 
 CASES = [  # M, N, K, group (K: per channel), bias

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import llmkern._C as C
-from _cpu_helpers import ISAS
+from _cpu_helpers import ISAS, launch_w8a16, reference_w8a16
 
 GEMM_ISAS = [i for i in ("avx512_vnni", "avx2") if i in ISAS]  # the route's kernels: 48-column panels, 16-column
 pytestmark = pytest.mark.skipif(not GEMM_ISAS, reason="needs AVX-512 or AVX2")
@@ -21,25 +21,11 @@ _CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def launch(x, w, scale, bias, group, threads, isa="avx512_vnni"):
-    """y [M, N] in x's dtype through llmkern._C.int8_linear (W8A16, the ISA's kernels), into a NaN-poisoned buffer."""
-    M, K = x.shape
-    N = w.shape[0]
-    big = torch.full((M, N + 5), float("nan"), dtype=x.dtype)  # rows 5 wider: nothing past N written
-    out = big[:, :N]
-    ws = torch.empty(C.int8_linear_workspace_size(M, K, N, "w8a16", threads), dtype=torch.uint8)
-    C.int8_linear(x.data_ptr(), _CODE[x.dtype], x.stride(0), M, K, w.data_ptr(), N, scale.data_ptr(), group,
-                  0 if bias is None else bias.data_ptr(), out.data_ptr(), N + 5, "w8a16", ws.data_ptr(), ws.numel(),
-                  threads, isa)
-    assert torch.isnan(big[:, N:]).all(), "wrote past the row"
-    return out
+    """y [M, N] in x's dtype through the launcher, the ISA pinned (AVX-512 unless given)."""
+    return launch_w8a16(x, w, scale, bias, group, threads, isa)
 
 
-def reference(x, w, scale, bias, group):
-    """float64 x @ dequant(w)^T (+ bias), dequant(w)[n, k] = w[n, k] * scale[n, k // group]."""
-    N, K = w.shape
-    s = scale.double().reshape(N, -1).repeat_interleave(group, dim=1)  # [N, K]
-    y = x.double() @ (w.double() * s).T
-    return y if bias is None else y + bias.double()
+reference = reference_w8a16
 
 
 CASES = [  # M, N, K, group (K: per channel), bias

@@ -219,18 +219,7 @@ LLMKERN_I4_AVX2 inline void unpack_panel_f32(const uint8_t* qw, int64_t rb, int6
 static_assert(kNS == pgemm::avx2::kNS && kMR <= 8, "the shared micro-kernels' panel width and rows");
 template <int MR, int NV>
 LLMKERN_I4_AVX2 void micro(const Panel& p, const Micro& m) {
-  pgemm::Rows r;
-  LLMKERN_I4_UNROLL2 for (int i = 0; i < MR; ++i) {
-    r.x[i] = static_cast<const float*>(m.x[i]);
-    r.out[i] = m.out[i];
-  }
-  r.c = m.c;
-  r.first = m.first;
-  r.last = m.last;
-  r.bias = m.bias;
-  r.dt = m.dt;
-  r.ncols = m.ncols;
-  pgemm::avx2::micro<MR, NV>(static_cast<const float*>(p.w), p.kc, r);
+  pgemm::avx2::micro<MR, NV>(static_cast<const float*>(p.w), p.kc, gemm_rows<MR>(m));
 }
 
 }  // namespace int4_avx2

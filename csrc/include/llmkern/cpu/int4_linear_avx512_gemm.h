@@ -120,18 +120,7 @@ LLMKERN_I4_BF16 inline void unpack_panel_bf16(const uint8_t* qw, int64_t rb, int
 static_assert(kNS == pgemm::avx512::kNS && kMR <= 8, "the shared micro-kernels' panel width and rows");
 template <int MR, int NV>
 LLMKERN_I4_AVX512 void micro_f32(const Panel& p, const Micro& m) {
-  pgemm::Rows r;
-  LLMKERN_I4_UNROLL for (int i = 0; i < MR; ++i) {
-    r.x[i] = static_cast<const float*>(m.x[i]);
-    r.out[i] = m.out[i];
-  }
-  r.c = m.c;
-  r.first = m.first;
-  r.last = m.last;
-  r.bias = m.bias;
-  r.dt = m.dt;
-  r.ncols = m.ncols;
-  pgemm::avx512::micro<MR, NV>(static_cast<const float*>(p.w), p.kc, r);
+  pgemm::avx512::micro<MR, NV>(static_cast<const float*>(p.w), p.kc, gemm_rows<MR>(m));
 }
 
 // Dequantized bf16 panel: a plain bf16 GEMM tile, MR x NV vectors of fp32 sums over the K block,

@@ -24,6 +24,7 @@
 #include <cstring>
 
 #include "llmkern/cpu/convert.h"
+#include "llmkern/cpu/panel_gemm.h"
 
 namespace llmkern {
 namespace cpu {
@@ -260,6 +261,23 @@ struct Micro {
   int64_t ncols;            // valid columns of the panel (<= NS)
 };
 using MicroFn = void (*)(const Panel&, const Micro&);
+
+// The first MR rows of a micro-kernel call as panel_gemm.h's fp32 micro-kernels take them (x fp32).
+template <int MR>
+inline pgemm::Rows gemm_rows(const Micro& m) {
+  pgemm::Rows r;
+  for (int i = 0; i < MR; ++i) {
+    r.x[i] = static_cast<const float*>(m.x[i]);
+    r.out[i] = m.out[i];
+  }
+  r.c = m.c;
+  r.first = m.first;
+  r.last = m.last;
+  r.bias = m.bias;
+  r.dt = m.dt;
+  r.ncols = m.ncols;
+  return r;
+}
 
 // Rows of one M chunk: all rows (up to kChunkMaxRows) when x is read in place, fewer when rows
 // are converted (kConvBudget bytes) or packed (kPackBudget) first; a multiple of 8.

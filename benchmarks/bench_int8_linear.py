@@ -1,6 +1,7 @@
 """int8_linear (y = x @ dequant(w)^T) against F.linear, torch._weight_int8pack_mm and torch._int_mm.
 
-Group = (layer shape N x K, rows M, activation dtype). Entries:
+Group = (layer shape N x K, rows M, activation dtype; per-channel scales, or "G32": a scale per 32 values of
+k, as GGUF Q8_0 / Q5_0 load, on the CPU prefill cases). Entries:
 - llmkern.<backend>.w8a16 / .w8a8: `llmkern.ops.int8_linear(x, w int8 [N, K], scale fp32 [N], mode=...)`;
 - llmkern.<backend>.<mode>.module: the `llmkern.nn.Int8Linear` module over the same weights, the path
   a model runs (after its first, checked call the module calls the backend's prepared runner: no
@@ -39,37 +40,66 @@ PEERS = ("F.linear", "torch._weight_int8pack_mm", "torch._int_mm.w8a8")
 TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2, "w8a8": 3e-2}
 
 
+# Grouped weights (a scale per 32 values of k: GGUF Q8_0 / Q5_0 files load so) on the CPU prefill cases.
+# torch's int8 peers take per-channel scales only, so these groups have F.linear as their peer.
+GROUPED = 32
+GROUPED_PEERS = ("F.linear",)
+
+
+def _cases() -> list:
+    """The per-channel cases (plain LinearCase: targets.py names them), then a "G32" variant of each CPU case
+    with M > 1 (prefill sizes): llmkern's W8A16 prefill routes are the ones grouped scales change most."""
+    cases = list(S.linear_cases(gpu_rows=(1, 1024)))  # GPU: decode, and issue 7's W8A8 M >= 1024
+    if not S.GPU:
+        cases += [S.Variant(c, f"G{GROUPED}", (("G", GROUPED),)) for c in cases if c.M > 1 and c.K % GROUPED == 0]
+    return cases
+
+
+def _base(case):
+    """The LinearCase of a case or of its grouped variant."""
+    return getattr(case, "base", case)
+
+
+def _group(case) -> int:
+    """Scale group along K: the variant's G, else K (per channel)."""
+    return case.shape.get("G", _base(case).K)
+
+
 def _items():
     items = []
-    for case in S.linear_cases(gpu_rows=(1, 1024)):  # GPU: decode, and issue 7's W8A8 M >= 1024
+    for case in _cases():
+        c, grouped = _base(case), isinstance(case, S.Variant)
         for dt in S.dtypes():
-            if S.read_entry_wanted(case.M):
+            if S.read_entry_wanted(c.M):
                 items.append((case, dt, S.READ_ENTRY))
-            flops = 2.0 * case.M * case.N * case.K
-            for b in S.llmkern_backends(OP, flops, 4.0 * case.N * case.K):  # the reference dequantizes to fp32+
+            flops = 2.0 * c.M * c.N * c.K
+            for b in S.llmkern_backends(OP, flops, 4.0 * c.N * c.K):  # the reference dequantizes to fp32+
                 items += [(case, dt, f"llmkern.{b}.{mode}") for mode in MODES]
                 if b != "reference":
                     items += [(case, dt, f"llmkern.{b}.{mode}.module") for mode in MODES]
                 if b == "cpu":
                     items += [(case, dt, f"llmkern.cpu.{mode}.step") for mode in MODES]
-                if b == "cuda" and case.M > 16 and torch.cuda.is_available() and \
+                if b == "cuda" and c.M > 16 and torch.cuda.is_available() and \
                         torch.cuda.get_device_capability() == (9, 0):
                     items.append((case, dt, "llmkern.cuda.w8a8.sm90"))
-                if b == "cuda" and case.M > 16 and dt != "fp32":
+                if b == "cuda" and c.M > 16 and dt != "fp32":
                     items.append((case, dt, "llmkern.cuda.w8a16.dequant_cublas"))
-            items += [(case, dt, p) for p in PEERS]
-            if S.read_entry_wanted(case.M):
+            items += [(case, dt, p) for p in (GROUPED_PEERS if grouped else PEERS)]
+            if S.read_entry_wanted(c.M):
                 items.append((case, dt, S.READ_ENTRY_END))
     return items
 
 
 def _make(case, device):
-    """Random int8 weight [N, K], fp32 scale [N], fp32 x [M, K] and the fp32 result y [M, N]."""
+    """Random int8 weight [N, K], fp32 scale [N] (per channel) or [N, K / G], fp32 x [M, K] and the fp32
+    result y [M, N]."""
+    c, G = _base(case), _group(case)
     g = torch.Generator().manual_seed(0)
-    w = torch.randint(-127, 128, (case.N, case.K), dtype=torch.int8, generator=g)
-    scale = torch.rand(case.N, generator=g) * 0.02 + 0.002  # [N], the magnitude of real int8 scales
-    x = torch.randn(case.M, case.K, generator=g)
-    w_deq = w.float() * scale[:, None]  # [N, K] fp32: what the int8 layer stands for
+    w = torch.randint(-127, 128, (c.N, c.K), dtype=torch.int8, generator=g)
+    # the magnitude of real int8 scales; [N] per channel, else [N, K / G]
+    scale = torch.rand(c.N, generator=g) * 0.02 + 0.002 if G == c.K else torch.rand(c.N, c.K // G, generator=g) * 0.02 + 0.002
+    x = torch.randn(c.M, c.K, generator=g)
+    w_deq = w.float() * scale.reshape(c.N, -1).repeat_interleave(G, 1)  # [N, K] fp32: what the int8 layer stands for
     d = {"w": w, "scale": scale, "x": x, "w_deq": w_deq}
     d["y"] = F.linear(x, w_deq)  # [M, N] fp32 ground truth for the sanity check
     return {k: v.to(device) for k, v in d.items()}
@@ -87,13 +117,13 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
     t = group_cache.get(case, lambda: _make(case, bench.device))
     dt = S.DTYPES[dtype]
     e = S.ELT[dtype]
-    M, N, K = case.M, case.N, case.K
+    M, N, K = _base(case).M, _base(case).N, _base(case).K
+    w, scale = t["w"], t["scale"]
+    wbytes = N * K + 4 * scale.numel()  # int8 weights and fp32 scales
     if impl in (S.READ_ENTRY, S.READ_ENTRY_END):  # the group's own read bandwidth: as many bytes as its int8 weights
-        bench.memory_read(impl, op=OP, case=case, dtype=dtype,
-                          nbytes=N * K + 4 * N)
+        bench.memory_read(impl, op=OP, case=case, dtype=dtype, nbytes=wbytes)
         return
     x = _derived(t, ("x", dtype), lambda: t["x"].to(dt))  # [M, K]
-    w, scale = t["w"], t["scale"]
     io_bytes = M * K * e + M * N * e  # activations in, results out
     flops = 2.0 * M * N * K
     compute, tol = dtype, TOL[dtype]
@@ -101,7 +131,7 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
     if impl in ("llmkern.cuda.w8a8.sm90", "llmkern.cuda.w8a16.dequant_cublas"):
         from llmkern.ops import int8_linear
 
-        nxt = bench.rotating((w, scale), N * K + 4 * N)
+        nxt = bench.rotating((w, scale), wbytes)
         mode = impl.split(".")[2]
         ops_mod = importlib.import_module("llmkern.ops.int8_linear")  # the module, not the function
 
@@ -115,13 +145,13 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
         backend, kind = "cuda", "llmkern"
         if mode == "w8a8":
             compute, tol = "int8", TOL["w8a8"]
-        nbytes = N * K + 4 * N + io_bytes
+        nbytes = wbytes + io_bytes
     elif impl.startswith("llmkern."):
         _, backend, mode, *module = impl.split(".")
         from llmkern.nn import Int8Linear
         from llmkern.ops import int8_linear
 
-        nxt = bench.rotating((w, scale), N * K + 4 * N)
+        nxt = bench.rotating((w, scale), wbytes)
         if module:
             # one module per rotated copy; each one's first call checks its weights and prepares it
             mods = [Int8Linear.from_quantized(*nxt(), mode=mode, backend=backend)
@@ -136,7 +166,7 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
                     pytest.skip("the module has no prepared CPU kernel here")
         else:
             fn = lambda: int8_linear(x, *nxt(), None, mode, backend=backend)  # noqa: E731
-        nbytes = N * K + 4 * N + io_bytes
+        nbytes = wbytes + io_bytes
         if mode == "w8a8":
             compute, tol = "int8", TOL["w8a8"]
         kind = "llmkern"
@@ -151,7 +181,7 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
         fn = lambda: torch._weight_int8pack_mm(x, *nxt())  # noqa: E731
         nbytes, backend, kind = N * K + N * e + io_bytes, None, "peer"
     elif impl == "torch._int_mm.w8a8":
-        nxt = bench.rotating((w, scale), N * K + 4 * N)
+        nxt = bench.rotating((w, scale), wbytes)
 
         def fn():
             wq, ws = nxt()
@@ -161,7 +191,7 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
             acc = torch._int_mm(xq, wq.t())  # [M, N] int32; w^T: a [K, N] view of the [N, K] weight
             return (acc.float() * sx * ws).to(dt)
 
-        nbytes, backend, kind = N * K + 4 * N + io_bytes, None, "peer"
+        nbytes, backend, kind = wbytes + io_bytes, None, "peer"
         compute, tol = "int8", TOL["w8a8"]
     else:
         raise AssertionError(impl)

@@ -233,9 +233,10 @@ void bind_int8_linear(py::module_& m) {
         a.w8a8 = parse_mode(mode, where);
         if (x_dtype < 0 || x_dtype > 2)
           fail_arg(where, "x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
-        if (M < 1 || K < 1 || group_size < 1 || K % group_size)
-          fail_arg(where, "need M >= 1, K >= 1 and a group_size dividing K, got M=" + std::to_string(M) + " K=" +
-                              std::to_string(K) + " group_size=" + std::to_string(group_size));
+        if (M < 1 || M > kMaxDim) fail_arg(where, "M must be in [1, 2^31], got " + std::to_string(M));
+        if (K < 1 || K > kMaxDim) fail_arg(where, "K must be in [1, 2^31], got " + std::to_string(K));
+        if (group_size < 1 || K % group_size)
+          fail_arg(where, "group_size must divide K=" + std::to_string(K) + ", got " + std::to_string(group_size));
         a.M = M;
         a.K = K;
         a.group = group_size;

@@ -294,3 +294,25 @@ def test_cpu_info():
     for limit in (info["decode_max_rows"], info["decode_max_rows_f32"]):  # SHAPES cover both paths of each route
         assert any(M <= limit for M, *_ in SHAPES) and any(M > limit for M, *_ in SHAPES)
     assert info["bf16_dot"] == (C.cpu_features()["avx512_bf16"] and "avx512_vnni" in ISAS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_prefill_reads_the_canonical_dequantized_weights(isa, dtype, monkeypatch):
+    """One-hot rows make each output one dequantized weight: the prefill panels must hold q * scale, then
+    + offset, each rounded (dequantize_int4), not a fused multiply-add rounded once (GCC contracts a * b + c
+    into an FMA unless kept apart), and not a per-group fold. bf16 x: the weight rounded to bf16 once."""
+    from llmkern.reference.quant import dequantize_int4
+
+    monkeypatch.setenv("LLMKERN_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(11)
+    N, K, G, M = 64, 1024, 32, 200  # M > 16: the prefill path on every route
+    qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
+    scales = torch.randn(N, K // G, generator=gen) * 0.1
+    offsets = torch.randn(N, K // G, generator=gen) * 0.3
+    ks = torch.randperm(K, generator=gen)[:M]
+    x = torch.zeros(M, K)
+    x[torch.arange(M), ks] = 1.0  # [M, K]: row m picks k = ks[m]
+    want = dequantize_int4(qw, scales, offsets)[:, ks].T  # [M, N]: q * s, then + o, in fp32
+    y = OPS["int4_linear"](x.to(dtype), qw, scales, offsets, None, backend="cpu")
+    assert torch.equal(y, want.to(dtype)), (y.float() != want.to(dtype).float()).sum().item()

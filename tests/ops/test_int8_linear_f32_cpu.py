@@ -1,10 +1,13 @@
 """int8_linear W8A16 of 16+ rows on AVX-512 and AVX2 with fp32 arithmetic: the fp32 GEMM over dequantized panels
 (csrc/include/llmkern/cpu/int8_linear_f32.h, panel_gemm.h), through the launcher with poisoned outputs.
 
-Shapes cross every edge of its blocking: 16-column vectors and 48-column strips (AVX2: 8 and 16; N tails), K blocks
-(K > 128, K = 576 cut in 128 + 4 x 112; AVX2 K > 256), 8-row micro-kernel blocks (AVX2 6; M tails), chunks of rows (K = 16384: 128 rows a chunk),
-more threads than column vectors (rows split instead), per-channel and grouped scales (16, 32, 48: a group
-boundary inside a K block), strided x rows; fp32 x read in place, fp16 and bf16 x (AVX2; AVX-512 without BF16) through converted chunks.
+Shapes cross every edge of its blocking:
+- 16-column vectors and 48-column strips (AVX2: 8 and 16), with N tails;
+- K blocks (K > 128, K = 576 cut in 128 + 4 x 112; AVX2: K > 256);
+- 8-row micro-kernel blocks (AVX2: 6), with M tails; chunks of rows (K = 16384: 128 rows a chunk);
+- more threads than column vectors (the rows are split instead);
+- per-channel and grouped scales (16, 32, 48: a group boundary inside a K block); strided x rows.
+fp32 x is read in place; fp16 and bf16 x (AVX2, or AVX-512 without BF16) through converted chunks.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 import llmkern._C as C
 from _cpu_helpers import ISAS, launch_w8a16, reference_w8a16
 
-GEMM_ISAS = [i for i in ("avx512_vnni", "avx2") if i in ISAS]  # the route's kernels: 48-column panels, 16-column
+GEMM_ISAS = [i for i in ("avx512_vnni", "avx2") if i in ISAS]  # the ISAs the route has kernels for
 pytestmark = pytest.mark.skipif(not GEMM_ISAS, reason="needs AVX-512 or AVX2")
 
 _CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -130,3 +133,7 @@ def test_route_bad_arguments_name_themselves():
         C.int8_linear_route(16, 64, 64, "w8a16", 3, "")
     with pytest.raises(ValueError, match="group_size"):
         C.int8_linear_route(16, 64, 48, "w8a16", 0, "")
+    with pytest.raises(ValueError, match="M must"):
+        C.int8_linear_route(0, 64, 64, "w8a16", 0, "")
+    with pytest.raises(ValueError, match="K must"):
+        C.int8_linear_route(16, 2 ** 40, 16, "w8a16", 0, "")

@@ -207,7 +207,7 @@ LLMKERN_I4_AVX2 inline void unpack_panel_f32(const uint8_t* qw, int64_t rb, int6
       const __m256 sv = _mm256_loadu_ps(ss + (k >> gs) * kNS + 8 * v), ov = _mm256_loadu_ps(oo + (k >> gs) * kNS + 8 * v);
       LLMKERN_I4_UNROLL2 for (int t = 0; t < 8; ++t) {
         const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 4 * t), nib));
-        _mm256_storeu_ps(dst + (k + t) * kNS, _mm256_add_ps(_mm256_mul_ps(q, sv), ov));
+        _mm256_storeu_ps(dst + (k + t) * kNS, _mm256_add_ps(pgemm::rounded(_mm256_mul_ps(q, sv)), ov));
       }
     }
   }

@@ -74,7 +74,7 @@ LLMKERN_I4_AVX512 inline void unpack_panel_f32(const uint8_t* qw, int64_t rb, in
         float* dst = w + (128 * c + 8 * d) * kNS + 16 * v;
         LLMKERN_I4_UNROLL for (int t = 0; t < 8; ++t) {
           const __m512 q = _mm512_permutexvar_ps(_mm512_srli_epi32(r[d], 4 * t), tab);
-          _mm512_storeu_ps(dst + t * kNS, _mm512_add_ps(_mm512_mul_ps(q, sv), ov));
+          _mm512_storeu_ps(dst + t * kNS, _mm512_add_ps(pgemm::rounded(_mm512_mul_ps(q, sv)), ov));
         }
       }
     }
@@ -105,7 +105,8 @@ LLMKERN_I4_BF16 inline void unpack_panel_bf16(const uint8_t* qw, int64_t rb, int
         LLMKERN_I4_UNROLL for (int b = 0; b < 4; ++b) {  // byte b of the word: pair 4d + b
           const __m512 lo = _mm512_permutexvar_ps(_mm512_srli_epi32(r[d], 8 * b), tab);
           const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(r[d], 8 * b + 4), tab);
-          const __m512 wl = _mm512_add_ps(_mm512_mul_ps(lo, s), o), wh = _mm512_add_ps(_mm512_mul_ps(hi, s), o);
+          const __m512 wl = _mm512_add_ps(pgemm::rounded(_mm512_mul_ps(lo, s)), o);
+          const __m512 wh = _mm512_add_ps(pgemm::rounded(_mm512_mul_ps(hi, s)), o);
           const __m512i bf = (__m512i)_mm512_cvtne2ps_pbh(wh, wl);
           _mm512_storeu_si512(dst + b * kNS, _mm512_permutexvar_epi16(pairs, bf));
         }

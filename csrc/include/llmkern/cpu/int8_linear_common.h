@@ -10,9 +10,9 @@
 // calls of 16+ bf16 rows on AVX-512 BF16 CPUs (int8_linear_bf16.h: a bf16 GEMM, within bf16 rounding).
 #pragma once
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -160,9 +160,9 @@ inline int64_t bf16_workspace_bytes(int64_t M, int64_t K, int num_threads) {
          kAlign;
 }
 
-// W8A16 fp32 GEMM route (int8_linear_f32.h: AVX-512, M >= kF32MinRows, K % 16 == 0): [chunk rows, a
+// W8A16 fp32 GEMM route (int8_linear_f32.h: AVX-512 or AVX2, M >= kF32MinRows, K % 16 == 0): [chunk rows, a
 // multiple of 16, of K floats] (x not fp32: the chunk's rows converted), then per thread a weight panel
-// (kF32KC x kF32NS floats) and a C tile (chunk rows x kF32NS floats).
+// (kF32KC x kF32NS floats; AVX2's 2 kF32KC x 16 fit) and a C tile (chunk rows x kF32NS floats).
 constexpr int64_t kF32NS = 48, kF32KC = 128, kF32MinRows = 16;
 constexpr int64_t kF32ChunkBudget = int64_t(8) << 20;  // bytes of converted x per chunk of rows
 

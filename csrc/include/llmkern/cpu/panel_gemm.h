@@ -30,6 +30,18 @@ namespace llmkern {
 namespace cpu {
 namespace pgemm {
 
+// v as computed, opaque to the optimizer: `rounded(a * b) + c` stays a multiply and an add, each rounded,
+// where GCC (-ffp-contract=fast, its default) would fuse a * b + c into one FMA that rounds once. The
+// dequantized panels need the canonical q * scale + offset (two roundings) bit for bit.
+LLMKERN_PG_AVX512 inline __attribute__((always_inline)) __m512 rounded(__m512 v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
+LLMKERN_PG_AVX2 inline __attribute__((always_inline)) __m256 rounded(__m256 v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
 // One micro-kernel call's rows and outputs.
 struct Rows {
   const float* x[8];  // row i of x at the panel's first k (fp32)

@@ -11,7 +11,7 @@
 // (Int4LinearArgs::packed, see int4_linear_common.h) stream that instead: same tiles, same results.
 // Prefill path: rows are processed in M chunks (all rows, up to kChunkMaxRows, when x is read in
 // place; fewer when rows are first converted to fp32). Per chunk, the threads prepare the rows
-// (group sums X, conversion) together, then each takes a contiguous range of strips (NS output
+// (conversion; group sums X for the portable route) together, then each takes a contiguous range of strips (NS output
 // columns; rows are split too when there are fewer strips than threads), transposes the strip's
 // scales and offsets once, unpacks each K block of the strip once into a panel and runs the
 // micro-kernels over all of its rows, while prefetching the same block of its next strip.
@@ -19,7 +19,8 @@
 // Routes: bf16 x on a CPU with AVX512-BF16 uses bf16 dot products: decode multiplies x by q (exact
 // in bf16) and applies scales per group in fp32; prefill multiplies x by the canonical weights
 // rounded to bf16 (the weights F.linear in bf16 would use), a plain bf16 GEMM. Everything else uses
-// fp32 FMAs on exact q (bf16/fp16 x converted to fp32, exactly) with per-group scales.
+// fp32 FMAs (bf16/fp16 x converted to fp32, exactly): decode on exact q with per-group scales, AVX-512
+// and AVX2 prefill on the canonical fp32 weights (panel_gemm.h), portable prefill on q per group.
 #pragma once
 
 #include <omp.h>

@@ -5,17 +5,18 @@
 // q[n, 2j] (low nibble) and q[n, 2j+1] (high nibble); scales, offsets [N, K/G] fp32;
 // w[n, k] = q[n, k] * scale[n, g] + offset[n, g] with g = k / G.
 //
-// Every path but one computes, per output (m, n), in fp32:
+// Decode paths and the portable prefill compute, per output (m, n), in fp32:
 //   y[m, n] = sum_g ( scale[n, g] * D(m, n, g) + offset[n, g] * X(m, g) ) + bias[n]
 //   D(m, n, g) = sum_{k in g} x[m, k] * q[n, k]     (q exact as a float; fp32 sums)
 //   X(m, g)    = sum_{k in g} x[m, k]               (one sum per row and group, shared by all n)
 // which is the dequantize-then-matmul definition regrouped: one multiply-add per weight, and
 // the group's scale and offset applied once per group instead of once per weight. The products
 // x * q are exact for bf16/fp16 x (8 or 11 significant bits times 4), so the only roundings are
-// fp32 sums, as in a fp32 matmul. The exception, prefill with bf16 x on AVX512-BF16, multiplies x
-// by the canonical w rounded to bf16 (a plain bf16 GEMM, as F.linear in bf16 on those weights):
-// per-group rescaling would cost 2 FMAs per 16 dot products at G = 32. Each output is one
-// thread's fixed-order sum: results do not depend on the thread count.
+// fp32 sums, as in a fp32 matmul. The AVX-512 and AVX2 prefill routes instead multiply x by the
+// canonical w itself (fp32 panels, panel_gemm.h; bf16 x on AVX512-BF16: w rounded to bf16): a plain
+// GEMM, as F.linear on those weights, without the per-group rescaling (which took 0.98-1.30x its time,
+// docs/notes/cpu-int8-prefill.md). Each output is one thread's fixed-order sum: results do not
+// depend on the thread count.
 #pragma once
 
 #include <algorithm>
@@ -222,8 +223,9 @@ inline int64_t groups_padded(int64_t K) { return align_up(K / 32, 16); }  // >= 
 // ------------------------------------------------------------------------------ prefill path
 // A thread takes strips of NS consecutive weight rows (output columns). Per strip it transposes the
 // scales and offsets to [g][NS] once (one contiguous read: the strip's rows are adjacent); per K
-// block it unpacks a panel (NS x kc values) once, into fp32 q values [k][NS] or bf16 pairs
-// [k/2][NS][2] of dequantized weights, and runs micro-kernels (MR rows x NS columns) over every row
+// block it unpacks a panel (NS x kc values) once, into fp32 weights [k][NS] (dequantized on
+// AVX-512 / AVX2, q values in the portable route) or bf16 pairs [k/2][NS][2] of dequantized
+// weights, and runs micro-kernels (MR rows x NS columns) over every row
 // of the current M chunk. Partial sums live in a per-thread C tile [rows][NS] between K blocks;
 // the last K block writes y.
 constexpr int64_t kMaxNS = 48;    // panel width (columns) of any ISA

@@ -117,7 +117,7 @@ def _runner(name, model, phase, ids):
             # then one untimed batched step
             from llmkern.nn.paged_kv_cache import default_block_size
 
-            bs = default_block_size(model.embed_tokens.weight.device)
+            bs = default_block_size(model.device)
             caches = model.new_cache(paged=True, block_size=bs, num_blocks=BATCH * (CTX // bs + 2))
             sids = [[c.add_sequence() for c in caches][0] for _ in range(BATCH)]
             for sid in sids:

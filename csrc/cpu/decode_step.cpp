@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "llmkern/cpu/embedding.h"
 #include "llmkern/cpu/silu_mul.h"
 
 namespace py = pybind11;
@@ -91,6 +92,49 @@ KernelCall embedding_call(std::uintptr_t table_ptr, int dtype, int64_t V, int64_
                                         std::to_string(V));
             }
             for (int64_t b = 0; b < B; ++b) std::memcpy(out + b * row, table + tokens[b] * row, row);
+          },
+          "embedding"};
+}
+
+// out[b, :] = dequant(table row tokens[b]) in dtype: a quantized table (llmkern.nn.QuantizedEmbedding), format
+// "int8" (w_ptr int8 [V, H], scale_ptr fp32 [V, H / G]; offset_ptr 0) or "int4" (w_ptr uint8 [V, H / 2],
+// scale_ptr / offset_ptr fp32 [V, H / G]); see csrc/include/llmkern/cpu/embedding.h. Token ids are checked
+// on every run, as embedding_call does.
+KernelCall quant_embedding_call(const std::string& format, std::uintptr_t w_ptr, std::uintptr_t scale_ptr,
+                                std::uintptr_t offset_ptr, int64_t V, int64_t H, int64_t G, int dtype,
+                                std::uintptr_t tokens_ptr, int64_t B, std::uintptr_t out_ptr) {
+  const char* where = "llmkern._C.quant_embedding_call";
+  const bool int4 = format == "int4";
+  if (!int4 && format != "int8") fail_arg(where, "format must be 'int8' or 'int4', got '" + format + "'");
+  check_dtype(where, dtype);
+  if (V < 1 || H < 1 || B < 0) fail_arg(where, "need V >= 1, H >= 1 and B >= 0");
+  if (G < 1 || H % G) fail_arg(where, "G must divide H=" + std::to_string(H) + ", got " + std::to_string(G));
+  if (int4 && (H % 2 || G % 2))
+    fail_arg(where, "int4 needs an even H and G, got H=" + std::to_string(H) + " G=" + std::to_string(G));
+  if (!int4 && offset_ptr) fail_arg(where, "int8 takes no offsets: offset_ptr must be 0");
+  if (B == 0) return {};
+  check_ptr_arg(where, "w_ptr", w_ptr, 1);
+  check_ptr_arg(where, "scale_ptr", scale_ptr, 4);
+  if (int4) check_ptr_arg(where, "offset_ptr", offset_ptr, 4);
+  check_ptr_arg(where, "tokens_ptr", tokens_ptr, 8);
+  check_ptr_arg(where, "out_ptr", out_ptr, dtype == 0 ? 4 : 2);
+  const auto* tokens = reinterpret_cast<const int64_t*>(tokens_ptr);
+  const auto dt = static_cast<cpu::DType>(dtype);
+  auto* out = reinterpret_cast<void*>(out_ptr);
+  return {[=] {
+            for (int64_t b = 0; b < B; ++b) {
+              const int64_t t = tokens[b];
+              if (t < 0 || t >= V)
+                throw std::out_of_range("llmkern decode step: token id " + std::to_string(t) + " of batch row " +
+                                        std::to_string(b) + " is out of range for a vocabulary of " +
+                                        std::to_string(V));
+            }
+            if (int4)
+              cpu::embed_rows_int4(reinterpret_cast<const uint8_t*>(w_ptr), reinterpret_cast<const float*>(scale_ptr),
+                                   reinterpret_cast<const float*>(offset_ptr), H, G, tokens, B, dt, out);
+            else
+              cpu::embed_rows_int8(reinterpret_cast<const int8_t*>(w_ptr), reinterpret_cast<const float*>(scale_ptr),
+                                   H, G, tokens, B, dt, out);
           },
           "embedding"};
 }
@@ -201,6 +245,11 @@ void bind_decode_step(py::module_& m) {
         py::arg("tokens_ptr"), py::arg("B"), py::arg("out_ptr"),
         "KernelCall: out[b, :] = table[tokens[b], :] (table [V, H] contiguous, tokens int64 [B], out [B, H]); "
         "token ids are checked on each run (IndexError).");
+  m.def("quant_embedding_call", &quant_embedding_call, py::arg("format"), py::arg("w_ptr"), py::arg("scale_ptr"),
+        py::arg("offset_ptr"), py::arg("V"), py::arg("H"), py::arg("G"), py::arg("dtype"), py::arg("tokens_ptr"),
+        py::arg("B"), py::arg("out_ptr"),
+        "KernelCall: out[b, :] = the dequantized row tokens[b] of an int8 (weight, scale) or int4 (qweight, scales, "
+        "offsets) table [V, H] with groups of G, in dtype; token ids are checked on each run (IndexError).");
   m.def("silu_mul_call", &silu_mul_call, py::arg("gu_ptr"), py::arg("dtype"), py::arg("gu_stride"), py::arg("M"),
         py::arg("I"), py::arg("out_ptr"), py::arg("out_stride"), py::arg("isa") = "",
         "KernelCall: out[m, i] = silu(gu[m, i]) * gu[m, I + i] (rows at element strides; 16-bit dtypes round "

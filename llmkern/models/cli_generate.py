@@ -149,7 +149,7 @@ def run(args) -> int:
         for i, text in enumerate(res.texts):
             sys.stdout.write(f"[{i}] {prompts[i]}\n{text}\n\n")
     sys.stdout.flush()
-    if not args.no_bandwidth and model.embed_tokens.weight.device.type == "cpu":
+    if not args.no_bandwidth and model.device.type == "cpu":
         res.stats["bandwidth_gb_s"] = measure_bandwidth()
     sys.stderr.write(f"llmkern: {res.summary()} ({str(model.dtype).removeprefix('torch.')} activations)\n")
     return 0

@@ -39,6 +39,7 @@ from torch import nn
 
 from .. import _backends
 from .. import nn as lnn
+from ..nn.embedding import QuantizedEmbedding
 from ..ops.decode_attention import _cpu_call as decode_attention_call
 from ..ops.decode_attention import decode_attention_op
 from ..ops.kv_cache_append import _cpu_call as kv_cache_append_call
@@ -113,7 +114,12 @@ class DecodePlan:
         c = model.config
         self.Hq, self.Hk, self.D, self.H = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
         self.final_norm, self.final_eps = model.norm.weight, model.norm.eps
-        self.embed = model.embed_tokens.weight
+        emb = model.embed_tokens
+        # the embedding: a float table (nn.Embedding), or quantized tensors dequantized a row at a time
+        self.embed_mod = emb
+        self.embed_q = emb.tensors() if isinstance(emb, QuantizedEmbedding) else None
+        self.embed = emb.weight if self.embed_q is None else None
+        self.act_dtype = emb.weight.dtype if self.embed_q is None else emb.dtype
         self.rotary = model.rotary.cos_sin_cache
         self.interleaved = model.rotary.interleaved
         self.threads, self.isa = torch.get_num_threads(), _backends.cpu_isa()
@@ -131,7 +137,11 @@ class DecodePlan:
         one of these slots (quantized linears drop their prepared runner `_run`), so a stale plan is
         never used. Plain dict lookups: ~250 of them cost ~20 us, against the milliseconds saved.
         """
-        slots = [(model._modules, "embed_tokens"), (model.embed_tokens._parameters, "weight"),
+        emb = model.embed_tokens
+        slots = [(model._modules, "embed_tokens")]
+        slots += ([(emb._buffers, n) for n in emb._buffers] if isinstance(emb, QuantizedEmbedding)
+                  else [(emb._parameters, "weight")])
+        slots += [
                  (model._modules, "norm"), (model.norm._parameters, "weight"), (model.norm.__dict__, "eps"),
                  (model.__dict__, "rotary"), (model.rotary._buffers, "cos_sin_cache"),
                  (model._modules, "lm_head"), (model._modules, "layers")]
@@ -208,7 +218,9 @@ class DecodePlan:
         checks = [(d, k, d.get(k)) for d, k in cls._watch(model, cache)]
         # Tensors the plan reads by pointer: `p.data = other` keeps the Parameter (no identity check sees it) but
         # moves its storage, so their data pointers are checked too (as llmkern.nn.RMSNorm checks its weight's).
-        bound = [model.embed_tokens.weight, model.norm.weight, model.rotary.cos_sin_cache]
+        emb = model.embed_tokens
+        bound = [*(emb.tensors() if isinstance(emb, QuantizedEmbedding) else (emb.weight,)), model.norm.weight,
+                 model.rotary.cos_sin_cache]
         bound += [n.weight for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         if isinstance(head, nn.Linear):
             bound.append(head.weight)
@@ -257,9 +269,10 @@ class DecodePlan:
         launch cannot be bound (then `step` launches from Python)."""
         mod = _backends.cpu_module()
         B, H, Hq, Hk, D = self.batch, self.H, self.Hq, self.Hk, self.D
-        dt = self.embed.dtype
+        dt = self.act_dtype
         W, I2, Hd = self.layers[0].widths
-        bound = (self.embed, self.rotary, self.final_norm, *(L.ln1 for L in self.layers), *(L.ln2 for L in self.layers))
+        emb = (self.embed,) if self.embed_q is None else self.embed_q
+        bound = (*emb, self.rotary, self.final_norm, *(L.ln1 for L in self.layers), *(L.ln2 for L in self.layers))
         if (mod is None or not hasattr(mod, "StepProgram") or dt not in _DTYPE_CODE or B < 1
                 or not all(t.is_contiguous() for t in bound)  # bound by pointer: no copies
                 or Hd != H or I2 % 2 or W != (Hq + 2 * Hk) * D
@@ -285,8 +298,15 @@ class DecodePlan:
             getattr(L.cache, "_next", None)) if isinstance(t, torch.Tensor)]
         prog = mod.StepProgram()
         isa = self.isa
-        prog.append(mod.embedding_call(self.embed.data_ptr(), _DTYPE_CODE[dt], self.embed.shape[0], H,
-                                       buf["tokens"].data_ptr(), B, buf["emb"].data_ptr()))
+        if self.embed_q is None:
+            prog.append(mod.embedding_call(self.embed.data_ptr(), _DTYPE_CODE[dt], self.embed.shape[0], H,
+                                           buf["tokens"].data_ptr(), B, buf["emb"].data_ptr()))
+        else:  # int8 (weight, weight_scale) or int4 (qweight, scales, offsets) rows, dequantized
+            q = self.embed_q
+            G = H if q[1].dim() == 1 else H // q[1].shape[1]
+            prog.append(mod.quant_embedding_call(self.embed_mod.format, q[0].data_ptr(), q[1].data_ptr(),
+                                                 q[2].data_ptr() if len(q) > 2 else 0, q[0].shape[0], H, G,
+                                                 _DTYPE_CODE[dt], buf["tokens"].data_ptr(), B, buf["emb"].data_ptr()))
         xn, qkv, attn, gu = buf["xn"], buf["qkv"], buf["attn"], buf["gu"]
         h, residual, flip = buf["emb"], None, 0  # h: this layer's input; residual: the running sum (None: h)
         q = qkv[:, :Hq * D].view(B, 1, Hq, D)                         # [B, W] -> views of q, k, v per token
@@ -364,7 +384,7 @@ class DecodePlan:
         append = kv_cache_append_op.impls["cpu"]
         attend = decode_attention_op.impls["cpu"]
         rot, inter = self.rotary, self.interleaved
-        h = F.embedding(tokens.view(B, 1), self.embed).view(B, H)  # [B, 1] -> [B, 1, H] -> [B, H]
+        h = self.embed_mod(tokens.view(B, 1)).view(B, H)  # [B, 1] -> [B, 1, H] -> [B, H]
         residual = None
         for L in self.layers:
             if residual is None:

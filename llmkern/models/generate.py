@@ -140,7 +140,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
         raise ValueError(f"generate: prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {limit} positions")
     stops = set(tokenizer.stop_ids if stop_ids is None else stop_ids)
-    device = model.embed_tokens.weight.device
+    device = model.device
     paged = B > 1 if paged is None else paged
     gens = None
     if temperature > 0:

@@ -1,7 +1,7 @@
 """Load a Llama-family GGUF file (memory-mapped, llmkern/formats/gguf_file.py) into `Llama` + `Tokenizer`.
 
 Tensor mapping (GGUF name -> module), shapes in torch order:
-    token_embd           -> embed_tokens (dequantized to float)     [V, H]
+    token_embd           -> embed_tokens (QuantizedEmbedding as stored; float types and quant "none": float) [V, H]
     blk.i.attn_norm      -> layers.i.input_layernorm
     blk.i.attn_q/k/v     -> layers.i.self_attn.q_proj/k_proj/v_proj (+ .bias for Qwen2)
     blk.i.attn_output    -> layers.i.self_attn.o_proj
@@ -284,9 +284,16 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
 
     prog.update(0, "embeddings")
     emb = ld.raw("token_embd.weight")
-    emb_w = dequantize(emb).to(dtype)
-    ld.expect("token_embd.weight", emb_w.shape, (c.vocab_size, H))
-    model.embed_tokens.weight = nn.Parameter(emb_w, requires_grad=False)
+    if emb["format"] in ("int8", "int4") and quant != "none":
+        # kept as stored, a row dequantized per lookup (the float table's values, a quarter of its bytes or less)
+        model.embed_tokens = lnn.QuantizedEmbedding.from_gguf(emb, dtype=dtype)
+        ld.expect("token_embd.weight", (model.embed_tokens.num_embeddings, model.embed_tokens.embedding_dim),
+                  (c.vocab_size, H))
+        emb_w = None
+    else:
+        emb_w = dequantize(emb).to(dtype)
+        ld.expect("token_embd.weight", emb_w.shape, (c.vocab_size, H))
+        model.embed_tokens.weight = nn.Parameter(emb_w, requires_grad=False)
 
     for i, layer in enumerate(model.layers):
         prog.update(i + 1, f"layer {i + 1}/{c.num_layers}")
@@ -313,6 +320,10 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     if c.tie_embeddings and ((emb["format"] == "float" and emb["type"] not in FLOAT_ONLY_TYPES) or quant == "none"):
         model.lm_head = _float_linear(emb_w, None)
         model.lm_head.weight = model.embed_tokens.weight  # one tensor, as in the tied checkpoint
+    elif c.tie_embeddings and quant == "keep" and group_size is None and emb["format"] in ("int8", "int4"):
+        # tied, stored form: the lm_head and the embedding hold the same tensors (what ld.linear would build)
+        cls = lnn.Int8Linear if emb["format"] == "int8" else lnn.Int4Linear
+        model.lm_head = cls.from_quantized(*model.embed_tokens.tensors(), backend=backend)
     else:
         # tied: the lm_head reads token_embd in its stored (quantized) form, a quarter of the bytes
         model.lm_head = ld.linear("output.weight" if not c.tie_embeddings else "token_embd.weight", c.vocab_size, H)

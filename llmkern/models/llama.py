@@ -131,10 +131,18 @@ class Llama(nn.Module):
         # .to(torch.bfloat16) / .half() / .float(): `dtype` (the activations' and new caches' dtype) follows the
         # embedding's, so that new_cache / generate keep matching the model.
         super()._apply(fn, recurse)
-        w = self.embed_tokens.weight
-        if w.is_floating_point() and not w.is_meta:
-            self.dtype = w.dtype
+        emb = self.embed_tokens
+        if isinstance(emb, lnn.QuantizedEmbedding):  # (its buffers keep their dtypes; it tracks the output's)
+            self.dtype = emb.dtype
+        elif emb.weight.is_floating_point() and not emb.weight.is_meta:
+            self.dtype = emb.weight.dtype
         return self
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's weights (its embedding table's)."""
+        emb = self.embed_tokens
+        return emb.device if isinstance(emb, lnn.QuantizedEmbedding) else emb.weight.device
 
     def set_rotary(self, device=None) -> None:
         """(Re)build the rotary table shared by every layer (e.g. after constructing on the meta device)."""
@@ -237,7 +245,7 @@ class Llama(nn.Module):
         max_seq_len = max_seq_len or c.max_positions
         if max_seq_len > c.max_positions:
             raise ValueError(f"new_cache: max_seq_len {max_seq_len} exceeds the model's max_positions {c.max_positions}")
-        device = device if device is not None else self.embed_tokens.weight.device
+        device = device if device is not None else self.device
         if paged:
             if block_size is None:
                 block_size = default_block_size(device)
@@ -274,9 +282,11 @@ class Llama(nn.Module):
                     continue
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-        emb = self.embed_tokens.weight
-        if emb.data_ptr() not in seen:
-            total += emb.shape[1] * emb.element_size()
+        emb = self.embed_tokens
+        if isinstance(emb, lnn.QuantizedEmbedding):  # (a row, also where a tied lm_head holds the same tensors)
+            total += emb.row_bytes()
+        elif emb.weight.data_ptr() not in seen:
+            total += emb.weight.shape[1] * emb.weight.element_size()
         return total
 
     def fuse_projections(self) -> int:

@@ -198,6 +198,59 @@ def test_plan_with_float_linears_and_tied_head(monkeypatch):
     assert ((got - module).norm() / module.norm()).item() < 1e-5
 
 
+def quantized_embedding(m, fmt: str, tie_head: bool = False):
+    """Replace m's float embedding by a QuantizedEmbedding of its int8 (groups of 32) / int4 quantization; with
+    tie_head, an lm_head holding the same tensors (a tied GGUF model's layout)."""
+    from llmkern import ops
+    from llmkern.nn import Int8Linear, QuantizedEmbedding
+    w = m.embed_tokens.weight.detach().float()
+    parts = ops.quantize_int8(w, 32) if fmt == "int8" else ops.quantize_int4(w, 32)
+    names = ("weight", "weight_scale") if fmt == "int8" else ("qweight", "scales", "offsets")
+    m.embed_tokens = QuantizedEmbedding(dict(zip(names, parts)), dtype=m.dtype)
+    if tie_head:
+        m.lm_head = (Int8Linear if fmt == "int8" else Int4Linear).from_quantized(*parts)
+    return m
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("tie_head", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_program_with_a_quantized_embedding(fmt, tie_head, dtype, monkeypatch):
+    """GGUF models hold their embedding as stored (QuantizedEmbedding): the program's native lookup gives the
+    Python step's bits, the Python step the module path's, and the lookup's rows are the table's."""
+    monkeypatch.setenv("LLMKERN_INT4_ROWS16", "0")  # bitwise, as test_plan_equals_module_path
+    m = quantized_embedding(tiny(quant="int8", skip=("lm_head",)).to(dtype), fmt, tie_head)
+    B = 2
+    prompt = torch.randint(0, 101, (B, 5))
+    with torch.inference_mode():
+        got, _ = decode(m, prompt, 6, B)
+        plan = m.__dict__["_decode_plan"]
+        assert plan.program is not None and "embedding" in plan.program.names()
+        module, _ = decode(m, prompt, 6, B, use_plan=False, monkeypatch=monkeypatch)
+        with monkeypatch.context() as mp:
+            mp.setenv("LLMKERN_DECODE_PROGRAM", "0")
+            m.__dict__.pop("_decode_plan", None)
+            python, _ = decode(m, prompt, 6, B)
+            python_step_with_kernel_silu(mp)
+            m.__dict__.pop("_decode_plan", None)
+            python_kernel_silu, _ = decode(m, prompt, 6, B)
+    assert torch.equal(python, module)
+    assert torch.equal(got, python_kernel_silu)
+    assert rel(got, module) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_plan_is_dropped_when_the_quantized_embedding_changes():
+    m = quantized_embedding(tiny(quant="int8"), "int8")
+    prompt = torch.randint(0, 101, (1, 5))
+    with torch.inference_mode():
+        cache, plan = _planned(m, prompt)
+        m.embed_tokens.weight_scale = m.embed_tokens.weight_scale * 2  # a new buffer
+        assert not plan.matches(m, cache, prompt[:, :1])
+        cache2, plan2 = _planned(m, prompt)
+        m.embed_tokens.weight.data = m.embed_tokens.weight.data.clone()  # same buffer object, new storage
+        assert not plan2.matches(m, cache2, prompt[:, :1])
+
+
 def _planned(m, prompt):
     """Prefill `prompt` [1, P] and take one decode step: (cache, the plan that step built and matches)."""
     cache = m.new_cache(1, 32)

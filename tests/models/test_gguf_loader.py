@@ -53,6 +53,49 @@ def test_unpermuted_rotate_half_equals_interleaved_on_stored_rows():
 # ------------------------------------------------------------------ tiny files, every type
 
 
+@pytest.mark.parametrize("emb_type", ["Q4_0", "Q4_1", "Q8_0", "F16"])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("quant", ["keep", "int8", "none"])
+def test_embedding_kept_as_stored(tmp_path, emb_type, tied, quant):
+    """token_embd stays in its stored form (a QuantizedEmbedding, rows dequantized per lookup: the float table's
+    values, so the same logits); tied with quant "keep", the lm_head holds the very same tensors (one copy).
+    Float types and quant "none" keep a float table. Decoding (the step program's native lookup) gives the
+    reference model's tokens."""
+    from llmkern.models.generate import generate
+    path = tmp_path / "e.gguf"
+    cfg, sd = write_tiny_gguf(path, tied=tied, types={"token_embd": emb_type})
+    model, tok = load_gguf(path, progress=False, quant=quant, fuse=True)
+    emb = model.embed_tokens
+    if emb_type == "F16" or quant == "none":
+        assert type(emb) is torch.nn.Embedding
+        table = emb.weight
+    else:
+        assert isinstance(emb, lnn.QuantizedEmbedding) and emb.format == ("int4" if emb_type[:2] == "Q4" else "int8")
+        table = emb.dequantize()
+        if tied and quant == "keep":
+            head = [getattr(model.lm_head, n) for n in model.embed_tokens._buffers]
+            assert all(a is b for a, b in zip(emb.tensors(), head))
+    assert torch.equal(table, sd["embed_tokens.weight"].float())
+    ref = Llama(cfg.replace(tie_embeddings=tied), backend="reference")
+    ref.load_state_dict(sd)
+    if quant == "int8":  # (the linears re-quantized: the reference holds the same values)
+        for name, mod in model.named_modules():
+            if isinstance(mod, lnn.Int8Linear) and not name.endswith(("qkv_proj", "gate_up_proj")):
+                ref.get_submodule(name).weight.data = ops.dequantize_int8(mod.weight, mod.weight_scale)
+    res = generate(model, tok, ["the"], max_new_tokens=5, chat=False)
+    seq = res.prompt_tokens[0] + res.tokens[0]
+    if quant != "int8":
+        with torch.inference_mode():
+            logits = ref(torch.tensor([seq]))[0].double()  # [T, V]
+        P = len(res.prompt_tokens[0])
+        for t, tok_id in enumerate(res.tokens[0]):  # (up to fp32 near-ties)
+            row = logits[P - 1 + t]
+            assert row[tok_id] >= row.max() - 1e-5 * row.abs().max(), (t, tok_id, int(row.argmax()))
+    with torch.inference_mode():  # the model's own forward over the whole sequence: the lookup's rows
+        ids = torch.tensor([seq])
+        assert torch.equal(model.embed_tokens(ids), sd["embed_tokens.weight"].float()[ids])
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_gguf_matches_float_model(tmp_path, tied):
     path = tmp_path / "tiny.gguf"
@@ -71,7 +114,11 @@ def test_tiny_gguf_matches_float_model(tmp_path, tied):
                        sd["layers.0.self_attn.k_proj.weight"])
     assert torch.equal(ops.dequantize_int8(attn.v_proj.weight, attn.v_proj.weight_scale),
                        sd["layers.0.self_attn.v_proj.weight"])
-    assert torch.equal(model.embed_tokens.weight, sd["embed_tokens.weight"])
+    assert isinstance(model.embed_tokens, lnn.QuantizedEmbedding)  # (held as stored, rows dequantized per lookup)
+    assert torch.equal(model.embed_tokens.dequantize(), sd["embed_tokens.weight"])
+    if tied:  # one copy of the table: the lm_head's tensors
+        assert model.embed_tokens.weight is model.lm_head.weight
+        assert model.embed_tokens.weight_scale is model.lm_head.weight_scale
     # the whole model: same logits as a float Llama holding the dequantized weights
     ref = Llama(cfg.replace(tie_embeddings=tied), backend="reference")
     ref.load_state_dict(sd)
@@ -150,8 +197,11 @@ def test_smollm2_structure_and_exact_int4(smollm, smollm_reader):
                 want = want[np.argsort(converter_permute(want.shape[0], heads))]  # stored -> HF row order
             assert torch.equal(ops.dequantize_int4(mod.qweight, mod.scales, mod.offsets), want), role
     emb = gguf_values("token_embd.weight")
-    assert torch.equal(model.embed_tokens.weight, emb)
+    assert torch.equal(model.embed_tokens.dequantize(), emb)
     assert torch.equal(ops.dequantize_int8(model.lm_head.weight, model.lm_head.weight_scale), emb)
+    # tied: the embedding is the lm_head's tensors (one copy of the table, not a 113 MB fp32 one beside it)
+    assert model.embed_tokens.weight is model.lm_head.weight
+    assert model.embed_tokens.weight_scale is model.lm_head.weight_scale
     # 111.6 MB of canonical weights per token; 98.3 MB once its int4 linears were prepared (by any earlier
     # test using this session's model) and decode from their packed or rows16 copies (fp16 scales, AVX-512
     # CPUs: both layouts have the same size); the prepared Q8_0 lm_head decodes from its packed int8 copy

@@ -1,0 +1,124 @@
+"""QuantizedEmbedding: a token embedding table kept in the canonical int8 or int4 layout.
+
+A model loaded from a quantized GGUF file used to hold its embedding as a float table: SmolLM2-135M's
+[49152, 576] is 113 MB in fp32, more than every other weight of the model together (105 MB in the
+Q4_K_M file), and Llama-3-8B's [128256, 4096] would be 2.1 GB. A lookup reads one row per token, so
+the table can stay as the file stores it and be dequantized a row at a time: the rows are exactly the
+values of the float table (the same `dequantize_int8` / `dequantize_int4`, then the same cast to
+`dtype`), at a quarter (int8) or a fifth to a sixth (int4) of the fp32 bytes, or at no extra bytes
+when the lm_head is tied to the embedding and holds the same tensors (`llmkern.models.load_gguf`).
+
+Buffers (the canonical layouts of llmkern/formats/README.md, as the quantized linears hold them):
+- int8: `weight` int8 [V, H], `weight_scale` float32 [V] or [V, H // G];
+- int4: `qweight` uint8 [V, H // 2], `scales`, `offsets` float32 [V, H // G].
+`dtype` is the output's (the model's activations); .to(dtype) / .half() change it and leave the buffers'
+dtypes alone. Inference only (no gradient reaches the table).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+
+FORMATS = ("int8", "int4")
+_BUFFERS = {"int8": ("weight", "weight_scale"), "int4": ("qweight", "scales", "offsets")}
+
+
+class QuantizedEmbedding(nn.Module):
+    """ids (any integer shape [...]) -> rows [..., H] in `dtype`, dequantized from the int8 / int4 table."""
+
+    def __init__(self, tensors: dict, *, dtype=torch.float32):
+        super().__init__()
+        fmt = "int4" if "qweight" in tensors else "int8"
+        names = _BUFFERS[fmt]
+        if set(tensors) != set(names):
+            raise ValueError(f"QuantizedEmbedding: tensors must be {list(_BUFFERS['int8'])} (int8) or "
+                             f"{list(_BUFFERS['int4'])} (int4), got {sorted(tensors)}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"QuantizedEmbedding: dtype must be torch.float32, bfloat16 or float16, got {dtype}")
+        first = tensors[names[0]]
+        want = torch.int8 if fmt == "int8" else torch.uint8
+        if first.dtype != want or first.dim() != 2 or first.shape[0] < 1 or first.shape[1] < 1:
+            raise TypeError(f"QuantizedEmbedding: {names[0]} must be a non-empty {want} [V, H] tensor, got "
+                            f"{first.dtype} {list(first.shape)}")
+        V = first.shape[0]
+        H = first.shape[1] * (2 if fmt == "int4" else 1)
+        for n in names[1:]:
+            t = tensors[n]
+            ok = t.dtype == torch.float32 and ((t.dim() == 2 and t.shape[0] == V and t.shape[1] > 0
+                                                and H % t.shape[1] == 0) or (fmt == "int8" and t.shape == (V,)))
+            if not ok:
+                raise ValueError(f"QuantizedEmbedding: {n} must be float32 [{V}, H // G] with G dividing H={H}"
+                                 f"{f' (or [{V}])' if fmt == 'int8' else ''}, got {t.dtype} {list(t.shape)}")
+        if fmt == "int4" and tensors["scales"].shape != tensors["offsets"].shape:
+            raise ValueError(f"QuantizedEmbedding: scales {list(tensors['scales'].shape)} and offsets "
+                             f"{list(tensors['offsets'].shape)} must have the same shape")
+        self.format, self.num_embeddings, self.embedding_dim, self.dtype = fmt, V, H, dtype
+        for n in names:  # (kept as given, not copied: a tied lm_head may hold the same tensors)
+            self.register_buffer(n, tensors[n])
+
+    @classmethod
+    def from_gguf(cls, r: dict, *, dtype=torch.float32) -> "QuantizedEmbedding":
+        """From a `llmkern.formats.gguf.load_gguf_tensor` dict of format "int8" or "int4"."""
+        if r.get("format") not in FORMATS:
+            raise ValueError(f"QuantizedEmbedding.from_gguf: format must be one of {FORMATS}, got {r.get('format')!r}")
+        return cls({n: r[n] for n in _BUFFERS[r["format"]]}, dtype=dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, dtype=torch.float32) -> "QuantizedEmbedding":
+        """Sharing a quantized linear's canonical tensors (Int8Linear / Int4Linear [V, H]): a tied lm_head."""
+        fmt = "int4" if hasattr(linear, "qweight") else "int8"
+        return cls({n: getattr(linear, n) for n in _BUFFERS[fmt]}, dtype=dtype)
+
+    def tensors(self) -> tuple:
+        """The canonical tensors, in the order of the ops' arguments."""
+        return tuple(getattr(self, n) for n in _BUFFERS[self.format])
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids [...] -> flat [n] -> rows [n, H] -> [..., H]
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"QuantizedEmbedding: ids must be an integer tensor, got {ids.dtype}")
+        flat = ids.reshape(-1)
+        # (checked on the CPU, as nn.Embedding does; on a GPU index_select's device-side check stands, and no
+        # host sync breaks CUDA-graph capture)
+        if flat.is_cpu and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"QuantizedEmbedding: ids must be in [0, {self.num_embeddings}), got "
+                             f"[{int(flat.min())}, {int(flat.max())}]")
+        flat = flat.to(device=self.device, dtype=torch.int64)
+        rows = [t.index_select(0, flat) for t in self.tensors()]
+        if self.format == "int8":
+            out = ops.dequantize_int8(*rows)
+        else:
+            out = ops.dequantize_int4(*rows)
+        return out.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole table [V, H] in `dtype` (what a float nn.Embedding of the same values would hold)."""
+        f = ops.dequantize_int8 if self.format == "int8" else ops.dequantize_int4
+        return f(*self.tensors()).to(self.dtype)
+
+    def row_bytes(self) -> int:
+        """Bytes one lookup reads (a row of each buffer)."""
+        return sum(t[0].numel() * t.element_size() for t in self.tensors())
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the buffers; .to(dtype) / .half() / .float() set the output dtype only (the ops
+        # read the scales and offsets as float32, the codes as integers).
+        for n in _BUFFERS[self.format]:
+            t = self._buffers[n]
+            moved = fn(t)
+            self._buffers[n] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        return self
+
+    def extra_repr(self) -> str:
+        t = self.tensors()[1]
+        g = self.embedding_dim if t.dim() == 1 else self.embedding_dim // t.shape[1]
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}, group_size={g}, dtype={self.dtype}"

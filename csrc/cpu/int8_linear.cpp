@@ -248,7 +248,8 @@ void bind_int8_linear(py::module_& m) {
       },
       py::arg("M"), py::arg("K"), py::arg("group_size"), py::arg("mode"), py::arg("x_dtype"), py::arg("isa"),
       py::arg("packed") = false, py::arg("gemm") = false,
-      "Which CPU kernel an int8_linear call of these sizes runs: 'packed' (decode layout), 'gemm_w8a8', "
+      "Which CPU kernel an int8_linear call of these sizes runs: 'packed' (decode layout), 'stream' (W8A16 "
+      "decode over the canonical tensors), 'gemm_w8a8', "
       "'gemm_bf16', 'gemm_f32' (W8A16 GEMMs over dequantized panels) or 'tiles'. packed / gemm: whether "
       "the call is given those layouts. isa: '' for the best this CPU has.");
   def_launcher(m, "int8_linear", &make_call,

@@ -142,6 +142,18 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
                     gemm_packed=gemm_packed)
 
 
+# W8A16 decode calls (1-8 rows, groups of 16 / 32 / 64) without a packed copy read the canonical tensors with
+# the "stream" kernels (csrc/include/llmkern/cpu/int8_linear_stream.h). From this K on they run at 0.81-0.99x the
+# packed copy's speed (cold, 2 threads, M = 1, Llama-7B/8B shapes; 0.73x at K = 2048, docs/notes/cpu-memory.md)
+# for half the memory, so the preparer does not pack: the module holds its int8 weights once. (kStreamMinK there.)
+_STREAM_MIN_K = 4096
+
+
+def _streams(K, group):
+    """Whether the preparer leaves W8A16 decode of this shape to the stream kernels (no packed copy)."""
+    return K >= _STREAM_MIN_K and group in (16, 32, 64) and K // group > 1
+
+
 def _can_pack(K, group):
     """Whether the packed decode layout takes this group: per channel, 16, 32 or a multiple of 64."""
     return group == K or group in (16, 32) or group % 64 == 0
@@ -187,8 +199,11 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
     """The cpu preparer (Int8Linear's prepared call). On AVX-512 and AVX2 CPUs it also packs the weights
     for decode calls of up to 8 rows (AVX2 W8A16 per channel or G >= 128: 4) (`_cpu_runner`; AVX-512 1.4-10x faster at 1 thread,
     docs/notes/cpu-int8pack.md; AVX2 1.3-3.4x cold, docs/notes/cpu-avx2-int8pack.md), when the group is
-    packable (per channel, 16, 32, multiple of 64): LLMKERN_INT8_PACK unset or 1: pack (fp16 scales when exact, else fp32); 0: never (no memory
-    beyond the canonical tensors). The kernel reads whichever layout it is given, with identical results.
+    packable (per channel, 16, 32, multiple of 64): LLMKERN_INT8_PACK unset: pack (fp16 scales when exact, else fp32),
+    except W8A16 rows of K >= 4096 in groups of 16 / 32 / 64, whose decode the stream kernels run from the
+    canonical tensors at 0.8-1.0x the speed (`_streams`: the weights held once, not twice); 1: pack those too;
+    0: never (no memory beyond the canonical tensors). The kernel reads whichever layout it is given, with
+    identical results.
 
     W8A8 on AVX-512 also packs the GEMM layout (`_cpu_runner` gemm) when the group is K or a multiple
     of 4: calls of 2 rows or more read it instead of the decode layout / canonical tiles (1.3-1.4x at
@@ -200,7 +215,10 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
     group = K if weight_scale.dim() == 1 else K // max(weight_scale.shape[1], 1)
     isa = _backends.cpu_isa() if K > 0 and N > 0 else "scalar"
     avx512 = isa == "avx512_vnni"
-    pack = os.environ.get("LLMKERN_INT8_PACK", "") != "0" and isa in ("avx512_vnni", "avx2") and _can_pack(K, group)
+    env = os.environ.get("LLMKERN_INT8_PACK", "")
+    pack = env != "0" and isa in ("avx512_vnni", "avx2") and _can_pack(K, group)
+    if pack and env != "1" and mode == "w8a16" and _streams(K, group):
+        pack = False  # decode streams the canonical tensors, nearly as fast: no second copy of the weights
     gemm = (os.environ.get("LLMKERN_INT8_GEMM", "") != "0" and avx512 and mode == "w8a8" and _can_gemm(K, group)
             and group <= _MAX_W8A8_GROUP)
     return _cpu_runner(weight, weight_scale, bias, mode, pack=pack, gemm=gemm)

@@ -31,6 +31,7 @@
 #include "llmkern/cpu/int8_linear_gemm.h"
 #include "llmkern/cpu/int8_linear_pack.h"
 #include "llmkern/cpu/int8_linear_scalar.h"
+#include "llmkern/cpu/int8_linear_stream.h"
 #include "llmkern/cpu/parallel.h"
 
 namespace llmkern {
@@ -182,10 +183,11 @@ inline void compute_block(const Int8LinearArgs& a, const IsaKernels& kk, const v
 }  // namespace detail
 
 // Which kernel a call runs: the first route that takes it, in this order; kTiles takes anything.
-enum class Int8Route { kPacked, kGemmW8A8, kGemmBf16, kGemmF32, kTiles };
+enum class Int8Route { kPacked, kStream, kGemmW8A8, kGemmBf16, kGemmF32, kTiles };
 
 inline Int8Route int8_linear_route(const Int8LinearArgs& a, Isa isa) {
   if (i8pk::use_packed(a, isa)) return Int8Route::kPacked;
+  if (i8st::use_stream(a, isa)) return Int8Route::kStream;
   if (i8gm::use_gemm(a, isa)) return Int8Route::kGemmW8A8;
   if (i8bf::use_bf16_gemm(a, isa)) return Int8Route::kGemmBf16;
   if (i8f::use_f32_gemm(a, isa)) return Int8Route::kGemmF32;
@@ -195,6 +197,7 @@ inline Int8Route int8_linear_route(const Int8LinearArgs& a, Isa isa) {
 inline const char* int8_route_name(Int8Route r) {
   switch (r) {
     case Int8Route::kPacked: return "packed";
+    case Int8Route::kStream: return "stream";
     case Int8Route::kGemmW8A8: return "gemm_w8a8";
     case Int8Route::kGemmBf16: return "gemm_bf16";
     case Int8Route::kGemmF32: return "gemm_f32";
@@ -207,6 +210,7 @@ inline void int8_linear(const Int8LinearArgs& a, Isa isa) {
   if (a.M <= 0 || a.N <= 0) return;
   switch (int8_linear_route(a, isa)) {
     case Int8Route::kPacked: return i8pk::int8_linear_packed(a, isa);
+    case Int8Route::kStream: return i8st::int8_linear_stream(a, isa);
     case Int8Route::kGemmW8A8: return i8gm::int8_linear_gemm(a);
     case Int8Route::kGemmBf16: return i8bf::int8_linear_bf16(a);
     case Int8Route::kGemmF32: return i8f::int8_linear_f32(a, isa);

@@ -186,7 +186,9 @@ inline int64_t f32_workspace_bytes(int64_t M, int64_t K, int num_threads) {
 inline int64_t int8_linear_workspace_bytes(int64_t M, int64_t K, int64_t /*N*/, bool w8a8, int num_threads = 1) {
   if (M <= 0 || K <= 0) return 0;
   if (w8a8) return M * kpad(K) + M * 4 + kAlign + (M < 8 ? M : 8) * 2 * kpad(K) + kAlign;
-  const int64_t tiles = w8a16_tile_rows(M, K) * kpad(K) * 4 + kAlign, gemm = bf16_workspace_bytes(M, K, num_threads);
+  // (the packed and stream decode routes convert up to 8 rows of 16-bit x to fp32 there)
+  const int64_t tiles = std::max(w8a16_tile_rows(M, K), M < 8 ? M : int64_t(8)) * kpad(K) * 4 + kAlign;
+  const int64_t gemm = bf16_workspace_bytes(M, K, num_threads);
   const int64_t f32 = f32_workspace_bytes(M, K, num_threads);
   return std::max(tiles, std::max(gemm, f32));
 }

@@ -142,16 +142,19 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
                     gemm_packed=gemm_packed)
 
 
-# W8A16 decode calls (1-8 rows, groups of 16 / 32 / 64) without a packed copy read the canonical tensors with
-# the "stream" kernels (csrc/include/llmkern/cpu/int8_linear_stream.h). From this K on they run at 0.81-0.99x the
-# packed copy's speed (cold, 2 threads, M = 1, Llama-7B/8B shapes; 0.73x at K = 2048, docs/notes/cpu-memory.md)
-# for half the memory, so the preparer does not pack: the module holds its int8 weights once. (kStreamMinK there.)
-_STREAM_MIN_K = 4096
+# W8A16 decode calls (1-8 rows) without a packed copy read the canonical tensors with the "stream" kernels
+# (csrc/include/llmkern/cpu/int8_linear_stream.h). From this K on they are about as fast as the packed copy
+# (cold, 2 threads, M = 1: AVX-512 0.91-1.25x, AVX2 0.84-0.94x at K = 2048-14336; AVX-512 0.74-1.18x at
+# K = 576 / 1536, where the copy is small; docs/notes/cpu-memory.md), so the preparer does not pack: the
+# module holds its int8 weights once.
+# (kStreamMinK there.)
+_STREAM_MIN_K = 2048
 
 
 def _streams(K, group):
-    """Whether the preparer leaves W8A16 decode of this shape to the stream kernels (no packed copy)."""
-    return K >= _STREAM_MIN_K and group in (16, 32, 64) and K // group > 1
+    """Whether the preparer leaves W8A16 decode of this shape to the stream kernels (no packed copy): long rows
+    with any group the packed layout takes (per channel, 16, 32, multiples of 64)."""
+    return K >= _STREAM_MIN_K and _can_pack(K, group)
 
 
 def _can_pack(K, group):
@@ -200,10 +203,9 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
     for decode calls of up to 8 rows (AVX2 W8A16 per channel or G >= 128: 4) (`_cpu_runner`; AVX-512 1.4-10x faster at 1 thread,
     docs/notes/cpu-int8pack.md; AVX2 1.3-3.4x cold, docs/notes/cpu-avx2-int8pack.md), when the group is
     packable (per channel, 16, 32, multiple of 64): LLMKERN_INT8_PACK unset: pack (fp16 scales when exact, else fp32),
-    except W8A16 rows of K >= 4096 in groups of 16 / 32 / 64, whose decode the stream kernels run from the
-    canonical tensors at 0.8-1.0x the speed (`_streams`: the weights held once, not twice); 1: pack those too;
-    0: never (no memory beyond the canonical tensors). The kernel reads whichever layout it is given, with
-    identical results.
+    except W8A16 weights with K >= 2048, whose decode the stream kernels run from the canonical tensors about
+    as fast (`_streams`: the weights held once, not twice); 1: pack those too; 0: never (no memory beyond the
+    canonical tensors). The kernel reads whichever layout it is given, with identical results.
 
     W8A8 on AVX-512 also packs the GEMM layout (`_cpu_runner` gemm) when the group is K or a multiple
     of 4: calls of 2 rows or more read it instead of the decode layout / canonical tiles (1.3-1.4x at

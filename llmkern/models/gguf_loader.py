@@ -320,8 +320,9 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     if c.tie_embeddings and ((emb["format"] == "float" and emb["type"] not in FLOAT_ONLY_TYPES) or quant == "none"):
         model.lm_head = _float_linear(emb_w, None)
         model.lm_head.weight = model.embed_tokens.weight  # one tensor, as in the tied checkpoint
-    elif c.tie_embeddings and quant == "keep" and group_size is None and emb["format"] in ("int8", "int4"):
-        # tied, stored form: the lm_head and the embedding hold the same tensors (what ld.linear would build)
+    elif c.tie_embeddings and quant in ("keep", emb["format"]) and group_size is None and emb["format"] in ("int8", "int4"):
+        # tied, kept in its stored form (quant "keep", or the form the file already has): the lm_head and the
+        # embedding hold the same tensors (what ld.linear would build, without a second copy)
         cls = lnn.Int8Linear if emb["format"] == "int8" else lnn.Int4Linear
         model.lm_head = cls.from_quantized(*model.embed_tokens.tensors(), backend=backend)
     else:

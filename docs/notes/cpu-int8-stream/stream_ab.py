@@ -19,6 +19,7 @@ ap.add_argument("--rounds", type=int, default=15)
 ap.add_argument("--isa", default="")
 ap.add_argument("--per-channel", action="store_true", help="per-channel scales (quantize_int8's default) and G = 128")
 ap.add_argument("--small", action="store_true", help="SmolLM2-135M's shapes (G 32, Q8_0-like fp16 scales; G 16)")
+ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="x's dtype")
 args = ap.parse_args()
 if args.isa:
     os.environ["LLMKERN_CPU_ISA"] = args.isa
@@ -49,7 +50,7 @@ for N, K, G, kind in SHAPES:
     ws = [(w.clone(), s.clone()) for _ in range(copies)]
     runs = {"stream": [prepare(a, b, False) for a, b in ws], "packed": [prepare(a, b, True) for a, b in ws]}
     assert runs["stream"][0].packed is None and runs["packed"][0].packed is not None
-    x = torch.randn(args.rows, K)
+    x = torch.randn(args.rows, K).to(getattr(torch, args.dtype))
     assert torch.equal(runs["stream"][0](x), runs["packed"][0](x))
     t = {"stream": [], "packed": []}
     for r in range(args.rounds):
@@ -65,6 +66,6 @@ for N, K, G, kind in SHAPES:
     G = G or K
     held_s = w.numel() + s.numel() * 4
     held_p = held_s + runs["packed"][0].packed.numel()
-    print(f"{N}x{K} G{G} {kind} M={args.rows}: stream {a:.0f} us ({held_s / a / 1e3:.1f} GB/s), packed {b:.0f} us "
+    print(f"{N}x{K} G{G} {kind} M={args.rows} {args.dtype}: stream {a:.0f} us ({held_s / a / 1e3:.1f} GB/s), packed {b:.0f} us "
           f"({runs['packed'][0].packed.numel() / b / 1e3:.1f} GB/s); stream/packed speed {b / a:.2f}x; "
           f"held {held_s / 1e6:.1f} MB against {held_p / 1e6:.1f} MB", flush=True)

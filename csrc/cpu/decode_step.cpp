@@ -67,6 +67,16 @@ void check_dtype(const char* where, int code) {
     fail_arg(where, "dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(code));
 }
 
+// Every token id in [0, V) (else std::out_of_range, an IndexError in Python, naming the row and the id).
+void check_token_ids(const int64_t* tokens, int64_t B, int64_t V) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t = tokens[b];
+    if (t < 0 || t >= V)
+      throw std::out_of_range("llmkern decode step: token id " + std::to_string(t) + " of batch row " +
+                              std::to_string(b) + " is out of range for a vocabulary of " + std::to_string(V));
+  }
+}
+
 // out[b, :] = table[tokens[b], :] for b < B: table [V, H] contiguous (dtype code), tokens int64 [B],
 // out [B, H] contiguous. Token ids are checked on every run (IndexError naming the row and the id).
 KernelCall embedding_call(std::uintptr_t table_ptr, int dtype, int64_t V, int64_t H, std::uintptr_t tokens_ptr,
@@ -84,13 +94,7 @@ KernelCall embedding_call(std::uintptr_t table_ptr, int dtype, int64_t V, int64_
   auto* out = reinterpret_cast<char*>(out_ptr);
   const size_t row = static_cast<size_t>(H * esz);
   return {[=] {
-            for (int64_t b = 0; b < B; ++b) {
-              const int64_t t = tokens[b];
-              if (t < 0 || t >= V)
-                throw std::out_of_range("llmkern decode step: token id " + std::to_string(t) + " of batch row " +
-                                        std::to_string(b) + " is out of range for a vocabulary of " +
-                                        std::to_string(V));
-            }
+            check_token_ids(tokens, B, V);
             for (int64_t b = 0; b < B; ++b) std::memcpy(out + b * row, table + tokens[b] * row, row);
           },
           "embedding"};
@@ -122,13 +126,7 @@ KernelCall quant_embedding_call(const std::string& format, std::uintptr_t w_ptr,
   const auto dt = static_cast<cpu::DType>(dtype);
   auto* out = reinterpret_cast<void*>(out_ptr);
   return {[=] {
-            for (int64_t b = 0; b < B; ++b) {
-              const int64_t t = tokens[b];
-              if (t < 0 || t >= V)
-                throw std::out_of_range("llmkern decode step: token id " + std::to_string(t) + " of batch row " +
-                                        std::to_string(b) + " is out of range for a vocabulary of " +
-                                        std::to_string(V));
-            }
+            check_token_ids(tokens, B, V);
             if (int4)
               cpu::embed_rows_int4(reinterpret_cast<const uint8_t*>(w_ptr), reinterpret_cast<const float*>(scale_ptr),
                                    reinterpret_cast<const float*>(offset_ptr), H, G, tokens, B, dt, out);

@@ -220,3 +220,16 @@ def write_spm_gguf(path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def assert_greedy_tokens(ref, res, row: int = 0) -> None:
+    """Each token generate() produced (res: a GenerationResult) is the float reference model's argmax at its
+    position, up to fp32 near-ties (within 1e-5 of the row's largest logit magnitude)."""
+    import torch
+    seq = res.prompt_tokens[row] + res.tokens[row]
+    with torch.inference_mode():
+        logits = ref(torch.tensor([seq]))[0].double()  # [T, V]
+    P = len(res.prompt_tokens[row])
+    for t, tok_id in enumerate(res.tokens[row]):
+        r = logits[P - 1 + t]
+        assert r[tok_id] >= r.max() - 1e-5 * r.abs().max(), (t, tok_id, int(r.argmax()))

@@ -61,8 +61,7 @@ def kernel_silu(g: torch.Tensor) -> torch.Tensor:
 def python_step_with_kernel_silu(monkeypatch):
     """No step program; the Python step's F.silu is the program's kernel."""
     monkeypatch.setenv("LLMKERN_DECODE_PROGRAM", "0")
-    monkeypatch.setattr(decode_plan_mod, "F", types.SimpleNamespace(silu=kernel_silu, embedding=F.embedding,
-                                                                    linear=F.linear))
+    monkeypatch.setattr(decode_plan_mod, "F", types.SimpleNamespace(silu=kernel_silu, linear=F.linear))
 
 
 @pytest.mark.parametrize("quant", ["int4", "int4-w4a8", "int4-w4a8g", "int8-w8a16", "int8-w8a8"])

@@ -227,10 +227,11 @@ namespace k256 {
 using i8pk::k256::hsum_ps;
 using i8pk::k256::w_chunk;
 
-// GM 0 (per channel) and 128: one chain per weight row across the steps of the row / of a group (the
-// packed AVX2 w8a16_block's operations; per channel, the canonical scalar tail of K % 8 values into lane 0).
+// One activation row x against block b for GM 0 (per channel) and 128: one chain per weight row across the
+// steps of the row / of a group (the packed AVX2 w8a16_block's operations; per channel, the canonical scalar
+// tail of K % 8 values into lane 0).
 template <int GM>
-LLMKERN_AVX2 void block_chains(const Int8LinearArgs& a, int64_t b, int64_t b1, const float* x, float* res) {
+LLMKERN_AVX2 void block(const Int8LinearArgs& a, int64_t b, int64_t b1, const float* x, float* res) {
   const int64_t K = a.K, ns = nsteps(K), spg = GM == 128 ? a.group / kStep : ns;
   const int8_t* wr[kRows];
   const float* sr[kRows];
@@ -276,46 +277,6 @@ LLMKERN_AVX2 void block_chains(const Int8LinearArgs& a, int64_t b, int64_t b1, c
   }
   if constexpr (GM != 0) {
     LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) res[j] = hsum_ps(accf[j]);
-  }
-}
-
-// One activation row x against block b (the packed AVX2 w8a16_block's grouped operations).
-template <int GM>
-LLMKERN_AVX2 void block(const Int8LinearArgs& a, int64_t b, int64_t b1, const float* x, float* res) {
-  if constexpr (GM == 0 || GM == 128) {
-    return block_chains<GM>(a, b, b1, x, res);
-  } else {
-  constexpr int cpg = GM / 8;  // 8-value chunks per group
-  const int64_t K = a.K, ns = nsteps(K);
-  const int8_t* wr[kRows];
-  const float* sr[kRows];
-  block_rows(a, b, wr, sr);
-  __m256 accf[kRows];
-  LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) accf[j] = _mm256_setzero_ps();
-  for (int64_t s = 0; s < ns; ++s) {
-    const int64_t k = s * kStep, n = std::min(kStep, K - k);
-    prefetch_step(a, b * ns + s + kStreamAhead, ns, b1);
-    const int64_t g0 = k / GM;
-    if (n == kStep) {
-      LLMKERN_UNROLL for (int j = 0; j < kRows; ++j)
-        LLMKERN_UNROLL for (int g = 0; g < kStep / GM; ++g) {
-          __m256 acc = _mm256_setzero_ps();
-          LLMKERN_UNROLL for (int c = g * cpg; c < (g + 1) * cpg; ++c)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * c), w_chunk(wr[j] + k, c), acc);
-          accf[j] = _mm256_fmadd_ps(acc, _mm256_set1_ps(sr[j][g0 + g]), accf[j]);
-        }
-    } else {
-      const int64_t e = n / GM;
-      for (int j = 0; j < kRows; ++j)
-        for (int64_t g = 0; g < e; ++g) {
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * c), w_chunk(wr[j] + k, c), acc);
-          accf[j] = _mm256_fmadd_ps(acc, _mm256_set1_ps(sr[j][g0 + g]), accf[j]);
-        }
-    }
-  }
-  LLMKERN_UNROLL for (int j = 0; j < kRows; ++j) res[j] = hsum_ps(accf[j]);
   }
 }
 

@@ -60,8 +60,19 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
             const std::string& isa_name, int64_t decode_max_rows, bool bf16_dot, std::uintptr_t packed_ptr,
             int64_t packed_e, std::uintptr_t rows16_ptr, int64_t rows16_e) {
   if (x_dtype < 0 || x_dtype > 2) fail(kWhere, "x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
-  const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
+  cpu::Isa isa = isa_or_throw(kWhere, isa_name);
   check_sizes(kWhere, M, K, N, num_threads);
+  // Released weights (an Int4Linear holding rows16 alone): no canonical tensors, every call reads rows16,
+  // which only the AVX-512 kernels do; a pinned narrower ISA cannot apply to them.
+  const bool released = N > 0 && !qweight_ptr && !scales_ptr && !offsets_ptr;  // (N = 0: empty tensors, null pointers)
+  if (released) {
+    if (!rows16_ptr)
+      fail(kWhere, "qweight_ptr, scales_ptr and offsets_ptr may be 0 only with rows16_ptr (the rows16 layout alone)");
+    if (packed_ptr) fail(kWhere, "packed_ptr must be 0 without the canonical tensors (qweight_ptr = 0)");
+    if (!cpu::isa_supported(cpu::Isa::kAvx512Vnni))
+      fail(kWhere, "the rows16 layout alone (qweight_ptr = 0) needs an AVX-512 CPU, this one is not");
+    isa = cpu::Isa::kAvx512Vnni;
+  }
   check_group(kWhere, K, group_size);
   if (decode_max_rows < -1 || decode_max_rows > kMaxDim)
     fail(kWhere, "decode_max_rows must be -1 (default) or in [0, 2^31], got " + std::to_string(decode_max_rows));
@@ -81,9 +92,11 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   if (M == 0 || N == 0) return {};  // empty output: nothing to compute, nothing read
   const int64_t esize = x_dtype == 0 ? 4 : 2;
   check_ptr("x_ptr", x_ptr, esize);
-  check_ptr("qweight_ptr", qweight_ptr, 1);
-  check_ptr("scales_ptr", scales_ptr, 4);
-  check_ptr("offsets_ptr", offsets_ptr, 4);
+  if (!released) {
+    check_ptr("qweight_ptr", qweight_ptr, 1);
+    check_ptr("scales_ptr", scales_ptr, 4);
+    check_ptr("offsets_ptr", offsets_ptr, 4);
+  }
   if (bias_ptr) check_ptr("bias_ptr", bias_ptr, 4);
   check_ptr("out_ptr", out_ptr, esize);
   check_ptr("ws_ptr", ws_ptr, 1);
@@ -136,7 +149,8 @@ void bind_int4_linear(py::module_& m) {
         "bf16_dot: allow AVX512-BF16 dot products for bf16 x; packed_ptr / packed_e: the same weights in the "
         "packed decode layout (int4_linear_pack), read instead of qweight/scales/offsets by one-row (M = 1) "
         "calls; rows16_ptr / rows16_e: the same weights in the rows16 layout (int4_linear_rows16_pack), read "
-        "by bf16 calls of 2 rows up to the decode limit on CPUs with AVX-512 BF16. Releases the GIL while "
+        "by fp32 / bf16 decode calls and by the prefill on AVX-512 CPUs; with rows16 the canonical pointers "
+        "may all be 0 (every call then reads rows16, on AVX-512 whatever isa says). Releases the GIL while "
         "computing; invalid arguments raise ValueError.",
         py::arg("x_ptr"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("M"),
         py::arg("K"), py::arg("qweight_ptr"), py::arg("N"), py::arg("scales_ptr"), py::arg("offsets_ptr"),
@@ -162,9 +176,11 @@ void bind_int4_linear(py::module_& m) {
           return cpu::int4_linear_workspace_bytes(M, K, N, num_threads, decode_max_rows);
         };
         b.make(0, 0, 0, 0, 0, 0, b.workspace(0, 1), 1, "");  // the weight-side checks (M = 0 computes nothing)
-        check_ptr("qweight_ptr", qweight_ptr, 1);
-        check_ptr("scales_ptr", scales_ptr, 4);
-        check_ptr("offsets_ptr", offsets_ptr, 4);
+        if (qweight_ptr || scales_ptr || offsets_ptr || !rows16_ptr) {  // (all 0 with rows16: released)
+          check_ptr("qweight_ptr", qweight_ptr, 1);
+          check_ptr("scales_ptr", scales_ptr, 4);
+          check_ptr("offsets_ptr", offsets_ptr, 4);
+        }
         if (bias_ptr) check_ptr("bias_ptr", bias_ptr, 4);
         if (packed_ptr) check_ptr("packed_ptr", packed_ptr, packed_e);
         if (rows16_ptr) check_ptr("rows16_ptr", rows16_ptr, 4);
@@ -250,6 +266,27 @@ void bind_int4_linear(py::module_& m) {
       "rows16 layout (csrc/include/llmkern/cpu/int4_linear_rows16.h) with e-byte scales: e=2 (fp16) only "
       "when every scale and offset is exactly an fp16 value, e=1 (factored) only when they factor "
       "(int4_linear_rows16_factors_ok); ValueError otherwise.");
+  m.def(
+      "int4_linear_rows16_unpack",
+      [](std::uintptr_t rows16_ptr, int64_t N, int64_t K, int64_t group_size, int64_t e, std::uintptr_t qweight_ptr,
+         std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr) {
+        const char* where = "llmkern._C.int4_linear_rows16_unpack";
+        check_rows16_args(where, N, K, group_size, e);
+        if (N == 0) return;
+        check_ptr_arg(where, "rows16_ptr", rows16_ptr, 4);
+        check_ptr_arg(where, "qweight_ptr", qweight_ptr, 1);
+        check_ptr_arg(where, "scales_ptr", scales_ptr, 4);
+        check_ptr_arg(where, "offsets_ptr", offsets_ptr, 4);
+        py::gil_scoped_release release;
+        cpu::int4_rows16::unpack_canonical(reinterpret_cast<const uint8_t*>(rows16_ptr), N, K, group_size, e,
+                                           reinterpret_cast<uint8_t*>(qweight_ptr),
+                                           reinterpret_cast<float*>(scales_ptr), reinterpret_cast<float*>(offsets_ptr));
+      },
+      py::arg("rows16_ptr"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"), py::arg("qweight_ptr"),
+      py::arg("scales_ptr"), py::arg("offsets_ptr"),
+      "The rows16 layout (int4_linear_rows16_pack's output, e-byte scales) back to the canonical tensors it was "
+      "packed from, bit for bit: qweight uint8 [N, K/2], scales / offsets float32 [N, K/G], contiguous, written "
+      "at the given pointers.");
   m.def("int4_linear_cpu_info", []() {
     py::dict d;
     d["decode_max_rows"] = cpu::kDecodeMaxRows;  // the largest default (bf16 dot products)

@@ -115,7 +115,9 @@ def test_rows16_pack_rejects_bad_arguments():
 
 def test_launcher_reads_rows16_exactly_where_documented():
     """Canonical tensors of weights A with the rows16 layout of weights B: the result follows B for bf16
-    x with 1..16 rows (AVX-512 BF16) and fp32 x with 1..8, A otherwise (so the path is really taken)."""
+    x with 1..16 rows (AVX-512 BF16), fp32 x with 1..8 and fp16 x with 1..8 (converted to fp32 rows first),
+    A otherwise: the prefill path reads rows16 too, so with more rows B also, unless the ISA is pinned to
+    AVX2 (so the path is really taken)."""
     gen = torch.Generator().manual_seed(14)
     N, K, G = 40, 128, 32
     qa, sa, oa = weights(N, K, G, False, gen)
@@ -123,20 +125,21 @@ def test_launcher_reads_rows16_exactly_where_documented():
     n = C.int4_linear_rows16_packed_size(N, K, G, 4)
     r16 = torch.empty(n, dtype=torch.uint8)
     C.int4_linear_rows16_pack(qb.data_ptr(), sb.data_ptr(), ob.data_ptr(), N, K, G, 4, r16.data_ptr(), n)
-    cases = [(torch.float32, M, M <= 8) for M in (1, 2, 8, 9)]
+    cases = [(torch.float32, M, True, "") for M in (1, 2, 8, 9)]
     if HAS_BF16:
-        cases += [(torch.bfloat16, M, M <= 16) for M in (1, 2, 16, 17)]
-    cases += [(torch.float16, 1, False), (torch.float16, 4, False)]
-    for dtype, M, takes_rows16 in cases:
+        cases += [(torch.bfloat16, M, True, "") for M in (1, 2, 16, 17)]
+    cases += [(torch.float16, M, True, "") for M in (1, 4, 8, 9)]
+    cases += [(dt, M, False, "avx2") for dt in (torch.float32, torch.float16) for M in (1, 9)]
+    for dtype, M, takes_rows16, isa in cases:
         x = torch.randn(M, K, generator=gen).to(dtype)
         out = torch.empty(M, N, dtype=dtype)
         need = C.int4_linear_workspace_size(M, K, N, 2)
         ws = torch.empty(need, dtype=torch.uint8)
         C.int4_linear(x.data_ptr(), {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype], K, M, K,
                       qa.data_ptr(), N, sa.data_ptr(), oa.data_ptr(), G, 0, out.data_ptr(), N, ws.data_ptr(), need, 2,
-                      "", rows16_ptr=r16.data_ptr(), rows16_e=4)
+                      isa, rows16_ptr=r16.data_ptr(), rows16_e=4)
         want = R.int4_linear(x.double(), *((qb, sb, ob) if takes_rows16 else (qa, sa, oa)), None)
-        assert rel(out, want) <= TOL.get(dtype, 4e-3), (dtype, M, takes_rows16)
+        assert rel(out, want) <= TOL.get(dtype, 4e-3), (dtype, M, takes_rows16, isa)
     with pytest.raises(ValueError, match="rows16_e"):
         C.int4_linear(x.data_ptr(), 2, K, 4, K, qa.data_ptr(), N, sa.data_ptr(), oa.data_ptr(), G, 0, out.data_ptr(),
                       N, ws.data_ptr(), need, 2, "", rows16_ptr=r16.data_ptr(), rows16_e=3)

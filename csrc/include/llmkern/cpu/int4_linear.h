@@ -34,6 +34,7 @@
 #include "llmkern/cpu/int4_linear_avx512_gemm.h"
 #include "llmkern/cpu/int4_linear_common.h"
 #include "llmkern/cpu/int4_linear_rows16.h"
+#include "llmkern/cpu/int4_linear_rows16_panel.h"
 #include "llmkern/cpu/int4_linear_scalar.h"
 #include "llmkern/cpu/parallel.h"
 
@@ -54,6 +55,10 @@ using I4PackFn = void (*)(const uint16_t* x, int64_t stride, int64_t rows, int64
 // (read by routes that store dequantized weights).
 using I4UnpackFn = void (*)(const uint8_t* qw, int64_t row_bytes, int64_t ncols, int64_t k0, int64_t kc, const float* ss,
                             const float* oo, int64_t G, void* w);
+// The same panel from the rows16 layout (int4_linear_rows16_panel.h): blocks = the block of the panel's
+// first row, block_bytes apart.
+using I4UnpackR16Fn = void (*)(const uint8_t* blocks, int64_t block_bytes, int64_t ncols, int64_t k0, int64_t kc,
+                               int64_t G, void* w);
 
 // One way of computing (fp32 FMAs or bf16 dot products): decode tiles and prefill micro-kernels.
 struct Int4Route {
@@ -62,6 +67,7 @@ struct Int4Route {
   DecodeTileFn dec_pk[2][kDecMaxMB + 1][kDecMaxNB + 1] = {};
   I4PrepFn dec_prep = nullptr;
   I4UnpackFn unpack = nullptr;
+  I4UnpackR16Fn unpack_r16[3] = {};   // rows16 panels, E = 1, 2, 4 (AVX-512 only)
   MicroFn micro[kMaxMR + 1][4] = {};  // [rows][column vectors]
   int64_t kc = 0;                     // panel depth
   bool prefill_sums = true;           // prefill micro-kernels read the group sums X
@@ -205,6 +211,15 @@ inline Int4Kernels make_avx512_kernels() {
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 6)
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 7)
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 8)
+  k.f32.unpack_r16[0] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
+    int4_rows16::unpack_panel_f32<1>(b, bb, nc, k0, kc, G, static_cast<float*>(w));
+  };
+  k.f32.unpack_r16[1] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
+    int4_rows16::unpack_panel_f32<2>(b, bb, nc, k0, kc, G, static_cast<float*>(w));
+  };
+  k.f32.unpack_r16[2] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
+    int4_rows16::unpack_panel_f32<4>(b, bb, nc, k0, kc, G, static_cast<float*>(w));
+  };
   k.f32.kc = v::kKCf32;
   k.f32.prefill_sums = false;  // dequantized panels: offsets are in the weights
   k.has_bf16 = features().avx512_bf16;
@@ -225,6 +240,15 @@ inline Int4Kernels make_avx512_kernels() {
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 6)
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 7)
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 8)
+  k.bf16.unpack_r16[0] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
+    int4_rows16::unpack_panel_bf16<1>(b, bb, nc, k0, kc, G, static_cast<uint32_t*>(w));
+  };
+  k.bf16.unpack_r16[1] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
+    int4_rows16::unpack_panel_bf16<2>(b, bb, nc, k0, kc, G, static_cast<uint32_t*>(w));
+  };
+  k.bf16.unpack_r16[2] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
+    int4_rows16::unpack_panel_bf16<4>(b, bb, nc, k0, kc, G, static_cast<uint32_t*>(w));
+  };
   k.bf16.kc = v::kKCbf16;
   k.bf16.prefill_sums = false;  // dequantized panels: offsets are in the weights
   k.bf16.pack = &v::pack_rows_bf16;
@@ -276,6 +300,16 @@ struct BlockPrefetch {
   BlockPrefetch() = default;
   BlockPrefetch(const Int4LinearArgs& a, int64_t n0, int64_t ncols, int64_t k0, int64_t kc)
       : qw(a.qweight + n0 * (a.K / 2) + k0 / 2), rb(a.K / 2), per_row((kc + 127) / 128), rows(ncols) {}
+  // rows16 (the blocks of rows n0 .. n0 + ncols, bb bytes each): per block, one contiguous span
+  BlockPrefetch(const uint8_t* rows16, int64_t e, int64_t bb, int64_t n0, int64_t ncols, int64_t k0, int64_t kc,
+                int64_t G) {
+    int64_t lo, hi;
+    int4_rows16::group_span(k0, kc, G, e, bb, &lo, &hi);
+    qw = rows16 + n0 / 16 * bb + lo;
+    rb = bb;
+    per_row = (hi - lo + 63) / 64;
+    rows = (ncols + 15) / 16;
+  }
 
   int64_t total() const { return rows * per_row; }
 
@@ -380,9 +414,13 @@ inline void decode(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Rou
   }
 }
 
+// Weight panels come from the rows16 layout where it is bound and the route unpacks it (AVX-512), else
+// from the canonical tensors: the same panels (int4_linear_rows16_panel.h).
 inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Route& rt, bool convert, const WsLayout& L,
                     char* ws) {
   const int64_t rb = a.K / 2, ng = a.K / a.group, G = a.group, NS = kk.ns;
+  const I4UnpackR16Fn r16 = a.rows16 ? rt.unpack_r16[a.rows16_e == 1 ? 0 : a.rows16_e == 2 ? 1 : 2] : nullptr;
+  const int64_t bb = r16 ? int4_rows16::block_bytes(a.K, G, a.rows16_e) : 0;
   const XMode mode = rt.pack ? XMode::kPack : convert ? XMode::kConvert : XMode::kInPlace;
   // Columns are split among threads in whole vectors (not whole strips: 4096 columns are 85 1/3
   // strips of 48, and a strip more on one thread costs 2%).
@@ -427,17 +465,23 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
       part.rows(m1 - m0, 8, &r0, &r1);
       for (int64_t n0 = col0; n0 < col1 && r1 > r0; n0 += NS) {
         const int64_t ncols = std::min(NS, col1 - n0), nv = (ncols + kk.vec - 1) / kk.vec;
-        kk.strip_groups(a.scales + n0 * ng, ng, ncols, ss);
-        kk.strip_groups(a.offsets + n0 * ng, ng, ncols, oo);
+        if (!r16) {  // (rows16 panels read each group's scales and offsets from the block)
+          kk.strip_groups(a.scales + n0 * ng, ng, ncols, ss);
+          kk.strip_groups(a.offsets + n0 * ng, ng, ncols, oo);
+        }
         for (int64_t k0 = 0; k0 < a.K; k0 += kcb) {
           const int64_t kc = std::min(kcb, a.K - k0);
           const float* pss = ss + (k0 / G) * NS;
           const float* poo = oo + (k0 / G) * NS;
-          rt.unpack(a.qweight + n0 * rb, rb, ncols, k0, kc, pss, poo, G, panel);
+          if (r16) r16(a.rows16 + n0 / 16 * bb, bb, ncols, k0, kc, G, panel);  // (n0: a multiple of kk.vec = 16)
+          else rt.unpack(a.qweight + n0 * rb, rb, ncols, k0, kc, pss, poo, G, panel);
           // The same block of the thread's next strip (or of its first strip for the first
           // blocks: a strip ahead), prefetched a slice per micro-kernel call.
           BlockPrefetch pf;
-          if (n0 + NS < col1) pf = BlockPrefetch(a, n0 + NS, std::min(NS, col1 - n0 - NS), k0, kc);
+          if (n0 + NS < col1) {
+            const int64_t nc = std::min(NS, col1 - n0 - NS);
+            pf = r16 ? BlockPrefetch(a.rows16, a.rows16_e, bb, n0 + NS, nc, k0, kc, G) : BlockPrefetch(a, n0 + NS, nc, k0, kc);
+          }
           const int64_t calls = (r1 - r0 + kk.mr - 1) / kk.mr, per_call = (pf.total() + calls - 1) / calls;
           const Panel p{panel, pss, poo, kc, G};
           Micro mi;
@@ -481,13 +525,24 @@ inline void int4_linear(const Int4LinearArgs& a, Isa isa) {
   const bool bf16 = a.x_dtype == DType::kBF16 && a.bf16_dot && kk.has_bf16;
   const Int4Route& rt = bf16 ? kk.bf16 : kk.f32;
   const int64_t dmax = a.decode_max_rows >= 0 ? a.decode_max_rows : bf16 ? kDecodeMaxRowsBf16 : kDecodeMaxRowsF32;
-  if (a.M <= dmax && (bf16 || a.x_dtype == DType::kF32) && a.rows16 && a.M >= int4_rows16::kMinRows &&
-      isa == Isa::kAvx512Vnni) {
-    // the decode workspace (M rows of dec_row_bytes) holds the group sums (M K/G floats)
-    int4_rows16::decode(a.x, a.x_row_stride, a.M, a.K, a.N, a.group, a.rows16,
-                        a.rows16_e, a.bias, a.out, a.out_row_stride, a.x_dtype, reinterpret_cast<float*>(ws),
-                        a.num_threads);
-  } else if (a.M <= dmax) {
+  if (a.M <= dmax && a.rows16 && a.M >= int4_rows16::kMinRows && isa == Isa::kAvx512Vnni) {
+    // rows16 decode: bf16 x as it is (bf16 dot products), fp32 x as it is, other x (fp16, bf16 without the dot
+    // products: then dmax is the fp32 route's) converted to fp32 rows in the shared row buffer first (a few
+    // microseconds; fp16 x of one row read the canonical decode tiles at 0.35 ms on 4096 x 4096 before, and would
+    // take the prefill path at 0.9 ms without canonical tensors). Workspace: the group sums [M][K / G], then the
+    // converted rows [M][align_up(K, 16)]: within dec_thread_bytes(M, K), which the workspace holds for M <= dmax.
+    const void* x = a.x;
+    int64_t stride = a.x_row_stride;
+    float* X = reinterpret_cast<float*>(ws);
+    if (!bf16 && a.x_dtype != DType::kF32) {
+      float* conv = reinterpret_cast<float*>(ws + align_up(a.M * (a.K / a.group) * 4, kAlign));
+      stride = align_up(a.K, 16);
+      for (int64_t m = 0; m < a.M; ++m) kk.row_to_f32(int4_detail::x_row(a, m), a.x_dtype, a.K, conv + m * stride);
+      x = conv;
+    }
+    int4_rows16::decode(x, stride, x != a.x || a.x_dtype == DType::kF32, a.M, a.K, a.N, a.group, a.rows16, a.rows16_e,
+                        a.bias, a.out, a.out_row_stride, a.x_dtype, X, a.num_threads);
+  } else if (a.M <= dmax && a.qweight) {
     int4_detail::decode(a, kk, rt, L, ws);
   } else {
     int4_detail::prefill(a, kk, rt, !bf16 && a.x_dtype != DType::kF32, L, ws);

@@ -51,8 +51,10 @@ struct Int4LinearArgs {
   // (and on the prefill path) those are read.
   const uint8_t* packed = nullptr;
   int64_t packed_e = 0;              // 2 (fp16) or 4 (fp32) when packed is set
-  // Optional rows16 layout of the same weights (int4_linear_rows16.h, rows16_e-byte scales): bf16 x
-  // (on CPUs with AVX-512 BF16) and fp32 x (AVX-512) with 2 rows up to the decode limit read it instead.
+  // Optional rows16 layout of the same weights (int4_linear_rows16.h, rows16_e-byte scales): on AVX-512,
+  // decode calls (bf16 x with AVX-512 BF16 as it is, other x converted to fp32 rows) and the prefill's panels
+  // (int4_linear_rows16_panel.h) read it instead. With rows16, qweight / scales / offsets may all be null
+  // (a released Int4Linear): every call then reads rows16, the prefill path taking what the decode does not.
   const uint8_t* rows16 = nullptr;
   int64_t rows16_e = 0;
 };

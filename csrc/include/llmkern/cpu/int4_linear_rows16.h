@@ -1,5 +1,6 @@
-// int4_linear decode with 2..16 rows (bf16 x) or 2..8 rows (fp32 x) on the "rows16" layout: one output
-// row per vector lane.
+// int4_linear decode with 1..16 rows (bf16 x) or 1..8 rows (fp32 x; fp16 x converted to fp32 by the caller)
+// on the "rows16" layout: one output row per vector lane. (The prefill reads it too:
+// int4_linear_rows16_panel.h.)
 //
 // The lane = k decode tiles (int4_linear_avx512.h) end every tile with a horizontal sum per output
 // and rescale every 128 weights with a permute; with several rows of x that bookkeeping is ~30% of
@@ -409,12 +410,14 @@ LLMKERN_R16_F32_ATTR inline void group_sums(const void* x, int64_t off, bool f32
   }
 }
 
-// the rows16 layout at pk with E-byte scales (E = 1: factored). X: workspace for the group sums (M K / G floats). Threads split
-// tiles of kBlocks blocks. bf16 needs AVX-512 BF16, fp32 AVX-512F.
-inline void decode(const void* x, int64_t x_stride, int64_t M, int64_t K, int64_t N, int64_t G, const uint8_t* pk,
-                   int64_t E, const float* bias, void* out, int64_t out_stride, DType out_dtype, float* X, int num_threads) {
+// the rows16 layout at pk with E-byte scales (E = 1: factored). x: fp32 rows (x_f32) or bf16 (needs AVX-512
+// BF16), out in out_dtype (any: fp16 x arrives converted to fp32). X: workspace for the group sums (M K / G
+// floats). Threads split tiles of kBlocks blocks.
+inline void decode(const void* x, int64_t x_stride, bool x_f32, int64_t M, int64_t K, int64_t N, int64_t G,
+                   const uint8_t* pk, int64_t E, const float* bias, void* out, int64_t out_stride, DType out_dtype,
+                   float* X, int num_threads) {
   const int64_t ng = K / G;
-  const bool f32 = out_dtype == DType::kF32;
+  const bool f32 = x_f32;
   for (int64_t m = 0; m < M; ++m) group_sums(x, m * x_stride, f32, K, G, X + m * ng);
   Ctx c{pk, K, G, ng, N, block_bytes(K, G, E), x, x_stride, X, bias, out, out_stride, out_dtype};
   const int64_t nblocks = (N + 15) / 16, tiles = (nblocks + kBlocks - 1) / kBlocks;

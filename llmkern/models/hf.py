@@ -460,7 +460,8 @@ def unpatch(hf_model):
         if isinstance(now, (lnn.Int8Linear, lnn.Int4Linear)):
             # The model may have moved or changed dtype since patch (model.to(...)): the restored linear follows;
             # a kept original is converted only then (a mixed-dtype model gets its linears back as they were).
-            device = next(now.buffers()).device
+            device = (now.weight if isinstance(now, lnn.Int8Linear) else now.qweight).device  # (not buffers():
+            # a released Int4Linear lists its bias alone; reading qweight restores the canonical tensors)
             if mod is None:
                 mod = _dequantized_linear(now, dtype)
             else:

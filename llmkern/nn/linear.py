@@ -140,10 +140,20 @@ class _QuantizedBase(nn.Module):
             self._trust(op, *static_args)
         return out
 
+    def _still_trusted(self) -> bool:
+        """Whether the buffers are trusted, with the preparation that LLMKERN_BACKEND now calls for: a module
+        trusted while no preparer applied (another backend selected, e.g. "reference"; a released Int4Linear
+        restores its buffers for it) prepares again at its first call after the variable changes."""
+        d = self.__dict__
+        if d["_trusted"] and d["_run"] is None and d.get("_trust_env") != env_backend():
+            d["_trusted"] = False
+        return d["_trusted"]
+
     def _trust(self, op, *static_args) -> None:
         """The buffers just passed the op's checks: trust them and prepare the lean path."""
         d = self.__dict__
         d["_trusted"] = True
+        d["_trust_env"] = env_backend()
         dev = static_args[0].device
         run = d["_run"] = None if dev.type == "meta" else op.prepare(*static_args, backend=self.backend, device=dev)
         self._allow_fast(run)
@@ -266,7 +276,8 @@ class Int8Linear(_QuantizedBase):
                 if self.__dict__["_fast"] is None:
                     self._allow_fast(run)
                 return run(x)
-            if self._trusted and self.mode in MODES and plain_activation(x, self.in_features, self.weight.device):
+            if self._still_trusted() and self.mode in MODES and plain_activation(x, self.in_features,
+                                                                                 self.weight.device):
                 return int8_linear_op.run_trusted(x, self.weight, self.weight_scale, self.bias, self.mode,
                                                   self.backend)
             return self._first_call(int8_linear_op, ops.int8_linear, x,
@@ -347,16 +358,18 @@ class Int4Linear(_QuantizedBase):
         # x [..., K] -> [..., N]
         if not torch.compiler.is_compiling():
             run = self._lean(x)
-            released = self.__dict__.get("_released") is not None
-            if run is not None and not (released and x.dtype == torch.float32 and x.numel()):
-                if self.__dict__["_fast"] is None:
+            d = self.__dict__
+            released = d.get("_released") is not None
+            takes = not released or x.dtype in d["_released"][2] or not x.numel()
+            if run is not None and takes:
+                if d["_fast"] is None:
                     self._allow_fast(run)
                 return run(x)
-            if released:  # the packed run cannot take x (fp32 or autograd-tracked x, which the op takes from now
-                # on, so the canonical buffers are kept; another device or backend): canonical again
-                self._restore_canonical(keep=x.dtype == torch.float32 or (x.requires_grad and torch.is_grad_enabled()))
-            if self._trusted and self.mode in INT4_MODES and plain_activation(x, self.in_features,
-                                                                              self.qweight.device):
+            if released:  # the packed run cannot take x (GPU: fp32 x; autograd-tracked x, which the op takes from
+                # now on, so the canonical buffers are kept; another device or backend): canonical again
+                self._restore_canonical(keep=not takes or (x.requires_grad and torch.is_grad_enabled()))
+            if self._still_trusted() and self.mode in INT4_MODES and plain_activation(x, self.in_features,
+                                                                                      self.qweight.device):
                 return int4_linear_op.run_trusted(x, self.qweight, self.scales, self.offsets, self.bias, self.mode,
                                                   self.backend)
             return self._first_call(int4_linear_op, ops.int4_linear, x,
@@ -368,16 +381,18 @@ class Int4Linear(_QuantizedBase):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"group_size={self.group_size}, mode={self.mode!r}, backend={self.backend!r}")
 
-    # --- Holding the packed form alone (a GPU) ---------------------------------------------------------------
-    # A prepared run with `release()` (the cuda preparer's packed run, ops/int4_linear.py CUDA_INT4_RELEASE) can
-    # do without the canonical tensors for 16-bit x. Then the module removes qweight / scales / offsets from
-    # its buffers, so that the packed copy is all the GPU holds (at G = 32 with fp16-valued scales: 0.625 instead
-    # of 1.375 bytes per weight), and `_released` = (unpack, buffer order). They come back, unpacked bit for bit from the packed
+    # --- Holding the packed form alone ------------------------------------------------------------------------
+    # A prepared run with `release()` can do without the canonical tensors for the x dtypes `release.dtypes`:
+    # on a GPU the cuda preparer's packed run (ops/int4_linear.py CUDA_INT4_RELEASE) for 16-bit x, on an AVX-512
+    # BF16 CPU the rows16 run (CPU_INT4_RELEASE) for every float x. Then the module removes qweight / scales /
+    # offsets from its buffers, so that the packed copy is all it holds (at G = 32 with fp16-valued scales: GPU
+    # 0.625 instead of 1.375 bytes per weight, CPU 0.625 instead of 1.375), and `_released` = (unpack, buffer
+    # order, dtypes). They come back, unpacked bit for bit from the packed
     # copy, whenever anything needs them: reading or assigning the attribute, .to() / .cuda() / dtype casts,
-    # load_state_dict (then it is packed and released again at the next call), and an fp32 (or other-device /
-    # other-backend) activation, after which an fp32 call keeps them (`_keep_canonical`: fp32 x runs the
-    # canonical kernels). state_dict and pickling / deepcopy unpack into the result only. While released,
-    # named_buffers() lists bias alone.
+    # load_state_dict (then it is packed and released again at the next call), and an activation the run does
+    # not take (another dtype, device or backend, or autograd-tracked), after which another dtype's or autograd's
+    # call keeps them (`_keep_canonical`: GPU fp32 x runs the canonical kernels). state_dict and pickling /
+    # deepcopy unpack into the result only. While released, named_buffers() lists bias alone.
 
     def _prepared(self, run) -> None:
         d = self.__dict__
@@ -385,10 +400,11 @@ class Int4Linear(_QuantizedBase):
         if release is None or d.get("_keep_canonical") or d.get("_released") is not None:
             return
         order = list(self._buffers)
+        dtypes = release.dtypes
         unpack = release()
         for name in _CANONICAL:
             del self._buffers[name]
-        d["_released"] = (unpack, order)
+        d["_released"] = (unpack, order, dtypes)
 
     def _restore_canonical(self, keep: bool = False) -> None:
         """Put the canonical buffers back (unpacked from the packed copy) and drop the prepared run; `keep`:
@@ -408,7 +424,7 @@ class Int4Linear(_QuantizedBase):
         d["_keep_canonical"] = d.get("_keep_canonical") or keep
         self._invalidate_packed()
 
-    def _canonical_buffers(self, unpack, order) -> dict:
+    def _canonical_buffers(self, unpack, order, dtypes=None) -> dict:
         """The buffers dict as it was before the release (in its order), with the canonical tensors unpacked."""
         tensors = dict(zip(_CANONICAL, unpack()))
         rest = dict(self._buffers)
@@ -461,6 +477,10 @@ class Int4Linear(_QuantizedBase):
 
 # The canonical int4 buffers a released Int4Linear rebuilds on demand (Int4Linear._prepared).
 _CANONICAL = ("qweight", "scales", "offsets")
+
+# Each linear type's tensors (concat_linears).
+_TENSORS = {nn.Linear: ("weight", "bias"), Int8Linear: ("weight", "weight_scale", "bias"),
+            Int4Linear: ("qweight", "scales", "offsets", "bias")}
 
 # The forwards __call__'s shortcut stands for (see _QuantizedBase._trust).
 _FAST_FORWARDS = (Int8Linear.forward, Int4Linear.forward)
@@ -546,7 +566,8 @@ def concat_linears(mods) -> nn.Module | None:
         return None
     if len({m.in_features for m in mods}) != 1 or len({m.bias is None for m in mods}) != 1:
         return None
-    tensors = [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
+    # (by name, not m.buffers(): a released Int4Linear lists bias alone, and reading the others restores them)
+    tensors = [t for m in mods for t in (getattr(m, n) for n in _TENSORS[kind]) if t is not None]
     if len({t.device for t in tensors}) != 1 or any(t.is_meta for t in tensors):
         return None
     if first.bias is not None and len({m.bias.dtype for m in mods}) != 1:

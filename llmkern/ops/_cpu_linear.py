@@ -52,15 +52,17 @@ class BoundRun:
     layouts, W4A8's layout), rows16 / rows16_e (int4), gemm_packed (int8 W8A8). `lazy(M, dtype)`, when
     set, is called before calls it may concern (int4's rows16, packed at the first call that reads it)
     and may rebind `bound`. `env` is LLMKERN_BACKEND when prepared (set by the module that holds it).
+    `release`, when set (int4 on AVX-512 BF16 CPUs), lets go of the canonical tensors (ops/int4_linear.py's
+    `_cpu_runner`; Int4Linear calls it).
     """
 
     __slots__ = ("bound", "K", "N", "keep", "packed", "packed_e", "rows16", "rows16_e", "gemm_packed", "lazy",
-                 "env")
+                 "env", "release")
 
     def __init__(self, bound, K: int, N: int, keep: tuple, *, packed=None, packed_e: int = 0, gemm_packed=None):
         self.bound, self.K, self.N, self.keep = bound, K, N, keep
         self.packed, self.packed_e, self.gemm_packed = packed, packed_e, gemm_packed
-        self.rows16, self.rows16_e, self.lazy, self.env = None, 0, None, None
+        self.rows16, self.rows16_e, self.lazy, self.env, self.release = None, 0, None, None, None
 
     def __call__(self, x):
         x2 = cpu_rows(x, self.K)  # [..., K] -> [M, K]

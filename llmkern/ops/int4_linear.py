@@ -125,14 +125,16 @@ def _triton(x, qweight, scales, offsets, bias, mode):
 
 @functools.lru_cache(maxsize=None)
 def _rows16_limits() -> dict:
-    """Rows per call that read the rows16 layout, by x dtype (csrc/include/llmkern/cpu/int4_linear.h's
-    dispatch): fp32 1..decode_max_rows_f32, bf16 1..decode_max_rows with AVX-512 BF16 dot products."""
+    """Rows per call whose first occurrence packs a lazy rows16 layout, by x dtype: fp32 1..decode_max_rows_f32,
+    bf16 1..decode_max_rows with AVX-512 BF16 dot products. (Once packed, the kernel also reads it for fp16 x and
+    bf16 x without dot products, converted to fp32 rows, and for the prefill: csrc/include/llmkern/cpu/
+    int4_linear.h's dispatch.)"""
     info = _backends.cpu_module().int4_linear_cpu_info()
     bf16 = info["decode_max_rows"] if info["bf16_dot"] and _backends.cpu_has("avx512_bf16") else 0
     return {torch.float32: info["decode_max_rows_f32"], torch.bfloat16: bf16}
 
 
-def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
+def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False, release=False):
     """run(x) of the C++ kernel (csrc/cpu/int4_linear.cpp) with these weights bound once (a `BoundRun`).
 
     Everything that depends only on the weights (contiguity, raw pointers, the fp32 bias, G) is done
@@ -148,13 +150,22 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
 
     rows16 (the preparer, on AVX-512 CPUs): the weights are also packed into the rows16 layout
     (`_cpu_pack_rows16`, csrc/include/llmkern/cpu/int4_linear_rows16.h: one output row per vector lane),
-    which calls of 1 to 16 bf16 rows (with AVX-512 BF16) or 1 to 8 fp32 rows read instead of the
-    packed layout (docs/notes/cpu-int4-decode-compute.md); same bytes per row as the packed layout.
+    which calls of 1 to 16 bf16 rows (with AVX-512 BF16) or 1 to 8 rows of other x (fp32; fp16 and bf16
+    without the dot products converted to fp32 first) read instead of the packed layout
+    (docs/notes/cpu-int4-decode-compute.md); same bytes per row as the packed layout.
     rows16=True packs it at the first call that reads it (run or call), so a model that never decodes
     never pays its time or memory; rows16="now" packs it here (the preparer, where it replaces the
     packed layout: a model's first decode step then does not pay ~50 ms of packing). Its sums run in
     another order: those calls equal the canonical kernel's to fp32 rounding, not bitwise (but a row's
-    result does not depend on the other rows of the call).
+    result does not depend on the other rows of the call). Once packed, the prefill reads rows16 too
+    (int4_linear_rows16_panel.h: the same panels, so the same bits as from the canonical tensors).
+
+    release (with rows16="now" and no packed layout; `_cpu_prepare` on AVX-512 BF16 CPUs): the run also has
+    `release()`, which rebinds it to rows16 alone (every call, any x dtype and row count, then reads rows16;
+    fp16 x and rows the rows16 decode does not take go through the prefill path) and lets go of the canonical
+    tensors; it returns `unpack()`, which rebuilds them from rows16, bit for bit (`_cpu_unpack_rows16`).
+    Int4Linear calls it, so that rows16 is all the module holds (`release.dtypes`: the x dtypes the released
+    run takes, here every float).
     """
     mod = _backends.cpu_module()
     if qweight.device.type != "cpu":
@@ -194,7 +205,32 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False):
     run.lazy = lazy
     if rows16 == "now":
         pack16()
+    if not (release and rows16 == "now" and packed is None):
+        return run
+
+    def release_fn():
+        nonlocal qweight, scales, offsets, bind  # (the closures above hold them too: cleared here)
+        view, e = run.rows16, run.rows16_e
+        run.bound = mod.int4_linear_bind(0, N, K, 0, 0, G, bias_ptr, -1, True, 0, 0, view.data_ptr(), e)
+        run.keep = (bias32,) + run.keep[5:]  # (keep was (qweight, scales, offsets, bias32, packed) + rows16's buffer)
+        qweight = scales = offsets = bind = None
+        run.release = None  # (once)
+        return functools.partial(_cpu_unpack_rows16, mod, view, e, N, K, G)
+
+    release_fn.dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    run.release = release_fn
     return run
+
+
+def _cpu_unpack_rows16(mod, view, e, N, K, G):
+    """(qweight uint8 [N, K // 2], scales, offsets float32 [N, K // G]): the canonical tensors a rows16 layout
+    (`_cpu_pack_rows16`) was packed from, bit for bit."""
+    qweight = torch.empty(N, K // 2, dtype=torch.uint8)
+    scales = torch.empty(N, K // G, dtype=torch.float32)
+    offsets = torch.empty(N, K // G, dtype=torch.float32)
+    mod.int4_linear_rows16_unpack(view.data_ptr(), N, K, G, e, qweight.data_ptr(), scales.data_ptr(),
+                                  offsets.data_ptr())
+    return qweight, scales, offsets
 
 
 def _scale_bytes(mod, scales, offsets):
@@ -287,7 +323,8 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
     read one of two layouts packed from the canonical tensors, which stay (state dicts, prefill):
 
     rows16 (`_cpu_runner`, csrc/include/llmkern/cpu/int4_linear_rows16.h: one output row per vector lane),
-      read by fp32 x of 1 to 8 rows and, with AVX-512 BF16, bf16 x of 1 to 16 rows; packed here where
+      read by fp32 / fp16 x of 1 to 8 rows and, with AVX-512 BF16, bf16 x of 1 to 16 rows (and, once there, by
+      the prefill: the same panels as from the canonical tensors, 1.00-1.05x their speed); packed here where
       it replaces the packed layout (AVX-512 BF16), else at the first call that reads it: 1-16% faster than the packed layout at one row, 1.3-1.8x at 4 to 16
       (docs/notes/cpu-int4-decode-compute.md). Results equal the canonical kernel's (the module's first
       call, through the op) to fp32 rounding. LLMKERN_INT4_ROWS16=0 turns it off. Memory: ~83% of the
@@ -301,6 +338,8 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
         on 4096 x 4096), also beside rows16 (then read by fp16 x only); =0: never.
       The kernel reads it with results identical to the canonical layout's, bit for bit.
     On AVX2 neither is made (the packed tiles measured 3-7% slower there).
+    Where rows16 is packed here and no packed layout is made, the run offers `release()` (CPU_INT4_RELEASE,
+    `_cpu_runner`): Int4Linear then holds rows16 alone.
     W4A8 always packs (its kernel reads only its own layout)."""
     if qweight.shape[0] == 0:
         raise BackendUnsupported("N = 0")
@@ -315,7 +354,15 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
                                                            offsets.contiguous()) == 2)
     else:
         pack = False
-    return _cpu_runner(qweight, scales, offsets, bias, pack=pack, rows16="now" if covers_m1 else rows16)
+    return _cpu_runner(qweight, scales, offsets, bias, pack=pack, rows16="now" if covers_m1 else rows16,
+                       release=CPU_INT4_RELEASE)
+
+
+# True: a prepared W4A16 Int4Linear on an AVX-512 BF16 CPU (where rows16 takes every decode call) lets go of its
+# canonical tensors once rows16 is packed and reads rows16 alone, prefill included (`_cpu_runner`'s release),
+# rebuilding them on demand (state_dict, attribute reads, .to()): at G = 32 with fp16-valued scales 5 bits per
+# weight held instead of 11 (6 canonical + 5). LLMKERN_INT4_KEEP_CANONICAL=1 keeps both (read at import).
+CPU_INT4_RELEASE = os.environ.get("LLMKERN_INT4_KEEP_CANONICAL", "") != "1"
 
 
 # 16-bit inputs with more rows than this run on tensor cores (kInt4GemvMaxM in csrc/cuda/int4_linear.cu).
@@ -549,6 +596,7 @@ def _cuda_prepare(qweight, scales, offsets, bias, mode):
         return functools.partial(_cuda_unpack, qp, sp, scale16, N, K, G)
 
     run.packed = (qp, sp, scale16)  # (for tests and memory accounting)
+    release.dtypes = (torch.float16, torch.bfloat16)  # (fp32 x runs the canonical kernels)
     if CUDA_INT4_RELEASE:
         run.release = release
     return run

@@ -15,6 +15,7 @@ at its offset from there. A string is a u64 length and that many UTF-8 bytes.
 """
 from __future__ import annotations
 
+import mmap
 import struct
 from pathlib import Path
 
@@ -65,7 +66,9 @@ class GGUFFile:
         self.size = self.path.stat().st_size
         if self.size < 4:
             raise GGUFFormatError(f"not a GGUF file ({self.size} bytes)")
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")  # [size] bytes, read-only
+        with open(self.path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # (stays valid once the file is closed)
+        self._map = np.frombuffer(self._mm, dtype=np.uint8)  # [size] bytes, read-only
         self._buf = memoryview(self._map)
         self._pos = 0
         if bytes(self._buf[:4]) != b"GGUF":
@@ -81,6 +84,13 @@ class GGUFFile:
             raise GGUFFormatError(f"corrupt header near byte {self._pos}: {e}") from None
 
     # ------------------------------------------------------------------ parsing
+    def release_pages(self) -> None:
+        """Take the file's pages that reads touched out of this process's resident memory (MADV_DONTNEED: they stay
+        in the page cache, and a later read maps them again, same bytes). The GGUF loader calls it after each layer:
+        otherwise the whole mapped file counts toward the peak memory of a load, beside the model built from it."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def _take(self, n: int) -> int:
         """Advance past n bytes; returns where they start."""
         p = self._pos

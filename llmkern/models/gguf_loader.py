@@ -29,6 +29,7 @@ scales and offsets. Qwen2 GGUF files are not permuted (llama.cpp runs them with 
 """
 from __future__ import annotations
 
+import ctypes
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import _backends
 from .. import nn as lnn
 from .. import ops
 from ..formats.gguf import FLOAT_ONLY_TYPES, load_gguf_tensor
@@ -235,7 +237,8 @@ def _float_linear(w: torch.Tensor, b) -> nn.Linear:
 
 
 def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, dtype=torch.float32,
-              backend=None, max_positions: int | None = None, progress: bool = True, fuse: bool = True):
+              backend=None, max_positions: int | None = None, progress: bool = True, fuse: bool = True,
+              prepare: bool = False):
     """Load a GGUF model and its tokenizer -> (Llama, Tokenizer). path None: the default SmolLM2 model.
 
     quant: "keep" (as stored: Q4_0/Q4_1/Q4_K -> Int4Linear, Q8_0/Q5_0/Q6_K -> Int8Linear, floats ->
@@ -245,6 +248,13 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     (the rotary table and the largest cache), default the file's. fuse: join each layer's q/k/v and
     gate/up projections into one linear each (`Llama.fuse_projections`: same outputs, fewer kernel
     launches); fuse=False keeps Hugging Face's module names (q_proj, ...), e.g. to compare weights.
+    prepare: prepare the quantized linears for the CPU now, layer by layer (`prepare_linears`), rather than at
+    their first calls: an Int4Linear on an AVX-512 BF16 CPU then holds its rows16 copy alone before the first
+    prompt, and the first prefill does not pay for packing. `llmkern generate` on SmolLM2 (docs/notes/
+    cpu-int4-release.md): peak memory 406 MB against 436 without it (491 before the release existed), the first
+    prefill 1.6-1.8x faster, but decode steps measured 5-10% slower in that process (the step's small kernels
+    are sensitive to where the heap put their buffers; not understood yet), hence off by default. Not for a model
+    that goes to a GPU next (its CPU copies would be packed for nothing).
     """
     if quant not in QUANT_CHOICES:
         raise ValueError(f"load_gguf: quant must be one of {QUANT_CHOICES}, got {quant!r}")
@@ -310,6 +320,12 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
         layer.mlp.gate_proj = ld.linear(p + "ffn_gate.weight", I, H)
         layer.mlp.up_proj = ld.linear(p + "ffn_up.weight", I, H)
         layer.mlp.down_proj = ld.linear(p + "ffn_down.weight", H, I)
+        if fuse:
+            attn.fuse_qkv()
+            layer.mlp.fuse_gate_up()
+        if prepare:  # layer by layer: the memory a layer's canonical tensors free takes the next layer's
+            prepare_linears(layer, dtype)
+        reader.release_pages()  # (the layer's file bytes are read: the model's peak need not hold the file too)
 
     if "rope_freqs.weight" in names:
         # Llama 3.1-style frequency scaling: the converter stores the per-frequency divisors as a tensor
@@ -325,6 +341,8 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
         # embedding hold the same tensors (what ld.linear would build, without a second copy)
         cls = lnn.Int8Linear if emb["format"] == "int8" else lnn.Int4Linear
         model.lm_head = cls.from_quantized(*model.embed_tokens.tensors(), backend=backend)
+        if cls is lnn.Int4Linear:  # (releasing them after packing, Int4Linear._prepared, would free nothing)
+            model.lm_head.__dict__["_keep_canonical"] = True
     else:
         # tied: the lm_head reads token_embd in its stored (quantized) form, a quarter of the bytes
         model.lm_head = ld.linear("output.weight" if not c.tie_embeddings else "token_embd.weight", c.vocab_size, H)
@@ -342,9 +360,38 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
         g = 32 if group_size is None else group_size
         note = (f"; {n5} Q5_1/Q5_K weight{'s' if n5 > 1 else ''} re-quantized to int8, a scale per "
                 f"{f'{g} weights' if g else 'channel'} (no exact int form; quant 'none' keeps their values as float)")
-    prog.done(f"{c.name or c.arch}, {c.num_layers} layers, hidden {H}, "
-              f"{model.weight_bytes_per_token() / 1e6:.1f} MB of weights as stored{note}")  # first calls may repack
+    if prepare:
+        prepare_linears(model.lm_head, dtype)
+        _trim_heap()
+    stored = model.weight_bytes_per_token(packed=False)
+    prog.done(f"{c.name or c.arch}, {c.num_layers} layers, hidden {H}, {stored / 1e6:.1f} MB of weights as stored{note}")
     return model, tokenizer
+
+
+def prepare_linears(model: nn.Module, dtype=torch.float32) -> int:
+    """Prepare every Int8Linear / Int4Linear of `model` on the CPU (the CPU backend selected) with a one-row
+    call of zeros in `dtype`: what its first call would do (checks, packed copies; an Int4Linear that can read
+    its rows16 copy alone lets go of its canonical tensors: Int4Linear._prepared), done at load so that the
+    first prompt neither pays for it nor holds both forms. Returns how many were prepared."""
+    n = 0
+    with torch.no_grad():
+        for mod in model.modules():
+            if (isinstance(mod, (lnn.Int8Linear, lnn.Int4Linear)) and mod.backend in (None, "cpu")
+                    and mod.__dict__.get("_run") is None and _backends.env_backend() in (None, "cpu")
+                    and (mod.weight if isinstance(mod, lnn.Int8Linear) else mod.qweight).device.type == "cpu"):
+                mod(torch.zeros(1, mod.in_features, dtype=dtype))  # [1, K] -> [1, N], dropped
+                n += 1
+    return n
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing): the canonical
+    tensors that prepared Int4Linears let go of lie between live allocations, and glibc returns only the heap's
+    top by itself (SmolLM2: 40 MB more resident without it)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _apply_rope_freqs(model: Llama, factors: torch.Tensor, path: str) -> None:

@@ -258,15 +258,21 @@ class Llama(nn.Module):
 
     # ------------------------------------------------------------------ sizes
 
-    def weight_bytes_per_token(self) -> int:
+    def weight_bytes_per_token(self, packed: bool = True) -> int:
         """Bytes of weights a decode step reads: every layer, the final norm and the lm_head (each
         tensor once, shared ones counted once); of the embedding only one row per token. A linear whose
         prepared runner decodes from a packed copy (int4 on AVX-512, int8 on AVX-512 or AVX2) counts that copy instead of
         its canonical tensors (int4: the rows16 layout once packed, else the packed one), so the figure
-        changes after the first calls prepare the layers."""
-        seen, total = set(), 0
+        changes after the first calls prepare the layers. packed=False: the canonical tensors throughout (a
+        released Int4Linear's as unpacked: K/2 + 8 K/G bytes per output row), the weights as stored."""
+        seen, total, stored = set(), 0, not packed
         for mod in (self.layers, self.norm, self.lm_head):
             for sub in mod.modules():
+                if stored:
+                    if isinstance(sub, lnn.Int4Linear) and sub.__dict__.get("_released") is not None:
+                        N, K, G = sub.out_features, sub.in_features, sub.group_size
+                        total += N * K // 2 + 8 * N * (K // G)  # (its bias is among its buffers, below)
+                    continue
                 impl = getattr(sub.__dict__.get("_run"), "impl", None)
                 packed = getattr(impl, "rows16", None)
                 if packed is None:

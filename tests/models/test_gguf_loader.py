@@ -53,6 +53,39 @@ def test_unpermuted_rotate_half_equals_interleaved_on_stored_rows():
 # ------------------------------------------------------------------ tiny files, every type
 
 
+@pytest.mark.parametrize("quant", ["keep", "int8", "int4"])
+def test_load_prepares_the_linears(tmp_path, quant):
+    """prepare=True prepares every quantized linear at load, layer by layer (a one-row call: checks,
+    packed copies); on an AVX-512 BF16 CPU an Int4Linear then holds its rows16 copy alone. The model computes what
+    an unprepared load computes, bit for bit (prefill, then decode steps), and reports the same bytes as stored;
+    prepare=False leaves the linears to their first calls."""
+    import llmkern._C as C
+    path = tmp_path / "p.gguf"
+    write_tiny_gguf(path, types={"ffn_down": "Q8_0"})
+    ready, _ = load_gguf(path, progress=False, quant=quant, prepare=True)
+    lazy, _ = load_gguf(path, progress=False, quant=quant)  # (prepare=False: the default)
+    quantized = [m for m in ready.modules() if isinstance(m, (lnn.Int8Linear, lnn.Int4Linear))]
+    assert quantized and all(m.__dict__["_run"] is not None for m in quantized)
+    assert all(m.__dict__["_run"] is None for m in lazy.modules() if isinstance(m, (lnn.Int8Linear, lnn.Int4Linear)))
+    int4 = [m for m in quantized if isinstance(m, lnn.Int4Linear)]
+    releases = C.resolve_isa("") == "avx512_vnni" and bool(C.cpu_features().get("avx512_bf16"))
+    assert all((m._released is not None) == releases for m in int4) and (quant == "int8" or int4)
+    assert ready.weight_bytes_per_token(packed=False) == lazy.weight_bytes_per_token(packed=False)
+    assert lazy.weight_bytes_per_token(packed=False) == lazy.weight_bytes_per_token()  # (nothing packed yet)
+    with torch.inference_mode():
+        prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+        caches = ready.new_cache(1, 32), lazy.new_cache(1, 32)
+        outs = [model(prompt, cache, last_only=True) for model, cache in zip((ready, lazy), caches)]
+        assert torch.equal(outs[0], outs[1])
+        for t in (7, 11, 13):
+            outs = [model(torch.tensor([[t]]), cache, last_only=True) for model, cache in zip((ready, lazy), caches)]
+            assert torch.equal(outs[0], outs[1]), t
+    if int4 and releases:  # the stored tensors come back exactly
+        sd_ready, sd_lazy = ready.state_dict(), lazy.state_dict()
+        assert list(sd_ready) == list(sd_lazy)
+        assert all(torch.equal(sd_ready[k], sd_lazy[k]) for k in sd_lazy)
+
+
 @pytest.mark.parametrize("emb_type", ["Q4_0", "Q4_1", "Q8_0", "F16"])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("quant", ["keep", "int8", "none"])

@@ -35,7 +35,7 @@ from .. import _backends
 from .. import reference
 from . import _checks as C
 from ._registry import _PLAIN, BackendUnsupported, defop, needs_grad
-from ._cpu_linear import DTYPE_CODE as _DTYPE_CODE, BoundRun
+from ._cpu_linear import DTYPE_CODE as _DTYPE_CODE, BoundRun, packed_buffer
 from .int8_linear import _cuda_rows, _num_sms
 
 GROUP_SIZES = (32, 64, 128)
@@ -246,7 +246,7 @@ def _cpu_pack(mod, qweight, scales, offsets, N, K, G):
     Q4_0/Q4_1 imports: their d and m are fp16), else fp32 (E = 4)."""
     E = _scale_bytes(mod, scales, offsets)
     nbytes = mod.int4_linear_packed_size(N, K, G, E)
-    packed = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    packed = packed_buffer(max(nbytes, 1))
     mod.int4_linear_pack(qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, G, E,
                          packed.data_ptr(), nbytes)
     return packed, (packed.data_ptr(), E)
@@ -272,11 +272,9 @@ def _cpu_pack_rows16(mod, qweight, scales, offsets, N, K, G):
 
 
 def _aligned_bytes(nbytes):
-    """(buffer, view): a uint8 buffer and its view of `nbytes` bytes starting at a 64-byte boundary (keep the
-    buffer alive while the view's pointer is in use)."""
-    buf = torch.empty(nbytes + 64, dtype=torch.uint8)  # + 64: room to start at a 64-byte boundary
-    start = -buf.data_ptr() % 64
-    return buf, buf[start:start + nbytes]
+    """(buffer, view): `packed_buffer(nbytes)` twice (the view keeps its memory alive; callers hold both)."""
+    view = packed_buffer(nbytes)
+    return view, view
 
 
 def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):

@@ -16,7 +16,7 @@ import torch
 from .. import _backends
 from .. import reference
 from . import _checks as C
-from ._cpu_linear import DTYPE_CODE as _DTYPE_CODE, BoundRun
+from ._cpu_linear import DTYPE_CODE as _DTYPE_CODE, BoundRun, packed_buffer
 from ._registry import _PLAIN, BackendUnsupported, defop, needs_grad
 
 MODES = ("w8a16", "w8a8")
@@ -171,7 +171,7 @@ def _cpu_pack_gemm(mod, weight, weight_scale, N, K, group):
     """The W8A8 GEMM layout (uint8 tensor) of canonical weights: 64-channel panels of [K/4][64][4] bytes,
     then per group the channels' 128 x weight sums (int32) and scales (fp32)."""
     nbytes = mod.int8_linear_gemm_packed_size(N, K, group)
-    packed = torch.empty(nbytes, dtype=torch.uint8)
+    packed = packed_buffer(nbytes)
     mod.int8_linear_gemm_pack(weight.data_ptr(), weight_scale.data_ptr(), N, K, group, packed.data_ptr(), nbytes)
     return packed
 
@@ -182,7 +182,7 @@ def _cpu_pack(mod, weight, weight_scale, N, K, group, mode):
     their d is fp16), else fp32 (E = 4)."""
     E = 2 if mod.int8_linear_fits_f16(weight_scale.data_ptr(), weight_scale.numel()) else 4
     nbytes = mod.int8_linear_packed_size(N, K, group, E)
-    packed = torch.empty(nbytes, dtype=torch.uint8)
+    packed = packed_buffer(nbytes)
     mod.int8_linear_pack(weight.data_ptr(), weight_scale.data_ptr(), N, K, group, E, mode, packed.data_ptr(), nbytes)
     return packed, (packed.data_ptr(), E)
 

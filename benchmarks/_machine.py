@@ -95,6 +95,16 @@ def median_time(fn, device: str = "cpu", *, repeats: int = 7, warmup: int = 2) -
     return statistics.median(times)
 
 
+def hugepage_ones(n: int) -> torch.Tensor:
+    """float32 [n] of ones on the CPU in llmkern's packed-weight memory (`ops._cpu_linear.packed_buffer`: from
+    2 MiB up, transparent huge pages where the kernel grants them), or torch memory without llmkern."""
+    try:
+        from llmkern.ops._cpu_linear import packed_buffer
+    except ImportError:
+        return torch.ones(n, dtype=torch.float32)
+    return packed_buffer(4 * n).view(torch.float32).fill_(1.0)
+
+
 def measure(device: str = "cpu", *, bw_mib: int | None = None, mm_n: int | None = None,
             repeats: int = 7) -> dict:
     """Measure the limits on `device` with torch's current thread count; see the module doc."""
@@ -119,6 +129,11 @@ def measure(device: str = "cpu", *, bw_mib: int | None = None, mm_n: int | None 
         if C is not None and hasattr(C, "read_sum"):
             threads = torch.get_num_threads()
             read_s = min(read_s, median_time(lambda: C.read_sum(x.data_ptr(), n, threads), device, repeats=repeats))
+            # and from transparent huge pages, as llmkern's packed weights of 2 MiB and more are held (fewer TLB
+            # misses: docs/notes/cpu-hugepages.md): the limit is the best plain read of this machine
+            xh = hugepage_ones(n)
+            read_s = min(read_s, median_time(lambda: C.read_sum(xh.data_ptr(), n, threads), device, repeats=repeats))
+            del xh
     out["read_gbs"] = 4 * n / read_s / 1e9
     out["copy_gbs"] = 2 * 4 * n / median_time(lambda: y.copy_(x), device, repeats=repeats) / 1e9
     del x, y

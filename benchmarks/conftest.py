@@ -189,19 +189,20 @@ class Bench:
                         f"its timing would be meaningless")
 
     # ----------------------------------------------------------------- cold weights
-    def rotating(self, tensors: tuple, nbytes: float):
+    def rotating(self, tensors: tuple, nbytes: float, clone=None):
         """A function returning, call after call, the next of n copies of `tensors` (a tuple).
 
         n copies of `nbytes` each together exceed four times the last-level cache (LLMKERN_BENCH_COLD=1),
         so a timed call finds the copy it reads evicted, as a layer's weights are in a decode step. (Twice
         was not enough here: a 2-vCPU VM reports its share of the L3, and entries then read at more than
-        the measured DRAM bandwidth.)
+        the measured DRAM bandwidth.) clone(t): how a copy is made (default t.clone()).
         """
         n = 1
         if COLD and nbytes > 0:
             n = max(1, min(MAX_COPIES, -(-4 * _machine.llc_bytes(self.device) // int(nbytes))))
         self.benchmark.extra_info["copies"] = n
-        sets = [tuple(tensors)] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
+        clone = clone or (lambda t: t.clone())
+        sets = [tuple(tensors)] + [tuple(clone(t) for t in tensors) for _ in range(n - 1)]
         return itertools.cycle(sets).__next__
 
     # ----------------------------------------------------------------- running
@@ -249,9 +250,14 @@ class Bench:
         memory speeds on a shared VM (2026-11-29: kernels at 150-230% of the probe's 40.6 GB/s; 2026-11-30 a
         same-size read and the int8 GEMV both at ~32 GB/s; within one file, same-size reads at 31-47 GB/s): the
         report takes "% BW" of such a group from the best of its reads and the run's probe. CPU: llmkern's
-        streaming probe `_C.read_sum` (torch's `x.sum()` without the extension)."""
+        streaming probe `_C.read_sum` (torch's `x.sum()` without the extension), over copies in transparent huge
+        pages where llmkern's packed weights get them (`_machine.hugepage_ones`): the limit read the way the
+        fastest kernels read."""
         n = max(16, int(nbytes) // 4)  # float32 elements
-        nxt = self.rotating((torch.ones(n, dtype=torch.float32, device=self.device),), 4 * n)  # [n] each
+        if self.device == "cpu":
+            nxt = self.rotating((_machine.hugepage_ones(n),), 4 * n, clone=lambda t: _machine.hugepage_ones(n))
+        else:
+            nxt = self.rotating((torch.ones(n, dtype=torch.float32, device=self.device),), 4 * n)  # [n] each
         C = None
         if self.device == "cpu":
             from llmkern import _backends

@@ -318,7 +318,7 @@ def _cpu(x, qweight, scales, offsets, bias, mode):
 @int4_linear_op.preparer("cpu")
 def _cpu_prepare(qweight, scales, offsets, bias, mode):
     """The cpu preparer (Int4Linear's prepared call). On AVX-512 CPUs the decode calls (1 to 16 rows)
-    read one of two layouts packed from the canonical tensors, which stay (state dicts, prefill):
+    read one of two layouts packed from the canonical tensors, which stay unless released (below):
 
     rows16 (`_cpu_runner`, csrc/include/llmkern/cpu/int4_linear_rows16.h: one output row per vector lane),
       read by fp32 / fp16 x of 1 to 8 rows and, with AVX-512 BF16, bf16 x of 1 to 16 rows (and, once there, by

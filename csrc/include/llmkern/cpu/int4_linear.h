@@ -211,15 +211,9 @@ inline Int4Kernels make_avx512_kernels() {
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 6)
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 7)
   LLMKERN_I4_MICRO3(k.f32.micro, v::micro_f32, 8)
-  k.f32.unpack_r16[0] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
-    int4_rows16::unpack_panel_f32<1>(b, bb, nc, k0, kc, G, static_cast<float*>(w));
-  };
-  k.f32.unpack_r16[1] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
-    int4_rows16::unpack_panel_f32<2>(b, bb, nc, k0, kc, G, static_cast<float*>(w));
-  };
-  k.f32.unpack_r16[2] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
-    int4_rows16::unpack_panel_f32<4>(b, bb, nc, k0, kc, G, static_cast<float*>(w));
-  };
+  k.f32.unpack_r16[0] = &int4_rows16::unpack_panel_f32<1>;
+  k.f32.unpack_r16[1] = &int4_rows16::unpack_panel_f32<2>;
+  k.f32.unpack_r16[2] = &int4_rows16::unpack_panel_f32<4>;
   k.f32.kc = v::kKCf32;
   k.f32.prefill_sums = false;  // dequantized panels: offsets are in the weights
   k.has_bf16 = features().avx512_bf16;
@@ -240,15 +234,9 @@ inline Int4Kernels make_avx512_kernels() {
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 6)
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 7)
   LLMKERN_I4_MICRO3(k.bf16.micro, v::micro_bf16, 8)
-  k.bf16.unpack_r16[0] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
-    int4_rows16::unpack_panel_bf16<1>(b, bb, nc, k0, kc, G, static_cast<uint32_t*>(w));
-  };
-  k.bf16.unpack_r16[1] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
-    int4_rows16::unpack_panel_bf16<2>(b, bb, nc, k0, kc, G, static_cast<uint32_t*>(w));
-  };
-  k.bf16.unpack_r16[2] = [](const uint8_t* b, int64_t bb, int64_t nc, int64_t k0, int64_t kc, int64_t G, void* w) {
-    int4_rows16::unpack_panel_bf16<4>(b, bb, nc, k0, kc, G, static_cast<uint32_t*>(w));
-  };
+  k.bf16.unpack_r16[0] = &int4_rows16::unpack_panel_bf16<1>;
+  k.bf16.unpack_r16[1] = &int4_rows16::unpack_panel_bf16<2>;
+  k.bf16.unpack_r16[2] = &int4_rows16::unpack_panel_bf16<4>;
   k.bf16.kc = v::kKCbf16;
   k.bf16.prefill_sums = false;  // dequantized panels: offsets are in the weights
   k.bf16.pack = &v::pack_rows_bf16;

@@ -32,7 +32,8 @@ constexpr int64_t kPanelNS = 48;  // panel width: int4_avx512::kNS (3 blocks of 
 // of G (the prefill's K blocks are whole groups).
 template <int E>
 LLMKERN_I4_AVX512 void unpack_panel_f32(const uint8_t* blocks, int64_t bb, int64_t ncols, int64_t k0, int64_t kc,
-                                        int64_t G, float* w) {
+                                        int64_t G, void* panel) {
+  float* w = static_cast<float*>(panel);
   const __m512 tab = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t v = 0; v * 16 < ncols; ++v) {
     const uint8_t* bp = blocks + v * bb;
@@ -56,7 +57,8 @@ LLMKERN_I4_AVX512 void unpack_panel_f32(const uint8_t* blocks, int64_t bb, int64
 // bf16(w[n, k + 1])), k = k0 + 2p, from rows16 blocks as unpack_panel_f32.
 template <int E>
 LLMKERN_I4_BF16 void unpack_panel_bf16(const uint8_t* blocks, int64_t bb, int64_t ncols, int64_t k0, int64_t kc,
-                                       int64_t G, uint32_t* w) {
+                                       int64_t G, void* panel) {
+  uint32_t* w = static_cast<uint32_t*>(panel);
   const __m512 tab = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   // cvtne2ps2bf16(b, a) puts a's 16 values in words 0..15 and b's in 16..31: interleave to pairs.
   const __m512i pairs = _mm512_setr_epi32(16 << 16 | 0, 17 << 16 | 1, 18 << 16 | 2, 19 << 16 | 3, 20 << 16 | 4,

@@ -251,7 +251,7 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     prepare: prepare the quantized linears for the CPU now, layer by layer (`prepare_linears`), rather than at
     their first calls: an Int4Linear on an AVX-512 BF16 CPU then holds its rows16 copy alone before the first
     prompt, and the first prefill does not pay for packing. `llmkern generate` on SmolLM2 (docs/notes/
-    cpu-int4-release.md): peak memory 406 MB against 436 without it (491 before the release existed), the first
+    cpu-int4-release.md): peak memory 406 MB against 439 without it (490 before the release existed), the first
     prefill 1.6-1.8x faster, but decode steps measured 5-10% slower in that process (the step's small kernels
     are sensitive to where the heap put their buffers; not understood yet), hence off by default. Not for a model
     that goes to a GPU next (its CPU copies would be packed for nothing).

@@ -36,7 +36,7 @@ class _Workspace(threading.local):
 
 WS = _Workspace()
 
-_HUGE = 2 << 20  # bytes of an x86-64 transparent huge page
+HUGE_BYTES = _HUGE = 2 << 20  # bytes of an x86-64 transparent huge page: packed_buffer's threshold
 # False: packed weight copies come from torch's allocator alone (LLMKERN_HUGEPAGES=0, read at import).
 HUGEPAGES = os.environ.get("LLMKERN_HUGEPAGES", "") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
 

@@ -376,3 +376,26 @@ def test_rope_freqs_tensor(tmp_path):
     write_tiny_gguf(bad, extra_tensors={"rope_freqs.weight": np.ones(5)})
     with pytest.raises(GGUFError, match="rope_freqs.weight.*5 values, expected 16"):
         load_gguf(bad, progress=False)
+
+
+def test_int8_weights_of_2mib_and_more_move_to_huge_page_memory():
+    """The loader copies Int8Linear weights of 2 MiB and more into packed_buffer memory (2 MiB-aligned, advised
+    for huge pages; W8A16 with K >= 2048 decodes them in place): same values, same outputs; smaller ones stay."""
+    from llmkern.models.gguf_loader import _int8_weights_in_huge_pages
+    from llmkern.ops import _cpu_linear
+
+    gen = torch.Generator().manual_seed(3)
+    big = lnn.Int8Linear.from_quantized(torch.randint(-127, 128, (1024, 2048), generator=gen, dtype=torch.int8),
+                                        torch.rand(1024, 64, generator=gen) * 0.01)
+    small = lnn.Int8Linear.from_quantized(torch.randint(-127, 128, (64, 2048), generator=gen, dtype=torch.int8),
+                                          torch.rand(64, 64, generator=gen) * 0.01)
+    model = torch.nn.Sequential(big, small)
+    x = torch.randn(3, 2048, generator=gen)
+    want = [m(x) for m in (big, small)]
+    w_big, w_small = big.weight, small.weight
+    _int8_weights_in_huge_pages(model)
+    assert small.weight is w_small
+    if _cpu_linear.HUGEPAGES:
+        assert big.weight is not w_big and big.weight.data_ptr() % (2 << 20) == 0
+    assert torch.equal(big.weight, w_big) and big.weight.is_contiguous()
+    assert all(torch.equal(m(x), y) for m, y in zip((big, small), want))

@@ -417,14 +417,14 @@ class Int4Linear(_QuantizedBase):
             # (unpacking would only be recorded in the graph, not run: the buffers would hold garbage)
             raise RuntimeError("Int4Linear: its canonical buffers cannot be rebuilt while a CUDA graph is being "
                                "captured (read them, or call with fp32 x, before capturing)")
-        buffers = self._canonical_buffers(*rel)
+        buffers = self._canonical_buffers(rel[0], rel[1])
         self._buffers.clear()  # (refilled in the original order: state_dict keys keep theirs)
         self._buffers.update(buffers)
         d["_released"] = None
         d["_keep_canonical"] = d.get("_keep_canonical") or keep
         self._invalidate_packed()
 
-    def _canonical_buffers(self, unpack, order, dtypes=None) -> dict:
+    def _canonical_buffers(self, unpack, order) -> dict:
         """The buffers dict as it was before the release (in its order), with the canonical tensors unpacked."""
         tensors = dict(zip(_CANONICAL, unpack()))
         rest = dict(self._buffers)
@@ -466,7 +466,7 @@ class Int4Linear(_QuantizedBase):
         state = super().__getstate__()
         rel = state.get("_released")
         if rel is not None:  # the copy holds the canonical buffers (and packs its own at its first call)
-            state.update(_buffers=self._canonical_buffers(*rel), _released=None)
+            state.update(_buffers=self._canonical_buffers(rel[0], rel[1]), _released=None)
         return state
 
     def __setstate__(self, state):

@@ -36,7 +36,7 @@ class _Workspace(threading.local):
 
 WS = _Workspace()
 
-HUGE_BYTES = _HUGE = 2 << 20  # bytes of an x86-64 transparent huge page: packed_buffer's threshold
+HUGE_BYTES = 2 << 20  # bytes of an x86-64 transparent huge page: packed_buffer's threshold and alignment
 # False: packed weight copies come from torch's allocator alone (LLMKERN_HUGEPAGES=0, read at import).
 HUGEPAGES = os.environ.get("LLMKERN_HUGEPAGES", "") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
 
@@ -51,17 +51,17 @@ def packed_buffer(nbytes: int) -> torch.Tensor:
     (29 MB, cold) read at 1.04-1.27x the speed from huge pages (docs/notes/cpu-int4-release.md). The alignment
     padding and the tail past the last whole huge page are never touched (no resident memory). The returned
     view keeps the mapping alive. LLMKERN_HUGEPAGES=0: plain torch memory."""
-    if HUGEPAGES and nbytes >= _HUGE:
+    if HUGEPAGES and nbytes >= HUGE_BYTES:
         try:
             # private: Python's default for anonymous maps is shared (shmem), which THP does not back by default
-            mm = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            mm = mmap.mmap(-1, nbytes + HUGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except OSError:
             mm = None
         if mm is not None:
             buf = torch.frombuffer(mm, dtype=torch.uint8)  # (holds `mm`)
-            start = -buf.data_ptr() % _HUGE
+            start = -buf.data_ptr() % HUGE_BYTES
             try:
-                mm.madvise(mmap.MADV_HUGEPAGE, start, nbytes // _HUGE * _HUGE)
+                mm.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_BYTES * HUGE_BYTES)
             except OSError:  # (a kernel without THP: 4 KiB pages, as torch's memory)
                 pass
             return buf[start:start + nbytes]

@@ -52,8 +52,8 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False, release
     (int4_linear_rows16_panel.h: the same panels, so the same bits as from the canonical tensors).
 
     release (with rows16="now" and no packed layout; `_cpu_prepare` on AVX-512 BF16 CPUs): the run also has
-    `release()`, which rebinds it to rows16 alone (every call, any x dtype and row count, then reads rows16;
-    fp16 x and rows the rows16 decode does not take go through the prefill path) and lets go of the canonical
+    `release()`, which rebinds it to rows16 alone (every call, any x dtype and row count, then reads rows16:
+    decode sizes on the rows16 decode, more rows on the prefill path) and lets go of the canonical
     tensors; it returns `unpack()`, which rebuilds them from rows16, bit for bit (`_cpu_unpack_rows16`).
     Int4Linear calls it, so that rows16 is all the module holds (`release.dtypes`: the x dtypes the released
     run takes, here every float).

@@ -5,7 +5,7 @@ release (the module holds rows16 alone once prepared on an AVX-512 BF16 CPU).
 Checks: rows16 prefill panels give the canonical prefill's outputs bit for bit (E = 1 / 2 / 4, every G, N tails,
 fp32 / bf16 / fp16 x, 1 and 2 threads, the bf16 dot-product and fp32 routes) and the launcher really reads
 them (canonical tensors of other weights beside); a launch without canonical tensors equals the canonical
-one bitwise wherever both read the same layout, fp16 x of decode size goes through the prefill path, a
+one bitwise wherever both read the same layout (fp16 x of decode size converted for the rows16 decode), a
 pinned AVX2 ISA still computes; the rebuilt tensors are the packed ones bit for bit (-0.0 included); the
 module frees its canonical tensors, computes what a module that keeps them computes, and gives them back
 exactly wherever something needs them.
@@ -112,8 +112,8 @@ def test_prefill_reads_rows16_when_bound():
 
 
 def test_launch_without_canonical_tensors():
-    """Every x dtype and row count: rows16 decode where it applies (the same bits as with the canonical tensors
-    beside), else the prefill path (fp16 x, bf16 x without dot products, decode sizes included)."""
+    """Every x dtype and row count: the rows16 decode up to the decode limit (fp16 x and bf16 x without dot products
+    converted to fp32 rows), the prefill path above it; the same bits as with the canonical tensors beside."""
     gen = torch.Generator().manual_seed(22)
     for N, K, G, E in [(45, 576, 32, 2), (100, 512, 64, 1), (20, 384, 128, 4)]:
         qw, s, o = case_weights(N, K, G, E, gen)

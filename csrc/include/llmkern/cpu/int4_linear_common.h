@@ -54,7 +54,7 @@ struct Int4LinearArgs {
   // Optional rows16 layout of the same weights (int4_linear_rows16.h, rows16_e-byte scales): on AVX-512,
   // decode calls (bf16 x with AVX-512 BF16 as it is, other x converted to fp32 rows) and the prefill's panels
   // (int4_linear_rows16_panel.h) read it instead. With rows16, qweight / scales / offsets may all be null
-  // (a released Int4Linear): every call then reads rows16, the prefill path taking what the decode does not.
+  // (a released Int4Linear): every call then reads rows16 (decode sizes on the rows16 decode, more rows on the prefill).
   const uint8_t* rows16 = nullptr;
   int64_t rows16_e = 0;
 };

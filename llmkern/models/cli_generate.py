@@ -118,8 +118,11 @@ def run(args) -> int:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         return _error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     try:
+        # On the CPU the linears are prepared at load, layer by layer (lower peak memory, a faster first prompt:
+        # load_gguf's `prepare`); not with --act-int8, whose modes are set after the load and would prepare again.
         model, tok = load_gguf(args.model, quant=args.quant, group_size=args.group_size, backend=args.backend,
-                               dtype=pick_dtype(args.dtype, args.backend, device), progress=not args.quiet)
+                               dtype=pick_dtype(args.dtype, args.backend, device), progress=not args.quiet,
+                               prepare=device.type == "cpu" and not args.act_int8)
     except (FileNotFoundError, GGUFError, ValueError) as e:
         return _error(str(e))
     if device.type != "cpu":

@@ -252,10 +252,11 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     prepare: prepare the quantized linears for the CPU now, layer by layer (`prepare_linears`), rather than at
     their first calls: an Int4Linear on an AVX-512 BF16 CPU then holds its rows16 copy alone before the first
     prompt, and the first prefill does not pay for packing. `llmkern generate` on SmolLM2 (docs/notes/
-    cpu-int4-release.md): peak memory 406 MB against 439 without it (490 before the release existed), the first
-    prefill 1.6-1.8x faster, but decode steps measured 5-10% slower in that process (the step's small kernels
-    are sensitive to where the heap put their buffers; not understood yet), hence off by default. Not for a model
-    that goes to a GPU next (its CPU copies would be packed for nothing).
+    cpu-int4-release.md): peak memory 406 MB against 434-439 without it (490 before the release existed), the
+    first prefill 1.6-1.8x faster, the same decode speed (session 24: 4 alternating process pairs, 0.99-1.01x;
+    session 23's 5-10% slower pairs came and went with the machine's state). `llmkern generate` on the CPU
+    passes True. Off by default here: not for a model that goes to a GPU next (its CPU copies would be packed
+    for nothing) or whose linear modes change next (`set_linear_modes` would prepare them again).
     """
     if quant not in QUANT_CHOICES:
         raise ValueError(f"load_gguf: quant must be one of {QUANT_CHOICES}, got {quant!r}")

@@ -186,6 +186,43 @@ def test_cli_act_int8_switches_the_quantized_linears(tmp_path, capsys, monkeypat
     assert seen and seen[0][0] == {"int4": "w4a8g", "int8": "w8a8"} and seen[0][1] > 0  # modules really changed
 
 
+@pytest.mark.parametrize("act_int8", [False, True])
+def test_cli_prepares_the_linears_at_load_on_the_cpu(tmp_path, capsys, monkeypatch, act_int8):
+    """On the CPU `llmkern generate` loads with prepare=True: every quantized linear is prepared before the first
+    prompt (lower peak memory, no packing in the first prefill); with --act-int8, whose modes are set after the
+    load, the linears are left to their first calls (else they would be prepared twice)."""
+    import importlib
+
+    import llmkern.nn as lnn
+
+    gen = importlib.import_module("llmkern.models.generate")  # (the package re-exports the function by that name)
+    gl = importlib.import_module("llmkern.models.gguf_loader")
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    seen = {}
+    real_load, real_generate = gl.load_gguf, gen.generate
+
+    def load(*a, **kw):
+        seen["prepare"] = kw.get("prepare")
+        return real_load(*a, **kw)
+
+    def generate(model, *a, **kw):
+        seen["prepared"] = [m.__dict__["_run"] is not None for m in model.modules()
+                            if isinstance(m, (lnn.Int8Linear, lnn.Int4Linear))]
+        return real_generate(model, *a, **kw)
+
+    monkeypatch.setattr(gl, "load_gguf", load)
+    monkeypatch.setattr(gen, "generate", generate)
+    monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    rc = cli_main(["generate", "the", "--model", str(path), "--quant", "int4", "--max-new-tokens", "2", "--no-chat",
+                   "--no-bandwidth", "--quiet", "--threads", "1", *(["--act-int8"] if act_int8 else [])])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.endswith("\n"), err
+    assert seen["prepare"] is (not act_int8) and seen["prepared"]
+    assert all(seen["prepared"]) if not act_int8 else not any(seen["prepared"])
+
+
 def test_cli_tiny_model(tmp_path, capsys):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)

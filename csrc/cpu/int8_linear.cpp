@@ -35,7 +35,19 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
             const std::string& isa_name, std::uintptr_t packed_ptr, int64_t packed_e, std::uintptr_t gemm_ptr) {
   const bool w8a8 = parse_mode(mode, kWhere);
   if (x_dtype < 0 || x_dtype > 2) fail("x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
-  const cpu::Isa isa = isa_or_throw(kWhere, isa_name);
+  cpu::Isa isa = isa_or_throw(kWhere, isa_name);
+  // Released weights (an Int8Linear holding the packed decode layout and the scales, W8A16): no int8 weight
+  // tensor; the packed kernels (AVX-512, AVX2) read every call, so a pinned scalar ISA cannot apply to them.
+  const bool released = N > 0 && !w_ptr;  // (N = 0: empty tensors, null pointers)
+  if (released) {
+    if (!packed_ptr) fail("w_ptr may be 0 only with packed_ptr (the packed decode layout alone)");
+    if (w8a8) fail("w_ptr = 0 (the packed layout alone) needs mode 'w8a16', got 'w8a8'");
+    if (isa == cpu::Isa::kScalar) {
+      if (cpu::isa_supported(cpu::Isa::kAvx512Vnni)) isa = cpu::Isa::kAvx512Vnni;
+      else if (cpu::isa_supported(cpu::Isa::kAvx2)) isa = cpu::Isa::kAvx2;
+      else fail("w_ptr = 0 (the packed layout alone) needs an AVX-512 or AVX2 CPU, this one is neither");
+    }
+  }
   if (M < 0 || M > kMaxDim) fail("M must be in [0, 2^31], got " + std::to_string(M));
   if (N < 0 || N > kMaxDim) fail("N must be in [0, 2^31], got " + std::to_string(N));
   if (K < 1 || K > kMaxDim) fail("K must be in [1, 2^31], got " + std::to_string(K));
@@ -73,7 +85,7 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   if (M == 0 || N == 0) return {};  // empty output: nothing to compute, nothing read
   const int64_t esize = x_dtype == 0 ? 4 : 2;
   check_ptr("x_ptr", x_ptr, esize);
-  check_ptr("w_ptr", w_ptr, 1);
+  if (!released) check_ptr("w_ptr", w_ptr, 1);
   check_ptr("scale_ptr", scale_ptr, 4);
   if (bias_ptr) check_ptr("bias_ptr", bias_ptr, 4);
   check_ptr("out_ptr", out_ptr, esize);
@@ -127,6 +139,24 @@ void bind_int8_linear_pack(py::module_& m) {
         return cpu::fits_f16(reinterpret_cast<const float*>(ptr), n);
       },
       py::arg("ptr"), py::arg("n"), "Whether every one of n float32 at ptr is exactly an fp16 value (NaN: no).");
+  m.def(
+      "int8_linear_unpack",
+      [](std::uintptr_t packed_ptr, std::uintptr_t w_ptr, int64_t N, int64_t K) {
+        const char* where = "llmkern._C.int8_linear_unpack";
+        check_ptr_arg(where, "packed_ptr", packed_ptr, 8);
+        const auto* h = reinterpret_cast<const cpu::i8pk::Header*>(packed_ptr);
+        if (h->magic != cpu::i8pk::kMagic || h->N != N || h->K != K)
+          fail_arg(where, "packed_ptr does not hold [N=" + std::to_string(N) + ", K=" + std::to_string(K) +
+                              "] weights in the packed decode layout (int8_linear_pack)");
+        if (N == 0) return;
+        check_ptr_arg(where, "w_ptr", w_ptr, 1);
+        py::gil_scoped_release release;
+        cpu::i8pk::unpack_weights(reinterpret_cast<const uint8_t*>(packed_ptr), N, K, h->G, h->E, h->w8a8 != 0,
+                                  reinterpret_cast<int8_t*>(w_ptr));
+      },
+      py::arg("packed_ptr"), py::arg("w_ptr"), py::arg("N"), py::arg("K"),
+      "Writes the int8 weights [N, K] (contiguous, at w_ptr) that the packed decode layout at packed_ptr was "
+      "packed from (int8_linear_pack), bit for bit; the layout's header gives its group size, scale bytes and mode.");
   m.def(
       "int8_linear_pack",
       [](std::uintptr_t w_ptr, std::uintptr_t scale_ptr, int64_t N, int64_t K, int64_t group_size, int64_t e,
@@ -256,7 +286,9 @@ void bind_int8_linear(py::module_& m) {
         "out[M, N] = x[M, K] @ dequant(w[N, K])^T (+ bias), W8A16 or W8A8, on raw pointers (see "
         "llmkern/ops/int8_linear.py). x_dtype: 0 float32, 1 bfloat16, 2 float16; out has x's dtype. "
         "packed_ptr / packed_e: the same weights in the packed decode layout (int8_linear_pack, same mode), "
-        "read instead of w/scale by decode calls (M <= 8; W8A8 per channel: 4; AVX2 W8A16 per channel or G >= 128: 4) on AVX-512 and AVX2 (identical results). "
+        "read instead of w/scale by decode calls (M <= 8; W8A8 per channel: 4; AVX2 W8A16 per channel or G >= 128: 4) on AVX-512 and AVX2 (identical results); "
+        "w_ptr 0 with packed_ptr (W8A16): the packed layout alone, read by every call (the GEMM routes' panels from it; "
+        "AVX-512 or AVX2 whatever isa says). "
         "gemm_ptr: the same weights in the W8A8 GEMM layout (int8_linear_gemm_pack), read by W8A8 calls of "
         "more rows on AVX-512 (per channel: identical results; per group: equal up to fp32 rounding). "
         "Releases the GIL while computing; invalid arguments raise ValueError.",
@@ -286,7 +318,7 @@ void bind_int8_linear(py::module_& m) {
           return cpu::int8_linear_workspace_bytes(M, K, N, w8a8, num_threads);
         };
         b.make(0, 0, 0, 0, 0, 0, b.workspace(0, 1), 1, "");  // the weight-side checks (M = 0 computes nothing)
-        check_ptr("w_ptr", w_ptr, 1);
+        if (w_ptr || N == 0) check_ptr("w_ptr", w_ptr, 1);  // (0: released weights, which make_call checked)
         check_ptr("scale_ptr", scale_ptr, 4);
         if (bias_ptr) check_ptr("bias_ptr", bias_ptr, 4);
         if (packed_ptr) check_ptr("packed_ptr", packed_ptr, packed_e);

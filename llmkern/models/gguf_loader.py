@@ -344,8 +344,8 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
         # embedding hold the same tensors (what ld.linear would build, without a second copy)
         cls = lnn.Int8Linear if emb["format"] == "int8" else lnn.Int4Linear
         model.lm_head = cls.from_quantized(*model.embed_tokens.tensors(), backend=backend)
-        if cls is lnn.Int4Linear:  # (releasing them after packing, Int4Linear._prepared, would free nothing)
-            model.lm_head.__dict__["_keep_canonical"] = True
+        # (releasing them after packing, _Releasable._prepared, would free nothing: the embedding holds them)
+        model.lm_head.__dict__["_keep_canonical"] = True
     else:
         # tied: the lm_head reads token_embd in its stored (quantized) form, a quarter of the bytes
         model.lm_head = ld.linear("output.weight" if not c.tie_embeddings else "token_embd.weight", c.vocab_size, H)

@@ -264,7 +264,8 @@ class Llama(nn.Module):
         prepared runner decodes from a packed copy (int4 on AVX-512, int8 on AVX-512 or AVX2) counts that copy instead of
         its canonical tensors (int4: the rows16 layout once packed, else the packed one), so the figure
         changes after the first calls prepare the layers. packed=False: the canonical tensors throughout (a
-        released Int4Linear's as unpacked: K/2 + 8 K/G bytes per output row), the weights as stored."""
+        released Int4Linear's as unpacked: K/2 + 8 K/G bytes per output row; a released Int8Linear's weight:
+        K), the weights as stored."""
         seen, total, stored = set(), 0, not packed
         for mod in (self.layers, self.norm, self.lm_head):
             for sub in mod.modules():
@@ -272,6 +273,8 @@ class Llama(nn.Module):
                     if isinstance(sub, lnn.Int4Linear) and sub.__dict__.get("_released") is not None:
                         N, K, G = sub.out_features, sub.in_features, sub.group_size
                         total += N * K // 2 + 8 * N * (K // G)  # (its bias is among its buffers, below)
+                    elif isinstance(sub, lnn.Int8Linear) and sub.__dict__.get("_released") is not None:
+                        total += sub.out_features * sub.in_features  # (the int8 weight; its scales are buffers)
                     continue
                 impl = getattr(sub.__dict__.get("_run"), "impl", None)
                 packed = getattr(impl, "rows16", None)

@@ -67,9 +67,13 @@ class QuantizedEmbedding(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, dtype=torch.float32) -> "QuantizedEmbedding":
-        """Sharing a quantized linear's canonical tensors (Int8Linear / Int4Linear [V, H]): a tied lm_head."""
+        """Sharing a quantized linear's canonical tensors (Int8Linear / Int4Linear [V, H]): a tied lm_head. The
+        linear then keeps them (it would otherwise let go of them once prepared, which frees nothing while the
+        embedding holds them, and rebuild a second copy whenever they are read)."""
         fmt = "int4" if hasattr(linear, "qweight") else "int8"
-        return cls({n: getattr(linear, n) for n in _BUFFERS[fmt]}, dtype=dtype)
+        out = cls({n: getattr(linear, n) for n in _BUFFERS[fmt]}, dtype=dtype)  # (a released linear restores them)
+        linear.__dict__["_keep_canonical"] = True
+        return out
 
     def tensors(self) -> tuple:
         """The canonical tensors, in the order of the ops' arguments."""

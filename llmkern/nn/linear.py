@@ -37,6 +37,7 @@ from ..ops._registry import _COMPILING, _GRAD, _eager_state
 from ..ops.int4_linear import MODES as INT4_MODES, int4_linear_op
 from ..ops.int8_linear import MODES, int8_linear_op
 from ._fast import FLOATS, plain_activation
+from ._releasable import _Releasable
 
 _Tensor = torch.Tensor
 
@@ -200,7 +201,7 @@ def _check_features(cls: str, in_features: int, out_features: int) -> None:
         raise ValueError(f"{cls}: in_features and out_features must be > 0, got ({in_features}, {out_features})")
 
 
-class Int8Linear(_QuantizedBase):
+class Int8Linear(_Releasable, _QuantizedBase):
     """y = x @ dequant(weight)^T + bias with int8 weights; a drop-in for `nn.Linear`.
 
     Buffers: `weight` int8 [N, K], `weight_scale` float32 [N] (group_size 0, per output channel) or
@@ -210,6 +211,7 @@ class Int8Linear(_QuantizedBase):
 
     _fp32_buffers = ("weight_scale",)
     _op = int8_linear_op
+    _canonical = ("weight",)  # (what a prepared CPU W8A16 run may let go of: _Releasable)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 0,
                  mode: str = "w8a16", device=None, dtype=torch.float32, backend=None):
@@ -272,10 +274,14 @@ class Int8Linear(_QuantizedBase):
         # x [..., K] -> [..., N]
         if not torch.compiler.is_compiling():
             run = self._lean(x)
-            if run is not None:
+            takes = self._released_takes(x)
+            if run is not None and takes:
                 if self.__dict__["_fast"] is None:
                     self._allow_fast(run)
                 return run(x)
+            if self.__dict__.get("_released") is not None:  # the packed run cannot take x (autograd-tracked x,
+                # which the op takes from now on, so the weight is kept; another device or backend): weight again
+                self._restore_canonical(keep=not takes or (x.requires_grad and torch.is_grad_enabled()))
             if self._still_trusted() and self.mode in MODES and plain_activation(x, self.in_features,
                                                                                  self.weight.device):
                 return int8_linear_op.run_trusted(x, self.weight, self.weight_scale, self.bias, self.mode,
@@ -289,7 +295,7 @@ class Int8Linear(_QuantizedBase):
                 f"group_size={self.group_size}, mode={self.mode!r}, backend={self.backend!r}")
 
 
-class Int4Linear(_QuantizedBase):
+class Int4Linear(_Releasable, _QuantizedBase):
     """y = x @ dequant(qweight)^T + bias with 4-bit weights (canonical layout of ops.int4_linear).
 
     Buffers: `qweight` uint8 [N, K // 2] (low nibble = even k), `scales` and `offsets` float32
@@ -302,6 +308,7 @@ class Int4Linear(_QuantizedBase):
 
     _fp32_buffers = ("scales", "offsets")
     _op = int4_linear_op
+    _canonical = ("qweight", "scales", "offsets")  # (what a prepared run may let go of: _Releasable)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 32,
                  mode: str = "w4a16", device=None, dtype=torch.float32, backend=None):
@@ -314,7 +321,6 @@ class Int4Linear(_QuantizedBase):
                              f"{in_features}, got {group_size}")
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.backend, self.mode = group_size, backend, mode
-        self.__dict__.update(_released=None, _keep_canonical=False)  # (see _prepared)
         G = in_features // group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(out_features, G, dtype=torch.float32, device=device))
@@ -360,7 +366,7 @@ class Int4Linear(_QuantizedBase):
             run = self._lean(x)
             d = self.__dict__
             released = d.get("_released") is not None
-            takes = not released or x.dtype in d["_released"][2] or not x.numel()
+            takes = self._released_takes(x)
             if run is not None and takes:
                 if d["_fast"] is None:
                     self._allow_fast(run)
@@ -381,102 +387,6 @@ class Int4Linear(_QuantizedBase):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"group_size={self.group_size}, mode={self.mode!r}, backend={self.backend!r}")
 
-    # --- Holding the packed form alone ------------------------------------------------------------------------
-    # A prepared run with `release()` can do without the canonical tensors for the x dtypes `release.dtypes`:
-    # on a GPU the cuda preparer's packed run (ops/int4_linear.py CUDA_INT4_RELEASE) for 16-bit x, on an AVX-512
-    # BF16 CPU the rows16 run (CPU_INT4_RELEASE) for every float x. Then the module removes qweight / scales /
-    # offsets from its buffers, so that the packed copy is all it holds (at G = 32 with fp16-valued scales: GPU
-    # 0.625 instead of 1.375 bytes per weight, CPU 0.625 instead of 1.375), and `_released` = (unpack, buffer
-    # order, dtypes). They come back, unpacked bit for bit from the packed
-    # copy, whenever anything needs them: reading or assigning the attribute, .to() / .cuda() / dtype casts,
-    # load_state_dict (then it is packed and released again at the next call), and an activation the run does
-    # not take (another dtype, device or backend, or autograd-tracked), after which another dtype's or autograd's
-    # call keeps them (`_keep_canonical`: GPU fp32 x runs the canonical kernels). state_dict and pickling /
-    # deepcopy unpack into the result only. While released, named_buffers() lists bias alone.
-
-    def _prepared(self, run) -> None:
-        d = self.__dict__
-        release = getattr(getattr(run, "impl", None), "release", None)
-        if release is None or d.get("_keep_canonical") or d.get("_released") is not None:
-            return
-        order = list(self._buffers)
-        dtypes = release.dtypes
-        unpack = release()
-        for name in _CANONICAL:
-            del self._buffers[name]
-        d["_released"] = (unpack, order, dtypes)
-
-    def _restore_canonical(self, keep: bool = False) -> None:
-        """Put the canonical buffers back (unpacked from the packed copy) and drop the prepared run; `keep`:
-        never release them again (fp32 calls)."""
-        d = self.__dict__
-        rel = d.get("_released")
-        if rel is None:
-            return
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            # (unpacking would only be recorded in the graph, not run: the buffers would hold garbage)
-            raise RuntimeError("Int4Linear: its canonical buffers cannot be rebuilt while a CUDA graph is being "
-                               "captured (read them, or call with fp32 x, before capturing)")
-        buffers = self._canonical_buffers(rel[0], rel[1])
-        self._buffers.clear()  # (refilled in the original order: state_dict keys keep theirs)
-        self._buffers.update(buffers)
-        d["_released"] = None
-        d["_keep_canonical"] = d.get("_keep_canonical") or keep
-        self._invalidate_packed()
-
-    def _canonical_buffers(self, unpack, order) -> dict:
-        """The buffers dict as it was before the release (in its order), with the canonical tensors unpacked."""
-        tensors = dict(zip(_CANONICAL, unpack()))
-        rest = dict(self._buffers)
-        out = {n: tensors[n] if n in tensors else rest.pop(n) for n in order if n in tensors or n in rest}
-        out.update(rest)  # (buffers registered since)
-        return out
-
-    def __getattr__(self, name):
-        if name in _CANONICAL and self.__dict__.get("_released") is not None:
-            self._restore_canonical()
-        return super().__getattr__(name)
-
-    def __setattr__(self, name, value):
-        if name in _CANONICAL and self.__dict__.get("_released") is not None:
-            self._restore_canonical()  # (so that the value lands in _buffers, beside the other two)
-        super().__setattr__(name, value)
-
-    def __delattr__(self, name):
-        if name in _CANONICAL and self.__dict__.get("_released") is not None:
-            self._restore_canonical()
-        super().__delattr__(name)
-
-    def _apply(self, fn, recurse=True):
-        self._restore_canonical()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._restore_canonical()  # (keys the state dict lacks keep their values)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        rel = self.__dict__.get("_released")
-        if rel is not None:
-            for name, t in zip(_CANONICAL, rel[0]()):
-                destination[prefix + name] = t
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        rel = state.get("_released")
-        if rel is not None:  # the copy holds the canonical buffers (and packs its own at its first call)
-            state.update(_buffers=self._canonical_buffers(rel[0], rel[1]), _released=None)
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("_released", None)
-        self.__dict__.setdefault("_keep_canonical", False)
-
-
-# The canonical int4 buffers a released Int4Linear rebuilds on demand (Int4Linear._prepared).
-_CANONICAL = ("qweight", "scales", "offsets")
 
 # Each linear type's tensors (concat_linears).
 _TENSORS = {nn.Linear: ("weight", "bias"), Int8Linear: ("weight", "weight_scale", "bias"),
@@ -566,7 +476,9 @@ def concat_linears(mods) -> nn.Module | None:
         return None
     if len({m.in_features for m in mods}) != 1 or len({m.bias is None for m in mods}) != 1:
         return None
-    # (by name, not m.buffers(): a released Int4Linear lists bias alone, and reading the others restores them)
+    if kind is not nn.Linear and len({(m.group_size, m.backend, getattr(m, "mode", None)) for m in mods}) != 1:
+        return None  # (checked before the tensors are read: reading a released module's restores them)
+    # (by name, not m.buffers(): a released module lists the tensors it kept alone)
     tensors = [t for m in mods for t in (getattr(m, n) for n in _TENSORS[kind]) if t is not None]
     if len({t.device for t in tensors}) != 1 or any(t.is_meta for t in tensors):
         return None
@@ -583,8 +495,6 @@ def concat_linears(mods) -> nn.Module | None:
         if bias is not None:
             out.bias = nn.Parameter(bias, requires_grad=first.bias.requires_grad)
         return out
-    if len({(m.group_size, m.backend, getattr(m, "mode", None)) for m in mods}) != 1:
-        return None
     if kind is Int8Linear:
         return Int8Linear.from_quantized(torch.cat([m.weight for m in mods]),
                                          torch.cat([m.weight_scale for m in mods]), bias,

@@ -10,6 +10,7 @@ import threading
 import torch
 
 from .. import _backends
+from . import _unpack
 from ._cpu_linear import BoundRun, packed_buffer
 from ._registry import BackendUnsupported
 
@@ -115,13 +116,9 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False, release
 
 def _cpu_unpack_rows16(mod, view, e, N, K, G):
     """(qweight uint8 [N, K // 2], scales, offsets float32 [N, K // G]): the canonical tensors a rows16 layout
-    (`_cpu_pack_rows16`) was packed from, bit for bit."""
-    qweight = torch.empty(N, K // 2, dtype=torch.uint8)
-    scales = torch.empty(N, K // G, dtype=torch.float32)
-    offsets = torch.empty(N, K // G, dtype=torch.float32)
-    mod.int4_linear_rows16_unpack(view.data_ptr(), N, K, G, e, qweight.data_ptr(), scales.data_ptr(),
-                                  offsets.data_ptr())
-    return qweight, scales, offsets
+    (`_cpu_pack_rows16`) was packed from, bit for bit (through a torch op, which torch.compile can trace:
+    ops/_unpack.py)."""
+    return tuple(_unpack.cpu_int4_rows16_unpack(view, e, N, K, G))
 
 
 def _scale_bytes(mod, scales, offsets):

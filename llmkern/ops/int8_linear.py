@@ -8,6 +8,7 @@ Modes (DESIGN.md):
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -15,7 +16,7 @@ import torch
 
 from .. import _backends
 from .. import reference
-from . import _checks as C
+from . import _checks as C, _unpack
 from ._cpu_linear import DTYPE_CODE as _DTYPE_CODE, BoundRun, packed_buffer
 from ._registry import _PLAIN, BackendUnsupported, defop, needs_grad
 
@@ -94,7 +95,7 @@ def _reference(x, weight, weight_scale, bias, mode):
     return reference.int8_linear(x, weight, weight_scale, bias, mode)
 
 
-def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
+def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False, release=False):
     """run(x) of the C++ kernel (csrc/cpu/int8_linear.cpp) with these weights bound once (a `BoundRun`).
 
     Everything that depends only on the weights (contiguity, raw pointers, the fp32 bias, the group)
@@ -115,6 +116,14 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
     (docs/notes/cpu-w8a8-gemm.md). Per channel the results are bit-identical to the canonical kernel's;
     per group equal up to fp32 rounding. Memory: about the canonical weight bytes again (K rounded up to
     a multiple of 4, N to 16, plus 8 bytes per channel and group).
+
+    release (W8A16 with the packed layout; `_cpu_prepare` decides, CPU_INT8_RELEASE): the run also has
+    `release()`, which rebinds it to the packed layout and the scales alone (every call then reads the packed
+    layout: decode calls the packed kernels as before, more rows the GEMM routes over panels built from it,
+    the same values, so the same bits; calls the canonical tiles took run the packed kernels a few rows at a
+    time) and lets go of the int8 weight tensor. It returns `unpack()`, which rebuilds that tensor bit for bit
+    from the packed layout. Int8Linear calls it, so that the packed copy and the scales are all it holds
+    (`release.dtypes`: the x dtypes the released run takes, here every float).
     """
     mod = _backends.cpu_module()
     if weight.device.type != "cpu":
@@ -138,8 +147,29 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False):
                                  0 if bias32 is None else bias32.data_ptr(), mode, *pk,
                                  0 if gemm_packed is None else gemm_packed.data_ptr())
     # keep: the tensors behind the bound pointers
-    return BoundRun(bound, K, N, (weight, weight_scale, bias32, packed, gemm_packed), packed=packed, packed_e=pk[1],
-                    gemm_packed=gemm_packed)
+    run = BoundRun(bound, K, N, (weight, weight_scale, bias32, packed, gemm_packed), packed=packed, packed_e=pk[1],
+                   gemm_packed=gemm_packed)
+    if not (release and packed is not None and mode == "w8a16"):
+        return run
+    bias_ptr = 0 if bias32 is None else bias32.data_ptr()
+
+    def release_fn():
+        nonlocal weight  # (dropped here: nothing in the run refers to it afterwards)
+        run.bound = mod.int8_linear_bind(0, N, K, weight_scale.data_ptr(), group, bias_ptr, mode, *pk, 0)
+        run.keep = (weight_scale, bias32, packed)
+        weight = None
+        run.release = None  # (once)
+        return functools.partial(_cpu_unpack, mod, packed, N, K)
+
+    release_fn.dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    run.release = release_fn
+    return run
+
+
+def _cpu_unpack(mod, packed, N, K):
+    """(weight int8 [N, K],): the canonical weight tensor the packed decode layout (`_cpu_pack`) was packed
+    from, bit for bit (through a torch op, which torch.compile can trace: ops/_unpack.py)."""
+    return (_unpack.cpu_int8_unpack(packed, N, K),)
 
 
 # W8A16 decode calls (1-8 rows) without a packed copy read the canonical tensors with the "stream" kernels
@@ -205,7 +235,8 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
     packable (per channel, 16, 32, multiple of 64): LLMKERN_INT8_PACK unset: pack (fp16 scales when exact, else fp32),
     except W8A16 weights with K >= 2048, whose decode the stream kernels run from the canonical tensors about
     as fast (`_streams`: the weights held once, not twice); 1: pack those too; 0: never (no memory beyond the
-    canonical tensors). The kernel reads whichever layout it is given, with identical results.
+    canonical tensors). The kernel reads whichever layout it is given, with identical results. A W8A16 run with
+    the packed layout offers `release()` (CPU_INT8_RELEASE), with which Int8Linear lets go of its int8 weight.
 
     W8A8 on AVX-512 also packs the GEMM layout (`_cpu_runner` gemm) when the group is K or a multiple
     of 4: calls of 2 rows or more read it instead of the decode layout / canonical tiles (1.3-1.4x at
@@ -223,7 +254,14 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
         pack = False  # decode streams the canonical tensors, nearly as fast: no second copy of the weights
     gemm = (os.environ.get("LLMKERN_INT8_GEMM", "") != "0" and avx512 and mode == "w8a8" and _can_gemm(K, group)
             and group <= _MAX_W8A8_GROUP)
-    return _cpu_runner(weight, weight_scale, bias, mode, pack=pack, gemm=gemm)
+    return _cpu_runner(weight, weight_scale, bias, mode, pack=pack, gemm=gemm, release=CPU_INT8_RELEASE)
+
+
+# True: a prepared W8A16 Int8Linear with the packed decode layout (AVX-512 or AVX2, K < 2048 or LLMKERN_INT8_PACK=1)
+# lets go of its int8 weight tensor and reads the packed layout alone, prefill included (`_cpu_runner`'s
+# release), rebuilding the tensor on demand (state_dict, attribute reads, .to()): the weights held once, not
+# twice. LLMKERN_INT8_KEEP_CANONICAL=1 keeps both (read at import).
+CPU_INT8_RELEASE = os.environ.get("LLMKERN_INT8_KEEP_CANONICAL", "") != "1"
 
 
 # 16-bit W8A16 inputs with more rows than this run on tensor cores (csrc/cuda: _CUDA_GEMV_MAX_M must match

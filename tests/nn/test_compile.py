@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from llmkern.nn import Attention, Int8Linear, KVCache
+from llmkern import ops
+from llmkern.nn import Attention, Int4Linear, Int8Linear, KVCache
 
 
 @torch.no_grad()
@@ -23,6 +24,31 @@ def test_int8_linear_compiles_fullgraph():
     for shape in [(3, 64), (2, 5, 64)]:
         x = torch.randn(shape)
         assert torch.equal(cm(x), m(x))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_released_module_compiles_fullgraph(kind):
+    """A module whose eager calls let go of its canonical tensors (nn/linear.py _Releasable: int8 with the packed
+    CPU layout, int4 with rows16 on AVX-512 BF16) still compiles with fullgraph: the traced graph unpacks them
+    itself (torch ops, ops/_unpack.py) and the module stays released. The compiled call is the op on those
+    tensors."""
+    torch.manual_seed(2)
+    lin = nn.Linear(64, 33)
+    m = Int8Linear.from_linear(lin, group_size=32) if kind == "int8" else Int4Linear.from_linear(lin)
+    x = torch.randn(3, 64)
+    m(x)
+    released = m._released is not None
+    if not released:
+        pytest.skip("nothing released on this CPU (no packed layout / no AVX-512 BF16)")
+    canon = {k: v for k, v in m.state_dict().items() if k != "bias"}  # (unpacked into the result only)
+    cm = torch.compile(m, fullgraph=True, backend="inductor")
+    out = cm(x)
+    assert m._released is not None
+    if kind == "int8":
+        want = ops.int8_linear(x, canon["weight"], canon["weight_scale"], m.bias)
+    else:
+        want = ops.int4_linear(x, canon["qweight"], canon["scales"], canon["offsets"], m.bias)
+    assert torch.equal(out, want)
 
 
 @torch.no_grad()

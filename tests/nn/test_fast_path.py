@@ -1,5 +1,7 @@
 """The eager fast path of the hot modules (nn/_fast.py, Op.run_trusted) computes what the op computes,
 and never skips a check that a changed module tensor or an unexpected activation needs."""
+import importlib
+
 import pytest
 import torch
 
@@ -139,6 +141,8 @@ def test_module_call_shortcut_honours_hooks_overrides_modes_and_grad(kind, monke
     global), a replaced forward (instance or subclass), Module.compile(), torch function modes and
     tracked activations all take the full call, and their effects show in the result."""
     monkeypatch.setenv("LLMKERN_INT4_ROWS16", "0")  # prepared == op bit for bit
+    # (the op reads the module's tensors: a released weight would be restored, the prepared run dropped)
+    monkeypatch.setattr(importlib.import_module("llmkern.ops.int8_linear"), "CPU_INT8_RELEASE", False)
     from torch.overrides import TorchFunctionMode
 
     cls = lnn.Int4Linear if kind == "int4" else lnn.Int8Linear

@@ -205,9 +205,30 @@ inline const char* int8_route_name(Int8Route r) {
   }
 }
 
+// A call on released weights (a.w null: the packed decode layout and the canonical scales alone, W8A16; an
+// Int8Linear that let go of its int8 weight tensor, llmkern/ops/int8_linear.py). The GEMM routes build their
+// panels from the packed layout (i8pk::WeightColumn: the same values, so the same bits); every other call runs
+// the packed kernels, as many rows at a time as they take (a row's result does not depend on the others).
+// isa: AVX-512 or AVX2 (the launcher's choice: the packed kernels exist for those).
+inline void int8_linear_released(const Int8LinearArgs& a, Isa isa) {
+  if (i8bf::use_bf16_gemm(a, isa)) return i8bf::int8_linear_bf16(a);
+  if (i8f::use_f32_gemm(a, isa)) return i8f::int8_linear_f32(a, isa);
+  const int64_t es = dtype_size(a.x_dtype);
+  for (int64_t m0 = 0; m0 < a.M;) {
+    Int8LinearArgs c = a;  // rows m0 .. m0 + c.M - 1
+    c.M = std::min<int64_t>(a.M - m0, i8pk::kMaxRows);
+    while (c.M > 1 && !i8pk::use_packed(c, isa)) --c.M;
+    c.x = static_cast<const char*>(a.x) + m0 * a.x_row_stride * es;
+    c.out = static_cast<char*>(a.out) + m0 * a.out_row_stride * es;
+    i8pk::int8_linear_packed(c, isa);
+    m0 += c.M;
+  }
+}
+
 // Runs the whole op. Workspace: int8_linear_workspace_bytes(M, K, N, w8a8, num_threads) bytes at a.ws.
 inline void int8_linear(const Int8LinearArgs& a, Isa isa) {
   if (a.M <= 0 || a.N <= 0) return;
+  if (!a.w) return int8_linear_released(a, isa);
   switch (int8_linear_route(a, isa)) {
     case Int8Route::kPacked: return i8pk::int8_linear_packed(a, isa);
     case Int8Route::kStream: return i8st::int8_linear_stream(a, isa);

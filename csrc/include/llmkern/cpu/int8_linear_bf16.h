@@ -29,6 +29,7 @@
 #include "llmkern/cpu/bf16_pairs_avx512.h"
 #include "llmkern/cpu/features.h"
 #include "llmkern/cpu/int8_linear_common.h"
+#include "llmkern/cpu/int8_linear_pack_layout.h"
 #include "llmkern/cpu/parallel.h"
 #include "llmkern/cpu/store_avx512.h"
 
@@ -56,6 +57,7 @@ LLMKERN_I8BF inline void unpack_panel(const Int8LinearArgs& a, int64_t n0, int64
   for (int64_t v = 0; v * 16 < ncols; ++v) {
     const int64_t rows = std::min<int64_t>(16, ncols - 16 * v);
     for (int64_t k = 0; k < kc; k += 32) {
+      const i8pk::WeightColumn col(a, k0 + k);
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         if (i >= rows) {
@@ -63,7 +65,7 @@ LLMKERN_I8BF inline void unpack_panel(const Int8LinearArgs& a, int64_t n0, int64
           continue;
         }
         const int64_t n = n0 + 16 * v + i;
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.w + n * a.K + k0 + k));
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col.row(n)));
         __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
         __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
         if (grouped) {  // each half's 16 values share one group (group % 16 == 0)

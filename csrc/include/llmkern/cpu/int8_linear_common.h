@@ -26,7 +26,7 @@ struct Int8LinearArgs {
   DType x_dtype = DType::kF32;
   int64_t x_row_stride = 0;
   int64_t M = 0, K = 0, N = 0;
-  const int8_t* w = nullptr;      // [N, K] contiguous
+  const int8_t* w = nullptr;      // [N, K] contiguous; null: released (W8A16 with `packed`, int8_linear_released)
   const float* scale = nullptr;   // [N, K / group]
   int64_t group = 0;              // divides K
   const float* bias = nullptr;    // [N] or null

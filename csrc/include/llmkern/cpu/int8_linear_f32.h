@@ -27,6 +27,7 @@
 #include "llmkern/cpu/bf16_pairs_avx512.h"
 #include "llmkern/cpu/int8_linear_avx512.h"
 #include "llmkern/cpu/int8_linear_common.h"
+#include "llmkern/cpu/int8_linear_pack_layout.h"
 #include "llmkern/cpu/int8_linear_scalar.h"
 #include "llmkern/cpu/panel_gemm.h"
 #include "llmkern/cpu/parallel.h"
@@ -54,6 +55,7 @@ LLMKERN_I8F inline void unpack_panel_avx512(const Int8LinearArgs& a, int64_t n0,
   for (int64_t v = 0; v * 16 < ncols; ++v) {
     const int64_t rows = std::min<int64_t>(16, ncols - 16 * v);
     for (int64_t k = 0; k < kc; k += 16) {
+      const i8pk::WeightColumn col(a, k0 + k);
       __m512i r[16];
       LLMKERN_I8F_UNROLL for (int i = 0; i < 16; ++i) {
         if (i >= rows) {
@@ -61,7 +63,7 @@ LLMKERN_I8F inline void unpack_panel_avx512(const Int8LinearArgs& a, int64_t n0,
           continue;
         }
         const int64_t n = n0 + 16 * v + i;
-        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.w + n * a.K + k0 + k));
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(col.row(n)));
         const __m512 s = _mm512_set1_ps(a.scale[n * ng + (k0 + k) / a.group]);  // one group (group % 16 == 0)
         r[i] = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s));
       }
@@ -79,6 +81,7 @@ LLMKERN_I8F2 inline void unpack_panel_avx2(const Int8LinearArgs& a, int64_t n0, 
   for (int64_t v = 0; v < NS / 8; ++v) {
     const int64_t rows = std::min<int64_t>(8, ncols - 8 * v);
     for (int64_t k = 0; k < kc; k += 8) {
+      const i8pk::WeightColumn col(a, k0 + k);
       __m256 r[8];
       LLMKERN_I8F_UNROLL for (int i = 0; i < 8; ++i) {
         if (i >= rows) {
@@ -86,7 +89,7 @@ LLMKERN_I8F2 inline void unpack_panel_avx2(const Int8LinearArgs& a, int64_t n0, 
           continue;
         }
         const int64_t n = n0 + 8 * v + i;
-        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.w + n * a.K + k0 + k));
+        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(col.row(n)));
         const __m256 s = _mm256_set1_ps(a.scale[n * ng + (k0 + k) / a.group]);
         r[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s);
       }

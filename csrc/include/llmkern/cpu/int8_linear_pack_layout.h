@@ -95,6 +95,55 @@ inline void int8_pack_decode(const int8_t* w, const float* scale, int64_t N, int
   }
 }
 
+// Byte offset of step s (s < nsteps(K)) in a block: the steps before it, each 8 rows x 64 weight bytes and the
+// scales of the groups ending in it (floor(64 s / G) groups end before step s).
+inline int64_t step_offset(int64_t s, int64_t K, int64_t G, int64_t E) {
+  return kRows * (kStep * s + E * (std::min(s * kStep, K) / G));
+}
+
+// Row n's weight bytes from k (0 <= k < K) to the end of k's step, in the packed layout at p (its header
+// first): int8 values as stored (W8A16 packs them unchanged; W8A8 stores w + 128).
+inline const int8_t* row_ptr(const uint8_t* p, int64_t K, int64_t G, int64_t E, int64_t n, int64_t k) {
+  return reinterpret_cast<const int8_t*>(p + kHeader + (n / kRows) * block_bytes(K, G, E) +
+                                         step_offset(k / kStep, K, G, E) + (n % kRows) * kStep + k % kStep);
+}
+
+// The canonical weights w [N, K] (int8) the packed layout at p was packed from (int8_pack_decode), bit for bit
+// (W8A8's stored w + 128 back to w). The scales are not rebuilt: a released module keeps them.
+inline void unpack_weights(const uint8_t* p, int64_t N, int64_t K, int64_t G, int64_t E, bool w8a8, int8_t* w) {
+  const uint8_t pad = w8a8 ? 0x80 : 0x00;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k0 = 0; k0 < K; k0 += kStep) {
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(row_ptr(p, K, G, E, n, k0));
+      const int64_t kn = std::min(kStep, K - k0);
+      for (int64_t k = 0; k < kn; ++k) w[n * K + k0 + k] = static_cast<int8_t>(src[k] ^ pad);
+    }
+}
+
+// The weight bytes of every row from one k (to the end of k's step: a k multiple of 16 has 16 bytes at least),
+// in the canonical w or, where the weights were released (a.w null, W8A16), the packed layout: row(n) costs a
+// multiply-add either way (the GEMM panels' unpackers read rows through it).
+struct WeightColumn {
+  const int8_t* base;
+  int64_t row_stride, block_stride;  // canonical: K, 0; packed: kStep, block_bytes
+  WeightColumn(const Int8LinearArgs& a, int64_t k) {
+    if (a.w) {
+      base = a.w + k;
+      row_stride = a.K;
+      block_stride = 0;
+    } else {
+      base = reinterpret_cast<const int8_t*>(a.packed + kHeader + step_offset(k / kStep, a.K, a.group, a.packed_e) +
+                                             k % kStep);
+      row_stride = kStep;
+      block_stride = block_bytes(a.K, a.group, a.packed_e);
+    }
+  }
+  const int8_t* row(int64_t n) const {
+    return block_stride ? base + (n / kRows) * block_stride + (n % kRows) * row_stride : base + n * row_stride;
+  }
+};
+
 // Calls of up to max_rows(mode, per channel) activation rows read the packed layout: every weight
 // block is streamed once from DRAM and re-read from L1/L2 by the call's other rows. Measured (1
 // thread, cold weights; docs/notes/cpu-int8pack.md) against the canonical M-row tiles: faster or

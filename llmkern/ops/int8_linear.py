@@ -233,9 +233,10 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
     for decode calls of up to 8 rows (AVX2 W8A16 per channel or G >= 128: 4) (`_cpu_runner`; AVX-512 1.4-10x faster at 1 thread,
     docs/notes/cpu-int8pack.md; AVX2 1.3-3.4x cold, docs/notes/cpu-avx2-int8pack.md), when the group is
     packable (per channel, 16, 32, multiple of 64): LLMKERN_INT8_PACK unset: pack (fp16 scales when exact, else fp32),
-    except W8A16 weights with K >= 2048, whose decode the stream kernels run from the canonical tensors about
-    as fast (`_streams`: the weights held once, not twice); 1: pack those too; 0: never (no memory beyond the
-    canonical tensors). The kernel reads whichever layout it is given, with identical results. A W8A16 run with
+    except W8A16 weights with K >= 2048 on AVX-512, whose decode the stream kernels run from the canonical
+    tensors about as fast (`_streams`: the weights held once, not twice; on AVX2, where they run at 0.85-0.94x,
+    those are packed and the weight released, unless CPU_INT8_RELEASE is off); 1: pack those too; 0: never (no
+    memory beyond the canonical tensors). The kernel reads whichever layout it is given, with identical results. A W8A16 run with
     the packed layout offers `release()` (CPU_INT8_RELEASE), with which Int8Linear lets go of its int8 weight.
 
     W8A8 on AVX-512 also packs the GEMM layout (`_cpu_runner` gemm) when the group is K or a multiple
@@ -250,8 +251,10 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
     avx512 = isa == "avx512_vnni"
     env = os.environ.get("LLMKERN_INT8_PACK", "")
     pack = env != "0" and isa in ("avx512_vnni", "avx2") and _can_pack(K, group)
-    if pack and env != "1" and mode == "w8a16" and _streams(K, group):
-        pack = False  # decode streams the canonical tensors, nearly as fast: no second copy of the weights
+    if pack and env != "1" and mode == "w8a16" and _streams(K, group) and (avx512 or not CPU_INT8_RELEASE):
+        # decode streams the canonical tensors, about as fast on AVX-512: no second copy of the weights. (On AVX2
+        # the stream kernels run at 0.85-0.94x the packed copy, and the copy replaces the weight once released.)
+        pack = False
     gemm = (os.environ.get("LLMKERN_INT8_GEMM", "") != "0" and avx512 and mode == "w8a8" and _can_gemm(K, group)
             and group <= _MAX_W8A8_GROUP)
     return _cpu_runner(weight, weight_scale, bias, mode, pack=pack, gemm=gemm, release=CPU_INT8_RELEASE)

@@ -1,9 +1,10 @@
 """Released int8 W8A16 weights (w_ptr 0: GEMM panels built from the packed layout) against the canonical launch
 (panels from the int8 weight tensor), interleaved call by call in one process, medians (us).
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python docs/notes/cpu-int8-release/prefill_ab.py
+    OMP_NUM_THREADS=2 PYTHONPATH=. python docs/notes/cpu-int8-release/prefill_ab.py [avx2]
 """
 import statistics
+import sys
 import time
 
 import torch
@@ -12,6 +13,7 @@ import llmkern._C as C
 from llmkern.ops.int8_linear import _cpu_runner
 
 torch.set_num_threads(2)
+ISA = sys.argv[1] if len(sys.argv) > 1 else ""  # "": the best this CPU has
 CODE = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -22,7 +24,7 @@ def launcher(w, s, packed, E, M, dtype, released):
     out = torch.empty(M, N, dtype=dtype)
     ws = torch.empty(C.int8_linear_workspace_size(M, K, N, "w8a16", 2), dtype=torch.uint8)
     args = (x.data_ptr(), CODE[dtype], K, M, K, 0 if released else w.data_ptr(), N, s.data_ptr(), G, 0,
-            out.data_ptr(), N, "w8a16", ws.data_ptr(), ws.numel(), 2, "", packed.data_ptr(), E)
+            out.data_ptr(), N, "w8a16", ws.data_ptr(), ws.numel(), 2, ISA, packed.data_ptr(), E)
     return lambda keep=(x, out, ws): C.int8_linear(*args)  # (keep: the tensors behind the pointers)
 
 

@@ -56,8 +56,12 @@ LLMKERN_I8BF inline void unpack_panel(const Int8LinearArgs& a, int64_t n0, int64
   const int64_t ng = a.K / a.group;
   for (int64_t v = 0; v * 16 < ncols; ++v) {
     const int64_t rows = std::min<int64_t>(16, ncols - 16 * v);
+    i8pk::WeightColumn col(a, k0);
     for (int64_t k = 0; k < kc; k += 32) {
-      const i8pk::WeightColumn col(a, k0 + k);
+      if (k > 0) {  // (a new column where a 64-value step starts, else 32 bytes on)
+        if ((k0 + k) % i8pk::kStep == 0) col = i8pk::WeightColumn(a, k0 + k);
+        else col.next(32);
+      }
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         if (i >= rows) {

@@ -54,8 +54,12 @@ LLMKERN_I8F inline void unpack_panel_avx512(const Int8LinearArgs& a, int64_t n0,
   const int64_t ng = a.K / a.group;
   for (int64_t v = 0; v * 16 < ncols; ++v) {
     const int64_t rows = std::min<int64_t>(16, ncols - 16 * v);
+    i8pk::WeightColumn col(a, k0);
     for (int64_t k = 0; k < kc; k += 16) {
-      const i8pk::WeightColumn col(a, k0 + k);
+      if (k > 0) {  // (a new column where a 64-value step starts, else 16 bytes on)
+        if ((k0 + k) % i8pk::kStep == 0) col = i8pk::WeightColumn(a, k0 + k);
+        else col.next(16);
+      }
       __m512i r[16];
       LLMKERN_I8F_UNROLL for (int i = 0; i < 16; ++i) {
         if (i >= rows) {
@@ -80,8 +84,12 @@ LLMKERN_I8F2 inline void unpack_panel_avx2(const Int8LinearArgs& a, int64_t n0, 
   const int64_t ng = a.K / a.group;
   for (int64_t v = 0; v < NS / 8; ++v) {
     const int64_t rows = std::min<int64_t>(8, ncols - 8 * v);
+    i8pk::WeightColumn col(a, k0);
     for (int64_t k = 0; k < kc; k += 8) {
-      const i8pk::WeightColumn col(a, k0 + k);
+      if (k > 0) {  // (a new column where a 64-value step starts, else 8 bytes on)
+        if ((k0 + k) % i8pk::kStep == 0) col = i8pk::WeightColumn(a, k0 + k);
+        else col.next(8);
+      }
       __m256 r[8];
       LLMKERN_I8F_UNROLL for (int i = 0; i < 8; ++i) {
         if (i >= rows) {

@@ -142,6 +142,9 @@ struct WeightColumn {
   const int8_t* row(int64_t n) const {
     return block_stride ? base + (n / kRows) * block_stride + (n % kRows) * row_stride : base + n * row_stride;
   }
+  // The column dk values of k further, within the same 64-value step (no division: the unpackers step through
+  // a step 8 to 32 values at a time and build a new column only where a step starts).
+  void next(int64_t dk) { base += dk; }
 };
 
 // Calls of up to max_rows(mode, per channel) activation rows read the packed layout: every weight

@@ -108,8 +108,9 @@ KernelCall quant_embedding_call(const std::string& format, std::uintptr_t w_ptr,
                                 std::uintptr_t offset_ptr, int64_t V, int64_t H, int64_t G, int dtype,
                                 std::uintptr_t tokens_ptr, int64_t B, std::uintptr_t out_ptr) {
   const char* where = "llmkern._C.quant_embedding_call";
-  const bool int4 = format == "int4";
-  if (!int4 && format != "int8") fail_arg(where, "format must be 'int8' or 'int4', got '" + format + "'");
+  const bool int4 = format == "int4", packed = format == "int8_packed";
+  if (!int4 && !packed && format != "int8")
+    fail_arg(where, "format must be 'int8', 'int8_packed' or 'int4', got '" + format + "'");
   check_dtype(where, dtype);
   if (V < 1 || H < 1 || B < 0) fail_arg(where, "need V >= 1, H >= 1 and B >= 0");
   if (G < 1 || H % G) fail_arg(where, "G must divide H=" + std::to_string(H) + ", got " + std::to_string(G));
@@ -125,6 +126,20 @@ KernelCall quant_embedding_call(const std::string& format, std::uintptr_t w_ptr,
   const auto* tokens = reinterpret_cast<const int64_t*>(tokens_ptr);
   const auto dt = static_cast<cpu::DType>(dtype);
   auto* out = reinterpret_cast<void*>(out_ptr);
+  if (packed) {  // w_ptr: an int8_linear packed decode layout (W8A16) of this [V, H] table with groups of G
+    check_ptr_arg(where, "w_ptr", w_ptr, 8);
+    const auto* h = reinterpret_cast<const cpu::i8pk::Header*>(w_ptr);
+    if (h->magic != cpu::i8pk::kMagic || h->N != V || h->K != H || h->G != G || h->w8a8)
+      fail_arg(where, "format 'int8_packed': w_ptr does not hold this [V=" + std::to_string(V) + ", H=" +
+                          std::to_string(H) + "] table with G=" + std::to_string(G) + " in the W8A16 packed decode layout");
+    const int64_t E = h->E;
+    return {[=] {
+              check_token_ids(tokens, B, V);
+              cpu::embed_rows_int8_packed(reinterpret_cast<const uint8_t*>(w_ptr), reinterpret_cast<const float*>(scale_ptr),
+                                          H, G, E, tokens, B, dt, out);
+            },
+            "embedding"};
+  }
   return {[=] {
             check_token_ids(tokens, B, V);
             if (int4)
@@ -247,7 +262,8 @@ void bind_decode_step(py::module_& m) {
         py::arg("offset_ptr"), py::arg("V"), py::arg("H"), py::arg("G"), py::arg("dtype"), py::arg("tokens_ptr"),
         py::arg("B"), py::arg("out_ptr"),
         "KernelCall: out[b, :] = the dequantized row tokens[b] of an int8 (weight, scale) or int4 (qweight, scales, "
-        "offsets) table [V, H] with groups of G, in dtype; token ids are checked on each run (IndexError).");
+        "offsets) table [V, H] with groups of G, in dtype; token ids are checked on each run (IndexError). "
+        "format 'int8_packed': w_ptr is the table's int8_linear packed decode layout (W8A16), scale_ptr its scales.");
   m.def("silu_mul_call", &silu_mul_call, py::arg("gu_ptr"), py::arg("dtype"), py::arg("gu_stride"), py::arg("M"),
         py::arg("I"), py::arg("out_ptr"), py::arg("out_stride"), py::arg("isa") = "",
         "KernelCall: out[m, i] = silu(gu[m, i]) * gu[m, I + i] (rows at element strides; 16-bit dtypes round "

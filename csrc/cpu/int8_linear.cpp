@@ -158,6 +158,31 @@ void bind_int8_linear_pack(py::module_& m) {
       "Writes the int8 weights [N, K] (contiguous, at w_ptr) that the packed decode layout at packed_ptr was "
       "packed from (int8_linear_pack), bit for bit; the layout's header gives its group size, scale bytes and mode.");
   m.def(
+      "int8_linear_gather_rows",
+      [](std::uintptr_t packed_ptr, int64_t N, int64_t K, std::uintptr_t ids_ptr, int64_t n, std::uintptr_t out_ptr) {
+        const char* where = "llmkern._C.int8_linear_gather_rows";
+        check_ptr_arg(where, "packed_ptr", packed_ptr, 8);
+        const auto* h = reinterpret_cast<const cpu::i8pk::Header*>(packed_ptr);
+        if (h->magic != cpu::i8pk::kMagic || h->N != N || h->K != K)
+          fail_arg(where, "packed_ptr does not hold [N=" + std::to_string(N) + ", K=" + std::to_string(K) +
+                              "] weights in the packed decode layout (int8_linear_pack)");
+        if (n < 0) fail_arg(where, "n must be >= 0, got " + std::to_string(n));
+        if (n == 0) return;
+        check_ptr_arg(where, "ids_ptr", ids_ptr, 8);
+        check_ptr_arg(where, "out_ptr", out_ptr, 1);
+        const auto* ids = reinterpret_cast<const int64_t*>(ids_ptr);
+        for (int64_t i = 0; i < n; ++i)
+          if (ids[i] < 0 || ids[i] >= N)
+            throw py::index_error(std::string(where) + ": row id " + std::to_string(ids[i]) + " at " +
+                                  std::to_string(i) + " is out of range for " + std::to_string(N) + " rows");
+        py::gil_scoped_release release;
+        cpu::i8pk::gather_rows(reinterpret_cast<const uint8_t*>(packed_ptr), K, h->G, h->E, h->w8a8 != 0, ids, n,
+                               reinterpret_cast<int8_t*>(out_ptr));
+      },
+      py::arg("packed_ptr"), py::arg("N"), py::arg("K"), py::arg("ids_ptr"), py::arg("n"), py::arg("out_ptr"),
+      "Writes rows ids[i] (int64 [n]) of the int8 weights [N, K] that the packed decode layout at packed_ptr was "
+      "packed from into out (int8 [n, K], contiguous), bit for bit; ids out of range raise IndexError.");
+  m.def(
       "int8_linear_pack",
       [](std::uintptr_t w_ptr, std::uintptr_t scale_ptr, int64_t N, int64_t K, int64_t group_size, int64_t e,
          const std::string& mode, std::uintptr_t out_ptr, int64_t out_bytes) {

@@ -117,7 +117,10 @@ class DecodePlan:
         emb = model.embed_tokens
         # the embedding: a float table (nn.Embedding), or quantized tensors dequantized a row at a time
         self.embed_mod = emb
-        self.embed_q = emb.tensors() if isinstance(emb, QuantizedEmbedding) else None
+        quantized = isinstance(emb, QuantizedEmbedding)
+        # (an int8 table tied to a released lm_head: its packed layout and the scales, format "int8_packed")
+        self.embed_packed = emb.packed_source() if quantized else None
+        self.embed_q = None if not quantized else self.embed_packed or emb.tensors()
         self.embed = emb.weight if self.embed_q is None else None
         self.act_dtype = emb.weight.dtype if self.embed_q is None else emb.dtype
         self.rotary = model.rotary.cos_sin_cache
@@ -219,7 +222,8 @@ class DecodePlan:
         # Tensors the plan reads by pointer: `p.data = other` keeps the Parameter (no identity check sees it) but
         # moves its storage, so their data pointers are checked too (as llmkern.nn.RMSNorm checks its weight's).
         emb = model.embed_tokens
-        bound = [*(emb.tensors() if isinstance(emb, QuantizedEmbedding) else (emb.weight,)), model.norm.weight,
+        emb_t = (emb.weight,) if not isinstance(emb, QuantizedEmbedding) else emb.packed_source() or emb.tensors()
+        bound = [*emb_t, model.norm.weight,
                  model.rotary.cos_sin_cache]
         bound += [n.weight for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         if isinstance(head, nn.Linear):
@@ -301,12 +305,14 @@ class DecodePlan:
         if self.embed_q is None:
             prog.append(mod.embedding_call(self.embed.data_ptr(), _DTYPE_CODE[dt], self.embed.shape[0], H,
                                            buf["tokens"].data_ptr(), B, buf["emb"].data_ptr()))
-        else:  # int8 (weight, weight_scale) or int4 (qweight, scales, offsets) rows, dequantized
+        else:  # int8 (weight or the tied head's packed layout, weight_scale) or int4 (qweight, scales, offsets) rows
             q = self.embed_q
             G = H if q[1].dim() == 1 else H // q[1].shape[1]
-            prog.append(mod.quant_embedding_call(self.embed_mod.format, q[0].data_ptr(), q[1].data_ptr(),
-                                                 q[2].data_ptr() if len(q) > 2 else 0, q[0].shape[0], H, G,
-                                                 _DTYPE_CODE[dt], buf["tokens"].data_ptr(), B, buf["emb"].data_ptr()))
+            fmt = "int8_packed" if self.embed_packed is not None else self.embed_mod.format
+            prog.append(mod.quant_embedding_call(fmt, q[0].data_ptr(), q[1].data_ptr(),
+                                                 q[2].data_ptr() if len(q) > 2 else 0, self.embed_mod.num_embeddings,
+                                                 H, G, _DTYPE_CODE[dt], buf["tokens"].data_ptr(), B,
+                                                 buf["emb"].data_ptr()))
         xn, qkv, attn, gu = buf["xn"], buf["qkv"], buf["attn"], buf["gu"]
         h, residual, flip = buf["emb"], None, 0  # h: this layer's input; residual: the running sum (None: h)
         q = qkv[:, :Hq * D].view(B, 1, Hq, D)                         # [B, W] -> views of q, k, v per token

@@ -302,10 +302,26 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
         ld.expect("token_embd.weight", (model.embed_tokens.num_embeddings, model.embed_tokens.embedding_dim),
                   (c.vocab_size, H))
         emb_w = None
+        emb = {k: v for k, v in emb.items() if not isinstance(v, torch.Tensor)}  # (the module holds the tensors)
     else:
         emb_w = dequantize(emb).to(dtype)
         ld.expect("token_embd.weight", emb_w.shape, (c.vocab_size, H))
         model.embed_tokens.weight = nn.Parameter(emb_w, requires_grad=False)
+    # tied, kept in its stored form (quant "keep", or the form the file already has): the lm_head and the embedding
+    # hold the same tensors (what ld.linear would build, without a second copy). Made here, before the layers: an
+    # int8 head prepared now packs its copy and lets go of the int8 table while the rest is not loaded yet, so the
+    # two never sit beside all the layers (the load's peak memory).
+    tied_kept = (c.tie_embeddings and quant != "none" and quant in ("keep", emb["format"]) and group_size is None
+                 and emb["format"] in ("int8", "int4"))
+    if tied_kept:
+        cls = lnn.Int8Linear if emb["format"] == "int8" else lnn.Int4Linear
+        model.lm_head = cls.from_quantized(*model.embed_tokens.tensors(), backend=backend)
+        if cls is lnn.Int8Linear:  # (once the head holds its packed layout alone, the embedding reads that too)
+            model.embed_tokens.tie_to(model.lm_head)
+            if prepare:
+                prepare_linears(model.lm_head, dtype)
+        else:  # (releasing them after packing, _Releasable._prepared, would free nothing: the embedding holds them)
+            model.lm_head.__dict__["_keep_canonical"] = True
 
     for i, layer in enumerate(model.layers):
         prog.update(i + 1, f"layer {i + 1}/{c.num_layers}")
@@ -339,13 +355,8 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     if c.tie_embeddings and ((emb["format"] == "float" and emb["type"] not in FLOAT_ONLY_TYPES) or quant == "none"):
         model.lm_head = _float_linear(emb_w, None)
         model.lm_head.weight = model.embed_tokens.weight  # one tensor, as in the tied checkpoint
-    elif c.tie_embeddings and quant in ("keep", emb["format"]) and group_size is None and emb["format"] in ("int8", "int4"):
-        # tied, kept in its stored form (quant "keep", or the form the file already has): the lm_head and the
-        # embedding hold the same tensors (what ld.linear would build, without a second copy)
-        cls = lnn.Int8Linear if emb["format"] == "int8" else lnn.Int4Linear
-        model.lm_head = cls.from_quantized(*model.embed_tokens.tensors(), backend=backend)
-        # (releasing them after packing, _Releasable._prepared, would free nothing: the embedding holds them)
-        model.lm_head.__dict__["_keep_canonical"] = True
+    elif tied_kept:
+        pass  # (made with the embedding, above)
     else:
         # tied: the lm_head reads token_embd in its stored (quantized) form, a quarter of the bytes
         model.lm_head = ld.linear("output.weight" if not c.tie_embeddings else "token_embd.weight", c.vocab_size, H)

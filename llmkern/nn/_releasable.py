@@ -47,9 +47,10 @@ class _Releasable:
         order = list(self._buffers)
         dtypes = release.dtypes
         unpack = release()
-        for name in self._canonical:
-            del self._buffers[name]
+        gone = {name: self._buffers.pop(name) for name in self._canonical}
         d["_released"] = (unpack, order, dtypes)
+        for f in d.get("_followers", ()):  # (an embedding tied to this lm_head drops the same tensor)
+            f._head_released(self, gone)
 
     def _restore_canonical(self, keep: bool = False) -> None:
         """Put the canonical buffers back (unpacked from the packed copy) and drop the prepared run; `keep`:
@@ -68,6 +69,8 @@ class _Releasable:
         d["_released"] = None
         d["_keep_canonical"] = d.get("_keep_canonical") or keep
         self._invalidate_packed()
+        for f in d.get("_followers", ()):  # (the tied embedding holds the restored tensor again)
+            f._head_restored(self)
 
     def _canonical_buffers(self, unpack, order) -> dict:
         """The buffers dict as it was before the release (in its order), with the canonical tensors unpacked."""
@@ -114,6 +117,7 @@ class _Releasable:
 
     def __getstate__(self):
         state = super().__getstate__()
+        state.pop("_followers", None)  # (a copy is tied to no embedding: it would drop the original's tensors)
         rel = state.get("_released")
         if rel is not None:  # the copy holds the canonical buffers (and packs its own at its first call)
             state.update(_buffers=self._canonical_buffers(rel[0], rel[1]), _released=None)

@@ -6,7 +6,9 @@ Q4_K_M file), and Llama-3-8B's [128256, 4096] would be 2.1 GB. A lookup reads on
 the table can stay as the file stores it and be dequantized a row at a time: the rows are exactly the
 values of the float table (the same `dequantize_int8` / `dequantize_int4`, then the same cast to
 `dtype`), at a quarter (int8) or a fifth to a sixth (int4) of the fp32 bytes, or at no extra bytes
-when the lm_head is tied to the embedding and holds the same tensors (`llmkern.models.load_gguf`).
+when the lm_head is tied to the embedding and holds the same tensors (`llmkern.models.load_gguf`). An int8
+table tied to its Int8Linear head (`tie_to`) goes further: once the head holds its packed CPU layout alone, the
+table reads its rows there too (one copy of the int8 weights in the model; see "Tied to a released lm_head").
 
 Buffers (the canonical layouts of llmkern/formats/README.md, as the quantized linears hold them):
 - int8: `weight` int8 [V, H], `weight_scale` float32 [V] or [V, H // G];
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops import _unpack
 
 FORMATS = ("int8", "int4")
 _BUFFERS = {"int8": ("weight", "weight_scale"), "int4": ("qweight", "scales", "offsets")}
@@ -65,6 +68,83 @@ class QuantizedEmbedding(nn.Module):
             raise ValueError(f"QuantizedEmbedding.from_gguf: format must be one of {FORMATS}, got {r.get('format')!r}")
         return cls({n: r[n] for n in _BUFFERS[r["format"]]}, dtype=dtype)
 
+    # --- Tied to a released lm_head ------------------------------------------------------------------------------
+    # An int8 embedding tied to an Int8Linear holding the same tensors (`tie_to`, the GGUF loader's tied Q8_0 head):
+    # when the linear lets go of its int8 weight once prepared (nn/_releasable.py), so does the embedding
+    # (`_head_released`), whose lookups then read the linear's packed layout (the same values) and the kept
+    # scales; whatever needs the tensor back (reading `weight`, .to(), load_state_dict, the linear's own restore)
+    # restores the linear's and takes the same tensor again (`_head_restored`). state_dict and copies unpack it.
+
+    def tie_to(self, linear: nn.Module) -> None:
+        """Follow `linear` (an Int8Linear holding this int8 table's very tensors): drop the int8 table whenever
+        it lets go of it (one copy of the weights: its packed layout), take it back whenever it restores it."""
+        if self.format != "int8" or getattr(linear, "_canonical", None) != ("weight",):
+            raise ValueError(f"QuantizedEmbedding.tie_to: an int8 table follows an Int8Linear, got format "
+                             f"{self.format!r} and {type(linear).__name__}")
+        if linear.weight is not self._buffers["weight"] or linear.weight_scale is not self._buffers["weight_scale"]:
+            raise ValueError("QuantizedEmbedding.tie_to: the linear must hold this table's very tensors")
+        followers = linear.__dict__.setdefault("_followers", [])
+        if self not in followers:
+            followers.append(self)
+
+    def _head_released(self, linear, gone: dict) -> None:
+        # (only while both tensors are still the linear's: a table given other tensors since has its own)
+        b = self._buffers
+        if b.get("weight") is gone["weight"] and b["weight_scale"] is linear._buffers.get("weight_scale"):
+            self.__dict__["_packed_head"] = linear
+            del b["weight"]
+
+    def _head_restored(self, linear) -> None:
+        if self.__dict__.get("_packed_head") is linear:
+            self.__dict__["_packed_head"] = None
+            rest = dict(self._buffers)
+            self._buffers.clear()  # (in the original order: weight, weight_scale)
+            self._buffers.update(weight=linear._buffers["weight"], **rest)
+
+    def packed_source(self):
+        """(packed uint8 tensor, its scales) of the released lm_head this table follows, or None: what the decode
+        step reads instead of `weight` (models/decode_plan.py)."""
+        head = self.__dict__.get("_packed_head")
+        # (from the release, not the prepared run: a backend or mode change drops the run, not the release)
+        return None if head is None else (head._released[0].packed, self._buffers["weight_scale"])
+
+    def _restore(self) -> None:
+        head = self.__dict__.get("_packed_head")
+        if head is not None:
+            head.weight  # noqa: B018 - the linear restores its weight and gives it back (_head_restored)
+
+    def __getattr__(self, name):
+        if name == "weight" and self.__dict__.get("_packed_head") is not None and not torch.compiler.is_compiling():
+            self._restore()
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name == "weight" and self.__dict__.get("_packed_head") is not None:
+            self._restore()  # (so that the value lands in _buffers, in its place, not as a plain attribute)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name == "weight" and self.__dict__.get("_packed_head") is not None:
+            self._restore()
+        super().__delattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        head = self.__dict__.get("_packed_head")
+        if head is not None:  # (unpacked into the result only)
+            destination[prefix + "weight"] = head._released[0]()[0]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._restore()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        head = state.pop("_packed_head", None)
+        if head is not None:  # the copy holds its own table
+            state["_buffers"] = {"weight": head._released[0]()[0], **self._buffers}
+        return state
+
     @classmethod
     def from_linear(cls, linear: nn.Module, *, dtype=torch.float32) -> "QuantizedEmbedding":
         """Sharing a quantized linear's canonical tensors (Int8Linear / Int4Linear [V, H]): a tied lm_head. The
@@ -81,7 +161,7 @@ class QuantizedEmbedding(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.tensors()[0].device
+        return self._buffers[_BUFFERS[self.format][-1]].device  # (the scales or offsets: never released)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # ids [...] -> flat [n] -> rows [n, H] -> [..., H]
@@ -94,7 +174,12 @@ class QuantizedEmbedding(nn.Module):
             raise IndexError(f"QuantizedEmbedding: ids must be in [0, {self.num_embeddings}), got "
                              f"[{int(flat.min())}, {int(flat.max())}]")
         flat = flat.to(device=self.device, dtype=torch.int64)
-        rows = [t.index_select(0, flat) for t in self.tensors()]
+        src = self.packed_source()
+        if src is not None:  # (the released lm_head's packed layout: the same int8 values)
+            rows = [_unpack.int8_packed_rows(src[0], flat, self.num_embeddings, self.embedding_dim),
+                    src[1].index_select(0, flat)]
+        else:
+            rows = [t.index_select(0, flat) for t in self.tensors()]
         if self.format == "int8":
             out = ops.dequantize_int8(*rows)
         else:
@@ -107,12 +192,15 @@ class QuantizedEmbedding(nn.Module):
         return f(*self.tensors()).to(self.dtype)
 
     def row_bytes(self) -> int:
-        """Bytes one lookup reads (a row of each buffer)."""
-        return sum(t[0].numel() * t.element_size() for t in self.tensors())
+        """Bytes one lookup reads (a row of each buffer; of a released int8 table, its H bytes)."""
+        rest = [self._buffers[n] for n in _BUFFERS[self.format][1:]]
+        codes = self.embedding_dim // (2 if self.format == "int4" else 1)
+        return codes + sum(t[0].numel() * t.element_size() for t in rest)
 
     def _apply(self, fn, recurse=True):
         # .to(device) moves the buffers; .to(dtype) / .half() / .float() set the output dtype only (the ops
         # read the scales and offsets as float32, the codes as integers).
+        self._restore()
         for n in _BUFFERS[self.format]:
             t = self._buffers[n]
             moved = fn(t)
@@ -123,6 +211,6 @@ class QuantizedEmbedding(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        t = self.tensors()[1]
+        t = self._buffers[_BUFFERS[self.format][1]]
         g = self.embedding_dim if t.dim() == 1 else self.embedding_dim // t.shape[1]
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}, group_size={g}, dtype={self.dtype}"

@@ -118,7 +118,7 @@ def _cpu_unpack_rows16(mod, view, e, N, K, G):
     """(qweight uint8 [N, K // 2], scales, offsets float32 [N, K // G]): the canonical tensors a rows16 layout
     (`_cpu_pack_rows16`) was packed from, bit for bit (through a torch op, which torch.compile can trace:
     ops/_unpack.py)."""
-    return tuple(_unpack.cpu_int4_rows16_unpack(view, e, N, K, G))
+    return _unpack.int4_rows16_unpack(view, e, N, K, G)
 
 
 def _scale_bytes(mod, scales, offsets):

@@ -159,7 +159,9 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False, releas
         run.keep = (weight_scale, bias32, packed)
         weight = None
         run.release = None  # (once)
-        return functools.partial(_cpu_unpack, mod, packed, N, K)
+        unpack = functools.partial(_cpu_unpack, mod, packed, N, K)
+        unpack.packed = packed  # (what a tied embedding reads its rows from: nn/embedding.py)
+        return unpack
 
     release_fn.dtypes = (torch.float32, torch.bfloat16, torch.float16)
     run.release = release_fn
@@ -169,7 +171,7 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False, releas
 def _cpu_unpack(mod, packed, N, K):
     """(weight int8 [N, K],): the canonical weight tensor the packed decode layout (`_cpu_pack`) was packed
     from, bit for bit (through a torch op, which torch.compile can trace: ops/_unpack.py)."""
-    return (_unpack.cpu_int8_unpack(packed, N, K),)
+    return (_unpack.int8_unpack(packed, N, K),)
 
 
 # W8A16 decode calls (1-8 rows) without a packed copy read the canonical tensors with the "stream" kernels

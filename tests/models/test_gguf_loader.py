@@ -86,6 +86,48 @@ def test_load_prepares_the_linears(tmp_path, quant):
         assert all(torch.equal(sd_ready[k], sd_lazy[k]) for k in sd_lazy)
 
 
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_tied_q8_0_head_holds_its_packed_layout_alone(tmp_path, which, monkeypatch):
+    """A tied Q8_0 table (the default model's): the loader ties the embedding to the Int8Linear head, which, prepared
+    at load, releases the int8 table for both (one copy: its packed layout); prefill, decode steps (on the default
+    model, the step program's packed-row lookup) and a batch compute what a model keeping the table computes, bit
+    for bit, and the weights as stored are counted the same."""
+    import importlib
+    I8 = importlib.import_module("llmkern.ops.int8_linear")
+    import llmkern._C as C
+    if C.resolve_isa("") == "scalar" or not I8.CPU_INT8_RELEASE:
+        pytest.skip("no packed int8 layout here (scalar CPU), or LLMKERN_INT8_KEEP_CANONICAL=1")
+    if which == "tiny":
+        path = tmp_path / "t.gguf"
+        write_tiny_gguf(path, tied=True, types={"token_embd": "Q8_0"})
+    else:
+        from llmkern.models.gguf_loader import default_model_path
+        try:
+            path = default_model_path()
+        except FileNotFoundError as e:
+            pytest.skip(f"the default model is not installed: {e}")
+    with monkeypatch.context() as mp:
+        mp.setattr(I8, "CPU_INT8_RELEASE", False)
+        keep, _ = load_gguf(path, progress=False, prepare=True)
+    model, _ = load_gguf(path, progress=False, prepare=True)
+    assert isinstance(model.lm_head, lnn.Int8Linear) and isinstance(model.embed_tokens, lnn.QuantizedEmbedding)
+    assert model.lm_head._released is not None and "weight" not in model.embed_tokens._buffers
+    assert keep.lm_head._released is None and keep.embed_tokens.weight is keep.lm_head.weight
+    with torch.inference_mode():
+        caches = model.new_cache(1, 32), keep.new_cache(1, 32)
+        outs = [m(torch.tensor([[3, 1, 4, 1, 5]]), c, last_only=True) for m, c in zip((model, keep), caches)]
+        assert torch.equal(outs[0], outs[1])
+        for t in (7, 11, 13, 2):
+            outs = [m(torch.tensor([[t]]), c, last_only=True) for m, c in zip((model, keep), caches)]
+            assert torch.equal(outs[0], outs[1]), t
+        if which == "default":  # (the step program ran, reading the head's packed rows)
+            assert model.__dict__["_decode_plan"].embed_packed is not None
+        batch = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        assert torch.equal(model(batch), keep(batch))
+    assert model.lm_head._released is not None
+    assert model.weight_bytes_per_token(packed=False) == keep.weight_bytes_per_token(packed=False)
+
+
 @pytest.mark.parametrize("emb_type", ["Q4_0", "Q4_1", "Q8_0", "F16"])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("quant", ["keep", "int8", "none"])

@@ -148,8 +148,8 @@ def test_native_lookup_checks_ids_and_arguments():
     tok, out = torch.zeros(1, dtype=torch.int64), torch.empty(1, 32)
     args = dict(format="int8", w_ptr=w.data_ptr(), scale_ptr=s.data_ptr(), offset_ptr=0, V=10, H=32, G=16, dtype=0,
                 tokens_ptr=tok.data_ptr(), B=1, out_ptr=out.data_ptr())
-    for bad, msg in ((dict(format="int5"), "format must be 'int8' or 'int4'"), (dict(G=5), "G must divide H=32"),
-                     (dict(dtype=3), "dtype must be 0"), (dict(offset_ptr=s.data_ptr()), "int8 takes no offsets"),
+    for bad, msg in ((dict(format="int5"), "format must be 'int8', 'int8_packed' or 'int4'"),
+                     (dict(G=5), "G must divide H=32"), (dict(dtype=3), "dtype must be 0"), (dict(offset_ptr=s.data_ptr()), "int8 takes no offsets"),
                      (dict(w_ptr=0), "w_ptr is a null pointer"), (dict(V=0), "need V >= 1")):
         with pytest.raises(ValueError, match=msg):
             mod.quant_embedding_call(**{**args, **bad})

@@ -293,3 +293,58 @@ def test_weight_bytes_count_the_released_weight(release_here):
         model(torch.tensor([[1, 2, 3]]), model.new_cache(1, 8), last_only=True)
     assert any(getattr(m, "_released", None) is not None for m in model.modules())
     assert model.weight_bytes_per_token(packed=False) == stored
+
+
+def test_tied_embedding_follows_the_released_head(release_here):
+    """An int8 embedding tied to an Int8Linear holding its very tensors (`tie_to`, the GGUF loader's tied Q8_0
+    head) drops the int8 table with the head (one copy: the head's packed layout) and looks rows up there (eager and
+    the step program's native call: the same bits as from the table); state_dict / copies unpack it; reading it, or
+    the head's restore, brings it back to both."""
+    from llmkern import _backends
+    from llmkern.ops._cpu_linear import DTYPE_CODE
+
+    gen = torch.Generator().manual_seed(50)
+    V, H, G = 300, 96, 32
+    w, s = weights(V, H, G, True, gen)
+    ids = torch.tensor([[0, 5, 299], [17, 17, 100]])
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = QuantizedEmbedding({"weight": w.clone(), "weight_scale": s.clone()}, dtype=dtype)
+        emb = QuantizedEmbedding({"weight": w.clone(), "weight_scale": s.clone()}, dtype=dtype)
+        head = Int8Linear.from_quantized(emb.weight, emb.weight_scale)
+        emb.tie_to(head)
+        gone = weakref.ref(emb._buffers["weight"])
+        x = torch.randn(2, H, generator=gen).to(dtype)
+        y = head(x)
+        gc.collect()
+        assert head._released is not None and "weight" not in emb._buffers and gone() is None
+        assert torch.equal(emb(ids), ref(ids)) and emb.row_bytes() == ref.row_bytes()
+        packed, scale = emb.packed_source()
+        tokens = ids.reshape(-1).contiguous()
+        for fmt, src in (("int8_packed", packed), ("int8", ref.weight)):
+            out = torch.full((tokens.numel(), H), float("nan"), dtype=dtype)
+            prog = _backends.cpu_module().StepProgram()
+            prog.append(_backends.cpu_module().quant_embedding_call(
+                fmt, src.data_ptr(), scale.data_ptr(), 0, V, H, G, DTYPE_CODE[dtype], tokens.data_ptr(),
+                tokens.numel(), out.data_ptr()))
+            prog.run()
+            assert torch.equal(out.view(2, 3, H), ref(ids)), fmt
+        sd = emb.state_dict()
+        assert list(sd) == ["weight", "weight_scale"] and torch.equal(sd["weight"], w)
+        c = copy.deepcopy(emb)
+        assert torch.equal(c.weight, w) and torch.equal(c(ids), ref(ids))
+        assert emb.packed_source() is not None  # (still released)
+        assert torch.equal(emb.weight, w)  # reading brings it back, to both...
+        assert head._released is None and emb.weight is head.weight and list(emb._buffers) == ["weight", "weight_scale"]
+        assert torch.equal(head(x), y) and "weight" not in emb._buffers  # ...until the head's next call
+        head.weight  # noqa: B018 - the head's restore gives the embedding the tensor too
+        assert emb._buffers["weight"] is head._buffers["weight"]
+        head(x)
+        w2 = w.clone()
+        emb.weight = w2  # (assigned while released: a buffer in its place, the head restored beside it)
+        assert emb._buffers["weight"] is w2 and list(emb._buffers) == ["weight", "weight_scale"]
+        assert head._released is None and head.weight is not w2
+        head(x)  # (the table now holds another tensor than the head: it keeps its own)
+        assert head._released is not None and emb._buffers["weight"] is w2 and torch.equal(emb(ids), ref(ids))
+    with pytest.raises(ValueError, match="very tensors"):
+        QuantizedEmbedding({"weight": w.clone(), "weight_scale": s.clone()}).tie_to(Int8Linear.from_quantized(w, s))
+

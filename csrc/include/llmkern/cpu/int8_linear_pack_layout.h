@@ -121,6 +121,19 @@ inline void unpack_weights(const uint8_t* p, int64_t N, int64_t K, int64_t G, in
     }
 }
 
+// Rows ids[i] (0 <= ids[i] < N) of the canonical weights, from the packed layout at p: out int8 [n, K] (the eager
+// lookup of an embedding tied to a released lm_head).
+inline void gather_rows(const uint8_t* p, int64_t K, int64_t G, int64_t E, bool w8a8, const int64_t* ids, int64_t n,
+                        int8_t* out) {
+  const uint8_t pad = w8a8 ? 0x80 : 0x00;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k0 = 0; k0 < K; k0 += kStep) {
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(row_ptr(p, K, G, E, ids[i], k0));
+      const int64_t kn = std::min(kStep, K - k0);
+      for (int64_t k = 0; k < kn; ++k) out[i * K + k0 + k] = static_cast<int8_t>(src[k] ^ pad);
+    }
+}
+
 // The weight bytes of every row from one k (to the end of k's step: a k multiple of 16 has 16 bytes at least),
 // in the canonical w or, where the weights were released (a.w null, W8A16), the packed layout: row(n) costs a
 // multiply-add either way (the GEMM panels' unpackers read rows through it).

@@ -113,7 +113,17 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   return {[a, isa] { cpu::int8_linear(a, isa); }, "int8_linear"};
 }
 
-// The packed decode layout (csrc/include/llmkern/cpu/int8_linear_pack.h): size, fp16 rule, packing.
+// The header of the packed decode layout at packed_ptr, checked to describe [N, K] weights (ValueError if not).
+const cpu::i8pk::Header* packed_header(const char* where, std::uintptr_t packed_ptr, int64_t N, int64_t K) {
+  check_ptr_arg(where, "packed_ptr", packed_ptr, 8);
+  const auto* h = reinterpret_cast<const cpu::i8pk::Header*>(packed_ptr);
+  if (h->magic != cpu::i8pk::kMagic || h->N != N || h->K != K)
+    fail_arg(where, "packed_ptr does not hold [N=" + std::to_string(N) + ", K=" + std::to_string(K) +
+                        "] weights in the packed decode layout (int8_linear_pack)");
+  return h;
+}
+
+// The packed decode layout (csrc/include/llmkern/cpu/int8_linear_pack.h): size, fp16 rule, packing, and back.
 void bind_int8_linear_pack(py::module_& m) {
   m.def(
       "int8_linear_packed_size",
@@ -143,11 +153,7 @@ void bind_int8_linear_pack(py::module_& m) {
       "int8_linear_unpack",
       [](std::uintptr_t packed_ptr, std::uintptr_t w_ptr, int64_t N, int64_t K) {
         const char* where = "llmkern._C.int8_linear_unpack";
-        check_ptr_arg(where, "packed_ptr", packed_ptr, 8);
-        const auto* h = reinterpret_cast<const cpu::i8pk::Header*>(packed_ptr);
-        if (h->magic != cpu::i8pk::kMagic || h->N != N || h->K != K)
-          fail_arg(where, "packed_ptr does not hold [N=" + std::to_string(N) + ", K=" + std::to_string(K) +
-                              "] weights in the packed decode layout (int8_linear_pack)");
+        const cpu::i8pk::Header* h = packed_header(where, packed_ptr, N, K);
         if (N == 0) return;
         check_ptr_arg(where, "w_ptr", w_ptr, 1);
         py::gil_scoped_release release;
@@ -161,11 +167,7 @@ void bind_int8_linear_pack(py::module_& m) {
       "int8_linear_gather_rows",
       [](std::uintptr_t packed_ptr, int64_t N, int64_t K, std::uintptr_t ids_ptr, int64_t n, std::uintptr_t out_ptr) {
         const char* where = "llmkern._C.int8_linear_gather_rows";
-        check_ptr_arg(where, "packed_ptr", packed_ptr, 8);
-        const auto* h = reinterpret_cast<const cpu::i8pk::Header*>(packed_ptr);
-        if (h->magic != cpu::i8pk::kMagic || h->N != N || h->K != K)
-          fail_arg(where, "packed_ptr does not hold [N=" + std::to_string(N) + ", K=" + std::to_string(K) +
-                              "] weights in the packed decode layout (int8_linear_pack)");
+        const cpu::i8pk::Header* h = packed_header(where, packed_ptr, N, K);
         if (n < 0) fail_arg(where, "n must be >= 0, got " + std::to_string(n));
         if (n == 0) return;
         check_ptr_arg(where, "ids_ptr", ids_ptr, 8);

@@ -24,6 +24,7 @@ from llmkern._backends import cpu_isa
 from llmkern import reference as R
 from llmkern.nn import Int8Linear, QuantizedEmbedding
 from _cpu_helpers import ISAS
+from test_int8_linear_pack_cpu import weights
 
 I8 = importlib.import_module("llmkern.ops.int8_linear")  # (llmkern.ops.int8_linear is also the op's function)
 PACKED_ISAS = [i for i in ISAS if i != "scalar"]
@@ -35,14 +36,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SHAPES = [(1, 64, 32), (7, 96, 32), (33, 576, 32), (9, 80, 16), (17, 640, 64), (40, 1024, 128), (9, 100, 0),
           (50, 576, 0), (20, 1536, 0)]
 ROWS = (1, 3, 8, 9, 15, 16, 17, 40)  # packed kernels up to 8, chunks of them to 15, the GEMMs from 16
-
-
-def weights(N, K, G, f16, gen):
-    w = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8)
-    s = torch.rand(N, K // G if G else 1, generator=gen) * 0.02 + 1e-3
-    if f16:
-        s = s.half().float()
-    return w, (s[:, 0].contiguous() if not G else s)
 
 
 def rel(a, b):

@@ -107,14 +107,14 @@ def _cpu_runner(qweight, scales, offsets, bias, pack=True, rows16=False, release
         run.keep = (bias32,) + run.keep[5:]  # (keep was (qweight, scales, offsets, bias32, packed) + rows16's buffer)
         qweight = scales = offsets = bind = None
         run.release = None  # (once)
-        return functools.partial(_cpu_unpack_rows16, mod, view, e, N, K, G)
+        return functools.partial(_cpu_unpack_rows16, view, e, N, K, G)
 
     release_fn.dtypes = (torch.float32, torch.bfloat16, torch.float16)
     run.release = release_fn
     return run
 
 
-def _cpu_unpack_rows16(mod, view, e, N, K, G):
+def _cpu_unpack_rows16(view, e, N, K, G):
     """(qweight uint8 [N, K // 2], scales, offsets float32 [N, K // G]): the canonical tensors a rows16 layout
     (`_cpu_pack_rows16`) was packed from, bit for bit (through a torch op, which torch.compile can trace:
     ops/_unpack.py)."""

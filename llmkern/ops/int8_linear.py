@@ -159,7 +159,7 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False, releas
         run.keep = (weight_scale, bias32, packed)
         weight = None
         run.release = None  # (once)
-        unpack = functools.partial(_cpu_unpack, mod, packed, N, K)
+        unpack = functools.partial(_cpu_unpack, packed, N, K)
         unpack.packed = packed  # (what a tied embedding reads its rows from: nn/embedding.py)
         return unpack
 
@@ -168,7 +168,7 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False, releas
     return run
 
 
-def _cpu_unpack(mod, packed, N, K):
+def _cpu_unpack(packed, N, K):
     """(weight int8 [N, K],): the canonical weight tensor the packed decode layout (`_cpu_pack`) was packed
     from, bit for bit (through a torch op, which torch.compile can trace: ops/_unpack.py)."""
     return (_unpack.int8_unpack(packed, N, K),)

@@ -167,7 +167,7 @@ def test_unpack_gives_the_packed_tensors_bit_for_bit(E):
             continue
         qw, s, o = case_weights(N, K, G, E, gen)
         view = pack16(qw, s, o, E)
-        q2, s2, o2 = I4._cpu_unpack_rows16(C, view, E, N, K, G)
+        q2, s2, o2 = I4._cpu_unpack_rows16(view, E, N, K, G)
         assert torch.equal(q2, qw) and torch.equal(bits(s2), bits(s)) and torch.equal(bits(o2), bits(o)), (N, K, G)
     if E == 1:  # (q4k "any" weights hold -0.0 offsets: their sign bits came back)
         assert bool((bits(o) == torch.tensor(-0.0).view(torch.int32)).any())

@@ -119,9 +119,9 @@ def test_unpack_rebuilds_the_weight_bitwise(mode):
             if N:
                 w[0, 0], w[-1, -1] = -128, 127
             run = I8._cpu_runner(w, s, None, mode, pack=True)
-            assert torch.equal(I8._cpu_unpack(C, run.packed, N, K)[0], w), (N, K, G, f16)
+            assert torch.equal(I8._cpu_unpack(run.packed, N, K)[0], w), (N, K, G, f16)
     with pytest.raises(ValueError, match="packed_ptr"):
-        I8._cpu_unpack(C, run.packed, N + 1, K)
+        I8._cpu_unpack(run.packed, N + 1, K)
 
 
 @pytest.fixture

@@ -103,6 +103,27 @@ void bind_int4_linear_w4a8(py::module_& m) {
       "layout (csrc/include/llmkern/cpu/int4_linear_w4a8_common.h): e=2 (fp16 scales) only when every scale and "
       "offset is exactly an fp16 value (ValueError otherwise).");
   m.def(
+      "int4_linear_w4a8_unpack",
+      [](std::uintptr_t w_ptr, int64_t N, int64_t K, int64_t group_size, int64_t e, std::uintptr_t qweight_ptr,
+         std::uintptr_t scales_ptr, std::uintptr_t offsets_ptr) {
+        const char* where = "llmkern._C.int4_linear_w4a8_unpack";
+        check_shape(where, 1, K, N, group_size, e);
+        if (N == 0) return;
+        check_ptr_arg(where, "w_ptr", w_ptr, 1);
+        check_ptr_arg(where, "qweight_ptr", qweight_ptr, 1);
+        check_ptr_arg(where, "scales_ptr", scales_ptr, 4);
+        check_ptr_arg(where, "offsets_ptr", offsets_ptr, 4);
+        py::gil_scoped_release release;
+        cpu::int4_w4a8_unpack(reinterpret_cast<const uint8_t*>(w_ptr), N, K, group_size, e,
+                              reinterpret_cast<uint8_t*>(qweight_ptr), reinterpret_cast<float*>(scales_ptr),
+                              reinterpret_cast<float*>(offsets_ptr));
+      },
+      py::arg("w_ptr"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("e"), py::arg("qweight_ptr"),
+      py::arg("scales_ptr"), py::arg("offsets_ptr"),
+      "The W4A8 layout (int4_linear_w4a8_pack's output, e-byte scales) back to the canonical tensors it was packed "
+      "from, bit for bit: qweight uint8 [N, K/2], scales / offsets float32 [N, K/G], contiguous, written at the "
+      "given pointers.");
+  m.def(
       "int4_linear_w4a8_bind",
       [](std::uintptr_t w_ptr, int64_t N, int64_t K, int64_t group_size, int64_t e, std::uintptr_t bias_ptr,
          bool group_scales) {

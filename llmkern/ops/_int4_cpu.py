@@ -165,13 +165,18 @@ def _aligned_bytes(nbytes):
     return view, view
 
 
-def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
+def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False, release=False):
     """run(x) of the W4A8 kernel (csrc/cpu/int4_linear_w4a8.cpp) with these weights packed once into its
     layout (int4_linear_w4a8_common.h: 16-row blocks, per group 8 G bytes of nibbles in vpdpbusd order,
     then the 16 scales and offsets, fp16 when every one of them is an fp16 value, else fp32). The
     packed copy is K/2 + 2 E K/G bytes per output row (rows padded to 16); the canonical tensors are
     not read by the kernel. group_scales: activation scales per group ("w4a8g"), else per row ("w4a8").
-    A `BoundRun`, as `_cpu_runner`'s."""
+    A `BoundRun`, as `_cpu_runner`'s.
+
+    release (the preparer, CPU_INT4_RELEASE): the run also has `release()`, which returns `unpack()`, the
+    canonical tensors rebuilt from the layout bit for bit (`_unpack.int4_w4a8_unpack`); the run holds no
+    reference to them, so Int4Linear, which calls it, holds the W4A8 layout alone (at G = 32 with fp16-valued
+    scales 5 bits per weight instead of 11). Every ISA: the layout is the same for all of them."""
     mod = _backends.cpu_module()
     if qweight.device.type != "cpu":
         raise BackendUnsupported(f"weights are on {qweight.device}")
@@ -186,4 +191,12 @@ def _cpu_w4a8_runner(qweight, scales, offsets, bias, group_scales=False):
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     bound = mod.int4_linear_w4a8_bind(packed.data_ptr(), N, K, G, E, 0 if bias32 is None else bias32.data_ptr(),
                                       group_scales)
-    return BoundRun(bound, K, N, (buf, bias32), packed=packed, packed_e=E)
+    run = BoundRun(bound, K, N, (buf, bias32), packed=packed, packed_e=E)
+    if release:
+        def release_fn():
+            run.release = None  # (once)
+            return functools.partial(_unpack.int4_w4a8_unpack, packed, E, N, K, G)
+
+        release_fn.dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        run.release = release_fn
+    return run

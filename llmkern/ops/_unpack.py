@@ -53,6 +53,28 @@ def _(view, e, N, K, G):
             view.new_empty((N, K // G), dtype=torch.float32))
 
 
+def _int4_w4a8_unpack(packed, e, N, K, G):
+    """(qweight uint8 [N, K // 2], scales, offsets float32 [N, K // G]): the canonical tensors the int4 W4A8 layout
+    `packed` (E = e bytes per scale) was packed from, bit for bit (int4_linear_w4a8_unpack)."""
+    qweight = torch.empty(N, K // 2, dtype=torch.uint8)
+    scales = torch.empty(N, K // G, dtype=torch.float32)
+    offsets = torch.empty(N, K // G, dtype=torch.float32)
+    _backends.cpu_module().int4_linear_w4a8_unpack(packed.data_ptr(), N, K, G, e, qweight.data_ptr(),
+                                                   scales.data_ptr(), offsets.data_ptr())
+    return qweight, scales, offsets
+
+
+cpu_int4_w4a8_unpack = torch.library.custom_op(
+    "llmkern::cpu_int4_w4a8_unpack", _int4_w4a8_unpack, mutates_args=(),
+    schema="(Tensor packed, int e, int N, int K, int G) -> (Tensor, Tensor, Tensor)")
+
+
+@cpu_int4_w4a8_unpack.register_fake
+def _(packed, e, N, K, G):
+    return (packed.new_empty((N, K // 2), dtype=torch.uint8), packed.new_empty((N, K // G), dtype=torch.float32),
+            packed.new_empty((N, K // G), dtype=torch.float32))
+
+
 def _int8_packed_rows(packed, ids, N, K):
     """int8 [n, K]: rows ids (int64 [n], in [0, N)) of the weight the int8 packed decode layout `packed` was packed
     from, bit for bit (the lookup of an embedding tied to a released lm_head: nn/embedding.py)."""
@@ -80,6 +102,11 @@ def int8_unpack(packed, N, K):
 def int4_rows16_unpack(view, e, N, K, G):
     """See _int4_rows16_unpack (the custom op while compiling)."""
     return tuple((cpu_int4_rows16_unpack if torch.compiler.is_compiling() else _int4_rows16_unpack)(view, e, N, K, G))
+
+
+def int4_w4a8_unpack(packed, e, N, K, G):
+    """See _int4_w4a8_unpack (the custom op while compiling)."""
+    return tuple((cpu_int4_w4a8_unpack if torch.compiler.is_compiling() else _int4_w4a8_unpack)(packed, e, N, K, G))
 
 
 def int8_packed_rows(packed, ids, N, K):

@@ -162,11 +162,12 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
     On AVX2 neither is made (the packed tiles measured 3-7% slower there).
     Where rows16 is packed here and no packed layout is made, the run offers `release()` (CPU_INT4_RELEASE,
     `_cpu_runner`): Int4Linear then holds rows16 alone.
-    W4A8 always packs (its kernel reads only its own layout)."""
+    W4A8 always packs (its kernel reads only its own layout, on every ISA), and its run offers `release()` too
+    (CPU_INT4_RELEASE, `_cpu_w4a8_runner`): Int4Linear then holds the W4A8 layout alone."""
     if qweight.shape[0] == 0:
         raise BackendUnsupported("N = 0")
     if mode in _W4A8:
-        return _cpu_w4a8_runner(qweight, scales, offsets, bias, mode == "w4a8g")
+        return _cpu_w4a8_runner(qweight, scales, offsets, bias, mode == "w4a8g", release=CPU_INT4_RELEASE)
     avx512 = _backends.cpu_isa() == "avx512_vnni"
     rows16 = os.environ.get("LLMKERN_INT4_ROWS16", "") != "0" and avx512
     covers_m1 = rows16 and _backends.cpu_has("avx512_bf16")  # rows16 takes every one-row call
@@ -183,7 +184,8 @@ def _cpu_prepare(qweight, scales, offsets, bias, mode):
 # True: a prepared W4A16 Int4Linear on an AVX-512 BF16 CPU (where rows16 takes every decode call) lets go of its
 # canonical tensors once rows16 is packed and reads rows16 alone, prefill included (`_cpu_runner`'s release),
 # rebuilding them on demand (state_dict, attribute reads, .to()): at G = 32 with fp16-valued scales 5 bits per
-# weight held instead of 11 (6 canonical + 5). LLMKERN_INT4_KEEP_CANONICAL=1 keeps both (read at import).
+# weight held instead of 11 (6 canonical + 5). A prepared W4A8 / W4A8g Int4Linear (any CPU) does the same with
+# its W4A8 layout (`_cpu_w4a8_runner`'s release). LLMKERN_INT4_KEEP_CANONICAL=1 keeps both (read at import).
 CPU_INT4_RELEASE = os.environ.get("LLMKERN_INT4_KEEP_CANONICAL", "") != "1"
 
 

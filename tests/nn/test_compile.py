@@ -26,15 +26,16 @@ def test_int8_linear_compiles_fullgraph():
         assert torch.equal(cm(x), m(x))
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "w4a8g"])
 def test_released_module_compiles_fullgraph(kind):
     """A module whose eager calls let go of its canonical tensors (nn/linear.py _Releasable: int8 with the packed
-    CPU layout, int4 with rows16 on AVX-512 BF16) still compiles with fullgraph: the traced graph unpacks them
-    itself (torch ops, ops/_unpack.py) and the module stays released. The compiled call is the op on those
-    tensors."""
+    CPU layout, int4 with rows16 on AVX-512 BF16 or in a W4A8 mode with its layout) still compiles with fullgraph:
+    the traced graph unpacks them itself (torch ops, ops/_unpack.py) and the module stays released. The compiled
+    call is the op on those tensors."""
     torch.manual_seed(2)
     lin = nn.Linear(64, 33)
-    m = Int8Linear.from_linear(lin, group_size=32) if kind == "int8" else Int4Linear.from_linear(lin)
+    m = (Int8Linear.from_linear(lin, group_size=32) if kind == "int8"
+         else Int4Linear.from_linear(lin, mode="w4a16" if kind == "int4" else kind))
     x = torch.randn(3, 64)
     m(x)
     released = m._released is not None
@@ -47,7 +48,7 @@ def test_released_module_compiles_fullgraph(kind):
     if kind == "int8":
         want = ops.int8_linear(x, canon["weight"], canon["weight_scale"], m.bias)
     else:
-        want = ops.int4_linear(x, canon["qweight"], canon["scales"], canon["offsets"], m.bias)
+        want = ops.int4_linear(x, canon["qweight"], canon["scales"], canon["offsets"], m.bias, m.mode)
     assert torch.equal(out, want)
 
 

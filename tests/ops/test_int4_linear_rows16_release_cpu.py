@@ -278,21 +278,20 @@ def test_module_release_then_assignment_load_casts_and_autograd(release_here):
 
 
 def test_module_modes_and_keep_setting(release_here, monkeypatch):
-    """W4A8 modes pack their own layout and keep the canonical tensors; LLMKERN_INT4_KEEP_CANONICAL=1
-    (CPU_INT4_RELEASE False) keeps them too; a mode change of a released module brings them back."""
+    """A mode change of a released module brings the canonical tensors back from rows16 (the W4A8 mode then packs
+    its own layout and holds that alone: test_int4_linear_w4a8_release_cpu.py); LLMKERN_INT4_KEEP_CANONICAL=1
+    (CPU_INT4_RELEASE False) keeps them."""
     gen = torch.Generator().manual_seed(41)
     N, K, G = 48, 256, 32
     qw, s, o = weights(N, K, G, True, gen)
     x = torch.randn(2, K, generator=gen)
-    m = module(qw, s, o, None, mode="w4a8")
-    m(x)
-    assert m._released is None
     m = module(qw, s, o, None)
     m(x)
-    assert m._released is not None
+    assert m._released is not None and m._run.impl.rows16 is not None
     m.mode = "w4a8g"
     y = m(x)
-    assert m._released is None and torch.equal(m.qweight, qw)
+    assert m._released is not None and m._run.impl.rows16 is None  # (W4A8's layout now)
+    assert torch.equal(m.qweight, qw)
     assert rel(y, R.int4_linear(x.double(), qw, s, o, None)) <= 2e-2
     monkeypatch.setattr(I4, "CPU_INT4_RELEASE", False)
     m = module(qw, s, o, None)

@@ -18,8 +18,8 @@
 // thread in that order, so results do not depend on the thread count, and every ISA (AVX-512 VNNI,
 // AVX2, scalar) gives the same bits.
 //
-// W4A8 layout (int4_w4a8_pack, made once per weight by the cpu preparer; the canonical buffers are
-// kept for state dicts): output rows in blocks of 16 (the last block zero-padded); per block, per
+// W4A8 layout (int4_w4a8_pack, made once per weight by the cpu preparer; a prepared Int4Linear then holds it
+// alone and rebuilds the canonical tensors from it on demand, int4_w4a8_unpack): output rows in blocks of 16 (the last block zero-padded); per block, per
 // group g of G values of k:
 //   G / 8 chunks of 64 bytes: chunk c holds, for row r of the block, the 4 bytes at 4 r: byte b has
 //     q[k0 + 8c + b] in its low nibble and q[k0 + 8c + 4 + b] in its high nibble (k0 = g G);
@@ -165,6 +165,37 @@ inline float w4a8_get_scalar(const uint8_t* p, int64_t E) {
   float v;
   std::memcpy(&v, p, 4);
   return v;
+}
+
+// The layout back to the canonical tensors it was packed from, bit for bit (what a module that released
+// them rebuilds them from): layout byte b = q[k8 + b] | q[k8 + 4 + b] << 4 -> canonical byte i =
+// q[k8 + 2i] | q[k8 + 2i + 1] << 4. qweight [N, K/2], scales / offsets fp32 [N, K/G], contiguous.
+inline void int4_w4a8_unpack(const uint8_t* packed, int64_t N, int64_t K, int64_t G, int64_t E, uint8_t* qweight,
+                             float* scales, float* offsets) {
+  const int64_t ng = K / G, gb = w4a8_group_bytes(G, E), bb = w4a8_block_bytes(K, G, E), nblk = w4a8_blocks(N);
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const uint8_t* bp = packed + blk * bb;
+    for (int64_t r = 0; r < kW4A8Rows && blk * kW4A8Rows + r < N; ++r) {
+      const int64_t n = blk * kW4A8Rows + r;
+      uint8_t* qrow = qweight + n * (K / 2);
+      for (int64_t g = 0; g < ng; ++g) {
+        const uint8_t* gp = bp + g * gb;
+        for (int64_t c = 0; c < G / 8; ++c) {
+          uint8_t q[8];  // q[k8 + j], j = 0..7
+          for (int b = 0; b < 4; ++b) {
+            const uint8_t v = gp[c * 64 + 4 * r + b];
+            q[b] = v & 15;
+            q[4 + b] = v >> 4;
+          }
+          uint8_t* dst = qrow + (g * G + 8 * c) / 2;
+          for (int i = 0; i < 4; ++i) dst[i] = static_cast<uint8_t>(q[2 * i] | q[2 * i + 1] << 4);
+        }
+        scales[n * ng + g] = w4a8_get_scalar(gp + 8 * G + r * E, E);
+        offsets[n * ng + g] = w4a8_get_scalar(gp + 8 * G + (kW4A8Rows + r) * E, E);
+      }
+    }
+  }
 }
 
 namespace w4a8_scalar {

@@ -126,17 +126,18 @@ KernelCall quant_embedding_call(const std::string& format, std::uintptr_t w_ptr,
   const auto* tokens = reinterpret_cast<const int64_t*>(tokens_ptr);
   const auto dt = static_cast<cpu::DType>(dtype);
   auto* out = reinterpret_cast<void*>(out_ptr);
-  if (packed) {  // w_ptr: an int8_linear packed decode layout (W8A16) of this [V, H] table with groups of G
+  if (packed) {  // w_ptr: an int8_linear packed decode layout (either mode's) of this [V, H] table with groups of G
     check_ptr_arg(where, "w_ptr", w_ptr, 8);
     const auto* h = reinterpret_cast<const cpu::i8pk::Header*>(w_ptr);
-    if (h->magic != cpu::i8pk::kMagic || h->N != V || h->K != H || h->G != G || h->w8a8)
+    if (h->magic != cpu::i8pk::kMagic || h->N != V || h->K != H || h->G != G)
       fail_arg(where, "format 'int8_packed': w_ptr does not hold this [V=" + std::to_string(V) + ", H=" +
-                          std::to_string(H) + "] table with G=" + std::to_string(G) + " in the W8A16 packed decode layout");
+                          std::to_string(H) + "] table with G=" + std::to_string(G) + " in the packed decode layout");
     const int64_t E = h->E;
+    const bool w8a8 = h->w8a8 != 0;
     return {[=] {
               check_token_ids(tokens, B, V);
               cpu::embed_rows_int8_packed(reinterpret_cast<const uint8_t*>(w_ptr), reinterpret_cast<const float*>(scale_ptr),
-                                          H, G, E, tokens, B, dt, out);
+                                          H, G, E, w8a8, tokens, B, dt, out);
             },
             "embedding"};
   }
@@ -263,7 +264,8 @@ void bind_decode_step(py::module_& m) {
         py::arg("B"), py::arg("out_ptr"),
         "KernelCall: out[b, :] = the dequantized row tokens[b] of an int8 (weight, scale) or int4 (qweight, scales, "
         "offsets) table [V, H] with groups of G, in dtype; token ids are checked on each run (IndexError). "
-        "format 'int8_packed': w_ptr is the table's int8_linear packed decode layout (W8A16), scale_ptr its scales.");
+        "format 'int8_packed': w_ptr is the table's int8_linear packed decode layout (either mode's), scale_ptr its "
+        "scales.");
   m.def("silu_mul_call", &silu_mul_call, py::arg("gu_ptr"), py::arg("dtype"), py::arg("gu_stride"), py::arg("M"),
         py::arg("I"), py::arg("out_ptr"), py::arg("out_stride"), py::arg("isa") = "",
         "KernelCall: out[m, i] = silu(gu[m, i]) * gu[m, I + i] (rows at element strides; 16-bit dtypes round "

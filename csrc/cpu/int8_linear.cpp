@@ -36,12 +36,12 @@ KernelCall make_call(std::uintptr_t x_ptr, int x_dtype, int64_t x_row_stride, in
   const bool w8a8 = parse_mode(mode, kWhere);
   if (x_dtype < 0 || x_dtype > 2) fail("x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(x_dtype));
   cpu::Isa isa = isa_or_throw(kWhere, isa_name);
-  // Released weights (an Int8Linear holding the packed decode layout and the scales, W8A16): no int8 weight
-  // tensor; the packed kernels (AVX-512, AVX2) read every call, so a pinned scalar ISA cannot apply to them.
+  // Released weights (an Int8Linear holding the packed decode layout and the scales, and in W8A8 the GEMM
+  // layout): no int8 weight tensor; the packed kernels (AVX-512, AVX2) read every call the GEMM layout does not,
+  // so a pinned scalar ISA cannot apply to them.
   const bool released = N > 0 && !w_ptr;  // (N = 0: empty tensors, null pointers)
   if (released) {
     if (!packed_ptr) fail("w_ptr may be 0 only with packed_ptr (the packed decode layout alone)");
-    if (w8a8) fail("w_ptr = 0 (the packed layout alone) needs mode 'w8a16', got 'w8a8'");
     if (isa == cpu::Isa::kScalar) {
       if (cpu::isa_supported(cpu::Isa::kAvx512Vnni)) isa = cpu::Isa::kAvx512Vnni;
       else if (cpu::isa_supported(cpu::Isa::kAvx2)) isa = cpu::Isa::kAvx2;

@@ -7,8 +7,8 @@ import torch
 
 class _Releasable:
     """Mixin of a quantized linear (before linear.py's _QuantizedBase in the bases) whose prepared run may hold the
-    weights in its own layout alone (Int4Linear: rows16 on an AVX-512 BF16 CPU, the GPU packed copy; Int8Linear:
-    the CPU packed decode layout): the canonical buffers named in `_canonical` are then dropped and rebuilt on
+    weights in its own layout alone (Int4Linear: rows16 on an AVX-512 BF16 CPU, the W4A8 layout in W4A8 modes, the
+    GPU packed copy; Int8Linear: the CPU packed decode layout, in W8A8 with the GEMM layout): the canonical buffers named in `_canonical` are then dropped and rebuilt on
     demand (see below)."""
 
     _canonical: tuple[str, ...] = ()  # the canonical buffers a prepared run may let go of
@@ -26,10 +26,12 @@ class _Releasable:
     # --- Holding the packed form alone ------------------------------------------------------------------------
     # A prepared run with `release()` can do without the canonical tensors for the x dtypes `release.dtypes`.
     # Int4Linear: on a GPU the cuda preparer's packed run (ops/int4_linear.py CUDA_INT4_RELEASE) for 16-bit x, on
-    # an AVX-512 BF16 CPU the rows16 run (CPU_INT4_RELEASE) for every float x; qweight / scales / offsets go (at
-    # G = 32 with fp16-valued scales: 0.625 instead of 1.375 bytes per weight held). Int8Linear: the CPU W8A16 run
-    # with the packed decode layout (ops/int8_linear.py CPU_INT8_RELEASE) for every float x; `weight` goes, the
-    # scales stay (at G = 32, fp16-valued scales: 1.19 instead of 2.19 bytes per weight). The module removes them
+    # an AVX-512 BF16 CPU the rows16 run (CPU_INT4_RELEASE) for every float x, in W4A8 modes the W4A8 run on any
+    # CPU (the same switch) for every float x; qweight / scales / offsets go (at G = 32 with fp16-valued scales:
+    # 0.625 instead of 1.375 bytes per weight held). Int8Linear: the CPU W8A16 run
+    # with the packed decode layout, and the W8A8 run with it and the GEMM layout (ops/int8_linear.py
+    # CPU_INT8_RELEASE), for every float x; `weight` goes, the scales stay (W8A16 at G = 32, fp16-valued scales:
+    # 1.19 instead of 2.19 bytes per weight). The module removes them
     # from its buffers, so that the packed copy is all it holds of them, and `_released` = (unpack, buffer order,
     # dtypes). They come back, unpacked bit for bit from the packed copy, whenever anything needs them: reading or
     # assigning the attribute, .to() / .cuda() / dtype casts, load_state_dict (then it is packed and released

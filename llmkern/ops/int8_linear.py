@@ -117,13 +117,14 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False, releas
     per group equal up to fp32 rounding. Memory: about the canonical weight bytes again (K rounded up to
     a multiple of 4, N to 16, plus 8 bytes per channel and group).
 
-    release (W8A16 with the packed layout; `_cpu_prepare` decides, CPU_INT8_RELEASE): the run also has
-    `release()`, which rebinds it to the packed layout and the scales alone (every call then reads the packed
-    layout: decode calls the packed kernels as before, more rows the GEMM routes over panels built from it,
-    the same values, so the same bits; calls the canonical tiles took run the packed kernels a few rows at a
-    time) and lets go of the int8 weight tensor. It returns `unpack()`, which rebuilds that tensor bit for bit
-    from the packed layout. Int8Linear calls it, so that the packed copy and the scales are all it holds
-    (`release.dtypes`: the x dtypes the released run takes, here every float).
+    release (W8A16 with the packed layout, W8A8 with the packed and the GEMM layouts; `_cpu_prepare` decides,
+    CPU_INT8_RELEASE): the run also has `release()`, which rebinds it to those layouts and the scales alone and
+    lets go of the int8 weight tensor. Every call then reads them: decode calls the packed kernels as before;
+    W8A16 calls of more rows the GEMM routes over panels built from the packed layout (the same values, so the
+    same bits), W8A8 ones the GEMM layout as before; calls the canonical tiles took run the packed kernels a few
+    rows at a time (each ISA's packed kernels give its tiles' bits). It returns `unpack()`, which rebuilds the
+    tensor bit for bit from the packed layout. Int8Linear calls it, so that the layouts and the scales are all it
+    holds (`release.dtypes`: the x dtypes the released run takes, here every float).
     """
     mod = _backends.cpu_module()
     if weight.device.type != "cpu":
@@ -149,14 +150,15 @@ def _cpu_runner(weight, weight_scale, bias, mode, pack=False, gemm=False, releas
     # keep: the tensors behind the bound pointers
     run = BoundRun(bound, K, N, (weight, weight_scale, bias32, packed, gemm_packed), packed=packed, packed_e=pk[1],
                    gemm_packed=gemm_packed)
-    if not (release and packed is not None and mode == "w8a16"):
+    if not (release and packed is not None and (mode == "w8a16" or gemm_packed is not None)):
         return run
     bias_ptr = 0 if bias32 is None else bias32.data_ptr()
 
     def release_fn():
         nonlocal weight  # (dropped here: nothing in the run refers to it afterwards)
-        run.bound = mod.int8_linear_bind(0, N, K, weight_scale.data_ptr(), group, bias_ptr, mode, *pk, 0)
-        run.keep = (weight_scale, bias32, packed)
+        run.bound = mod.int8_linear_bind(0, N, K, weight_scale.data_ptr(), group, bias_ptr, mode, *pk,
+                                         0 if gemm_packed is None else gemm_packed.data_ptr())
+        run.keep = (weight_scale, bias32, packed, gemm_packed)
         weight = None
         run.release = None  # (once)
         unpack = functools.partial(_cpu_unpack, packed, N, K)
@@ -239,7 +241,8 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
     tensors about as fast (`_streams`: the weights held once, not twice; on AVX2, where they run at 0.85-0.94x,
     those are packed and the weight released, unless CPU_INT8_RELEASE is off); 1: pack those too; 0: never (no
     memory beyond the canonical tensors). The kernel reads whichever layout it is given, with identical results. A W8A16 run with
-    the packed layout offers `release()` (CPU_INT8_RELEASE), with which Int8Linear lets go of its int8 weight.
+    the packed layout, and a W8A8 run with both layouts (below), offers `release()` (CPU_INT8_RELEASE), with
+    which Int8Linear lets go of its int8 weight.
 
     W8A8 on AVX-512 also packs the GEMM layout (`_cpu_runner` gemm) when the group is K or a multiple
     of 4: calls of 2 rows or more read it instead of the decode layout / canonical tiles (1.3-1.4x at
@@ -265,7 +268,8 @@ def _cpu_prepare(weight, weight_scale, bias, mode):
 # True: a prepared W8A16 Int8Linear with the packed decode layout (AVX-512 or AVX2, K < 2048 or LLMKERN_INT8_PACK=1)
 # lets go of its int8 weight tensor and reads the packed layout alone, prefill included (`_cpu_runner`'s
 # release), rebuilding the tensor on demand (state_dict, attribute reads, .to()): the weights held once, not
-# twice. LLMKERN_INT8_KEEP_CANONICAL=1 keeps both (read at import).
+# twice. A W8A8 one with the packed and the GEMM layouts (AVX-512) reads those alone: twice, not three times.
+# LLMKERN_INT8_KEEP_CANONICAL=1 keeps the tensor (read at import).
 CPU_INT8_RELEASE = os.environ.get("LLMKERN_INT8_KEEP_CANONICAL", "") != "1"
 
 

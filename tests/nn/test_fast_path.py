@@ -114,7 +114,8 @@ def test_prepared_linear_follows_backend_changes(monkeypatch):
     monkeypatch.delenv("LLMKERN_BACKEND")
     m.mode = "w8a8"  # a settings change drops the prepared run
     assert m._run is None
-    assert torch.equal(m(x), ops.int8_linear(x, m.weight, m.weight_scale, m.bias, "w8a8"))
+    want = ops.int8_linear(x, m.weight, m.weight_scale, m.bias, "w8a8")  # (read first: reading a released weight
+    assert torch.equal(m(x), want)                                       # restores it and drops the prepared run)
     assert m._run is not None
     m.to(torch.float32)  # _apply (e.g. .to()/.cuda()) drops it too
     assert m._run is None

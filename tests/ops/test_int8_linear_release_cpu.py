@@ -1,13 +1,15 @@
-"""int8_linear from the packed decode layout alone (W8A16): the launch without the int8 weight tensor (the GEMM
-routes' panels built from the packed layout, csrc/include/llmkern/cpu/int8_linear_pack_layout.h `WeightColumn`; the
-other row counts on the packed kernels a few rows at a time), the weight's rebuild from the packed layout, and
-Int8Linear's CPU release (the module holds the packed copy and its scales once prepared).
+"""int8_linear from the packed decode layout alone (W8A16), or from it and the GEMM layout (W8A8): the launch without
+the int8 weight tensor (W8A16's GEMM routes' panels built from the packed layout, csrc/include/llmkern/cpu/
+int8_linear_pack_layout.h `WeightColumn`; W8A8's GEMM reads its own layout; the other row counts on the packed
+kernels a few rows at a time), the weight's rebuild from the packed layout, and Int8Linear's CPU release (the
+module holds those layouts and its scales once prepared).
 
-Checks: a launch with w_ptr = 0 gives the canonical launch's outputs bit for bit (every group form the layout
-takes, fp16-valued and fp32 scales, N tails, K with a short last 64-step and K % 16 != 0, fp32 / bf16 / fp16 x,
-row counts on every route, 1 and 2 threads, AVX-512 and AVX2) and really reads the packed layout; the rebuilt
-weight is the packed one bit for bit (W8A16 and W8A8 layouts); the module frees its weight, computes what a module
-that keeps it computes, and gives it back exactly wherever something needs it.
+Checks: a launch with w_ptr = 0 gives the canonical launch's outputs bit for bit (both modes, every group form
+the layout takes, fp16-valued and fp32 scales, N tails, K with a short last 64-step and K % 16 != 0, fp32 / bf16 /
+fp16 x, row counts on every route, 1 and 2 threads, AVX-512 and AVX2, W8A8 with and without the GEMM layout) and
+really reads the packed layout; the rebuilt weight is the packed one bit for bit (W8A16 and W8A8 layouts); the
+module frees its weight, computes what a module that keeps it computes, and gives it back exactly wherever
+something needs it; a tied embedding reads its rows from either mode's layout.
 """
 import copy
 import gc
@@ -42,8 +44,8 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def launch(x, w, s, packed, E, threads=2, isa="", bias=None, mode="w8a16", released=True):
-    """C.int8_linear on x [M, K] with the packed layout; released: w_ptr 0."""
+def launch(x, w, s, packed, E, threads=2, isa="", bias=None, mode="w8a16", released=True, gemm=None):
+    """C.int8_linear on x [M, K] with the packed layout (and W8A8's GEMM layout `gemm`); released: w_ptr 0."""
     M, K = x.shape
     N = s.shape[0]
     G = K if s.dim() == 1 else K // s.shape[1]
@@ -52,27 +54,33 @@ def launch(x, w, s, packed, E, threads=2, isa="", bias=None, mode="w8a16", relea
     ws = torch.empty(max(need, 1), dtype=torch.uint8)
     C.int8_linear(x.data_ptr(), CODE[x.dtype], x.stride(0), M, K, 0 if released else w.data_ptr(), N, s.data_ptr(),
                   G, 0 if bias is None else bias.data_ptr(), out.data_ptr(), N, mode, ws.data_ptr(), ws.numel(),
-                  threads, isa, packed.data_ptr(), E)
+                  threads, isa, packed.data_ptr(), E, 0 if gemm is None else gemm.data_ptr())
     return out
 
 
 @pytest.mark.parametrize("isa", PACKED_ISAS)
 @pytest.mark.parametrize("f16", [True, False], ids=["fp16-scales", "fp32-scales"])
-def test_launch_without_the_weight_is_the_canonical_launch_bitwise(isa, f16):
-    gen = torch.Generator().manual_seed(zlib.crc32(f"i8rel{isa}{f16}".encode()))
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8", "w8a8-gemm"])
+def test_launch_without_the_weight_is_the_canonical_launch_bitwise(mode, isa, f16):
+    """w8a8-gemm: with the GEMM layout beside (which AVX-512 reads from 2 or 5 rows on; a pinned AVX2 ISA, which
+    has no GEMM kernels, runs its packed kernels, as with the weight it would run its tiles)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"i8rel{mode}{isa}{f16}".encode()))
+    gemm = mode == "w8a8-gemm"
+    mode = "w8a8" if gemm else mode
     for N, K, G in SHAPES:
         w, s = weights(N, K, G, f16, gen)
         b = torch.randn(N, generator=gen) if N % 2 else None
-        run = I8._cpu_runner(w, s, b, "w8a16", pack=True)
+        run = I8._cpu_runner(w, s, b, mode, pack=True, gemm=gemm and I8._can_gemm(K, G or K))
         assert run.packed_e == (2 if f16 else 4)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for M in ROWS:
                 x = torch.randn(M, K, generator=gen).to(dtype)
                 for nt in (1, 2):
-                    want = launch(x, w, s, run.packed, run.packed_e, nt, isa, b, released=False)
-                    got = launch(x, w, s, run.packed, run.packed_e, nt, isa, b)
+                    want = launch(x, w, s, run.packed, run.packed_e, nt, isa, b, mode, released=False,
+                                  gemm=run.gemm_packed)
+                    got = launch(x, w, s, run.packed, run.packed_e, nt, isa, b, mode, gemm=run.gemm_packed)
                     assert torch.equal(got, want), (isa, N, K, G, dtype, M, nt)
-                ref = R.int8_linear(x.double(), w, s, None if b is None else b.double(), "w8a16")
+                ref = R.int8_linear(x.double(), w, s, None if b is None else b.double(), mode)
                 assert rel(got, ref) <= TOL[dtype], (isa, N, K, G, dtype, M)
 
 
@@ -102,8 +110,10 @@ def test_launcher_checks_released_arguments():
         out, ws = torch.empty(1, N), torch.empty(C.int8_linear_workspace_size(1, K, N, "w8a16"), dtype=torch.uint8)
         C.int8_linear(x.data_ptr(), 0, K, 1, K, 0, N, s.data_ptr(), G, 0, out.data_ptr(), N, "w8a16", ws.data_ptr(),
                       ws.numel(), 1, "")
-    with pytest.raises(ValueError, match="w8a16"):  # W8A8's layouts are not released
-        launch(x, w, s, run8.packed, 2, mode="w8a8")
+    y8 = launch(x, w, s, run8.packed, 2, mode="w8a8")  # (W8A8 releases too)
+    assert torch.equal(y8, launch(x, w, s, run8.packed, 2, mode="w8a8", released=False))
+    with pytest.raises(ValueError, match="packed_ptr does not hold"):  # (W8A16's layout given to a W8A8 call)
+        launch(x, w, s, run16.packed, 2, mode="w8a8")
     with pytest.raises(ValueError, match="w_ptr"):
         C.int8_linear_bind(0, N, K, s.data_ptr(), G, 0, "w8a16")
     bound = C.int8_linear_bind(0, N, K, s.data_ptr(), G, 0, "w8a16", run16.packed.data_ptr(), 2)
@@ -139,28 +149,33 @@ def module(w, s, b, mode="w8a16"):
 
 @pytest.mark.parametrize("isa", PACKED_ISAS)
 @pytest.mark.parametrize("f16", [True, False], ids=["fp16-scales", "fp32-scales"])
-def test_module_holds_the_packed_layout_alone(f16, isa, release_here, monkeypatch):
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+def test_module_holds_the_packed_layout_alone(mode, f16, isa, release_here, monkeypatch):
     """Once prepared, the weight is freed (its weakref dies; the scales stay) and every call (fp32 / bf16 / fp16,
     decode and prefill sizes, batch dims, strided rows) gives a module that keeps it its bits; state_dict and
     deepcopy / pickle unpack it bit for bit without keeping it; reading it brings it back until the next call
-    releases it again."""
+    releases it again. W8A8 releases where it has the GEMM layout too (AVX-512); on AVX2 it keeps the weight."""
     monkeypatch.setenv("LLMKERN_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(30 + f16)
     N, K, G = 99, 576, 32
     w, s = weights(N, K, G, f16, gen)
     b = torch.randn(N, generator=gen)
-    m = module(w, s, b)
+    m = module(w, s, b, mode)
     gone = weakref.ref(m._buffers["weight"])
     x1 = torch.randn(1, K, generator=gen)
     y1 = m(x1)
     gc.collect()
+    if mode == "w8a8" and isa != "avx512_vnni":
+        assert m._released is None and m._run.impl.gemm_packed is None and gone() is not None
+        return
     assert m._released is not None and gone() is None, "the int8 weight is still alive"
     assert [n for n, _ in m.named_buffers()] == ["weight_scale", "bias"]
     assert m._run.impl.packed_e == (2 if f16 else 4)
+    assert (m._run.impl.gemm_packed is not None) == (mode == "w8a8")
 
     with monkeypatch.context() as mp:
         mp.setattr(I8, "CPU_INT8_RELEASE", False)
-        keep = module(w, s, b)
+        keep = module(w, s, b, mode)
         assert torch.equal(keep(x1), y1) and keep._released is None
     big = torch.randn(3, 40, K + 32, generator=gen)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -169,7 +184,7 @@ def test_module_holds_the_packed_layout_alone(f16, isa, release_here, monkeypatc
             y = m(x)
             assert y.shape == shape[:-1] + (N,) and y.dtype == dtype
             assert torch.equal(y, keep(x)), (dtype, shape)
-            assert rel(y, R.int8_linear(x.double(), w, s, b.double(), "w8a16")) <= TOL[dtype], (dtype, shape)
+            assert rel(y, R.int8_linear(x.double(), w, s, b.double(), mode)) <= TOL[dtype], (dtype, shape)
         xs = big[..., 16:16 + K].to(dtype)  # rows K + 32 apart
         assert torch.equal(m(xs), keep(xs))
     assert m._released is not None
@@ -231,22 +246,27 @@ def test_module_release_then_assignment_load_casts_and_autograd(release_here):
 
 
 def test_what_is_not_released(release_here, monkeypatch):
-    """W8A8 (its own layouts), W8A16 weights the stream kernels decode in place (K >= 2048 on AVX-512: no packed
-    copy), a linear sharing its tensors with an embedding (a tied lm_head), and LLMKERN_INT8_KEEP_CANONICAL=1
-    (CPU_INT8_RELEASE False) keep the weight; LLMKERN_INT8_PACK=1 packs, and so releases, K >= 2048 too."""
+    """W8A8 without its GEMM layout (AVX2, LLMKERN_INT8_GEMM=0), W8A16 weights the stream kernels decode in place
+    (K >= 2048 on AVX-512: no packed copy), a linear sharing its tensors with an embedding (a tied lm_head) that does
+    not follow it, and LLMKERN_INT8_KEEP_CANONICAL=1 (CPU_INT8_RELEASE False) keep the weight; LLMKERN_INT8_PACK=1
+    packs, and so releases, K >= 2048 too. A mode change brings the weight back from the layout released before."""
     gen = torch.Generator().manual_seed(41)
     w, s = weights(48, 256, 32, True, gen)
     x = torch.randn(2, 256, generator=gen)
-    m = module(w, s, None, mode="w8a8")
-    m(x)
-    assert m._released is None
+    with monkeypatch.context() as mp:
+        mp.setenv("LLMKERN_INT8_GEMM", "0")
+        m = module(w, s, None, mode="w8a8")
+        m(x)
+        assert m._released is None
     m = module(w, s, None)
     m(x)
     assert m._released is not None
-    m.mode = "w8a8"  # (a mode change brings the weight back; the W8A8 run keeps it)
+    m.mode = "w8a8"  # (a mode change brings the weight back; the W8A8 run releases it where it has both layouts)
     y = m(x)
-    assert m._released is None and torch.equal(m.weight, w)
-    assert rel(y, R.int8_linear(x.double(), w, s, None, "w8a8")) <= 2e-2
+    assert (m._released is not None) == (cpu_isa() == "avx512_vnni")
+    assert torch.equal(m.weight, w) and m._released is None
+    assert torch.equal(y, module(w, s, None, mode="w8a8")(x))
+    assert rel(y, R.int8_linear(x.double(), w, s, None, "w8a8")) <= TOL[torch.float32]
 
     tied = module(w, s, None)
     emb = QuantizedEmbedding.from_linear(tied)
@@ -288,10 +308,11 @@ def test_weight_bytes_count_the_released_weight(release_here):
     assert model.weight_bytes_per_token(packed=False) == stored
 
 
-def test_tied_embedding_follows_the_released_head(release_here):
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+def test_tied_embedding_follows_the_released_head(mode, release_here):
     """An int8 embedding tied to an Int8Linear holding its very tensors (`tie_to`, the GGUF loader's tied Q8_0
-    head) drops the int8 table with the head (one copy: the head's packed layout) and looks rows up there (eager and
-    the step program's native call: the same bits as from the table); state_dict / copies unpack it; reading it, or
+    head) drops the int8 table with the head (one copy: the head's packed layout, W8A16's or W8A8's) and looks rows up
+    there (eager and the step program's native call: the same bits as from the table); state_dict / copies unpack it; reading it, or
     the head's restore, brings it back to both."""
     from llmkern import _backends
     from llmkern.ops._cpu_linear import DTYPE_CODE
@@ -303,12 +324,14 @@ def test_tied_embedding_follows_the_released_head(release_here):
     for dtype in (torch.float32, torch.bfloat16):
         ref = QuantizedEmbedding({"weight": w.clone(), "weight_scale": s.clone()}, dtype=dtype)
         emb = QuantizedEmbedding({"weight": w.clone(), "weight_scale": s.clone()}, dtype=dtype)
-        head = Int8Linear.from_quantized(emb.weight, emb.weight_scale)
+        head = Int8Linear.from_quantized(emb.weight, emb.weight_scale, mode=mode)
         emb.tie_to(head)
         gone = weakref.ref(emb._buffers["weight"])
         x = torch.randn(2, H, generator=gen).to(dtype)
         y = head(x)
         gc.collect()
+        if mode == "w8a8" and cpu_isa() != "avx512_vnni":
+            pytest.skip("W8A8 releases with the GEMM layout, made on AVX-512 CPUs only")
         assert head._released is not None and "weight" not in emb._buffers and gone() is None
         assert torch.equal(emb(ids), ref(ids)) and emb.row_bytes() == ref.row_bytes()
         packed, scale = emb.packed_source()

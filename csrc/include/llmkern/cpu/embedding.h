@@ -36,18 +36,23 @@ inline void embed_rows_int8(const int8_t* w, const float* scale, int64_t H, int6
   }
 }
 
-// The same, with the int8 rows read from an int8_linear packed decode layout (W8A16, its header first: packed
-// with K = H and this G; int8_linear_pack_layout.h): the table of a tied lm_head that released its int8 weight
-// (llmkern.nn.QuantizedEmbedding.tie_to). The scales are the canonical ones.
+// The same, with the int8 rows read from an int8_linear packed decode layout (its header first: packed with
+// K = H and this G; int8_linear_pack_layout.h; w8a8: W8A8's, which stores w + 128 as uint8, so that flipping the
+// top bit gives w): the table of a tied lm_head that released its int8 weight (llmkern.nn.QuantizedEmbedding.
+// tie_to). The scales are the canonical ones.
 inline void embed_rows_int8_packed(const uint8_t* packed, const float* scale, int64_t H, int64_t G, int64_t E,
-                                   const int64_t* tokens, int64_t B, DType dt, void* out) {
+                                   bool w8a8, const int64_t* tokens, int64_t B, DType dt, void* out) {
   const int64_t ng = H / G;
+  const uint8_t flip = w8a8 ? 0x80 : 0x00;
   for (int64_t b = 0; b < B; ++b) {
     const float* s = scale + tokens[b] * ng;
     for (int64_t h0 = 0; h0 < H; h0 += i8pk::kStep) {  // a 64-value step's bytes are contiguous
       const int8_t* q = i8pk::row_ptr(packed, H, G, E, tokens[b], h0);
       const int64_t hn = std::min<int64_t>(i8pk::kStep, H - h0);
-      for (int64_t h = h0; h < h0 + hn; ++h) store_from_f32(out, b * H + h, dt, static_cast<float>(q[h - h0]) * s[h / G]);
+      for (int64_t h = h0; h < h0 + hn; ++h) {
+        const int8_t v = static_cast<int8_t>(static_cast<uint8_t>(q[h - h0]) ^ flip);
+        store_from_f32(out, b * H + h, dt, static_cast<float>(v) * s[h / G]);
+      }
     }
   }
 }

@@ -205,12 +205,15 @@ inline const char* int8_route_name(Int8Route r) {
   }
 }
 
-// A call on released weights (a.w null: the packed decode layout and the canonical scales alone, W8A16; an
-// Int8Linear that let go of its int8 weight tensor, llmkern/ops/int8_linear.py). The GEMM routes build their
-// panels from the packed layout (i8pk::WeightColumn: the same values, so the same bits); every other call runs
-// the packed kernels, as many rows at a time as they take (a row's result does not depend on the others).
-// isa: AVX-512 or AVX2 (the launcher's choice: the packed kernels exist for those).
+// A call on released weights (a.w null: an Int8Linear that let go of its int8 weight tensor, llmkern/ops/
+// int8_linear.py): the packed decode layout and the canonical scales alone (W8A16), or those and the W8A8 GEMM
+// layout (W8A8). Calls the packed kernels take run them, as with the weight; W8A8 calls past them the GEMM
+// layout's micro-kernels, as with the weight; W8A16's GEMM routes build their panels from the packed layout
+// (i8pk::WeightColumn: the same values, so the same bits). Every other call runs the packed kernels, as many
+// rows at a time as they take (a row's result does not depend on the others; each ISA's packed kernels give
+// its canonical tiles' bits). isa: AVX-512 or AVX2 (the launcher's choice: the packed kernels exist for those).
 inline void int8_linear_released(const Int8LinearArgs& a, Isa isa) {
+  if (!i8pk::use_packed(a, isa) && i8gm::use_gemm(a, isa)) return i8gm::int8_linear_gemm(a);
   if (i8bf::use_bf16_gemm(a, isa)) return i8bf::int8_linear_bf16(a);
   if (i8f::use_f32_gemm(a, isa)) return i8f::int8_linear_f32(a, isa);
   const int64_t es = dtype_size(a.x_dtype);

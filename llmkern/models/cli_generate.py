@@ -118,18 +118,16 @@ def run(args) -> int:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         return _error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     try:
-        # On the CPU the linears are prepared at load, layer by layer (lower peak memory, a faster first prompt:
-        # load_gguf's `prepare`); not with --act-int8, whose modes are set after the load and would prepare again.
+        # On the CPU the linears are prepared at load, layer by layer, in the modes they will run (lower peak
+        # memory, a faster first prompt: load_gguf's `prepare` and `modes`).
         model, tok = load_gguf(args.model, quant=args.quant, group_size=args.group_size, backend=args.backend,
                                dtype=pick_dtype(args.dtype, args.backend, device), progress=not args.quiet,
-                               prepare=device.type == "cpu" and not args.act_int8)
+                               prepare=device.type == "cpu",
+                               modes={"int4": "w4a8g", "int8": "w8a8"} if args.act_int8 else None)
     except (FileNotFoundError, GGUFError, ValueError) as e:
         return _error(str(e))
     if device.type != "cpu":
         model = model.to(device)
-    if args.act_int8:
-        from ..nn import set_linear_modes
-        set_linear_modes(model, int4="w4a8g", int8="w8a8")
 
     prompts = [" ".join(args.prompt)] + list(args.extra_prompt)
     single = len(prompts) == 1

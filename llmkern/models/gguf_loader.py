@@ -39,6 +39,7 @@ from torch import nn
 
 from .. import _backends
 from .. import nn as lnn
+from ..nn.linear import INT4_MODES, INT8_MODES
 from ..ops import _cpu_linear
 from .. import ops
 from ..formats.gguf import FLOAT_ONLY_TYPES, load_gguf_tensor
@@ -239,7 +240,7 @@ def _float_linear(w: torch.Tensor, b) -> nn.Linear:
 
 def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, dtype=torch.float32,
               backend=None, max_positions: int | None = None, progress: bool = True, fuse: bool = True,
-              prepare: bool = False):
+              prepare: bool = False, modes: dict | None = None):
     """Load a GGUF model and its tokenizer -> (Llama, Tokenizer). path None: the default SmolLM2 model.
 
     quant: "keep" (as stored: Q4_0/Q4_1/Q4_K -> Int4Linear, Q8_0/Q5_0/Q6_K -> Int8Linear, floats ->
@@ -256,7 +257,9 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     first prefill 1.6-1.8x faster, the same decode speed (session 24: 4 alternating process pairs, 0.99-1.01x;
     session 23's 5-10% slower pairs came and went with the machine's state). `llmkern generate` on the CPU
     passes True. Off by default here: not for a model that goes to a GPU next (its CPU copies would be packed
-    for nothing) or whose linear modes change next (`set_linear_modes` would prepare them again).
+    for nothing) or whose linear modes change next (`set_linear_modes` would prepare them again: pass `modes`).
+    modes: the quantized linears' modes, set as each is built (before `prepare`): `set_linear_modes`' keywords,
+    e.g. {"int4": "w4a8g", "int8": "w8a8"} (what `llmkern generate --act-int8` passes).
     """
     if quant not in QUANT_CHOICES:
         raise ValueError(f"load_gguf: quant must be one of {QUANT_CHOICES}, got {quant!r}")
@@ -265,6 +268,12 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
         raise ValueError(f"load_gguf: group_size for quant='int4' must be 32, 64 or 128, got {group_size}")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"load_gguf: dtype (the activations') must be torch.float32, bfloat16 or float16, got {dtype}")
+    modes = dict(modes or {})
+    if set(modes) - {"int4", "int8"}:
+        raise ValueError(f"load_gguf: modes takes the keys 'int4' and 'int8', got {sorted(modes)}")
+    for kind, choices in (("int4", INT4_MODES), ("int8", INT8_MODES)):
+        if modes.get(kind) is not None and modes[kind] not in choices:
+            raise ValueError(f"load_gguf: modes[{kind!r}] must be one of {choices}, got {modes[kind]!r}")
     path = Path(path) if path is not None else default_model_path()
     reader = open_gguf(path)
     meta = read_metadata(reader)
@@ -316,6 +325,7 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     if tied_kept:
         cls = lnn.Int8Linear if emb["format"] == "int8" else lnn.Int4Linear
         model.lm_head = cls.from_quantized(*model.embed_tokens.tensors(), backend=backend)
+        lnn.set_linear_modes(model.lm_head, **modes)
         if cls is lnn.Int8Linear:  # (once the head holds its packed layout alone, the embedding reads that too)
             model.embed_tokens.tie_to(model.lm_head)
             if prepare:
@@ -342,6 +352,7 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
             attn.fuse_qkv()
             layer.mlp.fuse_gate_up()
         _int8_weights_in_huge_pages(layer)
+        lnn.set_linear_modes(layer, **modes)
         if prepare:  # layer by layer: the memory a layer's canonical tensors free takes the next layer's
             prepare_linears(layer, dtype)
         reader.release_pages()  # (the layer's file bytes are read: the model's peak need not hold the file too)
@@ -367,6 +378,7 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
             raise GGUFError(f"{path}: nothing was loaded into {name}")
     if fuse:
         model.fuse_projections()
+    lnn.set_linear_modes(model, **modes)  # (the lm_head; the layers' are set: nothing else changes)
     model.eval()
     model.source = str(path)
     n5 = len(ld.float_only)

@@ -171,56 +171,52 @@ def test_smollm2_knows_paris(smollm, capsys):
 # ------------------------------------------------------------------ CLI
 
 
-def test_cli_act_int8_switches_the_quantized_linears(tmp_path, capsys, monkeypatch):
-    import llmkern.nn as lnn
-
-    path = tmp_path / "tiny.gguf"
-    write_tiny_gguf(path)
-    seen = []
-    real = lnn.set_linear_modes
-    monkeypatch.setattr(lnn, "set_linear_modes", lambda m, **kw: seen.append((kw, real(m, **kw))) or seen[-1][1])
-    rc = cli_main(["generate", "the", "--model", str(path), "--quant", "int4", "--act-int8", "--max-new-tokens", "3",
-                   "--no-chat", "--no-bandwidth", "--quiet", "--threads", "1"])
-    out, err = capsys.readouterr()
-    assert rc == 0 and out.endswith("\n"), err
-    assert seen and seen[0][0] == {"int4": "w4a8g", "int8": "w8a8"} and seen[0][1] > 0  # modules really changed
-
-
 @pytest.mark.parametrize("act_int8", [False, True])
 def test_cli_prepares_the_linears_at_load_on_the_cpu(tmp_path, capsys, monkeypatch, act_int8):
     """On the CPU `llmkern generate` loads with prepare=True: every quantized linear is prepared before the first
-    prompt (lower peak memory, no packing in the first prefill); with --act-int8, whose modes are set after the
-    load, the linears are left to their first calls (else they would be prepared twice)."""
+    prompt (lower peak memory, no packing in the first prefill), once, in the mode it runs: --act-int8's modes
+    (W4A8g, W8A8) are set as the loader builds each linear (load_gguf's `modes`), not after the load."""
     import importlib
 
     import llmkern.nn as lnn
+    from llmkern.nn.linear import _QuantizedBase
 
     gen = importlib.import_module("llmkern.models.generate")  # (the package re-exports the function by that name)
     gl = importlib.import_module("llmkern.models.gguf_loader")
 
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)
-    seen = {}
-    real_load, real_generate = gl.load_gguf, gen.generate
+    seen = {"trusted": []}
+    real_load, real_generate, real_trust = gl.load_gguf, gen.generate, _QuantizedBase._trust
 
     def load(*a, **kw):
         seen["prepare"] = kw.get("prepare")
         return real_load(*a, **kw)
 
     def generate(model, *a, **kw):
-        seen["prepared"] = [m.__dict__["_run"] is not None for m in model.modules()
-                            if isinstance(m, (lnn.Int8Linear, lnn.Int4Linear))]
+        seen["linears"] = [m for m in model.modules() if isinstance(m, (lnn.Int8Linear, lnn.Int4Linear))]
+        seen["prepared"] = [m.__dict__["_run"] is not None for m in seen["linears"]]
+        seen["modes"] = {(type(m).__name__, m.mode) for m in seen["linears"]}
+        seen["at_generate"] = len(seen["trusted"])
         return real_generate(model, *a, **kw)
+
+    def trust(self, *a, **kw):
+        seen["trusted"].append(id(self))
+        return real_trust(self, *a, **kw)
 
     monkeypatch.setattr(gl, "load_gguf", load)
     monkeypatch.setattr(gen, "generate", generate)
+    monkeypatch.setattr(_QuantizedBase, "_trust", trust)
     monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
     rc = cli_main(["generate", "the", "--model", str(path), "--quant", "int4", "--max-new-tokens", "2", "--no-chat",
                    "--no-bandwidth", "--quiet", "--threads", "1", *(["--act-int8"] if act_int8 else [])])
     out, err = capsys.readouterr()
     assert rc == 0 and out.endswith("\n"), err
-    assert seen["prepare"] is (not act_int8) and seen["prepared"]
-    assert all(seen["prepared"]) if not act_int8 else not any(seen["prepared"])
+    assert seen["prepare"] is True and seen["prepared"] and all(seen["prepared"])
+    want = {"Int4Linear": "w4a8g", "Int8Linear": "w8a8"} if act_int8 else {"Int4Linear": "w4a16", "Int8Linear": "w8a16"}
+    assert ("Int4Linear", want["Int4Linear"]) in seen["modes"] and all(want[k] == v for k, v in seen["modes"]), seen["modes"]
+    # each linear prepared once, all at load (none again in the prompt's calls)
+    assert sorted(seen["trusted"]) == sorted(id(m) for m in seen["linears"]) and seen["at_generate"] == len(seen["trusted"])
 
 
 def test_cli_tiny_model(tmp_path, capsys):

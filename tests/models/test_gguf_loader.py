@@ -86,17 +86,22 @@ def test_load_prepares_the_linears(tmp_path, quant):
         assert all(torch.equal(sd_ready[k], sd_lazy[k]) for k in sd_lazy)
 
 
+@pytest.mark.parametrize("act_int8", [False, True], ids=["w8a16", "w8a8"])
 @pytest.mark.parametrize("which", ["tiny", "default"])
-def test_tied_q8_0_head_holds_its_packed_layout_alone(tmp_path, which, monkeypatch):
+def test_tied_q8_0_head_holds_its_packed_layout_alone(tmp_path, which, act_int8, monkeypatch):
     """A tied Q8_0 table (the default model's): the loader ties the embedding to the Int8Linear head, which, prepared
-    at load, releases the int8 table for both (one copy: its packed layout); prefill, decode steps (on the default
-    model, the step program's packed-row lookup) and a batch compute what a model keeping the table computes, bit
-    for bit, and the weights as stored are counted the same."""
+    at load, releases the int8 table for both (one copy: its packed layout; W8A8, as `--act-int8` loads it: its
+    packed layout and its GEMM layout); prefill, decode steps (on the default model, the step program's packed-row
+    lookup) and a batch compute what a model keeping the table computes, bit for bit, and the weights as stored
+    are counted the same."""
     import importlib
     I8 = importlib.import_module("llmkern.ops.int8_linear")
     import llmkern._C as C
     if C.resolve_isa("") == "scalar" or not I8.CPU_INT8_RELEASE:
         pytest.skip("no packed int8 layout here (scalar CPU), or LLMKERN_INT8_KEEP_CANONICAL=1")
+    if act_int8 and C.resolve_isa("") != "avx512_vnni":
+        pytest.skip("W8A8 releases with its GEMM layout, made on AVX-512 CPUs only")
+    modes = {"int4": "w4a8g", "int8": "w8a8"} if act_int8 else None
     if which == "tiny":
         path = tmp_path / "t.gguf"
         write_tiny_gguf(path, tied=True, types={"token_embd": "Q8_0"})
@@ -108,9 +113,10 @@ def test_tied_q8_0_head_holds_its_packed_layout_alone(tmp_path, which, monkeypat
             pytest.skip(f"the default model is not installed: {e}")
     with monkeypatch.context() as mp:
         mp.setattr(I8, "CPU_INT8_RELEASE", False)
-        keep, _ = load_gguf(path, progress=False, prepare=True)
-    model, _ = load_gguf(path, progress=False, prepare=True)
+        keep, _ = load_gguf(path, progress=False, prepare=True, modes=modes)
+    model, _ = load_gguf(path, progress=False, prepare=True, modes=modes)
     assert isinstance(model.lm_head, lnn.Int8Linear) and isinstance(model.embed_tokens, lnn.QuantizedEmbedding)
+    assert model.lm_head.mode == ("w8a8" if act_int8 else "w8a16")
     assert model.lm_head._released is not None and "weight" not in model.embed_tokens._buffers
     assert keep.lm_head._released is None and keep.embed_tokens.weight is keep.lm_head.weight
     with torch.inference_mode():
@@ -389,6 +395,21 @@ def test_int4_group_size_zero_is_refused(tmp_path):
     write_tiny_gguf(p)
     with pytest.raises(ValueError, match="group_size for quant='int4' must be 32, 64 or 128, got 0"):
         load_gguf(p, quant="int4", group_size=0, progress=False)
+
+
+def test_modes_are_set_as_the_linears_are_built(tmp_path):
+    """load_gguf's `modes` (set_linear_modes' keywords) reach every quantized linear; bad keys and values are
+    refused before anything is read."""
+    p = tmp_path / "tiny.gguf"
+    write_tiny_gguf(p)
+    model, _ = load_gguf(p, quant="int4", progress=False, modes={"int4": "w4a8", "int8": "w8a8"})
+    lins = [m for m in model.modules() if isinstance(m, (lnn.Int4Linear, lnn.Int8Linear))]
+    assert any(isinstance(m, lnn.Int4Linear) for m in lins)
+    assert all(m.mode == ("w4a8" if isinstance(m, lnn.Int4Linear) else "w8a8") for m in lins)
+    with pytest.raises(ValueError, match="modes takes the keys 'int4' and 'int8', got \\['int2'\\]"):
+        load_gguf(p, progress=False, modes={"int2": "w2a8"})
+    with pytest.raises(ValueError, match="modes\\['int8'\\] must be one of .*, got 'w4a8'"):
+        load_gguf(p, progress=False, modes={"int8": "w4a8"})
 
 
 def test_default_model_error_message(monkeypatch):

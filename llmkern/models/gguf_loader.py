@@ -331,7 +331,7 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
             if prepare:
                 prepare_linears(model.lm_head, dtype)
         else:  # (releasing them after packing, _Releasable._prepared, would free nothing: the embedding holds them)
-            model.lm_head.__dict__["_keep_canonical"] = True
+            model.lm_head.keep_canonical()
 
     for i, layer in enumerate(model.layers):
         prog.update(i + 1, f"layer {i + 1}/{c.num_layers}")

@@ -5,11 +5,11 @@ Every module takes `backend=None` and passes it to each op call (see llmkern.ops
 from .attention import Attention
 from .embedding import QuantizedEmbedding
 from .kv_cache import KVCache
-from .linear import Int4Linear, Int8Linear, quantize_linears, set_linear_modes
+from .linear import Int4Linear, Int8Linear, keep_canonical, quantize_linears, set_linear_modes
 from .norm import RMSNorm, RotaryEmbedding
 from .paged_kv_cache import BlockAllocator, PagedKVCache
 
 __all__ = [
-    "Int8Linear", "Int4Linear", "quantize_linears", "set_linear_modes", "RMSNorm", "RotaryEmbedding", "KVCache",
-    "PagedKVCache", "BlockAllocator", "Attention", "QuantizedEmbedding",
+    "Int8Linear", "Int4Linear", "quantize_linears", "set_linear_modes", "keep_canonical", "RMSNorm",
+    "RotaryEmbedding", "KVCache", "PagedKVCache", "BlockAllocator", "Attention", "QuantizedEmbedding",
 ]

@@ -41,6 +41,19 @@ class _Releasable:
     # released, named_buffers() lists the others alone. Under torch.compile tracing, reads get the unpacked
     # tensors without restoring them (the graph unpacks on every call).
 
+    def keep_canonical(self, keep: bool = True):
+        """keep=True: hold the canonical buffers from now on (rebuilt now if they were released; never released
+        again), e.g. before `torch.compile`, whose graph would otherwise unpack them on every call. keep=False: the
+        next call prepares again and lets go of them where its run can do without them (the default). Returns
+        self. (`llmkern.nn.keep_canonical(model)` does it for every quantized linear of a model.)"""
+        if keep:
+            self._restore_canonical(keep=True)
+            self.__dict__["_keep_canonical"] = True
+        elif self.__dict__.get("_keep_canonical"):
+            self.__dict__["_keep_canonical"] = False
+            self._invalidate_packed()  # (the prepared run was made without releasing: prepare again)
+        return self
+
     def _prepared(self, run) -> None:
         d = self.__dict__
         release = getattr(getattr(run, "impl", None), "release", None)

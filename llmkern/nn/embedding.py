@@ -152,7 +152,7 @@ class QuantizedEmbedding(nn.Module):
         embedding holds them, and rebuild a second copy whenever they are read)."""
         fmt = "int4" if hasattr(linear, "qweight") else "int8"
         out = cls({n: getattr(linear, n) for n in _BUFFERS[fmt]}, dtype=dtype)  # (a released linear restores them)
-        linear.__dict__["_keep_canonical"] = True
+        linear.keep_canonical()
         return out
 
     def tensors(self) -> tuple:

@@ -459,6 +459,19 @@ def set_linear_modes(module: nn.Module, *, int4: str | None = None, int8: str | 
     return changed
 
 
+def keep_canonical(module: nn.Module, keep: bool = True) -> int:
+    """`keep_canonical(keep)` on every Int8Linear / Int4Linear in `module`'s tree: keep=True makes each hold its
+    canonical buffers from now on (rebuilt now where a prepared CPU or GPU run had let go of them), which
+    `torch.compile` then reads instead of unpacking a packed layout on every call; keep=False gives the release
+    back. Returns how many modules there are."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            m.keep_canonical(keep)
+            n += 1
+    return n
+
+
 def concat_linears(mods) -> nn.Module | None:
     """One linear computing `torch.cat([m(x) for m in mods], -1)`, or None when they cannot be joined.
 

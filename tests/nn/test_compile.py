@@ -52,6 +52,39 @@ def test_released_module_compiles_fullgraph(kind):
     assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("kind", ["int8", "w4a8g"])
+def test_keep_canonical_gives_compile_the_buffers(kind):
+    """keep_canonical() on a released module (llmkern.nn.keep_canonical on a model) rebuilds its canonical buffers
+    and keeps them: the traced graph then reads them instead of unpacking a packed layout (no unpack op in it), with
+    the same output; keep_canonical(False) lets the next eager call release them again."""
+    from llmkern.nn import keep_canonical
+
+    torch.manual_seed(3)
+    lin = nn.Linear(64, 33)
+    m = Int8Linear.from_linear(lin, group_size=32) if kind == "int8" else Int4Linear.from_linear(lin, mode=kind)
+    x = torch.randn(3, 64)
+    want = m(x)
+    if m._released is None:
+        pytest.skip("nothing released on this CPU (no packed layout)")
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    assert torch.equal(torch.compile(m, fullgraph=True, backend=backend)(x), want)
+    assert "unpack" in graphs[-1] and m._released is not None
+    assert keep_canonical(nn.Sequential(m)) == 1
+    assert m._released is None and m._keep_canonical
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(m, fullgraph=True, backend=backend)(x), want)
+    assert "unpack" not in graphs[-1] and m._released is None
+    m(x)
+    assert m._released is None  # (kept: eager calls no longer release)
+    m.keep_canonical(False)
+    assert torch.equal(m(x), want) and m._released is not None
+
+
 @torch.no_grad()
 def test_attention_decode_step_with_kv_cache_compiles_fullgraph():
     torch.manual_seed(1)

@@ -2,6 +2,8 @@
 layout (`_Releasable`, mixed into Int8Linear and Int4Linear, llmkern/nn/linear.py)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -78,7 +80,7 @@ class _Releasable:
             # (unpacking would only be recorded in the graph, not run: the buffers would hold garbage)
             raise RuntimeError(f"{type(self).__name__}: its canonical buffers cannot be rebuilt while a CUDA graph "
                                "is being captured (read them, or call with fp32 x, before capturing)")
-        buffers = self._canonical_buffers(rel[0], rel[1])
+        buffers = self._canonical_buffers(rel[0](), rel[1])  # (unpacked afresh: never a state dict's tensors)
         self._buffers.clear()  # (refilled in the original order: state_dict keys keep theirs)
         self._buffers.update(buffers)
         d["_released"] = None
@@ -87,9 +89,9 @@ class _Releasable:
         for f in d.get("_followers", ()):  # (the tied embedding holds the restored tensor again)
             f._head_restored(self)
 
-    def _canonical_buffers(self, unpack, order) -> dict:
-        """The buffers dict as it was before the release (in its order), with the canonical tensors unpacked."""
-        tensors = dict(zip(self._canonical, unpack()))
+    def _canonical_buffers(self, unpacked, order) -> dict:
+        """The buffers dict as it was before the release (in its order), with the canonical tensors `unpacked`."""
+        tensors = dict(zip(self._canonical, unpacked))
         rest = dict(self._buffers)
         out = {n: tensors[n] if n in tensors else rest.pop(n) for n in order if n in tensors or n in rest}
         out.update(rest)  # (buffers registered since)
@@ -123,19 +125,35 @@ class _Releasable:
         self._restore_canonical()  # (keys the state dict lacks keep their values)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _unpacked(self) -> tuple:
+        """The canonical tensors unpacked from the released layout, for a state dict or a copy: the same tensor
+        objects again while the last ones are still alive. So a state_dict / deepcopy / pickle of a model whose
+        tied lm_head released the table for its embedding too (nn/embedding.py) holds one table, shared by both,
+        as the originals did (deepcopy's and pickle's memos keep the first alive while they run)."""
+        d = self.__dict__
+        unpack = d["_released"][0]
+        cache = d.get("_unpack_cache")
+        if cache is not None and cache[0] is unpack:
+            got = tuple(r() for r in cache[1])
+            if all(t is not None for t in got):
+                return got
+        got = tuple(unpack())
+        d["_unpack_cache"] = (unpack, [weakref.ref(t) for t in got])
+        return got
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        rel = self.__dict__.get("_released")
-        if rel is not None:
-            for name, t in zip(self._canonical, rel[0]()):
+        if self.__dict__.get("_released") is not None:
+            for name, t in zip(self._canonical, self._unpacked()):
                 destination[prefix + name] = t
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_followers", None)  # (a copy is tied to no embedding: it would drop the original's tensors)
+        state.pop("_unpack_cache", None)
+        # (_followers stay: a copy of a model ties its embedding copy to its head copy, through the copy's memo)
         rel = state.get("_released")
         if rel is not None:  # the copy holds the canonical buffers (and packs its own at its first call)
-            state.update(_buffers=self._canonical_buffers(rel[0], rel[1]), _released=None)
+            state.update(_buffers=self._canonical_buffers(self._unpacked(), rel[1]), _released=None)
         return state
 
     def __setstate__(self, state):

@@ -130,8 +130,8 @@ class QuantizedEmbedding(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         head = self.__dict__.get("_packed_head")
-        if head is not None:  # (unpacked into the result only)
-            destination[prefix + "weight"] = head._released[0]()[0]
+        if head is not None:  # (unpacked into the result only; the head's tensor, if it is in the result too)
+            destination[prefix + "weight"] = head._unpacked()[0]
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -141,8 +141,8 @@ class QuantizedEmbedding(nn.Module):
     def __getstate__(self):
         state = super().__getstate__()
         head = state.pop("_packed_head", None)
-        if head is not None:  # the copy holds its own table
-            state["_buffers"] = {"weight": head._released[0]()[0], **self._buffers}
+        if head is not None:  # the copy holds the table (the head's copy's, where the copy has the head too)
+            state["_buffers"] = {"weight": head._unpacked()[0], **self._buffers}
         return state
 
     @classmethod

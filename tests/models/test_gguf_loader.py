@@ -1,6 +1,8 @@
 """GGUF loading: tensor formats, the q/k row permutation, the real SmolLM2 file, and clear errors."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +134,9 @@ def test_tied_q8_0_head_holds_its_packed_layout_alone(tmp_path, which, act_int8,
         assert torch.equal(model(batch), keep(batch))
     assert model.lm_head._released is not None
     assert model.weight_bytes_per_token(packed=False) == keep.weight_bytes_per_token(packed=False)
+    c = copy.deepcopy(model)  # (one table in the copy too, tied as in the original)
+    assert c.embed_tokens.weight is c.lm_head.weight
+    assert c.lm_head.__dict__["_followers"] == [c.embed_tokens] and model.lm_head._released is not None
 
 
 @pytest.mark.parametrize("emb_type", ["Q4_0", "Q4_1", "Q8_0", "F16"])

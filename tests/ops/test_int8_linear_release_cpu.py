@@ -364,3 +364,28 @@ def test_tied_embedding_follows_the_released_head(mode, release_here):
     with pytest.raises(ValueError, match="very tensors"):
         QuantizedEmbedding({"weight": w.clone(), "weight_scale": s.clone()}).tie_to(Int8Linear.from_quantized(w, s))
 
+
+def test_copies_of_a_released_tied_pair_share_one_table(release_here):
+    """A state_dict, deepcopy or pickle of a model whose tied head released the table for its embedding holds one
+    table for both, as the original held one (not one unpacked per module), and the copy's pair stays tied: the
+    copy's head releases it for the copy's embedding. The original is left as it was."""
+    gen = torch.Generator().manual_seed(51)
+    V, H, G = 200, 64, 32
+    w, s = weights(V, H, G, True, gen)
+    emb = QuantizedEmbedding({"weight": w.clone(), "weight_scale": s.clone()})
+    pair = torch.nn.ModuleDict({"emb": emb, "head": Int8Linear.from_quantized(emb.weight, emb.weight_scale)})
+    pair.emb.tie_to(pair.head)
+    x, ids = torch.randn(1, H, generator=gen), torch.tensor([3, 199, 0])
+    y, rows = pair.head(x), pair.emb(ids)
+    assert pair.head._released is not None and "weight" not in pair.emb._buffers
+    sd = pair.state_dict()
+    assert sd["emb.weight"] is sd["head.weight"] and torch.equal(sd["head.weight"], w)
+    del sd
+    for c in (copy.deepcopy(pair), pickle.loads(pickle.dumps(pair))):
+        assert c.emb.weight is c.head.weight and c.emb.weight_scale is c.head.weight_scale
+        assert torch.equal(c.head.weight, w) and c.head._released is None
+        assert torch.equal(c.head(x), y) and c.head._released is not None
+        assert "weight" not in c.emb._buffers and torch.equal(c.emb(ids), rows)  # (tied: released with the head)
+        assert pair.head._released is not None and "weight" not in pair.emb._buffers
+    assert torch.equal(pair.emb(ids), rows) and torch.equal(pair.head(x), y)
+

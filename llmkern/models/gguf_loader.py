@@ -206,16 +206,42 @@ class _Loader:
             # (quant "keep" with a group_size re-quantizes the int4 tensors too; `group or 32` once made 0 mean 32)
             raise GGUFError(f"{self.path}: group_size={group} cannot re-quantize tensor {name!r} ({r['type']}) to "
                             f"int4, whose groups are 32, 64 or 128 (quant={self.quant!r} keeps it int4)")
-        w = dequantize({"format": fmt, **dict(zip(_PARTS[fmt], parts))})
-        lin = _float_linear(w if want in ("int8", "int4") else w.to(self.dtype), b)
+        if want == "float":
+            return _float_linear(dequantize({"format": fmt, **dict(zip(_PARTS[fmt], parts))}).to(self.dtype), b)
         try:
-            if want == "int8":
-                return lnn.Int8Linear.from_linear(lin, group_size=group or 0, backend=self.backend)
-            if want == "int4":
-                return lnn.Int4Linear.from_linear(lin, group_size=32 if group is None else group, backend=self.backend)
+            q = _requantize(fmt, parts, want, (group or 0) if want == "int8" else (32 if group is None else group))
         except ValueError as e:  # (a group size that does not divide this tensor's K)
             raise GGUFError(f"{self.path}: re-quantizing tensor {name!r} ({r['type']}, K={in_f}) to {want}: {e}") from e
-        return lin
+        cls = lnn.Int8Linear if want == "int8" else lnn.Int4Linear
+        return cls.from_quantized(*q, bias=b, backend=self.backend)
+
+
+# Rows of a tensor re-quantized at a time (`_requantize`): about this many bytes of float32 values. Quantizing a whole
+# [V, H] table at once held its float32 values and twice that again in the quantizer's temporaries (a Llama-3 table,
+# 128256 x 4096: ~6 GB). `llmkern generate --no-bandwidth --quant int4 --group-size 64` on SmolLM2 (its tied Q8_0
+# table re-quantized for the lm_head) peaked at 893 MB, 510 with chunks of 4 MB (603 with 16 MB chunks).
+_REQUANT_CHUNK_BYTES = 4 << 20
+
+
+def _requantize(fmt: str, parts: list, want: str, group: int) -> tuple:
+    """The stored tensors `parts` (of format fmt, rows = output channels) dequantized and quantized again to `want`
+    ("int8": ops.quantize_int8 with `group`, 0 per channel; "int4": ops.quantize_int4) a chunk of rows at a time:
+    each row's groups are quantized on their own, so the result is that of the whole tensor at once, bit for bit."""
+    N, K = parts[0].shape[0], parts[0].shape[1] * (2 if fmt == "int4" else 1)
+    step = max(1, _REQUANT_CHUNK_BYTES // (4 * K))
+    out = None
+    for r0 in range(0, N, step):
+        w = dequantize({"format": fmt, **{n: p[r0:r0 + step] for n, p in zip(_PARTS[fmt], parts)}})  # [rows, K] fp32
+        q = ops.quantize_int8(w, group) if want == "int8" else ops.quantize_int4(w, group)
+        if r0 == 0 and step >= N:
+            return q
+        if out is None:  # (allocated once: each [N, ...] of its chunk's [rows, ...])
+            out = tuple(t.new_empty((N,) + t.shape[1:]) for t in q)
+        for o, t in zip(out, q):
+            o[r0:r0 + t.shape[0]] = t
+        del w, q
+    _trim_heap()  # (the chunks' freed memory lies between live allocations: give it back)
+    return out
 
 
 _PARTS = {"int4": ("qweight", "scales", "offsets"), "int8": ("weight", "weight_scale"), "float": ("weight",)}

@@ -235,6 +235,25 @@ def test_quant_options(tmp_path):
         load_gguf(path, quant="int3", progress=False)
 
 
+@pytest.mark.parametrize("quant,group", [("int8", None), ("int8", 32), ("int4", None), ("int4", 32)])
+def test_requantizing_in_chunks_of_rows_is_exact(tmp_path, monkeypatch, quant, group):
+    """Re-quantized tensors are quantized a chunk of rows at a time (`_requantize`, bounding the load's peak memory):
+    with chunks of 1, 3 or 5 rows (tails included) every tensor equals the whole-tensor quantization's, bit for bit."""
+    import importlib
+    gl = importlib.import_module("llmkern.models.gguf_loader")
+    path = tmp_path / "tiny.gguf"
+    cfg, sd = write_tiny_gguf(path, types={"token_embd": "Q8_0", "blk.0.ffn_down": "Q4_1"})
+    whole, _ = load_gguf(path, quant=quant, group_size=group, progress=False, fuse=False)
+    K = cfg.hidden_size
+    for rows in (1, 3, 5):
+        monkeypatch.setattr(gl, "_REQUANT_CHUNK_BYTES", 4 * K * rows)
+        chunked, _ = load_gguf(path, quant=quant, group_size=group, progress=False, fuse=False)
+        a, b = whole.state_dict(), chunked.state_dict()
+        assert list(a) == list(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (rows, k)
+
+
 def test_qwen2_bias_and_no_permutation(tmp_path):
     path = tmp_path / "qwen.gguf"
     cfg, sd = write_tiny_gguf(path, arch="qwen2", cfg=tiny_config(attention_bias=True, arch="qwen2"))

@@ -31,48 +31,33 @@ def _(packed, N, K):
     return packed.new_empty((N, K), dtype=torch.int8)
 
 
-def _int4_rows16_unpack(view, e, N, K, G):
-    """(qweight uint8 [N, K // 2], scales, offsets float32 [N, K // G]): the canonical tensors the int4 rows16
-    layout `view` (E = e bytes per scale) was packed from, bit for bit (int4_linear_rows16_unpack)."""
-    qweight = torch.empty(N, K // 2, dtype=torch.uint8)
-    scales = torch.empty(N, K // G, dtype=torch.float32)
-    offsets = torch.empty(N, K // G, dtype=torch.float32)
-    _backends.cpu_module().int4_linear_rows16_unpack(view.data_ptr(), N, K, G, e, qweight.data_ptr(),
-                                                     scales.data_ptr(), offsets.data_ptr())
-    return qweight, scales, offsets
+def _int4_canonical_like(t, N, K, G):
+    """(qweight uint8 [N, K // 2], scales, offsets float32 [N, K // G]), uninitialized, on t's device (fake tensors
+    for fake t)."""
+    return (t.new_empty((N, K // 2), dtype=torch.uint8), t.new_empty((N, K // G), dtype=torch.float32),
+            t.new_empty((N, K // G), dtype=torch.float32))
 
 
-cpu_int4_rows16_unpack = torch.library.custom_op(
-    "llmkern::cpu_int4_rows16_unpack", _int4_rows16_unpack, mutates_args=(),
-    schema="(Tensor view, int e, int N, int K, int G) -> (Tensor, Tensor, Tensor)")
+def _int4_unpacker(layout: str):
+    """The eager function and the torch custom op "llmkern::cpu_int4_<layout>_unpack" of the C++ unpacker
+    `int4_linear_<layout>_unpack`: (layout tensor, e, N, K, G) -> (qweight uint8 [N, K // 2], scales, offsets
+    float32 [N, K // G]), the canonical tensors that int4 layout (E = e bytes per scale) was packed from, bit for
+    bit."""
+    def unpack(packed, e, N, K, G):
+        out = _int4_canonical_like(packed, N, K, G)
+        getattr(_backends.cpu_module(), f"int4_linear_{layout}_unpack")(packed.data_ptr(), N, K, G, e,
+                                                                       *(t.data_ptr() for t in out))
+        return out
+
+    op = torch.library.custom_op(f"llmkern::cpu_int4_{layout}_unpack", unpack, mutates_args=(),
+                                 schema="(Tensor packed, int e, int N, int K, int G) -> (Tensor, Tensor, Tensor)")
+    op.register_fake(lambda packed, e, N, K, G: _int4_canonical_like(packed, N, K, G))
+    return unpack, op
 
 
-@cpu_int4_rows16_unpack.register_fake
-def _(view, e, N, K, G):
-    return (view.new_empty((N, K // 2), dtype=torch.uint8), view.new_empty((N, K // G), dtype=torch.float32),
-            view.new_empty((N, K // G), dtype=torch.float32))
-
-
-def _int4_w4a8_unpack(packed, e, N, K, G):
-    """(qweight uint8 [N, K // 2], scales, offsets float32 [N, K // G]): the canonical tensors the int4 W4A8 layout
-    `packed` (E = e bytes per scale) was packed from, bit for bit (int4_linear_w4a8_unpack)."""
-    qweight = torch.empty(N, K // 2, dtype=torch.uint8)
-    scales = torch.empty(N, K // G, dtype=torch.float32)
-    offsets = torch.empty(N, K // G, dtype=torch.float32)
-    _backends.cpu_module().int4_linear_w4a8_unpack(packed.data_ptr(), N, K, G, e, qweight.data_ptr(),
-                                                   scales.data_ptr(), offsets.data_ptr())
-    return qweight, scales, offsets
-
-
-cpu_int4_w4a8_unpack = torch.library.custom_op(
-    "llmkern::cpu_int4_w4a8_unpack", _int4_w4a8_unpack, mutates_args=(),
-    schema="(Tensor packed, int e, int N, int K, int G) -> (Tensor, Tensor, Tensor)")
-
-
-@cpu_int4_w4a8_unpack.register_fake
-def _(packed, e, N, K, G):
-    return (packed.new_empty((N, K // 2), dtype=torch.uint8), packed.new_empty((N, K // G), dtype=torch.float32),
-            packed.new_empty((N, K // G), dtype=torch.float32))
+# rows16 (int4_linear_rows16.h: W4A16 on AVX-512) and the W4A8 layout (int4_linear_w4a8_common.h)
+_int4_rows16_unpack, cpu_int4_rows16_unpack = _int4_unpacker("rows16")
+_int4_w4a8_unpack, cpu_int4_w4a8_unpack = _int4_unpacker("w4a8")
 
 
 def _int8_packed_rows(packed, ids, N, K):

@@ -222,7 +222,14 @@ def test_module_holds_rows16_alone(E, release_here, monkeypatch):
         xs = big[..., 16:16 + K].to(dtype)  # rows K + 32 apart
         assert rel(m(xs), R.int4_linear(xs.double(), qw, s, o, b.double())) <= TOL[dtype]
     assert m._released is not None
+    check_copies_and_restore(m, (qw, s, o, b), x1, y1)
 
+
+def check_copies_and_restore(m, canon, x1, y1):
+    """A released Int4Linear m (with a bias) whose canonical tensors are canon = (qweight, scales, offsets, bias) and
+    whose m(x1) was y1: its state_dict and deepcopy / pickle copies hold canon bit for bit without restoring m (the
+    copies prepare and release their own); reading an attribute restores m until its next call releases again."""
+    qw, s, o, b = canon
     sd = m.state_dict()
     assert list(sd) == ["qweight", "scales", "offsets", "bias"]
     assert torch.equal(sd["qweight"], qw) and torch.equal(bits(sd["scales"]), bits(s))

@@ -7,10 +7,8 @@ buffers on every ISA, computes what a module that keeps them computes (every x d
 strided rows), gives them back exactly wherever something needs them (state_dict, copies, attribute reads, mode
 changes) and releases again at its next call; LLMKERN_INT4_KEEP_CANONICAL=1 keeps them.
 """
-import copy
 import gc
 import importlib
-import pickle
 import weakref
 import zlib
 
@@ -20,12 +18,12 @@ import torch
 import llmkern._C as C
 from llmkern.nn import Int4Linear
 from llmkern.ops import _unpack
-from test_int4_linear_w4a8_cpu import expected, weights
+from test_int4_linear_rows16_release_cpu import check_copies_and_restore
+from test_int4_linear_w4a8_cpu import check_close, weights
 from _cpu_helpers import isa  # noqa: F401 (a fixture)
 
 I4 = importlib.import_module("llmkern.ops.int4_linear")  # (the module: llmkern.ops.int4_linear is also the op's function)
 MODES = ("w4a8", "w4a8g")
-EPS = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
 def bits(t):
@@ -113,26 +111,12 @@ def test_module_holds_the_w4a8_layout_alone(mode, E, isa, monkeypatch):
             y = m(x)
             assert y.shape == shape[:-1] + (N,) and y.dtype == dtype
             assert torch.equal(y, keep(x)), (dtype, shape)
-            want, mag = expected(x, qw, s, o, b, mode)
-            err = (y.reshape(want.shape).double() - want).abs()
-            assert bool((err <= 64 * EPS[dtype] * mag + 1e-30).all()), (dtype, shape)
+            check_close(y, x, qw, s, o, b, f"{dtype} {shape}", mode)
         xs = big[..., 16:16 + K].to(dtype)  # rows K + 32 apart
         assert torch.equal(m(xs), keep(xs.contiguous())), dtype
     assert m._released is not None
 
-    sd = m.state_dict()
-    assert list(sd) == ["qweight", "scales", "offsets", "bias"]
-    assert torch.equal(sd["qweight"], qw) and torch.equal(bits(sd["scales"]), bits(s))
-    assert torch.equal(bits(sd["offsets"]), bits(o)) and torch.equal(sd["bias"], b)
-    assert m._released is not None  # (unpacked into the result only)
-    for c in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
-        assert c._released is None and [n for n, _ in c.named_buffers()] == ["qweight", "scales", "offsets", "bias"]
-        assert torch.equal(c.qweight, qw) and torch.equal(bits(c.offsets), bits(o))
-        assert torch.equal(c(x1), y1) and c._released is not None  # (prepares and releases its own)
-
-    assert torch.equal(bits(m.scales), bits(s))  # reading restores...
-    assert m._released is None and [n for n, _ in m.named_buffers()] == ["qweight", "scales", "offsets", "bias"]
-    assert torch.equal(m(x1), y1) and m._released is not None  # ...until the next call packs again
+    check_copies_and_restore(m, (qw, s, o, b), x1, y1)
 
 
 def test_mode_changes_of_a_released_module():

@@ -101,26 +101,27 @@ KernelCall embedding_call(std::uintptr_t table_ptr, int dtype, int64_t V, int64_
 }
 
 // out[b, :] = dequant(table row tokens[b]) in dtype: a quantized table (llmkern.nn.QuantizedEmbedding), format
-// "int8" (w_ptr int8 [V, H], scale_ptr fp32 [V, H / G]; offset_ptr 0) or "int4" (w_ptr uint8 [V, H / 2],
-// scale_ptr / offset_ptr fp32 [V, H / G]); see csrc/include/llmkern/cpu/embedding.h. Token ids are checked
-// on every run, as embedding_call does.
+// "int8" (w_ptr int8 [V, H], scale_ptr fp32 [V, H / G]; offset_ptr 0), "int4" (w_ptr uint8 [V, H / 2],
+// scale_ptr / offset_ptr fp32 [V, H / G]) or "int5" (w_ptr uint8 [V, H], the same scales and offsets); see
+// csrc/include/llmkern/cpu/embedding.h. Token ids are checked on every run, as embedding_call does.
 KernelCall quant_embedding_call(const std::string& format, std::uintptr_t w_ptr, std::uintptr_t scale_ptr,
                                 std::uintptr_t offset_ptr, int64_t V, int64_t H, int64_t G, int dtype,
                                 std::uintptr_t tokens_ptr, int64_t B, std::uintptr_t out_ptr) {
   const char* where = "llmkern._C.quant_embedding_call";
-  const bool int4 = format == "int4", packed = format == "int8_packed";
-  if (!int4 && !packed && format != "int8")
-    fail_arg(where, "format must be 'int8', 'int8_packed' or 'int4', got '" + format + "'");
+  const bool int4 = format == "int4", int5 = format == "int5", packed = format == "int8_packed";
+  const bool offsets = int4 || int5;
+  if (!offsets && !packed && format != "int8")
+    fail_arg(where, "format must be 'int8', 'int8_packed', 'int4' or 'int5', got '" + format + "'");
   check_dtype(where, dtype);
   if (V < 1 || H < 1 || B < 0) fail_arg(where, "need V >= 1, H >= 1 and B >= 0");
   if (G < 1 || H % G) fail_arg(where, "G must divide H=" + std::to_string(H) + ", got " + std::to_string(G));
   if (int4 && (H % 2 || G % 2))
     fail_arg(where, "int4 needs an even H and G, got H=" + std::to_string(H) + " G=" + std::to_string(G));
-  if (!int4 && offset_ptr) fail_arg(where, "int8 takes no offsets: offset_ptr must be 0");
+  if (!offsets && offset_ptr) fail_arg(where, "int8 takes no offsets: offset_ptr must be 0");
   if (B == 0) return {};
   check_ptr_arg(where, "w_ptr", w_ptr, 1);
   check_ptr_arg(where, "scale_ptr", scale_ptr, 4);
-  if (int4) check_ptr_arg(where, "offset_ptr", offset_ptr, 4);
+  if (offsets) check_ptr_arg(where, "offset_ptr", offset_ptr, 4);
   check_ptr_arg(where, "tokens_ptr", tokens_ptr, 8);
   check_ptr_arg(where, "out_ptr", out_ptr, dtype == 0 ? 4 : 2);
   const auto* tokens = reinterpret_cast<const int64_t*>(tokens_ptr);
@@ -145,6 +146,9 @@ KernelCall quant_embedding_call(const std::string& format, std::uintptr_t w_ptr,
             check_token_ids(tokens, B, V);
             if (int4)
               cpu::embed_rows_int4(reinterpret_cast<const uint8_t*>(w_ptr), reinterpret_cast<const float*>(scale_ptr),
+                                   reinterpret_cast<const float*>(offset_ptr), H, G, tokens, B, dt, out);
+            else if (int5)
+              cpu::embed_rows_int5(reinterpret_cast<const uint8_t*>(w_ptr), reinterpret_cast<const float*>(scale_ptr),
                                    reinterpret_cast<const float*>(offset_ptr), H, G, tokens, B, dt, out);
             else
               cpu::embed_rows_int8(reinterpret_cast<const int8_t*>(w_ptr), reinterpret_cast<const float*>(scale_ptr),
@@ -262,8 +266,9 @@ void bind_decode_step(py::module_& m) {
   m.def("quant_embedding_call", &quant_embedding_call, py::arg("format"), py::arg("w_ptr"), py::arg("scale_ptr"),
         py::arg("offset_ptr"), py::arg("V"), py::arg("H"), py::arg("G"), py::arg("dtype"), py::arg("tokens_ptr"),
         py::arg("B"), py::arg("out_ptr"),
-        "KernelCall: out[b, :] = the dequantized row tokens[b] of an int8 (weight, scale) or int4 (qweight, scales, "
-        "offsets) table [V, H] with groups of G, in dtype; token ids are checked on each run (IndexError). "
+        "KernelCall: out[b, :] = the dequantized row tokens[b] of an int8 (weight, scale), int4 (qweight, scales, "
+        "offsets) or int5 (codes uint8 [V, H], scales, offsets) table [V, H] with groups of G, in dtype; token ids are "
+        "checked on each run (IndexError). "
         "format 'int8_packed': w_ptr is the table's int8_linear packed decode layout (either mode's), scale_ptr its "
         "scales.");
   m.def("silu_mul_call", &silu_mul_call, py::arg("gu_ptr"), py::arg("dtype"), py::arg("gu_stride"), py::arg("M"),

@@ -199,7 +199,7 @@ def gguf_type_name(tensor_type) -> str:
     return _GGML_TYPES.get(int(tensor_type), f"type id {int(tensor_type)}")
 
 
-def load_gguf_tensor(tensor) -> dict:
+def load_gguf_tensor(tensor, *, int5: bool = False) -> dict:
     """One tensor of a GGUF file (`gguf_file.GGUFFile`'s, or a `gguf.GGUFReader`'s) -> a dict of torch tensors
     in llmkern's canonical layouts.
 
@@ -209,7 +209,9 @@ def load_gguf_tensor(tensor) -> dict:
       Q6_K the same with "weight_scale" [..., K // 16];
     - Q4_0 / Q4_1 / Q4_K: {"format": "int4", "type", "qweight": uint8 [..., K // 2], "scales", "offsets":
       float32 [..., K // 32]};
-    - Q5_1 / Q5_K (FLOAT_ONLY_TYPES: no exact quantized form): {"format": "float", "type", "weight": float32}.
+    - Q5_1 / Q5_K (FLOAT_ONLY_TYPES: no exact form a quantized linear takes): {"format": "float", "type", "weight":
+      float32}; with int5=True their exact 5-bit form, {"format": "int5", "type", "codes": uint8 [..., K] in 0..31,
+      "scales", "offsets": float32 [..., K // 32]} (`gguf_kquants.q5_to_int5`: what a QuantizedEmbedding holds).
     Any other type raises ValueError naming the tensor and its type; truncated or corrupt data raises ValueError.
     """
     from . import gguf_kquants as kq
@@ -230,6 +232,9 @@ def load_gguf_tensor(tensor) -> dict:
         conv = {"Q4_0": q4_0_to_int4, "Q4_1": q4_1_to_int4, "Q4_K": kq.q4_k_to_int4}[type_name]
         q, s, o = conv(tensor.data, shape, name=name)
         out.update(format="int4", qweight=q, scales=s, offsets=o)
+    elif type_name in FLOAT_ONLY_TYPES and int5:
+        q, s, o = kq.q5_to_int5(tensor.data, shape, type_name, name=name)
+        out.update(format="int5", codes=q, scales=s, offsets=o)
     elif type_name in FLOAT_ONLY_TYPES:
         conv = kq.q5_1_to_float if type_name == "Q5_1" else kq.q5_k_to_float
         out.update(format="float", weight=conv(tensor.data, shape, name=name))

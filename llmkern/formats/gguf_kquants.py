@@ -19,9 +19,11 @@ Canonical forms, each exact (its dequantized values equal gguf.quants.dequantize
   so q * scale is exact and the one rounding is the addition, as in gguf's own `d * q - dm`.
 - Q6_K -> int8 with a scale per group of 16: weight = q - 32 in -32..31, weight_scale = d * sc (exact: an
   11-bit significand times an 8-bit integer), and float32(weight) * scale is gguf's single product.
-- Q5_1 and Q5_K have no exact canonical quantized form (5-bit values with a per-group minimum: int4 has
-  4 bits, int8 no offset), so they load as float32 with gguf's values; the runtime's loader re-quantizes
-  them to int8 with a scale per 32 unless asked for floats (llmkern/models/gguf_loader.py).
+- Q5_1 and Q5_K have no exact canonical quantized form a linear takes (5-bit values with a per-group minimum:
+  int4 has 4 bits, int8 no offset), so they load as float32 with gguf's values; the runtime's loader re-quantizes
+  them to int8 with a scale per 32 unless asked for floats (llmkern/models/gguf_loader.py). A token table keeps
+  them exactly in the "int5" form (`q5_to_int5`: a byte per code, a scale and an offset per 32), which
+  llmkern.nn.QuantizedEmbedding holds.
 
 Shapes are torch order (..., K), i.e. GGUF's ne reversed; K must be a multiple of the type's block.
 
@@ -97,16 +99,23 @@ def q5_0_to_int8(raw, shape, *, name: str | None = None):
     return _to_torch(q, shape), _to_torch(d, shape[:-1] + (shape[-1] // 32,))
 
 
+def _q5_1_codes(blocks: np.ndarray, name: str | None):
+    """Q5_1 blocks [R, nb, 24] -> (q uint8 [R, nb, 32] in 0..31, d, m float32 [R, nb]): value = q * d + m."""
+    d = _f16_field(blocks, 0, "scale d", "Q5_1", name)
+    m = _f16_field(blocks, 2, "minimum m", "Q5_1", name)
+    return _q5_values(blocks[..., 4:8], blocks[..., 8:24]), d, m
+
+
 def q5_1_to_float(raw, shape, *, name: str | None = None):
     """GGUF Q5_1 blocks -> float32 [..., K] = q * d + m (fp32, as gguf computes it)."""
     mod = _native()
     shape, blocks = _blocks(raw, shape, "Q5_1", name, copy=mod is None)  # [R, K // 32, 24]
-    d = _f16_field(blocks, 0, "scale d", "Q5_1", name)
-    m = _f16_field(blocks, 2, "minimum m", "Q5_1", name)
     if mod is not None:
+        _f16_field(blocks, 0, "scale d", "Q5_1", name)  # (finite)
+        _f16_field(blocks, 2, "minimum m", "Q5_1", name)
         return _unpack(mod, "Q5_1", blocks, torch.empty(shape))[0]
-    q = _q5_values(blocks[..., 4:8], blocks[..., 8:24]).astype(np.float32)  # [R, nb, 32]
-    return _to_torch(d[..., None] * q + m[..., None], shape)
+    q, d, m = _q5_1_codes(blocks, name)
+    return _to_torch(d[..., None] * q.astype(np.float32) + m[..., None], shape)
 
 
 def q4_k_to_int4(raw, shape, *, name: str | None = None):
@@ -135,6 +144,18 @@ def q4_k_to_int4(raw, shape, *, name: str | None = None):
             _to_torch(np.negative(minimum), gshape))
 
 
+def _q5_k_codes(blocks: np.ndarray, name: str | None):
+    """Q5_K blocks [R, nb, 176] -> (q uint8 [R, nb, 8, 32] in 0..31, scale = d * sc, minimum = dmin * m float32
+    [R, nb, 8]): value = scale * q - minimum."""
+    scale, minimum = _k_scale_offset(blocks, "Q5_K", name)  # [R, nb, 8]
+    R, nb = blocks.shape[:2]
+    x = blocks[..., 48:176].reshape(R, nb, 4, 1, 32)
+    low = np.concatenate([x & 0x0F, x >> 4], axis=3).reshape(R, nb, 8, 32)  # sub-blocks 2c, 2c + 1
+    qh = blocks[..., 16:48].reshape(R, nb, 1, 32)
+    high = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1  # bit s of qh[l]: sub-block s, element l
+    return low | (high << 4), scale, minimum
+
+
 def q5_k_to_float(raw, shape, *, name: str | None = None):
     """GGUF Q5_K blocks -> float32 [..., K] = (d * sc) * q - dmin * m (fp32, as gguf computes it)."""
     mod = _native()
@@ -143,14 +164,27 @@ def q5_k_to_float(raw, shape, *, name: str | None = None):
         _f16_field(blocks, 0, "scale d", "Q5_K", name)  # (finite)
         _f16_field(blocks, 2, "minimum scale dmin", "Q5_K", name)
         return _unpack(mod, "Q5_K", blocks, torch.empty(shape))[0]
-    scale, minimum = _k_scale_offset(blocks, "Q5_K", name)  # [R, nb, 8]
-    R, nb = blocks.shape[:2]
-    x = blocks[..., 48:176].reshape(R, nb, 4, 1, 32)
-    low = np.concatenate([x & 0x0F, x >> 4], axis=3).reshape(R, nb, 8, 32)  # sub-blocks 2c, 2c + 1
-    qh = blocks[..., 16:48].reshape(R, nb, 1, 32)
-    high = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1  # bit s of qh[l]: sub-block s, element l
-    q = (low | (high << 4)).astype(np.float32)  # [R, nb, 8, 32]
-    return _to_torch(scale[..., None] * q - minimum[..., None], shape)
+    q, scale, minimum = _q5_k_codes(blocks, name)
+    return _to_torch(scale[..., None] * q.astype(np.float32) - minimum[..., None], shape)
+
+
+def q5_to_int5(raw, shape, type_name: str, *, name: str | None = None):
+    """GGUF Q5_1 / Q5_K blocks -> their 5-bit form, exact: (codes uint8 [..., K] in 0..31, scales, offsets float32
+    [..., K // 32]), whose float32(codes) * scales + offsets (a product, then a sum: never fused) is gguf's value
+    bit for bit (Q5_1: scales = d, offsets = m; Q5_K: scales = d * sc, offsets = -(dmin * m), and x + (-y) is
+    x - y). What llmkern.nn.QuantizedEmbedding holds for a Q5 token table ("int5"): 1.25 bytes per weight
+    instead of float32's 4. (numpy: a table is converted once per load.)"""
+    if type_name not in ("Q5_1", "Q5_K"):
+        raise ValueError(f"q5_to_int5: type must be Q5_1 or Q5_K, got {type_name!r}")
+    shape, blocks = _blocks(raw, shape, type_name, name)
+    lead, K = shape[:-1], shape[-1]
+    if type_name == "Q5_1":
+        q, scale, offset = _q5_1_codes(blocks, name)
+    else:
+        q, scale, minimum = _q5_k_codes(blocks, name)
+        offset = np.negative(minimum)
+    gshape = lead + (K // 32,)
+    return _to_torch(q, shape), _to_torch(scale, gshape), _to_torch(offset, gshape)
 
 
 def q6_k_to_int8(raw, shape, *, name: str | None = None):

@@ -151,13 +151,14 @@ class _Loader:
         self.tensors = {t.name: t for t in reader.tensors}
         self.float_only = set()  # names of the Q5_1 / Q5_K weights loaded as linears (re-quantized unless "none")
 
-    def raw(self, name: str) -> dict:
-        """The tensor's canonical form (formats.gguf.load_gguf_tensor), with the file named in errors."""
+    def raw(self, name: str, *, int5: bool = False) -> dict:
+        """The tensor's canonical form (formats.gguf.load_gguf_tensor; int5: Q5_1 / Q5_K in their exact 5-bit form
+        rather than float32), with the file named in errors."""
         t = self.tensors.get(name)
         if t is None:
             raise GGUFError(f"{self.path}: tensor {name!r} is missing")
         try:
-            return load_gguf_tensor(t)
+            return load_gguf_tensor(t, int5=int5)
         except (ValueError, TypeError) as e:
             raise GGUFError(f"{self.path}: {e}") from e
 
@@ -330,9 +331,10 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     H, D, Hq, Hk, I = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size
 
     prog.update(0, "embeddings")
-    emb = ld.raw("token_embd.weight")
-    if emb["format"] in ("int8", "int4") and quant != "none":
-        # kept as stored, a row dequantized per lookup (the float table's values, a quarter of its bytes or less)
+    emb = ld.raw("token_embd.weight", int5=quant != "none")
+    if emb["format"] in ("int8", "int4", "int5") and quant != "none":
+        # kept as stored, a row dequantized per lookup (the float table's values, a quarter of its bytes or less; a
+        # Q5_1 / Q5_K table in its 5-bit form: gguf's values, 1.25 bytes per weight instead of float32's 4)
         model.embed_tokens = lnn.QuantizedEmbedding.from_gguf(emb, dtype=dtype)
         ld.expect("token_embd.weight", (model.embed_tokens.num_embeddings, model.embed_tokens.embedding_dim),
                   (c.vocab_size, H))

@@ -12,7 +12,10 @@ table reads its rows there too (one copy of the int8 weights in the model; see "
 
 Buffers (the canonical layouts of llmkern/formats/README.md, as the quantized linears hold them):
 - int8: `weight` int8 [V, H], `weight_scale` float32 [V] or [V, H // G];
-- int4: `qweight` uint8 [V, H // 2], `scales`, `offsets` float32 [V, H // G].
+- int4: `qweight` uint8 [V, H // 2], `scales`, `offsets` float32 [V, H // G];
+- int5: `codes` uint8 [V, H] (0..31), `scales`, `offsets` float32 [V, H // G]: a GGUF Q5_1 / Q5_K table as stored
+  (`llmkern.formats.gguf_kquants.q5_to_int5`), value = float32(code) * scale + offset, gguf's values exactly,
+  1.25 bytes per weight at G = 32 (no linear takes this form: their Q5 weights are re-quantized to int8).
 `dtype` is the output's (the model's activations); .to(dtype) / .half() change it and leave the buffers'
 dtypes alone. Inference only (no gradient reaches the table).
 """
@@ -24,8 +27,18 @@ from torch import nn
 from .. import ops
 from ..ops import _unpack
 
-FORMATS = ("int8", "int4")
-_BUFFERS = {"int8": ("weight", "weight_scale"), "int4": ("qweight", "scales", "offsets")}
+FORMATS = ("int8", "int4", "int5")
+_BUFFERS = {"int8": ("weight", "weight_scale"), "int4": ("qweight", "scales", "offsets"),
+            "int5": ("codes", "scales", "offsets")}
+
+
+def _dequantize_int5(codes, scales, offsets):
+    """codes uint8 [n, H], scales / offsets float32 [n, H // G] -> float32 [n, H] = float32(codes) * scale + offset,
+    the product rounded to float32 before the sum (two torch ops), as gguf computes Q5_1 / Q5_K values."""
+    n, H = codes.shape
+    G = H // scales.shape[1]
+    w = codes.view(n, H // G, G).float() * scales.unsqueeze(-1)  # [n, H/G, G]
+    return (w + offsets.unsqueeze(-1)).view(n, H)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -33,11 +46,11 @@ class QuantizedEmbedding(nn.Module):
 
     def __init__(self, tensors: dict, *, dtype=torch.float32):
         super().__init__()
-        fmt = "int4" if "qweight" in tensors else "int8"
+        fmt = "int4" if "qweight" in tensors else "int5" if "codes" in tensors else "int8"
         names = _BUFFERS[fmt]
         if set(tensors) != set(names):
-            raise ValueError(f"QuantizedEmbedding: tensors must be {list(_BUFFERS['int8'])} (int8) or "
-                             f"{list(_BUFFERS['int4'])} (int4), got {sorted(tensors)}")
+            raise ValueError(f"QuantizedEmbedding: tensors must be {list(_BUFFERS['int8'])} (int8), "
+                             f"{list(_BUFFERS['int4'])} (int4) or {list(_BUFFERS['int5'])} (int5), got {sorted(tensors)}")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"QuantizedEmbedding: dtype must be torch.float32, bfloat16 or float16, got {dtype}")
         first = tensors[names[0]]
@@ -54,7 +67,7 @@ class QuantizedEmbedding(nn.Module):
             if not ok:
                 raise ValueError(f"QuantizedEmbedding: {n} must be float32 [{V}, H // G] with G dividing H={H}"
                                  f"{f' (or [{V}])' if fmt == 'int8' else ''}, got {t.dtype} {list(t.shape)}")
-        if fmt == "int4" and tensors["scales"].shape != tensors["offsets"].shape:
+        if fmt != "int8" and tensors["scales"].shape != tensors["offsets"].shape:
             raise ValueError(f"QuantizedEmbedding: scales {list(tensors['scales'].shape)} and offsets "
                              f"{list(tensors['offsets'].shape)} must have the same shape")
         self.format, self.num_embeddings, self.embedding_dim, self.dtype = fmt, V, H, dtype
@@ -180,21 +193,17 @@ class QuantizedEmbedding(nn.Module):
                     src[1].index_select(0, flat)]
         else:
             rows = [t.index_select(0, flat) for t in self.tensors()]
-        if self.format == "int8":
-            out = ops.dequantize_int8(*rows)
-        else:
-            out = ops.dequantize_int4(*rows)
+        out = _DEQUANTIZE[self.format](*rows)
         return out.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
 
     def dequantize(self) -> torch.Tensor:
         """The whole table [V, H] in `dtype` (what a float nn.Embedding of the same values would hold)."""
-        f = ops.dequantize_int8 if self.format == "int8" else ops.dequantize_int4
-        return f(*self.tensors()).to(self.dtype)
+        return _DEQUANTIZE[self.format](*self.tensors()).to(self.dtype)
 
     def row_bytes(self) -> int:
         """Bytes one lookup reads (a row of each buffer; of a released int8 table, its H bytes)."""
         rest = [self._buffers[n] for n in _BUFFERS[self.format][1:]]
-        codes = self.embedding_dim // (2 if self.format == "int4" else 1)
+        codes = self.embedding_dim // (2 if self.format == "int4" else 1)  # (int8, int5: a byte per value)
         return codes + sum(t[0].numel() * t.element_size() for t in rest)
 
     def _apply(self, fn, recurse=True):
@@ -214,3 +223,7 @@ class QuantizedEmbedding(nn.Module):
         t = self._buffers[_BUFFERS[self.format][1]]
         g = self.embedding_dim if t.dim() == 1 else self.embedding_dim // t.shape[1]
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}, group_size={g}, dtype={self.dtype}"
+
+
+_DEQUANTIZE = {"int8": lambda w, s: ops.dequantize_int8(w, s), "int4": lambda q, s, o: ops.dequantize_int4(q, s, o),
+               "int5": _dequantize_int5}

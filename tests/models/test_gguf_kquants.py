@@ -84,6 +84,23 @@ def test_bit_exact_on_random_blocks(type_name, shape, impl):
     assert not differ.any(), f"{int(differ.sum())} of {differ.numel()} elements differ"
 
 
+@pytest.mark.parametrize("type_name,shape", [(t, s) for t in ("Q5_1", "Q5_K") for s in SHAPES[t]], ids=str)
+def test_int5_form_is_bit_exact_on_random_blocks(type_name, shape):
+    """Q5_1 / Q5_K in their 5-bit form (codes, scales, offsets: what QuantizedEmbedding holds for a Q5 table) give
+    gguf's values bit for bit through the embedding's dequantizer, float16 fields of every kind included."""
+    from llmkern.nn.embedding import _dequantize_int5
+    rng = np.random.default_rng(sum(shape) + 7 * len(type_name))
+    raw = random_blocks(type_name, shape, rng, f16_of_every_kind(rng))
+    q, s, o = kq.q5_to_int5(raw, shape, type_name)
+    assert q.shape == shape and q.dtype == torch.uint8 and int(q.max()) <= 31
+    assert s.shape == o.shape == shape[:-1] + (shape[-1] // 32,) and s.dtype == o.dtype == torch.float32
+    ours = _dequantize_int5(*_2d((q, s, o))).reshape(shape)
+    differ = ours.view(torch.int32) != gguf_values(raw, type_name, shape).view(torch.int32)
+    assert not differ.any(), f"{int(differ.sum())} of {differ.numel()} elements differ"
+    with pytest.raises(ValueError, match="type must be Q5_1 or Q5_K"):
+        kq.q5_to_int5(raw, shape, "Q4_K" if type_name == "Q5_K" else "Q5_0")
+
+
 @pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1"])
 def test_bit_exact_on_gguf_quantizer(type_name, impl):
     rng = np.random.default_rng(1)
@@ -208,6 +225,13 @@ def test_load_gguf_tensor_forms(tmp_path):
         assert torch.equal(ours.reshape(shapes[t]), gguf_values(tensors[t].data, t, shapes[t])), t
     with pytest.raises(ValueError, match=r"'Q3_K' has type Q3_K, which llmkern cannot load \(supported: .*Q4_K"):
         fmt.load_gguf_tensor(tensors["Q3_K"])
+    for t, form in forms.items():  # int5=True: the Q5 types in their exact 5-bit form; the others as before
+        r = fmt.load_gguf_tensor(tensors[t], int5=True)
+        assert r["format"] == ("int5" if form == "float" else form), t
+        if r["format"] == "int5":
+            from llmkern.nn.embedding import _dequantize_int5
+            ours = _dequantize_int5(*_2d((r["codes"], r["scales"], r["offsets"])))
+            assert torch.equal(ours.reshape(shapes[t]), gguf_values(tensors[t].data, t, shapes[t])), t
 
 
 # the types of a Q4_K_M file (and Q5_K_M's Q5_K; Q5_1 where a row is no multiple of 256): hidden 256 and
@@ -216,10 +240,13 @@ KTYPES = {"token_embd": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q5_0", "attn_v": "Q
           "ffn_gate": "Q4_K", "ffn_up": "Q5_1", "ffn_down": "Q6_K", "output": "Q4_K"}
 
 
-@pytest.fixture(scope="module")
-def kquant_file(tmp_path_factory):
+@pytest.fixture(scope="module", params=["Q6_K", "Q5_K"])
+def kquant_file(tmp_path_factory, request):
+    """The tiny K-quant model, its token table Q6_K (int8, as Q4_K_M files of tied models hold it) or Q5_K (Q5_K_M
+    files of untied ones: held in its 5-bit form)."""
     path = tmp_path_factory.mktemp("kq") / "tiny_k.gguf"
-    cfg, sd = write_tiny_gguf(path, types=KTYPES, cfg=tiny_config(hidden_size=256, intermediate_size=512))
+    cfg, sd = write_tiny_gguf(path, types={**KTYPES, "token_embd": request.param},
+                              cfg=tiny_config(hidden_size=256, intermediate_size=512))
     return path, cfg, sd
 
 
@@ -288,11 +315,27 @@ def test_kquant_model_generates(kquant_file):
 
 
 def test_tied_q5_embedding_gives_a_quantized_lm_head(tmp_path):
-    """A tied Q5_1 token_embd: the lm_head reads it as int8 (not as the float embedding, 4x the bytes)."""
-    cfg, sd = write_tiny_gguf(tmp_path / "t.gguf", tied=True, types={"token_embd": "Q5_1"})
-    model, _ = load_gguf(tmp_path / "t.gguf", progress=False, backend="reference", fuse=False)
+    """A tied Q5_1 token_embd: the lm_head reads it as int8 (not as the float embedding, 4x the bytes); the
+    embedding holds it in its 5-bit form (gguf's values exactly, 1.25 bytes per weight instead of float32's 4), looked
+    up eagerly and by the decode step program's native call alike; quant "none" holds one float table for both."""
+    from llmkern.models.generate import generate
+    one = {r: "Q4_1" for r in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    cfg, sd = write_tiny_gguf(tmp_path / "t.gguf", tied=True, types={"token_embd": "Q5_1", **one})  # (one type: fused)
+    model, tok = load_gguf(tmp_path / "t.gguf", progress=False)
     assert isinstance(model.lm_head, lnn.Int8Linear) and model.lm_head.group_size == 32
-    assert torch.equal(model.embed_tokens.weight, sd["embed_tokens.weight"])  # the embedding: exact values
+    emb = model.embed_tokens
+    assert isinstance(emb, lnn.QuantizedEmbedding) and emb.format == "int5"
+    assert torch.equal(emb.dequantize(), sd["embed_tokens.weight"])  # the embedding: exact values
+    ref = Llama(cfg.replace(tie_embeddings=False), backend="reference")
+    ref.load_state_dict({**sd, "lm_head.weight": ops.dequantize_int8(model.lm_head.weight, model.lm_head.weight_scale)})
+    assert_greedy_tokens(ref, generate(model, tok, ["the"], max_new_tokens=5, chat=False))
+    with torch.inference_mode():
+        cache, tokens = model.new_cache(1, 16), torch.tensor([[3, 1, 4, 5]])
+        model(tokens[:, :3], cache, last_only=True)
+        step = model(tokens[:, 3:], cache, last_only=True)
+        plan = model.__dict__["_decode_plan"]
+        assert plan.program is not None and plan.embed_q is not None  # (the step program's native int5 rows)
+        assert rel(step, ref(tokens)[:, -1]) <= 1e-5
     exact, _ = load_gguf(tmp_path / "t.gguf", progress=False, quant="none", backend="reference", fuse=False)
     assert exact.lm_head.weight is exact.embed_tokens.weight
 

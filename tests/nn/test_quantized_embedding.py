@@ -1,5 +1,5 @@
 """llmkern.nn.QuantizedEmbedding: each looked-up row equals the dequantized table's row (int8 per row or per
-group, int4 with offsets), cast to the output dtype exactly as the float table would be; the decode
+group, int4 with offsets, int5: a byte per code with offsets), cast to the output dtype exactly as the float table would be; the decode
 step program's native lookup (llmkern._C.quant_embedding_call) gives the same bits; bad ids and bad
 tensors raise clear errors."""
 from __future__ import annotations
@@ -21,11 +21,18 @@ def table(fmt, V, H, G, seed=0):
     if fmt == "int8":
         q, s = ops.quantize_int8(w, 0 if G == H else G)
         return {"weight": q, "weight_scale": s}, ops.dequantize_int8(q, s)
+    if fmt == "int5":  # (codes 0..31 with a scale and an offset per group: a GGUF Q5 table's form)
+        codes = torch.randint(0, 32, (V, H), generator=g, dtype=torch.uint8)
+        sc = torch.rand(V, H // G, generator=g) * 0.1
+        off = torch.randn(V, H // G, generator=g)
+        full = (codes.view(V, H // G, G).double() * sc.double()[..., None]).float() + off[..., None]  # [V, H/G, G]
+        return {"codes": codes, "scales": sc, "offsets": off}, full.view(V, H)
     qw, sc, off = ops.quantize_int4(w, G)
     return {"qweight": qw, "scales": sc, "offsets": off}, ops.dequantize_int4(qw, sc, off)
 
 
-CASES = [("int8", 37, 96, 32), ("int8", 5, 48, 48), ("int8", 11, 64, 16), ("int4", 37, 96, 32), ("int4", 9, 256, 128)]
+CASES = [("int8", 37, 96, 32), ("int8", 5, 48, 48), ("int8", 11, 64, 16), ("int4", 37, 96, 32), ("int4", 9, 256, 128),
+         ("int5", 37, 96, 32), ("int5", 3, 64, 64)]
 
 
 @pytest.mark.parametrize("fmt,V,H,G", CASES)
@@ -52,6 +59,8 @@ def test_shares_the_given_tensors_and_counts_row_bytes():
     assert emb.row_bytes() == 64 + 2 * 4
     t4, _ = table("int4", 10, 64, 32)
     assert QuantizedEmbedding(t4).row_bytes() == 32 + 2 * 4 + 2 * 4
+    t5, _ = table("int5", 10, 64, 32)
+    assert QuantizedEmbedding(t5).row_bytes() == 64 + 2 * 4 + 2 * 4 and QuantizedEmbedding(t5).format == "int5"
 
 
 def test_dtype_casts_change_the_output_not_the_buffers():
@@ -88,6 +97,13 @@ def test_bad_tensors_raise():
     t4, _ = table("int4", 10, 64, 32)
     with pytest.raises(ValueError, match="must have the same shape"):
         QuantizedEmbedding({**t4, "offsets": t4["offsets"][:, :1]})
+    t5, _ = table("int5", 10, 64, 32)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        QuantizedEmbedding({**t5, "offsets": t5["offsets"][:, :1]})
+    with pytest.raises(TypeError, match="codes must be a non-empty torch.uint8"):
+        QuantizedEmbedding({**t5, "codes": t5["codes"].to(torch.int8)})
+    with pytest.raises(ValueError, match=r"\['codes', 'scales', 'offsets'\] \(int5\)"):
+        QuantizedEmbedding({"codes": t5["codes"], "scales": t5["scales"]})
     with pytest.raises(TypeError, match="dtype must be"):
         QuantizedEmbedding(t, dtype=torch.int8)
     with pytest.raises(ValueError, match="format must be one of"):
@@ -124,14 +140,16 @@ def test_native_lookup_gives_the_same_bits(fmt, V, H, G, dtype):
 
 
 @needs_cpu
-def test_native_lookup_keeps_the_int4_product_rounded():
+@pytest.mark.parametrize("fmt", ["int4", "int5"])
+def test_native_lookup_keeps_the_product_rounded(fmt):
     """q * scale + offset with the product rounded to fp32 first (no fused multiply-add): a value where the two
     differ. scale = 1 + 2^-23, q = 3, offset = -3: fused 3 * 2^-23 (exact); separate, 3 * (1 + 2^-23) is 3 plus
     1.5 ulps (an ulp at 3 is 2^-22), rounded half to even to 3 + 2^-21, and - 3 leaves 2^-21."""
-    qw = torch.tensor([[0x33, 0x33]], dtype=torch.uint8)  # q = 3 everywhere, H = 4
+    q = ({"qweight": torch.tensor([[0x33, 0x33]], dtype=torch.uint8)} if fmt == "int4"  # q = 3 everywhere, H = 4
+         else {"codes": torch.full((1, 4), 3, dtype=torch.uint8)})
     s = torch.tensor([[1 + 2.0 ** -23]], dtype=torch.float32)
     o = torch.tensor([[-3.0]], dtype=torch.float32)
-    emb = QuantizedEmbedding({"qweight": qw, "scales": s, "offsets": o})
+    emb = QuantizedEmbedding({**q, "scales": s, "offsets": o})
     want = emb(torch.tensor([0]))
     assert want[0, 0].item() == 2.0 ** -21
     assert torch.equal(native_rows(emb, torch.tensor([0]), torch.float32), want)
@@ -148,7 +166,7 @@ def test_native_lookup_checks_ids_and_arguments():
     tok, out = torch.zeros(1, dtype=torch.int64), torch.empty(1, 32)
     args = dict(format="int8", w_ptr=w.data_ptr(), scale_ptr=s.data_ptr(), offset_ptr=0, V=10, H=32, G=16, dtype=0,
                 tokens_ptr=tok.data_ptr(), B=1, out_ptr=out.data_ptr())
-    for bad, msg in ((dict(format="int5"), "format must be 'int8', 'int8_packed' or 'int4'"),
+    for bad, msg in ((dict(format="int6"), "format must be 'int8', 'int8_packed', 'int4' or 'int5'"),
                      (dict(G=5), "G must divide H=32"), (dict(dtype=3), "dtype must be 0"), (dict(offset_ptr=s.data_ptr()), "int8 takes no offsets"),
                      (dict(w_ptr=0), "w_ptr is a null pointer"), (dict(V=0), "need V >= 1")):
         with pytest.raises(ValueError, match=msg):

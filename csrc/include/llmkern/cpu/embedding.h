@@ -1,9 +1,10 @@
-// Embedding rows gathered from a quantized table (canonical int8 / int4 layouts, llmkern/formats/README.md)
+// Embedding rows gathered from a quantized table (canonical int8 / int4 layouts, llmkern/formats/README.md, and
+// int5, a GGUF Q5 table as stored)
 // and dequantized into the activations' dtype: the decode step's lookup for llmkern.nn.QuantizedEmbedding.
 //
 // Each output value is what the reference computes for the dequantized table, then cast:
 //   int8: float(q) * scale                      (one fp32 multiply)
-//   int4: float(q) * scale + offset             (an fp32 multiply, then an fp32 add: never fused)
+//   int4 / int5: float(q) * scale + offset      (an fp32 multiply, then an fp32 add: never fused)
 // cast to bf16 / fp16 with round-to-nearest-even (as torch's .to(dtype)). A row is H values: a few
 // microseconds per token, so plain scalar code.
 #pragma once
@@ -69,6 +70,20 @@ inline void embed_rows_int4(const uint8_t* qw, const float* scales, const float*
       const int nib = (q[h / 2] >> (4 * (h & 1))) & 15;
       store_from_f32(out, b * H + h, dt, rounded_f32(static_cast<float>(nib) * s[h / G]) + o[h / G]);
     }
+  }
+}
+
+// int5 (a GGUF Q5_1 / Q5_K table as stored): codes uint8 [V, H] (0..31), scales / offsets fp32 [V, H / G]; the same
+// arithmetic as int4 with a byte per code.
+inline void embed_rows_int5(const uint8_t* codes, const float* scales, const float* offsets, int64_t H, int64_t G,
+                            const int64_t* tokens, int64_t B, DType dt, void* out) {
+  const int64_t ng = H / G;
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* q = codes + tokens[b] * H;
+    const float* s = scales + tokens[b] * ng;
+    const float* o = offsets + tokens[b] * ng;
+    for (int64_t h = 0; h < H; ++h)
+      store_from_f32(out, b * H + h, dt, rounded_f32(static_cast<float>(q[h]) * s[h / G]) + o[h / G]);
   }
 }
 

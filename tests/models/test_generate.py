@@ -219,6 +219,14 @@ def test_cli_prepares_the_linears_at_load_on_the_cpu(tmp_path, capsys, monkeypat
     assert sorted(seen["trusted"]) == sorted(id(m) for m in seen["linears"]) and seen["at_generate"] == len(seen["trusted"])
 
 
+def test_act_int8_modes_per_device():
+    """--act-int8's modes: W4A8g and W8A8 on the CPU; on a GPU W8A8 alone (no W4A8 kernel there: its int4 linears
+    would run the reference backend)."""
+    from llmkern.models.cli_generate import act_int8_modes
+    assert act_int8_modes(torch.device("cpu")) == {"int4": "w4a8g", "int8": "w8a8"}
+    assert act_int8_modes(torch.device("cuda", 0)) == {"int8": "w8a8"}
+
+
 def test_cli_tiny_model(tmp_path, capsys):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)

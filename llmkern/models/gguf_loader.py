@@ -295,6 +295,9 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
         raise ValueError(f"load_gguf: group_size for quant='int4' must be 32, 64 or 128, got {group_size}")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"load_gguf: dtype (the activations') must be torch.float32, bfloat16 or float16, got {dtype}")
+    if modes is not None and not isinstance(modes, dict):
+        raise TypeError(f"load_gguf: modes must be a dict such as {{'int4': 'w4a8g', 'int8': 'w8a8'}} or None, got "
+                        f"{type(modes).__name__}")
     modes = dict(modes or {})
     if set(modes) - {"int4", "int8"}:
         raise ValueError(f"load_gguf: modes takes the keys 'int4' and 'int8', got {sorted(modes)}")

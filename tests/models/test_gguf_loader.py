@@ -434,6 +434,8 @@ def test_modes_are_set_as_the_linears_are_built(tmp_path):
         load_gguf(p, progress=False, modes={"int2": "w2a8"})
     with pytest.raises(ValueError, match="modes\\['int8'\\] must be one of .*, got 'w4a8'"):
         load_gguf(p, progress=False, modes={"int8": "w4a8"})
+    with pytest.raises(TypeError, match="modes must be a dict .* or None, got str"):
+        load_gguf(p, progress=False, modes="w4a8g")
 
 
 def test_default_model_error_message(monkeypatch):

@@ -84,19 +84,22 @@ def test_launch_without_the_weight_is_the_canonical_launch_bitwise(mode, isa, f1
                 assert rel(got, ref) <= TOL[dtype], (isa, N, K, G, dtype, M)
 
 
-def test_released_launch_reads_the_packed_layout():
-    """The weight pointer is 0: what comes out is the packed weights' product (their scales beside), on every route;
-    a pinned scalar ISA, which has no packed kernels, still computes (on the CPU's packed ISA)."""
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+def test_released_launch_reads_the_packed_layout(mode):
+    """The weight pointer is 0: what comes out is the packed weights' product (their scales beside), on every route
+    (W8A8: with the GEMM layout where this CPU makes it); a pinned scalar ISA, which has no packed kernels, still
+    computes (on the CPU's packed ISA)."""
     gen = torch.Generator().manual_seed(11)
     N, K, G = 70, 256, 32
     w, s = weights(N, K, G, False, gen)
-    run = I8._cpu_runner(w, s, None, "w8a16", pack=True)
+    run = I8._cpu_runner(w, s, None, mode, pack=True, gemm=mode == "w8a8" and cpu_isa() == "avx512_vnni")
     for dtype in (torch.float32, torch.bfloat16):
         for M in (1, 12, 33):
             x = torch.randn(M, K, generator=gen).to(dtype)
-            ref = R.int8_linear(x.double(), w, s, None, "w8a16")
+            ref = R.int8_linear(x.double(), w, s, None, mode)
             for isa in ("", "scalar"):
-                assert rel(launch(x, w, s, run.packed, 4, isa=isa), ref) <= TOL[dtype], (dtype, M, isa)
+                got = launch(x, w, s, run.packed, 4, isa=isa, mode=mode, gemm=run.gemm_packed)
+                assert rel(got, ref) <= TOL[dtype], (dtype, M, isa)
 
 
 def test_launcher_checks_released_arguments():

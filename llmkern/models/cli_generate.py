@@ -53,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--act-int8", action="store_true",
                    help="quantize activations to int8 in the quantized linears (int4: W4A8 with a scale per group, "
                         "int8: W8A8): integer dot products, faster on the CPU, slightly less exact "
-                        "(docs/notes/cpu-w4a8.md); on a GPU the int8 linears only (W4A8 is CPU-only)")
+                        "(docs/notes/cpu-w4a8.md); the layers' linears, not the lm_head; on a GPU the int8 ones only "
+                        "(W4A8 is CPU-only)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="on a GPU, replay each decode step as one CUDA graph (LLMKERN_CUDA_GRAPH=1; not yet run "
                         "on a GPU, so off by default)")
@@ -85,8 +86,11 @@ def pick_dtype(name: str, backend: str | None, device: str = "cpu"):
 def act_int8_modes(device: torch.device) -> dict:
     """The linear modes of --act-int8 on `device` (load_gguf's `modes`): W4A8 with a scale per group and W8A8 on the
     CPU; on a GPU W8A8 only, the int4 linears staying W4A16 (their W4A8 kernels are CPU-only: a W4A8 linear on a GPU
-    would fall back to the reference backend's torch ops on every call)."""
-    return {"int4": "w4a8g", "int8": "w8a8"} if device.type == "cpu" else {"int8": "w8a8"}
+    would fall back to the reference backend's torch ops on every call). The lm_head stays weight-only: generation
+    computes it for one row per sequence, where W8A8 is slower (SmolLM2's head at M = 1: 0.87-0.92x, run 30j) and
+    adds a layout and its activation rounding."""
+    layers = {"int4": "w4a8g", "int8": "w8a8"} if device.type == "cpu" else {"int8": "w8a8"}
+    return {**layers, "lm_head": {}}
 
 
 def _error(msg: str) -> int:
@@ -134,7 +138,7 @@ def run(args) -> int:
     except (FileNotFoundError, GGUFError, ValueError) as e:
         return _error(str(e))
     if args.act_int8 and device.type != "cpu" and not args.quiet:
-        sys.stderr.write("llmkern: --act-int8 on a GPU: int8 linears W8A8; int4 linears stay W4A16 (W4A8 is CPU-only)\n")
+        sys.stderr.write("llmkern: --act-int8 on a GPU: int8 layers W8A8; int4 ones stay W4A16 (W4A8 is CPU-only)\n")
     if device.type != "cpu":
         model = model.to(device)
 

@@ -248,6 +248,21 @@ def _requantize(fmt: str, parts: list, want: str, group: int) -> tuple:
 _PARTS = {"int4": ("qweight", "scales", "offsets"), "int8": ("weight", "weight_scale"), "float": ("weight",)}
 
 
+def _check_modes(modes, what: str, keys: tuple) -> dict:
+    """load_gguf's `modes` (or its "lm_head" entry) checked: a dict (None: {}) of `keys`, whose "int4" / "int8" values
+    are None or a mode of that kind. Returns a copy."""
+    if modes is not None and not isinstance(modes, dict):
+        raise TypeError(f"load_gguf: {what} must be a dict such as {{'int4': 'w4a8g', 'int8': 'w8a8'}} or None, got "
+                        f"{type(modes).__name__}")
+    modes = dict(modes or {})
+    if set(modes) - set(keys):
+        raise ValueError(f"load_gguf: {what} takes the keys {', '.join(map(repr, keys))}, got {sorted(modes)}")
+    for kind, choices in (("int4", INT4_MODES), ("int8", INT8_MODES)):
+        if modes.get(kind) is not None and modes[kind] not in choices:
+            raise ValueError(f"load_gguf: {what}[{kind!r}] must be one of {choices}, got {modes[kind]!r}")
+    return modes
+
+
 def dequantize(r: dict) -> torch.Tensor:
     """A load_gguf_tensor dict -> float32 tensor (exactly gguf's own dequantized values)."""
     if r["format"] == "int4":
@@ -286,7 +301,10 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     passes True. Off by default here: not for a model that goes to a GPU next (its CPU copies would be packed
     for nothing) or whose linear modes change next (`set_linear_modes` would prepare them again: pass `modes`).
     modes: the quantized linears' modes, set as each is built (before `prepare`): `set_linear_modes`' keywords,
-    e.g. {"int4": "w4a8g", "int8": "w8a8"} (what `llmkern generate --act-int8` passes).
+    e.g. {"int4": "w4a8g", "int8": "w8a8"}; the lm_head takes the same unless modes["lm_head"] gives its own (a dict
+    of the same keys; {}: the defaults, weight-only). `llmkern generate --act-int8` passes {"int4": "w4a8g", "int8":
+    "w8a8", "lm_head": {}}: generation computes the head for the last token alone (one row per sequence), where W8A8
+    is slower than W8A16 and adds its GEMM layout and its activation rounding (docs/notes/cpu-act-int8-release.md).
     """
     if quant not in QUANT_CHOICES:
         raise ValueError(f"load_gguf: quant must be one of {QUANT_CHOICES}, got {quant!r}")
@@ -295,15 +313,8 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
         raise ValueError(f"load_gguf: group_size for quant='int4' must be 32, 64 or 128, got {group_size}")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"load_gguf: dtype (the activations') must be torch.float32, bfloat16 or float16, got {dtype}")
-    if modes is not None and not isinstance(modes, dict):
-        raise TypeError(f"load_gguf: modes must be a dict such as {{'int4': 'w4a8g', 'int8': 'w8a8'}} or None, got "
-                        f"{type(modes).__name__}")
-    modes = dict(modes or {})
-    if set(modes) - {"int4", "int8"}:
-        raise ValueError(f"load_gguf: modes takes the keys 'int4' and 'int8', got {sorted(modes)}")
-    for kind, choices in (("int4", INT4_MODES), ("int8", INT8_MODES)):
-        if modes.get(kind) is not None and modes[kind] not in choices:
-            raise ValueError(f"load_gguf: modes[{kind!r}] must be one of {choices}, got {modes[kind]!r}")
+    modes = _check_modes(modes, "modes", ("int4", "int8", "lm_head"))
+    head_modes = _check_modes(modes.pop("lm_head"), "modes['lm_head']", ("int4", "int8")) if "lm_head" in modes else modes
     path = Path(path) if path is not None else default_model_path()
     reader = open_gguf(path)
     meta = read_metadata(reader)
@@ -356,7 +367,7 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
     if tied_kept:
         cls = lnn.Int8Linear if emb["format"] == "int8" else lnn.Int4Linear
         model.lm_head = cls.from_quantized(*model.embed_tokens.tensors(), backend=backend)
-        lnn.set_linear_modes(model.lm_head, **modes)
+        lnn.set_linear_modes(model.lm_head, **head_modes)
         if cls is lnn.Int8Linear:  # (once the head holds its packed layout alone, the embedding reads that too)
             model.embed_tokens.tie_to(model.lm_head)
             if prepare:
@@ -409,7 +420,7 @@ def load_gguf(path=None, *, quant: str = "keep", group_size: int | None = None, 
             raise GGUFError(f"{path}: nothing was loaded into {name}")
     if fuse:
         model.fuse_projections()
-    lnn.set_linear_modes(model, **modes)  # (the lm_head; the layers' are set: nothing else changes)
+    lnn.set_linear_modes(model.lm_head, **head_modes)  # (the layers' are set)
     model.eval()
     model.source = str(path)
     n5 = len(ld.float_only)

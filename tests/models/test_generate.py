@@ -175,7 +175,8 @@ def test_smollm2_knows_paris(smollm, capsys):
 def test_cli_prepares_the_linears_at_load_on_the_cpu(tmp_path, capsys, monkeypatch, act_int8):
     """On the CPU `llmkern generate` loads with prepare=True: every quantized linear is prepared before the first
     prompt (lower peak memory, no packing in the first prefill), once, in the mode it runs: --act-int8's modes
-    (W4A8g, W8A8) are set as the loader builds each linear (load_gguf's `modes`), not after the load."""
+    (W4A8g, W8A8 in the layers; the lm_head weight-only) are set as the loader builds each linear (load_gguf's
+    `modes`), not after the load."""
     import importlib
 
     import llmkern.nn as lnn
@@ -196,7 +197,8 @@ def test_cli_prepares_the_linears_at_load_on_the_cpu(tmp_path, capsys, monkeypat
     def generate(model, *a, **kw):
         seen["linears"] = [m for m in model.modules() if isinstance(m, (lnn.Int8Linear, lnn.Int4Linear))]
         seen["prepared"] = [m.__dict__["_run"] is not None for m in seen["linears"]]
-        seen["modes"] = {(type(m).__name__, m.mode) for m in seen["linears"]}
+        seen["modes"] = {(type(m).__name__, m.mode) for m in seen["linears"] if m is not model.lm_head}
+        seen["head_mode"] = getattr(model.lm_head, "mode", None)
         seen["at_generate"] = len(seen["trusted"])
         return real_generate(model, *a, **kw)
 
@@ -215,6 +217,7 @@ def test_cli_prepares_the_linears_at_load_on_the_cpu(tmp_path, capsys, monkeypat
     assert seen["prepare"] is True and seen["prepared"] and all(seen["prepared"])
     want = {"Int4Linear": "w4a8g", "Int8Linear": "w8a8"} if act_int8 else {"Int4Linear": "w4a16", "Int8Linear": "w8a16"}
     assert ("Int4Linear", want["Int4Linear"]) in seen["modes"] and all(want[k] == v for k, v in seen["modes"]), seen["modes"]
+    assert seen["head_mode"] in (None, "w4a16", "w8a16")  # (the lm_head stays weight-only: act_int8_modes)
     # each linear prepared once, all at load (none again in the prompt's calls)
     assert sorted(seen["trusted"]) == sorted(id(m) for m in seen["linears"]) and seen["at_generate"] == len(seen["trusted"])
 
@@ -223,8 +226,8 @@ def test_act_int8_modes_per_device():
     """--act-int8's modes: W4A8g and W8A8 on the CPU; on a GPU W8A8 alone (no W4A8 kernel there: its int4 linears
     would run the reference backend)."""
     from llmkern.models.cli_generate import act_int8_modes
-    assert act_int8_modes(torch.device("cpu")) == {"int4": "w4a8g", "int8": "w8a8"}
-    assert act_int8_modes(torch.device("cuda", 0)) == {"int8": "w8a8"}
+    assert act_int8_modes(torch.device("cpu")) == {"int4": "w4a8g", "int8": "w8a8", "lm_head": {}}
+    assert act_int8_modes(torch.device("cuda", 0)) == {"int8": "w8a8", "lm_head": {}}
 
 
 def test_cli_tiny_model(tmp_path, capsys):

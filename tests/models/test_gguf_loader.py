@@ -428,10 +428,17 @@ def test_modes_are_set_as_the_linears_are_built(tmp_path):
     write_tiny_gguf(p)
     model, _ = load_gguf(p, quant="int4", progress=False, modes={"int4": "w4a8", "int8": "w8a8"})
     lins = [m for m in model.modules() if isinstance(m, (lnn.Int4Linear, lnn.Int8Linear))]
-    assert any(isinstance(m, lnn.Int4Linear) for m in lins)
+    assert any(isinstance(m, lnn.Int4Linear) for m in lins) and model.lm_head in lins
     assert all(m.mode == ("w4a8" if isinstance(m, lnn.Int4Linear) else "w8a8") for m in lins)
-    with pytest.raises(ValueError, match="modes takes the keys 'int4' and 'int8', got \\['int2'\\]"):
+    for head, want in (({}, "w4a16"), ({"int4": "w4a8g"}, "w4a8g")):  # the lm_head's own modes
+        model, _ = load_gguf(p, quant="int4", progress=False, modes={"int4": "w4a8", "lm_head": head})
+        assert model.lm_head.mode == want and model.layers[0].mlp.down_proj.mode == "w4a8"
+    with pytest.raises(ValueError, match="modes takes the keys 'int4', 'int8', 'lm_head', got \\['int2'\\]"):
         load_gguf(p, progress=False, modes={"int2": "w2a8"})
+    with pytest.raises(ValueError, match="modes\\['lm_head'\\] takes the keys 'int4', 'int8', got \\['lm_head'\\]"):
+        load_gguf(p, progress=False, modes={"lm_head": {"lm_head": {}}})
+    with pytest.raises(TypeError, match="modes\\['lm_head'\\] must be a dict"):
+        load_gguf(p, progress=False, modes={"lm_head": "w8a8"})
     with pytest.raises(ValueError, match="modes\\['int8'\\] must be one of .*, got 'w4a8'"):
         load_gguf(p, progress=False, modes={"int8": "w4a8"})
     with pytest.raises(TypeError, match="modes must be a dict .* or None, got str"):

@@ -10,8 +10,8 @@ import torch
 class _Releasable:
     """Mixin of a quantized linear (before linear.py's _QuantizedBase in the bases) whose prepared run may hold the
     weights in its own layout alone (Int4Linear: rows16 on an AVX-512 BF16 CPU, the W4A8 layout in W4A8 modes, the
-    GPU packed copy; Int8Linear: the CPU packed decode layout, in W8A8 with the GEMM layout): the canonical buffers named in `_canonical` are then dropped and rebuilt on
-    demand (see below)."""
+    GPU packed copy; Int8Linear: the CPU packed decode layout, in W8A8 with the GEMM layout): the canonical buffers
+    named in `_canonical` are then dropped and rebuilt on demand (see below)."""
 
     _canonical: tuple[str, ...] = ()  # the canonical buffers a prepared run may let go of
 
@@ -30,16 +30,16 @@ class _Releasable:
     # Int4Linear: on a GPU the cuda preparer's packed run (ops/int4_linear.py CUDA_INT4_RELEASE) for 16-bit x, on
     # an AVX-512 BF16 CPU the rows16 run (CPU_INT4_RELEASE) for every float x, in W4A8 modes the W4A8 run on any
     # CPU (the same switch) for every float x; qweight / scales / offsets go (at G = 32 with fp16-valued scales:
-    # 0.625 instead of 1.375 bytes per weight held). Int8Linear: the CPU W8A16 run
-    # with the packed decode layout, and the W8A8 run with it and the GEMM layout (ops/int8_linear.py
-    # CPU_INT8_RELEASE), for every float x; `weight` goes, the scales stay (W8A16 at G = 32, fp16-valued scales:
-    # 1.19 instead of 2.19 bytes per weight). The module removes them
-    # from its buffers, so that the packed copy is all it holds of them, and `_released` = (unpack, buffer order,
-    # dtypes). They come back, unpacked bit for bit from the packed copy, whenever anything needs them: reading or
-    # assigning the attribute, .to() / .cuda() / dtype casts, load_state_dict (then it is packed and released
-    # again at the next call), and an activation the run does not take (another dtype, device or backend, or
-    # autograd-tracked), after which another dtype's or autograd's call keeps them (`_keep_canonical`: GPU fp32 x
-    # runs the canonical kernels). state_dict and pickling / deepcopy unpack into the result only. While
+    # 0.625 instead of 1.375 bytes per weight held). Int8Linear: the CPU W8A16 run with the packed decode layout,
+    # and the W8A8 run with it and the GEMM layout (ops/int8_linear.py CPU_INT8_RELEASE), for every float x;
+    # `weight` goes, the scales stay (W8A16 at G = 32, fp16-valued scales: 1.19 instead of 2.19 bytes per weight).
+    # The module removes them from its buffers, so that the packed copy is all it holds of them, and `_released` =
+    # (unpack, buffer order, dtypes). They come back, unpacked bit for bit from the packed copy, whenever anything
+    # needs them: reading or assigning the attribute, .to() / .cuda() / dtype casts, load_state_dict (then it is
+    # packed and released again at the next call), and an activation the run does not take (another dtype, device
+    # or backend, or autograd-tracked), after which another dtype's or autograd's call keeps them
+    # (`_keep_canonical`: GPU fp32 x runs the canonical kernels; `keep_canonical()` sets it too). state_dict and
+    # pickling / deepcopy unpack into the result only (`_unpacked`). While
     # released, named_buffers() lists the others alone. Under torch.compile tracing, reads get the unpacked
     # tensors without restoring them (the graph unpacks on every call).
 

@@ -41,6 +41,9 @@ def _dequantize_int5(codes, scales, offsets):
     return (w + offsets.unsqueeze(-1)).view(n, H)
 
 
+_DEQUANTIZE = {"int8": ops.dequantize_int8, "int4": ops.dequantize_int4, "int5": _dequantize_int5}  # (rows) -> float32
+
+
 class QuantizedEmbedding(nn.Module):
     """ids (any integer shape [...]) -> rows [..., H] in `dtype`, dequantized from the int8 / int4 table."""
 
@@ -50,7 +53,8 @@ class QuantizedEmbedding(nn.Module):
         names = _BUFFERS[fmt]
         if set(tensors) != set(names):
             raise ValueError(f"QuantizedEmbedding: tensors must be {list(_BUFFERS['int8'])} (int8), "
-                             f"{list(_BUFFERS['int4'])} (int4) or {list(_BUFFERS['int5'])} (int5), got {sorted(tensors)}")
+                             f"{list(_BUFFERS['int4'])} (int4) or {list(_BUFFERS['int5'])} (int5), "
+                             f"got {sorted(tensors)}")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"QuantizedEmbedding: dtype must be torch.float32, bfloat16 or float16, got {dtype}")
         first = tensors[names[0]]
@@ -223,7 +227,3 @@ class QuantizedEmbedding(nn.Module):
         t = self._buffers[_BUFFERS[self.format][1]]
         g = self.embedding_dim if t.dim() == 1 else self.embedding_dim // t.shape[1]
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}, group_size={g}, dtype={self.dtype}"
-
-
-_DEQUANTIZE = {"int8": lambda w, s: ops.dequantize_int8(w, s), "int4": lambda q, s, o: ops.dequantize_int4(q, s, o),
-               "int5": _dequantize_int5}

@@ -21,6 +21,7 @@ def info_dict() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_features": cpu.cpu_features() if cpu else {},
         "cpu_isa": _backends.cpu_isa(),
+        "bf16_dot_fast": _backends.cpu_bf16_dot_fast(),
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "backends": {b: _backends.available(b) for b in ALL_BACKENDS},
@@ -79,7 +80,9 @@ def info(file=None) -> dict:
         f"llmkern {d['llmkern']}  python {d['python']}  torch {d['torch']} (CUDA {d['torch_cuda']})"
         f"  triton {d['triton']}",
         f"CPU: {d['cpu']}  ISA used: {d['cpu_isa']}  threads: {d['threads']}",
-        "CPU features: " + (", ".join(k for k, v in d["cpu_features"].items() if v) or "(llmkern._C missing)"),
+        "CPU features: " + (", ".join(k for k, v in d["cpu_features"].items() if v) or "(llmkern._C missing)")
+        + (f"  (bf16 dot products {'fast' if d['bf16_dot_fast'] else 'slow'}: --dtype auto = "
+           f"{'bfloat16' if d['bf16_dot_fast'] else 'float32'})" if d["cpu_features"].get("avx512_bf16") else ""),
         f"GPU: {d['gpu'] or 'none'}",
         "backends: " + ", ".join(f"{b}={'yes' if ok else 'no'}" for b, ok in d["backends"].items()),
     ]

@@ -41,6 +41,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ptr"), py::arg("n"), py::arg("threads"), py::arg("isa") = "",
       "Sum of n float32 at ptr, streamed with the widest loads over `threads` threads: the memory "
       "read-bandwidth probe of benchmarks/_machine.py.");
+  m.def(
+      "bf16_dot_rate_ratio",
+      []() {
+        if (!llmkern::cpu::features().avx512_bf16 || !llmkern::cpu::features().avx512f) return 0.0;
+        py::gil_scoped_release nogil;
+        return llmkern::cpu::bf16_dot_rate_ratio();
+      },
+      "vdpbf16ps instructions per second over 512-bit FMAs per second on the calling core (a ~0.1 ms "
+      "measurement), 0.0 without AVX512-BF16: ~1 where bf16 dot products run at the FMA rate (AMD Zen 4 / 5), "
+      "~0.25 where they issue every other cycle (an Intel Xeon here).");
   llmkern::bindings::bind_decode_step(m);  // first: KernelCall and BoundLinear, returned by <op>_call / <op>_bind
   llmkern::bindings::bind_int8_linear(m);
   llmkern::bindings::bind_decode_attention(m);

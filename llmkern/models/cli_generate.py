@@ -46,9 +46,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
                    help="activations, norms and KV cache (quantized weights stay as loaded; logits are float32). "
                         "float32 (default): the closest to the reference; bfloat16: prefill about 2x faster where "
-                        "the CPU has AVX512-BF16, decode the same (it reads the weights), answers may differ (on "
+                        "the CPU has fast AVX512-BF16 (AMD Zen 4 / 5; slower on an Intel Xeon without AMX), decode the same (it reads the weights), answers may differ (on "
                         "SmolLM2 the README prompt's first token is a near tie); auto: bfloat16 on a GPU and where "
-                        "the cpu backend has bf16 dot products, else float32")
+                        "the cpu backend has fast bf16 dot products (measured at start: AMD Zen 4 / 5, not an "
+                        "Intel Xeon without AMX), else float32")
     p.add_argument("--kv-int8", action="store_true", help="int8 KV cache")
     p.add_argument("--act-int8", action="store_true",
                    help="quantize activations to int8 in the quantized linears (int4: W4A8 with a scale per group, "
@@ -66,8 +67,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def pick_dtype(name: str, backend: str | None, device: str = "cpu"):
     """--dtype -> a torch dtype. auto: bfloat16 on a GPU (its kernels are 16-bit first), and when the cpu
     backend runs the model (--backend, else LLMKERN_BACKEND, else the default) with AVX-512 kernels and
-    AVX512-BF16 dot products, which take bf16 activations natively (docs/notes/cpu-bf16-runtime.md); float32
-    anywhere else."""
+    AVX512-BF16 dot products that issue at about the FMA rate (`_backends.cpu_bf16_dot_fast`: AMD Zen 4 / 5,
+    where bf16 halves the prefill: docs/notes/cpu-bf16-runtime.md); float32 anywhere else, an Intel Xeon whose
+    vdpbf16ps issues every other cycle included (bf16 was 1.24x slower in prefill there, 1.10x in decode:
+    docs/notes/cpu-intel-host.md)."""
     import torch
 
     if name != "auto":
@@ -78,7 +81,7 @@ def pick_dtype(name: str, backend: str | None, device: str = "cpu"):
 
     b = backend or _backends.env_backend()
     if (b in (None, "cpu") and _backends.available("cpu") and _backends.cpu_isa() == "avx512_vnni"
-            and _backends.cpu_has("avx512_bf16")):
+            and _backends.cpu_bf16_dot_fast()):
         return torch.bfloat16
     return torch.float32
 

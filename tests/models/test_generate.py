@@ -257,11 +257,11 @@ def test_cli_dtype(tmp_path, capsys, monkeypatch):
                        "--no-bandwidth", *flag])
         out, err = capsys.readouterr()
         assert rc == 0 and out.endswith("\n") and f"({name} activations)" in err, err  # (no flag: float32)
-    # auto: bf16 only for the cpu backend with AVX-512 kernels and bf16 dot products
+    # auto: bf16 only for the cpu backend with AVX-512 kernels and fast bf16 dot products
     monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
     monkeypatch.delenv("LLMKERN_CPU_ISA", raising=False)
     has = {"v": True}
-    monkeypatch.setattr(_backends, "cpu_has", lambda f: has["v"] if f == "avx512_bf16" else True)
+    monkeypatch.setattr(_backends, "cpu_bf16_dot_fast", lambda: has["v"])
     monkeypatch.setattr(_backends, "cpu_isa", lambda: "avx512_vnni")
     assert cg.pick_dtype("auto", None) is torch.bfloat16 and cg.pick_dtype("auto", "cpu") is torch.bfloat16
     assert cg.pick_dtype("auto", "reference", "cuda") is torch.bfloat16  # GPU kernels are 16-bit first
@@ -274,6 +274,34 @@ def test_cli_dtype(tmp_path, capsys, monkeypatch):
     has["v"] = True
     monkeypatch.setattr(_backends, "cpu_isa", lambda: "avx2")
     assert cg.pick_dtype("auto", None) is torch.float32
+
+
+def test_bf16_dot_speed_probe(monkeypatch):
+    """`--dtype auto`'s probe: vdpbf16ps' issue rate over the FMA rate, measured (0.0 without AVX512-BF16), and
+    bf16 counted fast from 0.5 of it (AMD Zen 4 / 5 ~1; an Intel Xeon here 0.24-0.26, where bf16 ran slower)."""
+    from llmkern import _backends
+
+    C = _backends.cpu_module()
+    if C is None:
+        pytest.skip("llmkern._C not built")
+    r = C.bf16_dot_rate_ratio()
+    if _backends.cpu_has("avx512_bf16"):
+        assert 0.05 < r < 4.0, r  # a measured rate ratio, not a flag
+    else:
+        assert r == 0.0
+    try:
+        for ratio, fast in ((0.3, False), (0.5, True), (0.9, True)):
+            _backends.cpu_bf16_dot_fast.cache_clear()
+            monkeypatch.setattr(_backends, "cpu_has", lambda f: True)
+            monkeypatch.setattr(_backends, "cpu_module", lambda r=ratio: type("M", (), {
+                "bf16_dot_rate_ratio": staticmethod(lambda: r)}))
+            assert _backends.cpu_bf16_dot_fast() is fast, ratio
+        _backends.cpu_bf16_dot_fast.cache_clear()
+        monkeypatch.setattr(_backends, "cpu_has", lambda f: False)
+        assert _backends.cpu_bf16_dot_fast() is False  # no AVX512-BF16: not measured at all
+    finally:
+        monkeypatch.undo()
+        _backends.cpu_bf16_dot_fast.cache_clear()
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -10,6 +10,8 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 
 #include "llmkern/cpu/features.h"
@@ -59,6 +61,47 @@ inline float read_sum_scalar(const float* p, int64_t n) {
   }
   for (; i < n; ++i) s0 += p[i];
   return (s0 + s1) + (s2 + s3);
+}
+
+// Seconds for kIters rounds of 12 independent vdpbf16ps (dot) or vfmadd231ps chains.
+__attribute__((target("avx512f,avx512bf16"), noinline)) inline double bf16_dot_rate_run(bool dot) {
+  constexpr int kChains = 12;
+  constexpr int64_t kIters = 2048;
+  __m512 acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  __m512 a = _mm512_set1_ps(1.0f);
+  const __m512 b = _mm512_set1_ps(0.5f);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t n = 0; n < kIters; ++n) {
+    if (dot) {
+      for (int i = 0; i < kChains; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_castps_si512(a), (__m512bh)_mm512_castps_si512(b));
+    } else {
+      for (int i = 0; i < kChains; ++i) acc[i] = _mm512_fmadd_ps(a, b, acc[i]);
+    }
+    __asm__ volatile("" : "+v"(a));  // a may change: the loop stays
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  __m512 sum = acc[0];
+  for (int i = 1; i < kChains; ++i) sum = _mm512_add_ps(sum, acc[i]);
+  volatile float sink = _mm512_reduce_add_ps(sum);
+  (void)sink;
+  return s;
+}
+
+// Issue rate of vdpbf16ps over that of 512-bit vfmadd231ps on this core: 12 independent chains each (so neither
+// waits on its own latency), best of 3 alternated runs of ~25k instructions (~10-40 us). About 1 on AMD Zen 4 / 5
+// (peak_ops.cpp's rates: 3.65 / 3.65 and 7.4 / 8.0 G/s), 0.24-0.26 on an Intel Xeon (family 6 model 207) whose
+// vdpbf16ps issues every other cycle: there the bf16 kernels (which run on vdpbf16ps) are slower than the fp32
+// ones (docs/notes/cpu-intel-host.md), which `generate --dtype auto` needs to know. The caller checks avx512_bf16.
+inline double bf16_dot_rate_ratio() {
+  bf16_dot_rate_run(false);  // warm-up: the core's 512-bit units and clock
+  double dot = 1e30, fma = 1e30;
+  for (int r = 0; r < 3; ++r) {
+    dot = std::min(dot, bf16_dot_rate_run(true));
+    fma = std::min(fma, bf16_dot_rate_run(false));
+  }
+  return dot > 0 ? fma / dot : 0.0;  // the same instruction count: the rate ratio is the inverse time ratio
 }
 
 // Sum of p[0..n) read by `threads` threads, each over one contiguous slice (64-byte aligned cuts).

@@ -7,7 +7,8 @@ Every benchmark reports the fraction of these it reaches:
 - mm_gflops: rate of a large square `torch.mm` per dtype (fp32, bf16, fp16 on CUDA) and of
   `torch._int_mm` for int8 (GOP/s), in 1e9 multiply-adds x 2 per second.
 Each number is the median of several timed runs after warm-up runs. Sizes: LLMKERN_BENCH_BW_MIB
-(default 256 on CPU, or twice the last-level cache where that is bigger; 1024 on CUDA) and LLMKERN_BENCH_MM_N (default 2048 on CPU, 8192 on CUDA).
+(default 256 on CPU, or twice the last-level cache where that is bigger; 1024 on CUDA) and LLMKERN_BENCH_MM_N
+(default 2048 on CPU, 8192 on CUDA).
 """
 from __future__ import annotations
 

@@ -170,7 +170,7 @@ def cpu_has(feature: str) -> bool:
 def cpu_bf16_dot_fast() -> bool:
     """Whether this CPU's AVX512-BF16 dot products (vdpbf16ps, which the bf16 kernels run on) issue at about its
     512-bit FMA rate: measured once (`_C.bf16_dot_rate_ratio`, ~0.1 ms), fast at 0.5 or more. ~1 on AMD Zen 4 / 5,
-    where bf16 activations halve the prefill; 0.23 on an Intel Xeon (family 6 model 207) where they issue every
+    where bf16 activations halve the prefill; 0.24-0.26 on an Intel Xeon (family 6 model 207) where they issue every
     other cycle and bf16 runs slower than fp32 (docs/notes/cpu-intel-host.md). False without AVX512-BF16."""
     mod = cpu_module()
     if mod is None or not cpu_has("avx512_bf16") or not hasattr(mod, "bf16_dot_rate_ratio"):

@@ -46,8 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
                    help="activations, norms and KV cache (quantized weights stay as loaded; logits are float32). "
                         "float32 (default): the closest to the reference; bfloat16: prefill about 2x faster where "
-                        "the CPU has fast AVX512-BF16 (AMD Zen 4 / 5; slower on an Intel Xeon without AMX), decode the same (it reads the weights), answers may differ (on "
-                        "SmolLM2 the README prompt's first token is a near tie); auto: bfloat16 on a GPU and where "
+                        "the CPU has fast AVX512-BF16 (AMD Zen 4 / 5; slower on an Intel Xeon without AMX), decode "
+                        "the same (it reads the weights), answers may differ (on SmolLM2 the README prompt's first "
+                        "token is a near tie); auto: bfloat16 on a GPU and where "
                         "the cpu backend has fast bf16 dot products (measured at start: AMD Zen 4 / 5, not an "
                         "Intel Xeon without AMX), else float32")
     p.add_argument("--kv-int8", action="store_true", help="int8 KV cache")

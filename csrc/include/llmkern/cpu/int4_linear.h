@@ -424,6 +424,10 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
   // 256 + 256 + 64 (a short block costs a whole block's overheads).
   const int64_t nblocks = (a.K + rt.kc - 1) / rt.kc;
   const int64_t kcb = std::min(rt.kc, align_up((a.K + nblocks - 1) / nblocks, G));
+  // One K block's panel (kcb values of NS columns: at most 4 bytes a value, fp32; bf16 pairs take half) and the K
+  // span held at once.
+  const int64_t block_bytes = align_up(kcb * NS * 4, kAlign);
+  const int64_t span = std::max<int64_t>(1, kSpanBytes / block_bytes) * kcb;
 #pragma omp parallel num_threads(nthreads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -431,7 +435,7 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
     const int64_t col0 = part.u0 * kk.vec, col1 = std::min(a.N, part.u1 * kk.vec);  // this thread's columns
     char* mine = ws + L.thread0 + t * L.per_thread;
     void* panel = mine;
-    float* ss = reinterpret_cast<float*>(mine + kPanelBytes);
+    float* ss = reinterpret_cast<float*>(mine + kPanelRegion);
     float* oo = ss + strip_group_bytes(a.K) / 4;  // ss, oo: [K / G][NS] of the current strip
     float* ctile = oo + strip_group_bytes(a.K) / 4;  // [rows of this thread][NS]
     for (int64_t m0 = 0; m0 < a.M; m0 += Mc) {
@@ -457,40 +461,50 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
           kk.strip_groups(a.scales + n0 * ng, ng, ncols, ss);
           kk.strip_groups(a.offsets + n0 * ng, ng, ncols, oo);
         }
-        for (int64_t k0 = 0; k0 < a.K; k0 += kcb) {
-          const int64_t kc = std::min(kcb, a.K - k0);
-          const float* pss = ss + (k0 / G) * NS;
-          const float* poo = oo + (k0 / G) * NS;
-          if (r16) r16(a.rows16 + n0 / 16 * bb, bb, ncols, k0, kc, G, panel);  // (n0: a multiple of kk.vec = 16)
-          else rt.unpack(a.qweight + n0 * rb, rb, ncols, k0, kc, pss, poo, G, panel);
-          // The same block of the thread's next strip (or of its first strip for the first
-          // blocks: a strip ahead), prefetched a slice per micro-kernel call.
+        // K spans of whole K blocks (panel bytes each: kcb values x NS columns, fp32 or bf16 pairs)
+        for (int64_t ks = 0; ks < a.K; ks += span) {
+          const int64_t ke = std::min(a.K, ks + span);
+          for (int64_t k0 = ks; k0 < ke; k0 += kcb) {
+            const int64_t kc = std::min(kcb, a.K - k0);
+            void* pk = static_cast<char*>(panel) + (k0 - ks) / kcb * block_bytes;
+            if (r16) r16(a.rows16 + n0 / 16 * bb, bb, ncols, k0, kc, G, pk);  // (n0: a multiple of kk.vec = 16)
+            else rt.unpack(a.qweight + n0 * rb, rb, ncols, k0, kc, ss + (k0 / G) * NS, oo + (k0 / G) * NS, G, pk);
+          }
+          // The same span of the thread's next strip, prefetched a slice per micro-kernel call.
           BlockPrefetch pf;
           if (n0 + NS < col1) {
             const int64_t nc = std::min(NS, col1 - n0 - NS);
-            pf = r16 ? BlockPrefetch(a.rows16, a.rows16_e, bb, n0 + NS, nc, k0, kc, G) : BlockPrefetch(a, n0 + NS, nc, k0, kc);
+            pf = r16 ? BlockPrefetch(a.rows16, a.rows16_e, bb, n0 + NS, nc, ks, ke - ks, G)
+                     : BlockPrefetch(a, n0 + NS, nc, ks, ke - ks);
           }
-          const int64_t calls = (r1 - r0 + kk.mr - 1) / kk.mr, per_call = (pf.total() + calls - 1) / calls;
-          const Panel p{panel, pss, poo, kc, G};
+          const int64_t calls = (r1 - r0 + kk.mr - 1) / kk.mr * ((ke - ks + kcb - 1) / kcb);
+          const int64_t per_call = (pf.total() + calls - 1) / calls;
           Micro mi;
-          mi.first = k0 == 0;
-          mi.last = k0 + kc >= a.K;
           mi.dt = a.x_dtype;
           mi.bias = a.bias ? a.bias + n0 : nullptr;
           mi.ncols = ncols;
           for (int64_t r = r0; r < r1;) {  // packed rows (AVX-512: kk.mr = 8): r is a block start
             const int mr = static_cast<int>(std::min<int64_t>(kk.mr, r1 - r));
-            for (int i = 0; i < mr; ++i) {
-              const int64_t m = m0 + r + i;
-              if (mode == XMode::kConvert) mi.x[i] = reinterpret_cast<const char*>(conv + (r + i) * kpad) + k0 * 4;
-              else mi.x[i] = static_cast<const char*>(x_row(a, m)) + k0 * xsize;
-              mi.xs[i] = xs + (r + i) * gp + k0 / G;
-              mi.out[i] = out_row(a, m, n0);
-            }
-            if (mode == XMode::kPack) mi.x[0] = packed + (r / 8) * blk + (k0 / 2) * 8;
             mi.c = ctile + (r - r0) * NS;
-            pf.next(per_call);
-            rt.micro[mr][nv](p, mi);
+            // every K block of the span for these rows, in order: the C tile carries the sums between blocks
+            // (one fp32 order per output, as a K block at a time over all rows did)
+            for (int64_t k0 = ks; k0 < ke; k0 += kcb) {
+              const int64_t kc = std::min(kcb, a.K - k0);
+              const Panel p{static_cast<char*>(panel) + (k0 - ks) / kcb * block_bytes, ss + (k0 / G) * NS,
+                            oo + (k0 / G) * NS, kc, G};
+              mi.first = k0 == 0;
+              mi.last = k0 + kc >= a.K;
+              for (int i = 0; i < mr; ++i) {
+                const int64_t m = m0 + r + i;
+                if (mode == XMode::kConvert) mi.x[i] = reinterpret_cast<const char*>(conv + (r + i) * kpad) + k0 * 4;
+                else mi.x[i] = static_cast<const char*>(x_row(a, m)) + k0 * xsize;
+                mi.xs[i] = xs + (r + i) * gp + k0 / G;
+                mi.out[i] = out_row(a, m, n0);
+              }
+              if (mode == XMode::kPack) mi.x[0] = packed + (r / 8) * blk + (k0 / 2) * 8;
+              pf.next(per_call);
+              rt.micro[mr][nv](p, mi);
+            }
             r += mr;
           }
         }

@@ -227,13 +227,20 @@ inline int64_t groups_padded(int64_t K) { return align_up(K / 32, 16); }  // >= 
 // scales and offsets to [g][NS] once (one contiguous read: the strip's rows are adjacent); per K
 // block it unpacks a panel (NS x kc values) once, into fp32 weights [k][NS] (dequantized on
 // AVX-512 / AVX2, q values in the portable route) or bf16 pairs [k/2][NS][2] of dequantized
-// weights, and runs micro-kernels (MR rows x NS columns) over every row
-// of the current M chunk. Partial sums live in a per-thread C tile [rows][NS] between K blocks;
-// the last K block writes y.
+// weights, a span of K blocks at a time (kSpanBytes), and runs each MR-row block of the current M chunk through
+// the span's K blocks in order (micro-kernels of MR rows x NS columns). Partial sums live in a per-thread C tile
+// [rows][NS] between K blocks; the last K block writes y.
 constexpr int64_t kMaxNS = 48;    // panel width (columns) of any ISA
 constexpr int64_t kMaxKC = 256;   // panel depth of any ISA
 constexpr int64_t kMaxMR = 8;
 constexpr int64_t kPanelBytes = kMaxKC * kMaxNS * 4;
+// A thread's panels: a strip's K blocks are unpacked up to this many bytes at once (a "K span", 240 KiB: L2), then
+// every row block runs through all of them, so its x rows and C tile stay in L1 across the span's K blocks
+// instead of all rows of x streaming from L2 once per K block. On an Intel Xeon host (docs/notes/cpu-intel-host.md)
+// 1.04-1.2x the fp32 prefill at M = 512; the same bits. 0 gives back the K-block-at-a-time order (one block a
+// span), e.g. to A/B it on another host.
+constexpr int64_t kSpanBytes = 5 * kPanelBytes;
+constexpr int64_t kPanelRegion = kSpanBytes > kPanelBytes ? kSpanBytes : kPanelBytes;  // a thread's panel bytes
 // Scales or offsets of a whole strip (every group of K), transposed to [g][NS] once per strip.
 inline int64_t strip_group_bytes(int64_t K) { return align_up(groups_padded(K) * kMaxNS * 4, kAlign); }
 constexpr int64_t kChunkMaxRows = 512;  // rows of one M chunk when x is read in place
@@ -326,7 +333,7 @@ inline WsLayout int4_ws_layout(int64_t M, int64_t K, int64_t N, int num_threads,
   L.conv = 0;  // first region
   L.xs = row_buffer_bytes(M, K);
   L.thread0 = L.xs + align_up(L.chunk * groups_padded(K) * 4, kAlign);
-  int64_t per = kPanelBytes + 2 * strip_group_bytes(K) + align_up(L.chunk * kMaxNS * 4, kAlign);
+  int64_t per = kPanelRegion + 2 * strip_group_bytes(K) + align_up(L.chunk * kMaxNS * 4, kAlign);
   if (M <= decode_limit(decode_max_rows)) per = std::max(per, dec_thread_bytes(M, K));
   L.per_thread = align_up(per, kAlign);
   L.total = L.thread0 + nt * L.per_thread + kAlign;

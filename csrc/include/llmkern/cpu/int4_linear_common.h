@@ -237,8 +237,9 @@ constexpr int64_t kPanelBytes = kMaxKC * kMaxNS * 4;
 // A thread's panels: a strip's K blocks are unpacked up to this many bytes at once (a "K span", 240 KiB: L2), then
 // every row block runs through all of them, so its x rows and C tile stay in L1 across the span's K blocks
 // instead of all rows of x streaming from L2 once per K block. On an Intel Xeon host (docs/notes/cpu-intel-host.md)
-// 1.04-1.2x the fp32 prefill at M = 512; the same bits. 0 gives back the K-block-at-a-time order (one block a
-// span), e.g. to A/B it on another host.
+// an Int4Linear's fp32 prefill at M = 512 gained 1.01-1.08x (3072 x 576) and 1.11-1.24x (576 x 1536) against
+// F.linear in the same runs; the same bits. 0 gives back the K-block-at-a-time order (one block a span), e.g. to
+// A/B it on another host.
 constexpr int64_t kSpanBytes = 5 * kPanelBytes;
 constexpr int64_t kPanelRegion = kSpanBytes > kPanelBytes ? kSpanBytes : kPanelBytes;  // a thread's panel bytes
 // Scales or offsets of a whole strip (every group of K), transposed to [g][NS] once per strip.

@@ -161,9 +161,14 @@ inline int64_t bf16_workspace_bytes(int64_t M, int64_t K, int num_threads) {
 }
 
 // W8A16 fp32 GEMM route (int8_linear_f32.h: AVX-512 or AVX2, M >= kF32MinRows, K % 16 == 0): [chunk rows, a
-// multiple of 16, of K floats] (x not fp32: the chunk's rows converted), then per thread a weight panel
-// (kF32KC x kF32NS floats; AVX2's 2 kF32KC x 16 fit) and a C tile (chunk rows x kF32NS floats).
+// multiple of 16, of K floats] (x not fp32: the chunk's rows converted), then per thread the weight panels of a
+// K span (kF32SpanBlocks slots of kF32KC x kF32NS floats, one K block each; AVX2's 2 kF32KC x 16 fit a slot) and
+// a C tile (chunk rows x kF32NS floats).
 constexpr int64_t kF32NS = 48, kF32KC = 128, kF32MinRows = 16;
+// K blocks unpacked at once per strip (a "K span", 10 x 24 KiB: L2), as int4_linear's prefill does
+// (int4_linear_common.h, kSpanBytes): each row block then runs through all of them with its x rows and C tile in
+// L1, instead of all rows of x streaming from L2 once per K block. 1 gives back the K-block-at-a-time order.
+constexpr int64_t kF32SpanBlocks = 10;
 constexpr int64_t kF32ChunkBudget = int64_t(8) << 20;  // bytes of converted x per chunk of rows
 
 inline int64_t f32_chunk_rows(int64_t M, int64_t K) {
@@ -174,7 +179,7 @@ inline int64_t f32_chunk_rows(int64_t M, int64_t K) {
 }
 inline int64_t f32_chunk_padded(int64_t M, int64_t K) { return (f32_chunk_rows(M, K) + 15) / 16 * 16; }
 inline int64_t f32_thread_bytes(int64_t M, int64_t K) {
-  return bf16_align(kF32KC * kF32NS * 4) + bf16_align(f32_chunk_padded(M, K) * kF32NS * 4);
+  return bf16_align(kF32SpanBlocks * kF32KC * kF32NS * 4) + bf16_align(f32_chunk_padded(M, K) * kF32NS * 4);
 }
 inline int64_t f32_workspace_bytes(int64_t M, int64_t K, int num_threads) {
   if (M < kF32MinRows || K % 16) return 0;

@@ -5,7 +5,8 @@
 // against ~170 for F.linear fp32 on float weights (2-core Zen 4). Here, as int4_linear's fp32 prefill
 // route: per strip of NS weight rows (AVX-512 48, AVX2 16) and block of at most kc values of k, a panel
 // w[k][NS] of fp32 dequantized weights q * scale (the reference's dequant(w), exactly) is built once per
-// chunk of x rows, and the micro-kernels of panel_gemm.h (8 rows x 3 vectors; AVX2 6 x 2) run FMAs over it.
+// chunk of x rows, up to kF32SpanBlocks blocks at a time (a K span), and each block of rows runs through the
+// span's panels in order with the micro-kernels of panel_gemm.h (8 rows x 3 vectors; AVX2 6 x 2).
 // Sums are fp32 in a fixed order per output (one thread each): results do not depend on the thread count.
 //
 // Takes fp32 x in place, fp16 x (and bf16 x where the bf16 route of int8_linear_bf16.h does not run:
@@ -168,7 +169,7 @@ inline const Route& route_for(Isa isa) {
 #undef LLMKERN_I8F_ROW2
 #undef LLMKERN_I8F_ROW3
 
-static_assert(2 * kF32KC * 16 <= kF32KC * kF32NS, "the AVX2 panel fits the per-thread panel space");
+static_assert(2 * kF32KC * 16 <= kF32KC * kF32NS, "the AVX2 panel fits a K block's panel slot");
 
 // The whole call (use_f32_gemm(a, isa) true). ws: int8_linear_workspace_bytes(M, K, N, false, num_threads).
 // Threads split the columns in whole 16-column vectors (and, with more threads than vectors, the rows in
@@ -184,6 +185,8 @@ inline void int8_linear_f32(const Int8LinearArgs& a, Isa isa) {
   // K blocks of near-equal depth in steps of 16: K = 576 with kc 128 takes 128 + 4 x 112, not 4 x 128 + 64
   // (a short block costs a whole block's C-tile traffic and unpacking overhead)
   const int64_t steps = K / 16, nblocks = (K + rt.kc - 1) / rt.kc;
+  const auto kc_of = [&](int64_t b) { return 16 * (steps / nblocks + (b < steps % nblocks ? 1 : 0)); };  // <= rt.kc
+  constexpr int64_t kSlot = kF32KC * kF32NS;  // floats of one K block's panel slot (AVX2's 2 kF32KC x 16 fit)
   const int64_t work = a.M * a.N * K;
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, work >> 20)));
   const bool convert = a.x_dtype != DType::kF32;
@@ -195,8 +198,8 @@ inline void int8_linear_f32(const Int8LinearArgs& a, Isa isa) {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const GridPart part(units, nt, t);
     const int64_t col0 = part.u0 * 16, col1 = std::min(a.N, part.u1 * 16);
-    float* panel = reinterpret_cast<float*>(per_thread + t * tb);
-    float* ctile = reinterpret_cast<float*>(per_thread + t * tb + bf16_align(kF32KC * kF32NS * 4));
+    float* panel = reinterpret_cast<float*>(per_thread + t * tb);  // kF32SpanBlocks slots of kF32KC x kF32NS
+    float* ctile = reinterpret_cast<float*>(per_thread + t * tb + bf16_align(kF32SpanBlocks * kF32KC * kF32NS * 4));
     for (int64_t m0 = 0; m0 < a.M; m0 += Mc) {
       const int64_t m1 = std::min(a.M, m0 + Mc);
       if (convert) {
@@ -212,21 +215,35 @@ inline void int8_linear_f32(const Int8LinearArgs& a, Isa isa) {
         rw.bias = a.bias ? a.bias + n0 : nullptr;
         rw.dt = a.x_dtype;
         rw.ncols = ncols;
-        for (int64_t b = 0, k0 = 0, kc = 0; b < nblocks; ++b, k0 += kc) {
-          kc = 16 * (steps / nblocks + (b < steps % nblocks ? 1 : 0));  // <= rt.kc
-          rt.unpack(a, n0, ncols, k0, kc, panel);
-          rw.first = k0 == 0;
-          rw.last = k0 + kc >= K;
+        // K spans of up to kF32SpanBlocks K blocks [b0, b1), from k = s0: every block's panel unpacked into its
+        // slot, then each row block runs through the span's blocks in order (its C tile carries the sums between
+        // blocks and spans: one fp32 order per output, as a K block at a time over all rows did).
+        for (int64_t b0 = 0, s0 = 0; b0 < nblocks;) {
+          const int64_t b1 = std::min(nblocks, b0 + kF32SpanBlocks);
+          int64_t s1 = s0;
+          for (int64_t b = b0; b < b1; ++b) {
+            rt.unpack(a, n0, ncols, s1, kc_of(b), panel + (b - b0) * kSlot);
+            s1 += kc_of(b);
+          }
           for (int64_t r = r0; r < r1; r += rt.mr) {
             const int mr = static_cast<int>(std::min<int64_t>(rt.mr, r1 - r));
+            const float* xr[8];  // the rows' first k
             for (int i = 0; i < mr; ++i) {
               const int64_t m = m0 + r + i;
-              rw.x[i] = (convert ? xf + (m - m0) * K : static_cast<const float*>(x_row(a, m))) + k0;
+              xr[i] = convert ? xf + (m - m0) * K : static_cast<const float*>(x_row(a, m));
               rw.out[i] = static_cast<char*>(a.out) + (m * a.out_row_stride + n0) * es;
             }
             rw.c = ctile + (r - r0) * NS;
-            rt.micro[mr][nv](panel, kc, rw);
+            for (int64_t b = b0, k0 = s0; b < b1; k0 += kc_of(b), ++b) {
+              const int64_t kc = kc_of(b);
+              for (int i = 0; i < mr; ++i) rw.x[i] = xr[i] + k0;
+              rw.first = k0 == 0;
+              rw.last = k0 + kc >= K;
+              rt.micro[mr][nv](panel + (b - b0) * kSlot, kc, rw);
+            }
           }
+          b0 = b1;
+          s0 = s1;
         }
       }
       if (convert) {

@@ -169,6 +169,11 @@ constexpr int64_t kF32NS = 48, kF32KC = 128, kF32MinRows = 16;
 // (int4_linear_common.h, kSpanBytes): each row block then runs through all of them with its x rows and C tile in
 // L1, instead of all rows of x streaming from L2 once per K block. 1 gives back the K-block-at-a-time order.
 constexpr int64_t kF32SpanBlocks = 10;
+// Row blocks (micro-kernel calls of 8 rows; AVX2 6) that take each K block of a span in turn: 2 let a block's
+// 24 KiB panel serve 16 rows from L1 (their x slices, 8 KiB, beside it) before the next block's comes from L2.
+// Intel Xeon host, M = 512 and 128, alternated call by call: 2 were 1-10% faster than 1 in 19 of 20 cases; 4 helped
+// at K = 576 but lost at K = 1536 and 4096 (docs/notes/cpu-intel-host.md, session 27). The same bits for any value.
+constexpr int64_t kF32GroupBlocks = 2;
 constexpr int64_t kF32ChunkBudget = int64_t(8) << 20;  // bytes of converted x per chunk of rows
 
 inline int64_t f32_chunk_rows(int64_t M, int64_t K) {

@@ -5,8 +5,9 @@
 // against ~170 for F.linear fp32 on float weights (2-core Zen 4). Here, as int4_linear's fp32 prefill
 // route: per strip of NS weight rows (AVX-512 48, AVX2 16) and block of at most kc values of k, a panel
 // w[k][NS] of fp32 dequantized weights q * scale (the reference's dequant(w), exactly) is built once per
-// chunk of x rows, up to kF32SpanBlocks blocks at a time (a K span), and each block of rows runs through the
-// span's panels in order with the micro-kernels of panel_gemm.h (8 rows x 3 vectors; AVX2 6 x 2).
+// chunk of x rows, up to kF32SpanBlocks blocks at a time (a K span), and each group of kF32GroupBlocks blocks of
+// rows runs through the span's panels in order with the micro-kernels of panel_gemm.h (8 rows x 3 vectors; AVX2
+// 6 x 2).
 // Sums are fp32 in a fixed order per output (one thread each): results do not depend on the thread count.
 //
 // Takes fp32 x in place, fp16 x (and bf16 x where the bf16 route of int8_linear_bf16.h does not run:
@@ -216,8 +217,9 @@ inline void int8_linear_f32(const Int8LinearArgs& a, Isa isa) {
         rw.dt = a.x_dtype;
         rw.ncols = ncols;
         // K spans of up to kF32SpanBlocks K blocks [b0, b1), from k = s0: every block's panel unpacked into its
-        // slot, then each row block runs through the span's blocks in order (its C tile carries the sums between
-        // blocks and spans: one fp32 order per output, as a K block at a time over all rows did).
+        // slot, then each group of kF32GroupBlocks row blocks runs through the span's blocks in order, a block's
+        // panel serving the group's row blocks from L1 (each C tile carries its sums between blocks and spans:
+        // one fp32 order per output, as a K block at a time over all rows did).
         for (int64_t b0 = 0, s0 = 0; b0 < nblocks;) {
           const int64_t b1 = std::min(nblocks, b0 + kF32SpanBlocks);
           int64_t s1 = s0;
@@ -225,21 +227,23 @@ inline void int8_linear_f32(const Int8LinearArgs& a, Isa isa) {
             rt.unpack(a, n0, ncols, s1, kc_of(b), panel + (b - b0) * kSlot);
             s1 += kc_of(b);
           }
-          for (int64_t r = r0; r < r1; r += rt.mr) {
-            const int mr = static_cast<int>(std::min<int64_t>(rt.mr, r1 - r));
-            const float* xr[8];  // the rows' first k
-            for (int i = 0; i < mr; ++i) {
-              const int64_t m = m0 + r + i;
-              xr[i] = convert ? xf + (m - m0) * K : static_cast<const float*>(x_row(a, m));
-              rw.out[i] = static_cast<char*>(a.out) + (m * a.out_row_stride + n0) * es;
-            }
-            rw.c = ctile + (r - r0) * NS;
+          const int64_t rg = kF32GroupBlocks * rt.mr;
+          for (int64_t g = r0; g < r1; g += rg) {
+            const int64_t ge = std::min(r1, g + rg);
             for (int64_t b = b0, k0 = s0; b < b1; k0 += kc_of(b), ++b) {
               const int64_t kc = kc_of(b);
-              for (int i = 0; i < mr; ++i) rw.x[i] = xr[i] + k0;
               rw.first = k0 == 0;
               rw.last = k0 + kc >= K;
-              rt.micro[mr][nv](panel + (b - b0) * kSlot, kc, rw);
+              for (int64_t r = g; r < ge; r += rt.mr) {
+                const int mr = static_cast<int>(std::min<int64_t>(rt.mr, ge - r));
+                for (int i = 0; i < mr; ++i) {
+                  const int64_t m = m0 + r + i;
+                  rw.x[i] = (convert ? xf + (m - m0) * K : static_cast<const float*>(x_row(a, m))) + k0;
+                  rw.out[i] = static_cast<char*>(a.out) + (m * a.out_row_stride + n0) * es;
+                }
+                rw.c = ctile + (r - r0) * NS;
+                rt.micro[mr][nv](panel + (b - b0) * kSlot, kc, rw);
+              }
             }
           }
           b0 = b1;

@@ -483,29 +483,33 @@ inline void prefill(const Int4LinearArgs& a, const Int4Kernels& kk, const Int4Ro
           mi.dt = a.x_dtype;
           mi.bias = a.bias ? a.bias + n0 : nullptr;
           mi.ncols = ncols;
-          for (int64_t r = r0; r < r1;) {  // packed rows (AVX-512: kk.mr = 8): r is a block start
-            const int mr = static_cast<int>(std::min<int64_t>(kk.mr, r1 - r));
-            mi.c = ctile + (r - r0) * NS;
-            // every K block of the span for these rows, in order: the C tile carries the sums between blocks
-            // (one fp32 order per output, as a K block at a time over all rows did)
+          // Groups of kGroupBlocks row blocks (packed rows: a group starts at a block start) take each K block of the
+          // span in turn, in order: each C tile carries its sums between blocks (one fp32 order per output, as a K
+          // block at a time over all rows did), and a block's panel serves the group's row blocks from L1.
+          const int64_t rg = kGroupBlocks * kk.mr;
+          for (int64_t g = r0; g < r1; g += rg) {
+            const int64_t ge = std::min(r1, g + rg);
             for (int64_t k0 = ks; k0 < ke; k0 += kcb) {
               const int64_t kc = std::min(kcb, a.K - k0);
               const Panel p{static_cast<char*>(panel) + (k0 - ks) / kcb * block_bytes, ss + (k0 / G) * NS,
                             oo + (k0 / G) * NS, kc, G};
               mi.first = k0 == 0;
               mi.last = k0 + kc >= a.K;
-              for (int i = 0; i < mr; ++i) {
-                const int64_t m = m0 + r + i;
-                if (mode == XMode::kConvert) mi.x[i] = reinterpret_cast<const char*>(conv + (r + i) * kpad) + k0 * 4;
-                else mi.x[i] = static_cast<const char*>(x_row(a, m)) + k0 * xsize;
-                mi.xs[i] = xs + (r + i) * gp + k0 / G;
-                mi.out[i] = out_row(a, m, n0);
+              for (int64_t r = g; r < ge; r += kk.mr) {
+                const int mr = static_cast<int>(std::min<int64_t>(kk.mr, ge - r));
+                mi.c = ctile + (r - r0) * NS;
+                for (int i = 0; i < mr; ++i) {
+                  const int64_t m = m0 + r + i;
+                  if (mode == XMode::kConvert) mi.x[i] = reinterpret_cast<const char*>(conv + (r + i) * kpad) + k0 * 4;
+                  else mi.x[i] = static_cast<const char*>(x_row(a, m)) + k0 * xsize;
+                  mi.xs[i] = xs + (r + i) * gp + k0 / G;
+                  mi.out[i] = out_row(a, m, n0);
+                }
+                if (mode == XMode::kPack) mi.x[0] = packed + (r / 8) * blk + (k0 / 2) * 8;
+                pf.next(per_call);
+                rt.micro[mr][nv](p, mi);
               }
-              if (mode == XMode::kPack) mi.x[0] = packed + (r / 8) * blk + (k0 / 2) * 8;
-              pf.next(per_call);
-              rt.micro[mr][nv](p, mi);
             }
-            r += mr;
           }
         }
       }

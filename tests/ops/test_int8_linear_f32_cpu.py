@@ -34,13 +34,13 @@ reference = reference_w8a16
 CASES = [  # M, N, K, group (K: per channel), bias
     (16, 16, 16, 16, False),      # the smallest call the route takes
     (17, 100, 96, 96, True),      # M tail of 1, N tail inside the third strip
-    (37, 1000, 576, 576, True),   # K = 576 in blocks of 128 + 4 x 112 (AVX2: 3 x 192)
+    (37, 1000, 576, 576, True),   # K = 576 in blocks of 128 + 4 x 112 (AVX2: 3 x 192); row groups 16 + 16 + 5
     (64, 576, 576, 32, False),    # GGUF Q8_0 / Q5_0 groups
-    (40, 70, 1536, 16, True),     # GGUF Q6_K groups of 16
+    (40, 70, 1536, 16, True),     # GGUF Q6_K groups of 16; 12 K blocks: K spans of 10 + 2 (AVX2: 6, one span)
     (19, 50, 336, 48, False),     # groups of 48 across blocks of 112 (AVX2: 176 + 160)
     (129, 130, 320, 64, True),    # three K blocks (112 + 112 + 96), 130 = 2 strips + 34
     (33, 8, 512, 512, True),      # one column vector narrower than 16: 2 threads split the rows
-    (150, 40, 16384, 16384, False),  # two chunks of rows (128 + 22)
+    (150, 40, 16384, 16384, False),  # two chunks of rows (128 + 22); 128 K blocks in 13 spans
 ]
 
 

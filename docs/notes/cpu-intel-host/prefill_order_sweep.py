@@ -4,7 +4,8 @@ time on the dequantized weight over the module's (higher is better); asserts tha
 
 Needs a build with prefill_order_hook.patch applied (setters for the two constants, not landed):
     git apply docs/notes/cpu-intel-host/prefill_order_hook.patch && python setup.py build_ext --inplace
-    python docs/notes/cpu-intel-host/prefill_order_sweep.py {int8-span,int8-group,int4-group} THREADS [M]
+    python docs/notes/cpu-intel-host/prefill_order_sweep.py {int8-span,int8-group,int4-group} THREADS [M] [bf16]
+(bf16: x in bf16, the modules' bf16 routes where the CPU has AVX512-BF16; F.linear then runs in bf16 too.)
 """
 import sys
 import statistics
@@ -19,6 +20,7 @@ from llmkern.nn import Int4Linear, Int8Linear
 
 what, threads = sys.argv[1], int(sys.argv[2])
 M = int(sys.argv[3]) if len(sys.argv) > 3 else 512
+dtype = torch.bfloat16 if len(sys.argv) > 4 and sys.argv[4] == "bf16" else torch.float32
 torch.manual_seed(0)
 torch.set_num_threads(threads)
 setter, values, label = {
@@ -35,7 +37,8 @@ for (N, K, G) in shapes:
     else:
         q = Int8Linear.from_linear(lin, group_size=G)
         wd = llmkern.ops.dequantize_int8(q.weight, q.weight_scale)
-    x = torch.randn(M, K)  # [M, K] fp32
+    x = torch.randn(M, K).to(dtype)  # [M, K]
+    wd = wd.to(dtype)
     t = {v: [] for v in values}
     ref = []
     reps = 20 if K < 4096 else 6
@@ -57,5 +60,5 @@ for (N, K, G) in shapes:
             ref.append(time.perf_counter() - t0)
     fl = statistics.median(ref)
     shown = [(8 * v if label == "rows" else v) for v in values]
-    print(f"{what} {N}x{K} G{G} M{M}: F.linear {fl * 1e3:.2f} ms; "
+    print(f"{what} {N}x{K} G{G} M{M} {str(dtype)[6:]}: F.linear {fl * 1e3:.2f} ms; "
           + ", ".join(f"{label} {s}: {fl / statistics.median(t[v]):.3f}" for s, v in zip(shown, values)), flush=True)

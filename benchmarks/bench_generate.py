@@ -13,6 +13,9 @@ Groups (one model, the same machine, one run):
   paged caches, what `generate` uses for several prompts; transformers: a batch of 4), same entries
   but llama.cpp (its Python binding's `Llama` runs one sequence).
 - "generate: SmolLM2-135M prefill 512": 512 prompt tokens into an empty cache, same entries.
+- "generate: SmolLM2-135M decode step @ctx 64, in turn with <peer>" and "... prefill 512, in turn with <peer>"
+  (test_generate_alternated): llmkern with the file's weights (fp32) and transformers eager fp32 or llama.cpp,
+  timed round by round in turn, so that the host's drift between entries does not move their ratio.
 On a GPU (LLMKERN_BENCH_DEVICE=cuda; `test_generate_gpu`): the same three phases on a model of SmolLM2-135M's
 shape with random weights (the GPU machine has no model package), llmkern's runtime with int4 weights (G32)
 and bf16 activations (decode also as one CUDA graph per step: `.graph`, generate(cuda_graph=True)) against
@@ -30,6 +33,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import statistics
+import time
 
 import numpy
 import pytest
@@ -223,6 +228,56 @@ def test_generate(benchmark, limits, request, smollm, phase, name):
         if name.startswith("llmkern") and phase != "prefill":  # weights read once per step
             wbytes = float(model.weight_bytes_per_token())
             info.update(bytes=wbytes, flops=0.0, **_machine.fractions(limits, wbytes, 0.0, median, info["dtype"]))
+    benchmark.extra_info.update(info)
+
+
+# ------------------------------------------------------------------------------- in turn with a peer, round by round
+
+# (llmkern entry, peer): the default runtime against transformers and llama.cpp
+ALTERNATED = (("llmkern.q4_1", "hf.eager_fp32"), ("llmkern.q4_1", "llama.cpp"))
+ALT_ROUNDS = {"decode": 30, "prefill": 9}
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+@pytest.mark.parametrize("pair", ALTERNATED, ids=lambda p: f"{p[0]}-vs-{p[1]}")
+def test_generate_alternated(benchmark, request, smollm, phase, pair):
+    """llmkern and a peer timed in turn: each round's setup times the peer's step (its own setup untimed), then
+    the benchmark times llmkern's. test_generate's entries run minutes apart, and a shared VM's clock and memory
+    speed drift between them (the same ratio moved from 0.75x to 0.92x between runs on an Intel host:
+    docs/notes/cpu-intel-host.md); the median over rounds of peer time / llmkern time does not drift.
+    extra_info: alt_peer, alt_peer_median_s (the peer's rounds) and alt_ratio (that per-round median, > 1:
+    llmkern faster); report.py shows the peer's rounds as an entry of the group."""
+    name, peer_name = pair
+    peer = (request.getfixturevalue("llama_cpp") if peer_name == "llama.cpp"
+            else request.getfixturevalue("hf")[peer_name])
+    model = smollm[name]
+    ids = _tokens(smollm["tok"], max(PREFILL if phase == "prefill" else CTX + 1, CTX + 1))
+    x = ids[:, :PREFILL] if phase == "prefill" else ids  # [1, n] token ids
+    setup, run = _runner(name, model, phase, x)
+    peer_setup, peer_run = _runner(peer_name, peer, phase, x)
+    peer_times: list[float] = []
+
+    def setup_after_peer():
+        args, kw = peer_setup()
+        t0 = time.perf_counter()
+        peer_run(*args, **kw)
+        peer_times.append(time.perf_counter() - t0)
+        return setup()
+
+    what = f"decode step @ctx {CTX}" if phase == "decode" else f"prefill {PREFILL}"
+    benchmark.group = f"generate: SmolLM2-135M {what}, in turn with {peer_name}"
+    with torch.inference_mode():
+        out = run(*setup()[0])  # (llmkern's first decode step builds its decode plan)
+        peer_run(*peer_setup()[0])
+        assert torch.isfinite(out).all(), f"{name}: non-finite logits"
+        benchmark.pedantic(run, setup=setup_after_peer, rounds=ALT_ROUNDS[phase], iterations=1, warmup_rounds=0)
+    info = dict(op="generate", impl=name, kind="llmkern", case=benchmark.group, model="SmolLM2-135M", dtype="fp32",
+                threads=torch.get_num_threads(), alt_peer=peer_name)
+    if benchmark.stats:
+        mine = list(benchmark.stats.stats.data)  # [rounds] seconds, in round order
+        assert len(mine) == len(peer_times), (len(mine), len(peer_times))
+        info.update(median_s=benchmark.stats.stats.median, alt_peer_median_s=statistics.median(peer_times),
+                    alt_ratio=statistics.median(p / m for p, m in zip(peer_times, mine)))
     benchmark.extra_info.update(info)
 
 

@@ -35,6 +35,7 @@ class Entry:
     shape: dict = field(default_factory=dict)  # the case's shape (M, N, K / B, S, D / ...)
     model: str = ""
     timing: str = ""  # GPU: "graph" (kernel time) or "eager..." (benchmarks/conftest.py: Bench._cuda_timed)
+    alt_ratio: float | None = None  # alternated entries: the median over rounds of peer time / this entry's time
 
     @property
     def label(self):
@@ -75,7 +76,15 @@ def load(path: str) -> tuple[list[Entry], dict]:
             shape=info.get("shape") or {},
             model=info.get("model") or "",
             timing=info.get("timing") or "",
+            alt_ratio=info.get("alt_ratio"),
         ))
+        if info.get("alt_peer") and info.get("alt_peer_median_s"):
+            # an entry timed in turn with a peer, round by round (bench_generate.py: test_generate_alternated): the
+            # peer's rounds are an entry of the same group
+            e = entries[-1]
+            entries.append(Entry(group=e.group, impl=info["alt_peer"], kind="peer",
+                                 median=float(info["alt_peer_median_s"]), nbytes=0.0, flops=0.0, compute=e.compute,
+                                 dtype=e.dtype, op=e.op, model=e.model))
     timing: dict = {}  # how GPU entries were timed (benchmarks/conftest.py: Bench._cuda_timed) -> count
     for b in data.get("benchmarks", []):
         how = (b.get("extra_info") or {}).get("timing")
@@ -228,7 +237,10 @@ def markdown(entries: list[Entry], meta: dict) -> str:
         overhead = peer is not None and all(e.op == "op_overhead" for e in es)
         head = ["entry", "kind", "median", "vs best peer"] + (["overhead"] if overhead else []) + \
                [f"vs {o.impl}" for o in ours] + ["GB/s", "GFLOP/s", "% BW", "% MM"]
-        lines += [f"### {g}", "", _row(head), "|" + "---|" * len(head)]
+        lines += [f"### {g}", ""]
+        lines += [f"Timed in turn, round by round: the median over rounds of {peer.impl}'s time / {e.impl}'s is "
+                  f"{_x(e.alt_ratio)}.\n" for e in ours if e.alt_ratio is not None and peer is not None]
+        lines += [_row(head), "|" + "---|" * len(head)]
         read_gbs, _ = targets.group_read_gbs(es, meta["limits"])
         for e in es:
             fb, fm = fractions(e, meta["limits"], read_gbs)

@@ -115,6 +115,23 @@ def test_report_table_and_png(tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_report_alternated_entry_shows_its_peer_and_per_round_ratio(tmp_path, capsys):
+    """bench_generate's test_generate_alternated: one llmkern entry carrying its peer's rounds (alt_peer,
+    alt_peer_median_s) and the per-round ratio (alt_ratio); the report makes the peer an entry of the group."""
+    report = _report_module()
+    g = "generate: SmolLM2-135M prefill 512, in turn with hf.eager_fp32"
+    b = _bench(g, "llmkern.q4_1", "llmkern", 0.8, 0.0, 0.0, op="generate")
+    b["extra_info"].update(alt_peer="hf.eager_fp32", alt_peer_median_s=0.76, alt_ratio=0.94)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"datetime": "2026-12-01", "llmkern_limits": {}, "benchmarks": [b]}))
+    assert report.main([str(path), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert re.search(rf"\| {re.escape(g)} \| llmkern.q4_1 \| 800 ms \| hf.eager_fp32 \| 760 ms \| 0.95x \|", text)
+    assert "the median over rounds of hf.eager_fp32's time / llmkern.q4_1's is 0.94x" in text
+    rows = [line for line in text.splitlines() if line.startswith("| hf.eager_fp32 | peer |")]
+    assert len(rows) == 1 and "| 760 ms |" in rows[0]
+
+
 def test_report_opt_in_routes():
     """The report's opt-in route table: each <default>.<route> entry against its default in the same group (geo-mean,
     min, max, groups faster), routes not timed left out, unknown suffixes and peers ignored; no table without any."""

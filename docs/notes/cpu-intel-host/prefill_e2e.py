@@ -2,7 +2,7 @@
 transformers eager fp32 (loaded from the same GGUF) alternated call by call in one process, 12 rounds; prints each
 entry's median and the median over rounds of transformers' time over its time (the ratio this host's drift cannot
 move): python docs/notes/cpu-intel-host/prefill_e2e.py (needs transformers and gguf)"""
-import statistics, time, torch, transformers
+import inspect, statistics, time, torch, transformers
 from transformers import DynamicCache
 from llmkern.models import default_model_path, load_gguf
 torch.set_num_threads(2)
@@ -11,10 +11,12 @@ lk, tok = load_gguf(path, quant="keep", dtype=torch.float32)
 lk8, _ = load_gguf(path, quant="int8", dtype=torch.float32)
 hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. " * 100)[:512]])
+# the forward's cache argument: `cache` in recent transformers, `past_key_values` before the rename (as bench_generate)
+key = "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
 runs = {
     "llmkern q4_1": lambda: lk(ids, lk.new_cache(1, 600), last_only=True),
     "llmkern int8": lambda: lk8(ids, lk8.new_cache(1, 600), last_only=True),
-    "hf eager fp32": lambda: hf(ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1).logits,
+    "hf eager fp32": lambda: hf(ids, **{key: DynamicCache()}, use_cache=True, logits_to_keep=1).logits,
 }
 t = {k: [] for k in runs}
 with torch.inference_mode():

@@ -373,12 +373,13 @@ def step_calls(mods, x, n_out: int, op: str):
             return None
         out = torch.empty(M, n_out, dtype=x.dtype)
         ws = torch.empty(max(impl.workspace_size(M, threads), 1), dtype=torch.uint8)
-        items.append((impl.call(x, out, ws, threads), out, ws))  # keeps out and ws alive with the call
+        # the call holds raw pointers into x, m's packed weights, out and ws: keep them alive with it
+        items.append((impl.call(x, out, ws, threads), out, ws, m, x))
     nxt = itertools.cycle(items).__next__
     opr = OPS[op]
 
     def fn():
-        c, out, _ = nxt()
+        c, out, *_ = nxt()
         c()
         opr.last_backend = "cpu"
         return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -287,6 +288,25 @@ def _dedup(cases: list) -> list:
             seen.add(c)
             out.append(c)
     return out
+
+
+@dataclass
+class Entry:
+    """One entry of a group, built by a bench file, timed alone (conftest.py: `Bench.entry`) or in turn with a peer
+    (`Bench.in_turn`). fn(): one call; kind: "llmkern" (with `backend`) or "peer"; nbytes / flops: the minimum
+    memory traffic and the arithmetic of its work; compute: the matmul-rate key (default: the group's dtype);
+    check(out): validates the first call's result."""
+    impl: str
+    fn: Callable
+    kind: str
+    nbytes: float
+    flops: float
+    compute: str | None = None
+    backend: str | None = None
+    check: Callable | None = None
+
+
+IN_TURN_SEP = "-vs-"  # an in-turn test's parameter: "<llmkern entry>-vs-<peer>"
 
 
 # ---------------------------------------------------------------------------------- dtypes, backends

@@ -35,6 +35,10 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
 - memory.read / memory.read.end (CPU runs, M = 1): kind "limit", not peers: plain reads of as many bytes as the
   packed weights, first and last in the group (conftest.py's Bench.memory_read); the report takes the group's
   "% BW" from the best of them and the run's probe.
+test_int4_linear_in_turn (CPU, M = 1, bf16 x; `-k in_turn`): the W4A16 module, its step kernel and the W4A8g module, each timed in turn with
+torch._weight_int4pack_mm call by call (conftest.py's Bench.in_turn), a group per pair "<group>: <entry> in turn with <peer>";
+the median over rounds of the peer's time / the entry's is issue 3's ratio that this host's drift between entries
+cannot move (targets.py: the rows "..., in turn").
 Every entry's first result is checked against an fp32 F.linear on the dequantized weights.
 """
 from __future__ import annotations
@@ -151,13 +155,40 @@ def _torch_int4(t, dt, G, device):
 @pytest.mark.parametrize("case, dtype, impl", S.params(_items()))
 def test_int4_linear(bench, group_cache, case, dtype, impl):
     t = group_cache.get(case, lambda: _make(case, bench.device))
+    c, G = case.base, case.shape["G"]
+    if impl in (S.READ_ENTRY, S.READ_ENTRY_END):  # the group's own read bandwidth: as many bytes as its packed weights
+        bench.memory_read(impl, op=OP, case=case, dtype=dtype,
+                          nbytes=c.N * c.K // 2 + 4 * c.N * (c.K // G))
+        return
+    bench.entry(_entry(bench, t, case, dtype, impl), op=OP, case=case, dtype=dtype)
+
+
+# Issue 3's M = 1 ratios against torch's int4 kernel with bf16 x (1.5x asked on the Llama shapes, faster on SmolLM2's)
+# timed in turn, call by call (conftest.py: Bench.in_turn): W4A16 (the module users get by default, and its kernel
+# as the step program runs it) and W4A8g (the fastest entry on the Intel host).
+IN_TURN = (("llmkern.cpu.module", "torch._weight_int4pack_mm"), ("llmkern.cpu.step", "torch._weight_int4pack_mm"),
+           ("llmkern.cpu.w4a8g.module", "torch._weight_int4pack_mm"))
+
+
+def _in_turn_items():
+    if S.GPU or "bf16" not in S.dtypes() or "cpu" not in S.llmkern_backends(OP, 2.0, 4.0):
+        return []
+    return [(case, "bf16", S.IN_TURN_SEP.join(p)) for case in _cases() if case.base.M == 1 for p in IN_TURN]
+
+
+@pytest.mark.parametrize("case, dtype, pair", S.params(_in_turn_items()))
+def test_int4_linear_in_turn(bench, group_cache, case, dtype, pair):
+    t = group_cache.get(case, lambda: _make(case, bench.device))
+    ours, peer = (_entry(bench, t, case, dtype, impl) for impl in pair.split(S.IN_TURN_SEP))
+    bench.in_turn(ours, peer, op=OP, case=case, dtype=dtype)
+
+
+def _entry(bench, t: dict, case: S.Variant, dtype: str, impl: str):
+    """Entry `impl` of group (case, dtype) over the group's tensors t (`_make`): its call on rotated copies of the
+    weights, and the bytes and FLOPs it counts."""
     dt, e = S.DTYPES[dtype], S.ELT[dtype]
     c, G = case.base, case.shape["G"]
     M, N, K = c.M, c.N, c.K
-    if impl in (S.READ_ENTRY, S.READ_ENTRY_END):  # the group's own read bandwidth: as many bytes as its packed weights
-        bench.memory_read(impl, op=OP, case=case, dtype=dtype,
-                          nbytes=N * K // 2 + 4 * N * (K // G))
-        return
     if (dtype, "x") not in t:
         t[(dtype, "x")] = t["x"].to(dt)
     x = t[(dtype, "x")]  # [M, K]
@@ -236,5 +267,5 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
     else:
         raise AssertionError(impl)
 
-    bench(fn, op=OP, impl=impl, kind=kind, backend=backend, case=case, dtype=dtype, nbytes=w_bytes + io_bytes,
-          flops=2.0 * M * N * K, compute=compute, check=lambda out: bench.close(out, t["y"], tol))
+    return S.Entry(impl, fn, kind, nbytes=w_bytes + io_bytes, flops=2.0 * M * N * K, compute=compute, backend=backend,
+                 check=lambda out: bench.close(out, t["y"], tol))

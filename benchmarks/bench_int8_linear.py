@@ -19,6 +19,10 @@ k, as GGUF Q8_0 / Q5_0 load, on the CPU prefill cases). Entries:
 - memory.read / memory.read.end (CPU runs, M = 1): kind "limit", not peers: plain reads of as many bytes as the
   int8 weights, first and last in the group (conftest.py's Bench.memory_read); the report takes the group's
   "% BW" from the best of them and the run's probe.
+test_int8_linear_in_turn (CPU, M = 1, bf16 x; `-k in_turn`): the W8A16 module and the W8A8 step kernel, each timed in turn with
+torch._weight_int8pack_mm call by call (conftest.py's Bench.in_turn), a group per pair "<group>: <entry> in turn with <peer>";
+the median over rounds of the peer's time / the entry's is issue 3's ratio that this host's drift between entries
+cannot move (targets.py: the rows "..., in turn").
 Every entry's first result is checked against an fp32 F.linear on the same dequantized weights.
 """
 from __future__ import annotations
@@ -115,14 +119,41 @@ def _derived(t, key, make):
 @pytest.mark.parametrize("case, dtype, impl", S.params(_items()))
 def test_int8_linear(bench, group_cache, case, dtype, impl):
     t = group_cache.get(case, lambda: _make(case, bench.device))
+    if impl in (S.READ_ENTRY, S.READ_ENTRY_END):  # the group's own read bandwidth: as many bytes as its int8 weights
+        c = _base(case)
+        bench.memory_read(impl, op=OP, case=case, dtype=dtype, nbytes=c.N * c.K + 4 * t["scale"].numel())
+        return
+    bench.entry(_entry(bench, t, case, dtype, impl), op=OP, case=case, dtype=dtype)
+
+
+# Issue 3's M = 1 ratios against torch's int8 kernel with bf16 x (8x asked on the Llama shapes, faster on SmolLM2's),
+# timed in turn, call by call (conftest.py: Bench.in_turn): W8A16 (the module users get by default) and W8A8 as the
+# step program runs it (the fastest entry on both host types).
+IN_TURN = (("llmkern.cpu.w8a16.module", "torch._weight_int8pack_mm"),
+           ("llmkern.cpu.w8a8.step", "torch._weight_int8pack_mm"))
+
+
+def _in_turn_items():
+    if S.GPU or "bf16" not in S.dtypes() or "cpu" not in S.llmkern_backends(OP, 2.0, 4.0):
+        return []
+    return [(case, "bf16", S.IN_TURN_SEP.join(p)) for case in _cases() if _base(case).M == 1 for p in IN_TURN]
+
+
+@pytest.mark.parametrize("case, dtype, pair", S.params(_in_turn_items()))
+def test_int8_linear_in_turn(bench, group_cache, case, dtype, pair):
+    t = group_cache.get(case, lambda: _make(case, bench.device))
+    ours, peer = (_entry(bench, t, case, dtype, impl) for impl in pair.split(S.IN_TURN_SEP))
+    bench.in_turn(ours, peer, op=OP, case=case, dtype=dtype)
+
+
+def _entry(bench, t: dict, case, dtype: str, impl: str):
+    """Entry `impl` of group (case, dtype) over the group's tensors t (`_make`): its call on rotated copies of the
+    weights, and the bytes and FLOPs it counts."""
     dt = S.DTYPES[dtype]
     e = S.ELT[dtype]
     M, N, K = _base(case).M, _base(case).N, _base(case).K
     w, scale = t["w"], t["scale"]
     wbytes = N * K + 4 * scale.numel()  # int8 weights and fp32 scales
-    if impl in (S.READ_ENTRY, S.READ_ENTRY_END):  # the group's own read bandwidth: as many bytes as its int8 weights
-        bench.memory_read(impl, op=OP, case=case, dtype=dtype, nbytes=wbytes)
-        return
     x = _derived(t, ("x", dtype), lambda: t["x"].to(dt))  # [M, K]
     io_bytes = M * K * e + M * N * e  # activations in, results out
     flops = 2.0 * M * N * K
@@ -196,5 +227,5 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
     else:
         raise AssertionError(impl)
 
-    bench(fn, op=OP, impl=impl, kind=kind, backend=backend, case=case, dtype=dtype, nbytes=nbytes,
-          flops=flops, compute=compute, check=lambda out: bench.close(out, t["y"], tol))
+    return S.Entry(impl, fn, kind, nbytes=nbytes, flops=flops, compute=compute, backend=backend,
+                   check=lambda out: bench.close(out, t["y"], tol))

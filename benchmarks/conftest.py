@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import statistics
 import sys
 import time
 
@@ -165,6 +166,10 @@ def group_cache():
     return _OneGroupCache()
 
 
+IN_TURN_SECONDS = 2.0  # timed time per in-turn entry (both sides), within IN_TURN_ROUNDS
+IN_TURN_ROUNDS = (31, 1001)
+
+
 class Bench:
     """Runs one entry of a group: checks it computes the right thing, times it, records extra_info."""
 
@@ -240,6 +245,58 @@ class Bench:
             if self.limits:
                 b.extra_info["limit_read_gbs"] = self.limits.get("read_gbs")
                 b.extra_info["limit_mm_gflops"] = self.limits.get("mm_gflops", {}).get(compute or dtype)
+
+    def entry(self, e: _shapes.Entry, *, op: str, case, dtype: str) -> None:
+        """Benchmark Entry `e` as an entry of group (op, case, dtype) (`__call__`'s arguments from the Entry)."""
+        self(e.fn, op=op, impl=e.impl, kind=e.kind, case=case, dtype=dtype, nbytes=e.nbytes, flops=e.flops,
+             compute=e.compute, backend=e.backend, check=e.check)
+
+    def in_turn(self, ours: _shapes.Entry, peer: _shapes.Entry, *, op: str, case, dtype: str) -> None:
+        """Time llmkern's entry `ours` and `peer` in turn, call by call (CPU): each round's setup times one call of
+        the peer, then the benchmark times one of ours. Their ratio is the median over rounds of peer time / our
+        time, which a shared VM's drift cannot move: the group's own entries run seconds to minutes apart, and
+        this host's memory speed and clock move by a third between minutes (docs/notes/cpu-intel-host.md).
+
+        The group is "<op>: <case> [<dtype>]: <ours> in turn with <peer>"; extra_info adds alt_peer,
+        alt_peer_median_s, alt_peer_bytes, alt_ratio and alt_of (the group the pair comes from). Both entries'
+        first results are checked, and ours must run its backend (strict mode), as in `__call__`. Rounds: as many
+        as fill IN_TURN_SECONDS, within IN_TURN_ROUNDS, after ten warm-up pairs.
+        """
+        if self.device != "cpu":
+            pytest.skip("in-turn entries are CPU runs' (a GPU times graph replays, with no drift to cancel)")
+        b = self.benchmark
+        base = f"{op}: {case.id} [{dtype}]"
+        b.group = f"{base}: {ours.impl} in turn with {peer.impl}"
+        b.extra_info.update(op=op, impl=ours.impl, kind=ours.kind, backend=ours.backend, case=case.id,
+                            model=case.model, shape=case.shape, dtype=dtype, threads=self.threads, device=self.device,
+                            bytes=float(ours.nbytes), flops=float(ours.flops), compute=ours.compute or dtype,
+                            alt_peer=peer.impl, alt_of=base, alt_peer_bytes=float(peer.nbytes))
+        for e in (ours, peer):
+            out = self._first_call(e.fn, op, e.kind, e.backend)
+            if e.check is not None:
+                e.check(out)
+            del out
+        t0 = time.perf_counter()
+        for _ in range(10):  # warm-up pairs, which also size the rounds
+            peer.fn()
+            ours.fn()
+        pair_s = (time.perf_counter() - t0) / 10
+        rounds = int(min(max(IN_TURN_SECONDS / max(pair_s, 1e-9), IN_TURN_ROUNDS[0]), IN_TURN_ROUNDS[1]))
+        peer_times: list[float] = []
+
+        def peer_call():  # the round's setup: one timed peer call, then pedantic times one of ours
+            t = time.perf_counter()
+            peer.fn()
+            peer_times.append(time.perf_counter() - t)
+
+        b.pedantic(ours.fn, setup=peer_call, rounds=rounds, iterations=1, warmup_rounds=0)
+        if b.stats:
+            mine = list(b.stats.stats.data)  # [rounds] seconds, in round order
+            assert len(mine) == len(peer_times), (len(mine), len(peer_times))
+            median = b.stats.stats.median
+            b.extra_info.update(median_s=median, alt_peer_median_s=statistics.median(peer_times),
+                                alt_ratio=statistics.median(p / m for p, m in zip(peer_times, mine)))
+            b.extra_info.update(_machine.fractions(self.limits, ours.nbytes, ours.flops, median, ours.compute or dtype))
 
     def memory_read(self, impl: str, *, op: str, case, dtype: str, nbytes: float) -> None:
         """One of the group's own read-bandwidth entries (`impl`: _shapes.READ_ENTRY first in the group,

@@ -36,6 +36,7 @@ class Entry:
     model: str = ""
     timing: str = ""  # GPU: "graph" (kernel time) or "eager..." (benchmarks/conftest.py: Bench._cuda_timed)
     alt_ratio: float | None = None  # alternated entries: the median over rounds of peer time / this entry's time
+    alt_of: str = ""  # an in-turn kernel pair's (conftest.py: Bench.in_turn) group: the group the pair comes from
 
     @property
     def label(self):
@@ -77,14 +78,16 @@ def load(path: str) -> tuple[list[Entry], dict]:
             model=info.get("model") or "",
             timing=info.get("timing") or "",
             alt_ratio=info.get("alt_ratio"),
+            alt_of=info.get("alt_of") or "",
         ))
         if info.get("alt_peer") and info.get("alt_peer_median_s"):
-            # an entry timed in turn with a peer, round by round (bench_generate.py: test_generate_alternated): the
-            # peer's rounds are an entry of the same group
+            # an entry timed in turn with a peer, round by round (bench_generate.py: test_generate_alternated;
+            # conftest.py: Bench.in_turn): the peer's rounds are an entry of the same group
             e = entries[-1]
             entries.append(Entry(group=e.group, impl=info["alt_peer"], kind="peer",
-                                 median=float(info["alt_peer_median_s"]), nbytes=0.0, flops=0.0, compute=e.compute,
-                                 dtype=e.dtype, op=e.op, model=e.model))
+                                 median=float(info["alt_peer_median_s"]), nbytes=float(info.get("alt_peer_bytes") or 0.0),
+                                 flops=e.flops, compute=e.compute, dtype=e.dtype, op=e.op, shape=e.shape,
+                                 model=e.model, alt_of=e.alt_of))
     timing: dict = {}  # how GPU entries were timed (benchmarks/conftest.py: Bench._cuda_timed) -> count
     for b in data.get("benchmarks", []):
         how = (b.get("extra_info") or {}).get("timing")
@@ -223,9 +226,12 @@ def markdown(entries: list[Entry], meta: dict) -> str:
         if not ours and peer is None:
             continue
         o = ours[0] if ours else None
+        speedup = _x(peer.median / o.median) if o and peer else "-"
+        if o is not None and o.alt_ratio is not None:  # (timed in turn: the per-round ratio, as the group's table)
+            speedup = f"{_x(o.alt_ratio)} (in turn)"
         lines.append(_row([
             g, o.label if o else "-", fmt_time(o.median) if o else "-", peer.label if peer else "-",
-            fmt_time(peer.median) if peer else "-", _x(peer.median / o.median) if o and peer else "-"]))
+            fmt_time(peer.median) if peer else "-", speedup]))
     lines.append("")
     lines += targets.cpu_markdown(groups, meta["limits"])  # (CPU runs)
     lines += targets.markdown(groups, meta["limits"])  # (GPU runs; nothing for a CPU run)
@@ -241,7 +247,8 @@ def markdown(entries: list[Entry], meta: dict) -> str:
         lines += [f"Timed in turn, round by round: the median over rounds of {peer.impl}'s time / {e.impl}'s is "
                   f"{_x(e.alt_ratio)}.\n" for e in ours if e.alt_ratio is not None and peer is not None]
         lines += [_row(head), "|" + "---|" * len(head)]
-        read_gbs, _ = targets.group_read_gbs(es, meta["limits"])
+        # (an in-turn pair's group has no reads of its own: those of the group it comes from)
+        read_gbs, _ = targets.group_read_gbs(es + groups.get(es[0].alt_of, []), meta["limits"])
         for e in es:
             fb, fm = fractions(e, meta["limits"], read_gbs)
             row = [e.label, e.kind, fmt_time(e.median), _x(peer.median / e.median) if peer else "-"]
@@ -271,10 +278,11 @@ def plot(entries: list[Entry], meta: dict, png: str) -> None:
         if peer is None:
             continue
         shown = [e for e in es if e.kind == "llmkern"] or [e for e in es if e.kind == "peer"]  # (none ran: the peers)
-        bars += [(f"{g} :: {e.impl}", peer.median / e.median, e.kind) for e in shown]
+        bars += [(f"{g} :: {e.impl}", e.alt_ratio if e.alt_ratio is not None else peer.median / e.median, e.kind)
+                 for e in shown]
     lim = meta["limits"]
     bw, peaks = lim.get("read_gbs"), lim.get("mm_gflops") or {}
-    pts = [e for e in entries if e.flops and e.nbytes]
+    pts = [e for e in entries if e.flops and e.nbytes and not e.alt_of]  # (in-turn pairs: timed in their groups too)
     mem_only = sorted([e for e in entries if not e.flops and e.nbytes and e.kind != "limit"],
                       key=lambda e: (e.group, e.median))
     if not bw:

@@ -126,10 +126,53 @@ def test_report_alternated_entry_shows_its_peer_and_per_round_ratio(tmp_path, ca
     path.write_text(json.dumps({"datetime": "2026-12-01", "llmkern_limits": {}, "benchmarks": [b]}))
     assert report.main([str(path), "--out", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
-    assert re.search(rf"\| {re.escape(g)} \| llmkern.q4_1 \| 800 ms \| hf.eager_fp32 \| 760 ms \| 0.95x \|", text)
+    # (the summary's speedup: the per-round ratio, not the ratio of the medians, 0.95x)
+    assert re.search(rf"\| {re.escape(g)} \| llmkern.q4_1 \| 800 ms \| hf.eager_fp32 \| 760 ms \| 0.94x \(in turn\) \|",
+                     text)
     assert "the median over rounds of hf.eager_fp32's time / llmkern.q4_1's is 0.94x" in text
     rows = [line for line in text.splitlines() if line.startswith("| hf.eager_fp32 | peer |")]
     assert len(rows) == 1 and "| 760 ms |" in rows[0]
+
+
+def test_report_in_turn_pairs_give_issue_3_rows_from_the_per_round_ratio(tmp_path, capsys):
+    """conftest.py's Bench.in_turn: a group per (llmkern entry, peer) pair timed call by call, each llmkern entry
+    carrying its peer's rounds and alt_of (the group it comes from). The summary and the target rows take the
+    per-round ratio; of two pairs against the same peer the target row names the better; the pair's "% BW" is of
+    the reads of the group it comes from; the sequential group keeps its own rows."""
+    report = _report_module()
+    base = "int4_linear: Llama-2-7B-q_proj+o_proj-4096x4096-M1-G32 [bf16]"
+    shape = {"M": 1, "N": 4096, "K": 4096, "G": 32}
+    nbytes = 10e6
+
+    def entry(group, impl, kind, median, **alt):
+        b = _bench(group, impl, kind, median, nbytes, 2 * 4096 * 4096, compute="bf16", op="int4_linear")
+        b["extra_info"].update(model="Llama-2-7B", shape=shape, **alt)
+        return b
+
+    runs = [entry(base, "memory.read", "limit", 0.4e-3), entry(base, "llmkern.cpu.module", "llmkern", 0.6e-3),
+            entry(base, "torch._weight_int4pack_mm", "peer", 0.66e-3)]
+    for impl, mine, ratio in (("llmkern.cpu.module", 0.5e-3, 1.3), ("llmkern.cpu.w4a8g.module", 0.45e-3, 1.55)):
+        runs.append(entry(f"{base}: {impl} in turn with torch._weight_int4pack_mm", impl, "llmkern", mine,
+                          alt_peer="torch._weight_int4pack_mm", alt_peer_median_s=0.7e-3, alt_peer_bytes=nbytes,
+                          alt_ratio=ratio, alt_of=base))
+    limits = {"device": "cpu", "threads": 2, "read_gbs": 20.0, "copy_gbs": 15.0, "mm_gflops": {"bf16": 100.0}}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"datetime": "2026-12-01", "llmkern_limits": limits, "benchmarks": runs}))
+    assert report.main([str(path), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    pair = f"{base}: llmkern.cpu.w4a8g.module in turn with torch._weight_int4pack_mm"
+    assert re.search(rf"\| {re.escape(pair)} \| llmkern.cpu.w4a8g.module \| 450 us \| torch._weight_int4pack_mm "
+                     rf"\| 700 us \| 1.55x \(in turn\) \|", text)
+    targets = [line for line in text.splitlines() if line.startswith("| 3 | int4 M=1: x torch._weight_int4pack_mm")]
+    assert len(targets) == 2, targets  # the sequential group's row and the best in-turn pair's
+    seq = [t for t in targets if "in turn" not in t.split("|")[2]]
+    turn = [t for t in targets if "in turn" in t.split("|")[2]]
+    assert len(seq) == 1 and "| 1.10x | 1.50x | no |" in seq[0]
+    assert len(turn) == 1 and f"| {base} | llmkern.cpu.w4a8g.module | 1.55x | 1.50x | yes |" in turn[0]
+    # % BW of the pair's llmkern entry: of the base group's read (25 GB/s), not the run's probe (20)
+    i = text.index(f"### {pair}")
+    row = next(line for line in text[i:].splitlines() if line.startswith("| llmkern.cpu.w4a8g.module |"))
+    assert f"| {100 * nbytes / 0.45e-3 / 1e9 / 25.0:.0f}% |" in row, row
 
 
 def test_report_opt_in_routes():
@@ -305,12 +348,13 @@ def test_fractions_of_limits():
 
 
 def test_step_module_and_paged64_entries_run_once():
-    """The `.step` entries (a module's prepared kernel as a KernelCall), the module entries and paged64 run
-    and pass their result checks (`--benchmark-disable`: once each)."""
+    """The `.step` entries (a module's prepared kernel as a KernelCall), the module entries, paged64 and the in-turn
+    pairs of a step entry with torch's kernel run and pass their result checks (`--benchmark-disable`: once each;
+    the in-turn pairs also their ten warm-up pairs)."""
     r = _pytest("benchmarks/bench_int4_linear.py", "benchmarks/bench_int8_linear.py",
                 "benchmarks/bench_decode_attention.py", "--benchmark-disable", "-v", "-k",
-                "(192x576-M1 and fp32 and (step or module or memory)) or (SmolLM2-135M-B1 and fp32 and (paged64 or memory))",
-                timeout=300)
+                "(192x576-M1 and fp32 and (step or module or memory)) or (SmolLM2-135M-B1 and fp32 and (paged64 or memory))"
+                " or (192x576-M1 and in_turn and step)", timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     passed = [line.split()[0] for line in r.stdout.splitlines() if " PASSED" in line]
     for f in ("bench_int4_linear", "bench_int8_linear", "bench_decode_attention"):  # each group's own read entry
@@ -319,6 +363,9 @@ def test_step_module_and_paged64_entries_run_once():
     assert any("bench_int4_linear" in p and p.endswith("llmkern.cpu.step]") for p in passed), r.stdout[-3000:]
     assert any("bench_int8_linear" in p and p.endswith("w8a8.step]") for p in passed), r.stdout[-3000:]
     assert any("bench_decode_attention" in p and p.endswith("paged64]") for p in passed), r.stdout[-3000:]
+    for f, pair in (("bench_int4_linear", "llmkern.cpu.step-vs-torch._weight_int4pack_mm]"),
+                    ("bench_int8_linear", "llmkern.cpu.w8a8.step-vs-torch._weight_int8pack_mm]")):
+        assert any(f in p and "_in_turn[" in p and p.endswith(pair) for p in passed), (f, r.stdout[-3000:])
 
 
 class _FakeGraph:

@@ -35,10 +35,10 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
 - memory.read / memory.read.end (CPU runs, M = 1): kind "limit", not peers: plain reads of as many bytes as the
   packed weights, first and last in the group (conftest.py's Bench.memory_read); the report takes the group's
   "% BW" from the best of them and the run's probe.
-test_int4_linear_in_turn (CPU, M = 1, bf16 x; `-k in_turn`): the W4A16 module, its step kernel and the W4A8g module, each timed in turn with
-torch._weight_int4pack_mm call by call (conftest.py's Bench.in_turn), a group per pair "<group>: <entry> in turn with <peer>";
-the median over rounds of the peer's time / the entry's is issue 3's ratio that this host's drift between entries
-cannot move (targets.py: the rows "..., in turn").
+test_int4_linear_in_turn (CPU, M = 1, bf16 x; `-k in_turn`): the W4A16 module, its step kernel and the W4A8g module,
+each timed in turn with torch._weight_int4pack_mm, two calls of each per round (conftest.py's Bench.in_turn), a group
+per pair "<group>: <entry> in turn with <peer>"; the median over rounds of the peer's time / the entry's is issue 3's
+ratio that this host's drift between entries cannot move (targets.py: the rows "..., in turn").
 Every entry's first result is checked against an fp32 F.linear on the dequantized weights.
 """
 from __future__ import annotations
@@ -164,7 +164,7 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
 
 
 # Issue 3's M = 1 ratios against torch's int4 kernel with bf16 x (1.5x asked on the Llama shapes, faster on SmolLM2's)
-# timed in turn, call by call (conftest.py: Bench.in_turn): W4A16 (the module users get by default, and its kernel
+# timed in turn, round by round (conftest.py: Bench.in_turn): W4A16 (the module users get by default, and its kernel
 # as the step program runs it) and W4A8g (the fastest entry on the Intel host).
 IN_TURN = (("llmkern.cpu.module", "torch._weight_int4pack_mm"), ("llmkern.cpu.step", "torch._weight_int4pack_mm"),
            ("llmkern.cpu.w4a8g.module", "torch._weight_int4pack_mm"))

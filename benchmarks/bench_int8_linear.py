@@ -19,10 +19,10 @@ k, as GGUF Q8_0 / Q5_0 load, on the CPU prefill cases). Entries:
 - memory.read / memory.read.end (CPU runs, M = 1): kind "limit", not peers: plain reads of as many bytes as the
   int8 weights, first and last in the group (conftest.py's Bench.memory_read); the report takes the group's
   "% BW" from the best of them and the run's probe.
-test_int8_linear_in_turn (CPU, M = 1, bf16 x; `-k in_turn`): the W8A16 module and the W8A8 step kernel, each timed in turn with
-torch._weight_int8pack_mm call by call (conftest.py's Bench.in_turn), a group per pair "<group>: <entry> in turn with <peer>";
-the median over rounds of the peer's time / the entry's is issue 3's ratio that this host's drift between entries
-cannot move (targets.py: the rows "..., in turn").
+test_int8_linear_in_turn (CPU, M = 1, bf16 x; `-k in_turn`): the W8A16 module and the W8A8 step kernel, each timed in
+turn with torch._weight_int8pack_mm, two calls of each per round (conftest.py's Bench.in_turn), a group per pair
+"<group>: <entry> in turn with <peer>"; the median over rounds of the peer's time / the entry's is issue 3's ratio
+that this host's drift between entries cannot move (targets.py: the rows "..., in turn").
 Every entry's first result is checked against an fp32 F.linear on the same dequantized weights.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ def test_int8_linear(bench, group_cache, case, dtype, impl):
 
 
 # Issue 3's M = 1 ratios against torch's int8 kernel with bf16 x (8x asked on the Llama shapes, faster on SmolLM2's),
-# timed in turn, call by call (conftest.py: Bench.in_turn): W8A16 (the module users get by default) and W8A8 as the
+# timed in turn, round by round (conftest.py: Bench.in_turn): W8A16 (the module users get by default) and W8A8 as the
 # step program runs it (the fastest entry on both host types).
 IN_TURN = (("llmkern.cpu.w8a16.module", "torch._weight_int8pack_mm"),
            ("llmkern.cpu.w8a8.step", "torch._weight_int8pack_mm"))

@@ -166,7 +166,7 @@ def group_cache():
     return _OneGroupCache()
 
 
-IN_TURN_SECONDS = 2.0  # timed time per in-turn entry (both sides), within IN_TURN_ROUNDS
+IN_TURN_SECONDS = 2.0  # timed calls' time per in-turn entry (both sides), within IN_TURN_ROUNDS
 IN_TURN_ROUNDS = (31, 1001)
 
 
@@ -252,15 +252,19 @@ class Bench:
              compute=e.compute, backend=e.backend, check=e.check)
 
     def in_turn(self, ours: _shapes.Entry, peer: _shapes.Entry, *, op: str, case, dtype: str) -> None:
-        """Time llmkern's entry `ours` and `peer` in turn, call by call (CPU): each round's setup times one call of
-        the peer, then the benchmark times one of ours. Their ratio is the median over rounds of peer time / our
-        time, which a shared VM's drift cannot move: the group's own entries run seconds to minutes apart, and
-        this host's memory speed and clock move by a third between minutes (docs/notes/cpu-intel-host.md).
+        """Time llmkern's entry `ours` and `peer` in turn (CPU), two calls of each per round: the round's setup calls
+        the peer twice, timing the second, then calls ours once; the benchmark times ours' second call. Each timed
+        call follows a call of its own kind, as a layer's kernel follows the previous layer's in a model (and as in
+        the group's sequential entries): right after torch's int4 kernel, the W4A8g module's call ran ~5% slower
+        than after its own, while torch's was unchanged after ours (docs/notes/cpu-intel-host.md), an interaction
+        that strict one-and-one alternation would charge to one side. The ratio is the median over rounds of peer
+        time / our time, which a shared VM's drift cannot move: the group's own entries run seconds to minutes
+        apart, and this host's memory speed and clock move by a third between minutes.
 
         The group is "<op>: <case> [<dtype>]: <ours> in turn with <peer>"; extra_info adds alt_peer,
         alt_peer_median_s, alt_peer_bytes, alt_ratio and alt_of (the group the pair comes from). Both entries'
         first results are checked, and ours must run its backend (strict mode), as in `__call__`. Rounds: as many
-        as fill IN_TURN_SECONDS, within IN_TURN_ROUNDS, after ten warm-up pairs.
+        as fill IN_TURN_SECONDS of timed calls, within IN_TURN_ROUNDS, after five warm-up rounds.
         """
         if self.device != "cpu":
             pytest.skip("in-turn entries are CPU runs' (a GPU times graph replays, with no drift to cancel)")
@@ -277,19 +281,21 @@ class Bench:
                 e.check(out)
             del out
         t0 = time.perf_counter()
-        for _ in range(10):  # warm-up pairs, which also size the rounds
-            peer.fn()
-            ours.fn()
-        pair_s = (time.perf_counter() - t0) / 10
+        for _ in range(5):  # warm-up rounds, which also size the rounds
+            for fn in (peer.fn, peer.fn, ours.fn, ours.fn):
+                fn()
+        pair_s = (time.perf_counter() - t0) / 10  # one call of each
         rounds = int(min(max(IN_TURN_SECONDS / max(pair_s, 1e-9), IN_TURN_ROUNDS[0]), IN_TURN_ROUNDS[1]))
         peer_times: list[float] = []
 
-        def peer_call():  # the round's setup: one timed peer call, then pedantic times one of ours
+        def peer_calls():  # the round's setup: the peer twice (the second timed), ours once; pedantic times ours next
+            peer.fn()
             t = time.perf_counter()
             peer.fn()
             peer_times.append(time.perf_counter() - t)
+            ours.fn()
 
-        b.pedantic(ours.fn, setup=peer_call, rounds=rounds, iterations=1, warmup_rounds=0)
+        b.pedantic(ours.fn, setup=peer_calls, rounds=rounds, iterations=1, warmup_rounds=0)
         if b.stats:
             mine = list(b.stats.stats.data)  # [rounds] seconds, in round order
             assert len(mine) == len(peer_times), (len(mine), len(peer_times))

@@ -85,9 +85,9 @@ def load(path: str) -> tuple[list[Entry], dict]:
             # conftest.py: Bench.in_turn): the peer's rounds are an entry of the same group
             e = entries[-1]
             entries.append(Entry(group=e.group, impl=info["alt_peer"], kind="peer",
-                                 median=float(info["alt_peer_median_s"]), nbytes=float(info.get("alt_peer_bytes") or 0.0),
-                                 flops=e.flops, compute=e.compute, dtype=e.dtype, op=e.op, shape=e.shape,
-                                 model=e.model, alt_of=e.alt_of))
+                                 median=float(info["alt_peer_median_s"]),
+                                 nbytes=float(info.get("alt_peer_bytes") or 0.0), flops=e.flops, compute=e.compute,
+                                 dtype=e.dtype, op=e.op, shape=e.shape, model=e.model, alt_of=e.alt_of))
     timing: dict = {}  # how GPU entries were timed (benchmarks/conftest.py: Bench._cuda_timed) -> count
     for b in data.get("benchmarks", []):
         how = (b.get("extra_info") or {}).get("timing")

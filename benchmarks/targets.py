@@ -11,7 +11,7 @@ Issue 3 (CPU; Llama-2-7B 4096x4096 and 11008x4096, SmolLM2-135M's linears):
 - prefill, M = 128 and 512, Llama: W8A8 1.3x bf16 F.linear, int4 (any mode) 1x bf16 F.linear (bf16 groups).
 "% of the read bandwidth" is of the best of the group's own memory.read entries and the run's probe (`group_read_gbs`).
 The M = 1 ratios against torch's int4 / int8 kernels (bf16 x) are also read from in-turn pairs where the run timed
-them (conftest.py: Bench.in_turn; rows "..., in turn"): the median over rounds of the two timed call by call, which
+them (conftest.py: Bench.in_turn; rows "..., in turn"): the median over rounds of the two timed in turn, which
 this host's drift between entries cannot move.
 Issues 6 and 7 (GPU):
 - prefill attention, bf16, causal, D = 128, S >= 4096: fraction of the bf16 matmul rate (CUDA 75%, Triton

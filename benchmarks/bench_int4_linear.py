@@ -12,6 +12,7 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
   result);
 - llmkern.cpu.step: the W4A16 module's prepared kernel bound once as a KernelCall and run as llmkern's
   decode step program runs it (no Python per layer; `_shapes.step_calls`): the kernel and its launch;
+  llmkern.cpu.w4a8g.step: the same for the W4A8g module (how `llmkern generate --act-int8` runs its int4 layers);
 - llmkern.cuda.module (16-bit x): `llmkern.nn.Int4Linear` on the GPU, its prepared call: the weights repacked
   once into the tensor-core order of csrc/include/llmkern/cuda/int4_linear_packed.cuh, read by the packed decode
   kernel (M <= 16) or the packed GEMM (int4_linear_packed_gemm.cuh); nbytes counts the packed bytes: K/2 per
@@ -35,7 +36,7 @@ Group = (layer shape N x K, rows M, group size G, activation dtype). Entries:
 - memory.read / memory.read.end (CPU runs, M = 1): kind "limit", not peers: plain reads of as many bytes as the
   packed weights, first and last in the group (conftest.py's Bench.memory_read); the report takes the group's
   "% BW" from the best of them and the run's probe.
-test_int4_linear_in_turn (CPU, M = 1, bf16 x; `-k in_turn`): the W4A16 module, its step kernel and the W4A8g module,
+test_int4_linear_in_turn (CPU, M = 1, bf16 x; `-k in_turn`): the W4A16 and W4A8g modules and their step kernels,
 each timed in turn with torch._weight_int4pack_mm, two calls of each per round (conftest.py's Bench.in_turn), a group
 per pair "<group>: <entry> in turn with <peer>"; the median over rounds of the peer's time / the entry's is issue 3's
 ratio that this host's drift between entries cannot move (targets.py: the rows "..., in turn").
@@ -111,6 +112,7 @@ def _items():
                     items.append((case, dt, "llmkern.cpu.step"))
                     items.append((case, dt, "llmkern.cpu.w4a8.module"))
                     items.append((case, dt, "llmkern.cpu.w4a8g.module"))
+                    items.append((case, dt, "llmkern.cpu.w4a8g.step"))
             items += [(case, dt, p) for p in PEERS]
             if S.read_entry_wanted(c.M):
                 items.append((case, dt, S.READ_ENTRY_END))
@@ -164,10 +166,10 @@ def test_int4_linear(bench, group_cache, case, dtype, impl):
 
 
 # Issue 3's M = 1 ratios against torch's int4 kernel with bf16 x (1.5x asked on the Llama shapes, faster on SmolLM2's)
-# timed in turn, round by round (conftest.py: Bench.in_turn): W4A16 (the module users get by default, and its kernel
-# as the step program runs it) and W4A8g (the fastest entry on the Intel host).
-IN_TURN = (("llmkern.cpu.module", "torch._weight_int4pack_mm"), ("llmkern.cpu.step", "torch._weight_int4pack_mm"),
-           ("llmkern.cpu.w4a8g.module", "torch._weight_int4pack_mm"))
+# timed in turn, round by round (conftest.py: Bench.in_turn): W4A16 (the module users get by default) and W4A8g (the
+# fastest entry on the Intel host), each as a module and as the step program runs it.
+IN_TURN = tuple((ours, "torch._weight_int4pack_mm") for ours in ("llmkern.cpu.module", "llmkern.cpu.step",
+                                                                  "llmkern.cpu.w4a8g.module", "llmkern.cpu.w4a8g.step"))
 
 
 def _in_turn_items():
@@ -195,11 +197,12 @@ def _entry(bench, t: dict, case: S.Variant, dtype: str, impl: str):
     io_bytes = M * K * e + M * N * e
     backend, kind, compute, tol = None, "peer", None, TOL[dtype]
 
-    if impl in ("llmkern.cpu.module", "llmkern.cpu.step", "llmkern.cpu.w4a8.module", "llmkern.cpu.w4a8g.module"):
+    if impl in ("llmkern.cpu.module", "llmkern.cpu.step", "llmkern.cpu.w4a8.module", "llmkern.cpu.w4a8g.module",
+                "llmkern.cpu.w4a8g.step"):
         backend, kind = "cpu", "llmkern"
         from llmkern.nn import Int4Linear
 
-        mode = impl.split(".")[2] if impl.count(".") == 3 else "w4a16"  # .module, .step: w4a16
+        mode = impl.split(".")[2] if impl.count(".") == 3 else "w4a16"  # .module, .step: w4a16; .w4a8g.step: w4a8g
         if mode != "w4a16":
             compute, tol = "int8", TOL["w4a8"]
         w_bytes = N * K // 2 + 8 * N * (K // G)  # canonical: sizes the rotation like the op entry

@@ -254,12 +254,12 @@ class Bench:
     def in_turn(self, ours: _shapes.Entry, peer: _shapes.Entry, *, op: str, case, dtype: str) -> None:
         """Time llmkern's entry `ours` and `peer` in turn (CPU), two calls of each per round: the round's setup calls
         the peer twice, timing the second, then calls ours once; the benchmark times ours' second call. Each timed
-        call follows a call of its own kind, as a layer's kernel follows the previous layer's in a model (and as in
-        the group's sequential entries): right after torch's int4 kernel, the W4A8g module's call ran ~5% slower
-        than after its own, while torch's was unchanged after ours (docs/notes/cpu-intel-host.md), an interaction
-        that strict one-and-one alternation would charge to one side. The ratio is the median over rounds of peer
-        time / our time, which a shared VM's drift cannot move: the group's own entries run seconds to minutes
-        apart, and this host's memory speed and clock move by a third between minutes.
+        call follows a call of its own kind, as a layer's kernel follows the previous layer's in a model and as in
+        the group's sequential entries; one-and-one alternation would time each side right after the other, a
+        context neither runs in (one A/B in a process had the W4A8g module ~5% slower right after torch's int4
+        kernel than after itself; repeats found 1%: docs/notes/cpu-intel-host.md, session 28). The ratio is the
+        median over rounds of peer time / our time, which a shared VM's drift cannot move: the group's own entries
+        run seconds to minutes apart, and this host's memory speed and clock move by a third between minutes.
 
         The group is "<op>: <case> [<dtype>]: <ours> in turn with <peer>"; extra_info adds alt_peer,
         alt_peer_median_s, alt_peer_bytes, alt_ratio and alt_of (the group the pair comes from). Both entries'

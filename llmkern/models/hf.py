@@ -61,7 +61,7 @@ def from_hf(src, *, quant: str = "none", group_size: int | None = None, mode: st
 
     quant: "none" (float linears in `dtype`), "int8" (per channel, or per group of group_size; mode
     "w8a16" (default) or "w8a8") or "int4" (group_size default 32; mode "w4a16" (default), "w4a8" or
-    "w4a8g"), applied to every linear including lm_head.
+    "w4a8g"; `Int4Linear.from_linear`: fp16-valued scales), applied to every linear including lm_head.
     fuse: join q/k/v and gate/up per layer (`Llama.fuse_projections`); False keeps HF's module names.
     """
     if quant not in QUANTS:

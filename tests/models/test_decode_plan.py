@@ -124,9 +124,12 @@ def test_program_equals_python_step(quant, B, int8_kv, monkeypatch):
             assert m.__dict__["_decode_plan"].program is None
     assert torch.equal(got, want)  # same launches, same arguments, same order
     # against the module path (torch's silu): an fp32 ulp here and there, far below the kernels' tolerance;
-    # an int8 cache can turn such an ulp into one quantization step of a key or value (1/127 of its row's max)
+    # an int8 cache can turn such an ulp into one quantization step of a key or value (1/127 of its row's max),
+    # and the w4a8 / w8a8 modes into one step of an int8 activation, whose effect then stays in the cache (int4-w4a8g,
+    # B = 1, seed 0: the 13 steps' logits bitwise equal or an ulp apart except the last two, 6.4e-3 each, once one
+    # activation's rounding flipped; the program against the Python step above is the bitwise check)
     rel = ((got.double() - module.double()).norm() / module.double().norm()).item()
-    assert rel < (2e-3 if int8_kv else 1e-5), rel
+    assert rel < (1e-2 if "a8" in quant else 2e-3 if int8_kv else 1e-5), rel
     assert torch.equal(got.argmax(-1), module.argmax(-1))
 
 

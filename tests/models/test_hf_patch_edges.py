@@ -175,8 +175,13 @@ def test_quantizing_releases_the_float_weights_and_unpatch_dequantizes(quant):
         unpatch(m)
         lin = m.model.layers[0].mlp.down_proj
         assert type(lin) is torch.nn.Linear and lin.weight.requires_grad
-        dq = (ops.dequantize_int8(*ops.quantize_int8(w0, 0)) if quant == "int8"
-              else ops.dequantize_int4(*ops.quantize_int4(w0, 32)))
+        if quant == "int8":
+            dq = ops.dequantize_int8(*ops.quantize_int8(w0, 0))
+        else:  # (from_linear's fp16-valued scales: Int4Linear.from_linear's own quantization of w0)
+            lin0 = torch.nn.Linear(w0.shape[1], w0.shape[0], bias=False)
+            lin0.weight.data = w0
+            q = lnn.Int4Linear.from_linear(lin0, group_size=32)
+            dq = ops.dequantize_int4(q.qweight, q.scales, q.offsets)
         assert torch.equal(lin.weight, dq)
         assert rel(m(ids).logits, patched) <= 1e-5
 

@@ -56,6 +56,56 @@ def test_int4_from_linear_sqnr_g32():
     assert db > 18.0, db
 
 
+def _groups(t, G):
+    """[N, K] -> [N, K / G, G]"""
+    return t.reshape(t.shape[0], -1, G)
+
+
+@pytest.mark.parametrize("group_size,std,seed", [(32, 1.0, 0), (64, 0.02, 1), (128, 0.02, 2)])
+def test_int4_from_linear_fp16_scales(group_size, std, seed):
+    """from_linear's default: scales and offsets are fp16 values, q is the nearest level for them (the group's min and
+    max within 0.04 of a step of levels 0 and 15), and the quality is quantize_int4's fp32 one's (weight SQNR within
+    0.01 dB); fp16_scales=False gives quantize_int4's output exactly."""
+    lin = gaussian_linear(256, 48, seed=seed)
+    with torch.no_grad():
+        lin.weight.mul_(std)
+    w = lin.weight.detach()
+    m = Int4Linear.from_linear(lin, group_size=group_size)
+    q32, s32, o32 = ops.quantize_int4(w, group_size)
+    for t in (m.scales, m.offsets):
+        assert t.dtype == torch.float32 and torch.equal(t, t.to(torch.float16).to(torch.float32))
+    assert not torch.equal(m.scales, s32)  # (rounded: Gaussian scales are not fp16 values to begin with)
+    s, o = m.scales.unsqueeze(-1), m.offsets.unsqueeze(-1)  # [N, K / G, 1]
+    deq = _groups(ops.dequantize_int4(m.qweight, m.scales, m.offsets), group_size)
+    err = (_groups(w, group_size) - deq).abs()  # [N, K / G, G]
+    assert bool((err <= 0.5 * s * (1 + 1e-5) + 0.04 * s).all()), float((err / s).max())
+    q = _groups(ops.unpack_int4(m.qweight).float(), group_size)
+    lo, hi = _groups(w, group_size).amin(-1, keepdim=True), _groups(w, group_size).amax(-1, keepdim=True)
+    assert torch.equal(torch.round((lo - o) / s), torch.zeros_like(lo)) and bool(((hi - o) / s <= 15.04).all())
+    assert q.min() == 0 and q.max() == 15
+    db16 = sqnr_db(ops.dequantize_int4(m.qweight, m.scales, m.offsets), w)
+    db32 = sqnr_db(ops.dequantize_int4(q32, s32, o32), w)
+    assert abs(db16 - db32) < 0.01, (db16, db32)
+    exact = Int4Linear.from_linear(lin, group_size=group_size, fp16_scales=False)
+    for a, b in zip((exact.qweight, exact.scales, exact.offsets), (q32, s32, o32)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["tiny", "offset"])
+def test_int4_from_linear_keeps_fp32_scales_fp16_cannot_hold(case):
+    """A weight whose scales fall below fp16's normal range, or whose offsets are large against their group's spread
+    (fp16 rounding would move them by more than 1/32 of a step), keeps quantize_int4's fp32 values."""
+    lin = gaussian_linear(64, 8, seed=3)
+    with torch.no_grad():
+        if case == "tiny":
+            lin.weight.mul_(1e-6)  # scales ~5e-7: fp16 subnormals
+        else:
+            lin.weight.mul_(1e-3).add_(5.0)  # offsets ~5, steps ~4e-4: fp16's spacing at 5 is 2^-8
+    m = Int4Linear.from_linear(lin)
+    for a, b in zip((m.qweight, m.scales, m.offsets), ops.quantize_int4(lin.weight.detach(), 32)):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------ exactness of the kernel
 
 

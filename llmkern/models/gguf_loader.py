@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import _backends
 from .. import nn as lnn
-from ..nn.linear import INT4_MODES, INT8_MODES
+from ..nn.linear import INT4_MODES, INT8_MODES, fp16_scales_fit, requantize_int4
 from ..ops import _cpu_linear
 from .. import ops
 from ..formats.gguf import FLOAT_ONLY_TYPES, load_gguf_tensor
@@ -226,22 +226,34 @@ _REQUANT_CHUNK_BYTES = 4 << 20
 
 def _requantize(fmt: str, parts: list, want: str, group: int) -> tuple:
     """The stored tensors `parts` (of format fmt, rows = output channels) dequantized and quantized again to `want`
-    ("int8": ops.quantize_int8 with `group`, 0 per channel; "int4": ops.quantize_int4) a chunk of rows at a time:
-    each row's groups are quantized on their own, so the result is that of the whole tensor at once, bit for bit."""
+    ("int8": ops.quantize_int8 with `group`, 0 per channel; "int4": as Int4Linear.from_linear, ops.quantize_int4
+    with the scales and offsets rounded to fp16 values where the whole tensor's fit, and q picked again for them) a
+    chunk of rows at a time: each row's groups are quantized on their own, so the result is that of the whole
+    tensor at once, bit for bit."""
     N, K = parts[0].shape[0], parts[0].shape[1] * (2 if fmt == "int4" else 1)
     step = max(1, _REQUANT_CHUNK_BYTES // (4 * K))
+
+    def rows(r0):  # [rows, K] fp32, rows r0.. of the stored tensor
+        return dequantize({"format": fmt, **{n: p[r0:r0 + step] for n, p in zip(_PARTS[fmt], parts)}})
+
     out = None
     for r0 in range(0, N, step):
-        w = dequantize({"format": fmt, **{n: p[r0:r0 + step] for n, p in zip(_PARTS[fmt], parts)}})  # [rows, K] fp32
+        w = rows(r0)
         q = ops.quantize_int8(w, group) if want == "int8" else ops.quantize_int4(w, group)
-        if r0 == 0 and step >= N:
-            return q
         if out is None:  # (allocated once: each [N, ...] of its chunk's [rows, ...])
-            out = tuple(t.new_empty((N,) + t.shape[1:]) for t in q)
-        for o, t in zip(out, q):
-            o[r0:r0 + t.shape[0]] = t
+            out = q if step >= N else tuple(t.new_empty((N,) + t.shape[1:]) for t in q)
+        if step < N:
+            for o, t in zip(out, q):
+                o[r0:r0 + t.shape[0]] = t
         del w, q
-    _trim_heap()  # (the chunks' freed memory lies between live allocations: give it back)
+    if want == "int4" and fp16_scales_fit(out[1], out[2]):  # (a second pass: q for the rounded values)
+        s16, o16 = (t.to(torch.float16).to(torch.float32) for t in out[1:])
+        qweight = out[0] if step < N else torch.empty_like(out[0])
+        for r0 in range(0, N, step):
+            qweight[r0:r0 + step] = requantize_int4(rows(r0), s16[r0:r0 + step], o16[r0:r0 + step])
+        out = (qweight, s16, o16)
+    if step < N:
+        _trim_heap()  # (the chunks' freed memory lies between live allocations: give it back)
     return out
 
 

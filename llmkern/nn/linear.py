@@ -196,23 +196,34 @@ class _QuantizedBase(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _fp16_scales(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, o: torch.Tensor, G: int):
+def _fp16_scales(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, o: torch.Tensor):
     """(qweight, scales, offsets) of w [N, K] with scales and offsets [N, K / G] rounded to fp16 values and q chosen
-    again for them (round to nearest, clamped to 0..15), or the given (q, s, o) (ops.quantize_int4's) when some group
-    does not allow it: a nonzero scale below fp16's smallest normal (it would lose mantissa bits) or an offset that
-    moves by more than 1/32 of its group's step. With the offset within s / 32 of the group's min and the scale
-    within 2^-11 of itself, the group's min and max still map to 0 and 15 (within 0.04 of a step)."""
-    s16, o16 = s.to(torch.float16).to(torch.float32), o.to(torch.float16).to(torch.float32)  # [N, K / G]
-    tiny = torch.finfo(torch.float16).tiny
-    ok = (bool(torch.isfinite(s16).all()) and bool(torch.isfinite(o16).all())
-          and bool(((s == 0) | (s >= tiny)).all()) and bool(((o16 - o).abs() <= s / 32).all()))
-    if not ok:
+    again for them, or the given (q, s, o) (ops.quantize_int4's) when `fp16_scales_fit` says fp16 cannot hold them."""
+    if not fp16_scales_fit(s, o):
         return q, s, o
+    s16, o16 = s.to(torch.float16).to(torch.float32), o.to(torch.float16).to(torch.float32)
+    return requantize_int4(w, s16, o16), s16, o16
+
+
+def fp16_scales_fit(s: torch.Tensor, o: torch.Tensor) -> bool:
+    """Whether int4 scales and offsets [N, K / G] (ops.quantize_int4's: offset = the group's min) may be rounded to
+    fp16 values: every nonzero scale at least fp16's smallest normal (below it fp16 loses mantissa bits) and every
+    offset moved by at most 1/32 of its group's step. The scale then moves by at most 2^-11 of itself, and the
+    group's min and max still map to levels 0 and 15 (within 0.04 of a step)."""
+    s16, o16 = s.to(torch.float16).to(torch.float32), o.to(torch.float16).to(torch.float32)
+    return (bool(torch.isfinite(s16).all()) and bool(torch.isfinite(o16).all())
+            and bool(((s == 0) | (s >= torch.finfo(torch.float16).tiny)).all()) and bool(((o16 - o).abs() <= s / 32).all()))
+
+
+def requantize_int4(w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """qweight uint8 [N, K / 2] of w [N, K] for the given scales and offsets [N, K / G]: each value's nearest level,
+    clamped to 0..15 (a group whose scale is 0: level 0)."""
     N, K = w.shape
+    G = K // scales.shape[1]
     wg = w.to(torch.float32).reshape(N, K // G, G)  # [N, K] -> [N, K / G, G]
-    inv = torch.where(s16 > 0, 1.0 / torch.where(s16 > 0, s16, 1.0), 0.0)  # (a constant group: q = 0)
-    qn = torch.round((wg - o16.unsqueeze(-1)) * inv.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8)
-    return ops.pack_int4(qn.reshape(N, K)), s16, o16  # [N, K / G, G] -> [N, K] -> packed [N, K / 2]
+    inv = torch.where(scales > 0, 1.0 / torch.where(scales > 0, scales, 1.0), 0.0)  # [N, K / G]
+    q = torch.round((wg - offsets.unsqueeze(-1)) * inv.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8)
+    return ops.pack_int4(q.reshape(N, K))  # [N, K / G, G] -> [N, K] -> packed [N, K / 2]
 
 
 def _check_features(cls: str, in_features: int, out_features: int) -> None:
@@ -388,7 +399,7 @@ class Int4Linear(_Releasable, _QuantizedBase):
         w = linear.weight.detach()
         q, s, o = ops.quantize_int4(w, group_size, backend=backend)
         if fp16_scales:
-            q, s, o = _fp16_scales(w, q, s, o, group_size)
+            q, s, o = _fp16_scales(w, q, s, o)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls.from_quantized(q, s, o, bias, mode=mode, backend=backend)
 

@@ -11,6 +11,7 @@ from llmkern import nn as lnn
 from llmkern import ops
 from llmkern.models import GGUFError, Llama, load_gguf
 from llmkern.models.gguf_loader import read_metadata, unpermute_rows
+from llmkern.nn.linear import _fp16_scales
 
 from _tiny_gguf import assert_greedy_tokens, converter_permute, tiny_config, write_tiny_gguf
 
@@ -228,7 +229,9 @@ def test_quant_options(tmp_path):
         w = sd["layers.1.mlp.down_proj.weight"]
         q8, s8 = ops.quantize_int8(w, 0)
         assert torch.equal(d8.weight, q8) and torch.equal(d8.weight_scale, s8)
-        q4, s4, o4 = ops.quantize_int4(w, 32)
+        # int4: as Int4Linear.from_linear, quantize_int4's scales and offsets rounded to fp16 values, q picked again
+        q4, s4, o4 = _fp16_scales(w, *ops.quantize_int4(w, 32))
+        assert torch.equal(s4, s4.half().float()) and not torch.equal(s4, ops.quantize_int4(w, 32)[1])
         assert torch.equal(d4.qweight, q4) and torch.equal(d4.scales, s4) and torch.equal(d4.offsets, o4)
         assert rel(m8(tokens), want) < 0.05  # int8 per channel: a small perturbation of the logits
     with pytest.raises(ValueError, match="quant"):

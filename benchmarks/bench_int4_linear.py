@@ -67,10 +67,11 @@ def _cases() -> list[S.Variant]:
     G=32 with fp32 scales and offsets reads 0.75 B per weight, at best 2.7x fewer than bf16's 2).
 
     Scales and offsets: "G32" cases hold fp16 values (stored as fp32), as GGUF Q4_0/Q4_1 imports (the
-    default model) do and as torch's packing keeps them (16 bits each); the module then streams its
-    packed layout with fp16 scales. "G32-f32" cases hold arbitrary fp32 values, as `quantize_int4` /
-    `quantize_linears` make them (the module streams the canonical fp32 tensors, 20% more bytes at
-    G=32): the Llama-2-7B 4096x4096 M=1 case always, every case in full runs. "G32-q4k" cases hold GGUF
+    default model) do, as torch's packing keeps them (16 bits each) and as `Int4Linear.from_linear` (so
+    `quantize_linears`) rounds them; the module then streams its packed layout with fp16 scales. "G32-f32" cases
+    hold arbitrary fp32 values, as `quantize_int4` makes them (`from_linear(..., fp16_scales=False)`; the module
+    streams 4-byte scales, 20% more bytes at G=32): the Llama-2-7B 4096x4096 M=1 case always, every case in full
+    runs. "G32-q4k" cases hold GGUF
     Q4_K's form (scale = d * sc, offset = -(dmin * m), fp16 d / dmin per 256 k, 6-bit sc / m), which the
     CPU module streams factored (4.75 bits per weight): the same cases as "G32-f32", where K / 256 is whole."""
     groups = (32, 128) if S.FULL else (32,)

@@ -209,7 +209,10 @@ def fp16_scales_fit(s: torch.Tensor, o: torch.Tensor) -> bool:
     """Whether int4 scales and offsets [N, K / G] (ops.quantize_int4's: offset = the group's min) may be rounded to
     fp16 values: every nonzero scale at least fp16's smallest normal (below it fp16 loses mantissa bits) and every
     offset moved by at most 1/32 of its group's step. The scale then moves by at most 2^-11 of itself, and the
-    group's min and max still map to levels 0 and 15 (within 0.04 of a step)."""
+    group's min and max still map to levels 0 and 15 (within 0.04 of a step). False for tensors without values
+    (meta / fake, under torch.compile): their shapes are the same either way."""
+    if s.device.type == "meta" or isinstance(s, torch._subclasses.FakeTensor) or torch.compiler.is_compiling():
+        return False
     s16, o16 = s.to(torch.float16).to(torch.float32), o.to(torch.float16).to(torch.float32)
     return (bool(torch.isfinite(s16).all()) and bool(torch.isfinite(o16).all())
             and bool(((s == 0) | (s >= torch.finfo(torch.float16).tiny)).all()) and bool(((o16 - o).abs() <= s / 32).all()))

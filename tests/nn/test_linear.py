@@ -91,6 +91,12 @@ def test_int4_from_linear_fp16_scales(group_size, std, seed):
         assert torch.equal(a, b)
 
 
+def test_int4_from_linear_on_meta():
+    """A meta Linear (shapes only, as a model is built before its weights load) converts as before."""
+    m = Int4Linear.from_linear(nn.Linear(64, 8, device="meta"))
+    assert m.qweight.device.type == "meta" and m.qweight.shape == (8, 32) and m.scales.shape == (8, 2)
+
+
 @pytest.mark.parametrize("case", ["tiny", "offset"])
 def test_int4_from_linear_keeps_fp32_scales_fp16_cannot_hold(case):
     """A weight whose scales fall below fp16's normal range, or whose offsets are large against their group's spread

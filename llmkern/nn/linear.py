@@ -447,8 +447,9 @@ def quantize_linears(module: nn.Module, quant: str = "int8", *, group_size: int 
     """Replace every `nn.Linear` in `module`'s tree by Int8Linear / Int4Linear, in place.
 
     quant: "int8" (group_size default 0 = per channel; `mode` "w8a16" (default) or "w8a8") or "int4"
-    (group_size default 32; `mode` "w4a16" (default) or "w4a8"). skip: names not to quantize, either full dotted names ("model.lm_head") or the last
-    component ("lm_head"). Returns `module`, or the new module when `module` itself is an nn.Linear.
+    (group_size default 32; `mode` "w4a16" (default), "w4a8" or "w4a8g"; `Int4Linear.from_linear`: fp16-valued
+    scales). skip: names not to quantize, either full dotted names ("model.lm_head") or the last component
+    ("lm_head"). Returns `module`, or the new module when `module` itself is an nn.Linear.
     """
     if quant not in ("int8", "int4"):
         raise ValueError(f"quantize_linears: quant must be 'int8' or 'int4', got {quant!r}")

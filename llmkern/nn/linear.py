@@ -214,8 +214,9 @@ def fp16_scales_fit(s: torch.Tensor, o: torch.Tensor) -> bool:
     if s.device.type == "meta" or isinstance(s, torch._subclasses.FakeTensor) or torch.compiler.is_compiling():
         return False
     s16, o16 = s.to(torch.float16).to(torch.float32), o.to(torch.float16).to(torch.float32)
-    return (bool(torch.isfinite(s16).all()) and bool(torch.isfinite(o16).all())
-            and bool(((s == 0) | (s >= torch.finfo(torch.float16).tiny)).all()) and bool(((o16 - o).abs() <= s / 32).all()))
+    normal = (s == 0) | (s >= torch.finfo(torch.float16).tiny)  # [N, K / G]
+    return (bool(torch.isfinite(s16).all()) and bool(torch.isfinite(o16).all()) and bool(normal.all())
+            and bool(((o16 - o).abs() <= s / 32).all()))
 
 
 def requantize_int4(w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
